@@ -1,0 +1,381 @@
+"""Global and local Lipschitz upper bounds (Avant & Morgansen, *Analytical Bounds on the Local
+Lipschitz Constants of ReLU Networks*, IEEE TNNLS 2023; method.md rules 1-8).
+
+:class:`Analyzer` traces a model once and then answers many bound queries (different inputs,
+radii and output maps), sharing what does not depend on them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from .blocks import AffineBlock, Block, PoolBlock, build_blocks
+from .errors import InputError
+from .graph import trace_model
+from .ops.conv import ConvOp, circulant_norm_bound
+from .ops.linear import LinearOp
+from .results import BoundResult, Guarantee, LayerFactor, combine_guarantees
+from .spectral import SAFETY, SpectralBound, spectral_upper
+from .validation import check_eps, check_input, resolve_device
+
+log = logging.getLogger(__name__)
+
+LOCAL_QUANTITY = ("local Lipschitz constant relative to x0: sup ||f(x)-f(x0)||/||x-x0|| over "
+                  "0<||x-x0||<=eps (L2)")
+GLOBAL_QUANTITY = "global Lipschitz constant: sup ||f(x)-f(y)||/||x-y|| over all x != y (L2)"
+
+
+def _model_device(model: nn.Module) -> torch.device:
+    for t in list(model.parameters()) + list(model.buffers()):
+        return t.device
+    return torch.device("cpu")
+
+
+@dataclass(frozen=True)
+class RowBounds:
+    """Per-output-row local bounds: ``values[j]`` bounds the local constant of the scalar
+    function ``x -> C[j] f(x)`` relative to x0 (used by margin certificates)."""
+
+    values: Tensor
+    guarantee: Guarantee
+    failure_prob: float
+    prefix: tuple[LayerFactor, ...]
+    eps: float
+
+
+class Analyzer:
+    """Sound Lipschitz bounds for one model.
+
+    Args:
+        model: an ``nn.Module`` in eval mode whose forward is a chain of supported layers.
+        input_shape: per-sample input shape, e.g. ``(1, 28, 28)``; or give ``x0``.
+        x0: an example input (its shape without the batch dimension is used).
+        device: ``None``/``"auto"`` (the model's device), ``"cpu"`` or ``"cuda"``.
+        spectral: ``"auto"`` (exact SVD when cheap, else Lanczos with a probabilistic
+            guarantee), ``"exact"`` (always certified; slow on big layers), ``"lanczos"``.
+        lanczos_steps: Krylov dimension of the Lanczos runs (more = tighter inflation).
+        failure_prob: total failure probability budget of a probabilistic bound; split
+            evenly over the layers that use Lanczos.
+        seed: seed of the Lanczos start vectors (the probability is over this draw).
+        name: a name for the model used in results.
+        notes: caveats copied into every result (e.g. "seeded random weights").
+
+    Example:
+        >>> an = Analyzer(model, input_shape=(1, 28, 28))          # doctest: +SKIP
+        >>> an.local_bound(x0, 0.1).value                           # doctest: +SKIP
+    """
+
+    def __init__(self, model: nn.Module, input_shape: Sequence[int] | None = None, *,
+                 x0: Tensor | None = None, device: str | torch.device | None = None,
+                 spectral: str = "auto", lanczos_steps: int = 64, failure_prob: float = 1e-6,
+                 seed: int = 0, name: str | None = None, notes: Sequence[str] = ()):
+        if not isinstance(model, nn.Module):
+            raise InputError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        if input_shape is None:
+            if x0 is None:
+                raise InputError("give input_shape or an example input x0")
+            input_shape = tuple(x0.shape[1:]) if x0.dim() > 1 else tuple(x0.shape)
+        if spectral not in ("auto", "exact", "lanczos"):
+            raise InputError(f"spectral must be 'auto', 'exact' or 'lanczos', got {spectral!r}")
+        if not 0 < failure_prob < 1:
+            raise InputError(f"failure_prob must be in (0, 1), got {failure_prob}")
+        if lanczos_steps < 4:
+            raise InputError(f"lanczos_steps must be >= 4, got {lanczos_steps}")
+        self.model = model
+        self.input_shape = tuple(int(s) for s in input_shape)
+        self.device = resolve_device(device, _model_device(model))
+        self.spectral = spectral
+        self.lanczos_steps = int(lanczos_steps)
+        self.failure_prob = float(failure_prob)
+        self.seed = int(seed)
+        self.name = name or type(model).__name__
+        self.notes = tuple(notes)
+        ops = trace_model(model, self.input_shape)
+        self.ops = [op.to(self.device) for op in ops]
+        self.blocks = build_blocks(self.ops)
+        self.output_shape = self.ops[-1].out_shape if self.ops else self.input_shape
+        self._variants: dict[str, list[Block]] = {"": self.blocks}
+        self._global: dict[str, list[SpectralBound]] = {}
+        self._warm: dict[tuple[str, int], Tensor] = {}
+
+    # ------------------------------------------------------------------ helpers
+    def forward(self, x: Tensor) -> Tensor:
+        """The network in float64 on the analysis device (batched)."""
+        x = x.to(device=self.device, dtype=torch.float64)
+        for b in self._variants[""]:
+            x = b.forward(x)
+            if isinstance(b, AffineBlock) and b.relu:
+                x = torch.relu(x)
+        return x
+
+    def _blocks_for(self, output_map: Tensor | None) -> tuple[str, list[Block]]:
+        if output_map is None:
+            return "", self.blocks
+        c = torch.as_tensor(output_map, dtype=torch.float64, device=self.device)
+        if c.dim() == 1:
+            c = c.unsqueeze(0)
+        n_out = math.prod(self.output_shape)
+        if c.dim() != 2 or c.shape[1] != n_out:
+            raise InputError(f"output_map must have shape (m, {n_out}) for this model's "
+                             f"{n_out} outputs, got {tuple(c.shape)}")
+        if not bool(torch.isfinite(c).all()):
+            raise InputError("output_map contains NaN/inf")
+        key = hashlib.sha1(c.detach().cpu().numpy().tobytes()).hexdigest()
+        if key not in self._variants:
+            from .ops.base import ReshapeOp
+            extra = []
+            if len(self.output_shape) != 1:
+                extra.append(ReshapeOp("flatten-output", self.output_shape, (n_out,)))
+            extra.append(LinearOp("output_map", c, None))
+            self._variants[key] = build_blocks(self.ops + extra)
+        return key, self._variants[key]
+
+    def _n_spectral(self, blocks: list[Block]) -> int:
+        return max(1, sum(isinstance(b, AffineBlock) and b.mixing is not None for b in blocks))
+
+    def _gen(self, i: int) -> torch.Generator:
+        return torch.Generator().manual_seed(self.seed * 100003 + i)
+
+    # ------------------------------------------------------------------ global
+    def _global_factors(self, key: str, blocks: list[Block]) -> list[SpectralBound]:
+        if key in self._global:
+            return self._global[key]
+        delta = self.failure_prob / self._n_spectral(blocks)
+        out: list[SpectralBound] = []
+        for i, b in enumerate(blocks):
+            if isinstance(b, PoolBlock):
+                v = b.op.global_constant()
+                out.append(SpectralBound(v, Guarantee.CERTIFIED, 0.0, "closed-form", v))
+                continue
+            if b.mixing is None:
+                s = b.s_in
+                v = float(s.abs().max()) * (1 + SAFETY) if s is not None else 1.0
+                out.append(SpectralBound(v, Guarantee.CERTIFIED, 0.0, "closed-form", v))
+                continue
+            allc = torch.arange(b.in_dim, device=self.device)
+            allr = torch.arange(b.out_dim, device=self.device)
+            frob = math.sqrt(float(b.sq_rows(torch.ones(1, b.in_dim, dtype=torch.float64,
+                                                        device=self.device)).sum()))
+            out.append(spectral_upper(
+                b.lin, b.lin_t, n_in=b.in_dim, n_out=b.out_dim, cols=allc, rows=allr,
+                device=self.device, dense=b.dense_fn(), apply_flops=b.apply_flops(),
+                mode=self.spectral, steps=self.lanczos_steps, failure_prob=delta,
+                generator=self._gen(10_000 + i),
+                certified_alternatives=self._block_alternatives(b, frob)))
+        self._global[key] = out
+        return out
+
+    def _block_alternatives(self, b: AffineBlock, frob: float) -> tuple[tuple[float, str], ...]:
+        """Cheap deterministic upper bounds on ||A|| of a block."""
+        alts = [(frob * (1 + SAFETY), "frobenius")]
+        if isinstance(b.mixing, ConvOp):
+            c = circulant_norm_bound(b.mixing)
+            if c is not None:
+                for s in (b.s_in, b.s_out):
+                    if s is not None:
+                        c *= float(s.abs().max())
+                alts.append((c * (1 + SAFETY), "fft-circulant"))
+        return tuple(alts)
+
+    def global_bound(self, *, output_map: Tensor | None = None) -> BoundResult:
+        """Product of per-layer global constants (method.md rule 8)."""
+        t0 = time.perf_counter()
+        key, blocks = self._blocks_for(output_map)
+        facs = self._global_factors(key, blocks)
+        layers = []
+        value = 1.0
+        for i, (b, f) in enumerate(zip(blocks, facs, strict=True)):
+            value *= f.value
+            layers.append(LayerFactor(i, b.name, b.kind, math.nan, f.value, math.nan,
+                                      f.guarantee, f.failure_prob, f.method, b.in_dim,
+                                      b.out_dim))
+        g = combine_guarantees([f.guarantee for f in facs])
+        fp = min(1.0, sum(f.failure_prob for f in facs))
+        return BoundResult(value=value, guarantee=g, method="global", quantity=GLOBAL_QUANTITY,
+                           eps=None, seconds=time.perf_counter() - t0, layers=tuple(layers),
+                           failure_prob=fp, model=self.name, notes=self.notes)
+
+    # ------------------------------------------------------------------ local
+    def _propagate(self, key: str, blocks: list[Block], x0: Tensor, eps: float,
+                   stop_before_last: bool = False):
+        """Run rules 1-8 through the blocks. Returns (layer factors, spectral bounds,
+        state before the last block)."""
+        delta = self.failure_prob / self._n_spectral(blocks)
+        gl = self._global.get(key)
+        x = x0.to(device=self.device, dtype=torch.float64)
+        d = torch.ones(math.prod(self.input_shape), dtype=torch.float64, device=self.device)
+        eps_k = eps
+        layers: list[LayerFactor] = []
+        bounds: list[SpectralBound] = []
+        n = len(blocks) - (1 if stop_before_last else 0)
+        for i in range(n):
+            b = blocks[i]
+            gfac = gl[i].value if gl is not None else math.nan
+            if isinstance(b, PoolBlock):
+                mask = d.reshape(b.in_shape)
+                v = b.op.local_constant(mask)
+                sb = SpectralBound(v, Guarantee.CERTIFIED, 0.0, "closed-form", v)
+                d_out = b.op.propagate_mask(mask).reshape(-1)
+                x = b.forward(x)
+            else:
+                sb, d_out, x = self._affine_local(b, i, x, d, eps_k, delta,
+                                                  gl[i] if gl is not None else None, key)
+            layers.append(LayerFactor(i, b.name, b.kind, sb.value, gfac, eps_k, sb.guarantee,
+                                      sb.failure_prob, sb.method, int((d > 0).sum()),
+                                      int((d_out > 0).sum())))
+            bounds.append(sb)
+            eps_k = eps_k * sb.value
+            d = d_out
+        return layers, bounds, (x, d, eps_k)
+
+    def _affine_local(self, b: AffineBlock, i: int, x: Tensor, d: Tensor, eps_k: float,
+                      delta: float, gfac: SpectralBound | None, key: str):
+        y0 = b.forward(x).reshape(-1)
+        rn = torch.sqrt(b.sq_rows(d.unsqueeze(0))[0].clamp_min(0))
+        moving = rn > 0
+        if b.relu:
+            # rule 3 with a float64 safety margin (a larger ybar is always safe)
+            ybar = y0 + eps_k * rn + SAFETY * (y0.abs() + eps_k * rn)
+            r = torch.where(y0 >= 0, torch.ones_like(y0),
+                            torch.where(ybar > 0, ybar / (ybar - y0), torch.zeros_like(y0)))
+            r = torch.where(moving, r, torch.zeros_like(r))
+            d_out = ((ybar > 0) & moving).to(torch.float64)
+            x_next = torch.relu(y0).reshape(1, *b.out_shape)
+        else:
+            r = moving.to(torch.float64)
+            d_out = r.clone()
+            x_next = y0.reshape(1, *b.out_shape)
+        cols = torch.nonzero(d > 0).reshape(-1)
+        rows = torch.nonzero(r > 0).reshape(-1)
+        frob = math.sqrt(float(((r * rn) ** 2).sum())) * (1 + SAFETY)
+        alts = [(frob, "frobenius")]
+        if gfac is not None and gfac.guarantee == Guarantee.CERTIFIED:
+            alts.append((float(r.max()) * gfac.value if r.numel() else 0.0,
+                         "max(r)*global"))
+
+        def mv(v: Tensor) -> Tensor:
+            return b.lin(v * d) * r
+
+        def rmv(y: Tensor) -> Tensor:
+            return b.lin_t(y * r) * d
+
+        dense = b.dense_fn()
+        dense_masked = None
+        if dense is not None:
+            def dense_masked() -> Tensor:
+                return dense() * r[:, None] * d[None, :]
+        warm_key = (key, i)
+        warm = [self._warm[warm_key]] if warm_key in self._warm else None
+        sb = spectral_upper(mv, rmv, n_in=b.in_dim, n_out=b.out_dim, cols=cols, rows=rows,
+                            device=self.device, dense=dense_masked, apply_flops=b.apply_flops(),
+                            mode=self.spectral, steps=self.lanczos_steps, failure_prob=delta,
+                            generator=self._gen(i), certified_alternatives=tuple(alts),
+                            warm=warm)
+        if sb.vector is not None:
+            self._warm[warm_key] = sb.vector
+        return sb, d_out, x_next
+
+    def _check(self, x0: Tensor, eps: float) -> tuple[Tensor, float]:
+        eps = check_eps(eps)
+        x0 = check_input(x0, self.input_shape)
+        return x0, eps
+
+    def local_bound(self, x0: Tensor, eps: float, *,
+                    output_map: Tensor | None = None) -> BoundResult:
+        """Upper bound on the local Lipschitz constant of ``f`` (or ``C f``) relative to x0
+        over the L2 ball of radius ``eps`` (method.md rules 1-8)."""
+        t0 = time.perf_counter()
+        x0, eps = self._check(x0, eps)
+        key, blocks = self._blocks_for(output_map)
+        layers, bounds, _ = self._propagate(key, blocks, x0, eps)
+        value = math.prod(sb.value for sb in bounds)
+        g = combine_guarantees([sb.guarantee for sb in bounds]) if bounds else Guarantee.EXACT
+        fp = min(1.0, sum(sb.failure_prob for sb in bounds))
+        notes = list(self.notes)
+        if key in self._global:
+            gv = math.prod(f.value for f in self._global[key])
+            gg = combine_guarantees([f.guarantee for f in self._global[key]])
+            if gv < value and (gg == Guarantee.CERTIFIED or g != Guarantee.CERTIFIED):
+                notes.append("the global bound was smaller than the layer-wise local product "
+                             "and is reported instead")
+                value, g = gv, gg
+                fp = min(1.0, sum(f.failure_prob for f in self._global[key]))
+        if g == Guarantee.CERTIFIED:
+            fp = 0.0
+        return BoundResult(value=value, guarantee=g, method="local", quantity=LOCAL_QUANTITY,
+                           eps=eps, seconds=time.perf_counter() - t0, layers=tuple(layers),
+                           failure_prob=fp, model=self.name, notes=tuple(notes))
+
+    def local_bound_rows(self, x0: Tensor, eps: float, output_map: Tensor) -> RowBounds:
+        """Local bounds for each row of ``output_map`` separately, in one pass: all layers but
+        the last are shared, and the last factor of row j is the exact norm
+        ``||c_j^T A D||`` (a vector norm)."""
+        x0, eps = self._check(x0, eps)
+        key, blocks = self._blocks_for(output_map)
+        last = blocks[-1]
+        if not isinstance(last, AffineBlock) or last.relu:
+            raise InputError("local_bound_rows needs a model whose last layer is affine")
+        layers, bounds, (_, d, eps_k) = self._propagate(key, blocks, x0, eps,
+                                                         stop_before_last=True)
+        prefix = math.prod(sb.value for sb in bounds)
+        m = last.out_dim
+        eye = torch.eye(m, dtype=torch.float64, device=self.device)
+        rowsv = last.lin_t(eye) * d  # (m, in_dim): rows of A D
+        norms = rowsv.norm(dim=1) * (1 + SAFETY)
+        g = combine_guarantees([sb.guarantee for sb in bounds]) if bounds else \
+            Guarantee.CERTIFIED
+        fp = 0.0 if g == Guarantee.CERTIFIED else min(1.0, sum(sb.failure_prob
+                                                               for sb in bounds))
+        return RowBounds(values=(norms * prefix).cpu(), guarantee=g, failure_prob=fp,
+                         prefix=tuple(layers), eps=eps)
+
+
+def _analyzer(model: nn.Module | Analyzer, x0_or_shape, device, **kw) -> Analyzer:
+    if isinstance(model, Analyzer):
+        return model
+    if isinstance(x0_or_shape, Tensor):
+        shape = tuple(x0_or_shape.shape[1:]) if x0_or_shape.dim() > 1 and \
+            x0_or_shape.shape[0] == 1 else tuple(x0_or_shape.shape)
+    else:
+        shape = tuple(x0_or_shape)
+    return Analyzer(model, shape, device=device, **kw)
+
+
+def global_bound(model: nn.Module | Analyzer, x0_or_input_shape: Tensor | Sequence[int], *,
+                 device: str | torch.device | None = None, **kwargs) -> BoundResult:
+    """Global L2 Lipschitz upper bound: the product of per-layer constants.
+
+    Args:
+        model: the network (eval mode) or an :class:`Analyzer`.
+        x0_or_input_shape: an input ``(1, *shape)`` or the per-sample input shape.
+        device: ``None``/``"auto"``, ``"cpu"`` or ``"cuda"``.
+        **kwargs: passed to :class:`Analyzer` (``spectral``, ``failure_prob``, ...).
+    """
+    return _analyzer(model, x0_or_input_shape, device, **kwargs).global_bound()
+
+
+def local_bound(model: nn.Module | Analyzer, x0: Tensor, eps: float, *,
+                output_map: Tensor | None = None, device: str | torch.device | None = None,
+                **kwargs) -> BoundResult:
+    """Local L2 Lipschitz upper bound relative to ``x0`` over the ball of radius ``eps``
+    (Avant & Morgansen 2023).
+
+    Args:
+        model: the network (eval mode) or an :class:`Analyzer`.
+        x0: the nominal input, shape ``(1, *input_shape)``.
+        eps: the ball radius (> 0, finite).
+        output_map: optional matrix C: bound ``C f`` instead of ``f``.
+        device: ``None``/``"auto"``, ``"cpu"`` or ``"cuda"``.
+        **kwargs: passed to :class:`Analyzer`.
+    """
+    if not isinstance(x0, Tensor):
+        raise InputError(f"x0 must be a torch.Tensor, got {type(x0).__name__}")
+    return _analyzer(model, x0, device, **kwargs).local_bound(x0, eps, output_map=output_map)

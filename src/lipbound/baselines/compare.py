@@ -1,0 +1,370 @@
+"""Side-by-side comparison of lipbound's bounds with the rival methods.
+
+:func:`compare` runs every method on one network, input and radius and returns one
+:class:`CompareRow` per method. A method that cannot run (not a fully connected network,
+a missing optional dependency, a network too large for an exact method, a solver failure)
+gives a row saying why; the table never fails because of one method.
+
+The rows measure different quantities, and each row says which:
+
+* ``local L2, rel. x0`` -- ``sup_{0<||x-x0||<=eps} ||f(x)-f(x0)||/||x-x0||`` (lipbound's local
+  bound, ``docs/method.md``; the lower bound is for this quantity too);
+* ``local L2, all pairs`` -- ``sup_{x!=y in B(x0,eps)} ||f(x)-f(y)||/||x-y||`` (exact-l2,
+  Fast-Lip, RecurJac); at least the previous one;
+* ``global L2`` -- over all pairs of inputs (lipbound's global bound, AutoLip, SeqLip,
+  LipSDP, ECLipsE-Fast); at least both local ones;
+* ``local l_inf->l1 (c^T f)`` -- lipMIP's quantity, for the logit margin ``c^T f`` with
+  ``c = e_top - e_runner-up`` on the l_inf box of radius eps; not comparable with the L2 rows.
+
+So ``lower <= local L2 rel. x0`` and ``lower <= any L2 upper bound`` must always hold;
+``compare`` checks the second and marks any violation in the row's note.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from lipbound.baselines.fc import FCLayers, NotFullyConnectedError, check_eps, fc_layers
+from lipbound.errors import InputError, LipboundError, UnsupportedModelError
+from lipbound.results import BoundResult, Guarantee
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["CompareRow", "compare", "format_table", "METHODS"]
+
+NOT_FC = "not supported: fully connected networks only"
+
+Q_REL = "local L2, rel. x0"
+Q_PAIRS = "local L2, all pairs in ball"
+Q_GLOBAL = "global L2"
+Q_MIP = "local l_inf->l1 (c^T f), box"
+
+
+@dataclass(frozen=True)
+class CompareRow:
+    """One method's result in a comparison.
+
+    Attributes:
+        method: the method's name (see :data:`METHODS`).
+        quantity: which constant the value refers to (short label, see module docstring).
+        guarantee: what the value is, or ``None`` when the method did not produce one.
+        value: the number (NaN when the method did not run or gave no bound).
+        seconds: wall-clock time of the method.
+        note: caveats, or why the method did not run.
+    """
+
+    method: str
+    quantity: str
+    guarantee: Guarantee | None
+    value: float
+    seconds: float
+    note: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        v = self.value
+        return {
+            "method": self.method,
+            "quantity": self.quantity,
+            "guarantee": self.guarantee.value if self.guarantee is not None else None,
+            "value": v if math.isfinite(v) else None,
+            "seconds": self.seconds,
+            "note": self.note,
+        }
+
+
+@dataclass
+class _Ctx:
+    model: nn.Module
+    x0: torch.Tensor
+    eps: float
+    name: str | None
+    layers: FCLayers | None
+    fc_error: Exception | None
+    exact_time_limit: float
+
+
+def _fc(ctx: _Ctx) -> FCLayers:
+    if ctx.layers is None:
+        raise ctx.fc_error if ctx.fc_error is not None else NotFullyConnectedError([])
+    return ctx.layers
+
+
+def _margin_vector(ctx: _Ctx) -> tuple[torch.Tensor | None, str]:
+    with torch.no_grad():
+        y = ctx.model(ctx.x0).detach().cpu().to(torch.float64).reshape(-1)
+    if y.numel() < 2:
+        return None, "c = 1 (single output)"
+    top = torch.argsort(y, descending=True)
+    c = torch.zeros_like(y)
+    c[top[0]], c[top[1]] = 1.0, -1.0
+    return c, f"c = e_{int(top[0])} - e_{int(top[1])} (top class minus runner-up)"
+
+
+def _run_local(ctx: _Ctx) -> BoundResult:
+    from lipbound import local_bound
+
+    return local_bound(ctx.model, ctx.x0, ctx.eps)
+
+
+def _run_global(ctx: _Ctx) -> BoundResult:
+    from lipbound import global_bound
+
+    return global_bound(ctx.model, ctx.x0)
+
+
+@dataclass(frozen=True)
+class _Lower:
+    value: float
+    guarantee: Guarantee
+    seconds: float
+    notes: tuple[str, ...]
+
+
+def _ratio_float64(model: nn.Module, x0: torch.Tensor, x: torch.Tensor) -> float | None:
+    """``||f(x) - f(x0)|| / ||x - x0||`` with a float64 copy of the model (None if impossible).
+
+    A float32 forward pass can overstate the ratio of a witness close to x0 (the rounding of
+    ``f(x) - f(x0)`` is divided by a small distance); the bounds are for the network's real
+    arithmetic, which float64 approximates far better.
+    """
+    try:
+        m64 = copy.deepcopy(model).to(torch.float64)
+        with torch.no_grad():
+            a = x.detach().to(torch.float64)
+            b = x0.detach().to(device=a.device, dtype=torch.float64)
+            dy = (m64(a) - m64(b)).flatten()
+            dist = float((a - b).flatten().norm())
+        return float(dy.norm()) / dist if dist > 0 else None
+    except Exception as exc:  # a model that cannot be copied or run in float64
+        logger.info("compare: no float64 re-check of the lower bound (%s)", exc)
+        return None
+
+
+def _run_lower(ctx: _Ctx) -> Any:
+    t0 = time.perf_counter()
+    try:
+        from lipbound.lower import best_lower_bound
+    except ImportError:
+        from lipbound.baselines.pgd_lower import pgd_lower_bound
+
+        logger.info("lipbound.lower is unavailable; using the PGD lower bound")
+        res: Any = pgd_lower_bound(ctx.model, ctx.x0, ctx.eps, model_name=ctx.name)
+        witness = None
+    else:
+        res = best_lower_bound(ctx.model, ctx.x0, ctx.eps, seed=0)
+        witness = getattr(res, "witness", None)
+    notes = list(getattr(res, "notes", ()) or ())
+    details = getattr(res, "details", {}) or {}
+    if "winner" in details:
+        notes.insert(0, f"best of random/gradient/PGD (winner: {details['winner']})")
+    value = float(res.value)
+    if witness is not None:
+        r64 = _ratio_float64(ctx.model, ctx.x0, witness)
+        if r64 is not None:
+            notes.append(f"ratio at the witness recomputed in float64: {r64:.9g} "
+                         f"(model's own forward: {value:.9g})")
+            value = r64
+    return _Lower(value, Guarantee.LOWER, time.perf_counter() - t0, tuple(notes))
+
+
+def _baseline(fn_name: str, module: str, local: bool, **kw: Any
+              ) -> Callable[[_Ctx], BoundResult]:
+    def run(ctx: _Ctx) -> BoundResult:
+        import importlib
+
+        fn = getattr(importlib.import_module(f"lipbound.baselines.{module}"), fn_name)
+        layers = _fc(ctx)
+        if local:
+            return fn(layers, ctx.x0, ctx.eps, model_name=ctx.name, **kw)
+        return fn(layers, model_name=ctx.name, **kw)
+    return run
+
+
+def _run_exact(ctx: _Ctx) -> BoundResult:
+    from lipbound.baselines.exact import exact_local_l2
+
+    return exact_local_l2(_fc(ctx), ctx.x0, ctx.eps, time_limit=ctx.exact_time_limit,
+                          model_name=ctx.name)
+
+
+def _run_lipmip(ctx: _Ctx) -> BoundResult:
+    from lipbound.baselines.exact import lipmip
+
+    layers = _fc(ctx)
+    c, _ = _margin_vector(ctx)
+    return lipmip(layers, ctx.x0, ctx.eps, c=c, time_limit=ctx.exact_time_limit,
+                  model_name=ctx.name)
+
+
+#: method name -> (quantity label, runner)
+METHODS: dict[str, tuple[str, Callable[[_Ctx], Any]]] = {
+    "lower": (Q_REL, _run_lower),
+    "local": (Q_REL, _run_local),
+    "exact-l2": (Q_PAIRS, _run_exact),
+    "recurjac": (Q_PAIRS, _baseline("recurjac", "recurjac", True)),
+    "fastlip": (Q_PAIRS, _baseline("fastlip", "recurjac", True)),
+    "global": (Q_GLOBAL, _run_global),
+    "autolip": (Q_GLOBAL, _baseline("autolip", "autolip", False)),
+    "seqlip": (Q_GLOBAL, _baseline("seqlip", "seqlip", False)),
+    "lipsdp-neuron": (Q_GLOBAL, _baseline("lipsdp", "lipsdp", False, variant="neuron")),
+    "lipsdp-layer": (Q_GLOBAL, _baseline("lipsdp", "lipsdp", False, variant="layer")),
+    "eclipse-fast": (Q_GLOBAL, _baseline("eclipse_fast", "eclipse", False)),
+    "lipmip": (Q_MIP, _run_lipmip),
+}
+
+_FC_ONLY = {"exact-l2", "recurjac", "fastlip", "autolip", "seqlip", "lipsdp-neuron",
+            "lipsdp-layer", "eclipse-fast", "lipmip"}
+
+
+def _short_note(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__
+
+
+def _note_of(method: str, res: Any, ctx: _Ctx) -> str:
+    notes = list(getattr(res, "notes", ()) or ())
+    parts: list[str] = []
+    if method == "lipmip":
+        parts.append(_margin_vector(ctx)[1])
+    if method == "lower":
+        parts.extend(notes)
+    elif method in ("exact-l2", "lipmip") and notes:
+        parts.extend(n for n in notes[1:] if "witness" not in n and "quantity" not in n)
+    elif method.startswith("lipsdp") and notes:
+        parts.extend(n for n in notes if "status" in n)
+    elif method.startswith("seqlip") or method == "seqlip":
+        parts.extend(n for n in notes if "greedy" in n or "exact" in n)
+    elif method in ("local", "global") and notes:
+        parts.extend(notes)
+    return "; ".join(parts)
+
+
+def compare(model: nn.Module, x0: torch.Tensor, eps: float,
+            methods: Sequence[str] | None = None, *, model_name: str | None = None,
+            exact_time_limit: float = 60.0) -> list[CompareRow]:
+    """Run lipbound's bounds and the rival methods on one network, input and radius.
+
+    Args:
+        model: network in eval mode, ``(N, *shape) -> (N, n_out)``.
+        x0: nominal input, shape ``(1, *shape)``.
+        eps: L2 radius (> 0); lipMIP uses the l_inf box of the same radius.
+        methods: names from :data:`METHODS` (default: all, in that order).
+        model_name: a name stored in the results.
+        exact_time_limit: time limit in seconds of each exact method.
+
+    Returns:
+        One :class:`CompareRow` per method, in the order of :data:`METHODS`. Methods that
+        do not support the network give a row with NaN and the reason (for a network that is
+        not fully connected: ``"not supported: fully connected networks only"``).
+
+    Raises:
+        InputError: unknown method names, bad ``x0`` or ``eps``.
+    """
+    eps = check_eps(eps)
+    if not isinstance(x0, torch.Tensor):
+        x0 = torch.as_tensor(x0, dtype=torch.float32)
+    if x0.dim() < 2 or x0.shape[0] != 1:
+        raise InputError(f"x0 must have a batch dimension of 1, got shape {tuple(x0.shape)}")
+    if not bool(torch.isfinite(x0).all()):
+        raise InputError("x0 contains NaN/inf values")
+    if methods is None:
+        names = list(METHODS)
+    else:
+        names = [str(m).strip().lower() for m in methods]
+        unknown = [m for m in names if m not in METHODS]
+        if unknown:
+            raise InputError(f"unknown method(s) {unknown}; choose from {list(METHODS)}")
+        names = [m for m in METHODS if m in names]  # canonical order, no duplicates
+    layers: FCLayers | None = None
+    fc_error: Exception | None = None
+    if any(m in _FC_ONLY for m in names):
+        try:
+            layers = fc_layers(model, input_shape=tuple(x0.shape[1:]))
+        except UnsupportedModelError as exc:
+            fc_error = exc
+            logger.info("baselines: %s", _short_note(exc))
+    ctx = _Ctx(model, x0, eps, model_name, layers, fc_error, exact_time_limit)
+    rows: list[CompareRow] = []
+    for name in names:
+        quantity, runner = METHODS[name]
+        t0 = time.perf_counter()
+        try:
+            res = runner(ctx)
+        except UnsupportedModelError as exc:
+            note = NOT_FC if name in _FC_ONLY else f"not supported: {_short_note(exc)}"
+            rows.append(CompareRow(name, quantity, None, math.nan,
+                                   time.perf_counter() - t0, note))
+            continue
+        except ImportError as exc:
+            rows.append(CompareRow(name, quantity, None, math.nan, time.perf_counter() - t0,
+                                   f"not available: {_short_note(exc)}"))
+            continue
+        except LipboundError as exc:
+            rows.append(CompareRow(name, quantity, None, math.nan, time.perf_counter() - t0,
+                                   f"not run: {_short_note(exc)}"))
+            continue
+        except Exception as exc:  # one failing method must not break the table
+            logger.exception("compare: method %s failed", name)
+            rows.append(CompareRow(name, quantity, None, math.nan, time.perf_counter() - t0,
+                                   f"error: {type(exc).__name__}: {_short_note(exc)}"))
+            continue
+        seconds = float(getattr(res, "seconds", time.perf_counter() - t0))
+        value = float(res.value)
+        rows.append(CompareRow(name, quantity, res.guarantee, value, seconds,
+                               _note_of(name, res, ctx)))
+    return _check_floor(rows)
+
+
+def _check_floor(rows: list[CompareRow]) -> list[CompareRow]:
+    """Mark L2 upper bounds below the empirical lower bound (a bug, or float32 rounding)."""
+    floor = next((r.value for r in rows if r.method == "lower" and math.isfinite(r.value)),
+                 None)
+    if floor is None:
+        return rows
+    out = []
+    for r in rows:
+        is_l2_upper = (r.guarantee is not None and r.guarantee.is_upper_bound
+                       and r.quantity in (Q_REL, Q_PAIRS, Q_GLOBAL))
+        if is_l2_upper and math.isfinite(r.value) and r.value < floor * (1 - 1e-4):
+            logger.error("compare: %s = %.6g is below the lower bound %.6g", r.method,
+                         r.value, floor)
+            note = f"BELOW THE LOWER BOUND {floor:.6g}: unsound!" + (
+                f"; {r.note}" if r.note else "")
+            r = CompareRow(r.method, r.quantity, r.guarantee, r.value, r.seconds, note)
+        out.append(r)
+    return out
+
+
+def violations(rows: Sequence[CompareRow]) -> list[CompareRow]:
+    """Rows whose upper bound fell below the lower bound."""
+    return [r for r in rows if r.note.startswith("BELOW THE LOWER BOUND")]
+
+
+def format_table(rows: Sequence[CompareRow], *, note_width: int = 70) -> str:
+    """Plain-text table of the rows (method, quantity, guarantee, value, seconds, note)."""
+    head = ("method", "quantity", "guarantee", "value", "time [s]", "note")
+    body = []
+    for r in rows:
+        g = r.guarantee.value if r.guarantee is not None else "-"
+        v = f"{r.value:.6g}" if math.isfinite(r.value) else "-"
+        note = r.note if len(r.note) <= note_width else r.note[:note_width - 3] + "..."
+        body.append((r.method, r.quantity, g, v, f"{r.seconds:.3f}", note))
+    widths = [max(len(head[i]), *(len(b[i]) for b in body)) if body else len(head[i])
+              for i in range(len(head))]
+    right = {3, 4}
+
+    def line(cells: Sequence[str]) -> str:
+        return "  ".join(c.rjust(widths[i]) if i in right else c.ljust(widths[i])
+                         for i, c in enumerate(cells)).rstrip()
+
+    sep = "  ".join("-" * w for w in widths)
+    return "\n".join([line(head), sep, *(line(b) for b in body)])

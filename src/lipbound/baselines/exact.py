@@ -1,0 +1,724 @@
+"""Exact local Lipschitz constants of small fully connected ReLU networks.
+
+Two methods, for two different quantities:
+
+:func:`exact_local_l2` -- **L2, all pairs in the ball** (our design). The quantity is
+
+    L_ball(x0, eps) = sup_{x != y, x, y in B} ||C (f(x) - f(y))||_2 / ||x - y||_2,
+    B = {x : ||x - x0||_2 <= eps},
+
+the local constant over *all pairs* in the ball. It is at least the constant *relative to
+x0* of ``docs/method.md`` (one end of every pair is x0), which this module does **not**
+compute and which can be smaller. For a piecewise-linear ``f``, ``L_ball`` equals the
+largest spectral norm ``||C W_K D_{K-1} ... D_1 W_1||`` over the activation patterns
+``(D_1, ..., D_{K-1})`` whose (full-dimensional) region meets the ball: every segment
+between two points of the convex ball splits into finitely many pieces, each inside the
+closure of one region where ``f`` is affine with that Jacobian (so the ratio is at most the
+largest norm), and inside a region meeting the open ball the ratio of two points along the
+top right singular vector attains the norm.
+
+The regions are enumerated by branching over the hidden units in order. A unit whose
+pre-activation cannot change sign on the whole ball (range ``a^T x0 + c +- eps ||a||``,
+exact on a ball) is fixed; otherwise both signs are tried, each adding a half-space to the
+region's polyhedron, and a branch is kept unless the polyhedron provably misses the ball.
+The distance from x0 to a polyhedron is a least-distance program solved exactly by
+Lawson & Hanson's reduction to NNLS; a branch is dropped only with a Farkas-type
+certificate ``lambda >= 0`` with ``lambda^T (G x0 - h) - eps ||G^T lambda|| > margin``
+(then ``lambda^T (G x - h) > 0`` on the whole ball, so no x in the ball satisfies
+``G x <= h``); the margin covers float64 rounding, so rounding can only keep extra regions.
+Every kept pattern's norm is an upper bound (exact SVD, inflated for rounding), so the
+maximum is a CERTIFIED upper bound on ``L_ball``. The maximiser is then verified: a point
+strictly inside its region and strictly inside the ball is found (least distance to the
+polyhedron tightened by a small slack) and checked with a float64 forward pass (every
+hidden pre-activation strictly of the pattern's sign). There ``f`` is differentiable with
+exactly that Jacobian, so the value is attained and the guarantee is EXACT. If the check
+fails (a degenerate region) the result stays CERTIFIED.
+
+Cost grows with the number of regions meeting the ball; ``max_regions``, ``time_limit``
+and ``max_hidden`` stop it with a :class:`~lipbound.errors.LipboundError`.
+
+:func:`lipmip` -- **lipMIP's quantity** (M. Jordan and A. G. Dimakis, *Exactly Computing
+the Local Lipschitz Constant of ReLU Networks*, NeurIPS 2020): for a scalar output
+``g = c^T f`` and the l_inf box ``X = {x : ||x - x0||_inf <= eps}``,
+
+    L(g, X, ||.||_inf) = sup_{x != y in X} |g(x) - g(y)| / ||x - y||_inf
+                       = sup_{x in X, g differentiable at x} ||grad g(x)||_1
+
+(input norm l_inf, so the gradient's dual norm l1; ``input_norm="l1"`` gives the dual
+``||grad g||_inf``). As in lipMIP, this is a mixed-integer linear program solved with HiGHS
+(:func:`scipy.optimize.milp`): binaries ``a`` encode the ReLU pattern with big-M
+constraints from interval bounds over the box; the gradient is propagated backwards
+through the pattern (``v_k = a_k * g_k`` by big-M on interval bounds of ``g_k``); the
+dual norm of the gradient is maximised with sign binaries. At a kink (pre-activation 0)
+both values of the binary are allowed -- lipMIP's treatment of the generalised gradient,
+which gives the exact constant under its general-position assumption and an upper bound
+otherwise. We verify the optimum: the optimal pattern is re-evaluated in float64 and a
+point strictly inside its region (in the box) is found by a linear program and checked by
+a forward pass. EXACT when that succeeds and the MILP's dual bound matches the attained
+value; CERTIFIED (the dual bound) if the maximiser's region is degenerate; NaN/ESTIMATE if
+HiGHS stops early. "Exact" is up to HiGHS's tolerances (relative gap 1e-9, feasibility
+1e-7).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import numpy as np
+from scipy import optimize, sparse
+from torch import nn
+
+from lipbound.baselines.fc import (
+    FCLayers,
+    apply_output_map,
+    as_fc,
+    check_eps,
+    check_x0,
+    describe,
+    fc_preactivations,
+    product_error,
+    round_up,
+    safe_spectral_norm,
+)
+from lipbound.errors import InputError, LipboundError
+from lipbound.results import BoundResult, Guarantee
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["exact_local_l2", "exact_local_l2_detailed", "ExactL2Result", "lipmip",
+           "ball_meets_polyhedron"]
+
+
+# --------------------------------------------------------------------------- geometry
+
+
+def ball_meets_polyhedron(g: np.ndarray, h: np.ndarray, x0: np.ndarray, eps: float,
+                          err: np.ndarray | None = None
+                          ) -> tuple[bool, np.ndarray | None, float]:
+    """Decide whether ``{x : G x <= h}`` meets the closed ball ``B(x0, eps)``.
+
+    Solves the least-distance program ``min ||y|| s.t. G (x0 + y) <= h`` with Lawson &
+    Hanson's NNLS reduction. Returns ``(meets, point, distance)``: ``meets`` is False only
+    when a certificate ``lambda >= 0``, ``lambda^T (G x0 - h) - eps ||G^T lambda|| > margin``
+    proves the two sets disjoint; ``point`` is a point of the polyhedron in the ball when
+    one was found (else None); ``distance`` is the computed distance (``inf`` if empty).
+
+    Args:
+        g: constraint matrix ``(m, n)``; h: right-hand sides ``(m,)``.
+        x0: ball centre; eps: radius.
+        err: per-row scale of the rounding error in ``g``/``h`` (``|g| |x0| + |h|`` if None);
+            the certificate must clear ``1e-11 * (m + n) * lambda^T err``.
+    """
+    m, n = g.shape
+    if err is None:
+        err = np.abs(g) @ np.abs(x0) + np.abs(h) + eps * np.linalg.norm(g, axis=1)
+    if m == 0:
+        return True, x0.copy(), 0.0
+    norms = np.linalg.norm(g, axis=1)
+    zero = norms == 0.0
+    if np.any(zero & (h < -1e-11 * (m + n) * err)):
+        return False, None, math.inf  # 0 <= h_i < 0 is impossible
+    keep = ~zero
+    gk, hk, nk, ek = g[keep], h[keep], norms[keep], err[keep]
+    if gk.shape[0] == 0:
+        return True, x0.copy(), 0.0
+    gn = gk / nk[:, None]
+    slack = hk / nk - gn @ x0  # constraint in y: gn y <= slack
+    # LDP: min ||y|| s.t. G' y >= h' with G' = -gn, h' = -slack
+    e_mat = np.vstack([(-gn).T, (-slack)[None, :]])
+    f_vec = np.zeros(n + 1)
+    f_vec[n] = 1.0
+    try:
+        u, _ = optimize.nnls(e_mat, f_vec, maxiter=50 * (gk.shape[0] + n + 1))
+    except (RuntimeError, ValueError) as exc:  # pragma: no cover - NNLS failure: keep
+        logger.debug("NNLS failed (%s); keeping the region", exc)
+        return True, None, math.nan
+    r = e_mat @ u - f_vec
+    dist = math.inf
+    if abs(r[n]) > 1e-13:
+        y = -r[:n] / r[n]
+        dist = float(np.linalg.norm(y))
+        cand = x0 + y
+        viol = float(np.max(gk @ cand - hk - 1e-9 * ek)) if gk.shape[0] else -1.0
+        if dist <= eps * (1 + 1e-9) and viol <= 0.0:
+            return True, cand, dist
+        if dist <= eps * (1 + 1e-9):
+            return True, None, dist
+    # certificate with lambda_i = u_i / ||g_i|| (rows of the original g)
+    lam = u / nk
+    phi = float(lam @ (gk @ x0 - hk) - eps * np.linalg.norm(gk.T @ lam))
+    margin = 1e-11 * (gk.shape[0] + n) * float(lam @ ek)
+    if phi > margin:
+        return False, None, dist
+    logger.debug("ball/polyhedron: no certificate (phi=%g, margin=%g); keeping", phi, margin)
+    return True, None, dist
+
+
+# --------------------------------------------------------------------------- exact L2
+
+
+class _Budget:
+    def __init__(self, max_regions: int, time_limit: float, what: str):
+        self.max_regions, self.time_limit, self.what = max_regions, time_limit, what
+        self.t0 = time.perf_counter()
+        self.regions = 0
+        self.nodes = 0
+
+    def tick(self, leaf: bool = False) -> None:
+        self.nodes += 1
+        if leaf:
+            self.regions += 1
+        if self.regions > self.max_regions:
+            raise LipboundError(
+                f"{self.what}: more than max_regions={self.max_regions} activation regions "
+                "meet the ball; the exact computation would not finish. Use a certified "
+                "bound (recurjac, lipsdp) or a smaller eps, or raise max_regions.")
+        if self.nodes % 64 == 0 and time.perf_counter() - self.t0 > self.time_limit:
+            raise LipboundError(
+                f"{self.what}: time limit of {self.time_limit:g} s reached after "
+                f"{self.regions} regions; the exact computation would not finish. Use a "
+                "certified bound (recurjac, lipsdp) or a smaller eps, or raise time_limit.")
+
+
+def _check_size(layers: FCLayers, max_hidden: int, what: str) -> None:
+    n_hidden = sum(w.shape[0] for w, _ in layers[:-1])
+    if n_hidden > max_hidden:
+        raise LipboundError(
+            f"{what}: the network has {n_hidden} hidden units, more than max_hidden="
+            f"{max_hidden}; exact methods enumerate activation patterns and would not "
+            "finish. Use a certified bound (recurjac, lipsdp, autolip) instead.")
+
+
+@dataclass(frozen=True)
+class ExactL2Result:
+    """Detailed outcome of :func:`exact_local_l2_detailed`.
+
+    Attributes:
+        bound: the result (``value`` is the upper end ``hi`` of the enclosure).
+        lower: the attained lower end ``lo`` (NaN when the maximiser was not verified): the
+            true constant lies in ``[lo, bound.value]``.
+        witness: a point strictly inside the maximising region and the open ball, where the
+            Jacobian norm equals the constant (None when not verified).
+        regions: number of activation regions that meet the ball.
+    """
+
+    bound: BoundResult
+    lower: float
+    witness: np.ndarray | None
+    regions: int
+
+
+def exact_local_l2(net: nn.Module | Sequence[tuple[Any, Any]], x0: Any, eps: float, *,
+                   output_map: Any | None = None, max_regions: int = 20000,
+                   time_limit: float = 60.0, max_hidden: int = 256,
+                   input_shape: Sequence[int] | None = None,
+                   model_name: str | None = None) -> BoundResult:
+    """Exact local L2 Lipschitz constant over all pairs in the ball ``B(x0, eps)``.
+
+    See the module docstring for the quantity, the algorithm and the guarantee.
+
+    Args:
+        net: a fully connected ReLU network (module) or its layers ``[(W, b), ...]``.
+        x0: centre, shape ``(1, *input_shape)`` or flat.
+        eps: L2 radius (> 0).
+        output_map: optional ``(m, n_out)`` matrix ``C``; the constant is then for ``C f``.
+        max_regions: stop (LipboundError) when more regions than this meet the ball.
+        time_limit: stop (LipboundError) after this many seconds.
+        max_hidden: refuse networks with more hidden units than this.
+        input_shape: input shape without batch (only needed for some Normalize layers).
+        model_name: name stored in the result.
+
+    Returns:
+        A :class:`~lipbound.results.BoundResult`, EXACT when the maximiser was verified,
+        else CERTIFIED; ``notes`` give the number of regions and the witness.
+
+    Raises:
+        LipboundError: the network or the number of regions exceeds the budget.
+    """
+    return exact_local_l2_detailed(
+        net, x0, eps, output_map=output_map, max_regions=max_regions, time_limit=time_limit,
+        max_hidden=max_hidden, input_shape=input_shape, model_name=model_name).bound
+
+
+def exact_local_l2_detailed(net: nn.Module | Sequence[tuple[Any, Any]], x0: Any, eps: float,
+                            *, output_map: Any | None = None, max_regions: int = 20000,
+                            time_limit: float = 60.0, max_hidden: int = 256,
+                            input_shape: Sequence[int] | None = None,
+                            model_name: str | None = None) -> ExactL2Result:
+    """As :func:`exact_local_l2`, also returning the attained lower end and the witness."""
+    t0 = time.perf_counter()
+    layers = apply_output_map(as_fc(net, input_shape=input_shape), output_map)
+    n0 = layers[0][0].shape[1]
+    xc = check_x0(x0, n0)
+    eps = check_eps(eps)
+    what = "exact local L2"
+    _check_size(layers, max_hidden, what)
+    hidden = layers[:-1]
+    n_layers = len(hidden)
+    n_tot = n0 + sum(w.shape[0] for w, _ in layers)
+    budget = _Budget(max_regions, time_limit, what)
+    xabs = np.abs(xc)
+
+    pattern = [np.zeros(w.shape[0]) for w, _ in hidden]
+    maps: list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray] | None] = [None] * n_layers
+    cons_g: list[np.ndarray] = []
+    cons_h: list[float] = []
+    cons_e: list[float] = []
+    best: dict[str, Any] = {"value": -1.0}
+
+    def layer_map(k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        w, b = layers[k]
+        if k == 0:
+            return w, b, np.abs(w), np.abs(b)
+        a_p, c_p, aa_p, ca_p = maps[k - 1]  # type: ignore[misc]
+        d = pattern[k - 1]
+        return (w @ (d[:, None] * a_p), w @ (d * c_p) + b,
+                np.abs(w) @ (d[:, None] * aa_p), np.abs(w) @ (d * ca_p) + np.abs(b))
+
+    def leaf(witness: np.ndarray | None) -> None:
+        budget.tick(leaf=True)
+        a_m, c_m, aa_m, ca_m = layer_map(n_layers) if n_layers else (
+            layers[0][0], layers[0][1], np.abs(layers[0][0]), np.abs(layers[0][1]))
+        val = safe_spectral_norm(a_m, product_error(aa_m, n_tot))
+        if val > best["value"]:
+            best.update(value=val, jac=a_m, jac_abs=aa_m, pattern=[p.copy() for p in pattern],
+                        g=np.array(cons_g).reshape(len(cons_g), n0), h=np.array(cons_h),
+                        e=np.array(cons_e), witness=witness)
+
+    def visit(k: int, j: int, witness: np.ndarray | None) -> None:
+        if k == n_layers:
+            leaf(witness)
+            return
+        if j == 0:
+            maps[k] = layer_map(k)
+        a_k, c_k, aa_k, ca_k = maps[k]  # type: ignore[misc]
+        if j == a_k.shape[0]:
+            visit(k + 1, 0, witness)
+            return
+        budget.tick()
+        a = a_k[j]
+        ci = float(c_k[j])
+        centre = float(a @ xc) + ci
+        rad = eps * float(np.linalg.norm(a))
+        err = float(aa_k[j] @ xabs + ca_k[j] + eps * np.linalg.norm(aa_k[j]))
+        tol = 1e-11 * n_tot * err
+        if centre - rad > tol:
+            pattern[k][j] = 1.0
+            visit(k, j + 1, witness)
+            return
+        if centre + rad < -tol:
+            pattern[k][j] = 0.0
+            visit(k, j + 1, witness)
+            return
+        # both signs possible on the ball: branch (the witness's own side first)
+        sides = (1, 0)
+        if witness is not None and float(a @ witness) + ci < 0:
+            sides = (0, 1)
+        for s in sides:
+            g_row, h_val = (-a, ci) if s == 1 else (a, -ci)
+            if witness is not None and float(g_row @ witness) <= h_val:
+                meets, new_w = True, witness
+            else:
+                g_all = np.vstack([*cons_g, g_row]) if cons_g else g_row[None, :]
+                h_all = np.array([*cons_h, h_val])
+                e_all = np.array([*cons_e, err])
+                meets, new_w, _ = ball_meets_polyhedron(g_all, h_all, xc, eps, e_all)
+            if not meets:
+                continue
+            cons_g.append(g_row)
+            cons_h.append(h_val)
+            cons_e.append(err)
+            pattern[k][j] = float(s)
+            visit(k, j + 1, new_w)
+            cons_g.pop()
+            cons_h.pop()
+            cons_e.pop()
+
+    visit(0, 0, xc.copy())
+    upper = best["value"]
+    notes = [f"fully connected {describe(layers)}",
+             f"{budget.regions} activation region(s) meet the ball "
+             f"({budget.nodes} branch nodes)"]
+    verified, lower, witness = _verify_l2(layers, best, xc, eps, n_tot)
+    if verified:
+        # upper and lower differ only by the rounding margins of the same Jacobian's norm
+        guarantee = Guarantee.EXACT if upper - lower <= 1e-6 * max(upper, 1e-300) else \
+            Guarantee.CERTIFIED
+        notes.append(f"maximiser verified at a point strictly inside its region and the "
+                     f"ball: the true value lies in [{lower:.12g}, {upper:.12g}]; witness "
+                     f"x = {np.round(witness, 6)}")
+    else:
+        guarantee = Guarantee.CERTIFIED
+        notes.append("the maximising region could not be verified to have interior in the "
+                     "open ball (degenerate); the value is an upper bound")
+    notes.append("quantity is over ALL pairs in the ball (>= the constant relative to x0)")
+    bound = BoundResult(
+        value=upper, guarantee=guarantee, method="exact-l2",
+        quantity="local L2 Lipschitz constant over all pairs in the L2 ball B(x0, eps)",
+        eps=eps, seconds=time.perf_counter() - t0, norm="l2", model=model_name,
+        notes=tuple(notes))
+    return ExactL2Result(bound, lower if verified else math.nan, witness, budget.regions)
+
+
+def _pattern_maps(layers: FCLayers, pattern: Sequence[np.ndarray]
+                  ) -> list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]]:
+    """Affine maps ``z_k = A_k x + c_k`` (and abs versions) of every hidden layer."""
+    out = []
+    w, b = layers[0]
+    a, c, aa, ca = w, b, np.abs(w), np.abs(b)
+    out.append((a, c, aa, ca))
+    for k in range(1, len(layers) - 1):
+        w, b = layers[k]
+        d = pattern[k - 1]
+        a, c = w @ (d[:, None] * a), w @ (d * c) + b
+        aa, ca = np.abs(w) @ (d[:, None] * aa), np.abs(w) @ (d * ca) + np.abs(b)
+        out.append((a, c, aa, ca))
+    return out
+
+
+def _strict_signs(layers: FCLayers, pattern: Sequence[np.ndarray], x: np.ndarray,
+                  n_tot: int) -> bool:
+    """True if every hidden pre-activation at ``x`` has the pattern's sign, strictly.
+
+    Units whose pre-activation is constant 0 on the region (zero row and zero offset) are
+    skipped: they do not change the Jacobian and ``f`` stays differentiable.
+    """
+    zs = fc_preactivations(layers, x[None, :])
+    for (a, c, aa, ca), d, z in zip(_pattern_maps(layers, pattern), pattern, zs, strict=True):
+        tol = 1e-10 * n_tot * (aa @ np.abs(x) + ca)
+        dead = (np.linalg.norm(a, axis=1) == 0) & (np.abs(c) <= tol)
+        ok = np.where(d > 0.5, z[0] > tol, z[0] < -tol) | dead
+        if not bool(np.all(ok)):
+            return False
+    return True
+
+
+def _verify_l2(layers: FCLayers, best: dict[str, Any], x0: np.ndarray, eps: float,
+               n_tot: int) -> tuple[bool, float, np.ndarray | None]:
+    if len(layers) == 1:
+        return True, best["value"] * (1 - 1e-12 * max(layers[0][0].shape)), x0
+    g, h, e = best["g"], best["h"], best["e"]
+    jac, jac_abs = best["jac"], best["jac_abs"]
+    candidates: list[np.ndarray] = []
+    if best.get("witness") is not None:
+        candidates.append(best["witness"])
+    norms = np.linalg.norm(g, axis=1) if g.size else np.zeros(0)
+    for slack in (1e-6, 1e-8, 1e-4, 1e-3, 1e-2):
+        if g.shape[0] == 0:
+            candidates.append(x0)
+            break
+        meets, p, dist = ball_meets_polyhedron(g, h - slack * eps * norms, x0, eps, e)
+        if meets and p is not None and dist < eps * (1 - 1e-9):
+            candidates.append(p)
+    for p in candidates:
+        if np.linalg.norm(p - x0) < eps and _strict_signs(layers, best["pattern"], p, n_tot):
+            s = float(np.linalg.svd(jac, compute_uv=False)[0])
+            lower = s * (1 - 1e-12 * max(jac.shape)) - product_error(jac_abs, n_tot)
+            return True, max(lower, 0.0), p
+    return False, math.nan, None
+
+
+# --------------------------------------------------------------------------- lipMIP
+
+
+def _box_bounds(layers: FCLayers, x0: np.ndarray, eps: float
+                ) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Interval bounds of every hidden pre-activation over the l_inf box, widened for rounding."""
+    lo, hi = x0 - eps, x0 + eps
+    out = []
+    for w, b in layers[:-1]:
+        mid, rad = (lo + hi) / 2, (hi - lo) / 2
+        zc = w @ mid + b
+        zr = np.abs(w) @ rad
+        tol = 1e-10 * (np.abs(w) @ np.maximum(np.abs(lo), np.abs(hi)) + np.abs(b) + 1e-300)
+        zl, zu = zc - zr - tol, zc + zr + tol
+        out.append((zl, zu))
+        lo, hi = np.maximum(zl, 0.0), np.maximum(zu, 0.0)
+    return out
+
+
+def lipmip(net: nn.Module | Sequence[tuple[Any, Any]], x0: Any, eps: float, *,
+           c: Any | None = None, input_norm: Literal["linf", "l1"] = "linf",
+           time_limit: float = 60.0, max_hidden: int = 256,
+           input_shape: Sequence[int] | None = None,
+           model_name: str | None = None) -> BoundResult:
+    """lipMIP: the exact local Lipschitz constant of ``c^T f`` on an l_inf box, by MILP.
+
+    Args:
+        net: a fully connected ReLU network (module) or its layers ``[(W, b), ...]``.
+        x0: centre of the box, shape ``(1, *input_shape)`` or flat.
+        eps: half-width of the box ``||x - x0||_inf <= eps`` (> 0).
+        c: output weights ``(n_out,)`` of the scalar function ``c^T f`` (e.g.
+            ``e_i - e_j`` for a logit margin); may be omitted for one output.
+        input_norm: ``"linf"`` (constant w.r.t. ``||.||_inf``: maximise ``||grad||_1``) or
+            ``"l1"`` (maximise ``||grad||_inf``).
+        time_limit: HiGHS time limit in seconds.
+        max_hidden: refuse networks with more hidden units than this.
+        input_shape: input shape without batch (only needed for some Normalize layers).
+        model_name: name stored in the result.
+
+    Returns:
+        A :class:`~lipbound.results.BoundResult` (``norm`` ``"linf->abs"`` or
+        ``"l1->abs"``); EXACT when verified, CERTIFIED if the maximiser is degenerate,
+        NaN/ESTIMATE if HiGHS did not finish.
+    """
+    if input_norm not in ("linf", "l1"):
+        raise InputError(f"input_norm must be 'linf' or 'l1', got {input_norm!r}")
+    t0 = time.perf_counter()
+    layers = as_fc(net, input_shape=input_shape)
+    n_out = layers[-1][0].shape[0]
+    if c is None:
+        if n_out != 1:
+            raise InputError(f"the network has {n_out} outputs: pass c (shape ({n_out},)), "
+                             "e.g. e_i - e_j for the margin between classes i and j")
+        cvec = np.ones(1)
+    else:
+        cvec = np.asarray(c.detach().cpu().double().numpy() if hasattr(c, "detach") else c,
+                          dtype=np.float64).reshape(-1)
+        if cvec.shape != (n_out,) or not np.isfinite(cvec).all():
+            raise InputError(f"c must be a finite vector of shape ({n_out},), got {cvec.shape}")
+    layers = apply_output_map(layers, cvec[None, :])
+    n0 = layers[0][0].shape[1]
+    xc = check_x0(x0, n0)
+    eps = check_eps(eps)
+    _check_size(layers, max_hidden, "lipMIP")
+    n_tot = n0 + sum(w.shape[0] for w, _ in layers)
+    dual = "l1" if input_norm == "linf" else "linf"
+    quantity = (f"local Lipschitz constant of c^T f w.r.t. ||.||_{input_norm[1:]} over all "
+                f"pairs in the l_inf box ||x - x0||_inf <= eps (max ||grad||_{dual[1:]})")
+    notes = [f"fully connected {describe(layers)} (scalar output c^T f)"]
+
+    def result(value: float, guarantee: Guarantee, more: list[str]) -> BoundResult:
+        return BoundResult(value=value, guarantee=guarantee, method="lipmip", quantity=quantity,
+                           eps=eps, seconds=time.perf_counter() - t0,
+                           norm=f"{input_norm}->abs", model=model_name,
+                           notes=tuple(notes + more))
+
+    def dual_norm(v: np.ndarray) -> float:
+        return float(np.sum(np.abs(v)) if dual == "l1" else np.max(np.abs(v)))
+
+    if len(layers) == 1:
+        g = layers[0][0][0]
+        return result(round_up(dual_norm(g) * (1 + 1e-15 * n0)), Guarantee.EXACT,
+                      ["affine network: constant gradient"])
+    milp = _LipMip(layers, xc, eps, dual)
+    res = optimize.milp(c=-milp.objective(), constraints=milp.constraints(),
+                        integrality=milp.integrality(), bounds=milp.bounds(),
+                        options={"time_limit": float(time_limit), "mip_rel_gap": 1e-9,
+                                 "disp": False})
+    if res.status != 0 or res.x is None:
+        dual_bound = getattr(res, "mip_dual_bound", None)
+        return result(math.nan, Guarantee.ESTIMATE,
+                      [f"HiGHS stopped: status {res.status} ({res.message}); dual bound "
+                       f"{-dual_bound if dual_bound is not None else float('nan'):.6g}; "
+                       "no exact value"])
+    pattern = milp.pattern(res.x)
+    grad = _pattern_gradient(layers, pattern)
+    attained = dual_norm(grad)
+    dual_bound = getattr(res, "mip_dual_bound", None)
+    upper = max(-float(dual_bound) if dual_bound is not None else -float(res.fun),
+                -float(res.fun), attained)
+    upper = round_up(upper * (1 + 1e-12 * n_tot))
+    ok, xs = _verify_box(layers, pattern, xc, eps, n_tot)
+    notes.append(f"HiGHS optimal; attained value of the optimal pattern {attained:.12g}, "
+                 f"dual bound {upper:.12g}")
+    if ok and upper <= attained * (1 + 1e-6) + 1e-12:
+        notes.append(f"maximiser verified strictly inside its region; witness x = "
+                     f"{np.round(xs, 6)}")
+        return result(upper, Guarantee.EXACT, [])
+    notes.append("maximiser not verified (degenerate region or gap): value is the MILP's "
+                 "upper bound")
+    return result(upper, Guarantee.CERTIFIED, [])
+
+
+def _pattern_gradient(layers: FCLayers, pattern: Sequence[np.ndarray]) -> np.ndarray:
+    g = layers[-1][0][0]
+    for k in range(len(layers) - 2, -1, -1):
+        g = layers[k][0].T @ (pattern[k] * g)
+    return g
+
+
+def _verify_box(layers: FCLayers, pattern: Sequence[np.ndarray], x0: np.ndarray, eps: float,
+                n_tot: int) -> tuple[bool, np.ndarray | None]:
+    """Find x in the box with every hidden unit strictly of the pattern's sign (LP)."""
+    n0 = x0.size
+    rows, rhs = [], []
+    for (a, c, _, _), d in zip(_pattern_maps(layers, pattern), pattern, strict=True):
+        nrm = np.linalg.norm(a, axis=1)
+        for i in range(a.shape[0]):
+            if nrm[i] == 0.0:
+                continue
+            s = 1.0 if d[i] > 0.5 else -1.0
+            # s (a x + c) >= t ||a||   <=>   -s a x + t ||a|| <= s c
+            rows.append(np.concatenate([-s * a[i], [nrm[i]]]))
+            rhs.append(s * c[i])
+    obj = np.zeros(n0 + 1)
+    obj[-1] = -1.0
+    bnds = [(x0[i] - eps, x0[i] + eps) for i in range(n0)] + [(None, eps)]
+    if rows:
+        lp = optimize.linprog(obj, A_ub=np.array(rows), b_ub=np.array(rhs), bounds=bnds,
+                              method="highs")
+        if lp.status != 0 or lp.x is None or lp.x[-1] <= 0:
+            return False, None
+        x = np.clip(lp.x[:n0], x0 - eps, x0 + eps)
+    else:
+        x = x0.copy()
+    return _strict_signs(layers, pattern, x, n_tot), x
+
+
+class _LipMip:
+    """Builds the MILP of :func:`lipmip` (variables, constraints, bounds, integrality)."""
+
+    def __init__(self, layers: FCLayers, x0: np.ndarray, eps: float, dual: str):
+        self.layers, self.dual = layers, dual
+        self.n0 = x0.size
+        self.zb = _box_bounds(layers, x0, eps)
+        self.lb: list[float] = []
+        self.ub: list[float] = []
+        self.integer: list[int] = []
+        self.rows: list[tuple[dict[int, float], float, float]] = []
+        self.x = self._vars(x0 - eps, x0 + eps)
+        self.h: list[np.ndarray] = []
+        self.a: list[np.ndarray] = []
+        self.fixed: list[np.ndarray] = []
+        prev = self.x
+        for (w, b), (zl, zu) in zip(layers[:-1], self.zb, strict=True):
+            n = w.shape[0]
+            act = np.where(zl >= 0, 1, np.where(zu <= 0, 0, -1))
+            self.fixed.append(act)
+            h = self._vars(np.zeros(n), np.maximum(zu, 0.0))
+            a = self._vars(np.where(act == 1, 1.0, 0.0), np.where(act == 0, 0.0, 1.0), True)
+            for i in range(n):
+                lin = {int(j): -float(w[i, jj]) for jj, j in enumerate(prev) if w[i, jj] != 0}
+                if act[i] == 1:  # h = z
+                    self._row({**lin, int(h[i]): 1.0}, float(b[i]), float(b[i]))
+                elif act[i] == -1:
+                    self._row({**lin, int(h[i]): 1.0}, float(b[i]), math.inf)  # h >= z
+                    self._row({**lin, int(h[i]): 1.0, int(a[i]): -float(zl[i])}, -math.inf,
+                              float(b[i] - zl[i]))  # h <= z - l (1 - a)
+                    self._row({int(h[i]): 1.0, int(a[i]): -float(zu[i])}, -math.inf, 0.0)
+            self.h.append(h)
+            self.a.append(a)
+            prev = h
+        # backward pass: v_k = a_k * g_k, g_{k-1} = W_k^T v_k, g_{K-1} = w_K (constant)
+        g_const: np.ndarray | None = layers[-1][0][0].copy()
+        g_lin: tuple[np.ndarray, np.ndarray] | None = None  # (matrix, vars) for g = M v
+        gl = gu = g_const
+        v_next = None
+        for k in range(len(layers) - 2, -1, -1):
+            n = layers[k][0].shape[0]
+            act = self.fixed[k]
+            vl = np.where(act == 1, gl, np.where(act == 0, 0.0, np.minimum(gl, 0.0)))
+            vu = np.where(act == 1, gu, np.where(act == 0, 0.0, np.maximum(gu, 0.0)))
+            tol = 1e-10 * (np.abs(vl) + np.abs(vu)) + 1e-300
+            v = self._vars(vl - tol, vu + tol)
+            for i in range(n):
+                if act[i] == 0:
+                    continue
+                if g_const is not None:
+                    gexpr: dict[int, float] = {}
+                    gconst = float(g_const[i])
+                else:
+                    mat, vars_ = g_lin  # type: ignore[misc]
+                    gexpr = {int(j): float(mat[i, jj]) for jj, j in enumerate(vars_)
+                             if mat[i, jj] != 0}
+                    gconst = 0.0
+                neg = {j: -val for j, val in gexpr.items()}
+                ai = int(self.a[k][i])
+                if act[i] == 1:  # v = g
+                    self._row({**neg, int(v[i]): 1.0}, gconst, gconst)
+                    continue
+                lo_i, hi_i = float(gl[i]), float(gu[i])
+                self._row({int(v[i]): 1.0, ai: -hi_i}, -math.inf, 0.0)  # v <= gu a
+                self._row({int(v[i]): 1.0, ai: -lo_i}, 0.0, math.inf)  # v >= gl a
+                # v - g - gl a <= -gl   and   v - g - gu a >= -gu
+                self._row({**neg, int(v[i]): 1.0, ai: -lo_i}, -math.inf, gconst - lo_i)
+                self._row({**neg, int(v[i]): 1.0, ai: -hi_i}, gconst - hi_i, math.inf)
+            w = layers[k][0]
+            g_lin = (w.T, v)
+            g_const = None
+            wp, wn = np.maximum(w.T, 0), np.minimum(w.T, 0)
+            gl, gu = wp @ vl + wn @ vu, wp @ vu + wn @ vl
+            v_next = v
+        self.grad_vars = v_next  # gradient = W_1^T v_1
+        self.gl, self.gu = gl, gu
+        self.obj: dict[int, float] = {}
+        w1t = layers[0][0].T
+        big = float(np.max(np.maximum(np.abs(gl), np.abs(gu)))) * 2.0 + 1.0
+        if dual == "l1":
+            for i in range(self.n0):
+                grad = {int(j): float(w1t[i, jj]) for jj, j in enumerate(v_next)}
+                if gl[i] >= 0:
+                    for j, val in grad.items():
+                        self.obj[j] = self.obj.get(j, 0.0) + val
+                elif gu[i] <= 0:
+                    for j, val in grad.items():
+                        self.obj[j] = self.obj.get(j, 0.0) - val
+                else:
+                    p, q = self._vars(np.zeros(1), np.array([gu[i]])), self._vars(
+                        np.zeros(1), np.array([-gl[i]]))
+                    s = self._vars(np.zeros(1), np.ones(1), True)
+                    negg = {j: -val for j, val in grad.items()}
+                    self._row({**negg, int(p[0]): 1.0, int(q[0]): -1.0}, 0.0, 0.0)
+                    self._row({int(p[0]): 1.0, int(s[0]): -float(gu[i])}, -math.inf, 0.0)
+                    self._row({int(q[0]): 1.0, int(s[0]): -float(gl[i])}, -math.inf,
+                              -float(gl[i]))
+                    self.obj[int(p[0])] = 1.0
+                    self.obj[int(q[0])] = 1.0
+        else:
+            t = self._vars(np.zeros(1), np.array([big]))
+            sel = []
+            for i in range(self.n0):
+                grad = {int(j): float(w1t[i, jj]) for jj, j in enumerate(v_next)}
+                for sign in (1.0, -1.0):
+                    e = self._vars(np.zeros(1), np.ones(1), True)
+                    sel.append(int(e[0]))
+                    # t <= sign * grad + big (1 - e)
+                    row = {j: -sign * val for j, val in grad.items()}
+                    row[int(t[0])] = 1.0
+                    row[int(e[0])] = big
+                    self._row(row, -math.inf, big)
+            self._row({j: 1.0 for j in sel}, 1.0, 1.0)
+            self.obj[int(t[0])] = 1.0
+
+    def _vars(self, lo: np.ndarray, hi: np.ndarray, integer: bool = False) -> np.ndarray:
+        start = len(self.lb)
+        self.lb.extend(float(v) for v in lo)
+        self.ub.extend(float(v) for v in hi)
+        self.integer.extend([1 if integer else 0] * len(lo))
+        return np.arange(start, start + len(lo))
+
+    def _row(self, coef: dict[int, float], lo: float, hi: float) -> None:
+        self.rows.append((coef, lo, hi))
+
+    def objective(self) -> np.ndarray:
+        c = np.zeros(len(self.lb))
+        for j, v in self.obj.items():
+            c[j] = v
+        return c
+
+    def constraints(self) -> optimize.LinearConstraint:
+        r, cidx, vals, lo, hi = [], [], [], [], []
+        for i, (coef, lo_i, hi_i) in enumerate(self.rows):
+            for j, v in coef.items():
+                r.append(i)
+                cidx.append(j)
+                vals.append(v)
+            lo.append(lo_i)
+            hi.append(hi_i)
+        mat = sparse.csr_array((vals, (r, cidx)), shape=(len(self.rows), len(self.lb)))
+        return optimize.LinearConstraint(mat, np.array(lo), np.array(hi))
+
+    def bounds(self) -> optimize.Bounds:
+        return optimize.Bounds(np.array(self.lb), np.array(self.ub))
+
+    def integrality(self) -> np.ndarray:
+        return np.array(self.integer)
+
+    def pattern(self, sol: np.ndarray) -> list[np.ndarray]:
+        return [np.round(sol[a]).clip(0, 1) for a in self.a]

@@ -1,0 +1,547 @@
+"""The affine/ReLU chain of a fully connected ReLU network, for the rival methods.
+
+Every baseline in :mod:`lipbound.baselines` works on networks of the form
+
+    f(x) = W_K relu(W_{K-1} relu(... relu(W_1 x + b_1) ...) + b_{K-1}) + b_K,
+
+given as a list ``[(W_1, b_1), ..., (W_K, b_K)]`` of float64 numpy arrays (``K >= 1``;
+``K - 1`` hidden ReLU layers). :func:`fc_layers` reads that list from a
+:class:`torch.nn.Module`; :func:`as_fc` accepts either a module or such a list.
+
+Also here: the float64 forward pass and Jacobian of the chain and :func:`safe_spectral_norm`,
+the rounding-safe spectral norm every certified baseline uses.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import operator
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+
+from lipbound.errors import InputError, LipboundError, UnsupportedModelError
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "FCLayers",
+    "NotFullyConnectedError",
+    "fc_layers",
+    "as_fc",
+    "apply_output_map",
+    "check_x0",
+    "fc_forward",
+    "fc_preactivations",
+    "pattern_jacobian",
+    "safe_spectral_norm",
+    "round_up",
+    "describe",
+    "hidden_widths",
+]
+
+#: A fully connected ReLU network: ``[(W_1, b_1), ..., (W_K, b_K)]`` in float64.
+FCLayers = list[tuple[np.ndarray, np.ndarray]]
+
+_MACH_EPS = float(np.finfo(np.float64).eps)
+
+_DROPOUT = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout,
+            nn.FeatureAlphaDropout)
+_RELU_FUNCTIONS = {F.relu, torch.relu, torch.relu_, torch.nn.functional.relu_}
+
+
+class NotFullyConnectedError(UnsupportedModelError):
+    """The model is not a chain of Linear and ReLU layers, so the baselines cannot run.
+
+    ``nodes`` lists every offending node as ``(where, type, detail)``.
+    """
+
+    def __init__(self, nodes: list[tuple[str, str, str]]):
+        self.nodes = list(nodes)
+        lines = [f"  - {where}: {kind}" + (f" ({detail})" if detail else "")
+                 for where, kind, detail in self.nodes]
+        LipboundError.__init__(
+            self,
+            "the rival methods (lipbound.baselines) support fully connected ReLU networks "
+            f"only; the model has {len(self.nodes)} unsupported part(s):\n" + "\n".join(lines)
+            + "\nsupported: nn.Linear, nn.ReLU / F.relu / torch.relu, nn.Flatten / flatten(1) /"
+            " view / reshape, nn.Identity, Dropout (eval mode) and lipbound.Normalize; use "
+            "lipbound.local_bound / lipbound.global_bound for other networks.",
+        )
+
+
+# --------------------------------------------------------------------------- extraction
+
+
+def _is_normalize(m: nn.Module) -> bool:
+    try:
+        from lipbound.layers import Normalize
+    except ImportError:  # pragma: no cover - lipbound.layers is part of the package
+        Normalize = None  # noqa: N806
+    if Normalize is not None and isinstance(m, Normalize):
+        return True
+    return type(m).__name__ == "Normalize" and hasattr(m, "mean") and hasattr(m, "std")
+
+
+class _ChainTracer(fx.Tracer):
+    """fx tracer that keeps Normalize-like modules as leaves."""
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        if _is_normalize(m):
+            return True
+        return super().is_leaf_module(m, module_qualified_name)
+
+
+def _arg(node: fx.Node, pos: int, name: str, default: Any) -> Any:
+    if len(node.args) > pos:
+        return node.args[pos]
+    return node.kwargs.get(name, default)
+
+
+def _flatten_ok(start: Any, end: Any) -> bool:
+    return start == 1 and end == -1
+
+
+def _trace_ops(model: nn.Module) -> list[tuple[Any, ...]]:
+    """Walk the fx graph of ``model``; return the op chain or raise listing every bad node.
+
+    Ops: ``("linear", W, b)``, ``("normalize", module, where)``, ``("relu",)``,
+    ``("reshape",)``.
+    """
+    tracer = _ChainTracer()
+    try:
+        graph = tracer.trace(model)
+    except Exception as exc:  # fx raises many types on untraceable code
+        raise NotFullyConnectedError(
+            [("forward", "untraceable", f"torch.fx could not trace it: {exc}")]) from exc
+    root = tracer.root
+    ops: list[tuple[Any, ...]] = []
+    bad: list[tuple[str, str, str]] = []
+    prev: fx.Node | None = None
+    aux: set[fx.Node] = set()  # x.size(...) nodes feeding view/reshape
+    for node in graph.nodes:
+        where = node.name
+        if node.op == "placeholder":
+            if prev is not None:
+                bad.append((where, "extra input", "the network must take one tensor"))
+            prev = node
+            continue
+        if node.op == "output":
+            out = node.args[0]
+            if out is not prev:
+                bad.append((where, "output", "the output is not the end of a single chain"))
+            continue
+        if node.op == "call_method" and node.target == "size":
+            if node.all_input_nodes == [prev]:
+                aux.add(node)
+                continue
+        inputs = [n for n in node.all_input_nodes if n not in aux]
+        if inputs != [prev]:
+            bad.append((where, str(node.target), "not part of a single chain of layers"))
+            prev = node
+            continue
+        prev = node
+        if node.op == "call_module":
+            m = root.get_submodule(str(node.target))
+            where = str(node.target)
+            if isinstance(m, nn.Linear):
+                w = m.weight.detach().cpu().to(torch.float64).numpy().copy()
+                b = (m.bias.detach().cpu().to(torch.float64).numpy().copy()
+                     if m.bias is not None else np.zeros(w.shape[0]))
+                ops.append(("linear", w, b))
+            elif isinstance(m, nn.ReLU):
+                ops.append(("relu",))
+            elif isinstance(m, nn.Flatten):
+                if _flatten_ok(m.start_dim, m.end_dim):
+                    ops.append(("reshape",))
+                else:
+                    bad.append((where, "Flatten", f"start_dim={m.start_dim}, end_dim="
+                                f"{m.end_dim}; only Flatten(1, -1) keeps the batch"))
+            elif isinstance(m, nn.Identity):
+                pass
+            elif isinstance(m, _DROPOUT):
+                if m.training:
+                    bad.append((where, type(m).__name__,
+                                "in training mode; call model.eval() first"))
+            elif _is_normalize(m):
+                ops.append(("normalize", m, where))
+            else:
+                bad.append((where, type(m).__name__, "not a fully connected ReLU layer"))
+        elif node.op == "call_function":
+            fn = node.target
+            if fn in _RELU_FUNCTIONS:
+                ops.append(("relu",))
+            elif fn is torch.flatten:
+                if _flatten_ok(_arg(node, 1, "start_dim", 0), _arg(node, 2, "end_dim", -1)):
+                    ops.append(("reshape",))
+                else:
+                    bad.append((where, "torch.flatten", "only flatten(x, 1) keeps the batch"))
+            elif fn is F.dropout:
+                if _arg(node, 2, "training", True):
+                    bad.append((where, "F.dropout", "training=True; pass training=False"))
+            elif fn is operator.getitem:
+                bad.append((where, "getitem", "indexing is not supported"))
+            else:
+                bad.append((where, getattr(fn, "__name__", str(fn)),
+                            "not a fully connected ReLU operation"))
+        elif node.op == "call_method":
+            name = str(node.target)
+            if name in ("relu", "relu_"):
+                ops.append(("relu",))
+            elif name == "flatten":
+                if _flatten_ok(_arg(node, 1, "start_dim", 0), _arg(node, 2, "end_dim", -1)):
+                    ops.append(("reshape",))
+                else:
+                    bad.append((where, ".flatten", "only x.flatten(1) keeps the batch"))
+            elif name in ("view", "reshape"):
+                ops.append(("reshape",))  # checked numerically after extraction
+            elif name == "contiguous":
+                pass
+            else:
+                bad.append((where, f".{name}()", "not a fully connected ReLU operation"))
+        else:
+            bad.append((where, node.op, str(node.target)))
+    if bad:
+        raise NotFullyConnectedError(bad)
+    return ops
+
+
+def _normalize_affine(m: nn.Module, shape: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
+    """Elementwise affine map ``x -> s * x + t`` of a Normalize module on flat ``shape`` inputs."""
+    mean = torch.as_tensor(m.mean).detach().cpu().to(torch.float64)
+    std = torch.as_tensor(m.std).detach().cpu().to(torch.float64)
+    if bool((std <= 0).any()):
+        raise InputError(f"Normalize: every std must be > 0, got {std.reshape(-1).tolist()}")
+    probe_shape = (1, *shape)
+    s = torch.broadcast_to(1.0 / std, torch.broadcast_shapes(probe_shape, std.shape))
+    t = torch.broadcast_to(-mean / std, torch.broadcast_shapes(probe_shape, mean.shape))
+    if tuple(s.shape) != probe_shape or tuple(t.shape) != probe_shape:
+        raise ValueError("shape")
+    # the module must really be (x - mean) / std
+    gen = torch.Generator().manual_seed(1234)
+    probe = torch.randn(probe_shape, generator=gen, dtype=torch.float64)
+    param = next(iter(m.buffers()), None)
+    dtype = param.dtype if param is not None and param.is_floating_point() else torch.float32
+    device = param.device if param is not None else torch.device("cpu")
+    with torch.no_grad():
+        got = m(probe.to(device=device, dtype=dtype)).detach().cpu().to(torch.float64)
+    want = (probe - mean) / std
+    if tuple(got.shape) != probe_shape:
+        raise ValueError("shape")
+    tol = 1e-4 if dtype != torch.float64 else 1e-10
+    if not bool(torch.allclose(got, want, rtol=tol, atol=tol)):
+        raise NotFullyConnectedError([(type(m).__name__, "Normalize",
+                                       "its forward is not (x - mean) / std")])
+    return s.reshape(-1).numpy().copy(), t.reshape(-1).numpy().copy()
+
+
+class _Affine:
+    """``x -> W x + b`` with ``W`` dense, or diagonal when ``diag`` is set."""
+
+    def __init__(self, w: np.ndarray, b: np.ndarray, diag: bool = False):
+        self.w, self.b, self.diag = w, b, diag
+
+    @property
+    def n_in(self) -> int:
+        return self.w.shape[0] if self.diag else self.w.shape[1]
+
+    def then(self, nxt: _Affine) -> _Affine:
+        """``nxt`` applied after ``self``."""
+        if nxt.n_in != (self.w.shape[0]):
+            raise NotFullyConnectedError([("chain", "shape mismatch",
+                                           f"a layer expects {nxt.n_in} inputs but gets "
+                                           f"{self.w.shape[0]}")])
+        if nxt.diag and self.diag:
+            return _Affine(nxt.w * self.w, nxt.w * self.b + nxt.b, diag=True)
+        if nxt.diag:
+            return _Affine(nxt.w[:, None] * self.w, nxt.w * self.b + nxt.b)
+        if self.diag:
+            return _Affine(nxt.w * self.w[None, :], nxt.w @ self.b + nxt.b)
+        return _Affine(nxt.w @ self.w, nxt.w @ self.b + nxt.b)
+
+    def dense(self) -> tuple[np.ndarray, np.ndarray]:
+        w = np.diag(self.w) if self.diag else self.w
+        return np.ascontiguousarray(w, dtype=np.float64), np.asarray(self.b, dtype=np.float64)
+
+
+def fc_layers(model: nn.Module, *, input_shape: Sequence[int] | None = None,
+              check: bool = True) -> FCLayers:
+    """Extract ``[(W_1, b_1), ..., (W_K, b_K)]`` (float64) from a fully connected ReLU network.
+
+    The model's forward must be a single chain of ``nn.Linear``, ``nn.ReLU`` /
+    ``F.relu`` / ``torch.relu`` / ``x.relu()``, ``nn.Flatten`` / ``torch.flatten(x, 1)`` /
+    ``x.view(x.size(0), -1)``, ``nn.Identity``, dropout in eval mode and
+    :class:`lipbound.Normalize` (folded into the next affine map). Consecutive affine maps
+    are multiplied together, so the result alternates affine and ReLU; a leading ReLU gets an
+    identity first layer and a trailing ReLU an identity last layer.
+
+    Args:
+        model: an ``nn.Module`` (``nn.Sequential`` or anything ``torch.fx`` can trace).
+        input_shape: shape of one input without the batch dimension (e.g. ``(1, 28, 28)``).
+            Needed only when a per-channel Normalize precedes a flatten and the shape cannot
+            be inferred; also used for the numerical check.
+        check: compare the extracted chain with ``model`` on three random inputs (float64
+            chain vs. the model's own forward) and raise if they disagree.
+
+    Returns:
+        The list of layers; ``W_k`` has shape ``(n_k, n_{k-1})``, ``b_k`` shape ``(n_k,)``.
+
+    Raises:
+        NotFullyConnectedError: (an :class:`~lipbound.errors.UnsupportedModelError`) listing
+            every node that is not part of a fully connected ReLU chain.
+        InputError: ``input_shape`` does not match the model.
+    """
+    if not isinstance(model, nn.Module):
+        raise InputError(f"expected a torch.nn.Module, got {type(model).__name__}")
+    ops = _trace_ops(model)
+    linear_in = next((op[1].shape[1] for op in ops if op[0] == "linear"), None)
+    if linear_in is None:
+        raise NotFullyConnectedError([("model", "no nn.Linear", "nothing to analyse")])
+    shape_in = tuple(int(s) for s in input_shape) if input_shape is not None else None
+    if shape_in is not None and math.prod(shape_in) != linear_in:
+        raise InputError(f"input_shape {shape_in} has {math.prod(shape_in)} elements but the "
+                         f"first Linear layer expects {linear_in}")
+    d = linear_in
+    check_shape = shape_in if shape_in is not None else (d,)
+    flat_seen = False
+    layers: FCLayers = []
+    pending: _Affine | None = None
+    width = d
+    for op in ops:
+        kind = op[0]
+        if kind == "reshape":
+            flat_seen = True
+        elif kind == "linear":
+            aff = _Affine(op[1], op[2])
+            pending = aff if pending is None else pending.then(aff)
+            if pending is aff and aff.n_in != width:
+                raise NotFullyConnectedError([("chain", "shape mismatch",
+                                               f"Linear expects {aff.n_in} inputs, gets "
+                                               f"{width}")])
+        elif kind == "normalize":
+            m, where = op[1], op[2]
+            candidates: list[tuple[int, ...]] = []
+            if flat_seen or layers or pending is not None:
+                candidates.append((width,))
+            else:
+                if shape_in is not None:
+                    candidates.append(shape_in)
+                candidates.append((width,))
+                c = int(torch.as_tensor(m.mean).numel())
+                if c > 0 and width % c == 0:
+                    candidates.append((c, width // c, 1))
+            for cand in candidates:
+                try:
+                    s, t = _normalize_affine(m, cand)
+                    if not (flat_seen or layers or pending is not None) and shape_in is None:
+                        check_shape = cand
+                    break
+                except (ValueError, RuntimeError) as exc:
+                    if isinstance(exc, LipboundError):
+                        raise
+                    continue
+            else:
+                raise InputError(f"cannot fold Normalize '{where}' into the first layer: pass "
+                                 "input_shape=(C, H, W) so its broadcasting is known")
+            aff = _Affine(s, t, diag=True)
+            pending = aff if pending is None else pending.then(aff)
+        elif kind == "relu":
+            if pending is None:
+                if layers:
+                    continue  # relu(relu(x)) = relu(x)
+                pending = _Affine(np.ones(width), np.zeros(width), diag=True)
+            w, b = pending.dense()
+            layers.append((w, b))
+            width = w.shape[0]
+            pending = None
+        if pending is not None:
+            width = pending.w.shape[0]
+    if pending is None:
+        pending = _Affine(np.ones(width), np.zeros(width), diag=True)
+    layers.append(pending.dense())
+    for k in range(1, len(layers)):
+        if layers[k][0].shape[1] != layers[k - 1][0].shape[0]:
+            raise NotFullyConnectedError([("chain", "shape mismatch",
+                                           f"layer {k + 1} expects {layers[k][0].shape[1]} "
+                                           f"inputs, layer {k} gives {layers[k - 1][0].shape[0]}")])
+    if check:
+        _check_chain(model, layers, check_shape)
+    logger.debug("extracted fully connected chain %s", describe(layers))
+    return layers
+
+
+def _model_device_dtype(model: nn.Module) -> tuple[torch.device, torch.dtype]:
+    for p in list(model.parameters()) + list(model.buffers()):
+        if p.is_floating_point():
+            return p.device, p.dtype
+    return torch.device("cpu"), torch.float32
+
+
+def _check_chain(model: nn.Module, layers: FCLayers, shape: tuple[int, ...]) -> None:
+    """Raise if the extracted chain does not reproduce ``model`` on random inputs."""
+    device, dtype = _model_device_dtype(model)
+    gen = torch.Generator().manual_seed(0)
+    probe = torch.randn((3, *shape), generator=gen, dtype=torch.float64)
+    try:
+        with torch.no_grad():
+            out = model(probe.to(device=device, dtype=dtype))
+    except Exception as exc:
+        raise InputError(f"the model does not accept inputs of shape (N, {shape}): {exc}; "
+                         "pass input_shape") from exc
+    out = out.detach().cpu().to(torch.float64).numpy()
+    want = fc_forward(layers, probe.reshape(3, -1).numpy())
+    if out.shape != want.shape:
+        raise NotFullyConnectedError([("output", f"shape {tuple(out.shape)}",
+                                       f"expected (N, {want.shape[1]}) from the chain; a "
+                                       "view/reshape does not flatten as assumed")])
+    tol = 1e-9 if dtype == torch.float64 else 1e-3
+    scale = 1.0 + float(np.max(np.abs(want)))
+    err = float(np.max(np.abs(out - want)))
+    if not err <= tol * scale:
+        raise NotFullyConnectedError([("model", "mismatch",
+                                       f"the extracted Linear/ReLU chain differs from the "
+                                       f"model's output by {err:.3g}")])
+
+
+def as_fc(net: nn.Module | Sequence[tuple[Any, Any]], *,
+          input_shape: Sequence[int] | None = None) -> FCLayers:
+    """Return ``net`` as float64 layers: extract from a module or validate a layer list."""
+    if isinstance(net, nn.Module):
+        return fc_layers(net, input_shape=input_shape)
+    try:
+        layers = [(np.array(w, dtype=np.float64, ndmin=2), np.array(b, dtype=np.float64).ravel())
+                  for w, b in net]
+    except (TypeError, ValueError) as exc:
+        raise InputError(f"expected an nn.Module or a list of (W, b) pairs: {exc}") from exc
+    if not layers:
+        raise InputError("the layer list is empty; give at least one (W, b) pair")
+    for k, (w, b) in enumerate(layers):
+        if w.ndim != 2 or b.shape != (w.shape[0],):
+            raise InputError(f"layer {k + 1}: W has shape {w.shape} and b {b.shape}; "
+                             "need W (n_out, n_in) and b (n_out,)")
+        if not (np.isfinite(w).all() and np.isfinite(b).all()):
+            raise InputError(f"layer {k + 1} has NaN/inf weights")
+        if k and w.shape[1] != layers[k - 1][0].shape[0]:
+            raise InputError(f"layer {k + 1} expects {w.shape[1]} inputs but layer {k} has "
+                             f"{layers[k - 1][0].shape[0]} outputs")
+    return layers
+
+
+def apply_output_map(layers: FCLayers, output_map: Any | None) -> FCLayers:
+    """Fold an output map ``C`` (shape ``(m, n_out)``) into the last layer."""
+    if output_map is None:
+        return layers
+    c = output_map
+    if isinstance(c, torch.Tensor):
+        c = c.detach().cpu().to(torch.float64).numpy()
+    c = np.array(c, dtype=np.float64, ndmin=2)
+    w, b = layers[-1]
+    if c.ndim != 2 or c.shape[1] != w.shape[0]:
+        raise InputError(f"output_map has shape {c.shape}; need (m, {w.shape[0]})")
+    if not np.isfinite(c).all():
+        raise InputError("output_map contains NaN/inf")
+    return [*layers[:-1], (c @ w, c @ b)]
+
+
+def check_x0(x0: Any, n_in: int) -> np.ndarray:
+    """``x0`` (tensor/array with batch dimension 1, or flat) as a float64 vector of ``n_in``."""
+    if isinstance(x0, torch.Tensor):
+        if x0.dim() >= 2 and x0.shape[0] != 1:
+            raise InputError(f"x0 holds a batch of {x0.shape[0]} inputs; pass one input "
+                             "with a batch dimension of 1")
+        x = x0.detach().cpu().to(torch.float64).numpy().reshape(-1)
+    else:
+        x = np.asarray(x0, dtype=np.float64).reshape(-1)
+    if x.size != n_in:
+        raise InputError(f"x0 has {x.size} elements but the network takes {n_in}")
+    if not np.isfinite(x).all():
+        raise InputError("x0 contains NaN/inf values")
+    return x
+
+
+def check_eps(eps: Any) -> float:
+    try:
+        e = float(eps)
+    except (TypeError, ValueError) as exc:
+        raise InputError(f"eps must be a positive number, got {eps!r}") from exc
+    if not math.isfinite(e) or e <= 0:
+        raise InputError(f"eps must be finite and > 0, got {e}")
+    return e
+
+
+# --------------------------------------------------------------------------- numerics
+
+
+def fc_preactivations(layers: FCLayers, x: np.ndarray) -> list[np.ndarray]:
+    """Pre-activations ``z_1, ..., z_{K-1}`` of the hidden layers for a batch ``x`` (N, n_0)."""
+    h = np.atleast_2d(x)
+    zs = []
+    for w, b in layers[:-1]:
+        z = h @ w.T + b
+        zs.append(z)
+        h = np.maximum(z, 0.0)
+    return zs
+
+
+def fc_forward(layers: FCLayers, x: np.ndarray) -> np.ndarray:
+    """Float64 forward pass of the chain on a batch ``x`` of shape (N, n_0)."""
+    h = np.atleast_2d(np.asarray(x, dtype=np.float64))
+    for w, b in layers[:-1]:
+        h = np.maximum(h @ w.T + b, 0.0)
+    w, b = layers[-1]
+    return h @ w.T + b
+
+
+def pattern_jacobian(layers: FCLayers, pattern: Sequence[np.ndarray]) -> np.ndarray:
+    """``W_K D_{K-1} ... D_1 W_1`` for a 0/1 activation pattern (one array per hidden layer)."""
+    j = layers[0][0]
+    for (w, _), d in zip(layers[1:], pattern, strict=True):
+        j = w @ (np.asarray(d, dtype=np.float64)[:, None] * j)
+    return j
+
+
+def safe_spectral_norm(a: np.ndarray, abs_err: float = 0.0) -> float:
+    """An upper bound on ``||A||_2`` that covers float64 rounding.
+
+    The largest singular value from LAPACK's SVD has error at most ``p(n) * u * ||A||``
+    (backward stability, ``u = 2^-53``, ``p`` a modest polynomial); we inflate by the factor
+    ``1 + 1e-12 * max(shape)``, about ``4500 * n * u``, and add ``abs_err`` (a bound on
+    ``||A_true - A||_2`` from forming ``A``, e.g. :func:`product_error`). Rounding up at the
+    end makes the returned float at least the real-number bound.
+    """
+    a = np.asarray(a, dtype=np.float64)
+    if a.size == 0:
+        return 0.0
+    s = float(np.linalg.svd(a, compute_uv=False)[0]) if min(a.shape) > 0 else 0.0
+    return round_up(s * (1.0 + 1e-12 * max(a.shape)) + abs_err)
+
+
+def product_error(abs_chain: np.ndarray, n_terms: int) -> float:
+    """Bound on ``||fl(P) - P||_2`` for a matrix product ``P`` of ``n_terms`` inner terms.
+
+    ``abs_chain`` is the same product of the entrywise absolute values; the classical bound
+    ``|fl(P) - P| <= gamma_n |A_1| ... |A_m|`` with ``gamma_n ~ n u`` gives
+    ``||fl(P) - P||_2 <= ||.||_F``; we use ``1e-12 * n`` in place of ``gamma_n``.
+    """
+    return 1e-12 * max(n_terms, 1) * float(np.linalg.norm(abs_chain))
+
+
+def round_up(v: float) -> float:
+    """The next float64 above ``v`` (covers the rounding of the last operation)."""
+    if not math.isfinite(v) or v == 0.0:
+        return v  # an exact zero (e.g. the norm of a zero matrix) stays zero
+    return float(np.nextafter(v, np.inf))
+
+
+def hidden_widths(layers: FCLayers) -> list[int]:
+    return [w.shape[0] for w, _ in layers[:-1]]
+
+
+def describe(layers: FCLayers) -> str:
+    """``"7-20-30-10"``: the layer widths."""
+    return "-".join(str(n) for n in [layers[0][0].shape[1]] + [w.shape[0] for w, _ in layers])

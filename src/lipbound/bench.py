@@ -1,0 +1,670 @@
+"""Timing and memory benchmarks of the bound computations (``lipbound bench``).
+
+What is measured, per network and per quantity (``"local"`` or ``"global"``):
+
+* **runs** -- the wall-clock seconds of the bound computation alone, on an :class:`Analyzer`
+  built *outside* the timer for every repeat. A fresh analyzer per repeat matters: an
+  analyzer caches the global layer factors and Lanczos warm-start vectors, so a second global
+  bound on the same analyzer costs nothing and a second local bound at the same radius is
+  warm-started; neither is "one bound". Sharing across radii is measured separately by
+  :func:`bench_sweep`.
+* **cold_seconds** -- the first computation in the process *including* building the
+  analyzer (tracing the model, converting the weights to float64) and torch's one-off
+  start-up work (thread pools, kernel selection). It is not part of ``runs``.
+* **trace_seconds** -- the median time to build an analyzer.
+* **peak_memory_mb** -- the peak resident set size of the process while the quantity was
+  measured (on Linux the high-water mark is reset before each quantity through
+  ``/proc/self/clear_refs``; elsewhere it is the process peak since start, so run one
+  network per process -- ``benchmarks/run_benchmarks.py`` does). On CUDA it is
+  ``torch.cuda.max_memory_allocated`` and the host peak is in ``host_peak_memory_mb``.
+
+The targets (``TARGET_SECONDS``, ``TARGET_MEMORY_MB``) are the project's goals for one bound
+on a 2-core CPU with the zoo's default inputs (224x224 for AlexNet and VGG-16).
+"""
+
+from __future__ import annotations
+
+import gc
+import importlib
+import importlib.util
+import logging
+import math
+import os
+import platform
+import re
+import resource
+import statistics
+import sys
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .errors import InputError
+from .results import BoundResult, Guarantee, _jsonable
+
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "BenchResult",
+    "SweepBench",
+    "RadiusBench",
+    "TARGET_SECONDS",
+    "TARGET_MEMORY_MB",
+    "DEFAULT_EPS",
+    "bench",
+    "bench_model",
+    "bench_sweep",
+    "bench_sweep_model",
+    "radius_available",
+    "bench_radius",
+    "environment",
+]
+
+DEFAULT_EPS = 0.1
+"""Radius of the timed local bound when none is given (the default of ``lipbound bound``)."""
+
+TARGET_SECONDS: dict[str, dict[str, float]] = {
+    "mnist": {"local": 0.010, "global": 0.010},
+    "cifar10": {"local": 0.050, "global": 0.050},
+    "alexnet": {"local": 3.0, "global": 3.0},
+    "vgg16": {"local": 30.0, "global": 30.0},
+}
+"""Target median seconds of one bound, per zoo network and quantity."""
+
+TARGET_MEMORY_MB: dict[str, float] = {"alexnet": 3 * 1024.0, "vgg16": 6 * 1024.0}
+"""Target peak memory (MiB) of one bound, per zoo network."""
+
+SWEEP_TARGET_UNITS = 10.0
+"""A sweep of 30 radii should cost at most this many single local bounds."""
+
+RADIUS_TARGET_SECONDS = 10.0
+"""Certifying the 100 shipped MNIST test images should take at most this long in total."""
+
+WHATS = ("local", "global")
+
+
+# ---------------------------------------------------------------------------- memory
+class _Memory:
+    """Peak memory of a stretch of work: host resident set, or CUDA allocations."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.resettable = False
+        self.source = "ru_maxrss (process peak since start)"
+
+    @staticmethod
+    def _vm(field_name: str) -> float | None:
+        try:
+            with open("/proc/self/status", encoding="ascii") as fh:
+                m = re.search(rf"^{field_name}:\s+(\d+)\s*kB", fh.read(), re.MULTILINE)
+        except OSError:
+            return None
+        return int(m.group(1)) / 1024.0 if m else None
+
+    def current_host_mb(self) -> float | None:
+        """Resident set size now (MiB), when the platform tells."""
+        return self._vm("VmRSS")
+
+    def reset(self) -> None:
+        """Start a new peak (when the platform allows it)."""
+        gc.collect()
+        try:
+            with open("/proc/self/clear_refs", "w", encoding="ascii") as fh:
+                fh.write("5")  # resets VmHWM (Linux >= 4.0)
+            self.resettable = self._vm("VmHWM") is not None
+        except OSError:
+            self.resettable = False
+        self.source = ("VmHWM (peak RSS, reset per quantity)" if self.resettable
+                       else "ru_maxrss (process peak since start)")
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+
+    def host_peak_mb(self) -> float:
+        if self.resettable:
+            v = self._vm("VmHWM")
+            if v is not None:
+                return v
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        # kilobytes on Linux, bytes on macOS
+        return peak / (1024.0 * 1024.0) if sys.platform == "darwin" else peak / 1024.0
+
+    def cuda_peak_mb(self) -> float | None:
+        if self.device.type != "cuda":
+            return None
+        torch.cuda.synchronize(self.device)
+        return torch.cuda.max_memory_allocated(self.device) / 2 ** 20
+
+
+# ---------------------------------------------------------------------------- results
+@dataclass(frozen=True)
+class BenchResult:
+    """Timing and memory of one bound computation on one network.
+
+    Attributes:
+        model: the network's name.
+        what: ``"local"`` or ``"global"``.
+        median_seconds, min_seconds, max_seconds: statistics of ``runs``.
+        peak_memory_mb: peak memory while measuring (host RSS on the CPU, CUDA allocations
+            on a GPU; see ``memory_source``), MiB.
+        value: the bound computed (the same in every run: each run uses a fresh analyzer
+            with the same seed).
+        guarantee: the bound's guarantee.
+        runs: seconds of each timed run (the bound computation only).
+        target_seconds: the project's target for the median, or ``None``.
+        ratio_to_target: ``median_seconds / target_seconds`` (<= 1 meets the target).
+        cold_seconds: the first computation including building the analyzer and torch's
+            start-up work.
+        trace_seconds: median seconds to build an analyzer (tracing, float64 weights).
+        failure_prob: failure probability of a probabilistic bound (0 if certified).
+        eps: radius of a local bound, ``None`` for a global one.
+        device: where it ran.
+        threads: ``torch.get_num_threads()`` during the runs.
+        spectral: the analyzer's spectral mode.
+        memory_source: how the peak was measured.
+        host_peak_memory_mb: peak host RSS (MiB), also on CUDA.
+        baseline_memory_mb: host RSS before the measurement (model loaded), MiB.
+        target_memory_mb: the project's memory target, or ``None``.
+        load_average: the 1-minute load average before and after the runs (a busy machine
+            makes timings noisy).
+        layer_methods: the spectral route of each layer in the last run.
+        notes: caveats (e.g. "seeded random weights", values that differed between runs).
+        others: results of the other quantities measured in the same call.
+    """
+
+    model: str
+    what: str
+    median_seconds: float
+    min_seconds: float
+    max_seconds: float
+    peak_memory_mb: float
+    value: float
+    guarantee: Guarantee
+    runs: tuple[float, ...]
+    target_seconds: float | None
+    ratio_to_target: float | None
+    cold_seconds: float = math.nan
+    trace_seconds: float = math.nan
+    failure_prob: float = 0.0
+    eps: float | None = None
+    device: str = "cpu"
+    threads: int = 1
+    spectral: str = "auto"
+    memory_source: str = ""
+    host_peak_memory_mb: float = math.nan
+    baseline_memory_mb: float = math.nan
+    target_memory_mb: float | None = None
+    load_average: tuple[float, float] = (math.nan, math.nan)
+    layer_methods: tuple[str, ...] = ()
+    notes: tuple[str, ...] = ()
+    others: tuple[BenchResult, ...] = field(default_factory=tuple)
+
+    @property
+    def results(self) -> dict[str, BenchResult]:
+        """All quantities measured in the call, by name (this one first)."""
+        out = {self.what: self}
+        for o in self.others:
+            out[o.what] = o
+        return out
+
+    def _flat(self) -> dict[str, Any]:
+        return {
+            "model": self.model,
+            "what": self.what,
+            "median_seconds": self.median_seconds,
+            "min_seconds": self.min_seconds,
+            "max_seconds": self.max_seconds,
+            "peak_memory_mb": self.peak_memory_mb,
+            "value": self.value,
+            "guarantee": self.guarantee,
+            "failure_prob": self.failure_prob,
+            "runs": list(self.runs),
+            "target_seconds": self.target_seconds,
+            "ratio_to_target": self.ratio_to_target,
+            "cold_seconds": self.cold_seconds,
+            "trace_seconds": self.trace_seconds,
+            "eps": self.eps,
+            "device": self.device,
+            "threads": self.threads,
+            "spectral": self.spectral,
+            "memory_source": self.memory_source,
+            "host_peak_memory_mb": self.host_peak_memory_mb,
+            "baseline_memory_mb": self.baseline_memory_mb,
+            "target_memory_mb": self.target_memory_mb,
+            "load_average": list(self.load_average),
+            "layer_methods": list(self.layer_methods),
+            "notes": list(self.notes),
+        }
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready dict: this quantity's fields at the top level, and ``results`` with
+        every quantity measured (``{"local": {...}, "global": {...}}``)."""
+        d = self._flat()
+        d["results"] = {k: v._flat() for k, v in self.results.items()}
+        return _jsonable(d)
+
+
+@dataclass(frozen=True)
+class SweepBench:
+    """Cost of a sweep of local bounds over many radii on one (reused) analyzer.
+
+    Attributes:
+        model: the network's name.
+        n_points: number of radii.
+        eps_range: smallest and largest radius (log-spaced between).
+        total_seconds: median over repeats of the whole sweep (analyzer built outside).
+        runs: seconds of each repeat of the sweep.
+        local_median_seconds: median of one local bound on a fresh analyzer, measured in the
+            same call (the unit).
+        cost_in_local_bounds: ``total_seconds / local_median_seconds``.
+        target_units: the target for ``cost_in_local_bounds``.
+        values: the bound at each radius (last repeat).
+        load_average: 1-minute load average before and after.
+    """
+
+    model: str
+    n_points: int
+    eps_range: tuple[float, float]
+    total_seconds: float
+    runs: tuple[float, ...]
+    local_median_seconds: float
+    cost_in_local_bounds: float
+    target_units: float = SWEEP_TARGET_UNITS
+    values: tuple[float, ...] = ()
+    load_average: tuple[float, float] = (math.nan, math.nan)
+
+    def to_dict(self) -> dict[str, Any]:
+        return _jsonable({k: getattr(self, k) for k in self.__dataclass_fields__})
+
+
+@dataclass(frozen=True)
+class RadiusBench:
+    """Time to certify a batch of test images by bisection on the radius.
+
+    Attributes:
+        model: the network's name.
+        n_images: number of images.
+        total_seconds: all images, one analyzer (its construction included).
+        trace_seconds: the analyzer's construction.
+        per_image_seconds: seconds of each image.
+        target_seconds: the target for ``total_seconds``.
+        radii: the certified radius of each image.
+        load_average: 1-minute load average before and after.
+    """
+
+    model: str
+    n_images: int
+    total_seconds: float
+    trace_seconds: float
+    per_image_seconds: tuple[float, ...]
+    target_seconds: float = RADIUS_TARGET_SECONDS
+    radii: tuple[float, ...] = ()
+    load_average: tuple[float, float] = (math.nan, math.nan)
+
+    def to_dict(self) -> dict[str, Any]:
+        return _jsonable({k: getattr(self, k) for k in self.__dataclass_fields__})
+
+
+# ---------------------------------------------------------------------------- helpers
+def _loadavg() -> float:
+    try:
+        return os.getloadavg()[0]
+    except OSError:
+        return math.nan
+
+
+def environment() -> dict[str, Any]:
+    """Versions and machine facts worth keeping next to timings."""
+    return {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "platform": platform.platform(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "cuda": torch.cuda.is_available(),
+        "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
+    }
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class _Threads:
+    """Temporarily set torch's intra-op thread count (restored on exit)."""
+
+    def __init__(self, n: int | None):
+        if n is not None and n < 1:
+            raise InputError(f"threads must be >= 1, got {n}")
+        self.n = n
+        self.old = torch.get_num_threads()
+
+    def __enter__(self) -> _Threads:
+        if self.n is not None:
+            torch.set_num_threads(self.n)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.n is not None:
+            torch.set_num_threads(self.old)
+
+
+def _check_what(what: str | Sequence[str]) -> tuple[str, ...]:
+    items = (what,) if isinstance(what, str) else tuple(what)
+    items = tuple(w.strip().lower() for w in items if w.strip())
+    bad = [w for w in items if w not in WHATS]
+    if not items or bad:
+        raise InputError(f"what must name 'local' and/or 'global', got {what!r}")
+    return tuple(dict.fromkeys(items))
+
+
+def _check_repeat(repeat: int) -> int:
+    if not isinstance(repeat, int) or isinstance(repeat, bool) or repeat < 1:
+        raise InputError(f"repeat must be an integer >= 1, got {repeat!r}")
+    return repeat
+
+
+def _model_device(model: nn.Module) -> torch.device:
+    for t in model.parameters():
+        return t.device
+    return torch.device("cpu")
+
+
+# ---------------------------------------------------------------------------- core
+def _measure(what: str, make: Callable[[], Any], x0: Tensor, eps: float, repeat: int,
+             device: torch.device, mem: _Memory) -> tuple[list[float], float, list[float],
+                                                          BoundResult, list[float]]:
+    """Cold run then ``repeat`` timed runs, each on a fresh analyzer built off the clock.
+    Returns (runs, cold seconds, trace seconds, last result, values of every run)."""
+
+    def op(an) -> BoundResult:
+        return an.local_bound(x0, eps) if what == "local" else an.global_bound()
+
+    mem.reset()
+    _sync(device)
+    t0 = time.perf_counter()
+    an = make()
+    _sync(device)
+    t1 = time.perf_counter()
+    res = op(an)
+    _sync(device)
+    cold = time.perf_counter() - t0
+    traces = [t1 - t0]
+    values = [res.value]
+    runs: list[float] = []
+    for _ in range(repeat):
+        del an
+        gc.collect()
+        _sync(device)
+        ta = time.perf_counter()
+        an = make()
+        _sync(device)
+        tb = time.perf_counter()
+        res = op(an)
+        _sync(device)
+        runs.append(time.perf_counter() - tb)
+        traces.append(tb - ta)
+        values.append(res.value)
+    del an
+    return runs, cold, traces, res, values
+
+
+def bench_model(model: nn.Module, x0: Tensor, *, name: str,
+                what: str | Sequence[str] = WHATS, eps: float | None = None,
+                repeat: int = 5, spectral: str = "auto", device: str | torch.device | None = None,
+                threads: int | None = None, analyzer_options: Mapping[str, Any] | None = None,
+                notes: Sequence[str] = ()) -> BenchResult:
+    """Benchmark local and/or global bounds of any supported model (see :func:`bench`).
+
+    Args:
+        model: the network (eval mode).
+        x0: the nominal input of the local bound, shape ``(1, *input_shape)``.
+        name: the network's name; zoo names pick up the targets.
+        what, eps, repeat, spectral, device, threads: as for :func:`bench`.
+        analyzer_options: extra keyword arguments of :class:`~lipbound.analyzer.Analyzer`
+            (e.g. ``{"lanczos_steps": 32}``).
+        notes: caveats copied into the result.
+
+    Returns:
+        The result of the first quantity in ``what``; the others are in ``.others``.
+    """
+    from .analyzer import Analyzer
+    from .validation import check_eps, check_input
+
+    whats = _check_what(what)
+    repeat = _check_repeat(repeat)
+    eps = check_eps(DEFAULT_EPS if eps is None else eps)
+    if spectral not in ("auto", "exact", "lanczos"):
+        raise InputError(f"spectral must be 'auto', 'exact' or 'lanczos', got {spectral!r}")
+    if device is None or (isinstance(device, str) and device == "auto"):
+        dev = _model_device(model)
+    else:
+        dev = torch.device(device)
+        if dev.type == "cuda" and not torch.cuda.is_available():
+            raise InputError("device 'cuda' was requested but CUDA is not available; use 'cpu'")
+        model = model.to(dev)
+    x0 = check_input(x0, None).to(dev)
+    input_shape = tuple(x0.shape[1:])
+    opts = dict(analyzer_options or {})
+    opts.setdefault("spectral", spectral)
+    key = name.lower()
+    mem = _Memory(dev)
+
+    def make():
+        return Analyzer(model, input_shape, device=dev, name=name, notes=tuple(notes), **opts)
+
+    out: list[BenchResult] = []
+    with _Threads(threads):
+        n_threads = torch.get_num_threads()
+        for w in whats:
+            gc.collect()
+            base = mem.current_host_mb()
+            la0 = _loadavg()
+            runs, cold, traces, res, values = _measure(w, make, x0, eps, repeat, dev, mem)
+            host_peak = mem.host_peak_mb()
+            cuda_peak = mem.cuda_peak_mb()
+            la1 = _loadavg()
+            med = statistics.median(runs)
+            target = TARGET_SECONDS.get(key, {}).get(w)
+            extra = list(res.notes)
+            finite = [v for v in values if math.isfinite(v)]
+            if finite and max(finite) - min(finite) > 1e-9 * max(abs(v) for v in finite):
+                extra.append(f"values differed between runs: {min(finite)!r} .. "
+                             f"{max(finite)!r}")
+            out.append(BenchResult(
+                model=name, what=w, median_seconds=med, min_seconds=min(runs),
+                max_seconds=max(runs),
+                peak_memory_mb=cuda_peak if cuda_peak is not None else host_peak,
+                value=res.value, guarantee=res.guarantee, runs=tuple(runs),
+                target_seconds=target,
+                ratio_to_target=(med / target) if target else None,
+                cold_seconds=cold, trace_seconds=statistics.median(traces),
+                failure_prob=res.failure_prob, eps=eps if w == "local" else None,
+                device=str(dev), threads=n_threads, spectral=opts["spectral"],
+                memory_source=("torch.cuda.max_memory_allocated" if cuda_peak is not None
+                               else mem.source),
+                host_peak_memory_mb=host_peak,
+                baseline_memory_mb=base if base is not None else math.nan,
+                target_memory_mb=TARGET_MEMORY_MB.get(key), load_average=(la0, la1),
+                layer_methods=tuple(lf.spectral_method for lf in res.layers),
+                notes=tuple(dict.fromkeys(extra))))
+            log.info("bench %s %s: median %.4fs over %d runs", name, w, med, repeat)
+    first, rest = out[0], tuple(out[1:])
+    return BenchResult(**{**{k: getattr(first, k) for k in first.__dataclass_fields__},
+                          "others": rest})
+
+
+def _load_zoo(model_name: str, device, seed: int = 0):
+    from . import zoo
+    from .inputs import load_sample
+
+    lm = zoo.load_model(model_name, device=device, seed=seed)
+    sample = load_sample(lm.entry.default_sample, entry=lm.entry)
+    notes = () if lm.trained else (f"{lm.entry.name}: {lm.weights_source}",)
+    x0 = sample.x.to(_model_device(lm.model))
+    return lm, x0, notes
+
+
+def bench(model_name: str, *, what: str | Sequence[str] = WHATS, eps: float | None = None,
+          repeat: int = 5, spectral: str = "auto", device: str | torch.device | None = None,
+          threads: int | None = None,
+          analyzer_options: Mapping[str, Any] | None = None) -> BenchResult:
+    """Time one local and/or one global bound of a zoo network at its default input.
+
+    Each timed run builds a fresh :class:`~lipbound.analyzer.Analyzer` outside the timer
+    (an analyzer caches the global factors and warm-start vectors, so re-using one would
+    time a cache look-up); the first computation of the process, analyzer construction
+    included, is reported as ``cold_seconds``.
+
+    Args:
+        model_name: a zoo name (``"mnist"``, ``"cifar10"``, ``"alexnet"``, ``"vgg16"``, ...).
+        what: ``"local"``, ``"global"`` or both.
+        eps: radius of the local bound (default ``DEFAULT_EPS`` = 0.1, normalised input).
+        repeat: number of timed runs (the cold run comes on top).
+        spectral: the analyzer's spectral mode (``"auto"``, ``"exact"``, ``"lanczos"``).
+        device: ``None``/``"auto"`` (CUDA when present), ``"cpu"`` or ``"cuda"``.
+        threads: torch intra-op threads during the runs (``None``: leave as is); restored
+            afterwards.
+        analyzer_options: extra keyword arguments of the analyzer.
+
+    Returns:
+        A :class:`BenchResult` for the first quantity of ``what``, the others in ``.others``
+        (``.results`` maps every quantity to its result).
+
+    Raises:
+        ZooError: unknown network. InputError: bad ``what``/``repeat``/``eps``/``device``.
+
+    Example:
+        >>> r = bench("mnist", what="local", repeat=3)        # doctest: +SKIP
+        >>> r.median_seconds, r.value, r.guarantee              # doctest: +SKIP
+    """
+    _check_what(what)
+    _check_repeat(repeat)
+    lm, x0, notes = _load_zoo(model_name, device)
+    return bench_model(lm.model, x0, name=lm.entry.name, what=what, eps=eps, repeat=repeat,
+                       spectral=spectral, device=None, threads=threads,
+                       analyzer_options=analyzer_options, notes=notes)
+
+
+def bench_sweep(model_name: str, *, n_points: int = 30,
+                eps_range: tuple[float, float] | None = None, repeat: int = 1,
+                local_repeat: int = 3, spectral: str = "auto",
+                device: str | torch.device | None = None, threads: int | None = None,
+                analyzer_options: Mapping[str, Any] | None = None) -> SweepBench:
+    """Cost of ``n_points`` local bounds at log-spaced radii on one analyzer, in units of one
+    local bound on a fresh analyzer (both measured here, in the same process).
+
+    Args:
+        model_name: a zoo name.
+        n_points: number of radii (>= 2).
+        eps_range: smallest and largest radius (default: the zoo entry's ``eps_range``).
+        repeat: repeats of the whole sweep (median reported).
+        local_repeat: runs of the single local bound that serves as the unit.
+        spectral, device, threads, analyzer_options: as for :func:`bench`.
+    """
+    if not isinstance(n_points, int) or n_points < 2:
+        raise InputError(f"n_points must be an integer >= 2, got {n_points!r}")
+    _check_repeat(repeat)
+    lm, x0, notes = _load_zoo(model_name, device)
+    return bench_sweep_model(lm.model, x0, name=lm.entry.name,
+                             eps_range=eps_range or lm.entry.eps_range, n_points=n_points,
+                             repeat=repeat, local_repeat=local_repeat, spectral=spectral,
+                             threads=threads, analyzer_options=analyzer_options, notes=notes)
+
+
+def bench_sweep_model(model: nn.Module, x0: Tensor, *, name: str,
+                      eps_range: tuple[float, float], n_points: int = 30, repeat: int = 1,
+                      local_repeat: int = 3, spectral: str = "auto", threads: int | None = None,
+                      analyzer_options: Mapping[str, Any] | None = None,
+                      notes: Sequence[str] = ()) -> SweepBench:
+    """:func:`bench_sweep` for any supported model and input ``x0`` (``(1, *shape)``)."""
+    from .analyzer import Analyzer
+    from .validation import check_eps, check_input
+
+    if not isinstance(n_points, int) or n_points < 2:
+        raise InputError(f"n_points must be an integer >= 2, got {n_points!r}")
+    repeat = _check_repeat(repeat)
+    lo, hi = check_eps(eps_range[0], "eps_range[0]"), check_eps(eps_range[1], "eps_range[1]")
+    if hi <= lo:
+        raise InputError(f"eps_range must be increasing, got {(lo, hi)}")
+    eps_values = [lo * (hi / lo) ** (i / (n_points - 1)) for i in range(n_points)]
+    dev = _model_device(model)
+    x0 = check_input(x0, None).to(dev)
+    unit = bench_model(model, x0, name=name, what="local", repeat=local_repeat,
+                       spectral=spectral, threads=threads, analyzer_options=analyzer_options,
+                       notes=notes)
+    opts = dict(analyzer_options or {})
+    opts.setdefault("spectral", spectral)
+    runs: list[float] = []
+    values: list[float] = []
+    la0 = _loadavg()
+    with _Threads(threads):
+        for _ in range(repeat):
+            an = Analyzer(model, tuple(x0.shape[1:]), device=dev, name=name, **opts)
+            _sync(dev)
+            t = time.perf_counter()
+            values = [an.local_bound(x0, e).value for e in eps_values]
+            _sync(dev)
+            runs.append(time.perf_counter() - t)
+            del an
+            gc.collect()
+    total = statistics.median(runs)
+    return SweepBench(model=name, n_points=n_points, eps_range=(lo, hi),
+                      total_seconds=total, runs=tuple(runs),
+                      local_median_seconds=unit.median_seconds,
+                      cost_in_local_bounds=total / unit.median_seconds,
+                      values=tuple(values), load_average=(la0, _loadavg()))
+
+
+def radius_available() -> bool:
+    """Whether ``lipbound.radius.certified_radius`` exists."""
+    if importlib.util.find_spec("lipbound.radius") is None:
+        return False
+    mod = importlib.import_module("lipbound.radius")
+    return callable(getattr(mod, "certified_radius", None))
+
+
+def bench_radius(model_name: str = "mnist", *, n_images: int = 100, method: str = "local",
+                 device: str | torch.device | None = None,
+                 threads: int | None = None) -> RadiusBench | None:
+    """Time certifying the first ``n_images`` shipped test images of a zoo network with
+    ``lipbound.radius.certified_radius`` on one shared analyzer.
+
+    Returns ``None`` when ``lipbound.radius`` is not available.
+    """
+    if not radius_available():
+        log.info("lipbound.radius.certified_radius is not available; radius bench skipped")
+        return None
+    from .analyzer import Analyzer
+    from .inputs import load_samples
+    from .radius import certified_radius  # type: ignore[import-not-found]
+
+    if not isinstance(n_images, int) or n_images < 1:
+        raise InputError(f"n_images must be an integer >= 1, got {n_images!r}")
+    lm, _, _ = _load_zoo(model_name, device)
+    if lm.entry.testset is None:
+        raise InputError(f"{lm.entry.name} has no shipped test set; use mnist or cifar10")
+    samples = load_samples(f"{lm.entry.name}:test/0-{n_images - 1}", entry=lm.entry)
+    dev = _model_device(lm.model)
+    per: list[float] = []
+    radii: list[float] = []
+    la0 = _loadavg()
+    with _Threads(threads):
+        t0 = time.perf_counter()
+        an = Analyzer(lm.model, lm.entry.input_shape, device=dev, name=lm.entry.name)
+        trace = time.perf_counter() - t0
+        for s in samples:
+            t = time.perf_counter()
+            r = certified_radius(lm.model, s.x.to(dev), analyzer=an, method=method)
+            _sync(dev)
+            per.append(time.perf_counter() - t)
+            radii.append(float(getattr(r, "radius", getattr(r, "value", math.nan))))
+        total = time.perf_counter() - t0
+    return RadiusBench(model=lm.entry.name, n_images=n_images, total_seconds=total,
+                       trace_seconds=trace, per_image_seconds=tuple(per), radii=tuple(radii),
+                       load_average=(la0, _loadavg()))

@@ -1,0 +1,51 @@
+"""The ``lipbound`` command line: a thin layer over the library functions.
+
+Each sub-command lives in its own module defining ``register(sub)`` and ``run(args)``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import importlib.util
+import logging
+import sys
+
+from ..errors import LipboundError
+
+COMMANDS = ["models", "bound", "demo", "sweep", "layers", "radius", "compare", "bench"]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="lipbound",
+        description="Certified local and global Lipschitz bounds, certified radii, attacks "
+                    "and rival methods for ReLU networks.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+    for name in COMMANDS:
+        if importlib.util.find_spec(f"{__name__}.{name}") is None:
+            continue
+        mod = importlib.import_module(f"{__name__}.{name}")
+        mod.register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return int(args.func(args) or 0)
+    except LipboundError as exc:
+        print(f"lipbound: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("lipbound: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

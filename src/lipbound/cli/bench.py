@@ -1,0 +1,124 @@
+"""``lipbound bench``: time one local and one global bound of a network (and their memory)."""
+
+from __future__ import annotations
+
+import argparse
+
+from ..errors import InputError
+from .common import add_common, add_model_options, fmt, load_input, load_model, print_json, table
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "bench", help="time local/global bounds of a network and measure peak memory",
+        description="Benchmark the bound computations of a network: the median, min and max "
+                    "seconds of one local and one global bound over several runs (each on "
+                    "a fresh analyzer built outside the timer), the cold first run "
+                    "including tracing, and the peak memory, compared with the project's "
+                    "targets. Run one network per process for a clean memory peak.")
+    add_model_options(p)
+    p.add_argument("--eps", type=float, default=None,
+                   help="radius of the local bound (default 0.1, normalised input space)")
+    p.add_argument("--repeat", type=int, default=5,
+                   help="timed runs per quantity (the cold run comes on top; default 5)")
+    p.add_argument("--what", default="local,global",
+                   help="quantities to time: local, global or local,global (default)")
+    p.add_argument("--spectral", choices=["auto", "exact", "lanczos"], default="auto",
+                   help="spectral-norm route of the analyzer (default auto)")
+    p.add_argument("--lanczos-steps", type=int, default=None,
+                   help="Krylov dimension of the Lanczos runs (analyzer default when unset)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch intra-op threads during the runs (default: torch's choice)")
+    p.add_argument("--sweep", type=int, default=0, metavar="N",
+                   help="also time an N-radius sweep on one analyzer, in units of one local "
+                        "bound (zoo networks: over their eps range)")
+    p.add_argument("--sweep-range", default=None, metavar="LO,HI",
+                   help="radius range of --sweep (default: the zoo entry's range)")
+    p.add_argument("--radius-images", type=int, default=0, metavar="N",
+                   help="also time certifying the first N shipped test images with "
+                        "lipbound.radius (when available)")
+    add_common(p)
+    p.set_defaults(func=run)
+
+
+def _sweep_range(args: argparse.Namespace, loaded) -> tuple[float, float]:
+    if args.sweep_range:
+        try:
+            lo, hi = (float(v) for v in args.sweep_range.split(","))
+        except ValueError as exc:
+            raise InputError(f"--sweep-range expects LO,HI (e.g. 0.001,1), got "
+                             f"{args.sweep_range!r}") from exc
+        return lo, hi
+    if loaded.entry is None:
+        raise InputError("--sweep on a user model needs --sweep-range LO,HI")
+    return tuple(loaded.entry.eps_range)
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..bench import bench_model, bench_radius, bench_sweep_model, environment
+
+    if args.repeat < 1:
+        raise InputError(f"--repeat must be >= 1, got {args.repeat}")
+    if args.sweep < 0 or args.sweep == 1:
+        raise InputError(f"--sweep needs at least 2 radii, got {args.sweep}")
+    whats = tuple(w.strip() for w in args.what.split(",") if w.strip())
+    opts = {} if args.lanczos_steps is None else {"lanczos_steps": args.lanczos_steps}
+    loaded = load_model(args)
+    sample = load_input(args, loaded)
+    res = bench_model(loaded.model, sample.x, name=loaded.name, what=whats, eps=args.eps,
+                      repeat=args.repeat, spectral=args.spectral, threads=args.threads,
+                      analyzer_options=opts, notes=loaded.notes)
+    sweep = None
+    if args.sweep:
+        sweep = bench_sweep_model(loaded.model, sample.x, name=loaded.name,
+                                  eps_range=_sweep_range(args, loaded), n_points=args.sweep,
+                                  local_repeat=args.repeat, spectral=args.spectral,
+                                  threads=args.threads, analyzer_options=opts,
+                                  notes=loaded.notes)
+    radius = None
+    radius_note = None
+    if args.radius_images:
+        if loaded.entry is None or loaded.entry.testset is None:
+            raise InputError("--radius-images needs a zoo network with a shipped test set "
+                             "(mnist, cifar10)")
+        radius = bench_radius(loaded.name, n_images=args.radius_images, device=args.device,
+                              threads=args.threads)
+        if radius is None:
+            radius_note = "lipbound.radius is not available; radius benchmark skipped"
+    if args.json:
+        out = res.to_dict()
+        out.update({"input": sample.name, "weights": loaded.weights_source,
+                    "environment": environment()})
+        if args.sweep:
+            out["sweep"] = sweep.to_dict() if sweep is not None else None
+        if args.radius_images:
+            out["radius"] = radius.to_dict() if radius is not None else None
+            if radius_note:
+                out["notes"] = [*out["notes"], radius_note]
+        print_json(out)
+        return 0
+    print(f"model {loaded.name} ({loaded.weights_source}); input {sample.name}; device "
+          f"{res.device}; {res.threads} thread(s); spectral {res.spectral}")
+    rows = []
+    for r in res.results.values():
+        rows.append([r.what, r.eps, r.median_seconds, r.min_seconds, r.max_seconds,
+                     r.cold_seconds, r.trace_seconds, r.peak_memory_mb,
+                     r.target_seconds, r.ratio_to_target, r.value,
+                     r.guarantee.value])
+    print(table(["quantity", "eps", "median s", "min s", "max s", "cold s", "trace s",
+                 "peak MB", "target s", "ratio", "value", "guarantee"], rows))
+    la = [r.load_average for r in res.results.values()]
+    print(f"runs per quantity: {args.repeat}; load average (1 min) {fmt(la[0][0])} -> "
+          f"{fmt(la[-1][1])}; memory: {res.memory_source}")
+    if sweep is not None:
+        print(f"sweep of {sweep.n_points} radii in [{fmt(sweep.eps_range[0])}, "
+              f"{fmt(sweep.eps_range[1])}]: {sweep.total_seconds:.3f} s = "
+              f"{sweep.cost_in_local_bounds:.2f} local bounds (target <= "
+              f"{fmt(sweep.target_units)})")
+    if radius is not None:
+        print(f"certified radius of {radius.n_images} test images: "
+              f"{radius.total_seconds:.3f} s (target <= {fmt(radius.target_seconds)} s)")
+    for n in dict.fromkeys([*(n for r in res.results.values() for n in r.notes),
+                            *([radius_note] if radius_note else [])]):
+        print(f"note: {n}")
+    return 0

@@ -1,0 +1,91 @@
+"""``lipbound bound``: the global or local Lipschitz bound of a network at an input."""
+
+from __future__ import annotations
+
+import argparse
+
+from .common import add_common, add_model_options, load_input, load_model, print_json, table
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "bound", help="global or local Lipschitz upper bound",
+        description="Compute a sound upper bound on the L2 Lipschitz constant of a network: "
+                    "global, or local relative to an input over the ball of radius eps "
+                    "(Avant & Morgansen 2023).")
+    add_model_options(p)
+    p.add_argument("--eps", type=float, default=None,
+                   help="ball radius (default: 0.1); several radii: --eps-list")
+    p.add_argument("--eps-list", default=None, help="comma-separated radii, e.g. 0.01,0.1,1")
+    p.add_argument("--eps-file", default=None,
+                   help="one radius per input (text/CSV, one number per line), many inputs")
+    p.add_argument("--method", choices=["local", "global", "both"], default="local")
+    p.add_argument("--spectral", choices=["auto", "exact", "lanczos"], default="auto",
+                   help="spectral norms: exact SVD (certified), Lanczos (probabilistic), "
+                        "or auto by cost")
+    p.add_argument("--failure-prob", type=float, default=1e-6,
+                   help="failure probability budget of a probabilistic bound")
+    p.add_argument("--out", default=None, help="CSV file for many inputs")
+    add_common(p)
+    p.set_defaults(func=run)
+
+
+def _is_many(ref: str | None) -> bool:
+    if ref is None:
+        return False
+    from pathlib import Path
+
+    tail = ref.split(":", 1)[-1]
+    if ref.endswith(".csv") or Path(ref).is_dir():
+        return True
+    if tail.startswith("test") and ("-" in tail or tail == "test"):
+        return True
+    return False
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..analyzer import Analyzer
+    from ..validation import check_eps
+
+    if _is_many(args.input) or args.eps_file:
+        from .bound_many import run_many
+
+        return run_many(args)
+    loaded = load_model(args)
+    sample = load_input(args, loaded)
+    if args.eps_list:
+        eps_values = [check_eps(float(v)) for v in args.eps_list.split(",")]
+    else:
+        eps_values = [check_eps(args.eps if args.eps is not None else 0.1, "--eps")]
+    an = Analyzer(loaded.model, loaded.input_shape, spectral=args.spectral,
+                  failure_prob=args.failure_prob, seed=args.seed, name=loaded.name,
+                  notes=loaded.notes)
+    results = []
+    if args.method in ("global", "both"):
+        results.append(an.global_bound())
+    if args.method in ("local", "both"):
+        results.extend(an.local_bound(sample.x, e) for e in eps_values)
+    if args.json:
+        out = results[0].to_dict() if len(results) == 1 else {
+            "results": [r.to_dict() for r in results]}
+        if isinstance(out, dict):
+            out.update({"input": sample.name, "weights": loaded.weights_source})
+        print_json(out)
+        return 0
+    with_pred = an.forward(sample.x).reshape(-1)
+    print(f"model {loaded.name} ({loaded.weights_source}); input {sample.name}"
+          + (f", label {sample.label}" if sample.label is not None else "")
+          + f", predicted class {int(with_pred.argmax())}")
+    rows = [[r.method, r.eps, r.value, r.guarantee.value
+             + (f" (p_fail<={r.failure_prob:.0e})" if r.failure_prob else ""),
+             f"{r.seconds:.3f}"] for r in results]
+    print(table(["method", "eps", "bound", "guarantee", "seconds"], rows))
+    if len(results) == 1 and results[0].layers:
+        r = results[0]
+        print()
+        print(table(["layer", "name", "kind", "radius in", "local", "global", "spectral"],
+                    [[lf.index, lf.name, lf.kind, lf.radius_in, lf.local, lf.global_factor,
+                      lf.spectral_method] for lf in r.layers]))
+    for n in {n for r in results for n in r.notes}:
+        print(f"note: {n}")
+    return 0

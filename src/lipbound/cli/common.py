@@ -1,0 +1,236 @@
+"""Options and helpers shared by the sub-commands: model and input loading, devices, tables."""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import math
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..errors import InputError, WeightsError, ZooError
+
+
+def add_common(p: argparse.ArgumentParser, *, json_flag: bool = True) -> None:
+    """--device and --json, present on every command."""
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
+                   help="where to compute (auto: CUDA when present)")
+    if json_flag:
+        p.add_argument("--json", action="store_true", help="print one JSON object")
+
+
+def add_model_options(p: argparse.ArgumentParser, *, input_required: bool = False) -> None:
+    """--model/--weights/--input and the preprocessing options of a user network."""
+    p.add_argument("--model", default="mnist",
+                   help="zoo name (see `lipbound models`) or path/to/file.py:factory "
+                        "(a function returning the nn.Module)")
+    p.add_argument("--weights", default=None, help="state-dict file to load into the model")
+    p.add_argument("--input", default=None, required=input_required,
+                   help="sample reference (mnist:8, cifar10:dog, mnist:test/17) or a "
+                        ".png/.npy/.pt file; default: the zoo model's default sample")
+    p.add_argument("--input-shape", default=None,
+                   help="per-sample input shape of a user model, e.g. 1,28,28")
+    p.add_argument("--mean", default=None, help="per-channel mean of the preprocessing, "
+                   "e.g. 0.1307 or 0.485,0.456,0.406 (user models)")
+    p.add_argument("--std", default=None, help="per-channel std of the preprocessing")
+    p.add_argument("--scale", type=float, default=None,
+                   help="factor applied to raw image pixels before mean/std (default 1/255)")
+    p.add_argument("--seed", type=int, default=0, help="seed for random weights / draws")
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise InputError("--device cuda was given but CUDA is not available; use --device cpu")
+    return torch.device(name)
+
+
+def _floats(s: str | None) -> tuple[float, ...] | None:
+    if s is None:
+        return None
+    try:
+        return tuple(float(v) for v in s.split(","))
+    except ValueError as exc:
+        raise InputError(f"expected comma-separated numbers, got {s!r}") from exc
+
+
+@dataclass
+class Loaded:
+    """A model ready for analysis, with where it came from."""
+
+    model: nn.Module
+    name: str
+    input_shape: tuple[int, ...]
+    weights_source: str
+    notes: tuple[str, ...]
+    entry: Any  # ZooEntry or None
+    mean: tuple[float, ...] | None
+    std: tuple[float, ...] | None
+    scale: float | None
+
+
+def load_user_factory(spec: str) -> tuple[nn.Module, dict]:
+    """``path/to/file.py:factory`` -> (module, extra info returned by the factory)."""
+    path_s, _, fn_name = spec.rpartition(":")
+    path = Path(path_s)
+    if not path_s or not fn_name:
+        raise InputError(f"--model {spec!r}: expected a zoo name or path/to/file.py:factory")
+    if not path.is_file():
+        raise InputError(f"--model {spec!r}: file {path} does not exist")
+    mod_spec = importlib.util.spec_from_file_location(f"lipbound_user_{path.stem}", path)
+    if mod_spec is None or mod_spec.loader is None:
+        raise InputError(f"--model {spec!r}: cannot import {path}")
+    module = importlib.util.module_from_spec(mod_spec)
+    sys.modules[mod_spec.name] = module
+    mod_spec.loader.exec_module(module)
+    factory = getattr(module, fn_name, None)
+    if factory is None or not callable(factory):
+        raise InputError(f"--model {spec!r}: {path} has no function {fn_name!r}")
+    out = factory()
+    info: dict = {}
+    if isinstance(out, dict):
+        info = dict(out)
+        out = info.pop("model", None)
+    if not isinstance(out, nn.Module):
+        raise InputError(f"--model {spec!r}: {fn_name}() must return an nn.Module (or a dict "
+                         f"with key 'model'), got {type(out).__name__}")
+    return out, info
+
+
+def load_state_dict_file(model: nn.Module, path: str) -> None:
+    p = Path(path)
+    if not p.is_file():
+        raise WeightsError(f"weights file {p} does not exist; check the path given to "
+                           "--weights")
+    try:
+        sd = torch.load(p, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise WeightsError(f"weights file {p} is corrupt or not a torch state dict "
+                           f"({type(exc).__name__}: {exc}); re-export it with "
+                           "torch.save(model.state_dict(), path)") from exc
+    if isinstance(sd, dict):
+        for k in ("state_dict", "net", "model"):
+            if k in sd and isinstance(sd[k], dict):
+                sd = sd[k]
+                break
+    if not isinstance(sd, dict):
+        raise WeightsError(f"weights file {p} holds a {type(sd).__name__}, not a state dict")
+    try:
+        res = model.load_state_dict(sd, strict=True)
+    except RuntimeError as exc:
+        raise WeightsError(f"weights file {p} does not match the model: {exc}") from exc
+    del res
+
+
+def load_model(args: argparse.Namespace) -> Loaded:
+    """Load the model named by ``--model`` (zoo entry or user factory), in eval mode, on the
+    device of ``--device``."""
+    device = resolve_device(getattr(args, "device", "auto"))
+    spec = args.model
+    mean, std = _floats(getattr(args, "mean", None)), _floats(getattr(args, "std", None))
+    scale = getattr(args, "scale", None)
+    if ":" in spec and spec.rpartition(":")[0].endswith(".py"):
+        model, info = load_user_factory(spec)
+        if getattr(args, "weights", None):
+            load_state_dict_file(model, args.weights)
+        model = model.to(device).eval()
+        shape = info.get("input_shape")
+        if getattr(args, "input_shape", None):
+            shape = tuple(int(v) for v in args.input_shape.split(","))
+        if shape is None:
+            raise InputError("a user model needs its input shape: pass --input-shape C,H,W "
+                             "or return {'model': ..., 'input_shape': ...} from the factory")
+        mean = mean or (tuple(info["mean"]) if "mean" in info else None)
+        std = std or (tuple(info["std"]) if "std" in info else None)
+        if scale is None and "scale" in info:
+            scale = float(info["scale"])
+        return Loaded(model, Path(spec.rpartition(":")[0]).stem, tuple(shape),
+                      "user weights file " + args.weights if getattr(args, "weights", None)
+                      else "as built by the factory", (), None, mean, std, scale)
+    from .. import zoo
+
+    try:
+        lm = zoo.load_model(spec, weights=getattr(args, "weights", None), device=device,
+                            seed=getattr(args, "seed", 0))
+    except ZooError:
+        raise
+    notes = () if lm.trained else (f"{lm.entry.name}: {lm.weights_source}",)
+    return Loaded(lm.model, lm.entry.name, tuple(lm.entry.input_shape), lm.weights_source,
+                  notes, lm.entry, lm.entry.mean, lm.entry.std, None)
+
+
+def load_input(args: argparse.Namespace, loaded: Loaded):
+    """The single input named by ``--input`` (default: the zoo entry's default sample)."""
+    from ..inputs import load_sample
+
+    ref = args.input
+    if ref is None:
+        if loaded.entry is None:
+            raise InputError("a user model needs --input FILE (.png, .npy or .pt)")
+        ref = loaded.entry.default_sample
+    kw: dict[str, Any] = {}
+    if loaded.entry is not None:
+        kw["entry"] = loaded.entry
+    else:
+        kw.update(input_shape=loaded.input_shape, mean=loaded.mean, std=loaded.std)
+        if loaded.scale is not None:
+            kw["scale"] = loaded.scale
+    sample = load_sample(ref, **kw)
+    dev = next(iter(loaded.model.parameters())).device
+    return sample.__class__(x=sample.x.to(dev), label=sample.label, name=sample.name) \
+        if sample.x.device != dev else sample
+
+
+def load_model_and_input(args: argparse.Namespace):
+    """(model, x0, name) for commands that need one input."""
+    loaded = load_model(args)
+    sample = load_input(args, loaded)
+    return loaded.model, sample.x, loaded.name
+
+
+def fmt(v: Any) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        if math.isnan(v):
+            return "-"
+        if math.isinf(v):
+            return "inf"
+        if v != 0 and (abs(v) >= 1e5 or abs(v) < 1e-3):
+            return f"{v:.4e}"
+        return f"{v:.4f}" if abs(v) < 100 else f"{v:.2f}"
+    return str(v)
+
+
+def table(headers: list[str], rows: list[list[Any]]) -> str:
+    """A plain-text table with aligned columns."""
+    cells = [[fmt(c) for c in r] for r in rows]
+    widths = [max(len(h), *(len(r[i]) for r in cells)) if cells else len(h)
+              for i, h in enumerate(headers)]
+    line = "  ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True))
+    sep = "  ".join("-" * w for w in widths)
+    body = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) for r in cells]
+    return "\n".join([line, sep, *body])
+
+
+def print_json(obj: Any) -> None:
+    print(json.dumps(obj, indent=2, default=_json_default))
+
+
+def _json_default(o: Any) -> Any:
+    if hasattr(o, "to_dict"):
+        return o.to_dict()
+    if hasattr(o, "value") and isinstance(getattr(o, "value"), str):
+        return o.value
+    if isinstance(o, torch.Tensor):
+        return o.tolist()
+    if isinstance(o, Path):
+        return str(o)
+    raise TypeError(f"not JSON serialisable: {type(o).__name__}")

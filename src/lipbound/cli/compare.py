@@ -1,0 +1,63 @@
+"""``lipbound compare``: lipbound's bounds next to the rival methods, on one network and input.
+
+Runs :func:`lipbound.baselines.compare` and prints a table (or JSON with ``--json``).
+The exit status is 0, or 1 when some upper bound fell below the empirical lower bound
+(which would mean a soundness bug).
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from .common import add_common, add_model_options, load_model_and_input, print_json
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    """Add the ``compare`` sub-command."""
+    from ..baselines.compare import METHODS
+
+    p = sub.add_parser(
+        "compare", help="compare with rival methods (AutoLip, SeqLip, LipSDP, ...)",
+        description="Compare lipbound's local and global bounds with rival methods on one "
+                    "network and input: AutoLip and SeqLip (Scaman & Virmaux 2018), "
+                    "LipSDP-Neuron/-Layer (Fazlyab et al. 2019), ECLipsE-Fast (Xu & "
+                    "Sivaranjani 2024), Fast-Lip (Weng et al. 2018), RecurJac (Zhang et al. "
+                    "2019), the exact local L2 constant, lipMIP (Jordan & Dimakis 2020) and "
+                    "the best empirical lower bound. The rival methods support fully "
+                    "connected ReLU networks only; other networks get a 'not supported' row.")
+    add_model_options(p)
+    p.set_defaults(model="compnet")
+    p.add_argument("--eps", type=float, default=0.1,
+                   help="L2 radius of the ball around the input (lipMIP: l_inf box); "
+                        "default 0.1")
+    p.add_argument("--methods", nargs="+", default=None, metavar="METHOD",
+                   help="methods to run (space- or comma-separated); default: all of "
+                        + ", ".join(METHODS))
+    p.add_argument("--time-limit", type=float, default=60.0,
+                   help="time limit in seconds of each exact method (default 60)")
+    add_common(p)
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run the comparison and print it; 1 if an upper bound fell below the lower bound."""
+    from ..baselines.compare import compare, format_table, violations
+    from ..validation import check_eps
+
+    eps = check_eps(args.eps, "--eps")
+    methods = None
+    if args.methods:
+        methods = [m for item in args.methods for m in item.split(",") if m.strip()]
+    model, x0, name = load_model_and_input(args)
+    rows = compare(model, x0, eps, methods, model_name=name,
+                   exact_time_limit=float(args.time_limit))
+    bad = violations(rows)
+    if args.json:
+        print_json({"model": name, "eps": eps, "rows": [r.to_dict() for r in rows],
+                    "violations": [r.method for r in bad]})
+    else:
+        print(f"model {name}, eps {eps:g} (L2 ball; lipMIP: l_inf box)")
+        print(format_table(rows))
+        if bad:
+            print("upper bounds below the lower bound: " + ", ".join(r.method for r in bad))
+    return 1 if bad else 0

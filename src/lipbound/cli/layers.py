@@ -1,0 +1,113 @@
+"""``lipbound layers``: the per-layer view of a local bound (local vs global factor, radius).
+
+Reproduces the per-layer analysis of Avant & Morgansen (IEEE TNNLS 2023; their AlexNet
+figure): each layer's local factor at the radius it sees, next to its global factor.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import math
+from pathlib import Path
+
+from .common import add_common, add_model_options, load_input, load_model, print_json, table
+
+CSV_COLUMNS = ["index", "name", "kind", "radius_in", "local_factor", "global_factor",
+               "active_in", "active_out", "spectral_local", "spectral_global", "guarantee",
+               "failure_prob"]
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "layers", help="per-layer local and global factors of a local bound",
+        description="Compute the global bound and the local bound at one radius, and show "
+                    "for each layer the radius it sees, its local and global factor and how "
+                    "many of its inputs/outputs can move. With --out, also write "
+                    "DIR/layers.csv, layers.png and layers.pdf.")
+    add_model_options(p)
+    p.add_argument("--eps", type=float, default=0.1, help="ball radius (default 0.1)")
+    p.add_argument("--out", default=None, help="folder for layers.csv/.png/.pdf")
+    p.add_argument("--spectral", choices=["auto", "exact", "lanczos"], default="auto",
+                   help="spectral norms: exact SVD, Lanczos (probabilistic), or auto by cost")
+    p.add_argument("--failure-prob", type=float, default=1e-6,
+                   help="failure probability budget of a probabilistic bound")
+    add_common(p)
+    p.set_defaults(func=run)
+
+
+def _short(name: str, width: int = 26) -> str:
+    return name if len(name) <= width else "…" + name[-(width - 1):]
+
+
+def _csv_value(v) -> str:
+    if isinstance(v, float):
+        return "" if math.isnan(v) else repr(v)
+    return str(v)
+
+
+def write_csv(path: Path, local, glob) -> Path:
+    """One row per layer with :data:`CSV_COLUMNS`."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(CSV_COLUMNS)
+        for lf, gf in zip(local.layers, glob.layers, strict=True):
+            w.writerow([_csv_value(v) for v in (
+                lf.index, lf.name, lf.kind, lf.radius_in, lf.local, lf.global_factor,
+                lf.active_in, lf.active_out, lf.spectral_method, gf.spectral_method,
+                lf.guarantee.value, lf.failure_prob)])
+    return path
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..analyzer import Analyzer
+    from ..plotting import plot_layer_factors
+    from ..validation import check_eps
+    from .sweep import DISPLAY_NAMES
+
+    eps = check_eps(args.eps, "--eps")
+    loaded = load_model(args)
+    sample = load_input(args, loaded)
+    an = Analyzer(loaded.model, loaded.input_shape, spectral=args.spectral,
+                  failure_prob=args.failure_prob, seed=args.seed, name=loaded.name,
+                  notes=loaded.notes)
+    glob = an.global_bound()
+    local = an.local_bound(sample.x, eps)
+    files: list[Path] = []
+    if args.out:
+        out = Path(args.out)
+        files.append(write_csv(out / "layers.csv", local, glob))
+        title = (f"{DISPLAY_NAMES.get(loaded.name, loaded.name)}, input {sample.name}, "
+                 f"ε = {eps:g}" + (" (random weights)" if loaded.notes else ""))
+        files += plot_layer_factors(
+            [f"{lf.index}: {_short(lf.name)}" for lf in local.layers],
+            [lf.local for lf in local.layers], [lf.global_factor for lf in local.layers],
+            [lf.radius_in for lf in local.layers], path_png=out / "layers.png",
+            path_pdf=out / "layers.pdf", title=title)
+    if args.json:
+        print_json({"model": loaded.name, "input": sample.name, "eps": eps,
+                    "weights": loaded.weights_source, "global": glob.to_dict(),
+                    "local": local.to_dict(), "files": [str(f) for f in files]})
+        return 0
+    print(f"model {loaded.name} ({loaded.weights_source}); input {sample.name}; eps {eps:g}")
+    rows = [[lf.index, lf.name, lf.kind, lf.radius_in, lf.local, lf.global_factor,
+             f"{lf.active_in}", f"{lf.active_out}", f"{lf.spectral_method} / "
+             f"{gf.spectral_method}"]
+            for lf, gf in zip(local.layers, glob.layers, strict=True)]
+    print(table(["layer", "name", "kind", "radius in", "local", "global", "active in",
+                 "active out", "spectral (local / global)"], rows))
+    print()
+
+    def describe(r) -> str:
+        fp = f" (p_fail<={r.failure_prob:.0e})" if r.failure_prob else ""
+        return f"{r.value:.6g}, {r.guarantee.value}{fp}"
+
+    print(f"local bound at eps {eps:g}: {describe(local)}")
+    print(f"global bound:          {describe(glob)}")
+    print(f"product of the local factors: {math.prod(lf.local for lf in local.layers):.6g}")
+    for n in local.notes:
+        print(f"note: {n}")
+    if files:
+        print("wrote " + ", ".join(str(f) for f in files))
+    return 0

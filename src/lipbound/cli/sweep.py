@@ -1,0 +1,125 @@
+"""``lipbound sweep``: upper and lower bounds over a range of radii, as CSV, JSON and plots."""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+from .common import add_common, add_model_options, load_input, load_model, print_json, table
+
+#: names used in plot titles
+DISPLAY_NAMES = {
+    "tiny": "3-D example network",
+    "compnet": "comparison network 7-20-30-10",
+    "mnist": "MNIST LeNet",
+    "cifar10": "CIFAR-10 ConvNet",
+    "alexnet": "AlexNet",
+    "vgg16": "VGG-16",
+}
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "sweep", help="bounds over a range of radii (CSV, JSON, PNG, PDF)",
+        description="For log-spaced radii eps, compute the local upper bound (Avant & "
+                    "Morgansen 2023), the global upper bound and empirical lower bounds "
+                    "(random sampling, gradient ascent, PGD) of the local Lipschitz constant "
+                    "relative to the input; write DIR/sweep.csv, sweep.json, sweep.png and "
+                    "sweep.pdf.")
+    add_model_options(p)
+    p.add_argument("--eps-min", type=float, default=None,
+                   help="smallest radius (default: the zoo entry's range)")
+    p.add_argument("--eps-max", type=float, default=None,
+                   help="largest radius (default: the zoo entry's range)")
+    p.add_argument("--points", type=int, default=30, help="number of radii (log-spaced)")
+    p.add_argument("--out", default=None,
+                   help="output folder (default: out/sweep_<model>)")
+    p.add_argument("--methods", default="local,global,random,gradient,pgd",
+                   help="comma-separated: local, global, random, gradient, pgd, best")
+    p.add_argument("--samples", type=int, default=10_000,
+                   help="points of the random-sampling lower bound per radius")
+    p.add_argument("--steps", type=int, default=100,
+                   help="steps of the gradient-ascent and PGD lower bounds")
+    p.add_argument("--restarts", type=int, default=16, help="restarts of PGD")
+    p.add_argument("--lower-dtype", choices=["float64", "model"], default="float64",
+                   help="precision of the lower bounds' forward passes (float64: the "
+                        "precision of the upper-bound analysis)")
+    p.add_argument("--spectral", choices=["auto", "exact", "lanczos"], default="auto",
+                   help="spectral norms: exact SVD, Lanczos (probabilistic), or auto by cost")
+    p.add_argument("--failure-prob", type=float, default=1e-6,
+                   help="failure probability budget of a probabilistic bound")
+    p.add_argument("--title", default=None, help="plot title (default: network and input)")
+    add_common(p)
+    p.set_defaults(func=run)
+
+
+def _eps_range(args: argparse.Namespace, loaded) -> list[float]:
+    from ..errors import InputError
+    from ..sweep import eps_grid
+
+    lo, hi = args.eps_min, args.eps_max
+    if loaded.entry is not None:
+        lo = loaded.entry.eps_range[0] if lo is None else lo
+        hi = loaded.entry.eps_range[1] if hi is None else hi
+    if lo is None or hi is None:
+        raise InputError("a user model has no default radius range: pass --eps-min and "
+                         "--eps-max")
+    return eps_grid(lo, hi, args.points)
+
+
+def plot_title(loaded, sample_name: str) -> str:
+    """``"MNIST LeNet, input mnist:8"`` (plus a warning for untrained weights)."""
+    name = DISPLAY_NAMES.get(loaded.name, loaded.name)
+    title = f"{name}, input {sample_name}"
+    if loaded.notes:
+        title += " (random weights)"
+    return title
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from ..sweep import parse_methods, sweep
+
+    t0 = time.perf_counter()
+    methods = parse_methods(args.methods)
+    loaded = load_model(args)
+    eps_values = _eps_range(args, loaded)
+    sample = load_input(args, loaded)
+    out = Path(args.out) if args.out else Path("out") / f"sweep_{loaded.name}"
+    res = sweep(loaded.model, sample.x, eps_values, methods, progress=True,
+                input_shape=loaded.input_shape, name=loaded.name, input_name=sample.name,
+                samples=args.samples, steps=args.steps, restarts=args.restarts, seed=args.seed,
+                lower_dtype=torch.float64 if args.lower_dtype == "float64" else None,
+                spectral=args.spectral, failure_prob=args.failure_prob,
+                notes=loaded.notes)
+    files = [res.to_csv(out / "sweep.csv"), res.to_json(out / "sweep.json")]
+    files += res.plot(out / "sweep.png", out / "sweep.pdf",
+                      title=args.title or plot_title(loaded, sample.name))
+    problems = res.violations()
+    if args.json:
+        d = res.to_dict()
+        d.update({"weights": loaded.weights_source, "files": [str(f) for f in files],
+                  "violations": problems})
+        print_json(d)
+        return 1 if problems else 0
+    print(f"model {loaded.name} ({loaded.weights_source}); input {sample.name}; "
+          f"{len(eps_values)} radii from {eps_values[0]:g} to {eps_values[-1]:g}")
+    headers = ["eps"] + list(methods)
+    rows = [[r.eps] + [r[m].value for m in methods] for r in res.rows]
+    print(table(headers, rows))
+    print()
+    guarantees = {m: " / ".join(sorted({r[m].guarantee.value for r in res.rows}))
+                  for m in methods}
+    print("guarantees: " + ", ".join(f"{m}: {g}" for m, g in guarantees.items()))
+    secs = {m: sum(r[m].seconds for r in res.rows) for m in methods}
+    print("seconds per method (all radii): "
+          + ", ".join(f"{m} {s:.2f}" for m, s in secs.items()))
+    for n in res.notes:
+        print(f"note: {n}")
+    for p in problems:
+        print(f"SOUNDNESS CHECK FAILED: {p}")
+    print("wrote " + ", ".join(str(f) for f in files)
+          + f" in {time.perf_counter() - t0:.1f} s")
+    return 1 if problems else 0

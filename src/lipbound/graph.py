@@ -1,0 +1,237 @@
+"""Model intake: turn any ``nn.Module`` whose forward is a chain of supported operations into
+a list of :class:`~lipbound.ops.base.Op`, discovered by ``torch.fx`` tracing.
+
+Every node of the traced graph is checked before anything fails, so an unsupported model gets
+one :class:`~lipbound.errors.UnsupportedModelError` listing every offending node, its type and
+where it sits.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import operator
+from collections.abc import Sequence
+
+import torch
+import torch.fx as fx
+from torch import Tensor, nn
+
+from .errors import InputError, UnsupportedModelError
+from .ops.base import Op
+from .ops.registry import (AUXILIARY_METHODS, FUNCTION_RULES, METHOD_RULES, MODULE_RULES,
+                           _module_from_call, module_rule)
+
+log = logging.getLogger(__name__)
+
+
+class _Tracer(fx.Tracer):
+    """Keeps every module that has a registered rule as a leaf (e.g. Normalize)."""
+
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        if module_rule(m) is not None:
+            return True
+        return super().is_leaf_module(m, qualname)
+
+
+def check_eval_mode(model: nn.Module) -> None:
+    """Refuse a model in training mode (documented choice: we never change the user's model).
+
+    Raises:
+        InputError: naming the modules in training mode and the fix (``model.eval()``).
+    """
+    training = [n or type(model).__name__ for n, m in model.named_modules()
+                if m.training and isinstance(m, (nn.modules.batchnorm._BatchNorm,
+                                                 nn.modules.dropout._DropoutNd))]
+    if model.training or training:
+        where = f" (batch norm / dropout in training mode: {', '.join(training)})" \
+            if training else ""
+        raise InputError(
+            "the model is in training mode" + where + "; batch norm and dropout then behave "
+            "differently from inference. Call model.eval() before computing bounds.")
+
+
+def _describe(node: fx.Node, root: nn.Module) -> tuple[str, str]:
+    if node.op == "call_module":
+        mod = root.get_submodule(str(node.target))
+        return f"module '{node.target}'", type(mod).__name__
+    if node.op == "call_function":
+        t = node.target
+        name = getattr(t, "__qualname__", None) or getattr(t, "__name__", repr(t))
+        mod = getattr(t, "__module__", "") or ""
+        return f"node '{node.name}'", f"function {mod + '.' if mod else ''}{name}"
+    if node.op == "call_method":
+        return f"node '{node.name}'", f"tensor method .{node.target}()"
+    return f"node '{node.name}'", node.op
+
+
+class _ShapeRecorder(fx.Interpreter):
+    def __init__(self, gm: fx.GraphModule):
+        super().__init__(gm)
+        self.values: dict[str, object] = {}
+
+    def run_node(self, n: fx.Node):
+        out = super().run_node(n)
+        self.values[n.name] = out
+        return out
+
+
+def trace_model(model: nn.Module, input_shape: Sequence[int]) -> list[Op]:
+    """Trace ``model`` and return its chain of analysed ops (float64 parameter copies).
+
+    Args:
+        model: a module in eval mode mapping ``(N, *input_shape)`` to ``(N, ...)``.
+        input_shape: per-sample input shape, e.g. ``(1, 28, 28)``.
+
+    Raises:
+        InputError: model in training mode.
+        UnsupportedModelError: listing every unsupported node at once.
+    """
+    check_eval_mode(model)
+    input_shape = tuple(int(s) for s in input_shape)
+    try:
+        graph = _Tracer().trace(model)
+    except Exception as exc:  # fx raises many types; all mean the same to the user
+        raise UnsupportedModelError([(
+            type(model).__name__, "untraceable forward",
+            f"torch.fx could not trace it: {type(exc).__name__}: {exc}. Make forward a "
+            "straight chain of layers without data-dependent control flow, or pass an "
+            "nn.Sequential")]) from exc
+    gm = fx.GraphModule(model, graph)
+
+    param = next(iter(model.parameters()), None)
+    buf = next(iter(model.buffers()), None)
+    ref = param if param is not None else buf
+    device = ref.device if ref is not None else torch.device("cpu")
+    dtype = ref.dtype if ref is not None and ref.is_floating_point() else torch.float32
+    rec = _ShapeRecorder(gm)
+    example = torch.zeros(2, *input_shape, dtype=dtype, device=device)
+    try:
+        with torch.no_grad():
+            rec.run(example)
+    except Exception as exc:
+        raise InputError(
+            f"running the model on an input of shape (N, {', '.join(map(str, input_shape))}) "
+            f"failed: {type(exc).__name__}: {exc}. Check the input shape the model expects."
+        ) from exc
+
+    problems: list[tuple[str, str, str]] = []
+    ops: list[Op] = []
+    current: fx.Node | None = None  # the node that carries the chain's tensor
+    consumed: set[str] = set()
+
+    def shape_of(node: fx.Node) -> tuple[int, ...] | None:
+        v = rec.values.get(node.name)
+        return tuple(v.shape) if isinstance(v, Tensor) else None
+
+    for node in gm.graph.nodes:
+        if node.op == "placeholder":
+            if current is not None:
+                problems.append((f"input '{node.name}'", "second input", "one input only"))
+            current = node
+            continue
+        if node.op == "get_attr":
+            continue
+        if node.op == "output":
+            outs = node.args[0]
+            if outs is not current:
+                problems.append(("model output", "output", "the output must be the last "
+                                 "tensor of the chain (a single tensor, not a tuple/dict)"))
+            continue
+        shape = shape_of(node)
+        tensor_inputs = [a for a in node.all_input_nodes if shape_of(a) is not None]
+        if shape is None:
+            # shape queries like x.size(0) are fine; anything else producing a non-tensor
+            # is not part of a chain we can analyse
+            if node.op == "call_method" and node.target in AUXILIARY_METHODS:
+                continue
+            if node.op == "call_function" and node.target in (getattr, operator.getitem) \
+                    and len(node.args) > 1 and node.args[1] in ("shape",):
+                continue
+            if node.op == "call_function" and node.target is operator.getitem \
+                    and all(shape_of(a) is None for a in node.all_input_nodes):
+                continue
+            where, kind = _describe(node, gm)
+            problems.append((where, kind, "produces a non-tensor value"))
+            continue
+        where, kind = _describe(node, gm)
+        if len(tensor_inputs) != 1 or tensor_inputs[0] is not current:
+            problems.append((where, kind, "not a chain: takes "
+                             f"{len(tensor_inputs)} tensor input(s) / branches off the chain "
+                             "(residual or multi-input connections are not supported)"))
+            current = node
+            continue
+        if current is not None and current.name in consumed:
+            problems.append((where, kind, "the chain's tensor is used twice (branching)"))
+        consumed.add(current.name)
+        in_v = rec.values[current.name] if current.op != "placeholder" else example
+        in_shape = tuple(in_v.shape)
+        if in_shape[0] != 2 or shape[0] != 2:
+            problems.append((where, kind, "mixes the batch dimension"))
+            current = node
+            continue
+        name = str(node.target) if node.op == "call_module" else node.name
+        rule = None
+        module: nn.Module | None = None
+        if node.op == "call_module":
+            module = gm.get_submodule(str(node.target))
+            rule = module_rule(module)
+        elif node.op == "call_function":
+            rule = FUNCTION_RULES.get(node.target)
+            if rule is not None:
+                kwargs = dict(node.kwargs)
+                args = tuple(node.args[1:])
+                module = _module_from_call(node.target, args, kwargs)
+        elif node.op == "call_method":
+            rule = METHOD_RULES.get(str(node.target))
+        if rule is None:
+            detail = ""
+            if module is not None:
+                detail = repr(module).split("\n")[0][:80]
+            problems.append((where, kind, detail or "no rule for this operation"))
+            current = node
+            continue
+        try:
+            op = rule(module, name, in_shape[1:], shape[1:])
+        except NotImplementedError as exc:
+            problems.append((where, kind, f"unsupported configuration: {exc}"))
+            current = node
+            continue
+        if op.kind == "reshape" and math.prod(in_shape[1:]) != math.prod(shape[1:]):
+            problems.append((where, kind, "reshape changes the number of elements"))
+        ops.append(op)
+        current = node
+    if problems:
+        raise UnsupportedModelError(problems)
+    ops = [op.to(device) for op in ops]
+    _verify(ops, model, example, rec.values, gm)
+    return ops
+
+
+def chain_forward(ops: list[Op], x: Tensor) -> Tensor:
+    """Run the chain of ops (float64)."""
+    for op in ops:
+        x = op.forward(x)
+    return x
+
+
+def _verify(ops: list[Op], model: nn.Module, example: Tensor, values: dict, gm) -> None:
+    """Guard against a rule misreading a layer: the float64 chain must reproduce the model."""
+    gen = torch.Generator(device="cpu").manual_seed(1234)
+    x = torch.randn(example.shape, generator=gen, dtype=torch.float64).to(example.device)
+    with torch.no_grad():
+        ref = model(x.to(example.dtype)).to(torch.float64)
+        got = chain_forward(ops, x)
+    if ref.shape != got.shape:
+        raise UnsupportedModelError([("model", "chain", f"output shape {tuple(got.shape)} "
+                                      f"differs from the model's {tuple(ref.shape)}")])
+    scale = float(ref.abs().max()) + 1.0
+    err = float((ref - got).abs().max())
+    tol = 1e-3 if example.dtype in (torch.float32, torch.float16, torch.bfloat16) else 1e-8
+    if not math.isfinite(err) or err > tol * scale:
+        raise UnsupportedModelError([("model", "chain", f"the analysed chain does not "
+                                      f"reproduce the model's output (max error {err:.3g}); "
+                                      "a layer has behaviour lipbound does not model")])
+
+
+__all__ = ["trace_model", "chain_forward", "check_eval_mode", "MODULE_RULES"]

@@ -1,0 +1,565 @@
+"""Loading nominal inputs ``x0``: shipped samples, test images, image and array files.
+
+Every input is returned as a :class:`Sample` whose ``x`` has shape ``(1, *input_shape)``,
+dtype float32, on the CPU, in the network's *normalised* input space (the space the
+bounds of Avant & Morgansen, IEEE TNNLS 2023, are measured in).
+
+References understood by :func:`load_sample`:
+
+- ``tiny:x0``: the paper's nominal input of the 3-D example network
+  (``torch.rand(1, 3)`` after ``torch.manual_seed(0)``, plus ``[-1, 2, 2]``).
+- ``compnet:zeros``: the zero vector, compnet's nominal input.
+- ``mnist:8``, ``mnist:2``, ``mnist:3``: the shipped MNIST digits (8 is the paper's default).
+- ``cifar10:dog``: the shipped CIFAR-10 dog image (label 5).
+- ``alexnet:random``, ``vgg16:random``, ``alexnet:random/N``: a seeded uniform random image
+  in [0, 1], normalised; ``/N`` picks the seed (default 0).
+- ``mnist:test/17``, ``cifar10:test/3``: one image of a shipped test set (100 images, 0-99).
+- a path: an image file (.png, .jpg, ...) or an array file (.npy, .pt, .pth).
+
+:func:`load_samples` also takes ``mnist:test`` (all 100), ranges and lists
+(``mnist:test/0-9``, ``mnist:test/0,5,7-9``), a folder of images, a CSV file in the test-set
+format, and ``.npy``/``.pt`` batches.
+
+Preprocessing rules:
+
+- *Images* (PNG/JPEG/... files, the shipped samples, test-set rows, CSV rows) are raw
+  pixels: they are multiplied by ``scale`` (default 1/255) and normalised with
+  ``(x - mean) / std`` per channel when ``mean``/``std`` are known. Image files are
+  converted to the expected number of channels (1: grayscale, 3: RGB) and, if their size
+  differs, resized (bilinear) so that they cover the expected size, then centre-cropped.
+- *Arrays* (``.npy``, ``.pt``) are taken as they are, i.e. already in the normalised space,
+  unless ``raw=True``, in which case they are treated like image pixels (``* scale``, then
+  normalised). A single array may have shape ``input_shape`` or ``(1, *input_shape)``; a
+  batch has shape ``(N, *input_shape)``. Without a known input shape a single array is
+  one input of its own shape (a batch: the first dimension is the batch).
+- *Vector samples* (``tiny:x0``, ``compnet:zeros``) are defined in the network's input
+  space and are never rescaled.
+
+Where shape, mean and std come from: explicit ``input_shape``/``mean``/``std`` arguments
+first (``mean`` and ``std`` go together), then ``entry``, then the zoo entry named in the
+reference (``mnist`` for ``mnist:8``). A shipped sample keeps its label only when it is used
+with its own network.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from lipbound.errors import InputError, ZooError
+from lipbound.zoo.registry import ZooEntry, get_entry, model_names
+from lipbound.zoo.resources import data_path
+from lipbound.zoo.testsets import TESTSETS, load_testset, read_csv_file
+
+__all__ = ["Sample", "load_sample", "load_samples", "normalize_pixels"]
+
+logger = logging.getLogger(__name__)
+
+IMAGE_SUFFIXES: frozenset[str] = frozenset(
+    {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
+)
+ARRAY_SUFFIXES: frozenset[str] = frozenset({".npy", ".pt", ".pth"})
+
+#: Shipped image samples: (model, sample name) -> (file in the data folder, label).
+_IMAGE_SAMPLES: dict[tuple[str, str], tuple[str, int]] = {
+    ("mnist", "2"): ("mnist/2.png", 2),
+    ("mnist", "3"): ("mnist/3.png", 3),
+    ("mnist", "8"): ("mnist/8.png", 8),
+    ("cifar10", "dog"): ("cifar10/dog4.png", 5),
+}
+
+_INDEX_SPEC = re.compile(r"^\s*\d+\s*(-\s*\d+\s*)?(,\s*\d+\s*(-\s*\d+\s*)?)*$")
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One input of a network.
+
+    Attributes:
+        x: shape ``(1, *input_shape)``, float32, CPU, in the network's normalised input space.
+        label: the true class when known (shipped samples, test sets, CSV rows), else None.
+        name: where it came from (``"mnist:8"``, ``"mnist:test/17"``, a file name, ...).
+    """
+
+    x: torch.Tensor
+    label: int | None
+    name: str
+
+
+@dataclass(frozen=True)
+class _Context:
+    """Shape and normalisation in effect for one call."""
+
+    shape: tuple[int, ...] | None
+    mean: tuple[float, ...] | None
+    std: tuple[float, ...] | None
+    scale: float
+    raw: bool
+    entry: ZooEntry | None
+
+
+def _floats(name: str, values: Sequence[float] | torch.Tensor | None) -> tuple[float, ...] | None:
+    if values is None:
+        return None
+    try:
+        out = tuple(float(v) for v in torch.as_tensor(values, dtype=torch.float64).reshape(-1))
+    except (TypeError, ValueError, RuntimeError) as exc:
+        raise InputError(f"{name} must be a sequence of numbers, got {values!r}") from exc
+    if not out or not all(math.isfinite(v) for v in out):
+        raise InputError(f"{name} must be a non-empty sequence of finite numbers, got {values!r}")
+    return out
+
+
+def _make_context(
+    ref_entry: ZooEntry | None,
+    entry: ZooEntry | None,
+    input_shape: Sequence[int] | None,
+    mean: Sequence[float] | torch.Tensor | None,
+    std: Sequence[float] | torch.Tensor | None,
+    scale: float,
+    raw: bool,
+) -> _Context:
+    base = entry if entry is not None else ref_entry
+    shape: tuple[int, ...] | None
+    if input_shape is not None:
+        try:
+            shape = tuple(int(s) for s in input_shape)
+        except (TypeError, ValueError) as exc:
+            raise InputError(f"input_shape must be a tuple of ints, got {input_shape!r}") from exc
+        if not shape or any(s <= 0 for s in shape):
+            raise InputError(f"input_shape must be non-empty and positive, got {input_shape!r}")
+    else:
+        shape = base.input_shape if base is not None else None
+    if (mean is None) != (std is None):
+        raise InputError("give both mean and std for the normalisation, or neither")
+    if mean is not None:
+        m, s = _floats("mean", mean), _floats("std", std)
+    else:
+        m, s = (base.mean, base.std) if base is not None else (None, None)
+    if s is not None and any(v <= 0 for v in s):
+        raise InputError(f"every std must be > 0, got {s}")
+    if m is not None and s is not None:
+        if len(m) != len(s):
+            raise InputError(f"mean has {len(m)} values but std has {len(s)}")
+        if shape is not None and len(m) not in (1, shape[0]):
+            raise InputError(
+                f"mean/std have {len(m)} values but the input has {shape[0]} channels "
+                f"(input shape {shape}); give one value per channel"
+            )
+    if not (isinstance(scale, (int, float)) and math.isfinite(scale) and scale > 0):
+        raise InputError(f"scale must be a positive number (e.g. 1/255), got {scale!r}")
+    return _Context(shape=shape, mean=m, std=s, scale=float(scale), raw=bool(raw), entry=base)
+
+
+def normalize_pixels(
+    pixels: torch.Tensor,
+    *,
+    mean: Sequence[float] | None,
+    std: Sequence[float] | None,
+    scale: float = 1 / 255,
+) -> torch.Tensor:
+    """Map raw pixels to the normalised space: ``(pixels * scale - mean) / std``.
+
+    Args:
+        pixels: ``(N, C, *spatial)`` or ``(N, n)`` raw values (e.g. 0-255).
+        mean: per-channel means (or one value for all), or None for no normalisation.
+        std: per-channel standard deviations, or None.
+        scale: factor applied first (1/255 maps 8-bit pixels to [0, 1]).
+
+    Returns:
+        A float32 tensor of the same shape.
+    """
+    x = pixels.to(torch.float32) * scale
+    if mean is not None and std is not None:
+        view = (1, -1) + (1,) * (x.dim() - 2)
+        m = torch.tensor(mean, dtype=torch.float32).reshape(view)
+        s = torch.tensor(std, dtype=torch.float32).reshape(view)
+        x = (x - m) / s
+    return x
+
+
+def _finish(x: torch.Tensor, ctx: _Context, name: str, label: int | None) -> Sample:
+    """Check shape and values and wrap a batch-1 tensor as a Sample."""
+    x = x.detach().to(device="cpu", dtype=torch.float32).contiguous()
+    if ctx.shape is not None and tuple(x.shape) != (1, *ctx.shape):
+        raise InputError(
+            f"input {name!r} has shape {tuple(x.shape[1:])} but the network expects "
+            f"{ctx.shape}; pick an input made for this network"
+        )
+    bad = int((~torch.isfinite(x)).sum())
+    if bad:
+        raise InputError(
+            f"input {name!r} contains {bad} NaN or inf value(s); clean the data first"
+        )
+    return Sample(x=x, label=label, name=name)
+
+
+def _pixels_to_sample(pixels: torch.Tensor, ctx: _Context, name: str, label: int | None) -> Sample:
+    """``pixels``: ``(1, *shape)`` raw values."""
+    if not bool(torch.isfinite(pixels).all()):
+        raise InputError(f"input {name!r} contains NaN or inf values; clean the data first")
+    x = normalize_pixels(pixels, mean=ctx.mean, std=ctx.std, scale=ctx.scale)
+    return _finish(x, ctx, name, label)
+
+
+# ---------------------------------------------------------------------------------------
+# images
+# ---------------------------------------------------------------------------------------
+
+
+def _read_image(path: Path, ctx: _Context, name: str) -> torch.Tensor:
+    """Read an image file as raw pixels ``(1, C, H, W)`` in the context's shape."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as img:
+            img.load()
+            image = img.copy()
+    except FileNotFoundError as exc:
+        raise InputError(f"image file not found: {path}") from exc
+    except (UnidentifiedImageError, OSError) as exc:
+        raise InputError(f"cannot read image {path}: {exc}") from exc
+    shape = ctx.shape
+    if shape is None:
+        channels = 1 if image.mode in ("1", "L", "I", "I;16", "F") else 3
+        shape = (channels, image.height, image.width)
+    if len(shape) != 3 or shape[0] not in (1, 3):
+        raise InputError(
+            f"cannot use image {name!r} as input of shape {shape}: images need an input "
+            "shape (C, H, W) with 1 or 3 channels; give an .npy/.pt array instead"
+        )
+    c, h, w = shape
+    mode = "L" if c == 1 else "RGB"
+    if image.mode != mode:
+        logger.info("converting image %s from mode %s to %s", name, image.mode, mode)
+        image = image.convert(mode)
+    if (image.width, image.height) != (w, h):
+        factor = max(w / image.width, h / image.height)
+        size = (max(w, round(image.width * factor)), max(h, round(image.height * factor)))
+        logger.info("resizing image %s from %sx%s to %sx%s", name, image.width, image.height,
+                    w, h)
+        image = image.resize(size, Image.Resampling.BILINEAR)
+        left, top = (size[0] - w) // 2, (size[1] - h) // 2
+        image = image.crop((left, top, left + w, top + h))
+    arr = np.asarray(image, dtype=np.float32)
+    if c == 1:
+        arr = arr[None, :, :]
+    else:
+        arr = arr.transpose(2, 0, 1)
+    return torch.from_numpy(np.ascontiguousarray(arr)).unsqueeze(0)
+
+
+# ---------------------------------------------------------------------------------------
+# arrays
+# ---------------------------------------------------------------------------------------
+
+
+def _read_array(path: Path) -> torch.Tensor:
+    suffix = path.suffix.lower()
+    try:
+        if suffix == ".npy":
+            data = torch.from_numpy(np.load(path, allow_pickle=False))
+        else:
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+            if isinstance(obj, np.ndarray):
+                obj = torch.from_numpy(obj)
+            if not isinstance(obj, torch.Tensor):
+                raise InputError(
+                    f"{path} holds a {type(obj).__name__}, not a tensor; save the input with "
+                    "torch.save(x, path)"
+                )
+            data = obj
+    except InputError:
+        raise
+    except FileNotFoundError as exc:
+        raise InputError(f"input file not found: {path}") from exc
+    except Exception as exc:
+        raise InputError(
+            f"cannot read array file {path}: {type(exc).__name__}: {exc}. Use np.save(path, x) "
+            "or torch.save(x, path)"
+        ) from exc
+    if not (data.is_floating_point() or data.dtype in (torch.uint8, torch.int16, torch.int32,
+                                                       torch.int64, torch.int8)):
+        raise InputError(f"{path}: unsupported dtype {data.dtype}; save a float array")
+    return data.to(torch.float32)
+
+
+def _array_to_batch(data: torch.Tensor, ctx: _Context, name: str, *, single: bool) -> torch.Tensor:
+    """Bring an array to ``(N, *shape)`` (``N == 1`` when ``single``)."""
+    shape = ctx.shape
+    if shape is None:
+        return data.unsqueeze(0) if single else (data if data.dim() >= 2 else data[:, None])
+    if tuple(data.shape) == shape:
+        return data.unsqueeze(0)
+    if data.dim() == len(shape) + 1 and tuple(data.shape[1:]) == shape:
+        if single and data.shape[0] != 1:
+            raise InputError(
+                f"{name} holds a batch of {data.shape[0]} inputs; use load_samples for "
+                "batches, or save a single input"
+            )
+        return data
+    raise InputError(
+        f"{name} has shape {tuple(data.shape)} but the network expects {shape}, "
+        f"(1, *{shape}) or (N, *{shape}); reshape the array before saving it"
+    )
+
+
+def _array_samples(path: Path, ctx: _Context, *, single: bool) -> list[Sample]:
+    data = _read_array(path)
+    if not bool(torch.isfinite(data).all()):
+        bad = int((~torch.isfinite(data)).sum())
+        raise InputError(f"{path} contains {bad} NaN or inf value(s); clean the data first")
+    batch = _array_to_batch(data, ctx, str(path), single=single)
+    if ctx.raw:
+        batch = normalize_pixels(batch, mean=ctx.mean, std=ctx.std, scale=ctx.scale)
+    if single:
+        return [_finish(batch, ctx, str(path), None)]
+    return [_finish(batch[i : i + 1], ctx, f"{path}[{i}]", None) for i in range(batch.shape[0])]
+
+
+# ---------------------------------------------------------------------------------------
+# zoo references
+# ---------------------------------------------------------------------------------------
+
+
+def _split_zoo_ref(ref: str) -> tuple[ZooEntry, str] | None:
+    """``"mnist:8"`` -> (mnist entry, "8"); None when ``ref`` is not a zoo reference."""
+    if ":" not in ref:
+        return None
+    prefix, _, rest = ref.partition(":")
+    key = prefix.strip().lower()
+    if key in model_names():
+        return get_entry(key), rest.strip()
+    if Path(ref).expanduser().exists() or len(prefix) == 1:  # a path such as C:\x.png
+        return None
+    raise ZooError(
+        f"unknown sample reference {ref!r}: no zoo model {prefix!r}; references look like "
+        f"'mnist:8' or 'cifar10:test/3' (models: {', '.join(model_names())}), or give a "
+        "file path"
+    )
+
+
+def _parse_indices(spec: str, n: int, ref: str) -> list[int]:
+    if not _INDEX_SPEC.match(spec):
+        raise ZooError(
+            f"bad test-set index {spec!r} in {ref!r}; use e.g. 'test/17', 'test/0-99' or "
+            "'test/0,5,7-9'"
+        )
+    out: list[int] = []
+    for part in spec.split(","):
+        lo_s, _, hi_s = part.partition("-")
+        lo = int(lo_s)
+        hi = int(hi_s) if hi_s.strip() else lo
+        if hi < lo:
+            raise InputError(f"empty index range {part.strip()!r} in {ref!r}; write low-high")
+        if hi >= n:
+            raise InputError(
+                f"index {hi} in {ref!r} is out of range: the shipped test set has {n} images "
+                f"(indices 0-{n - 1})"
+            )
+        out.extend(range(lo, hi + 1))
+    return out
+
+
+def _testset_samples(entry: ZooEntry, spec: str | None, ref: str, ctx: _Context) -> list[Sample]:
+    if entry.name not in TESTSETS:
+        raise ZooError(
+            f"{ref!r}: there is no shipped test set for {entry.name}; test sets exist for "
+            f"{', '.join(TESTSETS)}"
+        )
+    images, labels = load_testset(entry.name)
+    indices = list(range(len(labels))) if spec is None else _parse_indices(spec, len(labels), ref)
+    own = ctx.entry is None or ctx.entry.name == entry.name
+    out = []
+    for i in indices:
+        pixels = torch.tensor(images[i : i + 1])
+        label = int(labels[i]) if own else None
+        out.append(_pixels_to_sample(pixels, ctx, f"{entry.name}:test/{i}", label))
+    return out
+
+
+def _zoo_samples(entry: ZooEntry, rest: str, ref: str, ctx: _Context, *, many: bool
+                 ) -> list[Sample]:
+    name = f"{entry.name}:{rest}"
+    own = ctx.entry is None or ctx.entry.name == entry.name
+    if rest == "test" or rest.startswith("test/"):
+        spec = rest[len("test/"):] if rest.startswith("test/") else None
+        if not many and (spec is None or not spec.strip().isdigit()):
+            raise InputError(
+                f"{ref!r} names several inputs; use load_samples, or one index such as "
+                f"'{entry.name}:test/0'"
+            )
+        return _testset_samples(entry, spec, ref, ctx)
+    if (entry.name, rest) in _IMAGE_SAMPLES:
+        relpath, label = _IMAGE_SAMPLES[(entry.name, rest)]
+        with data_path(relpath) as path:
+            pixels = _read_image(path, ctx, name)
+        return [_pixels_to_sample(pixels, ctx, name, label if own else None)]
+    if entry.name == "tiny" and rest == "x0":
+        # The paper's nominal input: torch.manual_seed(0); torch.rand(1, 3) + [-1, 2, 2].
+        gen = torch.Generator(device="cpu").manual_seed(0)
+        x = torch.rand(1, 3, generator=gen) + torch.tensor([[-1.0, 2.0, 2.0]])
+        return [_finish(x, ctx, name, None)]
+    if entry.name == "compnet" and rest == "zeros":
+        return [_finish(torch.zeros(1, 7), ctx, name, None)]
+    match = re.fullmatch(r"random(?:/(\d+))?", rest)
+    if entry.name in ("alexnet", "vgg16") and match:
+        seed = int(match.group(1) or 0)
+        shape = ctx.shape if ctx.shape is not None else entry.input_shape
+        gen = torch.Generator(device="cpu").manual_seed(seed)
+        pixels01 = torch.rand((1, *shape), generator=gen)
+        x = normalize_pixels(pixels01, mean=ctx.mean, std=ctx.std, scale=1.0)
+        return [_finish(x, ctx, name, None)]
+    known = list(entry.samples) + ([f"{entry.name}:test/N"] if entry.name in TESTSETS else [])
+    raise ZooError(
+        f"unknown sample {ref!r} for {entry.name}; known samples: {', '.join(known)}"
+    )
+
+
+# ---------------------------------------------------------------------------------------
+# public functions
+# ---------------------------------------------------------------------------------------
+
+
+def _check_ref(ref: str | Path) -> str:
+    if isinstance(ref, Path):
+        return str(ref)
+    if not isinstance(ref, str) or not ref.strip():
+        raise InputError(f"an input reference must be a non-empty string or path, got {ref!r}")
+    return ref.strip()
+
+
+def load_sample(
+    ref: str | Path,
+    *,
+    entry: ZooEntry | None = None,
+    input_shape: Sequence[int] | None = None,
+    mean: Sequence[float] | None = None,
+    std: Sequence[float] | None = None,
+    scale: float = 1 / 255,
+    raw: bool = False,
+) -> Sample:
+    """Load one nominal input.
+
+    Args:
+        ref: a zoo reference (``"mnist:8"``, ``"cifar10:dog"``, ``"mnist:test/17"``,
+            ``"tiny:x0"``, ``"compnet:zeros"``, ``"vgg16:random"``) or the path of an image
+            (.png, .jpg, ...) or array (.npy, .pt) file. See the module docstring.
+        entry: the zoo entry of the network the input is for; gives the input shape and
+            normalisation.
+        input_shape: shape of one input (overrides ``entry``), e.g. ``(1, 28, 28)``.
+        mean: per-channel normalisation mean (overrides ``entry``).
+        std: per-channel normalisation std (overrides ``entry``).
+        scale: factor applied to raw pixels before normalising (1/255 for 8-bit images).
+        raw: treat ``.npy``/``.pt`` arrays as raw pixels (scaled and normalised) instead of
+            as already-normalised inputs.
+
+    Returns:
+        A :class:`Sample` with ``x`` of shape ``(1, *input_shape)``.
+
+    Raises:
+        ZooError: unknown model prefix or sample name.
+        InputError: missing or unreadable file, index out of range, wrong shape, NaN/inf.
+
+    Example:
+        >>> load_sample("mnist:8").x.shape
+        torch.Size([1, 1, 28, 28])
+    """
+    text = _check_ref(ref)
+    zoo = _split_zoo_ref(text) if isinstance(ref, str) else None
+    ctx = _make_context(zoo[0] if zoo else None, entry, input_shape, mean, std, scale, raw)
+    if zoo is not None:
+        return _zoo_samples(zoo[0], zoo[1], text, ctx, many=False)[0]
+    path = Path(text).expanduser()
+    if not path.exists():
+        raise InputError(
+            f"input file not found: {path}. Give an existing image/.npy/.pt file or a zoo "
+            f"sample such as 'mnist:8' (models: {', '.join(model_names())})"
+        )
+    if path.is_dir():
+        raise InputError(f"{path} is a folder; use load_samples for a folder of images")
+    suffix = path.suffix.lower()
+    if suffix in IMAGE_SUFFIXES:
+        return _pixels_to_sample(_read_image(path, ctx, path.name), ctx, str(path), None)
+    if suffix in ARRAY_SUFFIXES:
+        return _array_samples(path, ctx, single=True)[0]
+    if suffix == ".csv":
+        raise InputError(f"{path} is a CSV of many inputs; use load_samples")
+    raise InputError(
+        f"unsupported input file type {suffix or '(none)'!r} for {path}; use an image "
+        f"({', '.join(sorted(IMAGE_SUFFIXES))}), .npy or .pt file"
+    )
+
+
+def load_samples(
+    ref: str | Path,
+    *,
+    entry: ZooEntry | None = None,
+    input_shape: Sequence[int] | None = None,
+    mean: Sequence[float] | None = None,
+    std: Sequence[float] | None = None,
+    scale: float = 1 / 255,
+    raw: bool = False,
+) -> list[Sample]:
+    """Load many inputs.
+
+    Args:
+        ref: one of
+            - a shipped test set or part of it: ``"mnist:test"`` (all 100 images),
+              ``"mnist:test/0-99"``, ``"cifar10:test/0,5,7-9"``;
+            - a folder: every image file in it, sorted by file name;
+            - a ``.csv`` file in the test-set format: one image a row, the label then the
+              pixel values 0-255 (row-major for one channel; pixel-interleaved (H, W, C) for
+              colour images), needs the input shape from ``entry`` or ``input_shape``;
+            - an ``.npy``/``.pt`` batch of shape ``(N, *input_shape)``;
+            - anything :func:`load_sample` accepts (giving a one-element list).
+        entry, input_shape, mean, std, scale, raw: as for :func:`load_sample`.
+
+    Returns:
+        The samples, each with ``x`` of shape ``(1, *input_shape)``.
+
+    Raises:
+        ZooError: unknown model prefix or sample name.
+        InputError: missing or unreadable files, out-of-range indices, wrong shapes, NaN/inf,
+            a folder without images.
+    """
+    text = _check_ref(ref)
+    zoo = _split_zoo_ref(text) if isinstance(ref, str) else None
+    ctx = _make_context(zoo[0] if zoo else None, entry, input_shape, mean, std, scale, raw)
+    if zoo is not None:
+        return _zoo_samples(zoo[0], zoo[1], text, ctx, many=True)
+    path = Path(text).expanduser()
+    if not path.exists():
+        raise InputError(f"input path not found: {path}")
+    if path.is_dir():
+        files = sorted(p for p in path.iterdir()
+                       if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+        if not files:
+            raise InputError(
+                f"folder {path} holds no image files ({', '.join(sorted(IMAGE_SUFFIXES))})"
+            )
+        return [_pixels_to_sample(_read_image(p, ctx, p.name), ctx, str(p), None)
+                for p in files]
+    suffix = path.suffix.lower()
+    if suffix == ".csv":
+        if ctx.shape is None:
+            raise InputError(
+                f"reading {path} needs the image shape: pass entry=... or input_shape=..."
+            )
+        images, labels = read_csv_file(path, ctx.shape)
+        return [
+            _pixels_to_sample(torch.from_numpy(images[i : i + 1]), ctx, f"{path}#{i}",
+                              int(labels[i]))
+            for i in range(len(labels))
+        ]
+    if suffix in ARRAY_SUFFIXES:
+        return _array_samples(path, ctx, single=False)
+    return [load_sample(path, entry=entry, input_shape=input_shape, mean=mean, std=std,
+                        scale=scale, raw=raw)]

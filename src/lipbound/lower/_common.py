@@ -1,0 +1,416 @@
+"""Shared machinery of the lower-bound methods: input checks, ratio evaluation, ball projection.
+
+Every lower bound is a ratio ``||C (f(x) - f(x0))|| / ||x - x0||`` attained by a concrete
+``x`` with ``0 < ||x - x0|| <= eps``. Distances are always measured in float64 on the tensors
+actually stored (so rounding of ``x0 + delta`` is accounted for), and the final value of every
+method is recomputed by :func:`ratio_at` from the witness with fresh forward passes.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from lipbound.errors import InputError
+
+logger = logging.getLogger(__name__)
+
+#: number of shrink attempts when a point lands just outside the ball through rounding
+_MAX_SHRINK = 8
+
+
+@dataclass(frozen=True)
+class Problem:
+    """Checked and normalised inputs of a lower-bound computation.
+
+    Attributes:
+        model: the network (eval mode).
+        x0: nominal input, shape ``(1, *shape)``, on the working device and dtype.
+        eps: ball radius.
+        output_map: ``C`` as a ``(k, m)`` tensor in the working dtype, or ``None``.
+        f0: ``f(x0)`` (no output map applied), shape ``(1, m)``.
+        shape: the input shape without the batch dimension.
+        dim: number of input coordinates ``d``.
+    """
+
+    model: nn.Module
+    x0: torch.Tensor
+    eps: float
+    output_map: torch.Tensor | None
+    f0: torch.Tensor
+    shape: tuple[int, ...]
+    dim: int
+
+    @property
+    def device(self) -> torch.device:
+        return self.x0.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.x0.dtype
+
+    def batch(self, flat: torch.Tensor) -> torch.Tensor:
+        """Reshape ``(n, d)`` rows into model inputs ``(n, *shape)``."""
+        return flat.reshape(flat.shape[0], *self.shape)
+
+    def mapped_difference(self, out: torch.Tensor) -> torch.Tensor:
+        """``C (f(x) - f(x0))`` for a batch of outputs, in the working dtype (differentiable)."""
+        diff = out - self.f0
+        if self.output_map is not None:
+            diff = diff @ self.output_map.T
+        return diff
+
+    def ratios(self, flat_x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """Float64 ratios of a batch of points ``flat_x`` (n, d) with outputs ``out`` (n, m).
+
+        Points at distance 0 from ``x0`` get ``-inf`` (no ratio exists there).
+        """
+        diff = out.detach().to(torch.float64) - self.f0.to(torch.float64)
+        if self.output_map is not None:
+            diff = diff @ self.output_map.to(torch.float64).T
+        num = torch.linalg.vector_norm(diff, dim=1)
+        den = distances(self.x0.reshape(1, -1), flat_x.detach())
+        r = num / den
+        return torch.where(den > 0, r, torch.full_like(r, -math.inf))
+
+
+def _param_device_dtype(model: nn.Module) -> tuple[torch.device | None, torch.dtype | None]:
+    for p in list(model.parameters()) + list(model.buffers()):
+        if p.is_floating_point():
+            return p.device, p.dtype
+    return None, None
+
+
+def check_problem(
+    model: nn.Module,
+    x0: torch.Tensor,
+    eps: float,
+    output_map: torch.Tensor | None,
+) -> Problem:
+    """Validate the common arguments and evaluate ``f(x0)``.
+
+    Raises:
+        InputError: on any invalid argument, naming the problem and the fix.
+    """
+    if not isinstance(model, nn.Module):
+        raise InputError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if model.training:
+        raise InputError(
+            "the model is in training mode (dropout / batch-norm would make f random); "
+            "call model.eval() first"
+        )
+    if not isinstance(x0, torch.Tensor):
+        raise InputError(f"x0 must be a torch.Tensor, got {type(x0).__name__}")
+    if x0.dim() < 2 or x0.shape[0] != 1:
+        raise InputError(
+            f"x0 must have a batch dimension of size 1, shape (1, *input_shape); got shape "
+            f"{tuple(x0.shape)} (use x0.unsqueeze(0) for a single unbatched input)"
+        )
+    if not x0.is_floating_point():
+        raise InputError(f"x0 must be a floating-point tensor, got dtype {x0.dtype}")
+    if not bool(torch.isfinite(x0).all()):
+        raise InputError("x0 contains NaN or infinite values")
+    try:
+        eps_f = float(eps)
+    except (TypeError, ValueError) as exc:
+        raise InputError(f"eps must be a positive real number, got {eps!r}") from exc
+    if not (math.isfinite(eps_f) and eps_f > 0):
+        raise InputError(f"eps must be a finite number > 0, got {eps!r}")
+
+    device, dtype = _param_device_dtype(model)
+    x0 = x0.detach().to(device=device or x0.device, dtype=dtype or x0.dtype)
+    shape = tuple(x0.shape[1:])
+    dim = int(x0.numel())
+
+    with torch.no_grad():
+        f0 = model(x0)
+    if not isinstance(f0, torch.Tensor) or f0.dim() != 2 or f0.shape[0] != 1:
+        got = tuple(f0.shape) if isinstance(f0, torch.Tensor) else type(f0).__name__
+        raise InputError(
+            f"the model must map a batch (N, *input_shape) to outputs (N, m); for x0 it "
+            f"returned {got} (flatten the output in the model)"
+        )
+    if not bool(torch.isfinite(f0).all()):
+        raise InputError("the model output at x0 contains NaN or infinite values")
+    m = f0.shape[1]
+
+    cmap = None
+    if output_map is not None:
+        if not isinstance(output_map, torch.Tensor):
+            raise InputError(f"output_map must be a torch.Tensor (k, m), got {type(output_map)}")
+        if output_map.dim() != 2 or output_map.shape[1] != m:
+            raise InputError(
+                f"output_map must have shape (k, {m}) to act on the model's {m} outputs; got "
+                f"{tuple(output_map.shape)}"
+            )
+        if not bool(torch.isfinite(output_map).all()):
+            raise InputError("output_map contains NaN or infinite values")
+        cmap = output_map.detach().to(device=x0.device, dtype=x0.dtype)
+    return Problem(model, x0, eps_f, cmap, f0.detach(), shape, dim)
+
+
+def check_positive_int(name: str, value: int, minimum: int = 1) -> int:
+    """Return ``value`` as an int if it is an integer ``>= minimum``, else raise InputError."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise InputError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    return value
+
+
+def distances(x0_flat: torch.Tensor, flat_x: torch.Tensor) -> torch.Tensor:
+    """Float64 Euclidean distances between rows of ``flat_x`` (n, d) and ``x0_flat`` (1, d)."""
+    return torch.linalg.vector_norm(
+        flat_x.to(torch.float64) - x0_flat.to(torch.float64), dim=1
+    )
+
+
+def place_in_ball(x0_flat: torch.Tensor, flat_x: torch.Tensor, eps: float) -> torch.Tensor:
+    """Return ``flat_x`` with every row moved so that ``||x - x0|| <= eps`` holds exactly.
+
+    Rows already inside are unchanged. Rows outside (normally only by rounding of
+    ``x0 + delta``) are pulled towards ``x0`` along ``x - x0``; after a few attempts a row
+    that still lands outside is replaced by ``x0`` itself (distance 0, which callers treat
+    as "no ratio"). Distances are measured in float64 on the stored values.
+    """
+    x = flat_x.clone()
+    for attempt in range(_MAX_SHRINK):
+        dist = distances(x0_flat, x)
+        bad = dist > eps
+        if not bool(bad.any()):
+            return x
+        scale = (eps / dist[bad]) * (1.0 - 1e-7 * 4.0**attempt)
+        delta = (x[bad].to(torch.float64) - x0_flat.to(torch.float64)) * scale[:, None]
+        x[bad] = (x0_flat.to(torch.float64) + delta).to(x.dtype)
+    bad = distances(x0_flat, x) > eps
+    if bool(bad.any()):
+        logger.warning(
+            "%d point(s) could not be placed inside the ball of radius %g in %s (eps is "
+            "below the input's rounding resolution); they were replaced by x0",
+            int(bad.sum()), eps, x.dtype,
+        )
+        x[bad] = x0_flat.to(x.dtype)
+    return x
+
+
+def ratio_at(
+    model: nn.Module,
+    x0: torch.Tensor,
+    x: torch.Tensor,
+    *,
+    output_map: torch.Tensor | None = None,
+) -> float:
+    """The ratio ``||C (f(x) - f(x0))||_2 / ||x - x0||_2``, from fresh forward passes.
+
+    The model is evaluated at ``x0`` and at ``x`` separately (batch of one each, in the
+    model's own dtype); the difference, the output map and both norms are computed in
+    float64 from those outputs.
+
+    Args:
+        model: network in eval mode, mapping ``(N, *shape)`` to ``(N, m)``.
+        x0: nominal input, shape ``(1, *shape)``.
+        x: the other point, shape ``(1, *shape)``, ``x != x0``.
+        output_map: optional ``(k, m)`` matrix ``C``.
+
+    Returns:
+        The ratio as a Python float.
+
+    Raises:
+        InputError: if shapes differ or ``x == x0``.
+    """
+    if x.shape != x0.shape:
+        raise InputError(f"x must have the shape of x0 {tuple(x0.shape)}, got {tuple(x.shape)}")
+    device, dtype = _param_device_dtype(model)
+    x0 = x0.detach().to(device=device or x0.device, dtype=dtype or x0.dtype)
+    x = x.detach().to(device=x0.device, dtype=x0.dtype)
+    den = float(distances(x0.reshape(1, -1), x.reshape(1, -1))[0])
+    if den == 0.0:
+        raise InputError("x equals x0; the ratio is undefined at distance 0")
+    with torch.no_grad():
+        f0 = model(x0).to(torch.float64)
+        fx = model(x).to(torch.float64)
+    diff = (fx - f0).reshape(-1)
+    if output_map is not None:
+        diff = output_map.detach().to(device=diff.device, dtype=torch.float64) @ diff
+    return float(torch.linalg.vector_norm(diff)) / den
+
+
+@dataclass(frozen=True)
+class Final:
+    """The chosen witness and its recomputed ratio.
+
+    Attributes:
+        value: ratio recomputed by :func:`ratio_at`.
+        witness: the point, shape ``(1, *shape)``.
+        distance: ``||witness - x0||`` in float64.
+        n_forward: forward passes spent on recomputation.
+        index: row of the winning candidate (-1 for the fallback point).
+        rounding: rough relative rounding error of ``value`` (see
+            :func:`output_rounding_error`).
+    """
+
+    value: float
+    witness: torch.Tensor
+    distance: float
+    n_forward: int
+    index: int
+    rounding: float
+
+
+def finalize(
+    prob: Problem,
+    candidates: torch.Tensor,
+    scores: torch.Tensor,
+    *,
+    top_k: int = 4,
+) -> Final:
+    """Pick the witness among candidate points by recomputing their ratios from scratch.
+
+    Args:
+        prob: the checked problem.
+        candidates: candidate points, flat ``(n, d)`` in the working dtype.
+        scores: their ratios as seen by the search (used only to pick which to recompute).
+        top_k: how many of the best-scoring candidates to recompute.
+
+    Returns:
+        The :class:`Final` choice. If no candidate is a valid point in the ball, the witness
+        is ``x0`` moved by the smallest representable step along the first coordinate.
+    """
+    x0_flat = prob.x0.reshape(1, -1)
+    cand = place_in_ball(x0_flat, candidates.detach(), prob.eps)
+    dist = distances(x0_flat, cand)
+    scores = torch.where(dist > 0, scores.to(dist.device), torch.full_like(dist, -math.inf))
+    order = torch.argsort(scores, descending=True)[: max(1, top_k)]
+    best_value, best_x, best_dist, n_fwd, best_i = -math.inf, None, 0.0, 0, -1
+    for i in order.tolist():
+        if float(dist[i]) <= 0.0:
+            continue
+        x = prob.batch(cand[i : i + 1])
+        value = ratio_at(prob.model, prob.x0, x, output_map=prob.output_map)
+        n_fwd += 2
+        if value > best_value:
+            best_value, best_x, best_dist, best_i = value, x, float(dist[i]), i
+    if best_x is None:
+        x = _smallest_step(prob)
+        best_dist = float(distances(x0_flat, x.reshape(1, -1))[0])
+        best_value = ratio_at(prob.model, prob.x0, x, output_map=prob.output_map)
+        n_fwd += 2
+        best_x = x
+    if best_value > 0:
+        rounding = output_rounding_error(prob, best_value) / (best_dist * best_value)
+    else:
+        rounding = math.inf
+    return Final(best_value, best_x, best_dist, n_fwd, best_i, rounding)
+
+
+def _smallest_step(prob: Problem) -> torch.Tensor:
+    """``x0`` with its first coordinate moved to the next representable value (fallback)."""
+    flat = prob.x0.reshape(1, -1).clone()
+    target = torch.full_like(flat[:, :1], math.inf)
+    flat[:, :1] = torch.nextafter(flat[:, :1], target)
+    if float(distances(prob.x0.reshape(1, -1), flat)[0]) > prob.eps:
+        raise InputError(
+            f"eps={prob.eps:g} is smaller than the rounding resolution of x0 in {prob.dtype}; "
+            "use a larger eps or a float64 model and input"
+        )
+    return prob.batch(flat)
+
+
+#: target relative accuracy of a ratio, by dtype: the search avoids radii below which the
+#: forward pass's rounding error could change a ratio by more than this
+_TARGET_ACCURACY = {torch.float64: 1e-10, torch.float32: 1e-3}
+
+
+def output_rounding_error(prob: Problem, lip: float) -> float:
+    """Rough size of the rounding error of ``||C(f(x) - f(x0))||`` in the model's dtype.
+
+    Model: ``4 u (||C f(x0)|| + lip ||x0||)`` with ``u`` the unit roundoff; the second
+    term covers the cancellation in the first layer (``W x`` for ``x`` near ``x0``).
+    Measured on the float32 MNIST LeNet this overestimates the error by a few times.
+    """
+    u = torch.finfo(prob.dtype).eps / 2
+    f0 = prob.f0.to(torch.float64)
+    if prob.output_map is not None:
+        f0 = f0 @ prob.output_map.to(torch.float64).T
+    x0n = float(torch.linalg.vector_norm(prob.x0.to(torch.float64)))
+    return 4.0 * u * (float(torch.linalg.vector_norm(f0)) + max(lip, 0.0) * x0n)
+
+
+def radius_floor(prob: Problem, lip: float) -> float:
+    """Smallest radius the searches visit (at most ``eps``).
+
+    Two limits: below ``32 sqrt(d) u max(1, |x0|_inf)`` rounding of ``x0 + delta`` dominates
+    the direction of ``delta``; below ``output_rounding_error / (lip * target)`` the forward
+    pass's rounding could inflate a ratio of size ``lip`` by more than the dtype's target
+    accuracy (1e-10 in float64, 1e-3 in float32) -- an optimiser would exploit that noise.
+
+    Args:
+        prob: the checked problem.
+        lip: a scale of the ratios (e.g. the Jacobian norm at ``x0``, or a lower estimate
+            of it; smaller values give a larger, safer floor).
+    """
+    finfo = torch.finfo(prob.dtype)
+    scale = max(1.0, float(prob.x0.abs().max()))
+    floor_in = 32.0 * math.sqrt(prob.dim) * finfo.eps * scale
+    target = _TARGET_ACCURACY.get(prob.dtype, 1e-2)
+    if lip > 0 and math.isfinite(lip):
+        floor_out = output_rounding_error(prob, lip) / (lip * target)
+    else:
+        floor_out = math.inf
+    return min(prob.eps, max(floor_in, floor_out))
+
+
+def gradient_scale(prob: Problem) -> float:
+    """A cheap lower estimate of ``||C J(x0)||``: ``||J^T C^T w||`` for one unit ``w``.
+
+    ``w`` is the direction of ``C f(x0)`` (or uniform if that is zero); one backward pass.
+    """
+    with torch.enable_grad():
+        x = prob.x0.detach().clone().requires_grad_(True)
+        out = prob.model(x)
+        y = out @ prob.output_map.T if prob.output_map is not None else out
+        w = y.detach()
+        n = torch.linalg.vector_norm(w)
+        w = w / n if float(n) > 0 else torch.ones_like(w) / math.sqrt(w.numel())
+        (g,) = torch.autograd.grad(y, x, grad_outputs=w)
+    return float(torch.linalg.vector_norm(g.to(torch.float64)))
+
+
+def unit_rows(v: torch.Tensor) -> torch.Tensor:
+    """Rows of ``v`` scaled to unit L2 norm (rows of zeros stay zero)."""
+    n = torch.linalg.vector_norm(v, dim=1, keepdim=True)
+    return v / torch.where(n > 0, n, torch.ones_like(n))
+
+
+def auto_batch_size(prob: Problem, n: int, target_elements: int = 2**24) -> int:
+    """A batch size keeping the largest activation of a batch near ``target_elements``.
+
+    Measures the largest per-sample tensor produced by any submodule on ``x0`` (forward
+    hooks, one extra forward pass).
+    """
+    sizes: list[int] = [prob.dim, int(prob.f0.numel())]
+
+    def hook(_m: nn.Module, _i: object, out: object) -> None:
+        if isinstance(out, torch.Tensor):
+            sizes.append(int(out.numel()))
+
+    handles = [m.register_forward_hook(hook) for m in prob.model.modules()]
+    try:
+        with torch.no_grad():
+            prob.model(prob.x0)
+    finally:
+        for h in handles:
+            h.remove()
+    return max(1, min(n, target_elements // max(sizes)))
+
+
+def make_generator(device: torch.device, seed: int) -> torch.Generator:
+    """A torch generator on ``device`` seeded with ``seed`` (global RNG state untouched)."""
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise InputError(f"seed must be an int, got {seed!r}")
+    g = torch.Generator(device=device)
+    g.manual_seed(seed)
+    return g
+

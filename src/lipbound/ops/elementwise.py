@@ -1,0 +1,57 @@
+"""Rules for layers whose linear part is diagonal or the identity: BatchNorm (eval mode),
+input normalisation, Dropout (eval mode), Identity; ReLU; and shape-only layers."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .base import DiagOp, ReLUOp, ReshapeOp
+
+
+def batchnorm_rule(module: nn.Module, name: str, in_shape, out_shape) -> DiagOp:
+    """BatchNorm in eval mode: y = γ (x - μ) / sqrt(σ² + eps) + β, a per-channel scaling."""
+    assert isinstance(module, nn.modules.batchnorm._BatchNorm)
+    if module.training:
+        raise NotImplementedError("BatchNorm in training mode (call model.eval())")
+    if not module.track_running_stats or module.running_mean is None:
+        raise NotImplementedError("BatchNorm without running statistics")
+    c = in_shape[0]
+    var = module.running_var.detach().to(torch.float64)
+    mean = module.running_mean.detach().to(torch.float64)
+    inv = 1.0 / torch.sqrt(var + module.eps)
+    gamma = (module.weight.detach().to(torch.float64) if module.weight is not None
+             else torch.ones(c, dtype=torch.float64, device=var.device))
+    beta = (module.bias.detach().to(torch.float64) if module.bias is not None
+            else torch.zeros(c, dtype=torch.float64, device=var.device))
+    scale = gamma * inv
+    shift = beta - mean * scale
+    view = (c,) + (1,) * (len(in_shape) - 1)
+    return DiagOp(name, tuple(in_shape), scale.view(view), shift.view(view))
+
+
+def normalize_rule(module: nn.Module, name: str, in_shape, out_shape) -> DiagOp:
+    """lipbound.layers.Normalize: (x - mean) / std per channel."""
+    mean = module.mean.detach().to(torch.float64)
+    std = module.std.detach().to(torch.float64)
+    scale = torch.broadcast_to(1.0 / std, in_shape)
+    shift = torch.broadcast_to(-mean / std, in_shape)
+    return DiagOp(name, tuple(in_shape), scale, shift)
+
+
+def identity_rule(module: nn.Module | None, name: str, in_shape, out_shape) -> DiagOp:
+    """Identity, and Dropout in eval mode (which is the identity)."""
+    if module is not None and isinstance(module, nn.modules.dropout._DropoutNd) \
+            and module.training:
+        raise NotImplementedError("Dropout in training mode (call model.eval())")
+    one = torch.ones((), dtype=torch.float64)
+    return DiagOp(name, tuple(in_shape), one, torch.zeros((), dtype=torch.float64))
+
+
+def relu_rule(module: nn.Module | None, name: str, in_shape, out_shape) -> ReLUOp:
+    return ReLUOp(name, in_shape, out_shape)
+
+
+def reshape_rule(module: nn.Module | None, name: str, in_shape, out_shape) -> ReshapeOp:
+    """Flatten / view / reshape: constant 1; the mask is reshaped the same way."""
+    return ReshapeOp(name, in_shape, out_shape)

@@ -1,0 +1,53 @@
+"""Rule for fully connected layers (``nn.Linear``)."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from .base import MixingOp
+
+
+class LinearOp(MixingOp):
+    """y = W x + b on a vector input of shape ``(n_in,)``."""
+
+    def __init__(self, name: str, weight: Tensor, bias: Tensor | None):
+        out_dim, in_dim = weight.shape
+        super().__init__(name, (in_dim,), (out_dim,))
+        self.weight = weight.detach().to(torch.float64).clone()
+        self.bias = (torch.zeros(out_dim, dtype=torch.float64, device=weight.device)
+                     if bias is None else bias.detach().to(torch.float64).clone())
+        self._weight_sq: Tensor | None = None
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x @ self.weight.T + self.bias
+
+    def lin(self, x: Tensor) -> Tensor:
+        return x @ self.weight.T
+
+    def lin_t(self, y: Tensor) -> Tensor:
+        return y @ self.weight
+
+    def sq_rows(self, w: Tensor) -> Tensor:
+        if self._weight_sq is None:
+            self._weight_sq = self.weight * self.weight
+        return w @ self._weight_sq.T
+
+    def dense(self) -> Tensor:
+        return self.weight
+
+    def to(self, device: torch.device) -> LinearOp:
+        super().to(device)
+        self._weight_sq = None
+        return self
+
+
+def linear_rule(module: nn.Module, name: str, in_shape, out_shape) -> LinearOp:
+    assert isinstance(module, nn.Linear)
+    if len(in_shape) != 1:
+        # nn.Linear applied to a multi-dimensional tensor acts on the last axis; not a chain
+        # element we model.
+        raise NotImplementedError(
+            f"Linear applied to a {len(in_shape)}-d per-sample tensor {tuple(in_shape)}; "
+            "flatten first")
+    return LinearOp(name, module.weight, module.bias)

@@ -1,0 +1,102 @@
+"""Registry of layer rules: which :class:`~lipbound.ops.base.Op` a module or function
+becomes. Users can add their own with :func:`register_rule`."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..layers import Normalize
+from .base import Op
+from .conv import conv2d_rule
+from .elementwise import (batchnorm_rule, identity_rule, normalize_rule, relu_rule,
+                          reshape_rule)
+from .linear import linear_rule
+from .pooling import adaptive_avgpool2d_rule, avgpool2d_rule, maxpool2d_rule
+
+Rule = Callable[..., Op]
+"""rule(module_or_None, name, in_shape, out_shape) -> Op. Raise NotImplementedError with a
+short reason when the module's configuration is not supported."""
+
+MODULE_RULES: dict[type, Rule] = {
+    nn.Linear: linear_rule,
+    nn.Conv2d: conv2d_rule,
+    nn.ReLU: relu_rule,
+    nn.MaxPool2d: maxpool2d_rule,
+    nn.AvgPool2d: avgpool2d_rule,
+    nn.AdaptiveAvgPool2d: adaptive_avgpool2d_rule,
+    nn.BatchNorm1d: batchnorm_rule,
+    nn.BatchNorm2d: batchnorm_rule,
+    nn.Dropout: identity_rule,
+    nn.Dropout1d: identity_rule,
+    nn.Dropout2d: identity_rule,
+    nn.AlphaDropout: identity_rule,
+    nn.Identity: identity_rule,
+    nn.Flatten: reshape_rule,
+    Normalize: normalize_rule,
+}
+
+
+def _module_from_call(fn, args: tuple, kwargs: dict) -> nn.Module | None:
+    """Turn a functional pooling call into the equivalent module (so one rule serves both)."""
+    if fn is F.max_pool2d:
+        names = ["kernel_size", "stride", "padding", "dilation", "ceil_mode", "return_indices"]
+        kw = dict(zip(names, args, strict=False)) | kwargs
+        return nn.MaxPool2d(**kw)
+    if fn is F.avg_pool2d:
+        names = ["kernel_size", "stride", "padding", "ceil_mode", "count_include_pad",
+                 "divisor_override"]
+        kw = dict(zip(names, args, strict=False)) | kwargs
+        return nn.AvgPool2d(**kw)
+    if fn is F.adaptive_avg_pool2d:
+        kw = dict(zip(["output_size"], args, strict=False)) | kwargs
+        return nn.AdaptiveAvgPool2d(**kw)
+    return None
+
+
+FUNCTION_RULES: dict[object, Rule] = {
+    F.relu: relu_rule,
+    torch.relu: relu_rule,
+    torch.flatten: reshape_rule,
+    torch.reshape: reshape_rule,
+    F.max_pool2d: lambda m, *a: maxpool2d_rule(m, *a),
+    F.avg_pool2d: lambda m, *a: avgpool2d_rule(m, *a),
+    F.adaptive_avg_pool2d: lambda m, *a: adaptive_avgpool2d_rule(m, *a),
+}
+
+METHOD_RULES: dict[str, Rule] = {
+    "view": reshape_rule,
+    "reshape": reshape_rule,
+    "flatten": reshape_rule,
+    "relu": relu_rule,
+    "contiguous": identity_rule,
+}
+
+# function/method targets that produce no tensor on the chain (shape queries); allowed.
+AUXILIARY_METHODS = {"size", "dim"}
+
+
+def register_rule(target: type | Callable | str, rule: Rule) -> None:
+    """Register a rule for a module class, a function, or a tensor method name.
+
+    Args:
+        target: an ``nn.Module`` subclass, a function (e.g. ``torch.tanh``), or a method name.
+        rule: ``rule(module_or_None, name, in_shape, out_shape) -> Op``; the returned op's
+            soundness is the registrant's responsibility.
+    """
+    if isinstance(target, str):
+        METHOD_RULES[target] = rule
+    elif isinstance(target, type) and issubclass(target, nn.Module):
+        MODULE_RULES[target] = rule
+    else:
+        FUNCTION_RULES[target] = rule
+
+
+def module_rule(module: nn.Module) -> Rule | None:
+    for cls in type(module).__mro__:
+        if cls in MODULE_RULES:
+            return MODULE_RULES[cls]
+    return None

@@ -1,0 +1,202 @@
+"""Paper-style figures: bound-versus-radius sweeps and per-layer factors.
+
+The figures reproduce the two kinds of plot of Avant & Morgansen, *Analytical Bounds on the
+Local Lipschitz Constants of ReLU Networks* (IEEE TNNLS 2023): Lipschitz bounds against the
+radius eps (upper bounds solid, lower bounds dashed, both axes logarithmic) and the local
+versus global factor of each layer together with the radius each layer sees.
+
+Matplotlib is imported lazily and only through its object-oriented API (``Figure`` with the
+Agg canvas), with style settings applied in a local ``rc_context``: importing or calling this
+module never switches the global backend or leaves rcParams changed.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+__all__ = ["METHOD_STYLES", "paper_style", "plot_layer_factors", "plot_sweep", "save_figure"]
+
+#: label, colour, line style and marker of each method's curve
+METHOD_STYLES: dict[str, dict[str, Any]] = {
+    "local": {"label": "local upper bound", "color": "#1f4e9c", "linestyle": "-",
+              "marker": "o"},
+    "global": {"label": "global upper bound", "color": "#222222", "linestyle": "-",
+               "marker": None},
+    "random": {"label": "random sampling (lower)", "color": "#2a9d5c", "linestyle": "--",
+               "marker": "v"},
+    "gradient": {"label": "gradient ascent (lower)", "color": "#e08a1e", "linestyle": "--",
+                 "marker": "^"},
+    "pgd": {"label": "PGD (lower)", "color": "#c0392b", "linestyle": "--", "marker": "s"},
+    "best": {"label": "best lower bound", "color": "#7d3c98", "linestyle": "--",
+             "marker": "D"},
+}
+
+_RC: dict[str, Any] = {
+    "font.family": "serif",
+    "font.serif": ["DejaVu Serif"],
+    "mathtext.fontset": "dejavuserif",
+    "font.size": 9,
+    "axes.titlesize": 10,
+    "axes.labelsize": 9,
+    "legend.fontsize": 8,
+    "xtick.labelsize": 8,
+    "ytick.labelsize": 8,
+    "axes.linewidth": 0.8,
+    "lines.linewidth": 1.6,
+    "lines.markersize": 3.5,
+    "xtick.direction": "in",
+    "ytick.direction": "in",
+    "xtick.top": True,
+    "ytick.right": True,
+    "savefig.bbox": "tight",
+    "pdf.fonttype": 42,
+}
+
+
+@contextmanager
+def paper_style() -> Iterator[None]:
+    """Apply the paper style inside a ``with`` block (restores rcParams afterwards)."""
+    import matplotlib
+
+    with matplotlib.rc_context(_RC):
+        yield
+
+
+def new_figure(width: float, height: float, nrows: int = 1, *, sharex: bool = False):
+    """A matplotlib ``Figure`` on an Agg canvas (no pyplot, no global backend change).
+
+    Returns:
+        ``(figure, axes)``; ``axes`` is a single ``Axes`` when ``nrows == 1``.
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(width, height))
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(nrows, 1, sharex=sharex)
+    return fig, axes
+
+
+def save_figure(fig, path_png: str | Path | None, path_pdf: str | Path | None = None,
+                *, dpi: int = 200) -> list[Path]:
+    """Write ``fig`` as PNG and/or PDF (parent folders are created); returns the paths."""
+    written = []
+    for path in (path_png, path_pdf):
+        if path is None:
+            continue
+        p = Path(path)
+        p.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(p, dpi=dpi)
+        written.append(p)
+    return written
+
+
+def _positive(xs: Sequence[float], ys: Sequence[float]) -> tuple[list[float], list[float]]:
+    """Keep the points a log-log plot can show (finite, > 0)."""
+    px, py = [], []
+    for x, y in zip(xs, ys, strict=True):
+        if y is not None and math.isfinite(y) and y > 0 and x > 0:
+            px.append(x)
+            py.append(y)
+    return px, py
+
+
+def plot_sweep(eps: Sequence[float], curves: dict[str, Sequence[float]], *,
+               path_png: str | Path | None, path_pdf: str | Path | None = None,
+               title: str | None = None, upper: Sequence[str] = ("local", "global"),
+               label_suffix: dict[str, str] | None = None) -> list[Path]:
+    """Plot Lipschitz bounds against the radius (Avant & Morgansen 2023, Figs. 4-7 style).
+
+    Args:
+        eps: the radii (x axis, log scale).
+        curves: method name -> one value per radius (non-positive or non-finite values are
+            left out: a log axis cannot show them).
+        path_png: PNG file to write (or ``None``).
+        path_pdf: PDF file to write (or ``None``).
+        title: figure title (network and input).
+        upper: the methods whose values are upper bounds (solid lines); all others are
+            drawn dashed as lower bounds.
+        label_suffix: optional text appended to a method's legend label (e.g. the failure
+            probability of a probabilistic bound).
+
+    Returns:
+        The paths written.
+    """
+    suffix = label_suffix or {}
+    with paper_style():
+        fig, ax = new_figure(5.6, 3.8)
+        n_marked = len(eps) <= 40
+        for name, values in curves.items():
+            style = dict(METHOD_STYLES.get(name, {"label": name, "color": None,
+                                                  "linestyle": "-", "marker": None}))
+            style["linestyle"] = "-" if name in upper else "--"
+            if not n_marked:
+                style["marker"] = None
+            label = style.pop("label") + suffix.get(name, "")
+            px, py = _positive(eps, values)
+            if not px:
+                continue
+            ax.plot(px, py, label=label, **style)
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel("ε (L2 radius)")
+        ax.set_ylabel("Lipschitz bound")
+        if title:
+            ax.set_title(title)
+        ax.grid(True, which="major", linewidth=0.4, alpha=0.5)
+        ax.grid(True, which="minor", linewidth=0.2, alpha=0.3)
+        ax.legend(frameon=False, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=2)
+        return save_figure(fig, path_png, path_pdf)
+
+
+def plot_layer_factors(names: Sequence[str], local: Sequence[float],
+                       global_: Sequence[float], radius_in: Sequence[float], *,
+                       path_png: str | Path | None, path_pdf: str | Path | None = None,
+                       title: str | None = None) -> list[Path]:
+    """Bar plot of each layer's local and global factor, and the radius each layer sees
+    (the per-layer AlexNet figure of Avant & Morgansen 2023).
+
+    Args:
+        names: one short label per layer.
+        local: local factor per layer.
+        global_: global factor per layer (``nan`` where unknown).
+        radius_in: radius of the ball each layer sees.
+        path_png, path_pdf: files to write.
+        title: figure title.
+
+    Returns:
+        The paths written.
+    """
+    n = len(names)
+    idx = list(range(n))
+    width = 0.38
+
+    def clean(vs: Sequence[float]) -> list[float]:
+        return [v if (v is not None and math.isfinite(v) and v > 0) else math.nan for v in vs]
+
+    with paper_style():
+        fig, (ax1, ax2) = new_figure(max(5.6, 0.45 * n + 2.0), 5.0, nrows=2, sharex=True)
+        ax1.bar([i - width / 2 for i in idx], clean(local), width,
+                color=METHOD_STYLES["local"]["color"], label="local factor")
+        ax1.bar([i + width / 2 for i in idx], clean(global_), width,
+                color="#9a9a9a", label="global factor")
+        ax1.set_yscale("log")
+        ax1.set_ylabel("layer Lipschitz factor")
+        ax1.axhline(1.0, color="#555555", linewidth=0.6, linestyle=":")
+        ax1.legend(frameon=False, loc="best")
+        ax1.grid(True, axis="y", which="major", linewidth=0.4, alpha=0.5)
+        if title:
+            ax1.set_title(title)
+        ax2.plot(idx, clean(radius_in), color=METHOD_STYLES["local"]["color"], marker="o",
+                 linestyle="-")
+        ax2.set_yscale("log")
+        ax2.set_ylabel("radius into layer")
+        ax2.grid(True, which="major", linewidth=0.4, alpha=0.5)
+        ax2.set_xticks(idx)
+        ax2.set_xticklabels(list(names), rotation=45, ha="right")
+        ax2.set_xlabel("layer")
+        return save_figure(fig, path_png, path_pdf)

@@ -1,0 +1,615 @@
+"""Certified L2 robustness radii from Lipschitz bounds (Avant & Morgansen, *Analytical Bounds on
+the Local Lipschitz Constants of ReLU Networks*, IEEE TNNLS 2023, section "adversarial
+radius"; method.md "Adversarial (certified) radius").
+
+A certified radius ``r`` at an input ``x0`` is a number such that the predicted class of the
+network is the same at every ``x`` with ``||x - x0||_2 <= r``. Three certificates:
+
+* ``"local"`` (the paper): the largest ``eps`` (to a relative tolerance) with
+  ``eps * L(x0, eps) < delta / sqrt(2)``, where ``L`` is the local bound of
+  :meth:`lipbound.Analyzer.local_bound` and ``delta`` the margin between the top two scores.
+* ``"margin"`` (beyond the paper): for every rival class ``j`` the local constant of the
+  scalar function ``y_c - y_j`` is bounded separately (``L_j``, from
+  :meth:`lipbound.Analyzer.local_bound_rows`) and ``eps * L_j(eps) < delta_j = y_c(x0) -
+  y_j(x0)`` is required for all ``j``. Never smaller than ``"local"`` (see
+  :func:`certified_radius`).
+* ``"global"``: ``delta / (sqrt(2) L_global)``.
+
+Every radius is measured in the model's own input space (for the zoo networks: the
+normalised space, as in the paper) and certifies the network as computed in exact
+arithmetic from its weights (the analysis runs in float64); a float32 forward pass can in
+principle disagree within float32 rounding of a tie.
+
+Example:
+    >>> from lipbound import zoo, inputs
+    >>> lm = zoo.load_model("mnist")                                     # doctest: +SKIP
+    >>> x0 = inputs.load_sample("mnist:8", entry=lm.entry).x              # doctest: +SKIP
+    >>> certified_radius(lm.model, x0).radius                             # doctest: +SKIP
+    0.06...
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+import weakref
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+from torch import Tensor, nn
+
+from .analyzer import Analyzer
+from .errors import InputError
+from .results import Guarantee, _jsonable
+from .spectral import SAFETY
+from .validation import check_eps, check_input
+
+__all__ = ["METHODS", "RadiusMethod", "RadiusResult", "certified_radius", "certified_radii"]
+
+log = logging.getLogger(__name__)
+
+RadiusMethod = Literal["local", "margin", "global"]
+METHODS: tuple[str, ...] = ("local", "margin", "global")
+
+SQRT2 = math.sqrt(2.0)
+#: relative amount by which a threshold is lowered so that a float comparison ``eps*L < T``
+#: implies the exact one (float64 products round by ~1e-16).
+_ROUND = 1e-12
+#: the search gives up above this radius by default (a network whose bound stays 0).
+DEFAULT_MAX_EPS = 1e12
+#: independent re-checks tried before a probabilistic radius is given up.
+_RECHECKS = 3
+
+
+@dataclass(frozen=True)
+class RadiusResult:
+    """A certified L2 radius: no class change within ``radius`` of ``x0``.
+
+    Attributes:
+        method: ``"local"``, ``"margin"`` or ``"global"``.
+        radius: the certified radius (0.0 when nothing could be certified, see
+            ``details["reason"]``); ``inf`` when the bound is 0 (a constant network).
+        guarantee: ``CERTIFIED`` (deterministic) or ``PROBABILISTIC`` (the Lipschitz bound
+            used holds with probability >= 1 - ``failure_prob`` over lipbound's own random
+            draws, never over the data).
+        predicted_class: the class at ``x0`` (argmax of the float64 forward pass).
+        margin: ``delta = y_c(x0) - max_{j != c} y_j(x0)``.
+        tol: requested relative tolerance of the search (``radius`` is within a factor
+            ``1 + tol`` of the largest radius the test can certify, see ``upper``).
+        n_bound_evaluations: number of Lipschitz-bound computations used.
+        seconds: wall-clock time.
+        failure_prob: failure probability of a probabilistic radius (0 if certified).
+        runner_up: the second class at ``x0`` (``None`` for a tie-free single class).
+        bound: the Lipschitz bound that certified ``radius`` (for ``"margin"``: the largest
+            ``L_j / delta_j`` ratio times ``delta``, i.e. the binding rival's scaled bound).
+        upper: the smallest radius at which the test was seen to fail (``None`` if none
+            was evaluated): the test cannot certify beyond it.
+        norm: ``"l2"``.
+        model: a name for the model.
+        notes: caveats (e.g. "seeded random weights").
+        details: method-specific facts: ``threshold``, ``binding_class``, ``evaluations``
+            (``[eps, ratio, passed]``), ``achieved_tol``, ``reason`` when the radius is 0 or
+            capped, ``rechecks``.
+    """
+
+    method: str
+    radius: float
+    guarantee: Guarantee
+    predicted_class: int
+    margin: float
+    tol: float
+    n_bound_evaluations: int
+    seconds: float
+    failure_prob: float = 0.0
+    runner_up: int | None = None
+    bound: float | None = None
+    upper: float | None = None
+    norm: str = "l2"
+    model: str | None = None
+    notes: tuple[str, ...] = ()
+    details: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-friendly dict (enums as their strings, inf/nan as strings/None)."""
+        return _jsonable({
+            "method": self.method, "radius": self.radius, "guarantee": self.guarantee,
+            "failure_prob": self.failure_prob, "predicted_class": self.predicted_class,
+            "runner_up": self.runner_up, "margin": self.margin, "tol": self.tol,
+            "bound": self.bound, "upper": self.upper,
+            "n_bound_evaluations": self.n_bound_evaluations, "seconds": self.seconds,
+            "norm": self.norm, "model": self.model, "notes": list(self.notes),
+            "details": self.details,
+        })
+
+
+# ---------------------------------------------------------------------------------- setup
+
+
+@dataclass(frozen=True)
+class _Problem:
+    """What every test at one input shares: the class, margins and thresholds."""
+
+    x0: Tensor
+    scores: Tensor          # (n,) float64 on the CPU
+    cls: int
+    runner_up: int
+    delta: float            # y_c - y_r
+    rivals: Tensor          # (n-1,) long: classes j != c
+    deltas: Tensor          # (n-1,) float64: y_c - y_j
+    t_local: float          # threshold of the sqrt(2) test
+    t_rows: Tensor          # (n-1,) thresholds of the per-rival tests
+    c_rows: Tensor          # (n-1, n) rows e_c - e_j
+
+
+def _resolve(model: nn.Module | Analyzer | None, analyzer: Analyzer | None, x0: Tensor,
+             device: Any, analyzer_kwargs: dict[str, Any]) -> Analyzer:
+    if isinstance(model, Analyzer):
+        if analyzer is not None and analyzer is not model:
+            raise InputError("pass the Analyzer either as model or as analyzer=, not two "
+                             "different ones")
+        return model
+    if analyzer is not None:
+        if not isinstance(analyzer, Analyzer):
+            raise InputError(f"analyzer must be a lipbound.Analyzer, got "
+                             f"{type(analyzer).__name__}")
+        if model is not None and analyzer.model is not model:
+            raise InputError("analyzer= was built for a different model than the one passed; "
+                             "pass the same model or build Analyzer(model, ...) for it")
+        if analyzer_kwargs or device is not None:
+            raise InputError("options for a new Analyzer (device, spectral, ...) cannot be "
+                             "combined with an existing analyzer=; set them when building it")
+        return analyzer
+    if not isinstance(model, nn.Module):
+        raise InputError(f"model must be a torch.nn.Module or a lipbound.Analyzer, got "
+                         f"{type(model).__name__}")
+    if not isinstance(x0, Tensor):
+        raise InputError(f"x0 must be a torch.Tensor, got {type(x0).__name__}")
+    if x0.dim() < 2 or x0.shape[0] != 1:
+        raise InputError(f"x0 must have a batch dimension of 1, shape (1, *input_shape), got "
+                         f"{tuple(x0.shape)}; use x0.unsqueeze(0) for one sample")
+    return Analyzer(model, tuple(x0.shape[1:]), device=device, **analyzer_kwargs)
+
+
+def _problem(an: Analyzer, x0: Tensor) -> _Problem:
+    x0 = check_input(x0, an.input_shape)
+    out_shape = tuple(an.output_shape)
+    if len(out_shape) != 1 or out_shape[0] < 2:
+        raise InputError(
+            f"a certified radius needs a model whose output is a vector of class scores of "
+            f"shape (1, n) with n >= 2; this model gives per-sample output shape "
+            f"{out_shape}. Flatten the output or return the logits of the classes")
+    with torch.no_grad():
+        y = an.forward(x0).reshape(-1).to("cpu", torch.float64)
+    if not bool(torch.isfinite(y).all()):
+        raise InputError("the model's output at x0 contains NaN/inf; check the weights and "
+                         "the input (its scale and normalisation)")
+    n = y.numel()
+    cls = int(y.argmax())
+    rivals = torch.tensor([j for j in range(n) if j != cls], dtype=torch.long)
+    deltas = y[cls] - y[rivals]
+    k = int(deltas.argmin())
+    runner_up = int(rivals[k])
+    delta = float(deltas[k])
+    # float64 rounding of the forward pass, covered by SAFETY as in the analyzer
+    slack = SAFETY * (y[cls].abs() + y[rivals].abs())
+    t_rows = (deltas - slack) * (1 - _ROUND)
+    # a class change needs (y_j - y_c) to grow by delta_j >= min_j delta_j for some j
+    t_local = float(t_rows.min()) / SQRT2 * (1 - _ROUND)
+    c_rows = torch.zeros(n - 1, n, dtype=torch.float64)
+    c_rows[:, cls] = 1.0
+    c_rows[torch.arange(n - 1), rivals] = -1.0
+    return _Problem(x0, y, cls, runner_up, delta, rivals, deltas, t_local, t_rows, c_rows)
+
+
+# ---------------------------------------------------------------------------------- tests
+
+
+@dataclass(frozen=True)
+class _Eval:
+    """One test: ``ratio = eps * L / T`` (max over rivals for ``margin``); passed iff the
+    exact float comparison ``eps * L < T`` held (for every rival)."""
+
+    eps: float
+    ok: bool
+    ratio: float
+    bound: float
+    guarantee: Guarantee
+    failure_prob: float
+    binding: int
+    from_global: bool = False
+
+
+def _test_local(an: Analyzer, pb: _Problem, eps: float) -> _Eval:
+    r = an.local_bound(pb.x0, eps)
+    lval = float(r.value)
+    prod = eps * lval
+    ok = bool(prod < pb.t_local) if math.isfinite(prod) else False
+    ratio = prod / pb.t_local if math.isfinite(prod) else math.inf
+    if ok and ratio >= 1.0:
+        ratio = math.nextafter(1.0, 0.0)
+    # the analyzer reports its (non-adaptive, cached) global bound when that is smaller
+    local_prod = math.prod(lf.local for lf in r.layers) if r.layers else lval
+    from_global = bool(r.layers) and lval < local_prod
+    return _Eval(eps, ok, ratio, lval, r.guarantee, float(r.failure_prob), pb.runner_up,
+                 from_global)
+
+
+def _test_margin(an: Analyzer, pb: _Problem, eps: float) -> _Eval:
+    rb = an.local_bound_rows(pb.x0, eps, pb.c_rows)
+    vals = rb.values.to("cpu", torch.float64)
+    prods = eps * vals
+    finite = bool(torch.isfinite(prods).all())
+    ok = finite and bool((prods < pb.t_rows).all())
+    ratios = prods / pb.t_rows
+    k = int(ratios.argmax()) if finite else 0
+    ratio = float(ratios[k]) if finite else math.inf
+    if ok and ratio >= 1.0:
+        ratio = math.nextafter(1.0, 0.0)
+    bound = float(vals[k] / pb.deltas[k] * pb.delta) if pb.delta > 0 else float(vals[k])
+    return _Eval(eps, ok, ratio, bound, rb.guarantee, float(rb.failure_prob),
+                 int(pb.rivals[k]))
+
+
+_TESTS: dict[str, Callable[[Analyzer, _Problem, float], _Eval]] = {
+    "local": _test_local, "margin": _test_margin}
+
+
+# ---------------------------------------------------------------------------------- search
+
+
+@dataclass
+class _SearchOut:
+    lo: _Eval | None
+    hi: _Eval | None
+    trace: list[_Eval]
+    status: str  # "converged", "capped", "budget", "none"
+    non_monotone: bool = False
+
+
+def _search(evaluate: Callable[[float], _Eval], start: float, tol: float, max_eps: float,
+            max_evals: int) -> _SearchOut:
+    """Largest ``eps`` that passes, to relative ``tol``, for a test whose ratio
+    ``phi(eps) = eps * L(eps) / T`` has ``phi(eps) / eps`` nondecreasing (L grows with eps).
+
+    Bracketing by fixed-point steps: from a passing ``e``, the root is at most
+    ``e / phi(e)``; from a failing ``e``, at least ``e / phi(e)`` (both because ``L`` is
+    nondecreasing). Then regula falsi on ``log phi`` against ``log eps`` (Illinois variant,
+    clamped to those implied bounds, with a minimum step of half the tolerance so that the
+    bracket always closes). Monotonicity is only used for speed: the reported point is
+    always one that passed its own test.
+    """
+    w = math.log1p(tol)
+    lo: _Eval | None = None
+    hi: _Eval | None = None
+    trace: list[_Eval] = []
+    stuck_lo = stuck_hi = 0
+    non_monotone = False
+    e = min(start, max_eps)
+    while True:
+        ev = evaluate(e)
+        trace.append(ev)
+        if ev.ok:
+            if hi is not None and ev.eps >= hi.eps:
+                non_monotone = True
+                hi = None
+            if lo is None or ev.eps > lo.eps:
+                lo = ev
+                stuck_lo, stuck_hi = 0, stuck_hi + 1
+        else:
+            if lo is not None and ev.eps <= lo.eps:
+                non_monotone = True
+            elif hi is None or ev.eps < hi.eps:
+                hi = ev
+                stuck_hi, stuck_lo = 0, stuck_lo + 1
+        if lo is not None and hi is not None and hi.eps <= lo.eps * (1 + tol):
+            return _SearchOut(lo, hi, trace, "converged", non_monotone)
+        if lo is not None and lo.eps >= max_eps:
+            return _SearchOut(lo, hi, trace, "capped", non_monotone)
+        if len(trace) >= max_evals:
+            return _SearchOut(lo, hi, trace, "budget", non_monotone)
+        if lo is None:
+            if hi is None:  # unreachable: every evaluation sets lo or hi
+                return _SearchOut(None, None, trace, "none", non_monotone)
+            if math.isfinite(hi.ratio) and hi.ratio > 0:
+                e = hi.eps / hi.ratio * (1 - 1e-9)
+            else:
+                e = hi.eps * 1e-3
+            e = min(e, hi.eps / (1 + tol))
+            if e < 1e-300:
+                return _SearchOut(None, hi, trace, "none", non_monotone)
+        elif hi is None:
+            e = lo.eps / lo.ratio * (1 + 1e-9) if lo.ratio > 0 else lo.eps * 1e3
+            e = min(max(e, lo.eps * (1 + tol)), max_eps)
+        else:
+            ul, uh = math.log(lo.eps), math.log(hi.eps)
+            a, b = ul, uh
+            if math.isfinite(hi.ratio) and hi.ratio > 0:
+                a = max(a, uh - math.log(hi.ratio))
+            if lo.ratio > 0:
+                b = min(b, ul - math.log(lo.ratio))
+            if a >= b:  # bounds inconsistent (the bound was not monotone here)
+                a, b = ul, uh
+            if lo.ratio > 0 and math.isfinite(hi.ratio) and hi.ratio > 0:
+                pl = math.log(lo.ratio) * 0.5 ** max(0, stuck_lo - 1)
+                ph = math.log(hi.ratio) * 0.5 ** max(0, stuck_hi - 1)
+                u = ul - pl * (uh - ul) / (ph - pl) if ph > pl else 0.5 * (a + b)
+            else:
+                u = 0.5 * (a + b)
+            u = min(max(u, a), b)
+            u = min(max(u, ul + w / 2), uh - w / 2)
+            e = math.exp(u)
+
+
+# ---------------------------------------------------------------------------------- checks
+
+_TWINS: weakref.WeakKeyDictionary[Analyzer, dict[int, Analyzer]] = weakref.WeakKeyDictionary()
+
+
+def _twin(an: Analyzer, k: int) -> Analyzer:
+    """An analyzer of the same model whose random draws are independent of ``an``'s (and of
+    the other twins'): used to re-check a probabilistic radius chosen by an adaptive search."""
+    twins = _TWINS.setdefault(an, {})
+    if k not in twins:
+        twins[k] = Analyzer(an.model, an.input_shape, device=an.device, spectral=an.spectral,
+                            lanczos_steps=an.lanczos_steps, failure_prob=an.failure_prob,
+                            seed=an.seed + 1_000_003 * k, name=an.name, notes=an.notes)
+    return twins[k]
+
+
+def _recheck(an: Analyzer, test: Callable[[Analyzer, _Problem, float], _Eval], pb: _Problem,
+             ev: _Eval) -> tuple[_Eval | None, list[dict[str, Any]], int]:
+    """Make a probabilistic certificate rigorous: the search chose ``ev.eps`` using the same
+    random draws that produced the bound there, so the bound's failure probability does not
+    apply to it as such. A fresh analyzer whose draws are independent of that choice tests
+    ``eps`` again; if it fails, ``eps`` is lowered by its fixed-point step and the next
+    (again independent) twin tests that. Returns (passing eval or None, log, evaluations)."""
+    done: list[dict[str, Any]] = []
+    eps = ev.eps
+    n = 0
+    for k in range(1, _RECHECKS + 1):
+        ch = test(_twin(an, k), pb, eps)
+        n += 1
+        done.append({"seed_offset": k, "eps": eps, "ratio": ch.ratio, "passed": ch.ok,
+                     "guarantee": ch.guarantee.value})
+        if ch.ok:
+            return ch, done, n
+        if not (math.isfinite(ch.ratio) and ch.ratio > 0):
+            break
+        eps = eps / ch.ratio * (1 - 1e-9)
+    return None, done, n
+
+
+# ---------------------------------------------------------------------------------- API
+
+
+def _zero(method: str, pb: _Problem, tol: float, t0: float, an: Analyzer, reason: str,
+          n: int = 0, extra: dict[str, Any] | None = None) -> RadiusResult:
+    log.info("certified radius (%s): 0 (%s)", method, reason)
+    det = {"reason": reason, **(extra or {})}
+    return RadiusResult(method, 0.0, Guarantee.CERTIFIED, pb.cls, pb.delta, tol, n,
+                        time.perf_counter() - t0, runner_up=pb.runner_up, model=an.name,
+                        notes=an.notes, details=det)
+
+
+def _global_radius(an: Analyzer, pb: _Problem, tol: float, t0: float,
+                   max_eps: float) -> RadiusResult:
+    g = an.global_bound()
+    lg = float(g.value)
+    det: dict[str, Any] = {"threshold": pb.t_local, "global_bound": lg}
+    if lg <= 0:
+        r = math.inf
+    else:
+        r = pb.t_local / lg
+        while r > 0 and not r * lg < pb.t_local:  # strict inequality in floats
+            r = math.nextafter(r, 0.0)
+    if r > max_eps:
+        r = max_eps
+        det["reason"] = f"capped at max_eps={max_eps:g}"
+    fp = float(g.failure_prob) if g.guarantee == Guarantee.PROBABILISTIC else 0.0
+    return RadiusResult("global", r, g.guarantee, pb.cls, pb.delta, tol, 1,
+                        time.perf_counter() - t0, failure_prob=fp, runner_up=pb.runner_up,
+                        bound=lg, upper=None, model=an.name, notes=an.notes, details=det)
+
+
+def certified_radius(model: nn.Module | Analyzer | None, x0: Tensor, *,
+                     analyzer: Analyzer | None = None, method: RadiusMethod = "local",
+                     tol: float = 1e-3, max_eps: float | None = None,
+                     start: float | None = None, max_evaluations: int = 60,
+                     device: str | torch.device | None = None,
+                     **analyzer_kwargs: Any) -> RadiusResult:
+    """Certified L2 radius around ``x0``: no ``x`` with ``||x - x0|| <= radius`` changes the
+    predicted class (Avant & Morgansen 2023, "adversarial radius").
+
+    Let ``y = f(x0)``, ``c`` its top class and ``delta = y_c - max_{j != c} y_j``.
+
+    * ``"local"`` -- changing the top class needs an output change of L2 size at least
+      ``delta / sqrt(2)``, so ``eps * L(x0, eps) < delta / sqrt(2)`` certifies the ball of
+      radius ``eps`` (``L``: :meth:`Analyzer.local_bound`). ``L`` grows with ``eps``, so the
+      largest such ``eps`` is found by bracketing and a safeguarded bisection (regula falsi
+      on ``log(eps L / T)`` against ``log eps``); the reported radius is an ``eps`` that
+      passed the test and ``upper`` (a failing ``eps``) is within a factor ``1 + tol``.
+    * ``"margin"`` -- for each rival ``j``, ``g_j(x) = y_c(x) - y_j(x) = (e_c - e_j)^T f(x)``
+      stays positive in the ball if ``eps * L_j(eps) < delta_j = g_j(x0)``, where ``L_j``
+      bounds the local constant of ``g_j`` (:meth:`Analyzer.local_bound_rows`: all rivals in
+      one pass, the last layer's factor being the exact vector norm
+      ``||(e_c - e_j)^T A D||``). The class cannot change if this holds for every ``j``.
+
+      Why it is never smaller than ``"local"``: both share the factors of all layers but the
+      last (the prefix ``P``). With the last layer's masked matrix ``A D``,
+      ``L_j = P ||(e_c - e_j)^T A D|| <= P ||e_c - e_j|| ||A D|| = sqrt(2) L`` (rows of
+      ``A D`` that cannot move are zero, so ``||A D||`` equals the last factor of ``L``), and
+      ``delta_j >= delta`` (``delta`` is the smallest ``delta_j``). Hence
+      ``eps L_j / delta_j <= sqrt(2) eps L / delta``: every ``eps`` that passes the
+      ``sqrt(2)`` test passes the margin test, so its largest passing ``eps`` is at least
+      as large (up to ``tol``). Exceptions in floating point: when ``L`` was replaced by
+      the (smaller) global bound, and when Lanczos estimates in the prefix differ between
+      the two computations; the tests measure both.
+    * ``"global"`` -- ``delta / (sqrt(2) L_global)``, lowered by rounding so that the strict
+      inequality holds in floats.
+
+    Probabilistic bounds: when the bound that certified the radius is probabilistic (Lanczos
+    spectral norms), the search has picked ``eps`` using the same random draws, so the
+    radius is re-tested by an analyzer with fresh, independent draws (and lowered by a
+    fixed-point step if that test fails); the reported ``failure_prob`` is that test's.
+    Deterministic (``CERTIFIED``) bounds need no re-check.
+
+    Args:
+        model: the classifier (eval mode, ``(N, *input_shape) -> (N, n_classes)``) or an
+            :class:`Analyzer` of it.
+        x0: the input, shape ``(1, *input_shape)``.
+        analyzer: an :class:`Analyzer` of ``model`` to reuse (its caches make repeated
+            calls fast); built when ``None``.
+        method: ``"local"`` (default), ``"margin"`` or ``"global"``.
+        tol: relative tolerance of the search, in ``(0, 1)``.
+        max_eps: largest radius searched (default ``1e12``); a radius that passes there is
+            reported as ``max_eps`` with ``details["reason"]``.
+        start: first radius tried (e.g. a known certified radius); default: a tiny radius
+            ``1e-6 * max(1, ||x0||)``.
+        max_evaluations: budget of bound computations for the search.
+        device: device of a new analyzer (``None``/``"auto"``: the model's).
+        **analyzer_kwargs: options of a new :class:`Analyzer` (``spectral``,
+            ``lanczos_steps``, ``failure_prob``, ``seed``, ``name``, ``notes``).
+
+    Returns:
+        A :class:`RadiusResult`. At a tie between the top two classes (or a margin within
+        float64 rounding of one) the radius is 0.0 and ``details["reason"]`` says why.
+
+    Raises:
+        InputError: on a non-finite or wrongly shaped ``x0``, a model whose output is not a
+            vector of at least two class scores, NaN/inf scores, or invalid options.
+    """
+    t0 = time.perf_counter()
+    if method not in METHODS:
+        raise InputError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
+    tol = _check_tol(tol)
+    cap = DEFAULT_MAX_EPS if max_eps is None else check_eps(max_eps, "max_eps")
+    if start is not None:
+        start = check_eps(start, "start")
+    if not isinstance(max_evaluations, int) or max_evaluations < 2:
+        raise InputError(f"max_evaluations must be an integer >= 2, got {max_evaluations!r}")
+    an = _resolve(model, analyzer, x0, device, analyzer_kwargs)
+    pb = _problem(an, x0)
+    return _certify(an, pb, method, tol, cap, start, max_evaluations, t0)
+
+
+def _check_tol(tol: float) -> float:
+    try:
+        t = float(tol)
+    except (TypeError, ValueError) as exc:
+        raise InputError(f"tol must be a number in (0, 1), got {tol!r}") from exc
+    if not 0 < t < 1:
+        raise InputError(f"tol must be a relative tolerance in (0, 1), got {tol!r}; "
+                         "e.g. 1e-3 for 0.1 %")
+    return t
+
+
+def _certify(an: Analyzer, pb: _Problem, method: str, tol: float, cap: float,
+             start: float | None, max_evals: int, t0: float) -> RadiusResult:
+    if method == "global":
+        if pb.t_local <= 0:
+            return _zero(method, pb, tol, t0, an, _tie_reason(pb))
+        return _global_radius(an, pb, tol, t0, cap)
+    if pb.t_local <= 0 or float(pb.t_rows.min()) <= 0:
+        return _zero(method, pb, tol, t0, an, _tie_reason(pb))
+    test = _TESTS[method]
+    if start is None:
+        start = 1e-6 * max(1.0, float(pb.x0.double().norm()))
+    out = _search(lambda e: test(an, pb, e), start, tol, cap, max_evals)
+    n = len(out.trace)
+    det: dict[str, Any] = {
+        "threshold": pb.t_local if method == "local" else None,
+        "start": start,
+        "evaluations": [[ev.eps, ev.ratio, ev.ok] for ev in out.trace],
+        "search": out.status,
+    }
+    if out.non_monotone:
+        det["non_monotone"] = True
+    if out.lo is None:
+        return _zero(method, pb, tol, t0, an, "no radius passed the test down to 1e-300 "
+                     "(the bound is infinite or NaN)", n, det)
+    final = out.lo
+    if final.guarantee == Guarantee.PROBABILISTIC and not final.from_global:
+        chk, rlog, nr = _recheck(an, test, pb, final)
+        n += nr
+        det["rechecks"] = rlog
+        if chk is None:
+            return _zero(method, pb, tol, t0, an, "independent re-checks of the probabilistic "
+                         "bound did not confirm any radius", n, det)
+        final = chk
+    hi = out.hi
+    upper = hi.eps if hi is not None else None
+    if upper is not None:
+        det["achieved_tol"] = upper / final.eps - 1
+    if out.status == "capped":
+        det["reason"] = f"the test passes at max_eps={cap:g}; the radius is at least this"
+    elif out.status == "budget":
+        det["reason"] = (f"stopped after {max_evals} evaluations before reaching tol={tol:g}"
+                         "; the radius is certified but may not be the largest")
+    det["binding_class"] = final.binding
+    fp = final.failure_prob if final.guarantee == Guarantee.PROBABILISTIC else 0.0
+    res = RadiusResult(method, final.eps, final.guarantee, pb.cls, pb.delta, tol, n,
+                       time.perf_counter() - t0, failure_prob=fp, runner_up=pb.runner_up,
+                       bound=final.bound, upper=upper, model=an.name, notes=an.notes,
+                       details=det)
+    log.info("certified radius (%s): %.6g after %d bound evaluations (%.2f s)", method,
+             res.radius, n, res.seconds)
+    return res
+
+
+def _tie_reason(pb: _Problem) -> str:
+    if pb.delta <= 0:
+        return (f"tie: classes {pb.cls} and {pb.runner_up} have the same score at x0, so x0 "
+                "lies on a decision boundary and no radius can be certified")
+    return (f"the margin {pb.delta:.3g} between classes {pb.cls} and {pb.runner_up} is within "
+            "float64 rounding of a tie: x0 is (numerically) on a decision boundary")
+
+
+def certified_radii(model: nn.Module | Analyzer | None, x0: Tensor, *,
+                    methods: Sequence[str] = METHODS, analyzer: Analyzer | None = None,
+                    tol: float = 1e-3, max_eps: float | None = None,
+                    max_evaluations: int = 60, device: str | torch.device | None = None,
+                    **analyzer_kwargs: Any) -> list[RadiusResult]:
+    """Several certificates at one input, sharing one analyzer and each other's results:
+    the global radius (if asked) starts the local search, and the local radius starts the
+    margin search (it passes the margin test, see :func:`certified_radius`).
+
+    Args: as :func:`certified_radius`; ``methods`` is any subset of ``METHODS``.
+
+    Returns:
+        One :class:`RadiusResult` per method, in the order given.
+    """
+    t0 = time.perf_counter()
+    if isinstance(methods, str):
+        methods = (methods,)
+    bad = [m for m in methods if m not in METHODS]
+    if bad or not methods:
+        raise InputError(f"methods must be a non-empty subset of {', '.join(METHODS)}, got "
+                         f"{list(methods)!r}")
+    tol = _check_tol(tol)
+    cap = DEFAULT_MAX_EPS if max_eps is None else check_eps(max_eps, "max_eps")
+    an = _resolve(model, analyzer, x0, device, analyzer_kwargs)
+    pb = _problem(an, x0)
+    done: dict[str, RadiusResult] = {}
+    order = [m for m in ("global", "local", "margin") if m in methods]
+    for m in order:
+        t1 = time.perf_counter()
+        start = None
+        if m == "local" and "global" in done and 0 < done["global"].radius < math.inf:
+            start = done["global"].radius
+        if m == "margin" and "local" in done and 0 < done["local"].radius < math.inf:
+            start = done["local"].radius
+        done[m] = _certify(an, pb, m, tol, cap, start, max_evaluations, t1)
+    del t0
+    return [done[m] for m in methods]
+
+
+def best(results: Sequence[RadiusResult]) -> RadiusResult | None:
+    """The result with the largest radius (ties: the first), or ``None`` for no results."""
+    out = None
+    for r in results:
+        if out is None or r.radius > out.radius:
+            out = r
+    return out

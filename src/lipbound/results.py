@@ -1,0 +1,142 @@
+"""Typed, frozen result objects. Each says what its number is and what guarantee it carries."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from enum import Enum
+from typing import Any
+
+
+class Guarantee(str, Enum):
+    """What a reported number is.
+
+    * ``EXACT`` -- the true value (up to float64 rounding, covered by a stated margin).
+    * ``CERTIFIED`` -- a deterministic upper bound: always >= the true value.
+    * ``PROBABILISTIC`` -- an upper bound that holds with probability >= 1 - failure_prob
+      over the algorithm's own random draws (never over the data).
+    * ``LOWER`` -- an empirical lower bound, attained by a concrete witness input.
+    * ``ESTIMATE`` -- neither a bound nor exact (e.g. raw power iteration, greedy SeqLip).
+    * ``ATTACK`` -- the size of a verified class-changing perturbation (an upper bound on
+      the minimal adversarial perturbation, found by an attack).
+    """
+
+    EXACT = "exact"
+    CERTIFIED = "certified upper bound"
+    PROBABILISTIC = "probabilistic upper bound"
+    LOWER = "empirical lower bound"
+    ESTIMATE = "estimate"
+    ATTACK = "attack (verified adversarial example)"
+
+    @property
+    def is_upper_bound(self) -> bool:
+        return self in (Guarantee.EXACT, Guarantee.CERTIFIED, Guarantee.PROBABILISTIC)
+
+
+def combine_guarantees(gs: list[Guarantee]) -> Guarantee:
+    """Guarantee of a product/composition of upper bounds: the weakest of its parts."""
+    order = [Guarantee.EXACT, Guarantee.CERTIFIED, Guarantee.PROBABILISTIC, Guarantee.ESTIMATE]
+    worst = Guarantee.EXACT
+    for g in gs:
+        if g not in order:
+            raise ValueError(f"cannot compose guarantee {g!r} into an upper bound")
+        if order.index(g) > order.index(worst):
+            worst = g
+    return worst
+
+
+def _jsonable(v: Any) -> Any:
+    if isinstance(v, Enum):
+        return v.value
+    if isinstance(v, float) and not math.isfinite(v):
+        return None if math.isnan(v) else ("inf" if v > 0 else "-inf")
+    if isinstance(v, dict):
+        return {k: _jsonable(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_jsonable(x) for x in v]
+    return v
+
+
+@dataclass(frozen=True)
+class LayerFactor:
+    """One layer's contribution to a bound.
+
+    Attributes:
+        index: position in the chain of analysed layers (0-based).
+        name: where the layer sits in the model (module path(s)).
+        kind: e.g. ``"affine-relu"``, ``"affine"``, ``"maxpool"``, ``"relu"``.
+        local: the layer's local factor (upper bound on its local constant at this radius),
+            or ``nan`` for a global-only computation.
+        global_factor: the layer's global factor (upper bound on its global constant).
+        radius_in: the radius of the ball this layer sees (eps_k), ``nan`` for global.
+        guarantee: guarantee of the factor that entered the product.
+        failure_prob: probability that ``local``/``global_factor`` is not an upper bound
+            (0 for deterministic methods).
+        spectral_method: how the spectral norm was obtained (``"svd"``, ``"lanczos"``,
+            ``"closed-form"``, ``"fft"``, ...).
+        active_in: number of input coordinates that can move (mask D).
+        active_out: number of outputs that can move.
+    """
+
+    index: int
+    name: str
+    kind: str
+    local: float
+    global_factor: float
+    radius_in: float
+    guarantee: Guarantee
+    failure_prob: float = 0.0
+    spectral_method: str = ""
+    active_in: int = -1
+    active_out: int = -1
+
+    def to_dict(self) -> dict[str, Any]:
+        return _jsonable(asdict(self))
+
+
+@dataclass(frozen=True)
+class BoundResult:
+    """A Lipschitz upper bound (or exact value / estimate, as ``guarantee`` says).
+
+    Attributes:
+        value: the number.
+        guarantee: see :class:`Guarantee`.
+        method: ``"local"``, ``"global"`` or a baseline's name.
+        quantity: what is bounded, in words.
+        eps: the radius of the L2 ball (``None`` for a global bound).
+        seconds: wall-clock time of the computation.
+        layers: per-layer factors (empty when the method has none).
+        failure_prob: probability (over the algorithm's random draws) that a probabilistic
+            bound fails; 0 for deterministic guarantees.
+        norm: the norm on input and output (``"l2"`` unless said).
+        model: a name for the model, when known.
+        notes: free-text caveats (e.g. "seeded random weights").
+    """
+
+    value: float
+    guarantee: Guarantee
+    method: str
+    quantity: str
+    eps: float | None
+    seconds: float
+    layers: tuple[LayerFactor, ...] = ()
+    failure_prob: float = 0.0
+    norm: str = "l2"
+    model: str | None = None
+    notes: tuple[str, ...] = field(default_factory=tuple)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = {
+            "value": self.value,
+            "guarantee": self.guarantee,
+            "method": self.method,
+            "quantity": self.quantity,
+            "eps": self.eps,
+            "seconds": self.seconds,
+            "failure_prob": self.failure_prob,
+            "norm": self.norm,
+            "model": self.model,
+            "notes": list(self.notes),
+            "layers": [lf.to_dict() for lf in self.layers],
+        }
+        return _jsonable(d)

@@ -1,0 +1,443 @@
+"""Bounds as a function of the radius: the eps sweeps of Avant & Morgansen (IEEE TNNLS 2023).
+
+:func:`sweep` computes, for each radius ``eps`` of a grid, the local upper bound of
+Avant & Morgansen (*Analytical Bounds on the Local Lipschitz Constants of ReLU Networks*,
+IEEE TNNLS 2023), the global upper bound, and empirical lower bounds (random sampling,
+gradient ascent, PGD; :mod:`lipbound.lower`) of the local Lipschitz constant relative to
+``x0``. One :class:`~lipbound.analyzer.Analyzer` serves every radius, so the traced graph,
+the per-layer global factors (computed once) and the Lanczos warm starts are shared.
+
+Example:
+    >>> from lipbound import zoo
+    >>> from lipbound.inputs import load_sample
+    >>> lm = zoo.load_model("mnist")                                   # doctest: +SKIP
+    >>> x0 = load_sample("mnist:8").x                                  # doctest: +SKIP
+    >>> res = sweep(lm.model, x0, default_eps_range("mnist", 10))      # doctest: +SKIP
+    >>> res.to_csv("sweep.csv"); res.plot("sweep.png", "sweep.pdf")   # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import copy
+import csv
+import json
+import logging
+import math
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from enum import Enum
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .analyzer import Analyzer
+from .errors import InputError
+from .results import Guarantee
+from .validation import check_eps, check_input
+
+__all__ = [
+    "ALL_METHODS",
+    "DEFAULT_METHODS",
+    "LOWER_METHODS",
+    "UPPER_METHODS",
+    "SweepPoint",
+    "SweepResult",
+    "SweepRow",
+    "default_eps_range",
+    "eps_grid",
+    "parse_methods",
+    "sweep",
+]
+
+log = logging.getLogger(__name__)
+
+#: methods whose values are upper bounds (solid lines in the plot)
+UPPER_METHODS: tuple[str, ...] = ("local", "global")
+#: methods whose values are empirical lower bounds (dashed lines)
+LOWER_METHODS: tuple[str, ...] = ("random", "gradient", "pgd", "best")
+ALL_METHODS: tuple[str, ...] = UPPER_METHODS + LOWER_METHODS
+DEFAULT_METHODS: tuple[str, ...] = ("local", "global", "random", "gradient", "pgd")
+
+
+def _jsonable(v: Any) -> Any:
+    if isinstance(v, Enum):
+        return v.value
+    if isinstance(v, float) and not math.isfinite(v):
+        return None if math.isnan(v) else ("inf" if v > 0 else "-inf")
+    if isinstance(v, dict):
+        return {str(k): _jsonable(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_jsonable(x) for x in v]
+    return v
+
+
+@dataclass(frozen=True)
+class SweepPoint:
+    """One method's value at one radius.
+
+    Attributes:
+        method: ``"local"``, ``"global"``, ``"random"``, ``"gradient"``, ``"pgd"`` or
+            ``"best"``.
+        value: the bound.
+        guarantee: what the value is (upper bound kinds, or ``LOWER`` for a value attained
+            by a witness input).
+        seconds: wall-clock time of this computation (the global bound is computed once:
+            its first row carries the cost, later rows only the cache lookup).
+        failure_prob: failure probability of a probabilistic upper bound (else 0).
+        details: extra facts (e.g. ``witness_distance`` of a lower bound).
+    """
+
+    method: str
+    value: float
+    guarantee: Guarantee
+    seconds: float
+    failure_prob: float = 0.0
+    details: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return _jsonable({"method": self.method, "value": self.value,
+                          "guarantee": self.guarantee, "seconds": self.seconds,
+                          "failure_prob": self.failure_prob, "details": self.details})
+
+
+@dataclass(frozen=True)
+class SweepRow:
+    """All methods at one radius ``eps``."""
+
+    eps: float
+    points: tuple[SweepPoint, ...]
+
+    def __getitem__(self, method: str) -> SweepPoint:
+        for p in self.points:
+            if p.method == method:
+                return p
+        raise KeyError(f"method {method!r} not in this sweep "
+                       f"(has {', '.join(p.method for p in self.points)})")
+
+    @property
+    def methods(self) -> tuple[str, ...]:
+        return tuple(p.method for p in self.points)
+
+
+@dataclass(frozen=True)
+class SweepResult:
+    """Bounds of every method over a grid of radii.
+
+    Attributes:
+        model: name of the network.
+        input_name: name of the nominal input ``x0``.
+        methods: the methods, in column order.
+        rows: one :class:`SweepRow` per radius, in the order given.
+        seconds: total wall-clock time of the sweep.
+        settings: parameters of the computation (lower-bound budgets, seed, spectral mode,
+            failure probability, dtype of the lower bounds).
+        notes: caveats (e.g. "seeded random weights").
+    """
+
+    model: str
+    input_name: str
+    methods: tuple[str, ...]
+    rows: tuple[SweepRow, ...]
+    seconds: float
+    settings: dict[str, Any] = field(default_factory=dict)
+    notes: tuple[str, ...] = ()
+
+    @property
+    def eps(self) -> list[float]:
+        """The radii, in row order."""
+        return [r.eps for r in self.rows]
+
+    def values(self, method: str) -> list[float]:
+        """The values of one method, in row order."""
+        return [r[method].value for r in self.rows]
+
+    def columns(self) -> list[str]:
+        """CSV header: ``eps``, then ``<m>_value, <m>_guarantee, <m>_seconds`` per method."""
+        cols = ["eps"]
+        for m in self.methods:
+            cols += [f"{m}_value", f"{m}_guarantee", f"{m}_seconds"]
+        return cols
+
+    def violations(self) -> list[str]:
+        """Orderings that soundness requires but the numbers break (should be empty).
+
+        Checks, at every radius, ``lower <= local upper <= global upper`` for the methods
+        present. A non-empty list means a bug (or a probabilistic bound that failed).
+        """
+        out = []
+        for r in self.rows:
+            uppers = [p for p in r.points if p.guarantee.is_upper_bound]
+            lowers = [p for p in r.points if p.guarantee == Guarantee.LOWER]
+            for lo in lowers:
+                for up in uppers:
+                    if lo.value > up.value:
+                        out.append(f"eps={r.eps:g}: {lo.method} lower bound {lo.value:.6g} > "
+                                   f"{up.method} upper bound {up.value:.6g}")
+            if "local" in r.methods and "global" in r.methods and \
+                    r["local"].value > r["global"].value:
+                out.append(f"eps={r.eps:g}: local {r['local'].value:.6g} > global "
+                           f"{r['global'].value:.6g}")
+        return out
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-friendly dict with every row, the settings and the notes."""
+        return _jsonable({
+            "model": self.model,
+            "input": self.input_name,
+            "methods": list(self.methods),
+            "seconds": self.seconds,
+            "settings": self.settings,
+            "notes": list(self.notes),
+            "rows": [{"eps": r.eps, **{p.method: p.to_dict() for p in r.points}}
+                     for r in self.rows],
+        })
+
+    def to_csv(self, path: str | Path) -> Path:
+        """Write one row per radius with the columns of :meth:`columns`."""
+        p = Path(path)
+        p.parent.mkdir(parents=True, exist_ok=True)
+        with p.open("w", newline="") as fh:
+            w = csv.writer(fh)
+            w.writerow(self.columns())
+            for r in self.rows:
+                line: list[Any] = [repr(r.eps)]
+                for m in self.methods:
+                    pt = r[m]
+                    line += [repr(float(pt.value)), pt.guarantee.value,
+                             f"{pt.seconds:.6f}"]
+                w.writerow(line)
+        return p
+
+    def to_json(self, path: str | Path) -> Path:
+        """Write :meth:`to_dict` as JSON."""
+        p = Path(path)
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+        return p
+
+    def title(self) -> str:
+        return f"{self.model}, input {self.input_name}"
+
+    def plot(self, path_png: str | Path | None, path_pdf: str | Path | None = None,
+             title: str | None = None) -> list[Path]:
+        """Paper-style figure: bounds against eps on log-log axes, upper bounds solid and
+        lower bounds dashed; probabilistic upper bounds say their failure probability in
+        the legend. Returns the paths written."""
+        from .plotting import plot_sweep
+
+        curves = {m: self.values(m) for m in self.methods}
+        suffix = {}
+        for m in self.methods:
+            pts = [r[m] for r in self.rows]
+            if any(p.guarantee == Guarantee.PROBABILISTIC for p in pts):
+                fp = max(p.failure_prob for p in pts)
+                suffix[m] = f" (prob., p_fail ≤ {fp:.0e})"
+        return plot_sweep(self.eps, curves, path_png=path_png, path_pdf=path_pdf,
+                          title=title if title is not None else self.title(),
+                          upper=[m for m in self.methods if m in UPPER_METHODS],
+                          label_suffix=suffix)
+
+
+def eps_grid(eps_min: float, eps_max: float, points: int) -> list[float]:
+    """``points`` radii spaced evenly in log scale from ``eps_min`` to ``eps_max``
+    (one radius, ``eps_min``, when ``points == 1`` or the two are equal).
+
+    Raises:
+        InputError: unless ``0 < eps_min <= eps_max`` (finite) and ``points >= 1``.
+    """
+    lo = check_eps(eps_min, "eps_min")
+    hi = check_eps(eps_max, "eps_max")
+    if isinstance(points, bool) or not isinstance(points, int) or points < 1:
+        raise InputError(f"points must be an integer >= 1, got {points!r}")
+    if lo > hi:
+        raise InputError(f"eps_min ({lo:g}) must be <= eps_max ({hi:g}); swap them")
+    if points == 1 or lo == hi:
+        return [lo]
+    a, b = math.log10(lo), math.log10(hi)
+    out = [10 ** (a + (b - a) * i / (points - 1)) for i in range(points)]
+    out[0], out[-1] = lo, hi
+    return out
+
+
+def default_eps_range(model_name: str, points: int = 30) -> list[float]:
+    """The paper's radii for a zoo network (``ZooEntry.eps_range``), log-spaced.
+
+    Args:
+        model_name: a zoo name (``"tiny"``, ``"compnet"``, ``"mnist"``, ``"cifar10"``,
+            ``"alexnet"``, ``"vgg16"``).
+        points: number of radii.
+
+    Raises:
+        ZooError: for an unknown name.
+    """
+    from .zoo.registry import get_entry
+
+    lo, hi = get_entry(model_name).eps_range
+    return eps_grid(lo, hi, points)
+
+
+def parse_methods(methods: str | Sequence[str]) -> tuple[str, ...]:
+    """Check a method list (``"local,global,pgd"`` or a sequence) and drop duplicates."""
+    items = [m.strip().lower() for m in (methods.split(",") if isinstance(methods, str)
+                                        else methods)]
+    items = [m for m in items if m]
+    if not items:
+        raise InputError(f"give at least one method out of {', '.join(ALL_METHODS)}")
+    bad = [m for m in items if m not in ALL_METHODS]
+    if bad:
+        raise InputError(f"unknown method(s) {', '.join(map(repr, bad))}; choose from "
+                         f"{', '.join(ALL_METHODS)}")
+    return tuple(dict.fromkeys(items))
+
+
+def _lower_model(model: nn.Module, dtype: torch.dtype | None) -> nn.Module:
+    if dtype is None:
+        return model
+    for t in list(model.parameters()) + list(model.buffers()):
+        if t.is_floating_point() and t.dtype != dtype:
+            return copy.deepcopy(model).to(dtype).eval()
+    return model
+
+
+def _lower(method: str, model: nn.Module, x0: Tensor, eps: float, *, samples: int,
+           steps: int, restarts: int, seed: int, output_map: Tensor | None):
+    from . import lower
+
+    if method == "random":
+        return lower.random_lower_bound(model, x0, eps, n_samples=samples, seed=seed,
+                                        output_map=output_map, progress=False)
+    if method == "gradient":
+        return lower.gradient_lower_bound(model, x0, eps, n_steps=steps, seed=seed,
+                                          output_map=output_map)
+    if method == "pgd":
+        return lower.pgd_lower_bound(model, x0, eps, n_restarts=restarts, n_steps=steps,
+                                     seed=seed, output_map=output_map)
+    return lower.best_lower_bound(model, x0, eps, seed=seed, output_map=output_map,
+                                  n_random=samples, gradient_steps=steps,
+                                  pgd_restarts=restarts, pgd_steps=steps, progress=False)
+
+
+def sweep(model_or_analyzer: nn.Module | Analyzer, x0: Tensor, eps_values: Sequence[float],
+          methods: Sequence[str] | str = DEFAULT_METHODS, *, progress: bool = True,
+          input_shape: Sequence[int] | None = None, name: str | None = None,
+          input_name: str = "x0", samples: int = 10_000, steps: int = 100,
+          restarts: int = 16, seed: int = 0, lower_dtype: torch.dtype | None = torch.float64,
+          output_map: Tensor | None = None, spectral: str = "auto",
+          failure_prob: float = 1e-6, device: str | torch.device | None = None,
+          notes: Sequence[str] = ()) -> SweepResult:
+    """Upper and lower bounds on the local Lipschitz constant for many radii.
+
+    For each ``eps`` the chosen methods are run on the quantity
+    ``L(x0, eps) = sup_{0<||x-x0||<=eps} ||C(f(x)-f(x0))|| / ||x-x0||`` (L2):
+    ``"local"`` (upper bound of Avant & Morgansen, IEEE TNNLS 2023), ``"global"`` (product
+    of per-layer spectral norms, an upper bound for every radius), and the lower bounds
+    ``"random"``, ``"gradient"``, ``"pgd"``, ``"best"`` of :mod:`lipbound.lower`, each a
+    ratio attained by a concrete input in the ball.
+
+    Work is shared across radii: one :class:`Analyzer` (traced once; the global factors are
+    computed once, before the first local bound, so each local bound can use them and
+    never exceeds the global one; Lanczos runs are warm-started from the previous radius).
+
+    Args:
+        model_or_analyzer: the network (eval mode) or an :class:`Analyzer` of it.
+        x0: the nominal input, shape ``(1, *input_shape)``.
+        eps_values: the radii (each finite and > 0), e.g. from :func:`default_eps_range`.
+        methods: names out of :data:`ALL_METHODS` (or a comma-separated string).
+        progress: show a tqdm bar over the radius x method work (only on a terminal).
+        input_shape: per-sample input shape (default: from ``x0``).
+        name: model name for results and plot titles.
+        input_name: name of ``x0`` for the plot title.
+        samples: points drawn by the random-sampling lower bound per radius.
+        steps: ascent steps of the gradient and PGD lower bounds.
+        restarts: restarts of PGD.
+        seed: seed of the lower bounds' draws (and of a new Analyzer's Lanczos vectors).
+        lower_dtype: dtype the lower bounds evaluate the network in (default float64, the
+            precision of the upper-bound analysis, so that both describe the same
+            function; a copy of the model is made); ``None``: the model as it is.
+        output_map: optional ``(m, n_out)`` matrix ``C``: bound ``C f`` instead of ``f``.
+        spectral, failure_prob, device: passed to a new :class:`Analyzer` (ignored when an
+            Analyzer is given).
+        notes: extra caveats to record.
+
+    Returns:
+        A :class:`SweepResult` (one row per radius, in the order of ``eps_values``).
+
+    Raises:
+        InputError: bad radius, method or input.
+    """
+    t_start = time.perf_counter()
+    meths = parse_methods(methods)
+    eps_list = [check_eps(e) for e in eps_values]
+    if not eps_list:
+        raise InputError("eps_values is empty; give at least one radius")
+    for label, v in (("samples", samples), ("steps", steps), ("restarts", restarts)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise InputError(f"{label} must be an integer >= 1, got {v!r}")
+    if isinstance(model_or_analyzer, Analyzer):
+        an = model_or_analyzer
+    elif isinstance(model_or_analyzer, nn.Module):
+        if not isinstance(x0, Tensor):
+            raise InputError(f"x0 must be a torch.Tensor, got {type(x0).__name__}")
+        shape = input_shape if input_shape is not None else tuple(x0.shape[1:])
+        an = Analyzer(model_or_analyzer, shape, device=device, spectral=spectral,
+                      failure_prob=failure_prob, seed=seed, name=name, notes=notes)
+    else:
+        raise InputError("model_or_analyzer must be a torch.nn.Module or a lipbound.Analyzer, "
+                         f"got {type(model_or_analyzer).__name__}")
+    x0 = check_input(x0, an.input_shape)
+    model_name = name or an.name
+    lower_model = None
+    if any(m in LOWER_METHODS for m in meths):
+        if an.model.training:
+            raise InputError("the model is in training mode; call model.eval() first")
+        lower_model = _lower_model(an.model, lower_dtype)
+    x0_model = x0.to(next(iter(an.model.parameters()), x0).device)
+
+    # the global bound first: then every local bound can use the global factors
+    order = sorted(meths, key=lambda m: 0 if m == "global" else 1 if m == "local" else 2)
+    show = bool(progress) and sys.stderr.isatty()
+    from tqdm import tqdm
+
+    rows: list[SweepRow] = []
+    all_notes = list(notes) + [n for n in an.notes if n not in notes]
+    with tqdm(total=len(eps_list) * len(order), disable=not show, desc=f"sweep {model_name}",
+              unit="bound", leave=False) as bar:
+        for eps in eps_list:
+            pts: dict[str, SweepPoint] = {}
+            for m in order:
+                bar.set_postfix_str(f"eps={eps:.3g} {m}")
+                if m in UPPER_METHODS:
+                    r = an.global_bound(output_map=output_map) if m == "global" else \
+                        an.local_bound(x0, eps, output_map=output_map)
+                    pts[m] = SweepPoint(m, float(r.value), r.guarantee, float(r.seconds),
+                                        float(r.failure_prob),
+                                        {"spectral": sorted({lf.spectral_method
+                                                             for lf in r.layers})})
+                    for n in r.notes:
+                        if n not in all_notes:
+                            all_notes.append(n)
+                else:
+                    lr = _lower(m, lower_model, x0_model, eps, samples=samples, steps=steps,
+                                restarts=restarts, seed=seed, output_map=output_map)
+                    pts[m] = SweepPoint(m, float(lr.value), lr.guarantee, float(lr.seconds),
+                                        0.0, {"witness_distance": lr.witness_distance,
+                                              "n_evaluations": lr.n_evaluations})
+                bar.update(1)
+            row = SweepRow(eps, tuple(pts[m] for m in meths))
+            log.info("sweep %s eps=%g: %s", model_name, eps,
+                     ", ".join(f"{p.method}={p.value:.5g}" for p in row.points))
+            rows.append(row)
+    settings = {"samples": samples, "steps": steps, "restarts": restarts, "seed": seed,
+                "lower_dtype": str(lower_dtype).replace("torch.", "") if lower_dtype
+                else "model", "spectral": an.spectral, "failure_prob_budget": an.failure_prob,
+                "device": str(an.device), "output_map": output_map is not None}
+    res = SweepResult(model=model_name, input_name=input_name, methods=meths,
+                      rows=tuple(rows), seconds=time.perf_counter() - t_start,
+                      settings=settings, notes=tuple(all_notes))
+    for v in res.violations():
+        log.warning("soundness check failed: %s", v)
+    return res

@@ -1,0 +1,69 @@
+"""Input checks shared by every entry point (never ``assert``: they must survive ``-O``)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from .errors import InputError
+
+
+def check_eps(eps: float, name: str = "eps") -> float:
+    """Return ``eps`` as a float, or raise :class:`InputError` unless it is finite and > 0."""
+    try:
+        e = float(eps)
+    except (TypeError, ValueError) as exc:
+        raise InputError(f"{name} must be a positive number, got {eps!r}") from exc
+    if math.isnan(e) or math.isinf(e):
+        raise InputError(f"{name} must be finite, got {e}; pass a radius such as 0.1")
+    if e <= 0:
+        raise InputError(f"{name} must be > 0, got {e}; the ball radius must be positive")
+    return e
+
+
+def check_input(x0: Tensor, input_shape: Sequence[int] | None, name: str = "x0") -> Tensor:
+    """Return ``x0`` with a batch dimension of 1, checked against ``input_shape``.
+
+    Accepts ``(1, *input_shape)`` or ``input_shape``. Raises :class:`InputError` on a wrong
+    shape, a non-tensor, or NaN/inf values.
+    """
+    if not isinstance(x0, Tensor):
+        try:
+            x0 = torch.as_tensor(x0)
+        except Exception as exc:
+            raise InputError(f"{name} must be a tensor, got {type(x0).__name__}") from exc
+    if not x0.is_floating_point():
+        x0 = x0.to(torch.float32)
+    if input_shape is not None:
+        shape = tuple(int(s) for s in input_shape)
+        if tuple(x0.shape) == shape:
+            x0 = x0.unsqueeze(0)
+        elif tuple(x0.shape) != (1, *shape):
+            if x0.dim() == len(shape) + 1 and tuple(x0.shape[1:]) == shape:
+                raise InputError(
+                    f"{name} holds a batch of {x0.shape[0]} inputs; pass one input of shape "
+                    f"(1, {', '.join(map(str, shape))}) (use the batch APIs for many inputs)")
+            raise InputError(
+                f"{name} has shape {tuple(x0.shape)} but the model expects "
+                f"(1, {', '.join(map(str, shape))}); reshape or resize the input")
+    elif x0.dim() < 2 or x0.shape[0] != 1:
+        raise InputError(f"{name} must have a batch dimension of 1, got shape "
+                         f"{tuple(x0.shape)}")
+    if not bool(torch.isfinite(x0).all()):
+        n = int((~torch.isfinite(x0)).sum())
+        raise InputError(f"{name} contains {n} NaN/inf value(s); clean the input first")
+    return x0
+
+
+def resolve_device(device: str | torch.device | None, fallback: torch.device) -> torch.device:
+    """``None``/``"auto"`` -> the fallback (the model's device, else CUDA when present)."""
+    if device is None or str(device) == "auto":
+        return fallback
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise InputError("device 'cuda' was requested but CUDA is not available; "
+                         "use --device cpu or auto")
+    return dev

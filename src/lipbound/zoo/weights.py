@@ -1,0 +1,181 @@
+"""Reading weight files and drawing reproducible random weights for zoo networks."""
+
+from __future__ import annotations
+
+import logging
+import math
+import pickle
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from lipbound.errors import WeightsError
+
+__all__ = ["read_checkpoint", "read_state_dict", "load_into", "init_seeded"]
+
+logger = logging.getLogger(__name__)
+
+#: Keys under which checkpoints commonly keep the state dict, tried in this order.
+STATE_DICT_KEYS: tuple[str, ...] = ("state_dict", "model_state_dict", "net", "model")
+
+_MAX_LISTED = 8
+
+
+def _is_state_dict(obj: Any) -> bool:
+    return (
+        isinstance(obj, Mapping)
+        and len(obj) > 0
+        and all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items())
+    )
+
+
+def _load_file(path: Path, source: str) -> Any:
+    """``torch.load`` the file safely (tensors only), translating failures to WeightsError."""
+    if not path.exists():
+        raise WeightsError(f"weights file not found: {source}; check the path")
+    if path.is_dir():
+        raise WeightsError(f"weights path is a directory, not a file: {source}")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        # weights_only refuses arbitrary Python objects (e.g. a whole pickled nn.Module).
+        raise WeightsError(
+            f"cannot read weights file {source}: it is not a plain state dict that can be "
+            f"loaded safely ({str(exc).splitlines()[0]}). Re-save only the tensors with "
+            "torch.save(model.state_dict(), path)"
+        ) from exc
+    except Exception as exc:  # corrupt zip, truncated file, not a torch file at all, ...
+        raise WeightsError(
+            f"cannot read weights file {source}: {type(exc).__name__}: "
+            f"{str(exc).splitlines()[0] if str(exc) else 'unreadable'}. It should be written "
+            "by torch.save(model.state_dict(), path)"
+        ) from exc
+
+
+def read_checkpoint(
+    path: str | Path, *, source: str | None = None
+) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Read a state dict, and the checkpoint's other entries, from a ``torch.save`` file.
+
+    The file may hold the state dict itself, or a dict with the state dict under one of the
+    keys ``"state_dict"``, ``"model_state_dict"``, ``"net"`` or ``"model"`` (as training
+    checkpoints do). A ``"module."`` prefix on every key (left by ``nn.DataParallel``) is
+    removed. Only tensors and plain containers are unpickled (``weights_only=True``).
+
+    Args:
+        path: the file.
+        source: how to name the file in error messages (defaults to the path).
+
+    Returns:
+        ``(state_dict, extras)``: the state dict on the CPU, and the checkpoint's other
+        top-level entries (e.g. ``{"correct_pct": 99.06, "epoch": 99}``; empty for a bare
+        state dict).
+
+    Raises:
+        WeightsError: if the file is missing, unreadable, or holds no state dict.
+    """
+    p = Path(path).expanduser()
+    name = source or str(p)
+    obj = _load_file(p, name)
+    state: Any = obj
+    extras: dict[str, Any] = {}
+    if not _is_state_dict(obj) and isinstance(obj, Mapping):
+        for key in STATE_DICT_KEYS:
+            if key in obj and _is_state_dict(obj[key]):
+                state = obj[key]
+                extras = {str(k): v for k, v in obj.items() if k != key}
+                break
+    if not _is_state_dict(state):
+        what = (
+            f"a dict with keys {sorted(map(str, obj))[:_MAX_LISTED]}"
+            if isinstance(obj, Mapping)
+            else f"a {type(obj).__name__}"
+        )
+        raise WeightsError(
+            f"weights file {name} holds {what}, not a state dict; save one with "
+            "torch.save(model.state_dict(), path), or a dict with the state dict under "
+            f"one of the keys {list(STATE_DICT_KEYS)}"
+        )
+    state = dict(state)
+    if all(k.startswith("module.") for k in state):
+        state = {k[len("module."):]: v for k, v in state.items()}
+    return state, extras
+
+
+def read_state_dict(path: str | Path, *, source: str | None = None) -> dict[str, torch.Tensor]:
+    """The state dict of a ``torch.save`` file; see :func:`read_checkpoint`."""
+    return read_checkpoint(path, source=source)[0]
+
+
+def _listing(items: list[str]) -> str:
+    shown = ", ".join(items[:_MAX_LISTED])
+    more = len(items) - _MAX_LISTED
+    return shown + (f", ... ({more} more)" if more > 0 else "")
+
+
+def load_into(model: nn.Module, state: Mapping[str, torch.Tensor], *, source: str) -> None:
+    """Copy ``state`` into ``model``, checking keys and shapes first.
+
+    Raises:
+        WeightsError: listing every missing key, unexpected key and shape mismatch.
+    """
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    mismatched = [
+        f"{k} (file {tuple(state[k].shape)}, model {tuple(expected[k].shape)})"
+        for k in expected
+        if k in state and tuple(state[k].shape) != tuple(expected[k].shape)
+    ]
+    if missing or unexpected or mismatched:
+        parts = []
+        if missing:
+            parts.append(f"missing keys: {_listing(missing)}")
+        if unexpected:
+            parts.append(f"unexpected keys: {_listing(unexpected)}")
+        if mismatched:
+            parts.append(f"shape mismatches: {_listing(mismatched)}")
+        raise WeightsError(
+            f"weights file {source} does not match the {type(model).__name__} architecture; "
+            + "; ".join(parts)
+            + ". Check that the file was saved from this network's state_dict()"
+        )
+    bad = [k for k, v in state.items() if v.is_floating_point() and not bool(v.isfinite().all())]
+    if bad:
+        raise WeightsError(f"weights file {source} has NaN or inf values in: {_listing(bad)}")
+    converted = {
+        k: (v.to(torch.float32) if v.is_floating_point() else v) for k, v in state.items()
+    }
+    model.load_state_dict(converted, strict=True)
+
+
+def init_seeded(model: nn.Module, seed: int) -> None:
+    """Fill every Linear/Conv2d layer of ``model`` with reproducible random weights.
+
+    He (Kaiming) normal initialisation, ``N(0, 2 / fan_in)``, so that activations keep their
+    scale through the ReLU layers; the last layer uses ``N(0, 1 / fan_in)`` (no ReLU
+    follows). Biases are ``N(0, 0.01^2)``. The numbers come from a CPU
+    :class:`torch.Generator` seeded with ``seed``, so they are the same on every machine and
+    device, and torch's global generator is not touched.
+    """
+    gen = torch.Generator(device="cpu").manual_seed(int(seed))
+    layers = [m for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
+
+    def fill(param: torch.Tensor, std: float) -> None:
+        if param.device.type == "cpu" and param.dtype == torch.float32:
+            param.normal_(0.0, std, generator=gen)
+        else:  # draw on the CPU so the numbers do not depend on the device
+            values = torch.empty(param.shape, dtype=torch.float32)
+            param.copy_(values.normal_(0.0, std, generator=gen))
+
+    with torch.no_grad():
+        for i, layer in enumerate(layers):
+            fan_in = layer.weight[0].numel()
+            gain = 1.0 if i == len(layers) - 1 else 2.0
+            fill(layer.weight, math.sqrt(gain / fan_in))
+            if layer.bias is not None:
+                fill(layer.bias, 0.01)
+    logger.debug("seeded random weights (seed=%d) for %d layers", seed, len(layers))

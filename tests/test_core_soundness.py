@@ -1,0 +1,213 @@
+"""Soundness of the core bounds by brute force on hundreds of random small float64 networks.
+
+For every random network, input x0 and radius eps (log-uniform in [1e-3, 10]), and for each
+spectral route ("exact", "lanczos", "auto"):
+
+* local bound >= every ratio ||f(x)-f(x0)||/||x-x0|| found by dense sampling in the ball
+  (volume-uniform, on the sphere, tiny radii, Jacobian directions) and by projected gradient
+  ascent, and >= the Jacobian spectral norm at x0 (x0 is generic: random);
+* global bound >= ratios of random pairs anywhere and Jacobian norms at random points, and
+  >= the local lower bound;
+* local <= global on the same Analyzer (when both are comparable), and the guarantees and
+  failure probabilities are consistent.
+
+No tolerance is ever given to a bound: the sampled ratios are computed by propagating the
+perturbation (core_helpers.diff_forward), accurate to ~1e-14 relative, so the bounds' own
+1e-9 safety margin is not eaten by the test's rounding.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from core_helpers import (build, build_fc, conv_specs, fc_specs, local_lower_bound,
+                          n_examples, pair_lower_bound, spectral_norm)
+from hypothesis import given, settings
+from torch import nn
+
+from lipbound import Analyzer, Guarantee
+
+pytestmark = pytest.mark.usefixtures("torch_one_thread")
+
+BUDGET = 1e-6
+MODES = ("exact", "lanczos", "auto")
+
+
+def _check_layers_metadata(res, mode: str) -> None:
+    for lf in res.layers:
+        if lf.guarantee == Guarantee.CERTIFIED:
+            assert lf.failure_prob == 0.0, lf
+            assert lf.spectral_method != "lanczos", lf
+        else:
+            assert lf.guarantee == Guarantee.PROBABILISTIC, lf
+            assert lf.spectral_method == "lanczos", lf
+            assert 0.0 < lf.failure_prob <= BUDGET, lf
+        if mode == "exact":
+            assert lf.guarantee == Guarantee.CERTIFIED, lf
+            assert lf.spectral_method != "lanczos", lf
+
+
+def _check_metadata(res, mode: str, *, fresh: bool) -> None:
+    """Guarantee and failure probability of a result are consistent with its layers.
+
+    ``fresh``: the result is the plain layer-wise product (no global bound computed yet)."""
+    assert res.guarantee in (Guarantee.CERTIFIED, Guarantee.PROBABILISTIC)
+    assert res.guarantee.is_upper_bound
+    assert math.isfinite(res.value) and res.value >= 0
+    if res.guarantee == Guarantee.CERTIFIED:
+        assert res.failure_prob == 0.0
+    else:
+        assert res.failure_prob > 0.0
+    if mode in ("exact", "auto"):
+        # every layer of these tiny networks is cheap enough for the exact SVD
+        assert res.guarantee == Guarantee.CERTIFIED, res
+    _check_layers_metadata(res, mode)
+    if fresh:
+        probs = [lf.failure_prob for lf in res.layers if lf.guarantee == Guarantee.PROBABILISTIC]
+        if probs:
+            assert res.guarantee == Guarantee.PROBABILISTIC
+            assert res.failure_prob >= sum(probs) * (1 - 1e-12)
+            assert res.failure_prob <= BUDGET * (1 + 1e-9)
+        else:
+            assert res.guarantee == Guarantee.CERTIFIED
+        prod = math.prod(lf.local for lf in res.layers)
+        assert res.value == pytest.approx(prod, rel=1e-12)
+
+
+def _comparable(local, glob) -> bool:
+    """local <= global is promised unless a certified local meets a probabilistic global."""
+    return not (local.guarantee == Guarantee.CERTIFIED
+                and glob.guarantee == Guarantee.PROBABILISTIC)
+
+
+def check_network(spec: dict) -> None:
+    model, shape, x0 = build(spec)
+    eps = spec["eps"]
+    eps2 = eps / 7.0
+    seed = spec["seed"]
+    lo, info = local_lower_bound(model, x0, eps, seed)
+    lo2, info2 = local_lower_bound(model, x0, eps2, seed + 1, n_samples=300, ascent_starts=3,
+                                   ascent_steps=15)
+    pair_lo = pair_lower_bound(model, shape, seed + 2)
+    for mode in MODES:
+        an = Analyzer(model, shape, spectral=mode, lanczos_steps=spec["lanczos_steps"],
+                      failure_prob=BUDGET, seed=seed % 997)
+        fresh = an.local_bound(x0, eps)
+        glob = an.global_bound()
+        loc = an.local_bound(x0, eps)
+        loc2 = an.local_bound(x0, eps2)  # warm-started from the previous Lanczos vectors
+        what = f"mode={mode} eps={eps:.3g}"
+        # soundness: no tolerance
+        assert fresh.value >= lo, (what, fresh.value, info)
+        assert loc.value >= lo, (what, loc.value, info)
+        assert loc2.value >= lo2, (what, "eps/7", loc2.value, info2)
+        assert glob.value >= lo, (what, glob.value, info)
+        assert glob.value >= pair_lo, (what, glob.value, pair_lo)
+        # local <= global on the same analyzer
+        for res in (loc, loc2):
+            if _comparable(res, glob):
+                assert res.value <= glob.value, (what, res.value, glob.value)
+        if mode == "exact":
+            for lf in loc.layers:
+                assert lf.local <= lf.global_factor, (what, lf)
+        # metadata
+        _check_metadata(fresh, mode, fresh=True)
+        _check_metadata(loc, mode, fresh=False)
+        _check_metadata(loc2, mode, fresh=False)
+        _check_metadata(glob, mode, fresh=False)
+        assert glob.eps is None and loc.eps == eps and loc2.eps == eps2
+        assert len(glob.layers) == len(an.blocks) == len(loc.layers)
+
+
+@settings(max_examples=n_examples(150))
+@given(spec=fc_specs())
+def test_fully_connected_networks_are_bounded(spec):
+    check_network(spec)
+
+
+@settings(max_examples=n_examples(100))
+@given(spec=conv_specs())
+def test_convolutional_networks_are_bounded(spec):
+    check_network(spec)
+
+
+def test_tight_single_layer_examples():
+    """Networks whose true local constant equals the bound (up to the safety margin): the
+    sampled lower bound must still not exceed it (this is where a missing margin shows)."""
+    g = torch.Generator().manual_seed(3)
+    for n_in, n_out in [(1, 1), (1, 4), (5, 1), (6, 3), (3, 7)]:
+        lin = nn.Linear(n_in, n_out).double()
+        with torch.no_grad():
+            lin.weight.copy_(torch.randn(n_out, n_in, generator=g, dtype=torch.float64))
+        model = nn.Sequential(lin).eval()
+        x0 = torch.randn(1, n_in, generator=g, dtype=torch.float64)
+        norm = spectral_norm(lin.weight.detach())
+        for eps in (1e-3, 0.3, 10.0):
+            lo, info = local_lower_bound(model, x0, eps, seed=n_in * 10 + n_out)
+            for mode in MODES:
+                res = Analyzer(model, (n_in,), spectral=mode).local_bound(x0, eps)
+                assert res.value >= lo, (mode, res.value, info)
+                assert res.value >= norm
+        # an always-active ReLU layer: Linear(n, 1) -> ReLU -> Linear(1, m) is tight
+        a = nn.Linear(n_in, 1).double()
+        b = nn.Linear(1, n_out).double()
+        with torch.no_grad():
+            a.bias.fill_(100.0)
+        model = nn.Sequential(a, nn.ReLU(), b).eval()
+        true = spectral_norm(a.weight.detach()) * spectral_norm(b.weight.detach())
+        lo, info = local_lower_bound(model, x0, 0.5, seed=1)
+        for mode in MODES:
+            res = Analyzer(model, (n_in,), spectral=mode).local_bound(x0, 0.5)
+            assert res.value >= lo, (mode, res.value, info)
+            assert res.value >= true
+
+
+def test_auto_uses_lanczos_on_a_big_layer_and_stays_sound():
+    """A layer too big for the exact SVD budget: "auto" falls back to Lanczos (probabilistic,
+    failure probability reported) and the bound still holds."""
+    g = torch.Generator().manual_seed(11)
+    l1, l2 = nn.Linear(400, 1000).double(), nn.Linear(1000, 10).double()
+    with torch.no_grad():
+        l1.weight.copy_(torch.randn(1000, 400, generator=g, dtype=torch.float64) / 20)
+        l1.bias.copy_(torch.randn(1000, generator=g, dtype=torch.float64) * 0.5)
+        l2.weight.copy_(torch.randn(10, 1000, generator=g, dtype=torch.float64) / 30)
+    model = nn.Sequential(l1, nn.ReLU(), l2).eval()
+    x0 = torch.randn(1, 400, generator=g, dtype=torch.float64)
+    an = Analyzer(model, (400,), spectral="auto", failure_prob=BUDGET)
+    glob = an.global_bound()
+    assert glob.layers[0].spectral_method in ("lanczos", "frobenius")
+    true_global = spectral_norm(l1.weight.detach()) * spectral_norm(l2.weight.detach())
+    assert glob.value >= true_global
+    if glob.layers[0].spectral_method == "lanczos":
+        assert glob.guarantee == Guarantee.PROBABILISTIC
+        assert 0 < glob.failure_prob <= BUDGET * (1 + 1e-9)
+    for eps in (0.01, 1.0):
+        fresh = Analyzer(model, (400,), spectral="auto").local_bound(x0, eps)
+        loc = an.local_bound(x0, eps)
+        lo, info = local_lower_bound(model, x0, eps, seed=5, n_samples=600, ascent_starts=4)
+        assert fresh.value >= lo, info
+        assert loc.value >= lo, info
+        _check_metadata(fresh, "lanczos", fresh=True)
+
+
+def test_failure_prob_of_local_min_global_counts_both():
+    """When the local result may be replaced by a (probabilistic) global bound computed
+    earlier on the same Analyzer, the reported number is min(local, global): it fails if
+    *either* fails, so its failure probability must be at least the sum of both."""
+    spec = dict(kind="fc", seed=7, n_in=30, n_out=4, normalize=False,
+                layers=[dict(width=60, relu=True, bn=None, dropout=False, bias=True,
+                             zero_rows=0)] * 2,
+                gain=1.0, bias_scale=1.0, x_scale=1.0, eps=0.5, lanczos_steps=24)
+    model, shape, x0 = build_fc(spec)
+    an = Analyzer(model, shape, spectral="lanczos", lanczos_steps=24, failure_prob=BUDGET)
+    fresh = an.local_bound(x0, 5.0)
+    glob = an.global_bound()
+    loc = an.local_bound(x0, 5.0)
+    assert glob.guarantee == Guarantee.PROBABILISTIC
+    assert fresh.guarantee == Guarantee.PROBABILISTIC
+    if loc.guarantee == Guarantee.PROBABILISTIC:
+        assert loc.failure_prob >= (fresh.failure_prob + glob.failure_prob) * (1 - 1e-12), (
+            loc.value, fresh.value, glob.value, loc.failure_prob, fresh.failure_prob,
+            glob.failure_prob)
