@@ -119,14 +119,16 @@ def _print_network(model: str, rows: dict[str, Any]) -> None:
     table_rows = []
     for what, r in rows.items():
         if "error" in r:
-            table_rows.append([what, "error: " + r["error"]] + [None] * 10)
+            table_rows.append([what, "error: " + r["error"]] + [None] * 11)
             continue
         mem_t = r.get("target_memory_mb")
         table_rows.append([what, r["median_seconds"], r["min_seconds"], r["max_seconds"],
-                           r["cold_seconds"], r["peak_memory_mb"], mem_t, r["target_seconds"],
+                           r.get("cpu_median_seconds"), r["cold_seconds"], r["peak_memory_mb"],
+                           mem_t, r["target_seconds"],
                            r["ratio_to_target"], r["value"], r["guarantee"],
                            f"{r['load_average'][0]:.1f}->{r['load_average'][1]:.1f}"])
-    print(_table(["quantity", "median s", "min s", "max s", "cold s", "peak MB", "target MB",
+    print(_table(["quantity", "median s", "min s", "max s", "cpu s", "cold s", "peak MB",
+                  "target MB",
                   "target s", "ratio", "value", "guarantee", "load"], table_rows))
     for r in rows.values():
         if "error" not in r:
@@ -184,13 +186,14 @@ def main(argv: list[str] | None = None) -> int:
         if sweeps:
             print(f"\n== sweep of {ns.sweep_points} radii on one analyzer "
                   "(target <= 10 local bounds) ==")
-            print(_table(["network", "sweep s", "one local s", "cost (local bounds)", "target",
-                          "load"],
+            print(_table(["network", "sweep s", "one local s", "cost (local bounds)",
+                          "cost (CPU time)", "target", "load"],
                          [[m, s.get("total_seconds"), s.get("local_median_seconds"),
-                           s.get("cost_in_local_bounds"), s.get("target_units"),
+                           s.get("cost_in_local_bounds"), s.get("cpu_cost_in_local_bounds"),
+                           s.get("target_units"),
                            f"{s['load_average'][0]:.1f}->{s['load_average'][1]:.1f}"]
                           if "error" not in s else [m, "error: " + s["error"], None, None,
-                                                    None, None]
+                                                    None, None, None]
                           for m, s in sweeps.items()]))
 
     radius: dict[str, Any] | None = None
@@ -205,7 +208,8 @@ def main(argv: list[str] | None = None) -> int:
         print("\n== certified radius of the 100 MNIST test images (target <= 10 s) ==")
         if "total_seconds" in radius:
             per = radius["per_image_seconds"]
-            print(f"total {radius['total_seconds']:.3f} s (analyzer {radius['trace_seconds']:.3f}"
+            print(f"total {radius['total_seconds']:.3f} s, CPU {radius['cpu_total_seconds']:.3f} s"
+                  f" (analyzer {radius['trace_seconds']:.3f}"
                   f" s; per image median {sorted(per)[len(per) // 2]:.4f} s, max "
                   f"{max(per):.4f} s)")
         else:
@@ -216,11 +220,12 @@ def main(argv: list[str] | None = None) -> int:
     for m, rows in results.items():
         for what, r in rows.items():
             if "error" not in r:
-                summary.append([m, what, r["median_seconds"], r["target_seconds"],
+                summary.append([m, what, r["median_seconds"], r.get("cpu_median_seconds"),
+                                r["target_seconds"],
                                 r["ratio_to_target"], r["peak_memory_mb"],
                                 r.get("target_memory_mb")])
     print("\n== summary ==")
-    print(_table(["network", "quantity", "median s", "target s", "ratio", "peak MB",
+    print(_table(["network", "quantity", "median s", "cpu s", "target s", "ratio", "peak MB",
                   "target MB"], summary))
     print(f"load average (1 min): {la_start:.2f} at start, {la_end:.2f} at end")
     doc = {

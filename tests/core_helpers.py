@@ -64,15 +64,16 @@ def _rand(g: torch.Generator, *shape: int) -> Tensor:
     return torch.rand(*shape, generator=g, dtype=DT)
 
 
-def random_batchnorm(c: int, g: torch.Generator, dims: int = 2) -> nn.Module:
+def random_batchnorm(c: int, g: torch.Generator, dims: int = 2,
+                     dtype: torch.dtype = DT) -> nn.Module:
     """BatchNorm in eval mode with random running statistics and affine parameters (gamma may
     be negative or tiny)."""
-    bn = (nn.BatchNorm2d if dims == 2 else nn.BatchNorm1d)(c).to(DT)
+    bn = (nn.BatchNorm2d if dims == 2 else nn.BatchNorm1d)(c).to(dtype)
     with torch.no_grad():
-        bn.running_mean.copy_(_randn(g, c) * 0.5)
-        bn.running_var.copy_(0.1 + 2.0 * _rand(g, c))
-        bn.weight.copy_(_randn(g, c))
-        bn.bias.copy_(_randn(g, c) * 0.5)
+        bn.running_mean.copy_(_randn(g, c).to(dtype) * 0.5)
+        bn.running_var.copy_(0.1 + 2.0 * _rand(g, c).to(dtype))
+        bn.weight.copy_(_randn(g, c).to(dtype))
+        bn.bias.copy_(_randn(g, c).to(dtype) * 0.5)
     return bn.eval()
 
 
@@ -122,7 +123,7 @@ def fc_specs(draw, max_width: int = 40) -> dict:
         bias_scale=draw(st.sampled_from([0.0, 0.1, 1.0, 1.0])),
         x_scale=draw(st.sampled_from([0.1, 1.0, 3.0])),
         eps=10.0 ** draw(st.floats(-3.0, 1.0)),
-        lanczos_steps=draw(st.sampled_from([8, 12, 16, 24])),
+        lanczos_steps=draw(st.sampled_from([8, 12, 16, 16, 24])),
     )
 
 
@@ -197,12 +198,13 @@ def conv_specs(draw) -> dict:
         convs=convs,
         flatten=draw(st.sampled_from(["Flatten", "view", "torch.flatten"])),
         hidden=draw(st.sampled_from([0, 0, 5, 12])),
+        head=draw(st.sampled_from(["linear", "linear", "linear", "none"])),
         n_out=draw(st.integers(1, 5)),
         gain=draw(st.floats(0.5, 2.0)),
         bias_scale=draw(st.sampled_from([0.0, 0.1, 1.0, 1.0])),
         x_scale=draw(st.sampled_from([0.1, 1.0, 3.0])),
         eps=10.0 ** draw(st.floats(-3.0, 1.0)),
-        lanczos_steps=draw(st.sampled_from([8, 12, 16, 24])),
+        lanczos_steps=draw(st.sampled_from([8, 12, 16, 16, 24])),
     )
 
 
@@ -271,6 +273,11 @@ def build_conv(spec: dict) -> tuple[nn.Sequential, tuple[int, ...], Tensor]:
     mods.append({"Flatten": nn.Flatten(), "view": View(),
                  "torch.flatten": TorchFlatten()}[spec["flatten"]])
     n = math.prod(shape)
+    if spec.get("head", "linear") == "none":
+        # the output is the flattened feature map: max pooling's constant can be the tight
+        # factor here (e.g. 1x1 conv -> max pool), so an underestimated pool constant shows
+        model = nn.Sequential(*mods).to(DT).eval()
+        return model, in_shape, _randn(g, 1, *in_shape) * spec["x_scale"]
     if spec["hidden"]:
         lin = nn.Linear(n, spec["hidden"]).to(DT)
         _init_affine(lin, g, spec["gain"], spec["bias_scale"], 0)
@@ -363,7 +370,9 @@ def ratios(model: nn.Module, x0: Tensor, dx: Tensor, chunk: int = 1024) -> Tenso
     for s in range(0, dx.shape[0], chunk):
         d = dx[s:s + chunk]
         df = diff_forward(model, x0, d)
-        out.append(df.flatten(1).norm(dim=1) / d.flatten(1).norm(dim=1))
+        den = d.flatten(1).norm(dim=1)
+        r = df.flatten(1).norm(dim=1) / torch.where(den > 0, den, torch.ones_like(den))
+        out.append(torch.where(den > 0, r, torch.zeros_like(r)))
     return torch.cat(out)
 
 

@@ -15,6 +15,7 @@ safe direction. Orderings between two upper bounds that are not soundness proper
 
 from __future__ import annotations
 
+import copy
 import itertools
 import json
 import math
@@ -48,6 +49,8 @@ from lipbound.baselines.fc import fc_forward, pattern_jacobian
 from lipbound.baselines.lipsdp import certify_lmi
 from lipbound.errors import InputError, LipboundError, UnsupportedModelError
 from lipbound.results import Guarantee
+
+pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
 SLACK = 1e-6  # relative slack for orderings between two numerically computed upper bounds
 
@@ -97,9 +100,9 @@ def to_module(layers: list[tuple[np.ndarray, np.ndarray]]) -> nn.Sequential:
 @st.composite
 def small_nets(draw: st.DrawFn, max_in: int = 3, max_width: int = 5) -> tuple:
     seed = draw(st.integers(0, 2**31 - 1))
-    n0 = draw(st.integers(1, max_in))
+    n0 = draw(st.integers(2, max_in))
     depth = draw(st.integers(1, 2))
-    widths = [draw(st.integers(1, max_width)) for _ in range(depth)]
+    widths = [draw(st.integers(2, max_width)) for _ in range(depth)]
     n_out = draw(st.integers(1, 3))
     eps = draw(st.sampled_from([0.05, 0.3, 1.0, 3.0]))
     layers = random_layers(seed, [n0, *widths, n_out])
@@ -128,16 +131,29 @@ def jacobian_norms(layers: list, xs: np.ndarray) -> np.ndarray:
     return np.linalg.norm(jac, ord=2, axis=(1, 2))
 
 
-def pair_ratios(layers: list, xs: np.ndarray, ys: np.ndarray) -> np.ndarray:
-    """``||f(x) - f(y)|| / ||x - y||`` for pairs at least 1e-3 of the largest distance apart.
+def diff_forward(layers: list, xs: np.ndarray, ys: np.ndarray) -> np.ndarray:
+    """``f(x) - f(y)`` row by row, without the cancellation of subtracting two forward passes.
 
-    Closer pairs are dropped: the float64 cancellation in ``f(x) - f(y)`` divided by a tiny
-    distance would make the reference itself inaccurate (by more than the bounds' margins).
+    The difference is propagated layer by layer: ``dz = W dh`` and
+    ``dh = relu(z_y + dz) - relu(z_y)``, which is ``dz`` or 0 when both ends have the same
+    sign and otherwise a difference of numbers no larger than ``|dz|``. So the ratio below
+    is accurate to ~1e-15 relative even for close pairs, far below the bounds' margins.
     """
-    dist = np.linalg.norm(xs - ys, axis=1)
-    keep = dist >= 1e-3 * dist.max()
-    num = np.linalg.norm(fc_forward(layers, xs[keep]) - fc_forward(layers, ys[keep]), axis=1)
-    return num / dist[keep]
+    h, dh = ys, xs - ys
+    for k, (w, b) in enumerate(layers):
+        z, dz = h @ w.T + b, dh @ w.T
+        if k == len(layers) - 1:
+            return dz
+        zx = z + dz
+        both_on, both_off = (z > 0) & (zx > 0), (z <= 0) & (zx <= 0)
+        dh = np.where(both_on, dz, np.where(both_off, 0.0, np.maximum(zx, 0) - np.maximum(z, 0)))
+        h = np.maximum(z, 0.0)
+    return dh
+
+
+def pair_ratios(layers: list, xs: np.ndarray, ys: np.ndarray) -> np.ndarray:
+    """``||f(x) - f(y)|| / ||x - y||`` in float64, accurately (see :func:`diff_forward`)."""
+    return np.linalg.norm(diff_forward(layers, xs, ys), axis=1) / np.linalg.norm(xs - ys, axis=1)
 
 
 def x0_ratios(layers: list, x0: np.ndarray, xs: np.ndarray) -> np.ndarray:
@@ -321,7 +337,10 @@ def compnet_results() -> dict:
     out = {
         "net": net, "x0": x0, "exact": ex,
         "autolip": autolip(net), "seqlip": seqlip(net), "eclipse": eclipse_fast(net),
-        "neuron": lipsdp(net, variant="neuron"), "layer": lipsdp(net, variant="layer"),
+        # Clarabel (the default) for the neuron variant, SCS for the layer variant: both paths
+        # end in the same float64 LMI check
+        "neuron": lipsdp(net, variant="neuron"), "layer": lipsdp(net, variant="layer",
+                                                                  solver="SCS"),
         "recurjac": recurjac(net, x0, 0.1), "fastlip": fastlip(net, x0, 0.1),
     }
     return out
@@ -363,7 +382,8 @@ def test_compnet_brute_force_and_lower_bounds_below_exact(compnet_results):
     w = r["exact"].witness
     assert np.linalg.norm(w - x0) < 0.1
     assert r["exact"].lower <= jacobian_norms(layers, w[None, :])[0] <= hi
-    low = pgd_lower_bound(r["net"].double(), r["x0"].double(), 0.1)
+    low = pgd_lower_bound(copy.deepcopy(r["net"]).double(), r["x0"].double(), 0.1, restarts=4,
+                          steps=30)
     assert low.guarantee is Guarantee.LOWER and 0 < low.value <= hi
 
 
@@ -372,7 +392,7 @@ def test_lead_bounds_against_exact(compnet_results):
     if not hasattr(lipbound, "local_bound") or not hasattr(lipbound, "global_bound"):
         pytest.skip("lipbound.local_bound/global_bound not available yet")
     r = compnet_results
-    net = r["net"].double()
+    net = copy.deepcopy(r["net"]).double()
     x0 = r["x0"].double()
     loc = lipbound.local_bound(net, x0, 0.1)
     glob = lipbound.global_bound(net, x0)
@@ -455,12 +475,8 @@ def test_exact_l2_matches_independent_enumeration(seed, dims):
     assert grid >= 0.98 * ex.lower
 
 
-@settings(max_examples=8, derandomize=True)
-@given(small_nets(max_in=3, max_width=3), st.sampled_from(["linf", "l1"]))
-def test_lipmip_matches_pattern_enumeration_and_sampling(net, input_norm):
-    layers, x0, eps = net
-    n_out = layers[-1][0].shape[0]
-    c = np.random.default_rng(n_out).normal(size=n_out)
+def _check_lipmip(layers: list, x0: np.ndarray, eps: float, c: np.ndarray,
+                  input_norm: str) -> float:
     res = lipmip(layers, x0, eps, c=c, input_norm=input_norm)
     assert res.guarantee in (Guarantee.EXACT, Guarantee.CERTIFIED)
     dual = "l1" if input_norm == "linf" else "linf"
@@ -478,11 +494,76 @@ def test_lipmip_matches_pattern_enumeration_and_sampling(net, input_norm):
     g = jac[:, 0, :]
     sampled = (np.abs(g).sum(axis=1) if dual == "l1" else np.abs(g).max(axis=1)).max()
     assert sampled <= res.value
+    return want
+
+
+@pytest.mark.parametrize("input_norm", ["linf", "l1"])
+def test_lipmip_matches_pattern_enumeration_and_sampling(input_norm):
+    rng = np.random.default_rng(7)
+    nonzero = 0
+    for _ in range(6):
+        dims = [int(rng.integers(2, 4)), int(rng.integers(2, 5)), int(rng.integers(1, 4)),
+                int(rng.integers(1, 4))]
+        layers = random_layers(int(rng.integers(1 << 30)), dims)
+        x0 = rng.normal(size=dims[0])
+        c = rng.normal(size=dims[-1])
+        nonzero += _check_lipmip(layers, x0, float(rng.choice([0.3, 1.0, 3.0])), c,
+                                 input_norm) > 0
+    assert nonzero >= 4  # the reference is not trivially zero
+
+
+@settings(max_examples=6, derandomize=True)
+@given(small_nets(max_in=3, max_width=3), st.sampled_from(["linf", "l1"]))
+def test_lipmip_random_nets(net, input_norm):
+    layers, x0, eps = net
+    n_out = layers[-1][0].shape[0]
+    _check_lipmip(layers, x0, eps, np.random.default_rng(n_out).normal(size=n_out), input_norm)
+
+
+def test_unrealisable_pattern_is_not_counted():
+    """f(x) = relu(x) - 2 relu(x - 0.1): slopes 0, 1, -1 on x < 0, (0, 0.1), x > 0.1.
+
+    The pattern (off, on) cannot occur (x > 0.1 implies x > 0) but has slope -2; both units
+    switch inside the interval [-0.4, 0.6], so a method that let a unit be off although its
+    pre-activation is positive would report 2 instead of 1.
+    """
+    layers = [(np.array([[1.0], [1.0]]), np.array([0.0, -0.1])),
+              (np.array([[1.0, -2.0]]), np.zeros(1))]
+    x0 = np.array([0.1])
+    mip = lipmip(layers, x0, 0.5, c=np.ones(1))
+    assert mip.guarantee is Guarantee.EXACT
+    assert 1.0 <= mip.value <= 1.0 + 1e-9
+    ex = exact_local_l2_detailed(layers, x0, 0.5)
+    assert ex.bound.guarantee is Guarantee.EXACT
+    assert ex.lower <= 1.0 <= ex.bound.value <= 1.0 + 1e-9
+    assert seqlip(layers).value >= 2.0  # SeqLip maximises over every pattern
 
 
 def test_lipmip_needs_c_for_vector_outputs():
     with pytest.raises(InputError, match="pass c"):
         lipmip(compnet(), torch.zeros(1, 7), 0.1)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_preactivation_bounds_contain_every_sampled_preactivation(seed):
+    from lipbound.baselines.fc import fc_preactivations
+    from lipbound.baselines.recurjac import preactivation_bounds
+
+    rng = np.random.default_rng(seed)
+    dims = [3, 6, 6, 5, 2]
+    layers = random_layers(seed, dims)
+    x0 = rng.normal(size=3)
+    for eps in (0.1, 0.5, 2.0):
+        bounds = preactivation_bounds(layers, x0, eps)
+        d = rng.normal(size=(1000, 3))
+        sphere = x0 + eps * (1 - 1e-12) * d / np.linalg.norm(d, axis=1, keepdims=True)
+        xs = np.vstack([sample_ball(rng, x0, eps, 3000), sphere])
+        for (lo, hi), z in zip(bounds, fc_preactivations(layers, xs), strict=True):
+            assert np.all(z >= lo) and np.all(z <= hi)
+        # the first layer's bounds are exact on a ball: attained on the sphere
+        w, b = layers[0]
+        top = w @ x0 + b + eps * np.linalg.norm(w, axis=1)
+        assert np.allclose(bounds[0][1], top, rtol=1e-8, atol=1e-8)
 
 
 # --------------------------------------------------------------------------- SeqLip

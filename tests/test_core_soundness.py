@@ -22,11 +22,22 @@ import math
 
 import pytest
 import torch
-from core_helpers import (build, build_fc, conv_specs, fc_specs, local_lower_bound,
-                          n_examples, pair_lower_bound, spectral_norm)
 from hypothesis import given, settings
 from torch import nn
 
+from core_helpers import (
+    build,
+    build_conv,
+    build_fc,
+    conv_specs,
+    fc_specs,
+    jacobian,
+    jacobian_jacrev,
+    local_lower_bound,
+    n_examples,
+    pair_lower_bound,
+    spectral_norm,
+)
 from lipbound import Analyzer, Guarantee
 
 pytestmark = pytest.mark.usefixtures("torch_one_thread")
@@ -87,7 +98,10 @@ def check_network(spec: dict) -> None:
     eps = spec["eps"]
     eps2 = eps / 7.0
     seed = spec["seed"]
-    lo, info = local_lower_bound(model, x0, eps, seed)
+    heavy = spec["kind"] == "conv"
+    lo, info = local_lower_bound(model, x0, eps, seed, n_samples=1200 if heavy else 1500,
+                                 ascent_starts=6 if heavy else 8,
+                                 ascent_steps=20 if heavy else 30)
     lo2, info2 = local_lower_bound(model, x0, eps2, seed + 1, n_samples=300, ascent_starts=3,
                                    ascent_steps=15)
     pair_lo = pair_lower_bound(model, shape, seed + 2)
@@ -164,6 +178,48 @@ def test_tight_single_layer_examples():
             assert res.value >= true
 
 
+def test_tight_max_pooling_factor():
+    """A scalar 1x1 convolution followed by an overlapping max pool: the pool's constant
+    sqrt(9) = 3 is attained (the Jacobian at x0 has norm 3 |a| when an interior element is the
+    max of its 5x5 neighbourhood), so an underestimated pool constant is caught here."""
+    conv = nn.Conv2d(1, 1, 1).double()
+    with torch.no_grad():
+        conv.weight.fill_(-1.7)
+        conv.bias.fill_(0.25)
+    model = nn.Sequential(conv, nn.MaxPool2d(3, 1, 1)).eval()
+    x0 = torch.randn(1, 1, 8, 8, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    x0[0, 0, 4, 4] = -10.0  # after the negative scaling: the max of all 9 windows holding it
+    assert spectral_norm(jacobian(model, x0)) == pytest.approx(1.7 * 3, rel=1e-12)
+    for eps in (1e-3, 0.1, 5.0):
+        lo, info = local_lower_bound(model, x0, eps, seed=3, n_samples=600)
+        for mode in MODES:
+            an = Analyzer(model, (1, 8, 8), spectral=mode, lanczos_steps=16)
+            res = an.local_bound(x0, eps)
+            assert res.value >= lo, (mode, eps, res.value, info)
+            assert an.global_bound().value >= lo
+
+
+def test_failure_prob_budget_covers_every_probabilistic_layer():
+    """The Analyzer's failure_prob is the total budget of a result: every layer that reports a
+    probabilistic factor must be paid from it (here a ReLU right after a max pool forms a
+    block without a mixing op, whose factor is also computed by Lanczos)."""
+    g = torch.Generator().manual_seed(3)
+    conv = nn.Conv2d(1, 2, 3, padding=1).double()
+    lin = nn.Linear(72, 3).double()
+    with torch.no_grad():
+        for p in (*conv.parameters(), *lin.parameters()):
+            p.copy_(torch.randn(p.shape, generator=g, dtype=torch.float64))
+    model = nn.Sequential(conv, nn.MaxPool2d(2), nn.ReLU(), nn.Flatten(), lin).eval()
+    x0 = torch.randn(1, 1, 12, 12, generator=g, dtype=torch.float64)
+    an = Analyzer(model, (1, 12, 12), spectral="lanczos", lanczos_steps=16,
+                  failure_prob=BUDGET)
+    for eps in (0.05, 0.5):
+        res = an.local_bound(x0, eps)
+        assert res.failure_prob >= sum(lf.failure_prob for lf in res.layers) * (1 - 1e-12)
+        assert res.failure_prob <= BUDGET * (1 + 1e-9), [
+            (lf.name, lf.spectral_method, lf.failure_prob) for lf in res.layers]
+
+
 def test_auto_uses_lanczos_on_a_big_layer_and_stays_sound():
     """A layer too big for the exact SVD budget: "auto" falls back to Lanczos (probabilistic,
     failure probability reported) and the bound still holds."""
@@ -211,3 +267,17 @@ def test_failure_prob_of_local_min_global_counts_both():
         assert loc.failure_prob >= (fresh.failure_prob + glob.failure_prob) * (1 - 1e-12), (
             loc.value, fresh.value, glob.value, loc.failure_prob, fresh.failure_prob,
             glob.failure_prob)
+
+
+def test_jacobian_helper_matches_jacrev():
+    """The batched-autograd Jacobian used above agrees with torch.func.jacrev."""
+    for seed in range(4):
+        spec = dict(kind="conv", seed=seed, c_in=2, h=6, w=5, normalize=True,
+                    convs=[dict(out=4, k=3, s=1, p=1, d=1, groups_idx=1, bias=True,
+                                bn_before=False, bn_after=True, relu=True, dropout=True,
+                                pool=("max", 2, None, 0, 1, True), relu_after_pool=False)],
+                    flatten="view", hidden=5, n_out=3, gain=1.0, bias_scale=1.0,
+                    x_scale=1.0, eps=0.1, lanczos_steps=8)
+        model, _, x0 = build_conv(spec)
+        a, b = jacobian(model, x0), jacobian_jacrev(model, x0)
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-13)

@@ -160,6 +160,10 @@ class BenchResult:
         cold_seconds: the first computation including building the analyzer and torch's
             start-up work.
         trace_seconds: median seconds to build an analyzer (tracing, float64 weights).
+        cpu_median_seconds: median process CPU time of the runs (all threads). With one
+            thread it estimates the wall time on an idle machine, so it is the steadier
+            number on a busy one.
+        cpu_runs: CPU seconds of each run.
         failure_prob: failure probability of a probabilistic bound (0 if certified).
         eps: radius of a local bound, ``None`` for a global one.
         device: where it ran.
@@ -189,6 +193,8 @@ class BenchResult:
     ratio_to_target: float | None
     cold_seconds: float = math.nan
     trace_seconds: float = math.nan
+    cpu_median_seconds: float = math.nan
+    cpu_runs: tuple[float, ...] = ()
     failure_prob: float = 0.0
     eps: float | None = None
     device: str = "cpu"
@@ -227,6 +233,8 @@ class BenchResult:
             "ratio_to_target": self.ratio_to_target,
             "cold_seconds": self.cold_seconds,
             "trace_seconds": self.trace_seconds,
+            "cpu_median_seconds": self.cpu_median_seconds,
+            "cpu_runs": list(self.cpu_runs),
             "eps": self.eps,
             "device": self.device,
             "threads": self.threads,
@@ -262,6 +270,8 @@ class SweepBench:
             same call (the unit).
         cost_in_local_bounds: ``total_seconds / local_median_seconds``.
         target_units: the target for ``cost_in_local_bounds``.
+        cpu_total_seconds: median process CPU time of the sweep.
+        cpu_cost_in_local_bounds: the same ratio in CPU time (steadier on a busy machine).
         values: the bound at each radius (last repeat).
         load_average: 1-minute load average before and after.
     """
@@ -274,6 +284,8 @@ class SweepBench:
     local_median_seconds: float
     cost_in_local_bounds: float
     target_units: float = SWEEP_TARGET_UNITS
+    cpu_total_seconds: float = math.nan
+    cpu_cost_in_local_bounds: float = math.nan
     values: tuple[float, ...] = ()
     load_average: tuple[float, float] = (math.nan, math.nan)
 
@@ -292,6 +304,7 @@ class RadiusBench:
         trace_seconds: the analyzer's construction.
         per_image_seconds: seconds of each image.
         target_seconds: the target for ``total_seconds``.
+        cpu_total_seconds: process CPU time of the whole (steadier on a busy machine).
         radii: the certified radius of each image.
         load_average: 1-minute load average before and after.
     """
@@ -302,6 +315,7 @@ class RadiusBench:
     trace_seconds: float
     per_image_seconds: tuple[float, ...]
     target_seconds: float = RADIUS_TARGET_SECONDS
+    cpu_total_seconds: float = math.nan
     radii: tuple[float, ...] = ()
     load_average: tuple[float, float] = (math.nan, math.nan)
 
@@ -377,48 +391,51 @@ def _model_device(model: nn.Module) -> torch.device:
 
 # ---------------------------------------------------------------------------- core
 def _measure(what: str, make: Callable[[], Any], x0: Tensor, eps: float, repeat: int,
-             device: torch.device, mem: _Memory) -> tuple[list[float], float, list[float],
-                                                          BoundResult, list[float]]:
-    """Cold run then ``repeat`` timed runs, each on a fresh analyzer built off the clock.
-    Returns (runs, cold seconds, trace seconds, last result, values of every run)."""
+             device: torch.device, mem: _Memory, warmup: bool = True
+             ) -> tuple[list[float], list[float], float, list[float], BoundResult, list[float]]:
+    """A cold run then ``repeat`` timed runs, each on a fresh analyzer built off the clock
+    (without ``warmup`` the cold run's computation is the first timed run).
+    Returns (wall seconds, CPU seconds, cold seconds, trace seconds, last result, values of
+    every run)."""
 
     def op(an) -> BoundResult:
         return an.local_bound(x0, eps) if what == "local" else an.global_bound()
 
     mem.reset()
-    _sync(device)
-    t0 = time.perf_counter()
-    an = make()
-    _sync(device)
-    t1 = time.perf_counter()
-    res = op(an)
-    _sync(device)
-    cold = time.perf_counter() - t0
-    traces = [t1 - t0]
-    values = [res.value]
     runs: list[float] = []
-    for _ in range(repeat):
-        del an
+    cpu: list[float] = []
+    traces: list[float] = []
+    values: list[float] = []
+    cold = math.nan
+    an = None
+    for i in range(repeat + (1 if warmup else 0)):
+        an = None
         gc.collect()
         _sync(device)
         ta = time.perf_counter()
         an = make()
         _sync(device)
         tb = time.perf_counter()
+        cb = time.process_time()
         res = op(an)
         _sync(device)
-        runs.append(time.perf_counter() - tb)
+        tc = time.perf_counter()
         traces.append(tb - ta)
         values.append(res.value)
+        if i == 0:
+            cold = tc - ta
+        if i > 0 or not warmup:
+            runs.append(tc - tb)
+            cpu.append(time.process_time() - cb)
     del an
-    return runs, cold, traces, res, values
+    return runs, cpu, cold, traces, res, values
 
 
 def bench_model(model: nn.Module, x0: Tensor, *, name: str,
                 what: str | Sequence[str] = WHATS, eps: float | None = None,
                 repeat: int = 5, spectral: str = "auto", device: str | torch.device | None = None,
                 threads: int | None = None, analyzer_options: Mapping[str, Any] | None = None,
-                notes: Sequence[str] = ()) -> BenchResult:
+                notes: Sequence[str] = (), warmup: bool = True) -> BenchResult:
     """Benchmark local and/or global bounds of any supported model (see :func:`bench`).
 
     Args:
@@ -429,6 +446,8 @@ def bench_model(model: nn.Module, x0: Tensor, *, name: str,
         analyzer_options: extra keyword arguments of :class:`~lipbound.analyzer.Analyzer`
             (e.g. ``{"lanczos_steps": 32}``).
         notes: caveats copied into the result.
+        warmup: run once untimed first (the cold run); without it the cold run is also the
+            first timed run (for networks where one run takes minutes).
 
     Returns:
         The result of the first quantity in ``what``; the others are in ``.others``.
@@ -465,7 +484,8 @@ def bench_model(model: nn.Module, x0: Tensor, *, name: str,
             gc.collect()
             base = mem.current_host_mb()
             la0 = _loadavg()
-            runs, cold, traces, res, values = _measure(w, make, x0, eps, repeat, dev, mem)
+            runs, cpu, cold, traces, res, values = _measure(w, make, x0, eps, repeat, dev,
+                                                            mem, warmup)
             host_peak = mem.host_peak_mb()
             cuda_peak = mem.cuda_peak_mb()
             la1 = _loadavg()
@@ -484,6 +504,7 @@ def bench_model(model: nn.Module, x0: Tensor, *, name: str,
                 target_seconds=target,
                 ratio_to_target=(med / target) if target else None,
                 cold_seconds=cold, trace_seconds=statistics.median(traces),
+                cpu_median_seconds=statistics.median(cpu), cpu_runs=tuple(cpu),
                 failure_prob=res.failure_prob, eps=eps if w == "local" else None,
                 device=str(dev), threads=n_threads, spectral=opts["spectral"],
                 memory_source=("torch.cuda.max_memory_allocated" if cuda_peak is not None
@@ -512,8 +533,8 @@ def _load_zoo(model_name: str, device, seed: int = 0):
 
 def bench(model_name: str, *, what: str | Sequence[str] = WHATS, eps: float | None = None,
           repeat: int = 5, spectral: str = "auto", device: str | torch.device | None = None,
-          threads: int | None = None,
-          analyzer_options: Mapping[str, Any] | None = None) -> BenchResult:
+          threads: int | None = None, analyzer_options: Mapping[str, Any] | None = None,
+          warmup: bool = True) -> BenchResult:
     """Time one local and/or one global bound of a zoo network at its default input.
 
     Each timed run builds a fresh :class:`~lipbound.analyzer.Analyzer` outside the timer
@@ -531,6 +552,8 @@ def bench(model_name: str, *, what: str | Sequence[str] = WHATS, eps: float | No
         threads: torch intra-op threads during the runs (``None``: leave as is); restored
             afterwards.
         analyzer_options: extra keyword arguments of the analyzer.
+        warmup: time ``repeat`` runs after an untimed cold run (default); ``False`` makes
+            the cold run the first timed run.
 
     Returns:
         A :class:`BenchResult` for the first quantity of ``what``, the others in ``.others``
@@ -548,7 +571,7 @@ def bench(model_name: str, *, what: str | Sequence[str] = WHATS, eps: float | No
     lm, x0, notes = _load_zoo(model_name, device)
     return bench_model(lm.model, x0, name=lm.entry.name, what=what, eps=eps, repeat=repeat,
                        spectral=spectral, device=None, threads=threads,
-                       analyzer_options=analyzer_options, notes=notes)
+                       analyzer_options=analyzer_options, notes=notes, warmup=warmup)
 
 
 def bench_sweep(model_name: str, *, n_points: int = 30,
@@ -601,6 +624,7 @@ def bench_sweep_model(model: nn.Module, x0: Tensor, *, name: str,
     opts = dict(analyzer_options or {})
     opts.setdefault("spectral", spectral)
     runs: list[float] = []
+    cpu: list[float] = []
     values: list[float] = []
     la0 = _loadavg()
     with _Threads(threads):
@@ -608,16 +632,21 @@ def bench_sweep_model(model: nn.Module, x0: Tensor, *, name: str,
             an = Analyzer(model, tuple(x0.shape[1:]), device=dev, name=name, **opts)
             _sync(dev)
             t = time.perf_counter()
+            c = time.process_time()
             values = [an.local_bound(x0, e).value for e in eps_values]
             _sync(dev)
             runs.append(time.perf_counter() - t)
+            cpu.append(time.process_time() - c)
             del an
             gc.collect()
     total = statistics.median(runs)
+    cpu_total = statistics.median(cpu)
     return SweepBench(model=name, n_points=n_points, eps_range=(lo, hi),
                       total_seconds=total, runs=tuple(runs),
                       local_median_seconds=unit.median_seconds,
                       cost_in_local_bounds=total / unit.median_seconds,
+                      cpu_total_seconds=cpu_total,
+                      cpu_cost_in_local_bounds=cpu_total / unit.cpu_median_seconds,
                       values=tuple(values), load_average=(la0, _loadavg()))
 
 
@@ -655,6 +684,7 @@ def bench_radius(model_name: str = "mnist", *, n_images: int = 100, method: str 
     radii: list[float] = []
     la0 = _loadavg()
     with _Threads(threads):
+        c0 = time.process_time()
         t0 = time.perf_counter()
         an = Analyzer(lm.model, lm.entry.input_shape, device=dev, name=lm.entry.name)
         trace = time.perf_counter() - t0
@@ -665,6 +695,8 @@ def bench_radius(model_name: str = "mnist", *, n_images: int = 100, method: str 
             per.append(time.perf_counter() - t)
             radii.append(float(getattr(r, "radius", getattr(r, "value", math.nan))))
         total = time.perf_counter() - t0
+        cpu_total = time.process_time() - c0
     return RadiusBench(model=lm.entry.name, n_images=n_images, total_seconds=total,
+                       cpu_total_seconds=cpu_total,
                        trace_seconds=trace, per_image_seconds=tuple(per), radii=tuple(radii),
                        load_average=(la0, _loadavg()))

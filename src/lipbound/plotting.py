@@ -105,6 +105,18 @@ def _positive(xs: Sequence[float], ys: Sequence[float]) -> tuple[list[float], li
     return px, py
 
 
+def _plain_labels_if_narrow(ax) -> None:
+    """On a log axis spanning less than about two decades, label ticks as plain numbers
+    (``8``, ``9``) instead of ``8×10^0``."""
+    from matplotlib.ticker import FuncFormatter
+
+    lo, hi = ax.get_ylim()
+    if lo > 0 and hi / lo < 100:
+        fmt = FuncFormatter(lambda v, _pos: f"{v:.4g}")
+        ax.yaxis.set_major_formatter(fmt)
+        ax.yaxis.set_minor_formatter(fmt)
+
+
 def plot_sweep(eps: Sequence[float], curves: dict[str, Sequence[float]], *,
                path_png: str | Path | None, path_pdf: str | Path | None = None,
                title: str | None = None, upper: Sequence[str] = ("local", "global"),
@@ -143,6 +155,7 @@ def plot_sweep(eps: Sequence[float], curves: dict[str, Sequence[float]], *,
             ax.plot(px, py, label=label, **style)
         ax.set_xscale("log")
         ax.set_yscale("log")
+        _plain_labels_if_narrow(ax)
         ax.set_xlabel("ε (L2 radius)")
         ax.set_ylabel("Lipschitz bound")
         if title:

@@ -112,11 +112,18 @@ class RadiusResult:
     notes: tuple[str, ...] = ()
     details: dict[str, Any] = field(default_factory=dict)
 
+    @property
+    def guarantee_text(self) -> str:
+        """The guarantee in words, for tables: deterministic or with its probability."""
+        if self.guarantee == Guarantee.PROBABILISTIC:
+            return f"probabilistic (failure prob <= {self.failure_prob:.0e})"
+        return "deterministic"
+
     def to_dict(self) -> dict[str, Any]:
         """JSON-friendly dict (enums as their strings, inf/nan as strings/None)."""
         return _jsonable({
             "method": self.method, "radius": self.radius, "guarantee": self.guarantee,
-            "failure_prob": self.failure_prob, "predicted_class": self.predicted_class,
+            "guarantee_text": self.guarantee_text, "failure_prob": self.failure_prob, "predicted_class": self.predicted_class,
             "runner_up": self.runner_up, "margin": self.margin, "tol": self.tol,
             "bound": self.bound, "upper": self.upper,
             "n_bound_evaluations": self.n_bound_evaluations, "seconds": self.seconds,
@@ -287,6 +294,7 @@ def _search(evaluate: Callable[[float], _Eval], start: float, tol: float, max_ep
     trace: list[_Eval] = []
     stuck_lo = stuck_hi = 0
     non_monotone = False
+    widths: list[float] = []  # log-width of the bracket after each evaluation
     e = min(start, max_eps)
     while True:
         ev = evaluate(e)
@@ -304,8 +312,10 @@ def _search(evaluate: Callable[[float], _Eval], start: float, tol: float, max_ep
             elif hi is None or ev.eps < hi.eps:
                 hi = ev
                 stuck_hi, stuck_lo = 0, stuck_lo + 1
-        if lo is not None and hi is not None and hi.eps <= lo.eps * (1 + tol):
-            return _SearchOut(lo, hi, trace, "converged", non_monotone)
+        if lo is not None and hi is not None:
+            if hi.eps <= lo.eps * (1 + tol):
+                return _SearchOut(lo, hi, trace, "converged", non_monotone)
+            widths.append(math.log(hi.eps / lo.eps))
         if lo is not None and lo.eps >= max_eps:
             return _SearchOut(lo, hi, trace, "capped", non_monotone)
         if len(trace) >= max_evals:
@@ -321,7 +331,8 @@ def _search(evaluate: Callable[[float], _Eval], start: float, tol: float, max_ep
             if e < 1e-300:
                 return _SearchOut(None, hi, trace, "none", non_monotone)
         elif hi is None:
-            e = lo.eps / lo.ratio * (1 + 1e-9) if lo.ratio > 0 else lo.eps * 1e3
+            # a zero bound (the outputs cannot move in this ball): try the cap directly
+            e = lo.eps / lo.ratio * (1 + 1e-9) if lo.ratio > 0 else max_eps
             e = min(max(e, lo.eps * (1 + tol)), max_eps)
         else:
             ul, uh = math.log(lo.eps), math.log(hi.eps)
@@ -332,7 +343,12 @@ def _search(evaluate: Callable[[float], _Eval], start: float, tol: float, max_ep
                 b = min(b, ul - math.log(lo.ratio))
             if a >= b:  # bounds inconsistent (the bound was not monotone here)
                 a, b = ul, uh
-            if lo.ratio > 0 and math.isfinite(hi.ratio) and hi.ratio > 0:
+            # safeguard: bisect when interpolation did not halve the bracket in two steps
+            # (the bound jumps where a ReLU becomes reachable, often right at the root)
+            slow = len(widths) >= 3 and widths[-1] > 0.5 * widths[-3]
+            if slow:
+                u = 0.5 * (a + b)
+            elif lo.ratio > 0 and math.isfinite(hi.ratio) and hi.ratio > 0:
                 pl = math.log(lo.ratio) * 0.5 ** max(0, stuck_lo - 1)
                 ph = math.log(hi.ratio) * 0.5 ** max(0, stuck_hi - 1)
                 u = ul - pl * (uh - ul) / (ph - pl) if ph > pl else 0.5 * (a + b)
@@ -521,6 +537,8 @@ def _certify(an: Analyzer, pb: _Problem, method: str, tol: float, cap: float,
     n = len(out.trace)
     det: dict[str, Any] = {
         "threshold": pb.t_local if method == "local" else None,
+        "thresholds": None if method == "local" else [float(t) for t in pb.t_rows],
+        "rivals": None if method == "local" else [int(j) for j in pb.rivals],
         "start": start,
         "evaluations": [[ev.eps, ev.ratio, ev.ok] for ev in out.trace],
         "search": out.status,

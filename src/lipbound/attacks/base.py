@@ -140,10 +140,6 @@ class AttackContext:
         self.dim = int(x0[0].numel())
 
     # -- geometry ---------------------------------------------------------------------
-    @property
-    def has_box(self) -> bool:
-        return self.lo is not None
-
     def clip(self, x: Tensor) -> Tensor:
         """Clamp a batch into the box (identity without ``bounds``)."""
         if self.lo is None or self.hi is None:
@@ -161,11 +157,20 @@ class AttackContext:
         return t.reshape(-1, *([1] * (like.dim() - 1)))
 
     def normalize(self, g: Tensor) -> Tensor:
-        """Per-sample unit-L2 directions; samples with a zero or non-finite norm give 0."""
-        n = self.norms(g)
-        ok = torch.isfinite(n) & (n > 0)
+        """Per-sample unit-L2 directions; samples with a zero or non-finite norm give 0.
+
+        The vector is first divided by its largest entry, so that subnormal or huge
+        gradients normalise without underflow or overflow.
+        """
+        flat = g.flatten(1)
+        big = flat.abs().amax(dim=1)
+        ok = torch.isfinite(big) & (big > 0)
+        safe = torch.where(ok, big, torch.ones_like(big))
+        g1 = g / self.bview(safe, g)
+        n = self.norms(g1)
+        ok &= torch.isfinite(n) & (n > 0)
         scale = torch.where(ok, 1.0 / torch.where(ok, n, torch.ones_like(n)), torch.zeros_like(n))
-        return torch.nan_to_num(g * self.bview(scale, g))
+        return torch.where(self.bview(ok, g), g1 * self.bview(scale, g), torch.zeros_like(g))
 
     def project_ball(self, x: Tensor, eps: Tensor) -> Tensor:
         """Project each sample onto the L2 ball of radius ``eps[i]`` around ``x0``, then the box.
@@ -198,15 +203,22 @@ class AttackContext:
             outs.append(self.model(x[i:i + CHUNK]))
         return torch.cat(outs)
 
-    def loss_grad(self, x: Tensor, loss: LossName | Tensor = "margin") -> tuple[Tensor, Tensor]:
-        """Scores and the per-sample gradient of the loss to *increase*, w.r.t. the input.
+    def loss_grad(self, x: Tensor, loss: LossName | Tensor = "margin",
+                  target: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """Scores and the per-sample ascent direction of the loss, w.r.t. the input.
 
-        ``loss="margin"``: ``-(z_c - max_{j!=c} z_j)``; ``loss="ce"``: cross-entropy w.r.t.
-        the original class (Goodfellow et al.'s choice); a boolean tensor ``(B,)`` selects
-        the cross-entropy for the samples where it is true and the margin elsewhere. Where
-        the cross-entropy gradient underflows to zero (a very confident prediction), the
-        margin gradient replaces it. Only the input requires a gradient; the model's
-        parameters are untouched.
+        ``loss="margin"``: the gradient of ``-(z_c - max_{j!=c} z_j)``. ``loss="ce"``: the
+        direction of the gradient of the cross-entropy w.r.t. the original class ``c``
+        (Goodfellow et al.'s choice), computed as ``sum_{j!=c} q_j (grad z_j - grad z_c)``
+        with ``q_j = p_j / max_{k!=c} p_k`` (``p`` the softmax). This equals the
+        cross-entropy gradient up to a positive factor, but stays accurate for confident
+        predictions, where the usual ``softmax - onehot`` form has ``p_c`` rounded to 1 and
+        loses the ``grad z_c`` term entirely. A boolean tensor ``(B,)`` selects the
+        cross-entropy where true and the margin elsewhere. ``target`` (a ``(B,)`` integer
+        tensor) replaces the loss by the targeted margin ``z_t - z_c`` wherever its entry
+        ``t`` is ``>= 0``. Callers use directions only
+        (they normalise), never the magnitude. Only the input requires a gradient; the
+        model's parameters are untouched.
 
         Returns:
             ``(z, g)`` with ``z`` of shape ``(B, n_classes)`` (detached) and ``g`` like ``x``.
@@ -224,16 +236,17 @@ class AttackContext:
                 z = self.model(xi)
                 obj = -self.margin(z)
                 if bool(ce_i.any()):
-                    target = torch.full((z.shape[0],), self.label, device=z.device)
-                    ce = nn.functional.cross_entropy(z, target, reduction="none")
+                    with torch.no_grad():
+                        logp = torch.log_softmax(z, dim=1)
+                        logp[:, self.label] = -torch.inf
+                        q = torch.exp(logp - logp.amax(dim=1, keepdim=True))
+                    ce = (q * (z - z[:, self.label:self.label + 1])).sum(dim=1)
                     obj = torch.where(ce_i, ce, obj)
+                if target is not None:
+                    t_i = target[i:i + CHUNK].to(z.device)
+                    zt = z.gather(1, t_i.clamp(min=0).reshape(-1, 1))[:, 0]
+                    obj = torch.where(t_i >= 0, zt - z[:, self.label], obj)
                 (g,) = torch.autograd.grad(obj.sum(), xi)
-            n = self.norms(g)
-            bad = ce_i & ~(torch.isfinite(n) & (n > 0))
-            if bool(bad.any()):
-                _, gm = self.loss_grad(xi[bad], "margin")
-                g = g.clone()
-                g[bad] = gm
             zs.append(z.detach())
             gs.append(g.detach())
         return torch.cat(zs), torch.cat(gs)
@@ -251,6 +264,22 @@ class AttackContext:
             return m / gn
         return 1e-3 * max(float(self.x0.norm()), 1.0)
 
+    def class_estimates(self, candidates: int = 10) -> tuple[list[int], list[float]]:
+        """First-order distances ``(z_c - z_j) / ||grad (z_c - z_j)||`` at ``x0`` to the
+        boundaries of the ``candidates`` highest-scoring other classes ``j`` (DeepFool's
+        linearisation), in increasing order. One batched backward pass."""
+        z0 = self.logits(self.x0)[0]
+        order = [j for j in torch.argsort(z0, descending=True).tolist() if j != self.label]
+        cls = order[:max(1, candidates)]
+        t = torch.tensor(cls, device=self.x0.device)
+        z, g = self.loss_grad(self.x0.expand(len(cls), *self.shape), "margin", target=t)
+        gap = (z[:, self.label] - z.gather(1, t.reshape(-1, 1))[:, 0]).to(torch.float64)
+        n = self.norms(g.to(torch.float64))
+        est = torch.where(n > 0, gap / torch.where(n > 0, n, torch.ones_like(n)),
+                          torch.full_like(n, math.inf))
+        pairs = sorted(zip(est.tolist(), cls, strict=True))
+        return [c for _, c in pairs], [e for e, _ in pairs]
+
     # -- line searches ----------------------------------------------------------------
     def search_path(self, path: Callable[[Tensor], Tensor], t_lo: float, t_hi: float, *,
                     points: int = 15, rounds: int = 4) -> tuple[Tensor, float] | None:
@@ -266,8 +295,10 @@ class AttackContext:
             t_hi: a value whose point is adversarial (checked here first).
 
         Returns:
-            ``(point, t)`` for the smallest adversarial ``t`` found (``point`` of shape
-            ``(1, *shape)``), or ``None`` if ``path(t_hi)`` is not adversarial.
+            ``(points, t)`` for the smallest adversarial ``t`` found, or ``None`` if
+            ``path(t_hi)`` is not adversarial. ``points[0]`` is ``path(t)``; it is followed by
+            up to four points a relative 1e-6 ... 1e-3 farther along the path, as fallbacks
+            for the final single-sample verification.
         """
         dev = self.x0.device
         p_hi = path(torch.tensor([t_hi], dtype=torch.float64, device=dev))
@@ -285,6 +316,14 @@ class AttackContext:
                 hi, p_hi = hi_new, pts[i:i + 1]
             else:
                 lo = float(ts[-1])
+        if hi < t_hi:
+            # a short ladder just above the boundary point: if rounding makes the point
+            # itself fail verification on its own, a slightly larger one still passes
+            ladder = torch.tensor([hi * (1 + f) for f in (1e-6, 1e-5, 1e-4, 1e-3)],
+                                  dtype=torch.float64, device=dev)
+            ladder = ladder[ladder < t_hi]
+            if ladder.numel():
+                p_hi = torch.cat([p_hi, path(ladder)])
         return p_hi, hi
 
     def segment(self, a: Tensor, b: Tensor) -> Callable[[Tensor], Tensor]:
@@ -300,7 +339,8 @@ class AttackContext:
     def shrink(self, x_adv: Tensor, *, points: int = 15, rounds: int = 4) -> Tensor:
         """Pull an adversarial point back towards ``x0`` along the straight segment: the
         point ``x0 + t (x_adv - x0)`` with the smallest adversarial ``t`` in ``(0, 1]``.
-        Never returns a point farther from ``x0`` than ``x_adv``."""
+        Returns a batch (the point and its fallbacks, see :meth:`search_path`), never
+        farther from ``x0`` than ``x_adv``, or ``x_adv`` itself if it is not adversarial."""
         found = self.search_path(self.segment(self.x0, x_adv), 0.0, 1.0,
                                  points=points, rounds=rounds)
         return x_adv if found is None else found[0]
@@ -459,7 +499,13 @@ def _check_bounds(bounds: Bounds, xm: Tensor) -> tuple[Tensor, Tensor]:
 @torch.no_grad()
 def _verify(ctx: AttackContext, x0_ref: Tensor,
             cands: Tensor | None) -> tuple[Tensor, float, int] | None:
-    """Smallest candidate that a fresh forward pass confirms; radius in float64."""
+    """Smallest candidate confirmed by a fresh forward pass of that tensor alone.
+
+    Candidates are tried in increasing float64 radius; the first that is finite, in the
+    box and classified differently wins. (Each is evaluated on its own because some
+    backends compute a batch with slightly different rounding, and a point found by a
+    line search sits within rounding of the decision boundary.)
+    """
     if cands is None or cands.numel() == 0:
         return None
     if tuple(cands.shape[1:]) != ctx.shape:
@@ -469,19 +515,18 @@ def _verify(ctx: AttackContext, x0_ref: Tensor,
     ok = torch.isfinite(cands.flatten(1)).all(dim=1)
     if ctx.lo is not None and ctx.hi is not None:
         ok &= ((cands >= ctx.lo) & (cands <= ctx.hi)).flatten(1).all(dim=1)
-    z = ctx.logits(cands)
-    ok &= ctx.is_adv(z)
     radii = (cands.to(torch.float64) - x0_ref).flatten(1).norm(dim=1)
     ok &= radii > 0
-    if not bool(ok.any()):
-        return None
-    radii = torch.where(ok, radii, torch.full_like(radii, math.inf))
-    i = int(radii.argmin())
-    x_adv = cands[i:i + 1].clone()
-    # the decisive recheck: the returned tensor itself, alone, through the model
-    z1 = ctx.logits(x_adv)
-    if not bool(ctx.is_adv(z1)[0]):  # batch-dependent numerics; fall back to a safe choice
-        logger.warning("candidate changed class in a batch but not alone; discarding it")
-        return _verify(ctx, x0_ref, torch.cat([cands[:i], cands[i + 1:]]))
-    radius = float((x_adv.to(torch.float64) - x0_ref).norm())
-    return x_adv, radius, int(z1[0].argmax())
+    rejected = 0
+    for i in torch.argsort(radii).tolist():
+        if not bool(ok[i]):
+            continue
+        x_adv = cands[i:i + 1].clone()
+        z = ctx.logits(x_adv)
+        if bool(ctx.is_adv(z)[0]):
+            if rejected:
+                logger.debug("%d smaller candidate(s) failed verification", rejected)
+            radius = float((x_adv.to(torch.float64) - x0_ref).norm())
+            return x_adv, radius, int(z[0].argmax())
+        rejected += 1
+    return None

@@ -58,7 +58,7 @@ class CarliniWagnerL2(Attack):
     name = "cw"
 
     def __init__(self, *, binary_steps: int = 9, steps: int = 100, kappa: float = 0.0,
-                 lr_factor: float = 0.1, initial_c: float | None = None, refine: bool = True):
+                 lr_factor: float = 2.0, initial_c: float | None = None, refine: bool = True):
         if binary_steps < 1 or steps < 1:
             raise InputError(f"expected binary_steps >= 1 and steps >= 1, got "
                              f"{binary_steps}, {steps}")

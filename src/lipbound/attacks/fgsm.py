@@ -14,9 +14,10 @@ so the step is measured in L2:
 with ``g`` the input gradient of the cross-entropy w.r.t. the original class at ``x0``
 (``loss="ce"``, as in the paper) or of the negative margin (``loss="margin"``). The attack
 then returns the smallest step ``t`` for which ``clip(x0 + t d)`` is classified differently:
-the steps ``t0 * 2^k`` (``t0`` the first-order distance estimate ``margin / ||grad margin||``,
-so there is no per-network constant) are evaluated in batches until one flips the class
-(exponential bracketing), then the bracket is narrowed by multisection (batched
+the steps ``t0 * 2^(k/4)``, ``k = -32, -31, ...`` (``t0`` the first-order distance estimate
+``margin / ||grad margin||``, so there is no per-network constant) are evaluated in batches
+until one flips the class (exponential bracketing), then the bracket is narrowed by
+multisection (batched
 bisection that keeps the first flip on the ray).
 
 Distance: L2 in the model's input space. Shapes: ``x0`` is ``(1, *input_shape)``.
@@ -95,16 +96,19 @@ class FGSM(Attack):
         return x_adv, details
 
 
-def _bracket(ctx: AttackContext, path, t0: float, max_doublings: int,
-             start: int = -8, batch: int = 16) -> tuple[float, float | None]:
-    """First ``t0 * 2^k`` (k = start, start+1, ...) whose point is adversarial; returns the
-    bracket ``(previous value or 0, that value)`` or ``(.., None)`` if none up to the limit."""
+def _bracket(ctx: AttackContext, path, t0: float, max_doublings: int, start: int = -8,
+             per_doubling: int = 4, batch: int = 32) -> tuple[float, float | None]:
+    """First step ``t0 * 2^(k / per_doubling)`` (``k = start * per_doubling, ...``) whose
+    point is adversarial, evaluated ``batch`` steps per forward pass; returns the bracket
+    ``(previous step or 0, that step)``, or ``(.., None)`` if none up to
+    ``t0 * 2^max_doublings``."""
     prev = 0.0
-    k = start
-    while k <= max_doublings:
-        ks = torch.arange(k, min(k + batch, max_doublings + 1), dtype=torch.float64,
+    k = start * per_doubling
+    k_max = max_doublings * per_doubling
+    while k <= k_max:
+        ks = torch.arange(k, min(k + batch, k_max + 1), dtype=torch.float64,
                           device=ctx.x0.device)
-        ts = t0 * torch.pow(2.0, ks)
+        ts = t0 * torch.pow(2.0, ks / per_doubling)
         adv = ctx.is_adv(ctx.logits(path(ts)))
         if bool(adv.any()):
             i = int(torch.nonzero(adv)[0, 0])

@@ -113,7 +113,7 @@ class GradientAscent(Attack):
             p = x[i:i + 1] if found is None else found[0]
             cands.append(p)
             if self.refine:
-                cands.append(ctx.shrink(p, points=self.points, rounds=self.rounds))
+                cands.append(ctx.shrink(p[:1], points=self.points, rounds=self.rounds))
         if not cands:
             details["reason"] = "no walk changed the class"
             return None, details

@@ -30,12 +30,13 @@ Example:
 
 from __future__ import annotations
 
-from typing import Literal
+import math
+from collections.abc import Callable
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
 
-from lipbound.attacks._iterative import projected_ascent, search_eps
 from lipbound.attacks.base import Attack, AttackContext, LossName, Proposal
 from lipbound.errors import InputError
 
@@ -59,7 +60,7 @@ class IterativeFGSM(Attack):
     def __init__(self, *, steps: int = 10, step_factor: float = 1.25, loss: LossName = "ce",
                  direction: Literal["l2", "sign"] = "l2", points: int = 7, rounds: int = 4,
                  rel_tol: float = 1e-3, refine: bool = True):
-        _check_common(steps, step_factor, loss, direction, points, rounds, rel_tol)
+        _check_options(steps, step_factor, loss, direction, points, rounds, rel_tol)
         self.steps = int(steps)
         self.step_factor = float(step_factor)
         self.loss = loss
@@ -72,13 +73,13 @@ class IterativeFGSM(Attack):
     def run(self, ctx: AttackContext) -> Proposal:
         def attempt(eps: Tensor) -> tuple[Tensor, Tensor]:
             starts = ctx.x0.expand(len(eps), *ctx.shape)
-            return projected_ascent(ctx, starts, eps, self.steps,
-                                    self.step_factor * eps / self.steps, loss=self.loss,
-                                    direction=self.direction)
+            return _projected_ascent(ctx, starts, eps, self.steps,
+                                     self.step_factor * eps / self.steps, loss=self.loss,
+                                     direction=self.direction)
 
         eps0 = ctx.linear_estimate()
-        pts, info = search_eps(ctx, attempt, eps0, points=self.points, rounds=self.rounds,
-                               rel_tol=self.rel_tol)
+        pts, info = _search_eps(ctx, attempt, eps0, points=self.points, rounds=self.rounds,
+                                rel_tol=self.rel_tol)
         details = {"steps": self.steps, "step_factor": self.step_factor, "loss": self.loss,
                    "direction": self.direction, "eps0": eps0, **info}
         if pts is None:
@@ -88,12 +89,12 @@ class IterativeFGSM(Attack):
         return pts, details
 
 
-def _check_common(steps: int, step_factor: float, loss: str, direction: str, points: int,
+def _check_options(steps: int, step_factor: float, loss: str, direction: str, points: int,
                   rounds: int, rel_tol: float) -> None:
     if steps < 1 or points < 1 or rounds < 0:
         raise InputError(f"expected steps >= 1, points >= 1, rounds >= 0; got steps={steps}, "
                          f"points={points}, rounds={rounds}")
-    if not step_factor > 0:
+    if not (math.isfinite(step_factor) and step_factor > 0):
         raise InputError(f"expected step_factor > 0, got {step_factor}")
     if loss not in ("ce", "margin"):
         raise InputError(f"expected loss 'ce' or 'margin', got {loss!r}")
@@ -101,3 +102,107 @@ def _check_common(steps: int, step_factor: float, loss: str, direction: str, poi
         raise InputError(f"expected direction 'l2' or 'sign', got {direction!r}")
     if not 0 < rel_tol < 1:
         raise InputError(f"expected 0 < rel_tol < 1, got {rel_tol}")
+
+
+Attempt = Callable[[Tensor], tuple[Tensor, Tensor]]
+
+
+def _projected_ascent(ctx: AttackContext, starts: Tensor, eps: Tensor, steps: int,
+                     step_size: Tensor, *, loss: LossName = "margin",
+                     direction: Literal["l2", "sign"] = "l2") -> tuple[Tensor, Tensor]:
+    """Run ``steps`` projected L2 gradient steps from ``starts`` for per-sample budgets.
+
+    ``x <- Proj_{B(x0, eps_i) ∩ box}(x + a_i d(x))`` with ``d`` the unit-L2 ascent direction
+    of ``loss`` (or its sign, rescaled to unit L2 norm). Every iterate is checked (the scores
+    come with its gradient); the smallest adversarial iterate of each sample is kept.
+
+    Args:
+        starts: ``(B, *shape)`` starting points (inside the balls).
+        eps: ``(B,)`` budgets; ``step_size``: ``(B,)`` step lengths.
+
+    Returns:
+        ``(best_x, best_r)``: per-sample smallest adversarial iterate and its L2 radius
+        (``inf`` and ``x0`` where none was found).
+    """
+    eps = eps.to(ctx.x0.dtype)
+    step_size = step_size.to(ctx.x0.dtype)
+    x = ctx.project_ball(starts, eps)
+    b = x.shape[0]
+    best_r = torch.full((b,), math.inf, dtype=torch.float64, device=x.device)
+    best_x = ctx.x0.expand_as(x).clone()
+    for s in range(steps + 1):
+        if s < steps:
+            z, g = ctx.loss_grad(x, loss)
+        else:
+            z = ctx.logits(x)
+        adv = ctx.is_adv(z)
+        r = ctx.norms((x - ctx.x0).to(torch.float64))
+        upd = adv & (r < best_r)
+        if bool(upd.any()):
+            best_x[upd] = x[upd]
+            best_r[upd] = r[upd]
+        if s == steps:
+            break
+        d = ctx.normalize(torch.sign(g) if direction == "sign" else g)
+        x = ctx.project_ball(x + d * ctx.bview(step_size, x), eps)
+    return best_x, best_r
+
+
+def _search_eps(ctx: AttackContext, attempt: Attempt, eps0: float, *, points: int,
+               rounds: int, rel_tol: float = 1e-3, max_doublings: int = 40,
+               bracket_points: int = 8) -> tuple[Tensor | None, dict[str, Any]]:
+    """Smallest budget at which a fixed-budget attack succeeds, by bracketing + multisection.
+
+    ``attempt(eps)`` runs the fixed-budget attack for each value of ``eps`` (one batch) and
+    returns the smallest adversarial point per budget and its radius (``inf`` on failure).
+    Budgets ``eps0 * 2^k`` are tried ``bracket_points`` at a time until one succeeds; then
+    each round tries ``points`` budgets spread over ``(lo, hi)``, where ``hi`` is the
+    smallest radius found so far and ``lo`` the largest failed budget below it. Success is
+    not assumed monotone in ``eps``: every success is kept and the smallest one wins.
+
+    Returns:
+        ``(points, info)``: all successful points found (``(K, *shape)``, smallest first), or
+        ``None``, and a dict with the final bracket and the number of budgets tried.
+    """
+    dev = ctx.x0.device
+    found_x: list[Tensor] = []
+    found_r: list[float] = []
+    failed: list[float] = []
+    tried = 0
+
+    def record(eps: Tensor) -> None:
+        nonlocal tried
+        xs, rs = attempt(eps)
+        tried += len(eps)
+        for i in range(len(eps)):
+            r = float(rs[i])
+            if math.isfinite(r):
+                found_x.append(xs[i:i + 1])
+                found_r.append(r)
+            else:
+                failed.append(float(eps[i]))
+
+    k = -(bracket_points // 2)
+    while not found_r and k <= max_doublings:
+        ks = torch.arange(k, k + bracket_points, dtype=torch.float64, device=dev)
+        record(eps0 * torch.pow(2.0, ks))
+        k += bracket_points
+    if not found_r:
+        return None, {"budgets_tried": tried, "max_budget": eps0 * 2.0**k}
+    lo = hi = 0.0
+    for _ in range(rounds):
+        hi = min(found_r)
+        lo = max([e for e in failed if e < hi], default=0.0)
+        if hi - lo <= rel_tol * hi:
+            break
+        if lo == 0.0:  # nothing failed below: look geometrically lower
+            eps = hi * torch.pow(2.0, -torch.arange(points, 0, -1, dtype=torch.float64,
+                                                    device=dev))
+        else:
+            eps = torch.linspace(lo, hi, points + 2, dtype=torch.float64, device=dev)[1:-1]
+        record(eps)
+    hi = min(found_r)
+    lo = max([e for e in failed if e < hi], default=0.0)
+    order = sorted(range(len(found_r)), key=found_r.__getitem__)
+    pts = torch.cat([found_x[i] for i in order])
+    return pts, {"budgets_tried": tried, "eps_bracket": [lo, hi]}

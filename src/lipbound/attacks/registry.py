@@ -62,6 +62,10 @@ def run_attacks(model: nn.Module, x0: Tensor, methods: Sequence[str] = DEFAULT_M
         One :class:`AttackResult` per method; the smallest verified radius is
         ``min(r.radius for r in results if r.success)``.
 
+    Raises:
+        InputError: for an unknown method, invalid options, options for a method that is not
+            run (a likely typo), or an invalid model/input (see :class:`Attack`).
+
     Example:
         >>> import torch
         >>> from torch import nn

@@ -269,7 +269,7 @@ def exact_local_l2_detailed(net: nn.Module | Sequence[tuple[Any, Any]], x0: Any,
     cons_g: list[np.ndarray] = []
     cons_h: list[float] = []
     cons_e: list[float] = []
-    best: dict[str, Any] = {"value": -1.0}
+    leaves: list[dict[str, Any]] = []
 
     def layer_map(k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         w, b = layers[k]
@@ -285,10 +285,9 @@ def exact_local_l2_detailed(net: nn.Module | Sequence[tuple[Any, Any]], x0: Any,
         a_m, c_m, aa_m, ca_m = layer_map(n_layers) if n_layers else (
             layers[0][0], layers[0][1], np.abs(layers[0][0]), np.abs(layers[0][1]))
         val = safe_spectral_norm(a_m, product_error(aa_m, n_tot))
-        if val > best["value"]:
-            best.update(value=val, jac=a_m, jac_abs=aa_m, pattern=[p.copy() for p in pattern],
-                        g=np.array(cons_g).reshape(len(cons_g), n0), h=np.array(cons_h),
-                        e=np.array(cons_e), witness=witness)
+        leaves.append(dict(value=val, jac=a_m, jac_abs=aa_m, pattern=[p.copy() for p in pattern],
+                           g=np.array(cons_g).reshape(len(cons_g), n0), h=np.array(cons_h),
+                           e=np.array(cons_e), witness=witness))
 
     def visit(k: int, j: int, witness: np.ndarray | None) -> None:
         if k == n_layers:
@@ -340,22 +339,32 @@ def exact_local_l2_detailed(net: nn.Module | Sequence[tuple[Any, Any]], x0: Any,
             cons_e.pop()
 
     visit(0, 0, xc.copy())
-    upper = best["value"]
+    leaves.sort(key=lambda lf: -lf["value"])
+    upper = leaves[0]["value"]
     notes = [f"fully connected {describe(layers)}",
              f"{budget.regions} activation region(s) meet the ball "
              f"({budget.nodes} branch nodes)"]
-    verified, lower, witness = _verify_l2(layers, best, xc, eps, n_tot)
-    if verified:
-        # upper and lower differ only by the rounding margins of the same Jacobian's norm
-        guarantee = Guarantee.EXACT if upper - lower <= 1e-6 * max(upper, 1e-300) else \
-            Guarantee.CERTIFIED
+    # the attained lower end: the largest region verified to have interior in the open ball
+    verified, lower, witness = False, math.nan, None
+    for lf in leaves[:max_verify]:
+        verified, lower, witness = _verify_l2(layers, lf, xc, eps, n_tot)
+        if verified:
+            break
+    # upper and lower differ only by the rounding margins of the same Jacobian's norm
+    if verified and upper - lower <= 1e-6 * upper:
+        guarantee = Guarantee.EXACT
         notes.append(f"maximiser verified at a point strictly inside its region and the "
                      f"ball: the true value lies in [{lower:.12g}, {upper:.12g}]; witness "
                      f"x = {np.round(witness, 6)}")
+    elif verified:
+        guarantee = Guarantee.CERTIFIED
+        notes.append(f"the largest region(s) are degenerate (no interior in the open ball "
+                     f"could be verified): the true value lies in [{lower:.12g}, "
+                     f"{upper:.12g}]; the value is the upper end")
     else:
         guarantee = Guarantee.CERTIFIED
-        notes.append("the maximising region could not be verified to have interior in the "
-                     "open ball (degenerate); the value is an upper bound")
+        notes.append("no region could be verified to have interior in the open ball "
+                     "(degenerate network); the value is an upper bound")
     notes.append("quantity is over ALL pairs in the ball (>= the constant relative to x0)")
     bound = BoundResult(
         value=upper, guarantee=guarantee, method="exact-l2",
@@ -363,6 +372,10 @@ def exact_local_l2_detailed(net: nn.Module | Sequence[tuple[Any, Any]], x0: Any,
         eps=eps, seconds=time.perf_counter() - t0, norm="l2", model=model_name,
         notes=tuple(notes))
     return ExactL2Result(bound, lower if verified else math.nan, witness, budget.regions)
+
+
+#: how many of the largest regions :func:`exact_local_l2_detailed` tries to verify
+max_verify = 64
 
 
 def _pattern_maps(layers: FCLayers, pattern: Sequence[np.ndarray]
@@ -398,15 +411,15 @@ def _strict_signs(layers: FCLayers, pattern: Sequence[np.ndarray], x: np.ndarray
     return True
 
 
-def _verify_l2(layers: FCLayers, best: dict[str, Any], x0: np.ndarray, eps: float,
+def _verify_l2(layers: FCLayers, leaf: dict[str, Any], x0: np.ndarray, eps: float,
                n_tot: int) -> tuple[bool, float, np.ndarray | None]:
     if len(layers) == 1:
-        return True, best["value"] * (1 - 1e-12 * max(layers[0][0].shape)), x0
-    g, h, e = best["g"], best["h"], best["e"]
-    jac, jac_abs = best["jac"], best["jac_abs"]
+        return True, leaf["value"] * (1 - 1e-12 * max(layers[0][0].shape)), x0
+    g, h, e = leaf["g"], leaf["h"], leaf["e"]
+    jac, jac_abs = leaf["jac"], leaf["jac_abs"]
     candidates: list[np.ndarray] = []
-    if best.get("witness") is not None:
-        candidates.append(best["witness"])
+    if leaf.get("witness") is not None:
+        candidates.append(leaf["witness"])
     norms = np.linalg.norm(g, axis=1) if g.size else np.zeros(0)
     for slack in (1e-6, 1e-8, 1e-4, 1e-3, 1e-2):
         if g.shape[0] == 0:
@@ -416,7 +429,7 @@ def _verify_l2(layers: FCLayers, best: dict[str, Any], x0: np.ndarray, eps: floa
         if meets and p is not None and dist < eps * (1 - 1e-9):
             candidates.append(p)
     for p in candidates:
-        if np.linalg.norm(p - x0) < eps and _strict_signs(layers, best["pattern"], p, n_tot):
+        if np.linalg.norm(p - x0) < eps and _strict_signs(layers, leaf["pattern"], p, n_tot):
             s = float(np.linalg.svd(jac, compute_uv=False)[0])
             lower = s * (1 - 1e-12 * max(jac.shape)) - product_error(jac_abs, n_tot)
             return True, max(lower, 0.0), p
@@ -435,7 +448,7 @@ def _box_bounds(layers: FCLayers, x0: np.ndarray, eps: float
         mid, rad = (lo + hi) / 2, (hi - lo) / 2
         zc = w @ mid + b
         zr = np.abs(w) @ rad
-        tol = 1e-10 * (np.abs(w) @ np.maximum(np.abs(lo), np.abs(hi)) + np.abs(b) + 1e-300)
+        tol = 1e-10 * (np.abs(w) @ np.maximum(np.abs(lo), np.abs(hi)) + np.abs(b))
         zl, zu = zc - zr - tol, zc + zr + tol
         out.append((zl, zu))
         lo, hi = np.maximum(zl, 0.0), np.maximum(zu, 0.0)
@@ -507,10 +520,13 @@ def lipmip(net: nn.Module | Sequence[tuple[Any, Any]], x0: Any, eps: float, *,
         return result(round_up(dual_norm(g) * (1 + 1e-15 * n0)), Guarantee.EXACT,
                       ["affine network: constant gradient"])
     milp = _LipMip(layers, xc, eps, dual)
-    res = optimize.milp(c=-milp.objective(), constraints=milp.constraints(),
-                        integrality=milp.integrality(), bounds=milp.bounds(),
-                        options={"time_limit": float(time_limit), "mip_rel_gap": 1e-9,
-                                 "disp": False})
+    for presolve in (True, False):  # HiGHS's presolve occasionally ends in "solve error"
+        res = optimize.milp(c=-milp.objective(), constraints=milp.constraints(),
+                            integrality=milp.integrality(), bounds=milp.bounds(),
+                            options={"time_limit": float(time_limit), "mip_rel_gap": 1e-9,
+                                     "disp": False, "presolve": presolve})
+        if res.status != 4:
+            break
     if res.status != 0 or res.x is None:
         dual_bound = getattr(res, "mip_dual_bound", None)
         return result(math.nan, Guarantee.ESTIMATE,
@@ -525,9 +541,10 @@ def lipmip(net: nn.Module | Sequence[tuple[Any, Any]], x0: Any, eps: float, *,
                 -float(res.fun), attained)
     upper = round_up(upper * (1 + 1e-12 * n_tot))
     ok, xs = _verify_box(layers, pattern, xc, eps, n_tot)
-    notes.append(f"HiGHS optimal; attained value of the optimal pattern {attained:.12g}, "
-                 f"dual bound {upper:.12g}")
-    if ok and upper <= attained * (1 + 1e-6) + 1e-12:
+    notes.append(f"HiGHS optimal: the constant lies in [{attained:.12g}, {upper:.12g}] "
+                 "(value of the optimal pattern, MILP dual bound)")
+    # the gap is HiGHS's tolerance (integrality 1e-6 times a big-M coefficient)
+    if ok and upper <= attained * (1 + 1e-5) + 1e-12:
         notes.append(f"maximiser verified strictly inside its region; witness x = "
                      f"{np.round(xs, 6)}")
         return result(upper, Guarantee.EXACT, [])
@@ -615,8 +632,8 @@ class _LipMip:
             act = self.fixed[k]
             vl = np.where(act == 1, gl, np.where(act == 0, 0.0, np.minimum(gl, 0.0)))
             vu = np.where(act == 1, gu, np.where(act == 0, 0.0, np.maximum(gu, 0.0)))
-            tol = 1e-10 * (np.abs(vl) + np.abs(vu)) + 1e-300
-            v = self._vars(vl - tol, vu + tol)
+            # widen relatively (a zero bound stays exact: HiGHS dislikes tiny bounds)
+            v = self._vars(vl - 1e-10 * np.abs(vl), vu + 1e-10 * np.abs(vu))
             for i in range(n):
                 if act[i] == 0:
                     continue

@@ -25,17 +25,18 @@ Guarantee -- soundness despite solver tolerance:
 1. A status other than ``optimal`` is never reported as a bound: the value is NaN, the
    guarantee ESTIMATE, and a note gives the status.
 2. After an optimal solve, the multipliers are clipped to ``T >= 0`` and the LMI is checked
-   in float64: the largest eigenvalue of ``M(rho, T)`` must be <= ``-margin``, where
-   ``margin = 1e-12 * dim * (||M_abs||_F + rho)`` exceeds the rounding error of forming
-   ``M`` (bounded through ``M_abs``, the same expression in absolute values) and of the
-   symmetric eigensolver. If it is violated, rho is raised -- the rho term is
-   ``-rho * blkdiag(I, 0)``, so ``M`` decreases monotonically in rho; the first candidate is
-   the exact Schur-complement value ``lambda_max(Q (-R)^{-1} Q^T)`` -- until the check
-   passes. The margin is ~1e4 times the float64 error, so it also covers the rounding
-   of the rescaled weights below. Only then is ``sqrt(rho)`` (rounded up) reported, with
-   guarantee CERTIFIED. If no rho passes (the hidden block is not negative definite at the
-   solver's ``T``), the SDP is solved once more with a strict margin ``M <= -tau I`` and
-   checked again.
+   in float64 on the Jacobi-scaled matrix ``S M S`` (``S`` positive diagonal, so the
+   signs of the eigenvalues are those of ``M``): its largest eigenvalue must be
+   <= ``-margin``, where ``margin = 1e-12 * dim * (||S M_abs S||_F + rho max S_x^2)``
+   exceeds the rounding error of forming it (bounded entrywise through ``M_abs``, the same
+   expression in absolute values) and of the symmetric eigensolver. If it is violated, rho
+   is raised until the check passes: the rho term is ``-rho * blkdiag(I, 0)``, so ``M``
+   decreases monotonically in rho, and the first candidate is the exact Schur-complement
+   value ``lambda_max(Q (-R)^{-1} Q^T)``. The margin is ~1e4 times the float64 error, so it
+   also covers the rounding of the rescaled weights below. Only then is ``sqrt(rho)``
+   (rounded up) reported, with guarantee CERTIFIED. If no rho passes (the hidden block is
+   not negative definite at the solver's ``T``), the SDP is solved once more with a strict
+   margin ``M <= -tau I`` and checked again.
 
 Weights are rescaled to unit spectral norm before solving (ReLU is positively homogeneous,
 so ``L(f) = prod_k ||W_k|| L(f_scaled)`` and the LMI is solved for the scaled network); the
@@ -151,48 +152,58 @@ def certify_lmi(layers: FCLayers, t_diag: np.ndarray, rho: float) -> LMICertific
     Returns:
         An :class:`LMICertificate`; when ``ok``, ``sqrt(rho)`` is a certified global L2 bound.
     """
-    a, b, f, px = lmi_parts(layers)
+    a, b, f, _ = lmi_parts(layers)
     t = np.maximum(np.asarray(t_diag, dtype=np.float64), 0.0)
     dim = a.shape[1]
-    ta = t[:, None] * a
-    tb = t[:, None] * b
-    s = b.T @ ta
-    m0 = s + s.T - 2.0 * (b.T @ tb) + f
+    n0 = layers[0][0].shape[1]
+    s = b.T @ (t[:, None] * a)
+    m0 = s + s.T - 2.0 * (b.T @ (t[:, None] * b)) + f
     m0 = 0.5 * (m0 + m0.T)
+    # the same expression in absolute values bounds the rounding error of every entry
     wk = layers[-1][0]
-    abs_s = np.abs(b).T @ (t[:, None] * np.abs(a))
-    fabs = np.zeros_like(f)
+    s_abs = np.abs(b).T @ (t[:, None] * np.abs(a))
+    m_abs = s_abs + s_abs.T + 2.0 * (np.abs(b).T @ (t[:, None] * np.abs(b)))
     n_last = layers[-2][0].shape[0] if len(layers) > 1 else 0
     if n_last:
-        fabs[dim - n_last:, dim - n_last:] = np.abs(wk).T @ np.abs(wk)
-    m_abs_norm = float(np.linalg.norm(abs_s + abs_s.T + 2.0 * (np.abs(b).T @ tb) + fabs))
+        m_abs[dim - n_last:, dim - n_last:] += np.abs(wk).T @ np.abs(wk)
     rho_in = float(rho)
     rho = max(rho_in, 0.0) if math.isfinite(rho_in) else 0.0
+    # Jacobi scaling S M S (S diagonal, positive): same sign pattern of eigenvalues, but a
+    # huge multiplier on one neuron no longer inflates the margin of all the others
+    diag = np.abs(np.diag(m0)).copy()
+    diag[:n0] = rho if rho > 0 else 1.0
+    sc = np.where(diag > 0, 1.0 / np.sqrt(np.where(diag > 0, diag, 1.0)), 1.0)
+    ms0 = sc[:, None] * m0 * sc[None, :]
+    abs_norm = float(np.linalg.norm(sc[:, None] * m_abs * sc[None, :]))
+    pxs = sc[:n0] ** 2  # the rho term of S M S is -rho * diag(pxs) on the x block
+    idx = np.arange(n0)
 
     def margin_at(r: float) -> float:
-        return 1e-12 * dim * (m_abs_norm + r)
+        return 1e-12 * dim * (abs_norm + r * float(np.max(pxs, initial=0.0)))
 
     def lam_at(r: float) -> float:
-        return float(np.linalg.eigvalsh(m0 - r * px)[-1])
+        m = ms0.copy()
+        m[idx, idx] -= r * pxs
+        return float(np.linalg.eigvalsh(m)[-1])
 
-    # Schur complement: M <= 0  iff  R <= 0 and rho >= lambda_max(Q (-R)^{-1} Q^T)
-    n0 = layers[0][0].shape[1]
-    r_blk = m0[n0:, n0:]
-    q_blk = m0[:n0, n0:]
+    # Schur complement: M <= 0  iff  R <= 0 and rho diag(pxs) >= Q (-R)^{-1} Q^T
+    r_blk = ms0[n0:, n0:]
+    q_blk = ms0[:n0, n0:]
     if r_blk.size:
         er, vr = np.linalg.eigh(r_blk)
         if er[-1] >= -margin_at(rho):
             return LMICertificate(False, math.nan, rho_in, float(er[-1]), margin_at(rho),
                                   "the hidden block of M(rho, T) is not negative definite")
-        qv = q_blk @ vr
+        qv = (q_blk / np.sqrt(pxs)[:, None]) @ vr
         schur = float(np.max(np.linalg.eigvalsh((qv / (-er)[None, :]) @ qv.T))) if n0 else 0.0
         rho = max(rho, schur * (1 + 1e-9))
     lam = lam_at(rho)
+    step_scale = 1.0 / float(np.min(pxs)) if n0 else 1.0
     for it in range(80):
         mg = margin_at(rho)
         if lam <= -mg:
             return LMICertificate(True, rho, rho_in, lam, mg)
-        rho = rho + (lam + mg) * (2.0 ** it) + 1e-15 * (1.0 + rho)
+        rho = rho + (lam + mg) * step_scale * (2.0 ** it) + 1e-15 * (1.0 + rho)
         lam = lam_at(rho)
     return LMICertificate(False, math.nan, rho_in, lam, margin_at(rho),
                           "no rho passed the float64 check")

@@ -64,7 +64,7 @@ def run(args: argparse.Namespace) -> int:
     from ..analyzer import Analyzer
     from ..plotting import plot_layer_factors
     from ..validation import check_eps
-    from .sweep import DISPLAY_NAMES
+    from .sweep import DISPLAY_NAMES, random_weights
 
     eps = check_eps(args.eps, "--eps")
     loaded = load_model(args)
@@ -78,8 +78,9 @@ def run(args: argparse.Namespace) -> int:
     if args.out:
         out = Path(args.out)
         files.append(write_csv(out / "layers.csv", local, glob))
-        title = (f"{DISPLAY_NAMES.get(loaded.name, loaded.name)}, input {sample.name}, "
-                 f"ε = {eps:g}" + (" (random weights)" if loaded.notes else ""))
+        title = f"{DISPLAY_NAMES.get(loaded.name, loaded.name)}, input {sample.name}, ε = {eps:g}"
+        if random_weights(loaded.weights_source):
+            title += " (random weights)"
         files += plot_layer_factors(
             [f"{lf.index}: {_short(lf.name)}" for lf in local.layers],
             [lf.local for lf in local.layers], [lf.global_factor for lf in local.layers],

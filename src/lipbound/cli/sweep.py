@@ -68,11 +68,16 @@ def _eps_range(args: argparse.Namespace, loaded) -> list[float]:
     return eps_grid(lo, hi, args.points)
 
 
+def random_weights(weights_source: str) -> bool:
+    """Whether a zoo network runs on seeded random (untrained) weights."""
+    return "random" in weights_source.lower()
+
+
 def plot_title(loaded, sample_name: str) -> str:
-    """``"MNIST LeNet, input mnist:8"`` (plus a warning for untrained weights)."""
+    """``"MNIST LeNet, input mnist:8"`` (plus a warning for random, untrained weights)."""
     name = DISPLAY_NAMES.get(loaded.name, loaded.name)
     title = f"{name}, input {sample_name}"
-    if loaded.notes:
+    if random_weights(loaded.weights_source):
         title += " (random weights)"
     return title
 

@@ -25,8 +25,10 @@ def best_lower_bound(
     output_map: torch.Tensor | None = None,
     n_random: int = 1024,
     gradient_steps: int = 100,
-    pgd_restarts: int = 16,
-    pgd_steps: int = 100,
+    pgd_restarts: int = 32,
+    pgd_steps: int = 40,
+    pgd_refine: int = 8,
+    pgd_refine_steps: int = 80,
     progress: bool | None = False,
 ) -> LowerBoundResult:
     """Largest lower bound on ``L(x0, eps)`` over random sampling, gradient ascent and PGD.
@@ -46,7 +48,9 @@ def best_lower_bound(
         n_random: samples for the random method.
         gradient_steps: steps of the gradient-ascent method.
         pgd_restarts: generated restarts of PGD.
-        pgd_steps: steps of PGD.
+        pgd_steps: exploration steps of PGD.
+        pgd_refine: restarts PGD refines.
+        pgd_refine_steps: refinement steps of PGD.
         progress: progress bar of the random method (``None``: only on a terminal).
 
     Returns:
@@ -61,7 +65,8 @@ def best_lower_bound(
                                 output_map=output_map)
     init = torch.cat([rnd.witness, grad.witness.to(rnd.witness)])
     pgd = pgd_lower_bound(model, x0, eps, n_restarts=pgd_restarts, n_steps=pgd_steps,
-                          seed=seed, output_map=output_map, init=init)
+                          n_refine=pgd_refine, refine_steps=pgd_refine_steps, seed=seed,
+                          output_map=output_map, init=init)
     results = [rnd, grad, pgd]
     winner = results[0]
     for r in results[1:]:

@@ -114,57 +114,54 @@ def _jacobian_rows(prob: Problem, k: int) -> torch.Tensor:
     return torch.stack(rows).detach()
 
 
-def _jvp_fn(prob: Problem):  # noqa: ANN202 - returns a closure v -> J v
-    g = _mapped_fn(prob)
-    x = prob.x0.reshape(-1)
-
-    def jvp_forward(v: torch.Tensor) -> torch.Tensor:
-        return torch.func.jvp(g, (x,), (v,))[1].detach()
-
-    def jvp_double_backward(v: torch.Tensor) -> torch.Tensor:
-        with torch.enable_grad():
-            xg = x.detach().clone().requires_grad_(True)
-            out = g(xg)
-            w = torch.zeros_like(out, requires_grad=True)
-            (jt,) = torch.autograd.grad(out, xg, grad_outputs=w, create_graph=True)
-            (jv,) = torch.autograd.grad(jt, w, grad_outputs=v)
-        return jv.detach()
-
-    try:
-        jvp_forward(torch.zeros_like(x))
-        return jvp_forward
-    except Exception as exc:  # noqa: BLE001 - forward-mode AD unsupported: double backward
-        logger.debug("forward-mode AD failed (%s); using double backward for J v", exc)
-        return jvp_double_backward
-
-
 def _power_iteration(
     prob: Problem, n_iter: int, tol: float, seed: int
 ) -> tuple[float, torch.Tensor, int]:
+    """Power iteration on ``v -> J^T J v`` with autograd graphs built once.
+
+    ``J^T u`` is a backward pass through the forward graph; ``J v`` is the backward pass of
+    the (linear in ``w``) graph of ``w -> J^T w`` ("double backward"), which avoids
+    forward-mode AD and its start-up cost.
+    """
     g = _mapped_fn(prob)
-    x = prob.x0.reshape(-1)
-    _, vjp = torch.func.vjp(g, x)
-    jv = _jvp_fn(prob)
     gen = make_generator(prob.device, seed)
     v = unit_rows(torch.randn(1, prob.dim, device=prob.device, dtype=prob.dtype,
                               generator=gen))[0]
-    prev = -1.0
-    its = 0
-    for its in range(1, n_iter + 1):  # noqa: B007 - its is reported after the loop
-        u = jv(v)
-        sigma = float(torch.linalg.vector_norm(u.to(torch.float64)))
-        if sigma == 0.0:
-            break
-        w = vjp(u)[0].detach()
-        nw = torch.linalg.vector_norm(w)
-        if float(nw) == 0.0:
-            break
-        v_new = w / nw
-        if abs(sigma - prev) <= tol * sigma:
-            v = v_new
-            break
-        v, prev = v_new, sigma
-    value = float(torch.linalg.vector_norm(jv(v).to(torch.float64)))
+    with torch.enable_grad():
+        xg = prob.x0.reshape(-1).detach().clone().requires_grad_(True)
+        out = g(xg)
+        w = torch.zeros_like(out, requires_grad=True)
+        if not out.requires_grad:  # the output does not depend on x: J = 0
+            return 0.0, v.reshape(1, *prob.shape), 0
+        (jt_w,) = torch.autograd.grad(out, xg, grad_outputs=w, create_graph=True,
+                                      materialize_grads=True)
+
+        def jv(vec: torch.Tensor) -> torch.Tensor:
+            if not jt_w.requires_grad:  # J^T w does not depend on w: J = 0
+                return torch.zeros_like(out)
+            return torch.autograd.grad(jt_w, w, grad_outputs=vec, retain_graph=True)[0]
+
+        def jtu(vec: torch.Tensor) -> torch.Tensor:
+            return torch.autograd.grad(out, xg, grad_outputs=vec, retain_graph=True,
+                                       materialize_grads=True)[0]
+
+        prev = -1.0
+        its = 0
+        for its in range(1, n_iter + 1):  # noqa: B007 - its is reported after the loop
+            u = jv(v).detach()
+            sigma = float(torch.linalg.vector_norm(u.to(torch.float64)))
+            if sigma == 0.0:
+                break
+            t = jtu(u).detach()
+            nt = torch.linalg.vector_norm(t)
+            if float(nt) == 0.0:
+                break
+            v_new = t / nt
+            if abs(sigma - prev) <= tol * sigma:
+                v = v_new
+                break
+            v, prev = v_new, sigma
+        value = float(torch.linalg.vector_norm(jv(v).detach().to(torch.float64)))
     return value, v.reshape(1, *prob.shape), its
 
 
@@ -182,7 +179,8 @@ def jacobian_spectrum(
 
     Exact when the Jacobian has at most ``exact_threshold`` entries: the dense Jacobian
     (in the model's dtype) is decomposed by a float64 SVD. Otherwise power iteration on
-    ``v -> J^T J v`` through ``torch.func.jvp`` / ``torch.func.vjp``, labelled
+    ``v -> J^T J v`` through autograd (``J^T u`` by backward, ``J v`` by double backward),
+    labelled
     :attr:`Guarantee.ESTIMATE`: it approaches the norm from below.
 
     Args:

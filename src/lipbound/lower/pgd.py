@@ -16,6 +16,9 @@ Two ingredients, both returning genuine ratios attained inside the ball:
    points (e.g. witnesses of other methods). Steps are normalised gradients scaled by the
    current radius, with a cosine-decaying factor, so the search moves freely in both
    direction and log-radius: the ratio can peak at small radii.
+3. **Refinement** (successive halving): the most promising restarts continue with
+   smaller steps. On the MNIST LeNet this beat twice as many plain restarts at the same
+   cost.
 
 The random-sampling and gradient-ascent baselines follow Avant & Morgansen, *Analytical
 Bounds on the Local Lipschitz Constants of ReLU Networks* (IEEE TNNLS 2023); this method
@@ -91,14 +94,23 @@ def _starts(
     return x0 + r[:, None] * dirs, labels[:n]
 
 
+def _cosine(first: float, last: float, n: int):  # noqa: ANN202 - a step schedule
+    def step(k: int) -> float:
+        return last + 0.5 * (first - last) * (1.0 + math.cos(math.pi * k / max(n, 1)))
+
+    return step
+
+
 def pgd_lower_bound(
     model: nn.Module,
     x0: torch.Tensor,
     eps: float,
     *,
-    n_restarts: int = 16,
-    n_steps: int = 100,
-    lr: tuple[float, float] = (0.3, 0.003),
+    n_restarts: int = 32,
+    n_steps: int = 40,
+    n_refine: int = 8,
+    refine_steps: int = 80,
+    lr: tuple[float, float, float] = (0.3, 0.1, 0.002),
     seed: int = 0,
     output_map: torch.Tensor | None = None,
     init: torch.Tensor | None = None,
@@ -115,8 +127,13 @@ def pgd_lower_bound(
         x0: nominal input, shape ``(1, *shape)``.
         eps: L2 radius (> 0).
         n_restarts: generated restarts, run as one batch (user ``init`` points come on top).
-        n_steps: gradient steps per restart (0 evaluates the starts only).
-        lr: ``(first, last)`` step factors relative to the current radius, cosine-decayed.
+        n_steps: gradient steps per restart in the exploration stage (0 evaluates the
+            starts only).
+        n_refine: restarts (the best by their best ratio) continued in the refinement
+            stage; 0 skips it.
+        refine_steps: gradient steps of the refinement stage.
+        lr: step factors relative to the current radius: exploration decays (cosine) from
+            ``lr[0]`` to ``lr[1]``, refinement from ``lr[1]`` to ``lr[2]``.
         seed: seed of the method's own generator.
         output_map: optional ``(k, m)`` matrix ``C``.
         init: optional extra start points, shape ``(n, *shape)``; points outside the ball
@@ -136,9 +153,14 @@ def pgd_lower_bound(
     prob = check_problem(model, x0, eps, output_map)
     check_positive_int("n_restarts", n_restarts)
     check_positive_int("n_steps", n_steps, minimum=0)
-    lr0, lr1 = (float(v) for v in lr)
-    if not (lr0 > 0 and lr1 > 0 and math.isfinite(lr0) and math.isfinite(lr1)):
-        raise InputError(f"lr must be two finite positive step factors, got {lr!r}")
+    check_positive_int("n_refine", n_refine, minimum=0)
+    check_positive_int("refine_steps", refine_steps, minimum=0)
+    try:
+        lr0, lr1, lr2 = (float(v) for v in lr)
+    except (TypeError, ValueError) as exc:
+        raise InputError(f"lr must be three step factors, got {lr!r}") from exc
+    if not all(v > 0 and math.isfinite(v) for v in (lr0, lr1, lr2)):
+        raise InputError(f"lr must be three finite positive step factors, got {lr!r}")
     x0_flat = prob.x0.reshape(1, -1)
     init_flat = None
     if init is not None:
@@ -181,20 +203,30 @@ def pgd_lower_bound(
     start, labels = _starts(prob, vecs[0], n_restarts, floor, gen)
     if init_flat is not None and init_flat.shape[0] > 0:
         init_in = place_in_ball(x0_flat, init_flat, prob.eps)
-        keep = (init_in != x0_flat).any(dim=1)
-        start = torch.cat([start, init_in[keep]])
-        labels += [f"init[{i}]" for i in torch.nonzero(keep).flatten().tolist()]
+        valid = (init_in != x0_flat).any(dim=1)
+        start = torch.cat([start, init_in[valid]])
+        labels += [f"init[{i}]" for i in torch.nonzero(valid).flatten().tolist()]
 
-    def step(k: int) -> float:
-        return lr1 + 0.5 * (lr0 - lr1) * (1.0 + math.cos(math.pi * k / max(n_steps, 1)))
-
-    state = ascend(prob, start, n_steps=n_steps, step_size=step, relative=True,
-                   objective="ratio", generator=gen, min_radius=floor)
+    state = ascend(prob, start, n_steps=n_steps, step_size=_cosine(lr0, lr1, n_steps),
+                   relative=True, objective="ratio", generator=gen, min_radius=floor)
     n_eval += state.n_evaluations
-
-    cands = torch.cat([state.best_x, dir_x])
-    scores = torch.cat([state.best_ratio, dir_ratio])
+    cands, scores = [state.best_x, dir_x], [state.best_ratio, dir_ratio]
     all_labels = labels + [f"directional {s}" for s in dir_labels]
+
+    # 3. refinement: the most promising restarts continue with smaller steps
+    keep = min(n_refine, start.shape[0])
+    if keep > 0 and refine_steps > 0:
+        top = torch.topk(state.best_ratio, keep).indices
+        refined = ascend(prob, state.best_x[top], n_steps=refine_steps,
+                         step_size=_cosine(lr1, lr2, refine_steps), relative=True,
+                         objective="ratio", generator=gen, min_radius=floor)
+        n_eval += refined.n_evaluations
+        cands.append(refined.best_x)
+        scores.append(refined.best_ratio)
+        all_labels += [f"{labels[i]}, refined" for i in top.tolist()]
+    ascent_best = max(float(t.max()) for i, t in enumerate(scores) if i != 1)
+    cands = torch.cat(cands)
+    scores = torch.cat(scores)
     fin = finalize(prob, cands, scores)
     value, witness, dist, idx = fin.value, fin.witness, fin.distance, fin.index
     n_eval += fin.n_forward + 1
@@ -203,14 +235,16 @@ def pgd_lower_bound(
     details = {
         "n_restarts": int(start.shape[0]),
         "n_steps": n_steps,
-        "lr": [lr0, lr1],
+        "n_refine": keep,
+        "refine_steps": refine_steps,
+        "lr": [lr0, lr1, lr2],
         "seed": seed,
         "jacobian_norm_x0": spec.value,
         "jacobian_method": spec.method,
         "jacobian_guarantee": spec.guarantee.value,
         "directional_best": float(dir_ratio[best_dir]),
         "directional_best_at": dir_labels[best_dir],
-        "ascent_best": float(state.best_ratio.max()),
+        "ascent_best": ascent_best,
         "best_start": all_labels[idx] if idx >= 0 else "fallback",
         "min_radius": floor,
         "witness_distance": dist,

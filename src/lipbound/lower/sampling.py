@@ -53,6 +53,13 @@ def _draw(
     return place_in_ball(x0_flat, x, eps)
 
 
+def _draw_with_distances(
+    x0_flat: torch.Tensor, eps: float, n: int, generator: torch.Generator | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    x = _draw(x0_flat, eps, n, generator)
+    return x, distances(x0_flat, x)
+
+
 def sample_ball(
     x0: torch.Tensor,
     eps: float,
@@ -155,11 +162,10 @@ def random_lower_bound(
     ) as bar:
         while done < n_samples:
             b = min(batch_size, n_samples - done)
-            pts = _draw(x0_flat, prob.eps, b, gen)
+            pts, dist = _draw_with_distances(x0_flat, prob.eps, b, gen)
             out = prob.model(prob.batch(pts))
-            scores = prob.ratios(pts, out)
-            scores = torch.nan_to_num(scores, nan=-math.inf)
-            near = distances(x0_flat, pts) < floor
+            scores = torch.nan_to_num(prob.ratios(pts, out, dist), nan=-math.inf)
+            near = dist < floor
             scores = torch.where(near, torch.full_like(scores, -math.inf), scores)
             k = min(keep, b)
             top = torch.topk(scores, k)

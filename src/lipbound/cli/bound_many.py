@@ -1,0 +1,191 @@
+"""``lipbound bound`` for many inputs: one row per input, CSV or table, and a summary.
+
+Called by :mod:`lipbound.cli.bound` when ``--input`` names several inputs (a test-set range
+such as ``mnist:test/0-99``, a folder, a CSV file, an ``.npy``/``.pt`` batch) or when
+``--eps-file`` gives one radius per input.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import math
+import sys
+from pathlib import Path
+from typing import Any
+
+from ..errors import InputError
+from .common import Loaded, load_model, print_json, table
+
+
+def load_inputs(args: argparse.Namespace, loaded: Loaded) -> list:
+    """All inputs named by ``--input`` (default: the zoo entry's default sample)."""
+    from ..inputs import load_samples
+
+    ref = args.input
+    if ref is None:
+        if loaded.entry is None:
+            raise InputError("a user model needs --input (a folder, CSV, .npy/.pt batch or "
+                             "image file)")
+        ref = loaded.entry.default_sample
+    kw: dict[str, Any] = {}
+    if loaded.entry is not None:
+        kw["entry"] = loaded.entry
+    else:
+        kw.update(input_shape=loaded.input_shape, mean=loaded.mean, std=loaded.std)
+        if loaded.scale is not None:
+            kw["scale"] = loaded.scale
+    samples = load_samples(ref, **kw)
+    if not samples:
+        raise InputError(f"--input {ref!r} names no inputs")
+    return samples
+
+
+def read_eps_file(path: str | Path) -> list[float]:
+    """Radii from a text file (one number per line; blank lines and ``#`` comments are
+    skipped) or a CSV file with a header that has a column ``eps``.
+
+    Raises:
+        InputError: missing file, no ``eps`` column, a value that is not a positive finite
+            number (the line is named).
+    """
+    from ..validation import check_eps
+
+    p = Path(path)
+    if not p.is_file():
+        raise InputError(f"--eps-file {p} does not exist")
+    text = p.read_text()
+    lines = [(i + 1, ln.strip()) for i, ln in enumerate(text.splitlines())]
+    lines = [(n, ln) for n, ln in lines if ln and not ln.startswith("#")]
+    if not lines:
+        raise InputError(f"--eps-file {p} holds no radii; write one number per line")
+    first = lines[0][1]
+    try:
+        float(first.split(",")[0])
+        has_header = False
+    except ValueError:
+        has_header = True
+    values: list[float] = []
+    if has_header:
+        reader = csv.DictReader(io.StringIO("\n".join(ln for _, ln in lines)))
+        cols = {c.strip().lower(): c for c in (reader.fieldnames or [])}
+        if "eps" not in cols:
+            raise InputError(f"--eps-file {p}: the header has no column 'eps' (columns: "
+                             f"{', '.join(reader.fieldnames or [])}); name the radius column "
+                             "'eps' or write one number per line")
+        for k, row in enumerate(reader):
+            line_no = lines[k + 1][0]
+            values.append(_number(row[cols["eps"]], p, line_no, check_eps))
+    else:
+        for line_no, ln in lines:
+            if "," in ln:
+                raise InputError(f"--eps-file {p}, line {line_no}: {ln!r} has several fields "
+                                 "but the file has no header; add a header with a column "
+                                 "'eps' or write one number per line")
+            values.append(_number(ln, p, line_no, check_eps))
+    return values
+
+
+def _number(s: str | None, p: Path, line_no: int, check) -> float:
+    try:
+        v = float((s or "").strip())
+    except ValueError as exc:
+        raise InputError(f"--eps-file {p}, line {line_no}: {s!r} is not a number") from exc
+    return check(v, f"radius on line {line_no} of {p}")
+
+
+def _radii(args: argparse.Namespace, n: int) -> list[list[float] | float]:
+    """Per run: the radius for all inputs, or one list with one radius per input."""
+    from ..validation import check_eps
+
+    if args.eps_file:
+        if args.eps is not None or args.eps_list:
+            raise InputError("give either --eps-file or --eps/--eps-list, not both")
+        values = read_eps_file(args.eps_file)
+        if len(values) != n:
+            raise InputError(f"--eps-file {args.eps_file} has {len(values)} radii but --input "
+                             f"names {n} input(s); give exactly one radius per input")
+        return [values]
+    if args.eps_list:
+        return [check_eps(float(v), "--eps-list") for v in args.eps_list.split(",")]
+    return [check_eps(args.eps if args.eps is not None else 0.1, "--eps")]
+
+
+def _cell(v: Any) -> Any:
+    if v is None:
+        return ""
+    if isinstance(v, float):
+        return repr(v) if math.isfinite(v) else str(v)
+    return v
+
+
+def write_rows_csv(rows, fh) -> None:
+    """Write rows (:class:`lipbound.batch.InputBound`) as CSV with a header."""
+    from ..batch import COLUMNS
+
+    w = csv.writer(fh)
+    w.writerow(COLUMNS)
+    for r in rows:
+        d = r.to_dict()
+        w.writerow([_cell(d[c]) for c in COLUMNS])
+
+
+def run_many(args: argparse.Namespace) -> int:
+    """Bounds for every input named by ``--input`` (see the module docstring)."""
+    import time
+
+    from ..analyzer import Analyzer
+    from ..batch import bound_many, summarize
+
+    t0 = time.perf_counter()
+    loaded = load_model(args)
+    samples = load_inputs(args, loaded)
+    runs = _radii(args, len(samples))
+    method = getattr(args, "method", "local")
+    an = Analyzer(loaded.model, loaded.input_shape, spectral=getattr(args, "spectral", "auto"),
+                  failure_prob=getattr(args, "failure_prob", 1e-6), seed=args.seed,
+                  name=loaded.name, notes=loaded.notes)
+    timings: dict[str, float] = {}
+    progress = not getattr(args, "json", False)
+    rows = []
+    if method in ("global", "both"):
+        rows += bound_many(an, samples, None, "global", timings=timings, progress=progress)
+    if method in ("local", "both"):
+        for eps in runs:
+            rows += bound_many(an, samples, eps, "local", timings=timings, progress=progress)
+    summary: dict[str, Any] = {"n_inputs": len(samples), "model": loaded.name,
+                               "weights": loaded.weights_source,
+                               "setup_seconds": timings.get("setup_seconds", 0.0),
+                               "total_seconds": time.perf_counter() - t0,
+                               "methods": summarize(rows)}
+    if args.out:
+        out = Path(args.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with out.open("w", newline="") as fh:
+            write_rows_csv(rows, fh)
+    if args.json:
+        print_json({"rows": [r.to_dict() for r in rows], "summary": summary,
+                    "notes": list(loaded.notes)})
+        return 0
+    print(f"model {loaded.name} ({loaded.weights_source}); {len(samples)} input(s) from "
+          f"{args.input or 'the default sample'}")
+    if not args.out:
+        print(table(["index", "name", "label", "predicted", "eps", "method", "bound",
+                     "guarantee", "p_fail", "seconds"],
+                    [[r.index, r.name, r.label, r.predicted, r.eps, r.method, r.bound,
+                      r.guarantee.value, r.failure_prob, f"{r.seconds:.3f}"] for r in rows]))
+        print()
+    for m, s in summary["methods"].items():
+        acc = f", accuracy {s['accuracy']:.3f}" if "accuracy" in s else ""
+        print(f"{m}: {s['n']} bound(s); seconds min {s['seconds']['min']:.3f} / median "
+              f"{s['seconds']['median']:.3f} / max {s['seconds']['max']:.3f}; bound min "
+              f"{s['bound']['min']:.6g} / median {s['bound']['median']:.6g} / max "
+              f"{s['bound']['max']:.6g}; {', '.join(s['guarantees'])}{acc}")
+    print(f"shared setup (tracing, global factors, predictions) {summary['setup_seconds']:.2f} s;"
+          f" total {summary['total_seconds']:.2f} s")
+    for n in loaded.notes:
+        print(f"note: {n}")
+    if args.out:
+        print(f"wrote {args.out}", file=sys.stdout)
+    return 0

@@ -1,0 +1,299 @@
+"""``lipbound radius``: certified L2 radii (local, margin, global) next to attack radii.
+
+A certified radius is a ball around the input in which the class cannot change (Avant &
+Morgansen 2023); an attack radius is the size of a verified class-changing perturbation.
+Certified <= attack, always: a violation is reported as an error (exit status 1).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import logging
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from ..errors import InputError
+from .common import add_common, add_model_options, load_input, load_model, print_json, table
+
+log = logging.getLogger(__name__)
+
+ALL_ATTACKS = ("fgsm", "ifgsm", "gradient", "cw", "pgd")
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "radius", help="certified robustness radius (and attack radii)",
+        description="Certified L2 radius around an input within which the predicted class "
+                    "cannot change, from the local bound (Avant & Morgansen 2023), per-rival "
+                    "margin bounds and the global bound; optionally next to the radii of "
+                    "verified adversarial examples found by attacks. Radii are measured in "
+                    "the model's input space (normalised space for the zoo networks).")
+    add_model_options(p)
+    p.add_argument("--methods", default="local,margin,global",
+                   help="certificates to compute, comma-separated from local, margin, global "
+                        "(default: all three)")
+    p.add_argument("--attacks", default="none",
+                   help="attacks to run, comma-separated from " + ", ".join(ALL_ATTACKS)
+                        + ", or 'all' / 'none' (default: none)")
+    p.add_argument("--tol", type=float, default=1e-3,
+                   help="relative tolerance of the radius search (default 1e-3)")
+    p.add_argument("--max-eps", type=float, default=None,
+                   help="largest radius searched (default 1e12)")
+    p.add_argument("--spectral", choices=["auto", "exact", "lanczos"], default="auto",
+                   help="spectral norms: exact SVD (certified), Lanczos (probabilistic), "
+                        "or auto by cost")
+    p.add_argument("--failure-prob", type=float, default=1e-6,
+                   help="failure probability budget of a probabilistic bound")
+    p.add_argument("--out", default=None,
+                   help="folder for radius.csv and radius.png/.pdf (many inputs; also "
+                        "written for one input when given)")
+    add_common(p)
+    p.set_defaults(func=run)
+
+
+def _split(text: str, allowed: tuple[str, ...], what: str) -> list[str]:
+    text = text.strip()
+    if text.lower() == "none" or not text:
+        return []
+    if text.lower() == "all":
+        return list(allowed)
+    names = [t.strip() for t in text.split(",") if t.strip()]
+    bad = [n for n in names if n not in allowed]
+    if bad:
+        raise InputError(f"unknown {what} {', '.join(bad)}; choose from {', '.join(allowed)}")
+    return list(dict.fromkeys(names))
+
+
+def _samples(args: argparse.Namespace, loaded) -> tuple[list, bool]:
+    """The inputs named by --input and whether this is a many-input run."""
+    from ..inputs import load_samples
+
+    if args.input is None:
+        return [load_input(args, loaded)], False
+    kw: dict[str, Any] = {}
+    if loaded.entry is not None:
+        kw["entry"] = loaded.entry
+    else:
+        kw.update(input_shape=loaded.input_shape, mean=loaded.mean, std=loaded.std)
+        if loaded.scale is not None:
+            kw["scale"] = loaded.scale
+    samples = load_samples(args.input, **kw)
+    ref = str(args.input)
+    many = len(samples) > 1 or ref.lower().endswith(".csv") or Path(ref).is_dir() \
+        or ":test" in ref
+    return samples, many
+
+
+def _one(model, an, sample, methods: list[str], attacks: list[str], args) -> dict[str, Any]:
+    """Certificates and attacks at one input, as a JSON-friendly dict."""
+    from ..radius import best, certified_radii
+
+    t0 = time.perf_counter()
+    dev = next(iter(model.parameters())).device
+    x0 = sample.x.to(dev)
+    cert = certified_radii(an, x0, methods=methods, tol=args.tol, max_eps=args.max_eps)
+    atk = []
+    if attacks:
+        from ..attacks import run_attacks
+
+        atk = run_attacks(model, x0, methods=attacks, seed=args.seed)
+    top = best(cert)
+    succ = [a.radius for a in atk if a.success and a.radius is not None]
+    min_attack = min(succ) if succ else None
+    violation = bool(top is not None and min_attack is not None and top.radius > min_attack)
+    return {
+        "input": sample.name,
+        "label": sample.label,
+        "predicted": cert[0].predicted_class,
+        "runner_up": cert[0].runner_up,
+        "margin": cert[0].margin,
+        "certified_radius": top.radius if top is not None else None,
+        "certified_method": top.method if top is not None else None,
+        "certified": [r.to_dict() for r in cert],
+        "attacks": [a.to_dict() for a in atk],
+        "min_attack_radius": min_attack,
+        "violation": violation,
+        "seconds": time.perf_counter() - t0,
+        "_cert": cert,
+        "_atk": atk,
+    }
+
+
+def _public(d: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in d.items() if not k.startswith("_")}
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..analyzer import Analyzer
+    from ..radius import METHODS
+
+    t0 = time.perf_counter()
+    methods = _split(args.methods, METHODS, "certificate method(s)")
+    if not methods:
+        raise InputError("--methods must name at least one of local, margin, global")
+    attacks = _split(args.attacks, ALL_ATTACKS, "attack(s)")
+    if not 0 < args.tol < 1:
+        raise InputError(f"--tol must be in (0, 1), got {args.tol}")
+    loaded = load_model(args)
+    samples, many = _samples(args, loaded)
+    an = Analyzer(loaded.model, loaded.input_shape, spectral=args.spectral,
+                  failure_prob=args.failure_prob, seed=args.seed, name=loaded.name,
+                  notes=loaded.notes)
+    rows = []
+    for i, s in enumerate(samples):
+        rows.append(_one(loaded.model, an, s, methods, attacks, args))
+        if many:
+            r = rows[-1]
+            log.info("%d/%d %s: certified %.4g, attack %s", i + 1, len(samples), s.name,
+                     r["certified_radius"], r["min_attack_radius"])
+    total = time.perf_counter() - t0
+    files: dict[str, str] = {}
+    if many or args.out:
+        out = Path(args.out or "radius_out")
+        out.mkdir(parents=True, exist_ok=True)
+        files["csv"] = str(_write_csv(out / "radius.csv", rows, methods, attacks))
+        files.update(_plot(out, rows, methods, attacks, loaded.name))
+    n_viol = sum(r["violation"] for r in rows)
+    if args.json:
+        if not many:
+            obj = {"model": loaded.name, "weights": loaded.weights_source,
+                   **_public(rows[0]), "seconds": total}
+        else:
+            obj = {"model": loaded.name, "weights": loaded.weights_source,
+                   "inputs": [_public(r) for r in rows], "violations": n_viol,
+                   "seconds": total}
+        obj.update(files)
+        print_json(obj)
+    elif not many:
+        _print_one(loaded, rows[0], total)
+    else:
+        _print_many(loaded, rows, methods, attacks, total, files)
+    if n_viol:
+        print(f"lipbound: error: {n_viol} input(s) have a certified radius larger than a "
+              "verified attack radius; this is a bug, please report it", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _print_one(loaded, r: dict[str, Any], total: float) -> None:
+    print(f"model {loaded.name} ({loaded.weights_source}); input {r['input']}"
+          + (f", label {r['label']}" if r["label"] is not None else "")
+          + f", predicted class {r['predicted']} (runner-up {r['runner_up']}, margin "
+          f"{r['margin']:.4g}); L2 radii in the model's input space")
+    rows = []
+    for c in r["_cert"]:
+        rows.append([c.method, "certified", c.radius, c.guarantee_text, c.n_bound_evaluations,
+                     f"{c.seconds:.2f}"])
+    for a in r["_atk"]:
+        rows.append([a.method, "attack", a.radius if a.success else None,
+                     f"class {a.original_class} -> {a.adversarial_class}" if a.success
+                     else "no adversarial found", "-", f"{a.seconds:.2f}"])
+    print(table(["method", "kind", "radius", "guarantee / result", "bound evals", "seconds"],
+                rows))
+    for c in r["_cert"]:
+        if "reason" in c.details:
+            print(f"note ({c.method}): {c.details['reason']}")
+    cr, ma = r["certified_radius"], r["min_attack_radius"]
+    line = f"certified radius {cr:.4g} ({r['certified_method']})"
+    if ma is not None:
+        line += f"; smallest attack radius {ma:.4g} (gap x{ma / cr:.3g})" if cr else \
+            f"; smallest attack radius {ma:.4g}"
+    print(line + f"; total {total:.2f} s")
+    for n in loaded.notes:
+        print(f"note: {n}")
+
+
+def _print_many(loaded, rows, methods, attacks, total, files) -> None:
+    import statistics
+
+    print(f"model {loaded.name} ({loaded.weights_source}); {len(rows)} inputs; L2 radii")
+    summary = []
+    for m in methods:
+        vals = [c.radius for r in rows for c in r["_cert"] if c.method == m]
+        summary.append([m, "certified", statistics.median(vals), min(vals), max(vals)])
+    for a in attacks:
+        vals = [x.radius for r in rows for x in r["_atk"] if x.method == a and x.success]
+        summary.append([a, "attack", statistics.median(vals) if vals else None,
+                        min(vals) if vals else None, max(vals) if vals else None])
+    print(table(["method", "kind", "median radius", "min", "max"], summary))
+    n_viol = sum(r["violation"] for r in rows)
+    print(f"violations (certified > attack): {n_viol}; total {total:.1f} s")
+    for k, v in files.items():
+        print(f"wrote {v}" + ("" if k == "csv" else f" ({k})"))
+
+
+def _write_csv(path: Path, rows, methods, attacks) -> Path:
+    with path.open("w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["index", "input", "label", "predicted", "margin",
+                    *[f"{m}_radius" for m in methods], *[f"{a}_radius" for a in attacks],
+                    "seconds"])
+        for i, r in enumerate(rows):
+            cert = {c.method: c.radius for c in r["_cert"]}
+            atk = {a.method: a.radius for a in r["_atk"]}
+            w.writerow([i, r["input"], "" if r["label"] is None else r["label"],
+                        r["predicted"], f"{r['margin']:.10g}",
+                        *[f"{cert[m]:.10g}" for m in methods],
+                        *["" if atk.get(a) is None else f"{atk[a]:.10g}" for a in attacks],
+                        f"{r['seconds']:.3f}"])
+    return path
+
+
+def _plot(out: Path, rows, methods, attacks, name: str) -> dict[str, str]:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:  # pragma: no cover - matplotlib is a dependency
+        log.warning("matplotlib is not installed; no plot written")
+        return {}
+    order = sorted(range(len(rows)), key=lambda i: _key(rows[i]))
+    xs = list(range(len(order)))
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    markers = {"local": "o", "margin": "^", "global": "v"}
+    for m in methods:
+        ys = [_radius(rows[i]["_cert"], m) for i in order]
+        ax.plot(xs, [y if y and y > 0 else math.nan for y in ys], markers.get(m, "o"),
+                ms=4, label=f"certified: {m}")
+    for a in attacks:
+        ys = [_attack(rows[i]["_atk"], a) for i in order]
+        ax.plot(xs, [y if y is not None else math.nan for y in ys], "x", ms=4,
+                label=f"attack: {a}")
+    ax.set_yscale("log")
+    ax.set_xlabel("input (sorted by certified radius)")
+    ax.set_ylabel("L2 radius")
+    ax.set_title(f"{name}: certified vs attack radii ({len(rows)} inputs)")
+    ax.legend(fontsize=7, ncol=2)
+    ax.grid(True, which="both", alpha=0.3)
+    fig.tight_layout()
+    files = {}
+    for ext in ("png", "pdf"):
+        p = out / f"radius.{ext}"
+        fig.savefig(p, dpi=150 if ext == "png" else None)
+        files[ext] = str(p)
+    plt.close(fig)
+    return files
+
+
+def _key(r) -> float:
+    v = r["certified_radius"]
+    return v if v is not None else 0.0
+
+
+def _radius(cert, m: str) -> float | None:
+    for c in cert:
+        if c.method == m:
+            return c.radius
+    return None
+
+
+def _attack(atk, a: str) -> float | None:
+    for x in atk:
+        if x.method == a:
+            return x.radius if x.success else None
+    return None

@@ -1,0 +1,470 @@
+"""Certified radii (lipbound.radius): soundness against attacks, brute force in the ball and
+closed forms; the margin certificate vs the sqrt(2) one; search tightness; bad inputs.
+
+Soundness means: no class change within the certified radius. It is checked three ways,
+all of which can fail: (1) every verified attack radius is >= the certified radius; (2)
+20k points sampled uniformly in the ball and on its sphere, and projected gradient ascent on
+the best rival's margin restricted to the ball, never change the class; (3) closed forms
+(a linear classifier's exact robust radius).
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+from lipbound import Analyzer, Guarantee, InputError
+from lipbound.radius import METHODS, RadiusResult, certified_radii, certified_radius
+
+SQRT2 = math.sqrt(2.0)
+
+# cheap settings of the attacks for tests (any verified radius bounds the minimum from
+# above, so weaker attacks keep the comparison valid; examples/radius_testsets.py runs the
+# defaults). Options a constructor does not know are dropped, so the tests follow the
+# attacks' API.
+CHEAP = {"pgd": {"steps": 20, "restarts": 2}, "cw": {"binary_steps": 3, "steps": 30},
+         "ifgsm": {"steps": 5, "rounds": 2}, "gradient": {"max_steps": 100, "rounds": 2}}
+
+
+# ------------------------------------------------------------------------------ helpers
+
+
+def _attacks(model, x0, methods, cheap=True):
+    attacks = pytest.importorskip("lipbound.attacks")
+    opts = {}
+    for m in methods:
+        cls = attacks.ATTACKS[m]
+        params = inspect.signature(cls.__init__).parameters
+        opts[m] = {k: v for k, v in CHEAP.get(m, {}).items() if cheap and k in params}
+    return attacks.run_attacks(model, x0, methods=methods, seed=0, options=opts)
+
+
+def _assert_below_attacks(results: list[RadiusResult], attacks, x0) -> None:
+    best = max(r.radius for r in results)
+    n_success = 0
+    for a in attacks:
+        if not a.success:
+            continue
+        n_success += 1
+        dist = float((a.x_adv.double() - x0.double().to(a.x_adv.device)).norm())
+        assert math.isclose(dist, a.radius, rel_tol=1e-6)
+        assert a.adversarial_class != a.original_class
+        for r in results:
+            assert r.radius <= a.radius, (r.method, r.radius, a.method, a.radius)
+        assert best <= dist
+    assert n_success >= 1, "no attack succeeded: the comparison would be vacuous"
+
+
+def _margin_min(model64: nn.Module, xs: torch.Tensor, cls: int) -> torch.Tensor:
+    out = []
+    with torch.no_grad():
+        for i in range(0, xs.shape[0], 2048):
+            z = model64(xs[i:i + 2048])
+            other = z.clone()
+            other[:, cls] = -math.inf
+            out.append(z[:, cls] - other.max(dim=1).values)
+    return torch.cat(out)
+
+
+def _ball_check(model: nn.Module, x0: torch.Tensor, cls: int, radius: float, *,
+                n: int = 20_000, pgd_starts: int = 16, pgd_steps: int = 60, seed: int = 0
+                ) -> float:
+    """Brute force inside the closed ball of ``radius``: uniform samples inside, samples on
+    the sphere, and projected gradient ascent on ``max_j z_j - z_c`` (the strongest
+    first-order attack restricted to the ball). Returns the smallest margin seen; asserts
+    that the class never changed (margin > 0) anywhere."""
+    model64 = copy.deepcopy(model).double().eval()
+    x0 = x0.detach().double().cpu()
+    model64 = model64.cpu()
+    d = x0[0].numel()
+    g = torch.Generator().manual_seed(seed)
+    dirs = torch.randn(n, d, generator=g, dtype=torch.float64)
+    dirs = dirs / dirs.norm(dim=1, keepdim=True)
+    rad = torch.full((n,), radius, dtype=torch.float64)
+    half = n // 2  # the first half uniform inside the ball, the second half on the sphere
+    rad[:half] *= torch.rand(half, generator=g, dtype=torch.float64) ** (1.0 / d)
+    xs = x0 + (dirs * rad[:, None]).reshape(n, *x0.shape[1:])
+    m = _margin_min(model64, xs, cls)
+    assert bool((m > 0).all()), f"class changed at a sampled point within radius {radius}"
+    worst = float(m.min())
+    # projected gradient ascent of the best rival's margin, inside the ball
+    start = torch.randn(pgd_starts, d, generator=g, dtype=torch.float64)
+    start = start / start.norm(dim=1, keepdim=True) * radius * 0.5
+    start[0] = 0.0
+    x = (x0 + start.reshape(pgd_starts, *x0.shape[1:])).clone()
+    step = 2.5 * radius / pgd_steps
+    for _ in range(pgd_steps):
+        x.requires_grad_(True)
+        z = model64(x)
+        other = z.clone()
+        other[:, cls] = -math.inf
+        marg = z[:, cls] - other.max(dim=1).values
+        (gr,) = torch.autograd.grad(-marg.sum(), x)
+        with torch.no_grad():
+            assert bool((marg > 0).all()), f"PGD changed the class within radius {radius}"
+            worst = min(worst, float(marg.min()))
+            gn = gr.flatten(1).norm(dim=1).clamp_min(1e-300)
+            x = x + step * gr / gn.reshape(-1, *([1] * (x.dim() - 1)))
+            delta = (x - x0).flatten(1)
+            dn = delta.norm(dim=1).clamp_min(1e-300)
+            scale = torch.clamp(radius / dn, max=1.0)
+            x = (x0.flatten(1) + delta * scale[:, None]).reshape(x.shape).detach()
+    final = _margin_min(model64, x, cls)
+    assert bool((final > 0).all()), f"PGD changed the class within radius {radius}"
+    return min(worst, float(final.min()))
+
+
+def _check_margin_vs_local(results: list[RadiusResult]) -> float:
+    by = {r.method: r for r in results}
+    if "margin" in by and "local" in by:
+        assert by["margin"].radius >= by["local"].radius, (by["margin"], by["local"])
+        return by["margin"].radius / by["local"].radius
+    return math.nan
+
+
+def _random_net(seed: int, n_in: int, hidden: tuple[int, ...], n_out: int) -> nn.Module:
+    torch.manual_seed(seed)
+    layers: list[nn.Module] = []
+    d = n_in
+    for h in hidden:
+        layers += [nn.Linear(d, h), nn.ReLU()]
+        d = h
+    layers.append(nn.Linear(d, n_out))
+    return nn.Sequential(*layers).double().eval()
+
+
+# ------------------------------------------------------------------------- closed forms
+
+
+def test_linear_classifier_margin_radius_is_the_exact_robust_radius():
+    """For f(x) = W x + b the distance to the nearest decision boundary is exactly
+    min_j delta_j / ||w_c - w_j||; the margin certificate must reach it (within tol) and
+    never exceed it, and the local certificate is delta / (sqrt(2) ||W||)."""
+    torch.manual_seed(3)
+    net = nn.Sequential(nn.Linear(6, 5)).double().eval()
+    x0 = torch.randn(1, 6, dtype=torch.float64)
+    w, b = net[0].weight.detach(), net[0].bias.detach()
+    y = (w @ x0[0] + b)
+    c = int(y.argmax())
+    exact = min(float((y[c] - y[j]) / (w[c] - w[j]).norm()) for j in range(5) if j != c)
+    delta = float(y[c] - torch.cat([y[:c], y[c + 1:]]).max())
+    tol = 1e-4
+    an = Analyzer(net, (6,), spectral="exact")
+    loc, mar, glo = certified_radii(an, x0, tol=tol)
+    assert mar.radius <= exact
+    assert mar.radius >= exact / (1 + tol) ** 2
+    closed = delta / (SQRT2 * float(torch.linalg.matrix_norm(w, ord=2)))
+    assert loc.radius <= closed and loc.radius >= closed / (1 + tol) ** 2
+    assert glo.radius <= closed and glo.radius >= closed * (1 - 1e-8)
+    # just beyond the exact radius the class does change (the bound is attained)
+    j = min((k for k in range(5) if k != c),
+            key=lambda k: float((y[c] - y[k]) / (w[c] - w[k]).norm()))
+    u = (w[j] - w[c]) / (w[j] - w[c]).norm()
+    x_adv = x0 + exact * (1 + 1e-6) * u
+    assert int(net(x_adv).argmax()) != c
+
+
+def test_tiny_paper_network_exact_values():
+    """The paper's 3-D network with its nominal input: deterministic radii, consistent with
+    a brute-force check in the ball and with every attack."""
+    from lipbound import zoo
+    from lipbound.inputs import load_sample
+
+    lm = zoo.load_model("tiny")
+    x0 = load_sample("tiny:x0", entry=lm.entry).x
+    res = certified_radii(lm.model, x0)
+    assert all(r.guarantee == Guarantee.CERTIFIED and r.failure_prob == 0 for r in res)
+    _check_margin_vs_local(res)
+    _ball_check(lm.model, x0, res[0].predicted_class, max(r.radius for r in res), n=4000)
+    _assert_below_attacks(res, _attacks(lm.model, x0, list(CHEAP) + ["fgsm"]), x0)
+
+
+# ----------------------------------------------------------------- property-based tests
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(seed=st.integers(0, 10_000), n_in=st.integers(2, 6),
+       hidden=st.lists(st.integers(3, 12), min_size=1, max_size=3),
+       n_out=st.integers(2, 5))
+def test_random_networks_sound_and_ordered(seed, n_in, hidden, n_out):
+    """Random float64 ReLU networks, exact spectral norms: the largest certificate survives
+    brute force in its ball; margin >= local >= global (up to the search tolerance, for
+    independent searches); each radius passes its own test and its upper end fails."""
+    net = _random_net(seed, n_in, tuple(hidden), n_out)
+    x0 = torch.randn(1, n_in, dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
+    tol = 1e-3
+    loc = certified_radius(net, x0, method="local", tol=tol, spectral="exact")
+    mar = certified_radius(net, x0, method="margin", tol=tol, spectral="exact")
+    glo = certified_radius(net, x0, method="global", tol=tol, spectral="exact")
+    if loc.margin == 0:
+        return
+    assert mar.radius >= loc.radius / (1 + tol)
+    assert loc.radius >= glo.radius / (1 + tol)
+    _ball_check(net, x0, loc.predicted_class, mar.radius, n=2000, pgd_starts=4, pgd_steps=30,
+                seed=seed)
+    # tightness: the result passes its own test, and a failing radius lies within tol
+    an = Analyzer(net, (n_in,), spectral="exact")
+    t = loc.details["threshold"]
+    assert loc.radius * an.local_bound(x0, loc.radius).value < t
+    if loc.upper is not None:
+        assert loc.upper <= loc.radius * (1 + tol) * (1 + 1e-12)
+        assert loc.upper * an.local_bound(x0, loc.upper).value >= t
+    c = torch.zeros(n_out - 1, n_out, dtype=torch.float64)
+    rivals = [j for j in range(n_out) if j != mar.predicted_class]
+    c[:, mar.predicted_class] = 1.0
+    c[torch.arange(n_out - 1), rivals] = -1.0
+    assert mar.details["rivals"] == rivals
+    y = an.forward(x0)[0]
+    deltas = y[mar.predicted_class] - y[rivals]
+    thresholds = torch.tensor(mar.details["thresholds"], dtype=torch.float64)
+    assert bool((thresholds <= deltas).all())
+    rows = an.local_bound_rows(x0, mar.radius, c).values
+    assert bool((mar.radius * rows < thresholds).all())
+    if mar.upper is not None:
+        assert mar.upper <= mar.radius * (1 + tol) * (1 + 1e-12)
+        rows_hi = an.local_bound_rows(x0, mar.upper, c).values
+        assert not bool((mar.upper * rows_hi < thresholds).all())
+
+
+@settings(max_examples=30, deadline=None)
+@given(seed=st.integers(0, 10_000), eps=st.floats(1e-3, 10.0))
+def test_margin_rows_never_exceed_sqrt2_local(seed, eps):
+    """The inequality behind 'margin >= local': for the same eps (same prefix, exact
+    spectral norms), L_j = P ||(e_c - e_j)^T A D|| <= sqrt(2) P ||A D|| = sqrt(2) L."""
+    net = _random_net(seed, 4, (8, 6), 4)
+    x0 = torch.randn(1, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
+    an = Analyzer(net, (4,), spectral="exact")
+    y = an.forward(x0)[0]
+    c = int(y.argmax())
+    rows = torch.zeros(3, 4, dtype=torch.float64)
+    rows[:, c] = 1.0
+    rows[torch.arange(3), [j for j in range(4) if j != c]] = -1.0
+    lj = an.local_bound_rows(x0, eps, rows).values
+    lval = an.local_bound(x0, eps).value
+    assert bool((lj <= SQRT2 * lval * (1 + 1e-9)).all()), (lj, lval)
+
+
+# --------------------------------------------------------------------------- zoo inputs
+
+
+def test_compnet_all_methods_and_all_attacks():
+    from lipbound import zoo
+    from lipbound.inputs import load_sample
+
+    lm = zoo.load_model("compnet")
+    x0 = load_sample("compnet:zeros", entry=lm.entry).x
+    res = certified_radii(lm.model, x0)
+    assert [r.method for r in res] == list(METHODS)
+    _check_margin_vs_local(res)
+    _ball_check(lm.model, x0, res[0].predicted_class, max(r.radius for r in res), n=6000)
+    _assert_below_attacks(res, _attacks(lm.model, x0, list(CHEAP) + ["fgsm"]), x0)
+
+
+@pytest.fixture(scope="module")
+def mnist():
+    from lipbound import zoo
+
+    lm = zoo.load_model("mnist")
+    return lm, Analyzer(lm.model, lm.entry.input_shape, name="mnist")
+
+
+@pytest.mark.slow
+def test_mnist_digit8_paper_numbers_attacks_and_ball(mnist):
+    """The paper's setting: local certificate ~0.052 (ours must certify at least 0.045), the
+    global one ~0.0005 or less, attacks ~3.4-5.4; all five attacks above every
+    certificate; no class change in the margin certificate's ball."""
+    from lipbound.inputs import load_sample
+
+    lm, an = mnist
+    x0 = load_sample("mnist:8", entry=lm.entry).x
+    res = certified_radii(an, x0)
+    by = {r.method: r for r in res}
+    assert by["local"].predicted_class == 8
+    assert 0.045 <= by["local"].radius
+    assert by["global"].radius <= 1e-3
+    assert by["global"].radius <= by["local"].radius <= by["margin"].radius
+    for r in res:
+        assert r.guarantee in (Guarantee.CERTIFIED, Guarantee.PROBABILISTIC)
+        assert (r.failure_prob > 0) == (r.guarantee == Guarantee.PROBABILISTIC)
+    # the search's own record: the radius passed, a failing radius within tol above it
+    for r in (by["local"], by["margin"]):
+        passed = [e for e, _, ok in r.details["evaluations"] if ok]
+        assert r.radius in passed or r.details.get("rechecks")
+        assert r.upper is not None and r.upper <= r.radius * (1 + r.tol) * (1 + 1e-9)
+        assert any(e == r.upper and not ok for e, _, ok in r.details["evaluations"])
+    _assert_below_attacks(res, _attacks(lm.model, x0, list(CHEAP) + ["fgsm"]), x0)
+    _ball_check(lm.model, x0, 8, by["margin"].radius)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("ref", ["mnist:2", "mnist:3", "mnist:test/0-9"])
+def test_mnist_inputs_below_attacks(ref):
+    """Sample digits and 10 real test images: certificates (faster Lanczos, coarser tol)
+    below FGSM and PGD, margin >= local on every input."""
+    from lipbound import zoo
+    from lipbound.inputs import load_samples
+
+    lm = zoo.load_model("mnist")
+    an = Analyzer(lm.model, lm.entry.input_shape, lanczos_steps=16)
+    for s in load_samples(ref, entry=lm.entry):
+        res = certified_radii(an, s.x, methods=("local", "margin"), tol=0.05)
+        _check_margin_vs_local(res)
+        _assert_below_attacks(res, _attacks(lm.model, s.x, ["fgsm", "pgd"]), s.x)
+
+
+@pytest.mark.slow
+def test_cifar10_dog_and_test_images():
+    """CIFAR-10: the dog (local and margin, ball check) and three test images (local)."""
+    from lipbound import zoo
+    from lipbound.inputs import load_sample, load_samples
+
+    lm = zoo.load_model("cifar10")
+    an = Analyzer(lm.model, lm.entry.input_shape, lanczos_steps=16)
+    x0 = load_sample("cifar10:dog", entry=lm.entry).x
+    res = certified_radii(an, x0, methods=("local", "margin"), tol=0.05)
+    _check_margin_vs_local(res)
+    _assert_below_attacks(res, _attacks(lm.model, x0, ["fgsm", "pgd"]), x0)
+    _ball_check(lm.model, x0, res[0].predicted_class, res[1].radius, n=10_000, pgd_starts=8,
+                pgd_steps=40)
+    for s in load_samples("cifar10:test/0-2", entry=lm.entry):
+        r = certified_radius(an, s.x, method="local", tol=0.1)
+        _assert_below_attacks([r], _attacks(lm.model, s.x, ["fgsm", "pgd"]), s.x)
+
+
+# ---------------------------------------------------------------------------- bad input
+
+
+def _two_class_net(tied: bool) -> nn.Module:
+    net = nn.Sequential(nn.Linear(3, 3)).double().eval()
+    with torch.no_grad():
+        net[0].weight.copy_(torch.tensor([[1.0, 0, 0], [1.0, 0, 0] if tied else [0, 1.0, 0],
+                                          [0, 0, 1.0]]))
+        net[0].bias.zero_()
+    return net
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_tie_gives_zero_with_a_plain_reason(method):
+    net = _two_class_net(tied=True)
+    r = certified_radius(net, torch.tensor([[1.0, 0.0, 0.0]], dtype=torch.float64),
+                         method=method)
+    assert r.radius == 0.0 and r.margin == 0.0
+    assert "tie" in r.details["reason"] and "decision boundary" in r.details["reason"]
+    assert r.n_bound_evaluations == 0
+
+
+def test_constant_network_is_capped_at_max_eps():
+    net = nn.Sequential(nn.Linear(3, 3)).double().eval()
+    with torch.no_grad():
+        net[0].weight.zero_()
+        net[0].bias.copy_(torch.tensor([1.0, 0.0, 0.0]))
+    for r in certified_radii(net, torch.zeros(1, 3, dtype=torch.float64), max_eps=50.0):
+        assert r.radius == 50.0 and "max_eps" in r.details["reason"]
+
+
+def test_max_eps_caps_a_large_radius():
+    net = _two_class_net(tied=False)
+    x0 = torch.tensor([[5.0, 0.0, 0.0]], dtype=torch.float64)
+    r = certified_radius(net, x0, max_eps=0.1)
+    assert r.radius == 0.1 and "at least" in r.details["reason"]
+
+
+@pytest.mark.parametrize("x0", [
+    torch.tensor([[float("nan"), 0.0, 0.0]]),
+    torch.tensor([[0.0, float("inf"), 0.0]]),
+    torch.zeros(2, 3),           # a batch of two
+    torch.zeros(1, 4),           # wrong size
+    [[0.0, 0.0, 0.0]],           # not a tensor
+])
+def test_bad_inputs_raise_input_error(x0):
+    with pytest.raises(InputError):
+        certified_radius(_two_class_net(tied=False), x0)
+
+
+@pytest.mark.parametrize("kw, needle", [
+    ({"tol": 0.0}, "tol"), ({"tol": 1.0}, "tol"), ({"tol": float("nan")}, "tol"),
+    ({"tol": "x"}, "tol"), ({"max_eps": 0.0}, "max_eps"), ({"max_eps": -1.0}, "max_eps"),
+    ({"max_eps": float("inf")}, "max_eps"), ({"start": -1.0}, "start"),
+    ({"method": "exact"}, "method"), ({"max_evaluations": 1}, "max_evaluations"),
+])
+def test_bad_settings_raise_input_error(kw, needle):
+    with pytest.raises(InputError, match=needle):
+        certified_radius(_two_class_net(tied=False), torch.ones(1, 3), **kw)
+
+
+def test_non_vector_and_single_class_outputs_raise():
+    conv = nn.Sequential(nn.Conv2d(1, 2, 3)).eval()
+    with pytest.raises(InputError, match="vector of class scores"):
+        certified_radius(conv, torch.zeros(1, 1, 5, 5))
+    one = nn.Sequential(nn.Linear(3, 1)).eval()
+    with pytest.raises(InputError, match="n >= 2"):
+        certified_radius(one, torch.zeros(1, 3))
+
+
+def test_nonfinite_scores_raise():
+    net = nn.Sequential(nn.Linear(2, 2)).double().eval()
+    with torch.no_grad():
+        net[0].weight.fill_(1e300)
+        net[0].bias.zero_()
+    with pytest.raises(InputError, match="NaN/inf"):
+        certified_radius(net, torch.tensor([[1e300, 1e300]], dtype=torch.float64))
+
+
+def test_analyzer_must_match_model_and_options():
+    a, b = _two_class_net(False), _two_class_net(False)
+    an = Analyzer(a, (3,))
+    with pytest.raises(InputError, match="different model"):
+        certified_radius(b, torch.ones(1, 3), analyzer=an)
+    with pytest.raises(InputError, match="cannot be combined"):
+        certified_radius(a, torch.ones(1, 3), analyzer=an, spectral="exact")
+    with pytest.raises(InputError, match="methods"):
+        certified_radii(a, torch.ones(1, 3), methods=("local", "nope"))
+    r = certified_radius(an, torch.tensor([[1.0, 0.2, 0.0]]))  # an Analyzer as the model
+    assert r.radius > 0
+
+
+def test_result_to_dict_is_json():
+    r = certified_radius(_two_class_net(False), torch.tensor([[1.0, 0.2, 0.0]]))
+    d = json.loads(json.dumps(r.to_dict()))
+    assert d["method"] == "local" and d["radius"] == r.radius
+    assert d["guarantee"] == Guarantee.CERTIFIED.value and d["tol"] == 1e-3
+    with pytest.raises(AttributeError):
+        r.radius = 1.0  # frozen
+
+
+# ---------------------------------------------------------------------------------- CLI
+
+
+def test_cli_single_json_and_many_inputs(tmp_path, capsys):
+    from lipbound.cli import main
+
+    assert main(["radius", "--model", "tiny", "--json", "--attacks", "fgsm"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert {"certified_radius", "certified", "attacks", "seconds", "model", "input",
+            "predicted", "margin"} <= set(out)
+    assert [c["method"] for c in out["certified"]] == ["local", "margin", "global"]
+    assert out["certified_radius"] == max(c["radius"] for c in out["certified"])
+    assert out["attacks"][0]["radius"] >= out["certified_radius"]
+    batch = np.random.default_rng(0).normal(size=(4, 7)).astype(np.float32)
+    np.save(tmp_path / "b.npy", batch)
+    assert main(["radius", "--model", "compnet", "--input", str(tmp_path / "b.npy"),
+                 "--methods", "local,global", "--out", str(tmp_path / "o")]) == 0
+    text = capsys.readouterr().out
+    assert "violations (certified > attack): 0" in text
+    lines = (tmp_path / "o" / "radius.csv").read_text().splitlines()
+    assert lines[0].split(",")[:7] == ["index", "input", "label", "predicted", "margin",
+                                       "local_radius", "global_radius"]
+    assert len(lines) == 5
+    assert (tmp_path / "o" / "radius.png").stat().st_size > 0
+    assert (tmp_path / "o" / "radius.pdf").stat().st_size > 0
+    assert main(["radius", "--model", "tiny", "--attacks", "nope"]) == 2
+    assert "unknown attack" in capsys.readouterr().err
