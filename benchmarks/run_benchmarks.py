@@ -33,6 +33,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_MODELS = ("mnist", "cifar10", "alexnet", "vgg16")
 SWEEP_MODELS = ("mnist", "cifar10")
+BIG_MODELS = ("alexnet", "vgg16")
 CLI = "import sys; from lipbound.cli import main; sys.exit(main())"
 
 
@@ -104,10 +105,15 @@ def _common(ns: argparse.Namespace) -> list[str]:
 
 def _network(model: str, ns: argparse.Namespace) -> dict[str, Any]:
     rows: dict[str, Any] = {}
-    for what in ("local", "global"):
+    if model in BIG_MODELS:
+        # one bound takes minutes before optimisation: fewer runs, the cold run counts
+        extra = ["--repeat", str(min(ns.repeat, ns.repeat_big)), "--no-warmup"]
+    else:
+        extra = ["--repeat", str(ns.repeat)]
+    for what in ns.what:
         print(f"  {model} {what} ...", file=sys.stderr, flush=True)
-        res, err = _run_cli(["bench", "--model", model, "--what", what, "--repeat",
-                             str(ns.repeat), *_common(ns)], ns.timeout)
+        res, err = _run_cli(["bench", "--model", model, "--what", what, *extra, *_common(ns)],
+                            ns.timeout)
         rows[what] = res if res is not None else {"model": model, "what": what, "error": err}
     return rows
 
@@ -143,6 +149,11 @@ def main(argv: list[str] | None = None) -> int:
                    help="comma-separated zoo networks (default: %(default)s)")
     p.add_argument("--repeat", type=int, default=None,
                    help="timed runs per quantity (default 5; 2 with --quick)")
+    p.add_argument("--repeat-big", type=int, default=2,
+                   help="at most this many runs for AlexNet and VGG-16, the first of them the "
+                        "cold run (default 2)")
+    p.add_argument("--what", default="local,global",
+                   help="quantities to time, each in its own process (default: %(default)s)")
     p.add_argument("--quick", action="store_true",
                    help="2 runs per quantity; unless --models is given only mnist,cifar10")
     p.add_argument("--threads", type=int, default=None,
@@ -161,10 +172,13 @@ def main(argv: list[str] | None = None) -> int:
     if ns.repeat is None:
         ns.repeat = 2 if ns.quick else 5
     models = [m.strip() for m in ns.models.split(",") if m.strip()]
+    ns.what = [w.strip() for w in ns.what.split(",") if w.strip()]
+    if not ns.what or any(w not in ("local", "global") for w in ns.what):
+        p.error("--what takes local, global or local,global")
     if ns.quick and not models_given:
         models = [m for m in models if m in SWEEP_MODELS]
-    if ns.repeat < 1:
-        p.error("--repeat must be >= 1")
+    if ns.repeat < 1 or ns.repeat_big < 1:
+        p.error("--repeat and --repeat-big must be >= 1")
 
     started = _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds")
     la_start = _loadavg()

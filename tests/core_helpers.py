@@ -501,7 +501,6 @@ def pair_lower_bound(model: nn.Module, shape: tuple[int, ...], seed: int,
     constant): x at several scales, y - x at radii log-uniform in [1e-4, 10], and Jacobian
     norms at a few random points."""
     g = _gen(seed)
-    dim = math.prod(shape)
     best = 0.0
     for scale in (0.1, 1.0, 10.0):
         x = _randn(g, 1, *shape) * scale
@@ -510,7 +509,6 @@ def pair_lower_bound(model: nn.Module, shape: tuple[int, ...], seed: int,
         dx = u * r.view(-1, *([1] * len(shape)))
         best = max(best, float(ratios(model, x, dx).max()))
         best = max(best, spectral_norm(jacobian(model, x)))
-    del dim
     return best
 
 

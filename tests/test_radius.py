@@ -33,18 +33,19 @@ SQRT2 = math.sqrt(2.0)
 # attacks' API.
 CHEAP = {"pgd": {"steps": 20, "restarts": 2}, "cw": {"binary_steps": 3, "steps": 30},
          "ifgsm": {"steps": 5, "rounds": 2}, "gradient": {"max_steps": 100, "rounds": 2}}
+CHEAPER = {"pgd": {"steps": 10, "restarts": 1}}
 
 
 # ------------------------------------------------------------------------------ helpers
 
 
-def _attacks(model, x0, methods, cheap=True):
+def _attacks(model, x0, methods, options=None):
     attacks = pytest.importorskip("lipbound.attacks")
     opts = {}
     for m in methods:
         cls = attacks.ATTACKS[m]
         params = inspect.signature(cls.__init__).parameters
-        opts[m] = {k: v for k, v in CHEAP.get(m, {}).items() if cheap and k in params}
+        opts[m] = {k: v for k, v in (options or CHEAP).get(m, {}).items() if k in params}
     return attacks.run_attacks(model, x0, methods=methods, seed=0, options=opts)
 
 
@@ -64,15 +65,29 @@ def _assert_below_attacks(results: list[RadiusResult], attacks, x0) -> None:
     assert n_success >= 1, "no attack succeeded: the comparison would be vacuous"
 
 
-def _margin_min(model64: nn.Module, xs: torch.Tensor, cls: int) -> torch.Tensor:
+def _margins(model: nn.Module, xs: torch.Tensor, cls: int) -> torch.Tensor:
     out = []
     with torch.no_grad():
         for i in range(0, xs.shape[0], 2048):
-            z = model64(xs[i:i + 2048])
+            z = model(xs[i:i + 2048])
             other = z.clone()
             other[:, cls] = -math.inf
             out.append(z[:, cls] - other.max(dim=1).values)
     return torch.cat(out)
+
+
+def _assert_same_class(model, model64, xs: torch.Tensor, cls: int, what: str) -> float:
+    """Margins of a batch in the model's dtype; points whose margin is within float32
+    rounding of 0 are decided in float64 (the certificate is about exact arithmetic)."""
+    m = _margins(model, xs.to(torch.float32 if model64 is not model else xs.dtype), cls)
+    close = m <= 1e-3 * (1 + m.abs().max())
+    if bool(close.any()):
+        m64 = _margins(model64, xs[close].double(), cls)
+        assert bool((m64 > 0).all()), f"class changed at a point {what}"
+        m = m.double()
+        m[close] = m64
+    assert bool((m > 0).all()), f"class changed at a point {what}"
+    return float(m.min())
 
 
 def _ball_check(model: nn.Module, x0: torch.Tensor, cls: int, radius: float, *,
@@ -80,12 +95,14 @@ def _ball_check(model: nn.Module, x0: torch.Tensor, cls: int, radius: float, *,
                 ) -> float:
     """Brute force inside the closed ball of ``radius``: uniform samples inside, samples on
     the sphere, and projected gradient ascent on ``max_j z_j - z_c`` (the strongest
-    first-order attack restricted to the ball). Returns the smallest margin seen; asserts
-    that the class never changed (margin > 0) anywhere."""
-    model64 = copy.deepcopy(model).double().eval()
+    first-order attack restricted to the ball), from ``x0`` and random starts. Returns the
+    smallest margin seen; asserts that the class never changed anywhere."""
+    model = copy.deepcopy(model).cpu().eval()
+    model64 = copy.deepcopy(model).double()
+    fast = model if next(model.parameters()).dtype == torch.float32 else model64
     x0 = x0.detach().double().cpu()
-    model64 = model64.cpu()
     d = x0[0].numel()
+    what = f"within the certified radius {radius}"
     g = torch.Generator().manual_seed(seed)
     dirs = torch.randn(n, d, generator=g, dtype=torch.float64)
     dirs = dirs / dirs.norm(dim=1, keepdim=True)
@@ -93,10 +110,8 @@ def _ball_check(model: nn.Module, x0: torch.Tensor, cls: int, radius: float, *,
     half = n // 2  # the first half uniform inside the ball, the second half on the sphere
     rad[:half] *= torch.rand(half, generator=g, dtype=torch.float64) ** (1.0 / d)
     xs = x0 + (dirs * rad[:, None]).reshape(n, *x0.shape[1:])
-    m = _margin_min(model64, xs, cls)
-    assert bool((m > 0).all()), f"class changed at a sampled point within radius {radius}"
-    worst = float(m.min())
-    # projected gradient ascent of the best rival's margin, inside the ball
+    worst = _assert_same_class(fast, model64, xs, cls, what)
+    # projected gradient ascent of the best rival's margin, inside the ball (float64)
     start = torch.randn(pgd_starts, d, generator=g, dtype=torch.float64)
     start = start / start.norm(dim=1, keepdim=True) * radius * 0.5
     start[0] = 0.0
@@ -110,7 +125,7 @@ def _ball_check(model: nn.Module, x0: torch.Tensor, cls: int, radius: float, *,
         marg = z[:, cls] - other.max(dim=1).values
         (gr,) = torch.autograd.grad(-marg.sum(), x)
         with torch.no_grad():
-            assert bool((marg > 0).all()), f"PGD changed the class within radius {radius}"
+            assert bool((marg > 0).all()), f"PGD changed the class {what}"
             worst = min(worst, float(marg.min()))
             gn = gr.flatten(1).norm(dim=1).clamp_min(1e-300)
             x = x + step * gr / gn.reshape(-1, *([1] * (x.dim() - 1)))
@@ -118,8 +133,8 @@ def _ball_check(model: nn.Module, x0: torch.Tensor, cls: int, radius: float, *,
             dn = delta.norm(dim=1).clamp_min(1e-300)
             scale = torch.clamp(radius / dn, max=1.0)
             x = (x0.flatten(1) + delta * scale[:, None]).reshape(x.shape).detach()
-    final = _margin_min(model64, x, cls)
-    assert bool((final > 0).all()), f"PGD changed the class within radius {radius}"
+    final = _margins(model64, x, cls)
+    assert bool((final > 0).all()), f"PGD changed the class {what}"
     return min(worst, float(final.min()))
 
 
@@ -191,7 +206,7 @@ def test_tiny_paper_network_exact_values():
 # ----------------------------------------------------------------- property-based tests
 
 
-@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(seed=st.integers(0, 10_000), n_in=st.integers(2, 6),
        hidden=st.lists(st.integers(3, 12), min_size=1, max_size=3),
        n_out=st.integers(2, 5))
@@ -308,36 +323,38 @@ def test_mnist_digit8_paper_numbers_attacks_and_ball(mnist):
 @pytest.mark.slow
 @pytest.mark.parametrize("ref", ["mnist:2", "mnist:3", "mnist:test/0-9"])
 def test_mnist_inputs_below_attacks(ref):
-    """Sample digits and 10 real test images: certificates (faster Lanczos, coarser tol)
-    below FGSM and PGD, margin >= local on every input."""
+    """Sample digits and 10 real test images: certificates (fewer Lanczos steps, so looser
+    but still sound bounds; coarse tol) below FGSM and PGD, margin >= local on every input.
+    The 100-image run with every attack is examples/radius_testsets.py."""
     from lipbound import zoo
     from lipbound.inputs import load_samples
 
     lm = zoo.load_model("mnist")
     an = Analyzer(lm.model, lm.entry.input_shape, lanczos_steps=16)
     for s in load_samples(ref, entry=lm.entry):
-        res = certified_radii(an, s.x, methods=("local", "margin"), tol=0.05)
+        res = certified_radii(an, s.x, methods=("local", "margin"), tol=0.2)
         _check_margin_vs_local(res)
-        _assert_below_attacks(res, _attacks(lm.model, s.x, ["fgsm", "pgd"]), s.x)
+        _assert_below_attacks(res, _attacks(lm.model, s.x, ["fgsm", "pgd"], CHEAPER), s.x)
 
 
 @pytest.mark.slow
 def test_cifar10_dog_and_test_images():
-    """CIFAR-10: the dog (local and margin, ball check) and three test images (local)."""
+    """CIFAR-10: the dog (local and margin, ball check: 4000 samples and PGD) and two test
+    images (local). The 100-image run is examples/radius_testsets.py."""
     from lipbound import zoo
     from lipbound.inputs import load_sample, load_samples
 
     lm = zoo.load_model("cifar10")
     an = Analyzer(lm.model, lm.entry.input_shape, lanczos_steps=16)
     x0 = load_sample("cifar10:dog", entry=lm.entry).x
-    res = certified_radii(an, x0, methods=("local", "margin"), tol=0.05)
+    res = certified_radii(an, x0, methods=("local", "margin"), tol=0.1)
     _check_margin_vs_local(res)
-    _assert_below_attacks(res, _attacks(lm.model, x0, ["fgsm", "pgd"]), x0)
-    _ball_check(lm.model, x0, res[0].predicted_class, res[1].radius, n=10_000, pgd_starts=8,
-                pgd_steps=40)
-    for s in load_samples("cifar10:test/0-2", entry=lm.entry):
-        r = certified_radius(an, s.x, method="local", tol=0.1)
-        _assert_below_attacks([r], _attacks(lm.model, s.x, ["fgsm", "pgd"]), s.x)
+    _assert_below_attacks(res, _attacks(lm.model, x0, ["fgsm", "pgd"], CHEAPER), x0)
+    _ball_check(lm.model, x0, res[0].predicted_class, res[1].radius, n=4000, pgd_starts=6,
+                pgd_steps=30)
+    for s in load_samples("cifar10:test/0-1", entry=lm.entry):
+        r = certified_radius(an, s.x, method="local", tol=0.3)
+        _assert_below_attacks([r], _attacks(lm.model, s.x, ["fgsm", "pgd"], CHEAPER), s.x)
 
 
 # ---------------------------------------------------------------------------- bad input

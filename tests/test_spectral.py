@@ -127,7 +127,7 @@ def test_exact_norm_helper():
 @settings(max_examples=n_examples(150))
 @given(kind=st.sampled_from(KINDS), m=st.integers(20, 120), n=st.integers(20, 120),
        seed=st.integers(0, 10 ** 6), steps=st.integers(6, 40),
-       delta=st.sampled_from([1e-6, 1e-5, 1e-8]))
+       delta=st.sampled_from([1e-6, 1e-8]))
 def test_lanczos_bound_is_above_the_true_norm(kind, m, n, seed, steps, delta):
     mat = make_matrix(kind, m, n, seed)
     true = spectral_norm(mat)
@@ -140,7 +140,7 @@ def test_lanczos_bound_is_above_the_true_norm(kind, m, n, seed, steps, delta):
     if res.method == "lanczos":
         assert res.guarantee == Guarantee.PROBABILISTIC
         assert res.failure_prob == delta
-        assert steps < n
+        # (also when steps >= n: an early invariant Krylov space is not a proof)
     else:
         assert res.guarantee == Guarantee.CERTIFIED and res.failure_prob == 0.0
 
@@ -242,7 +242,7 @@ def test_lanczos_top_ritz_value_is_a_lower_bound():
     for kind in ("gauss", "linear", "clustered", "lowrank"):
         mat = make_matrix(kind, 60, 70, 4)
         mv, rmv = _ops(mat)
-        theta, vec, k = lanczos_top(mv, rmv, torch.arange(70), 70, 10,
+        theta, vec, k, _ = lanczos_top(mv, rmv, torch.arange(70), 70, 10,
                                     torch.Generator().manual_seed(0), "cpu")
         true = spectral_norm(mat)
         assert theta <= true ** 2 * (1 + 1e-12)

@@ -139,10 +139,14 @@ class Analyzer:
         return key, self._variants[key]
 
     def _n_spectral(self, blocks: list[Block]) -> int:
+        """Number of layers that may use the probabilistic route (they share the budget)."""
         return max(1, sum(isinstance(b, AffineBlock) and b.mixing is not None for b in blocks))
 
     def _gen(self, i: int) -> torch.Generator:
-        return torch.Generator().manual_seed(self.seed * 100003 + i)
+        # salted so that the start vectors are not the draws of torch.manual_seed(seed) that
+        # users commonly initialise their weights with (the start must be independent of A)
+        salted = ((self.seed * 1_000_003 + i) ^ 0x2545F4914F6CDD1D) & ((1 << 63) - 1)
+        return torch.Generator().manual_seed(salted)
 
     # ------------------------------------------------------------------ global
     def _global_factors(self, key: str, blocks: list[Block]) -> list[SpectralBound]:
@@ -253,6 +257,13 @@ class Analyzer:
             r = moving.to(torch.float64)
             d_out = r.clone()
             x_next = y0.reshape(1, *b.out_shape)
+        if b.mixing is None:
+            # diagonal linear part: ||R diag(s) D|| = max |r_i s_i| over movable coordinates
+            # (r <= 1 mathematically, so the value never exceeds the global max |s_i|)
+            s_ = b.s_in.abs() if b.s_in is not None else torch.ones_like(r)
+            gmax = float(s_.max()) * (1 + SAFETY) if b.s_in is not None else 1.0
+            v = min(float((r * s_ * d).max()) * (1 + SAFETY), gmax) if r.numel() else 0.0
+            return SpectralBound(v, Guarantee.CERTIFIED, 0.0, "closed-form", v), d_out, x_next
         cols = torch.nonzero(d > 0).reshape(-1)
         rows = torch.nonzero(r > 0).reshape(-1)
         frob = math.sqrt(float(((r * rn) ** 2).sum())) * (1 + SAFETY)
@@ -306,8 +317,11 @@ class Analyzer:
             if gv < value and (gg == Guarantee.CERTIFIED or g != Guarantee.CERTIFIED):
                 notes.append("the global bound was smaller than the layer-wise local product "
                              "and is reported instead")
+                gfp = min(1.0, sum(f.failure_prob for f in self._global[key]))
+                # min(local, global) fails if either fails: the probabilities add up, unless
+                # the reported global bound is certified (then it cannot fail)
+                fp = 0.0 if gg == Guarantee.CERTIFIED else min(1.0, fp + gfp)
                 value, g = gv, gg
-                fp = min(1.0, sum(f.failure_prob for f in self._global[key]))
         if g == Guarantee.CERTIFIED:
             fp = 0.0
         return BoundResult(value=value, guarantee=g, method="local", quantity=LOCAL_QUANTITY,

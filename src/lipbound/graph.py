@@ -98,6 +98,12 @@ def trace_model(model: nn.Module, input_shape: Sequence[int]) -> list[Op]:
             "straight chain of layers without data-dependent control flow, or pass an "
             "nn.Sequential")]) from exc
     gm = fx.GraphModule(model, graph)
+    inputs = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    if len(inputs) != 1:
+        raise UnsupportedModelError([(
+            type(model).__name__, f"{len(inputs)} inputs",
+            "forward takes " + ", ".join(n.name for n in inputs) + "; lipbound analyses "
+            "models with one input: wrap the model so that it takes a single tensor")])
 
     param = next(iter(model.parameters()), None)
     buf = next(iter(model.buffers()), None)

@@ -123,7 +123,8 @@ class RadiusResult:
         """JSON-friendly dict (enums as their strings, inf/nan as strings/None)."""
         return _jsonable({
             "method": self.method, "radius": self.radius, "guarantee": self.guarantee,
-            "guarantee_text": self.guarantee_text, "failure_prob": self.failure_prob, "predicted_class": self.predicted_class,
+            "guarantee_text": self.guarantee_text, "failure_prob": self.failure_prob,
+            "predicted_class": self.predicted_class,
             "runner_up": self.runner_up, "margin": self.margin, "tol": self.tol,
             "bound": self.bound, "upper": self.upper,
             "n_bound_evaluations": self.n_bound_evaluations, "seconds": self.seconds,
@@ -376,16 +377,18 @@ def _twin(an: Analyzer, k: int) -> Analyzer:
 
 
 def _recheck(an: Analyzer, test: Callable[[Analyzer, _Problem, float], _Eval], pb: _Problem,
-             ev: _Eval) -> tuple[_Eval | None, list[dict[str, Any]], int]:
+             ev: _Eval, first: int) -> tuple[_Eval | None, list[dict[str, Any]], int]:
     """Make a probabilistic certificate rigorous: the search chose ``ev.eps`` using the same
     random draws that produced the bound there, so the bound's failure probability does not
     apply to it as such. A fresh analyzer whose draws are independent of that choice tests
     ``eps`` again; if it fails, ``eps`` is lowered by its fixed-point step and the next
-    (again independent) twin tests that. Returns (passing eval or None, log, evaluations)."""
+    (again independent) twin tests that. Each method has its own twins (``first``...), so a
+    search started from another method's re-checked radius is still checked independently.
+    Returns (passing eval or None, log, evaluations)."""
     done: list[dict[str, Any]] = []
     eps = ev.eps
     n = 0
-    for k in range(1, _RECHECKS + 1):
+    for k in range(first, first + _RECHECKS):
         ch = test(_twin(an, k), pb, eps)
         n += 1
         done.append({"seed_offset": k, "eps": eps, "ratio": ch.ratio, "passed": ch.ok,
@@ -550,7 +553,7 @@ def _certify(an: Analyzer, pb: _Problem, method: str, tol: float, cap: float,
                      "(the bound is infinite or NaN)", n, det)
     final = out.lo
     if final.guarantee == Guarantee.PROBABILISTIC and not final.from_global:
-        chk, rlog, nr = _recheck(an, test, pb, final)
+        chk, rlog, nr = _recheck(an, test, pb, final, 1 + _RECHECKS * METHODS.index(method))
         n += nr
         det["rechecks"] = rlog
         if chk is None:

@@ -109,24 +109,42 @@ def exact_norm(m: Tensor) -> float:
 
 def lanczos_top(mv: Callable[[Tensor], Tensor], rmv: Callable[[Tensor], Tensor], cols: Tensor,
                 n_in: int, steps: int, generator: torch.Generator, device,
-                warm: list[Tensor] | None = None) -> tuple[float, Tensor, int]:
-    """Lanczos on M^T M restricted to coordinates ``cols``; returns (θ = max Ritz value of
-    M^T M, Ritz vector (flat n_in), the Krylov dimension k the KW bound may use)."""
+                warm: list[Tensor] | None = None) -> tuple[float, Tensor, int, int]:
+    """Lanczos on M^T M restricted to coordinates ``cols``.
+
+    Returns (θ = max Ritz value of M^T M, Ritz vector (flat n_in), the Krylov dimension k the
+    KW bound may use, the dimension of the subspace actually spanned).
+
+    The operator is rescaled by its first image so that no norm under- or overflows."""
     n = cols.numel()
+    mv0, rmv0 = mv, rmv
+    probe = torch.zeros(n_in, dtype=torch.float64, device=device)
     k_max = min(steps, n)
     n_extra = len(warm) if warm else 0
     q = torch.zeros(n_in, k_max + n_extra, dtype=torch.float64, device=device)
     g = torch.randn(n, generator=generator, dtype=torch.float64).to(device)
+    g = g / g.abs().max().clamp_min(1e-300)
     q[cols, 0] = g / g.norm()
+    probe[:] = q[:, 0]
+    first = mv0(probe.unsqueeze(0)).squeeze(0)
+    c = float(first.abs().max())
+    sc = 1.0 / c if c > 0.0 and math.isfinite(c) else 1.0
+
+    def mv(v: Tensor) -> Tensor:
+        return mv0(v) * sc
+
+    def rmv(y: Tensor) -> Tensor:
+        return rmv0(y) * sc
+
     images: list[Tensor] = []
     scale = 0.0
-    invariant_slack = None
+    slack = 0.0
+    invariant_seen = False
     k = 0
-    for j in range(k_max):
-        v = q[:, j]
-        mvv = mv(v.unsqueeze(0)).squeeze(0)
+    while k < k_max:
+        mvv = mv(q[:, k].unsqueeze(0)).squeeze(0)
         images.append(mvv)
-        k = j + 1
+        k += 1
         if k == k_max:
             break
         w = rmv(mvv.unsqueeze(0)).squeeze(0)
@@ -136,11 +154,25 @@ def lanczos_top(mv: Callable[[Tensor], Tensor], rmv: Callable[[Tensor], Tensor],
             w = w - qj @ (qj.T @ w)
         beta = float(w.norm())
         if beta <= 1e-9 * scale or scale == 0.0:
-            # The Krylov space is (numerically) invariant: in exact arithmetic every later
-            # Ritz value equals this one, so the Kuczynski-Wozniakowski bound for k_max steps
-            # applies; the residual beta bounds the perturbation and is added to theta.
-            invariant_slack = beta
-            break
+            # The Krylov space of the start vector is (numerically) invariant: in exact
+            # arithmetic every later Ritz value from it equals this one, so the
+            # Kuczynski-Wozniakowski bound for k_max steps applies; the residual beta bounds
+            # the perturbation and is added to theta. We continue with a fresh random
+            # direction orthogonal to the basis: a larger subspace can only raise the Ritz
+            # value, and once it spans every active coordinate Rayleigh-Ritz is exact.
+            invariant_seen = True
+            slack += beta
+            for _ in range(4):  # a random vector inside the span has probability 0
+                gn = torch.randn(n, generator=generator, dtype=torch.float64).to(device)
+                w = torch.zeros(n_in, dtype=torch.float64, device=device)
+                w[cols] = gn / gn.norm()
+                for _ in range(2):
+                    w = w - qj @ (qj.T @ w)
+                beta = float(w.norm())
+                if beta > 1e-8:
+                    break
+            if beta <= 1e-8:
+                break  # the basis (numerically) spans the active coordinates
         q[:, k] = w / beta
     basis = q[:, :k]
     mq = torch.stack(images, 1)
@@ -174,16 +206,17 @@ def lanczos_top(mv: Callable[[Tensor], Tensor], rmv: Callable[[Tensor], Tensor],
         basis = qq
     ritz = basis @ y
     ritz = ritz / ritz.norm().clamp_min(1e-300)
-    if invariant_slack is not None:
-        return theta + invariant_slack, ritz, k_max
-    return theta, ritz, k
+    theta_unscaled = theta / (sc * sc)
+    if invariant_seen:
+        return (theta + slack) / (sc * sc), ritz, k_max, k
+    return theta_unscaled, ritz, k, k
 
 
 def spectral_upper(mv: Callable[[Tensor], Tensor], rmv: Callable[[Tensor], Tensor], *,
                    n_in: int, n_out: int, cols: Tensor, rows: Tensor, device,
                    dense: Callable[[], Tensor] | None = None, apply_flops: float,
                    mode: str = "auto", steps: int = 64, failure_prob: float = 1e-7,
-                   generator: torch.Generator | None = None, exact_budget: float = 3e8,
+                   generator: torch.Generator | None = None, exact_budget: float = 1e9,
                    certified_alternatives: tuple[tuple[float, str], ...] = (),
                    warm: list[Tensor] | None = None) -> SpectralBound:
     """Upper bound on ||M||_2 for the operator M given by ``mv`` (and transpose ``rmv``), which
@@ -223,9 +256,9 @@ def spectral_upper(mv: Callable[[Tensor], Tensor], rmv: Callable[[Tensor], Tenso
             return SpectralBound(alts[0][0], Guarantee.CERTIFIED, 0.0, alts[0][1], val)
         return best
     gen = generator if generator is not None else torch.Generator().manual_seed(0)
-    theta, vec, k = lanczos_top(mv, rmv, cols, n_in, steps, gen, device, warm)
+    theta, vec, k, k_dim = lanczos_top(mv, rmv, cols, n_in, steps, gen, device, warm)
     est = math.sqrt(max(theta, 0.0))
-    if k >= na:
+    if k_dim >= na:  # the Krylov basis spans every active coordinate: Rayleigh-Ritz is exact
         val = est * (1 + SAFETY)
         cand = SpectralBound(val, Guarantee.CERTIFIED, 0.0, "lanczos-full", est, vec)
     else:

@@ -3,22 +3,22 @@
 One module per method; every function returns a :class:`~lipbound.results.BoundResult`
 whose ``quantity`` and ``guarantee`` say exactly what the number is:
 
-=================  ====================================================  ===================
-function           quantity (L2 unless said)                             guarantee
-=================  ====================================================  ===================
-``autolip``        global constant                                       certified
-``seqlip``         global constant                                       certified (exact
-                                                                         enumeration) or
-                                                                         estimate (greedy)
-``lipsdp``         global constant (LipSDP-Neuron / -Layer)              certified after a
-                                                                         float64 LMI check
-``eclipse_fast``   global constant (ECLipsE-Fast closed form)            certified
-``fastlip``        local, all pairs in the ball                          certified
-``recurjac``       local, all pairs in the ball                          certified
-``exact_local_l2`` local, all pairs in the ball                          exact
-``lipmip``         local, ``c^T f`` on an l_inf box, dual-norm gradient  exact
-``pgd_lower_bound`` local, relative to x0                                lower bound
-=================  ====================================================  ===================
+===================  ===================================================  ===================
+function             quantity (L2 unless said)                            guarantee
+===================  ===================================================  ===================
+``autolip``          global constant                                      certified
+``seqlip``           global constant                                      certified (exact
+                                                                          enumeration) or
+                                                                          estimate (greedy)
+``lipsdp``           global constant (LipSDP-Neuron / -Layer)             certified after a
+                                                                          float64 LMI check
+``eclipse_fast``     global constant (ECLipsE-Fast closed form)           certified
+``fastlip``          local, all pairs in the ball                         certified
+``recurjac``         local, all pairs in the ball                         certified
+``exact_local_l2``   local, all pairs in the ball                         exact
+``lipmip``           local, ``c^T f`` on an l_inf box (dual-norm grad.)   exact
+``pgd_lower_bound``  local, relative to x0                                lower bound
+===================  ===================================================  ===================
 
 :func:`compare` runs them all (plus lipbound's own bounds) and returns a table.
 """

@@ -241,7 +241,7 @@ def _note_of(method: str, res: Any, ctx: _Ctx) -> str:
         parts.extend(n for n in notes[1:] if "witness" not in n and "quantity" not in n)
     elif method.startswith("lipsdp") and notes:
         parts.extend(n for n in notes if "status" in n)
-    elif method.startswith("seqlip") or method == "seqlip":
+    elif method == "seqlip":
         parts.extend(n for n in notes if "greedy" in n or "exact" in n)
     elif method in ("local", "global") and notes:
         parts.extend(notes)

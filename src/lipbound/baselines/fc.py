@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from lipbound.errors import InputError, LipboundError, UnsupportedModelError
+from lipbound.validation import check_eps
 
 logger = logging.getLogger(__name__)
 
@@ -36,6 +37,8 @@ __all__ = [
     "as_fc",
     "apply_output_map",
     "check_x0",
+    "check_eps",
+    "product_error",
     "fc_forward",
     "fc_preactivations",
     "pattern_jacobian",
@@ -462,16 +465,6 @@ def check_x0(x0: Any, n_in: int) -> np.ndarray:
     if not np.isfinite(x).all():
         raise InputError("x0 contains NaN/inf values")
     return x
-
-
-def check_eps(eps: Any) -> float:
-    try:
-        e = float(eps)
-    except (TypeError, ValueError) as exc:
-        raise InputError(f"eps must be a positive number, got {eps!r}") from exc
-    if not math.isfinite(e) or e <= 0:
-        raise InputError(f"eps must be finite and > 0, got {e}")
-    return e
 
 
 # --------------------------------------------------------------------------- numerics

@@ -24,7 +24,8 @@ Guarantee -- it depends on how each maximum is computed:
   a norm is convex in sigma, so its maximum is at a vertex.) The bound is tight only when
   every combination of patterns can occur, which is the "assumption" under which the paper
   calls SeqLip tight; it is an upper bound without it. Float64 rounding of the SVD factors
-  is covered by an inflation ``1e-12 * n * ||S~_{i+1}|| ||S~_i||`` per pair.
+  and products is covered by adding ``1e-12 * n * K * prod_k ||W_k||`` (the rounding of the
+  factored chain is at most ~``K n u`` times the product of the layer norms).
 * **greedy** (some width above the cap): the paper's heuristic for wide layers, here an
   alternating maximisation (top singular pair <-> best sigma for it) polished by single
   flips. It can miss the maximum, so the result is an ESTIMATE: neither an upper bound nor
@@ -34,6 +35,7 @@ Guarantee -- it depends on how each maximum is computed:
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -62,7 +64,8 @@ def pair_factors(layers: list[tuple[np.ndarray, np.ndarray]]
     """For each hidden layer ``i``: ``(A_i, B_i, scale_i)`` with pair matrix ``A_i diag(s) B_i``.
 
     ``A_i = S~_{i+1} V_{i+1}^T`` (shape ``r_{i+1} x n_i``), ``B_i = U_i S~_i``
-    (``n_i x r_i``) and ``scale_i = ||S~_{i+1}|| ||S~_i||`` (used for the rounding margin).
+    (``n_i x r_i``) and ``scale_i = ||S~_{i+1}|| ||S~_i||`` (the pair norm with sigma = 1
+    is at most this).
     """
     k = len(layers)
     parts = [_svd_parts(w) for w, _ in layers]
@@ -167,18 +170,24 @@ def seqlip(net: nn.Module | Sequence[tuple[Any, Any]], *, max_exact_width: int =
     modes = []
     if len(layers) == 1:
         value = safe_spectral_norm(layers[0][0])
-    for i, (a, b, scale) in enumerate(pair_factors(layers)):
+    for i, (a, b, _) in enumerate(pair_factors(layers)):
         n = a.shape[1]
         if n <= max_exact_width:
             v, _ = _exact_max(a, b)
-            v = v * (1 + 1e-12 * max(a.shape + b.shape)) + 1e-12 * n * scale
+            v = v * (1 + 1e-12 * max(a.shape + b.shape))
             modes.append(f"layer {i + 1} (width {n}): exact over 2^{n} patterns")
         else:
             v, _ = _greedy_max(a, b, rng, greedy_restarts, greedy_passes)
             modes.append(f"layer {i + 1} (width {n}): greedy (heuristic)")
         value *= v
     exact = all("exact" in m for m in modes)
-    value = round_up(value * (1 + 4e-16 * len(layers)))
+    # rounding of the SVD factors and of the pair products: each perturbs the chain by at
+    # most ~n u times the product of the layer norms (AutoLip's value), covered with a
+    # factor ~1e4 to spare
+    n_max = max(max(w.shape) for w, _ in layers)
+    autolip_scale = math.prod(float(np.linalg.svd(w, compute_uv=False)[0]) for w, _ in layers)
+    value = round_up(value * (1 + 4e-16 * len(layers))
+                     + 1e-12 * n_max * len(layers) * autolip_scale)
     guarantee = Guarantee.CERTIFIED if exact else Guarantee.ESTIMATE
     notes = [f"fully connected {describe(layers)}", *modes]
     if not exact:

@@ -58,6 +58,8 @@ def run(args: argparse.Namespace) -> int:
     else:
         print(f"model {name}, eps {eps:g} (L2 ball; lipMIP: l_inf box)")
         print(format_table(rows))
+        print("quantities: local L2 rel. x0 <= local L2 all pairs <= global L2; the lower "
+              "bound is for rel. x0; lipMIP's l_inf quantity is not comparable with them")
         if bad:
             print("upper bounds below the lower bound: " + ", ".join(r.method for r in bad))
     return 1 if bad else 0

@@ -49,8 +49,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--failure-prob", type=float, default=1e-6,
                    help="failure probability budget of a probabilistic bound")
     p.add_argument("--out", default=None,
-                   help="folder for radius.csv and radius.png/.pdf (many inputs; also "
-                        "written for one input when given)")
+                   help="folder to write radius.csv (one row per input) and "
+                        "radius.png/.pdf (certified vs attack radii per input)")
     add_common(p)
     p.set_defaults(func=run)
 
@@ -83,8 +83,9 @@ def _samples(args: argparse.Namespace, loaded) -> tuple[list, bool]:
             kw["scale"] = loaded.scale
     samples = load_samples(args.input, **kw)
     ref = str(args.input)
-    many = len(samples) > 1 or ref.lower().endswith(".csv") or Path(ref).is_dir() \
-        or ":test" in ref
+    tail = ref.split(":", 1)[-1]
+    many = (len(samples) > 1 or ref.lower().endswith(".csv") or Path(ref).is_dir()
+            or (tail.startswith("test") and ("-" in tail or "," in tail or tail == "test")))
     return samples, many
 
 
@@ -152,8 +153,8 @@ def run(args: argparse.Namespace) -> int:
                      r["certified_radius"], r["min_attack_radius"])
     total = time.perf_counter() - t0
     files: dict[str, str] = {}
-    if many or args.out:
-        out = Path(args.out or "radius_out")
+    if args.out:
+        out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
         files["csv"] = str(_write_csv(out / "radius.csv", rows, methods, attacks))
         files.update(_plot(out, rows, methods, attacks, loaded.name))
@@ -211,6 +212,14 @@ def _print_many(loaded, rows, methods, attacks, total, files) -> None:
     import statistics
 
     print(f"model {loaded.name} ({loaded.weights_source}); {len(rows)} inputs; L2 radii")
+    per = []
+    for i, r in enumerate(rows):
+        per.append([i, r["input"], "-" if r["label"] is None else r["label"], r["predicted"],
+                    *[_radius(r["_cert"], m) for m in methods],
+                    *([r["min_attack_radius"]] if attacks else []), f"{r['seconds']:.2f}"])
+    print(table(["#", "input", "label", "pred", *methods,
+                 *(["min attack"] if attacks else []), "seconds"], per))
+    print()
     summary = []
     for m in methods:
         vals = [c.radius for r in rows for c in r["_cert"] if c.method == m]

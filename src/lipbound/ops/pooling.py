@@ -60,14 +60,15 @@ class MaxPoolOp(Op):
                             self.ceil_mode)
 
     def global_constant(self) -> float:
-        return math.sqrt(float(self.counts.max()))
+        # sqrt rounds to nearest: the margin keeps the constant >= the exact square root
+        return math.sqrt(float(self.counts.max())) * (1 + 1e-12)
 
     def local_constant(self, mask: Tensor) -> float:
         """Constant over perturbations supported on ``mask`` (shape = in_shape, 0/1)."""
         m = mask.reshape(-1, *self.in_shape[-2:]).amax(dim=0) > 0
         if not bool(m.any()):
             return 0.0
-        return math.sqrt(float(self.counts.to(mask.device)[m].max()))
+        return math.sqrt(float(self.counts.to(mask.device)[m].max())) * (1 + 1e-12)
 
     def propagate_mask(self, mask: Tensor) -> Tensor:
         """An output can move if any input in its window can move."""
