@@ -186,6 +186,10 @@ def test_linear_closed_form(n_in: int, n_cls: int, seed: int, log_scale: float) 
     r_star = linear_min_distance(w, b, x0)
     for method in METHODS:
         res = get_attack(method, **FAST[method])(model, x0, seed=seed)
+        if method == "fgsm" and n_cls > 2 and not res.success:
+            # a single gradient direction need not cross any boundary with > 2 classes
+            assert res.radius is None and res.x_adv is None
+            continue
         assert_verified(model, x0, res)
         assert res.radius is not None
         assert res.radius >= r_star * (1 - 1e-9), method  # never below the true minimum

@@ -23,10 +23,13 @@ from .graph import trace_model
 from .ops.conv import ConvOp, circulant_norm_bound
 from .ops.linear import LinearOp
 from .results import BoundResult, Guarantee, LayerFactor, combine_guarantees
-from .spectral import SAFETY, SpectralBound, spectral_upper
+from .spectral import SAFETY, SpectralBound, _materialize, spectral_upper
 from .validation import check_eps, check_input, resolve_device
 
 log = logging.getLogger(__name__)
+
+DENSE_CACHE_ELEMENTS = 4_000_000
+"""Blocks whose matrix has at most this many entries keep it after first use (32 MB)."""
 
 LOCAL_QUANTITY = ("local Lipschitz constant relative to x0: sup ||f(x)-f(x0)||/||x-x0|| over "
                   "0<||x-x0||<=eps (L2)")
@@ -105,6 +108,7 @@ class Analyzer:
         self._variants: dict[str, list[Block]] = {"": self.blocks}
         self._global: dict[str, list[SpectralBound]] = {}
         self._warm: dict[tuple[str, int], Tensor] = {}
+        self._dense: dict[tuple[str, int], Tensor] = {}
 
     # ------------------------------------------------------------------ helpers
     def forward(self, x: Tensor) -> Tensor:
@@ -279,6 +283,8 @@ class Analyzer:
             return b.lin_t(y * r) * d
 
         dense = b.dense_fn()
+        if dense is None and self.spectral != "lanczos":
+            dense = self._cached_dense(b, key, i)
         dense_masked = None
         if dense is not None:
             def dense_masked() -> Tensor:
@@ -293,6 +299,20 @@ class Analyzer:
         if sb.vector is not None:
             self._warm[warm_key] = sb.vector
         return sb, d_out, x_next
+
+    def _cached_dense(self, b: AffineBlock, key: str, i: int):
+        """The block's matrix, formed once (by applying it to basis vectors) when it is small
+        enough to keep, so that repeated exact SVDs (radius bisection, sweeps) skip it."""
+        if b.in_dim * b.out_dim > DENSE_CACHE_ELEMENTS:
+            return None
+        ck = (key, i)
+        if ck not in self._dense:
+            cols = torch.arange(b.in_dim, device=self.device)
+            rows = torch.arange(b.out_dim, device=self.device)
+            self._dense[ck] = _materialize(b.lin, b.lin_t, b.in_dim, b.out_dim, cols, rows,
+                                           self.device)
+        mat = self._dense[ck]
+        return lambda: mat
 
     def _check(self, x0: Tensor, eps: float) -> tuple[Tensor, float]:
         eps = check_eps(eps)

@@ -227,7 +227,6 @@ def build_blocks(ops: list[Op]) -> list[Block]:
     """Group the op chain into affine(-ReLU) blocks and max-pool blocks."""
     blocks: list[Block] = []
     seg: list[Op] = []
-    shape = ops[0].in_shape if ops else ()
     for op in ops:
         if op.kind == "relu":
             if seg:
@@ -242,7 +241,6 @@ def build_blocks(ops: list[Op]) -> list[Block]:
             blocks.append(PoolBlock(op))  # type: ignore[arg-type]
         else:
             seg.append(op)
-        shape = op.out_shape
     if seg:
         blocks.extend(_segment_blocks(seg, False, ""))
     return blocks

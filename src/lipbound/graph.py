@@ -19,8 +19,14 @@ from torch import Tensor, nn
 
 from .errors import InputError, UnsupportedModelError
 from .ops.base import Op
-from .ops.registry import (AUXILIARY_METHODS, FUNCTION_RULES, METHOD_RULES, MODULE_RULES,
-                           _module_from_call, module_rule)
+from .ops.registry import (
+    AUXILIARY_METHODS,
+    FUNCTION_RULES,
+    METHOD_RULES,
+    MODULE_RULES,
+    _module_from_call,
+    module_rule,
+)
 
 log = logging.getLogger(__name__)
 

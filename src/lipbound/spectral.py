@@ -121,11 +121,12 @@ def lanczos_top(mv: Callable[[Tensor], Tensor], rmv: Callable[[Tensor], Tensor],
     probe = torch.zeros(n_in, dtype=torch.float64, device=device)
     k_max = min(steps, n)
     n_extra = len(warm) if warm else 0
-    q = torch.zeros(n_in, k_max + n_extra, dtype=torch.float64, device=device)
+    # basis stored as rows (contiguous slices for the re-orthogonalisation)
+    q = torch.zeros(k_max + n_extra, n_in, dtype=torch.float64, device=device)
     g = torch.randn(n, generator=generator, dtype=torch.float64).to(device)
     g = g / g.abs().max().clamp_min(1e-300)
-    q[cols, 0] = g / g.norm()
-    probe[:] = q[:, 0]
+    q[0, cols] = g / g.norm()
+    probe[:] = q[0]
     first = mv0(probe.unsqueeze(0)).squeeze(0)
     c = float(first.abs().max())
     sc = 1.0 / c if c > 0.0 and math.isfinite(c) else 1.0
@@ -142,16 +143,16 @@ def lanczos_top(mv: Callable[[Tensor], Tensor], rmv: Callable[[Tensor], Tensor],
     invariant_seen = False
     k = 0
     while k < k_max:
-        mvv = mv(q[:, k].unsqueeze(0)).squeeze(0)
+        mvv = mv(q[k].unsqueeze(0)).squeeze(0)
         images.append(mvv)
         k += 1
         if k == k_max:
             break
         w = rmv(mvv.unsqueeze(0)).squeeze(0)
         scale = max(scale, float(w.norm()))
-        qj = q[:, :k]
+        qj = q[:k]
         for _ in range(2):  # full re-orthogonalisation, twice
-            w = w - qj @ (qj.T @ w)
+            w = w - (qj @ w) @ qj
         beta = float(w.norm())
         if beta <= 1e-9 * scale or scale == 0.0:
             # The Krylov space of the start vector is (numerically) invariant: in exact
@@ -167,14 +168,14 @@ def lanczos_top(mv: Callable[[Tensor], Tensor], rmv: Callable[[Tensor], Tensor],
                 w = torch.zeros(n_in, dtype=torch.float64, device=device)
                 w[cols] = gn / gn.norm()
                 for _ in range(2):
-                    w = w - qj @ (qj.T @ w)
+                    w = w - (qj @ w) @ qj
                 beta = float(w.norm())
                 if beta > 1e-8:
                     break
             if beta <= 1e-8:
                 break  # the basis (numerically) spans the active coordinates
-        q[:, k] = w / beta
-    basis = q[:, :k]
+        q[k] = w / beta
+    basis = q[:k].T
     mq = torch.stack(images, 1)
     if warm:
         extra = torch.stack([w_.to(device=device, dtype=torch.float64) for w_ in warm], 1)

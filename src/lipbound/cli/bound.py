@@ -45,6 +45,7 @@ def _is_many(ref: str | None) -> bool:
 
 def run(args: argparse.Namespace) -> int:
     from ..analyzer import Analyzer
+    from ..errors import InputError
     from ..validation import check_eps
 
     if _is_many(args.input) or args.eps_file:
@@ -52,7 +53,14 @@ def run(args: argparse.Namespace) -> int:
 
         return run_many(args)
     loaded = load_model(args)
-    sample = load_input(args, loaded)
+    try:
+        sample = load_input(args, loaded)
+    except InputError as exc:
+        if "batch of" in str(exc):  # an .npy/.pt file holding several inputs
+            from .bound_many import run_many
+
+            return run_many(args)
+        raise
     if args.eps_list:
         eps_values = [check_eps(float(v)) for v in args.eps_list.split(",")]
     else:

@@ -21,6 +21,10 @@ def add_common(p: argparse.ArgumentParser, *, json_flag: bool = True) -> None:
     """--device and --json, present on every command."""
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
                    help="where to compute (auto: CUDA when present)")
+    if not any("--threads" in a.option_strings for a in p._actions):
+        p.add_argument("--threads", default="auto",
+                       help="CPU threads for torch (auto: 1 for small networks, where thread "
+                            "synchronisation costs more than it saves, else torch's default)")
     if json_flag:
         p.add_argument("--json", action="store_true", help="print one JSON object")
 
@@ -50,6 +54,23 @@ def resolve_device(name: str) -> torch.device:
     if name == "cuda" and not torch.cuda.is_available():
         raise InputError("--device cuda was given but CUDA is not available; use --device cpu")
     return torch.device(name)
+
+
+def apply_threads(args: argparse.Namespace, model: nn.Module | None) -> None:
+    """Set torch's CPU thread count from ``--threads`` (a CLI-only setting)."""
+    spec = str(getattr(args, "threads", "auto"))
+    if spec == "auto":
+        if model is not None and sum(p.numel() for p in model.parameters()) < 2_000_000:
+            torch.set_num_threads(1)
+        return
+    try:
+        n = int(spec)
+    except ValueError as exc:
+        raise InputError(f"--threads must be 'auto' or a positive integer, got {spec!r}") \
+            from exc
+    if n < 1:
+        raise InputError(f"--threads must be >= 1, got {n}")
+    torch.set_num_threads(n)
 
 
 def _floats(s: str | None) -> tuple[float, ...] | None:
@@ -141,6 +162,7 @@ def load_model(args: argparse.Namespace) -> Loaded:
         if getattr(args, "weights", None):
             load_state_dict_file(model, args.weights)
         model = model.to(device).eval()
+        apply_threads(args, model)
         shape = info.get("input_shape")
         if getattr(args, "input_shape", None):
             shape = tuple(int(v) for v in args.input_shape.split(","))
@@ -161,6 +183,7 @@ def load_model(args: argparse.Namespace) -> Loaded:
                             seed=getattr(args, "seed", 0))
     except ZooError:
         raise
+    apply_threads(args, lm.model)
     notes = () if lm.trained else (f"{lm.entry.name}: {lm.weights_source}",)
     return Loaded(lm.model, lm.entry.name, tuple(lm.entry.input_shape), lm.weights_source,
                   notes, lm.entry, lm.entry.mean, lm.entry.std, None)
@@ -227,7 +250,7 @@ def print_json(obj: Any) -> None:
 def _json_default(o: Any) -> Any:
     if hasattr(o, "to_dict"):
         return o.to_dict()
-    if hasattr(o, "value") and isinstance(getattr(o, "value"), str):
+    if hasattr(o, "value") and isinstance(o.value, str):
         return o.value
     if isinstance(o, torch.Tensor):
         return o.tolist()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import time
 
-from .common import add_common, print_json, resolve_device, table
+from .common import add_common, apply_threads, print_json, resolve_device, table
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -13,6 +13,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                        description="Global bound and local bounds at several radii for the "
                                    "paper's MNIST LeNet and its digit 8.")
     p.add_argument("--eps-list", default="0.001,0.01,0.1,1,7")
+    p.add_argument("--spectral", choices=["auto", "exact", "lanczos"], default="exact",
+                   help="spectral norms: exact SVD gives certified bounds (default here; "
+                        "LeNet is small enough), lanczos is faster but probabilistic")
     add_common(p)
     p.set_defaults(func=run)
 
@@ -25,9 +28,10 @@ def run(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     device = resolve_device(args.device)
     lm = zoo.load_model("mnist", device=device)
+    apply_threads(args, lm.model)
     sample = load_sample("mnist:8", entry=lm.entry)
     x0 = sample.x.to(device)
-    an = Analyzer(lm.model, lm.entry.input_shape, name="mnist")
+    an = Analyzer(lm.model, lm.entry.input_shape, name="mnist", spectral=args.spectral)
     g = an.global_bound()
     eps_values = [float(v) for v in args.eps_list.split(",")]
     locs = [an.local_bound(x0, e) for e in eps_values]

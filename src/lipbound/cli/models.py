@@ -6,7 +6,6 @@ import argparse
 
 from .common import add_common, print_json, table
 
-
 WEIGHTS = {
     "tiny": "fixed weights (paper's 3-D example)",
     "compnet": "torch.manual_seed(0) default init (paper)",

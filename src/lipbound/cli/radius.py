@@ -167,7 +167,8 @@ def run(args: argparse.Namespace) -> int:
             obj = {"model": loaded.name, "weights": loaded.weights_source,
                    "inputs": [_public(r) for r in rows], "violations": n_viol,
                    "seconds": total}
-        obj.update(files)
+        if files:
+            obj["files"] = files
         print_json(obj)
     elif not many:
         _print_one(loaded, rows[0], total)

@@ -12,8 +12,7 @@ from torch import nn
 from ..layers import Normalize
 from .base import Op
 from .conv import conv2d_rule
-from .elementwise import (batchnorm_rule, identity_rule, normalize_rule, relu_rule,
-                          reshape_rule)
+from .elementwise import batchnorm_rule, identity_rule, normalize_rule, relu_rule, reshape_rule
 from .linear import linear_rule
 from .pooling import adaptive_avgpool2d_rule, avgpool2d_rule, maxpool2d_rule
 
