@@ -28,6 +28,9 @@ from .validation import check_eps, check_input, resolve_device
 
 log = logging.getLogger(__name__)
 
+EXACT_BUDGET = 1e9
+"""Flop budget under which the "auto" mode takes the exact (certified) SVD route."""
+
 DENSE_CACHE_ELEMENTS = 4_000_000
 """Blocks whose matrix has at most this many entries keep it after first use (32 MB)."""
 
@@ -283,7 +286,10 @@ class Analyzer:
             return b.lin_t(y * r) * d
 
         dense = b.dense_fn()
-        if dense is None and self.spectral != "lanczos":
+        lo, hi = sorted((int(cols.numel()), int(rows.numel())))
+        if dense is None and (self.spectral == "exact" or (
+                self.spectral == "auto" and 4.0 * hi * lo * lo <= EXACT_BUDGET)):
+            # the exact route will be taken: keep the block's matrix across calls
             dense = self._cached_dense(b, key, i)
         dense_masked = None
         if dense is not None:
@@ -295,6 +301,7 @@ class Analyzer:
                             device=self.device, dense=dense_masked, apply_flops=b.apply_flops(),
                             mode=self.spectral, steps=self.lanczos_steps, failure_prob=delta,
                             generator=self._gen(i), certified_alternatives=tuple(alts),
+                            exact_budget=EXACT_BUDGET,
                             warm=warm)
         if sb.vector is not None:
             self._warm[warm_key] = sb.vector
