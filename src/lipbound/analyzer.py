@@ -112,6 +112,9 @@ class Analyzer:
         self._global: dict[str, list[SpectralBound]] = {}
         self._warm: dict[tuple[str, int], Tensor] = {}
         self._dense: dict[tuple[str, int], Tensor] = {}
+        # Warm starts keep the bound valid but make the Ritz value (and so the inflated bound)
+        # larger, never smaller; off by default (benchmarks/README.md).
+        self.warm_start = False
 
     # ------------------------------------------------------------------ helpers
     def forward(self, x: Tensor) -> Tensor:
@@ -296,7 +299,7 @@ class Analyzer:
             def dense_masked() -> Tensor:
                 return dense() * r[:, None] * d[None, :]
         warm_key = (key, i)
-        warm = [self._warm[warm_key]] if warm_key in self._warm else None
+        warm = [self._warm[warm_key]] if self.warm_start and warm_key in self._warm else None
         sb = spectral_upper(mv, rmv, n_in=b.in_dim, n_out=b.out_dim, cols=cols, rows=rows,
                             device=self.device, dense=dense_masked, apply_flops=b.apply_flops(),
                             mode=self.spectral, steps=self.lanczos_steps, failure_prob=delta,

@@ -30,8 +30,6 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="spectral-norm route of the analyzer (default auto)")
     p.add_argument("--lanczos-steps", type=int, default=None,
                    help="Krylov dimension of the Lanczos runs (analyzer default when unset)")
-    p.add_argument("--threads", type=int, default=None,
-                   help="torch intra-op threads during the runs (default: torch's choice)")
     p.add_argument("--sweep", type=int, default=0, metavar="N",
                    help="also time an N-radius sweep on one analyzer, in units of one local "
                         "bound (zoo networks: over their eps range)")
@@ -68,15 +66,16 @@ def run(args: argparse.Namespace) -> int:
     opts = {} if args.lanczos_steps is None else {"lanczos_steps": args.lanczos_steps}
     loaded = load_model(args)
     sample = load_input(args, loaded)
+    # load_model applied --threads (lipbound.cli.common.apply_threads)
     res = bench_model(loaded.model, sample.x, name=loaded.name, what=whats, eps=args.eps,
-                      repeat=args.repeat, spectral=args.spectral, threads=args.threads,
+                      repeat=args.repeat, spectral=args.spectral, threads=None,
                       analyzer_options=opts, notes=loaded.notes, warmup=not args.no_warmup)
     sweep = None
     if args.sweep:
         sweep = bench_sweep_model(loaded.model, sample.x, name=loaded.name,
                                   eps_range=_sweep_range(args, loaded), n_points=args.sweep,
                                   local_repeat=args.repeat, spectral=args.spectral,
-                                  threads=args.threads, analyzer_options=opts,
+                                  threads=None, analyzer_options=opts,
                                   notes=loaded.notes)
     radius = None
     radius_note = None
@@ -84,8 +83,7 @@ def run(args: argparse.Namespace) -> int:
         if loaded.entry is None or loaded.entry.testset is None:
             raise InputError("--radius-images needs a zoo network with a shipped test set "
                              "(mnist, cifar10)")
-        radius = bench_radius(loaded.name, n_images=args.radius_images, device=args.device,
-                              threads=args.threads)
+        radius = bench_radius(loaded.name, n_images=args.radius_images, device=args.device)
         if radius is None:
             radius_note = "lipbound.radius is not available; radius benchmark skipped"
     if args.json:

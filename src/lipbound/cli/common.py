@@ -23,8 +23,8 @@ def add_common(p: argparse.ArgumentParser, *, json_flag: bool = True) -> None:
                    help="where to compute (auto: CUDA when present)")
     if not any("--threads" in a.option_strings for a in p._actions):
         p.add_argument("--threads", default="auto",
-                       help="CPU threads for torch (auto: 1 for small networks, where thread "
-                            "synchronisation costs more than it saves, else torch's default)")
+                       help="CPU threads for torch (auto: 1, measured fastest on small CPUs; "
+                            "give a number to override)")
     if json_flag:
         p.add_argument("--json", action="store_true", help="print one JSON object")
 
@@ -60,7 +60,11 @@ def apply_threads(args: argparse.Namespace, model: nn.Module | None) -> None:
     """Set torch's CPU thread count from ``--threads`` (a CLI-only setting)."""
     spec = str(getattr(args, "threads", "auto"))
     if spec == "auto":
-        if model is not None and sum(p.numel() for p in model.parameters()) < 2_000_000:
+        # measured (benchmarks/README.md): on small CPUs a second intra-op thread gave no gain
+        # and, when the other core is busy, slowed bounds down by 10-100x
+        dev = next(iter(model.parameters())).device if model is not None and \
+            any(True for _ in model.parameters()) else torch.device("cpu")
+        if dev.type == "cpu":
             torch.set_num_threads(1)
         return
     try:

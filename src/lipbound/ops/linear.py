@@ -29,9 +29,16 @@ class LinearOp(MixingOp):
         return y @ self.weight
 
     def sq_rows(self, w: Tensor) -> Tensor:
-        if self._weight_sq is None:
-            self._weight_sq = self.weight * self.weight
-        return w @ self._weight_sq.T
+        if self.weight.numel() <= 4_000_000:
+            if self._weight_sq is None:
+                self._weight_sq = self.weight * self.weight
+            return w @ self._weight_sq.T
+        # big layers (VGG fc1: 100M weights): square in row chunks instead of keeping W ⊙ W
+        out = []
+        for s in range(0, self.weight.shape[0], 512):
+            chunk = self.weight[s:s + 512]
+            out.append(w @ (chunk * chunk).T)
+        return torch.cat(out, dim=-1)
 
     def dense(self) -> Tensor:
         return self.weight
