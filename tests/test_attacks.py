@@ -49,7 +49,7 @@ pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
 DT = torch.float64
 METHODS = list(DEFAULT_METHODS)
-DATA = Path("/work/shared/data")
+DATA = Path(__file__).resolve().parents[1] / "src" / "lipbound" / "zoo" / "data"  # shipped copy
 
 # cheaper settings for the hypothesis tests (many examples); defaults elsewhere
 FAST = {

@@ -416,8 +416,7 @@ class LeNet(nn.Module):
 
 
 def _mnist_dir() -> Path | None:
-    for p in (Path("/work/shared/data/mnist"),
-              Path(__file__).resolve().parents[1] / "src/lipbound/zoo/data/mnist"):
+    for p in (Path(__file__).resolve().parents[1] / "src/lipbound/zoo/data/mnist",):
         if (p / "lenet_ckpt_99.ckpt").exists() and (p / "8.png").exists():
             return p
     return None
