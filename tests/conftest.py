@@ -13,6 +13,13 @@ settings.register_profile(
     deadline=None,  # analysis times vary a lot on a shared machine; never a timing assertion
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
     print_blob=True,
+    derandomize=True,  # CI runs the same examples every time; use the "explore" profile
+)
+settings.register_profile(
+    "explore",  # HYPOTHESIS_PROFILE=explore: fresh random examples each run
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+    print_blob=True,
 )
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "lipbound"))
 

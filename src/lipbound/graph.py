@@ -17,7 +17,7 @@ import torch
 import torch.fx as fx
 from torch import Tensor, nn
 
-from .errors import InputError, UnsupportedModelError
+from .errors import InputError, UnsupportedModelError, WeightsError
 from .ops.base import Op
 from .ops.registry import (
     AUXILIARY_METHODS,
@@ -94,6 +94,11 @@ def trace_model(model: nn.Module, input_shape: Sequence[int]) -> list[Op]:
         UnsupportedModelError: listing every unsupported node at once.
     """
     check_eval_mode(model)
+    bad = [n for n, t in list(model.named_parameters()) + list(model.named_buffers())
+           if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+    if bad:
+        raise WeightsError(f"the model's weights contain NaN/inf in {', '.join(bad)}; load "
+                           "valid weights (a diverged training run or a corrupt file?)")
     input_shape = tuple(int(s) for s in input_shape)
     try:
         graph = _Tracer().trace(model)

@@ -25,7 +25,9 @@ Example:
     >>> lm = zoo.load_model("mnist")                                     # doctest: +SKIP
     >>> x0 = inputs.load_sample("mnist:8", entry=lm.entry).x              # doctest: +SKIP
     >>> certified_radius(lm.model, x0).radius                             # doctest: +SKIP
-    0.06...
+    0.0516...
+    >>> [r.radius for r in certified_radii(lm.model, x0)]                 # doctest: +SKIP
+    [0.0516..., 0.0997..., 0.000343...]
 """
 
 from __future__ import annotations
@@ -47,7 +49,8 @@ from .results import Guarantee, _jsonable
 from .spectral import SAFETY
 from .validation import check_eps, check_input
 
-__all__ = ["METHODS", "RadiusMethod", "RadiusResult", "certified_radius", "certified_radii"]
+__all__ = ["METHODS", "RadiusMethod", "RadiusResult", "best", "certified_radii",
+           "certified_radius"]
 
 log = logging.getLogger(__name__)
 
@@ -463,9 +466,10 @@ def certified_radius(model: nn.Module | Analyzer | None, x0: Tensor, *,
       ``delta_j >= delta`` (``delta`` is the smallest ``delta_j``). Hence
       ``eps L_j / delta_j <= sqrt(2) eps L / delta``: every ``eps`` that passes the
       ``sqrt(2)`` test passes the margin test, so its largest passing ``eps`` is at least
-      as large (up to ``tol``). Exceptions in floating point: when ``L`` was replaced by
-      the (smaller) global bound, and when Lanczos estimates in the prefix differ between
-      the two computations; the tests measure both.
+      as large (up to ``tol``). Possible exceptions: when the analyzer reported its
+      (smaller, cached) global bound as ``L``, and when Lanczos estimates in the prefix
+      differ slightly between the two computations. The tests check margin >= local on
+      every input they run (and the inequality ``L_j <= sqrt(2) L`` on random networks).
     * ``"global"`` -- ``delta / (sqrt(2) L_global)``, lowered by rounding so that the strict
       inequality holds in floats.
 
