@@ -33,7 +33,8 @@ class AffineBlock:
         if ops:
             self.in_shape, self.out_shape = ops[0].in_shape, ops[-1].out_shape
         else:
-            assert shape is not None
+            if shape is None:
+                raise ValueError("an empty affine block needs its shape")
             self.in_shape = self.out_shape = tuple(shape)
         mixing = [op for op in ops if op.kind == "mixing"]
         if len(mixing) > 1:

@@ -72,7 +72,8 @@ class ConvOp(MixingOp):
 
 
 def conv2d_rule(module: nn.Module, name: str, in_shape, out_shape) -> ConvOp:
-    assert isinstance(module, nn.Conv2d)
+    if not isinstance(module, nn.Conv2d):
+        raise TypeError(f"rule called with {type(module).__name__}")
     if module.padding_mode != "zeros":
         raise NotImplementedError(f"padding_mode={module.padding_mode!r} (only 'zeros')")
     if isinstance(module.padding, str):

@@ -11,7 +11,8 @@ from .base import DiagOp, ReLUOp, ReshapeOp
 
 def batchnorm_rule(module: nn.Module, name: str, in_shape, out_shape) -> DiagOp:
     """BatchNorm in eval mode: y = γ (x - μ) / sqrt(σ² + eps) + β, a per-channel scaling."""
-    assert isinstance(module, nn.modules.batchnorm._BatchNorm)
+    if not isinstance(module, nn.modules.batchnorm._BatchNorm):
+        raise TypeError(f"rule called with {type(module).__name__}")
     if module.training:
         raise NotImplementedError("BatchNorm in training mode (call model.eval())")
     if not module.track_running_stats or module.running_mean is None:

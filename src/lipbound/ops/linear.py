@@ -50,7 +50,8 @@ class LinearOp(MixingOp):
 
 
 def linear_rule(module: nn.Module, name: str, in_shape, out_shape) -> LinearOp:
-    assert isinstance(module, nn.Linear)
+    if not isinstance(module, nn.Linear):
+        raise TypeError(f"rule called with {type(module).__name__}")
     if len(in_shape) != 1:
         # nn.Linear applied to a multi-dimensional tensor acts on the last axis; not a chain
         # element we model.

@@ -76,7 +76,8 @@ class MaxPoolOp(Op):
 
 
 def maxpool2d_rule(module: nn.Module, name: str, in_shape, out_shape) -> MaxPoolOp:
-    assert isinstance(module, nn.MaxPool2d)
+    if not isinstance(module, nn.MaxPool2d):
+        raise TypeError(f"rule called with {type(module).__name__}")
     if module.return_indices:
         raise NotImplementedError("return_indices=True")
     return MaxPoolOp(name, in_shape, out_shape, module.kernel_size, module.stride,
@@ -122,7 +123,8 @@ def _avgpool_op(name: str, in_shape, out_shape, kernel, stride, padding, ceil_mo
 
 
 def avgpool2d_rule(module: nn.Module, name: str, in_shape, out_shape) -> ConvOp:
-    assert isinstance(module, nn.AvgPool2d)
+    if not isinstance(module, nn.AvgPool2d):
+        raise TypeError(f"rule called with {type(module).__name__}")
     return _avgpool_op(name, in_shape, out_shape, module.kernel_size, module.stride,
                        module.padding, module.ceil_mode, module.count_include_pad,
                        module.divisor_override)
@@ -159,7 +161,8 @@ class SpatialMatrixOp(MixingOp):
 
 
 def adaptive_avgpool2d_rule(module: nn.Module, name: str, in_shape, out_shape):
-    assert isinstance(module, nn.AdaptiveAvgPool2d)
+    if not isinstance(module, nn.AdaptiveAvgPool2d):
+        raise TypeError(f"rule called with {type(module).__name__}")
     from .base import DiagOp
 
     c, h, w = in_shape
