@@ -52,7 +52,7 @@ def cifar10():
 @pytest.mark.parametrize("net", ["mnist", "cifar10"])
 def test_lower_le_local_le_global(net, request):
     lm, sample = request.getfixturevalue(net)
-    eps = [0.001, 0.1, 1.0]
+    eps = [0.001, 0.1, 1.0, lm.entry.eps_range[1]]  # up to the paper's largest radius
     lowers = ("random", "gradient", "pgd") + (("best",) if net == "mnist" else ())
     methods = ("local", "global") + lowers
     res = sweep(lm.model, sample.x, eps, methods, progress=False, name=net,
