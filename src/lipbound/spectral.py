@@ -3,9 +3,8 @@
 Two routes, chosen per layer by cost (``mode="auto"``) or forced (``"exact"``/``"lanczos"``):
 
 * **exact** -- the (masked) matrix is formed in float64, from its weights or by applying the
-  layer to basis vectors of its smaller side, and its largest singular value is computed by
-  LAPACK's SVD. The SVD is backward stable: the computed value is the exact one of a matrix
-  within about ``n * 1e-16`` relative distance, covered by the ``SAFETY`` margin applied.
+  layer to basis vectors of its smaller side, and its largest singular value is obtained from
+  the Gram matrix of the smaller side with explicit rounding terms (:func:`exact_norm`).
   Guarantee: **certified** (deterministic).
 * **lanczos** -- the Lanczos method with full re-orthogonalisation on the operator
   ``v -> M^T M v`` applied through the layer's own forward / transposed ops, from a start
@@ -100,11 +99,32 @@ def _materialize(mv: Callable[[Tensor], Tensor], rmv: Callable[[Tensor], Tensor]
 
 
 def exact_norm(m: Tensor) -> float:
-    """Largest singular value of a dense float64 matrix, with the SAFETY margin."""
+    """Largest singular value of a dense float64 matrix, as a certified upper bound.
+
+    Computed from the Gram matrix of the smaller side (``eigvalsh``), 2.5-8x cheaper than an
+    SVD of a rectangular matrix. Rounding is covered explicitly: the float64 Gram matrix
+    differs from the exact one by at most ``γ_k |M|^T |M|`` entrywise (k the inner dimension,
+    γ_k = k u / (1 - k u), u = 2^-53), whose spectral norm is at most ``γ_k ||M||_F^2``; the
+    symmetric eigensolver is backward stable (error ``<= c n u ||G||``, taken with c = 64).
+    Both terms are added before the square root, and the SAFETY margin on top.
+    """
     if m.numel() == 0:
         return 0.0
-    s = float(torch.linalg.matrix_norm(m.to(torch.float64), ord=2))
-    return s * (1 + SAFETY)
+    m = m.to(torch.float64)
+    if m.shape[0] < m.shape[1]:
+        m = m.T
+    k, n = m.shape  # inner dimension k >= n
+    peak = float(m.abs().max())
+    if peak == 0.0 or not math.isfinite(peak):
+        return 0.0 if peak == 0.0 else math.inf
+    ms = m / peak  # scaled to avoid under/overflow of the squares
+    gram = ms.T @ ms
+    lam = float(torch.linalg.eigvalsh(gram)[-1])
+    u = 2.0 ** -53
+    gamma = k * u / (1 - k * u)
+    frob2 = float((ms * ms).sum())
+    lam_up = max(lam, 0.0) * (1 + 64 * n * u) + gamma * frob2 * (1 + 64 * n * u)
+    return math.sqrt(lam_up) * peak * (1 + SAFETY)
 
 
 def lanczos_top(mv: Callable[[Tensor], Tensor], rmv: Callable[[Tensor], Tensor], cols: Tensor,
