@@ -221,7 +221,7 @@ def trace_model(model: nn.Module, input_shape: Sequence[int]) -> list[Op]:
     if problems:
         raise UnsupportedModelError(problems)
     ops = [op.to(device) for op in ops]
-    _verify(ops, model, example, rec.values, gm)
+    _verify(ops, model, example)
     return ops
 
 
@@ -232,7 +232,7 @@ def chain_forward(ops: list[Op], x: Tensor) -> Tensor:
     return x
 
 
-def _verify(ops: list[Op], model: nn.Module, example: Tensor, values: dict, gm) -> None:
+def _verify(ops: list[Op], model: nn.Module, example: Tensor) -> None:
     """Guard against a rule misreading a layer: the float64 chain must reproduce the model."""
     gen = torch.Generator(device="cpu").manual_seed(1234)
     x = torch.randn(example.shape, generator=gen, dtype=torch.float64).to(example.device)

@@ -4,7 +4,15 @@ from __future__ import annotations
 
 import argparse
 
-from .common import add_common, add_model_options, load_input, load_model, print_json, table
+from .common import (
+    add_common,
+    add_model_options,
+    is_many_ref,
+    load_input,
+    load_model,
+    print_json,
+    table,
+)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -30,25 +38,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-def _is_many(ref: str | None) -> bool:
-    if ref is None:
-        return False
-    from pathlib import Path
-
-    tail = ref.split(":", 1)[-1]
-    if ref.endswith(".csv") or Path(ref).is_dir():
-        return True
-    if tail.startswith("test") and ("-" in tail or tail == "test"):
-        return True
-    return False
-
-
 def run(args: argparse.Namespace) -> int:
     from ..analyzer import Analyzer
     from ..errors import InputError
     from ..validation import check_eps
 
-    if _is_many(args.input) or args.eps_file:
+    if is_many_ref(args.input) or args.eps_file:
         from .bound_many import run_many
 
         return run_many(args)

@@ -29,14 +29,7 @@ def load_inputs(args: argparse.Namespace, loaded: Loaded) -> list:
             raise InputError("a user model needs --input (a folder, CSV, .npy/.pt batch or "
                              "image file)")
         ref = loaded.entry.default_sample
-    kw: dict[str, Any] = {}
-    if loaded.entry is not None:
-        kw["entry"] = loaded.entry
-    else:
-        kw.update(input_shape=loaded.input_shape, mean=loaded.mean, std=loaded.std)
-        if loaded.scale is not None:
-            kw["scale"] = loaded.scale
-    samples = load_samples(ref, **kw)
+    samples = load_samples(ref, **loaded.sample_kwargs())
     if not samples:
         raise InputError(f"--input {ref!r} names no inputs")
     return samples

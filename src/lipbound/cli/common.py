@@ -100,6 +100,16 @@ class Loaded:
     std: tuple[float, ...] | None
     scale: float | None
 
+    def sample_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments of ``lipbound.inputs.load_sample(s)`` for this model's inputs."""
+        if self.entry is not None:
+            return {"entry": self.entry}
+        kw: dict[str, Any] = {"input_shape": self.input_shape, "mean": self.mean,
+                              "std": self.std}
+        if self.scale is not None:
+            kw["scale"] = self.scale
+        return kw
+
 
 def load_user_factory(spec: str) -> tuple[nn.Module, dict]:
     """``path/to/file.py:factory`` -> (module, extra info returned by the factory)."""
@@ -202,17 +212,19 @@ def load_input(args: argparse.Namespace, loaded: Loaded):
         if loaded.entry is None:
             raise InputError("a user model needs --input FILE (.png, .npy or .pt)")
         ref = loaded.entry.default_sample
-    kw: dict[str, Any] = {}
-    if loaded.entry is not None:
-        kw["entry"] = loaded.entry
-    else:
-        kw.update(input_shape=loaded.input_shape, mean=loaded.mean, std=loaded.std)
-        if loaded.scale is not None:
-            kw["scale"] = loaded.scale
-    sample = load_sample(ref, **kw)
+    sample = load_sample(ref, **loaded.sample_kwargs())
     dev = next(iter(loaded.model.parameters())).device
     return sample.__class__(x=sample.x.to(dev), label=sample.label, name=sample.name) \
         if sample.x.device != dev else sample
+
+
+def is_many_ref(ref: str | None) -> bool:
+    """Whether ``--input`` names several inputs (a range/list of test images, a CSV, a folder)."""
+    if ref is None:
+        return False
+    tail = ref.split(":", 1)[-1]
+    return (ref.lower().endswith(".csv") or Path(ref).is_dir()
+            or (tail.startswith("test") and ("-" in tail or "," in tail or tail == "test")))
 
 
 def load_model_and_input(args: argparse.Namespace):

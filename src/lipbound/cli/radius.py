@@ -17,7 +17,15 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import InputError
-from .common import add_common, add_model_options, load_input, load_model, print_json, table
+from .common import (
+    add_common,
+    add_model_options,
+    is_many_ref,
+    load_input,
+    load_model,
+    print_json,
+    table,
+)
 
 log = logging.getLogger(__name__)
 
@@ -74,19 +82,8 @@ def _samples(args: argparse.Namespace, loaded) -> tuple[list, bool]:
 
     if args.input is None:
         return [load_input(args, loaded)], False
-    kw: dict[str, Any] = {}
-    if loaded.entry is not None:
-        kw["entry"] = loaded.entry
-    else:
-        kw.update(input_shape=loaded.input_shape, mean=loaded.mean, std=loaded.std)
-        if loaded.scale is not None:
-            kw["scale"] = loaded.scale
-    samples = load_samples(args.input, **kw)
-    ref = str(args.input)
-    tail = ref.split(":", 1)[-1]
-    many = (len(samples) > 1 or ref.lower().endswith(".csv") or Path(ref).is_dir()
-            or (tail.startswith("test") and ("-" in tail or "," in tail or tail == "test")))
-    return samples, many
+    samples = load_samples(args.input, **loaded.sample_kwargs())
+    return samples, len(samples) > 1 or is_many_ref(str(args.input))
 
 
 def _one(model, an, sample, methods: list[str], attacks: list[str], args) -> dict[str, Any]:
