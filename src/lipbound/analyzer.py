@@ -12,7 +12,7 @@ import logging
 import math
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import Tensor, nn
@@ -43,6 +43,38 @@ def _model_device(model: nn.Module) -> torch.device:
     for t in list(model.parameters()) + list(model.buffers()):
         return t.device
     return torch.device("cpu")
+
+
+MEMO_ENTRIES = 8
+"""Layer factors remembered per layer for reuse (:meth:`Analyzer._reuse`)."""
+
+MEMO_ELEMENTS = 16_000_000
+"""Layers whose masks (times MEMO_ENTRIES) exceed this many numbers are not remembered."""
+
+
+COMPACT_FRACTION = 0.6
+"""A dense layer's masked matrix is copied to its active part when that is at most this
+fraction of the matrix (the copy costs about as much as a few products)."""
+
+
+def _compact(b: AffineBlock, dense, rows: Tensor, cols: Tensor, r: Tensor, d: Tensor) -> Tensor:
+    """``(R A D)[rows][:, cols]`` of a block with a dense matrix, without forming R A D."""
+    m = b.mixing.dense() if b.mixing is not None else None
+    if m is None:
+        m = dense()
+        rs, cs = r[rows], d[cols]
+    else:
+        rs = r[rows] if b.s_out is None else r[rows] * b.s_out[rows]
+        cs = d[cols] if b.s_in is None else d[cols] * b.s_in[cols]
+    sub = m.index_select(0, rows).index_select(1, cols)
+    return sub * rs[:, None] * cs[None, :]
+
+
+@dataclass(frozen=True)
+class _MemoEntry:
+    r: Tensor
+    d: Tensor
+    sb: SpectralBound
 
 
 @dataclass(frozen=True)
@@ -112,6 +144,10 @@ class Analyzer:
         self._global: dict[str, list[SpectralBound]] = {}
         self._warm: dict[tuple[str, int], Tensor] = {}
         self._dense: dict[tuple[str, int], Tensor] = {}
+        self._memo: dict[tuple[str, int, bool], list[_MemoEntry]] = {}
+        self.reuse_tol = 0.0
+        """Relative looseness a reused layer factor may have (see :meth:`_reuse`). 0: reuse
+        only a factor computed for the very same masked operator."""
         # Warm starts keep the bound valid but make the Ritz value (and so the inflated bound)
         # larger, never smaller; off by default (benchmarks/README.md).
         self.warm_start = False
@@ -288,27 +324,94 @@ class Analyzer:
         def rmv(y: Tensor) -> Tensor:
             return b.lin_t(y * r) * d
 
+        # the certified alternative max(r)*global exists only once the global factors are
+        # known: factors computed with and without it are remembered apart
+        memo_key = (key, i, gfac is not None)
+        reused = self._reuse(memo_key, r, d)
+        if reused is not None:
+            return reused, d_out, x_next
         dense = b.dense_fn()
         lo, hi = sorted((int(cols.numel()), int(rows.numel())))
         if dense is None and (self.spectral == "exact" or (
                 self.spectral == "auto" and 4.0 * hi * lo * lo <= EXACT_BUDGET)):
             # the exact route will be taken: keep the block's matrix across calls
             dense = self._cached_dense(b, key, i)
-        dense_masked = None
-        if dense is not None:
-            def dense_masked() -> Tensor:
-                return dense() * r[:, None] * d[None, :]
         warm_key = (key, i)
-        warm = [self._warm[warm_key]] if self.warm_start and warm_key in self._warm else None
-        sb = spectral_upper(mv, rmv, n_in=b.in_dim, n_out=b.out_dim, cols=cols, rows=rows,
-                            device=self.device, dense=dense_masked, apply_flops=b.apply_flops(),
-                            mode=self.spectral, steps=self.lanczos_steps, failure_prob=delta,
-                            generator=self._gen(i), certified_alternatives=tuple(alts),
-                            exact_budget=EXACT_BUDGET,
-                            warm=warm)
+        na, ma = int(cols.numel()), int(rows.numel())
+        if dense is not None and (na * ma <= COMPACT_FRACTION * b.in_dim * b.out_dim
+                                  or lo * lo * hi <= EXACT_BUDGET):
+            # the masked matrix restricted to its active rows and columns, formed once: every
+            # later product (Lanczos) reads only that part. Same operator, same start vector
+            # (drawn on the active coordinates in the same order).
+            mc = _compact(b, dense, rows, cols, r, d)
+            sb = spectral_upper(
+                lambda v: v @ mc.T, lambda y: y @ mc, n_in=na, n_out=ma,
+                cols=torch.arange(na, device=self.device),
+                rows=torch.arange(ma, device=self.device), device=self.device,
+                dense=lambda: mc, apply_flops=float(na * ma), mode=self.spectral,
+                steps=self.lanczos_steps, failure_prob=delta, generator=self._gen(i),
+                certified_alternatives=tuple(alts), exact_budget=EXACT_BUDGET)
+            sb = replace(sb, vector=None)  # in compacted coordinates: no warm start
+        else:
+            dense_masked = None
+            if dense is not None:
+                def dense_masked() -> Tensor:
+                    return dense() * r[:, None] * d[None, :]
+            warm = [self._warm[warm_key]] if self.warm_start and warm_key in self._warm \
+                else None
+            sb = spectral_upper(mv, rmv, n_in=b.in_dim, n_out=b.out_dim, cols=cols, rows=rows,
+                                device=self.device, dense=dense_masked,
+                                apply_flops=b.apply_flops(),
+                                mode=self.spectral, steps=self.lanczos_steps,
+                                failure_prob=delta, generator=self._gen(i),
+                                certified_alternatives=tuple(alts), exact_budget=EXACT_BUDGET,
+                                warm=warm)
         if sb.vector is not None:
             self._warm[warm_key] = sb.vector
+        self._remember(memo_key, r, d, sb)
         return sb, d_out, x_next
+
+    def _remember(self, memo_key: tuple[str, int, bool], r: Tensor, d: Tensor,
+                  sb: SpectralBound) -> None:
+        if (r.numel() + d.numel()) * MEMO_ENTRIES > MEMO_ELEMENTS:
+            return
+        entries = self._memo.setdefault(memo_key, [])
+        entries.append(_MemoEntry(r.clone(), d.clone(), replace(sb, vector=None)))
+        del entries[:-MEMO_ENTRIES]
+
+    def _reuse(self, memo_key: tuple[str, int, bool], r: Tensor, d: Tensor) -> SpectralBound | None:
+        """A layer factor computed earlier for the same layer, when it provably bounds this
+        one. ``||R A D|| <= ||R' A D'||`` whenever ``0 <= r <= r'`` and ``0 <= d <= d'``
+        elementwise (``R = S R'``, ``D = D' T`` with diagonal ``0 <= S, T <= I``), whatever
+        input produced the masks. The bound of such a dominating operator is reused when it
+        is within ``reuse_tol`` of a lower estimate of this operator's norm (the estimate of a
+        dominated operator, which is below this one's norm), or always when ``reuse_tol`` is
+        ``inf``; with ``reuse_tol = 0`` only a
+        factor of the very same operator is reused (same masks, same random draws: the same
+        value a fresh computation gives). A reused bound keeps its guarantee and failure
+        probability."""
+        entries = self._memo.get(memo_key)
+        if not entries:
+            return None
+        upper: SpectralBound | None = None
+        lower = 0.0
+        for e in entries:
+            if e.r.shape != r.shape or e.d.shape != d.shape:
+                continue
+            if torch.equal(e.r, r) and torch.equal(e.d, d):
+                return e.sb
+            if self.reuse_tol <= 0:
+                continue
+            if bool((r <= e.r).all()) and bool((d <= e.d).all()):
+                if upper is None or e.sb.value < upper.value:
+                    upper = e.sb
+            elif bool((e.r <= r).all()) and bool((e.d <= d).all()):
+                lower = max(lower, e.sb.estimate)
+        if upper is not None and (math.isinf(self.reuse_tol) or (
+                lower > 0 and upper.value <= (1 + self.reuse_tol) * lower)):
+            # the estimate must describe this operator: the dominated one's is below its norm
+            return replace(upper, method=f"reused {upper.method}", estimate=lower)
+        return None
 
     def _cached_dense(self, b: AffineBlock, key: str, i: int):
         """The block's matrix, formed once (by applying it to basis vectors) when it is small
@@ -319,8 +422,16 @@ class Analyzer:
         if ck not in self._dense:
             cols = torch.arange(b.in_dim, device=self.device)
             rows = torch.arange(b.out_dim, device=self.device)
-            self._dense[ck] = _materialize(b.lin, b.lin_t, b.in_dim, b.out_dim, cols, rows,
-                                           self.device)
+            if isinstance(b.mixing, ConvOp) and hasattr(b.mixing, "dense_matrix"):
+                mat = b.mixing.dense_matrix()  # exact, by scattering the kernel taps
+                if b.s_in is not None:
+                    mat = mat * b.s_in[None, :]
+                if b.s_out is not None:
+                    mat = mat * b.s_out[:, None]
+                self._dense[ck] = mat
+            else:
+                self._dense[ck] = _materialize(b.lin, b.lin_t, b.in_dim, b.out_dim, cols,
+                                               rows, self.device)
         mat = self._dense[ck]
         return lambda: mat
 

@@ -16,10 +16,15 @@ Two routes, chosen per layer by cost (``mode="auto"``) or forced (``"exact"``/``
   probability ``>= 1 - δ`` over the random start. (We use ``k - 1`` for ``k`` to leave a margin.)
   Guarantee: **probabilistic upper bound** with failure probability δ. Extra vectors (a warm
   start from a neighbouring ε) only enlarge the subspace, so they never weaken the bound.
+  Lanczos runs on the smaller side (``M M^T`` when there are fewer active outputs than
+  inputs: same norm, smaller basis), and the KW dimension ``n`` is that of the side used.
+  Only the basis is stored (``(k + 3) n`` floats at the peak), not the images ``M q_j``.
 
 In both routes a cheap deterministic bound (Frobenius norm from the one-pass row norms, or a
 certified global factor) is compared, and when it is smaller it is reported instead, with its
-own (certified) guarantee.
+own (certified) guarantee. The Lanczos run stops early as soon as its inflated Ritz value is
+already above the smallest such bound: Ritz values only grow with the steps, so the full run
+would have reported that bound too (see :func:`lanczos_top`).
 """
 
 from __future__ import annotations
@@ -127,110 +132,303 @@ def exact_norm(m: Tensor) -> float:
     return math.sqrt(lam_up) * peak * (1 + SAFETY)
 
 
+_DGKS = 0.7071
+"""Daniel-Gragg-Kaufman-Stewart criterion: a second Gram-Schmidt pass is made only when the
+first one removed more than half of ``||w||^2`` (the norm dropped below ``1/sqrt(2)``)."""
+
+_CHECK_EVERY = 4
+"""Steps between two early-exit checks of :func:`lanczos_top` (an eigvalsh of a j x j matrix)."""
+
+_STOP_MARGIN = 1e-12
+"""Relative margin of the early-exit test (covers the rounding of the small eigensolvers)."""
+
+
+@dataclass(frozen=True)
+class LanczosResult:
+    """Outcome of :func:`lanczos_top`.
+
+    It unpacks (and indexes) like the 4-tuple ``(theta, vector, k, dim)`` returned by earlier
+    versions, so ``theta, vec, k, dim = lanczos_top(...)`` keeps working.
+
+    Attributes:
+        theta: the top Ritz value of ``M^T M`` in the operator's own units (a lower estimate of
+            ``||M||^2`` up to rounding), plus the invariant-subspace slack when one was met.
+        vector: the Ritz vector (flat ``n_in``, unit norm); ``None`` only for an empty run.
+        k: the Krylov dimension the Kuczynski-Wozniakowski bound may use (``min(steps, n)``
+            after a completed run; the number of steps made after an early exit, where the
+            warm vectors are not added).
+        dim: the number of Lanczos basis vectors actually spanned (warm vectors excluded).
+        dominated: the run stopped early because ``θ_j * kw_full >= stop_theta``: the full run
+            could not have reported less than the certified alternative behind ``stop_theta``.
+        sqrt_theta: ``sqrt(theta)``, computed without squaring the internal scale (no under- or
+            overflow for operators of norm below 1e-154 or above 1e154).
+        image: ``M vector / ||M vector||`` (flat ``n_out``), the matching left singular vector
+            estimate; ``None`` when ``M vector = 0``.
+        matvecs: applications of ``mv`` plus ``rmv`` to single vectors.
+    """
+
+    theta: float
+    vector: Tensor | None
+    k: int
+    dim: int
+    dominated: bool = False
+    sqrt_theta: float = 0.0
+    image: Tensor | None = None
+    matvecs: int = 0
+
+    def _legacy(self) -> tuple[float, Tensor | None, int, int]:
+        return (self.theta, self.vector, self.k, self.dim)
+
+    def __iter__(self):
+        return iter(self._legacy())
+
+    def __len__(self) -> int:
+        return 4
+
+    def __getitem__(self, i):
+        return self._legacy()[i]
+
+
+def _norm(x: Tensor) -> float:
+    return float(torch.linalg.vector_norm(x))
+
+
 def lanczos_top(mv: Callable[[Tensor], Tensor], rmv: Callable[[Tensor], Tensor], cols: Tensor,
                 n_in: int, steps: int, generator: torch.Generator, device,
-                warm: list[Tensor] | None = None) -> tuple[float, Tensor, int, int]:
-    """Lanczos on M^T M restricted to coordinates ``cols``.
+                warm: list[Tensor] | None = None, *, stop_theta: float | None = None,
+                kw_full: float | None = None) -> LanczosResult:
+    """Lanczos with full re-orthogonalisation on ``A = M^T M`` restricted to coordinates ``cols``.
 
-    Returns (θ = max Ritz value of M^T M, Ritz vector (flat n_in), the Krylov dimension k the
-    KW bound may use, the dimension of the subspace actually spanned).
+    ``M`` is given by batched flat maps ``mv: (B, n_in) -> (B, n_out)`` and its transpose
+    ``rmv``; it must vanish outside the input coordinates ``cols``. The start vector is uniform
+    on the unit sphere of ``span(e_i, i in cols)`` (the assumption of Kuczyński & Woźniakowski,
+    SIAM J. Matrix Anal. Appl. 13(4), 1992). The operator is rescaled by its first image so that
+    no norm under- or overflows.
 
-    The operator is rescaled by its first image so that no norm under- or overflows."""
+    Memory: only the basis (rows of a preallocated ``(min(steps, n) + len(warm), n_in)``
+    float64 tensor) and a few work vectors are kept; the images ``M q_j`` are not. The projected
+    matrix ``H = Q^T A Q`` is read off the Gram-Schmidt coefficients: for ``w = A q_j`` the
+    projections ``Q_{<=j} w`` are column ``j`` of ``H`` and the norm of the remainder is
+    ``H[j+1, j]``. A second projection pass is made only when the first removed more than half
+    of ``||w||^2`` (Daniel, Gragg, Kaufman & Stewart, Math. Comp. 30, 1976). After the last
+    step only ``||M q_{k-1}||^2`` (one ``mv``, no ``rmv``) is needed: the other entries of the
+    last column are known by symmetry of the (tridiagonal in exact arithmetic) ``H``.
+    Rayleigh-Ritz uses ``eigh`` of the symmetrised ``(H + H^T) / 2``; the Ritz vector ``z`` is
+    then applied once more and ``θ = max(λ_max(H), ||M z||^2 / ||z||^2)``: both are lower
+    estimates of ``||M||^2`` up to rounding, and a larger θ only makes the reported bound larger.
+
+    Invariant Krylov space (residual ``<= 1e-9`` of the largest ``||A q_j||``): in exact
+    arithmetic every later Ritz value from the start vector equals the current one, so the KW
+    bound for ``min(steps, n)`` steps applies; the residual bounds the perturbation and is added
+    to θ (``slack``). The run goes on with a fresh random direction orthogonal to the basis (a
+    larger subspace only raises the Ritz value); once the basis spans every active coordinate,
+    Rayleigh-Ritz is exact (``dim == n``).
+
+    Warm vectors (e.g. the Ritz vector at a neighbouring radius) are masked to ``cols``,
+    orthogonalised against the basis and appended as extra basis rows, with their columns of
+    ``H`` computed explicitly: they only enlarge the subspace, so they never lower θ.
+
+    Early exit: with ``stop_theta`` (in the operator's own units, ``θ ~ ||M||^2``) and
+    ``kw_full`` (the factor the completed run would multiply θ with), every few steps the top
+    eigenvalue ``θ_j`` of the leading ``j x j`` block of the symmetrised ``H`` is computed and
+    the run stops (``dominated=True``) once ``θ_j * kw_full >= stop_theta``. Ritz values of
+    nested subspaces never decrease (Cauchy interlacing: the ``j x j`` block is a principal
+    submatrix of the final one, and the final θ is at least its top eigenvalue), so the full
+    run would report ``sqrt(θ_k f) >= sqrt(θ_j f) >= sqrt(stop_theta)``: when ``stop_theta``
+    comes from a certified bound, reporting that bound is never looser than finishing the run,
+    and it is certified. ``kw_full = inf`` means the full run cannot give a finite bound.
+
+    Args:
+        mv, rmv: the operator and its transpose (batched, flat).
+        cols: long tensor of the active input coordinates (``n = cols.numel() >= 1``).
+        n_in: input dimension of ``mv``.
+        steps: Lanczos steps (the basis has ``min(steps, n)`` vectors).
+        generator: source of the random start (and of restart directions).
+        device: where the basis lives.
+        warm: extra vectors (flat ``n_in``) added to the subspace.
+        stop_theta: early-exit threshold, see above; ``None`` disables the early exit.
+        kw_full: factor of the full run, required with ``stop_theta``.
+
+    Returns:
+        A :class:`LanczosResult` (unpacks as ``(theta, vector, k, dim)``).
+    """
     n = cols.numel()
-    mv0, rmv0 = mv, rmv
-    probe = torch.zeros(n_in, dtype=torch.float64, device=device)
+    if n < 1 or steps < 1:
+        raise ValueError(f"lanczos_top needs active coordinates and steps, got n={n}, "
+                         f"steps={steps}")
+    if stop_theta is not None and kw_full is None:
+        raise ValueError("lanczos_top: stop_theta needs kw_full (the full run's KW factor)")
+    f64 = torch.float64
     k_max = min(steps, n)
-    n_extra = len(warm) if warm else 0
-    # basis stored as rows (contiguous slices for the re-orthogonalisation)
-    q = torch.zeros(k_max + n_extra, n_in, dtype=torch.float64, device=device)
-    g = torch.randn(n, generator=generator, dtype=torch.float64).to(device)
+    warm_list = list(warm) if warm else []
+    size = k_max + len(warm_list)
+    # basis as rows; a row is written before it is read, so only row 0 needs zeros
+    q = torch.empty(size, n_in, dtype=f64, device=device)
+    q[0].zero_()
+    # H = Q^T A Q is held as  sym(h) + tridiag(alphas, betas):  h[:j+1, j] are the
+    # coefficients of the full Gram-Schmidt passes (and the explicit warm columns),
+    # alphas / betas those of the local three-term step and the subdiagonal (Python floats,
+    # no per-step tensor writes).
+    h = torch.zeros(size, size, dtype=f64, device=device)
+    alphas: list[float] = []
+    betas: list[float] = []
+    g = torch.randn(n, generator=generator, dtype=f64).to(device)
     g = g / g.abs().max().clamp_min(1e-300)
     q[0, cols] = g / g.norm()
-    probe[:] = q[0]
-    first = mv0(probe.unsqueeze(0)).squeeze(0)
-    c = float(first.abs().max())
-    sc = 1.0 / c if c > 0.0 and math.isfinite(c) else 1.0
+    del g
+    u = mv(q[0:1])  # (1, n_out): the first image, also the first step's
+    nmv = 1
+    c0 = float(u.abs().max())
+    sc = 1.0 / c0 if c0 > 0.0 and math.isfinite(c0) else 1.0
+    # A_s = sc^2 A. When sc^2 is far from under/overflow, one scaling of rmv's output suffices.
+    fused = 1e-100 < sc < 1e100
+    ssq = sc * sc
 
-    def mv(v: Tensor) -> Tensor:
-        return mv0(v) * sc
+    def apply_a(img: Tensor) -> Tensor:
+        """sc^2 M^T img as a fresh tensor (img an unscaled image)."""
+        if fused:
+            return rmv(img) * ssq
+        return rmv(img * sc) * sc
 
-    def rmv(y: Tensor) -> Tensor:
-        return rmv0(y) * sc
+    def h_sym(m: int) -> Tensor:
+        """The symmetrised leading m x m block of H."""
+        c = h[:m, :m]
+        hs = (c + c.T) * 0.5
+        hs.diagonal().add_(torch.tensor(alphas[:m], dtype=f64, device=device))
+        if m > 1:
+            b = torch.tensor(betas[:m - 1], dtype=f64, device=device)
+            hs.diagonal(1).add_(b)
+            hs.diagonal(-1).add_(b)
+        return hs
 
-    images: list[Tensor] = []
+    stop_norm = None
+    if stop_theta is not None:
+        stop_norm = math.sqrt(max(stop_theta, 0.0)) * (1 + _STOP_MARGIN)
     scale = 0.0
     slack = 0.0
     invariant_seen = False
+    dominated = False
+    next_check = _CHECK_EVERY
+    beta_prev = 0.0
     k = 0
-    while k < k_max:
-        mvv = mv(q[k].unsqueeze(0)).squeeze(0)
-        images.append(mvv)
-        k += 1
-        if k == k_max:
+    j = 0
+    while True:
+        if j > 0:
+            u = mv(q[j:j + 1])
+            nmv += 1
+        if j == k_max - 1:
+            # last step: only the diagonal entry is new (one mv, no rmv)
+            a = _norm(u) * sc
+            alphas.append(a * a)
+            k = j + 1
             break
-        w = rmv(mvv.unsqueeze(0)).squeeze(0)
-        scale = max(scale, float(w.norm()))
-        qj = q[:k]
-        for _ in range(2):  # full re-orthogonalisation, twice
-            w = w - (qj @ w) @ qj
-        beta = float(w.norm())
+        w = apply_a(u)[0]
+        u = None  # keep only the basis and one work vector alive
+        nmv += 1
+        nrm0 = _norm(w)
+        scale = max(scale, nrm0)
+        # local three-term step, then a full classical Gram-Schmidt pass (and a second one
+        # only on cancellation, DGKS); every coefficient removed is accumulated into H[:, j]
+        if j > 0:
+            w.add_(q[j - 1], alpha=-beta_prev)
+        alpha = float(torch.dot(q[j], w))
+        w.add_(q[j], alpha=-alpha)
+        nrm1 = _norm(w)
+        qj = q[:j + 1]
+        coef = torch.mv(qj, w)
+        w.addmv_(qj.T, coef, alpha=-1.0)
+        beta = _norm(w)
+        if beta < _DGKS * nrm1:
+            c2 = torch.mv(qj, w)
+            w.addmv_(qj.T, c2, alpha=-1.0)
+            coef += c2
+            beta = _norm(w)
+        h[:j + 1, j] = coef
+        alphas.append(alpha)  # (beta_prev is already in betas)
+        k = j + 1
+        if stop_norm is not None and k >= next_check:
+            if kw_full == math.inf:
+                dominated = True
+                break
+            lam = float(torch.linalg.eigvalsh(h_sym(k))[-1])
+            bound = math.sqrt(max(lam, 0.0) * kw_full) / sc
+            if bound >= stop_norm:
+                dominated = True
+                break
+            # far from the threshold after the first steps: check less often (a skipped
+            # check only costs speed, never soundness or the reported value)
+            far = k >= 2 * _CHECK_EVERY and bound < 0.8 * stop_norm
+            next_check = k + (4 * _CHECK_EVERY if far else _CHECK_EVERY)
         if beta <= 1e-9 * scale or scale == 0.0:
-            # The Krylov space of the start vector is (numerically) invariant: in exact
-            # arithmetic every later Ritz value from it equals this one, so the
-            # Kuczynski-Wozniakowski bound for k_max steps applies; the residual beta bounds
-            # the perturbation and is added to theta. We continue with a fresh random
-            # direction orthogonal to the basis: a larger subspace can only raise the Ritz
-            # value, and once it spans every active coordinate Rayleigh-Ritz is exact.
             invariant_seen = True
             slack += beta
+            found = 0.0
+            v = w
             for _ in range(4):  # a random vector inside the span has probability 0
-                gn = torch.randn(n, generator=generator, dtype=torch.float64).to(device)
-                w = torch.zeros(n_in, dtype=torch.float64, device=device)
-                w[cols] = gn / gn.norm()
+                gn = torch.randn(n, generator=generator, dtype=f64).to(device)
+                v = torch.zeros(n_in, dtype=f64, device=device)
+                v[cols] = gn / gn.norm()
                 for _ in range(2):
-                    w = w - (qj @ w) @ qj
-                beta = float(w.norm())
-                if beta > 1e-8:
+                    v.addmv_(qj.T, torch.mv(qj, v), alpha=-1.0)
+                nb = _norm(v)
+                if nb > 1e-8:
+                    found = nb
                     break
-            if beta <= 1e-8:
+            if not found:
                 break  # the basis (numerically) spans the active coordinates
-        q[k] = w / beta
-    basis = q[:k].T
-    mq = torch.stack(images, 1)
-    if warm:
-        extra = torch.stack([w_.to(device=device, dtype=torch.float64) for w_ in warm], 1)
+            torch.div(v, found, out=q[j + 1])
+            beta_prev = float(torch.dot(q[j + 1], w))  # q_{j+1}^T A q_j, |.| <= beta
+        else:
+            torch.div(w, beta, out=q[j + 1])
+            beta_prev = beta
+        betas.append(beta_prev)
+        w = v = None  # peak memory: the basis plus u, rmv(u) and w of the next step
+        j += 1
+
+    base = k
+    e = 0
+    for wv in warm_list if not dominated else []:
+        v = torch.zeros(n_in, dtype=f64, device=device)
+        v[cols] = wv.to(device=device, dtype=f64).reshape(-1)[cols]
+        nv0 = _norm(v)
+        if not (nv0 > 0.0 and math.isfinite(nv0)):
+            continue
+        v /= nv0
+        qa = q[:base + e]
         for _ in range(2):
-            extra = extra - basis @ (basis.T @ extra)
-        norms = extra.norm(dim=0)
-        keep = norms > 1e-8 * norms.max().clamp_min(1e-300)
-        if bool(keep.any()):
-            extra = extra[:, keep] / norms[keep]
-            basis = torch.cat([basis, extra], 1)
-            mq = torch.cat([mq, mv(extra.T).T], 1)
-    # Rayleigh-Ritz on span(basis): max eigenvalue of the pencil (MQ^T MQ, Q^T Q); solving
-    # with the Cholesky factor of the Gram matrix makes it exact for a non-orthonormal Q.
-    gram = basis.T @ basis
-    h = mq.T @ mq
-    try:
-        chol = torch.linalg.cholesky(gram)
-        t1 = torch.linalg.solve_triangular(chol, h, upper=False)
-        c = torch.linalg.solve_triangular(chol, t1.T, upper=False)
-        evals, evecs = torch.linalg.eigh((c + c.T) / 2)
-        theta = float(evals[-1])
-        y = torch.linalg.solve_triangular(chol.T, evecs[:, -1:], upper=True).squeeze(1)
-    except RuntimeError:  # numerically dependent basis: fall back to an orthonormal basis
-        qq, _ = torch.linalg.qr(basis)
-        mqq = mv(qq.T).T
-        evals, evecs = torch.linalg.eigh(mqq.T @ mqq)
-        theta = float(evals[-1])
-        y = evecs[:, -1]
-        basis = qq
-    ritz = basis @ y
-    ritz = ritz / ritz.norm().clamp_min(1e-300)
-    theta_unscaled = theta / (sc * sc)
+            v.addmv_(qa.T, torch.mv(qa, v), alpha=-1.0)
+        nv = _norm(v)
+        if nv <= 1e-8:
+            continue  # (numerically) inside the subspace already
+        torch.div(v, nv, out=q[base + e])
+        e += 1
+    if e:
+        wm = apply_a(mv(q[base:base + e]))  # (e, n_in)
+        nmv += 2 * e
+        cross = q[:base + e] @ wm.T  # (base + e, e): the new columns of H
+        h[:base + e, base:base + e] = cross
+        h[base:base + e, :base] = cross[:base].T
+        alphas.extend([0.0] * e)
+        betas.extend([0.0] * e)
+    u = w = v = None
+    kk = base + e
+    evals, evecs = torch.linalg.eigh(h_sym(kk))
+    lam = float(evals[-1])
+    vec = torch.mv(q[:kk].T, evecs[:, -1])  # the Ritz vector z = Q^T y
+    zn = _norm(vec)
+    if zn > 0.0:
+        vec.div_(zn)
+    mz = mv(vec.unsqueeze(0))[0]
+    nmv += 1
+    mzn = _norm(mz)
+    rq = (mzn * sc) ** 2 if zn > 0.0 else 0.0  # its Rayleigh quotient ||M z||^2 / ||z||^2
+    theta_s = max(lam, rq, 0.0)
     if invariant_seen:
-        return (theta + slack) / (sc * sc), ritz, k_max, k
-    return theta_unscaled, ritz, k, k
+        theta_s += slack
+    image = mz / mzn if mzn > 0.0 and math.isfinite(mzn) else None
+    k_kw = base if dominated or not invariant_seen else k_max
+    return LanczosResult(theta_s / sc / sc, vec, k_kw, base, dominated=dominated,
+                         sqrt_theta=math.sqrt(theta_s) / sc, image=image, matvecs=nmv)
 
 
 def spectral_upper(mv: Callable[[Tensor], Tensor], rmv: Callable[[Tensor], Tensor], *,
@@ -251,7 +449,15 @@ def spectral_upper(mv: Callable[[Tensor], Tensor], rmv: Callable[[Tensor], Tenso
         mode: ``"auto"`` (exact when its cost is below ``exact_budget`` flops),
             ``"exact"`` or ``"lanczos"``.
         certified_alternatives: other certified upper bounds as ``(value, label)`` pairs (e.g.
-            a Frobenius norm); the smallest candidate is reported with its own guarantee.
+            a Frobenius norm); the smallest candidate is reported with its own guarantee. The
+            Lanczos run stops as soon as it can no longer beat the smallest one (same value,
+            method and guarantee as the full run; only ``estimate`` and ``vector`` differ).
+        warm: vectors (flat ``n_in``) added to the Lanczos subspace.
+
+    Returns:
+        A :class:`SpectralBound`. Its ``vector`` is a right singular vector estimate (flat
+        ``n_in``); when Lanczos ran on ``M M^T`` it is ``M^T u / ||M^T u||`` for the Ritz
+        vector ``u`` (the image computed anyway for the Rayleigh-quotient check).
     """
     if mode not in ("auto", "exact", "lanczos"):
         raise ValueError(f"spectral mode must be auto, exact or lanczos, got {mode!r}")
@@ -277,18 +483,43 @@ def spectral_upper(mv: Callable[[Tensor], Tensor], rmv: Callable[[Tensor], Tenso
             return SpectralBound(alts[0][0], Guarantee.CERTIFIED, 0.0, alts[0][1], val)
         return best
     gen = generator if generator is not None else torch.Generator().manual_seed(0)
-    theta, vec, k, k_dim = lanczos_top(mv, rmv, cols, n_in, steps, gen, device, warm)
-    est = math.sqrt(max(theta, 0.0))
-    if k_dim >= na:  # the Krylov basis spans every active coordinate: Rayleigh-Ritz is exact
+    # Lanczos on the smaller side: ||M|| = ||M^T||, and the basis, the re-orthogonalisation
+    # and the KW dimension are those of the side actually used.
+    swap = ma < na
+    if swap:
+        l_mv, l_rmv, l_cols, l_n, n_used = rmv, mv, rows, n_out, ma
+        l_warm = None
+        if warm:  # M v is the matching left vector: a warm start for M M^T
+            l_warm = [mv(w_.to(device=device, dtype=torch.float64).reshape(1, -1))[0]
+                      for w_ in warm]
+    else:
+        l_mv, l_rmv, l_cols, l_n, n_used, l_warm = mv, rmv, cols, n_in, na, warm
+    stop_theta = kw_full = None
+    if alts:
+        k_full = min(steps, n_used)
+        if k_full >= n_used:  # the full run may end "lanczos-full" (no KW inflation)
+            kw_full = 1.0
+        else:
+            f_full = kw_factor(n_used, k_full, failure_prob)
+            kw_full = math.inf if f_full is None else f_full
+        stop_theta = (alts[0][0] / (1 + SAFETY)) ** 2
+    res = lanczos_top(l_mv, l_rmv, l_cols, l_n, steps, gen, device, l_warm,
+                      stop_theta=stop_theta, kw_full=kw_full)
+    # the returned vector is always a right singular vector estimate of M (input side)
+    vec = res.image if swap else res.vector
+    est = res.sqrt_theta
+    if res.dominated:  # the full run would have reported the alternative too
+        return SpectralBound(alts[0][0], Guarantee.CERTIFIED, 0.0, alts[0][1], est, vec)
+    if res.dim >= n_used:  # the Krylov basis spans every active coordinate: Rayleigh-Ritz is exact
         val = est * (1 + SAFETY)
         cand = SpectralBound(val, Guarantee.CERTIFIED, 0.0, "lanczos-full", est, vec)
     else:
-        f = kw_factor(na, k, failure_prob)
+        f = kw_factor(n_used, res.k, failure_prob)
         if f is None:
             cand = SpectralBound(math.inf, Guarantee.PROBABILISTIC, failure_prob, "lanczos",
                                  est, vec)
         else:
-            val = math.sqrt(theta * f) * (1 + SAFETY)
+            val = est * math.sqrt(f) * (1 + SAFETY)
             cand = SpectralBound(val, Guarantee.PROBABILISTIC, failure_prob, "lanczos", est,
                                  vec)
     if alts and alts[0][0] <= cand.value:

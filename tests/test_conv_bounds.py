@@ -1,0 +1,242 @@
+"""ConvOp.dense_matrix (index arithmetic) and circulant_norm_bound (polyphase circulant
+embedding with explicit rounding terms), checked against independent references: the
+matrix obtained by applying the convolution to basis vectors, its exact largest singular
+value, and a copy of the previous (stride-ignoring) circulant bound."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from lipbound.ops.conv import ConvOp, _max_freq_norm, _Plan, circulant_norm_bound
+from lipbound.ops.pooling import avgpool2d_rule
+
+pytestmark = pytest.mark.usefixtures("torch_one_thread")
+
+
+# ----------------------------------------------------------------------------- helpers
+def _make(c_in_g: int, c_out_g: int, kh: int, kw: int, stride, padding, dilation, groups: int,
+          h: int, w: int, seed: int, scaled: bool = False) -> ConvOp:
+    gen = torch.Generator().manual_seed(seed)
+    weight = torch.randn(c_out_g * groups, c_in_g, kh, kw, generator=gen, dtype=torch.float64)
+    x = torch.zeros(1, c_in_g * groups, h, w, dtype=torch.float64)
+    y = torch.nn.functional.conv2d(x, weight, None, stride, padding, dilation, groups)
+    out_scale = None
+    if scaled:  # per-output scale of either supported shape, with both signs
+        shape = y.shape[1:] if seed % 2 else y.shape[2:]
+        out_scale = torch.randn(*shape, generator=gen, dtype=torch.float64)
+    return ConvOp("conv", (c_in_g * groups, h, w), tuple(y.shape[1:]), weight, None, stride,
+                  padding, dilation, groups, out_scale=out_scale)
+
+
+def _basis_matrix(op: ConvOp) -> torch.Tensor:
+    """The matrix of ``lin``, column by column: lin applied to every input basis vector."""
+    eye = torch.eye(op.in_dim, dtype=torch.float64).reshape(op.in_dim, *op.in_shape)
+    return op.lin(eye).reshape(op.in_dim, op.out_dim).T
+
+
+def _basis_matrix_t(op: ConvOp) -> torch.Tensor:
+    """The matrix of ``lin_t`` (should be A^T), row by row from output basis vectors."""
+    eye = torch.eye(op.out_dim, dtype=torch.float64).reshape(op.out_dim, *op.out_shape)
+    return op.lin_t(eye).reshape(op.out_dim, op.in_dim).T
+
+
+def _old_grid_bound(op: ConvOp) -> float:
+    """Independent reference: the previous bound, the circulant embedding on the padded
+    N1 x N2 grid that ignores the stride (rfft2 of the zero-padded kernel), no rounding
+    terms."""
+    c_out, c_in_g, kh, kw = op.weight.shape
+    h, w = op.in_shape[-2:]
+    n1 = max(h + 2 * op.padding[0], op.dilation[0] * (kh - 1) + 1)
+    n2 = max(w + 2 * op.padding[1], op.dilation[1] * (kw - 1) + 1)
+    g = op.groups
+    grid = torch.zeros(c_out, c_in_g, n1, n2, dtype=torch.float64)
+    for a in range(kh):
+        for b in range(kw):
+            grid[:, :, a * op.dilation[0], b * op.dilation[1]] += op.weight[:, :, a, b]
+    spec = torch.fft.fft2(grid).reshape(g, c_out // g, c_in_g, n1 * n2).permute(0, 3, 1, 2)
+    val = float(torch.linalg.matrix_norm(spec, ord=2).max())
+    if op.out_scale is not None:
+        val *= float(op.out_scale.abs().max())
+    return val
+
+
+def _exact(op: ConvOp) -> float:
+    return float(torch.linalg.matrix_norm(_basis_matrix(op), ord=2))
+
+
+@st.composite
+def convs(draw, min_stride: int = 1, scaled: bool = True) -> ConvOp:
+    groups = draw(st.integers(1, 2))
+    c_in_g = draw(st.integers(1, 3))
+    c_out_g = draw(st.integers(1, 3))
+    kh, kw = draw(st.integers(1, 5)), draw(st.integers(1, 5))
+    stride = (draw(st.integers(min_stride, 4)), draw(st.integers(min_stride, 4)))
+    padding = (draw(st.integers(0, 3)), draw(st.integers(0, 3)))
+    dilation = (draw(st.integers(1, 2)), draw(st.integers(1, 2)))
+    # the input must hold the dilated kernel (after padding)
+    h_min = max(4, dilation[0] * (kh - 1) + 1 - 2 * padding[0])
+    w_min = max(4, dilation[1] * (kw - 1) + 1 - 2 * padding[1])
+    h = draw(st.integers(h_min, max(h_min, 12)))
+    w = draw(st.integers(w_min, max(w_min, 12)))
+    use_scale = scaled and draw(st.booleans())
+    seed = draw(st.integers(0, 2 ** 16))
+    return _make(c_in_g, c_out_g, kh, kw, stride, padding, dilation, groups, h, w, seed,
+                 use_scale)
+
+
+# ----------------------------------------------------------------------------- dense_matrix
+@settings(max_examples=100)
+@given(convs())
+def test_dense_matrix_equals_basis_images_exactly(op):
+    a = op.dense_matrix()
+    assert a.dtype == torch.float64 and a.shape == (op.out_dim, op.in_dim)
+    assert torch.equal(a, _basis_matrix(op))  # bit-identical: every entry is one weight
+    assert torch.equal(a.T, _basis_matrix_t(op))
+
+
+def test_dense_matrix_of_avgpool_with_per_position_scale():
+    pool = torch.nn.AvgPool2d(3, stride=2, padding=1, count_include_pad=False)
+    x = torch.zeros(1, 2, 7, 6, dtype=torch.float64)
+    op = avgpool2d_rule(pool, "pool", (2, 7, 6), tuple(pool(x).shape[1:]))
+    assert op.out_scale is not None and op.out_scale.unique().numel() > 1
+    assert torch.equal(op.dense_matrix(), _basis_matrix(op))
+    assert circulant_norm_bound(op) >= _exact(op)
+
+
+def test_dense_matrix_nonzero_count_is_the_number_of_valid_taps():
+    # 3x3 kernel, padding 1, stride 1 on 5x5: corner outputs see 4 taps, edges 6, inside 9
+    op = _make(1, 1, 3, 3, 1, 1, 1, 1, 5, 5, seed=3)
+    a = op.dense_matrix()
+    assert int((a != 0).sum()) == 4 * 4 + 12 * 6 + 9 * 9
+
+
+# ----------------------------------------------------------------------------- the bound
+@settings(max_examples=100)
+@given(convs())
+def test_circulant_bound_is_an_upper_bound(op):
+    bound = circulant_norm_bound(op)
+    assert bound is not None
+    assert bound >= _exact(op)  # no tolerance in the unsafe direction
+
+
+@settings(max_examples=40)
+@given(convs(min_stride=2))
+def test_polyphase_never_worse_than_grid_bound_on_strided_convs(op):
+    bound = circulant_norm_bound(op)
+    assert bound is not None
+    # comparing two upper bounds: the new one carries ~1e-12 of rounding terms
+    assert bound <= _old_grid_bound(op) * (1 + 1e-9)
+
+
+def _polyphase_only(op: ConvOp) -> float:
+    """The polyphase value alone (without the stride-1 fallback), weights unscaled."""
+    grid = (op.in_shape[1] + 2 * op.padding[0], op.in_shape[2] + 2 * op.padding[1])
+    plan = _Plan(op.weight, op.groups, op.stride, op.dilation, grid)
+    return _max_freq_norm(plan, op.weight, 2 ** 26)
+
+
+@settings(max_examples=40)
+@given(convs(min_stride=2, scaled=False))
+def test_polyphase_value_alone_is_an_upper_bound(op):
+    assert _polyphase_only(op) >= _exact(op)
+
+
+def test_polyphase_grid_must_cover_ceil_n_over_s():
+    # 3x3 kernel, dilation 2, stride 4, padding 1 on 12x12: N = 14, ceil(14/4) = 4; a grid
+    # of floor(14/4) = 3 wraps around and gives 0.98 x the true norm
+    op = _make(1, 1, 3, 3, 4, 1, 2, 1, 12, 12, seed=153)
+    assert _polyphase_only(op) >= _exact(op)
+
+
+@pytest.mark.parametrize("args", [
+    (1, 1, 2, 2, 2, 1, 2, 2, 5, 5, 90),
+    (3, 2, 2, 2, 2, 3, 2, 2, 5, 5, 66),
+    (2, 1, 5, 5, 2, 2, 2, 2, 9, 9, 161),
+])
+def test_polyphase_alone_can_lose_when_the_stride_does_not_divide_the_grid(args):
+    # (c_in_g, c_out_g, kh, kw, stride, padding, dilation, groups, h, w, seed): the padded
+    # grid is odd, the polyphase grid (2 * ceil(N / 2)) differs from the stride-1 grid N and
+    # the polyphase value alone exceeds the grid bound by 0.5-2.5 %; the function must then
+    # return the smaller (stride-1) value
+    op = _make(*args)
+    bound = circulant_norm_bound(op)
+    assert _exact(op) <= bound <= _old_grid_bound(op) * (1 + 1e-9)
+
+
+@settings(max_examples=25)
+@given(convs(scaled=False))
+def test_stride_one_equals_the_grid_bound(op):
+    if op.stride != (1, 1):
+        op = ConvOp("conv", op.in_shape, tuple(torch.nn.functional.conv2d(
+            torch.zeros(1, *op.in_shape, dtype=torch.float64), op.weight, None, 1, op.padding,
+            op.dilation, op.groups).shape[1:]), op.weight, None, 1, op.padding, op.dilation,
+            op.groups)
+    bound = circulant_norm_bound(op)
+    old = _old_grid_bound(op)
+    assert old <= bound <= old * (1 + 1e-9)
+
+
+@pytest.mark.parametrize("c_in, c_out, k, h, w, groups", [
+    (3, 8, 4, 16, 16, 1),   # patchify, divisible input
+    (3, 5, 2, 9, 7, 1),     # leftover rows / columns are never read: still exact
+    (4, 6, 3, 12, 9, 2),    # grouped
+    (2, 40, 2, 8, 8, 1),    # c_out > c_in * s^2 (Gram on the input side)
+])
+def test_exact_when_kernel_equals_stride(c_in, c_out, k, h, w, groups):
+    op = _make(c_in // groups, c_out // groups, k, k, k, 0, 1, groups, h, w, seed=11)
+    exact = _exact(op)
+    bound = circulant_norm_bound(op)
+    assert exact <= bound <= exact * (1 + 1e-9)
+    # the previous bound is far from it
+    assert _old_grid_bound(op) > 1.2 * exact
+
+
+def test_strided_bound_much_tighter_than_grid_bound_alexnet_like():
+    op = _make(3, 8, 11, 11, 4, 2, 1, 1, 31, 31, seed=5)
+    exact = _exact(op)
+    bound = circulant_norm_bound(op)
+    assert exact <= bound < _old_grid_bound(op) * 0.8
+
+
+def test_chunking_does_not_change_the_bound():
+    op = _make(3, 4, 3, 3, 2, 1, 2, 1, 12, 11, seed=7)
+    full = circulant_norm_bound(op)
+    tiny = circulant_norm_bound(op, chunk_bytes=1)  # one frequency per chunk
+    assert full is not None and tiny is not None
+    assert math.isclose(full, tiny, rel_tol=1e-12)
+    assert full >= _exact(op)
+
+
+def test_budget_returns_none_when_too_large():
+    op = _make(3, 4, 3, 3, 1, 1, 1, 1, 12, 12, seed=1)
+    assert circulant_norm_bound(op, budget_flops=1e3) is None
+    assert circulant_norm_bound(op, budget_flops=1e12) is not None
+    # a VGG-16 block-4 sized layer (512 -> 512, 28 x 28): refused at the default budget
+    # before any large allocation (only the 512 x 512 x 3 x 3 weight exists)
+    big = ConvOp("vgg", (512, 28, 28), (512, 28, 28),
+                 torch.ones(512, 512, 3, 3, dtype=torch.float64), None, 1, 1, 1, 1)
+    assert circulant_norm_bound(big) is None
+
+
+def test_zero_and_non_finite_weights():
+    op = _make(2, 2, 3, 3, 2, 1, 1, 1, 8, 8, seed=2)
+    op.weight.zero_()
+    assert circulant_norm_bound(op) == 0.0
+    op.weight[0, 0, 0, 0] = math.nan
+    assert circulant_norm_bound(op) == math.inf
+
+
+@pytest.mark.parametrize("magnitude", [1e-300, 1e-150, 1e150, 1e300])
+def test_extreme_weight_magnitudes_stay_upper_bounds(magnitude):
+    op = _make(2, 3, 3, 3, 2, 1, 1, 1, 8, 8, seed=4)
+    op.weight.mul_(magnitude)
+    bound = circulant_norm_bound(op)
+    assert bound is not None and math.isfinite(bound)
+    exact = _exact(op)
+    assert exact > 0
+    assert exact <= bound <= exact * 1.5

@@ -1,0 +1,365 @@
+"""Tests of the Lanczos route of lipbound.spectral against exact SVDs: the memory-lean Lanczos
+(H read off the Gram-Schmidt coefficients), the run on the smaller side (M M^T), the early
+exit against certified alternatives, rank-deficient / invariant Krylov spaces and warm starts.
+
+Every comparison is in the safe direction: reported upper bounds >= the true norm, Ritz
+values <= the true norm^2 up to rounding (1e-10 relative)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import Tensor
+
+from core_helpers import n_examples, spectral_norm
+from lipbound import Guarantee
+from lipbound.spectral import SAFETY, LanczosResult, kw_factor, lanczos_top, spectral_upper
+
+pytestmark = pytest.mark.usefixtures("torch_one_thread")
+
+DT = torch.float64
+RITZ_TOL = 1e-10
+
+
+def _orth(g: torch.Generator, n: int) -> Tensor:
+    q, r = torch.linalg.qr(torch.randn(n, n, generator=g, dtype=DT))
+    return q * torch.sign(torch.diagonal(r))
+
+
+def with_spectrum(s: Tensor, m: int, n: int, seed: int) -> Tensor:
+    """A random (m, n) matrix with singular values s (len(s) <= min(m, n))."""
+    g = torch.Generator().manual_seed(seed)
+    r = s.numel()
+    u, v = _orth(g, m)[:, :r], _orth(g, n)[:, :r]
+    return (u * s.to(DT)) @ v.T
+
+
+SPECTRA = ("gauss", "geometric", "gap", "linear", "clustered", "rank3", "flat", "sparse")
+
+
+def make(kind: str, m: int, n: int, seed: int) -> Tensor:
+    g = torch.Generator().manual_seed(seed + 7)
+    k = min(m, n)
+    if kind == "gauss":
+        return torch.randn(m, n, generator=g, dtype=DT)
+    if kind == "sparse":
+        a = torch.randn(m, n, generator=g, dtype=DT)
+        return a * (torch.rand(m, n, generator=g, dtype=DT) < 0.05)
+    if kind == "geometric":
+        s = 0.8 ** torch.arange(k, dtype=DT)
+    elif kind == "gap":  # well separated top: Lanczos converges to machine precision
+        s = torch.rand(k, generator=g, dtype=DT) * 0.5
+        s[0] = 2.0
+    elif kind == "linear":
+        s = torch.linspace(1.0, 0.0, k, dtype=DT)
+    elif kind == "clustered":
+        s = torch.rand(k, generator=g, dtype=DT) * 0.5
+        top = min(k, 8)
+        s[:top] = 1.0 - 1e-5 * torch.arange(top, dtype=DT)
+    elif kind == "rank3":
+        s = torch.tensor([3.0, 2.0, 1.0], dtype=DT)[:k]
+    elif kind == "flat":
+        s = torch.full((k,), 2.5, dtype=DT)
+    else:
+        raise ValueError(kind)
+    return with_spectrum(s, m, n, seed)
+
+
+class Counted:
+    """mv / rmv of a dense matrix that count the vectors they are applied to."""
+
+    def __init__(self, mat: Tensor):
+        self.mat = mat
+        self.n_mv = 0
+        self.n_rmv = 0
+
+    def mv(self, x: Tensor) -> Tensor:
+        self.n_mv += x.shape[0]
+        return x @ self.mat.T
+
+    def rmv(self, y: Tensor) -> Tensor:
+        self.n_rmv += y.shape[0]
+        return y @ self.mat
+
+
+def upper(mat: Tensor, *, steps: int = 24, delta: float = 1e-6, seed: int = 0, alts=(),
+          warm=None, cols: Tensor | None = None, rows: Tensor | None = None):
+    m, n = mat.shape
+    op = Counted(mat)
+    return spectral_upper(
+        op.mv, op.rmv, n_in=n, n_out=m,
+        cols=torch.arange(n) if cols is None else cols,
+        rows=torch.arange(m) if rows is None else rows,
+        device="cpu", apply_flops=float(m * n), mode="lanczos", steps=steps,
+        failure_prob=delta, generator=torch.Generator().manual_seed(seed),
+        certified_alternatives=alts, warm=warm)
+
+
+def top(mat: Tensor, steps: int, seed: int = 0, **kw) -> LanczosResult:
+    op = Counted(mat)
+    return lanczos_top(op.mv, op.rmv, torch.arange(mat.shape[1]), mat.shape[1], steps,
+                       torch.Generator().manual_seed(seed), "cpu", **kw)
+
+
+# --------------------------------------------------------------------------- vs exact SVD
+@settings(max_examples=n_examples(60))
+@given(kind=st.sampled_from(SPECTRA), m=st.integers(8, 90), n=st.integers(8, 90),
+       seed=st.integers(0, 10 ** 6), steps=st.integers(4, 40))
+def test_lanczos_vs_svd(kind, m, n, seed, steps):
+    mat = make(kind, m, n, seed)
+    true = spectral_norm(mat)
+    res = top(mat, steps, seed)
+    assert res.theta <= true ** 2 * (1 + RITZ_TOL) + 1e-300
+    assert res.sqrt_theta == pytest.approx(math.sqrt(res.theta), rel=1e-12, abs=1e-300)
+    assert 1 <= res.dim <= min(steps, n)
+    bound = upper(mat, steps=steps, seed=seed)
+    assert bound.value >= true, (bound, true)
+    assert bound.estimate <= true * (1 + RITZ_TOL) + 1e-300
+
+
+@pytest.mark.parametrize("kind", SPECTRA)
+def test_ritz_vector_and_value_agree(kind):
+    """The returned Ritz vector has unit norm and Rayleigh quotient theta (no slack here);
+    the image is M v / ||M v||; with a gap the value is the true one to ~1e-12."""
+    mat = make(kind, 60, 50, 3)
+    true = spectral_norm(mat)
+    res = top(mat, 30, 1)
+    assert abs(float(res.vector.norm()) - 1.0) < 1e-12
+    assert float((mat @ res.vector).norm()) ** 2 == pytest.approx(res.theta, rel=1e-9)
+    if res.image is not None:
+        mz = mat @ res.vector
+        assert torch.allclose(res.image, mz / mz.norm(), rtol=0, atol=1e-12)
+    if kind in ("gap", "geometric", "rank3", "flat"):
+        assert res.theta == pytest.approx(true ** 2, rel=1e-10)
+
+
+def test_ritz_values_of_nested_runs_never_decrease():
+    """The early-exit argument: with the same start vector, more steps span a larger Krylov
+    space, so the top Ritz value cannot go down (Cauchy interlacing)."""
+    for kind in ("gauss", "linear", "clustered", "geometric"):
+        mat = make(kind, 70, 80, 11)
+        prev = 0.0
+        for steps in range(1, 30):
+            th = top(mat, steps, 4).theta
+            assert th >= prev * (1 - 1e-12), (kind, steps, th, prev)
+            prev = th
+
+
+def test_operator_applications_per_run():
+    """k mv and k - 1 rmv for k steps, plus one mv for the Ritz vector's Rayleigh quotient; the
+    images are not kept (nothing else is applied)."""
+    mat = make("gauss", 40, 60, 0)
+    for steps in (1, 2, 5, 17):
+        op = Counted(mat)
+        res = lanczos_top(op.mv, op.rmv, torch.arange(60), 60, steps,
+                          torch.Generator().manual_seed(0), "cpu")
+        assert op.n_mv == steps + 1 and op.n_rmv == steps - 1
+        assert res.matvecs == 2 * steps
+
+
+def test_result_unpacks_like_the_old_tuple():
+    mat = make("gauss", 20, 30, 0)
+    res = top(mat, 6)
+    theta, vec, k, dim = res
+    assert (theta, k, dim) == (res.theta, res.k, res.dim) and vec is res.vector
+    assert res[0] == theta and len(res) == 4
+    assert k == 6 and dim == 6 and not res.dominated
+
+
+# --------------------------------------------------------------------------- smaller side
+@pytest.mark.parametrize("seed", range(4))
+def test_smaller_side_route(seed):
+    """m < n: Lanczos runs on M M^T (dimension m). Same theta as on M^T M for a well
+    separated spectrum, the KW factor uses m, and the vector is a right singular vector
+    estimate in the input space."""
+    m, n = 30, 200
+    mat = make("gap", m, n, seed)
+    true = spectral_norm(mat)
+    wide = top(mat, 25, seed)
+    tall = lanczos_top(lambda y: y @ mat, lambda x: x @ mat.T, torch.arange(m), m, 25,
+                       torch.Generator().manual_seed(seed), "cpu")
+    assert tall.theta == pytest.approx(wide.theta, rel=1e-8)
+    assert tall.theta <= true ** 2 * (1 + RITZ_TOL)
+    delta = 1e-6
+    res = upper(mat, steps=25, seed=seed, delta=delta)
+    assert res.value >= true and res.method == "lanczos"
+    assert res.value == pytest.approx(
+        res.estimate * math.sqrt(kw_factor(m, 25, delta)) * (1 + SAFETY), rel=1e-13)
+    assert res.vector is not None and res.vector.shape == (n,)
+    assert float((mat @ res.vector).norm()) == pytest.approx(true, rel=1e-8)
+
+
+@settings(max_examples=n_examples(40))
+@given(kind=st.sampled_from(SPECTRA), m=st.integers(2, 40), extra=st.integers(1, 80),
+       seed=st.integers(0, 10 ** 6), steps=st.integers(4, 30), subset=st.booleans())
+def test_smaller_side_is_sound(kind, m, extra, seed, steps, subset):
+    mat = make(kind, m, m + extra, seed)
+    cols = rows = None
+    if subset:
+        g = torch.Generator().manual_seed(seed)
+        rows = torch.nonzero(torch.rand(m, generator=g) < 0.7).reshape(-1)
+        cols = torch.nonzero(torch.rand(m + extra, generator=g) < 0.7).reshape(-1)
+        keep = torch.zeros_like(mat)
+        keep[rows[:, None], cols[None, :]] = 1.0
+        mat = mat * keep
+    true = spectral_norm(mat)
+    res = upper(mat, steps=steps, seed=seed, cols=cols, rows=rows)
+    assert res.value >= true, (res, true)
+    assert res.estimate <= true * (1 + RITZ_TOL) + 1e-300
+    if res.method == "lanczos-full":
+        assert res.value <= true * (1 + 1e-8)
+
+
+# --------------------------------------------------------------------------- early exit
+@pytest.mark.parametrize("kind", ("gauss", "gap", "linear", "clustered"))
+@pytest.mark.parametrize("shape", ((80, 100), (100, 80)))
+def test_early_exit_is_never_looser(kind, shape):
+    """With one alternative a: the result is exactly min(a, full run) -- the alternative
+    (certified) when it is below the full run's bound, the full run otherwise."""
+    mat = make(kind, *shape, 5)
+    true = spectral_norm(mat)
+    full = upper(mat, steps=30, seed=2)
+    assert full.value >= true and full.method == "lanczos"
+    for ratio in (0.5, 0.9, 0.99, 0.999999, 1.0, 1.000001, 1.01, 2.0):
+        a = full.value * ratio
+        res = upper(mat, steps=30, seed=2, alts=((a, "given"),))
+        if a <= full.value:
+            assert res.value == a and res.method == "given"
+            assert res.guarantee == Guarantee.CERTIFIED and res.failure_prob == 0.0
+        else:
+            assert res.value == full.value and res.method == "lanczos"
+            assert res.estimate == full.estimate
+        assert res.value <= full.value
+
+
+def test_early_exit_stops_early_and_is_sound():
+    """A certified alternative just above the true norm (here from the exact SVD) stops the
+    run after a few steps; the reported value is that certified number."""
+    mat = make("gap", 300, 400, 1)
+    true = spectral_norm(mat)
+    a = true * (1 + 1e-6)
+    f = kw_factor(300, 40, 1e-6)
+    res = lanczos_top(lambda y: y @ mat, lambda x: x @ mat.T, torch.arange(300), 300, 40,
+                      torch.Generator().manual_seed(0), "cpu",
+                      stop_theta=(a / (1 + SAFETY)) ** 2, kw_full=f)
+    assert res.dominated and res.k < 40
+    # the justification: the stopped Ritz value, inflated, is already above the alternative
+    assert math.sqrt(res.theta * f) * (1 + SAFETY) >= a
+    assert res.theta <= true ** 2 * (1 + RITZ_TOL)
+    out = upper(mat, steps=40, alts=((a, "svd-given"), (float(mat.norm()), "frobenius")))
+    assert out.method == "svd-given" and out.value == a >= true
+    assert out.guarantee == Guarantee.CERTIFIED and out.estimate <= true * (1 + RITZ_TOL)
+    assert out.vector is not None and out.vector.shape == (400,)
+
+
+def test_early_exit_arguments():
+    mat = make("gauss", 20, 30, 0)
+    with pytest.raises(ValueError):
+        top(mat, 8, stop_theta=1.0)
+    # an infinite KW factor (steps too few for a finite bound) stops at the first check
+    res = top(mat, 30, stop_theta=1e300, kw_full=math.inf)
+    assert res.dominated and res.k == 4
+    # a threshold that cannot be reached: a complete run
+    res = top(mat, 12, stop_theta=1e300, kw_full=2.0)
+    assert not res.dominated and res.k == 12
+    # too few steps for the KW bound: any finite certified alternative is reported
+    res = upper(mat, steps=4, alts=((1e6, "big"),))
+    assert res.method == "big" and res.value == 1e6
+
+
+def test_no_early_exit_when_the_run_can_be_exact():
+    """steps >= dimension: the full run is 'lanczos-full' (no inflation), so only an
+    alternative below the exact norm could stop it -- none does, and the result is exact."""
+    mat = make("gauss", 12, 15, 3)
+    true = spectral_norm(mat)
+    res = upper(mat, steps=12, alts=((true * (1 + 1e-6), "given"),))
+    assert res.method == "lanczos-full" and true <= res.value <= true * (1 + 1e-8)
+
+
+# --------------------------------------------------------------------------- degenerate
+@pytest.mark.parametrize("m,n", ((40, 30), (30, 40), (25, 25)))
+@pytest.mark.parametrize("rank", (0, 1, 2, 5))
+@pytest.mark.parametrize("steps", (3, 8, 20, 60))
+def test_rank_deficient_and_invariant_krylov_spaces(m, n, rank, steps):
+    g = torch.Generator().manual_seed(rank * 100 + steps)
+    if rank == 0:
+        mat = torch.zeros(m, n, dtype=DT)
+    else:
+        mat = torch.randn(m, rank, generator=g, dtype=DT) @ torch.randn(rank, n, generator=g,
+                                                                        dtype=DT)
+    true = spectral_norm(mat)
+    res = upper(mat, steps=steps, seed=steps)
+    assert res.value >= true, (res, true)
+    assert res.estimate <= true * (1 + RITZ_TOL) + 1e-300
+    if res.method == "lanczos-full":
+        assert res.guarantee == Guarantee.CERTIFIED and res.value <= true * (1 + 1e-8)
+    elif res.method == "lanczos":
+        assert res.guarantee == Guarantee.PROBABILISTIC
+    th = top(mat, steps, steps)
+    assert th.theta >= 0.0 and th.dim <= min(steps, n)
+
+
+def test_start_orthogonal_to_the_top_direction_restarts():
+    """A start vector whose Krylov space is invariant after one step (M = I + u u^T, u
+    orthogonal to the start): the restart with fresh directions still finds ||M|| = 2, and a
+    certified 'lanczos-full' needs the whole space."""
+    n = 10
+    g0 = torch.Generator().manual_seed(5)
+    start = torch.randn(n, generator=g0, dtype=DT)
+    u = torch.randn(n, generator=torch.Generator().manual_seed(1), dtype=DT)
+    u = u - start * (start @ u) / (start @ start)
+    u = u / u.norm()
+    mat = torch.eye(n, dtype=DT) + torch.outer(u, u)
+    for steps in (4, 10, 30):
+        res = upper(mat, steps=steps, seed=5)
+        if res.guarantee == Guarantee.CERTIFIED:
+            assert res.value >= 2.0
+        assert res.value >= 2.0 or res.method == "lanczos"
+    res = upper(mat, steps=n, seed=5)
+    assert res.method == "lanczos-full" and res.value >= 2.0
+
+
+# --------------------------------------------------------------------------- warm start
+@pytest.mark.parametrize("shape", ((80, 100), (100, 80)))
+def test_warm_start_is_sound_on_both_sides(shape):
+    m, n = shape
+    mat = make("clustered", m, n, 3)
+    true = spectral_norm(mat)
+    _, _, vh = torch.linalg.svd(mat)
+    g = torch.Generator().manual_seed(9)
+    warms = [
+        [vh[0]],
+        [torch.randn(n, generator=g, dtype=DT)],
+        [torch.zeros(n, dtype=DT)],
+        [vh[5], vh[5], -vh[5]],
+        [vh[0] * 1e-200],
+        [torch.full((n,), math.nan, dtype=DT)],
+    ]
+    for warm in warms:
+        res = upper(mat, steps=10, seed=1, warm=warm)
+        assert res.value >= true, (warm, res)
+        assert res.estimate <= true * (1 + RITZ_TOL)
+    res = upper(mat, steps=10, seed=1, warm=[vh[0]])
+    assert res.estimate >= true * (1 - 1e-10)  # the top vector is in the subspace
+    # the returned vector warm-starts the next run (it lives in the input space)
+    first = upper(mat, steps=10, seed=1)
+    again = upper(mat, steps=10, seed=2, warm=[first.vector])
+    assert first.vector.shape == (n,)
+    assert again.estimate >= first.estimate * (1 - 1e-12) and again.value >= true
+
+
+def test_warm_start_masked_to_active_columns():
+    """A warm vector with weight outside the active columns is masked (the operator is zero
+    there); the bound stays sound and the warm direction is used."""
+    mat = make("gauss", 40, 50, 2)
+    cols = torch.arange(0, 50, 2)
+    mat = mat * torch.isin(torch.arange(50), cols).to(DT)
+    true = spectral_norm(mat)
+    _, _, vh = torch.linalg.svd(mat)
+    warm = vh[0] + torch.where(torch.isin(torch.arange(50), cols), 0.0, 5.0).to(DT)
+    res = upper(mat, steps=6, cols=cols, warm=[warm])
+    assert res.value >= true and res.estimate >= true * (1 - 1e-10)
