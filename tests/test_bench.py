@@ -130,14 +130,37 @@ def test_bench_unknown_model():
 
 
 def test_sweep_values_match_fresh_bounds():
-    s = bench_sweep("compnet", n_points=3, eps_range=(0.01, 1.0), local_repeat=1)
+    """The bench times the user-facing sweep (local and global bounds); its plain-loop
+    reference reproduces fresh single bounds, the sweep's values are valid bounds no
+    smaller than them (compnet: exact spectral norms, so a reused factor can only be
+    larger) and the looseness fields describe the ratio."""
+    from lipbound.sweep import sweep
+
+    s = bench_sweep("compnet", n_points=3, eps_range=(0.01, 1.0), local_repeat=1,
+                    reuse_tol=0.5)
     assert s.n_points == 3 and len(s.values) == 3 and len(s.runs) == 1
     assert s.cost_in_local_bounds == pytest.approx(s.total_seconds / s.local_median_seconds)
+    assert s.raw_cost_in_local_bounds == pytest.approx(s.raw_total_seconds /
+                                                       s.local_median_seconds)
+    assert s.reuse_tol == 0.5 and sum(s.sources.values()) == 3
     lm, x0 = _zoo("compnet")
-    for e, v in zip((0.01, 0.1, 1.0), s.values, strict=True):
-        fresh = lipbound.local_bound(lm.model, x0, e).value
-        assert v == pytest.approx(fresh, rel=1e-9)
+    eps = (0.01, 0.1, 1.0)
+    ref = sweep(lm.model, x0, list(eps), ("local", "global"), progress=False, reuse_tol=0.5)
+    assert list(s.values) == pytest.approx(ref.values("local"), rel=1e-12)
+    ratios = []
+    for e, v, raw in zip(eps, s.values, s.raw_values, strict=True):
+        fresh = lipbound.local_bound(lm.model, x0, e)
+        assert fresh.guarantee == lipbound.Guarantee.CERTIFIED
+        assert raw == pytest.approx(fresh.value, rel=1e-9)
+        assert v >= fresh.value * (1 - 1e-12)
+        ratios.append(v / raw)
+    assert s.looseness_max == pytest.approx(max(ratios), rel=1e-12)
+    assert s.looseness_max >= s.looseness_median >= min(ratios)
+    assert s.failure_prob_max == 0.0
     json.dumps(s.to_dict())
+    s2 = bench_sweep("compnet", n_points=2, eps_range=(0.01, 1.0), local_repeat=1, raw=False)
+    assert math.isnan(s2.raw_total_seconds) and s2.raw_values == ()
+    assert math.isnan(s2.looseness_max) and len(s2.values) == 2
     with pytest.raises(InputError):
         bench_sweep("compnet", n_points=1)
     with pytest.raises(InputError):
@@ -152,6 +175,7 @@ def test_radius_bench_when_available():
     assert r is not None and r.n_images == 1 and len(r.radii) == 1
     assert all(math.isfinite(v) and v >= 0 for v in r.radii)
     assert r.total_seconds >= sum(r.per_image_seconds)
+    assert r.n_bound_evaluations >= 2 and r.reuse_tol >= 0 and r.start_from_previous
     json.dumps(r.to_dict())
 
 

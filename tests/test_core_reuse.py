@@ -35,14 +35,19 @@ def _check(spec: dict) -> None:
                              seed=3).local_bound(x0, e) for e in radii}
         an = Analyzer(model, shape, spectral=mode, lanczos_steps=spec["lanczos_steps"], seed=3)
         an.reuse_tol = math.inf  # reuse any dominating factor
-        for e in radii:  # largest first: every later operator is dominated
+        for q, e in enumerate(radii, start=1):  # largest first: later operators are dominated
             res = an.local_bound(x0, e)
             assert res.value >= lows[e], (mode, e, res.value, lows[e])
             assert res.guarantee.is_upper_bound
             if res.guarantee == Guarantee.CERTIFIED:
                 assert res.failure_prob == 0.0
             else:
-                assert 0.0 < res.failure_prob <= an.failure_prob * (1 + 1e-9)
+                # a reused factor carries a union bound over the layer's q queries so far
+                assert 0.0 < res.failure_prob <= q * an.failure_prob * (1 + 1e-9)
+                for lf in res.layers:
+                    if lf.spectral_method == "reused lanczos":
+                        delta = an.failure_prob / an._n_spectral(an.blocks)
+                        assert q >= 2 and lf.failure_prob >= q * delta * (1 - 1e-9), (q, lf)
             if mode == "exact":
                 # exact factors are monotone in the masks: reusing a dominating one can only
                 # give a larger (never a smaller) bound than a fresh computation

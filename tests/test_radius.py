@@ -217,8 +217,9 @@ def test_random_networks_sound_and_ordered(seed, n_in, hidden, n_out):
     net = _random_net(seed, n_in, tuple(hidden), n_out)
     x0 = torch.randn(1, n_in, dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
     tol = 1e-3
-    loc = certified_radius(net, x0, method="local", tol=tol, spectral="exact")
-    mar = certified_radius(net, x0, method="margin", tol=tol, spectral="exact")
+    # reuse_tol=0: the search's tightness claims below refer to fresh bounds
+    loc = certified_radius(net, x0, method="local", tol=tol, spectral="exact", reuse_tol=0)
+    mar = certified_radius(net, x0, method="margin", tol=tol, spectral="exact", reuse_tol=0)
     glo = certified_radius(net, x0, method="global", tol=tol, spectral="exact")
     if loc.margin == 0:
         return
@@ -248,6 +249,73 @@ def test_random_networks_sound_and_ordered(seed, n_in, hidden, n_out):
         assert mar.upper <= mar.radius * (1 + tol) * (1 + 1e-12)
         rows_hi = an.local_bound_rows(x0, mar.upper, c).values
         assert not bool((mar.upper * rows_hi < thresholds).all())
+
+
+@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(seed=st.integers(0, 10_000), n_in=st.integers(2, 6),
+       hidden=st.lists(st.integers(3, 12), min_size=1, max_size=3),
+       n_out=st.integers(2, 5))
+def test_reused_factors_only_loosen_the_radius(seed, n_in, hidden, n_out):
+    """The search reuses layer factors of larger radii (reuse_tol > 0). With exact spectral
+    norms a reused factor is the norm of a dominating masked operator, so every bound can only
+    grow: the radius passes the test with fresh bounds (an independent analyzer), is never
+    above the fresh search's radius (times 1 + tol), survives brute force in its ball, and the
+    caller's analyzer is left as it was."""
+    net = _random_net(seed, n_in, tuple(hidden), n_out)
+    x0 = torch.randn(1, n_in, dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
+    tol = 1e-3
+    for method in ("local", "margin"):
+        fresh = certified_radius(net, x0, method=method, tol=tol, spectral="exact",
+                                 reuse_tol=0)
+        an = Analyzer(net, (n_in,), spectral="exact")
+        reuse = certified_radius(net, x0, method=method, tol=tol, analyzer=an, reuse_tol=0.05)
+        assert an.reuse_tol == 0 and an._memo == {}
+        assert reuse.details["reuse_tol"] == 0.05
+        if fresh.margin == 0:
+            return
+        assert reuse.radius <= fresh.radius * (1 + tol) * (1 + 1e-12)
+        ref = Analyzer(net, (n_in,), spectral="exact")
+        if method == "local":
+            t = reuse.details["threshold"]
+            assert reuse.radius * ref.local_bound(x0, reuse.radius).value < t
+        else:
+            c = torch.zeros(n_out - 1, n_out, dtype=torch.float64)
+            rivals = reuse.details["rivals"]
+            c[:, reuse.predicted_class] = 1.0
+            c[torch.arange(n_out - 1), rivals] = -1.0
+            rows = ref.local_bound_rows(x0, reuse.radius, c).values
+            thresholds = torch.tensor(reuse.details["thresholds"], dtype=torch.float64)
+            assert bool((reuse.radius * rows < thresholds).all())
+    _ball_check(net, x0, reuse.predicted_class, reuse.radius, n=1000, pgd_starts=2,
+                pgd_steps=20, seed=seed)
+
+
+def test_mnist_reuse_is_used_and_costs_little_radius(mnist):
+    """On a real network the default search does reuse factors, and its radius stays within
+    a few percent of the search without reuse (a tightness regression check); the
+    probabilistic radius is re-checked by an independent analyzer as before."""
+    from lipbound.inputs import load_sample
+
+    lm, an = mnist
+    x0 = load_sample("mnist:test/3", entry=lm.entry).x
+    reuse = certified_radius(an, x0)
+    fresh = certified_radius(an, x0, reuse_tol=0)
+    assert reuse.details["reused_evaluations"] > 0
+    assert fresh.details["reused_evaluations"] == 0
+    assert 0.95 * fresh.radius <= reuse.radius <= fresh.radius * 1.05
+    if reuse.guarantee == Guarantee.PROBABILISTIC:
+        assert reuse.details["rechecks"] and reuse.details["rechecks"][-1]["passed"]
+    assert an.reuse_tol == 0
+
+
+@pytest.mark.parametrize("bad", [-0.1, math.nan, math.inf, "x", True])
+def test_bad_reuse_tol_is_an_input_error(bad):
+    net = _random_net(0, 3, (4,), 2)
+    x0 = torch.zeros(1, 3, dtype=torch.float64)
+    with pytest.raises(InputError, match="reuse_tol"):
+        certified_radius(net, x0, reuse_tol=bad)
+    with pytest.raises(InputError, match="reuse_tol"):
+        certified_radii(net, x0, reuse_tol=bad)
 
 
 @settings(max_examples=30, deadline=None)

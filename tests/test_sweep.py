@@ -9,8 +9,11 @@ import math
 import matplotlib
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch import nn
 
+from core_helpers import build, fc_specs, local_lower_bound, n_examples
 from lipbound import Analyzer, Guarantee, zoo
 from lipbound.batch import bound_many, summarize
 from lipbound.cli import main
@@ -19,6 +22,7 @@ from lipbound.inputs import load_sample
 from lipbound.lower import ratio_at
 from lipbound.sweep import (
     DEFAULT_METHODS,
+    DEFAULT_REUSE_TOL,
     SweepPoint,
     SweepResult,
     SweepRow,
@@ -117,6 +121,104 @@ def test_sweep_accepts_analyzer_and_output_map():
     for row in res.rows:
         assert row["local"].value >= jn
         assert row["pgd"].value <= row["local"].value
+
+
+# ------------------------------------------------------- sharing work across radii
+#: radii in no particular order, with a repeat: the result must keep this order
+_EPS_ORDER = [0.3, 0.001, 3.0, 0.03, 0.3, 0.01, 1.0, 0.1]
+
+
+@settings(max_examples=n_examples(12), deadline=None)
+@given(spec=fc_specs(max_width=12), mode=st.sampled_from(["exact", "lanczos"]))
+def test_sweep_with_reuse_is_sound_on_random_networks(spec, mode):
+    """Random float64 networks, radii in a scrambled order with a repeat, a large reuse_tol
+    (so that factors are reused): every local value is >= a brute-force lower bound of the
+    local constant at its radius; with exact spectral norms it is >= the fresh single bound
+    at that radius (a reused factor bounds a dominating operator); every point says how it
+    was obtained and carries a consistent guarantee; the rows keep the user's order."""
+    model, shape, x0 = build(spec)
+    an = Analyzer(model, shape, spectral=mode, lanczos_steps=spec["lanczos_steps"])
+    res = sweep(an, x0, _EPS_ORDER, ("local", "global"), progress=False, reuse_tol=0.2)
+    assert res.eps == _EPS_ORDER
+    assert res.violations() == []
+    assert an.reuse_tol == 0.0 and an._memo == {}  # the caller's analyzer is untouched
+    st_ = res.settings
+    assert st_["reuse_tol"] == 0.2
+    assert st_["local_computed"] + st_["local_reused"] + st_["local_from_global"] == \
+        len(set(_EPS_ORDER))
+    assert st_["local_evaluations"] == st_["local_computed"] + st_["local_reused"]
+    g = res.rows[0]["global"]
+    fresh_an = Analyzer(model, shape, spectral=mode, lanczos_steps=spec["lanczos_steps"])
+    fresh_an.global_bound()  # as in the sweep: local bounds may report the global one
+    for row in res.rows:
+        p = row["local"]
+        assert p.guarantee.is_upper_bound
+        assert (p.failure_prob > 0) == (p.guarantee == Guarantee.PROBABILISTIC)
+        assert 0 <= p.failure_prob <= 1
+        src = p.details["source"]
+        assert src in ("computed", "reused", "global")
+        assert (src == "reused") == bool(p.details["reused_layers"])
+        if src == "global":
+            assert p.value == g.value and p.guarantee == g.guarantee
+            assert row.eps >= p.details["crossover_eps"]
+        lb, _ = local_lower_bound(model, x0, row.eps, seed=spec["seed"], n_samples=300,
+                                  ascent_starts=3, ascent_steps=15)
+        assert p.value >= lb * (1 - 1e-12)
+        if mode == "exact":
+            fresh = fresh_an.local_bound(x0, row.eps)
+            assert p.value >= fresh.value * (1 - 1e-12)
+    # a repeated radius is one point
+    assert res.rows[0]["local"] is res.rows[4]["local"]
+
+
+def test_sweep_crossover_takes_the_global_bound():
+    """All hidden units strongly active: the local bound equals the global one at every
+    radius, so after the first computed radius every larger one takes the global bound
+    without computing (and says so)."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(3, 5), nn.ReLU(), nn.Linear(5, 2)).double().eval()
+    with torch.no_grad():
+        net[0].bias.fill_(100.0)
+    x0 = torch.zeros(1, 3, dtype=torch.float64)
+    res = sweep(net, x0, [0.1, 1.0, 0.01, 10.0], ("local", "global"), progress=False)
+    by = {r.eps: r["local"] for r in res.rows}
+    # bisection order: 10 (largest), 0.01 (smallest), then the rest
+    assert by[10.0].details["source"] == by[0.01].details["source"] == "computed"
+    assert by[0.1].details["source"] == by[1.0].details["source"] == "global"
+    assert by[1.0].details["crossover_eps"] == 0.01
+    assert res.settings["local_from_global"] == 2
+    g = res.rows[0]["global"].value
+    for e, p in by.items():
+        assert p.value == g
+        assert p.value >= _jacobian_norm(net, x0)
+        assert p.value == pytest.approx(Analyzer(net, (3,)).local_bound(x0, e).value,
+                                        rel=1e-12)
+
+
+def test_mnist_sweep_reuse_keeps_values_close_and_valid(mnist):
+    """The default reuse_tol on a real network: reuse happens, the values stay within a few
+    percent of fresh single bounds and above the PGD lower bound; reuse_tol=0 reproduces
+    the fresh single bounds exactly."""
+    lm, sample = mnist
+    eps = eps_grid(0.001, 7.0, 9)
+    res = sweep(lm.model, sample.x, eps, ("local", "pgd"), progress=False, **FAST)
+    exact = sweep(lm.model, sample.x, eps, ("local",), progress=False, reuse_tol=0)
+    assert res.settings["reuse_tol"] == DEFAULT_REUSE_TOL
+    assert res.settings["local_reused"] > 0 and exact.settings["local_reused"] == 0
+    fresh = [Analyzer(lm.model, lm.entry.input_shape).local_bound(sample.x, e).value
+             for e in eps]
+    assert exact.values("local") == pytest.approx(fresh, rel=1e-12)
+    for row, f in zip(res.rows, fresh, strict=True):
+        assert row["pgd"].value <= row["local"].value <= 1.05 * f
+    assert res.violations() == []
+
+
+@pytest.mark.parametrize("bad", [-0.01, math.nan, math.inf, "x", True])
+def test_sweep_bad_reuse_tol(bad):
+    net = nn.Sequential(nn.Linear(2, 2)).double().eval()
+    with pytest.raises(InputError, match="reuse_tol"):
+        sweep(net, torch.zeros(1, 2, dtype=torch.float64), [0.1], ("local",),
+              progress=False, reuse_tol=bad)
 
 
 def test_eps_grid_and_default_ranges():

@@ -145,12 +145,27 @@ class Analyzer:
         self._warm: dict[tuple[str, int], Tensor] = {}
         self._dense: dict[tuple[str, int], Tensor] = {}
         self._memo: dict[tuple[str, int, bool], list[_MemoEntry]] = {}
+        self._queries: dict[tuple[str, int, bool], int] = {}
         self.reuse_tol = 0.0
         """Relative looseness a reused layer factor may have (see :meth:`_reuse`). 0: reuse
         only a factor computed for the very same masked operator."""
         # Warm starts keep the bound valid but make the Ritz value (and so the inflated bound)
         # larger, never smaller; off by default (benchmarks/README.md).
         self.warm_start = False
+
+    def reuse_copy(self, reuse_tol: float) -> Analyzer:
+        """A shallow copy that shares the traced graph, the exact dense matrices, the global
+        factors and the seed, with its own (empty) memory of layer factors and the given
+        ``reuse_tol`` (see :meth:`_reuse`). Used by sweeps and radius searches."""
+        import copy
+
+        if not (reuse_tol >= 0):
+            raise InputError(f"reuse_tol must be >= 0, got {reuse_tol!r}")
+        twin = copy.copy(self)
+        twin._memo = {}
+        twin._queries = {}
+        twin.reuse_tol = float(reuse_tol)
+        return twin
 
     # ------------------------------------------------------------------ helpers
     def forward(self, x: Tensor) -> Tensor:
@@ -327,6 +342,7 @@ class Analyzer:
         # the certified alternative max(r)*global exists only once the global factors are
         # known: factors computed with and without it are remembered apart
         memo_key = (key, i, gfac is not None)
+        self._queries[memo_key] = self._queries.get(memo_key, 0) + 1
         reused = self._reuse(memo_key, r, d)
         if reused is not None:
             return reused, d_out, x_next
@@ -409,8 +425,15 @@ class Analyzer:
                 lower = max(lower, e.sb.estimate)
         if upper is not None and (math.isinf(self.reuse_tol) or (
                 lower > 0 and upper.value <= (1 + self.reuse_tol) * lower)):
-            # the estimate must describe this operator: the dominated one's is below its norm
-            return replace(upper, method=f"reused {upper.method}", estimate=lower)
+            # Which factor is reused (or whether one is) depends on the random draws of this
+            # layer's earlier computations; each of them, and a fresh computation now, fails
+            # with probability <= delta (the operator of query q of this layer depends only
+            # on the draws of earlier layers), so a union bound over the layer's queries so
+            # far covers the choice. The estimate must describe this operator: the dominated
+            # one's is below its norm.
+            fp = min(1.0, upper.failure_prob * self._queries.get(memo_key, 1))
+            return replace(upper, method=f"reused {upper.method}", estimate=lower,
+                           failure_prob=fp)
         return None
 
     def _cached_dense(self, b: AffineBlock, key: str, i: int):

@@ -258,7 +258,9 @@ class BenchResult:
 
 @dataclass(frozen=True)
 class SweepBench:
-    """Cost of a sweep of local bounds over many radii on one (reused) analyzer.
+    """Cost of a sweep of upper bounds over many radii: :func:`lipbound.sweep.sweep` with the
+    methods ``("local", "global")`` on a fresh analyzer (built outside the timer), in units
+    of one local bound on a fresh analyzer.
 
     Attributes:
         model: the network's name.
@@ -272,8 +274,19 @@ class SweepBench:
         target_units: the target for ``cost_in_local_bounds``.
         cpu_total_seconds: median process CPU time of the sweep.
         cpu_cost_in_local_bounds: the same ratio in CPU time (steadier on a busy machine).
-        values: the bound at each radius (last repeat).
+        values: the sweep's local bound at each radius (last repeat).
         load_average: 1-minute load average before and after.
+        reuse_tol: the sweep's ``reuse_tol``.
+        sources: how the sweep's local values were obtained (``computed``, ``reused``,
+            ``global``; see :func:`lipbound.sweep.sweep`).
+        raw_total_seconds: the plain loop of ``n_points`` ``Analyzer.local_bound`` calls on
+            one fresh analyzer (no reuse between radii except exact repeats; no global
+            bound), measured once; ``nan`` when skipped.
+        raw_cost_in_local_bounds: ``raw_total_seconds / local_median_seconds``.
+        raw_values: the plain loop's bounds (the values of fresh single bounds).
+        looseness_max, looseness_median: of ``values[i] / raw_values[i]``, how much looser
+            the sweep's values are than fresh single bounds (``1.0``: as tight).
+        failure_prob_max: largest failure probability of a sweep value (0 if certified).
     """
 
     model: str
@@ -288,6 +301,14 @@ class SweepBench:
     cpu_cost_in_local_bounds: float = math.nan
     values: tuple[float, ...] = ()
     load_average: tuple[float, float] = (math.nan, math.nan)
+    reuse_tol: float = math.nan
+    sources: dict[str, int] = field(default_factory=dict)
+    raw_total_seconds: float = math.nan
+    raw_cost_in_local_bounds: float = math.nan
+    raw_values: tuple[float, ...] = ()
+    looseness_max: float = math.nan
+    looseness_median: float = math.nan
+    failure_prob_max: float = 0.0
 
     def to_dict(self) -> dict[str, Any]:
         return _jsonable({k: getattr(self, k) for k in self.__dataclass_fields__})
@@ -307,6 +328,10 @@ class RadiusBench:
         cpu_total_seconds: process CPU time of the whole (steadier on a busy machine).
         radii: the certified radius of each image.
         load_average: 1-minute load average before and after.
+        n_bound_evaluations: Lipschitz-bound computations of all images (search and
+            re-checks).
+        reuse_tol: the searches' ``reuse_tol``.
+        start_from_previous: whether each search started from the previous image's radius.
     """
 
     model: str
@@ -318,6 +343,9 @@ class RadiusBench:
     cpu_total_seconds: float = math.nan
     radii: tuple[float, ...] = ()
     load_average: tuple[float, float] = (math.nan, math.nan)
+    n_bound_evaluations: int = 0
+    reuse_tol: float = math.nan
+    start_from_previous: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         return _jsonable({k: getattr(self, k) for k in self.__dataclass_fields__})
@@ -578,9 +606,11 @@ def bench_sweep(model_name: str, *, n_points: int = 30,
                 eps_range: tuple[float, float] | None = None, repeat: int = 1,
                 local_repeat: int = 3, spectral: str = "auto",
                 device: str | torch.device | None = None, threads: int | None = None,
-                analyzer_options: Mapping[str, Any] | None = None) -> SweepBench:
-    """Cost of ``n_points`` local bounds at log-spaced radii on one analyzer, in units of one
-    local bound on a fresh analyzer (both measured here, in the same process).
+                analyzer_options: Mapping[str, Any] | None = None,
+                reuse_tol: float | None = None, raw: bool = True) -> SweepBench:
+    """Cost of :func:`lipbound.sweep.sweep` (local and global upper bounds) at ``n_points``
+    log-spaced radii, in units of one local bound on a fresh analyzer (both measured here,
+    in the same process), and how much looser its values are than fresh single bounds.
 
     Args:
         model_name: a zoo name.
@@ -589,6 +619,9 @@ def bench_sweep(model_name: str, *, n_points: int = 30,
         repeat: repeats of the whole sweep (median reported).
         local_repeat: runs of the single local bound that serves as the unit.
         spectral, device, threads, analyzer_options: as for :func:`bench`.
+        reuse_tol: the sweep's ``reuse_tol`` (default ``lipbound.sweep.DEFAULT_REUSE_TOL``).
+        raw: also time the plain loop of local bounds (``raw_*`` fields; they give the
+            looseness reference).
     """
     if not isinstance(n_points, int) or n_points < 2:
         raise InputError(f"n_points must be an integer >= 2, got {n_points!r}")
@@ -597,16 +630,19 @@ def bench_sweep(model_name: str, *, n_points: int = 30,
     return bench_sweep_model(lm.model, x0, name=lm.entry.name,
                              eps_range=eps_range or lm.entry.eps_range, n_points=n_points,
                              repeat=repeat, local_repeat=local_repeat, spectral=spectral,
-                             threads=threads, analyzer_options=analyzer_options, notes=notes)
+                             threads=threads, analyzer_options=analyzer_options, notes=notes,
+                             reuse_tol=reuse_tol, raw=raw)
 
 
 def bench_sweep_model(model: nn.Module, x0: Tensor, *, name: str,
                       eps_range: tuple[float, float], n_points: int = 30, repeat: int = 1,
                       local_repeat: int = 3, spectral: str = "auto", threads: int | None = None,
                       analyzer_options: Mapping[str, Any] | None = None,
-                      notes: Sequence[str] = ()) -> SweepBench:
+                      notes: Sequence[str] = (), reuse_tol: float | None = None,
+                      raw: bool = True) -> SweepBench:
     """:func:`bench_sweep` for any supported model and input ``x0`` (``(1, *shape)``)."""
     from .analyzer import Analyzer
+    from .sweep import DEFAULT_REUSE_TOL, sweep
     from .validation import check_eps, check_input
 
     if not isinstance(n_points, int) or n_points < 2:
@@ -615,6 +651,7 @@ def bench_sweep_model(model: nn.Module, x0: Tensor, *, name: str,
     lo, hi = check_eps(eps_range[0], "eps_range[0]"), check_eps(eps_range[1], "eps_range[1]")
     if hi <= lo:
         raise InputError(f"eps_range must be increasing, got {(lo, hi)}")
+    tol = DEFAULT_REUSE_TOL if reuse_tol is None else reuse_tol
     eps_values = [lo * (hi / lo) ** (i / (n_points - 1)) for i in range(n_points)]
     dev = _model_device(model)
     x0 = check_input(x0, None).to(dev)
@@ -626,28 +663,55 @@ def bench_sweep_model(model: nn.Module, x0: Tensor, *, name: str,
     runs: list[float] = []
     cpu: list[float] = []
     values: list[float] = []
+    sources: dict[str, int] = {}
+    fp_max = 0.0
+    raw_total = math.nan
+    raw_values: list[float] = []
     la0 = _loadavg()
     with _Threads(threads):
+        if raw:  # the plain loop: fresh single bounds at every radius (the reference)
+            an = Analyzer(model, tuple(x0.shape[1:]), device=dev, name=name, **opts)
+            _sync(dev)
+            t = time.perf_counter()
+            raw_values = [float(an.local_bound(x0, e).value) for e in eps_values]
+            _sync(dev)
+            raw_total = time.perf_counter() - t
+            del an
+            gc.collect()
         for _ in range(repeat):
             an = Analyzer(model, tuple(x0.shape[1:]), device=dev, name=name, **opts)
             _sync(dev)
             t = time.perf_counter()
             c = time.process_time()
-            values = [an.local_bound(x0, e).value for e in eps_values]
+            res = sweep(an, x0, eps_values, ("local", "global"), progress=False,
+                        reuse_tol=tol)
             _sync(dev)
             runs.append(time.perf_counter() - t)
             cpu.append(time.process_time() - c)
-            del an
+            values = res.values("local")
+            sources = {"computed": res.settings["local_computed"],
+                       "reused": res.settings["local_reused"],
+                       "global": res.settings["local_from_global"]}
+            fp_max = max(r["local"].failure_prob for r in res.rows)
+            del an, res
             gc.collect()
     total = statistics.median(runs)
     cpu_total = statistics.median(cpu)
+    ratios = [v / r for v, r in zip(values, raw_values, strict=True) if r > 0] \
+        if raw_values else []
     return SweepBench(model=name, n_points=n_points, eps_range=(lo, hi),
                       total_seconds=total, runs=tuple(runs),
                       local_median_seconds=unit.median_seconds,
                       cost_in_local_bounds=total / unit.median_seconds,
                       cpu_total_seconds=cpu_total,
                       cpu_cost_in_local_bounds=cpu_total / unit.cpu_median_seconds,
-                      values=tuple(values), load_average=(la0, _loadavg()))
+                      values=tuple(values), load_average=(la0, _loadavg()),
+                      reuse_tol=tol, sources=sources, raw_total_seconds=raw_total,
+                      raw_cost_in_local_bounds=raw_total / unit.median_seconds,
+                      raw_values=tuple(raw_values),
+                      looseness_max=max(ratios) if ratios else math.nan,
+                      looseness_median=statistics.median(ratios) if ratios else math.nan,
+                      failure_prob_max=fp_max)
 
 
 def radius_available() -> bool:
@@ -660,9 +724,20 @@ def radius_available() -> bool:
 
 def bench_radius(model_name: str = "mnist", *, n_images: int = 100, method: str = "local",
                  device: str | torch.device | None = None,
-                 threads: int | None = None) -> RadiusBench | None:
+                 threads: int | None = None, reuse_tol: float | None = None,
+                 start_from_previous: bool = True) -> RadiusBench | None:
     """Time certifying the first ``n_images`` shipped test images of a zoo network with
     ``lipbound.radius.certified_radius`` on one shared analyzer.
+
+    Args:
+        model_name: a zoo network with a shipped test set.
+        n_images: how many test images (the first ones).
+        method: the radius method.
+        device, threads: as for :func:`bench`.
+        reuse_tol: ``certified_radius``'s ``reuse_tol`` (default: its default).
+        start_from_previous: start each search at the previous image's radius (the
+            ``start`` option; any positive start is allowed, the search brackets from it),
+            as one would when certifying a test set; ``False``: the default start.
 
     Returns ``None`` when ``lipbound.radius`` is not available.
     """
@@ -671,7 +746,7 @@ def bench_radius(model_name: str = "mnist", *, n_images: int = 100, method: str 
         return None
     from .analyzer import Analyzer
     from .inputs import load_samples
-    from .radius import certified_radius  # type: ignore[import-not-found]
+    from .radius import DEFAULT_REUSE_TOL, certified_radius  # type: ignore[import-not-found]
 
     if not isinstance(n_images, int) or n_images < 1:
         raise InputError(f"n_images must be an integer >= 1, got {n_images!r}")
@@ -682,6 +757,9 @@ def bench_radius(model_name: str = "mnist", *, n_images: int = 100, method: str 
     dev = _model_device(lm.model)
     per: list[float] = []
     radii: list[float] = []
+    tol = DEFAULT_REUSE_TOL if reuse_tol is None else reuse_tol
+    n_evals = 0
+    start: float | None = None
     la0 = _loadavg()
     with _Threads(threads):
         c0 = time.process_time()
@@ -690,13 +768,18 @@ def bench_radius(model_name: str = "mnist", *, n_images: int = 100, method: str 
         trace = time.perf_counter() - t0
         for s in samples:
             t = time.perf_counter()
-            r = certified_radius(lm.model, s.x.to(dev), analyzer=an, method=method)
+            r = certified_radius(lm.model, s.x.to(dev), analyzer=an, method=method,
+                                 reuse_tol=tol, start=start)
             _sync(dev)
             per.append(time.perf_counter() - t)
-            radii.append(float(getattr(r, "radius", getattr(r, "value", math.nan))))
+            radii.append(float(r.radius))
+            n_evals += int(r.n_bound_evaluations)
+            if start_from_previous and 0 < r.radius < math.inf:
+                start = float(r.radius)
         total = time.perf_counter() - t0
         cpu_total = time.process_time() - c0
     return RadiusBench(model=lm.entry.name, n_images=n_images, total_seconds=total,
                        cpu_total_seconds=cpu_total,
                        trace_seconds=trace, per_image_seconds=tuple(per), radii=tuple(radii),
-                       load_average=(la0, _loadavg()))
+                       load_average=(la0, _loadavg()), n_bound_evaluations=n_evals,
+                       reuse_tol=tol, start_from_previous=bool(start_from_previous))

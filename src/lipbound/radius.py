@@ -65,6 +65,8 @@ _ROUND = 1e-12
 DEFAULT_MAX_EPS = 1e12
 #: independent re-checks tried before a probabilistic radius is given up.
 _RECHECKS = 3
+#: default ``reuse_tol`` of the search (see :func:`certified_radius`).
+DEFAULT_REUSE_TOL = 0.02
 
 
 @dataclass(frozen=True)
@@ -89,7 +91,10 @@ class RadiusResult:
         bound: the Lipschitz bound that certified ``radius`` (for ``"margin"``: the largest
             ``L_j / delta_j`` ratio times ``delta``, i.e. the binding rival's scaled bound).
         upper: the smallest radius at which the test was seen to fail (``None`` if none
-            was evaluated): the test cannot certify beyond it.
+            was evaluated): the test cannot certify beyond it. With ``reuse_tol > 0`` that
+            test may have used reused (slightly looser) layer factors, so a test with fresh
+            factors can pass a little beyond it (measured on the 100 MNIST test images with
+            the default: radii median 0.5 %, at most 3 % below those of ``reuse_tol=0``).
         norm: ``"l2"``.
         model: a name for the model.
         notes: caveats (e.g. "seeded random weights").
@@ -231,6 +236,7 @@ class _Eval:
     failure_prob: float
     binding: int
     from_global: bool = False
+    reused: bool = False  # some layer factor was reused from a larger radius
 
 
 def _test_local(an: Analyzer, pb: _Problem, eps: float) -> _Eval:
@@ -245,7 +251,11 @@ def _test_local(an: Analyzer, pb: _Problem, eps: float) -> _Eval:
     local_prod = math.prod(lf.local for lf in r.layers) if r.layers else lval
     from_global = bool(r.layers) and lval < local_prod
     return _Eval(eps, ok, ratio, lval, r.guarantee, float(r.failure_prob), pb.runner_up,
-                 from_global)
+                 from_global, _any_reused(r.layers))
+
+
+def _any_reused(layers) -> bool:
+    return any(lf.spectral_method.startswith("reused") for lf in layers)
 
 
 def _test_margin(an: Analyzer, pb: _Problem, eps: float) -> _Eval:
@@ -261,7 +271,7 @@ def _test_margin(an: Analyzer, pb: _Problem, eps: float) -> _Eval:
         ratio = math.nextafter(1.0, 0.0)
     bound = float(vals[k] / pb.deltas[k] * pb.delta) if pb.delta > 0 else float(vals[k])
     return _Eval(eps, ok, ratio, bound, rb.guarantee, float(rb.failure_prob),
-                 int(pb.rivals[k]))
+                 int(pb.rivals[k]), reused=_any_reused(rb.prefix))
 
 
 _TESTS: dict[str, Callable[[Analyzer, _Problem, float], _Eval]] = {
@@ -440,6 +450,7 @@ def certified_radius(model: nn.Module | Analyzer | None, x0: Tensor, *,
                      analyzer: Analyzer | None = None, method: RadiusMethod = "local",
                      tol: float = 1e-3, max_eps: float | None = None,
                      start: float | None = None, max_evaluations: int = 60,
+                     reuse_tol: float = DEFAULT_REUSE_TOL,
                      device: str | torch.device | None = None,
                      **analyzer_kwargs: Any) -> RadiusResult:
     """Certified L2 radius around ``x0``: no ``x`` with ``||x - x0|| <= radius`` changes the
@@ -492,6 +503,15 @@ def certified_radius(model: nn.Module | Analyzer | None, x0: Tensor, *,
         start: first radius tried (e.g. a known certified radius); default: a tiny radius
             ``1e-6 * max(1, ||x0||)``.
         max_evaluations: budget of bound computations for the search.
+        reuse_tol: during the search, a layer factor computed at a larger radius of the same
+            input bounds the layer at a smaller one (its masks dominate) and is reused when
+            it is within ``1 + reuse_tol`` of a lower estimate of the current layer
+            (:meth:`Analyzer._reuse`); late search steps are close together, so this
+            skips most of their spectral work. The values stay valid upper bounds (at
+            most slightly looser, so the radius may come out slightly smaller); a
+            probabilistic radius is still re-tested by an independent analyzer without
+            reuse. ``0``: no reuse (only exact repeats). The search runs on a shallow copy of
+            the analyzer with its own factor memory, so the caller's analyzer is unchanged.
         device: device of a new analyzer (``None``/``"auto"``: the model's).
         **analyzer_kwargs: options of a new :class:`Analyzer` (``spectral``,
             ``lanczos_steps``, ``failure_prob``, ``seed``, ``name``, ``notes``).
@@ -513,9 +533,10 @@ def certified_radius(model: nn.Module | Analyzer | None, x0: Tensor, *,
         start = check_eps(start, "start")
     if not isinstance(max_evaluations, int) or max_evaluations < 2:
         raise InputError(f"max_evaluations must be an integer >= 2, got {max_evaluations!r}")
+    reuse_tol = _check_reuse_tol(reuse_tol)
     an = _resolve(model, analyzer, x0, device, analyzer_kwargs)
     pb = _problem(an, x0)
-    return _certify(an, pb, method, tol, cap, start, max_evaluations, t0)
+    return _certify(an, pb, method, tol, cap, start, max_evaluations, t0, reuse_tol)
 
 
 def _check_tol(tol: float) -> float:
@@ -529,8 +550,30 @@ def _check_tol(tol: float) -> float:
     return t
 
 
+def _check_reuse_tol(reuse_tol: float) -> float:
+    try:
+        t = float(reuse_tol)
+    except (TypeError, ValueError) as exc:
+        raise InputError(f"reuse_tol must be a number >= 0, got {reuse_tol!r}") from exc
+    if isinstance(reuse_tol, bool) or not math.isfinite(t) or t < 0:
+        raise InputError(f"reuse_tol must be a finite number >= 0 (0: no reuse), got "
+                         f"{reuse_tol!r}")
+    return t
+
+
+def _search_analyzer(an: Analyzer, reuse_tol: float) -> Analyzer:
+    """The analyzer the search evaluates: a shallow copy sharing the traced graph, the exact
+    dense matrices, the global factors and the seed (so exact repeats give the same value),
+    with its own memory of layer factors and ``reuse_tol``."""
+    if reuse_tol <= 0:
+        return an
+    sa = an.reuse_copy(reuse_tol)
+    return sa
+
+
 def _certify(an: Analyzer, pb: _Problem, method: str, tol: float, cap: float,
-             start: float | None, max_evals: int, t0: float) -> RadiusResult:
+             start: float | None, max_evals: int, t0: float,
+             reuse_tol: float = DEFAULT_REUSE_TOL) -> RadiusResult:
     if method == "global":
         if pb.t_local <= 0:
             return _zero(method, pb, tol, t0, an, _tie_reason(pb))
@@ -540,7 +583,8 @@ def _certify(an: Analyzer, pb: _Problem, method: str, tol: float, cap: float,
     test = _TESTS[method]
     if start is None:
         start = 1e-6 * max(1.0, float(pb.x0.double().norm()))
-    out = _search(lambda e: test(an, pb, e), start, tol, cap, max_evals)
+    sa = _search_analyzer(an, reuse_tol)
+    out = _search(lambda e: test(sa, pb, e), start, tol, cap, max_evals)
     n = len(out.trace)
     det: dict[str, Any] = {
         "threshold": pb.t_local if method == "local" else None,
@@ -549,6 +593,8 @@ def _certify(an: Analyzer, pb: _Problem, method: str, tol: float, cap: float,
         "start": start,
         "evaluations": [[ev.eps, ev.ratio, ev.ok] for ev in out.trace],
         "search": out.status,
+        "reuse_tol": reuse_tol,
+        "reused_evaluations": sum(ev.reused for ev in out.trace),
     }
     if out.non_monotone:
         det["non_monotone"] = True
@@ -595,7 +641,8 @@ def _tie_reason(pb: _Problem) -> str:
 def certified_radii(model: nn.Module | Analyzer | None, x0: Tensor, *,
                     methods: Sequence[str] = METHODS, analyzer: Analyzer | None = None,
                     tol: float = 1e-3, max_eps: float | None = None,
-                    max_evaluations: int = 60, device: str | torch.device | None = None,
+                    max_evaluations: int = 60, reuse_tol: float = DEFAULT_REUSE_TOL,
+                    device: str | torch.device | None = None,
                     **analyzer_kwargs: Any) -> list[RadiusResult]:
     """Several certificates at one input, sharing one analyzer and each other's results:
     the global radius (if asked) starts the local search, and the local radius starts the
@@ -615,6 +662,7 @@ def certified_radii(model: nn.Module | Analyzer | None, x0: Tensor, *,
                          f"{list(methods)!r}")
     tol = _check_tol(tol)
     cap = DEFAULT_MAX_EPS if max_eps is None else check_eps(max_eps, "max_eps")
+    reuse_tol = _check_reuse_tol(reuse_tol)
     an = _resolve(model, analyzer, x0, device, analyzer_kwargs)
     pb = _problem(an, x0)
     done: dict[str, RadiusResult] = {}
@@ -626,7 +674,7 @@ def certified_radii(model: nn.Module | Analyzer | None, x0: Tensor, *,
             start = done["global"].radius
         if m == "margin" and "local" in done and 0 < done["local"].radius < math.inf:
             start = done["local"].radius
-        done[m] = _certify(an, pb, m, tol, cap, start, max_evaluations, t1)
+        done[m] = _certify(an, pb, m, tol, cap, start, max_evaluations, t1, reuse_tol)
     del t0
     return [done[m] for m in methods]
 
