@@ -6,7 +6,9 @@ import argparse
 import importlib.util
 import json
 import math
+import os
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,8 +25,8 @@ def add_common(p: argparse.ArgumentParser, *, json_flag: bool = True) -> None:
                    help="where to compute (auto: CUDA when present)")
     if not any("--threads" in a.option_strings for a in p._actions):
         p.add_argument("--threads", default="auto",
-                       help="CPU threads for torch (auto: 1, measured fastest on small CPUs; "
-                            "give a number to override)")
+                       help="CPU threads for torch (auto: 1 for small models, the idle cores "
+                            "for big ones; give a number to override)")
     if json_flag:
         p.add_argument("--json", action="store_true", help="print one JSON object")
 
@@ -56,16 +58,58 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+BIG_MODEL_PARAMETERS = 2_000_000
+"""``--threads auto`` gives models with more parameters the idle cores (see apply_threads)."""
+
+
+def _cpu_times() -> tuple[int, int] | None:
+    try:
+        with open("/proc/stat") as fh:
+            vals = [int(v) for v in fh.readline().split()[1:]]
+    except (OSError, ValueError):
+        return None
+    idle = vals[3] + (vals[4] if len(vals) > 4 else 0)  # idle + iowait
+    return idle, sum(vals)
+
+
+def idle_cores(window: float = 0.25) -> int:
+    """Cores of this process' CPU set that were idle over the last ``window`` seconds
+    (``/proc/stat``; elsewhere the 1-minute load average), at least 1."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:
+        cores = os.cpu_count() or 1
+    total = os.cpu_count() or cores
+    a = _cpu_times()
+    if a is None:
+        try:
+            busy = os.getloadavg()[0]
+        except OSError:
+            return 1
+        return max(1, min(cores, int(cores - busy + 0.5)))
+    time.sleep(window)
+    b = _cpu_times()
+    if b is None or b[1] <= a[1]:
+        return 1
+    idle_frac = (b[0] - a[0]) / (b[1] - a[1])
+    return max(1, min(cores, int(idle_frac * total + 0.25)))
+
+
 def apply_threads(args: argparse.Namespace, model: nn.Module | None) -> None:
-    """Set torch's CPU thread count from ``--threads`` (a CLI-only setting)."""
+    """Set torch's CPU thread count from ``--threads`` (a CLI-only setting).
+
+    ``auto``: one thread for small models (a second intra-op thread gave no gain on them), and
+    for big ones (AlexNet, VGG-16: float64 convolutions dominate, 1.4-1.8x faster on two
+    idle cores) the number of cores idle right now. Measured (benchmarks/README.md): threads
+    on a core that is busy with another process slow torch down by 10-100x, so busy cores
+    are never counted."""
     spec = str(getattr(args, "threads", "auto"))
     if spec == "auto":
-        # measured (benchmarks/README.md): on small CPUs a second intra-op thread gave no gain
-        # and, when the other core is busy, slowed bounds down by 10-100x
-        dev = next(iter(model.parameters())).device if model is not None and \
-            any(True for _ in model.parameters()) else torch.device("cpu")
+        params = list(model.parameters()) if model is not None else []
+        dev = params[0].device if params else torch.device("cpu")
         if dev.type == "cpu":
-            torch.set_num_threads(1)
+            big = sum(p.numel() for p in params) > BIG_MODEL_PARAMETERS
+            torch.set_num_threads(min(torch.get_num_threads(), idle_cores()) if big else 1)
         return
     try:
         n = int(spec)
