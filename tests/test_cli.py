@@ -136,3 +136,16 @@ def test_cli_user_model_errors(capsys, user_files, tmp_path):
     assert main(["bound", "--model", f"{src}:make", "--input", str(nan),
                  "--input-shape", "1,8,8"]) == 2
     assert "NaN" in capsys.readouterr().err
+
+
+def test_reuse_tol_option_of_radius_and_sweep(capsys, tmp_path):
+    fresh = run_json(capsys, ["radius", "--model", "tiny", "--methods", "local",
+                              "--reuse-tol", "0"])
+    default = run_json(capsys, ["radius", "--model", "tiny", "--methods", "local"])
+    # reuse can only make the certified radius smaller (looser factors), never larger
+    assert 0 < default["certified_radius"] <= fresh["certified_radius"] * (1 + 1e-12)
+    assert main(["radius", "--model", "tiny", "--reuse-tol", "-1"]) == 2
+    assert "reuse_tol" in capsys.readouterr().err
+    out = run_json(capsys, ["sweep", "--model", "tiny", "--points", "4", "--methods",
+                            "local,global", "--reuse-tol", "0", "--out", str(tmp_path)])
+    assert out["settings"]["reuse_tol"] == 0

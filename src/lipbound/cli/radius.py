@@ -56,6 +56,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "or auto by cost")
     p.add_argument("--failure-prob", type=float, default=1e-6,
                    help="failure probability budget of a probabilistic bound")
+    p.add_argument("--reuse-tol", type=float, default=None,
+                   help="relative looseness of layer factors reused during the search "
+                        "(default 0.02; 0: none)")
     p.add_argument("--out", default=None,
                    help="folder to write radius.csv (one row per input) and "
                         "radius.png/.pdf (certified vs attack radii per input)")
@@ -93,7 +96,8 @@ def _one(model, an, sample, methods: list[str], attacks: list[str], args) -> dic
     t0 = time.perf_counter()
     dev = next(iter(model.parameters())).device
     x0 = sample.x.to(dev)
-    cert = certified_radii(an, x0, methods=methods, tol=args.tol, max_eps=args.max_eps)
+    cert = certified_radii(an, x0, methods=methods, tol=args.tol, max_eps=args.max_eps,
+                           **({} if args.reuse_tol is None else {"reuse_tol": args.reuse_tol}))
     atk = []
     if attacks:
         from ..attacks import run_attacks

@@ -49,6 +49,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="spectral norms: exact SVD, Lanczos (probabilistic), or auto by cost")
     p.add_argument("--failure-prob", type=float, default=1e-6,
                    help="failure probability budget of a probabilistic bound")
+    p.add_argument("--reuse-tol", type=float, default=None,
+                   help="relative looseness a reused layer factor of a larger radius may have "
+                        "(default 0.02; 0: compute every radius afresh)")
     p.add_argument("--title", default=None, help="plot title (default: network and input)")
     add_common(p)
     p.set_defaults(func=run)
@@ -98,7 +101,8 @@ def run(args: argparse.Namespace) -> int:
                 samples=args.samples, steps=args.steps, restarts=args.restarts, seed=args.seed,
                 lower_dtype=torch.float64 if args.lower_dtype == "float64" else None,
                 spectral=args.spectral, failure_prob=args.failure_prob,
-                notes=loaded.notes)
+                notes=loaded.notes, **({} if args.reuse_tol is None
+                                       else {"reuse_tol": args.reuse_tol}))
     files = [res.to_csv(out / "sweep.csv"), res.to_json(out / "sweep.json")]
     files += res.plot(out / "sweep.png", out / "sweep.pdf",
                       title=args.title or plot_title(loaded, sample.name))
