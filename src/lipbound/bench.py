@@ -4,10 +4,10 @@ What is measured, per network and per quantity (``"local"`` or ``"global"``):
 
 * **runs** -- the wall-clock seconds of the bound computation alone, on an :class:`Analyzer`
   built *outside* the timer for every repeat. A fresh analyzer per repeat matters: an
-  analyzer caches the global layer factors and Lanczos warm-start vectors, so a second global
-  bound on the same analyzer costs nothing and a second local bound at the same radius is
-  warm-started; neither is "one bound". Sharing across radii is measured separately by
-  :func:`bench_sweep`.
+  analyzer caches the global layer factors, small layers' dense matrices and the layer
+  factors it computed, so a second global bound, or a second local bound at the same radius,
+  on the same analyzer costs next to nothing; neither is "one bound". Sharing across radii is
+  measured separately by :func:`bench_sweep`.
 * **cold_seconds** -- the first computation in the process *including* building the
   analyzer (tracing the model, converting the weights to float64) and torch's one-off
   start-up work (thread pools, kernel selection). It is not part of ``runs``.
