@@ -99,15 +99,34 @@ def test_dominating_reuse_is_labelled_and_off_by_default():
     assert math.isfinite(small2.value)
 
 
-def _small_model():
+def _small_model(widths=(6, 12, 9, 3)):
     import torch
     from torch import nn
 
     g = torch.Generator().manual_seed(0)
-    model = nn.Sequential(nn.Linear(6, 12), nn.ReLU(), nn.Linear(12, 9), nn.ReLU(),
-                          nn.Linear(9, 3)).double().eval()
+    mods = []
+    for a, b in zip(widths[:-1], widths[1:], strict=True):
+        mods += [nn.Linear(a, b), nn.ReLU()]
+    model = nn.Sequential(*mods[:-1]).double().eval()
     with torch.no_grad():
         for p in model.parameters():
             p.copy_(torch.randn(p.shape, generator=g, dtype=torch.float64))
-    x0 = torch.randn(1, 6, generator=g, dtype=torch.float64)
-    return model, (6,), x0
+    x0 = torch.randn(1, widths[0], generator=g, dtype=torch.float64)
+    return model, (widths[0],), x0
+
+
+def test_factors_of_other_settings_are_not_reused():
+    model, shape, x0 = _small_model(widths=(60, 90, 80, 5))
+    an = Analyzer(model, shape, spectral="lanczos", lanczos_steps=24, seed=1)
+    first = an.local_bound(x0, 0.3)
+    assert first.guarantee == Guarantee.PROBABILISTIC
+    an.spectral = "exact"
+    exact = an.local_bound(x0, 0.3)
+    assert exact.guarantee == Guarantee.CERTIFIED
+    fresh = Analyzer(model, shape, spectral="exact").local_bound(x0, 0.3)
+    assert exact.value == fresh.value
+    an.spectral = "lanczos"
+    an.seed = 2
+    other_seed = an.local_bound(x0, 0.3)
+    assert other_seed.value == Analyzer(model, shape, spectral="lanczos", lanczos_steps=24,
+                                        seed=2).local_bound(x0, 0.3).value

@@ -144,8 +144,8 @@ class Analyzer:
         self._global: dict[str, list[SpectralBound]] = {}
         self._warm: dict[tuple[str, int], Tensor] = {}
         self._dense: dict[tuple[str, int], Tensor] = {}
-        self._memo: dict[tuple[str, int, bool], list[_MemoEntry]] = {}
-        self._queries: dict[tuple[str, int, bool], int] = {}
+        self._memo: dict[tuple, list[_MemoEntry]] = {}
+        self._queries: dict[tuple, int] = {}
         self.reuse_tol = 0.0
         """Relative looseness a reused layer factor may have (see :meth:`_reuse`). 0: reuse
         only a factor computed for the very same masked operator."""
@@ -340,8 +340,10 @@ class Analyzer:
             return b.lin_t(y * r) * d
 
         # the certified alternative max(r)*global exists only once the global factors are
-        # known: factors computed with and without it are remembered apart
-        memo_key = (key, i, gfac is not None)
+        # known: factors computed with and without it are remembered apart, and so are those
+        # of other settings (route, steps, failure budget, seed of the draws)
+        memo_key = (key, i, gfac is not None, self.spectral, self.lanczos_steps,
+                    self.failure_prob, self.seed)
         self._queries[memo_key] = self._queries.get(memo_key, 0) + 1
         reused = self._reuse(memo_key, r, d)
         if reused is not None:
@@ -387,7 +389,7 @@ class Analyzer:
         self._remember(memo_key, r, d, sb)
         return sb, d_out, x_next
 
-    def _remember(self, memo_key: tuple[str, int, bool], r: Tensor, d: Tensor,
+    def _remember(self, memo_key: tuple, r: Tensor, d: Tensor,
                   sb: SpectralBound) -> None:
         if (r.numel() + d.numel()) * MEMO_ENTRIES > MEMO_ELEMENTS:
             return
@@ -395,7 +397,7 @@ class Analyzer:
         entries.append(_MemoEntry(r.clone(), d.clone(), replace(sb, vector=None)))
         del entries[:-MEMO_ENTRIES]
 
-    def _reuse(self, memo_key: tuple[str, int, bool], r: Tensor, d: Tensor) -> SpectralBound | None:
+    def _reuse(self, memo_key: tuple, r: Tensor, d: Tensor) -> SpectralBound | None:
         """A layer factor computed earlier for the same layer, when it provably bounds this
         one. ``||R A D|| <= ||R' A D'||`` whenever ``0 <= r <= r'`` and ``0 <= d <= d'``
         elementwise (``R = S R'``, ``D = D' T`` with diagonal ``0 <= S, T <= I``), whatever
