@@ -149,3 +149,12 @@ def test_reuse_tol_option_of_radius_and_sweep(capsys, tmp_path):
     out = run_json(capsys, ["sweep", "--model", "tiny", "--points", "4", "--methods",
                             "local,global", "--reuse-tol", "0", "--out", str(tmp_path)])
     assert out["settings"]["reuse_tol"] == 0
+
+
+def test_idle_cores_is_within_the_cpu_set():
+    import os
+
+    from lipbound.cli.common import idle_cores
+
+    n = idle_cores(window=0.05)
+    assert isinstance(n, int) and 1 <= n <= len(os.sched_getaffinity(0))

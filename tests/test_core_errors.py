@@ -189,3 +189,12 @@ def test_errors_survive_python_O():
                          env=env, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip().endswith("ok")
+
+
+def test_tiny_weights_are_refused_with_the_layer_named():
+    model = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2)).double().eval()
+    with torch.no_grad():
+        model[2].weight.mul_(1e-170)  # squares underflow: row norms would read 0
+    with pytest.raises(InputError, match=r"1e-150.*rescale") as info:
+        Analyzer(model, (3,))
+    assert "2" in str(info.value)

@@ -52,6 +52,34 @@ MEMO_ELEMENTS = 16_000_000
 """Layers whose masks (times MEMO_ENTRIES) exceed this many numbers are not remembered."""
 
 
+TINY_WEIGHT = 1e-150
+"""Nonzero linear coefficients below this magnitude are refused: their squares (row norms)
+would underflow in float64 and make a moving row look constant."""
+
+
+def _check_magnitudes(blocks: list[Block]) -> None:
+    bad = []
+    for b in blocks:
+        if not isinstance(b, AffineBlock):
+            continue
+        parts = [b.s_in, b.s_out]
+        if b.mixing is not None:
+            parts += [getattr(b.mixing, "weight", None), getattr(b.mixing, "out_scale", None)]
+        for t in parts:
+            if t is None:
+                continue
+            a = t.abs()
+            nz = a[a > 0]
+            if nz.numel() and float(nz.min()) < TINY_WEIGHT:
+                bad.append(f"{b.name} (smallest nonzero |coefficient| {float(nz.min()):.3g})")
+                break
+    if bad:
+        raise InputError("coefficients below 1e-150 in magnitude in " + ", ".join(bad) +
+                         ": their squares underflow in float64, so the bounds could not be "
+                         "trusted; rescale these layers (e.g. multiply the weights by 2^k and "
+                         "divide the next layer's by 2^k), or zero such coefficients")
+
+
 COMPACT_FRACTION = 0.6
 """A dense layer's masked matrix is copied to its active part when that is at most this
 fraction of the matrix (the copy costs about as much as a few products)."""
@@ -139,6 +167,7 @@ class Analyzer:
         ops = trace_model(model, self.input_shape)
         self.ops = [op.to(self.device) for op in ops]
         self.blocks = build_blocks(self.ops)
+        _check_magnitudes(self.blocks)
         self.output_shape = self.ops[-1].out_shape if self.ops else self.input_shape
         self._variants: dict[str, list[Block]] = {"": self.blocks}
         self._global: dict[str, list[SpectralBound]] = {}
@@ -146,6 +175,7 @@ class Analyzer:
         self._dense: dict[tuple[str, int], Tensor] = {}
         self._memo: dict[tuple, list[_MemoEntry]] = {}
         self._queries: dict[tuple, int] = {}
+        self._skipped_queries = 0
         self.reuse_tol = 0.0
         """Relative looseness a reused layer factor may have (see :meth:`_reuse`). 0: reuse
         only a factor computed for the very same masked operator."""
@@ -164,8 +194,16 @@ class Analyzer:
         twin = copy.copy(self)
         twin._memo = {}
         twin._queries = {}
+        twin._skipped_queries = 0
         twin.reuse_tol = float(reuse_tol)
         return twin
+
+    def count_skipped_query(self) -> None:
+        """Record a bound that a caller skipped because of earlier results (e.g. a sweep that
+        reports the global bound once the local one reached it): which bounds are computed
+        then depends on the random draws, so the union bound of reused factors must count
+        the skipped query too (see :meth:`_reuse`)."""
+        self._skipped_queries += 1
 
     # ------------------------------------------------------------------ helpers
     def forward(self, x: Tensor) -> Tensor:
@@ -433,7 +471,8 @@ class Analyzer:
             # on the draws of earlier layers), so a union bound over the layer's queries so
             # far covers the choice. The estimate must describe this operator: the dominated
             # one's is below its norm.
-            fp = min(1.0, upper.failure_prob * self._queries.get(memo_key, 1))
+            queries = self._queries.get(memo_key, 1) + self._skipped_queries
+            fp = min(1.0, upper.failure_prob * queries)
             return replace(upper, method=f"reused {upper.method}", estimate=lower,
                            failure_prob=fp)
         return None

@@ -129,7 +129,8 @@ def exact_norm(m: Tensor) -> float:
     gamma = k * u / (1 - k * u)
     frob2 = float((ms * ms).sum())
     lam_up = max(lam, 0.0) * (1 + 64 * n * u) + gamma * frob2 * (1 + 64 * n * u)
-    return math.sqrt(lam_up) * peak * (1 + SAFETY)
+    # one ulp up: the relative margins vanish on the subnormal grid
+    return math.nextafter(math.sqrt(lam_up) * peak * (1 + SAFETY), math.inf)
 
 
 _DGKS = 0.7071
@@ -318,7 +319,7 @@ def lanczos_top(mv: Callable[[Tensor], Tensor], rmv: Callable[[Tensor], Tensor],
             nmv += 1
         if j == k_max - 1:
             # last step: only the diagonal entry is new (one mv, no rmv)
-            a = _norm(u) * sc
+            a = _norm(u * sc)  # scaled first: no over/underflow of the squares
             alphas.append(a * a)
             k = j + 1
             break
@@ -418,10 +419,10 @@ def lanczos_top(mv: Callable[[Tensor], Tensor], rmv: Callable[[Tensor], Tensor],
     zn = _norm(vec)
     if zn > 0.0:
         vec.div_(zn)
-    mz = mv(vec.unsqueeze(0))[0]
+    mz = mv(vec.unsqueeze(0))[0] * sc  # scaled before any norm (no over/underflow)
     nmv += 1
     mzn = _norm(mz)
-    rq = (mzn * sc) ** 2 if zn > 0.0 else 0.0  # its Rayleigh quotient ||M z||^2 / ||z||^2
+    rq = mzn * mzn if zn > 0.0 else 0.0  # its Rayleigh quotient ||M z||^2 / ||z||^2 (scaled)
     theta_s = max(lam, rq, 0.0)
     if invariant_seen:
         theta_s += slack
@@ -502,12 +503,18 @@ def spectral_upper(mv: Callable[[Tensor], Tensor], rmv: Callable[[Tensor], Tenso
         else:
             f_full = kw_factor(n_used, k_full, failure_prob)
             kw_full = math.inf if f_full is None else f_full
-        stop_theta = (alts[0][0] / (1 + SAFETY)) ** 2
+        a = alts[0][0] / (1 + SAFETY)
+        stop_theta = a * a  # inf (never reached) rather than OverflowError for huge norms
     res = lanczos_top(l_mv, l_rmv, l_cols, l_n, steps, gen, device, l_warm,
                       stop_theta=stop_theta, kw_full=kw_full)
     # the returned vector is always a right singular vector estimate of M (input side)
     vec = res.image if swap else res.vector
     est = res.sqrt_theta
+    if not math.isfinite(est):
+        # over/underflow beyond what the rescaling covers: only the trivial bound is safe
+        if alts:
+            return SpectralBound(alts[0][0], Guarantee.CERTIFIED, 0.0, alts[0][1], math.nan)
+        return SpectralBound(math.inf, Guarantee.CERTIFIED, 0.0, "overflow", math.nan)
     if res.dominated:  # the full run would have reported the alternative too
         return SpectralBound(alts[0][0], Guarantee.CERTIFIED, 0.0, alts[0][1], est, vec)
     if res.dim >= n_used:  # the Krylov basis spans every active coordinate: Rayleigh-Ritz is exact

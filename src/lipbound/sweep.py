@@ -419,6 +419,7 @@ def _upper_points(an: Analyzer, x0: Tensor, eps_list: list[float], uppers: list[
             e = distinct[k]
             bar.set_postfix_str(f"eps={e:.3g} local")
             if gp is not None and e >= cross:
+                sa.count_skipped_query()  # the skip depends on the draws: keep the union bound
                 pt = SweepPoint("local", gp.value, gp.guarantee, 0.0, gp.failure_prob,
                                 {"spectral": gp.details["spectral"], "source": "global",
                                  "crossover_eps": cross, "reused_layers": []})

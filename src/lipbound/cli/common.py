@@ -62,37 +62,49 @@ BIG_MODEL_PARAMETERS = 2_000_000
 """``--threads auto`` gives models with more parameters the idle cores (see apply_threads)."""
 
 
-def _cpu_times() -> tuple[int, int] | None:
+def _cpu_times(cores: set[int]) -> tuple[int, int] | None:
+    """(idle, total) jiffies summed over the given cores (``/proc/stat``)."""
+    idle = total = 0
+    seen = 0
     try:
         with open("/proc/stat") as fh:
-            vals = [int(v) for v in fh.readline().split()[1:]]
-    except (OSError, ValueError):
+            for line in fh:
+                name, _, rest = line.partition(" ")
+                if not name.startswith("cpu") or name == "cpu":
+                    continue
+                if not name[3:].isdigit():
+                    break
+                if int(name[3:]) not in cores:
+                    continue
+                vals = [int(v) for v in rest.split()]
+                idle += vals[3] + (vals[4] if len(vals) > 4 else 0)  # idle + iowait
+                total += sum(vals)
+                seen += 1
+    except (OSError, ValueError, IndexError):
         return None
-    idle = vals[3] + (vals[4] if len(vals) > 4 else 0)  # idle + iowait
-    return idle, sum(vals)
+    return (idle, total) if seen else None
 
 
 def idle_cores(window: float = 0.25) -> int:
     """Cores of this process' CPU set that were idle over the last ``window`` seconds
-    (``/proc/stat``; elsewhere the 1-minute load average), at least 1."""
+    (``/proc/stat``, per core; elsewhere the 1-minute load average), at least 1."""
     try:
-        cores = len(os.sched_getaffinity(0))
+        cores = set(os.sched_getaffinity(0))
     except AttributeError:
-        cores = os.cpu_count() or 1
-    total = os.cpu_count() or cores
-    a = _cpu_times()
+        cores = set(range(os.cpu_count() or 1))
+    a = _cpu_times(cores)
     if a is None:
         try:
             busy = os.getloadavg()[0]
         except OSError:
             return 1
-        return max(1, min(cores, int(cores - busy + 0.5)))
+        return max(1, min(len(cores), int(len(cores) - busy + 0.5)))
     time.sleep(window)
-    b = _cpu_times()
+    b = _cpu_times(cores)
     if b is None or b[1] <= a[1]:
         return 1
     idle_frac = (b[0] - a[0]) / (b[1] - a[1])
-    return max(1, min(cores, int(idle_frac * total + 0.25)))
+    return max(1, min(len(cores), int(idle_frac * len(cores) + 0.25)))
 
 
 def apply_threads(args: argparse.Namespace, model: nn.Module | None) -> None:
@@ -109,7 +121,7 @@ def apply_threads(args: argparse.Namespace, model: nn.Module | None) -> None:
         dev = params[0].device if params else torch.device("cpu")
         if dev.type == "cpu":
             big = sum(p.numel() for p in params) > BIG_MODEL_PARAMETERS
-            torch.set_num_threads(min(torch.get_num_threads(), idle_cores()) if big else 1)
+            torch.set_num_threads(idle_cores() if big else 1)
         return
     try:
         n = int(spec)

@@ -323,7 +323,8 @@ def _max_freq_norm(plan: _Plan, weight: Tensor, chunk_bytes: int) -> float:
         lam_up = (lam + cnu * gf) / (1.0 - cnu) + gf
         best = torch.maximum(best, lam_up.reshape(-1, g).amax(0))
     bound = float((best.sqrt() * (1.0 + 2.0 * _U) + err_k).max())
-    return math.ldexp(bound, expo)
+    # one ulp up: relative margins vanish on the subnormal grid
+    return math.nextafter(math.ldexp(bound, expo), math.inf)
 
 
 def circulant_norm_bound(op: ConvOp, budget_flops: float = 5e10,
@@ -402,4 +403,4 @@ def circulant_norm_bound(op: ConvOp, budget_flops: float = 5e10,
         val = min(val, _max_freq_norm(plan, op.weight, chunk_bytes))
     if op.out_scale is not None:
         val *= float(op.out_scale.abs().max())
-    return val * (1.0 + _MARGIN)
+    return math.nextafter(val * (1.0 + _MARGIN), math.inf)
