@@ -566,7 +566,7 @@ def bench(model_name: str, *, what: str | Sequence[str] = WHATS, eps: float | No
     """Time one local and/or one global bound of a zoo network at its default input.
 
     Each timed run builds a fresh :class:`~lipbound.analyzer.Analyzer` outside the timer
-    (an analyzer caches the global factors and warm-start vectors, so re-using one would
+    (an analyzer caches the global factors and the layer factors it computed, so re-using one would
     time a cache look-up); the first computation of the process, analyzer construction
     included, is reported as ``cold_seconds``.
 
