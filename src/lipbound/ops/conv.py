@@ -31,9 +31,9 @@ class ConvOp(MixingOp):
     def __init__(self, name: str, in_shape, out_shape, weight: Tensor, bias: Tensor | None,
                  stride, padding, dilation, groups: int, out_scale: Tensor | None = None):
         super().__init__(name, in_shape, out_shape)
-        self.weight = weight.detach().to(torch.float64).clone()
+        self.weight = weight.detach().to(torch.float64, copy=True)
         self.weight_sq = self.weight * self.weight
-        self.bias = None if bias is None else bias.detach().to(torch.float64).clone()
+        self.bias = None if bias is None else bias.detach().to(torch.float64, copy=True)
         self.stride = _pair(stride)
         self.padding = _pair(padding)
         self.dilation = _pair(dilation)

@@ -14,9 +14,9 @@ class LinearOp(MixingOp):
     def __init__(self, name: str, weight: Tensor, bias: Tensor | None):
         out_dim, in_dim = weight.shape
         super().__init__(name, (in_dim,), (out_dim,))
-        self.weight = weight.detach().to(torch.float64).clone()
+        self.weight = weight.detach().to(torch.float64, copy=True)
         self.bias = (torch.zeros(out_dim, dtype=torch.float64, device=weight.device)
-                     if bias is None else bias.detach().to(torch.float64).clone())
+                     if bias is None else bias.detach().to(torch.float64, copy=True))
         self._weight_sq: Tensor | None = None
 
     def forward(self, x: Tensor) -> Tensor:
