@@ -175,7 +175,7 @@ def test_radius_bench_when_available():
     assert r is not None and r.n_images == 1 and len(r.radii) == 1
     assert all(math.isfinite(v) and v >= 0 for v in r.radii)
     assert r.total_seconds >= sum(r.per_image_seconds)
-    assert r.n_bound_evaluations >= 2 and r.reuse_tol >= 0 and r.start_from_previous
+    assert r.n_bound_evaluations >= 2 and r.reuse_tol >= 0 and not r.start_from_previous
     json.dumps(r.to_dict())
 
 
