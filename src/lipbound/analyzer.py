@@ -24,7 +24,7 @@ from .ops.conv import ConvOp, circulant_norm_bound
 from .ops.linear import LinearOp
 from .results import BoundResult, Guarantee, LayerFactor, combine_guarantees
 from .spectral import SAFETY, SpectralBound, _materialize, spectral_upper
-from .validation import check_eps, check_input, resolve_device
+from .validation import check_eps, check_input, check_reuse_tol, resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -197,13 +197,12 @@ class Analyzer:
         ``reuse_tol`` (see :meth:`_reuse`). Used by sweeps and radius searches."""
         import copy
 
-        if not (reuse_tol >= 0):
-            raise InputError(f"reuse_tol must be >= 0, got {reuse_tol!r}")
+        reuse_tol = check_reuse_tol(reuse_tol)
         twin = copy.copy(self)
         twin._memo = {}
         twin._queries = {}
         twin._skipped_queries = 0
-        twin.reuse_tol = float(reuse_tol)
+        twin.reuse_tol = reuse_tol
         return twin
 
     def count_skipped_query(self) -> None:
@@ -453,10 +452,10 @@ class Analyzer:
         input produced the masks. The bound of such a dominating operator is reused when it
         is within ``reuse_tol`` of a lower estimate of this operator's norm (the estimate of a
         dominated operator, which is below this one's norm), or always when ``reuse_tol`` is
-        ``inf``; with ``reuse_tol = 0`` only a
-        factor of the very same operator is reused (same masks, same random draws: the same
-        value a fresh computation gives). A reused bound keeps its guarantee and failure
-        probability."""
+        ``inf``; with ``reuse_tol = 0`` only a factor of the very same operator is reused
+        (same masks, same random draws: the same value a fresh computation gives). A reused
+        factor keeps its guarantee; a reused probabilistic factor of a dominating operator
+        carries a union bound over the layer's queries (below)."""
         entries = self._memo.get(memo_key)
         if not entries:
             return None
@@ -497,13 +496,9 @@ class Analyzer:
         if ck not in self._dense:
             cols = torch.arange(b.in_dim, device=self.device)
             rows = torch.arange(b.out_dim, device=self.device)
-            if isinstance(b.mixing, ConvOp) and hasattr(b.mixing, "dense_matrix"):
-                mat = b.mixing.dense_matrix()  # exact, by scattering the kernel taps
-                if b.s_in is not None:
-                    mat = mat * b.s_in[None, :]
-                if b.s_out is not None:
-                    mat = mat * b.s_out[:, None]
-                self._dense[ck] = mat
+            if isinstance(b.mixing, ConvOp):
+                # exact, by scattering the kernel taps
+                self._dense[ck] = b.with_scales(b.mixing.dense_matrix())
             else:
                 self._dense[ck] = _materialize(b.lin, b.lin_t, b.in_dim, b.out_dim, cols,
                                                rows, self.device)

@@ -114,13 +114,16 @@ class AffineBlock:
             return None
 
         def build() -> Tensor:
-            m = dm
-            if self.s_in is not None:
-                m = m * self.s_in[None, :]
-            if self.s_out is not None:
-                m = m * self.s_out[:, None]
-            return m
+            return self.with_scales(dm)
         return build
+
+    def with_scales(self, m: Tensor) -> Tensor:
+        """The block's matrix from the mixing op's matrix ``m`` (the diagonal scales applied)."""
+        if self.s_in is not None:
+            m = m * self.s_in[None, :]
+        if self.s_out is not None:
+            m = m * self.s_out[:, None]
+        return m
 
     def apply_flops(self) -> float:
         return self.mixing.flops() if self.mixing is not None else float(self.in_dim)

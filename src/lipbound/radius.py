@@ -47,7 +47,7 @@ from .analyzer import Analyzer
 from .errors import InputError
 from .results import Guarantee, _jsonable
 from .spectral import SAFETY
-from .validation import check_eps, check_input
+from .validation import check_eps, check_input, check_reuse_tol
 
 __all__ = ["METHODS", "RadiusMethod", "RadiusResult", "best", "certified_radii",
            "certified_radius"]
@@ -533,7 +533,7 @@ def certified_radius(model: nn.Module | Analyzer | None, x0: Tensor, *,
         start = check_eps(start, "start")
     if not isinstance(max_evaluations, int) or max_evaluations < 2:
         raise InputError(f"max_evaluations must be an integer >= 2, got {max_evaluations!r}")
-    reuse_tol = _check_reuse_tol(reuse_tol)
+    reuse_tol = check_reuse_tol(reuse_tol)
     an = _resolve(model, analyzer, x0, device, analyzer_kwargs)
     pb = _problem(an, x0)
     return _certify(an, pb, method, tol, cap, start, max_evaluations, t0, reuse_tol)
@@ -550,25 +550,11 @@ def _check_tol(tol: float) -> float:
     return t
 
 
-def _check_reuse_tol(reuse_tol: float) -> float:
-    try:
-        t = float(reuse_tol)
-    except (TypeError, ValueError) as exc:
-        raise InputError(f"reuse_tol must be a number >= 0, got {reuse_tol!r}") from exc
-    if isinstance(reuse_tol, bool) or not math.isfinite(t) or t < 0:
-        raise InputError(f"reuse_tol must be a finite number >= 0 (0: no reuse), got "
-                         f"{reuse_tol!r}")
-    return t
-
-
 def _search_analyzer(an: Analyzer, reuse_tol: float) -> Analyzer:
     """The analyzer the search evaluates: a shallow copy sharing the traced graph, the exact
     dense matrices, the global factors and the seed (so exact repeats give the same value),
     with its own memory of layer factors and ``reuse_tol``."""
-    if reuse_tol <= 0:
-        return an
-    sa = an.reuse_copy(reuse_tol)
-    return sa
+    return an if reuse_tol <= 0 else an.reuse_copy(reuse_tol)
 
 
 def _certify(an: Analyzer, pb: _Problem, method: str, tol: float, cap: float,
@@ -662,7 +648,7 @@ def certified_radii(model: nn.Module | Analyzer | None, x0: Tensor, *,
                          f"{list(methods)!r}")
     tol = _check_tol(tol)
     cap = DEFAULT_MAX_EPS if max_eps is None else check_eps(max_eps, "max_eps")
-    reuse_tol = _check_reuse_tol(reuse_tol)
+    reuse_tol = check_reuse_tol(reuse_tol)
     an = _resolve(model, analyzer, x0, device, analyzer_kwargs)
     pb = _problem(an, x0)
     done: dict[str, RadiusResult] = {}

@@ -39,7 +39,7 @@ from torch import Tensor, nn
 from .analyzer import Analyzer
 from .errors import InputError
 from .results import Guarantee
-from .validation import check_eps, check_input
+from .validation import check_eps, check_input, check_reuse_tol
 
 __all__ = [
     "ALL_METHODS",
@@ -358,17 +358,6 @@ def _bisection_order(n: int) -> list[int]:
     return out
 
 
-def _check_reuse_tol(reuse_tol: float) -> float:
-    try:
-        t = float(reuse_tol)
-    except (TypeError, ValueError) as exc:
-        raise InputError(f"reuse_tol must be a number >= 0, got {reuse_tol!r}") from exc
-    if isinstance(reuse_tol, bool) or not math.isfinite(t) or t < 0:
-        raise InputError(f"reuse_tol must be a finite number >= 0 (0: no reuse), got "
-                         f"{reuse_tol!r}")
-    return t
-
-
 def _spectral(r) -> list[str]:
     return sorted({lf.spectral_method for lf in r.layers})
 
@@ -533,7 +522,7 @@ def sweep(model_or_analyzer: nn.Module | Analyzer, x0: Tensor, eps_values: Seque
     for label, v in (("samples", samples), ("steps", steps), ("restarts", restarts)):
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:
             raise InputError(f"{label} must be an integer >= 1, got {v!r}")
-    reuse_tol = _check_reuse_tol(reuse_tol)
+    reuse_tol = check_reuse_tol(reuse_tol)
     if isinstance(model_or_analyzer, Analyzer):
         an = model_or_analyzer
     elif isinstance(model_or_analyzer, nn.Module):

@@ -24,6 +24,19 @@ def check_eps(eps: float, name: str = "eps") -> float:
     return e
 
 
+def check_reuse_tol(reuse_tol: float) -> float:
+    """Return ``reuse_tol`` (the looseness a reused layer factor may have) as a float, or raise
+    :class:`InputError` unless it is a finite number >= 0."""
+    try:
+        t = float(reuse_tol)
+    except (TypeError, ValueError) as exc:
+        raise InputError(f"reuse_tol must be a number >= 0, got {reuse_tol!r}") from exc
+    if isinstance(reuse_tol, bool) or not math.isfinite(t) or t < 0:
+        raise InputError(f"reuse_tol must be a finite number >= 0 (0: no reuse), got "
+                         f"{reuse_tol!r}")
+    return t
+
+
 def check_input(x0: Tensor, input_shape: Sequence[int] | None, name: str = "x0") -> Tensor:
     """Return ``x0`` with a batch dimension of 1, checked against ``input_shape``.
 
