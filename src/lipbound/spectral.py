@@ -14,6 +14,12 @@ Two routes, chosen per layer by cost (``mode="auto"``) or forced (``"exact"``/``
   Thm 4.2(a)): ``P[θ_k < (1 - t) λ_max] <= 1.648 sqrt(n) exp(-sqrt(t) (2k - 1))``. Solving
   for ``t`` at the requested failure probability δ gives ``||M|| <= sqrt(θ / (1 - t))`` with
   probability ``>= 1 - δ`` over the random start. (We use ``k - 1`` for ``k`` to leave a margin.)
+  The same run also gives the *a posteriori* Christoffel bound of :mod:`lipbound.posterior`
+  (Hochstenbach, J. Sci. Comput. 2013), much tighter once the top of the spectrum has
+  converged; δ is split in halves between the two and the smaller bound is reported. The run
+  stops as soon as the a posteriori bound is no larger than the inflated value a full
+  ``steps``-step run gives with the whole δ (the bound reported before the a posteriori one
+  existed), so it is never looser than that and often stops after a third of the steps.
   Guarantee: **probabilistic upper bound** with failure probability δ. Extra vectors (a warm
   start from a neighbouring ε) only enlarge the subspace, so they never weaken the bound.
   Lanczos runs on the smaller side (``M M^T`` when there are fewer active outputs than
@@ -22,9 +28,10 @@ Two routes, chosen per layer by cost (``mode="auto"``) or forced (``"exact"``/``
 
 In both routes a cheap deterministic bound (Frobenius norm from the one-pass row norms, or a
 certified global factor) is compared, and when it is smaller it is reported instead, with its
-own (certified) guarantee. The Lanczos run stops early as soon as its inflated Ritz value is
-already above the smallest such bound: Ritz values only grow with the steps, so the full run
-would have reported that bound too (see :func:`lanczos_top`).
+own (certified) guarantee. The Lanczos run stops early as soon as its KW-inflated Ritz value
+is already above the smallest such bound: Ritz values only grow with the steps, so the full
+run's KW bound could not have beaten it (its a posteriori bound could have, by at most the
+KW factor, 1-2 %: the certified value is preferred at that price; see :func:`lanczos_top`).
 """
 
 from __future__ import annotations
@@ -36,6 +43,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from .posterior import NONTRIDIAGONAL_TOL, christoffel_bound, overlap_floor
 from .results import Guarantee
 
 SAFETY = 1e-9
@@ -166,6 +174,10 @@ class LanczosResult:
         image: ``M vector / ||M vector||`` (flat ``n_out``), the matching left singular vector
             estimate; ``None`` when ``M vector = 0``.
         matvecs: applications of ``mv`` plus ``rmv`` to single vectors.
+        post_sqrt: the a posteriori bound on ``||M||`` (:mod:`lipbound.posterior`; valid
+            unless the start vector's overlap with a top singular vector is below the
+            ``post_c`` floor), the smallest over the checks made; ``inf`` when not computed.
+        post_stopped: the run stopped because the a posteriori bound reached ``post_stop``.
     """
 
     theta: float
@@ -176,6 +188,8 @@ class LanczosResult:
     sqrt_theta: float = 0.0
     image: Tensor | None = None
     matvecs: int = 0
+    post_sqrt: float = math.inf
+    post_stopped: bool = False
 
     def _legacy(self) -> tuple[float, Tensor | None, int, int]:
         return (self.theta, self.vector, self.k, self.dim)
@@ -197,7 +211,8 @@ def _norm(x: Tensor) -> float:
 def lanczos_top(mv: Callable[[Tensor], Tensor], rmv: Callable[[Tensor], Tensor], cols: Tensor,
                 n_in: int, steps: int, generator: torch.Generator, device,
                 warm: list[Tensor] | None = None, *, stop_theta: float | None = None,
-                kw_full: float | None = None) -> LanczosResult:
+                kw_full: float | None = None, post_c: float | None = None,
+                post_stop: float | None = None) -> LanczosResult:
     """Lanczos with full re-orthogonalisation on ``A = M^T M`` restricted to coordinates ``cols``.
 
     ``M`` is given by batched flat maps ``mv: (B, n_in) -> (B, n_out)`` and its transpose
@@ -239,6 +254,14 @@ def lanczos_top(mv: Callable[[Tensor], Tensor], rmv: Callable[[Tensor], Tensor],
     comes from a certified bound, reporting that bound is never looser than finishing the run,
     and it is certified. ``kw_full = inf`` means the full run cannot give a finite bound.
 
+    A posteriori bound (``post_c``, the overlap floor of :func:`lipbound.posterior.overlap_floor`):
+    at every check the Christoffel bound ``U_j`` of the tridiagonal part of ``H`` and the
+    current residual is computed (:func:`lipbound.posterior.christoffel_bound`), while the run
+    is a pure Krylov run (before any invariant-subspace restart) and ``H`` is tridiagonal up to
+    rounding; the smallest ``U_j`` is returned. The bound holds for every ``j`` on the same
+    event, so with ``post_stop`` the run stops (``post_stopped=True``) as soon as
+    ``U_j <= θ_j * post_stop``.
+
     Args:
         mv, rmv: the operator and its transpose (batched, flat).
         cols: long tensor of the active input coordinates (``n = cols.numel() >= 1``).
@@ -249,6 +272,8 @@ def lanczos_top(mv: Callable[[Tensor], Tensor], rmv: Callable[[Tensor], Tensor],
         warm: extra vectors (flat ``n_in``) added to the subspace.
         stop_theta: early-exit threshold, see above; ``None`` disables the early exit.
         kw_full: factor of the full run, required with ``stop_theta``.
+        post_c: overlap floor of the a posteriori bound; ``None`` disables it.
+        post_stop: stop once the a posteriori bound is within this factor of ``θ_j``.
 
     Returns:
         A :class:`LanczosResult` (unpacks as ``(theta, vector, k, dim)``).
@@ -302,6 +327,20 @@ def lanczos_top(mv: Callable[[Tensor], Tensor], rmv: Callable[[Tensor], Tensor],
             hs.diagonal(-1).add_(b)
         return hs
 
+    post_ok = post_c is not None and post_c > 0
+    post_best = math.inf  # smallest a posteriori bound on the scaled A
+    post_stopped = False
+
+    def post_bound(m: int, beta_m: float) -> tuple[float, float]:
+        """Christoffel bound (scaled units) from the first m steps and residual beta_m."""
+        hm = h[:m, :m]
+        diag = torch.tensor(alphas[:m], dtype=f64) + hm.diagonal().cpu()
+        off = torch.linalg.matrix_norm(torch.triu(hm, 1)).item()
+        sz = max(float(diag.abs().max()), max(betas[:m - 1], default=0.0), beta_m)
+        if not off <= NONTRIDIAGONAL_TOL * sz:
+            return math.inf, math.nan
+        return christoffel_bound(diag.numpy(), betas[:m - 1], beta_m, post_c)
+
     stop_norm = None
     if stop_theta is not None:
         stop_norm = math.sqrt(max(stop_theta, 0.0)) * (1 + _STOP_MARGIN)
@@ -347,21 +386,31 @@ def lanczos_top(mv: Callable[[Tensor], Tensor], rmv: Callable[[Tensor], Tensor],
         h[:j + 1, j] = coef
         alphas.append(alpha)  # (beta_prev is already in betas)
         k = j + 1
-        if stop_norm is not None and k >= next_check:
-            if kw_full == math.inf:
-                dominated = True
-                break
-            lam = float(torch.linalg.eigvalsh(h_sym(k))[-1])
-            bound = math.sqrt(max(lam, 0.0) * kw_full) / sc
-            if bound >= stop_norm:
-                dominated = True
-                break
-            # far from the threshold after the first steps: check less often (a skipped
-            # check only costs speed, never soundness or the reported value)
-            far = k >= 2 * _CHECK_EVERY and bound < 0.8 * stop_norm
-            next_check = k + (4 * _CHECK_EVERY if far else _CHECK_EVERY)
+        if k >= next_check and (stop_norm is not None or post_ok):
+            next_check = k + _CHECK_EVERY
+            if stop_norm is not None:
+                if kw_full == math.inf:
+                    dominated = True
+                    break
+                lam = float(torch.linalg.eigvalsh(h_sym(k))[-1])
+                bound = math.sqrt(max(lam, 0.0) * kw_full) / sc
+                if bound >= stop_norm:
+                    dominated = True
+                    break
+                # far from the threshold after the first steps: check less often (a skipped
+                # check only costs speed, never soundness or the reported value)
+                far = k >= 2 * _CHECK_EVERY and bound < 0.8 * stop_norm
+                if far and not post_ok:
+                    next_check = k + 4 * _CHECK_EVERY
+            if post_ok and beta > 1e-9 * scale and scale > 0.0:
+                u_j, th_j = post_bound(k, beta)
+                post_best = min(post_best, u_j)
+                if post_stop is not None and u_j <= th_j * post_stop:
+                    post_stopped = True
+                    break
         if beta <= 1e-9 * scale or scale == 0.0:
             invariant_seen = True
+            post_ok = False  # the Krylov recurrence ends here (earlier bounds stay valid)
             slack += beta
             found = 0.0
             v = w
@@ -386,6 +435,10 @@ def lanczos_top(mv: Callable[[Tensor], Tensor], rmv: Callable[[Tensor], Tensor],
         w = v = None  # peak memory: the basis plus u, rmv(u) and w of the next step
         j += 1
 
+    if post_ok and not dominated and not post_stopped and k >= 3 and next_check != k - 1 + \
+            _CHECK_EVERY:
+        # the last full step's residual is betas[k - 2]: the bound of the first k - 1 steps
+        post_best = min(post_best, post_bound(k - 1, betas[k - 2])[0])
     base = k
     e = 0
     for wv in warm_list if not dominated else []:
@@ -427,9 +480,11 @@ def lanczos_top(mv: Callable[[Tensor], Tensor], rmv: Callable[[Tensor], Tensor],
     if invariant_seen:
         theta_s += slack
     image = mz / mzn if mzn > 0.0 and math.isfinite(mzn) else None
-    k_kw = base if dominated or not invariant_seen else k_max
+    k_kw = base if dominated or post_stopped or not invariant_seen else k_max
+    post_sqrt = math.sqrt(post_best) / sc if math.isfinite(post_best) else math.inf
     return LanczosResult(theta_s / sc / sc, vec, k_kw, base, dominated=dominated,
-                         sqrt_theta=math.sqrt(theta_s) / sc, image=image, matvecs=nmv)
+                         sqrt_theta=math.sqrt(theta_s) / sc, image=image, matvecs=nmv,
+                         post_sqrt=post_sqrt, post_stopped=post_stopped)
 
 
 def spectral_upper(mv: Callable[[Tensor], Tensor], rmv: Callable[[Tensor], Tensor], *,
@@ -495,18 +550,30 @@ def spectral_upper(mv: Callable[[Tensor], Tensor], rmv: Callable[[Tensor], Tenso
                       for w_ in warm]
     else:
         l_mv, l_rmv, l_cols, l_n, n_used, l_warm = mv, rmv, cols, n_in, na, warm
+    # The failure probability is split between the two probabilistic bounds reported as their
+    # minimum: Kuczynski-Wozniakowski (a priori) and the Christoffel bound (a posteriori).
+    delta_kw = delta_post = failure_prob / 2
+    k_full = min(steps, n_used)
     stop_theta = kw_full = None
     if alts:
-        k_full = min(steps, n_used)
         if k_full >= n_used:  # the full run may end "lanczos-full" (no KW inflation)
             kw_full = 1.0
         else:
-            f_full = kw_factor(n_used, k_full, failure_prob)
+            f_full = kw_factor(n_used, k_full, delta_kw)
             kw_full = math.inf if f_full is None else f_full
         a = alts[0][0] / (1 + SAFETY)
         stop_theta = a * a  # inf (never reached) rather than OverflowError for huge norms
+    post_c = overlap_floor(n_used, delta_post)
+    post_stop = None
+    if k_full < n_used:
+        # stop once the a posteriori bound is no larger than the a priori bound of a full
+        # k_full-step run at the whole failure probability (what lipbound reported before
+        # the a posteriori bound existed): θ_j f <= θ_full f, so never looser than that
+        f_old = kw_factor(n_used, k_full, failure_prob)
+        post_stop = f_old if f_old is not None else 1.02
     res = lanczos_top(l_mv, l_rmv, l_cols, l_n, steps, gen, device, l_warm,
-                      stop_theta=stop_theta, kw_full=kw_full)
+                      stop_theta=stop_theta, kw_full=kw_full, post_c=post_c,
+                      post_stop=post_stop)
     # the returned vector is always a right singular vector estimate of M (input side)
     vec = res.image if swap else res.vector
     est = res.sqrt_theta
@@ -521,14 +588,15 @@ def spectral_upper(mv: Callable[[Tensor], Tensor], rmv: Callable[[Tensor], Tenso
         val = est * (1 + SAFETY)
         cand = SpectralBound(val, Guarantee.CERTIFIED, 0.0, "lanczos-full", est, vec)
     else:
-        f = kw_factor(n_used, res.k, failure_prob)
-        if f is None:
-            cand = SpectralBound(math.inf, Guarantee.PROBABILISTIC, failure_prob, "lanczos",
-                                 est, vec)
-        else:
-            val = est * math.sqrt(f) * (1 + SAFETY)
-            cand = SpectralBound(val, Guarantee.PROBABILISTIC, failure_prob, "lanczos", est,
-                                 vec)
+        f = kw_factor(n_used, res.k, delta_kw)
+        kw_val = est * math.sqrt(f) if f is not None else math.inf
+        # the a posteriori bound is >= the Ritz values of its own Krylov prefix; the reported
+        # estimate may be a little larger (final Rayleigh quotient, warm vectors)
+        post_val = max(res.post_sqrt, est)
+        val = min(kw_val, post_val)
+        if math.isfinite(val):
+            val *= 1 + SAFETY
+        cand = SpectralBound(val, Guarantee.PROBABILISTIC, failure_prob, "lanczos", est, vec)
     if alts and alts[0][0] <= cand.value:
         return SpectralBound(alts[0][0], Guarantee.CERTIFIED, 0.0, alts[0][1], est, vec)
     return cand

@@ -1,0 +1,133 @@
+"""A posteriori probabilistic upper bound on ``λ_max`` from a Lanczos run.
+
+The Kuczyński–Woźniakowski bound used by :mod:`lipbound.spectral` is *a priori*: it inflates
+the Ritz value by the factor the worst spectrum could need. This module gives the
+*a posteriori* bound in the spirit of M. E. Hochstenbach, "Probabilistic upper bounds for the
+matrix two-norm", J. Sci. Comput. 57 (2013) 464–476: it reads the same Lanczos run's
+tridiagonal matrix and is much tighter when the run has converged (a trained layer's top
+singular value is usually well separated; CIFAR-10's layers reach 0.1 % in 24-32 steps where
+Kuczyński–Woźniakowski still adds 6 %).
+
+**Argument.** Let ``A`` be symmetric PSD with top eigenpair ``(λ₁, x₁)``, ``q₁`` uniform on the
+unit sphere, and ``γ₁ = <q₁, x₁>``. Exact Lanczos gives orthonormal ``q₁ … q_{k+1}`` and
+polynomials ``π_0 = 1, π_1, …, π_k`` (the three-term recurrence of the tridiagonal ``T_k`` and
+the residual ``β_k``) with ``π_i(A) q₁ = q_{i+1}``. For any coefficients ``y`` the polynomial
+``p = Σ y_i π_i`` has ``||p(A) q₁|| = ||y||`` and ``||p(A) q₁||² = Σ_l <q₁,x_l>² p(λ_l)² >=
+γ₁² p(λ₁)²``. Choosing ``y_i = π_i(λ₁)`` gives ``γ₁² K(λ₁) <= 1`` with the Christoffel function
+``K(x) = Σ_{i<=k} π_i(x)²``. On the event ``γ₁² >= c`` therefore ``K(λ₁) <= 1/c``; ``K`` is
+increasing beyond ``θ_max`` (the largest Ritz value; the roots of every ``π_i`` are Ritz values
+of a leading block, all ``<= θ_max``), so ``λ₁ <= U`` where ``U >= θ_max`` solves ``K(U) = 1/c``.
+The implication holds for every ``k`` at once, so the number of steps may be chosen from the
+run itself (the stopping rule does not change the failure probability). With multiple top
+eigenvalues, ``γ₁`` may be taken along any unit vector of the eigenspace.
+
+**Probability.** ``γ₁`` has density ``Γ(n/2) / (√π Γ((n-1)/2)) (1 - t²)^((n-3)/2) <=
+sqrt((n-1)/(2π))`` on ``[-1, 1]`` for ``n >= 3`` (Wendel's inequality
+``Γ(x + 1/2) <= √x Γ(x)``), so ``P[γ₁² < c] <= sqrt(2 (n-1) c / π) = δ`` for
+``c = δ² π / (2 (n - 1))`` (:func:`overlap_floor`; checked against the exact Beta
+distribution in the tests).
+
+**Closed form.** With ``T_k = V diag(θ) V^T`` and ``w = V^T e_k``:
+``K(x) = (1 + β_k² Σ_i w_i² / (x - θ_i)²) · Π_i (x - θ_i)² / Π_{j<=k} β_j²`` (the second factor
+is ``π_k(x)²``; the first adds ``π_0² + … + π_{k-1}²`` through ``(x I - T_k)^{-1} e_k``). All terms
+are positive for ``x > θ_max`` and it is evaluated in logarithms, so nothing cancels or
+overflows.
+
+**Floating point.** The run is float64 with full re-orthogonalisation, which is backward
+stable: the computed ``T_k`` is the exact Lanczos matrix of a nearby operator and start
+vector (e.g. the backward error analysis of Lanczos with re-orthogonalisation, Li & Jia,
+arXiv:2210.10297). The parts of the computed Hessenberg matrix outside the tridiagonal are
+required to be below ``1e-8`` of its scale (else this bound is not used), and the threshold is
+``margin² / c`` with ``margin = 2``: the bound stays valid if every computed polynomial norm
+``||p(A) q₁||`` is off by up to 100 %, many orders of magnitude more than float64 rounding.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+MARGIN = 2.0
+"""Tolerated factor on the computed ``||p(A) q₁||`` (see the module docstring)."""
+
+NONTRIDIAGONAL_TOL = 1e-8
+"""Largest allowed Frobenius norm of the computed Hessenberg matrix outside its tridiagonal,
+relative to its largest entry."""
+
+
+def overlap_floor(n: int, failure_prob: float) -> float | None:
+    """``c`` with ``P[<q, x>² < c] <= failure_prob`` for ``q`` uniform on the unit sphere of
+    ``R^n`` and any fixed unit ``x``: ``c = δ² π / (2 (n - 1))``. ``None`` for ``n < 3``."""
+    if not 0 < failure_prob < 1:
+        raise ValueError(f"failure_prob must be in (0, 1), got {failure_prob}")
+    if n < 3:
+        return None
+    return failure_prob * failure_prob * math.pi / (2.0 * (n - 1))
+
+
+def _log_christoffel(offs: np.ndarray, gaps: np.ndarray, w2: np.ndarray,
+                     log_beta_prod: float, beta_last: float) -> np.ndarray:
+    """``log K(θ_max + offs)`` for offsets ``offs > 0``, with ``gaps = θ_max - θ >= 0``
+    (closed form of the module docstring)."""
+    d = offs[:, None] + gaps[None, :]  # (m, k) = x - θ_i, all >= offs > 0
+    first = np.log1p(beta_last * beta_last * (w2[None, :] / (d * d)).sum(axis=1))
+    return first + 2.0 * np.log(d).sum(axis=1) - 2.0 * log_beta_prod
+
+
+def christoffel_bound(diag: np.ndarray, offdiag: np.ndarray, beta_last: float, c: float,
+                      *, margin: float = MARGIN) -> tuple[float, float]:
+    """Upper bound ``U`` on ``λ_max(A)`` valid whenever the start vector's overlap with a top
+    eigenvector satisfies ``γ₁² >= c``.
+
+    Args:
+        diag: ``α_1 … α_k`` (diagonal of the Lanczos tridiagonal ``T_k``).
+        offdiag: ``β_1 … β_{k-1}`` (its sub-diagonal, all > 0).
+        beta_last: the residual norm ``β_k = ||A q_k - T-part||`` after step ``k`` (> 0).
+        c: the overlap floor (:func:`overlap_floor`).
+        margin: tolerated factor on the computed polynomial norms.
+
+    Returns:
+        ``(U, θ_max)``: ``U >= θ_max`` with ``K(U) >= margin² / c`` (the upper end of a bracket
+        of relative width ~3e-6 of ``U - θ_max``, rounded up), or ``inf`` when the inputs do
+        not allow a bound; ``θ_max`` is the largest eigenvalue of ``T_k`` (``nan`` if unknown).
+    """
+    diag = np.asarray(diag, dtype=np.float64)
+    offdiag = np.asarray(offdiag, dtype=np.float64)
+    k = diag.shape[0]
+    if k < 1 or offdiag.shape[0] != k - 1 or not c > 0 or not beta_last > 0:
+        return math.inf, math.nan
+    betas = np.concatenate([offdiag, [beta_last]])
+    if not (np.all(np.isfinite(diag)) and np.all(np.isfinite(betas)) and np.all(betas > 0)):
+        return math.inf, math.nan
+    t = np.diag(diag)
+    if k > 1:
+        t += np.diag(offdiag, 1) + np.diag(offdiag, -1)
+    theta, vecs = np.linalg.eigh(t)  # k <= a few hundred: dense is fast enough
+    w2 = vecs[-1, :] ** 2
+    tmax = float(theta.max())
+    gaps = tmax - theta  # >= 0 exactly (tmax is one of the theta)
+    scale = max(abs(tmax), float(np.abs(diag).max()), float(betas.max()))
+    if not (scale > 0 and math.isfinite(scale)):
+        return math.inf, tmax
+    log_thr = 2.0 * math.log(margin) - math.log(c)
+    log_bp = float(np.log(betas).sum())
+    # K is increasing on (θ_max, ∞): bracket its crossing of the threshold on a grid of
+    # offsets above θ_max, then refine the bracket three times.
+    lo_off = 0.0
+    offs = scale * np.logspace(-14, 2, 65)
+    vals = _log_christoffel(offs, gaps, w2, log_bp, beta_last)
+    above = np.nonzero(vals >= log_thr)[0]
+    if above.size == 0:
+        return math.inf, tmax  # not even at θ_max + 100 x scale: no useful bound
+    i = int(above[0])
+    hi_off = float(offs[i])
+    lo_off = float(offs[i - 1]) if i > 0 else 0.0
+    for _ in range(3):
+        grid = np.linspace(lo_off, hi_off, 65)[1:]
+        vals = _log_christoffel(grid, gaps, w2, log_bp, beta_last)
+        j = int(np.nonzero(vals >= log_thr)[0][0]) if np.any(vals >= log_thr) else grid.size - 1
+        hi_off = float(grid[j])
+        lo_off = float(grid[j - 1]) if j > 0 else lo_off
+    u = tmax + hi_off
+    return math.nextafter(u * (1 + 1e-12), math.inf), tmax
