@@ -47,6 +47,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
+import torch
 
 MARGIN = 2.0
 """Tolerated factor on the computed ``||p(A) q₁||`` (see the module docstring)."""
@@ -100,10 +101,13 @@ def christoffel_bound(diag: np.ndarray, offdiag: np.ndarray, beta_last: float, c
     betas = np.concatenate([offdiag, [beta_last]])
     if not (np.all(np.isfinite(diag)) and np.all(np.isfinite(betas)) and np.all(betas > 0)):
         return math.inf, math.nan
-    t = np.diag(diag)
+    # torch's eigensolver, not numpy's: numpy's BLAS threads would spin beside torch's
+    t = torch.from_numpy(np.diag(diag))
     if k > 1:
-        t += np.diag(offdiag, 1) + np.diag(offdiag, -1)
-    theta, vecs = np.linalg.eigh(t)  # k <= a few hundred: dense is fast enough
+        o = torch.from_numpy(offdiag)
+        t = t + torch.diag(o, 1) + torch.diag(o, -1)
+    ev, vv = torch.linalg.eigh(t)  # k <= a few hundred: dense is fast enough
+    theta, vecs = ev.numpy(), vv.numpy()
     w2 = vecs[-1, :] ** 2
     tmax = float(theta.max())
     gaps = tmax - theta  # >= 0 exactly (tmax is one of the theta)
