@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from . import winograd
 from .base import MixingOp
 
 
@@ -26,7 +27,13 @@ def _pair(v) -> tuple[int, int]:
 
 class ConvOp(MixingOp):
     """y = conv2d(x, W) + b, optionally followed by a fixed per-output scale
-    (``out_scale``, used by average pooling with ``count_include_pad=False``)."""
+    (``out_scale``, used by average pooling with ``count_include_pad=False``).
+
+    :meth:`lin` and :meth:`lin_t` (the Lanczos products) of large 3x3 stride-1 layers on the
+    CPU use Winograd's F(4x4, 3x3) (:mod:`lipbound.ops.winograd`); set the class attribute
+    ``use_winograd = False`` to use ``conv2d`` everywhere."""
+
+    use_winograd: bool = True
 
     def __init__(self, name: str, in_shape, out_shape, weight: Tensor, bias: Tensor | None,
                  stride, padding, dilation, groups: int, out_scale: Tensor | None = None):
@@ -46,6 +53,19 @@ class ConvOp(MixingOp):
             int(n - ((o - 1) * s - 2 * p + d * (k - 1) + 1))
             for n, o, s, p, d, k in zip((h, w), (ho, wo), self.stride, self.padding,
                                          self.dilation, (kh, kw), strict=True))
+        self._wg: tuple[torch.device, winograd.Winograd3x3 | None] | None = None
+
+    def _winograd(self) -> winograd.Winograd3x3 | None:
+        """The Winograd products for this layer, or None where conv2d is used."""
+        if not self.use_winograd or self.weight.dtype != torch.float64:
+            return None
+        dev = self.weight.device
+        if self._wg is None or self._wg[0] != dev:  # built once per device
+            ok = winograd.eligible(self.weight, self.stride, self.padding, self.dilation,
+                                   self.groups, self.out_shape[-2:], dev) and \
+                all(op == 0 for op in self.output_padding)
+            self._wg = (dev, winograd.Winograd3x3(self.weight, self.padding) if ok else None)
+        return self._wg[1]
 
     def _conv(self, x: Tensor, weight: Tensor) -> Tensor:
         return F.conv2d(x, weight, None, self.stride, self.padding, self.dilation, self.groups)
@@ -59,12 +79,16 @@ class ConvOp(MixingOp):
         return y
 
     def lin(self, x: Tensor) -> Tensor:
-        y = self._conv(x, self.weight)
+        wg = self._winograd() if x.dtype == torch.float64 else None
+        y = wg.conv(x) if wg is not None else self._conv(x, self.weight)
         return y if self.out_scale is None else y * self.out_scale
 
     def lin_t(self, y: Tensor) -> Tensor:
         if self.out_scale is not None:
             y = y * self.out_scale
+        wg = self._winograd() if y.dtype == torch.float64 else None
+        if wg is not None:
+            return wg.conv_t(y)
         return F.conv_transpose2d(y, self.weight, None, self.stride, self.padding,
                                   self.output_padding, self.groups, self.dilation)
 

@@ -1,0 +1,131 @@
+"""Winograd F(4x4, 3x3) products (lipbound.ops.winograd) against PyTorch's conv2d and
+conv_transpose2d, their adjointness, when they are used, and bounds computed through them
+against exact norms and against the direct products."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+from core_helpers import n_examples, spectral_norm
+from lipbound import Analyzer
+from lipbound.ops import winograd
+from lipbound.ops.conv import ConvOp, conv2d_rule
+from lipbound.ops.winograd import Winograd3x3, eligible
+
+pytestmark = pytest.mark.usefixtures("torch_one_thread")
+
+DT = torch.float64
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).norm() / b.norm().clamp_min(1e-300))
+
+
+@settings(max_examples=n_examples(60), deadline=None)
+@given(b=st.integers(1, 3), c=st.integers(1, 12), k=st.integers(1, 12), h=st.integers(1, 23),
+       w=st.integers(1, 23), p=st.integers(0, 2), seed=st.integers(0, 10 ** 6))
+def test_matches_conv2d_and_its_transpose(b, c, k, h, w, p, seed):
+    if h + 2 * p < 3 or w + 2 * p < 3:
+        return  # no output pixel
+    g = torch.Generator().manual_seed(seed)
+    weight = torch.randn(k, c, 3, 3, generator=g, dtype=DT)
+    x = torch.randn(b, c, h, w, generator=g, dtype=DT)
+    wg = Winograd3x3(weight, (p, p))
+    ref = F.conv2d(x, weight, padding=p)
+    y = wg.conv(x)
+    assert y.shape == ref.shape and _rel(y, ref) <= 1e-12
+    yt = torch.randn(ref.shape, generator=g, dtype=DT)
+    ref_t = F.conv_transpose2d(yt, weight, padding=p)
+    z = wg.conv_t(yt)
+    assert z.shape == ref_t.shape == x.shape and _rel(z, ref_t) <= 1e-12
+    # adjoint pair: <A x, y> = <x, A^T y>
+    lhs, rhs = float((y * yt).sum()), float((x * z).sum())
+    assert abs(lhs - rhs) <= 1e-11 * float(y.norm() * yt.norm())
+
+
+def test_asymmetric_padding_and_large_values():
+    g = torch.Generator().manual_seed(3)
+    weight = torch.randn(5, 4, 3, 3, generator=g, dtype=DT) * 1e150
+    x = torch.randn(2, 4, 13, 9, generator=g, dtype=DT) * 1e-140
+    wg = Winograd3x3(weight, (2, 0))
+    ref = F.conv2d(x, weight, padding=(2, 0))
+    assert _rel(wg.conv(x), ref) <= 1e-12
+    yt = torch.randn(ref.shape, generator=g, dtype=DT)
+    assert _rel(wg.conv_t(yt), F.conv_transpose2d(yt, weight, padding=(2, 0))) <= 1e-12
+
+
+def test_eligibility():
+    w = torch.zeros(128, 128, 3, 3, dtype=DT)
+    ok = dict(stride=(1, 1), padding=(1, 1), dilation=(1, 1), groups=1, out_hw=(56, 56),
+              device="cpu")
+    assert eligible(w, **ok)
+    assert not eligible(torch.zeros(128, 128, 5, 5, dtype=DT), **ok)
+    assert not eligible(w, **{**ok, "stride": (2, 2)})
+    assert not eligible(w, **{**ok, "dilation": (2, 1)})
+    assert not eligible(w, **{**ok, "groups": 2})
+    assert not eligible(w, **{**ok, "padding": (3, 1)})
+    assert not eligible(w, **{**ok, "out_hw": (14, 14)})
+    assert not eligible(torch.zeros(128, 3, 3, 3, dtype=DT), **ok)
+    assert not eligible(torch.zeros(64, 64, 3, 3, dtype=DT), **ok)  # mixing 32 < 40
+    assert eligible(torch.zeros(128, 64, 3, 3, dtype=DT), **ok)  # 42.7
+    assert not eligible(w, **{**ok, "device": "cuda"})
+
+
+def _op(c: int, k: int, n: int, p: int, seed: int) -> ConvOp:
+    torch.manual_seed(seed)
+    conv = nn.Conv2d(c, k, 3, padding=p).double()
+    ho = n + 2 * p - 2
+    return conv2d_rule(conv, "conv", (c, n, n), (k, ho, ho))
+
+
+def test_convop_uses_it_only_when_eligible_and_agrees(monkeypatch):
+    monkeypatch.setattr(winograd, "MIN_MIXING", 8.0)
+    big = _op(16, 16, 26, 1, 0)
+    assert big._winograd() is not None
+    small = _op(16, 16, 10, 1, 0)
+    assert small._winograd() is None  # 10x10 output: conv2d
+    x = torch.randn(3, *big.in_shape, dtype=DT)
+    y = torch.randn(3, *big.out_shape, dtype=DT)
+    fast_x, fast_y = big.lin(x), big.lin_t(y)
+    monkeypatch.setattr(ConvOp, "use_winograd", False)
+    big._wg = None
+    assert big._winograd() is None
+    assert _rel(fast_x, big.lin(x)) <= 1e-12 and _rel(fast_y, big.lin_t(y)) <= 1e-12
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_bounds_through_winograd_are_sound_and_match(monkeypatch, seed):
+    """A small CNN whose convolutions take the Winograd path (thresholds lowered): its
+    layer factors by Lanczos equal those computed with conv2d products up to rounding, and
+    its global convolution factors are >= the exact norms of the dense matrices."""
+    monkeypatch.setattr(winograd, "MIN_OUTPUT_PIXELS", 1)
+    monkeypatch.setattr(winograd, "MIN_CHANNELS", 1)
+    monkeypatch.setattr(winograd, "MIN_MIXING", 0.0)
+    torch.manual_seed(seed)
+    net = nn.Sequential(nn.Conv2d(2, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 3, 3, padding=2),
+                        nn.ReLU(), nn.Flatten(), nn.Linear(3 * 12 * 12, 5)).double().eval()
+    x0 = torch.randn(1, 2, 10, 10, dtype=DT)
+    res = {}
+    for use in (True, False):
+        monkeypatch.setattr(ConvOp, "use_winograd", use)
+        an = Analyzer(net, (2, 10, 10), spectral="lanczos", seed=seed)
+        res[use] = (an.local_bound(x0, 0.3), an.global_bound())
+        convs = [b.mixing for b in an.blocks if isinstance(getattr(b, "mixing", None), ConvOp)]
+        assert len(convs) == 2
+        assert all((op._winograd() is not None) == use for op in convs)
+        if use:
+            g = res[use][1]
+            for i, b in enumerate(an.blocks):
+                if isinstance(getattr(b, "mixing", None), ConvOp):
+                    assert g.layers[i].global_factor >= spectral_norm(b.mixing.dense_matrix())
+    for i in range(2):
+        a, b = res[True][i], res[False][i]
+        assert a.value == pytest.approx(b.value, rel=1e-9)
+        for la, lb in zip(a.layers, b.layers, strict=True):
+            assert la.global_factor == pytest.approx(lb.global_factor, rel=1e-9, nan_ok=True)
+            assert la.local == pytest.approx(lb.local, rel=1e-9, nan_ok=True)
