@@ -48,6 +48,22 @@ def test_matches_conv2d_and_its_transpose(b, c, k, h, w, p, seed):
     assert abs(lhs - rhs) <= 1e-11 * float(y.norm() * yt.norm())
 
 
+@pytest.mark.parametrize("max_tiles", [1, 3, 7, 10 ** 6])
+@pytest.mark.parametrize("b", [1, 2])
+def test_bands_of_tile_rows(monkeypatch, max_tiles, b):
+    """Big images are transformed in bands of tile rows: same result for any band size."""
+    monkeypatch.setattr(winograd, "MAX_TILES", max_tiles)
+    g = torch.Generator().manual_seed(max_tiles + b)
+    weight = torch.randn(6, 5, 3, 3, generator=g, dtype=DT)
+    x = torch.randn(b, 5, 19, 22, generator=g, dtype=DT)
+    for p in (0, 1, 2):
+        wg = Winograd3x3(weight, (p, p))
+        ref = F.conv2d(x, weight, padding=p)
+        assert _rel(wg.conv(x), ref) <= 1e-12
+        yt = torch.randn(ref.shape, generator=g, dtype=DT)
+        assert _rel(wg.conv_t(yt), F.conv_transpose2d(yt, weight, padding=p)) <= 1e-12
+
+
 def test_asymmetric_padding_and_large_values():
     g = torch.Generator().manual_seed(3)
     weight = torch.randn(5, 4, 3, 3, generator=g, dtype=DT) * 1e150
@@ -71,8 +87,8 @@ def test_eligibility():
     assert not eligible(w, **{**ok, "padding": (3, 1)})
     assert not eligible(w, **{**ok, "out_hw": (14, 14)})
     assert not eligible(torch.zeros(128, 3, 3, 3, dtype=DT), **ok)
-    assert not eligible(torch.zeros(64, 64, 3, 3, dtype=DT), **ok)  # mixing 32 < 40
-    assert eligible(torch.zeros(128, 64, 3, 3, dtype=DT), **ok)  # 42.7
+    assert not eligible(torch.zeros(32, 32, 3, 3, dtype=DT), **ok)  # mixing 16 < 24
+    assert eligible(torch.zeros(64, 64, 3, 3, dtype=DT), **ok)  # 32
     assert not eligible(w, **{**ok, "device": "cuda"})
 
 
