@@ -18,7 +18,7 @@ from scipy import stats
 
 from core_helpers import n_examples, spectral_norm
 from lipbound import posterior
-from lipbound.posterior import christoffel_bound, overlap_floor
+from lipbound.posterior import christoffel_bound, christoffel_exceeds, overlap_floor
 from lipbound.spectral import SAFETY, kw_factor, lanczos_top, spectral_upper
 
 pytestmark = pytest.mark.usefixtures("torch_one_thread")
@@ -118,6 +118,34 @@ def test_christoffel_closed_form_matches_the_recurrence(k, seed, rel):
                                      beta_last)[0]
     ref = recurrence_log_k(diag, off, beta_last, tmax + off_x)
     assert got == pytest.approx(ref, rel=1e-9, abs=1e-9)
+
+
+@settings(max_examples=n_examples(60), deadline=None)
+@given(k=st.integers(1, 30), seed=st.integers(0, 10 ** 6), log_c=st.floats(-40.0, -1.0))
+def test_the_one_pass_test_agrees_with_the_bound(k, seed, log_c):
+    """christoffel_exceeds(x) (LDL pivots, no eigensolver) says exactly whether x is above
+    the bound U (up to U's bracket width) and is False at or below θ_max."""
+    rng = np.random.default_rng(seed)
+    diag = rng.uniform(0.0, 1.0, k)
+    off = rng.uniform(0.01, 0.5, k - 1)
+    beta_last = float(rng.uniform(0.01, 0.5))
+    c = 10.0 ** log_c
+    u, tmax = christoffel_bound(diag, off, beta_last, c)
+    assert u >= tmax
+    if not math.isfinite(u):  # K too flat (k = 1 and a tiny c): no bound, and no stop
+        assert not christoffel_exceeds(diag, off, beta_last, c, tmax + 1e6 * abs(tmax) + 1)
+        return
+    for x in (tmax - 1e-3 * abs(tmax), tmax, tmax + 0.5 * (u - tmax), u, u * (1 + 1e-6),
+              2 * u + 1):
+        got = christoffel_exceeds(diag, off, beta_last, c, x)
+        if x <= tmax:
+            assert not got
+        elif x >= u:
+            assert got
+        elif not got:  # K(x) below the threshold: the bound cannot be below x
+            assert u >= x
+    assert not christoffel_exceeds(diag, off, beta_last, c, math.inf)
+    assert not christoffel_exceeds(diag, off, 0.0, c, 2 * u + 1)
 
 
 def test_christoffel_bound_bad_inputs():

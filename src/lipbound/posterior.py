@@ -76,6 +76,36 @@ def _log_christoffel(offs: np.ndarray, gaps: np.ndarray, w2: np.ndarray,
     return first + 2.0 * np.log(d).sum(axis=1) - 2.0 * log_beta_prod
 
 
+def christoffel_exceeds(diag, offdiag, beta_last: float, c: float, x: float, *,
+                        margin: float = MARGIN) -> bool:
+    """Whether ``x > θ_max`` and ``K(x) >= margin² / c``, i.e. whether ``λ_max <= x``
+    follows on the event ``γ₁² >= c`` (then :func:`christoffel_bound` ``<= x``).
+
+    One O(k) pass, no eigensolver: the pivots ``d_i`` of the ``LDL^T`` factorisation of
+    ``x I - T_k`` are all positive exactly when ``x > θ_max``, and
+    ``π_i(x) = d_1 ⋯ d_i / (β_1 ⋯ β_i)`` (``det(x I - T_i) = d_1 ⋯ d_i``); the pivots are a
+    backward-stable evaluation, and ``π_i(x)`` is the dominant solution of the recurrence
+    there (no cancellation). Used for the cheap stopping test inside the Lanczos loop.
+    """
+    k = len(diag)
+    if k < 1 or len(offdiag) != k - 1 or not (c > 0 and beta_last > 0 and math.isfinite(x)):
+        return False
+    thr = 2.0 * math.log(margin) - math.log(c)
+    logp = 0.0
+    log_k = 0.0  # log of sum_{j <= i} pi_j^2, pi_0 = 1
+    d = 1.0
+    for i in range(k):
+        b_prev = offdiag[i - 1] if i else 0.0
+        d = (x - diag[i]) - (b_prev * b_prev / d if i else 0.0)
+        b = offdiag[i] if i < k - 1 else beta_last
+        if not (d > 0.0 and b > 0.0):
+            return False
+        logp += math.log(d) - math.log(b)
+        t = 2.0 * logp
+        log_k = max(log_k, t) + math.log1p(math.exp(-abs(log_k - t)))
+    return log_k >= thr
+
+
 def christoffel_bound(diag: np.ndarray, offdiag: np.ndarray, beta_last: float, c: float,
                       *, margin: float = MARGIN) -> tuple[float, float]:
     """Upper bound ``U`` on ``λ_max(A)`` valid whenever the start vector's overlap with a top
@@ -118,12 +148,15 @@ def christoffel_bound(diag: np.ndarray, offdiag: np.ndarray, beta_last: float, c
     log_bp = float(np.log(betas).sum())
     # K is increasing on (θ_max, ∞): bracket its crossing of the threshold on a grid of
     # offsets above θ_max, then refine the bracket three times.
-    lo_off = 0.0
-    offs = scale * np.logspace(-14, 2, 65)
+    top = 2.0  # log10 of the largest offset tried, in units of scale
+    while _log_christoffel(np.array([scale * 10.0 ** top]), gaps, w2, log_bp,
+                           beta_last)[0] < log_thr:
+        top += 2.0
+        if top > 16.0:
+            return math.inf, tmax  # not even at θ_max + 1e16 x scale: no useful bound
+    offs = scale * np.logspace(-14, top, 65)
     vals = _log_christoffel(offs, gaps, w2, log_bp, beta_last)
     above = np.nonzero(vals >= log_thr)[0]
-    if above.size == 0:
-        return math.inf, tmax  # not even at θ_max + 100 x scale: no useful bound
     i = int(above[0])
     hi_off = float(offs[i])
     lo_off = float(offs[i - 1]) if i > 0 else 0.0

@@ -43,7 +43,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .posterior import NONTRIDIAGONAL_TOL, christoffel_bound, overlap_floor
+from .posterior import NONTRIDIAGONAL_TOL, christoffel_bound, christoffel_exceeds, overlap_floor
 from .results import Guarantee
 
 SAFETY = 1e-9
@@ -255,12 +255,13 @@ def lanczos_top(mv: Callable[[Tensor], Tensor], rmv: Callable[[Tensor], Tensor],
     and it is certified. ``kw_full = inf`` means the full run cannot give a finite bound.
 
     A posteriori bound (``post_c``, the overlap floor of :func:`lipbound.posterior.overlap_floor`):
-    at every check the Christoffel bound ``U_j`` of the tridiagonal part of ``H`` and the
-    current residual is computed (:func:`lipbound.posterior.christoffel_bound`), while the run
-    is a pure Krylov run (before any invariant-subspace restart) and ``H`` is tridiagonal up to
-    rounding; the smallest ``U_j`` is returned. The bound holds for every ``j`` on the same
-    event, so with ``post_stop`` the run stops (``post_stopped=True``) as soon as
-    ``U_j <= θ_j * post_stop``.
+    the Christoffel bound ``U_j`` of the tridiagonal part of ``H`` and the residual after step
+    ``j`` (:func:`lipbound.posterior.christoffel_bound`), used while the run is a pure Krylov
+    run (before any invariant-subspace restart) and ``H`` is tridiagonal up to rounding. The
+    bound holds for every ``j`` on the same event, so with ``post_stop`` every check makes a
+    one-pass test (:func:`lipbound.posterior.christoffel_exceeds`) of ``U_j <= θ_j *
+    post_stop`` and the run stops there (``post_stopped=True``); the bound is computed at that
+    step, or after the last full step of a completed run.
 
     Args:
         mv, rmv: the operator and its transpose (batched, flat).
@@ -331,15 +332,20 @@ def lanczos_top(mv: Callable[[Tensor], Tensor], rmv: Callable[[Tensor], Tensor],
     post_best = math.inf  # smallest a posteriori bound on the scaled A
     post_stopped = False
 
-    def post_bound(m: int, beta_m: float) -> tuple[float, float]:
-        """Christoffel bound (scaled units) from the first m steps and residual beta_m."""
+    def post_tridiagonal(m: int, beta_m: float) -> list[float] | None:
+        """Diagonal of T_m, or None when H is not tridiagonal to NONTRIDIAGONAL_TOL."""
         hm = h[:m, :m]
-        diag = torch.tensor(alphas[:m], dtype=f64) + hm.diagonal().cpu()
+        diag = (torch.tensor(alphas[:m], dtype=f64) + hm.diagonal().cpu()).tolist()
         off = torch.linalg.matrix_norm(torch.triu(hm, 1)).item()
-        sz = max(float(diag.abs().max()), max(betas[:m - 1], default=0.0), beta_m)
-        if not off <= NONTRIDIAGONAL_TOL * sz:
-            return math.inf, math.nan
-        return christoffel_bound(diag.numpy(), betas[:m - 1], beta_m, post_c)
+        sz = max(max(abs(a) for a in diag), max(betas[:m - 1], default=0.0), beta_m)
+        return diag if off <= NONTRIDIAGONAL_TOL * sz else None
+
+    def post_bound(m: int, beta_m: float) -> float:
+        """Christoffel bound (scaled units) from the first m steps and residual beta_m."""
+        diag = post_tridiagonal(m, beta_m)
+        if diag is None:
+            return math.inf
+        return christoffel_bound(diag, betas[:m - 1], beta_m, post_c)[0]
 
     stop_norm = None
     if stop_theta is not None:
@@ -388,6 +394,7 @@ def lanczos_top(mv: Callable[[Tensor], Tensor], rmv: Callable[[Tensor], Tensor],
         k = j + 1
         if k >= next_check and (stop_norm is not None or post_ok):
             next_check = k + _CHECK_EVERY
+            lam = None
             if stop_norm is not None:
                 if kw_full == math.inf:
                     dominated = True
@@ -402,10 +409,15 @@ def lanczos_top(mv: Callable[[Tensor], Tensor], rmv: Callable[[Tensor], Tensor],
                 far = k >= 2 * _CHECK_EVERY and bound < 0.8 * stop_norm
                 if far and not post_ok:
                     next_check = k + 4 * _CHECK_EVERY
-            if post_ok and beta > 1e-9 * scale and scale > 0.0:
-                u_j, th_j = post_bound(k, beta)
-                post_best = min(post_best, u_j)
-                if post_stop is not None and u_j <= th_j * post_stop:
+            if post_ok and post_stop is not None and beta > 1e-9 * scale and scale > 0.0:
+                # cheap test first (one O(k) pass); the bound itself only when it passes
+                if lam is None:
+                    lam = float(torch.linalg.eigvalsh(h_sym(k))[-1])
+                diag = post_tridiagonal(k, beta)
+                if diag is not None and christoffel_exceeds(diag, betas[:k - 1], beta, post_c,
+                                                            max(lam, 0.0) * post_stop):
+                    post_best = min(post_best, christoffel_bound(diag, betas[:k - 1], beta,
+                                                                 post_c)[0])
                     post_stopped = True
                     break
         if beta <= 1e-9 * scale or scale == 0.0:
@@ -435,10 +447,9 @@ def lanczos_top(mv: Callable[[Tensor], Tensor], rmv: Callable[[Tensor], Tensor],
         w = v = None  # peak memory: the basis plus u, rmv(u) and w of the next step
         j += 1
 
-    if post_ok and not dominated and not post_stopped and k >= 3 and next_check != k - 1 + \
-            _CHECK_EVERY:
+    if post_ok and not dominated and not post_stopped and k >= 3:
         # the last full step's residual is betas[k - 2]: the bound of the first k - 1 steps
-        post_best = min(post_best, post_bound(k - 1, betas[k - 2])[0])
+        post_best = min(post_best, post_bound(k - 1, betas[k - 2]))
     base = k
     e = 0
     for wv in warm_list if not dominated else []:
