@@ -414,10 +414,13 @@ def lanczos_top(mv: Callable[[Tensor], Tensor], rmv: Callable[[Tensor], Tensor],
                 if lam is None:
                     lam = float(torch.linalg.eigvalsh(h_sym(k))[-1])
                 diag = post_tridiagonal(k, beta)
+                x_stop = max(lam, 0.0) * post_stop
                 if diag is not None and christoffel_exceeds(diag, betas[:k - 1], beta, post_c,
-                                                            max(lam, 0.0) * post_stop):
-                    post_best = min(post_best, christoffel_bound(diag, betas[:k - 1], beta,
-                                                                 post_c)[0])
+                                                            x_stop):
+                    # x_stop is a bound itself (K(x_stop) >= the threshold); the bracketed
+                    # root is at most a bracket width above the crossing
+                    u_j = christoffel_bound(diag, betas[:k - 1], beta, post_c)[0]
+                    post_best = min(post_best, u_j, x_stop)
                     post_stopped = True
                     break
         if beta <= 1e-9 * scale or scale == 0.0:
