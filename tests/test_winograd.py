@@ -16,6 +16,8 @@ from lipbound import Analyzer
 from lipbound.ops import winograd
 from lipbound.ops.conv import ConvOp, conv2d_rule
 from lipbound.ops.winograd import Winograd3x3, eligible
+from lipbound.results import Guarantee
+from lipbound.spectral import spectral_upper
 
 pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
@@ -99,7 +101,7 @@ def _op(c: int, k: int, n: int, p: int, seed: int) -> ConvOp:
     return conv2d_rule(conv, "conv", (c, n, n), (k, ho, ho))
 
 
-def test_convop_uses_it_only_when_eligible_and_agrees(monkeypatch):
+def test_convop_uses_it_only_when_enabled_and_eligible(monkeypatch):
     monkeypatch.setattr(winograd, "MIN_MIXING", 8.0)
     big = _op(16, 16, 26, 1, 0)
     assert big._winograd() is not None
@@ -107,11 +109,98 @@ def test_convop_uses_it_only_when_eligible_and_agrees(monkeypatch):
     assert small._winograd() is None  # 10x10 output: conv2d
     x = torch.randn(3, *big.in_shape, dtype=DT)
     y = torch.randn(3, *big.out_shape, dtype=DT)
-    fast_x, fast_y = big.lin(x), big.lin_t(y)
+    # outside winograd.enabled() (dense matrices, row norms, the exact route): conv2d, exactly
+    ref_x = F.conv2d(x, big.weight, None, 1, 1)
+    ref_y = F.conv_transpose2d(y, big.weight, None, 1, 1)
+    assert torch.equal(big.lin(x), ref_x) and torch.equal(big.lin_t(y), ref_y)
+    calls = []
+    real = Winograd3x3._correlate
+    monkeypatch.setattr(Winograd3x3, "_correlate",
+                        lambda self, *a: calls.append(1) or real(self, *a))
+    with winograd.enabled():
+        fast_x, fast_y = big.lin(x), big.lin_t(y)
+        assert torch.equal(small.lin(x[:, :, :10, :10]),
+                           F.conv2d(x[:, :, :10, :10], small.weight, None, 1, 1))
+    assert len(calls) == 2 and not winograd.is_enabled()
+    assert _rel(fast_x, ref_x) <= 1e-12 and _rel(fast_y, ref_y) <= 1e-12
     monkeypatch.setattr(ConvOp, "use_winograd", False)
     big._wg = None
-    assert big._winograd() is None
-    assert _rel(fast_x, big.lin(x)) <= 1e-12 and _rel(fast_y, big.lin_t(y)) <= 1e-12
+    assert big._winograd() is None and big.winograd_error() is None
+
+
+@pytest.mark.parametrize("kind", ["gauss", "tiny-tap", "mixed-scales", "positive"])
+def test_error_bound_covers_the_observed_error(kind):
+    """||ŷ - y|| <= Δ ||x|| for the computed products (conv and transpose), Δ the rigorous
+    componentwise bound; on kernels built to make Winograd inaccurate too."""
+    g = torch.Generator().manual_seed(7)
+    k, c, n = 24, 20, 19
+    w = torch.randn(k, c, 3, 3, generator=g, dtype=DT)
+    if kind == "tiny-tap":
+        w[:, :, 1, 1] = 1e-12
+    elif kind == "mixed-scales":
+        w = w * 10.0 ** torch.randint(-8, 8, (k, c, 3, 3), generator=g).to(DT)
+    elif kind == "positive":
+        w = w.abs()
+    wg = Winograd3x3(w, (1, 1))
+    delta = wg.error_bound()
+    assert delta > 0 and wg.error_bound() == delta  # cached
+    for _ in range(3):
+        x = torch.randn(2, c, n, n, generator=g, dtype=DT)
+        if kind == "mixed-scales":
+            x = x * 10.0 ** torch.randint(-6, 6, x.shape, generator=g).to(DT)
+        y = F.conv2d(x, w, padding=1)
+        for b in range(2):
+            assert float((wg.conv(x)[b] - y[b]).norm()) <= delta * float(x[b].norm())
+        yt = torch.randn(y.shape, generator=g, dtype=DT)
+        z = F.conv_transpose2d(yt, w, padding=1)
+        for b in range(2):
+            assert float((wg.conv_t(yt)[b] - z[b]).norm()) <= delta * float(yt[b].norm())
+
+
+def test_certified_routes_never_use_it():
+    """A masked operator made of one tiny tap beside large taps: Winograd would compute it
+    with a large relative error. The exact (certified) route forms the matrix with conv2d,
+    so its value is >= the true norm (the tap itself)."""
+    g = torch.Generator().manual_seed(0)
+    c, h = 48, 26
+    for _ in range(5):
+        w = torch.randn(c, c, 3, 3, generator=g, dtype=DT)
+        w[0, 0, 1, 1] = 1e-12 * (1 + float(torch.rand(1, generator=g, dtype=DT)))
+        op = ConvOp("c", (c, h, h), (c, h - 2, h - 2), w, None, 1, 0, 1, 1)
+        assert op._winograd() is not None
+        i, j = (int(v) for v in torch.randint(0, h - 2, (2,), generator=g))
+        col = torch.tensor([(i + 1) * h + (j + 1)])
+        row = torch.tensor([i * (h - 2) + j])
+
+        def mv(v, op=op):
+            return op.lin(v.reshape(-1, c, h, h)).reshape(v.shape[0], -1)
+
+        def rmv(y, op=op):
+            return op.lin_t(y.reshape(-1, c, h - 2, h - 2)).reshape(y.shape[0], -1)
+
+        sb = spectral_upper(mv, rmv, n_in=c * h * h, n_out=c * (h - 2) ** 2, cols=col,
+                            rows=row, device="cpu", apply_flops=1e6, mode="exact")
+        assert sb.guarantee == Guarantee.CERTIFIED and sb.value >= float(w[0, 0, 1, 1])
+
+
+def test_lanczos_falls_back_when_the_error_is_not_negligible(monkeypatch):
+    """fast_error far above FAST_REL_ERROR x the norm: the run is repeated with conv2d and
+    the same start vector, so the value equals the run without fast products."""
+    monkeypatch.setattr(winograd, "MIN_MIXING", 8.0)
+    op = _op(16, 16, 26, 1, 3)
+    mv = lambda v: op.lin(v.reshape(-1, *op.in_shape)).reshape(v.shape[0], -1)  # noqa: E731
+    rmv = lambda y: op.lin_t(y.reshape(-1, *op.out_shape)).reshape(y.shape[0], -1)  # noqa: E731
+    kw = dict(n_in=op.in_dim, n_out=op.out_dim, cols=torch.arange(op.in_dim),
+              rows=torch.arange(op.out_dim), device="cpu", apply_flops=op.flops(),
+              mode="lanczos", steps=20, failure_prob=1e-6)
+    plain = spectral_upper(mv, rmv, generator=torch.Generator().manual_seed(5), **kw)
+    big_err = spectral_upper(mv, rmv, generator=torch.Generator().manual_seed(5),
+                             fast_error=1.0, **kw)
+    assert big_err.value == plain.value and big_err.estimate == plain.estimate
+    small_err = spectral_upper(mv, rmv, generator=torch.Generator().manual_seed(5),
+                               fast_error=op.winograd_error(), **kw)
+    assert small_err.value >= plain.value * (1 - 1e-12)
+    assert small_err.value == pytest.approx(plain.value, rel=1e-9)
 
 
 @pytest.mark.parametrize("seed", range(3))

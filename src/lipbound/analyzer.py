@@ -279,7 +279,8 @@ class Analyzer:
                 device=self.device, dense=b.dense_fn(), apply_flops=b.apply_flops(),
                 mode=self.spectral, steps=self.lanczos_steps, failure_prob=delta,
                 generator=self._gen(10_000 + i),
-                certified_alternatives=self._block_alternatives(b, frob)))
+                certified_alternatives=self._block_alternatives(b, frob),
+                fast_error=b.fast_error()))
         self._global[key] = out
         return out
 
@@ -431,7 +432,7 @@ class Analyzer:
                                 mode=self.spectral, steps=self.lanczos_steps,
                                 failure_prob=delta, generator=self._gen(i),
                                 certified_alternatives=tuple(alts), exact_budget=EXACT_BUDGET,
-                                warm=warm)
+                                warm=warm, fast_error=b.fast_error())
         if sb.vector is not None:
             self._warm[warm_key] = sb.vector
         self._remember(memo_key, r, d, sb)

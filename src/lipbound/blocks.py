@@ -87,6 +87,18 @@ class AffineBlock:
         y = m.lin(v.reshape(v.shape[0], *m.in_shape)).reshape(v.shape[0], -1)
         return y if self.s_out is None else y * self.s_out
 
+    def fast_error(self) -> float | None:
+        """Absolute error per unit input norm of :meth:`lin` / :meth:`lin_t` when the mixing
+        op computes fast (Winograd) products, scales included; None when it never does."""
+        err = getattr(self.mixing, "winograd_error", None)
+        e = err() if err is not None else None
+        if e is None:
+            return None
+        for s in (self.s_in, self.s_out):
+            if s is not None:
+                e *= float(s.abs().max())
+        return e
+
     def lin_t(self, y: Tensor) -> Tensor:
         if self.mixing is None:
             return y if self.s_in is None else y * self.s_in

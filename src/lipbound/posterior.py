@@ -90,6 +90,13 @@ def christoffel_exceeds(diag, offdiag, beta_last: float, c: float, x: float, *,
     k = len(diag)
     if k < 1 or len(offdiag) != k - 1 or not (c > 0 and beta_last > 0 and math.isfinite(x)):
         return False
+    # K is invariant under scaling T, the residual and x together: work at unit scale
+    sc = max(abs(x), max(abs(a) for a in diag), max(offdiag, default=0.0), beta_last)
+    if not (sc > 0 and math.isfinite(sc)):
+        return False
+    diag = [a / sc for a in diag]
+    offdiag = [b / sc for b in offdiag]
+    beta_last, x = beta_last / sc, x / sc
     thr = 2.0 * math.log(margin) - math.log(c)
     logp = 0.0
     log_k = 0.0  # log of sum_{j <= i} pi_j^2, pi_0 = 1
@@ -98,7 +105,7 @@ def christoffel_exceeds(diag, offdiag, beta_last: float, c: float, x: float, *,
         b_prev = offdiag[i - 1] if i else 0.0
         d = (x - diag[i]) - (b_prev * b_prev / d if i else 0.0)
         b = offdiag[i] if i < k - 1 else beta_last
-        if not (d > 0.0 and b > 0.0):
+        if not (d > 1e-12 and b > 0.0):  # x at (or within rounding of) θ_max: no decision
             return False
         logp += math.log(d) - math.log(b)
         t = 2.0 * logp
@@ -131,6 +138,23 @@ def christoffel_bound(diag: np.ndarray, offdiag: np.ndarray, beta_last: float, c
     betas = np.concatenate([offdiag, [beta_last]])
     if not (np.all(np.isfinite(diag)) and np.all(np.isfinite(betas)) and np.all(betas > 0)):
         return math.inf, math.nan
+    # K is invariant under scaling T and the residual (and x) together: compute at unit
+    # scale so that no square over- or underflows, and scale U back (rounded up)
+    unit = float(max(np.abs(diag).max(), betas.max()))
+    if not (unit > 0 and math.isfinite(unit)):
+        return math.inf, math.nan
+    u_s, t_s = _christoffel_unit(diag / unit, betas[:-1] / unit, float(betas[-1]) / unit, c,
+                                 margin)
+    if not math.isfinite(u_s):
+        return math.inf, t_s * unit
+    return math.nextafter(u_s * unit * (1 + 4 * 2.0 ** -53), math.inf), t_s * unit
+
+
+def _christoffel_unit(diag: np.ndarray, offdiag: np.ndarray, beta_last: float, c: float,
+                      margin: float) -> tuple[float, float]:
+    """:func:`christoffel_bound` for inputs of largest magnitude 1."""
+    k = diag.shape[0]
+    betas = np.concatenate([offdiag, [beta_last]])
     # torch's eigensolver, not numpy's: numpy's BLAS threads would spin beside torch's
     t = torch.from_numpy(np.diag(diag))
     if k > 1:
@@ -157,6 +181,8 @@ def christoffel_bound(diag: np.ndarray, offdiag: np.ndarray, beta_last: float, c
     offs = scale * np.logspace(-14, top, 65)
     vals = _log_christoffel(offs, gaps, w2, log_bp, beta_last)
     above = np.nonzero(vals >= log_thr)[0]
+    if above.size == 0:  # rounding at the crossing: the largest offset is a valid bracket end
+        above = np.array([offs.size - 1])
     i = int(above[0])
     hi_off = float(offs[i])
     lo_off = float(offs[i - 1]) if i > 0 else 0.0

@@ -29,8 +29,10 @@ class ConvOp(MixingOp):
     """y = conv2d(x, W) + b, optionally followed by a fixed per-output scale
     (``out_scale``, used by average pooling with ``count_include_pad=False``).
 
-    :meth:`lin` and :meth:`lin_t` (the Lanczos products) of large 3x3 stride-1 layers on the
-    CPU use Winograd's F(4x4, 3x3) (:mod:`lipbound.ops.winograd`); set the class attribute
+    Inside :func:`lipbound.ops.winograd.enabled` (the Lanczos runs of
+    :func:`lipbound.spectral.spectral_upper`, and only when their product error is negligible),
+    :meth:`lin` and :meth:`lin_t` of large 3x3 stride-1 layers on the CPU use Winograd's
+    F(4x4, 3x3) (:mod:`lipbound.ops.winograd`); set the class attribute
     ``use_winograd = False`` to use ``conv2d`` everywhere."""
 
     use_winograd: bool = True
@@ -78,15 +80,24 @@ class ConvOp(MixingOp):
             y = y + self.bias.view(-1, 1, 1)
         return y
 
+    def winograd_error(self) -> float | None:
+        """Absolute error bound per unit input norm of :meth:`lin` / :meth:`lin_t` with
+        Winograd products (``out_scale`` included), or None when this layer never uses them."""
+        wg = self._winograd()
+        if wg is None:
+            return None
+        s = 1.0 if self.out_scale is None else float(self.out_scale.abs().max())
+        return wg.error_bound() * s
+
     def lin(self, x: Tensor) -> Tensor:
-        wg = self._winograd() if x.dtype == torch.float64 else None
+        wg = self._winograd() if x.dtype == torch.float64 and winograd.is_enabled() else None
         y = wg.conv(x) if wg is not None else self._conv(x, self.weight)
         return y if self.out_scale is None else y * self.out_scale
 
     def lin_t(self, y: Tensor) -> Tensor:
         if self.out_scale is not None:
             y = y * self.out_scale
-        wg = self._winograd() if y.dtype == torch.float64 else None
+        wg = self._winograd() if y.dtype == torch.float64 and winograd.is_enabled() else None
         if wg is not None:
             return wg.conv_t(y)
         return F.conv_transpose2d(y, self.weight, None, self.stride, self.padding,

@@ -11,18 +11,25 @@ stay in cache. Measured on this CPU (float64, one thread, one image): 1.7-3.1x f
 ``conv2d`` (and its transpose) on VGG-16's 3x3 layers from 224x224 to 28x28, 2.5x over
 all of them; not faster at 14x14 (see :func:`eligible`).
 
-Accuracy: the transforms have entries up to 8 and 1/24, so the rounding error is a few times
-that of the direct product: relative errors ~1e-14 (checked against ``conv2d`` in the tests).
-The Lanczos bounds tolerate far more (a relative margin of 1e-9 on the KW route, a factor 2
-on the polynomial norms of the a posteriori route), so the products stay float64-accurate for
-every use made of them; they are used for the Lanczos products only, never for the row norms
-(whose squared kernel must give non-negative sums) or the nominal forward pass.
+Accuracy: observed relative errors are ~3e-15 (checked against ``conv2d`` in the tests), but
+the error is not confined to the active entries of a masked operator: the tile transforms
+mix all taps, so a tiny masked operator next to large taps can be computed with a large
+relative error. :meth:`Winograd3x3.error_bound` gives a rigorous worst-case bound ``Δ``
+(``||ŷ - y|| <= Δ ||x||``); the products are used only inside :func:`enabled` blocks, which
+:func:`lipbound.spectral.spectral_upper` opens around a Lanczos run and keeps only when
+``Δ`` is negligible against the operator's norm estimate (else it repeats the run with
+``conv2d``). Dense matrices, the exact route, row norms and forward passes never use them.
 
 The transposed convolution (stride 1) is the correlation of the output with the spatially
 flipped, channel-swapped kernel and padding ``2 - p``, so it uses the same machinery.
 """
 
 from __future__ import annotations
+
+import contextlib
+import math
+import threading
+from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -33,6 +40,27 @@ _BT = ((4, 0, -5, 0, 1, 0), (0, -4, -4, 1, 1, 0), (0, 4, -4, -1, 1, 0),
 _G = ((1 / 4, 0, 0), (-1 / 6, -1 / 6, -1 / 6), (-1 / 6, 1 / 6, -1 / 6),
       (1 / 24, 1 / 12, 1 / 6), (1 / 24, -1 / 12, 1 / 6), (0, 0, 1))
 _AT = ((1, 1, 1, 1, 1, 0), (0, 1, -1, 2, -2, 0), (0, 1, 1, 4, 4, 0), (0, 1, -1, 8, -8, 1))
+
+_STATE = threading.local()
+
+
+@contextlib.contextmanager
+def enabled() -> Iterator[None]:
+    """Within this block (and this thread), eligible convolutions compute their products
+    with Winograd's algorithm. :func:`lipbound.spectral.spectral_upper` enables it around the
+    Lanczos run only; everything else (dense matrices, row norms, forward passes, the exact
+    route) always uses ``conv2d``."""
+    old = getattr(_STATE, "on", False)
+    _STATE.on = True
+    try:
+        yield
+    finally:
+        _STATE.on = old
+
+
+def is_enabled() -> bool:
+    return getattr(_STATE, "on", False)
+
 
 MIN_OUTPUT_PIXELS = 24 * 24
 """Winograd is used only for outputs of at least this many pixels (below, the 36 small
@@ -79,6 +107,8 @@ class Winograd3x3:
         self._ka = torch.kron(at, at)  # (16, 36)
         g = torch.tensor(_G, dtype=dt, device=dev)
         w = weight.to(dt)
+        self._w_abs = w.abs().cpu()
+        self._delta: float | None = None
         self.padding = (int(padding[0]), int(padding[1]))
         self._u = self._transform(g, w)  # (36, c_out, c_in)
         flipped = torch.flip(w, dims=(2, 3)).transpose(0, 1)  # (c_in, c_out, 3, 3)
@@ -123,6 +153,43 @@ class Winograd3x3:
         y = self._ka @ m.reshape(36, k * b * t)  # output transform A^T m A: (16, K*B*T)
         y = y.reshape(4, 4, k, b, th, tw).permute(3, 2, 4, 0, 5, 1)
         return y.reshape(b, k, 4 * th, 4 * tw)
+
+    def error_bound(self) -> float:
+        """``Δ`` with ``||ŷ - y|| <= Δ ||x||`` for the computed :meth:`conv` and
+        :meth:`conv_t` (the larger of the two), any input ``x``.
+
+        Componentwise, a chain of float64 products is within ``γ_L`` times the same chain in
+        absolute values (Higham, *Accuracy and Stability*, §3.5): the computed output is
+        within ``γ_L N |x|`` of the exact one, where ``N`` is the non-negative linear map
+        ``|x| -> Σ_c |A^T| ((|G| |g_kc| |G|^T) ⊙ (|B^T| |d_c| |B|)) |A|`` per tile, and ``L``
+        the total length of the chain (kernel transform 6, input transform 36, channel sum
+        ``c``, output transform 36; we take ``2 c + 200``). ``||N||_2 <= sqrt(||N||_1
+        ||N||_inf)``: a row of ``N`` (one output) sums to
+        ``Σ_c [|A^T| (Ũ_kc ⊙ β β^T) |A|]`` with ``β = |B^T| 1``; a column (one input element)
+        is read by at most 4 tiles, each contributing ``[|B|^T (Σ_k Ũ_kc ⊙ α α^T) |B|]`` with
+        ``α = |A| 1``. Both are small tensors of the kernel, so ``Δ`` costs nothing per
+        product. It bounds the error independently of any mask: masked operators whose norm
+        is far below ``Δ`` must not use these products (see ``spectral_upper``).
+        """
+        if getattr(self, "_delta", None) is not None:
+            return self._delta
+        dt = torch.float64
+        g = torch.tensor(_G, dtype=dt).abs()
+        bt = torch.tensor(_BT, dtype=dt).abs()
+        at = torch.tensor(_AT, dtype=dt).abs()
+        beta = bt.sum(1)  # |B^T| 1
+        alpha = at.sum(0)  # |A| 1 (column sums of |A^T|)
+        out = 0.0
+        for w in (self._w_abs, self._w_abs.flip(2, 3).transpose(0, 1)):
+            ut = g @ w @ g.T  # (K, C, 6, 6), non-negative
+            c = w.shape[1]
+            rows = (at @ (ut.sum(1) * torch.outer(beta, beta)) @ at.T).amax()
+            cols = 4.0 * (bt.T @ (ut.sum(0) * torch.outer(alpha, alpha)) @ bt).amax()
+            nu = (2 * c + 200) * 2.0 ** -53
+            gam = nu / (1.0 - nu)
+            out = max(out, gam * math.sqrt(float(rows) * float(cols)) * (1 + 1e-12))
+        self._delta = out
+        return out
 
     def conv(self, x: Tensor) -> Tensor:
         """``conv2d(x, W, padding=p)`` for x of shape (B, c_in, H, W)."""
