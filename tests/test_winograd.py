@@ -234,3 +234,36 @@ def test_bounds_through_winograd_are_sound_and_match(monkeypatch, seed):
         for la, lb in zip(a.layers, b.layers, strict=True):
             assert la.global_factor == pytest.approx(lb.global_factor, rel=1e-9, nan_ok=True)
             assert la.local == pytest.approx(lb.local, rel=1e-9, nan_ok=True)
+
+
+def test_local_bound_with_a_tiny_live_tap_is_sound():
+    """End to end (default spectral route): a convolution whose only live connection is a
+    1e-12 tap next to large (inactive) taps. The certified local bound must stay >= the
+    true local constant (the gradient: the network is linear on the ball)."""
+    c, h = 48, 26
+    for seed in range(3):
+        g = torch.Generator().manual_seed(seed)
+        c1, c2 = nn.Conv2d(1, c, 3, padding=1), nn.Conv2d(c, c, 3, padding=0)
+        lin = nn.Linear(c * 24 * 24, 1, bias=False)
+        with torch.no_grad():
+            c1.weight.zero_()
+            c1.weight[0, 0, 1, 1] = 1.0
+            c1.bias.fill_(-1.0)
+            c1.bias[0] = -0.5
+            w2 = torch.randn(c, c, 3, 3, generator=g, dtype=DT)
+            w2[:, 0] = -10.0
+            w2[:, 0, 1, 1] = 1e-12 * (1 + torch.rand(c, generator=g, dtype=DT))
+            c2.weight.copy_(w2.float())
+            c2.bias.zero_()
+            taps = c2.weight[:, 0, 1, 1].double()
+            out = torch.zeros(1, c, 24, 24, dtype=DT)
+            out[0, :, 9, 9] = taps / taps.norm()
+            lin.weight.copy_(out.reshape(1, -1).float())
+        net = nn.Sequential(c1, nn.ReLU(), c2, nn.ReLU(), nn.Flatten(), lin).double().eval()
+        x0 = torch.zeros(1, 1, h, h, dtype=DT)
+        x0[0, 0, 10, 10] = 1.0
+        x = x0.clone().requires_grad_(True)
+        net(x).sum().backward()
+        true = float(x.grad.norm())
+        res = Analyzer(net, (1, h, h)).local_bound(x0, 0.01)
+        assert res.value >= true
