@@ -186,7 +186,8 @@ class LanczosResult:
         matvecs: applications of ``mv`` plus ``rmv`` to single vectors.
         post_sqrt: the a posteriori bound on ``||M||`` (:mod:`lipbound.posterior`; valid
             unless the start vector's overlap with a top singular vector is below the
-            ``post_c`` floor), the smallest over the checks made; ``inf`` when not computed.
+            ``post_c`` floor), computed where the run stopped on it or after its last full step;
+            ``inf`` when not computed.
         post_stopped: the run stopped because the a posteriori bound reached ``post_stop``.
     """
 
