@@ -99,6 +99,18 @@ def test_dense_matrix_equals_basis_images_exactly(op):
     assert torch.equal(a.T, _basis_matrix_t(op))
 
 
+@settings(max_examples=100)
+@given(convs(), st.integers(0, 10 ** 6), st.floats(0.0, 1.0), st.floats(0.0, 1.0))
+def test_dense_submatrix_is_the_submatrix_exactly(op, seed, frac_r, frac_c):
+    """Scattering only the requested rows and columns gives exactly the indexed submatrix
+    of the whole matrix (strides, padding, dilation, groups, output scales)."""
+    g = torch.Generator().manual_seed(seed)
+    rows = torch.nonzero(torch.rand(op.out_dim, generator=g) < frac_r).reshape(-1)
+    cols = torch.nonzero(torch.rand(op.in_dim, generator=g) < frac_c).reshape(-1)
+    sub = op.dense_submatrix(rows, cols)
+    assert torch.equal(sub, op.dense_matrix()[rows][:, cols])
+
+
 def test_dense_matrix_of_avgpool_with_per_position_scale():
     pool = torch.nn.AvgPool2d(3, stride=2, padding=1, count_include_pad=False)
     x = torch.zeros(1, 2, 7, 6, dtype=torch.float64)
@@ -240,3 +252,21 @@ def test_extreme_weight_magnitudes_stay_upper_bounds(magnitude):
     exact = _exact(op)
     assert exact > 0
     assert exact <= bound <= exact * 1.5
+
+
+def test_first_bound_scatters_the_submatrix_later_ones_use_the_kept_matrix():
+    """A fresh analyzer's first exact-route convolution scatters only its masked submatrix;
+    from the second request on the whole matrix is kept. Both give identical bounds."""
+    from lipbound import Analyzer, zoo
+    from lipbound.inputs import load_sample
+
+    lm = zoo.load_model("mnist")
+    x0 = load_sample("mnist:8", entry=lm.entry).x
+    fresh = Analyzer(lm.model, lm.entry.input_shape).local_bound(x0, 0.1)
+    an = Analyzer(lm.model, lm.entry.input_shape)
+    an.local_bound(x0, 0.05)
+    assert not an._dense  # nothing kept after one bound
+    again = an.local_bound(x0, 0.1)
+    assert an._dense  # the whole matrix is kept from the second request on
+    assert again.value == fresh.value
+    assert [lf.local for lf in again.layers] == [lf.local for lf in fresh.layers]

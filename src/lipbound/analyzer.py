@@ -97,8 +97,11 @@ def _compact(b: AffineBlock, dense, rows: Tensor, cols: Tensor, r: Tensor, d: Te
     """``(R A D)[rows][:, cols]`` of a block with a dense matrix, without forming R A D."""
     m = b.mixing.dense() if b.mixing is not None else None
     if m is None:
-        m = dense()
         rs, cs = r[rows], d[cols]
+        sub_fn = getattr(dense, "sub", None)
+        if sub_fn is not None:  # a convolution's submatrix, without its whole matrix
+            return sub_fn(rows, cols) * rs[:, None] * cs[None, :]
+        m = dense()
     else:
         rs = r[rows] if b.s_out is None else r[rows] * b.s_out[rows]
         cs = d[cols] if b.s_in is None else d[cols] * b.s_in[cols]
@@ -181,6 +184,7 @@ class Analyzer:
         self._global: dict[str, list[SpectralBound]] = {}
         self._warm: dict[tuple[str, int], Tensor] = {}
         self._dense: dict[tuple[str, int], Tensor] = {}
+        self._dense_requests: dict[tuple[str, int], int] = {}
         self._memo: dict[tuple, list[_MemoEntry]] = {}
         self._queries: dict[tuple, int] = {}
         self._skipped_queries = 0
@@ -494,6 +498,32 @@ class Analyzer:
         if b.in_dim * b.out_dim > DENSE_CACHE_ELEMENTS:
             return None
         ck = (key, i)
+        if ck not in self._dense and isinstance(b.mixing, ConvOp):
+            n = self._dense_requests.get(ck, 0) + 1
+            self._dense_requests[ck] = n
+            if n == 1:
+                # a single bound (fresh analyzer): its masked submatrix is scattered directly
+                # (MNIST conv2: 0.1 ms instead of 3.4 ms for the whole matrix); the whole
+                # matrix is formed and kept from the second request on (radius searches,
+                # sweeps)
+                mixing = b.mixing
+
+                def full() -> Tensor:
+                    mat = self._dense.get(ck)
+                    if mat is None:
+                        mat = self._dense[ck] = b.with_scales(mixing.dense_matrix())
+                    return mat
+
+                def sub(rows: Tensor, cols: Tensor) -> Tensor:
+                    m = mixing.dense_submatrix(rows, cols)
+                    if b.s_in is not None:  # same products, same order as with_scales
+                        m = m * b.s_in[cols][None, :]
+                    if b.s_out is not None:
+                        m = m * b.s_out[rows][:, None]
+                    return m
+
+                full.sub = sub  # type: ignore[attr-defined]
+                return full
         if ck not in self._dense:
             cols = torch.arange(b.in_dim, device=self.device)
             rows = torch.arange(b.out_dim, device=self.device)

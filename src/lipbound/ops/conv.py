@@ -110,6 +110,44 @@ class ConvOp(MixingOp):
     def flops(self) -> float:
         return float(self.out_dim * self.weight[0].numel())
 
+    def dense_submatrix(self, rows: Tensor, cols: Tensor) -> Tensor:
+        """``dense_matrix()[rows][:, cols]`` without forming the whole matrix: for each
+        requested row, its taps' input indices are computed and those among ``cols`` are
+        scattered. Bit-identical to indexing :meth:`dense_matrix` (every entry is a single
+        weight times the output scale). Memory ``len(rows) * c_in_g * kh * kw`` indices."""
+        c_out, c_in_g, kh, kw = self.weight.shape
+        h, w = self.in_shape[-2:]
+        ho, wo = self.out_shape[-2:]
+        (s1, s2), (p1, p2), (d1, d2) = self.stride, self.padding, self.dilation
+        dev = self.weight.device
+        rows = rows.to(dev)
+        cols = cols.to(dev)
+        sub = torch.zeros(rows.numel(), cols.numel(), dtype=torch.float64, device=dev)
+        if sub.numel() == 0:
+            return sub
+        o, rem = rows // (ho * wo), rows % (ho * wo)
+        i, j = rem // wo, rem % wo
+        grp = o // (c_out // self.groups)
+        ar = torch.arange
+        hin = (i * s1)[:, None, None, None] + (ar(kh, device=dev) * d1 - p1)[None, None, :, None]
+        win = (j * s2)[:, None, None, None] + (ar(kw, device=dev) * d2 - p2)[None, None, None, :]
+        cin = (grp * c_in_g)[:, None, None, None] + ar(c_in_g, device=dev)[None, :, None, None]
+        shape = (rows.numel(), c_in_g, kh, kw)
+        hin, win, cin = (t.expand(shape) for t in (hin, win, cin))
+        valid = (hin >= 0) & (hin < h) & (win >= 0) & (win < w)
+        flat = (cin * h + hin.clamp(0, h - 1)) * w + win.clamp(0, w - 1)
+        pos = torch.full((self.in_dim,), -1, dtype=torch.int64, device=dev)
+        pos[cols] = ar(cols.numel(), device=dev)
+        p = pos[flat]
+        keep = valid & (p >= 0)
+        vals = self.weight.index_select(0, o)  # (R, c_in_g, kh, kw)
+        if self.out_scale is not None:
+            sc = torch.broadcast_to(self.out_scale, tuple(self.out_shape)).reshape(-1)[rows]
+            vals = vals * sc[:, None, None, None]
+        ridx = ar(rows.numel(), device=dev)[:, None, None, None].expand(shape)
+        sub[ridx[keep], p[keep]] = vals[keep]
+        return sub
+
     def dense_matrix(self) -> Tensor:
         """The exact ``(out_dim, in_dim)`` float64 matrix of :meth:`lin` (``out_scale``
         included), formed by scattering the kernel taps (no convolution is evaluated).
