@@ -98,15 +98,32 @@ def _compact(b: AffineBlock, dense, rows: Tensor, cols: Tensor, r: Tensor, d: Te
     m = b.mixing.dense() if b.mixing is not None else None
     if m is None:
         rs, cs = r[rows], d[cols]
-        sub_fn = getattr(dense, "sub", None)
-        if sub_fn is not None:  # a convolution's submatrix, without its whole matrix
-            return sub_fn(rows, cols) * rs[:, None] * cs[None, :]
+        if isinstance(dense, _LazyConvMatrix):  # the submatrix, without the whole matrix
+            return dense.sub(rows, cols) * rs[:, None] * cs[None, :]
         m = dense()
     else:
         rs = r[rows] if b.s_out is None else r[rows] * b.s_out[rows]
         cs = d[cols] if b.s_in is None else d[cols] * b.s_in[cols]
     sub = m.index_select(0, rows).index_select(1, cols)
     return sub * rs[:, None] * cs[None, :]
+
+
+class _LazyConvMatrix:
+    """A convolution block's matrix for the exact route, on an analyzer's first request: the
+    masked submatrix is scattered directly (:meth:`ConvOp.dense_submatrix`, bit-identical);
+    the whole matrix is formed, and kept in ``store``, only when called."""
+
+    def __init__(self, b: AffineBlock, store: dict, key: tuple[str, int]):
+        self.b, self.store, self.key = b, store, key
+
+    def __call__(self) -> Tensor:
+        mat = self.store.get(self.key)
+        if mat is None:
+            mat = self.store[self.key] = self.b.with_scales(self.b.mixing.dense_matrix())
+        return mat
+
+    def sub(self, rows: Tensor, cols: Tensor) -> Tensor:
+        return self.b.with_scales(self.b.mixing.dense_submatrix(rows, cols), rows, cols)
 
 
 @dataclass(frozen=True)
@@ -493,47 +510,28 @@ class Analyzer:
         return None
 
     def _cached_dense(self, b: AffineBlock, key: str, i: int):
-        """The block's matrix, formed once (by applying it to basis vectors) when it is small
-        enough to keep, so that repeated exact SVDs (radius bisection, sweeps) skip it."""
+        """The block's matrix, formed once when it is small enough to keep, so that repeated
+        exact SVDs (radius bisection, sweeps) skip it: a convolution's by scattering its taps
+        (on the first request only its masked submatrix, see :class:`_LazyConvMatrix`), any
+        other block's by applying it to basis vectors."""
         if b.in_dim * b.out_dim > DENSE_CACHE_ELEMENTS:
             return None
         ck = (key, i)
-        if ck not in self._dense and isinstance(b.mixing, ConvOp):
-            n = self._dense_requests.get(ck, 0) + 1
-            self._dense_requests[ck] = n
-            if n == 1:
-                # a single bound (fresh analyzer): its masked submatrix is scattered directly
-                # (MNIST conv2: 0.1 ms instead of 3.4 ms for the whole matrix); the whole
-                # matrix is formed and kept from the second request on (radius searches,
-                # sweeps)
-                mixing = b.mixing
-
-                def full() -> Tensor:
-                    mat = self._dense.get(ck)
-                    if mat is None:
-                        mat = self._dense[ck] = b.with_scales(mixing.dense_matrix())
-                    return mat
-
-                def sub(rows: Tensor, cols: Tensor) -> Tensor:
-                    m = mixing.dense_submatrix(rows, cols)
-                    if b.s_in is not None:  # same products, same order as with_scales
-                        m = m * b.s_in[cols][None, :]
-                    if b.s_out is not None:
-                        m = m * b.s_out[rows][:, None]
-                    return m
-
-                full.sub = sub  # type: ignore[attr-defined]
-                return full
-        if ck not in self._dense:
-            cols = torch.arange(b.in_dim, device=self.device)
-            rows = torch.arange(b.out_dim, device=self.device)
-            if isinstance(b.mixing, ConvOp):
-                # exact, by scattering the kernel taps
-                self._dense[ck] = b.with_scales(b.mixing.dense_matrix())
-            else:
-                self._dense[ck] = _materialize(b.lin, b.lin_t, b.in_dim, b.out_dim, cols,
-                                               rows, self.device)
-        mat = self._dense[ck]
+        if isinstance(b.mixing, ConvOp):
+            lazy = _LazyConvMatrix(b, self._dense, ck)
+            n = self._dense_requests[ck] = self._dense_requests.get(ck, 0) + 1
+            if n == 1 and ck not in self._dense:
+                # a single bound (fresh analyzer) needs only its masked submatrix (MNIST conv2:
+                # 1 ms instead of 3.4 ms); the whole matrix is kept from the second request on
+                return lazy
+            mat = lazy()
+        else:
+            mat = self._dense.get(ck)
+            if mat is None:
+                cols = torch.arange(b.in_dim, device=self.device)
+                rows = torch.arange(b.out_dim, device=self.device)
+                mat = self._dense[ck] = _materialize(b.lin, b.lin_t, b.in_dim, b.out_dim, cols,
+                                                     rows, self.device)
         return lambda: mat
 
     def _check(self, x0: Tensor, eps: float) -> tuple[Tensor, float]:

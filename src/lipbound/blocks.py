@@ -129,12 +129,14 @@ class AffineBlock:
             return self.with_scales(dm)
         return build
 
-    def with_scales(self, m: Tensor) -> Tensor:
-        """The block's matrix from the mixing op's matrix ``m`` (the diagonal scales applied)."""
+    def with_scales(self, m: Tensor, rows: Tensor | None = None,
+                    cols: Tensor | None = None) -> Tensor:
+        """The block's matrix from the mixing op's matrix ``m`` (the diagonal scales applied);
+        with ``rows`` / ``cols``, ``m`` is the mixing matrix's submatrix on those indices."""
         if self.s_in is not None:
-            m = m * self.s_in[None, :]
+            m = m * (self.s_in if cols is None else self.s_in[cols])[None, :]
         if self.s_out is not None:
-            m = m * self.s_out[:, None]
+            m = m * (self.s_out if rows is None else self.s_out[rows])[:, None]
         return m
 
     def apply_flops(self) -> float:

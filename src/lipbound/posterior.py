@@ -67,6 +67,11 @@ def overlap_floor(n: int, failure_prob: float) -> float | None:
     return failure_prob * failure_prob * math.pi / (2.0 * (n - 1))
 
 
+def _log_threshold(c: float, margin: float) -> float:
+    """``log(margin² / c)``: K above it at ``x`` puts ``λ_max`` below ``x`` on the event."""
+    return 2.0 * math.log(margin) - math.log(c)
+
+
 def _log_christoffel(offs: np.ndarray, gaps: np.ndarray, w2: np.ndarray,
                      log_beta_prod: float, beta_last: float) -> np.ndarray:
     """``log K(θ_max + offs)`` for offsets ``offs > 0``, with ``gaps = θ_max - θ >= 0``
@@ -97,7 +102,7 @@ def christoffel_exceeds(diag, offdiag, beta_last: float, c: float, x: float, *,
     diag = [a / sc for a in diag]
     offdiag = [b / sc for b in offdiag]
     beta_last, x = beta_last / sc, x / sc
-    thr = 2.0 * math.log(margin) - math.log(c)
+    thr = _log_threshold(c, margin)
     logp = 0.0
     log_k = 0.0  # log of sum_{j <= i} pi_j^2, pi_0 = 1
     d = 1.0
@@ -165,10 +170,8 @@ def _christoffel_unit(diag: np.ndarray, offdiag: np.ndarray, beta_last: float, c
     w2 = vecs[-1, :] ** 2
     tmax = float(theta.max())
     gaps = tmax - theta  # >= 0 exactly (tmax is one of the theta)
-    scale = max(abs(tmax), float(np.abs(diag).max()), float(betas.max()))
-    if not (scale > 0 and math.isfinite(scale)):
-        return math.inf, tmax
-    log_thr = 2.0 * math.log(margin) - math.log(c)
+    scale = max(abs(tmax), 1.0)  # the inputs' largest magnitude is 1
+    log_thr = _log_threshold(c, margin)
     log_bp = float(np.log(betas).sum())
     # K is increasing on (θ_max, ∞): bracket its crossing of the threshold on a grid of
     # offsets above θ_max, then refine the bracket three times.

@@ -340,7 +340,7 @@ def lanczos_top(mv: Callable[[Tensor], Tensor], rmv: Callable[[Tensor], Tensor],
         return hs
 
     post_ok = post_c is not None and post_c > 0
-    post_best = math.inf  # smallest a posteriori bound on the scaled A
+    post_best = math.inf  # the a posteriori bound on the scaled A (where the run stops/ends)
     post_stopped = False
 
     def post_tridiagonal(m: int, beta_m: float) -> list[float] | None:
@@ -403,7 +403,8 @@ def lanczos_top(mv: Callable[[Tensor], Tensor], rmv: Callable[[Tensor], Tensor],
         h[:j + 1, j] = coef
         alphas.append(alpha)  # (beta_prev is already in betas)
         k = j + 1
-        if k >= next_check and (stop_norm is not None or post_ok):
+        post_checks = post_ok and post_stop is not None
+        if k >= next_check and (stop_norm is not None or post_checks):
             next_check = k + _CHECK_EVERY
             lam = None
             if stop_norm is not None:
@@ -418,9 +419,9 @@ def lanczos_top(mv: Callable[[Tensor], Tensor], rmv: Callable[[Tensor], Tensor],
                 # far from the threshold after the first steps: check less often (a skipped
                 # check only costs speed, never soundness or the reported value)
                 far = k >= 2 * _CHECK_EVERY and bound < 0.8 * stop_norm
-                if far and not post_ok:
+                if far and not post_checks:
                     next_check = k + 4 * _CHECK_EVERY
-            if post_ok and post_stop is not None and beta > 1e-9 * scale and scale > 0.0:
+            if post_checks and beta > 1e-9 * scale and scale > 0.0:
                 # cheap test first (one O(k) pass); the bound itself only when it passes
                 if lam is None:
                     lam = float(torch.linalg.eigvalsh(h_sym(k))[-1])
@@ -431,7 +432,7 @@ def lanczos_top(mv: Callable[[Tensor], Tensor], rmv: Callable[[Tensor], Tensor],
                     # x_stop is a bound itself (K(x_stop) >= the threshold); the bracketed
                     # root is at most a bracket width above the crossing
                     u_j = christoffel_bound(diag, betas[:k - 1], beta, post_c)[0]
-                    post_best = min(post_best, u_j, x_stop)
+                    post_best = min(u_j, x_stop)
                     post_stopped = True
                     break
         if beta <= 1e-9 * scale or scale == 0.0:
@@ -463,7 +464,7 @@ def lanczos_top(mv: Callable[[Tensor], Tensor], rmv: Callable[[Tensor], Tensor],
 
     if post_ok and not dominated and not post_stopped and k >= 3:
         # the last full step's residual is betas[k - 2]: the bound of the first k - 1 steps
-        post_best = min(post_best, post_bound(k - 1, betas[k - 2]))
+        post_best = post_bound(k - 1, betas[k - 2])
     base = k
     e = 0
     for wv in warm_list if not dominated else []:
@@ -605,6 +606,7 @@ def spectral_upper(mv: Callable[[Tensor], Tensor], rmv: Callable[[Tensor], Tenso
         # looser than that
         f_old = kw_factor(n_used, k_full, failure_prob)
         post_stop = f_old if f_old is not None else 1.02
+
     def run() -> LanczosResult:
         return lanczos_top(l_mv, l_rmv, l_cols, l_n, steps, gen, device, l_warm,
                            stop_theta=stop_theta, kw_full=kw_full, post_c=post_c,
@@ -617,7 +619,9 @@ def spectral_upper(mv: Callable[[Tensor], Tensor], rmv: Callable[[Tensor], Tenso
         state = gen.get_state()
         with winograd.enabled():
             res = run()
-        if fast_error <= FAST_REL_ERROR * res.sqrt_theta:
+        if fast_error == 0.0:
+            pass  # an all-zero kernel: exact products
+        elif fast_error <= FAST_REL_ERROR * res.sqrt_theta:
             fast_infl = 1.0 + 4.0 * fast_error / res.sqrt_theta
         else:
             gen.set_state(state)  # same start vector, float64 conv2d products

@@ -63,9 +63,9 @@ class ConvOp(MixingOp):
             return None
         dev = self.weight.device
         if self._wg is None or self._wg[0] != dev:  # built once per device
+            # (stride 1: the transposed convolution has no output padding)
             ok = winograd.eligible(self.weight, self.stride, self.padding, self.dilation,
-                                   self.groups, self.out_shape[-2:], dev) and \
-                all(op == 0 for op in self.output_padding)
+                                   self.groups, self.out_shape[-2:], dev)
             self._wg = (dev, winograd.Winograd3x3(self.weight, self.padding) if ok else None)
         return self._wg[1]
 

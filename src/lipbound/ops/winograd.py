@@ -171,7 +171,7 @@ class Winograd3x3:
         product. It bounds the error independently of any mask: masked operators whose norm
         is far below ``Δ`` must not use these products (see ``spectral_upper``).
         """
-        if getattr(self, "_delta", None) is not None:
+        if self._delta is not None:
             return self._delta
         dt = torch.float64
         g = torch.tensor(_G, dtype=dt).abs()
