@@ -331,7 +331,7 @@ def _lower(method: str, model: nn.Module, x0: Tensor, eps: float, *, samples: in
 
 DEFAULT_REUSE_TOL = 0.02
 """Default ``reuse_tol`` of :func:`sweep` (see there): on the MNIST and CIFAR-10 zoo networks
-over their 30-point paper ranges it makes the local values at most ~1.3 % (median ~0.2 %)
+over their 30-point paper ranges it makes the local values at most ~2.4 % (median 0.2-0.4 %)
 larger than fresh single bounds (benchmarks: ``lipbound bench --sweep 30``)."""
 
 _ORDER_TEXT = ("distinct radii in bisection order: the largest, the smallest, then midpoints "
@@ -503,9 +503,10 @@ def sweep(model_or_analyzer: nn.Module | Analyzer, x0: Tensor, eps_values: Seque
         reuse_tol: relative looseness allowed for a reused layer factor (``0``: every
             local bound is computed fresh, except exact repeats of a masked operator, which
             give the same value). The reused factor is at most ``1 + reuse_tol`` times a
-            Lanczos/SVD *estimate* (a lower value) of the current layer, while a fresh
-            Lanczos factor is that estimate inflated by the Kuczynski-Wozniakowski factor
-            (~1.5 % at 64 steps), so values close to ``0.015`` cost almost no tightness.
+            Lanczos/SVD *estimate* (a lower value) of the current layer. A fresh Lanczos
+            factor is that estimate inflated by the smaller of the Kuczynski-Wozniakowski
+            factor (~1.5 % at 64 steps) and the a posteriori bound (often ~0.1 % on trained
+            layers), so a reused value can be up to ``reuse_tol`` above a fresh one.
             Default :data:`DEFAULT_REUSE_TOL`. The caller's analyzer is not changed.
 
     Returns:
