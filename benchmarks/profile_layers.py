@@ -93,7 +93,7 @@ def main() -> int:
     _wrap(bl.AffineBlock, "lin_t", "rmv")
     _wrap(sp, "_materialize", "materialize")
     _wrap(sp, "exact_norm", "svd")
-    _wrap(sp, "lanczos_top", "lanczos_other")
+    _wrap(sp, "run_lanczos", "lanczos_other")
     if hasattr(az, "circulant_norm_bound"):
         _wrap(az, "circulant_norm_bound", "fft")
     _label_blocks()

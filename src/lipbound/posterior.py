@@ -197,3 +197,113 @@ def _christoffel_unit(diag: np.ndarray, offdiag: np.ndarray, beta_last: float, c
         lo_off = float(grid[j - 1]) if j > 0 else lo_off
     u = tmax + hi_off
     return math.nextafter(u * (1 + 1e-12), math.inf), tmax
+
+
+# --------------------------------------------------------------------------- block Lanczos
+def block_overlap_floor(n: int, b: int, failure_prob: float) -> float | None:
+    """``c`` with ``P[||P x||² < c] <= failure_prob`` for ``P`` the orthogonal projection on a
+    uniformly random ``b``-dimensional subspace of ``R^n`` (the span of ``b`` Gaussian
+    vectors) and any fixed unit ``x``; ``None`` when ``n - b < 2``.
+
+    ``||P x||² ~ Beta(b/2, (n-b)/2)``, whose density is at most
+    ``t^(b/2 - 1) / B(b/2, (n-b)/2)`` (the factor ``(1-t)^((n-b)/2 - 1) <= 1``), so
+    ``P[||P x||² < c] <= c^(b/2) Γ(n/2) / (Γ(b/2 + 1) Γ((n-b)/2))``; ``c`` makes the right side
+    ``δ`` (checked against the exact Beta distribution in the tests). For ``b = 1`` this is
+    :func:`overlap_floor` up to Wendel's inequality; for ``b = 4`` it is about ``2 sqrt(2δ)/n``
+    instead of ``δ² π / (2n)``, which is what makes block runs converge in fewer steps.
+    """
+    if not 0 < failure_prob < 1:
+        raise ValueError(f"failure_prob must be in (0, 1), got {failure_prob}")
+    if b < 1:
+        raise ValueError(f"block size must be >= 1, got {b}")
+    if b == 1:
+        return overlap_floor(n, failure_prob)
+    if n - b < 2:
+        return None
+    log_c = (2.0 / b) * (math.log(failure_prob) + math.lgamma(b / 2 + 1)
+                         + math.lgamma((n - b) / 2) - math.lgamma(n / 2))
+    return min(math.exp(log_c), 1.0)
+
+
+def block_measure_jacobi(t: torch.Tensor, b: int, k: int
+                         ) -> tuple[list[float], list[float], float] | None:
+    """The Jacobi (three-term recurrence) data of degree ``< k`` for the spectral measure of
+    a block Lanczos run's start block.
+
+    For the block-tridiagonal ``T_k = S diag(θ) S^T`` (``k`` blocks of size ``b``) the measure
+    ``μ = Σ_j ||S[:b, j]||² δ_{θ_j}`` (total mass ``b``) satisfies
+    ``∫ p² dμ = ||p(T_k) E_1||_F² = ||p(A) V||_F²`` for every polynomial of degree ``< k``. Its
+    orthonormal polynomials (normalised by the mass) come from the Stieltjes procedure: Lanczos
+    with full re-orthogonalisation on ``diag(θ)`` from ``sqrt(w / b)``. Returns
+    ``(diag, offdiag, beta_last)`` of ``m <= k - 1`` steps (fewer when the measure has fewer
+    points), the form :func:`christoffel_bound` takes, or ``None``.
+    """
+    dim = t.shape[0]
+    if k < 2 or dim != k * b:
+        return None
+    ev, vv = torch.linalg.eigh(t.detach().to("cpu", torch.float64))
+    theta = ev.numpy()
+    w = (vv[:b, :] ** 2).sum(0).numpy()
+    tot = float(w.sum())
+    if not (tot > 0 and math.isfinite(tot)) or not np.all(np.isfinite(theta)):
+        return None
+    unit = float(max(np.abs(theta).max(), 1e-300))
+    th = theta / unit
+    m_max = k - 1
+    qs = np.zeros((m_max + 1, dim))
+    qs[0] = np.sqrt(w / tot)
+    diag: list[float] = []
+    off: list[float] = []
+    for i in range(m_max):
+        v = th * qs[i]
+        a = float(qs[i] @ v)
+        v -= a * qs[i]
+        if i:
+            v -= off[-1] * qs[i - 1]
+        for _ in range(2):
+            v -= qs[:i + 1].T @ (qs[:i + 1] @ v)
+        bb = float(np.linalg.norm(v))
+        diag.append(a)
+        off.append(bb)
+        if not bb > 1e-13:  # the measure has only i + 1 points: degree <= i
+            break
+        qs[i + 1] = v / bb
+    m = len(diag)
+    if not off[-1] > 1e-13:
+        m -= 1  # the last step ended the recurrence: keep the steps before it
+    if m < 1:
+        return None
+    return ([a * unit for a in diag[:m]], [x * unit for x in off[:m - 1]], off[m - 1] * unit)
+
+
+def block_christoffel_bound(t: torch.Tensor, b: int, k: int, c: float, *,
+                            margin: float = MARGIN) -> float:
+    """Upper bound ``U`` on ``λ_max(A)`` from a block Lanczos run, valid whenever the start
+    block's span ``V`` satisfies ``||V^T x₁||² >= c`` (:func:`block_overlap_floor`).
+
+    **Argument.** For every polynomial ``p`` of degree ``< k`` and ``s = V^T x₁``:
+    ``x₁^T p(A) V^T s = p(λ₁) ||s||²`` and ``||p(A) V^T s|| <= ||p(A) V^T||_2 ||s||``, so
+    ``p(λ₁)² ||s||² <= ||p(A) V^T||_F² = ∫ p² dμ`` (:func:`block_measure_jacobi`). Hence
+    ``||s||² K_μ(λ₁) <= 1`` for the Christoffel function ``K_μ(x) = sup p(x)² / ∫ p² dμ =
+    K_ν(x) / b`` of the normalised measure ``ν = μ / b``; on the event ``||s||² >= c``,
+    ``K_ν(λ₁) <= b / c``, and ``K_ν`` increases beyond the largest zero of its orthonormal
+    polynomials, so :func:`christoffel_bound` with floor ``c / b`` applies. Returns ``inf``
+    when no bound can be formed.
+    """
+    jac = block_measure_jacobi(t, b, k)
+    if jac is None or not c > 0:
+        return math.inf
+    diag, off, beta_last = jac
+    return christoffel_bound(np.array(diag), np.array(off), beta_last, c / b,
+                             margin=margin)[0]
+
+
+def block_christoffel_exceeds(t: torch.Tensor, b: int, k: int, c: float, x: float, *,
+                              margin: float = MARGIN) -> bool:
+    """Whether :func:`block_christoffel_bound` is at most ``x`` (one O(k) test after the
+    small eigendecomposition), as :func:`christoffel_exceeds` for single vectors."""
+    jac = block_measure_jacobi(t, b, k)
+    if jac is None or not c > 0:
+        return False
+    diag, off, beta_last = jac
+    return christoffel_exceeds(diag, off, beta_last, c / b, x, margin=margin)

@@ -40,14 +40,20 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import Tensor
 
+from .lanczos import LanczosResult, run_lanczos
 from .ops import winograd
-from .posterior import NONTRIDIAGONAL_TOL, christoffel_bound, christoffel_exceeds, overlap_floor
+from .posterior import block_overlap_floor, overlap_floor
 from .results import Guarantee
+
+__all__ = ["SAFETY", "FAST_REL_ERROR", "SpectralBound", "LanczosResult", "kw_factor",
+           "exact_norm", "lanczos_top", "spectral_upper"]
+
+MapFn = Callable[[Tensor], Tensor]
 
 SAFETY = 1e-9
 """Relative margin added to every floating-point spectral value (covers float64 rounding)."""
@@ -68,7 +74,8 @@ class SpectralBound:
         value: the bound.
         guarantee: CERTIFIED or PROBABILISTIC.
         failure_prob: probability the bound fails (0 if certified).
-        method: ``"svd"``, ``"lanczos"``, ``"frobenius"``, ``"zero"`` or ``"given"``.
+        method: ``"svd"``, ``"lanczos"``, ``"block-lanczos"``, ``"lanczos-full"``,
+            ``"frobenius"``, ``"fft-circulant"``, ``"zero"`` or a given alternative's label.
         estimate: the raw (lower) estimate before inflation, for information.
         vector: the top right singular vector estimate (flat, on the operator's device), used
             to warm-start a later computation; ``None`` if not available.
@@ -151,366 +158,74 @@ def exact_norm(m: Tensor) -> float:
     return math.nextafter(math.sqrt(lam_up) * peak * (1 + SAFETY), math.inf)
 
 
-_DGKS = 0.7071
-"""Daniel-Gragg-Kaufman-Stewart criterion: a second Gram-Schmidt pass is made only when the
-first one removed more than half of ``||w||^2`` (the norm dropped below ``1/sqrt(2)``)."""
+def _compact_maps(mv: MapFn, rmv: MapFn, idx: Tensor, n_full: int, swap: bool
+                  ) -> tuple[MapFn, MapFn]:
+    """Maps on compact vectors (the coordinates ``idx`` of one side) for the Lanczos engine:
+    ``A = M^T M`` on the input coordinates (``swap=False``) or ``M M^T`` on the output ones.
+    The first map returns full-length images, the second gathers back to ``idx``."""
+    everything = idx.numel() == n_full
 
-_CHECK_EVERY = 4
-"""Steps between two early-exit checks of :func:`lanczos_top` (an eigvalsh of a j x j matrix)."""
+    def scatter(v: Tensor) -> Tensor:
+        if everything:
+            return v
+        out = v.new_zeros(v.shape[0], n_full)
+        out[:, idx] = v
+        return out
 
-_STOP_MARGIN = 1e-12
-"""Relative margin of the early-exit test (covers the rounding of the small eigensolvers)."""
+    def gather(x: Tensor) -> Tensor:
+        return x if everything else x.index_select(1, idx)
 
-
-@dataclass(frozen=True)
-class LanczosResult:
-    """Outcome of :func:`lanczos_top`.
-
-    It unpacks (and indexes) like the 4-tuple ``(theta, vector, k, dim)`` returned by earlier
-    versions, so ``theta, vec, k, dim = lanczos_top(...)`` keeps working.
-
-    Attributes:
-        theta: the top Ritz value of ``M^T M`` in the operator's own units (a lower estimate of
-            ``||M||^2`` up to rounding), plus the invariant-subspace slack when one was met.
-        vector: the Ritz vector (flat ``n_in``, unit norm); ``None`` only for an empty run.
-        k: the Krylov dimension the Kuczynski-Wozniakowski bound may use (``min(steps, n)``
-            after a completed run; the number of steps made after an early exit, where the
-            warm vectors are not added).
-        dim: the number of Lanczos basis vectors actually spanned (warm vectors excluded).
-        dominated: the run stopped early because ``θ_j * kw_full >= stop_theta``: the full run
-            could not have reported less than the certified alternative behind ``stop_theta``.
-        sqrt_theta: ``sqrt(theta)``, computed without squaring the internal scale (no under- or
-            overflow for operators of norm below 1e-154 or above 1e154).
-        image: ``M vector / ||M vector||`` (flat ``n_out``), the matching left singular vector
-            estimate; ``None`` when ``M vector = 0``.
-        matvecs: applications of ``mv`` plus ``rmv`` to single vectors.
-        post_sqrt: the a posteriori bound on ``||M||`` (:mod:`lipbound.posterior`; valid
-            unless the start vector's overlap with a top singular vector is below the
-            ``post_c`` floor), computed where the run stopped on it or after its last full step;
-            ``inf`` when not computed.
-        post_stopped: the run stopped because the a posteriori bound reached ``post_stop``.
-    """
-
-    theta: float
-    vector: Tensor | None
-    k: int
-    dim: int
-    dominated: bool = False
-    sqrt_theta: float = 0.0
-    image: Tensor | None = None
-    matvecs: int = 0
-    post_sqrt: float = math.inf
-    post_stopped: bool = False
-
-    def _legacy(self) -> tuple[float, Tensor | None, int, int]:
-        return (self.theta, self.vector, self.k, self.dim)
-
-    def __iter__(self):
-        return iter(self._legacy())
-
-    def __len__(self) -> int:
-        return 4
-
-    def __getitem__(self, i):
-        return self._legacy()[i]
+    first, second = (rmv, mv) if swap else (mv, rmv)
+    return (lambda v: first(scatter(v))), (lambda y: gather(second(y)))
 
 
-def _norm(x: Tensor) -> float:
-    return float(torch.linalg.vector_norm(x))
-
-
-def lanczos_top(mv: Callable[[Tensor], Tensor], rmv: Callable[[Tensor], Tensor], cols: Tensor,
-                n_in: int, steps: int, generator: torch.Generator, device,
-                warm: list[Tensor] | None = None, *, stop_theta: float | None = None,
-                kw_full: float | None = None, post_c: float | None = None,
-                post_stop: float | None = None) -> LanczosResult:
-    """Lanczos with full re-orthogonalisation on ``A = M^T M`` restricted to coordinates ``cols``.
+def lanczos_top(mv: MapFn, rmv: MapFn, cols: Tensor, n_in: int, steps: int,
+                generator: torch.Generator, device, warm: list[Tensor] | None = None, *,
+                stop_theta: float | None = None, kw_full: float | None = None,
+                post_c: float | None = None, post_stop: float | None = None,
+                block: int = 1) -> LanczosResult:
+    """Lanczos with full re-orthogonalisation on ``A = M^T M`` restricted to coordinates
+    ``cols`` (:func:`lipbound.lanczos.run_lanczos` on the compact coordinates).
 
     ``M`` is given by batched flat maps ``mv: (B, n_in) -> (B, n_out)`` and its transpose
     ``rmv``; it must vanish outside the input coordinates ``cols``. The start vector is uniform
     on the unit sphere of ``span(e_i, i in cols)`` (the assumption of Kuczyński & Woźniakowski,
-    SIAM J. Matrix Anal. Appl. 13(4), 1992). The operator is rescaled by its first image so that
-    no norm under- or overflows.
+    SIAM J. Matrix Anal. Appl. 13(4), 1992); with ``block = b > 1`` the start is ``b``
+    orthonormalised Gaussian vectors there (block Lanczos). The returned ``vector`` is in the
+    full ``n_in`` coordinates (zero outside ``cols``), ``image`` is ``M vector / ||M vector||``.
 
-    Memory: only the basis (rows of a preallocated ``(min(steps, n) + len(warm), n_in)``
-    float64 tensor) and a few work vectors are kept; the images ``M q_j`` are not. The projected
-    matrix ``H = Q^T A Q`` is read off the Gram-Schmidt coefficients: for ``w = A q_j`` the
-    projections ``Q_{<=j} w`` are column ``j`` of ``H`` and the norm of the remainder is
-    ``H[j+1, j]``. A second projection pass is made only when the first removed more than half
-    of ``||w||^2`` (Daniel, Gragg, Kaufman & Stewart, Math. Comp. 30, 1976). After the last
-    step only ``||M q_{k-1}||^2`` (one ``mv``, no ``rmv``) is needed: the other entries of the
-    last column are known by symmetry of the (tridiagonal in exact arithmetic) ``H``.
-    Rayleigh-Ritz uses ``eigh`` of the symmetrised ``(H + H^T) / 2``; the Ritz vector ``z`` is
-    then applied once more and ``θ = max(λ_max(H), ||M z||^2 / ||z||^2)``: both are lower
-    estimates of ``||M||^2`` up to rounding, and a larger θ only makes the reported bound larger.
-
-    Invariant Krylov space (residual ``<= 1e-9`` of the largest ``||A q_j||``): in exact
-    arithmetic every later Ritz value from the start vector equals the current one, so the KW
-    bound for ``min(steps, n)`` steps applies; the residual bounds the perturbation and is added
-    to θ (``slack``). The run goes on with a fresh random direction orthogonal to the basis (a
-    larger subspace only raises the Ritz value); once the basis spans every active coordinate,
-    Rayleigh-Ritz is exact (``dim == n``).
-
-    Warm vectors (e.g. the Ritz vector at a neighbouring radius) are masked to ``cols``,
-    orthogonalised against the basis and appended as extra basis rows, with their columns of
-    ``H`` computed explicitly: they only enlarge the subspace, so they never lower θ.
-
-    Early exit: with ``stop_theta`` (in the operator's own units, ``θ ~ ||M||^2``) and
-    ``kw_full`` (the factor the completed run would multiply θ with), every few steps the top
-    eigenvalue ``θ_j`` of the leading ``j x j`` block of the symmetrised ``H`` is computed and
-    the run stops (``dominated=True``) once ``θ_j * kw_full >= stop_theta``. Ritz values of
-    nested subspaces never decrease (Cauchy interlacing: the ``j x j`` block is a principal
-    submatrix of the final one, and the final θ is at least its top eigenvalue), so the full
-    run would report ``sqrt(θ_k f) >= sqrt(θ_j f) >= sqrt(stop_theta)``: when ``stop_theta``
-    comes from a certified bound, reporting that bound is never looser than finishing the run,
-    and it is certified. ``kw_full = inf`` means the full run cannot give a finite bound.
-
-    A posteriori bound (``post_c``, the overlap floor of :func:`lipbound.posterior.overlap_floor`):
-    the Christoffel bound ``U_j`` of the tridiagonal part of ``H`` and the residual after step
-    ``j`` (:func:`lipbound.posterior.christoffel_bound`), used while the run is a pure Krylov
-    run (before any invariant-subspace restart) and ``H`` is tridiagonal up to rounding. The
-    bound holds for every ``j`` on the same event, so with ``post_stop`` every check makes a
-    one-pass test (:func:`lipbound.posterior.christoffel_exceeds`) of ``U_j <= θ_j *
-    post_stop`` and the run stops there (``post_stopped=True``); the bound is computed at that
-    step, or after the last full step of a completed run.
-
-    Args:
-        mv, rmv: the operator and its transpose (batched, flat).
-        cols: long tensor of the active input coordinates (``n = cols.numel() >= 1``).
-        n_in: input dimension of ``mv``.
-        steps: Lanczos steps (the basis has ``min(steps, n)`` vectors).
-        generator: source of the random start (and of restart directions).
-        device: where the basis lives.
-        warm: extra vectors (flat ``n_in``) added to the subspace.
-        stop_theta: early-exit threshold, see above; ``None`` disables the early exit.
-        kw_full: factor of the full run, required with ``stop_theta``.
-        post_c: overlap floor of the a posteriori bound; ``None`` disables it.
-        post_stop: stop once the a posteriori bound is within this factor of ``θ_j``.
-
-    Returns:
-        A :class:`LanczosResult` (unpacks as ``(theta, vector, k, dim)``).
+    Single-vector semantics: after the last step only ``||M q_{k-1}||^2`` (one ``mv``, no
+    ``rmv``) is needed; the reported Ritz value is ``max(λ_max(H), ||M z||^2)`` for the Ritz
+    vector ``z``. Early exit: with ``stop_theta`` (in the operator's own units, ``θ ~
+    ||M||^2``) and ``kw_full`` (the factor the completed run would multiply θ with), every few
+    steps the top eigenvalue ``θ_j`` of the leading block of ``H`` is computed and the run stops
+    (``dominated=True``) once ``θ_j * kw_full >= stop_theta``: Ritz values of nested subspaces
+    never decrease (Cauchy interlacing), so the full run would report at least that, and when
+    ``stop_theta`` comes from a certified bound, reporting it is never looser and certified.
+    ``kw_full = inf`` means the full run cannot give a finite bound. With ``post_c`` the
+    a posteriori Christoffel bound of :mod:`lipbound.posterior` is computed (and with
+    ``post_stop`` the run stops once it is within that factor of ``θ_j``). Invariant Krylov
+    spaces restart with fresh random directions; warm vectors (masked to ``cols``) only
+    enlarge the subspace. See :mod:`lipbound.lanczos` for the details.
     """
     n = cols.numel()
     if n < 1 or steps < 1:
         raise ValueError(f"lanczos_top needs active coordinates and steps, got n={n}, "
                          f"steps={steps}")
-    if stop_theta is not None and kw_full is None:
-        raise ValueError("lanczos_top: stop_theta needs kw_full (the full run's KW factor)")
-    f64 = torch.float64
-    k_max = min(steps, n)
-    warm_list = list(warm) if warm else []
-    size = k_max + len(warm_list)
-    # basis as rows; a row is written before it is read, so only row 0 needs zeros
-    q = torch.empty(size, n_in, dtype=f64, device=device)
-    q[0].zero_()
-    # H = Q^T A Q is held as  sym(h) + tridiag(alphas, betas):  h[:j+1, j] are the
-    # coefficients of the full Gram-Schmidt passes (and the explicit warm columns),
-    # alphas / betas those of the local three-term step and the subdiagonal (Python floats,
-    # no per-step tensor writes).
-    h = torch.zeros(size, size, dtype=f64, device=device)
-    alphas: list[float] = []
-    betas: list[float] = []
-    g = torch.randn(n, generator=generator, dtype=f64).to(device)
-    g = g / g.abs().max().clamp_min(1e-300)
-    q[0, cols] = g / g.norm()
-    del g
-    u = mv(q[0:1])  # (1, n_out): the first image, also the first step's
-    nmv = 1
-    c0 = float(u.abs().max())
-    sc = 1.0 / c0 if c0 > 0.0 and math.isfinite(c0) else 1.0
-    # A_s = sc^2 A. When sc^2 is far from under/overflow, one scaling of rmv's output suffices.
-    fused = 1e-100 < sc < 1e100
-    ssq = sc * sc
-
-    def apply_a(img: Tensor) -> Tensor:
-        """sc^2 M^T img as a fresh tensor (img an unscaled image)."""
-        if fused:
-            return rmv(img) * ssq
-        return rmv(img * sc) * sc
-
-    def h_sym(m: int) -> Tensor:
-        """The symmetrised leading m x m block of H."""
-        c = h[:m, :m]
-        hs = (c + c.T) * 0.5
-        hs.diagonal().add_(torch.tensor(alphas[:m], dtype=f64, device=device))
-        if m > 1:
-            b = torch.tensor(betas[:m - 1], dtype=f64, device=device)
-            hs.diagonal(1).add_(b)
-            hs.diagonal(-1).add_(b)
-        return hs
-
-    post_ok = post_c is not None and post_c > 0
-    post_best = math.inf  # the a posteriori bound on the scaled A (where the run stops/ends)
-    post_stopped = False
-
-    def post_tridiagonal(m: int, beta_m: float) -> list[float] | None:
-        """Diagonal of T_m, or None when H is not tridiagonal to NONTRIDIAGONAL_TOL."""
-        hm = h[:m, :m]
-        diag = (torch.tensor(alphas[:m], dtype=f64) + hm.diagonal().cpu()).tolist()
-        off = torch.linalg.matrix_norm(torch.triu(hm, 1)).item()
-        sz = max(max(abs(a) for a in diag), max(betas[:m - 1], default=0.0), beta_m)
-        return diag if off <= NONTRIDIAGONAL_TOL * sz else None
-
-    def post_bound(m: int, beta_m: float) -> float:
-        """Christoffel bound (scaled units) from the first m steps and residual beta_m."""
-        diag = post_tridiagonal(m, beta_m)
-        if diag is None:
-            return math.inf
-        return christoffel_bound(diag, betas[:m - 1], beta_m, post_c)[0]
-
-    stop_norm = None
-    if stop_theta is not None:
-        stop_norm = math.sqrt(max(stop_theta, 0.0)) * (1 + _STOP_MARGIN)
-    scale = 0.0
-    slack = 0.0
-    invariant_seen = False
-    dominated = False
-    next_check = _CHECK_EVERY
-    beta_prev = 0.0
-    k = 0
-    j = 0
-    while True:
-        if j > 0:
-            u = mv(q[j:j + 1])
-            nmv += 1
-        if j == k_max - 1:
-            # last step: only the diagonal entry is new (one mv, no rmv)
-            a = _norm(u * sc)  # scaled first: no over/underflow of the squares
-            alphas.append(a * a)
-            k = j + 1
-            break
-        w = apply_a(u)[0]
-        u = None  # keep only the basis and one work vector alive
-        nmv += 1
-        nrm0 = _norm(w)
-        scale = max(scale, nrm0)
-        # local three-term step, then a full classical Gram-Schmidt pass (and a second one
-        # only on cancellation, DGKS); every coefficient removed is accumulated into H[:, j]
-        if j > 0:
-            w.add_(q[j - 1], alpha=-beta_prev)
-        alpha = float(torch.dot(q[j], w))
-        w.add_(q[j], alpha=-alpha)
-        nrm1 = _norm(w)
-        qj = q[:j + 1]
-        coef = torch.mv(qj, w)
-        w.addmv_(qj.T, coef, alpha=-1.0)
-        beta = _norm(w)
-        if beta < _DGKS * nrm1:
-            c2 = torch.mv(qj, w)
-            w.addmv_(qj.T, c2, alpha=-1.0)
-            coef += c2
-            beta = _norm(w)
-        h[:j + 1, j] = coef
-        alphas.append(alpha)  # (beta_prev is already in betas)
-        k = j + 1
-        post_checks = post_ok and post_stop is not None
-        if k >= next_check and (stop_norm is not None or post_checks):
-            next_check = k + _CHECK_EVERY
-            lam = None
-            if stop_norm is not None:
-                if kw_full == math.inf:
-                    dominated = True
-                    break
-                lam = float(torch.linalg.eigvalsh(h_sym(k))[-1])
-                bound = math.sqrt(max(lam, 0.0) * kw_full) / sc
-                if bound >= stop_norm:
-                    dominated = True
-                    break
-                # far from the threshold after the first steps: check less often (a skipped
-                # check only costs speed, never soundness or the reported value)
-                far = k >= 2 * _CHECK_EVERY and bound < 0.8 * stop_norm
-                if far and not post_checks:
-                    next_check = k + 4 * _CHECK_EVERY
-            if post_checks and beta > 1e-9 * scale and scale > 0.0:
-                # cheap test first (one O(k) pass); the bound itself only when it passes
-                if lam is None:
-                    lam = float(torch.linalg.eigvalsh(h_sym(k))[-1])
-                diag = post_tridiagonal(k, beta)
-                x_stop = max(lam, 0.0) * post_stop
-                if diag is not None and christoffel_exceeds(diag, betas[:k - 1], beta, post_c,
-                                                            x_stop):
-                    # x_stop is a bound itself (K(x_stop) >= the threshold); the bracketed
-                    # root is at most a bracket width above the crossing
-                    u_j = christoffel_bound(diag, betas[:k - 1], beta, post_c)[0]
-                    post_best = min(u_j, x_stop)
-                    post_stopped = True
-                    break
-        if beta <= 1e-9 * scale or scale == 0.0:
-            invariant_seen = True
-            post_ok = False  # the Krylov recurrence ends here (earlier bounds stay valid)
-            slack += beta
-            found = 0.0
-            v = w
-            for _ in range(4):  # a random vector inside the span has probability 0
-                gn = torch.randn(n, generator=generator, dtype=f64).to(device)
-                v = torch.zeros(n_in, dtype=f64, device=device)
-                v[cols] = gn / gn.norm()
-                for _ in range(2):
-                    v.addmv_(qj.T, torch.mv(qj, v), alpha=-1.0)
-                nb = _norm(v)
-                if nb > 1e-8:
-                    found = nb
-                    break
-            if not found:
-                break  # the basis (numerically) spans the active coordinates
-            torch.div(v, found, out=q[j + 1])
-            beta_prev = float(torch.dot(q[j + 1], w))  # q_{j+1}^T A q_j, |.| <= beta
-        else:
-            torch.div(w, beta, out=q[j + 1])
-            beta_prev = beta
-        betas.append(beta_prev)
-        w = v = None  # peak memory: the basis plus u, rmv(u) and w of the next step
-        j += 1
-
-    if post_ok and not dominated and not post_stopped and k >= 3:
-        # the last full step's residual is betas[k - 2]: the bound of the first k - 1 steps
-        post_best = post_bound(k - 1, betas[k - 2])
-    base = k
-    e = 0
-    for wv in warm_list if not dominated else []:
-        v = torch.zeros(n_in, dtype=f64, device=device)
-        v[cols] = wv.to(device=device, dtype=f64).reshape(-1)[cols]
-        nv0 = _norm(v)
-        if not (nv0 > 0.0 and math.isfinite(nv0)):
-            continue
-        v /= nv0
-        qa = q[:base + e]
-        for _ in range(2):
-            v.addmv_(qa.T, torch.mv(qa, v), alpha=-1.0)
-        nv = _norm(v)
-        if nv <= 1e-8:
-            continue  # (numerically) inside the subspace already
-        torch.div(v, nv, out=q[base + e])
-        e += 1
-    if e:
-        wm = apply_a(mv(q[base:base + e]))  # (e, n_in)
-        nmv += 2 * e
-        cross = q[:base + e] @ wm.T  # (base + e, e): the new columns of H
-        h[:base + e, base:base + e] = cross
-        h[base:base + e, :base] = cross[:base].T
-        alphas.extend([0.0] * e)
-        betas.extend([0.0] * e)
-    u = w = v = None
-    kk = base + e
-    evals, evecs = torch.linalg.eigh(h_sym(kk))
-    lam = float(evals[-1])
-    vec = torch.mv(q[:kk].T, evecs[:, -1])  # the Ritz vector z = Q^T y
-    zn = _norm(vec)
-    if zn > 0.0:
-        vec.div_(zn)
-    mz = mv(vec.unsqueeze(0))[0] * sc  # scaled before any norm (no over/underflow)
-    nmv += 1
-    mzn = _norm(mz)
-    rq = mzn * mzn if zn > 0.0 else 0.0  # its Rayleigh quotient ||M z||^2 / ||z||^2 (scaled)
-    theta_s = max(lam, rq, 0.0)
-    if invariant_seen:
-        theta_s += slack
-    image = mz / mzn if mzn > 0.0 and math.isfinite(mzn) else None
-    k_kw = base if dominated or post_stopped or not invariant_seen else k_max
-    post_sqrt = math.sqrt(post_best) / sc if math.isfinite(post_best) else math.inf
-    return LanczosResult(theta_s / sc / sc, vec, k_kw, base, dominated=dominated,
-                         sqrt_theta=math.sqrt(theta_s) / sc, image=image, matvecs=nmv,
-                         post_sqrt=post_sqrt, post_stopped=post_stopped)
+    cols = cols.to(device)
+    mv_c, rmv_c = _compact_maps(mv, rmv, cols, n_in, swap=False)
+    warm_c = None
+    if warm:
+        warm_c = [w_.to(device=device, dtype=torch.float64).reshape(-1)[cols] for w_ in warm]
+    res = run_lanczos(mv_c, rmv_c, n, steps, generator, device, block=block, warm=warm_c,
+                      stop_theta=stop_theta, kw_full=kw_full, post_c=post_c,
+                      post_stop=post_stop)
+    vec = res.vector
+    if vec is not None and n != n_in:
+        full = torch.zeros(n_in, dtype=vec.dtype, device=vec.device)
+        full[cols] = vec
+        vec = full
+    return replace(res, vector=vec)
 
 
 def spectral_upper(mv: Callable[[Tensor], Tensor], rmv: Callable[[Tensor], Tensor], *,
@@ -520,7 +235,9 @@ def spectral_upper(mv: Callable[[Tensor], Tensor], rmv: Callable[[Tensor], Tenso
                    generator: torch.Generator | None = None, exact_budget: float = 1e9,
                    certified_alternatives: tuple[tuple[float, str], ...] = (),
                    warm: list[Tensor] | None = None,
-                   fast_error: float | None = None) -> SpectralBound:
+                   fast_error: float | None = None, block: int = 1,
+                   compact_maps: Callable[[bool], tuple[MapFn, MapFn]] | None = None
+                   ) -> SpectralBound:
     """Upper bound on ||M||_2 for the operator M given by ``mv`` (and transpose ``rmv``), which
     is zero outside input coordinates ``cols`` and output coordinates ``rows``.
 
@@ -542,6 +259,14 @@ def spectral_upper(mv: Callable[[Tensor], Tensor], rmv: Callable[[Tensor], Tenso
             estimate (products as accurate, relative to this operator, as float64 ones);
             otherwise it is repeated with the same start vector and ``conv2d`` products. A
             kept run's value is multiplied by ``1 + 4 fast_error / estimate``.
+        block: block size of the Lanczos run (1: single vector; ``b > 1``: block Lanczos,
+            cheaper where ``b`` products cost little more than one, e.g. memory-bound dense
+            layers; its a posteriori bound takes the whole failure probability). A block run
+            that yields no a posteriori bound is repeated with a single vector.
+        compact_maps: ``compact_maps(swap)`` returns the Lanczos engine's maps on compact
+            coordinates (``swap=False``: ``cols``, first map ``M``, second ``M^T`` gathered to
+            ``cols``; ``swap=True``: ``rows``, first ``M^T``, second ``M`` gathered to
+            ``rows``); by default they are built from ``mv`` / ``rmv`` by scatter and gather.
 
     Returns:
         A :class:`SpectralBound`. Its ``vector`` is a right singular vector estimate (flat
@@ -573,63 +298,96 @@ def spectral_upper(mv: Callable[[Tensor], Tensor], rmv: Callable[[Tensor], Tenso
         return best
     gen = generator if generator is not None else torch.Generator().manual_seed(0)
     # Lanczos on the smaller side: ||M|| = ||M^T||, and the basis, the re-orthogonalisation
-    # and the KW dimension are those of the side actually used.
+    # and the KW dimension are those of the side actually used (compact coordinates).
     swap = ma < na
-    if swap:
-        l_mv, l_rmv, l_cols, l_n, n_used = rmv, mv, rows, n_out, ma
-        l_warm = None
-        if warm:  # M v is the matching left vector: a warm start for M M^T
-            l_warm = [mv(w_.to(device=device, dtype=torch.float64).reshape(1, -1))[0]
-                      for w_ in warm]
+    idx, n_full, n_used = (rows, n_out, ma) if swap else (cols, n_in, na)
+    idx = idx.to(device)
+    if compact_maps is not None:
+        l_mv, l_rmv = compact_maps(swap)
     else:
-        l_mv, l_rmv, l_cols, l_n, n_used, l_warm = mv, rmv, cols, n_in, na, warm
-    # The failure probability is split between the two probabilistic bounds reported as their
-    # minimum: Kuczynski-Wozniakowski (a priori) and the Christoffel bound (a posteriori).
-    delta_post = failure_prob / 2
-    post_c = overlap_floor(n_used, delta_post)
-    delta_kw = failure_prob / 2 if post_c is not None else failure_prob  # n < 3: KW only
+        l_mv, l_rmv = _compact_maps(mv, rmv, idx, n_full, swap)
+    l_warm = None
+    if warm:
+        l_warm = []
+        for w_ in warm:
+            w_ = w_.to(device=device, dtype=torch.float64).reshape(1, -1)
+            if swap:  # M v is the matching left vector: a warm start for M M^T
+                w_ = mv(w_)
+            l_warm.append(w_[0][idx])
+    b = max(1, int(block))
+    if b > 1 and not (steps >= 2 and n_used >= 3 * b):
+        b = 1
     k_full = min(steps, n_used)
-    stop_theta = kw_full = None
-    if alts:
-        if k_full >= n_used:  # the full run may end "lanczos-full" (no KW inflation)
-            kw_full = 1.0
+    f_old = kw_factor(n_used, k_full, failure_prob) if k_full < n_used else None
+
+    def attempt(bs: int) -> tuple[LanczosResult, float, float | None]:
+        """One run with block size bs: (result, fast-product inflation, KW failure prob)."""
+        if bs > 1:
+            # block runs report their a posteriori bound alone, with the whole δ
+            post_c = block_overlap_floor(n_used, bs, failure_prob)
+            delta_kw = None
         else:
-            f_full = kw_factor(n_used, k_full, delta_kw)
-            kw_full = math.inf if f_full is None else f_full
-        a = alts[0][0] / (1 + SAFETY)
-        stop_theta = a * a  # inf (never reached) rather than OverflowError for huge norms
-    post_stop = None
-    if k_full < n_used:
+            # δ is split between the two probabilistic bounds reported as their minimum:
+            # Kuczynski-Wozniakowski (a priori) and the Christoffel bound (a posteriori)
+            post_c = overlap_floor(n_used, failure_prob / 2)
+            delta_kw = failure_prob / 2 if post_c is not None else failure_prob  # n < 3
+        stop_theta = kw_full = None
+        if alts:
+            if bs > 1:
+                kw_full = 1.0  # a block run's bound is never below its Ritz value
+            elif k_full >= n_used:  # the full run may end "lanczos-full" (no inflation)
+                kw_full = 1.0
+            else:
+                f_full = kw_factor(n_used, k_full, delta_kw)
+                kw_full = math.inf if f_full is None else f_full
+            a = alts[0][0] / (1 + SAFETY)
+            stop_theta = a * a  # inf (never reached) rather than OverflowError
         # stop once the a posteriori bound is no larger than the a priori bound of a full
-        # k_full-step run at the whole failure probability (what lipbound reported before
-        # the a posteriori bound existed): θ_j f <= θ_full f, so a stopped run is never
-        # looser than that
-        f_old = kw_factor(n_used, k_full, failure_prob)
-        post_stop = f_old if f_old is not None else 1.02
+        # k_full-step single-vector run at the whole failure probability (what lipbound
+        # reported before the a posteriori bound existed): a stopped run is never looser
+        post_stop = None
+        if k_full < n_used:
+            post_stop = f_old if f_old is not None else 1.02
 
-    def run() -> LanczosResult:
-        return lanczos_top(l_mv, l_rmv, l_cols, l_n, steps, gen, device, l_warm,
-                           stop_theta=stop_theta, kw_full=kw_full, post_c=post_c,
-                           post_stop=post_stop)
+        def run() -> LanczosResult:
+            return run_lanczos(l_mv, l_rmv, n_used, steps, gen, device, block=bs,
+                               warm=l_warm if bs == 1 else None, stop_theta=stop_theta,
+                               kw_full=kw_full, post_c=post_c, post_stop=post_stop)
 
-    fast_infl = 1.0
-    if fast_error is not None and alts and fast_error > FAST_REL_ERROR * alts[0][0]:
-        fast_error = None  # the norm is below a certified bound too small for fast products
-    if fast_error is not None and math.isfinite(fast_error):
-        state = gen.get_state()
-        with winograd.enabled():
-            res = run()
-        if fast_error == 0.0:
-            pass  # an all-zero kernel: exact products
-        elif fast_error <= FAST_REL_ERROR * res.sqrt_theta:
-            fast_infl = 1.0 + 4.0 * fast_error / res.sqrt_theta
+        infl = 1.0
+        fe = fast_error
+        if fe is not None and alts and fe > FAST_REL_ERROR * alts[0][0]:
+            fe = None  # the norm is below a certified bound too small for fast products
+        if fe is not None and math.isfinite(fe):
+            state = gen.get_state()
+            with winograd.enabled():
+                res = run()
+            if fe == 0.0:
+                pass  # an all-zero kernel: exact products
+            elif fe <= FAST_REL_ERROR * res.sqrt_theta:
+                infl = 1.0 + 4.0 * fe / res.sqrt_theta
+            else:
+                gen.set_state(state)  # same start vector, float64 conv2d products
+                res = run()
         else:
-            gen.set_state(state)  # same start vector, float64 conv2d products
             res = run()
-    else:
-        res = run()
+        return res, infl, delta_kw
+
+    state0 = gen.get_state()
+    res, fast_infl, delta_kw = attempt(b)
+    if b > 1 and not res.dominated and res.dim < n_used and not math.isfinite(res.post_sqrt):
+        # no a posteriori bound from the block run (it has no a priori one): single vector
+        gen.set_state(state0)
+        res, fast_infl, delta_kw = attempt(1)
     # the returned vector is always a right singular vector estimate of M (input side)
-    vec = res.image if swap else res.vector
+    if swap:
+        vec = res.image
+    else:
+        vec = res.vector
+        if vec is not None and na != n_in:
+            full = torch.zeros(n_in, dtype=vec.dtype, device=vec.device)
+            full[idx] = vec
+            vec = full
     est = res.sqrt_theta
     if not math.isfinite(est):
         # over/underflow beyond what the rescaling covers: only the trivial bound is safe
@@ -642,15 +400,18 @@ def spectral_upper(mv: Callable[[Tensor], Tensor], rmv: Callable[[Tensor], Tenso
         val = est * (1 + SAFETY) * fast_infl
         cand = SpectralBound(val, Guarantee.CERTIFIED, 0.0, "lanczos-full", est, vec)
     else:
-        f = kw_factor(n_used, res.k, delta_kw)
-        kw_val = est * math.sqrt(f) if f is not None else math.inf
+        kw_val = math.inf
+        if delta_kw is not None:
+            f = kw_factor(n_used, res.k, delta_kw)
+            kw_val = est * math.sqrt(f) if f is not None else math.inf
         # the a posteriori bound is >= the Ritz values of its own Krylov prefix; the reported
         # estimate may be a little larger (final Rayleigh quotient, warm vectors)
         post_val = max(res.post_sqrt, est)
         val = min(kw_val, post_val)
         if math.isfinite(val):
             val *= (1 + SAFETY) * fast_infl
-        cand = SpectralBound(val, Guarantee.PROBABILISTIC, failure_prob, "lanczos", est, vec)
+        method = "lanczos" if res.block == 1 else "block-lanczos"
+        cand = SpectralBound(val, Guarantee.PROBABILISTIC, failure_prob, method, est, vec)
     if alts and alts[0][0] <= cand.value:
         return SpectralBound(alts[0][0], Guarantee.CERTIFIED, 0.0, alts[0][1], est, vec)
     return cand

@@ -6,6 +6,7 @@ import torch
 from torch import Tensor, nn
 
 from .base import MixingOp
+from .dense import DenseProducts
 
 
 class LinearOp(MixingOp):
@@ -18,15 +19,16 @@ class LinearOp(MixingOp):
         self.bias = (torch.zeros(out_dim, dtype=torch.float64, device=weight.device)
                      if bias is None else bias.detach().to(torch.float64, copy=True))
         self._weight_sq: Tensor | None = None
+        self._products = DenseProducts(self.weight)
 
     def forward(self, x: Tensor) -> Tensor:
         return x @ self.weight.T + self.bias
 
     def lin(self, x: Tensor) -> Tensor:
-        return x @ self.weight.T
+        return self._products.mv(x)
 
     def lin_t(self, y: Tensor) -> Tensor:
-        return y @ self.weight
+        return self._products.rmv(y)
 
     def sq_rows(self, w: Tensor) -> Tensor:
         if self.weight.numel() <= 4_000_000:
@@ -46,6 +48,7 @@ class LinearOp(MixingOp):
     def to(self, device: torch.device) -> LinearOp:
         super().to(device)
         self._weight_sq = None
+        self._products = DenseProducts(self.weight)
         return self
 
 
