@@ -1,6 +1,8 @@
-"""Winograd F(4x4, 3x3) products (lipbound.ops.winograd) against PyTorch's conv2d and
-conv_transpose2d, their adjointness, when they are used, and bounds computed through them
-against exact norms and against the direct products."""
+"""Winograd F(4x4, 3x3) and F(2x2, 5x5) products (lipbound.ops.winograd) against PyTorch's
+conv2d and conv_transpose2d, their adjointness, the Toom-Cook matrices against the published
+ones and a direct correlation, when they are used, their rigorous error bound against
+observed errors, and bounds computed through them against exact norms and against the
+direct products."""
 
 from __future__ import annotations
 
@@ -15,7 +17,7 @@ from core_helpers import n_examples, spectral_norm
 from lipbound import Analyzer
 from lipbound.ops import winograd
 from lipbound.ops.conv import ConvOp, conv2d_rule
-from lipbound.ops.winograd import Winograd3x3, eligible
+from lipbound.ops.winograd import Winograd3x3, WinogradConv, eligible, toom_cook
 from lipbound.results import Guarantee
 from lipbound.spectral import spectral_upper
 
@@ -30,14 +32,16 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 @settings(max_examples=n_examples(60), deadline=None)
 @given(b=st.integers(1, 3), c=st.integers(1, 12), k=st.integers(1, 12), h=st.integers(1, 23),
-       w=st.integers(1, 23), p=st.integers(0, 2), seed=st.integers(0, 10 ** 6))
-def test_matches_conv2d_and_its_transpose(b, c, k, h, w, p, seed):
-    if h + 2 * p < 3 or w + 2 * p < 3:
+       w=st.integers(1, 23), r=st.sampled_from([3, 5]), p=st.integers(0, 4),
+       seed=st.integers(0, 10 ** 6))
+def test_matches_conv2d_and_its_transpose(b, c, k, h, w, r, p, seed):
+    p = min(p, r - 1)
+    if h + 2 * p < r or w + 2 * p < r:
         return  # no output pixel
     g = torch.Generator().manual_seed(seed)
-    weight = torch.randn(k, c, 3, 3, generator=g, dtype=DT)
+    weight = torch.randn(k, c, r, r, generator=g, dtype=DT)
     x = torch.randn(b, c, h, w, generator=g, dtype=DT)
-    wg = Winograd3x3(weight, (p, p))
+    wg = WinogradConv(weight, (p, p))
     ref = F.conv2d(x, weight, padding=p)
     y = wg.conv(x)
     assert y.shape == ref.shape and _rel(y, ref) <= 1e-12
@@ -50,16 +54,45 @@ def test_matches_conv2d_and_its_transpose(b, c, k, h, w, p, seed):
     assert abs(lhs - rhs) <= 1e-11 * float(y.norm() * yt.norm())
 
 
+def test_toom_cook_matrices():
+    """F(4, 3) on 0, ±1, ±2, ∞ gives Lavin & Gray's matrices; every F(m, r) computes the 1-D
+    correlation of a tile exactly (up to rounding)."""
+    bt, g, at = toom_cook(4, 3)
+    lavin_bt = torch.tensor([[4, 0, -5, 0, 1, 0], [0, -4, -4, 1, 1, 0], [0, 4, -4, -1, 1, 0],
+                             [0, -2, -1, 2, 1, 0], [0, 2, -1, -2, 1, 0], [0, 4, 0, -5, 0, 1]],
+                            dtype=DT)
+    lavin_g = torch.tensor([[1 / 4, 0, 0], [-1 / 6, -1 / 6, -1 / 6], [-1 / 6, 1 / 6, -1 / 6],
+                            [1 / 24, 1 / 12, 1 / 6], [1 / 24, -1 / 12, 1 / 6], [0, 0, 1]],
+                           dtype=DT)
+    lavin_at = torch.tensor([[1, 1, 1, 1, 1, 0], [0, 1, -1, 2, -2, 0], [0, 1, 1, 4, 4, 0],
+                             [0, 1, -1, 8, -8, 1]], dtype=DT)
+    assert torch.equal(bt, lavin_bt) and torch.equal(at, lavin_at)
+    assert torch.allclose(g, lavin_g, rtol=0, atol=1e-16)
+    gen = torch.Generator().manual_seed(0)
+    for m, r in ((4, 3), (2, 5), (2, 3), (3, 3), (3, 4)):
+        bt, g, at = toom_cook(m, r)
+        for _ in range(5):
+            d = torch.randn(m + r - 1, generator=gen, dtype=DT)
+            f = torch.randn(r, generator=gen, dtype=DT)
+            y = at @ ((g @ f) * (bt @ d))
+            ref = torch.stack([(f * d[i:i + r]).sum() for i in range(m)])
+            assert torch.allclose(y, ref, rtol=1e-13, atol=1e-13)
+    with pytest.raises(ValueError):
+        toom_cook(4, 5)  # needs 7 finite points
+    with pytest.raises(ValueError):
+        WinogradConv(torch.zeros(2, 2, 7, 7, dtype=DT), (1, 1))
+
+
 @pytest.mark.parametrize("max_tiles", [1, 3, 7, 10 ** 6])
 @pytest.mark.parametrize("b", [1, 2])
 def test_bands_of_tile_rows(monkeypatch, max_tiles, b):
     """Big images are transformed in bands of tile rows: same result for any band size."""
     monkeypatch.setattr(winograd, "MAX_TILES", max_tiles)
     g = torch.Generator().manual_seed(max_tiles + b)
-    weight = torch.randn(6, 5, 3, 3, generator=g, dtype=DT)
-    x = torch.randn(b, 5, 19, 22, generator=g, dtype=DT)
-    for p in (0, 1, 2):
-        wg = Winograd3x3(weight, (p, p))
+    for r, p in ((3, 0), (3, 1), (3, 2), (5, 0), (5, 2), (5, 4)):
+        weight = torch.randn(6, 5, r, r, generator=g, dtype=DT)
+        x = torch.randn(b, 5, 19, 22, generator=g, dtype=DT)
+        wg = WinogradConv(weight, (p, p))
         ref = F.conv2d(x, weight, padding=p)
         assert _rel(wg.conv(x), ref) <= 1e-12
         yt = torch.randn(ref.shape, generator=g, dtype=DT)
@@ -82,12 +115,19 @@ def test_eligibility():
     ok = dict(stride=(1, 1), padding=(1, 1), dilation=(1, 1), groups=1, out_hw=(56, 56),
               device="cpu")
     assert eligible(w, **ok)
-    assert not eligible(torch.zeros(128, 128, 5, 5, dtype=DT), **ok)
+    w5 = torch.zeros(128, 128, 5, 5, dtype=DT)
+    assert eligible(w5, **ok)  # F(2x2, 5x5) at 56x56
+    assert eligible(w5, **{**ok, "padding": (4, 3)})
+    assert not eligible(w5, **{**ok, "padding": (5, 1)})
+    assert not eligible(w5, **{**ok, "out_hw": (27, 27)})  # AlexNet's 5x5 layer: conv2d
+    assert not eligible(torch.zeros(128, 128, 7, 7, dtype=DT), **ok)
+    assert not eligible(torch.zeros(128, 128, 3, 5, dtype=DT), **ok)
     assert not eligible(w, **{**ok, "stride": (2, 2)})
     assert not eligible(w, **{**ok, "dilation": (2, 1)})
     assert not eligible(w, **{**ok, "groups": 2})
     assert not eligible(w, **{**ok, "padding": (3, 1)})
     assert not eligible(w, **{**ok, "out_hw": (14, 14)})
+    assert not eligible(torch.zeros(512, 512, 3, 3, dtype=DT), **{**ok, "out_hw": (14, 14)})
     assert not eligible(torch.zeros(128, 3, 3, 3, dtype=DT), **ok)
     assert not eligible(torch.zeros(32, 32, 3, 3, dtype=DT), **ok)  # mixing 16 < 24
     assert eligible(torch.zeros(64, 64, 3, 3, dtype=DT), **ok)  # 32
@@ -128,31 +168,33 @@ def test_convop_uses_it_only_when_enabled_and_eligible(monkeypatch):
     assert big._winograd() is None and big.winograd_error() is None
 
 
+@pytest.mark.parametrize("r", [3, 5])
 @pytest.mark.parametrize("kind", ["gauss", "tiny-tap", "mixed-scales", "positive"])
-def test_error_bound_covers_the_observed_error(kind):
+def test_error_bound_covers_the_observed_error(kind, r):
     """||ŷ - y|| <= Δ ||x|| for the computed products (conv and transpose), Δ the rigorous
     componentwise bound; on kernels built to make Winograd inaccurate too."""
     g = torch.Generator().manual_seed(7)
     k, c, n = 24, 20, 19
-    w = torch.randn(k, c, 3, 3, generator=g, dtype=DT)
+    p = r // 2
+    w = torch.randn(k, c, r, r, generator=g, dtype=DT)
     if kind == "tiny-tap":
-        w[:, :, 1, 1] = 1e-12
+        w[:, :, p, p] = 1e-12
     elif kind == "mixed-scales":
-        w = w * 10.0 ** torch.randint(-8, 8, (k, c, 3, 3), generator=g).to(DT)
+        w = w * 10.0 ** torch.randint(-8, 8, (k, c, r, r), generator=g).to(DT)
     elif kind == "positive":
         w = w.abs()
-    wg = Winograd3x3(w, (1, 1))
+    wg = WinogradConv(w, (p, p))
     delta = wg.error_bound()
     assert delta > 0 and wg.error_bound() == delta  # cached
     for _ in range(3):
         x = torch.randn(2, c, n, n, generator=g, dtype=DT)
         if kind == "mixed-scales":
             x = x * 10.0 ** torch.randint(-6, 6, x.shape, generator=g).to(DT)
-        y = F.conv2d(x, w, padding=1)
+        y = F.conv2d(x, w, padding=p)
         for b in range(2):
             assert float((wg.conv(x)[b] - y[b]).norm()) <= delta * float(x[b].norm())
         yt = torch.randn(y.shape, generator=g, dtype=DT)
-        z = F.conv_transpose2d(yt, w, padding=1)
+        z = F.conv_transpose2d(yt, w, padding=p)
         for b in range(2):
             assert float((wg.conv_t(yt)[b] - z[b]).norm()) <= delta * float(yt[b].norm())
 
@@ -208,7 +250,7 @@ def test_bounds_through_winograd_are_sound_and_match(monkeypatch, seed):
     """A small CNN whose convolutions take the Winograd path (thresholds lowered): its
     layer factors by Lanczos equal those computed with conv2d products up to rounding, and
     its global convolution factors are >= the exact norms of the dense matrices."""
-    monkeypatch.setattr(winograd, "MIN_OUTPUT_PIXELS", 1)
+    monkeypatch.setattr(winograd, "MIN_OUTPUT_PIXELS", {3: 1, 5: 1})
     monkeypatch.setattr(winograd, "MIN_CHANNELS", 1)
     monkeypatch.setattr(winograd, "MIN_MIXING", 0.0)
     torch.manual_seed(seed)

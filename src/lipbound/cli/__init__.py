@@ -11,6 +11,7 @@ import importlib.util
 import logging
 import sys
 
+from .._memory import keep_freed_memory
 from ..errors import LipboundError
 
 COMMANDS = ["models", "bound", "demo", "sweep", "layers", "radius", "compare", "bench"]
@@ -37,6 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
+    keep_freed_memory()  # this process is ours: reuse freed blocks (lipbound._memory)
     try:
         return int(args.func(args) or 0)
     except LipboundError as exc:

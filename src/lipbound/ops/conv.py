@@ -55,9 +55,9 @@ class ConvOp(MixingOp):
             int(n - ((o - 1) * s - 2 * p + d * (k - 1) + 1))
             for n, o, s, p, d, k in zip((h, w), (ho, wo), self.stride, self.padding,
                                          self.dilation, (kh, kw), strict=True))
-        self._wg: tuple[torch.device, winograd.Winograd3x3 | None] | None = None
+        self._wg: tuple[torch.device, winograd.WinogradConv | None] | None = None
 
-    def _winograd(self) -> winograd.Winograd3x3 | None:
+    def _winograd(self) -> winograd.WinogradConv | None:
         """The Winograd products for this layer, or None where conv2d is used."""
         if not self.use_winograd or self.weight.dtype != torch.float64:
             return None
@@ -66,7 +66,7 @@ class ConvOp(MixingOp):
             # (stride 1: the transposed convolution has no output padding)
             ok = winograd.eligible(self.weight, self.stride, self.padding, self.dilation,
                                    self.groups, self.out_shape[-2:], dev)
-            self._wg = (dev, winograd.Winograd3x3(self.weight, self.padding) if ok else None)
+            self._wg = (dev, winograd.WinogradConv(self.weight, self.padding) if ok else None)
         return self._wg[1]
 
     def _conv(self, x: Tensor, weight: Tensor) -> Tensor:
