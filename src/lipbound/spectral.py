@@ -50,8 +50,9 @@ from .ops import winograd
 from .posterior import block_overlap_floor, overlap_floor
 from .results import Guarantee
 
-__all__ = ["SAFETY", "FAST_REL_ERROR", "SpectralBound", "LanczosResult", "kw_factor",
-           "exact_norm", "lanczos_top", "spectral_upper"]
+__all__ = ["SAFETY", "FAST_REL_ERROR", "SpectralBound", "LanczosResult", "RunParameters",
+           "kw_factor", "exact_norm", "lanczos_top", "spectral_upper", "run_parameters",
+           "bound_from_run"]
 
 MapFn = Callable[[Tensor], Tensor]
 
@@ -317,42 +318,16 @@ def spectral_upper(mv: Callable[[Tensor], Tensor], rmv: Callable[[Tensor], Tenso
     b = max(1, int(block))
     if b > 1 and not (steps >= 2 and n_used >= 3 * b):
         b = 1
-    k_full = min(steps, n_used)
-    f_old = kw_factor(n_used, k_full, failure_prob) if k_full < n_used else None
 
     def attempt(bs: int) -> tuple[LanczosResult, float, float | None]:
         """One run with block size bs: (result, fast-product inflation, KW failure prob)."""
-        if bs > 1:
-            # block runs report their a posteriori bound alone, with the whole δ
-            post_c = block_overlap_floor(n_used, bs, failure_prob)
-            delta_kw = None
-        else:
-            # δ is split between the two probabilistic bounds reported as their minimum:
-            # Kuczynski-Wozniakowski (a priori) and the Christoffel bound (a posteriori)
-            post_c = overlap_floor(n_used, failure_prob / 2)
-            delta_kw = failure_prob / 2 if post_c is not None else failure_prob  # n < 3
-        stop_theta = kw_full = None
-        if alts:
-            if bs > 1:
-                kw_full = 1.0  # a block run's bound is never below its Ritz value
-            elif k_full >= n_used:  # the full run may end "lanczos-full" (no inflation)
-                kw_full = 1.0
-            else:
-                f_full = kw_factor(n_used, k_full, delta_kw)
-                kw_full = math.inf if f_full is None else f_full
-            a = alts[0][0] / (1 + SAFETY)
-            stop_theta = a * a  # inf (never reached) rather than OverflowError
-        # stop once the a posteriori bound is no larger than the a priori bound of a full
-        # k_full-step single-vector run at the whole failure probability (what lipbound
-        # reported before the a posteriori bound existed): a stopped run is never looser
-        post_stop = None
-        if k_full < n_used:
-            post_stop = f_old if f_old is not None else 1.02
+        prm = run_parameters(n_used, steps, failure_prob, alts, bs)
 
         def run() -> LanczosResult:
             return run_lanczos(l_mv, l_rmv, n_used, steps, gen, device, block=bs,
-                               warm=l_warm if bs == 1 else None, stop_theta=stop_theta,
-                               kw_full=kw_full, post_c=post_c, post_stop=post_stop)
+                               warm=l_warm if bs == 1 else None,
+                               stop_theta=prm.stop_theta, kw_full=prm.kw_full,
+                               post_c=prm.post_c, post_stop=prm.post_stop)
 
         infl = 1.0
         fe = fast_error
@@ -371,7 +346,7 @@ def spectral_upper(mv: Callable[[Tensor], Tensor], rmv: Callable[[Tensor], Tenso
                 res = run()
         else:
             res = run()
-        return res, infl, delta_kw
+        return res, infl, prm.delta_kw
 
     state0 = gen.get_state()
     res, fast_infl, delta_kw = attempt(b)
@@ -388,6 +363,64 @@ def spectral_upper(mv: Callable[[Tensor], Tensor], rmv: Callable[[Tensor], Tenso
             full = torch.zeros(n_in, dtype=vec.dtype, device=vec.device)
             full[idx] = vec
             vec = full
+    return bound_from_run(res, n_used, failure_prob, delta_kw, alts, fast_infl, vec)
+
+
+@dataclass(frozen=True)
+class RunParameters:
+    """What a Lanczos run of :func:`spectral_upper` is told (see :func:`run_parameters`)."""
+
+    post_c: float | None
+    delta_kw: float | None
+    stop_theta: float | None
+    kw_full: float | None
+    post_stop: float | None
+
+
+def run_parameters(n_used: int, steps: int, failure_prob: float,
+                   alts: list[tuple[float, str]], block: int = 1) -> RunParameters:
+    """The failure-probability split, the early exit against the smallest certified
+    alternative ``alts[0]`` (sorted ascending) and the a posteriori stopping level of a run
+    on ``n_used`` coordinates (shared by :func:`spectral_upper` and the batched runs of
+    :mod:`lipbound.multi`)."""
+    k_full = min(steps, n_used)
+    if block > 1:
+        # block runs report their a posteriori bound alone, with the whole δ
+        post_c = block_overlap_floor(n_used, block, failure_prob)
+        delta_kw = None
+    else:
+        # δ is split between the two probabilistic bounds reported as their minimum:
+        # Kuczynski-Wozniakowski (a priori) and the Christoffel bound (a posteriori)
+        post_c = overlap_floor(n_used, failure_prob / 2)
+        delta_kw = failure_prob / 2 if post_c is not None else failure_prob  # n < 3
+    stop_theta = kw_full = None
+    if alts:
+        if block > 1:
+            kw_full = 1.0  # a block run's bound is never below its Ritz value
+        elif k_full >= n_used:  # the full run may end "lanczos-full" (no inflation)
+            kw_full = 1.0
+        else:
+            f_full = kw_factor(n_used, k_full, delta_kw)
+            kw_full = math.inf if f_full is None else f_full
+        a = alts[0][0] / (1 + SAFETY)
+        stop_theta = a * a  # inf (never reached) rather than OverflowError
+    # stop once the a posteriori bound is no larger than the a priori bound of a full
+    # k_full-step single-vector run at the whole failure probability (what lipbound
+    # reported before the a posteriori bound existed): a stopped run is never looser
+    post_stop = None
+    if k_full < n_used:
+        f_old = kw_factor(n_used, k_full, failure_prob)
+        post_stop = f_old if f_old is not None else 1.02
+    return RunParameters(post_c, delta_kw, stop_theta, kw_full, post_stop)
+
+
+def bound_from_run(res: LanczosResult, n_used: int, failure_prob: float,
+                   delta_kw: float | None, alts: list[tuple[float, str]],
+                   fast_infl: float = 1.0, vec: Tensor | None = None) -> SpectralBound:
+    """The :class:`SpectralBound` a Lanczos run supports: the alternative when the run was
+    dominated, the exact Rayleigh-Ritz value when its basis spans every coordinate, else the
+    smaller of the Kuczynski-Wozniakowski and the a posteriori bound; a smaller certified
+    alternative wins."""
     est = res.sqrt_theta
     if not math.isfinite(est):
         # over/underflow beyond what the rescaling covers: only the trivial bound is safe
