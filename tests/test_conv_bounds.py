@@ -12,6 +12,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from lipbound.ops import conv as conv_mod
 from lipbound.ops.conv import ConvOp, _max_freq_norm, _Plan, circulant_norm_bound
 from lipbound.ops.pooling import avgpool2d_rule
 
@@ -270,3 +271,271 @@ def test_first_bound_scatters_the_submatrix_later_ones_use_the_kept_matrix():
     assert an._dense  # the whole matrix is kept from the second request on
     assert again.value == fresh.value
     assert [lf.local for lf in again.layers] == [lf.local for lf in fresh.layers]
+
+
+# ----------------------------------------------------------------------------- Cholesky level
+def _dense_norm(op: ConvOp) -> float:
+    return float(torch.linalg.matrix_norm(op.dense_matrix(), ord=2))
+
+
+def _certified_and_eig_only(op: ConvOp, **patch) -> tuple[float, float]:
+    """circulant_norm_bound with Cholesky certification forced on every Gram size (module
+    attributes in ``patch`` overridden meanwhile), and with ``eigvalsh`` for every frequency
+    (the previous computation)."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(conv_mod, "_CHOL_MIN_N", 1)
+        for name, value in patch.items():
+            mp.setattr(conv_mod, name, value)
+        new = circulant_norm_bound(op)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(conv_mod, "_CHOL_MIN_N", 10 ** 9)
+        old = circulant_norm_bound(op)
+    assert new is not None and old is not None
+    return new, old
+
+
+@st.composite
+def varied_convs(draw) -> ConvOp:
+    """Small convolutions (strides 1-3, padding, dilation, groups, kernel sizes) with Gaussian
+    kernels, a dominant frequency, tiny taps or output channels on scales 1e-6..1e6."""
+    groups = draw(st.integers(1, 2))
+    c_in_g, c_out_g = draw(st.integers(1, 4)), draw(st.integers(1, 4))
+    kh, kw = draw(st.integers(1, 5)), draw(st.integers(1, 5))
+    stride = (draw(st.integers(1, 3)), draw(st.integers(1, 3)))
+    padding = (draw(st.integers(0, 2)), draw(st.integers(0, 2)))
+    dilation = (draw(st.integers(1, 2)), draw(st.integers(1, 2)))
+    h_min = max(3, dilation[0] * (kh - 1) + 1 - 2 * padding[0])
+    w_min = max(3, dilation[1] * (kw - 1) + 1 - 2 * padding[1])
+    h = draw(st.integers(h_min, max(h_min, 8)))
+    w = draw(st.integers(w_min, max(w_min, 8)))
+    kind = draw(st.sampled_from(["gauss", "dominant", "tiny", "mixed"]))
+    gen = torch.Generator().manual_seed(draw(st.integers(0, 2 ** 16)))
+    c_out = c_out_g * groups
+    weight = torch.randn(c_out, c_in_g, kh, kw, generator=gen, dtype=torch.float64)
+    if kind == "dominant":  # a rank-one channel pattern on one spatial frequency (or DC)
+        f1, f2 = draw(st.integers(0, 2)), draw(st.integers(0, 2))
+        a = torch.arange(kh, dtype=torch.float64)[:, None]
+        b = torch.arange(kw, dtype=torch.float64)[None, :]
+        wave = torch.cos(math.pi * (f1 * a + f2 * b) / 2)
+        u = torch.randn(c_out, 1, 1, 1, generator=gen, dtype=torch.float64)
+        v = torch.randn(1, c_in_g, 1, 1, generator=gen, dtype=torch.float64)
+        weight = 0.05 * weight + 10.0 * u * v * wave
+    elif kind == "tiny":  # some taps many orders of magnitude below the others
+        scale = 10.0 ** -draw(st.sampled_from([8, 100, 300]))
+        mask = torch.rand(weight.shape, generator=gen) < 0.5
+        weight = torch.where(mask, weight * scale, weight)
+    elif kind == "mixed":  # output channels on very different scales
+        expo = torch.empty(c_out, 1, 1, 1, dtype=torch.float64).uniform_(-6, 6, generator=gen)
+        weight = weight * 10.0 ** expo
+    x = torch.zeros(1, c_in_g * groups, h, w, dtype=torch.float64)
+    y = torch.nn.functional.conv2d(x, weight, None, stride, padding, dilation, groups)
+    return ConvOp("conv", (c_in_g * groups, h, w), tuple(y.shape[1:]), weight, None, stride,
+                  padding, dilation, groups)
+
+
+def _worst_first(est: torch.Tensor, grp: torch.Tensor, groups: int) -> torch.Tensor:
+    """Candidate choice reversed: the frequency with the smallest estimate gets eigvalsh first
+    (the level starts low and many factorisations fail)."""
+    return _GROUP_TOPS(-est, grp, groups)
+
+
+_GROUP_TOPS = conv_mod._group_tops
+
+
+@settings(max_examples=80)
+@given(varied_convs())
+def test_cholesky_certified_bound_is_sound_and_as_tight_as_eigvalsh(op):
+    exact = _dense_norm(op)
+    new, old = _certified_and_eig_only(op)
+    assert new >= exact  # no tolerance in the unsafe direction
+    assert new <= old * (1 + 1e-9)
+    # the same with the worst candidate order (levels below the maximum, fallbacks)
+    worst, _ = _certified_and_eig_only(op, _group_tops=_worst_first)
+    assert exact <= worst <= old * (1 + 1e-9)
+
+
+@pytest.mark.parametrize("margin, retries", [(-1e-3, 2), (-0.05, 2), (-1e-3, 0), (-0.2, 1)])
+@pytest.mark.parametrize("args", [
+    (4, 6, 3, 3, 1, 1, 1, 1, 8, 8, 21),    # stride 1, Gram of the input side
+    (3, 2, 5, 5, 2, 2, 1, 1, 9, 9, 22),    # stride 2: 12 polyphase columns
+    (2, 3, 3, 3, 3, 1, 2, 2, 11, 10, 23),  # stride 3, dilation 2, two groups
+])
+def test_levels_below_the_maximum_fall_back_to_eigvalsh(args, margin, retries):
+    """A negative level margin puts the Cholesky level below the largest eigenvalue found, so
+    factorisations fail (checked) and those frequencies take the eigvalsh route; the bound
+    must stay above the exact norm and equal the eigvalsh-only bound (up to rounding)."""
+    op = _make(*args)
+    failures = []
+    real = conv_mod._cholesky_upper
+
+    def spy(gram, level):
+        out = real(gram, level)
+        failures.append(int((~torch.isfinite(out)).sum()))
+        return out
+
+    new, old = _certified_and_eig_only(op, _LEVEL_MARGIN=margin, _LEVEL_RETRIES=retries,
+                                       _cholesky_upper=spy)
+    assert sum(failures) > 0
+    assert _dense_norm(op) <= new <= old * (1 + 1e-9)
+    # and with the smallest candidate first
+    worst, _ = _certified_and_eig_only(op, _LEVEL_MARGIN=margin, _LEVEL_RETRIES=retries,
+                                       _group_tops=_worst_first)
+    assert _dense_norm(op) <= worst <= old * (1 + 1e-9)
+
+
+@pytest.mark.parametrize("retries", [0, 1, 2, 5])
+def test_worst_candidate_order_still_certifies(retries):
+    """Estimates that rank the frequencies backwards (the smallest top eigenvalue gets
+    eigvalsh first) cost more factorisations but never a wrong or looser bound."""
+    op = _make(4, 4, 3, 3, 1, 1, 1, 1, 10, 10, seed=31)
+    failures = []
+    real = conv_mod._cholesky_upper
+
+    def spy(gram, level):
+        out = real(gram, level)
+        failures.append(int((~torch.isfinite(out)).sum()))
+        return out
+
+    new, old = _certified_and_eig_only(op, _LEVEL_RETRIES=retries, _group_tops=_worst_first,
+                                       _cholesky_upper=spy)
+    assert sum(failures) > 0
+    assert _dense_norm(op) <= new <= old * (1 + 1e-9)
+
+
+def test_cholesky_with_an_all_zero_group():
+    """A group whose kernel is zero has zero Gram matrices at every frequency: they are
+    certified at the floor level (a handful of factorisations, not one eigvalsh each)."""
+    op = _make(3, 4, 3, 3, 1, 1, 1, 2, 9, 9, seed=12)
+    op.weight[4:].zero_()
+    calls = []
+    real = conv_mod._eig_upper
+
+    def spy(gram, gf, cnu):
+        calls.append(gram.shape[0])
+        return real(gram, gf, cnu)
+
+    new, old = _certified_and_eig_only(op, _eig_upper=spy)
+    assert len(calls) <= 8
+    assert _dense_norm(op) <= new <= old * (1 + 1e-9)
+
+
+@pytest.mark.parametrize("n, k", [(1, 3), (2, 1), (5, 4), (9, 7), (16, 2)])
+def test_block_triangular_gram_real_part(n, k):
+    gen = torch.Generator().manual_seed(n * 10 + k)
+    x = torch.randn(3, n, k, generator=gen, dtype=torch.float64)
+    y = torch.randn(3, k, n, generator=gen, dtype=torch.float64).mT  # a transposed view
+    ref = x @ x.mT + y @ y.mT
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(conv_mod, "_SYM_BLOCK_N", 1)
+        re = conv_mod._gram_real(x, y)
+    assert torch.equal(re, re.mT)
+    assert torch.allclose(re, ref, rtol=1e-13, atol=1e-13)
+
+
+@settings(max_examples=25)
+@given(varied_convs())
+def test_cholesky_bound_with_block_triangular_gram(op):
+    exact = _dense_norm(op)
+    new, old = _certified_and_eig_only(op, _SYM_BLOCK_N=2)
+    assert exact <= new <= old * (1 + 1e-9)
+
+
+def test_cholesky_chunking_does_not_change_the_bound():
+    op = _make(3, 5, 3, 3, 2, 1, 1, 1, 12, 11, seed=8)
+    grid = (op.in_shape[1] + 2 * op.padding[0], op.in_shape[2] + 2 * op.padding[1])
+    plan = _Plan(op.weight, op.groups, op.stride, op.dilation, grid)
+    full = _max_freq_norm(plan, op.weight, 2 ** 26, use_cholesky=True)
+    tiny = _max_freq_norm(plan, op.weight, 1, use_cholesky=True)  # one frequency per chunk
+    old = _max_freq_norm(plan, op.weight, 2 ** 26, use_cholesky=False)
+    assert math.isclose(full, tiny, rel_tol=1e-10)
+    assert old <= full <= old * (1 + 1e-9)
+    assert full >= _exact(op)
+
+
+def _unitary_units(n: int, gen: torch.Generator) -> torch.Tensor:
+    """An n x n matrix H with entries in {±1, ±i} and H H^H = n I (n a power of two):
+    Kronecker powers of [[1, i], [1, -i]], rows permuted and multiplied by random units."""
+    h = torch.ones(1, 1, dtype=torch.complex128)
+    base = torch.tensor([[1, 1j], [1, -1j]], dtype=torch.complex128)
+    while h.shape[0] < n:
+        h = torch.kron(h, base)
+    units = torch.tensor([1, -1, 1j, -1j], dtype=torch.complex128)
+    phase = units[torch.randint(0, 4, (n,), generator=gen)]
+    return (phase[:, None] * h)[torch.randperm(n, generator=gen)]
+
+
+def _known_spectrum(sizes: list[int], gen: torch.Generator, clustered: bool = False
+                    ) -> tuple[torch.Tensor, float]:
+    """A dense Hermitian PSD matrix with exactly known eigenvalues (non-negative integers
+    below 2^30, so every entry of (1/n) H diag(λ) H^H is computed exactly), as a direct sum of
+    blocks of the given power-of-two sizes, symmetrically permuted and rephased."""
+    n = sum(sizes)
+    gram = torch.zeros(n, n, dtype=torch.complex128)
+    lam_all = []
+    off = 0
+    for m in sizes:
+        lam = torch.randint(0, 2 ** 30, (m,), generator=gen).to(torch.float64)
+        if clustered:  # top eigenvalues within a few units of each other
+            lam = 2.0 ** 30 - torch.randint(0, 4, (m,), generator=gen).to(torch.float64)
+        if m > 1:
+            lam[torch.randint(0, m, (1,), generator=gen)] = 0.0  # singular
+        hm = _unitary_units(m, gen)
+        gram[off:off + m, off:off + m] = (hm * lam) @ hm.mH / m
+        lam_all.append(lam)
+        off += m
+    perm = torch.randperm(n, generator=gen)
+    units = torch.tensor([1, -1, 1j, -1j], dtype=torch.complex128)
+    phase = units[torch.randint(0, 4, (n,), generator=gen)]
+    gram = phase[:, None] * gram[perm][:, perm] * phase.conj()[None, :]
+    return gram, float(torch.cat(lam_all).max())
+
+
+def test_known_spectrum_construction_is_exact():
+    gen = torch.Generator().manual_seed(0)
+    gram, top = _known_spectrum([16, 4, 1], gen)
+    assert torch.equal(gram, gram.mH)
+    assert math.isclose(float(torch.linalg.eigvalsh(gram)[-1]), top, rel_tol=1e-13)
+
+
+@pytest.mark.parametrize("sizes", [[1], [2], [4, 1], [8, 2, 1], [16, 16], [32, 8, 4],
+                                   [64], [128, 2]])
+@pytest.mark.parametrize("clustered", [False, True])
+def test_cholesky_certificate_on_known_spectra(sizes, clustered):
+    gen = torch.Generator().manual_seed(sum(sizes) + 7 * clustered)
+    grams, tops = zip(*[_known_spectrum(sizes, gen, clustered) for _ in range(4)],
+                      strict=True)
+    gram = torch.stack(grams)
+    top = torch.tensor(tops, dtype=torch.float64)
+    # just above λmax: certified, never below λmax, and within 1e-10 of it
+    up = conv_mod._cholesky_upper(gram, top * (1 + 1e-11))
+    assert torch.isfinite(up).all()
+    assert (up >= top).all()
+    assert (up <= top * (1 + 1e-10)).all()
+    # below λmax: no certificate
+    for rel in (1e-9, 1e-6, 1e-2, 0.5):
+        assert torch.isinf(conv_mod._cholesky_upper(gram, top * (1 - rel))).all()
+    # whatever the level, a certificate is never below λmax
+    for rel in (-1e-12, -1e-13, -1e-14, -1e-15, 0.0, 1e-15, 1e-14, 1e-13, 1e-12, 1e-3):
+        up = conv_mod._cholesky_upper(gram, top * (1 + rel))
+        ok = torch.isfinite(up)
+        assert (up[ok] >= top[ok]).all()
+
+
+def test_cholesky_certificate_degenerate_inputs():
+    gen = torch.Generator().manual_seed(3)
+    gram, top = _known_spectrum([4, 2], gen)
+    batch = gram.expand(5, 6, 6).clone()
+    levels = torch.tensor([0.0, -1.0, math.nan, math.inf, 2.0 * top], dtype=torch.float64)
+    up = conv_mod._cholesky_upper(batch, levels)
+    assert torch.isinf(up[:4]).all()  # no level, negative, NaN, infinite: no certificate
+    assert top <= float(up[4]) <= 2.0 * top * (1 + 1e-10)
+    bad = batch.clone()
+    bad[4, 1, 0] = complex(math.nan, 0.0)
+    bad[4, 0, 1] = complex(math.nan, 0.0)
+    assert torch.isinf(conv_mod._cholesky_upper(bad[4:], levels[4:])).all()
+    # an all-zero matrix is certified at any positive level
+    zero = torch.zeros(1, 3, 3, dtype=torch.complex128)
+    up0 = conv_mod._cholesky_upper(zero, torch.tensor([1e-3], dtype=torch.float64))
+    assert 0.0 < float(up0[0]) <= 1e-3 * (1 + 1e-12)
+    # an empty batch
+    assert conv_mod._cholesky_upper(batch[:0], levels[:0]).shape == (0,)
