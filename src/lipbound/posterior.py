@@ -92,13 +92,22 @@ def christoffel_exceeds(diag, offdiag, beta_last: float, c: float, x: float, *,
     backward-stable evaluation, and ``π_i(x)`` is the dominant solution of the recurrence
     there (no cancellation). Used for the cheap stopping test inside the Lanczos loop.
     """
+    return christoffel_excess(diag, offdiag, beta_last, c, x, margin=margin) >= 0.0
+
+
+def christoffel_excess(diag, offdiag, beta_last: float, c: float, x: float, *,
+                       margin: float = MARGIN) -> float:
+    """``log K(x) - log(margin² / c)`` by the pass of :func:`christoffel_exceeds` (``>= 0``
+    exactly when that test passes), or ``-inf`` when ``x`` is not above ``θ_max`` (up to
+    rounding) or the inputs allow no decision. Its growth between two checks of a Lanczos
+    run predicts when the next one can pass."""
     k = len(diag)
     if k < 1 or len(offdiag) != k - 1 or not (c > 0 and beta_last > 0 and math.isfinite(x)):
-        return False
+        return -math.inf
     # K is invariant under scaling T, the residual and x together: work at unit scale
     sc = max(abs(x), max(abs(a) for a in diag), max(offdiag, default=0.0), beta_last)
     if not (sc > 0 and math.isfinite(sc)):
-        return False
+        return -math.inf
     diag = [a / sc for a in diag]
     offdiag = [b / sc for b in offdiag]
     beta_last, x = beta_last / sc, x / sc
@@ -111,11 +120,11 @@ def christoffel_exceeds(diag, offdiag, beta_last: float, c: float, x: float, *,
         d = (x - diag[i]) - (b_prev * b_prev / d if i else 0.0)
         b = offdiag[i] if i < k - 1 else beta_last
         if not (d > 1e-12 and b > 0.0):  # x at (or within rounding of) θ_max: no decision
-            return False
+            return -math.inf
         logp += math.log(d) - math.log(b)
         t = 2.0 * logp
         log_k = max(log_k, t) + math.log1p(math.exp(-abs(log_k - t)))
-    return log_k >= thr
+    return log_k - thr
 
 
 def christoffel_bound(diag: np.ndarray, offdiag: np.ndarray, beta_last: float, c: float,
