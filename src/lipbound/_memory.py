@@ -22,11 +22,11 @@ log = logging.getLogger(__name__)
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
 
-MMAP_THRESHOLD = 1 << 30
+MMAP_THRESHOLD = (1 << 31) - 1
 """Blocks below this size come from the heap (1 GB: VGG-16's biggest Lanczos bases above it
 still get their own mapping)."""
 
-TRIM_THRESHOLD = 1 << 31
+TRIM_THRESHOLD = (1 << 31) - 1
 """Free memory at the top of the heap kept for reuse instead of being returned (2 GB)."""
 
 _done: bool | None = None

@@ -200,7 +200,11 @@ class WinogradConv:
         key = (b, c, hp, wp, ph, pw, x.device)
         buf = self._pad_buffers.get(key)
         if buf is None:
-            buf = self._pad_buffers[key] = x.new_zeros(b, c, hp, wp)
+            # an ordinary tensor even when made inside torch.inference_mode (the analyzer's
+            # bounds run there): it is written in place by every later call, wherever made
+            with torch.inference_mode(False):
+                buf = self._pad_buffers[key] = torch.zeros(b, c, hp, wp, dtype=x.dtype,
+                                                           device=x.device)
         buf[:, :, ph:ph + h, pw:pw + w] = x
         k = u.shape[1]
         out = x.new_empty(b, k, ho, wo)
@@ -210,12 +214,17 @@ class WinogradConv:
             r1 = min(th, r0 + rows)
             y = self._tiles(buf[:, :, m * r0:m * r1 + r - 1], u, r1 - r0, tw)
             hh = min(ho, m * r1) - m * r0
-            out[:, :, m * r0:m * r0 + hh] = y[:, :, :hh, :wo]
+            if hh == m * (r1 - r0) and wo == m * tw:
+                # whole tiles: the tile-major result goes straight into the output rows
+                out[:, :, m * r0:m * r1].view(b, k, r1 - r0, m, tw, m).copy_(y)
+            else:
+                out[:, :, m * r0:m * r0 + hh] = y.reshape(b, k, m * (r1 - r0),
+                                                          m * tw)[:, :, :hh, :wo]
         return out
 
     def _tiles(self, xp: Tensor, u: Tensor, th: int, tw: int) -> Tensor:
         """All ``m x m`` output tiles of the padded input ``xp`` (B, C, m th + r - 1,
-        m tw + r - 1): (B, K, m th, m tw)."""
+        m tw + r - 1), as a (B, K, th, m, tw, m) view (reshape it to (B, K, m th, m tw))."""
         b, c = xp.shape[:2]
         m = self.m
         t = th * tw
@@ -226,8 +235,7 @@ class WinogradConv:
         k = u.shape[1]
         mm = torch.bmm(u, v)  # (36, K, B*T): the channel mixing
         y = self._ka @ mm.reshape(TILE * TILE, k * b * t)  # A^T m A: (m^2, K*B*T)
-        y = y.reshape(m, m, k, b, th, tw).permute(3, 2, 4, 0, 5, 1)
-        return y.reshape(b, k, m * th, m * tw)
+        return y.reshape(m, m, k, b, th, tw).permute(3, 2, 4, 0, 5, 1)
 
     def error_bound(self) -> float:
         """``Δ`` with ``||ŷ - y|| <= Δ ||x||`` for the computed :meth:`conv` and
