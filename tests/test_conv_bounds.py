@@ -539,3 +539,31 @@ def test_cholesky_certificate_degenerate_inputs():
     assert 0.0 < float(up0[0]) <= 1e-3 * (1 + 1e-12)
     # an empty batch
     assert conv_mod._cholesky_upper(batch[:0], levels[:0]).shape == (0,)
+
+
+@pytest.mark.parametrize("c_in,c_out,pad", [(32, 32, (0, 0)), (64, 40, (1, 1)),
+                                            (48, 64, (2, 0)), (40, 32, (1, 2))])
+def test_transpose_by_flipped_kernel_matches_conv_transpose(c_in, c_out, pad):
+    """Wide 3x3 stride-1 layers compute A^T y as a convolution with the flipped,
+    channel-swapped kernel: the same map as conv_transpose2d (to rounding), adjoint to A."""
+    from lipbound.ops.conv import ConvOp, _flip_pays
+
+    g = torch.Generator().manual_seed(c_in + c_out)
+    w = torch.randn(c_out, c_in, 3, 3, generator=g, dtype=torch.float64)
+    h, wd = 11, 9
+    ho, wo = h + 2 * pad[0] - 2, wd + 2 * pad[1] - 2
+    op = ConvOp("c", (c_in, h, wd), (c_out, ho, wo), w, None, 1, pad, 1, 1)
+    assert op._use_flip and _flip_pays(w, (1, 1), pad, (1, 1), 1, (0, 0))
+    y = torch.randn(3, c_out, ho, wo, generator=g, dtype=torch.float64)
+    ref = torch.nn.functional.conv_transpose2d(y, w, padding=pad)
+    got = op.lin_t(y)
+    assert got.shape == ref.shape
+    assert float((got - ref).norm()) <= 1e-12 * float(ref.norm())
+    x = torch.randn(3, c_in, h, wd, generator=g, dtype=torch.float64)
+    lhs, rhs = float((op.lin(x) * y).sum()), float((x * got).sum())
+    assert abs(lhs - rhs) <= 1e-11 * float(op.lin(x).norm() * y.norm())
+    # narrow layers, 5x5 kernels and strides keep conv_transpose2d
+    assert not _flip_pays(w[:, :16], (1, 1), pad, (1, 1), 1, (0, 0))
+    assert not _flip_pays(torch.zeros(64, 64, 5, 5), (1, 1), (2, 2), (1, 1), 1, (0, 0))
+    assert not _flip_pays(w, (2, 2), pad, (1, 1), 1, (0, 0))
+    assert not _flip_pays(torch.zeros(64, 32, 3, 3), (1, 1), (1, 1), (1, 1), 1, (0, 0))

@@ -25,6 +25,21 @@ def _pair(v) -> tuple[int, int]:
     return (v, v) if isinstance(v, int) else (int(v[0]), int(v[1]))
 
 
+def _flip_pays(weight: Tensor, stride, padding, dilation, groups: int,
+               output_padding) -> bool:
+    """Whether :meth:`ConvOp.lin_t` computes the transposed convolution as a convolution
+    with the flipped, channel-swapped kernel: 3x3, stride 1, no dilation, one group, and
+    both channel counts at least 32 with the input side not narrower than half the output
+    side. Measured (float64, one thread, one image): 1.16-1.58x faster than
+    ``conv_transpose2d`` on such layers (CIFAR-10's 32 -> 32 at 30x30, AlexNet's
+    384 -> 256 and 256 -> 256 at 13x13, VGG-16's 512 -> 512 at 14x14), but 0.05-0.8x with
+    few channels on either side or a 5x5 kernel."""
+    c_out, c_in, kh, kw = weight.shape
+    return ((kh, kw) == (3, 3) and tuple(stride) == (1, 1) and tuple(dilation) == (1, 1)
+            and groups == 1 and max(padding) <= 2 and not any(output_padding)
+            and c_in >= 32 and c_out >= 32 and 2 * c_in > c_out)
+
+
 class ConvOp(MixingOp):
     """y = conv2d(x, W) + b, optionally followed by a fixed per-output scale
     (``out_scale``, used by average pooling with ``count_include_pad=False``).
@@ -56,6 +71,9 @@ class ConvOp(MixingOp):
             for n, o, s, p, d, k in zip((h, w), (ho, wo), self.stride, self.padding,
                                          self.dilation, (kh, kw), strict=True))
         self._wg: tuple[torch.device, winograd.WinogradConv | None] | None = None
+        self._flipped: Tensor | None = None
+        self._use_flip = _flip_pays(self.weight, self.stride, self.padding, self.dilation,
+                                    self.groups, self.output_padding)
 
     def _winograd(self) -> winograd.WinogradConv | None:
         """The Winograd products for this layer, or None where conv2d is used."""
@@ -100,6 +118,14 @@ class ConvOp(MixingOp):
         wg = self._winograd() if y.dtype == torch.float64 and winograd.is_enabled() else None
         if wg is not None:
             return wg.conv_t(y)
+        if self._use_flip and y.dtype == self.weight.dtype:
+            # stride 1: the transpose is the correlation with the spatially flipped,
+            # channel-swapped kernel and padding k - 1 - p (the same linear map)
+            if self._flipped is None or self._flipped.device != self.weight.device:
+                self._flipped = self.weight.flip(2, 3).transpose(0, 1).contiguous()
+            kh, kw = self.weight.shape[-2:]
+            return F.conv2d(y, self._flipped, None, 1,
+                            (kh - 1 - self.padding[0], kw - 1 - self.padding[1]))
         return F.conv_transpose2d(y, self.weight, None, self.stride, self.padding,
                                   self.output_padding, self.groups, self.dilation)
 
