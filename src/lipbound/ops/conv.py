@@ -148,9 +148,32 @@ class ConvOp(MixingOp):
         dev = self.weight.device
         rows = rows.to(dev)
         cols = cols.to(dev)
-        sub = torch.zeros(rows.numel(), cols.numel(), dtype=torch.float64, device=dev)
-        if sub.numel() == 0:
-            return sub
+        n_rows, n_cols = rows.numel(), cols.numel()
+        if n_rows == 0 or n_cols == 0:
+            return torch.zeros(n_rows, n_cols, dtype=torch.float64, device=dev)
+        o, rem = rows // (ho * wo), rows % (ho * wo)
+        i, j = rem // wo, rem % wo
+        grp = o // (c_out // self.groups)
+        ar = torch.arange
+        hin = (i * s1)[:, None, None, None] + (ar(kh, device=dev) * d1 - p1)[None, None, :, None]
+        win = (j * s2)[:, None, None, None] + (ar(kw, device=dev) * d2 - p2)[None, None, None, :]
+        cin = (grp * c_in_g)[:, None, None, None] + ar(c_in_g, device=dev)[None, :, None, None]
+        shape = (n_rows, c_in_g, kh, kw)
+        hin, win, cin = (t.expand(shape) for t in (hin, win, cin))
+        valid = (hin >= 0) & (hin < h) & (win >= 0) & (win < w)
+        flat = (cin * h + hin.clamp(0, h - 1)) * w + win.clamp(0, w - 1)
+        # column of each tap in the submatrix; taps outside the image or the requested
+        # columns go to one extra, discarded column (no boolean gathers)
+        pos = torch.full((self.in_dim,), n_cols, dtype=torch.int64, device=dev)
+        pos[cols] = ar(n_cols, device=dev)
+        p = torch.where(valid, pos[flat], n_cols)
+        vals = self.weight.index_select(0, o)  # (R, c_in_g, kh, kw)
+        if self.out_scale is not None:
+            sc = torch.broadcast_to(self.out_scale, tuple(self.out_shape)).reshape(-1)[rows]
+            vals = vals * sc[:, None, None, None]
+        sub = torch.zeros(n_rows, n_cols + 1, dtype=torch.float64, device=dev)
+        sub.scatter_(1, p.reshape(n_rows, -1), vals.reshape(n_rows, -1))
+        return sub[:, :n_cols]
         o, rem = rows // (ho * wo), rows % (ho * wo)
         i, j = rem // wo, rem % wo
         grp = o // (c_out // self.groups)
