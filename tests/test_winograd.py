@@ -119,15 +119,18 @@ def test_eligibility():
     assert eligible(w5, **ok)  # F(2x2, 5x5) at 56x56
     assert eligible(w5, **{**ok, "padding": (4, 3)})
     assert not eligible(w5, **{**ok, "padding": (5, 1)})
-    assert not eligible(w5, **{**ok, "out_hw": (27, 27)})  # AlexNet's 5x5 layer: conv2d
+    assert eligible(torch.zeros(192, 64, 5, 5, dtype=DT), **{**ok, "out_hw": (27, 27)})
+    assert not eligible(w5, **{**ok, "out_hw": (14, 14)})  # small 5x5 outputs: conv2d
     assert not eligible(torch.zeros(128, 128, 7, 7, dtype=DT), **ok)
     assert not eligible(torch.zeros(128, 128, 3, 5, dtype=DT), **ok)
     assert not eligible(w, **{**ok, "stride": (2, 2)})
     assert not eligible(w, **{**ok, "dilation": (2, 1)})
     assert not eligible(w, **{**ok, "groups": 2})
     assert not eligible(w, **{**ok, "padding": (3, 1)})
-    assert not eligible(w, **{**ok, "out_hw": (14, 14)})
+    assert eligible(w, **{**ok, "out_hw": (14, 14)})  # small output, small kernel
+    assert eligible(torch.zeros(384, 256, 3, 3, dtype=DT), **{**ok, "out_hw": (13, 13)})
     assert not eligible(torch.zeros(512, 512, 3, 3, dtype=DT), **{**ok, "out_hw": (14, 14)})
+    assert not eligible(w, **{**ok, "out_hw": (12, 12)})
     assert not eligible(torch.zeros(128, 3, 3, 3, dtype=DT), **ok)
     assert not eligible(torch.zeros(32, 32, 3, 3, dtype=DT), **ok)  # mixing 16 < 24
     assert eligible(torch.zeros(64, 64, 3, 3, dtype=DT), **ok)  # 32
@@ -250,7 +253,7 @@ def test_bounds_through_winograd_are_sound_and_match(monkeypatch, seed):
     """A small CNN whose convolutions take the Winograd path (thresholds lowered): its
     layer factors by Lanczos equal those computed with conv2d products up to rounding, and
     its global convolution factors are >= the exact norms of the dense matrices."""
-    monkeypatch.setattr(winograd, "MIN_OUTPUT_PIXELS", {3: 1, 5: 1})
+    monkeypatch.setattr(winograd, "MIN_OUTPUT_PIXELS", 1)
     monkeypatch.setattr(winograd, "MIN_CHANNELS", 1)
     monkeypatch.setattr(winograd, "MIN_MIXING", 0.0)
     torch.manual_seed(seed)

@@ -13,7 +13,8 @@ algorithms use the interpolation points 0, ±1, ±2 and ∞ (the same input tran
 matrices come from the Toom-Cook construction (:func:`toom_cook`). Measured on this CPU
 (float64, one thread, one image, product and transpose together): 1.9-4.2x faster than
 ``conv2d`` on VGG-16's 3x3 layers from 224x224 to 28x28, 3.6x on a 64-channel 5x5 layer at
-56x56; on small outputs they lose inside a Lanczos run (see :data:`MIN_MIXING`).
+56x56; inside whole local bounds AlexNet's 27x27 5x5 layer and its 13x13 3x3 layers gain
+5 % and 3.5 % of the bound's time, VGG-16's 14x14 layers nothing (see :func:`eligible`).
 
 Accuracy: observed relative errors are ~3e-15 (checked against ``conv2d`` in the tests), but
 the error is not confined to the active entries of a masked operator: the tile transforms
@@ -107,8 +108,8 @@ def is_enabled() -> bool:
     return getattr(_STATE, "on", False)
 
 
-MIN_OUTPUT_PIXELS = {3: 24 * 24, 5: 48 * 48}
-"""Winograd is used for outputs of at least this many pixels (per kernel size) ..."""
+MIN_OUTPUT_PIXELS = 24 * 24
+"""Winograd is used for outputs of at least this many pixels ..."""
 
 MIN_CHANNELS = 16
 """... and at least this many input and output channels (the tile transforms cost per
@@ -117,13 +118,17 @@ channel; with 3 input channels the direct product is 7x faster) ..."""
 MIN_MIXING = 24.0
 """... and ``c_in c_out / (c_in + c_out)`` at least this (the channel mixing, 4x cheaper,
 grows with ``c_in c_out``, the memory-bound tile transforms with ``c_in + c_out``): 32 -> 32
-channels (16) run no faster than conv2d.
+channels (16) run no faster than conv2d."""
 
-Smaller outputs lose inside a Lanczos run although an isolated product is faster there: the
-transformed kernel (4x the size of the kernel, 36 c_out c_in numbers) is read from memory by
-every product, and the transforms are built per analyzer. Measured (one thread, AlexNet's
-local bound, medians of 3): 6.5 s with conv2d on its 13x13 3x3 layers and 27x27 5x5 layer,
-6.7-7.8 s with Winograd on them, although each product alone was 1.3-1.4x faster."""
+SMALL_OUTPUT_PIXELS = 13 * 13
+"""Smaller 3x3 outputs (down to this many pixels) use Winograd only when ..."""
+
+MAX_SMALL_KERNEL = 1 << 17
+"""... ``c_in c_out`` is at most this: every product streams the transformed kernel (36 c_in
+c_out numbers, 4x the kernel) and with few tiles per image that dominates. Measured inside
+whole local bounds (two threads, medians of 3): AlexNet's 13x13 layers (192-384 channels,
+c_in c_out <= 98304) 3.5 % faster with Winograd, VGG-16's 14x14 ones (512 x 512) no faster
+(31.3 s against 31.3-33.7 s)."""
 
 MAX_TILES = 128
 """Tiles (per image) transformed at once; bigger images go in bands of tile rows, which keeps
@@ -143,11 +148,16 @@ def eligible(weight: Tensor, stride, padding, dilation, groups: int, out_hw,
             and max(padding) <= kh - 1 and min(padding) >= 0
             and torch.device(device).type == "cpu"
             and min(k_in, k_out) >= MIN_CHANNELS
-            and _large_enough(kh, out_hw[0] * out_hw[1], k_in * k_out / (k_in + k_out)))
+            and _large_enough(kh, out_hw[0] * out_hw[1], k_in * k_out / (k_in + k_out),
+                              k_in, k_out))
 
 
-def _large_enough(r: int, pixels: int, mixing: float) -> bool:
-    return pixels >= MIN_OUTPUT_PIXELS[r] and mixing >= MIN_MIXING
+def _large_enough(r: int, pixels: int, mixing: float, c_in: int, c_out: int) -> bool:
+    if mixing < MIN_MIXING:
+        return False
+    if pixels >= MIN_OUTPUT_PIXELS:
+        return True
+    return r == 3 and pixels >= SMALL_OUTPUT_PIXELS and c_in * c_out <= MAX_SMALL_KERNEL
 
 
 class WinogradConv:
