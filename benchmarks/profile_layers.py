@@ -3,7 +3,7 @@
 Wraps the analyzer's building blocks with timers (exclusive times: a nested call is not
 counted twice) and prints, for every block, the seconds spent in the forward pass, the row
 norms, the layer and transposed-layer applications (``mv``/``rmv``: Lanczos products or
-materialisation), dense materialisation, SVDs, the rest of ``lanczos_top``
+materialisation), dense materialisation, SVDs, the rest of a Lanczos run (``run_lanczos``)
 (re-orthogonalisation, Rayleigh-Ritz) and the FFT-circulant bound. It patches library
 internals, so it is a development tool, not part of the package; names that no longer exist
 are skipped.
