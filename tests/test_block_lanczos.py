@@ -20,11 +20,12 @@ from scipy import stats
 
 from core_helpers import n_examples, spectral_norm
 from lipbound import Guarantee
-from lipbound.analyzer import _masked_maps
+from lipbound.analyzer import _compact, _masked_maps
 from lipbound.blocks import AffineBlock
 from lipbound.lanczos import run_lanczos
 from lipbound.ops.conv import ConvOp
 from lipbound.ops.dense import DenseProducts
+from lipbound.ops.linear import LinearOp
 from lipbound.posterior import (
     block_christoffel_bound,
     block_christoffel_exceeds,
@@ -298,6 +299,27 @@ def test_masked_maps_equal_the_plain_operator(frac_in, frac_out):
         gram = (dense @ dense.T)[rows][:, rows] if swap else (dense.T @ dense)[cols][:, cols]
         got = rmv_c(mv_c(v))
         assert torch.allclose(got, v @ gram.T, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("frac_in,frac_out", [(1.0, 1.0), (0.5, 1.0), (1.0, 0.4), (0.3, 0.6)])
+@pytest.mark.parametrize("scaled", [False, True])
+def test_compact_is_the_masked_submatrix(frac_in, frac_out, scaled):
+    """``_compact`` (which skips the selection when every row / column is active) equals
+    ``(R S_out A S_in D)[rows][:, cols]`` formed the plain way."""
+    g = torch.Generator().manual_seed(int(10 * frac_in + 100 * frac_out) + scaled)
+    w = torch.randn(7, 11, generator=g, dtype=DT)
+    s_in = torch.rand(11, generator=g, dtype=DT) + 0.5 if scaled else None
+    s_out = torch.rand(7, generator=g, dtype=DT) + 0.5 if scaled else None
+    blk = AffineBlock([LinearOp("fc", w, None)], relu=True)
+    blk.s_in, blk.s_out = s_in, s_out
+    d = (torch.rand(11, generator=g, dtype=DT) < frac_in).to(DT)
+    r = torch.rand(7, generator=g, dtype=DT) * (torch.rand(7, generator=g, dtype=DT) < frac_out)
+    cols = torch.nonzero(d > 0).reshape(-1)
+    rows = torch.nonzero(r > 0).reshape(-1)
+    full = w * (r if s_out is None else r * s_out)[:, None]
+    full = full * (d if s_in is None else d * s_in)[None, :]
+    got = _compact(blk, blk.dense_fn(), rows, cols, r, d)
+    assert torch.equal(got, full[rows][:, cols])
 
 
 @pytest.mark.parametrize("batch", [1, 2, 3, 4, 8, 9])

@@ -121,7 +121,10 @@ def _compact(b: AffineBlock, dense, rows: Tensor, cols: Tensor, r: Tensor, d: Te
     else:
         rs = r[rows] if b.s_out is None else r[rows] * b.s_out[rows]
         cs = d[cols] if b.s_in is None else d[cols] * b.s_in[cols]
-    sub = m.index_select(0, rows).index_select(1, cols)
+    # rows / cols are sorted and distinct: all of them means the identity selection
+    sub = m if rows.numel() == m.shape[0] else m.index_select(0, rows)
+    if cols.numel() != m.shape[1]:
+        sub = sub.index_select(1, cols)
     return sub * rs[:, None] * cs[None, :]
 
 

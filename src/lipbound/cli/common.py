@@ -58,8 +58,11 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-BIG_MODEL_PARAMETERS = 2_000_000
-"""``--threads auto`` gives models with more parameters the idle cores (see apply_threads)."""
+BIG_MODEL_PARAMETERS = 300_000
+"""``--threads auto`` gives models with more parameters the idle cores (see apply_threads).
+Measured on an idle 2-core machine (session 5): the CIFAR-10 net (0.89M parameters) is
+1.3x faster on two threads (local bound 92 -> 69 ms, global 99 -> 75 ms), the MNIST LeNet
+(44K) 10 % slower (7.6 -> 8.3 ms: its products are too small to split)."""
 
 
 def _cpu_times(cores: set[int]) -> tuple[int, int] | None:
@@ -110,11 +113,11 @@ def idle_cores(window: float = 0.25) -> int:
 def apply_threads(args: argparse.Namespace, model: nn.Module | None) -> None:
     """Set torch's CPU thread count from ``--threads`` (a CLI-only setting).
 
-    ``auto``: one thread for small models (a second intra-op thread gave no gain on them), and
-    for big ones (AlexNet, VGG-16: float64 convolutions dominate, 1.4-1.8x faster on two
-    idle cores) the number of cores idle right now. Measured (benchmarks/README.md): threads
-    on a core that is busy with another process slow torch down by 10-100x, so busy cores
-    are never counted."""
+    ``auto``: one thread for small models (MNIST LeNet: a second intra-op thread is 10 %
+    slower), and for bigger ones (from the CIFAR-10 net, 1.3x faster on two idle cores, to
+    AlexNet and VGG-16, 1.4-1.8x) the number of cores idle right now. Measured
+    (benchmarks/README.md): threads on a core that is busy with another process slow torch
+    down by 10-100x, so busy cores are never counted."""
     spec = str(getattr(args, "threads", "auto"))
     if spec == "auto":
         params = list(model.parameters()) if model is not None else []
