@@ -542,7 +542,8 @@ def test_cholesky_certificate_degenerate_inputs():
 
 
 @pytest.mark.parametrize("c_in,c_out,pad", [(32, 32, (0, 0)), (64, 40, (1, 1)),
-                                            (48, 64, (2, 0)), (40, 32, (1, 2))])
+                                            (48, 64, (2, 0)), (40, 32, (1, 2)),
+                                            (8, 8, (0, 0)), (32, 24, (1, 0)), (24, 32, (0, 1))])
 def test_transpose_by_flipped_kernel_matches_conv_transpose(c_in, c_out, pad):
     """Wide 3x3 stride-1 layers compute A^T y as a convolution with the flipped,
     channel-swapped kernel: the same map as conv_transpose2d (to rounding), adjoint to A."""
@@ -563,7 +564,95 @@ def test_transpose_by_flipped_kernel_matches_conv_transpose(c_in, c_out, pad):
     lhs, rhs = float((op.lin(x) * y).sum()), float((x * got).sum())
     assert abs(lhs - rhs) <= 1e-11 * float(op.lin(x).norm() * y.norm())
     # narrow layers, 5x5 kernels and strides keep conv_transpose2d
-    assert not _flip_pays(w[:, :16], (1, 1), pad, (1, 1), 1, (0, 0))
+    assert not _flip_pays(torch.zeros(32, 16, 3, 3), (1, 1), pad, (1, 1), 1, (0, 0))
     assert not _flip_pays(torch.zeros(64, 64, 5, 5), (1, 1), (2, 2), (1, 1), 1, (0, 0))
     assert not _flip_pays(w, (2, 2), pad, (1, 1), 1, (0, 0))
     assert not _flip_pays(torch.zeros(64, 32, 3, 3), (1, 1), (1, 1), (1, 1), 1, (0, 0))
+    assert not _flip_pays(torch.zeros(4, 4, 3, 3), (1, 1), (1, 1), (1, 1), 1, (0, 0))
+
+
+@pytest.mark.parametrize("stride,pad,scaled", [(1, 0, False), (1, 1, True), (2, 1, False)])
+def test_channel_subset_is_the_masked_convolution(stride, pad, scaled):
+    """A convolution block restricted to some input and output channels computes exactly the
+    full block's products with the other input channels zero and the other outputs dropped,
+    and its transpose is its adjoint."""
+    from lipbound.blocks import AffineBlock
+    from lipbound.ops.conv import ConvOp
+
+    g = torch.Generator().manual_seed(stride + 3 * pad + scaled)
+    c_in, c_out, h = 6, 7, 9
+    ho = (h + 2 * pad - 3) // stride + 1
+    w = torch.randn(c_out, c_in, 3, 3, generator=g, dtype=torch.float64)
+    blk = AffineBlock([ConvOp("c", (c_in, h, h), (c_out, ho, ho), w, None, stride, pad, 1, 1)],
+                      relu=True)
+    if scaled:
+        blk.s_in = torch.rand(c_in * h * h, generator=g, dtype=torch.float64) + 0.5
+        blk.s_out = torch.rand(c_out * ho * ho, generator=g, dtype=torch.float64) + 0.5
+    in_ch, out_ch = torch.tensor([0, 2, 5]), torch.tensor([1, 2, 3, 6])
+    sub = blk.channel_subset(in_ch, out_ch)
+    assert sub.in_shape == (3, h, h) and sub.out_shape == (4, ho, ho)
+    x = torch.randn(2, 3, h, h, generator=g, dtype=torch.float64)
+    x_full = torch.zeros(2, c_in, h, h, dtype=torch.float64)
+    x_full[:, in_ch] = x
+    ref = blk.lin(x_full.reshape(2, -1)).reshape(2, c_out, ho, ho)[:, out_ch]
+    got = sub.lin(x.reshape(2, -1)).reshape(2, 4, ho, ho)
+    assert float((got - ref).abs().max()) <= 1e-13 * float(ref.abs().max())
+    y = torch.randn(2, 4 * ho * ho, generator=g, dtype=torch.float64)
+    lhs = (sub.lin(x.reshape(2, -1)) * y).sum(1)
+    rhs = (x.reshape(2, -1) * sub.lin_t(y)).sum(1)
+    assert torch.allclose(lhs, rhs, rtol=1e-12, atol=1e-12)
+    with pytest.raises(ValueError, match="ungrouped"):
+        ConvOp("g", (4, h, h), (4, h - 2, h - 2), torch.randn(4, 2, 3, 3, dtype=torch.float64),
+               None, 1, 0, 1, 2).channel_subset(in_ch[:1], out_ch[:1])
+
+
+def _dead_channel_net() -> tuple[torch.nn.Sequential, torch.Tensor]:
+    g = torch.Generator().manual_seed(11)
+    net = torch.nn.Sequential(torch.nn.Conv2d(2, 6, 3), torch.nn.ReLU(),
+                              torch.nn.Conv2d(6, 5, 3, padding=1), torch.nn.ReLU(),
+                              torch.nn.Conv2d(5, 4, 3), torch.nn.ReLU(),
+                              torch.nn.Flatten(), torch.nn.Linear(4 * 8 * 8, 3)).double()
+    with torch.no_grad():
+        for m in net:
+            if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear)):
+                m.weight.copy_(torch.randn(m.weight.shape, generator=g, dtype=torch.float64))
+                m.bias.copy_(torch.randn(m.bias.shape, generator=g, dtype=torch.float64))
+        net[0].bias[[1, 4]] = -1e3  # two channels that never turn on
+        net[2].bias[2] = -1e3
+    return net.eval(), torch.randn(1, 2, 12, 12, generator=g, dtype=torch.float64)
+
+
+@pytest.mark.parametrize("eps", [0.01, 0.3])
+def test_channel_subsets_leave_local_bounds_unchanged(monkeypatch, eps):
+    """Lanczos products on the live channels only: the same bounds as on the whole layers
+    (same operator, same start vectors), above the exact masked norms and a sampled lower
+    bound, and a warm-start vector in the block's own input space."""
+    import lipbound.analyzer as az
+    from core_helpers import local_lower_bound
+
+    net, x0 = _dead_channel_net()
+    calls = []
+    orig = az.Analyzer._channel_subset
+
+    def spy(self, b, *a):
+        out = orig(self, b, *a)
+        calls.append(out[-1] is not None)
+        return out
+    monkeypatch.setattr(az.Analyzer, "_channel_subset", spy)
+    an = az.Analyzer(net, (2, 12, 12), spectral="lanczos")
+    an.warm_start = True
+    got = an.local_bound(x0, eps)
+    assert any(calls), "no layer ran on a channel subset"
+    for (_, i), v in an._warm.items():
+        assert v.numel() == an.blocks[i].in_dim
+    monkeypatch.setattr(az, "CHANNEL_SUBSET_MIN", 2.0)  # never
+    ref = az.Analyzer(net, (2, 12, 12), spectral="lanczos").local_bound(x0, eps)
+    assert got.value == pytest.approx(ref.value, rel=1e-10)
+    for a, b in zip(got.layers, ref.layers, strict=True):
+        assert a.local == pytest.approx(b.local, rel=1e-10)
+    exact = az.Analyzer(net, (2, 12, 12), spectral="exact").local_bound(x0, eps)
+    for a, b in zip(got.layers, exact.layers, strict=True):
+        assert a.local >= b.local / (1 + 1e-12)
+    low = local_lower_bound(net, x0, eps, 0, n_samples=200, ascent_starts=2,
+                            ascent_steps=10)[0]
+    assert got.value >= low

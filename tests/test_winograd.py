@@ -152,14 +152,18 @@ def test_convop_uses_it_only_when_enabled_and_eligible(monkeypatch):
     assert small._winograd() is None  # 10x10 output: conv2d
     x = torch.randn(3, *big.in_shape, dtype=DT)
     y = torch.randn(3, *big.out_shape, dtype=DT)
-    # outside winograd.enabled() (dense matrices, row norms, the exact route): conv2d, exactly
-    ref_x = F.conv2d(x, big.weight, None, 1, 1)
-    ref_y = F.conv_transpose2d(y, big.weight, None, 1, 1)
-    assert torch.equal(big.lin(x), ref_x) and torch.equal(big.lin_t(y), ref_y)
     calls = []
     real = Winograd3x3._correlate
     monkeypatch.setattr(Winograd3x3, "_correlate",
                         lambda self, *a: calls.append(1) or real(self, *a))
+    # outside winograd.enabled() (dense matrices, row norms, the exact route): conv2d, exactly
+    # (the transpose as conv2d with the flipped kernel where that pays: the same sums)
+    ref_x = F.conv2d(x, big.weight, None, 1, 1)
+    ref_y = F.conv_transpose2d(y, big.weight, None, 1, 1)
+    flip_y = F.conv2d(y, big.weight.flip(2, 3).transpose(0, 1), None, 1, 1)
+    assert torch.equal(big.lin(x), ref_x)
+    assert torch.equal(big.lin_t(y), flip_y if big._use_flip else ref_y)
+    assert _rel(flip_y, ref_y) <= 1e-13 and not calls
     with winograd.enabled():
         fast_x, fast_y = big.lin(x), big.lin_t(y)
         assert torch.equal(small.lin(x[:, :, :10, :10]),

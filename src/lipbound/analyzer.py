@@ -105,6 +105,10 @@ def _check_magnitudes(blocks: list[Block]) -> None:
                          "divide the next layer's by 2^k), or zero such coefficients")
 
 
+CHANNEL_SUBSET_MIN = 0.05
+"""A convolution's Lanczos products run on the channels that can move when that saves at
+least this fraction of its multiply-adds (see :meth:`Analyzer._channel_subset`)."""
+
 COMPACT_FRACTION = 0.6
 """A dense layer's masked matrix is copied to its active part when that is at most this
 fraction of the matrix (the copy costs about as much as a few products)."""
@@ -286,6 +290,7 @@ class Analyzer:
         self._global: dict[str, list[SpectralBound]] = {}
         self._warm: dict[tuple[str, int], Tensor] = {}
         self._dense: dict[tuple[str, int], Tensor] = {}
+        self._subsets: dict[tuple[str, int], tuple[Tensor, Tensor, AffineBlock]] = {}
         self._dense_requests: dict[tuple[str, int], int] = {}
         self._memo: dict[tuple, list[_MemoEntry]] = {}
         self._queries: dict[tuple, int] = {}
@@ -535,18 +540,65 @@ class Analyzer:
                     return dense() * r[:, None] * d[None, :]
             warm = [self._warm[warm_key]] if self.warm_start and warm_key in self._warm \
                 else None
+            # the Lanczos products run on the channels that can move (same operator, same
+            # compact coordinates in the same order, so the same start vector)
+            lb, lr, ld, lrows, lcols, in_ch = self._channel_subset(b, key, i, r, d, rows, cols)
             sb = spectral_upper(mv, rmv, n_in=b.in_dim, n_out=b.out_dim, cols=cols, rows=rows,
                                 device=self.device, dense=dense_masked,
                                 apply_flops=b.apply_flops(),
                                 mode=self.spectral, steps=self.lanczos_steps,
                                 failure_prob=delta, generator=self._gen(i),
                                 certified_alternatives=tuple(alts), exact_budget=EXACT_BUDGET,
-                                warm=warm, fast_error=b.fast_error(), block=_block_size(b),
-                                compact_maps=_masked_maps(b, r, d, rows, cols))
+                                warm=warm, fast_error=lb.fast_error(), block=_block_size(b),
+                                compact_maps=_masked_maps(lb, lr, ld, lrows, lcols))
+            if sb.vector is not None and in_ch is not None and sb.vector.numel() != b.in_dim:
+                # an image of the channel subset's maps: back to the block's input space
+                full = sb.vector.new_zeros(b.in_shape[0], b.in_dim // b.in_shape[0])
+                full.index_copy_(0, in_ch, sb.vector.reshape(in_ch.numel(), -1))
+                sb = replace(sb, vector=full.reshape(-1))
         if sb.vector is not None:
             self._warm[warm_key] = sb.vector
         self._remember(memo_key, r, d, sb)
         return sb, d_out, x_next
+
+    def _channel_subset(self, b: AffineBlock, key: str, i: int, r: Tensor, d: Tensor,
+                        rows: Tensor, cols: Tensor):
+        """``(block, r, d, rows, cols, in_ch)`` for the Lanczos products of ``R A D``: for an
+        ungrouped convolution whose masks leave whole channels out (a ReLU that cannot turn
+        on anywhere in a channel, an input channel that cannot move), the convolution
+        between the remaining channels (:meth:`AffineBlock.channel_subset`) with the masks
+        and active coordinates renumbered on it; otherwise the block itself (``in_ch`` None).
+        The two operators have the same nonzero entries, so the same norm, and the active
+        coordinates keep their order. CIFAR-10's conv2 at eps = 0.1 keeps 24 of its 32
+        output channels (and conv3 24 of 32 inputs): their products are 25 % cheaper."""
+        m = b.mixing
+        plain = (b, r, d, rows, cols, None)
+        if not (isinstance(m, ConvOp) and m.groups == 1 and len(b.in_shape) == 3
+                and tuple(b.in_shape) == tuple(m.in_shape)
+                and tuple(b.out_shape) == tuple(m.out_shape)):
+            return plain
+        c_in, c_out = b.in_shape[0], b.out_shape[0]
+        in_ch = torch.nonzero(d.reshape(c_in, -1).amax(1) > 0).reshape(-1)
+        out_ch = torch.nonzero(r.reshape(c_out, -1).amax(1) > 0).reshape(-1)
+        ni, no = int(in_ch.numel()), int(out_ch.numel())
+        if ni == 0 or no == 0 or ni * no > (1.0 - CHANNEL_SUBSET_MIN) * c_in * c_out:
+            return plain
+        hit = self._subsets.get((key, i))
+        if hit is not None and torch.equal(hit[0], in_ch) and torch.equal(hit[1], out_ch):
+            sub = hit[2]
+        else:
+            sub = b.channel_subset(in_ch, out_ch)
+            self._subsets[(key, i)] = (in_ch, out_ch, sub)
+
+        def renumber(idx: Tensor, ch: Tensor, c: int, per: int) -> Tensor:
+            pos = torch.full((c,), -1, dtype=torch.int64, device=idx.device)
+            pos[ch] = torch.arange(ch.numel(), device=idx.device)
+            return pos[idx // per] * per + idx % per
+        hw_in, hw_out = b.in_dim // c_in, b.out_dim // c_out
+        r2 = r.reshape(c_out, -1).index_select(0, out_ch).reshape(-1)
+        d2 = d.reshape(c_in, -1).index_select(0, in_ch).reshape(-1)
+        return (sub, r2, d2, renumber(rows, out_ch, c_out, hw_out),
+                renumber(cols, in_ch, c_in, hw_in), in_ch)
 
     def _remember(self, memo_key: tuple, r: Tensor, d: Tensor,
                   sb: SpectralBound) -> None:

@@ -142,6 +142,20 @@ class AffineBlock:
     def apply_flops(self) -> float:
         return self.mixing.flops() if self.mixing is not None else float(self.in_dim)
 
+    def channel_subset(self, in_ch: Tensor, out_ch: Tensor) -> AffineBlock:
+        """The linear part of a convolution block restricted to input channels ``in_ch`` and
+        output channels ``out_ch`` (sorted): ``lin`` / ``lin_t`` of the result are those of
+        this block composed with the channel selections (scales included; no bias, so it is
+        not meant for :meth:`forward`). Used where the other channels are masked out."""
+        conv = self.mixing.channel_subset(in_ch, out_ch)  # type: ignore[union-attr]
+        sub = AffineBlock([conv], self.relu, relu_name=self.relu_name)
+
+        def pick(s: Tensor | None, shape, ch: Tensor) -> Tensor | None:
+            return None if s is None else s.reshape(shape).index_select(0, ch).reshape(-1)
+        sub.s_in = pick(self.s_in, self.in_shape, in_ch)
+        sub.s_out = pick(self.s_out, self.out_shape, out_ch)
+        return sub
+
 
 class PoolBlock:
     kind = "maxpool"
