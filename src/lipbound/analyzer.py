@@ -517,8 +517,10 @@ class Analyzer:
             dense = self._cached_dense(b, key, i)
         warm_key = (key, i)
         na, ma = int(cols.numel()), int(rows.numel())
-        if dense is not None and (na * ma <= COMPACT_FRACTION * b.in_dim * b.out_dim
-                                  or lo * lo * hi <= EXACT_BUDGET):
+        everything = na == b.in_dim and ma == b.out_dim  # nothing to leave out
+        if dense is not None and not everything and (
+                na * ma <= COMPACT_FRACTION * b.in_dim * b.out_dim
+                or lo * lo * hi <= EXACT_BUDGET):
             # the masked matrix restricted to its active rows and columns, formed once: every
             # later product (Lanczos) reads only that part. Same operator, same start vector
             # (drawn on the active coordinates in the same order).
