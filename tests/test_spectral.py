@@ -151,7 +151,9 @@ def test_lanczos_full_when_steps_cover_the_dimension(kind):
         mat = make_matrix(kind, m, n, seed)
         true = spectral_norm(mat)
         res = _upper(mat, "lanczos", steps=max(n, 4), seed=seed)
-        assert res.method in ("lanczos-full", "zero"), res
+        # a zero operator gives a zero first image: no estimate, so the exact route
+        zero = not bool(mat.any())
+        assert res.method in (("svd",) if zero else ("lanczos-full", "zero")), res
         assert res.guarantee == Guarantee.CERTIFIED and res.failure_prob == 0.0
         assert res.value >= true
         assert res.value <= true * (1 + 1e-8)

@@ -311,7 +311,10 @@ def test_rank_deficient_and_invariant_krylov_spaces(m, n, rank, steps):
     elif res.method == "lanczos":
         assert res.guarantee == Guarantee.PROBABILISTIC
     th = top(mat, steps, steps)
-    assert th.theta >= 0.0 and th.dim <= min(steps, n)
+    if rank == 0:  # a zero first image: the run reports no estimate (an underflow looks alike)
+        assert math.isnan(th.theta) and th.vector is None and res.method == "svd"
+    else:
+        assert th.theta >= 0.0 and th.dim <= min(steps, n)
 
 
 def test_start_orthogonal_to_the_top_direction_restarts():

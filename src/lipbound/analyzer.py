@@ -181,18 +181,19 @@ def _masked_maps(b: AffineBlock, r: Tensor, d: Tensor, rows: Tensor, cols: Tenso
     all_out = rows.numel() == b.out_dim
     d_full = None if bool((d == 1).all()) else d
 
-    buffers: dict[tuple[int, int], Tensor] = {}
-
-    def scatter(v: Tensor, idx: Tensor, n: int) -> Tensor:
-        # a buffer kept per shape: its inactive coordinates are zero and stay zero (only
-        # the active ones are ever written); it is read, never kept, by the layer's maps
-        out = buffers.get((v.shape[0], n))
-        if out is None:
-            out = buffers[(v.shape[0], n)] = v.new_zeros(v.shape[0], n)
-        out[:, idx] = v
-        return out
-
     def maps(swap: bool):
+        # buffers kept per shape, for this pair of maps only (the two sides scatter onto
+        # different coordinates): inactive coordinates are zero and stay zero (only the
+        # active ones are ever written); a buffer is read, never kept, by the layer's maps
+        buffers: dict[tuple[int, int], Tensor] = {}
+
+        def scatter(v: Tensor, idx: Tensor, n: int) -> Tensor:
+            out = buffers.get((v.shape[0], n))
+            if out is None:
+                out = buffers[(v.shape[0], n)] = v.new_zeros(v.shape[0], n)
+            out[:, idx] = v
+            return out
+
         if not swap:
             def mv_c(v: Tensor) -> Tensor:  # compact cols -> R A D v (full output)
                 return b.lin(v if all_in else scatter(v, cols, b.in_dim)).mul_(r)
@@ -488,7 +489,11 @@ class Analyzer:
             return SpectralBound(v, Guarantee.CERTIFIED, 0.0, "closed-form", v), d_out, x_next
         cols = torch.nonzero(d > 0).reshape(-1)
         rows = torch.nonzero(r > 0).reshape(-1)
-        frob = math.sqrt(float(((r * rn) ** 2).sum())) * (1 + SAFETY)
+        # ||R A D||_F, scaled by its largest row so that no square underflows (r may be tiny)
+        rrn = r * rn
+        top = float(rrn.max()) if rrn.numel() else 0.0
+        frob = top * math.sqrt(float(((rrn / top) ** 2).sum())) * (1 + SAFETY) if top > 0 \
+            else 0.0
         alts = [(frob, "frobenius")]
         if gfac is not None and gfac.guarantee == Guarantee.CERTIFIED:
             alts.append((float(r.max()) * gfac.value if r.numel() else 0.0,
@@ -589,7 +594,8 @@ class Analyzer:
         if hit is not None and torch.equal(hit[0], in_ch) and torch.equal(hit[1], out_ch):
             sub = hit[2]
         else:
-            sub = b.channel_subset(in_ch, out_ch)
+            with torch.inference_mode(False):  # a cache: ordinary tensors
+                sub = b.channel_subset(in_ch, out_ch)
             self._subsets[(key, i)] = (in_ch, out_ch, sub)
 
         def renumber(idx: Tensor, ch: Tensor, c: int, per: int) -> Tensor:

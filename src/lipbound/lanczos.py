@@ -75,7 +75,9 @@ class LanczosResult:
 
     Attributes:
         theta: the top Ritz value of the operator in its own units (a lower estimate of
-            ``||M||^2`` up to rounding), plus the invariant-subspace slack when one was met.
+            ``||M||^2`` up to rounding), plus the invariant-subspace slack when one was met;
+            NaN (with ``sqrt_theta``) when the run could not start: a zero first image (a
+            zero operator, or products that underflow) or one too small to rescale.
         vector: the Ritz vector (flat, unit norm); ``None`` only for an empty run.
         k: the Krylov dimension the Kuczynski-Wozniakowski bound may use (single-vector runs:
             ``min(steps, n)`` after a completed run, the steps made after an early exit; block
@@ -128,6 +130,10 @@ class _Scaled:
     def __init__(self, mv: MapFn, rmv: MapFn, first_image: Tensor):
         self.mv, self.rmv = mv, rmv
         c0 = float(first_image.abs().max()) if first_image.numel() else 0.0
+        # a zero first image (an underflowed product, or a zero operator) or one too small to
+        # rescale (1 / c0 overflows) gives nothing to build on: the run reports no estimate
+        # (callers fall back on a certified alternative, or infinity)
+        self.usable = c0 != 0.0 and (math.isnan(c0) or math.isfinite(1.0 / c0))
         if c0 > 0.0 and math.isfinite(c0) and not (1 / _SAFE_SCALE <= c0 <= _SAFE_SCALE):
             self.sc = 1.0 / c0
         else:
@@ -189,6 +195,9 @@ def run_lanczos(mv: MapFn, rmv: MapFn, n: int, steps: int, generator: torch.Gene
             value (the bound holds for every step count on the same event, so the stopping
             rule does not change the failure probability).
 
+    A ``block > 1`` too big for ``n`` or ``steps`` (``n < 3 block`` or ``steps < 2``) runs the
+    single-vector method without an a posteriori bound (``post_c`` is then a block floor).
+
     Returns:
         A :class:`LanczosResult` with compact ``vector``.
     """
@@ -199,9 +208,16 @@ def run_lanczos(mv: MapFn, rmv: MapFn, n: int, steps: int, generator: torch.Gene
         raise ValueError(f"block must be >= 1, got {block}")
     if stop_theta is not None and kw_full is None and block == 1:
         raise ValueError("lanczos_top: stop_theta needs kw_full (the full run's KW factor)")
-    if block > 1 and steps >= 2 and n >= 3 * block:
-        return _run_block(mv, rmv, n, block, steps, generator, device, stop_theta=stop_theta,
-                          post_c=post_c, post_stop=post_stop)
+    if block > 1:
+        if steps >= 2 and n >= 3 * block:
+            return _run_block(mv, rmv, n, block, steps, generator, device,
+                              stop_theta=stop_theta, post_c=post_c, post_stop=post_stop)
+        # too small for a block run: a single vector, without the a posteriori bound (the
+        # given floor is the block method's, far above a single vector's) and, without
+        # kw_full, without the early exit
+        post_c = post_stop = None
+        if kw_full is None:
+            stop_theta = None
     return _run_single(mv, rmv, n, steps, generator, device, warm=warm,
                        stop_theta=stop_theta, kw_full=kw_full, post_c=post_c,
                        post_stop=post_stop)
@@ -241,6 +257,8 @@ def _run_single(mv: MapFn, rmv: MapFn, n: int, steps: int, generator: torch.Gene
     u = mv(q[0:1])
     nmv = 1
     op = _Scaled(mv, rmv, u)
+    if not op.usable:
+        return _unusable(nmv, 1)
     sc = op.sc
 
     def h_sym(m: int) -> Tensor:
@@ -421,13 +439,21 @@ def _run_single(mv: MapFn, rmv: MapFn, n: int, steps: int, generator: torch.Gene
         alphas.extend([0.0] * e)
         betas.extend([0.0] * e)
     kk = base + e
-    evals, evecs = torch.linalg.eigh(h_sym(kk))
+    hk = h_sym(kk)
+    if not bool(torch.isfinite(hk).all()):
+        return _unusable(nmv, 1)  # over- or underflow beyond the scaling: no estimate
+    evals, evecs = torch.linalg.eigh(hk)
     lam = float(evals[-1])
     vec = torch.mv(q[:kk].T, evecs[:, -1])
     return _finish(mv, op, vec, lam, nmv, slack if invariant_seen else 0.0,
                    k=base if dominated or post_stopped or not invariant_seen else k_max,
                    dim=base, dominated=dominated, post_best=post_best,
                    post_stopped=post_stopped, block=1)
+
+
+def _unusable(nmv: int, block: int) -> LanczosResult:
+    """A run that cannot start (see :class:`_Scaled`): no estimate (``sqrt_theta`` NaN)."""
+    return LanczosResult(math.nan, None, 0, 0, sqrt_theta=math.nan, matvecs=nmv, block=block)
 
 
 def _skip_checks(last: tuple[int, float] | None, excess: float, k: int) -> int:
@@ -498,6 +524,8 @@ def _run_block(mv: MapFn, rmv: MapFn, n: int, b: int, steps: int,
     img = mv(q[:b])
     nmv = b
     op = _Scaled(mv, rmv, img)
+    if not op.usable:
+        return _unusable(nmv, b)
     sc = op.sc
     post_ok = post_c is not None and post_c > 0
     post_best = math.inf
@@ -579,6 +607,8 @@ def _run_block(mv: MapFn, rmv: MapFn, n: int, b: int, steps: int,
         if math.sqrt(off_norm2) <= NONTRIDIAGONAL_TOL * sz:
             post_best = block_christoffel_bound(t, b, k, post_c)
     hs = h[:dim, :dim]
+    if not bool(torch.isfinite(hs).all()):
+        return _unusable(nmv, b)  # over- or underflow beyond the scaling: no estimate
     evals, evecs = torch.linalg.eigh((hs + hs.T) * 0.5)
     lam = float(evals[-1])
     vec = torch.mv(q[:dim].T, evecs[:, -1])

@@ -67,6 +67,11 @@ worst-case bound (VGG-16: 2e-10 to 2e-9 of the norm) is about 1e5 times the erro
 ``1 + 4 η`` (the Ritz value moves by at most about ``2 η θ``)."""
 
 
+BLOCK_SHARE = 0.875
+"""Share of a bound's failure probability given to a block Lanczos run; the rest goes to the
+single-vector run that follows a block run without a bound (:func:`spectral_upper`)."""
+
+
 @dataclass(frozen=True)
 class SpectralBound:
     """An upper bound on a spectral norm.
@@ -262,8 +267,9 @@ def spectral_upper(mv: Callable[[Tensor], Tensor], rmv: Callable[[Tensor], Tenso
             kept run's value is multiplied by ``1 + 4 fast_error / estimate``.
         block: block size of the Lanczos run (1: single vector; ``b > 1``: block Lanczos,
             cheaper where ``b`` products cost little more than one, e.g. memory-bound dense
-            layers; its a posteriori bound takes the whole failure probability). A block run
-            that yields no a posteriori bound is repeated with a single vector.
+            layers; its a posteriori bound takes ``BLOCK_SHARE`` of the failure probability).
+            A block run that yields no a posteriori bound is repeated with a single vector,
+            with the rest of the failure probability (a union bound over the two runs).
         compact_maps: ``compact_maps(swap)`` returns the Lanczos engine's maps on compact
             coordinates (``swap=False``: ``cols``, first map ``M``, second ``M^T`` gathered to
             ``cols``; ``swap=True``: ``rows``, first ``M^T``, second ``M`` gathered to
@@ -287,7 +293,8 @@ def spectral_upper(mv: Callable[[Tensor], Tensor], rmv: Callable[[Tensor], Tenso
     else:
         exact_cost = 2.0 * lo * apply_flops + 4.0 * hi * lo * lo
     use_exact = mode == "exact" or (mode == "auto" and (exact_cost <= exact_budget or lo <= 64))
-    if use_exact:
+
+    def exact() -> SpectralBound:
         if dense is not None:
             m = dense()[rows][:, cols]
         else:
@@ -297,6 +304,8 @@ def spectral_upper(mv: Callable[[Tensor], Tensor], rmv: Callable[[Tensor], Tenso
         if alts and alts[0][0] < val:
             return SpectralBound(alts[0][0], Guarantee.CERTIFIED, 0.0, alts[0][1], val)
         return best
+    if use_exact:
+        return exact()
     gen = generator if generator is not None else torch.Generator().manual_seed(0)
     # Lanczos on the smaller side: ||M|| = ||M^T||, and the basis, the re-orthogonalisation
     # and the KW dimension are those of the side actually used (compact coordinates).
@@ -319,9 +328,10 @@ def spectral_upper(mv: Callable[[Tensor], Tensor], rmv: Callable[[Tensor], Tenso
     if b > 1 and not (steps >= 2 and n_used >= 3 * b):
         b = 1
 
-    def attempt(bs: int) -> tuple[LanczosResult, float, float | None]:
-        """One run with block size bs: (result, fast-product inflation, KW failure prob)."""
-        prm = run_parameters(n_used, steps, failure_prob, alts, bs)
+    def attempt(bs: int, fp: float) -> tuple[LanczosResult, float, float | None]:
+        """One run with block size bs and failure probability fp: (result, fast-product
+        inflation, KW failure prob)."""
+        prm = run_parameters(n_used, steps, fp, alts, bs)
 
         def run() -> LanczosResult:
             return run_lanczos(l_mv, l_rmv, n_used, steps, gen, device, block=bs,
@@ -349,11 +359,17 @@ def spectral_upper(mv: Callable[[Tensor], Tensor], rmv: Callable[[Tensor], Tenso
         return res, infl, prm.delta_kw
 
     state0 = gen.get_state()
-    res, fast_infl, delta_kw = attempt(b)
+    # a block run that yields no bound is followed by a single-vector run: the reported
+    # bound fails only if one of the two runs' events fails, so they share δ (union bound)
+    res, fast_infl, delta_kw = attempt(b, failure_prob * (BLOCK_SHARE if b > 1 else 1.0))
     if b > 1 and not res.dominated and res.dim < n_used and not math.isfinite(res.post_sqrt):
         # no a posteriori bound from the block run (it has no a priori one): single vector
         gen.set_state(state0)
-        res, fast_infl, delta_kw = attempt(1)
+        res, fast_infl, delta_kw = attempt(1, failure_prob * (1.0 - BLOCK_SHARE))
+    if math.isnan(res.sqrt_theta) and not alts and exact_cost <= 4.0 * exact_budget:
+        # no estimate (a zero first image: a zero operator, or products that underflow) and
+        # nothing certified to fall back on: the exact route where affordable, else infinity
+        return exact()
     # the returned vector is always a right singular vector estimate of M (input side)
     if swap:
         vec = res.image
@@ -381,11 +397,10 @@ def run_parameters(n_used: int, steps: int, failure_prob: float,
                    alts: list[tuple[float, str]], block: int = 1) -> RunParameters:
     """The failure-probability split, the early exit against the smallest certified
     alternative ``alts[0]`` (sorted ascending) and the a posteriori stopping level of a run
-    on ``n_used`` coordinates (shared by :func:`spectral_upper` and the batched runs of
-    :mod:`lipbound.multi`)."""
+    on ``n_used`` coordinates (see :func:`spectral_upper`)."""
     k_full = min(steps, n_used)
     if block > 1:
-        # block runs report their a posteriori bound alone, with the whole δ
+        # block runs report their a posteriori bound alone, with the whole δ they are given
         post_c = block_overlap_floor(n_used, block, failure_prob)
         delta_kw = None
     else:

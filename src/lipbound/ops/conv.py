@@ -124,7 +124,8 @@ class ConvOp(MixingOp):
             # stride 1: the transpose is the correlation with the spatially flipped,
             # channel-swapped kernel and padding k - 1 - p (the same linear map)
             if self._flipped is None or self._flipped.device != self.weight.device:
-                self._flipped = self.weight.flip(2, 3).transpose(0, 1).contiguous()
+                with torch.inference_mode(False):  # a cache that may serve autograd later
+                    self._flipped = self.weight.flip(2, 3).transpose(0, 1).contiguous()
             kh, kw = self.weight.shape[-2:]
             return F.conv2d(y, self._flipped, None, 1,
                             (kh - 1 - self.padding[0], kw - 1 - self.padding[1]))
@@ -191,28 +192,6 @@ class ConvOp(MixingOp):
         sub = torch.zeros(n_rows, n_cols + 1, dtype=torch.float64, device=dev)
         sub.scatter_(1, p.reshape(n_rows, -1), vals.reshape(n_rows, -1))
         return sub[:, :n_cols]
-        o, rem = rows // (ho * wo), rows % (ho * wo)
-        i, j = rem // wo, rem % wo
-        grp = o // (c_out // self.groups)
-        ar = torch.arange
-        hin = (i * s1)[:, None, None, None] + (ar(kh, device=dev) * d1 - p1)[None, None, :, None]
-        win = (j * s2)[:, None, None, None] + (ar(kw, device=dev) * d2 - p2)[None, None, None, :]
-        cin = (grp * c_in_g)[:, None, None, None] + ar(c_in_g, device=dev)[None, :, None, None]
-        shape = (rows.numel(), c_in_g, kh, kw)
-        hin, win, cin = (t.expand(shape) for t in (hin, win, cin))
-        valid = (hin >= 0) & (hin < h) & (win >= 0) & (win < w)
-        flat = (cin * h + hin.clamp(0, h - 1)) * w + win.clamp(0, w - 1)
-        pos = torch.full((self.in_dim,), -1, dtype=torch.int64, device=dev)
-        pos[cols] = ar(cols.numel(), device=dev)
-        p = pos[flat]
-        keep = valid & (p >= 0)
-        vals = self.weight.index_select(0, o)  # (R, c_in_g, kh, kw)
-        if self.out_scale is not None:
-            sc = torch.broadcast_to(self.out_scale, tuple(self.out_shape)).reshape(-1)[rows]
-            vals = vals * sc[:, None, None, None]
-        ridx = ar(rows.numel(), device=dev)[:, None, None, None].expand(shape)
-        sub[ridx[keep], p[keep]] = vals[keep]
-        return sub
 
     def dense_matrix(self) -> Tensor:
         """The exact ``(out_dim, in_dim)`` float64 matrix of :meth:`lin` (``out_scale``

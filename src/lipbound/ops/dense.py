@@ -11,6 +11,7 @@ made on first use and kept: memory for speed, only for matrices that run block p
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor
 
 SMALL_BATCH = 2
@@ -36,7 +37,10 @@ class DenseProducts:
         if y.shape[0] <= SMALL_BATCH:
             return y @ self.m
         if self._mt is None:
-            self._mt = self.m.T.contiguous()
+            # an ordinary tensor even when made inside torch.inference_mode (the analyzer's
+            # bounds run there): the cache outlives the bound and may serve autograd later
+            with torch.inference_mode(False):
+                self._mt = self.m.T.contiguous()
         return (self._mt @ y.T.contiguous()).T.contiguous()
 
     def drop_transpose(self) -> None:

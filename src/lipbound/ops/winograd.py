@@ -183,7 +183,9 @@ class WinogradConv:
         self._delta: float | None = None
         self.padding = (int(padding[0]), int(padding[1]))
         self._u = self._transform(g, w)  # (36, c_out, c_in)
-        self._pad_buffers: dict[tuple, Tensor] = {}
+        # per thread: every call writes its input into the buffer (two threads sharing one
+        # buffer would overwrite each other's input)
+        self._local = threading.local()
         flipped = torch.flip(w, dims=(2, 3)).transpose(0, 1)  # (c_in, c_out, r, r)
         self._ut = self._transform(g, flipped)  # (36, c_in, c_out)
 
@@ -208,12 +210,15 @@ class WinogradConv:
         # rows needed: m th + r - 1 (the last tile reads TILE rows from its start)
         hp, wp = m * th + r - 1, m * tw + r - 1
         key = (b, c, hp, wp, ph, pw, x.device)
-        buf = self._pad_buffers.get(key)
+        buffers = getattr(self._local, "pad", None)
+        if buffers is None:
+            buffers = self._local.pad = {}
+        buf = buffers.get(key)
         if buf is None:
             # an ordinary tensor even when made inside torch.inference_mode (the analyzer's
             # bounds run there): it is written in place by every later call, wherever made
             with torch.inference_mode(False):
-                buf = self._pad_buffers[key] = torch.zeros(b, c, hp, wp, dtype=x.dtype,
+                buf = buffers[key] = torch.zeros(b, c, hp, wp, dtype=x.dtype,
                                                            device=x.device)
         buf[:, :, ph:ph + h, pw:pw + w] = x
         k = u.shape[1]
