@@ -400,3 +400,38 @@ def test_extreme_operator_scales_stay_finite_and_sound(scale):
         assert math.isfinite(res.value)
         # compare in the unscaled units: value / scale >= the true norm of base
         assert res.value / scale >= true * (1 - 1e-12), (scale, steps, res)
+
+
+@pytest.mark.parametrize("spectrum", ["continuum", "clustered", "gap"])
+def test_float32_update_copy_gives_the_float64_run(monkeypatch, spectrum):
+    """Runs on >= F32_UPDATE_MIN_N coordinates update from a float32 copy of the basis: the
+    same steps, Ritz values and a posteriori bounds as the all-float64 run (to rounding), and
+    the bound stays above the true norm."""
+    import lipbound.lanczos as lz
+    from lipbound.posterior import overlap_floor
+
+    n = lz.F32_UPDATE_MIN_N + 1000
+    g = torch.Generator().manual_seed(len(spectrum))
+    s = torch.rand(n, generator=g, dtype=DT)
+    if spectrum == "clustered":
+        s[:20] = 1.0 - 1e-6 * torch.rand(20, generator=g, dtype=DT)
+    elif spectrum == "gap":
+        s = s * 0.5
+        s[0] = 1.0
+    else:
+        s = s ** 0.25  # a continuous top
+    true = float(s.max())
+
+    def run():
+        return lz.run_lanczos(lambda v: v * s, lambda y: y * s, n, 48,
+                              torch.Generator().manual_seed(7), "cpu",
+                              post_c=overlap_floor(n, 1e-6 / 2), post_stop=1.02)
+    fast = run()
+    monkeypatch.setattr(lz, "F32_UPDATE_MIN_N", 10 ** 12)
+    ref = run()
+    assert fast.k == ref.k and fast.dim == ref.dim and fast.matvecs == ref.matvecs
+    assert fast.sqrt_theta == pytest.approx(ref.sqrt_theta, rel=1e-12)
+    if math.isfinite(ref.post_sqrt):
+        assert fast.post_sqrt == pytest.approx(ref.post_sqrt, rel=1e-9)
+        assert fast.post_sqrt >= true
+    assert fast.sqrt_theta <= true * (1 + 1e-12)

@@ -62,6 +62,18 @@ _SAFE_SCALE = 1e50
 """Operators whose first image has its largest entry within ``[1/_SAFE_SCALE, _SAFE_SCALE]``
 are run in their own units (no squares can over- or underflow); others are rescaled."""
 
+F32_UPDATE_MIN_N = 32768
+"""From this many coordinates a single-vector run keeps a float32 copy of its basis for the
+Gram-Schmidt *update* ``w -= Q^T c`` (the coefficients ``c = Q w`` are always float64). The
+update is a memory-bound pass over the basis, half as long in float32 (VGG-16 conv1_2, 40 x
+1.7M: 16.4 -> 8.5 ms). Its error is below ``(j + 3) 2^-23 ||c||_1``, which is checked
+against ``2^-52 ||w||`` after the update (a float64 pass follows otherwise): with
+re-orthogonalisation at every step ``||c||`` is at rounding level, so the result is as
+orthogonal as the float64 update's."""
+
+_U32 = 2.0 ** -23
+_U64 = 2.0 ** -52
+
 _INVARIANT = 1e-9
 """A residual below this fraction of the largest ``||A q_j||`` means an invariant subspace."""
 
@@ -254,6 +266,10 @@ def _run_single(mv: MapFn, rmv: MapFn, n: int, steps: int, generator: torch.Gene
     alphas: list[float] = []
     betas: list[float] = []
     q[0] = _start_block(n, 1, generator, device)[0]
+    q32 = None
+    if n >= F32_UPDATE_MIN_N:
+        q32 = torch.empty(size, n, dtype=torch.float32, device=device)
+        q32[0] = q[0]
     u = mv(q[0:1])
     nmv = 1
     op = _Scaled(mv, rmv, u)
@@ -336,11 +352,15 @@ def _run_single(mv: MapFn, rmv: MapFn, n: int, steps: int, generator: torch.Gene
         w.add_(q[j], alpha=-alpha)
         qj = q[:j + 1]
         coef = torch.mv(qj, w)
-        w.addmv_(qj.T, coef, alpha=-1.0)
+        if q32 is not None:  # the update from the float32 copy (F32_UPDATE_MIN_N)
+            w.sub_(torch.mv(q32[:j + 1].T, coef.to(torch.float32)).to(f64))
+        else:
+            w.addmv_(qj.T, coef, alpha=-1.0)
         beta = _norm(w)
         c2n = float(torch.dot(coef, coef))
         nrm1 = math.sqrt(beta * beta + c2n)  # ||w|| after the three-term step
-        if beta < _DGKS * nrm1:
+        coarse = q32 is not None and (j + 3) * _U32 * float(coef.abs().sum()) > _U64 * beta
+        if beta < _DGKS * nrm1 or coarse:
             c2 = torch.mv(qj, w)
             w.addmv_(qj.T, c2, alpha=-1.0)
             coef += c2
@@ -408,6 +428,8 @@ def _run_single(mv: MapFn, rmv: MapFn, n: int, steps: int, generator: torch.Gene
         else:
             torch.div(w, beta, out=q[j + 1])
             beta_prev = beta
+        if q32 is not None:
+            q32[j + 1] = q[j + 1]
         betas.append(beta_prev)
         w = v = None
         j += 1
