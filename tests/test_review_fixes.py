@@ -193,3 +193,31 @@ def test_two_threads_on_one_analyzer_give_the_sequential_bounds():
     finally:
         wmod.MIN_MIXING, wmod.MIN_OUTPUT_PIXELS = old
     assert got == pytest.approx(seq, rel=1e-12)
+
+
+def test_analyzers_with_winograd_layers_copy_and_pickle():
+    """The per-thread Winograd buffers are caches: deep copies and pickles of an analyzer
+    that has used them work and give the same bounds."""
+    import copy
+    import pickle
+
+    import lipbound.ops.winograd as wmod
+
+    g = torch.Generator().manual_seed(5)
+    net = torch.nn.Sequential(torch.nn.Conv2d(16, 16, 3, padding=1), torch.nn.ReLU(),
+                              torch.nn.Flatten(), torch.nn.Linear(16 * 12 * 12, 3)).double()
+    with torch.no_grad():
+        for p in net.parameters():
+            p.copy_(torch.randn(p.shape, generator=g, dtype=DT) * 0.1)
+    net.eval()
+    x0 = torch.randn(1, 16, 12, 12, generator=g, dtype=DT)
+    old = (wmod.MIN_MIXING, wmod.MIN_OUTPUT_PIXELS)
+    wmod.MIN_MIXING, wmod.MIN_OUTPUT_PIXELS = 4.0, 16
+    try:
+        an = Analyzer(net, (16, 12, 12), spectral="lanczos", lanczos_steps=12)
+        assert an.blocks[0].fast_error() is not None  # Winograd in use
+        first = an.local_bound(x0, 0.05).value
+        for twin in (copy.deepcopy(an), pickle.loads(pickle.dumps(an))):
+            assert twin.local_bound(x0, 0.05).value == pytest.approx(first, rel=1e-12)
+    finally:
+        wmod.MIN_MIXING, wmod.MIN_OUTPUT_PIXELS = old

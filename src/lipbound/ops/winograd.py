@@ -189,6 +189,16 @@ class WinogradConv:
         flipped = torch.flip(w, dims=(2, 3)).transpose(0, 1)  # (c_in, c_out, r, r)
         self._ut = self._transform(g, flipped)  # (36, c_in, c_out)
 
+    def __getstate__(self) -> dict:
+        # the per-thread buffers are caches: copies and pickles start without them
+        state = self.__dict__.copy()
+        state.pop("_local", None)
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._local = threading.local()
+
     @staticmethod
     def _transform(g: Tensor, w: Tensor) -> Tensor:
         u = g @ w @ g.T  # (K, C, 6, 6)
