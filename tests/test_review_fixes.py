@@ -221,3 +221,44 @@ def test_analyzers_with_winograd_layers_copy_and_pickle():
             assert twin.local_bound(x0, 0.05).value == pytest.approx(first, rel=1e-12)
     finally:
         wmod.MIN_MIXING, wmod.MIN_OUTPUT_PIXELS = old
+
+
+@pytest.mark.parametrize("scale", [1e-30, 1.0, 1e30])
+def test_float32_update_at_every_scale(monkeypatch, scale):
+    """The float32 Gram-Schmidt update scales its coefficients into float32's range: large
+    operators no longer overflow (it crashed with a certified alternative) and small ones no
+    longer lose orthogonality; the run is the float64 run's."""
+    import lipbound.lanczos as lz
+    from lipbound.spectral import bound_from_run, run_parameters
+
+    n = lz.F32_UPDATE_MIN_N
+    s = torch.rand(n, generator=torch.Generator().manual_seed(1), dtype=DT) * 0.9
+    s[0] = 1.0
+    s = s * scale
+    prm = run_parameters(n, 48, 1e-7, [(2.0 * scale, "alt")], 1)
+
+    def run():
+        return lz.run_lanczos(lambda v: v * s, lambda y: y * s, n, 48,
+                              torch.Generator().manual_seed(0), "cpu",
+                              stop_theta=prm.stop_theta, kw_full=prm.kw_full,
+                              post_c=prm.post_c, post_stop=prm.post_stop)
+    fast = run()
+    monkeypatch.setattr(lz, "F32_UPDATE_MIN_N", 10 ** 12)
+    ref = run()
+    assert fast.k == ref.k and fast.sqrt_theta == pytest.approx(ref.sqrt_theta, rel=1e-12)
+    assert fast.post_sqrt == pytest.approx(ref.post_sqrt, rel=1e-9)
+    sb = bound_from_run(fast, n, 1e-7, prm.delta_kw, [(2.0 * scale, "alt")])
+    assert sb.value >= scale
+
+
+@pytest.mark.parametrize("block", [1, 8])
+def test_overflowing_products_fall_back_to_the_alternative(block):
+    """Products that overflow (entries near 1e307): no crash, the certified alternative."""
+    g = torch.Generator().manual_seed(6)
+    mat = torch.randn(300, 400, generator=g, dtype=DT) * 1e307
+    res = spectral_upper(lambda v: v @ mat.T, lambda y: y @ mat, n_in=400, n_out=300,
+                         cols=torch.arange(400), rows=torch.arange(300), device="cpu",
+                         apply_flops=1.2e5, mode="lanczos", steps=16, failure_prob=1e-6,
+                         generator=torch.Generator().manual_seed(0), block=block,
+                         certified_alternatives=((1.7e308, "big"),))
+    assert res.method == "big" and res.value == 1.7e308

@@ -66,10 +66,12 @@ F32_UPDATE_MIN_N = 32768
 """From this many coordinates a single-vector run keeps a float32 copy of its basis for the
 Gram-Schmidt *update* ``w -= Q^T c`` (the coefficients ``c = Q w`` are always float64). The
 update is a memory-bound pass over the basis, half as long in float32 (VGG-16 conv1_2, 40 x
-1.7M: 16.4 -> 8.5 ms). Its error is below ``(j + 3) 2^-23 ||c||_1``, which is checked
-against ``2^-52 ||w||`` after the update (a float64 pass follows otherwise): with
-re-orthogonalisation at every step ``||c||`` is at rounding level, so the result is as
-orthogonal as the float64 update's."""
+1.7M: 16.4 -> 8.5 ms). ``c`` is scaled by a power of two into float32's range first; the
+error is then below ``(j + 3) 2^-23 ||c||_1``, which is checked against ``2^-52 ||w||`` after
+the update (a float64 pass follows otherwise): with re-orthogonalisation at every step
+``||c||`` is at rounding level, so the result is as orthogonal as the float64 update's. Only
+with ``torch.get_float32_matmul_precision() == "highest"`` (the default): other settings
+allow reduced-precision float32 products."""
 
 _U32 = 2.0 ** -23
 _U64 = 2.0 ** -52
@@ -142,10 +144,11 @@ class _Scaled:
     def __init__(self, mv: MapFn, rmv: MapFn, first_image: Tensor):
         self.mv, self.rmv = mv, rmv
         c0 = float(first_image.abs().max()) if first_image.numel() else 0.0
-        # a zero first image (an underflowed product, or a zero operator) or one too small to
-        # rescale (1 / c0 overflows) gives nothing to build on: the run reports no estimate
-        # (callers fall back on a certified alternative, or infinity)
-        self.usable = c0 != 0.0 and (math.isnan(c0) or math.isfinite(1.0 / c0))
+        # a zero first image (an underflowed product, or a zero operator), one too small to
+        # rescale (1 / c0 overflows) or a non-finite one (overflowed products) gives nothing
+        # to build on: the run reports no estimate (callers fall back on the exact route, a
+        # certified alternative, or infinity)
+        self.usable = 0.0 < c0 < math.inf and math.isfinite(1.0 / c0)
         if c0 > 0.0 and math.isfinite(c0) and not (1 / _SAFE_SCALE <= c0 <= _SAFE_SCALE):
             self.sc = 1.0 / c0
         else:
@@ -267,7 +270,8 @@ def _run_single(mv: MapFn, rmv: MapFn, n: int, steps: int, generator: torch.Gene
     betas: list[float] = []
     q[0] = _start_block(n, 1, generator, device)[0]
     q32 = None
-    if n >= F32_UPDATE_MIN_N:
+    # (only where float32 products are float32: "high"/"medium" allow TF32 / bfloat16)
+    if n >= F32_UPDATE_MIN_N and torch.get_float32_matmul_precision() == "highest":
         q32 = torch.empty(size, n, dtype=torch.float32, device=device)
         q32[0] = q[0]
     u = mv(q[0:1])
@@ -308,12 +312,15 @@ def _run_single(mv: MapFn, rmv: MapFn, n: int, steps: int, generator: torch.Gene
         """A lower estimate of the top eigenvalue θ_m of the symmetrised leading m x m block
         of H: that of its tridiagonal part minus the Frobenius norm of the Gram-Schmidt
         coefficients above the diagonal (Weyl; symmetrising does not increase that norm).
-        Cheaper than forming H; the checks only decide where to stop."""
+        Cheaper than forming H; the checks only decide where to stop. NaN when the run's
+        numbers are not finite (overflow)."""
         t = torch.diag(torch.tensor([a + c for a, c in zip(alphas[:m], dcorr[:m],
                                                            strict=True)], dtype=f64))
         if m > 1:
             b_ = torch.tensor(betas[:m - 1], dtype=f64)
             t += torch.diag(b_, 1) + torch.diag(b_, -1)
+        if not (bool(torch.isfinite(t).all()) and math.isfinite(off2[m - 1])):
+            return math.nan
         return float(torch.linalg.eigvalsh(t)[-1]) - math.sqrt(off2[m - 1])
 
     def post_bound(m: int, beta_m: float) -> float:
@@ -353,7 +360,7 @@ def _run_single(mv: MapFn, rmv: MapFn, n: int, steps: int, generator: torch.Gene
         qj = q[:j + 1]
         coef = torch.mv(qj, w)
         if q32 is not None:  # the update from the float32 copy (F32_UPDATE_MIN_N)
-            w.sub_(torch.mv(q32[:j + 1].T, coef.to(torch.float32)).to(f64))
+            _f32_update(w, q32[:j + 1], coef)
         else:
             w.addmv_(qj.T, coef, alpha=-1.0)
         beta = _norm(w)
@@ -384,6 +391,8 @@ def _run_single(mv: MapFn, rmv: MapFn, n: int, steps: int, generator: torch.Gene
                     dominated = True
                     break
                 lam = top_tridiagonal(k)
+                if math.isnan(lam):
+                    return _unusable(nmv, 1)  # overflow beyond the scaling: no estimate
                 bound = math.sqrt(max(lam, 0.0) * kw_full) / sc
                 if bound >= stop_norm:
                     dominated = True
@@ -394,6 +403,8 @@ def _run_single(mv: MapFn, rmv: MapFn, n: int, steps: int, generator: torch.Gene
             if post_checks and beta > _INVARIANT * scale and scale > 0.0:
                 if lam is None:
                     lam = top_tridiagonal(k)
+                    if math.isnan(lam):
+                        return _unusable(nmv, 1)
                 diag = post_tridiagonal(k, beta)
                 x_stop = max(lam, 0.0) * post_stop
                 excess = -math.inf
@@ -471,6 +482,19 @@ def _run_single(mv: MapFn, rmv: MapFn, n: int, steps: int, generator: torch.Gene
                    k=base if dominated or post_stopped or not invariant_seen else k_max,
                    dim=base, dominated=dominated, post_best=post_best,
                    post_stopped=post_stopped, block=1)
+
+
+def _f32_update(w: Tensor, q32: Tensor, coef: Tensor) -> None:
+    """``w -= Q^T c`` with the float32 copy ``q32`` of the basis (see ``F32_UPDATE_MIN_N``):
+    ``c`` is scaled by a power of two (exact) so that its largest entry lies in [0.5, 1)
+    before it is rounded to float32, which keeps the error model ``(j + 3) 2^-23 ||c||_1``
+    valid at every scale (no float32 overflow or underflow of the coefficients)."""
+    top = float(coef.abs().max())
+    if not 0.0 < top < math.inf:
+        return  # nothing to remove, or w is not finite already (the checks catch it)
+    e = math.frexp(top)[1]
+    c32 = (coef * math.ldexp(1.0, -e)).to(torch.float32)
+    w.sub_(torch.mv(q32.T, c32).to(w.dtype).mul_(math.ldexp(1.0, e)))
 
 
 def _unusable(nmv: int, block: int) -> LanczosResult:
@@ -609,6 +633,8 @@ def _run_block(mv: MapFn, rmv: MapFn, n: int, b: int, steps: int,
         if k >= next_check and (stop_lam is not None or (post_ok and post_stop is not None)):
             next_check = k + check_every
             t = _block_tridiagonal(h, k, b)
+            if not bool(torch.isfinite(t).all()):
+                return _unusable(nmv, b)  # overflow beyond the scaling: no estimate
             lam = float(torch.linalg.eigvalsh(t)[-1])
             if stop_lam is not None and lam >= stop_lam:
                 dominated = True
