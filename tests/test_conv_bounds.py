@@ -354,6 +354,19 @@ def test_cholesky_certified_bound_is_sound_and_as_tight_as_eigvalsh(op):
     assert exact <= worst <= old * (1 + 1e-9)
 
 
+def _failure_spy():
+    """A wrapper of ``_cholesky_upper`` that records, per call, how many factorisations
+    failed (non-finite results), and the list it appends to."""
+    failures: list[int] = []
+    real = conv_mod._cholesky_upper
+
+    def spy(gram, level):
+        out = real(gram, level)
+        failures.append(int((~torch.isfinite(out)).sum()))
+        return out
+    return spy, failures
+
+
 @pytest.mark.parametrize("margin, retries", [(-1e-3, 2), (-0.05, 2), (-1e-3, 0), (-0.2, 1)])
 @pytest.mark.parametrize("args", [
     (4, 6, 3, 3, 1, 1, 1, 1, 8, 8, 21),    # stride 1, Gram of the input side
@@ -365,13 +378,7 @@ def test_levels_below_the_maximum_fall_back_to_eigvalsh(args, margin, retries):
     factorisations fail (checked) and those frequencies take the eigvalsh route; the bound
     must stay above the exact norm and equal the eigvalsh-only bound (up to rounding)."""
     op = _make(*args)
-    failures = []
-    real = conv_mod._cholesky_upper
-
-    def spy(gram, level):
-        out = real(gram, level)
-        failures.append(int((~torch.isfinite(out)).sum()))
-        return out
+    spy, failures = _failure_spy()
 
     new, old = _certified_and_eig_only(op, _LEVEL_MARGIN=margin, _LEVEL_RETRIES=retries,
                                        _cholesky_upper=spy)
@@ -388,13 +395,7 @@ def test_worst_candidate_order_still_certifies(retries):
     """Estimates that rank the frequencies backwards (the smallest top eigenvalue gets
     eigvalsh first) cost more factorisations but never a wrong or looser bound."""
     op = _make(4, 4, 3, 3, 1, 1, 1, 1, 10, 10, seed=31)
-    failures = []
-    real = conv_mod._cholesky_upper
-
-    def spy(gram, level):
-        out = real(gram, level)
-        failures.append(int((~torch.isfinite(out)).sum()))
-        return out
+    spy, failures = _failure_spy()
 
     new, old = _certified_and_eig_only(op, _LEVEL_RETRIES=retries, _group_tops=_worst_first,
                                        _cholesky_upper=spy)

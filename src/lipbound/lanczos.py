@@ -149,7 +149,7 @@ class _Scaled:
         # to build on: the run reports no estimate (callers fall back on the exact route, a
         # certified alternative, or infinity)
         self.usable = 0.0 < c0 < math.inf and math.isfinite(1.0 / c0)
-        if c0 > 0.0 and math.isfinite(c0) and not (1 / _SAFE_SCALE <= c0 <= _SAFE_SCALE):
+        if self.usable and not (1 / _SAFE_SCALE <= c0 <= _SAFE_SCALE):
             self.sc = 1.0 / c0
         else:
             self.sc = 1.0
@@ -269,17 +269,17 @@ def _run_single(mv: MapFn, rmv: MapFn, n: int, steps: int, generator: torch.Gene
     alphas: list[float] = []
     betas: list[float] = []
     q[0] = _start_block(n, 1, generator, device)[0]
-    q32 = None
-    # (only where float32 products are float32: "high"/"medium" allow TF32 / bfloat16)
-    if n >= F32_UPDATE_MIN_N and torch.get_float32_matmul_precision() == "highest":
-        q32 = torch.empty(size, n, dtype=torch.float32, device=device)
-        q32[0] = q[0]
     u = mv(q[0:1])
     nmv = 1
     op = _Scaled(mv, rmv, u)
     if not op.usable:
         return _unusable(nmv, 1)
     sc = op.sc
+    q32 = None
+    # (only where float32 products are float32: "high"/"medium" allow TF32 / bfloat16)
+    if n >= F32_UPDATE_MIN_N and torch.get_float32_matmul_precision() == "highest":
+        q32 = torch.empty(size, n, dtype=torch.float32, device=device)
+        q32[0] = q[0]
 
     def h_sym(m: int) -> Tensor:
         c = h[:m, :m]
@@ -498,7 +498,8 @@ def _f32_update(w: Tensor, q32: Tensor, coef: Tensor) -> None:
 
 
 def _unusable(nmv: int, block: int) -> LanczosResult:
-    """A run that cannot start (see :class:`_Scaled`): no estimate (``sqrt_theta`` NaN)."""
+    """A run that cannot start (see :class:`_Scaled`) or whose numbers stopped being finite
+    (overflow beyond the scaling): no estimate (``sqrt_theta`` NaN)."""
     return LanczosResult(math.nan, None, 0, 0, sqrt_theta=math.nan, matvecs=nmv, block=block)
 
 

@@ -229,7 +229,7 @@ class WinogradConv:
             # bounds run there): it is written in place by every later call, wherever made
             with torch.inference_mode(False):
                 buf = buffers[key] = torch.zeros(b, c, hp, wp, dtype=x.dtype,
-                                                           device=x.device)
+                                                 device=x.device)
         buf[:, :, ph:ph + h, pw:pw + w] = x
         k = u.shape[1]
         out = x.new_empty(b, k, ho, wo)
