@@ -435,3 +435,30 @@ def test_float32_update_copy_gives_the_float64_run(monkeypatch, spectrum):
         assert fast.post_sqrt == pytest.approx(ref.post_sqrt, rel=1e-9)
         assert fast.post_sqrt >= true
     assert fast.sqrt_theta <= true * (1 + 1e-12)
+
+
+@pytest.mark.parametrize("stop", (1.015, 1.02, 1.023, 1.025, 1.026, 1.027))
+def test_early_exit_is_not_delayed_by_skipped_a_posteriori_checks(stop):
+    """The early-exit test keeps its own schedule: a run whose a posteriori checks are being
+    skipped (slow Christoffel growth: 3000 coordinates, a dense spectrum near the top) still
+    stops at the first step of the check grid where the inflated Ritz value reaches the
+    alternative (before, it waited for the next a posteriori check: up to 12 steps later).
+    The reference Ritz values come from runs of each length from the same start."""
+    from lipbound.lanczos import run_lanczos
+    from lipbound.posterior import overlap_floor
+
+    n = 3000
+    d = torch.sqrt(torch.linspace(0.0, 1.0, n, dtype=DT))
+
+    def run(steps: int, **kw) -> LanczosResult:
+        return run_lanczos(lambda v: v * d, lambda y: y * d, n, steps,
+                           torch.Generator().manual_seed(1), "cpu",
+                           post_c=overlap_floor(n, 1e-7), post_stop=1.001, **kw)
+
+    f = kw_factor(n, 64, 1e-7)
+    thetas = {k: run(k).theta for k in range(4, 65, 4)}
+    first = min(k for k, th in thetas.items() if th * f >= stop * (1 + 1e-9))
+    res = run(64, stop_theta=stop, kw_full=f)
+    assert res.dominated and res.k == first
+    assert res.theta * f >= stop * (1 - 1e-12)  # the exit is justified
+    assert res.theta <= 1.0 * (1 + RITZ_TOL)  # Ritz values stay below ||M||^2 = 1

@@ -337,7 +337,11 @@ def _run_single(mv: MapFn, rmv: MapFn, n: int, steps: int, generator: torch.Gene
     slack = 0.0
     invariant_seen = False
     dominated = False
-    next_check = _CHECK_EVERY
+    # the early-exit test and the a posteriori test keep their own schedules (both on the
+    # grid of multiples of _CHECK_EVERY): a posteriori checks skipped by _skip_checks do not
+    # delay the early exit, and an early exit that is far off does not delay them
+    next_dom = _CHECK_EVERY if stop_norm is not None else math.inf
+    next_post = _CHECK_EVERY
     beta_prev = 0.0
     k = 0
     j = 0
@@ -383,8 +387,8 @@ def _run_single(mv: MapFn, rmv: MapFn, n: int, steps: int, generator: torch.Gene
         alphas.append(alpha)
         k = j + 1
         post_checks = post_ok and post_stop is not None
-        if k >= next_check and (stop_norm is not None or post_checks):
-            next_check = k + _CHECK_EVERY
+        do_post = post_checks and k >= next_post
+        if k >= next_dom or do_post:
             lam = None
             if stop_norm is not None:
                 if kw_full == math.inf:
@@ -398,9 +402,10 @@ def _run_single(mv: MapFn, rmv: MapFn, n: int, steps: int, generator: torch.Gene
                     dominated = True
                     break
                 far = k >= 2 * _CHECK_EVERY and bound < 0.8 * stop_norm
-                if far and not post_checks:
-                    next_check = k + 4 * _CHECK_EVERY
-            if post_checks and beta > _INVARIANT * scale and scale > 0.0:
+                next_dom = k + (4 if far else 1) * _CHECK_EVERY
+            if do_post:
+                next_post = k + _CHECK_EVERY
+            if do_post and beta > _INVARIANT * scale and scale > 0.0:
                 if lam is None:
                     lam = top_tridiagonal(k)
                     if math.isnan(lam):
@@ -415,7 +420,7 @@ def _run_single(mv: MapFn, rmv: MapFn, n: int, steps: int, generator: torch.Gene
                     post_best = min(u_j, x_stop)
                     post_stopped = True
                     break
-                next_check = max(next_check, k + _skip_checks(last_excess, excess, k))
+                next_post = k + _skip_checks(last_excess, excess, k)
                 last_excess = (k, excess)
         if beta <= _INVARIANT * scale or scale == 0.0:
             invariant_seen = True
