@@ -21,7 +21,7 @@ from torch import Tensor, nn
 from .blocks import AffineBlock, Block, PoolBlock, build_blocks
 from .errors import InputError
 from .graph import trace_model
-from .ops.conv import ConvOp, circulant_norm_bound
+from .ops.conv import ConvOp, circulant_probe
 from .ops.dense import DenseProducts
 from .ops.linear import LinearOp
 from .results import BoundResult, Guarantee, LayerFactor, combine_guarantees
@@ -61,6 +61,11 @@ def _model_device(model: nn.Module) -> torch.device:
         return t.device
     return torch.device("cpu")
 
+
+PROBE_MIN_FLOPS = 500_000
+"""Convolutions from this many multiply-adds per product get the circulant bound's test
+vector in global bounds (two to four products; below, a whole Lanczos run costs about as
+much: MNIST LeNet's layers)."""
 
 MEMO_ENTRIES = 8
 """Layer factors remembered per layer for reuse (:meth:`Analyzer._reuse`)."""
@@ -386,30 +391,36 @@ class Analyzer:
             allr = torch.arange(b.out_dim, device=self.device)
             frob = math.sqrt(float(b.sq_rows(torch.ones(1, b.in_dim, dtype=torch.float64,
                                                         device=self.device)).sum()))
+            alts, probe = self._block_alternatives(b, frob)
             out.append(spectral_upper(
                 b.lin, b.lin_t, n_in=b.in_dim, n_out=b.out_dim, cols=allc, rows=allr,
                 device=self.device, dense=b.dense_fn(), apply_flops=b.apply_flops(),
                 mode=self.spectral, steps=self.lanczos_steps, failure_prob=delta,
-                generator=self._gen(10_000 + i),
-                certified_alternatives=self._block_alternatives(b, frob),
-                fast_error=b.fast_error(), block=_block_size(b)))
+                generator=self._gen(10_000 + i), certified_alternatives=alts,
+                fast_error=b.fast_error(), block=_block_size(b), probe=probe))
         self._global[key] = out
         return out
 
-    def _block_alternatives(self, b: AffineBlock, frob: float) -> tuple[tuple[float, str], ...]:
-        """Cheap deterministic upper bounds on ||A|| of a block."""
+    def _block_alternatives(self, b: AffineBlock, frob: float
+                            ) -> tuple[tuple[tuple[float, str], ...], Tensor | None]:
+        """Cheap deterministic upper bounds on ||A|| of a block, and for a convolution whose
+        Lanczos run costs enough (``PROBE_MIN_FLOPS``) the circulant bound's test vector
+        (:func:`lipbound.ops.conv.circulant_probe`; ``spectral_upper`` may then report the
+        circulant bound without a run)."""
         alts = [(frob * (1 + SAFETY), "frobenius")]
+        probe = None
         if isinstance(b.mixing, ConvOp):
             # computed when within the default budget, or when it costs well under the
             # Lanczos run it may cut short (2 x steps products; measured on VGG-16 layers)
             budget = max(CIRCULANT_BUDGET, 2.0 * self.lanczos_steps * b.apply_flops())
-            c = circulant_norm_bound(b.mixing, budget_flops=budget)
+            c, probe = circulant_probe(b.mixing, budget_flops=budget,
+                                       probe=b.apply_flops() >= PROBE_MIN_FLOPS)
             if c is not None:
                 for s in (b.s_in, b.s_out):
                     if s is not None:
                         c *= float(s.abs().max())
                 alts.append((c * (1 + SAFETY), "fft-circulant"))
-        return tuple(alts)
+        return tuple(alts), probe
 
     @_without_autograd
     def global_bound(self, *, output_map: Tensor | None = None) -> BoundResult:

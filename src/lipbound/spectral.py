@@ -45,7 +45,7 @@ from dataclasses import dataclass, replace
 import torch
 from torch import Tensor
 
-from .lanczos import LanczosResult, run_lanczos
+from .lanczos import _STOP_MARGIN, LanczosResult, run_lanczos
 from .ops import winograd
 from .posterior import block_overlap_floor, overlap_floor
 from .results import Guarantee
@@ -242,8 +242,8 @@ def spectral_upper(mv: Callable[[Tensor], Tensor], rmv: Callable[[Tensor], Tenso
                    certified_alternatives: tuple[tuple[float, str], ...] = (),
                    warm: list[Tensor] | None = None,
                    fast_error: float | None = None, block: int = 1,
-                   compact_maps: Callable[[bool], tuple[MapFn, MapFn]] | None = None
-                   ) -> SpectralBound:
+                   compact_maps: Callable[[bool], tuple[MapFn, MapFn]] | None = None,
+                   probe: Tensor | None = None) -> SpectralBound:
     """Upper bound on ||M||_2 for the operator M given by ``mv`` (and transpose ``rmv``), which
     is zero outside input coordinates ``cols`` and output coordinates ``rows``.
 
@@ -274,6 +274,13 @@ def spectral_upper(mv: Callable[[Tensor], Tensor], rmv: Callable[[Tensor], Tenso
             coordinates (``swap=False``: ``cols``, first map ``M``, second ``M^T`` gathered to
             ``cols``; ``swap=True``: ``rows``, first ``M^T``, second ``M`` gathered to
             ``rows``); by default they are built from ``mv`` / ``rmv`` by scatter and gather.
+        probe: a vector of the input space (flat ``n_in``) expected to be close to a top right
+            singular vector (:func:`lipbound.ops.conv.circulant_probe`). Before a
+            single-vector run, up to ``PROBE_STEPS`` power steps from it give Rayleigh
+            quotients ``ℓ <= ||M||``; when ``ℓ^2`` passes the early-exit test of the run
+            (``ℓ^2 f >= alternative^2``, with ``f`` the KW factor of the completed run) the
+            smallest certified alternative is reported without a run. As with the early exit,
+            that value is then at most ``sqrt(f)`` times ``||M||``.
 
     Returns:
         A :class:`SpectralBound`. Its ``vector`` is a right singular vector estimate (flat
@@ -327,6 +334,11 @@ def spectral_upper(mv: Callable[[Tensor], Tensor], rmv: Callable[[Tensor], Tenso
     b = max(1, int(block))
     if b > 1 and not (steps >= 2 and n_used >= 3 * b):
         b = 1
+    if probe is not None and b == 1 and alts:
+        hit = _probe_dominates(mv, rmv, probe, cols, n_in, device,
+                               run_parameters(n_used, steps, failure_prob, alts, 1), alts)
+        if hit is not None:
+            return hit
 
     def attempt(bs: int, fp: float) -> tuple[LanczosResult, float, float | None]:
         """One run with block size bs and failure probability fp: (result, fast-product
@@ -380,6 +392,54 @@ def spectral_upper(mv: Callable[[Tensor], Tensor], rmv: Callable[[Tensor], Tenso
             full[idx] = vec
             vec = full
     return bound_from_run(res, n_used, failure_prob, delta_kw, alts, fast_infl, vec)
+
+
+PROBE_STEPS = 2
+"""Power steps from a probe vector (see :func:`spectral_upper`, ``probe``)."""
+
+
+def _probe_dominates(mv: MapFn, rmv: MapFn, probe: Tensor, cols: Tensor, n_in: int, device,
+                     prm: RunParameters, alts: list[tuple[float, str]]
+                     ) -> SpectralBound | None:
+    """The smallest certified alternative when a Rayleigh quotient from ``probe`` passes the
+    early-exit test of the run ``prm`` describes (see :func:`spectral_upper`), else None.
+
+    With ``x`` the probe restricted to ``cols`` and ``y = M x``: ``||M^T y|| / ||y||`` is at
+    least ``||y|| / ||x||`` (Cauchy-Schwarz) and at most ``||M||``; the next step starts from
+    ``M^T y``. Probing stops after the first step when the quotient is more than 2 % short
+    of the test (a probe far from the top: Lanczos will do better)."""
+    if prm.stop_theta is None or prm.kw_full is None or not math.isfinite(prm.kw_full):
+        return None
+    x = probe.to(device=device, dtype=torch.float64).reshape(1, -1)
+    if x.shape[1] != n_in:
+        return None
+    if cols.numel() != n_in:
+        keep = torch.zeros_like(x)
+        keep[:, cols] = x[:, cols]
+        x = keep
+    need = math.sqrt(prm.stop_theta) * (1 + _STOP_MARGIN)
+    root_f = math.sqrt(prm.kw_full)
+    for _ in range(PROBE_STEPS):
+        top = float(x.abs().max())
+        if not 0.0 < top < math.inf:
+            return None
+        x = x / top
+        y = mv(x)
+        ny = float(torch.linalg.vector_norm(y))
+        if not 0.0 < ny < math.inf:
+            return None
+        z = rmv(y)
+        ell = float(torch.linalg.vector_norm(z)) / ny
+        if not math.isfinite(ell):
+            return None
+        if ell * root_f >= need:
+            vec = z.reshape(-1)
+            return SpectralBound(alts[0][0], Guarantee.CERTIFIED, 0.0, alts[0][1], ell,
+                                 vec / float(torch.linalg.vector_norm(vec)))
+        if ell * root_f < 0.98 * need:
+            return None
+        x = z
+    return None
 
 
 @dataclass(frozen=True)

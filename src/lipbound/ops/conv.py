@@ -418,7 +418,7 @@ def _group_tops(est: Tensor, grp: Tensor, groups: int) -> Tensor:
 
 
 def _certify_chunk(gram: Tensor, gf: Tensor, grp: Tensor, levels: Tensor,
-                   cnu: float) -> Tensor:
+                   cnu: float, tops: list[tuple[float, int]] | None = None) -> Tensor:
     """Certified upper values of λmax(G) for a chunk of computed Gram matrices Ĝ (``gram``;
     Gram rounding term ``gf``, group index ``grp``), by Cholesky certification at the
     per-group ``levels`` (raised in place from the exact eigenvalues computed here).
@@ -434,6 +434,11 @@ def _certify_chunk(gram: Tensor, gf: Tensor, grp: Tensor, levels: Tensor,
     (:func:`_power_estimate`) does the same; after them every remaining pending matrix goes
     to ``eigvalsh``. Each round removes at least one matrix per group. Levels only grow, so a
     value certified at an earlier level stays valid.
+
+    ``tops``, when given, receives ``(λ̂, index)`` of the largest eigenvalue of each
+    ``eigvalsh`` call: every other matrix was certified below a level set from one of them,
+    so the largest recorded λ̂ is the largest top eigenvalue of the chunk (to the level
+    margin).
     """
     up = torch.empty_like(gf)
     diag_max = gram.diagonal(dim1=-2, dim2=-1).real.amax(-1)  # <= λmax(Ĝ)
@@ -466,6 +471,9 @@ def _certify_chunk(gram: Tensor, gf: Tensor, grp: Tensor, levels: Tensor,
         sel = pending[pick]
         lam, lam_up = _eig_upper(gram[sel], gf[sel], cnu)
         up[sel] = lam_up
+        if tops is not None and lam.numel():
+            at = int(torch.argmax(lam))
+            tops.append((float(lam[at]), int(sel[at])))
         # a positive floor: a zero Gram matrix (an all-zero group) is then certified, not
         # sent to eigvalsh one at a time
         new_lev = (lam * (1.0 + _LEVEL_MARGIN)).clamp_min(2.0 ** -1000)
@@ -547,7 +555,8 @@ def _gram_real(x: Tensor, y: Tensor) -> Tensor:
 
 
 def _max_freq_norm(plan: _Plan, weight: Tensor, chunk_bytes: int,
-                   use_cholesky: bool | None = None) -> float:
+                   use_cholesky: bool | None = None,
+                   top: list[tuple[float, int, int]] | None = None) -> float:
     """Certified upper bound on max over the frequencies ω of the plan's grid of
     ||K_poly_hat(ω)||_2 (all groups), for a finite, non-zero ``weight``.
 
@@ -569,6 +578,9 @@ def _max_freq_norm(plan: _Plan, weight: Tensor, chunk_bytes: int,
             (``False``, the previous method; the value is then never smaller by more than
             the Cholesky rounding terms, ~4 n^2 u relative). ``None``: Cholesky when the Gram
             size is at least ``_CHOL_MIN_N``.
+        top: when given, receives ``(λ̂, frequency index, group)`` of the frequency with the
+            largest computed top eigenvalue (an estimate: it only locates the maximum, see
+            :func:`circulant_probe`); nothing is certified about it.
 
     Returns:
         The bound (a float, possibly ``inf``).
@@ -665,11 +677,19 @@ def _max_freq_norm(plan: _Plan, weight: Tensor, chunk_bytes: int,
         gf = gam * frob2 + n * k * 2.0 ** -1000
         gram = torch.complex(re, c - c.mT)
         del re, c
+        tops: list[tuple[float, int]] | None = [] if top is not None else None
         if use_cholesky:
             grp = torch.arange(gram.shape[0], device=dev) % g
-            lam_up = _certify_chunk(gram, gf, grp, levels, cnu)
+            lam_up = _certify_chunk(gram, gf, grp, levels, cnu, tops)
         else:
-            lam_up = _eig_upper(gram, gf, cnu)[1]
+            lam, lam_up = _eig_upper(gram, gf, cnu)
+            if tops is not None:
+                at = int(torch.argmax(lam))
+                tops.append((float(lam[at]), at))
+        if top is not None and tops:
+            lam_t, at = max(tops)
+            if not top or lam_t > top[0][0]:
+                top[:] = [(lam_t, f0 + at // g, at % g)]
         best = torch.maximum(best, lam_up.reshape(-1, g).amax(0))
     bound = float((best.sqrt() * (1.0 + 2.0 * _U) + err_k).max())
     # one ulp up: relative margins vanish on the subnormal grid
@@ -678,6 +698,14 @@ def _max_freq_norm(plan: _Plan, weight: Tensor, chunk_bytes: int,
 
 def circulant_norm_bound(op: ConvOp, budget_flops: float = 5e10,
                          chunk_bytes: int = 64 * 2 ** 20) -> float | None:
+    """Certified upper bound on ``||A||_2`` of a zero-padded 2-D convolution from its kernel
+    (see :func:`circulant_probe`, which computes it together with a test vector)."""
+    return circulant_probe(op, budget_flops, chunk_bytes, probe=False)[0]
+
+
+def circulant_probe(op: ConvOp, budget_flops: float = 5e10,
+                    chunk_bytes: int = 64 * 2 ** 20, *,
+                    probe: bool = True) -> tuple[float | None, Tensor | None]:
     """Certified upper bound on ||A||_2 of a zero-padded 2-D convolution from its kernel, by a
     polyphase (space-to-depth) circulant embedding.
 
@@ -727,11 +755,21 @@ def circulant_norm_bound(op: ConvOp, budget_flops: float = 5e10,
         chunk_bytes: approximate working memory; frequencies are processed in chunks of
             this size (memory does not grow with the input size beyond the chunk).
 
+        probe: also return a test vector (below).
+
     Returns:
-        The bound, or ``None`` when the computation would exceed ``budget_flops``.
+        ``(bound, vector)``: the bound, or ``None`` when the computation would exceed
+        ``budget_flops``; and, with ``probe`` for an ungrouped stride-1, dilation-1
+        convolution, a vector of the input space (flat, float64) that ``A`` nearly maps with
+        the gain of the circulant's largest frequency: the real part of the plane wave
+        ``v exp(i <ω, p>)`` at the frequency ω of the largest top eigenvalue, ``v`` the top
+        right singular vector of the kernel's DFT there, under the first sine mode of the
+        input grid (the boundary loses only second-order gain). Its Rayleigh quotient is a
+        lower bound of ``||A||`` that :func:`lipbound.spectral.spectral_upper` compares with
+        the bound before it runs Lanczos. ``None`` otherwise.
     """
     if op.weight.numel() == 0 or op.out_dim == 0 or op.in_dim == 0:
-        return 0.0
+        return 0.0, None
     h, w = op.in_shape[-2:]
     grid = (h + 2 * op.padding[0], w + 2 * op.padding[1])
     poly = _Plan(op.weight, op.groups, op.stride, op.dilation, grid)
@@ -739,19 +777,56 @@ def circulant_norm_bound(op: ConvOp, budget_flops: float = 5e10,
     if grid[0] % op.stride[0] or grid[1] % op.stride[1]:
         plans.append(_Plan(op.weight, op.groups, (1, 1), op.dilation, grid))
     if poly.flops() > budget_flops:
-        return None
+        return None, None
     peak = float(op.weight.abs().max())
     if not math.isfinite(peak):
-        return math.inf
+        return math.inf, None
     if peak == 0.0:
-        return 0.0
+        return 0.0, None
+    want = (probe and op.groups == 1 and tuple(op.stride) == (1, 1)
+            and tuple(op.dilation) == (1, 1) and len(plans) == 1)
+    top: list[tuple[float, int, int]] | None = [] if want else None
     spent = 0.0
     val = math.inf
     for plan in plans:
         spent += plan.flops()
         if spent > budget_flops:
             break
-        val = min(val, _max_freq_norm(plan, op.weight, chunk_bytes))
+        val = min(val, _max_freq_norm(plan, op.weight, chunk_bytes, top=top))
     if op.out_scale is not None:
         val *= float(op.out_scale.abs().max())
-    return math.nextafter(val * (1.0 + _MARGIN), math.inf)
+    vec = _plane_wave(op, poly, top[0][1]) if top else None
+    return math.nextafter(val * (1.0 + _MARGIN), math.inf), vec
+
+
+def _plane_wave(op: ConvOp, plan: _Plan, fidx: int) -> Tensor | None:
+    """The test vector of :func:`circulant_probe` for the frequency of index ``fidx`` on a
+    stride-1 plan (``k1 = fidx // (m2 // 2 + 1)``, ``k2 = fidx % (m2 // 2 + 1)``).
+
+    ``conv2d`` is a cross-correlation: the plane wave ``x[c, p] = v_c exp(i <ω, p>)`` is
+    mapped, away from the border, to ``exp(i <ω, p>) K(ω) v`` with
+    ``K(ω) = Σ_t W[:, :, t] exp(i <ω, t>)``, so ``v`` is the top right singular vector of
+    ``K(ω)``. The real part of ``z e^{-iα}``, ``α = arg(Σ z²) / 2``, keeps at least half of
+    ``||z||²`` (all of it when ``z`` is real up to a phase)."""
+    w = op.weight
+    c_out, c_in, kh, kw = w.shape
+    h, wd = op.in_shape[-2:]
+    half = plan.m2 // 2 + 1
+    k1, k2 = divmod(int(fidx), half)
+    dev = w.device
+    a = torch.arange(kh, dtype=torch.float64, device=dev)
+    b = torch.arange(kw, dtype=torch.float64, device=dev)
+    ph = 2.0 * math.pi * (k1 * a[:, None] / plan.m1 + k2 * b[None, :] / plan.m2)  # (kh, kw)
+    kmat = torch.complex((w * torch.cos(ph)).sum((2, 3)), (w * torch.sin(ph)).sum((2, 3)))
+    v = torch.linalg.svd(kmat)[2][0].conj()  # (c_in,)
+    i = torch.arange(h, dtype=torch.float64, device=dev)
+    j = torch.arange(wd, dtype=torch.float64, device=dev)
+    phi = 2.0 * math.pi * (k1 * i[:, None] / plan.m1 + k2 * j[None, :] / plan.m2)
+    window = (torch.sin(math.pi * (i + 1) / (h + 1))[:, None]
+              * torch.sin(math.pi * (j + 1) / (wd + 1))[None, :])
+    z = v[:, None, None] * (torch.polar(window, phi))[None]  # (c_in, h, w)
+    alpha = float(torch.angle((z * z).sum())) / 2.0
+    x = (z * complex(math.cos(alpha), -math.sin(alpha))).real.reshape(-1)
+    if not bool(torch.isfinite(x).all()) or float(x.abs().max()) == 0.0:
+        return None
+    return x.contiguous()

@@ -1,0 +1,195 @@
+"""The circulant bound's test vector (lipbound.ops.conv.circulant_probe) and its use by
+spectral_upper (``probe``): a Rayleigh quotient that passes the early-exit test lets the
+certified circulant bound be reported without a Lanczos run.
+
+Checked against exact singular values of the convolution's matrix (basis vectors): the
+quotient never exceeds the norm, the reported value is the certified bound (>= the norm) and
+at most the KW inflation of the completed run above the norm; a useless probe changes
+nothing."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from lipbound import Analyzer, Guarantee
+from lipbound.ops.conv import ConvOp, circulant_norm_bound, circulant_probe
+from lipbound.spectral import SAFETY, kw_factor, spectral_upper
+
+pytestmark = pytest.mark.usefixtures("torch_one_thread")
+
+DT = torch.float64
+
+
+def _conv(c_in: int, c_out: int, k: int, h: int, padding: int, seed: int, stride: int = 1,
+          groups: int = 1, smooth: bool = False) -> ConvOp:
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(c_out, c_in // groups, k, k, generator=g, dtype=DT)
+    if smooth:  # a low-pass kernel (one sign): the top of the spectrum sits at one frequency
+        w = w.abs() + 0.5
+    y = torch.nn.functional.conv2d(torch.zeros(1, c_in, h, h, dtype=DT), w, None, stride,
+                                   padding, 1, groups)
+    return ConvOp("conv", (c_in, h, h), tuple(y.shape[1:]), w, None, (stride, stride),
+                  (padding, padding), (1, 1), groups)
+
+
+def _matrix(op: ConvOp) -> torch.Tensor:
+    eye = torch.eye(op.in_dim, dtype=DT).reshape(op.in_dim, *op.in_shape)
+    return op.lin(eye).reshape(op.in_dim, op.out_dim).T
+
+
+def _quotient(op: ConvOp, x: torch.Tensor) -> float:
+    y = op.lin(x.reshape(1, *op.in_shape))
+    return float(y.norm() / x.norm())
+
+
+@pytest.mark.parametrize("c_in,c_out,k,h,padding,seed",
+                         [(3, 8, 3, 12, 0, 0), (4, 4, 3, 10, 1, 1), (6, 5, 5, 11, 2, 2),
+                          (8, 8, 3, 14, 1, 3), (2, 6, 3, 9, 0, 4)])
+def test_probe_is_a_good_test_vector_and_the_bound_is_unchanged(c_in, c_out, k, h, padding,
+                                                                 seed):
+    op = _conv(c_in, c_out, k, h, padding, seed)
+    bound, vec = circulant_probe(op)
+    assert bound == circulant_norm_bound(op)  # the same certified number
+    assert vec is not None and vec.shape == (op.in_dim,) and vec.dtype == DT
+    exact = float(torch.linalg.matrix_norm(_matrix(op), ord=2))
+    q = _quotient(op, vec)
+    assert q <= exact * (1 + 1e-12) <= bound * (1 + 1e-12)
+    # the plane wave of the top frequency keeps most of the circulant's gain (the border
+    # costs a little on these small grids)
+    assert q >= 0.8 * bound, (q, exact, bound)
+
+
+def test_probe_on_a_large_grid_is_nearly_a_top_vector():
+    """A smooth 16-channel kernel on a 28x28 grid: the windowed plane wave's quotient is within
+    2 % of the circulant bound (which is within the border effect of the norm)."""
+    op = _conv(16, 16, 3, 28, 1, 7, smooth=True)
+    bound, vec = circulant_probe(op)
+    assert vec is not None
+    q = _quotient(op, vec)
+    assert 0.98 * bound <= q <= bound
+
+
+@pytest.mark.parametrize("stride,groups", [(2, 1), (1, 2)])
+def test_no_probe_for_strided_or_grouped_convolutions(stride, groups):
+    op = _conv(4, 4, 3, 12, 1, 5, stride=stride, groups=groups)
+    bound, vec = circulant_probe(op)
+    assert vec is None and bound == circulant_norm_bound(op)
+    assert circulant_probe(_conv(4, 4, 3, 12, 1, 5), probe=False)[1] is None
+
+
+def _upper(op: ConvOp, alts, probe=None, seed=0, steps=30, calls=None):
+    def mv(x):
+        if calls is not None:
+            calls.append(x.shape[0])
+        return op.lin(x.reshape(-1, *op.in_shape)).reshape(x.shape[0], -1)
+    return spectral_upper(mv,
+                          lambda y: op.lin_t(y.reshape(-1, *op.out_shape)).reshape(y.shape[0],
+                                                                                    -1),
+                          n_in=op.in_dim, n_out=op.out_dim, cols=torch.arange(op.in_dim),
+                          rows=torch.arange(op.out_dim), device="cpu", dense=None,
+                          apply_flops=float(op.weight.numel() * op.out_dim), mode="lanczos",
+                          steps=steps, failure_prob=1e-6,
+                          generator=torch.Generator().manual_seed(seed),
+                          certified_alternatives=alts, probe=probe)
+
+
+def test_a_passing_probe_reports_the_certified_bound_within_the_kw_inflation():
+    op = _conv(8, 8, 3, 12, 1, 3, smooth=True)
+    bound, vec = circulant_probe(op)
+    alt = bound * (1 + SAFETY)
+    calls: list[int] = []
+    res = _upper(op, ((alt, "fft-circulant"),), probe=vec, calls=calls)
+    assert res.method == "fft-circulant" and res.value == alt
+    assert len(calls) <= 2  # the probe's power steps only: no Lanczos run
+    without: list[int] = []
+    assert _upper(op, ((alt, "fft-circulant"),), calls=without).value == alt
+    assert len(without) > len(calls)  # the run it replaces (stopped early, same value)
+    assert res.guarantee == Guarantee.CERTIFIED and res.failure_prob == 0.0
+    exact = float(torch.linalg.matrix_norm(_matrix(op), ord=2))
+    n = min(op.in_dim, op.out_dim)
+    f = kw_factor(n, 30, 1e-6 / 2)
+    # sound, and within the completed run's KW inflation of the norm
+    assert exact <= res.value <= exact * math.sqrt(f) * (1 + SAFETY) * (1 + 1e-12)
+    assert res.estimate <= exact * (1 + 1e-12)  # a Rayleigh quotient
+    assert res.vector is not None and res.vector.shape == (op.in_dim,)
+
+
+@pytest.mark.parametrize("kind", ["random", "zero", "nan", "wrong-size"])
+def test_a_useless_probe_changes_nothing(kind):
+    """A probe that fails the test (or cannot be used) leaves the run exactly as without one
+    (it draws no random numbers)."""
+    op = _conv(8, 8, 3, 12, 1, 9)
+    bound = circulant_norm_bound(op)
+    alts = ((bound * (1 + SAFETY), "fft-circulant"), (1e9, "loose"))
+    g = torch.Generator().manual_seed(3)
+    probe = {"random": torch.randn(op.in_dim, generator=g, dtype=DT),
+             "zero": torch.zeros(op.in_dim, dtype=DT),
+             "nan": torch.full((op.in_dim,), math.nan, dtype=DT),
+             "wrong-size": torch.ones(op.in_dim + 1, dtype=DT)}[kind]
+    plain = _upper(op, alts, seed=4)
+    probed = _upper(op, alts, probe=probe, seed=4)
+    assert probed.value == plain.value and probed.method == plain.method
+    assert probed.estimate == plain.estimate
+
+
+def test_global_bound_with_and_without_probes():
+    """A small CNN with low-pass kernels on a 28x28 grid (the circulant bound nearly tight):
+    the global factors of its convolutions are the certified circulant bounds, reported
+    without Lanczos runs; without probes (threshold raised) the Lanczos runs stop early
+    against the same bounds, or end at most the KW inflation below them. Every factor is at
+    least a long Lanczos run's Ritz value (a lower bound of the norm)."""
+    import lipbound.analyzer as az
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(8, 16, 3, padding=1), torch.nn.ReLU(),
+                              torch.nn.Conv2d(16, 16, 3, padding=1), torch.nn.ReLU(),
+                              torch.nn.Flatten(), torch.nn.Linear(16 * 28 * 28, 10)).double()
+    with torch.no_grad():
+        for m in net:
+            if isinstance(m, torch.nn.Conv2d):
+                m.weight.abs_()
+    net.eval()
+    import lipbound.spectral as sp
+
+    runs: list[int] = []
+    real_run = sp.run_lanczos
+
+    def spy(*a, **k):
+        runs.append(a[2])  # the dimension of the run
+        return real_run(*a, **k)
+
+    an = Analyzer(net, (8, 28, 28))
+    sp.run_lanczos = spy
+    try:
+        probed = an.global_bound()
+    finally:
+        sp.run_lanczos = real_run
+    assert runs == []  # both convolutions: the circulant bound without a run
+    old = az.PROBE_MIN_FLOPS
+    try:
+        az.PROBE_MIN_FLOPS = math.inf
+        plain_an = Analyzer(net, (8, 28, 28))
+        plain = plain_an.global_bound()
+    finally:
+        az.PROBE_MIN_FLOPS = old
+    convs = 0
+    for i, (lp, lq, b) in enumerate(zip(plain.layers, probed.layers, an.blocks, strict=True)):
+        if not isinstance(getattr(b, "mixing", None), ConvOp):
+            assert lp.global_factor == lq.global_factor
+            continue
+        convs += 1
+        circ = circulant_norm_bound(b.mixing) * (1 + SAFETY)
+        assert lq.spectral_method == "fft-circulant" and lq.global_factor == circ
+        assert lq.guarantee == Guarantee.CERTIFIED
+        sb = an._global[""][i]
+        assert 0.98 * circ <= sb.estimate <= circ  # the probe's Rayleigh quotient
+        f = kw_factor(min(b.in_dim, b.out_dim), an.lanczos_steps,
+                      an.failure_prob / an._n_spectral(an.blocks) / 2)
+        assert lp.global_factor <= lq.global_factor
+        assert lq.global_factor <= lp.global_factor * math.sqrt(f) * (1 + 1e-9)
+        ritz = _upper(b.mixing, (), steps=120, seed=11).estimate
+        assert ritz <= lq.global_factor
+    assert convs == 2
