@@ -70,13 +70,17 @@ def _label_blocks() -> None:
         return orig_aff(self, b, i, *a, **k)
 
     az.Analyzer._affine_local = aff
-    orig_alt = getattr(az.Analyzer, "_block_alternatives", None)
-    if orig_alt is not None:
-        def alt(self, b, *a, **k):
-            _cur[0] = (self.blocks.index(b), b.name)
-            return orig_alt(self, b, *a, **k)
+    # a global factor starts in _lanczos_first (when it exists) or _block_alternatives
+    for meth in ("_lanczos_first", "_block_alternatives"):
+        orig = getattr(az.Analyzer, meth, None)
+        if orig is None:
+            continue
 
-        az.Analyzer._block_alternatives = alt
+        def labelled(self, b, *a, _orig=orig, **k):
+            _cur[0] = (self.blocks.index(b), b.name)
+            return _orig(self, b, *a, **k)
+
+        setattr(az.Analyzer, meth, labelled)
 
 
 def main() -> int:
@@ -94,8 +98,9 @@ def main() -> int:
     _wrap(sp, "_materialize", "materialize")
     _wrap(sp, "exact_norm", "svd")
     _wrap(sp, "run_lanczos", "lanczos_other")
-    if hasattr(az, "circulant_norm_bound"):
-        _wrap(az, "circulant_norm_bound", "fft")
+    for name in ("circulant_probe", "circulant_hint", "circulant_norm_bound"):
+        if hasattr(az, name):
+            _wrap(az, name, "fft")
     _label_blocks()
 
     lm = load_model(ns.model)

@@ -193,3 +193,88 @@ def test_global_bound_with_and_without_probes():
         ritz = _upper(b.mixing, (), steps=120, seed=11).estimate
         assert ritz <= lq.global_factor
     assert convs == 2
+
+
+def _small_cnn(seed: int) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    net = torch.nn.Sequential(torch.nn.Conv2d(6, 12, 3), torch.nn.ReLU(),
+                              torch.nn.Conv2d(12, 12, 3), torch.nn.ReLU(),
+                              torch.nn.Flatten(), torch.nn.Linear(12 * 6 * 6, 5)).double()
+    return net.eval()
+
+
+def _exact_block_norm(b) -> float:
+    return float(torch.linalg.matrix_norm(b.lin(torch.eye(b.in_dim, dtype=DT)), ord=2))
+
+
+@pytest.mark.parametrize("seed", [0, 2, 5])
+def test_lanczos_first_when_the_circulant_bound_is_predicted_to_lose(seed, monkeypatch):
+    """Random 3x3 kernels on 10x10 and 8x8 grids without padding: the circulant bound is
+    loose (border effects), the hint predicts it, Lanczos runs first and the circulant bound
+    is not computed where the run ends below the hint's lower estimate of it. The factors are
+    sound (>= exact norms) and never looser than in the usual order."""
+    import lipbound.analyzer as az
+
+    monkeypatch.setattr(az, "PROBE_MIN_FLOPS", 0.0)
+    net = _small_cnn(seed)
+    calls: list[int] = []
+    real = az.circulant_probe
+
+    def spy(op, *a, **k):
+        calls.append(op.in_dim)
+        return real(op, *a, **k)
+
+    monkeypatch.setattr(az, "circulant_probe", spy)
+    an = Analyzer(net, (6, 10, 10), spectral="lanczos")
+    res = an.global_bound()
+    computed = list(calls)
+    monkeypatch.setattr(az.Analyzer, "_lanczos_first", lambda self, *a, **k: None)
+    usual = Analyzer(net, (6, 10, 10), spectral="lanczos").global_bound()
+    skipped = 0
+    for lf, lu, b in zip(res.layers, usual.layers, an.blocks, strict=True):
+        if not isinstance(getattr(b, "mixing", None), ConvOp):
+            continue
+        exact = _exact_block_norm(b)
+        assert lf.global_factor >= exact
+        assert lf.global_factor <= lu.global_factor * (1 + 1e-12)
+        if lf.spectral_method == "lanczos":
+            circ = circulant_norm_bound(b.mixing) * (1 + SAFETY)
+            assert lf.global_factor <= circ  # the circulant bound could not have won
+        skipped += b.in_dim not in computed
+    assert skipped >= 1  # at least one circulant bound was never computed
+
+
+def test_lanczos_first_computes_the_circulant_bound_when_it_may_win(monkeypatch):
+    """A (deliberately wrong) hint that predicts a losing circulant bound while the run ends
+    above its lower estimate: the circulant bound is computed after the run and the smaller
+    of the two reported, with its own guarantee."""
+    import lipbound.analyzer as az
+
+    monkeypatch.setattr(az, "PROBE_MIN_FLOPS", 0.0)
+    net = _small_cnn(3)
+    an = Analyzer(net, (6, 10, 10), spectral="lanczos")
+    conv = an.blocks[0]
+    circ = circulant_norm_bound(conv.mixing) * (1 + SAFETY)
+    g = torch.Generator().manual_seed(0)
+    bad = torch.randn(conv.in_dim, generator=g, dtype=DT)  # a poor test vector: small ℓ
+
+    def hint(op, *a, **k):
+        if op is conv.mixing:
+            return circ * 0.5, 0.0, bad
+        return None
+
+    monkeypatch.setattr(az, "circulant_hint", hint)
+    res = an.global_bound()
+    fac = an._global[""][0]
+    assert fac.value <= circ
+    assert fac.value >= _exact_block_norm(conv)
+    if fac.method == "fft-circulant":
+        assert fac.guarantee == Guarantee.CERTIFIED and fac.value == circ
+    else:
+        assert fac.method == "lanczos" and fac.value < circ
+    assert res.layers[0].global_factor == fac.value
+    # the run itself (Frobenius alternative only) is what the factor came from otherwise
+    monkeypatch.setattr(az, "circulant_hint", lambda *a, **k: None)
+    monkeypatch.setattr(az, "PROBE_MIN_FLOPS", math.inf)
+    usual = Analyzer(net, (6, 10, 10), spectral="lanczos").global_bound().layers[0]
+    assert fac.value <= usual.global_factor * (1 + 1e-12)

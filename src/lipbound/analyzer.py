@@ -21,11 +21,11 @@ from torch import Tensor, nn
 from .blocks import AffineBlock, Block, PoolBlock, build_blocks
 from .errors import InputError
 from .graph import trace_model
-from .ops.conv import ConvOp, circulant_probe
+from .ops.conv import ConvOp, circulant_hint, circulant_probe
 from .ops.dense import DenseProducts
 from .ops.linear import LinearOp
 from .results import BoundResult, Guarantee, LayerFactor, combine_guarantees
-from .spectral import SAFETY, SpectralBound, _materialize, spectral_upper
+from .spectral import SAFETY, SpectralBound, _materialize, kw_factor, spectral_upper
 from .validation import check_eps, check_input, check_reuse_tol, resolve_device
 
 log = logging.getLogger(__name__)
@@ -66,6 +66,10 @@ PROBE_MIN_FLOPS = 500_000
 """Convolutions from this many multiply-adds per product get the circulant bound's test
 vector in global bounds (two to four products; below, a whole Lanczos run costs about as
 much: MNIST LeNet's layers)."""
+
+HINT_MARGIN = 0.002
+"""How far a lower estimate of a convolution's circulant bound must exceed the predicted
+Lanczos value before a global bound runs Lanczos first (:meth:`Analyzer._lanczos_first`)."""
 
 MEMO_ENTRIES = 8
 """Layer factors remembered per layer for reuse (:meth:`Analyzer._reuse`)."""
@@ -391,6 +395,10 @@ class Analyzer:
             allr = torch.arange(b.out_dim, device=self.device)
             frob = math.sqrt(float(b.sq_rows(torch.ones(1, b.in_dim, dtype=torch.float64,
                                                         device=self.device)).sum()))
+            early = self._lanczos_first(b, i, frob, delta)
+            if early is not None:
+                out.append(early)
+                continue
             alts, probe = self._block_alternatives(b, frob)
             out.append(spectral_upper(
                 b.lin, b.lin_t, n_in=b.in_dim, n_out=b.out_dim, cols=allc, rows=allr,
@@ -401,20 +409,72 @@ class Analyzer:
         self._global[key] = out
         return out
 
-    def _block_alternatives(self, b: AffineBlock, frob: float
+    def _lanczos_first(self, b: AffineBlock, i: int, frob: float,
+                       delta: float) -> SpectralBound | None:
+        """The global factor of a stride-1 convolution whose circulant bound is predicted to
+        lose to the Lanczos run, computed without it unless needed; None when the prediction
+        says otherwise (or cannot be made).
+
+        Prediction (:func:`lipbound.ops.conv.circulant_hint`, two products more): ``c_lo``,
+        a lower estimate of the circulant bound, exceeds ``ℓ sqrt(f)`` (``ℓ`` a Rayleigh
+        quotient of the hint's plane wave, ``f`` the completed run's KW factor) by
+        ``HINT_MARGIN``. Then Lanczos runs with the Frobenius alternative only; the circulant
+        bound is computed afterwards only if the run's value is above ``c_lo`` (where it
+        could be smaller), and the smaller certified-or-probabilistic value is kept. The
+        result is never looser than the usual order's (which may also stop the run early
+        against the circulant bound); a wrong prediction costs time only."""
+        m = b.mixing
+        if (not isinstance(m, ConvOp) or self.spectral == "exact"
+                or b.apply_flops() < PROBE_MIN_FLOPS):
+            return None
+        hint = circulant_hint(m)
+        if hint is None:
+            return None
+        c_lo, _, vec = hint
+        for s in (b.s_in, b.s_out):
+            if s is not None:
+                c_lo *= float(s.abs().max())
+        x = vec.to(self.device).reshape(1, -1)
+        y = b.lin(x)
+        ny = float(torch.linalg.vector_norm(y))
+        ell = float(torch.linalg.vector_norm(b.lin_t(y))) / ny if ny > 0 else 0.0
+        n = min(b.in_dim, b.out_dim)
+        f = kw_factor(n, min(self.lanczos_steps, n), delta / 2)
+        if f is None or not (math.isfinite(ell) and ell > 0
+                             and c_lo > ell * math.sqrt(f) * (1 + HINT_MARGIN)):
+            return None
+        allc = torch.arange(b.in_dim, device=self.device)
+        allr = torch.arange(b.out_dim, device=self.device)
+        frob_alt = ((frob * (1 + SAFETY), "frobenius"),)
+        sb = spectral_upper(
+            b.lin, b.lin_t, n_in=b.in_dim, n_out=b.out_dim, cols=allc, rows=allr,
+            device=self.device, dense=b.dense_fn(), apply_flops=b.apply_flops(),
+            mode=self.spectral, steps=self.lanczos_steps, failure_prob=delta,
+            generator=self._gen(10_000 + i), certified_alternatives=frob_alt,
+            fast_error=b.fast_error(), block=_block_size(b))
+        if sb.value > c_lo * (1 + SAFETY):  # the circulant bound (>= c_lo) might be smaller
+            alts, _ = self._block_alternatives(b, frob, probe=False)
+            for val, label in alts:
+                if val < sb.value:
+                    sb = SpectralBound(val, Guarantee.CERTIFIED, 0.0, label, sb.estimate,
+                                       sb.vector)
+        return sb
+
+    def _block_alternatives(self, b: AffineBlock, frob: float, probe: bool = True
                             ) -> tuple[tuple[tuple[float, str], ...], Tensor | None]:
         """Cheap deterministic upper bounds on ||A|| of a block, and for a convolution whose
         Lanczos run costs enough (``PROBE_MIN_FLOPS``) the circulant bound's test vector
         (:func:`lipbound.ops.conv.circulant_probe`; ``spectral_upper`` may then report the
         circulant bound without a run)."""
         alts = [(frob * (1 + SAFETY), "frobenius")]
+        want = probe
         probe = None
         if isinstance(b.mixing, ConvOp):
             # computed when within the default budget, or when it costs well under the
             # Lanczos run it may cut short (2 x steps products; measured on VGG-16 layers)
             budget = max(CIRCULANT_BUDGET, 2.0 * self.lanczos_steps * b.apply_flops())
             c, probe = circulant_probe(b.mixing, budget_flops=budget,
-                                       probe=b.apply_flops() >= PROBE_MIN_FLOPS)
+                                       probe=want and b.apply_flops() >= PROBE_MIN_FLOPS)
             if c is not None:
                 for s in (b.s_in, b.s_out):
                     if s is not None:

@@ -799,6 +799,58 @@ def circulant_probe(op: ConvOp, budget_flops: float = 5e10,
     return math.nextafter(val * (1.0 + _MARGIN), math.inf), vec
 
 
+def circulant_hint(op: ConvOp, candidates: int = 4, max_side: int = 128
+                   ) -> tuple[float, float, Tensor] | None:
+    """Cheap estimates (nothing certified) that predict whether the circulant bound of an
+    ungrouped stride-1, dilation-1 convolution will beat a Lanczos run, before either is
+    computed: ``(c_lo, circulant_flops, vector)``.
+
+    ``c_lo`` is the largest ``||K(ω)||_2`` (exact singular values, ``out_scale`` included)
+    over the ``candidates`` frequencies of the circulant grid with the largest
+    ``||K(ω)||_F``: at most the circulant bound (which is at least the maximum over all
+    frequencies). ``vector`` is the windowed plane wave of the best of them
+    (:func:`_plane_wave`), a test vector for a lower estimate of ``||A||``;
+    ``circulant_flops`` the cost estimate of :func:`circulant_probe`. ``None`` for other
+    convolutions, all-zero or non-finite kernels, or when the smaller side of ``K(ω)``
+    exceeds ``max_side`` (the singular values would cost too much)."""
+    w = op.weight
+    c_out, c_in, kh, kw = w.shape
+    if not (op.groups == 1 and tuple(op.stride) == (1, 1) and tuple(op.dilation) == (1, 1)):
+        return None
+    if min(c_out, c_in) > max_side or w.numel() == 0:
+        return None
+    peak = float(w.abs().max())
+    if not 0.0 < peak < math.inf:
+        return None
+    h, wd = op.in_shape[-2:]
+    plan = _Plan(w, 1, (1, 1), (1, 1), (h + 2 * op.padding[0], wd + 2 * op.padding[1]))
+    half = plan.m2 // 2 + 1
+    dev = w.device
+    f = torch.arange(plan.nfreq, device=dev)
+    k1 = (f // half).to(torch.float64)
+    k2 = (f % half).to(torch.float64)
+    a = torch.arange(kh, dtype=torch.float64, device=dev).repeat_interleave(kw)
+    b = torch.arange(kw, dtype=torch.float64, device=dev).repeat(kh)
+    theta = 2.0 * math.pi * (torch.outer(k1, a) / plan.m1 + torch.outer(k2, b) / plan.m2)
+    wm = (w / peak).reshape(c_out * c_in, kh * kw).T  # (T, c_out c_in), scaled
+    # ||K(ω)||_F^2 = c^T G c + s^T G s with the taps' Gram matrix G = Wm Wm^T (T x T) and
+    # c, s the cosines and sines of the phases: T^2 per frequency instead of T c_out c_in
+    gram = wm @ wm.T
+    cos, sin = torch.cos(theta), torch.sin(theta)
+    fro = ((cos @ gram) * cos).sum(1) + ((sin @ gram) * sin).sum(1)
+    idx = torch.topk(fro, min(candidates, plan.nfreq)).indices
+    mats = torch.complex(cos[idx] @ wm, sin[idx] @ wm).reshape(-1, c_out, c_in)
+    sv = torch.linalg.matrix_norm(mats, ord=2)
+    best = int(torch.argmax(sv))
+    c_lo = float(sv[best]) * peak
+    if op.out_scale is not None:
+        c_lo *= float(op.out_scale.abs().max())
+    vec = _plane_wave(op, plan, int(idx[best]))
+    if vec is None or not math.isfinite(c_lo):
+        return None
+    return c_lo, plan.flops(), vec
+
+
 def _plane_wave(op: ConvOp, plan: _Plan, fidx: int) -> Tensor | None:
     """The test vector of :func:`circulant_probe` for the frequency of index ``fidx`` on a
     stride-1 plan (``k1 = fidx // (m2 // 2 + 1)``, ``k2 = fidx % (m2 // 2 + 1)``).
