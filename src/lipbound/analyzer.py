@@ -453,28 +453,28 @@ class Analyzer:
             generator=self._gen(10_000 + i), certified_alternatives=frob_alt,
             fast_error=b.fast_error(), block=_block_size(b))
         if sb.value > c_lo * (1 + SAFETY):  # the circulant bound (>= c_lo) might be smaller
-            alts, _ = self._block_alternatives(b, frob, probe=False)
+            alts, _ = self._block_alternatives(b, frob, with_probe=False)
             for val, label in alts:
                 if val < sb.value:
                     sb = SpectralBound(val, Guarantee.CERTIFIED, 0.0, label, sb.estimate,
                                        sb.vector)
         return sb
 
-    def _block_alternatives(self, b: AffineBlock, frob: float, probe: bool = True
+    def _block_alternatives(self, b: AffineBlock, frob: float, with_probe: bool = True
                             ) -> tuple[tuple[tuple[float, str], ...], Tensor | None]:
         """Cheap deterministic upper bounds on ||A|| of a block, and for a convolution whose
         Lanczos run costs enough (``PROBE_MIN_FLOPS``) the circulant bound's test vector
         (:func:`lipbound.ops.conv.circulant_probe`; ``spectral_upper`` may then report the
         circulant bound without a run)."""
         alts = [(frob * (1 + SAFETY), "frobenius")]
-        want = probe
         probe = None
         if isinstance(b.mixing, ConvOp):
             # computed when within the default budget, or when it costs well under the
             # Lanczos run it may cut short (2 x steps products; measured on VGG-16 layers)
             budget = max(CIRCULANT_BUDGET, 2.0 * self.lanczos_steps * b.apply_flops())
             c, probe = circulant_probe(b.mixing, budget_flops=budget,
-                                       probe=want and b.apply_flops() >= PROBE_MIN_FLOPS)
+                                       probe=with_probe
+                                       and b.apply_flops() >= PROBE_MIN_FLOPS)
             if c is not None:
                 for s in (b.s_in, b.s_out):
                     if s is not None:
