@@ -431,6 +431,8 @@ class Analyzer:
         if hint is None:
             return None
         c_lo, _, vec = hint
+        if vec.numel() != b.in_dim:
+            return None
         for s in (b.s_in, b.s_out):
             if s is not None:
                 c_lo *= float(s.abs().max())
@@ -439,7 +441,9 @@ class Analyzer:
         ny = float(torch.linalg.vector_norm(y))
         ell = float(torch.linalg.vector_norm(b.lin_t(y))) / ny if ny > 0 else 0.0
         n = min(b.in_dim, b.out_dim)
-        f = kw_factor(n, min(self.lanczos_steps, n), delta / 2)
+        # the KW share of the run's failure probability (all of it without a posteriori
+        # bound, n < 3), as in spectral.run_parameters
+        f = kw_factor(n, min(self.lanczos_steps, n), delta / 2 if n >= 3 else delta)
         if f is None or not (math.isfinite(ell) and ell > 0
                              and c_lo > ell * math.sqrt(f) * (1 + HINT_MARGIN)):
             return None
