@@ -391,8 +391,6 @@ class Analyzer:
                 v = float(s.abs().max()) * (1 + SAFETY) if s is not None else 1.0
                 out.append(SpectralBound(v, Guarantee.CERTIFIED, 0.0, "closed-form", v))
                 continue
-            allc = torch.arange(b.in_dim, device=self.device)
-            allr = torch.arange(b.out_dim, device=self.device)
             frob = math.sqrt(float(b.sq_rows(torch.ones(1, b.in_dim, dtype=torch.float64,
                                                         device=self.device)).sum()))
             early = self._lanczos_first(b, i, frob, delta)
@@ -400,14 +398,23 @@ class Analyzer:
                 out.append(early)
                 continue
             alts, probe = self._block_alternatives(b, frob)
-            out.append(spectral_upper(
-                b.lin, b.lin_t, n_in=b.in_dim, n_out=b.out_dim, cols=allc, rows=allr,
-                device=self.device, dense=b.dense_fn(), apply_flops=b.apply_flops(),
-                mode=self.spectral, steps=self.lanczos_steps, failure_prob=delta,
-                generator=self._gen(10_000 + i), certified_alternatives=alts,
-                fast_error=b.fast_error(), block=_block_size(b), probe=probe))
+            out.append(self._global_run(b, i, delta, alts, probe))
         self._global[key] = out
         return out
+
+    def _global_run(self, b: AffineBlock, i: int, delta: float,
+                    alts: tuple[tuple[float, str], ...],
+                    probe: Tensor | None = None) -> SpectralBound:
+        """``spectral_upper`` on a whole block (every row and column), with the block's own
+        random draws (``_gen(10_000 + i)``)."""
+        return spectral_upper(
+            b.lin, b.lin_t, n_in=b.in_dim, n_out=b.out_dim,
+            cols=torch.arange(b.in_dim, device=self.device),
+            rows=torch.arange(b.out_dim, device=self.device), device=self.device,
+            dense=b.dense_fn(), apply_flops=b.apply_flops(), mode=self.spectral,
+            steps=self.lanczos_steps, failure_prob=delta, generator=self._gen(10_000 + i),
+            certified_alternatives=alts, fast_error=b.fast_error(), block=_block_size(b),
+            probe=probe)
 
     def _lanczos_first(self, b: AffineBlock, i: int, frob: float,
                        delta: float) -> SpectralBound | None:
@@ -430,7 +437,7 @@ class Analyzer:
         hint = circulant_hint(m)
         if hint is None:
             return None
-        c_lo, _, vec = hint
+        c_lo, vec = hint
         if vec.numel() != b.in_dim:
             return None
         for s in (b.s_in, b.s_out):
@@ -447,15 +454,7 @@ class Analyzer:
         if f is None or not (math.isfinite(ell) and ell > 0
                              and c_lo > ell * math.sqrt(f) * (1 + HINT_MARGIN)):
             return None
-        allc = torch.arange(b.in_dim, device=self.device)
-        allr = torch.arange(b.out_dim, device=self.device)
-        frob_alt = ((frob * (1 + SAFETY), "frobenius"),)
-        sb = spectral_upper(
-            b.lin, b.lin_t, n_in=b.in_dim, n_out=b.out_dim, cols=allc, rows=allr,
-            device=self.device, dense=b.dense_fn(), apply_flops=b.apply_flops(),
-            mode=self.spectral, steps=self.lanczos_steps, failure_prob=delta,
-            generator=self._gen(10_000 + i), certified_alternatives=frob_alt,
-            fast_error=b.fast_error(), block=_block_size(b))
+        sb = self._global_run(b, i, delta, ((frob * (1 + SAFETY), "frobenius"),))
         if sb.value > c_lo * (1 + SAFETY):  # the circulant bound (>= c_lo) might be smaller
             alts, _ = self._block_alternatives(b, frob, with_probe=False)
             for val, label in alts:

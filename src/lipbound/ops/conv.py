@@ -754,7 +754,6 @@ def circulant_probe(op: ConvOp, budget_flops: float = 5e10,
             CPU core (every AlexNet convolution fits; the wide VGG-16 layers do not).
         chunk_bytes: approximate working memory; frequencies are processed in chunks of
             this size (memory does not grow with the input size beyond the chunk).
-
         probe: also return a test vector (below).
 
     Returns:
@@ -800,18 +799,17 @@ def circulant_probe(op: ConvOp, budget_flops: float = 5e10,
 
 
 def circulant_hint(op: ConvOp, candidates: int = 4, max_side: int = 128
-                   ) -> tuple[float, float, Tensor] | None:
+                   ) -> tuple[float, Tensor] | None:
     """Cheap estimates (nothing certified) that predict whether the circulant bound of an
     ungrouped stride-1, dilation-1 convolution will beat a Lanczos run, before either is
-    computed: ``(c_lo, circulant_flops, vector)``.
+    computed: ``(c_lo, vector)``.
 
     ``c_lo`` is the largest ``||K(ω)||_2`` (exact singular values, ``out_scale`` included)
     over the ``candidates`` frequencies of the circulant grid with the largest
     ``||K(ω)||_F``: at most the circulant bound (which is at least the maximum over all
     frequencies). ``vector`` is the windowed plane wave of the best of them
-    (:func:`_plane_wave`), a test vector for a lower estimate of ``||A||``;
-    ``circulant_flops`` the cost estimate of :func:`circulant_probe`. ``None`` for other
-    convolutions, all-zero or non-finite kernels, or when the smaller side of ``K(ω)``
+    (:func:`_plane_wave`), a test vector for a lower estimate of ``||A||``. ``None`` for
+    other convolutions, all-zero or non-finite kernels, or when the smaller side of ``K(ω)``
     exceeds ``max_side`` (the singular values would cost too much)."""
     w = op.weight
     c_out, c_in, kh, kw = w.shape
@@ -839,21 +837,23 @@ def circulant_hint(op: ConvOp, candidates: int = 4, max_side: int = 128
     cos, sin = torch.cos(theta), torch.sin(theta)
     fro = ((cos @ gram) * cos).sum(1) + ((sin @ gram) * sin).sum(1)
     idx = torch.topk(fro, min(candidates, plan.nfreq)).indices
+    # K(ω) = Σ_t W[:, :, t] exp(i <ω, t>) at the candidates (the convention of _plane_wave)
     mats = torch.complex(cos[idx] @ wm, sin[idx] @ wm).reshape(-1, c_out, c_in)
-    sv = torch.linalg.matrix_norm(mats, ord=2)
-    best = int(torch.argmax(sv))
-    c_lo = float(sv[best]) * peak
+    _, sv, vh = torch.linalg.svd(mats)
+    best = int(torch.argmax(sv[:, 0]))
+    c_lo = float(sv[best, 0]) * peak
     if op.out_scale is not None:
         c_lo *= float(op.out_scale.abs().max())
-    vec = _plane_wave(op, plan, int(idx[best]))
+    vec = _plane_wave(op, plan, int(idx[best]), vh[best, 0].conj())
     if vec is None or not math.isfinite(c_lo):
         return None
-    return c_lo, plan.flops(), vec
+    return c_lo, vec
 
 
-def _plane_wave(op: ConvOp, plan: _Plan, fidx: int) -> Tensor | None:
+def _plane_wave(op: ConvOp, plan: _Plan, fidx: int, v: Tensor | None = None) -> Tensor | None:
     """The test vector of :func:`circulant_probe` for the frequency of index ``fidx`` on a
-    stride-1 plan (``k1 = fidx // (m2 // 2 + 1)``, ``k2 = fidx % (m2 // 2 + 1)``).
+    stride-1 plan (``k1 = fidx // (m2 // 2 + 1)``, ``k2 = fidx % (m2 // 2 + 1)``); ``v``, the
+    top right singular vector of ``K(ω)`` below, when the caller has it already.
 
     ``conv2d`` is a cross-correlation: the plane wave ``x[c, p] = v_c exp(i <ω, p>)`` is
     mapped, away from the border, to ``exp(i <ω, p>) K(ω) v`` with
@@ -866,11 +866,12 @@ def _plane_wave(op: ConvOp, plan: _Plan, fidx: int) -> Tensor | None:
     half = plan.m2 // 2 + 1
     k1, k2 = divmod(int(fidx), half)
     dev = w.device
-    a = torch.arange(kh, dtype=torch.float64, device=dev)
-    b = torch.arange(kw, dtype=torch.float64, device=dev)
-    ph = 2.0 * math.pi * (k1 * a[:, None] / plan.m1 + k2 * b[None, :] / plan.m2)  # (kh, kw)
-    kmat = torch.complex((w * torch.cos(ph)).sum((2, 3)), (w * torch.sin(ph)).sum((2, 3)))
-    v = torch.linalg.svd(kmat)[2][0].conj()  # (c_in,)
+    if v is None:
+        a = torch.arange(kh, dtype=torch.float64, device=dev)
+        b = torch.arange(kw, dtype=torch.float64, device=dev)
+        ph = 2.0 * math.pi * (k1 * a[:, None] / plan.m1 + k2 * b[None, :] / plan.m2)
+        kmat = torch.complex((w * torch.cos(ph)).sum((2, 3)), (w * torch.sin(ph)).sum((2, 3)))
+        v = torch.linalg.svd(kmat)[2][0].conj()  # (c_in,)
     i = torch.arange(h, dtype=torch.float64, device=dev)
     j = torch.arange(wd, dtype=torch.float64, device=dev)
     phi = 2.0 * math.pi * (k1 * i[:, None] / plan.m1 + k2 * j[None, :] / plan.m2)
