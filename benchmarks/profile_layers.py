@@ -30,6 +30,7 @@ import torch  # noqa: E402
 import lipbound.analyzer as az  # noqa: E402
 import lipbound.blocks as bl  # noqa: E402
 import lipbound.spectral as sp  # noqa: E402
+from lipbound._memory import keep_freed_memory  # noqa: E402
 from lipbound.inputs import load_sample  # noqa: E402
 from lipbound.zoo import load_model  # noqa: E402
 
@@ -91,6 +92,7 @@ def main() -> int:
     p.add_argument("--threads", type=int, default=1)
     ns = p.parse_args()
     torch.set_num_threads(ns.threads)
+    keep_freed_memory()  # as the lipbound command does (lipbound._memory)
     _wrap(bl.AffineBlock, "forward", "forward")
     _wrap(bl.AffineBlock, "sq_rows", "row_norms")
     _wrap(bl.AffineBlock, "lin", "mv")

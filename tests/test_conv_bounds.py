@@ -355,13 +355,13 @@ def test_cholesky_certified_bound_is_sound_and_as_tight_as_eigvalsh(op):
 
 
 def _failure_spy():
-    """A wrapper of ``_cholesky_upper`` that records, per call, how many factorisations
-    failed (non-finite results), and the list it appends to."""
+    """A wrapper of ``_cholesky_upper_neg`` (what the certification calls) that records, per
+    call, how many factorisations failed (non-finite results), and the list it appends to."""
     failures: list[int] = []
-    real = conv_mod._cholesky_upper
+    real = conv_mod._cholesky_upper_neg
 
-    def spy(gram, level):
-        out = real(gram, level)
+    def spy(neg, level):
+        out = real(neg, level)
         failures.append(int((~torch.isfinite(out)).sum()))
         return out
     return spy, failures
@@ -381,7 +381,7 @@ def test_levels_below_the_maximum_fall_back_to_eigvalsh(args, margin, retries):
     spy, failures = _failure_spy()
 
     new, old = _certified_and_eig_only(op, _LEVEL_MARGIN=margin, _LEVEL_RETRIES=retries,
-                                       _cholesky_upper=spy)
+                                       _cholesky_upper_neg=spy)
     assert sum(failures) > 0
     assert _dense_norm(op) <= new <= old * (1 + 1e-9)
     # and with the smallest candidate first
@@ -398,7 +398,7 @@ def test_worst_candidate_order_still_certifies(retries):
     spy, failures = _failure_spy()
 
     new, old = _certified_and_eig_only(op, _LEVEL_RETRIES=retries, _group_tops=_worst_first,
-                                       _cholesky_upper=spy)
+                                       _cholesky_upper_neg=spy)
     assert sum(failures) > 0
     assert _dense_norm(op) <= new <= old * (1 + 1e-9)
 
@@ -540,6 +540,43 @@ def test_cholesky_certificate_degenerate_inputs():
     assert 0.0 < float(up0[0]) <= 1e-3 * (1 + 1e-12)
     # an empty batch
     assert conv_mod._cholesky_upper(batch[:0], levels[:0]).shape == (0,)
+
+
+def test_negated_cholesky_is_the_same_certificate_and_restores_its_input():
+    """``_cholesky_upper_neg(-Ĝ)`` factorises in place: the same values as
+    ``_cholesky_upper(Ĝ)`` bit for bit (certified or not), and its input unchanged after."""
+    gen = torch.Generator().manual_seed(5)
+    grams, tops = zip(*[_known_spectrum([8, 4, 1], gen) for _ in range(6)], strict=True)
+    gram = torch.stack(grams)
+    top = torch.tensor(tops, dtype=torch.float64)
+    # above, at and below the top eigenvalue, and no level: certified and failed ones
+    levels = top * torch.tensor([1 + 1e-11, 1.5, 1.0, 1 - 1e-3, 0.5, 0.0],
+                                dtype=torch.float64)
+    neg = gram.neg()
+    before = neg.clone()
+    got = conv_mod._cholesky_upper_neg(neg, levels)
+    assert torch.equal(torch.view_as_real(neg), torch.view_as_real(before))
+    ref = conv_mod._cholesky_upper(gram, levels)
+    assert torch.equal(got, ref)
+    assert torch.isfinite(got[:2]).all() and torch.isinf(got[3:]).all()
+    assert (got[torch.isfinite(got)] >= top[torch.isfinite(got)]).all()
+
+
+@settings(max_examples=40)
+@given(varied_convs(), st.sampled_from([-1e-3, 1e-12]))
+def test_whole_chunk_factorisation_gives_the_gathered_values(op, margin):
+    """Factorising the whole chunk in place (reading only the frequencies due) and gathering
+    those frequencies first give the same bound bit for bit, above the exact norm; with a
+    level margin below the maximum, failures and retries take both paths."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(conv_mod, "_CHOL_MIN_N", 1)
+        mp.setattr(conv_mod, "_LEVEL_MARGIN", margin)
+        mp.setattr(conv_mod, "_WHOLE_CHUNK", 0.0)  # always the whole chunk
+        whole = circulant_norm_bound(op, chunk_bytes=1 << 16)
+        mp.setattr(conv_mod, "_WHOLE_CHUNK", 2.0)  # never: gathered copies only
+        gathered = circulant_norm_bound(op, chunk_bytes=1 << 16)
+    assert whole is not None and whole == gathered
+    assert whole >= _dense_norm(op)
 
 
 @pytest.mark.parametrize("c_in,c_out,pad", [(32, 32, (0, 0)), (64, 40, (1, 1)),
