@@ -45,3 +45,53 @@ def test_auto_threads_never_more_than_idle(monkeypatch, restore_threads):
 def test_bad_thread_counts_are_refused(restore_threads, spec):
     with pytest.raises(InputError, match="--threads"):
         common.apply_threads(argparse.Namespace(threads=spec), None)
+
+
+class _FakeClock:
+    """monotonic / process_time / sleep for idle_cores, advanced by hand."""
+
+    def __init__(self):
+        self.now = 100.0
+        self.cpu = 5.0
+        self.slept: list[float] = []
+
+    def monotonic(self):
+        return self.now
+
+    def process_time(self):
+        return self.cpu
+
+    def sleep(self, s):
+        self.slept.append(s)
+        self.now += s
+
+
+@pytest.mark.parametrize("other_busy, expected", [(0, 2), (20, 1), (40, 1)])
+def test_idle_cores_counts_this_process_own_work_as_idle(monkeypatch, other_busy, expected):
+    """Two cores over 0.2 s (40 ticks): this process kept one busy (loading the model, 20
+    ticks); another process keeps ``other_busy`` ticks. Only the other's work counts."""
+    clock = _FakeClock()
+    readings = iter([(0, 0), (40 - 20 - other_busy, 40)])
+    monkeypatch.setattr(common, "time", clock)
+    monkeypatch.setattr(common, "_cpu_set", lambda: {0, 1})
+    monkeypatch.setattr(common, "_cpu_times", lambda cores: next(readings))
+    common.start_idle_sampling()
+    clock.now += 0.2
+    clock.cpu += 0.2
+    assert common.idle_cores() == expected
+    assert clock.slept == []  # the loading took longer than the window: no wait
+
+
+def test_idle_cores_waits_only_for_the_rest_of_the_window(monkeypatch):
+    clock = _FakeClock()
+    readings = iter([(0, 0), (20, 20), (0, 0), (20, 20)])
+    monkeypatch.setattr(common, "time", clock)
+    monkeypatch.setattr(common, "_cpu_set", lambda: {0, 1})
+    monkeypatch.setattr(common, "_cpu_times", lambda cores: next(readings))
+    common.start_idle_sampling()
+    clock.now += 0.03
+    assert common.idle_cores() == 2
+    assert clock.slept == [pytest.approx(common.MIN_IDLE_WINDOW - 0.03)]
+    # the start reading is used once: a later call samples its own full window
+    assert common.idle_cores() == 2
+    assert clock.slept[-1] == pytest.approx(common.MIN_IDLE_WINDOW)

@@ -13,6 +13,7 @@ import sys
 
 from .._memory import keep_freed_memory
 from ..errors import LipboundError
+from .common import start_idle_sampling
 
 COMMANDS = ["models", "bound", "demo", "sweep", "layers", "radius", "compare", "bench"]
 
@@ -39,6 +40,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
     keep_freed_memory()  # this process is ours: reuse freed blocks (lipbound._memory)
+    start_idle_sampling()  # --threads auto: the idle count spans the model loading
     try:
         return int(args.func(args) or 0)
     except LipboundError as exc:
