@@ -15,7 +15,13 @@ import pytest
 import torch
 
 from lipbound import Analyzer, Guarantee
-from lipbound.ops.conv import ConvOp, circulant_norm_bound, circulant_probe
+from lipbound.ops.conv import (
+    CirculantHint,
+    ConvOp,
+    circulant_hint,
+    circulant_norm_bound,
+    circulant_probe,
+)
 from lipbound.spectral import SAFETY, kw_factor, spectral_upper
 
 pytestmark = pytest.mark.usefixtures("torch_one_thread")
@@ -80,7 +86,7 @@ def test_no_probe_for_strided_or_grouped_convolutions(stride, groups):
     assert circulant_probe(_conv(4, 4, 3, 12, 1, 5), probe=False)[1] is None
 
 
-def _upper(op: ConvOp, alts, probe=None, seed=0, steps=30, calls=None):
+def _upper(op: ConvOp, alts, probe=None, seed=0, steps=30, calls=None, probe_step=None):
     def mv(x):
         if calls is not None:
             calls.append(x.shape[0])
@@ -93,7 +99,7 @@ def _upper(op: ConvOp, alts, probe=None, seed=0, steps=30, calls=None):
                           apply_flops=float(op.weight.numel() * op.out_dim), mode="lanczos",
                           steps=steps, failure_prob=1e-6,
                           generator=torch.Generator().manual_seed(seed),
-                          certified_alternatives=alts, probe=probe)
+                          certified_alternatives=alts, probe=probe, probe_step=probe_step)
 
 
 def test_a_passing_probe_reports_the_certified_bound_within_the_kw_inflation():
@@ -228,7 +234,7 @@ def test_lanczos_first_when_the_circulant_bound_is_predicted_to_lose(seed, monke
     an = Analyzer(net, (6, 10, 10), spectral="lanczos")
     res = an.global_bound()
     computed = list(calls)
-    monkeypatch.setattr(az.Analyzer, "_lanczos_first", lambda self, *a, **k: None)
+    monkeypatch.setattr(az.Analyzer, "_lanczos_first", lambda self, *a, **k: (None, None))
     usual = Analyzer(net, (6, 10, 10), spectral="lanczos").global_bound()
     skipped = 0
     for lf, lu, b in zip(res.layers, usual.layers, an.blocks, strict=True):
@@ -260,7 +266,7 @@ def test_lanczos_first_computes_the_circulant_bound_when_it_may_win(monkeypatch)
 
     def hint(op, *a, **k):
         if op is conv.mixing:
-            return circ * 0.5, bad
+            return CirculantHint(circ * 0.5, bad, -1)
         return None
 
     monkeypatch.setattr(az, "circulant_hint", hint)
@@ -278,3 +284,95 @@ def test_lanczos_first_computes_the_circulant_bound_when_it_may_win(monkeypatch)
     monkeypatch.setattr(az, "PROBE_MIN_FLOPS", math.inf)
     usual = Analyzer(net, (6, 10, 10), spectral="lanczos").global_bound().layers[0]
     assert fac.value <= usual.global_factor * (1 + 1e-12)
+
+
+@pytest.mark.parametrize("c_in,c_out,k,h,padding,seed,smooth",
+                         [(8, 8, 3, 12, 1, 3, True), (4, 6, 3, 10, 0, 1, False),
+                          (6, 5, 5, 11, 2, 2, False), (3, 8, 3, 16, 1, 5, True)])
+def test_the_hint_wave_is_the_probe_at_the_same_frequency(c_in, c_out, k, h, padding, seed,
+                                                         smooth):
+    """``circulant_probe(wave=...)`` hands back the hint's own plane wave when the hint's
+    frequency is the one of the circulant's largest eigenvalue, builds its own otherwise
+    (a frequency that cannot match); the bound is the same either way."""
+    op = _conv(c_in, c_out, k, h, padding, seed, smooth=smooth)
+    hint = circulant_hint(op)
+    assert hint is not None
+    bound, own = circulant_probe(op)
+    same_b, same = circulant_probe(op, wave=(hint.frequency, hint.vector))
+    other_b, other = circulant_probe(op, wave=(-1, hint.vector))
+    assert bound == same_b == other_b
+    assert other is not hint.vector and torch.equal(other, own)
+    if same is hint.vector:
+        # the hint's wave sits at the top frequency: a test vector as good as the probe's
+        exact = float(torch.linalg.matrix_norm(_matrix(op), ord=2))
+        assert _quotient(op, same) <= exact * (1 + 1e-12)
+        assert _quotient(op, same) >= 0.9 * _quotient(op, own)
+    else:
+        assert torch.equal(same, own)
+
+
+def test_a_first_probe_step_from_the_caller_gives_the_same_decision():
+    """``spectral_upper(probe_step=(ℓ, z))`` continues from the caller's first power step:
+    the same certified value as probing from scratch, the same estimate (to rounding), and
+    one product pair fewer."""
+    op = _conv(8, 8, 3, 12, 1, 3, smooth=True)
+    bound, vec = circulant_probe(op)
+    alt = ((bound * (1 + SAFETY), "fft-circulant"),)
+    x = vec.reshape(1, *op.in_shape)
+    y = op.lin(x)
+    z = op.lin_t(y).reshape(-1)
+    ell = float(z.norm() / y.norm())
+    scratch: list[int] = []
+    resumed: list[int] = []
+    a = _upper(op, alt, probe=vec, calls=scratch)
+    b = _upper(op, alt, probe=vec, calls=resumed, probe_step=(ell, z))
+    assert a.method == b.method == "fft-circulant" and a.value == b.value
+    assert b.estimate == pytest.approx(a.estimate, rel=1e-12)
+    assert len(resumed) == len(scratch) - 1
+    # a useless first step (wrong size, not finite) gives up probing: a plain run
+    plain = _upper(op, alt, seed=4)
+    for bad in ((math.nan, z), (ell, torch.ones(op.in_dim + 1, dtype=DT))):
+        r = _upper(op, alt, probe=vec, probe_step=bad, seed=4)
+        assert r.value == plain.value and r.estimate == plain.estimate
+
+
+def test_global_bound_is_the_same_with_the_hint_as_probe(monkeypatch):
+    """Global factors of a small CNN (low-pass kernels: the circulant bounds win through
+    the probe) are the same whether the hint's wave and first step are reused or not."""
+    import lipbound.analyzer as az
+    import lipbound.spectral as sp
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(8, 16, 3, padding=1), torch.nn.ReLU(),
+                              torch.nn.Conv2d(16, 16, 3, padding=1), torch.nn.ReLU(),
+                              torch.nn.Flatten(), torch.nn.Linear(16 * 28 * 28, 10)).double()
+    with torch.no_grad():
+        for m in net:
+            if isinstance(m, torch.nn.Conv2d):
+                m.weight.abs_()
+    net.eval()
+    firsts: list[bool] = []
+    real_probe = sp._probe_dominates
+
+    def spy(*a, **k):
+        firsts.append(a[8] is not None if len(a) > 8 else k.get("first") is not None)
+        return real_probe(*a, **k)
+
+    monkeypatch.setattr(sp, "_probe_dominates", spy)
+    reused = Analyzer(net, (8, 28, 28)).global_bound()
+    assert any(firsts)  # the hint's first step was taken over at least once
+    real = az.circulant_hint
+
+    def no_match(op, *a, **k):  # the same hint, at a frequency no probe has
+        h = real(op, *a, **k)
+        return None if h is None else CirculantHint(h.c_lo, h.vector, -1)
+
+    monkeypatch.setattr(az, "circulant_hint", no_match)
+    firsts.clear()
+    fresh = Analyzer(net, (8, 28, 28)).global_bound()
+    assert not any(firsts)
+    assert reused.value == fresh.value
+    assert [lr.spectral_method for lr in reused.layers].count("fft-circulant") == 2
+    for lr, lf in zip(reused.layers, fresh.layers, strict=True):
+        assert lr.global_factor == lf.global_factor
+        assert lr.spectral_method == lf.spectral_method

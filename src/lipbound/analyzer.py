@@ -393,18 +393,23 @@ class Analyzer:
                 continue
             frob = math.sqrt(float(b.sq_rows(torch.ones(1, b.in_dim, dtype=torch.float64,
                                                         device=self.device)).sum()))
-            early = self._lanczos_first(b, i, frob, delta)
+            early, hint = self._lanczos_first(b, i, frob, delta)
             if early is not None:
                 out.append(early)
                 continue
-            alts, probe = self._block_alternatives(b, frob)
-            out.append(self._global_run(b, i, delta, alts, probe))
+            # the hint's plane wave serves as the probe when it sits at the frequency the
+            # circulant bound finds (its first power step is already made)
+            wave = (hint[0], hint[1]) if hint is not None else None
+            alts, probe = self._block_alternatives(b, frob, wave=wave)
+            step = (hint[2], hint[3]) if hint is not None and probe is hint[1] else None
+            out.append(self._global_run(b, i, delta, alts, probe, step))
         self._global[key] = out
         return out
 
     def _global_run(self, b: AffineBlock, i: int, delta: float,
                     alts: tuple[tuple[float, str], ...],
-                    probe: Tensor | None = None) -> SpectralBound:
+                    probe: Tensor | None = None,
+                    probe_step: tuple[float, Tensor] | None = None) -> SpectralBound:
         """``spectral_upper`` on a whole block (every row and column), with the block's own
         random draws (``_gen(10_000 + i)``)."""
         return spectral_upper(
@@ -414,10 +419,11 @@ class Analyzer:
             dense=b.dense_fn(), apply_flops=b.apply_flops(), mode=self.spectral,
             steps=self.lanczos_steps, failure_prob=delta, generator=self._gen(10_000 + i),
             certified_alternatives=alts, fast_error=b.fast_error(), block=_block_size(b),
-            probe=probe)
+            probe=probe, probe_step=probe_step)
 
-    def _lanczos_first(self, b: AffineBlock, i: int, frob: float,
-                       delta: float) -> SpectralBound | None:
+    def _lanczos_first(self, b: AffineBlock, i: int, frob: float, delta: float
+                       ) -> tuple[SpectralBound | None,
+                                  tuple[int, Tensor, float, Tensor] | None]:
         """The global factor of a stride-1 convolution whose circulant bound is predicted to
         lose to the Lanczos run, computed without it unless needed; None when the prediction
         says otherwise (or cannot be made).
@@ -429,31 +435,38 @@ class Analyzer:
         bound is computed afterwards only if the run's value is above ``c_lo`` (where it
         could be smaller), and the smaller certified-or-probabilistic value is kept. The
         result is never looser than the usual order's (which may also stop the run early
-        against the circulant bound); a wrong prediction costs time only."""
+        against the circulant bound); a wrong prediction costs time only.
+
+        Returns ``(factor, None)`` when Lanczos ran first, else ``(None, hint)`` with
+        ``hint = (frequency, plane wave, ℓ, A^T A wave)`` when one was computed (the usual
+        order may take the wave as its probe, with that first power step), or ``(None,
+        None)``."""
         m = b.mixing
         if (not isinstance(m, ConvOp) or self.spectral == "exact"
                 or b.apply_flops() < PROBE_MIN_FLOPS):
-            return None
+            return None, None
         hint = circulant_hint(m)
         if hint is None:
-            return None
-        c_lo, vec = hint
+            return None, None
+        c_lo, vec, fidx = hint
         if vec.numel() != b.in_dim:
-            return None
+            return None, None
         for s in (b.s_in, b.s_out):
             if s is not None:
                 c_lo *= float(s.abs().max())
         x = vec.to(self.device).reshape(1, -1)
         y = b.lin(x)
         ny = float(torch.linalg.vector_norm(y))
-        ell = float(torch.linalg.vector_norm(b.lin_t(y))) / ny if ny > 0 else 0.0
+        z = b.lin_t(y)
+        ell = float(torch.linalg.vector_norm(z)) / ny if ny > 0 else 0.0
         n = min(b.in_dim, b.out_dim)
         # the KW share of the run's failure probability (all of it without a posteriori
         # bound, n < 3), as in spectral.run_parameters
         f = kw_factor(n, min(self.lanczos_steps, n), delta / 2 if n >= 3 else delta)
+        declined = (fidx, vec, ell, z) if math.isfinite(ell) and ell > 0 else None
         if f is None or not (math.isfinite(ell) and ell > 0
                              and c_lo > ell * math.sqrt(f) * (1 + HINT_MARGIN)):
-            return None
+            return None, declined
         sb = self._global_run(b, i, delta, ((frob * (1 + SAFETY), "frobenius"),))
         if sb.value > c_lo * (1 + SAFETY):  # the circulant bound (>= c_lo) might be smaller
             alts, _ = self._block_alternatives(b, frob, with_probe=False)
@@ -461,9 +474,10 @@ class Analyzer:
                 if val < sb.value:
                     sb = SpectralBound(val, Guarantee.CERTIFIED, 0.0, label, sb.estimate,
                                        sb.vector)
-        return sb
+        return sb, None
 
-    def _block_alternatives(self, b: AffineBlock, frob: float, with_probe: bool = True
+    def _block_alternatives(self, b: AffineBlock, frob: float, with_probe: bool = True,
+                            wave: tuple[int, Tensor] | None = None
                             ) -> tuple[tuple[tuple[float, str], ...], Tensor | None]:
         """Cheap deterministic upper bounds on ||A|| of a block, and for a convolution whose
         Lanczos run costs enough (``PROBE_MIN_FLOPS``) the circulant bound's test vector
@@ -477,7 +491,7 @@ class Analyzer:
             budget = max(CIRCULANT_BUDGET, 2.0 * self.lanczos_steps * b.apply_flops())
             c, probe = circulant_probe(b.mixing, budget_flops=budget,
                                        probe=with_probe
-                                       and b.apply_flops() >= PROBE_MIN_FLOPS)
+                                       and b.apply_flops() >= PROBE_MIN_FLOPS, wave=wave)
             if c is not None:
                 for s in (b.s_in, b.s_out):
                     if s is not None:

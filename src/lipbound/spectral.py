@@ -243,7 +243,8 @@ def spectral_upper(mv: Callable[[Tensor], Tensor], rmv: Callable[[Tensor], Tenso
                    warm: list[Tensor] | None = None,
                    fast_error: float | None = None, block: int = 1,
                    compact_maps: Callable[[bool], tuple[MapFn, MapFn]] | None = None,
-                   probe: Tensor | None = None) -> SpectralBound:
+                   probe: Tensor | None = None,
+                   probe_step: tuple[float, Tensor] | None = None) -> SpectralBound:
     """Upper bound on ||M||_2 for the operator M given by ``mv`` (and transpose ``rmv``), which
     is zero outside input coordinates ``cols`` and output coordinates ``rows``.
 
@@ -281,6 +282,11 @@ def spectral_upper(mv: Callable[[Tensor], Tensor], rmv: Callable[[Tensor], Tenso
             (``ℓ^2 f >= alternative^2``, with ``f`` the KW factor of the completed run) the
             smallest certified alternative is reported without a run. As with the early exit,
             that value is then at most ``sqrt(f)`` times ``||M||``.
+        probe_step: ``(ℓ, z)``, the first of those power steps already made by the caller
+            from ``probe`` with the same ``M`` (``z = M^T M x`` for a multiple ``x`` of the
+            probe on ``cols``, ``ℓ = ||z|| / ||M x||``); probing continues from there. Like
+            the probe itself it only chooses the route: what is reported is a certified
+            alternative or a run's bound.
 
     Returns:
         A :class:`SpectralBound`. Its ``vector`` is a right singular vector estimate (flat
@@ -336,7 +342,8 @@ def spectral_upper(mv: Callable[[Tensor], Tensor], rmv: Callable[[Tensor], Tenso
         b = 1
     if probe is not None and b == 1 and alts:
         hit = _probe_dominates(mv, rmv, probe, cols, n_in, device,
-                               run_parameters(n_used, steps, failure_prob, alts, 1), alts)
+                               run_parameters(n_used, steps, failure_prob, alts, 1), alts,
+                               probe_step)
         if hit is not None:
             return hit
 
@@ -399,15 +406,16 @@ PROBE_STEPS = 2
 
 
 def _probe_dominates(mv: MapFn, rmv: MapFn, probe: Tensor, cols: Tensor, n_in: int, device,
-                     prm: RunParameters, alts: list[tuple[float, str]]
-                     ) -> SpectralBound | None:
+                     prm: RunParameters, alts: list[tuple[float, str]],
+                     first: tuple[float, Tensor] | None = None) -> SpectralBound | None:
     """The smallest certified alternative when a Rayleigh quotient from ``probe`` passes the
     early-exit test of the run ``prm`` describes (see :func:`spectral_upper`), else None.
 
     With ``x`` the probe restricted to ``cols`` and ``y = M x``: ``||M^T y|| / ||y||`` is at
     least ``||y|| / ||x||`` (Cauchy-Schwarz) and at most ``||M||``; the next step starts from
     ``M^T y``. Probing stops after the first step when the quotient is more than 2 % short
-    of the test (a probe far from the top: Lanczos will do better)."""
+    of the test (a probe far from the top: Lanczos will do better). ``first``: the first
+    step's ``(ℓ, M^T y)``, already computed by the caller."""
     if prm.stop_theta is None or prm.kw_full is None or not math.isfinite(prm.kw_full):
         return None
     x = probe.to(device=device, dtype=torch.float64).reshape(1, -1)
@@ -419,19 +427,29 @@ def _probe_dominates(mv: MapFn, rmv: MapFn, probe: Tensor, cols: Tensor, n_in: i
         x = keep
     need = math.sqrt(prm.stop_theta) * (1 + _STOP_MARGIN)
     root_f = math.sqrt(prm.kw_full)
-    for _ in range(PROBE_STEPS):
-        top = float(x.abs().max())
-        if not 0.0 < top < math.inf:
-            return None
-        x = x / top
-        y = mv(x)
-        ny = float(torch.linalg.vector_norm(y))
-        if not 0.0 < ny < math.inf:
-            return None
-        z = rmv(y)
-        ell = float(torch.linalg.vector_norm(z)) / ny
-        if not math.isfinite(ell):
-            return None
+    for step in range(PROBE_STEPS):
+        if step == 0 and first is not None:
+            ell, z = first
+            z = z.to(device=device, dtype=torch.float64).reshape(1, -1)
+            if z.shape[1] != n_in or not (math.isfinite(ell) and ell > 0.0):
+                return None
+            if cols.numel() != n_in:  # as the probe: nothing outside the active columns
+                keep = torch.zeros_like(z)
+                keep[:, cols] = z[:, cols]
+                z = keep
+        else:
+            top = float(x.abs().max())
+            if not 0.0 < top < math.inf:
+                return None
+            x = x / top
+            y = mv(x)
+            ny = float(torch.linalg.vector_norm(y))
+            if not 0.0 < ny < math.inf:
+                return None
+            z = rmv(y)
+            ell = float(torch.linalg.vector_norm(z)) / ny
+            if not math.isfinite(ell):
+                return None
         if ell * root_f >= need:
             vec = z.reshape(-1)
             return SpectralBound(alts[0][0], Guarantee.CERTIFIED, 0.0, alts[0][1], ell,

@@ -12,6 +12,7 @@ squared kernel (method.md, "Computation at scale"). For small layers
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -732,7 +733,8 @@ def circulant_norm_bound(op: ConvOp, budget_flops: float = 5e10,
 
 def circulant_probe(op: ConvOp, budget_flops: float = 5e10,
                     chunk_bytes: int = 64 * 2 ** 20, *,
-                    probe: bool = True) -> tuple[float | None, Tensor | None]:
+                    probe: bool = True, wave: tuple[int, Tensor] | None = None
+                    ) -> tuple[float | None, Tensor | None]:
     """Certified upper bound on ||A||_2 of a zero-padded 2-D convolution from its kernel, by a
     polyphase (space-to-depth) circulant embedding.
 
@@ -782,6 +784,9 @@ def circulant_probe(op: ConvOp, budget_flops: float = 5e10,
         chunk_bytes: approximate working memory; frequencies are processed in chunks of
             this size (memory does not grow with the input size beyond the chunk).
         probe: also return a test vector (below).
+        wave: ``(frequency, vector)`` of a plane wave already built on the same grid (e.g.
+            :class:`CirculantHint`'s): returned as the test vector when that frequency is the
+            one of the largest top eigenvalue (no second plane wave is built).
 
     Returns:
         ``(bound, vector)``: the bound, or ``None`` when the computation would exceed
@@ -821,21 +826,36 @@ def circulant_probe(op: ConvOp, budget_flops: float = 5e10,
         val = min(val, _max_freq_norm(plan, op.weight, chunk_bytes, top=top))
     if op.out_scale is not None:
         val *= float(op.out_scale.abs().max())
-    vec = _plane_wave(op, poly, top[0][1]) if top else None
+    vec = None
+    if top:
+        fidx = top[0][1]
+        vec = wave[1] if wave is not None and wave[0] == fidx else _plane_wave(op, poly, fidx)
     return math.nextafter(val * (1.0 + _MARGIN), math.inf), vec
 
 
+class CirculantHint(NamedTuple):
+    """What :func:`circulant_hint` found (nothing certified)."""
+
+    c_lo: float
+    """A lower estimate of the circulant bound: ``||K(ω)||_2`` at the best candidate."""
+    vector: Tensor
+    """The windowed plane wave at that frequency (flat input space)."""
+    frequency: int
+    """Its index on the circulant grid (the order :func:`circulant_probe` uses)."""
+
+
 def circulant_hint(op: ConvOp, candidates: int = 4, max_side: int = 128
-                   ) -> tuple[float, Tensor] | None:
+                   ) -> CirculantHint | None:
     """Cheap estimates (nothing certified) that predict whether the circulant bound of an
     ungrouped stride-1, dilation-1 convolution will beat a Lanczos run, before either is
-    computed: ``(c_lo, vector)``.
+    computed: ``(c_lo, vector, frequency)`` (:class:`CirculantHint`).
 
     ``c_lo`` is the largest ``||K(ω)||_2`` (exact singular values, ``out_scale`` included)
     over the ``candidates`` frequencies of the circulant grid with the largest
     ``||K(ω)||_F``: at most the circulant bound (which is at least the maximum over all
     frequencies). ``vector`` is the windowed plane wave of the best of them
-    (:func:`_plane_wave`), a test vector for a lower estimate of ``||A||``. ``None`` for
+    (:func:`_plane_wave`), a test vector for a lower estimate of ``||A||``, and ``frequency``
+    its index on the circulant grid (:func:`circulant_probe` takes both as ``wave``). ``None`` for
     other convolutions, all-zero or non-finite kernels, or when the smaller side of ``K(ω)``
     exceeds ``max_side`` (the singular values would cost too much)."""
     w = op.weight
@@ -871,10 +891,11 @@ def circulant_hint(op: ConvOp, candidates: int = 4, max_side: int = 128
     c_lo = float(sv[best, 0]) * peak
     if op.out_scale is not None:
         c_lo *= float(op.out_scale.abs().max())
-    vec = _plane_wave(op, plan, int(idx[best]), vh[best, 0].conj())
+    fidx = int(idx[best])
+    vec = _plane_wave(op, plan, fidx, vh[best, 0].conj())
     if vec is None or not math.isfinite(c_lo):
         return None
-    return c_lo, vec
+    return CirculantHint(c_lo, vec, fidx)
 
 
 def _plane_wave(op: ConvOp, plan: _Plan, fidx: int, v: Tensor | None = None) -> Tensor | None:
