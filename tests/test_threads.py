@@ -82,6 +82,22 @@ def test_idle_cores_counts_this_process_own_work_as_idle(monkeypatch, other_busy
     assert clock.slept == []  # the loading took longer than the window: no wait
 
 
+def test_a_long_loading_window_is_replaced_by_a_fresh_one(monkeypatch):
+    """A 10 s model loading (this process on core 0), another process on core 1 for its
+    last second only: averaged over 10 s that core would look idle; the window is replaced by
+    a fresh 0.1 s one, in which core 1 is busy."""
+    clock = _FakeClock()
+    readings = iter([(0, 0), (10, 20)])  # the fresh window: core 1 busy, core 0 idle
+    monkeypatch.setattr(common, "time", clock)
+    monkeypatch.setattr(common, "_cpu_set", lambda: {0, 1})
+    monkeypatch.setattr(common, "_cpu_times", lambda cores: next(readings))
+    monkeypatch.setattr(common, "_started", (clock.now, (0, 0), clock.cpu))
+    clock.now += 10.0
+    clock.cpu += 10.0
+    assert common.idle_cores() == 1
+    assert clock.slept == [pytest.approx(common.MIN_IDLE_WINDOW)]
+
+
 def test_idle_cores_waits_only_for_the_rest_of_the_window(monkeypatch):
     clock = _FakeClock()
     readings = iter([(0, 0), (20, 20), (0, 0), (20, 20)])

@@ -284,9 +284,10 @@ def spectral_upper(mv: Callable[[Tensor], Tensor], rmv: Callable[[Tensor], Tenso
             that value is then at most ``sqrt(f)`` times ``||M||``.
         probe_step: ``(ℓ, z)``, the first of those power steps already made by the caller
             from ``probe`` with the same ``M`` (``z = M^T M x`` for a multiple ``x`` of the
-            probe on ``cols``, ``ℓ = ||z|| / ||M x||``); probing continues from there. Like
-            the probe itself it only chooses the route: what is reported is a certified
-            alternative or a run's bound.
+            probe, ``ℓ = ||z|| / ||M x||``); probing continues from there. Used only when
+            ``cols`` covers every column (a whole layer, as in global bounds); otherwise
+            probing starts from ``probe``. Like the probe itself it only chooses the route:
+            what is reported is a certified alternative or a run's bound.
 
     Returns:
         A :class:`SpectralBound`. Its ``vector`` is a right singular vector estimate (flat
@@ -343,7 +344,7 @@ def spectral_upper(mv: Callable[[Tensor], Tensor], rmv: Callable[[Tensor], Tenso
     if probe is not None and b == 1 and alts:
         hit = _probe_dominates(mv, rmv, probe, cols, n_in, device,
                                run_parameters(n_used, steps, failure_prob, alts, 1), alts,
-                               probe_step)
+                               probe_step if na == n_in else None)
         if hit is not None:
             return hit
 
@@ -415,7 +416,7 @@ def _probe_dominates(mv: MapFn, rmv: MapFn, probe: Tensor, cols: Tensor, n_in: i
     least ``||y|| / ||x||`` (Cauchy-Schwarz) and at most ``||M||``; the next step starts from
     ``M^T y``. Probing stops after the first step when the quotient is more than 2 % short
     of the test (a probe far from the top: Lanczos will do better). ``first``: the first
-    step's ``(ℓ, M^T y)``, already computed by the caller."""
+    step's ``(ℓ, M^T y)``, already computed by the caller on every column."""
     if prm.stop_theta is None or prm.kw_full is None or not math.isfinite(prm.kw_full):
         return None
     x = probe.to(device=device, dtype=torch.float64).reshape(1, -1)
@@ -431,12 +432,9 @@ def _probe_dominates(mv: MapFn, rmv: MapFn, probe: Tensor, cols: Tensor, n_in: i
         if step == 0 and first is not None:
             ell, z = first
             z = z.to(device=device, dtype=torch.float64).reshape(1, -1)
-            if z.shape[1] != n_in or not (math.isfinite(ell) and ell > 0.0):
-                return None
-            if cols.numel() != n_in:  # as the probe: nothing outside the active columns
-                keep = torch.zeros_like(z)
-                keep[:, cols] = z[:, cols]
-                z = keep
+            if (z.shape[1] != n_in or cols.numel() != n_in
+                    or not (math.isfinite(ell) and ell > 0.0)):
+                return None  # (a step on masked columns is not taken over)
         else:
             top = float(x.abs().max())
             if not 0.0 < top < math.inf:

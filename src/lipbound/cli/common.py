@@ -81,7 +81,9 @@ def _cpu_times(cores: set[int]) -> tuple[int, int] | None:
                     continue
                 vals = [int(v) for v in rest.split()]
                 idle += vals[3] + (vals[4] if len(vals) > 4 else 0)  # idle + iowait
-                total += sum(vals)
+                # user .. steal; guest and guest_nice (fields 9-10) are already counted in
+                # user and nice
+                total += sum(vals[:8])
                 seen += 1
     except (OSError, ValueError, IndexError):
         return None
@@ -91,6 +93,12 @@ def _cpu_times(cores: set[int]) -> tuple[int, int] | None:
 MIN_IDLE_WINDOW = 0.1
 """Shortest window (seconds) over which ``--threads auto`` counts idle cores (``/proc/stat``
 counts in 10 ms ticks: at least 10 per core)."""
+
+MAX_IDLE_WINDOW = 0.5
+"""Longest: a window started longer ago is replaced by a fresh one of ``MIN_IDLE_WINDOW``
+(averaged over a long model loading, a process that took a core in its last moments would
+count as mostly idle; with 0.5 s, one busy for the last eighth of the window already costs
+the core)."""
 
 _started: tuple[float, tuple[int, int], float] | None = None
 
@@ -116,12 +124,15 @@ def idle_cores(window: float = MIN_IDLE_WINDOW) -> int:
     over the last ``window`` seconds or more (``/proc/stat``, per core; elsewhere the
     1-minute load average), at least 1.
 
-    The window starts at :func:`start_idle_sampling` when that was called (and not yet used),
-    else now. This process' CPU time over the window (model loading, possibly on several
-    threads) is counted as idle: it is the work the threads are for."""
+    The window starts at :func:`start_idle_sampling` when that was called (and not yet used)
+    at most ``MAX_IDLE_WINDOW`` ago, else now. This process' CPU time over the window (model
+    loading, possibly on several threads) is counted as idle: it is the work the threads are
+    for."""
     global _started
     cores = _cpu_set()
     start, _started = _started, None
+    if start is not None and time.monotonic() - start[0] > MAX_IDLE_WINDOW:
+        start = None  # too long ago: recent load would be averaged away
     if start is None:
         a = _cpu_times(cores)
         if a is None:

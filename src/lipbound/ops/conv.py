@@ -372,8 +372,8 @@ def _cholesky_upper(gram: Tensor, level: Tensor) -> Tensor:
 def _cholesky_upper_neg(neg: Tensor, level: Tensor) -> Tensor:
     """:func:`_cholesky_upper` of ``Ĝ = -neg`` from ``neg = -Ĝ`` itself (exactly negated: the
     same ``B̂``, the same factorisation and bound, without a negated copy). The diagonal of
-    ``neg`` serves as scratch for ``μ - Ĝ_ii`` and is restored bit for bit before returning,
-    so a chunk's matrix can be factorised in place."""
+    ``neg`` (writable: not an expanded view) serves as scratch for ``μ - Ĝ_ii`` and is
+    restored bit for bit before returning, so a chunk's matrix can be factorised in place."""
     n = neg.shape[-1]
     g_c = _gamma(4 * (n + 1))
     if not n * g_c < 0.5 or neg.shape[0] == 0:
