@@ -141,14 +141,9 @@ def test_a_useless_probe_changes_nothing(kind):
     assert probed.estimate == plain.estimate
 
 
-def test_global_bound_with_and_without_probes():
-    """A small CNN with low-pass kernels on a 28x28 grid (the circulant bound nearly tight):
-    the global factors of its convolutions are the certified circulant bounds, reported
-    without Lanczos runs; without probes (threshold raised) the Lanczos runs stop early
-    against the same bounds, or end at most the KW inflation below them. Every factor is at
-    least a long Lanczos run's Ritz value (a lower bound of the norm)."""
-    import lipbound.analyzer as az
-
+def _low_pass_cnn() -> torch.nn.Module:
+    """Two 3x3 convolutions with non-negative (low-pass) kernels on a 28x28 grid, padded:
+    their circulant bounds are nearly tight."""
     torch.manual_seed(0)
     net = torch.nn.Sequential(torch.nn.Conv2d(8, 16, 3, padding=1), torch.nn.ReLU(),
                               torch.nn.Conv2d(16, 16, 3, padding=1), torch.nn.ReLU(),
@@ -157,7 +152,18 @@ def test_global_bound_with_and_without_probes():
         for m in net:
             if isinstance(m, torch.nn.Conv2d):
                 m.weight.abs_()
-    net.eval()
+    return net.eval()
+
+
+def test_global_bound_with_and_without_probes():
+    """A small CNN with low-pass kernels on a 28x28 grid (the circulant bound nearly tight):
+    the global factors of its convolutions are the certified circulant bounds, reported
+    without Lanczos runs; without probes (threshold raised) the Lanczos runs stop early
+    against the same bounds, or end at most the KW inflation below them. Every factor is at
+    least a long Lanczos run's Ritz value (a lower bound of the norm)."""
+    import lipbound.analyzer as az
+
+    net = _low_pass_cnn()
     import lipbound.spectral as sp
 
     runs: list[int] = []
@@ -342,15 +348,7 @@ def test_global_bound_is_the_same_with_the_hint_as_probe(monkeypatch):
     import lipbound.analyzer as az
     import lipbound.spectral as sp
 
-    torch.manual_seed(0)
-    net = torch.nn.Sequential(torch.nn.Conv2d(8, 16, 3, padding=1), torch.nn.ReLU(),
-                              torch.nn.Conv2d(16, 16, 3, padding=1), torch.nn.ReLU(),
-                              torch.nn.Flatten(), torch.nn.Linear(16 * 28 * 28, 10)).double()
-    with torch.no_grad():
-        for m in net:
-            if isinstance(m, torch.nn.Conv2d):
-                m.weight.abs_()
-    net.eval()
+    net = _low_pass_cnn()
     firsts: list[bool] = []
     real_probe = sp._probe_dominates
 
