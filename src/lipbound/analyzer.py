@@ -393,15 +393,15 @@ class Analyzer:
                 continue
             frob = math.sqrt(float(b.sq_rows(torch.ones(1, b.in_dim, dtype=torch.float64,
                                                         device=self.device)).sum()))
-            early, hint = self._lanczos_first(b, i, frob, delta)
+            early, (wave, step) = self._lanczos_first(b, i, frob, delta)
             if early is not None:
                 out.append(early)
                 continue
             # the hint's plane wave serves as the probe when it sits at the frequency the
             # circulant bound finds (its first power step is already made)
-            wave = (hint[0], hint[1]) if hint is not None else None
             alts, probe = self._block_alternatives(b, frob, wave=wave)
-            step = (hint[2], hint[3]) if hint is not None and probe is hint[1] else None
+            if wave is None or probe is not wave[1]:
+                step = None
             out.append(self._global_run(b, i, delta, alts, probe, step))
         self._global[key] = out
         return out
@@ -423,10 +423,11 @@ class Analyzer:
 
     def _lanczos_first(self, b: AffineBlock, i: int, frob: float, delta: float
                        ) -> tuple[SpectralBound | None,
-                                  tuple[int, Tensor, float, Tensor] | None]:
+                                  tuple[tuple[int, Tensor] | None,
+                                        tuple[float, Tensor] | None]]:
         """The global factor of a stride-1 convolution whose circulant bound is predicted to
-        lose to the Lanczos run, computed without it unless needed; None when the prediction
-        says otherwise (or cannot be made).
+        lose to the Lanczos run, computed without it unless needed (see Returns for when the
+        prediction says otherwise or cannot be made).
 
         Prediction (:func:`lipbound.ops.conv.circulant_hint`, two products more): ``c_lo``,
         a lower estimate of the circulant bound, exceeds ``ℓ sqrt(f)`` (``ℓ`` a Rayleigh
@@ -437,20 +438,21 @@ class Analyzer:
         result is never looser than the usual order's (which may also stop the run early
         against the circulant bound); a wrong prediction costs time only.
 
-        Returns ``(factor, None)`` when Lanczos ran first, else ``(None, hint)`` with
-        ``hint = (frequency, plane wave, ℓ, A^T A wave)`` when one was computed (the usual
-        order may take the wave as its probe, with that first power step), or ``(None,
-        None)``."""
+        Returns ``(factor, (None, None))`` when Lanczos ran first; otherwise ``(None, (wave,
+        step))`` with the hint's ``wave = (frequency, plane wave)`` and its first power step
+        ``step = (ℓ, A^T A wave)`` (the usual order may take them as its probe), both
+        ``None`` when no hint was computed."""
+        nothing = (None, None)
         m = b.mixing
         if (not isinstance(m, ConvOp) or self.spectral == "exact"
                 or b.apply_flops() < PROBE_MIN_FLOPS):
-            return None, None
+            return None, nothing
         hint = circulant_hint(m)
         if hint is None:
-            return None, None
+            return None, nothing
         c_lo, vec, fidx = hint
         if vec.numel() != b.in_dim:
-            return None, None
+            return None, nothing
         for s in (b.s_in, b.s_out):
             if s is not None:
                 c_lo *= float(s.abs().max())
@@ -463,10 +465,9 @@ class Analyzer:
         # the KW share of the run's failure probability (all of it without a posteriori
         # bound, n < 3), as in spectral.run_parameters
         f = kw_factor(n, min(self.lanczos_steps, n), delta / 2 if n >= 3 else delta)
-        declined = (fidx, vec, ell, z) if math.isfinite(ell) and ell > 0 else None
         if f is None or not (math.isfinite(ell) and ell > 0
                              and c_lo > ell * math.sqrt(f) * (1 + HINT_MARGIN)):
-            return None, declined
+            return None, ((fidx, vec), (ell, z))  # (spectral_upper checks the step)
         sb = self._global_run(b, i, delta, ((frob * (1 + SAFETY), "frobenius"),))
         if sb.value > c_lo * (1 + SAFETY):  # the circulant bound (>= c_lo) might be smaller
             alts, _ = self._block_alternatives(b, frob, with_probe=False)
@@ -474,7 +475,7 @@ class Analyzer:
                 if val < sb.value:
                     sb = SpectralBound(val, Guarantee.CERTIFIED, 0.0, label, sb.estimate,
                                        sb.vector)
-        return sb, None
+        return sb, nothing
 
     def _block_alternatives(self, b: AffineBlock, frob: float, with_probe: bool = True,
                             wave: tuple[int, Tensor] | None = None

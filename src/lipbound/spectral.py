@@ -416,7 +416,8 @@ def _probe_dominates(mv: MapFn, rmv: MapFn, probe: Tensor, cols: Tensor, n_in: i
     least ``||y|| / ||x||`` (Cauchy-Schwarz) and at most ``||M||``; the next step starts from
     ``M^T y``. Probing stops after the first step when the quotient is more than 2 % short
     of the test (a probe far from the top: Lanczos will do better). ``first``: the first
-    step's ``(ℓ, M^T y)``, already computed by the caller on every column."""
+    step's ``(ℓ, M^T y)``, already computed by the caller on every column (``spectral_upper``
+    passes it only when ``cols`` covers them all)."""
     if prm.stop_theta is None or prm.kw_full is None or not math.isfinite(prm.kw_full):
         return None
     x = probe.to(device=device, dtype=torch.float64).reshape(1, -1)
@@ -432,9 +433,8 @@ def _probe_dominates(mv: MapFn, rmv: MapFn, probe: Tensor, cols: Tensor, n_in: i
         if step == 0 and first is not None:
             ell, z = first
             z = z.to(device=device, dtype=torch.float64).reshape(1, -1)
-            if (z.shape[1] != n_in or cols.numel() != n_in
-                    or not (math.isfinite(ell) and ell > 0.0)):
-                return None  # (a step on masked columns is not taken over)
+            if z.shape[1] != n_in or not (math.isfinite(ell) and ell > 0.0):
+                return None
         else:
             top = float(x.abs().max())
             if not 0.0 < top < math.inf:
