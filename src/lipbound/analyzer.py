@@ -87,13 +87,19 @@ would underflow in float64 and make a moving row look constant."""
 
 
 def _check_magnitudes(blocks: list[Block]) -> None:
-    bad = []
+    """Refuse blocks with non-finite coefficients (a product of layers that overflowed), and
+    blocks whose linear coefficients could underflow when squared: an entry of a
+    block's matrix is a product of a weight and the folded diagonal scales (batch norm,
+    normalisation, pooling scales), so the product of the parts' smallest nonzero magnitudes
+    (a lower bound on every nonzero entry) must stay above ``TINY_WEIGHT``."""
+    bad, huge = [], []
     for b in blocks:
         if not isinstance(b, AffineBlock):
             continue
         parts = [b.s_in, b.s_out]
         if b.mixing is not None:
             parts += [getattr(b.mixing, "weight", None), getattr(b.mixing, "out_scale", None)]
+        low_all = 1.0
         for t in parts:
             if t is None:
                 continue
@@ -101,12 +107,22 @@ def _check_magnitudes(blocks: list[Block]) -> None:
             low = math.inf
             for s in range(0, flat.numel(), 1 << 22):  # in chunks: no full-size temporaries
                 a = flat[s:s + (1 << 22)].abs()
+                if not bool(torch.isfinite(a).all()):
+                    huge.append(b.name)
+                    break
                 a = a[a > 0]
                 if a.numel():
                     low = min(low, float(a.min()))
-            if low < TINY_WEIGHT:
-                bad.append(f"{b.name} (smallest nonzero |coefficient| {low:.3g})")
-                break
+            if math.isfinite(low):
+                low_all *= low
+        if low_all < TINY_WEIGHT:
+            bad.append(f"{b.name} (smallest nonzero |coefficient| {low_all:.3g}, weights "
+                       "times folded scales)")
+    if huge:
+        raise InputError("non-finite coefficients (inf/nan) in " + ", ".join(dict.fromkeys(huge))
+                         + ": a product of consecutive layers overflows float64; rescale "
+                         "these layers (e.g. divide the weights by 2^k and multiply the next "
+                         "layer's by 2^k)")
     if bad:
         raise InputError("coefficients below 1e-150 in magnitude in " + ", ".join(bad) +
                          ": their squares underflow in float64, so the bounds could not be "
@@ -403,6 +419,10 @@ class Analyzer:
             if wave is None or probe is not wave[1]:
                 step = None
             out.append(self._global_run(b, i, delta, alts, probe, step))
+        for i, b in enumerate(blocks):  # the rounding of matrices formed as products of layers
+            extra = b.err_norm() if isinstance(b, AffineBlock) else 0.0
+            if extra > 0 and not math.isinf(out[i].value):
+                out[i] = replace(out[i], value=out[i].value + extra)
         self._global[key] = out
         return out
 
@@ -562,6 +582,8 @@ class Analyzer:
             ybar = y0 + eps_k * rn + SAFETY * (y0.abs() + eps_k * rn)
             r = torch.where(y0 >= 0, torch.ones_like(y0),
                             torch.where(ybar > 0, ybar / (ybar - y0), torch.zeros_like(y0)))
+            # a radius or row norm beyond float64 (ȳ = inf, inf / inf): the slope's limit 1
+            r = torch.where(torch.isinf(ybar) | torch.isnan(r), torch.ones_like(r), r)
             r = torch.where(moving, r, torch.zeros_like(r))
             d_out = ((ybar > 0) & moving).to(torch.float64)
             x_next = torch.relu(y0).reshape(1, *b.out_shape)
@@ -652,6 +674,9 @@ class Analyzer:
                 full = sb.vector.new_zeros(b.in_shape[0], b.in_dim // b.in_shape[0])
                 full.index_copy_(0, in_ch, sb.vector.reshape(in_ch.numel(), -1))
                 sb = replace(sb, vector=full.reshape(-1))
+        extra = b.err_norm(r, d)  # the rounding of a matrix formed as a product of layers
+        if extra > 0 and not math.isinf(sb.value):
+            sb = replace(sb, value=sb.value + extra)
         if sb.vector is not None:
             self._warm[warm_key] = sb.vector
         self._remember(memo_key, r, d, sb)
@@ -831,7 +856,11 @@ class Analyzer:
         m = last.out_dim
         eye = torch.eye(m, dtype=torch.float64, device=self.device)
         rowsv = last.lin_t(eye) * d  # (m, in_dim): rows of A D
-        norms = rowsv.norm(dim=1) * (1 + SAFETY)
+        norms = rowsv.norm(dim=1)
+        err = last.err_rows(d)  # the rounding of a matrix formed as a product of layers
+        if err is not None:
+            norms = norms + err
+        norms = norms * (1 + SAFETY)
         g = combine_guarantees([sb.guarantee for sb in bounds]) if bounds else \
             Guarantee.CERTIFIED
         fp = 0.0 if g == Guarantee.CERTIFIED else min(1.0, sum(sb.failure_prob

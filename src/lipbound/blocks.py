@@ -5,7 +5,9 @@ ops such as folded batch norm / normalisation, and reshapes), optionally followe
 the paper's affine-ReLU layer ``g(x) = relu(A x + b)`` (batch norm folded in). A *pool
 block* is a max-pooling layer. Consecutive fully connected layers without a ReLU between
 them are multiplied into one matrix; other runs with several mixing ops are formed densely
-when small, and otherwise split into separate blocks (sound, slightly looser).
+when small, and otherwise split into separate blocks (sound, slightly looser). A product
+carries an entrywise bound on its float64 rounding, which every norm computed from it adds
+(:meth:`AffineBlock.err_norm`).
 """
 
 from __future__ import annotations
@@ -118,6 +120,43 @@ class AffineBlock:
         y = m.sq_rows(w.reshape(w.shape[0], *m.in_shape)).reshape(w.shape[0], -1)
         return y if self.s_out is None else y * self.s_out ** 2
 
+    def err_norm(self, r: Tensor | None = None, d: Tensor | None = None) -> float:
+        """Upper bound on ``||R S_out ΔA S_in D||_2`` for the rounding ``ΔA`` of a mixing matrix
+        computed as a product of layers (:class:`~lipbound.ops.linear.LinearOp`, ``err``):
+        the Frobenius norm of the masked entrywise bound, ``sqrt(Σ_i r_i^2 s_i^2 Σ_j E_ij^2
+        s_j^2 d_j)`` (``r``, ``d`` flat masks; None: all ones). ``0.0`` for other blocks.
+        Every spectral value computed from the stored matrix adds it."""
+        m = self.mixing
+        e2 = getattr(m, "err_sq_rows", None)
+        if e2 is None or getattr(m, "err", None) is None:
+            return 0.0
+        dev = m.err.device  # type: ignore[union-attr]
+        w = torch.ones(1, self.in_dim, dtype=torch.float64, device=dev) if d is None \
+            else d.reshape(1, -1).to(torch.float64)
+        if self.s_in is not None:
+            w = w * self.s_in ** 2
+        rows = e2(w)[0]
+        if self.s_out is not None:
+            rows = rows * self.s_out ** 2
+        if r is not None:
+            rows = rows * r * r
+        # a sum of non-negative terms: (1 + γ_n) covers its rounding, 1e-6 is generous
+        return math.sqrt(float(rows.sum())) * (1.0 + 1e-6)
+
+    def err_rows(self, d: Tensor) -> Tensor | None:
+        """Per output row ``i``, an upper bound on ``||e_i^T S_out ΔA S_in D||`` (see
+        :meth:`err_norm`); None when the block's matrix carries no rounding bound."""
+        m = self.mixing
+        if getattr(m, "err", None) is None:
+            return None
+        w = d.reshape(1, -1).to(torch.float64)
+        if self.s_in is not None:
+            w = w * self.s_in ** 2
+        rows = m.err_sq_rows(w)[0]  # type: ignore[union-attr]
+        if self.s_out is not None:
+            rows = rows * self.s_out ** 2
+        return rows.sqrt() * (1.0 + 1e-6)
+
     def dense_fn(self):
         if self.mixing is None:
             return None
@@ -177,9 +216,32 @@ class PoolBlock:
 Block = AffineBlock | PoolBlock
 
 
+def _gamma(n: int) -> float:
+    """γ_n = n u / (1 - n u), u = 2^-53 (Higham, *Accuracy and Stability of Numerical
+    Algorithms*, §3.1)."""
+    nu = n * 2.0 ** -53
+    return nu / (1.0 - nu) if nu < 0.5 else math.inf
+
+
+def _product_error(p: Tensor, k: int) -> Tensor:
+    """Entrywise bound on the rounding error of a float64 product of a chain of linear maps:
+    ``p`` is the computed product of the maps' entrywise absolute values and ``k`` the sum of
+    their inner lengths (one per diagonal scale). Any evaluation order of the chain has error
+    ``<= γ_k |A_n| ... |A_1|`` entrywise (Higham, Thm 3.5, applied map by map), and the
+    computed ``p`` is within a factor ``1 + γ_k`` of that exact product of non-negative
+    terms; ``2 γ_(k+4)`` covers both. Cancellation in the product (large biases, large
+    entries that nearly cancel) makes this large against the product itself, so it is
+    carried along rather than assumed negligible (:class:`~lipbound.ops.linear.LinearOp`,
+    ``err``)."""
+    return p * (2.0 * _gamma(k + 4))
+
+
 def _compose_linear_run(ops: list[Op]) -> list[Op]:
-    """Multiply consecutive fully connected layers (and the 1-D diagonal ops between them)."""
+    """Multiply consecutive fully connected layers (and the 1-D diagonal ops between them),
+    each product with its entrywise rounding bound (:func:`_product_error`)."""
     out: list[Op] = []
+    # for each merged layer: (|A_n| ... |A_1| as computed, sum of inner lengths)
+    absprod: dict[int, tuple[Tensor, int]] = {}
     for op in ops:
         if isinstance(op, LinearOp):
             j = len(out) - 1
@@ -189,25 +251,38 @@ def _compose_linear_run(ops: list[Op]) -> list[Op]:
             if j >= 0 and isinstance(out[j], LinearOp):
                 first: LinearOp = out[j]  # type: ignore[assignment]
                 w1, b1 = first.weight, first.bias
+                p1, k1 = absprod.get(id(first), (first.weight.abs(), first.in_dim))
                 for d in out[j + 1:]:
                     if isinstance(d, DiagOp):
                         s, t = d.scale.reshape(-1), d.shift.reshape(-1)
                         w1 = w1 * s[:, None]
+                        p1 = p1 * s.abs()[:, None]
+                        k1 += 1
                         b1 = b1 * s + t
+                p = op.weight.abs() @ p1
+                k = k1 + op.in_dim
                 merged = LinearOp(f"{first.name}*{op.name}", op.weight @ w1,
-                                  op.weight @ b1 + op.bias)
+                                  op.weight @ b1 + op.bias, err=_product_error(p, k))
                 del out[j:]
                 out.append(merged)
+                absprod[id(merged)] = (p, k)
                 continue
         out.append(op)
     return out
 
 
 def _dense_compose(ops: list[Op]) -> list[Op] | None:
+    """The run of affine ops as one fully connected layer when it is small, else None. The
+    matrix is the chain's linear part applied to basis vectors (no biases: ``f(e_i) - f(0)``
+    would lose it to cancellation against large biases), with its entrywise rounding bound
+    (:func:`_product_error`); the bias is the chain at zero. ``ops`` are the model's own
+    layers (none carries a rounding bound of its own)."""
     in_shape, out_shape = ops[0].in_shape, ops[-1].out_shape
     n_in, n_out = math.prod(in_shape), math.prod(out_shape)
     if n_in * n_out > DENSE_COMPOSE_LIMIT:
         return None
+    if any(isinstance(op, LinearOp) and op.err is not None for op in ops):
+        raise ValueError("_dense_compose takes the model's own layers, not products")
     dev = None
     for op in ops:
         for v in vars(op).values():
@@ -217,30 +292,41 @@ def _dense_compose(ops: list[Op]) -> list[Op] | None:
         if dev is not None:
             break
 
-    def run(x: Tensor) -> Tensor:
+    def run(x: Tensor, part: str) -> Tensor:
         for op in ops:
-            x = op.forward(x)
+            if part == "forward" or isinstance(op, ReshapeOp):
+                x = op.forward(x)
+            elif isinstance(op, MixingOp):
+                x = op.lin(x) if part == "lin" else op.abs_lin(x)
+            elif isinstance(op, DiagOp):
+                x = x * (op.scale if part == "lin" else op.scale.abs())
+            else:
+                raise TypeError(f"cannot compose {op!r}")
         return x
     eye = torch.eye(n_in, dtype=torch.float64, device=dev).reshape(n_in, *in_shape)
     zero = torch.zeros(1, *in_shape, dtype=torch.float64, device=dev)
-    b = run(zero).reshape(-1)
-    w = (run(eye).reshape(n_in, -1) - b).T.contiguous()
+    b = run(zero, "forward").reshape(-1)
+    w = run(eye, "lin").reshape(n_in, -1).T.contiguous()
+    p = run(eye, "abs").reshape(n_in, -1).T.contiguous()
+    k = sum(op.inner_length() if isinstance(op, MixingOp) else 1
+            for op in ops if not isinstance(op, ReshapeOp))
     name = "*".join(op.name for op in ops if op.kind == "mixing")
     seq: list[Op] = []
     if len(in_shape) != 1:
         seq.append(ReshapeOp(name + ".flatten", in_shape, (n_in,)))
-    seq.append(LinearOp(name, w, b))
+    seq.append(LinearOp(name, w, b, err=_product_error(p, k)))
     if len(out_shape) != 1:
         seq.append(ReshapeOp(name + ".unflatten", (n_out,), out_shape))
     return seq
 
 
 def _segment_blocks(seg: list[Op], relu: bool, relu_name: str) -> list[AffineBlock]:
+    own = seg
     seg = _compose_linear_run(seg)
     n_mix = sum(op.kind == "mixing" for op in seg)
     if n_mix <= 1:
         return [AffineBlock(seg, relu, relu_name=relu_name)]
-    dense = _dense_compose(seg)
+    dense = _dense_compose(own)
     if dense is not None:
         return [AffineBlock(dense, relu, relu_name=relu_name)]
     parts: list[list[Op]] = [[]]

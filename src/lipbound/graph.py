@@ -242,6 +242,15 @@ def _verify(ops: list[Op], model: nn.Module, example: Tensor) -> None:
     if ref.shape != got.shape:
         raise UnsupportedModelError([("model", "chain", f"output shape {tuple(got.shape)} "
                                       f"differs from the model's {tuple(ref.shape)}")])
+    if not bool(torch.isfinite(ref).all()):
+        raise InputError("the model's output on a random standard-normal test input is not "
+                         f"finite ({'nan' if bool(ref.isnan().any()) else 'inf'}) in "
+                         f"{str(example.dtype).removeprefix('torch.')}: its weights overflow "
+                         "the floating-point range, so no bound would be meaningful; rescale "
+                         "the weights (or the input) so that the forward pass stays finite")
+    if not bool(torch.isfinite(got).all()):
+        raise InputError("the float64 chain's output on a random standard-normal test input is "
+                         "not finite: the weights overflow float64; rescale them")
     scale = float(ref.abs().max()) + 1.0
     err = float((ref - got).abs().max())
     tol = 1e-3 if example.dtype in (torch.float32, torch.float16, torch.bfloat16) else 1e-8

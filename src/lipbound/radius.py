@@ -158,6 +158,8 @@ class _Problem:
     t_local: float          # threshold of the sqrt(2) test
     t_rows: Tensor          # (n-1,) thresholds of the per-rival tests
     c_rows: Tensor          # (n-1, n) rows e_c - e_j
+    model_cls: int | None = None  # the class of the model's own forward pass (its dtype)
+    model_dtype: str = "float64"
 
 
 def _resolve(model: nn.Module | Analyzer | None, analyzer: Analyzer | None, x0: Tensor,
@@ -217,7 +219,26 @@ def _problem(an: Analyzer, x0: Tensor) -> _Problem:
     c_rows = torch.zeros(n - 1, n, dtype=torch.float64)
     c_rows[:, cls] = 1.0
     c_rows[torch.arange(n - 1), rivals] = -1.0
-    return _Problem(x0, y, cls, runner_up, delta, rivals, deltas, t_local, t_rows, c_rows)
+    model_cls, model_dtype = _model_class(an, x0)
+    return _Problem(x0, y, cls, runner_up, delta, rivals, deltas, t_local, t_rows, c_rows,
+                    model_cls, model_dtype)
+
+
+def _model_class(an: Analyzer, x0: Tensor) -> tuple[int | None, str]:
+    """The class that the model itself predicts at ``x0`` in its own floating-point type
+    (float32 for most models), or None when its output is not finite there."""
+    model = an.model
+    p = next(iter(model.parameters()), None)
+    dt = p.dtype if p is not None and p.is_floating_point() else x0.dtype
+    if not dt.is_floating_point:
+        dt = torch.float32
+    dev = p.device if p is not None else x0.device
+    with torch.no_grad():
+        y = model(x0.to(device=dev, dtype=dt)).reshape(-1)
+    name = str(dt).removeprefix("torch.")
+    if not bool(torch.isfinite(y).all()):
+        return None, name
+    return int(y.argmax()), name
 
 
 # ---------------------------------------------------------------------------------- tests
@@ -560,6 +581,8 @@ def _search_analyzer(an: Analyzer, reuse_tol: float) -> Analyzer:
 def _certify(an: Analyzer, pb: _Problem, method: str, tol: float, cap: float,
              start: float | None, max_evals: int, t0: float,
              reuse_tol: float = DEFAULT_REUSE_TOL) -> RadiusResult:
+    if pb.model_cls != pb.cls:
+        return _zero(method, pb, tol, t0, an, _disagree_reason(pb))
     if method == "global":
         if pb.t_local <= 0:
             return _zero(method, pb, tol, t0, an, _tie_reason(pb))
@@ -614,6 +637,16 @@ def _certify(an: Analyzer, pb: _Problem, method: str, tol: float, cap: float,
     log.info("certified radius (%s): %.6g after %d bound evaluations (%.2f s)", method,
              res.radius, n, res.seconds)
     return res
+
+
+def _disagree_reason(pb: _Problem) -> str:
+    if pb.model_cls is None:
+        return (f"the model's own {pb.model_dtype} forward pass gives NaN/inf at x0 although "
+                "the float64 analysis is finite: no class to certify")
+    return (f"the model's own {pb.model_dtype} forward pass predicts class {pb.model_cls} at "
+            f"x0 but the exact (float64) network predicts {pb.cls} (margin {pb.delta:.3g}): "
+            f"x0 is within {pb.model_dtype} rounding of a decision boundary, so no radius "
+            "can be certified for the model as it runs")
 
 
 def _tie_reason(pb: _Problem) -> str:

@@ -72,6 +72,15 @@ class MixingOp(Op):
         A diag(sqrt(w)) in one pass."""
         raise NotImplementedError
 
+    def abs_lin(self, x: Tensor) -> Tensor:
+        """|A| x, the entrywise absolute matrix applied to x (no bias): with
+        :meth:`inner_length`, the rounding bound of products through this op."""
+        raise NotImplementedError
+
+    def inner_length(self) -> int:
+        """Most products summed into one output entry of ``A x`` (a row's nonzeros at most)."""
+        return self.in_dim
+
     def dense(self) -> Tensor | None:
         """The matrix A (out_dim, in_dim) when it is cheap to form, else None."""
         return None

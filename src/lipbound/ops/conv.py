@@ -152,6 +152,13 @@ class ConvOp(MixingOp):
         y = self._conv(w, self.weight_sq)
         return y if self.out_scale is None else y * self.out_scale ** 2
 
+    def abs_lin(self, x: Tensor) -> Tensor:
+        y = self._conv(x, self.weight.abs())
+        return y if self.out_scale is None else y * self.out_scale.abs()
+
+    def inner_length(self) -> int:
+        return int(self.weight[0].numel())
+
     def flops(self) -> float:
         return float(self.out_dim * self.weight[0].numel())
 

@@ -10,14 +10,26 @@ from .dense import DenseProducts
 
 
 class LinearOp(MixingOp):
-    """y = W x + b on a vector input of shape ``(n_in,)``."""
+    """y = W x + b on a vector input of shape ``(n_in,)``.
 
-    def __init__(self, name: str, weight: Tensor, bias: Tensor | None):
+    ``err`` (optional, non-negative, shaped like ``W``): an entrywise bound on how far the
+    stored ``W`` may be from the exact matrix, for a matrix computed as a product of layers
+    (:mod:`lipbound.blocks`). The row norms (:meth:`sq_rows`) are then those of ``|W| + err``
+    (upper bounds of the exact ones), and every norm computed from ``W`` is completed by
+    :meth:`err_sq_rows` (a Frobenius bound of the masked error, see
+    :meth:`lipbound.blocks.AffineBlock.err_norm`)."""
+
+    def __init__(self, name: str, weight: Tensor, bias: Tensor | None,
+                 err: Tensor | None = None):
         out_dim, in_dim = weight.shape
         super().__init__(name, (in_dim,), (out_dim,))
         self.weight = weight.detach().to(torch.float64, copy=True)
         self.bias = (torch.zeros(out_dim, dtype=torch.float64, device=weight.device)
                      if bias is None else bias.detach().to(torch.float64, copy=True))
+        if err is not None and tuple(err.shape) != tuple(weight.shape):
+            raise ValueError(f"err must have the weight's shape {tuple(weight.shape)}, "
+                             f"got {tuple(err.shape)}")
+        self.err = None if err is None else err.detach().to(torch.float64, copy=True)
         self._weight_sq: Tensor | None = None
         self._products = DenseProducts(self.weight)
 
@@ -27,20 +39,33 @@ class LinearOp(MixingOp):
     def lin(self, x: Tensor) -> Tensor:
         return self._products.mv(x)
 
+    def abs_lin(self, x: Tensor) -> Tensor:
+        return x @ self.weight.abs().T
+
     def lin_t(self, y: Tensor) -> Tensor:
         return self._products.rmv(y)
+
+    def _rows_sq(self, s: int, e: int) -> Tensor:
+        """Rows s:e of (|W| + err) ⊙ (|W| + err) (W ⊙ W without err)."""
+        a = self.weight[s:e] if self.err is None else self.weight[s:e].abs() + self.err[s:e]
+        return a * a
 
     def sq_rows(self, w: Tensor) -> Tensor:
         if self.weight.numel() <= 4_000_000:
             if self._weight_sq is None:
-                self._weight_sq = self.weight * self.weight
+                self._weight_sq = self._rows_sq(0, self.weight.shape[0])
             return w @ self._weight_sq.T
         # big layers (VGG fc1: 100M weights): square in row chunks instead of keeping W ⊙ W
         out = []
         for s in range(0, self.weight.shape[0], 512):
-            chunk = self.weight[s:s + 512]
-            out.append(w @ (chunk * chunk).T)
+            out.append(w @ self._rows_sq(s, s + 512).T)
         return torch.cat(out, dim=-1)
+
+    def err_sq_rows(self, w: Tensor) -> Tensor | None:
+        """``(err ⊙ err) w`` for non-negative ``w``, or None without ``err``."""
+        if self.err is None:
+            return None
+        return w @ (self.err * self.err).T
 
     def dense(self) -> Tensor:
         return self.weight

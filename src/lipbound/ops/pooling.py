@@ -156,6 +156,12 @@ class SpatialMatrixOp(MixingOp):
     def sq_rows(self, w: Tensor) -> Tensor:
         return self._apply(w, self.pmat_sq, self.out_shape[-2:])
 
+    def abs_lin(self, x: Tensor) -> Tensor:
+        return self._apply(x, self.pmat.abs(), self.out_shape[-2:])
+
+    def inner_length(self) -> int:
+        return int(self.pmat.shape[1])
+
     def flops(self) -> float:
         return float(self.in_shape[0] * self.pmat.numel())
 
