@@ -144,6 +144,13 @@ def test_output_map_shape_is_named_in_the_message(analyzer, x0):
     (dict(failure_prob=1.0), "failure_prob"),
     (dict(failure_prob=-0.1), "failure_prob"),
     (dict(lanczos_steps=3), "lanczos_steps"),
+    (dict(lanczos_steps=math.nan), "lanczos_steps"),
+    (dict(lanczos_steps=8.5), "lanczos_steps"),
+    (dict(failure_prob=math.nan), "failure_prob"),
+    (dict(failure_prob="x"), "failure_prob"),
+    (dict(seed=-1), "seed"),
+    (dict(seed=1.5), "seed"),
+    (dict(seed=True), "seed"),
 ])
 def test_bad_analyzer_options(kwargs, word):
     with pytest.raises(InputError, match=word):
@@ -198,3 +205,22 @@ def test_tiny_weights_are_refused_with_the_layer_named():
     with pytest.raises(InputError, match=r"1e-150.*rescale") as info:
         Analyzer(model, (3,))
     assert "2" in str(info.value)
+
+
+class _ClampedReLU(nn.ReLU):
+    """A ReLU subclass that computes something else (a ReLU6): not a ReLU to the analysis."""
+
+    def forward(self, x):
+        return torch.clamp(x, 0.0, 6.0)
+
+
+class _PlainLinear(nn.Linear):
+    """A subclass that only adds a name: still a Linear."""
+
+
+def test_subclass_with_its_own_forward_is_not_taken_for_its_parent():
+    m = nn.Sequential(_PlainLinear(3, 4), _ClampedReLU(), nn.Linear(4, 2)).to(DT).eval()
+    with pytest.raises(lipbound.UnsupportedModelError, match="clamp"):
+        Analyzer(m, (3,))
+    plain = nn.Sequential(_PlainLinear(3, 4), nn.ReLU(), nn.Linear(4, 2)).to(DT).eval()
+    assert Analyzer(plain, (3,)).global_bound().value > 0

@@ -126,3 +126,142 @@ def test_radius_when_float32_and_exact_classes_agree() -> None:
     assert int(m(x0).argmax()) == 1
     res = certified_radius(m, x0, method="margin", max_eps=0.01)
     assert res.predicted_class == 1 and res.radius > 0
+
+
+def _kink_case(n: int = 8) -> tuple[torch.Tensor, float]:
+    """An input and bias where ``sum(x) + b`` is positive exactly (rationals) but negative
+    as float64 computes it: one 1 and small terms that each vanish against it."""
+    from fractions import Fraction
+
+    g = torch.Generator().manual_seed(0)
+    for _ in range(5000):
+        x = torch.cat([torch.ones(1, dtype=DT), torch.rand(n - 1, generator=g, dtype=DT) * 1e-16])
+        b = -(1.0 + 2.0 ** -52 * float(torch.randint(1, 4, (1,), generator=g)))
+        w, bb = torch.ones(1, n, dtype=DT), torch.tensor([b], dtype=DT)
+        xs = x.unsqueeze(0)
+        # as the analysis computes it, and as nn.Linear does (addmm: another order)
+        computed = max(float((xs @ w.T + bb)[0, 0]), float(torch.addmm(bb, xs, w.T)[0, 0]))
+        exact = sum(Fraction(float(v)) for v in x) + Fraction(b)
+        if computed < 0 < exact:
+            return x.unsqueeze(0), b
+    raise AssertionError("no kink case found")  # pragma: no cover
+
+
+def test_relu_just_on_at_x0_though_float64_says_off() -> None:
+    """The pre-activation is +O(1e-17) exactly and -2e-16 as computed: with eps far below
+    both, the ReLU is on in the whole ball and the local constant is 3 sqrt(n). A bound from
+    the computed sign alone would be 0."""
+    x0, b = _kink_case()
+    n = x0.shape[1]
+    m = nn.Sequential(nn.Linear(n, 1), nn.ReLU(), nn.Linear(1, 1)).to(DT).eval()
+    with torch.no_grad():
+        m[0].weight.fill_(1.0)
+        m[0].bias.fill_(b)
+        m[2].weight.fill_(3.0)
+        m[2].bias.zero_()
+    an = Analyzer(m, (n,))
+    for eps in (1e-30, 1e-20):
+        assert an.local_bound(x0, eps).value >= 3.0 * math.sqrt(n)
+
+
+def test_radius_not_certified_for_a_class_decided_by_rounding() -> None:
+    """Scores ``sum(x) + b`` and 0: class 0 exactly, class 1 as float64 computes it, by a
+    margin of 2e-16. The margin is within the forward pass's rounding, so no radius."""
+    x0, b = _kink_case()
+    n = x0.shape[1]
+    m = nn.Sequential(nn.Linear(n, 2)).to(DT).eval()
+    with torch.no_grad():
+        m[0].weight.zero_()
+        m[0].weight[0].fill_(1.0)
+        m[0].bias.copy_(torch.tensor([b, 0.0], dtype=DT))
+    for method in ("local", "margin", "global"):
+        res = certified_radius(m, x0, method=method)
+        assert res.radius == 0.0, (method, res.radius)
+        assert "rounding" in res.details["reason"]
+
+
+def _exact_forward(m: nn.Sequential, x: list) -> list:
+    """The network in rational arithmetic on its float64 parameters."""
+    from fractions import Fraction
+
+    v = [Fraction(float(t)) for t in x]
+    for layer in m:
+        if isinstance(layer, nn.Linear):
+            w = layer.weight.detach().tolist()
+            b = layer.bias.detach().tolist()
+            v = [sum((Fraction(w[i][k]) * v[k] for k in range(len(v))), Fraction(b[i]))
+                 for i in range(len(w))]
+        elif isinstance(layer, nn.BatchNorm1d):
+            # folded as lipbound folds it: the float64 scale and shift are the exact reference
+            sc = (layer.weight / torch.sqrt(layer.running_var + layer.eps)).detach()
+            sh = (layer.bias - layer.running_mean * sc).detach()
+            v = [Fraction(float(sc[i])) * v[i] + Fraction(float(sh[i])) for i in range(len(v))]
+        elif isinstance(layer, nn.ReLU):
+            v = [max(t, 0) for t in v]
+        else:  # pragma: no cover
+            raise TypeError(layer)
+    return v
+
+
+@settings(max_examples=n_examples(25))
+@given(seed=st.integers(0, 10_000), bn=st.booleans(), log_scale=st.floats(-2.0, 6.0),
+       log_eps=st.floats(-12.0, 0.0))
+def test_nominal_error_bounds_the_exact_output(seed: int, bn: bool, log_scale: float,
+                                               log_eps: float) -> None:
+    """Against the exact (rational) forward pass: ``||f̂(x0) - f(x0)|| <= nominal_error``,
+    for random networks with large biases (cancellation), with and without a merged
+    Linear-BatchNorm-Linear run, from the local factors and from the global ones."""
+    from fractions import Fraction
+
+    g = torch.Generator().manual_seed(seed)
+    widths = [4, 6, 5, 3]
+    layers: list[nn.Module] = [nn.Linear(widths[0], widths[1])]
+    if bn:
+        layers += [nn.BatchNorm1d(widths[1]), nn.Linear(widths[1], widths[1])]
+    layers += [nn.ReLU(), nn.Linear(widths[1], widths[2]), nn.ReLU(),
+               nn.Linear(widths[2], widths[3])]
+    m = nn.Sequential(*layers).to(DT).eval()
+    scale = 10.0 ** log_scale
+    with torch.no_grad():
+        for layer in m:
+            if isinstance(layer, nn.Linear):
+                layer.weight.copy_(torch.randn(layer.weight.shape, generator=g, dtype=DT))
+                layer.bias.copy_(torch.randn(layer.bias.shape, generator=g, dtype=DT) * scale)
+            elif isinstance(layer, nn.BatchNorm1d):
+                n = layer.num_features
+                layer.weight.copy_(torch.randn(n, generator=g, dtype=DT))
+                layer.bias.copy_(torch.randn(n, generator=g, dtype=DT) * scale)
+                layer.running_mean.copy_(torch.randn(n, generator=g, dtype=DT) * scale)
+                layer.running_var.copy_(torch.rand(n, generator=g, dtype=DT) + 0.5)
+    x0 = torch.randn(1, widths[0], generator=g, dtype=DT) * scale
+    an = Analyzer(m, (widths[0],))
+    computed = an.forward(x0).reshape(-1).tolist()
+    exact = _exact_forward(m, x0[0].tolist())
+    dist_sq = sum((Fraction(c) - t) ** 2 for c, t in zip(computed, exact, strict=True))
+    res = an.local_bound(x0, 10.0 ** log_eps)
+    assert Fraction(res.nominal_error) ** 2 >= dist_sq
+    _, glob, _, _ = an.nominal_error(x0)
+    assert Fraction(glob) ** 2 >= dist_sq
+
+
+def test_nominal_error_carries_an_early_cancellation_forward() -> None:
+    """x + 1e8 rounds to a multiple of 2^-26 (an error up to 7e-9), the next layer removes
+    the 1e8 again, and the last layer's weight 1e6 turns the early error into ~1e-3: a bound
+    from the last layer's own rounding alone (~1e-10) would be far too small."""
+    from fractions import Fraction
+
+    m = nn.Sequential(nn.Linear(1, 1), nn.ReLU(), nn.Linear(1, 1), nn.ReLU(),
+                      nn.Linear(1, 1)).to(DT).eval()
+    with torch.no_grad():
+        for layer, (w, b) in zip([m[0], m[2], m[4]], [(1.0, 1e8), (1.0, -1e8), (1e6, 0.0)],
+                                 strict=True):
+            layer.weight.fill_(w)
+            layer.bias.fill_(b)
+    x0 = torch.tensor([[1.0 + 1e-9 * math.pi]], dtype=DT)
+    an = Analyzer(m, (1,))
+    computed = Fraction(float(an.forward(x0)[0, 0]))
+    exact = _exact_forward(m, x0[0].tolist())[0]
+    assert abs(computed - exact) > Fraction(1, 10**4)  # the early error did carry through
+    for eps in (1e-12, 1e-3):
+        assert Fraction(an.local_bound(x0, eps).nominal_error) >= abs(computed - exact)
+    assert Fraction(an.nominal_error(x0)[1]) >= abs(computed - exact)

@@ -26,7 +26,7 @@ from .ops.dense import DenseProducts
 from .ops.linear import LinearOp
 from .results import BoundResult, Guarantee, LayerFactor, combine_guarantees
 from .spectral import SAFETY, SpectralBound, _materialize, kw_factor, spectral_upper
-from .validation import check_eps, check_input, check_reuse_tol, resolve_device
+from .validation import check_eps, check_input, check_int, check_reuse_tol, resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -258,6 +258,10 @@ class RowBounds:
     failure_prob: float
     prefix: tuple[LayerFactor, ...]
     eps: float
+    nominal_error: Tensor | None = None
+    """Per row: a bound on ``|ĝ_j - C[j] f(x0)|``, the computed float64 value
+    ``nominal_values[j]`` against the exact one (valid under the same event as ``values``)."""
+    nominal_values: Tensor | None = None
 
 
 class Analyzer:
@@ -273,7 +277,9 @@ class Analyzer:
         lanczos_steps: Krylov dimension of the Lanczos runs (more = tighter inflation).
         failure_prob: total failure probability budget of a probabilistic bound; split
             evenly over the layers that use Lanczos.
-        seed: seed of the Lanczos start vectors (the probability is over this draw).
+        seed: seed of the Lanczos start vectors, an integer >= 0 (the probability is over
+            this draw, for a network fixed independently of it: against weights that may have
+            been built knowing the seed, pass a secret one, see docs/guarantees.md).
         name: a name for the model used in results.
         notes: caveats copied into every result (e.g. "seeded random weights").
 
@@ -294,10 +300,14 @@ class Analyzer:
             input_shape = tuple(x0.shape[1:]) if x0.dim() > 1 else tuple(x0.shape)
         if spectral not in ("auto", "exact", "lanczos"):
             raise InputError(f"spectral must be 'auto', 'exact' or 'lanczos', got {spectral!r}")
-        if not 0 < failure_prob < 1:
-            raise InputError(f"failure_prob must be in (0, 1), got {failure_prob}")
-        if lanczos_steps < 4:
-            raise InputError(f"lanczos_steps must be >= 4, got {lanczos_steps}")
+        try:
+            fp_ok = 0 < float(failure_prob) < 1
+        except (TypeError, ValueError):
+            fp_ok = False
+        if not fp_ok:
+            raise InputError(f"failure_prob must be a number in (0, 1), got {failure_prob!r}")
+        lanczos_steps = check_int(lanczos_steps, "lanczos_steps", 4)
+        seed = check_int(seed, "seed", 0)
         self.model = model
         self.input_shape = tuple(int(s) for s in input_shape)
         self.device = resolve_device(device, _model_device(model))
@@ -311,6 +321,9 @@ class Analyzer:
         self.ops = [op.to(self.device) for op in ops]
         self.blocks = build_blocks(self.ops)
         _check_magnitudes(self.blocks)
+        for b in self.blocks:  # the forward-error coefficients, once, off every bound's clock
+            if isinstance(b, AffineBlock) and b.mixing is not None:
+                b.mixing.row_abs()
         self.output_shape = self.ops[-1].out_shape if self.ops else self.input_shape
         self._variants: dict[str, list[Block]] = {"": self.blocks}
         self._global: dict[str, list[SpectralBound]] = {}
@@ -358,6 +371,26 @@ class Analyzer:
             if isinstance(b, AffineBlock) and b.relu:
                 x = torch.relu(x)
         return x
+
+    def nominal_error(self, x0: Tensor) -> tuple[Tensor, float, Guarantee, float]:
+        """The float64 output at ``x0`` (``(1, *input_shape)``, flat) and a bound on its L2
+        distance from the exact network's output there, from the global layer factors:
+        ``Δ_(l+1) <= G_l Δ_l + ||ρ_l||`` (``ρ_l`` the block's own rounding, see
+        :meth:`lipbound.ops.base.Op.forward_error`; ReLU and max pooling are 1-Lipschitz).
+        Also the guarantee and failure probability of that bound (those of the global
+        factors it uses)."""
+        x0 = check_input(x0, self.input_shape)
+        facs = self._global_factors("", self.blocks)
+        x = x0.to(device=self.device, dtype=torch.float64)
+        delta = 0.0
+        for b, f in zip(self.blocks, facs, strict=True):
+            x, rho = b.forward_with_error(x, x.new_zeros(()))
+            delta = f.value * delta + float(rho.norm()) if delta > 0 else float(rho.norm())
+            if isinstance(b, AffineBlock) and b.relu:
+                x = torch.relu(x)
+        g = combine_guarantees([f.guarantee for f in facs]) if facs else Guarantee.CERTIFIED
+        fp = 0.0 if g == Guarantee.CERTIFIED else min(1.0, sum(f.failure_prob for f in facs))
+        return x.reshape(-1), delta * (1 + 1e-6), g, fp
 
     def _blocks_for(self, output_map: Tensor | None) -> tuple[str, list[Block]]:
         if output_map is None:
@@ -547,6 +580,8 @@ class Analyzer:
         delta = self.failure_prob / self._n_spectral(blocks)
         gl = self._global.get(key)
         x = x0.to(device=self.device, dtype=torch.float64)
+        # bound on ||x - x*||: the computed nominal point against the exact one (rounding)
+        nom = 0.0
         d = torch.ones(math.prod(self.input_shape), dtype=torch.float64, device=self.device)
         eps_k = eps
         layers: list[LayerFactor] = []
@@ -561,27 +596,44 @@ class Analyzer:
                 sb = SpectralBound(v, Guarantee.CERTIFIED, 0.0, "closed-form", v)
                 d_out = b.op.propagate_mask(mask).reshape(-1)
                 x = b.forward(x)
+                nom = v * nom  # the error is supported on the movable inputs
             else:
-                sb, d_out, x = self._affine_local(b, i, x, d, eps_k, delta,
-                                                  gl[i] if gl is not None else None, key)
+                sb, d_out, x, nom = self._affine_local(b, i, x, nom, d, eps_k, delta,
+                                                       gl[i] if gl is not None else None, key)
             layers.append(LayerFactor(i, b.name, b.kind, sb.value, gfac, eps_k, sb.guarantee,
                                       sb.failure_prob, sb.method, int((d > 0).sum()),
                                       int((d_out > 0).sum())))
             bounds.append(sb)
             eps_k = eps_k * sb.value
             d = d_out
-        return layers, bounds, (x, d, eps_k)
+        return layers, bounds, (x, d, eps_k, nom)
 
-    def _affine_local(self, b: AffineBlock, i: int, x: Tensor, d: Tensor, eps_k: float,
-                      delta: float, gfac: SpectralBound | None, key: str):
-        y0 = b.forward(x).reshape(-1)
+    def _affine_local(self, b: AffineBlock, i: int, x: Tensor, nom: float, d: Tensor,
+                      eps_k: float, delta: float, gfac: SpectralBound | None, key: str):
+        """Rules 2-4 for one affine(-ReLU) block at the computed nominal input ``x``, within
+        ``nom`` (L2, supported on the movable inputs ``d``) of the exact nominal input.
+        Returns (factor, output mask, next computed nominal input, its ``nom``).
+
+        The exact nominal pre-activation is within ``e_i = ||a_i^T D|| nom + ρ_i`` of the
+        computed one (Cauchy-Schwarz, and the block's own rounding ``ρ``), so the slopes use
+        ``y0 + e`` (rule 1's slope only grows with ``y0`` and ``ȳ``). Next:
+        ``nom' <= ||S A D|| nom + ||S ρ||`` with ``S`` the rows that may be on at the nominal
+        point (``y0 + e >= 0``, where ``r = 1``, so ``||S A D|| <= ||R A D||``, the factor
+        computed here): the error grows like the local bound, not like worst-case interval
+        arithmetic (which loses every sign in VGG-16's last layers)."""
+        y0, rho = b.forward_with_error(x, x.new_zeros(()))
+        y0 = y0.reshape(-1)
         rn = torch.sqrt(b.sq_rows(d.unsqueeze(0))[0].clamp_min(0))
         moving = rn > 0
+        e_out = rho if nom == 0 else rn * nom * (1 + 1e-6) + rho
         if b.relu:
-            # rule 3 with a float64 safety margin (a larger ybar is always safe)
-            ybar = y0 + eps_k * rn + SAFETY * (y0.abs() + eps_k * rn)
-            r = torch.where(y0 >= 0, torch.ones_like(y0),
-                            torch.where(ybar > 0, ybar / (ybar - y0), torch.zeros_like(y0)))
+            # rule 3 with float64 safety margins (a larger ybar, and a larger y0 below the
+            # kink, only raise the slope): the nominal pass's rounding e_out, absolute, and a
+            # relative margin for the row norms and this arithmetic
+            y_hi = y0 + e_out
+            ybar = y_hi + eps_k * rn + SAFETY * (y0.abs() + eps_k * rn)
+            r = torch.where(y_hi >= 0, torch.ones_like(y0),
+                            torch.where(ybar > 0, ybar / (ybar - y_hi), torch.zeros_like(y0)))
             # a radius or row norm beyond float64 (ȳ = inf, inf / inf): the slope's limit 1
             r = torch.where(torch.isinf(ybar) | torch.isnan(r), torch.ones_like(r), r)
             r = torch.where(moving, r, torch.zeros_like(r))
@@ -591,6 +643,19 @@ class Analyzer:
             r = moving.to(torch.float64)
             d_out = r.clone()
             x_next = y0.reshape(1, *b.out_shape)
+        sb, d_out, x_next = self._affine_factor(b, i, r, d, d_out, x_next, rn, delta, gfac, key)
+        # a ReLU off at both the computed and the exact nominal point adds no error
+        rho_s = rho if not b.relu else torch.where(y_hi < 0, torch.zeros_like(rho), rho)
+        nom_out = float(rho_s.norm()) * (1 + 1e-6)
+        if nom > 0:
+            nom_out += sb.value * nom * (1 + 1e-6)
+        return sb, d_out, x_next, nom_out
+
+    def _affine_factor(self, b: AffineBlock, i: int, r: Tensor, d: Tensor, d_out: Tensor,
+                       x_next: Tensor, rn: Tensor, delta: float, gfac: SpectralBound | None,
+                       key: str):
+        """Rule 4: an upper bound on ``||R A D||`` (exact, closed form, certified
+        alternatives, remembered, or Lanczos)."""
         if b.mixing is None:
             # diagonal linear part: ||R diag(s) D|| = max |r_i s_i| over movable coordinates
             # (r <= 1 mathematically, so the value never exceeds the global max |s_i|)
@@ -810,7 +875,8 @@ class Analyzer:
         t0 = time.perf_counter()
         x0, eps = self._check(x0, eps)
         key, blocks = self._blocks_for(output_map)
-        layers, bounds, _ = self._propagate(key, blocks, x0, eps)
+        layers, bounds, state = self._propagate(key, blocks, x0, eps)
+        nominal = state[3]
         value = math.prod(sb.value for sb in bounds)
         g = combine_guarantees([sb.guarantee for sb in bounds]) if bounds else Guarantee.EXACT
         fp = min(1.0, sum(sb.failure_prob for sb in bounds))
@@ -826,11 +892,13 @@ class Analyzer:
                 # the reported global bound is certified (then it cannot fail)
                 fp = 0.0 if gg == Guarantee.CERTIFIED else min(1.0, fp + gfp)
                 value, g = gv, gg
+                nominal = math.nan  # from the local factors: not covered by this guarantee
         if g == Guarantee.CERTIFIED:
             fp = 0.0
         return BoundResult(value=value, guarantee=g, method="local", quantity=LOCAL_QUANTITY,
                            eps=eps, seconds=time.perf_counter() - t0, layers=tuple(layers),
-                           failure_prob=fp, model=self.name, notes=tuple(notes))
+                           failure_prob=fp, model=self.name, notes=tuple(notes),
+                           nominal_error=nominal)
 
     def local_bound_rows(self, x0: Tensor, eps: float, output_map: Tensor) -> RowBounds:
         """Local bounds for each row of ``output_map`` separately, in one pass: all layers but
@@ -850,8 +918,8 @@ class Analyzer:
         last = blocks[-1]
         if not isinstance(last, AffineBlock) or last.relu:
             raise InputError("local_bound_rows needs a model whose last layer is affine")
-        layers, bounds, (_, d, eps_k) = self._propagate(key, blocks, x0, eps,
-                                                         stop_before_last=True)
+        layers, bounds, (x, d, eps_k, nom) = self._propagate(key, blocks, x0, eps,
+                                                              stop_before_last=True)
         prefix = math.prod(sb.value for sb in bounds)
         m = last.out_dim
         eye = torch.eye(m, dtype=torch.float64, device=self.device)
@@ -861,12 +929,17 @@ class Analyzer:
         if err is not None:
             norms = norms + err
         norms = norms * (1 + SAFETY)
+        # the rows' nominal values (the last block computes C f): the exact row j is within
+        # ||e_j^T A D|| nom + ρ_j of the computed one
+        rows_at_x0, rho = last.forward_with_error(x, x.new_zeros(()))
+        nominal = (norms * nom + rho.reshape(-1)) * (1 + 1e-6)
         g = combine_guarantees([sb.guarantee for sb in bounds]) if bounds else \
             Guarantee.CERTIFIED
         fp = 0.0 if g == Guarantee.CERTIFIED else min(1.0, sum(sb.failure_prob
                                                                for sb in bounds))
         return RowBounds(values=(norms * prefix).cpu(), guarantee=g, failure_prob=fp,
-                         prefix=tuple(layers), eps=eps)
+                         prefix=tuple(layers), eps=eps, nominal_error=nominal.cpu(),
+                         nominal_values=rows_at_x0.reshape(-1).cpu())
 
 
 def _analyzer(model: nn.Module | Analyzer, x0_or_shape, device, **kw) -> Analyzer:

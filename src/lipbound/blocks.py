@@ -17,7 +17,7 @@ import math
 import torch
 from torch import Tensor
 
-from .ops.base import DiagOp, MixingOp, Op, ReshapeOp
+from .ops.base import DiagOp, MixingOp, Op, ReshapeOp, gamma
 from .ops.linear import LinearOp
 from .ops.pooling import MaxPoolOp
 
@@ -78,6 +78,21 @@ class AffineBlock:
         for op in self.ops:
             x = op.forward(x)
         return x
+
+    def forward_with_error(self, x: Tensor, e: Tensor) -> tuple[Tensor, Tensor]:
+        """:meth:`forward` of one input ``(1, *in_shape)`` and a flat ``(out_dim,)`` bound on
+        the distance of the result from the exact pre-activation at an exact input within
+        ``e`` of ``x`` (``e``: 0-dim or flat / shaped like the input), op by op
+        (:meth:`lipbound.ops.base.Op.forward_error`)."""
+        if e.dim() > 0:
+            e = e.reshape(self.in_shape)
+        for op in self.ops:
+            y = op.forward(x)
+            e = op.forward_error(x, y, e)
+            x = y
+        e = e.expand(self.out_shape) if e.dim() == 0 else e
+        # the bound's own float64 arithmetic: a few roundings of non-negative terms
+        return x, e.reshape(-1) * (1.0 + 1e-6)
 
     def lin(self, v: Tensor) -> Tensor:
         """Flat (B, in_dim) -> (B, out_dim): the linear part A."""
@@ -212,15 +227,13 @@ class PoolBlock:
     def forward(self, x: Tensor) -> Tensor:
         return self.op.forward(x)
 
+    def forward_with_error(self, x: Tensor, e: Tensor) -> tuple[Tensor, Tensor]:
+        """As :meth:`AffineBlock.forward_with_error`: a maximum is exact and 1-Lipschitz in
+        the max norm, so the bound is ``max(e)`` everywhere."""
+        return self.op.forward(x), e.max().expand(self.out_dim)
+
 
 Block = AffineBlock | PoolBlock
-
-
-def _gamma(n: int) -> float:
-    """γ_n = n u / (1 - n u), u = 2^-53 (Higham, *Accuracy and Stability of Numerical
-    Algorithms*, §3.1)."""
-    nu = n * 2.0 ** -53
-    return nu / (1.0 - nu) if nu < 0.5 else math.inf
 
 
 def _product_error(p: Tensor, k: int) -> Tensor:
@@ -233,15 +246,16 @@ def _product_error(p: Tensor, k: int) -> Tensor:
     entries that nearly cancel) makes this large against the product itself, so it is
     carried along rather than assumed negligible (:class:`~lipbound.ops.linear.LinearOp`,
     ``err``)."""
-    return p * (2.0 * _gamma(k + 4))
+    return p * (2.0 * gamma(k + 4))
 
 
 def _compose_linear_run(ops: list[Op]) -> list[Op]:
     """Multiply consecutive fully connected layers (and the 1-D diagonal ops between them),
     each product with its entrywise rounding bound (:func:`_product_error`)."""
     out: list[Op] = []
-    # for each merged layer: (|A_n| ... |A_1| as computed, sum of inner lengths)
-    absprod: dict[int, tuple[Tensor, int]] = {}
+    # for each merged layer: (|A_n| ... |A_1| as computed, the chain of absolute biases
+    # |A_n| (... (|A_2| |b_1| + |b_2|) ...) + |b_n|, sum of inner lengths)
+    absprod: dict[int, tuple[Tensor, Tensor, int]] = {}
     for op in ops:
         if isinstance(op, LinearOp):
             j = len(out) - 1
@@ -251,21 +265,25 @@ def _compose_linear_run(ops: list[Op]) -> list[Op]:
             if j >= 0 and isinstance(out[j], LinearOp):
                 first: LinearOp = out[j]  # type: ignore[assignment]
                 w1, b1 = first.weight, first.bias
-                p1, k1 = absprod.get(id(first), (first.weight.abs(), first.in_dim))
+                p1, q1, k1 = absprod.get(id(first), (first.weight.abs(), first.bias.abs(),
+                                                     first.in_dim + 1))
                 for d in out[j + 1:]:
                     if isinstance(d, DiagOp):
                         s, t = d.scale.reshape(-1), d.shift.reshape(-1)
                         w1 = w1 * s[:, None]
                         p1 = p1 * s.abs()[:, None]
-                        k1 += 1
+                        q1 = q1 * s.abs() + t.abs()
+                        k1 += 2
                         b1 = b1 * s + t
                 p = op.weight.abs() @ p1
-                k = k1 + op.in_dim
+                q = op.weight.abs() @ q1 + op.bias.abs()
+                k = k1 + op.in_dim + 1
                 merged = LinearOp(f"{first.name}*{op.name}", op.weight @ w1,
-                                  op.weight @ b1 + op.bias, err=_product_error(p, k))
+                                  op.weight @ b1 + op.bias, err=_product_error(p, k),
+                                  bias_err=_product_error(q, k))
                 del out[j:]
                 out.append(merged)
-                absprod[id(merged)] = (p, k)
+                absprod[id(merged)] = (p, q, k)
                 continue
         out.append(op)
     return out
@@ -293,13 +311,21 @@ def _dense_compose(ops: list[Op]) -> list[Op] | None:
             break
 
     def run(x: Tensor, part: str) -> Tensor:
+        """``part``: "forward" (with biases), "lin", "abs" (|A| chain), "absbias" (|A| chain
+        with |biases| and |shifts| added)."""
         for op in ops:
             if part == "forward" or isinstance(op, ReshapeOp):
                 x = op.forward(x)
             elif isinstance(op, MixingOp):
                 x = op.lin(x) if part == "lin" else op.abs_lin(x)
+                if part == "absbias":
+                    b = op._bias_abs()
+                    if b is not None:
+                        x = x + b
             elif isinstance(op, DiagOp):
                 x = x * (op.scale if part == "lin" else op.scale.abs())
+                if part == "absbias":
+                    x = x + op.shift.abs()
             else:
                 raise TypeError(f"cannot compose {op!r}")
         return x
@@ -308,13 +334,14 @@ def _dense_compose(ops: list[Op]) -> list[Op] | None:
     b = run(zero, "forward").reshape(-1)
     w = run(eye, "lin").reshape(n_in, -1).T.contiguous()
     p = run(eye, "abs").reshape(n_in, -1).T.contiguous()
-    k = sum(op.inner_length() if isinstance(op, MixingOp) else 1
+    q = run(zero, "absbias").reshape(-1)
+    k = sum(op.inner_length() + 2 if isinstance(op, MixingOp) else 2
             for op in ops if not isinstance(op, ReshapeOp))
     name = "*".join(op.name for op in ops if op.kind == "mixing")
     seq: list[Op] = []
     if len(in_shape) != 1:
         seq.append(ReshapeOp(name + ".flatten", in_shape, (n_in,)))
-    seq.append(LinearOp(name, w, b, err=_product_error(p, k)))
+    seq.append(LinearOp(name, w, b, err=_product_error(p, k), bias_err=_product_error(q, k)))
     if len(out_shape) != 1:
         seq.append(ReshapeOp(name + ".unflatten", (n_out,), out_shape))
     return seq

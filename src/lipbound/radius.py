@@ -37,7 +37,7 @@ import math
 import time
 import weakref
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 import torch
@@ -160,6 +160,7 @@ class _Problem:
     c_rows: Tensor          # (n-1, n) rows e_c - e_j
     model_cls: int | None = None  # the class of the model's own forward pass (its dtype)
     model_dtype: str = "float64"
+    cache: dict = field(default_factory=dict, compare=False)  # nominal error from globals
 
 
 def _resolve(model: nn.Module | Analyzer | None, analyzer: Analyzer | None, x0: Tensor,
@@ -211,7 +212,8 @@ def _problem(an: Analyzer, x0: Tensor) -> _Problem:
     k = int(deltas.argmin())
     runner_up = int(rivals[k])
     delta = float(deltas[k])
-    # float64 rounding of the forward pass, covered by SAFETY as in the analyzer
+    # a relative margin for the arithmetic here; the forward pass's own rounding is bounded
+    # by each test (BoundResult.nominal_error, RowBounds.nominal_error) and subtracted there
     slack = SAFETY * (y[cls].abs() + y[rivals].abs())
     t_rows = (deltas - slack) * (1 - _ROUND)
     # a class change needs (y_j - y_c) to grow by delta_j >= min_j delta_j for some j
@@ -258,14 +260,29 @@ class _Eval:
     binding: int
     from_global: bool = False
     reused: bool = False  # some layer factor was reused from a larger radius
+    tie: bool = False  # the margin is within the nominal forward pass's rounding
+
+
+def _global_nominal(an: Analyzer, pb: _Problem) -> float:
+    """A bound on ``||f̂(x0) - f(x0)||`` from the global factors (cached per analyzer)."""
+    key = (id(an), an.seed)
+    if key not in pb.cache:
+        pb.cache[key] = an.nominal_error(pb.x0)[1]
+    return pb.cache[key]
 
 
 def _test_local(an: Analyzer, pb: _Problem, eps: float) -> _Eval:
     r = an.local_bound(pb.x0, eps)
     lval = float(r.value)
     prod = eps * lval
-    ok = bool(prod < pb.t_local) if math.isfinite(prod) else False
-    ratio = prod / pb.t_local if math.isfinite(prod) else math.inf
+    # the exact margins are within sqrt(2) ||f̂(x0) - f(x0)|| of the computed ones
+    nominal = r.nominal_error if math.isfinite(r.nominal_error) else _global_nominal(an, pb)
+    t = pb.t_local - nominal * (1 + 1e-9)
+    if not t > 0:
+        return _Eval(eps, False, math.inf, lval, r.guarantee, float(r.failure_prob),
+                     pb.runner_up, False, _any_reused(r.layers), tie=True)
+    ok = bool(prod < t) if math.isfinite(prod) else False
+    ratio = prod / t if math.isfinite(prod) else math.inf
     if ok and ratio >= 1.0:
         ratio = math.nextafter(1.0, 0.0)
     # the analyzer reports its (non-adaptive, cached) global bound when that is smaller
@@ -283,9 +300,17 @@ def _test_margin(an: Analyzer, pb: _Problem, eps: float) -> _Eval:
     rb = an.local_bound_rows(pb.x0, eps, pb.c_rows)
     vals = rb.values.to("cpu", torch.float64)
     prods = eps * vals
+    # the exact margins are within nominal_error of the computed rows, which agree with the
+    # computed margins up to their difference
+    dev = (rb.nominal_values - pb.deltas).abs() + rb.nominal_error * (1 + 1e-9)
+    t_rows = pb.t_rows - dev
+    if not bool((t_rows > 0).all()):
+        return _Eval(eps, False, math.inf, float(vals.max()), rb.guarantee,
+                     float(rb.failure_prob), int(pb.rivals[int(t_rows.argmin())]),
+                     reused=_any_reused(rb.prefix), tie=True)
     finite = bool(torch.isfinite(prods).all())
-    ok = finite and bool((prods < pb.t_rows).all())
-    ratios = prods / pb.t_rows
+    ok = finite and bool((prods < t_rows).all())
+    ratios = prods / t_rows
     k = int(ratios.argmax()) if finite else 0
     ratio = float(ratios[k]) if finite else math.inf
     if ok and ratio >= 1.0:
@@ -307,7 +332,7 @@ class _SearchOut:
     lo: _Eval | None
     hi: _Eval | None
     trace: list[_Eval]
-    status: str  # "converged", "capped", "budget", "none"
+    status: str  # "converged", "capped", "budget", "none", "tie"
     non_monotone: bool = False
 
 
@@ -334,6 +359,8 @@ def _search(evaluate: Callable[[float], _Eval], start: float, tol: float, max_ep
     while True:
         ev = evaluate(e)
         trace.append(ev)
+        if ev.tie and lo is None:
+            return _SearchOut(None, ev, trace, "tie", non_monotone)
         if ev.ok:
             if hi is not None and ev.eps >= hi.eps:
                 non_monotone = True
@@ -426,7 +453,7 @@ def _recheck(an: Analyzer, test: Callable[[Analyzer, _Problem, float], _Eval], p
         ch = test(_twin(an, k), pb, eps)
         n += 1
         done.append({"seed_offset": k, "eps": eps, "ratio": ch.ratio, "passed": ch.ok,
-                     "guarantee": ch.guarantee.value})
+                     "guarantee": ch.guarantee.value, "failure_prob": ch.failure_prob})
         if ch.ok:
             return ch, done, n
         if not (math.isfinite(ch.ratio) and ch.ratio > 0):
@@ -451,12 +478,15 @@ def _global_radius(an: Analyzer, pb: _Problem, tol: float, t0: float,
                    max_eps: float) -> RadiusResult:
     g = an.global_bound()
     lg = float(g.value)
-    det: dict[str, Any] = {"threshold": pb.t_local, "global_bound": lg}
+    t = pb.t_local - _global_nominal(an, pb) * (1 + 1e-9)
+    det: dict[str, Any] = {"threshold": t, "global_bound": lg}
+    if not t > 0:
+        return _zero("global", pb, tol, t0, an, _tie_reason(pb), 1, det)
     if lg <= 0:
         r = math.inf
     else:
-        r = pb.t_local / lg
-        while r > 0 and not r * lg < pb.t_local:  # strict inequality in floats
+        r = t / lg
+        while r > 0 and not r * lg < t:  # strict inequality in floats
             r = math.nextafter(r, 0.0)
     if r > max_eps:
         r = max_eps
@@ -508,7 +538,8 @@ def certified_radius(model: nn.Module | Analyzer | None, x0: Tensor, *,
     Probabilistic bounds: when the bound that certified the radius is probabilistic (Lanczos
     spectral norms), the search has picked ``eps`` using the same random draws, so the
     radius is re-tested by an analyzer with fresh, independent draws (and lowered by a
-    fixed-point step if that test fails); the reported ``failure_prob`` is that test's.
+    fixed-point step if that test fails); the reported ``failure_prob`` is that test's times
+    the number of re-checks run (a union bound: the first confirmation is reported).
     Deterministic (``CERTIFIED``) bounds need no re-check.
 
     Args:
@@ -607,6 +638,8 @@ def _certify(an: Analyzer, pb: _Problem, method: str, tol: float, cap: float,
     }
     if out.non_monotone:
         det["non_monotone"] = True
+    if out.lo is None and out.status == "tie":
+        return _zero(method, pb, tol, t0, an, _tie_reason(pb), n, det)
     if out.lo is None:
         return _zero(method, pb, tol, t0, an, "no radius passed the test down to 1e-300 "
                      "(the bound is infinite or NaN)", n, det)
@@ -618,7 +651,9 @@ def _certify(an: Analyzer, pb: _Problem, method: str, tol: float, cap: float,
         if chk is None:
             return _zero(method, pb, tol, t0, an, "independent re-checks of the probabilistic "
                          "bound did not confirm any radius", n, det)
-        final = chk
+        # the reported radius is the first one a twin confirmed: a wrong one needs some twin
+        # to pass wrongly at the radius it tested, so the twins' probabilities add up
+        final = replace(chk, failure_prob=min(1.0, chk.failure_prob * nr))
     hi = out.hi
     upper = hi.eps if hi is not None else None
     if upper is not None:

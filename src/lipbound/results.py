@@ -124,6 +124,10 @@ class BoundResult:
     norm: str = "l2"
     model: str | None = None
     notes: tuple[str, ...] = field(default_factory=tuple)
+    nominal_error: float = math.nan
+    """Local bounds: a bound on ``||f̂(x0) - f(x0)||``, the float64 output at ``x0`` against
+    the exact network's (the rounding of the nominal forward pass), valid under the same
+    event as ``value``; NaN where not computed."""
 
     def to_dict(self) -> dict[str, Any]:
         d = {
@@ -137,6 +141,7 @@ class BoundResult:
             "norm": self.norm,
             "model": self.model,
             "notes": list(self.notes),
+            "nominal_error": self.nominal_error,
             "layers": [lf.to_dict() for lf in self.layers],
         }
         return _jsonable(d)

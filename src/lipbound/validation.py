@@ -24,6 +24,26 @@ def check_eps(eps: float, name: str = "eps") -> float:
     return e
 
 
+def check_int(value: object, name: str, minimum: int) -> int:
+    """Return ``value`` as an int, or raise :class:`InputError` unless it is a whole number
+    (an int, or a float with no fractional part) ``>= minimum``; never a silent truncation."""
+    if isinstance(value, bool):
+        raise InputError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    if isinstance(value, int):
+        v = value
+    else:
+        try:
+            f = float(value)  # type: ignore[arg-type]
+        except (TypeError, ValueError) as exc:
+            raise InputError(f"{name} must be an integer >= {minimum}, got {value!r}") from exc
+        if not math.isfinite(f) or f != int(f):
+            raise InputError(f"{name} must be an integer >= {minimum}, got {value!r}")
+        v = int(f)
+    if v < minimum:
+        raise InputError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    return v
+
+
 def check_reuse_tol(reuse_tol: float) -> float:
     """Return ``reuse_tol`` (the looseness a reused layer factor may have) as a float, or raise
     :class:`InputError` unless it is a finite number >= 0."""

@@ -23,6 +23,21 @@ import torch
 from torch import Tensor
 
 
+def gamma(n: int) -> float:
+    """``γ_n = n u / (1 - n u)`` with ``u = 2^-53``: a float64 sum of ``n`` products is within
+    ``γ_n`` (relative to the sum of absolute terms) of its exact value in any order (Higham,
+    *Accuracy and Stability of Numerical Algorithms*, §3.1); ``inf`` for huge ``n``."""
+    nu = n * 2.0 ** -53
+    return nu / (1.0 - nu) if nu < 0.5 else math.inf
+
+
+def _tensor_device(obj: object) -> torch.device:
+    for v in vars(obj).values():
+        if isinstance(v, Tensor):
+            return v.device
+    return torch.device("cpu")
+
+
 class Op:
     """Base class of an analysed layer."""
 
@@ -49,6 +64,15 @@ class Op:
             if isinstance(v, Tensor):
                 setattr(self, k, v.to(device))
         return self
+
+    def forward_error(self, x: Tensor, y: Tensor, e: Tensor) -> Tensor:
+        """Elementwise bound on ``|y - f(x*)|``: ``y = forward(x)`` as computed (batch 1),
+        ``f`` the exact layer and ``x*`` an exact input with ``|x - x*| <= e`` elementwise
+        (``e`` per sample: 0-dim or shaped like the input). Per-sample shape of the output, or
+        0-dim. The nominal forward pass's rounding, which decides the ReLU masks near a kink
+        (:meth:`lipbound.Analyzer.local_bound`). Unknown layers: ``inf`` (every ReLU after
+        them is then treated as possibly active: sound, looser)."""
+        return torch.full(self.out_shape, math.inf, dtype=torch.float64, device=y.device)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.name!r}, {self.in_shape} -> {self.out_shape})"
@@ -85,6 +109,48 @@ class MixingOp(Op):
         """The matrix A (out_dim, in_dim) when it is cheap to form, else None."""
         return None
 
+    _row_abs: Tensor | None = None
+
+    def row_abs(self) -> Tensor:
+        """Flat ``(out_dim,)`` upper bounds on the absolute row sums ``Σ_j |A_ij|`` of the
+        exact matrix (computed once). Default: ``|A| 1`` (:meth:`abs_lin`), or from
+        :meth:`dense`, or ``inf`` when neither exists."""
+        if self._row_abs is None:
+            dev = _tensor_device(self)
+            try:
+                ones = torch.ones(1, *self.in_shape, dtype=torch.float64, device=dev)
+                v = self.abs_lin(ones).reshape(-1)
+            except NotImplementedError:
+                d = self.dense()
+                v = d.abs().sum(dim=1) if d is not None else torch.full(
+                    (self.out_dim,), math.inf, dtype=torch.float64, device=dev)
+            self._row_abs = v * (1.0 + 2.0 * gamma(self.inner_length()))
+        return self._row_abs
+
+    def _bias_abs(self) -> Tensor | None:
+        b = getattr(self, "bias", None)
+        if b is None:
+            return None
+        b = b.abs()
+        if b.numel() == self.out_dim:
+            return b.reshape(self.out_shape)
+        return b.reshape(-1, *([1] * (len(self.out_shape) - 1)))  # per output channel
+
+    def forward_error(self, x: Tensor, y: Tensor, e: Tensor) -> Tensor:
+        """``|ŷ - (A x* + b)| <= |A| (|x - x*| + γ |x|) + γ |b|`` with ``γ = γ_(n+2)`` (``n``
+        products per output, a scale and a bias each rounded once), and ``|A| v <= row_abs
+        max(v)`` (cheap: no extra pass over the layer)."""
+        n = self.inner_length()
+        g = gamma(n + 2)
+        v = float((e + g * x[0].abs()).max())
+        out = (self.row_abs() * v).reshape(self.out_shape)
+        b = self._bias_abs()
+        return out if b is None else out + g * b
+
+    def to(self, device: torch.device) -> Op:
+        self._row_abs = None
+        return super().to(device)
+
     def flops(self) -> float:
         """Approximate multiply-adds of one application of A to one vector."""
         return float(self.in_dim * self.out_dim)
@@ -103,6 +169,10 @@ class DiagOp(Op):
     def forward(self, x: Tensor) -> Tensor:
         return x * self.scale + self.shift
 
+    def forward_error(self, x: Tensor, y: Tensor, e: Tensor) -> Tensor:
+        s = self.scale.abs()
+        return s * e + gamma(2) * (s * x[0].abs() + self.shift.abs())
+
 
 class ReshapeOp(Op):
     """Reshape keeping the row-major order (flatten, view, reshape)."""
@@ -112,9 +182,15 @@ class ReshapeOp(Op):
     def forward(self, x: Tensor) -> Tensor:
         return x.reshape(x.shape[0], *self.out_shape)
 
+    def forward_error(self, x: Tensor, y: Tensor, e: Tensor) -> Tensor:
+        return e if e.dim() == 0 else e.reshape(self.out_shape)
+
 
 class ReLUOp(Op):
     kind = "relu"
 
     def forward(self, x: Tensor) -> Tensor:
         return torch.relu(x)
+
+    def forward_error(self, x: Tensor, y: Tensor, e: Tensor) -> Tensor:
+        return e  # 1-Lipschitz elementwise, and exact

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import winograd
-from .base import MixingOp
+from .base import MixingOp, gamma
 
 
 def _pair(v) -> tuple[int, int]:
@@ -158,6 +158,17 @@ class ConvOp(MixingOp):
 
     def inner_length(self) -> int:
         return int(self.weight[0].numel())
+
+    def row_abs(self) -> Tensor:
+        """Per output channel ``Σ |W[c]|`` (times ``|out_scale|``) at every position: an
+        upper bound on each row's absolute sum (border rows have fewer taps)."""
+        if self._row_abs is None:
+            s = self.weight.abs().sum(dim=(1, 2, 3)) * (1.0 + 2.0 * gamma(self.inner_length()))
+            v = s.reshape(-1, 1, 1).expand(self.out_shape)
+            if self.out_scale is not None:
+                v = v * self.out_scale.abs()
+            self._row_abs = v.reshape(-1).contiguous()
+        return self._row_abs
 
     def flops(self) -> float:
         return float(self.out_dim * self.weight[0].numel())

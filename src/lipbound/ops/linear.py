@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from .base import MixingOp
+from .base import MixingOp, gamma
 from .dense import DenseProducts
 
 
@@ -20,7 +20,7 @@ class LinearOp(MixingOp):
     :meth:`lipbound.blocks.AffineBlock.err_norm`)."""
 
     def __init__(self, name: str, weight: Tensor, bias: Tensor | None,
-                 err: Tensor | None = None):
+                 err: Tensor | None = None, bias_err: Tensor | None = None):
         out_dim, in_dim = weight.shape
         super().__init__(name, (in_dim,), (out_dim,))
         self.weight = weight.detach().to(torch.float64, copy=True)
@@ -30,6 +30,8 @@ class LinearOp(MixingOp):
             raise ValueError(f"err must have the weight's shape {tuple(weight.shape)}, "
                              f"got {tuple(err.shape)}")
         self.err = None if err is None else err.detach().to(torch.float64, copy=True)
+        self.bias_err = None if bias_err is None else \
+            bias_err.detach().to(torch.float64, copy=True).reshape(out_dim)
         self._weight_sq: Tensor | None = None
         self._products = DenseProducts(self.weight)
 
@@ -40,7 +42,10 @@ class LinearOp(MixingOp):
         return self._products.mv(x)
 
     def abs_lin(self, x: Tensor) -> Tensor:
-        return x @ self.weight.abs().T
+        if self.weight.numel() <= 4_000_000:
+            return x @ self.weight.abs().T
+        return torch.cat([x @ self.weight[s:s + 512].abs().T  # no full-size |W| (VGG fc1)
+                          for s in range(0, self.weight.shape[0], 512)], dim=-1)
 
     def lin_t(self, y: Tensor) -> Tensor:
         return self._products.rmv(y)
@@ -69,6 +74,28 @@ class LinearOp(MixingOp):
 
     def dense(self) -> Tensor:
         return self.weight
+
+    def row_abs(self) -> Tensor:
+        """``Σ_j (|W_ij| + err_ij)`` (computed once, in row chunks)."""
+        if self._row_abs is None:
+            rows = []
+            for s in range(0, self.weight.shape[0], 512):
+                a = self.weight[s:s + 512].abs()
+                if self.err is not None:
+                    a = a + self.err[s:s + 512]
+                rows.append(a.sum(dim=1))
+            self._row_abs = torch.cat(rows) * (1.0 + 2.0 * gamma(self.in_dim + 1))
+        return self._row_abs
+
+    def forward_error(self, x: Tensor, y: Tensor, e: Tensor) -> Tensor:
+        """As :meth:`MixingOp.forward_error`, plus, for a product of layers, the stored
+        matrix's and bias's distance from the exact ones (``err |x| + bias_err``)."""
+        out = super().forward_error(x, y, e)
+        if self.err is not None:
+            out = out + ((e + x[0].abs()) @ self.err.T) * (1.0 + 2.0 * gamma(self.in_dim))
+        if self.bias_err is not None:
+            out = out + self.bias_err
+        return out
 
     def to(self, device: torch.device) -> LinearOp:
         super().to(device)

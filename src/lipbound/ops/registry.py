@@ -94,8 +94,20 @@ def register_rule(target: type | Callable | str, rule: Rule) -> None:
         FUNCTION_RULES[target] = rule
 
 
+#: methods through which a module computes its output: a subclass that overrides one of
+#: them computes something its parent's rule does not describe
+_COMPUTING_METHODS = ("forward", "_conv_forward", "_check_input_dim")
+
+
 def module_rule(module: nn.Module) -> Rule | None:
-    for cls in type(module).__mro__:
+    """The rule of the module's type, or of its nearest registered base class when the
+    subclass does not override how the output is computed (``forward``, ...); ``None``
+    otherwise, so that torch.fx traces into the subclass's own ``forward``."""
+    own = type(module)
+    for cls in own.__mro__:
         if cls in MODULE_RULES:
-            return MODULE_RULES[cls]
+            if cls is own or all(getattr(own, name, None) is getattr(cls, name, None)
+                                 for name in _COMPUTING_METHODS):
+                return MODULE_RULES[cls]
+            return None
     return None
