@@ -265,3 +265,28 @@ def test_nominal_error_carries_an_early_cancellation_forward() -> None:
     for eps in (1e-12, 1e-3):
         assert Fraction(an.local_bound(x0, eps).nominal_error) >= abs(computed - exact)
     assert Fraction(an.nominal_error(x0)[1]) >= abs(computed - exact)
+
+
+def test_nominal_error_of_constant_neurons_is_carried() -> None:
+    """A neuron whose row cannot move (it reads only constant inputs: 1e8 and 0.3 from
+    bias-only neurons) still rounds (1e8 + 0.3 - 1e8 is off by ~5e-9), and a weight 1e6 on
+    it turns that into ~5e-3 at the output: the error of coordinates outside the movable
+    mask must be carried too."""
+    from fractions import Fraction
+
+    m = nn.Sequential(nn.Linear(1, 3), nn.ReLU(), nn.Linear(3, 2), nn.ReLU(),
+                      nn.Linear(2, 1)).to(DT).eval()
+    with torch.no_grad():
+        m[0].weight.copy_(torch.tensor([[1.0], [0.0], [0.0]], dtype=DT))
+        m[0].bias.copy_(torch.tensor([0.0, 1e8, 0.3], dtype=DT))
+        m[2].weight.copy_(torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, 1.0]], dtype=DT))
+        m[2].bias.copy_(torch.tensor([0.0, -1e8], dtype=DT))
+        m[4].weight.copy_(torch.tensor([[1.0, 1e6]], dtype=DT))
+        m[4].bias.zero_()
+    x0 = torch.tensor([[1.0]], dtype=DT)
+    an = Analyzer(m, (1,))
+    computed = Fraction(float(an.forward(x0)[0, 0]))
+    exact = _exact_forward(m, x0[0].tolist())[0]
+    assert abs(computed - exact) > Fraction(1, 10**3)
+    for eps in (1e-9, 0.5):
+        assert Fraction(an.local_bound(x0, eps).nominal_error) >= abs(computed - exact)

@@ -203,6 +203,28 @@ def test_bound_holds_whenever_the_overlap_is_at_the_floor(kind, n, k, seed, log_
     assert u2 >= u
 
 
+@settings(max_examples=n_examples(20), deadline=None)
+@given(n=st.integers(20, 120), k=st.integers(2, 30), seed=st.integers(0, 10 ** 6),
+       shift=st.floats(1.5, 1e6))
+def test_bound_holds_for_a_negative_top_eigenvalue(n, k, seed, shift):
+    """A spectrum shifted below zero (λ_max = 1 - shift < 0): the bound is rounded up
+    towards +inf, not scaled by (1 + u), which would move a negative U down."""
+    k = min(k, n - 1)
+    rng = np.random.default_rng(seed)
+    lam = spectrum("edge", n, rng) - shift
+    c = 1e-6
+    rest = rng.standard_normal(n - 1)
+    q1 = np.concatenate([[math.sqrt(c)], math.sqrt(1 - c) * rest / np.linalg.norm(rest)])
+    basis, _ = np.linalg.qr(rng.standard_normal((n, n)))
+    a = (basis * lam) @ basis.T
+    diag, off, beta_last, _ = lanczos_from(a, basis @ q1, k)
+    if beta_last <= 1e-9 * shift or np.any(off <= 1e-9 * shift):
+        return
+    u, theta = christoffel_bound(diag, off, beta_last, c, margin=1.0)
+    assert u >= theta
+    assert u >= (1.0 - shift) - 1e-9 * shift
+
+
 def test_the_floor_is_what_makes_it_sound():
     """With an overlap far below the floor the bound can miss λ_max: the test above is not
     vacuous, and the floor (i.e. the failure probability) is what carries the guarantee."""

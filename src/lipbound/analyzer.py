@@ -580,8 +580,9 @@ class Analyzer:
         delta = self.failure_prob / self._n_spectral(blocks)
         gl = self._global.get(key)
         x = x0.to(device=self.device, dtype=torch.float64)
-        # bound on ||x - x*||: the computed nominal point against the exact one (rounding)
-        nom = 0.0
+        # the computed nominal point against the exact one (rounding): an L2 bound on the
+        # movable coordinates (mask d) and a bound on every other coordinate
+        nom = (0.0, 0.0)
         d = torch.ones(math.prod(self.input_shape), dtype=torch.float64, device=self.device)
         eps_k = eps
         layers: list[LayerFactor] = []
@@ -596,7 +597,10 @@ class Analyzer:
                 sb = SpectralBound(v, Guarantee.CERTIFIED, 0.0, "closed-form", v)
                 d_out = b.op.propagate_mask(mask).reshape(-1)
                 x = b.forward(x)
-                nom = v * nom  # the error is supported on the movable inputs
+                # a window with a movable input: (max |δ|)^2 <= Σ_movable δ^2 + η^2; others <= η
+                dl, eta = nom
+                n_mov = float(d_out.sum())
+                nom = (v * dl + (math.sqrt(n_mov) * eta if eta > 0 else 0.0), eta)
             else:
                 sb, d_out, x, nom = self._affine_local(b, i, x, nom, d, eps_k, delta,
                                                        gl[i] if gl is not None else None, key)
@@ -608,24 +612,39 @@ class Analyzer:
             d = d_out
         return layers, bounds, (x, d, eps_k, nom)
 
-    def _affine_local(self, b: AffineBlock, i: int, x: Tensor, nom: float, d: Tensor,
-                      eps_k: float, delta: float, gfac: SpectralBound | None, key: str):
-        """Rules 2-4 for one affine(-ReLU) block at the computed nominal input ``x``, within
-        ``nom`` (L2, supported on the movable inputs ``d``) of the exact nominal input.
-        Returns (factor, output mask, next computed nominal input, its ``nom``).
+    @staticmethod
+    def _nominal_total(nom: tuple[float, float], d: Tensor) -> float:
+        """An L2 bound on the whole nominal error from its two parts."""
+        dl, eta = nom
+        if eta > 0:
+            dl += math.sqrt(float(d.numel() - d.sum())) * eta
+        return dl * (1 + 1e-9)
 
-        The exact nominal pre-activation is within ``e_i = ||a_i^T D|| nom + ρ_i`` of the
-        computed one (Cauchy-Schwarz, and the block's own rounding ``ρ``), so the slopes use
-        ``y0 + e`` (rule 1's slope only grows with ``y0`` and ``ȳ``). Next:
-        ``nom' <= ||S A D|| nom + ||S ρ||`` with ``S`` the rows that may be on at the nominal
-        point (``y0 + e >= 0``, where ``r = 1``, so ``||S A D|| <= ||R A D||``, the factor
-        computed here): the error grows like the local bound, not like worst-case interval
-        arithmetic (which loses every sign in VGG-16's last layers)."""
+    def _affine_local(self, b: AffineBlock, i: int, x: Tensor, nom: tuple[float, float],
+                      d: Tensor, eps_k: float, delta: float, gfac: SpectralBound | None,
+                      key: str):
+        """Rules 2-4 for one affine(-ReLU) block at the computed nominal input ``x``.
+        ``nom = (Δ, η)``: the exact nominal input differs from ``x`` by at most ``Δ`` in L2 on
+        the movable coordinates (``d``) and by at most ``η`` on each other one. Returns
+        (factor, output mask, next computed nominal input, its ``nom``).
+
+        The exact nominal pre-activation is within ``e_i = ||a_i^T D|| Δ + |a_i|_1 η + ρ_i``
+        of the computed one (Cauchy-Schwarz, absolute row sums, and the block's own rounding
+        ``ρ``), so the slopes use ``y0 + e`` (rule 1's slope only grows with ``y0`` and
+        ``ȳ``). Rows that are off at both nominal points carry no error; of the others, the
+        movable ones (``S``, where ``r = 1``, so ``||S A D|| <= ||R A D||``, the factor computed
+        here) give ``Δ' <= ||R A D|| Δ + ||(|A|_1 η + ρ)_S||`` and the rest ``η' = max e``: the
+        error grows like the local bound, not like worst-case interval arithmetic (which loses
+        every sign in VGG-16's last layers)."""
         y0, rho = b.forward_with_error(x, x.new_zeros(()))
         y0 = y0.reshape(-1)
         rn = torch.sqrt(b.sq_rows(d.unsqueeze(0))[0].clamp_min(0))
         moving = rn > 0
-        e_out = rho if nom == 0 else rn * nom * (1 + 1e-6) + rho
+        dl, eta = nom
+        local = rho  # the block's own rounding and the error of the non-movable inputs
+        if eta > 0:
+            local = local + b.row_abs().to(rho.device) * (eta * (1 + 1e-6))
+        e_out = local + rn * (dl * (1 + 1e-6)) if dl > 0 else local
         if b.relu:
             # rule 3 with float64 safety margins (a larger ybar, and a larger y0 below the
             # kink, only raise the slope): the nominal pass's rounding e_out, absolute, and a
@@ -645,11 +664,14 @@ class Analyzer:
             x_next = y0.reshape(1, *b.out_shape)
         sb, d_out, x_next = self._affine_factor(b, i, r, d, d_out, x_next, rn, delta, gfac, key)
         # a ReLU off at both the computed and the exact nominal point adds no error
-        rho_s = rho if not b.relu else torch.where(y_hi < 0, torch.zeros_like(rho), rho)
-        nom_out = float(rho_s.norm()) * (1 + 1e-6)
-        if nom > 0:
-            nom_out += sb.value * nom * (1 + 1e-6)
-        return sb, d_out, x_next, nom_out
+        may_be_on = (y_hi >= 0) if b.relu else torch.ones_like(moving)
+        on_d = may_be_on & (d_out > 0)
+        off_d = may_be_on & ~(d_out > 0)
+        dl_out = float(torch.where(on_d, local, 0.0).norm()) * (1 + 1e-6)
+        if dl > 0:
+            dl_out += sb.value * dl * (1 + 1e-6)
+        eta_out = float(torch.where(off_d, e_out, 0.0).max()) if bool(off_d.any()) else 0.0
+        return sb, d_out, x_next, (dl_out, eta_out)
 
     def _affine_factor(self, b: AffineBlock, i: int, r: Tensor, d: Tensor, d_out: Tensor,
                        x_next: Tensor, rn: Tensor, delta: float, gfac: SpectralBound | None,
@@ -876,7 +898,7 @@ class Analyzer:
         x0, eps = self._check(x0, eps)
         key, blocks = self._blocks_for(output_map)
         layers, bounds, state = self._propagate(key, blocks, x0, eps)
-        nominal = state[3]
+        nominal = self._nominal_total(state[3], state[1])
         value = math.prod(sb.value for sb in bounds)
         g = combine_guarantees([sb.guarantee for sb in bounds]) if bounds else Guarantee.EXACT
         fp = min(1.0, sum(sb.failure_prob for sb in bounds))
@@ -930,9 +952,13 @@ class Analyzer:
             norms = norms + err
         norms = norms * (1 + SAFETY)
         # the rows' nominal values (the last block computes C f): the exact row j is within
-        # ||e_j^T A D|| nom + ρ_j of the computed one
+        # ||e_j^T A D|| Δ + |e_j^T A|_1 η + ρ_j of the computed one
         rows_at_x0, rho = last.forward_with_error(x, x.new_zeros(()))
-        nominal = (norms * nom + rho.reshape(-1)) * (1 + 1e-6)
+        dl, eta = nom
+        nominal = norms * dl + rho.reshape(-1)
+        if eta > 0:
+            nominal = nominal + last.row_abs().to(nominal.device) * eta
+        nominal = nominal * (1 + 1e-6)
         g = combine_guarantees([sb.guarantee for sb in bounds]) if bounds else \
             Guarantee.CERTIFIED
         fp = 0.0 if g == Guarantee.CERTIFIED else min(1.0, sum(sb.failure_prob

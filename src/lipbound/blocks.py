@@ -79,6 +79,24 @@ class AffineBlock:
             x = op.forward(x)
         return x
 
+    _row_abs: Tensor | None = None
+
+    def row_abs(self) -> Tensor:
+        """Flat ``(out_dim,)`` upper bounds on the absolute row sums of the block's exact
+        matrix ``S_out A S_in`` (computed once)."""
+        if self._row_abs is None:
+            if self.mixing is None:
+                v = self.s_in.abs() if self.s_in is not None else torch.ones(
+                    self.out_dim, dtype=torch.float64)
+            else:
+                v = self.mixing.row_abs()
+                if self.s_in is not None:
+                    v = v * float(self.s_in.abs().max())
+                if self.s_out is not None:
+                    v = v * self.s_out.abs()
+            self._row_abs = v.reshape(-1) * (1.0 + 1e-12)
+        return self._row_abs
+
     def forward_with_error(self, x: Tensor, e: Tensor) -> tuple[Tensor, Tensor]:
         """:meth:`forward` of one input ``(1, *in_shape)`` and a flat ``(out_dim,)`` bound on
         the distance of the result from the exact pre-activation at an exact input within

@@ -161,7 +161,8 @@ def christoffel_bound(diag: np.ndarray, offdiag: np.ndarray, beta_last: float, c
                                  margin)
     if not math.isfinite(u_s):
         return math.inf, t_s * unit
-    return math.nextafter(u_s * unit * (1 + 4 * 2.0 ** -53), math.inf), t_s * unit
+    v = u_s * unit  # rounded up by 4 ulps of its magnitude (whatever its sign)
+    return math.nextafter(v + abs(v) * (4 * 2.0 ** -53), math.inf), t_s * unit
 
 
 def _christoffel_unit(diag: np.ndarray, offdiag: np.ndarray, beta_last: float, c: float,
