@@ -59,7 +59,7 @@ USER_MODEL = textwrap.dedent("""
     def make():
         torch.manual_seed(3)
         return nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Flatten(),
-                             nn.Linear(4 * 6 * 6, 3))
+                             nn.Linear(4 * 6 * 6, 3)).eval()
 
     def make_with_info():
         return {"model": make(), "input_shape": (1, 8, 8)}

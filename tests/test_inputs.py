@@ -90,8 +90,16 @@ def test_sample_for_other_network_checked():
         load_sample("tiny:x0", entry=get_entry("compnet"))
     with pytest.raises(InputError, match="shape"):
         load_sample("mnist:test/0", entry=CIFAR)
-    # a shipped image used for another network is converted and loses its label
-    s = load_sample("mnist:8", entry=ALEX)
+    # a shipped image is refused for a network with another input shape or normalisation
+    # (it would be silently resized and renormalised)
+    with pytest.raises(InputError, match="zoo network mnist.*alexnet"):
+        load_sample("mnist:8", entry=ALEX)
+    with pytest.raises(InputError, match="shape"):
+        load_sample("mnist:test/3", input_shape=(1, 32, 32))
+    # same shape and normalisation: accepted, without the other network's label
+    vgg = get_entry("vgg16")
+    assert (vgg.input_shape, vgg.mean, vgg.std) == (ALEX.input_shape, ALEX.mean, ALEX.std)
+    s = load_sample("alexnet:random", entry=vgg)
     assert s.x.shape == (1, 3, 224, 224) and s.label is None
 
 

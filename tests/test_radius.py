@@ -526,7 +526,9 @@ def test_result_to_dict_is_json():
     r = certified_radius(_two_class_net(False), torch.tensor([[1.0, 0.2, 0.0]]))
     d = json.loads(json.dumps(r.to_dict()))
     assert d["method"] == "local" and d["radius"] == r.radius
-    assert d["guarantee"] == Guarantee.CERTIFIED.value and d["tol"] == 1e-3
+    # a radius is a lower bound on the smallest adversarial perturbation, never an upper one
+    assert d["guarantee"] == "certified lower bound" and d["tol"] == 1e-3
+    assert d["guarantee_text"] == "deterministic" and "lower bound" in d["quantity"]
     with pytest.raises(AttributeError):
         r.radius = 1.0  # frozen
 

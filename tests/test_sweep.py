@@ -37,7 +37,7 @@ pytestmark = pytest.mark.usefixtures("torch_one_thread")
 #: small lower-bound budgets: the tests check orderings, not tightness
 FAST = {"samples": 48, "steps": 15, "restarts": 3}
 SWEEP_COLUMNS = ["eps"] + [f"{m}_{c}" for m in DEFAULT_METHODS
-                           for c in ("value", "guarantee", "seconds")]
+                           for c in ("value", "guarantee", "failure_prob", "seconds")]
 
 
 @pytest.fixture(scope="module")
@@ -280,6 +280,8 @@ def test_csv_json_roundtrip_and_violations(tmp_path):
     assert [float(r["eps"]) for r in data] == [0.01, 0.1]
     assert float(data[0]["pgd_value"]) == 3.0
     assert data[0]["global_guarantee"] == "probabilistic upper bound"
+    assert float(data[0]["global_failure_prob"]) == 1e-6
+    assert float(data[0]["local_failure_prob"]) == 0.0
     d = json.loads(res.to_json(tmp_path / "s.json").read_text())
     assert d["rows"][1]["global"]["failure_prob"] == 1e-6 and d["methods"] == list(DEFAULT_METHODS)
     bad = _synthetic(6.0)  # a "lower bound" above the local upper bound: must be flagged
@@ -332,8 +334,9 @@ def test_cli_sweep_methods_subset_and_json(tmp_path, capsys):
     assert [r["eps"] for r in d["rows"]] == pytest.approx([0.1, 1.0, 10.0])
     with open(tmp_path / "sweep.csv", newline="") as fh:
         assert next(csv.reader(fh)) == ["eps", "local_value", "local_guarantee",
-                                         "local_seconds", "global_value", "global_guarantee",
-                                         "global_seconds"]
+                                         "local_failure_prob", "local_seconds",
+                                         "global_value", "global_guarantee",
+                                         "global_failure_prob", "global_seconds"]
 
 
 def test_cli_sweep_bad_method_is_a_clear_error(tmp_path, capsys):

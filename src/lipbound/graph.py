@@ -171,6 +171,13 @@ def trace_model(model: nn.Module, input_shape: Sequence[int]) -> list[Op]:
             where, kind = _describe(node, gm)
             problems.append((where, kind, "produces a non-tensor value"))
             continue
+        if len(shape) == 0:
+            # a 0-d tensor (e.g. x.sum(), x.mean(), x.norm()): a reduction over the whole
+            # batch, not a per-sample layer; the chain's tensor stays the current one
+            where, kind = _describe(node, gm)
+            problems.append((where, kind, "produces a scalar (0-d tensor), e.g. a reduction "
+                             "over the whole batch; a chain maps (N, ...) to (N, ...)"))
+            continue
         where, kind = _describe(node, gm)
         if len(tensor_inputs) != 1 or tensor_inputs[0] is not current:
             problems.append((where, kind, "not a chain: takes "

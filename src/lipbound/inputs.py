@@ -37,8 +37,11 @@ Preprocessing rules:
 
 Where shape, mean and std come from: explicit ``input_shape``/``mean``/``std`` arguments
 first (``mean`` and ``std`` go together), then ``entry``, then the zoo entry named in the
-reference (``mnist`` for ``mnist:8``). A shipped sample keeps its label only when it is used
-with its own network.
+reference (``mnist`` for ``mnist:8``). A shipped image (``mnist:8``, ``cifar10:test/3``, ...)
+is refused for a network with another input shape or normalisation than its own (it would
+be silently converted; pass an image file to have it converted explicitly), and keeps its
+label only when it is used with its own network. Float arrays holding values beyond the
+float32 range are refused (inputs are float32), and so are empty arrays.
 """
 
 from __future__ import annotations
@@ -288,6 +291,28 @@ def _read_array(path: Path) -> torch.Tensor:
     if not (data.is_floating_point() or data.dtype in (torch.uint8, torch.int16, torch.int32,
                                                        torch.int64, torch.int8)):
         raise InputError(f"{path}: unsupported dtype {data.dtype}; save a float array")
+    if data.numel() == 0:
+        raise InputError(f"{path} holds an empty array (shape {tuple(data.shape)}): no input "
+                         "to analyse; save at least one input")
+    return _to_float32(data, str(path))
+
+
+_F32_MAX = float(torch.finfo(torch.float32).max)
+
+
+def _to_float32(data: torch.Tensor, name: str) -> torch.Tensor:
+    """``data`` as float32 (the inputs' dtype), refusing finite values that float32 cannot
+    hold: the cast would turn them into inf (and the error would then blame the data)."""
+    if data.dtype != torch.float32 and data.is_floating_point() or data.dtype == torch.int64:
+        wide = data.to(torch.float64)
+        finite = torch.isfinite(wide)
+        over = finite & (wide.abs() > _F32_MAX)
+        if bool(over.any()):
+            peak = float(wide[over].abs().max())
+            raise InputError(
+                f"{name}: {int(over.sum())} value(s) out of float32 range (largest magnitude "
+                f"{peak:.4g} > {_F32_MAX:.4g}); inputs are analysed in float32, where they "
+                "would become inf. Rescale the input (e.g. to the model's normalised range)")
     return data.to(torch.float32)
 
 
@@ -385,12 +410,45 @@ def _testset_samples(entry: ZooEntry, spec: str | None, ref: str, ctx: _Context)
     return out
 
 
+def _check_image_sample_fits(entry: ZooEntry, ref: str, ctx: _Context) -> None:
+    """Refuse a shipped image (sample or test-set image) of one zoo network for a network
+    with another input shape or normalisation: it would be silently resized, converted and
+    normalised into an input that network was never meant to see."""
+    other = ctx.entry is not None and ctx.entry.name != entry.name
+    same_shape = ctx.shape is None or tuple(ctx.shape) == tuple(entry.input_shape)
+    same_norm = (ctx.mean, ctx.std) == (entry.mean, entry.std)
+    if same_shape and (same_norm or not other):
+        return
+    target = f"the network in use ({ctx.entry.name})" if other else "the network in use"
+    want = f"shape {ctx.shape}" + (f", mean {ctx.mean}, std {ctx.std}" if other else "")
+    have = f"shape {entry.input_shape}" + (f", mean {entry.mean}, std {entry.std}"
+                                           if other else "")
+    own = (f" (e.g. {', '.join(ctx.entry.samples)})" if other and ctx.entry.samples else "")
+    raise InputError(
+        f"sample {ref!r} is an input of the zoo network {entry.name} ({have}) but "
+        f"{target} expects {want}; it would be silently converted. Use a sample made for "
+        f"that network{own}, or pass an image file to have it converted explicitly"
+    )
+
+
 def _zoo_samples(entry: ZooEntry, rest: str, ref: str, ctx: _Context, *, many: bool
                  ) -> list[Sample]:
     name = f"{entry.name}:{rest}"
     own = ctx.entry is None or ctx.entry.name == entry.name
+    if rest == "test" or rest.startswith("test/") or (entry.name, rest) in _IMAGE_SAMPLES:
+        _check_image_sample_fits(entry, ref, ctx)
     if rest == "test" or rest.startswith("test/"):
         spec = rest[len("test/"):] if rest.startswith("test/") else None
+        if spec is not None and entry.name in TESTSETS and not _INDEX_SPEC.match(spec):
+            n = len(load_testset(entry.name)[1])
+            valid = [f"'{entry.name}:test/3' (one test image, 0-{n - 1})"]
+            if many:
+                valid.append(f"'{entry.name}:test/0-9' or '{entry.name}:test/0,5,7-9'")
+            valid += [f"'{s}'" for s in entry.samples]
+            raise ZooError(
+                f"bad test-set index {spec!r} in {ref!r}; valid references: "
+                + ", ".join(valid) + ", or an image/.npy/.pt file"
+            )
         if not many and (spec is None or not spec.strip().isdigit()):
             raise InputError(
                 f"{ref!r} names several inputs; use load_samples, or one index such as "

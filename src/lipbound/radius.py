@@ -57,6 +57,8 @@ log = logging.getLogger(__name__)
 RadiusMethod = Literal["local", "margin", "global"]
 METHODS: tuple[str, ...] = ("local", "margin", "global")
 
+RADIUS_QUANTITY = ("lower bound on the smallest L2 input change that changes the predicted "
+                   "class")
 SQRT2 = math.sqrt(2.0)
 #: relative amount by which a threshold is lowered so that a float comparison ``eps*L < T``
 #: implies the exact one (float64 products round by ~1e-16).
@@ -121,6 +123,14 @@ class RadiusResult:
     details: dict[str, Any] = field(default_factory=dict)
 
     @property
+    def guarantee_label(self) -> str:
+        """What the radius is: a certified (deterministic) or probabilistic *lower* bound on
+        the smallest adversarial perturbation (attacks give upper bounds on it)."""
+        if self.guarantee == Guarantee.PROBABILISTIC:
+            return "probabilistic lower bound"
+        return "certified lower bound"
+
+    @property
     def guarantee_text(self) -> str:
         """The guarantee in words, for tables: deterministic or with its probability."""
         if self.guarantee == Guarantee.PROBABILISTIC:
@@ -130,7 +140,8 @@ class RadiusResult:
     def to_dict(self) -> dict[str, Any]:
         """JSON-friendly dict (enums as their strings, inf/nan as strings/None)."""
         return _jsonable({
-            "method": self.method, "radius": self.radius, "guarantee": self.guarantee,
+            "method": self.method, "radius": self.radius, "quantity": RADIUS_QUANTITY,
+            "guarantee": self.guarantee_label,
             "guarantee_text": self.guarantee_text, "failure_prob": self.failure_prob,
             "predicted_class": self.predicted_class,
             "runner_up": self.runner_up, "margin": self.margin, "tol": self.tol,

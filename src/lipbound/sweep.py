@@ -164,10 +164,12 @@ class SweepResult:
         return [r[method].value for r in self.rows]
 
     def columns(self) -> list[str]:
-        """CSV header: ``eps``, then ``<m>_value, <m>_guarantee, <m>_seconds`` per method."""
+        """CSV header: ``eps``, then ``<m>_value, <m>_guarantee, <m>_failure_prob,
+        <m>_seconds`` per method (``failure_prob``: that of a probabilistic upper bound, 0
+        for a certified one or a lower bound)."""
         cols = ["eps"]
         for m in self.methods:
-            cols += [f"{m}_value", f"{m}_guarantee", f"{m}_seconds"]
+            cols += [f"{m}_value", f"{m}_guarantee", f"{m}_failure_prob", f"{m}_seconds"]
         return cols
 
     def violations(self) -> list[str]:
@@ -216,7 +218,7 @@ class SweepResult:
                 for m in self.methods:
                     pt = r[m]
                     line += [repr(float(pt.value)), pt.guarantee.value,
-                             f"{pt.seconds:.6f}"]
+                             repr(float(pt.failure_prob)), f"{pt.seconds:.6f}"]
                 w.writerow(line)
         return p
 

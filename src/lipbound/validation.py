@@ -100,3 +100,30 @@ def resolve_device(device: str | torch.device | None, fallback: torch.device) ->
         raise InputError("device 'cuda' was requested but CUDA is not available; "
                          "use --device cpu or auto")
     return dev
+
+
+def check_float(value: object, name: str, *, minimum: float | None = None,
+                maximum: float | None = None, min_inclusive: bool = False,
+                max_inclusive: bool = False) -> float:
+    """Return ``value`` as a float, or raise :class:`InputError` unless it is a finite real
+    number within the given bounds (exclusive unless ``min_inclusive``/``max_inclusive``)."""
+    parts = []
+    if minimum is not None:
+        parts.append(f"{'>=' if min_inclusive else '>'} {minimum:g}")
+    if maximum is not None:
+        parts.append(f"{'<=' if max_inclusive else '<'} {maximum:g}")
+    what = f"{name} must be a finite number" + (f" {' and '.join(parts)}" if parts else "")
+    if isinstance(value, (bool, str, bytes)):
+        raise InputError(f"{what}, got {value!r}")
+    try:
+        v = float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError, RuntimeError) as exc:
+        raise InputError(f"{what}, got {value!r}") from exc
+    ok = math.isfinite(v)
+    if ok and minimum is not None:
+        ok = v >= minimum if min_inclusive else v > minimum
+    if ok and maximum is not None:
+        ok = v <= maximum if max_inclusive else v < maximum
+    if not ok:
+        raise InputError(f"{what}, got {value!r}")
+    return v

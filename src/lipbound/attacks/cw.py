@@ -40,7 +40,7 @@ import torch
 from torch import Tensor
 
 from lipbound.attacks.base import Attack, AttackContext, Proposal
-from lipbound.errors import InputError
+from lipbound.validation import check_float, check_int
 
 
 class CarliniWagnerL2(Attack):
@@ -59,20 +59,12 @@ class CarliniWagnerL2(Attack):
 
     def __init__(self, *, binary_steps: int = 9, steps: int = 100, kappa: float = 0.0,
                  lr_factor: float = 2.0, initial_c: float | None = None, refine: bool = True):
-        if binary_steps < 1 or steps < 1:
-            raise InputError(f"expected binary_steps >= 1 and steps >= 1, got "
-                             f"{binary_steps}, {steps}")
-        if not (math.isfinite(kappa) and kappa >= 0):
-            raise InputError(f"expected kappa >= 0, got {kappa}")
-        if not (math.isfinite(lr_factor) and lr_factor > 0):
-            raise InputError(f"expected lr_factor > 0, got {lr_factor}")
-        if initial_c is not None and not (math.isfinite(initial_c) and initial_c > 0):
-            raise InputError(f"expected initial_c > 0 or None, got {initial_c}")
-        self.binary_steps = int(binary_steps)
-        self.steps = int(steps)
-        self.kappa = float(kappa)
-        self.lr_factor = float(lr_factor)
-        self.initial_c = initial_c
+        self.binary_steps = check_int(binary_steps, "binary_steps", 1)
+        self.steps = check_int(steps, "steps", 1)
+        self.kappa = check_float(kappa, "kappa", minimum=0, min_inclusive=True)
+        self.lr_factor = check_float(lr_factor, "lr_factor", minimum=0)
+        self.initial_c = None if initial_c is None else check_float(
+            initial_c, "initial_c (or None)", minimum=0)
         self.refine = bool(refine)
 
     def run(self, ctx: AttackContext) -> Proposal:

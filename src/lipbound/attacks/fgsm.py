@@ -40,6 +40,7 @@ import torch
 
 from lipbound.attacks.base import Attack, AttackContext, LossName, Proposal
 from lipbound.errors import InputError
+from lipbound.validation import check_int
 
 
 class FGSM(Attack):
@@ -62,13 +63,11 @@ class FGSM(Attack):
             raise InputError(f"expected direction 'l2' or 'sign', got {direction!r}")
         if loss not in ("ce", "margin"):
             raise InputError(f"expected loss 'ce' or 'margin', got {loss!r}")
-        if max_doublings < 1 or points < 1 or rounds < 1:
-            raise InputError("max_doublings, points and rounds must be >= 1")
         self.direction = direction
         self.loss = loss
-        self.max_doublings = int(max_doublings)
-        self.points = int(points)
-        self.rounds = int(rounds)
+        self.max_doublings = check_int(max_doublings, "max_doublings", 1)
+        self.points = check_int(points, "points", 1)
+        self.rounds = check_int(rounds, "rounds", 1)
 
     def run(self, ctx: AttackContext) -> Proposal:
         _, g = ctx.loss_grad(ctx.x0, self.loss)

@@ -31,13 +31,13 @@ Example:
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 
 import torch
 
 from lipbound.attacks.base import Attack, AttackContext, LossName, Proposal
 from lipbound.errors import InputError
+from lipbound.validation import check_float, check_int
 
 
 class GradientAscent(Attack):
@@ -58,18 +58,22 @@ class GradientAscent(Attack):
     def __init__(self, *, step_fractions: Sequence[float] = (1 / 8, 1 / 32, 1 / 128),
                  max_steps: int = 1000, loss: LossName = "margin", points: int = 15,
                  rounds: int = 4, refine: bool = True):
-        fr = tuple(float(f) for f in step_fractions)
-        if not fr or not all(math.isfinite(f) and f > 0 for f in fr):
-            raise InputError(f"expected positive step_fractions, got {step_fractions!r}")
-        if max_steps < 1 or points < 1 or rounds < 1:
-            raise InputError("max_steps, points and rounds must be >= 1")
+        try:
+            items = list(step_fractions)  # type: ignore[arg-type]
+        except TypeError:
+            items = []
+        if not items or isinstance(step_fractions, str):
+            raise InputError(f"expected a non-empty sequence of positive step_fractions, got "
+                             f"{step_fractions!r}")
+        fr = tuple(check_float(f, f"step_fractions[{i}]", minimum=0)
+                   for i, f in enumerate(items))
         if loss not in ("ce", "margin"):
             raise InputError(f"expected loss 'ce' or 'margin', got {loss!r}")
         self.step_fractions = fr
-        self.max_steps = int(max_steps)
+        self.max_steps = check_int(max_steps, "max_steps", 1)
         self.loss = loss
-        self.points = int(points)
-        self.rounds = int(rounds)
+        self.points = check_int(points, "points", 1)
+        self.rounds = check_int(rounds, "rounds", 1)
         self.refine = bool(refine)
 
     def run(self, ctx: AttackContext) -> Proposal:

@@ -39,6 +39,7 @@ from torch import Tensor
 
 from lipbound.attacks.base import Attack, AttackContext, LossName, Proposal
 from lipbound.errors import InputError
+from lipbound.validation import check_float, check_int
 
 
 class IterativeFGSM(Attack):
@@ -60,14 +61,14 @@ class IterativeFGSM(Attack):
     def __init__(self, *, steps: int = 10, step_factor: float = 1.25, loss: LossName = "ce",
                  direction: Literal["l2", "sign"] = "l2", points: int = 7, rounds: int = 4,
                  rel_tol: float = 1e-3, refine: bool = True):
-        _check_options(steps, step_factor, loss, direction, points, rounds, rel_tol)
-        self.steps = int(steps)
-        self.step_factor = float(step_factor)
+        _check_options(loss, direction)
+        self.steps = check_int(steps, "steps", 1)
+        self.step_factor = check_float(step_factor, "step_factor", minimum=0)
         self.loss = loss
         self.direction = direction
-        self.points = int(points)
-        self.rounds = int(rounds)
-        self.rel_tol = float(rel_tol)
+        self.points = check_int(points, "points", 1)
+        self.rounds = check_int(rounds, "rounds", 0)
+        self.rel_tol = check_float(rel_tol, "rel_tol", minimum=0, maximum=1)
         self.refine = bool(refine)
 
     def run(self, ctx: AttackContext) -> Proposal:
@@ -89,19 +90,11 @@ class IterativeFGSM(Attack):
         return pts, details
 
 
-def _check_options(steps: int, step_factor: float, loss: str, direction: str, points: int,
-                  rounds: int, rel_tol: float) -> None:
-    if steps < 1 or points < 1 or rounds < 0:
-        raise InputError(f"expected steps >= 1, points >= 1, rounds >= 0; got steps={steps}, "
-                         f"points={points}, rounds={rounds}")
-    if not (math.isfinite(step_factor) and step_factor > 0):
-        raise InputError(f"expected step_factor > 0, got {step_factor}")
+def _check_options(loss: str, direction: str) -> None:
     if loss not in ("ce", "margin"):
         raise InputError(f"expected loss 'ce' or 'margin', got {loss!r}")
     if direction not in ("l2", "sign"):
         raise InputError(f"expected direction 'l2' or 'sign', got {direction!r}")
-    if not 0 < rel_tol < 1:
-        raise InputError(f"expected 0 < rel_tol < 1, got {rel_tol}")
 
 
 Attempt = Callable[[Tensor], tuple[Tensor, Tensor]]

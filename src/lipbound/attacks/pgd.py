@@ -53,7 +53,7 @@ import math
 import torch
 
 from lipbound.attacks.base import Attack, AttackContext, Proposal
-from lipbound.errors import InputError
+from lipbound.validation import check_float, check_int
 
 #: growth of a run's radius per step until it first finds an adversarial point
 _EXPLORE = 1.2
@@ -78,21 +78,12 @@ class PGD(Attack):
     def __init__(self, *, steps: int = 200, restarts: int = 8, targeted: int = 2,
                  gamma: float = 0.05, step_factor: float = 1.0, init_factor: float = 0.5,
                  refine: bool = True):
-        if steps < 1 or restarts < 1 or targeted < 0:
-            raise InputError(f"expected steps >= 1, restarts >= 1 and targeted >= 0, got "
-                             f"{steps}, {restarts}, {targeted}")
-        for name, v in (("gamma", gamma), ("step_factor", step_factor),
-                        ("init_factor", init_factor)):
-            if not (math.isfinite(v) and v > 0):
-                raise InputError(f"expected {name} > 0, got {v}")
-        if gamma >= 1:
-            raise InputError(f"expected gamma < 1, got {gamma}")
-        self.steps = int(steps)
-        self.restarts = int(restarts)
-        self.targeted = int(targeted)
-        self.gamma = float(gamma)
-        self.step_factor = float(step_factor)
-        self.init_factor = float(init_factor)
+        self.steps = check_int(steps, "steps", 1)
+        self.restarts = check_int(restarts, "restarts", 1)
+        self.targeted = check_int(targeted, "targeted", 0)
+        self.gamma = check_float(gamma, "gamma", minimum=0, maximum=1)
+        self.step_factor = check_float(step_factor, "step_factor", minimum=0)
+        self.init_factor = check_float(init_factor, "init_factor", minimum=0)
         self.refine = bool(refine)
 
     def run(self, ctx: AttackContext) -> Proposal:

@@ -66,6 +66,12 @@ def run(args: argparse.Namespace) -> int:
     opts = {} if args.lanczos_steps is None else {"lanczos_steps": args.lanczos_steps}
     loaded = load_model(args)
     sample = load_input(args, loaded)
+    if "global" in whats and args.spectral == "exact":
+        from ..analyzer import Analyzer
+        from .exact_memory import check_exact_global_fits
+
+        check_exact_global_fits(Analyzer(loaded.model, loaded.input_shape, spectral="exact"),
+                                spectral="exact")
     # load_model applied --threads (lipbound.cli.common.apply_threads)
     res = bench_model(loaded.model, sample.x, name=loaded.name, what=whats, eps=args.eps,
                       repeat=args.repeat, spectral=args.spectral, threads=None,

@@ -10,6 +10,7 @@ from .common import (
     is_many_ref,
     load_input,
     load_model,
+    parse_eps_list,
     print_json,
     table,
 )
@@ -33,7 +34,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "or auto by cost")
     p.add_argument("--failure-prob", type=float, default=1e-6,
                    help="failure probability budget of a probabilistic bound")
-    p.add_argument("--out", default=None, help="CSV file for many inputs")
+    p.add_argument("--out", default=None,
+                   help="CSV file: one row per input and radius (also for a single input)")
     add_common(p)
     p.set_defaults(func=run)
 
@@ -42,11 +44,17 @@ def run(args: argparse.Namespace) -> int:
     from ..analyzer import Analyzer
     from ..errors import InputError
     from ..validation import check_eps
+    from .exact_memory import check_exact_global_fits
 
-    if is_many_ref(args.input) or args.eps_file:
+    if is_many_ref(args.input) or args.eps_file or args.out:
+        # several inputs, one radius per input, or a CSV file: one row per input
         from .bound_many import run_many
 
         return run_many(args)
+    if args.eps_list:
+        eps_values = parse_eps_list(args.eps_list)
+    else:
+        eps_values = [check_eps(args.eps if args.eps is not None else 0.1, "--eps")]
     loaded = load_model(args)
     try:
         sample = load_input(args, loaded)
@@ -56,13 +64,11 @@ def run(args: argparse.Namespace) -> int:
 
             return run_many(args)
         raise
-    if args.eps_list:
-        eps_values = [check_eps(float(v)) for v in args.eps_list.split(",")]
-    else:
-        eps_values = [check_eps(args.eps if args.eps is not None else 0.1, "--eps")]
     an = Analyzer(loaded.model, loaded.input_shape, spectral=args.spectral,
                   failure_prob=args.failure_prob, seed=args.seed, name=loaded.name,
                   notes=loaded.notes)
+    if args.method in ("global", "both"):
+        check_exact_global_fits(an, spectral=args.spectral)
     results = []
     if args.method in ("global", "both"):
         results.append(an.global_bound())

@@ -16,7 +16,15 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import InputError
-from .common import Loaded, load_model, print_json, table
+from .common import (
+    Loaded,
+    check_preprocessing_applies,
+    load_model,
+    parse_eps_list,
+    prepare_out_file,
+    print_json,
+    table,
+)
 
 
 def load_inputs(args: argparse.Namespace, loaded: Loaded) -> list:
@@ -29,6 +37,7 @@ def load_inputs(args: argparse.Namespace, loaded: Loaded) -> list:
             raise InputError("a user model needs --input (a folder, CSV, .npy/.pt batch or "
                              "image file)")
         ref = loaded.entry.default_sample
+    check_preprocessing_applies(args, ref)
     samples = load_samples(ref, **loaded.sample_kwargs())
     if not samples:
         raise InputError(f"--input {ref!r} names no inputs")
@@ -101,7 +110,7 @@ def _radii(args: argparse.Namespace, n: int) -> list[list[float] | float]:
                              f"names {n} input(s); give exactly one radius per input")
         return [values]
     if args.eps_list:
-        return [check_eps(float(v), "--eps-list") for v in args.eps_list.split(",")]
+        return parse_eps_list(args.eps_list)
     return [check_eps(args.eps if args.eps is not None else 0.1, "--eps")]
 
 
@@ -130,15 +139,22 @@ def run_many(args: argparse.Namespace) -> int:
 
     from ..analyzer import Analyzer
     from ..batch import bound_many, summarize
+    from .exact_memory import check_exact_global_fits
 
     t0 = time.perf_counter()
+    out = prepare_out_file(args.out) if args.out else None  # before the work, not after
+    if args.eps_list and not args.eps_file:
+        parse_eps_list(args.eps_list)  # a bad list is reported before loading anything
     loaded = load_model(args)
     samples = load_inputs(args, loaded)
     runs = _radii(args, len(samples))
     method = getattr(args, "method", "local")
-    an = Analyzer(loaded.model, loaded.input_shape, spectral=getattr(args, "spectral", "auto"),
+    spectral = getattr(args, "spectral", "auto")
+    an = Analyzer(loaded.model, loaded.input_shape, spectral=spectral,
                   failure_prob=getattr(args, "failure_prob", 1e-6), seed=args.seed,
                   name=loaded.name, notes=loaded.notes)
+    # bound_many computes the global factors in every case (share_global)
+    check_exact_global_fits(an, spectral=spectral)
     timings: dict[str, float] = {}
     progress = not getattr(args, "json", False)
     rows = []
@@ -152,9 +168,7 @@ def run_many(args: argparse.Namespace) -> int:
                                "setup_seconds": timings.get("setup_seconds", 0.0),
                                "total_seconds": time.perf_counter() - t0,
                                "methods": summarize(rows)}
-    if args.out:
-        out = Path(args.out)
-        out.parent.mkdir(parents=True, exist_ok=True)
+    if out is not None:
         with out.open("w", newline="") as fh:
             write_rows_csv(rows, fh)
     if args.json:

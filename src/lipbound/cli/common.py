@@ -7,6 +7,7 @@ import importlib.util
 import json
 import math
 import os
+import re
 import sys
 import time
 from dataclasses import dataclass
@@ -16,7 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..errors import InputError, WeightsError, ZooError
+from ..errors import InputError, WeightsError
 
 
 def add_common(p: argparse.ArgumentParser, *, json_flag: bool = True) -> None:
@@ -186,13 +187,106 @@ def apply_threads(args: argparse.Namespace, model: nn.Module | None) -> None:
     torch.set_num_threads(n)
 
 
-def _floats(s: str | None) -> tuple[float, ...] | None:
+def _floats(s: str | None, option: str = "--mean/--std") -> tuple[float, ...] | None:
     if s is None:
         return None
+    out = []
+    for item in s.split(","):
+        try:
+            v = float(item)
+        except ValueError:
+            raise InputError(f"{option} {s!r}: item {item.strip()!r} is not a number; give "
+                             "comma-separated numbers, e.g. 0.485,0.456,0.406") from None
+        if not math.isfinite(v):
+            raise InputError(f"{option} {s!r}: item {item.strip()!r} is not finite; give "
+                             "finite numbers")
+        out.append(v)
+    return tuple(out)
+
+
+def parse_eps_list(text: str, option: str = "--eps-list") -> list[float]:
+    """``"0.01,0.1,1"`` -> the radii, each checked (finite, > 0); an empty or non-numeric
+    item is an :class:`InputError` naming it."""
+    from ..validation import check_eps
+
+    values = []
+    for i, item in enumerate(text.split(",")):
+        item = item.strip()
+        try:
+            v = float(item)
+        except ValueError:
+            what = "is empty" if not item else f"{item!r} is not a number"
+            raise InputError(f"{option} {text!r}: item {i + 1} {what}; give comma-separated "
+                             "positive radii, e.g. 0.01,0.1,1") from None
+        values.append(check_eps(v, f"{option} item {i + 1} ({item})"))
+    return values
+
+
+def parse_input_shape(text: str) -> tuple[int, ...]:
+    """``"1,28,28"`` -> ``(1, 28, 28)``, or an :class:`InputError`."""
+    items = [t.strip() for t in text.split(",")]
     try:
-        return tuple(float(v) for v in s.split(","))
-    except ValueError as exc:
-        raise InputError(f"expected comma-separated numbers, got {s!r}") from exc
+        shape = tuple(int(t) for t in items)
+    except ValueError:
+        shape = ()
+    if not shape or any(v <= 0 for v in shape):
+        raise InputError(f"--input-shape must be comma-separated positive integers, e.g. "
+                         f"1,28,28; got {text!r}")
+    return shape
+
+
+def check_positive_number(value: Any, option: str, example: str) -> float:
+    """``value`` as a float, or an :class:`InputError` unless it is finite and > 0."""
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        v = math.nan
+    if not math.isfinite(v) or v <= 0:
+        raise InputError(f"{option} must be a finite number > 0, got {value!r}; e.g. "
+                         f"{option} {example}")
+    return v
+
+
+def prepare_out_dir(path: str | Path, option: str = "--out") -> Path:
+    """Create the output folder ``path`` (and its parents) and check that it is writable,
+    before any computation: a bad ``--out`` is reported at once, not after the work."""
+    out = Path(path)
+    if out.exists() and not out.is_dir():
+        raise InputError(f"{option} {out} is an existing file, but a folder is expected "
+                         "(the command writes several files into it); give a folder path")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise InputError(f"{option} {out}: cannot create the output folder "
+                         f"({exc.strerror or type(exc).__name__}); give a folder in a "
+                         "writable location") from exc
+    if not os.access(out, os.W_OK | os.X_OK):
+        raise InputError(f"{option} {out}: the folder is not writable; give a folder in a "
+                         "writable location")
+    return out
+
+
+def prepare_out_file(path: str | Path, option: str = "--out") -> Path:
+    """Check, before any computation, that the file ``path`` can be written: not a folder,
+    its folder created (with parents) and writable, the file itself writable if it exists."""
+    out = Path(path)
+    if out.is_dir():
+        raise InputError(f"{option} {out} is a folder, but a file name is expected (e.g. "
+                         f"{out / 'bounds.csv'})")
+    parent = out.parent
+    if parent.exists() and not parent.is_dir():
+        raise InputError(f"{option} {out}: {parent} is a file, not a folder; give a path in "
+                         "an existing or creatable folder")
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise InputError(f"{option} {out}: cannot create the folder {parent} "
+                         f"({exc.strerror or type(exc).__name__}); give a path in a "
+                         "writable location") from exc
+    if not os.access(parent, os.W_OK | os.X_OK) or (out.exists()
+                                                    and not os.access(out, os.W_OK)):
+        raise InputError(f"{option} {out}: not writable; give a path in a writable location")
+    return out
 
 
 @dataclass
@@ -233,11 +327,22 @@ def load_user_factory(spec: str) -> tuple[nn.Module, dict]:
         raise InputError(f"--model {spec!r}: cannot import {path}")
     module = importlib.util.module_from_spec(mod_spec)
     sys.modules[mod_spec.name] = module
-    mod_spec.loader.exec_module(module)
+    try:
+        mod_spec.loader.exec_module(module)
+    except (Exception, SystemExit) as exc:  # the user's file: any error is theirs to fix
+        sys.modules.pop(mod_spec.name, None)
+        raise InputError(f"--model {spec!r}: importing {path} failed with "
+                         f"{type(exc).__name__}: {exc}; fix the file (run `python {path}` "
+                         "to see the full traceback)") from exc
     factory = getattr(module, fn_name, None)
     if factory is None or not callable(factory):
         raise InputError(f"--model {spec!r}: {path} has no function {fn_name!r}")
-    out = factory()
+    try:
+        out = factory()
+    except (Exception, SystemExit) as exc:
+        raise InputError(f"--model {spec!r}: the factory {fn_name}() in {path} raised "
+                         f"{type(exc).__name__}: {exc}; fix the factory (call it in Python to "
+                         "see the full traceback)") from exc
     info: dict = {}
     if isinstance(out, dict):
         info = dict(out)
@@ -273,22 +378,81 @@ def load_state_dict_file(model: nn.Module, path: str) -> None:
     del res
 
 
+def _same(a: tuple[float, ...] | None, b: tuple[float, ...] | None) -> bool:
+    if a is None or b is None:
+        return a is b
+    if len(a) == 1 and len(b) > 1:
+        a = a * len(b)
+    if len(b) == 1 and len(a) > 1:
+        b = b * len(a)
+    return len(a) == len(b) and all(math.isclose(x, y, rel_tol=1e-9, abs_tol=0.0)
+                                    for x, y in zip(a, b, strict=True))
+
+
+def _check_zoo_preprocessing(args: argparse.Namespace, entry: Any,
+                             mean: tuple[float, ...] | None, std: tuple[float, ...] | None,
+                             shape: tuple[int, ...] | None) -> None:
+    """A zoo network comes with its own input shape and normalisation: --input-shape,
+    --mean, --std and --scale that differ from them would be ignored, so they are refused."""
+    given = []
+    if shape is not None and tuple(shape) != tuple(entry.input_shape):
+        given.append(f"--input-shape {args.input_shape}")
+    if mean is not None and not _same(mean, entry.mean):
+        given.append(f"--mean {args.mean}")
+    if std is not None and not _same(std, entry.std):
+        given.append(f"--std {args.std}")
+    scale = getattr(args, "scale", None)
+    if scale is not None and not math.isclose(float(scale), 1 / 255, rel_tol=1e-9):
+        given.append(f"--scale {scale:g}")
+    if given:
+        shape_s = "x".join(map(str, entry.input_shape))
+        if len(entry.input_shape) == 1:
+            prep = "inputs taken as they are"
+        else:
+            prep = "pixels x 1/255" + (f", mean {entry.mean}, std {entry.std}"
+                                       if entry.mean is not None else "")
+        raise InputError(
+            f"{', '.join(given)} cannot be used with the zoo model {entry.name}: it has its "
+            f"own input shape {shape_s} and preprocessing ({prep}), which these options "
+            "would not change. --input-shape/--mean/--std/--scale are for user models "
+            "(--model path/to/file.py:factory); drop them here")
+
+
+def _check_eval(model: nn.Module, spec: str, fn_name: str) -> None:
+    """A user's model in training mode is refused, as by the library (never changed)."""
+    from ..graph import check_eval_mode
+
+    try:
+        check_eval_mode(model)
+    except InputError as exc:
+        raise InputError(f"--model {spec}: {exc} lipbound does not change your model: "
+                         f"return model.eval() from the factory {fn_name}()") from exc
+
+
 def load_model(args: argparse.Namespace) -> Loaded:
-    """Load the model named by ``--model`` (zoo entry or user factory), in eval mode, on the
-    device of ``--device``."""
+    """Load the model named by ``--model`` (zoo entry or user factory) on the device of
+    ``--device``. A user factory must return its model in eval mode (a model in training
+    mode is refused, as by the library); zoo models are built in eval mode by lipbound."""
     device = resolve_device(getattr(args, "device", "auto"))
     spec = args.model
-    mean, std = _floats(getattr(args, "mean", None)), _floats(getattr(args, "std", None))
+    mean = _floats(getattr(args, "mean", None), "--mean")
+    std = _floats(getattr(args, "std", None), "--std")
     scale = getattr(args, "scale", None)
+    if scale is not None:
+        scale = check_positive_number(scale, "--scale", "0.00392156862745098")
+    cli_shape = None
+    if getattr(args, "input_shape", None):
+        cli_shape = parse_input_shape(args.input_shape)
     if ":" in spec and spec.rpartition(":")[0].endswith(".py"):
         model, info = load_user_factory(spec)
+        _check_eval(model, spec, spec.rpartition(":")[2])
         if getattr(args, "weights", None):
             load_state_dict_file(model, args.weights)
-        model = model.to(device).eval()
+        model = model.to(device)
         apply_threads(args, model)
         shape = info.get("input_shape")
-        if getattr(args, "input_shape", None):
-            shape = tuple(int(v) for v in args.input_shape.split(","))
+        if cli_shape is not None:
+            shape = cli_shape
         if shape is None:
             raise InputError("a user model needs its input shape: pass --input-shape C,H,W "
                              "or return {'model': ..., 'input_shape': ...} from the factory")
@@ -301,19 +465,62 @@ def load_model(args: argparse.Namespace) -> Loaded:
                       else "as built by the factory", (), None, mean, std, scale)
     from .. import zoo
 
-    try:
-        lm = zoo.load_model(spec, weights=getattr(args, "weights", None), device=device,
-                            seed=getattr(args, "seed", 0))
-    except ZooError:
-        raise
+    entry = zoo.get_entry(spec)  # an unknown name: a ZooError listing the zoo
+    _check_zoo_preprocessing(args, entry, mean, std, cli_shape)
+    lm = zoo.load_model(spec, weights=getattr(args, "weights", None), device=device,
+                        seed=getattr(args, "seed", 0))
     apply_threads(args, lm.model)
     notes = () if lm.trained else (f"{lm.entry.name}: {lm.weights_source}",)
     return Loaded(lm.model, lm.entry.name, tuple(lm.entry.input_shape), lm.weights_source,
                   notes, lm.entry, lm.entry.mean, lm.entry.std, None)
 
 
+#: zoo samples defined directly in the network's input space (never rescaled)
+_VECTOR_SAMPLES = ("tiny:", "compnet:")
+
+
+def check_preprocessing_applies(args: argparse.Namespace, ref: str | None) -> None:
+    """Refuse --mean/--std/--scale where they would be silently ignored: they apply to raw
+    image pixels (image files, folders, CSV files, the shipped images and test sets), not
+    to .npy/.pt arrays (taken as already normalised) nor to vector samples."""
+    flags = [f"--{n}" for n in ("mean", "std", "scale") if getattr(args, n, None) is not None]
+    if not flags or ref is None:
+        return
+    from ..inputs import ARRAY_SUFFIXES
+
+    low = str(ref).strip().lower()
+    if Path(low).suffix in ARRAY_SUFFIXES:
+        why = (f"the array file {ref} is taken as it is, already in the model's normalised "
+               "input space")
+    elif low.startswith(_VECTOR_SAMPLES):
+        why = f"{ref} is defined directly in the network's input space"
+    elif "--scale" in flags and re.search(r":random(/\d+)?$", low):
+        flags, why = ["--scale"], f"{ref} draws pixels in [0, 1] directly"
+    else:
+        return
+    raise InputError(f"{'/'.join(flags)} would be ignored: {why}. These options apply to "
+                     "raw image pixels (.png/.jpg files, folders of images, CSV files); "
+                     "normalise the array yourself, or drop them")
+
+
+def cli_input_hint(loaded: Loaded | None = None) -> str:
+    """The valid forms of a single ``--input``, in command-line terms."""
+    entry = getattr(loaded, "entry", None)
+    if entry is not None and entry.samples:
+        forms = [f"'{entry.samples[0]}'"]
+        from ..zoo.testsets import TESTSETS
+
+        if entry.name in TESTSETS:
+            forms.append(f"'{entry.name}:test/3' (one shipped test image, 0-99)")
+    else:
+        forms = ["'mnist:8'", "'mnist:test/3' (one shipped test image, 0-99)"]
+    return ("give one input such as " + ", ".join(forms)
+            + ", or a .png/.npy/.pt file holding a single input")
+
+
 def load_input(args: argparse.Namespace, loaded: Loaded):
     """The single input named by ``--input`` (default: the zoo entry's default sample)."""
+    from ..errors import LipboundError
     from ..inputs import load_sample
 
     ref = args.input
@@ -321,7 +528,20 @@ def load_input(args: argparse.Namespace, loaded: Loaded):
         if loaded.entry is None:
             raise InputError("a user model needs --input FILE (.png, .npy or .pt)")
         ref = loaded.entry.default_sample
-    sample = load_sample(ref, **loaded.sample_kwargs())
+    check_preprocessing_applies(args, ref)
+    command = getattr(args, "command", None) or "this command"
+    if is_many_ref(ref):
+        raise InputError(f"--input {ref!r} names several inputs, but `lipbound {command}` "
+                         f"takes one; {cli_input_hint(loaded)}")
+    try:
+        sample = load_sample(ref, **loaded.sample_kwargs())
+    except LipboundError as exc:
+        if "load_samples" not in str(exc):
+            raise
+        # the library's hint names its API; say it in command-line terms
+        msg = (f"--input {ref!r} holds a batch of several inputs, but `lipbound {command}` "
+               f"takes one; {cli_input_hint(loaded)}")
+        raise type(exc)(msg) from exc
     dev = next(iter(loaded.model.parameters())).device
     return sample.__class__(x=sample.x.to(dev), label=sample.label, name=sample.name) \
         if sample.x.device != dev else sample

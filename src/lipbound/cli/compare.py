@@ -9,7 +9,13 @@ from __future__ import annotations
 
 import argparse
 
-from .common import add_common, add_model_options, load_model_and_input, print_json
+from .common import (
+    add_common,
+    add_model_options,
+    check_positive_number,
+    load_model_and_input,
+    print_json,
+)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -45,12 +51,13 @@ def run(args: argparse.Namespace) -> int:
     from ..validation import check_eps
 
     eps = check_eps(args.eps, "--eps")
+    time_limit = check_positive_number(args.time_limit, "--time-limit", "60")
     methods = None
     if args.methods:
         methods = [m for item in args.methods for m in item.split(",") if m.strip()]
     model, x0, name = load_model_and_input(args)
     rows = compare(model, x0, eps, methods, model_name=name,
-                   exact_time_limit=float(args.time_limit))
+                   exact_time_limit=time_limit)
     bad = violations(rows)
     if args.json:
         print_json({"model": name, "eps": eps, "rows": [r.to_dict() for r in rows],

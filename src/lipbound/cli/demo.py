@@ -5,7 +5,14 @@ from __future__ import annotations
 import argparse
 import time
 
-from .common import add_common, apply_threads, print_json, resolve_device, table
+from .common import (
+    add_common,
+    apply_threads,
+    parse_eps_list,
+    print_json,
+    resolve_device,
+    table,
+)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -24,8 +31,10 @@ def run(args: argparse.Namespace) -> int:
     from .. import zoo
     from ..analyzer import Analyzer
     from ..inputs import load_sample
+    from .radius import radius_dict
 
     t0 = time.perf_counter()
+    eps_values = parse_eps_list(args.eps_list)
     device = resolve_device(args.device)
     lm = zoo.load_model("mnist", device=device)
     apply_threads(args, lm.model)
@@ -33,7 +42,6 @@ def run(args: argparse.Namespace) -> int:
     x0 = sample.x.to(device)
     an = Analyzer(lm.model, lm.entry.input_shape, name="mnist", spectral=args.spectral)
     g = an.global_bound()
-    eps_values = [float(v) for v in args.eps_list.split(",")]
     locs = [an.local_bound(x0, e) for e in eps_values]
     pred = int(an.forward(x0).argmax())
     rows = [["global", "-", g.value, g.guarantee.value, g.failure_prob, g.seconds]]
@@ -52,7 +60,7 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         print_json({"model": "mnist", "input": sample.name, "predicted": pred,
                     "global": g.to_dict(), "local": [r.to_dict() for r in locs],
-                    "radius": [e.to_dict() for e in extra],
+                    "radius": [radius_dict(e) for e in extra],
                     "seconds": time.perf_counter() - t0})
         return 0
     print(f"lipbound demo: MNIST LeNet ({lm.weights_source}), input {sample.name} "
@@ -67,7 +75,9 @@ def run(args: argparse.Namespace) -> int:
         print(f"  certified radius: {e.radius:.4g} ({e.method}, {e.guarantee_text}, "
               f"{e.n_bound_evaluations} bound evaluations, {e.seconds:.2f} s)")
     print()
-    print(f"total {time.perf_counter() - t0:.2f} s. Every value above is an upper bound on the "
-          "true Lipschitz constant (certified = always; probabilistic = except with the stated "
-          "failure probability over lipbound's own random draws).")
+    print(f"total {time.perf_counter() - t0:.2f} s. Every bound in the table is an upper bound "
+          "on the true Lipschitz constant, and every certified radius a lower bound on the "
+          "smallest class-changing L2 perturbation (certified/deterministic = always; "
+          "probabilistic = except with the stated failure probability over lipbound's own "
+          "random draws).")
     return 0

@@ -11,11 +11,22 @@ import csv
 import math
 from pathlib import Path
 
-from .common import add_common, add_model_options, load_input, load_model, print_json, table
+from .common import (
+    add_common,
+    add_model_options,
+    load_input,
+    load_model,
+    prepare_out_dir,
+    print_json,
+    table,
+)
 
 CSV_COLUMNS = ["index", "name", "kind", "radius_in", "local_factor", "global_factor",
-               "active_in", "active_out", "spectral_local", "spectral_global", "guarantee",
-               "failure_prob"]
+               "active_in", "active_out", "spectral_local", "spectral_global",
+               "local_guarantee", "local_failure_prob", "global_guarantee",
+               "global_failure_prob"]
+"""layers.csv: each factor (local at the layer's radius, and global) with its own guarantee
+and failure probability (0 when certified)."""
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -56,7 +67,7 @@ def write_csv(path: Path, local, glob) -> Path:
             w.writerow([_csv_value(v) for v in (
                 lf.index, lf.name, lf.kind, lf.radius_in, lf.local, lf.global_factor,
                 lf.active_in, lf.active_out, lf.spectral_method, gf.spectral_method,
-                lf.guarantee.value, lf.failure_prob)])
+                lf.guarantee.value, lf.failure_prob, gf.guarantee.value, gf.failure_prob)])
     return path
 
 
@@ -64,19 +75,21 @@ def run(args: argparse.Namespace) -> int:
     from ..analyzer import Analyzer
     from ..plotting import plot_layer_factors
     from ..validation import check_eps
+    from .exact_memory import check_exact_global_fits
     from .sweep import DISPLAY_NAMES, random_weights
 
     eps = check_eps(args.eps, "--eps")
+    out = prepare_out_dir(args.out) if args.out else None  # before the work, not after
     loaded = load_model(args)
     sample = load_input(args, loaded)
     an = Analyzer(loaded.model, loaded.input_shape, spectral=args.spectral,
                   failure_prob=args.failure_prob, seed=args.seed, name=loaded.name,
                   notes=loaded.notes)
+    check_exact_global_fits(an, spectral=args.spectral)
     glob = an.global_bound()
     local = an.local_bound(sample.x, eps)
     files: list[Path] = []
-    if args.out:
-        out = Path(args.out)
+    if out is not None:
         files.append(write_csv(out / "layers.csv", local, glob))
         title = f"{DISPLAY_NAMES.get(loaded.name, loaded.name)}, input {sample.name}, ε = {eps:g}"
         if random_weights(loaded.weights_source):

@@ -20,9 +20,11 @@ from ..errors import InputError
 from .common import (
     add_common,
     add_model_options,
+    check_preprocessing_applies,
     is_many_ref,
     load_input,
     load_model,
+    prepare_out_dir,
     print_json,
     table,
 )
@@ -60,7 +62,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="relative looseness of layer factors reused during the search "
                         "(default 0.02; 0: none)")
     p.add_argument("--out", default=None,
-                   help="folder to write radius.csv (one row per input) and "
+                   help="folder to write radius.csv (one row per input, with each "
+                        "certified radius' guarantee and failure probability) and "
                         "radius.png/.pdf (certified vs attack radii per input)")
     add_common(p)
     p.set_defaults(func=run)
@@ -85,8 +88,25 @@ def _samples(args: argparse.Namespace, loaded) -> tuple[list, bool]:
 
     if args.input is None:
         return [load_input(args, loaded)], False
+    check_preprocessing_applies(args, args.input)
     samples = load_samples(args.input, **loaded.sample_kwargs())
+    if not samples:
+        raise InputError(f"--input {args.input!r} names no inputs (an empty array or "
+                         "file); give at least one input")
     return samples, len(samples) > 1 or is_many_ref(str(args.input))
+
+
+
+
+def radius_guarantee(c) -> str:
+    """The guarantee of a certified radius: a certified (deterministic) or probabilistic
+    LOWER bound on the minimal adversarial perturbation (never an upper bound)."""
+    return c.guarantee_label
+
+
+def radius_dict(c) -> dict[str, Any]:
+    """``RadiusResult.to_dict()`` (it carries the radius' own guarantee label and quantity)."""
+    return c.to_dict()
 
 
 def _one(model, an, sample, methods: list[str], attacks: list[str], args) -> dict[str, Any]:
@@ -115,12 +135,15 @@ def _one(model, an, sample, methods: list[str], attacks: list[str], args) -> dic
         "margin": cert[0].margin,
         "certified_radius": top.radius if top is not None else None,
         "certified_method": top.method if top is not None else None,
-        "certified": [r.to_dict() for r in cert],
+        "certified_guarantee": radius_guarantee(top) if top is not None else None,
+        "certified_failure_prob": top.failure_prob if top is not None else None,
+        "certified": [radius_dict(r) for r in cert],
         "attacks": [a.to_dict() for a in atk],
         "min_attack_radius": min_attack,
         "violation": violation,
         "seconds": time.perf_counter() - t0,
         "_cert": cert,
+        "_top": top,
         "_atk": atk,
     }
 
@@ -140,11 +163,16 @@ def run(args: argparse.Namespace) -> int:
     attacks = _split(args.attacks, ALL_ATTACKS, "attack(s)")
     if not 0 < args.tol < 1:
         raise InputError(f"--tol must be in (0, 1), got {args.tol}")
+    out = prepare_out_dir(args.out) if args.out else None  # before the work, not after
     loaded = load_model(args)
     samples, many = _samples(args, loaded)
     an = Analyzer(loaded.model, loaded.input_shape, spectral=args.spectral,
                   failure_prob=args.failure_prob, seed=args.seed, name=loaded.name,
                   notes=loaded.notes)
+    if "global" in methods:
+        from .exact_memory import check_exact_global_fits
+
+        check_exact_global_fits(an, spectral=args.spectral)
     rows = []
     for i, s in enumerate(samples):
         rows.append(_one(loaded.model, an, s, methods, attacks, args))
@@ -154,9 +182,7 @@ def run(args: argparse.Namespace) -> int:
                      r["certified_radius"], r["min_attack_radius"])
     total = time.perf_counter() - t0
     files: dict[str, str] = {}
-    if args.out:
-        out = Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
+    if out is not None:
         files["csv"] = str(_write_csv(out / "radius.csv", rows, methods, attacks))
         files.update(_plot(out, rows, methods, attacks, loaded.name))
     n_viol = sum(r["violation"] for r in rows)
@@ -201,11 +227,18 @@ def _print_one(loaded, r: dict[str, Any], total: float) -> None:
         if "reason" in c.details:
             print(f"note ({c.method}): {c.details['reason']}")
     cr, ma = r["certified_radius"], r["min_attack_radius"]
-    line = f"certified radius {cr:.4g} ({r['certified_method']})"
+    top = r["_top"]
+    if radius_guarantee(top) == "probabilistic lower bound":
+        what = f"probabilistic lower bound, failure prob <= {top.failure_prob:.0e}"
+    else:
+        what = f"{radius_guarantee(top)}, {top.guarantee_text}"
+    line = f"certified radius {cr:.4g} ({r['certified_method']}; {what})"
     if ma is not None:
         line += f"; smallest attack radius {ma:.4g} (gap x{ma / cr:.3g})" if cr else \
             f"; smallest attack radius {ma:.4g}"
     print(line + f"; total {total:.2f} s")
+    print("a certified radius is a lower bound on the smallest class-changing L2 "
+          "perturbation; an attack radius is an upper bound on it")
     for n in loaded.notes:
         print(f"note: {n}")
 
@@ -231,6 +264,13 @@ def _print_many(loaded, rows, methods, attacks, total, files) -> None:
         summary.append([a, "attack", statistics.median(vals) if vals else None,
                         min(vals) if vals else None, max(vals) if vals else None])
     print(table(["method", "kind", "median radius", "min", "max"], summary))
+    guar = []
+    for m in methods:
+        texts = sorted({c.guarantee_text for r in rows for c in r["_cert"] if c.method == m})
+        guar.append(f"{m}: {' / '.join(texts)}")
+    print("certified radii are lower bounds on the smallest class-changing L2 perturbation "
+          f"(per input; {'; '.join(guar)})"
+          + ("; attack radii are upper bounds on it" if attacks else ""))
     n_viol = sum(r["violation"] for r in rows)
     print(f"violations (certified > attack): {n_viol}; total {total:.1f} s")
     for k, v in files.items():
@@ -238,18 +278,32 @@ def _print_many(loaded, rows, methods, attacks, total, files) -> None:
 
 
 def _write_csv(path: Path, rows, methods, attacks) -> Path:
+    """Write radius.csv, one row per input: index, input, label, predicted, margin; per
+    certificate method m: m_radius; per attack a: a_radius (empty when no class change was
+    found); the headline certificate (the largest certified radius): certified_radius,
+    certified_method, guarantee ("certified lower bound" or "probabilistic lower bound" on
+    the smallest class-changing L2 perturbation) and failure_prob (0 when certified); per
+    method m: m_guarantee and m_failure_prob; seconds."""
     with path.open("w", newline="") as fh:
         w = csv.writer(fh)
         w.writerow(["index", "input", "label", "predicted", "margin",
                     *[f"{m}_radius" for m in methods], *[f"{a}_radius" for a in attacks],
+                    "certified_radius", "certified_method", "guarantee", "failure_prob",
+                    *[f"{m}_{c}" for m in methods for c in ("guarantee", "failure_prob")],
                     "seconds"])
         for i, r in enumerate(rows):
-            cert = {c.method: c.radius for c in r["_cert"]}
+            cert = {c.method: c for c in r["_cert"]}
             atk = {a.method: a.radius for a in r["_atk"]}
+            top = r["_top"]
             w.writerow([i, r["input"], "" if r["label"] is None else r["label"],
                         r["predicted"], f"{r['margin']:.10g}",
-                        *[f"{cert[m]:.10g}" for m in methods],
+                        *[f"{cert[m].radius:.10g}" for m in methods],
                         *["" if atk.get(a) is None else f"{atk[a]:.10g}" for a in attacks],
+                        *(["", "", "", ""] if top is None else
+                          [f"{top.radius:.10g}", top.method, radius_guarantee(top),
+                           repr(float(top.failure_prob))]),
+                        *[v for m in methods for v in (radius_guarantee(cert[m]),
+                                                       repr(float(cert[m].failure_prob)))],
                         f"{r['seconds']:.3f}"])
     return path
 

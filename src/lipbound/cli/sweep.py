@@ -6,7 +6,15 @@ import argparse
 import time
 from pathlib import Path
 
-from .common import add_common, add_model_options, load_input, load_model, print_json, table
+from .common import (
+    add_common,
+    add_model_options,
+    load_input,
+    load_model,
+    prepare_out_dir,
+    print_json,
+    table,
+)
 
 #: names used in plot titles
 DISPLAY_NAMES = {
@@ -91,14 +99,26 @@ def run(args: argparse.Namespace) -> int:
     from ..sweep import parse_methods, sweep
 
     t0 = time.perf_counter()
+    from ..analyzer import Analyzer
+    from .exact_memory import check_exact_global_fits
+
     methods = parse_methods(args.methods)
+    if args.out:
+        prepare_out_dir(args.out)  # before the work, not after
     loaded = load_model(args)
     eps_values = _eps_range(args, loaded)
     sample = load_input(args, loaded)
-    out = Path(args.out) if args.out else Path("out") / f"sweep_{loaded.name}"
-    res = sweep(loaded.model, sample.x, eps_values, methods, progress=True,
-                input_shape=loaded.input_shape, name=loaded.name, input_name=sample.name,
-                samples=args.samples, steps=args.steps, restarts=args.restarts, seed=args.seed,
+    an = None
+    if "global" in methods and args.spectral == "exact":
+        an = Analyzer(loaded.model, loaded.input_shape, spectral=args.spectral,
+                      failure_prob=args.failure_prob, seed=args.seed, name=loaded.name,
+                      notes=loaded.notes)
+        check_exact_global_fits(an, spectral=args.spectral)
+    out = prepare_out_dir(args.out if args.out else Path("out") / f"sweep_{loaded.name}")
+    res = sweep(an if an is not None else loaded.model, sample.x, eps_values, methods,
+                progress=True, input_shape=loaded.input_shape, name=loaded.name,
+                input_name=sample.name, samples=args.samples, steps=args.steps,
+                restarts=args.restarts, seed=args.seed,
                 lower_dtype=torch.float64 if args.lower_dtype == "float64" else None,
                 spectral=args.spectral, failure_prob=args.failure_prob,
                 notes=loaded.notes, **({} if args.reuse_tol is None

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from lipbound.errors import InputError
+from lipbound.validation import check_int
 
 logger = logging.getLogger(__name__)
 
@@ -157,10 +158,10 @@ def check_problem(
 
 
 def check_positive_int(name: str, value: int, minimum: int = 1) -> int:
-    """Return ``value`` as an int if it is an integer ``>= minimum``, else raise InputError."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise InputError(f"{name} must be an integer >= {minimum}, got {value!r}")
-    return value
+    """Return ``value`` as an int if it is a whole number ``>= minimum`` (see
+    :func:`lipbound.validation.check_int`: never a silent truncation), else raise
+    InputError."""
+    return check_int(value, name, minimum)
 
 
 def distances(x0_flat: torch.Tensor, flat_x: torch.Tensor) -> torch.Tensor:

@@ -12,6 +12,7 @@ from lipbound.lower.gradient import gradient_lower_bound
 from lipbound.lower.pgd import pgd_lower_bound
 from lipbound.lower.result import LowerBoundResult
 from lipbound.lower.sampling import random_lower_bound
+from lipbound.validation import check_int
 
 logger = logging.getLogger(__name__)
 
@@ -59,6 +60,12 @@ def best_lower_bound(
         hold every method's value and time.
     """
     t_start = time.perf_counter()
+    n_random = check_int(n_random, "n_random", 1)
+    gradient_steps = check_int(gradient_steps, "gradient_steps", 0)
+    pgd_restarts = check_int(pgd_restarts, "pgd_restarts", 1)
+    pgd_steps = check_int(pgd_steps, "pgd_steps", 0)
+    pgd_refine = check_int(pgd_refine, "pgd_refine", 0)
+    pgd_refine_steps = check_int(pgd_refine_steps, "pgd_refine_steps", 0)
     rnd = random_lower_bound(model, x0, eps, n_samples=n_random, seed=seed,
                              output_map=output_map, progress=progress)
     grad = gradient_lower_bound(model, x0, eps, n_steps=gradient_steps, seed=seed,

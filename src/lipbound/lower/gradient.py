@@ -28,6 +28,7 @@ from lipbound.lower._common import (
     unit_rows,
 )
 from lipbound.lower.result import LowerBoundResult
+from lipbound.validation import check_float
 
 logger = logging.getLogger(__name__)
 
@@ -75,15 +76,14 @@ def gradient_lower_bound(
     """
     t_start = time.perf_counter()
     prob = check_problem(model, x0, eps, output_map)
-    check_positive_int("n_steps", n_steps, minimum=0)
-    check_positive_int("n_restarts", n_restarts)
+    n_steps = check_positive_int("n_steps", n_steps, minimum=0)
+    n_restarts = check_positive_int("n_restarts", n_restarts)
     if objective not in ("difference", "ratio"):
         raise InputError(f"objective must be 'difference' or 'ratio', got {objective!r}")
-    if not (0 < start_radius <= 1):
-        raise InputError(f"start_radius must be in (0, 1] (a fraction of eps), got {start_radius}")
-    step = 2.5 * prob.eps / max(n_steps, 1) if step_size is None else float(step_size)
-    if not step > 0:
-        raise InputError(f"step_size must be > 0, got {step_size!r}")
+    start_radius = check_float(start_radius, "start_radius (a fraction of eps)", minimum=0,
+                               maximum=1, max_inclusive=True)
+    step = 2.5 * prob.eps / max(n_steps, 1) if step_size is None else check_float(
+        step_size, "step_size (or None)", minimum=0)
 
     gen = make_generator(prob.device, seed)
     floor = radius_floor(prob, gradient_scale(prob))

@@ -17,15 +17,14 @@ directions at ``x``, and its norm can then exceed every directional derivative a
 from __future__ import annotations
 
 import logging
-import math
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from lipbound.errors import InputError
 from lipbound.lower._common import Problem, check_problem, make_generator, unit_rows
 from lipbound.results import Guarantee
+from lipbound.validation import check_float, check_int
 
 logger = logging.getLogger(__name__)
 
@@ -197,8 +196,9 @@ def jacobian_spectrum(
     """
     prob = check_problem(model, x, 1.0, output_map)
     k = prob.f0.shape[1] if prob.output_map is None else prob.output_map.shape[0]
-    if exact_threshold < 0 or n_iter < 1 or not (tol >= 0 and math.isfinite(tol)):
-        raise InputError("exact_threshold must be >= 0, n_iter >= 1 and tol a finite >= 0")
+    exact_threshold = check_int(exact_threshold, "exact_threshold", 0)
+    n_iter = check_int(n_iter, "n_iter", 1)
+    tol = check_float(tol, "tol", minimum=0, min_inclusive=True)
     if k * prob.dim <= exact_threshold:
         jac = _jacobian(prob).to(torch.float64)
         _, s, vh = torch.linalg.svd(jac, full_matrices=False)

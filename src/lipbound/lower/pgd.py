@@ -49,6 +49,7 @@ from lipbound.lower._common import (
 )
 from lipbound.lower.jacobian import EXACT_THRESHOLD, jacobian_spectrum
 from lipbound.lower.result import LowerBoundResult
+from lipbound.validation import check_float
 
 logger = logging.getLogger(__name__)
 
@@ -151,16 +152,19 @@ def pgd_lower_bound(
     """
     t_start = time.perf_counter()
     prob = check_problem(model, x0, eps, output_map)
-    check_positive_int("n_restarts", n_restarts)
-    check_positive_int("n_steps", n_steps, minimum=0)
-    check_positive_int("n_refine", n_refine, minimum=0)
-    check_positive_int("refine_steps", refine_steps, minimum=0)
+    n_restarts = check_positive_int("n_restarts", n_restarts)
+    n_steps = check_positive_int("n_steps", n_steps, minimum=0)
+    n_refine = check_positive_int("n_refine", n_refine, minimum=0)
+    refine_steps = check_positive_int("refine_steps", refine_steps, minimum=0)
+    exact_threshold = check_positive_int("exact_threshold", exact_threshold, minimum=0)
+    power_iterations = check_positive_int("power_iterations", power_iterations)
     try:
-        lr0, lr1, lr2 = (float(v) for v in lr)
-    except (TypeError, ValueError) as exc:
+        items = list(lr)
+    except TypeError as exc:
         raise InputError(f"lr must be three step factors, got {lr!r}") from exc
-    if not all(v > 0 and math.isfinite(v) for v in (lr0, lr1, lr2)):
-        raise InputError(f"lr must be three finite positive step factors, got {lr!r}")
+    if len(items) != 3 or isinstance(lr, str):
+        raise InputError(f"lr must be three step factors, got {lr!r}")
+    lr0, lr1, lr2 = (check_float(v, f"lr[{i}]", minimum=0) for i, v in enumerate(items))
     x0_flat = prob.x0.reshape(1, -1)
     init_flat = None
     if init is not None:

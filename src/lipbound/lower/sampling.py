@@ -99,7 +99,7 @@ def sample_ball(
         raise InputError("x0 must be a finite floating-point tensor")
     if not (isinstance(eps, (int, float)) and math.isfinite(eps) and eps > 0):
         raise InputError(f"eps must be a finite number > 0, got {eps!r}")
-    check_positive_int("n", n)
+    n = check_positive_int("n", n)
     flat = _draw(x0.detach().reshape(1, -1), float(eps), n, generator)
     return flat.reshape(n, *x0.shape[1:])
 
@@ -142,10 +142,10 @@ def random_lower_bound(
     """
     t_start = time.perf_counter()
     prob = check_problem(model, x0, eps, output_map)
-    check_positive_int("n_samples", n_samples)
+    n_samples = check_positive_int("n_samples", n_samples)
     if batch_size is None:
         batch_size = auto_batch_size(prob, n_samples)
-    check_positive_int("batch_size", batch_size)
+    batch_size = check_positive_int("batch_size", batch_size)
     gen = make_generator(prob.device, seed)
     if progress is None:
         progress = n_samples >= _PROGRESS_FROM and sys.stderr.isatty()
