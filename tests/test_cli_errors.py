@@ -163,7 +163,7 @@ def test_out_folder_is_checked_before_computing(capsys, tmp_path, monkeypatch, c
     err = run_err(capsys, cmd + ["--out", str(a_file)])
     assert "existing file" in err and "folder" in err
     err = run_err(capsys, cmd + ["--out", str(a_file / "sub")])  # a folder under a file
-    assert "cannot create the output folder" in err
+    assert "cannot create the folder" in err
     if Path("/proc/self").is_dir():
         assert "cannot create" in run_err(capsys, cmd + ["--out", "/proc/x/y"])
 

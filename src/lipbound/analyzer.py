@@ -662,15 +662,20 @@ class Analyzer:
             r = moving.to(torch.float64)
             d_out = r.clone()
             x_next = y0.reshape(1, *b.out_shape)
-        sb, d_out, x_next = self._affine_factor(b, i, r, d, d_out, x_next, rn, delta, gfac, key)
-        # a ReLU off at both the computed and the exact nominal point adds no error
+        # the next nominal error (before the factor, so that these vectors are freed before
+        # its Lanczos run): a ReLU off at both the computed and the exact nominal point adds
+        # none
         may_be_on = (y_hi >= 0) if b.relu else torch.ones_like(moving)
         on_d = may_be_on & (d_out > 0)
         off_d = may_be_on & ~(d_out > 0)
         dl_out = float(torch.where(on_d, local, 0.0).norm()) * (1 + 1e-6)
+        eta_out = float(torch.where(off_d, e_out, 0.0).max()) if bool(off_d.any()) else 0.0
+        del may_be_on, on_d, off_d, local, e_out, rho
+        if b.relu:
+            del y_hi, ybar
+        sb, d_out, x_next = self._affine_factor(b, i, r, d, d_out, x_next, rn, delta, gfac, key)
         if dl > 0:
             dl_out += sb.value * dl * (1 + 1e-6)
-        eta_out = float(torch.where(off_d, e_out, 0.0).max()) if bool(off_d.any()) else 0.0
         return sb, d_out, x_next, (dl_out, eta_out)
 
     def _affine_factor(self, b: AffineBlock, i: int, r: Tensor, d: Tensor, d_out: Tensor,

@@ -247,6 +247,23 @@ def check_positive_number(value: Any, option: str, example: str) -> float:
     return v
 
 
+def _writable_folder(folder: Path, what: str, option: str) -> None:
+    """Create ``folder`` (with parents) and check that it is writable, or raise naming
+    ``what`` (the path the user gave) and the fix."""
+    if folder.exists() and not folder.is_dir():
+        raise InputError(f"{option} {what}: {folder} is a file, not a folder; give a path in "
+                         "an existing or creatable folder")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise InputError(f"{option} {what}: cannot create the folder {folder} "
+                         f"({exc.strerror or type(exc).__name__}); give a path in a "
+                         "writable location") from exc
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise InputError(f"{option} {what}: the folder {folder} is not writable; give a path "
+                         "in a writable location")
+
+
 def prepare_out_dir(path: str | Path, option: str = "--out") -> Path:
     """Create the output folder ``path`` (and its parents) and check that it is writable,
     before any computation: a bad ``--out`` is reported at once, not after the work."""
@@ -254,15 +271,7 @@ def prepare_out_dir(path: str | Path, option: str = "--out") -> Path:
     if out.exists() and not out.is_dir():
         raise InputError(f"{option} {out} is an existing file, but a folder is expected "
                          "(the command writes several files into it); give a folder path")
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise InputError(f"{option} {out}: cannot create the output folder "
-                         f"({exc.strerror or type(exc).__name__}); give a folder in a "
-                         "writable location") from exc
-    if not os.access(out, os.W_OK | os.X_OK):
-        raise InputError(f"{option} {out}: the folder is not writable; give a folder in a "
-                         "writable location")
+    _writable_folder(out, str(out), option)
     return out
 
 
@@ -273,18 +282,8 @@ def prepare_out_file(path: str | Path, option: str = "--out") -> Path:
     if out.is_dir():
         raise InputError(f"{option} {out} is a folder, but a file name is expected (e.g. "
                          f"{out / 'bounds.csv'})")
-    parent = out.parent
-    if parent.exists() and not parent.is_dir():
-        raise InputError(f"{option} {out}: {parent} is a file, not a folder; give a path in "
-                         "an existing or creatable folder")
-    try:
-        parent.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise InputError(f"{option} {out}: cannot create the folder {parent} "
-                         f"({exc.strerror or type(exc).__name__}); give a path in a "
-                         "writable location") from exc
-    if not os.access(parent, os.W_OK | os.X_OK) or (out.exists()
-                                                    and not os.access(out, os.W_OK)):
+    _writable_folder(out.parent, str(out), option)
+    if out.exists() and not os.access(out, os.W_OK):
         raise InputError(f"{option} {out}: not writable; give a path in a writable location")
     return out
 
