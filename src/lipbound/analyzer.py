@@ -384,7 +384,7 @@ class Analyzer:
         x = x0.to(device=self.device, dtype=torch.float64)
         delta = 0.0
         for b, f in zip(self.blocks, facs, strict=True):
-            x, rho = b.forward_with_error(x, x.new_zeros(()))
+            x, rho = b.forward_rounding(x)
             delta = f.value * delta + float(rho.norm()) if delta > 0 else float(rho.norm())
             if isinstance(b, AffineBlock) and b.relu:
                 x = torch.relu(x)
@@ -636,7 +636,7 @@ class Analyzer:
         here) give ``Δ' <= ||R A D|| Δ + ||(|A|_1 η + ρ)_S||`` and the rest ``η' = max e``: the
         error grows like the local bound, not like worst-case interval arithmetic (which loses
         every sign in VGG-16's last layers)."""
-        y0, rho = b.forward_with_error(x, x.new_zeros(()))
+        y0, rho = b.forward_rounding(x)
         y0 = y0.reshape(-1)
         rn = torch.sqrt(b.sq_rows(d.unsqueeze(0))[0].clamp_min(0))
         moving = rn > 0
@@ -958,7 +958,7 @@ class Analyzer:
         norms = norms * (1 + SAFETY)
         # the rows' nominal values (the last block computes C f): the exact row j is within
         # ||e_j^T A D|| Δ + |e_j^T A|_1 η + ρ_j of the computed one
-        rows_at_x0, rho = last.forward_with_error(x, x.new_zeros(()))
+        rows_at_x0, rho = last.forward_rounding(x)
         dl, eta = nom
         nominal = norms * dl + rho.reshape(-1)
         if eta > 0:

@@ -17,7 +17,7 @@ import math
 import torch
 from torch import Tensor
 
-from .ops.base import DiagOp, MixingOp, Op, ReshapeOp, gamma
+from .ops.base import DiagOp, MixingOp, Op, ReshapeOp, gamma, tensor_device
 from .ops.linear import LinearOp
 from .ops.pooling import MaxPoolOp
 
@@ -97,13 +97,11 @@ class AffineBlock:
             self._row_abs = v.reshape(-1) * (1.0 + 1e-12)
         return self._row_abs
 
-    def forward_with_error(self, x: Tensor, e: Tensor) -> tuple[Tensor, Tensor]:
+    def forward_rounding(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """:meth:`forward` of one input ``(1, *in_shape)`` and a flat ``(out_dim,)`` bound on
-        the distance of the result from the exact pre-activation at an exact input within
-        ``e`` of ``x`` (``e``: 0-dim or flat / shaped like the input), op by op
-        (:meth:`lipbound.ops.base.Op.forward_error`)."""
-        if e.dim() > 0:
-            e = e.reshape(self.in_shape)
+        the block's own rounding: the distance of the result from the exact pre-activation at
+        ``x``, op by op (:meth:`lipbound.ops.base.Op.forward_error`)."""
+        e = x.new_zeros(())
         for op in self.ops:
             y = op.forward(x)
             e = op.forward_error(x, y, e)
@@ -153,24 +151,29 @@ class AffineBlock:
         y = m.sq_rows(w.reshape(w.shape[0], *m.in_shape)).reshape(w.shape[0], -1)
         return y if self.s_out is None else y * self.s_out ** 2
 
-    def err_norm(self, r: Tensor | None = None, d: Tensor | None = None) -> float:
-        """Upper bound on ``||R S_out ΔA S_in D||_2`` for the rounding ``ΔA`` of a mixing matrix
-        computed as a product of layers (:class:`~lipbound.ops.linear.LinearOp`, ``err``):
-        the Frobenius norm of the masked entrywise bound, ``sqrt(Σ_i r_i^2 s_i^2 Σ_j E_ij^2
-        s_j^2 d_j)`` (``r``, ``d`` flat masks; None: all ones). ``0.0`` for other blocks.
-        Every spectral value computed from the stored matrix adds it."""
+    def _err_sq_rows(self, d: Tensor | None) -> Tensor | None:
+        """Per output row, ``Σ_j (s_out,i E_ij s_in,j)^2 d_j`` for the entrywise rounding bound
+        ``E`` of a matrix computed as a product of layers (:class:`~lipbound.ops.linear.
+        LinearOp`, ``err``); None when the block's matrix carries none (``d``: flat mask,
+        None: all ones)."""
         m = self.mixing
-        e2 = getattr(m, "err_sq_rows", None)
-        if e2 is None or getattr(m, "err", None) is None:
-            return 0.0
-        dev = m.err.device  # type: ignore[union-attr]
-        w = torch.ones(1, self.in_dim, dtype=torch.float64, device=dev) if d is None \
-            else d.reshape(1, -1).to(torch.float64)
+        if getattr(m, "err", None) is None:
+            return None
+        w = torch.ones(1, self.in_dim, dtype=torch.float64, device=m.err.device) \
+            if d is None else d.reshape(1, -1).to(torch.float64)  # type: ignore[union-attr]
         if self.s_in is not None:
             w = w * self.s_in ** 2
-        rows = e2(w)[0]
-        if self.s_out is not None:
-            rows = rows * self.s_out ** 2
+        rows = m.err_sq_rows(w)[0]  # type: ignore[union-attr]
+        return rows if self.s_out is None else rows * self.s_out ** 2
+
+    def err_norm(self, r: Tensor | None = None, d: Tensor | None = None) -> float:
+        """Upper bound on ``||R S_out ΔA S_in D||_2`` for the rounding ``ΔA`` of a mixing matrix
+        computed as a product of layers: the Frobenius norm of the masked entrywise bound
+        (``r``, ``d`` flat masks; None: all ones). ``0.0`` for other blocks. Every spectral
+        value computed from the stored matrix adds it."""
+        rows = self._err_sq_rows(d)
+        if rows is None:
+            return 0.0
         if r is not None:
             rows = rows * r * r
         # a sum of non-negative terms: (1 + γ_n) covers its rounding, 1e-6 is generous
@@ -179,16 +182,8 @@ class AffineBlock:
     def err_rows(self, d: Tensor) -> Tensor | None:
         """Per output row ``i``, an upper bound on ``||e_i^T S_out ΔA S_in D||`` (see
         :meth:`err_norm`); None when the block's matrix carries no rounding bound."""
-        m = self.mixing
-        if getattr(m, "err", None) is None:
-            return None
-        w = d.reshape(1, -1).to(torch.float64)
-        if self.s_in is not None:
-            w = w * self.s_in ** 2
-        rows = m.err_sq_rows(w)[0]  # type: ignore[union-attr]
-        if self.s_out is not None:
-            rows = rows * self.s_out ** 2
-        return rows.sqrt() * (1.0 + 1e-6)
+        rows = self._err_sq_rows(d)
+        return None if rows is None else rows.sqrt() * (1.0 + 1e-6)
 
     def dense_fn(self):
         if self.mixing is None:
@@ -245,10 +240,9 @@ class PoolBlock:
     def forward(self, x: Tensor) -> Tensor:
         return self.op.forward(x)
 
-    def forward_with_error(self, x: Tensor, e: Tensor) -> tuple[Tensor, Tensor]:
-        """As :meth:`AffineBlock.forward_with_error`: a maximum is exact and 1-Lipschitz in
-        the max norm, so the bound is ``max(e)`` everywhere."""
-        return self.op.forward(x), e.max().expand(self.out_dim)
+    def forward_rounding(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """As :meth:`AffineBlock.forward_rounding`: a maximum is exact, so no rounding."""
+        return self.op.forward(x), x.new_zeros(()).expand(self.out_dim)
 
 
 Block = AffineBlock | PoolBlock
@@ -319,14 +313,7 @@ def _dense_compose(ops: list[Op]) -> list[Op] | None:
         return None
     if any(isinstance(op, LinearOp) and op.err is not None for op in ops):
         raise ValueError("_dense_compose takes the model's own layers, not products")
-    dev = None
-    for op in ops:
-        for v in vars(op).values():
-            if isinstance(v, Tensor):
-                dev = v.device
-                break
-        if dev is not None:
-            break
+    dev = next((dv for op in ops if (dv := tensor_device(op)) is not None), None)
 
     def run(x: Tensor, part: str) -> Tensor:
         """``part``: "forward" (with biases), "lin", "abs" (|A| chain), "absbias" (|A| chain

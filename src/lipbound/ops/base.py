@@ -31,11 +31,12 @@ def gamma(n: int) -> float:
     return nu / (1.0 - nu) if nu < 0.5 else math.inf
 
 
-def _tensor_device(obj: object) -> torch.device:
+def tensor_device(obj: object) -> torch.device | None:
+    """The device of the first tensor attribute of ``obj`` (an op), or None without one."""
     for v in vars(obj).values():
         if isinstance(v, Tensor):
             return v.device
-    return torch.device("cpu")
+    return None
 
 
 class Op:
@@ -116,7 +117,7 @@ class MixingOp(Op):
         exact matrix (computed once). Default: ``|A| 1`` (:meth:`abs_lin`), or from
         :meth:`dense`, or ``inf`` when neither exists."""
         if self._row_abs is None:
-            dev = _tensor_device(self)
+            dev = tensor_device(self) or torch.device("cpu")
             try:
                 ones = torch.ones(1, *self.in_shape, dtype=torch.float64, device=dev)
                 v = self.abs_lin(ones).reshape(-1)
