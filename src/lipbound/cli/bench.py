@@ -65,6 +65,7 @@ def run(args: argparse.Namespace) -> int:
     whats = tuple(w.strip() for w in args.what.split(",") if w.strip())
     opts = {} if args.lanczos_steps is None else {"lanczos_steps": args.lanczos_steps}
     loaded = load_model(args)
+    opts["seed"] = args.seed  # settled by load_model (a fresh one drawn there)
     sample = load_input(args, loaded)
     if "global" in whats and args.spectral == "exact":
         from ..analyzer import Analyzer

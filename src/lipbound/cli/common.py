@@ -48,7 +48,58 @@ def add_model_options(p: argparse.ArgumentParser, *, input_required: bool = Fals
     p.add_argument("--std", default=None, help="per-channel std of the preprocessing")
     p.add_argument("--scale", type=float, default=None,
                    help="factor applied to raw image pixels before mean/std (default 1/255)")
-    p.add_argument("--seed", type=int, default=0, help="seed for random weights / draws")
+    p.add_argument("--seed", type=seed_arg, default=0,
+                   help="seed of the Lanczos start vectors and random draws (default 0, "
+                        "public); 'fresh' draws one from the operating system and reports it. "
+                        "An integer also seeds the zoo's random weights unless --weights-seed "
+                        "is given")
+    p.add_argument("--weights-seed", type=seed_arg, default=None,
+                   help="seed of the zoo's random weights (compnet, alexnet, vgg16); default: "
+                        "--seed when it is an integer, else 0")
+
+
+FRESH_SEED = "fresh"
+
+
+def seed_arg(text: str) -> int | str:
+    """argparse type of --seed/--weights-seed: an integer >= 0, or 'fresh'."""
+    t = text.strip().lower()
+    if t == FRESH_SEED:
+        return FRESH_SEED
+    try:
+        v = int(t)
+    except ValueError:
+        v = -1
+    if v < 0:
+        raise argparse.ArgumentTypeError(
+            f"expected an integer >= 0 or 'fresh', got {text!r}")
+    return v
+
+
+def resolve_seeds(args: argparse.Namespace) -> tuple[str, ...]:
+    """Settle --seed and --weights-seed in ``args`` (idempotent) and return the notes to
+    report: a fresh seed is drawn from the operating system (``secrets``), so no one who
+    built the network can have known it, and it is reported so that the run can be
+    repeated. The zoo's random weights follow an integer --seed (as before --weights-seed
+    existed) and stay at seed 0 with a fresh one."""
+    import secrets
+
+    notes: tuple[str, ...] = ()
+    seed = getattr(args, "seed", 0)
+    weights_seed = getattr(args, "weights_seed", None)
+    if weights_seed == FRESH_SEED:
+        weights_seed = secrets.randbits(62)
+        notes += (f"zoo random weights from a fresh seed: --weights-seed {weights_seed}",)
+    if seed == FRESH_SEED:
+        seed = secrets.randbits(62)
+        notes += (f"start vectors and random draws from a fresh seed (drawn from the "
+                  f"operating system): repeat with --seed {seed}",)
+        if weights_seed is None:
+            weights_seed = 0
+    if weights_seed is None:
+        weights_seed = seed
+    args.seed, args.weights_seed = seed, weights_seed
+    return notes
 
 
 def resolve_device(name: str) -> torch.device:
@@ -434,6 +485,8 @@ def load_model(args: argparse.Namespace) -> Loaded:
     mode is refused, as by the library); zoo models are built in eval mode by lipbound."""
     device = resolve_device(getattr(args, "device", "auto"))
     spec = args.model
+    weights_seed_given = getattr(args, "weights_seed", None) is not None
+    seed_notes = resolve_seeds(args)
     mean = _floats(getattr(args, "mean", None), "--mean")
     std = _floats(getattr(args, "std", None), "--std")
     scale = getattr(args, "scale", None)
@@ -443,6 +496,10 @@ def load_model(args: argparse.Namespace) -> Loaded:
     if getattr(args, "input_shape", None):
         cli_shape = parse_input_shape(args.input_shape)
     if ":" in spec and spec.rpartition(":")[0].endswith(".py"):
+        if weights_seed_given:
+            raise InputError("--weights-seed applies to the zoo's random weights; a user "
+                             "model is built by its factory: drop --weights-seed (seed "
+                             "your factory yourself)")
         model, info = load_user_factory(spec)
         _check_eval(model, spec, spec.rpartition(":")[2])
         if getattr(args, "weights", None):
@@ -461,15 +518,23 @@ def load_model(args: argparse.Namespace) -> Loaded:
             scale = float(info["scale"])
         return Loaded(model, Path(spec.rpartition(":")[0]).stem, tuple(shape),
                       "user weights file " + args.weights if getattr(args, "weights", None)
-                      else "as built by the factory", (), None, mean, std, scale)
+                      else "as built by the factory", seed_notes, None, mean, std, scale)
     from .. import zoo
+    from ..zoo.loading import SEEDED_WEIGHTS
 
     entry = zoo.get_entry(spec)  # an unknown name: a ZooError listing the zoo
+    if weights_seed_given and (getattr(args, "weights", None)
+                               or entry.name not in SEEDED_WEIGHTS):
+        raise InputError(f"--weights-seed applies to the zoo's random weights "
+                         f"({', '.join(SEEDED_WEIGHTS)}); {entry.name} "
+                         + ("loads --weights" if getattr(args, "weights", None)
+                            else "has fixed weights") + ": drop --weights-seed")
     _check_zoo_preprocessing(args, entry, mean, std, cli_shape)
     lm = zoo.load_model(spec, weights=getattr(args, "weights", None), device=device,
-                        seed=getattr(args, "seed", 0))
+                        seed=args.weights_seed)
     apply_threads(args, lm.model)
     notes = () if lm.trained else (f"{lm.entry.name}: {lm.weights_source}",)
+    notes += seed_notes
     return Loaded(lm.model, lm.entry.name, tuple(lm.entry.input_shape), lm.weights_source,
                   notes, lm.entry, lm.entry.mean, lm.entry.std, None)
 

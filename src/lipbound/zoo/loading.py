@@ -16,7 +16,7 @@ from lipbound.zoo.registry import ZooEntry, get_entry
 from lipbound.zoo.resources import data_path
 from lipbound.zoo.weights import init_seeded, load_into, read_checkpoint, read_state_dict
 
-__all__ = ["LoadedModel", "load_model", "resolve_device"]
+__all__ = ["SEEDED_WEIGHTS", "LoadedModel", "load_model", "resolve_device"]
 
 logger = logging.getLogger(__name__)
 
@@ -106,6 +106,9 @@ _FACTORIES: dict[str, Callable[[], nn.Module]] = {
     "vgg16": VGG16,
 }
 _LARGE = frozenset({"alexnet", "vgg16"})
+
+#: zoo networks whose weights (without a weights file) depend on ``load_model``'s ``seed``
+SEEDED_WEIGHTS: tuple[str, ...] = ("compnet", "alexnet", "vgg16")
 
 
 def load_model(
