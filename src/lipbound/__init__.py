@@ -14,7 +14,14 @@ Example:
 from __future__ import annotations
 
 from .analyzer import Analyzer, RowBounds, global_bound, local_bound
-from .errors import InputError, LipboundError, UnsupportedModelError, WeightsError, ZooError
+from .errors import (
+    ExactRouteTooLarge,
+    InputError,
+    LipboundError,
+    UnsupportedModelError,
+    WeightsError,
+    ZooError,
+)
 from .layers import Normalize
 from .ops.registry import register_rule
 from .results import BoundResult, Guarantee, LayerFactor
@@ -24,6 +31,7 @@ __version__ = "0.1.0"
 __all__ = [
     "Analyzer",
     "BoundResult",
+    "ExactRouteTooLarge",
     "Guarantee",
     "InputError",
     "LayerFactor",

@@ -1,4 +1,5 @@
-"""Keeping freed memory in the process, for the command line.
+"""Memory of the process: keeping freed memory (for the command line), and how much there
+is (to refuse the exact spectral route on matrices that cannot fit).
 
 A bound allocates many short-lived tensors of tens of megabytes (convolution images, tile
 transforms, Lanczos work vectors). glibc's ``malloc`` serves blocks above its mmap threshold
@@ -15,7 +16,13 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import logging
+import os
 import sys
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
 
 log = logging.getLogger(__name__)
 
@@ -57,3 +64,53 @@ def keep_freed_memory() -> bool:
         return False
     _done = ok
     return ok
+
+
+BYTES_PER_ENTRY = 8  # float64
+
+
+def exact_bytes(rows: int, cols: int) -> int:
+    """Lower estimate of the memory (bytes) of the exact route on an ``rows x cols``
+    matrix: the matrix and its rescaled copy, and the Gram matrix of the smaller side."""
+    lo = min(rows, cols)
+    return BYTES_PER_ENTRY * (2 * rows * cols + lo * lo)
+
+
+def _cgroup_limit() -> int | None:
+    """The memory limit of this process' control group (containers), if any."""
+    for f in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
+        try:
+            text = Path(f).read_text().strip()
+        except OSError:
+            continue
+        if text.isdigit() and int(text) < 1 << 60:
+            return int(text)
+    return None
+
+
+def physical_memory(device: torch.device | str | None = None) -> int | None:
+    """Memory (bytes) available to this process on ``device``: the GPU's total memory for
+    CUDA, else the machine's physical memory (capped by a container's limit); ``None``
+    when it cannot be read."""
+    import torch
+
+    dev = torch.device(device) if device is not None else torch.device("cpu")
+    if dev.type == "cuda":
+        try:
+            return int(torch.cuda.get_device_properties(dev).total_memory)
+        except (RuntimeError, AssertionError, AttributeError):
+            return None
+    total = None
+    try:
+        total = int(os.sysconf("SC_PAGE_SIZE")) * int(os.sysconf("SC_PHYS_PAGES"))
+    except (AttributeError, ValueError, OSError):
+        total = None
+    limit = _cgroup_limit()
+    if total is None:
+        return limit
+    return min(total, limit) if limit is not None else total
+
+
+def gb(n: float) -> str:
+    """Bytes as a short "x.xx GB" string."""
+    return f"{n / 1e9:.3g} GB"

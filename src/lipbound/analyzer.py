@@ -12,14 +12,15 @@ import hashlib
 import logging
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 
 import torch
 from torch import Tensor, nn
 
 from .blocks import AffineBlock, Block, PoolBlock, build_blocks
-from .errors import InputError
+from .errors import ExactRouteTooLarge, InputError
 from .graph import trace_model
 from .ops.conv import ConvOp, circulant_hint, circulant_probe
 from .ops.dense import DenseProducts
@@ -442,16 +443,17 @@ class Analyzer:
                 continue
             frob = math.sqrt(float(b.sq_rows(torch.ones(1, b.in_dim, dtype=torch.float64,
                                                         device=self.device)).sum()))
-            early, (wave, step) = self._lanczos_first(b, i, frob, delta)
-            if early is not None:
-                out.append(early)
-                continue
-            # the hint's plane wave serves as the probe when it sits at the frequency the
-            # circulant bound finds (its first power step is already made)
-            alts, probe = self._block_alternatives(b, frob, wave=wave)
-            if wave is None or probe is not wave[1]:
-                step = None
-            out.append(self._global_run(b, i, delta, alts, probe, step))
+            with _naming(b.name):
+                early, (wave, step) = self._lanczos_first(b, i, frob, delta)
+                if early is not None:
+                    out.append(early)
+                    continue
+                # the hint's plane wave serves as the probe when it sits at the frequency
+                # the circulant bound finds (its first power step is already made)
+                alts, probe = self._block_alternatives(b, frob, wave=wave)
+                if wave is None or probe is not wave[1]:
+                    step = None
+                out.append(self._global_run(b, i, delta, alts, probe, step))
         for i, b in enumerate(blocks):  # the rounding of matrices formed as products of layers
             extra = b.err_norm() if isinstance(b, AffineBlock) else 0.0
             if extra > 0 and not math.isinf(out[i].value):
@@ -602,8 +604,9 @@ class Analyzer:
                 n_mov = float(d_out.sum())
                 nom = (v * dl + (math.sqrt(n_mov) * eta if eta > 0 else 0.0), eta)
             else:
-                sb, d_out, x, nom = self._affine_local(b, i, x, nom, d, eps_k, delta,
-                                                       gl[i] if gl is not None else None, key)
+                with _naming(b.name):
+                    sb, d_out, x, nom = self._affine_local(
+                        b, i, x, nom, d, eps_k, delta, gl[i] if gl is not None else None, key)
             layers.append(LayerFactor(i, b.name, b.kind, sb.value, gfac, eps_k, sb.guarantee,
                                       sb.failure_prob, sb.method, int((d > 0).sum()),
                                       int((d_out > 0).sum())))
@@ -982,6 +985,17 @@ def _analyzer(model: nn.Module | Analyzer, x0_or_shape, device, **kw) -> Analyze
     else:
         shape = tuple(x0_or_shape)
     return Analyzer(model, shape, device=device, **kw)
+
+
+@contextmanager
+def _naming(layer: str) -> Iterator[None]:
+    """Name the layer in an :class:`ExactRouteTooLarge` raised inside."""
+    try:
+        yield
+    except ExactRouteTooLarge as exc:
+        if exc.layer is not None:
+            raise
+        raise exc.for_layer(layer) from None
 
 
 def global_bound(model: nn.Module | Analyzer, x0_or_input_shape: Tensor | Sequence[int], *,

@@ -34,6 +34,33 @@ class InputError(LipboundError):
     """An input tensor, epsilon or option is invalid (shape, NaN/inf, eps <= 0, ...)."""
 
 
+class ExactRouteTooLarge(InputError):
+    """``spectral="exact"`` would form a layer's matrix that cannot fit in memory.
+
+    Raised before the matrix is formed (the process would otherwise be killed by the OS after
+    a long wait). ``rows``/``cols``: the (masked) matrix; ``need``/``avail``: bytes;
+    ``layer``: the layer's name where known.
+    """
+
+    def __init__(self, rows: int, cols: int, need: int, avail: int, where: str,
+                 layer: str | None = None):
+        self.rows, self.cols, self.need, self.avail = rows, cols, need, avail
+        self.where, self.layer = where, layer
+        ratio = -(-need // max(avail, 1))
+        what = f"layer {layer}: its" if layer else "a layer's"
+        super().__init__(
+            f"spectral='exact' (CLI --spectral exact) cannot compute {what} {rows} x {cols} "
+            f"matrix (the rows and columns that can move): the exact route forms it densely "
+            f"in float64, at least {need / 1e9:.3g} GB, {ratio}x the {avail / 1e9:.3g} GB of "
+            f"memory of {where}. Use spectral='auto' (exact where affordable, Lanczos with a "
+            f"probabilistic guarantee elsewhere) or 'lanczos', or a smaller eps")
+
+    def for_layer(self, layer: str) -> ExactRouteTooLarge:
+        """The same error naming the layer."""
+        return ExactRouteTooLarge(self.rows, self.cols, self.need, self.avail, self.where,
+                                  layer)
+
+
 class WeightsError(LipboundError):
     """A weights file is missing, unreadable or does not match the model."""
 

@@ -45,6 +45,8 @@ from dataclasses import dataclass, replace
 import torch
 from torch import Tensor
 
+from ._memory import exact_bytes, physical_memory
+from .errors import ExactRouteTooLarge
 from .lanczos import _STOP_MARGIN, LanczosResult, run_lanczos
 from .ops import winograd
 from .posterior import block_overlap_floor, overlap_floor
@@ -132,6 +134,26 @@ def _materialize(mv: Callable[[Tensor], Tensor], rmv: Callable[[Tensor], Tensor]
         parts.append(apply(e)[:, other])
     m = torch.cat(parts, 0)  # (len(idx), len(other))
     return m.T if transpose else m
+
+
+EXACT_MEMORY_CHECK_BYTES = 1 << 28
+"""The exact route's matrices below this size (256 MB) are formed without asking how much
+memory there is."""
+
+
+def exact_too_large(rows: int, cols: int, device) -> ExactRouteTooLarge | None:
+    """The error to raise when the exact route's ``rows x cols`` matrix cannot fit in the
+    memory of ``device`` (:func:`lipbound._memory.exact_bytes`, a lower estimate of its
+    peak), else ``None`` (also when the memory cannot be read)."""
+    need = exact_bytes(rows, cols)
+    if need <= EXACT_MEMORY_CHECK_BYTES:
+        return None
+    avail = physical_memory(device)
+    if avail is None or need <= avail:
+        return None
+    dev = torch.device(device) if device is not None else torch.device("cpu")
+    return ExactRouteTooLarge(rows, cols, need, avail,
+                              "the GPU" if dev.type == "cuda" else "this machine")
 
 
 def exact_norm(m: Tensor) -> float:
@@ -307,6 +329,12 @@ def spectral_upper(mv: Callable[[Tensor], Tensor], rmv: Callable[[Tensor], Tenso
     else:
         exact_cost = 2.0 * lo * apply_flops + 4.0 * hi * lo * lo
     use_exact = mode == "exact" or (mode == "auto" and (exact_cost <= exact_budget or lo <= 64))
+    if use_exact:
+        too_big = exact_too_large(ma, na, device)
+        if too_big is not None:
+            if mode == "exact":
+                raise too_big
+            use_exact = False  # auto: Lanczos rather than a matrix that cannot fit
 
     def exact() -> SpectralBound:
         if dense is not None:

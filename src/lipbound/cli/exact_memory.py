@@ -14,60 +14,12 @@ this way, and the process would only be killed by the OS after a long wait.
 from __future__ import annotations
 
 import math
-import os
-from pathlib import Path
 from typing import Any
 
-import torch
-
+from .._memory import exact_bytes, gb, physical_memory
 from ..errors import InputError
 
-BYTES_PER_ENTRY = 8  # float64
-
-
-def exact_bytes(rows: int, cols: int) -> int:
-    """Lower estimate of the memory (bytes) of the exact route on an ``rows x cols``
-    matrix: the matrix and its rescaled copy, and the Gram matrix of the smaller side."""
-    lo = min(rows, cols)
-    return BYTES_PER_ENTRY * (2 * rows * cols + lo * lo)
-
-
-def _cgroup_limit() -> int | None:
-    """The memory limit of this process' control group (containers), if any."""
-    for f in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
-        try:
-            text = Path(f).read_text().strip()
-        except OSError:
-            continue
-        if text.isdigit() and int(text) < 1 << 60:
-            return int(text)
-    return None
-
-
-def physical_memory(device: torch.device | str | None = None) -> int | None:
-    """Memory (bytes) available to this process on ``device``: the GPU's total memory for
-    CUDA, else the machine's physical memory (capped by a container's limit); ``None``
-    when it cannot be read."""
-    dev = torch.device(device) if device is not None else torch.device("cpu")
-    if dev.type == "cuda":
-        try:
-            return int(torch.cuda.get_device_properties(dev).total_memory)
-        except (RuntimeError, AssertionError, AttributeError):
-            return None
-    total = None
-    try:
-        total = int(os.sysconf("SC_PAGE_SIZE")) * int(os.sysconf("SC_PHYS_PAGES"))
-    except (AttributeError, ValueError, OSError):
-        total = None
-    limit = _cgroup_limit()
-    if total is None:
-        return limit
-    return min(total, limit) if limit is not None else total
-
-
-def _gb(n: float) -> str:
-    return f"{n / 1e9:.3g} GB"
-
+__all__ = ["check_exact_global_fits", "exact_bytes", "largest_exact_layer", "physical_memory"]
 
 def largest_exact_layer(analyzer: Any) -> tuple[str, int, int] | None:
     """``(name, rows, cols)`` of the analyzer's affine layer whose exact route needs the
@@ -107,6 +59,6 @@ def check_exact_global_fits(analyzer: Any, *, spectral: str,
         raise InputError(
             f"--spectral exact cannot compute the global bound of this model: its layer "
             f"{name} is a {rows} x {cols} matrix, and the exact route forms it densely in "
-            f"float64 (at least {_gb(need)}, {math.ceil(need / avail)}x the {_gb(avail)} of "
+            f"float64 (at least {gb(need)}, {math.ceil(need / avail)}x the {gb(avail)} of "
             f"memory of {where}). Use --spectral auto (exact where affordable, Lanczos "
             "with a probabilistic guarantee elsewhere) or --spectral lanczos")
