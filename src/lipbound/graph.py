@@ -82,6 +82,21 @@ class _ShapeRecorder(fx.Interpreter):
         return out
 
 
+def model_dtype_device(model: nn.Module, default: Tensor | None = None
+                       ) -> tuple[torch.dtype, torch.device]:
+    """The floating-point type and device the model computes in: those of its first
+    parameter (else buffer); without one, those of ``default`` (else float32 on the CPU).
+    A non-floating reference gives float32."""
+    ref = next(iter(model.parameters()), None)
+    if ref is None:
+        ref = next(iter(model.buffers()), None)
+    if ref is None:
+        ref = default
+    if ref is None:
+        return torch.float32, torch.device("cpu")
+    return (ref.dtype if ref.is_floating_point() else torch.float32), ref.device
+
+
 def trace_model(model: nn.Module, input_shape: Sequence[int]) -> list[Op]:
     """Trace ``model`` and return its chain of analysed ops (float64 parameter copies).
 
@@ -116,11 +131,7 @@ def trace_model(model: nn.Module, input_shape: Sequence[int]) -> list[Op]:
             "forward takes " + ", ".join(n.name for n in inputs) + "; lipbound analyses "
             "models with one input: wrap the model so that it takes a single tensor")])
 
-    param = next(iter(model.parameters()), None)
-    buf = next(iter(model.buffers()), None)
-    ref = param if param is not None else buf
-    device = ref.device if ref is not None else torch.device("cpu")
-    dtype = ref.dtype if ref is not None and ref.is_floating_point() else torch.float32
+    dtype, device = model_dtype_device(model)
     rec = _ShapeRecorder(gm)
     example = torch.zeros(2, *input_shape, dtype=dtype, device=device)
     try:

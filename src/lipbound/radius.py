@@ -45,6 +45,7 @@ from torch import Tensor, nn
 
 from .analyzer import Analyzer
 from .errors import InputError
+from .graph import model_dtype_device
 from .results import Guarantee, _jsonable
 from .spectral import SAFETY
 from .validation import check_eps, check_input, check_reuse_tol
@@ -241,11 +242,7 @@ def _model_class(an: Analyzer, x0: Tensor) -> tuple[int | None, str]:
     """The class that the model itself predicts at ``x0`` in its own floating-point type
     (float32 for most models), or None when its output is not finite there."""
     model = an.model
-    p = next(iter(model.parameters()), None)
-    dt = p.dtype if p is not None and p.is_floating_point() else x0.dtype
-    if not dt.is_floating_point:
-        dt = torch.float32
-    dev = p.device if p is not None else x0.device
+    dt, dev = model_dtype_device(model, default=x0)
     with torch.no_grad():
         y = model(x0.to(device=dev, dtype=dt)).reshape(-1)
     name = str(dt).removeprefix("torch.")
