@@ -78,6 +78,7 @@ from lipbound.baselines.fc import (
     apply_output_map,
     as_fc,
     check_eps,
+    check_range,
     check_x0,
     describe,
     fc_preactivations,
@@ -257,6 +258,7 @@ def exact_local_l2_detailed(net: nn.Module | Sequence[tuple[Any, Any]], x0: Any,
     xc = check_x0(x0, n0)
     eps = check_eps(eps)
     what = "exact local L2"
+    check_range(layers, xc, eps, what=what)
     _check_size(layers, max_hidden, what)
     hidden = layers[:-1]
     n_layers = len(hidden)
@@ -499,6 +501,7 @@ def lipmip(net: nn.Module | Sequence[tuple[Any, Any]], x0: Any, eps: float, *,
     n0 = layers[0][0].shape[1]
     xc = check_x0(x0, n0)
     eps = check_eps(eps)
+    check_range(layers, xc, eps, what="lipMIP")
     _check_size(layers, max_hidden, "lipMIP")
     n_tot = n0 + sum(w.shape[0] for w, _ in layers)
     dual = "l1" if input_norm == "linf" else "linf"
