@@ -532,7 +532,7 @@ def test_unrealisable_pattern_is_not_counted():
     x0 = np.array([0.1])
     mip = lipmip(layers, x0, 0.5, c=np.ones(1))
     assert mip.guarantee is Guarantee.EXACT
-    assert 1.0 <= mip.value <= 1.0 + 1e-9
+    assert 1.0 <= mip.value <= 1.0 + 2e-6  # lipMIP's stated margin: 1e-6 on HiGHS's optimum
     ex = exact_local_l2_detailed(layers, x0, 0.5)
     assert ex.bound.guarantee is Guarantee.EXACT
     assert ex.lower <= 1.0 <= ex.bound.value <= 1.0 + 1e-9

@@ -16,9 +16,16 @@ function             quantity (L2 unless said)                            guaran
 ``fastlip``          local, all pairs in the ball                         certified
 ``recurjac``         local, all pairs in the ball                         certified
 ``exact_local_l2``   local, all pairs in the ball                         exact
-``lipmip``           local, ``c^T f`` on an l_inf box (dual-norm grad.)   exact
+``lipmip``           local, ``c^T f`` on an l_inf box (dual-norm grad.)   exact (HiGHS's
+                                                                          optimum + 1e-6
+                                                                          relative)
 ``pgd_lower_bound``  local, relative to x0                                lower bound
 ===================  ===================================================  ===================
+
+Every baseline refuses (``InputError``) magnitudes at which float64 would under- or
+overflow inside it (:func:`~lipbound.baselines.fc.check_range`: rows, ``eps`` and ``|x0|`` in
+``[2^-160, 2^160]``, products of consecutive layers within ``2^±500``): their rounding
+margins are relative and do not cover underflow.
 
 :func:`compare` runs them all (plus lipbound's own bounds) and returns a table.
 """

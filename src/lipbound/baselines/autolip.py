@@ -20,7 +20,14 @@ from typing import Any
 
 from torch import nn
 
-from lipbound.baselines.fc import apply_output_map, as_fc, describe, round_up, safe_spectral_norm
+from lipbound.baselines.fc import (
+    apply_output_map,
+    as_fc,
+    check_range,
+    describe,
+    round_up,
+    safe_spectral_norm,
+)
 from lipbound.results import BoundResult, Guarantee
 
 __all__ = ["autolip"]
@@ -47,6 +54,7 @@ def autolip(net: nn.Module | Sequence[tuple[Any, Any]], *, output_map: Any | Non
     """
     t0 = time.perf_counter()
     layers = apply_output_map(as_fc(net, input_shape=input_shape), output_map)
+    check_range(layers, what="autolip")
     value = 1.0
     for w, _ in layers:
         value = value * safe_spectral_norm(w)

@@ -47,7 +47,14 @@ from typing import Any
 import numpy as np
 from torch import nn
 
-from lipbound.baselines.fc import apply_output_map, as_fc, describe, round_up, safe_spectral_norm
+from lipbound.baselines.fc import (
+    apply_output_map,
+    as_fc,
+    check_range,
+    describe,
+    round_up,
+    safe_spectral_norm,
+)
 from lipbound.baselines.lipsdp import certify_lmi
 from lipbound.results import BoundResult, Guarantee
 
@@ -97,6 +104,7 @@ def eclipse_fast(net: nn.Module | Sequence[tuple[Any, Any]], *, output_map: Any 
     """
     t0 = time.perf_counter()
     layers = apply_output_map(as_fc(net, input_shape=input_shape), output_map)
+    check_range(layers, what="ECLipsE-Fast")
     notes = [f"fully connected {describe(layers)}"]
 
     def result(value: float, guarantee: Guarantee) -> BoundResult:
@@ -107,6 +115,15 @@ def eclipse_fast(net: nn.Module | Sequence[tuple[Any, Any]], *, output_map: Any 
     if len(layers) == 1:
         notes.append("no hidden layer: the bound is ||W||")
         return result(safe_spectral_norm(layers[0][0]), Guarantee.CERTIFIED)
+    if any(not np.any(w) for w, _ in layers):
+        notes.append("a layer is zero: the network is constant")
+        return result(0.0, Guarantee.CERTIFIED)
+    # scale every W_k by an exact power of two to largest entry in [0.5, 1): the recursion
+    # squares lambda_k = 1/mu_k, which overflows (NaN) for weights of size 2^-150; ReLU is
+    # positively homogeneous, so the bound scales back by 2^(sum of exponents), exactly
+    exps = [int(np.frexp(float(np.max(np.abs(w))))[1]) for w, _ in layers]
+    layers = [(np.ldexp(w, -e), b) for (w, b), e in zip(layers, exps, strict=True)]
+    shift = sum(exps)
     rho, lams = eclipse_fast_multipliers(layers)
     if len(lams) < len(layers) - 1 or rho == 0.0:
         notes.append("a layer is zero: the network is constant")
@@ -115,13 +132,15 @@ def eclipse_fast(net: nn.Module | Sequence[tuple[Any, Any]], *, output_map: Any 
     if dim > max_check_dim:
         notes.append(f"LMI of size {dim} > max_check_dim={max_check_dim}: not checked in "
                      "float64, so reported as an estimate")
-        return result(round_up(math.sqrt(rho)), Guarantee.ESTIMATE)
+        return result(round_up(math.ldexp(math.sqrt(rho), shift)), Guarantee.ESTIMATE)
     t_diag = np.concatenate([np.full(w.shape[0], rho * lam)
                              for (w, _), lam in zip(layers[:-1], lams, strict=True)])
     cert = certify_lmi(layers, t_diag, rho)
     if not cert.ok:
         notes.append(f"float64 LMI check failed: {cert.reason}")
         return result(math.nan, Guarantee.ESTIMATE)
-    notes.append(f"float64 LMI check passed at rho {cert.rho:.12g} (closed form {rho:.12g})")
-    value = round_up(math.sqrt(cert.rho) * (1 + 1e-15))
+    notes.append(f"float64 LMI check passed at rho {cert.rho:.12g} (closed form {rho:.12g}; "
+                 f"weights scaled by 2^{-shift} in all)")
+    # ldexp by the exponent sum is exact (check_range keeps the result in the normal range)
+    value = round_up(math.ldexp(math.sqrt(cert.rho) * (1 + 1e-15), shift))
     return result(value, Guarantee.CERTIFIED)

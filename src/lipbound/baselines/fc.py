@@ -38,6 +38,7 @@ __all__ = [
     "apply_output_map",
     "check_x0",
     "check_eps",
+    "check_range",
     "product_error",
     "fc_forward",
     "fc_preactivations",
@@ -465,6 +466,75 @@ def check_x0(x0: Any, n_in: int) -> np.ndarray:
     if not np.isfinite(x).all():
         raise InputError("x0 contains NaN/inf values")
     return x
+
+
+#: magnitudes the baselines accept (powers of two): every nonzero row of a weight matrix
+#: must have its largest entry in [2^-RANGE_EXP, 2^RANGE_EXP], and so must eps (|x0|: upper end)
+RANGE_EXP = 160
+#: bound on the exponent of a product of consecutive layers' scales (squares stay normal)
+CHAIN_EXP = 500
+
+
+def check_range(layers: FCLayers, x0: np.ndarray | None = None, eps: float | None = None,
+                what: str = "the baselines") -> None:
+    """Refuse magnitudes at which float64 would underflow or overflow inside the baselines.
+
+    The rounding margins of every baseline are *relative* (``1e-12 * n`` times a magnitude).
+    They stop covering the error when squares of row norms or products of layer scales leave
+    the normal float64 range: a row whose entries are ``2^-1000`` has a computed norm of 0
+    (``np.linalg.norm`` squares without scaling), and a product of three ``2^-400`` layers
+    rounds to 0, so a network whose true constant is positive would get 0. Rather than a
+    silent wrong answer, such inputs are refused (the Lipschitz constant is positively
+    homogeneous: scale the weights by powers of two and scale the result back).
+
+    Checked: every nonzero row of every ``W_k`` has its largest ``|entry|`` in
+    ``[2^-160, 2^160]``; ``|x0|`` at most ``2^160`` and (local methods, which use the
+    biases) ``|b_k|`` at most ``2^500``; ``eps`` in
+    ``[2^-160, 2^160]``; and for every run of consecutive layers the product of their scales
+    (largest row maximum times width, and smallest nonzero row maximum) lies in
+    ``[2^-500, 2^500]``.
+
+    Raises:
+        InputError: naming the offending layer or input and the fix.
+    """
+    lo_lim, hi_lim = 2.0 ** -RANGE_EXP, 2.0 ** RANGE_EXP
+    fix = ("; rescale the network (the Lipschitz constant scales by c when a layer's weights "
+           "are multiplied by c > 0 and the later biases accordingly) or the inputs, so that "
+           f"magnitudes lie in [2^-{RANGE_EXP}, 2^{RANGE_EXP}]")
+    big_logs, small_logs = [], []
+    for k, (w, b) in enumerate(layers):
+        rmax = np.max(np.abs(w), axis=1) if w.size else np.zeros(w.shape[0])
+        nz = rmax[rmax > 0]
+        if nz.size and (float(nz.min()) < lo_lim or float(nz.max()) > hi_lim):
+            raise InputError(
+                f"{what}: layer {k + 1} has a row whose largest weight is "
+                f"{float(nz.min()) if float(nz.min()) < lo_lim else float(nz.max()):.3g}, "
+                "outside the range where float64 rounding margins are valid" + fix)
+        if x0 is not None and b.size and float(np.max(np.abs(b))) > 2.0 ** CHAIN_EXP:
+            raise InputError(f"{what}: layer {k + 1} has a bias of magnitude "
+                             f"{float(np.max(np.abs(b))):.3g}" + fix)
+        if nz.size:
+            big_logs.append(math.log2(float(nz.max())) + math.log2(max(w.shape)))
+            small_logs.append(math.log2(float(nz.min())))
+        else:  # a zero layer: the network is constant beyond it; nothing to chain
+            big_logs.append(-math.inf)
+            small_logs.append(math.inf)
+    for logs, sign in ((big_logs, 1.0), (small_logs, -1.0)):
+        run = 0.0
+        for v in logs:  # largest (sign * sum) over runs of consecutive layers (Kadane)
+            run = max(sign * v, run + sign * v) if math.isfinite(v) else 0.0
+            if run > CHAIN_EXP:
+                raise InputError(
+                    f"{what}: products of consecutive layers' weights reach about "
+                    f"2^{sign * run:.0f}, outside float64's safe range [2^-{CHAIN_EXP}, "
+                    f"2^{CHAIN_EXP}]" + fix)
+    if x0 is not None and x0.size and float(np.max(np.abs(x0))) > hi_lim:
+        raise InputError(f"{what}: x0 has an entry of magnitude {float(np.max(np.abs(x0))):.3g}"
+                         + fix)
+    if eps is not None and not lo_lim <= eps <= hi_lim:
+        raise InputError(f"{what}: eps={eps:.3g} is outside [2^-{RANGE_EXP}, 2^{RANGE_EXP}], "
+                         "where float64 rounding margins are valid; rescale the inputs (and "
+                         "the first layer's weights) so that eps is in that range")
 
 
 # --------------------------------------------------------------------------- numerics

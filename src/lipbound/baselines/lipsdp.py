@@ -63,6 +63,7 @@ from lipbound.baselines.fc import (
     FCLayers,
     apply_output_map,
     as_fc,
+    check_range,
     describe,
     round_up,
     safe_spectral_norm,
@@ -297,6 +298,7 @@ def lipsdp(net: nn.Module | Sequence[tuple[Any, Any]], *,
     cp = _import_cvxpy()
     t0 = time.perf_counter()
     layers = apply_output_map(as_fc(net, input_shape=input_shape), output_map)
+    check_range(layers, what="LipSDP")
     method = f"lipsdp-{variant}"
     base_notes = [f"fully connected {describe(layers)}"]
 

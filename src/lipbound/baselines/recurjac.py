@@ -51,6 +51,7 @@ from lipbound.baselines.fc import (
     apply_output_map,
     as_fc,
     check_eps,
+    check_range,
     check_x0,
     describe,
     safe_spectral_norm,
@@ -192,6 +193,7 @@ def _run(method: str, direction: str, net: Any, x0: Any, eps: float, output_map:
     layers = apply_output_map(as_fc(net, input_shape=input_shape), output_map)
     xc = check_x0(x0, layers[0][0].shape[1])
     eps = check_eps(eps)
+    check_range(layers, xc, eps, what=method)
     lo, hi = jacobian_bounds(layers, xc, eps, direction)
     jmax = np.maximum(np.abs(lo), np.abs(hi))
     mid, rad = (lo + hi) / 2.0, np.maximum(hi - lo, 0.0) / 2.0

@@ -43,7 +43,14 @@ from typing import Any
 import numpy as np
 from torch import nn
 
-from lipbound.baselines.fc import apply_output_map, as_fc, describe, round_up, safe_spectral_norm
+from lipbound.baselines.fc import (
+    apply_output_map,
+    as_fc,
+    check_range,
+    describe,
+    round_up,
+    safe_spectral_norm,
+)
 from lipbound.errors import InputError
 from lipbound.results import BoundResult, Guarantee
 
@@ -165,6 +172,7 @@ def seqlip(net: nn.Module | Sequence[tuple[Any, Any]], *, max_exact_width: int =
                          " (2^n spectral norms are computed per layer)")
     t0 = time.perf_counter()
     layers = apply_output_map(as_fc(net, input_shape=input_shape), output_map)
+    check_range(layers, what="seqlip")
     rng = np.random.default_rng(seed)
     value = 1.0
     modes = []
