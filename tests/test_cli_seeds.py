@@ -112,3 +112,15 @@ def test_bench_uses_the_seed(capsys):
     bench = run_json(capsys, ["bench", *argv, "--what", "local", "--repeat", "1",
                               "--seed", "4"])
     assert bench["value"] == bound["value"]
+
+
+def test_compare_uses_the_seed_and_reports_a_fresh_one(capsys):
+    argv = ["--model", "mnist", "--threads", "1", "--eps", "0.1"]
+    for seed in ("4", "7"):
+        bound = run_json(capsys, ["bound", *argv, "--method", "local", "--seed", seed])
+        rows = run_json(capsys, ["compare", *argv, "--methods", "local", "--seed", seed])
+        assert rows["rows"][0]["value"] == bound["value"]
+    fresh = run_json(capsys, ["compare", *argv, "--methods", "local", "--seed", "fresh"])
+    again = run_json(capsys, ["compare", *argv, "--methods", "local", "--seed",
+                              str(fresh_seed(fresh["notes"]))])
+    assert again["rows"][0]["value"] == fresh["rows"][0]["value"]

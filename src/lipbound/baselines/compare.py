@@ -36,6 +36,7 @@ from torch import nn
 from lipbound.baselines.fc import FCLayers, NotFullyConnectedError, check_eps, fc_layers
 from lipbound.errors import InputError, LipboundError, UnsupportedModelError
 from lipbound.results import BoundResult, Guarantee
+from lipbound.validation import check_int
 
 logger = logging.getLogger(__name__)
 
@@ -90,6 +91,7 @@ class _Ctx:
     layers: FCLayers | None
     fc_error: Exception | None
     exact_time_limit: float
+    seed: int = 0
 
 
 def _fc(ctx: _Ctx) -> FCLayers:
@@ -112,13 +114,13 @@ def _margin_vector(ctx: _Ctx) -> tuple[torch.Tensor | None, str]:
 def _run_local(ctx: _Ctx) -> BoundResult:
     from lipbound import local_bound
 
-    return local_bound(ctx.model, ctx.x0, ctx.eps)
+    return local_bound(ctx.model, ctx.x0, ctx.eps, seed=ctx.seed)
 
 
 def _run_global(ctx: _Ctx) -> BoundResult:
     from lipbound import global_bound
 
-    return global_bound(ctx.model, ctx.x0)
+    return global_bound(ctx.model, ctx.x0, seed=ctx.seed)
 
 
 @dataclass(frozen=True)
@@ -160,7 +162,7 @@ def _run_lower(ctx: _Ctx) -> Any:
         res: Any = pgd_lower_bound(ctx.model, ctx.x0, ctx.eps, model_name=ctx.name)
         witness = None
     else:
-        res = best_lower_bound(ctx.model, ctx.x0, ctx.eps, seed=0)
+        res = best_lower_bound(ctx.model, ctx.x0, ctx.eps, seed=ctx.seed)
         witness = getattr(res, "witness", None)
     notes = list(getattr(res, "notes", ()) or ())
     details = getattr(res, "details", {}) or {}
@@ -250,7 +252,7 @@ def _note_of(method: str, res: Any, ctx: _Ctx) -> str:
 
 def compare(model: nn.Module, x0: torch.Tensor, eps: float,
             methods: Sequence[str] | None = None, *, model_name: str | None = None,
-            exact_time_limit: float = 60.0) -> list[CompareRow]:
+            exact_time_limit: float = 60.0, seed: int = 0) -> list[CompareRow]:
     """Run lipbound's bounds and the rival methods on one network, input and radius.
 
     Args:
@@ -260,6 +262,8 @@ def compare(model: nn.Module, x0: torch.Tensor, eps: float,
         methods: names from :data:`METHODS` (default: all, in that order).
         model_name: a name stored in the results.
         exact_time_limit: time limit in seconds of each exact method.
+        seed: seed of lipbound's own random draws (the Lanczos start vectors of its local
+            and global bounds, the lower bound's samples and restarts).
 
     Returns:
         One :class:`CompareRow` per method, in the order of :data:`METHODS`. Methods that
@@ -270,6 +274,7 @@ def compare(model: nn.Module, x0: torch.Tensor, eps: float,
         InputError: unknown method names, bad ``x0`` or ``eps``.
     """
     eps = check_eps(eps)
+    seed = check_int(seed, "seed", 0)
     if not isinstance(x0, torch.Tensor):
         x0 = torch.as_tensor(x0, dtype=torch.float32)
     if x0.dim() < 2 or x0.shape[0] != 1:
@@ -292,7 +297,7 @@ def compare(model: nn.Module, x0: torch.Tensor, eps: float,
         except UnsupportedModelError as exc:
             fc_error = exc
             logger.info("baselines: %s", _short_note(exc))
-    ctx = _Ctx(model, x0, eps, model_name, layers, fc_error, exact_time_limit)
+    ctx = _Ctx(model, x0, eps, model_name, layers, fc_error, exact_time_limit, seed)
     rows: list[CompareRow] = []
     for name in names:
         quantity, runner = METHODS[name]

@@ -620,13 +620,6 @@ def is_many_ref(ref: str | None) -> bool:
             or (tail.startswith("test") and ("-" in tail or "," in tail or tail == "test")))
 
 
-def load_model_and_input(args: argparse.Namespace):
-    """(model, x0, name) for commands that need one input."""
-    loaded = load_model(args)
-    sample = load_input(args, loaded)
-    return loaded.model, sample.x, loaded.name
-
-
 def fmt(v: Any) -> str:
     if v is None:
         return "-"

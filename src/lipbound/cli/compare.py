@@ -13,7 +13,8 @@ from .common import (
     add_common,
     add_model_options,
     check_positive_number,
-    load_model_and_input,
+    load_input,
+    load_model,
     print_json,
 )
 
@@ -55,18 +56,21 @@ def run(args: argparse.Namespace) -> int:
     methods = None
     if args.methods:
         methods = [m for item in args.methods for m in item.split(",") if m.strip()]
-    model, x0, name = load_model_and_input(args)
-    rows = compare(model, x0, eps, methods, model_name=name,
-                   exact_time_limit=time_limit)
+    loaded = load_model(args)
+    x0, name = load_input(args, loaded).x, loaded.name
+    rows = compare(loaded.model, x0, eps, methods, model_name=name,
+                   exact_time_limit=time_limit, seed=args.seed)
     bad = violations(rows)
     if args.json:
         print_json({"model": name, "eps": eps, "rows": [r.to_dict() for r in rows],
-                    "violations": [r.method for r in bad]})
+                    "violations": [r.method for r in bad], "notes": list(loaded.notes)})
     else:
         print(f"model {name}, eps {eps:g} (L2 ball; lipMIP: l_inf box)")
         print(format_table(rows))
         print("quantities: local L2 rel. x0 <= local L2 all pairs <= global L2; the lower "
               "bound is for rel. x0; lipMIP's l_inf quantity is not comparable with them")
+        for n in loaded.notes:
+            print(f"note: {n}")
         if bad:
             print("upper bounds below the lower bound: " + ", ".join(r.method for r in bad))
     return 1 if bad else 0
