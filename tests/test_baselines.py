@@ -691,3 +691,17 @@ def test_cli_compare_json(capsys):
     assert code == 0 and out["model"] == "tiny" and out["violations"] == []
     assert [r["method"] for r in out["rows"]] == ["exact-l2", "recurjac", "autolip"]
     assert out["rows"][0]["guarantee"] == Guarantee.EXACT.value
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_weights_are_named(bad):
+    from lipbound.baselines import autolip, compare
+    from lipbound.errors import WeightsError
+
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2)).eval()
+    with torch.no_grad():
+        m[2].weight[1, 2] = bad
+    for run in (lambda: autolip(m), lambda: compare(m, torch.zeros(1, 3), 0.1, ["autolip"])):
+        with pytest.raises(WeightsError, match=r"NaN/inf in 2\.weight"):
+            run()

@@ -82,6 +82,15 @@ class _ShapeRecorder(fx.Interpreter):
         return out
 
 
+def check_finite_parameters(model: nn.Module) -> None:
+    """Raise :class:`WeightsError` naming every parameter or buffer with NaN/inf entries."""
+    bad = [n for n, t in list(model.named_parameters()) + list(model.named_buffers())
+           if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+    if bad:
+        raise WeightsError(f"the model's weights contain NaN/inf in {', '.join(bad)}; load "
+                           "valid weights (a diverged training run or a corrupt file?)")
+
+
 def model_dtype_device(model: nn.Module, default: Tensor | None = None
                        ) -> tuple[torch.dtype, torch.device]:
     """The floating-point type and device the model computes in: those of its first
@@ -109,11 +118,7 @@ def trace_model(model: nn.Module, input_shape: Sequence[int]) -> list[Op]:
         UnsupportedModelError: listing every unsupported node at once.
     """
     check_eval_mode(model)
-    bad = [n for n, t in list(model.named_parameters()) + list(model.named_buffers())
-           if t.is_floating_point() and not bool(torch.isfinite(t).all())]
-    if bad:
-        raise WeightsError(f"the model's weights contain NaN/inf in {', '.join(bad)}; load "
-                           "valid weights (a diverged training run or a corrupt file?)")
+    check_finite_parameters(model)
     input_shape = tuple(int(s) for s in input_shape)
     try:
         graph = _Tracer().trace(model)

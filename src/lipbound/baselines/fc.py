@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from lipbound.errors import InputError, LipboundError, UnsupportedModelError
+from lipbound.graph import check_finite_parameters
 from lipbound.validation import check_eps
 
 logger = logging.getLogger(__name__)
@@ -299,9 +300,11 @@ def fc_layers(model: nn.Module, *, input_shape: Sequence[int] | None = None,
         NotFullyConnectedError: (an :class:`~lipbound.errors.UnsupportedModelError`) listing
             every node that is not part of a fully connected ReLU chain.
         InputError: ``input_shape`` does not match the model.
+        WeightsError: NaN/inf parameters.
     """
     if not isinstance(model, nn.Module):
         raise InputError(f"expected a torch.nn.Module, got {type(model).__name__}")
+    check_finite_parameters(model)
     ops = _trace_ops(model)
     linear_in = next((op[1].shape[1] for op in ops if op[0] == "linear"), None)
     if linear_in is None:
