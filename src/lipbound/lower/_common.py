@@ -89,6 +89,17 @@ def _param_device_dtype(model: nn.Module) -> tuple[torch.device | None, torch.dt
     return None, None
 
 
+def _check_eval(model: nn.Module) -> None:
+    """Refuse a model with any module in training mode (not only the root's flag)."""
+    training = [name or "<root>" for name, m in model.named_modules() if m.training]
+    if training:
+        raise InputError(
+            f"the model is in training mode ({len(training)} module(s), e.g. "
+            f"{training[0]!r}; dropout / batch-norm would make f random); call model.eval() "
+            "first"
+        )
+
+
 def check_problem(
     model: nn.Module,
     x0: torch.Tensor,
@@ -102,11 +113,7 @@ def check_problem(
     """
     if not isinstance(model, nn.Module):
         raise InputError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    if model.training:
-        raise InputError(
-            "the model is in training mode (dropout / batch-norm would make f random); "
-            "call model.eval() first"
-        )
+    _check_eval(model)
     if not isinstance(x0, torch.Tensor):
         raise InputError(f"x0 must be a torch.Tensor, got {type(x0).__name__}")
     if x0.dim() < 2 or x0.shape[0] != 1:
@@ -131,7 +138,13 @@ def check_problem(
     dim = int(x0.numel())
 
     with torch.no_grad():
-        f0 = model(x0)
+        try:
+            f0 = model(x0)
+        except Exception as exc:  # a shape or dtype mismatch: name it as an input error
+            raise InputError(
+                f"the model failed on x0 of shape {tuple(x0.shape)} ({type(exc).__name__}: "
+                f"{exc}); check the input shape the model expects"
+            ) from exc
     if not isinstance(f0, torch.Tensor) or f0.dim() != 2 or f0.shape[0] != 1:
         got = tuple(f0.shape) if isinstance(f0, torch.Tensor) else type(f0).__name__
         raise InputError(
@@ -222,10 +235,11 @@ def ratio_at(
         The ratio as a Python float.
 
     Raises:
-        InputError: if shapes differ or ``x == x0``.
+        InputError: if shapes differ, ``x == x0`` or the model is in training mode.
     """
     if x.shape != x0.shape:
         raise InputError(f"x must have the shape of x0 {tuple(x0.shape)}, got {tuple(x.shape)}")
+    _check_eval(model)
     device, dtype = _param_device_dtype(model)
     x0 = x0.detach().to(device=device or x0.device, dtype=dtype or x0.dtype)
     x = x.detach().to(device=x0.device, dtype=x0.dtype)
