@@ -7,6 +7,8 @@ edge are checked in exact rational arithmetic.
 
 from __future__ import annotations
 
+from fractions import Fraction
+
 import pytest
 import torch
 from torch import nn
@@ -29,6 +31,37 @@ def _one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+def exact_distance_sq(a: torch.Tensor, b: torch.Tensor) -> Fraction:
+    """``||a - b||^2`` in exact rational arithmetic (every float is a rational)."""
+    xs = a.detach().double().flatten().tolist()
+    ys = b.detach().double().flatten().tolist()
+    return sum(((Fraction(x) - Fraction(y)) ** 2 for x, y in zip(xs, ys, strict=True)),
+               Fraction(0))
+
+
+def relu_ramp() -> nn.Module:
+    """``f(x) = relu(x - 1/4)`` in float64."""
+    m = nn.Sequential(nn.Linear(1, 1), nn.ReLU()).double()
+    with torch.no_grad():
+        m[0].weight.fill_(1.0)
+        m[0].bias.fill_(-0.25)
+    return m.eval()
+
+
+@pytest.mark.parametrize("method", ["gradient", "pgd"])
+def test_witness_inside_the_ball_exactly(method: str) -> None:
+    # x0 = -1e-20, eps = 1/2: the point 0.5 has computed distance 0.5 + 1e-20 -> 0.5 == eps
+    # in float64, but lies outside the ball; old code returned it as the witness with the
+    # value 0.5, above the true supremum (0.25 - 1e-20) / 0.5
+    model = relu_ramp()
+    x0 = torch.tensor([[-1e-20]], dtype=torch.float64)
+    fn = gradient_lower_bound if method == "gradient" else pgd_lower_bound
+    r = fn(model, x0, 0.5)
+    assert 0 < exact_distance_sq(r.witness, x0) <= Fraction(1, 4)
+    assert r.value < 0.5
+    assert r.value >= 0.5 * (1 - 1e-6)
 
 
 def test_training_mode_submodule_is_rejected() -> None:

@@ -23,6 +23,20 @@ logger = logging.getLogger(__name__)
 #: number of shrink attempts when a point lands just outside the ball through rounding
 _MAX_SHRINK = 8
 
+#: unit roundoff of float64
+_U64 = 2.0**-53
+
+
+def distance_slack(d: int) -> float:
+    """Relative bound on the rounding of a float64 distance between two stored points.
+
+    Each of the ``d`` differences and squares is rounded once (relative ``u``), the sum of
+    ``d`` non-negative terms in any order by at most ``(d - 1) u`` relative, and the square
+    root once: the computed distance is within ``(d/2 + 3) u`` of the exact one. This returns
+    ``2 (d + 4) u``, twice that.
+    """
+    return 2.0 * (d + 4) * _U64
+
 
 @dataclass(frozen=True)
 class Problem:
@@ -190,18 +204,21 @@ def place_in_ball(x0_flat: torch.Tensor, flat_x: torch.Tensor, eps: float) -> to
     Rows already inside are unchanged. Rows outside (normally only by rounding of
     ``x0 + delta``) are pulled towards ``x0`` along ``x - x0``; after a few attempts a row
     that still lands outside is replaced by ``x0`` itself (distance 0, which callers treat
-    as "no ratio"). Distances are measured in float64 on the stored values.
+    as "no ratio"). Distances are measured in float64 on the stored values, and a row counts
+    as inside only if its distance is at most ``eps (1 - distance_slack(d))``, so that the
+    exact distance, not just its float64 rounding, is at most ``eps``.
     """
     x = flat_x.clone()
+    limit = eps * (1.0 - distance_slack(x0_flat.shape[1]))
     for attempt in range(_MAX_SHRINK):
         dist = distances(x0_flat, x)
-        bad = dist > eps
+        bad = dist > limit
         if not bool(bad.any()):
             return x
-        scale = (eps / dist[bad]) * (1.0 - 1e-7 * 4.0**attempt)
+        scale = (limit / dist[bad]) * (1.0 - 1e-7 * 4.0**attempt)
         delta = (x[bad].to(torch.float64) - x0_flat.to(torch.float64)) * scale[:, None]
         x[bad] = (x0_flat.to(torch.float64) + delta).to(x.dtype)
-    bad = distances(x0_flat, x) > eps
+    bad = distances(x0_flat, x) > limit
     if bool(bad.any()):
         logger.warning(
             "%d point(s) could not be placed inside the ball of radius %g in %s (eps is "
@@ -328,7 +345,8 @@ def _smallest_step(prob: Problem) -> torch.Tensor:
     flat = prob.x0.reshape(1, -1).clone()
     target = torch.full_like(flat[:, :1], math.inf)
     flat[:, :1] = torch.nextafter(flat[:, :1], target)
-    if float(distances(prob.x0.reshape(1, -1), flat)[0]) > prob.eps:
+    limit = prob.eps * (1.0 - distance_slack(prob.dim))
+    if float(distances(prob.x0.reshape(1, -1), flat)[0]) > limit:
         raise InputError(
             f"eps={prob.eps:g} is smaller than the rounding resolution of x0 in {prob.dtype}; "
             "use a larger eps or a float64 model and input"
