@@ -15,6 +15,7 @@ from torch import nn
 
 from lipbound.errors import InputError
 from lipbound.lower import (
+    best_lower_bound,
     gradient_lower_bound,
     pgd_lower_bound,
     random_lower_bound,
@@ -39,6 +40,46 @@ def exact_distance_sq(a: torch.Tensor, b: torch.Tensor) -> Fraction:
     ys = b.detach().double().flatten().tolist()
     return sum(((Fraction(x) - Fraction(y)) ** 2 for x, y in zip(xs, ys, strict=True)),
                Fraction(0))
+
+
+def identity_with_big_bias() -> nn.Module:
+    """``f(x) = x + 1e4`` in float32: every local constant is exactly 1, but float32 rounds
+    ``f(x) - f(x0)`` to multiples of ~1e-3, which a small ``||x - x0||`` turns into a large
+    ratio error."""
+    m = nn.Linear(4, 4)
+    with torch.no_grad():
+        m.weight.copy_(torch.eye(4))
+        m.bias.fill_(1e4)
+    return m.eval()
+
+
+@pytest.mark.parametrize("eps", [1e-2, 1.0])
+@pytest.mark.parametrize("method", ["random", "gradient", "pgd", "best"])
+def test_float32_rounding_noise_is_not_reported(method: str, eps: float) -> None:
+    # old code: 1.146 (random), 1.11 (pgd) at eps=1e-2 and 1.0014 at eps=1: float32 noise
+    # reported as a lower bound above the exact constant 1
+    model = identity_with_big_bias()
+    x0 = torch.full((1, 4), 0.3)
+    fns = {
+        "random": lambda: random_lower_bound(model, x0, eps, n_samples=2000),
+        "gradient": lambda: gradient_lower_bound(model, x0, eps, n_steps=30),
+        "pgd": lambda: pgd_lower_bound(model, x0, eps, n_steps=20, n_restarts=8),
+        "best": lambda: best_lower_bound(model, x0, eps, **FAST),
+    }
+    r = fns[method]()
+    assert r.value <= 1.0
+    assert r.value >= 0.99  # still a useful bound: the witness is evaluated in float64
+    assert r.value <= ratio_at(model, x0, r.witness)
+    assert r.witness.dtype == torch.float32
+    assert 0 < exact_distance_sq(r.witness, x0) <= Fraction(eps) ** 2
+
+
+def test_ratio_at_uses_the_exact_network() -> None:
+    model = identity_with_big_bias()
+    x0 = torch.full((1, 4), 0.3)
+    x = x0.clone()
+    x[0, 0] += 2e-3  # float32 rounding of x + 1e4 gives a ratio far from 1 (old: 0.98)
+    assert ratio_at(model, x0, x) == pytest.approx(1.0, rel=1e-12, abs=0)
 
 
 def relu_ramp() -> nn.Module:
