@@ -12,7 +12,9 @@ inner workings, the number it reports is checked here, in one place:
   the box when ``bounds`` are given, and some class must score strictly higher than the
   original class (a tie is not a class change);
 * the radius of the smallest verified candidate is recomputed in float64 from the returned
-  tensor, ``||x_adv - x0||_2``.
+  tensor, ``||x_adv - x0||_2``, and rounded up by a bound on the rounding of that norm, so it
+  is never below the exact distance (a certified radius compared with it must not see a
+  distance smaller than the true one).
 
 So ``AttackResult.radius`` is the L2 size of a concrete, verified class-changing
 perturbation: an upper bound on the minimal adversarial perturbation
@@ -74,8 +76,9 @@ class AttackResult:
     Attributes:
         method: the attack's registry name (``"fgsm"``, ``"cw"``, ...).
         success: whether a verified class-changing point was found.
-        radius: ``||x_adv - x0||_2`` recomputed in float64 from ``x_adv``; ``None`` on failure.
-            An upper bound on the minimal adversarial L2 perturbation.
+        radius: ``||x_adv - x0||_2`` recomputed in float64 from ``x_adv`` and rounded up (at
+            least the exact distance, larger by at most ``(d + 5) 2^-52`` relative);
+            ``None`` on failure. An upper bound on the minimal adversarial L2 perturbation.
         x_adv: the verified adversarial input, shape ``(1, *input_shape)``, in the model's
             dtype and on the model's device; ``None`` on failure.
         original_class: the class predicted at ``x0``.
@@ -496,6 +499,14 @@ def _check_bounds(bounds: Bounds, xm: Tensor) -> tuple[Tensor, Tensor]:
     return lo, hi
 
 
+def _distance_upper(r: float, d: int) -> float:
+    """An upper bound on the exact distance whose float64 computation over ``d`` coordinates
+    gave ``r``: the differences, squares and square root are rounded once each (relative
+    ``u``) and the sum of ``d`` non-negative terms by at most ``(d - 1) u``, so the computed
+    norm is within ``(d/2 + 3) u`` of the exact one; ``r`` is raised by twice that."""
+    return math.nextafter(r * (1.0 + 2.0 * (d + 4) * 2.0**-53), math.inf) if r > 0 else r
+
+
 @torch.no_grad()
 def _verify(ctx: AttackContext, x0_ref: Tensor,
             cands: Tensor | None) -> tuple[Tensor, float, int] | None:
@@ -526,7 +537,8 @@ def _verify(ctx: AttackContext, x0_ref: Tensor,
         if bool(ctx.is_adv(z)[0]):
             if rejected:
                 logger.debug("%d smaller candidate(s) failed verification", rejected)
-            radius = float((x_adv.to(torch.float64) - x0_ref).norm())
+            radius = _distance_upper(float((x_adv.to(torch.float64) - x0_ref).norm()),
+                                     ctx.dim)
             return x_adv, radius, int(z[0].argmax())
         rejected += 1
     return None
