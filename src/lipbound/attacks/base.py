@@ -371,7 +371,9 @@ class Attack(ABC):
             model: classifier in eval mode mapping ``(N, *input_shape)`` to ``(N, n_classes)``.
             x0: nominal input of shape ``(1, *input_shape)`` (finite, floating point).
             bounds: optional box ``(lo, hi)`` (floats or tensors broadcastable to ``x0``)
-                that every candidate is clipped to; ``x0`` must lie inside it. ``None``
+                that every candidate is clipped to, after rounding it inward to the model's
+                dtype (every returned coordinate lies in ``[lo, hi]`` exactly, or keeps
+                ``x0``'s own value); ``x0`` must lie inside it. ``None``
                 (default): no box, as in the paper's normalised-space measurements.
             seed: seed of the attack's own random draws (``torch.Generator`` on the model's
                 device); equal seeds give equal results.
@@ -478,12 +480,18 @@ def _prepare(model: nn.Module, x0: Tensor, bounds: Bounds | None,
 
 
 def _check_bounds(bounds: Bounds, xm: Tensor) -> tuple[Tensor, Tensor]:
+    """The box in the model's dtype, rounded *inward*: ``lo`` up and ``hi`` down to values of
+    that dtype, so that every candidate clipped to it lies in the user's box exactly (the
+    nearest float32 to 0.1 is above 0.1). ``x0`` is accepted if it lies in the box rounded to
+    nearest (as given in float32 it may sit one rounding outside the exact box); the box is
+    then widened to contain ``x0``, so a coordinate lies outside the user's box only where it
+    keeps ``x0``'s own value."""
     if not isinstance(bounds, Sequence) or len(bounds) != 2:
         raise InputError(f"expected bounds=(lo, hi), got {bounds!r}")
     out = []
     for name, b in zip(("lo", "hi"), bounds, strict=True):
         try:
-            t = torch.as_tensor(b, dtype=xm.dtype, device=xm.device)
+            t = torch.as_tensor(b, dtype=torch.float64, device=xm.device)
             torch.broadcast_shapes(t.shape, xm.shape)
         except (TypeError, RuntimeError, ValueError) as exc:
             raise InputError(f"bounds {name} must be a float or a tensor broadcastable to "
@@ -491,12 +499,19 @@ def _check_bounds(bounds: Bounds, xm: Tensor) -> tuple[Tensor, Tensor]:
         if not bool(torch.isfinite(t).all()):
             raise InputError(f"bounds {name} must be finite; use bounds=None for no box")
         out.append(t)
-    lo, hi = out
-    if not bool((lo < hi).all()):
+    lo64, hi64 = out
+    if not bool((lo64 < hi64).all()):
         raise InputError("bounds must satisfy lo < hi everywhere")
+    lo, hi = lo64.to(xm.dtype), hi64.to(xm.dtype)
+    if not bool((torch.isfinite(lo) & torch.isfinite(hi)).all()):
+        raise InputError(f"bounds overflow the model's dtype {xm.dtype}; use bounds=None or "
+                         "smaller bounds")
     if not bool(((xm >= lo) & (xm <= hi)).all()):
         raise InputError("x0 lies outside bounds=(lo, hi); clip x0 or widen the bounds")
-    return lo, hi
+    up, down = torch.full_like(lo, math.inf), torch.full_like(hi, -math.inf)
+    lo = torch.where(lo.to(torch.float64) < lo64, torch.nextafter(lo, up), lo)
+    hi = torch.where(hi.to(torch.float64) > hi64, torch.nextafter(hi, down), hi)
+    return torch.minimum(lo, xm), torch.maximum(hi, xm)
 
 
 def _distance_upper(r: float, d: int) -> float:
