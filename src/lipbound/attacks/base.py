@@ -12,7 +12,9 @@ inner workings, the number it reports is checked here, in one place:
   the box when ``bounds`` are given, and some class must score strictly higher than the
   original class (a tie is not a class change);
 * the radius of the smallest verified candidate is recomputed in float64 from the returned
-  tensor, ``||x_adv - x0||_2``.
+  tensor, ``||x_adv - x0||_2``, and rounded up by a bound on the rounding of that norm, so it
+  is never below the exact distance (a certified radius compared with it must not see a
+  distance smaller than the true one).
 
 So ``AttackResult.radius`` is the L2 size of a concrete, verified class-changing
 perturbation: an upper bound on the minimal adversarial perturbation
@@ -74,8 +76,9 @@ class AttackResult:
     Attributes:
         method: the attack's registry name (``"fgsm"``, ``"cw"``, ...).
         success: whether a verified class-changing point was found.
-        radius: ``||x_adv - x0||_2`` recomputed in float64 from ``x_adv``; ``None`` on failure.
-            An upper bound on the minimal adversarial L2 perturbation.
+        radius: ``||x_adv - x0||_2`` recomputed in float64 from ``x_adv`` and rounded up (at
+            least the exact distance, larger by at most ``(d + 5) 2^-52`` relative);
+            ``None`` on failure. An upper bound on the minimal adversarial L2 perturbation.
         x_adv: the verified adversarial input, shape ``(1, *input_shape)``, in the model's
             dtype and on the model's device; ``None`` on failure.
         original_class: the class predicted at ``x0``.
@@ -368,7 +371,9 @@ class Attack(ABC):
             model: classifier in eval mode mapping ``(N, *input_shape)`` to ``(N, n_classes)``.
             x0: nominal input of shape ``(1, *input_shape)`` (finite, floating point).
             bounds: optional box ``(lo, hi)`` (floats or tensors broadcastable to ``x0``)
-                that every candidate is clipped to; ``x0`` must lie inside it. ``None``
+                that every candidate is clipped to, after rounding it inward to the model's
+                dtype (every returned coordinate lies in ``[lo, hi]`` exactly, or keeps
+                ``x0``'s own value); ``x0`` must lie inside it. ``None``
                 (default): no box, as in the paper's normalised-space measurements.
             seed: seed of the attack's own random draws (``torch.Generator`` on the model's
                 device); equal seeds give equal results.
@@ -475,12 +480,18 @@ def _prepare(model: nn.Module, x0: Tensor, bounds: Bounds | None,
 
 
 def _check_bounds(bounds: Bounds, xm: Tensor) -> tuple[Tensor, Tensor]:
+    """The box in the model's dtype, rounded *inward*: ``lo`` up and ``hi`` down to values of
+    that dtype, so that every candidate clipped to it lies in the user's box exactly (the
+    nearest float32 to 0.1 is above 0.1). ``x0`` is accepted if it lies in the box rounded to
+    nearest (as given in float32 it may sit one rounding outside the exact box); the box is
+    then widened to contain ``x0``, so a coordinate lies outside the user's box only where it
+    keeps ``x0``'s own value."""
     if not isinstance(bounds, Sequence) or len(bounds) != 2:
         raise InputError(f"expected bounds=(lo, hi), got {bounds!r}")
     out = []
     for name, b in zip(("lo", "hi"), bounds, strict=True):
         try:
-            t = torch.as_tensor(b, dtype=xm.dtype, device=xm.device)
+            t = torch.as_tensor(b, dtype=torch.float64, device=xm.device)
             torch.broadcast_shapes(t.shape, xm.shape)
         except (TypeError, RuntimeError, ValueError) as exc:
             raise InputError(f"bounds {name} must be a float or a tensor broadcastable to "
@@ -488,12 +499,27 @@ def _check_bounds(bounds: Bounds, xm: Tensor) -> tuple[Tensor, Tensor]:
         if not bool(torch.isfinite(t).all()):
             raise InputError(f"bounds {name} must be finite; use bounds=None for no box")
         out.append(t)
-    lo, hi = out
-    if not bool((lo < hi).all()):
+    lo64, hi64 = out
+    if not bool((lo64 < hi64).all()):
         raise InputError("bounds must satisfy lo < hi everywhere")
+    lo, hi = lo64.to(xm.dtype), hi64.to(xm.dtype)
+    if not bool((torch.isfinite(lo) & torch.isfinite(hi)).all()):
+        raise InputError(f"bounds overflow the model's dtype {xm.dtype}; use bounds=None or "
+                         "smaller bounds")
     if not bool(((xm >= lo) & (xm <= hi)).all()):
         raise InputError("x0 lies outside bounds=(lo, hi); clip x0 or widen the bounds")
-    return lo, hi
+    up, down = torch.full_like(lo, math.inf), torch.full_like(hi, -math.inf)
+    lo = torch.where(lo.to(torch.float64) < lo64, torch.nextafter(lo, up), lo)
+    hi = torch.where(hi.to(torch.float64) > hi64, torch.nextafter(hi, down), hi)
+    return torch.minimum(lo, xm), torch.maximum(hi, xm)
+
+
+def _distance_upper(r: float, d: int) -> float:
+    """An upper bound on the exact distance whose float64 computation over ``d`` coordinates
+    gave ``r``: the differences, squares and square root are rounded once each (relative
+    ``u``) and the sum of ``d`` non-negative terms by at most ``(d - 1) u``, so the computed
+    norm is within ``(d/2 + 3) u`` of the exact one; ``r`` is raised by twice that."""
+    return math.nextafter(r * (1.0 + 2.0 * (d + 4) * 2.0**-53), math.inf) if r > 0 else r
 
 
 @torch.no_grad()
@@ -526,7 +552,8 @@ def _verify(ctx: AttackContext, x0_ref: Tensor,
         if bool(ctx.is_adv(z)[0]):
             if rejected:
                 logger.debug("%d smaller candidate(s) failed verification", rejected)
-            radius = float((x_adv.to(torch.float64) - x0_ref).norm())
+            radius = _distance_upper(float((x_adv.to(torch.float64) - x0_ref).norm()),
+                                     ctx.dim)
             return x_adv, radius, int(z[0].argmax())
         rejected += 1
     return None

@@ -2,12 +2,18 @@
 
 Every lower bound is a ratio ``||C (f(x) - f(x0))|| / ||x - x0||`` attained by a concrete
 ``x`` with ``0 < ||x - x0|| <= eps``. Distances are always measured in float64 on the tensors
-actually stored (so rounding of ``x0 + delta`` is accounted for), and the final value of every
-method is recomputed by :func:`ratio_at` from the witness with fresh forward passes.
+actually stored (so rounding of ``x0 + delta`` is accounted for), with a relative allowance for
+the rounding of that float64 norm (:func:`distance_slack`), so that a witness lies in the ball
+exactly, not only as float64 computes its distance. The final value of every method is
+recomputed from the witness with fresh forward passes of a float64 copy of the model (the
+network's own weights, evaluated with float64 rounding: a float32 forward pass rounds
+``f(x) - f(x0)`` so coarsely near ``x0`` that its ratio can exceed the network's constant),
+less an allowance for that rounding (:func:`finalize`).
 """
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 from dataclasses import dataclass
@@ -22,6 +28,20 @@ logger = logging.getLogger(__name__)
 
 #: number of shrink attempts when a point lands just outside the ball through rounding
 _MAX_SHRINK = 8
+
+#: unit roundoff of float64
+_U64 = 2.0**-53
+
+
+def distance_slack(d: int) -> float:
+    """Relative bound on the rounding of a float64 distance between two stored points.
+
+    Each of the ``d`` differences and squares is rounded once (relative ``u``), the sum of
+    ``d`` non-negative terms in any order by at most ``(d - 1) u`` relative, and the square
+    root once: the computed distance is within ``(d/2 + 3) u`` of the exact one. This returns
+    ``2 (d + 4) u``, twice that.
+    """
+    return 2.0 * (d + 4) * _U64
 
 
 @dataclass(frozen=True)
@@ -89,6 +109,17 @@ def _param_device_dtype(model: nn.Module) -> tuple[torch.device | None, torch.dt
     return None, None
 
 
+def _check_eval(model: nn.Module) -> None:
+    """Refuse a model with any module in training mode (not only the root's flag)."""
+    training = [name or "<root>" for name, m in model.named_modules() if m.training]
+    if training:
+        raise InputError(
+            f"the model is in training mode ({len(training)} module(s), e.g. "
+            f"{training[0]!r}; dropout / batch-norm would make f random); call model.eval() "
+            "first"
+        )
+
+
 def check_problem(
     model: nn.Module,
     x0: torch.Tensor,
@@ -102,11 +133,7 @@ def check_problem(
     """
     if not isinstance(model, nn.Module):
         raise InputError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    if model.training:
-        raise InputError(
-            "the model is in training mode (dropout / batch-norm would make f random); "
-            "call model.eval() first"
-        )
+    _check_eval(model)
     if not isinstance(x0, torch.Tensor):
         raise InputError(f"x0 must be a torch.Tensor, got {type(x0).__name__}")
     if x0.dim() < 2 or x0.shape[0] != 1:
@@ -131,7 +158,13 @@ def check_problem(
     dim = int(x0.numel())
 
     with torch.no_grad():
-        f0 = model(x0)
+        try:
+            f0 = model(x0)
+        except Exception as exc:  # a shape or dtype mismatch: name it as an input error
+            raise InputError(
+                f"the model failed on x0 of shape {tuple(x0.shape)} ({type(exc).__name__}: "
+                f"{exc}); check the input shape the model expects"
+            ) from exc
     if not isinstance(f0, torch.Tensor) or f0.dim() != 2 or f0.shape[0] != 1:
         got = tuple(f0.shape) if isinstance(f0, torch.Tensor) else type(f0).__name__
         raise InputError(
@@ -177,18 +210,21 @@ def place_in_ball(x0_flat: torch.Tensor, flat_x: torch.Tensor, eps: float) -> to
     Rows already inside are unchanged. Rows outside (normally only by rounding of
     ``x0 + delta``) are pulled towards ``x0`` along ``x - x0``; after a few attempts a row
     that still lands outside is replaced by ``x0`` itself (distance 0, which callers treat
-    as "no ratio"). Distances are measured in float64 on the stored values.
+    as "no ratio"). Distances are measured in float64 on the stored values, and a row counts
+    as inside only if its distance is at most ``eps (1 - distance_slack(d))``, so that the
+    exact distance, not just its float64 rounding, is at most ``eps``.
     """
     x = flat_x.clone()
+    limit = eps * (1.0 - distance_slack(x0_flat.shape[1]))
     for attempt in range(_MAX_SHRINK):
         dist = distances(x0_flat, x)
-        bad = dist > eps
+        bad = dist > limit
         if not bool(bad.any()):
             return x
-        scale = (eps / dist[bad]) * (1.0 - 1e-7 * 4.0**attempt)
+        scale = (limit / dist[bad]) * (1.0 - 1e-7 * 4.0**attempt)
         delta = (x[bad].to(torch.float64) - x0_flat.to(torch.float64)) * scale[:, None]
         x[bad] = (x0_flat.to(torch.float64) + delta).to(x.dtype)
-    bad = distances(x0_flat, x) > eps
+    bad = distances(x0_flat, x) > limit
     if bool(bad.any()):
         logger.warning(
             "%d point(s) could not be placed inside the ball of radius %g in %s (eps is "
@@ -197,6 +233,52 @@ def place_in_ball(x0_flat: torch.Tensor, flat_x: torch.Tensor, eps: float) -> to
         )
         x[bad] = x0_flat.to(x.dtype)
     return x
+
+
+def float64_model(model: nn.Module) -> nn.Module | None:
+    """The model itself if it computes in float64 (or has no floating parameters), else a
+    float64 copy of it (the same weights, which float64 holds exactly), or ``None`` if it
+    cannot be copied or converted."""
+    _, dtype = _param_device_dtype(model)
+    if dtype is None or dtype == torch.float64:
+        return model
+    try:
+        return copy.deepcopy(model).to(torch.float64)
+    except Exception as exc:  # noqa: BLE001 - any model that cannot be copied or converted
+        logger.info("no float64 copy of the model (%s: %s); ratios are evaluated in %s",
+                    type(exc).__name__, exc, dtype)
+        return None
+
+
+def _output_difference(
+    model: nn.Module,
+    model64: nn.Module | None,
+    x0: torch.Tensor,
+    x: torch.Tensor,
+    output_map: torch.Tensor | None,
+) -> tuple[float, torch.dtype]:
+    """``||C (f(x) - f(x0))||`` from fresh forward passes (batch of one each) of the float64
+    model when there is one (falling back to ``model`` in its own dtype if it fails), and the
+    dtype the forward passes ran in."""
+    diff = None
+    used = x0.dtype
+    with torch.no_grad():
+        if model64 is not None:
+            try:
+                f0 = model64(x0.to(torch.float64))
+                fx = model64(x.to(torch.float64))
+                if f0.dtype == torch.float64 and fx.dtype == torch.float64:
+                    diff, used = (fx - f0).reshape(-1), torch.float64
+            except Exception as exc:  # noqa: BLE001 - e.g. a module with float32 constants
+                logger.info("the float64 copy of the model failed (%s: %s); ratios are "
+                            "evaluated in %s", type(exc).__name__, exc, x0.dtype)
+        if diff is None:
+            f0 = model(x0).to(torch.float64)
+            fx = model(x).to(torch.float64)
+            diff = (fx - f0).reshape(-1)
+    if output_map is not None:
+        diff = output_map.detach().to(device=diff.device, dtype=torch.float64) @ diff
+    return float(torch.linalg.vector_norm(diff)), used
 
 
 def ratio_at(
@@ -208,9 +290,14 @@ def ratio_at(
 ) -> float:
     """The ratio ``||C (f(x) - f(x0))||_2 / ||x - x0||_2``, from fresh forward passes.
 
-    The model is evaluated at ``x0`` and at ``x`` separately (batch of one each, in the
-    model's own dtype); the difference, the output map and both norms are computed in
-    float64 from those outputs.
+    ``x0`` and ``x`` are first rounded to the model's dtype (the points the model can be
+    run at). The network is then evaluated at ``x0`` and at ``x`` separately (batch of one
+    each) in float64: with the model itself if it computes in float64, otherwise with a
+    float64 copy of it (its own weights). A float32 forward pass would round
+    ``f(x) - f(x0)`` to multiples of the outputs' float32 spacing, and near ``x0`` that
+    rounding, divided by the small distance, can make the ratio larger than the network's
+    constant. (Only if the model cannot be copied or run in float64 are its own forward
+    passes used.) The difference, the output map and both norms are computed in float64.
 
     Args:
         model: network in eval mode, mapping ``(N, *shape)`` to ``(N, m)``.
@@ -222,37 +309,37 @@ def ratio_at(
         The ratio as a Python float.
 
     Raises:
-        InputError: if shapes differ or ``x == x0``.
+        InputError: if shapes differ, ``x == x0`` or the model is in training mode.
     """
     if x.shape != x0.shape:
         raise InputError(f"x must have the shape of x0 {tuple(x0.shape)}, got {tuple(x.shape)}")
+    _check_eval(model)
     device, dtype = _param_device_dtype(model)
     x0 = x0.detach().to(device=device or x0.device, dtype=dtype or x0.dtype)
     x = x.detach().to(device=x0.device, dtype=x0.dtype)
     den = float(distances(x0.reshape(1, -1), x.reshape(1, -1))[0])
     if den == 0.0:
         raise InputError("x equals x0; the ratio is undefined at distance 0")
-    with torch.no_grad():
-        f0 = model(x0).to(torch.float64)
-        fx = model(x).to(torch.float64)
-    diff = (fx - f0).reshape(-1)
-    if output_map is not None:
-        diff = output_map.detach().to(device=diff.device, dtype=torch.float64) @ diff
-    return float(torch.linalg.vector_norm(diff)) / den
+    num, _ = _output_difference(model, float64_model(model), x0, x, output_map)
+    return num / den
 
 
 @dataclass(frozen=True)
 class Final:
-    """The chosen witness and its recomputed ratio.
+    """The chosen witness and its recomputed, rounding-safe ratio.
 
     Attributes:
-        value: ratio recomputed by :func:`ratio_at`.
+        value: the ratio of :func:`ratio_at` at the witness, lowered by an allowance for
+            the rounding of the forward passes and of the distance (so ``value <=
+            ratio_at(...)``).
         witness: the point, shape ``(1, *shape)``.
         distance: ``||witness - x0||`` in float64.
         n_forward: forward passes spent on recomputation.
         index: row of the winning candidate (-1 for the fallback point).
-        rounding: rough relative rounding error of ``value`` (see
+        rounding: the allowance subtracted, relative to the ratio (see
             :func:`output_rounding_error`).
+        evaluated_in: the dtype of the forward passes that gave ``value`` (``"float64"``
+            unless the model could not be run in float64).
     """
 
     value: float
@@ -261,6 +348,7 @@ class Final:
     n_forward: int
     index: int
     rounding: float
+    evaluated_in: str = "float64"
 
 
 def finalize(
@@ -271,6 +359,12 @@ def finalize(
     top_k: int = 4,
 ) -> Final:
     """Pick the witness among candidate points by recomputing their ratios from scratch.
+
+    Each of the ``top_k`` best-scoring candidates (after :func:`place_in_ball`) is
+    re-evaluated as in :func:`ratio_at` (float64 forward passes), and its value is the
+    rounding-safe ratio ``max(num - e, 0) / (den (1 + distance_slack(d)))``: ``num`` the
+    output change, ``e`` the estimate :func:`output_rounding_error` of its rounding in the
+    dtype the forward passes ran in, ``den`` the float64 distance. The largest wins.
 
     Args:
         prob: the checked problem.
@@ -287,26 +381,33 @@ def finalize(
     dist = distances(x0_flat, cand)
     scores = torch.where(dist > 0, scores.to(dist.device), torch.full_like(dist, -math.inf))
     order = torch.argsort(scores, descending=True)[: max(1, top_k)]
+    model64 = float64_model(prob.model)
+    slack = 1.0 + distance_slack(prob.dim)
+
+    def safe_ratio(x: torch.Tensor, den: float) -> tuple[float, float, torch.dtype]:
+        num, used = _output_difference(prob.model, model64, prob.x0, x, prob.output_map)
+        err = output_rounding_error(prob, num / den, dtype=used)
+        return max(num - err, 0.0) / (den * slack), err / num if num > 0 else math.inf, used
+
     best_value, best_x, best_dist, n_fwd, best_i = -math.inf, None, 0.0, 0, -1
+    best_rounding, best_used = math.inf, prob.dtype
     for i in order.tolist():
         if float(dist[i]) <= 0.0:
             continue
         x = prob.batch(cand[i : i + 1])
-        value = ratio_at(prob.model, prob.x0, x, output_map=prob.output_map)
+        value, rounding, used = safe_ratio(x, float(dist[i]))
         n_fwd += 2
         if value > best_value:
             best_value, best_x, best_dist, best_i = value, x, float(dist[i]), i
+            best_rounding, best_used = rounding, used
     if best_x is None:
         x = _smallest_step(prob)
         best_dist = float(distances(x0_flat, x.reshape(1, -1))[0])
-        best_value = ratio_at(prob.model, prob.x0, x, output_map=prob.output_map)
+        best_value, best_rounding, best_used = safe_ratio(x, best_dist)
         n_fwd += 2
         best_x = x
-    if best_value > 0:
-        rounding = output_rounding_error(prob, best_value) / (best_dist * best_value)
-    else:
-        rounding = math.inf
-    return Final(best_value, best_x, best_dist, n_fwd, best_i, rounding)
+    return Final(best_value, best_x, best_dist, n_fwd, best_i, best_rounding,
+                 str(best_used).replace("torch.", ""))
 
 
 def _smallest_step(prob: Problem) -> torch.Tensor:
@@ -314,7 +415,8 @@ def _smallest_step(prob: Problem) -> torch.Tensor:
     flat = prob.x0.reshape(1, -1).clone()
     target = torch.full_like(flat[:, :1], math.inf)
     flat[:, :1] = torch.nextafter(flat[:, :1], target)
-    if float(distances(prob.x0.reshape(1, -1), flat)[0]) > prob.eps:
+    limit = prob.eps * (1.0 - distance_slack(prob.dim))
+    if float(distances(prob.x0.reshape(1, -1), flat)[0]) > limit:
         raise InputError(
             f"eps={prob.eps:g} is smaller than the rounding resolution of x0 in {prob.dtype}; "
             "use a larger eps or a float64 model and input"
@@ -327,14 +429,15 @@ def _smallest_step(prob: Problem) -> torch.Tensor:
 _TARGET_ACCURACY = {torch.float64: 1e-10, torch.float32: 1e-3}
 
 
-def output_rounding_error(prob: Problem, lip: float) -> float:
-    """Rough size of the rounding error of ``||C(f(x) - f(x0))||`` in the model's dtype.
+def output_rounding_error(prob: Problem, lip: float, dtype: torch.dtype | None = None) -> float:
+    """Rough size of the rounding error of ``||C(f(x) - f(x0))||`` in ``dtype`` (default:
+    the model's dtype).
 
     Model: ``4 u (||C f(x0)|| + lip ||x0||)`` with ``u`` the unit roundoff; the second
     term covers the cancellation in the first layer (``W x`` for ``x`` near ``x0``).
     Measured on the float32 MNIST LeNet this overestimates the error by a few times.
     """
-    u = torch.finfo(prob.dtype).eps / 2
+    u = torch.finfo(dtype or prob.dtype).eps / 2
     f0 = prob.f0.to(torch.float64)
     if prob.output_map is not None:
         f0 = f0 @ prob.output_map.to(torch.float64).T

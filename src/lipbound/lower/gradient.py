@@ -109,6 +109,7 @@ def gradient_lower_bound(
         "witness_radius_fraction": dist / prob.eps,
         "min_radius": floor,
         "rounding_error_estimate": fin.rounding,
+        "evaluated_in": fin.evaluated_in,
     }
     logger.info("gradient lower bound %.6g at eps=%g (%.2fs)", value, prob.eps, seconds)
     return LowerBoundResult(

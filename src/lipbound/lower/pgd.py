@@ -254,6 +254,7 @@ def pgd_lower_bound(
         "witness_distance": dist,
         "witness_radius_fraction": dist / prob.eps,
         "rounding_error_estimate": fin.rounding,
+        "evaluated_in": fin.evaluated_in,
     }
     logger.info("pgd lower bound %.6g at eps=%g (%.2fs, best start %s)",
                 value, prob.eps, seconds, details["best_start"])

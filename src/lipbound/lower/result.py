@@ -31,10 +31,14 @@ class LowerBoundResult:
     """An empirical lower bound on the local Lipschitz constant relative to ``x0``.
 
     The value is a ratio actually attained by the witness ``x``:
-    ``value = ||C (f(x) - f(x0))||_2 / ||x - x0||_2`` with ``0 < ||x - x0||_2 <= eps``,
-    recomputed from ``x`` with fresh forward passes (norms accumulated in float64).
-    It is therefore a lower bound on ``L(x0, eps)`` (up to the rounding of the model's own
-    forward pass), never an upper bound.
+    ``value <= ||C (f(x) - f(x0))||_2 / ||x - x0||_2`` with ``0 < ||x - x0||_2 <= eps``
+    (exactly, not only as float64 computes the distance), recomputed from ``x`` with fresh
+    forward passes in float64 (with a float64 copy of a float32 model, i.e. its own weights;
+    ``details["evaluated_in"]`` says if the model could only run in its own dtype) and
+    lowered by an allowance for their rounding (``details["rounding_error_estimate"]``,
+    relative), so ``value <= lipbound.lower.ratio_at(model, x0, witness)``. It is therefore
+    a lower bound on ``L(x0, eps)`` (up to that rounding estimate), never an upper bound.
+    ``x0`` is first rounded to the model's dtype: the ball is centred there.
 
     Attributes:
         value: the attained ratio.

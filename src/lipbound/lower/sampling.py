@@ -186,6 +186,7 @@ def random_lower_bound(
         "witness_distance": dist,
         "witness_radius_fraction": dist / prob.eps,
         "rounding_error_estimate": fin.rounding,
+        "evaluated_in": fin.evaluated_in,
         "search_best_ratio": float(best_scores[0]) if best_scores.numel() else float("nan"),
     }
     seconds = time.perf_counter() - t_start

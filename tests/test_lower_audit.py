@@ -1,0 +1,125 @@
+"""Audit of the lower bounds: float32 rounding noise, witnesses on the ball's edge, bad input.
+
+Each test failed on the code before its fix. The reference values are exact: an identity map
+(constant 1) and a 1-D ReLU whose supremum is known in closed form; distances to the ball's
+edge are checked in exact rational arithmetic.
+"""
+
+from __future__ import annotations
+
+from fractions import Fraction
+
+import pytest
+import torch
+from torch import nn
+
+from lipbound.errors import InputError
+from lipbound.lower import (
+    best_lower_bound,
+    gradient_lower_bound,
+    pgd_lower_bound,
+    random_lower_bound,
+    ratio_at,
+)
+
+FAST = {"n_random": 256, "gradient_steps": 20, "pgd_restarts": 4, "pgd_steps": 20,
+        "pgd_refine": 2, "pgd_refine_steps": 20}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def exact_distance_sq(a: torch.Tensor, b: torch.Tensor) -> Fraction:
+    """``||a - b||^2`` in exact rational arithmetic (every float is a rational)."""
+    xs = a.detach().double().flatten().tolist()
+    ys = b.detach().double().flatten().tolist()
+    return sum(((Fraction(x) - Fraction(y)) ** 2 for x, y in zip(xs, ys, strict=True)),
+               Fraction(0))
+
+
+def identity_with_big_bias() -> nn.Module:
+    """``f(x) = x + 1e4`` in float32: every local constant is exactly 1, but float32 rounds
+    ``f(x) - f(x0)`` to multiples of ~1e-3, which a small ``||x - x0||`` turns into a large
+    ratio error."""
+    m = nn.Linear(4, 4)
+    with torch.no_grad():
+        m.weight.copy_(torch.eye(4))
+        m.bias.fill_(1e4)
+    return m.eval()
+
+
+@pytest.mark.parametrize("eps", [1e-2, 1.0])
+@pytest.mark.parametrize("method", ["random", "gradient", "pgd", "best"])
+def test_float32_rounding_noise_is_not_reported(method: str, eps: float) -> None:
+    # old code: 1.146 (random), 1.11 (pgd) at eps=1e-2 and 1.0014 at eps=1: float32 noise
+    # reported as a lower bound above the exact constant 1
+    model = identity_with_big_bias()
+    x0 = torch.full((1, 4), 0.3)
+    fns = {
+        "random": lambda: random_lower_bound(model, x0, eps, n_samples=2000),
+        "gradient": lambda: gradient_lower_bound(model, x0, eps, n_steps=30),
+        "pgd": lambda: pgd_lower_bound(model, x0, eps, n_steps=20, n_restarts=8),
+        "best": lambda: best_lower_bound(model, x0, eps, **FAST),
+    }
+    r = fns[method]()
+    assert r.value <= 1.0
+    assert r.value >= 0.99  # still a useful bound: the witness is evaluated in float64
+    assert r.value <= ratio_at(model, x0, r.witness)
+    assert r.witness.dtype == torch.float32
+    assert 0 < exact_distance_sq(r.witness, x0) <= Fraction(eps) ** 2
+
+
+def test_ratio_at_uses_the_exact_network() -> None:
+    model = identity_with_big_bias()
+    x0 = torch.full((1, 4), 0.3)
+    x = x0.clone()
+    x[0, 0] += 2e-3  # float32 rounding of x + 1e4 gives a ratio far from 1 (old: 0.98)
+    assert ratio_at(model, x0, x) == pytest.approx(1.0, rel=1e-12, abs=0)
+
+
+def relu_ramp() -> nn.Module:
+    """``f(x) = relu(x - 1/4)`` in float64."""
+    m = nn.Sequential(nn.Linear(1, 1), nn.ReLU()).double()
+    with torch.no_grad():
+        m[0].weight.fill_(1.0)
+        m[0].bias.fill_(-0.25)
+    return m.eval()
+
+
+@pytest.mark.parametrize("method", ["gradient", "pgd"])
+def test_witness_inside_the_ball_exactly(method: str) -> None:
+    # x0 = -1e-20, eps = 1/2: the point 0.5 has computed distance 0.5 + 1e-20 -> 0.5 == eps
+    # in float64, but lies outside the ball; old code returned it as the witness with the
+    # value 0.5, above the true supremum (0.25 - 1e-20) / 0.5
+    model = relu_ramp()
+    x0 = torch.tensor([[-1e-20]], dtype=torch.float64)
+    fn = gradient_lower_bound if method == "gradient" else pgd_lower_bound
+    r = fn(model, x0, 0.5)
+    assert 0 < exact_distance_sq(r.witness, x0) <= Fraction(1, 4)
+    assert r.value < 0.5
+    assert r.value >= 0.5 * (1 - 1e-6)
+
+
+def test_training_mode_submodule_is_rejected() -> None:
+    # old code checked only the root module: a Dropout left in training mode made f random
+    # and the "lower bound" 37 for a map whose constant is below 3
+    model = nn.Sequential(nn.Linear(3, 3), nn.Dropout(0.5)).eval()
+    model[1].train()
+    x0 = torch.ones(1, 3)
+    for fn in (lambda: random_lower_bound(model, x0, 0.1, n_samples=50),
+               lambda: gradient_lower_bound(model, x0, 0.1, n_steps=2),
+               lambda: pgd_lower_bound(model, x0, 0.1, n_steps=2),
+               lambda: ratio_at(model, x0, x0 + 0.01)):
+        with pytest.raises(InputError, match=r"training mode.*model\.eval\(\)"):
+            fn()
+
+
+def test_wrong_input_shape_is_an_input_error() -> None:
+    model = nn.Linear(3, 2).eval()
+    with pytest.raises(InputError, match=r"shape \(1, 4\)"):
+        random_lower_bound(model, torch.ones(1, 4), 0.1, n_samples=10)
