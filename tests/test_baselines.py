@@ -382,9 +382,10 @@ def test_compnet_brute_force_and_lower_bounds_below_exact(compnet_results):
     w = r["exact"].witness
     assert np.linalg.norm(w - x0) < 0.1
     assert r["exact"].lower <= jacobian_norms(layers, w[None, :])[0] <= hi
-    low = pgd_lower_bound(copy.deepcopy(r["net"]).double(), r["x0"].double(), 0.1, restarts=4,
-                          steps=30)
+    low = pgd_lower_bound(copy.deepcopy(r["net"]).double(), r["x0"].double(), 0.1,
+                          n_restarts=4, n_steps=30)
     assert low.guarantee is Guarantee.LOWER and 0 < low.value <= hi
+    assert float((low.witness - r["x0"].double()).norm()) <= 0.1
 
 
 def test_lead_bounds_against_exact(compnet_results):

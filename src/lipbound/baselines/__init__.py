@@ -19,7 +19,7 @@ function             quantity (L2 unless said)                            guaran
 ``lipmip``           local, ``c^T f`` on an l_inf box (dual-norm grad.)   exact (HiGHS's
                                                                           optimum + 1e-6
                                                                           relative)
-``pgd_lower_bound``  local, relative to x0                                lower bound
+``pgd_lower_bound``  local, relative to x0 (lipbound.lower's)             lower bound
 ===================  ===================================================  ===================
 
 Every baseline refuses (``InputError``) magnitudes at which float64 would under- or
@@ -36,9 +36,9 @@ from lipbound.baselines.eclipse import eclipse_fast
 from lipbound.baselines.exact import exact_local_l2, lipmip
 from lipbound.baselines.fc import NotFullyConnectedError, fc_layers
 from lipbound.baselines.lipsdp import MissingDependencyError, lipsdp
-from lipbound.baselines.pgd_lower import pgd_lower_bound
 from lipbound.baselines.recurjac import fastlip, recurjac
 from lipbound.baselines.seqlip import seqlip
+from lipbound.lower import pgd_lower_bound
 
 __all__ = [
     "CompareRow",

@@ -22,7 +22,6 @@ So ``lower <= local L2 rel. x0`` and ``lower <= any L2 upper bound`` must always
 
 from __future__ import annotations
 
-import copy
 import logging
 import math
 import time
@@ -131,51 +130,17 @@ class _Lower:
     notes: tuple[str, ...]
 
 
-def _ratio_float64(model: nn.Module, x0: torch.Tensor, x: torch.Tensor) -> float | None:
-    """``||f(x) - f(x0)|| / ||x - x0||`` with a float64 copy of the model (None if impossible).
-
-    A float32 forward pass can overstate the ratio of a witness close to x0 (the rounding of
-    ``f(x) - f(x0)`` is divided by a small distance); the bounds are for the network's real
-    arithmetic, which float64 approximates far better.
-    """
-    try:
-        m64 = copy.deepcopy(model).to(torch.float64)
-        with torch.no_grad():
-            a = x.detach().to(torch.float64)
-            b = x0.detach().to(device=a.device, dtype=torch.float64)
-            dy = (m64(a) - m64(b)).flatten()
-            dist = float((a - b).flatten().norm())
-        return float(dy.norm()) / dist if dist > 0 else None
-    except Exception as exc:  # a model that cannot be copied or run in float64
-        logger.info("compare: no float64 re-check of the lower bound (%s)", exc)
-        return None
-
-
 def _run_lower(ctx: _Ctx) -> Any:
     t0 = time.perf_counter()
-    try:
-        from lipbound.lower import best_lower_bound
-    except ImportError:
-        from lipbound.baselines.pgd_lower import pgd_lower_bound
+    from lipbound.lower import best_lower_bound
 
-        logger.info("lipbound.lower is unavailable; using the PGD lower bound")
-        res: Any = pgd_lower_bound(ctx.model, ctx.x0, ctx.eps, model_name=ctx.name)
-        witness = None
-    else:
-        res = best_lower_bound(ctx.model, ctx.x0, ctx.eps, seed=ctx.seed)
-        witness = getattr(res, "witness", None)
-    notes = list(getattr(res, "notes", ()) or ())
-    details = getattr(res, "details", {}) or {}
-    if "winner" in details:
-        notes.insert(0, f"best of random/gradient/PGD (winner: {details['winner']})")
-    value = float(res.value)
-    if witness is not None:
-        r64 = _ratio_float64(ctx.model, ctx.x0, witness)
-        if r64 is not None:
-            notes.append(f"ratio at the witness recomputed in float64: {r64:.9g} "
-                         f"(model's own forward: {value:.9g})")
-            value = r64
-    return _Lower(value, Guarantee.LOWER, time.perf_counter() - t0, tuple(notes))
+    res = best_lower_bound(ctx.model, ctx.x0, ctx.eps, seed=ctx.seed)
+    details = res.details
+    notes = [f"best of random/gradient/PGD (winner: {details['winner']})"]
+    used = details.get("winner_details", {}).get("evaluated_in", "float64")
+    if used != "float64":
+        notes.append(f"witness evaluated in {used} (no float64 copy of the model)")
+    return _Lower(float(res.value), Guarantee.LOWER, time.perf_counter() - t0, tuple(notes))
 
 
 def _baseline(fn_name: str, module: str, local: bool, **kw: Any
