@@ -43,8 +43,11 @@ class JacobianNorm:
             unit ``v`` (then it is <= the true norm, up to rounding).
         vectors: unit right singular vectors, shape ``(r, *input_shape)``, largest first
             (``r`` = 1 for power iteration, up to 2 for the SVD).
-        guarantee: :attr:`Guarantee.EXACT` for the SVD, :attr:`Guarantee.ESTIMATE` for
-            power iteration.
+        guarantee: always :attr:`Guarantee.ESTIMATE`: the norm of the Jacobian autograd
+            computes in the model's dtype (at a ReLU kink, that of one adjacent linear piece),
+            neither a bound on the Lipschitz constant nor exact with a stated margin. The
+            lower bounds use it only to choose directions; their values are ratios at
+            witnesses.
         method: ``"svd"`` or ``"power-iteration"``.
         n_iterations: power iterations used (0 for the SVD).
     """
@@ -176,11 +179,11 @@ def jacobian_spectrum(
 ) -> JacobianNorm:
     """Spectral norm of the Jacobian ``C J(x)`` and its top right singular vector(s).
 
-    Exact when the Jacobian has at most ``exact_threshold`` entries: the dense Jacobian
-    (in the model's dtype) is decomposed by a float64 SVD. Otherwise power iteration on
+    When the Jacobian has at most ``exact_threshold`` entries, the dense Jacobian (in the
+    model's dtype) is decomposed by a float64 SVD. Otherwise power iteration on
     ``v -> J^T J v`` through autograd (``J^T u`` by backward, ``J v`` by double backward),
-    labelled
-    :attr:`Guarantee.ESTIMATE`: it approaches the norm from below.
+    which approaches the norm from below. Both are labelled :attr:`Guarantee.ESTIMATE` (see
+    :class:`JacobianNorm`).
 
     Args:
         model: network in eval mode, ``(N, *shape) -> (N, m)``.
@@ -204,7 +207,8 @@ def jacobian_spectrum(
         _, s, vh = torch.linalg.svd(jac, full_matrices=False)
         r = min(2, vh.shape[0])
         vectors = vh[:r].to(prob.dtype).reshape(r, *prob.shape)
-        return JacobianNorm(float(s[0]) if s.numel() else 0.0, vectors, Guarantee.EXACT, "svd")
+        return JacobianNorm(float(s[0]) if s.numel() else 0.0, vectors, Guarantee.ESTIMATE,
+                            "svd")
     value, v, its = _power_iteration(prob, n_iter, tol, seed)
     logger.info("Jacobian norm %.6g by power iteration (%d iterations): an estimate from below",
                 value, its)
