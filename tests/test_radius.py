@@ -560,3 +560,55 @@ def test_cli_single_json_and_many_inputs(tmp_path, capsys):
     assert (tmp_path / "o" / "radius.pdf").stat().st_size > 0
     assert main(["radius", "--model", "tiny", "--attacks", "nope"]) == 2
     assert "unknown attack" in capsys.readouterr().err
+
+
+def _fake_attack(x_adv, radius, cls_from, cls_to):
+    from lipbound.attacks.base import AttackResult
+
+    def run_attacks(model, x0, methods=None, seed=0):
+        return [AttackResult("fgsm", True, radius, x_adv, cls_from, cls_to, 0.0)]
+    return run_attacks
+
+
+@pytest.mark.parametrize("exact_changes", [False, True])
+def test_cli_violation_only_when_the_exact_network_changes_class(capsys, monkeypatch,
+                                                                 exact_changes):
+    """A verified attack closer than the certified radius is a violation (exit 1) when the
+    network in exact arithmetic changes class at it too; a class change of the float32 model
+    that the exact network does not make is noted as rounding, not a violation."""
+    import lipbound.attacks as attacks
+    from lipbound.analyzer import Analyzer
+    from lipbound.cli import main
+    from lipbound.cli.radius import exact_class_change
+    from lipbound.inputs import load_sample
+    from lipbound.zoo import load_model
+
+    lm = load_model("compnet")
+    x0 = load_sample("compnet:zeros", entry=lm.entry).x
+    an = Analyzer(lm.model, lm.entry.input_shape)
+    y0 = an.forward(x0).reshape(-1)
+    c = int(torch.argmax(y0))
+    if exact_changes:
+        # a far point where the exact network (float64 pass plus its rounding bound) predicts
+        # another class, reported (falsely) at a tiny radius
+        gen = torch.Generator().manual_seed(0)
+        for _ in range(200):
+            x = 30 * torch.randn(x0.shape, generator=gen)
+            if exact_class_change(an, x, c) == "changes":
+                break
+        else:
+            pytest.skip("no class change found")
+    else:
+        x = x0.clone()  # the exact network keeps its class at x0 itself
+        assert exact_class_change(an, x, c) == "keeps"
+    monkeypatch.setattr(attacks, "run_attacks", _fake_attack(x, 1e-9, c, (c + 1) % 10))
+    rc = main(["radius", "--model", "compnet", "--json", "--attacks", "fgsm",
+               "--methods", "global"])
+    io = capsys.readouterr()
+    out = json.loads(io.out)
+    assert out["min_attack_radius"] == 1e-9 < out["certified_radius"]
+    assert out["violation"] is exact_changes
+    assert out["closer_attack_is_float32_rounding"] is (not exact_changes)
+    assert rc == (1 if exact_changes else 0)
+    assert ("this is a bug" in io.err) is exact_changes
+    assert ("float32 rounding" in io.err) is (not exact_changes)
