@@ -52,7 +52,10 @@ def test_exact_float32_sets_ieee_on_cuda_only_and_restores():
         assert _flags() == before  # CPU: nothing changes
     with _precision.exact_float32(None):
         assert _flags() == before
-    with _precision._ieee_float32_cuda():  # the CUDA branch (flags exist on CPU builds)
+    with _precision.exact_float32("cuda:0"):  # the CUDA branch (flags exist on CPU builds)
+        assert _flags() == ("ieee", "ieee")
+    assert _flags() == before
+    with _precision._ieee_float32_cuda():
         assert _flags() == ("ieee", "ieee")
         with _precision._ieee_float32_cuda():  # nested
             assert _flags() == ("ieee", "ieee")

@@ -4,7 +4,8 @@ The quantity is ``L(x0, eps) = sup_{0 < ||x - x0|| <= eps} ||C (f(x) - f(x0))|| 
 (L2 norms, ``C`` an optional output map). Every method returns a
 :class:`LowerBoundResult` whose value is a ratio attained by its witness ``x`` and
 recomputed from it with fresh forward passes, so it never exceeds the true constant (up
-to the rounding of the model's own forward pass).
+to the rounding of the model's own forward pass; on CUDA the public functions run it in IEEE
+float32, without TF32, see :mod:`lipbound._precision`).
 
 Methods: :func:`random_lower_bound` and :func:`gradient_lower_bound` (the baselines of
 Avant & Morgansen, IEEE TNNLS 2023), :func:`pgd_lower_bound` (Jacobian directions plus

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from lipbound._precision import exact_float32_on_model
 from lipbound.errors import InputError
 from lipbound.validation import check_int
 
@@ -199,6 +200,7 @@ def place_in_ball(x0_flat: torch.Tensor, flat_x: torch.Tensor, eps: float) -> to
     return x
 
 
+@exact_float32_on_model
 def ratio_at(
     model: nn.Module,
     x0: torch.Tensor,
