@@ -33,7 +33,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from lipbound.baselines.fc import FCLayers, NotFullyConnectedError, check_eps, fc_layers
+from lipbound.baselines.fc import (
+    FCLayers,
+    NotFullyConnectedError,
+    _model_device_dtype,
+    check_eps,
+    fc_layers,
+)
 from lipbound.errors import InputError, LipboundError, UnsupportedModelError
 from lipbound.results import BoundResult, Guarantee
 from lipbound.validation import check_int
@@ -101,8 +107,10 @@ def _fc(ctx: _Ctx) -> FCLayers:
 
 
 def _margin_vector(ctx: _Ctx) -> tuple[torch.Tensor | None, str]:
+    device, dtype = _model_device_dtype(ctx.model)  # x0 may be a CPU input of a CUDA model
     with torch.no_grad():
-        y = ctx.model(ctx.x0).detach().cpu().to(torch.float64).reshape(-1)
+        y = ctx.model(ctx.x0.to(device=device, dtype=dtype)).detach().cpu().to(
+            torch.float64).reshape(-1)
     if y.numel() < 2:
         return None, "c = 1 (single output)"
     top = torch.argsort(y, descending=True)
