@@ -706,3 +706,14 @@ def test_non_finite_weights_are_named(bad):
     for run in (lambda: autolip(m), lambda: compare(m, torch.zeros(1, 3), 0.1, ["autolip"])):
         with pytest.raises(WeightsError, match=r"NaN/inf in 2\.weight"):
             run()
+
+
+def test_compare_lipmip_float64_model_float32_input():
+    # the margin vector of lipMIP runs the model at x0: x0 is taken to the model's
+    # device and dtype (a CPU float32 input of a float64 model, or of a CUDA model)
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.ReLU(),
+                                torch.nn.Linear(4, 2)).double().eval()
+    rows = compare(model, torch.tensor([[0.1, -0.2, 0.3]]), 0.1, ["lipmip"])
+    assert rows[0].method == "lipmip"
+    assert math.isfinite(rows[0].value), rows[0].note

@@ -17,6 +17,7 @@ import torch
 import torch.fx as fx
 from torch import Tensor, nn
 
+from ._precision import exact_float32
 from .errors import InputError, UnsupportedModelError, WeightsError
 from .ops.base import Op
 from .ops.registry import (
@@ -259,7 +260,8 @@ def _verify(ops: list[Op], model: nn.Module, example: Tensor) -> None:
     """Guard against a rule misreading a layer: the float64 chain must reproduce the model."""
     gen = torch.Generator(device="cpu").manual_seed(1234)
     x = torch.randn(example.shape, generator=gen, dtype=torch.float64).to(example.device)
-    with torch.no_grad():
+    # the tolerance below is float32's: no TF32 convolutions / products on CUDA
+    with torch.no_grad(), exact_float32(example.device):
         ref = model(x.to(example.dtype)).to(torch.float64)
         got = chain_forward(ops, x)
     if ref.shape != got.shape:

@@ -38,6 +38,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from ._precision import float32_products_exact
 from .posterior import (
     NONTRIDIAGONAL_TOL,
     block_christoffel_bound,
@@ -71,7 +72,9 @@ error is then below ``(j + 3) 2^-23 ||c||_1``, which is checked against ``2^-52 
 the update (a float64 pass follows otherwise): with re-orthogonalisation at every step
 ``||c||`` is at rounding level, so the result is as orthogonal as the float64 update's. Only
 with ``torch.get_float32_matmul_precision() == "highest"`` (the default): other settings
-allow reduced-precision float32 products."""
+allow reduced-precision float32 products (TF32 on CUDA), and so does a setting torch cannot
+report (the legacy and new precision APIs mixed: the getter raises; see
+:func:`lipbound._precision.float32_products_exact`)."""
 
 _U32 = 2.0 ** -23
 _U64 = 2.0 ** -52
@@ -277,7 +280,7 @@ def _run_single(mv: MapFn, rmv: MapFn, n: int, steps: int, generator: torch.Gene
     sc = op.sc
     q32 = None
     # (only where float32 products are float32: "high"/"medium" allow TF32 / bfloat16)
-    if n >= F32_UPDATE_MIN_N and torch.get_float32_matmul_precision() == "highest":
+    if n >= F32_UPDATE_MIN_N and float32_products_exact():
         q32 = torch.empty(size, n, dtype=torch.float32, device=device)
         q32[0] = q[0]
 

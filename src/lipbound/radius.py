@@ -43,6 +43,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
+from ._precision import exact_float32
 from .analyzer import Analyzer
 from .errors import InputError
 from .graph import model_dtype_device
@@ -243,7 +244,7 @@ def _model_class(an: Analyzer, x0: Tensor) -> tuple[int | None, str]:
     (float32 for most models), or None when its output is not finite there."""
     model = an.model
     dt, dev = model_dtype_device(model, default=x0)
-    with torch.no_grad():
+    with torch.no_grad(), exact_float32(dev):  # IEEE float32 on CUDA too (no TF32)
         y = model(x0.to(device=dev, dtype=dt)).reshape(-1)
     name = str(dt).removeprefix("torch.")
     if not bool(torch.isfinite(y).all()):

@@ -43,6 +43,7 @@ from typing import Any, ClassVar, Literal
 import torch
 from torch import Tensor, nn
 
+from lipbound._precision import exact_float32, model_device
 from lipbound.errors import InputError
 from lipbound.results import Guarantee
 
@@ -385,9 +386,12 @@ class Attack(ABC):
             InputError: on an invalid model, input, bounds or seed.
         """
         t0 = time.perf_counter()
-        ctx, x0_ref = _prepare(model, x0, bounds, seed)
-        cands, details = self.run(ctx)
-        best = _verify(ctx, x0_ref, cands)
+        # IEEE float32 on CUDA (no TF32): the original class and the verification of a
+        # class change are the model's float32 arithmetic, as on the CPU
+        with exact_float32(model_device(model)):
+            ctx, x0_ref = _prepare(model, x0, bounds, seed)
+            cands, details = self.run(ctx)
+            best = _verify(ctx, x0_ref, cands)
         details = dict(details)
         details["model_calls"] = ctx.calls
         seconds = time.perf_counter() - t0

@@ -34,6 +34,7 @@ from torch import nn
 
 from lipbound.baselines.fc import FCLayers, NotFullyConnectedError, check_eps, fc_layers
 from lipbound.errors import InputError, LipboundError, UnsupportedModelError
+from lipbound.graph import model_dtype_device
 from lipbound.results import BoundResult, Guarantee
 from lipbound.validation import check_int
 
@@ -100,8 +101,10 @@ def _fc(ctx: _Ctx) -> FCLayers:
 
 
 def _margin_vector(ctx: _Ctx) -> tuple[torch.Tensor | None, str]:
+    dtype, device = model_dtype_device(ctx.model)  # x0 may be a CPU input of a CUDA model
     with torch.no_grad():
-        y = ctx.model(ctx.x0).detach().cpu().to(torch.float64).reshape(-1)
+        y = ctx.model(ctx.x0.to(device=device, dtype=dtype)).detach().cpu().to(
+            torch.float64).reshape(-1)
     if y.numel() < 2:
         return None, "c = 1 (single output)"
     top = torch.argsort(y, descending=True)

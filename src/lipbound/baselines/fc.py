@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from lipbound.errors import InputError, LipboundError, UnsupportedModelError
-from lipbound.graph import check_finite_parameters
+from lipbound.graph import check_finite_parameters, model_dtype_device
 from lipbound.validation import check_eps
 
 logger = logging.getLogger(__name__)
@@ -382,16 +382,9 @@ def fc_layers(model: nn.Module, *, input_shape: Sequence[int] | None = None,
     return layers
 
 
-def _model_device_dtype(model: nn.Module) -> tuple[torch.device, torch.dtype]:
-    for p in list(model.parameters()) + list(model.buffers()):
-        if p.is_floating_point():
-            return p.device, p.dtype
-    return torch.device("cpu"), torch.float32
-
-
 def _check_chain(model: nn.Module, layers: FCLayers, shape: tuple[int, ...]) -> None:
     """Raise if the extracted chain does not reproduce ``model`` on random inputs."""
-    device, dtype = _model_device_dtype(model)
+    dtype, device = model_dtype_device(model)
     gen = torch.Generator().manual_seed(0)
     probe = torch.randn((3, *shape), generator=gen, dtype=torch.float64)
     try:

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from lipbound._precision import exact_float32_on_model
 from lipbound.errors import InputError
 from lipbound.validation import check_int
 
@@ -281,6 +282,7 @@ def _output_difference(
     return float(torch.linalg.vector_norm(diff)), used
 
 
+@exact_float32_on_model
 def ratio_at(
     model: nn.Module,
     x0: torch.Tensor,

@@ -8,6 +8,7 @@ import time
 import torch
 from torch import nn
 
+from lipbound._precision import exact_float32_on_model
 from lipbound.lower.gradient import gradient_lower_bound
 from lipbound.lower.pgd import pgd_lower_bound
 from lipbound.lower.result import LowerBoundResult
@@ -17,6 +18,7 @@ from lipbound.validation import check_int
 logger = logging.getLogger(__name__)
 
 
+@exact_float32_on_model
 def best_lower_bound(
     model: nn.Module,
     x0: torch.Tensor,

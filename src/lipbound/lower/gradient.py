@@ -16,6 +16,7 @@ import time
 import torch
 from torch import nn
 
+from lipbound._precision import exact_float32_on_model
 from lipbound.errors import InputError
 from lipbound.lower._ascent import Objective, ascend
 from lipbound.lower._common import (
@@ -33,6 +34,7 @@ from lipbound.validation import check_float
 logger = logging.getLogger(__name__)
 
 
+@exact_float32_on_model
 def gradient_lower_bound(
     model: nn.Module,
     x0: torch.Tensor,

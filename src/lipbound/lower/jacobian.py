@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from lipbound._precision import exact_float32_on_model
 from lipbound.lower._common import Problem, check_problem, make_generator, unit_rows
 from lipbound.results import Guarantee
 from lipbound.validation import check_float, check_int
@@ -69,6 +70,7 @@ def _mapped_fn(prob: Problem):  # noqa: ANN202 - a closure over the problem
     return g
 
 
+@exact_float32_on_model
 def jacobian_matrix(
     model: nn.Module, x: torch.Tensor, *, output_map: torch.Tensor | None = None
 ) -> torch.Tensor:
@@ -167,6 +169,7 @@ def _power_iteration(
     return value, v.reshape(1, *prob.shape), its
 
 
+@exact_float32_on_model
 def jacobian_spectrum(
     model: nn.Module,
     x: torch.Tensor,
@@ -215,6 +218,7 @@ def jacobian_spectrum(
     return JacobianNorm(value, v, Guarantee.ESTIMATE, "power-iteration", its)
 
 
+@exact_float32_on_model
 def jacobian_norm_at(
     model: nn.Module,
     x: torch.Tensor,

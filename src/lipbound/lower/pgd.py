@@ -34,6 +34,7 @@ import time
 import torch
 from torch import nn
 
+from lipbound._precision import exact_float32_on_model
 from lipbound.errors import InputError
 from lipbound.lower._ascent import ascend
 from lipbound.lower._common import (
@@ -102,6 +103,7 @@ def _cosine(first: float, last: float, n: int):  # noqa: ANN202 - a step schedul
     return step
 
 
+@exact_float32_on_model
 def pgd_lower_bound(
     model: nn.Module,
     x0: torch.Tensor,

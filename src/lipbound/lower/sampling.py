@@ -18,6 +18,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from lipbound._precision import exact_float32_on_model
 from lipbound.errors import InputError
 from lipbound.lower._common import (
     auto_batch_size,
@@ -104,6 +105,7 @@ def sample_ball(
     return flat.reshape(n, *x0.shape[1:])
 
 
+@exact_float32_on_model
 def random_lower_bound(
     model: nn.Module,
     x0: torch.Tensor,

@@ -1,0 +1,234 @@
+"""CUDA smoke test: the same computations on the CPU and on CUDA, compared (same seeds).
+
+For the MNIST LeNet and the CIFAR-10 net (zoo weights, default samples) it runs the global
+and the local bound, a certified radius ("local" and "margin"), a PGD attack, the float64
+convolutions of the analysed layers against their rounding model, the model's float32
+forward pass under lipbound's IEEE-float32 guard, the benchmark's CUDA peak memory and the
+``lipbound`` command line with ``--device cuda``, and prints PASS/FAIL per item (INFO lines
+are facts, not checks). Exits 1 on any failure; exits 0 with "no CUDA: skipped" when CUDA
+is not available.
+
+Usage (from the repository root, a few minutes on one GPU)::
+
+    PYTHONPATH=src .venv/bin/python benchmarks/cuda_smoke.py [--models mnist,cifar10]
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+FAILURES: list[str] = []
+DEV = torch.device("cuda")  # --device cpu: the script's own self-check, CPU against CPU
+
+# Lanczos runs on the two devices start from the same vectors (drawn on the CPU) but their
+# float64 products round differently, and the CPU may take Winograd products (inflation
+# <= 4e-8); early exits may then pick another certified alternative. Same guarantee, values
+# within REL_BOUND.
+REL_BOUND = 1e-3
+REL_RADIUS = 1e-2  # the radius search's own tolerance is 1e-3
+
+
+def report(ok: bool, item: str, detail: str = "") -> None:
+    print(f"{'PASS' if ok else 'FAIL'}  {item}" + (f"  ({detail})" if detail else ""),
+          flush=True)
+    if not ok:
+        FAILURES.append(item)
+
+
+def info(item: str, detail: str) -> None:
+    print(f"INFO  {item}  ({detail})", flush=True)
+
+
+def rel(a: float, b: float) -> float:
+    if a == b:
+        return 0.0
+    return abs(a - b) / max(abs(a), abs(b), 1e-300)
+
+
+def guarded(item: str, fn) -> None:
+    t0 = time.perf_counter()
+    try:
+        fn()
+    except Exception as exc:  # a crash is a failure of the item, the others still run
+        report(False, item, f"{type(exc).__name__}: {exc}")
+    else:
+        print(f"      {item}: {time.perf_counter() - t0:.2f} s", flush=True)
+
+
+def check_model(name: str, seed: int) -> None:
+    from lipbound import Analyzer, zoo
+    from lipbound._precision import exact_float32
+    from lipbound.attacks import run_attacks
+    from lipbound.inputs import load_sample
+    from lipbound.ops.base import gamma
+    from lipbound.ops.conv import ConvOp
+    from lipbound.radius import certified_radius
+
+    cpu, gpu = torch.device("cpu"), DEV
+    lm_c = zoo.load_model(name, device=cpu)
+    lm_g = zoo.load_model(name, device=gpu)
+    x0 = load_sample(lm_c.entry.default_sample, entry=lm_c.entry).x  # CPU, as the CLI has it
+    shape = tuple(x0.shape[1:])
+    an_c = Analyzer(lm_c.model, shape, seed=seed, name=name)
+    an_g = Analyzer(lm_g.model, shape, seed=seed, name=name)
+    report(an_g.device.type == DEV.type, f"{name}: analyzer on the model's device",
+           str(an_g.device))
+
+    def bounds() -> None:
+        for what, fc, fg in (("global", an_c.global_bound, an_g.global_bound),
+                             ("local eps=0.1", lambda: an_c.local_bound(x0, 0.1),
+                              lambda: an_g.local_bound(x0, 0.1))):
+            rc, rg = fc(), fg()
+            ok = rc.guarantee == rg.guarantee and rel(rc.value, rg.value) <= REL_BOUND
+            report(ok, f"{name}: {what} bound CPU vs CUDA",
+                   f"{rc.value!r} {rc.guarantee.value} vs {rg.value!r} {rg.guarantee.value}, "
+                   f"rel {rel(rc.value, rg.value):.2e}")
+            if not ok:
+                for lc, lg in zip(rc.layers, rg.layers, strict=False):
+                    info(f"{name}: {what} layer {lc.name}",
+                         f"{lc.local!r}/{lc.global_factor!r} {lc.spectral_method} vs "
+                         f"{lg.local!r}/{lg.global_factor!r} {lg.spectral_method}")
+        # a model on the CPU analysed on CUDA (device override)
+        rx = Analyzer(lm_c.model, shape, seed=seed, device=DEV).local_bound(x0, 0.1)
+        rc = an_c.local_bound(x0, 0.1)
+        report(rel(rc.value, rx.value) <= REL_BOUND, f"{name}: CPU model, device={DEV}",
+               f"{rx.value!r}")
+    guarded(f"{name}: bounds", bounds)
+
+    radii: dict[str, float] = {}
+
+    def radius() -> None:
+        for method in ("local", "margin"):
+            rc = certified_radius(an_c, x0, method=method)
+            rg = certified_radius(an_g, x0, method=method)
+            radii[method] = rg.radius
+            ok = (rc.predicted_class == rg.predicted_class and rc.guarantee == rg.guarantee
+                  and rel(rc.radius, rg.radius) <= REL_RADIUS)
+            report(ok, f"{name}: certified radius ({method}) CPU vs CUDA",
+                   f"{rc.radius!r} vs {rg.radius!r}, class {rc.predicted_class}/"
+                   f"{rg.predicted_class}")
+    guarded(f"{name}: radius", radius)
+
+    def attack() -> None:
+        ac = run_attacks(lm_c.model, x0, ("pgd",), seed=seed)[0]
+        ag = run_attacks(lm_g.model, x0, ("pgd",), seed=seed)[0]
+        report(ac.success == ag.success, f"{name}: PGD attack succeeds on both devices",
+               f"{ac.radius} vs {ag.radius} (device generators: different draws)")
+        if ac.success and ag.success:
+            report(0.5 <= ag.radius / ac.radius <= 2.0, f"{name}: PGD radius comparable",
+                   f"ratio {ag.radius / ac.radius:.3f}")
+            report(ag.x_adv is not None and ag.x_adv.device.type == DEV.type,
+                   f"{name}: x_adv on the model's device")
+            top = max(radii.values(), default=0.0)
+            report(top <= ag.radius, f"{name}: certified radius <= CUDA attack radius",
+                   f"{top!r} <= {ag.radius!r}")
+            with torch.no_grad():
+                z = lm_c.model(ag.x_adv.cpu())
+            info(f"{name}: CUDA x_adv on the CPU model",
+                 f"class {int(z.argmax())} (original {ag.original_class}; may differ within "
+                 "float32 rounding of the boundary)")
+    guarded(f"{name}: attack", attack)
+
+    def precision() -> None:
+        xg = x0.to(gpu)
+        with torch.no_grad():
+            yc = lm_c.model(x0).double()
+            y_default = lm_g.model(xg).double().cpu()
+            with exact_float32(gpu):
+                y_ieee = lm_g.model(xg).double().cpu()
+        scale = float(yc.abs().max()) + 1.0
+        d_ieee = float((y_ieee - yc).abs().max()) / scale
+        d_def = float((y_default - yc).abs().max()) / scale
+        report(d_ieee <= 1e-5, f"{name}: float32 forward under exact_float32 matches CPU",
+               f"max rel diff {d_ieee:.2e}")
+        info(f"{name}: float32 forward with torch's default CUDA flags",
+             f"max rel diff {d_def:.2e} (TF32 convolutions: cudnn.allow_tf32="
+             f"{torch.backends.cudnn.allow_tf32})")
+    guarded(f"{name}: float32 precision", precision)
+
+    def conv64() -> None:
+        # cuDNN's float64 algorithms must stay within the componentwise rounding model of
+        # Op.forward_error: |ŷ - y| <= γ_(n+2) |W| |x| (here twice: both sides round)
+        gen = torch.Generator().manual_seed(seed)
+        for oc, og in zip(an_c.ops, an_g.ops, strict=True):
+            if not isinstance(oc, ConvOp):
+                continue
+            x = torch.randn((4, *oc.in_shape), generator=gen, dtype=torch.float64)
+            y = torch.randn((4, *oc.out_shape), generator=gen, dtype=torch.float64)
+            g = 2.0 * gamma(oc.inner_length() + 2)
+            fwd = oc.lin(x)
+            err_f = (og.lin(x.to(gpu)).cpu() - fwd).abs()
+            lim_f = g * oc.abs_lin(x.abs()) + 1e-300
+            bwd = oc.lin_t(y)
+            err_b = (og.lin_t(y.to(gpu)).cpu() - bwd).abs()
+            # |A^T| |y| computed as the transpose of the absolute kernel
+            lim_b = g * torch.nn.functional.conv_transpose2d(
+                y.abs() * (1 if oc.out_scale is None else oc.out_scale.abs()),
+                oc.weight.abs(), None, oc.stride, oc.padding, oc.output_padding, oc.groups,
+                oc.dilation) + 1e-300
+            ok = bool((err_f <= lim_f).all()) and bool((err_b <= lim_b).all())
+            report(ok, f"{name}: float64 conv {oc.name} within its rounding model on CUDA",
+                   f"worst ratio fwd {float((err_f / lim_f).max()):.2e}, "
+                   f"transpose {float((err_b / lim_b).max()):.2e}")
+    guarded(f"{name}: float64 convolutions", conv64)
+
+    def memory() -> None:
+        from lipbound.bench import bench_model
+
+        res = bench_model(lm_g.model, x0, name=name, what="local", repeat=1, device=DEV)
+        ok = (res.device.startswith(DEV.type) and 0 < res.peak_memory_mb < math.inf
+              and res.memory_source.startswith("torch.cuda") == (DEV.type == "cuda"))
+        report(ok, f"{name}: bench on {DEV.type} reports that device's peak memory",
+               f"{res.peak_memory_mb:.1f} MiB, {res.median_seconds * 1e3:.1f} ms")
+    guarded(f"{name}: bench", memory)
+
+
+def check_cli(name: str) -> None:
+    env_py = sys.executable
+    for args in (["bound", "--model", name, "--device", DEV.type, "--json"],
+                 ["radius", "--model", name, "--device", DEV.type, "--json"]):
+        cmd = [env_py, "-c", "import sys; from lipbound.cli import main; sys.exit(main())",
+               *args]
+        t0 = time.perf_counter()
+        p = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300,
+                           check=False)
+        report(p.returncode == 0, f"cli: lipbound {' '.join(args)}",
+               f"exit {p.returncode}, {time.perf_counter() - t0:.1f} s"
+               + (f"; {p.stderr.strip().splitlines()[-1]}" if p.returncode and p.stderr.strip()
+                  else ""))
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--models", default="mnist,cifar10")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--no-cli", action="store_true")
+    ap.add_argument("--device", default="cuda", choices=["cuda", "cpu"],
+                    help="cpu: run the script against itself on the CPU (a self-check)")
+    args = ap.parse_args()
+    global DEV
+    DEV = torch.device(args.device)
+    if DEV.type == "cuda" and not torch.cuda.is_available():
+        print("no CUDA: skipped")
+        return 0
+    if DEV.type == "cuda":
+        print(f"torch {torch.__version__}, {torch.cuda.get_device_name(0)}, cudnn "
+              f"{torch.backends.cudnn.version()}", flush=True)
+    for name in [m.strip() for m in args.models.split(",") if m.strip()]:
+        check_model(name, args.seed)
+        if not args.no_cli:
+            guarded(f"{name}: cli", lambda n=name: check_cli(n))
+    print(f"\n{len(FAILURES)} failure(s)" + (": " + "; ".join(FAILURES) if FAILURES else ""))
+    return 1 if FAILURES else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
