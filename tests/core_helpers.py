@@ -19,6 +19,7 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Callable
+from fractions import Fraction
 
 import torch
 import torch.nn.functional as F
@@ -532,3 +533,11 @@ def matrix_of(fn: Callable[[Tensor], Tensor], in_shape: tuple[int, ...]) -> Tens
     with torch.no_grad():
         cols = fn(eye).reshape(n, -1)
     return cols.T.contiguous()
+
+
+def exact_distance_sq(a: Tensor, b: Tensor) -> Fraction:
+    """``||a - b||^2`` in exact rational arithmetic (every float is a rational)."""
+    xs = a.detach().double().flatten().tolist()
+    ys = b.detach().double().flatten().tolist()
+    return sum(((Fraction(x) - Fraction(y)) ** 2 for x, y in zip(xs, ys, strict=True)),
+               Fraction(0))

@@ -11,25 +11,13 @@ import pytest
 import torch
 from torch import nn
 
+from core_helpers import exact_distance_sq
 from lipbound.attacks import ATTACKS, run_attacks
 
 METHODS = sorted(ATTACKS)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-def exact_distance_sq(a: torch.Tensor, b: torch.Tensor) -> Fraction:
-    """``||a - b||^2`` in exact rational arithmetic (every float is a rational)."""
-    xs = a.detach().double().flatten().tolist()
-    ys = b.detach().double().flatten().tolist()
-    return sum(((Fraction(x) - Fraction(y)) ** 2 for x, y in zip(xs, ys, strict=True)),
-               Fraction(0))
+pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
 
 def test_radius_never_below_the_exact_distance() -> None:

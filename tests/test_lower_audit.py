@@ -13,6 +13,7 @@ import pytest
 import torch
 from torch import nn
 
+from core_helpers import exact_distance_sq
 from lipbound.errors import InputError
 from lipbound.lower import (
     best_lower_bound,
@@ -26,20 +27,7 @@ FAST = {"n_random": 256, "gradient_steps": 20, "pgd_restarts": 4, "pgd_steps": 2
         "pgd_refine": 2, "pgd_refine_steps": 20}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-def exact_distance_sq(a: torch.Tensor, b: torch.Tensor) -> Fraction:
-    """``||a - b||^2`` in exact rational arithmetic (every float is a rational)."""
-    xs = a.detach().double().flatten().tolist()
-    ys = b.detach().double().flatten().tolist()
-    return sum(((Fraction(x) - Fraction(y)) ** 2 for x, y in zip(xs, ys, strict=True)),
-               Fraction(0))
+pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
 
 def identity_with_big_bias() -> nn.Module:
