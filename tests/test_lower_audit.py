@@ -111,3 +111,16 @@ def test_wrong_input_shape_is_an_input_error() -> None:
     model = nn.Linear(3, 2).eval()
     with pytest.raises(InputError, match=r"shape \(1, 4\)"):
         random_lower_bound(model, torch.ones(1, 4), 0.1, n_samples=10)
+
+
+@pytest.mark.parametrize("eps", [True, False])
+def test_bool_eps_is_refused(eps) -> None:
+    from lipbound import local_bound
+    from lipbound.lower import random_lower_bound, sample_ball
+
+    net = nn.Sequential(nn.Linear(3, 2)).double().eval()
+    x0 = torch.zeros(1, 3, dtype=torch.float64)
+    for run in (lambda: sample_ball(x0, eps, 4), lambda: random_lower_bound(net, x0, eps),
+                lambda: local_bound(net, x0, eps)):
+        with pytest.raises(InputError, match="eps must be a positive number"):
+            run()

@@ -12,7 +12,10 @@ from .errors import InputError
 
 
 def check_eps(eps: float, name: str = "eps") -> float:
-    """Return ``eps`` as a float, or raise :class:`InputError` unless it is finite and > 0."""
+    """Return ``eps`` as a float, or raise :class:`InputError` unless it is finite and > 0
+    (a bool is refused: ``True`` is not a radius)."""
+    if isinstance(eps, bool):
+        raise InputError(f"{name} must be a positive number, got {eps!r}")
     try:
         e = float(eps)
     except (TypeError, ValueError) as exc:

@@ -23,7 +23,7 @@ from torch import nn
 
 from lipbound._precision import exact_float32_on_model
 from lipbound.errors import InputError
-from lipbound.validation import check_int
+from lipbound.validation import check_eps, check_int
 
 logger = logging.getLogger(__name__)
 
@@ -146,12 +146,7 @@ def check_problem(
         raise InputError(f"x0 must be a floating-point tensor, got dtype {x0.dtype}")
     if not bool(torch.isfinite(x0).all()):
         raise InputError("x0 contains NaN or infinite values")
-    try:
-        eps_f = float(eps)
-    except (TypeError, ValueError) as exc:
-        raise InputError(f"eps must be a positive real number, got {eps!r}") from exc
-    if not (math.isfinite(eps_f) and eps_f > 0):
-        raise InputError(f"eps must be a finite number > 0, got {eps!r}")
+    eps_f = check_eps(eps)
 
     device, dtype = _param_device_dtype(model)
     x0 = x0.detach().to(device=device or x0.device, dtype=dtype or x0.dtype)

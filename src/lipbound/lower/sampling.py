@@ -33,6 +33,7 @@ from lipbound.lower._common import (
     unit_rows,
 )
 from lipbound.lower.result import LowerBoundResult
+from lipbound.validation import check_eps
 
 logger = logging.getLogger(__name__)
 
@@ -98,10 +99,9 @@ def sample_ball(
         raise InputError("x0 must be a tensor of shape (1, *input_shape)")
     if not x0.is_floating_point() or not bool(torch.isfinite(x0).all()):
         raise InputError("x0 must be a finite floating-point tensor")
-    if not (isinstance(eps, (int, float)) and math.isfinite(eps) and eps > 0):
-        raise InputError(f"eps must be a finite number > 0, got {eps!r}")
+    eps = check_eps(eps)
     n = check_positive_int("n", n)
-    flat = _draw(x0.detach().reshape(1, -1), float(eps), n, generator)
+    flat = _draw(x0.detach().reshape(1, -1), eps, n, generator)
     return flat.reshape(n, *x0.shape[1:])
 
 
