@@ -494,7 +494,8 @@ def bench_model(model: nn.Module, x0: Tensor, *, name: str,
         dev = torch.device(device)
         if dev.type == "cuda" and not torch.cuda.is_available():
             raise InputError("device 'cuda' was requested but CUDA is not available; use 'cpu'")
-        model = model.to(dev)
+        # the caller's model stays where it is: the analyzer makes its own float64 copies on
+        # ``dev`` (nn.Module.to would move the caller's model in place)
     x0 = check_input(x0, None).to(dev)
     input_shape = tuple(x0.shape[1:])
     opts = dict(analyzer_options or {})
