@@ -166,32 +166,37 @@ class SweepResult:
     def columns(self) -> list[str]:
         """CSV header: ``eps``, then ``<m>_value, <m>_guarantee, <m>_failure_prob,
         <m>_seconds`` per method (``failure_prob``: that of a probabilistic upper bound, 0
-        for a certified one or a lower bound)."""
+        for a certified one or a lower bound), then ``violation`` (empty unless the row
+        breaks an ordering, see :meth:`violations`)."""
         cols = ["eps"]
         for m in self.methods:
             cols += [f"{m}_value", f"{m}_guarantee", f"{m}_failure_prob", f"{m}_seconds"]
-        return cols
+        return cols + ["violation"]
+
+    @staticmethod
+    def _row_violations(r: SweepRow) -> list[tuple[str, SweepPoint]]:
+        out = []
+        uppers = [p for p in r.points if p.guarantee.is_upper_bound]
+        lowers = [p for p in r.points if p.guarantee == Guarantee.LOWER]
+        for lo in lowers:
+            for up in uppers:
+                if lo.value > up.value:
+                    out.append((f"eps={r.eps:g}: {lo.method} lower bound {lo.value:.6g} > "
+                                f"{up.method} upper bound {up.value:.6g}", lo))
+        if "local" in r.methods and "global" in r.methods and \
+                r["local"].value > r["global"].value:
+            out.append((f"eps={r.eps:g}: local {r['local'].value:.6g} > global "
+                        f"{r['global'].value:.6g}", r["local"]))
+        return out
 
     def violations(self) -> list[str]:
         """Orderings that soundness requires but the numbers break (should be empty).
 
         Checks, at every radius, ``lower <= local upper <= global upper`` for the methods
-        present. A non-empty list means a bug (or a probabilistic bound that failed).
+        present. A non-empty list means a bug (or a probabilistic bound that failed). The
+        CSV (column ``violation``), the JSON (``violations``) and the plot flag them too.
         """
-        out = []
-        for r in self.rows:
-            uppers = [p for p in r.points if p.guarantee.is_upper_bound]
-            lowers = [p for p in r.points if p.guarantee == Guarantee.LOWER]
-            for lo in lowers:
-                for up in uppers:
-                    if lo.value > up.value:
-                        out.append(f"eps={r.eps:g}: {lo.method} lower bound {lo.value:.6g} > "
-                                   f"{up.method} upper bound {up.value:.6g}")
-            if "local" in r.methods and "global" in r.methods and \
-                    r["local"].value > r["global"].value:
-                out.append(f"eps={r.eps:g}: local {r['local'].value:.6g} > global "
-                           f"{r['global'].value:.6g}")
-        return out
+        return [v for r in self.rows for v, _ in self._row_violations(r)]
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-friendly dict with every row, the settings and the notes."""
@@ -202,6 +207,7 @@ class SweepResult:
             "seconds": self.seconds,
             "settings": self.settings,
             "notes": list(self.notes),
+            "violations": self.violations(),
             "rows": [{"eps": r.eps, **{p.method: p.to_dict() for p in r.points}}
                      for r in self.rows],
         })
@@ -219,7 +225,7 @@ class SweepResult:
                     pt = r[m]
                     line += [repr(float(pt.value)), pt.guarantee.value,
                              repr(float(pt.failure_prob)), f"{pt.seconds:.6f}"]
-                w.writerow(line)
+                w.writerow(line + ["; ".join(v for v, _ in self._row_violations(r))])
         return p
 
     def to_json(self, path: str | Path) -> Path:
@@ -235,9 +241,10 @@ class SweepResult:
     def plot(self, path_png: str | Path | None, path_pdf: str | Path | None = None,
              title: str | None = None) -> list[Path]:
         """Paper-style figure: bounds against eps on log-log axes, upper bounds solid and
-        lower bounds dashed; probabilistic upper bounds say their failure probability in
-        the legend. Returns the paths written."""
-        from .plotting import plot_sweep
+        lower bounds dashed; probabilistic upper bounds say their largest failure
+        probability in the legend (rounded up); orderings the numbers break
+        (:meth:`violations`) are circled and stated in red. Returns the paths written."""
+        from .plotting import format_prob_up, plot_sweep
 
         curves = {m: self.values(m) for m in self.methods}
         suffix = {}
@@ -245,11 +252,13 @@ class SweepResult:
             pts = [r[m] for r in self.rows]
             if any(p.guarantee == Guarantee.PROBABILISTIC for p in pts):
                 fp = max(p.failure_prob for p in pts)
-                suffix[m] = f" (prob., p_fail ≤ {fp:.0e})"
+                suffix[m] = f" (prob., p_fail ≤ {format_prob_up(fp)})"
+        flagged = [(v, (r.eps, p.value)) for r in self.rows for v, p in self._row_violations(r)]
         return plot_sweep(self.eps, curves, path_png=path_png, path_pdf=path_pdf,
                           title=title if title is not None else self.title(),
                           upper=[m for m in self.methods if m in UPPER_METHODS],
-                          label_suffix=suffix)
+                          label_suffix=suffix, violations=[v for v, _ in flagged],
+                          violation_points=[xy for _, xy in flagged])
 
 
 def eps_grid(eps_min: float, eps_max: float, points: int) -> list[float]:

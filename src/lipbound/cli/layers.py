@@ -71,6 +71,15 @@ def write_csv(path: Path, local, glob) -> Path:
     return path
 
 
+def describe(r) -> str:
+    """``"value, guarantee (p_fail<=p)"`` of a bound; ``p`` rounded up, never below the
+    failure probability."""
+    from ..plotting import format_prob_up
+
+    fp = f" (p_fail<={format_prob_up(r.failure_prob)})" if r.failure_prob else ""
+    return f"{r.value:.6g}, {r.guarantee.value}{fp}"
+
+
 def run(args: argparse.Namespace) -> int:
     from ..analyzer import Analyzer
     from ..plotting import plot_layer_factors
@@ -112,10 +121,6 @@ def run(args: argparse.Namespace) -> int:
     print(table(["layer", "name", "kind", "radius in", "local", "global", "active in",
                  "active out", "spectral (local / global)"], rows))
     print()
-
-    def describe(r) -> str:
-        fp = f" (p_fail<={r.failure_prob:.0e})" if r.failure_prob else ""
-        return f"{r.value:.6g}, {r.guarantee.value}{fp}"
 
     print(f"local bound at eps {eps:g}: {describe(local)}")
     print(f"global bound:          {describe(glob)}")

@@ -1,0 +1,125 @@
+"""Audit of the sweep outputs (labels, flags, radius grids): what a reader of the CSV, the
+JSON, the plots and the printed summaries is told must never understate a failure
+probability or hide a soundness-check failure."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from lipbound import Guarantee, plotting
+from lipbound.cli import main
+from lipbound.cli.layers import describe
+from lipbound.results import BoundResult
+from lipbound.sweep import SweepPoint, SweepResult, SweepRow
+
+pytestmark = pytest.mark.usefixtures("torch_one_thread")
+
+
+def _result(global_fp: float = 1.4e-6, lower: float = 1.0) -> SweepResult:
+    rows = []
+    for eps, loc in ((0.01, 2.0), (0.1, 3.0)):
+        rows.append(SweepRow(eps, (
+            SweepPoint("local", loc, Guarantee.CERTIFIED, 0.1),
+            SweepPoint("global", 5.0, Guarantee.PROBABILISTIC, 0.2, global_fp),
+            SweepPoint("pgd", lower, Guarantee.LOWER, 0.3),
+        )))
+    return SweepResult("net", "x0", ("local", "global", "pgd"), tuple(rows), 1.0)
+
+
+def _stated_probability(text: str) -> float:
+    return float(text.split("≤")[1].strip(" )"))
+
+
+@settings(max_examples=200, deadline=None)
+@given(p=st.floats(1e-300, 1.0), digits=st.integers(1, 3))
+def test_format_prob_up_never_understates(p, digits):
+    s = plotting.format_prob_up(p, digits)
+    assert float(s) >= p
+    assert float(s) <= p * (1 + 10.0 ** (1 - digits)) * (1 + 1e-12)  # one unit of the last digit
+    assert len(s.split("e")[0].replace(".", "")) == digits
+
+
+def test_plot_legend_states_the_failure_probability_rounded_up(monkeypatch, tmp_path):
+    """Old code: ``f"{1.4e-6:.0e}"`` = "1e-06", below the failure probability of the global
+    bound it labels."""
+    seen = {}
+
+    def fake(eps, curves, **kw):
+        seen.update(kw)
+        return []
+
+    monkeypatch.setattr(plotting, "plot_sweep", fake)
+    for fp in (1.4e-6, 1.25e-6, 3.3e-7, 0.4, 1e-6):
+        _result(fp).plot(tmp_path / "a.png")
+        assert _stated_probability(seen["label_suffix"]["global"]) >= fp, (fp, seen)
+    assert "local" not in seen["label_suffix"]  # certified: no failure probability
+
+
+def test_layers_summary_states_the_failure_probability_rounded_up():
+    r = BoundResult(value=2.0, guarantee=Guarantee.PROBABILISTIC, method="local",
+                    quantity="q", eps=0.1, seconds=0.0, failure_prob=1.33e-6)
+    text = describe(r)
+    assert float(text.split("<=")[1].strip(" )")) >= 1.33e-6, text
+    c = BoundResult(value=2.0, guarantee=Guarantee.CERTIFIED, method="local", quantity="q",
+                    eps=0.1, seconds=0.0)
+    assert "p_fail" not in describe(c)
+
+
+def test_violations_are_flagged_in_csv_json_and_plot(monkeypatch, tmp_path):
+    """A lower bound above an upper bound must not reach a file unflagged (old code: only
+    the printed summary said so; sweep.csv, sweep.json and the figure did not)."""
+    bad = _result(lower=2.5)  # above the local bound 2.0 at eps=0.01
+    assert len(bad.violations()) == 1
+    d = json.loads(bad.to_json(tmp_path / "s.json").read_text())
+    assert d["violations"] == bad.violations()
+    bad.to_csv(tmp_path / "s.csv")
+    with open(tmp_path / "s.csv", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    assert "pgd lower bound 2.5 > local upper bound 2" in rows[0]["violation"]
+    assert rows[1]["violation"] == ""
+
+    figs = []
+
+    def capture(fig, path_png, path_pdf=None, **kw):
+        figs.append(fig)
+        return []
+
+    monkeypatch.setattr(plotting, "save_figure", capture)
+    bad.plot(tmp_path / "b.png")
+    texts = [t.get_text() for ax in figs[0].axes for t in ax.texts]
+    assert any("SOUNDNESS CHECK FAILED" in t and "pgd" in t for t in texts), texts
+    circled = [ln for ln in figs[0].axes[0].lines if ln.get_label() == "soundness check failed"]
+    assert len(circled) == 1 and list(circled[0].get_xdata()) == [0.01]
+    assert list(circled[0].get_ydata()) == [2.5]
+
+    figs.clear()
+    good = _result()
+    assert good.violations() == [] and json.loads(
+        good.to_json(tmp_path / "g.json").read_text())["violations"] == []
+    good.plot(tmp_path / "g.png")
+    assert not any(ax.texts for ax in figs[0].axes)
+    assert math.isfinite(good.rows[0]["global"].failure_prob)
+
+
+@pytest.mark.parametrize("argv, match", [
+    (["--eps-min", "0.5", "--eps-max", "0.5"], "eps-min"),
+    (["--points", "1"], "points"),
+    (["--points", "0"], "points"),
+    (["--eps-min", "1", "--eps-max", "0.1"], "eps-min"),
+    (["--eps-min", "nan", "--eps-max", "1"], "eps-min"),
+    (["--eps-min", "0", "--eps-max", "1"], "eps-min"),
+])
+def test_cli_sweep_refuses_degenerate_grids(argv, match, capsys, tmp_path):
+    """Old code: equal --eps-min/--eps-max (or --points 1) silently made a one-radius
+    "sweep" whatever --points said."""
+    rc = main(["sweep", "--model", "tiny", "--methods", "local", "--out", str(tmp_path),
+               *argv])
+    err = capsys.readouterr().err
+    assert rc == 2 and match in err and "Traceback" not in err, err
+    assert not (tmp_path / "sweep.csv").exists()
