@@ -123,3 +123,47 @@ def test_cli_sweep_refuses_degenerate_grids(argv, match, capsys, tmp_path):
     err = capsys.readouterr().err
     assert rc == 2 and match in err and "Traceback" not in err, err
     assert not (tmp_path / "sweep.csv").exists()
+
+
+def _small_net():
+    import torch
+    from torch import nn
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3)).double().eval()
+    return net, torch.randn(3, 4, dtype=torch.float64)
+
+
+@pytest.mark.parametrize("eps", ["scalar-np32", "0d-array", "0d-tensor"])
+def test_bound_many_takes_one_radius_of_any_numeric_type(eps):
+    """Old code: a NumPy float32 or a 0-d array raised a bare TypeError ('not iterable'),
+    a 0-d tensor was "1 radii for 3 inputs"."""
+    import numpy as np
+    import torch
+
+    from lipbound.batch import bound_many
+
+    value = {"scalar-np32": np.float32(0.25), "0d-array": np.array(0.25),
+             "0d-tensor": torch.tensor(0.25)}[eps]
+    net, xs = _small_net()
+    rows = bound_many(net, xs, value)
+    assert [r.eps for r in rows] == [0.25] * 3
+    ref = bound_many(net, xs, 0.25)
+    assert [r.bound for r in rows] == [r.bound for r in ref]
+
+
+@pytest.mark.parametrize("bad, match", [("0.1", "string"), (None, "sequence"),
+                                        (0.1, "single number")])
+def test_sweep_and_bound_many_refuse_radii_that_are_not_a_sequence(bad, match):
+    """Old code: a string's characters were read as radii ("eps must be > 0, got 0.0" for
+    "0.1"), and a single float or None gave a bare TypeError."""
+    from lipbound.batch import bound_many
+    from lipbound.errors import InputError
+    from lipbound.sweep import sweep
+
+    net, xs = _small_net()
+    with pytest.raises(InputError, match=match):
+        sweep(net, xs[:1], bad, ("local",), progress=False)
+    if bad == "0.1":
+        with pytest.raises(InputError, match="string"):
+            bound_many(net, xs, bad)

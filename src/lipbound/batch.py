@@ -105,11 +105,11 @@ def _eps_per_input(eps: float | Sequence[float] | None, n: int, method: str) -> 
         return [None] * n
     if eps is None:
         raise InputError("a local bound needs a radius: pass eps (one float or one per input)")
-    if isinstance(eps, (int, float)) and not isinstance(eps, bool):
-        return [check_eps(eps)] * n
-    if isinstance(eps, Tensor):
-        eps = eps.reshape(-1).tolist()
-    values = list(eps)
+    from .sweep import as_radius_list
+
+    values = as_radius_list(eps, "eps")
+    if values is None:  # one radius for all inputs (a Python or NumPy number, 0-d tensor)
+        return [check_eps(float(eps) if not isinstance(eps, bool) else eps)] * n
     if len(values) != n:
         raise InputError(f"got {len(values)} radii for {n} inputs; give one eps for all "
                          "inputs or exactly one per input")
@@ -132,8 +132,8 @@ def bound_many(model_or_analyzer: nn.Module | Analyzer, samples: Any,
             Analyzer to several calls to share its caches).
         samples: a list of :class:`lipbound.inputs.Sample` (labels and names are kept), a
             list of tensors ``(1, *input_shape)``, or one tensor ``(N, *input_shape)``.
-        eps: the radius: one float for all inputs, or one per input (ignored for
-            ``method="global"``).
+        eps: the radius: one number for all inputs (a Python or NumPy number, a 0-d tensor
+            or array), or a sequence with one per input (ignored for ``method="global"``).
         method: ``"local"`` (bound over the ball around each input) or ``"global"``.
         input_shape: per-sample shape (default: from the first input).
         share_global: compute the per-layer global factors once before the local bounds, so

@@ -25,6 +25,7 @@ import csv
 import json
 import logging
 import math
+import numbers
 import sys
 import time
 from collections.abc import Sequence
@@ -50,6 +51,7 @@ __all__ = [
     "SweepPoint",
     "SweepResult",
     "SweepRow",
+    "as_radius_list",
     "default_eps_range",
     "eps_grid",
     "parse_methods",
@@ -282,6 +284,23 @@ def eps_grid(eps_min: float, eps_max: float, points: int) -> list[float]:
     return out
 
 
+def as_radius_list(values: Any, name: str = "eps_values") -> list[Any] | None:
+    """The items of a sequence of radii (a list, tuple, 1-D tensor or array), unchecked, or
+    ``None`` for a single number (a Python or NumPy number, a 0-d tensor or array). Raises
+    :class:`InputError` for anything else, e.g. a string (whose characters would otherwise
+    be read as radii) or ``None``."""
+    if isinstance(values, (str, bytes)):
+        raise InputError(f"{name} must be numbers, got the string {values!r}; pass "
+                         "e.g. [0.01, 0.1, 1]")
+    if isinstance(values, numbers.Real) or getattr(values, "ndim", None) == 0:
+        return None
+    try:
+        return list(values)
+    except TypeError:
+        raise InputError(f"{name} must be a number or a sequence of numbers (e.g. "
+                         f"[0.01, 0.1, 1]), got {type(values).__name__}") from None
+
+
 def default_eps_range(model_name: str, points: int = 30) -> list[float]:
     """The paper's radii for a zoo network (``ZooEntry.eps_range``), log-spaced.
 
@@ -494,7 +513,8 @@ def sweep(model_or_analyzer: nn.Module | Analyzer, x0: Tensor, eps_values: Seque
     Args:
         model_or_analyzer: the network (eval mode) or an :class:`Analyzer` of it.
         x0: the nominal input, shape ``(1, *input_shape)``.
-        eps_values: the radii (each finite and > 0), e.g. from :func:`default_eps_range`.
+        eps_values: the radii (a list, tuple, 1-D tensor or array; each finite and > 0),
+            e.g. from :func:`default_eps_range`; a single number or a string is refused.
         methods: names out of :data:`ALL_METHODS` (or a comma-separated string).
         progress: show a tqdm bar over the radius x method work (only on a terminal).
         input_shape: per-sample input shape (default: from ``x0``).
@@ -528,7 +548,11 @@ def sweep(model_or_analyzer: nn.Module | Analyzer, x0: Tensor, eps_values: Seque
     """
     t_start = time.perf_counter()
     meths = parse_methods(methods)
-    eps_list = [check_eps(e) for e in eps_values]
+    items = as_radius_list(eps_values)
+    if items is None:
+        raise InputError(f"eps_values must be a sequence of radii, got the single number "
+                         f"{eps_values!r}; pass [{eps_values!r}] (or use local_bound)")
+    eps_list = [check_eps(e, f"eps_values[{i}]") for i, e in enumerate(items)]
     if not eps_list:
         raise InputError("eps_values is empty; give at least one radius")
     for label, v in (("samples", samples), ("steps", steps), ("restarts", restarts)):
