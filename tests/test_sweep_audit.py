@@ -167,3 +167,17 @@ def test_sweep_and_bound_many_refuse_radii_that_are_not_a_sequence(bad, match):
     if bad == "0.1":
         with pytest.raises(InputError, match="string"):
             bound_many(net, xs, bad)
+
+
+def test_certified_local_above_probabilistic_global_is_not_a_violation():
+    """Analyzer.local_bound keeps a certified local value rather than a smaller probabilistic
+    global one; old code reported that as "SOUNDNESS CHECK FAILED" (exit status 1). A
+    probabilistic local value above the global one is still flagged."""
+    def res(local_g: Guarantee) -> SweepResult:
+        row = SweepRow(0.1, (SweepPoint("local", 5.5, local_g, 0.1,
+                                        1e-6 if local_g == Guarantee.PROBABILISTIC else 0.0),
+                             SweepPoint("global", 5.0, Guarantee.PROBABILISTIC, 0.1, 1e-6)))
+        return SweepResult("net", "x0", ("local", "global"), (row,), 1.0)
+
+    assert res(Guarantee.CERTIFIED).violations() == []
+    assert len(res(Guarantee.PROBABILISTIC).violations()) == 1
