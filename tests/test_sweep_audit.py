@@ -181,3 +181,22 @@ def test_certified_local_above_probabilistic_global_is_not_a_violation():
 
     assert res(Guarantee.CERTIFIED).violations() == []
     assert len(res(Guarantee.PROBABILISTIC).violations()) == 1
+
+
+def test_bound_many_shape_error_names_the_inferred_shape_and_the_fix():
+    """A list of unbatched inputs (4,) without input_shape: old code said only that the model
+    failed on "an input of shape (N, )"; the error now says where that shape came from and
+    how to give it. With input_shape the same inputs work."""
+    import torch
+
+    from lipbound.batch import bound_many
+    from lipbound.errors import InputError
+
+    net, xs = _small_net()
+    rows = [x for x in xs]  # each of shape (4,)
+    with pytest.raises(InputError, match=r"input_shape=.*") as ei:
+        bound_many(net, rows, 0.1)
+    assert "(4,)" in str(ei.value) and "first axis" in str(ei.value)
+    ok = bound_many(net, rows, 0.1, input_shape=(4,))
+    assert [r.bound for r in ok] == [r.bound for r in bound_many(net, xs, 0.1)]
+    assert torch.equal(rows[0], xs[0])

@@ -171,8 +171,16 @@ def bound_many(model_or_analyzer: nn.Module | Analyzer, samples: Any,
         raise InputError("no inputs given; pass at least one input")
     if an is None:
         shape = tuple(input_shape) if input_shape is not None else tuple(xs[0].shape[1:])
-        an = Analyzer(model_or_analyzer, shape, device=device, spectral=spectral,
-                      failure_prob=failure_prob, seed=seed, name=name, notes=notes)
+        try:
+            an = Analyzer(model_or_analyzer, shape, device=device, spectral=spectral,
+                          failure_prob=failure_prob, seed=seed, name=name, notes=notes)
+        except InputError as exc:
+            if input_shape is not None or "input of shape" not in str(exc):
+                raise
+            raise InputError(f"{exc}\nThe per-sample shape {shape} was taken from the first "
+                             f"input {names[0]} (shape {tuple(xs[0].shape)}) without its first "
+                             "axis, the batch axis; give inputs as (1, *input_shape) or pass "
+                             "input_shape=...") from None
     xs = [check_input(x, an.input_shape, f"input {names[i]}") for i, x in enumerate(xs)]
     eps_list = _eps_per_input(eps, len(xs), method)
 
