@@ -200,3 +200,29 @@ def test_bound_many_shape_error_names_the_inferred_shape_and_the_fix():
     ok = bound_many(net, rows, 0.1, input_shape=(4,))
     assert [r.bound for r in ok] == [r.bound for r in bound_many(net, xs, 0.1)]
     assert torch.equal(rows[0], xs[0])
+
+
+def test_layers_figure_legend_says_which_factors_are_probabilistic(monkeypatch, tmp_path,
+                                                                   capsys):
+    """Old code: the layers figure labelled Lanczos factors plainly "local factor" and
+    "global factor", with no guarantee or failure probability (layers.csv has them)."""
+    figs = []
+
+    def capture(fig, path_png, path_pdf=None, **kw):
+        figs.append(fig)
+        return []
+
+    monkeypatch.setattr(plotting, "save_figure", capture)
+    rc = main(["layers", "--model", "mnist", "--spectral", "lanczos", "--eps", "0.5",
+               "--out", str(tmp_path), "--json"])
+    assert rc == 0
+    d = json.loads(capsys.readouterr().out)
+    labels = [t.get_text() for t in figs[0].axes[0].get_legend().get_texts()]
+    for kind, label in zip(("local", "global"), labels, strict=True):
+        fps = [lf["failure_prob"] for lf in d[kind]["layers"]
+               if lf["guarantee"] == Guarantee.PROBABILISTIC.value]
+        if fps:
+            assert "prob." in label and float(label.split("≤")[1].split()[0]) >= max(fps)
+        else:
+            assert "prob." not in label
+    assert any("prob." in lab for lab in labels)

@@ -205,7 +205,8 @@ def plot_sweep(eps: Sequence[float], curves: dict[str, Sequence[float]], *,
 def plot_layer_factors(names: Sequence[str], local: Sequence[float],
                        global_: Sequence[float], radius_in: Sequence[float], *,
                        path_png: str | Path | None, path_pdf: str | Path | None = None,
-                       title: str | None = None) -> list[Path]:
+                       title: str | None = None, local_label: str = "local factor",
+                       global_label: str = "global factor") -> list[Path]:
     """Bar plot of each layer's local and global factor, and the radius each layer sees
     (the per-layer AlexNet figure of Avant & Morgansen 2023).
 
@@ -216,6 +217,8 @@ def plot_layer_factors(names: Sequence[str], local: Sequence[float],
         radius_in: radius of the ball each layer sees.
         path_png, path_pdf: files to write.
         title: figure title.
+        local_label, global_label: legend labels of the two kinds of bar (say there when the
+            factors are probabilistic, with their failure probability).
 
     Returns:
         The paths written.
@@ -230,9 +233,9 @@ def plot_layer_factors(names: Sequence[str], local: Sequence[float],
     with paper_style():
         fig, (ax1, ax2) = new_figure(max(5.6, 0.45 * n + 2.0), 5.0, nrows=2, sharex=True)
         ax1.bar([i - width / 2 for i in idx], clean(local), width,
-                color=METHOD_STYLES["local"]["color"], label="local factor")
+                color=METHOD_STYLES["local"]["color"], label=local_label)
         ax1.bar([i + width / 2 for i in idx], clean(global_), width,
-                color="#9a9a9a", label="global factor")
+                color="#9a9a9a", label=global_label)
         ax1.set_yscale("log")
         ax1.set_ylabel("layer Lipschitz factor")
         ax1.axhline(1.0, color="#555555", linewidth=0.6, linestyle=":")

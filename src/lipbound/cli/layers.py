@@ -80,6 +80,15 @@ def describe(r) -> str:
     return f"{r.value:.6g}, {r.guarantee.value}{fp}"
 
 
+def _prob_suffix(layers) -> str:
+    """Legend text for factors of which some are probabilistic: their largest failure
+    probability, rounded up."""
+    from ..plotting import format_prob_up
+    from ..results import Guarantee
+    fps = [lf.failure_prob for lf in layers if lf.guarantee == Guarantee.PROBABILISTIC]
+    return f" (some prob., p_fail ≤ {format_prob_up(max(fps))} each)" if fps else ""
+
+
 def run(args: argparse.Namespace) -> int:
     from ..analyzer import Analyzer
     from ..plotting import plot_layer_factors
@@ -107,7 +116,9 @@ def run(args: argparse.Namespace) -> int:
             [f"{lf.index}: {_short(lf.name)}" for lf in local.layers],
             [lf.local for lf in local.layers], [lf.global_factor for lf in local.layers],
             [lf.radius_in for lf in local.layers], path_png=out / "layers.png",
-            path_pdf=out / "layers.pdf", title=title)
+            path_pdf=out / "layers.pdf", title=title,
+            local_label="local factor" + _prob_suffix(local.layers),
+            global_label="global factor" + _prob_suffix(glob.layers))
     if args.json:
         print_json({"model": loaded.name, "input": sample.name, "eps": eps,
                     "weights": loaded.weights_source, "global": glob.to_dict(),
