@@ -37,7 +37,8 @@ pytestmark = pytest.mark.usefixtures("torch_one_thread")
 #: small lower-bound budgets: the tests check orderings, not tightness
 FAST = {"samples": 48, "steps": 15, "restarts": 3}
 SWEEP_COLUMNS = ["eps"] + [f"{m}_{c}" for m in DEFAULT_METHODS
-                           for c in ("value", "guarantee", "failure_prob", "seconds")]
+                           for c in ("value", "guarantee", "failure_prob", "seconds")] + \
+    ["violation"]
 
 
 @pytest.fixture(scope="module")
@@ -336,7 +337,8 @@ def test_cli_sweep_methods_subset_and_json(tmp_path, capsys):
         assert next(csv.reader(fh)) == ["eps", "local_value", "local_guarantee",
                                          "local_failure_prob", "local_seconds",
                                          "global_value", "global_guarantee",
-                                         "global_failure_prob", "global_seconds"]
+                                         "global_failure_prob", "global_seconds",
+                                         "violation"]
 
 
 def test_cli_sweep_bad_method_is_a_clear_error(tmp_path, capsys):

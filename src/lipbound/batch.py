@@ -105,11 +105,11 @@ def _eps_per_input(eps: float | Sequence[float] | None, n: int, method: str) -> 
         return [None] * n
     if eps is None:
         raise InputError("a local bound needs a radius: pass eps (one float or one per input)")
-    if isinstance(eps, (int, float)) and not isinstance(eps, bool):
-        return [check_eps(eps)] * n
-    if isinstance(eps, Tensor):
-        eps = eps.reshape(-1).tolist()
-    values = list(eps)
+    from .sweep import as_radius_list
+
+    values = as_radius_list(eps, "eps")
+    if values is None:  # one radius for all inputs (a Python or NumPy number, 0-d tensor)
+        return [check_eps(float(eps) if not isinstance(eps, bool) else eps)] * n
     if len(values) != n:
         raise InputError(f"got {len(values)} radii for {n} inputs; give one eps for all "
                          "inputs or exactly one per input")
@@ -132,8 +132,8 @@ def bound_many(model_or_analyzer: nn.Module | Analyzer, samples: Any,
             Analyzer to several calls to share its caches).
         samples: a list of :class:`lipbound.inputs.Sample` (labels and names are kept), a
             list of tensors ``(1, *input_shape)``, or one tensor ``(N, *input_shape)``.
-        eps: the radius: one float for all inputs, or one per input (ignored for
-            ``method="global"``).
+        eps: the radius: one number for all inputs (a Python or NumPy number, a 0-d tensor
+            or array), or a sequence with one per input (ignored for ``method="global"``).
         method: ``"local"`` (bound over the ball around each input) or ``"global"``.
         input_shape: per-sample shape (default: from the first input).
         share_global: compute the per-layer global factors once before the local bounds, so
@@ -171,8 +171,16 @@ def bound_many(model_or_analyzer: nn.Module | Analyzer, samples: Any,
         raise InputError("no inputs given; pass at least one input")
     if an is None:
         shape = tuple(input_shape) if input_shape is not None else tuple(xs[0].shape[1:])
-        an = Analyzer(model_or_analyzer, shape, device=device, spectral=spectral,
-                      failure_prob=failure_prob, seed=seed, name=name, notes=notes)
+        try:
+            an = Analyzer(model_or_analyzer, shape, device=device, spectral=spectral,
+                          failure_prob=failure_prob, seed=seed, name=name, notes=notes)
+        except InputError as exc:
+            if input_shape is not None or "input of shape" not in str(exc):
+                raise
+            raise InputError(f"{exc}\nThe per-sample shape {shape} was taken from the first "
+                             f"input {names[0]} (shape {tuple(xs[0].shape)}) without its first "
+                             "axis, the batch axis; give inputs as (1, *input_shape) or pass "
+                             "input_shape=...") from None
     xs = [check_input(x, an.input_shape, f"input {names[i]}") for i, x in enumerate(xs)]
     eps_list = _eps_per_input(eps, len(xs), method)
 

@@ -18,7 +18,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-__all__ = ["METHOD_STYLES", "paper_style", "plot_layer_factors", "plot_sweep", "save_figure"]
+__all__ = ["METHOD_STYLES", "format_prob_up", "paper_style", "plot_layer_factors", "plot_sweep",
+           "save_figure"]
 
 #: label, colour, line style and marker of each method's curve
 METHOD_STYLES: dict[str, dict[str, Any]] = {
@@ -55,6 +56,25 @@ _RC: dict[str, Any] = {
     "savefig.bbox": "tight",
     "pdf.fonttype": 42,
 }
+
+
+def format_prob_up(p: float, digits: int = 1) -> str:
+    """``p`` in scientific notation with ``digits`` significant digits, rounded **up** (toward
+    +inf), for labels that say ``p_fail <= ...``: plain ``f"{p:.0e}"`` rounds to nearest and
+    would state ``1e-06`` for a failure probability of ``1.4e-06``.
+
+    >>> format_prob_up(1.4e-6), format_prob_up(3.75e-6, 2), format_prob_up(1e-6)
+    ('2e-06', '3.8e-06', '1e-06')
+    """
+    from decimal import ROUND_CEILING, Decimal
+
+    if not (math.isfinite(p) and p > 0):
+        return f"{p:g}"
+    d = Decimal(p)  # the exact binary value
+    m = d.quantize(Decimal(1).scaleb(d.adjusted() - digits + 1), rounding=ROUND_CEILING)
+    # m has at most ``digits`` significant digits (one more power of ten when it carried):
+    # formatting its nearest float with that many digits reproduces it exactly
+    return f"{float(m):.{digits - 1}e}"
 
 
 @contextmanager
@@ -120,7 +140,9 @@ def _plain_labels_if_narrow(ax) -> None:
 def plot_sweep(eps: Sequence[float], curves: dict[str, Sequence[float]], *,
                path_png: str | Path | None, path_pdf: str | Path | None = None,
                title: str | None = None, upper: Sequence[str] = ("local", "global"),
-               label_suffix: dict[str, str] | None = None) -> list[Path]:
+               label_suffix: dict[str, str] | None = None,
+               violations: Sequence[str] = (),
+               violation_points: Sequence[tuple[float, float]] = ()) -> list[Path]:
     """Plot Lipschitz bounds against the radius (Avant & Morgansen 2023, Figs. 4-7 style).
 
     Args:
@@ -134,6 +156,11 @@ def plot_sweep(eps: Sequence[float], curves: dict[str, Sequence[float]], *,
             drawn dashed as lower bounds.
         label_suffix: optional text appended to a method's legend label (e.g. the failure
             probability of a probabilistic bound).
+        violations: orderings the numbers break (a lower bound above an upper bound, see
+            :meth:`lipbound.sweep.SweepResult.violations`): when any, the figure says
+            "SOUNDNESS CHECK FAILED" in red with the first of them, so that the plot never
+            shows such a point unflagged.
+        violation_points: ``(eps, value)`` of the offending values, circled in red.
 
     Returns:
         The paths written.
@@ -153,9 +180,18 @@ def plot_sweep(eps: Sequence[float], curves: dict[str, Sequence[float]], *,
             if not px:
                 continue
             ax.plot(px, py, label=label, **style)
+        vx, vy = _positive([e for e, _ in violation_points], [v for _, v in violation_points])
+        if vx:
+            ax.plot(vx, vy, linestyle="none", marker="o", markersize=9, markerfacecolor="none",
+                    markeredgecolor="red", markeredgewidth=1.2, label="soundness check failed")
         ax.set_xscale("log")
         ax.set_yscale("log")
         _plain_labels_if_narrow(ax)
+        if violations:
+            more = f" (+{len(violations) - 1} more)" if len(violations) > 1 else ""
+            ax.text(0.02, 0.98, f"SOUNDNESS CHECK FAILED: {violations[0]}{more}",
+                    transform=ax.transAxes, ha="left", va="top", color="red", fontsize=7,
+                    wrap=True)
         ax.set_xlabel("ε (L2 radius)")
         ax.set_ylabel("Lipschitz bound")
         if title:
@@ -169,7 +205,8 @@ def plot_sweep(eps: Sequence[float], curves: dict[str, Sequence[float]], *,
 def plot_layer_factors(names: Sequence[str], local: Sequence[float],
                        global_: Sequence[float], radius_in: Sequence[float], *,
                        path_png: str | Path | None, path_pdf: str | Path | None = None,
-                       title: str | None = None) -> list[Path]:
+                       title: str | None = None, local_label: str = "local factor",
+                       global_label: str = "global factor") -> list[Path]:
     """Bar plot of each layer's local and global factor, and the radius each layer sees
     (the per-layer AlexNet figure of Avant & Morgansen 2023).
 
@@ -180,6 +217,8 @@ def plot_layer_factors(names: Sequence[str], local: Sequence[float],
         radius_in: radius of the ball each layer sees.
         path_png, path_pdf: files to write.
         title: figure title.
+        local_label, global_label: legend labels of the two kinds of bar (say there when the
+            factors are probabilistic, with their failure probability).
 
     Returns:
         The paths written.
@@ -194,9 +233,9 @@ def plot_layer_factors(names: Sequence[str], local: Sequence[float],
     with paper_style():
         fig, (ax1, ax2) = new_figure(max(5.6, 0.45 * n + 2.0), 5.0, nrows=2, sharex=True)
         ax1.bar([i - width / 2 for i in idx], clean(local), width,
-                color=METHOD_STYLES["local"]["color"], label="local factor")
+                color=METHOD_STYLES["local"]["color"], label=local_label)
         ax1.bar([i + width / 2 for i in idx], clean(global_), width,
-                color="#9a9a9a", label="global factor")
+                color="#9a9a9a", label=global_label)
         ax1.set_yscale("log")
         ax1.set_ylabel("layer Lipschitz factor")
         ax1.axhline(1.0, color="#555555", linewidth=0.6, linestyle=":")

@@ -25,6 +25,7 @@ import csv
 import json
 import logging
 import math
+import numbers
 import sys
 import time
 from collections.abc import Sequence
@@ -50,6 +51,7 @@ __all__ = [
     "SweepPoint",
     "SweepResult",
     "SweepRow",
+    "as_radius_list",
     "default_eps_range",
     "eps_grid",
     "parse_methods",
@@ -166,32 +168,44 @@ class SweepResult:
     def columns(self) -> list[str]:
         """CSV header: ``eps``, then ``<m>_value, <m>_guarantee, <m>_failure_prob,
         <m>_seconds`` per method (``failure_prob``: that of a probabilistic upper bound, 0
-        for a certified one or a lower bound)."""
+        for a certified one or a lower bound), then ``violation`` (empty unless the row
+        breaks an ordering, see :meth:`violations`)."""
         cols = ["eps"]
         for m in self.methods:
             cols += [f"{m}_value", f"{m}_guarantee", f"{m}_failure_prob", f"{m}_seconds"]
-        return cols
+        return cols + ["violation"]
+
+    @staticmethod
+    def _row_violations(r: SweepRow) -> list[tuple[str, SweepPoint]]:
+        out = []
+        uppers = [p for p in r.points if p.guarantee.is_upper_bound]
+        lowers = [p for p in r.points if p.guarantee == Guarantee.LOWER]
+        for lo in lowers:
+            for up in uppers:
+                if lo.value > up.value:
+                    out.append((f"eps={r.eps:g}: {lo.method} lower bound {lo.value:.6g} > "
+                                f"{up.method} upper bound {up.value:.6g}", lo))
+        # a certified local value above a probabilistic global one is no failure: the
+        # analyzer never trades a certified value for a probabilistic one (Analyzer.local_bound)
+        if "local" in r.methods and "global" in r.methods and \
+                r["local"].value > r["global"].value and not (
+                    r["global"].guarantee == Guarantee.PROBABILISTIC
+                    and r["local"].guarantee in (Guarantee.CERTIFIED, Guarantee.EXACT)):
+            out.append((f"eps={r.eps:g}: local {r['local'].value:.6g} > global "
+                        f"{r['global'].value:.6g}", r["local"]))
+        return out
 
     def violations(self) -> list[str]:
         """Orderings that soundness requires but the numbers break (should be empty).
 
         Checks, at every radius, ``lower <= local upper <= global upper`` for the methods
-        present. A non-empty list means a bug (or a probabilistic bound that failed).
+        present (``local <= global`` only where the local value is not certified while the
+        global one is probabilistic: a certified local value is kept even when a
+        probabilistic global one is smaller). A non-empty list means a bug (or a
+        probabilistic bound that failed). The
+        CSV (column ``violation``), the JSON (``violations``) and the plot flag them too.
         """
-        out = []
-        for r in self.rows:
-            uppers = [p for p in r.points if p.guarantee.is_upper_bound]
-            lowers = [p for p in r.points if p.guarantee == Guarantee.LOWER]
-            for lo in lowers:
-                for up in uppers:
-                    if lo.value > up.value:
-                        out.append(f"eps={r.eps:g}: {lo.method} lower bound {lo.value:.6g} > "
-                                   f"{up.method} upper bound {up.value:.6g}")
-            if "local" in r.methods and "global" in r.methods and \
-                    r["local"].value > r["global"].value:
-                out.append(f"eps={r.eps:g}: local {r['local'].value:.6g} > global "
-                           f"{r['global'].value:.6g}")
-        return out
+        return [v for r in self.rows for v, _ in self._row_violations(r)]
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-friendly dict with every row, the settings and the notes."""
@@ -202,6 +216,7 @@ class SweepResult:
             "seconds": self.seconds,
             "settings": self.settings,
             "notes": list(self.notes),
+            "violations": self.violations(),
             "rows": [{"eps": r.eps, **{p.method: p.to_dict() for p in r.points}}
                      for r in self.rows],
         })
@@ -219,7 +234,7 @@ class SweepResult:
                     pt = r[m]
                     line += [repr(float(pt.value)), pt.guarantee.value,
                              repr(float(pt.failure_prob)), f"{pt.seconds:.6f}"]
-                w.writerow(line)
+                w.writerow(line + ["; ".join(v for v, _ in self._row_violations(r))])
         return p
 
     def to_json(self, path: str | Path) -> Path:
@@ -235,9 +250,10 @@ class SweepResult:
     def plot(self, path_png: str | Path | None, path_pdf: str | Path | None = None,
              title: str | None = None) -> list[Path]:
         """Paper-style figure: bounds against eps on log-log axes, upper bounds solid and
-        lower bounds dashed; probabilistic upper bounds say their failure probability in
-        the legend. Returns the paths written."""
-        from .plotting import plot_sweep
+        lower bounds dashed; probabilistic upper bounds say their largest failure
+        probability in the legend (rounded up); orderings the numbers break
+        (:meth:`violations`) are circled and stated in red. Returns the paths written."""
+        from .plotting import format_prob_up, plot_sweep
 
         curves = {m: self.values(m) for m in self.methods}
         suffix = {}
@@ -245,11 +261,13 @@ class SweepResult:
             pts = [r[m] for r in self.rows]
             if any(p.guarantee == Guarantee.PROBABILISTIC for p in pts):
                 fp = max(p.failure_prob for p in pts)
-                suffix[m] = f" (prob., p_fail ≤ {fp:.0e})"
+                suffix[m] = f" (prob., p_fail ≤ {format_prob_up(fp)})"
+        flagged = [(v, (r.eps, p.value)) for r in self.rows for v, p in self._row_violations(r)]
         return plot_sweep(self.eps, curves, path_png=path_png, path_pdf=path_pdf,
                           title=title if title is not None else self.title(),
                           upper=[m for m in self.methods if m in UPPER_METHODS],
-                          label_suffix=suffix)
+                          label_suffix=suffix, violations=[v for v, _ in flagged],
+                          violation_points=[xy for _, xy in flagged])
 
 
 def eps_grid(eps_min: float, eps_max: float, points: int) -> list[float]:
@@ -271,6 +289,23 @@ def eps_grid(eps_min: float, eps_max: float, points: int) -> list[float]:
     out = [10 ** (a + (b - a) * i / (points - 1)) for i in range(points)]
     out[0], out[-1] = lo, hi
     return out
+
+
+def as_radius_list(values: Any, name: str = "eps_values") -> list[Any] | None:
+    """The items of a sequence of radii (a list, tuple, 1-D tensor or array), unchecked, or
+    ``None`` for a single number (a Python or NumPy number, a 0-d tensor or array). Raises
+    :class:`InputError` for anything else, e.g. a string (whose characters would otherwise
+    be read as radii) or ``None``."""
+    if isinstance(values, (str, bytes)):
+        raise InputError(f"{name} must be numbers, got the string {values!r}; pass "
+                         "e.g. [0.01, 0.1, 1]")
+    if isinstance(values, numbers.Real) or getattr(values, "ndim", None) == 0:
+        return None
+    try:
+        return list(values)
+    except TypeError:
+        raise InputError(f"{name} must be a number or a sequence of numbers (e.g. "
+                         f"[0.01, 0.1, 1]), got {type(values).__name__}") from None
 
 
 def default_eps_range(model_name: str, points: int = 30) -> list[float]:
@@ -485,7 +520,8 @@ def sweep(model_or_analyzer: nn.Module | Analyzer, x0: Tensor, eps_values: Seque
     Args:
         model_or_analyzer: the network (eval mode) or an :class:`Analyzer` of it.
         x0: the nominal input, shape ``(1, *input_shape)``.
-        eps_values: the radii (each finite and > 0), e.g. from :func:`default_eps_range`.
+        eps_values: the radii (a list, tuple, 1-D tensor or array; each finite and > 0),
+            e.g. from :func:`default_eps_range`; a single number or a string is refused.
         methods: names out of :data:`ALL_METHODS` (or a comma-separated string).
         progress: show a tqdm bar over the radius x method work (only on a terminal).
         input_shape: per-sample input shape (default: from ``x0``).
@@ -519,7 +555,11 @@ def sweep(model_or_analyzer: nn.Module | Analyzer, x0: Tensor, eps_values: Seque
     """
     t_start = time.perf_counter()
     meths = parse_methods(methods)
-    eps_list = [check_eps(e) for e in eps_values]
+    items = as_radius_list(eps_values)
+    if items is None:
+        raise InputError(f"eps_values must be a sequence of radii, got the single number "
+                         f"{eps_values!r}; pass [{eps_values!r}] (or use local_bound)")
+    eps_list = [check_eps(e, f"eps_values[{i}]") for i, e in enumerate(items)]
     if not eps_list:
         raise InputError("eps_values is empty; give at least one radius")
     for label, v in (("samples", samples), ("steps", steps), ("restarts", restarts)):

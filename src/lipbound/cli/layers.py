@@ -71,6 +71,24 @@ def write_csv(path: Path, local, glob) -> Path:
     return path
 
 
+def describe(r) -> str:
+    """``"value, guarantee (p_fail<=p)"`` of a bound; ``p`` rounded up, never below the
+    failure probability."""
+    from ..plotting import format_prob_up
+
+    fp = f" (p_fail<={format_prob_up(r.failure_prob)})" if r.failure_prob else ""
+    return f"{r.value:.6g}, {r.guarantee.value}{fp}"
+
+
+def _prob_suffix(layers) -> str:
+    """Legend text for factors of which some are probabilistic: their largest failure
+    probability, rounded up."""
+    from ..plotting import format_prob_up
+    from ..results import Guarantee
+    fps = [lf.failure_prob for lf in layers if lf.guarantee == Guarantee.PROBABILISTIC]
+    return f" (some prob., p_fail ≤ {format_prob_up(max(fps))} each)" if fps else ""
+
+
 def run(args: argparse.Namespace) -> int:
     from ..analyzer import Analyzer
     from ..plotting import plot_layer_factors
@@ -98,7 +116,9 @@ def run(args: argparse.Namespace) -> int:
             [f"{lf.index}: {_short(lf.name)}" for lf in local.layers],
             [lf.local for lf in local.layers], [lf.global_factor for lf in local.layers],
             [lf.radius_in for lf in local.layers], path_png=out / "layers.png",
-            path_pdf=out / "layers.pdf", title=title)
+            path_pdf=out / "layers.pdf", title=title,
+            local_label="local factor" + _prob_suffix(local.layers),
+            global_label="global factor" + _prob_suffix(glob.layers))
     if args.json:
         print_json({"model": loaded.name, "input": sample.name, "eps": eps,
                     "weights": loaded.weights_source, "global": glob.to_dict(),
@@ -112,10 +132,6 @@ def run(args: argparse.Namespace) -> int:
     print(table(["layer", "name", "kind", "radius in", "local", "global", "active in",
                  "active out", "spectral (local / global)"], rows))
     print()
-
-    def describe(r) -> str:
-        fp = f" (p_fail<={r.failure_prob:.0e})" if r.failure_prob else ""
-        return f"{r.value:.6g}, {r.guarantee.value}{fp}"
 
     print(f"local bound at eps {eps:g}: {describe(local)}")
     print(f"global bound:          {describe(glob)}")

@@ -40,7 +40,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="smallest radius (default: the zoo entry's range)")
     p.add_argument("--eps-max", type=float, default=None,
                    help="largest radius (default: the zoo entry's range)")
-    p.add_argument("--points", type=int, default=30, help="number of radii (log-spaced)")
+    p.add_argument("--points", type=int, default=30,
+                   help="number of radii, log-spaced from --eps-min to --eps-max (>= 2)")
     p.add_argument("--out", default=None,
                    help="output folder (default: out/sweep_<model>)")
     p.add_argument("--methods", default="local,global,random,gradient,pgd",
@@ -68,6 +69,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 def _eps_range(args: argparse.Namespace, loaded) -> list[float]:
     from ..errors import InputError
     from ..sweep import eps_grid
+    from ..validation import check_eps
 
     lo, hi = args.eps_min, args.eps_max
     if loaded.entry is not None:
@@ -76,6 +78,15 @@ def _eps_range(args: argparse.Namespace, loaded) -> list[float]:
     if lo is None or hi is None:
         raise InputError("a user model has no default radius range: pass --eps-min and "
                          "--eps-max")
+    lo, hi = check_eps(lo, "--eps-min"), check_eps(hi, "--eps-max")
+    if lo >= hi:
+        raise InputError(f"--eps-min ({lo:g}) must be smaller than --eps-max ({hi:g}); "
+                         + ("swap them" if lo > hi else "for a single radius use "
+                            "`lipbound bound --eps`"))
+    if args.points < 2:
+        raise InputError(f"--points must be at least 2 (the radii run from --eps-min to "
+                         f"--eps-max), got {args.points}; for a single radius use "
+                         "`lipbound bound --eps`")
     return eps_grid(lo, hi, args.points)
 
 
