@@ -130,3 +130,50 @@ def test_factors_of_other_settings_are_not_reused():
     other_seed = an.local_bound(x0, 0.3)
     assert other_seed.value == Analyzer(model, shape, spectral="lanczos", lanczos_steps=24,
                                         seed=2).local_bound(x0, 0.3).value
+
+
+def test_each_computation_of_a_layer_draws_its_own_start_vector(monkeypatch):
+    """A layer's later computations on one analyzer (another radius, another input) draw
+    start vectors of their own, so a computation's failure probability holds whatever
+    earlier results chose its operator (an adaptive radius search, a sweep that skips);
+    the first computation draws what a fresh analyzer draws."""
+    import lipbound.analyzer as az
+
+    seeds: list[tuple[int, int]] = []
+    real = az.spectral_upper
+
+    def spy(*args, **kwargs):
+        seeds.append(kwargs["generator"].initial_seed())
+        return real(*args, **kwargs)
+
+    model, shape, x0 = _small_model(widths=(60, 90, 80, 5))
+    monkeypatch.setattr(az, "spectral_upper", spy)
+    Analyzer(model, shape, spectral="lanczos", lanczos_steps=24).local_bound(x0, 0.3)
+    fresh = list(seeds)
+    seeds.clear()
+    an = Analyzer(model, shape, spectral="lanczos", lanczos_steps=24)
+    for eps in (0.3, 0.2, 0.25):
+        an.local_bound(x0, eps)
+    per_bound = len(fresh)
+    assert len(seeds) == 3 * per_bound
+    assert seeds[:per_bound] == fresh
+    assert len(set(seeds)) == len(seeds)  # no start vector drawn twice
+    # the same with another seed: other streams, none shared with seed 0's
+    seeds.clear()
+    Analyzer(model, shape, spectral="lanczos", lanczos_steps=24, seed=5).local_bound(x0, 0.3)
+    assert not set(seeds) & set(fresh)
+
+
+def test_a_repeated_operator_reports_the_union_bound_over_the_layer_computations():
+    model, shape, x0 = _small_model(widths=(60, 90, 80, 5))
+    an = Analyzer(model, shape, spectral="lanczos", lanczos_steps=24)
+    first = an.local_bound(x0, 0.3)
+    assert first.guarantee == Guarantee.PROBABILISTIC
+    an.local_bound(x0, 0.1)
+    an.local_bound(x0, 0.2)
+    again = an.local_bound(x0, 0.3)  # the same masks as the first: nothing recomputed
+    for a, b in zip(first.layers, again.layers, strict=True):
+        assert b.local == a.local
+        # which of the layer's 3 computations matches depends on earlier results
+        assert b.failure_prob == (min(1.0, 3 * a.failure_prob) if a.failure_prob > 0 else 0.0)
+    assert again.failure_prob >= 3 * first.failure_prob * (1 - 1e-12)

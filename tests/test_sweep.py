@@ -198,8 +198,9 @@ def test_sweep_crossover_takes_the_global_bound():
 
 def test_mnist_sweep_reuse_keeps_values_close_and_valid(mnist):
     """The default reuse_tol on a real network: reuse happens, the values stay within a few
-    percent of fresh single bounds and above the PGD lower bound; reuse_tol=0 reproduces
-    the fresh single bounds exactly."""
+    percent of fresh single bounds and above the PGD lower bound; with reuse_tol=0 nothing
+    is reused and every value is a fresh computation (its own Lanczos draws, so within the
+    draws' spread of a single bound, not equal to it)."""
     lm, sample = mnist
     eps = eps_grid(0.001, 7.0, 9)
     res = sweep(lm.model, sample.x, eps, ("local", "pgd"), progress=False, **FAST)
@@ -208,9 +209,10 @@ def test_mnist_sweep_reuse_keeps_values_close_and_valid(mnist):
     assert res.settings["local_reused"] > 0 and exact.settings["local_reused"] == 0
     fresh = [Analyzer(lm.model, lm.entry.input_shape).local_bound(sample.x, e).value
              for e in eps]
-    assert exact.values("local") == pytest.approx(fresh, rel=1e-12)
-    for row, f in zip(res.rows, fresh, strict=True):
+    for row, e, f in zip(res.rows, exact.rows, fresh, strict=True):
         assert row["pgd"].value <= row["local"].value <= 1.05 * f
+        assert row["pgd"].value <= e["local"].value <= 1.02 * f
+        assert e["local"].details["source"] == "computed"
     assert res.violations() == []
 
 

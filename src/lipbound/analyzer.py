@@ -334,6 +334,10 @@ class Analyzer:
         self._dense_requests: dict[tuple[str, int], int] = {}
         self._memo: dict[tuple, list[_MemoEntry]] = {}
         self._queries: dict[tuple, int] = {}
+        # computations of each layer's local factor so far: each one draws a fresh start
+        # vector (see _gen), so its operator, however earlier results chose it, is fixed
+        # before its draw
+        self._draws: dict[tuple[str, int, int], int] = {}
         self._skipped_queries = 0
         self.reuse_tol = 0.0
         """Relative looseness a reused layer factor may have (see :meth:`_reuse`). 0: reuse
@@ -352,6 +356,7 @@ class Analyzer:
         twin = copy.copy(self)
         twin._memo = {}
         twin._queries = {}
+        twin._draws = {}
         twin._skipped_queries = 0
         twin.reuse_tol = reuse_tol
         return twin
@@ -419,11 +424,27 @@ class Analyzer:
         """Number of layers that may use the probabilistic route (they share the budget)."""
         return max(1, sum(isinstance(b, AffineBlock) and b.mixing is not None for b in blocks))
 
-    def _gen(self, i: int) -> torch.Generator:
-        # salted so that the start vectors are not the draws of torch.manual_seed(seed) that
-        # users commonly initialise their weights with (the start must be independent of A)
-        salted = ((self.seed * 1_000_003 + i) ^ 0x2545F4914F6CDD1D) & ((1 << 63) - 1)
+    def _gen(self, i: int, draw: int = 0) -> torch.Generator:
+        """The generator of the start vectors of layer ``i``'s ``draw``-th computation.
+
+        Salted so that the start vectors are not the draws of ``torch.manual_seed(seed)``
+        that users commonly initialise their weights with (the start must be independent of
+        the operator). Every later computation of a layer (``draw >= 1``: sweeps, radius
+        searches, many inputs on one analyzer) gets its own stream, so its start vector is
+        independent of everything earlier results decided, its operator included."""
+        if draw == 0:
+            salted = ((self.seed * 1_000_003 + i) ^ 0x2545F4914F6CDD1D) & ((1 << 63) - 1)
+        else:
+            digest = hashlib.sha256(f"lipbound:{self.seed}:{i}:{draw}".encode()).digest()
+            salted = int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
         return torch.Generator().manual_seed(salted)
+
+    def _next_draw(self, key: str, i: int) -> int:
+        """The index of this computation of layer ``i``'s local factor under this seed (0 for
+        the first)."""
+        n = self._draws.get((key, i, self.seed), 0)
+        self._draws[(key, i, self.seed)] = n + 1
+        return n
 
     # ------------------------------------------------------------------ global
     def _global_factors(self, key: str, blocks: list[Block]) -> list[SpectralBound]:
@@ -720,6 +741,7 @@ class Analyzer:
         reused = self._reuse(memo_key, r, d)
         if reused is not None:
             return reused, d_out, x_next
+        draw = self._next_draw(key, i)
         dense = b.dense_fn()
         lo, hi = sorted((int(cols.numel()), int(rows.numel())))
         if dense is None and (self.spectral == "exact" or (
@@ -742,7 +764,7 @@ class Analyzer:
                 cols=torch.arange(na, device=self.device),
                 rows=torch.arange(ma, device=self.device), device=self.device,
                 dense=lambda: mc, apply_flops=float(na * ma), mode=self.spectral,
-                steps=self.lanczos_steps, failure_prob=delta, generator=self._gen(i),
+                steps=self.lanczos_steps, failure_prob=delta, generator=self._gen(i, draw),
                 certified_alternatives=tuple(alts), exact_budget=EXACT_BUDGET,
                 block=DENSE_BLOCK if na * ma >= DENSE_BLOCK_MIN else 1)
             sb = replace(sb, vector=None)  # in compacted coordinates: no warm start
@@ -760,7 +782,7 @@ class Analyzer:
                                 device=self.device, dense=dense_masked,
                                 apply_flops=b.apply_flops(),
                                 mode=self.spectral, steps=self.lanczos_steps,
-                                failure_prob=delta, generator=self._gen(i),
+                                failure_prob=delta, generator=self._gen(i, draw),
                                 certified_alternatives=tuple(alts), exact_budget=EXACT_BUDGET,
                                 warm=warm, fast_error=lb.fast_error(), block=_block_size(b),
                                 compact_maps=_masked_maps(lb, lr, ld, lrows, lcols))
@@ -833,9 +855,10 @@ class Analyzer:
         is within ``reuse_tol`` of a lower estimate of this operator's norm (the estimate of a
         dominated operator, which is below this one's norm), or always when ``reuse_tol`` is
         ``inf``; with ``reuse_tol = 0`` only a factor of the very same operator is reused
-        (same masks, same random draws: the same value a fresh computation gives). A reused
-        factor keeps its guarantee; a reused probabilistic factor of a dominating operator
-        carries a union bound over the layer's queries (below)."""
+        (same masks). A reused factor keeps its guarantee; a reused probabilistic factor
+        carries a union bound over the layer's computations (the same operator) or queries (a
+        dominating one) so far, as which computation supplies it depends on earlier results
+        (each computation draws its own start vector, :meth:`_gen`)."""
         entries = self._memo.get(memo_key)
         if not entries:
             return None
@@ -845,6 +868,12 @@ class Analyzer:
             if e.r.shape != r.shape or e.d.shape != d.shape:
                 continue
             if torch.equal(e.r, r) and torch.equal(e.d, d):
+                # which earlier computation has these masks depends on earlier results (the
+                # radii a search chose, what a sweep skipped): a union bound over the layer's
+                # computations so far, each of which failed with probability <= its delta
+                n = self._draws.get((memo_key[0], memo_key[1], self.seed), 1)
+                if n > 1 and e.sb.failure_prob > 0:
+                    return replace(e.sb, failure_prob=min(1.0, e.sb.failure_prob * n))
                 return e.sb
             if self.reuse_tol <= 0:
                 continue
@@ -855,12 +884,12 @@ class Analyzer:
                 lower = max(lower, e.sb.estimate)
         if upper is not None and (math.isinf(self.reuse_tol) or (
                 lower > 0 and upper.value <= (1 + self.reuse_tol) * lower)):
-            # Which factor is reused (or whether one is) depends on the random draws of this
-            # layer's earlier computations; each of them, and a fresh computation now, fails
-            # with probability <= delta (the operator of query q of this layer depends only
-            # on the draws of earlier layers), so a union bound over the layer's queries so
-            # far covers the choice. The estimate must describe this operator: the dominated
-            # one's is below its norm.
+            # Which factor is reused (or whether one is) depends on earlier results. Each
+            # computation of the layer drew a fresh start vector after its operator was fixed
+            # (see _gen), so each failed with probability <= delta whatever chose it; a union
+            # bound over the layer's queries so far (at least its computations) covers the
+            # choice. The estimate must describe this operator: the dominated one's is below
+            # its norm.
             queries = self._queries.get(memo_key, 1) + self._skipped_queries
             fp = min(1.0, upper.failure_prob * queries)
             return replace(upper, method=f"reused {upper.method}", estimate=lower,
