@@ -283,7 +283,8 @@ class SweepBench:
             one fresh analyzer (no reuse between radii except exact repeats; no global
             bound), measured once; ``nan`` when skipped.
         raw_cost_in_local_bounds: ``raw_total_seconds / local_median_seconds``.
-        raw_values: the plain loop's bounds (the values of fresh single bounds).
+        raw_values: the plain loop's bounds (each radius computed afresh, with the layers'
+            own start vectors for that computation, see :meth:`Analyzer._gen`).
         looseness_max, looseness_median: of ``values[i] / raw_values[i]``, how much looser
             the sweep's values are than fresh single bounds (``1.0``: as tight).
         failure_prob_max: largest failure probability of a sweep value (0 if certified).
