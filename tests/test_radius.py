@@ -612,3 +612,13 @@ def test_cli_violation_only_when_the_exact_network_changes_class(capsys, monkeyp
     assert rc == (1 if exact_changes else 0)
     assert ("this is a bug" in io.err) is exact_changes
     assert ("float32 rounding" in io.err) is (not exact_changes)
+
+
+def test_probabilistic_radius_text_rounds_the_failure_probability_up():
+    from dataclasses import replace
+
+    from lipbound.results import Guarantee
+
+    r = certified_radius(_two_class_net(False), torch.tensor([[1.0, 0.2, 0.0]]))
+    p = replace(r, guarantee=Guarantee.PROBABILISTIC, failure_prob=1.4e-6)
+    assert p.guarantee_text == "probabilistic (failure prob <= 2e-06)"  # not 1e-06

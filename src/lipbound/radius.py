@@ -47,7 +47,7 @@ from ._precision import exact_float32
 from .analyzer import Analyzer
 from .errors import InputError
 from .graph import model_dtype_device
-from .results import Guarantee, _jsonable
+from .results import Guarantee, _jsonable, format_prob_up
 from .spectral import SAFETY
 from .validation import check_eps, check_input, check_reuse_tol
 
@@ -136,7 +136,7 @@ class RadiusResult:
     def guarantee_text(self) -> str:
         """The guarantee in words, for tables: deterministic or with its probability."""
         if self.guarantee == Guarantee.PROBABILISTIC:
-            return f"probabilistic (failure prob <= {self.failure_prob:.0e})"
+            return f"probabilistic (failure prob <= {format_prob_up(self.failure_prob)})"
         return "deterministic"
 
     def to_dict(self) -> dict[str, Any]:

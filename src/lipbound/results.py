@@ -145,3 +145,22 @@ class BoundResult:
             "layers": [lf.to_dict() for lf in self.layers],
         }
         return _jsonable(d)
+
+
+def format_prob_up(p: float, digits: int = 1) -> str:
+    """``p`` in scientific notation with ``digits`` significant digits, rounded **up** (toward
+    +inf), for labels that say ``p_fail <= ...``: plain ``f"{p:.0e}"`` rounds to nearest and
+    would state ``1e-06`` for a failure probability of ``1.4e-06``.
+
+    >>> format_prob_up(1.4e-6), format_prob_up(3.75e-6, 2), format_prob_up(1e-6)
+    ('2e-06', '3.8e-06', '1e-06')
+    """
+    from decimal import ROUND_CEILING, Decimal
+
+    if not (math.isfinite(p) and p > 0):
+        return f"{p:g}"
+    d = Decimal(p)  # the exact binary value
+    m = d.quantize(Decimal(1).scaleb(d.adjusted() - digits + 1), rounding=ROUND_CEILING)
+    # m has at most ``digits`` significant digits (one more power of ten when it carried):
+    # formatting its nearest float with that many digits reproduces it exactly
+    return f"{float(m):.{digits - 1}e}"

@@ -43,6 +43,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from ..analyzer import Analyzer
     from ..errors import InputError
+    from ..results import format_prob_up
     from ..validation import check_eps
     from .exact_memory import check_exact_global_fits
 
@@ -86,7 +87,7 @@ def run(args: argparse.Namespace) -> int:
           + (f", label {sample.label}" if sample.label is not None else "")
           + f", predicted class {int(with_pred.argmax())}")
     rows = [[r.method, r.eps, r.value, r.guarantee.value
-             + (f" (p_fail<={r.failure_prob:.0e})" if r.failure_prob else ""),
+             + (f" (p_fail<={format_prob_up(r.failure_prob)})" if r.failure_prob else ""),
              f"{r.seconds:.3f}"] for r in results]
     print(table(["method", "eps", "bound", "guarantee", "seconds"], rows))
     if len(results) == 1 and results[0].layers:

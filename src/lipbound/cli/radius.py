@@ -20,6 +20,7 @@ import torch
 from torch import Tensor
 
 from ..errors import InputError
+from ..results import format_prob_up
 from .common import (
     add_common,
     add_model_options,
@@ -267,7 +268,8 @@ def _print_one(loaded, r: dict[str, Any], total: float) -> None:
     cr, ma = r["certified_radius"], r["min_attack_radius"]
     top = r["_top"]
     if radius_guarantee(top) == "probabilistic lower bound":
-        what = f"probabilistic lower bound, failure prob <= {top.failure_prob:.0e}"
+        what = ("probabilistic lower bound, failure prob <= "
+                f"{format_prob_up(top.failure_prob)}")
     else:
         what = f"{radius_guarantee(top)}, {top.guarantee_text}"
     line = f"certified radius {cr:.4g} ({r['certified_method']}; {what})"
