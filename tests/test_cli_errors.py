@@ -168,6 +168,18 @@ def test_out_folder_is_checked_before_computing(capsys, tmp_path, monkeypatch, c
         assert "cannot create" in run_err(capsys, cmd + ["--out", "/proc/x/y"])
 
 
+@pytest.mark.parametrize(("cmd", "name"), [(["radius", "--model", "tiny"], "radius.png"),
+                                         (["layers", "--model", "tiny"], "layers.csv"),
+                                         (["sweep", "--model", "tiny", "--points", "2"],
+                                          "sweep.json")])
+def test_out_files_in_the_folder_are_checked_before_computing(capsys, tmp_path, monkeypatch,
+                                                               cmd, name):
+    _no_model_loading(monkeypatch)
+    (tmp_path / name).mkdir()  # a folder where the command writes a file
+    err = run_err(capsys, cmd + ["--out", str(tmp_path)])
+    assert f"{name} is a folder" in err and "give another folder" in err
+
+
 def test_out_file_of_bound_is_checked_before_computing(capsys, tmp_path, monkeypatch):
     _no_model_loading(monkeypatch)
     a_file = tmp_path / "a_file"

@@ -315,14 +315,25 @@ def _writable_folder(folder: Path, what: str, option: str) -> None:
                          "in a writable location")
 
 
-def prepare_out_dir(path: str | Path, option: str = "--out") -> Path:
+def prepare_out_dir(path: str | Path, option: str = "--out",
+                    files: tuple[str, ...] = ()) -> Path:
     """Create the output folder ``path`` (and its parents) and check that it is writable,
-    before any computation: a bad ``--out`` is reported at once, not after the work."""
+    and that none of the ``files`` the command will write there is a folder or an
+    unwritable file, before any computation: a bad ``--out`` is reported at once, not after
+    the work."""
     out = Path(path)
     if out.exists() and not out.is_dir():
         raise InputError(f"{option} {out} is an existing file, but a folder is expected "
                          "(the command writes several files into it); give a folder path")
     _writable_folder(out, str(out), option)
+    for name in files:
+        f = out / name
+        if f.is_dir():
+            raise InputError(f"{option} {out}: {f} is a folder, but the command writes a "
+                             "file of that name there; remove it or give another folder")
+        if f.exists() and not os.access(f, os.W_OK):
+            raise InputError(f"{option} {out}: {f} exists and is not writable; remove it or "
+                             "give another folder")
     return out
 
 

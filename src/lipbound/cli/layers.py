@@ -29,6 +29,10 @@ CSV_COLUMNS = ["index", "name", "kind", "radius_in", "local_factor", "global_fac
 and failure probability (0 when certified)."""
 
 
+#: the files ``--out`` receives (checked before any computation)
+LAYER_FILES = ("layers.csv", "layers.png", "layers.pdf")
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "layers", help="per-layer local and global factors of a local bound",
@@ -97,7 +101,8 @@ def run(args: argparse.Namespace) -> int:
     from .sweep import DISPLAY_NAMES, random_weights
 
     eps = check_eps(args.eps, "--eps")
-    out = prepare_out_dir(args.out) if args.out else None  # before the work, not after
+    # before the work, not after
+    out = prepare_out_dir(args.out, files=LAYER_FILES) if args.out else None
     loaded = load_model(args)
     sample = load_input(args, loaded)
     an = Analyzer(loaded.model, loaded.input_shape, spectral=args.spectral,

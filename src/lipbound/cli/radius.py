@@ -38,6 +38,10 @@ log = logging.getLogger(__name__)
 ALL_ATTACKS = ("fgsm", "ifgsm", "gradient", "cw", "pgd")
 
 
+#: the files ``--out`` receives (checked before any computation)
+RADIUS_FILES = ("radius.csv", "radius.png", "radius.pdf")
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "radius", help="certified robustness radius (and attack radii)",
@@ -196,7 +200,8 @@ def run(args: argparse.Namespace) -> int:
     attacks = _split(args.attacks, ALL_ATTACKS, "attack(s)")
     if not 0 < args.tol < 1:
         raise InputError(f"--tol must be in (0, 1), got {args.tol}")
-    out = prepare_out_dir(args.out) if args.out else None  # before the work, not after
+    # before the work, not after
+    out = prepare_out_dir(args.out, files=RADIUS_FILES) if args.out else None
     loaded = load_model(args)
     samples, many = _samples(args, loaded)
     an = Analyzer(loaded.model, loaded.input_shape, spectral=args.spectral,

@@ -27,6 +27,10 @@ DISPLAY_NAMES = {
 }
 
 
+#: the files ``--out`` receives (checked before any computation)
+SWEEP_FILES = ("sweep.csv", "sweep.json", "sweep.png", "sweep.pdf")
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "sweep", help="bounds over a range of radii (CSV, JSON, PNG, PDF)",
@@ -115,7 +119,7 @@ def run(args: argparse.Namespace) -> int:
 
     methods = parse_methods(args.methods)
     if args.out:
-        prepare_out_dir(args.out)  # before the work, not after
+        prepare_out_dir(args.out, files=SWEEP_FILES)  # before the work, not after
     loaded = load_model(args)
     eps_values = _eps_range(args, loaded)
     sample = load_input(args, loaded)
@@ -125,7 +129,8 @@ def run(args: argparse.Namespace) -> int:
                       failure_prob=args.failure_prob, seed=args.seed, name=loaded.name,
                       notes=loaded.notes)
         check_exact_global_fits(an, spectral=args.spectral)
-    out = prepare_out_dir(args.out if args.out else Path("out") / f"sweep_{loaded.name}")
+    out = prepare_out_dir(args.out if args.out else Path("out") / f"sweep_{loaded.name}",
+                          files=SWEEP_FILES)
     res = sweep(an if an is not None else loaded.model, sample.x, eps_values, methods,
                 progress=True, input_shape=loaded.input_shape, name=loaded.name,
                 input_name=sample.name, samples=args.samples, steps=args.steps,
