@@ -124,3 +124,25 @@ def test_bool_eps_is_refused(eps) -> None:
                 lambda: local_bound(net, x0, eps)):
         with pytest.raises(InputError, match="eps must be a positive number"):
             run()
+
+
+def test_ball_is_centred_at_a_float64_x0_of_a_float32_model() -> None:
+    """A float64 x0 that float32 cannot represent: the witness lies in the ball around the
+    exact x0 (not around its float32 rounding, 1.5e-9 away here, farther than eps)."""
+    from lipbound.lower import best_lower_bound, random_lower_bound
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2)).eval()  # float32
+    x0 = torch.tensor([[0.1, -0.2, 0.3]], dtype=torch.float64)
+    assert not torch.equal(x0.float().double(), x0)
+    eps = 1e-10
+    for res in (random_lower_bound(net, x0, eps, n_samples=64),
+                best_lower_bound(net, x0, eps, n_random=64, gradient_steps=5,
+                                 pgd_restarts=2, pgd_steps=5, pgd_refine=1,
+                                 pgd_refine_steps=5)):
+        d2 = exact_distance_sq(res.witness, x0)
+        assert 0 < d2 <= Fraction(eps) ** 2
+        # and the value is below the network's global constant (a certified upper bound)
+        w1, w2 = net[0].weight.detach().double(), net[2].weight.detach().double()
+        bound = torch.linalg.matrix_norm(w2, 2) * torch.linalg.matrix_norm(w1, 2)
+        assert res.value <= float(bound)

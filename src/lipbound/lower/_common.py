@@ -149,6 +149,18 @@ def check_problem(
     eps_f = check_eps(eps)
 
     device, dtype = _param_device_dtype(model)
+    if dtype is not None and x0.dtype != dtype and not bool(
+            torch.equal(x0.to(dtype).to(x0.dtype), x0)):
+        # x0 is not a point of the model's dtype (a float64 input of a float32 model): a ball
+        # around its rounding would not be the caller's ball, so the search runs on a float64
+        # copy of the model around the exact x0 (slower, but about the ball asked for)
+        model64 = float64_model(model) if x0.dtype == torch.float64 else None
+        if model64 is None:
+            raise InputError(
+                f"x0 ({x0.dtype}) is not representable in the model's {dtype}, and the model "
+                f"cannot be run in {x0.dtype}; pass x0.to({dtype}) (the point the model can "
+                "be run at) or a model in the input's dtype")
+        model, dtype = model64, torch.float64
     x0 = x0.detach().to(device=device or x0.device, dtype=dtype or x0.dtype)
     shape = tuple(x0.shape[1:])
     dim = int(x0.numel())

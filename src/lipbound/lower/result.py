@@ -38,7 +38,8 @@ class LowerBoundResult:
     lowered by an allowance for their rounding (``details["rounding_error_estimate"]``,
     relative), so ``value <= lipbound.lower.ratio_at(model, x0, witness)``. It is therefore
     a lower bound on ``L(x0, eps)`` (up to that rounding estimate), never an upper bound.
-    ``x0`` is first rounded to the model's dtype: the ball is centred there.
+    The ball is centred at ``x0`` itself: a float64 ``x0`` that the model's float32 cannot
+    represent is searched around on a float64 copy of the model (the witness is float64).
 
     Attributes:
         value: the attained ratio.
