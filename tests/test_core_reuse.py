@@ -177,3 +177,23 @@ def test_a_repeated_operator_reports_the_union_bound_over_the_layer_computations
         # which of the layer's 3 computations matches depends on earlier results
         assert b.failure_prob == (min(1.0, 3 * a.failure_prob) if a.failure_prob > 0 else 0.0)
     assert again.failure_prob >= 3 * first.failure_prob * (1 - 1e-12)
+
+
+def test_a_reuse_copy_continues_the_draws_of_its_analyzer(monkeypatch):
+    import lipbound.analyzer as az
+
+    seeds: list[int] = []
+    real = az.spectral_upper
+
+    def spy(*args, **kwargs):
+        seeds.append(kwargs["generator"].initial_seed())
+        return real(*args, **kwargs)
+
+    model, shape, x0 = _small_model(widths=(60, 90, 80, 5))
+    monkeypatch.setattr(az, "spectral_upper", spy)
+    an = Analyzer(model, shape, spectral="lanczos", lanczos_steps=24)
+    an.local_bound(x0, 0.3)
+    n = len(seeds)
+    an.reuse_copy(0.02).local_bound(x0, 0.3)  # its own memory: computed again
+    assert len(seeds) == 2 * n
+    assert not set(seeds[:n]) & set(seeds[n:])

@@ -348,7 +348,8 @@ class Analyzer:
 
     def reuse_copy(self, reuse_tol: float) -> Analyzer:
         """A shallow copy that shares the traced graph, the exact dense matrices, the global
-        factors and the seed, with its own (empty) memory of layer factors and the given
+        factors, the seed and the count of each layer's draws (so that no start vector is
+        drawn twice), with its own (empty) memory of layer factors and the given
         ``reuse_tol`` (see :meth:`_reuse`). Used by sweeps and radius searches."""
         import copy
 
@@ -356,7 +357,8 @@ class Analyzer:
         twin = copy.copy(self)
         twin._memo = {}
         twin._queries = {}
-        twin._draws = {}
+        # the draw counters are shared: no start vector is used twice in the family
+        twin._draws = self._draws
         twin._skipped_queries = 0
         twin.reuse_tol = reuse_tol
         return twin
