@@ -48,7 +48,7 @@ def main() -> None:
         return
     for method in ("global", "local", "margin"):
         rad = certified_radius(model, x0, analyzer=analyzer, method=method)
-        print(f"certified radius ({method}): {rad.radius:.4g} ({rad.guarantee.value})")
+        print(f"certified radius ({method}): {rad.radius:.4g} ({rad.guarantee_label})")
 
 
 if __name__ == "__main__":
