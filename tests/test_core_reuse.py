@@ -132,22 +132,29 @@ def test_factors_of_other_settings_are_not_reused():
                                         seed=2).local_bound(x0, 0.3).value
 
 
-def test_each_computation_of_a_layer_draws_its_own_start_vector(monkeypatch):
-    """A layer's later computations on one analyzer (another radius, another input) draw
-    start vectors of their own, so a computation's failure probability holds whatever
-    earlier results chose its operator (an adaptive radius search, a sweep that skips);
-    the first computation draws what a fresh analyzer draws."""
+def _record_start_seeds(monkeypatch) -> list[int]:
+    """The seeds of the generators every local-factor computation passes to
+    ``spectral_upper``, appended as the analyzer runs."""
     import lipbound.analyzer as az
 
-    seeds: list[tuple[int, int]] = []
+    seeds: list[int] = []
     real = az.spectral_upper
 
     def spy(*args, **kwargs):
         seeds.append(kwargs["generator"].initial_seed())
         return real(*args, **kwargs)
 
-    model, shape, x0 = _small_model(widths=(60, 90, 80, 5))
     monkeypatch.setattr(az, "spectral_upper", spy)
+    return seeds
+
+
+def test_each_computation_of_a_layer_draws_its_own_start_vector(monkeypatch):
+    """A layer's later computations on one analyzer (another radius, another input) draw
+    start vectors of their own, so a computation's failure probability holds whatever
+    earlier results chose its operator (an adaptive radius search, a sweep that skips);
+    the first computation draws what a fresh analyzer draws."""
+    seeds = _record_start_seeds(monkeypatch)
+    model, shape, x0 = _small_model(widths=(60, 90, 80, 5))
     Analyzer(model, shape, spectral="lanczos", lanczos_steps=24).local_bound(x0, 0.3)
     fresh = list(seeds)
     seeds.clear()
@@ -180,17 +187,8 @@ def test_a_repeated_operator_reports_the_union_bound_over_the_layer_computations
 
 
 def test_a_reuse_copy_continues_the_draws_of_its_analyzer(monkeypatch):
-    import lipbound.analyzer as az
-
-    seeds: list[int] = []
-    real = az.spectral_upper
-
-    def spy(*args, **kwargs):
-        seeds.append(kwargs["generator"].initial_seed())
-        return real(*args, **kwargs)
-
+    seeds = _record_start_seeds(monkeypatch)
     model, shape, x0 = _small_model(widths=(60, 90, 80, 5))
-    monkeypatch.setattr(az, "spectral_upper", spy)
     an = Analyzer(model, shape, spectral="lanczos", lanczos_steps=24)
     an.local_bound(x0, 0.3)
     n = len(seeds)

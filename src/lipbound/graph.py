@@ -41,6 +41,11 @@ class _Tracer(fx.Tracer):
         return super().is_leaf_module(m, qualname)
 
 
+def modules_in_training(model: nn.Module) -> list[str]:
+    """Names of every module of ``model`` in training mode (``"<root>"`` for the model)."""
+    return [name or "<root>" for name, m in model.named_modules() if m.training]
+
+
 def check_eval_mode(model: nn.Module) -> None:
     """Refuse a model in training mode (documented choice: we never change the user's model).
 

@@ -45,6 +45,7 @@ from torch import Tensor, nn
 
 from lipbound._precision import exact_float32, model_device
 from lipbound.errors import InputError
+from lipbound.graph import modules_in_training
 from lipbound.results import Guarantee
 
 logger = logging.getLogger(__name__)
@@ -429,7 +430,7 @@ def _prepare(model: nn.Module, x0: Tensor, bounds: Bounds | None,
              seed: int) -> tuple[AttackContext, Tensor]:
     if not isinstance(model, nn.Module):
         raise InputError(f"expected model to be a torch.nn.Module, got {type(model).__name__}")
-    training = [name or "<root>" for name, m in model.named_modules() if m.training]
+    training = modules_in_training(model)
     if training:
         raise InputError(
             f"the model is in training mode ({len(training)} module(s), e.g. {training[0]!r}); "

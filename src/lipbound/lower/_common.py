@@ -23,6 +23,7 @@ from torch import nn
 
 from lipbound._precision import exact_float32_on_model
 from lipbound.errors import InputError
+from lipbound.graph import modules_in_training
 from lipbound.validation import check_eps, check_int
 
 logger = logging.getLogger(__name__)
@@ -112,7 +113,7 @@ def _param_device_dtype(model: nn.Module) -> tuple[torch.device | None, torch.dt
 
 def _check_eval(model: nn.Module) -> None:
     """Refuse a model with any module in training mode (not only the root's flag)."""
-    training = [name or "<root>" for name, m in model.named_modules() if m.training]
+    training = modules_in_training(model)
     if training:
         raise InputError(
             f"the model is in training mode ({len(training)} module(s), e.g. "
