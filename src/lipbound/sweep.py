@@ -593,20 +593,24 @@ def sweep(model_or_analyzer: nn.Module | Analyzer, x0: Tensor, eps_values: Seque
     show = bool(progress) and sys.stderr.isatty()
     from tqdm import tqdm
 
+    from .lower._common import one_float64_copy
+
     with tqdm(total=len(eps_list) * len(meths), disable=not show, desc=f"sweep {model_name}",
               unit="bound", leave=False) as bar:
         if uppers:
             stats = _upper_points(an, x0, eps_list, uppers, output_map, reuse_tol, rows_pts,
                                   all_notes, bar)
-        for i, eps in enumerate(eps_list):
-            for m in lowers:
-                bar.set_postfix_str(f"eps={eps:.3g} {m}")
-                lr = _lower(m, lower_model, x0_model, eps, samples=samples, steps=steps,
-                            restarts=restarts, seed=seed, output_map=output_map)
-                rows_pts[i][m] = SweepPoint(m, float(lr.value), lr.guarantee, float(lr.seconds),
-                                            0.0, {"witness_distance": lr.witness_distance,
-                                                  "n_evaluations": lr.n_evaluations})
-                bar.update(1)
+        # the lower bounds' witnesses at every radius share one float64 copy of the model
+        with one_float64_copy(lower_model):
+            for i, eps in enumerate(eps_list):
+                for m in lowers:
+                    bar.set_postfix_str(f"eps={eps:.3g} {m}")
+                    lr = _lower(m, lower_model, x0_model, eps, samples=samples, steps=steps,
+                                restarts=restarts, seed=seed, output_map=output_map)
+                    rows_pts[i][m] = SweepPoint(m, float(lr.value), lr.guarantee, float(lr.seconds),
+                                                0.0, {"witness_distance": lr.witness_distance,
+                                                      "n_evaluations": lr.n_evaluations})
+                    bar.update(1)
     rows: list[SweepRow] = []
     for eps, pts in zip(eps_list, rows_pts, strict=True):
         row = SweepRow(eps, tuple(pts[m] for m in meths))

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from lipbound._precision import exact_float32_on_model
+from lipbound.lower._common import one_float64_copy
 from lipbound.lower.gradient import gradient_lower_bound
 from lipbound.lower.pgd import pgd_lower_bound
 from lipbound.lower.result import LowerBoundResult
@@ -68,14 +69,15 @@ def best_lower_bound(
     pgd_steps = check_int(pgd_steps, "pgd_steps", 0)
     pgd_refine = check_int(pgd_refine, "pgd_refine", 0)
     pgd_refine_steps = check_int(pgd_refine_steps, "pgd_refine_steps", 0)
-    rnd = random_lower_bound(model, x0, eps, n_samples=n_random, seed=seed,
-                             output_map=output_map, progress=progress)
-    grad = gradient_lower_bound(model, x0, eps, n_steps=gradient_steps, seed=seed,
-                                output_map=output_map)
-    init = torch.cat([rnd.witness, grad.witness.to(rnd.witness)])
-    pgd = pgd_lower_bound(model, x0, eps, n_restarts=pgd_restarts, n_steps=pgd_steps,
-                          n_refine=pgd_refine, refine_steps=pgd_refine_steps, seed=seed,
-                          output_map=output_map, init=init)
+    with one_float64_copy(model):  # the three methods' witnesses share one float64 copy
+        rnd = random_lower_bound(model, x0, eps, n_samples=n_random, seed=seed,
+                                 output_map=output_map, progress=progress)
+        grad = gradient_lower_bound(model, x0, eps, n_steps=gradient_steps, seed=seed,
+                                    output_map=output_map)
+        init = torch.cat([rnd.witness, grad.witness.to(rnd.witness)])
+        pgd = pgd_lower_bound(model, x0, eps, n_restarts=pgd_restarts, n_steps=pgd_steps,
+                              n_refine=pgd_refine, refine_steps=pgd_refine_steps, seed=seed,
+                              output_map=output_map, init=init)
     results = [rnd, grad, pgd]
     winner = results[0]
     for r in results[1:]:
