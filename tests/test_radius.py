@@ -579,8 +579,8 @@ def test_cli_violation_only_when_the_exact_network_changes_class(capsys, monkeyp
     import lipbound.attacks as attacks
     from lipbound.analyzer import Analyzer
     from lipbound.cli import main
-    from lipbound.cli.radius import exact_class_change
     from lipbound.inputs import load_sample
+    from lipbound.radius import exact_class_change
     from lipbound.zoo import load_model
 
     lm = load_model("compnet")

@@ -52,7 +52,7 @@ from .spectral import SAFETY
 from .validation import check_eps, check_input, check_reuse_tol
 
 __all__ = ["METHODS", "RadiusMethod", "RadiusResult", "best", "certified_radii",
-           "certified_radius"]
+           "certified_radius", "exact_class_change"]
 
 log = logging.getLogger(__name__)
 
@@ -250,6 +250,35 @@ def _model_class(an: Analyzer, x0: Tensor) -> tuple[int | None, str]:
     if not bool(torch.isfinite(y).all()):
         return None, name
     return int(y.argmax()), name
+
+
+ClassChange = Literal["changes", "keeps", "undecided"]
+
+
+def exact_class_change(an: Analyzer, x: Tensor, cls: int) -> ClassChange:
+    """Whether the network in exact arithmetic changes class ``cls`` at ``x``: ``"changes"``
+    (some other logit is larger), ``"keeps"`` (``cls`` is larger than every other) or
+    ``"undecided"`` (within the rounding of the float64 forward pass, bounded by
+    :meth:`lipbound.analyzer.Analyzer.nominal_error`: the exact logits lie within ``Δ`` in
+    L2 of the computed ones, so a logit difference moves by at most ``sqrt(2) Δ``).
+
+    This is how ``lipbound radius`` tells a real violation (an attack closer than the
+    certified radius at which the exact network changes class) from float32 rounding of the
+    model (a class change that only the float32 model makes, which the certificate does
+    not cover)."""
+    y, delta, _, _ = an.nominal_error(x)
+    y = y.to(torch.float64).cpu()
+    others = torch.cat([y[:cls], y[cls + 1:]])
+    if others.numel() == 0:
+        return "keeps"
+    gap = others - y[cls]  # each difference rounded once: 2^-53 (|y_j| + |y_c|) covers it
+    slack = math.sqrt(2.0) * delta * (1 + 1e-9) + 2.0 ** -52 * (others.abs() + abs(float(y[cls])))
+    if bool((gap > slack).any()):
+        return "changes"
+    if bool((gap < -slack).all()):
+        return "keeps"
+    return "undecided"
+
 
 
 # ---------------------------------------------------------------------------------- tests

@@ -16,10 +16,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-import torch
-from torch import Tensor
-
 from ..errors import InputError
+from ..radius import exact_class_change
 from ..results import format_prob_up
 from .common import (
     add_common,
@@ -115,26 +113,6 @@ def radius_guarantee(c) -> str:
 def radius_dict(c) -> dict[str, Any]:
     """``RadiusResult.to_dict()`` (it carries the radius' own guarantee label and quantity)."""
     return c.to_dict()
-
-
-def exact_class_change(an, x: Tensor, cls: int) -> str:
-    """Whether the network in exact arithmetic changes class ``cls`` at ``x``: ``"changes"``
-    (some other logit is larger), ``"keeps"`` (``cls`` is larger than every other) or
-    ``"undecided"`` (within the rounding of the float64 forward pass, bounded by
-    :meth:`lipbound.analyzer.Analyzer.nominal_error`: the exact logits lie within ``Δ`` in
-    L2 of the computed ones, so a logit difference moves by at most ``sqrt(2) Δ``)."""
-    y, delta, _, _ = an.nominal_error(x)
-    y = y.to(torch.float64).cpu()
-    others = torch.cat([y[:cls], y[cls + 1:]])
-    if others.numel() == 0:
-        return "keeps"
-    gap = others - y[cls]  # each difference rounded once: 2^-53 (|y_j| + |y_c|) covers it
-    slack = math.sqrt(2.0) * delta * (1 + 1e-9) + 2.0 ** -52 * (others.abs() + abs(float(y[cls])))
-    if bool((gap > slack).any()):
-        return "changes"
-    if bool((gap < -slack).all()):
-        return "keeps"
-    return "undecided"
 
 
 def _one(model, an, sample, methods: list[str], attacks: list[str], args) -> dict[str, Any]:
