@@ -67,10 +67,13 @@ def test_exact_float32_sets_ieee_on_cuda_only_and_restores():
 
 
 def test_model_device_and_decorator():
+    from lipbound._modelinfo import model_device
+
     lin = torch.nn.Linear(2, 2)
-    assert _precision.model_device(lin) == torch.device("cpu")
-    assert _precision.model_device(torch.nn.ReLU()) is None
-    assert _precision.model_device("not a module") is None
+    assert model_device(lin) == torch.device("cpu")
+    assert model_device(torch.nn.ReLU()) is None
+    assert model_device("not a module") is None
+    assert model_device(torch.nn.ReLU(), torch.device("cpu")) == torch.device("cpu")
 
     @_precision.exact_float32_on_model
     def f(model, x, *, k=1):
@@ -78,3 +81,32 @@ def test_model_device_and_decorator():
 
     assert f(lin, 2, k=3) == (lin, 2, 3)
     assert f(model=lin, x=1) == (lin, 1, 1)
+
+
+def test_model_dtype_device_uses_the_first_floating_tensor():
+    """One rule: the first floating-point parameter, else buffer; a non-floating tensor
+    before it is skipped; without one, the default's type (float32 if none)."""
+    from lipbound._modelinfo import floating_tensor, model_dtype_device
+
+    class Odd(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.count = torch.nn.Parameter(torch.zeros(2, dtype=torch.int64),
+                                            requires_grad=False)
+            self.lin = torch.nn.Linear(2, 2).double()
+
+    odd = Odd()
+    assert floating_tensor(odd) is odd.lin.weight
+    assert model_dtype_device(odd) == (torch.float64, torch.device("cpu"))
+    # buffers only, an integer one first
+    bn = torch.nn.BatchNorm1d(3, affine=False).double()
+    bn.register_buffer("a_first_int", torch.zeros(1, dtype=torch.int64))
+    assert model_dtype_device(bn) == (torch.float64, torch.device("cpu"))
+    # no floating tensor: the default's type, else float32
+    ints = torch.nn.Module()
+    ints.register_buffer("n", torch.zeros(1, dtype=torch.int64))
+    x64 = torch.zeros(1, dtype=torch.float64)
+    assert model_dtype_device(ints, default=x64) == (torch.float64, torch.device("cpu"))
+    assert model_dtype_device(torch.nn.ReLU()) == (torch.float32, torch.device("cpu"))
+    assert model_dtype_device(torch.nn.ReLU(), default=torch.zeros(1, dtype=torch.int64)) \
+        == (torch.float32, torch.device("cpu"))

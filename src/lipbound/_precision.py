@@ -18,13 +18,13 @@ and restored afterwards (not thread-safe against other threads changing them mea
 from __future__ import annotations
 
 import functools
-import itertools
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any, TypeVar
 
 import torch
-from torch import nn
+
+from ._modelinfo import model_device
 
 _F = TypeVar("_F", bound=Callable[..., Any])
 
@@ -77,14 +77,6 @@ def exact_float32(device: torch.device | str | None) -> Iterator[None]:
         return
     with _ieee_float32_cuda():
         yield
-
-
-def model_device(model: object) -> torch.device | None:
-    """The device of a module's first parameter (else buffer), or ``None``."""
-    if isinstance(model, nn.Module):
-        for t in itertools.chain(model.parameters(), model.buffers()):
-            return t.device
-    return None
 
 
 def exact_float32_on_model(fn: _F) -> _F:

@@ -19,6 +19,7 @@ from dataclasses import dataclass, replace
 import torch
 from torch import Tensor, nn
 
+from ._modelinfo import model_device
 from .blocks import AffineBlock, Block, PoolBlock, build_blocks
 from .errors import ExactRouteTooLarge, InputError
 from .graph import trace_model
@@ -55,12 +56,6 @@ DENSE_CACHE_ELEMENTS = 4_000_000
 LOCAL_QUANTITY = ("local Lipschitz constant relative to x0: sup ||f(x)-f(x0)||/||x-x0|| over "
                   "0<||x-x0||<=eps (L2)")
 GLOBAL_QUANTITY = "global Lipschitz constant: sup ||f(x)-f(y)||/||x-y|| over all x != y (L2)"
-
-
-def _model_device(model: nn.Module) -> torch.device:
-    for t in list(model.parameters()) + list(model.buffers()):
-        return t.device
-    return torch.device("cpu")
 
 
 PROBE_MIN_FLOPS = 500_000
@@ -311,7 +306,7 @@ class Analyzer:
         seed = check_int(seed, "seed", 0)
         self.model = model
         self.input_shape = tuple(int(s) for s in input_shape)
-        self.device = resolve_device(device, _model_device(model))
+        self.device = resolve_device(device, model_device(model, torch.device("cpu")))
         self.spectral = spectral
         self.lanczos_steps = int(lanczos_steps)
         self.failure_prob = float(failure_prob)

@@ -43,6 +43,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ._modelinfo import model_device
 from .errors import InputError
 from .results import BoundResult, Guarantee, _jsonable
 
@@ -413,9 +414,7 @@ def _check_repeat(repeat: int) -> int:
 
 
 def _model_device(model: nn.Module) -> torch.device:
-    for t in model.parameters():
-        return t.device
-    return torch.device("cpu")
+    return model_device(model, torch.device("cpu"))  # type: ignore[return-value]
 
 
 # ---------------------------------------------------------------------------- core

@@ -17,6 +17,7 @@ import torch
 import torch.fx as fx
 from torch import Tensor, nn
 
+from ._modelinfo import model_dtype_device
 from ._precision import exact_float32
 from .errors import InputError, UnsupportedModelError, WeightsError
 from .ops.base import Op
@@ -95,21 +96,6 @@ def check_finite_parameters(model: nn.Module) -> None:
     if bad:
         raise WeightsError(f"the model's weights contain NaN/inf in {', '.join(bad)}; load "
                            "valid weights (a diverged training run or a corrupt file?)")
-
-
-def model_dtype_device(model: nn.Module, default: Tensor | None = None
-                       ) -> tuple[torch.dtype, torch.device]:
-    """The floating-point type and device the model computes in: those of its first
-    parameter (else buffer); without one, those of ``default`` (else float32 on the CPU).
-    A non-floating reference gives float32."""
-    ref = next(iter(model.parameters()), None)
-    if ref is None:
-        ref = next(iter(model.buffers()), None)
-    if ref is None:
-        ref = default
-    if ref is None:
-        return torch.float32, torch.device("cpu")
-    return (ref.dtype if ref.is_floating_point() else torch.float32), ref.device
 
 
 def trace_model(model: nn.Module, input_shape: Sequence[int]) -> list[Op]:

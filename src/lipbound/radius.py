@@ -43,10 +43,10 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
+from ._modelinfo import model_dtype_device
 from ._precision import exact_float32
 from .analyzer import Analyzer
 from .errors import InputError
-from .graph import model_dtype_device
 from .results import Guarantee, _jsonable, format_prob_up
 from .spectral import SAFETY
 from .validation import check_eps, check_input, check_reuse_tol

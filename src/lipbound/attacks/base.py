@@ -43,7 +43,8 @@ from typing import Any, ClassVar, Literal
 import torch
 from torch import Tensor, nn
 
-from lipbound._precision import exact_float32, model_device
+from lipbound._modelinfo import model_device, model_dtype_device
+from lipbound._precision import exact_float32
 from lipbound.errors import InputError
 from lipbound.graph import modules_in_training
 from lipbound.results import Guarantee
@@ -419,13 +420,6 @@ class Attack(ABC):
 # validation and verification
 
 
-def _model_device_dtype(model: nn.Module, x0: Tensor) -> tuple[torch.device, torch.dtype]:
-    for p in list(model.parameters()) + list(model.buffers()):
-        if p.is_floating_point():
-            return p.device, p.dtype
-    return x0.device, x0.dtype
-
-
 def _prepare(model: nn.Module, x0: Tensor, bounds: Bounds | None,
              seed: int) -> tuple[AttackContext, Tensor]:
     if not isinstance(model, nn.Module):
@@ -451,7 +445,7 @@ def _prepare(model: nn.Module, x0: Tensor, bounds: Bounds | None,
         raise InputError("x0 contains NaN or infinite values; attacks need a finite input")
     if not isinstance(seed, int) or isinstance(seed, bool):
         raise InputError(f"expected an integer seed, got {seed!r}")
-    device, dtype = _model_device_dtype(model, x0)
+    dtype, device = model_dtype_device(model, default=x0)
     x0_ref = x0.detach().to(device=device, dtype=torch.float64)
     xm = x0.detach().to(device=device, dtype=dtype)
     if not bool(torch.isfinite(xm).all()):

@@ -32,9 +32,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from lipbound._modelinfo import model_dtype_device
 from lipbound.baselines.fc import FCLayers, NotFullyConnectedError, check_eps, fc_layers
 from lipbound.errors import InputError, LipboundError, UnsupportedModelError
-from lipbound.graph import model_dtype_device
 from lipbound.results import BoundResult, Guarantee
 from lipbound.validation import check_int
 

@@ -25,8 +25,9 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
+from lipbound._modelinfo import model_dtype_device
 from lipbound.errors import InputError, LipboundError, UnsupportedModelError
-from lipbound.graph import check_finite_parameters, model_dtype_device
+from lipbound.graph import check_finite_parameters
 from lipbound.validation import check_eps
 
 logger = logging.getLogger(__name__)

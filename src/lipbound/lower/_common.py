@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from lipbound._modelinfo import floating_tensor
 from lipbound._precision import exact_float32_on_model
 from lipbound.errors import InputError
 from lipbound.graph import modules_in_training
@@ -108,10 +109,10 @@ class Problem:
 
 
 def _param_device_dtype(model: nn.Module) -> tuple[torch.device | None, torch.dtype | None]:
-    for p in list(model.parameters()) + list(model.buffers()):
-        if p.is_floating_point():
-            return p.device, p.dtype
-    return None, None
+    """The model's device and floating-point type, or ``(None, None)`` without a floating
+    parameter or buffer (the input's are then used)."""
+    ref = floating_tensor(model)
+    return (None, None) if ref is None else (ref.device, ref.dtype)
 
 
 def _check_eval(model: nn.Module) -> None:

@@ -1,0 +1,51 @@
+"""Where, and in which floating-point type, a module computes.
+
+One rule for the whole package (the tracer, the analyzer, the attacks, the lower bounds, the
+baselines, the benchmarks and the IEEE-float32 guard): a model computes in the type and on
+the device of its first floating-point parameter, else of its first floating-point buffer.
+A leaf module (it imports nothing from lipbound), so that every other module can use it.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import torch
+from torch import Tensor, nn
+
+
+def floating_tensor(model: object) -> Tensor | None:
+    """The first floating-point parameter of ``model``, else its first floating-point buffer,
+    or ``None`` (not a module, or a module without floating-point tensors)."""
+    if not isinstance(model, nn.Module):
+        return None
+    for t in itertools.chain(model.parameters(), model.buffers()):
+        if t.is_floating_point():
+            return t
+    return None
+
+
+def model_device(model: object, default: torch.device | None = None) -> torch.device | None:
+    """The device ``model`` computes on (:func:`floating_tensor`'s; without one, the device of
+    any parameter or buffer), else ``default``."""
+    ref = floating_tensor(model)
+    if ref is None and isinstance(model, nn.Module):
+        ref = next(itertools.chain(model.parameters(), model.buffers()), None)
+    return default if ref is None else ref.device
+
+
+def model_dtype_device(model: nn.Module, default: Tensor | None = None
+                       ) -> tuple[torch.dtype, torch.device]:
+    """The floating-point type and the device ``model`` computes in: those of
+    :func:`floating_tensor`; without one, the device of any parameter or buffer with the type
+    of ``default`` (else float32); without any tensor, those of ``default`` (else float32 on
+    the CPU). A non-floating ``default`` gives float32."""
+    ref = floating_tensor(model)
+    if ref is not None:
+        return ref.dtype, ref.device
+    dtype = default.dtype if default is not None and default.is_floating_point() \
+        else torch.float32
+    device = model_device(model)
+    if device is None:
+        device = default.device if default is not None else torch.device("cpu")
+    return dtype, device
