@@ -148,21 +148,14 @@ def test_ball_is_centred_at_a_float64_x0_of_a_float32_model() -> None:
         assert res.value <= float(bound)
 
 
-@pytest.mark.parametrize("x0_dtype", [torch.float32, torch.float64])
-def test_best_lower_bound_makes_one_float64_copy(monkeypatch, x0_dtype) -> None:
-    """best_lower_bound runs three methods; their witnesses are re-evaluated on one shared
-    float64 copy of a float32 model (not one copy per method), with the same values as the
-    methods run on their own, and the copy is not kept after the call."""
+def count_float64_copies(monkeypatch, net: nn.Module) -> list[int]:
+    """A list that gains an item whenever the lower bounds deep-copy ``net`` (for their
+    float64 copy)."""
     import copy as copy_module
 
     from lipbound.lower import _common
 
-    torch.manual_seed(1)
-    net = nn.Sequential(nn.Linear(3, 5), nn.ReLU(), nn.Linear(5, 2)).eval()
-    x0 = torch.tensor([[0.1, -0.2, 0.3]], dtype=x0_dtype)
-    kw = {"n_random": 64, "gradient_steps": 5, "pgd_restarts": 2, "pgd_steps": 5,
-          "pgd_refine": 1, "pgd_refine_steps": 5}
-    copies = []
+    copies: list[int] = []
     real_deepcopy = copy_module.deepcopy
 
     def counting_deepcopy(obj, *args, **kwargs):
@@ -171,6 +164,22 @@ def test_best_lower_bound_makes_one_float64_copy(monkeypatch, x0_dtype) -> None:
         return real_deepcopy(obj, *args, **kwargs)
 
     monkeypatch.setattr(_common.copy, "deepcopy", counting_deepcopy)
+    return copies
+
+
+@pytest.mark.parametrize("x0_dtype", [torch.float32, torch.float64])
+def test_best_lower_bound_makes_one_float64_copy(monkeypatch, x0_dtype) -> None:
+    """best_lower_bound runs three methods; their witnesses are re-evaluated on one shared
+    float64 copy of a float32 model (not one copy per method), with the same values as the
+    methods run on their own, and the copy is not kept after the call."""
+    from lipbound.lower import _common
+
+    torch.manual_seed(1)
+    net = nn.Sequential(nn.Linear(3, 5), nn.ReLU(), nn.Linear(5, 2)).eval()
+    x0 = torch.tensor([[0.1, -0.2, 0.3]], dtype=x0_dtype)
+    kw = {"n_random": 64, "gradient_steps": 5, "pgd_restarts": 2, "pgd_steps": 5,
+          "pgd_refine": 1, "pgd_refine_steps": 5}
+    copies = count_float64_copies(monkeypatch, net)
     best = best_lower_bound(net, x0, 0.05, **kw)
     assert len(copies) == 1
     assert _common._SHARED_COPY.get() is None
@@ -183,23 +192,12 @@ def test_best_lower_bound_makes_one_float64_copy(monkeypatch, x0_dtype) -> None:
 def test_sweep_lower_bounds_share_one_float64_copy(monkeypatch) -> None:
     """A sweep of float32 lower bounds (lower_dtype=None) re-evaluates its witnesses at every
     radius on one float64 copy of the model, with the values of the methods run alone."""
-    import copy as copy_module
-
-    from lipbound.lower import _common
     from lipbound.sweep import sweep
 
     torch.manual_seed(2)
     net = nn.Sequential(nn.Linear(3, 5), nn.ReLU(), nn.Linear(5, 2)).eval()
     x0 = torch.tensor([[0.1, -0.2, 0.3]])
-    copies = []
-    real_deepcopy = copy_module.deepcopy
-
-    def counting_deepcopy(obj, *args, **kwargs):
-        if obj is net:
-            copies.append(1)
-        return real_deepcopy(obj, *args, **kwargs)
-
-    monkeypatch.setattr(_common.copy, "deepcopy", counting_deepcopy)
+    copies = count_float64_copies(monkeypatch, net)
     res = sweep(net, x0, [0.01, 0.1, 1.0], "random,gradient", progress=False, samples=32,
                 steps=3, lower_dtype=None)
     assert len(copies) == 1
