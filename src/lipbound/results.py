@@ -7,6 +7,8 @@ from dataclasses import asdict, dataclass, field
 from enum import Enum
 from typing import Any
 
+import torch
+
 
 class Guarantee(str, Enum):
     """What a reported number is.
@@ -46,12 +48,18 @@ def combine_guarantees(gs: list[Guarantee]) -> Guarantee:
 
 
 def _jsonable(v: Any) -> Any:
+    """``v`` with everything JSON cannot hold replaced, the one rule of every ``to_dict``:
+    enums by their value, tensors by a number (one element) or nested lists, non-finite
+    floats by ``None`` (NaN) or ``"inf"``/``"-inf"``, dictionary keys by strings, tuples by
+    lists."""
     if isinstance(v, Enum):
         return v.value
+    if isinstance(v, torch.Tensor):
+        return v.item() if v.numel() == 1 else v.detach().cpu().tolist()
     if isinstance(v, float) and not math.isfinite(v):
         return None if math.isnan(v) else ("inf" if v > 0 else "-inf")
     if isinstance(v, dict):
-        return {k: _jsonable(x) for k, x in v.items()}
+        return {str(k): _jsonable(x) for k, x in v.items()}
     if isinstance(v, (list, tuple)):
         return [_jsonable(x) for x in v]
     return v

@@ -30,7 +30,6 @@ import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from enum import Enum
 from pathlib import Path
 from typing import Any
 
@@ -39,7 +38,7 @@ from torch import Tensor, nn
 
 from .analyzer import Analyzer
 from .errors import InputError
-from .results import Guarantee
+from .results import Guarantee, _jsonable
 from .validation import check_eps, check_input, check_reuse_tol
 
 __all__ = [
@@ -66,18 +65,6 @@ UPPER_METHODS: tuple[str, ...] = ("local", "global")
 LOWER_METHODS: tuple[str, ...] = ("random", "gradient", "pgd", "best")
 ALL_METHODS: tuple[str, ...] = UPPER_METHODS + LOWER_METHODS
 DEFAULT_METHODS: tuple[str, ...] = ("local", "global", "random", "gradient", "pgd")
-
-
-def _jsonable(v: Any) -> Any:
-    if isinstance(v, Enum):
-        return v.value
-    if isinstance(v, float) and not math.isfinite(v):
-        return None if math.isnan(v) else ("inf" if v > 0 else "-inf")
-    if isinstance(v, dict):
-        return {str(k): _jsonable(x) for k, x in v.items()}
-    if isinstance(v, (list, tuple)):
-        return [_jsonable(x) for x in v]
-    return v
 
 
 @dataclass(frozen=True)

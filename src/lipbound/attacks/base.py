@@ -47,7 +47,7 @@ from lipbound._modelinfo import model_device, model_dtype_device
 from lipbound._precision import exact_float32
 from lipbound.errors import InputError
 from lipbound.graph import modules_in_training
-from lipbound.results import Guarantee
+from lipbound.results import Guarantee, _jsonable
 
 logger = logging.getLogger(__name__)
 
@@ -56,20 +56,6 @@ LossName = Literal["margin", "ce"]
 
 #: largest number of points sent through the model in one forward pass
 CHUNK = 64
-
-
-def _jsonable(v: Any) -> Any:
-    if isinstance(v, Guarantee):
-        return v.value
-    if isinstance(v, Tensor):
-        return v.detach().cpu().tolist() if v.numel() > 1 else v.item()
-    if isinstance(v, float) and not math.isfinite(v):
-        return None if math.isnan(v) else ("inf" if v > 0 else "-inf")
-    if isinstance(v, dict):
-        return {str(k): _jsonable(x) for k, x in v.items()}
-    if isinstance(v, (list, tuple)):
-        return [_jsonable(x) for x in v]
-    return v
 
 
 @dataclass(frozen=True)

@@ -2,28 +2,12 @@
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
-from enum import Enum
 from typing import Any
 
 import torch
 
-from lipbound.results import Guarantee
-
-
-def _jsonable(v: Any) -> Any:
-    if isinstance(v, Enum):
-        return v.value
-    if isinstance(v, torch.Tensor):
-        return v.item() if v.numel() == 1 else v.detach().cpu().tolist()
-    if isinstance(v, float) and not math.isfinite(v):
-        return None if math.isnan(v) else ("inf" if v > 0 else "-inf")
-    if isinstance(v, dict):
-        return {str(k): _jsonable(x) for k, x in v.items()}
-    if isinstance(v, (list, tuple)):
-        return [_jsonable(x) for x in v]
-    return v
+from lipbound.results import Guarantee, _jsonable
 
 
 @dataclass(frozen=True)
