@@ -95,3 +95,41 @@ def test_cli_local_exact_beyond_memory_is_a_clear_error(capsys, tiny_machine):
     assert err.startswith("lipbound: error: spectral='exact' (CLI --spectral exact) cannot "
                           "compute layer ")
     assert "Use spectral='auto'" in err
+
+
+def failing_allocation(kind: str):
+    """An ``exact_norm`` whose matrix cannot be allocated, as each allocator reports it."""
+    def fail(m):
+        if kind == "cuda":
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        if kind == "cpu":
+            raise RuntimeError("[enforce fail at alloc_cpu.cpp:127] err == 0. "
+                               "DefaultCPUAllocator: can't allocate memory: you tried ...")
+        raise MemoryError()
+    return fail
+
+
+@pytest.mark.parametrize("kind", ["cuda", "cpu", "python"])
+def test_allocation_failure_in_the_exact_route(monkeypatch, kind):
+    """The memory check reads the total memory; when forming the matrix still fails (a GPU
+    shared with other processes), forced exact gives ExactRouteTooLarge naming the layer,
+    and auto takes Lanczos, with a sound bound."""
+    monkeypatch.setattr(sp, "exact_norm", failing_allocation(kind))
+    az = Analyzer(small_cnn(), (1, 7, 7), spectral="exact")
+    with pytest.raises(ExactRouteTooLarge) as exc:
+        az.local_bound(X0, 0.05)
+    e = exc.value
+    assert e.avail is None and e.layer == az.blocks[0].name
+    assert "ran out of memory" in str(e) and "spectral='auto'" in str(e)
+    res = Analyzer(small_cnn(), (1, 7, 7), spectral="auto").local_bound(X0, 0.05)
+    assert all(lf.spectral_method.startswith("lanczos") for lf in res.layers)
+    jac = torch.autograd.functional.jacobian(small_cnn(), X0).reshape(4, -1)
+    assert res.value >= float(torch.linalg.matrix_norm(jac, 2))
+
+
+def test_other_runtime_errors_in_the_exact_route_are_not_hidden(monkeypatch):
+    def broken(m):
+        raise RuntimeError("some other failure")
+    monkeypatch.setattr(sp, "exact_norm", broken)
+    with pytest.raises(RuntimeError, match="some other failure"):
+        Analyzer(small_cnn(), (1, 7, 7), spectral="auto").local_bound(X0, 0.05)

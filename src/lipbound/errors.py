@@ -42,17 +42,21 @@ class ExactRouteTooLarge(InputError):
     ``layer``: the layer's name where known.
     """
 
-    def __init__(self, rows: int, cols: int, need: int, avail: int, where: str,
+    def __init__(self, rows: int, cols: int, need: int, avail: int | None, where: str,
                  layer: str | None = None):
         self.rows, self.cols, self.need, self.avail = rows, cols, need, avail
         self.where, self.layer = where, layer
-        ratio = -(-need // max(avail, 1))
         what = f"layer {layer}: its" if layer else "a layer's"
+        if avail is None:  # the allocation itself failed (e.g. a GPU shared with others)
+            size = f"at least {need / 1e9:.3g} GB, and {where} ran out of memory forming it"
+        else:
+            ratio = -(-need // max(avail, 1))
+            size = (f"at least {need / 1e9:.3g} GB, {ratio}x the {avail / 1e9:.3g} GB of "
+                    f"memory of {where}")
         super().__init__(
             f"spectral='exact' (CLI --spectral exact) cannot compute {what} {rows} x {cols} "
             f"matrix (the rows and columns that can move): the exact route forms it densely "
-            f"in float64, at least {need / 1e9:.3g} GB, {ratio}x the {avail / 1e9:.3g} GB of "
-            f"memory of {where}. Use spectral='auto' (exact where affordable, Lanczos with a "
+            f"in float64, {size}. Use spectral='auto' (exact where affordable, Lanczos with a "
             f"probabilistic guarantee elsewhere) or 'lanczos', or a smaller eps")
 
     def for_layer(self, layer: str) -> ExactRouteTooLarge:

@@ -38,6 +38,7 @@ KW factor, 1-2 %: the certified value is preferred at that price; see :func:`lan
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -51,6 +52,8 @@ from .lanczos import _STOP_MARGIN, LanczosResult, run_lanczos
 from .ops import winograd
 from .posterior import block_overlap_floor, overlap_floor
 from .results import Guarantee
+
+log = logging.getLogger(__name__)
 
 __all__ = ["SAFETY", "FAST_REL_ERROR", "SpectralBound", "LanczosResult", "RunParameters",
            "kw_factor", "exact_norm", "lanczos_top", "spectral_upper", "run_parameters",
@@ -139,6 +142,15 @@ def _materialize(mv: Callable[[Tensor], Tensor], rmv: Callable[[Tensor], Tensor]
 EXACT_MEMORY_CHECK_BYTES = 1 << 28
 """The exact route's matrices below this size (256 MB) are formed without asking how much
 memory there is."""
+
+
+def _out_of_memory(exc: BaseException) -> bool:
+    """Whether ``exc`` is an allocation failure: torch's (CUDA) ``OutOfMemoryError``,
+    Python's ``MemoryError`` or the CPU allocator's ``RuntimeError``."""
+    if isinstance(exc, (torch.OutOfMemoryError, MemoryError)):
+        return True
+    text = str(exc)
+    return "can't allocate memory" in text or "not enough memory" in text
 
 
 def exact_too_large(rows: int, cols: int, device) -> ExactRouteTooLarge | None:
@@ -347,7 +359,19 @@ def spectral_upper(mv: Callable[[Tensor], Tensor], rmv: Callable[[Tensor], Tenso
             return SpectralBound(alts[0][0], Guarantee.CERTIFIED, 0.0, alts[0][1], val)
         return best
     if use_exact:
-        return exact()
+        try:
+            return exact()
+        except (torch.OutOfMemoryError, MemoryError, RuntimeError) as exc:
+            if not _out_of_memory(exc):
+                raise
+            # the memory check above reads the device's total memory: on a GPU shared with
+            # other processes (or a machine short of memory) forming the matrix can still fail
+            dev = torch.device(device) if device is not None else torch.device("cpu")
+            where = "the GPU" if dev.type == "cuda" else "this machine"
+            if mode == "exact":
+                raise ExactRouteTooLarge(ma, na, exact_bytes(ma, na), None, where) from exc
+            log.info("the exact route's %d x %d matrix did not fit (%s); Lanczos instead",
+                     ma, na, type(exc).__name__)
     gen = generator if generator is not None else torch.Generator().manual_seed(0)
     # Lanczos on the smaller side: ||M|| = ||M^T||, and the basis, the re-orthogonalisation
     # and the KW dimension are those of the side actually used (compact coordinates).
