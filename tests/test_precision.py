@@ -66,6 +66,41 @@ def test_exact_float32_sets_ieee_on_cuda_only_and_restores():
     assert _flags() == before
 
 
+@pytest.mark.skipif(not _precision._NEW_API, reason="torch < 2.9: legacy TF32 flags")
+def test_exact_float32_across_threads_restores_only_when_the_last_leaves():
+    """Thread A enters, thread B enters, A leaves while B is still inside: the flags stay
+    IEEE for B (A must not restore TF32 under it); they are restored when B leaves."""
+    import threading
+
+    before = _flags()
+    a_in, b_in, a_out, b_may_leave = (threading.Event() for _ in range(4))
+    seen = {}
+
+    def a():
+        with _precision.exact_float32("cuda:0"):
+            a_in.set()
+            b_in.wait(5)
+        a_out.set()
+
+    def b():
+        a_in.wait(5)
+        with _precision.exact_float32("cuda:0"):
+            b_in.set()
+            a_out.wait(5)
+            seen["b_after_a_left"] = _flags()
+            b_may_leave.wait(5)
+
+    ta, tb = threading.Thread(target=a), threading.Thread(target=b)
+    ta.start()
+    tb.start()
+    ta.join(10)
+    a_out.wait(5)
+    b_may_leave.set()
+    tb.join(10)
+    assert seen["b_after_a_left"] == ("ieee", "ieee")
+    assert _flags() == before
+
+
 def test_model_device_and_decorator():
     from lipbound._modelinfo import model_device
 

@@ -11,13 +11,15 @@ chain check of :func:`lipbound.graph.trace_model`, the attacks' verification of 
 change and the lower bounds' recomputed ratios. :func:`exact_float32` runs them in IEEE
 float32 on CUDA; on every other device it does nothing (CPU results are unchanged).
 
-The settings are process-wide in torch: they are changed for the duration of the call
-and restored afterwards (not thread-safe against other threads changing them meanwhile).
+The settings are process-wide in torch: they are changed while any such call runs and
+restored when the last one ends (safe between the library's own calls in several threads;
+another thread that changes them meanwhile changes them for the library too).
 """
 
 from __future__ import annotations
 
 import functools
+import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any, TypeVar
@@ -44,28 +46,50 @@ def float32_products_exact() -> bool:
         return False
 
 
+def _read_flags() -> tuple[Any, Any]:
+    if _NEW_API:
+        return (torch.backends.cuda.matmul.fp32_precision,
+                torch.backends.cudnn.conv.fp32_precision)
+    return (torch.backends.cuda.matmul.allow_tf32,  # pragma: no cover - torch < 2.9
+            torch.backends.cudnn.allow_tf32)
+
+
+def _write_flags(flags: tuple[Any, Any]) -> None:
+    if _NEW_API:
+        torch.backends.cuda.matmul.fp32_precision, torch.backends.cudnn.conv.fp32_precision = \
+            flags
+    else:  # pragma: no cover - torch < 2.9
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = flags
+
+
+_IEEE = ("ieee", "ieee") if _NEW_API else (False, False)
+
+# the flags are process-wide: the first of lipbound's threads to enter sets them, the last
+# to leave restores them, so one thread leaving cannot switch TF32 back on under another
+_lock = threading.Lock()
+_inside = 0
+_saved: tuple[Any, Any] | None = None
+
+
 @contextmanager
 def _ieee_float32_cuda() -> Iterator[None]:
     """CUDA float32 matrix products and cuDNN convolutions in IEEE float32 (no TF32) while
-    inside; the previous settings are restored on exit."""
-    if _NEW_API:
-        mm, conv = torch.backends.cuda.matmul, torch.backends.cudnn.conv
-        saved = (mm.fp32_precision, conv.fp32_precision)
-        mm.fp32_precision = "ieee"
-        conv.fp32_precision = "ieee"
-        try:
-            yield
-        finally:
-            mm.fp32_precision, conv.fp32_precision = saved
-    else:  # pragma: no cover - torch < 2.9
-        saved_legacy = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
-        torch.backends.cuda.matmul.allow_tf32 = False
-        torch.backends.cudnn.allow_tf32 = False
-        try:
-            yield
-        finally:
-            torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = \
-                saved_legacy
+    inside (nested or in several threads: until the last one leaves); the previous settings
+    are restored on exit."""
+    global _inside, _saved
+    with _lock:
+        if _inside == 0:
+            _saved = _read_flags()
+            _write_flags(_IEEE)
+        _inside += 1
+    try:
+        yield
+    finally:
+        with _lock:
+            _inside -= 1
+            if _inside == 0 and _saved is not None:
+                _write_flags(_saved)
+                _saved = None
 
 
 @contextmanager
