@@ -531,3 +531,82 @@ def test_sample_of_another_zoo_network_is_refused(capsys):
     assert "zoo network mnist" in err
     # its own samples are fine
     assert load_sample("mnist:8", entry=get_entry("mnist")).label == 8
+
+
+# ------------------------------------------------- 9. the factory's mean / std / input_shape
+FACTORY_PREPROCESSING = textwrap.dedent("""
+    import torch
+    from torch import nn
+
+    def _net():
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Flatten(), nn.Linear(64, 3)).eval()
+
+    def scalars():
+        return {"model": _net(), "input_shape": (1, 8, 8), "mean": 0.5, "std": 0.25}
+
+    def lists():
+        return {"model": _net(), "input_shape": [1, 8, 8], "mean": [0.5], "std": [0.25]}
+
+    def tensors():
+        return {"model": _net(), "input_shape": (1, 8, 8), "mean": torch.tensor([0.5]),
+                "std": torch.tensor(0.25)}
+
+    def bad_std():
+        return {"model": _net(), "input_shape": (1, 8, 8), "std": "wide"}
+
+    def nan_mean():
+        return {"model": _net(), "input_shape": (1, 8, 8), "mean": float("nan")}
+
+    def bad_shape():
+        return {"model": _net(), "input_shape": "1x8x8"}
+
+    def float_shape():
+        return {"model": _net(), "input_shape": (1, 8.5, 8)}
+
+    def int_shape():
+        torch.manual_seed(0)
+        return {"model": nn.Sequential(nn.Linear(4, 3)).eval(), "input_shape": 4}
+""")
+
+
+@pytest.fixture()
+def prep_files(tmp_path):
+    from PIL import Image
+
+    src = tmp_path / "prep.py"
+    src.write_text(FACTORY_PREPROCESSING)
+    img = tmp_path / "x.png"
+    Image.fromarray(np.arange(64, dtype=np.uint8).reshape(8, 8) * 3).save(img)
+    return src, img
+
+
+def test_factory_mean_and_std_may_be_numbers_lists_or_tensors(capsys, prep_files):
+    """One number means every channel (it crashed with "'float' object is not iterable")."""
+    src, img = prep_files
+    values = {f: run_json(capsys, ["bound", "--model", f"{src}:{f}", "--input", str(img)])
+              for f in ("scalars", "lists", "tensors")}
+    assert values["scalars"]["value"] == values["lists"]["value"] == values["tensors"]["value"]
+
+
+@pytest.mark.parametrize("factory, words", [
+    ("bad_std", ["'std'", "'wide'", "one per channel"]),
+    ("nan_mean", ["'mean'", "finite"]),
+    ("bad_shape", ["'input_shape'", "'1x8x8'", "(1, 28, 28)"]),
+    ("float_shape", ["'input_shape'", "8.5"]),
+])
+def test_factory_preprocessing_of_the_wrong_kind_is_a_clear_error(capsys, prep_files, factory,
+                                                                  words):
+    src, img = prep_files
+    err = run_err(capsys, ["bound", "--model", f"{src}:{factory}", "--input", str(img)])
+    assert f"{src}:{factory}" in err
+    for w in words:
+        assert w in err, err
+
+
+def test_factory_input_shape_may_be_one_int(capsys, prep_files, tmp_path):
+    src, _ = prep_files
+    x = tmp_path / "v.npy"
+    np.save(x, np.linspace(-1, 1, 4))
+    assert run_json(capsys, ["bound", "--model", f"{src}:int_shape", "--input", str(x)])[
+        "value"] > 0

@@ -6,6 +6,7 @@ import argparse
 import importlib.util
 import json
 import math
+import numbers
 import os
 import re
 import sys
@@ -490,6 +491,43 @@ def _check_eval(model: nn.Module, spec: str, fn_name: str) -> None:
                          f"return model.eval() from the factory {fn_name}()") from exc
 
 
+def _factory_floats(info: dict, key: str, spec: str) -> tuple[float, ...] | None:
+    """A factory's ``mean``/``std``: one number (every channel) or one per channel, as a
+    tuple of finite floats; ``None`` if the factory gives none."""
+    if key not in info or info[key] is None:
+        return None
+    value = info[key]
+    if isinstance(value, torch.Tensor):
+        value = value.detach().cpu().reshape(-1).tolist()
+    items = [value] if isinstance(value, numbers.Real) else value
+    try:
+        out = tuple(float(v) for v in items)
+    except (TypeError, ValueError):
+        out = ()
+    if not out or isinstance(value, (str, bytes, bool)) or not all(map(math.isfinite, out)):
+        raise InputError(f"--model {spec}: the factory's {key!r} must be a finite number or a "
+                         f"list of finite numbers, one per channel (e.g. [0.485, 0.456, "
+                         f"0.406]); got {value!r}")
+    return out
+
+
+def _factory_shape(value: Any, spec: str) -> tuple[int, ...] | None:
+    """A factory's ``input_shape`` as a tuple of positive ints (one int: a 1-d input)."""
+    if value is None:
+        return None
+    items = [value] if isinstance(value, numbers.Integral) else value
+    try:
+        shape = tuple(int(v) for v in items)
+        ok = bool(shape) and all(v > 0 and v == w for v, w in zip(shape, items, strict=True))
+    except (TypeError, ValueError):
+        ok = False
+    if not ok or isinstance(value, (str, bytes, bool)):
+        raise InputError(f"--model {spec}: the factory's 'input_shape' must be positive "
+                         f"integers without the batch dimension, e.g. (1, 28, 28); got "
+                         f"{value!r}")
+    return shape
+
+
 def load_model(args: argparse.Namespace) -> Loaded:
     """Load the model named by ``--model`` (zoo entry or user factory) on the device of
     ``--device``. A user factory must return its model in eval mode (a model in training
@@ -517,16 +555,17 @@ def load_model(args: argparse.Namespace) -> Loaded:
             load_state_dict_file(model, args.weights)
         model = model.to(device)
         apply_threads(args, model)
-        shape = info.get("input_shape")
+        shape = _factory_shape(info.get("input_shape"), spec)
         if cli_shape is not None:
             shape = cli_shape
         if shape is None:
             raise InputError("a user model needs its input shape: pass --input-shape C,H,W "
                              "or return {'model': ..., 'input_shape': ...} from the factory")
-        mean = mean or (tuple(info["mean"]) if "mean" in info else None)
-        std = std or (tuple(info["std"]) if "std" in info else None)
+        mean = mean or _factory_floats(info, "mean", spec)
+        std = std or _factory_floats(info, "std", spec)
         if scale is None and "scale" in info:
-            scale = float(info["scale"])
+            scale = check_positive_number(info["scale"], f"the factory's 'scale' ({spec})",
+                                          "1/255")
         return Loaded(model, Path(spec.rpartition(":")[0]).stem, tuple(shape),
                       "user weights file " + args.weights if getattr(args, "weights", None)
                       else "as built by the factory", seed_notes, None, mean, std, scale)
