@@ -610,3 +610,21 @@ def test_factory_input_shape_may_be_one_int(capsys, prep_files, tmp_path):
     np.save(x, np.linspace(-1, 1, 4))
     assert run_json(capsys, ["bound", "--model", f"{src}:int_shape", "--input", str(x)])[
         "value"] > 0
+
+
+# --------------------------------------------------------------------- 10. a closed pipe
+def test_reader_closing_the_pipe_gives_no_traceback():
+    """`lipbound bound ... --json | head -c 0`: the reader is gone before the output is
+    written; the command stops quietly (no BrokenPipeError traceback), status 141."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from lipbound.cli import main; "
+            "sys.exit(main(['bound', '--model', 'tiny', '--json']))")
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE)
+    proc.stdout.close()  # before the process has written anything
+    err = proc.stderr.read().decode()
+    rc = proc.wait(timeout=120)
+    assert "Traceback" not in err and "BrokenPipeError" not in err, err
+    assert rc == 141

@@ -9,6 +9,7 @@ import argparse
 import importlib
 import importlib.util
 import logging
+import os
 import sys
 
 from .._memory import keep_freed_memory
@@ -49,6 +50,18 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("lipbound: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # the reader went away (`lipbound ... | head`): stop quietly
+        _silence_stdout()
+        return 141  # as a shell reports a process ended by SIGPIPE
+
+
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null, so that flushing it at exit raises nothing more."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError, AttributeError):  # not a real file (e.g. captured in tests)
+        pass
 
 
 if __name__ == "__main__":  # pragma: no cover
