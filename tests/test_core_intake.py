@@ -262,3 +262,20 @@ def test_wrong_input_shape_for_the_model():
         Analyzer(model, (3, 3))
     with pytest.raises(InputError, match="input shape"):
         trace_model(model, (11,))
+
+
+@pytest.mark.parametrize("drop", [nn.Dropout(0.3), nn.Dropout1d(0.3), nn.Dropout2d(0.3),
+                                  nn.Dropout3d(0.3), nn.AlphaDropout(0.3),
+                                  nn.FeatureAlphaDropout(0.3)])
+def test_every_dropout_in_eval_mode_is_the_identity(drop):
+    """Every dropout class of torch is accepted in eval mode and changes no bound."""
+    torch.manual_seed(0)
+    conv, lin = nn.Conv2d(2, 3, 3), nn.Linear(3 * 4 * 4, 2)
+    body = [conv, nn.ReLU()] if isinstance(drop, nn.Dropout1d) else [conv, nn.ReLU(), drop]
+    tail = [nn.Flatten(), drop, lin] if isinstance(drop, nn.Dropout1d) else [nn.Flatten(), lin]
+    with_drop = nn.Sequential(*body, *tail).double().eval()
+    plain = nn.Sequential(conv, nn.ReLU(), nn.Flatten(), lin).double().eval()
+    x0 = torch.randn(1, 2, 6, 6, dtype=DT)
+    a, b = Analyzer(with_drop, (2, 6, 6)), Analyzer(plain, (2, 6, 6))
+    assert a.local_bound(x0, 0.1).value == b.local_bound(x0, 0.1).value
+    assert a.global_bound().value == b.global_bound().value
