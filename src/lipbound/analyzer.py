@@ -218,6 +218,11 @@ def _masked_maps(b: AffineBlock, r: Tensor, d: Tensor, rows: Tensor, cols: Tenso
         # different coordinates): inactive coordinates are zero and stay zero (only the
         # active ones are ever written); a buffer is read, never kept, by the layer's maps
         buffers: dict[tuple[int, int], Tensor] = {}
+        # the masked product's input R y (mv_t: R v), likewise reused: a fresh tensor of a
+        # full layer's size costs more to allocate than to fill (CIFAR-10 conv1: 36 us
+        # against 11 us a step); it is only read by the layer's linear part, which returns
+        # a new tensor
+        scaled: dict[tuple[int, ...], Tensor] = {}
 
         def scatter(v: Tensor, idx: Tensor, n: int) -> Tensor:
             out = buffers.get((v.shape[0], n))
@@ -225,18 +230,24 @@ def _masked_maps(b: AffineBlock, r: Tensor, d: Tensor, rows: Tensor, cols: Tenso
                 out = buffers[(v.shape[0], n)] = v.new_zeros(v.shape[0], n)
             return scatter_cols(out, idx, v)
 
+        def times(y: Tensor, s: Tensor) -> Tensor:  # y * s into a reused buffer
+            out = scaled.get(tuple(y.shape))
+            if out is None:
+                out = scaled[tuple(y.shape)] = torch.empty_like(y)
+            return torch.mul(y, s, out=out)
+
         if not swap:
             def mv_c(v: Tensor) -> Tensor:  # compact cols -> R A D v (full output)
                 return b.lin(v if all_in else scatter(v, cols, b.in_dim)).mul_(r)
 
             def rmv_c(y: Tensor) -> Tensor:  # full output -> D A^T R y on cols
-                x = b.lin_t(y * r)
+                x = b.lin_t(times(y, r))
                 return x if all_in else gather_cols(x, cols)
             return mv_c, rmv_c
         r_rows = r if all_out else r.index_select(0, rows)
 
         def mv_t(v: Tensor) -> Tensor:  # compact rows -> D A^T R v (full input)
-            y = v * r_rows
+            y = times(v, r_rows)
             x = b.lin_t(y if all_out else scatter(y, rows, b.out_dim))
             return x if d_full is None else x.mul_(d_full)
 
