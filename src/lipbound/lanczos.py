@@ -35,6 +35,7 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -267,8 +268,11 @@ def _run_single(mv: MapFn, rmv: MapFn, n: int, steps: int, generator: torch.Gene
     q = torch.empty(size, n, dtype=f64, device=device)
     # H = Q A Q^T is held as  sym(h) + tridiag(alphas, betas):  h[:j+1, j] are the
     # coefficients of the full Gram-Schmidt passes (and the explicit warm columns),
-    # alphas / betas those of the local three-term step and the subdiagonal.
-    h = torch.zeros(size, size, dtype=f64, device=device)
+    # alphas / betas those of the local three-term step and the subdiagonal. h is the
+    # transpose of a row-major ht, so that a step's pass writes its coefficients straight
+    # into their row ht[j, :j+1] (no copy into a strided column)
+    ht = torch.zeros(size, size, dtype=f64, device=device)
+    h = ht.T
     alphas: list[float] = []
     betas: list[float] = []
     q[0] = _start_block(n, 1, generator, device)[0]
@@ -297,15 +301,26 @@ def _run_single(mv: MapFn, rmv: MapFn, n: int, steps: int, generator: torch.Gene
     post_ok = post_c is not None and post_c > 0
     post_best = math.inf
     post_stopped = False
-    # per step j: the Gram-Schmidt correction of the diagonal entry (coef_j) and the squared
-    # norm of the coefficients above it (zero in exact arithmetic), as Python floats, so that
-    # a check reads the tridiagonal part without touching h
+    # per step j: the Gram-Schmidt correction of the diagonal entry (coef_j = h[j, j]) and
+    # the squared norm of the coefficients above it (zero in exact arithmetic), as Python
+    # floats, so that a check reads the tridiagonal part without touching h; a step only
+    # records ||coef||^2, the checks bring these lists up to date (settle)
     dcorr: list[float] = []
     off2: list[float] = []  # cumulative
+    c2ns: list[float] = []
+
+    def settle(m: int) -> None:
+        i = len(dcorr)
+        if i >= m:
+            return
+        for cj, c2n_ in zip(ht.diagonal()[i:m].tolist(), c2ns[i:m], strict=True):
+            dcorr.append(cj)
+            off2.append((off2[-1] if off2 else 0.0) + max(c2n_ - cj * cj, 0.0))
 
     def post_tridiagonal(m: int, beta_m: float) -> list[float] | None:
         """Diagonal of T_m, or None when H is not tridiagonal to NONTRIDIAGONAL_TOL (the
         Frobenius norm of its Gram-Schmidt coefficients above the diagonal)."""
+        settle(m)
         diag = [a + c for a, c in zip(alphas[:m], dcorr[:m], strict=True)]
         off = math.sqrt(off2[m - 1]) if m else 0.0
         sz = max(max(abs(a) for a in diag), max(betas[:m - 1], default=0.0), beta_m)
@@ -317,14 +332,14 @@ def _run_single(mv: MapFn, rmv: MapFn, n: int, steps: int, generator: torch.Gene
         coefficients above the diagonal (Weyl; symmetrising does not increase that norm).
         Cheaper than forming H; the checks only decide where to stop. NaN when the run's
         numbers are not finite (overflow)."""
-        t = torch.diag(torch.tensor([a + c for a, c in zip(alphas[:m], dcorr[:m],
-                                                           strict=True)], dtype=f64))
-        if m > 1:
-            b_ = torch.tensor(betas[:m - 1], dtype=f64)
-            t += torch.diag(b_, 1) + torch.diag(b_, -1)
-        if not (bool(torch.isfinite(t).all()) and math.isfinite(off2[m - 1])):
+        settle(m)
+        diag = [a + c for a, c in zip(alphas[:m], dcorr[:m], strict=True)]
+        off = betas[:m - 1]
+        if not (all(map(math.isfinite, diag)) and all(map(math.isfinite, off))
+                and math.isfinite(off2[m - 1])):
             return math.nan
-        return float(torch.linalg.eigvalsh(t)[-1]) - math.sqrt(off2[m - 1])
+        return float(torch.linalg.eigvalsh(_tridiagonal(diag, off))[-1]) \
+            - math.sqrt(off2[m - 1])
 
     def post_bound(m: int, beta_m: float) -> float:
         diag = post_tridiagonal(m, beta_m)
@@ -348,8 +363,10 @@ def _run_single(mv: MapFn, rmv: MapFn, n: int, steps: int, generator: torch.Gene
     beta_prev = 0.0
     k = 0
     j = 0
+    q_prev = q_cur = q[0]
     while True:
         if j > 0:
+            q_prev, q_cur = q_cur, q[j]
             u = mv(q[j:j + 1])
             nmv += 1
         if j == k_max - 1:
@@ -361,11 +378,11 @@ def _run_single(mv: MapFn, rmv: MapFn, n: int, steps: int, generator: torch.Gene
         u = None
         nmv += 1
         if j > 0:
-            w.add_(q[j - 1], alpha=-beta_prev)
-        alpha = float(torch.dot(q[j], w))
-        w.add_(q[j], alpha=-alpha)
+            w.add_(q_prev, alpha=-beta_prev)
+        alpha = float(torch.dot(q_cur, w))
+        w.add_(q_cur, alpha=-alpha)
         qj = q[:j + 1]
-        coef = torch.mv(qj, w)
+        coef = torch.mv(qj, w, out=ht[j, :j + 1])  # column j of h
         if q32 is not None:  # the update from the float32 copy (F32_UPDATE_MIN_N)
             _f32_update(w, q32[:j + 1], coef)
         else:
@@ -380,13 +397,10 @@ def _run_single(mv: MapFn, rmv: MapFn, n: int, steps: int, generator: torch.Gene
             coef += c2
             beta = _norm(w)
             c2n = float(torch.dot(coef, coef))
-        cj = float(coef[j])
-        dcorr.append(cj)
-        off2.append((off2[-1] if off2 else 0.0) + max(c2n - cj * cj, 0.0))
+        c2ns.append(c2n)
         # ||A q_j|| (scaled): the orthogonal parts removed, plus what is left
         nrm0 = math.sqrt(nrm1 * nrm1 + alpha * alpha + beta_prev * beta_prev)
         scale = max(scale, nrm0)
-        h[:j + 1, j] = coef
         alphas.append(alpha)
         k = j + 1
         post_checks = post_ok and post_stop is not None
@@ -490,6 +504,24 @@ def _run_single(mv: MapFn, rmv: MapFn, n: int, steps: int, generator: torch.Gene
                    k=base if dominated or post_stopped or not invariant_seen else k_max,
                    dim=base, dominated=dominated, post_best=post_best,
                    post_stopped=post_stopped, block=1)
+
+
+def _tridiagonal(diag: list[float], off: list[float]) -> Tensor:
+    """The symmetric tridiagonal matrix with diagonal ``diag`` and off-diagonal ``off`` as a
+    dense float64 tensor: the same entries, bit for bit, as
+    ``diag(d) + (diag(o, 1) + diag(o, -1))`` (every entry is one of the given numbers or a
+    sum with zeros; ``x + 0.0`` turns a ``-0.0`` into ``+0.0`` as those sums do), written
+    into one numpy buffer (a few microseconds instead of a handful of tensor operations)."""
+    m = len(diag)
+    t = np.zeros(m * m, dtype=np.float64)
+    if m > 1:
+        t[::m + 1] = [a + 0.0 for a in diag]
+        o = [b + 0.0 for b in off]
+        t[1::m + 1] = o
+        t[m::m + 1] = o
+    else:
+        t[0] = diag[0]
+    return torch.from_numpy(t.reshape(m, m))
 
 
 def _f32_update(w: Tensor, q32: Tensor, coef: Tensor) -> None:

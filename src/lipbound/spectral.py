@@ -46,6 +46,7 @@ from dataclasses import dataclass, replace
 import torch
 from torch import Tensor
 
+from ._indexing import gather_cols, scatter_cols
 from ._memory import exact_bytes, physical_memory
 from .errors import ExactRouteTooLarge
 from .lanczos import _STOP_MARGIN, LanczosResult, run_lanczos
@@ -208,12 +209,10 @@ def _compact_maps(mv: MapFn, rmv: MapFn, idx: Tensor, n_full: int, swap: bool
     def scatter(v: Tensor) -> Tensor:
         if everything:
             return v
-        out = v.new_zeros(v.shape[0], n_full)
-        out[:, idx] = v
-        return out
+        return scatter_cols(v.new_zeros(v.shape[0], n_full), idx, v)
 
     def gather(x: Tensor) -> Tensor:
-        return x if everything else x.index_select(1, idx)
+        return x if everything else gather_cols(x, idx)
 
     first, second = (rmv, mv) if swap else (mv, rmv)
     return (lambda v: first(scatter(v))), (lambda y: gather(second(y)))
@@ -430,7 +429,7 @@ def spectral_upper(mv: Callable[[Tensor], Tensor], rmv: Callable[[Tensor], Tenso
             res = run()
         return res, infl, prm.delta_kw
 
-    state0 = gen.get_state()
+    state0 = gen.get_state() if b > 1 else None  # (only a block run is ever repeated)
     # a block run that yields no bound is followed by a single-vector run: the reported
     # bound fails only if one of the two runs' events fails, so they share δ (union bound)
     res, fast_infl, delta_kw = attempt(b, failure_prob * (BLOCK_SHARE if b > 1 else 1.0))
