@@ -654,8 +654,9 @@ def test_exact_methods_refuse_large_problems_with_clear_errors():
 # --------------------------------------------------------------------------- compare, CLI
 
 
-def test_compare_conv_model_gives_not_supported_rows():
-    net = nn.Sequential(nn.Conv2d(1, 2, 3), nn.ReLU(), nn.Flatten(), nn.Linear(8, 2)).eval()
+def test_compare_unconvertible_model_gives_not_supported_rows():
+    # conv nets are converted (tests/test_conv_to_fc.py); a Tanh network is not
+    net = nn.Sequential(nn.Conv2d(1, 2, 3), nn.Tanh(), nn.Flatten(), nn.Linear(8, 2)).eval()
     methods = ["autolip", "lipsdp-neuron", "exact-l2", "recurjac", "lipmip", "seqlip",
                "eclipse-fast", "fastlip", "lipsdp-layer"]
     rows = compare(net, torch.zeros(1, 1, 4, 4), 0.1, methods=methods)
@@ -664,7 +665,8 @@ def test_compare_conv_model_gives_not_supported_rows():
                                          "lipsdp-neuron", "lipsdp-layer", "eclipse-fast",
                                          "lipmip"]]
     for r in rows:
-        assert r.note == NOT_FC and r.guarantee is None and math.isnan(r.value)
+        assert r.note.startswith(NOT_FC) and "Tanh" in r.note
+        assert r.guarantee is None and math.isnan(r.value)
     assert "not supported" in format_table(rows)
 
 

@@ -23,8 +23,8 @@ from torch import nn
 from lipbound.baselines.fc import (
     apply_output_map,
     as_fc,
+    chain_note,
     check_range,
-    describe,
     round_up,
     safe_spectral_norm,
 )
@@ -64,5 +64,5 @@ def autolip(net: nn.Module | Sequence[tuple[Any, Any]], *, output_map: Any | Non
         value=value, guarantee=Guarantee.CERTIFIED, method="autolip",
         quantity="global L2 Lipschitz constant (all pairs of inputs)", eps=None,
         seconds=time.perf_counter() - t0, norm="l2", model=model_name,
-        notes=(f"fully connected {describe(layers)}; exact float64 SVD per layer",),
+        notes=(chain_note(layers) + "; exact float64 SVD per layer",),
     )

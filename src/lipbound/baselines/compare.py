@@ -33,7 +33,14 @@ import torch
 from torch import nn
 
 from lipbound._modelinfo import model_dtype_device
-from lipbound.baselines.fc import FCLayers, NotFullyConnectedError, check_eps, fc_layers
+from lipbound.baselines.fc import (
+    FCLayers,
+    NotFullyConnectedError,
+    chain_note,
+    check_eps,
+    fc_layers,
+    is_converted,
+)
 from lipbound.errors import InputError, LipboundError, UnsupportedModelError
 from lipbound.results import BoundResult, Guarantee
 from lipbound.validation import check_int
@@ -42,7 +49,9 @@ logger = logging.getLogger(__name__)
 
 __all__ = ["CompareRow", "compare", "format_table", "METHODS"]
 
-NOT_FC = "not supported: fully connected networks only"
+#: start of the note of a rival's row when the network is neither fully connected nor
+#: convertible into an exact fully connected ReLU chain
+NOT_FC = "not supported: fully connected networks (or conv nets convertible to one) only"
 
 Q_REL = "local L2, rel. x0"
 Q_PAIRS = "local L2, all pairs in ball"
@@ -200,6 +209,17 @@ def _short_note(exc: BaseException) -> str:
     return text[0] if text else type(exc).__name__
 
 
+def _not_fc_note(exc: UnsupportedModelError) -> str:
+    """The row note of a rival that cannot take the network."""
+    from lipbound.baselines.conv_to_fc import ConversionTooLargeError
+
+    if isinstance(exc, ConversionTooLargeError):
+        return f"not supported: {_short_note(exc)}"
+    if isinstance(exc, NotFullyConnectedError) and exc.nodes:
+        return f"{NOT_FC}; unsupported: {exc.summary()}"
+    return NOT_FC
+
+
 def _note_of(method: str, res: Any, ctx: _Ctx) -> str:
     notes = list(getattr(res, "notes", ()) or ())
     parts: list[str] = []
@@ -215,6 +235,8 @@ def _note_of(method: str, res: Any, ctx: _Ctx) -> str:
         parts.extend(n for n in notes if "greedy" in n or "exact" in n)
     elif method in ("local", "global") and notes:
         parts.extend(notes)
+    if method in _FC_ONLY and ctx.layers is not None and is_converted(ctx.layers):
+        parts.append(chain_note(ctx.layers))
     return "; ".join(parts)
 
 
@@ -236,7 +258,11 @@ def compare(model: nn.Module, x0: torch.Tensor, eps: float,
     Returns:
         One :class:`CompareRow` per method, in the order of :data:`METHODS`. Methods that
         do not support the network give a row with NaN and the reason (for a network that is
-        not fully connected: ``"not supported: fully connected networks only"``).
+        neither fully connected nor convertible: a note starting with :data:`NOT_FC`). A conv
+        net is given to the rival methods as its exact fully connected ReLU chain
+        (:func:`lipbound.baselines.conv_to_fc.relu_chain`); their rows then say
+        ``"conv net as an exact FC ReLU chain of widths ..."``, and methods that cannot scale
+        to those widths refuse with the size (``"not run: ..."``).
 
     Raises:
         InputError: unknown method names, bad ``x0`` or ``eps``.
@@ -262,7 +288,7 @@ def compare(model: nn.Module, x0: torch.Tensor, eps: float,
     if any(m in _FC_ONLY for m in names):
         try:
             layers = fc_layers(model, input_shape=tuple(x0.shape[1:]))
-        except UnsupportedModelError as exc:
+        except LipboundError as exc:  # not convertible, too large, training mode, ...
             fc_error = exc
             logger.info("baselines: %s", _short_note(exc))
     ctx = _Ctx(model, x0, eps, model_name, layers, fc_error, exact_time_limit, seed)
@@ -273,7 +299,8 @@ def compare(model: nn.Module, x0: torch.Tensor, eps: float,
         try:
             res = runner(ctx)
         except UnsupportedModelError as exc:
-            note = NOT_FC if name in _FC_ONLY else f"not supported: {_short_note(exc)}"
+            note = (_not_fc_note(exc) if name in _FC_ONLY
+                    else f"not supported: {_short_note(exc)}")
             rows.append(CompareRow(name, quantity, None, math.nan,
                                    time.perf_counter() - t0, note))
             continue

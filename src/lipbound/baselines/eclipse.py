@@ -50,8 +50,8 @@ from torch import nn
 from lipbound.baselines.fc import (
     apply_output_map,
     as_fc,
+    chain_note,
     check_range,
-    describe,
     round_up,
     safe_spectral_norm,
 )
@@ -105,7 +105,7 @@ def eclipse_fast(net: nn.Module | Sequence[tuple[Any, Any]], *, output_map: Any 
     t0 = time.perf_counter()
     layers = apply_output_map(as_fc(net, input_shape=input_shape), output_map)
     check_range(layers, what="ECLipsE-Fast")
-    notes = [f"fully connected {describe(layers)}"]
+    notes = [chain_note(layers)]
 
     def result(value: float, guarantee: Guarantee) -> BoundResult:
         return BoundResult(value=value, guarantee=guarantee, method="eclipse-fast",

@@ -81,10 +81,10 @@ from lipbound.baselines.fc import (
     FCLayers,
     apply_output_map,
     as_fc,
+    chain_note,
     check_eps,
     check_range,
     check_x0,
-    describe,
     fc_preactivations,
     product_error,
     round_up,
@@ -347,7 +347,7 @@ def exact_local_l2_detailed(net: nn.Module | Sequence[tuple[Any, Any]], x0: Any,
     visit(0, 0, xc.copy())
     leaves.sort(key=lambda lf: -lf["value"])
     upper = leaves[0]["value"]
-    notes = [f"fully connected {describe(layers)}",
+    notes = [chain_note(layers),
              f"{budget.regions} activation region(s) meet the ball "
              f"({budget.nodes} branch nodes)"]
     # the attained lower end: the largest region verified to have interior in the open ball
@@ -511,7 +511,7 @@ def lipmip(net: nn.Module | Sequence[tuple[Any, Any]], x0: Any, eps: float, *,
     dual = "l1" if input_norm == "linf" else "linf"
     quantity = (f"local Lipschitz constant of c^T f w.r.t. ||.||_{input_norm[1:]} over all "
                 f"pairs in the l_inf box ||x - x0||_inf <= eps (max ||grad||_{dual[1:]})")
-    notes = [f"fully connected {describe(layers)} (scalar output c^T f)"]
+    notes = [chain_note(layers) + " (scalar output c^T f)"]
 
     def result(value: float, guarantee: Guarantee, more: list[str]) -> BoundResult:
         return BoundResult(value=value, guarantee=guarantee, method="lipmip", quantity=quantity,

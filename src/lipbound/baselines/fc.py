@@ -34,7 +34,11 @@ logger = logging.getLogger(__name__)
 
 __all__ = [
     "FCLayers",
+    "ConvertedLayers",
     "NotFullyConnectedError",
+    "chain_note",
+    "converted",
+    "is_converted",
     "fc_layers",
     "as_fc",
     "apply_output_map",
@@ -62,23 +66,61 @@ _RELU_FUNCTIONS = {F.relu, torch.relu, torch.relu_, torch.nn.functional.relu_}
 
 
 class NotFullyConnectedError(UnsupportedModelError):
-    """The model is not a chain of Linear and ReLU layers, so the baselines cannot run.
+    """The model is neither a chain of Linear and ReLU layers nor convertible into one.
 
-    ``nodes`` lists every offending node as ``(where, type, detail)``.
+    ``nodes`` lists every offending node as ``(where, type, detail)``. ``converting`` is set
+    when the exact conversion (:func:`lipbound.baselines.conv_to_fc.relu_chain`) was tried.
     """
 
-    def __init__(self, nodes: list[tuple[str, str, str]]):
+    def __init__(self, nodes: list[tuple[str, str, str]], *, converting: bool = False,
+                 hint: str = ""):
         self.nodes = list(nodes)
+        self.converting = converting
         lines = [f"  - {where}: {kind}" + (f" ({detail})" if detail else "")
                  for where, kind, detail in self.nodes]
+        head = ("the rival methods (lipbound.baselines) support fully connected ReLU networks "
+                "and conv nets convertible exactly into one; " if converting else
+                "the rival methods (lipbound.baselines) support fully connected ReLU networks "
+                "only; ")
         LipboundError.__init__(
             self,
-            "the rival methods (lipbound.baselines) support fully connected ReLU networks "
-            f"only; the model has {len(self.nodes)} unsupported part(s):\n" + "\n".join(lines)
+            head + f"the model has {len(self.nodes)} unsupported part(s):\n" + "\n".join(lines)
             + "\nsupported: nn.Linear, nn.ReLU / F.relu / torch.relu, nn.Flatten / flatten(1) /"
-            " view / reshape, nn.Identity, Dropout (eval mode) and lipbound.Normalize; use "
-            "lipbound.local_bound / lipbound.global_bound for other networks.",
+            " view / reshape, nn.Identity, Dropout (eval mode) and lipbound.Normalize; conv "
+            "nets (Conv2d, MaxPool2d, AvgPool2d, AdaptiveAvgPool2d, BatchNorm1d/2d in eval "
+            "mode, and the layers above) are converted into an exact fully connected ReLU "
+            "chain when input_shape is known" + (f"; {hint}" if hint else "")
+            + "; use lipbound.local_bound / lipbound.global_bound for other networks.",
         )
+
+    def summary(self) -> str:
+        """One line: the unsupported parts, for a table row."""
+        parts = ", ".join(f"{kind} at {where}" for where, kind, _ in self.nodes[:3])
+        more = f" and {len(self.nodes) - 3} more" if len(self.nodes) > 3 else ""
+        return parts + more
+
+
+class ConvertedLayers(list):  # type: ignore[type-arg]
+    """:data:`FCLayers` produced by the exact conversion of a conv net (see
+    :func:`lipbound.baselines.conv_to_fc.relu_chain`); :func:`chain_note` says so."""
+
+
+def converted(layers: Sequence[tuple[np.ndarray, np.ndarray]]) -> FCLayers:
+    """``layers`` marked as the exact FC conversion of a conv net."""
+    return ConvertedLayers(layers)
+
+
+def is_converted(layers: Any) -> bool:
+    """Whether ``layers`` came from the exact conversion of a conv net."""
+    return isinstance(layers, ConvertedLayers)
+
+
+def chain_note(layers: FCLayers) -> str:
+    """``"fully connected 7-20-30-10"``, or for a converted conv net
+    ``"conv net as an exact FC ReLU chain of widths 784-3456-...-10"``."""
+    if is_converted(layers):
+        return f"conv net as an exact FC ReLU chain of widths {describe(layers)}"
+    return f"fully connected {describe(layers)}"
 
 
 # --------------------------------------------------------------------------- extraction
@@ -276,7 +318,7 @@ class _Affine:
 
 
 def fc_layers(model: nn.Module, *, input_shape: Sequence[int] | None = None,
-              check: bool = True) -> FCLayers:
+              check: bool = True, convert: bool = True) -> FCLayers:
     """Extract ``[(W_1, b_1), ..., (W_K, b_K)]`` (float64) from a fully connected ReLU network.
 
     The model's forward must be a single chain of ``nn.Linear``, ``nn.ReLU`` /
@@ -286,6 +328,11 @@ def fc_layers(model: nn.Module, *, input_shape: Sequence[int] | None = None,
     are multiplied together, so the result alternates affine and ReLU; a leading ReLU gets an
     identity first layer and a trailing ReLU an identity last layer.
 
+    Any other network (convolutions, pooling, batch norm, ...) is converted into an exact
+    fully connected ReLU chain by :func:`lipbound.baselines.conv_to_fc.relu_chain` when
+    ``convert`` is set and ``input_shape`` is given; the result is then marked
+    (:func:`is_converted`) and the baselines' notes say so.
+
     Args:
         model: an ``nn.Module`` (``nn.Sequential`` or anything ``torch.fx`` can trace).
         input_shape: shape of one input without the batch dimension (e.g. ``(1, 28, 28)``).
@@ -293,20 +340,33 @@ def fc_layers(model: nn.Module, *, input_shape: Sequence[int] | None = None,
             be inferred; also used for the numerical check.
         check: compare the extracted chain with ``model`` on three random inputs (float64
             chain vs. the model's own forward) and raise if they disagree.
+        convert: fall back to the exact conversion of a conv net (needs ``input_shape``).
 
     Returns:
         The list of layers; ``W_k`` has shape ``(n_k, n_{k-1})``, ``b_k`` shape ``(n_k,)``.
 
     Raises:
         NotFullyConnectedError: (an :class:`~lipbound.errors.UnsupportedModelError`) listing
-            every node that is not part of a fully connected ReLU chain.
+            every node that is not part of a fully connected ReLU chain and cannot be
+            converted (a :class:`~lipbound.baselines.conv_to_fc.ConversionTooLargeError`
+            when the conversion's dense matrices would be too large).
         InputError: ``input_shape`` does not match the model.
         WeightsError: NaN/inf parameters.
     """
     if not isinstance(model, nn.Module):
         raise InputError(f"expected a torch.nn.Module, got {type(model).__name__}")
     check_finite_parameters(model)
-    ops = _trace_ops(model)
+    try:
+        ops = _trace_ops(model)
+    except NotFullyConnectedError as exc:
+        if not convert:
+            raise
+        if input_shape is None:
+            raise NotFullyConnectedError(
+                exc.nodes, hint="pass input_shape=(C, H, W) to convert a conv net") from exc
+        from lipbound.baselines.conv_to_fc import relu_chain
+
+        return relu_chain(model, input_shape, check=check)
     linear_in = next((op[1].shape[1] for op in ops if op[0] == "linear"), None)
     if linear_in is None:
         raise NotFullyConnectedError([("model", "no nn.Linear", "nothing to analyse")])
@@ -421,6 +481,8 @@ def as_fc(net: nn.Module | Sequence[tuple[Any, Any]], *,
         raise InputError(f"expected an nn.Module or a list of (W, b) pairs: {exc}") from exc
     if not layers:
         raise InputError("the layer list is empty; give at least one (W, b) pair")
+    if is_converted(net):
+        layers = converted(layers)
     for k, (w, b) in enumerate(layers):
         if w.ndim != 2 or b.shape != (w.shape[0],):
             raise InputError(f"layer {k + 1}: W has shape {w.shape} and b {b.shape}; "
@@ -446,7 +508,8 @@ def apply_output_map(layers: FCLayers, output_map: Any | None) -> FCLayers:
         raise InputError(f"output_map has shape {c.shape}; need (m, {w.shape[0]})")
     if not np.isfinite(c).all():
         raise InputError("output_map contains NaN/inf")
-    return [*layers[:-1], (c @ w, c @ b)]
+    out = [*layers[:-1], (c @ w, c @ b)]
+    return converted(out) if is_converted(layers) else out
 
 
 def check_x0(x0: Any, n_in: int) -> np.ndarray:

@@ -63,8 +63,8 @@ from lipbound.baselines.fc import (
     FCLayers,
     apply_output_map,
     as_fc,
+    chain_note,
     check_range,
-    describe,
     round_up,
     safe_spectral_norm,
 )
@@ -73,9 +73,20 @@ from lipbound.results import BoundResult, Guarantee
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["lipsdp", "certify_lmi", "LMICertificate", "MissingDependencyError", "lmi_parts"]
+__all__ = ["lipsdp", "certify_lmi", "LMICertificate", "MissingDependencyError", "lmi_parts",
+           "MAX_DIM"]
 
 _QUANTITY = "global L2 Lipschitz constant (all pairs of inputs)"
+
+#: default largest LMI dimension (input plus hidden units) :func:`lipsdp` attempts; measured
+#: with cvxpy + Clarabel on 2 shared cores (networks n/3-n/3-n/3-10): dimension 57 (compnet)
+#: ~1.5 s, 90 ~13 s, 120 ~44 s (1.3 GB), 150 ~140 s, 300 ran out of memory
+MAX_DIM = 128
+
+#: default largest LMI dimension (input plus hidden units) :func:`lipsdp` attempts; measured
+#: with cvxpy + Clarabel on 2 shared cores (networks n/3-n/3-n/3-10): dimension 57 (compnet)
+#: ~1.5 s, 90 ~13 s, 120 ~44 s (1.3 GB), 150 ~140 s, 300 ran out of memory
+MAX_DIM = 128
 
 
 class MissingDependencyError(LipboundError, ImportError):
@@ -270,8 +281,8 @@ def _solve(cp: Any, layers: FCLayers, variant: str, solver: str | None,
 def lipsdp(net: nn.Module | Sequence[tuple[Any, Any]], *,
            variant: Literal["neuron", "layer"] = "neuron", solver: str | None = None,
            solver_options: Mapping[str, Any] | None = None, output_map: Any | None = None,
-           input_shape: Sequence[int] | None = None, model_name: str | None = None
-           ) -> BoundResult:
+           input_shape: Sequence[int] | None = None, model_name: str | None = None,
+           max_dim: int = MAX_DIM) -> BoundResult:
     """LipSDP-Neuron or LipSDP-Layer bound on the global L2 Lipschitz constant.
 
     Args:
@@ -283,6 +294,10 @@ def lipsdp(net: nn.Module | Sequence[tuple[Any, Any]], *,
         output_map: optional ``(m, n_out)`` matrix ``C``; the bound is then for ``C f``.
         input_shape: input shape without batch (only needed for some Normalize layers).
         model_name: name stored in the result.
+        max_dim: refuse (``LipboundError``) when the LMI's dimension ``n_0 + sum(n_k)``
+            (input plus hidden units) exceeds this: cvxpy's dense formulation grows so fast
+            that a few hundred would take hours and tens of gigabytes (default
+            :data:`MAX_DIM`).
 
     Returns:
         A :class:`~lipbound.results.BoundResult`: CERTIFIED after the float64 LMI check
@@ -292,6 +307,7 @@ def lipsdp(net: nn.Module | Sequence[tuple[Any, Any]], *,
     Raises:
         MissingDependencyError: cvxpy (or every solver) is missing.
         InputError: unknown ``variant``.
+        LipboundError: the LMI is larger than ``max_dim``.
     """
     if variant not in ("neuron", "layer"):
         raise InputError(f"variant must be 'neuron' or 'layer', got {variant!r}")
@@ -299,8 +315,14 @@ def lipsdp(net: nn.Module | Sequence[tuple[Any, Any]], *,
     t0 = time.perf_counter()
     layers = apply_output_map(as_fc(net, input_shape=input_shape), output_map)
     check_range(layers, what="LipSDP")
+    dim = layers[0][0].shape[1] + sum(w.shape[0] for w, _ in layers[:-1])
+    if dim > max_dim and len(layers) > 1:
+        raise LipboundError(
+            f"LipSDP: the LMI has dimension {dim} (input plus hidden units of the "
+            f"{chain_note(layers)}), more than max_dim={max_dim}; the SDP would take hours and "
+            "tens of GB (raise max_dim to try anyway)")
     method = f"lipsdp-{variant}"
-    base_notes = [f"fully connected {describe(layers)}"]
+    base_notes = [chain_note(layers)]
 
     def result(value: float, guarantee: Guarantee, notes: list[str]) -> BoundResult:
         return BoundResult(value=value, guarantee=guarantee, method=method, quantity=_QUANTITY,

@@ -50,10 +50,10 @@ from lipbound.baselines.fc import (
     FCLayers,
     apply_output_map,
     as_fc,
+    chain_note,
     check_eps,
     check_range,
     check_x0,
-    describe,
     safe_spectral_norm,
 )
 from lipbound.results import BoundResult, Guarantee
@@ -205,7 +205,7 @@ def _run(method: str, direction: str, net: Any, x0: Any, eps: float, output_map:
     slopes = _slopes(preactivation_bounds(layers, xc, eps)) if len(layers) > 1 else []
     n_unst = sum(int(np.sum(du - dl)) for dl, du in slopes)
     n_tot = sum(len(dl) for dl, _ in slopes)
-    notes = (f"fully connected {describe(layers)}",
+    notes = (chain_note(layers),
              f"{n_unst} of {n_tot} ReLUs can switch in the ball (CROWN + IBP bounds)",
              "min(||max(|L|, |U|)||, ||mid|| + ||rad||) over the Jacobian interval [L, U]")
     return BoundResult(value=value, guarantee=Guarantee.CERTIFIED, method=method,

@@ -46,12 +46,12 @@ from torch import nn
 from lipbound.baselines.fc import (
     apply_output_map,
     as_fc,
+    chain_note,
     check_range,
-    describe,
     round_up,
     safe_spectral_norm,
 )
-from lipbound.errors import InputError
+from lipbound.errors import InputError, LipboundError
 from lipbound.results import BoundResult, Guarantee
 
 logger = logging.getLogger(__name__)
@@ -148,6 +148,7 @@ def _greedy_max(a: np.ndarray, b: np.ndarray, rng: np.random.Generator, restarts
 
 def seqlip(net: nn.Module | Sequence[tuple[Any, Any]], *, max_exact_width: int = 16,
            greedy_restarts: int = 4, greedy_passes: int = 20, seed: int = 0,
+           max_greedy_entries: int = 50_000_000,
            output_map: Any | None = None, input_shape: Sequence[int] | None = None,
            model_name: str | None = None) -> BoundResult:
     """SeqLip on the global L2 Lipschitz constant (exact for narrow layers, greedy otherwise).
@@ -158,6 +159,10 @@ def seqlip(net: nn.Module | Sequence[tuple[Any, Any]], *, max_exact_width: int =
             ``n <= max_exact_width`` (at most 20); wider layers use the greedy heuristic.
         greedy_restarts: random restarts of the greedy search (besides all-ones).
         greedy_passes: maximum single-flip passes per start.
+        max_greedy_entries: refuse (``LipboundError``) when a greedy single-flip pass over
+            a hidden layer of width ``n`` would form more than this many entries (``n``
+            candidate pair matrices of up to ``r_{i+1} x r_i``, ``r`` the ranks): such a
+            layer would need gigabytes and hours (e.g. a converted conv net).
         seed: seed of the greedy restarts.
         output_map: optional ``(m, n_out)`` matrix ``C``; the value is then for ``C f``.
         input_shape: input shape without batch (only needed for some Normalize layers).
@@ -166,6 +171,9 @@ def seqlip(net: nn.Module | Sequence[tuple[Any, Any]], *, max_exact_width: int =
     Returns:
         A :class:`~lipbound.results.BoundResult`: CERTIFIED when every hidden layer was
         enumerated exactly, ESTIMATE when the greedy heuristic was used for any layer.
+
+    Raises:
+        LipboundError: a hidden layer too wide for the greedy search (``max_greedy_entries``).
     """
     if not isinstance(max_exact_width, int) or not 0 <= max_exact_width <= 20:
         raise InputError(f"max_exact_width must be an integer in [0, 20], got {max_exact_width!r}"
@@ -173,6 +181,16 @@ def seqlip(net: nn.Module | Sequence[tuple[Any, Any]], *, max_exact_width: int =
     t0 = time.perf_counter()
     layers = apply_output_map(as_fc(net, input_shape=input_shape), output_map)
     check_range(layers, what="seqlip")
+    for i in range(len(layers) - 1):  # sizes known before any SVD: refuse early
+        n = layers[i][0].shape[0]
+        r_in, r_out = min(layers[i][0].shape), min(layers[i + 1][0].shape)
+        if n > max_exact_width and n * r_in * r_out > max_greedy_entries:
+            raise LipboundError(
+                f"seqlip: hidden layer {i + 1} has width {n}; its greedy single-flip search "
+                f"would form {n} pair matrices of up to {r_out} x {r_in} ("
+                f"{n * r_in * r_out:.3g} entries > max_greedy_entries={max_greedy_entries}) "
+                f"per pass; network {chain_note(layers)} is too wide for SeqLip, use autolip "
+                "or recurjac")
     rng = np.random.default_rng(seed)
     value = 1.0
     modes = []
@@ -197,7 +215,7 @@ def seqlip(net: nn.Module | Sequence[tuple[Any, Any]], *, max_exact_width: int =
     value = round_up(value * (1 + 4e-16 * len(layers))
                      + 1e-12 * n_max * len(layers) * autolip_scale)
     guarantee = Guarantee.CERTIFIED if exact else Guarantee.ESTIMATE
-    notes = [f"fully connected {describe(layers)}", *modes]
+    notes = [chain_note(layers), *modes]
     if not exact:
         notes.append("greedy maximisation may miss the maximum: not a certified bound")
     return BoundResult(
