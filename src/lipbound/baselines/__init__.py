@@ -1,5 +1,13 @@
 """Rival methods, for comparison with lipbound's own bounds (fully connected ReLU networks).
 
+A conv net (Conv2d, MaxPool2d, AvgPool2d, AdaptiveAvgPool2d, BatchNorm, Normalize, ...) is
+given to them as an exact fully connected ReLU chain computing the same function
+(:func:`~lipbound.baselines.conv_to_fc.relu_chain`, used by
+:func:`~lipbound.baselines.fc.fc_layers` when ``input_shape`` is known); their notes then
+say ``"conv net as an exact FC ReLU chain of widths ..."``. Methods that cannot scale to the
+widths refuse with the size (exact methods: ``max_hidden``; LipSDP: ``max_dim``; SeqLip:
+``max_greedy_entries``).
+
 One module per method; every function returns a :class:`~lipbound.results.BoundResult`
 whose ``quantity`` and ``guarantee`` say exactly what the number is:
 
@@ -32,6 +40,7 @@ margins are relative and do not cover underflow.
 
 from lipbound.baselines.autolip import autolip
 from lipbound.baselines.compare import CompareRow, compare, format_table
+from lipbound.baselines.conv_to_fc import ConversionTooLargeError, relu_chain
 from lipbound.baselines.eclipse import eclipse_fast
 from lipbound.baselines.exact import exact_local_l2, lipmip
 from lipbound.baselines.fc import NotFullyConnectedError, fc_layers
@@ -42,6 +51,7 @@ from lipbound.lower import pgd_lower_bound
 
 __all__ = [
     "CompareRow",
+    "ConversionTooLargeError",
     "MissingDependencyError",
     "NotFullyConnectedError",
     "autolip",
@@ -55,5 +65,6 @@ __all__ = [
     "lipsdp",
     "pgd_lower_bound",
     "recurjac",
+    "relu_chain",
     "seqlip",
 ]

@@ -288,7 +288,7 @@ def compare(model: nn.Module, x0: torch.Tensor, eps: float,
     if any(m in _FC_ONLY for m in names):
         try:
             layers = fc_layers(model, input_shape=tuple(x0.shape[1:]))
-        except LipboundError as exc:  # not convertible, too large, training mode, ...
+        except (UnsupportedModelError, InputError) as exc:  # not convertible, too large, ...
             fc_error = exc
             logger.info("baselines: %s", _short_note(exc))
     ctx = _Ctx(model, x0, eps, model_name, layers, fc_error, exact_time_limit, seed)

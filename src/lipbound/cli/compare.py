@@ -31,7 +31,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                     "Sivaranjani 2024), Fast-Lip (Weng et al. 2018), RecurJac (Zhang et al. "
                     "2019), the exact local L2 constant, lipMIP (Jordan & Dimakis 2020) and "
                     "the best empirical lower bound. The rival methods support fully "
-                    "connected ReLU networks only; other networks get a 'not supported' row.")
+                    "connected ReLU networks; a conv net (Conv2d, MaxPool2d, AvgPool2d, "
+                    "BatchNorm, ...) is given to them as an exact fully connected ReLU chain, "
+                    "and methods that cannot scale to its widths say so in their row; other "
+                    "networks get a 'not supported' row.")
     add_model_options(p)
     p.set_defaults(model="compnet")
     p.add_argument("--eps", type=float, default=0.1,
@@ -69,6 +72,10 @@ def run(args: argparse.Namespace) -> int:
         print(format_table(rows))
         print("quantities: local L2 rel. x0 <= local L2 all pairs <= global L2; the lower "
               "bound is for rel. x0; lipMIP's l_inf quantity is not comparable with them")
+        chain = next((part for r in rows for part in r.note.split("; ")
+                      if part.startswith("conv net as an exact FC ReLU chain")), None)
+        if chain is not None:
+            print(f"note: the rival methods ran on the {chain} (same function)")
         for n in loaded.notes:
             print(f"note: {n}")
         if bad:
