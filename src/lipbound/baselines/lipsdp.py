@@ -83,11 +83,6 @@ _QUANTITY = "global L2 Lipschitz constant (all pairs of inputs)"
 #: ~1.5 s, 90 ~13 s, 120 ~44 s (1.3 GB), 150 ~140 s, 300 ran out of memory
 MAX_DIM = 128
 
-#: default largest LMI dimension (input plus hidden units) :func:`lipsdp` attempts; measured
-#: with cvxpy + Clarabel on 2 shared cores (networks n/3-n/3-n/3-10): dimension 57 (compnet)
-#: ~1.5 s, 90 ~13 s, 120 ~44 s (1.3 GB), 150 ~140 s, 300 ran out of memory
-MAX_DIM = 128
-
 
 class MissingDependencyError(LipboundError, ImportError):
     """An optional dependency (cvxpy, an SDP solver) is not installed."""
