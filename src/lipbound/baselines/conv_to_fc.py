@@ -52,9 +52,9 @@ from torch import nn
 from lipbound.baselines.fc import (
     FCLayers,
     NotFullyConnectedError,
+    _check_chain,
     converted,
     describe,
-    fc_forward,
 )
 from lipbound.errors import InputError, LipboundError, UnsupportedModelError
 
@@ -392,7 +392,7 @@ def relu_chain(model: nn.Module, input_shape: Sequence[int], *,
             if chain.a is None and chain.layers and np.all(chain.c == 0.0):
                 continue  # relu(relu(x)) = relu(x)
             chain.emit(op.name, "ReLU")
-        elif op.kind == "maxpool" and type(op).__name__ == "MaxPoolOp":
+        elif op.kind == "maxpool" and kind == "MaxPoolOp":
             _maxpool(op, chain)
         else:
             bad.append((op.name, kind, f"layer kind '{op.kind}' has no exact FC conversion"))
@@ -400,27 +400,7 @@ def relu_chain(model: nn.Module, input_shape: Sequence[int], *,
         raise NotFullyConnectedError(bad, converting=True)
     layers = converted(chain.finish())
     if check:
-        _check_forward(model, layers, shape)
+        _check_chain(model, layers, shape, converting=True)
     logger.debug("converted %s to the FC ReLU chain %s", type(model).__name__,
                  describe(layers))
     return layers
-
-
-def _check_forward(model: nn.Module, layers: FCLayers, shape: tuple[int, ...]) -> None:
-    """Raise unless the chain reproduces ``model`` on random inputs (guards the conversion)."""
-    from lipbound._modelinfo import model_dtype_device
-    from lipbound._precision import exact_float32
-
-    dtype, device = model_dtype_device(model)
-    gen = torch.Generator().manual_seed(4321)
-    x = torch.randn((4, *shape), generator=gen, dtype=torch.float64)
-    with torch.no_grad(), exact_float32(device):
-        ref = model(x.to(device=device, dtype=dtype)).detach().cpu().to(torch.float64)
-    ref = ref.reshape(4, -1).numpy()
-    got = fc_forward(layers, x.reshape(4, -1).numpy())
-    tol = 1e-9 if dtype == torch.float64 else 1e-3
-    err = float(np.max(np.abs(ref - got))) if got.shape == ref.shape else math.inf
-    if not err <= tol * (1.0 + float(np.max(np.abs(ref)))):
-        raise NotFullyConnectedError([("model", "conversion mismatch",
-                                       f"the converted FC chain differs from the model's "
-                                       f"output by {err:.3g}")], converting=True)

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from lipbound._modelinfo import model_dtype_device
+from lipbound._precision import exact_float32
 from lipbound.errors import InputError, LipboundError, UnsupportedModelError
 from lipbound.graph import check_finite_parameters
 from lipbound.validation import check_eps
@@ -443,30 +444,38 @@ def fc_layers(model: nn.Module, *, input_shape: Sequence[int] | None = None,
     return layers
 
 
-def _check_chain(model: nn.Module, layers: FCLayers, shape: tuple[int, ...]) -> None:
-    """Raise if the extracted chain does not reproduce ``model`` on random inputs."""
+def _check_chain(model: nn.Module, layers: FCLayers, shape: tuple[int, ...], *,
+                 converting: bool = False) -> None:
+    """Raise if the extracted (or, with ``converting``, the converted) chain does not
+    reproduce ``model`` on random inputs (the model's float32 run in IEEE float32 on CUDA)."""
     dtype, device = model_dtype_device(model)
     gen = torch.Generator().manual_seed(0)
     probe = torch.randn((3, *shape), generator=gen, dtype=torch.float64)
     try:
-        with torch.no_grad():
+        with torch.no_grad(), exact_float32(device):
             out = model(probe.to(device=device, dtype=dtype))
     except Exception as exc:
         raise InputError(f"the model does not accept inputs of shape (N, {shape}): {exc}; "
                          "pass input_shape") from exc
-    out = out.detach().cpu().to(torch.float64).numpy()
+    out = out.detach().cpu().to(torch.float64)
+    if converting:  # a conv net's output may keep its trailing dimensions
+        out = out.reshape(3, -1)
+    out = out.numpy()
     want = fc_forward(layers, probe.reshape(3, -1).numpy())
     if out.shape != want.shape:
         raise NotFullyConnectedError([("output", f"shape {tuple(out.shape)}",
                                        f"expected (N, {want.shape[1]}) from the chain; a "
-                                       "view/reshape does not flatten as assumed")])
+                                       "view/reshape does not flatten as assumed")],
+                                     converting=converting)
     tol = 1e-9 if dtype == torch.float64 else 1e-3
     scale = 1.0 + float(np.max(np.abs(want)))
     err = float(np.max(np.abs(out - want)))
     if not err <= tol * scale:
-        raise NotFullyConnectedError([("model", "mismatch",
-                                       f"the extracted Linear/ReLU chain differs from the "
-                                       f"model's output by {err:.3g}")])
+        what = "converted FC" if converting else "extracted Linear/ReLU"
+        raise NotFullyConnectedError([("model", "conversion mismatch" if converting
+                                       else "mismatch",
+                                       f"the {what} chain differs from the model's output by "
+                                       f"{err:.3g}")], converting=converting)
 
 
 def as_fc(net: nn.Module | Sequence[tuple[Any, Any]], *,
