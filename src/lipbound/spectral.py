@@ -164,9 +164,13 @@ def exact_too_large(rows: int, cols: int, device) -> ExactRouteTooLarge | None:
     avail = physical_memory(device)
     if avail is None or need <= avail:
         return None
+    return ExactRouteTooLarge(rows, cols, need, avail, _memory_owner(device))
+
+
+def _memory_owner(device) -> str:
+    """Whose memory the exact route uses, for its error message."""
     dev = torch.device(device) if device is not None else torch.device("cpu")
-    return ExactRouteTooLarge(rows, cols, need, avail,
-                              "the GPU" if dev.type == "cuda" else "this machine")
+    return "the GPU" if dev.type == "cuda" else "this machine"
 
 
 def exact_norm(m: Tensor) -> float:
@@ -365,10 +369,9 @@ def spectral_upper(mv: Callable[[Tensor], Tensor], rmv: Callable[[Tensor], Tenso
                 raise
             # the memory check above reads the device's total memory: on a GPU shared with
             # other processes (or a machine short of memory) forming the matrix can still fail
-            dev = torch.device(device) if device is not None else torch.device("cpu")
-            where = "the GPU" if dev.type == "cuda" else "this machine"
             if mode == "exact":
-                raise ExactRouteTooLarge(ma, na, exact_bytes(ma, na), None, where) from exc
+                raise ExactRouteTooLarge(ma, na, exact_bytes(ma, na), None,
+                                         _memory_owner(device)) from exc
             log.info("the exact route's %d x %d matrix did not fit (%s); Lanczos instead",
                      ma, na, type(exc).__name__)
     gen = generator if generator is not None else torch.Generator().manual_seed(0)
