@@ -21,6 +21,7 @@ from torch import Tensor, nn
 
 from ._indexing import gather_cols, scatter_cols
 from ._modelinfo import model_device
+from ._progress import NULL_BAR, NullBar, progress_bar
 from .blocks import AffineBlock, Block, PoolBlock, build_blocks
 from .errors import ExactRouteTooLarge, InputError
 from .graph import trace_model
@@ -465,13 +466,24 @@ class Analyzer:
         self._draws[(key, i, self.seed)] = n + 1
         return n
 
+    def _bar(self, progress: bool, what: str, blocks: list[Block]) -> NullBar:
+        """A bar over the layers of one bound (see :mod:`lipbound._progress`)."""
+        if not progress:  # the usual case, on the hot path: no work at all
+            return NULL_BAR
+        return progress_bar(progress, len(blocks), f"{what} {self.name}", "layer")
+
     # ------------------------------------------------------------------ global
-    def _global_factors(self, key: str, blocks: list[Block]) -> list[SpectralBound]:
+    def _global_factors(self, key: str, blocks: list[Block],
+                        bar: NullBar = NULL_BAR) -> list[SpectralBound]:
         if key in self._global:
             return self._global[key]
         delta = self.failure_prob / self._n_spectral(blocks)
         out: list[SpectralBound] = []
+        show = bar is not NULL_BAR
         for i, b in enumerate(blocks):
+            if show:
+                bar.update(int(i > 0))
+                bar.label(_layer_label(i, b))
             if isinstance(b, PoolBlock):
                 v = b.op.global_constant()
                 out.append(SpectralBound(v, Guarantee.CERTIFIED, 0.0, "closed-form", v))
@@ -596,11 +608,23 @@ class Analyzer:
         return tuple(alts), probe
 
     @_without_autograd
-    def global_bound(self, *, output_map: Tensor | None = None) -> BoundResult:
-        """Product of per-layer global constants (method.md rule 8)."""
+    def global_bound(self, *, output_map: Tensor | None = None,
+                     progress: bool = False) -> BoundResult:
+        """Product of per-layer global constants (method.md rule 8).
+
+        Args:
+            output_map: optional matrix C: bound ``C f`` instead of ``f``.
+            progress: show a bar over the layers on stderr while the factors are computed
+                (only on a terminal, and only after a few seconds: see
+                :mod:`lipbound._progress`); the result is the same either way.
+        """
         t0 = time.perf_counter()
         key, blocks = self._blocks_for(output_map)
-        facs = self._global_factors(key, blocks)
+        if key in self._global:
+            facs = self._global[key]
+        else:
+            with self._bar(progress, "global bound", blocks) as bar:
+                facs = self._global_factors(key, blocks, bar)
         layers = []
         value = 1.0
         for i, (b, f) in enumerate(zip(blocks, facs, strict=True)):
@@ -616,7 +640,7 @@ class Analyzer:
 
     # ------------------------------------------------------------------ local
     def _propagate(self, key: str, blocks: list[Block], x0: Tensor, eps: float,
-                   stop_before_last: bool = False):
+                   stop_before_last: bool = False, bar: NullBar = NULL_BAR):
         """Run rules 1-8 through the blocks. Returns (layer factors, spectral bounds,
         state before the last block)."""
         delta = self.failure_prob / self._n_spectral(blocks)
@@ -630,8 +654,12 @@ class Analyzer:
         layers: list[LayerFactor] = []
         bounds: list[SpectralBound] = []
         n = len(blocks) - (1 if stop_before_last else 0)
+        show = bar is not NULL_BAR  # nothing at all on the hot path without a bar
         for i in range(n):
             b = blocks[i]
+            if show:
+                bar.update(int(i > 0))
+                bar.label(_layer_label(i, b))
             gfac = gl[i].value if gl is not None else math.nan
             if isinstance(b, PoolBlock):
                 mask = d.reshape(b.in_shape)
@@ -942,14 +970,24 @@ class Analyzer:
         return x0, eps
 
     @_without_autograd
-    def local_bound(self, x0: Tensor, eps: float, *,
-                    output_map: Tensor | None = None) -> BoundResult:
+    def local_bound(self, x0: Tensor, eps: float, *, output_map: Tensor | None = None,
+                    progress: bool = False) -> BoundResult:
         """Upper bound on the local Lipschitz constant of ``f`` (or ``C f``) relative to x0
-        over the L2 ball of radius ``eps`` (method.md rules 1-8)."""
+        over the L2 ball of radius ``eps`` (method.md rules 1-8).
+
+        Args:
+            x0: the nominal input, shape ``(1, *input_shape)``.
+            eps: the ball radius (> 0, finite).
+            output_map: optional matrix C: bound ``C f`` instead of ``f``.
+            progress: show a bar over the layers on stderr (only on a terminal, and only
+                after a few seconds: see :mod:`lipbound._progress`); the result is the same
+                either way.
+        """
         t0 = time.perf_counter()
         x0, eps = self._check(x0, eps)
         key, blocks = self._blocks_for(output_map)
-        layers, bounds, state = self._propagate(key, blocks, x0, eps)
+        with self._bar(progress, "local bound", blocks) as bar:
+            layers, bounds, state = self._propagate(key, blocks, x0, eps, bar=bar)
         nominal = self._nominal_total(state[3], state[1])
         value = math.prod(sb.value for sb in bounds)
         g = combine_guarantees([sb.guarantee for sb in bounds]) if bounds else Guarantee.EXACT
@@ -1031,6 +1069,20 @@ def _analyzer(model: nn.Module | Analyzer, x0_or_shape, device, **kw) -> Analyze
     return Analyzer(model, shape, device=device, **kw)
 
 
+LABEL_WIDTH = 32
+"""Longest layer name a progress bar shows (a longer block name, ``a+b+c+d``, shows as
+``a+…+d``)."""
+
+
+def _layer_label(i: int, b: Block) -> str:
+    """``"index name"`` of a block for a progress bar."""
+    name = b.name
+    if len(name) > LABEL_WIDTH:
+        parts = name.split("+")
+        name = f"{parts[0]}+…+{parts[-1]}" if len(parts) > 2 else name[:LABEL_WIDTH - 1] + "…"
+    return f"{i} {name}"
+
+
 @contextmanager
 def _naming(layer: str) -> Iterator[None]:
     """Name the layer in an :class:`ExactRouteTooLarge` raised inside."""
@@ -1043,21 +1095,25 @@ def _naming(layer: str) -> Iterator[None]:
 
 
 def global_bound(model: nn.Module | Analyzer, x0_or_input_shape: Tensor | Sequence[int], *,
-                 device: str | torch.device | None = None, **kwargs) -> BoundResult:
+                 device: str | torch.device | None = None, progress: bool = False,
+                 **kwargs) -> BoundResult:
     """Global L2 Lipschitz upper bound: the product of per-layer constants.
 
     Args:
         model: the network (eval mode) or an :class:`Analyzer`.
         x0_or_input_shape: an input ``(1, *shape)`` or the per-sample input shape.
         device: ``None``/``"auto"``, ``"cpu"`` or ``"cuda"``.
+        progress: show a bar over the layers on stderr (only on a terminal, after a few
+            seconds); the result is the same either way.
         **kwargs: passed to :class:`Analyzer` (``spectral``, ``failure_prob``, ...).
     """
-    return _analyzer(model, x0_or_input_shape, device, **kwargs).global_bound()
+    return _analyzer(model, x0_or_input_shape, device, **kwargs).global_bound(
+        progress=progress)
 
 
 def local_bound(model: nn.Module | Analyzer, x0: Tensor, eps: float, *,
                 output_map: Tensor | None = None, device: str | torch.device | None = None,
-                **kwargs) -> BoundResult:
+                progress: bool = False, **kwargs) -> BoundResult:
     """Local L2 Lipschitz upper bound relative to ``x0`` over the ball of radius ``eps``
     (Avant & Morgansen 2023).
 
@@ -1067,8 +1123,11 @@ def local_bound(model: nn.Module | Analyzer, x0: Tensor, eps: float, *,
         eps: the ball radius (> 0, finite).
         output_map: optional matrix C: bound ``C f`` instead of ``f``.
         device: ``None``/``"auto"``, ``"cpu"`` or ``"cuda"``.
+        progress: show a bar over the layers on stderr (only on a terminal, after a few
+            seconds); the result is the same either way.
         **kwargs: passed to :class:`Analyzer`.
     """
     if not isinstance(x0, Tensor):
         raise InputError(f"x0 must be a torch.Tensor, got {type(x0).__name__}")
-    return _analyzer(model, x0, device, **kwargs).local_bound(x0, eps, output_map=output_map)
+    return _analyzer(model, x0, device, **kwargs).local_bound(x0, eps, output_map=output_map,
+                                                              progress=progress)

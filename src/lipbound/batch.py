@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import logging
 import statistics
-import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -20,6 +19,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
+from ._progress import progress_bar
 from .analyzer import Analyzer
 from .errors import InputError
 from .results import Guarantee
@@ -140,7 +140,8 @@ def bound_many(model_or_analyzer: nn.Module | Analyzer, samples: Any,
             every local bound can use them (often tighter, and then never above the global
             bound); each input gets the same treatment whatever the number of inputs.
         batch_size: inputs per forward pass when predicting classes.
-        progress: show a tqdm bar over the inputs (only on a terminal).
+        progress: show a bar over the inputs on stderr (only on a terminal, after a few
+            seconds: see :mod:`lipbound._progress`).
         spectral, failure_prob, seed, device, name, notes: passed to a new
             :class:`Analyzer` (ignored when one is given).
         timings: optional dict that receives ``setup_seconds`` (tracing and the global
@@ -185,7 +186,7 @@ def bound_many(model_or_analyzer: nn.Module | Analyzer, samples: Any,
     eps_list = _eps_per_input(eps, len(xs), method)
 
     if method == "global" or share_global:
-        an.global_bound()  # cached on the Analyzer: later calls are lookups
+        an.global_bound(progress=progress)  # cached on the Analyzer: later calls are lookups
     preds: list[int] = []
     with torch.no_grad():
         for i in range(0, len(xs), batch_size):
@@ -193,18 +194,18 @@ def bound_many(model_or_analyzer: nn.Module | Analyzer, samples: Any,
             preds += out.reshape(out.shape[0], -1).argmax(dim=1).tolist()
     setup = time.perf_counter() - t_start
 
-    from tqdm import tqdm
-
     rows = []
-    show = progress and sys.stderr.isatty()
-    for i in tqdm(range(len(xs)), disable=not show, desc=f"{method} bounds", unit="input",
-                  leave=False):
-        r = an.global_bound() if method == "global" else an.local_bound(xs[i], eps_list[i])
-        rows.append(InputBound(index=i, name=names[i], label=labels[i], predicted=preds[i],
-                               eps=eps_list[i], method=method, bound=float(r.value),
-                               guarantee=r.guarantee, failure_prob=float(r.failure_prob),
-                               seconds=float(r.seconds)))
-        log.info("%s bound of input %s: %.6g (%.3fs)", method, names[i], r.value, r.seconds)
+    with progress_bar(progress, len(xs), f"{method} bounds", "input") as bar:
+        for i in range(len(xs)):
+            bar.label(names[i])
+            r = an.global_bound() if method == "global" else an.local_bound(xs[i], eps_list[i])
+            rows.append(InputBound(index=i, name=names[i], label=labels[i], predicted=preds[i],
+                                   eps=eps_list[i], method=method, bound=float(r.value),
+                                   guarantee=r.guarantee, failure_prob=float(r.failure_prob),
+                                   seconds=float(r.seconds)))
+            log.info("%s bound of input %s: %.6g (%.3fs)", method, names[i], r.value,
+                     r.seconds)
+            bar.update()
     if timings is not None:
         timings["setup_seconds"] = timings.get("setup_seconds", 0.0) + setup
         timings["total_seconds"] = timings.get("total_seconds", 0.0) + \

@@ -44,6 +44,7 @@ import torch
 from torch import Tensor, nn
 
 from ._modelinfo import model_device
+from ._progress import NULL_BAR, NullBar, progress_bar
 from .errors import InputError
 from .results import BoundResult, Guarantee, _jsonable
 
@@ -419,10 +420,11 @@ def _model_device(model: nn.Module) -> torch.device:
 
 # ---------------------------------------------------------------------------- core
 def _measure(what: str, make: Callable[[], Any], x0: Tensor, eps: float, repeat: int,
-             device: torch.device, mem: _Memory, warmup: bool = True
+             device: torch.device, mem: _Memory, warmup: bool = True, bar: NullBar = NULL_BAR
              ) -> tuple[list[float], list[float], float, list[float], BoundResult, list[float]]:
     """A cold run then ``repeat`` timed runs, each on a fresh analyzer built off the clock
-    (without ``warmup`` the cold run's computation is the first timed run).
+    (without ``warmup`` the cold run's computation is the first timed run); ``bar`` is
+    labelled and advanced between runs, off the clock.
     Returns (wall seconds, CPU seconds, cold seconds, trace seconds, last result, values of
     every run)."""
 
@@ -437,6 +439,8 @@ def _measure(what: str, make: Callable[[], Any], x0: Tensor, eps: float, repeat:
     cold = math.nan
     an = None
     for i in range(repeat + (1 if warmup else 0)):
+        k = i if warmup else i + 1  # the timed run's number (0: the untimed cold run)
+        bar.label(f"{what} " + ("cold run" if k == 0 else f"run {k}/{repeat}"))
         an = None
         gc.collect()
         _sync(device)
@@ -455,6 +459,7 @@ def _measure(what: str, make: Callable[[], Any], x0: Tensor, eps: float, repeat:
         if i > 0 or not warmup:
             runs.append(tc - tb)
             cpu.append(time.process_time() - cb)
+        bar.update()
     del an
     return runs, cpu, cold, traces, res, values
 
@@ -463,7 +468,8 @@ def bench_model(model: nn.Module, x0: Tensor, *, name: str,
                 what: str | Sequence[str] = WHATS, eps: float | None = None,
                 repeat: int = 5, spectral: str = "auto", device: str | torch.device | None = None,
                 threads: int | None = None, analyzer_options: Mapping[str, Any] | None = None,
-                notes: Sequence[str] = (), warmup: bool = True) -> BenchResult:
+                notes: Sequence[str] = (), warmup: bool = True,
+                progress: bool = False) -> BenchResult:
     """Benchmark local and/or global bounds of any supported model (see :func:`bench`).
 
     Args:
@@ -476,6 +482,10 @@ def bench_model(model: nn.Module, x0: Tensor, *, name: str,
         notes: caveats copied into the result.
         warmup: run once untimed first (the cold run); without it the cold run is also the
             first timed run (for networks where one run takes minutes).
+        progress: show a bar over the runs on stderr, naming the one running (only on a
+            terminal, after a few seconds: see :mod:`lipbound._progress`); it is advanced
+            between runs, off the clock (once shown, it is redrawn once a second: tens of
+            microseconds).
 
     Returns:
         The result of the first quantity in ``what``; the others are in ``.others``.
@@ -507,14 +517,15 @@ def bench_model(model: nn.Module, x0: Tensor, *, name: str,
         return Analyzer(model, input_shape, device=dev, name=name, notes=tuple(notes), **opts)
 
     out: list[BenchResult] = []
-    with _Threads(threads):
+    n_runs = len(whats) * (repeat + (1 if warmup else 0))
+    with _Threads(threads), progress_bar(progress, n_runs, f"bench {name}", "run") as bar:
         n_threads = torch.get_num_threads()
         for w in whats:
             gc.collect()
             base = mem.current_host_mb()
             la0 = _loadavg()
             runs, cpu, cold, traces, res, values = _measure(w, make, x0, eps, repeat, dev,
-                                                            mem, warmup)
+                                                            mem, warmup, bar)
             host_peak = mem.host_peak_mb()
             cuda_peak = mem.cuda_peak_mb()
             la1 = _loadavg()
@@ -640,8 +651,12 @@ def bench_sweep_model(model: nn.Module, x0: Tensor, *, name: str,
                       local_repeat: int = 3, spectral: str = "auto", threads: int | None = None,
                       analyzer_options: Mapping[str, Any] | None = None,
                       notes: Sequence[str] = (), reuse_tol: float | None = None,
-                      raw: bool = True) -> SweepBench:
-    """:func:`bench_sweep` for any supported model and input ``x0`` (``(1, *shape)``)."""
+                      raw: bool = True, progress: bool = False) -> SweepBench:
+    """:func:`bench_sweep` for any supported model and input ``x0`` (``(1, *shape)``).
+
+    ``progress``: bars on stderr (only on a terminal, after a few seconds) over the runs of
+    the unit bound, then over the plain loop's radii and the sweeps.
+    """
     from .analyzer import Analyzer
     from .sweep import DEFAULT_REUSE_TOL, sweep
     from .validation import check_eps, check_input
@@ -658,7 +673,7 @@ def bench_sweep_model(model: nn.Module, x0: Tensor, *, name: str,
     x0 = check_input(x0, None).to(dev)
     unit = bench_model(model, x0, name=name, what="local", repeat=local_repeat,
                        spectral=spectral, threads=threads, analyzer_options=analyzer_options,
-                       notes=notes)
+                       notes=notes, progress=progress)
     opts = dict(analyzer_options or {})
     opts.setdefault("spectral", spectral)
     runs: list[float] = []
@@ -669,17 +684,23 @@ def bench_sweep_model(model: nn.Module, x0: Tensor, *, name: str,
     raw_total = math.nan
     raw_values: list[float] = []
     la0 = _loadavg()
-    with _Threads(threads):
+    n_steps = (n_points if raw else 0) + repeat
+    with _Threads(threads), progress_bar(progress, n_steps, f"bench sweep {name}",
+                                         "step") as bar:
         if raw:  # the plain loop: fresh single bounds at every radius (the reference)
             an = Analyzer(model, tuple(x0.shape[1:]), device=dev, name=name, **opts)
             _sync(dev)
             t = time.perf_counter()
-            raw_values = [float(an.local_bound(x0, e).value) for e in eps_values]
+            for e in eps_values:  # (the bar's two calls cost microseconds a bound)
+                bar.label(f"plain loop eps={e:.3g}")
+                raw_values.append(float(an.local_bound(x0, e).value))
+                bar.update()
             _sync(dev)
             raw_total = time.perf_counter() - t
             del an
             gc.collect()
-        for _ in range(repeat):
+        for k in range(repeat):
+            bar.label(f"sweep {k + 1}/{repeat}")
             an = Analyzer(model, tuple(x0.shape[1:]), device=dev, name=name, **opts)
             _sync(dev)
             t = time.perf_counter()
@@ -696,6 +717,7 @@ def bench_sweep_model(model: nn.Module, x0: Tensor, *, name: str,
             fp_max = max(r["local"].failure_prob for r in res.rows)
             del an, res
             gc.collect()
+            bar.update()
     total = statistics.median(runs)
     cpu_total = statistics.median(cpu)
     ratios = [v / r for v, r in zip(values, raw_values, strict=True) if r > 0] \
@@ -726,7 +748,8 @@ def radius_available() -> bool:
 def bench_radius(model_name: str = "mnist", *, n_images: int = 100, method: str = "local",
                  device: str | torch.device | None = None,
                  threads: int | None = None, reuse_tol: float | None = None,
-                 start_from_previous: bool = False) -> RadiusBench | None:
+                 start_from_previous: bool = False,
+                 progress: bool = False) -> RadiusBench | None:
     """Time certifying the first ``n_images`` shipped test images of a zoo network with
     ``lipbound.radius.certified_radius`` on one shared analyzer.
 
@@ -740,6 +763,8 @@ def bench_radius(model_name: str = "mnist", *, n_images: int = 100, method: str 
             ``start`` option). Off by default: that radius was confirmed by the same seeded
             twin analyzers that re-check the next image, so the re-check would no longer be
             independent of the search that chose the radius.
+        progress: show a bar over the images on stderr (only on a terminal, after a few
+            seconds: see :mod:`lipbound._progress`).
 
     Returns ``None`` when ``lipbound.radius`` is not available.
     """
@@ -763,12 +788,14 @@ def bench_radius(model_name: str = "mnist", *, n_images: int = 100, method: str 
     n_evals = 0
     start: float | None = None
     la0 = _loadavg()
-    with _Threads(threads):
+    with _Threads(threads), progress_bar(progress, len(samples), f"bench radius {lm.entry.name}",
+                                         "image") as bar:
         c0 = time.process_time()
         t0 = time.perf_counter()
         an = Analyzer(lm.model, lm.entry.input_shape, device=dev, name=lm.entry.name)
         trace = time.perf_counter() - t0
         for s in samples:
+            bar.label(s.name)
             t = time.perf_counter()
             r = certified_radius(lm.model, s.x.to(dev), analyzer=an, method=method,
                                  reuse_tol=tol, start=start)
@@ -778,6 +805,7 @@ def bench_radius(model_name: str = "mnist", *, n_images: int = 100, method: str 
             n_evals += int(r.n_bound_evaluations)
             if start_from_previous and 0 < r.radius < math.inf:
                 start = float(r.radius)
+            bar.update()
         total = time.perf_counter() - t0
         cpu_total = time.process_time() - c0
     return RadiusBench(model=lm.entry.name, n_images=n_images, total_seconds=total,

@@ -45,6 +45,7 @@ from torch import Tensor, nn
 
 from ._modelinfo import model_dtype_device
 from ._precision import exact_float32
+from ._progress import NULL_BAR, NullBar, progress_bar
 from .analyzer import Analyzer
 from .errors import InputError
 from .results import Guarantee, _jsonable, format_prob_up
@@ -481,7 +482,8 @@ def _twin(an: Analyzer, k: int) -> Analyzer:
 
 
 def _recheck(an: Analyzer, test: Callable[[Analyzer, _Problem, float], _Eval], pb: _Problem,
-             ev: _Eval, first: int) -> tuple[_Eval | None, list[dict[str, Any]], int]:
+             ev: _Eval, first: int, bar: NullBar = NULL_BAR, method: str = ""
+             ) -> tuple[_Eval | None, list[dict[str, Any]], int]:
     """Make a probabilistic certificate rigorous: the search chose ``ev.eps`` using the same
     random draws that produced the bound there, so the bound's failure probability does not
     apply to it as such. A fresh analyzer whose draws are independent of that choice tests
@@ -493,7 +495,9 @@ def _recheck(an: Analyzer, test: Callable[[Analyzer, _Problem, float], _Eval], p
     eps = ev.eps
     n = 0
     for j, k in enumerate(range(first, first + _RECHECKS)):
+        bar.label(f"{method} re-check eps={eps:.4g}")
         ch = test(_twin(an, k), pb, eps)
+        bar.update()
         n += 1
         done.append({"seed_offset": k, "eps": eps, "ratio": ch.ratio, "passed": ch.ok,
                      "guarantee": ch.guarantee.value, "failure_prob": ch.failure_prob})
@@ -545,7 +549,7 @@ def certified_radius(model: nn.Module | Analyzer | None, x0: Tensor, *,
                      tol: float = 1e-3, max_eps: float | None = None,
                      start: float | None = None, max_evaluations: int = 60,
                      reuse_tol: float = DEFAULT_REUSE_TOL,
-                     device: str | torch.device | None = None,
+                     device: str | torch.device | None = None, progress: bool = False,
                      **analyzer_kwargs: Any) -> RadiusResult:
     """Certified L2 radius around ``x0``: no ``x`` with ``||x - x0|| <= radius`` changes the
     predicted class (Avant & Morgansen 2023, "adversarial radius").
@@ -608,6 +612,9 @@ def certified_radius(model: nn.Module | Analyzer | None, x0: Tensor, *,
             reuse. ``0``: no reuse (only exact repeats). The search runs on a shallow copy of
             the analyzer with its own factor memory, so the caller's analyzer is unchanged.
         device: device of a new analyzer (``None``/``"auto"``: the model's).
+        progress: show a counter of the bound evaluations on stderr, naming the radius being
+            tested (only on a terminal, after a few seconds: see :mod:`lipbound._progress`);
+            the result is the same either way.
         **analyzer_kwargs: options of a new :class:`Analyzer` (``spectral``,
             ``lanczos_steps``, ``failure_prob``, ``seed``, ``name``, ``notes``).
 
@@ -631,7 +638,13 @@ def certified_radius(model: nn.Module | Analyzer | None, x0: Tensor, *,
     reuse_tol = check_reuse_tol(reuse_tol)
     an = _resolve(model, analyzer, x0, device, analyzer_kwargs)
     pb = _problem(an, x0)
-    return _certify(an, pb, method, tol, cap, start, max_evaluations, t0, reuse_tol)
+    with _bar(progress, an) as bar:
+        return _certify(an, pb, method, tol, cap, start, max_evaluations, t0, reuse_tol, bar)
+
+
+def _bar(progress: bool, an: Analyzer) -> NullBar:
+    """A counter of a radius search's bound evaluations (see :mod:`lipbound._progress`)."""
+    return progress_bar(progress, None, f"radius {an.name}", "evaluations")
 
 
 def _check_tol(tol: float) -> float:
@@ -654,20 +667,30 @@ def _search_analyzer(an: Analyzer, reuse_tol: float) -> Analyzer:
 
 def _certify(an: Analyzer, pb: _Problem, method: str, tol: float, cap: float,
              start: float | None, max_evals: int, t0: float,
-             reuse_tol: float = DEFAULT_REUSE_TOL) -> RadiusResult:
+             reuse_tol: float = DEFAULT_REUSE_TOL, bar: NullBar = NULL_BAR) -> RadiusResult:
     if pb.model_cls != pb.cls:
         return _zero(method, pb, tol, t0, an, _disagree_reason(pb))
     if method == "global":
         if pb.t_local <= 0:
             return _zero(method, pb, tol, t0, an, _tie_reason(pb))
-        return _global_radius(an, pb, tol, t0, cap)
+        bar.label("global")
+        res = _global_radius(an, pb, tol, t0, cap)
+        bar.update()
+        return res
     if pb.t_local <= 0 or float(pb.t_rows.min()) <= 0:
         return _zero(method, pb, tol, t0, an, _tie_reason(pb))
     test = _TESTS[method]
     if start is None:
         start = 1e-6 * max(1.0, float(pb.x0.double().norm()))
     sa = _search_analyzer(an, reuse_tol)
-    out = _search(lambda e: test(sa, pb, e), start, tol, cap, max_evals)
+
+    def evaluate(e: float) -> _Eval:
+        bar.label(f"{method} eps={e:.4g}")
+        ev = test(sa, pb, e)
+        bar.update()
+        return ev
+
+    out = _search(evaluate, start, tol, cap, max_evals)
     n = len(out.trace)
     det: dict[str, Any] = {
         "threshold": pb.t_local if method == "local" else None,
@@ -688,7 +711,8 @@ def _certify(an: Analyzer, pb: _Problem, method: str, tol: float, cap: float,
                      "(the bound is infinite or NaN)", n, det)
     final = out.lo
     if final.guarantee == Guarantee.PROBABILISTIC and not final.from_global:
-        chk, rlog, nr = _recheck(an, test, pb, final, 1 + _RECHECKS * METHODS.index(method))
+        chk, rlog, nr = _recheck(an, test, pb, final, 1 + _RECHECKS * METHODS.index(method),
+                                 bar, method)
         n += nr
         det["rechecks"] = rlog
         if chk is None:
@@ -739,13 +763,14 @@ def certified_radii(model: nn.Module | Analyzer | None, x0: Tensor, *,
                     methods: Sequence[str] = METHODS, analyzer: Analyzer | None = None,
                     tol: float = 1e-3, max_eps: float | None = None,
                     max_evaluations: int = 60, reuse_tol: float = DEFAULT_REUSE_TOL,
-                    device: str | torch.device | None = None,
+                    device: str | torch.device | None = None, progress: bool = False,
                     **analyzer_kwargs: Any) -> list[RadiusResult]:
     """Several certificates at one input, sharing one analyzer and each other's results:
     the global radius (if asked) starts the local search, and the local radius starts the
     margin search (it passes the margin test, see :func:`certified_radius`).
 
-    Args: as :func:`certified_radius`; ``methods`` is any subset of ``METHODS``.
+    Args: as :func:`certified_radius`; ``methods`` is any subset of ``METHODS``
+    (``progress``: one counter over all their bound evaluations).
 
     Returns:
         One :class:`RadiusResult` per method, in the order given.
@@ -764,14 +789,16 @@ def certified_radii(model: nn.Module | Analyzer | None, x0: Tensor, *,
     pb = _problem(an, x0)
     done: dict[str, RadiusResult] = {}
     order = [m for m in ("global", "local", "margin") if m in methods]
-    for m in order:
-        t1 = time.perf_counter()
-        start = None
-        if m == "local" and "global" in done and 0 < done["global"].radius < math.inf:
-            start = done["global"].radius
-        if m == "margin" and "local" in done and 0 < done["local"].radius < math.inf:
-            start = done["local"].radius
-        done[m] = _certify(an, pb, m, tol, cap, start, max_evaluations, t1, reuse_tol)
+    with _bar(progress, an) as bar:
+        for m in order:
+            t1 = time.perf_counter()
+            start = None
+            if m == "local" and "global" in done and 0 < done["global"].radius < math.inf:
+                start = done["global"].radius
+            if m == "margin" and "local" in done and 0 < done["local"].radius < math.inf:
+                start = done["local"].radius
+            done[m] = _certify(an, pb, m, tol, cap, start, max_evaluations, t1, reuse_tol,
+                               bar)
     del t0
     return [done[m] for m in methods]
 

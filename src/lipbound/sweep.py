@@ -26,7 +26,6 @@ import json
 import logging
 import math
 import numbers
-import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -36,6 +35,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ._progress import progress_bar
 from .analyzer import Analyzer
 from .errors import InputError
 from .results import Guarantee, _jsonable
@@ -410,6 +410,7 @@ def _upper_points(an: Analyzer, x0: Tensor, eps_list: list[float], uppers: list[
     sa = an.reuse_copy(reuse_tol)
     gp: SweepPoint | None = None
     if "global" in uppers:
+        bar.label("global")
         g = sa.global_bound(output_map=output_map)
         gp = SweepPoint("global", float(g.value), g.guarantee, float(g.seconds),
                         float(g.failure_prob), {"spectral": _spectral(g)})
@@ -430,7 +431,7 @@ def _upper_points(an: Analyzer, x0: Tensor, eps_list: list[float], uppers: list[
         cross = math.inf  # smallest radius whose local bound was the global bound
         for k in _bisection_order(len(distinct)):
             e = distinct[k]
-            bar.set_postfix_str(f"eps={e:.3g} local")
+            bar.label(f"eps={e:.3g} local")
             if gp is not None and e >= cross:
                 sa.count_skipped_query()  # the skip depends on the draws: keep the union bound
                 pt = SweepPoint("local", gp.value, gp.guarantee, 0.0, gp.failure_prob,
@@ -510,7 +511,8 @@ def sweep(model_or_analyzer: nn.Module | Analyzer, x0: Tensor, eps_values: Seque
         eps_values: the radii (a list, tuple, 1-D tensor or array; each finite and > 0),
             e.g. from :func:`default_eps_range`; a single number or a string is refused.
         methods: names out of :data:`ALL_METHODS` (or a comma-separated string).
-        progress: show a tqdm bar over the radius x method work (only on a terminal).
+        progress: show a bar over the radius x method work on stderr (only on a terminal,
+            after a few seconds: see :mod:`lipbound._progress`).
         input_shape: per-sample input shape (default: from ``x0``).
         name: model name for results and plot titles.
         input_name: name of ``x0`` for the plot title.
@@ -577,13 +579,10 @@ def sweep(model_or_analyzer: nn.Module | Analyzer, x0: Tensor, eps_values: Seque
     all_notes = list(notes) + [n for n in an.notes if n not in notes]
     uppers = [m for m in meths if m in UPPER_METHODS]
     lowers = [m for m in meths if m in LOWER_METHODS]
-    show = bool(progress) and sys.stderr.isatty()
-    from tqdm import tqdm
-
     from .lower._common import one_float64_copy
 
-    with tqdm(total=len(eps_list) * len(meths), disable=not show, desc=f"sweep {model_name}",
-              unit="bound", leave=False) as bar:
+    with progress_bar(progress, len(eps_list) * len(meths), f"sweep {model_name}",
+                      "bound") as bar:
         if uppers:
             stats = _upper_points(an, x0, eps_list, uppers, output_map, reuse_tol, rows_pts,
                                   all_notes, bar)
@@ -591,7 +590,7 @@ def sweep(model_or_analyzer: nn.Module | Analyzer, x0: Tensor, eps_values: Seque
         with one_float64_copy(lower_model):
             for i, eps in enumerate(eps_list):
                 for m in lowers:
-                    bar.set_postfix_str(f"eps={eps:.3g} {m}")
+                    bar.label(f"eps={eps:.3g} {m}")
                     lr = _lower(m, lower_model, x0_model, eps, samples=samples, steps=steps,
                                 restarts=restarts, seed=seed, output_map=output_map)
                     rows_pts[i][m] = SweepPoint(m, float(lr.value), lr.guarantee, float(lr.seconds),

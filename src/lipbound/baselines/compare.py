@@ -33,6 +33,7 @@ import torch
 from torch import nn
 
 from lipbound._modelinfo import model_dtype_device
+from lipbound._progress import progress_bar
 from lipbound.baselines.fc import (
     FCLayers,
     NotFullyConnectedError,
@@ -101,6 +102,7 @@ class _Ctx:
     fc_error: Exception | None
     exact_time_limit: float
     seed: int = 0
+    progress: bool = False
 
 
 def _fc(ctx: _Ctx) -> FCLayers:
@@ -125,13 +127,13 @@ def _margin_vector(ctx: _Ctx) -> tuple[torch.Tensor | None, str]:
 def _run_local(ctx: _Ctx) -> BoundResult:
     from lipbound import local_bound
 
-    return local_bound(ctx.model, ctx.x0, ctx.eps, seed=ctx.seed)
+    return local_bound(ctx.model, ctx.x0, ctx.eps, seed=ctx.seed, progress=ctx.progress)
 
 
 def _run_global(ctx: _Ctx) -> BoundResult:
     from lipbound import global_bound
 
-    return global_bound(ctx.model, ctx.x0, seed=ctx.seed)
+    return global_bound(ctx.model, ctx.x0, seed=ctx.seed, progress=ctx.progress)
 
 
 @dataclass(frozen=True)
@@ -242,7 +244,8 @@ def _note_of(method: str, res: Any, ctx: _Ctx) -> str:
 
 def compare(model: nn.Module, x0: torch.Tensor, eps: float,
             methods: Sequence[str] | None = None, *, model_name: str | None = None,
-            exact_time_limit: float = 60.0, seed: int = 0) -> list[CompareRow]:
+            exact_time_limit: float = 60.0, seed: int = 0,
+            progress: bool = False) -> list[CompareRow]:
     """Run lipbound's bounds and the rival methods on one network, input and radius.
 
     Args:
@@ -254,6 +257,9 @@ def compare(model: nn.Module, x0: torch.Tensor, eps: float,
         exact_time_limit: time limit in seconds of each exact method.
         seed: seed of lipbound's own random draws (the Lanczos start vectors of its local
             and global bounds, the lower bound's samples and restarts).
+        progress: show a bar over the methods on stderr, naming the one running (only on a
+            terminal, after a few seconds: see :mod:`lipbound._progress`); lipbound's own
+            bounds add a bar over their layers. The rows are the same either way.
 
     Returns:
         One :class:`CompareRow` per method, in the order of :data:`METHODS`. Methods that
@@ -285,43 +291,48 @@ def compare(model: nn.Module, x0: torch.Tensor, eps: float,
         names = [m for m in METHODS if m in names]  # canonical order, no duplicates
     layers: FCLayers | None = None
     fc_error: Exception | None = None
-    if any(m in _FC_ONLY for m in names):
-        try:
-            layers = fc_layers(model, input_shape=tuple(x0.shape[1:]))
-        except (UnsupportedModelError, InputError) as exc:  # not convertible, too large, ...
-            fc_error = exc
-            logger.info("baselines: %s", _short_note(exc))
-    ctx = _Ctx(model, x0, eps, model_name, layers, fc_error, exact_time_limit, seed)
     rows: list[CompareRow] = []
-    for name in names:
-        quantity, runner = METHODS[name]
-        t0 = time.perf_counter()
-        try:
-            res = runner(ctx)
-        except UnsupportedModelError as exc:
-            note = (_not_fc_note(exc) if name in _FC_ONLY
-                    else f"not supported: {_short_note(exc)}")
-            rows.append(CompareRow(name, quantity, None, math.nan,
-                                   time.perf_counter() - t0, note))
-            continue
-        except ImportError as exc:
-            rows.append(CompareRow(name, quantity, None, math.nan, time.perf_counter() - t0,
-                                   f"not available: {_short_note(exc)}"))
-            continue
-        except LipboundError as exc:
-            rows.append(CompareRow(name, quantity, None, math.nan, time.perf_counter() - t0,
-                                   f"not run: {_short_note(exc)}"))
-            continue
-        except Exception as exc:  # one failing method must not break the table
-            logger.exception("compare: method %s failed", name)
-            rows.append(CompareRow(name, quantity, None, math.nan, time.perf_counter() - t0,
-                                   f"error: {type(exc).__name__}: {_short_note(exc)}"))
-            continue
-        seconds = float(getattr(res, "seconds", time.perf_counter() - t0))
-        value = float(res.value)
-        rows.append(CompareRow(name, quantity, res.guarantee, value, seconds,
-                               _note_of(name, res, ctx)))
+    desc = f"compare {model_name}" if model_name else "compare"
+    with progress_bar(progress, len(names), desc, "method") as bar:
+        if any(m in _FC_ONLY for m in names):
+            bar.label("FC chain of the network")
+            try:
+                layers = fc_layers(model, input_shape=tuple(x0.shape[1:]))
+            except (UnsupportedModelError, InputError) as exc:  # not convertible, too large
+                fc_error = exc
+                logger.info("baselines: %s", _short_note(exc))
+        ctx = _Ctx(model, x0, eps, model_name, layers, fc_error, exact_time_limit, seed,
+                   bool(progress))
+        for name in names:
+            bar.label(name)
+            rows.append(_run_method(name, ctx))
+            bar.update()
     return _check_floor(rows)
+
+
+def _run_method(name: str, ctx: _Ctx) -> CompareRow:
+    """One method's row; a method that cannot run gives a row saying why."""
+    quantity, runner = METHODS[name]
+    t0 = time.perf_counter()
+    try:
+        res = runner(ctx)
+    except UnsupportedModelError as exc:
+        note = (_not_fc_note(exc) if name in _FC_ONLY
+                else f"not supported: {_short_note(exc)}")
+        return CompareRow(name, quantity, None, math.nan, time.perf_counter() - t0, note)
+    except ImportError as exc:
+        return CompareRow(name, quantity, None, math.nan, time.perf_counter() - t0,
+                          f"not available: {_short_note(exc)}")
+    except LipboundError as exc:
+        return CompareRow(name, quantity, None, math.nan, time.perf_counter() - t0,
+                          f"not run: {_short_note(exc)}")
+    except Exception as exc:  # one failing method must not break the table
+        logger.exception("compare: method %s failed", name)
+        return CompareRow(name, quantity, None, math.nan, time.perf_counter() - t0,
+                          f"error: {type(exc).__name__}: {_short_note(exc)}")
+    seconds = float(getattr(res, "seconds", time.perf_counter() - t0))
+    return CompareRow(name, quantity, res.guarantee, float(res.value), seconds,
+                      _note_of(name, res, ctx))
 
 
 def _check_floor(rows: list[CompareRow]) -> list[CompareRow]:

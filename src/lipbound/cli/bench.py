@@ -5,7 +5,17 @@ from __future__ import annotations
 import argparse
 
 from ..errors import InputError
-from .common import add_common, add_model_options, fmt, load_input, load_model, print_json, table
+from .common import (
+    add_common,
+    add_model_options,
+    fmt,
+    load_input,
+    load_model,
+    print_json,
+    progress_logging,
+    show_progress,
+    table,
+)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -55,6 +65,7 @@ def _sweep_range(args: argparse.Namespace, loaded) -> tuple[float, float]:
     return tuple(loaded.entry.eps_range)
 
 
+@progress_logging
 def run(args: argparse.Namespace) -> int:
     from ..bench import bench_model, bench_radius, bench_sweep_model, environment
 
@@ -74,23 +85,26 @@ def run(args: argparse.Namespace) -> int:
         check_exact_global_fits(Analyzer(loaded.model, loaded.input_shape, spectral="exact"),
                                 spectral="exact")
     # load_model applied --threads (lipbound.cli.common.apply_threads)
+    progress = show_progress(args)
     res = bench_model(loaded.model, sample.x, name=loaded.name, what=whats, eps=args.eps,
                       repeat=args.repeat, spectral=args.spectral, threads=None,
-                      analyzer_options=opts, notes=loaded.notes, warmup=not args.no_warmup)
+                      analyzer_options=opts, notes=loaded.notes, warmup=not args.no_warmup,
+                      progress=progress)
     sweep = None
     if args.sweep:
         sweep = bench_sweep_model(loaded.model, sample.x, name=loaded.name,
                                   eps_range=_sweep_range(args, loaded), n_points=args.sweep,
                                   local_repeat=args.repeat, spectral=args.spectral,
                                   threads=None, analyzer_options=opts,
-                                  notes=loaded.notes)
+                                  notes=loaded.notes, progress=progress)
     radius = None
     radius_note = None
     if args.radius_images:
         if loaded.entry is None or loaded.entry.testset is None:
             raise InputError("--radius-images needs a zoo network with a shipped test set "
                              "(mnist, cifar10)")
-        radius = bench_radius(loaded.name, n_images=args.radius_images, device=args.device)
+        radius = bench_radius(loaded.name, n_images=args.radius_images, device=args.device,
+                              progress=progress)
         if radius is None:
             radius_note = "lipbound.radius is not available; radius benchmark skipped"
     if args.json:

@@ -12,7 +12,10 @@ from .common import (
     load_model,
     parse_eps_list,
     print_json,
+    progress_logging,
+    show_progress,
     table,
+    tracing,
 )
 
 
@@ -40,6 +43,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
+@progress_logging
 def run(args: argparse.Namespace) -> int:
     from ..analyzer import Analyzer
     from ..errors import InputError
@@ -65,16 +69,18 @@ def run(args: argparse.Namespace) -> int:
 
             return run_many(args)
         raise
-    an = Analyzer(loaded.model, loaded.input_shape, spectral=args.spectral,
-                  failure_prob=args.failure_prob, seed=args.seed, name=loaded.name,
-                  notes=loaded.notes)
+    with tracing(args, loaded.name):
+        an = Analyzer(loaded.model, loaded.input_shape, spectral=args.spectral,
+                      failure_prob=args.failure_prob, seed=args.seed, name=loaded.name,
+                      notes=loaded.notes)
     if args.method in ("global", "both"):
         check_exact_global_fits(an, spectral=args.spectral)
+    progress = show_progress(args)
     results = []
     if args.method in ("global", "both"):
-        results.append(an.global_bound())
+        results.append(an.global_bound(progress=progress))
     if args.method in ("local", "both"):
-        results.extend(an.local_bound(sample.x, e) for e in eps_values)
+        results.extend(an.local_bound(sample.x, e, progress=progress) for e in eps_values)
     if args.json:
         out = results[0].to_dict() if len(results) == 1 else {
             "results": [r.to_dict() for r in results]}

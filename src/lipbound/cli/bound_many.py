@@ -23,7 +23,9 @@ from .common import (
     parse_eps_list,
     prepare_out_file,
     print_json,
+    show_progress,
     table,
+    tracing,
 )
 
 
@@ -150,13 +152,14 @@ def run_many(args: argparse.Namespace) -> int:
     runs = _radii(args, len(samples))
     method = getattr(args, "method", "local")
     spectral = getattr(args, "spectral", "auto")
-    an = Analyzer(loaded.model, loaded.input_shape, spectral=spectral,
-                  failure_prob=getattr(args, "failure_prob", 1e-6), seed=args.seed,
-                  name=loaded.name, notes=loaded.notes)
+    with tracing(args, loaded.name):
+        an = Analyzer(loaded.model, loaded.input_shape, spectral=spectral,
+                      failure_prob=getattr(args, "failure_prob", 1e-6), seed=args.seed,
+                      name=loaded.name, notes=loaded.notes)
     # bound_many computes the global factors in every case (share_global)
     check_exact_global_fits(an, spectral=spectral)
     timings: dict[str, float] = {}
-    progress = not getattr(args, "json", False)
+    progress = show_progress(args)
     rows = []
     if method in ("global", "both"):
         rows += bound_many(an, samples, None, "global", timings=timings, progress=progress)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib.util
 import json
 import math
@@ -11,6 +12,7 @@ import os
 import re
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,6 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .._progress import NullBar, progress_bar, stderr_is_terminal
 from ..errors import InputError, WeightsError
 
 
@@ -31,6 +34,37 @@ def add_common(p: argparse.ArgumentParser, *, json_flag: bool = True) -> None:
                             "for big ones; give a number to override)")
     if json_flag:
         p.add_argument("--json", action="store_true", help="print one JSON object")
+
+
+def show_progress(args: argparse.Namespace) -> bool:
+    """Whether a command asks the library for progress bars: yes, unless ``--json``. The bars
+    go to stderr, only when it is a terminal, and only for work that runs longer than a few
+    seconds (:mod:`lipbound._progress`); stdout is the same either way."""
+    return not getattr(args, "json", False)
+
+
+def tracing(args: argparse.Namespace, name: str) -> NullBar:
+    """A bar with the elapsed time while an :class:`~lipbound.analyzer.Analyzer` of the
+    network ``name`` is built (VGG-16: several seconds of tracing and checks); use as
+    ``with tracing(args, name): an = Analyzer(...)``."""
+    return progress_bar(show_progress(args), None, f"tracing {name}", "")
+
+
+def progress_logging(run: Callable[[argparse.Namespace], int]
+                     ) -> Callable[[argparse.Namespace], int]:
+    """Decorator of a command's ``run``: while it may show progress bars on a terminal, log
+    records on the console (``-v``, warnings) go through ``tqdm.write``, which lifts the
+    bars above each record instead of writing into them. Otherwise ``run`` as it is."""
+
+    @functools.wraps(run)
+    def wrapper(args: argparse.Namespace) -> int:
+        if not (show_progress(args) and stderr_is_terminal()):
+            return run(args)
+        from tqdm.contrib.logging import logging_redirect_tqdm
+
+        with logging_redirect_tqdm():
+            return run(args)
+    return wrapper
 
 
 def add_model_options(p: argparse.ArgumentParser, *, input_required: bool = False) -> None:

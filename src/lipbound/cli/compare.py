@@ -16,6 +16,8 @@ from .common import (
     load_input,
     load_model,
     print_json,
+    progress_logging,
+    show_progress,
 )
 
 
@@ -49,6 +51,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
+@progress_logging
 def run(args: argparse.Namespace) -> int:
     """Run the comparison and print it; 1 if an upper bound fell below the lower bound."""
     from ..baselines.compare import compare, format_table, violations
@@ -62,7 +65,8 @@ def run(args: argparse.Namespace) -> int:
     loaded = load_model(args)
     x0, name = load_input(args, loaded).x, loaded.name
     rows = compare(loaded.model, x0, eps, methods, model_name=name,
-                   exact_time_limit=time_limit, seed=args.seed)
+                   exact_time_limit=time_limit, seed=args.seed,
+                   progress=show_progress(args))
     bad = violations(rows)
     if args.json:
         print_json({"model": name, "eps": eps, "rows": [r.to_dict() for r in rows],

@@ -18,7 +18,10 @@ from .common import (
     load_model,
     prepare_out_dir,
     print_json,
+    progress_logging,
+    show_progress,
     table,
+    tracing,
 )
 
 CSV_COLUMNS = ["index", "name", "kind", "radius_in", "local_factor", "global_factor",
@@ -93,6 +96,7 @@ def _prob_suffix(layers) -> str:
     return f" (some prob., p_fail ≤ {format_prob_up(max(fps))} each)" if fps else ""
 
 
+@progress_logging
 def run(args: argparse.Namespace) -> int:
     from ..analyzer import Analyzer
     from ..plotting import plot_layer_factors
@@ -105,12 +109,14 @@ def run(args: argparse.Namespace) -> int:
     out = prepare_out_dir(args.out, files=LAYER_FILES) if args.out else None
     loaded = load_model(args)
     sample = load_input(args, loaded)
-    an = Analyzer(loaded.model, loaded.input_shape, spectral=args.spectral,
-                  failure_prob=args.failure_prob, seed=args.seed, name=loaded.name,
-                  notes=loaded.notes)
+    with tracing(args, loaded.name):
+        an = Analyzer(loaded.model, loaded.input_shape, spectral=args.spectral,
+                      failure_prob=args.failure_prob, seed=args.seed, name=loaded.name,
+                      notes=loaded.notes)
     check_exact_global_fits(an, spectral=args.spectral)
-    glob = an.global_bound()
-    local = an.local_bound(sample.x, eps)
+    progress = show_progress(args)
+    glob = an.global_bound(progress=progress)
+    local = an.local_bound(sample.x, eps, progress=progress)
     files: list[Path] = []
     if out is not None:
         files.append(write_csv(out / "layers.csv", local, glob))

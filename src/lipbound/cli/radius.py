@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from .._progress import NULL_BAR, NullBar, progress_bar
 from ..errors import InputError
 from ..radius import exact_class_change
 from ..results import format_prob_up
@@ -28,7 +29,10 @@ from .common import (
     load_model,
     prepare_out_dir,
     print_json,
+    progress_logging,
+    show_progress,
     table,
+    tracing,
 )
 
 log = logging.getLogger(__name__)
@@ -115,20 +119,26 @@ def radius_dict(c) -> dict[str, Any]:
     return c.to_dict()
 
 
-def _one(model, an, sample, methods: list[str], attacks: list[str], args) -> dict[str, Any]:
-    """Certificates and attacks at one input, as a JSON-friendly dict."""
+def _one(model, an, sample, methods: list[str], attacks: list[str], args,
+         bar: NullBar = NULL_BAR) -> dict[str, Any]:
+    """Certificates and attacks at one input, as a JSON-friendly dict (``bar``: the bar over
+    the inputs, whose label names the step running)."""
     from ..radius import best, certified_radii
 
     t0 = time.perf_counter()
     dev = next(iter(model.parameters())).device
     x0 = sample.x.to(dev)
+    bar.label(f"{sample.name} certificates")
     cert = certified_radii(an, x0, methods=methods, tol=args.tol, max_eps=args.max_eps,
+                           progress=show_progress(args),
                            **({} if args.reuse_tol is None else {"reuse_tol": args.reuse_tol}))
     atk = []
     if attacks:
         from ..attacks import run_attacks
 
-        atk = run_attacks(model, x0, methods=attacks, seed=args.seed)
+        for a in attacks:  # one at a time, as run_attacks would: the bar names each
+            bar.label(f"{sample.name} {a}")
+            atk += run_attacks(model, x0, methods=[a], seed=args.seed)
     top = best(cert)
     succ = [a for a in atk if a.success and a.radius is not None]
     min_attack = min(a.radius for a in succ) if succ else None
@@ -167,6 +177,7 @@ def _public(d: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in d.items() if not k.startswith("_")}
 
 
+@progress_logging
 def run(args: argparse.Namespace) -> int:
     from ..analyzer import Analyzer
     from ..radius import METHODS
@@ -182,20 +193,24 @@ def run(args: argparse.Namespace) -> int:
     out = prepare_out_dir(args.out, files=RADIUS_FILES) if args.out else None
     loaded = load_model(args)
     samples, many = _samples(args, loaded)
-    an = Analyzer(loaded.model, loaded.input_shape, spectral=args.spectral,
-                  failure_prob=args.failure_prob, seed=args.seed, name=loaded.name,
-                  notes=loaded.notes)
+    with tracing(args, loaded.name):
+        an = Analyzer(loaded.model, loaded.input_shape, spectral=args.spectral,
+                      failure_prob=args.failure_prob, seed=args.seed, name=loaded.name,
+                      notes=loaded.notes)
     if "global" in methods:
         from .exact_memory import check_exact_global_fits
 
         check_exact_global_fits(an, spectral=args.spectral)
     rows = []
-    for i, s in enumerate(samples):
-        rows.append(_one(loaded.model, an, s, methods, attacks, args))
-        if many:
-            r = rows[-1]
-            log.info("%d/%d %s: certified %.4g, attack %s", i + 1, len(samples), s.name,
-                     r["certified_radius"], r["min_attack_radius"])
+    with progress_bar(show_progress(args), len(samples), f"radius {loaded.name}",
+                      "input") as bar:
+        for i, s in enumerate(samples):
+            rows.append(_one(loaded.model, an, s, methods, attacks, args, bar))
+            bar.update()
+            if many:
+                r = rows[-1]
+                log.info("%d/%d %s: certified %.4g, attack %s", i + 1, len(samples), s.name,
+                         r["certified_radius"], r["min_attack_radius"])
     total = time.perf_counter() - t0
     files: dict[str, str] = {}
     if out is not None:

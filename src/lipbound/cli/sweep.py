@@ -13,6 +13,8 @@ from .common import (
     load_model,
     prepare_out_dir,
     print_json,
+    progress_logging,
+    show_progress,
     table,
 )
 
@@ -108,6 +110,7 @@ def plot_title(loaded, sample_name: str) -> str:
     return title
 
 
+@progress_logging
 def run(args: argparse.Namespace) -> int:
     import torch
 
@@ -132,7 +135,7 @@ def run(args: argparse.Namespace) -> int:
     out = prepare_out_dir(args.out if args.out else Path("out") / f"sweep_{loaded.name}",
                           files=SWEEP_FILES)
     res = sweep(an if an is not None else loaded.model, sample.x, eps_values, methods,
-                progress=True, input_shape=loaded.input_shape, name=loaded.name,
+                progress=show_progress(args), input_shape=loaded.input_shape, name=loaded.name,
                 input_name=sample.name, samples=args.samples, steps=args.steps,
                 restarts=args.restarts, seed=args.seed,
                 lower_dtype=torch.float64 if args.lower_dtype == "float64" else None,
