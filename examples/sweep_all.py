@@ -65,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
             sample = load_sample(ref, entry=lm.entry)
             t0 = time.perf_counter()
             res = sweep(lm.model, sample.x.to(device), default_eps_range(name, points),
-                        methods, name=name, input_name=ref, notes=notes, **budget)
+                        methods, name=name, input_name=ref, notes=notes, progress=True, **budget)
             folder = out / name / re.sub(r"[^A-Za-z0-9_.-]+", "_", ref)
             res.to_csv(folder / "sweep.csv")
             res.to_json(folder / "sweep.json")

@@ -474,7 +474,7 @@ def _upper_points(an: Analyzer, x0: Tensor, eps_list: list[float], uppers: list[
 
 
 def sweep(model_or_analyzer: nn.Module | Analyzer, x0: Tensor, eps_values: Sequence[float],
-          methods: Sequence[str] | str = DEFAULT_METHODS, *, progress: bool = True,
+          methods: Sequence[str] | str = DEFAULT_METHODS, *, progress: bool = False,
           input_shape: Sequence[int] | None = None, name: str | None = None,
           input_name: str = "x0", samples: int = 10_000, steps: int = 100,
           restarts: int = 16, seed: int = 0, lower_dtype: torch.dtype | None = torch.float64,
@@ -511,8 +511,8 @@ def sweep(model_or_analyzer: nn.Module | Analyzer, x0: Tensor, eps_values: Seque
         eps_values: the radii (a list, tuple, 1-D tensor or array; each finite and > 0),
             e.g. from :func:`default_eps_range`; a single number or a string is refused.
         methods: names out of :data:`ALL_METHODS` (or a comma-separated string).
-        progress: show a bar over the radius x method work on stderr (only on a terminal,
-            after a few seconds: see :mod:`lipbound._progress`).
+        progress: show a bar over the radius x method work on stderr (default off; only on a
+            terminal, after a few seconds: see :mod:`lipbound._progress`).
         input_shape: per-sample input shape (default: from ``x0``).
         name: model name for results and plot titles.
         input_name: name of ``x0`` for the plot title.
