@@ -241,6 +241,21 @@ def test_sweep_bar(tty, net, x0):
     assert res.values("global") == again.values("global")
 
 
+def test_random_lower_bound_bar(tty, net, x0):
+    tty = tty()
+    from lipbound.lower import random_lower_bound
+
+    res = random_lower_bound(net, x0, 0.1, n_samples=300, batch_size=100, progress=True)
+    text = tty.getvalue()
+    assert "random lower bound" in text and "/300" in text
+    _cleared(text)
+    tty.truncate(0)
+    tty.seek(0)
+    again = random_lower_bound(net, x0, 0.1, n_samples=300, batch_size=100)  # None: small
+    assert tty.getvalue() == ""
+    assert res.value == again.value and torch.equal(res.witness, again.witness)
+
+
 def test_radius_bar_over_evaluations(tty, net, x0):
     tty = tty()
     from lipbound.radius import certified_radii, certified_radius

@@ -11,14 +11,13 @@ from __future__ import annotations
 
 import logging
 import math
-import sys
 import time
 
 import torch
 from torch import nn
-from tqdm import tqdm
 
 from lipbound._precision import exact_float32_on_model
+from lipbound._progress import progress_bar
 from lipbound.errors import InputError
 from lipbound.lower._common import (
     auto_batch_size,
@@ -133,8 +132,8 @@ def random_lower_bound(
             activation. The sample stream depends on ``seed`` and ``batch_size``.
         seed: seed of the sampler's own generator (global RNG untouched).
         output_map: optional ``(k, m)`` matrix ``C`` applied to output differences.
-        progress: show a tqdm bar; ``None`` shows it only on a terminal for large
-            ``n_samples``.
+        progress: show a bar on stderr (only on a terminal, after a few seconds: see
+            :mod:`lipbound._progress`); ``None``: only for large ``n_samples``.
 
     Returns:
         A :class:`LowerBoundResult` with ``method="random"``.
@@ -150,7 +149,7 @@ def random_lower_bound(
     batch_size = check_positive_int("batch_size", batch_size)
     gen = make_generator(prob.device, seed)
     if progress is None:
-        progress = n_samples >= _PROGRESS_FROM and sys.stderr.isatty()
+        progress = n_samples >= _PROGRESS_FROM
 
     x0_flat = prob.x0.reshape(1, -1)
     # ratios at radii where rounding of the forward pass could dominate are not scored
@@ -159,9 +158,7 @@ def random_lower_bound(
     best_pts = x0_flat.new_zeros(0, prob.dim)
     best_scores = torch.zeros(0, dtype=torch.float64, device=prob.device)
     done = 0
-    with torch.no_grad(), tqdm(
-        total=n_samples, disable=not progress, desc="random lower bound", unit="pt"
-    ) as bar:
+    with torch.no_grad(), progress_bar(progress, n_samples, "random lower bound", "pt") as bar:
         while done < n_samples:
             b = min(batch_size, n_samples - done)
             pts, dist = _draw_with_distances(x0_flat, prob.eps, b, gen)
