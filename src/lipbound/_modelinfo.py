@@ -1,4 +1,4 @@
-"""Where, and in which floating-point type, a module computes.
+"""Where, and in which floating-point type, a module computes; and whether its tensors changed.
 
 One rule for the whole package (the tracer, the analyzer, the attacks, the lower bounds, the
 baselines, the benchmarks and the IEEE-float32 guard): a model computes in the type and on
@@ -49,3 +49,40 @@ def model_dtype_device(model: nn.Module, default: Tensor | None = None
     if device is None:
         device = default.device if default is not None else torch.device("cpu")
     return dtype, device
+
+
+def tensor_state(model: nn.Module) -> tuple[tuple, ...]:
+    """A record of ``model``'s parameters and buffers that changes when any of them is
+    modified in place (autograd's version counter: ``p.mul_``, ``copy_``, optimiser steps,
+    ``load_state_dict``), given new storage (``.data = ...``, ``model.to(...)``) or replaced,
+    added or removed (a new submodule or ``nn.Parameter``). In-place writes through
+    ``p.data`` bypass the version counter and are not seen.
+    """
+    out = []
+    for kind, named in (("parameter", model.named_parameters(remove_duplicate=False)),
+                        ("buffer", model.named_buffers(remove_duplicate=False))):
+        for name, t in named:
+            if t is None:
+                continue
+            out.append((kind, name, id(t), t.data_ptr(), t._version, tuple(t.shape), t.dtype,
+                        t.device))
+    return tuple(out)
+
+
+def changed_tensor(before: tuple[tuple, ...], model: nn.Module) -> str | None:
+    """``None`` when :func:`tensor_state` of ``model`` equals ``before``, else a short
+    description of the first difference (``"parameter conv1.weight was modified"``)."""
+    now = tensor_state(model)
+    if now == before:
+        return None
+    old = {(k, n): rest for k, n, *rest in before}
+    new = {(k, n): rest for k, n, *rest in now}
+    for key in new:
+        if key not in old:
+            return f"{key[0]} {key[1]} was added"
+        if old[key] != new[key]:
+            return f"{key[0]} {key[1]} was modified or replaced"
+    gone = next(iter(k for k in old if k not in new), None)
+    if gone is not None:
+        return f"{gone[0]} {gone[1]} was removed"
+    return "its parameters or buffers changed"

@@ -20,7 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from ._indexing import gather_cols, scatter_cols
-from ._modelinfo import model_device
+from ._modelinfo import changed_tensor, model_device, tensor_state
 from ._progress import NULL_BAR, NullBar, progress_bar
 from .blocks import AffineBlock, Block, PoolBlock, build_blocks
 from .errors import ExactRouteTooLarge, InputError
@@ -302,6 +302,12 @@ class Analyzer:
         name: a name for the model used in results.
         notes: caveats copied into every result (e.g. "seeded random weights").
 
+    The analyzer holds a float64 snapshot of the model's weights. Once the model's parameters
+    or buffers change (an optimiser step, ``load_state_dict``, an in-place edit under
+    ``torch.no_grad()``, ``model.to(...)``, a replaced layer), every bound or forward pass
+    raises :class:`~lipbound.errors.InputError`: build a new analyzer. Writes through
+    ``p.data`` bypass torch's version counters and are not detected.
+
     Example:
         >>> an = Analyzer(model, input_shape=(1, 28, 28))          # doctest: +SKIP
         >>> an.local_bound(x0, 0.1).value                           # doctest: +SKIP
@@ -337,6 +343,10 @@ class Analyzer:
         self.name = name or type(model).__name__
         self.notes = tuple(notes)
         ops = trace_model(model, self.input_shape)
+        # the analysed network is a float64 snapshot of the model now; later changes to the
+        # model's tensors are refused (_check_model), not silently ignored
+        self._tensor_state = tensor_state(model)
+        self._stale: str | None = None  # a copy made after the model changed: why
         self.ops = [op.to(self.device) for op in ops]
         self.blocks = build_blocks(self.ops)
         _check_magnitudes(self.blocks)
@@ -389,8 +399,32 @@ class Analyzer:
         self._skipped_queries += 1
 
     # ------------------------------------------------------------------ helpers
+    def __getstate__(self) -> dict:
+        # copies and pickles hold a copy of the model: its tensors are new objects, so the
+        # record is taken again on arrival, and a model that had already changed stays refused
+        state = dict(self.__dict__)
+        state["_stale"] = self._stale or changed_tensor(self._tensor_state, self.model)
+        state["_tensor_state"] = None
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._tensor_state = tensor_state(self.model)
+
+    def _check_model(self) -> None:
+        """Refuse to answer for a model whose parameters or buffers changed after this
+        analyzer was built (its bounds would be those of the old weights)."""
+        what = self._stale or changed_tensor(self._tensor_state, self.model)
+        if what is not None:
+            raise InputError(
+                f"the model changed after this Analyzer was built ({what}); the analyzer "
+                "holds a float64 snapshot of the weights it was built with, so its bounds "
+                "would be those of the old model: build a new Analyzer(model, input_shape) "
+                "after changing the model")
+
     def forward(self, x: Tensor) -> Tensor:
         """The network in float64 on the analysis device (batched)."""
+        self._check_model()
         x = x.to(device=self.device, dtype=torch.float64)
         for b in self._variants[""]:
             x = b.forward(x)
@@ -405,6 +439,7 @@ class Analyzer:
         :meth:`lipbound.ops.base.Op.forward_error`; ReLU and max pooling are 1-Lipschitz).
         Also the guarantee and failure probability of that bound (those of the global
         factors it uses)."""
+        self._check_model()
         x0 = check_input(x0, self.input_shape)
         facs = self._global_factors("", self.blocks)
         x = x0.to(device=self.device, dtype=torch.float64)
@@ -619,6 +654,7 @@ class Analyzer:
                 :mod:`lipbound._progress`); the result is the same either way.
         """
         t0 = time.perf_counter()
+        self._check_model()
         key, blocks = self._blocks_for(output_map)
         if key in self._global:
             facs = self._global[key]
@@ -965,6 +1001,7 @@ class Analyzer:
         return lambda: mat
 
     def _check(self, x0: Tensor, eps: float) -> tuple[Tensor, float]:
+        self._check_model()
         eps = check_eps(eps)
         x0 = check_input(x0, self.input_shape)
         return x0, eps
