@@ -197,7 +197,7 @@ def test_tiny_paper_network_exact_values():
     lm = zoo.load_model("tiny")
     x0 = load_sample("tiny:x0", entry=lm.entry).x
     res = certified_radii(lm.model, x0)
-    assert all(r.guarantee == Guarantee.CERTIFIED and r.failure_prob == 0 for r in res)
+    assert all(r.guarantee == Guarantee.CERTIFIED_LOWER and r.failure_prob == 0 for r in res)
     _check_margin_vs_local(res)
     _ball_check(lm.model, x0, res[0].predicted_class, max(r.radius for r in res), n=4000)
     _assert_below_attacks(res, _attacks(lm.model, x0, list(CHEAP) + ["fgsm"]), x0)
@@ -303,7 +303,7 @@ def test_mnist_reuse_is_used_and_costs_little_radius(mnist):
     assert reuse.details["reused_evaluations"] > 0
     assert fresh.details["reused_evaluations"] == 0
     assert 0.95 * fresh.radius <= reuse.radius <= fresh.radius * 1.05
-    if reuse.guarantee == Guarantee.PROBABILISTIC:
+    if reuse.guarantee == Guarantee.PROBABILISTIC_LOWER:
         checks = reuse.details["rechecks"]
         assert checks and checks[-1]["passed"]
         # a union bound over the re-checks run
@@ -380,8 +380,8 @@ def test_mnist_digit8_paper_numbers_attacks_and_ball(mnist):
     assert by["global"].radius <= 1e-3
     assert by["global"].radius <= by["local"].radius <= by["margin"].radius
     for r in res:
-        assert r.guarantee in (Guarantee.CERTIFIED, Guarantee.PROBABILISTIC)
-        assert (r.failure_prob > 0) == (r.guarantee == Guarantee.PROBABILISTIC)
+        assert r.guarantee in (Guarantee.CERTIFIED_LOWER, Guarantee.PROBABILISTIC_LOWER)
+        assert (r.failure_prob > 0) == (r.guarantee == Guarantee.PROBABILISTIC_LOWER)
     # the search's own record: the radius passed, a failing radius within tol above it
     for r in (by["local"], by["margin"]):
         passed = [e for e, _, ok in r.details["evaluations"] if ok]
@@ -620,7 +620,7 @@ def test_probabilistic_radius_text_rounds_the_failure_probability_up():
     from lipbound.results import Guarantee
 
     r = certified_radius(_two_class_net(False), torch.tensor([[1.0, 0.2, 0.0]]))
-    p = replace(r, guarantee=Guarantee.PROBABILISTIC, failure_prob=1.4e-6)
+    p = replace(r, guarantee=Guarantee.PROBABILISTIC_LOWER, failure_prob=1.4e-6)
     assert p.guarantee_text == "probabilistic (failure prob <= 2e-06)"  # not 1e-06
 
 
@@ -650,3 +650,26 @@ def test_recheck_backs_off_when_twins_draw_slightly_larger_bounds():
     assert [e["passed"] for e in log] == [False, True]
     assert 0.97 * root < chk.eps < root / 1.008  # a few percent below the root, not 0
     assert tested[0] == start.eps  # the search's radius is tested first, as it is
+
+
+def test_radius_guarantee_says_lower_bound():
+    """A certified radius is a lower bound on the smallest adversarial perturbation: its
+    guarantee says so in the Python API too (not the Lipschitz bound's "upper bound")."""
+    from lipbound.results import lower_bound_from
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.ReLU(),
+                              torch.nn.Linear(6, 3)).eval()
+    x0 = torch.randn(1, 4)
+    for spectral in ("exact", "lanczos"):
+        an = Analyzer(net, (4,), spectral=spectral)
+        for r in certified_radii(an, x0, methods=("local", "margin", "global")):
+            assert r.guarantee in (Guarantee.CERTIFIED_LOWER, Guarantee.PROBABILISTIC_LOWER)
+            assert not r.guarantee.is_upper_bound
+            assert r.guarantee.value.endswith("lower bound") and r.guarantee_label == \
+                r.guarantee.value
+    assert lower_bound_from(Guarantee.CERTIFIED) is Guarantee.CERTIFIED_LOWER
+    assert lower_bound_from(Guarantee.EXACT) is Guarantee.CERTIFIED_LOWER
+    assert lower_bound_from(Guarantee.PROBABILISTIC) is Guarantee.PROBABILISTIC_LOWER
+    with pytest.raises(ValueError):
+        lower_bound_from(Guarantee.ESTIMATE)

@@ -48,7 +48,7 @@ from ._precision import exact_float32
 from ._progress import NULL_BAR, NullBar, progress_bar
 from .analyzer import Analyzer
 from .errors import InputError
-from .results import Guarantee, _jsonable, format_prob_up
+from .results import Guarantee, _jsonable, format_prob_up, lower_bound_from
 from .spectral import SAFETY
 from .validation import check_eps, check_input, check_reuse_tol
 
@@ -87,9 +87,10 @@ class RadiusResult:
         method: ``"local"``, ``"margin"`` or ``"global"``.
         radius: the certified radius (0.0 when nothing could be certified, see
             ``details["reason"]``); ``inf`` when the bound is 0 (a constant network).
-        guarantee: ``CERTIFIED`` (deterministic) or ``PROBABILISTIC`` (the Lipschitz bound
-            used holds with probability >= 1 - ``failure_prob`` over lipbound's own random
-            draws, never over the data).
+        guarantee: ``CERTIFIED_LOWER`` (deterministic: the radius is a lower bound on the
+            smallest adversarial perturbation) or ``PROBABILISTIC_LOWER`` (the Lipschitz
+            bound used holds with probability >= 1 - ``failure_prob`` over lipbound's own
+            random draws, never over the data).
         predicted_class: the class at ``x0`` (argmax of the float64 forward pass).
         margin: ``delta = y_c(x0) - max_{j != c} y_j(x0)``.
         tol: requested relative tolerance of the search (``radius`` is within a factor
@@ -134,14 +135,12 @@ class RadiusResult:
     def guarantee_label(self) -> str:
         """What the radius is: a certified (deterministic) or probabilistic *lower* bound on
         the smallest adversarial perturbation (attacks give upper bounds on it)."""
-        if self.guarantee == Guarantee.PROBABILISTIC:
-            return "probabilistic lower bound"
-        return "certified lower bound"
+        return self.guarantee.value
 
     @property
     def guarantee_text(self) -> str:
         """The guarantee in words, for tables: deterministic or with its probability."""
-        if self.guarantee == Guarantee.PROBABILISTIC:
+        if self.guarantee == Guarantee.PROBABILISTIC_LOWER:
             return f"probabilistic (failure prob <= {format_prob_up(self.failure_prob)})"
         return "deterministic"
 
@@ -516,7 +515,7 @@ def _zero(method: str, pb: _Problem, tol: float, t0: float, an: Analyzer, reason
           n: int = 0, extra: dict[str, Any] | None = None) -> RadiusResult:
     log.info("certified radius (%s): 0 (%s)", method, reason)
     det = {"reason": reason, **(extra or {})}
-    return RadiusResult(method, 0.0, Guarantee.CERTIFIED, pb.cls, pb.delta, tol, n,
+    return RadiusResult(method, 0.0, Guarantee.CERTIFIED_LOWER, pb.cls, pb.delta, tol, n,
                         time.perf_counter() - t0, runner_up=pb.runner_up, model=an.name,
                         notes=an.notes, details=det)
 
@@ -539,7 +538,7 @@ def _global_radius(an: Analyzer, pb: _Problem, tol: float, t0: float,
         r = max_eps
         det["reason"] = f"capped at max_eps={max_eps:g}"
     fp = float(g.failure_prob) if g.guarantee == Guarantee.PROBABILISTIC else 0.0
-    return RadiusResult("global", r, g.guarantee, pb.cls, pb.delta, tol, 1,
+    return RadiusResult("global", r, lower_bound_from(g.guarantee), pb.cls, pb.delta, tol, 1,
                         time.perf_counter() - t0, failure_prob=fp, runner_up=pb.runner_up,
                         bound=lg, upper=None, model=an.name, notes=an.notes, details=det)
 
@@ -732,7 +731,7 @@ def _certify(an: Analyzer, pb: _Problem, method: str, tol: float, cap: float,
                          "; the radius is certified but may not be the largest")
     det["binding_class"] = final.binding
     fp = final.failure_prob if final.guarantee == Guarantee.PROBABILISTIC else 0.0
-    res = RadiusResult(method, final.eps, final.guarantee, pb.cls, pb.delta, tol, n,
+    res = RadiusResult(method, final.eps, lower_bound_from(final.guarantee), pb.cls, pb.delta, tol, n,
                        time.perf_counter() - t0, failure_prob=fp, runner_up=pb.runner_up,
                        bound=final.bound, upper=upper, model=an.name, notes=an.notes,
                        details=det)

@@ -21,6 +21,9 @@ class Guarantee(str, Enum):
     * ``ESTIMATE`` -- neither a bound nor exact (e.g. raw power iteration, greedy SeqLip).
     * ``ATTACK`` -- the size of a verified class-changing perturbation (an upper bound on
       the minimal adversarial perturbation, found by an attack).
+    * ``CERTIFIED_LOWER`` / ``PROBABILISTIC_LOWER`` -- a lower bound proved from certified
+      (probabilistic, with its failure_prob) upper bounds: a certified radius, a lower bound
+      on the minimal adversarial perturbation.
     """
 
     EXACT = "exact"
@@ -29,10 +32,22 @@ class Guarantee(str, Enum):
     LOWER = "empirical lower bound"
     ESTIMATE = "estimate"
     ATTACK = "attack (verified adversarial example)"
+    CERTIFIED_LOWER = "certified lower bound"
+    PROBABILISTIC_LOWER = "probabilistic lower bound"
 
     @property
     def is_upper_bound(self) -> bool:
         return self in (Guarantee.EXACT, Guarantee.CERTIFIED, Guarantee.PROBABILISTIC)
+
+
+def lower_bound_from(g: Guarantee) -> Guarantee:
+    """The guarantee of a lower bound derived from an upper bound of guarantee ``g`` (a
+    certified radius from a Lipschitz bound): probabilistic stays probabilistic."""
+    if g == Guarantee.PROBABILISTIC:
+        return Guarantee.PROBABILISTIC_LOWER
+    if g in (Guarantee.EXACT, Guarantee.CERTIFIED):
+        return Guarantee.CERTIFIED_LOWER
+    raise ValueError(f"no lower bound follows from a value that is {g.value!r}")
 
 
 def combine_guarantees(gs: list[Guarantee]) -> Guarantee:
