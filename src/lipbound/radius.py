@@ -731,8 +731,8 @@ def _certify(an: Analyzer, pb: _Problem, method: str, tol: float, cap: float,
                          "; the radius is certified but may not be the largest")
     det["binding_class"] = final.binding
     fp = final.failure_prob if final.guarantee == Guarantee.PROBABILISTIC else 0.0
-    res = RadiusResult(method, final.eps, lower_bound_from(final.guarantee), pb.cls, pb.delta, tol, n,
-                       time.perf_counter() - t0, failure_prob=fp, runner_up=pb.runner_up,
+    res = RadiusResult(method, final.eps, lower_bound_from(final.guarantee), pb.cls, pb.delta,
+                       tol, n, time.perf_counter() - t0, failure_prob=fp, runner_up=pb.runner_up,
                        bound=final.bound, upper=upper, model=an.name, notes=an.notes,
                        details=det)
     log.info("certified radius (%s): %.6g after %d bound evaluations (%.2f s)", method,
