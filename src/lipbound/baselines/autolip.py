@@ -22,6 +22,7 @@ from typing import Any
 
 from torch import nn
 
+from lipbound.baselines.deadline import Deadline
 from lipbound.baselines.fc import (
     apply_output_map,
     as_fc,
@@ -36,8 +37,8 @@ __all__ = ["autolip"]
 
 
 def autolip(net: nn.Module | Sequence[tuple[Any, Any]], *, output_map: Any | None = None,
-            input_shape: Sequence[int] | None = None, model_name: str | None = None
-            ) -> BoundResult:
+            input_shape: Sequence[int] | None = None, model_name: str | None = None,
+            time_limit: float | None = None) -> BoundResult:
     """AutoLip bound ``prod_k ||W_k||_2`` on the global L2 Lipschitz constant.
 
     Args:
@@ -45,9 +46,14 @@ def autolip(net: nn.Module | Sequence[tuple[Any, Any]], *, output_map: Any | Non
         output_map: optional ``(m, n_out)`` matrix ``C``; the bound is then for ``C f``.
         input_shape: input shape without batch (only needed for some Normalize layers).
         model_name: name stored in the result.
+        time_limit: seconds (``None``: no limit), checked after each layer's spectral norm
+            (:mod:`lipbound.baselines.deadline`).
 
     Returns:
         A CERTIFIED :class:`~lipbound.results.BoundResult` with ``eps=None``.
+
+    Raises:
+        TimeLimitError: ``time_limit`` passed before every layer's norm was computed.
 
     Example:
         >>> from torch import nn
@@ -55,10 +61,12 @@ def autolip(net: nn.Module | Sequence[tuple[Any, Any]], *, output_map: Any | Non
         <Guarantee.CERTIFIED: 'certified upper bound'>
     """
     t0 = time.perf_counter()
+    deadline = Deadline(time_limit, "autolip")
     layers = apply_output_map(as_fc(net, input_shape=input_shape), output_map)
     check_range(layers, what="autolip")
     value = 1.0
-    for w, _ in layers:
+    for k, (w, _) in enumerate(layers):
+        deadline.check(f"{k} of {len(layers)} layers")
         value = value * safe_spectral_norm(w)
     # K multiplications, each with relative error <= u: covered by the extra factor
     value = round_up(value * (1.0 + 4e-16 * len(layers)))

@@ -77,6 +77,7 @@ import numpy as np
 from scipy import optimize, sparse
 from torch import nn
 
+from lipbound.baselines.deadline import TimeLimitError
 from lipbound.baselines.fc import (
     FCLayers,
     apply_output_map,
@@ -184,7 +185,7 @@ class _Budget:
                 "meet the ball; the exact computation would not finish. Use a certified "
                 "bound (recurjac, lipsdp) or a smaller eps, or raise max_regions.")
         if self.nodes % 64 == 0 and time.perf_counter() - self.t0 > self.time_limit:
-            raise LipboundError(
+            raise TimeLimitError(
                 f"{self.what}: time limit of {self.time_limit:g} s reached after "
                 f"{self.regions} regions; the exact computation would not finish. Use a "
                 "certified bound (recurjac, lipsdp) or a smaller eps, or raise time_limit.")
