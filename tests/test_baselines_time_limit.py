@@ -42,7 +42,7 @@ RIVALS = {
     "autolip": (lambda **kw: autolip(net(), **kw), "autolip", "0 of 3 layers"),
     "seqlip": (lambda **kw: seqlip(net(), **kw), "seqlip", "the SVDs of 0 of 3 layers"),
     "eclipse": (lambda **kw: eclipse_fast(net(), **kw), "ECLipsE-Fast",
-                "0 of 2 hidden layers"),
+                "0 of 2 hidden layers (then a product)"),
     "fastlip": (lambda **kw: fastlip(net(), X0, 0.3, **kw), "Fast-Lip",
                 "pre-activation bounds of 1 of 2 hidden layers"),
     "recurjac": (lambda **kw: recurjac(net(), X0, 0.3, **kw), "RecurJac",

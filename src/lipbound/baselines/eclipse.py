@@ -76,16 +76,22 @@ def eclipse_fast_multipliers(layers: list[tuple[np.ndarray, np.ndarray]], *,
     eigenvalues in ``[lambda_k, 2 lambda_k]``, so positive definite and well conditioned),
     products with a sparse ``W_k`` (converted conv nets) in CSR form, and for the first
     layer (``X_0 = I``) ``mu_1`` as the top eigenvalue of the smaller of ``W_1 W_1^T`` and
-    ``W_1^T W_1`` (the same nonzero eigenvalues). ``deadline`` is checked before each layer.
+    ``W_1^T W_1`` (the same nonzero eigenvalues). ``deadline`` is checked before each of the
+    three costly parts of a layer (the product, the eigenvalue, the inverse).
     """
     x_inv: np.ndarray | None = None  # None: X_0^{-1} = I
     lams = []
     n_hidden = len(layers) - 1
-    for k, (w, _) in enumerate(layers[:-1]):
+
+    def check(k: int, part: str) -> None:
         if deadline is not None:
-            deadline.check(f"{k} of {n_hidden} hidden layers")
+            deadline.check(f"{k} of {n_hidden} hidden layers (then {part})")
+
+    for k, (w, _) in enumerate(layers[:-1]):
+        check(k, "a product")
         w_op = operand(w)
         g = _congruence(w_op, x_inv)
+        check(k, "an eigenvalue")
         if x_inv is None and w.shape[0] > w.shape[1]:
             mu = _top_eigenvalue(_gram(w_op.T))  # W^T W: same top eigenvalue, smaller
         else:
@@ -96,9 +102,9 @@ def eclipse_fast_multipliers(layers: list[tuple[np.ndarray, np.ndarray]], *,
         lams.append(lam)
         x = -(lam * lam) * g
         x[np.diag_indices_from(x)] += 2.0 * lam
+        check(k, "an inverse")
         x_inv = _spd_inverse(x)
-    if deadline is not None:
-        deadline.check(f"{n_hidden} of {n_hidden} hidden layers")
+    check(n_hidden, "the last layer")
     g = _congruence(operand(layers[-1][0]), x_inv)
     return max(_top_eigenvalue(g), 0.0), lams
 
