@@ -72,7 +72,7 @@ def test_a_generous_or_no_limit_changes_nothing(name):
         assert res.value == free.value or (math.isnan(res.value) and math.isnan(free.value))
 
 
-@pytest.mark.parametrize("bad", [0, -1.0, float("nan"), "soon", True, [1.0]])
+@pytest.mark.parametrize("bad", [0, -1.0, float("nan"), "soon", "10", True, [1.0]])
 def test_bad_time_limits_are_refused(bad):
     with pytest.raises(InputError, match="time_limit"):
         autolip(net(), time_limit=bad)

@@ -32,14 +32,15 @@ def check_time_limit(time_limit: float | None, name: str = "time_limit") -> floa
     :class:`~lipbound.errors.InputError` unless it is a number > 0 (``inf``: no limit)."""
     if time_limit is None:
         return None
+    bad = InputError(f"{name} must be a number of seconds > 0 or None, got {time_limit!r}")
+    if isinstance(time_limit, (bool, str, bytes)):
+        raise bad
     try:
         v = float(time_limit)
     except (TypeError, ValueError) as exc:
-        raise InputError(f"{name} must be a number of seconds > 0 or None, got "
-                         f"{time_limit!r}") from exc
-    if isinstance(time_limit, bool) or not v > 0:  # also refuses NaN
-        raise InputError(f"{name} must be a number of seconds > 0 or None, got "
-                         f"{time_limit!r}")
+        raise bad from exc
+    if not v > 0:  # also refuses NaN
+        raise bad
     return None if math.isinf(v) else v
 
 

@@ -157,8 +157,9 @@ def eclipse_fast(net: nn.Module | Sequence[tuple[Any, Any]], *, output_map: Any 
         max_check_dim: largest ``n_0 + sum(n_k)`` for the float64 certification.
         input_shape: input shape without batch (only needed for some Normalize layers).
         model_name: name stored in the result.
-        time_limit: seconds (``None``: no limit), checked before each layer of the recursion
-            and before the float64 check (:mod:`lipbound.baselines.deadline`).
+        time_limit: seconds (``None``: no limit), checked before the product, the eigenvalue
+            and the inverse of each layer of the recursion and before the float64 check
+            (:mod:`lipbound.baselines.deadline`).
 
     Returns:
         A CERTIFIED :class:`~lipbound.results.BoundResult` (ESTIMATE if too large to check).
