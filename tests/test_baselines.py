@@ -311,14 +311,15 @@ def test_single_linear_layer_gives_its_spectral_norm():
                 recurjac(layers, x0, 0.3), fastlip(layers, x0, 0.3),
                 exact_local_l2(layers, x0, 0.3)):
         assert res.guarantee in (Guarantee.CERTIFIED, Guarantee.EXACT), res.method
-        assert s <= res.value <= s * (1 + 1e-9), res.method
+        # certified norms carry a relative margin of 1e-9 (fc.safe_spectral_norm)
+        assert s <= res.value <= s * (1 + 2e-9), res.method
 
 
 def test_tiny_network_values():
     net = tiny()
     s = float(np.linalg.svd(net[0].weight.detach().double().numpy(), compute_uv=False)[0])
     # global: the all-active pattern's Jacobian is W_1, and that region is unbounded
-    assert s <= autolip(net).value <= s * (1 + 1e-9)
+    assert s <= autolip(net).value <= s * (1 + 3e-9)  # two norms, each with a 1e-9 margin
     assert seqlip(net).guarantee is Guarantee.CERTIFIED  # width 3: exact enumeration
     # x0 = 0 is in the all-active region (b > 0); a small ball stays there
     ex = exact_local_l2_detailed(net, torch.zeros(1, 3), 0.1)
@@ -536,7 +537,7 @@ def test_unrealisable_pattern_is_not_counted():
     assert 1.0 <= mip.value <= 1.0 + 2e-6  # lipMIP's stated margin: 1e-6 on HiGHS's optimum
     ex = exact_local_l2_detailed(layers, x0, 0.5)
     assert ex.bound.guarantee is Guarantee.EXACT
-    assert ex.lower <= 1.0 <= ex.bound.value <= 1.0 + 1e-9
+    assert ex.lower <= 1.0 <= ex.bound.value <= 1.0 + 2e-9  # the norms' margin: 1e-9
     assert seqlip(layers).value >= 2.0  # SeqLip maximises over every pattern
 
 

@@ -30,6 +30,12 @@ function             quantity (L2 unless said)                            guaran
 ``pgd_lower_bound``  local, relative to x0 (lipbound.lower's)             lower bound
 ===================  ===================================================  ===================
 
+Every rival takes ``time_limit`` in seconds (default: none; the exact methods 60 s),
+checked between its steps (:mod:`lipbound.baselines.deadline`): a method that reaches it
+raises :class:`~lipbound.baselines.deadline.TimeLimitError` (a ``LipboundError``) instead of
+returning a value, except ``lipmip``, which hands the limit to HiGHS and returns NaN
+(ESTIMATE) when HiGHS stops on it.
+
 Every baseline refuses (``InputError``) magnitudes at which float64 would under- or
 overflow inside it (:func:`~lipbound.baselines.fc.check_range`: rows, ``eps`` and ``|x0|`` in
 ``[2^-160, 2^160]``, products of consecutive layers within ``2^±500``): their rounding

@@ -34,6 +34,7 @@ from torch import nn
 
 from lipbound._modelinfo import model_dtype_device
 from lipbound._progress import progress_bar
+from lipbound.baselines.deadline import check_time_limit
 from lipbound.baselines.fc import (
     FCLayers,
     NotFullyConnectedError,
@@ -102,6 +103,7 @@ class _Ctx:
     fc_error: Exception | None
     exact_time_limit: float
     seed: int = 0
+    time_limit: float | None = None
     progress: bool = False
 
 
@@ -165,8 +167,9 @@ def _baseline(fn_name: str, module: str, local: bool, **kw: Any
         fn = getattr(importlib.import_module(f"lipbound.baselines.{module}"), fn_name)
         layers = _fc(ctx)
         if local:
-            return fn(layers, ctx.x0, ctx.eps, model_name=ctx.name, **kw)
-        return fn(layers, model_name=ctx.name, **kw)
+            return fn(layers, ctx.x0, ctx.eps, model_name=ctx.name, time_limit=ctx.time_limit,
+                      **kw)
+        return fn(layers, model_name=ctx.name, time_limit=ctx.time_limit, **kw)
     return run
 
 
@@ -244,8 +247,8 @@ def _note_of(method: str, res: Any, ctx: _Ctx) -> str:
 
 def compare(model: nn.Module, x0: torch.Tensor, eps: float,
             methods: Sequence[str] | None = None, *, model_name: str | None = None,
-            exact_time_limit: float = 60.0, seed: int = 0,
-            progress: bool = False) -> list[CompareRow]:
+            exact_time_limit: float | None = None, seed: int = 0,
+            time_limit: float | None = None, progress: bool = False) -> list[CompareRow]:
     """Run lipbound's bounds and the rival methods on one network, input and radius.
 
     Args:
@@ -254,9 +257,17 @@ def compare(model: nn.Module, x0: torch.Tensor, eps: float,
         eps: L2 radius (> 0); lipMIP uses the l_inf box of the same radius.
         methods: names from :data:`METHODS` (default: all, in that order).
         model_name: a name stored in the results.
-        exact_time_limit: time limit in seconds of each exact method.
+        exact_time_limit: time limit in seconds of each exact method (exact-l2, lipMIP);
+            default ``time_limit``, or 60 s when that is ``None`` too.
         seed: seed of lipbound's own random draws (the Lanczos start vectors of its local
             and global bounds, the lower bound's samples and restarts).
+        time_limit: time limit in seconds of each other rival method (AutoLip, SeqLip,
+            LipSDP, ECLipsE-Fast, Fast-Lip, RecurJac), each on its own; ``None``: no limit.
+            Checked between a method's steps (:mod:`lipbound.baselines.deadline`), so a
+            method may overrun it by one step; one that reaches it gives a row with NaN and
+            a note ``"not run: ... time limit of ... s reached after ..."``. lipbound's own
+            bounds, the lower bound and the conversion of a conv net into a chain are not
+            limited.
         progress: show a bar over the methods on stderr, naming the one running (only on a
             terminal, after a few seconds: see :mod:`lipbound._progress`); lipbound's own
             bounds add a bar over their layers. The rows are the same either way.
@@ -275,6 +286,12 @@ def compare(model: nn.Module, x0: torch.Tensor, eps: float,
     """
     eps = check_eps(eps)
     seed = check_int(seed, "seed", 0)
+    time_limit = check_time_limit(time_limit, "time_limit")
+    if exact_time_limit is None:
+        exact_limit = time_limit if time_limit is not None else 60.0
+    else:
+        exact_limit = check_time_limit(exact_time_limit, "exact_time_limit")
+        exact_limit = math.inf if exact_limit is None else exact_limit
     if not isinstance(x0, torch.Tensor):
         x0 = torch.as_tensor(x0, dtype=torch.float32)
     if x0.dim() < 2 or x0.shape[0] != 1:
@@ -301,7 +318,7 @@ def compare(model: nn.Module, x0: torch.Tensor, eps: float,
             except (UnsupportedModelError, InputError) as exc:  # not convertible, too large
                 fc_error = exc
                 logger.info("baselines: %s", _short_note(exc))
-        ctx = _Ctx(model, x0, eps, model_name, layers, fc_error, exact_time_limit, seed,
+        ctx = _Ctx(model, x0, eps, model_name, layers, fc_error, exact_limit, seed, time_limit,
                    bool(progress))
         for name in names:
             bar.label(name)

@@ -45,13 +45,17 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
+import scipy.sparse as sp
+from scipy.linalg import lapack
 from torch import nn
 
+from lipbound.baselines.deadline import Deadline
 from lipbound.baselines.fc import (
     apply_output_map,
     as_fc,
     chain_note,
     check_range,
+    operand,
     round_up,
     safe_spectral_norm,
 )
@@ -63,33 +67,88 @@ __all__ = ["eclipse_fast", "eclipse_fast_multipliers"]
 _QUANTITY = "global L2 Lipschitz constant (all pairs of inputs)"
 
 
-def eclipse_fast_multipliers(layers: list[tuple[np.ndarray, np.ndarray]]
-                             ) -> tuple[float, list[float]]:
-    """The closed form: ``(rho, [lambda_1, ..., lambda_{K-1}])`` (float64, unchecked)."""
-    n0 = layers[0][0].shape[1]
-    x_inv = np.eye(n0)
+def eclipse_fast_multipliers(layers: list[tuple[np.ndarray, np.ndarray]], *,
+                             deadline: Deadline | None = None) -> tuple[float, list[float]]:
+    """The closed form: ``(rho, [lambda_1, ..., lambda_{K-1}])`` (float64, unchecked).
+
+    Computed as the recursion in the module docstring says, with the cheaper of equal
+    quantities: ``X_k^{-1}`` from a Cholesky factorisation (``X_k`` is symmetric with
+    eigenvalues in ``[lambda_k, 2 lambda_k]``, so positive definite and well conditioned),
+    products with a sparse ``W_k`` (converted conv nets) in CSR form, and for the first
+    layer (``X_0 = I``) ``mu_1`` as the top eigenvalue of the smaller of ``W_1 W_1^T`` and
+    ``W_1^T W_1`` (the same nonzero eigenvalues). ``deadline`` is checked before each of the
+    three costly parts of a layer (the product, the eigenvalue, the inverse).
+    """
+    x_inv: np.ndarray | None = None  # None: X_0^{-1} = I
     lams = []
-    for w, _ in layers[:-1]:
-        g = w @ x_inv @ w.T
-        g = 0.5 * (g + g.T)
-        mu = float(np.linalg.eigvalsh(g)[-1])
+    n_hidden = len(layers) - 1
+
+    def check(k: int, part: str) -> None:
+        if deadline is not None:
+            deadline.check(f"{k} of {n_hidden} hidden layers (then {part})")
+
+    for k, (w, _) in enumerate(layers[:-1]):
+        check(k, "a product")
+        w_op = operand(w)
+        g = _congruence(w_op, x_inv)
+        check(k, "an eigenvalue")
+        if x_inv is None and w.shape[0] > w.shape[1]:
+            mu = _top_eigenvalue(_gram(w_op.T))  # W^T W: same top eigenvalue, smaller
+        else:
+            mu = _top_eigenvalue(g)
         if mu <= 0.0:
             return 0.0, lams  # zero layer: the network is constant
         lam = 1.0 / mu
         lams.append(lam)
-        x = 2.0 * lam * np.eye(w.shape[0]) - lam * lam * g
-        x = 0.5 * (x + x.T)
-        x_inv = np.linalg.inv(x)
-        x_inv = 0.5 * (x_inv + x_inv.T)
-    wk = layers[-1][0]
-    g = wk @ x_inv @ wk.T
-    rho = float(np.linalg.eigvalsh(0.5 * (g + g.T))[-1])
-    return max(rho, 0.0), lams
+        x = -(lam * lam) * g
+        x[np.diag_indices_from(x)] += 2.0 * lam
+        check(k, "an inverse")
+        x_inv = _spd_inverse(x)
+    check(n_hidden, "the last layer")
+    g = _congruence(operand(layers[-1][0]), x_inv)
+    return max(_top_eigenvalue(g), 0.0), lams
+
+
+def _gram(w_op: np.ndarray | sp.csr_array) -> np.ndarray:
+    """``W W^T`` as a dense array."""
+    if sp.issparse(w_op):
+        return (w_op @ w_op.T).toarray()
+    return w_op @ w_op.T
+
+
+def _congruence(w_op: np.ndarray | sp.csr_array, x_inv: np.ndarray | None) -> np.ndarray:
+    """``W X^{-1} W^T`` (``X^{-1} = I`` when ``x_inv`` is None), exactly symmetric."""
+    if x_inv is None:
+        g = _gram(w_op)
+    elif sp.issparse(w_op):
+        g = w_op @ (w_op @ x_inv).T  # W (W X^{-1})^T, X^{-1} symmetric
+    else:
+        g = (w_op @ x_inv) @ w_op.T
+    return 0.5 * (g + g.T)
+
+
+def _top_eigenvalue(g: np.ndarray) -> float:
+    return float(np.linalg.eigvalsh(g)[-1]) if g.size else 0.0
+
+
+def _spd_inverse(x: np.ndarray) -> np.ndarray:
+    """The inverse of a symmetric positive definite ``x`` (Cholesky: ``potrf`` + ``potri``),
+    exactly symmetric; a general inverse if the factorisation fails."""
+    c, info = lapack.dpotrf(x, lower=1, clean=1)
+    if info == 0:
+        inv, info = lapack.dpotri(c, lower=1)
+        if info == 0:  # the lower triangle, zeros above (clean=1): mirror it
+            full = inv + inv.T
+            full[np.diag_indices_from(full)] *= 0.5  # the doubled diagonal, exactly halved
+            return full
+    inv = np.linalg.inv(x)
+    return 0.5 * (inv + inv.T)
 
 
 def eclipse_fast(net: nn.Module | Sequence[tuple[Any, Any]], *, output_map: Any | None = None,
                  max_check_dim: int = 4000, input_shape: Sequence[int] | None = None,
-                 model_name: str | None = None) -> BoundResult:
+                 model_name: str | None = None, time_limit: float | None = None
+                 ) -> BoundResult:
     """ECLipsE-Fast closed-form bound on the global L2 Lipschitz constant.
 
     Args:
@@ -98,11 +157,18 @@ def eclipse_fast(net: nn.Module | Sequence[tuple[Any, Any]], *, output_map: Any 
         max_check_dim: largest ``n_0 + sum(n_k)`` for the float64 certification.
         input_shape: input shape without batch (only needed for some Normalize layers).
         model_name: name stored in the result.
+        time_limit: seconds (``None``: no limit), checked before the product, the eigenvalue
+            and the inverse of each layer of the recursion and before the float64 check
+            (:mod:`lipbound.baselines.deadline`).
 
     Returns:
         A CERTIFIED :class:`~lipbound.results.BoundResult` (ESTIMATE if too large to check).
+
+    Raises:
+        TimeLimitError: ``time_limit`` passed before the value was computed and checked.
     """
     t0 = time.perf_counter()
+    deadline = Deadline(time_limit, "ECLipsE-Fast")
     layers = apply_output_map(as_fc(net, input_shape=input_shape), output_map)
     check_range(layers, what="ECLipsE-Fast")
     notes = [chain_note(layers)]
@@ -124,7 +190,7 @@ def eclipse_fast(net: nn.Module | Sequence[tuple[Any, Any]], *, output_map: Any 
     exps = [int(np.frexp(float(np.max(np.abs(w))))[1]) for w, _ in layers]
     layers = [(np.ldexp(w, -e), b) for (w, b), e in zip(layers, exps, strict=True)]
     shift = sum(exps)
-    rho, lams = eclipse_fast_multipliers(layers)
+    rho, lams = eclipse_fast_multipliers(layers, deadline=deadline)
     if len(lams) < len(layers) - 1 or rho == 0.0:
         notes.append("a layer is zero: the network is constant")
         return result(0.0, Guarantee.CERTIFIED)
@@ -133,6 +199,7 @@ def eclipse_fast(net: nn.Module | Sequence[tuple[Any, Any]], *, output_map: Any 
         notes.append(f"LMI of size {dim} > max_check_dim={max_check_dim}: not checked in "
                      "float64, so reported as an estimate")
         return result(round_up(math.ldexp(math.sqrt(rho), shift)), Guarantee.ESTIMATE)
+    deadline.check("the closed form, before its float64 check")
     t_diag = np.concatenate([np.full(w.shape[0], rho * lam)
                              for (w, _), lam in zip(layers[:-1], lams, strict=True)])
     cert = certify_lmi(layers, t_diag, rho)

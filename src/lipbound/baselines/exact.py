@@ -77,6 +77,7 @@ import numpy as np
 from scipy import optimize, sparse
 from torch import nn
 
+from lipbound.baselines.deadline import TimeLimitError
 from lipbound.baselines.fc import (
     FCLayers,
     apply_output_map,
@@ -184,7 +185,7 @@ class _Budget:
                 "meet the ball; the exact computation would not finish. Use a certified "
                 "bound (recurjac, lipsdp) or a smaller eps, or raise max_regions.")
         if self.nodes % 64 == 0 and time.perf_counter() - self.t0 > self.time_limit:
-            raise LipboundError(
+            raise TimeLimitError(
                 f"{self.what}: time limit of {self.time_limit:g} s reached after "
                 f"{self.regions} regions; the exact computation would not finish. Use a "
                 "certified bound (recurjac, lipsdp) or a smaller eps, or raise time_limit.")
@@ -419,8 +420,8 @@ def _strict_signs(layers: FCLayers, pattern: Sequence[np.ndarray], x: np.ndarray
 
 def _verify_l2(layers: FCLayers, leaf: dict[str, Any], x0: np.ndarray, eps: float,
                n_tot: int) -> tuple[bool, float, np.ndarray | None]:
-    if len(layers) == 1:
-        return True, leaf["value"] * (1 - 1e-12 * max(layers[0][0].shape)), x0
+    if len(layers) == 1:  # the Jacobian is W everywhere: attained at x0
+        return True, _attained(leaf["jac"], leaf["jac_abs"], n_tot), x0
     g, h, e = leaf["g"], leaf["h"], leaf["e"]
     jac, jac_abs = leaf["jac"], leaf["jac_abs"]
     candidates: list[np.ndarray] = []
@@ -436,10 +437,16 @@ def _verify_l2(layers: FCLayers, leaf: dict[str, Any], x0: np.ndarray, eps: floa
             candidates.append(p)
     for p in candidates:
         if np.linalg.norm(p - x0) < eps and _strict_signs(layers, leaf["pattern"], p, n_tot):
-            s = float(np.linalg.svd(jac, compute_uv=False)[0])
-            lower = s * (1 - 1e-12 * max(jac.shape)) - product_error(jac_abs, n_tot)
-            return True, max(lower, 0.0), p
+            return True, _attained(jac, jac_abs, n_tot), p
     return False, math.nan, None
+
+
+def _attained(jac: np.ndarray, jac_abs: np.ndarray, n_tot: int) -> float:
+    """A lower bound on the norm of the exact Jacobian whose float64 product is ``jac``: its
+    SVD value less the SVD's error (``p(n) u ||J||``, taken as ``1e-12 n``) and less the
+    product's rounding (:func:`~lipbound.baselines.fc.product_error`)."""
+    s = float(np.linalg.svd(jac, compute_uv=False)[0])
+    return max(s * (1 - 1e-12 * max(jac.shape)) - product_error(jac_abs, n_tot), 0.0)
 
 
 # --------------------------------------------------------------------------- lipMIP

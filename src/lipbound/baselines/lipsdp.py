@@ -59,6 +59,7 @@ from typing import Any, Literal
 import numpy as np
 from torch import nn
 
+from lipbound.baselines.deadline import Deadline
 from lipbound.baselines.fc import (
     FCLayers,
     apply_output_map,
@@ -219,9 +220,27 @@ def certify_lmi(layers: FCLayers, t_diag: np.ndarray, rho: float) -> LMICertific
 # --------------------------------------------------------------------------- solving
 
 
+#: each solver's own time-limit option (seconds)
+_TIME_OPTION = {"CLARABEL": "time_limit", "SCS": "time_limit_secs"}
+
+
+def _with_time_limit(solver: str, opts: Mapping[str, Any], deadline: Deadline | None
+                     ) -> dict[str, Any]:
+    """``opts`` with the time left as ``solver``'s own limit (:data:`_TIME_OPTION`) unless
+    already set; unchanged without a limit or for another solver."""
+    out = dict(opts)
+    key = _TIME_OPTION.get(solver)
+    left = deadline.remaining() if deadline is not None else math.inf
+    if key is not None and math.isfinite(left):
+        out.setdefault(key, max(left, 1e-3))
+    return out
+
+
 def _solve(cp: Any, layers: FCLayers, variant: str, solver: str | None,
-           solver_options: Mapping[str, Any], tau: float) -> tuple[str, str, float, np.ndarray]:
-    """Solve the SDP; return ``(solver, status, rho, t_diag)``."""
+           solver_options: Mapping[str, Any], tau: float, deadline: Deadline | None = None
+           ) -> tuple[str, str, float, np.ndarray]:
+    """Solve the SDP; return ``(solver, status, rho, t_diag)``. The solver gets the time
+    ``deadline`` leaves as its own limit."""
     a, b, f, px = lmi_parts(layers)
     widths = [w.shape[0] for w, _ in layers[:-1]]
     n = sum(widths)
@@ -259,7 +278,7 @@ def _solve(cp: Any, layers: FCLayers, variant: str, solver: str | None,
         try:
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always")
-                prob.solve(solver=name, **dict(solver_options))
+                prob.solve(solver=name, **_with_time_limit(name, solver_options, deadline))
             for w in caught:
                 logger.info("LipSDP solver %s: %s", name, w.message)
         except cp.error.SolverError as exc:
@@ -277,7 +296,7 @@ def lipsdp(net: nn.Module | Sequence[tuple[Any, Any]], *,
            variant: Literal["neuron", "layer"] = "neuron", solver: str | None = None,
            solver_options: Mapping[str, Any] | None = None, output_map: Any | None = None,
            input_shape: Sequence[int] | None = None, model_name: str | None = None,
-           max_dim: int = MAX_DIM) -> BoundResult:
+           max_dim: int = MAX_DIM, time_limit: float | None = None) -> BoundResult:
     """LipSDP-Neuron or LipSDP-Layer bound on the global L2 Lipschitz constant.
 
     Args:
@@ -293,6 +312,10 @@ def lipsdp(net: nn.Module | Sequence[tuple[Any, Any]], *,
             (input plus hidden units) exceeds this: cvxpy's dense formulation grows so fast
             that a few hundred would take hours and tens of gigabytes (default
             :data:`MAX_DIM`).
+        time_limit: seconds (``None``: no limit), checked before and after each SDP solve;
+            the solver itself gets the time left as its own limit (Clarabel ``time_limit``,
+            SCS ``time_limit_secs``, unless ``solver_options`` sets it), and a solve it
+            stops raises :class:`~lipbound.baselines.deadline.TimeLimitError`.
 
     Returns:
         A :class:`~lipbound.results.BoundResult`: CERTIFIED after the float64 LMI check
@@ -303,11 +326,13 @@ def lipsdp(net: nn.Module | Sequence[tuple[Any, Any]], *,
         MissingDependencyError: cvxpy (or every solver) is missing.
         InputError: unknown ``variant``.
         LipboundError: the LMI is larger than ``max_dim``.
+        TimeLimitError: ``time_limit`` passed before a certified value was found.
     """
     if variant not in ("neuron", "layer"):
         raise InputError(f"variant must be 'neuron' or 'layer', got {variant!r}")
     cp = _import_cvxpy()
     t0 = time.perf_counter()
+    deadline = Deadline(time_limit, f"LipSDP-{variant}")
     layers = apply_output_map(as_fc(net, input_shape=input_shape), output_map)
     check_range(layers, what="LipSDP")
     dim = layers[0][0].shape[1] + sum(w.shape[0] for w, _ in layers[:-1])
@@ -334,8 +359,11 @@ def lipsdp(net: nn.Module | Sequence[tuple[Any, Any]], *,
     scaled = [(w / s, b / s) for (w, b), s in zip(layers, scales, strict=True)]
     opts = dict(solver_options or {})
     notes: list[str] = []
-    for tau in (0.0, 1e-7):
-        name, status, rho, t_diag = _solve(cp, scaled, variant, solver, opts, tau)
+    for attempt, tau in enumerate((0.0, 1e-7)):
+        deadline.check(f"{attempt} of 2 SDP solves")
+        name, status, rho, t_diag = _solve(cp, scaled, variant, solver, opts, tau, deadline)
+        if status != "optimal" and deadline.expired():
+            raise deadline.error(f"{attempt} of 2 SDP solves (solver {name}: status {status})")
         notes.append(f"solver {name}, status {status}, rho (rescaled network) {rho:.9g}" +
                      (f" (strict margin tau={tau:g})" if tau else ""))
         if status != "optimal":

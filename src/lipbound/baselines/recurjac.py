@@ -28,13 +28,16 @@ Method (our implementation):
    ``C W_K -> C W_K D_{K-1} -> ...``. Interval arithmetic is not associative, so the two
    differ; RecurJac here returns the entrywise intersection of both enclosures (so it is
    never worse than Fast-Lip). Products are widened by ``1e-12 * n`` times the product of
-   absolute values (float64 rounding).
+   absolute values (float64 rounding). Sparse weight matrices (a converted conv net's
+   layers) are multiplied in CSR form (:func:`~lipbound.baselines.fc.operand`): the same
+   sums without their zero terms, so within the same rounding bound.
 4. For every ``J`` with ``L <= J <= U`` entrywise, ``||J||_2 <= || |J| ||_2 <=
    || max(|L|, |U|) ||_2`` (the spectral norm is monotone on non-negative matrices), and
    also ``||J||_2 <= ||M||_2 + ||R||_2`` with midpoint ``M = (L + U)/2`` and radius
    ``R = (U - L)/2`` (``J - M`` is bounded entrywise by ``R``). The smaller of the two
-   (exact SVDs, inflated) bounds every Jacobian norm in the ball, hence the local constant:
-   a CERTIFIED upper bound. (The second is exact when no ReLU can switch.)
+   (certified spectral norms, :func:`~lipbound.baselines.fc.safe_spectral_norm`) bounds
+   every Jacobian norm in the ball, hence the local constant: a CERTIFIED upper bound. (The
+   second is exact when no ReLU can switch.)
 """
 
 from __future__ import annotations
@@ -44,8 +47,10 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
+import scipy.sparse as sp
 from torch import nn
 
+from lipbound.baselines.deadline import Deadline
 from lipbound.baselines.fc import (
     FCLayers,
     apply_output_map,
@@ -54,6 +59,7 @@ from lipbound.baselines.fc import (
     check_eps,
     check_range,
     check_x0,
+    operand,
     safe_spectral_norm,
 )
 from lipbound.results import BoundResult, Guarantee
@@ -75,9 +81,20 @@ def _relax(l: np.ndarray, u: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.nda
     return a_u, b_u, a_l
 
 
-def preactivation_bounds(layers: FCLayers, x0: np.ndarray, eps: float
+def preactivation_bounds(layers: FCLayers, x0: np.ndarray, eps: float, *,
+                         deadline: Deadline | None = None
                          ) -> list[tuple[np.ndarray, np.ndarray]]:
-    """Sound bounds ``[l_k, u_k]`` on every hidden pre-activation over ``B(x0, eps)`` (L2)."""
+    """Sound bounds ``[l_k, u_k]`` on every hidden pre-activation over ``B(x0, eps)`` (L2).
+
+    ``deadline`` is checked before each layer and each step of its backward (CROWN) pass.
+    """
+    return _preactivation_bounds(layers, [operand(w) for w, _ in layers], x0, eps, deadline)
+
+
+def _preactivation_bounds(layers: FCLayers, ops: list[Any], x0: np.ndarray, eps: float,
+                          deadline: Deadline | None) -> list[tuple[np.ndarray, np.ndarray]]:
+    """:func:`preactivation_bounds` with the weights also given as product operands
+    (:func:`~lipbound.baselines.fc.operand`: CSR when sparse)."""
     bounds: list[tuple[np.ndarray, np.ndarray]] = []
     mag = np.abs(x0) + eps  # magnitude scale of the current layer's inputs
     ibp_lo = ibp_hi = None
@@ -89,8 +106,8 @@ def preactivation_bounds(layers: FCLayers, x0: np.ndarray, eps: float
             rad = eps * np.linalg.norm(w, axis=1)
             lo, hi = centre - rad, centre + rad
         else:
-            lo = _crown(layers, bounds, k, x0, eps, upper=False)
-            hi = _crown(layers, bounds, k, x0, eps, upper=True)
+            lo = _crown(layers, ops, bounds, k, x0, eps, False, deadline)
+            hi = _crown(layers, ops, bounds, k, x0, eps, True, deadline)
             # interval (IBP) bounds from the previous layer, intersected
             pl, pu = np.maximum(ibp_lo, 0.0), np.maximum(ibp_hi, 0.0)
             wp, wn = np.maximum(w, 0.0), np.minimum(w, 0.0)
@@ -102,12 +119,15 @@ def preactivation_bounds(layers: FCLayers, x0: np.ndarray, eps: float
     return bounds
 
 
-def _crown(layers: FCLayers, bounds: list[tuple[np.ndarray, np.ndarray]], k: int,
-           x0: np.ndarray, eps: float, upper: bool) -> np.ndarray:
+def _crown(layers: FCLayers, ops: list[Any], bounds: list[tuple[np.ndarray, np.ndarray]],
+           k: int, x0: np.ndarray, eps: float, upper: bool, deadline: Deadline | None
+           ) -> np.ndarray:
     """CROWN bound (upper or lower) of the pre-activations of hidden layer ``k``."""
     lam = layers[k][0].copy()
     const = layers[k][1].copy()
     for j in range(k - 1, -1, -1):
+        if deadline is not None:
+            deadline.check(f"pre-activation bounds of {k} of {len(layers) - 1} hidden layers")
         l, u = bounds[j]
         a_u, b_u, a_l = _relax(l, u)
         pos, neg = np.maximum(lam, 0.0), np.minimum(lam, 0.0)
@@ -117,9 +137,8 @@ def _crown(layers: FCLayers, bounds: list[tuple[np.ndarray, np.ndarray]], k: int
         else:
             new = pos * a_l[None, :] + neg * a_u[None, :]
             const = const + neg @ b_u
-        w, b = layers[j]
-        const = const + new @ b
-        lam = new @ w
+        const = const + new @ layers[j][1]
+        lam = new @ ops[j]
     centre = lam @ x0 + const
     rad = eps * np.linalg.norm(lam, axis=1)
     return centre + rad if upper else centre - rad
@@ -144,41 +163,63 @@ def _scale_rows(lo: np.ndarray, hi: np.ndarray, dl: np.ndarray, du: np.ndarray,
     return np.minimum(dl * lo, du * lo), np.maximum(dl * hi, du * hi)
 
 
-def _left_mul(w: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Interval of ``W M`` for ``M`` in ``[lo, hi]``, widened for rounding."""
-    wp, wn = np.maximum(w, 0.0), np.minimum(w, 0.0)
-    tol = 1e-12 * w.shape[1] * (np.abs(w) @ np.maximum(np.abs(lo), np.abs(hi)))
+def _signed_parts(w: Any) -> tuple[Any, Any, Any]:
+    """``(max(W, 0), min(W, 0), |W|)`` of a dense or CSR operand, in the same form."""
+    if sp.issparse(w):
+        return w.maximum(0.0), w.minimum(0.0), abs(w)
+    return np.maximum(w, 0.0), np.minimum(w, 0.0), np.abs(w)
+
+
+def _left_mul(w: Any, lo: np.ndarray, hi: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Interval of ``W M`` for ``M`` in ``[lo, hi]``, widened for rounding (``W`` dense or
+    CSR: a sparse product sums fewer terms, within the same ``γ_n`` bound)."""
+    wp, wn, wa = _signed_parts(w)
+    tol = 1e-12 * w.shape[1] * (wa @ np.maximum(np.abs(lo), np.abs(hi)))
     return wp @ lo + wn @ hi - tol, wp @ hi + wn @ lo + tol
 
 
-def _right_mul(lo: np.ndarray, hi: np.ndarray, w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def _right_mul(lo: np.ndarray, hi: np.ndarray, w: Any) -> tuple[np.ndarray, np.ndarray]:
     """Interval of ``M W`` for ``M`` in ``[lo, hi]``, widened for rounding."""
-    wp, wn = np.maximum(w, 0.0), np.minimum(w, 0.0)
-    tol = 1e-12 * w.shape[0] * (np.maximum(np.abs(lo), np.abs(hi)) @ np.abs(w))
+    wp, wn, wa = _signed_parts(w)
+    tol = 1e-12 * w.shape[0] * (np.maximum(np.abs(lo), np.abs(hi)) @ wa)
     return lo @ wp + hi @ wn - tol, hi @ wp + lo @ wn + tol
 
 
-def jacobian_bounds(layers: FCLayers, x0: np.ndarray, eps: float, direction: str
-                    ) -> tuple[np.ndarray, np.ndarray]:
+def jacobian_bounds(layers: FCLayers, x0: np.ndarray, eps: float, direction: str, *,
+                    deadline: Deadline | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Entrywise bounds ``[L, U]`` on every Jacobian of the chain over ``B(x0, eps)``.
 
     ``direction`` is ``"forward"`` (Fast-Lip), ``"backward"`` (RecurJac's order) or
-    ``"both"`` (intersection).
+    ``"both"`` (intersection). ``deadline`` is checked between layers.
     """
-    slopes = _slopes(preactivation_bounds(layers, x0, eps))
+    ops = [operand(w) for w, _ in layers]
+    slopes = _slopes(_preactivation_bounds(layers, ops, x0, eps, deadline))
+    return _interval_jacobian(layers, ops, slopes, direction, deadline)
+
+
+def _interval_jacobian(layers: FCLayers, ops: list[Any],
+                       slopes: list[tuple[np.ndarray, np.ndarray]], direction: str,
+                       deadline: Deadline | None) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`jacobian_bounds` from the ReLUs' derivative ranges."""
+    def check(step: int, which: str) -> None:
+        if deadline is not None:
+            deadline.check(f"{step} of {len(layers) - 1} {which} interval products")
+
     fl = fu = bl = bu = None
     if direction in ("forward", "both"):
         lo = hi = layers[0][0]
-        for (w, _), (dl, du) in zip(layers[1:], slopes, strict=True):
+        for k, (w_op, (dl, du)) in enumerate(zip(ops[1:], slopes, strict=True)):
+            check(k, "forward")
             lo, hi = _scale_rows(lo, hi, dl, du, axis=0)
-            lo, hi = _left_mul(w, lo, hi)
+            lo, hi = _left_mul(w_op, lo, hi)
         fl, fu = lo, hi
     if direction in ("backward", "both"):
         lo = hi = layers[-1][0]
         for k in range(len(layers) - 2, -1, -1):
+            check(len(layers) - 2 - k, "backward")
             dl, du = slopes[k]
             lo, hi = _scale_rows(lo, hi, dl, du, axis=1)
-            lo, hi = _right_mul(lo, hi, layers[k][0])
+            lo, hi = _right_mul(lo, hi, ops[k])
         bl, bu = lo, hi
     if fl is None:
         return bl, bu  # type: ignore[return-value]
@@ -188,13 +229,18 @@ def jacobian_bounds(layers: FCLayers, x0: np.ndarray, eps: float, direction: str
 
 
 def _run(method: str, direction: str, net: Any, x0: Any, eps: float, output_map: Any,
-         input_shape: Sequence[int] | None, model_name: str | None) -> BoundResult:
+         input_shape: Sequence[int] | None, model_name: str | None,
+         time_limit: float | None) -> BoundResult:
     t0 = time.perf_counter()
+    deadline = Deadline(time_limit, "Fast-Lip" if method == "fastlip" else "RecurJac")
     layers = apply_output_map(as_fc(net, input_shape=input_shape), output_map)
     xc = check_x0(x0, layers[0][0].shape[1])
     eps = check_eps(eps)
     check_range(layers, xc, eps, what=method)
-    lo, hi = jacobian_bounds(layers, xc, eps, direction)
+    ops = [operand(w) for w, _ in layers]
+    slopes = _slopes(_preactivation_bounds(layers, ops, xc, eps, deadline))
+    lo, hi = _interval_jacobian(layers, ops, slopes, direction, deadline)
+    deadline.check("the Jacobian interval, before its spectral norms")
     jmax = np.maximum(np.abs(lo), np.abs(hi))
     mid, rad = (lo + hi) / 2.0, np.maximum(hi - lo, 0.0) / 2.0
     # both are upper bounds on ||J|| for every J in [lo, hi]; the second is exact when the
@@ -202,7 +248,6 @@ def _run(method: str, direction: str, net: Any, x0: Any, eps: float, output_map:
     by_abs = safe_spectral_norm(jmax)
     by_mid = safe_spectral_norm(mid) + safe_spectral_norm(rad + 1e-15 * np.abs(mid))
     value = min(by_abs, by_mid)
-    slopes = _slopes(preactivation_bounds(layers, xc, eps)) if len(layers) > 1 else []
     n_unst = sum(int(np.sum(du - dl)) for dl, du in slopes)
     n_tot = sum(len(dl) for dl, _ in slopes)
     notes = (chain_note(layers),
@@ -215,7 +260,7 @@ def _run(method: str, direction: str, net: Any, x0: Any, eps: float, output_map:
 
 def fastlip(net: nn.Module | Sequence[tuple[Any, Any]], x0: Any, eps: float, *,
             output_map: Any | None = None, input_shape: Sequence[int] | None = None,
-            model_name: str | None = None) -> BoundResult:
+            model_name: str | None = None, time_limit: float | None = None) -> BoundResult:
     """Fast-Lip: forward interval Jacobian bound, turned into a certified local L2 bound.
 
     Args:
@@ -225,19 +270,26 @@ def fastlip(net: nn.Module | Sequence[tuple[Any, Any]], x0: Any, eps: float, *,
         output_map: optional ``(m, n_out)`` matrix ``C``; the bound is then for ``C f``.
         input_shape: input shape without batch (only needed for some Normalize layers).
         model_name: name stored in the result.
+        time_limit: seconds (``None``: no limit), checked between the layers of every pass
+            (:mod:`lipbound.baselines.deadline`).
 
     Returns:
         A CERTIFIED :class:`~lipbound.results.BoundResult` on the local constant over all
         pairs in the ball.
+
+    Raises:
+        TimeLimitError: ``time_limit`` passed before the value was computed.
     """
-    return _run("fastlip", "forward", net, x0, eps, output_map, input_shape, model_name)
+    return _run("fastlip", "forward", net, x0, eps, output_map, input_shape, model_name,
+                time_limit)
 
 
 def recurjac(net: nn.Module | Sequence[tuple[Any, Any]], x0: Any, eps: float, *,
              output_map: Any | None = None, input_shape: Sequence[int] | None = None,
-             model_name: str | None = None) -> BoundResult:
+             model_name: str | None = None, time_limit: float | None = None) -> BoundResult:
     """RecurJac: backward recursive Jacobian bound (intersected with Fast-Lip's).
 
-    Args and return value as :func:`fastlip`; the value is never above Fast-Lip's.
+    Args, return value and errors as :func:`fastlip`; the value is never above Fast-Lip's.
     """
-    return _run("recurjac", "both", net, x0, eps, output_map, input_shape, model_name)
+    return _run("recurjac", "both", net, x0, eps, output_map, input_shape, model_name,
+                time_limit)

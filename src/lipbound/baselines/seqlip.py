@@ -43,6 +43,7 @@ from typing import Any
 import numpy as np
 from torch import nn
 
+from lipbound.baselines.deadline import Deadline
 from lipbound.baselines.fc import (
     apply_output_map,
     as_fc,
@@ -74,8 +75,19 @@ def pair_factors(layers: list[tuple[np.ndarray, np.ndarray]]
     (``n_i x r_i``) and ``scale_i = ||S~_{i+1}|| ||S~_i||`` (the pair norm with sigma = 1
     is at most this).
     """
+    return _pair_factors(layers, None)[0]
+
+
+def _pair_factors(layers: list[tuple[np.ndarray, np.ndarray]], deadline: Deadline | None
+                  ) -> tuple[list[tuple[np.ndarray, np.ndarray, float]], list[float]]:
+    """:func:`pair_factors` and the layers' largest singular values (float64 SVDs);
+    ``deadline`` is checked before each SVD."""
     k = len(layers)
-    parts = [_svd_parts(w) for w, _ in layers]
+    parts = []
+    for i, (w, _) in enumerate(layers):
+        if deadline is not None:
+            deadline.check(f"the SVDs of {i} of {k} layers")
+        parts.append(_svd_parts(w))
     out = []
     for i in range(k - 1):  # hidden layer i+1 sits between W_{i+1} and W_{i+2} (1-based)
         u_i, s_i, _ = parts[i]
@@ -86,7 +98,7 @@ def pair_factors(layers: list[tuple[np.ndarray, np.ndarray]]
         b = u_i * st_i[None, :]
         scale = float((st_n.max() if st_n.size else 0.0) * (st_i.max() if st_i.size else 0.0))
         out.append((a, b, scale))
-    return out
+    return out, [float(s_[0]) if s_.size else 0.0 for _, s_, _ in parts]
 
 
 def _norms(a: np.ndarray, b: np.ndarray, sigmas: np.ndarray) -> np.ndarray:
@@ -97,12 +109,15 @@ def _norms(a: np.ndarray, b: np.ndarray, sigmas: np.ndarray) -> np.ndarray:
     return np.linalg.svd(mats, compute_uv=False)[:, 0]
 
 
-def _exact_max(a: np.ndarray, b: np.ndarray) -> tuple[float, np.ndarray]:
+def _exact_max(a: np.ndarray, b: np.ndarray, deadline: Deadline | None = None,
+               where: str = "") -> tuple[float, np.ndarray]:
     n = a.shape[1]
     best, best_sigma = -1.0, np.ones(n)
     total = 1 << n
     bits = np.arange(n)
     for start in range(0, total, _CHUNK):
+        if deadline is not None:
+            deadline.check(f"{start} of {total} activation patterns of {where}")
         idx = np.arange(start, min(total, start + _CHUNK))
         sig = ((idx[:, None] >> bits[None, :]) & 1).astype(np.float64)
         vals = _norms(a, b, sig)
@@ -113,17 +128,24 @@ def _exact_max(a: np.ndarray, b: np.ndarray) -> tuple[float, np.ndarray]:
 
 
 def _greedy_max(a: np.ndarray, b: np.ndarray, rng: np.random.Generator, restarts: int,
-                max_passes: int) -> tuple[float, np.ndarray]:
+                max_passes: int, deadline: Deadline | None = None, where: str = ""
+                ) -> tuple[float, np.ndarray]:
     n = a.shape[1]
+
+    def check(start: int) -> None:
+        if deadline is not None:
+            deadline.check(f"greedy start {start + 1} of {restarts + 1} of {where}")
 
     def value(sig: np.ndarray) -> float:
         return float(_norms(a, b, sig[None, :])[0])
 
     starts = [np.ones(n)] + [rng.integers(0, 2, n).astype(np.float64) for _ in range(restarts)]
     best, best_sigma = -1.0, np.ones(n)
-    for sig in starts:
+    for i_start, sig in enumerate(starts):
+        check(i_start)
         cur = value(sig)
         for _ in range(50):  # alternating maximisation: sigma -> (u, v) -> sigma
+            check(i_start)
             m = a @ (sig[:, None] * b)
             if m.size == 0:
                 break
@@ -134,6 +156,7 @@ def _greedy_max(a: np.ndarray, b: np.ndarray, rng: np.random.Generator, restarts
                 break
             sig, cur = new, val
         for _ in range(max_passes):  # single-flip polishing
+            check(i_start)
             cand = np.repeat(sig[None, :], n, axis=0)
             cand[np.arange(n), np.arange(n)] = 1.0 - cand[np.arange(n), np.arange(n)]
             vals = _norms(a, b, cand)
@@ -150,7 +173,7 @@ def seqlip(net: nn.Module | Sequence[tuple[Any, Any]], *, max_exact_width: int =
            greedy_restarts: int = 4, greedy_passes: int = 20, seed: int = 0,
            max_greedy_entries: int = 50_000_000,
            output_map: Any | None = None, input_shape: Sequence[int] | None = None,
-           model_name: str | None = None) -> BoundResult:
+           model_name: str | None = None, time_limit: float | None = None) -> BoundResult:
     """SeqLip on the global L2 Lipschitz constant (exact for narrow layers, greedy otherwise).
 
     Args:
@@ -167,6 +190,8 @@ def seqlip(net: nn.Module | Sequence[tuple[Any, Any]], *, max_exact_width: int =
         output_map: optional ``(m, n_out)`` matrix ``C``; the value is then for ``C f``.
         input_shape: input shape without batch (only needed for some Normalize layers).
         model_name: name stored in the result.
+        time_limit: seconds (``None``: no limit), checked before each layer's SVD, each
+            chunk of 2048 patterns and each greedy pass (:mod:`lipbound.baselines.deadline`).
 
     Returns:
         A :class:`~lipbound.results.BoundResult`: CERTIFIED when every hidden layer was
@@ -174,11 +199,13 @@ def seqlip(net: nn.Module | Sequence[tuple[Any, Any]], *, max_exact_width: int =
 
     Raises:
         LipboundError: a hidden layer too wide for the greedy search (``max_greedy_entries``).
+        TimeLimitError: ``time_limit`` passed before the value was computed.
     """
     if not isinstance(max_exact_width, int) or not 0 <= max_exact_width <= 20:
         raise InputError(f"max_exact_width must be an integer in [0, 20], got {max_exact_width!r}"
                          " (2^n spectral norms are computed per layer)")
     t0 = time.perf_counter()
+    deadline = Deadline(time_limit, "seqlip")
     layers = apply_output_map(as_fc(net, input_shape=input_shape), output_map)
     check_range(layers, what="seqlip")
     for i in range(len(layers) - 1):  # sizes known before any SVD: refuse early
@@ -196,14 +223,16 @@ def seqlip(net: nn.Module | Sequence[tuple[Any, Any]], *, max_exact_width: int =
     modes = []
     if len(layers) == 1:
         value = safe_spectral_norm(layers[0][0])
-    for i, (a, b, _) in enumerate(pair_factors(layers)):
+    pairs, norms = _pair_factors(layers, deadline)
+    for i, (a, b, _) in enumerate(pairs):
         n = a.shape[1]
+        where = f"hidden layer {i + 1} of {len(pairs)}"
         if n <= max_exact_width:
-            v, _ = _exact_max(a, b)
+            v, _ = _exact_max(a, b, deadline, where)
             v = v * (1 + 1e-12 * max(a.shape + b.shape))
             modes.append(f"layer {i + 1} (width {n}): exact over 2^{n} patterns")
         else:
-            v, _ = _greedy_max(a, b, rng, greedy_restarts, greedy_passes)
+            v, _ = _greedy_max(a, b, rng, greedy_restarts, greedy_passes, deadline, where)
             modes.append(f"layer {i + 1} (width {n}): greedy (heuristic)")
         value *= v
     exact = all("exact" in m for m in modes)
@@ -211,7 +240,7 @@ def seqlip(net: nn.Module | Sequence[tuple[Any, Any]], *, max_exact_width: int =
     # most ~n u times the product of the layer norms (AutoLip's value), covered with a
     # factor ~1e4 to spare
     n_max = max(max(w.shape) for w, _ in layers)
-    autolip_scale = math.prod(float(np.linalg.svd(w, compute_uv=False)[0]) for w, _ in layers)
+    autolip_scale = math.prod(norms)  # the SVDs' largest singular values
     value = round_up(value * (1 + 4e-16 * len(layers))
                      + 1e-12 * n_max * len(layers) * autolip_scale)
     guarantee = Guarantee.CERTIFIED if exact else Guarantee.ESTIMATE
