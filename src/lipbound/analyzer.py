@@ -23,14 +23,22 @@ from ._indexing import gather_cols, scatter_cols
 from ._modelinfo import changed_tensor, model_device, tensor_state
 from ._progress import NULL_BAR, NullBar, progress_bar
 from .blocks import AffineBlock, Block, PoolBlock, build_blocks
-from .errors import ExactRouteTooLarge, InputError
-from .graph import trace_model
+from .errors import ExactRouteTooLarge, InputError, UnsupportedModelError
+from .graph import trace_model, x0_shape_hint
 from .ops.conv import ConvOp, circulant_hint, circulant_probe
 from .ops.dense import DenseProducts
 from .ops.linear import LinearOp
 from .results import BoundResult, Guarantee, LayerFactor, combine_guarantees
 from .spectral import SAFETY, SpectralBound, _materialize, kw_factor, spectral_upper
-from .validation import check_eps, check_input, check_int, check_reuse_tol, resolve_device
+from .validation import (
+    check_eps,
+    check_failure_prob,
+    check_input,
+    check_input_shape,
+    check_int,
+    check_reuse_tol,
+    resolve_device,
+)
 
 log = logging.getLogger(__name__)
 
@@ -325,16 +333,11 @@ class Analyzer:
             input_shape = tuple(x0.shape[1:]) if x0.dim() > 1 else tuple(x0.shape)
         if spectral not in ("auto", "exact", "lanczos"):
             raise InputError(f"spectral must be 'auto', 'exact' or 'lanczos', got {spectral!r}")
-        try:
-            fp_ok = 0 < float(failure_prob) < 1
-        except (TypeError, ValueError):
-            fp_ok = False
-        if not fp_ok:
-            raise InputError(f"failure_prob must be a number in (0, 1), got {failure_prob!r}")
+        failure_prob = check_failure_prob(failure_prob)
         lanczos_steps = check_int(lanczos_steps, "lanczos_steps", 4)
         seed = check_int(seed, "seed", 0)
         self.model = model
-        self.input_shape = tuple(int(s) for s in input_shape)
+        self.input_shape = check_input_shape(input_shape)
         self.device = resolve_device(device, model_device(model, torch.device("cpu")))
         self.spectral = spectral
         self.lanczos_steps = int(lanczos_steps)
@@ -463,6 +466,10 @@ class Analyzer:
         if c.dim() != 2 or c.shape[1] != n_out:
             raise InputError(f"output_map must have shape (m, {n_out}) for this model's "
                              f"{n_out} outputs, got {tuple(c.shape)}")
+        if c.shape[0] == 0:
+            raise InputError(f"output_map has no rows (shape {tuple(c.shape)}); it needs at "
+                             f"least one row: a (m, {n_out}) matrix with m >= 1, or None for "
+                             "the whole output")
         if not bool(torch.isfinite(c).all()):
             raise InputError("output_map contains NaN/inf")
         key = hashlib.sha1(c.detach().cpu().numpy().tobytes()).hexdigest()
@@ -1098,12 +1105,18 @@ class Analyzer:
 def _analyzer(model: nn.Module | Analyzer, x0_or_shape, device, **kw) -> Analyzer:
     if isinstance(model, Analyzer):
         return model
-    if isinstance(x0_or_shape, Tensor):
-        shape = tuple(x0_or_shape.shape[1:]) if x0_or_shape.dim() > 1 and \
-            x0_or_shape.shape[0] == 1 else tuple(x0_or_shape.shape)
-    else:
-        shape = tuple(x0_or_shape)
-    return Analyzer(model, shape, device=device, **kw)
+    if not isinstance(x0_or_shape, Tensor):
+        return Analyzer(model, check_input_shape(x0_or_shape, "x0_or_input_shape"),
+                        device=device, **kw)
+    x0 = x0_or_shape
+    shape = tuple(x0.shape[1:]) if x0.dim() > 1 and x0.shape[0] == 1 else tuple(x0.shape)
+    try:
+        return Analyzer(model, shape, device=device, **kw)
+    except (InputError, UnsupportedModelError) as exc:  # is x0 batched the wrong way?
+        hint = x0_shape_hint(model, tuple(x0.shape))
+        if hint is None:
+            raise
+        raise InputError(hint) from exc
 
 
 LABEL_WIDTH = 32

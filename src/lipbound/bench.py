@@ -491,21 +491,16 @@ def bench_model(model: nn.Module, x0: Tensor, *, name: str,
         The result of the first quantity in ``what``; the others are in ``.others``.
     """
     from .analyzer import Analyzer
-    from .validation import check_eps, check_input
+    from .validation import check_eps, check_input, resolve_device
 
     whats = _check_what(what)
     repeat = _check_repeat(repeat)
     eps = check_eps(DEFAULT_EPS if eps is None else eps)
     if spectral not in ("auto", "exact", "lanczos"):
         raise InputError(f"spectral must be 'auto', 'exact' or 'lanczos', got {spectral!r}")
-    if device is None or (isinstance(device, str) and device == "auto"):
-        dev = _model_device(model)
-    else:
-        dev = torch.device(device)
-        if dev.type == "cuda" and not torch.cuda.is_available():
-            raise InputError("device 'cuda' was requested but CUDA is not available; use 'cpu'")
-        # the caller's model stays where it is: the analyzer makes its own float64 copies on
-        # ``dev`` (nn.Module.to would move the caller's model in place)
+    # None/"auto": the model's device; the caller's model stays where it is: the analyzer
+    # makes its own float64 copies on ``dev`` (nn.Module.to would move it in place)
+    dev = resolve_device(device, _model_device(model))
     x0 = check_input(x0, None).to(dev)
     input_shape = tuple(x0.shape[1:])
     opts = dict(analyzer_options or {})

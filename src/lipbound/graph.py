@@ -8,6 +8,7 @@ where it sits.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 import operator
@@ -29,6 +30,7 @@ from .ops.registry import (
     _module_from_call,
     module_rule,
 )
+from .validation import check_input_shape
 
 log = logging.getLogger(__name__)
 
@@ -79,14 +81,147 @@ def _describe(node: fx.Node, root: nn.Module) -> tuple[str, str]:
 
 
 class _ShapeRecorder(fx.Interpreter):
-    def __init__(self, gm: fx.GraphModule):
+    """Runs the traced model once, recording every node's value. Nodes named in ``unwrap``
+    whose value is a tuple pass on its first element (a layer that returns a tuple, e.g.
+    ``MaxPool2d(return_indices=True)``, is then reported with the other unsupported layers
+    instead of breaking the run at the next layer)."""
+
+    def __init__(self, gm: fx.GraphModule, unwrap: frozenset[str] = frozenset()):
         super().__init__(gm)
+        self.extra_traceback = False  # no "While executing ... / Use tlparse" in messages
         self.values: dict[str, object] = {}
+        self.unwrap = unwrap
+        self.current: fx.Node | None = None
 
     def run_node(self, n: fx.Node):
+        self.current = n
         out = super().run_node(n)
+        if n.name in self.unwrap and isinstance(out, tuple) and out \
+                and isinstance(out[0], Tensor):
+            out = out[0]
         self.values[n.name] = out
         return out
+
+
+def check_tensors(model: nn.Module) -> None:
+    """Refuse, before anything runs, a model whose tensors hold no data (the ``meta``
+    device) or whose floating-point type is half precision.
+
+    Raises:
+        InputError: naming the problem and the fix.
+    """
+    tensors = list(itertools.chain(model.named_parameters(), model.named_buffers()))
+    meta = [n for n, t in tensors if t.is_meta]
+    if meta:
+        raise InputError(
+            f"the model's parameters are on the meta device (not materialised: "
+            f"{', '.join(meta[:4])}{', ...' if len(meta) > 4 else ''}); load real weights "
+            "first (e.g. model.to_empty(device='cpu') then model.load_state_dict(...))")
+    half = sorted({str(t.dtype).removeprefix("torch.") for _, t in tensors
+                   if t.dtype in (torch.float16, torch.bfloat16)})
+    if half:
+        raise InputError(
+            f"{'/'.join(half)} models are not supported: lipbound checks its float64 analysis "
+            "against the model's own forward pass, which in half precision differs by its "
+            "rounding. Convert with model.float(): the bounds of the float32 model (the "
+            "same weights) are what lipbound certifies")
+
+
+def check_batchnorm(model: nn.Module) -> None:
+    """Refuse batch norms whose ``running_var + eps`` is not positive (their scale
+    ``1/sqrt(running_var + eps)`` is NaN or infinite).
+
+    Raises:
+        WeightsError: naming every such layer, its bad channels and the fix.
+    """
+    bad = []
+    for name, m in model.named_modules():
+        if not isinstance(m, nn.modules.batchnorm._BatchNorm) or m.running_var is None:
+            continue
+        var = m.running_var.detach()
+        if not var.is_floating_point() or var.is_meta:
+            continue
+        low = (var + m.eps) <= 0
+        if bool(low.any()):
+            ch = torch.nonzero(low).reshape(-1).tolist()
+            bad.append(f"module '{name or '<root>'}' ({type(m).__name__}), channel(s) "
+                       f"{', '.join(map(str, ch[:5]))}{', ...' if len(ch) > 5 else ''} "
+                       f"(running_var {float(var[ch[0]]):.3g}, eps {m.eps:g})")
+    if bad:
+        raise WeightsError(
+            "batch norm with running_var + eps <= 0 in " + "; ".join(bad) + ": its scale "
+            "1/sqrt(running_var + eps) is not a finite number. running_var must be > -eps "
+            "(a variance is >= 0, and eps > 0): load the trained statistics, or fix them")
+
+
+def _runs(model: nn.Module, shape: Sequence[int], batch: int, dtype: torch.dtype,
+          device: torch.device) -> bool:
+    """Whether ``model`` runs on a zero batch of ``batch`` inputs of ``shape`` (with a
+    batch of 2, also keeping that batch dimension in its output)."""
+    try:
+        with torch.no_grad():
+            out = model(torch.zeros(batch, *shape, dtype=dtype, device=device))
+    except Exception:
+        return False
+    return batch == 1 or (isinstance(out, Tensor) and out.dim() > 0 and out.shape[0] == batch)
+
+
+def _fmt_shape(shape: Sequence[int | str]) -> str:
+    return f"({', '.join(map(str, shape))}{',' if len(shape) == 1 else ''})"
+
+
+def _run_failure(model: nn.Module, input_shape: tuple[int, ...], exc: Exception,
+                 node: fx.Node | None, dtype: torch.dtype, device: torch.device) -> InputError:
+    """The error for a model that fails on a batch of 2 inputs of ``input_shape``, with the
+    likely cause when one is found: a batch dimension included in the shape, or a forward
+    that only works on a batch of 1."""
+    where = ""
+    if node is not None and node.op not in ("placeholder", "output"):
+        where = f" at {_describe(node, model)[0] if node.op == 'call_module' else node.name}"
+    head = (f"running the model on an input of shape {_fmt_shape(('N', *input_shape))} "
+            f"(a batch of N=2) failed{where}: {type(exc).__name__}: "
+            f"{str(exc).strip() or 'no message'}.")
+    per_sample = input_shape[1:]
+    if len(input_shape) > 1 and input_shape[0] == 1 and _runs(model, per_sample, 2, dtype,
+                                                              device):
+        fix = (f" input_shape is per sample, without the batch dimension: "
+               f"{_fmt_shape(per_sample)}")
+    elif _runs(model, input_shape, 1, dtype, device):
+        fix = (" The model runs on a batch of 1 but not on a batch of 2: lipbound runs it on "
+               "batches, so its forward must keep the batch dimension (x.flatten(1) or "
+               "x.view(x.size(0), -1), not torch.flatten(x) or x.view(1, -1))")
+    else:
+        fix = (" Check the input shape the model expects (input_shape is per sample, without "
+               "the batch dimension)")
+    return InputError(head + fix)
+
+
+def x0_shape_hint(model: nn.Module, x0_shape: tuple[int, ...]) -> str | None:
+    """Why an input ``x0`` of this shape failed where the model analyses fine with another
+    reading of it, or ``None``: a batch of several inputs (``(2, 4)`` for a model of
+    4-vectors) or an input without its batch dimension (``(1, 28, 28)`` for MNIST images).
+    Called after tracing with ``x0``'s shape failed; the other reading is traced in full."""
+    if len(x0_shape) < 2 or not isinstance(model, nn.Module):
+        return None
+    if x0_shape[0] > 1:
+        alt, hint = x0_shape[1:], (
+            f"x0 holds a batch of {x0_shape[0]} inputs (shape {_fmt_shape(x0_shape)}); pass "
+            f"one input with a batch dimension of 1, e.g. x[:1] (shape "
+            f"{_fmt_shape((1, *x0_shape[1:]))}); for many inputs, call it on each with one "
+            "Analyzer (or use lipbound.batch.bound_many)")
+    else:
+        alt, hint = x0_shape, (
+            f"x0 of shape {_fmt_shape(x0_shape)} is one input without its batch dimension "
+            f"(the model takes {_fmt_shape(x0_shape)} per sample); pass x0.unsqueeze(0) "
+            f"(shape {_fmt_shape((1, *x0_shape))})")
+    dtype, device = model_dtype_device(model)
+    if not _runs(model, alt, 2, dtype, device):  # one forward pass rules most readings out
+        return None
+    try:
+        trace_model(model, alt)
+    except Exception:
+        return None
+    return hint
 
 
 def check_finite_parameters(model: nn.Module) -> None:
@@ -109,9 +244,11 @@ def trace_model(model: nn.Module, input_shape: Sequence[int]) -> list[Op]:
         InputError: model in training mode.
         UnsupportedModelError: listing every unsupported node at once.
     """
+    input_shape = check_input_shape(input_shape)
     check_eval_mode(model)
+    check_tensors(model)
     check_finite_parameters(model)
-    input_shape = tuple(int(s) for s in input_shape)
+    check_batchnorm(model)
     try:
         graph = _Tracer().trace(model)
     except Exception as exc:  # fx raises many types; all mean the same to the user
@@ -135,10 +272,20 @@ def trace_model(model: nn.Module, input_shape: Sequence[int]) -> list[Op]:
         with torch.no_grad():
             rec.run(example)
     except Exception as exc:
-        raise InputError(
-            f"running the model on an input of shape (N, {', '.join(map(str, input_shape))}) "
-            f"failed: {type(exc).__name__}: {exc}. Check the input shape the model expects."
-        ) from exc
+        # a layer returning a tuple (MaxPool2d(return_indices=True)) breaks the next one:
+        # run again passing on the tuples' first elements, to report it with the others
+        tuples = frozenset(n for n, v in rec.values.items() if isinstance(v, tuple)
+                           and v and isinstance(v[0], Tensor))
+        rerun = _ShapeRecorder(gm, tuples) if tuples else None
+        if rerun is not None:
+            try:
+                with torch.no_grad():
+                    rerun.run(example)
+            except Exception:
+                rerun = None
+        if rerun is None:
+            raise _run_failure(model, input_shape, exc, rec.current, dtype, device) from exc
+        rec = rerun
 
     problems: list[tuple[str, str, str]] = []
     ops: list[Op] = []
@@ -233,6 +380,11 @@ def trace_model(model: nn.Module, input_shape: Sequence[int]) -> list[Op]:
             problems.append((where, kind, "reshape changes the number of elements"))
         ops.append(op)
         current = node
+    for node in gm.graph.nodes:  # tuples passed on by the rerun above, if no rule refused them
+        if node.name in rec.unwrap:
+            where, kind = _describe(node, gm)
+            if not any(p[0] == where for p in problems):
+                problems.append((where, kind, "returns a tuple, not a tensor"))
     if problems:
         raise UnsupportedModelError(problems)
     ops = [op.to(device) for op in ops]

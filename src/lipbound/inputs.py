@@ -56,6 +56,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from lipbound._safe_load import torch_load_safely, why_unreadable
 from lipbound.errors import InputError, ZooError
 from lipbound.zoo.registry import ZooEntry, get_entry, model_names
 from lipbound.zoo.resources import data_path
@@ -270,7 +271,7 @@ def _read_array(path: Path) -> torch.Tensor:
         if suffix == ".npy":
             data = torch.from_numpy(np.load(path, allow_pickle=False))
         else:
-            obj = torch.load(path, map_location="cpu", weights_only=True)
+            obj = torch_load_safely(path)
             if isinstance(obj, np.ndarray):
                 obj = torch.from_numpy(obj)
             if not isinstance(obj, torch.Tensor):
@@ -285,8 +286,8 @@ def _read_array(path: Path) -> torch.Tensor:
         raise InputError(f"input file not found: {path}") from exc
     except Exception as exc:
         raise InputError(
-            f"cannot read array file {path}: {type(exc).__name__}: {exc}. Use np.save(path, x) "
-            "or torch.save(x, path)"
+            f"cannot read array file {path}: {why_unreadable(exc)}. Save the input with "
+            "np.save(path, x) or torch.save(x, path)"
         ) from exc
     if not (data.is_floating_point() or data.dtype in (torch.uint8, torch.int16, torch.int32,
                                                        torch.int64, torch.int8)):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import operator
 from collections.abc import Sequence
 
 import torch
@@ -94,15 +95,105 @@ def check_input(x0: Tensor, input_shape: Sequence[int] | None, name: str = "x0")
     return x0
 
 
+DEVICES = "None or 'auto' (the model's device), 'cpu', 'cuda', 'cuda:N' or a torch.device"
+"""The devices an analysis runs on, as error messages list them."""
+
+
 def resolve_device(device: str | torch.device | None, fallback: torch.device) -> torch.device:
-    """``None``/``"auto"`` -> the fallback (the model's device, else CUDA when present)."""
-    if device is None or str(device) == "auto":
+    """``None``/``"auto"`` -> the fallback (the model's device, else CUDA when present);
+    otherwise a CPU or CUDA device.
+
+    Raises:
+        InputError: an unknown device (e.g. ``"tpu"``), another kind than CPU/CUDA (the
+            ``"meta"`` device holds no data), or CUDA requested where it is not available.
+    """
+    if device is None or (isinstance(device, str) and device.strip().lower() == "auto"):
         return fallback
-    dev = torch.device(device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise InputError("device 'cuda' was requested but CUDA is not available; "
-                         "use --device cpu or auto")
+    try:
+        dev = torch.device(device.strip() if isinstance(device, str) else device)
+    except (RuntimeError, TypeError, ValueError) as exc:
+        raise InputError(f"unknown device {device!r}; use {DEVICES}") from exc
+    if dev.type == "meta":
+        raise InputError("device 'meta' holds no data (shapes only), so nothing can be "
+                         f"computed there; use {DEVICES}")
+    if dev.type not in ("cpu", "cuda"):
+        raise InputError(f"device {device!r} is not supported (lipbound computes in float64 "
+                         f"on the CPU or CUDA); use {DEVICES}")
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise InputError(f"device {str(device)!r} was requested but CUDA is not "
+                             "available; use --device cpu or auto")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise InputError(f"device {str(device)!r}: there are only "
+                             f"{torch.cuda.device_count()} CUDA device(s) (cuda:0 .. "
+                             f"cuda:{torch.cuda.device_count() - 1})")
     return dev
+
+
+MIN_FAILURE_PROB = 1e-300
+"""Smallest failure probability accepted. The analyzer splits it over the layers that may use
+Lanczos, then a block run takes ``1 - BLOCK_SHARE = 1/8`` and a single-vector run halves its
+share between its two bounds (:func:`lipbound.spectral.run_parameters`): every share stays a
+normal float64 (>= 2.2e-308) for networks of up to ``1e-300 / (16 * 2.3e-308)``, about 2.8
+million layers. (Below about 1e-307 a share underflows to 0 and the bounds fail; the
+a posteriori bound's overlap floor ``(δ/2)² π / (2 (n-1))`` may underflow earlier, which only
+turns that bound off: see ``post_ok`` in :mod:`lipbound.lanczos`.)"""
+
+
+def check_failure_prob(value: object, name: str = "failure_prob") -> float:
+    """Return ``value`` as a float, or raise :class:`InputError` unless it is a number in
+    ``[MIN_FAILURE_PROB, 1)``."""
+    what = (f"{name} must be a number in [{MIN_FAILURE_PROB:g}, 1), e.g. 1e-6 (the probability "
+            "that a probabilistic bound fails)")
+    if isinstance(value, (bool, str, bytes)):
+        raise InputError(f"{what}, got {value!r}")
+    try:
+        v = float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError, RuntimeError) as exc:
+        raise InputError(f"{what}, got {value!r}") from exc
+    if not MIN_FAILURE_PROB <= v < 1:  # NaN fails too
+        hint = ("; smaller values underflow in the splits of the budget over layers (and "
+                "1e-300 already makes a bound as good as certain)"
+                if 0 < v < MIN_FAILURE_PROB else "")
+        raise InputError(f"{what}, got {value!r}{hint}")
+    return v
+
+
+def check_input_shape(shape: object, name: str = "input_shape") -> tuple[int, ...]:
+    """The per-sample input shape as a tuple of positive ints (one int: a one-dimensional
+    input, ``4`` -> ``(4,)``).
+
+    Raises:
+        InputError: ``None``, not a sequence of whole numbers, or a dimension <= 0.
+    """
+    how = ("the per-sample input shape without the batch dimension, e.g. (1, 28, 28) for "
+           "MNIST images or 4 (or (4,)) for vectors of length 4")
+    if shape is None:
+        raise InputError(f"{name} is None; give {how}, or an example input x0")
+    if isinstance(shape, Tensor):
+        raise InputError(f"{name} must be a shape, got a tensor; give {how} (or pass the "
+                         "tensor as the example input x0)")
+    items = [shape] if isinstance(shape, int) and not isinstance(shape, bool) else shape
+    if isinstance(items, (str, bytes)):
+        raise InputError(f"{name} must be {how}; got {shape!r}")
+    try:
+        items = list(items)  # type: ignore[call-overload]
+    except TypeError as exc:
+        raise InputError(f"{name} must be {how}; got {shape!r}") from exc
+    dims = []
+    for v in items:
+        if isinstance(v, bool):
+            raise InputError(f"{name} must be {how}; got {shape!r}")
+        try:
+            dims.append(operator.index(v))  # ints, numpy ints, 0-d integer tensors
+        except TypeError:
+            f = v if isinstance(v, float) else math.nan  # a whole float (28.0) is fine
+            if not (math.isfinite(f) and f == int(f)):
+                raise InputError(f"{name} must be {how}; got {shape!r}") from None
+            dims.append(int(f))
+    if any(d <= 0 for d in dims):
+        raise InputError(f"{name} {tuple(dims)} has a dimension <= 0; give {how}")
+    return tuple(dims)
 
 
 def check_float(value: object, name: str, *, minimum: float | None = None,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from ..errors import InputError
+from ..validation import check_eps
 from .common import (
     add_common,
     add_model_options,
@@ -59,6 +60,10 @@ def _sweep_range(args: argparse.Namespace, loaded) -> tuple[float, float]:
         except ValueError as exc:
             raise InputError(f"--sweep-range expects LO,HI (e.g. 0.001,1), got "
                              f"{args.sweep_range!r}") from exc
+        lo, hi = check_eps(lo, "--sweep-range LO"), check_eps(hi, "--sweep-range HI")
+        if hi <= lo:
+            raise InputError(f"--sweep-range {args.sweep_range}: LO must be smaller than HI"
+                             + ("; swap them" if lo > hi else ""))
         return lo, hi
     if loaded.entry is None:
         raise InputError("--sweep on a user model needs --sweep-range LO,HI")
@@ -67,17 +72,35 @@ def _sweep_range(args: argparse.Namespace, loaded) -> tuple[float, float]:
 
 @progress_logging
 def run(args: argparse.Namespace) -> int:
-    from ..bench import bench_model, bench_radius, bench_sweep_model, environment
+    from ..bench import _check_what, bench_model, bench_radius, bench_sweep_model, environment
 
     if args.repeat < 1:
         raise InputError(f"--repeat must be >= 1, got {args.repeat}")
     if args.sweep < 0 or args.sweep == 1:
         raise InputError(f"--sweep needs at least 2 radii, got {args.sweep}")
-    whats = tuple(w.strip() for w in args.what.split(",") if w.strip())
+    try:
+        whats = _check_what(tuple(w for w in args.what.split(",")))
+    except InputError:
+        raise InputError(f"--what must be local, global or local,global; got "
+                         f"{args.what!r}") from None
     opts = {} if args.lanczos_steps is None else {"lanczos_steps": args.lanczos_steps}
     loaded = load_model(args)
     opts["seed"] = args.seed  # settled by load_model (a fresh one drawn there)
-    sample = load_input(args, loaded)
+    eps_range = _sweep_range(args, loaded) if args.sweep else None  # before the work
+    if args.input is None and loaded.entry is None and whats == ("global",) \
+            and not args.sweep:
+        # a global bound needs no input: a user model's input is only its shape here
+        import torch
+
+        from .._modelinfo import model_device
+        from ..inputs import Sample
+
+        sample = Sample(x=torch.zeros(1, *loaded.input_shape,
+                                      device=model_device(loaded.model, torch.device("cpu"))),
+                        label=None, name="none (global bound)")
+    else:
+        sample = load_input(args, loaded, needed_for="the local bound and --sweep (--what "
+                            "global needs none)")
     if "global" in whats and args.spectral == "exact":
         from ..analyzer import Analyzer
         from .exact_memory import check_exact_global_fits
@@ -93,7 +116,7 @@ def run(args: argparse.Namespace) -> int:
     sweep = None
     if args.sweep:
         sweep = bench_sweep_model(loaded.model, sample.x, name=loaded.name,
-                                  eps_range=_sweep_range(args, loaded), n_points=args.sweep,
+                                  eps_range=eps_range, n_points=args.sweep,
                                   local_repeat=args.repeat, spectral=args.spectral,
                                   threads=None, analyzer_options=opts,
                                   notes=loaded.notes, progress=progress)

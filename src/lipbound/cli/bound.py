@@ -31,7 +31,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--eps-list", default=None, help="comma-separated radii, e.g. 0.01,0.1,1")
     p.add_argument("--eps-file", default=None,
                    help="one radius per input (text/CSV, one number per line), many inputs")
-    p.add_argument("--method", choices=["local", "global", "both"], default="local")
+    p.add_argument("--method", choices=["local", "global", "both"], default="local",
+                   help="local bound at the input (default), global bound (needs no input), "
+                        "or both")
     p.add_argument("--spectral", choices=["auto", "exact", "lanczos"], default="auto",
                    help="spectral norms: exact SVD (certified), Lanczos (probabilistic), "
                         "or auto by cost")
@@ -48,9 +50,12 @@ def run(args: argparse.Namespace) -> int:
     from ..analyzer import Analyzer
     from ..errors import InputError
     from ..results import format_prob_up
-    from ..validation import check_eps
+    from ..validation import check_eps, check_failure_prob
     from .exact_memory import check_exact_global_fits
 
+    if args.eps_list and args.eps is not None:
+        raise InputError("give either --eps or --eps-list, not both")
+    check_failure_prob(args.failure_prob, "--failure-prob")
     if is_many_ref(args.input) or args.eps_file or args.out:
         # several inputs, one radius per input, or a CSV file: one row per input
         from .bound_many import run_many
@@ -61,14 +66,18 @@ def run(args: argparse.Namespace) -> int:
     else:
         eps_values = [check_eps(args.eps if args.eps is not None else 0.1, "--eps")]
     loaded = load_model(args)
-    try:
-        sample = load_input(args, loaded)
-    except InputError as exc:
-        if "batch of" in str(exc):  # an .npy/.pt file holding several inputs
-            from .bound_many import run_many
+    sample = None
+    if args.input is not None or loaded.entry is not None or args.method != "global":
+        # a global bound needs no input: a user model without --input gets it alone
+        try:
+            sample = load_input(args, loaded, needed_for="a local bound (--method global "
+                                "needs none)")
+        except InputError as exc:
+            if "batch of" in str(exc):  # an .npy/.pt file holding several inputs
+                from .bound_many import run_many
 
-            return run_many(args)
-        raise
+                return run_many(args, loaded)  # the model is loaded once (its seeds settled)
+            raise
     with tracing(args, loaded.name):
         an = Analyzer(loaded.model, loaded.input_shape, spectral=args.spectral,
                       failure_prob=args.failure_prob, seed=args.seed, name=loaded.name,
@@ -85,13 +94,17 @@ def run(args: argparse.Namespace) -> int:
         out = results[0].to_dict() if len(results) == 1 else {
             "results": [r.to_dict() for r in results]}
         if isinstance(out, dict):
-            out.update({"input": sample.name, "weights": loaded.weights_source})
+            out.update({"input": sample.name if sample is not None else None,
+                        "weights": loaded.weights_source})
         print_json(out)
         return 0
-    with_pred = an.forward(sample.x).reshape(-1)
-    print(f"model {loaded.name} ({loaded.weights_source}); input {sample.name}"
-          + (f", label {sample.label}" if sample.label is not None else "")
-          + f", predicted class {int(with_pred.argmax())}")
+    if sample is None:
+        print(f"model {loaded.name} ({loaded.weights_source}); no input (global bound)")
+    else:
+        with_pred = an.forward(sample.x).reshape(-1)
+        print(f"model {loaded.name} ({loaded.weights_source}); input {sample.name}"
+              + (f", label {sample.label}" if sample.label is not None else "")
+              + f", predicted class {int(with_pred.argmax())}")
     rows = [[r.method, r.eps, r.value, r.guarantee.value
              + (f" (p_fail<={format_prob_up(r.failure_prob)})" if r.failure_prob else ""),
              f"{r.seconds:.3f}"] for r in results]

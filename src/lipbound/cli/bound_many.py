@@ -36,8 +36,10 @@ def load_inputs(args: argparse.Namespace, loaded: Loaded) -> list:
     ref = args.input
     if ref is None:
         if loaded.entry is None:
-            raise InputError("a user model needs --input (a folder, CSV, .npy/.pt batch or "
-                             "image file)")
+            extra = ("; --out writes one row per input: drop --out for a global bound alone"
+                     if getattr(args, "method", None) == "global" else "")
+            raise InputError("a user model has no default input: give --input (a folder, "
+                             "CSV, .npy/.pt batch or image file)" + extra)
         ref = loaded.entry.default_sample
     check_preprocessing_applies(args, ref)
     samples = load_samples(ref, **loaded.sample_kwargs())
@@ -135,8 +137,9 @@ def write_rows_csv(rows, fh) -> None:
         w.writerow([_cell(d[c]) for c in COLUMNS])
 
 
-def run_many(args: argparse.Namespace) -> int:
-    """Bounds for every input named by ``--input`` (see the module docstring)."""
+def run_many(args: argparse.Namespace, loaded: Loaded | None = None) -> int:
+    """Bounds for every input named by ``--input`` (see the module docstring); ``loaded``:
+    the model when the caller has loaded it already (loaded once: its seeds settled once)."""
     import time
 
     from ..analyzer import Analyzer
@@ -147,7 +150,8 @@ def run_many(args: argparse.Namespace) -> int:
     out = prepare_out_file(args.out) if args.out else None  # before the work, not after
     if args.eps_list and not args.eps_file:
         parse_eps_list(args.eps_list)  # a bad list is reported before loading anything
-    loaded = load_model(args)
+    if loaded is None:
+        loaded = load_model(args)
     samples = load_inputs(args, loaded)
     runs = _radii(args, len(samples))
     method = getattr(args, "method", "local")

@@ -119,9 +119,13 @@ def resolve_seeds(args: argparse.Namespace) -> tuple[str, ...]:
     existed) and stay at seed 0 with a fresh one."""
     import secrets
 
+    if getattr(args, "_seed_notes", None) is not None:  # settled by an earlier call
+        return args._seed_notes
     notes: tuple[str, ...] = ()
     seed = getattr(args, "seed", 0)
     weights_seed = getattr(args, "weights_seed", None)
+    # whether the user gave --weights-seed, remembered: the settled value is always set
+    args._weights_seed_given = weights_seed is not None
     if weights_seed == FRESH_SEED:
         weights_seed = secrets.randbits(62)
         notes += (f"zoo random weights from a fresh seed: --weights-seed {weights_seed}",)
@@ -134,6 +138,7 @@ def resolve_seeds(args: argparse.Namespace) -> tuple[str, ...]:
     if weights_seed is None:
         weights_seed = seed
     args.seed, args.weights_seed = seed, weights_seed
+    args._seed_notes = notes
     return notes
 
 
@@ -369,6 +374,7 @@ def prepare_out_dir(path: str | Path, option: str = "--out",
         if f.exists() and not os.access(f, os.W_OK):
             raise InputError(f"{option} {out}: {f} exists and is not writable; remove it or "
                              "give another folder")
+        _try_open(f, option, str(out))
     return out
 
 
@@ -382,7 +388,27 @@ def prepare_out_file(path: str | Path, option: str = "--out") -> Path:
     _writable_folder(out.parent, str(out), option)
     if out.exists() and not os.access(out, os.W_OK):
         raise InputError(f"{option} {out}: not writable; give a path in a writable location")
+    _try_open(out, option, str(out))
     return out
+
+
+def _try_open(path: Path, option: str, what: str) -> None:
+    """Open ``path`` for appending (nothing it holds is changed) and remove it again if this
+    created it: ``os.access`` says yes to root on read-only or pseudo file systems
+    (``/proc``), where only an actual open tells."""
+    existed = path.exists()
+    try:
+        with path.open("a"):
+            pass
+    except OSError as exc:
+        raise InputError(f"{option} {what}: cannot write {path} "
+                         f"({exc.strerror or type(exc).__name__}); give a path in a writable "
+                         "location") from exc
+    if not existed:
+        try:
+            path.unlink()
+        except OSError:
+            pass
 
 
 @dataclass
@@ -454,11 +480,13 @@ def load_state_dict_file(model: nn.Module, path: str) -> None:
     if not p.is_file():
         raise WeightsError(f"weights file {p} does not exist; check the path given to "
                            "--weights")
+    from .._safe_load import torch_load_safely, why_unreadable
+
     try:
-        sd = torch.load(p, map_location="cpu", weights_only=True)
+        sd = torch_load_safely(p)
     except Exception as exc:
-        raise WeightsError(f"weights file {p} is corrupt or not a torch state dict "
-                           f"({type(exc).__name__}: {exc}); re-export it with "
+        raise WeightsError(f"weights file {p} is not a state_dict lipbound can read: "
+                           f"{why_unreadable(exc)}. Save the weights with "
                            "torch.save(model.state_dict(), path)") from exc
     if isinstance(sd, dict):
         for k in ("state_dict", "net", "model"):
@@ -562,14 +590,27 @@ def _factory_shape(value: Any, spec: str) -> tuple[int, ...] | None:
     return shape
 
 
+def _check_not_a_path(spec: str) -> None:
+    """A ``--model`` that names a file, not a zoo network, without the ``:factory`` part (or
+    a file that is not Python) gets the form of a user model, not the list of the zoo."""
+    path, colon, fn_name = spec.rpartition(":")
+    if colon and Path(path).is_file():
+        raise InputError(f"--model {spec!r}: {path} is not a Python file; a user model is "
+                         f"given as path/to/file.py:{fn_name or 'factory_name'}")
+    if spec.strip().lower().endswith(".py") or Path(spec).is_file():
+        raise InputError(f"--model {spec!r} names a file: a user model is given as "
+                         f"path/to/file.py:factory_name, the function of that file that "
+                         f"returns the nn.Module, e.g. --model {spec}:make_model")
+
+
 def load_model(args: argparse.Namespace) -> Loaded:
     """Load the model named by ``--model`` (zoo entry or user factory) on the device of
     ``--device``. A user factory must return its model in eval mode (a model in training
     mode is refused, as by the library); zoo models are built in eval mode by lipbound."""
     device = resolve_device(getattr(args, "device", "auto"))
     spec = args.model
-    weights_seed_given = getattr(args, "weights_seed", None) is not None
     seed_notes = resolve_seeds(args)
+    weights_seed_given = args._weights_seed_given
     mean = _floats(getattr(args, "mean", None), "--mean")
     std = _floats(getattr(args, "std", None), "--std")
     scale = getattr(args, "scale", None)
@@ -606,6 +647,7 @@ def load_model(args: argparse.Namespace) -> Loaded:
     from .. import zoo
     from ..zoo.loading import SEEDED_WEIGHTS
 
+    _check_not_a_path(spec)
     entry = zoo.get_entry(spec)  # an unknown name: a ZooError listing the zoo
     if weights_seed_given and (getattr(args, "weights", None)
                                or entry.name not in SEEDED_WEIGHTS):
@@ -666,15 +708,18 @@ def cli_input_hint(loaded: Loaded | None = None) -> str:
             + ", or a .png/.npy/.pt file holding a single input")
 
 
-def load_input(args: argparse.Namespace, loaded: Loaded):
-    """The single input named by ``--input`` (default: the zoo entry's default sample)."""
+def load_input(args: argparse.Namespace, loaded: Loaded, needed_for: str | None = None):
+    """The single input named by ``--input`` (default: the zoo entry's default sample).
+    ``needed_for``: what the input is for, said when a user model has none."""
     from ..errors import LipboundError
     from ..inputs import load_sample
 
     ref = args.input
     if ref is None:
         if loaded.entry is None:
-            raise InputError("a user model needs --input FILE (.png, .npy or .pt)")
+            raise InputError("a user model has no default input: give --input FILE (.png, "
+                             ".npy or .pt)" + (f"; it is needed for {needed_for}"
+                                               if needed_for else ""))
         ref = loaded.entry.default_sample
     check_preprocessing_applies(args, ref)
     command = getattr(args, "command", None) or "this command"

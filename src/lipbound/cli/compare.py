@@ -59,7 +59,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 @progress_logging
 def run(args: argparse.Namespace) -> int:
     """Run the comparison and print it; 1 if an upper bound fell below the lower bound."""
-    from ..baselines.compare import compare, format_table, violations
+    from ..baselines.compare import METHODS, compare, format_table, violations
+    from ..errors import InputError
     from ..validation import check_eps
 
     eps = check_eps(args.eps, "--eps")
@@ -67,6 +68,10 @@ def run(args: argparse.Namespace) -> int:
     methods = None
     if args.methods:
         methods = [m for item in args.methods for m in item.split(",") if m.strip()]
+        unknown = [m for m in methods if m.strip().lower() not in METHODS]
+        if unknown:
+            raise InputError(f"--methods: unknown method(s) {', '.join(unknown)}; choose from "
+                             f"{', '.join(METHODS)}")
     loaded = load_model(args)
     x0, name = load_input(args, loaded).x, loaded.name
     rows = compare(loaded.model, x0, eps, methods, model_name=name, time_limit=time_limit,

@@ -19,7 +19,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("demo", help="bounds for the bundled MNIST network and digit 8",
                        description="Global bound and local bounds at several radii for the "
                                    "paper's MNIST LeNet and its digit 8.")
-    p.add_argument("--eps-list", default="0.001,0.01,0.1,1,7")
+    p.add_argument("--eps-list", default="0.001,0.01,0.1,1,7",
+                   help="comma-separated radii of the local bounds (default "
+                        "0.001,0.01,0.1,1,7)")
     p.add_argument("--spectral", choices=["auto", "exact", "lanczos"], default="exact",
                    help="spectral norms: exact SVD gives certified bounds (default here; "
                         "LeNet is small enough), lanczos is faster but probabilistic")

@@ -181,6 +181,7 @@ def _public(d: dict[str, Any]) -> dict[str, Any]:
 def run(args: argparse.Namespace) -> int:
     from ..analyzer import Analyzer
     from ..radius import METHODS
+    from ..validation import check_eps, check_failure_prob
 
     t0 = time.perf_counter()
     methods = _split(args.methods, METHODS, "certificate method(s)")
@@ -189,6 +190,9 @@ def run(args: argparse.Namespace) -> int:
     attacks = _split(args.attacks, ALL_ATTACKS, "attack(s)")
     if not 0 < args.tol < 1:
         raise InputError(f"--tol must be in (0, 1), got {args.tol}")
+    if args.max_eps is not None:
+        check_eps(args.max_eps, "--max-eps")
+    check_failure_prob(args.failure_prob, "--failure-prob")
     # before the work, not after
     out = prepare_out_dir(args.out, files=RADIUS_FILES) if args.out else None
     loaded = load_model(args)

@@ -72,6 +72,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
+MAX_POINTS = 10_000
+"""Most radii a sweep takes (``--points``)."""
+
+
 def _eps_range(args: argparse.Namespace, loaded) -> list[float]:
     from ..errors import InputError
     from ..sweep import eps_grid
@@ -93,6 +97,9 @@ def _eps_range(args: argparse.Namespace, loaded) -> list[float]:
         raise InputError(f"--points must be at least 2 (the radii run from --eps-min to "
                          f"--eps-max), got {args.points}; for a single radius use "
                          "`lipbound bound --eps`")
+    if args.points > MAX_POINTS:
+        raise InputError(f"--points must be at most {MAX_POINTS} (each radius runs every "
+                         f"method), got {args.points}")
     return eps_grid(lo, hi, args.points)
 
 
@@ -118,9 +125,11 @@ def run(args: argparse.Namespace) -> int:
 
     t0 = time.perf_counter()
     from ..analyzer import Analyzer
+    from ..validation import check_failure_prob
     from .exact_memory import check_exact_global_fits
 
     methods = parse_methods(args.methods)
+    check_failure_prob(args.failure_prob, "--failure-prob")
     if args.out:
         prepare_out_dir(args.out, files=SWEEP_FILES)  # before the work, not after
     loaded = load_model(args)

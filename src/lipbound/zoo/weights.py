@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import math
-import pickle
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -12,6 +11,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from lipbound._safe_load import torch_load_safely, why_unreadable
 from lipbound.errors import WeightsError
 
 __all__ = ["read_checkpoint", "read_state_dict", "load_into", "init_seeded"]
@@ -39,19 +39,11 @@ def _load_file(path: Path, source: str) -> Any:
     if path.is_dir():
         raise WeightsError(f"weights path is a directory, not a file: {source}")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as exc:
-        # weights_only refuses arbitrary Python objects (e.g. a whole pickled nn.Module).
+        return torch_load_safely(path)
+    except Exception as exc:  # a whole pickled model, a corrupt zip, not a torch file, ...
         raise WeightsError(
-            f"cannot read weights file {source}: it is not a plain state dict that can be "
-            f"loaded safely ({str(exc).splitlines()[0]}). Re-save only the tensors with "
-            "torch.save(model.state_dict(), path)"
-        ) from exc
-    except Exception as exc:  # corrupt zip, truncated file, not a torch file at all, ...
-        raise WeightsError(
-            f"cannot read weights file {source}: {type(exc).__name__}: "
-            f"{str(exc).splitlines()[0] if str(exc) else 'unreadable'}. It should be written "
-            "by torch.save(model.state_dict(), path)"
+            f"cannot read weights file {source}: {why_unreadable(exc)}. Save the weights "
+            "with torch.save(model.state_dict(), path)"
         ) from exc
 
 
