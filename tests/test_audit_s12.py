@@ -429,3 +429,31 @@ def test_help_texts(capsys):
     assert "(default)" in bound_help.split("--method", 2)[2].split("--spectral")[0]
     demo = next(a for a in sub.choices["demo"]._actions if "--eps-list" in a.option_strings)
     assert demo.help and "radii" in demo.help
+
+
+def test_function_forms_take_output_map_and_refuse_unknown_options():
+    """global_bound(model, shape, output_map=C) works like Analyzer.global_bound; an unknown
+    option, or options given together with a ready Analyzer (which has its own), is an
+    InputError instead of a raw TypeError or a silently ignored setting."""
+    import lipbound
+    from lipbound import Analyzer
+    from lipbound.errors import InputError
+
+    torch.manual_seed(0)
+    m = torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.ReLU(),
+                            torch.nn.Linear(6, 3)).eval()
+    c = torch.tensor([[1.0, -1.0, 0.0]])
+    x0 = torch.randn(1, 4)
+    want = Analyzer(m, (4,)).global_bound(output_map=c).value
+    assert lipbound.global_bound(m, (4,), output_map=c).value == want
+    assert lipbound.global_bound(m, (4,)).value > want
+    with pytest.raises(InputError, match="unknown option.*spectrl"):
+        lipbound.global_bound(m, (4,), spectrl="exact")
+    with pytest.raises(InputError, match="unknown option"):
+        lipbound.local_bound(m, x0, 0.1, foo=1)
+    an = Analyzer(m, (4,))
+    with pytest.raises(InputError, match="spectral given with an Analyzer"):
+        lipbound.local_bound(an, x0, 0.1, spectral="exact")
+    with pytest.raises(InputError, match="device given with an Analyzer"):
+        lipbound.global_bound(an, (4,), device="cpu")
+    assert lipbound.local_bound(an, x0, 0.1).value == an.local_bound(x0, 0.1).value

@@ -1102,8 +1102,27 @@ class Analyzer:
                          nominal_values=rows_at_x0.reshape(-1).cpu())
 
 
+def _analyzer_options() -> tuple[str, ...]:
+    """The keyword options of :class:`Analyzer` that the module-level functions pass on."""
+    import inspect
+
+    params = inspect.signature(Analyzer.__init__).parameters
+    return tuple(n for n, p in params.items() if p.kind is p.KEYWORD_ONLY
+                 and n not in ("x0", "device"))
+
+
 def _analyzer(model: nn.Module | Analyzer, x0_or_shape, device, **kw) -> Analyzer:
+    unknown = sorted(set(kw) - set(_analyzer_options()))
+    if unknown:
+        raise InputError(f"unknown option(s) {', '.join(unknown)}; the options are "
+                         f"{', '.join(_analyzer_options())} (passed to Analyzer), and "
+                         "output_map for local_bound and global_bound")
     if isinstance(model, Analyzer):
+        given = sorted(kw) + (["device"] if device is not None else [])
+        if given:
+            raise InputError(f"{', '.join(given)} given with an Analyzer, which was built with "
+                             "its own; build the Analyzer with them instead, e.g. "
+                             f"Analyzer(model, input_shape, {given[0]}=...)")
         return model
     if not isinstance(x0_or_shape, Tensor):
         return Analyzer(model, check_input_shape(x0_or_shape, "x0_or_input_shape"),
@@ -1145,20 +1164,22 @@ def _naming(layer: str) -> Iterator[None]:
 
 
 def global_bound(model: nn.Module | Analyzer, x0_or_input_shape: Tensor | Sequence[int], *,
-                 device: str | torch.device | None = None, progress: bool = False,
-                 **kwargs) -> BoundResult:
+                 output_map: Tensor | None = None, device: str | torch.device | None = None,
+                 progress: bool = False, **kwargs) -> BoundResult:
     """Global L2 Lipschitz upper bound: the product of per-layer constants.
 
     Args:
         model: the network (eval mode) or an :class:`Analyzer`.
         x0_or_input_shape: an input ``(1, *shape)`` or the per-sample input shape.
+        output_map: optional matrix C: bound ``C f`` instead of ``f``.
         device: ``None``/``"auto"``, ``"cpu"`` or ``"cuda"``.
         progress: show a bar over the layers on stderr (only on a terminal, after a few
             seconds); the result is the same either way.
-        **kwargs: passed to :class:`Analyzer` (``spectral``, ``failure_prob``, ...).
+        **kwargs: passed to :class:`Analyzer` (``spectral``, ``failure_prob``, ...); not
+            with an Analyzer, which has its own.
     """
     return _analyzer(model, x0_or_input_shape, device, **kwargs).global_bound(
-        progress=progress)
+        output_map=output_map, progress=progress)
 
 
 def local_bound(model: nn.Module | Analyzer, x0: Tensor, eps: float, *,
@@ -1175,7 +1196,7 @@ def local_bound(model: nn.Module | Analyzer, x0: Tensor, eps: float, *,
         device: ``None``/``"auto"``, ``"cpu"`` or ``"cuda"``.
         progress: show a bar over the layers on stderr (only on a terminal, after a few
             seconds); the result is the same either way.
-        **kwargs: passed to :class:`Analyzer`.
+        **kwargs: passed to :class:`Analyzer` (not with an Analyzer, which has its own).
     """
     if not isinstance(x0, Tensor):
         raise InputError(f"x0 must be a torch.Tensor, got {type(x0).__name__}")
