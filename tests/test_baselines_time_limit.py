@@ -161,3 +161,43 @@ def test_cli_time_limit_reaches_the_rivals(capsys):
     assert by["local"]["value"] is not None
     assert cli.main(["compare", "--model", "tiny", "--time-limit", "0"]) != 0
     assert "--time-limit must be" in capsys.readouterr().err
+
+
+
+def test_lipmip_at_its_time_limit_reports_the_dual_bound_or_no_row_value(monkeypatch):
+    """lipMIP stopped by its time limit: with a MILP dual bound, that bound (mapped back from
+    the rescaled MILP) is a certified upper bound, at least the exact constant; without one, a
+    TimeLimitError (compare: a "not run" row), never a NaN "estimate"."""
+    from scipy import optimize
+
+    import lipbound.baselines.exact as exact_mod
+    from lipbound.baselines import lipmip
+    from lipbound.baselines.deadline import TimeLimitError
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(5, 8), torch.nn.ReLU(), torch.nn.Linear(8, 6),
+                              torch.nn.ReLU(), torch.nn.Linear(6, 3)).eval()
+    c = torch.tensor([1.0, -1.0, 0.0])
+    x0 = torch.randn(1, 5, generator=torch.Generator().manual_seed(1))
+    exact = lipmip(net, x0, 0.7, c=c, time_limit=60)
+    assert exact.guarantee in (Guarantee.EXACT, Guarantee.CERTIFIED)
+    real = optimize.milp
+
+    def stopped_with(dual):  # HiGHS's answer at a time limit, with the real dual bound
+        def milp(*args, **kwargs):
+            res = real(*args, **kwargs)
+            return optimize.OptimizeResult(
+                status=1, message="Time limit reached.", success=False, x=None, fun=None,
+                mip_dual_bound=dual(res), mip_gap=None, mip_node_count=0)
+        return milp
+
+    monkeypatch.setattr(exact_mod.optimize, "milp", stopped_with(lambda r: r.mip_dual_bound))
+    r = lipmip(net, x0, 0.7, c=c, time_limit=60)
+    assert r.guarantee is Guarantee.CERTIFIED and "stopped at the time limit" in r.notes[-1]
+    assert exact.value <= r.value <= exact.value * (1 + 1e-5)
+    monkeypatch.setattr(exact_mod.optimize, "milp", stopped_with(lambda r: None))
+    with pytest.raises(TimeLimitError, match="lipMIP: time limit of 60 s"):
+        lipmip(net, x0, 0.7, c=c, time_limit=60)
+    rows = {r.method: r for r in compare(net, x0, 0.7, methods=["lipmip"])}
+    assert rows["lipmip"].note.startswith("not run: lipMIP: time limit")
+    assert math.isnan(rows["lipmip"].value) and rows["lipmip"].guarantee is None

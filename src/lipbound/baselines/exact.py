@@ -77,7 +77,7 @@ import numpy as np
 from scipy import optimize, sparse
 from torch import nn
 
-from lipbound.baselines.deadline import TimeLimitError
+from lipbound.baselines.deadline import Deadline, TimeLimitError
 from lipbound.baselines.fc import (
     FCLayers,
     apply_output_map,
@@ -490,8 +490,13 @@ def lipmip(net: nn.Module | Sequence[tuple[Any, Any]], x0: Any, eps: float, *,
 
     Returns:
         A :class:`~lipbound.results.BoundResult` (``norm`` ``"linf->abs"`` or
-        ``"l1->abs"``); EXACT when verified, CERTIFIED if the maximiser is degenerate,
-        NaN/ESTIMATE if HiGHS did not finish.
+        ``"l1->abs"``); EXACT when verified, CERTIFIED if the maximiser is degenerate or
+        HiGHS stopped at ``time_limit`` with a dual bound (then the value is that bound).
+
+    Raises:
+        TimeLimitError: HiGHS reached ``time_limit`` before it had a dual bound (the retry
+            without presolve after a solver error gets what is left of the limit).
+        LipboundError: HiGHS failed otherwise.
     """
     if input_norm not in ("linf", "l1"):
         raise InputError(f"input_norm must be 'linf' or 'l1', got {input_norm!r}")
@@ -550,19 +555,30 @@ def lipmip(net: nn.Module | Sequence[tuple[Any, Any]], x0: Any, eps: float, *,
         shift += e_k
         sc_layers.append((np.ldexp(w_k, -e_k), np.ldexp(b, -cum)))
     milp = _LipMip(sc_layers, np.ldexp(xc, -s_in), math.ldexp(eps, -s_in), dual)
+    deadline = Deadline(time_limit, "lipMIP")
     for presolve in (True, False):  # HiGHS's presolve occasionally ends in "solve error"
+        # the retry gets what is left of the limit, not a second one
         res = optimize.milp(c=-milp.objective(), constraints=milp.constraints(),
                             integrality=milp.integrality(), bounds=milp.bounds(),
-                            options={"time_limit": float(time_limit), "mip_rel_gap": 1e-9,
-                                     "disp": False, "presolve": presolve})
-        if res.status != 4:
+                            options={"time_limit": max(deadline.remaining(), 1e-3),
+                                     "mip_rel_gap": 1e-9, "disp": False,
+                                     "presolve": presolve})
+        if res.status != 4 or deadline.expired():
             break
     if res.status != 0 or res.x is None:
         dual_bound = getattr(res, "mip_dual_bound", None)
-        bound_orig = -math.ldexp(dual_bound, shift) if dual_bound is not None else math.nan
-        return result(math.nan, Guarantee.ESTIMATE,
-                      [f"HiGHS stopped: status {res.status} ({res.message}); dual bound "
-                       f"{bound_orig:.6g}; no exact value"])
+        if res.status == 1 and dual_bound is not None and math.isfinite(dual_bound):
+            # stopped at the time limit with a dual bound: an upper bound on the maximum
+            # (to HiGHS's tolerances, the same cushion as an optimal run's), not exact
+            upper = round_up(math.ldexp(-float(dual_bound), shift) * (1 + _MIP_MARGIN))
+            return result(upper, Guarantee.CERTIFIED,
+                          [f"HiGHS stopped at the time limit of {deadline.time_limit:g} s: the "
+                           "value is the MILP dual bound, not the exact constant (raise "
+                           "time_limit to close the gap)"])
+        if res.status == 1:
+            raise deadline.error("the MILP had no dual bound yet")
+        raise LipboundError(f"lipMIP: HiGHS stopped: status {res.status} ({res.message}); "
+                            "no value")
     pattern = milp.pattern(res.x)
     grad = _pattern_gradient(layers, pattern)
     attained = dual_norm(grad)
