@@ -5,7 +5,6 @@ clear lipbound error naming the problem and the fix, never a raw torch error or 
 
 from __future__ import annotations
 
-import json
 import math
 import subprocess
 import sys
@@ -18,27 +17,12 @@ import torch
 from torch import nn
 
 import lipbound
+from cli_helpers import run_err, run_json
 from lipbound import Analyzer, global_bound, local_bound
 from lipbound.cli import main
 from lipbound.errors import InputError, UnsupportedModelError, WeightsError
 
 FX_NOISE = ("Original traceback", "tlparse", "While executing")
-
-
-def run_err(capsys, argv: list[str]) -> str:
-    """Run the CLI in-process; it must fail with the one-line error (exit status 2)."""
-    rc = main(argv)
-    err = capsys.readouterr().err
-    assert rc == 2, f"exit status {rc}, stderr: {err}"
-    assert err.startswith("lipbound: error:"), err
-    return err
-
-
-def run_json(capsys, argv: list[str]) -> dict:
-    rc = main(argv + ["--json"])
-    out, err = capsys.readouterr()
-    assert rc == 0, err
-    return json.loads(out)
 
 
 def fc_net(seed: int = 0, widths: tuple[int, ...] = (4, 5, 3)) -> nn.Sequential:

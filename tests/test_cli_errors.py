@@ -5,7 +5,6 @@ each number is (audit of the CLI and the attack / lower-bound parameters)."""
 from __future__ import annotations
 
 import csv
-import json
 import math
 import textwrap
 from pathlib import Path
@@ -15,23 +14,9 @@ import pytest
 import torch
 from torch import nn
 
+from cli_helpers import run_err, run_json
 from lipbound.cli import main
 from lipbound.errors import InputError, UnsupportedModelError
-
-
-def run_err(capsys, argv: list[str]) -> str:
-    """Run the CLI in-process; it must fail with the one-line error (exit status 2)."""
-    rc = main(argv)
-    err = capsys.readouterr().err
-    assert rc == 2, f"exit status {rc}, stderr: {err}"
-    assert err.startswith("lipbound: error:"), err
-    return err
-
-
-def run_json(capsys, argv: list[str]) -> dict:
-    assert main(argv + ["--json"]) == 0
-    return json.loads(capsys.readouterr().out)
-
 
 USER_MODELS = textwrap.dedent("""
     import torch

@@ -145,17 +145,14 @@ def check_failure_prob(value: object, name: str = "failure_prob") -> float:
     ``[MIN_FAILURE_PROB, 1)``."""
     what = (f"{name} must be a number in [{MIN_FAILURE_PROB:g}, 1), e.g. 1e-6 (the probability "
             "that a probabilistic bound fails)")
-    if isinstance(value, (bool, str, bytes)):
-        raise InputError(f"{what}, got {value!r}")
     try:
-        v = float(value)  # type: ignore[arg-type]
-    except (TypeError, ValueError, RuntimeError) as exc:
+        v = check_float(value, name, minimum=0.0, maximum=1.0)
+    except InputError as exc:
         raise InputError(f"{what}, got {value!r}") from exc
-    if not MIN_FAILURE_PROB <= v < 1:  # NaN fails too
-        hint = ("; smaller values underflow in the splits of the budget over layers (and "
-                "1e-300 already makes a bound as good as certain)"
-                if 0 < v < MIN_FAILURE_PROB else "")
-        raise InputError(f"{what}, got {value!r}{hint}")
+    if v < MIN_FAILURE_PROB:
+        raise InputError(f"{what}, got {value!r}; smaller values underflow in the splits of "
+                         "the budget over layers (and 1e-300 already makes a bound as good "
+                         "as certain)")
     return v
 
 
