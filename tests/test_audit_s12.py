@@ -252,6 +252,7 @@ def test_user_model_bench_global_without_input(capsys, user):
     d = run_json(capsys, ["bench", "--model", f"{src}:factory_dict", "--what", "global",
                           "--repeat", "1", "--no-warmup"])
     assert d["what"] == "global" and math.isfinite(d["value"])
+    assert d["input"] is None  # as in bound --json: no input, not a made-up name
     err = run_err(capsys, ["bench", "--model", f"{src}:factory_dict", "--repeat", "1"])
     assert "--input" in err and "--what global needs none" in err
 
@@ -441,3 +442,12 @@ def test_function_forms_take_output_map_and_refuse_unknown_options():
     with pytest.raises(InputError, match="device given with an Analyzer"):
         lipbound.global_bound(an, (4,), device="cpu")
     assert lipbound.local_bound(an, x0, 0.1).value == an.local_bound(x0, 0.1).value
+
+
+@pytest.mark.parametrize("radius", [["--eps", "0.1"], ["--eps-list", "0.1,1"]])
+def test_global_method_refuses_a_radius(capsys, radius):
+    """--method global ignored --eps silently; it takes no radius."""
+    err = run_err(capsys, ["bound", "--model", "tiny", "--method", "global", *radius])
+    assert "--method global takes no radius" in err and "--method both" in err
+    d = run_json(capsys, ["bound", "--model", "tiny", "--method", "both", *radius])
+    assert d

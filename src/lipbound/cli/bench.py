@@ -87,8 +87,9 @@ def run(args: argparse.Namespace) -> int:
     loaded = load_model(args)
     opts["seed"] = args.seed  # settled by load_model (a fresh one drawn there)
     eps_range = _sweep_range(args, loaded) if args.sweep else None  # before the work
-    if args.input is None and loaded.entry is None and whats == ("global",) \
-            and not args.sweep:
+    no_input = args.input is None and loaded.entry is None and whats == ("global",) \
+        and not args.sweep
+    if no_input:
         # a global bound needs no input: a user model's input is only its shape here
         import torch
 
@@ -132,7 +133,8 @@ def run(args: argparse.Namespace) -> int:
             radius_note = "lipbound.radius is not available; radius benchmark skipped"
     if args.json:
         out = res.to_dict()
-        out.update({"input": sample.name, "weights": loaded.weights_source,
+        out.update({"input": None if no_input else sample.name,
+                    "weights": loaded.weights_source,
                     "environment": environment()})
         if args.sweep:
             out["sweep"] = sweep.to_dict() if sweep is not None else None

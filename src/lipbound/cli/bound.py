@@ -55,6 +55,9 @@ def run(args: argparse.Namespace) -> int:
 
     if args.eps_list and args.eps is not None:
         raise InputError("give either --eps or --eps-list, not both")
+    if args.method == "global" and (args.eps is not None or args.eps_list or args.eps_file):
+        raise InputError("--method global takes no radius (the global bound holds for every "
+                         "input): drop --eps/--eps-list/--eps-file, or use --method both")
     check_failure_prob(args.failure_prob, "--failure-prob")
     if is_many_ref(args.input) or args.eps_file or args.out:
         # several inputs, one radius per input, or a CSV file: one row per input
