@@ -20,7 +20,7 @@ import time
 
 from lipbound.errors import InputError, LipboundError
 
-__all__ = ["Deadline", "TimeLimitError", "check_time_limit"]
+__all__ = ["NO_LIMIT", "Deadline", "TimeLimitError", "check_time_limit"]
 
 
 class TimeLimitError(LipboundError):
@@ -84,3 +84,7 @@ class Deadline:
             f"{self.what}: time limit of {self.time_limit:g} s reached after {done} "
             f"({self.elapsed():.3g} s), no value; raise time_limit (lipbound compare: "
             "--time-limit)")
+
+
+NO_LIMIT = Deadline(None, "no limit")
+"""The deadline that never expires: the default of the steps that take one."""

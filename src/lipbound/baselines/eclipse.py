@@ -49,7 +49,7 @@ import scipy.sparse as sp
 from scipy.linalg import lapack
 from torch import nn
 
-from lipbound.baselines.deadline import Deadline
+from lipbound.baselines.deadline import NO_LIMIT, Deadline
 from lipbound.baselines.fc import (
     apply_output_map,
     as_fc,
@@ -68,7 +68,7 @@ _QUANTITY = "global L2 Lipschitz constant (all pairs of inputs)"
 
 
 def eclipse_fast_multipliers(layers: list[tuple[np.ndarray, np.ndarray]], *,
-                             deadline: Deadline | None = None) -> tuple[float, list[float]]:
+                             deadline: Deadline = NO_LIMIT) -> tuple[float, list[float]]:
     """The closed form: ``(rho, [lambda_1, ..., lambda_{K-1}])`` (float64, unchecked).
 
     Computed as the recursion in the module docstring says, with the cheaper of equal
@@ -84,8 +84,7 @@ def eclipse_fast_multipliers(layers: list[tuple[np.ndarray, np.ndarray]], *,
     n_hidden = len(layers) - 1
 
     def check(k: int, part: str) -> None:
-        if deadline is not None:
-            deadline.check(f"{k} of {n_hidden} hidden layers (then {part})")
+        deadline.check(f"{k} of {n_hidden} hidden layers (then {part})")
 
     for k, (w, _) in enumerate(layers[:-1]):
         check(k, "a product")

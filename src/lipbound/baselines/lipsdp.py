@@ -59,7 +59,7 @@ from typing import Any, Literal
 import numpy as np
 from torch import nn
 
-from lipbound.baselines.deadline import Deadline
+from lipbound.baselines.deadline import NO_LIMIT, Deadline
 from lipbound.baselines.fc import (
     FCLayers,
     apply_output_map,
@@ -224,20 +224,20 @@ def certify_lmi(layers: FCLayers, t_diag: np.ndarray, rho: float) -> LMICertific
 _TIME_OPTION = {"CLARABEL": "time_limit", "SCS": "time_limit_secs"}
 
 
-def _with_time_limit(solver: str, opts: Mapping[str, Any], deadline: Deadline | None
+def _with_time_limit(solver: str, opts: Mapping[str, Any], deadline: Deadline
                      ) -> dict[str, Any]:
     """``opts`` with the time left as ``solver``'s own limit (:data:`_TIME_OPTION`) unless
     already set; unchanged without a limit or for another solver."""
     out = dict(opts)
     key = _TIME_OPTION.get(solver)
-    left = deadline.remaining() if deadline is not None else math.inf
+    left = deadline.remaining()
     if key is not None and math.isfinite(left):
         out.setdefault(key, max(left, 1e-3))
     return out
 
 
 def _solve(cp: Any, layers: FCLayers, variant: str, solver: str | None,
-           solver_options: Mapping[str, Any], tau: float, deadline: Deadline | None = None
+           solver_options: Mapping[str, Any], tau: float, deadline: Deadline = NO_LIMIT
            ) -> tuple[str, str, float, np.ndarray]:
     """Solve the SDP; return ``(solver, status, rho, t_diag)``. The solver gets the time
     ``deadline`` leaves as its own limit."""

@@ -50,7 +50,7 @@ import numpy as np
 import scipy.sparse as sp
 from torch import nn
 
-from lipbound.baselines.deadline import Deadline
+from lipbound.baselines.deadline import NO_LIMIT, Deadline
 from lipbound.baselines.fc import (
     FCLayers,
     apply_output_map,
@@ -82,7 +82,7 @@ def _relax(l: np.ndarray, u: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.nda
 
 
 def preactivation_bounds(layers: FCLayers, x0: np.ndarray, eps: float, *,
-                         deadline: Deadline | None = None
+                         deadline: Deadline = NO_LIMIT
                          ) -> list[tuple[np.ndarray, np.ndarray]]:
     """Sound bounds ``[l_k, u_k]`` on every hidden pre-activation over ``B(x0, eps)`` (L2).
 
@@ -92,7 +92,7 @@ def preactivation_bounds(layers: FCLayers, x0: np.ndarray, eps: float, *,
 
 
 def _preactivation_bounds(layers: FCLayers, ops: list[Any], x0: np.ndarray, eps: float,
-                          deadline: Deadline | None) -> list[tuple[np.ndarray, np.ndarray]]:
+                          deadline: Deadline) -> list[tuple[np.ndarray, np.ndarray]]:
     """:func:`preactivation_bounds` with the weights also given as product operands
     (:func:`~lipbound.baselines.fc.operand`: CSR when sparse)."""
     bounds: list[tuple[np.ndarray, np.ndarray]] = []
@@ -120,14 +120,13 @@ def _preactivation_bounds(layers: FCLayers, ops: list[Any], x0: np.ndarray, eps:
 
 
 def _crown(layers: FCLayers, ops: list[Any], bounds: list[tuple[np.ndarray, np.ndarray]],
-           k: int, x0: np.ndarray, eps: float, upper: bool, deadline: Deadline | None
+           k: int, x0: np.ndarray, eps: float, upper: bool, deadline: Deadline
            ) -> np.ndarray:
     """CROWN bound (upper or lower) of the pre-activations of hidden layer ``k``."""
     lam = layers[k][0].copy()
     const = layers[k][1].copy()
     for j in range(k - 1, -1, -1):
-        if deadline is not None:
-            deadline.check(f"pre-activation bounds of {k} of {len(layers) - 1} hidden layers")
+        deadline.check(f"pre-activation bounds of {k} of {len(layers) - 1} hidden layers")
         l, u = bounds[j]
         a_u, b_u, a_l = _relax(l, u)
         pos, neg = np.maximum(lam, 0.0), np.minimum(lam, 0.0)
@@ -186,7 +185,7 @@ def _right_mul(lo: np.ndarray, hi: np.ndarray, w: Any) -> tuple[np.ndarray, np.n
 
 
 def jacobian_bounds(layers: FCLayers, x0: np.ndarray, eps: float, direction: str, *,
-                    deadline: Deadline | None = None) -> tuple[np.ndarray, np.ndarray]:
+                    deadline: Deadline = NO_LIMIT) -> tuple[np.ndarray, np.ndarray]:
     """Entrywise bounds ``[L, U]`` on every Jacobian of the chain over ``B(x0, eps)``.
 
     ``direction`` is ``"forward"`` (Fast-Lip), ``"backward"`` (RecurJac's order) or
@@ -199,11 +198,10 @@ def jacobian_bounds(layers: FCLayers, x0: np.ndarray, eps: float, direction: str
 
 def _interval_jacobian(layers: FCLayers, ops: list[Any],
                        slopes: list[tuple[np.ndarray, np.ndarray]], direction: str,
-                       deadline: Deadline | None) -> tuple[np.ndarray, np.ndarray]:
+                       deadline: Deadline) -> tuple[np.ndarray, np.ndarray]:
     """:func:`jacobian_bounds` from the ReLUs' derivative ranges."""
     def check(step: int, which: str) -> None:
-        if deadline is not None:
-            deadline.check(f"{step} of {len(layers) - 1} {which} interval products")
+        deadline.check(f"{step} of {len(layers) - 1} {which} interval products")
 
     fl = fu = bl = bu = None
     if direction in ("forward", "both"):

@@ -43,7 +43,7 @@ from typing import Any
 import numpy as np
 from torch import nn
 
-from lipbound.baselines.deadline import Deadline
+from lipbound.baselines.deadline import NO_LIMIT, Deadline
 from lipbound.baselines.fc import (
     apply_output_map,
     as_fc,
@@ -75,18 +75,17 @@ def pair_factors(layers: list[tuple[np.ndarray, np.ndarray]]
     (``n_i x r_i``) and ``scale_i = ||S~_{i+1}|| ||S~_i||`` (the pair norm with sigma = 1
     is at most this).
     """
-    return _pair_factors(layers, None)[0]
+    return _pair_factors(layers, NO_LIMIT)[0]
 
 
-def _pair_factors(layers: list[tuple[np.ndarray, np.ndarray]], deadline: Deadline | None
+def _pair_factors(layers: list[tuple[np.ndarray, np.ndarray]], deadline: Deadline
                   ) -> tuple[list[tuple[np.ndarray, np.ndarray, float]], list[float]]:
     """:func:`pair_factors` and the layers' largest singular values (float64 SVDs);
     ``deadline`` is checked before each SVD."""
     k = len(layers)
     parts = []
     for i, (w, _) in enumerate(layers):
-        if deadline is not None:
-            deadline.check(f"the SVDs of {i} of {k} layers")
+        deadline.check(f"the SVDs of {i} of {k} layers")
         parts.append(_svd_parts(w))
     out = []
     for i in range(k - 1):  # hidden layer i+1 sits between W_{i+1} and W_{i+2} (1-based)
@@ -109,15 +108,14 @@ def _norms(a: np.ndarray, b: np.ndarray, sigmas: np.ndarray) -> np.ndarray:
     return np.linalg.svd(mats, compute_uv=False)[:, 0]
 
 
-def _exact_max(a: np.ndarray, b: np.ndarray, deadline: Deadline | None = None,
+def _exact_max(a: np.ndarray, b: np.ndarray, deadline: Deadline = NO_LIMIT,
                where: str = "") -> tuple[float, np.ndarray]:
     n = a.shape[1]
     best, best_sigma = -1.0, np.ones(n)
     total = 1 << n
     bits = np.arange(n)
     for start in range(0, total, _CHUNK):
-        if deadline is not None:
-            deadline.check(f"{start} of {total} activation patterns of {where}")
+        deadline.check(f"{start} of {total} activation patterns of {where}")
         idx = np.arange(start, min(total, start + _CHUNK))
         sig = ((idx[:, None] >> bits[None, :]) & 1).astype(np.float64)
         vals = _norms(a, b, sig)
@@ -128,13 +126,12 @@ def _exact_max(a: np.ndarray, b: np.ndarray, deadline: Deadline | None = None,
 
 
 def _greedy_max(a: np.ndarray, b: np.ndarray, rng: np.random.Generator, restarts: int,
-                max_passes: int, deadline: Deadline | None = None, where: str = ""
+                max_passes: int, deadline: Deadline = NO_LIMIT, where: str = ""
                 ) -> tuple[float, np.ndarray]:
     n = a.shape[1]
 
     def check(start: int) -> None:
-        if deadline is not None:
-            deadline.check(f"greedy start {start + 1} of {restarts + 1} of {where}")
+        deadline.check(f"greedy start {start + 1} of {restarts + 1} of {where}")
 
     def value(sig: np.ndarray) -> float:
         return float(_norms(a, b, sig[None, :])[0])
