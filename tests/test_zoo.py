@@ -342,6 +342,18 @@ def test_bad_device_and_seed():
             load_model("tiny", device="cuda")
 
 
+@pytest.mark.parametrize("device", ["meta", "mps", "cuda:99"])
+def test_zoo_devices_follow_the_analyzers_rules(device):
+    """The zoo, the CLI and the analyzer share one device check: a device that holds no data
+    or that lipbound does not compute on is refused by the zoo too, naming the choices."""
+    from lipbound.cli.common import resolve_device as cli_resolve
+    from lipbound.zoo import resolve_device
+
+    for resolve in (lambda d: load_model("tiny", device=d), resolve_device, cli_resolve):
+        with pytest.raises(InputError, match="'cpu', 'cuda'|CUDA is not available"):
+            resolve(device)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_model_matches_cpu(mnist):
     lm = load_model("mnist", device="cuda")

@@ -95,8 +95,13 @@ def check_input(x0: Tensor, input_shape: Sequence[int] | None, name: str = "x0")
     return x0
 
 
-DEVICES = "None or 'auto' (the model's device), 'cpu', 'cuda', 'cuda:N' or a torch.device"
+DEVICES = "None or 'auto', 'cpu', 'cuda', 'cuda:N' or a torch.device"
 """The devices an analysis runs on, as error messages list them."""
+
+
+def default_device() -> torch.device:
+    """CUDA when it is available, else the CPU (what ``"auto"`` means for a new model)."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def resolve_device(device: str | torch.device | None, fallback: torch.device) -> torch.device:

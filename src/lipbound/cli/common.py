@@ -22,6 +22,8 @@ from torch import nn
 
 from .._progress import NullBar, progress_bar, stderr_is_terminal
 from ..errors import InputError, WeightsError
+from ..validation import default_device
+from ..validation import resolve_device as _resolve_device
 
 
 def add_common(p: argparse.ArgumentParser, *, json_flag: bool = True) -> None:
@@ -143,11 +145,9 @@ def resolve_seeds(args: argparse.Namespace) -> tuple[str, ...]:
 
 
 def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise InputError("--device cuda was given but CUDA is not available; use --device cpu")
-    return torch.device(name)
+    """``--device``: the library's rules (:func:`lipbound.validation.resolve_device`), with
+    ``auto`` meaning CUDA when present."""
+    return _resolve_device(name, default_device())
 
 
 BIG_MODEL_PARAMETERS = 300_000

@@ -11,6 +11,8 @@ import torch
 from torch import nn
 
 from lipbound.errors import InputError
+from lipbound.validation import default_device
+from lipbound.validation import resolve_device as _resolve
 from lipbound.zoo.architectures import VGG16, AlexNet, CifarNet, CompNet, LeNet, TinyNet
 from lipbound.zoo.registry import ZooEntry, get_entry
 from lipbound.zoo.resources import data_path
@@ -50,22 +52,14 @@ class LoadedModel:
 def resolve_device(device: str | torch.device | None) -> torch.device:
     """Turn ``"cpu"``, ``"cuda"``, ``"cuda:1"``, ``"auto"`` or ``None`` into a torch.device.
 
-    ``"auto"`` and ``None`` mean CUDA when it is available, else the CPU.
+    ``"auto"`` and ``None`` mean CUDA when it is available, else the CPU. The same rules as
+    the analyzer's (:func:`lipbound.validation.resolve_device`).
 
     Raises:
-        InputError: for an unknown device string or CUDA requested but not available.
+        InputError: for an unknown device string, a device kind other than CPU/CUDA (e.g.
+            ``"meta"``), or a CUDA device that is not available.
     """
-    if device is None or (isinstance(device, str) and device.strip().lower() == "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError) as exc:
-        raise InputError(
-            f"unknown device {device!r}; use 'cpu', 'cuda', 'cuda:N' or 'auto'"
-        ) from exc
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise InputError(f"device {device!r} requested but CUDA is not available; use 'cpu'")
-    return dev
+    return _resolve(device, default_device())
 
 
 def _build_small(factory: Callable[[], nn.Module], seed: int | None = None) -> nn.Module:
