@@ -158,7 +158,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true",
                    help="2 runs per quantity; unless --models is given only mnist,cifar10")
     p.add_argument("--threads", type=int, default=None,
-                   help="torch intra-op threads in the benchmark processes (default: torch's)")
+                   help="CPU threads (torch and numpy/scipy's BLAS) in the benchmark "
+                        "processes (default: the CLI's auto)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--spectral", default="auto", choices=["auto", "exact", "lanczos"])
     p.add_argument("--sweep-points", type=int, default=30, help="radii in the sweep (30)")

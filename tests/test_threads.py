@@ -1,14 +1,24 @@
-"""``--threads auto``: one thread for small models, the idle cores for bigger ones."""
+"""``--threads``: torch's threads and numpy/scipy's BLAS pools; ``auto``: one thread for small
+models, the idle cores for bigger ones."""
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
+import scipy.linalg  # noqa: F401  (scipy's BLAS loaded: threadpoolctl sees loaded libraries)
+import threadpoolctl
 import torch
 from torch import nn
 
-from lipbound.cli import common
+from lipbound import _threads
+from lipbound import bench as bench_mod
+from lipbound.cli import common, main
 from lipbound.errors import InputError
 
 
@@ -111,3 +121,172 @@ def test_idle_cores_waits_only_for_the_rest_of_the_window(monkeypatch):
     # the start reading is used once: a later call samples its own full window
     assert common.idle_cores() == 2
     assert clock.slept[-1] == pytest.approx(common.MIN_IDLE_WINDOW)
+
+
+# ------------------------------------------------- numpy/scipy's BLAS pools follow --threads
+# torch.set_num_threads does not reach the OpenBLAS that numpy and scipy bundle, on which the
+# rival methods' linear algebra runs (lipbound._threads): the pools are read through
+# threadpoolctl, never timed.
+
+def _blas_threads() -> list[int]:
+    """Thread counts of the BLAS pools loaded, apart from single-threaded builds (SCS, once
+    loaded, brings an OpenBLAS without threading: always one thread, whatever the limit)."""
+    return [d["num_threads"] for d in threadpoolctl.threadpool_info()
+            if d["user_api"] == "blas" and d.get("threading_layer") != "disabled"]
+
+
+def _other(n: int) -> int:
+    """A thread count different from ``n``, to start from."""
+    return 2 if n == 1 else 1
+
+
+@pytest.fixture
+def restore_pools():
+    """The BLAS/OpenMP limits and torch's threads as they were before the test."""
+    n = torch.get_num_threads()
+    with threadpoolctl.threadpool_limits(limits=None):  # records the limits, restores on exit
+        yield
+    torch.set_num_threads(n)
+
+
+def _start_at(n: int) -> None:
+    threadpoolctl.threadpool_limits(limits=n)
+    torch.set_num_threads(n)
+    assert _blas_threads() and set(_blas_threads()) == {n}
+
+
+@pytest.mark.parametrize("n", [1, 2])
+def test_explicit_threads_limit_the_blas_pools(restore_pools, n):
+    _start_at(_other(n))
+    common.apply_threads(argparse.Namespace(threads=str(n)), None)
+    assert torch.get_num_threads() == n
+    assert len(_blas_threads()) >= 2  # numpy's and scipy's (both loaded by the helper)
+    assert set(_blas_threads()) == {n}
+
+
+@pytest.mark.parametrize("params, expected", [
+    (44_426, 1),        # small: one thread, for the BLAS pools too
+    (10 ** 6, 2),       # big: the idle cores
+])
+def test_auto_threads_limit_the_blas_pools(monkeypatch, restore_pools, params, expected):
+    monkeypatch.setattr(common, "idle_cores", lambda window=0.25: 2)
+    _start_at(_other(expected))
+    common.apply_threads(argparse.Namespace(threads="auto"), _model(params))
+    assert set(_blas_threads()) == {expected}
+
+
+@pytest.mark.parametrize("n", [1, 2])
+def test_cli_threads_hold_for_the_command(capsys, restore_pools, n):
+    """The command's --threads is in force when it returns (for the rest of the process)."""
+    _start_at(_other(n))
+    assert main(["bound", "--model", "tiny", "--threads", str(n), "--json"]) == 0
+    capsys.readouterr()
+    assert torch.get_num_threads() == n and set(_blas_threads()) == {n}
+
+
+def test_bench_threads_limit_the_pools_and_restore_them(monkeypatch, restore_pools):
+    """bench(threads=1) runs with one BLAS thread and hands back the limits it found."""
+    _start_at(2)
+    seen = []
+    measure = bench_mod._measure
+
+    def spy(*a, **kw):
+        seen.append((torch.get_num_threads(), _blas_threads()))
+        return measure(*a, **kw)
+
+    monkeypatch.setattr(bench_mod, "_measure", spy)
+    r = bench_mod.bench("tiny", what="global", repeat=1, threads=1, warmup=False)
+    assert r.threads == 1
+    assert seen and all(t == 1 and set(b) == {1} for t, b in seen)
+    assert torch.get_num_threads() == 2 and set(_blas_threads()) == {2}
+
+
+def test_bench_threads_none_leaves_the_pools(restore_pools):
+    _start_at(2)
+    with bench_mod._threads(None):
+        assert torch.get_num_threads() == 2 and set(_blas_threads()) == {2}
+
+
+def test_limited_threads_restores_after_an_error(restore_pools):
+    _start_at(2)
+    with pytest.raises(RuntimeError, match="inside"), _threads.limited_threads(1):
+        assert torch.get_num_threads() == 1 and set(_blas_threads()) == {1}
+        raise RuntimeError("inside")
+    assert torch.get_num_threads() == 2 and set(_blas_threads()) == {2}
+
+
+def test_limited_threads_nest(restore_pools):
+    _start_at(2)
+    with _threads.limited_threads(1):
+        with _threads.limited_threads(2):
+            assert set(_blas_threads()) == {2}
+        assert torch.get_num_threads() == 1 and set(_blas_threads()) == {1}
+    assert set(_blas_threads()) == {2}
+
+
+class _Broken:
+    """A threadpoolctl whose limiting fails (an unreadable library)."""
+
+    @staticmethod
+    def threadpool_limits(limits=None, user_api=None):
+        raise OSError("cannot read the library")
+
+
+@pytest.mark.parametrize("module", [None, _Broken()], ids=["missing", "failing"])
+def test_without_threadpoolctl_torch_threads_are_still_set(monkeypatch, caplog, restore_pools,
+                                                           module):
+    """No threadpoolctl (None in sys.modules: the import fails) or one that raises: the
+    pools are left alone with a warning, torch's threads are set, nothing fails."""
+    _start_at(2)
+    monkeypatch.setitem(sys.modules, "threadpoolctl", module)
+    common.apply_threads(argparse.Namespace(threads="1"), None)
+    assert torch.get_num_threads() == 1
+    with _threads.limited_threads(1):
+        assert torch.get_num_threads() == 1
+    assert torch.get_num_threads() == 1
+    assert "BLAS threads not limited" in caplog.text
+    monkeypatch.delitem(sys.modules, "threadpoolctl")
+    assert set(_blas_threads()) == {2}
+
+
+def test_no_pool_found_is_not_an_error(monkeypatch, restore_pools):
+    """threadpoolctl finding no library it knows (no BLAS info): nothing to limit."""
+    empty = threadpoolctl.ThreadpoolController.__new__(threadpoolctl.ThreadpoolController)
+    empty.lib_controllers = []
+    monkeypatch.setattr(threadpoolctl, "threadpool_limits",
+                        lambda limits=None, user_api=None:
+                        threadpoolctl._ThreadpoolLimiter(empty, limits=limits))
+    with _threads.limited_threads(1):
+        assert torch.get_num_threads() == 1
+    common.apply_threads(argparse.Namespace(threads="1"), None)
+    assert torch.get_num_threads() == 1
+
+
+_IMPORT_CHECK = """
+import json, sys
+import numpy, scipy.linalg, torch
+import threadpoolctl
+def state():
+    return (torch.get_num_threads(),
+            sorted((d["filepath"], d["num_threads"]) for d in threadpoolctl.threadpool_info()))
+before = state()
+for name in [m for m in sys.modules if m == "threadpoolctl" or m.startswith("threadpoolctl.")]:
+    del sys.modules[name]
+import lipbound, lipbound.bench, lipbound.baselines, lipbound.cli, lipbound._threads
+lipbound.cli.build_parser()
+lazy = "threadpoolctl" not in sys.modules
+import threadpoolctl
+print(json.dumps({"same": state() == before, "lazy": lazy}))
+"""
+
+
+def test_importing_lipbound_changes_no_thread_setting():
+    """Importing the library (and building the CLI's parser) sets no thread count and does
+    not import threadpoolctl (only applying a limit does)."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+        [str(Path(common.__file__).parents[2])] + os.environ.get("PYTHONPATH", "").split(
+            os.pathsep))}
+    proc = subprocess.run([sys.executable, "-c", _IMPORT_CHECK], capture_output=True,
+                          text=True, timeout=120, env=env, check=False)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout.strip().splitlines()[-1]) == {"same": True, "lazy": True}

@@ -24,6 +24,7 @@ on a 2-core CPU with the zoo's default inputs (224x224 for AlexNet and VGG-16).
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import importlib
 import importlib.util
@@ -45,6 +46,7 @@ from torch import Tensor, nn
 
 from ._modelinfo import model_device
 from ._progress import NULL_BAR, NullBar, progress_bar
+from ._threads import limited_threads
 from .errors import InputError
 from .results import BoundResult, Guarantee, _jsonable
 
@@ -380,23 +382,12 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-class _Threads:
-    """Temporarily set torch's intra-op thread count (restored on exit)."""
-
-    def __init__(self, n: int | None):
-        if n is not None and n < 1:
-            raise InputError(f"threads must be >= 1, got {n}")
-        self.n = n
-        self.old = torch.get_num_threads()
-
-    def __enter__(self) -> _Threads:
-        if self.n is not None:
-            torch.set_num_threads(self.n)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        if self.n is not None:
-            torch.set_num_threads(self.old)
+def _threads(n: int | None) -> contextlib.AbstractContextManager[None]:
+    """A block with ``n`` CPU threads for torch and for numpy/scipy's BLAS/OpenMP pools,
+    restored on exit (:func:`lipbound._threads.limited_threads`); ``None``: left as they are."""
+    if n is not None and n < 1:
+        raise InputError(f"threads must be >= 1, got {n}")
+    return contextlib.nullcontext() if n is None else limited_threads(n)
 
 
 def _check_what(what: str | Sequence[str]) -> tuple[str, ...]:
@@ -513,7 +504,7 @@ def bench_model(model: nn.Module, x0: Tensor, *, name: str,
 
     out: list[BenchResult] = []
     n_runs = len(whats) * (repeat + (1 if warmup else 0))
-    with _Threads(threads), progress_bar(progress, n_runs, f"bench {name}", "run") as bar:
+    with _threads(threads), progress_bar(progress, n_runs, f"bench {name}", "run") as bar:
         n_threads = torch.get_num_threads()
         for w in whats:
             gc.collect()
@@ -584,8 +575,8 @@ def bench(model_name: str, *, what: str | Sequence[str] = WHATS, eps: float | No
         repeat: number of timed runs (the cold run comes on top).
         spectral: the analyzer's spectral mode (``"auto"``, ``"exact"``, ``"lanczos"``).
         device: ``None``/``"auto"`` (CUDA when present), ``"cpu"`` or ``"cuda"``.
-        threads: torch intra-op threads during the runs (``None``: leave as is); restored
-            afterwards.
+        threads: CPU threads during the runs, torch's intra-op threads and the BLAS/OpenMP
+            pools of numpy and scipy (``None``: leave as is); restored afterwards.
         analyzer_options: extra keyword arguments of the analyzer.
         warmup: time ``repeat`` runs after an untimed cold run (default); ``False`` makes
             the cold run the first timed run.
@@ -680,7 +671,7 @@ def bench_sweep_model(model: nn.Module, x0: Tensor, *, name: str,
     raw_values: list[float] = []
     la0 = _loadavg()
     n_steps = (n_points if raw else 0) + repeat
-    with _Threads(threads), progress_bar(progress, n_steps, f"bench sweep {name}",
+    with _threads(threads), progress_bar(progress, n_steps, f"bench sweep {name}",
                                          "step") as bar:
         if raw:  # the plain loop: fresh single bounds at every radius (the reference)
             an = Analyzer(model, tuple(x0.shape[1:]), device=dev, name=name, **opts)
@@ -783,7 +774,7 @@ def bench_radius(model_name: str = "mnist", *, n_images: int = 100, method: str 
     n_evals = 0
     start: float | None = None
     la0 = _loadavg()
-    with _Threads(threads), progress_bar(progress, len(samples), f"bench radius {lm.entry.name}",
+    with _threads(threads), progress_bar(progress, len(samples), f"bench radius {lm.entry.name}",
                                          "image") as bar:
         c0 = time.process_time()
         t0 = time.perf_counter()

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from .._progress import NullBar, progress_bar, stderr_is_terminal
+from .._threads import set_threads
 from ..errors import InputError, WeightsError
 from ..validation import default_device
 from ..validation import resolve_device as _resolve_device
@@ -32,8 +33,9 @@ def add_common(p: argparse.ArgumentParser, *, json_flag: bool = True) -> None:
                    help="where to compute (auto: CUDA when present)")
     if not any("--threads" in a.option_strings for a in p._actions):
         p.add_argument("--threads", default="auto",
-                       help="CPU threads for torch (auto: 1 for small models, the idle cores "
-                            "for big ones; give a number to override)")
+                       help="CPU threads for torch and for numpy/scipy's BLAS (auto: 1 for "
+                            "small models, the idle cores for big ones; give a number to "
+                            "override)")
     if json_flag:
         p.add_argument("--json", action="store_true", help="print one JSON object")
 
@@ -253,7 +255,9 @@ def idle_cores(window: float = MIN_IDLE_WINDOW) -> int:
 
 
 def apply_threads(args: argparse.Namespace, model: nn.Module | None) -> None:
-    """Set torch's CPU thread count from ``--threads`` (a CLI-only setting).
+    """Set the CPU thread count from ``--threads`` (a CLI-only setting, for the rest of the
+    command): torch's intra-op threads and the BLAS/OpenMP pools of numpy and scipy, which
+    the rival methods' linear algebra runs on (:mod:`lipbound._threads`).
 
     ``auto``: one thread for small models (MNIST LeNet: a second intra-op thread is 10 %
     slower), and for bigger ones (from the CIFAR-10 net, 1.3x faster on two idle cores, to
@@ -266,7 +270,7 @@ def apply_threads(args: argparse.Namespace, model: nn.Module | None) -> None:
         dev = params[0].device if params else torch.device("cpu")
         if dev.type == "cpu":
             big = sum(p.numel() for p in params) > BIG_MODEL_PARAMETERS
-            torch.set_num_threads(idle_cores() if big else 1)
+            set_threads(idle_cores() if big else 1)
         return
     try:
         n = int(spec)
@@ -275,7 +279,7 @@ def apply_threads(args: argparse.Namespace, model: nn.Module | None) -> None:
             from exc
     if n < 1:
         raise InputError(f"--threads must be >= 1, got {n}")
-    torch.set_num_threads(n)
+    set_threads(n)
 
 
 def _floats(s: str | None, option: str = "--mean/--std") -> tuple[float, ...] | None:

@@ -1,0 +1,74 @@
+"""CPU thread counts of every pool the computations run on: torch's intra-op threads and the
+BLAS / OpenMP pools of numpy and scipy.
+
+``torch.set_num_threads`` does not reach the OpenBLAS libraries that numpy and scipy bundle;
+they keep one thread per core. The rival methods (:mod:`lipbound.baselines`: ECLipsE-Fast's
+eigenvalues and Cholesky factorisations, the exact spectral norms) run in numpy/scipy LAPACK,
+and on a busy 2-core machine a second BLAS thread made ECLipsE-Fast 3-4.5x slower while torch
+had one (benchmarks/README.md, session 13). So a thread count is applied to both: torch, and
+through threadpoolctl the BLAS/OpenMP pools of the libraries loaded in the process (numpy's
+and scipy's OpenBLAS are loaded first, so that theirs are among them).
+
+Thread settings are process-wide, so the library never changes them on import;
+:func:`set_threads` is for the command line (``--threads``, for the command's lifetime) and
+:func:`limited_threads` for a block of work (:mod:`lipbound.bench`), restored afterwards.
+threadpoolctl is imported only here, when a limit is applied.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+
+log = logging.getLogger(__name__)
+
+
+def _limit_pools(n: int) -> Any | None:
+    """Limit the BLAS and OpenMP pools of the loaded libraries to ``n`` threads each; the
+    threadpoolctl limiter (leaving it as a context manager restores the previous limits), or
+    None when the pools could not be limited (threadpoolctl missing or failing: torch's
+    threads are set anyway). A process without any pool threadpoolctl recognises is not an
+    error: there is nothing to limit."""
+    try:
+        import numpy  # noqa: F401  (threadpoolctl sees only libraries already loaded)
+        import scipy.linalg  # noqa: F401
+        from threadpoolctl import threadpool_limits
+
+        return threadpool_limits(limits=n)
+    except Exception as exc:  # an unreadable library, no threadpoolctl: do not fail the work
+        log.warning("numpy/scipy BLAS threads not limited to %d: %s", n, exc)
+        return None
+
+
+def set_threads(n: int) -> None:
+    """``n`` threads for torch and for the BLAS/OpenMP pools of numpy and scipy, for the rest
+    of the process (nothing restores them; see :func:`limited_threads`)."""
+    _limit_pools(n)
+    torch.set_num_threads(n)
+
+
+@contextmanager
+def limited_threads(n: int) -> Iterator[None]:
+    """``n`` threads for torch and the BLAS/OpenMP pools inside the block; the previous
+    counts of both are restored on exit."""
+    old = torch.get_num_threads()
+    limiter = _limit_pools(n)
+    if limiter is not None:
+        # entered and left as threadpoolctl's context manager: leaving it also hands the
+        # control of OpenBLAS's process-wide pool back (since threadpoolctl 3.8 only the
+        # thread that set a limit can change it until then)
+        limiter.__enter__()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
+        if limiter is not None:
+            try:
+                limiter.__exit__(None, None, None)
+            except Exception as exc:
+                log.warning("numpy/scipy BLAS thread limits not restored: %s", exc)
