@@ -33,8 +33,8 @@ function             quantity (L2 unless said)                            guaran
 Every rival takes ``time_limit`` in seconds (default: none; the exact methods 60 s),
 checked between its steps (:mod:`lipbound.baselines.deadline`): a method that reaches it
 raises :class:`~lipbound.baselines.deadline.TimeLimitError` (a ``LipboundError``) instead of
-returning a value, except ``lipmip``, which hands the limit to HiGHS and returns NaN
-(ESTIMATE) when HiGHS stops on it.
+returning a value; ``lipmip`` hands the limit to HiGHS and, when HiGHS stops on it with a
+MILP dual bound, returns that bound (CERTIFIED) instead.
 
 Every baseline refuses (``InputError``) magnitudes at which float64 would under- or
 overflow inside it (:func:`~lipbound.baselines.fc.check_range`: rows, ``eps`` and ``|x0|`` in

@@ -55,8 +55,9 @@ which gives the exact constant under its general-position assumption and an uppe
 otherwise. We verify the optimum: the optimal pattern is re-evaluated in float64 and a
 point strictly inside its region (in the box) is found by a linear program and checked by
 a forward pass. EXACT when that succeeds and the MILP's dual bound matches the attained
-value; CERTIFIED (the dual bound) if the maximiser's region is degenerate; NaN/ESTIMATE if
-HiGHS stops early. HiGHS uses absolute tolerances (feasibility 1e-7), so the MILP is
+value; CERTIFIED (the dual bound) if the maximiser's region is degenerate, or if HiGHS
+stops at the time limit with a dual bound; a ``TimeLimitError`` if it stops there without
+one. HiGHS uses absolute tolerances (feasibility 1e-7), so the MILP is
 posed on an exactly rescaled network (powers of two: input box of half-width in [0.5, 1),
 every layer's largest weight in [0.5, 1)), and the reported value is the larger of HiGHS's
 dual bound and the attained value, times ``1 + 1e-6``: "exact" means within that stated

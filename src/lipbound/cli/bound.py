@@ -25,7 +25,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         description="Compute a sound upper bound on the L2 Lipschitz constant of a network: "
                     "global, or local relative to an input over the ball of radius eps "
                     "(Avant & Morgansen 2023).")
-    add_model_options(p)
+    add_model_options(p, many_inputs=True)
     p.add_argument("--eps", type=float, default=None,
                    help="ball radius (default: 0.1); several radii: --eps-list")
     p.add_argument("--eps-list", default=None, help="comma-separated radii, e.g. 0.01,0.1,1")

@@ -71,15 +71,19 @@ def progress_logging(run: Callable[[argparse.Namespace], int]
     return wrapper
 
 
-def add_model_options(p: argparse.ArgumentParser, *, input_required: bool = False) -> None:
-    """--model/--weights/--input and the preprocessing options of a user network."""
+def add_model_options(p: argparse.ArgumentParser, *, input_required: bool = False,
+                      many_inputs: bool = False) -> None:
+    """--model/--weights/--input and the preprocessing options of a user network
+    (``many_inputs``: the command also takes several inputs, and its --input help says so)."""
     p.add_argument("--model", default="mnist",
                    help="zoo name (see `lipbound models`) or path/to/file.py:factory "
                         "(a function returning the nn.Module)")
     p.add_argument("--weights", default=None, help="state-dict file to load into the model")
+    many = ("; several inputs: a range (mnist:test/0-99), a folder of images, a test-set CSV "
+            "file or an .npy/.pt batch" if many_inputs else "")
     p.add_argument("--input", default=None, required=input_required,
                    help="sample reference (mnist:8, cifar10:dog, mnist:test/17) or a "
-                        ".png/.npy/.pt file; default: the zoo model's default sample")
+                        ".png/.npy/.pt file; default: the zoo model's default sample" + many)
     p.add_argument("--input-shape", default=None,
                    help="per-sample input shape of a user model, e.g. 1,28,28")
     p.add_argument("--mean", default=None, help="per-channel mean of the preprocessing, "

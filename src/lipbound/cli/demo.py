@@ -16,9 +16,10 @@ from .common import (
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("demo", help="bounds for the bundled MNIST network and digit 8",
-                       description="Global bound and local bounds at several radii for the "
-                                   "paper's MNIST LeNet and its digit 8.")
+    p = sub.add_parser("demo", help="bounds and radii for the bundled MNIST network and digit 8",
+                       description="Global bound, local bounds at several radii and certified "
+                                   "L2 radii (local, margin, global) for the paper's MNIST "
+                                   "LeNet and its digit 8.")
     p.add_argument("--eps-list", default="0.001,0.01,0.1,1,7",
                    help="comma-separated radii of the local bounds (default "
                         "0.001,0.01,0.1,1,7)")

@@ -20,7 +20,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("models", help="list the model zoo",
                        description="List the zoo networks, their input shapes, samples and "
                                    "where their weights come from.")
-    add_common(p)
+    add_common(p, json_flag=False)
+    p.add_argument("--json", action="store_true",
+                   help="print one JSON array (one object per network)")
     p.set_defaults(func=run)
 
 

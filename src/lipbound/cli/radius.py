@@ -52,7 +52,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                     "margin bounds and the global bound; optionally next to the radii of "
                     "verified adversarial examples found by attacks. Radii are measured in "
                     "the model's input space (normalised space for the zoo networks).")
-    add_model_options(p)
+    add_model_options(p, many_inputs=True)
     p.add_argument("--methods", default="local,margin,global",
                    help="certificates to compute, comma-separated from local, margin, global "
                         "(default: all three)")
