@@ -5,6 +5,7 @@ Each test failed on the code before its fix.
 
 from __future__ import annotations
 
+import math
 from fractions import Fraction
 
 import pytest
@@ -81,3 +82,46 @@ def test_box_edge_at_x0_is_kept() -> None:
     assert r.success
     assert Fraction(float(r.x_adv)) <= Fraction(0.1)
     assert Fraction(r.radius) ** 2 >= exact_distance_sq(r.x_adv, x0)
+
+
+def test_candidates_on_the_boundary_fall_back_to_a_ladder() -> None:
+    # old code: when every candidate failed its single-sample verification the attack
+    # reported no class change, although the points sat within rounding of the boundary
+    # (PGD on CIFAR-10 test image 12: all eight runs, class changes in the batched forward
+    # pass but not alone); a point a relative 1e-6 farther along the ray is verified
+    from lipbound.attacks.base import Attack
+
+    class OnTheBoundary(Attack):
+        name = "boundary"
+
+        def run(self, ctx):
+            return torch.tensor([[0.5, 0.5]]), {}  # a tie: no class change
+
+    model = nn.Linear(2, 2, bias=False)
+    with torch.no_grad():
+        model.weight.copy_(torch.eye(2))
+    model.eval()
+    x0 = torch.tensor([[1.0, 0.0]])
+    r = OnTheBoundary()(model, x0)
+    assert r.success and r.adversarial_class == 1
+    exact = Fraction(0.5) ** 2 * 2
+    assert Fraction(r.radius) ** 2 >= exact_distance_sq(r.x_adv, x0) > exact
+    assert r.radius <= math.sqrt(0.5) * (1 + 2e-6)
+    # the ladder is clipped to the box: in [0.5, 1] x [0, 0.5] it ends on the tie again
+    r = OnTheBoundary()(model, x0, bounds=(torch.tensor([[0.5, 0.0]]),
+                                           torch.tensor([[1.0, 0.5]])))
+    assert not r.success
+
+
+@pytest.mark.slow
+def test_pgd_on_cifar10_test_image_12() -> None:
+    # the real case (this 2-core CPU, torch's CPU kernels): before the ladder, PGD reported no
+    # class change here while the other four attacks found one at 0.0066
+    from lipbound.attacks import PGD
+    from lipbound.inputs import load_sample
+    from lipbound.zoo import load_model
+
+    lm = load_model("cifar10")
+    x0 = load_sample("cifar10:test/12", entry=lm.entry).x
+    r = PGD()(lm.model, x0, seed=0)
+    assert r.success and 0.0065 < r.radius < 0.0067

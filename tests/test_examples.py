@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "simple_example.py"
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+EXAMPLE = EXAMPLES / "simple_example.py"
 
 
 @pytest.mark.usefixtures("torch_one_thread")
@@ -20,3 +21,20 @@ def test_simple_example_labels_bounds_and_radii(capsys):
     assert bounds and radii
     assert all("upper bound" in line for line in bounds)
     assert all("lower bound" in line and "upper" not in line for line in radii)
+
+
+@pytest.mark.usefixtures("torch_one_thread")
+def test_radius_testsets_runs_and_counts_no_violation(capsys, tmp_path):
+    """examples/radius_testsets.py on two MNIST test images with one attack (the full run,
+    100 + 100 images and all attacks, takes minutes)."""
+    mod = runpy.run_path(str(EXAMPLES / "radius_testsets.py"), run_name="radius_testsets")
+    rc = mod["main"](["--models", "mnist", "--n", "2", "--attacks", "fgsm",
+                      "--out", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert rc == 0
+    assert "== mnist: 2 test images" in out and "violations: 0" in out
+    assert "violations in total: 0 (must be 0)" in out
+    s = mod["summarise"](tmp_path / "mnist" / "radius.csv", ["local", "margin", "global"],
+                         ["fgsm"])
+    assert s["inputs"] == 2 and s["violations"] == 0 and s["failed_fgsm"] == 0
+    assert s["min_margin_over_local"] >= 1.0  # the margin certificate is never smaller

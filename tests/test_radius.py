@@ -614,6 +614,48 @@ def test_cli_violation_only_when_the_exact_network_changes_class(capsys, monkeyp
     assert ("float32 rounding" in io.err) is (not exact_changes)
 
 
+def test_cli_violation_when_a_farther_closer_attack_changes_the_exact_class(capsys,
+                                                                             monkeypatch):
+    """Every attack closer than the certified radius is checked, not only the closest: the
+    closest can be float32 rounding (the exact network keeps its class there) while the next
+    one is a real class change of the exact network inside the certified ball."""
+    import lipbound.attacks as attacks
+    from lipbound.analyzer import Analyzer
+    from lipbound.attacks.base import AttackResult
+    from lipbound.cli import main
+    from lipbound.inputs import load_sample
+    from lipbound.radius import exact_class_change
+    from lipbound.zoo import load_model
+
+    lm = load_model("compnet")
+    x0 = load_sample("compnet:zeros", entry=lm.entry).x
+    an = Analyzer(lm.model, lm.entry.input_shape)
+    c = int(torch.argmax(an.forward(x0).reshape(-1)))
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(200):
+        far = 30 * torch.randn(x0.shape, generator=gen)
+        if exact_class_change(an, far, c) == "changes":
+            break
+    else:
+        pytest.skip("no class change found")
+
+    def run_attacks(model, x0, methods=None, seed=0):
+        if methods == ["fgsm"]:  # the closest: the exact network keeps its class (x0 itself)
+            return [AttackResult("fgsm", True, 1e-9, x0.clone(), c, (c + 1) % 10, 0.0)]
+        return [AttackResult("pgd", True, 2e-9, far, c, (c + 1) % 10, 0.0)]
+
+    monkeypatch.setattr(attacks, "run_attacks", run_attacks)
+    rc = main(["radius", "--model", "compnet", "--json", "--attacks", "fgsm,pgd",
+               "--methods", "global"])
+    io = capsys.readouterr()
+    out = json.loads(io.out)
+    assert out["min_attack_radius"] == 1e-9 < 2e-9 < out["certified_radius"]
+    assert out["violation"] is True
+    assert out["closer_attack_is_float32_rounding"] is False
+    assert rc == 1
+    assert "this is a bug" in io.err
+
+
 def test_probabilistic_radius_text_rounds_the_failure_probability_up():
     from dataclasses import replace
 
