@@ -182,10 +182,12 @@ def main(argv: list[str] | None = None) -> int:
     if ns.repeat < 1 or ns.repeat_big < 1:
         p.error("--repeat and --repeat-big must be >= 1")
 
+    from lipbound.bench import cpu_model  # (imports torch: after the arguments are checked)
+
     started = _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds")
     la_start = _loadavg()
     print(f"lipbound benchmarks: {', '.join(models)}; {ns.repeat} timed runs per quantity; "
-          f"load average {la_start:.2f} on {os.cpu_count()} CPUs", flush=True)
+          f"load average {la_start:.2f} on {os.cpu_count()} CPUs ({cpu_model()})", flush=True)
     results: dict[str, Any] = {}
     for m in models:
         results[m] = _network(m, ns)
@@ -252,6 +254,7 @@ def main(argv: list[str] | None = None) -> int:
         "threads": ns.threads,
         "load_average": {"start": la_start, "end": la_end},
         "cpu_count": os.cpu_count(),
+        "cpu_model": cpu_model(),
         "results": results,
         "sweep": sweeps,
         "radius": radius,

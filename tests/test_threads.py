@@ -290,3 +290,30 @@ def test_importing_lipbound_changes_no_thread_setting():
                           text=True, timeout=120, env=env, check=False)
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout.strip().splitlines()[-1]) == {"same": True, "lazy": True}
+
+
+@pytest.mark.parametrize("n", [1, 2])
+def test_benchmark_records_name_the_cpu_and_the_blas_threads(restore_pools, n):
+    """A benchmark record says which CPU it ran on and how many BLAS threads were in force
+    (the same code's timings differ by up to 2x between hosts)."""
+    _start_at(_other(n))
+    with _threads.limited_threads(n):
+        env = bench_mod.environment()
+        assert env["blas_threads"] == n == _threads.blas_threads()
+        assert env["torch_threads"] == n
+    assert isinstance(env["cpu_model"], str) and env["cpu_model"]
+
+
+def test_cpu_model_reads_cpuinfo(tmp_path):
+    info = tmp_path / "cpuinfo"
+    info.write_text("processor\t: 0\nvendor_id\t: X\nmodel name\t: Some CPU @ 2.60GHz\n"
+                    "processor\t: 1\nmodel name\t: Some CPU @ 2.60GHz\n")
+    assert bench_mod.cpu_model(str(info)) == "Some CPU @ 2.60GHz"
+    missing = bench_mod.cpu_model(str(tmp_path / "none"))
+    assert isinstance(missing, str) and missing  # the platform's name, else "unknown"
+    assert missing != "Some CPU @ 2.60GHz"
+
+
+def test_blas_threads_is_none_without_threadpoolctl(monkeypatch):
+    monkeypatch.setitem(sys.modules, "threadpoolctl", None)
+    assert _threads.blas_threads() is None

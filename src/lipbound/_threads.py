@@ -72,3 +72,17 @@ def limited_threads(n: int) -> Iterator[None]:
                 limiter.__exit__(None, None, None)
             except Exception as exc:
                 log.warning("numpy/scipy BLAS thread limits not restored: %s", exc)
+
+
+def blas_threads() -> int | None:
+    """The largest thread count of the BLAS pools loaded in the process (numpy's and scipy's
+    are loaded first), as threadpoolctl reads them; None when it cannot tell."""
+    try:
+        import numpy  # noqa: F401
+        import scipy.linalg  # noqa: F401
+        from threadpoolctl import threadpool_info
+
+        counts = [int(d["num_threads"]) for d in threadpool_info() if d["user_api"] == "blas"]
+    except Exception:  # threadpoolctl missing or failing: not worth failing a benchmark
+        return None
+    return max(counts) if counts else None

@@ -46,7 +46,7 @@ from torch import Tensor, nn
 
 from ._modelinfo import model_device
 from ._progress import NULL_BAR, NullBar, progress_bar
-from ._threads import limited_threads
+from ._threads import blas_threads, limited_threads
 from .errors import InputError
 from .results import BoundResult, Guarantee, _jsonable
 
@@ -364,14 +364,32 @@ def _loadavg() -> float:
         return math.nan
 
 
+def cpu_model(cpuinfo: str = "/proc/cpuinfo") -> str:
+    """The processor's name (``/proc/cpuinfo``'s first ``model name``, else what the platform
+    module says; ``"unknown"`` without either): the same code's timings differ by up to 2x
+    between hosts (benchmarks/README.md), so every result names its CPU."""
+    try:
+        with open(cpuinfo, encoding="utf-8", errors="replace") as f:
+            for line in f:
+                if line.lower().startswith("model name") and ":" in line:
+                    name = line.split(":", 1)[1].strip()
+                    if name:
+                        return name
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
 def environment() -> dict[str, Any]:
     """Versions and machine facts worth keeping next to timings."""
     return {
         "python": platform.python_version(),
         "torch": torch.__version__,
         "platform": platform.platform(),
+        "cpu_model": cpu_model(),
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
+        "blas_threads": blas_threads(),
         "cuda": torch.cuda.is_available(),
         "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
     }
