@@ -570,6 +570,19 @@ def _fake_attack(x_adv, radius, cls_from, cls_to):
     return run_attacks
 
 
+def _exact_class_change_point(an, x0: torch.Tensor, c: int) -> torch.Tensor:
+    """A far random point where the exact network (float64 pass plus its rounding bound)
+    predicts another class than ``c`` (skips the test when 200 draws find none)."""
+    from lipbound.radius import exact_class_change
+
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(200):
+        x = 30 * torch.randn(x0.shape, generator=gen)
+        if exact_class_change(an, x, c) == "changes":
+            return x
+    pytest.skip("no class change found")
+
+
 @pytest.mark.parametrize("exact_changes", [False, True])
 def test_cli_violation_only_when_the_exact_network_changes_class(capsys, monkeypatch,
                                                                  exact_changes):
@@ -591,13 +604,7 @@ def test_cli_violation_only_when_the_exact_network_changes_class(capsys, monkeyp
     if exact_changes:
         # a far point where the exact network (float64 pass plus its rounding bound) predicts
         # another class, reported (falsely) at a tiny radius
-        gen = torch.Generator().manual_seed(0)
-        for _ in range(200):
-            x = 30 * torch.randn(x0.shape, generator=gen)
-            if exact_class_change(an, x, c) == "changes":
-                break
-        else:
-            pytest.skip("no class change found")
+        x = _exact_class_change_point(an, x0, c)
     else:
         x = x0.clone()  # the exact network keeps its class at x0 itself
         assert exact_class_change(an, x, c) == "keeps"
@@ -624,20 +631,13 @@ def test_cli_violation_when_a_farther_closer_attack_changes_the_exact_class(caps
     from lipbound.attacks.base import AttackResult
     from lipbound.cli import main
     from lipbound.inputs import load_sample
-    from lipbound.radius import exact_class_change
     from lipbound.zoo import load_model
 
     lm = load_model("compnet")
     x0 = load_sample("compnet:zeros", entry=lm.entry).x
     an = Analyzer(lm.model, lm.entry.input_shape)
     c = int(torch.argmax(an.forward(x0).reshape(-1)))
-    gen = torch.Generator().manual_seed(0)
-    for _ in range(200):
-        far = 30 * torch.randn(x0.shape, generator=gen)
-        if exact_class_change(an, far, c) == "changes":
-            break
-    else:
-        pytest.skip("no class change found")
+    far = _exact_class_change_point(an, x0, c)
 
     def run_attacks(model, x0, methods=None, seed=0):
         if methods == ["fgsm"]:  # the closest: the exact network keeps its class (x0 itself)
