@@ -321,3 +321,12 @@ def test_explicit_normalisation_overrides():
 def test_normalize_pixels_vectors():
     x = normalize_pixels(torch.tensor([[2.0, 4.0]]), mean=(1.0, 1.0), std=(1.0, 3.0), scale=1.0)
     assert torch.equal(x, torch.tensor([[1.0, 1.0]]))
+
+
+def test_normalize_pixels_keeps_the_pixels_device():
+    # the per-channel mean/std are made on the pixels' device: CUDA pixels (here the meta
+    # device, which raises the same device-mismatch error) were combined with CPU tensors
+    for shape in ((2, 3, 4, 4), (2, 3)):
+        x = normalize_pixels(torch.zeros(shape, device="meta"), mean=(0.1, 0.2, 0.3),
+                             std=(0.5, 0.5, 0.5))
+        assert x.device.type == "meta" and tuple(x.shape) == shape

@@ -183,8 +183,8 @@ def normalize_pixels(
     x = pixels.to(torch.float32) * scale
     if mean is not None and std is not None:
         view = (1, -1) + (1,) * (x.dim() - 2)
-        m = torch.tensor(mean, dtype=torch.float32).reshape(view)
-        s = torch.tensor(std, dtype=torch.float32).reshape(view)
+        m = torch.tensor(mean, dtype=torch.float32, device=x.device).reshape(view)
+        s = torch.tensor(std, dtype=torch.float32, device=x.device).reshape(view)
         x = (x - m) / s
     return x
 
