@@ -1,10 +1,12 @@
 """CUDA smoke test: the same computations on the CPU and on CUDA, compared (same seeds).
 
 For the MNIST LeNet and the CIFAR-10 net (zoo weights, default samples) it runs the global
-and the local bound, a certified radius ("local" and "margin"), a PGD attack, the float64
+and the local bound, a certified radius ("local" and "margin"), the five attacks, the lower
+bounds, a short sweep, the exact spectral route and an output map (MNIST), the float64
 convolutions of the analysed layers against their rounding model, the model's float32
 forward pass under lipbound's IEEE-float32 guard, the benchmark's CUDA peak memory and the
-``lipbound`` command line with ``--device cuda``, and prints PASS/FAIL per item (INFO lines
+``lipbound`` command line with ``--device cuda``; the rival methods run on the comparison
+network (compnet) with its model on the device. It prints PASS/FAIL per item (INFO lines
 are facts, not checks). Exits 1 on any failure; exits 0 with "no CUDA: skipped" when CUDA
 is not available.
 
@@ -180,6 +182,53 @@ def check_model(name: str, seed: int) -> None:
                    f"transpose {float((err_b / lim_b).max()):.2e}")
     guarded(f"{name}: float64 convolutions", conv64)
 
+    def lower() -> None:
+        from lipbound.lower import best_lower_bound
+
+        up = an_g.local_bound(x0, 0.1).value
+        lb = best_lower_bound(lm_g.model, x0.to(DEV), 0.1, seed=seed, n_random=256,
+                              gradient_steps=20, pgd_restarts=4, pgd_steps=10, pgd_refine=2,
+                              pgd_refine_steps=10)
+        report(lb.witness.device.type == DEV.type and 0 < lb.value <= up,
+               f"{name}: lower bounds on {DEV.type} (witness on the device, <= upper bound)",
+               f"{lb.value!r} ({lb.method}) <= {up!r}")
+    guarded(f"{name}: lower bounds", lower)
+
+    def attacks() -> None:
+        top = max(radii.values(), default=0.0)
+        for a in run_attacks(lm_g.model, x0, ("fgsm", "ifgsm", "gradient", "cw"), seed=seed):
+            ok = not a.success or (a.x_adv is not None and a.x_adv.device.type == DEV.type
+                                   and top <= a.radius)
+            report(ok, f"{name}: {a.method} attack on {DEV.type} (x_adv on the device, "
+                       "radius >= certified)", f"success {a.success}, radius {a.radius}")
+    guarded(f"{name}: attacks", attacks)
+
+    def sweep_short() -> None:
+        from lipbound.sweep import sweep
+
+        res = sweep(lm_g.model, x0, [0.01, 0.1, 1.0], ("local", "global", "random"),
+                    name=name, samples=256, seed=seed)
+        loc, glo = res.values("local"), res.values("global")
+        ok = (not res.violations() and all(a <= b for a, b in zip(loc, glo, strict=True))
+              and loc == sorted(loc))
+        report(ok, f"{name}: sweep of 3 radii on {DEV.type} (no violation, local <= global, "
+                   "nondecreasing)", f"local {loc}, violations {res.violations()}")
+    guarded(f"{name}: sweep", sweep_short)
+
+    def exact_and_map() -> None:
+        if name != "mnist":
+            return  # the exact route of the bigger nets' masked matrices is slow
+        rc = Analyzer(lm_c.model, shape, seed=seed, spectral="exact").local_bound(x0, 0.1)
+        rg = Analyzer(lm_g.model, shape, seed=seed, spectral="exact").local_bound(x0, 0.1)
+        report(rg.guarantee == rc.guarantee and rel(rc.value, rg.value) <= REL_BOUND,
+               f"{name}: --spectral exact CPU vs CUDA", f"{rc.value!r} vs {rg.value!r}")
+        c = torch.zeros(1, 10)
+        c[0, 8], c[0, 5] = 1.0, -1.0
+        gc_, gg = an_c.global_bound(output_map=c), an_g.global_bound(output_map=c.to(DEV))
+        report(rel(gc_.value, gg.value) <= REL_BOUND, f"{name}: global bound with an "
+               "output map CPU vs CUDA", f"{gc_.value!r} vs {gg.value!r}")
+    guarded(f"{name}: exact route and output map", exact_and_map)
+
     def memory() -> None:
         from lipbound.bench import bench_model
 
@@ -189,6 +238,26 @@ def check_model(name: str, seed: int) -> None:
         report(ok, f"{name}: bench on {DEV.type} reports that device's peak memory",
                f"{res.peak_memory_mb:.1f} MiB, {res.median_seconds * 1e3:.1f} ms")
     guarded(f"{name}: bench", memory)
+
+
+def check_rivals(seed: int) -> None:
+    """The rival methods with a model on the device (they convert it to float64 numpy on the
+    CPU): every upper bound >= the exact constant on the comparison network."""
+    from lipbound import zoo
+    from lipbound.baselines import compare
+    from lipbound.inputs import load_sample
+
+    lm = zoo.load_model("compnet", device=DEV)
+    x0 = load_sample(lm.entry.default_sample, entry=lm.entry).x.to(DEV)
+    rows = compare(lm.model, x0, 0.1, ("lower", "local", "exact-l2", "recurjac", "fastlip",
+                                        "global", "autolip"), seed=seed)
+    by = {r.method: r for r in rows}
+    ran = all(math.isfinite(r.value) for r in rows)
+    exact = by["exact-l2"].value
+    ok = ran and by["lower"].value <= by["local"].value and all(
+        by[m].value >= exact for m in ("recurjac", "fastlip", "global", "autolip"))
+    report(ok, f"compnet: rival methods with a model on {DEV.type}",
+           ", ".join(f"{r.method} {r.value:.6g}" for r in rows))
 
 
 def check_cli(name: str) -> None:
@@ -222,6 +291,7 @@ def main() -> int:
     if DEV.type == "cuda":
         print(f"torch {torch.__version__}, {torch.cuda.get_device_name(0)}, cudnn "
               f"{torch.backends.cudnn.version()}", flush=True)
+    guarded("compnet: rivals", lambda: check_rivals(args.seed))
     for name in [m.strip() for m in args.models.split(",") if m.strip()]:
         check_model(name, args.seed)
         if not args.no_cli:
