@@ -331,6 +331,31 @@ def test_maxpool_return_indices_listed_with_the_others():
     assert any(where == "module '4'" for where, _ in kinds)  # the Tanh, in the same error
 
 
+def test_maxpool_windows_entirely_in_the_padding_are_refused_by_name():
+    """Session 13's fuzzing: dilation and padding can leave a pooling window without any
+    input element; torch outputs -inf there (then NaN further on), which lipbound refused
+    naming the wrong cause (weights overflowing). The layer is now listed with the reason,
+    in both the module and the functional form."""
+    import torch.nn.functional as F
+
+    pool = nn.MaxPool2d(2, 2, padding=1, dilation=2, ceil_mode=True)
+    net = nn.Sequential(nn.Conv2d(2, 2, 1), pool, nn.Flatten()).eval()
+    assert torch.isinf(net(torch.randn(1, 2, 4, 1))).all()
+    with pytest.raises(UnsupportedModelError, match=r"entirely in the padding.*-inf"):
+        global_bound(net, (2, 4, 1))
+
+    class Functional(nn.Module):
+        def forward(self, x):
+            return F.max_pool2d(x, 2, 2, padding=1, dilation=2, ceil_mode=True).flatten(1)
+
+    with pytest.raises(UnsupportedModelError, match=r"entirely in the padding"):
+        global_bound(Functional().eval(), (2, 4, 1))
+    # the same pooling on an input large enough has no such window: analysed as before
+    ok = nn.Sequential(nn.Conv2d(2, 2, 1), nn.MaxPool2d(2, 2, padding=1, dilation=2),
+                       nn.Flatten()).eval()
+    assert math.isfinite(global_bound(ok, (2, 6, 6)).value)
+
+
 # ----------------------------------------------------------- U6. a .py without :factory
 def test_model_file_without_factory(capsys, user):
     src, _ = user

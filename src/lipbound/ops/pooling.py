@@ -47,6 +47,7 @@ class MaxPoolOp(Op):
         h, w = self.in_shape[-2:]
         ho, wo = self.out_shape[-2:]
         counts = torch.zeros(h, w, dtype=torch.float64)
+        self.empty_windows = 0  # windows entirely in the padding (torch outputs -inf there)
         for oi in range(ho):
             r0 = oi * self.stride[0] - self.padding[0]
             rows = [r0 + a * self.dilation[0] for a in range(self.kernel[0])]
@@ -57,6 +58,8 @@ class MaxPoolOp(Op):
                 cols = [c for c in cols if 0 <= c < w]
                 if rows and cols:
                     counts[torch.tensor(rows)[:, None], torch.tensor(cols)[None, :]] += 1
+                else:
+                    self.empty_windows += 1
         return counts
 
     def forward(self, x: Tensor) -> Tensor:
@@ -84,8 +87,15 @@ def maxpool2d_rule(module: nn.Module, name: str, in_shape, out_shape) -> MaxPool
         raise TypeError(f"rule called with {type(module).__name__}")
     if module.return_indices:
         raise NotImplementedError("return_indices=True")
-    return MaxPoolOp(name, in_shape, out_shape, module.kernel_size, module.stride,
-                     module.padding, module.dilation, module.ceil_mode)
+    op = MaxPoolOp(name, in_shape, out_shape, module.kernel_size, module.stride,
+                   module.padding, module.dilation, module.ceil_mode)
+    if op.empty_windows:
+        # such an output is -inf whatever the input: the network's output is not finite
+        raise NotImplementedError(
+            f"{op.empty_windows} pooling window(s) lie entirely in the padding for input "
+            f"size {tuple(in_shape[-2:])} (torch outputs -inf there); reduce padding or "
+            "dilation, or use a larger input")
+    return op
 
 
 def _avgpool_op(name: str, in_shape, out_shape, kernel, stride, padding, ceil_mode: bool,
