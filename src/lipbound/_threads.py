@@ -27,6 +27,16 @@ import torch
 log = logging.getLogger(__name__)
 
 
+def _threadpoolctl() -> Any:
+    """threadpoolctl, after loading numpy and scipy's linear algebra: it sees only the
+    libraries already loaded, and their OpenBLAS pools are the ones to read or limit."""
+    import numpy  # noqa: F401
+    import scipy.linalg  # noqa: F401
+    import threadpoolctl
+
+    return threadpoolctl
+
+
 def _limit_pools(n: int) -> Any | None:
     """Limit the BLAS and OpenMP pools of the loaded libraries to ``n`` threads each; the
     threadpoolctl limiter (leaving it as a context manager restores the previous limits), or
@@ -34,11 +44,7 @@ def _limit_pools(n: int) -> Any | None:
     threads are set anyway). A process without any pool threadpoolctl recognises is not an
     error: there is nothing to limit."""
     try:
-        import numpy  # noqa: F401  (threadpoolctl sees only libraries already loaded)
-        import scipy.linalg  # noqa: F401
-        from threadpoolctl import threadpool_limits
-
-        return threadpool_limits(limits=n)
+        return _threadpoolctl().threadpool_limits(limits=n)
     except Exception as exc:  # an unreadable library, no threadpoolctl: do not fail the work
         log.warning("numpy/scipy BLAS threads not limited to %d: %s", n, exc)
         return None
@@ -78,11 +84,8 @@ def blas_threads() -> int | None:
     """The largest thread count of the BLAS pools loaded in the process (numpy's and scipy's
     are loaded first), as threadpoolctl reads them; None when it cannot tell."""
     try:
-        import numpy  # noqa: F401
-        import scipy.linalg  # noqa: F401
-        from threadpoolctl import threadpool_info
-
-        counts = [int(d["num_threads"]) for d in threadpool_info() if d["user_api"] == "blas"]
+        counts = [int(d["num_threads"]) for d in _threadpoolctl().threadpool_info()
+                  if d["user_api"] == "blas"]
     except Exception:  # threadpoolctl missing or failing: not worth failing a benchmark
         return None
     return max(counts) if counts else None

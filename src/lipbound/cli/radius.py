@@ -146,7 +146,7 @@ def _one(model, an, sample, methods: list[str], attacks: list[str], args,
     # of the model in its own (float32) arithmetic. An adversarial example closer than the
     # certified radius is a violation unless the exact network keeps its class there; every
     # closer one is checked (the closest may be float32 rounding while another is not)
-    closer = [a for a in succ if top is not None and top.radius > a.radius]
+    closer = [a for a in succ if a.radius < top.radius] if top is not None else []
     kept = [exact_class_change(an, a.x_adv, cert[0].predicted_class) == "keeps"
             for a in closer]
     violation = not all(kept)
