@@ -18,6 +18,7 @@ threadpoolctl is imported only here, when a limit is applied.
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -25,6 +26,10 @@ from typing import Any
 import torch
 
 log = logging.getLogger(__name__)
+
+_single_lock = threading.Lock()
+_single_depth = 0
+_single_saved = 1
 
 
 def _threadpoolctl() -> Any:
@@ -89,3 +94,24 @@ def blas_threads() -> int | None:
     except Exception:  # threadpoolctl missing or failing: not worth failing a benchmark
         return None
     return max(counts) if counts else None
+
+
+@contextmanager
+def torch_single_threaded() -> Iterator[None]:
+    """torch's intra-op threads set to 1 inside the block, for work that runs on several
+    Python threads, one core each (:mod:`lipbound._parallel`). Blocks entered from several
+    threads at once share the setting: the count from before the first is restored when the
+    last one leaves (a plain save and restore per block could leave the process at 1)."""
+    global _single_depth, _single_saved
+    with _single_lock:
+        if _single_depth == 0:
+            _single_saved = torch.get_num_threads()
+            torch.set_num_threads(1)
+        _single_depth += 1
+    try:
+        yield
+    finally:
+        with _single_lock:
+            _single_depth -= 1
+            if _single_depth == 0:
+                torch.set_num_threads(_single_saved)

@@ -19,6 +19,7 @@ from dataclasses import dataclass, replace
 import torch
 from torch import Tensor, nn
 
+from . import _parallel
 from ._indexing import gather_cols, scatter_cols
 from ._modelinfo import changed_tensor, model_device, tensor_state
 from ._progress import NULL_BAR, NullBar, progress_bar
@@ -520,40 +521,66 @@ class Analyzer:
         if key in self._global:
             return self._global[key]
         delta = self.failure_prob / self._n_spectral(blocks)
-        out: list[SpectralBound] = []
         show = bar is not NULL_BAR
+        # layers whose products are small run side by side, one core each (the factors are
+        # independent, and each is computed as on one thread alone); the others first, one
+        # after another with every thread
+        small = [i for i, b in enumerate(blocks) if _lanczos_flops(b) <= _parallel.MAX_FLOPS]
+        workers = _parallel.workers_for(self.device, [_lanczos_flops(blocks[i]) for i in small])
+        threaded = set(small) if workers > 1 else set()
+        out: list[SpectralBound | None] = [None] * len(blocks)
+        n_done = 0
         for i, b in enumerate(blocks):
+            if i in threaded:
+                continue
             if show:
-                bar.update(int(i > 0))
+                bar.update(int(n_done > 0))
                 bar.label(_layer_label(i, b))
-            if isinstance(b, PoolBlock):
-                v = b.op.global_constant()
-                out.append(SpectralBound(v, Guarantee.CERTIFIED, 0.0, "closed-form", v))
-                continue
-            if b.mixing is None:
-                s = b.s_in
-                v = float(s.abs().max()) * (1 + SAFETY) if s is not None else 1.0
-                out.append(SpectralBound(v, Guarantee.CERTIFIED, 0.0, "closed-form", v))
-                continue
-            frob = math.sqrt(float(b.sq_rows(torch.ones(1, b.in_dim, dtype=torch.float64,
-                                                        device=self.device)).sum()))
-            with _naming(b.name):
-                early, (wave, step) = self._lanczos_first(b, i, frob, delta)
-                if early is not None:
-                    out.append(early)
-                    continue
-                # the hint's plane wave serves as the probe when it sits at the frequency
-                # the circulant bound finds (its first power step is already made)
-                alts, probe = self._block_alternatives(b, frob, wave=wave)
-                if wave is None or probe is not wave[1]:
-                    step = None
-                out.append(self._global_run(b, i, delta, alts, probe, step))
+            out[i] = self._global_factor(b, i, delta)
+            n_done += 1
+        if threaded:
+            todo = sorted(threaded)
+            if show:
+                bar.update(int(n_done > 0))
+                bar.label(f"{len(todo)} layers on {workers} threads")
+
+            def finished(i: int) -> None:
+                if show:
+                    bar.update()
+
+            got = _parallel.run_in_threads(
+                lambda i: self._global_factor(blocks[i], i, delta), todo, workers,
+                cost=lambda i: _lanczos_flops(blocks[i]), done=finished)
+            for i, sb in zip(todo, got, strict=True):
+                out[i] = sb
         for i, b in enumerate(blocks):  # the rounding of matrices formed as products of layers
             extra = b.err_norm() if isinstance(b, AffineBlock) else 0.0
             if extra > 0 and not math.isinf(out[i].value):
                 out[i] = replace(out[i], value=out[i].value + extra)
         self._global[key] = out
         return out
+
+    def _global_factor(self, b: Block, i: int, delta: float) -> SpectralBound:
+        """The global factor of block ``i`` (independent of every other block's)."""
+        if isinstance(b, PoolBlock):
+            v = b.op.global_constant()
+            return SpectralBound(v, Guarantee.CERTIFIED, 0.0, "closed-form", v)
+        if b.mixing is None:
+            s = b.s_in
+            v = float(s.abs().max()) * (1 + SAFETY) if s is not None else 1.0
+            return SpectralBound(v, Guarantee.CERTIFIED, 0.0, "closed-form", v)
+        frob = math.sqrt(float(b.sq_rows(torch.ones(1, b.in_dim, dtype=torch.float64,
+                                                    device=self.device)).sum()))
+        with _naming(b.name):
+            early, (wave, step) = self._lanczos_first(b, i, frob, delta)
+            if early is not None:
+                return early
+            # the hint's plane wave serves as the probe when it sits at the frequency the
+            # circulant bound finds (its first power step is already made)
+            alts, probe = self._block_alternatives(b, frob, wave=wave)
+            if wave is None or probe is not wave[1]:
+                step = None
+            return self._global_run(b, i, delta, alts, probe, step)
 
     def _global_run(self, b: AffineBlock, i: int, delta: float,
                     alts: tuple[tuple[float, str], ...],
@@ -1141,6 +1168,14 @@ def _analyzer(model: nn.Module | Analyzer, x0_or_shape, device, **kw) -> Analyze
 LABEL_WIDTH = 32
 """Longest layer name a progress bar shows (a longer block name, ``a+b+c+d``, shows as
 ``a+…+d``)."""
+
+
+def _lanczos_flops(b: Block) -> float:
+    """A product's cost for a block whose factor may take a Lanczos run, ``inf`` for one
+    whose factor has a closed form (cheap: never worth a thread of its own)."""
+    if isinstance(b, AffineBlock) and b.mixing is not None:
+        return float(b.apply_flops())
+    return math.inf
 
 
 def _layer_label(i: int, b: Block) -> str:

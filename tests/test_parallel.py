@@ -1,0 +1,282 @@
+"""Global layer factors computed side by side on several threads (:mod:`lipbound._parallel`):
+the same factors, bit for bit, as the one-thread computation one layer after another; torch's
+thread count restored; errors, autograd modes and progress handled as on one thread."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+from core_helpers import build, conv_specs, n_examples
+from lipbound import Analyzer, ExactRouteTooLarge, _parallel, _threads, zoo
+from lipbound import spectral as sp
+
+CPU = torch.device("cpu")
+
+
+@pytest.fixture
+def restore_threads():
+    n = torch.get_num_threads()
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture
+def spy(monkeypatch):
+    """Records the worker count of every ``run_in_threads`` call."""
+    calls: list[int] = []
+    real = _parallel.run_in_threads
+
+    def recording(fn, items, workers, **kw):
+        calls.append(workers)
+        return real(fn, items, workers, **kw)
+
+    monkeypatch.setattr(_parallel, "run_in_threads", recording)
+    return calls
+
+
+@pytest.fixture
+def every_layer_threaded(monkeypatch):
+    """Small test networks take the threaded path (their layers are below the thresholds)."""
+    monkeypatch.setattr(_parallel, "MIN_TOTAL_FLOPS", 0.0)
+    monkeypatch.setattr(_parallel, "MAX_SHARE", 1.0)
+
+
+# ----------------------------------------------------------------------------- the policy
+
+
+@pytest.mark.parametrize("flops, threads, expected", [
+    ([7.8e5, 7.2e6, 2.7e6, 3.7e6, 8.2e5, 5.1e3], 2, 2),   # the CIFAR-10 net's layers
+    ([7.8e5, 7.2e6, 2.7e6, 3.7e6, 8.2e5, 5.1e3], 8, 6),   # at most one thread per layer
+    ([7.8e5, 7.2e6, 2.7e6, 3.7e6, 8.2e5, 5.1e3], 1, 1),   # --threads 1
+    ([8.6e4, 1.5e5, 3.1e4, 1.0e4, 8.4e2], 2, 1),          # MNIST LeNet: too cheap in all
+    ([9e6, 1e6, 1e6], 2, 1),                               # one layer dominates
+    ([6e6, 3e6], 2, 2),                                    # 2/3 of the total: still spread
+    ([5e6], 2, 1),                                         # a single layer
+    ([], 2, 1),
+])
+def test_workers_for(restore_threads, flops, threads, expected):
+    torch.set_num_threads(threads)
+    assert _parallel.workers_for(CPU, flops) == expected
+
+
+def test_workers_for_other_devices(restore_threads):
+    torch.set_num_threads(2)
+    cifar = [7.8e5, 7.2e6, 2.7e6, 3.7e6, 8.2e5]
+    assert _parallel.workers_for(torch.device("cuda"), cifar) == 1
+    assert _parallel.workers_for(torch.device("meta"), cifar) == 1
+
+
+# ----------------------------------------------------------------------------- run_in_threads
+
+
+def test_results_in_order_done_on_caller(restore_threads):
+    torch.set_num_threads(2)
+    caller = threading.get_ident()
+    seen: list[tuple[int, int]] = []
+    inside: list[int] = []
+
+    def fn(k: int) -> int:
+        inside.append(torch.get_num_threads())
+        return k * k
+
+    out = _parallel.run_in_threads(fn, list(range(7)), 3, cost=lambda k: k % 3,
+                                   done=lambda k: seen.append((k, threading.get_ident())))
+    assert out == [k * k for k in range(7)]
+    assert sorted(k for k, _ in seen) == list(range(7))
+    assert {t for _, t in seen} == {caller}
+    assert inside == [1] * 7  # torch single-threaded in the workers
+    assert torch.get_num_threads() == 2  # restored
+
+
+def test_costliest_start_first():
+    started: list[int] = []
+    lock = threading.Lock()
+    both = threading.Barrier(2, timeout=10)
+
+    def fn(k: int) -> int:
+        with lock:
+            started.append(k)
+            first_two = len(started) <= 2
+        if first_two:
+            both.wait()  # the first two run at the same time: they were the first dequeued
+        return k
+
+    costs = {0: 1.0, 1: 5.0, 2: 2.0, 3: 9.0}
+    assert _parallel.run_in_threads(fn, [0, 1, 2, 3], 2, cost=costs.__getitem__) == [0, 1, 2, 3]
+    assert set(started[:2]) == {1, 3}
+
+
+def test_one_worker_runs_in_order_on_the_caller(restore_threads):
+    torch.set_num_threads(2)
+    caller = threading.get_ident()
+    order: list[tuple[int, int]] = []
+    out = _parallel.run_in_threads(lambda k: order.append((k, threading.get_ident())) or k,
+                                   [3, 1, 2], 1, cost=lambda k: k)
+    assert out == [3, 1, 2] and order == [(3, caller), (1, caller), (2, caller)]
+    assert torch.get_num_threads() == 2  # never changed
+
+
+def test_first_error_in_item_order_and_threads_restored(restore_threads):
+    torch.set_num_threads(2)
+    all_started = threading.Barrier(4, timeout=10)
+
+    def fn(k: int) -> int:
+        all_started.wait()  # every item runs
+        if k in (1, 3):
+            raise ValueError(f"item {k}")
+        return k
+
+    with pytest.raises(ValueError, match="item 1"):
+        _parallel.run_in_threads(fn, [0, 1, 2, 3], 4, cost=lambda k: -k)
+    assert torch.get_num_threads() == 2
+
+
+def test_items_not_started_are_dropped_after_an_error():
+    ran: list[int] = []
+
+    def fn(k: int) -> int:
+        ran.append(k)
+        if k == 0:
+            raise RuntimeError("first")
+        return k
+
+    with pytest.raises(RuntimeError, match="first"):
+        _parallel.run_in_threads(fn, list(range(50)), 2)
+    assert len(ran) < 50
+
+
+@pytest.mark.parametrize("mode", ["inference", "no_grad", "grad"])
+def test_workers_take_the_callers_autograd_mode(mode):
+    def fn(_k: int) -> tuple[bool, bool]:
+        return torch.is_inference_mode_enabled(), torch.is_grad_enabled()
+
+    ctx = {"inference": torch.inference_mode, "no_grad": torch.no_grad,
+           "grad": torch.enable_grad}[mode]
+    with ctx():
+        expected = fn(0)
+        got = _parallel.run_in_threads(fn, [0, 1, 2], 2)
+    assert got == [expected] * 3
+
+
+def test_single_threaded_blocks_left_out_of_order(restore_threads):
+    """Blocks of two callers that end in the other order restore the count once, at the end
+    of the last (a save and restore per block would leave the process at 1)."""
+    torch.set_num_threads(2)
+    a, b = _threads.torch_single_threaded(), _threads.torch_single_threaded()
+    a.__enter__()
+    b.__enter__()
+    assert torch.get_num_threads() == 1
+    a.__exit__(None, None, None)
+    assert torch.get_num_threads() == 1  # b still runs
+    b.__exit__(None, None, None)
+    assert torch.get_num_threads() == 2
+
+
+# ----------------------------------------------------------------------------- the analyzer
+
+
+def _factors(model: nn.Module, shape, threads: int, **kw) -> list:
+    with _threads.limited_threads(threads):
+        an = Analyzer(model, shape, **kw)
+        an.global_bound()
+        return an._global[""]
+
+
+def _same_factors(a: list, b: list) -> None:
+    assert len(a) == len(b)
+    for fa, fb in zip(a, b, strict=True):
+        assert fa.value == fb.value  # bit for bit
+        assert fa.estimate == fb.estimate or (fa.estimate != fa.estimate
+                                              and fb.estimate != fb.estimate)  # NaN
+        assert (fa.guarantee, fa.failure_prob, fa.method) == \
+            (fb.guarantee, fb.failure_prob, fb.method)
+
+
+def test_cifar10_global_threaded_is_the_one_thread_bound(spy):
+    """The zoo's CIFAR-10 net takes the threaded path on two threads (unpatched policy) and
+    gives exactly the factors of one thread, one layer after another."""
+    lm = zoo.load_model("cifar10", device="cpu")
+    shape = lm.entry.input_shape
+    threaded = _factors(lm.model, shape, 2)
+    assert spy == [2]
+    alone = _factors(lm.model, shape, 1)
+    assert spy == [2]  # one thread: no threads spread
+    _same_factors(threaded, alone)
+
+
+@settings(max_examples=n_examples(25), deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(spec=conv_specs(), route=st.sampled_from(["auto", "lanczos", "exact"]))
+def test_random_networks_threaded_is_the_one_thread_bound(every_layer_threaded, spec, route):
+    model, shape, x0 = build(spec)
+    kw = dict(spectral=route, lanczos_steps=spec["lanczos_steps"], seed=spec["seed"] % 1000)
+    threaded = _factors(model, shape, 2, **kw)
+    _same_factors(threaded, _factors(model, shape, 1, **kw))
+    # and the local bound that uses them
+    with _threads.limited_threads(2):
+        an = Analyzer(model, shape, **kw)
+        an.global_bound()
+        loc2 = an.local_bound(x0, spec["eps"])
+    with _threads.limited_threads(1):
+        an = Analyzer(model, shape, **kw)
+        an.global_bound()
+        loc1 = an.local_bound(x0, spec["eps"])
+    assert loc2.value == loc1.value and loc2.guarantee == loc1.guarantee
+
+
+def _cnn() -> nn.Module:
+    g = torch.Generator().manual_seed(3)
+    m = nn.Sequential(nn.Conv2d(1, 3, 3), nn.ReLU(), nn.Conv2d(3, 3, 3), nn.ReLU(),
+                      nn.Flatten(), nn.Linear(27, 4)).double().eval()
+    with torch.no_grad():
+        for p in m.parameters():
+            p.copy_(torch.randn(p.shape, generator=g, dtype=torch.float64))
+    return m
+
+
+def test_an_error_in_a_threaded_layer_names_it(every_layer_threaded, spy, restore_threads,
+                                               monkeypatch):
+    def fail(m):
+        raise MemoryError()
+
+    monkeypatch.setattr(sp, "exact_norm", fail)
+    torch.set_num_threads(2)
+    an = Analyzer(_cnn(), (1, 7, 7), spectral="exact")
+    with pytest.raises(ExactRouteTooLarge) as exc:
+        an.global_bound()
+    assert spy == [2]
+    assert exc.value.layer in [b.name for b in an.blocks[:3]]
+    assert torch.get_num_threads() == 2
+    assert "" not in an._global  # nothing half-computed is kept
+
+
+class _Bar:
+    def __init__(self) -> None:
+        self.updates = 0
+        self.labels: list[str] = []
+
+    def update(self, n: int = 1) -> None:
+        self.updates += n
+
+    def label(self, text: str) -> None:
+        self.labels.append(text)
+
+
+def test_progress_over_threaded_layers(every_layer_threaded, spy, restore_threads):
+    torch.set_num_threads(2)
+    an = Analyzer(_cnn(), (1, 7, 7), spectral="lanczos")
+    bar = _Bar()
+    facs = an._global_factors("", an.blocks, bar)
+    assert spy == [2]
+    assert bar.updates <= len(an.blocks)
+    assert any("threads" in lab for lab in bar.labels)
+    with _threads.limited_threads(1):
+        alone = Analyzer(_cnn(), (1, 7, 7), spectral="lanczos")
+        alone.global_bound()
+    _same_factors(facs, alone._global[""])
