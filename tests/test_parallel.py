@@ -165,8 +165,8 @@ def test_workers_take_the_callers_autograd_mode(mode):
 
 
 def test_single_threaded_blocks_left_out_of_order(restore_threads):
-    """Blocks of two callers that end in the other order restore the count once, at the end
-    of the last (a save and restore per block would leave the process at 1)."""
+    """Blocks of one thread that end in the other order restore the count once, at the end of
+    the last (a save and restore per block would leave the thread at 1)."""
     torch.set_num_threads(2)
     a, b = _threads.torch_single_threaded(), _threads.torch_single_threaded()
     a.__enter__()
@@ -175,6 +175,67 @@ def test_single_threaded_blocks_left_out_of_order(restore_threads):
     a.__exit__(None, None, None)
     assert torch.get_num_threads() == 1  # b still runs
     b.__exit__(None, None, None)
+    assert torch.get_num_threads() == 2
+
+
+def test_single_threaded_blocks_of_two_threads_restore_each_thread(restore_threads):
+    """torch's count is per thread: blocks of two threads, the first left first, give each
+    thread its own count back (a count shared between them, restored by the thread that left
+    last, left the other one at 1 for good: its later bounds slower, rounded as on one
+    thread)."""
+    torch.set_num_threads(2)
+    ready, main_in, other_in, other_out = (threading.Event() for _ in range(4))
+    seen: dict[str, int] = {}
+
+    def other() -> None:
+        seen["before"] = torch.get_num_threads()
+        ready.set()
+        main_in.wait(10)
+        with _threads.torch_single_threaded():
+            seen["inside"] = torch.get_num_threads()
+            other_in.set()
+            other_out.wait(10)
+        seen["after"] = torch.get_num_threads()
+
+    t = threading.Thread(target=other)
+    t.start()
+    ready.wait(10)
+    with _threads.torch_single_threaded():
+        main_in.set()
+        other_in.wait(10)
+        assert torch.get_num_threads() == 1
+    assert torch.get_num_threads() == 2  # left first, the other block still running
+    other_out.set()
+    t.join(10)
+    assert seen == {"before": 2, "inside": 1, "after": 2}
+    assert torch.get_num_threads() == 2
+
+
+def test_workers_stay_single_threaded_when_another_thread_sets_a_count(restore_threads):
+    """A worker computes on one torch thread even when another thread sets torch's count
+    (e.g. another caller restoring its own) after the worker set 1 but before its first
+    product: a new thread takes the most recent setting of any thread then."""
+    torch.set_num_threads(2)
+    started, was_set = threading.Event(), threading.Event()
+
+    def setter() -> None:
+        started.wait(10)
+        torch.set_num_threads(2)
+        was_set.set()
+
+    t = threading.Thread(target=setter)
+    t.start()
+
+    def fn(_k: int) -> int:
+        started.set()
+        was_set.wait(10)
+        return torch.get_num_threads()
+
+    try:
+        assert _parallel.run_in_threads(fn, [0, 1], 2) == [1, 1]
+    finally:
+        started.set()
+        t.join(10)
     assert torch.get_num_threads() == 2
 
 

@@ -76,7 +76,11 @@ def run_in_threads(fn: Callable[[T], R], items: Sequence[T], workers: int, *,
     grad = torch.is_grad_enabled()
 
     def run(item: T) -> R:
-        torch.set_num_threads(1)  # this thread's own OpenMP count (the shared one is 1 too)
+        # this thread's own count: read first, so that torch gives the new thread its count
+        # now (at its first read or parallel operation it takes the most recent setting of
+        # any thread, e.g. another caller's restore), and then 1 for good
+        torch.get_num_threads()
+        torch.set_num_threads(1)
         with torch.inference_mode(inference), torch.set_grad_enabled(grad):
             return fn(item)
 
