@@ -20,7 +20,7 @@ depend on how the pieces were spread or in which order they finished.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from typing import TypeVar
 
 import torch
@@ -91,7 +91,9 @@ def run_in_threads(fn: Callable[[T], R], items: Sequence[T], workers: int, *,
         try:
             pending = set(futures)
             while pending:
-                finished, pending = wait(pending, return_when=FIRST_EXCEPTION)
+                # as each finishes (FIRST_EXCEPTION would wait for all of them unless one
+                # fails: a progress bar standing still, then jumping to the end)
+                finished, pending = wait(pending, return_when=FIRST_COMPLETED)
                 for f in finished:
                     if f.exception() is None and done is not None:
                         done(items[futures[f]])
