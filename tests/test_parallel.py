@@ -5,6 +5,7 @@ thread count restored; errors, autograd modes and progress handled as on one thr
 from __future__ import annotations
 
 import threading
+import time
 
 import pytest
 import torch
@@ -12,7 +13,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from core_helpers import build, conv_specs, n_examples
+from core_helpers import build, conv_specs, n_examples, random_batchnorm, random_normalize
 from lipbound import Analyzer, ExactRouteTooLarge, _parallel, _threads, zoo
 from lipbound import spectral as sp
 
@@ -151,6 +152,41 @@ def test_items_not_started_are_dropped_after_an_error():
     assert len(ran) < 50
 
 
+def test_done_is_called_as_each_item_finishes():
+    """``done`` (a progress bar) runs as soon as an item finishes, while others still run
+    (it was called only once all had finished: the bar stood still, then jumped)."""
+    first_done = threading.Event()
+
+    def fn(k: int) -> bool:
+        return True if k == 0 else first_done.wait(5)
+
+    def done(k: int) -> None:
+        if k == 0:
+            first_done.set()
+
+    assert _parallel.run_in_threads(fn, [0, 1], 2, done=done) == [True, True]
+
+
+def test_an_interrupt_from_done_restores_threads_and_drops_the_rest(restore_threads):
+    """``done`` runs on the caller (a progress bar): an interrupt raised there propagates
+    once the running items finish, items not started are dropped, the count is restored."""
+    torch.set_num_threads(2)
+    ran: list[int] = []
+
+    def fn(k: int) -> int:
+        ran.append(k)
+        time.sleep(0.005)
+        return k
+
+    def done(_k: int) -> None:
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        _parallel.run_in_threads(fn, list(range(200)), 2, done=done)
+    assert len(ran) < 200
+    assert torch.get_num_threads() == 2
+
+
 @pytest.mark.parametrize("mode", ["inference", "no_grad", "grad"])
 def test_workers_take_the_callers_autograd_mode(mode):
     def fn(_k: int) -> tuple[bool, bool]:
@@ -165,8 +201,8 @@ def test_workers_take_the_callers_autograd_mode(mode):
 
 
 def test_single_threaded_blocks_left_out_of_order(restore_threads):
-    """Blocks of two callers that end in the other order restore the count once, at the end
-    of the last (a save and restore per block would leave the process at 1)."""
+    """Blocks of one thread that end in the other order restore the count once, at the end of
+    the last (a save and restore per block would leave the thread at 1)."""
     torch.set_num_threads(2)
     a, b = _threads.torch_single_threaded(), _threads.torch_single_threaded()
     a.__enter__()
@@ -175,6 +211,67 @@ def test_single_threaded_blocks_left_out_of_order(restore_threads):
     a.__exit__(None, None, None)
     assert torch.get_num_threads() == 1  # b still runs
     b.__exit__(None, None, None)
+    assert torch.get_num_threads() == 2
+
+
+def test_single_threaded_blocks_of_two_threads_restore_each_thread(restore_threads):
+    """torch's count is per thread: blocks of two threads, the first left first, give each
+    thread its own count back (a count shared between them, restored by the thread that left
+    last, left the other one at 1 for good: its later bounds slower, rounded as on one
+    thread)."""
+    torch.set_num_threads(2)
+    ready, main_in, other_in, other_out = (threading.Event() for _ in range(4))
+    seen: dict[str, int] = {}
+
+    def other() -> None:
+        seen["before"] = torch.get_num_threads()
+        ready.set()
+        main_in.wait(10)
+        with _threads.torch_single_threaded():
+            seen["inside"] = torch.get_num_threads()
+            other_in.set()
+            other_out.wait(10)
+        seen["after"] = torch.get_num_threads()
+
+    t = threading.Thread(target=other)
+    t.start()
+    ready.wait(10)
+    with _threads.torch_single_threaded():
+        main_in.set()
+        other_in.wait(10)
+        assert torch.get_num_threads() == 1
+    assert torch.get_num_threads() == 2  # left first, the other block still running
+    other_out.set()
+    t.join(10)
+    assert seen == {"before": 2, "inside": 1, "after": 2}
+    assert torch.get_num_threads() == 2
+
+
+def test_workers_stay_single_threaded_when_another_thread_sets_a_count(restore_threads):
+    """A worker computes on one torch thread even when another thread sets torch's count
+    (e.g. another caller restoring its own) after the worker set 1 but before its first
+    product: a new thread takes the most recent setting of any thread then."""
+    torch.set_num_threads(2)
+    started, was_set = threading.Event(), threading.Event()
+
+    def setter() -> None:
+        started.wait(10)
+        torch.set_num_threads(2)
+        was_set.set()
+
+    t = threading.Thread(target=setter)
+    t.start()
+
+    def fn(_k: int) -> int:
+        started.set()
+        was_set.wait(10)
+        return torch.get_num_threads()
+
+    try:
+        assert _parallel.run_in_threads(fn, [0, 1], 2) == [1, 1]
+    finally:
+        started.set()
+        t.join(10)
     assert torch.get_num_threads() == 2
 
 
@@ -254,6 +351,60 @@ def test_an_error_in_a_threaded_layer_names_it(every_layer_threaded, spy, restor
     assert exc.value.layer in [b.name for b in an.blocks[:3]]
     assert torch.get_num_threads() == 2
     assert "" not in an._global  # nothing half-computed is kept
+
+
+def _cnn_48() -> tuple[nn.Module, tuple[int, ...], torch.Tensor]:
+    """A small CNN of the CIFAR-10 net's kind that the real policy spreads: two 48-channel
+    3x3 convolutions at 14x14 (4.1e6 multiply-adds each; Winograd products, with per-thread
+    buffers), batch norm, a Normalize input layer, max pooling."""
+    g = torch.Generator().manual_seed(0)
+    m = nn.Sequential(random_normalize(3, g, 2), nn.Conv2d(3, 48, 3, padding=1),
+                      random_batchnorm(48, g), nn.ReLU(), nn.Conv2d(48, 48, 3, padding=1),
+                      nn.ReLU(), nn.Conv2d(48, 48, 3, padding=1), random_batchnorm(48, g),
+                      nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
+                      nn.Linear(48 * 7 * 7, 10)).double().eval()
+    with torch.no_grad():
+        for mod in m:
+            if isinstance(mod, (nn.Conv2d, nn.Linear)):
+                mod.weight.copy_(torch.randn(mod.weight.shape, generator=g, dtype=torch.float64)
+                                 / mod.weight[0].numel() ** 0.5)
+    x0 = torch.randn(1, 3, 14, 14, generator=g, dtype=torch.float64)
+    return m, (3, 14, 14), x0
+
+
+def test_spread_cnn_with_winograd_layers_is_the_one_thread_bound(spy, monkeypatch):
+    """The real policy spreads this CNN's layers (Winograd products on the workers): its
+    factors, those of an output map, and a local bound computed afterwards on the same
+    analyzer are those of one thread."""
+    from lipbound.ops import winograd
+
+    threads_used: set[int] = set()
+    real_conv = winograd.WinogradConv.conv
+
+    def conv(self, x):
+        threads_used.add(threading.get_ident())
+        return real_conv(self, x)
+
+    monkeypatch.setattr(winograd.WinogradConv, "conv", conv)
+    model, shape, x0 = _cnn_48()
+    c = torch.randn(3, 10, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    runs = []
+    for threads in (2, 1):
+        with _threads.limited_threads(threads):
+            an = Analyzer(model, shape)
+            an.global_bound()
+            an.global_bound(output_map=c)
+        with _threads.limited_threads(2):
+            loc = an.local_bound(x0, 0.05)
+        runs.append((an, loc))
+    assert spy == [2, 2]  # both global bounds spread on two threads, none on one
+    assert any(t != threading.get_ident() for t in threads_used)  # Winograd on a worker
+    (an2, loc2), (an1, loc1) = runs
+    assert sorted(an2._global) == sorted(an1._global) and len(an2._global) == 2
+    for key in an2._global:
+        _same_factors(an2._global[key], an1._global[key])
+    assert loc2.value == loc1.value
+    assert [lf.local for lf in loc2.layers] == [lf.local for lf in loc1.layers]
 
 
 class _Bar:

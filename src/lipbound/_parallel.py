@@ -20,7 +20,7 @@ depend on how the pieces were spread or in which order they finished.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from typing import TypeVar
 
 import torch
@@ -76,7 +76,11 @@ def run_in_threads(fn: Callable[[T], R], items: Sequence[T], workers: int, *,
     grad = torch.is_grad_enabled()
 
     def run(item: T) -> R:
-        torch.set_num_threads(1)  # this thread's own OpenMP count (the shared one is 1 too)
+        # this thread's own count: read first, so that torch gives the new thread its count
+        # now (at its first read or parallel operation it takes the most recent setting of
+        # any thread, e.g. another caller's restore), and then 1 for good
+        torch.get_num_threads()
+        torch.set_num_threads(1)
         with torch.inference_mode(inference), torch.set_grad_enabled(grad):
             return fn(item)
 
@@ -87,7 +91,9 @@ def run_in_threads(fn: Callable[[T], R], items: Sequence[T], workers: int, *,
         try:
             pending = set(futures)
             while pending:
-                finished, pending = wait(pending, return_when=FIRST_EXCEPTION)
+                # as each finishes (FIRST_EXCEPTION would wait for all of them unless one
+                # fails: a progress bar standing still, then jumping to the end)
+                finished, pending = wait(pending, return_when=FIRST_COMPLETED)
                 for f in finished:
                     if f.exception() is None and done is not None:
                         done(items[futures[f]])

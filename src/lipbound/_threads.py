@@ -27,9 +27,7 @@ import torch
 
 log = logging.getLogger(__name__)
 
-_single_lock = threading.Lock()
-_single_depth = 0
-_single_saved = 1
+_single = threading.local()  # per thread: depth and saved count of torch_single_threaded
 
 
 def _threadpoolctl() -> Any:
@@ -98,20 +96,25 @@ def blas_threads() -> int | None:
 
 @contextmanager
 def torch_single_threaded() -> Iterator[None]:
-    """torch's intra-op threads set to 1 inside the block, for work that runs on several
-    Python threads, one core each (:mod:`lipbound._parallel`). Blocks entered from several
-    threads at once share the setting: the count from before the first is restored when the
-    last one leaves (a plain save and restore per block could leave the process at 1)."""
-    global _single_depth, _single_saved
-    with _single_lock:
-        if _single_depth == 0:
-            _single_saved = torch.get_num_threads()
-            torch.set_num_threads(1)
-        _single_depth += 1
+    """torch's intra-op threads set to 1 on the calling thread inside the block, for work that
+    runs on several Python threads, one core each (:mod:`lipbound._parallel`).
+
+    torch's count is per thread (with its OpenMP backend: ``torch.set_num_threads`` sets, and
+    ``torch.get_num_threads`` reads, the calling thread's own; a thread gets one at its first
+    parallel operation from the most recent ``set_num_threads`` in any thread). So each thread
+    saves and restores its own count, and blocks of other threads never change it: a count
+    shared between threads, restored by whichever thread leaves last, left the thread that
+    left first at 1 for good (slower, and its later products rounded as on one thread). Blocks
+    of one thread may nest and be left out of order: the count from before the first is
+    restored when the last one leaves."""
+    depth = getattr(_single, "depth", 0)
+    if depth == 0:
+        _single.saved = torch.get_num_threads()
+        torch.set_num_threads(1)
+    _single.depth = depth + 1
     try:
         yield
     finally:
-        with _single_lock:
-            _single_depth -= 1
-            if _single_depth == 0:
-                torch.set_num_threads(_single_saved)
+        _single.depth -= 1
+        if _single.depth == 0:
+            torch.set_num_threads(_single.saved)
