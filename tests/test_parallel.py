@@ -339,18 +339,46 @@ def _cnn() -> nn.Module:
 
 def test_an_error_in_a_threaded_layer_names_it(every_layer_threaded, spy, restore_threads,
                                                monkeypatch):
+    import lipbound.analyzer as analyzer_mod
+
+    real = analyzer_mod.spectral_upper
+
+    def fail(*a, **kw):
+        if kw.get("n_in") == 27:  # the linear layer's run
+            raise ExactRouteTooLarge(4, 27, 10**12, 10**9, "memory")
+        return real(*a, **kw)
+
+    monkeypatch.setattr(analyzer_mod, "spectral_upper", fail)
+    torch.set_num_threads(2)
+    an = Analyzer(_cnn(), (1, 7, 7), spectral="lanczos")
+    with pytest.raises(ExactRouteTooLarge) as exc:
+        an.global_bound()
+    assert spy == [2]
+    assert exc.value.layer == an.blocks[-1].name
+    assert torch.get_num_threads() == 2
+    assert "" not in an._global  # nothing half-computed is kept
+
+
+def test_forced_exact_route_is_not_spread(every_layer_threaded, spy, restore_threads,
+                                          monkeypatch):
+    """The exact route's memory check sees one matrix at a time: layers forming their
+    matrices at once could together exceed it, so spectral='exact' runs them one by one."""
     def fail(m):
         raise MemoryError()
 
+    real = sp.exact_norm
     monkeypatch.setattr(sp, "exact_norm", fail)
     torch.set_num_threads(2)
     an = Analyzer(_cnn(), (1, 7, 7), spectral="exact")
     with pytest.raises(ExactRouteTooLarge) as exc:
         an.global_bound()
-    assert spy == [2]
-    assert exc.value.layer in [b.name for b in an.blocks[:3]]
-    assert torch.get_num_threads() == 2
-    assert "" not in an._global  # nothing half-computed is kept
+    assert spy == []
+    assert exc.value.layer == an.blocks[0].name  # the first layer, as one after another
+    monkeypatch.setattr(sp, "exact_norm", real)
+    Analyzer(_cnn(), (1, 7, 7), spectral="exact").global_bound()
+    assert spy == []
+    Analyzer(_cnn(), (1, 7, 7), spectral="auto").global_bound()
+    assert spy == [2]  # the same network is spread on the other routes
 
 
 def _cnn_48() -> tuple[nn.Module, tuple[int, ...], torch.Tensor]:

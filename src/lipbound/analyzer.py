@@ -524,8 +524,10 @@ class Analyzer:
         show = bar is not NULL_BAR
         # layers whose products are small run side by side, one core each (the factors are
         # independent, and each is computed as on one thread alone); the others first, one
-        # after another with every thread
-        small = [i for i, b in enumerate(blocks) if _lanczos_flops(b) <= _parallel.MAX_FLOPS]
+        # after another with every thread. Not on the forced exact route: its memory check
+        # sees one layer's matrix at a time
+        small = [i for i, b in enumerate(blocks) if _lanczos_flops(b) <= _parallel.MAX_FLOPS] \
+            if self.spectral != "exact" else []
         workers = _parallel.workers_for(self.device, [_lanczos_flops(blocks[i]) for i in small])
         threaded = set(small) if workers > 1 else set()
         out: list[SpectralBound | None] = [None] * len(blocks)
