@@ -202,3 +202,169 @@ def _affine_chains(draw):
 def test_composed_affine_chains_are_bounded_exactly_from_above(case):
     model, shape, x0, eps, out_map = case
     _check(model, shape, x0, eps, out_map)
+
+
+# ---------------------------------------------------------------- the composed matrix itself
+
+
+def _op_matrix(op) -> list[list[Fraction]]:
+    """An op's exact matrix: its linear part applied to basis vectors is exact in float64
+    (each entry is one stored coefficient times 1, summed with exact zeros)."""
+    from lipbound.ops.base import DiagOp, MixingOp, ReshapeOp
+
+    n = 1
+    for s in op.in_shape:
+        n *= s
+    eye = torch.eye(n, dtype=DT).reshape(n, *op.in_shape)
+    if isinstance(op, MixingOp):
+        cols = op.lin(eye)
+    elif isinstance(op, DiagOp):
+        cols = eye * op.scale
+    else:
+        assert isinstance(op, ReshapeOp)
+        cols = op.forward(eye)
+    t = cols.reshape(n, -1).T
+    return [[Fraction(float(x)) for x in row] for row in t.tolist()]
+
+
+def _matmul(a: list[list[Fraction]], b: list[list[Fraction]]) -> list[list[Fraction]]:
+    return [[sum((a[i][k] * b[k][j] for k in range(len(b)) if a[i][k] and b[k][j]),
+                 Fraction(0)) for j in range(len(b[0]))] for i in range(len(a))]
+
+
+@st.composite
+def _conv_heads(draw):
+    """Conv2d (stride, padding, dilation, groups) [BatchNorm2d] [average pool] Flatten Linear:
+    an affine chain without ReLU, with fewer outputs than inputs (or not)."""
+    seed = draw(st.integers(0, 2 ** 31 - 1))
+    g = torch.Generator().manual_seed(seed)
+    groups = draw(st.sampled_from([1, 1, 2]))
+    c_in, c_out = groups * draw(st.integers(1, 2)), groups * draw(st.integers(1, 2))
+    k, s, p, d = (draw(st.integers(1, 3)), draw(st.integers(1, 2)), draw(st.integers(0, 1)),
+                  draw(st.integers(1, 2)))
+    hw = draw(st.integers(d * (k - 1) + 1, 6))
+    mods = [nn.Conv2d(c_in, c_out, k, stride=s, padding=p, dilation=d, groups=groups)]
+    if draw(st.booleans()):
+        mods.append(nn.BatchNorm2d(c_out))
+    mods.append(draw(st.sampled_from([None, "avg", "adaptive"])))
+    if mods[-1] is None:
+        mods.pop()
+    elif mods[-1] == "avg":
+        mods[-1] = nn.AvgPool2d(2, stride=1, padding=1, count_include_pad=False)
+    else:
+        mods[-1] = nn.AdaptiveAvgPool2d(draw(st.integers(1, 2)))
+    mods.append(nn.Flatten())
+    probe = nn.Sequential(*mods).to(DT).eval()
+    n_mid = probe(torch.zeros(1, c_in, hw, hw, dtype=DT)).shape[1]
+    mods.append(nn.Linear(n_mid, draw(st.integers(1, 4))))
+    model = nn.Sequential(*mods).to(DT).eval()
+    scale = 10.0 ** draw(st.integers(-20, 20))
+    with torch.no_grad():
+        for mod in model:
+            if isinstance(mod, (nn.Linear, nn.Conv2d)):
+                mod.weight.copy_(torch.randn(mod.weight.shape, generator=g, dtype=DT) * scale)
+            elif isinstance(mod, nn.BatchNorm2d):
+                mod.running_var.copy_(torch.rand(mod.running_var.shape, generator=g,
+                                                 dtype=DT) + 0.1)
+                mod.weight.copy_(torch.randn(mod.weight.shape, generator=g, dtype=DT))
+    return model, (c_in, hw, hw)
+
+
+@settings(max_examples=n_examples(40), deadline=None)
+@given(case=_conv_heads())
+def test_composed_matrix_is_within_its_rounding_bound_both_ways(case):
+    """The composed matrix, formed from the input basis (forward) or from the output basis
+    (transposed: fewer outputs than inputs), is within its stated entrywise rounding bound of
+    the exact product of the layers' float64 matrices, in rational arithmetic."""
+    from lipbound.blocks import _dense_compose
+    from lipbound.graph import trace_model
+    from lipbound.ops.linear import LinearOp
+
+    model, shape = case
+    ops = trace_model(model, shape)
+    exact = None
+    for op in ops:
+        m = _op_matrix(op)
+        exact = m if exact is None else _matmul(m, exact)
+    for transposed in (False, True):
+        seq = _dense_compose(ops, transposed=transposed)
+        assert seq is not None
+        lin = next(op for op in seq if isinstance(op, LinearOp))
+        w, err = lin.weight.tolist(), lin.err.tolist()
+        assert len(w) == len(exact) and len(w[0]) == len(exact[0])
+        for i, row in enumerate(exact):
+            for j, x in enumerate(row):
+                assert abs(Fraction(w[i][j]) - x) <= Fraction(err[i][j]), (transposed, i, j)
+
+
+def test_composing_in_chunks_gives_the_one_batch_matrix(monkeypatch):
+    """Basis vectors go through the chain in chunks (bounded memory): the same matrix and
+    rounding bound as in one batch, both ways."""
+    import lipbound.blocks as blocks_mod
+    from lipbound.graph import trace_model
+    from lipbound.ops.linear import LinearOp
+
+    g = torch.Generator().manual_seed(4)
+    model = nn.Sequential(nn.Conv2d(2, 3, 3, padding=1), nn.AvgPool2d(2), nn.Flatten(),
+                          nn.Linear(27, 5)).to(DT).eval()
+    with torch.no_grad():
+        for prm in model.parameters():
+            prm.copy_(torch.randn(prm.shape, generator=g, dtype=DT))
+    ops = trace_model(model, (2, 6, 6))
+
+    def composed(batch: int, transposed: bool):
+        monkeypatch.setattr(blocks_mod, "DENSE_COMPOSE_BATCH", batch)
+        seq = blocks_mod._dense_compose(ops, transposed=transposed)
+        return next(op for op in seq if isinstance(op, LinearOp))
+
+    for transposed in (False, True):
+        whole, parts = composed(1 << 30, transposed), composed(200, transposed)
+        assert torch.equal(whole.bias, parts.bias)
+        assert torch.allclose(whole.err, parts.err, rtol=1e-12, atol=0)
+        assert bool(((whole.weight - parts.weight).abs() <= whole.err + parts.err).all())
+
+
+def test_a_convolution_into_a_wide_layer_is_composed_from_the_outputs():
+    """A 64-channel convolution into a fully connected layer (20736 inputs, 64 outputs):
+    formed from the input basis it was a 38 GB batch (a raw allocation error) and 1.7e11
+    multiply-adds; from the 64 output basis vectors it is 5e8, and the bound is sound."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 64, 3, padding=2), nn.ReLU(),
+                          nn.Conv2d(64, 32, 3, padding=2), nn.Flatten(),
+                          nn.Linear(12800, 64)).eval()
+    an = Analyzer(model, (1, 16, 16))
+    assert [b.name for b in an.blocks] == ["0+1", "2*4"]
+    x = torch.randn(1, 1, 16, 16)
+    jac = torch.autograd.functional.jacobian(lambda z: model(z).reshape(-1), x).reshape(64, -1)
+    assert an.local_bound(x, 0.1).value >= float(torch.linalg.matrix_norm(jac.double(), 2))
+
+
+def test_costly_runs_are_not_composed(monkeypatch):
+    """Beyond DENSE_COMPOSE_WORK multiply-adds the layers stay separate (a product of their
+    factors), whichever way the matrix would be formed."""
+    import lipbound.blocks as blocks_mod
+
+    monkeypatch.setattr(blocks_mod, "DENSE_COMPOSE_WORK", 5e4)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3),
+                          nn.Flatten(), nn.Linear(288, 4)).eval()
+    an = Analyzer(model, (1, 8, 8))
+    assert [b.name for b in an.blocks] == ["0+1", "2", "4"]  # 4 outputs x 2.2e4 > 5e4
+    monkeypatch.setattr(blocks_mod, "DENSE_COMPOSE_WORK", 1e9)
+    assert [b.name for b in Analyzer(model, (1, 8, 8)).blocks] == ["0+1", "2*4"]
+
+
+def test_global_average_pool_head_is_composed_from_the_outputs():
+    """AdaptiveAvgPool2d(1) + Flatten + Linear on a 512 x 7 x 7 map: the 10 x 25088 matrix is
+    formed from the 10 output basis vectors (it took 9 s and 5 GB from the 25088 input basis
+    vectors), and the bound covers the exact matrix's norm."""
+    g = torch.Generator().manual_seed(1)
+    model = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(512, 10)).to(DT)
+    with torch.no_grad():
+        for prm in model.parameters():
+            prm.copy_(torch.randn(prm.shape, generator=g, dtype=DT))
+    an = Analyzer(model.eval(), (512, 7, 7), spectral="exact")
+    assert len(an.blocks) == 1 and an.blocks[0].mixing is not None
+    # the exact matrix: W / 49 on each channel's 49 positions
+    exact = (model[2].weight.detach()[:, :, None] / 49.0).expand(10, 512, 49).reshape(10, -1)
+    assert an.global_bound().value >= float(torch.linalg.matrix_norm(exact, 2))

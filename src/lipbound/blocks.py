@@ -22,6 +22,17 @@ from .ops.linear import LinearOp
 from .ops.pooling import MaxPoolOp
 
 DENSE_COMPOSE_LIMIT = 4_000_000
+"""Most entries of the matrix of a run of affine layers without ReLU between them that is
+composed into one fully connected layer (:func:`_dense_compose`)."""
+
+DENSE_COMPOSE_WORK = 1e9
+"""Most multiply-adds spent composing such a run (the run applied to every basis vector of its
+input): beyond, its layers stay separate (a product of their factors), instead of a build that
+takes minutes (a 64-channel convolution into a fully connected layer, 20736 inputs: 1.7e11)."""
+
+DENSE_COMPOSE_BATCH = 1 << 22
+"""Most entries of one batch of basis vectors' images while composing (32 MiB in float64): the
+basis is sent through the run in chunks (a whole 20736 x 20736 identity alone took 3.4 GB)."""
 
 
 class AffineBlock:
@@ -301,18 +312,29 @@ def _compose_linear_run(ops: list[Op]) -> list[Op]:
     return out
 
 
-def _dense_compose(ops: list[Op]) -> list[Op] | None:
+def _dense_compose(ops: list[Op], transposed: bool | None = None) -> list[Op] | None:
     """The run of affine ops as one fully connected layer when it is small, else None. The
     matrix is the chain's linear part applied to basis vectors (no biases: ``f(e_i) - f(0)``
     would lose it to cancellation against large biases), with its entrywise rounding bound
     (:func:`_product_error`); the bias is the chain at zero. ``ops`` are the model's own
-    layers (none carries a rounding bound of its own)."""
+    layers (none carries a rounding bound of its own).
+
+    With fewer outputs than inputs (``transposed``, by default), the matrix is formed row by
+    row, the chain's transpose applied to the output basis vectors (a global-average-pool head
+    into 10 classes: 10 vectors instead of 25088), and its rounding bound counts the
+    transposes' inner lengths (:meth:`MixingOp.inner_length_t`)."""
     in_shape, out_shape = ops[0].in_shape, ops[-1].out_shape
     n_in, n_out = math.prod(in_shape), math.prod(out_shape)
     if n_in * n_out > DENSE_COMPOSE_LIMIT:
         return None
     if any(isinstance(op, LinearOp) and op.err is not None for op in ops):
         raise ValueError("_dense_compose takes the model's own layers, not products")
+    if transposed is None:
+        transposed = n_out < n_in
+    per_vector = sum(op.flops() if isinstance(op, MixingOp) else
+                     0.0 if isinstance(op, ReshapeOp) else float(op.in_dim) for op in ops)
+    if (n_out if transposed else n_in) * per_vector > DENSE_COMPOSE_WORK:
+        return None
     dev = next((dv for op in ops if (dv := tensor_device(op)) is not None), None)
 
     def run(x: Tensor, part: str) -> Tensor:
@@ -334,19 +356,51 @@ def _dense_compose(ops: list[Op]) -> list[Op] | None:
             else:
                 raise TypeError(f"cannot compose {op!r}")
         return x
-    eye = torch.eye(n_in, dtype=torch.float64, device=dev).reshape(n_in, *in_shape)
+
+    def run_t(y: Tensor, part: str) -> Tensor:
+        """The transposed chain: "lin" (``A^T``) or "abs" (``|A_1|^T ... |A_n|^T``)."""
+        for op in reversed(ops):
+            if isinstance(op, ReshapeOp):
+                y = y.reshape(y.shape[0], *op.in_shape)
+            elif isinstance(op, MixingOp):
+                y = op.lin_t(y) if part == "lin" else op.abs_lin_t(y)
+            elif isinstance(op, DiagOp):
+                y = y * (op.scale if part == "lin" else op.scale.abs())
+            else:
+                raise TypeError(f"cannot compose {op!r}")
+        return y
+
+    widest = max([n_in, n_out] + [math.prod(op.out_shape) for op in ops])
+    chunk = max(1, DENSE_COMPOSE_BATCH // widest)
+
+    def matrix(part: str) -> Tensor:
+        """The ``n_out x n_in`` matrix of the chain (``part``), from basis vectors sent
+        through it (or through its transpose) in chunks."""
+        n, m, shape = (n_out, n_in, out_shape) if transposed else (n_in, n_out, in_shape)
+        out = torch.empty(n, m, dtype=torch.float64, device=dev)
+        for s in range(0, n, chunk):
+            e = min(n, s + chunk)
+            eye = torch.zeros(e - s, n, dtype=torch.float64, device=dev)
+            eye[:, s:e].fill_diagonal_(1.0)
+            eye = eye.reshape(e - s, *shape)
+            out[s:e] = (run_t(eye, part) if transposed else run(eye, part)).reshape(e - s, m)
+        return out if transposed else out.T.contiguous()
+
     zero = torch.zeros(1, *in_shape, dtype=torch.float64, device=dev)
     b = run(zero, "forward").reshape(-1)
-    w = run(eye, "lin").reshape(n_in, -1).T.contiguous()
-    p = run(eye, "abs").reshape(n_in, -1).T.contiguous()
+    w = matrix("lin")
+    p = matrix("abs")
     q = run(zero, "absbias").reshape(-1)
     k = sum(op.inner_length() + 2 if isinstance(op, MixingOp) else 2
             for op in ops if not isinstance(op, ReshapeOp))
+    # the bias is the forward chain's (its bound counts k); the matrix that of its direction
+    k_w = sum(op.inner_length_t() + 2 if isinstance(op, MixingOp) else 2
+              for op in ops if not isinstance(op, ReshapeOp)) if transposed else k
     name = "*".join(op.name for op in ops if op.kind == "mixing")
     seq: list[Op] = []
     if len(in_shape) != 1:
         seq.append(ReshapeOp(name + ".flatten", in_shape, (n_in,)))
-    seq.append(LinearOp(name, w, b, err=_product_error(p, k), bias_err=_product_error(q, k)))
+    seq.append(LinearOp(name, w, b, err=_product_error(p, k_w), bias_err=_product_error(q, k)))
     if len(out_shape) != 1:
         seq.append(ReshapeOp(name + ".unflatten", (n_out,), out_shape))
     return seq

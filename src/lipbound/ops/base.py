@@ -102,9 +102,19 @@ class MixingOp(Op):
         :meth:`inner_length`, the rounding bound of products through this op."""
         raise NotImplementedError
 
+    def abs_lin_t(self, y: Tensor) -> Tensor:
+        """|A|^T y (no bias): with :meth:`inner_length_t`, the rounding bound of products
+        through this op's transpose."""
+        raise NotImplementedError
+
     def inner_length(self) -> int:
         """Most products summed into one output entry of ``A x`` (a row's nonzeros at most)."""
         return self.in_dim
+
+    def inner_length_t(self) -> int:
+        """Most nonzero products summed into one entry of ``A^T y`` (a column's nonzeros at
+        most; products with structural zeros are exact zeros and add no rounding)."""
+        return self.out_dim
 
     def dense(self) -> Tensor | None:
         """The matrix A (out_dim, in_dim) when it is cheap to form, else None."""

@@ -156,8 +156,20 @@ class ConvOp(MixingOp):
         y = self._conv(x, self.weight.abs())
         return y if self.out_scale is None else y * self.out_scale.abs()
 
+    def abs_lin_t(self, y: Tensor) -> Tensor:
+        if self.out_scale is not None:
+            y = y * self.out_scale.abs()
+        return F.conv_transpose2d(y, self.weight.abs(), None, self.stride, self.padding,
+                                  self.output_padding, self.groups, self.dilation)
+
     def inner_length(self) -> int:
         return int(self.weight[0].numel())
+
+    def inner_length_t(self) -> int:
+        """An input entry meets ``c_out / groups`` kernels, each at most ``kh kw`` times (a
+        two-stage sum, ``c_out / groups`` then ``kh kw`` terms, rounds each term fewer times)."""
+        kh, kw = self.weight.shape[-2:]
+        return int(self.weight.shape[0] // self.groups * kh * kw)
 
     def row_abs(self) -> Tensor:
         """Per output channel ``Σ |W[c]|`` (times ``|out_scale|``) at every position: an

@@ -50,6 +50,14 @@ class LinearOp(MixingOp):
     def lin_t(self, y: Tensor) -> Tensor:
         return self._products.rmv(y)
 
+    def abs_lin_t(self, y: Tensor) -> Tensor:
+        if self.weight.numel() <= 4_000_000:
+            return y @ self.weight.abs()
+        out = y[:, :512] @ self.weight[:512].abs()  # no full-size |W| (VGG fc1)
+        for s in range(512, self.weight.shape[0], 512):
+            out = out + y[:, s:s + 512] @ self.weight[s:s + 512].abs()
+        return out
+
     def _rows_sq(self, s: int, e: int) -> Tensor:
         """Rows s:e of (|W| + err) ⊙ (|W| + err) (W ⊙ W without err)."""
         a = self.weight[s:e] if self.err is None else self.weight[s:e].abs() + self.err[s:e]

@@ -173,8 +173,14 @@ class SpatialMatrixOp(MixingOp):
     def abs_lin(self, x: Tensor) -> Tensor:
         return self._apply(x, self.pmat.abs(), self.out_shape[-2:])
 
+    def abs_lin_t(self, y: Tensor) -> Tensor:
+        return self._apply(y, self.pmat.abs().T, self.in_shape[-2:])
+
     def inner_length(self) -> int:
         return int(self.pmat.shape[1])
+
+    def inner_length_t(self) -> int:
+        return int(self.pmat.shape[0])
 
     def flops(self) -> float:
         return float(self.in_shape[0] * self.pmat.numel())
