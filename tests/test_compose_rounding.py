@@ -500,6 +500,39 @@ def test_an_infinite_rounding_bound_is_not_dropped():
     assert res.value == math.inf or Fraction(res.value) >= exact_w, res.value
 
 
+def test_convolution_weights_whose_squares_overflow():
+    """Conv weights ~1e155 with zero padding: the squared row norms are ``inf``, and ``inf *
+    0`` at the padding made some NaN; NaN rows were left out and the layer's factor was 0
+    (a local bound of 0 for a Jacobian of norm ~2.6e154)."""
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Conv2d(1, 2, 2, padding=1), nn.ReLU(), nn.Flatten(),
+                      nn.Linear(32, 2)).to(DT).eval()
+    with torch.no_grad():
+        m[0].weight.mul_(1e155)
+        m[0].bias.zero_()
+    x0 = torch.randn(1, 1, 3, 3, dtype=DT)
+    jac = torch.autograd.functional.jacobian(lambda z: m(z).reshape(-1), x0).reshape(2, -1)
+    res = Analyzer(m, (1, 3, 3)).local_bound(x0, 0.1)
+    assert res.value >= float(torch.linalg.matrix_norm(jac, 2)), res.value
+
+
+def test_output_map_products_are_checked_for_underflow():
+    """An output map multiplied into the last layer is a new matrix: a map of 1e-100 after
+    a layer of 1e-100 gave entries of 1e-200 whose squares underflow, and a bound of 0 (the
+    model's own blocks are refused for that; the map's were not checked)."""
+    from lipbound.errors import InputError
+
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 3)).to(DT).eval()
+    with torch.no_grad():
+        m[2].weight.mul_(1e-100)
+    an = Analyzer(m, (4,))
+    c = torch.randn(2, 3, dtype=DT) * 1e-100
+    with pytest.raises(InputError, match="output_map"):
+        an.global_bound(output_map=c)
+    assert an.global_bound(output_map=c * 1e100).value > 0  # the same map, scaled: fine
+
+
 def test_composing_from_the_outputs_keeps_no_transposed_copy():
     """The transposed products make a transposed copy of a fully connected layer
     (``DenseProducts``); the layer stays in the analyser's op list after it is composed, so
