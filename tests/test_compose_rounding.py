@@ -10,6 +10,7 @@ the square of every reported upper bound, exactly: no tolerance at all.
 
 from __future__ import annotations
 
+import math
 from fractions import Fraction
 
 import pytest
@@ -368,3 +369,232 @@ def test_global_average_pool_head_is_composed_from_the_outputs():
     # the exact matrix: W / 49 on each channel's 49 positions
     exact = (model[2].weight.detach()[:, :, None] / 49.0).expand(10, 512, 49).reshape(10, -1)
     assert an.global_bound().value >= float(torch.linalg.matrix_norm(exact, 2))
+
+
+# ------------------------------------------------ the ends of the float64 range (review s14)
+
+
+def _composed(ops, transposed):
+    from lipbound.blocks import _dense_compose
+    from lipbound.ops.linear import LinearOp
+
+    seq = _dense_compose(ops, transposed=transposed)
+    return None if seq is None else next(op for op in seq if isinstance(op, LinearOp))
+
+
+def _exact_product(ops) -> list[list[Fraction]]:
+    """The exact product of the ops' float64 matrices; a convolution's output scale (average
+    pooling) as a diagonal factor of its own (its kernel is ones: ``_op_matrix`` is exact)."""
+    exact = None
+    for op in ops:
+        m = _op_matrix(op)
+        exact = m if exact is None else _matmul(m, exact)
+    return exact
+
+
+def _within(lin, exact) -> bool:
+    w, err = lin.weight.tolist(), lin.err.tolist()
+    return all(abs(Fraction(w[i][j]) - x) <= Fraction(err[i][j])
+               for i, row in enumerate(exact) for j, x in enumerate(row))
+
+
+def _subnormal_chain(transposed_first: bool) -> tuple[nn.Module, tuple[int, ...]]:
+    """A conv weight 2^-600 * 1.1, a batch-norm scale 2^-460 * 1.3 and a layer 2^1000: the
+    product of the first two is subnormal (2^-1060, 14 significant bits), the whole O(2^-60).
+    ``transposed_first``: the tiny factors at the output end and fewer outputs than inputs
+    (the run is formed from its output end by default)."""
+    a, b, c = 2.0 ** -600 * 1.1, 2.0 ** -460 * 1.3, 2.0 ** 1000
+    if transposed_first:
+        m = nn.Sequential(nn.Conv2d(2, 1, 1, bias=False), nn.Flatten(),
+                          nn.Linear(1, 1, bias=False), nn.BatchNorm1d(1, eps=0.0))
+        big, small, bn, shape = m[0], m[2], m[3], (2, 1, 1)
+    else:
+        m = nn.Sequential(nn.Conv2d(1, 1, 1, bias=False), nn.BatchNorm2d(1, eps=0.0),
+                          nn.Flatten(), nn.Linear(1, 1, bias=False))
+        small, bn, big, shape = m[0], m[1], m[3], (1, 1, 1)
+    m = m.to(DT).eval()
+    with torch.no_grad():
+        big.weight.fill_(c)
+        small.weight.fill_(a)
+        bn.weight.fill_(b)
+        bn.bias.zero_()
+        bn.running_var.fill_(1.0)
+        bn.running_mean.zero_()
+    return m, shape
+
+
+@pytest.mark.parametrize("transposed_first", [False, True])
+def test_products_that_underflow_are_not_composed_that_way(transposed_first):
+    """The rounding bound ``2 γ P`` is relative; a product below 2^-1022 is rounded on the
+    subnormal grid (here 3e-6 relative error against a stated 3e-15). The way that forms it
+    is declined, the other way round is taken, and the bounds cover the exact norm (both
+    were below it: 1.24032093e-18 against 1.24032729e-18)."""
+    from lipbound.graph import trace_model
+
+    model, shape = _subnormal_chain(transposed_first)
+    ops = trace_model(model, shape)
+    exact = _exact_product(ops)
+    assert _composed(ops, transposed=transposed_first) is None
+    for way in (not transposed_first, None):
+        assert _within(_composed(ops, transposed=way), exact)
+    an = Analyzer(model, shape)
+    low = sum((x * x for x in exact[0]), Fraction(0))
+    for res in (an.global_bound(), an.local_bound(torch.zeros(1, *shape, dtype=DT), 1.0)):
+        assert Fraction(res.value) ** 2 >= low, res.value
+
+
+def test_fully_connected_products_that_underflow_stay_separate():
+    """The same subnormal product between fully connected layers (Linear, BatchNorm1d,
+    Linear, multiplied as matrices): it was below the exact norm."""
+    a, b, c = 2.0 ** -600 * 1.1, 2.0 ** -460 * 1.3, 2.0 ** 1000
+    m = nn.Sequential(nn.Linear(1, 1, bias=False), nn.BatchNorm1d(1, eps=0.0),
+                      nn.Linear(1, 1, bias=False)).to(DT).eval()
+    with torch.no_grad():
+        m[0].weight.fill_(a)
+        m[1].weight.fill_(b)
+        m[1].bias.zero_()
+        m[1].running_var.fill_(1.0)
+        m[1].running_mean.zero_()
+        m[2].weight.fill_(c)
+    exact = Fraction(a) * Fraction(b) * Fraction(c)
+    an = Analyzer(m, (1,))
+    for res in (an.global_bound(), an.local_bound(torch.zeros(1, 1, dtype=DT), 1.0)):
+        assert Fraction(res.value) >= exact, res.value
+
+
+def test_an_overflow_one_way_is_formed_the_other_way():
+    """Conv 1e-250 into two layers of 1e200 with fewer outputs than inputs: from the output
+    end the product of the two large layers overflows (the model was refused: 'non-finite
+    coefficients'), from the input basis every value is finite."""
+    m = nn.Sequential(nn.Conv2d(2, 1, 1, bias=False), nn.Flatten(), nn.Linear(1, 1, bias=False),
+                      nn.Linear(1, 1, bias=False)).to(DT).eval()
+    with torch.no_grad():
+        m[0].weight.fill_(1e-250)
+        m[2].weight.fill_(1e200)
+        m[3].weight.fill_(1e200)
+    an = Analyzer(m, (2, 1, 1))
+    assert [b.name for b in an.blocks] == ["0*2*3"]
+    w = Fraction(1e-250) * Fraction(1e200) * Fraction(1e200)
+    assert Fraction(an.global_bound().value) ** 2 >= 2 * w * w
+
+
+def test_an_infinite_rounding_bound_is_not_dropped():
+    """A composed matrix whose absolute product overflows (two products of 1.1e308 summed)
+    while the matrix itself is finite: its rounding bound is infinite, and ``inf * 0`` (a
+    zero input after a ReLU) made the nominal pass's error NaN, which left every row of the
+    layer off: a local bound of 0 for a network of norm ~1e293."""
+    a = 1.0e154
+    m = nn.Sequential(nn.Conv2d(1, 2, 1), nn.ReLU(), nn.Conv2d(2, 2, 1, bias=False),
+                      nn.Flatten(), nn.Linear(4, 1, bias=False)).to(DT).eval()
+    with torch.no_grad():
+        m[0].weight.copy_(torch.tensor([1.0, -1.0], dtype=DT).reshape(2, 1, 1, 1))
+        m[0].bias.zero_()
+        m[2].weight.copy_(torch.tensor([[a, a], [a, a * (1 - 2.0 ** -50)]],
+                                       dtype=DT).reshape(2, 2, 1, 1))
+        m[4].weight.copy_(torch.tensor([[a, a, -a, -a]], dtype=DT) * 1.1)
+    an = Analyzer(m, (1, 1, 2))
+    # the exact network is linear around x0 = (1, -1) (every pre-activation is +-1): its
+    # Jacobian there, from the exact composed weights, has norm ~1e293
+    exact_w = Fraction(1.1 * a) * (Fraction(a) - Fraction(a * (1 - 2.0 ** -50)))
+    res = an.local_bound(torch.tensor([[[[1.0, -1.0]]]], dtype=DT), 0.1)
+    assert res.value == math.inf or Fraction(res.value) >= exact_w, res.value
+
+
+def test_convolution_weights_whose_squares_overflow():
+    """Conv weights ~1e155 with zero padding: the squared row norms are ``inf``, and ``inf *
+    0`` at the padding made some NaN; NaN rows were left out and the layer's factor was 0
+    (a local bound of 0 for a Jacobian of norm ~2.6e154)."""
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Conv2d(1, 2, 2, padding=1), nn.ReLU(), nn.Flatten(),
+                      nn.Linear(32, 2)).to(DT).eval()
+    with torch.no_grad():
+        m[0].weight.mul_(1e155)
+        m[0].bias.zero_()
+    x0 = torch.randn(1, 1, 3, 3, dtype=DT)
+    jac = torch.autograd.functional.jacobian(lambda z: m(z).reshape(-1), x0).reshape(2, -1)
+    res = Analyzer(m, (1, 3, 3)).local_bound(x0, 0.1)
+    assert res.value >= float(torch.linalg.matrix_norm(jac, 2)), res.value
+
+
+def test_output_map_products_are_checked_for_underflow():
+    """An output map multiplied into the last layer is a new matrix: a map of 1e-100 after
+    a layer of 1e-100 gave entries of 1e-200 whose squares underflow, and a bound of 0 (the
+    model's own blocks are refused for that; the map's were not checked)."""
+    from lipbound.errors import InputError
+
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 3)).to(DT).eval()
+    with torch.no_grad():
+        m[2].weight.mul_(1e-100)
+    an = Analyzer(m, (4,))
+    c = torch.randn(2, 3, dtype=DT) * 1e-100
+    with pytest.raises(InputError, match="output_map"):
+        an.global_bound(output_map=c)
+    assert an.global_bound(output_map=c * 1e100).value > 0  # the same map, scaled: fine
+
+
+def test_composing_from_the_outputs_keeps_no_transposed_copy():
+    """The transposed products make a transposed copy of a fully connected layer
+    (``DenseProducts``); the layer stays in the analyser's op list after it is composed, so
+    the copy was kept there for good (doubling that layer's memory, in pickles too)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.Flatten(),
+                          nn.Linear(256, 8)).eval()
+    an = Analyzer(model, (1, 8, 8))
+    assert [b.name for b in an.blocks] == ["0*2"]
+    assert an.ops[-1]._products._mt is None
+
+
+@st.composite
+def _extreme_chains(draw):
+    """Conv [BatchNorm2d] [average pool] Flatten Linear [BatchNorm1d]: each layer's weights
+    of one random magnitude from 2^-540 to 2^540, so that products of two or three layers
+    often underflow or overflow, one way and not the other."""
+    seed = draw(st.integers(0, 2 ** 31 - 1))
+    g = torch.Generator().manual_seed(seed)
+    c_in, c_out, hw = draw(st.integers(1, 2)), draw(st.integers(1, 3)), draw(st.integers(2, 4))
+    mods = [nn.Conv2d(c_in, c_out, draw(st.integers(1, 2)), padding=draw(st.integers(0, 1)))]
+    if draw(st.booleans()):
+        mods.append(nn.BatchNorm2d(c_out))
+    if draw(st.booleans()):
+        mods.append(nn.AvgPool2d(2, stride=1, padding=1, count_include_pad=False))
+    mods.append(nn.Flatten())
+    probe = nn.Sequential(*mods).to(DT).eval()
+    n_mid = probe(torch.zeros(1, c_in, hw, hw, dtype=DT)).shape[1]
+    n_out = draw(st.integers(1, 4))
+    mods.append(nn.Linear(n_mid, n_out))
+    if draw(st.booleans()):
+        mods.append(nn.BatchNorm1d(n_out))
+    model = nn.Sequential(*mods).to(DT).eval()
+    with torch.no_grad():
+        for mod in model:
+            if isinstance(mod, (nn.Linear, nn.Conv2d, nn.BatchNorm1d, nn.BatchNorm2d)):
+                scale = 2.0 ** (draw(st.sampled_from([-540, -500, 0, 500, 540]))
+                                + draw(st.integers(-8, 8)))
+                w = torch.randn(mod.weight.shape, generator=g, dtype=DT)
+                mod.weight.copy_(w * scale)
+            if isinstance(mod, (nn.BatchNorm1d, nn.BatchNorm2d)):
+                mod.running_var.copy_(torch.rand(mod.running_var.shape, generator=g,
+                                                 dtype=DT) + 0.5)
+    return model, (c_in, hw, hw)
+
+
+@settings(max_examples=n_examples(40), deadline=None)
+@given(case=_extreme_chains())
+def test_composed_matrix_is_within_its_bound_at_the_ends_of_the_range(case):
+    """Whichever way a run is composed (or both), a finite matrix is within its stated
+    entrywise rounding bound of the exact product, in rational arithmetic."""
+    from lipbound.errors import InputError
+    from lipbound.graph import trace_model
+
+    model, shape = case
+    try:
+        ops = trace_model(model, shape)
+    except InputError:  # the forward pass itself overflows
+        return
+    exact = _exact_product(ops)
+    for way in (False, True, None):
+        lin = _composed(ops, transposed=way)
+        if lin is None or not bool(torch.isfinite(lin.weight).all()):
+            continue
+        assert _within(lin, exact), way

@@ -480,7 +480,12 @@ class Analyzer:
             if len(self.output_shape) != 1:
                 extra.append(ReshapeOp("flatten-output", self.output_shape, (n_out,)))
             extra.append(LinearOp("output_map", c, None))
-            self._variants[key] = build_blocks(self.ops + extra)
+            blocks = build_blocks(self.ops + extra)
+            # the map is multiplied into the last layers: their product is a new matrix, whose
+            # squares may underflow like any block's (a map of 1e-100 after a layer of 1e-100
+            # gave a bound of 0)
+            _check_magnitudes(blocks)
+            self._variants[key] = blocks
         return key, self._variants[key]
 
     def _n_spectral(self, blocks: list[Block]) -> int:
@@ -782,6 +787,10 @@ class Analyzer:
         y0, rho = b.forward_rounding(x)
         y0 = y0.reshape(-1)
         rn = torch.sqrt(b.sq_rows(d.unsqueeze(0))[0].clamp_min(0))
+        # a square beyond float64 (a weight above 1.3e154) makes a row norm inf, or NaN where
+        # it meets a zero of the mask or of a convolution's padding (inf * 0): such a row may
+        # move, by an unknown amount (NaN would leave it out: a factor of 0 was reported)
+        rn = torch.where(torch.isnan(rn), math.inf, rn)
         moving = rn > 0
         dl, eta = nom
         local = rho  # the block's own rounding and the error of the non-movable inputs
@@ -837,8 +846,8 @@ class Analyzer:
         # ||R A D||_F, scaled by its largest row so that no square underflows (r may be tiny)
         rrn = r * rn
         top = float(rrn.max()) if rrn.numel() else 0.0
-        frob = top * math.sqrt(float(((rrn / top) ** 2).sum())) * (1 + SAFETY) if top > 0 \
-            else 0.0
+        frob = top * math.sqrt(float(((rrn / top) ** 2).sum())) * (1 + SAFETY) \
+            if 0.0 < top < math.inf else 0.0 if top == 0.0 else math.inf
         alts = [(frob, "frobenius")]
         if gfac is not None and gfac.guarantee == Guarantee.CERTIFIED:
             alts.append((float(r.max()) * gfac.value if r.numel() else 0.0,

@@ -18,8 +18,9 @@ import torch
 from torch import Tensor
 
 from .ops.base import DiagOp, MixingOp, Op, ReshapeOp, gamma, tensor_device
+from .ops.conv import ConvOp
 from .ops.linear import LinearOp
-from .ops.pooling import MaxPoolOp
+from .ops.pooling import MaxPoolOp, SpatialMatrixOp
 
 DENSE_COMPOSE_LIMIT = 4_000_000
 """Most entries of the matrix of a run of affine layers without ReLU between them that is
@@ -118,6 +119,9 @@ class AffineBlock:
             e = op.forward_error(x, y, e)
             x = y
         e = e.expand(self.out_shape) if e.dim() == 0 else e
+        # NaN: inf * 0 (an infinite rounding bound of a product of layers times a zero
+        # input), an unknown error, not none (a NaN made the ReLU look off: a factor of 0)
+        e = torch.where(torch.isnan(e), math.inf, e)
         # the bound's own float64 arithmetic: a few roundings of non-negative terms
         return x, e.reshape(-1) * (1.0 + 1e-6)
 
@@ -187,14 +191,17 @@ class AffineBlock:
             return 0.0
         if r is not None:
             rows = rows * r * r
-        # a sum of non-negative terms: (1 + γ_n) covers its rounding, 1e-6 is generous
-        return math.sqrt(float(rows.sum())) * (1.0 + 1e-6)
+        # a sum of non-negative terms: (1 + γ_n) covers its rounding, 1e-6 is generous; NaN
+        # (an infinite entry times a zero of a mask) is an unknown error, not none
+        total = float(rows.sum())
+        return math.inf if math.isnan(total) else math.sqrt(total) * (1.0 + 1e-6)
 
     def err_rows(self, d: Tensor) -> Tensor | None:
         """Per output row ``i``, an upper bound on ``||e_i^T S_out ΔA S_in D||`` (see
         :meth:`err_norm`); None when the block's matrix carries no rounding bound."""
         rows = self._err_sq_rows(d)
-        return None if rows is None else rows.sqrt() * (1.0 + 1e-6)
+        return None if rows is None else \
+            (rows.sqrt() * (1.0 + 1e-6)).nan_to_num(math.inf, math.inf)
 
     def dense_fn(self):
         if self.mixing is None:
@@ -259,17 +266,93 @@ class PoolBlock:
 Block = AffineBlock | PoolBlock
 
 
+MIN_NORMAL_EXPONENT = -1022
+"""Float64 numbers of magnitude at least ``2^-1022`` are normal. The rounding bounds of
+products of layers (:func:`_product_error`) are relative (Higham's ``γ_k``, ``fl(a b) =
+a b (1 + δ)``); a product below this magnitude is rounded on the subnormal grid instead, an
+absolute error up to ``2^-1075`` that can be a large part of it (a conv weight ``2^-600``
+times a batch-norm scale ``2^-460``, then a layer ``2^1000``: ``3e-6`` relative error in the
+composed matrix against a stated ``3e-15``). Layers whose products could fall there are
+not multiplied (:func:`_low_exponent`, :func:`_grid_exponent`). A sum whose result is
+subnormal is exact: only products matter."""
+
+
+def _low_exponent(t: Tensor | None) -> float:
+    """``floor(log2 m)`` for ``m`` the smallest nonzero finite magnitude in ``t``: every
+    nonzero entry is at least ``2^e`` in magnitude (``+inf`` for None or no such entry)."""
+    if t is None or t.numel() == 0:
+        return math.inf
+    a = t.detach().abs()
+    low = float(torch.where((a > 0) & torch.isfinite(a), a, math.inf).min())
+    return math.inf if math.isinf(low) else float(math.frexp(low)[1] - 1)
+
+
+def _grid_exponent(t: Tensor | None) -> float:
+    """The exponent of the largest power of two that divides every finite entry of ``t``:
+    each entry is an integer multiple of ``2^e`` (``+inf`` for None or no nonzero entry).
+
+    A product of multiples of ``2^a`` and ``2^b`` is a multiple of ``2^(a + b)``, and so is a
+    sum of such products, rounded or not (a rounded value is a multiple of its ulp, or exact
+    when its ulp is below ``2^(a + b)``): a nonzero sum of products is at least ``2^(a + b)``
+    in magnitude, whatever cancels in it."""
+    if t is None:
+        return math.inf
+    flat = t.detach().reshape(-1)
+    best = math.inf
+    for s in range(0, flat.numel(), 1 << 22):  # in chunks: no full-size int64 temporaries
+        a = flat[s:s + (1 << 22)].to(torch.float64)
+        a = a[(a != 0) & torch.isfinite(a)].abs()
+        if a.numel() == 0:
+            continue
+        mant, ex = torch.frexp(a)  # a = mant 2^ex, 0.5 <= mant < 1 (subnormals too)
+        m = (mant * 2.0 ** 53).to(torch.int64)  # exact: 53 significant bits at most
+        tz = torch.frexp((m & -m).to(torch.float64))[1] - 1  # trailing zero bits of m
+        best = min(best, int((ex.to(torch.int64) + tz).min()) - 53)
+    return best
+
+
+def _normal_products(a: Tensor | None, b: Tensor | None) -> bool:
+    """Whether every nonzero product of an entry of ``a`` and an entry of ``b`` is normal."""
+    return _low_exponent(a) + _low_exponent(b) >= MIN_NORMAL_EXPONENT
+
+
+def _factors(op: Op) -> list[tuple[bool, float, float]]:
+    """The factors ``op``'s linear part multiplies by, in the order of its forward pass, each
+    as ``(summed, low, grid)``: whether its products are summed (a matrix) or taken one by one
+    (a diagonal, a convolution's output scale), and its :func:`_low_exponent` and
+    :func:`_grid_exponent`. None for a reshape."""
+    def f(t: Tensor, summed: bool) -> tuple[bool, float, float]:
+        return summed, _low_exponent(t), _grid_exponent(t)
+    if isinstance(op, DiagOp):
+        return [f(op.scale, False)]
+    if isinstance(op, ConvOp):
+        return [f(op.weight, True)] + ([] if op.out_scale is None else [f(op.out_scale, False)])
+    if isinstance(op, LinearOp):
+        return [f(op.weight, True)]
+    if isinstance(op, SpatialMatrixOp):
+        return [f(op.pmat, True)]
+    if isinstance(op, ReshapeOp):
+        return []
+    raise TypeError(f"cannot compose {op!r}")
+
+
+class _Underflow(Exception):
+    """A product formed while composing layers could fall below the normal range."""
+
+
 def _product_error(p: Tensor, k: int) -> Tensor:
     """Entrywise bound on the rounding error of a float64 product of a chain of linear maps:
     ``p`` is the computed product of the maps' entrywise absolute values and ``k`` the sum of
     their inner lengths (one per diagonal scale). Any evaluation order of the chain has error
-    ``<= γ_k |A_n| ... |A_1|`` entrywise (Higham, Thm 3.5, applied map by map), and the
+    ``<= γ_k |A_n| ... |A_1|`` entrywise (Higham, Thm 3.5, applied map by map) when no
+    product underflows (callers check, :data:`MIN_NORMAL_EXPONENT`), and the
     computed ``p`` is within a factor ``1 + γ_k`` of that exact product of non-negative
     terms; ``2 γ_(k+4)`` covers both. Cancellation in the product (large biases, large
     entries that nearly cancel) makes this large against the product itself, so it is
     carried along rather than assumed negligible (:class:`~lipbound.ops.linear.LinearOp`,
     ``err``)."""
-    return p * (2.0 * gamma(k + 4))
+    # NaN (inf * 0 after an overflow): an unknown rounding, not none
+    return (p * (2.0 * gamma(k + 4))).nan_to_num(math.inf, math.inf)
 
 
 def _compose_linear_run(ops: list[Op]) -> list[Op]:
@@ -290,14 +373,19 @@ def _compose_linear_run(ops: list[Op]) -> list[Op]:
                 w1, b1 = first.weight, first.bias
                 p1, q1, k1 = absprod.get(id(first), (first.weight.abs(), first.bias.abs(),
                                                      first.in_dim + 1))
+                normal = True
                 for d in out[j + 1:]:
                     if isinstance(d, DiagOp):
                         s, t = d.scale.reshape(-1), d.shift.reshape(-1)
+                        normal = normal and all(_normal_products(s, v) for v in (w1, p1, q1, b1))
                         w1 = w1 * s[:, None]
                         p1 = p1 * s.abs()[:, None]
                         q1 = q1 * s.abs() + t.abs()
                         k1 += 2
                         b1 = b1 * s + t
+                if not (normal and all(_normal_products(op.weight, v) for v in (w1, p1, q1, b1))):
+                    out.append(op)  # a product could underflow: the layers stay separate
+                    continue
                 p = op.weight.abs() @ p1
                 q = op.weight.abs() @ q1 + op.bias.abs()
                 k = k1 + op.in_dim + 1
@@ -322,25 +410,67 @@ def _dense_compose(ops: list[Op], transposed: bool | None = None) -> list[Op] | 
     With fewer outputs than inputs (``transposed``, by default), the matrix is formed row by
     row, the chain's transpose applied to the output basis vectors (a global-average-pool head
     into 10 classes: 10 vectors instead of 25088), and its rounding bound counts the
-    transposes' inner lengths (:meth:`MixingOp.inner_length_t`)."""
+    transposes' inner lengths (:meth:`MixingOp.inner_length_t`). The bound holds when no
+    product underflows: before each layer, the values computed so far (bounds on their
+    magnitudes, from the layers before when those suffice) and the layer's factors must keep
+    every product normal (:data:`MIN_NORMAL_EXPONENT`); where they may not,
+    the other way round is tried (by default), and the run stays separate when neither way
+    (or the bias chain) passes."""
     in_shape, out_shape = ops[0].in_shape, ops[-1].out_shape
     n_in, n_out = math.prod(in_shape), math.prod(out_shape)
     if n_in * n_out > DENSE_COMPOSE_LIMIT:
         return None
     if any(isinstance(op, LinearOp) and op.err is not None for op in ops):
         raise ValueError("_dense_compose takes the model's own layers, not products")
-    if transposed is None:
-        transposed = n_out < n_in
     per_vector = sum(op.flops() if isinstance(op, MixingOp) else
                      0.0 if isinstance(op, ReshapeOp) else float(op.in_dim) for op in ops)
-    if (n_out if transposed else n_in) * per_vector > DENSE_COMPOSE_WORK:
+    # fewer basis vectors first; the other way multiplies the factors in the other order,
+    # which may keep every product normal where the first does not
+    ways = [way for way in ([transposed] if transposed is not None else
+                            [n_out < n_in, not n_out < n_in])
+            if (n_out if way else n_in) * per_vector <= DENSE_COMPOSE_WORK]
+    if not ways:
         return None
     dev = next((dv for op in ops if (dv := tensor_device(op)) is not None), None)
+    factors = {id(op): _factors(op) for op in ops}
+    shifts = {id(op): _grid_exponent(getattr(op, "shift" if isinstance(op, DiagOp) else "bias",
+                                             None)) for op in ops}
+
+    def normal(x: Tensor, e: tuple[float, float], op: Op, backward: bool,
+               biased: bool) -> tuple[float, float]:
+        """Check that every product ``op`` forms from ``x`` is 0 or normal (else raise
+        :class:`_Underflow`). ``e``: the low and grid exponents of ``x`` (its nonzero values
+        are at least ``2^e[0]`` and multiples of ``2^e[1]``), known from the layers before;
+        ``x`` itself is examined only when they do not suffice. Returns those of the values
+        after ``op`` (with its bias or shift when ``biased``)."""
+        fs = factors[id(op)]
+
+        def after(low: float, grid: float) -> tuple[float, float] | None:
+            for summed, f_low, f_grid in (reversed(fs) if backward else fs):
+                if low + f_low < MIN_NORMAL_EXPONENT:
+                    return None
+                grid += f_grid
+                # a sum of products may cancel down to its grid; a single product may not
+                low = grid if summed else max(low + f_low, grid)
+            return low, grid
+        out = after(*e)
+        if out is None:
+            out = after(max(e[0], _low_exponent(x)), max(e[1], _grid_exponent(x)))
+            if out is None:
+                raise _Underflow
+        if biased and shifts[id(op)] < math.inf:
+            grid = min(out[1], shifts[id(op)])
+            out = (grid, grid)
+        return out
 
     def run(x: Tensor, part: str) -> Tensor:
         """``part``: "forward" (with biases), "lin", "abs" (|A| chain), "absbias" (|A| chain
         with |biases| and |shifts| added)."""
+        biased = part in ("forward", "absbias")
+        # the bias chain starts from 0, the others from basis vectors (1 is 2^0)
+        e = (math.inf, math.inf) if biased else (0.0, 0.0)
         for op in ops:
+            e = normal(x, e, op, False, biased)
             if part == "forward" or isinstance(op, ReshapeOp):
                 x = op.forward(x)
             elif isinstance(op, MixingOp):
@@ -359,7 +489,9 @@ def _dense_compose(ops: list[Op], transposed: bool | None = None) -> list[Op] | 
 
     def run_t(y: Tensor, part: str) -> Tensor:
         """The transposed chain: "lin" (``A^T``) or "abs" (``|A_1|^T ... |A_n|^T``)."""
+        e = (0.0, 0.0)
         for op in reversed(ops):
+            e = normal(y, e, op, True, False)
             if isinstance(op, ReshapeOp):
                 y = y.reshape(y.shape[0], *op.in_shape)
             elif isinstance(op, MixingOp):
@@ -387,10 +519,36 @@ def _dense_compose(ops: list[Op], transposed: bool | None = None) -> list[Op] | 
         return out if transposed else out.T.contiguous()
 
     zero = torch.zeros(1, *in_shape, dtype=torch.float64, device=dev)
-    b = run(zero, "forward").reshape(-1)
-    w = matrix("lin")
-    p = matrix("abs")
-    q = run(zero, "absbias").reshape(-1)
+    # the transposed products make a transposed copy of a fully connected layer's matrix
+    # (DenseProducts): the layer is the model's own and stays in the analyser's op list
+    # after it is composed, so a copy made here is dropped again
+    uncached = [op for op in ops if isinstance(op, LinearOp) and op._products._mt is None]
+    try:
+        b = run(zero, "forward").reshape(-1)
+        q = run(zero, "absbias").reshape(-1)
+        found: tuple[bool, Tensor, Tensor] | None = None
+        for way in ways:
+            transposed = way  # read by matrix()
+            try:
+                w = matrix("lin")
+                p = matrix("abs")
+            except _Underflow:
+                continue
+            if found is None:
+                found = (way, w, p)
+            if bool(torch.isfinite(w).all()) and bool(torch.isfinite(p).all()):
+                found = (way, w, p)
+                break
+            # an intermediate overflowed: the other way's may not (its sums group the
+            # products differently), else the first result (refused, or an infinite bound)
+        if found is None:
+            return None
+        transposed, w, p = found
+    except _Underflow:
+        return None  # a product could underflow: the layers stay separate
+    finally:
+        for op in uncached:
+            op._products.drop_transpose()
     k = sum(op.inner_length() + 2 if isinstance(op, MixingOp) else 2
             for op in ops if not isinstance(op, ReshapeOp))
     # the bias is the forward chain's (its bound counts k); the matrix that of its direction
