@@ -7,10 +7,9 @@ and the rest of a Lanczos step (Gram-Schmidt passes, stopping checks, Python) ru
 core anyway. Handing each of ``n`` Python threads whole layers, with torch single-threaded,
 keeps ``n`` cores busy: the CIFAR-10 net's global bound 1.15-1.35x faster on two cores (62 ->
 54 ms median; the same value, bit for bit the one-thread one; benchmarks/README.md, session
-14). Large
-layers' products split well within torch (AlexNet's 4096 x 4096 layer: 0.67 s on two torch
-threads, 1.15 s on one), so they run one after another with every thread, and only layers up
-to :data:`MAX_FLOPS` are spread over threads, when no one of them dominates
+14). Large layers' products split well within torch (AlexNet's 4096 x 4096 layer: 0.67 s on
+two torch threads, 1.15 s on one), so they run one after another with every thread, and only
+layers up to :data:`MAX_FLOPS` are spread over threads, when no one of them dominates
 (:data:`MAX_SHARE`).
 
 Each piece computes exactly what it computes on one thread alone, so the results do not

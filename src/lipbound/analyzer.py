@@ -531,9 +531,10 @@ class Analyzer:
         # independent, and each is computed as on one thread alone); the others first, one
         # after another with every thread. Not on the forced exact route: its memory check
         # sees one layer's matrix at a time
-        small = [i for i, b in enumerate(blocks) if _lanczos_flops(b) <= _parallel.MAX_FLOPS] \
+        flops = [_lanczos_flops(b) for b in blocks]
+        small = [i for i, f in enumerate(flops) if f <= _parallel.MAX_FLOPS] \
             if self.spectral != "exact" else []
-        workers = _parallel.workers_for(self.device, [_lanczos_flops(blocks[i]) for i in small])
+        workers = _parallel.workers_for(self.device, [flops[i] for i in small])
         threaded = set(small) if workers > 1 else set()
         out: list[SpectralBound | None] = [None] * len(blocks)
         n_done = 0
@@ -551,13 +552,9 @@ class Analyzer:
                 bar.update(int(n_done > 0))
                 bar.label(f"{len(todo)} layers on {workers} threads")
 
-            def finished(i: int) -> None:
-                if show:
-                    bar.update()
-
             got = _parallel.run_in_threads(
                 lambda i: self._global_factor(blocks[i], i, delta), todo, workers,
-                cost=lambda i: _lanczos_flops(blocks[i]), done=finished)
+                cost=flops.__getitem__, done=(lambda _i: bar.update()) if show else None)
             for i, sb in zip(todo, got, strict=True):
                 out[i] = sb
         for i, b in enumerate(blocks):  # the rounding of matrices formed as products of layers

@@ -505,7 +505,7 @@ def _dense_compose(ops: list[Op], transposed: bool | None = None) -> list[Op] | 
     widest = max([n_in, n_out] + [math.prod(op.out_shape) for op in ops])
     chunk = max(1, DENSE_COMPOSE_BATCH // widest)
 
-    def matrix(part: str) -> Tensor:
+    def matrix(part: str, transposed: bool) -> Tensor:
         """The ``n_out x n_in`` matrix of the chain (``part``), from basis vectors sent
         through it (or through its transpose) in chunks."""
         n, m, shape = (n_out, n_in, out_shape) if transposed else (n_in, n_out, in_shape)
@@ -528,10 +528,9 @@ def _dense_compose(ops: list[Op], transposed: bool | None = None) -> list[Op] | 
         q = run(zero, "absbias").reshape(-1)
         found: tuple[bool, Tensor, Tensor] | None = None
         for way in ways:
-            transposed = way  # read by matrix()
             try:
-                w = matrix("lin")
-                p = matrix("abs")
+                w = matrix("lin", way)
+                p = matrix("abs", way)
             except _Underflow:
                 continue
             if found is None:
