@@ -516,21 +516,100 @@ def test_convolution_weights_whose_squares_overflow():
     assert res.value >= float(torch.linalg.matrix_norm(jac, 2)), res.value
 
 
-def test_output_map_products_are_checked_for_underflow():
+def test_output_map_products_that_underflow_stay_separate():
     """An output map multiplied into the last layer is a new matrix: a map of 1e-100 after
     a layer of 1e-100 gave entries of 1e-200 whose squares underflow, and a bound of 0 (the
-    model's own blocks are refused for that; the map's were not checked)."""
-    from lipbound.errors import InputError
-
+    model's own blocks are refused for that; the map's were not checked). Such a product is
+    no longer formed: the map is a layer of its own, and the bound covers the exact norm."""
     torch.manual_seed(0)
     m = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 3)).to(DT).eval()
     with torch.no_grad():
         m[2].weight.mul_(1e-100)
     an = Analyzer(m, (4,))
     c = torch.randn(2, 3, dtype=DT) * 1e-100
-    with pytest.raises(InputError, match="output_map"):
-        an.global_bound(output_map=c)
-    assert an.global_bound(output_map=c * 1e100).value > 0  # the same map, scaled: fine
+    assert [b.name for b in an._blocks_for(c)[1]][-2:] == ["2", "output_map"]
+    x0 = torch.randn(1, 4, dtype=DT)
+    on = (m[0](x0)[0] > 0).tolist()  # the ReLUs' pattern at x0 (no pre-activation near 0)
+    w1, w2, cm = (t.detach().tolist() for t in (m[0].weight, m[2].weight, c))
+    jac = [[sum((Fraction(cm[i][k]) * Fraction(w2[k][h]) * Fraction(w1[h][j])
+                 for k in range(3) for h in range(6) if on[h]), Fraction(0))
+            for j in range(4)] for i in range(2)]
+    low = _rayleigh_sq(jac)
+    assert low > 0
+    for res in (an.global_bound(output_map=c), an.local_bound(x0, 1e-3, output_map=c)):
+        assert Fraction(res.value) ** 2 >= low, res.value
+
+
+def _cancelling_pair(kind: str) -> tuple[nn.Module, tuple[int, ...], Fraction]:
+    """Two layers without a ReLU between them whose product cancels to exactly 0 in float64
+    (``a + 2^-60 a - a``, ``a = 1e-148``) while the exact product is ``2^-60 a``; a ReLU and
+    a unit layer follow. Returns the model, its input shape and the exact product entry."""
+    a = 1e-148
+    if kind == "linear":
+        first: nn.Module = nn.Linear(2, 3, bias=False)
+        shape: tuple[int, ...] = (2,)
+        mods = [first]
+    else:
+        first = nn.Conv2d(2, 3, 1, bias=False)
+        shape = (2, 1, 1)
+        mods = [first, nn.Flatten()]
+    m = nn.Sequential(*mods, nn.Linear(3, 1, bias=False), nn.ReLU(),
+                      nn.Linear(1, 1, bias=False)).to(DT).eval()
+    with torch.no_grad():
+        first.weight.fill_(a)
+        m[-3].weight.copy_(torch.tensor([[1.0, 2.0 ** -60, -1.0]], dtype=DT))
+        m[-1].weight.fill_(1.0)
+    return m, shape, Fraction(a) * Fraction(2) ** -60
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv"])
+def test_a_product_whose_rounding_bound_squares_to_zero_stays_separate(kind):
+    """The product above is computed as 0 with a rounding bound of 4.9e-163 per entry, whose
+    square (the error norm, the row norms) underflows to 0: a certified bound of 0 for a
+    network of Lipschitz constant 1.2e-166. The layers now stay separate."""
+    m, shape, c = _cancelling_pair(kind)
+    an = Analyzer(m, shape)
+    exact_sq = 2 * c * c  # relu(c (x1 + x2)): Lipschitz constant |c| sqrt(2)
+    x0 = torch.ones(1, *shape, dtype=DT)
+    for res in (an.global_bound(), an.local_bound(x0, 0.1), an.local_bound(x0, 1e-3)):
+        assert res.value > 0 and Fraction(res.value) ** 2 >= exact_sq, res.value
+    assert len(an.blocks) == 3
+
+
+def test_error_norm_scales_tiny_slopes():
+    """``err_norm`` squared each row's error norm times the slope ``r``: rows of 1e-150 with
+    slopes of 1e-20 gave squares of 1e-340, i.e. 0. It scales by the largest before squaring."""
+    from lipbound.blocks import AffineBlock
+    from lipbound.ops.linear import LinearOp
+
+    w = torch.zeros(2, 3, dtype=DT)
+    err = torch.full((2, 3), 1e-150, dtype=DT)
+    block = AffineBlock([LinearOp("w", w, None, err=err)], True)
+    r = torch.tensor([1e-20, 3e-21], dtype=DT)
+    exact = sum((Fraction(float(ri)) ** 2 * 3 * Fraction(1e-150) ** 2 for ri in r),
+                Fraction(0))
+    got = block.err_norm(r, torch.ones(3, dtype=DT))
+    assert got > 0 and Fraction(got) ** 2 >= exact, got
+
+
+def test_tiny_rounding_bounds_are_refused():
+    """A block whose product's rounding bound has nonzero entries below 1e-150 (squared by
+    the row norms) is refused like tiny weights; an infinite bound is sound (loose) and
+    accepted."""
+    from lipbound.analyzer import _check_magnitudes
+    from lipbound.blocks import AffineBlock
+    from lipbound.errors import InputError
+    from lipbound.ops.linear import LinearOp
+
+    w = torch.tensor([[1.0, 0.0]], dtype=DT)
+    for e, refused in ((1e-160, True), (1e-140, False), (math.inf, False)):
+        err = torch.tensor([[0.0, e]], dtype=DT)
+        blocks = [AffineBlock([LinearOp("w", w, None, err=err)], True)]
+        if refused:
+            with pytest.raises(InputError, match="below 1e-150"):
+                _check_magnitudes(blocks)
+        else:
+            _check_magnitudes(blocks)
 
 
 def test_composing_from_the_outputs_keeps_no_transposed_copy():

@@ -23,7 +23,7 @@ from . import _parallel
 from ._indexing import gather_cols, scatter_cols
 from ._modelinfo import changed_tensor, model_device, tensor_state
 from ._progress import NULL_BAR, NullBar, progress_bar
-from .blocks import AffineBlock, Block, PoolBlock, build_blocks
+from .blocks import TINY_WEIGHT, AffineBlock, Block, PoolBlock, build_blocks
 from .errors import ExactRouteTooLarge, InputError, UnsupportedModelError
 from .graph import trace_model, x0_shape_hint
 from .ops.conv import ConvOp, circulant_hint, circulant_probe
@@ -88,38 +88,41 @@ MEMO_ELEMENTS = 16_000_000
 CIRCULANT_BUDGET = 5e10
 """Flops always granted to the certified circulant bound of a convolution (global factors)."""
 
-TINY_WEIGHT = 1e-150
-"""Nonzero linear coefficients below this magnitude are refused: their squares (row norms)
-would underflow in float64 and make a moving row look constant."""
-
 
 def _check_magnitudes(blocks: list[Block]) -> None:
     """Refuse blocks with non-finite coefficients (a product of layers that overflowed), and
     blocks whose linear coefficients could underflow when squared: an entry of a
     block's matrix is a product of a weight and the folded diagonal scales (batch norm,
     normalisation, pooling scales), so the product of the parts' smallest nonzero magnitudes
-    (a lower bound on every nonzero entry) must stay above ``TINY_WEIGHT``."""
+    (a lower bound on every nonzero entry) must stay above ``TINY_WEIGHT``; for a product of
+    layers the weight's part is the smaller of its matrix's and its rounding bound's (the row
+    norms square their sum, and the error norm the bound)."""
     bad, huge = [], []
     for b in blocks:
         if not isinstance(b, AffineBlock):
             continue
-        parts = [b.s_in, b.s_out]
+        # each part a factor of every entry; a part's alternatives (a product of layers' matrix
+        # and its rounding bound, whose sum the row norms square) share one smallest magnitude
+        parts: list[tuple[Tensor | None, ...]] = [(b.s_in,), (b.s_out,)]
         if b.mixing is not None:
-            parts += [getattr(b.mixing, "weight", None), getattr(b.mixing, "out_scale", None)]
+            parts += [(getattr(b.mixing, "weight", None), getattr(b.mixing, "err", None)),
+                      (getattr(b.mixing, "out_scale", None),)]
         low_all = 1.0
-        for t in parts:
-            if t is None:
-                continue
-            flat = t.reshape(-1)
+        for alternatives in parts:
             low = math.inf
-            for s in range(0, flat.numel(), 1 << 22):  # in chunks: no full-size temporaries
-                a = flat[s:s + (1 << 22)].abs()
-                if not bool(torch.isfinite(a).all()):
-                    huge.append(b.name)
-                    break
-                a = a[a > 0]
-                if a.numel():
-                    low = min(low, float(a.min()))
+            for j, t in enumerate(alternatives):
+                if t is None:
+                    continue
+                flat = t.reshape(-1)
+                for s in range(0, flat.numel(), 1 << 22):  # in chunks: no full-size temporaries
+                    a = flat[s:s + (1 << 22)].abs()
+                    if j == 0 and not bool(torch.isfinite(a).all()):
+                        huge.append(b.name)
+                        break
+                    # (an infinite rounding bound is sound, if loose: only its size counts)
+                    a = a[(a > 0) & torch.isfinite(a)]
+                    if a.numel():
+                        low = min(low, float(a.min()))
             if math.isfinite(low):
                 low_all *= low
         if low_all < TINY_WEIGHT:

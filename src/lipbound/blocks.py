@@ -31,6 +31,12 @@ DENSE_COMPOSE_WORK = 1e9
 input): beyond, its layers stay separate (a product of their factors), instead of a build that
 takes minutes (a 64-channel convolution into a fully connected layer, 20736 inputs: 1.7e11)."""
 
+TINY_WEIGHT = 1e-150
+"""Nonzero linear coefficients below this magnitude are refused (:func:`lipbound.analyzer.
+_check_magnitudes`): their squares (row norms) would underflow in float64 and make a moving row
+look constant. A product of layers whose matrix or entrywise rounding bound has a nonzero
+below it is not formed (:func:`_fits_squares`): the layers stay separate."""
+
 DENSE_COMPOSE_BATCH = 1 << 22
 """Most entries of one batch of basis vectors' images while composing (32 MiB in float64): the
 basis is sent through the run in chunks (a whole 20736 x 20736 identity alone took 3.4 GB)."""
@@ -189,12 +195,18 @@ class AffineBlock:
         rows = self._err_sq_rows(d)
         if rows is None:
             return 0.0
+        # NaN: an infinite entry times a zero of a mask, an unknown error, not none
+        t = rows.sqrt().nan_to_num(math.inf, math.inf)
         if r is not None:
-            rows = rows * r * r
-        # a sum of non-negative terms: (1 + γ_n) covers its rounding, 1e-6 is generous; NaN
-        # (an infinite entry times a zero of a mask) is an unknown error, not none
-        total = float(rows.sum())
-        return math.inf if math.isnan(total) else math.sqrt(total) * (1.0 + 1e-6)
+            t = t * r
+        # the rows' norms are normal (every nonzero entry of the bound, times the scales, is at
+        # least TINY_WEIGHT), but r may be tiny: scaled by the largest before squaring, so a
+        # square lost below the normal range is a negligible part of the sum
+        top = float(t.max()) if t.numel() else 0.0
+        if top == 0.0 or math.isinf(top):
+            return top
+        # a sum of non-negative terms: (1 + γ_n) covers its rounding, 1e-6 is generous
+        return top * math.sqrt(float(((t / top) ** 2).sum())) * (1.0 + 1e-6)
 
     def err_rows(self, d: Tensor) -> Tensor | None:
         """Per output row ``i``, an upper bound on ``||e_i^T S_out ΔA S_in D||`` (see
@@ -336,6 +348,22 @@ def _factors(op: Op) -> list[tuple[bool, float, float]]:
     raise TypeError(f"cannot compose {op!r}")
 
 
+def _fits_squares(*ts: Tensor) -> bool:
+    """Whether every nonzero entry of the tensors is at least :data:`TINY_WEIGHT` in magnitude
+    (their squares stay normal). A product of layers can have smaller entries (cancellation),
+    and its rounding bound has entries about ``1e-16`` of its absolute product's: squared in
+    the row norms and in :meth:`AffineBlock.err_norm`, they would vanish (a composed matrix
+    computed as zero with a bound of ``5e-163`` gave a bound of 0 for a network of Lipschitz
+    constant ``1.2e-166``)."""
+    for t in ts:
+        flat = t.reshape(-1)
+        for s in range(0, flat.numel(), 1 << 22):  # in chunks: no full-size temporaries
+            a = flat[s:s + (1 << 22)].abs()
+            if bool(((a > 0) & (a < TINY_WEIGHT)).any()):
+                return False
+    return True
+
+
 class _Underflow(Exception):
     """A product formed while composing layers could fall below the normal range."""
 
@@ -389,9 +417,12 @@ def _compose_linear_run(ops: list[Op]) -> list[Op]:
                 p = op.weight.abs() @ p1
                 q = op.weight.abs() @ q1 + op.bias.abs()
                 k = k1 + op.in_dim + 1
-                merged = LinearOp(f"{first.name}*{op.name}", op.weight @ w1,
-                                  op.weight @ b1 + op.bias, err=_product_error(p, k),
-                                  bias_err=_product_error(q, k))
+                w, err = op.weight @ w1, _product_error(p, k)
+                if not _fits_squares(w, err):
+                    out.append(op)  # squares of its entries could underflow: kept separate
+                    continue
+                merged = LinearOp(f"{first.name}*{op.name}", w, op.weight @ b1 + op.bias,
+                                  err=err, bias_err=_product_error(q, k))
                 del out[j:]
                 out.append(merged)
                 absprod[id(merged)] = (p, q, k)
@@ -553,11 +584,14 @@ def _dense_compose(ops: list[Op], transposed: bool | None = None) -> list[Op] | 
     # the bias is the forward chain's (its bound counts k); the matrix that of its direction
     k_w = sum(op.inner_length_t() + 2 if isinstance(op, MixingOp) else 2
               for op in ops if not isinstance(op, ReshapeOp)) if transposed else k
+    err = _product_error(p, k_w)
+    if not _fits_squares(w, err):
+        return None  # squares of its entries could underflow: the layers stay separate
     name = "*".join(op.name for op in ops if op.kind == "mixing")
     seq: list[Op] = []
     if len(in_shape) != 1:
         seq.append(ReshapeOp(name + ".flatten", in_shape, (n_in,)))
-    seq.append(LinearOp(name, w, b, err=_product_error(p, k_w), bias_err=_product_error(q, k)))
+    seq.append(LinearOp(name, w, b, err=err, bias_err=_product_error(q, k)))
     if len(out_shape) != 1:
         seq.append(ReshapeOp(name + ".unflatten", (n_out,), out_shape))
     return seq
