@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import math
+from fractions import Fraction
 
 import pytest
 import torch
@@ -184,7 +185,7 @@ def _exact_forward(m: nn.Sequential, x: list) -> list:
     """The network in rational arithmetic on its float64 parameters."""
     from fractions import Fraction
 
-    v = [Fraction(float(t)) for t in x]
+    v = [t if isinstance(t, Fraction) else Fraction(float(t)) for t in x]
     for layer in m:
         if isinstance(layer, nn.Linear):
             w = layer.weight.detach().tolist()
@@ -290,3 +291,135 @@ def test_nominal_error_of_constant_neurons_is_carried() -> None:
     assert abs(computed - exact) > Fraction(1, 10**3)
     for eps in (1e-9, 0.5):
         assert Fraction(an.local_bound(x0, eps).nominal_error) >= abs(computed - exact)
+
+
+# ---- below the normal range: squares, products and roundings on the subnormal grid ----
+
+def _bn(n: int, scale: float) -> nn.BatchNorm1d:
+    bn = nn.BatchNorm1d(n, eps=0.0).to(DT)
+    with torch.no_grad():
+        bn.weight.fill_(scale)
+        bn.bias.zero_()
+        bn.running_mean.zero_()
+        bn.running_var.fill_(1.0)
+    return bn
+
+
+def _lin(w: list, b: list) -> nn.Linear:
+    layer = nn.Linear(len(w[0]), len(w)).to(DT)
+    with torch.no_grad():
+        layer.weight.copy_(torch.tensor(w, dtype=DT))
+        layer.bias.copy_(torch.tensor(b, dtype=DT))
+    return layer
+
+
+@pytest.mark.parametrize("before", [True, False])
+def test_a_scale_whose_square_underflows_is_refused(before: bool) -> None:
+    """A batch-norm scale 1e-200 next to a layer of 1e100: every coefficient is 1e-100 (their
+    product passes the 1e-150 floor), but the row norms square the scale alone (0): the bound
+    was 0, global and local, for a network of Lipschitz constant 1e-100."""
+    lin = _lin([[1e100, 0.0], [0.0, 1e100]], [0.0, 0.0])
+    layers = [_bn(2, 1e-200), lin] if before else [lin, _bn(2, 1e-200), nn.ReLU(),
+                                                   _lin([[1.0, 0.0], [0.0, 1.0]], [0.0, 0.0])]
+    m = nn.Sequential(*layers).to(DT).eval()
+    with pytest.raises(InputError, match="1e-150.*partial product"):
+        Analyzer(m, (2,))
+
+
+def test_a_partial_product_that_underflows_when_squared_is_refused() -> None:
+    """Scale 1e-100, weight 1e-100, then a scale 1e100: each part and the whole product
+    (1e-100) pass the floor, but the row norms form (1e-100 * 1e-100)^2 = 0 before the last
+    scale."""
+    m = nn.Sequential(_bn(2, 1e-100), _lin([[1e-100, 0.0], [0.0, 1e-100]], [1.0, 1.0]),
+                      _bn(2, 1e100), nn.ReLU(), _lin([[1.0, 1.0]], [0.0])).to(DT).eval()
+    with pytest.raises(InputError, match="1e-150.*partial product"):
+        Analyzer(m, (2,))
+
+
+def test_product_of_factors_below_the_normal_range() -> None:
+    """Seven layers of weight 1e-50 (all ReLUs on): the product of the factors, 1e-350, was
+    rounded to 0 (global and local). The exact Lipschitz constant is the product of the
+    weights; every reported bound must be at least that."""
+    layers: list[nn.Module] = []
+    for _ in range(7):
+        layers += [_lin([[1e-50]], [1.0]), nn.ReLU()]
+    m = nn.Sequential(*layers[:-1]).to(DT).eval()
+    exact = Fraction(1e-50) ** 7
+    an = Analyzer(m, (1,))
+    assert Fraction(an.global_bound().value) >= exact
+    assert Fraction(an.local_bound(torch.zeros(1, 1, dtype=DT), 1.0).value) >= exact
+    rows = an.local_bound_rows(torch.zeros(1, 1, dtype=DT), 1.0, torch.ones(1, 1, dtype=DT))
+    assert Fraction(float(rows.values[0])) >= exact
+
+
+def _ratio_sq(m: nn.Sequential, x0: list, x: list) -> Fraction:
+    """``||f(x) - f(x0)||^2 / ||x - x0||^2`` in exact arithmetic: a lower bound on the local
+    constant at ``x0`` over any ball that holds ``x``."""
+    fx, f0 = _exact_forward(m, x), _exact_forward(m, x0)
+    num = sum((a - b) ** 2 for a, b in zip(fx, f0, strict=True))
+    den = sum((Fraction(a) - Fraction(b)) ** 2 for a, b in zip(x, x0, strict=True))
+    return num / den
+
+
+def test_radius_propagated_below_the_normal_range() -> None:
+    """eps = 2^-1000 times a first factor 2^-100 is 2^-1100, rounded to 0: the next ReLU,
+    2^-620 below its kink with a row of 2^500, looked dead (a bound of 0), and it turns on
+    at x = eps."""
+    m = nn.Sequential(_lin([[2.0 ** -100]], [0.0]), nn.ReLU(), _lin([[2.0 ** 500]], [-2.0 ** -620]),
+                      nn.ReLU(), _lin([[1.0]], [0.0])).to(DT).eval()
+    eps = 2.0 ** -1000
+    low = _ratio_sq(m, [0.0], [eps])
+    assert low > 0
+    res = Analyzer(m, (1,)).local_bound(torch.zeros(1, 1, dtype=DT), eps)
+    assert Fraction(res.value) ** 2 >= low
+
+
+def test_upper_limit_rounded_on_the_subnormal_grid() -> None:
+    """eps * ||a|| = 1.4 of the smallest subnormal rounds to 1 of it, just cancelling a bias of
+    -1 of it: ȳ was 0, the row dead (a bound of 0), though x = eps gives +0.4."""
+    u = 2.0 ** -1074
+    m = nn.Sequential(_lin([[math.ldexp(1.4, -474)]], [-u]), nn.ReLU(),
+                      _lin([[1.0]], [0.0])).to(DT).eval()
+    eps = 2.0 ** -600
+    low = _ratio_sq(m, [0.0], [eps])
+    assert low > 0
+    res = Analyzer(m, (1,)).local_bound(torch.zeros(1, 1, dtype=DT), eps)
+    assert Fraction(res.value) ** 2 >= low
+
+
+def test_forward_rounding_below_the_normal_range() -> None:
+    """100 products of 0.49 of the smallest subnormal each round to 0 and the bias is -1 of
+    it: the computed pre-activation is -1, the exact one +48, but the relative rounding bound
+    is 0 there: the ReLU looked dead (a bound of 0), or half on. The exact network is on at
+    x0 and stays on over the (tiny) ball: its local constant is ||w||."""
+    n, w = 100, 2.0 ** -480
+    x0 = [math.ldexp(0.49, -594)] * n
+    m = nn.Sequential(_lin([[w] * n], [-2.0 ** -1074]), nn.ReLU(),
+                      _lin([[1.0]], [0.0])).to(DT).eval()
+    assert _exact_forward(m, x0)[0] > 0
+    eps = 2.0 ** -700
+    res = Analyzer(m, (n,)).local_bound(torch.tensor([x0], dtype=DT), eps)
+    assert Fraction(res.value) ** 2 >= n * Fraction(w) ** 2
+
+
+def test_nominal_error_not_lost_when_squared() -> None:
+    """The first layer's rounding error (exact 2^-704, computed 0, bound about 2^-651) is
+    below 1e-154: torch's norm of it is 0, so the nominal error was lost, and a row of 2^500
+    whose computed pre-activation is -2^-300 (exact +2^-204) looked dead (a bound of 0)."""
+    s = 2.0 ** -600
+    a = 1.0 + 2.0 ** -52
+    x0 = [s * a, s * (1.0 + 2.0 ** -51)]
+    # two equal rows: torch's norm of a single entry is its magnitude, of two it squares
+    m = nn.Sequential(_lin([[a, -1.0], [a, -1.0]], [0.0, 0.0]), nn.ReLU(),
+                      _lin([[2.0 ** 500, 0.0]], [-2.0 ** -300]), nn.ReLU(),
+                      _lin([[1.0]], [0.0])).to(DT).eval()
+    an = Analyzer(m, (2,))
+    x0t = torch.tensor([x0], dtype=DT)
+    assert float(an.forward(x0t)[0, 0]) == 0.0 and _exact_forward(m, x0)[0] > 0
+    eps = 2.0 ** -900
+    step = Fraction(eps) / 2  # x = x0 + step (1, -1): in the ball, and the ReLUs stay on
+    low = _ratio_sq(m, x0, [Fraction(x0[0]) + step, Fraction(x0[1]) - step])
+    assert low > 0
+    assert Fraction(an.local_bound(x0t, eps).value) ** 2 >= low
+    exact_out = _exact_forward(m, x0)[0]
+    assert Fraction(an.nominal_error(x0t)[1]) >= abs(exact_out)

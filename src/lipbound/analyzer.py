@@ -26,6 +26,7 @@ from ._progress import NULL_BAR, NullBar, progress_bar
 from .blocks import TINY_WEIGHT, AffineBlock, Block, PoolBlock, build_blocks
 from .errors import ExactRouteTooLarge, InputError, UnsupportedModelError
 from .graph import trace_model, x0_shape_hint
+from .ops.base import MIN_NORMAL, UNDERFLOW, norm_up, product_up
 from .ops.conv import ConvOp, circulant_hint, circulant_probe
 from .ops.dense import DenseProducts
 from .ops.linear import LinearOp
@@ -101,13 +102,21 @@ def _check_magnitudes(blocks: list[Block]) -> None:
     for b in blocks:
         if not isinstance(b, AffineBlock):
             continue
-        # each part a factor of every entry; a part's alternatives (a product of layers' matrix
-        # and its rounding bound, whose sum the row norms square) share one smallest magnitude
-        parts: list[tuple[Tensor | None, ...]] = [(b.s_in,), (b.s_out,)]
+        # each part a factor of every entry, in the order the row norms multiply their
+        # squares (AffineBlock.sq_rows: s_in², then the weights', out_scale², s_out²); a
+        # part's alternatives (a product of layers' matrix and its rounding bound, whose sum
+        # the row norms square) share one smallest magnitude
+        parts: list[tuple[Tensor | None, ...]] = [(b.s_in,)]
         if b.mixing is not None:
             parts += [(getattr(b.mixing, "weight", None), getattr(b.mixing, "err", None)),
                       (getattr(b.mixing, "out_scale", None),)]
+        parts.append((b.s_out,))
         low_all = 1.0
+        # every square is formed alone, and the partial products in that order: each part's
+        # smallest magnitude and each running product must stay above TINY_WEIGHT, not only
+        # the whole product (a batch-norm scale 1e-200 before a layer of 1e100: coefficients
+        # 1e-100, but the scale's square is 0 and the bound was 0)
+        low_min = 1.0
         for alternatives in parts:
             low = math.inf
             for j, t in enumerate(alternatives):
@@ -125,9 +134,10 @@ def _check_magnitudes(blocks: list[Block]) -> None:
                         low = min(low, float(a.min()))
             if math.isfinite(low):
                 low_all *= low
-        if low_all < TINY_WEIGHT:
-            bad.append(f"{b.name} (smallest nonzero |coefficient| {low_all:.3g}, weights "
-                       "times folded scales)")
+                low_min = min(low_min, low, low_all)
+        if low_min < TINY_WEIGHT:
+            bad.append(f"{b.name} (smallest nonzero |coefficient| {low_min:.3g}, weights "
+                       "times folded scales, or a scale or partial product alone)")
     if huge:
         raise InputError("non-finite coefficients (inf/nan) in " + ", ".join(dict.fromkeys(huge))
                          + ": a product of consecutive layers overflows float64; rescale "
@@ -453,7 +463,9 @@ class Analyzer:
         delta = 0.0
         for b, f in zip(self.blocks, facs, strict=True):
             x, rho = b.forward_rounding(x)
-            delta = f.value * delta + float(rho.norm()) if delta > 0 else float(rho.norm())
+            # (no square or product lost below the normal range: rounded up, scaled)
+            rn = norm_up(rho) * (1 + 1e-9)
+            delta = product_up((f.value, delta)) + rn if delta > 0 else rn
             if isinstance(b, AffineBlock) and b.relu:
                 x = torch.relu(x)
         g = combine_guarantees([f.guarantee for f in facs]) if facs else Guarantee.CERTIFIED
@@ -703,9 +715,9 @@ class Analyzer:
             with self._bar(progress, "global bound", blocks) as bar:
                 facs = self._global_factors(key, blocks, bar)
         layers = []
-        value = 1.0
+        # rounded up: a product below the normal range would round on its grid, or to 0
+        value = product_up(f.value for f in facs)
         for i, (b, f) in enumerate(zip(blocks, facs, strict=True)):
-            value *= f.value
             layers.append(LayerFactor(i, b.name, b.kind, math.nan, f.value, math.nan,
                                       f.guarantee, f.failure_prob, f.method, b.in_dim,
                                       b.out_dim))
@@ -756,7 +768,7 @@ class Analyzer:
                                       sb.failure_prob, sb.method, int((d > 0).sum()),
                                       int((d_out > 0).sum())))
             bounds.append(sb)
-            eps_k = eps_k * sb.value
+            eps_k = product_up((eps_k, sb.value))  # (rounded up below the normal range)
             d = d_out
         return layers, bounds, (x, d, eps_k, nom)
 
@@ -795,8 +807,12 @@ class Analyzer:
         dl, eta = nom
         local = rho  # the block's own rounding and the error of the non-movable inputs
         if eta > 0:
-            local = local + b.row_abs().to(rho.device) * (eta * (1 + 1e-6))
-        e_out = local + rn * (dl * (1 + 1e-6)) if dl > 0 else local
+            # (+ UNDERFLOW: the product's rounding below the normal range)
+            local = local + b.row_abs().to(rho.device) * (eta * (1 + 1e-6)) + UNDERFLOW
+        # (+ 2 UNDERFLOW: the products' rounding below the normal range, here and in ybar's
+        # eps_k * rn, where rounding 1.4 of the smallest subnormal down to 1 made a row look
+        # dead that turns on)
+        e_out = (local + rn * (dl * (1 + 1e-6)) if dl > 0 else local) + 2 * UNDERFLOW
         if b.relu:
             # rule 3 with float64 safety margins (a larger ybar, and a larger y0 below the
             # kink, only raise the slope): the nominal pass's rounding e_out, absolute, and a
@@ -820,14 +836,15 @@ class Analyzer:
         may_be_on = (y_hi >= 0) if b.relu else torch.ones_like(moving)
         on_d = may_be_on & (d_out > 0)
         off_d = may_be_on & ~(d_out > 0)
-        dl_out = float(torch.where(on_d, local, 0.0).norm()) * (1 + 1e-6)
+        # scaled before squaring: torch's norm of entries below 1e-154 is 0
+        dl_out = norm_up(torch.where(on_d, local, 0.0)) * (1 + 1e-6)
         eta_out = float(torch.where(off_d, e_out, 0.0).max()) if bool(off_d.any()) else 0.0
         del may_be_on, on_d, off_d, local, e_out, rho
         if b.relu:
             del y_hi, ybar
         sb, d_out, x_next = self._affine_factor(b, i, r, d, d_out, x_next, rn, delta, gfac, key)
         if dl > 0:
-            dl_out += sb.value * dl * (1 + 1e-6)
+            dl_out += product_up((sb.value, dl, 1 + 1e-6))
         return sb, d_out, x_next, (dl_out, eta_out)
 
     def _affine_factor(self, b: AffineBlock, i: int, r: Tensor, d: Tensor, d_out: Tensor,
@@ -1071,12 +1088,12 @@ class Analyzer:
         with self._bar(progress, "local bound", blocks) as bar:
             layers, bounds, state = self._propagate(key, blocks, x0, eps, bar=bar)
         nominal = self._nominal_total(state[3], state[1])
-        value = math.prod(sb.value for sb in bounds)
+        value = product_up(sb.value for sb in bounds)  # (rounded up below the normal range)
         g = combine_guarantees([sb.guarantee for sb in bounds]) if bounds else Guarantee.EXACT
         fp = min(1.0, sum(sb.failure_prob for sb in bounds))
         notes = list(self.notes)
         if key in self._global:
-            gv = math.prod(f.value for f in self._global[key])
+            gv = product_up(f.value for f in self._global[key])
             gg = combine_guarantees([f.guarantee for f in self._global[key]])
             if gv < value and (gg == Guarantee.CERTIFIED or g != Guarantee.CERTIFIED):
                 notes.append("the global bound was smaller than the layer-wise local product "
@@ -1114,7 +1131,7 @@ class Analyzer:
             raise InputError("local_bound_rows needs a model whose last layer is affine")
         layers, bounds, (x, d, eps_k, nom) = self._propagate(key, blocks, x0, eps,
                                                               stop_before_last=True)
-        prefix = math.prod(sb.value for sb in bounds)
+        prefix = product_up(sb.value for sb in bounds)  # (rounded up below the normal range)
         m = last.out_dim
         eye = torch.eye(m, dtype=torch.float64, device=self.device)
         rowsv = last.lin_t(eye) * d  # (m, in_dim): rows of A D
@@ -1127,15 +1144,21 @@ class Analyzer:
         # ||e_j^T A D|| Δ + |e_j^T A|_1 η + ρ_j of the computed one
         rows_at_x0, rho = last.forward_rounding(x)
         dl, eta = nom
-        nominal = norms * dl + rho.reshape(-1)
+        # (+ UNDERFLOW: the products' rounding below the normal range)
+        nominal = norms * dl + rho.reshape(-1) + 2 * UNDERFLOW
         if eta > 0:
             nominal = nominal + last.row_abs().to(nominal.device) * eta
         nominal = nominal * (1 + 1e-6)
+        values = norms * prefix
+        low = (values < MIN_NORMAL) & (norms > 0)
+        if prefix > 0 and bool(low.any()):  # rounded up below the normal range (or to 0)
+            for j in torch.nonzero(low).reshape(-1).tolist():
+                values[j] = product_up((float(norms[j]), prefix))
         g = combine_guarantees([sb.guarantee for sb in bounds]) if bounds else \
             Guarantee.CERTIFIED
         fp = 0.0 if g == Guarantee.CERTIFIED else min(1.0, sum(sb.failure_prob
                                                                for sb in bounds))
-        return RowBounds(values=(norms * prefix).cpu(), guarantee=g, failure_prob=fp,
+        return RowBounds(values=values.cpu(), guarantee=g, failure_prob=fp,
                          prefix=tuple(layers), eps=eps, nominal_error=nominal.cpu(),
                          nominal_values=rows_at_x0.reshape(-1).cpu())
 

@@ -198,7 +198,9 @@ class AffineBlock:
         # NaN: an infinite entry times a zero of a mask, an unknown error, not none
         t = rows.sqrt().nan_to_num(math.inf, math.inf)
         if r is not None:
-            t = t * r
+            # a row with r = 0 adds nothing, even where its bound is infinite (inf * 0 = NaN
+            # would make the maximum NaN, and the whole error norm look like none)
+            t = torch.where(r > 0, t * r, 0.0)
         # the rows' norms are normal (every nonzero entry of the bound, times the scales, is at
         # least TINY_WEIGHT), but r may be tiny: scaled by the largest before squaring, so a
         # square lost below the normal range is a negligible part of the sum

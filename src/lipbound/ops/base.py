@@ -31,6 +31,63 @@ def gamma(n: int) -> float:
     return nu / (1.0 - nu) if nu < 0.5 else math.inf
 
 
+UNDERFLOW = 2.0 ** -1074
+"""The smallest positive float64 (subnormal). A product below the normal range is rounded on
+the subnormal grid, an absolute error up to half of this that no relative bound (``γ_n``)
+covers; the rounding bounds of the nominal forward pass add a multiple of it."""
+
+MIN_NORMAL = 2.0 ** -1022
+"""The smallest positive normal float64."""
+
+
+def product_up(values) -> float:
+    """An upper bound on the exact product of non-negative upper bounds (layer factors, radii).
+    A plain float64 product is returned while every partial product stays normal (the factors'
+    own relative margins cover its few roundings); one that falls below the normal range
+    (rounded on the subnormal grid, or to 0: seven factors of ``1e-50`` gave 0) is formed from
+    the mantissas and exponents apart and rounded up. 0 when a factor is 0 (the composed map
+    is then constant, whatever the others; ``0 * inf`` would be NaN)."""
+    vals = [float(v) for v in values]
+    if any(v == 0.0 for v in vals):
+        return 0.0
+    p, low = 1.0, False
+    for v in vals:
+        p *= v
+        low = low or p < MIN_NORMAL
+    if not low or math.isnan(p) or any(math.isinf(v) for v in vals):
+        return p
+    m, e = 1.0, 0
+    for v in vals:
+        fm, fe = math.frexp(v)
+        m, de = math.frexp(m * fm)
+        e += fe + de
+    m *= 1.0 + 4.0 * (len(vals) + 2) * 2.0 ** -53  # the mantissas' roundings
+    if e > 1024:
+        return math.inf
+    p = math.ldexp(m, e)  # rounded on the subnormal grid (or to 0) when below it
+    return math.nextafter(p, math.inf) if p < MIN_NORMAL else p
+
+
+def norm_up(t: Tensor) -> float:
+    """The L2 norm of ``t`` computed without underflow: scaled by its largest magnitude before
+    squaring (``torch``'s norm squares directly: entries below ``1e-154`` count as 0, and a
+    vector of ``1e-200`` has norm 0). ``inf`` for an infinite or NaN entry. Callers add their
+    relative margin for the rounding."""
+    if t.numel() == 0:
+        return 0.0
+    plain = float(t.norm())
+    if 2.0 ** -400 <= plain < math.inf:
+        # squares lost below the normal range (each < 2^-1022) are a negligible part of it
+        return plain
+    a = t.abs()
+    top = float(a.max())
+    if top == 0.0:
+        return 0.0
+    if not math.isfinite(top):
+        return math.inf
+    return top * math.sqrt(float(((a / top) ** 2).sum()))
+
+
 def tensor_device(obj: object) -> torch.device | None:
     """The device of the first tensor attribute of ``obj`` (an op), or None without one."""
     for v in vars(obj).values():
@@ -156,7 +213,11 @@ class MixingOp(Op):
         v = float((e + g * x[0].abs()).max())
         out = (self.row_abs() * v).reshape(self.out_shape)
         b = self._bias_abs()
-        return out if b is None else out + g * b
+        out = out if b is None else out + g * b
+        # products below the normal range round absolutely (up to UNDERFLOW / 2 each): the
+        # n of the output, and the few of this bound (a product of 100 terms of 0.49 of the
+        # smallest subnormal each, and a bias of -1 of it, was computed as -1, exactly +48)
+        return out + (n + 4) * UNDERFLOW
 
     def to(self, device: torch.device) -> Op:
         self._row_abs = None
@@ -182,7 +243,8 @@ class DiagOp(Op):
 
     def forward_error(self, x: Tensor, y: Tensor, e: Tensor) -> Tensor:
         s = self.scale.abs()
-        return s * e + gamma(2) * (s * x[0].abs() + self.shift.abs())
+        # (+ UNDERFLOW: the products' absolute rounding below the normal range)
+        return s * e + gamma(2) * (s * x[0].abs() + self.shift.abs()) + 4 * UNDERFLOW
 
 
 class ReshapeOp(Op):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from .base import MixingOp, gamma
+from .base import UNDERFLOW, MixingOp, gamma
 from .dense import DenseProducts
 
 
@@ -100,7 +100,8 @@ class LinearOp(MixingOp):
         matrix's and bias's distance from the exact ones (``err |x| + bias_err``)."""
         out = super().forward_error(x, y, e)
         if self.err is not None:
-            out = out + ((e + x[0].abs()) @ self.err.T) * (1.0 + 2.0 * gamma(self.in_dim))
+            out = out + ((e + x[0].abs()) @ self.err.T) * (1.0 + 2.0 * gamma(self.in_dim)) \
+                + (self.in_dim + 2) * UNDERFLOW  # (its products' rounding below the normal range)
         if self.bias_err is not None:
             out = out + self.bias_err
         return out
