@@ -423,3 +423,17 @@ def test_nominal_error_not_lost_when_squared() -> None:
     assert Fraction(an.local_bound(x0t, eps).value) ** 2 >= low
     exact_out = _exact_forward(m, x0)[0]
     assert Fraction(an.nominal_error(x0t)[1]) >= abs(exact_out)
+
+
+def test_slope_when_the_upper_limit_is_far_from_the_nominal_value() -> None:
+    """y0 = -a (a = 9e298) and eps ||a_i|| just below the largest float: ȳ is finite and
+    positive, but ȳ - y0 overflows, and the slope ȳ / inf was 0: a bound of 0 for a network of
+    local constant 3.3e150 (its ReLU turns on at x = eps)."""
+    big = 1.7976931348623157e308
+    a, w = 0.5e-9 * big, 2.0 ** 500
+    eps = math.nextafter(big - a, 0.0) / w
+    m = nn.Sequential(_lin([[w]], [-a]), nn.ReLU(), _lin([[1.0]], [0.0])).to(DT).eval()
+    low = _ratio_sq(m, [0.0], [eps])
+    assert low > 0
+    res = Analyzer(m, (1,)).local_bound(torch.zeros(1, 1, dtype=DT), eps)
+    assert Fraction(res.value) ** 2 >= low

@@ -108,7 +108,9 @@ def _check_magnitudes(blocks: list[Block]) -> None:
         # the row norms square) share one smallest magnitude
         parts: list[tuple[Tensor | None, ...]] = [(b.s_in,)]
         if b.mixing is not None:
-            parts += [(getattr(b.mixing, "weight", None), getattr(b.mixing, "err", None)),
+            # (a spatial matrix's coefficients, adaptive average pooling, are its pmat)
+            weight = getattr(b.mixing, "weight", getattr(b.mixing, "pmat", None))
+            parts += [(weight, getattr(b.mixing, "err", None)),
                       (getattr(b.mixing, "out_scale", None),)]
         parts.append((b.s_out,))
         low_all = 1.0
@@ -819,10 +821,15 @@ class Analyzer:
             # relative margin for the row norms and this arithmetic
             y_hi = y0 + e_out
             ybar = y_hi + eps_k * rn + SAFETY * (y0.abs() + eps_k * rn)
+            den = ybar - y_hi
             r = torch.where(y_hi >= 0, torch.ones_like(y0),
-                            torch.where(ybar > 0, ybar / (ybar - y_hi), torch.zeros_like(y0)))
-            # a radius or row norm beyond float64 (ȳ = inf, inf / inf): the slope's limit 1
-            r = torch.where(torch.isinf(ybar) | torch.isnan(r), torch.ones_like(r), r)
+                            torch.where(ybar > 0, ybar / den, torch.zeros_like(y0)))
+            # a radius or row norm beyond float64 (ȳ = inf, inf / inf), or a finite ȳ whose
+            # distance from y_hi overflows (ȳ / inf = 0 dropped a row that turns on: a bound
+            # of 0 for a network of local constant 3e150): the slope's limit 1
+            r = torch.where(torch.isinf(ybar) | torch.isinf(den) | torch.isnan(r),
+                            torch.ones_like(r), r)
+            del den
             r = torch.where(moving, r, torch.zeros_like(r))
             d_out = ((ybar > 0) & moving).to(torch.float64)
             x_next = torch.relu(y0).reshape(1, *b.out_shape)
