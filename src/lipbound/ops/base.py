@@ -50,11 +50,15 @@ def product_up(values) -> float:
     vals = [float(v) for v in values]
     if any(v == 0.0 for v in vals):
         return 0.0
+    if any(math.isnan(v) for v in vals):
+        return math.nan
+    if any(math.isinf(v) for v in vals):
+        return math.inf  # (not the NaN of a partial product rounded to 0, times inf)
     p, low = 1.0, False
     for v in vals:
         p *= v
         low = low or p < MIN_NORMAL
-    if not low or math.isnan(p) or any(math.isinf(v) for v in vals):
+    if not low:
         return p
     m, e = 1.0, 0
     for v in vals:
