@@ -492,3 +492,46 @@ def test_local_bound_below_the_normal_range_random(seed: int) -> None:
         s = Fraction(eps) / (math.isqrt(int(nd)) + 1) * Fraction(rng.choice([1, 2, 8, 1000]), 1000)
         x = [Fraction(a) + s * di for a, di in zip(x0, d, strict=True)]
         assert Fraction(value) ** 2 >= _ratio_sq(m, x0, x)
+
+
+def test_local_bound_refused_when_the_forward_pass_at_x0_overflows() -> None:
+    """x0 = 1e10 into a weight -1e300: the pre-activation is -inf in float64 (exactly -1e310),
+    its rounding bound inf, and y0 + e = NaN made the ReLU look off: a bound of 0, though
+    x = x0 - 1e11 turns it on (a ratio of 9e299). The float64 nominal values are needed:
+    refused."""
+    m = nn.Sequential(_lin([[-1e300]], [0.0]), nn.ReLU(), _lin([[1.0]], [0.0])).to(DT).eval()
+    assert _ratio_sq(m, [1e10], [Fraction(1e10) - Fraction(1e11)]) > 0
+    an = Analyzer(m, (1,))
+    with pytest.raises(InputError, match="forward pass at x0 overflows"):
+        an.local_bound(torch.tensor([[1e10]], dtype=DT), 1e11)
+
+
+def test_margin_rows_after_a_constant_layer_with_an_infinite_row_norm() -> None:
+    """A ReLU that stays off over the ball (a factor 0) before a last layer of 1e200 (its row
+    norms overflow to inf): each row's bound is 0 (the last layer's input is constant), not
+    the NaN of inf * 0."""
+    m = nn.Sequential(_lin([[1.0]], [-10.0]), nn.ReLU(),
+                      _lin([[1e200], [-1e200]], [0.0, 0.0])).to(DT).eval()
+    rb = Analyzer(m, (1,)).local_bound_rows(torch.zeros(1, 1, dtype=DT), 1.0,
+                                            torch.eye(2, dtype=DT))
+    assert rb.values.tolist() == [0.0, 0.0]
+    assert not bool(torch.isnan(rb.nominal_error).any())
+
+
+def test_margin_row_of_norm_zero_after_an_infinite_prefix() -> None:
+    """Two factors of 1e200 overflow the prefix product to inf; a row of the certificate
+    whose last-layer norm is 0 (it reads a zero weight) is constant: 0, not inf * 0 = NaN."""
+    m = nn.Sequential(_lin([[1e200]], [-1e250]), nn.ReLU(), _lin([[1e200]], [1.0]), nn.ReLU(),
+                      _lin([[1.0], [0.0]], [0.0, 0.0])).to(DT).eval()
+    rb = Analyzer(m, (1,)).local_bound_rows(torch.zeros(1, 1, dtype=DT), 1e60,
+                                            torch.eye(2, dtype=DT))
+    assert rb.values.tolist() == [math.inf, 0.0]
+
+
+def test_local_bound_with_a_zero_factor_after_an_overflowing_product() -> None:
+    """Factors 1e200, 1e200 (their product inf), then a layer of weight 0 (factor 0): the
+    network is constant over the ball, so its bound is 0, not inf * 0 = NaN."""
+    m = nn.Sequential(_lin([[1e200]], [-1e250]), nn.ReLU(), _lin([[1e200]], [1.0]), nn.ReLU(),
+                      _lin([[0.0]], [1.0]), nn.ReLU(), _lin([[1.0]], [0.0])).to(DT).eval()
+    res = Analyzer(m, (1,)).local_bound(torch.zeros(1, 1, dtype=DT), 1e60)
+    assert res.value == 0.0

@@ -800,6 +800,12 @@ class Analyzer:
         every sign in VGG-16's last layers)."""
         y0, rho = b.forward_rounding(x)
         y0 = y0.reshape(-1)
+        if not bool(torch.isfinite(y0).all()):
+            # an inf or NaN pre-activation (inf - inf, inf * 0 further on) has no sign: its
+            # ReLU looked off (NaN comparisons are false), and the bound was 0
+            raise InputError(f"the float64 forward pass at x0 overflows (inf/NaN "
+                             f"pre-activations in layer {b.name}): the local bound needs "
+                             "its values; rescale the input or the weights")
         rn = torch.sqrt(b.sq_rows(d.unsqueeze(0))[0].clamp_min(0))
         # a square beyond float64 (a weight above 1.3e154) makes a row norm inf, or NaN where
         # it meets a zero of the mask or of a convolution's padding (inf * 0): such a row may
@@ -1142,7 +1148,9 @@ class Analyzer:
         m = last.out_dim
         eye = torch.eye(m, dtype=torch.float64, device=self.device)
         rowsv = last.lin_t(eye) * d  # (m, in_dim): rows of A D
-        norms = rowsv.norm(dim=1)
+        # NaN: an infinite entry times a zero of the mask, a row that may move by an unknown
+        # amount
+        norms = rowsv.norm(dim=1).nan_to_num(math.inf, math.inf)
         err = last.err_rows(d)  # the rounding of a matrix formed as a product of layers
         if err is not None:
             norms = norms + err
@@ -1152,11 +1160,15 @@ class Analyzer:
         rows_at_x0, rho = last.forward_rounding(x)
         dl, eta = nom
         # (+ UNDERFLOW: the products' rounding below the normal range)
-        nominal = norms * dl + rho.reshape(-1) + 2 * UNDERFLOW
+        nominal = (norms * dl if dl > 0 else 0.0) + rho.reshape(-1) + 2 * UNDERFLOW
         if eta > 0:
             nominal = nominal + last.row_abs().to(nominal.device) * eta
         nominal = nominal * (1 + 1e-6)
-        values = norms * prefix
+        # a factor 0 before the last layer (its input is constant): every row's is 0, also
+        # where the last layer's row norm is infinite (inf * 0 was NaN)
+        values = norms * prefix if prefix > 0 else torch.zeros_like(norms)
+        # (and a row of norm 0 is constant, even after an infinite factor)
+        values = torch.where(norms == 0, 0.0, values)
         low = (values < MIN_NORMAL) & (norms > 0)
         if prefix > 0 and bool(low.any()):  # rounded up below the normal range (or to 0)
             for j in torch.nonzero(low).reshape(-1).tolist():
