@@ -535,3 +535,27 @@ def test_local_bound_with_a_zero_factor_after_an_overflowing_product() -> None:
                       _lin([[0.0]], [1.0]), nn.ReLU(), _lin([[1.0]], [0.0])).to(DT).eval()
     res = Analyzer(m, (1,)).local_bound(torch.zeros(1, 1, dtype=DT), 1e60)
     assert res.value == 0.0
+
+
+@pytest.mark.parametrize("method", ["global", "local", "margin"])
+def test_radius_with_margins_below_the_normal_range(method: str) -> None:
+    """Logits of 2^-1070 (margin 2^-1069, subnormal): the radius stays below the exact
+    distance to a class change (x0 itself), and the global radius's search for the largest
+    r with r L < t in floats ends (one ulp of r at a time moved the subnormal product only
+    every ~2^50 steps: it never returned)."""
+    import signal
+
+    w, x0 = 2.0 ** -480, 2.0 ** -590
+    m = nn.Sequential(_lin([[w], [-w]], [0.0, 0.0])).to(DT).eval()
+    an = Analyzer(m, (1,))
+
+    def hang(*_):
+        raise TimeoutError("the radius search did not end")
+    old = signal.signal(signal.SIGALRM, hang)
+    signal.alarm(60)
+    try:
+        r = certified_radius(an, torch.tensor([[x0]], dtype=DT), method=method)
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, old)
+    assert 0 < r.radius < x0

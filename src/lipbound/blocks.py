@@ -35,8 +35,9 @@ TINY_WEIGHT = 1e-150
 """Nonzero linear coefficients below this magnitude are refused (:func:`lipbound.analyzer.
 _check_magnitudes`): their squares (row norms) would underflow in float64 and make a moving row
 look constant. The row norms square each folded scale alone and multiply the squares in turn,
-so each scale and each partial product is held to it too. A product of layers whose matrix or entrywise rounding bound has a nonzero
-below it is not formed (:func:`_fits_squares`): the layers stay separate."""
+so each scale and each partial product is held to it too. A product of layers whose matrix or
+entrywise rounding bound has a nonzero below it is not formed (:func:`_fits_squares`): the
+layers stay separate."""
 
 DENSE_COMPOSE_BATCH = 1 << 22
 """Most entries of one batch of basis vectors' images while composing (32 MiB in float64): the

@@ -532,8 +532,12 @@ def _global_radius(an: Analyzer, pb: _Problem, tol: float, t0: float,
         r = math.inf
     else:
         r = t / lg
+        steps = 0
         while r > 0 and not r * lg < t:  # strict inequality in floats
-            r = math.nextafter(r, 0.0)
+            # an ulp at a time, then geometrically: a threshold below the normal range moves
+            # only every ~2^50 ulps of r (one ulp at a time never ended)
+            r = math.nextafter(r, 0.0) if steps < 8 else r * (1.0 - 2.0 ** min(steps - 60, -1))
+            steps += 1
     if r > max_eps:
         r = max_eps
         det["reason"] = f"capped at max_eps={max_eps:g}"
