@@ -466,7 +466,7 @@ class Analyzer:
         for b, f in zip(self.blocks, facs, strict=True):
             x, rho = b.forward_rounding(x)
             # (no square or product lost below the normal range: rounded up, scaled)
-            rn = norm_up(rho) * (1 + 1e-9)
+            rn = norm_up(rho)
             delta = product_up((f.value, delta)) + rn if delta > 0 else rn
             if isinstance(b, AffineBlock) and b.relu:
                 x = torch.relu(x)
