@@ -578,6 +578,8 @@ class Analyzer:
             extra = b.err_norm() if isinstance(b, AffineBlock) else 0.0
             if extra > 0 and not math.isinf(out[i].value):
                 out[i] = replace(out[i], value=out[i].value + extra)
+            if isinstance(b, AffineBlock) and b.fold_factor > 1.0:  # folded layers' rounding
+                out[i] = replace(out[i], value=out[i].value * b.fold_factor)
         self._global[key] = out
         return out
 
@@ -586,7 +588,7 @@ class Analyzer:
         if isinstance(b, PoolBlock):
             v = b.op.global_constant()
             return SpectralBound(v, Guarantee.CERTIFIED, 0.0, "closed-form", v)
-        if b.mixing is None:
+        if b.mixing is None:  # (its folded layers' rounding: _global_factors multiplies)
             s = b.s_in
             v = float(s.abs().max()) * (1 + SAFETY) if s is not None else 1.0
             return SpectralBound(v, Guarantee.CERTIFIED, 0.0, "closed-form", v)
@@ -871,6 +873,7 @@ class Analyzer:
             s_ = b.s_in.abs() if b.s_in is not None else torch.ones_like(r)
             gmax = float(s_.max()) * (1 + SAFETY) if b.s_in is not None else 1.0
             v = min(float((r * s_ * d).max()) * (1 + SAFETY), gmax) if r.numel() else 0.0
+            v *= b.fold_factor  # (the folded layers' own rounding: their exact scales)
             return SpectralBound(v, Guarantee.CERTIFIED, 0.0, "closed-form", v), d_out, x_next
         cols, rows = _positive(d), _positive(r)
         # ||R A D||_F, scaled by its largest row so that no square underflows (r may be tiny)
@@ -951,6 +954,8 @@ class Analyzer:
         extra = b.err_norm(r, d)  # the rounding of a matrix formed as a product of layers
         if extra > 0 and not math.isinf(sb.value):
             sb = replace(sb, value=sb.value + extra)
+        if b.fold_factor > 1.0:  # the folded layers' (batch norm's) own rounding
+            sb = replace(sb, value=sb.value * b.fold_factor)
         if sb.vector is not None:
             self._warm[warm_key] = sb.vector
         self._remember(memo_key, r, d, sb)
@@ -1154,7 +1159,7 @@ class Analyzer:
         err = last.err_rows(d)  # the rounding of a matrix formed as a product of layers
         if err is not None:
             norms = norms + err
-        norms = norms * (1 + SAFETY)
+        norms = norms * ((1 + SAFETY) * last.fold_factor)
         # the rows' nominal values (the last block computes C f): the exact row j is within
         # ||e_j^T A D|| Δ + |e_j^T A|_1 η + ρ_j of the computed one
         rows_at_x0, rho = last.forward_rounding(x)

@@ -81,6 +81,13 @@ class AffineBlock:
             s_out = None
         self.s_in: Tensor | None = None if s_in is None or bool((s_in == 1).all()) else s_in
         self.s_out: Tensor | None = None if s_out is None or bool((s_out == 1).all()) else s_out
+        # the exact scales of folded layers are within fold_rel of the stored ones: every
+        # norm of the block's exact matrix is at most this factor times the stored one's
+        fold = 1.0
+        for op in ops:
+            if isinstance(op, DiagOp) and op.fold_rel > 0.0:
+                fold *= 1.0 + op.fold_rel
+        self.fold_factor = fold * (1.0 + 4.0 * len(ops) * 2.0 ** -53) if fold > 1.0 else 1.0
 
     @property
     def name(self) -> str:
@@ -352,6 +359,14 @@ def _factors(op: Op) -> list[tuple[bool, float, float]]:
     raise TypeError(f"cannot compose {op!r}")
 
 
+def _folded(op: Op) -> bool:
+    """Whether ``op`` is a diagonal layer folded from a formula (batch norm, normalisation)
+    whose rounding it carries (:class:`~lipbound.ops.base.DiagOp`, ``fold_rel``): a product
+    of layers through it would need that error in its own rounding bound; such runs stay
+    separate instead."""
+    return isinstance(op, DiagOp) and (op.fold_rel > 0.0 or op.shift_err is not None)
+
+
 def _fits_squares(*ts: Tensor) -> bool:
     """Whether every nonzero entry of the tensors is at least :data:`TINY_WEIGHT` in magnitude
     (their squares stay normal). A product of layers can have smaller entries (cancellation),
@@ -405,7 +420,7 @@ def _compose_linear_run(ops: list[Op]) -> list[Op]:
                 w1, b1 = first.weight, first.bias
                 p1, q1, k1 = absprod.get(id(first), (first.weight.abs(), first.bias.abs(),
                                                      first.in_dim + 1))
-                normal = True
+                normal = not any(_folded(d) for d in out[j + 1:])
                 for d in out[j + 1:]:
                     if isinstance(d, DiagOp):
                         s, t = d.scale.reshape(-1), d.shift.reshape(-1)
@@ -416,7 +431,9 @@ def _compose_linear_run(ops: list[Op]) -> list[Op]:
                         k1 += 2
                         b1 = b1 * s + t
                 if not (normal and all(_normal_products(op.weight, v) for v in (w1, p1, q1, b1))):
-                    out.append(op)  # a product could underflow: the layers stay separate
+                    # a product could underflow, or a folded layer's error is not in its
+                    # rounding bound: the layers stay separate
+                    out.append(op)
                     continue
                 p = op.weight.abs() @ p1
                 q = op.weight.abs() @ q1 + op.bias.abs()
@@ -451,6 +468,8 @@ def _dense_compose(ops: list[Op], transposed: bool | None = None) -> list[Op] | 
     every product normal (:data:`MIN_NORMAL_EXPONENT`); where they may not,
     the other way round is tried (by default), and the run stays separate when neither way
     (or the bias chain) passes."""
+    if any(_folded(op) for op in ops):
+        return None  # a folded layer's own error is not in the product's rounding bound
     in_shape, out_shape = ops[0].in_shape, ops[-1].out_shape
     n_in, n_out = math.prod(in_shape), math.prod(out_shape)
     if n_in * n_out > DENSE_COMPOSE_LIMIT:

@@ -233,14 +233,26 @@ class MixingOp(Op):
 
 
 class DiagOp(Op):
-    """y = scale * x + shift with ``scale`` broadcastable to the input shape."""
+    """y = scale * x + shift with ``scale`` broadcastable to the input shape.
+
+    ``fold_rel`` and ``shift_err`` (optional): for a layer whose exact map is not this
+    float64 one but a formula it was folded from (batch norm ``γ (x - μ) / sqrt(σ² + eps) +
+    β``, normalisation ``(x - mean) / std``), the exact scale is within ``fold_rel |scale|``
+    and the exact shift within ``shift_err`` (broadcastable) of the stored ones. The nominal
+    pass's rounding bound adds them (:meth:`forward_error`), and every layer factor of a
+    block holding such a layer is multiplied by ``1 + fold_rel``
+    (:attr:`lipbound.blocks.AffineBlock.fold_factor`)."""
 
     kind = "diag"
 
-    def __init__(self, name: str, in_shape: tuple[int, ...], scale: Tensor, shift: Tensor):
+    def __init__(self, name: str, in_shape: tuple[int, ...], scale: Tensor, shift: Tensor,
+                 fold_rel: float = 0.0, shift_err: Tensor | None = None):
         super().__init__(name, in_shape, in_shape)
         self.scale = torch.broadcast_to(scale, in_shape).contiguous()
         self.shift = torch.broadcast_to(shift, in_shape).contiguous()
+        self.fold_rel = float(fold_rel)
+        self.shift_err = None if shift_err is None else \
+            torch.broadcast_to(shift_err, in_shape).contiguous()
 
     def forward(self, x: Tensor) -> Tensor:
         return x * self.scale + self.shift
@@ -248,7 +260,15 @@ class DiagOp(Op):
     def forward_error(self, x: Tensor, y: Tensor, e: Tensor) -> Tensor:
         s = self.scale.abs()
         # (+ UNDERFLOW: the products' absolute rounding below the normal range)
-        return s * e + gamma(2) * (s * x[0].abs() + self.shift.abs()) + 4 * UNDERFLOW
+        out = s * e + gamma(2) * (s * x[0].abs() + self.shift.abs()) + 4 * UNDERFLOW
+        if self.fold_rel > 0.0 or self.shift_err is not None:
+            # the exact layer's own scale and shift: |s* x* - s x| <= |s*| |x* - x| +
+            # |s* - s| |x|, and |t* - t|; (1 + γ_4) covers this bound's arithmetic
+            fold = (s * self.fold_rel) * (e + x[0].abs())
+            if self.shift_err is not None:
+                fold = fold + self.shift_err
+            out = out + fold * (1.0 + gamma(4))
+        return out
 
 
 class ReshapeOp(Op):

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .base import DiagOp, ReLUOp, ReshapeOp
+from .base import DiagOp, ReLUOp, ReshapeOp, gamma
 
 
 def batchnorm_rule(module: nn.Module, name: str, in_shape, out_shape) -> DiagOp:
@@ -21,14 +21,25 @@ def batchnorm_rule(module: nn.Module, name: str, in_shape, out_shape) -> DiagOp:
     var = module.running_var.detach().to(torch.float64)
     mean = module.running_mean.detach().to(torch.float64)
     inv = 1.0 / torch.sqrt(var + module.eps)
-    gamma = (module.weight.detach().to(torch.float64) if module.weight is not None
+    g_w = (module.weight.detach().to(torch.float64) if module.weight is not None
              else torch.ones(c, dtype=torch.float64, device=var.device))
     beta = (module.bias.detach().to(torch.float64) if module.bias is not None
             else torch.zeros(c, dtype=torch.float64, device=var.device))
-    scale = gamma * inv
+    scale = g_w * inv
     shift = beta - mean * scale
+    # the fold's own rounding, against the exact formula on the (float64-exact) parameters:
+    # σ² + eps, the square root, the reciprocal and the product with γ each round once, so
+    # scale = s* (1 + θ) with |θ| <= γ_4 (the square root halves the sum's error), and
+    # |s* - scale| <= γ_5 |scale|; the shift rounds twice more (μ scale, β - that), and
+    # carries μ times the scale's error: |t* - shift| <= γ_3 (|β| + |μ scale|) + γ_5 |μ scale|
+    # (plus the smallest subnormal, for products below the normal range)
+    fold_rel = gamma(5)
+    ms = (mean * scale).abs()
+    shift_err = (gamma(3) * (beta.abs() + ms) + gamma(5) * ms) * (1.0 + gamma(4)) \
+        + 4 * 2.0 ** -1074
     view = (c,) + (1,) * (len(in_shape) - 1)
-    return DiagOp(name, tuple(in_shape), scale.view(view), shift.view(view))
+    return DiagOp(name, tuple(in_shape), scale.view(view), shift.view(view),
+                  fold_rel=fold_rel, shift_err=shift_err.view(view))
 
 
 def normalize_rule(module: nn.Module, name: str, in_shape, out_shape) -> DiagOp:
@@ -37,7 +48,11 @@ def normalize_rule(module: nn.Module, name: str, in_shape, out_shape) -> DiagOp:
     std = module.std.detach().to(torch.float64)
     scale = torch.broadcast_to(1.0 / std, in_shape)
     shift = torch.broadcast_to(-mean / std, in_shape)
-    return DiagOp(name, tuple(in_shape), scale, shift)
+    # the fold's rounding against the exact (x - mean) / std: 1 / std and mean / std round
+    # once each, |s* - scale| <= γ_2 |scale| and |t* - shift| <= γ_2 |shift| (plus the
+    # smallest subnormal, for quotients below the normal range)
+    return DiagOp(name, tuple(in_shape), scale, shift, fold_rel=gamma(2),
+                  shift_err=gamma(2) * shift.abs() + 2 * 2.0 ** -1074)
 
 
 def identity_rule(module: nn.Module | None, name: str, in_shape, out_shape) -> DiagOp:
