@@ -62,14 +62,16 @@ one. highspy returns HiGHS's dual bound at the time limit also when HiGHS has no
 point yet; scipy 1.17's ``milp`` returns none then, which on networks of a few hundred
 hidden units is the rule. Measured with HiGHS 1.16 (highspy) and scipy 1.17.1, random nets
 (``N(0, 1/fan_in)`` weights), l_inf box: 10-100-100-100-1, half-width 0.5, 5 s: scipy no
-value (``TimeLimitError``), highspy the dual bound 532.6 (half-width 0.05: 246.1), against
-1.147 for the centre's pattern (a verified lower bound) and 1111 for the product of the
-absolute weight matrices -- certified, but loose; 8-16-16-1, half-width 0.5, 0.05 s: scipy
-no value, highspy 11.1, exact 2.352 (3 s). With highspy the MILP also gets a feasible
-start, the pattern at ``x0`` with its gradient, checked in float64 first: HiGHS then has
-an incumbent (when its pattern is verified inside its region, the notes give its value as a
-lower bound), but in these runs the start did not tighten the dual bound or shorten the
-solves. HiGHS's ``threads`` option is left at its default.
+value (``TimeLimitError``), highspy the dual bound 532.6 (after 0.1 s none yet, after 0.3
+s 1064.9; half-width 0.05, 5 s: 246.1), against 1.147 for the centre's pattern (a verified
+lower bound) and 1111 for the product of the absolute weight matrices -- certified, but
+loose; 8-16-16-1, half-width 0.5, 0.05 s: scipy no value, highspy 11.1, exact 2.352 (3 s).
+With highspy the MILP also gets a feasible start, the pattern at ``x0`` with its gradient,
+checked in float64 first: HiGHS then has an incumbent (when its pattern is verified inside
+its region, the notes give its value as a lower bound), but in these runs the start did
+not tighten the dual bound or shorten the solves. HiGHS's ``threads`` option is left at
+its default.
+
 HiGHS uses absolute tolerances (feasibility 1e-7), so the MILP is
 posed on an exactly rescaled network (powers of two: input box of half-width in [0.5, 1),
 every layer's largest weight in [0.5, 1)), and the reported value is the larger of HiGHS's
