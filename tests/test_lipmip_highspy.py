@@ -73,6 +73,21 @@ def test_highspy_and_scipy_agree_with_pattern_enumeration(input_norm):
     assert nonzero >= 3  # the reference is not trivially zero
 
 
+@needs_highspy
+def test_tiny_matrix_entries_are_accepted():
+    """Entries below HiGHS's 1e-9 (which it drops with a warning, not an error): the highspy
+    path runs and agrees with scipy's (found on a converted conv net, where passModel's
+    warning was first taken for a refusal)."""
+    layers = random_layers(6, [3, 4, 3, 1])
+    layers[1][0][0, :2] = [3e-12, -2e-11]
+    x0 = np.array([0.1, 0.4, -0.3])
+    rh = lipmip(layers, x0, 0.5, solver="highspy")
+    rs = lipmip(layers, x0, 0.5, solver="scipy")
+    assert abs(rh.value - rs.value) <= 1e-7 * rs.value
+    want = enumerate_box_gradients(layers, np.ones(1), x0, 0.5, "l1")
+    assert want <= rh.value <= want * (1 + 2e-6) + 1e-9
+
+
 def _stopped(layers, x0, eps, limits, **kw):
     """lipmip at the first of ``limits`` (s) at which HiGHS stops on its time limit with a
     dual bound (an earlier one may end before the root LP: a TimeLimitError)."""

@@ -767,7 +767,8 @@ def _solve_highspy(hs: Any, milp: _LipMip, x0: np.ndarray, deadline: Deadline
         h.setOptionValue("time_limit", float(max(deadline.remaining(), 1e-3)))
         h.setOptionValue("mip_rel_gap", 1e-9)
         h.setOptionValue("presolve", presolve)
-        if h.passModel(lp) != hs.HighsStatus.kOk:
+        # a warning (kWarning) is HiGHS dropping matrix entries below 1e-9, as scipy's does
+        if h.passModel(lp) == hs.HighsStatus.kError:
             raise LipboundError("lipMIP: highspy refused the MILP (passModel)")
         if start is not None:
             sol = hs.HighsSolution()
