@@ -88,6 +88,27 @@ def test_tiny_matrix_entries_are_accepted():
     assert want <= rh.value <= want * (1 + 2e-6) + 1e-9
 
 
+def test_tiny_matrix_entries_are_relaxed_not_dropped():
+    """HiGHS ignores constraint entries below 1e-9, solving a different MILP whose maximum
+    need not bound the true one. lipbound drops them itself and widens each such row by the
+    most the dropped terms can contribute (a relaxation): every row of the model's MILP holds
+    on every point of the posed one's bounds that satisfies the posed row."""
+    layers = random_layers(6, [3, 4, 3, 1])
+    layers[1][0][0, :2] = [3e-12, -2e-11]
+    milp = exact_mod._LipMip(layers, np.array([0.1, 0.4, -0.3]), 0.5, "l1")
+    cons = milp.constraints()
+    mat = sparse.csr_array(cons.A)
+    assert not np.any((mat.data != 0) & (np.abs(mat.data) <= exact_mod._MIP_SMALL))
+    lb, ub = np.array(milp.lb), np.array(milp.ub)
+    widened = 0
+    for i, (coef, lo_i, hi_i) in enumerate(milp.rows):
+        small = {j: v for j, v in coef.items() if 0 < abs(v) <= exact_mod._MIP_SMALL}
+        most = sum(abs(v) * max(abs(lb[j]), abs(ub[j])) for j, v in small.items())
+        assert cons.lb[i] <= lo_i - most and cons.ub[i] >= hi_i + most
+        widened += bool(small)
+    assert widened >= 1
+
+
 def _stopped(layers, x0, eps, limits, **kw):
     """lipmip at the first of ``limits`` (s) at which HiGHS stops on its time limit with a
     dual bound (an earlier one may end before the root LP: a TimeLimitError)."""

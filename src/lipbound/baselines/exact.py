@@ -682,6 +682,11 @@ def _solve_scipy(milp: _LipMip, deadline: Deadline) -> _MipOutcome:
 
 #: a start point of the MILP is passed to HiGHS only when its float64 violation of every
 #: bound, constraint (relative) and integrality is at most this
+_MIP_SMALL = 1e-8
+"""Constraint coefficients at most this large are dropped from the MILP, the row's bounds
+widened by their largest contribution (HiGHS ignores entries below 1e-9 itself, silently
+changing the problem; ``_LipMip.constraints``)."""
+
 _START_TOL = 1e-9
 
 
@@ -982,10 +987,21 @@ class _LipMip:
             return self._cons
         r, cidx, vals, lo, hi = [], [], [], [], []
         for i, (coef, lo_i, hi_i) in enumerate(self.rows):
+            slack = 0.0
             for j, v in coef.items():
+                if v != 0.0 and abs(v) <= _MIP_SMALL:
+                    # HiGHS drops such entries, which changes the MILP; dropped here instead,
+                    # with the row widened by the most the term can contribute: a relaxation,
+                    # so the maximum (and every dual bound) can only grow
+                    slack += abs(v) * max(abs(self.lb[j]), abs(self.ub[j]))
+                    continue
                 r.append(i)
                 cidx.append(j)
                 vals.append(v)
+            if slack > 0.0:
+                slack *= 1.0 + 1e-12  # the sum's rounding
+                lo_i = float(np.nextafter(lo_i - slack, -np.inf))
+                hi_i = float(np.nextafter(hi_i + slack, np.inf))
             lo.append(lo_i)
             hi.append(hi_i)
         mat = sparse.csr_array((vals, (r, cidx)), shape=(len(self.rows), len(self.lb)))
