@@ -630,8 +630,14 @@ def lipmip(net: nn.Module | Sequence[tuple[Any, Any]], x0: Any, eps: float, *,
     # HiGHS's dual bound is computed to its tolerances, not exactly: a relative cushion of
     # 1e-6 (ten times the feasibility tolerance on the rescaled, unit-sized problem)
     upper = round_up(max(solver_upper, attained) * (1 + _MIP_MARGIN))
-    notes.append(f"HiGHS optimal ({out.solver}): the constant lies in [{attained:.12g}, "
-                 f"{upper:.12g}] (value of the optimal pattern, MILP dual bound)")
+    if ok:
+        notes.append(f"HiGHS optimal ({out.solver}): the constant lies in [{attained:.12g}, "
+                     f"{upper:.12g}] (value of the optimal pattern, realised in the box; MILP "
+                     "dual bound)")
+    else:  # a pattern not shown to occur in the box bounds nothing from below
+        notes.append(f"HiGHS optimal ({out.solver}): the constant is at most {upper:.12g} "
+                     f"(MILP dual bound); the optimal pattern's gradient norm is "
+                     f"{attained:.12g}, but the pattern was not verified to occur in the box")
     # the gap is HiGHS's tolerance (integrality 1e-6 times a big-M coefficient)
     if ok and upper <= attained * (1 + 1e-5):
         notes.append(f"maximiser verified strictly inside its region; witness x = "
