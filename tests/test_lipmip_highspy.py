@@ -67,7 +67,7 @@ def test_highspy_and_scipy_agree_with_pattern_enumeration(input_norm):
             assert r.guarantee in (Guarantee.EXACT, Guarantee.CERTIFIED)
         assert abs(rh.value - rs.value) <= 1e-7 * max(rs.value, 1e-12)
         want = enumerate_box_gradients(layers, c, x0, eps, dual)
-        assert want <= rh.value <= want * (1 + 2e-6) + 1e-9
+        assert want <= rh.value <= want * (1 + 1e-5) + 1e-9
         assert _sampled(layers, c, x0, eps, dual) <= rh.value
         nonzero += want > 0
     assert nonzero >= 3  # the reference is not trivially zero
@@ -85,7 +85,7 @@ def test_tiny_matrix_entries_are_accepted():
     rs = lipmip(layers, x0, 0.5, solver="scipy")
     assert abs(rh.value - rs.value) <= 1e-7 * rs.value
     want = enumerate_box_gradients(layers, np.ones(1), x0, 0.5, "l1")
-    assert want <= rh.value <= want * (1 + 2e-6) + 1e-9
+    assert want <= rh.value <= want * (1 + 1e-5) + 1e-9
 
 
 def test_tiny_matrix_entries_are_relaxed_not_dropped():
@@ -185,7 +185,7 @@ def test_without_highspy_the_scipy_path_is_taken(monkeypatch):
     assert "via scipy" in " ".join(r.notes)
     assert r.guarantee in (Guarantee.EXACT, Guarantee.CERTIFIED)
     want = enumerate_box_gradients(layers, c, x0, 0.5, "l1")
-    assert want <= r.value <= want * (1 + 2e-6) + 1e-9
+    assert want <= r.value <= want * (1 + 1e-5) + 1e-9
     with pytest.raises(InputError, match="highspy"):
         lipmip(layers, x0, 0.5, c=c, solver="highspy")
     with pytest.raises(InputError, match="solver must be"):
@@ -257,3 +257,69 @@ def test_highspy_prints_no_banner_on_stdout():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          env=env, timeout=120, check=True)
     assert out.stdout == "EXACT\n", out.stdout
+
+
+def _tiny_gradient_net(t: float) -> list:
+    """f(x) = relu(t relu(x) + 1/2) on x in [-1, 1] (a dead second unit keeps each layer's
+    largest weight 1): the constant is t, attained for x > 0, and the interval bounds
+    know it (no unit of layer 2 is undecided)."""
+    return [(np.array([[1.0], [-1.0]]), np.zeros(2)),
+            (np.array([[t, 0.0], [0.0, 1.0]]), np.array([0.5, -5.0])),
+            (np.array([[1.0, 0.0]]), np.zeros(1))]
+
+
+@pytest.mark.parametrize("solver", ["highspy", "scipy"])
+@pytest.mark.parametrize("input_norm", ["linf", "l1"])
+def test_a_constant_below_highs_absolute_tolerances_is_not_reported_as_zero(solver,
+                                                                            input_norm):
+    """HiGHS's tolerances are absolute (feasibility 1e-7, integrality 1e-6): with weights
+    of order 1, an optimum of a few 1e-7 came back as 0 with dual bound 0 (the value -0.0,
+    for t = 3e-6 and below; EXACT on random nets with tiny weights). The value is now at
+    least the true constant: the output layer is scaled up (by at most 2^20) until the
+    objective's interval bound is about 1, and an absolute cushion of 1e-6 on the rescaled
+    MILP covers the rest (then CERTIFIED, not EXACT)."""
+    if solver == "highspy" and exact_mod._highspy() is None:
+        pytest.skip("highspy (the mip extra) is not installed")
+    x0 = np.zeros(1)
+    for t in (3e-6, 1e-6, 1e-9, 1e-13):
+        layers = _tiny_gradient_net(t)
+        assert _sampled(layers, np.ones(1), x0, 1.0, "l1") == t  # the true constant
+        r = lipmip(layers, x0, 1.0, input_norm=input_norm, solver=solver)
+        assert r.value >= t, (t, r.value, r.notes)
+        assert math.copysign(1.0, r.value) == 1.0  # not -0.0
+        assert r.guarantee in (Guarantee.EXACT, Guarantee.CERTIFIED)
+        if t >= 1e-6 or r.guarantee is Guarantee.EXACT:  # scaled up 2^20: solved closely
+            assert r.value <= t * (1 + 1e-5), (t, r.value)
+        assert r.value <= 1e-5  # the cushion is absolute but small (1e-6 on the MILP)
+
+
+@pytest.mark.parametrize("solver", ["highspy", "scipy"])
+def test_random_net_with_tiny_weights_is_not_exact_zero(solver):
+    """Found by random testing: a 2-3-3-3-1 net whose third layer has entries of 1e-9..1e-8
+    (the only paths to the output through units active together): both solvers returned
+    -0.0 labelled EXACT, while gradients of 1.4e-10 occur strictly inside the box."""
+    if solver == "highspy" and exact_mod._highspy() is None:
+        pytest.skip("highspy (the mip extra) is not installed")
+    layers = [
+        (np.array([[-0.1977017906266141, 0.28332295135822794],
+                   [-0.18123173056670203, -0.3077470288277483],
+                   [-0.5515164799824137, -0.1921630684317923]]),
+         np.array([0.013011236371904022, -0.1631276507446735, -0.04074607018540469])),
+        (np.array([[-1.1312298030050356, 0.2480063455272228, -0.11065480867778536],
+                   [0.7279179056275674, 0.4058919999590003, -0.11176901941503664],
+                   [0.6952228613311797, 0.2414113230750537, 1.060643752393242]]),
+         np.array([-0.2210614022690002, 0.3872162390429223, 0.6816950482111745])),
+        (np.array([[0.004935855946187597, -6.256121659817726e-09, -3.0028076191715976e-10],
+                   [0.10802457318661475, -1.098371267282261, -0.08080507542792054],
+                   [-4.22641931660049e-09, 1.0125150207216809, -0.5376022675087223]]),
+         np.array([0.3990323693101314, -0.1190746409010613, -0.12373723855886656])),
+        (np.array([[-0.05765003815741332, 1.1360421673846683, 0.19240744938922544]]),
+         np.array([0.19488451107500995]))]
+    x0, c = np.array([0.8098404060668424, 0.3398969196630097]), np.array([1.7791917853316335])
+    low = _sampled(layers, c, x0, 0.3, "l1", n=20000)
+    assert low > 1e-10  # a float64 forward/backward pass at a point of the box
+    want = enumerate_box_gradients(layers, c, x0, 0.3, "l1")
+    r = lipmip(layers, x0, 0.3, c=c, solver=solver)
+    assert r.value >= max(want, low), (r.value, want, low, r.guarantee)
+    if r.guarantee is Guarantee.EXACT:
+        assert r.value <= want * (1 + 1e-5)

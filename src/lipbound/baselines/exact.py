@@ -72,12 +72,18 @@ its region, the notes give its value as a lower bound), but in these runs the st
 not tighten the dual bound or shorten the solves. HiGHS's ``threads`` option is left at
 its default.
 
-HiGHS uses absolute tolerances (feasibility 1e-7), so the MILP is
+HiGHS uses absolute tolerances (feasibility 1e-7, integrality 1e-6), so the MILP is
 posed on an exactly rescaled network (powers of two: input box of half-width in [0.5, 1),
-every layer's largest weight in [0.5, 1)), and the reported value is the larger of HiGHS's
-dual bound and the attained value, times ``1 + 1e-6``: "exact" means within that stated
-margin of the attained value, and the value rests on HiGHS's optimum being right to 1e-6
-relative (not a proof with constants, unlike the other certified baselines).
+every layer's largest weight in [0.5, 1), and the output layer then scaled up, by at most
+2^20, until the objective at ``x0``'s pattern is about 1 while its interval bound stays
+below 2^10), and the reported value is the larger of HiGHS's dual bound and the attained
+value, times ``1 + 1e-6``, plus ``1e-6`` in the rescaled MILP's units. Without the last two
+an optimum of a few 1e-7 there came back as 0 (a net whose constant is 3e-6; random nets
+with weights of 1e-9 in a middle layer got -0.0 labelled exact). "exact" means that the
+value is at most ``1 + 1e-5`` times the attained value of a pattern verified strictly inside
+its region in the box; the value rests on HiGHS's optimum being right to those cushions
+(not a proof with constants, unlike the other certified baselines). When the interval
+bounds of the gradient over the box are 0 the value is 0 (exact) without HiGHS.
 """
 
 from __future__ import annotations
@@ -514,7 +520,8 @@ def lipmip(net: nn.Module | Sequence[tuple[Any, Any]], x0: Any, eps: float, *,
         A :class:`~lipbound.results.BoundResult` (``norm`` ``"linf->abs"`` or
         ``"l1->abs"``); EXACT when verified, CERTIFIED if the maximiser is degenerate or
         HiGHS stopped at ``time_limit`` with a dual bound (then the value is that bound,
-        times ``1 + 1e-6``). A note names the solver.
+        times ``1 + 1e-6``, plus ``1e-6`` in the rescaled MILP's units). A note names the
+        solver.
 
     Raises:
         TimeLimitError: HiGHS reached ``time_limit`` before it had a dual bound (the retry
@@ -582,6 +589,27 @@ def lipmip(net: nn.Module | Sequence[tuple[Any, Any]], x0: Any, eps: float, *,
         sc_layers.append((np.ldexp(w_k, -e_k), np.ldexp(b, -cum)))
     xs0, eps_s = np.ldexp(xc, -s_in), math.ldexp(eps, -s_in)
     milp = _LipMip(sc_layers, xs0, eps_s, dual)
+    # HiGHS's tolerances are absolute, so a small optimum is solved only roughly (one of a
+    # few 1e-7 came back as 0): the output layer is scaled up by a power of two (exact, as
+    # above) until the interval bound of the objective is about 1 (at most 2^_MIP_UP, which
+    # keeps the gradient variables' bounds moderate); what is left is the absolute
+    # cushion _MIP_ABS
+    bound = dual_norm(np.maximum(np.abs(milp.gl), np.abs(milp.gu)))
+    if bound == 0.0:
+        # every term of the interval bounds is zero (each is a sum of terms of one sign):
+        # the gradient is 0 on the box (e.g. a layer whose units are all inactive there)
+        return result(0.0, Guarantee.EXACT, ["the interval bounds of the gradient over the "
+                                             "box are 0: f is constant there"])
+    # the objective at x0's pattern (a lower end of the optimum, in the MILP's units): scaled
+    # up to about 1 as well, while the interval bound stays below 2^10
+    at_x0 = float(milp.objective() @ milp.start(xs0))
+    target = max(at_x0, math.ldexp(bound, -10)) if at_x0 > 0.0 else bound
+    up = max(0, min(-int(np.frexp(target)[1]), _MIP_UP))
+    if up > 0:
+        w_k, b_k = sc_layers[-1]
+        sc_layers[-1] = (np.ldexp(w_k, up), np.ldexp(b_k, up))
+        shift -= up
+        milp = _LipMip(sc_layers, xs0, eps_s, dual)
     deadline = Deadline(time_limit, "lipMIP")
     hs = _highspy() if solver != "scipy" else None
     if solver == "highspy" and hs is None:
@@ -609,7 +637,8 @@ def lipmip(net: nn.Module | Sequence[tuple[Any, Any]], x0: Any, eps: float, *,
         if out.status == "time_limit" and out.dual_bound is not None:
             # stopped at the time limit with a dual bound: an upper bound on the maximum
             # (to HiGHS's tolerances, the same cushion as an optimal run's), not exact
-            upper = round_up(math.ldexp(-out.dual_bound, shift) * (1 + _MIP_MARGIN))
+            upper = round_up(math.ldexp(max(-out.dual_bound, 0.0), shift) * (1 + _MIP_MARGIN)
+                             + math.ldexp(_MIP_ABS, shift))
             more = [f"HiGHS ({out.solver}) stopped at the time limit of "
                     f"{deadline.time_limit:g} s: the value is the MILP dual bound, not the "
                     "exact constant (raise time_limit to close the gap)"]
@@ -628,8 +657,11 @@ def lipmip(net: nn.Module | Sequence[tuple[Any, Any]], x0: Any, eps: float, *,
     solver_upper = math.ldexp(max(-out.dual_bound if out.dual_bound is not None else fun,
                                   fun), shift)
     # HiGHS's dual bound is computed to its tolerances, not exactly: a relative cushion of
-    # 1e-6 (ten times the feasibility tolerance on the rescaled, unit-sized problem)
-    upper = round_up(max(solver_upper, attained) * (1 + _MIP_MARGIN))
+    # 1e-6 and an absolute one of 1e-6 on the rescaled, unit-sized problem (ten times the
+    # feasibility tolerance; HiGHS's tolerances are absolute, so an optimum below a few
+    # 1e-7 there came back as 0)
+    upper = round_up(max(solver_upper, attained, 0.0) * (1 + _MIP_MARGIN)
+                     + math.ldexp(_MIP_ABS, shift))
     if ok:
         notes.append(f"HiGHS optimal ({out.solver}): the constant lies in [{attained:.12g}, "
                      f"{upper:.12g}] (value of the optimal pattern, realised in the box; MILP "
@@ -808,6 +840,14 @@ def _solve_highspy(hs: Any, milp: _LipMip, x0: np.ndarray, deadline: Deadline
 
 #: relative cushion on HiGHS's optimum in :func:`lipmip` (covers its tolerances)
 _MIP_MARGIN = 1e-6
+
+#: absolute cushion on HiGHS's optimum, in the units of the rescaled MILP (unit-sized box
+#: and weights), where its absolute tolerances act: an optimum of 4e-7 there (a net whose
+#: constant is 3e-6) came back as 0 with dual bound 0
+_MIP_ABS = 1e-6
+
+#: the most the output layer is scaled up in :func:`lipmip` (a power of two)
+_MIP_UP = 20
 
 
 def _pattern_gradient(layers: FCLayers, pattern: Sequence[np.ndarray]) -> np.ndarray:
