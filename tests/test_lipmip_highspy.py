@@ -323,3 +323,28 @@ def test_random_net_with_tiny_weights_is_not_exact_zero(solver):
     assert r.value >= max(want, low), (r.value, want, low, r.guarantee)
     if r.guarantee is Guarantee.EXACT:
         assert r.value <= want * (1 + 1e-5)
+
+
+def test_banner_silencing_from_two_threads_keeps_stdout():
+    """Two threads building their first Highs at once (lipmip from a thread pool): the
+    second saved fd 1 while it pointed at /dev/null and restored that, so the process's
+    stdout stayed at /dev/null. Run in a subprocess with a slow stand-in for highspy."""
+    code = ("import os, threading, time, types\n"
+            "import lipbound.baselines.exact as E\n"
+            "class H:\n"
+            "    def __init__(self):\n"
+            "        time.sleep(0.3)\n"
+            "    def setOptionValue(self, *a):\n"
+            "        pass\n"
+            "hs = types.SimpleNamespace(Highs=H)\n"
+            "ts = [threading.Thread(target=E._new_highs, args=(hs,)) for _ in range(2)]\n"
+            "for t in ts:\n"
+            "    t.start()\n"
+            "    time.sleep(0.05)\n"
+            "for t in ts:\n"
+            "    t.join()\n"
+            "os.write(1, b'still visible\\n')\n")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         env=env, timeout=120, check=True)
+    assert out.stdout == "still visible\n", out.stdout

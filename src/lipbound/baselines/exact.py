@@ -90,6 +90,7 @@ from __future__ import annotations
 
 import logging
 import math
+import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -738,12 +739,24 @@ def _highspy() -> Any | None:
 
 
 _banner_done = False
+#: serialises the redirection of file descriptor 1 in :func:`_new_highs`: two threads doing
+#: it at once left the second one's saved copy (of /dev/null) restored, stdout lost for good
+_banner_lock = threading.Lock()
 
 
 def _new_highs(hs: Any) -> Any:
     """A silent ``highspy.Highs``. Its first construction in a process prints HiGHS's banner
     on the C stdout (no option reaches it), which would corrupt ``--json`` output, so that
     one is built with file descriptor 1 pointed at /dev/null (and C's stdio flushed)."""
+    with _banner_lock:
+        h = _first_highs(hs)
+    h.setOptionValue("output_flag", False)
+    return h
+
+
+def _first_highs(hs: Any) -> Any:
+    """``hs.Highs()``, the first one of the process with fd 1 at /dev/null (under
+    ``_banner_lock``)."""
     global _banner_done
     if _banner_done:
         h = hs.Highs()
@@ -757,8 +770,10 @@ def _new_highs(hs: Any) -> Any:
             sys.stdout.flush()
             saved = os.dup(1)
             null = os.open(os.devnull, os.O_WRONLY)
-            os.dup2(null, 1)
-            os.close(null)
+            try:
+                os.dup2(null, 1)
+            finally:
+                os.close(null)
         except (OSError, ValueError, AttributeError):  # no usable fd 1: banner it is
             if saved >= 0:
                 os.close(saved)
@@ -774,7 +789,6 @@ def _new_highs(hs: Any) -> Any:
                 os.dup2(saved, 1)
                 os.close(saved)
         _banner_done = True
-    h.setOptionValue("output_flag", False)
     return h
 
 
