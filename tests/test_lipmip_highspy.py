@@ -348,3 +348,20 @@ def test_banner_silencing_from_two_threads_keeps_stdout():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          env=env, timeout=120, check=True)
     assert out.stdout == "still visible\n", out.stdout
+
+
+def test_zero_only_exact_when_a_layer_is_dead_not_by_cancellation():
+    """A hidden layer all inactive on the box: 0, exact, without HiGHS. A gradient that is 0
+    in float64 only by cancellation (2^-104 in exact arithmetic: (1 + 2^-52)^2 rounds to
+    1 + 2^-51) is not reported as 0."""
+    dead = [(np.array([[1.0], [-1.0]]), np.array([-5.0, -5.0])),
+            (np.array([[1.0, 1.0]]), np.zeros(1))]
+    r = lipmip(dead, np.zeros(1), 1.0)
+    assert r.value == 0.0 and r.guarantee is Guarantee.EXACT
+    a = 1 + 2.0 ** -52
+    layers = [(np.array([[a], [-(1 + 2.0 ** -51)]]), np.array([10.0, 10.0])),
+              (np.array([[a, 1.0]]), np.zeros(1))]
+    assert (layers[1][0] @ layers[0][0])[0, 0] == 0.0  # float64 says constant
+    for solver in ("auto", "scipy"):
+        r = lipmip(layers, np.zeros(1), 1.0, solver=solver)
+        assert r.value >= 2.0 ** -104 and r.guarantee is Guarantee.CERTIFIED

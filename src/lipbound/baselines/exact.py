@@ -82,8 +82,9 @@ an optimum of a few 1e-7 there came back as 0 (a net whose constant is 3e-6; ran
 with weights of 1e-9 in a middle layer got -0.0 labelled exact). "exact" means that the
 value is at most ``1 + 1e-5`` times the attained value of a pattern verified strictly inside
 its region in the box; the value rests on HiGHS's optimum being right to those cushions
-(not a proof with constants, unlike the other certified baselines). When the interval
-bounds of the gradient over the box are 0 the value is 0 (exact) without HiGHS.
+(not a proof with constants, unlike the other certified baselines). When every unit of a
+hidden layer is inactive on the box (by the interval bounds) the value is 0, exact, without
+HiGHS.
 """
 
 from __future__ import annotations
@@ -596,11 +597,11 @@ def lipmip(net: nn.Module | Sequence[tuple[Any, Any]], x0: Any, eps: float, *,
     # keeps the gradient variables' bounds moderate); what is left is the absolute
     # cushion _MIP_ABS
     bound = dual_norm(np.maximum(np.abs(milp.gl), np.abs(milp.gu)))
-    if bound == 0.0:
-        # every term of the interval bounds is zero (each is a sum of terms of one sign):
-        # the gradient is 0 on the box (e.g. a layer whose units are all inactive there)
-        return result(0.0, Guarantee.EXACT, ["the interval bounds of the gradient over the "
-                                             "box are 0: f is constant there"])
+    if any(not np.any(f) for f in milp.fixed):
+        # a layer whose units are all inactive on the box (by the interval bounds the MILP
+        # rests on): f is constant there (a zero bound by cancellation would not show this)
+        return result(0.0, Guarantee.EXACT, ["every unit of a hidden layer is inactive on "
+                                             "the box (interval bounds): f is constant there"])
     # the objective at x0's pattern (a lower end of the optimum, in the MILP's units): scaled
     # up to about 1 as well, while the interval bound stays below 2^10
     at_x0 = float(milp.objective() @ milp.start(xs0))
