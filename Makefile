@@ -12,7 +12,7 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q --upgrade pip
 	# the CPU wheel of torch is installed first so that torch>=2.1 is already met
 	$(BIN)/python -m pip install -q torch==2.13.0
-	$(BIN)/python -m pip install -q -e '.[test,sdp]'
+	$(BIN)/python -m pip install -q -e '.[test,sdp,mip]'
 	touch $(STAMP)
 
 install: $(STAMP)

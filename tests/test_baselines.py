@@ -484,7 +484,7 @@ def _check_lipmip(layers: list, x0: np.ndarray, eps: float, c: np.ndarray,
     dual = "l1" if input_norm == "linf" else "linf"
     want = enumerate_box_gradients(layers, c, x0, eps, dual)
     assert want <= res.value
-    assert res.value <= want * (1 + 1e-6) + 1e-9
+    assert res.value <= want * (1 + 1e-5) + 1e-9
     rng = np.random.default_rng(0)
     xs = x0 + eps * (2 * rng.random((3000, x0.size)) - 1)
     cl = [*layers[:-1], (c[None, :] @ layers[-1][0], c[None, :] @ layers[-1][1])]
@@ -534,7 +534,7 @@ def test_unrealisable_pattern_is_not_counted():
     x0 = np.array([0.1])
     mip = lipmip(layers, x0, 0.5, c=np.ones(1))
     assert mip.guarantee is Guarantee.EXACT
-    assert 1.0 <= mip.value <= 1.0 + 2e-6  # lipMIP's stated margin: 1e-6 on HiGHS's optimum
+    assert 1.0 <= mip.value <= 1.0 + 1e-5  # lipMIP's EXACT margin: 1e-5 over the attained value
     ex = exact_local_l2_detailed(layers, x0, 0.5)
     assert ex.bound.guarantee is Guarantee.EXACT
     assert ex.lower <= 1.0 <= ex.bound.value <= 1.0 + 2e-9  # the norms' margin: 1e-9

@@ -165,9 +165,10 @@ def test_cli_time_limit_reaches_the_rivals(capsys):
 
 
 def test_lipmip_at_its_time_limit_reports_the_dual_bound_or_no_row_value(monkeypatch):
-    """lipMIP stopped by its time limit: with a MILP dual bound, that bound (mapped back from
-    the rescaled MILP) is a certified upper bound, at least the exact constant; without one, a
-    TimeLimitError (compare: a "not run" row), never a NaN "estimate"."""
+    """lipMIP stopped by its time limit (scipy's path, without highspy): with a MILP dual
+    bound, that bound (mapped back from the rescaled MILP) is a certified upper bound, at least
+    the exact constant; without one, a TimeLimitError (compare: a "not run" row), never a NaN
+    "estimate"."""
     from scipy import optimize
 
     import lipbound.baselines.exact as exact_mod
@@ -179,7 +180,7 @@ def test_lipmip_at_its_time_limit_reports_the_dual_bound_or_no_row_value(monkeyp
                               torch.nn.ReLU(), torch.nn.Linear(6, 3)).eval()
     c = torch.tensor([1.0, -1.0, 0.0])
     x0 = torch.randn(1, 5, generator=torch.Generator().manual_seed(1))
-    exact = lipmip(net, x0, 0.7, c=c, time_limit=60)
+    exact = lipmip(net, x0, 0.7, c=c, time_limit=60, solver="scipy")
     assert exact.guarantee in (Guarantee.EXACT, Guarantee.CERTIFIED)
     real = optimize.milp
 
@@ -191,6 +192,8 @@ def test_lipmip_at_its_time_limit_reports_the_dual_bound_or_no_row_value(monkeyp
                 mip_dual_bound=dual(res), mip_gap=None, mip_node_count=0)
         return milp
 
+    # scipy's path, the one taken without highspy
+    monkeypatch.setattr(exact_mod, "_highspy", lambda: None)
     monkeypatch.setattr(exact_mod.optimize, "milp", stopped_with(lambda r: r.mip_dual_bound))
     r = lipmip(net, x0, 0.7, c=c, time_limit=60)
     assert r.guarantee is Guarantee.CERTIFIED and "stopped at the time limit" in r.notes[-1]

@@ -34,7 +34,9 @@ Every rival takes ``time_limit`` in seconds (default: none; the exact methods 60
 checked between its steps (:mod:`lipbound.baselines.deadline`): a method that reaches it
 raises :class:`~lipbound.baselines.deadline.TimeLimitError` (a ``LipboundError``) instead of
 returning a value; ``lipmip`` hands the limit to HiGHS and, when HiGHS stops on it with a
-MILP dual bound, returns that bound (CERTIFIED) instead.
+MILP dual bound, returns that bound (CERTIFIED) instead (through highspy, the ``mip`` extra,
+HiGHS has one once it has bounded its root relaxation; through scipy only with a feasible
+point).
 
 Every baseline refuses (``InputError``) magnitudes at which float64 would under- or
 overflow inside it (:func:`~lipbound.baselines.fc.check_range`: rows, ``eps`` and ``|x0|`` in

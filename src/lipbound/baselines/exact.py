@@ -46,7 +46,8 @@ the Local Lipschitz Constant of ReLU Networks*, NeurIPS 2020): for a scalar outp
 
 (input norm l_inf, so the gradient's dual norm l1; ``input_norm="l1"`` gives the dual
 ``||grad g||_inf``). As in lipMIP, this is a mixed-integer linear program solved with HiGHS
-(:func:`scipy.optimize.milp`): binaries ``a`` encode the ReLU pattern with big-M
+(through highspy, the ``mip`` extra, when it is installed, else
+:func:`scipy.optimize.milp`): binaries ``a`` encode the ReLU pattern with big-M
 constraints from interval bounds over the box; the gradient is propagated backwards
 through the pattern (``v_k = a_k * g_k`` by big-M on interval bounds of ``g_k``); the
 dual norm of the gradient is maximised with sign binaries. At a kink (pre-activation 0)
@@ -57,18 +58,40 @@ point strictly inside its region (in the box) is found by a linear program and c
 a forward pass. EXACT when that succeeds and the MILP's dual bound matches the attained
 value; CERTIFIED (the dual bound) if the maximiser's region is degenerate, or if HiGHS
 stops at the time limit with a dual bound; a ``TimeLimitError`` if it stops there without
-one. HiGHS uses absolute tolerances (feasibility 1e-7), so the MILP is
+one. highspy returns HiGHS's dual bound at the time limit also when HiGHS has no feasible
+point yet; scipy 1.17's ``milp`` returns none then, which on networks of a few hundred
+hidden units is the rule. Measured with HiGHS 1.16 (highspy) and scipy 1.17.1, random nets
+(``N(0, 1/fan_in)`` weights), l_inf box: 10-100-100-100-1, half-width 0.5, 5 s: scipy no
+value (``TimeLimitError``), highspy the dual bound 532.6 (after 0.1 s none yet, after 0.3
+s 1064.9; half-width 0.05, 5 s: 246.1), against 1.147 for the centre's pattern (a verified
+lower bound) and 1111 for the product of the absolute weight matrices -- certified, but
+loose; 8-16-16-1, half-width 0.5, 0.05 s: scipy no value, highspy 11.1, exact 2.352 (3 s).
+With highspy the MILP also gets a feasible start, the pattern at ``x0`` with its gradient,
+checked in float64 first: HiGHS then has an incumbent (when its pattern is verified inside
+its region, the notes give its value as a lower bound), but in these runs the start did
+not tighten the dual bound or shorten the solves. HiGHS's ``threads`` option is left at
+its default.
+
+HiGHS uses absolute tolerances (feasibility 1e-7, integrality 1e-6), so the MILP is
 posed on an exactly rescaled network (powers of two: input box of half-width in [0.5, 1),
-every layer's largest weight in [0.5, 1)), and the reported value is the larger of HiGHS's
-dual bound and the attained value, times ``1 + 1e-6``: "exact" means within that stated
-margin of the attained value, and the value rests on HiGHS's optimum being right to 1e-6
-relative (not a proof with constants, unlike the other certified baselines).
+every layer's largest weight in [0.5, 1), and the output layer then scaled up, by at most
+2^20, until the objective at ``x0``'s pattern is about 1 while its interval bound stays
+below 2^10), and the reported value is the larger of HiGHS's dual bound and the attained
+value, times ``1 + 1e-6``, plus ``1e-6`` in the rescaled MILP's units. Without the last two
+an optimum of a few 1e-7 there came back as 0 (a net whose constant is 3e-6; random nets
+with weights of 1e-9 in a middle layer got -0.0 labelled exact). "exact" means that the
+value is at most ``1 + 1e-5`` times the attained value of a pattern verified strictly inside
+its region in the box; the value rests on HiGHS's optimum being right to those cushions
+(not a proof with constants, unlike the other certified baselines). When every unit of a
+hidden layer is inactive on the box (by the interval bounds) the value is 0, exact, without
+HiGHS.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -473,7 +496,8 @@ def lipmip(net: nn.Module | Sequence[tuple[Any, Any]], x0: Any, eps: float, *,
            c: Any | None = None, input_norm: Literal["linf", "l1"] = "linf",
            time_limit: float = 60.0, max_hidden: int = 256,
            input_shape: Sequence[int] | None = None,
-           model_name: str | None = None) -> BoundResult:
+           model_name: str | None = None,
+           solver: Literal["auto", "highspy", "scipy"] = "auto") -> BoundResult:
     """lipMIP: the exact local Lipschitz constant of ``c^T f`` on an l_inf box, by MILP.
 
     Args:
@@ -488,19 +512,29 @@ def lipmip(net: nn.Module | Sequence[tuple[Any, Any]], x0: Any, eps: float, *,
         max_hidden: refuse networks with more hidden units than this.
         input_shape: input shape without batch (only needed for some Normalize layers).
         model_name: name stored in the result.
+        solver: how HiGHS is called: ``"highspy"`` (the ``mip`` extra; reports the dual
+            bound at the time limit also before HiGHS has a feasible point, and gets a
+            feasible start from the pattern at ``x0``), ``"scipy"``
+            (:func:`scipy.optimize.milp`, which returns no dual bound without a feasible
+            point), or ``"auto"``: highspy when it is installed, else scipy.
 
     Returns:
         A :class:`~lipbound.results.BoundResult` (``norm`` ``"linf->abs"`` or
         ``"l1->abs"``); EXACT when verified, CERTIFIED if the maximiser is degenerate or
-        HiGHS stopped at ``time_limit`` with a dual bound (then the value is that bound).
+        HiGHS stopped at ``time_limit`` with a dual bound (then the value is that bound,
+        times ``1 + 1e-6``, plus ``1e-6`` in the rescaled MILP's units). A note names the
+        solver.
 
     Raises:
         TimeLimitError: HiGHS reached ``time_limit`` before it had a dual bound (the retry
             without presolve after a solver error gets what is left of the limit).
+        InputError: bad arguments, or ``solver="highspy"`` without highspy installed.
         LipboundError: HiGHS failed otherwise.
     """
     if input_norm not in ("linf", "l1"):
         raise InputError(f"input_norm must be 'linf' or 'l1', got {input_norm!r}")
+    if solver not in ("auto", "highspy", "scipy"):
+        raise InputError(f"solver must be 'auto', 'highspy' or 'scipy', got {solver!r}")
     t0 = time.perf_counter()
     layers = as_fc(net, input_shape=input_shape)
     n_out = layers[-1][0].shape[0]
@@ -555,51 +589,89 @@ def lipmip(net: nn.Module | Sequence[tuple[Any, Any]], x0: Any, eps: float, *,
         cum += e_k
         shift += e_k
         sc_layers.append((np.ldexp(w_k, -e_k), np.ldexp(b, -cum)))
-    milp = _LipMip(sc_layers, np.ldexp(xc, -s_in), math.ldexp(eps, -s_in), dual)
+    xs0, eps_s = np.ldexp(xc, -s_in), math.ldexp(eps, -s_in)
+    milp = _LipMip(sc_layers, xs0, eps_s, dual)
+    # HiGHS's tolerances are absolute, so a small optimum is solved only roughly (one of a
+    # few 1e-7 came back as 0): the output layer is scaled up by a power of two (exact, as
+    # above) until the interval bound of the objective is about 1 (at most 2^_MIP_UP, which
+    # keeps the gradient variables' bounds moderate); what is left is the absolute
+    # cushion _MIP_ABS
+    bound = dual_norm(np.maximum(np.abs(milp.gl), np.abs(milp.gu)))
+    if any(not np.any(f) for f in milp.fixed):
+        # a layer whose units are all inactive on the box (by the interval bounds the MILP
+        # rests on): f is constant there (a zero bound by cancellation would not show this)
+        return result(0.0, Guarantee.EXACT, ["every unit of a hidden layer is inactive on "
+                                             "the box (interval bounds): f is constant there"])
+    # the objective at x0's pattern (a lower end of the optimum, in the MILP's units): scaled
+    # up to about 1 as well, while the interval bound stays below 2^10
+    at_x0 = float(milp.objective() @ milp.start(xs0))
+    target = max(at_x0, math.ldexp(bound, -10)) if at_x0 > 0.0 else bound
+    up = max(0, min(-int(np.frexp(target)[1]), _MIP_UP))
+    if up > 0:
+        w_k, b_k = sc_layers[-1]
+        sc_layers[-1] = (np.ldexp(w_k, up), np.ldexp(b_k, up))
+        shift -= up
+        milp = _LipMip(sc_layers, xs0, eps_s, dual)
     deadline = Deadline(time_limit, "lipMIP")
-    for presolve in (True, False):  # HiGHS's presolve occasionally ends in "solve error"
-        # the retry gets what is left of the limit, not a second one
-        res = optimize.milp(c=-milp.objective(), constraints=milp.constraints(),
-                            integrality=milp.integrality(), bounds=milp.bounds(),
-                            options={"time_limit": max(deadline.remaining(), 1e-3),
-                                     "mip_rel_gap": 1e-9, "disp": False,
-                                     "presolve": presolve})
-        if res.status != 4 or deadline.expired():
-            break
-    if res.status != 0 or res.x is None:
-        dual_bound = getattr(res, "mip_dual_bound", None)
-        if res.status == 1 and dual_bound is not None and math.isfinite(dual_bound):
+    hs = _highspy() if solver != "scipy" else None
+    if solver == "highspy" and hs is None:
+        raise InputError("solver='highspy' needs the highspy package (pip install "
+                         "'lipbound[mip]'); solver='auto' uses scipy's HiGHS without it")
+    out = (_solve_highspy(hs, milp, xs0, deadline) if hs is not None
+           else _solve_scipy(milp, deadline))
+    def witness(sol: np.ndarray) -> tuple[float, bool, np.ndarray | None]:
+        """The pattern of a MILP point: its gradient's dual norm on the original network, and
+        whether it is realised strictly inside its region in the box (with the point)."""
+        pattern = milp.pattern(sol)
+        attained = dual_norm(_pattern_gradient(layers, pattern))
+        # the witness LP on the well-scaled copy; the point maps back exactly (x = 2^s x')
+        # and is checked on the original network: inside the box, every unit strictly of
+        # its sign
+        ok, xs = _verify_box(sc_layers, pattern, xs0, eps_s, n_tot)
+        if ok and xs is not None:
+            # one ulp inwards of the rounded box ends: inside the exact box
+            xs = np.clip(np.ldexp(xs, s_in), np.nextafter(xc - eps, xc),
+                         np.nextafter(xc + eps, xc))
+            ok = _strict_signs(layers, pattern, xs, n_tot)
+        return attained, bool(ok and xs is not None), xs
+
+    if out.status != "optimal" or out.x is None:
+        if out.status == "time_limit" and out.dual_bound is not None:
             # stopped at the time limit with a dual bound: an upper bound on the maximum
             # (to HiGHS's tolerances, the same cushion as an optimal run's), not exact
-            upper = round_up(math.ldexp(-float(dual_bound), shift) * (1 + _MIP_MARGIN))
-            return result(upper, Guarantee.CERTIFIED,
-                          [f"HiGHS stopped at the time limit of {deadline.time_limit:g} s: the "
-                           "value is the MILP dual bound, not the exact constant (raise "
-                           "time_limit to close the gap)"])
-        if res.status == 1:
+            upper = round_up(math.ldexp(max(-out.dual_bound, 0.0), shift) * (1 + _MIP_MARGIN)
+                             + math.ldexp(_MIP_ABS, shift))
+            more = [f"HiGHS ({out.solver}) stopped at the time limit of "
+                    f"{deadline.time_limit:g} s: the value is the MILP dual bound, not the "
+                    "exact constant (raise time_limit to close the gap)"]
+            if out.x is not None:
+                attained, ok, _ = witness(out.x)
+                if ok:
+                    more.append(f"the best pattern HiGHS found is realised strictly inside "
+                                f"its region in the box: the constant is at least "
+                                f"{attained:.12g} (that pattern's gradient norm, float64)")
+            return result(upper, Guarantee.CERTIFIED, more)
+        if out.status == "time_limit":
             raise deadline.error("the MILP had no dual bound yet")
-        raise LipboundError(f"lipMIP: HiGHS stopped: status {res.status} ({res.message}); "
-                            "no value")
-    pattern = milp.pattern(res.x)
-    grad = _pattern_gradient(layers, pattern)
-    attained = dual_norm(grad)
-    dual_bound = getattr(res, "mip_dual_bound", None)
-    solver_upper = math.ldexp(max(-float(dual_bound) if dual_bound is not None
-                                  else -float(res.fun), -float(res.fun)), shift)
+        raise LipboundError(f"lipMIP: HiGHS stopped: {out.message}; no value")
+    attained, ok, xs = witness(out.x)
+    fun = -float(out.fun)  # type: ignore[arg-type]
+    solver_upper = math.ldexp(max(-out.dual_bound if out.dual_bound is not None else fun,
+                                  fun), shift)
     # HiGHS's dual bound is computed to its tolerances, not exactly: a relative cushion of
-    # 1e-6 (ten times the feasibility tolerance on the rescaled, unit-sized problem)
-    upper = round_up(max(solver_upper, attained) * (1 + _MIP_MARGIN))
-    # the witness LP on the well-scaled copy; the point maps back exactly (x = 2^s x') and
-    # is checked on the original network: inside the box, every unit strictly of its sign
-    ok, xs = _verify_box(sc_layers, pattern, np.ldexp(xc, -s_in), math.ldexp(eps, -s_in),
-                         n_tot)
-    if ok and xs is not None:
-        # one ulp inwards of the rounded box ends: inside the exact box
-        xs = np.clip(np.ldexp(xs, s_in), np.nextafter(xc - eps, xc),
-                     np.nextafter(xc + eps, xc))
-        ok = _strict_signs(layers, pattern, xs, n_tot)
-    notes.append(f"HiGHS optimal: the constant lies in [{attained:.12g}, {upper:.12g}] "
-                 "(value of the optimal pattern, MILP dual bound)")
+    # 1e-6 and an absolute one of 1e-6 on the rescaled, unit-sized problem (ten times the
+    # feasibility tolerance; HiGHS's tolerances are absolute, so an optimum below a few
+    # 1e-7 there came back as 0)
+    upper = round_up(max(solver_upper, attained, 0.0) * (1 + _MIP_MARGIN)
+                     + math.ldexp(_MIP_ABS, shift))
+    if ok:
+        notes.append(f"HiGHS optimal ({out.solver}): the constant lies in [{attained:.12g}, "
+                     f"{upper:.12g}] (value of the optimal pattern, realised in the box; MILP "
+                     "dual bound)")
+    else:  # a pattern not shown to occur in the box bounds nothing from below
+        notes.append(f"HiGHS optimal ({out.solver}): the constant is at most {upper:.12g} "
+                     f"(MILP dual bound); the optimal pattern's gradient norm is "
+                     f"{attained:.12g}, but the pattern was not verified to occur in the box")
     # the gap is HiGHS's tolerance (integrality 1e-6 times a big-M coefficient)
     if ok and upper <= attained * (1 + 1e-5):
         notes.append(f"maximiser verified strictly inside its region; witness x = "
@@ -610,8 +682,187 @@ def lipmip(net: nn.Module | Sequence[tuple[Any, Any]], x0: Any, eps: float, *,
     return result(upper, Guarantee.CERTIFIED, [])
 
 
+@dataclass
+class _MipOutcome:
+    """What a HiGHS run on the MILP ``min -objective`` gave: ``status`` ``"optimal"``,
+    ``"time_limit"`` or ``"error"``; ``x`` the best point (None without one); ``fun`` its
+    value; ``dual_bound`` HiGHS's lower bound on the minimum (finite, or None); ``solver``
+    how HiGHS was called, for the notes."""
+
+    status: str
+    x: np.ndarray | None
+    fun: float | None
+    dual_bound: float | None
+    message: str
+    solver: str
+
+
+def _solve_scipy(milp: _LipMip, deadline: Deadline) -> _MipOutcome:
+    """The MILP through :func:`scipy.optimize.milp` (HiGHS bundled with scipy). scipy 1.17
+    returns no dual bound while HiGHS has no feasible point, which at a time limit on a
+    network of a few hundred hidden units is always the case (a ``TimeLimitError``)."""
+    for presolve in (True, False):  # HiGHS's presolve occasionally ends in "solve error"
+        # the retry gets what is left of the limit, not a second one
+        res = optimize.milp(c=-milp.objective(), constraints=milp.constraints(),
+                            integrality=milp.integrality(), bounds=milp.bounds(),
+                            options={"time_limit": max(deadline.remaining(), 1e-3),
+                                     "mip_rel_gap": 1e-9, "disp": False,
+                                     "presolve": presolve})
+        if res.status != 4 or deadline.expired():
+            break
+    dual_bound = getattr(res, "mip_dual_bound", None)
+    if dual_bound is not None and not math.isfinite(dual_bound):
+        dual_bound = None
+    status = {0: "optimal", 1: "time_limit"}.get(res.status, "error")
+    x = None if res.x is None else np.asarray(res.x, dtype=np.float64)
+    return _MipOutcome(status, x, None if res.fun is None else float(res.fun),
+                       None if dual_bound is None else float(dual_bound),
+                       f"status {res.status} ({res.message})", "via scipy.optimize.milp")
+
+
+#: a start point of the MILP is passed to HiGHS only when its float64 violation of every
+#: bound, constraint (relative) and integrality is at most this
+_MIP_SMALL = 1e-8
+"""Constraint coefficients at most this large are dropped from the MILP, the row's bounds
+widened by their largest contribution (HiGHS ignores entries below 1e-9 itself, silently
+changing the problem; ``_LipMip.constraints``)."""
+
+_START_TOL = 1e-9
+
+
+def _highspy() -> Any | None:
+    """The highspy module (the ``mip`` extra), or None when it is not installed."""
+    try:
+        import highspy
+    except ImportError:
+        return None
+    return highspy
+
+
+_banner_done = False
+#: serialises the redirection of file descriptor 1 in :func:`_new_highs`: two threads doing
+#: it at once left the second one's saved copy (of /dev/null) restored, stdout lost for good
+_banner_lock = threading.Lock()
+
+
+def _new_highs(hs: Any) -> Any:
+    """A silent ``highspy.Highs``. Its first construction in a process prints HiGHS's banner
+    on the C stdout (no option reaches it), which would corrupt ``--json`` output, so that
+    one is built with file descriptor 1 pointed at /dev/null (and C's stdio flushed)."""
+    with _banner_lock:
+        h = _first_highs(hs)
+    h.setOptionValue("output_flag", False)
+    return h
+
+
+def _first_highs(hs: Any) -> Any:
+    """``hs.Highs()``, the first one of the process with fd 1 at /dev/null (under
+    ``_banner_lock``)."""
+    global _banner_done
+    if _banner_done:
+        h = hs.Highs()
+    else:
+        import ctypes
+        import os
+        import sys
+
+        saved = -1
+        try:
+            sys.stdout.flush()
+            saved = os.dup(1)
+            null = os.open(os.devnull, os.O_WRONLY)
+            try:
+                os.dup2(null, 1)
+            finally:
+                os.close(null)
+        except (OSError, ValueError, AttributeError):  # no usable fd 1: banner it is
+            if saved >= 0:
+                os.close(saved)
+            saved = -1
+        try:
+            h = hs.Highs()
+        finally:
+            if saved >= 0:
+                try:
+                    ctypes.CDLL(None).fflush(None)
+                except (OSError, AttributeError):  # pragma: no cover - no libc handle
+                    pass
+                os.dup2(saved, 1)
+                os.close(saved)
+        _banner_done = True
+    return h
+
+
+def _solve_highspy(hs: Any, milp: _LipMip, x0: np.ndarray, deadline: Deadline
+                   ) -> _MipOutcome:
+    """The same MILP (``min -objective``, as scipy's) through highspy, which reports HiGHS's
+    dual bound at a time limit also when no feasible point is known. A feasible start, the
+    pattern of the box's centre ``x0`` (:meth:`_LipMip.start`), is passed when it passes the
+    float64 check; HiGHS's ``threads`` option is left at its default (a different count than
+    the one HiGHS's process-wide scheduler started with makes the run fail)."""
+    cons = milp.constraints()
+    a = sparse.csc_array(cons.A)
+    lp = hs.HighsLp()
+    lp.num_col_, lp.num_row_ = a.shape[1], a.shape[0]
+    lp.col_cost_ = -milp.objective()
+    lp.col_lower_, lp.col_upper_ = np.array(milp.lb), np.array(milp.ub)
+    lp.row_lower_, lp.row_upper_ = np.asarray(cons.lb, float), np.asarray(cons.ub, float)
+    lp.sense_ = hs.ObjSense.kMinimize
+    mat = lp.a_matrix_
+    mat.format_ = hs.MatrixFormat.kColwise
+    mat.num_col_, mat.num_row_ = a.shape[1], a.shape[0]
+    mat.start_, mat.index_, mat.value_ = a.indptr, a.indices, a.data
+    lp.integrality_ = [hs.HighsVarType.kInteger if i else hs.HighsVarType.kContinuous
+                       for i in milp.integer]
+    start = milp.start(x0)
+    viol = milp.violation(start)
+    if not viol <= _START_TOL:
+        logger.debug("lipMIP: the start point violates the MILP by %g; not passed", viol)
+        start = None
+    ok_status = (hs.HighsModelStatus.kOptimal, hs.HighsModelStatus.kTimeLimit)
+    for presolve in ("on", "off"):  # as with scipy: retry without presolve after an error
+        h = _new_highs(hs)
+        h.setOptionValue("time_limit", float(max(deadline.remaining(), 1e-3)))
+        h.setOptionValue("mip_rel_gap", 1e-9)
+        h.setOptionValue("presolve", presolve)
+        # a warning (kWarning) is HiGHS dropping matrix entries below 1e-9, as scipy's does
+        if h.passModel(lp) == hs.HighsStatus.kError:
+            raise LipboundError("lipMIP: highspy refused the MILP (passModel)")
+        if start is not None:
+            sol = hs.HighsSolution()
+            sol.col_value = start.tolist()
+            sol.value_valid = True
+            h.setSolution(sol)
+        h.run()
+        status = h.getModelStatus()
+        if status in ok_status or deadline.expired():
+            break
+    info = h.getInfo()
+    x = None
+    fun = None
+    if info.primal_solution_status == hs.SolutionStatus.kSolutionStatusFeasible:
+        x = np.array(h.getSolution().col_value, dtype=np.float64)
+        fun = float(info.objective_function_value)
+    dual_bound = float(info.mip_dual_bound)
+    kind = ("optimal" if status == hs.HighsModelStatus.kOptimal else
+            "time_limit" if status == hs.HighsModelStatus.kTimeLimit else "error")
+    version = ".".join(str(getattr(hs, f"HIGHS_VERSION_{p}", "?"))
+                       for p in ("MAJOR", "MINOR", "PATCH"))
+    return _MipOutcome(kind, x, fun, dual_bound if math.isfinite(dual_bound) else None,
+                       f"status {h.modelStatusToString(status)}",
+                       f"via highspy, HiGHS {version}")
+
+
 #: relative cushion on HiGHS's optimum in :func:`lipmip` (covers its tolerances)
 _MIP_MARGIN = 1e-6
+
+#: absolute cushion on HiGHS's optimum, in the units of the rescaled MILP (unit-sized box
+#: and weights), where its absolute tolerances act: an optimum of 4e-7 there (a net whose
+#: constant is 3e-6) came back as 0 with dual bound 0
+_MIP_ABS = 1e-6
+
+#: the most the output layer is scaled up in :func:`lipmip` (a power of two)
+_MIP_UP = 20
 
 
 def _pattern_gradient(layers: FCLayers, pattern: Sequence[np.ndarray]) -> np.ndarray:
@@ -660,6 +911,7 @@ class _LipMip:
         self.ub: list[float] = []
         self.integer: list[int] = []
         self.rows: list[tuple[dict[int, float], float, float]] = []
+        self._cons: optimize.LinearConstraint | None = None
         self.x = self._vars(x0 - eps, x0 + eps)
         self.h: list[np.ndarray] = []
         self.a: list[np.ndarray] = []
@@ -688,6 +940,7 @@ class _LipMip:
         g_lin: tuple[np.ndarray, np.ndarray] | None = None  # (matrix, vars) for g = M v
         gl = gu = g_const
         v_next = None
+        self.v: list[np.ndarray] = [np.zeros(0, dtype=int)] * (len(layers) - 1)
         for k in range(len(layers) - 2, -1, -1):
             n = layers[k][0].shape[0]
             act = self.fixed[k]
@@ -695,6 +948,7 @@ class _LipMip:
             vu = np.where(act == 1, gu, np.where(act == 0, 0.0, np.maximum(gu, 0.0)))
             # widen relatively (a zero bound stays exact: HiGHS dislikes tiny bounds)
             v = self._vars(vl - 1e-10 * np.abs(vl), vu + 1e-10 * np.abs(vu))
+            self.v[k] = v
             for i in range(n):
                 if act[i] == 0:
                     continue
@@ -726,6 +980,11 @@ class _LipMip:
         self.grad_vars = v_next  # gradient = W_1^T v_1
         self.gl, self.gu = gl, gu
         self.obj: dict[int, float] = {}
+        # the objective's own variables, for :meth:`start`: (input, p, q, s) of each input
+        # whose gradient entry can take both signs (l1), and (input, sign, e) with t (linf)
+        self.l1_split: list[tuple[int, int, int, int]] = []
+        self.linf_sel: list[tuple[int, float, int]] = []
+        self.t_var = -1
         w1t = layers[0][0].T
         big = float(np.max(np.maximum(np.abs(gl), np.abs(gu)))) * 2.0 + 1.0
         if dual == "l1":
@@ -748,6 +1007,7 @@ class _LipMip:
                               -float(gl[i]))
                     self.obj[int(p[0])] = 1.0
                     self.obj[int(q[0])] = 1.0
+                    self.l1_split.append((i, int(p[0]), int(q[0]), int(s[0])))
         else:
             t = self._vars(np.zeros(1), np.array([big]))
             sel = []
@@ -756,6 +1016,7 @@ class _LipMip:
                 for sign in (1.0, -1.0):
                     e = self._vars(np.zeros(1), np.ones(1), True)
                     sel.append(int(e[0]))
+                    self.linf_sel.append((i, sign, int(e[0])))
                     # t <= sign * grad + big (1 - e)
                     row = {j: -sign * val for j, val in grad.items()}
                     row[int(t[0])] = 1.0
@@ -763,6 +1024,8 @@ class _LipMip:
                     self._row(row, -math.inf, big)
             self._row({j: 1.0 for j in sel}, 1.0, 1.0)
             self.obj[int(t[0])] = 1.0
+            self.t_var = int(t[0])
+        self.big = big
 
     def _vars(self, lo: np.ndarray, hi: np.ndarray, integer: bool = False) -> np.ndarray:
         start = len(self.lb)
@@ -781,16 +1044,30 @@ class _LipMip:
         return c
 
     def constraints(self) -> optimize.LinearConstraint:
+        if self._cons is not None:  # built once (the model is complete by then)
+            return self._cons
         r, cidx, vals, lo, hi = [], [], [], [], []
         for i, (coef, lo_i, hi_i) in enumerate(self.rows):
+            slack = 0.0
             for j, v in coef.items():
+                if v != 0.0 and abs(v) <= _MIP_SMALL:
+                    # HiGHS drops such entries, which changes the MILP; dropped here instead,
+                    # with the row widened by the most the term can contribute: a relaxation,
+                    # so the maximum (and every dual bound) can only grow
+                    slack += abs(v) * max(abs(self.lb[j]), abs(self.ub[j]))
+                    continue
                 r.append(i)
                 cidx.append(j)
                 vals.append(v)
+            if slack > 0.0:
+                slack *= 1.0 + 1e-12  # the sum's rounding
+                lo_i = float(np.nextafter(lo_i - slack, -np.inf))
+                hi_i = float(np.nextafter(hi_i + slack, np.inf))
             lo.append(lo_i)
             hi.append(hi_i)
         mat = sparse.csr_array((vals, (r, cidx)), shape=(len(self.rows), len(self.lb)))
-        return optimize.LinearConstraint(mat, np.array(lo), np.array(hi))
+        self._cons = optimize.LinearConstraint(mat, np.array(lo), np.array(hi))
+        return self._cons
 
     def bounds(self) -> optimize.Bounds:
         return optimize.Bounds(np.array(self.lb), np.array(self.ub))
@@ -800,3 +1077,46 @@ class _LipMip:
 
     def pattern(self, sol: np.ndarray) -> list[np.ndarray]:
         return [np.round(sol[a]).clip(0, 1) for a in self.a]
+
+    def start(self, x: np.ndarray) -> np.ndarray:
+        """A point of the MILP built from the input ``x`` (in the box): the forward pass's
+        pre-activations and ReLU pattern (units fixed by the interval bounds keep their fixed
+        value), the gradient propagated back through that pattern, and the objective's sign
+        variables set from that gradient. Feasible in exact arithmetic; check it in float64
+        with :meth:`violation` before use."""
+        sol = np.zeros(len(self.lb))
+        sol[self.x] = x
+        h = x
+        pattern = []
+        for (w, b), fixed, hv, av in zip(self.layers[:-1], self.fixed, self.h, self.a,
+                                         strict=True):
+            z = w @ h + b
+            a = np.where(fixed == 1, 1.0, np.where(fixed == 0, 0.0, (z > 0).astype(float)))
+            h = np.where(fixed == 1, z, np.where(fixed == 0, 0.0, np.maximum(z, 0.0)))
+            sol[hv], sol[av] = h, a
+            pattern.append(a)
+        g = self.layers[-1][0][0]
+        for k in range(len(self.layers) - 2, -1, -1):
+            v = pattern[k] * g
+            sol[self.v[k]] = v
+            g = self.layers[k][0].T @ v
+        for i, p, q, s in self.l1_split:
+            sol[p], sol[q], sol[s] = max(g[i], 0.0), max(-g[i], 0.0), float(g[i] > 0)
+        if self.t_var >= 0:
+            best = max(self.linf_sel, key=lambda t: t[1] * g[t[0]])
+            sol[best[2]] = 1.0
+            sol[self.t_var] = best[1] * g[best[0]]
+        return sol
+
+    def violation(self, sol: np.ndarray) -> float:
+        """The largest violation of a bound, a constraint or integrality by ``sol``, in float64
+        (each constraint's relative to ``1 +`` the magnitude of its terms)."""
+        lb, ub = np.array(self.lb), np.array(self.ub)
+        worst = max(float(np.max(lb - sol, initial=0.0)), float(np.max(sol - ub, initial=0.0)))
+        ints = np.array(self.integer, dtype=bool)
+        worst = max(worst, float(np.max(np.abs(sol[ints] - np.round(sol[ints])), initial=0.0)))
+        cons = self.constraints()
+        act = cons.A @ sol
+        scale = 1.0 + abs(cons.A) @ np.abs(sol)
+        over = np.maximum(cons.lb - act, act - cons.ub) / scale
+        return max(worst, float(np.max(over, initial=0.0)))
