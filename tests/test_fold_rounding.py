@@ -120,12 +120,73 @@ def test_factors_cover_the_exact_scale():
     assert checked >= 20
 
 
-def test_fully_connected_layers_are_not_multiplied_through_a_batch_norm():
-    """Linear, BatchNorm1d, Linear: the product's rounding bound would not hold the batch
-    norm's own rounding, so the layers stay separate (two blocks)."""
-    torch.manual_seed(0)
-    m = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Linear(4, 2), nn.ReLU(),
-                      nn.Linear(2, 1)).to(DT).eval()
-    an = Analyzer(m, (3,))
-    assert [b.name for b in an.blocks][:2] == ["0+1", "2+3"]
-    assert an.blocks[0].fold_factor > 1.0 and an.blocks[1].fold_factor == 1.0
+def _exact_bn(bn) -> tuple[list[Decimal], list[Decimal]]:
+    """The exact scale and shift of an eval-mode batch norm, per channel (80 digits)."""
+    sc, sh = [], []
+    for c in range(bn.num_features):
+        s = _d(bn.weight[c]) / (_d(bn.running_var[c]) + _d(bn.eps)).sqrt()
+        sc.append(s)
+        sh.append(_d(bn.bias[c]) - _d(bn.running_mean[c]) * s)
+    return sc, sh
+
+
+def _cancelling_bn(n: int, rng: random.Random) -> nn.BatchNorm1d:
+    """A batch norm whose folded shift ``β - μ s`` nearly cancels (β set to the float64
+    ``μ s``): its rounding is then large against the shift itself."""
+    bn = nn.BatchNorm1d(n).to(DT).eval()
+    with torch.no_grad():
+        bn.running_var.copy_(torch.tensor([rng.uniform(0.01, 10.0) for _ in range(n)]))
+        bn.running_mean.copy_(torch.tensor([rng.uniform(-100.0, 100.0) for _ in range(n)]))
+        bn.weight.copy_(torch.tensor([rng.uniform(-3.0, 3.0) for _ in range(n)]))
+        s = bn.weight / torch.sqrt(bn.running_var + bn.eps)
+        bn.bias.copy_(bn.running_mean * s * (1 + 1e-15 * torch.randn(n, dtype=DT)))
+    return bn
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv-forward", "conv-transposed"])
+def test_products_through_a_batch_norm_are_within_their_bound(kind):
+    """Linear, BatchNorm1d, Linear (multiplied as matrices) and Conv2d, BatchNorm2d,
+    Flatten, Linear (composed densely, from the inputs or from the outputs): the composed
+    matrix and bias are within their stated rounding bounds of the product with the exact
+    batch norm. The bias's bound missed the batch norm's own rounding (a shift ``β - μ s``
+    that nearly cancels: its rounding is ``u |μ s|``, not ``u |β - μ s|``)."""
+    from lipbound.blocks import _compose_linear_run, _dense_compose
+    from lipbound.graph import trace_model
+    from lipbound.ops.linear import LinearOp
+
+    getcontext().prec = 80
+    rng = random.Random(4)
+    for trial in range(25):
+        torch.manual_seed(trial)
+        if kind == "linear":
+            first: nn.Module = nn.Linear(2, 3)
+            bn: nn.Module = _cancelling_bn(3, rng)
+            mods = [first, bn, nn.Linear(3, 2)]
+            shape: tuple[int, ...] = (2,)
+        else:
+            first = nn.Conv2d(1, 3, 1)
+            bn1 = _cancelling_bn(3, rng)
+            bn = nn.BatchNorm2d(3).to(DT).eval()
+            bn.load_state_dict(bn1.state_dict())
+            mods = [first, bn, nn.Flatten(), nn.Linear(3, 2 if kind == "conv-forward" else 1)]
+            shape = (1, 1, 1)
+        m = nn.Sequential(*mods).to(DT).eval()
+        ops = trace_model(m, shape)
+        if kind == "linear":
+            seq = _compose_linear_run(ops)
+        else:
+            seq = _dense_compose(ops, transposed=kind == "conv-transposed")
+        assert seq is not None
+        lin = [op for op in seq if isinstance(op, LinearOp)]
+        assert len(lin) == 1 and lin[0].err is not None
+        lin = lin[0]
+        w1, b1 = first.weight.detach().reshape(3, -1), first.bias.detach()
+        w2, b2 = mods[-1].weight.detach(), mods[-1].bias.detach()
+        sc, sh = _exact_bn(bn)
+        for i in range(w2.shape[0]):
+            bias = _d(b2[i]) + sum((_d(w2[i, c]) * (sc[c] * _d(b1[c]) + sh[c])
+                                    for c in range(3)), Decimal(0))
+            assert abs(_d(lin.bias[i]) - bias) <= _d(lin.bias_err[i]), (trial, i)
+            for j in range(w1.shape[1]):
+                x = sum((_d(w2[i, c]) * sc[c] * _d(w1[c, j]) for c in range(3)), Decimal(0))
+                assert abs(_d(lin.weight[i, j]) - x) <= _d(lin.err[i, j]), (trial, i, j)

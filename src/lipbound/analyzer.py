@@ -951,11 +951,19 @@ class Analyzer:
                 full = sb.vector.new_zeros(b.in_shape[0], b.in_dim // b.in_shape[0])
                 full.index_copy_(0, in_ch, sb.vector.reshape(in_ch.numel(), -1))
                 sb = replace(sb, vector=full.reshape(-1))
-        extra = b.err_norm(r, d)  # the rounding of a matrix formed as a product of layers
-        if extra > 0 and not math.isinf(sb.value):
-            sb = replace(sb, value=sb.value + extra)
-        if b.fold_factor > 1.0:  # the folded layers' (batch norm's) own rounding
-            sb = replace(sb, value=sb.value * b.fold_factor)
+        # max(r) times the global factor already bounds the exact block: the global factor
+        # holds the same two terms
+        if sb.method != "max(r)*global":
+            extra = b.err_norm(r, d)  # the rounding of a matrix formed as a product of layers
+            if extra > 0 and not math.isinf(sb.value):
+                sb = replace(sb, value=sb.value + extra)
+            if b.fold_factor > 1.0:  # the folded layers' (batch norm's) own rounding
+                sb = replace(sb, value=sb.value * b.fold_factor)
+            if alts[-1][1] == "max(r)*global" and alts[-1][0] < sb.value:
+                # with those terms the other alternatives can pass it: it stays the bound
+                # (a local factor is never above the global one)
+                sb = replace(sb, value=alts[-1][0], guarantee=Guarantee.CERTIFIED,
+                             failure_prob=0.0, method="max(r)*global")
         if sb.vector is not None:
             self._warm[warm_key] = sb.vector
         self._remember(memo_key, r, d, sb)

@@ -361,10 +361,33 @@ def _factors(op: Op) -> list[tuple[bool, float, float]]:
 
 def _folded(op: Op) -> bool:
     """Whether ``op`` is a diagonal layer folded from a formula (batch norm, normalisation)
-    whose rounding it carries (:class:`~lipbound.ops.base.DiagOp`, ``fold_rel``): a product
-    of layers through it would need that error in its own rounding bound; such runs stay
-    separate instead."""
+    whose rounding it carries (:class:`~lipbound.ops.base.DiagOp`, ``fold_rel``)."""
     return isinstance(op, DiagOp) and (op.fold_rel > 0.0 or op.shift_err is not None)
+
+
+def _up_scale(op: DiagOp) -> Tensor:
+    """``|scale| (1 + fold_rel)``: at least the magnitude of the exact layer's scale."""
+    s = op.scale.abs()
+    return s * (1.0 + op.fold_rel) if op.fold_rel > 0.0 else s
+
+
+def _up_shift(op: DiagOp) -> Tensor:
+    """``|shift| + shift_err``: at least the magnitude of the exact layer's shift."""
+    t = op.shift.abs()
+    return t if op.shift_err is None else t + op.shift_err
+
+
+def _fold_error(big: Tensor, p: Tensor, k: int) -> Tensor:
+    """Entrywise bound on how far a product of layers with the exact scales and shifts of its
+    folded layers (batch norm, normalisation) is from the product with the stored ones, both
+    exact: at most ``P - p`` for ``P`` the chain of absolute values with every folded scale
+    and shift replaced by its bound (``|s| (1 + fold_rel)``, ``|t| + shift_err``) and ``p`` the
+    plain one (by induction over the layers: at a folded layer ``|s* v* - s v| <= |s*| |v* - v|
+    + |s* - s| |v|`` and ``|t* - t| <= shift_err``). ``big`` and ``p`` are computed: each
+    within ``γ_(2k+4)`` of its exact value (one more rounding per inflated factor)."""
+    g = gamma(2 * k + 4)
+    out = ((big - p) + g * (big + p)) * (1.0 + 8.0 * 2.0 ** -53)
+    return out.nan_to_num(math.inf, math.inf)
 
 
 def _fits_squares(*ts: Tensor) -> bool:
@@ -408,7 +431,8 @@ def _compose_linear_run(ops: list[Op]) -> list[Op]:
     out: list[Op] = []
     # for each merged layer: (|A_n| ... |A_1| as computed, the chain of absolute biases
     # |A_n| (... (|A_2| |b_1| + |b_2|) ...) + |b_n|, sum of inner lengths)
-    absprod: dict[int, tuple[Tensor, Tensor, int]] = {}
+    # (and the same two chains with the folded layers' bounds, P and Q, see _fold_error)
+    absprod: dict[int, tuple[Tensor, Tensor, int, Tensor, Tensor]] = {}
     for op in ops:
         if isinstance(op, LinearOp):
             j = len(out) - 1
@@ -418,9 +442,12 @@ def _compose_linear_run(ops: list[Op]) -> list[Op]:
             if j >= 0 and isinstance(out[j], LinearOp):
                 first: LinearOp = out[j]  # type: ignore[assignment]
                 w1, b1 = first.weight, first.bias
-                p1, q1, k1 = absprod.get(id(first), (first.weight.abs(), first.bias.abs(),
-                                                     first.in_dim + 1))
-                normal = not any(_folded(d) for d in out[j + 1:])
+                p1, q1, k1, big_p1, big_q1 = absprod.get(id(first), (
+                    first.weight.abs(), first.bias.abs(), first.in_dim + 1,
+                    first.weight.abs(), first.bias.abs()))
+                folds = any(_folded(d) for d in out[j + 1:]) or id(first) in absprod \
+                    and absprod[id(first)][3] is not absprod[id(first)][0]
+                normal = True
                 for d in out[j + 1:]:
                     if isinstance(d, DiagOp):
                         s, t = d.scale.reshape(-1), d.shift.reshape(-1)
@@ -428,25 +455,33 @@ def _compose_linear_run(ops: list[Op]) -> list[Op]:
                         w1 = w1 * s[:, None]
                         p1 = p1 * s.abs()[:, None]
                         q1 = q1 * s.abs() + t.abs()
+                        if folds:
+                            su, tu = _up_scale(d).reshape(-1), _up_shift(d).reshape(-1)
+                            big_p1 = big_p1 * su[:, None]
+                            big_q1 = big_q1 * su + tu
                         k1 += 2
                         b1 = b1 * s + t
                 if not (normal and all(_normal_products(op.weight, v) for v in (w1, p1, q1, b1))):
-                    # a product could underflow, or a folded layer's error is not in its
-                    # rounding bound: the layers stay separate
-                    out.append(op)
+                    out.append(op)  # a product could underflow: the layers stay separate
                     continue
                 p = op.weight.abs() @ p1
                 q = op.weight.abs() @ q1 + op.bias.abs()
                 k = k1 + op.in_dim + 1
-                w, err = op.weight @ w1, _product_error(p, k)
+                w, err, bias_err = op.weight @ w1, _product_error(p, k), _product_error(q, k)
+                big_p, big_q = p, q
+                if folds:  # the folded layers' own rounding (batch norm between the layers)
+                    big_p = op.weight.abs() @ big_p1
+                    big_q = op.weight.abs() @ big_q1 + op.bias.abs()
+                    err = err + _fold_error(big_p, p, k)
+                    bias_err = bias_err + _fold_error(big_q, q, k)
                 if not _fits_squares(w, err):
                     out.append(op)  # squares of its entries could underflow: kept separate
                     continue
                 merged = LinearOp(f"{first.name}*{op.name}", w, op.weight @ b1 + op.bias,
-                                  err=err, bias_err=_product_error(q, k))
+                                  err=err, bias_err=bias_err)
                 del out[j:]
                 out.append(merged)
-                absprod[id(merged)] = (p, q, k)
+                absprod[id(merged)] = (p, q, k, big_p, big_q)
                 continue
         out.append(op)
     return out
@@ -468,8 +503,7 @@ def _dense_compose(ops: list[Op], transposed: bool | None = None) -> list[Op] | 
     every product normal (:data:`MIN_NORMAL_EXPONENT`); where they may not,
     the other way round is tried (by default), and the run stays separate when neither way
     (or the bias chain) passes."""
-    if any(_folded(op) for op in ops):
-        return None  # a folded layer's own error is not in the product's rounding bound
+    folds = any(_folded(op) for op in ops)
     in_shape, out_shape = ops[0].in_shape, ops[-1].out_shape
     n_in, n_out = math.prod(in_shape), math.prod(out_shape)
     if n_in * n_out > DENSE_COMPOSE_LIMIT:
@@ -519,7 +553,10 @@ def _dense_compose(ops: list[Op], transposed: bool | None = None) -> list[Op] | 
 
     def run(x: Tensor, part: str) -> Tensor:
         """``part``: "forward" (with biases), "lin", "abs" (|A| chain), "absbias" (|A| chain
-        with |biases| and |shifts| added)."""
+        with |biases| and |shifts| added); "abs+" and "absbias+" the same with the folded
+        layers' scales and shifts replaced by their bounds (:func:`_fold_error`)."""
+        up = part.endswith("+")
+        part = part.rstrip("+")
         biased = part in ("forward", "absbias")
         # the bias chain starts from 0, the others from basis vectors (1 is 2^0)
         e = (math.inf, math.inf) if biased else (0.0, 0.0)
@@ -534,15 +571,19 @@ def _dense_compose(ops: list[Op], transposed: bool | None = None) -> list[Op] | 
                     if b is not None:
                         x = x + b
             elif isinstance(op, DiagOp):
-                x = x * (op.scale if part == "lin" else op.scale.abs())
+                x = x * (op.scale if part == "lin" else _up_scale(op) if up
+                         else op.scale.abs())
                 if part == "absbias":
-                    x = x + op.shift.abs()
+                    x = x + (_up_shift(op) if up else op.shift.abs())
             else:
                 raise TypeError(f"cannot compose {op!r}")
         return x
 
     def run_t(y: Tensor, part: str) -> Tensor:
-        """The transposed chain: "lin" (``A^T``) or "abs" (``|A_1|^T ... |A_n|^T``)."""
+        """The transposed chain: "lin" (``A^T``) or "abs" (``|A_1|^T ... |A_n|^T``); "abs+"
+        with the folded layers' scales replaced by their bounds."""
+        up = part.endswith("+")
+        part = part.rstrip("+")
         e = (0.0, 0.0)
         for op in reversed(ops):
             e = normal(y, e, op, True, False)
@@ -551,7 +592,8 @@ def _dense_compose(ops: list[Op], transposed: bool | None = None) -> list[Op] | 
             elif isinstance(op, MixingOp):
                 y = op.lin_t(y) if part == "lin" else op.abs_lin_t(y)
             elif isinstance(op, DiagOp):
-                y = y * (op.scale if part == "lin" else op.scale.abs())
+                y = y * (op.scale if part == "lin" else _up_scale(op) if up
+                         else op.scale.abs())
             else:
                 raise TypeError(f"cannot compose {op!r}")
         return y
@@ -597,6 +639,9 @@ def _dense_compose(ops: list[Op], transposed: bool | None = None) -> list[Op] | 
         if found is None:
             return None
         transposed, w, p = found
+        # the folded layers' own rounding (batch norm, normalisation; _fold_error)
+        big_p = matrix("abs+", transposed) if folds else None
+        big_q = run(zero, "absbias+").reshape(-1) if folds else None
     except _Underflow:
         return None  # a product could underflow: the layers stay separate
     finally:
@@ -607,14 +652,17 @@ def _dense_compose(ops: list[Op], transposed: bool | None = None) -> list[Op] | 
     # the bias is the forward chain's (its bound counts k); the matrix that of its direction
     k_w = sum(op.inner_length_t() + 2 if isinstance(op, MixingOp) else 2
               for op in ops if not isinstance(op, ReshapeOp)) if transposed else k
-    err = _product_error(p, k_w)
+    err, bias_err = _product_error(p, k_w), _product_error(q, k)
+    if big_p is not None and big_q is not None:
+        err = err + _fold_error(big_p, p, k_w)
+        bias_err = bias_err + _fold_error(big_q, q, k)
     if not _fits_squares(w, err):
         return None  # squares of its entries could underflow: the layers stay separate
     name = "*".join(op.name for op in ops if op.kind == "mixing")
     seq: list[Op] = []
     if len(in_shape) != 1:
         seq.append(ReshapeOp(name + ".flatten", in_shape, (n_in,)))
-    seq.append(LinearOp(name, w, b, err=err, bias_err=_product_error(q, k)))
+    seq.append(LinearOp(name, w, b, err=err, bias_err=bias_err))
     if len(out_shape) != 1:
         seq.append(ReshapeOp(name + ".unflatten", (n_out,), out_shape))
     return seq

@@ -239,9 +239,10 @@ class DiagOp(Op):
     float64 one but a formula it was folded from (batch norm ``γ (x - μ) / sqrt(σ² + eps) +
     β``, normalisation ``(x - mean) / std``), the exact scale is within ``fold_rel |scale|``
     and the exact shift within ``shift_err`` (broadcastable) of the stored ones. The nominal
-    pass's rounding bound adds them (:meth:`forward_error`), and every layer factor of a
-    block holding such a layer is multiplied by ``1 + fold_rel``
-    (:attr:`lipbound.blocks.AffineBlock.fold_factor`)."""
+    pass's rounding bound adds them (:meth:`forward_error`), every layer factor of a block
+    holding such a layer is multiplied by ``1 + fold_rel``
+    (:attr:`lipbound.blocks.AffineBlock.fold_factor`), and a product of layers through it
+    adds their effect to its rounding bounds (:func:`lipbound.blocks._fold_error`)."""
 
     kind = "diag"
 
