@@ -246,6 +246,14 @@ def test_an_infeasible_start_is_not_passed(monkeypatch):
     assert bad.guarantee is good.guarantee
 
 
+def _run_python(code: str) -> subprocess.CompletedProcess:
+    """``code`` in a fresh Python process (a process's first Highs() prints the banner),
+    with this one's import path; its stdout and stderr captured."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          env=env, timeout=120, check=True)
+
+
 @needs_highspy
 def test_highspy_prints_no_banner_on_stdout():
     """HiGHS prints a banner on the C stdout at the first Highs() of a process; it would
@@ -253,9 +261,7 @@ def test_highspy_prints_no_banner_on_stdout():
     code = ("import numpy as np\nfrom lipbound.baselines import lipmip\n"
             "r = lipmip([(np.eye(2), np.zeros(2)), (np.ones((1, 2)), np.zeros(1))], "
             "np.ones(2), 0.5, solver='highspy')\nprint(r.guarantee.name)\n")
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         env=env, timeout=120, check=True)
+    out = _run_python(code)
     assert out.stdout == "EXACT\n", out.stdout
 
 
@@ -344,9 +350,7 @@ def test_banner_silencing_from_two_threads_keeps_stdout():
             "for t in ts:\n"
             "    t.join()\n"
             "os.write(1, b'still visible\\n')\n")
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         env=env, timeout=120, check=True)
+    out = _run_python(code)
     assert out.stdout == "still visible\n", out.stdout
 
 
