@@ -2,7 +2,8 @@
 layer is the formula on the parameters (``γ (x - μ) / sqrt(σ² + eps) + β``,
 ``(x - mean) / std``), with a real square root. The fold's own rounding is carried: in the
 nominal pass's rounding bound (``DiagOp.forward_error``), in every factor of a block holding
-such a layer (``AffineBlock.fold_factor``), and products of layers are not formed through it.
+such a layer (``AffineBlock.fold_factor``), and in the rounding bounds of products of layers
+through it (``blocks._fold_error``).
 References here are computed in 80-digit decimal arithmetic."""
 
 from __future__ import annotations
