@@ -2,7 +2,8 @@
 layer is the formula on the parameters (``γ (x - μ) / sqrt(σ² + eps) + β``,
 ``(x - mean) / std``), with a real square root. The fold's own rounding is carried: in the
 nominal pass's rounding bound (``DiagOp.forward_error``), in every factor of a block holding
-such a layer (``AffineBlock.fold_factor``), and products of layers are not formed through it.
+such a layer (``AffineBlock.fold_factor``), and in the rounding bounds of products of layers
+through it (``blocks._fold_error``).
 References here are computed in 80-digit decimal arithmetic."""
 
 from __future__ import annotations
@@ -190,3 +191,27 @@ def test_products_through_a_batch_norm_are_within_their_bound(kind):
             for j in range(w1.shape[1]):
                 x = sum((_d(w2[i, c]) * sc[c] * _d(w1[c, j]) for c in range(3)), Decimal(0))
                 assert abs(_d(lin.weight[i, j]) - x) <= _d(lin.err[i, j]), (trial, i, j)
+
+
+@pytest.mark.parametrize("weight, var, eps", [(1e-200, 1e260, 1e-5), (1e200, 1.7e308, 1e308)])
+def test_a_batch_norm_scale_that_underflows_is_refused(weight, var, eps):
+    """``γ / sqrt(σ² + eps)`` below the normal range rounds absolutely (here to 0): the
+    relative bound ``fold_rel`` does not hold. Linear, BatchNorm1d (weight 1e-200, variance
+    1e260, mean 1e300), Linear: exact constant 1e-330 and exact output -1e-30 at 0, but the
+    global bound was 0 and the nominal error 7e-323. And ``σ² + eps`` beyond float64 (1.7e308
+    + 1e308 = inf, so the reciprocal 0) with a weight 1e200: exact constant 6e45, bound 0."""
+    from lipbound.errors import InputError
+
+    bn = nn.BatchNorm1d(1, eps=eps).to(DT).eval()
+    with torch.no_grad():
+        bn.weight.fill_(weight)
+        bn.running_var.fill_(var)
+        bn.running_mean.fill_(1e300)
+        bn.bias.fill_(0.0)
+    m = nn.Sequential(nn.Linear(1, 1), bn, nn.Linear(1, 1)).to(DT).eval()
+    with torch.no_grad():
+        for lin in (m[0], m[2]):
+            lin.weight.fill_(1.0)
+            lin.bias.fill_(0.0)
+    with pytest.raises(InputError, match="normal range"):
+        Analyzer(m, (1,)).global_bound()

@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..errors import InputError
 from .base import DiagOp, ReLUOp, ReshapeOp, gamma
 
 
@@ -26,6 +27,19 @@ def batchnorm_rule(module: nn.Module, name: str, in_shape, out_shape) -> DiagOp:
     beta = (module.bias.detach().to(torch.float64) if module.bias is not None
             else torch.zeros(c, dtype=torch.float64, device=var.device))
     scale = g_w * inv
+    # the product g_w * inv below the normal range rounds on the subnormal grid (or to 0),
+    # and σ² + eps beyond float64 makes inv 0: no relative bound holds there (a weight
+    # 1e-200 over sqrt(1e260) became a scale of 0, and with a mean 1e300 a shift of 0 for an
+    # exact -1e-30; a weight 1e200 over sqrt(1.7e308 + 1e308) a scale of 0 for an exact
+    # 6e45: the bounds were 0)
+    low = (g_w != 0) & (scale.abs() < 2.0 ** -1022)
+    if bool(low.any()):
+        ch = torch.nonzero(low).reshape(-1).tolist()
+        raise InputError(
+            f"batch norm {name}: the scale weight / sqrt(running_var + eps) of channel(s) "
+            f"{ch[:5]} is below the float64 normal range (e.g. {float(scale[ch[0]]):.3g}): "
+            "its rounding cannot be bounded (or running_var + eps overflows float64); "
+            "rescale the layer")
     shift = beta - mean * scale
     # the fold's own rounding, against the exact formula on the (float64-exact) parameters:
     # σ² + eps, the square root, the reciprocal and the product with γ each round once, so
