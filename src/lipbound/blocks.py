@@ -384,8 +384,9 @@ def _fold_error(big: Tensor, p: Tensor, k: int) -> Tensor:
     and shift replaced by its bound (``|s| (1 + fold_rel)``, ``|t| + shift_err``) and ``p`` the
     plain one (by induction over the layers: at a folded layer ``|s* v* - s v| <= |s*| |v* - v|
     + |s* - s| |v|`` and ``|t* - t| <= shift_err``). ``big`` and ``p`` are computed: each
-    within ``γ_(2k+4)`` of its exact value (one more rounding per inflated factor)."""
-    g = gamma(2 * k + 4)
+    within ``γ_(3k+4)`` of its exact value (``k`` counts two roundings per diagonal layer; an
+    inflated one makes up to three more: the inflated scale, the product, the shift's sum)."""
+    g = gamma(3 * k + 4)
     out = ((big - p) + g * (big + p)) * (1.0 + 8.0 * 2.0 ** -53)
     return out.nan_to_num(math.inf, math.inf)
 
