@@ -802,7 +802,7 @@ class Analyzer:
         every sign in VGG-16's last layers)."""
         y0, rho = b.forward_rounding(x)
         y0 = y0.reshape(-1)
-        if not bool(torch.isfinite(y0).all()):
+        if y0.numel() and not math.isfinite(float(y0.abs().amax())):  # (NaN propagates)
             # an inf or NaN pre-activation (inf - inf, inf * 0 further on) has no sign: its
             # ReLU looked off (NaN comparisons are false), and the bound was 0
             raise InputError(f"the float64 forward pass at x0 overflows (inf/NaN "
@@ -835,8 +835,8 @@ class Analyzer:
             # a radius or row norm beyond float64 (ȳ = inf, inf / inf), or a finite ȳ whose
             # distance from y_hi overflows (ȳ / inf = 0 dropped a row that turns on: a bound
             # of 0 for a network of local constant 3e150): the slope's limit 1
-            r = torch.where(torch.isinf(ybar) | torch.isinf(den) | torch.isnan(r),
-                            torch.ones_like(r), r)
+            # (an infinite ȳ makes den infinite or NaN)
+            r = torch.where(~torch.isfinite(den) | torch.isnan(r), torch.ones_like(r), r)
             del den
             r = torch.where(moving, r, torch.zeros_like(r))
             d_out = ((ybar > 0) & moving).to(torch.float64)
