@@ -62,10 +62,11 @@ one. highspy returns HiGHS's dual bound at the time limit also when HiGHS has no
 point yet; scipy 1.17's ``milp`` returns none then, which on networks of a few hundred
 hidden units is the rule. Measured with HiGHS 1.16 (highspy) and scipy 1.17.1, random nets
 (``N(0, 1/fan_in)`` weights), l_inf box: 10-100-100-100-1, half-width 0.5, 5 s: scipy no
-value (``TimeLimitError``), highspy the dual bound 532.6 (after 0.1 s none yet, after 0.3
-s 1064.9; half-width 0.05, 5 s: 246.1), against 1.147 for the centre's pattern (a verified
-lower bound) and 1111 for the product of the absolute weight matrices -- certified, but
-loose; 8-16-16-1, half-width 0.5, 0.05 s: scipy no value, highspy 11.1, exact 2.352 (3 s).
+value (``TimeLimitError``), highspy the dual bound 502-533, depending on how far HiGHS
+gets (after 0.1 s none yet, after 0.3 s 1064.9; half-width 0.05, 5 s: 246.1), against
+1.147 for the centre's pattern (a verified lower bound) and 1111 for the product of the
+absolute weight matrices -- certified, but loose; 8-16-16-1, half-width 0.5, 0.05 s:
+scipy no value, highspy 11.1, exact 2.352 (3 s).
 With highspy the MILP also gets a feasible start, the pattern at ``x0`` with its gradient,
 checked in float64 first: HiGHS then has an incumbent (when its pattern is verified inside
 its region, the notes give its value as a lower bound), but in these runs the start did
@@ -604,7 +605,8 @@ def lipmip(net: nn.Module | Sequence[tuple[Any, Any]], x0: Any, eps: float, *,
                                              "the box (interval bounds): f is constant there"])
     # the objective at x0's pattern (a lower end of the optimum, in the MILP's units): scaled
     # up to about 1 as well, while the interval bound stays below 2^10
-    at_x0 = float(milp.objective() @ milp.start(xs0))
+    start = milp.start(xs0)
+    at_x0 = float(milp.objective() @ start)
     target = max(at_x0, math.ldexp(bound, -10)) if at_x0 > 0.0 else bound
     up = max(0, min(-int(np.frexp(target)[1]), _MIP_UP))
     if up > 0:
@@ -612,13 +614,15 @@ def lipmip(net: nn.Module | Sequence[tuple[Any, Any]], x0: Any, eps: float, *,
         sc_layers[-1] = (np.ldexp(w_k, up), np.ldexp(b_k, up))
         shift -= up
         milp = _LipMip(sc_layers, xs0, eps_s, dual)
+        start = milp.start(xs0)  # (the objective's scale changed)
     deadline = Deadline(time_limit, "lipMIP")
     hs = _highspy() if solver != "scipy" else None
     if solver == "highspy" and hs is None:
         raise InputError("solver='highspy' needs the highspy package (pip install "
                          "'lipbound[mip]'); solver='auto' uses scipy's HiGHS without it")
-    out = (_solve_highspy(hs, milp, xs0, deadline) if hs is not None
+    out = (_solve_highspy(hs, milp, start, deadline) if hs is not None
            else _solve_scipy(milp, deadline))
+
     def witness(sol: np.ndarray) -> tuple[float, bool, np.ndarray | None]:
         """The pattern of a MILP point: its gradient's dual norm on the original network, and
         whether it is realised strictly inside its region in the box (with the point)."""
@@ -720,13 +724,13 @@ def _solve_scipy(milp: _LipMip, deadline: Deadline) -> _MipOutcome:
                        f"status {res.status} ({res.message})", "via scipy.optimize.milp")
 
 
-#: a start point of the MILP is passed to HiGHS only when its float64 violation of every
-#: bound, constraint (relative) and integrality is at most this
 _MIP_SMALL = 1e-8
 """Constraint coefficients at most this large are dropped from the MILP, the row's bounds
 widened by their largest contribution (HiGHS ignores entries below 1e-9 itself, silently
 changing the problem; ``_LipMip.constraints``)."""
 
+#: a start point of the MILP is passed to HiGHS only when its float64 violation of every
+#: bound, constraint (relative) and integrality is at most this
 _START_TOL = 1e-9
 
 
@@ -793,11 +797,11 @@ def _first_highs(hs: Any) -> Any:
     return h
 
 
-def _solve_highspy(hs: Any, milp: _LipMip, x0: np.ndarray, deadline: Deadline
+def _solve_highspy(hs: Any, milp: _LipMip, start: np.ndarray | None, deadline: Deadline
                    ) -> _MipOutcome:
     """The same MILP (``min -objective``, as scipy's) through highspy, which reports HiGHS's
     dual bound at a time limit also when no feasible point is known. A feasible start, the
-    pattern of the box's centre ``x0`` (:meth:`_LipMip.start`), is passed when it passes the
+    pattern of the box's centre (``start``: :meth:`_LipMip.start`), is passed when it passes the
     float64 check; HiGHS's ``threads`` option is left at its default (a different count than
     the one HiGHS's process-wide scheduler started with makes the run fail)."""
     cons = milp.constraints()
@@ -814,9 +818,8 @@ def _solve_highspy(hs: Any, milp: _LipMip, x0: np.ndarray, deadline: Deadline
     mat.start_, mat.index_, mat.value_ = a.indptr, a.indices, a.data
     lp.integrality_ = [hs.HighsVarType.kInteger if i else hs.HighsVarType.kContinuous
                        for i in milp.integer]
-    start = milp.start(x0)
-    viol = milp.violation(start)
-    if not viol <= _START_TOL:
+    viol = milp.violation(start) if start is not None else math.inf
+    if start is not None and not viol <= _START_TOL:
         logger.debug("lipMIP: the start point violates the MILP by %g; not passed", viol)
         start = None
     ok_status = (hs.HighsModelStatus.kOptimal, hs.HighsModelStatus.kTimeLimit)
@@ -825,7 +828,7 @@ def _solve_highspy(hs: Any, milp: _LipMip, x0: np.ndarray, deadline: Deadline
         h.setOptionValue("time_limit", float(max(deadline.remaining(), 1e-3)))
         h.setOptionValue("mip_rel_gap", 1e-9)
         h.setOptionValue("presolve", presolve)
-        # a warning (kWarning) is HiGHS dropping matrix entries below 1e-9, as scipy's does
+        # a warning (kWarning) is not a refusal (HiGHS dropping tiny entries, were any left)
         if h.passModel(lp) == hs.HighsStatus.kError:
             raise LipboundError("lipMIP: highspy refused the MILP (passModel)")
         if start is not None:
