@@ -22,7 +22,7 @@ from scipy import sparse
 import lipbound.baselines.exact as exact_mod
 from lipbound.baselines import lipmip
 from lipbound.baselines.deadline import TimeLimitError
-from lipbound.errors import InputError
+from lipbound.errors import InputError, LipboundError
 from lipbound.results import Guarantee
 from test_baselines import enumerate_box_gradients, random_layers
 
@@ -369,3 +369,13 @@ def test_zero_only_exact_when_a_layer_is_dead_not_by_cancellation():
     for solver in ("auto", "scipy"):
         r = lipmip(layers, np.zeros(1), 1.0, solver=solver)
         assert r.value >= 2.0 ** -104 and r.guarantee is Guarantee.CERTIFIED
+
+
+@pytest.mark.parametrize("solver", [pytest.param("highspy", marks=needs_highspy), "scipy"])
+def test_a_box_far_from_the_origin_fails_with_the_way_out(solver):
+    """HiGHS cannot pose a box 1e21 half-widths from the origin (bounds from 1e20 count as
+    infinite): the error says why and what to do, on both solver paths."""
+    layers = random_layers(3, [3, 5, 1])
+    with pytest.raises(LipboundError, match="half-widths from the origin") as err:
+        lipmip(layers, np.full(3, 1e21), 1.0, solver=solver, time_limit=10)
+    assert "1e+21" in str(err.value)

@@ -657,7 +657,8 @@ def lipmip(net: nn.Module | Sequence[tuple[Any, Any]], x0: Any, eps: float, *,
             return result(upper, Guarantee.CERTIFIED, more)
         if out.status == "time_limit":
             raise deadline.error("the MILP had no dual bound yet")
-        raise LipboundError(f"lipMIP: HiGHS stopped: {out.message}; no value")
+        raise LipboundError(f"lipMIP: HiGHS stopped: {out.message}; no value"
+                            + _far_hint(xc, eps))
     attained, ok, xs = witness(out.x)
     fun = -float(out.fun)  # type: ignore[arg-type]
     solver_upper = math.ldexp(max(-out.dual_bound if out.dual_bound is not None else fun,
@@ -759,6 +760,17 @@ def _new_highs(hs: Any) -> Any:
     return h
 
 
+def _far_hint(x0: np.ndarray, eps: float) -> str:
+    """What to try when HiGHS fails on a box far from the origin for its width (its
+    tolerances are absolute and it counts values from 1e20 as infinite); empty otherwise."""
+    far = float(np.max(np.abs(x0))) / eps if x0.size else 0.0
+    if not far >= 1e8:
+        return ""
+    return (f" (the box's centre lies {far:.3g} half-widths from the origin, beyond what "
+            "HiGHS's tolerances resolve: shift the input so that x0 is near 0, by moving "
+            "W_1 x0 into the first layer's bias, or use a larger eps)")
+
+
 def _first_highs(hs: Any) -> Any:
     """``hs.Highs()``, the first one of the process with fd 1 at /dev/null (under
     ``_banner_lock``)."""
@@ -830,7 +842,8 @@ def _solve_highspy(hs: Any, milp: _LipMip, start: np.ndarray | None, deadline: D
         h.setOptionValue("presolve", presolve)
         # a warning (kWarning) is not a refusal (HiGHS dropping tiny entries, were any left)
         if h.passModel(lp) == hs.HighsStatus.kError:
-            raise LipboundError("lipMIP: highspy refused the MILP (passModel)")
+            raise LipboundError("lipMIP: highspy refused the MILP (passModel)"
+                                + _far_hint(milp.x0, milp.eps))
         if start is not None:
             sol = hs.HighsSolution()
             sol.col_value = start.tolist()
@@ -909,6 +922,7 @@ class _LipMip:
     def __init__(self, layers: FCLayers, x0: np.ndarray, eps: float, dual: str):
         self.layers, self.dual = layers, dual
         self.n0 = x0.size
+        self.x0, self.eps = x0, eps
         self.zb = _box_bounds(layers, x0, eps)
         self.lb: list[float] = []
         self.ub: list[float] = []
