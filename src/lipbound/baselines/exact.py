@@ -776,36 +776,12 @@ def _first_highs(hs: Any) -> Any:
     ``_banner_lock``)."""
     global _banner_done
     if _banner_done:
-        h = hs.Highs()
-    else:
-        import ctypes
-        import os
-        import sys
+        return hs.Highs()
+    from lipbound._stdout import fd1_redirected
 
-        saved = -1
-        try:
-            sys.stdout.flush()
-            saved = os.dup(1)
-            null = os.open(os.devnull, os.O_WRONLY)
-            try:
-                os.dup2(null, 1)
-            finally:
-                os.close(null)
-        except (OSError, ValueError, AttributeError):  # no usable fd 1: banner it is
-            if saved >= 0:
-                os.close(saved)
-            saved = -1
-        try:
-            h = hs.Highs()
-        finally:
-            if saved >= 0:
-                try:
-                    ctypes.CDLL(None).fflush(None)
-                except (OSError, AttributeError):  # pragma: no cover - no libc handle
-                    pass
-                os.dup2(saved, 1)
-                os.close(saved)
-        _banner_done = True
+    with fd1_redirected(None):  # without a usable fd 1: the banner it is
+        h = hs.Highs()
+    _banner_done = True
     return h
 
 

@@ -59,6 +59,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 @progress_logging
 def run(args: argparse.Namespace) -> int:
     """Run the comparison and print it; 1 if an upper bound fell below the lower bound."""
+    from .._stdout import fd1_redirected
     from ..baselines.compare import METHODS, compare, format_table, violations
     from ..errors import InputError
     from ..validation import check_eps
@@ -74,8 +75,11 @@ def run(args: argparse.Namespace) -> int:
                              f"{', '.join(METHODS)}")
     loaded = load_model(args)
     x0, name = load_input(args, loaded).x, loaded.name
-    rows = compare(loaded.model, x0, eps, methods, model_name=name, time_limit=time_limit,
-                   seed=args.seed, progress=show_progress(args))
+    # the solvers' native output (scipy's HiGHS prints on the C stdout) goes to stderr, so
+    # that stdout holds the table or the JSON document alone
+    with fd1_redirected(2):
+        rows = compare(loaded.model, x0, eps, methods, model_name=name,
+                       time_limit=time_limit, seed=args.seed, progress=show_progress(args))
     bad = violations(rows)
     if args.json:
         print_json({"model": name, "eps": eps, "rows": [r.to_dict() for r in rows],
