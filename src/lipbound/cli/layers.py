@@ -49,7 +49,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--spectral", choices=["auto", "exact", "lanczos"], default="auto",
                    help="spectral norms: exact SVD, Lanczos (probabilistic), or auto by cost")
     p.add_argument("--failure-prob", type=float, default=1e-6,
-                   help="failure probability budget of a probabilistic bound")
+                   help="failure probability budget of a probabilistic bound (default 1e-6)")
     add_common(p)
     p.set_defaults(func=run)
 
