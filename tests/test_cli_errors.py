@@ -165,6 +165,22 @@ def test_out_files_in_the_folder_are_checked_before_computing(capsys, tmp_path, 
     assert f"{name} is a folder" in err and "give another folder" in err
 
 
+@pytest.mark.parametrize("cmd", [["bound", "--model", "tiny"], ["radius", "--model", "tiny"],
+                                 ["layers", "--model", "tiny"],
+                                 ["sweep", "--model", "tiny", "--points", "2"]])
+@pytest.mark.parametrize("value", ["2", "0", "nan"])
+def test_failure_prob_is_checked_before_computing_and_named_as_the_option(
+        capsys, monkeypatch, cmd, value):
+    """``layers`` left --failure-prob to the Analyzer: the error named the Python parameter
+    (``failure_prob must be ...``) and came after the model was loaded and traced."""
+    import lipbound.cli.bound as bd
+
+    _no_model_loading(monkeypatch)
+    monkeypatch.setattr(bd, "load_model", lambda *_a, **_k: pytest.fail("model loaded"))
+    err = run_err(capsys, cmd + ["--failure-prob", value])
+    assert err.startswith("lipbound: error: --failure-prob must be a number in [1e-300, 1)"), err
+
+
 def test_out_file_of_bound_is_checked_before_computing(capsys, tmp_path, monkeypatch):
     _no_model_loading(monkeypatch)
     a_file = tmp_path / "a_file"

@@ -170,6 +170,14 @@ def test_cuda_requested_without_cuda():
         Analyzer(_model(), SHAPE, device="cuda")
 
 
+def test_cuda_error_of_the_library_names_its_argument(monkeypatch):
+    """The library's message named the command line's option (``--device cpu``) to a Python
+    caller; it now gives the argument's values, and the option for the command line."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(InputError, match=r"device='cpu' or 'auto' \(command line: --device"):
+        Analyzer(_model(), SHAPE, device="cuda")
+
+
 def test_errors_survive_python_O():
     """Input checks are not asserts: they still fire under ``python -O``."""
     code = textwrap.dedent("""

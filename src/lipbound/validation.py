@@ -127,7 +127,8 @@ def resolve_device(device: str | torch.device | None, fallback: torch.device) ->
     if dev.type == "cuda":
         if not torch.cuda.is_available():
             raise InputError(f"device {str(device)!r} was requested but CUDA is not "
-                             "available; use --device cpu or auto")
+                             "available; use device='cpu' or 'auto' (command line: --device "
+                             "cpu or auto)")
         if dev.index is not None and dev.index >= torch.cuda.device_count():
             raise InputError(f"device {str(device)!r}: there are only "
                              f"{torch.cuda.device_count()} CUDA device(s) (cuda:0 .. "

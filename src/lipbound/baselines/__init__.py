@@ -20,13 +20,22 @@ function             quantity (L2 unless said)                            guaran
                                                                           estimate (greedy)
 ``lipsdp``           global constant (LipSDP-Neuron / -Layer)             certified after a
                                                                           float64 LMI check
-``eclipse_fast``     global constant (ECLipsE-Fast closed form)           certified
+``eclipse_fast``     global constant (ECLipsE-Fast closed form)           certified after a
+                                                                          float64 LMI check
+                                                                          (estimate when the
+                                                                          LMI is too large
+                                                                          to check)
 ``fastlip``          local, all pairs in the ball                         certified
 ``recurjac``         local, all pairs in the ball                         certified
-``exact_local_l2``   local, all pairs in the ball                         exact
+``exact_local_l2``   local, all pairs in the ball                         exact (verified
+                                                                          maximiser), else
+                                                                          certified
 ``lipmip``           local, ``c^T f`` on an l_inf box (dual-norm grad.)   exact (HiGHS's
-                                                                          optimum + 1e-6
-                                                                          relative)
+                                                                          optimum, verified,
+                                                                          + 1e-6 relative
+                                                                          and absolute) or
+                                                                          certified (a dual
+                                                                          bound)
 ``pgd_lower_bound``  local, relative to x0 (lipbound.lower's)             lower bound
 ===================  ===================================================  ===================
 

@@ -60,13 +60,14 @@ value; CERTIFIED (the dual bound) if the maximiser's region is degenerate, or if
 stops at the time limit with a dual bound; a ``TimeLimitError`` if it stops there without
 one. highspy returns HiGHS's dual bound at the time limit also when HiGHS has no feasible
 point yet; scipy 1.17's ``milp`` returns none then, which on networks of a few hundred
-hidden units is the rule. Measured with HiGHS 1.16 (highspy) and scipy 1.17.1, random nets
-(``N(0, 1/fan_in)`` weights), l_inf box: 10-100-100-100-1, half-width 0.5, 5 s: scipy no
-value (``TimeLimitError``), highspy the dual bound 502-533, depending on how far HiGHS
-gets (after 0.1 s none yet, after 0.3 s 1064.9; half-width 0.05, 5 s: 246.1), against
-1.147 for the centre's pattern (a verified lower bound) and 1111 for the product of the
-absolute weight matrices -- certified, but loose; 8-16-16-1, half-width 0.5, 0.05 s:
-scipy no value, highspy 11.1, exact 2.352 (3 s).
+hidden units is the rule. Measured with HiGHS 1.16 (highspy) and scipy 1.17.1 on the random
+nets of ``tests/test_lipmip_highspy.py`` (``N(0, 1/fan_in)`` weights), l_inf box:
+10-100-100-100-1, half-width 0.5, 5 s: scipy no value (``TimeLimitError``), highspy the dual
+bound about 500-530, depending on how far HiGHS gets (after 0.1 s none yet, after 0.3 s
+about 1000-1065; half-width 0.05, 5 s: 211-246), against 0.733 for the centre's pattern (a
+verified lower bound), 1.62 for the largest gradient norm at 10^5 random points of the box,
+and 1111 for the product of the absolute weight matrices -- certified, but loose; 8-16-16-1,
+half-width 0.5, 0.05 s: scipy no value, highspy 2.2-2.4, exact 0.349 (under a second).
 With highspy the MILP also gets a feasible start, the pattern at ``x0`` with its gradient,
 checked in float64 first: HiGHS then has an incumbent (when its pattern is verified inside
 its region, the notes give its value as a lower bound), but in these runs the start did

@@ -38,7 +38,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="spectral norms: exact SVD (certified), Lanczos (probabilistic), "
                         "or auto by cost")
     p.add_argument("--failure-prob", type=float, default=1e-6,
-                   help="failure probability budget of a probabilistic bound")
+                   help="failure probability budget of a probabilistic bound (default 1e-6)")
     p.add_argument("--out", default=None,
                    help="CSV file: one row per input and radius (also for a single input)")
     add_common(p)

@@ -49,9 +49,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="time limit in seconds of each rival method, each on its own "
                         "(default 60): checked between a method's steps (layers, passes, "
                         "branch nodes, solver calls), so one step may run past it; a method "
-                        "that reaches it gets a 'not run: ... time limit' row. lipbound's own "
-                        "bounds, the lower bound and the conversion of a conv net are not "
-                        "limited")
+                        "that reaches it gets a 'not run: ... time limit' row (lipMIP "
+                        "instead reports HiGHS's dual bound as a certified upper bound when "
+                        "the solver has one by then). lipbound's own bounds, the lower bound "
+                        "and the conversion of a conv net are not limited")
     add_common(p)
     p.set_defaults(func=run)
 

@@ -49,7 +49,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--spectral", choices=["auto", "exact", "lanczos"], default="auto",
                    help="spectral norms: exact SVD, Lanczos (probabilistic), or auto by cost")
     p.add_argument("--failure-prob", type=float, default=1e-6,
-                   help="failure probability budget of a probabilistic bound")
+                   help="failure probability budget of a probabilistic bound (default 1e-6)")
     add_common(p)
     p.set_defaults(func=run)
 
@@ -100,11 +100,12 @@ def _prob_suffix(layers) -> str:
 def run(args: argparse.Namespace) -> int:
     from ..analyzer import Analyzer
     from ..plotting import plot_layer_factors
-    from ..validation import check_eps
+    from ..validation import check_eps, check_failure_prob
     from .exact_memory import check_exact_global_fits
     from .sweep import DISPLAY_NAMES, random_weights
 
     eps = check_eps(args.eps, "--eps")
+    check_failure_prob(args.failure_prob, "--failure-prob")
     # before the work, not after
     out = prepare_out_dir(args.out, files=LAYER_FILES) if args.out else None
     loaded = load_model(args)

@@ -67,7 +67,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="spectral norms: exact SVD (certified), Lanczos (probabilistic), "
                         "or auto by cost")
     p.add_argument("--failure-prob", type=float, default=1e-6,
-                   help="failure probability budget of a probabilistic bound")
+                   help="failure probability budget of a probabilistic bound (default 1e-6)")
     p.add_argument("--reuse-tol", type=float, default=None,
                    help="relative looseness of layer factors reused during the search "
                         "(default 0.02; 0: none)")

@@ -47,23 +47,25 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--eps-max", type=float, default=None,
                    help="largest radius (default: the zoo entry's range)")
     p.add_argument("--points", type=int, default=30,
-                   help="number of radii, log-spaced from --eps-min to --eps-max (>= 2)")
+                   help="number of radii, log-spaced from --eps-min to --eps-max (>= 2; "
+                        "default 30)")
     p.add_argument("--out", default=None,
                    help="output folder (default: out/sweep_<model>)")
     p.add_argument("--methods", default="local,global,random,gradient,pgd",
-                   help="comma-separated: local, global, random, gradient, pgd, best")
+                   help="comma-separated: local, global, random, gradient, pgd, best "
+                        "(default: all but best)")
     p.add_argument("--samples", type=int, default=10_000,
-                   help="points of the random-sampling lower bound per radius")
+                   help="points of the random-sampling lower bound per radius (default 10000)")
     p.add_argument("--steps", type=int, default=100,
-                   help="steps of the gradient-ascent and PGD lower bounds")
-    p.add_argument("--restarts", type=int, default=16, help="restarts of PGD")
+                   help="steps of the gradient-ascent and PGD lower bounds (default 100)")
+    p.add_argument("--restarts", type=int, default=16, help="restarts of PGD (default 16)")
     p.add_argument("--lower-dtype", choices=["float64", "model"], default="float64",
-                   help="precision of the lower bounds' forward passes (float64: the "
+                   help="precision of the lower bounds' forward passes (default float64: the "
                         "precision of the upper-bound analysis)")
     p.add_argument("--spectral", choices=["auto", "exact", "lanczos"], default="auto",
                    help="spectral norms: exact SVD, Lanczos (probabilistic), or auto by cost")
     p.add_argument("--failure-prob", type=float, default=1e-6,
-                   help="failure probability budget of a probabilistic bound")
+                   help="failure probability budget of a probabilistic bound (default 1e-6)")
     p.add_argument("--reuse-tol", type=float, default=None,
                    help="relative looseness a reused layer factor of a larger radius may have "
                         "(default 0.02; 0: compute every radius afresh)")
