@@ -55,8 +55,9 @@ def tensor_state(model: nn.Module) -> tuple[tuple, ...]:
     """A record of ``model``'s parameters and buffers that changes when any of them is
     modified in place (autograd's version counter: ``p.mul_``, ``copy_``, optimiser steps,
     ``load_state_dict``), given new storage (``.data = ...``, ``model.to(...)``) or replaced,
-    added or removed (a new submodule or ``nn.Parameter``). In-place writes through
-    ``p.data`` bypass the version counter and are not seen.
+    added or removed (a new submodule or ``nn.Parameter``), or when a forward hook is added
+    to or removed from a module. In-place writes through ``p.data`` bypass the version
+    counter and are not seen.
     """
     out = []
     for kind, named in (("parameter", model.named_parameters(remove_duplicate=False)),
@@ -66,6 +67,12 @@ def tensor_state(model: nn.Module) -> tuple[tuple, ...]:
                 continue
             out.append((kind, name, id(t), t.data_ptr(), t._version, tuple(t.shape), t.dtype,
                         t.device))
+    # forward hooks change what a module computes without touching its tensors (the layer
+    # rules do not analyse them: lipbound.graph.check_hooks refuses them at tracing)
+    for name, m in model.named_modules():
+        if m._forward_hooks or m._forward_pre_hooks:
+            out.append(("hook on module", name or "<root>", tuple(m._forward_hooks),
+                        tuple(m._forward_pre_hooks)))
     return tuple(out)
 
 

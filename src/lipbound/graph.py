@@ -127,6 +127,49 @@ def check_tensors(model: nn.Module) -> None:
             "same weights) are what lipbound certifies")
 
 
+def _weight_hooks() -> tuple[type, ...]:
+    """Forward pre-hooks that only recompute a layer's ``weight`` attribute from its own
+    parameters and buffers before each call (``torch.nn.utils.spectral_norm`` and
+    ``weight_norm``): the layer rules read that attribute after the tracing run, so the
+    analysed weight is the one the model uses (in eval mode spectral norm does no power
+    step)."""
+    from torch.nn.utils.spectral_norm import SpectralNorm
+    from torch.nn.utils.weight_norm import WeightNorm
+    return SpectralNorm, WeightNorm
+
+
+def check_hooks(model: nn.Module) -> None:
+    """Refuse a model with forward hooks (on any module, or registered globally): the layer
+    rules describe a module by its parameters, so a hook that changes a module's input or
+    output would be left out of the analysis. The check of the analysed chain against the
+    model (one random input) misses such a hook where its layer is inactive there (a hook
+    scaling the output of a ReLU that is off on that input: a certified bound of 1.41 for a
+    network of local constant 14.1).
+
+    Raises:
+        UnsupportedModelError: naming the hooked modules and the fix.
+    """
+    from torch.nn.modules import module as _module
+
+    allowed = _weight_hooks()
+    found: list[tuple[str, str, str]] = []
+    for name, m in model.named_modules():
+        kinds = []
+        if m._forward_hooks:
+            kinds.append("forward hook")
+        if any(not isinstance(h, allowed) for h in m._forward_pre_hooks.values()):
+            kinds.append("forward pre-hook")
+        if kinds:
+            found.append((f"module '{name or '<root>'}'", type(m).__name__,
+                          " and ".join(kinds) + " registered (hooks are not analysed: "
+                          "remove them with the handle's .remove())"))
+    if _module._global_forward_hooks or _module._global_forward_pre_hooks:
+        found.append(("all modules", "global hook", "a global forward (pre-)hook is registered "
+                      "(torch.nn.modules.module.register_module_forward_hook): remove it"))
+    if found:
+        raise UnsupportedModelError(found)
+
+
 def check_batchnorm(model: nn.Module) -> None:
     """Refuse batch norms whose ``running_var + eps`` is not positive (their scale
     ``1/sqrt(running_var + eps)`` is NaN or infinite).
@@ -249,6 +292,7 @@ def trace_model(model: nn.Module, input_shape: Sequence[int]) -> list[Op]:
     check_tensors(model)
     check_finite_parameters(model)
     check_batchnorm(model)
+    check_hooks(model)
     try:
         graph = _Tracer().trace(model)
     except Exception as exc:  # fx raises many types; all mean the same to the user

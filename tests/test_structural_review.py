@@ -1,0 +1,78 @@
+"""Structural soundness review (session 16): whole-network bounds on unusual layer
+combinations, checked against independent references (float64 Jacobians of the torch model)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import lipbound
+from lipbound.errors import InputError, UnsupportedModelError
+
+
+def _jac_norm(model: nn.Module, x: torch.Tensor) -> float:
+    jac = torch.autograd.functional.jacobian(lambda z: model(z.unsqueeze(0))[0], x[0])
+    return float(torch.linalg.matrix_norm(jac.reshape(jac.shape[0], -1), 2))
+
+
+def _dead_relu_net() -> nn.Sequential:
+    """Its ReLUs are off on every standard-normal input (bias -50), on at x0 = (100, 100)."""
+    net = nn.Sequential(nn.Linear(2, 2), nn.ReLU(), nn.Linear(2, 1)).double().eval()
+    with torch.no_grad():
+        net[0].weight.copy_(torch.eye(2, dtype=torch.float64))
+        net[0].bias.fill_(-50.0)
+        net[2].weight.fill_(1.0)
+        net[2].bias.zero_()
+    return net
+
+
+def test_forward_hook_changing_an_output_is_refused():
+    # a hook scaling a ReLU's output by 10: the chain check (one random input, where that
+    # ReLU is off) did not see it, and the certified bound was 1.41 for a constant of 14.1
+    net = _dead_relu_net()
+    x0 = torch.tensor([[100.0, 100.0]], dtype=torch.float64)
+    handle = net[1].register_forward_hook(lambda m, i, o: o * 10.0)
+    assert _jac_norm(net, x0) == pytest.approx(10 * 2 ** 0.5)
+    with pytest.raises(UnsupportedModelError, match="forward hook"):
+        lipbound.local_bound(net, x0, 1.0)
+    handle.remove()
+    assert lipbound.local_bound(net, x0, 1.0).value >= _jac_norm(net, x0)
+
+
+def test_forward_pre_hook_and_global_hook_are_refused():
+    net = _dead_relu_net()
+    handle = net[2].register_forward_pre_hook(lambda m, i: (i[0] * 3.0,))
+    with pytest.raises(UnsupportedModelError, match="pre-hook"):
+        lipbound.Analyzer(net, (2,))
+    handle.remove()
+    from torch.nn.modules.module import register_module_forward_hook
+    handle = register_module_forward_hook(lambda m, i, o: None)
+    try:
+        with pytest.raises(UnsupportedModelError, match="global"):
+            lipbound.Analyzer(net, (2,))
+    finally:
+        handle.remove()
+    lipbound.Analyzer(net, (2,))  # nothing registered any more
+
+
+def test_hook_added_after_the_analyzer_is_detected():
+    net = _dead_relu_net()
+    x0 = torch.tensor([[100.0, 100.0]], dtype=torch.float64)
+    an = lipbound.Analyzer(net, (2,))
+    handle = net[1].register_forward_hook(lambda m, i, o: o * 10.0)
+    with pytest.raises(InputError, match="hook"):
+        an.local_bound(x0, 1.0)
+    handle.remove()
+    assert an.local_bound(x0, 1.0).value >= _jac_norm(net, x0)
+
+
+def test_spectral_norm_weight_hook_is_still_analysed():
+    # torch.nn.utils.spectral_norm recomputes `weight` in a pre-hook (no power step in eval
+    # mode): the rules read that weight, so the model stays supported
+    torch.manual_seed(0)
+    lin = torch.nn.utils.spectral_norm(nn.Linear(4, 3).double())
+    net = nn.Sequential(lin, nn.ReLU(), nn.Linear(3, 2).double()).eval()
+    x0 = torch.randn(1, 4, dtype=torch.float64)
+    g = lipbound.global_bound(net, (4,)).value
+    assert g >= _jac_norm(net, x0) * (1 - 1e-12)
