@@ -76,3 +76,15 @@ def test_spectral_norm_weight_hook_is_still_analysed():
     x0 = torch.randn(1, 4, dtype=torch.float64)
     g = lipbound.global_bound(net, (4,)).value
     assert g >= _jac_norm(net, x0) * (1 - 1e-12)
+
+
+def test_pruned_weight_hook_is_still_analysed():
+    # torch.nn.utils.prune recomputes `weight = weight_orig * weight_mask` in a pre-hook
+    torch.manual_seed(1)
+    net = nn.Sequential(nn.Linear(4, 5), nn.ReLU(), nn.Linear(5, 2)).double().eval()
+    torch.nn.utils.prune.l1_unstructured(net[0], "weight", amount=0.4)
+    torch.nn.utils.prune.random_unstructured(net[0], "weight", amount=0.2)  # a container
+    x0 = torch.randn(1, 4, dtype=torch.float64)
+    an = lipbound.Analyzer(net, (4,), spectral="exact")
+    assert an.global_bound().value >= _jac_norm(net, x0) * (1 - 1e-12)
+    assert an.local_bound(x0, 1e-3).value >= _jac_norm(net, x0) * (1 - 1e-9)

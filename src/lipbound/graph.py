@@ -128,14 +128,15 @@ def check_tensors(model: nn.Module) -> None:
 
 
 def _weight_hooks() -> tuple[type, ...]:
-    """Forward pre-hooks that only recompute a layer's ``weight`` attribute from its own
-    parameters and buffers before each call (``torch.nn.utils.spectral_norm`` and
-    ``weight_norm``): the layer rules read that attribute after the tracing run, so the
-    analysed weight is the one the model uses (in eval mode spectral norm does no power
-    step)."""
+    """Forward pre-hooks that only recompute a layer's parameter attribute (``weight``) from
+    its own parameters and buffers before each call (``torch.nn.utils.spectral_norm``,
+    ``weight_norm`` and ``prune``): the layer rules read that attribute after the tracing
+    run, so the analysed weight is the one the model uses (in eval mode spectral norm does
+    no power step)."""
+    from torch.nn.utils.prune import BasePruningMethod
     from torch.nn.utils.spectral_norm import SpectralNorm
     from torch.nn.utils.weight_norm import WeightNorm
-    return SpectralNorm, WeightNorm
+    return SpectralNorm, WeightNorm, BasePruningMethod
 
 
 def check_hooks(model: nn.Module) -> None:
