@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 from torch import nn
+from torch.nn.utils import prune
 
 import lipbound
 from lipbound.errors import InputError, UnsupportedModelError
@@ -82,9 +83,47 @@ def test_pruned_weight_hook_is_still_analysed():
     # torch.nn.utils.prune recomputes `weight = weight_orig * weight_mask` in a pre-hook
     torch.manual_seed(1)
     net = nn.Sequential(nn.Linear(4, 5), nn.ReLU(), nn.Linear(5, 2)).double().eval()
-    torch.nn.utils.prune.l1_unstructured(net[0], "weight", amount=0.4)
-    torch.nn.utils.prune.random_unstructured(net[0], "weight", amount=0.2)  # a container
+    prune.l1_unstructured(net[0], "weight", amount=0.4)
+    prune.random_unstructured(net[0], "weight", amount=0.2)  # a container
     x0 = torch.randn(1, 4, dtype=torch.float64)
     an = lipbound.Analyzer(net, (4,), spectral="exact")
     assert an.global_bound().value >= _jac_norm(net, x0) * (1 - 1e-12)
     assert an.local_bound(x0, 1e-3).value >= _jac_norm(net, x0) * (1 - 1e-9)
+
+
+class _FunctionalPool(nn.Module):
+    """Conv -> a functional pooling call -> ReLU -> flatten."""
+
+    def __init__(self, fn):
+        super().__init__()
+        self.fn = fn
+        self.conv = nn.Conv2d(1, 2, 2).double()
+
+    def forward(self, x):
+        return torch.flatten(torch.relu(self.fn(self.conv(x))), 1)
+
+
+@pytest.mark.parametrize("fn", [
+    lambda x: torch.nn.functional.max_pool2d(x, 2, []),  # empty stride: the kernel size
+    lambda x: torch.nn.functional.avg_pool2d(x, 2, []),
+    lambda x: torch.nn.functional.max_pool2d(x, [2], [1], [1]),  # one entry for both axes
+    lambda x: torch.nn.functional.avg_pool2d(x, [3], [2], [1]),
+    lambda x: torch.nn.functional.max_pool2d(x, [2], [1], [0], [2]),
+])
+def test_functional_pooling_with_list_arguments(fn):
+    # torch reads stride=[] as the kernel size and a one-entry list as both axes: the rules
+    # raised IndexError
+    torch.manual_seed(2)
+    net = _FunctionalPool(fn).eval()
+    x0 = torch.randn(1, 1, 7, 7, dtype=torch.float64)
+    an = lipbound.Analyzer(net, (1, 7, 7), spectral="exact")
+    assert an.local_bound(x0, 1e-6).value >= _jac_norm(net, x0) * (1 - 1e-9)
+    assert an.global_bound().value >= _jac_norm(net, x0) * (1 - 1e-9)
+
+
+@pytest.mark.parametrize("pool", [nn.AvgPool2d(2), nn.AdaptiveAvgPool2d((2, 3))])
+def test_average_pooling_without_channel_dimension_is_refused(pool):
+    # a per-sample (H, W) tensor: a RuntimeError / ValueError from inside the rule before
+    net = nn.Sequential(nn.ReLU(), pool, nn.Flatten()).double().eval()
+    with pytest.raises(UnsupportedModelError, match="channel dimension"):
+        lipbound.Analyzer(net, (4, 6))
