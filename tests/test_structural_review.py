@@ -127,3 +127,20 @@ def test_average_pooling_without_channel_dimension_is_refused(pool):
     net = nn.Sequential(nn.ReLU(), pool, nn.Flatten()).double().eval()
     with pytest.raises(UnsupportedModelError, match="channel dimension"):
         lipbound.Analyzer(net, (4, 6))
+
+
+def test_forward_replaced_on_an_instance_is_refused():
+    # `relu.forward = ...` on one instance: the ReLU rule described the class's computation
+    # (the chain check's random input leaves that ReLU off): 1.41 for a constant of 14.1
+    net = _dead_relu_net()
+    x0 = torch.tensor([[100.0, 100.0]], dtype=torch.float64)
+    net[1].forward = lambda x: torch.relu(x) * 10.0
+    assert _jac_norm(net, x0) == pytest.approx(10 * 2 ** 0.5)
+    with pytest.raises(UnsupportedModelError, match="replaced on the instance"):
+        lipbound.local_bound(net, x0, 1.0)
+    del net[1].forward
+    an = lipbound.Analyzer(net, (2,))
+    assert an.local_bound(x0, 1.0).value >= _jac_norm(net, x0)
+    net[1].forward = lambda x: torch.relu(x) * 10.0  # after the analyzer was built
+    with pytest.raises(InputError, match="changed"):
+        an.local_bound(x0, 1.0)

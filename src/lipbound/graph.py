@@ -23,6 +23,7 @@ from ._precision import exact_float32
 from .errors import InputError, UnsupportedModelError, WeightsError
 from .ops.base import Op
 from .ops.registry import (
+    _COMPUTING_METHODS,
     AUXILIARY_METHODS,
     FUNCTION_RULES,
     METHOD_RULES,
@@ -412,6 +413,11 @@ def trace_model(model: nn.Module, input_shape: Sequence[int]) -> list[Op]:
             detail = ""
             if module is not None:
                 detail = repr(module).split("\n")[0][:80]
+                patched = [n for n in _COMPUTING_METHODS if n in vars(module)]
+                if patched and node.op == "call_module":
+                    detail = (f"{', '.join(patched)} replaced on the instance: lipbound "
+                              "would analyse the class's computation, not this one; remove "
+                              "the override or rewrite it with supported layers")
             problems.append((where, kind, detail or "no rule for this operation"))
             current = node
             continue
