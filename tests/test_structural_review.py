@@ -144,3 +144,14 @@ def test_forward_replaced_on_an_instance_is_refused():
     net[1].forward = lambda x: torch.relu(x) * 10.0  # after the analyzer was built
     with pytest.raises(InputError, match="changed"):
         an.local_bound(x0, 1.0)
+
+
+def test_call_impl_replaced_on_an_instance_is_refused():
+    # torch.fx traces through Module.__call__ itself, so a replaced _call_impl was never seen
+    net = _dead_relu_net()
+    x0 = torch.tensor([[100.0, 100.0]], dtype=torch.float64)
+    orig = net[1]._call_impl
+    net[1]._call_impl = lambda *a, **k: orig(*a, **k) * 10.0
+    assert _jac_norm(net, x0) == pytest.approx(10 * 2 ** 0.5)
+    with pytest.raises(UnsupportedModelError, match="_call_impl replaced"):
+        lipbound.local_bound(net, x0, 1.0)

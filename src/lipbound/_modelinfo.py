@@ -78,9 +78,9 @@ def tensor_state(model: nn.Module) -> tuple[tuple, ...]:
     return tuple(out)
 
 
-_PATCHABLE = ("forward", "_conv_forward", "_check_input_dim")
+_PATCHABLE = ("forward", "_conv_forward", "_check_input_dim", "_call_impl", "_wrapped_call_impl")
 """Methods through which a module computes its output (as
-:data:`lipbound.ops.registry._COMPUTING_METHODS`)."""
+:data:`lipbound.ops.registry._COMPUTING_METHODS` and :data:`lipbound.graph._CALL_METHODS`)."""
 
 
 def changed_tensor(before: tuple[tuple, ...], model: nn.Module) -> str | None:

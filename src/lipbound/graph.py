@@ -140,10 +140,15 @@ def _weight_hooks() -> tuple[type, ...]:
     return SpectralNorm, WeightNorm, BasePruningMethod
 
 
+_CALL_METHODS = ("_call_impl", "_wrapped_call_impl")
+"""Methods through which ``Module.__call__`` runs a module (hooks and ``forward``)."""
+
+
 def check_hooks(model: nn.Module) -> None:
-    """Refuse a model with forward hooks (on any module, or registered globally): the layer
-    rules describe a module by its parameters, so a hook that changes a module's input or
-    output would be left out of the analysis. The check of the analysed chain against the
+    """Refuse a model with forward hooks (on any module, or registered globally) or a
+    replaced ``_call_impl`` (see :data:`_CALL_METHODS`): the layer rules describe a module by
+    its parameters, so a hook that changes a module's input or output would be left out of
+    the analysis. The check of the analysed chain against the
     model (one random input) misses such a hook where its layer is inactive there (a hook
     scaling the output of a ReLU that is off on that input: a certified bound of 1.41 for a
     network of local constant 14.1).
@@ -158,13 +163,16 @@ def check_hooks(model: nn.Module) -> None:
     for name, m in model.named_modules():
         kinds = []
         if m._forward_hooks:
-            kinds.append("forward hook")
+            kinds.append("forward hook registered")
         if any(not isinstance(h, allowed) for h in m._forward_pre_hooks.values()):
-            kinds.append("forward pre-hook")
+            kinds.append("forward pre-hook registered")
         if kinds:
-            found.append((f"module '{name or '<root>'}'", type(m).__name__,
-                          " and ".join(kinds) + " registered (hooks are not analysed: "
-                          "remove them with the handle's .remove())"))
+            kinds[-1] += " (hooks are not analysed: remove them with the handle's .remove())"
+        # torch.fx traces through Module.__call__ itself: a replaced _call_impl is never seen
+        kinds += [f"{n} replaced (not analysed: use the module's forward)" for n in _CALL_METHODS
+                  if n in vars(m) or getattr(type(m), n, None) is not getattr(nn.Module, n)]
+        if kinds:
+            found.append((f"module '{name or '<root>'}'", type(m).__name__, "; ".join(kinds)))
     if _module._global_forward_hooks or _module._global_forward_pre_hooks:
         found.append(("all modules", "global hook", "a global forward (pre-)hook is registered "
                       "(torch.nn.modules.module.register_module_forward_hook): remove it"))
