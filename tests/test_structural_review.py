@@ -9,6 +9,7 @@ from torch import nn
 from torch.nn.utils import prune
 
 import lipbound
+from lipbound import radius
 from lipbound.errors import InputError, UnsupportedModelError
 
 
@@ -155,3 +156,20 @@ def test_call_impl_replaced_on_an_instance_is_refused():
     assert _jac_norm(net, x0) == pytest.approx(10 * 2 ** 0.5)
     with pytest.raises(UnsupportedModelError, match="_call_impl replaced"):
         lipbound.local_bound(net, x0, 1.0)
+
+
+def test_certified_radius_leaves_x0_alone_with_an_inplace_first_relu():
+    # the model's own forward pass at x0 (its class) ran on the caller's tensor: ReLU(inplace)
+    # overwrote x0 with relu(x0)
+    net = nn.Sequential(nn.ReLU(inplace=True), nn.Linear(3, 2)).double().eval()
+    with torch.no_grad():
+        net[1].weight.copy_(torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]]))
+        net[1].bias.copy_(torch.tensor([0.0, -0.5]))
+    x0 = torch.tensor([[-1.0, -0.9, 5.0]], dtype=torch.float64)
+    before = x0.clone()
+    r = radius.certified_radius(net, x0, method="local")
+    assert torch.equal(x0, before)
+    assert r.radius > 0
+    with torch.no_grad():  # no class change on the ball's boundary towards the rival
+        x = before + r.radius * torch.tensor([[0.0, 1.0, 0.0]], dtype=torch.float64)
+        assert int(net(x.clone()).argmax()) == r.predicted_class
