@@ -173,3 +173,12 @@ def test_certified_radius_leaves_x0_alone_with_an_inplace_first_relu():
     with torch.no_grad():  # no class change on the ball's boundary towards the rival
         x = before + r.radius * torch.tensor([[0.0, 1.0, 0.0]], dtype=torch.float64)
         assert int(net(x.clone()).argmax()) == r.predicted_class
+
+
+def test_spectral_norm_in_training_mode_is_refused():
+    # its pre-hook makes a power step (a new weight) at every call: what would be analysed?
+    lin = torch.nn.utils.spectral_norm(nn.Linear(4, 3).double())
+    net = nn.Sequential(lin, nn.ReLU(), nn.Linear(3, 2).double()).eval()
+    lin.train()
+    with pytest.raises(UnsupportedModelError, match="training mode"):
+        lipbound.Analyzer(net, (4,))

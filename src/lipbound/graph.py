@@ -157,6 +157,7 @@ def check_hooks(model: nn.Module) -> None:
         UnsupportedModelError: naming the hooked modules and the fix.
     """
     from torch.nn.modules import module as _module
+    from torch.nn.utils.spectral_norm import SpectralNorm
 
     allowed = _weight_hooks()
     found: list[tuple[str, str, str]] = []
@@ -168,6 +169,9 @@ def check_hooks(model: nn.Module) -> None:
             kinds.append("forward pre-hook registered")
         if kinds:
             kinds[-1] += " (hooks are not analysed: remove them with the handle's .remove())"
+        if m.training and any(isinstance(h, SpectralNorm) for h in m._forward_pre_hooks.values()):
+            # its power step changes the weight at every call
+            kinds.append("spectral_norm in training mode (call model.eval())")
         # torch.fx traces through Module.__call__ itself: a replaced _call_impl is never seen
         kinds += [f"{n} replaced (not analysed: use the module's forward)" for n in _CALL_METHODS
                   if n in vars(m) or getattr(type(m), n, None) is not getattr(nn.Module, n)]
