@@ -55,8 +55,9 @@ def tensor_state(model: nn.Module) -> tuple[tuple, ...]:
     """A record of ``model``'s parameters and buffers that changes when any of them is
     modified in place (autograd's version counter: ``p.mul_``, ``copy_``, optimiser steps,
     ``load_state_dict``), given new storage (``.data = ...``, ``model.to(...)``) or replaced,
-    added or removed (a new submodule or ``nn.Parameter``). In-place writes through
-    ``p.data`` bypass the version counter and are not seen.
+    added or removed (a new submodule or ``nn.Parameter``), or when a forward hook is added
+    to or removed from a module (or its ``forward`` replaced on the instance). In-place
+    writes through ``p.data`` bypass the version counter and are not seen.
     """
     out = []
     for kind, named in (("parameter", model.named_parameters(remove_duplicate=False)),
@@ -66,7 +67,20 @@ def tensor_state(model: nn.Module) -> tuple[tuple, ...]:
                 continue
             out.append((kind, name, id(t), t.data_ptr(), t._version, tuple(t.shape), t.dtype,
                         t.device))
+    # forward hooks and methods replaced on an instance change what a module computes without
+    # touching its tensors (the layer rules do not analyse them: refused at tracing, see
+    # lipbound.graph.check_hooks and lipbound.ops.registry.module_rule)
+    for name, m in model.named_modules():
+        patched = tuple((n, id(f)) for n, f in vars(m).items() if n in _PATCHABLE)
+        if m._forward_hooks or m._forward_pre_hooks or patched:
+            out.append(("hook on module", name or "<root>", tuple(m._forward_hooks),
+                        tuple(m._forward_pre_hooks), patched))
     return tuple(out)
+
+
+_PATCHABLE = ("forward", "_conv_forward", "_check_input_dim", "_call_impl", "_wrapped_call_impl")
+"""Methods through which a module computes its output (as
+:data:`lipbound.ops.registry._COMPUTING_METHODS` and :data:`lipbound.graph._CALL_METHODS`)."""
 
 
 def changed_tensor(before: tuple[tuple, ...], model: nn.Module) -> str | None:

@@ -23,6 +23,7 @@ from ._precision import exact_float32
 from .errors import InputError, UnsupportedModelError, WeightsError
 from .ops.base import Op
 from .ops.registry import (
+    _COMPUTING_METHODS,
     AUXILIARY_METHODS,
     FUNCTION_RULES,
     METHOD_RULES,
@@ -125,6 +126,63 @@ def check_tensors(model: nn.Module) -> None:
             "against the model's own forward pass, which in half precision differs by its "
             "rounding. Convert with model.float(): the bounds of the float32 model (the "
             "same weights) are what lipbound certifies")
+
+
+def _weight_hooks() -> tuple[type, ...]:
+    """Forward pre-hooks that only recompute a layer's parameter attribute (``weight``) from
+    its own parameters and buffers before each call (``torch.nn.utils.spectral_norm``,
+    ``weight_norm`` and ``prune``): the layer rules read that attribute after the tracing
+    run, so the analysed weight is the one the model uses (in eval mode spectral norm does
+    no power step)."""
+    from torch.nn.utils.prune import BasePruningMethod
+    from torch.nn.utils.spectral_norm import SpectralNorm
+    from torch.nn.utils.weight_norm import WeightNorm
+    return SpectralNorm, WeightNorm, BasePruningMethod
+
+
+_CALL_METHODS = ("_call_impl", "_wrapped_call_impl")
+"""Methods through which ``Module.__call__`` runs a module (hooks and ``forward``)."""
+
+
+def check_hooks(model: nn.Module) -> None:
+    """Refuse a model with forward hooks (on any module, or registered globally) or a
+    replaced ``_call_impl`` (see :data:`_CALL_METHODS`): the layer rules describe a module by
+    its parameters, so a hook that changes a module's input or output would be left out of
+    the analysis. The check of the analysed chain against the model (one random input)
+    misses such a hook where its layer is inactive there (a hook scaling the output of a ReLU
+    that is off on that input: a certified bound of 1.41 for a network of local constant
+    14.1). The weight hooks of :func:`_weight_hooks` are allowed (spectral norm in eval mode
+    only: in training mode its power step changes the weight at every call).
+
+    Raises:
+        UnsupportedModelError: naming the hooked modules and the fix.
+    """
+    from torch.nn.modules import module as _module
+    from torch.nn.utils.spectral_norm import SpectralNorm
+
+    allowed = _weight_hooks()
+    found: list[tuple[str, str, str]] = []
+    for name, m in model.named_modules():
+        kinds = []
+        if m._forward_hooks:
+            kinds.append("forward hook registered")
+        if any(not isinstance(h, allowed) for h in m._forward_pre_hooks.values()):
+            kinds.append("forward pre-hook registered")
+        if kinds:
+            kinds[-1] += " (hooks are not analysed: remove them with the handle's .remove())"
+        if m.training and any(isinstance(h, SpectralNorm) for h in m._forward_pre_hooks.values()):
+            # its power step changes the weight at every call
+            kinds.append("spectral_norm in training mode (call model.eval())")
+        # torch.fx traces through Module.__call__ itself: a replaced _call_impl is never seen
+        kinds += [f"{n} replaced (not analysed: use the module's forward)" for n in _CALL_METHODS
+                  if n in vars(m) or getattr(type(m), n, None) is not getattr(nn.Module, n)]
+        if kinds:
+            found.append((f"module '{name or '<root>'}'", type(m).__name__, "; ".join(kinds)))
+    if _module._global_forward_hooks or _module._global_forward_pre_hooks:
+        found.append(("all modules", "global hook", "a global forward (pre-)hook is registered "
+                      "(torch.nn.modules.module.register_module_forward_hook): remove it"))
+    if found:
+        raise UnsupportedModelError(found)
 
 
 def check_batchnorm(model: nn.Module) -> None:
@@ -249,6 +307,7 @@ def trace_model(model: nn.Module, input_shape: Sequence[int]) -> list[Op]:
     check_tensors(model)
     check_finite_parameters(model)
     check_batchnorm(model)
+    check_hooks(model)
     try:
         graph = _Tracer().trace(model)
     except Exception as exc:  # fx raises many types; all mean the same to the user
@@ -367,6 +426,11 @@ def trace_model(model: nn.Module, input_shape: Sequence[int]) -> list[Op]:
             detail = ""
             if module is not None:
                 detail = repr(module).split("\n")[0][:80]
+                patched = [n for n in _COMPUTING_METHODS if n in vars(module)]
+                if patched and node.op == "call_module":
+                    detail = (f"{', '.join(patched)} replaced on the instance: lipbound "
+                              "would analyse the class's computation, not this one; remove "
+                              "the override or rewrite it with supported layers")
             problems.append((where, kind, detail or "no rule for this operation"))
             current = node
             continue

@@ -250,7 +250,9 @@ def _model_class(an: Analyzer, x0: Tensor) -> tuple[int | None, str]:
     model = an.model
     dt, dev = model_dtype_device(model, default=x0)
     with torch.no_grad(), exact_float32(dev):  # IEEE float32 on CUDA too (no TF32)
-        y = model(x0.to(device=dev, dtype=dt)).reshape(-1)
+        # a copy: a model whose first layer is ReLU(inplace=True) overwrote the caller's x0
+        # with relu(x0), and the search then bounded the network around that point
+        y = model(x0.to(device=dev, dtype=dt, copy=True)).reshape(-1)
     name = str(dt).removeprefix("torch.")
     if not bool(torch.isfinite(y).all()):
         return None, name

@@ -23,7 +23,11 @@ from .base import MixingOp, gamma
 
 
 def _pair(v) -> tuple[int, int]:
-    return (v, v) if isinstance(v, int) else (int(v[0]), int(v[1]))
+    """``(h, w)`` from an int or a sequence of one or two (torch broadcasts one entry, as the
+    functional pooling calls ``F.max_pool2d(x, [2])`` do)."""
+    if isinstance(v, int):
+        return (v, v)
+    return (int(v[0]), int(v[0])) if len(v) == 1 else (int(v[0]), int(v[1]))
 
 
 def _flip_pays(weight: Tensor, stride, padding, dilation, groups: int,

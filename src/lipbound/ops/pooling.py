@@ -13,6 +13,14 @@ from .base import MixingOp, Op
 from .conv import ConvOp, _pair
 
 
+def _stride(stride, kernel) -> tuple[int, int]:
+    """A pooling layer's stride: torch takes ``None`` and an empty list or tuple (the
+    functional forms' ``stride=[]``) as the kernel size."""
+    if stride is None or (isinstance(stride, (list, tuple)) and len(stride) == 0):
+        stride = kernel
+    return _pair(stride)
+
+
 class MaxPoolOp(Op):
     """2-D max pooling.
 
@@ -32,7 +40,7 @@ class MaxPoolOp(Op):
                  ceil_mode: bool):
         super().__init__(name, in_shape, out_shape)
         self.kernel = _pair(kernel)
-        self.stride = _pair(stride if stride is not None else kernel)
+        self.stride = _stride(stride, kernel)
         self.padding = _pair(padding)
         self.dilation = _pair(dilation)
         self.ceil_mode = bool(ceil_mode)
@@ -98,9 +106,15 @@ def maxpool2d_rule(module: nn.Module, name: str, in_shape, out_shape) -> MaxPool
     return op
 
 
+_NO_CHANNELS = ("average pooling of a per-sample tensor of shape {shape} without a channel "
+                "dimension; give the input a channel dimension, e.g. x.unsqueeze(1)")
+
+
 def _avgpool_op(name: str, in_shape, out_shape, kernel, stride, padding, ceil_mode: bool,
                 count_include_pad: bool, divisor_override) -> ConvOp:
-    c, h, w = in_shape[-3:] if len(in_shape) == 3 else (1, *in_shape)
+    if len(in_shape) != 3:
+        raise NotImplementedError(_NO_CHANNELS.format(shape=tuple(in_shape)))
+    c, h, w = in_shape
     kh, kw = _pair(kernel)
     ph, pw = _pair(padding)
     ones = torch.ones(c, 1, kh, kw, dtype=torch.float64)
@@ -112,7 +126,7 @@ def _avgpool_op(name: str, in_shape, out_shape, kernel, stride, padding, ceil_mo
         scale = torch.full((ho, wo), 1.0 / (kh * kw), dtype=torch.float64)
     else:
         # count elements of each window inside the (padded, if count_include_pad) input
-        sh, sw = _pair(stride if stride is not None else kernel)
+        sh, sw = _stride(stride, kernel)
         lo_h, hi_h = (-ph, h + ph) if count_include_pad else (0, h)
         lo_w, hi_w = (-pw, w + pw) if count_include_pad else (0, w)
         scale = torch.empty(ho, wo, dtype=torch.float64)
@@ -123,7 +137,7 @@ def _avgpool_op(name: str, in_shape, out_shape, kernel, stride, padding, ceil_mo
                 c0 = j * sw - pw
                 nc = max(0, min(c0 + kw, hi_w) - max(c0, lo_w))
                 scale[i, j] = 1.0 / max(nr * nc, 1)
-    stride = _pair(stride if stride is not None else kernel)
+    stride = _stride(stride, kernel)
     if ceil_mode:
         # ceil_mode may add a last window hanging over the border: emulate by extra padding
         # on the right/bottom is not expressible with a symmetric conv padding; refuse unless
@@ -191,6 +205,8 @@ def adaptive_avgpool2d_rule(module: nn.Module, name: str, in_shape, out_shape):
         raise TypeError(f"rule called with {type(module).__name__}")
     from .base import DiagOp
 
+    if len(in_shape) != 3:
+        raise NotImplementedError(_NO_CHANNELS.format(shape=tuple(in_shape)))
     c, h, w = in_shape
     ho, wo = out_shape[-2:]
     if (ho, wo) == (h, w):
