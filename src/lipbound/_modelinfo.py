@@ -70,9 +70,14 @@ def tensor_state(model: nn.Module) -> tuple[tuple, ...]:
     # forward hooks and methods replaced on an instance change what a module computes without
     # touching its tensors (the layer rules do not analyse them: refused at tracing, see
     # lipbound.graph.check_hooks and lipbound.ops.registry.module_rule)
-    for name, m in model.named_modules():
-        patched = tuple((n, id(f)) for n, f in vars(m).items() if n in _PATCHABLE)
-        if m._forward_hooks or m._forward_pre_hooks or patched:
+    # (plain module walk and dict look-ups: this runs before every bound; names only for the
+    # modules that have something to record)
+    for m in model.modules():
+        d = m.__dict__
+        patched = (tuple((n, id(d[n])) for n in _PATCHABLE if n in d)
+                   if not _PATCHABLE_SET.isdisjoint(d) else ())
+        if d["_forward_hooks"] or d["_forward_pre_hooks"] or patched:
+            name = next(n for n, sub in model.named_modules() if sub is m)
             out.append(("hook on module", name or "<root>", tuple(m._forward_hooks),
                         tuple(m._forward_pre_hooks), patched))
     return tuple(out)
@@ -81,6 +86,7 @@ def tensor_state(model: nn.Module) -> tuple[tuple, ...]:
 _PATCHABLE = ("forward", "_conv_forward", "_check_input_dim", "_call_impl", "_wrapped_call_impl")
 """Methods through which a module computes its output (as
 :data:`lipbound.ops.registry._COMPUTING_METHODS` and :data:`lipbound.graph._CALL_METHODS`)."""
+_PATCHABLE_SET = frozenset(_PATCHABLE)
 
 
 def changed_tensor(before: tuple[tuple, ...], model: nn.Module) -> str | None:
