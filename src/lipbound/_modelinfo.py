@@ -9,6 +9,7 @@ A leaf module (it imports nothing from lipbound), so that every other module can
 from __future__ import annotations
 
 import itertools
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -106,3 +107,27 @@ def changed_tensor(before: tuple[tuple, ...], model: nn.Module) -> str | None:
     if gone is not None:
         return f"{gone[0]} {gone[1]} was removed"
     return "its parameters or buffers changed"
+
+
+class InputCopying(nn.Module):
+    """``model`` run on a copy of its input: for a model that writes into its input (a first
+    ``ReLU(inplace=True)``, directly or through a view such as ``Flatten``), which would
+    overwrite the caller's tensor, or fail on an input that requires grad. Same parameters,
+    same outputs; made by :func:`guard_input_writes` only for such models."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+        self.training = model.training  # (train() would set the wrapped modules' flags)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x.clone())
+
+
+def guard_input_writes(model: nn.Module, x: torch.Tensor) -> tuple[nn.Module, Any]:
+    """``model(x)`` on a copy of ``x``, and the model to use from then on: ``model`` itself,
+    or :class:`InputCopying` around it when that call wrote into its input (autograd's
+    version counter of the copy moved)."""
+    probe = x.clone()
+    out = model(probe)
+    return (InputCopying(model) if probe._version != 0 else model), out

@@ -43,7 +43,7 @@ from typing import Any, ClassVar, Literal
 import torch
 from torch import Tensor, nn
 
-from lipbound._modelinfo import model_device, model_dtype_device
+from lipbound._modelinfo import guard_input_writes, model_device, model_dtype_device
 from lipbound._precision import exact_float32
 from lipbound.errors import InputError
 from lipbound.graph import modules_in_training
@@ -438,7 +438,8 @@ def _prepare(model: nn.Module, x0: Tensor, bounds: Bounds | None,
         raise InputError(f"x0 overflows the model's dtype {dtype}")
     with torch.no_grad():
         try:
-            z = model(xm)
+            # (on a copy: a model writing into its input is wrapped to get copies from now on)
+            model, z = guard_input_writes(model, xm)
         except Exception as exc:  # report shape mismatches etc. as input errors
             raise InputError(f"the model failed on x0 of shape {tuple(xm.shape)}: {exc}") from exc
     if not isinstance(z, Tensor):

@@ -116,7 +116,7 @@ def _fc(ctx: _Ctx) -> FCLayers:
 def _margin_vector(ctx: _Ctx) -> tuple[torch.Tensor | None, str]:
     dtype, device = model_dtype_device(ctx.model)  # x0 may be a CPU input of a CUDA model
     with torch.no_grad():
-        y = ctx.model(ctx.x0.to(device=device, dtype=dtype)).detach().cpu().to(
+        y = ctx.model(ctx.x0.to(device=device, dtype=dtype, copy=True)).detach().cpu().to(
             torch.float64).reshape(-1)
     if y.numel() < 2:
         return None, "c = 1 (single output)"

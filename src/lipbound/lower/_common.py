@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from lipbound._modelinfo import floating_tensor
+from lipbound._modelinfo import floating_tensor, guard_input_writes
 from lipbound._precision import exact_float32_on_model
 from lipbound.errors import InputError
 from lipbound.graph import modules_in_training
@@ -172,7 +172,8 @@ def check_problem(
 
     with torch.no_grad():
         try:
-            f0 = model(x0)
+            # (on a copy: a model writing into its input is wrapped to get copies from now on)
+            model, f0 = guard_input_writes(model, x0)
         except Exception as exc:  # a shape or dtype mismatch: name it as an input error
             raise InputError(
                 f"the model failed on x0 of shape {tuple(x0.shape)} ({type(exc).__name__}: "
@@ -315,16 +316,16 @@ def _output_difference(
     with torch.no_grad():
         if model64 is not None:
             try:
-                f0 = model64(x0.to(torch.float64))
-                fx = model64(x.to(torch.float64))
+                f0 = model64(x0.to(torch.float64, copy=True))
+                fx = model64(x.to(torch.float64, copy=True))
                 if f0.dtype == torch.float64 and fx.dtype == torch.float64:
                     diff, used = (fx - f0).reshape(-1), torch.float64
             except Exception as exc:  # noqa: BLE001 - e.g. a module with float32 constants
                 logger.info("the float64 copy of the model failed (%s: %s); ratios are "
                             "evaluated in %s", type(exc).__name__, exc, x0.dtype)
         if diff is None:
-            f0 = model(x0).to(torch.float64)
-            fx = model(x).to(torch.float64)
+            f0 = model(x0.clone()).to(torch.float64)
+            fx = model(x.clone()).to(torch.float64)
             diff = (fx - f0).reshape(-1)
     if output_map is not None:
         diff = output_map.detach().to(device=diff.device, dtype=torch.float64) @ diff
