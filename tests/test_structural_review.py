@@ -182,3 +182,26 @@ def test_spectral_norm_in_training_mode_is_refused():
     lin.train()
     with pytest.raises(UnsupportedModelError, match="training mode"):
         lipbound.Analyzer(net, (4,))
+
+
+class _Times10(nn.Module):
+    def forward(self, x):
+        return 10.0 * x
+
+
+@pytest.mark.parametrize("sign", [1.0, -1.0])
+def test_a_misread_layer_behind_relus_off_at_the_test_input_is_caught(sign, monkeypatch):
+    """A user's wrong rule (identity for a layer that scales by 10) behind ReLUs whose
+    biases keep them off at the standard-normal test input: the check of the chain against
+    the model at scaled copies of that input finds it (at the one input alone it passed,
+    and the certified local bound was 10 times below the constant)."""
+    from lipbound.ops import registry
+
+    monkeypatch.setitem(registry.MODULE_RULES, _Times10, registry.MODULE_RULES[nn.Dropout])
+    lin = nn.Linear(2, 2).double()
+    with torch.no_grad():
+        lin.weight.copy_(sign * torch.eye(2, dtype=torch.float64))
+        lin.bias.fill_(-5.0)
+    model = nn.Sequential(lin, nn.ReLU(), _Times10(), nn.Linear(2, 1).double()).eval()
+    with pytest.raises(UnsupportedModelError, match="does not reproduce"):
+        lipbound.Analyzer(model, (2,))
