@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.nn.modules import module as _torch_module
 
 
 def floating_tensor(model: object) -> Tensor | None:
@@ -57,8 +58,9 @@ def tensor_state(model: nn.Module) -> tuple[tuple, ...]:
     modified in place (autograd's version counter: ``p.mul_``, ``copy_``, optimiser steps,
     ``load_state_dict``), given new storage (``.data = ...``, ``model.to(...)``) or replaced,
     added or removed (a new submodule or ``nn.Parameter``), or when a forward hook is added
-    to or removed from a module (or its ``forward`` replaced on the instance). In-place
-    writes through ``p.data`` bypass the version counter and are not seen.
+    to or removed from a module or globally (or a module's ``forward`` replaced on the
+    instance). In-place writes through ``p.data`` bypass the version counter and are not
+    seen.
     """
     out = []
     for kind, named in (("parameter", model.named_parameters(remove_duplicate=False)),
@@ -81,6 +83,12 @@ def tensor_state(model: nn.Module) -> tuple[tuple, ...]:
             name = next(n for n, sub in model.named_modules() if sub is m)
             out.append(("hook on module", name or "<root>", tuple(m._forward_hooks),
                         tuple(m._forward_pre_hooks), patched))
+    # hooks on every module (torch.nn.modules.module.register_module_forward_hook)
+    glob = (_torch_module._global_forward_hooks, _torch_module._global_forward_pre_hooks)
+    if glob[0] or glob[1]:
+        out.append(("global forward (pre-)hook",
+                    "(torch.nn.modules.module.register_module_forward_hook)",
+                    tuple(glob[0]), tuple(glob[1])))
     return tuple(out)
 
 

@@ -28,6 +28,7 @@ from .ops.registry import (
     FUNCTION_RULES,
     METHOD_RULES,
     MODULE_RULES,
+    _class_own,
     _module_from_call,
     module_rule,
 )
@@ -140,6 +141,13 @@ def _weight_hooks() -> tuple[type, ...]:
     return SpectralNorm, WeightNorm, BasePruningMethod
 
 
+def _weight_hook(hook: object, allowed: tuple[type, ...]) -> bool:
+    """Whether ``hook`` is one of the ``allowed`` weight hooks, called as torch's own (a
+    subclass, e.g. a custom pruning method, may redefine ``compute_mask``; one that
+    redefines ``__call__`` may return a changed input)."""
+    return any(isinstance(hook, a) and type(hook).__call__ is a.__call__ for a in allowed)
+
+
 _CALL_METHODS = ("_call_impl", "_wrapped_call_impl")
 """Methods through which ``Module.__call__`` runs a module (hooks and ``forward``)."""
 
@@ -166,7 +174,7 @@ def check_hooks(model: nn.Module) -> None:
         kinds = []
         if m._forward_hooks:
             kinds.append("forward hook registered")
-        if any(not isinstance(h, allowed) for h in m._forward_pre_hooks.values()):
+        if any(not _weight_hook(h, allowed) for h in m._forward_pre_hooks.values()):
             kinds.append("forward pre-hook registered")
         if kinds:
             kinds[-1] += " (hooks are not analysed: remove them with the handle's .remove())"
@@ -431,6 +439,11 @@ def trace_model(model: nn.Module, input_shape: Sequence[int]) -> list[Op]:
                     detail = (f"{', '.join(patched)} replaced on the instance: lipbound "
                               "would analyse the class's computation, not this one; remove "
                               "the override or rewrite it with supported layers")
+                elif node.op == "call_module" and not _class_own(type(module)):
+                    detail = ("a method computing its output (forward, ...) was replaced on "
+                              f"the class {type(module).__name__} (or a base): lipbound "
+                              "analyses the original computation; restore the class's method "
+                              "or write a subclass of your own")
             problems.append((where, kind, detail or "no rule for this operation"))
             current = node
             continue

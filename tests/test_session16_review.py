@@ -1,0 +1,124 @@
+"""Review of session 16's intake checks (hooks, replaced methods, stale analyzers): ways to
+change what a module computes that the first version of the checks did not see.
+
+Each model below is a "tent" network whose tail layer is inactive at every input the chain
+check uses (the tent ``relu(x1-5) - 2 relu(x1-6) + relu(x1-7)`` is 0 outside ``5 < x1 < 7``),
+so a tail computing 10x what its rule says would pass that check and give a certified bound
+of 1 for a local constant of 10 at ``x1 = 5.5``.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.utils.prune as prune
+from torch import nn
+from torch.nn.modules.module import register_module_forward_hook
+
+import lipbound
+from lipbound.errors import InputError, UnsupportedModelError
+
+X0 = torch.tensor([[5.5, 0.0, 0.0, 0.0]])
+
+
+def _tent(tail: nn.Module) -> nn.Sequential:
+    l1, l2 = nn.Linear(4, 3), nn.Linear(3, 1)
+    with torch.no_grad():
+        l1.weight.zero_()
+        l1.weight[:, 0] = 1.0
+        l1.bias.copy_(torch.tensor([-5.0, -6.0, -7.0]))
+        l2.weight.copy_(torch.tensor([[1.0, -2.0, 1.0]]))
+        l2.bias.zero_()
+    return nn.Sequential(l1, nn.ReLU(), l2, tail).eval()
+
+
+def _true_ratio(model: nn.Module) -> float:
+    with torch.no_grad():
+        step = torch.tensor([[0.1, 0.0, 0.0, 0.0]])
+        return float((model(X0 + step) - model(X0)).norm() / 0.1)
+
+
+def test_tent_control():
+    """Without tampering the bound is 1 and the network's ratio at X0 is 1."""
+    m = _tent(nn.Dropout())
+    assert _true_ratio(m) == pytest.approx(1.0, rel=1e-5)
+    assert lipbound.local_bound(m, X0, 0.1).value >= 1.0
+
+
+def test_class_level_forward_replacement_refused(monkeypatch):
+    """``nn.Dropout.forward = ...`` (on the class, not the instance) was analysed as the
+    original Dropout: certified 1.0 for a ratio of 10."""
+    monkeypatch.setattr(nn.Dropout, "forward", lambda self, x: 10 * x)
+    m = _tent(nn.Dropout())
+    assert _true_ratio(m) == pytest.approx(10.0, rel=1e-5)
+    with pytest.raises(UnsupportedModelError, match="replaced on the class Dropout"):
+        lipbound.local_bound(m, X0, 0.1)
+
+
+def test_subclass_of_class_with_replaced_forward_refused(monkeypatch):
+    class MyDropout(nn.Dropout):
+        pass
+
+    monkeypatch.setattr(nn.Dropout, "forward", lambda self, x: 10 * x)
+    with pytest.raises(UnsupportedModelError):
+        lipbound.local_bound(_tent(MyDropout()), X0, 0.1)
+
+
+def test_global_hook_added_after_analyzer_makes_it_stale():
+    """A global forward hook registered after the Analyzer was built went unseen: certified
+    1.0 for a ratio of 10."""
+    m = _tent(nn.Identity())
+    an = lipbound.Analyzer(m, (4,))
+    handle = register_module_forward_hook(
+        lambda mod, i, o: 10 * o if isinstance(mod, nn.Identity) else None)
+    try:
+        assert _true_ratio(m) == pytest.approx(10.0, rel=1e-5)
+        with pytest.raises(InputError, match="global forward"):
+            an.local_bound(X0, 0.1)
+    finally:
+        handle.remove()
+    assert an.local_bound(X0, 0.1).value >= 1.0  # removed again: the same model
+
+
+def test_pruning_subclass_redefining_call_refused():
+    """A subclass of torch's pruning method passed the allowed-hook check by isinstance
+    alone, though its ``__call__`` returned a changed input."""
+
+    class Scaling(prune.L1Unstructured):
+        def __call__(self, module, inputs):
+            super().__call__(module, inputs)
+            return (inputs[0] * 10,)
+
+    m = _tent(nn.Identity())
+    Scaling.apply(m[2], "weight", amount=0.0)
+    assert _true_ratio(m) == pytest.approx(10.0, rel=1e-5)
+    with pytest.raises(UnsupportedModelError, match="forward pre-hook"):
+        lipbound.local_bound(m, X0, 0.1)
+
+
+def test_custom_pruning_method_with_own_mask_allowed():
+    """A pruning method that only redefines ``compute_mask`` (torch's documented way to
+    write one) keeps being accepted, as are custom_from_mask's and stacked prunings."""
+
+    class EveryOther(prune.BasePruningMethod):
+        PRUNING_TYPE = "unstructured"
+
+        def compute_mask(self, t, default_mask):
+            mask = default_mask.clone()
+            mask.view(-1)[::2] = 0
+            return mask
+
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 2)).eval()
+    EveryOther.apply(m[0], "weight")
+    prune.custom_from_mask(m[2], "weight", torch.ones(2, 6))
+    prune.l1_unstructured(m[2], "weight", 0.3)
+    r = lipbound.global_bound(m, (4,))
+    plain = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 2)).eval()
+    with torch.no_grad():
+        m(torch.zeros(1, 4))  # the pre-hooks compute the effective weights
+        for a, b in ((plain[0], m[0]), (plain[2], m[2])):
+            a.weight.copy_(b.weight)
+            a.bias.copy_(b.bias)
+    assert float(m[0].weight[0, 0]) == 0.0
+    assert r.value == lipbound.global_bound(plain, (4,)).value
