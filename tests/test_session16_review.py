@@ -122,3 +122,33 @@ def test_custom_pruning_method_with_own_mask_allowed():
             a.bias.copy_(b.bias)
     assert float(m[0].weight[0, 0]) == 0.0
     assert r.value == lipbound.global_bound(plain, (4,)).value
+
+
+class _Spy(nn.Module):
+    """Records a copy of every input the wrapped model gets."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model, self.seen = model, []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.seen.append(x.detach().clone())
+        return self.model(x)
+
+
+def test_verify_scaled_copies_of_the_untouched_input():
+    """A float64 model starting with ReLU(inplace=True) overwrote the chain check's test
+    input with relu(x), so its -x and -1e3 x checks ran at -relu(x) <= 0 (a check at 0)."""
+    from lipbound.graph import _verify, trace_model
+
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.ReLU(inplace=True), nn.Linear(5, 3), nn.ReLU(), nn.Linear(3, 2))
+    m = m.double().eval()
+    ops = trace_model(m, (5,))
+    spy = _Spy(m)
+    _verify(ops, spy, torch.zeros(2, 5, dtype=torch.float64))
+    x = spy.seen[0]
+    assert bool((x < 0).any())
+    for c, seen in zip((-1.0, 1e-3, 1e3, -1e3), spy.seen[1:], strict=True):
+        assert torch.equal(seen, x * c)
+

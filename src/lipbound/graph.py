@@ -505,7 +505,7 @@ def _verify_at(ops: list[Op], model: nn.Module, example: Tensor, x: Tensor, what
     ``first`` refuses a model whose output is not finite."""
     # the tolerance below is float32's: no TF32 convolutions / products on CUDA
     with torch.no_grad(), exact_float32(example.device):
-        ref = model(x.to(example.dtype)).to(torch.float64)
+        ref = model(x.to(example.dtype, copy=True)).to(torch.float64)  # (model may write in)
         if not first and not bool(torch.isfinite(ref).all()):
             return
         got = chain_forward(ops, x)

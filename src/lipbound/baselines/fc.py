@@ -457,7 +457,7 @@ def _check_chain(model: nn.Module, layers: FCLayers, shape: tuple[int, ...], *,
     probe = torch.randn((3, *shape), generator=gen, dtype=torch.float64)
     try:
         with torch.no_grad(), exact_float32(device):
-            out = model(probe.to(device=device, dtype=dtype))
+            out = model(probe.to(device=device, dtype=dtype, copy=True))
     except Exception as exc:
         raise InputError(f"the model does not accept inputs of shape (N, {shape}): {exc}; "
                          "pass input_shape") from exc
