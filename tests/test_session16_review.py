@@ -152,3 +152,46 @@ def test_verify_scaled_copies_of_the_untouched_input():
     for c, seen in zip((-1.0, 1e-3, 1e3, -1e3), spy.seen[1:], strict=True):
         assert torch.equal(seen, x * c)
 
+
+
+def test_root_forward_replaced_on_instance_refused():
+    """torch.fx traces ``type(root).forward``: a forward replaced on the model instance
+    itself was never seen (certified 1.0 for a ratio of 10)."""
+    m = _tent(nn.Identity())
+    inner = m.forward
+    m.forward = lambda x: 10 * inner(x)
+    assert _true_ratio(m) == pytest.approx(10.0, rel=1e-5)
+    with pytest.raises(UnsupportedModelError, match="forward replaced on the instance"):
+        lipbound.local_bound(m, X0, 0.1)
+
+
+def _hooked(kind: str, monkeypatch) -> nn.Module:
+    m = _tent(nn.Identity())
+    if kind == "hook":
+        m[2].register_forward_hook(lambda mod, i, o: 10 * o)
+    elif kind == "pre-hook":
+        m[2].register_forward_pre_hook(lambda mod, i: (10 * i[0],))
+    elif kind == "leaf forward":
+        m[3].forward = lambda x: 10 * x
+    elif kind == "root forward":
+        inner = m.forward
+        m.forward = lambda x: 10 * inner(x)
+    else:
+        monkeypatch.setattr(nn.Identity, "forward", lambda self, x: 10 * x)
+    return m
+
+
+@pytest.mark.parametrize("kind", ["hook", "pre-hook", "leaf forward", "root forward",
+                                  "class forward"])
+def test_rival_methods_refuse_what_they_do_not_see(kind, monkeypatch):
+    """The rival methods' own fully connected extraction (lipbound.baselines.fc) had none of
+    the intake checks: Fast-Lip certified 1.0 and exact_local_l2 gave EXACT 1.0 for a
+    network whose ratio at X0 is 10."""
+    from lipbound.baselines import exact_local_l2, fastlip
+    from lipbound.baselines.fc import NotFullyConnectedError
+
+    m = _hooked(kind, monkeypatch)
+    assert _true_ratio(m) == pytest.approx(10.0, rel=1e-5)
+    for method in (fastlip, exact_local_l2):
+        with pytest.raises((UnsupportedModelError, NotFullyConnectedError)):
+            method(m, X0, 0.1)

@@ -184,6 +184,10 @@ def check_hooks(model: nn.Module) -> None:
         # torch.fx traces through Module.__call__ itself: a replaced _call_impl is never seen
         kinds += [f"{n} replaced (not analysed: use the module's forward)" for n in _CALL_METHODS
                   if n in vars(m) or getattr(type(m), n, None) is not getattr(nn.Module, n)]
+        if m is model and "forward" in vars(m):
+            # torch.fx traces the root's class's forward (type(root).forward)
+            kinds.append("forward replaced on the instance (torch.fx traces the class's "
+                         "forward: define it in a subclass or wrap the model in a module)")
         if kinds:
             found.append((f"module '{name or '<root>'}'", type(m).__name__, "; ".join(kinds)))
     if _module._global_forward_hooks or _module._global_forward_pre_hooks:
