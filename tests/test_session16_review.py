@@ -195,3 +195,20 @@ def test_rival_methods_refuse_what_they_do_not_see(kind, monkeypatch):
     for method in (fastlip, exact_local_l2):
         with pytest.raises((UnsupportedModelError, NotFullyConnectedError)):
             method(m, X0, 0.1)
+
+
+def test_fd1_redirected_without_a_libc_handle(monkeypatch):
+    """On Windows ``ctypes.CDLL(None)`` raises TypeError (a path is required): the
+    redirection (compare's, lipMIP's banner) raised it instead of running its block."""
+    import ctypes
+
+    from lipbound import _stdout
+
+    def no_handle(name, *args, **kwargs):
+        raise TypeError("expected str, bytes or os.PathLike object, not NoneType")
+
+    monkeypatch.setattr(ctypes, "CDLL", no_handle)
+    ran = []
+    with _stdout.fd1_redirected(None):
+        ran.append(1)
+    assert ran == [1]
