@@ -212,3 +212,65 @@ def test_fd1_redirected_without_a_libc_handle(monkeypatch):
     with _stdout.fd1_redirected(None):
         ran.append(1)
     assert ran == [1]
+
+
+def test_setting_changed_after_analyzer_makes_it_stale():
+    """A change of a module's plain attribute (bn.eps, conv.padding) or class after the
+    Analyzer was built went unseen: its bound, 0.34, was that of the old model, half the new
+    model's (0.68)."""
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 2)).eval()
+    m[1].eps = 3.0
+    an = lipbound.Analyzer(m, (4,))
+    old = an.global_bound().value
+    m[1].eps = 1e-5
+    assert lipbound.global_bound(m, (4,)).value > 1.5 * old
+    with pytest.raises(InputError, match="setting of a module"):
+        an.global_bound()
+    m[1].eps = 3.0  # restored: the same model again
+    assert an.global_bound().value == old
+    m[2].__class__ = nn.Identity
+    with pytest.raises(InputError, match="setting of a module"):
+        an.global_bound()
+
+
+def test_settings_record_ignores_weight_hooks_and_mode_round_trips():
+    """The record does not move with what torch's weight hooks write at every call (a plain
+    tensor attribute) or with a train()/eval() round trip."""
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2)).eval()
+    prune.l1_unstructured(m[0], "weight", 0.5)
+    nn.utils.spectral_norm(m[2])
+    an = lipbound.Analyzer(m, (4,))
+    with torch.no_grad():
+        m(torch.randn(3, 4))
+    m.train()
+    m.eval()
+    assert an.global_bound().value > 0
+
+
+def test_compiled_call_impl_replaced_refused():
+    """Module._wrapped_call_impl runs ``_compiled_call_impl`` instead of ``_call_impl`` when
+    set: a replacement was never seen (certified 1.0 for a ratio of 10)."""
+    m = _tent(nn.Identity())
+    m[3]._compiled_call_impl = lambda x: 10 * x
+    assert _true_ratio(m) == pytest.approx(10.0, rel=1e-5)
+    with pytest.raises(UnsupportedModelError, match="_compiled_call_impl"):
+        lipbound.local_bound(m, X0, 0.1)
+
+
+def test_module_compile_is_not_refused_by_the_hook_check():
+    """``module.compile()`` sets torch.compile(module._call_impl): the same computation."""
+    from lipbound.graph import check_hooks
+
+    m = _tent(nn.Identity())
+    m[2].compile()
+    check_hooks(m)
+
+
+def test_compiled_call_impl_set_after_analyzer_makes_it_stale():
+    m = _tent(nn.Identity())
+    an = lipbound.Analyzer(m, (4,))
+    m[3]._compiled_call_impl = lambda x: 10 * x
+    with pytest.raises(InputError, match="changed after"):
+        an.local_bound(X0, 0.1)

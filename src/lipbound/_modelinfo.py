@@ -59,8 +59,8 @@ def tensor_state(model: nn.Module) -> tuple[tuple, ...]:
     ``load_state_dict``), given new storage (``.data = ...``, ``model.to(...)``) or replaced,
     added or removed (a new submodule or ``nn.Parameter``), or when a forward hook is added
     to or removed from a module or globally (or a module's ``forward`` replaced on the
-    instance). In-place writes through ``p.data`` bypass the version counter and are not
-    seen.
+    instance), or a module's class or plain-valued attribute (``bn.eps``, ``conv.padding``)
+    changes. In-place writes through ``p.data`` bypass the version counter and are not seen.
     """
     out = []
     for kind, named in (("parameter", model.named_parameters(remove_duplicate=False)),
@@ -75,14 +75,21 @@ def tensor_state(model: nn.Module) -> tuple[tuple, ...]:
     # lipbound.graph.check_hooks and lipbound.ops.registry.module_rule)
     # (plain module walk and dict look-ups: this runs before every bound; names only for the
     # modules that have something to record)
+    settings = []  # each module's class and plain-valued attributes (eps, stride, padding)
     for m in model.modules():
         d = m.__dict__
+        settings.append((type(m), tuple(v for k, v in d.items()
+                                        if type(v) in _SETTING_TYPES and k != "training")))
         patched = (tuple((n, id(d[n])) for n in _PATCHABLE if n in d)
                    if not _PATCHABLE_SET.isdisjoint(d) else ())
+        if d.get("_compiled_call_impl") is not None:  # run instead of _call_impl
+            patched += (("_compiled_call_impl", id(d["_compiled_call_impl"])),)
         if d["_forward_hooks"] or d["_forward_pre_hooks"] or patched:
             name = next(n for n, sub in model.named_modules() if sub is m)
             out.append(("hook on module", name or "<root>", tuple(m._forward_hooks),
                         tuple(m._forward_pre_hooks), patched))
+    out.append(("setting", "of a module (its class, or an attribute such as eps, stride, "
+                "padding or negative_slope)", tuple(settings)))
     # hooks on every module (torch.nn.modules.module.register_module_forward_hook)
     glob = (_torch_module._global_forward_hooks, _torch_module._global_forward_pre_hooks)
     if glob[0] or glob[1]:
@@ -96,6 +103,7 @@ _PATCHABLE = ("forward", "_conv_forward", "_check_input_dim", "_call_impl", "_wr
 """Methods through which a module computes its output (as
 :data:`lipbound.ops.registry._COMPUTING_METHODS` and :data:`lipbound.graph._CALL_METHODS`)."""
 _PATCHABLE_SET = frozenset(_PATCHABLE)
+_SETTING_TYPES = frozenset((int, float, bool, str, tuple, list))
 
 
 def changed_tensor(before: tuple[tuple, ...], model: nn.Module) -> str | None:

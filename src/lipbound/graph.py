@@ -152,6 +152,13 @@ _CALL_METHODS = ("_call_impl", "_wrapped_call_impl")
 """Methods through which ``Module.__call__`` runs a module (hooks and ``forward``)."""
 
 
+def _compiled_self(m: nn.Module, compiled: object) -> bool:
+    """Whether ``compiled`` is ``torch.compile(m._call_impl)`` (what ``m.compile()`` sets)."""
+    inner = getattr(compiled, "__wrapped__", None)
+    return (getattr(inner, "__func__", None) is nn.Module._call_impl
+            and getattr(inner, "__self__", None) is m)
+
+
 def check_hooks(model: nn.Module) -> None:
     """Refuse a model with forward hooks (on any module, or registered globally) or a
     replaced ``_call_impl`` (see :data:`_CALL_METHODS`): the layer rules describe a module by
@@ -184,6 +191,12 @@ def check_hooks(model: nn.Module) -> None:
         # torch.fx traces through Module.__call__ itself: a replaced _call_impl is never seen
         kinds += [f"{n} replaced (not analysed: use the module's forward)" for n in _CALL_METHODS
                   if n in vars(m) or getattr(type(m), n, None) is not getattr(nn.Module, n)]
+        compiled = vars(m).get("_compiled_call_impl")
+        if compiled is not None and not _compiled_self(m, compiled):
+            # Module._wrapped_call_impl runs it instead of _call_impl (module.compile() sets
+            # torch.compile(module._call_impl), which computes the same)
+            kinds.append("_compiled_call_impl replaced (not analysed: use the module's "
+                         "forward)")
         if m is model and "forward" in vars(m):
             # torch.fx traces the root's class's forward (type(root).forward)
             kinds.append("forward replaced on the instance (torch.fx traces the class's "
