@@ -274,3 +274,23 @@ def test_compiled_call_impl_set_after_analyzer_makes_it_stale():
     m[3]._compiled_call_impl = lambda x: 10 * x
     with pytest.raises(InputError, match="changed after"):
         an.local_bound(X0, 0.1)
+
+
+def test_settings_record_ignores_a_user_module_state():
+    """A user's module that keeps a call counter or a list of tensors (reassigned at every
+    call) does not make the Analyzer stale (nor fail comparing tensors)."""
+
+    class Counting(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = nn.Linear(4, 2)
+            self.calls, self.seen = 0, [torch.ones(2), torch.ones(2)]
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.lin(x)
+
+    m = Counting().eval()
+    an = lipbound.Analyzer(m, (4,))
+    m.calls += 1
+    m.seen = [torch.ones(2), torch.ones(2)]
+    assert an.global_bound().value > 0

@@ -9,6 +9,8 @@ A leaf module (it imports nothing from lipbound), so that every other module can
 from __future__ import annotations
 
 import itertools
+import operator
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -75,11 +77,19 @@ def tensor_state(model: nn.Module) -> tuple[tuple, ...]:
     # lipbound.graph.check_hooks and lipbound.ops.registry.module_rule)
     # (plain module walk and dict look-ups: this runs before every bound; names only for the
     # modules that have something to record)
-    settings = []  # each module's class and plain-valued attributes (eps, stride, padding)
+    # each module's class, and the plain-valued attributes (eps, stride, padding) of torch's
+    # own layers (those the rules read; a user's module may count its calls)
+    settings = []
     for m in model.modules():
         d = m.__dict__
-        settings.append((type(m), tuple(v for k, v in d.items()
-                                        if type(v) in _SETTING_TYPES and k != "training")))
+        cls = type(m)
+        get = _SETTING_GETTERS.get(cls)
+        if get is None:
+            get = _SETTING_GETTERS[cls] = _setting_getter(cls, d)
+        try:
+            settings.append((cls, get(d)))
+        except KeyError:  # an attribute deleted from this instance
+            settings.append((cls, None))
         patched = (tuple((n, id(d[n])) for n in _PATCHABLE if n in d)
                    if not _PATCHABLE_SET.isdisjoint(d) else ())
         if d.get("_compiled_call_impl") is not None:  # run instead of _call_impl
@@ -104,12 +114,35 @@ _PATCHABLE = ("forward", "_conv_forward", "_check_input_dim", "_call_impl", "_wr
 :data:`lipbound.ops.registry._COMPUTING_METHODS` and :data:`lipbound.graph._CALL_METHODS`)."""
 _PATCHABLE_SET = frozenset(_PATCHABLE)
 _SETTING_TYPES = frozenset((int, float, bool, str, tuple, list))
+_SETTING_GETTERS: dict[type, Callable[[dict], Any]] = {}
+"""Per module class: the getter of its plain-valued attributes (:func:`_setting_getter`)."""
+
+
+def _setting_getter(cls: type, d: dict) -> Callable[[dict], Any]:
+    """A getter (C-level: this runs before every bound) of the plain-valued attributes of
+    torch's layers of class ``cls``, named from one instance's ``__dict__`` ``d``; of
+    nothing for other classes (a user's module may count its calls)."""
+    names = [k for k, v in d.items() if type(v) in _SETTING_TYPES and k != "training"]
+    if not cls.__module__.startswith("torch.nn.") or not names:
+        return _no_settings
+    return operator.itemgetter(*names)
+
+
+def _no_settings(d: dict) -> tuple:
+    return ()
 
 
 def changed_tensor(before: tuple[tuple, ...], model: nn.Module) -> str | None:
     """``None`` when :func:`tensor_state` of ``model`` equals ``before``, else a short
     description of the first difference (``"parameter conv1.weight was modified"``)."""
     now = tensor_state(model)
+    try:
+        return _difference(before, now)
+    except (RuntimeError, TypeError):  # an attribute became a tensor: compared elementwise
+        return "a module's attribute changed"
+
+
+def _difference(before: tuple[tuple, ...], now: tuple[tuple, ...]) -> str | None:
     if now == before:
         return None
     old = {(k, n): rest for k, n, *rest in before}
