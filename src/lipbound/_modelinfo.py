@@ -9,10 +9,13 @@ A leaf module (it imports nothing from lipbound), so that every other module can
 from __future__ import annotations
 
 import itertools
+import operator
+from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.nn.modules import module as _torch_module
 
 
 def floating_tensor(model: object) -> Tensor | None:
@@ -57,8 +60,9 @@ def tensor_state(model: nn.Module) -> tuple[tuple, ...]:
     modified in place (autograd's version counter: ``p.mul_``, ``copy_``, optimiser steps,
     ``load_state_dict``), given new storage (``.data = ...``, ``model.to(...)``) or replaced,
     added or removed (a new submodule or ``nn.Parameter``), or when a forward hook is added
-    to or removed from a module (or its ``forward`` replaced on the instance). In-place
-    writes through ``p.data`` bypass the version counter and are not seen.
+    to or removed from a module or globally (or a module's ``forward`` replaced on the
+    instance), or a module's class or plain-valued attribute (``bn.eps``, ``conv.padding``)
+    changes. In-place writes through ``p.data`` bypass the version counter and are not seen.
     """
     out = []
     for kind, named in (("parameter", model.named_parameters(remove_duplicate=False)),
@@ -73,14 +77,35 @@ def tensor_state(model: nn.Module) -> tuple[tuple, ...]:
     # lipbound.graph.check_hooks and lipbound.ops.registry.module_rule)
     # (plain module walk and dict look-ups: this runs before every bound; names only for the
     # modules that have something to record)
+    # each module's class, and the plain-valued attributes (eps, stride, padding) of torch's
+    # own layers (those the rules read; a user's module may count its calls)
+    settings = []
     for m in model.modules():
         d = m.__dict__
+        cls = type(m)
+        get = _SETTING_GETTERS.get(cls)
+        if get is None:
+            get = _SETTING_GETTERS[cls] = _setting_getter(cls, d)
+        try:
+            settings.append((cls, get(d)))
+        except KeyError:  # an attribute deleted from this instance
+            settings.append((cls, None))
         patched = (tuple((n, id(d[n])) for n in _PATCHABLE if n in d)
                    if not _PATCHABLE_SET.isdisjoint(d) else ())
+        if d.get("_compiled_call_impl") is not None:  # run instead of _call_impl
+            patched += (("_compiled_call_impl", id(d["_compiled_call_impl"])),)
         if d["_forward_hooks"] or d["_forward_pre_hooks"] or patched:
             name = next(n for n, sub in model.named_modules() if sub is m)
             out.append(("hook on module", name or "<root>", tuple(m._forward_hooks),
                         tuple(m._forward_pre_hooks), patched))
+    out.append(("setting", "of a module (its class, or an attribute such as eps, stride, "
+                "padding or negative_slope)", tuple(settings)))
+    # hooks on every module (torch.nn.modules.module.register_module_forward_hook)
+    glob = (_torch_module._global_forward_hooks, _torch_module._global_forward_pre_hooks)
+    if glob[0] or glob[1]:
+        out.append(("global forward (pre-)hook",
+                    "(torch.nn.modules.module.register_module_forward_hook)",
+                    tuple(glob[0]), tuple(glob[1])))
     return tuple(out)
 
 
@@ -88,12 +113,36 @@ _PATCHABLE = ("forward", "_conv_forward", "_check_input_dim", "_call_impl", "_wr
 """Methods through which a module computes its output (as
 :data:`lipbound.ops.registry._COMPUTING_METHODS` and :data:`lipbound.graph._CALL_METHODS`)."""
 _PATCHABLE_SET = frozenset(_PATCHABLE)
+_SETTING_TYPES = frozenset((int, float, bool, str, tuple, list))
+_SETTING_GETTERS: dict[type, Callable[[dict], Any]] = {}
+"""Per module class: the getter of its plain-valued attributes (:func:`_setting_getter`)."""
+
+
+def _setting_getter(cls: type, d: dict) -> Callable[[dict], Any]:
+    """A getter (C-level: this runs before every bound) of the plain-valued attributes of
+    torch's layers of class ``cls``, named from one instance's ``__dict__`` ``d``; of
+    nothing for other classes (a user's module may count its calls)."""
+    names = [k for k, v in d.items() if type(v) in _SETTING_TYPES and k != "training"]
+    if not cls.__module__.startswith("torch.nn.") or not names:
+        return _no_settings
+    return operator.itemgetter(*names)
+
+
+def _no_settings(d: dict) -> tuple:
+    return ()
 
 
 def changed_tensor(before: tuple[tuple, ...], model: nn.Module) -> str | None:
     """``None`` when :func:`tensor_state` of ``model`` equals ``before``, else a short
     description of the first difference (``"parameter conv1.weight was modified"``)."""
     now = tensor_state(model)
+    try:
+        return _difference(before, now)
+    except (RuntimeError, TypeError):  # an attribute became a tensor: compared elementwise
+        return "a module's attribute changed"
+
+
+def _difference(before: tuple[tuple, ...], now: tuple[tuple, ...]) -> str | None:
     if now == before:
         return None
     old = {(k, n): rest for k, n, *rest in before}

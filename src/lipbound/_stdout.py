@@ -17,7 +17,7 @@ def _flush_c_stdio() -> None:
     """Flush every C stdio buffer (a native library's ``printf`` to a pipe is buffered)."""
     try:
         ctypes.CDLL(None).fflush(None)
-    except (OSError, AttributeError):  # pragma: no cover - no libc handle
+    except (OSError, AttributeError, TypeError):  # no libc handle (Windows: TypeError)
         pass
 
 

@@ -28,6 +28,7 @@ from .ops.registry import (
     FUNCTION_RULES,
     METHOD_RULES,
     MODULE_RULES,
+    _class_own,
     _module_from_call,
     module_rule,
 )
@@ -140,8 +141,22 @@ def _weight_hooks() -> tuple[type, ...]:
     return SpectralNorm, WeightNorm, BasePruningMethod
 
 
+def _weight_hook(hook: object, allowed: tuple[type, ...]) -> bool:
+    """Whether ``hook`` is one of the ``allowed`` weight hooks, called as torch's own (a
+    subclass, e.g. a custom pruning method, may redefine ``compute_mask``; one that
+    redefines ``__call__`` may return a changed input)."""
+    return any(isinstance(hook, a) and type(hook).__call__ is a.__call__ for a in allowed)
+
+
 _CALL_METHODS = ("_call_impl", "_wrapped_call_impl")
 """Methods through which ``Module.__call__`` runs a module (hooks and ``forward``)."""
+
+
+def _compiled_self(m: nn.Module, compiled: object) -> bool:
+    """Whether ``compiled`` is ``torch.compile(m._call_impl)`` (what ``m.compile()`` sets)."""
+    inner = getattr(compiled, "__wrapped__", None)
+    return (getattr(inner, "__func__", None) is nn.Module._call_impl
+            and getattr(inner, "__self__", None) is m)
 
 
 def check_hooks(model: nn.Module) -> None:
@@ -166,7 +181,7 @@ def check_hooks(model: nn.Module) -> None:
         kinds = []
         if m._forward_hooks:
             kinds.append("forward hook registered")
-        if any(not isinstance(h, allowed) for h in m._forward_pre_hooks.values()):
+        if any(not _weight_hook(h, allowed) for h in m._forward_pre_hooks.values()):
             kinds.append("forward pre-hook registered")
         if kinds:
             kinds[-1] += " (hooks are not analysed: remove them with the handle's .remove())"
@@ -176,6 +191,16 @@ def check_hooks(model: nn.Module) -> None:
         # torch.fx traces through Module.__call__ itself: a replaced _call_impl is never seen
         kinds += [f"{n} replaced (not analysed: use the module's forward)" for n in _CALL_METHODS
                   if n in vars(m) or getattr(type(m), n, None) is not getattr(nn.Module, n)]
+        compiled = vars(m).get("_compiled_call_impl")
+        if compiled is not None and not _compiled_self(m, compiled):
+            # Module._wrapped_call_impl runs it instead of _call_impl (module.compile() sets
+            # torch.compile(module._call_impl), which computes the same)
+            kinds.append("_compiled_call_impl replaced (not analysed: use the module's "
+                         "forward)")
+        if m is model and "forward" in vars(m):
+            # torch.fx traces the root's class's forward (type(root).forward)
+            kinds.append("forward replaced on the instance (torch.fx traces the class's "
+                         "forward: define it in a subclass or wrap the model in a module)")
         if kinds:
             found.append((f"module '{name or '<root>'}'", type(m).__name__, "; ".join(kinds)))
     if _module._global_forward_hooks or _module._global_forward_pre_hooks:
@@ -431,6 +456,11 @@ def trace_model(model: nn.Module, input_shape: Sequence[int]) -> list[Op]:
                     detail = (f"{', '.join(patched)} replaced on the instance: lipbound "
                               "would analyse the class's computation, not this one; remove "
                               "the override or rewrite it with supported layers")
+                elif node.op == "call_module" and not _class_own(type(module)):
+                    detail = ("a method computing its output (forward, ...) was replaced on "
+                              f"the class {type(module).__name__} (or a base): lipbound "
+                              "analyses the original computation; restore the class's method "
+                              "or write a subclass of your own")
             problems.append((where, kind, detail or "no rule for this operation"))
             current = node
             continue
@@ -492,7 +522,7 @@ def _verify_at(ops: list[Op], model: nn.Module, example: Tensor, x: Tensor, what
     ``first`` refuses a model whose output is not finite."""
     # the tolerance below is float32's: no TF32 convolutions / products on CUDA
     with torch.no_grad(), exact_float32(example.device):
-        ref = model(x.to(example.dtype)).to(torch.float64)
+        ref = model(x.to(example.dtype, copy=True)).to(torch.float64)  # (model may write in)
         if not first and not bool(torch.isfinite(ref).all()):
             return
         got = chain_forward(ops, x)

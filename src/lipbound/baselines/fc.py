@@ -30,7 +30,8 @@ from torch import fx, nn
 from lipbound._modelinfo import model_dtype_device
 from lipbound._precision import exact_float32
 from lipbound.errors import InputError, LipboundError, UnsupportedModelError
-from lipbound.graph import check_finite_parameters
+from lipbound.graph import check_finite_parameters, check_hooks
+from lipbound.ops.registry import _COMPUTING_METHODS, _class_own
 from lipbound.spectral import exact_norm
 from lipbound.validation import check_eps
 
@@ -202,7 +203,13 @@ def _trace_ops(model: nn.Module) -> list[tuple[Any, ...]]:
         if node.op == "call_module":
             m = root.get_submodule(str(node.target))
             where = str(node.target)
-            if isinstance(m, nn.Linear):
+            replaced = [n for n in _COMPUTING_METHODS if n in vars(m)]
+            if replaced or not _class_own(type(m)):
+                bad.append((where, type(m).__name__,
+                            f"{', '.join(replaced) or 'forward'} replaced on the "
+                            f"{'instance' if replaced else 'class'}: the chain would be the "
+                            "original layer's, not this computation"))
+            elif isinstance(m, nn.Linear):
                 w = m.weight.detach().cpu().to(torch.float64).numpy().copy()
                 b = (m.bias.detach().cpu().to(torch.float64).numpy().copy()
                      if m.bias is not None else np.zeros(w.shape[0]))
@@ -361,6 +368,7 @@ def fc_layers(model: nn.Module, *, input_shape: Sequence[int] | None = None,
     if not isinstance(model, nn.Module):
         raise InputError(f"expected a torch.nn.Module, got {type(model).__name__}")
     check_finite_parameters(model)
+    check_hooks(model)  # hooks and a replaced root forward are not in the fx graph
     try:
         ops = _trace_ops(model)
     except NotFullyConnectedError as exc:
@@ -457,7 +465,7 @@ def _check_chain(model: nn.Module, layers: FCLayers, shape: tuple[int, ...], *,
     probe = torch.randn((3, *shape), generator=gen, dtype=torch.float64)
     try:
         with torch.no_grad(), exact_float32(device):
-            out = model(probe.to(device=device, dtype=dtype))
+            out = model(probe.to(device=device, dtype=dtype, copy=True))
     except Exception as exc:
         raise InputError(f"the model does not accept inputs of shape (N, {shape}): {exc}; "
                          "pass input_shape") from exc

@@ -114,8 +114,26 @@ def module_rule(module: nn.Module) -> Rule | None:
     own = type(module)
     for cls in own.__mro__:
         if cls in MODULE_RULES:
-            if cls is own or all(getattr(own, name, None) is getattr(cls, name, None)
-                                 for name in _COMPUTING_METHODS):
+            if (cls is own or all(getattr(own, name, None) is getattr(cls, name, None)
+                                  for name in _COMPUTING_METHODS)) and _class_own(cls):
                 return MODULE_RULES[cls]
             return None
     return None
+
+
+def _class_own(cls: type) -> bool:
+    """Whether ``cls``'s computing methods are still the ones written in the bodies of the
+    classes that define them: ``False`` after a class-level replacement such as
+    ``nn.Dropout.forward = lambda self, x: 10 * x`` (the registered rule would describe the
+    original computation). Checked where the defining class is torch's own (a user's class
+    may assign a shared function in its body)."""
+    for name in _COMPUTING_METHODS:
+        for base in cls.__mro__:
+            if name in base.__dict__:
+                fn = base.__dict__[name]
+                if base is not nn.Module and base.__module__.startswith("torch.") and (
+                        getattr(fn, "__qualname__", None) != f"{base.__qualname__}.{name}"
+                        or getattr(fn, "__module__", None) != base.__module__):
+                    return False
+                break
+    return True
