@@ -72,13 +72,12 @@ def tensor_state(model: nn.Module) -> tuple[tuple, ...]:
                 continue
             out.append((kind, name, id(t), t.data_ptr(), t._version, tuple(t.shape), t.dtype,
                         t.device))
-    # forward hooks and methods replaced on an instance change what a module computes without
+    # Forward hooks and methods replaced on an instance change what a module computes without
     # touching its tensors (the layer rules do not analyse them: refused at tracing, see
-    # lipbound.graph.check_hooks and lipbound.ops.registry.module_rule)
-    # (plain module walk and dict look-ups: this runs before every bound; names only for the
-    # modules that have something to record)
-    # each module's class, and the plain-valued attributes (eps, stride, padding) of torch's
-    # own layers (those the rules read; a user's module may count its calls)
+    # lipbound.graph.check_hooks and lipbound.ops.registry.module_rule); so do a module's
+    # class and the plain-valued attributes (eps, stride, padding) of torch's own layers
+    # (those the rules read; a user's module may count its calls). Plain module walk and
+    # dict look-ups: this runs before every bound; names only where a hook is recorded.
     settings = []
     for m in model.modules():
         d = m.__dict__

@@ -163,10 +163,10 @@ def check_hooks(model: nn.Module) -> None:
     """Refuse a model with forward hooks (on any module, or registered globally) or a
     replaced ``_call_impl`` (see :data:`_CALL_METHODS`): the layer rules describe a module by
     its parameters, so a hook that changes a module's input or output would be left out of
-    the analysis. The check of the analysed chain against the model (one random input)
-    misses such a hook where its layer is inactive there (a hook scaling the output of a ReLU
-    that is off on that input: a certified bound of 1.41 for a network of local constant
-    14.1). The weight hooks of :func:`_weight_hooks` are allowed (spectral norm in eval mode
+    the analysis. The check of the analysed chain against the model (at a random input and
+    scaled copies of it) misses such a hook where its layer is inactive there (a hook
+    scaling the output of a ReLU that is off on that input: a certified bound of 1.41 for a
+    network of local constant 14.1). The weight hooks of :func:`_weight_hooks` are allowed (spectral norm in eval mode
     only: in training mode its power step changes the weight at every call).
 
     Raises:
