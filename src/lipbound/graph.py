@@ -166,8 +166,9 @@ def check_hooks(model: nn.Module) -> None:
     the analysis. The check of the analysed chain against the model (at a random input and
     scaled copies of it) misses such a hook where its layer is inactive there (a hook
     scaling the output of a ReLU that is off on that input: a certified bound of 1.41 for a
-    network of local constant 14.1). The weight hooks of :func:`_weight_hooks` are allowed (spectral norm in eval mode
-    only: in training mode its power step changes the weight at every call).
+    network of local constant 14.1). The weight hooks of :func:`_weight_hooks` are allowed
+    (spectral norm in eval mode only: in training mode its power step changes the weight at
+    every call).
 
     Raises:
         UnsupportedModelError: naming the hooked modules and the fix.
