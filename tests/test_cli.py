@@ -158,3 +158,15 @@ def test_idle_cores_is_within_the_cpu_set():
 
     n = idle_cores(window=0.05)
     assert isinstance(n, int) and 1 <= n <= len(os.sched_getaffinity(0))
+
+
+def test_global_bound_without_input_names_no_sample(capsys):
+    """A global bound needs no input: without ``--input`` the header said ``input mnist:8``
+    (the zoo's default sample, loaded for nothing) as if it had been asked for."""
+    assert main(["bound", "--model", "mnist", "--method", "global"]) == 0
+    out = capsys.readouterr().out
+    assert "no input (global bound)" in out and "mnist:8" not in out
+    assert run_json(capsys, ["bound", "--model", "mnist", "--method", "global"])["input"] is None
+    named = run_json(capsys, ["bound", "--model", "mnist", "--method", "global",
+                              "--input", "mnist:2"])
+    assert named["input"] == "mnist:2"

@@ -381,3 +381,24 @@ def test_compare_on_lenet_refuses_by_size(lenet) -> None:
         if r.note.startswith("not run: "):
             assert any(s in r.note for s in ("11404 hidden units", "12188", "width 3456"))
     assert NOT_FC not in format_table(rows)
+
+
+
+def test_a_fully_connected_net_with_batch_norm_is_not_called_a_conv_net() -> None:
+    """The conversion also folds the batch norm of a fully connected net; its note said
+    "conv net" for a network without a convolution."""
+    from lipbound.baselines.compare import compare
+
+    g = torch.Generator().manual_seed(0)
+    m = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.BatchNorm1d(8), nn.Linear(8, 3)).eval()
+    with torch.no_grad():
+        for p in m.parameters():
+            p.copy_(torch.randn(p.shape, generator=g))
+    note = "FC net with batch norm folded, as an exact FC ReLU chain of widths 4-8-3"
+    assert chain_note(relu_chain(m, (4,))) == note
+    rows = compare(m, torch.randn(1, 4, generator=g), 0.1, ["fastlip"])
+    assert any(note in r.note for r in rows)
+    for conv in (nn.Sequential(nn.Conv2d(1, 2, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4, 3)),
+                 nn.Sequential(nn.MaxPool2d(2), nn.Flatten(), nn.Linear(2, 3))):
+        assert chain_note(relu_chain(conv.eval(), (1, 4, 3))).startswith(
+            "conv net as an exact FC ReLU chain")

@@ -144,3 +144,104 @@ def test_copies_and_pickles_follow_their_own_model():
     for twin in (copy.deepcopy(an), pickle.loads(pickle.dumps(an))):  # copied when stale
         with pytest.raises(InputError, match=r"0\.weight"):
             twin.local_bound(X0, 0.1)
+
+
+# ---------------------------------------------------------------- writes through .data
+def _data_scale(m: nn.Module) -> None:
+    m[0].weight.data.mul_(10)
+
+
+def _data_clip(m: nn.Module) -> None:  # weight clipping as in WGAN-style training loops
+    for p in m.parameters():
+        p.data.clamp_(-0.1, 0.1)
+
+
+def _data_copy(m: nn.Module) -> None:
+    m[3].bias.data.copy_(m[3].bias.data.flip(0))  # a permutation keeps every sum
+
+
+def _data_buffer(m: nn.Module) -> None:
+    m[2].running_var.data.fill_(1e-3)
+
+
+def _data_one_ulp(m: nn.Module) -> None:
+    w = m[0].weight.data
+    w.view(-1)[5] = torch.nextafter(w.view(-1)[5], torch.tensor(float("inf")))
+
+
+DATA_WRITES = [_data_scale, _data_clip, _data_copy, _data_buffer, _data_one_ulp]
+
+
+@pytest.mark.parametrize("change", DATA_WRITES, ids=lambda f: f.__name__.strip("_"))
+def test_writes_through_data_are_refused(change):
+    """``p.data`` is a tensor with a version counter of its own: such writes left the
+    tensors' records unchanged, and the analyzer answered for the old weights (a global
+    bound 10x below the new network's after ``_data_scale``)."""
+    m = _net()
+    an = Analyzer(m, (4,))
+    version = m[0].weight._version
+    for call in _calls(an).values():
+        call()
+    twin = an.reuse_copy(0.02)
+    change(m)
+    assert m[0].weight._version == version  # invisible to the version counter
+    for what, call in _calls(an).items():
+        with pytest.raises(InputError, match=r"through \.data") as ei:
+            call()
+        assert "build a new Analyzer" in str(ei.value), what
+    with pytest.raises(InputError, match="changed after"):
+        twin.local_bound(X0, 0.1)
+
+
+def test_the_data_message_names_the_tensor_and_copies_follow():
+    import copy
+    import pickle
+
+    m = _net()
+    an = Analyzer(m, (4,))
+    first = an.global_bound().value
+    _data_buffer(m)
+    with pytest.raises(InputError, match=r"buffer 2\.running_var"):
+        an.global_bound()
+    for twin in (copy.deepcopy(an), pickle.loads(pickle.dumps(an))):  # copied when stale
+        with pytest.raises(InputError, match=r"2\.running_var"):
+            twin.global_bound()
+    fresh = _net()
+    an = Analyzer(fresh, (4,))
+    for twin in (copy.deepcopy(an), pickle.loads(pickle.dumps(an))):
+        assert twin.global_bound().value == first
+        _data_scale(twin.model)  # the copy's own model changes through .data
+        with pytest.raises(InputError, match=r"parameter 0\.weight"):
+            twin.global_bound()
+    assert an.global_bound().value == first  # the original's did not
+
+
+def test_contents_compare_bits():
+    from lipbound._modelinfo import changed_contents, content_snapshot
+
+    m = nn.Linear(3, 2)
+    with torch.no_grad():
+        m.bias.copy_(torch.tensor([float("nan"), 0.0]))
+    snap = content_snapshot(m)
+    assert changed_contents(snap) is None  # NaN equals itself bit for bit
+    m.bias.data[1] = -0.0  # equal as a number, another bit pattern
+    assert "parameter bias" in changed_contents(snap)
+
+
+def test_a_list_setting_changed_in_place_is_refused():
+    """Plain attributes are recorded by value: a list (``MaxPool2d(kernel_size=[2, 2])``
+    keeps the caller's list) was recorded by reference, so changing it in place went
+    unseen and the analyzer answered for the old window."""
+    g = torch.Generator().manual_seed(3)
+    m = nn.Sequential(nn.Conv2d(1, 2, 3, padding=1), nn.ReLU(),
+                      nn.MaxPool2d(kernel_size=[2, 2], stride=[2, 2]), nn.Flatten(),
+                      nn.Linear(2 * 4 * 4, 3)).eval()
+    with torch.no_grad():
+        for p in m.parameters():
+            p.copy_(torch.randn(p.shape, generator=g))
+    x = torch.randn(1, 1, 8, 8, generator=g)
+    an = Analyzer(m, (1, 8, 8))
+    an.local_bound(x, 0.1)
+    m[2].kernel_size[0] = 1
+    with pytest.raises(InputError, match="changed after this Analyzer was built"):
+        an.local_bound(x, 0.1)

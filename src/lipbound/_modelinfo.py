@@ -62,7 +62,8 @@ def tensor_state(model: nn.Module) -> tuple[tuple, ...]:
     added or removed (a new submodule or ``nn.Parameter``), or when a forward hook is added
     to or removed from a module or globally (or a module's ``forward`` replaced on the
     instance), or a module's class or plain-valued attribute (``bn.eps``, ``conv.padding``)
-    changes. In-place writes through ``p.data`` bypass the version counter and are not seen.
+    changes. In-place writes through ``p.data`` bypass the version counter: the contents are
+    compared by :func:`content_snapshot` / :func:`changed_contents`.
     """
     out = []
     for kind, named in (("parameter", model.named_parameters(remove_duplicate=False)),
@@ -86,9 +87,13 @@ def tensor_state(model: nn.Module) -> tuple[tuple, ...]:
         if get is None:
             get = _SETTING_GETTERS[cls] = _setting_getter(cls, d)
         try:
-            settings.append((cls, get(d)))
+            vals = get(d)
         except KeyError:  # an attribute deleted from this instance
-            settings.append((cls, None))
+            vals = None
+        if type(vals) is list or (type(vals) is tuple and list in map(type, vals)):
+            # a list is recorded by reference: pool.kernel_size[0] = 3 would go unseen
+            vals = _frozen(vals)
+        settings.append((cls, vals))
         patched = (tuple((n, id(d[n])) for n in _PATCHABLE if n in d)
                    if not _PATCHABLE_SET.isdisjoint(d) else ())
         if d.get("_compiled_call_impl") is not None:  # run instead of _call_impl
@@ -129,6 +134,55 @@ def _setting_getter(cls: type, d: dict) -> Callable[[dict], Any]:
 
 def _no_settings(d: dict) -> tuple:
     return ()
+
+
+def _frozen(v: Any) -> Any:
+    """``v`` with its lists (at any depth) turned into tuples marked as lists."""
+    if isinstance(v, list | tuple):
+        return (type(v) is list, tuple(_frozen(e) for e in v))
+    return v
+
+
+_BITS = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def _bits(t: Tensor) -> Tensor:
+    """``t``'s bit patterns (NaN equals itself, ``-0.0`` differs from ``0.0``)."""
+    if t.is_floating_point() and t.element_size() in _BITS:
+        return t.view(_BITS[t.element_size()])
+    return t
+
+
+def content_snapshot(model: nn.Module) -> tuple[tuple[str, Tensor, Tensor], ...]:
+    """Copies of ``model``'s parameters and buffers, with the tensors and names they copy.
+
+    :func:`tensor_state` sees writes that go through autograd's version counter; a write
+    through ``p.data`` (``p.data.clamp_(-c, c)``, weight clipping; ``p.data.copy_(w)``) does
+    not move it (``.data`` is a new tensor with a counter of its own), so only the contents
+    show it. Costs one copy of the model's tensors (AlexNet 0.24 GB, VGG-16 0.55 GB) and a
+    comparison per bound (MNIST 36 us, the CIFAR-10 net 0.6 ms, VGG-16 about 0.1 s).
+    """
+    out = []
+    with torch.no_grad():
+        for kind, named in (("parameter", model.named_parameters()),
+                            ("buffer", model.named_buffers())):
+            for name, t in named:
+                if t is not None:
+                    out.append((f"{kind} {name}", t, t.detach().clone()))
+    return tuple(out)
+
+
+def changed_contents(snapshot: tuple[tuple[str, Tensor, Tensor], ...]) -> str | None:
+    """``None`` when every tensor of ``snapshot`` still holds the bits it was copied with,
+    else which one changed (call after :func:`changed_tensor` found the same tensors with
+    the same version counters: what is left is a write through ``.data``)."""
+    with torch.no_grad():
+        for what, t, copy in snapshot:
+            if (t.shape != copy.shape or t.dtype != copy.dtype or t.device != copy.device
+                    or not torch.equal(_bits(t.detach()), _bits(copy))):
+                return (f"{what} was modified in place through .data, which torch's version "
+                        "counter does not record")
+    return None
 
 
 def changed_tensor(before: tuple[tuple, ...], model: nn.Module) -> str | None:

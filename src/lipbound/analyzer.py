@@ -21,7 +21,13 @@ from torch import Tensor, nn
 
 from . import _parallel
 from ._indexing import gather_cols, scatter_cols
-from ._modelinfo import changed_tensor, model_device, tensor_state
+from ._modelinfo import (
+    changed_contents,
+    changed_tensor,
+    content_snapshot,
+    model_device,
+    tensor_state,
+)
 from ._progress import NULL_BAR, NullBar, progress_bar
 from .blocks import TINY_WEIGHT, AffineBlock, Block, PoolBlock, build_blocks
 from .errors import ExactRouteTooLarge, InputError, UnsupportedModelError
@@ -330,7 +336,8 @@ class Analyzer:
     or buffers change (an optimiser step, ``load_state_dict``, an in-place edit under
     ``torch.no_grad()``, ``model.to(...)``, a replaced layer), every bound or forward pass
     raises :class:`~lipbound.errors.InputError`: build a new analyzer. Writes through
-    ``p.data`` bypass torch's version counters and are not detected.
+    ``p.data`` (which torch's version counters do not record) are found by comparing the
+    tensors with a copy kept for that purpose (one more copy of the model's tensors).
 
     Example:
         >>> an = Analyzer(model, input_shape=(1, 28, 28))          # doctest: +SKIP
@@ -365,6 +372,7 @@ class Analyzer:
         # the analysed network is a float64 snapshot of the model now; later changes to the
         # model's tensors are refused (_check_model), not silently ignored
         self._tensor_state = tensor_state(model)
+        self._contents = content_snapshot(model)  # writes through .data (no version counter)
         self._stale: str | None = None  # a copy made after the model changed: why
         self.ops = [op.to(self.device) for op in ops]
         self.blocks = build_blocks(self.ops)
@@ -422,7 +430,7 @@ class Analyzer:
         # copies and pickles hold a copy of the model: its tensors are new objects, so the
         # record is taken again on arrival, and a model that had already changed stays refused
         state = dict(self.__dict__)
-        state["_stale"] = self._stale or changed_tensor(self._tensor_state, self.model)
+        state["_stale"] = self._stale or self._changed()
         state["_tensor_state"] = None
         return state
 
@@ -430,10 +438,15 @@ class Analyzer:
         self.__dict__.update(state)
         self._tensor_state = tensor_state(self.model)
 
+    def _changed(self) -> str | None:
+        """What changed in the model since this analyzer was built, or ``None``."""
+        return (changed_tensor(self._tensor_state, self.model)
+                or changed_contents(self._contents))
+
     def _check_model(self) -> None:
         """Refuse to answer for a model whose parameters or buffers changed after this
         analyzer was built (its bounds would be those of the old weights)."""
-        what = self._stale or changed_tensor(self._tensor_state, self.model)
+        what = self._stale or self._changed()
         if what is not None:
             raise InputError(
                 f"the model changed after this Analyzer was built ({what}); the analyzer "

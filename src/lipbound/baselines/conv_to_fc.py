@@ -398,7 +398,9 @@ def relu_chain(model: nn.Module, input_shape: Sequence[int], *,
             bad.append((op.name, kind, f"layer kind '{op.kind}' has no exact FC conversion"))
     if bad:
         raise NotFullyConnectedError(bad, converting=True)
-    layers = converted(chain.finish())
+    layers = converted(chain.finish(), from_conv=any(
+        op.kind == "maxpool" or (op.kind == "mixing" and type(op).__name__ != "LinearOp")
+        for op in ops))
     if check:
         _check_chain(model, layers, shape, converting=True)
     logger.debug("converted %s to the FC ReLU chain %s", type(model).__name__,

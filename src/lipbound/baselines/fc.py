@@ -108,12 +108,20 @@ class NotFullyConnectedError(UnsupportedModelError):
 
 class ConvertedLayers(list):  # type: ignore[type-arg]
     """:data:`FCLayers` produced by the exact conversion of a conv net (see
-    :func:`lipbound.baselines.conv_to_fc.relu_chain`); :func:`chain_note` says so."""
+    :func:`lipbound.baselines.conv_to_fc.relu_chain`); :func:`chain_note` says so.
+    ``from_conv`` is false for a network without convolutions or pooling (a fully connected
+    one whose batch norm the conversion folded)."""
+
+    from_conv: bool = True
 
 
-def converted(layers: Sequence[tuple[np.ndarray, np.ndarray]]) -> FCLayers:
-    """``layers`` marked as the exact FC conversion of a conv net."""
-    return ConvertedLayers(layers)
+def converted(layers: Sequence[tuple[np.ndarray, np.ndarray]], *,
+              from_conv: bool = True) -> FCLayers:
+    """``layers`` marked as the exact FC conversion of a conv net (``from_conv``) or of a
+    fully connected net with batch norm."""
+    out = ConvertedLayers(layers)
+    out.from_conv = from_conv
+    return out
 
 
 def is_converted(layers: Any) -> bool:
@@ -123,9 +131,12 @@ def is_converted(layers: Any) -> bool:
 
 def chain_note(layers: FCLayers) -> str:
     """``"fully connected 7-20-30-10"``, or for a converted conv net
-    ``"conv net as an exact FC ReLU chain of widths 784-3456-...-10"``."""
+    ``"conv net as an exact FC ReLU chain of widths 784-3456-...-10"`` (``"FC net with
+    batch norm folded, as an exact FC ReLU chain ..."`` when it had no convolution)."""
     if is_converted(layers):
-        return f"conv net as an exact FC ReLU chain of widths {describe(layers)}"
+        what = ("conv net as" if getattr(layers, "from_conv", True)
+                else "FC net with batch norm folded, as")
+        return f"{what} an exact FC ReLU chain of widths {describe(layers)}"
     return f"fully connected {describe(layers)}"
 
 

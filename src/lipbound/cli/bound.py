@@ -70,8 +70,9 @@ def run(args: argparse.Namespace) -> int:
         eps_values = [check_eps(args.eps if args.eps is not None else 0.1, "--eps")]
     loaded = load_model(args)
     sample = None
-    if args.input is not None or loaded.entry is not None or args.method != "global":
-        # a global bound needs no input: a user model without --input gets it alone
+    if args.input is not None or args.method != "global":
+        # a global bound needs no input: without --input it comes alone (a zoo model's
+        # default sample would be named in the header as if it had been asked for)
         try:
             sample = load_input(args, loaded, needed_for="a local bound (--method global "
                                 "needs none)")

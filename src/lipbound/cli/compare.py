@@ -91,7 +91,7 @@ def run(args: argparse.Namespace) -> int:
         print("quantities: local L2 rel. x0 <= local L2 all pairs <= global L2; the lower "
               "bound is for rel. x0; lipMIP's l_inf quantity is not comparable with them")
         chain = next((part for r in rows for part in r.note.split("; ")
-                      if part.startswith("conv net as an exact FC ReLU chain")), None)
+                      if " an exact FC ReLU chain of widths " in part), None)
         if chain is not None:
             print(f"note: the rival methods ran on the {chain} (same function)")
         for n in loaded.notes:
