@@ -131,7 +131,7 @@ def plot_sweep(eps: Sequence[float], curves: dict[str, Sequence[float]], *,
     Args:
         eps: the radii (x axis, log scale).
         curves: method name -> one value per radius (non-positive or non-finite values are
-            left out: a log axis cannot show them).
+            left out: a log axis cannot show them; the method's legend entry says how many).
         path_png: PNG file to write (or ``None``).
         path_pdf: PDF file to write (or ``None``).
         title: figure title (network and input).
@@ -160,8 +160,14 @@ def plot_sweep(eps: Sequence[float], curves: dict[str, Sequence[float]], *,
                 style["marker"] = None
             label = style.pop("label") + suffix.get(name, "")
             px, py = _positive(eps, values)
-            if not px:
-                continue
+            hidden = len(values) - len(px)
+            if hidden:
+                # a log axis cannot show them: the legend says so instead of dropping the
+                # values (or the whole method) silently
+                label += (f" [{hidden} of {len(values)} value(s) ≤ 0 or not finite, "
+                          "not shown]")
+            if len(px) < 2 and style.get("marker") is None:
+                style["marker"] = "o"  # a lone point of a line style without markers
             ax.plot(px, py, label=label, **style)
         vx, vy = _positive([e for e, _ in violation_points], [v for _, v in violation_points])
         if vx:
