@@ -4,9 +4,15 @@ legend nor dropped silently where a log axis cannot show a value."""
 
 from __future__ import annotations
 
+import csv
+import math
+
+import matplotlib
 import pytest
+from matplotlib.transforms import Bbox
 
 from lipbound import Guarantee, plotting
+from lipbound.cli import main
 from lipbound.sweep import SweepPoint, SweepResult, SweepRow
 
 pytestmark = pytest.mark.usefixtures("torch_one_thread")
@@ -74,3 +80,82 @@ def test_sweep_plot_says_which_values_a_log_axis_cannot_show(figures, tmp_path):
     assert list(lines[pgd[0]].get_ydata()) == [1.0, 1.2]
     loc = [lb for lb in lines if lb.startswith("local")]
     assert len(loc) == 1 and "not shown" not in loc[0]
+
+
+# MNIST LeNet at digit 8, eps 0.1 (lipbound layers): tall global bars at the top right,
+# where the legend used to sit
+_LAYERS = dict(
+    names=["0: conv1+relu1", "1: pool1", "2: conv2+relu2", "3: pool2", "4: fc1+relu3",
+           "5: fc2+relu4", "6: fc3"],
+    local=[3.516, 1.0, 7.016, 1.0, 6.423, 2.586, 2.570],
+    global_=[5.271, 1.0, 22.51, 1.0, 15.12, 11.31, 5.201],
+    radius_in=[0.1, 0.3516, 0.3516, 2.467, 2.467, 15.84, 40.98],
+)
+
+
+def _bars(ax):
+    return [p for p in ax.patches if isinstance(p, matplotlib.patches.Rectangle)
+            and p.get_height() > 0 and math.isfinite(p.get_height())]
+
+
+def test_layers_plot_legend_never_covers_a_bar_and_hatches_probabilistic_factors(figures,
+                                                                                  tmp_path):
+    loc_p = [True, False, False, False, False, False, False]
+    glob_p = [False, False, True, False, False, False, False]
+    plotting.plot_layer_factors(**_LAYERS, path_png=tmp_path / "l.png", title="t",
+                                local_probabilistic=loc_p, global_probabilistic=glob_p,
+                                probabilistic_label="hatched: probabilistic")
+    fig = figures[0]
+    ax1 = fig.axes[0]
+    bars = _bars(ax1)
+    assert len(bars) == 14
+    local_bars, global_bars = bars[:7], bars[7:]
+    assert [b.get_height() for b in local_bars] == _LAYERS["local"]
+    assert [b.get_height() for b in global_bars] == _LAYERS["global_"]
+    assert [bool(b.get_hatch()) for b in local_bars] == loc_p
+    assert [bool(b.get_hatch()) for b in global_bars] == glob_p
+    legends = [*fig.legends, *(ax.get_legend() for ax in fig.axes if ax.get_legend())]
+    assert len(legends) == 1
+    texts = [t.get_text() for t in legends[0].get_texts()]
+    assert texts == ["local factor", "global factor", "hatched: probabilistic"]
+    box = legends[0].get_window_extent()
+    renderer = fig.canvas.get_renderer()
+    for b in bars:  # the visible part (a bar on a log axis starts at 0, far below it)
+        shown = Bbox.intersection(b.get_window_extent(renderer), ax1.bbox)
+        assert shown is not None and not box.overlaps(shown), b
+    radius = fig.axes[1].lines[0]
+    assert list(radius.get_ydata()) == _LAYERS["radius_in"]
+
+
+def test_layers_plot_marks_a_zero_factor_and_no_hatch_legend_when_all_certified(figures,
+                                                                                tmp_path):
+    """A factor of 0 (no output can move) cannot be a bar on the log axis: it is written."""
+    plotting.plot_layer_factors(["a", "b"], [2.0, 0.0], [3.0, 4.0], [0.1, 0.2],
+                                path_png=tmp_path / "l.png")
+    fig = figures[0]
+    assert [t.get_text() for t in fig.axes[0].texts] == ["0"]
+    assert [t.get_text() for t in fig.legends[0].get_texts()] == ["local factor",
+                                                                 "global factor"]
+
+
+def test_cli_layers_legend_and_hatching_follow_the_csv(figures, tmp_path):
+    assert main(["layers", "--model", "mnist", "--input", "mnist:8", "--eps", "0.1",
+                 "--out", str(tmp_path)]) == 0
+    with open(tmp_path / "layers.csv", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    fig = figures[0]
+    bars = _bars(fig.axes[0])
+    n = len(rows)
+    assert [b.get_height() for b in bars[:n]] == [float(r["local_factor"]) for r in rows]
+    assert [b.get_height() for b in bars[n:]] == [float(r["global_factor"]) for r in rows]
+    prob = Guarantee.PROBABILISTIC.value
+    assert [bool(b.get_hatch()) for b in bars[:n]] == [r["local_guarantee"] == prob
+                                                       for r in rows]
+    assert [bool(b.get_hatch()) for b in bars[n:]] == [r["global_guarantee"] == prob
+                                                       for r in rows]
+    texts = [t.get_text() for t in fig.legends[0].get_texts()]
+    fps = [float(r[f"{k}_failure_prob"]) for r in rows for k in ("local", "global")
+           if r[f"{k}_guarantee"] == prob]
+    assert fps, "this network has probabilistic factors at eps 0.1"
+    stated = float(texts[-1].split("≤")[1].split()[0])
+    assert texts[-1].startswith("hatched: probabilistic") and stated >= max(fps)

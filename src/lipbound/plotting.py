@@ -195,7 +195,10 @@ def plot_layer_factors(names: Sequence[str], local: Sequence[float],
                        global_: Sequence[float], radius_in: Sequence[float], *,
                        path_png: str | Path | None, path_pdf: str | Path | None = None,
                        title: str | None = None, local_label: str = "local factor",
-                       global_label: str = "global factor") -> list[Path]:
+                       global_label: str = "global factor",
+                       local_probabilistic: Sequence[bool] | None = None,
+                       global_probabilistic: Sequence[bool] | None = None,
+                       probabilistic_label: str = "probabilistic factor") -> list[Path]:
     """Bar plot of each layer's local and global factor, and the radius each layer sees
     (the per-layer AlexNet figure of Avant & Morgansen 2023).
 
@@ -203,41 +206,73 @@ def plot_layer_factors(names: Sequence[str], local: Sequence[float],
         names: one short label per layer.
         local: local factor per layer.
         global_: global factor per layer (``nan`` where unknown).
-        radius_in: radius of the ball each layer sees.
+        radius_in: L2 radius of the ball each layer sees.
         path_png, path_pdf: files to write.
         title: figure title.
-        local_label, global_label: legend labels of the two kinds of bar (say there when the
-            factors are probabilistic, with their failure probability).
+        local_label, global_label: legend labels of the two kinds of bar.
+        local_probabilistic, global_probabilistic: per layer, whether that factor is a
+            probabilistic (not a certified) upper bound; such bars are hatched.
+        probabilistic_label: legend label of the hatching (say there the failure
+            probability).
+
+    A factor of exactly 0 (a layer none of whose outputs can move) cannot stand on the log
+    axis: a "0" is written at the foot of its slot instead. The legend sits below the figure,
+    never over the bars.
 
     Returns:
         The paths written.
     """
+    from matplotlib.patches import Patch
+
     n = len(names)
     idx = list(range(n))
     width = 0.38
+    hatch = "////"
 
     def clean(vs: Sequence[float]) -> list[float]:
         return [v if (v is not None and math.isfinite(v) and v > 0) else math.nan for v in vs]
 
+    def flags(fs: Sequence[bool] | None) -> list[bool]:
+        return [False] * n if fs is None else [bool(f) for f in fs]
+
+    loc_p, glob_p = flags(local_probabilistic), flags(global_probabilistic)
     with paper_style():
-        fig, (ax1, ax2) = new_figure(max(5.6, 0.45 * n + 2.0), 5.0, nrows=2, sharex=True)
-        ax1.bar([i - width / 2 for i in idx], clean(local), width,
-                color=METHOD_STYLES["local"]["color"], label=local_label)
-        ax1.bar([i + width / 2 for i in idx], clean(global_), width,
-                color="#9a9a9a", label=global_label)
+        fig, (ax1, ax2) = new_figure(max(5.6, 0.45 * n + 2.0), 5.4, nrows=2, sharex=True)
+        for values, shift, color, probs in ((local, -width / 2,
+                                             METHOD_STYLES["local"]["color"], loc_p),
+                                            (global_, width / 2, "#9a9a9a", glob_p)):
+            bars = ax1.bar([i + shift for i in idx], clean(values), width, color=color,
+                           edgecolor="white", linewidth=0.0)
+            for bar, prob in zip(bars, probs, strict=True):
+                if prob:
+                    bar.set_hatch(hatch)
+                    bar.set_linewidth(0.6)
+            for i, v in enumerate(values):
+                if v == 0:
+                    ax1.text(i + shift, 0.02, "0", transform=ax1.get_xaxis_transform(),
+                             ha="center", va="bottom", fontsize=7, color=color)
         ax1.set_yscale("log")
         ax1.set_ylabel("layer Lipschitz factor")
         ax1.axhline(1.0, color="#555555", linewidth=0.6, linestyle=":")
-        ax1.legend(frameon=False, loc="best")
+        handles = [Patch(facecolor=METHOD_STYLES["local"]["color"], label=local_label),
+                   Patch(facecolor="#9a9a9a", label=global_label)]
+        if any(loc_p) or any(glob_p):
+            handles.append(Patch(facecolor="white", edgecolor="#555555", hatch=hatch,
+                                 label=probabilistic_label))
+        # below the figure, as in the sweep plot: never over the bars (constrained layout
+        # makes room for it)
+        fig.set_layout_engine("constrained")
+        fig.legend(handles=handles, frameon=False, loc="outside lower center", ncol=1)
         ax1.grid(True, axis="y", which="major", linewidth=0.4, alpha=0.5)
         if title:
             ax1.set_title(title)
         ax2.plot(idx, clean(radius_in), color=METHOD_STYLES["local"]["color"], marker="o",
                  linestyle="-")
         ax2.set_yscale("log")
-        ax2.set_ylabel("radius into layer")
+        ax2.set_ylabel("L2 radius into layer")
         ax2.grid(True, which="major", linewidth=0.4, alpha=0.5)
         ax2.set_xticks(idx)
         ax2.set_xticklabels(list(names), rotation=45, ha="right")
         ax2.set_xlabel("layer")
         return save_figure(fig, path_png, path_pdf)
+
