@@ -8,6 +8,7 @@ import csv
 import math
 
 import matplotlib
+import numpy as np
 import pytest
 from matplotlib.transforms import Bbox
 
@@ -159,3 +160,57 @@ def test_cli_layers_legend_and_hatching_follow_the_csv(figures, tmp_path):
     assert fps, "this network has probabilistic factors at eps 0.1"
     stated = float(texts[-1].split("≤")[1].split()[0])
     assert texts[-1].startswith("hatched: probabilistic") and stated >= max(fps)
+
+
+def test_cli_radius_plot_draws_the_csv_with_each_guarantee(figures, tmp_path, capsys):
+    """Old code labelled probabilistic radii "certified: local", gave attacks no guarantee,
+    and switched matplotlib's global backend."""
+    backend = matplotlib.get_backend()
+    batch = np.random.default_rng(0).normal(size=(4, 7)).astype(np.float32)
+    np.save(tmp_path / "b.npy", batch)
+    assert main(["radius", "--model", "compnet", "--input", str(tmp_path / "b.npy"),
+                 "--attacks", "fgsm", "--spectral", "lanczos",
+                 "--out", str(tmp_path / "o")]) == 0
+    capsys.readouterr()
+    assert matplotlib.get_backend() == backend
+    with open(tmp_path / "o" / "radius.csv", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    rows.sort(key=lambda r: float(r["certified_radius"]))
+    lines = _labelled_lines(figures[0].axes[0])
+    for m in ("local", "margin", "global"):
+        (label,) = [lb for lb in lines if lb.startswith(f"certified radius: {m} ")]
+        ys = [float(r[f"{m}_radius"]) for r in rows]
+        # radius.csv holds 10 significant digits
+        assert list(lines[label].get_ydata()) == pytest.approx([y for y in ys if y > 0],
+                                                               rel=1e-9)
+        gs = {r[f"{m}_guarantee"] for r in rows}
+        if Guarantee.PROBABILISTIC_LOWER.value in gs:
+            stated = float(label.split("≤")[1].split(")")[0])
+            assert "probabilistic lower bound" in label
+            assert stated >= max(float(r[f"{m}_failure_prob"]) for r in rows)
+        else:
+            assert gs == {Guarantee.CERTIFIED_LOWER.value} and "certified lower bound" in label
+    (label,) = [lb for lb in lines if lb.startswith("attack radius: fgsm")]
+    assert "upper bound" in label
+    found = [float(r["fgsm_radius"]) for r in rows if r["fgsm_radius"]]
+    assert list(lines[label].get_ydata()) == pytest.approx(found, rel=1e-9)
+    assert ("no class change" in label) == (len(found) < len(rows))
+    for ln in lines.values():
+        assert all(float(x).is_integer() for x in ln.get_xdata())
+
+
+def test_radius_plot_flags_a_certificate_above_an_attack(figures, tmp_path):
+    plotting.plot_radii({"local": [0.1, 0.5]}, {"pgd": [1.0, 0.3]},
+                        path_png=tmp_path / "r.png", violations=[False, True])
+    ax = figures[0].axes[0]
+    assert any("SOUNDNESS CHECK FAILED" in t.get_text() for t in ax.texts)
+    circled = _labelled_lines(ax)["soundness check failed"]
+    assert list(circled.get_xdata()) == [1] and list(circled.get_ydata()) == [0.5]
+    figures.clear()
+    plotting.plot_radii({"local": [0.1, 0.0]}, {"pgd": [1.0, None]},
+                        path_png=tmp_path / "r.png", violations=[False, False])
+    ax = figures[0].axes[0]
+    assert not ax.texts
+    labels = list(_labelled_lines(ax))
+    assert any("nothing certified" in lb and "1 of 2" in lb for lb in labels)
+    assert any("no class change found at 1 of 2" in lb for lb in labels)

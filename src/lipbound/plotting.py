@@ -20,8 +20,8 @@ from typing import Any
 
 from .results import format_prob_up
 
-__all__ = ["METHOD_STYLES", "format_prob_up", "paper_style", "plot_layer_factors", "plot_sweep",
-           "save_figure"]
+__all__ = ["ATTACK_STYLES", "CERTIFICATE_STYLES", "METHOD_STYLES", "format_prob_up",
+           "paper_style", "plot_layer_factors", "plot_radii", "plot_sweep", "save_figure"]
 
 #: label, colour, line style and marker of each method's curve
 METHOD_STYLES: dict[str, dict[str, Any]] = {
@@ -276,3 +276,108 @@ def plot_layer_factors(names: Sequence[str], local: Sequence[float],
         ax2.set_xlabel("layer")
         return save_figure(fig, path_png, path_pdf)
 
+
+#: colour and marker of each certificate's points in the radius plot (filled markers)
+CERTIFICATE_STYLES: dict[str, dict[str, Any]] = {
+    "local": {"color": "#1f4e9c", "marker": "o"},
+    "margin": {"color": "#7d3c98", "marker": "^"},
+    "global": {"color": "#222222", "marker": "v"},
+}
+#: colour and marker of each attack's points in the radius plot (line markers)
+ATTACK_STYLES: dict[str, dict[str, Any]] = {
+    "fgsm": {"color": "#e08a1e", "marker": "x"},
+    "ifgsm": {"color": "#2a9d5c", "marker": "+"},
+    "gradient": {"color": "#8c564b", "marker": "1"},
+    "cw": {"color": "#c0392b", "marker": "2"},
+    "pgd": {"color": "#d6336c", "marker": "3"},
+}
+
+
+def plot_radii(certified: dict[str, Sequence[float | None]],
+               attacks: dict[str, Sequence[float | None]], *,
+               path_png: str | Path | None, path_pdf: str | Path | None = None,
+               title: str | None = None, label_suffix: dict[str, str] | None = None,
+               violations: Sequence[bool] = ()) -> list[Path]:
+    """Certified radii next to attack radii, one column per input (the certified-radius
+    comparison of Avant & Morgansen 2023, Sec. VI, over many inputs).
+
+    A certified radius is a lower bound on the smallest class-changing L2 perturbation, an
+    attack radius (a verified adversarial example) an upper bound on it: at every input the
+    filled markers must lie at or below the line markers.
+
+    Args:
+        certified: certificate method -> radius per input, in plot order (``None`` or 0 where
+            nothing was certified).
+        attacks: attack -> radius per input (``None`` where it found no class change).
+        path_png, path_pdf: files to write.
+        title: figure title.
+        label_suffix: text appended to a series' legend label (its guarantee and failure
+            probability), keyed by method or attack name.
+        violations: per input, whether a certified radius exceeded a verified attack radius
+            (a soundness failure): such inputs are circled in red and the figure says
+            "SOUNDNESS CHECK FAILED".
+
+    Values a log axis cannot show (0, ``None``) are left out and each series' legend entry
+    says how many.
+
+    Returns:
+        The paths written.
+    """
+    from matplotlib.ticker import MaxNLocator
+
+    suffix = label_suffix or {}
+    n = max([len(v) for v in (*certified.values(), *attacks.values())], default=0)
+
+    with paper_style():
+        fig, ax = new_figure(max(5.6, min(11.0, 2.5 + 0.08 * n)), 3.8)
+        for name, values in certified.items():
+            px, py = _positive_at(values)
+            style = CERTIFICATE_STYLES.get(name, {"color": None, "marker": "o"})
+            label = f"certified radius: {name}{suffix.get(name, '')}"
+            if len(px) < len(values):
+                label += (f" [0 (nothing certified) at {len(values) - len(px)} of "
+                          f"{len(values)}, not shown]")
+            ax.plot(px, py, linestyle="none", markersize=4.5, label=label, **style)
+        for name, values in attacks.items():
+            px, py = _positive_at(values)
+            style = ATTACK_STYLES.get(name, {"color": None, "marker": "x"})
+            label = f"attack radius: {name}{suffix.get(name, '')}"
+            if len(px) < len(values):
+                label += f" [no class change found at {len(values) - len(px)} of {len(values)}]"
+            ax.plot(px, py, linestyle="none", markersize=6, markeredgewidth=1.0, label=label,
+                    **style)
+        bad = [i for i, v in enumerate(violations) if v]
+        if bad:
+            vx, vy = [], []
+            for i in bad:
+                col = [v[i] for v in certified.values() if v[i] is not None and v[i] > 0]
+                if col:
+                    vx.append(i)
+                    vy.append(max(col))
+            ax.plot(vx, vy, linestyle="none", marker="o", markersize=10,
+                    markerfacecolor="none", markeredgecolor="red", markeredgewidth=1.2,
+                    label="soundness check failed")
+            ax.text(0.02, 0.98, f"SOUNDNESS CHECK FAILED: a certified radius exceeds a verified "
+                    f"attack radius at {len(bad)} input(s)", transform=ax.transAxes,
+                    ha="left", va="top", color="red", fontsize=7)
+        ax.set_yscale("log")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        if n:
+            ax.set_xlim(-0.6, n - 0.4)
+        ax.set_xlabel("input (rank by largest certified radius)")
+        ax.set_ylabel("L2 radius (model's input space)")
+        if title:
+            ax.set_title(title)
+        ax.grid(True, which="major", linewidth=0.4, alpha=0.5)
+        ax.legend(frameon=False, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=1)
+        return save_figure(fig, path_png, path_pdf)
+
+
+def _positive_at(ys: Sequence[float | None]) -> tuple[list[int], list[float]]:
+    """The points a log-scale y axis can show (finite, > 0), at their index."""
+    px, py = [], []
+    for x, y in enumerate(ys):
+        if y is not None and math.isfinite(y) and y > 0:
+            px.append(x)
+            py.append(y)
+    return px, py
