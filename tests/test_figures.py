@@ -83,6 +83,26 @@ def test_sweep_plot_says_which_values_a_log_axis_cannot_show(figures, tmp_path):
     assert len(loc) == 1 and "not shown" not in loc[0]
 
 
+def test_sweep_plot_keeps_a_tight_upper_bound_visible(figures, tmp_path):
+    """Old code drew the lower bounds over the upper bounds with the same filled markers: on
+    the 3-D example, where the local bound equals the PGD lower bound for eps < 2, the local
+    upper bound was invisible (and gradient ascent hid under PGD on MNIST)."""
+    eps = [0.01, 0.1, 1.0]
+    res = _sweep({"local": [7.5, 7.5, 8.0], "global": [9.1] * 3, "gradient": [7.5, 7.5, 7.6],
+                  "pgd": [7.5, 7.5, 7.7]}, eps)
+    res.plot(tmp_path / "s.png")
+    lines = _labelled_lines(figures[0].axes[0])
+    upper = [ln for lb, ln in lines.items() if "upper bound" in lb]
+    lower = [ln for lb, ln in lines.items() if "upper bound" not in lb]
+    assert len(upper) == 2 and len(lower) == 2
+    assert min(ln.get_zorder() for ln in upper) > max(ln.get_zorder() for ln in lower)
+    for ln in lower:  # hollow, and larger than the upper bounds' filled markers
+        assert ln.get_markerfacecolor() == "none" and ln.get_linestyle() == "--"
+        assert ln.get_markersize() > max(u.get_markersize() for u in upper)
+    for ln in upper:
+        assert ln.get_linestyle() == "-"
+
+
 # MNIST LeNet at digit 8, eps 0.1 (lipbound layers): tall global bars at the top right,
 # where the legend used to sit
 _LAYERS = dict(

@@ -135,8 +135,8 @@ def plot_sweep(eps: Sequence[float], curves: dict[str, Sequence[float]], *,
         path_png: PNG file to write (or ``None``).
         path_pdf: PDF file to write (or ``None``).
         title: figure title (network and input).
-        upper: the methods whose values are upper bounds (solid lines); all others are
-            drawn dashed as lower bounds.
+        upper: the methods whose values are upper bounds (solid lines with filled markers,
+            drawn on top); all others are drawn dashed with hollow markers as lower bounds.
         label_suffix: optional text appended to a method's legend label (e.g. the failure
             probability of a probabilistic bound).
         violations: orderings the numbers break (a lower bound above an upper bound, see
@@ -158,6 +158,15 @@ def plot_sweep(eps: Sequence[float], curves: dict[str, Sequence[float]], *,
             style["linestyle"] = "-" if name in upper else "--"
             if not n_marked:
                 style["marker"] = None
+            if name in upper:
+                # on top: where an upper bound is tight (meets a lower bound, e.g. the 3-D
+                # example at small eps) it stays visible
+                style["zorder"] = 3
+            else:
+                # hollow and a little larger: a lower bound under an upper bound or under
+                # another lower bound of the same value (gradient ascent and PGD) still shows
+                style.update(zorder=2.5, markerfacecolor="none", markersize=5,
+                             markeredgewidth=1.0)
             label = style.pop("label") + suffix.get(name, "")
             px, py = _positive(eps, values)
             hidden = len(values) - len(px)
@@ -172,7 +181,8 @@ def plot_sweep(eps: Sequence[float], curves: dict[str, Sequence[float]], *,
         vx, vy = _positive([e for e, _ in violation_points], [v for _, v in violation_points])
         if vx:
             ax.plot(vx, vy, linestyle="none", marker="o", markersize=9, markerfacecolor="none",
-                    markeredgecolor="red", markeredgewidth=1.2, label="soundness check failed")
+                    markeredgecolor="red", markeredgewidth=1.2, label="soundness check failed",
+                    zorder=4)
         ax.set_xscale("log")
         ax.set_yscale("log")
         _plain_labels_if_narrow(ax)
