@@ -226,6 +226,11 @@ def test_radius_plot_flags_a_certificate_above_an_attack(figures, tmp_path):
     assert any("SOUNDNESS CHECK FAILED" in t.get_text() for t in ax.texts)
     circled = _labelled_lines(ax)["soundness check failed"]
     assert list(circled.get_xdata()) == [1] and list(circled.get_ydata()) == [0.5]
+    ticks = list(ax.get_xticks())
+    assert ticks == [0, 1]
+    figures.clear()
+    plotting.plot_radii({"local": [0.1]}, {"pgd": [1.0]}, path_png=tmp_path / "r.png")
+    assert list(figures[0].axes[0].get_xticks()) == [0]  # one input: one tick, no -0.45
     figures.clear()
     plotting.plot_radii({"local": [0.1, 0.0]}, {"pgd": [1.0, None]},
                         path_png=tmp_path / "r.png", violations=[False, False])

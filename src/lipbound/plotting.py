@@ -293,13 +293,13 @@ CERTIFICATE_STYLES: dict[str, dict[str, Any]] = {
     "margin": {"color": "#7d3c98", "marker": "^"},
     "global": {"color": "#222222", "marker": "v"},
 }
-#: colour and marker of each attack's points in the radius plot (line markers)
+#: colour and marker of each attack's points in the radius plot (hollow markers)
 ATTACK_STYLES: dict[str, dict[str, Any]] = {
     "fgsm": {"color": "#e08a1e", "marker": "x"},
     "ifgsm": {"color": "#2a9d5c", "marker": "+"},
-    "gradient": {"color": "#8c564b", "marker": "1"},
-    "cw": {"color": "#c0392b", "marker": "2"},
-    "pgd": {"color": "#d6336c", "marker": "3"},
+    "gradient": {"color": "#8c564b", "marker": "D"},
+    "cw": {"color": "#c0392b", "marker": "s"},
+    "pgd": {"color": "#d6336c", "marker": "p"},
 }
 
 
@@ -354,8 +354,8 @@ def plot_radii(certified: dict[str, Sequence[float | None]],
             label = f"attack radius: {name}{suffix.get(name, '')}"
             if len(px) < len(values):
                 label += f" [no class change found at {len(values) - len(px)} of {len(values)}]"
-            ax.plot(px, py, linestyle="none", markersize=6, markeredgewidth=1.0, label=label,
-                    **style)
+            ax.plot(px, py, linestyle="none", markersize=5.5, markeredgewidth=1.0,
+                    markerfacecolor="none", label=label, **style)
         bad = [i for i, v in enumerate(violations) if v]
         if bad:
             vx, vy = [], []
@@ -371,7 +371,10 @@ def plot_radii(certified: dict[str, Sequence[float | None]],
                     f"attack radius at {len(bad)} input(s)", transform=ax.transAxes,
                     ha="left", va="top", color="red", fontsize=7)
         ax.set_yscale("log")
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        if n <= 20:
+            ax.set_xticks(range(n))
+        else:
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         if n:
             ax.set_xlim(-0.6, n - 0.4)
         ax.set_xlabel("input (rank by largest certified radius)")
