@@ -151,10 +151,12 @@ def test_layers_plot_legend_never_covers_a_bar_and_hatches_probabilistic_factors
 def test_layers_plot_marks_a_zero_factor_and_no_hatch_legend_when_all_certified(figures,
                                                                                 tmp_path):
     """A factor of 0 (no output can move) cannot be a bar on the log axis: it is written."""
-    plotting.plot_layer_factors(["a", "b"], [2.0, 0.0], [3.0, 4.0], [0.1, 0.2],
-                                path_png=tmp_path / "l.png")
+    plotting.plot_layer_factors(["a", "b", "c"], [2.0, 0.0, 3.0], [3.0, 4.0, 5.0],
+                                [0.1, 0.2, 0.0], path_png=tmp_path / "l.png")
     fig = figures[0]
-    assert [t.get_text() for t in fig.axes[0].texts] == ["0"]
+    assert [(t.get_text(), t.get_position()[0]) for t in fig.axes[0].texts] == [
+        ("0", pytest.approx(1 - 0.19))]  # the local bar's slot of layer b
+    assert [(t.get_text(), t.get_position()[0]) for t in fig.axes[1].texts] == [("0", 2)]
     assert [t.get_text() for t in fig.legends[0].get_texts()] == ["local factor",
                                                                  "global factor"]
 

@@ -225,9 +225,9 @@ def plot_layer_factors(names: Sequence[str], local: Sequence[float],
         probabilistic_label: legend label of the hatching (say there the failure
             probability).
 
-    A factor of exactly 0 (a layer none of whose outputs can move) cannot stand on the log
-    axis: a "0" is written at the foot of its slot instead. The legend sits below the figure,
-    never over the bars.
+    A factor or radius of exactly 0 (a layer none of whose outputs can move, and the layers
+    after it) cannot stand on the log axis: a "0" is written at the foot of its slot instead.
+    The legend sits below the figure, never over the bars.
 
     Returns:
         The paths written.
@@ -278,6 +278,10 @@ def plot_layer_factors(names: Sequence[str], local: Sequence[float],
             ax1.set_title(title)
         ax2.plot(idx, clean(radius_in), color=METHOD_STYLES["local"]["color"], marker="o",
                  linestyle="-")
+        for i, v in enumerate(radius_in):
+            if v == 0:  # after a layer whose outputs cannot move
+                ax2.text(i, 0.02, "0", transform=ax2.get_xaxis_transform(), ha="center",
+                         va="bottom", fontsize=7, color=METHOD_STYLES["local"]["color"])
         ax2.set_yscale("log")
         ax2.set_ylabel("L2 radius into layer")
         ax2.grid(True, which="major", linewidth=0.4, alpha=0.5)
