@@ -217,12 +217,14 @@ def test_layers_figure_legend_says_which_factors_are_probabilistic(monkeypatch, 
                "--out", str(tmp_path), "--json"])
     assert rc == 0
     d = json.loads(capsys.readouterr().out)
-    labels = [t.get_text() for t in figs[0].axes[0].get_legend().get_texts()]
-    for kind, label in zip(("local", "global"), labels, strict=True):
+    # the figure's legend (below the panels): one entry per kind of bar, and the hatching
+    # that marks probabilistic factors with their largest failure probability
+    labels = [t.get_text() for t in figs[0].legends[0].get_texts()]
+    all_fps = []
+    for kind, label in zip(("local", "global"), labels[:2], strict=True):
         fps = [lf["failure_prob"] for lf in d[kind]["layers"]
                if lf["guarantee"] == Guarantee.PROBABILISTIC.value]
-        if fps:
-            assert "prob." in label and float(label.split("≤")[1].split()[0]) >= max(fps)
-        else:
-            assert "prob." not in label
-    assert any("prob." in lab for lab in labels)
+        assert ("(all certified)" in label) == (not fps), label
+        all_fps += fps
+    assert all_fps and len(labels) == 3 and "probabilistic" in labels[2]
+    assert float(labels[2].split("≤")[1].split()[0]) >= max(all_fps)

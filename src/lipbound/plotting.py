@@ -3,7 +3,8 @@
 The figures reproduce the two kinds of plot of Avant & Morgansen, *Analytical Bounds on the
 Local Lipschitz Constants of ReLU Networks* (IEEE TNNLS 2023): Lipschitz bounds against the
 radius eps (upper bounds solid, lower bounds dashed, both axes logarithmic) and the local
-versus global factor of each layer together with the radius each layer sees.
+versus global factor of each layer together with the radius each layer sees; and, over many
+inputs, certified radii next to the radii of verified adversarial examples.
 
 Matplotlib is imported lazily and only through its object-oriented API (``Figure`` with the
 Agg canvas), with style settings applied in a local ``rc_context``: importing or calling this
@@ -20,8 +21,8 @@ from typing import Any
 
 from .results import format_prob_up
 
-__all__ = ["METHOD_STYLES", "format_prob_up", "paper_style", "plot_layer_factors", "plot_sweep",
-           "save_figure"]
+__all__ = ["ATTACK_STYLES", "CERTIFICATE_STYLES", "METHOD_STYLES", "format_prob_up",
+           "paper_style", "plot_layer_factors", "plot_radii", "plot_sweep", "save_figure"]
 
 #: label, colour, line style and marker of each method's curve
 METHOD_STYLES: dict[str, dict[str, Any]] = {
@@ -131,12 +132,12 @@ def plot_sweep(eps: Sequence[float], curves: dict[str, Sequence[float]], *,
     Args:
         eps: the radii (x axis, log scale).
         curves: method name -> one value per radius (non-positive or non-finite values are
-            left out: a log axis cannot show them).
+            left out: a log axis cannot show them; the method's legend entry says how many).
         path_png: PNG file to write (or ``None``).
         path_pdf: PDF file to write (or ``None``).
         title: figure title (network and input).
-        upper: the methods whose values are upper bounds (solid lines); all others are
-            drawn dashed as lower bounds.
+        upper: the methods whose values are upper bounds (solid lines with filled markers,
+            drawn on top); all others are drawn dashed with hollow markers as lower bounds.
         label_suffix: optional text appended to a method's legend label (e.g. the failure
             probability of a probabilistic bound).
         violations: orderings the numbers break (a lower bound above an upper bound, see
@@ -158,15 +159,31 @@ def plot_sweep(eps: Sequence[float], curves: dict[str, Sequence[float]], *,
             style["linestyle"] = "-" if name in upper else "--"
             if not n_marked:
                 style["marker"] = None
+            if name in upper:
+                # on top: where an upper bound is tight (meets a lower bound, e.g. the 3-D
+                # example at small eps) it stays visible
+                style["zorder"] = 3
+            else:
+                # hollow and a little larger: a lower bound under an upper bound or under
+                # another lower bound of the same value (gradient ascent and PGD) still shows
+                style.update(zorder=2.5, markerfacecolor="none", markersize=5,
+                             markeredgewidth=1.0)
             label = style.pop("label") + suffix.get(name, "")
             px, py = _positive(eps, values)
-            if not px:
-                continue
+            hidden = len(values) - len(px)
+            if hidden:
+                # a log axis cannot show them: the legend says so instead of dropping the
+                # values (or the whole method) silently
+                label += (f" [{hidden} of {len(values)} value(s) ≤ 0 or not finite, "
+                          "not shown]")
+            if len(px) < 2 and style.get("marker") is None:
+                style["marker"] = "o"  # a lone point of a line style without markers
             ax.plot(px, py, label=label, **style)
         vx, vy = _positive([e for e, _ in violation_points], [v for _, v in violation_points])
         if vx:
             ax.plot(vx, vy, linestyle="none", marker="o", markersize=9, markerfacecolor="none",
-                    markeredgecolor="red", markeredgewidth=1.2, label="soundness check failed")
+                    markeredgecolor="red", markeredgewidth=1.2, label="soundness check failed",
+                    zorder=4)
         ax.set_xscale("log")
         ax.set_yscale("log")
         _plain_labels_if_narrow(ax)
@@ -189,7 +206,10 @@ def plot_layer_factors(names: Sequence[str], local: Sequence[float],
                        global_: Sequence[float], radius_in: Sequence[float], *,
                        path_png: str | Path | None, path_pdf: str | Path | None = None,
                        title: str | None = None, local_label: str = "local factor",
-                       global_label: str = "global factor") -> list[Path]:
+                       global_label: str = "global factor",
+                       local_probabilistic: Sequence[bool] | None = None,
+                       global_probabilistic: Sequence[bool] | None = None,
+                       probabilistic_label: str = "probabilistic factor") -> list[Path]:
     """Bar plot of each layer's local and global factor, and the radius each layer sees
     (the per-layer AlexNet figure of Avant & Morgansen 2023).
 
@@ -197,41 +217,185 @@ def plot_layer_factors(names: Sequence[str], local: Sequence[float],
         names: one short label per layer.
         local: local factor per layer.
         global_: global factor per layer (``nan`` where unknown).
-        radius_in: radius of the ball each layer sees.
+        radius_in: L2 radius of the ball each layer sees.
         path_png, path_pdf: files to write.
         title: figure title.
-        local_label, global_label: legend labels of the two kinds of bar (say there when the
-            factors are probabilistic, with their failure probability).
+        local_label, global_label: legend labels of the two kinds of bar.
+        local_probabilistic, global_probabilistic: per layer, whether that factor is a
+            probabilistic (not a certified) upper bound; such bars are hatched.
+        probabilistic_label: legend label of the hatching (say there the failure
+            probability).
+
+    A factor or radius of exactly 0 (a layer none of whose outputs can move, and the layers
+    after it) cannot stand on the log axis: a "0" is written at the foot of its slot instead.
+    The legend sits below the figure, never over the bars.
 
     Returns:
         The paths written.
     """
+    from matplotlib.patches import Patch
+
     n = len(names)
     idx = list(range(n))
     width = 0.38
+    hatch = "////"
 
     def clean(vs: Sequence[float]) -> list[float]:
         return [v if (v is not None and math.isfinite(v) and v > 0) else math.nan for v in vs]
 
+    def flags(fs: Sequence[bool] | None) -> list[bool]:
+        return [False] * n if fs is None else [bool(f) for f in fs]
+
+    loc_p, glob_p = flags(local_probabilistic), flags(global_probabilistic)
     with paper_style():
-        fig, (ax1, ax2) = new_figure(max(5.6, 0.45 * n + 2.0), 5.0, nrows=2, sharex=True)
-        ax1.bar([i - width / 2 for i in idx], clean(local), width,
-                color=METHOD_STYLES["local"]["color"], label=local_label)
-        ax1.bar([i + width / 2 for i in idx], clean(global_), width,
-                color="#9a9a9a", label=global_label)
+        fig, (ax1, ax2) = new_figure(max(5.6, 0.45 * n + 2.0), 5.4, nrows=2, sharex=True)
+        for values, shift, color, probs in ((local, -width / 2,
+                                             METHOD_STYLES["local"]["color"], loc_p),
+                                            (global_, width / 2, "#9a9a9a", glob_p)):
+            bars = ax1.bar([i + shift for i in idx], clean(values), width, color=color,
+                           edgecolor="white", linewidth=0.0)
+            for bar, prob in zip(bars, probs, strict=True):
+                if prob:
+                    bar.set_hatch(hatch)
+                    bar.set_linewidth(0.6)
+            for i, v in enumerate(values):
+                if v == 0:
+                    ax1.text(i + shift, 0.02, "0", transform=ax1.get_xaxis_transform(),
+                             ha="center", va="bottom", fontsize=7, color=color)
         ax1.set_yscale("log")
         ax1.set_ylabel("layer Lipschitz factor")
         ax1.axhline(1.0, color="#555555", linewidth=0.6, linestyle=":")
-        ax1.legend(frameon=False, loc="best")
+        handles = [Patch(facecolor=METHOD_STYLES["local"]["color"], label=local_label),
+                   Patch(facecolor="#9a9a9a", label=global_label)]
+        if any(loc_p) or any(glob_p):
+            handles.append(Patch(facecolor="white", edgecolor="#555555", hatch=hatch,
+                                 label=probabilistic_label))
+        # below the figure, as in the sweep plot: never over the bars (constrained layout
+        # makes room for it)
+        fig.set_layout_engine("constrained")
+        fig.legend(handles=handles, frameon=False, loc="outside lower center", ncol=1)
         ax1.grid(True, axis="y", which="major", linewidth=0.4, alpha=0.5)
         if title:
             ax1.set_title(title)
         ax2.plot(idx, clean(radius_in), color=METHOD_STYLES["local"]["color"], marker="o",
                  linestyle="-")
+        for i, v in enumerate(radius_in):
+            if v == 0:  # after a layer whose outputs cannot move
+                ax2.text(i, 0.02, "0", transform=ax2.get_xaxis_transform(), ha="center",
+                         va="bottom", fontsize=7, color=METHOD_STYLES["local"]["color"])
         ax2.set_yscale("log")
-        ax2.set_ylabel("radius into layer")
+        ax2.set_ylabel("L2 radius into layer")
         ax2.grid(True, which="major", linewidth=0.4, alpha=0.5)
         ax2.set_xticks(idx)
         ax2.set_xticklabels(list(names), rotation=45, ha="right")
         ax2.set_xlabel("layer")
         return save_figure(fig, path_png, path_pdf)
+
+
+#: colour and marker of each certificate's points in the radius plot (filled markers)
+CERTIFICATE_STYLES: dict[str, dict[str, Any]] = {
+    "local": {"color": "#1f4e9c", "marker": "o"},
+    "margin": {"color": "#7d3c98", "marker": "^"},
+    "global": {"color": "#222222", "marker": "v"},
+}
+#: colour and marker of each attack's points in the radius plot (hollow markers)
+ATTACK_STYLES: dict[str, dict[str, Any]] = {
+    "fgsm": {"color": "#e08a1e", "marker": "x"},
+    "ifgsm": {"color": "#2a9d5c", "marker": "+"},
+    "gradient": {"color": "#8c564b", "marker": "D"},
+    "cw": {"color": "#c0392b", "marker": "s"},
+    "pgd": {"color": "#d6336c", "marker": "p"},
+}
+
+
+def plot_radii(certified: dict[str, Sequence[float | None]],
+               attacks: dict[str, Sequence[float | None]], *,
+               path_png: str | Path | None, path_pdf: str | Path | None = None,
+               title: str | None = None, label_suffix: dict[str, str] | None = None,
+               violations: Sequence[bool] = ()) -> list[Path]:
+    """Certified radii next to attack radii, one column per input (the certified-radius
+    comparison of Avant & Morgansen 2023, Sec. VI, over many inputs).
+
+    A certified radius is a lower bound on the smallest class-changing L2 perturbation, an
+    attack radius (a verified adversarial example) an upper bound on it: at every input the
+    filled markers must lie at or below the line markers.
+
+    Args:
+        certified: certificate method -> radius per input, in plot order (``None`` or 0 where
+            nothing was certified).
+        attacks: attack -> radius per input (``None`` where it found no class change).
+        path_png, path_pdf: files to write.
+        title: figure title.
+        label_suffix: text appended to a series' legend label (its guarantee and failure
+            probability), keyed by method or attack name.
+        violations: per input, whether a certified radius exceeded a verified attack radius
+            (a soundness failure): such inputs are circled in red and the figure says
+            "SOUNDNESS CHECK FAILED".
+
+    Values a log axis cannot show (0, ``None``) are left out and each series' legend entry
+    says how many.
+
+    Returns:
+        The paths written.
+    """
+    from matplotlib.ticker import MaxNLocator
+
+    suffix = label_suffix or {}
+    n = max([len(v) for v in (*certified.values(), *attacks.values())], default=0)
+
+    with paper_style():
+        fig, ax = new_figure(max(5.6, min(11.0, 2.5 + 0.08 * n)), 3.8)
+        for name, values in certified.items():
+            px, py = _positive_at(values)
+            style = CERTIFICATE_STYLES.get(name, {"color": None, "marker": "o"})
+            label = f"certified radius: {name}{suffix.get(name, '')}"
+            if len(px) < len(values):
+                label += (f" [0 (nothing certified) at {len(values) - len(px)} of "
+                          f"{len(values)}, not shown]")
+            ax.plot(px, py, linestyle="none", markersize=4.5, label=label, **style)
+        for name, values in attacks.items():
+            px, py = _positive_at(values)
+            style = ATTACK_STYLES.get(name, {"color": None, "marker": "x"})
+            label = f"attack radius: {name}{suffix.get(name, '')}"
+            if len(px) < len(values):
+                label += f" [no class change found at {len(values) - len(px)} of {len(values)}]"
+            ax.plot(px, py, linestyle="none", markersize=5.5, markeredgewidth=1.0,
+                    markerfacecolor="none", label=label, **style)
+        bad = [i for i, v in enumerate(violations) if v]
+        if bad:
+            vx, vy = [], []
+            for i in bad:
+                col = [v[i] for v in certified.values() if v[i] is not None and v[i] > 0]
+                if col:
+                    vx.append(i)
+                    vy.append(max(col))
+            ax.plot(vx, vy, linestyle="none", marker="o", markersize=10,
+                    markerfacecolor="none", markeredgecolor="red", markeredgewidth=1.2,
+                    label="soundness check failed")
+            ax.text(0.02, 0.98, f"SOUNDNESS CHECK FAILED: a certified radius exceeds a verified "
+                    f"attack radius at {len(bad)} input(s)", transform=ax.transAxes,
+                    ha="left", va="top", color="red", fontsize=7)
+        ax.set_yscale("log")
+        if n <= 20:
+            ax.set_xticks(range(n))
+        else:
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        if n:
+            ax.set_xlim(-0.6, n - 0.4)
+        ax.set_xlabel("input (rank by largest certified radius)")
+        ax.set_ylabel("L2 radius (model's input space)")
+        if title:
+            ax.set_title(title)
+        ax.grid(True, which="major", linewidth=0.4, alpha=0.5)
+        ax.legend(frameon=False, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=1)
+        return save_figure(fig, path_png, path_pdf)
+
+
+def _positive_at(ys: Sequence[float | None]) -> tuple[list[int], list[float]]:
+    """The points a log-scale y axis can show (finite, > 0), at their index."""
+    px, py = [], []
+    for x, y in enumerate(ys):
+        if y is not None and math.isfinite(y) and y > 0:
+            px.append(x)
+            py.append(y)
+    return px, py

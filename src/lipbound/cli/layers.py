@@ -87,13 +87,26 @@ def describe(r) -> str:
     return f"{r.value:.6g}, {r.guarantee.value}{fp}"
 
 
-def _prob_suffix(layers) -> str:
-    """Legend text for factors of which some are probabilistic: their largest failure
+def _prob_label(*layer_lists) -> str:
+    """Legend text of the hatching that marks probabilistic factors: their largest failure
     probability, rounded up."""
     from ..plotting import format_prob_up
     from ..results import Guarantee
-    fps = [lf.failure_prob for lf in layers if lf.guarantee == Guarantee.PROBABILISTIC]
-    return f" (some prob., p_fail ≤ {format_prob_up(max(fps))} each)" if fps else ""
+    fps = [lf.failure_prob for layers in layer_lists for lf in layers
+           if lf.guarantee == Guarantee.PROBABILISTIC]
+    return (f"hatched: probabilistic (p_fail ≤ {format_prob_up(max(fps))} each); "
+            "plain: certified" if fps else "")
+
+
+def _certified_note(layers) -> str:
+    """`` (all certified)`` when no factor of ``layers`` is probabilistic (else the hatching
+    says which are)."""
+    return "" if any(_is_prob(layers)) else " (all certified)"
+
+
+def _is_prob(layers) -> list[bool]:
+    from ..results import Guarantee
+    return [lf.guarantee == Guarantee.PROBABILISTIC for lf in layers]
 
 
 @progress_logging
@@ -129,8 +142,11 @@ def run(args: argparse.Namespace) -> int:
             [lf.local for lf in local.layers], [lf.global_factor for lf in local.layers],
             [lf.radius_in for lf in local.layers], path_png=out / "layers.png",
             path_pdf=out / "layers.pdf", title=title,
-            local_label="local factor" + _prob_suffix(local.layers),
-            global_label="global factor" + _prob_suffix(glob.layers))
+            local_label=f"local factor at ε = {eps:g}" + _certified_note(local.layers),
+            global_label="global factor" + _certified_note(glob.layers),
+            local_probabilistic=_is_prob(local.layers),
+            global_probabilistic=_is_prob(glob.layers),
+            probabilistic_label=_prob_label(local.layers, glob.layers))
     if args.json:
         print_json({"model": loaded.name, "input": sample.name, "eps": eps,
                     "weights": loaded.weights_source, "global": glob.to_dict(),

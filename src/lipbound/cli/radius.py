@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import csv
 import logging
-import math
 import sys
 import time
 from pathlib import Path
@@ -351,40 +350,29 @@ def _write_csv(path: Path, rows, methods, attacks) -> Path:
 
 
 def _plot(out: Path, rows, methods, attacks, name: str) -> dict[str, str]:
-    try:
-        import matplotlib
+    """radius.png/.pdf: per input (ranked by the largest certified radius) each certified
+    radius and each attack radius, labelled with its guarantee (:func:`plotting.plot_radii`)."""
+    from ..plotting import plot_radii
+    from ..results import Guarantee
+    from .sweep import DISPLAY_NAMES
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:  # pragma: no cover - matplotlib is a dependency
-        log.warning("matplotlib is not installed; no plot written")
-        return {}
     order = sorted(range(len(rows)), key=lambda i: _key(rows[i]))
-    xs = list(range(len(order)))
-    fig, ax = plt.subplots(figsize=(8, 4.5))
-    markers = {"local": "o", "margin": "^", "global": "v"}
+    certified = {m: [_radius(rows[i]["_cert"], m) for i in order] for m in methods}
+    found = {a: [_attack(rows[i]["_atk"], a) for i in order] for a in attacks}
+    suffix = {}
     for m in methods:
-        ys = [_radius(rows[i]["_cert"], m) for i in order]
-        ax.plot(xs, [y if y and y > 0 else math.nan for y in ys], markers.get(m, "o"),
-                ms=4, label=f"certified: {m}")
+        probs = [c.failure_prob for r in rows for c in r["_cert"]
+                 if c.method == m and c.guarantee == Guarantee.PROBABILISTIC_LOWER]
+        suffix[m] = (f" (probabilistic lower bound, p_fail ≤ {format_prob_up(max(probs))})"
+                     if probs else " (certified lower bound)")
     for a in attacks:
-        ys = [_attack(rows[i]["_atk"], a) for i in order]
-        ax.plot(xs, [y if y is not None else math.nan for y in ys], "x", ms=4,
-                label=f"attack: {a}")
-    ax.set_yscale("log")
-    ax.set_xlabel("input (sorted by certified radius)")
-    ax.set_ylabel("L2 radius")
-    ax.set_title(f"{name}: certified vs attack radii ({len(rows)} inputs)")
-    ax.legend(fontsize=7, ncol=2)
-    ax.grid(True, which="both", alpha=0.3)
-    fig.tight_layout()
-    files = {}
-    for ext in ("png", "pdf"):
-        p = out / f"radius.{ext}"
-        fig.savefig(p, dpi=150 if ext == "png" else None)
-        files[ext] = str(p)
-    plt.close(fig)
-    return files
+        suffix[a] = " (verified class change: upper bound)"
+    paths = plot_radii(
+        certified, found, path_png=out / "radius.png", path_pdf=out / "radius.pdf",
+        title=f"{DISPLAY_NAMES.get(name, name)}: certified vs attack radii "
+              f"({len(rows)} input{'s' if len(rows) != 1 else ''})",
+        label_suffix=suffix, violations=[bool(rows[i]["violation"]) for i in order])
+    return {p.suffix[1:]: str(p) for p in paths}
 
 
 def _key(r) -> float:
