@@ -245,3 +245,50 @@ def test_a_list_setting_changed_in_place_is_refused():
     m[2].kernel_size[0] = 1
     with pytest.raises(InputError, match="changed after this Analyzer was built"):
         an.local_bound(x, 0.1)
+
+
+def _reparametrised():
+    from torch.nn.utils import parametrizations, prune, spectral_norm, weight_norm
+
+    def base():
+        return _net()
+
+    def sn(m):
+        m[0] = spectral_norm(m[0])
+
+    def wn(m):
+        m[0] = weight_norm(m[0])
+
+    return {
+        "spectral_norm hook": sn, "weight_norm hook": wn,
+        "spectral_norm parametrization": lambda m: parametrizations.spectral_norm(m[0]),
+        "weight_norm parametrization": lambda m: parametrizations.weight_norm(m[3]),
+        "orthogonal": lambda m: parametrizations.orthogonal(m[3], orthogonal_map="cayley"),
+        "pruned": lambda m: prune.l1_unstructured(m[0], "weight", 0.3),
+    }, base
+
+
+@pytest.mark.parametrize("kind", list(_reparametrised()[0]))
+@pytest.mark.filterwarnings("ignore::FutureWarning")
+def test_weights_computed_in_forward_are_not_a_change(kind):
+    """Weights that torch recomputes from other tensors at every call (weight hooks,
+    parametrizations, pruning masks) must not make the content check refuse after lipbound
+    runs the model (lower bounds, radius searches, plain calls)."""
+    from lipbound.lower import best_lower_bound
+    from lipbound.radius import certified_radii
+
+    changes, base = _reparametrised()
+    m = base()
+    changes[kind](m)
+    m.eval()
+    an = Analyzer(m, (4,))
+    first = an.local_bound(X0, 0.1).value
+    best_lower_bound(m, X0, 0.1)
+    certified_radii(an, X0, methods=("local",))
+    with torch.no_grad():
+        m(torch.randn(5, 4))
+    assert an.local_bound(X0, 0.1).value == first
+    with torch.no_grad():  # and a write through .data into what they compute from is seen
+        next(m.parameters()).data.mul_(3)
+    with pytest.raises(InputError, match="changed after"):
+        an.local_bound(X0, 0.1)
