@@ -748,6 +748,7 @@ class Analyzer:
         bounds: list[SpectralBound] = []
         n = len(blocks) - (1 if stop_before_last else 0)
         show = bar is not NULL_BAR  # nothing at all on the hot path without a bar
+        n_active: int | None = None  # the number of positive entries of d, once known
         for i in range(n):
             b = blocks[i]
             if show:
@@ -768,9 +769,12 @@ class Analyzer:
                 with _naming(b.name):
                     sb, d_out, x, nom = self._affine_local(
                         b, i, x, nom, d, eps_k, delta, gl[i] if gl is not None else None, key)
+            # (the active inputs of a layer are the previous layer's active outputs: counted
+            # once)
+            n_in = int((d > 0).sum()) if n_active is None else n_active
+            n_active = int((d_out > 0).sum())
             layers.append(LayerFactor(i, b.name, b.kind, sb.value, gfac, eps_k, sb.guarantee,
-                                      sb.failure_prob, sb.method, int((d > 0).sum()),
-                                      int((d_out > 0).sum())))
+                                      sb.failure_prob, sb.method, n_in, n_active))
             bounds.append(sb)
             eps_k = product_up((eps_k, sb.value))  # (rounded up below the normal range)
             d = d_out
@@ -823,40 +827,52 @@ class Analyzer:
         # eps_k * rn, where rounding 1.4 of the smallest subnormal down to 1 made a row look
         # dead that turns on)
         e_out = (local + rn * (dl * (1 + 1e-6)) if dl > 0 else local) + 2 * UNDERFLOW
+        # (each mask and product below is formed once and reused: the same values as
+        # forming it again, with fewer passes over the layer's outputs; the constant
+        # branches of torch.where are scalars, the same float64 0.0 / 1.0 as a filled tensor)
         if b.relu:
             # rule 3 with float64 safety margins (a larger ybar, and a larger y0 below the
             # kink, only raise the slope): the nominal pass's rounding e_out, absolute, and a
             # relative margin for the row norms and this arithmetic
             y_hi = y0 + e_out
-            ybar = y_hi + eps_k * rn + SAFETY * (y0.abs() + eps_k * rn)
+            er = eps_k * rn
+            ybar = y_hi + er + SAFETY * (y0.abs() + er)
+            del er
             den = ybar - y_hi
-            r = torch.where(y_hi >= 0, torch.ones_like(y0),
-                            torch.where(ybar > 0, ybar / den, torch.zeros_like(y0)))
+            may_be_on = y_hi >= 0  # on at the computed or (within e_out) the exact point
+            up = ybar > 0
+            r = torch.where(may_be_on, 1.0, torch.where(up, ybar / den, 0.0))
             # a radius or row norm beyond float64 (ȳ = inf, inf / inf), or a finite ȳ whose
             # distance from y_hi overflows (ȳ / inf = 0 dropped a row that turns on: a bound
             # of 0 for a network of local constant 3e150): the slope's limit 1
             # (an infinite ȳ makes den infinite or NaN)
-            r = torch.where(~torch.isfinite(den) | torch.isnan(r), torch.ones_like(r), r)
+            r = torch.where(~torch.isfinite(den) | torch.isnan(r), 1.0, r)
             del den
-            r = torch.where(moving, r, torch.zeros_like(r))
-            d_out = ((ybar > 0) & moving).to(torch.float64)
+            r = torch.where(moving, r, 0.0)
+            on = up & moving  # d_out > 0
+            del up
+            d_out = on.to(torch.float64)
             x_next = torch.relu(y0).reshape(1, *b.out_shape)
         else:
             r = moving.to(torch.float64)
             d_out = r.clone()
+            on = moving  # d_out > 0
             x_next = y0.reshape(1, *b.out_shape)
         # the next nominal error (before the factor, so that these vectors are freed before
         # its Lanczos run): a ReLU off at both the computed and the exact nominal point adds
         # none
-        may_be_on = (y_hi >= 0) if b.relu else torch.ones_like(moving)
-        on_d = may_be_on & (d_out > 0)
-        off_d = may_be_on & ~(d_out > 0)
+        if b.relu:
+            on_d = may_be_on & on
+            off_d = may_be_on & ~on
+        else:
+            on_d, off_d = on, ~on
+        del on
         # scaled before squaring: torch's norm of entries below 1e-154 is 0
         dl_out = norm_up(torch.where(on_d, local, 0.0)) * (1 + 1e-6)
         eta_out = float(torch.where(off_d, e_out, 0.0).max()) if bool(off_d.any()) else 0.0
-        del may_be_on, on_d, off_d, local, e_out, rho
+        del on_d, off_d, local, e_out, rho
         if b.relu:
-            del y_hi, ybar
+            del y_hi, ybar, may_be_on
         sb, d_out, x_next = self._affine_factor(b, i, r, d, d_out, x_next, rn, delta, gfac, key)
         if dl > 0:
             dl_out += product_up((sb.value, dl, 1 + 1e-6))
