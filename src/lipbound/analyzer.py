@@ -164,14 +164,15 @@ fraction of the matrix (the copy costs about as much as a few products)."""
 def _compact(b: AffineBlock, dense, rows: Tensor, cols: Tensor, r: Tensor, d: Tensor) -> Tensor:
     """``(R A D)[rows][:, cols]`` of a block with a dense matrix, without forming R A D."""
     m = b.mixing.dense() if b.mixing is not None else None
+    # (index_select: the entries of r[rows] and d[cols], with less overhead than indexing)
+    rs, cs = r.index_select(0, rows), d.index_select(0, cols)
     if m is None:
-        rs, cs = r[rows], d[cols]
         if isinstance(dense, _LazyConvMatrix):  # the submatrix, without the whole matrix
             return dense.sub(rows, cols) * rs[:, None] * cs[None, :]
         m = dense()
     else:
-        rs = r[rows] if b.s_out is None else r[rows] * b.s_out[rows]
-        cs = d[cols] if b.s_in is None else d[cols] * b.s_in[cols]
+        rs = rs if b.s_out is None else rs * b.s_out[rows]
+        cs = cs if b.s_in is None else cs * b.s_in[cols]
     # rows / cols are sorted and distinct: all of them means the identity selection
     sub = m if rows.numel() == m.shape[0] else m.index_select(0, rows)
     if cols.numel() != m.shape[1]:
