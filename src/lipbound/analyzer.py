@@ -285,6 +285,35 @@ def _masked_maps(b: AffineBlock, r: Tensor, d: Tensor, rows: Tensor, cols: Tenso
     return maps
 
 
+def _relu_slopes(y0: Tensor, e_out: Tensor, rn: Tensor, eps_k: float, moving: Tensor
+                 ) -> tuple[Tensor, Tensor, Tensor]:
+    """Rule 3 for a ReLU layer: ``(r, on, may_be_on)``, the slopes ``r`` of the rows, the rows
+    that can be on somewhere in the ball (``ȳ > 0`` and moving: the output mask), and those
+    that may be on at the exact nominal point (``y0 + e_out >= 0``).
+
+    With float64 safety margins (a larger ``ȳ``, and a larger ``y0`` below the kink, only
+    raise the slope): the nominal pass's rounding ``e_out``, absolute, and a relative margin
+    for the row norms ``rn`` and this arithmetic. Each product and mask is formed once (the
+    same values as forming it again); the constant branches are scalars (the same float64
+    ``0.0`` / ``1.0`` as filled tensors)."""
+    y_hi = y0 + e_out
+    er = eps_k * rn
+    ybar = y_hi + er + SAFETY * (y0.abs() + er)
+    del er
+    den = ybar - y_hi
+    may_be_on = y_hi >= 0
+    up = ybar > 0
+    r = torch.where(may_be_on, 1.0, torch.where(up, ybar / den, 0.0))
+    # a radius or row norm beyond float64 (ȳ = inf, inf / inf), or a finite ȳ whose distance
+    # from y_hi overflows (ȳ / inf = 0 dropped a row that turns on: a bound of 0 for a
+    # network of local constant 3e150): the slope's limit 1 (an infinite ȳ makes den
+    # infinite or NaN)
+    r = torch.where(~torch.isfinite(den) | torch.isnan(r), 1.0, r)
+    del den
+    r = torch.where(moving, r, 0.0)
+    return r, up & moving, may_be_on
+
+
 @dataclass(frozen=True)
 class _MemoEntry:
     r: Tensor
@@ -828,52 +857,25 @@ class Analyzer:
         # eps_k * rn, where rounding 1.4 of the smallest subnormal down to 1 made a row look
         # dead that turns on)
         e_out = (local + rn * (dl * (1 + 1e-6)) if dl > 0 else local) + 2 * UNDERFLOW
-        # (each mask and product below is formed once and reused: the same values as
-        # forming it again, with fewer passes over the layer's outputs; the constant
-        # branches of torch.where are scalars, the same float64 0.0 / 1.0 as a filled tensor)
         if b.relu:
-            # rule 3 with float64 safety margins (a larger ybar, and a larger y0 below the
-            # kink, only raise the slope): the nominal pass's rounding e_out, absolute, and a
-            # relative margin for the row norms and this arithmetic
-            y_hi = y0 + e_out
-            er = eps_k * rn
-            ybar = y_hi + er + SAFETY * (y0.abs() + er)
-            del er
-            den = ybar - y_hi
-            may_be_on = y_hi >= 0  # on at the computed or (within e_out) the exact point
-            up = ybar > 0
-            r = torch.where(may_be_on, 1.0, torch.where(up, ybar / den, 0.0))
-            # a radius or row norm beyond float64 (ȳ = inf, inf / inf), or a finite ȳ whose
-            # distance from y_hi overflows (ȳ / inf = 0 dropped a row that turns on: a bound
-            # of 0 for a network of local constant 3e150): the slope's limit 1
-            # (an infinite ȳ makes den infinite or NaN)
-            r = torch.where(~torch.isfinite(den) | torch.isnan(r), 1.0, r)
-            del den
-            r = torch.where(moving, r, 0.0)
-            on = up & moving  # d_out > 0
-            del up
+            r, on, may_be_on = _relu_slopes(y0, e_out, rn, eps_k, moving)
             d_out = on.to(torch.float64)
             x_next = torch.relu(y0).reshape(1, *b.out_shape)
+            # the next nominal error (before the factor, so that these vectors are freed
+            # before its Lanczos run): a ReLU off at both the computed and the exact nominal
+            # point adds none
+            on_d = may_be_on & on
+            off_d = may_be_on & ~on
+            del may_be_on, on
         else:
             r = moving.to(torch.float64)
             d_out = r.clone()
-            on = moving  # d_out > 0
+            on_d, off_d = moving, ~moving  # (d_out > 0, and its complement)
             x_next = y0.reshape(1, *b.out_shape)
-        # the next nominal error (before the factor, so that these vectors are freed before
-        # its Lanczos run): a ReLU off at both the computed and the exact nominal point adds
-        # none
-        if b.relu:
-            on_d = may_be_on & on
-            off_d = may_be_on & ~on
-        else:
-            on_d, off_d = on, ~on
-        del on
         # scaled before squaring: torch's norm of entries below 1e-154 is 0
         dl_out = norm_up(torch.where(on_d, local, 0.0)) * (1 + 1e-6)
         eta_out = float(torch.where(off_d, e_out, 0.0).max()) if bool(off_d.any()) else 0.0
         del on_d, off_d, local, e_out, rho
-        if b.relu:
-            del y_hi, ybar, may_be_on
         sb, d_out, x_next = self._affine_factor(b, i, r, d, d_out, x_next, rn, delta, gfac, key)
         if dl > 0:
             dl_out += product_up((sb.value, dl, 1 + 1e-6))
