@@ -170,14 +170,15 @@ fraction of the matrix (the copy costs about as much as a few products)."""
 def _compact(b: AffineBlock, dense, rows: Tensor, cols: Tensor, r: Tensor, d: Tensor) -> Tensor:
     """``(R A D)[rows][:, cols]`` of a block with a dense matrix, without forming R A D."""
     m = b.mixing.dense() if b.mixing is not None else None
+    # (index_select: the entries of r[rows] and d[cols], with less overhead than indexing)
+    rs, cs = r.index_select(0, rows), d.index_select(0, cols)
     if m is None:
-        rs, cs = r[rows], d[cols]
         if isinstance(dense, _LazyConvMatrix):  # the submatrix, without the whole matrix
             return dense.sub(rows, cols) * rs[:, None] * cs[None, :]
         m = dense()
     else:
-        rs = r[rows] if b.s_out is None else r[rows] * b.s_out[rows]
-        cs = d[cols] if b.s_in is None else d[cols] * b.s_in[cols]
+        rs = rs if b.s_out is None else rs * b.s_out[rows]
+        cs = cs if b.s_in is None else cs * b.s_in[cols]
     # rows / cols are sorted and distinct: all of them means the identity selection
     sub = m if rows.numel() == m.shape[0] else m.index_select(0, rows)
     if cols.numel() != m.shape[1]:
@@ -288,6 +289,35 @@ def _masked_maps(b: AffineBlock, r: Tensor, d: Tensor, rows: Tensor, cols: Tenso
             return z.mul_(r) if all_out else gather_cols(z, rows).mul_(r_rows)
         return mv_t, rmv_t
     return maps
+
+
+def _relu_slopes(y0: Tensor, e_out: Tensor, rn: Tensor, eps_k: float, moving: Tensor
+                 ) -> tuple[Tensor, Tensor, Tensor]:
+    """Rule 3 for a ReLU layer: ``(r, on, may_be_on)``, the slopes ``r`` of the rows, the rows
+    that can be on somewhere in the ball (``ȳ > 0`` and moving: the output mask), and those
+    that may be on at the exact nominal point (``y0 + e_out >= 0``).
+
+    With float64 safety margins (a larger ``ȳ``, and a larger ``y0`` below the kink, only
+    raise the slope): the nominal pass's rounding ``e_out``, absolute, and a relative margin
+    for the row norms ``rn`` and this arithmetic. Each product and mask is formed once (the
+    same values as forming it again); the constant branches are scalars (the same float64
+    ``0.0`` / ``1.0`` as filled tensors)."""
+    y_hi = y0 + e_out
+    er = eps_k * rn
+    ybar = y_hi + er + SAFETY * (y0.abs() + er)
+    del er
+    den = ybar - y_hi
+    may_be_on = y_hi >= 0
+    up = ybar > 0
+    r = torch.where(may_be_on, 1.0, torch.where(up, ybar / den, 0.0))
+    # a radius or row norm beyond float64 (ȳ = inf, inf / inf), or a finite ȳ whose distance
+    # from y_hi overflows (ȳ / inf = 0 dropped a row that turns on: a bound of 0 for a
+    # network of local constant 3e150): the slope's limit 1 (an infinite ȳ makes den
+    # infinite or NaN)
+    r = torch.where(~torch.isfinite(den) | torch.isnan(r), 1.0, r)
+    del den
+    r = torch.where(moving, r, 0.0)
+    return r, up & moving, may_be_on
 
 
 @dataclass(frozen=True)
@@ -761,6 +791,7 @@ class Analyzer:
         bounds: list[SpectralBound] = []
         n = len(blocks) - (1 if stop_before_last else 0)
         show = bar is not NULL_BAR  # nothing at all on the hot path without a bar
+        n_active: int | None = None  # the number of positive entries of d, once known
         for i in range(n):
             b = blocks[i]
             if show:
@@ -781,9 +812,12 @@ class Analyzer:
                 with _naming(b.name):
                     sb, d_out, x, nom = self._affine_local(
                         b, i, x, nom, d, eps_k, delta, gl[i] if gl is not None else None, key)
+            # (the active inputs of a layer are the previous layer's active outputs: counted
+            # once)
+            n_in = int((d > 0).sum()) if n_active is None else n_active
+            n_active = int((d_out > 0).sum())
             layers.append(LayerFactor(i, b.name, b.kind, sb.value, gfac, eps_k, sb.guarantee,
-                                      sb.failure_prob, sb.method, int((d > 0).sum()),
-                                      int((d_out > 0).sum())))
+                                      sb.failure_prob, sb.method, n_in, n_active))
             bounds.append(sb)
             eps_k = product_up((eps_k, sb.value))  # (rounded up below the normal range)
             d = d_out
@@ -837,39 +871,24 @@ class Analyzer:
         # dead that turns on)
         e_out = (local + rn * (dl * (1 + 1e-6)) if dl > 0 else local) + 2 * UNDERFLOW
         if b.relu:
-            # rule 3 with float64 safety margins (a larger ybar, and a larger y0 below the
-            # kink, only raise the slope): the nominal pass's rounding e_out, absolute, and a
-            # relative margin for the row norms and this arithmetic
-            y_hi = y0 + e_out
-            ybar = y_hi + eps_k * rn + SAFETY * (y0.abs() + eps_k * rn)
-            den = ybar - y_hi
-            r = torch.where(y_hi >= 0, torch.ones_like(y0),
-                            torch.where(ybar > 0, ybar / den, torch.zeros_like(y0)))
-            # a radius or row norm beyond float64 (ȳ = inf, inf / inf), or a finite ȳ whose
-            # distance from y_hi overflows (ȳ / inf = 0 dropped a row that turns on: a bound
-            # of 0 for a network of local constant 3e150): the slope's limit 1
-            # (an infinite ȳ makes den infinite or NaN)
-            r = torch.where(~torch.isfinite(den) | torch.isnan(r), torch.ones_like(r), r)
-            del den
-            r = torch.where(moving, r, torch.zeros_like(r))
-            d_out = ((ybar > 0) & moving).to(torch.float64)
+            r, on, may_be_on = _relu_slopes(y0, e_out, rn, eps_k, moving)
+            d_out = on.to(torch.float64)
             x_next = torch.relu(y0).reshape(1, *b.out_shape)
+            # the next nominal error (before the factor, so that these vectors are freed
+            # before its Lanczos run): a ReLU off at both the computed and the exact nominal
+            # point adds none
+            on_d = may_be_on & on
+            off_d = may_be_on & ~on
+            del may_be_on, on
         else:
             r = moving.to(torch.float64)
             d_out = r.clone()
+            on_d, off_d = moving, ~moving  # (d_out > 0, and its complement)
             x_next = y0.reshape(1, *b.out_shape)
-        # the next nominal error (before the factor, so that these vectors are freed before
-        # its Lanczos run): a ReLU off at both the computed and the exact nominal point adds
-        # none
-        may_be_on = (y_hi >= 0) if b.relu else torch.ones_like(moving)
-        on_d = may_be_on & (d_out > 0)
-        off_d = may_be_on & ~(d_out > 0)
         # scaled before squaring: torch's norm of entries below 1e-154 is 0
         dl_out = norm_up(torch.where(on_d, local, 0.0)) * (1 + 1e-6)
         eta_out = float(torch.where(off_d, e_out, 0.0).max()) if bool(off_d.any()) else 0.0
-        del may_be_on, on_d, off_d, local, e_out, rho
-        if b.relu:
-            del y_hi, ybar
+        del on_d, off_d, local, e_out, rho
         sb, d_out, x_next = self._affine_factor(b, i, r, d, d_out, x_next, rn, delta, gfac, key)
         if dl > 0:
             dl_out += product_up((sb.value, dl, 1 + 1e-6))

@@ -334,7 +334,8 @@ def spectral_upper(mv: Callable[[Tensor], Tensor], rmv: Callable[[Tensor], Tenso
 
     Args:
         mv, rmv: batched flat maps ``(B, n_in) -> (B, n_out)`` and back.
-        cols, rows: long tensors of the active input / output coordinates.
+        cols, rows: long tensors of the active input / output coordinates, distinct (so
+            that as many as the side has select all of it, in order).
         dense: returns the full (n_out, n_in) matrix cheaply (fully connected layers).
         apply_flops: multiply-adds of one application of ``mv`` to one vector.
         mode: ``"auto"`` (exact when its cost is below ``exact_budget`` flops),
@@ -400,7 +401,14 @@ def spectral_upper(mv: Callable[[Tensor], Tensor], rmv: Callable[[Tensor], Tenso
 
     def exact() -> SpectralBound:
         if dense is not None:
-            m = dense()[rows][:, cols]
+            m = dense()
+            # distinct coordinates (as everywhere here, see _compact_maps): all of them select
+            # the whole matrix, which is then used as it is (a contiguous one, as the copy
+            # that indexing makes: the same entries in the same layout)
+            if rows.numel() != m.shape[0] or not m.is_contiguous():
+                m = m[rows]
+            if cols.numel() != m.shape[1] or not m.is_contiguous():
+                m = m[:, cols]
         else:
             m = _materialize(mv, rmv, n_in, n_out, cols, rows, device)
         val = exact_norm(m)

@@ -211,15 +211,16 @@ class ConvOp(MixingOp):
         hin = (i * s1)[:, None, None, None] + (ar(kh, device=dev) * d1 - p1)[None, None, :, None]
         win = (j * s2)[:, None, None, None] + (ar(kw, device=dev) * d2 - p2)[None, None, None, :]
         cin = (grp * c_in_g)[:, None, None, None] + ar(c_in_g, device=dev)[None, :, None, None]
-        shape = (n_rows, c_in_g, kh, kw)
-        hin, win, cin = (t.expand(shape) for t in (hin, win, cin))
-        valid = (hin >= 0) & (hin < h) & (win >= 0) & (win < w)
+        # integer index arithmetic on the factors' own shapes, broadcast to
+        # (rows, c_in_g, kh, kw) only by the last operations (the same exact integers as on
+        # the expanded tensors, with fewer of them computed)
+        valid = ((hin >= 0) & (hin < h)) & ((win >= 0) & (win < w))
         flat = (cin * h + hin.clamp(0, h - 1)) * w + win.clamp(0, w - 1)
         # column of each tap in the submatrix; taps outside the image or the requested
         # columns go to one extra, discarded column (no boolean gathers)
         pos = torch.full((self.in_dim,), n_cols, dtype=torch.int64, device=dev)
         pos[cols] = ar(n_cols, device=dev)
-        p = torch.where(valid, pos[flat], n_cols)
+        p = pos.take(flat).masked_fill_(~valid, n_cols)  # (take: pos[flat], cheaper)
         vals = self.weight.index_select(0, o)  # (R, c_in_g, kh, kw)
         if self.out_scale is not None:
             sc = torch.broadcast_to(self.out_scale, tuple(self.out_shape)).reshape(-1)[rows]
