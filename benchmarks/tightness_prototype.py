@@ -10,10 +10,13 @@ product gives (notes/tightness_spike.md has the proof)::
     L(x0, eps) <= ||J^c|| + sum_j U_j * dev_j,
 
 ``J^c`` the network's Jacobian with every secant at its centre, ``dev_j`` a bound on the
-deviation at secant ``j`` applied to the centre prefix (an exact SVD of a dense matrix), and
-``U_j`` a bound on the norm of the rest of the network after ``j``: the paper's product of the
-later layers' factors ("first order"), or the same expansion applied to that tail, recursively
-("recursive"). ``--tighten`` also tightens the pre-activation limits with the centre prefix.
+deviation at secant ``j`` applied to the centre prefix (an exact norm of a dense matrix), and
+``U_j`` a bound on the norm of the rest of the network after ``j`` on the rows where ``j``
+can deviate: the paper's product of the later layers' factors (the plain "first order"
+formula uses it unrestricted), or the same expansion applied to that tail, recursively,
+or a product of such segment bounds (:func:`analyse`). Variants (:data:`VARIANTS`): the
+pooling centre at x0's winner or at the simplex's centroid, and limits tightened by the
+centre prefix. Every variant is sound; "new" = the least of them and the paper's product.
 
 Everything is formed densely in float64 and norms are taken by exact eigenvalues of Gram
 matrices (inflated by ``NORM_SLACK``): only for small networks (the MNIST LeNet, the zoo's
