@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import itertools
 import operator
+import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -53,6 +54,58 @@ def model_dtype_device(model: nn.Module, default: Tensor | None = None
     if device is None:
         device = default.device if default is not None else torch.device("cpu")
     return dtype, device
+
+
+def unwrap_model(model: object) -> object:
+    """The module that computes ``model``'s forward, when ``model`` is a wrapper that computes
+    the same function by calling it: ``nn.DataParallel`` / ``DistributedDataParallel``
+    (``.module``) and ``torch.compile(module)``'s ``OptimizedModule`` (``._orig_mod``), at
+    any depth (those classes exactly, not subclasses); anything else is returned as it is.
+    A wrapper with forward hooks of its own (or a replaced call method) is kept, so that the
+    hook check names it. The wrapper's own
+    ``training`` flag is not read (its forward does not depend on it; the wrapped modules'
+    flags are checked)."""
+    for _ in range(64):  # (a wrapper cycle is impossible in practice; never loop forever)
+        if not isinstance(model, nn.Module):
+            return model
+        d = model.__dict__
+        own = ()  # methods the wrapper itself sets on the instance
+        # the exact classes: a subclass may compute something else in its forward
+        if type(model) in (nn.DataParallel, nn.parallel.DistributedDataParallel):
+            inner = d["_modules"].get("module")
+        else:
+            dynamo = sys.modules.get("torch._dynamo.eval_frame")  # imported by torch.compile
+            optimized = getattr(dynamo, "OptimizedModule", None)
+            if optimized is None or type(model) is not optimized:
+                return model
+            inner, own = d["_modules"].get("_orig_mod"), ("forward",)
+        if not isinstance(inner, nn.Module) or d["_forward_hooks"] \
+                or d["_forward_pre_hooks"] or d.get("_compiled_call_impl") is not None \
+                or any(n in d for n in _PATCHABLE if n not in own):
+            return model
+        model = inner
+    return model
+
+
+def wrapper_problem(model: object) -> str | None:
+    """Why ``model`` is a compiled form of a module that lipbound cannot analyse (TorchScript,
+    ``torch.export``), with the fix; ``None`` for anything else."""
+    from torch import jit  # (already imported by torch)
+
+    if isinstance(model, jit.ScriptModule):
+        return ("the model is a TorchScript module (torch.jit.script / torch.jit.trace), whose "
+                "layers lipbound cannot read; pass the original nn.Module (before scripting "
+                "or tracing), or load the checkpoint into the Python model class")
+    unlift = sys.modules.get("torch.export._unlift")
+    stateful = getattr(unlift, "_StatefulGraphModule", None)
+    exported = sys.modules.get("torch.export")
+    program = getattr(exported, "ExportedProgram", None)
+    if (stateful is not None and isinstance(model, stateful)) or \
+            (program is not None and isinstance(model, program)):
+        return ("the model was made by torch.export (an ExportedProgram or its .module()), "
+                "whose graph holds ATen operations, not layers, and cannot be put in eval "
+                "mode; pass the original nn.Module (before torch.export)")
+    return None
 
 
 def tensor_state(model: nn.Module) -> tuple[tuple, ...]:

@@ -27,6 +27,8 @@ from ._modelinfo import (
     content_snapshot,
     model_device,
     tensor_state,
+    unwrap_model,
+    wrapper_problem,
 )
 from ._progress import NULL_BAR, NullBar, progress_bar
 from .blocks import TINY_WEIGHT, AffineBlock, Block, PoolBlock, build_blocks
@@ -348,8 +350,13 @@ class Analyzer:
                  x0: Tensor | None = None, device: str | torch.device | None = None,
                  spectral: str = "auto", lanczos_steps: int = 64, failure_prob: float = 1e-6,
                  seed: int = 0, name: str | None = None, notes: Sequence[str] = ()):
+        problem = wrapper_problem(model)
+        if problem is not None:
+            raise InputError(problem)
         if not isinstance(model, nn.Module):
             raise InputError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        # DataParallel / torch.compile: the module they run (same function, same tensors)
+        model = unwrap_model(model)
         if input_shape is None:
             if x0 is None:
                 raise InputError("give input_shape or an example input x0")

@@ -18,7 +18,7 @@ import torch
 import torch.fx as fx
 from torch import Tensor, nn
 
-from ._modelinfo import model_dtype_device
+from ._modelinfo import model_dtype_device, unwrap_model, wrapper_problem
 from ._precision import exact_float32
 from .errors import InputError, UnsupportedModelError, WeightsError
 from .ops.base import Op
@@ -105,9 +105,28 @@ class _ShapeRecorder(fx.Interpreter):
         return out
 
 
+def check_inference_tensors(model: nn.Module) -> None:
+    """Refuse a model whose parameters or buffers were created in ``torch.inference_mode()``.
+
+    Raises:
+        InputError: naming the tensors and the fix.
+    """
+    inference = [n for n, t in itertools.chain(model.named_parameters(), model.named_buffers())
+                 if t.is_inference()]
+    if inference:
+        raise InputError(
+            f"the model's tensors were created under torch.inference_mode() ("
+            f"{', '.join(inference[:4])}{', ...' if len(inference) > 4 else ''}): such "
+            "tensors have no version counter (lipbound could not see them change) and cannot "
+            "take part in the gradient computations of lower bounds and attacks. Build or load "
+            "the model outside inference mode (torch.no_grad() is fine), or pass "
+            "copy.deepcopy(model), which holds ordinary tensors")
+
+
 def check_tensors(model: nn.Module) -> None:
     """Refuse, before anything runs, a model whose tensors hold no data (the ``meta``
-    device) or whose floating-point type is half precision.
+    device), were made in ``torch.inference_mode()`` or whose floating-point type is half
+    precision.
 
     Raises:
         InputError: naming the problem and the fix.
@@ -119,6 +138,7 @@ def check_tensors(model: nn.Module) -> None:
             f"the model's parameters are on the meta device (not materialised: "
             f"{', '.join(meta[:4])}{', ...' if len(meta) > 4 else ''}); load real weights "
             "first (e.g. model.to_empty(device='cpu') then model.load_state_dict(...))")
+    check_inference_tensors(model)
     half = sorted({str(t.dtype).removeprefix("torch.") for _, t in tensors
                    if t.dtype in (torch.float16, torch.bfloat16)})
     if half:
@@ -310,8 +330,9 @@ def x0_shape_hint(model: nn.Module, x0_shape: tuple[int, ...]) -> str | None:
 
 def check_finite_parameters(model: nn.Module) -> None:
     """Raise :class:`WeightsError` naming every parameter or buffer with NaN/inf entries."""
-    bad = [n for n, t in list(model.named_parameters()) + list(model.named_buffers())
-           if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+    with torch.no_grad():  # (an inference tensor that requires grad fails outside it)
+        bad = [n for n, t in list(model.named_parameters()) + list(model.named_buffers())
+               if t.is_floating_point() and not bool(torch.isfinite(t).all())]
     if bad:
         raise WeightsError(f"the model's weights contain NaN/inf in {', '.join(bad)}; load "
                            "valid weights (a diverged training run or a corrupt file?)")
@@ -329,6 +350,10 @@ def trace_model(model: nn.Module, input_shape: Sequence[int]) -> list[Op]:
         UnsupportedModelError: listing every unsupported node at once.
     """
     input_shape = check_input_shape(input_shape)
+    model = unwrap_model(model)  # DataParallel / torch.compile: the module they run
+    problem = wrapper_problem(model)  # (before the eval check: such a model has no eval())
+    if problem is not None:
+        raise InputError(problem)
     check_eval_mode(model)
     check_tensors(model)
     check_finite_parameters(model)

@@ -43,10 +43,16 @@ from typing import Any, ClassVar, Literal
 import torch
 from torch import Tensor, nn
 
-from lipbound._modelinfo import guard_input_writes, model_device, model_dtype_device
+from lipbound._modelinfo import (
+    guard_input_writes,
+    model_device,
+    model_dtype_device,
+    unwrap_model,
+    wrapper_problem,
+)
 from lipbound._precision import exact_float32
 from lipbound.errors import InputError
-from lipbound.graph import modules_in_training
+from lipbound.graph import check_inference_tensors, modules_in_training
 from lipbound.results import Guarantee, _jsonable
 
 logger = logging.getLogger(__name__)
@@ -408,8 +414,13 @@ class Attack(ABC):
 
 def _prepare(model: nn.Module, x0: Tensor, bounds: Bounds | None,
              seed: int) -> tuple[AttackContext, Tensor]:
+    problem = wrapper_problem(model)
+    if problem is not None and not isinstance(model, torch.jit.ScriptModule):
+        raise InputError(problem)  # (a TorchScript module is only run, which works)
     if not isinstance(model, nn.Module):
         raise InputError(f"expected model to be a torch.nn.Module, got {type(model).__name__}")
+    model = unwrap_model(model)  # DataParallel / torch.compile: the module they run
+    check_inference_tensors(model)
     training = modules_in_training(model)
     if training:
         raise InputError(

@@ -24,10 +24,15 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from lipbound._modelinfo import floating_tensor, guard_input_writes
+from lipbound._modelinfo import (
+    floating_tensor,
+    guard_input_writes,
+    unwrap_model,
+    wrapper_problem,
+)
 from lipbound._precision import exact_float32_on_model
 from lipbound.errors import InputError
-from lipbound.graph import modules_in_training
+from lipbound.graph import check_inference_tensors, modules_in_training
 from lipbound.validation import check_eps, check_int
 
 logger = logging.getLogger(__name__)
@@ -137,9 +142,14 @@ def check_problem(
     Raises:
         InputError: on any invalid argument, naming the problem and the fix.
     """
+    problem = wrapper_problem(model)
+    if problem is not None and not isinstance(model, torch.jit.ScriptModule):
+        raise InputError(problem)  # (a TorchScript module is only run, which works)
     if not isinstance(model, nn.Module):
         raise InputError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    model = unwrap_model(model)  # DataParallel / torch.compile: the module they run
     _check_eval(model)
+    check_inference_tensors(model)
     if not isinstance(x0, torch.Tensor):
         raise InputError(f"x0 must be a torch.Tensor, got {type(x0).__name__}")
     if x0.dim() < 2 or x0.shape[0] != 1:
@@ -559,6 +569,8 @@ def auto_batch_size(prob: Problem, n: int, target_elements: int | None = None) -
         if isinstance(out, torch.Tensor):
             sizes.append(int(out.numel()))
 
+    if isinstance(prob.model, torch.jit.ScriptModule):  # (no forward hooks there)
+        return max(1, min(n, target_elements // max(sizes)))
     handles = [m.register_forward_hook(hook) for m in prob.model.modules()]
     try:
         with torch.no_grad():

@@ -1,0 +1,146 @@
+"""How users hand models to lipbound: wrappers (DataParallel, torch.compile, TorchScript,
+torch.export) and models made under torch.inference_mode(). A wrapper that computes its
+module's function is analysed as that module (the same bound); one that cannot be read is
+refused naming the fix; the lower bounds and attacks, which only run the model, accept what
+they can run. Small float64 nets; bounds checked against the unwrapped model's and against
+brute-force lower bounds."""
+
+from __future__ import annotations
+
+import copy
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+import lipbound
+from lipbound import Analyzer
+from lipbound.attacks import PGD
+from lipbound.baselines.fc import fc_layers
+from lipbound.errors import InputError, UnsupportedModelError
+from lipbound.lower import best_lower_bound, gradient_lower_bound
+
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")  # torch.jit
+
+X0 = torch.randn(1, 3, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+EPS = 0.5
+
+
+def _net(seed: int = 0) -> nn.Sequential:
+    g = torch.Generator().manual_seed(seed)
+    m = nn.Sequential(nn.Linear(3, 8), nn.ReLU(), nn.Linear(8, 8), nn.ReLU(),
+                      nn.Linear(8, 2)).double().eval()
+    with torch.no_grad():
+        for p in m.parameters():
+            p.copy_(torch.randn(p.shape, generator=g, dtype=torch.float64))
+    return m
+
+
+def _lower(model: nn.Module):
+    return best_lower_bound(model, X0, EPS, n_random=64, gradient_steps=10, pgd_restarts=2,
+                            pgd_steps=5, pgd_refine=1, pgd_refine_steps=5)
+
+
+def test_dataparallel_is_analysed_as_its_module():
+    # (was: "the model is in training mode" for the wrapper's own flag, and after
+    # wrapper.eval() an untraceable forward)
+    m = _net()
+    ref_g, ref_l = lipbound.global_bound(m, (3,)).value, lipbound.local_bound(m, X0, EPS).value
+    dp = nn.DataParallel(m)  # (its own training flag is True: its forward does not read it)
+    assert lipbound.global_bound(dp, (3,)).value == ref_g
+    assert lipbound.local_bound(dp, X0, EPS).value == ref_l
+    assert lipbound.local_bound(nn.DataParallel(nn.DataParallel(m)).eval(), X0, EPS).value \
+        == ref_l
+    assert ref_l >= _lower(m).value
+    assert _lower(dp).value == _lower(m).value
+    # the analyzer watches the module's tensors: a change through the wrapper is refused
+    an = Analyzer(dp, (3,))
+    with torch.no_grad():
+        dp.module[0].weight.mul_(10)
+    with pytest.raises(InputError, match="changed"):
+        an.local_bound(X0, EPS)
+    # the rival methods' intake too
+    assert len(fc_layers(nn.DataParallel(_net()))) == 3
+
+
+def test_dataparallel_subclass_or_hooked_wrapper_is_not_unwrapped():
+    m = _net()
+
+    class Doubled(nn.DataParallel):
+        def forward(self, *inputs, **kwargs):
+            return 2 * super().forward(*inputs, **kwargs)
+
+    lip = lipbound.global_bound(m, (3,)).value
+    try:  # its forward is its own: refused, or bounded as what it computes (2 f)
+        value = lipbound.global_bound(Doubled(m).eval(), (3,)).value
+    except (InputError, UnsupportedModelError):
+        pass
+    else:
+        assert value >= 2 * lip * (1 - 1e-12)
+    dp = nn.DataParallel(m).eval()
+    dp.register_forward_hook(lambda mod, i, o: 10 * o)
+    with pytest.raises(UnsupportedModelError, match="hook"):
+        lipbound.global_bound(dp, (3,))
+
+
+def test_torch_compile_is_analysed_as_its_module():
+    # (was: "forward replaced on the instance" from the bounds, and a RuntimeError of
+    # torch.compile's backward from the lower bounds)
+    m = _net()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        c = torch.compile(m)
+    assert lipbound.local_bound(c, X0, EPS).value == lipbound.local_bound(m, X0, EPS).value
+    assert lipbound.global_bound(c, (3,)).value == lipbound.global_bound(m, (3,)).value
+    res = gradient_lower_bound(c, X0, EPS, n_steps=5)
+    assert res.value == gradient_lower_bound(m, X0, EPS, n_steps=5).value
+
+
+def test_torchscript_is_refused_by_the_bounds_and_run_by_the_lower_bounds():
+    # (was: "forward replaced on the instance ... wrap the model in a module" for a scripted
+    # model, an fx assertion for a traced one, and a RuntimeError of register_forward_hook
+    # from the lower bounds of a scripted model)
+    m = _net()
+    scripted, traced = torch.jit.script(m), torch.jit.trace(m, X0)
+    for sm in (scripted, traced):
+        with pytest.raises(InputError, match="TorchScript.*original nn.Module"):
+            lipbound.local_bound(sm, X0, EPS)
+        with pytest.raises(InputError, match="TorchScript"):
+            Analyzer(sm, (3,))
+        with pytest.raises(InputError, match="TorchScript"):
+            fc_layers(sm)
+    ref = _lower(m)
+    for sm in (scripted, traced):
+        assert _lower(sm).value == ref.value
+
+
+def test_torch_export_is_refused_naming_the_fix():
+    # (was: "training mode; call model.eval()" for ep.module(), whose eval() raises
+    # NotImplementedError, and "must be a torch.nn.Module" for the ExportedProgram)
+    m = _net()
+    ep = torch.export.export(m, (X0,))
+    for obj in (ep, ep.module()):
+        with pytest.raises(InputError, match="torch.export.*original nn.Module"):
+            lipbound.global_bound(obj, (3,))
+    with pytest.raises(InputError, match="torch.export"):
+        _lower(ep.module())
+
+
+def test_inference_mode_model_is_refused_naming_the_fix():
+    # (was: a RuntimeError of abs() from the finite-weights check, and "Inference tensors
+    # cannot be saved for backward" from the lower bounds)
+    with torch.inference_mode():
+        mi = _net()
+    assert mi[0].weight.is_inference()
+    for call in (lambda: lipbound.global_bound(mi, (3,)),
+                 lambda: lipbound.local_bound(mi, X0, EPS),
+                 lambda: _lower(mi),
+                 lambda: PGD()(mi, X0.float().double())):
+        with pytest.raises(InputError, match="inference_mode.*copy.deepcopy"):
+            call()
+    # the fix the message names works, with the same bound as the ordinary model
+    assert lipbound.local_bound(copy.deepcopy(mi), X0, EPS).value \
+        == lipbound.local_bound(_net(), X0, EPS).value
+    # the rival methods do not watch the model: they run on it
+    assert len(fc_layers(mi)) == 3
