@@ -144,3 +144,47 @@ def test_inference_mode_model_is_refused_naming_the_fix():
         == lipbound.local_bound(_net(), X0, EPS).value
     # the rival methods do not watch the model: they run on it
     assert len(fc_layers(mi)) == 3
+
+
+def _bn_net() -> nn.Sequential:
+    g = torch.Generator().manual_seed(3)
+    m = nn.Sequential(nn.Linear(3, 16), nn.ReLU(), nn.Dropout(0.5), nn.Linear(16, 16),
+                      nn.ReLU(), nn.BatchNorm1d(16), nn.Linear(16, 3)).double().eval()
+    with torch.no_grad():
+        for p in m.parameters():
+            p.copy_(torch.randn(p.shape, generator=g, dtype=torch.float64))
+        m[5].running_var.uniform_(0.5, 2.0, generator=g)
+    return m
+
+
+def test_model_put_in_training_mode_after_the_analyzer_is_refused_and_left_unchanged():
+    # (was: the radius ran the model in training mode, a ValueError of batch norm on a batch
+    # of 1 after it had already counted a training batch in num_batches_tracked)
+    from lipbound.radius import certified_radius
+
+    m = _bn_net()
+    an = Analyzer(m, (3,))
+    r0 = certified_radius(an, X0)
+    state = {k: v.clone() for k, v in m.state_dict().items()}
+    m.train()
+    for call in (lambda: certified_radius(an, X0), lambda: an.local_bound(X0, EPS),
+                 lambda: an.global_bound()):
+        with pytest.raises(InputError, match=r"training mode \(model.train\(\)\).*model.eval"):
+            call()
+    assert all(torch.equal(state[k], v) for k, v in m.state_dict().items())
+    m.eval()  # back to the mode it was analysed in: the analyzer goes on
+    assert certified_radius(an, X0).radius == r0.radius
+    m[1].train()  # (a module's own forward may read its flag: any change counts)
+    with pytest.raises(InputError, match="training mode"):
+        an.local_bound(X0, EPS)
+
+
+def test_radius_accepts_the_analyzer_of_a_wrapped_model():
+    from lipbound.radius import certified_radius
+
+    m = _bn_net()
+    dp = nn.DataParallel(m)
+    an = Analyzer(dp, (3,))
+    assert certified_radius(dp, X0, analyzer=an).radius == certified_radius(m, X0).radius
+    with pytest.raises(InputError, match="different model"):
+        certified_radius(_bn_net(), X0, analyzer=an)

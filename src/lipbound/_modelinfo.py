@@ -115,8 +115,10 @@ def tensor_state(model: nn.Module) -> tuple[tuple, ...]:
     added or removed (a new submodule or ``nn.Parameter``), or when a forward hook is added
     to or removed from a module or globally (or a module's ``forward`` replaced on the
     instance), or a module's class or plain-valued attribute (``bn.eps``, ``conv.padding``)
-    changes. In-place writes through ``p.data`` bypass the version counter: the contents are
-    compared by :func:`content_snapshot` / :func:`changed_contents`.
+    or training flag (``model.train()``: lipbound would then run the model with batch norm
+    updating its statistics and dropout drawing masks) changes. In-place writes through
+    ``p.data`` bypass the version counter: the contents are compared by
+    :func:`content_snapshot` / :func:`changed_contents`.
     """
     out = []
     for kind, named in (("parameter", model.named_parameters(remove_duplicate=False)),
@@ -133,6 +135,7 @@ def tensor_state(model: nn.Module) -> tuple[tuple, ...]:
     # (those the rules read; a user's module may count its calls). Plain module walk and
     # dict look-ups: this runs before every bound; names only where a hook is recorded.
     settings = []
+    modes = []  # training flags: model.train() after the analyzer was built changes them
     for m in model.modules():
         d = m.__dict__
         cls = type(m)
@@ -147,6 +150,7 @@ def tensor_state(model: nn.Module) -> tuple[tuple, ...]:
             # a list is recorded by reference: pool.kernel_size[0] = 3 would go unseen
             vals = _frozen(vals)
         settings.append((cls, vals))
+        modes.append(d["training"])
         patched = (tuple((n, id(d[n])) for n in _PATCHABLE if n in d)
                    if not _PATCHABLE_SET.isdisjoint(d) else ())
         if d.get("_compiled_call_impl") is not None:  # run instead of _call_impl
@@ -155,6 +159,7 @@ def tensor_state(model: nn.Module) -> tuple[tuple, ...]:
             name = next(n for n, sub in model.named_modules() if sub is m)
             out.append(("hook on module", name or "<root>", tuple(m._forward_hooks),
                         tuple(m._forward_pre_hooks), patched))
+    out.append(("mode", _MODE, tuple(modes)))
     out.append(("setting", "of a module (its class, or an attribute such as eps, stride, "
                 "padding or negative_slope)", tuple(settings)))
     # hooks on every module (torch.nn.modules.module.register_module_forward_hook)
@@ -165,6 +170,8 @@ def tensor_state(model: nn.Module) -> tuple[tuple, ...]:
                     tuple(glob[0]), tuple(glob[1])))
     return tuple(out)
 
+
+_MODE = "training flags of the modules (model.train() / model.eval())"
 
 _PATCHABLE = ("forward", "_conv_forward", "_check_input_dim", "_call_impl", "_wrapped_call_impl")
 """Methods through which a module computes its output (as
@@ -262,6 +269,12 @@ def _difference(before: tuple[tuple, ...], now: tuple[tuple, ...]) -> str | None
     old = {(k, n): rest for k, n, *rest in before}
     new = {(k, n): rest for k, n, *rest in now}
     for key in new:
+        if key[0] == "mode" and key in old and old[key] != new[key]:
+            if any(n and not o for o, n in zip(old[key][0], new[key][0], strict=False)):
+                return ("a module was put in training mode (model.train()): lipbound would "
+                        "run it so (batch norm updating its statistics, dropout drawing "
+                        "masks); call model.eval() to go on with this Analyzer")
+            return "a module's training flag changed (a module left training mode)"
         if key not in old:
             return f"{key[0]} {key[1]} was added"
         if old[key] != new[key]:

@@ -337,7 +337,8 @@ class Analyzer:
     The analyzer holds a float64 snapshot of the model's weights. Once the model's parameters
     or buffers change (an optimiser step, ``load_state_dict``, an in-place edit under
     ``torch.no_grad()``, ``model.to(...)``, a replaced layer), every bound or forward pass
-    raises :class:`~lipbound.errors.InputError`: build a new analyzer. Writes through
+    raises :class:`~lipbound.errors.InputError`: build a new analyzer. So it does while the
+    model is in training mode (``model.train()``; ``model.eval()`` lets it go on). Writes through
     ``p.data`` (which torch's version counters do not record) are found by comparing the
     tensors with a copy kept for that purpose (one more copy of the model's tensors).
 
