@@ -188,3 +188,40 @@ def test_radius_accepts_the_analyzer_of_a_wrapped_model():
     assert certified_radius(dp, X0, analyzer=an).radius == certified_radius(m, X0).radius
     with pytest.raises(InputError, match="different model"):
         certified_radius(_bn_net(), X0, analyzer=an)
+
+
+class _WithOptions(nn.Module):
+    """A forward with optional arguments, as research code writes them."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = _net()
+
+    def forward(self, x, mask=None, *, return_features: bool = False):
+        if mask is not None:
+            x = x * mask
+        h = self.body[:4](x) if return_features else None
+        return (self.body(x), h) if return_features else self.body(x)
+
+
+class _TwoInputs(_WithOptions):
+    def forward(self, x, mask):
+        return self.body(x * mask)
+
+
+class _Kwargs(_WithOptions):
+    def forward(self, x, **kwargs):
+        return self.body(x)
+
+
+def test_forward_with_optional_arguments_is_analysed_as_model_x():
+    # (was: "2 inputs (forward takes x, mask ...)" and an fx control-flow error for
+    # return_features: the model lipbound runs everywhere else is model(x), the defaults)
+    m = _WithOptions().double().eval()
+    ref = _net()
+    assert lipbound.local_bound(m, X0, EPS).value == lipbound.local_bound(ref, X0, EPS).value
+    assert lipbound.global_bound(m, (3,)).value == lipbound.global_bound(ref, (3,)).value
+    assert lipbound.local_bound(m, X0, EPS).value >= _lower(m).value
+    for other in (_TwoInputs(), _Kwargs()):
+        with pytest.raises(UnsupportedModelError, match="2 inputs"):
+            lipbound.global_bound(other.double().eval(), (3,))

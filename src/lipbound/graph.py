@@ -8,6 +8,7 @@ where it sits.
 
 from __future__ import annotations
 
+import inspect
 import itertools
 import logging
 import math
@@ -338,6 +339,50 @@ def check_finite_parameters(model: nn.Module) -> None:
                            "valid weights (a diverged training run or a corrupt file?)")
 
 
+def _default_arguments(model: nn.Module) -> dict[str, object] | None:
+    """The default values of the arguments after the input of the model's ``forward`` (``def
+    forward(self, x, return_features=False)``), when every one has a default: the model is
+    analysed as lipbound runs it, ``model(x)``; ``None`` for a forward of one argument (or
+    with ``*args`` / ``**kwargs`` or an argument without a default, refused as more inputs).
+    """
+    try:
+        params = list(inspect.signature(type(model).forward).parameters.values())[2:]
+    except (TypeError, ValueError):
+        return None
+    kinds = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    if not params or any(p.kind not in kinds or p.default is p.empty for p in params):
+        return None
+    return {p.name: p.default for p in params}
+
+
+_SPECIALISATION_CHECKS = frozenset((operator.eq, torch._assert, fx._symbolic_trace._assert_is_none))
+"""What torch.fx adds after the placeholder of an argument given as ``concrete_args``: a check
+that a call passes the value it was traced with."""
+
+
+def _drop_default_inputs(graph: fx.Graph) -> None:
+    """Remove from ``graph`` (traced with :func:`_default_arguments` as ``concrete_args``) the
+    placeholders of the defaulted arguments and the checks torch.fx adds on them, so that
+    the graph takes the input alone; a placeholder used by anything else is kept (and the
+    model refused as one with more inputs)."""
+    placeholders = [n for n in graph.nodes if n.op == "placeholder"][1:]
+    for ph in placeholders:
+        found, todo = [], list(ph.users)
+        while todo:
+            n = todo.pop()
+            if n in found:
+                continue
+            if n.op != "call_function" or n.target not in _SPECIALISATION_CHECKS:
+                break
+            found.append(n)
+            todo.extend(n.users)
+        else:
+            order = {n: i for i, n in enumerate(graph.nodes)}
+            for n in sorted(found, key=order.__getitem__, reverse=True):
+                graph.erase_node(n)
+            graph.erase_node(ph)
+
+
 def trace_model(model: nn.Module, input_shape: Sequence[int]) -> list[Op]:
     """Trace ``model`` and return its chain of analysed ops (float64 parameter copies).
 
@@ -359,8 +404,11 @@ def trace_model(model: nn.Module, input_shape: Sequence[int]) -> list[Op]:
     check_finite_parameters(model)
     check_batchnorm(model)
     check_hooks(model)
+    defaults = _default_arguments(model)
     try:
-        graph = _Tracer().trace(model)
+        graph = _Tracer().trace(model, concrete_args=defaults)
+        if defaults:
+            _drop_default_inputs(graph)
     except Exception as exc:  # fx raises many types; all mean the same to the user
         raise UnsupportedModelError([(
             type(model).__name__, "untraceable forward",
