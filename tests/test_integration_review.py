@@ -225,3 +225,33 @@ def test_forward_with_optional_arguments_is_analysed_as_model_x():
     for other in (_TwoInputs(), _Kwargs()):
         with pytest.raises(UnsupportedModelError, match="2 inputs"):
             lipbound.global_bound(other.double().eval(), (3,))
+
+
+def test_wrapper_copying_or_casting_its_input_is_analysed():
+    # (was: "tensor method .clone() (no rule for this operation)", likewise .detach(),
+    # torch.clone / torch.detach and .double() / .float())
+    m = _net()
+    ref_l, ref_g = lipbound.local_bound(m, X0, EPS).value, lipbound.global_bound(m, (3,)).value
+
+    class Copying(nn.Module):
+        def __init__(self, inner: nn.Module, fn) -> None:
+            super().__init__()
+            self.inner, self.fn = inner, fn
+
+        def forward(self, x):
+            return self.inner(self.fn(x))
+
+    for fn in (lambda x: x.clone(), lambda x: x.detach(), torch.clone, torch.detach,
+               lambda x: x.double(), lambda x: x.clone(memory_format=torch.contiguous_format)):
+        w = Copying(m, fn).eval()
+        # (an identity layer more in the chain: its float64 rounding margins, in the safe
+        # direction)
+        assert ref_l <= lipbound.local_bound(w, X0, EPS).value <= ref_l * (1 + 1e-12)
+        assert ref_g <= lipbound.global_bound(w, (3,)).value <= ref_g * (1 + 1e-12)
+    m32 = _net().float()
+    x32 = X0.float()
+    assert lipbound.local_bound(Copying(m32, lambda x: x.float()).eval(), x32, EPS).value \
+        >= lipbound.local_bound(m32, x32, EPS).value
+    # a cast that rounds inside a float64 model is not the identity of the model's forward
+    with pytest.raises(UnsupportedModelError, match="does not reproduce"):
+        lipbound.local_bound(Copying(m, lambda x: x.float().double()).eval(), X0, EPS)
