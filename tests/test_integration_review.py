@@ -255,3 +255,58 @@ def test_wrapper_copying_or_casting_its_input_is_analysed():
     # a cast that rounds inside a float64 model is not the identity of the model's forward
     with pytest.raises(UnsupportedModelError, match="does not reproduce"):
         lipbound.local_bound(Copying(m, lambda x: x.float().double()).eval(), X0, EPS)
+
+
+class _Gated(nn.Module):
+    """A module of the user's own that branches on flags (torch.fx traces the branch taken)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.big, self.o = nn.Linear(3, 3), nn.Linear(3, 3), nn.Linear(3, 2)
+        self.use_big, self.mode, self.extra = False, "plain", None
+        self.calls = 0  # (a count: numbers are not watched)
+
+    def forward(self, x):
+        self.calls += 1
+        h = torch.relu(self.a(x))
+        if self.use_big:
+            h = torch.relu(self.big(h))
+        if self.mode == "doubled":
+            h = torch.relu(self.big(h))
+        if self.extra is not None:
+            h = self.extra(h)
+        return self.o(h)
+
+
+def test_flag_of_a_users_module_changed_after_the_analyzer_is_refused():
+    # (was: the bound of the network without the gated layer, certified 0.33 for a model of
+    # local constant >= 2.2 after model.use_big = True)
+    from lipbound.radius import certified_radius
+
+    def gated() -> _Gated:
+        m = _Gated().double().eval()
+        g = torch.Generator().manual_seed(4)
+        with torch.no_grad():
+            for p in m.parameters():
+                p.copy_(torch.randn(p.shape, generator=g, dtype=torch.float64))
+            m.big.weight.mul_(100)
+        return m
+
+    for change in (lambda m: setattr(m, "use_big", True),
+                   lambda m: setattr(m, "mode", "doubled"),
+                   lambda m: setattr(m, "extra", lambda h: 100 * h)):
+        m = gated()
+        an = Analyzer(m, (3,))
+        small = an.local_bound(X0, EPS).value
+        change(m)
+        assert _lower(m).value > small  # the bound of the old branch is below the truth now
+        with pytest.raises(InputError, match="changed.*flag of a module"):
+            an.local_bound(X0, EPS)
+    # lipbound's own runs of the model (which count in self.calls) do not trip it
+    m = gated()
+    an = Analyzer(m, (3,))
+    calls = m.calls
+    certified_radius(an, X0, method="local")
+    _lower(m)
+    assert m.calls > calls
+    an.local_bound(X0, EPS)

@@ -114,11 +114,12 @@ def tensor_state(model: nn.Module) -> tuple[tuple, ...]:
     ``load_state_dict``), given new storage (``.data = ...``, ``model.to(...)``) or replaced,
     added or removed (a new submodule or ``nn.Parameter``), or when a forward hook is added
     to or removed from a module or globally (or a module's ``forward`` replaced on the
-    instance), or a module's class or plain-valued attribute (``bn.eps``, ``conv.padding``)
-    or training flag (``model.train()``: lipbound would then run the model with batch norm
-    updating its statistics and dropout drawing masks) changes. In-place writes through
-    ``p.data`` bypass the version counter: the contents are compared by
-    :func:`content_snapshot` / :func:`changed_contents`.
+    instance), or a module's class or plain-valued attribute (``bn.eps``, ``conv.padding``;
+    for a module of the user's own class, its flags: ``self.use_extra = True``, see
+    :data:`_FLAG_TYPES`) or training flag (``model.train()``: lipbound would then run the
+    model with batch norm updating its statistics and dropout drawing masks) changes.
+    In-place writes through ``p.data`` bypass the version counter: the contents are compared
+    by :func:`content_snapshot` / :func:`changed_contents`.
     """
     out = []
     for kind, named in (("parameter", model.named_parameters(remove_duplicate=False)),
@@ -160,8 +161,9 @@ def tensor_state(model: nn.Module) -> tuple[tuple, ...]:
             out.append(("hook on module", name or "<root>", tuple(m._forward_hooks),
                         tuple(m._forward_pre_hooks), patched))
     out.append(("mode", _MODE, tuple(modes)))
-    out.append(("setting", "of a module (its class, or an attribute such as eps, stride, "
-                "padding or negative_slope)", tuple(settings)))
+    out.append(("setting", "of a module (its class, an attribute such as eps, stride, "
+                "padding or negative_slope, or a flag of a module of your own such as "
+                "self.use_extra = True)", tuple(settings)))
     # hooks on every module (torch.nn.modules.module.register_module_forward_hook)
     glob = (_torch_module._global_forward_hooks, _torch_module._global_forward_pre_hooks)
     if glob[0] or glob[1]:
@@ -182,14 +184,32 @@ _SETTING_GETTERS: dict[type, Callable[[dict], Any]] = {}
 """Per module class: the getter of its plain-valued attributes (:func:`_setting_getter`)."""
 
 
+_FLAG_TYPES = frozenset((bool, str, type(None)))
+"""Attribute types of a user's module that are watched: flags and modes (``self.use_extra =
+True``, ``self.mode = "small"``, ``self.act = None``), which a forward may branch on (torch.fx
+traces the branch taken); not numbers, which a forward may update at every call (a count)."""
+_MODULE_INTERNALS = frozenset(vars(nn.Module()))
+"""``nn.Module``'s own attributes (``_is_full_backward_hook``: set by backward hooks)."""
+
+
 def _setting_getter(cls: type, d: dict) -> Callable[[dict], Any]:
-    """A getter (C-level: this runs before every bound) of the plain-valued attributes of
-    torch's layers of class ``cls``, named from one instance's ``__dict__`` ``d``; of
-    nothing for other classes (a user's module may count its calls)."""
-    names = [k for k, v in d.items() if type(v) in _SETTING_TYPES and k != "training"]
-    if not cls.__module__.startswith("torch.nn.") or not names:
+    """A getter (C-level for torch's layers: this runs before every bound) of the attributes
+    of modules of class ``cls`` that can change what they compute, named from one instance's
+    ``__dict__`` ``d``: the plain-valued ones of torch's layers, and the flags
+    (:data:`_FLAG_TYPES`) of other classes."""
+    if cls.__module__.startswith("torch.nn."):
+        names = [k for k, v in d.items() if type(v) in _SETTING_TYPES and k != "training"]
+        return operator.itemgetter(*names) if names else _no_settings
+    names = [k for k, v in d.items() if type(v) in _FLAG_TYPES and k not in _MODULE_INTERNALS]
+    if not names:
         return _no_settings
-    return operator.itemgetter(*names)
+    get = operator.itemgetter(*names, "training")  # (a tuple, even for one name)
+
+    def flags(d: dict) -> tuple:
+        # another value (a function set where None was, or a tensor in another instance of
+        # the class) by its type and identity: tensors do not compare as one truth value
+        return tuple(v if type(v) in _FLAG_TYPES else (type(v), id(v)) for v in get(d))
+    return flags
 
 
 def _no_settings(d: dict) -> tuple:
