@@ -310,3 +310,27 @@ def test_flag_of_a_users_module_changed_after_the_analyzer_is_refused():
     _lower(m)
     assert m.calls > calls
     an.local_bound(X0, EPS)
+
+
+def test_wrapper_inside_the_model_is_traced_as_its_module():
+    # (was: "module '1': DataParallel (no rule)", and torch.fx refusing to trace a
+    # dynamo-optimized function)
+    m = _net()
+    ref = lipbound.local_bound(m, X0, EPS).value
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        wrapped = (nn.DataParallel(m), torch.compile(m))
+    for w in wrapped:
+        outer = nn.Sequential(nn.Identity(), w).eval()
+        an = Analyzer(outer, (3,))
+        assert ref <= an.local_bound(X0, EPS).value <= ref * (1 + 1e-12)
+        with torch.no_grad():
+            m[0].weight.mul_(2)
+        with pytest.raises(InputError, match="changed"):
+            an.local_bound(X0, EPS)
+        with torch.no_grad():
+            m[0].weight.div_(2)
+    hooked = nn.DataParallel(m)
+    hooked.register_forward_hook(lambda mod, i, o: 10 * o)
+    with pytest.raises(UnsupportedModelError, match="hook"):
+        lipbound.local_bound(nn.Sequential(nn.Identity(), hooked).eval(), X0, EPS)

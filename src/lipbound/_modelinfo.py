@@ -151,7 +151,7 @@ def tensor_state(model: nn.Module) -> tuple[tuple, ...]:
             # a list is recorded by reference: pool.kernel_size[0] = 3 would go unseen
             vals = _frozen(vals)
         settings.append((cls, vals))
-        modes.append(d["training"])
+        modes.append(m.training)  # (a property in torch.compile's wrapper)
         patched = (tuple((n, id(d[n])) for n in _PATCHABLE if n in d)
                    if not _PATCHABLE_SET.isdisjoint(d) else ())
         if d.get("_compiled_call_impl") is not None:  # run instead of _call_impl
@@ -203,12 +203,11 @@ def _setting_getter(cls: type, d: dict) -> Callable[[dict], Any]:
     names = [k for k, v in d.items() if type(v) in _FLAG_TYPES and k not in _MODULE_INTERNALS]
     if not names:
         return _no_settings
-    get = operator.itemgetter(*names, "training")  # (a tuple, even for one name)
-
     def flags(d: dict) -> tuple:
         # another value (a function set where None was, or a tensor in another instance of
         # the class) by its type and identity: tensors do not compare as one truth value
-        return tuple(v if type(v) in _FLAG_TYPES else (type(v), id(v)) for v in get(d))
+        return tuple(v if type(v) in _FLAG_TYPES else (type(v), id(v))
+                     for v in (d[n] for n in names))
     return flags
 
 

@@ -39,12 +39,20 @@ log = logging.getLogger(__name__)
 
 
 class _Tracer(fx.Tracer):
-    """Keeps every module that has a registered rule as a leaf (e.g. Normalize)."""
+    """Keeps every module that has a registered rule as a leaf (e.g. Normalize), and traces a
+    wrapper that runs its module (``nn.DataParallel``, ``torch.compile``: see
+    :func:`~lipbound._modelinfo.unwrap_model`) as that module."""
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
         if module_rule(m) is not None:
             return True
         return super().is_leaf_module(m, qualname)
+
+    def call_module(self, m: nn.Module, forward, args, kwargs):
+        inner = unwrap_model(m)
+        if inner is not m:
+            return self.call_module(inner, inner.forward, args, kwargs)
+        return super().call_module(m, forward, args, kwargs)
 
 
 def modules_in_training(model: nn.Module) -> list[str]:
