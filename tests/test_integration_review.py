@@ -334,3 +334,20 @@ def test_wrapper_inside_the_model_is_traced_as_its_module():
     hooked.register_forward_hook(lambda mod, i, o: 10 * o)
     with pytest.raises(UnsupportedModelError, match="hook"):
         lipbound.local_bound(nn.Sequential(nn.Identity(), hooked).eval(), X0, EPS)
+
+
+def test_x0_complex_meta_or_sparse_is_refused_naming_the_fix():
+    # (was: a complex x0 silently cast to its real part for the bounds, and a RuntimeError /
+    # NotImplementedError of torch for a meta or sparse x0)
+    m = _net()
+    an = Analyzer(m, (3,))
+    cases = {"complex": X0.to(torch.complex128) + 1j, "meta device": X0.to("meta"),
+             "sparse_coo layout": X0.to_sparse()}
+    for what, x in cases.items():
+        for call, args in ((an.local_bound, (x, EPS)), (lipbound.local_bound, (m, x, EPS)),
+                           (best_lower_bound, (m, x, EPS)), (PGD(), (m, x))):
+            with pytest.raises(InputError, match=what):
+                call(*args)
+    # integer and boolean inputs (pixel values, a binary image) are read as numbers
+    xi = torch.tensor([[1, 0, 2]])
+    assert an.local_bound(xi, EPS).value == an.local_bound(xi.double(), EPS).value

@@ -54,6 +54,7 @@ from lipbound._precision import exact_float32
 from lipbound.errors import InputError
 from lipbound.graph import check_inference_tensors, modules_in_training
 from lipbound.results import Guarantee, _jsonable
+from lipbound.validation import check_plain_tensor
 
 logger = logging.getLogger(__name__)
 
@@ -432,6 +433,7 @@ def _prepare(model: nn.Module, x0: Tensor, bounds: Bounds | None,
                          "call the attack outside inference mode.")
     if not isinstance(x0, Tensor):
         raise InputError(f"expected x0 to be a torch.Tensor, got {type(x0).__name__}")
+    check_plain_tensor(x0)
     if not x0.is_floating_point():
         raise InputError(f"expected a floating-point x0, got dtype {x0.dtype}; convert it "
                          "with x0.float()")

@@ -33,7 +33,7 @@ from lipbound._modelinfo import (
 from lipbound._precision import exact_float32_on_model
 from lipbound.errors import InputError
 from lipbound.graph import check_inference_tensors, modules_in_training
-from lipbound.validation import check_eps, check_int
+from lipbound.validation import check_eps, check_int, check_plain_tensor
 
 logger = logging.getLogger(__name__)
 
@@ -152,6 +152,7 @@ def check_problem(
     check_inference_tensors(model)
     if not isinstance(x0, torch.Tensor):
         raise InputError(f"x0 must be a torch.Tensor, got {type(x0).__name__}")
+    check_plain_tensor(x0)
     if x0.dim() < 2 or x0.shape[0] != 1:
         raise InputError(
             f"x0 must have a batch dimension of size 1, shape (1, *input_shape); got shape "
