@@ -351,3 +351,28 @@ def test_x0_complex_meta_or_sparse_is_refused_naming_the_fix():
     # integer and boolean inputs (pixel values, a binary image) are read as numbers
     xi = torch.tensor([[1, 0, 2]])
     assert an.local_bound(xi, EPS).value == an.local_bound(xi.double(), EPS).value
+
+
+def test_model_returning_logits_and_features_names_the_wrapper_that_works():
+    class LogitsAndFeatures(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.body = _net()
+
+        def forward(self, x):
+            h = self.body[1](self.body[0](x))
+            return self.body[4](self.body[3](self.body[2](h))), h
+
+    class First(nn.Module):
+        def __init__(self, inner: nn.Module) -> None:
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, x):
+            return self.inner(x)[0]
+
+    m = LogitsAndFeatures().eval()
+    with pytest.raises(UnsupportedModelError, match=r"model\(x\)\[0\]"):
+        lipbound.local_bound(m, X0, EPS)
+    assert lipbound.local_bound(First(m).eval(), X0, EPS).value \
+        == lipbound.local_bound(_net(), X0, EPS).value

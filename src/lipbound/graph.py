@@ -474,7 +474,9 @@ def trace_model(model: nn.Module, input_shape: Sequence[int]) -> list[Op]:
             outs = node.args[0]
             if outs is not current:
                 problems.append(("model output", "output", "the output must be the last "
-                                 "tensor of the chain (a single tensor, not a tuple/dict)"))
+                                 "tensor of the chain (a single tensor, not a tuple/dict; "
+                                 "for a model returning (logits, features), analyse a module "
+                                 "whose forward returns model(x)[0])"))
             continue
         shape = shape_of(node)
         tensor_inputs = [a for a in node.all_input_nodes if shape_of(a) is not None]
