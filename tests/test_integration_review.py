@@ -376,3 +376,24 @@ def test_model_returning_logits_and_features_names_the_wrapper_that_works():
         lipbound.local_bound(m, X0, EPS)
     assert lipbound.local_bound(First(m).eval(), X0, EPS).value \
         == lipbound.local_bound(_net(), X0, EPS).value
+
+
+def test_output_map_complex_meta_or_sparse_is_refused():
+    # (was: a complex map cast silently to its real part, a bound of Re(C) f reported for
+    # C f; torch's errors for a meta or sparse map)
+    m = _net()
+    an = Analyzer(m, (3,))
+    c = torch.tensor([[1.0, -1.0]], dtype=torch.float64)
+    for what, bad in {"complex": c + 1j * c, "meta device": c.to("meta"),
+                      "sparse_coo layout": c.to_sparse()}.items():
+        for call, args in ((an.local_bound, (X0, EPS)), (an.global_bound, ())):
+            with pytest.raises(InputError, match=f"output_map .*{what}"):
+                call(*args, output_map=bad)
+        with pytest.raises(InputError, match=f"output_map .*{what}"):
+            an.local_bound_rows(X0, EPS, bad)
+        with pytest.raises(InputError, match=f"output_map .*{what}"):
+            gradient_lower_bound(m, X0, EPS, n_steps=2, output_map=bad)
+    # numbers given otherwise are fine: the same bound
+    ref = an.local_bound(X0, EPS, output_map=c).value
+    for ok in (c.numpy(), [[1, -1]], c.float(), c.clone().requires_grad_(), c[0]):
+        assert an.local_bound(X0, EPS, output_map=ok).value == ref

@@ -46,6 +46,7 @@ from .validation import (
     check_input,
     check_input_shape,
     check_int,
+    check_plain_tensor,
     check_reuse_tol,
     resolve_device,
 )
@@ -498,7 +499,13 @@ class Analyzer:
     def _blocks_for(self, output_map: Tensor | None) -> tuple[str, list[Block]]:
         if output_map is None:
             return "", self.blocks
-        c = torch.as_tensor(output_map, dtype=torch.float64, device=self.device)
+        try:
+            raw = torch.as_tensor(output_map)
+        except (TypeError, ValueError, RuntimeError) as exc:
+            raise InputError(f"output_map must be a (m, n_out) matrix (a tensor), got "
+                             f"{type(output_map).__name__}") from exc
+        check_plain_tensor(raw, "output_map")  # (a complex map would lose its imaginary part)
+        c = raw.to(dtype=torch.float64, device=self.device)
         if c.dim() == 1:
             c = c.unsqueeze(0)
         n_out = math.prod(self.output_shape)

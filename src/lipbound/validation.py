@@ -69,11 +69,11 @@ def check_plain_tensor(x: Tensor, name: str = "x0") -> None:
         InputError: naming the problem and the fix.
     """
     if x.is_complex():
-        raise InputError(f"{name} is complex ({x.dtype}); the networks lipbound analyses take "
-                         f"real inputs: pass {name}.real (or the real tensor it came from)")
+        raise InputError(f"{name} is complex ({x.dtype}); lipbound works with real numbers "
+                         f"only: pass {name}.real (or the real tensor it came from)")
     if x.is_meta:
         raise InputError(f"{name} is on the meta device (shapes only, no values); pass a tensor "
-                         "holding the input's values")
+                         "holding its values")
     if x.layout != torch.strided:
         raise InputError(f"{name} has the {x.layout} layout; pass {name}.to_dense()")
 

@@ -204,6 +204,7 @@ def check_problem(
     if output_map is not None:
         if not isinstance(output_map, torch.Tensor):
             raise InputError(f"output_map must be a torch.Tensor (k, m), got {type(output_map)}")
+        check_plain_tensor(output_map, "output_map")
         if output_map.dim() != 2 or output_map.shape[1] != m:
             raise InputError(
                 f"output_map must have shape (k, {m}) to act on the model's {m} outputs; got "
