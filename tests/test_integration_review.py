@@ -397,3 +397,34 @@ def test_output_map_complex_meta_or_sparse_is_refused():
     ref = an.local_bound(X0, EPS, output_map=c).value
     for ok in (c.numpy(), [[1, -1]], c.float(), c.clone().requires_grad_(), c[0]):
         assert an.local_bound(X0, EPS, output_map=ok).value == ref
+
+
+def test_forward_without_input_gradients_is_refused_by_the_lower_bounds_and_attacks():
+    # (was: "RuntimeError: element 0 of tensors does not require grad" from inside autograd)
+    m = _net()
+
+    class NoGrad(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.inner = m
+
+        @torch.no_grad()
+        def forward(self, x):
+            return self.inner(x)
+
+    class Detaching(NoGrad):
+        def forward(self, x):
+            return self.inner(x.detach())
+
+    for w in (NoGrad().eval(), Detaching().eval()):
+        # the bounds are about the function, which is the same (an identity layer more in
+        # the chain for the detach: its rounding margin)
+        ref = lipbound.local_bound(m, X0, EPS).value
+        assert ref <= lipbound.local_bound(w, X0, EPS).value <= ref * (1 + 1e-12)
+        for call in (lambda: best_lower_bound(w, X0, EPS, n_random=4),  # noqa: B023
+                     lambda: gradient_lower_bound(w, X0, EPS, n_steps=2),  # noqa: B023
+                     lambda: PGD()(w, X0)):  # noqa: B023
+            with pytest.raises(InputError, match="no gradient with respect to its input"):
+                call()
+    with torch.inference_mode(), pytest.raises(InputError, match="inference_mode"):
+        gradient_lower_bound(m, X0, EPS, n_steps=2)

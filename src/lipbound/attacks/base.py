@@ -53,6 +53,7 @@ from lipbound._modelinfo import (
 from lipbound._precision import exact_float32
 from lipbound.errors import InputError
 from lipbound.graph import check_inference_tensors, modules_in_training
+from lipbound.lower._common import check_input_gradients
 from lipbound.results import Guarantee, _jsonable
 from lipbound.validation import check_plain_tensor
 
@@ -474,6 +475,7 @@ def _prepare(model: nn.Module, x0: Tensor, bounds: Bounds | None,
         lo_t, hi_t = _check_bounds(bounds, xm)
     gen = torch.Generator(device=device)
     gen.manual_seed(seed)
+    check_input_gradients(model, xm)  # (every attack follows the input gradient)
     ctx = AttackContext(model, xm, label, int(z.shape[1]), lo_t, hi_t, gen)
     return ctx, x0_ref
 

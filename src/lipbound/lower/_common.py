@@ -137,11 +137,16 @@ def check_problem(
     eps: float,
     output_map: torch.Tensor | None,
 ) -> Problem:
-    """Validate the common arguments and evaluate ``f(x0)``.
+    """Validate the common arguments and evaluate ``f(x0)``; check that the model's output
+    has gradients with respect to its input (every method uses them: see
+    :func:`check_input_gradients`).
 
     Raises:
         InputError: on any invalid argument, naming the problem and the fix.
     """
+    if torch.is_inference_mode_enabled():
+        raise InputError("the lower bounds need input gradients, which torch.inference_mode() "
+                         "disables; call them outside inference mode")
     problem = wrapper_problem(model)
     if problem is not None and not isinstance(model, torch.jit.ScriptModule):
         raise InputError(problem)  # (a TorchScript module is only run, which works)
@@ -213,7 +218,35 @@ def check_problem(
         if not bool(torch.isfinite(output_map).all()):
             raise InputError("output_map contains NaN or infinite values")
         cmap = output_map.detach().to(device=x0.device, dtype=x0.dtype)
+    check_input_gradients(model, x0)
     return Problem(model, x0, eps_f, cmap, f0.detach(), shape, dim)
+
+
+def check_input_gradients(model: nn.Module, x0: torch.Tensor) -> None:
+    """Refuse a model whose output has no gradient with respect to its input (a forward
+    decorated with ``torch.no_grad()`` / ``torch.inference_mode()``, or one that detaches
+    its input): the gradient-based methods would fail inside autograd. One forward and
+    backward pass at ``x0``.
+
+    Raises:
+        InputError: naming the likely causes and the fix.
+    """
+    with torch.enable_grad():
+        x = x0.detach().clone().requires_grad_(True)
+        try:
+            out = model(x.clone())  # (a copy: the model may write into its input)
+            grad = None
+            if isinstance(out, torch.Tensor) and out.requires_grad:
+                (grad,) = torch.autograd.grad(out.sum(), x, allow_unused=True)
+        except RuntimeError:
+            grad = None
+    if grad is None:
+        raise InputError(
+            "the model's output has no gradient with respect to its input (a forward "
+            "decorated with torch.no_grad() or torch.inference_mode(), or one that detaches "
+            "its input?); the lower bounds (their rounding floor too) and the attacks need "
+            "input gradients: remove the decorator or the detach (lipbound turns gradients "
+            "off itself where it needs none)")
 
 
 def check_positive_int(name: str, value: int, minimum: int = 1) -> int:
