@@ -428,3 +428,30 @@ def test_forward_without_input_gradients_is_refused_by_the_lower_bounds_and_atta
                 call()
     with torch.inference_mode(), pytest.raises(InputError, match="inference_mode"):
         gradient_lower_bound(m, X0, EPS, n_steps=2)
+
+
+def test_input_moved_to_the_models_device_is_analysed():
+    # (was: "tensor method .to() (no rule for this operation)" for x.to(self.device))
+    m = _net()
+    ref = lipbound.local_bound(m, X0, EPS).value
+
+    class Moving(nn.Module):
+        def __init__(self, how) -> None:
+            super().__init__()
+            self.inner, self.how = m, how
+
+        @property
+        def device(self) -> torch.device:
+            return next(self.parameters()).device
+
+        def forward(self, x):
+            return self.inner(self.how(self, x))
+
+    for how in (lambda s, x: x.to(s.device), lambda s, x: x.to("cpu"),
+                lambda s, x: x.to(torch.float64),
+                lambda s, x: x.to(device=s.device, dtype=torch.float64, non_blocking=True)):
+        assert ref <= lipbound.local_bound(Moving(how).eval(), X0, EPS).value <= ref * (1 + 1e-12)
+    # a cast to an integer type truncates: refused
+    with pytest.raises(UnsupportedModelError, match=r"\.to\(\)"):
+        lipbound.local_bound(Moving(lambda s, x: x.to(torch.int64).to(torch.float64)).eval(),
+                             X0, EPS)

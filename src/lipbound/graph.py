@@ -23,6 +23,7 @@ from ._modelinfo import model_dtype_device, unwrap_model, wrapper_problem
 from ._precision import exact_float32
 from .errors import InputError, UnsupportedModelError, WeightsError
 from .ops.base import Op
+from .ops.elementwise import identity_rule
 from .ops.registry import (
     _COMPUTING_METHODS,
     AUXILIARY_METHODS,
@@ -347,6 +348,20 @@ def check_finite_parameters(model: nn.Module) -> None:
                            "valid weights (a diverged training run or a corrupt file?)")
 
 
+_CASTS = (torch.float32, torch.float64)
+
+
+def _moves_only(node: fx.Node) -> bool:
+    """Whether a ``.to(...)`` call only moves its tensor to a device or casts it to float32 /
+    float64 (``x.to(self.device)``, ``x.to(torch.float32)``): the identity in exact
+    arithmetic (a cast's rounding is seen by the check of the chain against the model's own
+    forward pass). Not a cast to another type (an integer type truncates)."""
+    def ok(a: object) -> bool:
+        return (isinstance(a, (torch.device, str, bool, torch.memory_format))
+                or a in _CASTS)
+    return all(ok(a) for a in node.args[1:]) and all(ok(v) for v in node.kwargs.values())
+
+
 def _default_arguments(model: nn.Module) -> dict[str, object] | None:
     """The default values of the arguments after the input of the model's ``forward`` (``def
     forward(self, x, return_features=False)``), when every one has a default: the model is
@@ -531,6 +546,8 @@ def trace_model(model: nn.Module, input_shape: Sequence[int]) -> list[Op]:
                 module = _module_from_call(node.target, args, kwargs)
         elif node.op == "call_method":
             rule = METHOD_RULES.get(str(node.target))
+            if rule is None and node.target == "to" and _moves_only(node):
+                rule = identity_rule
         if rule is None:
             detail = ""
             if module is not None:
