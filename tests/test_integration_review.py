@@ -455,3 +455,22 @@ def test_input_moved_to_the_models_device_is_analysed():
     with pytest.raises(UnsupportedModelError, match=r"\.to\(\)"):
         lipbound.local_bound(Moving(lambda s, x: x.to(torch.int64).to(torch.float64)).eval(),
                              X0, EPS)
+
+
+def test_eps_given_as_any_real_number_type():
+    # (a meta-device tensor was a RuntimeError of torch)
+    from decimal import Decimal
+    from fractions import Fraction
+
+    import numpy as np
+
+    an = Analyzer(_net(), (3,))
+    ref = an.local_bound(X0, 0.5).value
+    for eps in (torch.tensor(0.5), torch.tensor([0.5]), np.float64(0.5), np.array(0.5),
+                Fraction(1, 2), Decimal("0.5"), torch.tensor(0.5, requires_grad=True)):
+        assert an.local_bound(X0, eps).value == ref
+    for bad in (True, torch.tensor([0.5, 0.6]), torch.tensor(0.5, device="meta"), None):
+        with pytest.raises(InputError, match="eps must be"):
+            an.local_bound(X0, bad)
+    with pytest.raises(InputError, match="n_steps must be"):
+        gradient_lower_bound(_net(), X0, EPS, n_steps=torch.tensor(5, device="meta"))

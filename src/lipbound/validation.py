@@ -19,7 +19,7 @@ def check_eps(eps: float, name: str = "eps") -> float:
         raise InputError(f"{name} must be a positive number, got {eps!r}")
     try:
         e = float(eps)
-    except (TypeError, ValueError) as exc:
+    except (TypeError, ValueError, RuntimeError) as exc:  # (a tensor on the meta device)
         raise InputError(f"{name} must be a positive number, got {eps!r}") from exc
     if math.isnan(e) or math.isinf(e):
         raise InputError(f"{name} must be finite, got {e}; pass a radius such as 0.1")
@@ -38,7 +38,7 @@ def check_int(value: object, name: str, minimum: int) -> int:
     else:
         try:
             f = float(value)  # type: ignore[arg-type]
-        except (TypeError, ValueError) as exc:
+        except (TypeError, ValueError, RuntimeError) as exc:  # (a tensor on the meta device)
             raise InputError(f"{name} must be an integer >= {minimum}, got {value!r}") from exc
         if not math.isfinite(f) or f != int(f):
             raise InputError(f"{name} must be an integer >= {minimum}, got {value!r}")
