@@ -474,3 +474,52 @@ def test_eps_given_as_any_real_number_type():
             an.local_bound(X0, bad)
     with pytest.raises(InputError, match="n_steps must be"):
         gradient_lower_bound(_net(), X0, EPS, n_steps=torch.tensor(5, device="meta"))
+
+
+def test_weight_held_as_a_plain_tensor_attribute_is_watched():
+    # (was: a layer whose weight is a plain tensor (del lin.weight; lin.weight = w, as
+    # functional-call and meta-learning code does) changed in place or replaced after the
+    # analyzer was built: the old bound, certified 0.32 for a network of bound 3.1)
+    def plain() -> tuple[nn.Sequential, torch.Tensor]:
+        m = _net()
+        w = m[0].weight.detach().clone()
+        del m[0].weight
+        m[0].weight = w
+        return m, w
+
+    m, w = plain()
+    an = Analyzer(m, (3,))
+    assert an.local_bound(X0, EPS).value == lipbound.local_bound(_net(), X0, EPS).value
+    for change in (lambda m, w: w.mul_(10), lambda m, w: w.data.mul_(10),
+                   lambda m, w: setattr(m[0], "weight", w * 10)):
+        m, w = plain()
+        an = Analyzer(m, (3,))
+        old = an.local_bound(X0, EPS).value
+        with torch.no_grad():
+            change(m, w)
+        assert _lower(m).value > old
+        with pytest.raises(InputError, match="tensor attribute 0.weight"):
+            an.local_bound(X0, EPS)
+
+
+def test_module_storing_its_activations_is_not_a_change():
+    # a module traced through may keep its last output (for visualisation): lipbound's own
+    # runs of the model replace it, which must not trip the analyzer's check
+    from lipbound.radius import certified_radius
+
+    class Storing(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.body = _bn_net()
+            self.last = None
+
+        def forward(self, x):
+            y = self.body(x)
+            self.last = y
+            return y
+
+    m = Storing().eval()
+    an = Analyzer(m, (3,))
+    certified_radius(an, X0, method="local")
+    assert isinstance(m.last, torch.Tensor)
+    assert an.local_bound(X0, EPS).value == lipbound.local_bound(_bn_net(), X0, EPS).value

@@ -3,7 +3,8 @@
 One rule for the whole package (the tracer, the analyzer, the attacks, the lower bounds, the
 baselines, the benchmarks and the IEEE-float32 guard): a model computes in the type and on
 the device of its first floating-point parameter, else of its first floating-point buffer.
-A leaf module (it imports nothing from lipbound), so that every other module can use it.
+A leaf module (it imports nothing from lipbound at import time), so that every other module
+can use it.
 """
 
 from __future__ import annotations
@@ -160,6 +161,11 @@ def tensor_state(model: nn.Module) -> tuple[tuple, ...]:
             name = next(n for n, sub in model.named_modules() if sub is m)
             out.append(("hook on module", name or "<root>", tuple(m._forward_hooks),
                         tuple(m._forward_pre_hooks), patched))
+        if Tensor in map(type, d.values()):  # (C-level test: rare, and this runs per bound)
+            # a tensor held as a plain attribute, not a parameter or buffer (``del
+            # lin.weight; lin.weight = w``, as functional-call / meta-learning code does): the
+            # layer computes with it, so it is watched like a parameter
+            out += _plain_tensors(model, m)
     out.append(("mode", _MODE, tuple(modes)))
     out.append(("setting", "of a module (its class, an attribute such as eps, stride, "
                 "padding or negative_slope, or a flag of a module of your own such as "
@@ -171,6 +177,45 @@ def tensor_state(model: nn.Module) -> tuple[tuple, ...]:
                     "(torch.nn.modules.module.register_module_forward_hook)",
                     tuple(glob[0]), tuple(glob[1])))
     return tuple(out)
+
+
+def _hook_computed(m: nn.Module) -> frozenset[str]:
+    """Names of the attributes of ``m`` that the weight hooks of ``spectral_norm``,
+    ``weight_norm`` and ``prune`` recompute from its parameters and buffers before every call
+    (plain tensors that change at every call; their sources are watched)."""
+    if not m._forward_pre_hooks:
+        return frozenset()
+    from torch.nn.utils.prune import BasePruningMethod
+    from torch.nn.utils.spectral_norm import SpectralNorm
+    from torch.nn.utils.weight_norm import WeightNorm
+
+    names = set()
+    for h in m._forward_pre_hooks.values():
+        if isinstance(h, (SpectralNorm, WeightNorm)):
+            names.add(h.name)
+        elif isinstance(h, BasePruningMethod):
+            names.add(h._tensor_name)
+    return frozenset(names)
+
+
+def _plain_tensors(model: nn.Module, m: nn.Module) -> list[tuple]:
+    """Records, as :func:`tensor_state` makes them for parameters, of the tensors that module
+    ``m`` of ``model`` holds as plain attributes."""
+    from .ops.registry import module_rule  # (at call time: this module imports no other)
+
+    if module_rule(m) is None:
+        # only a layer with a rule reads its attributes; a module traced through uses a
+        # plain tensor as a constant no rule takes (and may store activations there)
+        return []
+    name = next(n for n, sub in model.named_modules() if sub is m)
+    computed = _hook_computed(m)
+    out = []
+    for k, t in m.__dict__.items():
+        if type(t) is Tensor and k not in computed:
+            version = 0 if t.is_inference() else t._version  # (no counter: refused anyway)
+            out.append(("tensor attribute", f"{name}.{k}" if name else k, id(t),
+                        t.data_ptr(), version, tuple(t.shape), t.dtype, t.device))
+    return out
 
 
 _MODE = "training flags of the modules (model.train() / model.eval())"
@@ -251,6 +296,23 @@ def content_snapshot(model: nn.Module) -> tuple[tuple[str, Tensor, torch.dtype, 
                 except RuntimeError:  # a layout without views (sparse): versions only
                     continue
                 out.append((f"{kind} {name}", t, bits, copy))
+        from .ops.registry import module_rule
+
+        for mname, m in model.named_modules():  # tensors held as plain attributes
+            if module_rule(m) is None:  # (see _plain_tensors)
+                continue
+            computed = _hook_computed(m)
+            for k, t in m.__dict__.items():
+                if type(t) is not Tensor or t.is_meta or k in computed:
+                    continue
+                bits = _BITS.get(t.element_size(), t.dtype) if t.is_floating_point() \
+                    else t.dtype
+                try:
+                    copy = t.detach().clone().view(bits)
+                except RuntimeError:
+                    continue
+                out.append((f"tensor attribute {mname + '.' if mname else ''}{k}", t, bits,
+                            copy))
     return tuple(out)
 
 
