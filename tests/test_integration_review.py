@@ -523,3 +523,31 @@ def test_module_storing_its_activations_is_not_a_change():
     certified_radius(an, X0, method="local")
     assert isinstance(m.last, torch.Tensor)
     assert an.local_bound(X0, EPS).value == lipbound.local_bound(_bn_net(), X0, EPS).value
+
+
+def test_state_dict_saved_from_a_wrapped_model_loads(tmp_path):
+    # (was: "missing keys: 0.weight, ... unexpected keys: module.0.weight, ..." for the
+    # checkpoint of a model trained under nn.DataParallel or torch.compile)
+    from lipbound import zoo
+    from lipbound.cli.common import load_state_dict_file
+    from lipbound.errors import WeightsError
+
+    src = zoo.load_model("mnist", seed=3).model
+    ref = {k: v.clone() for k, v in src.state_dict().items()}
+    for prefix in ("module.", "_orig_mod.", "module._orig_mod."):
+        path = tmp_path / f"w{len(prefix)}.pt"
+        torch.save({prefix + k: v for k, v in ref.items()}, path)
+        got = zoo.load_model("mnist", weights=path).model.state_dict()
+        assert all(torch.equal(got[k], v) for k, v in ref.items())
+        m = _net()
+        torch.save({prefix + k: v for k, v in _net(5).state_dict().items()}, path)
+        load_state_dict_file(m, str(path))
+        assert all(torch.equal(m.state_dict()[k], v) for k, v in _net(5).state_dict().items())
+    # a prefix that is not a wrapper's, or on some keys only, is still a mismatch
+    path = tmp_path / "bad.pt"
+    torch.save({("module." if i else "") + k: v for i, (k, v) in enumerate(ref.items())}, path)
+    with pytest.raises(WeightsError, match="unexpected keys"):
+        zoo.load_model("mnist", weights=path)
+    torch.save({"net." + k: v for k, v in _net().state_dict().items()}, path)
+    with pytest.raises(WeightsError, match="does not match"):
+        load_state_dict_file(_net(), str(path))

@@ -503,6 +503,9 @@ def load_state_dict_file(model: nn.Module, path: str) -> None:
                 break
     if not isinstance(sd, dict):
         raise WeightsError(f"weights file {p} holds a {type(sd).__name__}, not a state dict")
+    from ..zoo.weights import unwrapped_state
+
+    sd = unwrapped_state(sd, model.state_dict())  # saved from a DataParallel / compiled model
     try:
         res = model.load_state_dict(sd, strict=True)
     except RuntimeError as exc:
