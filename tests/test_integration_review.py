@@ -54,6 +54,9 @@ def test_dataparallel_is_analysed_as_its_module():
         == ref_l
     assert ref_l >= _lower(m).value
     assert _lower(dp).value == _lower(m).value
+    from lipbound.lower import ratio_at
+
+    assert ratio_at(dp, X0, 2 * X0) == ratio_at(m, X0, 2 * X0)
     # the analyzer watches the module's tensors: a change through the wrapper is refused
     an = Analyzer(dp, (3,))
     with torch.no_grad():

@@ -410,6 +410,7 @@ def ratio_at(
     """
     if x.shape != x0.shape:
         raise InputError(f"x must have the shape of x0 {tuple(x0.shape)}, got {tuple(x.shape)}")
+    model = unwrap_model(model)  # DataParallel / torch.compile: the module they run
     _check_eval(model)
     device, dtype = _param_device_dtype(model)
     x0 = x0.detach().to(device=device or x0.device, dtype=dtype or x0.dtype)
