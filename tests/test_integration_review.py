@@ -554,3 +554,38 @@ def test_state_dict_saved_from_a_wrapped_model_loads(tmp_path):
     torch.save({"net." + k: v for k, v in _net().state_dict().items()}, path)
     with pytest.raises(WeightsError, match="does not match"):
         load_state_dict_file(_net(), str(path))
+
+
+def test_cli_factory_returning_a_dataparallel_model(capsys, tmp_path):
+    # (was: "the model is in training mode" for the wrapper's own flag; its --weights then
+    # had to carry the module. prefix)
+    import json
+
+    import numpy as np
+
+    from lipbound.cli import main
+
+    src = tmp_path / "nets.py"
+    src.write_text(
+        "import torch\nfrom torch import nn\n\n"
+        "def net():\n"
+        "    torch.manual_seed(0)\n"
+        "    return nn.Sequential(nn.Linear(4, 5), nn.ReLU(), nn.Linear(5, 3)).eval()\n\n"
+        "def wrapped():\n"
+        "    return {'model': nn.DataParallel(net()), 'input_shape': (4,)}\n\n"
+        "def plain():\n"
+        "    return {'model': net(), 'input_shape': (4,)}\n")
+    x = tmp_path / "x.npy"
+    np.save(x, np.linspace(-1, 1, 4, dtype=np.float32))
+    torch.manual_seed(1)
+    dp = nn.DataParallel(nn.Sequential(nn.Linear(4, 5), nn.ReLU(), nn.Linear(5, 3)))
+    w = tmp_path / "w.pt"
+    torch.save(dp.state_dict(), w)  # keys module.0.weight, ...
+    values = []
+    for factory in ("wrapped", "plain"):
+        rc = main(["bound", "--model", f"{src}:{factory}", "--input", str(x), "--weights",
+                   str(w), "--json"])
+        out, err = capsys.readouterr()
+        assert rc == 0, err
+        values.append(json.loads(out)["value"])
+    assert values[0] == values[1]

@@ -636,6 +636,9 @@ def load_model(args: argparse.Namespace) -> Loaded:
                              "model is built by its factory: drop --weights-seed (seed "
                              "your factory yourself)")
         model, info = load_user_factory(spec)
+        from .._modelinfo import unwrap_model
+
+        model = unwrap_model(model)  # DataParallel / torch.compile: the module they run
         _check_eval(model, spec, spec.rpartition(":")[2])
         if getattr(args, "weights", None):
             load_state_dict_file(model, args.weights)
