@@ -3,13 +3,15 @@
 One rule for the whole package (the tracer, the analyzer, the attacks, the lower bounds, the
 baselines, the benchmarks and the IEEE-float32 guard): a model computes in the type and on
 the device of its first floating-point parameter, else of its first floating-point buffer.
-A leaf module (it imports nothing from lipbound), so that every other module can use it.
+A leaf module (it imports nothing from lipbound at import time), so that every other module
+can use it.
 """
 
 from __future__ import annotations
 
 import itertools
 import operator
+import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -55,15 +57,70 @@ def model_dtype_device(model: nn.Module, default: Tensor | None = None
     return dtype, device
 
 
+def unwrap_model(model: object) -> object:
+    """The module that computes ``model``'s forward, when ``model`` is a wrapper that computes
+    the same function by calling it: ``nn.DataParallel`` / ``DistributedDataParallel``
+    (``.module``) and ``torch.compile(module)``'s ``OptimizedModule`` (``._orig_mod``), at
+    any depth (those classes exactly, not subclasses); anything else is returned as it is.
+    A wrapper with forward hooks of its own (or a replaced call method) is kept, so that the
+    hook check names it. The wrapper's own
+    ``training`` flag is not read (its forward does not depend on it; the wrapped modules'
+    flags are checked)."""
+    for _ in range(64):  # (a wrapper cycle is impossible in practice; never loop forever)
+        if not isinstance(model, nn.Module):
+            return model
+        d = model.__dict__
+        own = ()  # methods the wrapper itself sets on the instance
+        # the exact classes: a subclass may compute something else in its forward
+        if type(model) in (nn.DataParallel, nn.parallel.DistributedDataParallel):
+            inner = d["_modules"].get("module")
+        else:
+            dynamo = sys.modules.get("torch._dynamo.eval_frame")  # imported by torch.compile
+            optimized = getattr(dynamo, "OptimizedModule", None)
+            if optimized is None or type(model) is not optimized:
+                return model
+            inner, own = d["_modules"].get("_orig_mod"), ("forward",)
+        if not isinstance(inner, nn.Module) or d["_forward_hooks"] \
+                or d["_forward_pre_hooks"] or d.get("_compiled_call_impl") is not None \
+                or any(n in d for n in _PATCHABLE if n not in own):
+            return model
+        model = inner
+    return model
+
+
+def wrapper_problem(model: object) -> str | None:
+    """Why ``model`` is a compiled form of a module that lipbound cannot analyse (TorchScript,
+    ``torch.export``), with the fix; ``None`` for anything else."""
+    from torch import jit  # (already imported by torch)
+
+    if isinstance(model, jit.ScriptModule):
+        return ("the model is a TorchScript module (torch.jit.script / torch.jit.trace), whose "
+                "layers lipbound cannot read; pass the original nn.Module (before scripting "
+                "or tracing), or load the checkpoint into the Python model class")
+    unlift = sys.modules.get("torch.export._unlift")
+    stateful = getattr(unlift, "_StatefulGraphModule", None)
+    exported = sys.modules.get("torch.export")
+    program = getattr(exported, "ExportedProgram", None)
+    if (stateful is not None and isinstance(model, stateful)) or \
+            (program is not None and isinstance(model, program)):
+        return ("the model was made by torch.export (an ExportedProgram or its .module()), "
+                "whose graph holds ATen operations, not layers, and cannot be put in eval "
+                "mode; pass the original nn.Module (before torch.export)")
+    return None
+
+
 def tensor_state(model: nn.Module) -> tuple[tuple, ...]:
     """A record of ``model``'s parameters and buffers that changes when any of them is
     modified in place (autograd's version counter: ``p.mul_``, ``copy_``, optimiser steps,
     ``load_state_dict``), given new storage (``.data = ...``, ``model.to(...)``) or replaced,
     added or removed (a new submodule or ``nn.Parameter``), or when a forward hook is added
     to or removed from a module or globally (or a module's ``forward`` replaced on the
-    instance), or a module's class or plain-valued attribute (``bn.eps``, ``conv.padding``)
-    changes. In-place writes through ``p.data`` bypass the version counter: the contents are
-    compared by :func:`content_snapshot` / :func:`changed_contents`.
+    instance), or a module's class or plain-valued attribute (``bn.eps``, ``conv.padding``;
+    for a module of the user's own class, its flags: ``self.use_extra = True``, see
+    :data:`_FLAG_TYPES`) or training flag (``model.train()``: lipbound would then run the
+    model with batch norm updating its statistics and dropout drawing masks) changes.
+    In-place writes through ``p.data`` bypass the version counter: the contents are compared
+    by :func:`content_snapshot` / :func:`changed_contents`.
     """
     out = []
     for kind, named in (("parameter", model.named_parameters(remove_duplicate=False)),
@@ -80,6 +137,7 @@ def tensor_state(model: nn.Module) -> tuple[tuple, ...]:
     # (those the rules read; a user's module may count its calls). Plain module walk and
     # dict look-ups: this runs before every bound; names only where a hook is recorded.
     settings = []
+    modes = []  # training flags: model.train() after the analyzer was built changes them
     for m in model.modules():
         d = m.__dict__
         cls = type(m)
@@ -94,6 +152,7 @@ def tensor_state(model: nn.Module) -> tuple[tuple, ...]:
             # a list is recorded by reference: pool.kernel_size[0] = 3 would go unseen
             vals = _frozen(vals)
         settings.append((cls, vals))
+        modes.append(m.training)  # (a property in torch.compile's wrapper)
         patched = (tuple((n, id(d[n])) for n in _PATCHABLE if n in d)
                    if not _PATCHABLE_SET.isdisjoint(d) else ())
         if d.get("_compiled_call_impl") is not None:  # run instead of _call_impl
@@ -102,8 +161,15 @@ def tensor_state(model: nn.Module) -> tuple[tuple, ...]:
             name = next(n for n, sub in model.named_modules() if sub is m)
             out.append(("hook on module", name or "<root>", tuple(m._forward_hooks),
                         tuple(m._forward_pre_hooks), patched))
-    out.append(("setting", "of a module (its class, or an attribute such as eps, stride, "
-                "padding or negative_slope)", tuple(settings)))
+        if Tensor in map(type, d.values()):  # (C-level test: rare, and this runs per bound)
+            # a tensor held as a plain attribute, not a parameter or buffer (``del
+            # lin.weight; lin.weight = w``, as functional-call / meta-learning code does): the
+            # layer computes with it, so it is watched like a parameter
+            out += _plain_tensors(model, m)
+    out.append(("mode", _MODE, tuple(modes)))
+    out.append(("setting", "of a module (its class, an attribute such as eps, stride, "
+                "padding or negative_slope, or a flag of a module of your own such as "
+                "self.use_extra = True)", tuple(settings)))
     # hooks on every module (torch.nn.modules.module.register_module_forward_hook)
     glob = (_torch_module._global_forward_hooks, _torch_module._global_forward_pre_hooks)
     if glob[0] or glob[1]:
@@ -112,6 +178,47 @@ def tensor_state(model: nn.Module) -> tuple[tuple, ...]:
                     tuple(glob[0]), tuple(glob[1])))
     return tuple(out)
 
+
+def _hook_computed(m: nn.Module) -> frozenset[str]:
+    """Names of the attributes of ``m`` that the weight hooks of ``spectral_norm``,
+    ``weight_norm`` and ``prune`` recompute from its parameters and buffers before every call
+    (plain tensors that change at every call; their sources are watched)."""
+    if not m._forward_pre_hooks:
+        return frozenset()
+    from torch.nn.utils.prune import BasePruningMethod
+    from torch.nn.utils.spectral_norm import SpectralNorm
+    from torch.nn.utils.weight_norm import WeightNorm
+
+    names = set()
+    for h in m._forward_pre_hooks.values():
+        if isinstance(h, (SpectralNorm, WeightNorm)):
+            names.add(h.name)
+        elif isinstance(h, BasePruningMethod):
+            names.add(h._tensor_name)
+    return frozenset(names)
+
+
+def _plain_tensors(model: nn.Module, m: nn.Module) -> list[tuple]:
+    """Records, as :func:`tensor_state` makes them for parameters, of the tensors that module
+    ``m`` of ``model`` holds as plain attributes."""
+    from .ops.registry import module_rule  # (at call time: this module imports no other)
+
+    if module_rule(m) is None:
+        # only a layer with a rule reads its attributes; a module traced through uses a
+        # plain tensor as a constant no rule takes (and may store activations there)
+        return []
+    name = next(n for n, sub in model.named_modules() if sub is m)
+    computed = _hook_computed(m)
+    out = []
+    for k, t in m.__dict__.items():
+        if type(t) is Tensor and k not in computed:
+            version = 0 if t.is_inference() else t._version  # (no counter: refused anyway)
+            out.append(("tensor attribute", f"{name}.{k}" if name else k, id(t),
+                        t.data_ptr(), version, tuple(t.shape), t.dtype, t.device))
+    return out
+
+
+_MODE = "training flags of the modules (model.train() / model.eval())"
 
 _PATCHABLE = ("forward", "_conv_forward", "_check_input_dim", "_call_impl", "_wrapped_call_impl")
 """Methods through which a module computes its output (as
@@ -122,14 +229,31 @@ _SETTING_GETTERS: dict[type, Callable[[dict], Any]] = {}
 """Per module class: the getter of its plain-valued attributes (:func:`_setting_getter`)."""
 
 
+_FLAG_TYPES = frozenset((bool, str, type(None)))
+"""Attribute types of a user's module that are watched: flags and modes (``self.use_extra =
+True``, ``self.mode = "small"``, ``self.act = None``), which a forward may branch on (torch.fx
+traces the branch taken); not numbers, which a forward may update at every call (a count)."""
+_MODULE_INTERNALS = frozenset(vars(nn.Module()))
+"""``nn.Module``'s own attributes (``_is_full_backward_hook``: set by backward hooks)."""
+
+
 def _setting_getter(cls: type, d: dict) -> Callable[[dict], Any]:
-    """A getter (C-level: this runs before every bound) of the plain-valued attributes of
-    torch's layers of class ``cls``, named from one instance's ``__dict__`` ``d``; of
-    nothing for other classes (a user's module may count its calls)."""
-    names = [k for k, v in d.items() if type(v) in _SETTING_TYPES and k != "training"]
-    if not cls.__module__.startswith("torch.nn.") or not names:
+    """A getter (C-level for torch's layers: this runs before every bound) of the attributes
+    of modules of class ``cls`` that can change what they compute, named from one instance's
+    ``__dict__`` ``d``: the plain-valued ones of torch's layers, and the flags
+    (:data:`_FLAG_TYPES`) of other classes."""
+    if cls.__module__.startswith("torch.nn."):
+        names = [k for k, v in d.items() if type(v) in _SETTING_TYPES and k != "training"]
+        return operator.itemgetter(*names) if names else _no_settings
+    names = [k for k, v in d.items() if type(v) in _FLAG_TYPES and k not in _MODULE_INTERNALS]
+    if not names:
         return _no_settings
-    return operator.itemgetter(*names)
+    def flags(d: dict) -> tuple:
+        # another value (a function set where None was, or a tensor in another instance of
+        # the class) by its type and identity: tensors do not compare as one truth value
+        return tuple(v if type(v) in _FLAG_TYPES else (type(v), id(v))
+                     for v in (d[n] for n in names))
+    return flags
 
 
 def _no_settings(d: dict) -> tuple:
@@ -172,6 +296,23 @@ def content_snapshot(model: nn.Module) -> tuple[tuple[str, Tensor, torch.dtype, 
                 except RuntimeError:  # a layout without views (sparse): versions only
                     continue
                 out.append((f"{kind} {name}", t, bits, copy))
+        from .ops.registry import module_rule
+
+        for mname, m in model.named_modules():  # tensors held as plain attributes
+            if module_rule(m) is None:  # (see _plain_tensors)
+                continue
+            computed = _hook_computed(m)
+            for k, t in m.__dict__.items():
+                if type(t) is not Tensor or t.is_meta or k in computed:
+                    continue
+                bits = _BITS.get(t.element_size(), t.dtype) if t.is_floating_point() \
+                    else t.dtype
+                try:
+                    copy = t.detach().clone().view(bits)
+                except RuntimeError:
+                    continue
+                out.append((f"tensor attribute {mname + '.' if mname else ''}{k}", t, bits,
+                            copy))
     return tuple(out)
 
 
@@ -209,6 +350,12 @@ def _difference(before: tuple[tuple, ...], now: tuple[tuple, ...]) -> str | None
     old = {(k, n): rest for k, n, *rest in before}
     new = {(k, n): rest for k, n, *rest in now}
     for key in new:
+        if key[0] == "mode" and key in old and old[key] != new[key]:
+            if any(n and not o for o, n in zip(old[key][0], new[key][0], strict=False)):
+                return ("a module was put in training mode (model.train()): lipbound would "
+                        "run it so (batch norm updating its statistics, dropout drawing "
+                        "masks); call model.eval() to go on with this Analyzer")
+            return "a module's training flag changed (a module left training mode)"
         if key not in old:
             return f"{key[0]} {key[1]} was added"
         if old[key] != new[key]:

@@ -27,6 +27,8 @@ from ._modelinfo import (
     content_snapshot,
     model_device,
     tensor_state,
+    unwrap_model,
+    wrapper_problem,
 )
 from ._progress import NULL_BAR, NullBar, progress_bar
 from .blocks import TINY_WEIGHT, AffineBlock, Block, PoolBlock, build_blocks
@@ -44,6 +46,7 @@ from .validation import (
     check_input,
     check_input_shape,
     check_int,
+    check_plain_tensor,
     check_reuse_tol,
     resolve_device,
 )
@@ -365,7 +368,8 @@ class Analyzer:
     The analyzer holds a float64 snapshot of the model's weights. Once the model's parameters
     or buffers change (an optimiser step, ``load_state_dict``, an in-place edit under
     ``torch.no_grad()``, ``model.to(...)``, a replaced layer), every bound or forward pass
-    raises :class:`~lipbound.errors.InputError`: build a new analyzer. Writes through
+    raises :class:`~lipbound.errors.InputError`: build a new analyzer. So it does while the
+    model is in training mode (``model.train()``; ``model.eval()`` lets it go on). Writes through
     ``p.data`` (which torch's version counters do not record) are found by comparing the
     tensors with a copy kept for that purpose (one more copy of the model's tensors).
 
@@ -378,8 +382,13 @@ class Analyzer:
                  x0: Tensor | None = None, device: str | torch.device | None = None,
                  spectral: str = "auto", lanczos_steps: int = 64, failure_prob: float = 1e-6,
                  seed: int = 0, name: str | None = None, notes: Sequence[str] = ()):
+        problem = wrapper_problem(model)
+        if problem is not None:
+            raise InputError(problem)
         if not isinstance(model, nn.Module):
             raise InputError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        # DataParallel / torch.compile: the module they run (same function, same tensors)
+        model = unwrap_model(model)
         if input_shape is None:
             if x0 is None:
                 raise InputError("give input_shape or an example input x0")
@@ -520,7 +529,13 @@ class Analyzer:
     def _blocks_for(self, output_map: Tensor | None) -> tuple[str, list[Block]]:
         if output_map is None:
             return "", self.blocks
-        c = torch.as_tensor(output_map, dtype=torch.float64, device=self.device)
+        try:
+            raw = torch.as_tensor(output_map)
+        except (TypeError, ValueError, RuntimeError) as exc:
+            raise InputError(f"output_map must be a (m, n_out) matrix (a tensor), got "
+                             f"{type(output_map).__name__}") from exc
+        check_plain_tensor(raw, "output_map")  # (a complex map would lose its imaginary part)
+        c = raw.to(dtype=torch.float64, device=self.device)
         if c.dim() == 1:
             c = c.unsqueeze(0)
         n_out = math.prod(self.output_shape)

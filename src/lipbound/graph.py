@@ -8,6 +8,7 @@ where it sits.
 
 from __future__ import annotations
 
+import inspect
 import itertools
 import logging
 import math
@@ -18,10 +19,11 @@ import torch
 import torch.fx as fx
 from torch import Tensor, nn
 
-from ._modelinfo import model_dtype_device
+from ._modelinfo import model_dtype_device, unwrap_model, wrapper_problem
 from ._precision import exact_float32
 from .errors import InputError, UnsupportedModelError, WeightsError
 from .ops.base import Op
+from .ops.elementwise import identity_rule
 from .ops.registry import (
     _COMPUTING_METHODS,
     AUXILIARY_METHODS,
@@ -38,12 +40,20 @@ log = logging.getLogger(__name__)
 
 
 class _Tracer(fx.Tracer):
-    """Keeps every module that has a registered rule as a leaf (e.g. Normalize)."""
+    """Keeps every module that has a registered rule as a leaf (e.g. Normalize), and traces a
+    wrapper that runs its module (``nn.DataParallel``, ``torch.compile``: see
+    :func:`~lipbound._modelinfo.unwrap_model`) as that module."""
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
         if module_rule(m) is not None:
             return True
         return super().is_leaf_module(m, qualname)
+
+    def call_module(self, m: nn.Module, forward, args, kwargs):
+        inner = unwrap_model(m)
+        if inner is not m:
+            return self.call_module(inner, inner.forward, args, kwargs)
+        return super().call_module(m, forward, args, kwargs)
 
 
 def modules_in_training(model: nn.Module) -> list[str]:
@@ -105,9 +115,28 @@ class _ShapeRecorder(fx.Interpreter):
         return out
 
 
+def check_inference_tensors(model: nn.Module) -> None:
+    """Refuse a model whose parameters or buffers were created in ``torch.inference_mode()``.
+
+    Raises:
+        InputError: naming the tensors and the fix.
+    """
+    inference = [n for n, t in itertools.chain(model.named_parameters(), model.named_buffers())
+                 if t.is_inference()]
+    if inference:
+        raise InputError(
+            f"the model's tensors were created under torch.inference_mode() ("
+            f"{', '.join(inference[:4])}{', ...' if len(inference) > 4 else ''}): such "
+            "tensors have no version counter (lipbound could not see them change) and cannot "
+            "take part in the gradient computations of lower bounds and attacks. Build or load "
+            "the model outside inference mode (torch.no_grad() is fine), or pass "
+            "copy.deepcopy(model), which holds ordinary tensors")
+
+
 def check_tensors(model: nn.Module) -> None:
     """Refuse, before anything runs, a model whose tensors hold no data (the ``meta``
-    device) or whose floating-point type is half precision.
+    device), were made in ``torch.inference_mode()`` or whose floating-point type is half
+    precision.
 
     Raises:
         InputError: naming the problem and the fix.
@@ -119,6 +148,7 @@ def check_tensors(model: nn.Module) -> None:
             f"the model's parameters are on the meta device (not materialised: "
             f"{', '.join(meta[:4])}{', ...' if len(meta) > 4 else ''}); load real weights "
             "first (e.g. model.to_empty(device='cpu') then model.load_state_dict(...))")
+    check_inference_tensors(model)
     half = sorted({str(t.dtype).removeprefix("torch.") for _, t in tensors
                    if t.dtype in (torch.float16, torch.bfloat16)})
     if half:
@@ -310,11 +340,70 @@ def x0_shape_hint(model: nn.Module, x0_shape: tuple[int, ...]) -> str | None:
 
 def check_finite_parameters(model: nn.Module) -> None:
     """Raise :class:`WeightsError` naming every parameter or buffer with NaN/inf entries."""
-    bad = [n for n, t in list(model.named_parameters()) + list(model.named_buffers())
-           if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+    with torch.no_grad():  # (an inference tensor that requires grad fails outside it)
+        bad = [n for n, t in list(model.named_parameters()) + list(model.named_buffers())
+               if t.is_floating_point() and not bool(torch.isfinite(t).all())]
     if bad:
         raise WeightsError(f"the model's weights contain NaN/inf in {', '.join(bad)}; load "
                            "valid weights (a diverged training run or a corrupt file?)")
+
+
+_CASTS = (torch.float32, torch.float64)
+
+
+def _moves_only(node: fx.Node) -> bool:
+    """Whether a ``.to(...)`` call only moves its tensor to a device or casts it to float32 /
+    float64 (``x.to(self.device)``, ``x.to(torch.float32)``): the identity in exact
+    arithmetic (a cast's rounding is seen by the check of the chain against the model's own
+    forward pass). Not a cast to another type (an integer type truncates)."""
+    def ok(a: object) -> bool:
+        return (isinstance(a, (torch.device, str, bool, torch.memory_format))
+                or a in _CASTS)
+    return all(ok(a) for a in node.args[1:]) and all(ok(v) for v in node.kwargs.values())
+
+
+def _default_arguments(model: nn.Module) -> dict[str, object] | None:
+    """The default values of the arguments after the input of the model's ``forward`` (``def
+    forward(self, x, return_features=False)``), when every one has a default: the model is
+    analysed as lipbound runs it, ``model(x)``; ``None`` for a forward of one argument (or
+    with ``*args`` / ``**kwargs`` or an argument without a default, refused as more inputs).
+    """
+    try:
+        params = list(inspect.signature(type(model).forward).parameters.values())[2:]
+    except (TypeError, ValueError):
+        return None
+    kinds = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    if not params or any(p.kind not in kinds or p.default is p.empty for p in params):
+        return None
+    return {p.name: p.default for p in params}
+
+
+_SPECIALISATION_CHECKS = frozenset((operator.eq, torch._assert, fx._symbolic_trace._assert_is_none))
+"""What torch.fx adds after the placeholder of an argument given as ``concrete_args``: a check
+that a call passes the value it was traced with."""
+
+
+def _drop_default_inputs(graph: fx.Graph) -> None:
+    """Remove from ``graph`` (traced with :func:`_default_arguments` as ``concrete_args``) the
+    placeholders of the defaulted arguments and the checks torch.fx adds on them, so that
+    the graph takes the input alone; a placeholder used by anything else is kept (and the
+    model refused as one with more inputs)."""
+    placeholders = [n for n in graph.nodes if n.op == "placeholder"][1:]
+    for ph in placeholders:
+        found, todo = [], list(ph.users)
+        while todo:
+            n = todo.pop()
+            if n in found:
+                continue
+            if n.op != "call_function" or n.target not in _SPECIALISATION_CHECKS:
+                break
+            found.append(n)
+            todo.extend(n.users)
+        else:
+            order = {n: i for i, n in enumerate(graph.nodes)}
+            for n in sorted(found, key=order.__getitem__, reverse=True):
+                graph.erase_node(n)
+            graph.erase_node(ph)
 
 
 def trace_model(model: nn.Module, input_shape: Sequence[int]) -> list[Op]:
@@ -329,13 +418,20 @@ def trace_model(model: nn.Module, input_shape: Sequence[int]) -> list[Op]:
         UnsupportedModelError: listing every unsupported node at once.
     """
     input_shape = check_input_shape(input_shape)
+    model = unwrap_model(model)  # DataParallel / torch.compile: the module they run
+    problem = wrapper_problem(model)  # (before the eval check: such a model has no eval())
+    if problem is not None:
+        raise InputError(problem)
     check_eval_mode(model)
     check_tensors(model)
     check_finite_parameters(model)
     check_batchnorm(model)
     check_hooks(model)
+    defaults = _default_arguments(model)
     try:
-        graph = _Tracer().trace(model)
+        graph = _Tracer().trace(model, concrete_args=defaults)
+        if defaults:
+            _drop_default_inputs(graph)
     except Exception as exc:  # fx raises many types; all mean the same to the user
         raise UnsupportedModelError([(
             type(model).__name__, "untraceable forward",
@@ -393,7 +489,9 @@ def trace_model(model: nn.Module, input_shape: Sequence[int]) -> list[Op]:
             outs = node.args[0]
             if outs is not current:
                 problems.append(("model output", "output", "the output must be the last "
-                                 "tensor of the chain (a single tensor, not a tuple/dict)"))
+                                 "tensor of the chain (a single tensor, not a tuple/dict; "
+                                 "for a model returning (logits, features), analyse a module "
+                                 "whose forward returns model(x)[0])"))
             continue
         shape = shape_of(node)
         tensor_inputs = [a for a in node.all_input_nodes if shape_of(a) is not None]
@@ -448,6 +546,8 @@ def trace_model(model: nn.Module, input_shape: Sequence[int]) -> list[Op]:
                 module = _module_from_call(node.target, args, kwargs)
         elif node.op == "call_method":
             rule = METHOD_RULES.get(str(node.target))
+            if rule is None and node.target == "to" and _moves_only(node):
+                rule = identity_rule
         if rule is None:
             detail = ""
             if module is not None:

@@ -43,7 +43,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
-from ._modelinfo import model_dtype_device
+from ._modelinfo import model_dtype_device, unwrap_model
 from ._precision import exact_float32
 from ._progress import NULL_BAR, NullBar, progress_bar
 from .analyzer import Analyzer
@@ -192,7 +192,7 @@ def _resolve(model: nn.Module | Analyzer | None, analyzer: Analyzer | None, x0: 
         if not isinstance(analyzer, Analyzer):
             raise InputError(f"analyzer must be a lipbound.Analyzer, got "
                              f"{type(analyzer).__name__}")
-        if model is not None and analyzer.model is not model:
+        if model is not None and analyzer.model is not unwrap_model(model):
             raise InputError("analyzer= was built for a different model than the one passed; "
                              "pass the same model or build Analyzer(model, ...) for it")
         if analyzer_kwargs or device is not None:

@@ -19,7 +19,7 @@ def check_eps(eps: float, name: str = "eps") -> float:
         raise InputError(f"{name} must be a positive number, got {eps!r}")
     try:
         e = float(eps)
-    except (TypeError, ValueError) as exc:
+    except (TypeError, ValueError, RuntimeError) as exc:  # (a tensor on the meta device)
         raise InputError(f"{name} must be a positive number, got {eps!r}") from exc
     if math.isnan(e) or math.isinf(e):
         raise InputError(f"{name} must be finite, got {e}; pass a radius such as 0.1")
@@ -38,7 +38,7 @@ def check_int(value: object, name: str, minimum: int) -> int:
     else:
         try:
             f = float(value)  # type: ignore[arg-type]
-        except (TypeError, ValueError) as exc:
+        except (TypeError, ValueError, RuntimeError) as exc:  # (a tensor on the meta device)
             raise InputError(f"{name} must be an integer >= {minimum}, got {value!r}") from exc
         if not math.isfinite(f) or f != int(f):
             raise InputError(f"{name} must be an integer >= {minimum}, got {value!r}")
@@ -61,6 +61,23 @@ def check_reuse_tol(reuse_tol: float) -> float:
     return t
 
 
+def check_plain_tensor(x: Tensor, name: str = "x0") -> None:
+    """Refuse a tensor that holds no real values in the usual layout: complex (a conversion
+    would drop the imaginary part), on the ``meta`` device (no data) or sparse.
+
+    Raises:
+        InputError: naming the problem and the fix.
+    """
+    if x.is_complex():
+        raise InputError(f"{name} is complex ({x.dtype}); lipbound works with real numbers "
+                         f"only: pass {name}.real (or the real tensor it came from)")
+    if x.is_meta:
+        raise InputError(f"{name} is on the meta device (shapes only, no values); pass a tensor "
+                         "holding its values")
+    if x.layout != torch.strided:
+        raise InputError(f"{name} has the {x.layout} layout; pass {name}.to_dense()")
+
+
 def check_input(x0: Tensor, input_shape: Sequence[int] | None, name: str = "x0") -> Tensor:
     """Return ``x0`` with a batch dimension of 1, checked against ``input_shape``.
 
@@ -72,8 +89,9 @@ def check_input(x0: Tensor, input_shape: Sequence[int] | None, name: str = "x0")
             x0 = torch.as_tensor(x0)
         except Exception as exc:
             raise InputError(f"{name} must be a tensor, got {type(x0).__name__}") from exc
+    check_plain_tensor(x0, name)
     if not x0.is_floating_point():
-        x0 = x0.to(torch.float32)
+        x0 = x0.to(torch.float32)  # (integer pixel values, a binary image)
     if input_shape is not None:
         shape = tuple(int(s) for s in input_shape)
         if tuple(x0.shape) == shape:

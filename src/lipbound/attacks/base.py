@@ -43,11 +43,19 @@ from typing import Any, ClassVar, Literal
 import torch
 from torch import Tensor, nn
 
-from lipbound._modelinfo import guard_input_writes, model_device, model_dtype_device
+from lipbound._modelinfo import (
+    guard_input_writes,
+    model_device,
+    model_dtype_device,
+    unwrap_model,
+    wrapper_problem,
+)
 from lipbound._precision import exact_float32
 from lipbound.errors import InputError
-from lipbound.graph import modules_in_training
+from lipbound.graph import check_inference_tensors, modules_in_training
+from lipbound.lower._common import check_input_gradients
 from lipbound.results import Guarantee, _jsonable
+from lipbound.validation import check_plain_tensor
 
 logger = logging.getLogger(__name__)
 
@@ -408,8 +416,13 @@ class Attack(ABC):
 
 def _prepare(model: nn.Module, x0: Tensor, bounds: Bounds | None,
              seed: int) -> tuple[AttackContext, Tensor]:
+    problem = wrapper_problem(model)
+    if problem is not None and not isinstance(model, torch.jit.ScriptModule):
+        raise InputError(problem)  # (a TorchScript module is only run, which works)
     if not isinstance(model, nn.Module):
         raise InputError(f"expected model to be a torch.nn.Module, got {type(model).__name__}")
+    model = unwrap_model(model)  # DataParallel / torch.compile: the module they run
+    check_inference_tensors(model)
     training = modules_in_training(model)
     if training:
         raise InputError(
@@ -421,6 +434,7 @@ def _prepare(model: nn.Module, x0: Tensor, bounds: Bounds | None,
                          "call the attack outside inference mode.")
     if not isinstance(x0, Tensor):
         raise InputError(f"expected x0 to be a torch.Tensor, got {type(x0).__name__}")
+    check_plain_tensor(x0)
     if not x0.is_floating_point():
         raise InputError(f"expected a floating-point x0, got dtype {x0.dtype}; convert it "
                          "with x0.float()")
@@ -461,6 +475,7 @@ def _prepare(model: nn.Module, x0: Tensor, bounds: Bounds | None,
         lo_t, hi_t = _check_bounds(bounds, xm)
     gen = torch.Generator(device=device)
     gen.manual_seed(seed)
+    check_input_gradients(model, xm)  # (every attack follows the input gradient)
     ctx = AttackContext(model, xm, label, int(z.shape[1]), lo_t, hi_t, gen)
     return ctx, x0_ref
 

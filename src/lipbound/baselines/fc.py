@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from scipy.sparse import csgraph
 from torch import fx, nn
 
-from lipbound._modelinfo import model_dtype_device
+from lipbound._modelinfo import model_dtype_device, unwrap_model, wrapper_problem
 from lipbound._precision import exact_float32
 from lipbound.errors import InputError, LipboundError, UnsupportedModelError
 from lipbound.graph import check_finite_parameters, check_hooks
@@ -376,8 +376,12 @@ def fc_layers(model: nn.Module, *, input_shape: Sequence[int] | None = None,
         InputError: ``input_shape`` does not match the model.
         WeightsError: NaN/inf parameters.
     """
+    problem = wrapper_problem(model)
+    if problem is not None:
+        raise InputError(problem)
     if not isinstance(model, nn.Module):
         raise InputError(f"expected a torch.nn.Module, got {type(model).__name__}")
+    model = unwrap_model(model)  # DataParallel / torch.compile: the module they run
     check_finite_parameters(model)
     check_hooks(model)  # hooks and a replaced root forward are not in the fx graph
     try:

@@ -503,6 +503,9 @@ def load_state_dict_file(model: nn.Module, path: str) -> None:
                 break
     if not isinstance(sd, dict):
         raise WeightsError(f"weights file {p} holds a {type(sd).__name__}, not a state dict")
+    from ..zoo.weights import unwrapped_state
+
+    sd = unwrapped_state(sd, model.state_dict())  # saved from a DataParallel / compiled model
     try:
         res = model.load_state_dict(sd, strict=True)
     except RuntimeError as exc:
@@ -633,6 +636,9 @@ def load_model(args: argparse.Namespace) -> Loaded:
                              "model is built by its factory: drop --weights-seed (seed "
                              "your factory yourself)")
         model, info = load_user_factory(spec)
+        from .._modelinfo import unwrap_model
+
+        model = unwrap_model(model)  # DataParallel / torch.compile: the module they run
         _check_eval(model, spec, spec.rpartition(":")[2])
         if getattr(args, "weights", None):
             load_state_dict_file(model, args.weights)

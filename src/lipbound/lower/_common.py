@@ -24,11 +24,16 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from lipbound._modelinfo import floating_tensor, guard_input_writes
+from lipbound._modelinfo import (
+    floating_tensor,
+    guard_input_writes,
+    unwrap_model,
+    wrapper_problem,
+)
 from lipbound._precision import exact_float32_on_model
 from lipbound.errors import InputError
-from lipbound.graph import modules_in_training
-from lipbound.validation import check_eps, check_int
+from lipbound.graph import check_inference_tensors, modules_in_training
+from lipbound.validation import check_eps, check_int, check_plain_tensor
 
 logger = logging.getLogger(__name__)
 
@@ -132,16 +137,27 @@ def check_problem(
     eps: float,
     output_map: torch.Tensor | None,
 ) -> Problem:
-    """Validate the common arguments and evaluate ``f(x0)``.
+    """Validate the common arguments and evaluate ``f(x0)``; check that the model's output
+    has gradients with respect to its input (every method uses them: see
+    :func:`check_input_gradients`).
 
     Raises:
         InputError: on any invalid argument, naming the problem and the fix.
     """
+    if torch.is_inference_mode_enabled():
+        raise InputError("the lower bounds need input gradients, which torch.inference_mode() "
+                         "disables; call them outside inference mode")
+    problem = wrapper_problem(model)
+    if problem is not None and not isinstance(model, torch.jit.ScriptModule):
+        raise InputError(problem)  # (a TorchScript module is only run, which works)
     if not isinstance(model, nn.Module):
         raise InputError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    model = unwrap_model(model)  # DataParallel / torch.compile: the module they run
     _check_eval(model)
+    check_inference_tensors(model)
     if not isinstance(x0, torch.Tensor):
         raise InputError(f"x0 must be a torch.Tensor, got {type(x0).__name__}")
+    check_plain_tensor(x0)
     if x0.dim() < 2 or x0.shape[0] != 1:
         raise InputError(
             f"x0 must have a batch dimension of size 1, shape (1, *input_shape); got shape "
@@ -193,6 +209,7 @@ def check_problem(
     if output_map is not None:
         if not isinstance(output_map, torch.Tensor):
             raise InputError(f"output_map must be a torch.Tensor (k, m), got {type(output_map)}")
+        check_plain_tensor(output_map, "output_map")
         if output_map.dim() != 2 or output_map.shape[1] != m:
             raise InputError(
                 f"output_map must have shape (k, {m}) to act on the model's {m} outputs; got "
@@ -201,7 +218,35 @@ def check_problem(
         if not bool(torch.isfinite(output_map).all()):
             raise InputError("output_map contains NaN or infinite values")
         cmap = output_map.detach().to(device=x0.device, dtype=x0.dtype)
+    check_input_gradients(model, x0)
     return Problem(model, x0, eps_f, cmap, f0.detach(), shape, dim)
+
+
+def check_input_gradients(model: nn.Module, x0: torch.Tensor) -> None:
+    """Refuse a model whose output has no gradient with respect to its input (a forward
+    decorated with ``torch.no_grad()`` / ``torch.inference_mode()``, or one that detaches
+    its input): the gradient-based methods would fail inside autograd. One forward and
+    backward pass at ``x0``.
+
+    Raises:
+        InputError: naming the likely causes and the fix.
+    """
+    with torch.enable_grad():
+        x = x0.detach().clone().requires_grad_(True)
+        try:
+            out = model(x.clone())  # (a copy: the model may write into its input)
+            grad = None
+            if isinstance(out, torch.Tensor) and out.requires_grad:
+                (grad,) = torch.autograd.grad(out.sum(), x, allow_unused=True)
+        except RuntimeError:
+            grad = None
+    if grad is None:
+        raise InputError(
+            "the model's output has no gradient with respect to its input (a forward "
+            "decorated with torch.no_grad() or torch.inference_mode(), or one that detaches "
+            "its input?); the lower bounds (their rounding floor too) and the attacks need "
+            "input gradients: remove the decorator or the detach (lipbound turns gradients "
+            "off itself where it needs none)")
 
 
 def check_positive_int(name: str, value: int, minimum: int = 1) -> int:
@@ -365,6 +410,7 @@ def ratio_at(
     """
     if x.shape != x0.shape:
         raise InputError(f"x must have the shape of x0 {tuple(x0.shape)}, got {tuple(x.shape)}")
+    model = unwrap_model(model)  # DataParallel / torch.compile: the module they run
     _check_eval(model)
     device, dtype = _param_device_dtype(model)
     x0 = x0.detach().to(device=device or x0.device, dtype=dtype or x0.dtype)
@@ -559,6 +605,8 @@ def auto_batch_size(prob: Problem, n: int, target_elements: int | None = None) -
         if isinstance(out, torch.Tensor):
             sizes.append(int(out.numel()))
 
+    if isinstance(prob.model, torch.jit.ScriptModule):  # (no forward hooks there)
+        return max(1, min(n, target_elements // max(sizes)))
     handles = [m.register_forward_hook(hook) for m in prob.model.modules()]
     try:
         with torch.no_grad():

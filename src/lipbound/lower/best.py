@@ -8,6 +8,7 @@ import time
 import torch
 from torch import nn
 
+from lipbound._modelinfo import unwrap_model
 from lipbound._precision import exact_float32_on_model
 from lipbound.lower._common import one_float64_copy
 from lipbound.lower.gradient import gradient_lower_bound
@@ -69,6 +70,7 @@ def best_lower_bound(
     pgd_steps = check_int(pgd_steps, "pgd_steps", 0)
     pgd_refine = check_int(pgd_refine, "pgd_refine", 0)
     pgd_refine_steps = check_int(pgd_refine_steps, "pgd_refine_steps", 0)
+    model = unwrap_model(model)  # (the module the methods run: one copy shared by all)
     with one_float64_copy(model):  # the three methods' witnesses share one float64 copy
         rnd = random_lower_bound(model, x0, eps, n_samples=n_random, seed=seed,
                                  output_map=output_map, progress=progress)

@@ -63,6 +63,8 @@ FUNCTION_RULES: dict[object, Rule] = {
     torch.relu: relu_rule,
     torch.flatten: reshape_rule,
     torch.reshape: reshape_rule,
+    torch.clone: identity_rule,
+    torch.detach: identity_rule,
     F.max_pool2d: lambda m, *a: maxpool2d_rule(m, *a),
     F.avg_pool2d: lambda m, *a: avgpool2d_rule(m, *a),
     F.adaptive_avg_pool2d: lambda m, *a: adaptive_avgpool2d_rule(m, *a),
@@ -74,6 +76,13 @@ METHOD_RULES: dict[str, Rule] = {
     "flatten": reshape_rule,
     "relu": relu_rule,
     "contiguous": identity_rule,
+    # the same values (a wrapper copying its input; a cast to float32 / float64, the identity
+    # in exact arithmetic, which the bounds are about; the check of the chain against the
+    # model's own forward pass sees the rounding)
+    "clone": identity_rule,
+    "detach": identity_rule,
+    "float": identity_rule,
+    "double": identity_rule,
 }
 
 # function/method targets that produce no tensor on the chain (shape queries); allowed.

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -108,6 +108,28 @@ def _listing(items: list[str]) -> str:
     return shown + (f", ... ({more} more)" if more > 0 else "")
 
 
+WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+"""Key prefixes of a state dict saved from a wrapped model: ``nn.DataParallel`` /
+``DistributedDataParallel`` (``module.``) and ``torch.compile`` (``_orig_mod.``)."""
+
+
+def unwrapped_state(state: Mapping[str, Any], expected: Iterable[str]) -> Mapping[str, Any]:
+    """``state`` with the prefix of a wrapper (:data:`WRAPPER_PREFIXES`, at any depth)
+    removed from every key, when every key has it and none of the model's ``expected`` keys
+    does; else ``state`` itself. The same tensors under the names the model gives them (the
+    load then checks every key and shape)."""
+    expected = set(expected)
+    for _ in range(8):
+        if not state or any(k in expected for k in state):
+            return state
+        prefix = next((p for p in WRAPPER_PREFIXES if all(k.startswith(p) for k in state)),
+                      None)
+        if prefix is None:
+            return state
+        state = {k[len(prefix):]: v for k, v in state.items()}
+    return state
+
+
 def load_into(model: nn.Module, state: Mapping[str, torch.Tensor], *, source: str) -> None:
     """Copy ``state`` into ``model``, checking keys and shapes first.
 
@@ -115,6 +137,7 @@ def load_into(model: nn.Module, state: Mapping[str, torch.Tensor], *, source: st
         WeightsError: listing every missing key, unexpected key and shape mismatch.
     """
     expected = model.state_dict()
+    state = unwrapped_state(state, expected)  # saved from a DataParallel / compiled model
     missing = [k for k in expected if k not in state]
     unexpected = [k for k in state if k not in expected]
     mismatched = [
