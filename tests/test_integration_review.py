@@ -589,3 +589,48 @@ def test_cli_factory_returning_a_dataparallel_model(capsys, tmp_path):
         assert rc == 0, err
         values.append(json.loads(out)["value"])
     assert values[0] == values[1]
+
+
+def test_wrapper_changed_after_the_analyzer_is_refused():
+    # the analyzer analyses the wrapper's module; a wrapper that later runs another module
+    # (a new .module), or gets a forward hook, computes another function: refused, not the
+    # old module's bound (was: 0.7 certified for a wrapper of bound 66)
+    inner = _net(0)
+    dp = nn.DataParallel(inner).eval()
+    an = Analyzer(dp, (3,))
+    bound = an.global_bound().value
+    assert bound >= _lower(inner).value
+    big = _net(1)
+    with torch.no_grad():
+        for p in big.parameters():
+            p.mul_(10)
+    dp.module = big
+    with pytest.raises(InputError, match="DataParallel it was built for now runs"):
+        an.global_bound()
+    dp.module = inner  # back to the module it was built for: answers again
+    assert an.global_bound().value == bound
+    handle = dp.register_forward_hook(lambda m, i, o: o * 100)
+    with pytest.raises(InputError, match="got a forward hook"):
+        an.local_bound(X0, EPS)
+    handle.remove()
+    assert an.global_bound().value == bound
+    twin = copy.deepcopy(an)  # (a copy holds no wrapper: its model is the module)
+    assert twin.global_bound().value == bound
+
+
+def test_compiled_module_with_a_forward_of_its_own_is_not_unwrapped():
+    inner = _net(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        compiled = torch.compile(inner)
+    an = Analyzer(compiled, (3,))
+    assert an.model is inner
+    scaled = lambda x: inner(x) * 100  # noqa: E731
+    compiled.forward = scaled  # computes 100 f: no longer the module's function
+    with pytest.raises(InputError, match="OptimizedModule it was built for now runs"):
+        an.global_bound()
+    with pytest.raises(UnsupportedModelError, match="forward replaced"):
+        Analyzer(compiled, (3,))
+    # the lower bounds run what the wrapper computes: 100 times the module's
+    plain = gradient_lower_bound(inner, X0, EPS, n_steps=5).value
+    assert gradient_lower_bound(compiled, X0, EPS, n_steps=5).value > 50 * plain

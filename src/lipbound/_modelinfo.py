@@ -80,12 +80,33 @@ def unwrap_model(model: object) -> object:
             if optimized is None or type(model) is not optimized:
                 return model
             inner, own = d["_modules"].get("_orig_mod"), ("forward",)
+            if not _compiled_runs(model, inner):  # a forward set on it by the user
+                return model
         if not isinstance(inner, nn.Module) or d["_forward_hooks"] \
                 or d["_forward_pre_hooks"] or d.get("_compiled_call_impl") is not None \
                 or any(n in d for n in _PATCHABLE if n not in own):
             return model
         model = inner
     return model
+
+
+def _compiled_runs(wrapper: nn.Module, inner: object) -> bool:
+    """Whether the ``forward`` that ``torch.compile`` set on its wrapper is still there and
+    calls ``inner`` (not one set later on the instance: ``compiled.forward = f``, which
+    computes something else). Follows the ``functools.wraps`` chain of dynamo's wrappers."""
+    d = wrapper.__dict__
+    f = d.get("forward")
+    if getattr(f, "__self__", None) is wrapper and getattr(f, "__name__", "") \
+            == "_call_lazy_check":  # (a lazy module: the compiled forward is kept aside)
+        f = d.get("_forward")
+    for _ in range(8):
+        if f is None:
+            return False
+        if f is inner or (getattr(f, "__self__", None) is inner and getattr(
+                f, "__name__", "") in ("__call__", "_wrapped_call_impl")):
+            return True
+        f = getattr(f, "__wrapped__", None)
+    return False
 
 
 def wrapper_problem(model: object) -> str | None:

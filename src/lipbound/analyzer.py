@@ -387,8 +387,11 @@ class Analyzer:
             raise InputError(problem)
         if not isinstance(model, nn.Module):
             raise InputError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-        # DataParallel / torch.compile: the module they run (same function, same tensors)
-        model = unwrap_model(model)
+        # DataParallel / torch.compile: the module they run (same function, same tensors);
+        # the wrapper is kept to see it run another module later (a new .module, a hook)
+        inner = unwrap_model(model)
+        self._wrapper = model if inner is not model else None
+        model = inner
         if input_shape is None:
             if x0 is None:
                 raise InputError("give input_shape or an example input x0")
@@ -471,6 +474,7 @@ class Analyzer:
         state = dict(self.__dict__)
         state["_stale"] = self._stale or self._changed()
         state["_tensor_state"] = None
+        state["_wrapper"] = None  # (its change, if any, is in _stale)
         return state
 
     def __setstate__(self, state: dict) -> None:
@@ -479,6 +483,10 @@ class Analyzer:
 
     def _changed(self) -> str | None:
         """What changed in the model since this analyzer was built, or ``None``."""
+        wrapper = self.__dict__.get("_wrapper")
+        if wrapper is not None and unwrap_model(wrapper) is not self.model:
+            return (f"the {type(wrapper).__name__} it was built for now runs another module, "
+                    "or got a forward hook or a forward of its own")
         return (changed_tensor(self._tensor_state, self.model)
                 or changed_contents(self._contents))
 
