@@ -616,6 +616,11 @@ def test_wrapper_changed_after_the_analyzer_is_refused():
     assert an.global_bound().value == bound
     twin = copy.deepcopy(an)  # (a copy holds no wrapper: its model is the module)
     assert twin.global_bound().value == bound
+    reuse = an.reuse_copy(0.02)  # a twin of the same model (radius searches) watches it too
+    dp.module = big
+    with pytest.raises(InputError, match="DataParallel it was built for now runs"):
+        reuse.global_bound()
+    dp.module = inner
 
 
 def test_compiled_module_with_a_forward_of_its_own_is_not_unwrapped():

@@ -456,6 +456,9 @@ class Analyzer:
         twin._queries = {}
         # the draw counters are shared: no start vector is used twice in the family
         twin._draws = self._draws
+        # (copy.copy goes through __getstate__, which drops the wrapper: a twin of the same
+        # model watches it too)
+        twin._wrapper = self.__dict__.get("_wrapper")
         twin._skipped_queries = 0
         twin.reuse_tol = reuse_tol
         return twin
