@@ -433,6 +433,19 @@ def test_forward_without_input_gradients_is_refused_by_the_lower_bounds_and_atta
         gradient_lower_bound(m, X0, EPS, n_steps=2)
 
 
+
+def test_other_failures_of_the_gradient_probe_are_not_disguised():
+    """Only autograd's complaints mean "no input gradient"; another failure of the probing
+    pass (out of memory, a shape error) is reported as it is."""
+    from lipbound.lower._common import check_input_gradients
+
+    class Fails(nn.Module):
+        def forward(self, x):
+            raise RuntimeError("DefaultCPUAllocator: can't allocate memory")
+
+    with pytest.raises(RuntimeError, match="allocate memory"):
+        check_input_gradients(Fails(), X0)
+
 def test_input_moved_to_the_models_device_is_analysed():
     # (was: "tensor method .to() (no rule for this operation)" for x.to(self.device))
     m = _net()
@@ -639,3 +652,24 @@ def test_compiled_module_with_a_forward_of_its_own_is_not_unwrapped():
     # the lower bounds run what the wrapper computes: 100 times the module's
     plain = gradient_lower_bound(inner, X0, EPS, n_steps=5).value
     assert gradient_lower_bound(compiled, X0, EPS, n_steps=5).value > 50 * plain
+
+
+def test_a_float32_cast_inside_a_float64_model_is_named_in_the_refusal():
+    """``.float()`` is the identity in exact arithmetic, but in a float64 model its rounding
+    exceeds the chain check's float64 tolerance: the refusal says so (it said only "a layer
+    has behaviour lipbound does not model")."""
+    from lipbound.errors import UnsupportedModelError
+
+    class Casting(nn.Module):
+        def __init__(self, back: torch.dtype) -> None:
+            super().__init__()
+            self.a, self.b, self.back = nn.Linear(3, 8), nn.Linear(8, 2), back
+
+        def forward(self, x):
+            return self.b(torch.relu(self.a(x)).float().to(self.back))
+
+    m = Casting(torch.float64).double().eval()
+    with pytest.raises(UnsupportedModelError, match="casts to float32"):
+        Analyzer(m, (3,))
+    m32 = Casting(torch.float32).eval()  # in a float32 model the casts do nothing: analysed
+    assert Analyzer(m32, (3,)).global_bound().value > 0

@@ -645,7 +645,10 @@ def _verify_at(ops: list[Op], model: nn.Module, example: Tensor, x: Tensor, what
     if not math.isfinite(err) or err > tol * scale:
         raise UnsupportedModelError([("model", "chain", f"the analysed chain does not "
                                       f"reproduce the model's output (max error {err:.3g}); "
-                                      "a layer has behaviour lipbound does not model")])
+                                      "a layer has behaviour lipbound does not model (or a "
+                                      "float64 model casts to float32 inside its forward: "
+                                      "its rounding exceeds this check's float64 tolerance; "
+                                      "remove the cast or run the model in float32)")])
 
 
 __all__ = ["trace_model", "chain_forward", "check_eval_mode", "MODULE_RULES"]
