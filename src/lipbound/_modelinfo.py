@@ -250,10 +250,12 @@ _SETTING_GETTERS: dict[type, Callable[[dict], Any]] = {}
 """Per module class: the getter of its plain-valued attributes (:func:`_setting_getter`)."""
 
 
-_FLAG_TYPES = frozenset((bool, str, type(None)))
+_FLAG_TYPES = frozenset((bool, str, type(None), float))
 """Attribute types of a user's module that are watched: flags and modes (``self.use_extra =
 True``, ``self.mode = "small"``, ``self.act = None``), which a forward may branch on (torch.fx
-traces the branch taken); not numbers, which a forward may update at every call (a count)."""
+traces the branch taken), and floats, which a forward may compute with (``x * self.scale``:
+torch.fx records the number, :mod:`lipbound.ops.scalar` analyses it); not integers, which a
+forward may update at every call (a count)."""
 _MODULE_INTERNALS = frozenset(vars(nn.Module()))
 """``nn.Module``'s own attributes (``_is_full_backward_hook``: set by backward hooks)."""
 

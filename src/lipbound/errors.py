@@ -25,7 +25,8 @@ class UnsupportedModelError(LipboundError):
             f"the model has {len(self.nodes)} unsupported operation(s):\n" + "\n".join(lines)
             + "\nlipbound supports chains of Linear, Conv2d, ReLU, MaxPool2d, AvgPool2d, "
             "AdaptiveAvgPool2d, BatchNorm1d/2d (eval), Dropout (eval), Flatten/view/reshape, "
-            "Identity and lipbound.Normalize; rewrite these parts with supported layers, or "
+            "Identity, lipbound.Normalize and arithmetic with a constant (x / 255, x - "
+            "self.mean); rewrite these parts with supported layers, or "
             "register a rule with lipbound.register_rule."
         )
 

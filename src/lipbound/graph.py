@@ -34,6 +34,7 @@ from .ops.registry import (
     _module_from_call,
     module_rule,
 )
+from .ops.scalar import CHAIN, CONST_METHODS, arith_kind, arith_rule, constant, operands
 from .validation import check_input_shape
 
 log = logging.getLogger(__name__)
@@ -406,6 +407,84 @@ def _drop_default_inputs(graph: fx.Graph) -> None:
             graph.erase_node(ph)
 
 
+def _input_dependence(gm: fx.GraphModule, model: nn.Module) -> tuple[set[str], set[str]]:
+    """The names of the nodes whose value depends on the input (the placeholder), and of the
+    constants arithmetic may take: ``get_attr`` nodes of the model's parameters and buffers
+    (which lipbound watches for changes; a plain tensor attribute is not watched), and
+    those passed through :data:`~lipbound.ops.scalar.CONST_METHODS` with literal arguments
+    (``self.std.view(1, -1, 1, 1)``)."""
+    named = list(itertools.chain(model.named_parameters(remove_duplicate=False),
+                                 model.named_buffers(remove_duplicate=False)))
+    held = {n for n, _ in named}
+    held_ids = {id(t) for _, t in named}
+    dep: set[str] = set()
+    consts: set[str] = set()
+    for node in gm.graph.nodes:
+        if node.op == "placeholder" or any(a.name in dep for a in node.all_input_nodes):
+            dep.add(node.name)
+        elif node.op == "get_attr":
+            try:
+                value = _attr(gm, str(node.target))
+            except AttributeError:
+                continue
+            # a registered tensor, or a view of one made eagerly in forward (torch.fx runs
+            # ``self.std.view(1, -1, 1, 1)`` on a buffer and records the view as a constant;
+            # it shares the buffer's storage and version counter)
+            base = getattr(value, "_base", None)
+            if str(node.target) in held or (isinstance(value, Tensor) and base is not None
+                                            and id(base) in held_ids):
+                consts.add(node.name)
+        elif node.op == "call_method" and node.args and isinstance(node.args[0], fx.Node) \
+                and node.args[0].name in consts \
+                and not any(isinstance(a, fx.Node) for a in node.args[1:]) \
+                and not any(isinstance(a, fx.Node) for a in node.kwargs.values()) \
+                and (node.target in CONST_METHODS
+                     or (node.target == "to" and _moves_only(node))):
+            consts.add(node.name)
+    return dep, consts
+
+
+def _attr(root: nn.Module, target: str) -> object:
+    """The attribute ``target`` (a dotted path) of ``root``."""
+    obj: object = root
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def _arith_op(kind: str, node: fx.Node, values: dict[str, object], dep: set[str],
+              consts: set[str], name: str, in_shape: tuple[int, ...],
+              out_shape: tuple[int, ...]) -> Op:
+    """The op of an arithmetic node (:mod:`lipbound.ops.scalar`): its operands read as the
+    chain's tensor (a node depending on the input) or constants (literal numbers, and the
+    values of the constant nodes of :func:`_input_dependence`).
+
+    Raises:
+        NotImplementedError: with the reason it is not supported.
+    """
+    args = operands(kind, node.op == "call_method", node.args, node.kwargs)
+    ops: list[object] = []
+    for a in args:
+        if isinstance(a, fx.Node):
+            if a.name in dep:
+                ops.append(CHAIN)
+                continue
+            if a.name not in consts:
+                raise NotImplementedError(
+                    f"the operand '{a.name}' is neither the chain's tensor nor a constant "
+                    "lipbound reads (a Python number, or a parameter or registered buffer of "
+                    "the model, possibly through .view / .reshape / .unsqueeze; a plain "
+                    "tensor attribute or a tensor made in forward is not: register it with "
+                    "self.register_buffer(name, tensor))")
+            a = values[a.name]
+        elif isinstance(a, (list, tuple)):
+            raise NotImplementedError(f"the operand {a!r} is not a number or a tensor")
+        ops.append(constant(a, in_shape))
+    out = values[node.name]
+    dtype = out.dtype if isinstance(out, Tensor) else torch.float64
+    return arith_rule(kind, ops, name, in_shape, out_shape, dtype)
+
+
 def trace_model(model: nn.Module, input_shape: Sequence[int]) -> list[Op]:
     """Trace ``model`` and return its chain of analysed ops (float64 parameter copies).
 
@@ -477,14 +556,16 @@ def trace_model(model: nn.Module, input_shape: Sequence[int]) -> list[Op]:
         v = rec.values.get(node.name)
         return tuple(v.shape) if isinstance(v, Tensor) else None
 
+    dep, consts = _input_dependence(gm, model)
+
     for node in gm.graph.nodes:
         if node.op == "placeholder":
             if current is not None:
                 problems.append((f"input '{node.name}'", "second input", "one input only"))
             current = node
             continue
-        if node.op == "get_attr":
-            continue
+        if node.op == "get_attr" or node.name in consts:
+            continue  # (a constant's uses are checked where it meets the chain)
         if node.op == "output":
             outs = node.args[0]
             if outs is not current:
@@ -494,7 +575,12 @@ def trace_model(model: nn.Module, input_shape: Sequence[int]) -> list[Op]:
                                  "whose forward returns model(x)[0])"))
             continue
         shape = shape_of(node)
-        tensor_inputs = [a for a in node.all_input_nodes if shape_of(a) is not None]
+        arith = arith_kind(node.op, node.target)
+        if arith is not None:
+            # arithmetic with a constant: the chain is the operand that depends on the input
+            tensor_inputs = [a for a in node.all_input_nodes if a.name in dep]
+        else:
+            tensor_inputs = [a for a in node.all_input_nodes if shape_of(a) is not None]
         if shape is None:
             # shape queries like x.size(0) are fine; anything else producing a non-tensor
             # is not part of a chain we can analyse
@@ -548,6 +634,17 @@ def trace_model(model: nn.Module, input_shape: Sequence[int]) -> list[Op]:
             rule = METHOD_RULES.get(str(node.target))
             if rule is None and node.target == "to" and _moves_only(node):
                 rule = identity_rule
+        if arith is not None:
+            try:
+                op = _arith_op(arith, node, rec.values, dep, consts, name, in_shape[1:],
+                               shape[1:])
+            except NotImplementedError as exc:
+                problems.append((where, kind, f"unsupported arithmetic: {exc}"))
+                current = node
+                continue
+            ops.append(op)
+            current = node
+            continue
         if rule is None:
             detail = ""
             if module is not None:
