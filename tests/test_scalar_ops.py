@@ -23,7 +23,7 @@ from torch import nn
 
 import lipbound
 from core_helpers import n_examples
-from lipbound import Normalize
+from lipbound import Analyzer, Normalize
 from lipbound.baselines import compare, exact_local_l2
 from lipbound.baselines.compare import violations
 from lipbound.baselines.conv_to_fc import relu_chain
@@ -381,3 +381,22 @@ def test_changed_float_attribute_is_seen() -> None:
     with pytest.raises(LipboundError, match="changed"):
         an.global_bound()
     assert lipbound.global_bound(m, (N_IN,)).value >= 50 * before * (1 - REL)
+
+
+def test_tracing_leaves_no_attribute_on_the_model():
+    """torch.fx stores a view it records (``self.std.view(1, -1, 1, 1)``) on the traced
+    module as ``_tensor_constant0``: lipbound takes it back (it changes no model)."""
+    class Scaled(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.register_buffer("std", torch.tensor([0.5], dtype=torch.float64))
+            self.f = nn.Sequential(nn.Flatten(), nn.Linear(4, 3)).double()
+
+        def forward(self, x):
+            return self.f((x / 255 - 0.5) / self.std.view(1, -1, 1, 1))
+
+    m = Scaled().eval()
+    before = dict(vars(m))
+    an = Analyzer(m, (1, 2, 2))
+    assert an.global_bound().value > 0
+    assert vars(m).keys() == before.keys()

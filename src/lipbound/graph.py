@@ -507,17 +507,24 @@ def trace_model(model: nn.Module, input_shape: Sequence[int]) -> list[Op]:
     check_batchnorm(model)
     check_hooks(model)
     defaults = _default_arguments(model)
+    own = set(model.__dict__)
     try:
-        graph = _Tracer().trace(model, concrete_args=defaults)
-        if defaults:
-            _drop_default_inputs(graph)
-    except Exception as exc:  # fx raises many types; all mean the same to the user
-        raise UnsupportedModelError([(
-            type(model).__name__, "untraceable forward",
-            f"torch.fx could not trace it: {type(exc).__name__}: {exc}. Make forward a "
-            "straight chain of layers without data-dependent control flow, or pass an "
-            "nn.Sequential")]) from exc
-    gm = fx.GraphModule(model, graph)
+        try:
+            graph = _Tracer().trace(model, concrete_args=defaults)
+            if defaults:
+                _drop_default_inputs(graph)
+        except Exception as exc:  # fx raises many types; all mean the same to the user
+            raise UnsupportedModelError([(
+                type(model).__name__, "untraceable forward",
+                f"torch.fx could not trace it: {type(exc).__name__}: {exc}. Make forward a "
+                "straight chain of layers without data-dependent control flow, or pass an "
+                "nn.Sequential")]) from exc
+        gm = fx.GraphModule(model, graph)  # (copies the constants it needs)
+    finally:
+        # torch.fx stores the tensors a forward makes or views (``self.std.view(...)``) on
+        # the traced module as ``_tensor_constant<i>``: taken back, the model stays the user's
+        for k in [k for k in model.__dict__ if k not in own and k.startswith("_tensor_constant")]:
+            del model.__dict__[k]
     inputs = [n for n in gm.graph.nodes if n.op == "placeholder"]
     if len(inputs) != 1:
         raise UnsupportedModelError([(
