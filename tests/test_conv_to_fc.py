@@ -394,7 +394,7 @@ def test_a_fully_connected_net_with_batch_norm_is_not_called_a_conv_net() -> Non
     with torch.no_grad():
         for p in m.parameters():
             p.copy_(torch.randn(p.shape, generator=g))
-    note = "FC net with batch norm folded, as an exact FC ReLU chain of widths 4-8-3"
+    note = "FC net with diagonal layers folded, as an exact FC ReLU chain of widths 4-8-3"
     assert chain_note(relu_chain(m, (4,))) == note
     rows = compare(m, torch.randn(1, 4, generator=g), 0.1, ["fastlip"])
     assert any(note in r.note for r in rows)

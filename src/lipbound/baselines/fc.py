@@ -132,10 +132,11 @@ def is_converted(layers: Any) -> bool:
 def chain_note(layers: FCLayers) -> str:
     """``"fully connected 7-20-30-10"``, or for a converted conv net
     ``"conv net as an exact FC ReLU chain of widths 784-3456-...-10"`` (``"FC net with
-    batch norm folded, as an exact FC ReLU chain ..."`` when it had no convolution)."""
+    diagonal layers folded, as an exact FC ReLU chain ..."`` when it had no convolution:
+    batch norm, normalisation, scaling by constants)."""
     if is_converted(layers):
         what = ("conv net as" if getattr(layers, "from_conv", True)
-                else "FC net with batch norm folded, as")
+                else "FC net with diagonal layers folded, as")
         return f"{what} an exact FC ReLU chain of widths {describe(layers)}"
     return f"fully connected {describe(layers)}"
 
