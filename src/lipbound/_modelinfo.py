@@ -219,23 +219,31 @@ def _hook_computed(m: nn.Module) -> frozenset[str]:
     return frozenset(names)
 
 
-def _plain_tensors(model: nn.Module, m: nn.Module) -> list[tuple]:
-    """Records, as :func:`tensor_state` makes them for parameters, of the tensors that module
-    ``m`` of ``model`` holds as plain attributes."""
+def _plain_tensor_attrs(m: nn.Module) -> list[tuple[str, Tensor]]:
+    """``(name, tensor)`` of the tensors that module ``m`` holds as plain attributes and
+    computes with: only a layer with a rule reads its attributes (a module traced through uses
+    a plain tensor as a constant no rule takes, and may store activations there), and not the
+    weights its hooks recompute at every call (:func:`_hook_computed`)."""
     from .ops.registry import module_rule  # (at call time: this module imports no other)
 
     if module_rule(m) is None:
-        # only a layer with a rule reads its attributes; a module traced through uses a
-        # plain tensor as a constant no rule takes (and may store activations there)
+        return []
+    computed = _hook_computed(m)
+    return [(k, t) for k, t in m.__dict__.items() if type(t) is Tensor and k not in computed]
+
+
+def _plain_tensors(model: nn.Module, m: nn.Module) -> list[tuple]:
+    """Records, as :func:`tensor_state` makes them for parameters, of the tensors that module
+    ``m`` of ``model`` holds as plain attributes (:func:`_plain_tensor_attrs`)."""
+    attrs = _plain_tensor_attrs(m)
+    if not attrs:
         return []
     name = next(n for n, sub in model.named_modules() if sub is m)
-    computed = _hook_computed(m)
     out = []
-    for k, t in m.__dict__.items():
-        if type(t) is Tensor and k not in computed:
-            version = 0 if t.is_inference() else t._version  # (no counter: refused anyway)
-            out.append(("tensor attribute", f"{name}.{k}" if name else k, id(t),
-                        t.data_ptr(), version, tuple(t.shape), t.dtype, t.device))
+    for k, t in attrs:
+        version = 0 if t.is_inference() else t._version  # (no counter: refused anyway)
+        out.append(("tensor attribute", f"{name}.{k}" if name else k, id(t),
+                    t.data_ptr(), version, tuple(t.shape), t.dtype, t.device))
     return out
 
 
@@ -294,8 +302,9 @@ _BITS = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
 
 def content_snapshot(model: nn.Module) -> tuple[tuple[str, Tensor, torch.dtype, Tensor], ...]:
-    """Copies of ``model``'s parameters and buffers as bit patterns, with the tensors and
-    names they copy.
+    """Copies of ``model``'s parameters, buffers and the tensors its layers hold as plain
+    attributes (:func:`_plain_tensor_attrs`), as bit patterns, with the tensors and names
+    they copy.
 
     :func:`tensor_state` sees writes that go through autograd's version counter; a write
     through ``p.data`` (``p.data.clamp_(-c, c)``, weight clipping; ``p.data.copy_(w)``) does
@@ -304,38 +313,23 @@ def content_snapshot(model: nn.Module) -> tuple[tuple[str, Tensor, torch.dtype, 
     comparison per bound (MNIST about 45 us, the CIFAR-10 net 1 ms, AlexNet 50 ms on one
     thread of this project's 2-core host).
     """
+    watched = [(f"{kind} {name}", t)
+               for kind, named in (("parameter", model.named_parameters()),
+                                   ("buffer", model.named_buffers()))
+               for name, t in named if t is not None]
+    watched += [(f"tensor attribute {mname + '.' if mname else ''}{k}", t)
+                for mname, m in model.named_modules() for k, t in _plain_tensor_attrs(m)
+                if not t.is_meta]
     out = []
     with torch.no_grad():
-        for kind, named in (("parameter", model.named_parameters()),
-                            ("buffer", model.named_buffers())):
-            for name, t in named:
-                if t is None:
-                    continue
-                # bit patterns: NaN equals itself, -0.0 differs from 0.0
-                bits = (_BITS.get(t.element_size(), t.dtype) if t.is_floating_point()
-                        else t.dtype)
-                try:
-                    copy = t.detach().clone().view(bits)
-                except RuntimeError:  # a layout without views (sparse): versions only
-                    continue
-                out.append((f"{kind} {name}", t, bits, copy))
-        from .ops.registry import module_rule
-
-        for mname, m in model.named_modules():  # tensors held as plain attributes
-            if module_rule(m) is None:  # (see _plain_tensors)
+        for what, t in watched:
+            # bit patterns: NaN equals itself, -0.0 differs from 0.0
+            bits = _BITS.get(t.element_size(), t.dtype) if t.is_floating_point() else t.dtype
+            try:
+                copy = t.detach().clone().view(bits)
+            except RuntimeError:  # a layout without views (sparse): versions only
                 continue
-            computed = _hook_computed(m)
-            for k, t in m.__dict__.items():
-                if type(t) is not Tensor or t.is_meta or k in computed:
-                    continue
-                bits = _BITS.get(t.element_size(), t.dtype) if t.is_floating_point() \
-                    else t.dtype
-                try:
-                    copy = t.detach().clone().view(bits)
-                except RuntimeError:
-                    continue
-                out.append((f"tensor attribute {mname + '.' if mname else ''}{k}", t, bits,
-                            copy))
+            out.append((what, t, bits, copy))
     return tuple(out)
 
 

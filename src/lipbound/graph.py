@@ -424,7 +424,7 @@ def _input_dependence(gm: fx.GraphModule, model: nn.Module) -> tuple[set[str], s
             dep.add(node.name)
         elif node.op == "get_attr":
             try:
-                value = _attr(gm, str(node.target))
+                value = operator.attrgetter(str(node.target))(gm)  # (a dotted path)
             except AttributeError:
                 continue
             # a registered tensor, or a view of one made eagerly in forward (torch.fx runs
@@ -442,14 +442,6 @@ def _input_dependence(gm: fx.GraphModule, model: nn.Module) -> tuple[set[str], s
                      or (node.target == "to" and _moves_only(node))):
             consts.add(node.name)
     return dep, consts
-
-
-def _attr(root: nn.Module, target: str) -> object:
-    """The attribute ``target`` (a dotted path) of ``root``."""
-    obj: object = root
-    for part in target.split("."):
-        obj = getattr(obj, part)
-    return obj
 
 
 def _arith_op(kind: str, node: fx.Node, values: dict[str, object], dep: set[str],
