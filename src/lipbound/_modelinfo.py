@@ -12,7 +12,7 @@ from __future__ import annotations
 import itertools
 import operator
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -130,18 +130,27 @@ def wrapper_problem(model: object) -> str | None:
     return None
 
 
-def tensor_state(model: nn.Module) -> tuple[tuple, ...]:
+def tensor_state(model: nn.Module, counters: Mapping[int, frozenset[str]] | None = None
+                 ) -> tuple[tuple, ...]:
     """A record of ``model``'s parameters and buffers that changes when any of them is
     modified in place (autograd's version counter: ``p.mul_``, ``copy_``, optimiser steps,
     ``load_state_dict``), given new storage (``.data = ...``, ``model.to(...)``) or replaced,
     added or removed (a new submodule or ``nn.Parameter``), or when a forward hook is added
     to or removed from a module or globally (or a module's ``forward`` replaced on the
     instance), or a module's class or plain-valued attribute (``bn.eps``, ``conv.padding``;
-    for a module of the user's own class, its flags: ``self.use_extra = True``, see
-    :data:`_FLAG_TYPES`) or training flag (``model.train()``: lipbound would then run the
-    model with batch norm updating its statistics and dropout drawing masks) changes.
+    for a module of the user's own class, its flags and numbers: ``self.use_extra = True``,
+    ``self.max_val = 255``, see :data:`_FLAG_TYPES`) or training flag (``model.train()``:
+    lipbound would then run the model with batch norm updating its statistics and dropout
+    drawing masks) changes.
     In-place writes through ``p.data`` bypass the version counter: the contents are compared
     by :func:`content_snapshot` / :func:`changed_contents`.
+
+    Args:
+        model: the module.
+        counters: per module (its index in ``model.modules()``), the names of the integer
+            attributes that its forward changes when it runs (call counts, found by
+            :func:`changed_int_attributes`): left out of the record, since lipbound's own
+            runs of the model (attacks, lower bounds) change them.
     """
     out = []
     for kind, named in (("parameter", model.named_parameters(remove_duplicate=False)),
@@ -159,12 +168,19 @@ def tensor_state(model: nn.Module) -> tuple[tuple, ...]:
     # dict look-ups: this runs before every bound; names only where a hook is recorded.
     settings = []
     modes = []  # training flags: model.train() after the analyzer was built changes them
-    for m in model.modules():
+    for i, m in enumerate(model.modules()):
         d = m.__dict__
         cls = type(m)
-        get = _SETTING_GETTERS.get(cls)
-        if get is None:
-            get = _SETTING_GETTERS[cls] = _setting_getter(cls, d)
+        skip = counters.get(i) if counters else None
+        if skip:  # (rare: a module whose forward counts its calls)
+            key: object = (cls, skip)
+            get = _SETTING_GETTERS.get(key)
+            if get is None:
+                get = _SETTING_GETTERS[key] = _setting_getter(cls, d, skip)
+        else:
+            get = _SETTING_GETTERS.get(cls)
+            if get is None:
+                get = _SETTING_GETTERS[cls] = _setting_getter(cls, d)
         try:
             vals = get(d)
         except KeyError:  # an attribute deleted from this instance
@@ -190,7 +206,8 @@ def tensor_state(model: nn.Module) -> tuple[tuple, ...]:
     out.append(("mode", _MODE, tuple(modes)))
     out.append(("setting", "of a module (its class, an attribute such as eps, stride, "
                 "padding or negative_slope, or a flag of a module of your own such as "
-                "self.use_extra = True)", tuple(settings)))
+                "self.use_extra = True, or a number of one such as self.max_val = 255, "
+                "which torch.fx records in the analysed graph)", tuple(settings)))
     # hooks on every module (torch.nn.modules.module.register_module_forward_hook)
     glob = (_torch_module._global_forward_hooks, _torch_module._global_forward_pre_hooks)
     if glob[0] or glob[1]:
@@ -254,29 +271,33 @@ _PATCHABLE = ("forward", "_conv_forward", "_check_input_dim", "_call_impl", "_wr
 :data:`lipbound.ops.registry._COMPUTING_METHODS` and :data:`lipbound.graph._CALL_METHODS`)."""
 _PATCHABLE_SET = frozenset(_PATCHABLE)
 _SETTING_TYPES = frozenset((int, float, bool, str, tuple, list))
-_SETTING_GETTERS: dict[type, Callable[[dict], Any]] = {}
-"""Per module class: the getter of its plain-valued attributes (:func:`_setting_getter`)."""
+_SETTING_GETTERS: dict[object, Callable[[dict], Any]] = {}
+"""Per module class (and per class and set of counters left out): the getter of its
+plain-valued attributes (:func:`_setting_getter`)."""
 
 
-_FLAG_TYPES = frozenset((bool, str, type(None), float))
+_FLAG_TYPES = frozenset((bool, str, type(None), float, int))
 """Attribute types of a user's module that are watched: flags and modes (``self.use_extra =
 True``, ``self.mode = "small"``, ``self.act = None``), which a forward may branch on (torch.fx
-traces the branch taken), and floats, which a forward may compute with (``x * self.scale``:
-torch.fx records the number, :mod:`lipbound.ops.scalar` analyses it); not integers, which a
-forward may update at every call (a count)."""
+traces the branch taken), and numbers, which a forward may compute with (``x * self.scale``,
+``x / self.max_val``: torch.fx records the number, :mod:`lipbound.ops.scalar` analyses it).
+Integers that the forward itself changes (a count of its calls) are left out per model
+(:func:`changed_int_attributes`)."""
 _MODULE_INTERNALS = frozenset(vars(nn.Module()))
 """``nn.Module``'s own attributes (``_is_full_backward_hook``: set by backward hooks)."""
 
 
-def _setting_getter(cls: type, d: dict) -> Callable[[dict], Any]:
+def _setting_getter(cls: type, d: dict, skip: frozenset[str] = frozenset()
+                    ) -> Callable[[dict], Any]:
     """A getter (C-level for torch's layers: this runs before every bound) of the attributes
     of modules of class ``cls`` that can change what they compute, named from one instance's
-    ``__dict__`` ``d``: the plain-valued ones of torch's layers, and the flags
-    (:data:`_FLAG_TYPES`) of other classes."""
+    ``__dict__`` ``d``: the plain-valued ones of torch's layers, and the flags and numbers
+    (:data:`_FLAG_TYPES`) of other classes but those named in ``skip`` (counters)."""
     if cls.__module__.startswith("torch.nn."):
         names = [k for k, v in d.items() if type(v) in _SETTING_TYPES and k != "training"]
         return operator.itemgetter(*names) if names else _no_settings
-    names = [k for k, v in d.items() if type(v) in _FLAG_TYPES and k not in _MODULE_INTERNALS]
+    names = [k for k, v in d.items()
+             if type(v) in _FLAG_TYPES and k not in _MODULE_INTERNALS and k not in skip]
     if not names:
         return _no_settings
     def flags(d: dict) -> tuple:
@@ -289,6 +310,34 @@ def _setting_getter(cls: type, d: dict) -> Callable[[dict], Any]:
 
 def _no_settings(d: dict) -> tuple:
     return ()
+
+
+def int_attributes(model: nn.Module) -> dict[tuple[int, str], int]:
+    """The integer attributes (not bools) of the modules of ``model`` of the user's own
+    classes (torch's layers' are watched as settings), keyed by the module's index in
+    ``model.modules()`` and the attribute's name: a record taken before and after the model
+    runs, for :func:`changed_int_attributes`."""
+    out = {}
+    for i, m in enumerate(model.modules()):
+        if type(m).__module__.startswith("torch.nn."):
+            continue
+        for k, v in m.__dict__.items():
+            if type(v) is int and k not in _MODULE_INTERNALS:
+                out[(i, k)] = v
+    return out
+
+
+def changed_int_attributes(before: dict[tuple[int, str], int], model: nn.Module
+                           ) -> dict[int, frozenset[str]]:
+    """Per module index, the names of the integer attributes whose value (or presence)
+    changed since :func:`int_attributes` recorded ``before``: those that ``model``'s forward
+    updates when it runs (call counts), which :func:`tensor_state` leaves out."""
+    after = int_attributes(model)
+    found: dict[int, set[str]] = {}
+    for key in before.keys() | after.keys():
+        if before.get(key) != after.get(key):
+            found.setdefault(key[0], set()).add(key[1])
+    return {i: frozenset(names) for i, names in found.items()}
 
 
 def _frozen(v: Any) -> Any:
@@ -351,10 +400,12 @@ def changed_contents(snapshot: tuple[tuple[str, Tensor, torch.dtype, Tensor], ..
     return None
 
 
-def changed_tensor(before: tuple[tuple, ...], model: nn.Module) -> str | None:
-    """``None`` when :func:`tensor_state` of ``model`` equals ``before``, else a short
-    description of the first difference (``"parameter conv1.weight was modified"``)."""
-    now = tensor_state(model)
+def changed_tensor(before: tuple[tuple, ...], model: nn.Module,
+                   counters: Mapping[int, frozenset[str]] | None = None) -> str | None:
+    """``None`` when :func:`tensor_state` of ``model`` (with the same ``counters`` left out)
+    equals ``before``, else a short description of the first difference (``"parameter
+    conv1.weight was modified"``)."""
+    now = tensor_state(model, counters)
     try:
         return _difference(before, now)
     except (RuntimeError, TypeError):  # an attribute became a tensor: compared elementwise

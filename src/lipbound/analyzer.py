@@ -23,8 +23,10 @@ from . import _parallel
 from ._indexing import gather_cols, scatter_cols
 from ._modelinfo import (
     changed_contents,
+    changed_int_attributes,
     changed_tensor,
     content_snapshot,
+    int_attributes,
     model_device,
     tensor_state,
     unwrap_model,
@@ -410,10 +412,15 @@ class Analyzer:
         self.seed = int(seed)
         self.name = name or type(model).__name__
         self.notes = tuple(notes)
-        ops = trace_model(model, self.input_shape)
+        ints = int_attributes(model)
+        ops = trace_model(model, self.input_shape)  # (runs the model: traced and checked)
+        # integer attributes that the model's forward changed are counts of its calls
+        # (lipbound's attacks run it too); the others are watched, as torch.fx recorded them
+        # in the graph (x / self.max_val)
+        self._counters = changed_int_attributes(ints, model)
         # the analysed network is a float64 snapshot of the model now; later changes to the
         # model's tensors are refused (_check_model), not silently ignored
-        self._tensor_state = tensor_state(model)
+        self._tensor_state = tensor_state(model, self._counters)
         self._contents = content_snapshot(model)  # writes through .data (no version counter)
         self._stale: str | None = None  # a copy made after the model changed: why
         self.ops = [op.to(self.device) for op in ops]
@@ -482,7 +489,7 @@ class Analyzer:
 
     def __setstate__(self, state: dict) -> None:
         self.__dict__.update(state)
-        self._tensor_state = tensor_state(self.model)
+        self._tensor_state = tensor_state(self.model, self.__dict__.get("_counters"))
 
     def _changed(self) -> str | None:
         """What changed in the model since this analyzer was built, or ``None``."""
@@ -490,7 +497,7 @@ class Analyzer:
         if wrapper is not None and unwrap_model(wrapper) is not self.model:
             return (f"the {type(wrapper).__name__} it was built for now runs another module, "
                     "or got a forward hook or a forward of its own")
-        return (changed_tensor(self._tensor_state, self.model)
+        return (changed_tensor(self._tensor_state, self.model, self.__dict__.get("_counters"))
                 or changed_contents(self._contents))
 
     def _check_model(self) -> None:

@@ -23,7 +23,9 @@ from ._modelinfo import model_dtype_device, unwrap_model, wrapper_problem
 from ._precision import exact_float32
 from .errors import InputError, UnsupportedModelError, WeightsError
 from .ops.base import Op
+from .ops.conv import conv2d_op
 from .ops.elementwise import identity_rule
+from .ops.linear import linear_op
 from .ops.registry import (
     _COMPUTING_METHODS,
     AUXILIARY_METHODS,
@@ -477,6 +479,69 @@ def _arith_op(kind: str, node: fx.Node, values: dict[str, object], dep: set[str]
     return arith_rule(kind, ops, name, in_shape, out_shape, dtype)
 
 
+_WEIGHTED = {
+    torch.nn.functional.linear: ("linear", ("input", "weight", "bias"), {"bias": None}),
+    torch.nn.functional.conv2d: ("conv2d", ("input", "weight", "bias", "stride", "padding",
+                                            "dilation", "groups"),
+                                 {"bias": None, "stride": 1, "padding": 0, "dilation": 1,
+                                  "groups": 1}),
+}
+"""Functional layers with weights (``F.linear(x, self.w, self.b)``, ``F.conv2d(x,
+self.weight, ...)``): analysed as ``nn.Linear`` / ``nn.Conv2d`` when their weights are
+parameters or buffers of the model (watched for changes like a layer's): name, argument
+names, defaults."""
+
+
+def _weighted_op(node: fx.Node, values: dict[str, object], dep: set[str], consts: set[str],
+                 name: str, in_shape: tuple[int, ...], out_shape: tuple[int, ...]) -> Op:
+    """The op of an ``F.linear`` / ``F.conv2d`` call (:data:`_WEIGHTED`) on the chain.
+
+    Raises:
+        NotImplementedError: with the reason it is not supported and the fix.
+    """
+    fname, names, defaults = _WEIGHTED[node.target]
+    layer = "nn.Linear" if fname == "linear" else "nn.Conv2d"
+    if len(node.args) > len(names) or any(k not in names for k in node.kwargs):
+        raise NotImplementedError(f"F.{fname} with arguments lipbound does not read")
+    args = defaults | dict(zip(names, node.args, strict=False)) | dict(node.kwargs)
+    x = args.get("input")
+    if not isinstance(x, fx.Node) or x.name not in dep:
+        raise NotImplementedError(f"the chain's tensor is not the input of F.{fname}")
+    tensors: dict[str, Tensor | None] = {}
+    for k in ("weight", "bias"):
+        a = args.get(k)
+        if a is None and k == "bias":
+            tensors[k] = None
+            continue
+        if not isinstance(a, fx.Node) or a.name not in consts \
+                or not isinstance(values.get(a.name), Tensor):
+            what = f"'{a.name}'" if isinstance(a, fx.Node) else repr(a)
+            raise NotImplementedError(
+                f"its {k} {what} is not a parameter or registered buffer of the model "
+                "(possibly through .view / .reshape / .unsqueeze); a weight computed in "
+                "forward (self.w * 2) or held as a plain tensor attribute is not read, nor "
+                f"watched for changes: use an {layer} module, or register the tensor with "
+                "nn.Parameter / self.register_buffer")
+        tensors[k] = values[a.name]
+    others = {k: v for k, v in args.items() if k not in ("input", "weight", "bias")}
+    bad = [k for k, v in others.items()
+           if isinstance(v, fx.Node) or (isinstance(v, (list, tuple))
+                                         and any(isinstance(e, fx.Node) for e in v))]
+    if bad:
+        raise NotImplementedError(f"F.{fname}'s {', '.join(bad)} computed in forward; use "
+                                  f"an {layer} module")
+    w, b = tensors["weight"], tensors["bias"]
+    if not w.is_floating_point() or (b is not None and not b.is_floating_point()):
+        raise NotImplementedError(f"F.{fname} with non-floating-point weights")
+    if fname == "linear":
+        return linear_op(name, in_shape, w, b)
+    if w.dim() != 4 or len(in_shape) != 3:
+        raise NotImplementedError(f"F.conv2d with a weight of shape {tuple(w.shape)} on a "
+                                  f"per-sample input of shape {tuple(in_shape)}")
+    return conv2d_op(name, in_shape, out_shape, w, b, others["stride"], others["padding"],
+                     others["dilation"], others["groups"])
+
+
 def trace_model(model: nn.Module, input_shape: Sequence[int]) -> list[Op]:
     """Trace ``model`` and return its chain of analysed ops (float64 parameter copies).
 
@@ -575,7 +640,9 @@ def trace_model(model: nn.Module, input_shape: Sequence[int]) -> list[Op]:
             continue
         shape = shape_of(node)
         arith = arith_kind(node.op, node.target)
-        if arith is not None:
+        weighted = node.op == "call_function" and node.target in _WEIGHTED \
+            and node.target not in FUNCTION_RULES  # (unless a rule of the user's takes it)
+        if arith is not None or weighted:
             # arithmetic with a constant: the chain is the operand that depends on the input
             tensor_inputs = [a for a in node.all_input_nodes if a.name in dep]
         else:
@@ -602,6 +669,14 @@ def trace_model(model: nn.Module, input_shape: Sequence[int]) -> list[Op]:
                              "over the whole batch; a chain maps (N, ...) to (N, ...)"))
             continue
         where, kind = _describe(node, gm)
+        if node.name not in dep and node.op in ("call_function", "call_method"):
+            # (not the chain: it would be refused where it meets the chain, if ever)
+            problems.append((where, kind, "computes a tensor from the model's constants in "
+                             "forward (it does not depend on the input): lipbound reads "
+                             "constants only as parameters or registered buffers of the "
+                             "model, possibly through .view / .reshape / .unsqueeze; store "
+                             "the tensor as one (nn.Parameter, self.register_buffer)"))
+            continue  # (the chain's tensor stays the current one)
         if len(tensor_inputs) != 1 or tensor_inputs[0] is not current:
             problems.append((where, kind, "not a chain: takes "
                              f"{len(tensor_inputs)} tensor input(s) / branches off the chain "
@@ -633,6 +708,17 @@ def trace_model(model: nn.Module, input_shape: Sequence[int]) -> list[Op]:
             rule = METHOD_RULES.get(str(node.target))
             if rule is None and node.target == "to" and _moves_only(node):
                 rule = identity_rule
+        if weighted:
+            try:
+                op = _weighted_op(node, rec.values, dep, consts, name, in_shape[1:],
+                                  shape[1:])
+            except NotImplementedError as exc:
+                problems.append((where, kind, f"unsupported call: {exc}"))
+                current = node
+                continue
+            ops.append(op)
+            current = node
+            continue
         if arith is not None:
             try:
                 op = _arith_op(arith, node, rec.values, dep, consts, name, in_shape[1:],

@@ -83,7 +83,12 @@ class SweepPoint:
         details: extra facts (e.g. ``witness_distance`` of a lower bound; for ``"local"``:
             ``source`` -- ``"computed"``, ``"reused"`` (``reused_layers`` lists the layers
             whose factor came from a larger radius) or ``"global"`` (the global bound, taken
-            without computing above ``crossover_eps``)).
+            without computing above ``crossover_eps``); for a lower bound whose witness was
+            found at a smaller radius (see :func:`sweep`): ``from_eps``, that radius, and
+            ``own_value``, the value the method found at this radius itself).
+        witness: for a lower bound, the input ``x`` attaining ``value`` (``(1,
+            *input_shape)``, with ``0 < ||x - x0|| <= eps``); ``None`` for an upper bound.
+            Not written to JSON / CSV (``details["witness_distance"]`` is).
     """
 
     method: str
@@ -92,6 +97,7 @@ class SweepPoint:
     seconds: float
     failure_prob: float = 0.0
     details: dict[str, Any] = field(default_factory=dict)
+    witness: Tensor | None = field(default=None, repr=False, compare=False)
 
     def to_dict(self) -> dict[str, Any]:
         return _jsonable({"method": self.method, "value": self.value,
@@ -473,6 +479,43 @@ def _upper_points(an: Analyzer, x0: Tensor, eps_list: list[float], uppers: list[
             "local_from_global": counts["global"], "local_evaluations": n_eval}
 
 
+def _carry_lower_witnesses(eps_list: list[float], rows_pts: list[dict[str, SweepPoint]],
+                           lowers: list[str]) -> int:
+    """Replace, for each lower-bound method, a row's point by the best one of the rows at
+    radii ``<=`` its own (a running maximum in increasing ``eps``), when that is larger: the
+    quantity ``L(x0, eps)`` is non-decreasing in ``eps``, and a witness ``x`` with ``||x -
+    x0|| <= eps'`` lies in every ball of radius ``eps >= eps'``, attaining the same ratio.
+    The carried point keeps its witness, value and ``witness_distance``, with this row's
+    time and evaluations, ``details["from_eps"]`` (the radius it was found at) and
+    ``details["own_value"]`` (the value found at this row's radius). Returns how many
+    points were replaced."""
+    order = sorted(range(len(eps_list)), key=lambda i: eps_list[i])
+    # rows of one radius together (a radius may be given twice)
+    groups: list[list[int]] = []
+    for i in order:
+        if groups and eps_list[groups[-1][0]] == eps_list[i]:
+            groups[-1].append(i)
+        else:
+            groups.append([i])
+    carried = 0
+    for m in lowers:
+        top: SweepPoint | None = None
+        top_eps = 0.0
+        for group in groups:
+            own = [rows_pts[i][m] for i in group]  # (as computed: replaced only below)
+            for i, pt in zip(group, own, strict=True):
+                if top is None or pt.value > top.value:
+                    top, top_eps = pt, eps_list[i]
+            for i, pt in zip(group, own, strict=True):
+                if top is not None and top.value > pt.value:
+                    details = {**top.details, "n_evaluations": pt.details.get("n_evaluations"),
+                               "from_eps": top_eps, "own_value": pt.value}
+                    rows_pts[i][m] = SweepPoint(m, top.value, top.guarantee, pt.seconds,
+                                                top.failure_prob, details, top.witness)
+                    carried += 1
+    return carried
+
+
 def sweep(model_or_analyzer: nn.Module | Analyzer, x0: Tensor, eps_values: Sequence[float],
           methods: Sequence[str] | str = DEFAULT_METHODS, *, progress: bool = False,
           input_shape: Sequence[int] | None = None, name: str | None = None,
@@ -504,6 +547,13 @@ def sweep(model_or_analyzer: nn.Module | Analyzer, x0: Tensor, eps_values: Seque
     the ``"global"`` bound; the counts are in ``settings``. The failure probability of a
     point with reused probabilistic factors includes a union bound over the earlier
     computations it could have come from.
+
+    Lower bounds are reported as running maxima over the radii: ``L(x0, eps)`` is
+    non-decreasing in ``eps``, so a witness found at a smaller radius is a valid witness at
+    every larger one. Where an earlier (smaller) radius gave a method a larger value, the
+    point carries that value and witness (``SweepPoint.witness``), with
+    ``details["from_eps"]`` and ``details["own_value"]`` (the value the method found at
+    the radius itself); the notes say how many.
 
     Args:
         model_or_analyzer: the network (eval mode) or an :class:`Analyzer` of it.
@@ -595,8 +645,16 @@ def sweep(model_or_analyzer: nn.Module | Analyzer, x0: Tensor, eps_values: Seque
                                 restarts=restarts, seed=seed, output_map=output_map)
                     rows_pts[i][m] = SweepPoint(m, float(lr.value), lr.guarantee, float(lr.seconds),
                                                 0.0, {"witness_distance": lr.witness_distance,
-                                                      "n_evaluations": lr.n_evaluations})
+                                                      "n_evaluations": lr.n_evaluations},
+                                                lr.witness)
                     bar.update(1)
+        carried = _carry_lower_witnesses(eps_list, rows_pts, lowers)
+        if carried:
+            all_notes.append(
+                f"{carried} lower-bound value(s) come from a witness found at a smaller radius "
+                "(the local constant is non-decreasing in eps, so a witness in a smaller ball "
+                "is one in every larger ball): details['from_eps'] gives that radius, "
+                "details['own_value'] the value found at the radius itself")
     rows: list[SweepRow] = []
     for eps, pts in zip(eps_list, rows_pts, strict=True):
         row = SweepRow(eps, tuple(pts[m] for m in meths))

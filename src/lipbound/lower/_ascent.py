@@ -9,7 +9,7 @@ from typing import Literal
 
 import torch
 
-from lipbound.lower._common import Problem, place_in_ball, unit_rows
+from lipbound.lower._common import Problem, place_in_ball, safe_norm, unit_rows
 
 Objective = Literal["ratio", "difference"]
 
@@ -75,7 +75,7 @@ def ascend(
         delta = (x - x0_flat).detach().requires_grad_(k < n_steps)
         with torch.set_grad_enabled(k < n_steps):
             out = prob.model(prob.batch(x0_flat + delta))
-            num = torch.linalg.vector_norm(prob.mapped_difference(out), dim=1)
+            num = safe_norm(prob.mapped_difference(out), dim=1)
         n_eval += b
         ratios = torch.nan_to_num(prob.ratios(x, out), nan=-math.inf)
         better = ratios > best_ratio

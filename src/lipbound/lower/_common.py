@@ -55,6 +55,23 @@ def distance_slack(d: int) -> float:
     return 2.0 * (d + 4) * _U64
 
 
+def safe_norm(v: torch.Tensor, dim: int | None = None) -> torch.Tensor:
+    """L2 norms of ``v`` (of its rows along ``dim``, or of all of it) without the overflow
+    or underflow of their squares: each row is divided by a power of two near its largest
+    entry (exactly), so a norm is infinite only when it exceeds the floating-point range
+    itself (``torch.linalg.vector_norm`` gives ``inf`` for ``[1e300, 1e300]`` and 0 for
+    ``[1e-300]``), with the rounding of an unscaled norm. Differentiable (the scale is a
+    constant)."""
+    with torch.no_grad():
+        a = v.detach().abs()
+        m = a.amax(dim=dim, keepdim=True) if dim is not None else a.amax()
+        _, e = torch.frexp(m)  # m = f 2^e, f in [0.5, 1): 2^(e-1) <= m < 2^e
+        scale = torch.ldexp(torch.ones_like(m), e - 1)
+        scale = torch.where((m > 0) & torch.isfinite(m), scale, torch.ones_like(m))
+    n = torch.linalg.vector_norm(v / scale, dim=dim)
+    return n * (scale.squeeze(dim) if dim is not None else scale)
+
+
 @dataclass(frozen=True)
 class Problem:
     """Checked and normalised inputs of a lower-bound computation.
@@ -102,15 +119,17 @@ class Problem:
         """Float64 ratios of a batch of points ``flat_x`` (n, d) with outputs ``out`` (n, m).
 
         ``dist`` optionally gives the float64 distances to ``x0`` if already known.
-        Points at distance 0 from ``x0`` get ``-inf`` (no ratio exists there).
+        Points at distance 0 from ``x0`` get ``-inf`` (no ratio exists there), and so do
+        points whose ratio is not a finite number (an output difference, or the ratio,
+        beyond the floating-point range, or NaN): no valid witness.
         """
         diff = out.detach().to(torch.float64) - self.f0.to(torch.float64)
         if self.output_map is not None:
             diff = diff @ self.output_map.to(torch.float64).T
-        num = torch.linalg.vector_norm(diff, dim=1)
+        num = safe_norm(diff, dim=1)
         den = distances(self.x0.reshape(1, -1), flat_x.detach()) if dist is None else dist
         r = num / den
-        return torch.where(den > 0, r, torch.full_like(r, -math.inf))
+        return torch.where((den > 0) & torch.isfinite(r), r, torch.full_like(r, -math.inf))
 
 
 def _param_device_dtype(model: nn.Module) -> tuple[torch.device | None, torch.dtype | None]:
@@ -260,7 +279,8 @@ def check_positive_int(name: str, value: int, minimum: int = 1) -> int:
 
 
 def distances(x0_flat: torch.Tensor, flat_x: torch.Tensor) -> torch.Tensor:
-    """Float64 Euclidean distances between rows of ``flat_x`` (n, d) and ``x0_flat`` (1, d)."""
+    """Float64 Euclidean distances between rows of ``flat_x`` (n, d) and ``x0_flat`` (1, d)
+    (``NaN`` for a row that is not finite)."""
     return torch.linalg.vector_norm(
         flat_x.to(torch.float64) - x0_flat.to(torch.float64), dim=1
     )
@@ -377,7 +397,7 @@ def _output_difference(
             diff = (fx - f0).reshape(-1)
     if output_map is not None:
         diff = output_map.detach().to(device=diff.device, dtype=torch.float64) @ diff
-    return float(torch.linalg.vector_norm(diff)), used
+    return float(safe_norm(diff)), used
 
 
 @exact_float32_on_model
@@ -432,7 +452,8 @@ class Final:
     Attributes:
         value: the ratio of :func:`ratio_at` at the witness, lowered by an allowance for
             the rounding of the forward passes and of the distance (so ``value <=
-            ratio_at(...)``).
+            ratio_at(...)``); a finite number (0 when no candidate had a finite ratio:
+            see ``note``).
         witness: the point, shape ``(1, *shape)``.
         distance: ``||witness - x0||`` in float64.
         n_forward: forward passes spent on recomputation.
@@ -450,6 +471,7 @@ class Final:
     index: int
     rounding: float
     evaluated_in: str = "float64"
+    note: str | None = None
 
 
 def finalize(
@@ -465,7 +487,9 @@ def finalize(
     re-evaluated as in :func:`ratio_at` (float64 forward passes), and its value is the
     rounding-safe ratio ``max(num - e, 0) / (den (1 + distance_slack(d)))``: ``num`` the
     output change, ``e`` the estimate :func:`output_rounding_error` of its rounding in the
-    dtype the forward passes ran in, ``den`` the float64 distance. The largest wins.
+    dtype the forward passes ran in, ``den`` the float64 distance. The largest finite one
+    wins: a candidate whose output difference or ratio is beyond the floating-point range
+    (or NaN: a network whose outputs overflow there) is no witness.
 
     Args:
         prob: the checked problem.
@@ -474,8 +498,10 @@ def finalize(
         top_k: how many of the best-scoring candidates to recompute.
 
     Returns:
-        The :class:`Final` choice. If no candidate is a valid point in the ball, the witness
-        is ``x0`` moved by the smallest representable step along the first coordinate.
+        The :class:`Final` choice. If no candidate is a valid point in the ball with a
+        finite ratio, the witness is ``x0`` moved by the smallest representable step along
+        the first coordinate (with the value 0 and a ``note`` if its ratio is not finite
+        either: 0 is a lower bound of every local constant).
     """
     x0_flat = prob.x0.reshape(1, -1)
     cand = place_in_ball(x0_flat, candidates.detach(), prob.eps)
@@ -487,28 +513,37 @@ def finalize(
 
     def safe_ratio(x: torch.Tensor, den: float) -> tuple[float, float, torch.dtype]:
         num, used = _output_difference(prob.model, model64, prob.x0, x, prob.output_map)
+        if not math.isfinite(num):  # (an output difference beyond the range, or NaN)
+            return math.nan, math.inf, used
         err = output_rounding_error(prob, num / den, dtype=used)
         return max(num - err, 0.0) / (den * slack), err / num if num > 0 else math.inf, used
 
     best_value, best_x, best_dist, n_fwd, best_i = -math.inf, None, 0.0, 0, -1
     best_rounding, best_used = math.inf, prob.dtype
     for i in order.tolist():
-        if float(dist[i]) <= 0.0:
-            continue
+        if not float(dist[i]) > 0.0:
+            continue  # (x0 itself, or a point that is not finite)
         x = prob.batch(cand[i : i + 1])
         value, rounding, used = safe_ratio(x, float(dist[i]))
         n_fwd += 2
-        if value > best_value:
+        if math.isfinite(value) and value > best_value:
             best_value, best_x, best_dist, best_i = value, x, float(dist[i]), i
             best_rounding, best_used = rounding, used
+    note = None
     if best_x is None:
         x = _smallest_step(prob)
         best_dist = float(distances(x0_flat, x.reshape(1, -1))[0])
         best_value, best_rounding, best_used = safe_ratio(x, best_dist)
         n_fwd += 2
         best_x = x
+        if not math.isfinite(best_value):
+            best_value, best_rounding = 0.0, math.inf
+            note = ("no point found with a finite ratio (the network's outputs, or their "
+                    "differences, overflow the floating-point range): the value is 0, a "
+                    "lower bound of every local constant; rescale the network")
+            logger.warning("lower bound: %s", note)
     return Final(best_value, best_x, best_dist, n_fwd, best_i, best_rounding,
-                 str(best_used).replace("torch.", ""))
+                 str(best_used).replace("torch.", ""), note)
 
 
 def _smallest_step(prob: Problem) -> torch.Tensor:
@@ -542,8 +577,9 @@ def output_rounding_error(prob: Problem, lip: float, dtype: torch.dtype | None =
     f0 = prob.f0.to(torch.float64)
     if prob.output_map is not None:
         f0 = f0 @ prob.output_map.to(torch.float64).T
-    x0n = float(torch.linalg.vector_norm(prob.x0.to(torch.float64)))
-    return 4.0 * u * (float(torch.linalg.vector_norm(f0)) + max(lip, 0.0) * x0n)
+    x0n = float(safe_norm(prob.x0.to(torch.float64)))
+    # (in this order: no overflow of 4 (||C f(x0)|| + lip ||x0||) below the range's top)
+    return 4.0 * u * float(safe_norm(f0)) + (4.0 * u * max(lip, 0.0)) * x0n
 
 
 def radius_floor(prob: Problem, lip: float) -> float:
@@ -583,12 +619,12 @@ def gradient_scale(prob: Problem) -> float:
         n = torch.linalg.vector_norm(w)
         w = w / n if float(n) > 0 else torch.ones_like(w) / math.sqrt(w.numel())
         (g,) = torch.autograd.grad(y, x, grad_outputs=w)
-    return float(torch.linalg.vector_norm(g.to(torch.float64)))
+    return float(safe_norm(g.to(torch.float64)))
 
 
 def unit_rows(v: torch.Tensor) -> torch.Tensor:
     """Rows of ``v`` scaled to unit L2 norm (rows of zeros stay zero)."""
-    n = torch.linalg.vector_norm(v, dim=1, keepdim=True)
+    n = safe_norm(v, dim=1).unsqueeze(1)  # (a row of entries near 1e300 has a norm)
     return v / torch.where(n > 0, n, torch.ones_like(n))
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import time
 
 import torch
@@ -82,8 +83,8 @@ def best_lower_bound(
                               output_map=output_map, init=init)
     results = [rnd, grad, pgd]
     winner = results[0]
-    for r in results[1:]:
-        if r.value > winner.value:
+    for r in results[1:]:  # (every value is a finite number: see lipbound.lower._common)
+        if math.isfinite(r.value) and not r.value <= winner.value:
             winner = r
     details = {
         "winner": winner.method,
@@ -92,6 +93,8 @@ def best_lower_bound(
         "winner_details": dict(winner.details),
         "witness_distance": winner.details["witness_distance"],
     }
+    if "note" in winner.details:
+        details["note"] = winner.details["note"]
     seconds = time.perf_counter() - t_start
     logger.info("best lower bound %.6g at eps=%g by %s (%.2fs)",
                 winner.value, winner.eps, winner.method, seconds)

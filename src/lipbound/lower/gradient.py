@@ -113,6 +113,8 @@ def gradient_lower_bound(
         "rounding_error_estimate": fin.rounding,
         "evaluated_in": fin.evaluated_in,
     }
+    if fin.note is not None:  # (no finite ratio anywhere: the value is 0)
+        details["note"] = fin.note
     logger.info("gradient lower bound %.6g at eps=%g (%.2fs)", value, prob.eps, seconds)
     return LowerBoundResult(
         value=value, witness=witness, method="gradient", eps=prob.eps, seconds=seconds,

@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from lipbound._precision import exact_float32_on_model
+from lipbound.errors import InputError
 from lipbound.lower._common import Problem, check_problem, make_generator, unit_rows
 from lipbound.results import Guarantee
 from lipbound.validation import check_float, check_int
@@ -199,6 +200,9 @@ def jacobian_spectrum(
 
     Returns:
         A :class:`JacobianNorm`.
+
+    Raises:
+        InputError: on invalid arguments, or a dense Jacobian that is not finite.
     """
     prob = check_problem(model, x, 1.0, output_map)
     k = prob.f0.shape[1] if prob.output_map is None else prob.output_map.shape[0]
@@ -207,6 +211,10 @@ def jacobian_spectrum(
     tol = check_float(tol, "tol", minimum=0, min_inclusive=True)
     if k * prob.dim <= exact_threshold:
         jac = _jacobian(prob).to(torch.float64)
+        if not bool(torch.isfinite(jac).all()):
+            raise InputError(
+                "the Jacobian at x is not finite (the network's outputs or their derivatives "
+                "overflow the floating-point range there); rescale the network")
         _, s, vh = torch.linalg.svd(jac, full_matrices=False)
         r = min(2, vh.shape[0])
         vectors = vh[:r].to(prob.dtype).reshape(r, *prob.shape)

@@ -48,8 +48,9 @@ from lipbound.lower._common import (
     radius_floor,
     unit_rows,
 )
-from lipbound.lower.jacobian import EXACT_THRESHOLD, jacobian_spectrum
+from lipbound.lower.jacobian import EXACT_THRESHOLD, JacobianNorm, jacobian_spectrum
 from lipbound.lower.result import LowerBoundResult
+from lipbound.results import Guarantee
 from lipbound.validation import check_float
 
 logger = logging.getLogger(__name__)
@@ -181,9 +182,15 @@ def pgd_lower_bound(
             raise InputError("init contains NaN or infinite values")
 
     gen = make_generator(prob.device, seed)
-    spec = jacobian_spectrum(prob.model, prob.x0, output_map=prob.output_map,
-                             exact_threshold=exact_threshold, n_iter=power_iterations,
-                             seed=seed)
+    try:
+        spec = jacobian_spectrum(prob.model, prob.x0, output_map=prob.output_map,
+                                 exact_threshold=exact_threshold, n_iter=power_iterations,
+                                 seed=seed)
+    except InputError as exc:  # (the arguments were checked: a Jacobian that overflows)
+        logger.info("pgd: no Jacobian direction (%s); random start directions", exc)
+        spec = JacobianNorm(math.nan, torch.zeros(1, *prob.shape, dtype=prob.dtype,
+                                                  device=prob.device),
+                            Guarantee.ESTIMATE, "none (not finite)")
     floor = radius_floor(prob, spec.value if spec.value > 0 else gradient_scale(prob))
     vecs = spec.vectors.reshape(spec.vectors.shape[0], -1)
     if not bool((torch.linalg.vector_norm(vecs, dim=1) > 0).all()):
@@ -258,6 +265,8 @@ def pgd_lower_bound(
         "rounding_error_estimate": fin.rounding,
         "evaluated_in": fin.evaluated_in,
     }
+    if fin.note is not None:  # (no finite ratio anywhere: the value is 0)
+        details["note"] = fin.note
     logger.info("pgd lower bound %.6g at eps=%g (%.2fs, best start %s)",
                 value, prob.eps, seconds, details["best_start"])
     return LowerBoundResult(

@@ -188,6 +188,8 @@ def random_lower_bound(
         "evaluated_in": fin.evaluated_in,
         "search_best_ratio": float(best_scores[0]) if best_scores.numel() else float("nan"),
     }
+    if fin.note is not None:  # (no finite ratio anywhere: the value is 0)
+        details["note"] = fin.note
     seconds = time.perf_counter() - t_start
     logger.info("random lower bound %.6g at eps=%g (%d samples, %.2fs)",
                 value, prob.eps, n_samples, seconds)

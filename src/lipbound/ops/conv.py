@@ -294,21 +294,31 @@ def conv2d_rule(module: nn.Module, name: str, in_shape, out_shape) -> ConvOp:
         raise TypeError(f"rule called with {type(module).__name__}")
     if module.padding_mode != "zeros":
         raise NotImplementedError(f"padding_mode={module.padding_mode!r} (only 'zeros')")
-    if isinstance(module.padding, str):
+    return conv2d_op(name, in_shape, out_shape, module.weight, module.bias, module.stride,
+                     module.padding, module.dilation, module.groups)
+
+
+def conv2d_op(name: str, in_shape, out_shape, weight: Tensor, bias: Tensor | None, stride,
+              padding, dilation, groups: int) -> ConvOp:
+    """The op of a zero-padded 2-D convolution with these tensors and settings (those of
+    ``nn.Conv2d`` or of a call ``F.conv2d(x, weight, bias, stride, padding, dilation,
+    groups)``; ``padding`` may be ``'same'`` or ``'valid'``)."""
+    dilation = _pair(dilation)
+    if isinstance(padding, str):
         # 'same'/'valid': torch resolves it to explicit numbers only for odd kernels; use
         # the private helper's result through the recorded output shape.
-        if module.padding == "valid":
+        if padding == "valid":
             pad = (0, 0)
-        else:
-            total = [d * (k - 1) for d, k in zip(module.dilation, module.kernel_size,
-                                                  strict=True)]
+        elif padding == "same":
+            total = [d * (k - 1) for d, k in zip(dilation, weight.shape[-2:], strict=True)]
             if any(t % 2 for t in total):
                 raise NotImplementedError("padding='same' with an even effective kernel")
             pad = tuple(t // 2 for t in total)
+        else:
+            raise NotImplementedError(f"padding={padding!r}")
     else:
-        pad = module.padding
-    return ConvOp(name, in_shape, out_shape, module.weight, module.bias, module.stride, pad,
-                  module.dilation, module.groups)
+        pad = padding
+    return ConvOp(name, in_shape, out_shape, weight, bias, stride, pad, dilation, groups)
 
 
 _U = 2.0 ** -53

@@ -116,10 +116,22 @@ class LinearOp(MixingOp):
 def linear_rule(module: nn.Module, name: str, in_shape, out_shape) -> LinearOp:
     if not isinstance(module, nn.Linear):
         raise TypeError(f"rule called with {type(module).__name__}")
+    return linear_op(name, in_shape, module.weight, module.bias)
+
+
+def linear_op(name: str, in_shape, weight: Tensor, bias: Tensor | None) -> LinearOp:
+    """The op of ``y = W x + b`` with these tensors (those of ``nn.Linear`` or of a call
+    ``F.linear(x, weight, bias)``) on a per-sample input of shape ``in_shape``."""
     if len(in_shape) != 1:
         # nn.Linear applied to a multi-dimensional tensor acts on the last axis; not a chain
         # element we model.
         raise NotImplementedError(
             f"Linear applied to a {len(in_shape)}-d per-sample tensor {tuple(in_shape)}; "
             "flatten first")
-    return LinearOp(name, module.weight, module.bias)
+    if weight.dim() != 2 or weight.shape[1] != in_shape[0]:
+        raise NotImplementedError(f"weight of shape {tuple(weight.shape)} for an input of "
+                                  f"{in_shape[0]} features (expected (out, {in_shape[0]}))")
+    if bias is not None and tuple(bias.shape) != (weight.shape[0],):
+        raise NotImplementedError(f"bias of shape {tuple(bias.shape)} for {weight.shape[0]} "
+                                  "outputs")
+    return LinearOp(name, weight, bias)
