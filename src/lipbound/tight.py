@@ -415,8 +415,13 @@ def _tight(blocks: list[Block], x0: Tensor, eps: float, records: list[dict],
             g, e, scale = s.seeds, torch.zeros_like(s.seeds), s.scale
         d[t] = sweep(t, g, e, scale)
     for x in list(v.values()) + [y for dd in d.values() for y in dd.values()]:
-        if not (x == 0.0 or SAFE_LOW <= x <= SAFE_HIGH):
-            raise _Fallback(f"a norm {x:.3g} outside the safe range [1e-150, 1e150]")
+        if not x <= SAFE_HIGH:
+            raise _Fallback(f"a norm {x:.3g} above the safe range [1e-150, 1e150]")
+    # a bound below the safe range (rows that are 0 but for their rounding allowance) is
+    # raised to it: still an upper bound, and every product of two stays normal
+    v = {j: max(x, SAFE_LOW) if x > 0 else 0.0 for j, x in v.items()}
+    d = {t: {j: max(x, SAFE_LOW) if x > 0 else 0.0 for j, x in dd.items()}
+         for t, dd in d.items()}
     certified = [f.guarantee == Guarantee.CERTIFIED for f in factors]
     b_of: dict[int, float] = {n_blocks: 1.0}
     for j in sorted(cols, reverse=True):
@@ -424,7 +429,7 @@ def _tight(blocks: list[Block], x0: Tensor, eps: float, records: list[dict],
         val = _up(math.fsum(terms))
         if all(certified[j:]):
             val = min(val, product_up(f.value for f in factors[j:]))
-        if not (val == 0.0 or SAFE_LOW <= val <= SAFE_HIGH):
-            raise _Fallback(f"a segment bound {val:.3g} outside the safe range")
-        b_of[j] = val
+        if not val <= SAFE_HIGH:
+            raise _Fallback(f"a segment bound {val:.3g} above the safe range")
+        b_of[j] = max(val, SAFE_LOW) if val > 0 else 0.0
     return TightOutcome(b_of[0], "", rows, counts)
