@@ -306,3 +306,92 @@ def test_math_isclose_reference() -> None:
     # centre 2/3, deviation 1/3 times the tail 1: 1 (plus rounding margins); paper: 1
     assert out.value >= 1.0
     assert math.isclose(out.value, 1.0, rel_tol=1e-8)
+
+
+class _Pair(nn.Module):
+    """(N, 2) -> (N, 1, 1, 2)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.reshape(x.shape[0], 1, 1, 2)
+
+
+def _hand_nets():
+    """Small nets whose local constant hinges on one secant (each case catches a wrong
+    secant set: an active unit taken as stable, a pooling window with one possible winner,
+    a too small pooling deviation)."""
+    # relu(x) active at x0 = 1 may turn off (eps = 2), cancelling an always-active unit:
+    # f = relu(x + 5) - relu(x); L = 1/2 (0 if the first unit were taken as stable)
+    relu_net = nn.Sequential(nn.Linear(1, 2), nn.ReLU(), nn.Linear(2, 1)).to(DT).eval()
+    with torch.no_grad():
+        relu_net[0].weight.copy_(torch.tensor([[1.0], [1.0]]))
+        relu_net[0].bias.copy_(torch.tensor([0.0, 5.0]))
+        relu_net[2].weight.copy_(torch.tensor([[-1.0, 1.0]]))
+        relu_net[2].bias.zero_()
+    # max(x1, 3 x2) with x1 winning at x0: the loser's row (norm 3) sets L
+    pool_net = nn.Sequential(nn.Linear(2, 2, bias=False), _Pair(),
+                             nn.MaxPool2d((1, 2)), nn.Flatten(), nn.Linear(1, 1)).to(DT).eval()
+    with torch.no_grad():
+        pool_net[0].weight.copy_(torch.tensor([[1.0, 0.0], [0.0, 3.0]]))
+        pool_net[4].weight.fill_(1.0)
+        pool_net[4].bias.zero_()
+    # a 2x2 window tied at x0 = 0: f = max(x), L = 1, centre 1/4 (norm 1/2)
+    tied_net = nn.Sequential(nn.MaxPool2d(2), nn.Flatten(), nn.Linear(1, 1)).to(DT).eval()
+    with torch.no_grad():
+        tied_net[2].weight.fill_(1.0)
+        tied_net[2].bias.zero_()
+    return [(relu_net, (1,), torch.ones(1, 1, dtype=DT), 2.0),
+            (pool_net, (2,), torch.tensor([[1.0, 0.2]], dtype=DT), 1.0),
+            (tied_net, (1, 2, 2), torch.zeros(1, 1, 2, 2, dtype=DT), 1.0)]
+
+
+@pytest.mark.parametrize("case", range(3))
+def test_hand_cases_sound(case: int) -> None:
+    net, shape, x0, eps = _hand_nets()[case]
+    an = Analyzer(net, shape, spectral="exact")
+    out, paper = raw_tight(an, x0, eps)
+    assert out.value is not None, out.reason
+    low = empirical_lower(net, x0, eps, 0, None)
+    assert low > 0.45
+    assert out.value >= low, (out.value, low, paper)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_row_rounding_bound_exact_rationals(seed: int) -> None:
+    """The rows' entrywise rounding bound covers the float64 rows against the exact ones,
+    computed in rational arithmetic from the same float64 weights: through a plain layer,
+    a ReLU centre and a stored product of two layers (with its own rounding bound ``err``)."""
+    from fractions import Fraction
+
+    from lipbound.tight import _back, _Secant
+
+    g = torch.Generator().manual_seed(seed)
+    net = nn.Sequential(nn.Linear(4, 5), nn.Linear(5, 3), nn.ReLU(), nn.Linear(3, 2)).to(DT)
+    with torch.no_grad():
+        for m in (net[0], net[1], net[3]):
+            mag = 10.0 ** (6 * torch.rand(m.weight.shape, generator=g, dtype=DT) - 3)
+            m.weight.copy_(torch.randn(m.weight.shape, generator=g, dtype=DT) * mag)
+    an = Analyzer(net.eval(), (4,), spectral="exact")
+    b0, b1 = an.blocks
+    assert b0.mixing.err is not None  # the two first layers are one stored product
+    c = torch.rand(3, generator=g, dtype=DT)
+    sec = _Secant("relu", torch.arange(3), c=c, rho=torch.zeros(3, dtype=DT))
+    rows = torch.randn(3, 2, generator=g, dtype=DT)
+    r1, e1 = _back(b1, None, rows, torch.zeros_like(rows))
+    r0, e0 = _back(b0, sec, r1, e1)
+
+    def fr(t: torch.Tensor) -> list[list[Fraction]]:
+        return [[Fraction(float(v)) for v in row] for row in t.reshape(t.shape[0], -1)]
+
+    def mm(a, b):
+        return [[sum((a[i][k] * b[k][j] for k in range(len(b))), Fraction(0))
+                 for j in range(len(b[0]))] for i in range(len(a))]
+
+    w1, w2, w3 = (fr(net[i].weight.detach()) for i in (0, 1, 3))
+    exact1 = mm(fr(rows), w3)
+    assert all(abs(Fraction(float(r1[i, j])) - exact1[i][j]) <= Fraction(float(e1[i, j]))
+               for i in range(3) for j in range(3))
+    cf = [Fraction(float(v)) for v in c]
+    centred = [[exact1[i][j] * cf[j] for j in range(3)] for i in range(3)]
+    exact0 = mm(mm(centred, w2), w1)
+    assert all(abs(Fraction(float(r0[i, j])) - exact0[i][j]) <= Fraction(float(e0[i, j]))
+               for i in range(3) for j in range(4))
