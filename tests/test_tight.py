@@ -120,7 +120,7 @@ def empirical_lower(net: nn.Module, x0: torch.Tensor, eps: float, seed: int,
     return best
 
 
-SETTINGS = settings(max_examples=40, deadline=None,
+SETTINGS = settings(max_examples=12, deadline=None,
                     suppress_health_check=[HealthCheck.too_slow])
 
 
@@ -152,7 +152,7 @@ def test_sound_and_below_paper(seed: int, kind: str, eps: float, with_map: bool)
     assert out.value >= low, (out.value, low, paper)
 
 
-@settings(max_examples=25, deadline=None)
+@settings(max_examples=15, deadline=None)
 @given(seed=st.integers(0, 10_000), kind=st.sampled_from(["fc1", "fc2", "fc3", "conv"]))
 def test_affine_in_ball_equals_jacobian_norm(seed: int, kind: str) -> None:
     """All units stable and no tied windows (generic x0, tiny eps): the bound is ||J(x0)||
@@ -172,7 +172,7 @@ def test_affine_in_ball_equals_jacobian_norm(seed: int, kind: str) -> None:
     assert out.value <= jn * (1 + 1e-6) + 1e-140
 
 
-@settings(max_examples=25, deadline=None)
+@settings(max_examples=15, deadline=None)
 @given(seed=st.integers(0, 10_000), kind=st.sampled_from(["fc", "conv", "tied"]),
        eps=st.sampled_from([0.03, 0.3, 3.0]))
 def test_agrees_with_prototype(seed: int, kind: str, eps: float) -> None:
