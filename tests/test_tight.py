@@ -395,3 +395,27 @@ def test_row_rounding_bound_exact_rationals(seed: int) -> None:
     exact0 = mm(mm(centred, w2), w1)
     assert all(abs(Fraction(float(r0[i, j])) - exact0[i][j]) <= Fraction(float(e0[i, j]))
                for i in range(3) for j in range(4))
+
+
+def test_cli_tight(capsys) -> None:
+    from cli_helpers import run_err, run_json
+
+    out = run_json(capsys, ["bound", "--model", "mnist", "--input", "mnist:8", "--eps", "1e-3",
+                            "--tight", "--spectral", "exact"])
+    plain = run_json(capsys, ["bound", "--model", "mnist", "--input", "mnist:8", "--eps",
+                              "1e-3", "--spectral", "exact"])
+    assert out["value"] * 4 < plain["value"]
+    assert any("tight bound" in n for n in out["notes"])
+    assert out["layers"] == plain["layers"]  # the per-layer table stays the paper's
+    err = run_err(capsys, ["bound", "--model", "mnist", "--method", "global", "--tight"])
+    assert "--tight" in err and "--method local" in err
+    err = run_err(capsys, ["bound", "--model", "mnist", "--input", "mnist:test/0-2",
+                           "--tight"])
+    assert "one input at a time" in err
+    err = run_err(capsys, ["bound", "--model", "mnist", "--tight-rows", "5"])
+    assert "--tight-rows needs --tight" in err
+    err = run_err(capsys, ["bound", "--model", "mnist", "--tight", "--tight-rows", "0"])
+    assert "positive" in err
+    out = run_json(capsys, ["bound", "--model", "mnist", "--input", "mnist:8", "--eps", "1",
+                            "--tight"])
+    assert any("exceed the budget of 2048" in n for n in out["notes"])
