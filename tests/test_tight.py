@@ -419,3 +419,28 @@ def test_cli_tight(capsys) -> None:
     out = run_json(capsys, ["bound", "--model", "mnist", "--input", "mnist:8", "--eps", "1",
                             "--tight"])
     assert any("exceed the budget of 2048" in n for n in out["notes"])
+
+
+def test_radius_tight(capsys) -> None:
+    """The local certificate with the tight bound: at least the plain one (up to the search
+    tolerance: the tight value is never above the paper's at any radius), and the radius
+    passes the test it reports (eps L(eps) below the margin threshold)."""
+    from cli_helpers import run_err
+    from lipbound.inputs import load_sample
+    from lipbound.radius import _problem, certified_radius
+    from lipbound.zoo import load_model
+
+    lm = load_model("mnist")
+    x0 = load_sample("mnist:8", entry=lm.entry).x
+    an = Analyzer(lm.model, (1, 28, 28), spectral="exact")
+    plain = certified_radius(an, x0, tol=1e-2)
+    tight = certified_radius(an, x0, tol=1e-2, tight=True)
+    assert tight.radius >= plain.radius / (1 + 2e-2)
+    assert tight.radius > 1.2 * plain.radius  # the gain measured: 0.052 -> 0.075
+    pb = _problem(an, x0)
+    res = an.local_bound(x0, tight.radius, tight=True)
+    assert tight.radius * res.value < pb.t_local
+    with pytest.raises(InputError, match="tight must be"):
+        certified_radius(an, x0, tight=1)
+    err = run_err(capsys, ["radius", "--model", "mnist", "--methods", "global", "--tight"])
+    assert "--tight" in err and "local" in err
