@@ -1250,7 +1250,7 @@ class Analyzer:
             if g != lg or fp > lfp:
                 nominal = math.nan
             return out.value, lg, lfp, nominal, note
-        return value, g, fp, nominal, (f"paper's product {value:.6g} reported; the tight "
+        return value, g, fp, nominal, (f"paper's bound {value:.6g} reported; the tight "
                                        f"bound (centre plus deviation) is {out.value:.6g}")
 
     def local_bound_rows(self, x0: Tensor, eps: float, output_map: Tensor) -> RowBounds:
