@@ -121,7 +121,7 @@ def empirical_lower(net: nn.Module, x0: torch.Tensor, eps: float, seed: int,
     return best
 
 
-SETTINGS = settings(max_examples=12, deadline=None,
+SETTINGS = settings(max_examples=20, deadline=None,
                     suppress_health_check=[HealthCheck.too_slow])
 
 
