@@ -90,6 +90,9 @@ HINT_MARGIN = 0.002
 """How far a lower estimate of a convolution's circulant bound must exceed the predicted
 Lanczos value before a global bound runs Lanczos first (:meth:`Analyzer._lanczos_first`)."""
 
+TIGHT_ROWS = 2048
+"""Default budget of vector-Jacobian rows of the tight local bound (:mod:`lipbound.tight`)."""
+
 MEMO_ENTRIES = 8
 """Layer factors remembered per layer for reuse (:meth:`Analyzer._reuse`)."""
 
@@ -809,9 +812,11 @@ class Analyzer:
 
     # ------------------------------------------------------------------ local
     def _propagate(self, key: str, blocks: list[Block], x0: Tensor, eps: float,
-                   stop_before_last: bool = False, bar: NullBar = NULL_BAR):
+                   stop_before_last: bool = False, bar: NullBar = NULL_BAR,
+                   record: list | None = None):
         """Run rules 1-8 through the blocks. Returns (layer factors, spectral bounds,
-        state before the last block)."""
+        state before the last block). ``record``: a list that receives, per block, the limits
+        the tight bound needs (:mod:`lipbound.tight`); None (the default) records nothing."""
         delta = self.failure_prob / self._n_spectral(blocks)
         gl = self._global.get(key)
         x = x0.to(device=self.device, dtype=torch.float64)
@@ -832,6 +837,8 @@ class Analyzer:
                 bar.label(_layer_label(i, b))
             gfac = gl[i].value if gl is not None else math.nan
             if isinstance(b, PoolBlock):
+                if record is not None:
+                    record.append({"d": d})
                 mask = d.reshape(b.in_shape)
                 v = b.op.local_constant(mask)
                 sb = SpectralBound(v, Guarantee.CERTIFIED, 0.0, "closed-form", v)
@@ -844,7 +851,8 @@ class Analyzer:
             else:
                 with _naming(b.name):
                     sb, d_out, x, nom = self._affine_local(
-                        b, i, x, nom, d, eps_k, delta, gl[i] if gl is not None else None, key)
+                        b, i, x, nom, d, eps_k, delta, gl[i] if gl is not None else None, key,
+                        record)
             # (the active inputs of a layer are the previous layer's active outputs: counted
             # once)
             n_in = int((d > 0).sum()) if n_active is None else n_active
@@ -866,7 +874,7 @@ class Analyzer:
 
     def _affine_local(self, b: AffineBlock, i: int, x: Tensor, nom: tuple[float, float],
                       d: Tensor, eps_k: float, delta: float, gfac: SpectralBound | None,
-                      key: str):
+                      key: str, record: list | None = None):
         """Rules 2-4 for one affine(-ReLU) block at the computed nominal input ``x``.
         ``nom = (Δ, η)``: the exact nominal input differs from ``x`` by at most ``Δ`` in L2 on
         the movable coordinates (``d``) and by at most ``η`` on each other one. Returns
@@ -903,8 +911,12 @@ class Analyzer:
         # eps_k * rn, where rounding 1.4 of the smallest subnormal down to 1 made a row look
         # dead that turns on)
         e_out = (local + rn * (dl * (1 + 1e-6)) if dl > 0 else local) + 2 * UNDERFLOW
+        if record is not None:  # (the tight bound's limits: lipbound.tight)
+            record.append({"y0": y0, "e_out": e_out, "rn": rn, "eps_k": eps_k, "r": None})
         if b.relu:
             r, on, may_be_on = _relu_slopes(y0, e_out, rn, eps_k, moving)
+            if record is not None:
+                record[-1]["r"] = r
             d_out = on.to(torch.float64)
             x_next = torch.relu(y0).reshape(1, *b.out_shape)
             # the next nominal error (before the factor, so that these vectors are freed
@@ -1161,7 +1173,8 @@ class Analyzer:
 
     @_without_autograd
     def local_bound(self, x0: Tensor, eps: float, *, output_map: Tensor | None = None,
-                    progress: bool = False) -> BoundResult:
+                    progress: bool = False, tight: bool = False,
+                    tight_rows: int = TIGHT_ROWS) -> BoundResult:
         """Upper bound on the local Lipschitz constant of ``f`` (or ``C f``) relative to x0
         over the L2 ball of radius ``eps`` (method.md rules 1-8).
 
@@ -1172,12 +1185,24 @@ class Analyzer:
             progress: show a bar over the layers on stderr (only on a terminal, and only
                 after a few seconds: see :mod:`lipbound._progress`); the result is the same
                 either way.
+            tight: also compute the centre-plus-deviation bound (:mod:`lipbound.tight`) and
+                report the smaller of it and the paper's product (a note says which, with
+                both values). Costs vector-Jacobian products: the outputs plus the rows of
+                the units that may switch; beyond ``tight_rows`` rows the paper's product
+                is reported alone, with a note.
+            tight_rows: the budget of those rows.
         """
         t0 = time.perf_counter()
         x0, eps = self._check(x0, eps)
+        if not isinstance(tight, bool):
+            raise InputError(f"tight must be True or False, got {tight!r}")
+        if tight:
+            tight_rows = check_int(tight_rows, "tight_rows", 1)
         key, blocks = self._blocks_for(output_map)
+        record: list | None = [] if tight else None
         with self._bar(progress, "local bound", blocks) as bar:
-            layers, bounds, state = self._propagate(key, blocks, x0, eps, bar=bar)
+            layers, bounds, state = self._propagate(key, blocks, x0, eps, bar=bar,
+                                                    record=record)
         nominal = self._nominal_total(state[3], state[1])
         value = product_up(sb.value for sb in bounds)  # (rounded up below the normal range)
         g = combine_guarantees([sb.guarantee for sb in bounds]) if bounds else Guarantee.EXACT
@@ -1197,10 +1222,43 @@ class Analyzer:
                 nominal = math.nan  # from the local factors: not covered by this guarantee
         if g == Guarantee.CERTIFIED:
             fp = 0.0
+        if record is not None:
+            value, g, fp, nominal, more = self._tight(blocks, x0, eps, record, bounds,
+                                                      tight_rows, value, g, fp, nominal)
+            notes.append(more)
         return BoundResult(value=value, guarantee=g, method="local", quantity=LOCAL_QUANTITY,
                            eps=eps, seconds=time.perf_counter() - t0, layers=tuple(layers),
                            failure_prob=fp, model=self.name, notes=tuple(notes),
                            nominal_error=nominal)
+
+    def _tight(self, blocks: list[Block], x0: Tensor, eps: float, record: list,
+               bounds: list[SpectralBound], tight_rows: int, value: float, g: Guarantee,
+               fp: float, nominal: float) -> tuple[float, Guarantee, float, float, str]:
+        """The smaller of the paper's bound (``value``, ``g``, ``fp``) and the tight one
+        (:func:`lipbound.tight.tight_local_bound`), and a note saying which was reported.
+
+        The tight bound's norms are exact; its limits use the paper's radii, so it holds
+        under the same event as the local product (certified when that is)."""
+        from .tight import tight_local_bound
+
+        x = x0.to(device=self.device, dtype=torch.float64)
+        out = tight_local_bound(blocks, x, eps, record, bounds, max_rows=tight_rows)
+        if out.value is None:
+            return value, g, fp, nominal, (f"tight bound not formed ({out.reason}): the "
+                                           f"paper's product {value:.6g} is reported")
+        lg = combine_guarantees([sb.guarantee for sb in bounds]) if bounds else \
+            Guarantee.CERTIFIED
+        lfp = 0.0 if lg == Guarantee.CERTIFIED else \
+            min(1.0, sum(sb.failure_prob for sb in bounds))
+        if out.value < value:
+            note = (f"tight bound (centre plus deviation, {out.rows} VJP rows) {out.value:.6g} "
+                    f"reported; the paper's product is {value:.6g}")
+            # the nominal error is the local factors': valid under the local product's event
+            if g != lg or fp > lfp:
+                nominal = math.nan
+            return out.value, lg, lfp, nominal, note
+        return value, g, fp, nominal, (f"paper's bound {value:.6g} reported; the tight "
+                                       f"bound (centre plus deviation) is {out.value:.6g}")
 
     def local_bound_rows(self, x0: Tensor, eps: float, output_map: Tensor) -> RowBounds:
         """Local bounds for each row of ``output_map`` separately, in one pass: all layers but
@@ -1350,7 +1408,8 @@ def global_bound(model: nn.Module | Analyzer, x0_or_input_shape: Tensor | Sequen
 
 def local_bound(model: nn.Module | Analyzer, x0: Tensor, eps: float, *,
                 output_map: Tensor | None = None, device: str | torch.device | None = None,
-                progress: bool = False, **kwargs) -> BoundResult:
+                progress: bool = False, tight: bool = False, tight_rows: int = TIGHT_ROWS,
+                **kwargs) -> BoundResult:
     """Local L2 Lipschitz upper bound relative to ``x0`` over the ball of radius ``eps``
     (Avant & Morgansen 2023).
 
@@ -1362,9 +1421,12 @@ def local_bound(model: nn.Module | Analyzer, x0: Tensor, eps: float, *,
         device: ``None``/``"auto"``, ``"cpu"`` or ``"cuda"``.
         progress: show a bar over the layers on stderr (only on a terminal, after a few
             seconds); the result is the same either way.
+        tight: also compute the centre-plus-deviation bound and report the smaller one
+            (see :meth:`Analyzer.local_bound`).
+        tight_rows: the budget of its vector-Jacobian rows.
         **kwargs: passed to :class:`Analyzer` (not with an Analyzer, which has its own).
     """
     if not isinstance(x0, Tensor):
         raise InputError(f"x0 must be a torch.Tensor, got {type(x0).__name__}")
-    return _analyzer(model, x0, device, **kwargs).local_bound(x0, eps, output_map=output_map,
-                                                              progress=progress)
+    return _analyzer(model, x0, device, **kwargs).local_bound(
+        x0, eps, output_map=output_map, progress=progress, tight=tight, tight_rows=tight_rows)

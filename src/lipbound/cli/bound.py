@@ -39,6 +39,12 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "or auto by cost")
     p.add_argument("--failure-prob", type=float, default=1e-6,
                    help="failure probability budget of a probabilistic bound (default 1e-6)")
+    p.add_argument("--tight", action="store_true",
+                   help="local bound: also compute the centre-plus-deviation bound and report "
+                        "the smaller of it and the paper's product (one input at a time)")
+    p.add_argument("--tight-rows", type=int, default=None,
+                   help="with --tight: budget of vector-Jacobian rows (default 2048); beyond "
+                        "it the paper's product is reported, with a note")
     p.add_argument("--out", default=None,
                    help="CSV file: one row per input and radius (also for a single input)")
     add_common(p)
@@ -59,6 +65,17 @@ def run(args: argparse.Namespace) -> int:
         raise InputError("--method global takes no radius (the global bound holds for every "
                          "input): drop --eps/--eps-list/--eps-file, or use --method both")
     check_failure_prob(args.failure_prob, "--failure-prob")
+    if args.tight_rows is not None and not args.tight:
+        raise InputError("--tight-rows needs --tight")
+    if args.tight and args.method == "global":
+        raise InputError("--tight tightens the local bound; --method global has none: use "
+                         "--method local (the default) or both, or drop --tight")
+    if args.tight and (is_many_ref(args.input) or args.eps_file or args.out):
+        raise InputError("--tight works on one input at a time (no several inputs, "
+                         "--eps-file or --out): give one --input, or drop --tight")
+    tight_rows = 2048 if args.tight_rows is None else args.tight_rows
+    if args.tight and tight_rows < 1:
+        raise InputError(f"--tight-rows must be a positive integer, got {tight_rows}")
     if is_many_ref(args.input) or args.eps_file or args.out:
         # several inputs, one radius per input, or a CSV file: one row per input
         from .bound_many import run_many
@@ -78,6 +95,10 @@ def run(args: argparse.Namespace) -> int:
                                 "needs none)")
         except InputError as exc:
             if "batch of" in str(exc):  # an .npy/.pt file holding several inputs
+                if args.tight:
+                    raise InputError("--tight works on one input at a time, and "
+                                     f"{args.input} holds several: give one, or drop "
+                                     "--tight") from exc
                 from .bound_many import run_many
 
                 return run_many(args, loaded)  # the model is loaded once (its seeds settled)
@@ -93,7 +114,8 @@ def run(args: argparse.Namespace) -> int:
     if args.method in ("global", "both"):
         results.append(an.global_bound(progress=progress))
     if args.method in ("local", "both"):
-        results.extend(an.local_bound(sample.x, e, progress=progress) for e in eps_values)
+        results.extend(an.local_bound(sample.x, e, progress=progress, tight=args.tight,
+                                      tight_rows=tight_rows) for e in eps_values)
     if args.json:
         out = results[0].to_dict() if len(results) == 1 else {
             "results": [r.to_dict() for r in results]}

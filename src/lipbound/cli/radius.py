@@ -70,6 +70,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--reuse-tol", type=float, default=None,
                    help="relative looseness of layer factors reused during the search "
                         "(default 0.02; 0: none)")
+    p.add_argument("--tight", action="store_true",
+                   help="the local certificate uses the tight local bound (the smaller of the "
+                        "centre-plus-deviation bound and the paper's product)")
     p.add_argument("--out", default=None,
                    help="folder to write radius.csv (one row per input, with each "
                         "certified radius' guarantee and failure probability) and "
@@ -129,7 +132,7 @@ def _one(model, an, sample, methods: list[str], attacks: list[str], args,
     x0 = sample.x.to(dev)
     bar.label(f"{sample.name} certificates")
     cert = certified_radii(an, x0, methods=methods, tol=args.tol, max_eps=args.max_eps,
-                           progress=show_progress(args),
+                           progress=show_progress(args), tight=args.tight,
                            **({} if args.reuse_tol is None else {"reuse_tol": args.reuse_tol}))
     atk = []
     if attacks:
@@ -187,6 +190,9 @@ def run(args: argparse.Namespace) -> int:
     if not methods:
         raise InputError("--methods must name at least one of local, margin, global")
     attacks = _split(args.attacks, ALL_ATTACKS, "attack(s)")
+    if args.tight and "local" not in methods:
+        raise InputError("--tight tightens the local certificate: add local to --methods "
+                         "(e.g. --methods local), or drop --tight")
     if not 0 < args.tol < 1:
         raise InputError(f"--tol must be in (0, 1), got {args.tol}")
     if args.max_eps is not None:

@@ -1,0 +1,435 @@
+"""A tighter local bound: secant centres plus deviations ("centre-plus-deviation").
+
+The paper's local bound (Avant & Morgansen, *Analytical Bounds on the Local Lipschitz Constants
+of ReLU Networks*, IEEE TNNLS 2023; method.md rules 1-8, :meth:`lipbound.Analyzer.local_bound`)
+is a product of per-layer factors. This module computes a second certified bound on the same
+quantity and the analyzer reports the smaller one (``local_bound(..., tight=True)``). The
+derivation and its measurements are in ``notes/tightness_spike.md``; in short:
+
+* **Secants.** For ``x`` in the ball, ``f(x) - f(x0) = Q(x) (x - x0)`` with ``Q(x)`` the
+  chain of the fixed affine maps and *secants*: a ReLU unit contributes a slope ``s`` in
+  ``[lo, hi]`` (``hi`` = the paper's ``r``; ``lo = y0 / (y0 - ylow)`` for a unit active at x0
+  that may turn off, ``1`` for a stably active one, ``0`` otherwise; spike Lemma 1), a max
+  pooling window a row ``w`` of the simplex over its possible winners ``P`` (Lemma 2).
+* **Centres.** Every secant is a fixed centre plus a deviation: ReLU ``c = (lo + hi) / 2``
+  (computed; any fixed ``c`` works) with ``|s - c| <= rho``; a pooling window with ``|P| > 1``
+  the mean ``1_P / p`` with ``|(w - 1_P/p)^T v| <= sqrt(1 - 1/p) ||(I - 11^T/p) v_P||``;
+  stable units and windows have no deviation.
+* **Telescoping** (Lemma 3) with support-restricted, nested tails: for a boundary ``j`` and
+  columns ``cols`` (all at the input, else the rows where the secant before ``j`` deviates),
+  ``B_j = ||N_(j->K) I_cols|| + sum_(t >= j) B_(t+1) dev_t(N_(j->t) I_cols)`` bounds the
+  secant product from ``j`` to the output on vectors supported on ``cols``, ``N`` being the
+  centre network. So does the paper's product of the layer factors after ``j`` (when
+  certified); each ``B_j`` is the smaller one, and ``B_0`` bounds the local constant.
+
+Every norm is of a matrix whose rows come out of batched vector-Jacobian products through the
+centre network: the output rows (``n_out``) and the deviation rows of each unstable secant,
+one backward sweep each. They are computed in float64 and bounded rigorously: an entrywise
+bound ``E`` on ``|Ĝ - G|`` is carried backwards next to the rows (``|A|^T`` applied to the
+error and ``γ_n`` times the rows' magnitudes, the stored rounding bound of a product of layers,
+folded layers' scale uncertainty, the correctly rounded divisions of the pooling centre, an
+absolute term for products below the normal range), and ``||G|| <= exact_norm(Ĝ) + ||E||_F``
+(:func:`lipbound.spectral.exact_norm` is certified). The ReLU limits are those of the exact
+network (the nominal pass's rounding ``e_out`` included, mirror image of the library's
+``ȳ``), the half-widths are rounded up and the sums of the bound too. Where a quantity is
+non-finite or outside ``[1e-150, 1e150]`` (where float64 squares and products underflow or
+overflow), where the rows exceed their budget, or for layers not handled (max pooling with
+padding or partial windows), no new bound is formed and the reason is returned.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .blocks import AffineBlock, Block, PoolBlock
+from .ops.base import UNDERFLOW, gamma, norm_up, product_up
+from .ops.linear import LinearOp
+from .results import Guarantee
+from .spectral import SAFETY, SpectralBound, exact_norm
+
+U = 2.0 ** -53
+"""Unit roundoff of float64."""
+
+SAFE_LOW = 1e-150
+"""Nonzero magnitudes below this are refused (their squares or products could underflow)."""
+
+SAFE_HIGH = 1e150
+"""Magnitudes above this are refused (their squares or products could overflow)."""
+
+DEFAULT_ROWS = 2048
+"""Default budget of vector-Jacobian rows (outputs plus deviation rows of unstable secants)."""
+
+DEFAULT_BYTES = 1 << 30
+"""Default memory cap of the rows (and their error bounds), in bytes."""
+
+
+class _Fallback(Exception):
+    """The new bound is not formed; the message says why."""
+
+
+def _up(x: float) -> float:
+    """``x`` rounded up past the rounding of the operation that produced it (a few ulps)."""
+    if x == 0.0 or math.isinf(x):
+        return x
+    return math.nextafter(x * (1.0 + 4.0 * U), math.inf)
+
+
+def _check_tensor(t: Tensor, what: str, nonzero_low: bool = True) -> None:
+    """Fallback when ``t`` has a non-finite entry, a magnitude above :data:`SAFE_HIGH` or (with
+    ``nonzero_low``) a nonzero magnitude below :data:`SAFE_LOW`."""
+    if t.numel() == 0:
+        return
+    a = t.abs()
+    top = float(a.max())
+    if not math.isfinite(top) or top > SAFE_HIGH:
+        raise _Fallback(f"{what} has a magnitude {top:.3g} outside the safe range [1e-150, "
+                        "1e150]")
+    if nonzero_low:
+        low = float(torch.where(a > 0, a, math.inf).min())
+        if low < SAFE_LOW:
+            raise _Fallback(f"{what} has a nonzero magnitude {low:.3g} below 1e-150")
+
+
+@dataclass
+class _Secant:
+    """The secant set of one block. ReLU: centre ``c`` and half-widths ``rho`` (per output);
+    pooling: the centre as a sparse list (``out_idx``, ``in_idx``, ``div``: weight ``1/div``)
+    and the deviation seeds (rows of ``p e_l - 1_P`` at the pooling input, scaled by
+    ``scale``). ``sigma``: the outputs that can deviate (sorted indices)."""
+
+    kind: str
+    sigma: Tensor
+    c: Tensor | None = None
+    rho: Tensor | None = None
+    out_idx: Tensor | None = None
+    in_idx: Tensor | None = None
+    div: Tensor | None = None
+    count: int = 1
+    seeds: Tensor | None = None
+    scale: Tensor | None = None
+
+    @property
+    def rows(self) -> int:
+        """Deviation rows of this secant."""
+        if self.kind == "relu":
+            return int(self.sigma.numel())
+        return 0 if self.seeds is None else int(self.seeds.shape[0])
+
+
+def _windows(b: PoolBlock, device) -> Tensor:
+    """``(n_windows, k)`` flat input indices of each window of a max pooling block without
+    padding, in the order of the flat output; fallback for padding or partial windows."""
+    op = b.op
+    if tuple(op.padding) != (0, 0):
+        raise _Fallback(f"max pooling {op.name} has padding (windows reaching -inf padding "
+                        "are not handled)")
+    shape = tuple(op.in_shape)
+    if len(shape) < 2:
+        raise _Fallback(f"max pooling {op.name}: input without a spatial grid")
+    h, w = shape[-2:]
+    lead = math.prod(shape[:-2])
+    idx = torch.arange(lead * h * w, dtype=torch.float64, device=device).reshape(lead, 1, h, w)
+    cols = F.unfold(idx, op.kernel, dilation=op.dilation, stride=op.stride)  # (lead, k, L)
+    win = cols.permute(0, 2, 1).reshape(-1, cols.shape[1]).round().long()
+    if win.shape[0] != b.out_dim:
+        raise _Fallback(f"max pooling {op.name} has partial windows (ceil_mode)")
+    return win
+
+
+def _relu_secant(b: AffineBlock, rec: dict) -> tuple[_Secant, Tensor, Tensor]:
+    """The ReLU secant of an affine-ReLU block from its recorded limits, and the box
+    ``[relu(ylow), relu(ȳ)]`` of its outputs (valid for the exact network on the ball)."""
+    y0, e_out, rn, eps_k, r = rec["y0"], rec["e_out"], rec["rn"], rec["eps_k"], rec["r"]
+    _check_tensor(y0, f"a pre-activation of {b.name} at x0", nonzero_low=False)
+    _check_tensor(e_out, f"the nominal rounding bound of {b.name}", nonzero_low=False)
+    _check_tensor(rn, f"a row norm of {b.name}")
+    if not (0.0 <= eps_k <= SAFE_HIGH):
+        raise _Fallback(f"the radius {eps_k:.3g} at {b.name} is outside the safe range")
+    er = eps_k * rn * b.fold_factor
+    _check_tensor(er, f"a pre-activation radius of {b.name}", nonzero_low=False)
+    marg = SAFETY * (y0.abs() + er)
+    y_lo = y0 - e_out
+    ylow = y_lo - er - marg  # the mirror image of the library's ȳ
+    ybar = y0 + e_out + er + marg
+    # a lower bound on the exact nominal pre-activation
+    y0_lo = y_lo - SAFETY * y0.abs()
+    frac = y0_lo / (y0_lo - ylow).clamp_min(SAFE_LOW)
+    lo = torch.where(ylow > 0, 1.0, torch.where(y0_lo > 0, frac * (1.0 - 1e-12), 0.0))
+    lo = torch.minimum(lo.clamp(0.0, 1.0), r)
+    hi = r
+    c = (lo + hi) / 2
+    c = torch.where(c < SAFE_LOW, 0.0, c)  # any fixed centre works; none below the safe range
+    rho = torch.maximum(hi - c, c - lo)
+    unstable = lo < hi
+    rho = torch.where(unstable, (rho * (1.0 + 4.0 * U) + UNDERFLOW).clamp_min(SAFE_LOW), 0.0)
+    sigma = torch.nonzero(unstable).reshape(-1)
+    return _Secant("relu", sigma, c=c, rho=rho), ylow.clamp_min(0.0), ybar.clamp_min(0.0)
+
+
+def _pool_secant(b: PoolBlock, d: Tensor, lo: Tensor, hi: Tensor
+                 ) -> tuple[_Secant, Tensor, Tensor]:
+    """The max pooling secant from the box ``[lo, hi]`` of its inputs and their mask ``d``,
+    and the box of its outputs."""
+    win = _windows(b, d.device)
+    n_w, k = win.shape
+    best_lo = lo[win].amax(dim=1, keepdim=True)
+    poss = hi[win] >= best_lo  # possible winners (Lemma 2)
+    moving = d[win].amax(dim=1) > 0
+    p = poss.sum(dim=1)
+    unstable = moving & (p > 1)
+    # stable windows: the one possible winner (a moving window), or any element (a constant
+    # window: its inputs do not move, so any row is its secant)
+    first = torch.where(poss & moving[:, None], 1, 0).argmax(dim=1)
+    rows_w = torch.arange(n_w, device=d.device)
+    st = ~unstable
+    out_s, in_s = rows_w[st], win[st, first[st]]
+    uw, ul = torch.nonzero(poss & unstable[:, None], as_tuple=True)
+    out_u, in_u = uw, win[uw, ul]
+    pu = p[uw].to(torch.float64)
+    out_idx = torch.cat([out_s, out_u])
+    in_idx = torch.cat([in_s, in_u])
+    div = torch.cat([torch.ones(out_s.numel(), dtype=torch.float64, device=d.device), pu])
+    counts = torch.zeros(b.in_dim, dtype=torch.long, device=d.device)
+    counts.index_add_(0, in_idx, torch.ones_like(in_idx))
+    count = max(1, int(counts.max()) if counts.numel() else 1)
+    sigma = torch.nonzero(unstable).reshape(-1)
+    seeds = scale = None
+    if uw.numel():
+        # row l of window w: p e_l - 1_P (integers: exact); the deviation is
+        # sqrt(1 - 1/p) / p times its image (spike, pooling mean centre)
+        m = uw.numel()
+        seeds = torch.zeros(m, b.in_dim, dtype=torch.float64, device=d.device)
+        seeds[torch.arange(m, device=d.device), in_u] = pu
+        # the other members of the same window: -1 each
+        same = uw[:, None] == uw[None, :]
+        ri, ci = torch.nonzero(same, as_tuple=True)
+        seeds.index_put_((ri, in_u[ci]), torch.full((ri.numel(),), -1.0, dtype=torch.float64,
+                                                    device=d.device), accumulate=True)
+        scale = torch.tensor([math.sqrt((q - 1.0) / q) / q * (1.0 + 1e-14)
+                              for q in pu.tolist()], dtype=torch.float64, device=d.device)
+    sec = _Secant("pool", sigma, out_idx=out_idx, in_idx=in_idx, div=div, count=count,
+                  seeds=seeds, scale=scale)
+    return sec, lo[win].amax(dim=1), hi[win].amax(dim=1)
+
+
+def _abs_t(b: AffineBlock, v: Tensor) -> Tensor:
+    """``|S_in| |A|^T |S_out| v`` for rows ``v`` (the stored matrix's magnitudes)."""
+    if b.mixing is None:
+        return v if b.s_in is None else v * b.s_in.abs()
+    if b.s_out is not None:
+        v = v * b.s_out.abs()
+    m = b.mixing
+    v = m.abs_lin_t(v.reshape(v.shape[0], *m.out_shape)).reshape(v.shape[0], -1)
+    return v if b.s_in is None else v * b.s_in.abs()
+
+
+def _err_t(b: AffineBlock, v: Tensor) -> Tensor | None:
+    """``|S_in| err^T |S_out| v`` for a block whose matrix is a stored product of layers
+    (entrywise rounding bound ``err``), None for others."""
+    m = b.mixing
+    if not isinstance(m, LinearOp) or m.err is None:
+        return None
+    if b.s_out is not None:
+        v = v * b.s_out.abs()
+    v = v.reshape(v.shape[0], -1) @ m.err
+    return v if b.s_in is None else v * b.s_in.abs()
+
+
+def _scale_top(b: AffineBlock) -> float:
+    """The largest magnitude of the block's diagonal scales (at least 1)."""
+    t = 1.0
+    for s in (b.s_in, b.s_out):
+        if s is not None:
+            t = max(t, float(s.abs().max()))
+    return t
+
+
+def _back(b: Block, sec: _Secant | None, g: Tensor, e: Tensor, centre: bool = True
+          ) -> tuple[Tensor, Tensor]:
+    """Rows ``g`` (with entrywise error bound ``e`` against the exact rows) at the output of
+    block ``b`` pulled back to its input through the block's centre map (``centre=False``:
+    through its affine part only). Returns the computed rows and their new error bound."""
+    if isinstance(b, PoolBlock):
+        vals = g[:, sec.out_idx] / sec.div  # correctly rounded divisions (exact for 1)
+        out = g.new_zeros(g.shape[0], b.in_dim).index_add_(1, sec.in_idx, vals)
+        gm = gamma(sec.count + 1)
+        ev = e[:, sec.out_idx] / sec.div + gm * vals.abs()
+        err = g.new_zeros(g.shape[0], b.in_dim).index_add_(1, sec.in_idx, ev)
+        return out, err * (1.0 + 2.0 * gamma(sec.count + 8)) + (sec.count + 4) * UNDERFLOW
+    if centre and b.relu:
+        g = g * sec.c
+        # |fl(ĝ c) - g c| <= |ĝ - g| c + u |ĝ c| (+ an absolute term below the normal range)
+        e = e * sec.c + (2.0 * U) * g.abs() + 2 * UNDERFLOW
+    m = b.mixing
+    n = 0 if m is None else m.inner_length_t()
+    out = b.lin_t(g)
+    f = b.fold_factor - 1.0  # the exact scales of folded layers against the stored ones
+    ga = g.abs()
+    w = e * (1.0 + f) + (ga + e) * f + ga * gamma(n + 4)
+    err = _abs_t(b, w) * (1.0 + 2.0 * gamma(n + 10))
+    et = _err_t(b, ga + e)
+    if et is not None:
+        err = err + et * ((1.0 + f) * (1.0 + 2.0 * gamma(b.mixing.out_dim + 10)))
+    top = _scale_top(b)
+    err = err + (n + 8) * UNDERFLOW * top * top
+    return out, err
+
+
+def _norm_bound(g: Tensor, e: Tensor, cols: Tensor | None, scale: Tensor | None) -> float:
+    """An upper bound on ``||diag(scale) G[:, cols]||_2`` for the exact rows ``G`` (computed
+    ``g``, entrywise error ``<= e``)."""
+    if cols is not None:
+        g, e = g[:, cols], e[:, cols]
+    if g.numel() == 0:
+        return 0.0
+    if scale is not None:
+        m = g * scale[:, None]
+        err = (e + (2.0 * U) * g.abs()) * scale[:, None] * (1.0 + 4.0 * U) + UNDERFLOW
+    else:
+        m, err = g, e
+    en = norm_up(err) * (1.0 + 2.0 * gamma(err.numel() + 4))
+    v = exact_norm(m)
+    return _up(v + en)
+
+
+@dataclass(frozen=True)
+class TightOutcome:
+    """The result of :func:`tight_local_bound`: ``value`` (an upper bound on the local
+    Lipschitz constant, certified) or None with ``reason``; ``rows`` VJP rows used."""
+
+    value: float | None
+    reason: str
+    rows: int
+    unstable: tuple[int, ...] = ()
+
+
+def tight_local_bound(blocks: list[Block], x0: Tensor, eps: float, records: list[dict],
+                      factors: list[SpectralBound], *, max_rows: int = DEFAULT_ROWS,
+                      max_bytes: int = DEFAULT_BYTES) -> TightOutcome:
+    """The centre-plus-deviation bound ``B_0`` (see the module docstring).
+
+    Args:
+        blocks: the analyzer's blocks (a chain).
+        x0: the nominal input (float64, on the analysis device).
+        eps: the ball radius.
+        records: per block, what :meth:`lipbound.Analyzer._propagate` recorded (affine blocks:
+            ``y0``, ``e_out``, ``rn``, ``eps_k``, ``r``, ``moving``; pooling: the mask ``d``).
+        factors: the paper's local factors of the blocks (certified ones bound tails).
+        max_rows: most rows of vector-Jacobian products (outputs plus deviation rows).
+        max_bytes: most memory of the rows and their error bounds.
+
+    Returns:
+        A :class:`TightOutcome`; ``value`` None when the bound was not formed (``reason``).
+    """
+    try:
+        return _tight(blocks, x0, eps, records, factors, max_rows, max_bytes)
+    except _Fallback as exc:
+        return TightOutcome(None, str(exc), 0)
+
+
+def _tight(blocks: list[Block], x0: Tensor, eps: float, records: list[dict],
+           factors: list[SpectralBound], max_rows: int, max_bytes: int) -> TightOutcome:
+    if not (SAFE_LOW <= eps <= SAFE_HIGH):
+        raise _Fallback(f"the radius {eps:.3g} is outside the safe range [1e-150, 1e150]")
+    n_blocks = len(blocks)
+    if len(records) != n_blocks:
+        raise _Fallback("the limits of some layers were not recorded")
+    z = x0.reshape(-1).to(torch.float64)
+    _check_tensor(z, "the input x0", nonzero_low=False)
+    for b in blocks:
+        if isinstance(b, AffineBlock):
+            for s in (b.s_in, b.s_out):
+                if s is not None:
+                    _check_tensor(s, f"a scale of {b.name}")
+            if b.mixing is not None:
+                _check_tensor(b.mixing.row_abs(), f"the absolute row sums of {b.name}")
+    marg = SAFETY * (z.abs() + eps)
+    lo, hi = z - eps - marg, z + eps + marg  # the box of the exact inputs in the ball
+    secs: list[_Secant | None] = []
+    for b, rec in zip(blocks, records, strict=True):
+        if isinstance(b, PoolBlock):
+            sec, lo, hi = _pool_secant(b, rec["d"].reshape(-1), lo, hi)
+        elif b.relu:
+            sec, lo, hi = _relu_secant(b, rec)
+        else:
+            sec = None
+            y0, e_out, rn, eps_k = rec["y0"], rec["e_out"], rec["rn"], rec["eps_k"]
+            _check_tensor(y0, f"a value of {b.name} at x0", nonzero_low=False)
+            er = eps_k * rn * b.fold_factor
+            _check_tensor(er, f"a radius of {b.name}", nonzero_low=False)
+            mg = SAFETY * (y0.abs() + er)
+            lo, hi = y0 - e_out - er - mg, y0 + e_out + er + mg
+        secs.append(sec)
+    unstable = [t for t, s in enumerate(secs) if s is not None and s.rows > 0]
+    n_out = blocks[-1].out_dim
+    rows = n_out + sum(secs[t].rows for t in unstable)
+    counts = tuple(secs[t].rows if t in unstable else 0 for t in range(n_blocks))
+    if rows > max_rows:
+        raise _Fallback(f"{rows} rows of vector-Jacobian products ({n_out} outputs and "
+                        f"{rows - n_out} deviation rows of unstable units) exceed the budget "
+                        f"of {max_rows}")
+    widest = max([blocks[0].in_dim] + [b.out_dim for b in blocks])
+    biggest = max([n_out] + [secs[t].rows for t in unstable])
+    need = 4 * 8 * biggest * widest
+    if need > max_bytes:
+        raise _Fallback(f"the rows need about {need / 2**20:.0f} MiB, over the cap of "
+                        f"{max_bytes / 2**20:.0f} MiB")
+    # boundaries where a segment starts: the input (all columns) and after each unstable
+    # secant (its deviating outputs)
+    cols: dict[int, Tensor | None] = {0: None}
+    for t in unstable:
+        if t + 1 < n_blocks:
+            cols[t + 1] = secs[t].sigma
+    dev = x0.device
+
+    def sweep(start: int, g: Tensor, e: Tensor, scale: Tensor | None) -> dict[int, float]:
+        got: dict[int, float] = {}
+        k = start
+        while True:
+            if k in cols:
+                got[k] = _norm_bound(g, e, cols[k], scale)
+            if k == 0 or k <= min(cols):
+                return got
+            g, e = _back(blocks[k - 1], secs[k - 1], g, e)
+            k -= 1
+            _check_tensor(g, "a row of the centre network")
+            _check_tensor(e, "a rounding bound of the centre network's rows", nonzero_low=False)
+
+    eye = torch.eye(n_out, dtype=torch.float64, device=dev)
+    v = sweep(n_blocks, eye, torch.zeros_like(eye), None)
+    d: dict[int, dict[int, float]] = {}
+    for t in unstable:
+        s = secs[t]
+        if s.kind == "relu":
+            g = torch.zeros(s.rows, blocks[t].out_dim, dtype=torch.float64, device=dev)
+            g[torch.arange(s.rows, device=dev), s.sigma] = 1.0
+            g, e = _back(blocks[t], s, g, torch.zeros_like(g), centre=False)
+            _check_tensor(g, "a row of a layer")
+            scale = s.rho[s.sigma]
+        else:
+            g, e, scale = s.seeds, torch.zeros_like(s.seeds), s.scale
+        d[t] = sweep(t, g, e, scale)
+    for x in list(v.values()) + [y for dd in d.values() for y in dd.values()]:
+        if not x <= SAFE_HIGH:
+            raise _Fallback(f"a norm {x:.3g} above the safe range [1e-150, 1e150]")
+    # a bound below the safe range (rows that are 0 but for their rounding allowance) is
+    # raised to it: still an upper bound, and every product of two stays normal
+    v = {j: max(x, SAFE_LOW) if x > 0 else 0.0 for j, x in v.items()}
+    d = {t: {j: max(x, SAFE_LOW) if x > 0 else 0.0 for j, x in dd.items()}
+         for t, dd in d.items()}
+    certified = [f.guarantee == Guarantee.CERTIFIED for f in factors]
+    b_of: dict[int, float] = {n_blocks: 1.0}
+    for j in sorted(cols, reverse=True):
+        terms = [v[j]] + [_up(b_of[t + 1] * d[t][j]) for t in unstable if t >= j]
+        val = _up(math.fsum(terms))
+        if all(certified[j:]):
+            val = min(val, product_up(f.value for f in factors[j:]))
+        if not val <= SAFE_HIGH:
+            raise _Fallback(f"a segment bound {val:.3g} above the safe range")
+        b_of[j] = max(val, SAFE_LOW) if val > 0 else 0.0
+    return TightOutcome(b_of[0], "", rows, counts)
