@@ -299,8 +299,8 @@ def _masked_maps(b: AffineBlock, r: Tensor, d: Tensor, rows: Tensor, cols: Tenso
     return maps
 
 
-def _relu_slopes(y0: Tensor, e_out: Tensor, rn: Tensor, eps_k: float, moving: Tensor
-                 ) -> tuple[Tensor, Tensor, Tensor]:
+def _relu_slopes(y0: Tensor, e_out: Tensor, rn: Tensor, eps_k: float, moving: Tensor,
+                 fold: float = 1.0) -> tuple[Tensor, Tensor, Tensor]:
     """Rule 3 for a ReLU layer: ``(r, on, may_be_on)``, the slopes ``r`` of the rows, the rows
     that can be on somewhere in the ball (``ȳ > 0`` and moving: the output mask), and those
     that may be on at the exact nominal point (``y0 + e_out >= 0``).
@@ -309,9 +309,14 @@ def _relu_slopes(y0: Tensor, e_out: Tensor, rn: Tensor, eps_k: float, moving: Te
     raise the slope): the nominal pass's rounding ``e_out``, absolute, and a relative margin
     for the row norms ``rn`` and this arithmetic. Each product and mask is formed once (the
     same values as forming it again); the constant branches are scalars (the same float64
-    ``0.0`` / ``1.0`` as filled tensors)."""
+    ``0.0`` / ``1.0`` as filled tensors). ``fold``: the block's
+    :attr:`~lipbound.blocks.AffineBlock.fold_factor`, by which the exact layer's row norms may
+    exceed the stored ones ``rn`` (a constant a float32 model rounds: up to ~1.2e-7 relative,
+    beyond the margin ``SAFETY``)."""
     y_hi = y0 + e_out
     er = eps_k * rn
+    if fold > 1.0:  # (+ UNDERFLOW: this product's rounding below the normal range)
+        er = er * fold + UNDERFLOW
     ybar = y_hi + er + SAFETY * (y0.abs() + er)
     del er
     den = ybar - y_hi
@@ -914,7 +919,7 @@ class Analyzer:
         if record is not None:  # (the tight bound's limits: lipbound.tight)
             record.append({"y0": y0, "e_out": e_out, "rn": rn, "eps_k": eps_k, "r": None})
         if b.relu:
-            r, on, may_be_on = _relu_slopes(y0, e_out, rn, eps_k, moving)
+            r, on, may_be_on = _relu_slopes(y0, e_out, rn, eps_k, moving, b.fold_factor)
             if record is not None:
                 record[-1]["r"] = r
             d_out = on.to(torch.float64)
