@@ -28,6 +28,8 @@ __all__ = ["ATTACK_STYLES", "CERTIFICATE_STYLES", "METHOD_STYLES", "format_prob_
 METHOD_STYLES: dict[str, dict[str, Any]] = {
     "local": {"label": "local upper bound", "color": "#1f4e9c", "linestyle": "-",
               "marker": "o"},
+    "tight": {"label": "tight local upper bound", "color": "#0f8b8d", "linestyle": "-",
+              "marker": "s"},
     "global": {"label": "global upper bound", "color": "#222222", "linestyle": "-",
                "marker": None},
     "random": {"label": "random sampling (lower)", "color": "#2a9d5c", "linestyle": "--",

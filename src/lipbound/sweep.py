@@ -60,7 +60,7 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 #: methods whose values are upper bounds (solid lines in the plot)
-UPPER_METHODS: tuple[str, ...] = ("local", "global")
+UPPER_METHODS: tuple[str, ...] = ("local", "tight", "global")
 #: methods whose values are empirical lower bounds (dashed lines)
 LOWER_METHODS: tuple[str, ...] = ("random", "gradient", "pgd", "best")
 ALL_METHODS: tuple[str, ...] = UPPER_METHODS + LOWER_METHODS
@@ -72,8 +72,8 @@ class SweepPoint:
     """One method's value at one radius.
 
     Attributes:
-        method: ``"local"``, ``"global"``, ``"random"``, ``"gradient"``, ``"pgd"`` or
-            ``"best"``.
+        method: ``"local"``, ``"tight"``, ``"global"``, ``"random"``, ``"gradient"``,
+            ``"pgd"`` or ``"best"``.
         value: the bound.
         guarantee: what the value is (upper bound kinds, or ``LOWER`` for a value attained
             by a witness input).
@@ -83,7 +83,9 @@ class SweepPoint:
         details: extra facts (e.g. ``witness_distance`` of a lower bound; for ``"local"``:
             ``source`` -- ``"computed"``, ``"reused"`` (``reused_layers`` lists the layers
             whose factor came from a larger radius) or ``"global"`` (the global bound, taken
-            without computing above ``crossover_eps``); for a lower bound whose witness was
+            without computing above ``crossover_eps``); for ``"tight"``: ``source`` --
+            ``"tight"``, ``"paper"`` or ``"global"``, the bound reported, and ``not_formed``
+            where the tight bound was not formed (why); for a lower bound whose witness was
             found at a smaller radius (see :func:`sweep`): ``from_eps``, that radius, and
             ``own_value``, the value the method found at this radius itself).
         witness: for a lower bound, the input ``x`` attaining ``value`` (``(1,
@@ -137,7 +139,8 @@ class SweepResult:
         settings: parameters of the computation (lower-bound budgets, seed, spectral mode,
             failure probability, dtype of the lower bounds, ``reuse_tol``, ``order`` of the
             radii) and, with upper bounds, the counts ``local_computed``, ``local_reused``,
-            ``local_from_global`` and ``local_evaluations``.
+            ``local_from_global`` and ``local_evaluations`` (and ``tight_formed`` with the
+            ``"tight"`` curve).
         notes: caveats (e.g. "seeded random weights").
     """
 
@@ -429,11 +432,11 @@ def _upper_points(an: Analyzer, x0: Tensor, eps_list: list[float], uppers: list[
         bar.update(len(rows_pts))
     counts = {"computed": 0, "reused": 0, "global": 0}
     n_eval = 0
+    distinct = sorted(set(eps_list))
+    where: dict[float, list[int]] = {}
+    for i, e in enumerate(eps_list):
+        where.setdefault(e, []).append(i)
     if "local" in uppers:
-        distinct = sorted(set(eps_list))
-        where: dict[float, list[int]] = {}
-        for i, e in enumerate(eps_list):
-            where.setdefault(e, []).append(i)
         cross = math.inf  # smallest radius whose local bound was the global bound
         for k in _bisection_order(len(distinct)):
             e = distinct[k]
@@ -475,8 +478,52 @@ def _upper_points(an: Analyzer, x0: Tensor, eps_list: list[float], uppers: list[
                 f"(reuse_tol={reuse_tol:g}): valid upper bounds, slightly looser than fresh "
                 "ones; their failure probabilities include a union bound over the sweep's "
                 "earlier computations")
-    return {"local_computed": counts["computed"], "local_reused": counts["reused"],
-            "local_from_global": counts["global"], "local_evaluations": n_eval}
+    stats = {"local_computed": counts["computed"], "local_reused": counts["reused"],
+             "local_from_global": counts["global"], "local_evaluations": n_eval}
+    if "tight" in uppers:
+        stats["tight_formed"] = _tight_points(sa, x0, distinct, where, output_map, rows_pts,
+                                              all_notes, bar)
+    return stats
+
+
+def _tight_points(sa: Analyzer, x0: Tensor, distinct: list[float],
+                  where: dict[float, list[int]], output_map: Tensor | None,
+                  rows_pts: list[dict[str, SweepPoint]], all_notes: list[str], bar) -> int:
+    """The ``"tight"`` curve: ``local_bound(..., tight=True)`` at every radius (the smaller
+    of the centre-plus-deviation bound of :mod:`lipbound.tight` and the paper's product, or
+    the global bound where that is smaller), on the sweep's analyzer ``sa`` (its layer
+    factors are remembered from the ``"local"`` curve: an exact repeat gives the same value;
+    a reused probabilistic factor carries the analyzer's union bound, as there). Each point
+    says in ``details["source"]`` which bound it is (``"tight"``, ``"paper"`` or
+    ``"global"``). Returns how many points are the tight bound."""
+    formed = 0
+    for e in distinct:
+        bar.label(f"eps={e:.3g} tight")
+        r = sa.local_bound(x0, e, output_map=output_map, tight=True)
+        fp = float(r.failure_prob) if r.guarantee == Guarantee.PROBABILISTIC else 0.0
+        notes = list(r.notes)
+        if any(n.startswith("tight bound (") for n in notes):
+            source = "tight"
+            formed += 1
+        elif any(n.startswith("the global bound was smaller") for n in notes):
+            source = "global"
+        else:
+            source = "paper"
+        why = next((n for n in notes if n.startswith("tight bound not formed")), None)
+        details: dict[str, Any] = {"spectral": _spectral(r), "source": source}
+        if why is not None:
+            details["not_formed"] = why
+        pt = SweepPoint("tight", float(r.value), r.guarantee, float(r.seconds), fp, details)
+        for i in where[e]:
+            rows_pts[i]["tight"] = pt
+        bar.update(len(where[e]))
+    why = " (details['not_formed'] says why it was not formed)" if formed < len(distinct) \
+        else ""
+    all_notes.append(
+        f"tight: the centre-plus-deviation bound (lipbound.tight) at {formed} of "
+        f"{len(distinct)} radii; elsewhere the paper's product or the global bound, whichever "
+        f"is smaller{why}")
+    return formed
 
 
 def _carry_lower_witnesses(eps_list: list[float], rows_pts: list[dict[str, SweepPoint]],
@@ -528,8 +575,10 @@ def sweep(model_or_analyzer: nn.Module | Analyzer, x0: Tensor, eps_values: Seque
 
     For each ``eps`` the chosen methods are run on the quantity
     ``L(x0, eps) = sup_{0<||x-x0||<=eps} ||C(f(x)-f(x0))|| / ||x-x0||`` (L2):
-    ``"local"`` (upper bound of Avant & Morgansen, IEEE TNNLS 2023), ``"global"`` (product
-    of per-layer spectral norms, an upper bound for every radius), and the lower bounds
+    ``"local"`` (upper bound of Avant & Morgansen, IEEE TNNLS 2023), ``"tight"`` (the
+    smaller of that and the centre-plus-deviation bound of :mod:`lipbound.tight`:
+    ``local_bound(..., tight=True)``), ``"global"`` (product of per-layer spectral norms, an
+    upper bound for every radius), and the lower bounds
     ``"random"``, ``"gradient"``, ``"pgd"``, ``"best"`` of :mod:`lipbound.lower`, each a
     ratio attained by a concrete input in the ball.
 

@@ -52,8 +52,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", default=None,
                    help="output folder (default: out/sweep_<model>)")
     p.add_argument("--methods", default="local,global,random,gradient,pgd",
-                   help="comma-separated: local, global, random, gradient, pgd, best "
-                        "(default: all but best)")
+                   help="comma-separated: local, tight, global, random, gradient, pgd, best "
+                        "(default: all but tight and best; tight: the centre-plus-deviation "
+                        "local bound, lipbound bound --tight)")
     p.add_argument("--samples", type=int, default=10_000,
                    help="points of the random-sampling lower bound per radius (default 10000)")
     p.add_argument("--steps", type=int, default=100,
