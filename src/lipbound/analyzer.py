@@ -354,6 +354,8 @@ class RowBounds:
     """Per row: a bound on ``|ĝ_j - C[j] f(x0)|``, the computed float64 value
     ``nominal_values[j]`` against the exact one (valid under the same event as ``values``)."""
     nominal_values: Tensor | None = None
+    notes: tuple[str, ...] = ()
+    """With ``tight=True``: whether, and for how many rows, the tight bound was smaller."""
 
 
 class Analyzer:
@@ -1265,16 +1267,27 @@ class Analyzer:
         return value, g, fp, nominal, (f"paper's bound {value:.6g} reported; the tight "
                                        f"bound (centre plus deviation) is {out.value:.6g}")
 
-    def local_bound_rows(self, x0: Tensor, eps: float, output_map: Tensor) -> RowBounds:
+    def local_bound_rows(self, x0: Tensor, eps: float, output_map: Tensor, *,
+                         tight: bool = False, tight_rows: int = TIGHT_ROWS) -> RowBounds:
         """Local bounds for each row of ``output_map`` separately, in one pass: all layers but
         the last are shared, and the last factor of row j is the exact norm
-        ``||c_j^T A D||`` (a vector norm)."""
-        rb = self._local_bound_rows(x0, eps, output_map)
+        ``||c_j^T A D||`` (a vector norm).
+
+        With ``tight=True`` each row's value is the smaller of that and the row's own
+        centre-plus-deviation bound (:mod:`lipbound.tight`: the deviation terms shared, the
+        tails per row), under the same guarantee; ``tight_rows`` as in :meth:`local_bound`.
+        """
+        if not isinstance(tight, bool):
+            raise InputError(f"tight must be True or False, got {tight!r}")
+        if tight:
+            tight_rows = check_int(tight_rows, "tight_rows", 1)
+        rb = self._local_bound_rows(x0, eps, output_map, tight_rows if tight else None)
         # an ordinary tensor for the caller (the computation ran without autograd)
         return replace(rb, values=rb.values.clone())
 
     @_without_autograd
-    def _local_bound_rows(self, x0: Tensor, eps: float, output_map: Tensor) -> RowBounds:
+    def _local_bound_rows(self, x0: Tensor, eps: float, output_map: Tensor,
+                          tight_rows: int | None = None) -> RowBounds:
         """Local bounds for each row of ``output_map`` separately, in one pass: all layers but
         the last are shared, and the last factor of row j is the exact norm
         ``||c_j^T A D||`` (a vector norm)."""
@@ -1283,8 +1296,10 @@ class Analyzer:
         last = blocks[-1]
         if not isinstance(last, AffineBlock) or last.relu:
             raise InputError("local_bound_rows needs a model whose last layer is affine")
+        record: list | None = [] if tight_rows is not None else None
         layers, bounds, (x, d, eps_k, nom) = self._propagate(key, blocks, x0, eps,
-                                                              stop_before_last=True)
+                                                              stop_before_last=True,
+                                                              record=record)
         prefix = product_up(sb.value for sb in bounds)  # (rounded up below the normal range)
         m = last.out_dim
         eye = torch.eye(m, dtype=torch.float64, device=self.device)
@@ -1318,9 +1333,26 @@ class Analyzer:
             Guarantee.CERTIFIED
         fp = 0.0 if g == Guarantee.CERTIFIED else min(1.0, sum(sb.failure_prob
                                                                for sb in bounds))
+        notes: tuple[str, ...] = ()
+        if record is not None:
+            from .tight import tight_local_bound
+
+            # the per-row tight bounds: limits and factors of the same propagation (the same
+            # event), the rows' last factors as the paper's tails end
+            out = tight_local_bound(blocks, x0.to(device=self.device, dtype=torch.float64),
+                                    eps, record, bounds, max_rows=tight_rows,
+                                    row_last=norms.tolist())
+            if out.row_values is None:
+                notes = (f"tight bound not formed ({out.reason})",)
+            else:
+                tv = torch.tensor(out.row_values, dtype=values.dtype, device=values.device)
+                smaller = tv < values
+                values = torch.where(smaller, tv, values)
+                notes = (f"tight bound (centre plus deviation, {out.rows} VJP rows) smaller "
+                         f"for {int(smaller.sum())} of {tv.numel()} rows",)
         return RowBounds(values=values.cpu(), guarantee=g, failure_prob=fp,
                          prefix=tuple(layers), eps=eps, nominal_error=nominal.cpu(),
-                         nominal_values=rows_at_x0.reshape(-1).cpu())
+                         nominal_values=rows_at_x0.reshape(-1).cpu(), notes=notes)
 
 
 def _analyzer_options() -> tuple[str, ...]:

@@ -297,6 +297,29 @@ def _norm_bound(g: Tensor, e: Tensor, cols: Tensor | None, scale: Tensor | None)
     return _up(v + en)
 
 
+def _row_norms_up(t: Tensor) -> Tensor:
+    """Upper bounds on the L2 norms of the rows of ``t`` (each row scaled by a power of two
+    at least its largest magnitude before squaring: exact, no underflow of the squares that
+    matter), rounded up."""
+    if t.shape[1] == 0:
+        return t.new_zeros(t.shape[0])
+    a = t.abs()
+    m = a.amax(dim=1, keepdim=True)
+    _, ex = torch.frexp(m)
+    scale = torch.where(m > 0, torch.ldexp(torch.ones_like(m), ex), 1.0)
+    n = torch.linalg.vector_norm(a / scale, dim=1)
+    return n * (scale.squeeze(1) * (1.0 + 2.0 * gamma(t.shape[1] + 8)))
+
+
+def _row_bound(g: Tensor, e: Tensor, cols: Tensor | None) -> list[float]:
+    """Per row: an upper bound on ``||G[row, cols]||`` for the exact rows ``G`` (computed
+    ``g``, entrywise error ``<= e``)."""
+    if cols is not None:
+        g, e = g[:, cols], e[:, cols]
+    v = (_row_norms_up(g) + _row_norms_up(e)) * (1.0 + 4.0 * U)
+    return [_up(x) for x in v.tolist()]
+
+
 @dataclass(frozen=True)
 class TightOutcome:
     """The result of :func:`tight_local_bound`: ``value`` (an upper bound on the local
@@ -306,11 +329,15 @@ class TightOutcome:
     reason: str
     rows: int
     unstable: tuple[int, ...] = ()
+    row_values: tuple[float, ...] | None = None
+    """With ``row_last`` (:func:`tight_local_bound`): the bound of each output row's scalar
+    function ``e_i^T f``, and ``value`` their maximum."""
 
 
 def tight_local_bound(blocks: list[Block], x0: Tensor, eps: float, records: list[dict],
                       factors: list[SpectralBound], *, max_rows: int = DEFAULT_ROWS,
-                      max_bytes: int = DEFAULT_BYTES) -> TightOutcome:
+                      max_bytes: int = DEFAULT_BYTES,
+                      row_last: list[float] | None = None) -> TightOutcome:
     """The centre-plus-deviation bound ``B_0`` (see the module docstring).
 
     Args:
@@ -322,21 +349,32 @@ def tight_local_bound(blocks: list[Block], x0: Tensor, eps: float, records: list
         factors: the paper's local factors of the blocks (certified ones bound tails).
         max_rows: most rows of vector-Jacobian products (outputs plus deviation rows).
         max_bytes: most memory of the rows and their error bounds.
+        row_last: per output row: the bound of each row's scalar function is wanted (the
+            margin certificate, :meth:`lipbound.Analyzer.local_bound_rows`), and this is the
+            paper's last factor of row i (``||e_i^T A D||``, certified) for its tails. Then
+            ``records`` and ``factors`` may leave out the last block (an affine one).
 
     Returns:
         A :class:`TightOutcome`; ``value`` None when the bound was not formed (``reason``).
     """
     try:
-        return _tight(blocks, x0, eps, records, factors, max_rows, max_bytes)
+        return _tight(blocks, x0, eps, records, factors, max_rows, max_bytes, row_last)
     except _Fallback as exc:
         return TightOutcome(None, str(exc), 0)
 
 
 def _tight(blocks: list[Block], x0: Tensor, eps: float, records: list[dict],
-           factors: list[SpectralBound], max_rows: int, max_bytes: int) -> TightOutcome:
+           factors: list[SpectralBound], max_rows: int, max_bytes: int,
+           row_last: list[float] | None = None) -> TightOutcome:
     if not (SAFE_LOW <= eps <= SAFE_HIGH):
         raise _Fallback(f"the radius {eps:.3g} is outside the safe range [1e-150, 1e150]")
     n_blocks = len(blocks)
+    last = blocks[-1]
+    if row_last is not None:
+        if not isinstance(last, AffineBlock) or last.relu or len(row_last) != last.out_dim:
+            raise _Fallback("per-row bounds need a last affine layer")
+        if len(records) == n_blocks - 1:  # (the last block's limits are not needed)
+            records = [*records, None]
     if len(records) != n_blocks:
         raise _Fallback("the limits of some layers were not recorded")
     z = x0.reshape(-1).to(torch.float64)
@@ -356,6 +394,8 @@ def _tight(blocks: list[Block], x0: Tensor, eps: float, records: list[dict],
             sec, lo, hi = _pool_secant(b, rec["d"].reshape(-1), lo, hi)
         elif b.relu:
             sec, lo, hi = _relu_secant(b, rec)
+        elif rec is None:  # the last block (per-row bounds): no limits needed after it
+            sec = None
         else:
             sec = None
             y0, e_out, rn, eps_k = rec["y0"], rec["e_out"], rec["rn"], rec["eps_k"]
@@ -387,12 +427,14 @@ def _tight(blocks: list[Block], x0: Tensor, eps: float, records: list[dict],
             cols[t + 1] = secs[t].sigma
     dev = x0.device
 
-    def sweep(start: int, g: Tensor, e: Tensor, scale: Tensor | None) -> dict[int, float]:
-        got: dict[int, float] = {}
+    def sweep(start: int, g: Tensor, e: Tensor, scale: Tensor | None,
+              per_row: bool = False) -> dict:
+        got: dict = {}
         k = start
         while True:
             if k in cols:
-                got[k] = _norm_bound(g, e, cols[k], scale)
+                got[k] = _row_bound(g, e, cols[k]) if per_row else \
+                    _norm_bound(g, e, cols[k], scale)
             if k == 0 or k <= min(cols):
                 return got
             g, e = _back(blocks[k - 1], secs[k - 1], g, e)
@@ -401,7 +443,7 @@ def _tight(blocks: list[Block], x0: Tensor, eps: float, records: list[dict],
             _check_tensor(e, "a rounding bound of the centre network's rows", nonzero_low=False)
 
     eye = torch.eye(n_out, dtype=torch.float64, device=dev)
-    v = sweep(n_blocks, eye, torch.zeros_like(eye), None)
+    v = sweep(n_blocks, eye, torch.zeros_like(eye), None, per_row=row_last is not None)
     d: dict[int, dict[int, float]] = {}
     for t in unstable:
         s = secs[t]
@@ -414,22 +456,47 @@ def _tight(blocks: list[Block], x0: Tensor, eps: float, records: list[dict],
         else:
             g, e, scale = s.seeds, torch.zeros_like(s.seeds), s.scale
         d[t] = sweep(t, g, e, scale)
-    for x in list(v.values()) + [y for dd in d.values() for y in dd.values()]:
+    vals = [y for x in v.values() for y in (x if isinstance(x, list) else [x])]
+    for x in vals + [y for dd in d.values() for y in dd.values()]:
         if not x <= SAFE_HIGH:
             raise _Fallback(f"a norm {x:.3g} above the safe range [1e-150, 1e150]")
     # a bound below the safe range (rows that are 0 but for their rounding allowance) is
     # raised to it: still an upper bound, and every product of two stays normal
-    v = {j: max(x, SAFE_LOW) if x > 0 else 0.0 for j, x in v.items()}
-    d = {t: {j: max(x, SAFE_LOW) if x > 0 else 0.0 for j, x in dd.items()}
-         for t, dd in d.items()}
+    d = {t: {j: _floor(x) for j, x in dd.items()} for t, dd in d.items()}
     certified = [f.guarantee == Guarantee.CERTIFIED for f in factors]
+    if row_last is None:
+        b0 = _segments({j: _floor(x) for j, x in v.items()}, d, cols, unstable, n_blocks,
+                       [f.value for f in factors], certified)
+        return TightOutcome(b0, "", rows, counts)
+    # per output row i: the same expansion for the scalar function e_i^T f (its tails are
+    # the row's own, the deviations shared); the paper's tails end with the row's last factor
+    out = []
+    for i, last_i in enumerate(row_last):
+        vi = {j: _floor(x[i]) for j, x in v.items()}
+        values = [f.value for f in factors[:n_blocks - 1]] + [float(last_i)]
+        out.append(_segments(vi, d, cols, unstable, n_blocks, values,
+                             [*certified[:n_blocks - 1], True]))
+    return TightOutcome(max(out), "", rows, counts, tuple(out))
+
+
+def _floor(x: float) -> float:
+    """``x`` raised to :data:`SAFE_LOW` when positive (an upper bound still)."""
+    return max(x, SAFE_LOW) if x > 0 else 0.0
+
+
+def _segments(v: dict[int, float], d: dict[int, dict[int, float]], cols: dict,
+              unstable: list[int], n_blocks: int, factors: list[float],
+              certified: list[bool]) -> float:
+    """The nested recursion: ``B_j`` for every segment start ``j`` in ``cols`` (from the last
+    to the input), the smaller of the expansion and (when its factors are certified) the
+    paper's product of ``factors[j:]``; returns ``B_0``."""
     b_of: dict[int, float] = {n_blocks: 1.0}
     for j in sorted(cols, reverse=True):
         terms = [v[j]] + [_up(b_of[t + 1] * d[t][j]) for t in unstable if t >= j]
         val = _up(math.fsum(terms))
         if all(certified[j:]):
-            val = min(val, product_up(f.value for f in factors[j:]))
+            val = min(val, product_up(factors[j:]))
         if not val <= SAFE_HIGH:
             raise _Fallback(f"a segment bound {val:.3g} above the safe range")
-        b_of[j] = max(val, SAFE_LOW) if val > 0 else 0.0
-    return TightOutcome(b_of[0], "", rows, counts)
+        b_of[j] = _floor(val)
+    return b_of[0]

@@ -71,8 +71,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="relative looseness of layer factors reused during the search "
                         "(default 0.02; 0: none)")
     p.add_argument("--tight", action="store_true",
-                   help="the local certificate uses the tight local bound (the smaller of the "
-                        "centre-plus-deviation bound and the paper's product)")
+                   help="the local and margin certificates use the tight local bound (the "
+                        "smaller of the centre-plus-deviation bound and the paper's product; "
+                        "per rival row for margin)")
     p.add_argument("--out", default=None,
                    help="folder to write radius.csv (one row per input, with each "
                         "certified radius' guarantee and failure probability) and "
@@ -190,9 +191,9 @@ def run(args: argparse.Namespace) -> int:
     if not methods:
         raise InputError("--methods must name at least one of local, margin, global")
     attacks = _split(args.attacks, ALL_ATTACKS, "attack(s)")
-    if args.tight and "local" not in methods:
-        raise InputError("--tight tightens the local certificate: add local to --methods "
-                         "(e.g. --methods local), or drop --tight")
+    if args.tight and "local" not in methods and "margin" not in methods:
+        raise InputError("--tight tightens the local and margin certificates: add local or "
+                         "margin to --methods (e.g. --methods local,margin), or drop --tight")
     if not 0 < args.tol < 1:
         raise InputError(f"--tol must be in (0, 1), got {args.tol}")
     if args.max_eps is not None:
