@@ -50,6 +50,21 @@ def test_demo_runs(capsys):
     assert main(["demo", "--eps-list", "0.01,0.1"]) == 0
     out = capsys.readouterr().out
     assert "global" in out and "local" in out and "mnist:8" in out
+    assert "tight" in out and "(margin, tight," in out
+
+
+def test_demo_json_tight_rows_and_radius(capsys):
+    """The demo's tight rows are below its local rows (the same analyzer, exact route), and
+    the tight margin radius is at least the plain one."""
+    assert main(["demo", "--eps-list", "0.001,1", "--json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    local = {r["eps"]: r["value"] for r in doc["local"]}
+    assert [r["eps"] for r in doc["tight"]] == [0.001]  # (radii <= 0.1 only)
+    for r in doc["tight"]:
+        assert r["value"] < local[r["eps"]] / 4  # (361.5 -> 70.2)
+        assert r["guarantee"] == "certified upper bound"
+    margins = [r for r in doc["radius"] if r["method"] == "margin"]
+    assert len(margins) == 2 and margins[1]["radius"] >= margins[0]["radius"]
 
 
 USER_MODEL = textwrap.dedent("""
