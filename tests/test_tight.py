@@ -415,9 +415,14 @@ def test_cli_tight(capsys) -> None:
     assert out["layers"] == plain["layers"]  # the per-layer table stays the paper's
     err = run_err(capsys, ["bound", "--model", "mnist", "--method", "global", "--tight"])
     assert "--tight" in err and "--method local" in err
-    err = run_err(capsys, ["bound", "--model", "mnist", "--input", "mnist:test/0-2",
-                           "--tight"])
-    assert "one input at a time" in err
+    many = run_json(capsys, ["bound", "--model", "mnist", "--input", "mnist:test/0-2",
+                             "--eps", "1e-3", "--tight", "--spectral", "exact"])
+    few = run_json(capsys, ["bound", "--model", "mnist", "--input", "mnist:test/0-2",
+                            "--eps", "1e-3", "--spectral", "exact"])
+    tight_s, local_s = many["summary"]["methods"], few["summary"]["methods"]
+    assert list(tight_s) == ["tight"] and list(local_s) == ["local"]
+    for t, p in zip(many["rows"], few["rows"], strict=True):
+        assert t["method"] == "tight" and t["bound"] * 2 < p["bound"]
     err = run_err(capsys, ["bound", "--model", "mnist", "--tight-rows", "5"])
     assert "--tight-rows needs --tight" in err
     err = run_err(capsys, ["bound", "--model", "mnist", "--tight", "--tight-rows", "0"])

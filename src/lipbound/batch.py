@@ -20,10 +20,10 @@ import torch
 from torch import Tensor, nn
 
 from ._progress import progress_bar
-from .analyzer import Analyzer
+from .analyzer import TIGHT_ROWS, Analyzer
 from .errors import InputError
 from .results import Guarantee
-from .validation import check_eps, check_input
+from .validation import check_eps, check_input, check_int
 
 __all__ = ["InputBound", "bound_many", "summarize"]
 
@@ -44,7 +44,8 @@ class InputBound:
         label: the true class when known, else ``None``.
         predicted: the class the network predicts (argmax of the float64 forward pass).
         eps: the radius (``None`` for a global bound).
-        method: ``"local"`` or ``"global"``.
+        method: ``"local"``, ``"tight"`` (the local bound with ``tight=True``: the smaller
+            of the centre-plus-deviation bound and the paper's product) or ``"global"``.
         bound: the upper bound.
         guarantee: its guarantee (certified or probabilistic upper bound).
         failure_prob: failure probability of a probabilistic bound (0 otherwise).
@@ -123,8 +124,8 @@ def bound_many(model_or_analyzer: nn.Module | Analyzer, samples: Any,
                batch_size: int = 256, progress: bool = False, spectral: str = "auto",
                failure_prob: float = 1e-6, seed: int = 0,
                device: str | torch.device | None = None, name: str | None = None,
-               notes: Sequence[str] = (), timings: dict[str, float] | None = None
-               ) -> list[InputBound]:
+               notes: Sequence[str] = (), timings: dict[str, float] | None = None,
+               tight: bool = False, tight_rows: int = TIGHT_ROWS) -> list[InputBound]:
     """Local or global Lipschitz upper bounds for many inputs (Avant & Morgansen 2023).
 
     Args:
@@ -146,6 +147,8 @@ def bound_many(model_or_analyzer: nn.Module | Analyzer, samples: Any,
             :class:`Analyzer` (ignored when one is given).
         timings: optional dict that receives ``setup_seconds`` (tracing and the global
             factors) and ``total_seconds``.
+        tight: local bounds with ``tight=True`` (:meth:`Analyzer.local_bound`; rows
+            labelled ``"tight"``); ``tight_rows``: its budget of rows.
 
     Returns:
         One :class:`InputBound` per input, in input order.
@@ -157,6 +160,13 @@ def bound_many(model_or_analyzer: nn.Module | Analyzer, samples: Any,
     t_start = time.perf_counter()
     if method not in ("local", "global"):
         raise InputError(f"method must be 'local' or 'global', got {method!r}")
+    if not isinstance(tight, bool):
+        raise InputError(f"tight must be True or False, got {tight!r}")
+    if tight and method == "global":
+        raise InputError("tight tightens local bounds; the global bound has none: use "
+                         "method='local', or tight=False")
+    if tight:
+        tight_rows = check_int(tight_rows, "tight_rows", 1)
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise InputError(f"batch_size must be an integer >= 1, got {batch_size!r}")
     if isinstance(model_or_analyzer, Analyzer):
@@ -198,9 +208,11 @@ def bound_many(model_or_analyzer: nn.Module | Analyzer, samples: Any,
     with progress_bar(progress, len(xs), f"{method} bounds", "input") as bar:
         for i in range(len(xs)):
             bar.label(names[i])
-            r = an.global_bound() if method == "global" else an.local_bound(xs[i], eps_list[i])
+            r = an.global_bound() if method == "global" else \
+                an.local_bound(xs[i], eps_list[i], tight=tight, tight_rows=tight_rows)
             rows.append(InputBound(index=i, name=names[i], label=labels[i], predicted=preds[i],
-                                   eps=eps_list[i], method=method, bound=float(r.value),
+                                   eps=eps_list[i], method="tight" if tight else method,
+                                   bound=float(r.value),
                                    guarantee=r.guarantee, failure_prob=float(r.failure_prob),
                                    seconds=float(r.seconds)))
             log.info("%s bound of input %s: %.6g (%.3fs)", method, names[i], r.value,

@@ -41,7 +41,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="failure probability budget of a probabilistic bound (default 1e-6)")
     p.add_argument("--tight", action="store_true",
                    help="local bound: also compute the centre-plus-deviation bound and report "
-                        "the smaller of it and the paper's product (one input at a time)")
+                        "the smaller of it and the paper's product (with several inputs: "
+                        "rows labelled tight)")
     p.add_argument("--tight-rows", type=int, default=None,
                    help="with --tight: budget of vector-Jacobian rows (default 2048); beyond "
                         "it the paper's product is reported, with a note")
@@ -70,9 +71,6 @@ def run(args: argparse.Namespace) -> int:
     if args.tight and args.method == "global":
         raise InputError("--tight tightens the local bound; --method global has none: use "
                          "--method local (the default) or both, or drop --tight")
-    if args.tight and (is_many_ref(args.input) or args.eps_file or args.out):
-        raise InputError("--tight works on one input at a time (no several inputs, "
-                         "--eps-file or --out): give one --input, or drop --tight")
     tight_rows = 2048 if args.tight_rows is None else args.tight_rows
     if args.tight and tight_rows < 1:
         raise InputError(f"--tight-rows must be a positive integer, got {tight_rows}")
@@ -95,10 +93,6 @@ def run(args: argparse.Namespace) -> int:
                                 "needs none)")
         except InputError as exc:
             if "batch of" in str(exc):  # an .npy/.pt file holding several inputs
-                if args.tight:
-                    raise InputError("--tight works on one input at a time, and "
-                                     f"{args.input} holds several: give one, or drop "
-                                     "--tight") from exc
                 from .bound_many import run_many
 
                 return run_many(args, loaded)  # the model is loaded once (its seeds settled)

@@ -169,7 +169,9 @@ def run_many(args: argparse.Namespace, loaded: Loaded | None = None) -> int:
         rows += bound_many(an, samples, None, "global", timings=timings, progress=progress)
     if method in ("local", "both"):
         for eps in runs:
-            rows += bound_many(an, samples, eps, "local", timings=timings, progress=progress)
+            rows += bound_many(an, samples, eps, "local", timings=timings, progress=progress,
+                               tight=getattr(args, "tight", False),
+                               tight_rows=getattr(args, "tight_rows", None) or 2048)
     summary: dict[str, Any] = {"n_inputs": len(samples), "model": loaded.name,
                                "weights": loaded.weights_source,
                                "setup_seconds": timings.get("setup_seconds", 0.0),
