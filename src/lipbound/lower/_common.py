@@ -569,17 +569,21 @@ def output_rounding_error(prob: Problem, lip: float, dtype: torch.dtype | None =
     """Rough size of the rounding error of ``||C(f(x) - f(x0))||`` in ``dtype`` (default:
     the model's dtype).
 
-    Model: ``4 u (||C f(x0)|| + lip ||x0||)`` with ``u`` the unit roundoff; the second
-    term covers the cancellation in the first layer (``W x`` for ``x`` near ``x0``).
-    Measured on the float32 MNIST LeNet this overestimates the error by a few times.
+    Model: ``4 u (||C||_F ||f(x0)|| + lip ||x0||)`` with ``u`` the unit roundoff: the
+    outputs are computed with errors of a few ``u ||f||`` and ``C`` is applied to their
+    difference (so ``||C f(x0)||``, which cancels for a margin row ``e_c - e_j`` of two
+    close logits, would understate it: a float64 witness at eps = 1e-6 then exceeded the
+    exact local constant by 4e-9 relative); the second term covers the cancellation in the
+    first layer (``W x`` for ``x`` near ``x0``). Measured on the float32 MNIST LeNet this
+    overestimates the error by a few times.
     """
     u = torch.finfo(dtype or prob.dtype).eps / 2
-    f0 = prob.f0.to(torch.float64)
+    # (in this order: no overflow of 4 (||C|| ||f(x0)|| + lip ||x0||) below the range's top)
+    e = 4.0 * u * float(safe_norm(prob.f0.to(torch.float64)))
     if prob.output_map is not None:
-        f0 = f0 @ prob.output_map.to(torch.float64).T
+        e *= float(safe_norm(prob.output_map.to(torch.float64)))  # (>= the spectral norm)
     x0n = float(safe_norm(prob.x0.to(torch.float64)))
-    # (in this order: no overflow of 4 (||C f(x0)|| + lip ||x0||) below the range's top)
-    return 4.0 * u * float(safe_norm(f0)) + (4.0 * u * max(lip, 0.0)) * x0n
+    return e + (4.0 * u * max(lip, 0.0)) * x0n
 
 
 def radius_floor(prob: Problem, lip: float) -> float:
