@@ -708,23 +708,15 @@ def trace_model(model: nn.Module, input_shape: Sequence[int]) -> list[Op]:
             rule = METHOD_RULES.get(str(node.target))
             if rule is None and node.target == "to" and _moves_only(node):
                 rule = identity_rule
-        if weighted:
+        if weighted or arith is not None:
             try:
                 op = _weighted_op(node, rec.values, dep, consts, name, in_shape[1:],
-                                  shape[1:])
+                                  shape[1:]) if weighted else \
+                    _arith_op(arith, node, rec.values, dep, consts, name, in_shape[1:],
+                              shape[1:])
             except NotImplementedError as exc:
-                problems.append((where, kind, f"unsupported call: {exc}"))
-                current = node
-                continue
-            ops.append(op)
-            current = node
-            continue
-        if arith is not None:
-            try:
-                op = _arith_op(arith, node, rec.values, dep, consts, name, in_shape[1:],
-                               shape[1:])
-            except NotImplementedError as exc:
-                problems.append((where, kind, f"unsupported arithmetic: {exc}"))
+                what = "call" if weighted else "arithmetic"
+                problems.append((where, kind, f"unsupported {what}: {exc}"))
                 current = node
                 continue
             ops.append(op)
