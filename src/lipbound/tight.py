@@ -47,7 +47,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .blocks import AffineBlock, Block, PoolBlock
-from .ops.base import UNDERFLOW, gamma, norm_up, product_up
+from .ops.base import UNDERFLOW, DiagOp, gamma, norm_up, product_up
 from .ops.linear import LinearOp
 from .results import Guarantee
 from .spectral import SAFETY, SpectralBound, exact_norm
@@ -249,6 +249,19 @@ def _scale_top(b: AffineBlock) -> float:
     return t
 
 
+def _scale_rel(b: AffineBlock) -> float:
+    """``f`` with ``|S* - S| <= f |S|`` for the block's exact diagonal scales ``S*`` against the
+    stored ``s_in`` / ``s_out``: the folded layers' uncertainty (``fold_factor``) and the
+    rounding of the stored scales, which are float64 products of the diagonal layers' scales
+    (a product of ``k`` factors is within ``γ_(k-1)`` of the exact one; ``fold_factor`` holds
+    that term only when some layer is folded). A stored product that rounded to exactly 1 is
+    dropped (``s_in`` None) but still differs from the exact one: the layers are counted."""
+    k = sum(isinstance(op, DiagOp) for op in b.ops)
+    if k < 2:  # a single layer's scale is stored as it is
+        return b.fold_factor - 1.0
+    return max(b.fold_factor - 1.0, 4.0 * (k + 1) * U)
+
+
 def _back(b: Block, sec: _Secant | None, g: Tensor, e: Tensor, centre: bool = True
           ) -> tuple[Tensor, Tensor]:
     """Rows ``g`` (with entrywise error bound ``e`` against the exact rows) at the output of
@@ -268,7 +281,7 @@ def _back(b: Block, sec: _Secant | None, g: Tensor, e: Tensor, centre: bool = Tr
     m = b.mixing
     n = 0 if m is None else m.inner_length_t()
     out = b.lin_t(g)
-    f = b.fold_factor - 1.0  # the exact scales of folded layers against the stored ones
+    f = _scale_rel(b)  # the exact scales (folded layers, products of scales) against the stored
     ga = g.abs()
     w = e * (1.0 + f) + (ga + e) * f + ga * gamma(n + 4)
     err = _abs_t(b, w) * (1.0 + 2.0 * gamma(n + 10))

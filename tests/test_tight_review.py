@@ -1,0 +1,86 @@
+"""Review of the tight local bound (:mod:`lipbound.tight`): regression tests for soundness
+bugs found by an adversarial review, each against an exact (rational) or brute-force truth
+with no tolerance."""
+
+from __future__ import annotations
+
+import math
+import random
+from fractions import Fraction
+
+import torch
+from torch import nn
+
+from lipbound import Analyzer
+from lipbound.results import Guarantee
+
+DT = torch.float64
+
+
+def _scale_chain(rng: random.Random, sign: int, k: int) -> tuple[list[float], float, Fraction]:
+    """``k`` constants whose float64 running product rounds, step after step, in the
+    direction ``sign``: the stored product ``s`` and the exact one."""
+    cs: list[float] = []
+    s, sx = 1.0, Fraction(1)
+    for _ in range(k):
+        best: tuple[Fraction, float] | None = None
+        for _ in range(200):
+            c = rng.uniform(0.7, 1.4)
+            rel = (Fraction(s * c) - sx * Fraction(c)) / (sx * Fraction(c))
+            if best is None or sign * rel > sign * best[0]:
+                best = (rel, c)
+        c = best[1]
+        cs.append(c)
+        s, sx = s * c, sx * Fraction(c)
+    return cs, s, sx
+
+
+class _ScaledChain(nn.Module):
+    """x -> relu(W1 x + b) scaled per unit by a chain of k constant multiplications -> W2:
+    W2 is chosen so that the float64 rows through the stored product of the scales cancel
+    exactly, while the exact network's Jacobian is the product's rounding, amplified."""
+
+    def __init__(self, k: int, seed: int = 0):
+        super().__init__()
+        rng = random.Random(seed)
+        c1, s1, self.s1x = _scale_chain(rng, +1, k)
+        c2, s2, self.s2x = _scale_chain(rng, -1, k)
+        self.s1, self.s2, self.k = s1, s2, k
+        self.l1 = nn.Linear(2, 2).to(DT)
+        self.l2 = nn.Linear(2, 1).to(DT)
+        with torch.no_grad():
+            self.l1.weight.copy_(torch.tensor([[1.0, 0.5], [1.0, 0.5]], dtype=DT))
+            self.l1.bias.fill_(10.0)  # every unit stably active in the ball
+            self.l2.weight.copy_(torch.tensor([[s2, -s1]], dtype=DT))
+            self.l2.bias.zero_()
+        for i in range(k):
+            self.register_buffer(f"c{i}", torch.tensor([c1[i], c2[i]], dtype=DT))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.l1(x)
+        for i in range(self.k):
+            h = h * getattr(self, f"c{i}")
+        return self.l2(torch.relu(h))
+
+    def exact_local_constant(self) -> float:
+        """The network is affine in the ball: its exact Jacobian's norm, from rationals (a
+        lower bound: rounded down)."""
+        d = Fraction(self.s2) * self.s1x - Fraction(self.s1) * self.s2x
+        sq = d * d * (Fraction(1) + Fraction(1, 4))
+        return math.nextafter(math.sqrt(float(sq)), 0.0) * (1 - 1e-15)
+
+
+def test_product_of_diagonal_scales_rounding() -> None:
+    """A block's stored scale is the float64 product of its diagonal layers' scales (here 40
+    multiplications by constants, float64 model, nothing folded: ``fold_factor`` 1); the
+    rows' rounding bound ignored that product's rounding, and rows that cancel exactly in
+    float64 gave a certified 3.6e-15 for an exact local constant of 1.0e-14."""
+    net = _ScaledChain(40).eval()
+    x0 = torch.zeros(1, 2, dtype=DT)
+    an = Analyzer(net, (2,), spectral="exact")
+    assert an.blocks[0].fold_factor == 1.0  # (the case: no folded layer)
+    r = an.local_bound(x0, 0.1, tight=True)
+    true = net.exact_local_constant()
+    assert true > 5e-15  # (the construction worked: the rounding is amplified)
+    assert r.guarantee == Guarantee.CERTIFIED
+    assert r.value >= true
