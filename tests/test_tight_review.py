@@ -84,3 +84,52 @@ def test_product_of_diagonal_scales_rounding() -> None:
     assert true > 5e-15  # (the construction worked: the rounding is amplified)
     assert r.guarantee == Guarantee.CERTIFIED
     assert r.value >= true
+
+
+class _Dense(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = nn.Parameter(torch.tensor([[1.0, -2.0], [0.5, 1.5], [-1.0, 0.25]], dtype=DT))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x @ self.w.T
+
+
+def test_user_op_without_abs_lin_t_falls_back() -> None:
+    """A user-registered mixing op with ``abs_lin`` but no ``abs_lin_t`` crashed
+    ``local_bound(..., tight=True)`` with a bare NotImplementedError; now the paper's product
+    is reported with the reason."""
+    from lipbound.ops.base import MixingOp
+    from lipbound.ops.registry import MODULE_RULES, register_rule
+
+    class DenseOp(MixingOp):
+        def __init__(self, name, i, o, w):
+            super().__init__(name, i, o)
+            self.w = w.detach().to(DT)
+
+        def forward(self, x):
+            return x @ self.w.T
+
+        def lin(self, x):
+            return x @ self.w.T
+
+        def lin_t(self, y):
+            return y @ self.w
+
+        def sq_rows(self, w):
+            return w @ (self.w ** 2).T
+
+        def abs_lin(self, x):
+            return x @ self.w.abs().T
+
+    register_rule(_Dense, lambda m, name, i, o: DenseOp(name, i, o, m.w))
+    try:
+        net = nn.Sequential(_Dense(), nn.ReLU(), nn.Linear(3, 2)).to(DT).eval()
+        an = Analyzer(net, (2,), spectral="exact")
+        x0 = torch.tensor([[0.3, -0.2]], dtype=DT)
+        plain = an.local_bound(x0, 0.1)
+        r = an.local_bound(x0, 0.1, tight=True)
+        assert r.value == plain.value
+        assert "abs_lin_t" in r.notes[-1]
+    finally:
+        MODULE_RULES.pop(_Dense, None)

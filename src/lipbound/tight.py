@@ -343,6 +343,12 @@ def tight_local_bound(blocks: list[Block], x0: Tensor, eps: float, records: list
         return _tight(blocks, x0, eps, records, factors, max_rows, max_bytes)
     except _Fallback as exc:
         return TightOutcome(None, str(exc), 0)
+    except NotImplementedError as exc:
+        # a user-registered layer (lipbound.ops.registry.register_rule) without |A|^T
+        # products (abs_lin_t), which the rows' rounding bound needs
+        return TightOutcome(None, "a layer's op does not implement a product the rows' "
+                            f"rounding bound needs (abs_lin_t: |A|^T y){': ' if str(exc) else ''}"
+                            f"{exc}", 0)
 
 
 def _tight(blocks: list[Block], x0: Tensor, eps: float, records: list[dict],
