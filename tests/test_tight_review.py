@@ -133,3 +133,30 @@ def test_user_op_without_abs_lin_t_falls_back() -> None:
         assert "abs_lin_t" in r.notes[-1]
     finally:
         MODULE_RULES.pop(_Dense, None)
+
+
+def test_tight_report_keeps_the_local_nominal_error() -> None:
+    """With a probabilistic global bound below the local product (reported by the plain
+    path, nominal error NaN), the tight result carried the local failure probability alone
+    but still a NaN nominal error: the radius search then used the global factors' nominal
+    error, whose failure probability it did not count. The tight result now carries the
+    local factors' nominal error, valid under its own event."""
+    g = torch.Generator().manual_seed(0)
+    net = nn.Sequential(nn.Linear(2, 200), nn.ReLU(), nn.Linear(200, 200), nn.ReLU(),
+                        nn.Linear(200, 3)).to(DT).eval()
+    with torch.no_grad():
+        for p in net.parameters():
+            p.copy_(torch.randn(p.shape, generator=g, dtype=DT))
+        net[0].bias.fill_(1e3)  # every unit active: local operators = global ones
+        net[2].bias.fill_(1e5)
+    x0 = torch.randn(1, 2, generator=g, dtype=DT)
+    an = Analyzer(net, (2,), spectral="lanczos")
+    gb = an.global_bound()
+    plain = an.local_bound(x0, 0.3)
+    r = an.local_bound(x0, 0.3, tight=True)
+    assert gb.guarantee == Guarantee.PROBABILISTIC
+    assert any(n.startswith("the global bound was smaller") for n in plain.notes)
+    assert math.isnan(plain.nominal_error)  # (the case)
+    assert any(n.startswith("tight bound (") for n in r.notes)
+    assert r.failure_prob < plain.failure_prob  # the local event alone
+    assert math.isfinite(r.nominal_error) and r.nominal_error > 0
