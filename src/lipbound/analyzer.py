@@ -1211,6 +1211,7 @@ class Analyzer:
             layers, bounds, state = self._propagate(key, blocks, x0, eps, bar=bar,
                                                     record=record)
         nominal = self._nominal_total(state[3], state[1])
+        local_nominal = nominal  # (valid under the local factors' event)
         value = product_up(sb.value for sb in bounds)  # (rounded up below the normal range)
         g = combine_guarantees([sb.guarantee for sb in bounds]) if bounds else Guarantee.EXACT
         fp = min(1.0, sum(sb.failure_prob for sb in bounds))
@@ -1231,7 +1232,8 @@ class Analyzer:
             fp = 0.0
         if record is not None:
             value, g, fp, nominal, more = self._tight(blocks, x0, eps, record, bounds,
-                                                      tight_rows, value, g, fp, nominal)
+                                                      tight_rows, value, g, fp, nominal,
+                                                      local_nominal)
             notes.append(more)
         return BoundResult(value=value, guarantee=g, method="local", quantity=LOCAL_QUANTITY,
                            eps=eps, seconds=time.perf_counter() - t0, layers=tuple(layers),
@@ -1240,12 +1242,16 @@ class Analyzer:
 
     def _tight(self, blocks: list[Block], x0: Tensor, eps: float, record: list,
                bounds: list[SpectralBound], tight_rows: int, value: float, g: Guarantee,
-               fp: float, nominal: float) -> tuple[float, Guarantee, float, float, str]:
+               fp: float, nominal: float, local_nominal: float
+               ) -> tuple[float, Guarantee, float, float, str]:
         """The smaller of the paper's bound (``value``, ``g``, ``fp``) and the tight one
         (:func:`lipbound.tight.tight_local_bound`), and a note saying which was reported.
 
         The tight bound's norms are exact; its limits use the paper's radii, so it holds
-        under the same event as the local product (certified when that is)."""
+        under the same event as the local product (certified when that is). So does the
+        nominal error from the local factors (``local_nominal``), reported with it: not a
+        NaN that sends callers (the radius search) to the global factors' nominal error, whose
+        failure probability the tight result does not count."""
         from .tight import tight_local_bound
 
         x = x0.to(device=self.device, dtype=torch.float64)
@@ -1260,10 +1266,8 @@ class Analyzer:
         if out.value < value:
             note = (f"tight bound (centre plus deviation, {out.rows} VJP rows) {out.value:.6g} "
                     f"reported; the paper's product is {value:.6g}")
-            # the nominal error is the local factors': valid under the local product's event
-            if g != lg or fp > lfp:
-                nominal = math.nan
-            return out.value, lg, lfp, nominal, note
+            # the nominal error from the local factors: valid under the local product's event
+            return out.value, lg, lfp, local_nominal, note
         return value, g, fp, nominal, (f"paper's bound {value:.6g} reported; the tight "
                                        f"bound (centre plus deviation) is {out.value:.6g}")
 

@@ -47,7 +47,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .blocks import AffineBlock, Block, PoolBlock
-from .ops.base import UNDERFLOW, gamma, norm_up, product_up
+from .ops.base import UNDERFLOW, DiagOp, gamma, norm_up, product_up
 from .ops.linear import LinearOp
 from .results import Guarantee
 from .spectral import SAFETY, SpectralBound, exact_norm
@@ -171,10 +171,11 @@ def _relu_secant(b: AffineBlock, rec: dict) -> tuple[_Secant, Tensor, Tensor]:
     return _Secant("relu", sigma, c=c, rho=rho), ylow.clamp_min(0.0), ybar.clamp_min(0.0)
 
 
-def _pool_secant(b: PoolBlock, d: Tensor, lo: Tensor, hi: Tensor
-                 ) -> tuple[_Secant, Tensor, Tensor]:
+def _pool_secant(b: PoolBlock, d: Tensor, lo: Tensor, hi: Tensor, used: int, max_rows: int,
+                 max_bytes: int) -> tuple[_Secant, Tensor, Tensor]:
     """The max pooling secant from the box ``[lo, hi]`` of its inputs and their mask ``d``,
-    and the box of its outputs."""
+    and the box of its outputs. Fallback before its deviation rows are formed when, with the
+    ``used`` rows before them, they exceed ``max_rows``, or would take over ``max_bytes``."""
     win = _windows(b, d.device)
     n_w, k = win.shape
     best_lo = lo[win].amax(dim=1, keepdim=True)
@@ -203,13 +204,29 @@ def _pool_secant(b: PoolBlock, d: Tensor, lo: Tensor, hi: Tensor
         # row l of window w: p e_l - 1_P (integers: exact); the deviation is
         # sqrt(1 - 1/p) / p times its image (spike, pooling mean centre)
         m = uw.numel()
-        seeds = torch.zeros(m, b.in_dim, dtype=torch.float64, device=d.device)
-        seeds[torch.arange(m, device=d.device), in_u] = pu
-        # the other members of the same window: -1 each
-        same = uw[:, None] == uw[None, :]
-        ri, ci = torch.nonzero(same, as_tuple=True)
+        # (checked before the rows are formed: a constant 200 x 200 image gave 640000 rows of
+        # 640000 entries, a 1.4 TB allocation that raised instead of falling back)
+        if used + m > max_rows:
+            raise _Fallback(f"{used + m} rows of vector-Jacobian products, {m} of them "
+                            f"deviation rows of the unstable windows of max pooling {b.name}, "
+                            f"exceed the budget of {max_rows}")
+        if 4 * 8 * m * b.in_dim > max_bytes:
+            raise _Fallback(f"the deviation rows of max pooling {b.name} need about "
+                            f"{4 * 8 * m * b.in_dim / 2**20:.0f} MiB, over the cap of "
+                            f"{max_bytes / 2**20:.0f} MiB")
+        dev = d.device
+        seeds = torch.zeros(m, b.in_dim, dtype=torch.float64, device=dev)
+        seeds[torch.arange(m, device=dev), in_u] = pu
+        # the other members of the same window: -1 each (the rows of a window are
+        # consecutive, uw being sorted: every pair of rows of one window, O(m k) of them)
+        pw = p[uw]
+        cnt = torch.bincount(uw, minlength=n_w)
+        start = torch.cumsum(cnt, 0) - cnt
+        ri = torch.repeat_interleave(torch.arange(m, device=dev), pw)
+        offs = torch.cumsum(pw, 0) - pw
+        ci = start[uw][ri] + (torch.arange(ri.numel(), device=dev) - offs[ri])
         seeds.index_put_((ri, in_u[ci]), torch.full((ri.numel(),), -1.0, dtype=torch.float64,
-                                                    device=d.device), accumulate=True)
+                                                    device=dev), accumulate=True)
         scale = torch.tensor([math.sqrt((q - 1.0) / q) / q * (1.0 + 1e-14)
                               for q in pu.tolist()], dtype=torch.float64, device=d.device)
     sec = _Secant("pool", sigma, out_idx=out_idx, in_idx=in_idx, div=div, count=count,
@@ -249,6 +266,19 @@ def _scale_top(b: AffineBlock) -> float:
     return t
 
 
+def _scale_rel(b: AffineBlock) -> float:
+    """``f`` with ``|S* - S| <= f |S|`` for the block's exact diagonal scales ``S*`` against the
+    stored ``s_in`` / ``s_out``: the folded layers' uncertainty (``fold_factor``) and the
+    rounding of the stored scales, which are float64 products of the diagonal layers' scales
+    (a product of ``k`` factors is within ``γ_(k-1)`` of the exact one; ``fold_factor`` holds
+    that term only when some layer is folded). A stored product that rounded to exactly 1 is
+    dropped (``s_in`` None) but still differs from the exact one: the layers are counted."""
+    k = sum(isinstance(op, DiagOp) for op in b.ops)
+    if k < 2:  # a single layer's scale is stored as it is
+        return b.fold_factor - 1.0
+    return max(b.fold_factor - 1.0, 4.0 * (k + 1) * U)
+
+
 def _back(b: Block, sec: _Secant | None, g: Tensor, e: Tensor, centre: bool = True
           ) -> tuple[Tensor, Tensor]:
     """Rows ``g`` (with entrywise error bound ``e`` against the exact rows) at the output of
@@ -268,7 +298,7 @@ def _back(b: Block, sec: _Secant | None, g: Tensor, e: Tensor, centre: bool = Tr
     m = b.mixing
     n = 0 if m is None else m.inner_length_t()
     out = b.lin_t(g)
-    f = b.fold_factor - 1.0  # the exact scales of folded layers against the stored ones
+    f = _scale_rel(b)  # the exact scales (folded layers, products of scales) against the stored
     ga = g.abs()
     w = e * (1.0 + f) + (ga + e) * f + ga * gamma(n + 4)
     err = _abs_t(b, w) * (1.0 + 2.0 * gamma(n + 10))
@@ -361,6 +391,12 @@ def tight_local_bound(blocks: list[Block], x0: Tensor, eps: float, records: list
         return _tight(blocks, x0, eps, records, factors, max_rows, max_bytes, row_last)
     except _Fallback as exc:
         return TightOutcome(None, str(exc), 0)
+    except NotImplementedError as exc:
+        # a user-registered layer (lipbound.ops.registry.register_rule) without |A|^T
+        # products (abs_lin_t), which the rows' rounding bound needs
+        return TightOutcome(None, "a layer's op does not implement a product the rows' "
+                            f"rounding bound needs (abs_lin_t: |A|^T y){': ' if str(exc) else ''}"
+                            f"{exc}", 0)
 
 
 def _tight(blocks: list[Block], x0: Tensor, eps: float, records: list[dict],
@@ -389,9 +425,11 @@ def _tight(blocks: list[Block], x0: Tensor, eps: float, records: list[dict],
     marg = SAFETY * (z.abs() + eps)
     lo, hi = z - eps - marg, z + eps + marg  # the box of the exact inputs in the ball
     secs: list[_Secant | None] = []
+    used = blocks[-1].out_dim  # rows so far: the outputs, then the deviation rows
     for b, rec in zip(blocks, records, strict=True):
         if isinstance(b, PoolBlock):
-            sec, lo, hi = _pool_secant(b, rec["d"].reshape(-1), lo, hi)
+            sec, lo, hi = _pool_secant(b, rec["d"].reshape(-1), lo, hi, used, max_rows,
+                                       max_bytes)
         elif b.relu:
             sec, lo, hi = _relu_secant(b, rec)
         elif rec is None:  # the last block (per-row bounds): no limits needed after it
@@ -405,6 +443,7 @@ def _tight(blocks: list[Block], x0: Tensor, eps: float, records: list[dict],
             mg = SAFETY * (y0.abs() + er)
             lo, hi = y0 - e_out - er - mg, y0 + e_out + er + mg
         secs.append(sec)
+        used += 0 if sec is None else sec.rows
     unstable = [t for t, s in enumerate(secs) if s is not None and s.rows > 0]
     n_out = blocks[-1].out_dim
     rows = n_out + sum(secs[t].rows for t in unstable)
