@@ -50,6 +50,7 @@ from .validation import (
     check_int,
     check_plain_tensor,
     check_reuse_tol,
+    check_tight,
     resolve_device,
 )
 
@@ -1201,10 +1202,7 @@ class Analyzer:
         """
         t0 = time.perf_counter()
         x0, eps = self._check(x0, eps)
-        if not isinstance(tight, bool):
-            raise InputError(f"tight must be True or False, got {tight!r}")
-        if tight:
-            tight_rows = check_int(tight_rows, "tight_rows", 1)
+        tight_rows = check_tight(tight, tight_rows) or TIGHT_ROWS
         key, blocks = self._blocks_for(output_map)
         record: list | None = [] if tight else None
         with self._bar(progress, "local bound", blocks) as bar:
@@ -1281,10 +1279,7 @@ class Analyzer:
         centre-plus-deviation bound (:mod:`lipbound.tight`: the deviation terms shared, the
         tails per row), under the same guarantee; ``tight_rows`` as in :meth:`local_bound`.
         """
-        if not isinstance(tight, bool):
-            raise InputError(f"tight must be True or False, got {tight!r}")
-        if tight:
-            tight_rows = check_int(tight_rows, "tight_rows", 1)
+        tight_rows = check_tight(tight, tight_rows) or TIGHT_ROWS
         rb = self._local_bound_rows(x0, eps, output_map, tight_rows if tight else None)
         # an ordinary tensor for the caller (the computation ran without autograd)
         return replace(rb, values=rb.values.clone())

@@ -23,7 +23,7 @@ from ._progress import progress_bar
 from .analyzer import TIGHT_ROWS, Analyzer
 from .errors import InputError
 from .results import Guarantee
-from .validation import check_eps, check_input, check_int
+from .validation import check_eps, check_input, check_tight
 
 __all__ = ["InputBound", "bound_many", "summarize"]
 
@@ -160,13 +160,10 @@ def bound_many(model_or_analyzer: nn.Module | Analyzer, samples: Any,
     t_start = time.perf_counter()
     if method not in ("local", "global"):
         raise InputError(f"method must be 'local' or 'global', got {method!r}")
-    if not isinstance(tight, bool):
-        raise InputError(f"tight must be True or False, got {tight!r}")
+    tight_rows = check_tight(tight, tight_rows) or TIGHT_ROWS
     if tight and method == "global":
         raise InputError("tight tightens local bounds; the global bound has none: use "
                          "method='local', or tight=False")
-    if tight:
-        tight_rows = check_int(tight_rows, "tight_rows", 1)
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise InputError(f"batch_size must be an integer >= 1, got {batch_size!r}")
     if isinstance(model_or_analyzer, Analyzer):

@@ -50,7 +50,7 @@ from .analyzer import Analyzer
 from .errors import InputError
 from .results import Guarantee, _jsonable, format_prob_up, lower_bound_from
 from .spectral import SAFETY
-from .validation import check_eps, check_input, check_reuse_tol
+from .validation import check_eps, check_input, check_reuse_tol, check_tight
 
 __all__ = ["METHODS", "RadiusMethod", "RadiusResult", "best", "certified_radii",
            "certified_radius", "exact_class_change"]
@@ -656,8 +656,7 @@ def certified_radius(model: nn.Module | Analyzer | None, x0: Tensor, *,
     if not isinstance(max_evaluations, int) or max_evaluations < 2:
         raise InputError(f"max_evaluations must be an integer >= 2, got {max_evaluations!r}")
     reuse_tol = check_reuse_tol(reuse_tol)
-    if not isinstance(tight, bool):
-        raise InputError(f"tight must be True or False, got {tight!r}")
+    check_tight(tight)
     an = _resolve(model, analyzer, x0, device, analyzer_kwargs)
     pb = replace(_problem(an, x0), tight=tight)
     with _bar(progress, an) as bar:
@@ -807,8 +806,7 @@ def certified_radii(model: nn.Module | Analyzer | None, x0: Tensor, *,
     tol = _check_tol(tol)
     cap = DEFAULT_MAX_EPS if max_eps is None else check_eps(max_eps, "max_eps")
     reuse_tol = check_reuse_tol(reuse_tol)
-    if not isinstance(tight, bool):
-        raise InputError(f"tight must be True or False, got {tight!r}")
+    check_tight(tight)
     an = _resolve(model, analyzer, x0, device, analyzer_kwargs)
     pb = replace(_problem(an, x0), tight=tight)
     done: dict[str, RadiusResult] = {}

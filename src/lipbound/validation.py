@@ -48,6 +48,17 @@ def check_int(value: object, name: str, minimum: int) -> int:
     return v
 
 
+def check_tight(tight: object, tight_rows: object = None) -> int | None:
+    """Check the ``tight`` option (a bool) of the tight local bound and, when it is on, its
+    row budget ``tight_rows`` (an integer >= 1, if given); returns that budget as an int
+    (``None`` when ``tight`` is off or no budget was given)."""
+    if not isinstance(tight, bool):
+        raise InputError(f"tight must be True or False, got {tight!r}")
+    if tight and tight_rows is not None:
+        return check_int(tight_rows, "tight_rows", 1)
+    return None
+
+
 def check_reuse_tol(reuse_tol: float) -> float:
     """Return ``reuse_tol`` (the looseness a reused layer factor may have) as a float, or raise
     :class:`InputError` unless it is a finite number >= 0."""
