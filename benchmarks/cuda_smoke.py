@@ -229,6 +229,28 @@ def check_model(name: str, seed: int) -> None:
                "output map CPU vs CUDA", f"{gc_.value!r} vs {gg.value!r}")
     guarded(f"{name}: exact route and output map", exact_and_map)
 
+    def tight() -> None:
+        # the tight bound (VJP rows with their rounding carried on the device) and its
+        # per-row form: the same values up to the devices' rounding, and below the paper's
+        if name != "mnist":
+            return  # (the CIFAR-10 net's 1077 rows through its convolutions: ~10 s a bound)
+        eps = 1e-3
+        rc = an_c.local_bound(x0, eps, tight=True)
+        rg = an_g.local_bound(x0, eps, tight=True)
+        pc = an_c.local_bound(x0, eps)
+        ok = (rg.guarantee == rc.guarantee and rel(rc.value, rg.value) <= REL_BOUND
+              and rg.value <= pc.value * (1 + REL_BOUND))
+        report(ok, f"{name}: tight local bound CPU vs CUDA", f"{rc.value!r} vs {rg.value!r} "
+               f"(paper {pc.value!r}); {rg.notes[-1] if rg.notes else ''}")
+        c = torch.zeros(2, 10, dtype=torch.float64)
+        c[0, 8], c[0, 5], c[1, 8], c[1, 3] = 1.0, -1.0, 1.0, -1.0
+        vc = an_c.local_bound_rows(x0, eps, c, tight=True).values
+        vg = an_g.local_bound_rows(x0, eps, c.to(DEV), tight=True).values
+        worst = max(rel(float(a), float(b)) for a, b in zip(vc, vg, strict=True))
+        report(worst <= REL_BOUND, f"{name}: tight per-row bounds CPU vs CUDA",
+               f"{vc.tolist()} vs {vg.tolist()}")
+    guarded(f"{name}: tight bound", tight)
+
     def memory() -> None:
         from lipbound.bench import bench_model
 
