@@ -1,0 +1,102 @@
+"""Adversarial review (session 18, second reviewer): regression tests of the bugs found.
+
+Each test failed before its fix: an Analyzer answered with the bound of a network the model no
+longer computed, or a bound fell below a lower bound of the true constant.
+"""
+
+from __future__ import annotations
+
+import enum
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from lipbound import Analyzer
+from lipbound.errors import InputError
+
+
+def _seeded(m: nn.Module, seed: int = 0) -> nn.Module:
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in m.parameters():
+            p.copy_(torch.randn(p.shape, generator=g, dtype=p.dtype))
+    return m.eval()
+
+
+class _Div(nn.Module):
+    """``x / self.d`` where ``d`` is set only when given (another instance of the class has no
+    ``d``, or a ``d`` of another type)."""
+
+    def __init__(self, d: object = None) -> None:
+        super().__init__()
+        if d is not None:
+            self.d = d
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x / self.d if hasattr(self, "d") else x
+
+
+class _Level(enum.IntEnum):
+    ONE = 1
+    BYTE = 255
+
+
+def _div_net(div: nn.Module) -> nn.Module:
+    return _seeded(nn.Sequential(nn.Linear(3, 3), div).double())
+
+
+def _assert_refused_after(an: Analyzer, change) -> None:
+    an.global_bound()
+    change()
+    with pytest.raises(InputError, match="changed after this Analyzer was built"):
+        an.global_bound()
+
+
+def test_watched_attribute_not_chosen_by_first_instance_of_class():
+    # the record's getter was cached per class, named from the first instance seen: an
+    # Analyzer of a _Div() (no d) made d of every later _Div unwatched (255x too small)
+    Analyzer(_div_net(_Div()), (3,)).global_bound()
+    m = _div_net(_Div(255))
+    an = Analyzer(m, (3,))
+    _assert_refused_after(an, lambda: setattr(m[1], "d", 1))
+
+
+@pytest.mark.parametrize("first, later", [(np.float64(255.0), np.float64(1.0)),
+                                          (_Level.BYTE, _Level.ONE)])
+def test_numbers_of_other_types_watched(first, later):
+    # np.float64 / IntEnum attributes were not watched (torch.fx records their value)
+    m = _div_net(_Div(first))
+    an = Analyzer(m, (3,))
+    _assert_refused_after(an, lambda: setattr(m[1], "d", later))
+
+
+def _pool_net(conv: type[nn.Conv2d] = nn.Conv2d, pool: type[nn.AvgPool2d] = nn.AvgPool2d
+              ) -> nn.Module:
+    return _seeded(nn.Sequential(conv(1, 2, 3), nn.ReLU(), pool(2), nn.Flatten(),
+                                 nn.Linear(18, 2)).double())
+
+
+def test_layer_setting_that_was_none_watched():
+    # AvgPool2d(divisor_override=None) set to 1 afterwards: the pool sums its windows (4x the
+    # constant); None-valued settings of torch's layers were not watched
+    m = _pool_net()
+    an = Analyzer(m, (1, 8, 8))
+    _assert_refused_after(an, lambda: setattr(m[2], "divisor_override", 1))
+
+
+class _MyConv(nn.Conv2d):
+    pass
+
+
+def test_tuple_settings_of_a_layer_subclass_watched():
+    # a user's subclass of nn.Conv2d: its stride / padding / dilation tuples were not watched
+    # (only flags and numbers of a user's class); dilation 2 with padding 1 keeps the shapes
+    m = _pool_net(conv=_MyConv)
+    an = Analyzer(m, (1, 8, 8))
+
+    def change():
+        m[0].dilation = (2, 2)
+        m[0].padding = (1, 1)
+    _assert_refused_after(an, change)
