@@ -100,3 +100,30 @@ def test_tuple_settings_of_a_layer_subclass_watched():
         m[0].dilation = (2, 2)
         m[0].padding = (1, 1)
     _assert_refused_after(an, change)
+
+
+class _Cfg(nn.Module):
+    """``x / self.cfg["max_val"] * self.scales[0] - self.shift[0]``: numbers read from a
+    dict, a list and a tuple (torch.fx records them in the graph)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.cfg = {"max_val": 255}
+        self.scales = [2.0]
+        self.shift = (0.5,)
+        self.seen: list[torch.Tensor] = []  # the forward appends to it: not a setting
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.seen.append(x)
+        return x / self.cfg["max_val"] * self.scales[0] - self.shift[0]
+
+
+@pytest.mark.parametrize("change", ["dict", "list", "tuple"])
+def test_numbers_in_containers_watched(change):
+    m = _div_net(_Cfg())
+    an = Analyzer(m, (3,))
+    an.local_bound(torch.zeros(1, 3, dtype=torch.float64), 0.1)  # (runs the model: no alarm)
+    edits = {"dict": lambda: m[1].cfg.__setitem__("max_val", 1),
+             "list": lambda: m[1].scales.__setitem__(0, 510.0),
+             "tuple": lambda: setattr(m[1], "shift", (0.5, 1.0))}
+    _assert_refused_after(an, edits[change])

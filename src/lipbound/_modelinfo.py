@@ -311,32 +311,62 @@ def _setting_getter(cls: type, d: dict, skip: frozenset[str] = frozenset()
              if k not in _MODULE_INTERNALS and k not in skip
              and (type(v) in _FLAG_TYPES or isinstance(v, _NUMBER_TYPES)
                   or (layer and type(v) in _LAYER_SETTING_TYPES))]
+    # containers (self.cfg = {"max_val": 255}, self.scales = [2.0]): torch.fx records the
+    # numbers read from them too; their contents are recorded (a container is compared by
+    # reference otherwise), those the forward changes left out like counters
+    held = [k for k, v in d.items() if type(v) in _CONTAINERS and k not in names
+            and k not in _MODULE_INTERNALS and k not in skip]
+    if held:
+        def flags(d: dict, names: tuple = tuple(names), held: tuple = tuple(held)) -> tuple:
+            return (tuple(d[n] for n in names), tuple(_contents(d[n]) for n in held))
+        return flags
     if not names:
         return _no_settings
     return operator.itemgetter(*names) if len(names) > 1 else (lambda d, n=names[0]: (d[n],))
+
+
+_CONTAINERS = frozenset((list, tuple, dict))
+
+
+def _contents(v: Any, depth: int = 0) -> Any:
+    """A record of a container's contents: numbers, strings, flags by value (at any depth up
+    to a few levels), other objects by type (not identity: a forward may store activations
+    there), long containers by length."""
+    t = type(v)
+    if t in _FLAG_TYPES or isinstance(v, _NUMBER_TYPES):
+        return v
+    if t in _CONTAINERS and depth < 6:
+        if len(v) > 256:
+            return (t, len(v))
+        return (t, tuple(_contents(e, depth + 1) for e in (v.items() if t is dict else v)))
+    return t
 
 
 def _no_settings(d: dict) -> tuple:
     return ()
 
 
-def int_attributes(model: nn.Module) -> dict[tuple[int, str], int]:
-    """The integer attributes (not bools) of the modules of ``model`` of the user's own
-    classes (torch's layers' are watched as settings), keyed by the module's index in
-    ``model.modules()`` and the attribute's name: a record taken before and after the model
-    runs, for :func:`changed_int_attributes`."""
+def int_attributes(model: nn.Module) -> dict[tuple[int, str], Any]:
+    """The integer attributes (not bools) and the contents of the containers (lists, tuples,
+    dicts: :func:`_contents`) of the modules of ``model`` of the user's own classes (torch's
+    layers' are watched as settings), keyed by the module's index in ``model.modules()`` and
+    the attribute's name: a record taken before and after the model runs, for
+    :func:`changed_int_attributes`."""
     out = {}
     for i, m in enumerate(model.modules()):
         if type(m).__module__.startswith("torch.nn."):
             continue
         for k, v in m.__dict__.items():
-            if isinstance(v, numbers.Integral) and not isinstance(v, bool) \
-                    and k not in _MODULE_INTERNALS:
+            if k in _MODULE_INTERNALS:
+                continue
+            if isinstance(v, numbers.Integral) and not isinstance(v, bool):
                 out[(i, k)] = v
+            elif type(v) in _CONTAINERS:  # (a list the forward appends to, a dict it fills)
+                out[(i, k)] = _contents(v)
     return out
 
 
-def changed_int_attributes(before: dict[tuple[int, str], int], model: nn.Module
+def changed_int_attributes(before: dict[tuple[int, str], Any], model: nn.Module
                            ) -> dict[int, frozenset[str]]:
     """Per module index, the names of the integer attributes whose value (or presence)
     changed since :func:`int_attributes` recorded ``before``: those that ``model``'s forward
