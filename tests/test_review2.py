@@ -127,3 +127,28 @@ def test_numbers_in_containers_watched(change):
              "list": lambda: m[1].scales.__setitem__(0, 510.0),
              "tuple": lambda: setattr(m[1], "shift", (0.5, 1.0))}
     _assert_refused_after(an, edits[change])
+
+
+class _Lazy(nn.Module):
+    """An integer set by the first call (lazily): not a counter, and read by the forward."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = _seeded(nn.Linear(3, 3).double())
+        self.k = 0
+        self.calls = 0  # a true counter stays unwatched
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        if self.k == 0:
+            self.k = 255
+        return self.net(x) / self.k
+
+
+def test_attribute_set_by_the_first_call_watched():
+    # it changed while the Analyzer was built, so it was taken for a call count and left
+    # unwatched: k = 1 afterwards gave the bound of x / 255 (0.0029 for a constant 0.74)
+    m = _Lazy().eval()
+    an = Analyzer(m, (3,))
+    an.local_bound(torch.zeros(1, 3, dtype=torch.float64), 0.1)  # (the counter: no alarm)
+    _assert_refused_after(an, lambda: setattr(m, "k", 1))
