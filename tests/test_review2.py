@@ -152,3 +152,35 @@ def test_attribute_set_by_the_first_call_watched():
     an = Analyzer(m, (3,))
     an.local_bound(torch.zeros(1, 3, dtype=torch.float64), 0.1)  # (the counter: no alarm)
     _assert_refused_after(an, lambda: setattr(m, "k", 1))
+
+
+class _ViewAttr(nn.Module):
+    """``F.linear(x, self.P)`` with ``self.P`` a plain attribute viewing a parameter (or
+    aliasing a buffer, ``x - self.B``): a later ``model.P = other`` changes the model."""
+
+    def __init__(self, how: str) -> None:
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(3, 4, generator=torch.Generator().manual_seed(0),
+                                          dtype=torch.float64))
+        self.register_buffer("mean", torch.ones(3, dtype=torch.float64))
+        self.how = how
+        self.P = self.w[:, :]
+        self.B = self.mean
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.how == "direct":
+            return torch.nn.functional.linear(x, self.P)
+        if self.how == "view":
+            return torch.nn.functional.linear(x, self.P.view(3, 4))
+        return torch.nn.functional.linear(x, self.w) - self.B.view(1, 3)
+
+
+@pytest.mark.parametrize("how", ["direct", "view", "alias"])
+def test_plain_attribute_viewing_a_parameter_is_no_constant(how):
+    # it was read as the parameter (its view's base is one) but not watched: model.P = 100 w'
+    # afterwards gave the bound of the old w (2.86 for a constant 239), certified
+    from lipbound.errors import UnsupportedModelError
+
+    m = _ViewAttr(how).eval()
+    with pytest.raises(UnsupportedModelError, match="plain tensor attribute"):
+        Analyzer(m, (4,))
