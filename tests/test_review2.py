@@ -7,6 +7,7 @@ longer computed, or a bound fell below a lower bound of the true constant.
 from __future__ import annotations
 
 import enum
+import math
 
 import numpy as np
 import pytest
@@ -184,3 +185,27 @@ def test_plain_attribute_viewing_a_parameter_is_no_constant(how):
     m = _ViewAttr(how).eval()
     with pytest.raises(UnsupportedModelError, match="plain tensor attribute"):
         Analyzer(m, (4,))
+
+
+@pytest.mark.parametrize("first, second", [(1e-320, 1e300), (1e-318, 1.0)])
+def test_lower_bounds_not_above_the_constant_through_subnormal_values(first, second):
+    """A network whose forward pass goes through values below float64's normal range
+    (absolute rounding): the witnesses' ratios exceeded the exact constant (by 8% for
+    weights 1e-320 then 1e300, 68% for 1e-318 alone; and radius_floor divided by zero).
+    Exact constant ``|w2| ||w1||`` in rationals, no tolerance."""
+    from fractions import Fraction
+
+    from lipbound.lower import best_lower_bound
+
+    g = torch.Generator().manual_seed(3)
+    net = nn.Sequential(nn.Linear(2, 1, bias=False), nn.Linear(1, 1, bias=False))
+    net = net.double().eval()
+    with torch.no_grad():
+        net[0].weight.copy_((torch.rand(1, 2, generator=g, dtype=torch.float64) + 0.5) * first)
+        net[1].weight.fill_(second)
+    w2 = Fraction(float(net[1].weight))
+    exact_sq = sum((Fraction(v) * w2) ** 2 for v in net[0].weight.reshape(-1).tolist())
+    r = best_lower_bound(net, torch.zeros(1, 2, dtype=torch.float64), 1.0, seed=0,
+                         n_random=64, gradient_steps=10, pgd_restarts=2, pgd_steps=10)
+    assert math.isfinite(r.value)
+    assert Fraction(r.value) ** 2 <= exact_sq
