@@ -26,6 +26,23 @@ def _seeded(m: nn.Module, seed: int = 0) -> nn.Module:
     return m.eval()
 
 
+class _Branch(nn.Module):
+    """``x * 100`` when ``self.big`` (a numpy bool), else ``x``: torch.fx traces the branch."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.big = np.bool_(False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * 100.0 if self.big else x
+
+
+def test_numpy_flag_watched():
+    m = _div_net(_Branch())
+    an = Analyzer(m, (3,))
+    _assert_refused_after(an, lambda: setattr(m[1], "big", np.bool_(True)))
+
+
 class _Div(nn.Module):
     """``x / self.d`` where ``d`` is set only when given (another instance of the class has no
     ``d``, or a ``d`` of another type)."""

@@ -17,6 +17,7 @@ import sys
 from collections.abc import Callable, Mapping
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 from torch.nn.modules import module as _torch_module
@@ -275,9 +276,9 @@ _SETTING_TYPES = frozenset((int, float, bool, str, tuple, list))
 _LAYER_SETTING_TYPES = _SETTING_TYPES | {type(None)}
 """Attribute types of torch's layers that are watched: also ``None``, which a setting may be
 in one instance and not another (``AvgPool2d(divisor_override=None)``, later set to 1)."""
-_NUMBER_TYPES = (numbers.Number, enum.Enum)
-"""Numbers of other types than Python's (``np.float64``, ``IntEnum``) that a forward may
-compute with: watched by value like an ``int``."""
+_NUMBER_TYPES = (numbers.Number, enum.Enum, np.generic)
+"""Numbers and flags of other types than Python's (``np.float64``, ``np.bool_``, ``IntEnum``)
+that a forward may compute with or branch on: watched by value like an ``int``."""
 _SETTING_GETTERS: dict[object, Callable[[dict], Any]] = {}
 """Per module class (and per class and set of counters left out): the getter of its
 plain-valued attributes (:func:`_setting_getter`)."""
