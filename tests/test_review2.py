@@ -226,3 +226,23 @@ def test_lower_bounds_not_above_the_constant_through_subnormal_values(first, sec
                          n_random=64, gradient_steps=10, pgd_restarts=2, pgd_steps=10)
     assert math.isfinite(r.value)
     assert Fraction(r.value) ** 2 <= exact_sq
+
+
+@pytest.mark.parametrize("eps", [3e-162, 1e-160])
+def test_lower_bounds_at_radii_whose_squares_underflow(eps):
+    """Distances of a ball of radius 3e-162: their squares are subnormal, the distance came
+    out 35% short and every method reported a ratio above the exact constant sqrt(2)
+    (1.92). No tolerance (squares compared in rationals)."""
+    from fractions import Fraction
+
+    from lipbound.lower import best_lower_bound
+
+    net = nn.Linear(2, 1, bias=False).double().eval()
+    with torch.no_grad():
+        net.weight.fill_(1.0)
+    r = best_lower_bound(net, torch.zeros(1, 2, dtype=torch.float64), eps, seed=0,
+                         n_random=64, gradient_steps=10, pgd_restarts=2, pgd_steps=10)
+    for v in r.details["values"].values():
+        assert Fraction(v) ** 2 <= 2
+    assert r.value > 1.4  # (the ratio is found: distances are not lost either)
+    assert float(r.details["witness_distance"]) <= eps

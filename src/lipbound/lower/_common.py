@@ -281,10 +281,10 @@ def check_positive_int(name: str, value: int, minimum: int = 1) -> int:
 
 def distances(x0_flat: torch.Tensor, flat_x: torch.Tensor) -> torch.Tensor:
     """Float64 Euclidean distances between rows of ``flat_x`` (n, d) and ``x0_flat`` (1, d)
-    (``NaN`` for a row that is not finite)."""
-    return torch.linalg.vector_norm(
-        flat_x.to(torch.float64) - x0_flat.to(torch.float64), dim=1
-    )
+    (``NaN`` for a row that is not finite), without the underflow of their squares
+    (:func:`safe_norm`: a difference of ``1.5e-162`` per coordinate squared to a subnormal,
+    the distance came out 35% short and a ratio 35% above the exact constant)."""
+    return safe_norm(flat_x.to(torch.float64) - x0_flat.to(torch.float64), dim=1)
 
 
 def place_in_ball(x0_flat: torch.Tensor, flat_x: torch.Tensor, eps: float) -> torch.Tensor:
