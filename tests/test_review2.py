@@ -246,3 +246,23 @@ def test_lower_bounds_at_radii_whose_squares_underflow(eps):
         assert Fraction(v) ** 2 <= 2
     assert r.value > 1.4  # (the ratio is found: distances are not lost either)
     assert float(r.details["witness_distance"]) <= eps
+
+
+class _MatMul(nn.Module):
+    def __init__(self, how: str) -> None:
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(4, 3, dtype=torch.float64))
+        self.how = how
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x @ self.w if self.how == "@" else torch.matmul(x, self.w)
+
+
+@pytest.mark.parametrize("how", ["@", "matmul"])
+def test_matmul_with_a_parameter_refused_naming_f_linear(how):
+    # was refused as 'residual or multi-input connections are not supported'
+    from lipbound.errors import UnsupportedModelError
+
+    with pytest.raises(UnsupportedModelError, match="F.linear") as info:
+        Analyzer(_MatMul(how).eval(), (4,))
+    assert "residual" not in str(info.value)

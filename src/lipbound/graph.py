@@ -686,6 +686,17 @@ def trace_model(model: nn.Module, input_shape: Sequence[int]) -> list[Op]:
                              "model, possibly through .view / .reshape / .unsqueeze; store "
                              "the tensor as one (nn.Parameter, self.register_buffer)"))
             continue  # (the chain's tensor stays the current one)
+        if len(tensor_inputs) > 1 and current in tensor_inputs \
+                and all(a is current or a.name not in dep for a in tensor_inputs):
+            # (x @ self.w, torch.matmul(x, self.w), torch.addmm(b, x, w): a product with the
+            # model's tensors that no rule reads; not a residual connection)
+            problems.append((where, kind, "computes with the chain's tensor and a tensor of "
+                             "the model's own (a weight?) through an operation lipbound has "
+                             "no rule for: write a product with a weight as F.linear(x, "
+                             "self.w, self.b) (x @ self.w.t() + self.b) or use nn.Linear / "
+                             "nn.Conv2d"))
+            current = node
+            continue
         if len(tensor_inputs) != 1 or tensor_inputs[0] is not current:
             problems.append((where, kind, "not a chain: takes "
                              f"{len(tensor_inputs)} tensor input(s) / branches off the chain "
