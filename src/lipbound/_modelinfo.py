@@ -9,12 +9,15 @@ can use it.
 
 from __future__ import annotations
 
+import enum
 import itertools
+import numbers
 import operator
 import sys
 from collections.abc import Callable, Mapping
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 from torch.nn.modules import module as _torch_module
@@ -172,15 +175,14 @@ def tensor_state(model: nn.Module, counters: Mapping[int, frozenset[str]] | None
         d = m.__dict__
         cls = type(m)
         skip = counters.get(i) if counters else None
-        if skip:  # (rare: a module whose forward counts its calls)
-            key: object = (cls, skip)
-            get = _SETTING_GETTERS.get(key)
-            if get is None:
-                get = _SETTING_GETTERS[key] = _setting_getter(cls, d, skip)
-        else:
-            get = _SETTING_GETTERS.get(cls)
-            if get is None:
-                get = _SETTING_GETTERS[cls] = _setting_getter(cls, d)
+        # the getter is chosen by the instance's attribute names and types, not by its class
+        # alone: another instance of the class may hold an attribute the first lacked (set
+        # only for some arguments), or hold it with another type (None in one, a number in
+        # another: AvgPool2d's divisor_override); both are part of the record
+        key = (cls, skip, tuple(d), tuple(map(type, d.values())))
+        get = _SETTING_GETTERS.get(key)
+        if get is None:
+            get = _SETTING_GETTERS[key] = _setting_getter(cls, d, skip or frozenset())
         try:
             vals = get(d)
         except KeyError:  # an attribute deleted from this instance
@@ -188,7 +190,7 @@ def tensor_state(model: nn.Module, counters: Mapping[int, frozenset[str]] | None
         if type(vals) is list or (type(vals) is tuple and list in map(type, vals)):
             # a list is recorded by reference: pool.kernel_size[0] = 3 would go unseen
             vals = _frozen(vals)
-        settings.append((cls, vals))
+        settings.append((key, vals))
         modes.append(m.training)  # (a property in torch.compile's wrapper)
         patched = (tuple((n, id(d[n])) for n in _PATCHABLE if n in d)
                    if not _PATCHABLE_SET.isdisjoint(d) else ())
@@ -271,6 +273,12 @@ _PATCHABLE = ("forward", "_conv_forward", "_check_input_dim", "_call_impl", "_wr
 :data:`lipbound.ops.registry._COMPUTING_METHODS` and :data:`lipbound.graph._CALL_METHODS`)."""
 _PATCHABLE_SET = frozenset(_PATCHABLE)
 _SETTING_TYPES = frozenset((int, float, bool, str, tuple, list))
+_LAYER_SETTING_TYPES = _SETTING_TYPES | {type(None)}
+"""Attribute types of torch's layers that are watched: also ``None``, which a setting may be
+in one instance and not another (``AvgPool2d(divisor_override=None)``, later set to 1)."""
+_NUMBER_TYPES = (numbers.Number, enum.Enum, np.generic)
+"""Numbers and flags of other types than Python's (``np.float64``, ``np.bool_``, ``IntEnum``)
+that a forward may compute with or branch on: watched by value like an ``int``."""
 _SETTING_GETTERS: dict[object, Callable[[dict], Any]] = {}
 """Per module class (and per class and set of counters left out): the getter of its
 plain-valued attributes (:func:`_setting_getter`)."""
@@ -294,40 +302,72 @@ def _setting_getter(cls: type, d: dict, skip: frozenset[str] = frozenset()
     ``__dict__`` ``d``: the plain-valued ones of torch's layers, and the flags and numbers
     (:data:`_FLAG_TYPES`) of other classes but those named in ``skip`` (counters)."""
     if cls.__module__.startswith("torch.nn."):
-        names = [k for k, v in d.items() if type(v) in _SETTING_TYPES and k != "training"]
+        names = [k for k, v in d.items() if type(v) in _LAYER_SETTING_TYPES and k != "training"]
         return operator.itemgetter(*names) if names else _no_settings
+    # a subclass of one of torch's layers (class MyConv(nn.Conv2d)) computes with the layer's
+    # settings (stride, padding, dilation: tuples), which the layer's rule reads
+    layer = any(c.__module__.startswith("torch.nn.") and c is not nn.Module
+                for c in cls.__mro__[1:])
     names = [k for k, v in d.items()
-             if type(v) in _FLAG_TYPES and k not in _MODULE_INTERNALS and k not in skip]
+             if k not in _MODULE_INTERNALS and k not in skip
+             and (type(v) in _FLAG_TYPES or isinstance(v, _NUMBER_TYPES)
+                  or (layer and type(v) in _LAYER_SETTING_TYPES))]
+    # containers (self.cfg = {"max_val": 255}, self.scales = [2.0]): torch.fx records the
+    # numbers read from them too; their contents are recorded (a container is compared by
+    # reference otherwise), those the forward changes left out like counters
+    held = [k for k, v in d.items() if type(v) in _CONTAINERS and k not in names
+            and k not in _MODULE_INTERNALS and k not in skip]
+    if held:
+        def flags(d: dict, names: tuple = tuple(names), held: tuple = tuple(held)) -> tuple:
+            return (tuple(d[n] for n in names), tuple(_contents(d[n]) for n in held))
+        return flags
     if not names:
         return _no_settings
-    def flags(d: dict) -> tuple:
-        # another value (a function set where None was, or a tensor in another instance of
-        # the class) by its type and identity: tensors do not compare as one truth value
-        return tuple(v if type(v) in _FLAG_TYPES else (type(v), id(v))
-                     for v in (d[n] for n in names))
-    return flags
+    return operator.itemgetter(*names) if len(names) > 1 else (lambda d, n=names[0]: (d[n],))
+
+
+_CONTAINERS = frozenset((list, tuple, dict))
+
+
+def _contents(v: Any, depth: int = 0) -> Any:
+    """A record of a container's contents: numbers, strings, flags by value (at any depth up
+    to a few levels), other objects by type (not identity: a forward may store activations
+    there), long containers by length."""
+    t = type(v)
+    if t in _FLAG_TYPES or isinstance(v, _NUMBER_TYPES):
+        return v
+    if t in _CONTAINERS and depth < 6:
+        if len(v) > 256:
+            return (t, len(v))
+        return (t, tuple(_contents(e, depth + 1) for e in (v.items() if t is dict else v)))
+    return t
 
 
 def _no_settings(d: dict) -> tuple:
     return ()
 
 
-def int_attributes(model: nn.Module) -> dict[tuple[int, str], int]:
-    """The integer attributes (not bools) of the modules of ``model`` of the user's own
-    classes (torch's layers' are watched as settings), keyed by the module's index in
-    ``model.modules()`` and the attribute's name: a record taken before and after the model
-    runs, for :func:`changed_int_attributes`."""
+def int_attributes(model: nn.Module) -> dict[tuple[int, str], Any]:
+    """The integer attributes (not bools) and the contents of the containers (lists, tuples,
+    dicts: :func:`_contents`) of the modules of ``model`` of the user's own classes (torch's
+    layers' are watched as settings), keyed by the module's index in ``model.modules()`` and
+    the attribute's name: a record taken before and after the model runs, for
+    :func:`changed_int_attributes`."""
     out = {}
     for i, m in enumerate(model.modules()):
         if type(m).__module__.startswith("torch.nn."):
             continue
         for k, v in m.__dict__.items():
-            if type(v) is int and k not in _MODULE_INTERNALS:
+            if k in _MODULE_INTERNALS:
+                continue
+            if isinstance(v, numbers.Integral) and not isinstance(v, bool):
                 out[(i, k)] = v
+            elif type(v) in _CONTAINERS:  # (a list the forward appends to, a dict it fills)
+                out[(i, k)] = _contents(v)
     return out
 
 
-def changed_int_attributes(before: dict[tuple[int, str], int], model: nn.Module
+def changed_int_attributes(before: dict[tuple[int, str], Any], model: nn.Module
                            ) -> dict[int, frozenset[str]]:
     """Per module index, the names of the integer attributes whose value (or presence)
     changed since :func:`int_attributes` recorded ``before``: those that ``model``'s forward

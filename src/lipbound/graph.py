@@ -419,6 +419,12 @@ def _input_dependence(gm: fx.GraphModule, model: nn.Module) -> tuple[set[str], s
                                  model.named_buffers(remove_duplicate=False)))
     held = {n for n, _ in named}
     held_ids = {id(t) for _, t in named}
+    # tensors that a module also holds as a plain attribute (self.P = self.w[:, :], self.B =
+    # self.std), by the tensor they view: the forward may compute with the attribute, which
+    # a later assignment (model.P = other) replaces unwatched, so they are no constants
+    aliased = {id(t if t._base is None else t._base) for m in model.modules()
+               for t in m.__dict__.values() if isinstance(t, Tensor)
+               and not isinstance(t, nn.Parameter)}
     dep: set[str] = set()
     consts: set[str] = set()
     for node in gm.graph.nodes:
@@ -433,8 +439,10 @@ def _input_dependence(gm: fx.GraphModule, model: nn.Module) -> tuple[set[str], s
             # ``self.std.view(1, -1, 1, 1)`` on a buffer and records the view as a constant;
             # it shares the buffer's storage and version counter)
             base = getattr(value, "_base", None)
-            if str(node.target) in held or (isinstance(value, Tensor) and base is not None
-                                            and id(base) in held_ids):
+            if not isinstance(value, Tensor) \
+                    or id(value if base is None else base) in aliased:
+                continue
+            if str(node.target) in held or (base is not None and id(base) in held_ids):
                 consts.add(node.name)
         elif node.op == "call_method" and node.args and isinstance(node.args[0], fx.Node) \
                 and node.args[0].name in consts \
@@ -519,7 +527,8 @@ def _weighted_op(node: fx.Node, values: dict[str, object], dep: set[str], consts
             raise NotImplementedError(
                 f"its {k} {what} is not a parameter or registered buffer of the model "
                 "(possibly through .view / .reshape / .unsqueeze); a weight computed in "
-                "forward (self.w * 2) or held as a plain tensor attribute is not read, nor "
+                "forward (self.w * 2) or held as a plain tensor attribute (also a view of a "
+                "parameter: self.P = self.w[:, :]) is not read, nor "
                 f"watched for changes: use an {layer} module, or register the tensor with "
                 "nn.Parameter / self.register_buffer")
         tensors[k] = values[a.name]
@@ -677,6 +686,17 @@ def trace_model(model: nn.Module, input_shape: Sequence[int]) -> list[Op]:
                              "model, possibly through .view / .reshape / .unsqueeze; store "
                              "the tensor as one (nn.Parameter, self.register_buffer)"))
             continue  # (the chain's tensor stays the current one)
+        if len(tensor_inputs) > 1 and current in tensor_inputs \
+                and all(a is current or a.name not in dep for a in tensor_inputs):
+            # (x @ self.w, torch.matmul(x, self.w), torch.addmm(b, x, w): a product with the
+            # model's tensors that no rule reads; not a residual connection)
+            problems.append((where, kind, "computes with the chain's tensor and a tensor of "
+                             "the model's own (a weight?) through an operation lipbound has "
+                             "no rule for: write a product with a weight as F.linear(x, "
+                             "self.w, self.b) (x @ self.w.t() + self.b) or use nn.Linear / "
+                             "nn.Conv2d"))
+            current = node
+            continue
         if len(tensor_inputs) != 1 or tensor_inputs[0] is not current:
             problems.append((where, kind, "not a chain: takes "
                              f"{len(tensor_inputs)} tensor input(s) / branches off the chain "
