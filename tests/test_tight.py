@@ -475,3 +475,33 @@ def test_sound_on_varied_nets(spec: dict) -> None:
     assert res.value == min(out.value, paper)
     low = empirical_lower(model, x0, eps, spec["seed"] % 1000, None)
     assert out.value >= low, (out.value, low, paper)
+
+
+@pytest.mark.parametrize("relu", [False, True])  # (through the ReLU centre, or not)
+def test_row_error_bound_carries_the_incoming_error(relu: bool) -> None:
+    """``_back`` with rows known only within ``E`` (entrywise): every exact row set within
+    ``E`` of the computed one (here the worst corners, signs matched to the weights) maps
+    to within the returned bound of the computed output, in rationals. Catches a step that
+    drops the incoming error (the rounding terms alone are far smaller than ``|A|^T E``)."""
+    from fractions import Fraction
+
+    from lipbound.tight import _back, _Secant
+
+    g = torch.Generator().manual_seed(5)
+    net = nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2)).to(DT).eval()
+    an = Analyzer(net, (4,), spectral="exact")
+    b0 = an.blocks[0]
+    w = [[Fraction(float(v)) for v in row] for row in net[0].weight.detach()]
+    c = torch.rand(3, generator=g, dtype=DT)
+    sec = _Secant("relu", torch.arange(3), c=c, rho=torch.zeros(3, dtype=DT))
+    rows = torch.randn(2, 3, generator=g, dtype=DT)
+    e_in = torch.full_like(rows, 0.1)
+    out, e_out = _back(b0, sec, rows, e_in, centre=relu)
+    cf = [Fraction(float(v)) if relu else Fraction(1) for v in c]
+    for i in range(2):
+        for j in range(4):
+            # the exact row within e_in of rows[i] that moves output j the most
+            exact = sum((Fraction(float(rows[i, k])) + Fraction(float(e_in[i, k]))
+                         * (1 if w[k][j] * cf[k] >= 0 else -1)) * cf[k] * w[k][j]
+                        for k in range(3))
+            assert abs(Fraction(float(out[i, j])) - exact) <= Fraction(float(e_out[i, j]))

@@ -294,20 +294,25 @@ def _back(b: Block, sec: _Secant | None, g: Tensor, e: Tensor, centre: bool = Tr
     if centre and b.relu:
         g = g * sec.c
         # |fl(ĝ c) - g c| <= |ĝ - g| c + u |ĝ c| (+ an absolute term below the normal range)
-        e = e * sec.c + (2.0 * U) * g.abs() + 2 * UNDERFLOW
+        e = (e * sec.c).add_(g.abs(), alpha=2.0 * U).add_(2 * UNDERFLOW)
     m = b.mixing
     n = 0 if m is None else m.inner_length_t()
     out = b.lin_t(g)
     f = _scale_rel(b)  # the exact scales (folded layers, products of scales) against the stored
     ga = g.abs()
-    w = e * (1.0 + f) + (ga + e) * f + ga * gamma(n + 4)
-    err = _abs_t(b, w) * (1.0 + 2.0 * gamma(n + 10))
     et = _err_t(b, ga + e)
+    # e (1 + f) + (|ĝ| + e) f + γ_(n+4) |ĝ| = e (1 + 2f) + (f + γ_(n+4)) |ĝ|: non-negative
+    # terms, whose few roundings the factor 1 + 2γ_(n+10) below covers (in place: these are
+    # the biggest tensors of the sweep)
+    w = ga.mul_(f + gamma(n + 4)).add_(e, alpha=1.0 + 2.0 * f) if f > 0.0 else \
+        ga.mul_(gamma(n + 4)).add_(e)
+    del ga
+    err = _abs_t(b, w).mul_(1.0 + 2.0 * gamma(n + 10))
+    del w
     if et is not None:
         err = err + et * ((1.0 + f) * (1.0 + 2.0 * gamma(b.mixing.out_dim + 10)))
     top = _scale_top(b)
-    err = err + (n + 8) * UNDERFLOW * top * top
-    return out, err
+    return out, err.add_((n + 8) * UNDERFLOW * top * top)
 
 
 def _norm_bound(g: Tensor, e: Tensor, cols: Tensor | None, scale: Tensor | None) -> float:
