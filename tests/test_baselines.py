@@ -687,6 +687,19 @@ def test_compare_compnet_rows_are_consistent():
         compare(compnet(), torch.zeros(1, 7), 0.1, methods=["nope"])
 
 
+def test_compare_tight_local_row_between_the_lower_and_the_local_rows():
+    """The tight local bound's row (same quantity as the paper's local bound): at least the
+    best lower bound, at most the local bound, with a note saying which bound it is."""
+    rows = compare(compnet(), torch.zeros(1, 7), 0.1, methods=["lower", "local", "local-tight"])
+    by = {r.method: r for r in rows}
+    assert by["local-tight"].quantity == by["local"].quantity
+    assert by["lower"].value <= by["local-tight"].value <= by["local"].value
+    assert by["local-tight"].value < 0.8 * by["local"].value  # (0.306 against 0.426)
+    assert by["local-tight"].guarantee.is_upper_bound
+    assert "tight bound" in by["local-tight"].note
+    assert not violations(rows)
+
+
 def test_cli_compare_json(capsys):
     cli = pytest.importorskip("lipbound.cli")
     code = cli.main(["compare", "--model", "tiny", "--eps", "1", "--methods", "autolip,exact-l2",
