@@ -220,7 +220,7 @@ def test_lower_bounds_not_above_the_constant_through_subnormal_values(first, sec
     with torch.no_grad():
         net[0].weight.copy_((torch.rand(1, 2, generator=g, dtype=torch.float64) + 0.5) * first)
         net[1].weight.fill_(second)
-    w2 = Fraction(float(net[1].weight))
+    w2 = Fraction(float(net[1].weight.detach()))
     exact_sq = sum((Fraction(v) * w2) ** 2 for v in net[0].weight.reshape(-1).tolist())
     r = best_lower_bound(net, torch.zeros(1, 2, dtype=torch.float64), 1.0, seed=0,
                          n_random=64, gradient_steps=10, pgd_restarts=2, pgd_steps=10)
