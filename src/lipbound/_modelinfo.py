@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import enum
 import itertools
+import logging
 import numbers
 import operator
 import sys
@@ -152,7 +153,7 @@ def tensor_state(model: nn.Module, counters: Mapping[int, frozenset[str]] | None
         model: the module.
         counters: per module (its index in ``model.modules()``), the names of the integer
             attributes that its forward changes when it runs (call counts, found by
-            :func:`changed_int_attributes`): left out of the record, since lipbound's own
+            :func:`find_counters`): left out of the record, since lipbound's own
             runs of the model (attacks, lower bounds) change them.
     """
     out = []
@@ -280,8 +281,9 @@ _NUMBER_TYPES = (numbers.Number, enum.Enum, np.generic)
 """Numbers and flags of other types than Python's (``np.float64``, ``np.bool_``, ``IntEnum``)
 that a forward may compute with or branch on: watched by value like an ``int``."""
 _SETTING_GETTERS: dict[object, Callable[[dict], Any]] = {}
-"""Per module class (and per class and set of counters left out): the getter of its
-plain-valued attributes (:func:`_setting_getter`)."""
+"""Per module class, counters left out, attribute names and their types (one instance's
+``__dict__``: see :func:`tensor_state`): the getter of the watched attributes
+(:func:`_setting_getter`)."""
 
 
 _FLAG_TYPES = frozenset((bool, str, type(None), float, int))
@@ -290,7 +292,7 @@ True``, ``self.mode = "small"``, ``self.act = None``), which a forward may branc
 traces the branch taken), and numbers, which a forward may compute with (``x * self.scale``,
 ``x / self.max_val``: torch.fx records the number, :mod:`lipbound.ops.scalar` analyses it).
 Integers that the forward itself changes (a count of its calls) are left out per model
-(:func:`changed_int_attributes`)."""
+(:func:`find_counters`)."""
 _MODULE_INTERNALS = frozenset(vars(nn.Module()))
 """``nn.Module``'s own attributes (``_is_full_backward_hook``: set by backward hooks)."""
 
@@ -347,12 +349,12 @@ def _no_settings(d: dict) -> tuple:
     return ()
 
 
-def int_attributes(model: nn.Module) -> dict[tuple[int, str], Any]:
+def mutable_attributes(model: nn.Module) -> dict[tuple[int, str], Any]:
     """The integer attributes (not bools) and the contents of the containers (lists, tuples,
     dicts: :func:`_contents`) of the modules of ``model`` of the user's own classes (torch's
     layers' are watched as settings), keyed by the module's index in ``model.modules()`` and
     the attribute's name: a record taken before and after the model runs, for
-    :func:`changed_int_attributes`."""
+    :func:`changed_attributes`."""
     out = {}
     for i, m in enumerate(model.modules()):
         if type(m).__module__.startswith("torch.nn."):
@@ -367,17 +369,39 @@ def int_attributes(model: nn.Module) -> dict[tuple[int, str], Any]:
     return out
 
 
-def changed_int_attributes(before: dict[tuple[int, str], Any], model: nn.Module
-                           ) -> dict[int, frozenset[str]]:
-    """Per module index, the names of the integer attributes whose value (or presence)
-    changed since :func:`int_attributes` recorded ``before``: those that ``model``'s forward
-    updates when it runs (call counts), which :func:`tensor_state` leaves out."""
-    after = int_attributes(model)
+def changed_attributes(before: dict[tuple[int, str], Any], model: nn.Module
+                       ) -> dict[int, frozenset[str]]:
+    """Per module index, the names of the integer attributes and containers whose value (or
+    presence) changed since :func:`mutable_attributes` recorded ``before``."""
+    after = mutable_attributes(model)
     found: dict[int, set[str]] = {}
     for key in before.keys() | after.keys():
         if before.get(key) != after.get(key):
             found.setdefault(key[0], set()).add(key[1])
     return {i: frozenset(names) for i, names in found.items()}
+
+
+def find_counters(model: nn.Module, input_shape: tuple[int, ...], before: dict
+                  ) -> dict[int, frozenset[str]]:
+    """The integer attributes (and containers) of ``model``'s modules that its forward changes
+    at every call (counts of its calls, lists of activations), which :func:`tensor_state`
+    leaves out: those that changed since ``before`` (:func:`mutable_attributes`, taken
+    before the model was traced and checked) and change again in one more run. One changed by
+    the first call only (``if self.k == 0: self.k = 255``, set lazily) is watched like any
+    other: torch.fx recorded its value."""
+    changed = changed_attributes(before, model)
+    if not changed:
+        return changed
+    settled = mutable_attributes(model)
+    dtype, device = model_dtype_device(model)
+    try:
+        with torch.no_grad():
+            model(torch.zeros(2, *input_shape, dtype=dtype, device=device))
+    except Exception:  # (ran while traced and checked: not expected) those of the build
+        logging.getLogger(__name__).debug("the run finding the counters failed",
+                                          exc_info=True)
+        return changed
+    return changed_attributes(settled, model)
 
 
 def _frozen(v: Any) -> Any:

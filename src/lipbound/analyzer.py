@@ -23,12 +23,11 @@ from . import _parallel
 from ._indexing import gather_cols, scatter_cols
 from ._modelinfo import (
     changed_contents,
-    changed_int_attributes,
     changed_tensor,
     content_snapshot,
-    int_attributes,
+    find_counters,
     model_device,
-    model_dtype_device,
+    mutable_attributes,
     tensor_state,
     unwrap_model,
     wrapper_problem,
@@ -424,12 +423,12 @@ class Analyzer:
         self.seed = int(seed)
         self.name = name or type(model).__name__
         self.notes = tuple(notes)
-        ints = int_attributes(model)
+        mutable = mutable_attributes(model)
         ops = trace_model(model, self.input_shape)  # (runs the model: traced and checked)
-        # integer attributes that the model's forward changed are counts of its calls
-        # (lipbound's attacks run it too); the others are watched, as torch.fx recorded them
-        # in the graph (x / self.max_val)
-        self._counters = _counters(model, self.input_shape, ints)
+        # integer attributes and containers that the model's forward changes at every call
+        # are counts of its calls (lipbound's attacks run it too); the others are watched, as
+        # torch.fx recorded them in the graph (x / self.max_val)
+        self._counters = find_counters(model, self.input_shape, mutable)
         # the analysed network is a float64 snapshot of the model now; later changes to the
         # model's tensors are refused (_check_model), not silently ignored
         self._tensor_state = tensor_state(model, self._counters)
@@ -1353,27 +1352,6 @@ class Analyzer:
         return RowBounds(values=values.cpu(), guarantee=g, failure_prob=fp,
                          prefix=tuple(layers), eps=eps, nominal_error=nominal.cpu(),
                          nominal_values=rows_at_x0.reshape(-1).cpu(), notes=notes)
-
-
-def _counters(model: nn.Module, input_shape: tuple[int, ...], before: dict
-              ) -> dict[int, frozenset[str]]:
-    """The integer attributes (and containers) of ``model``'s modules that its forward changes
-    at every call (counts of its calls, lists of activations), which the analyzer leaves
-    unwatched: those that changed while it was traced (``before``: their record before) and
-    change again in one more run. One changed by the first call only (``if self.k == 0:
-    self.k = 255``, set lazily) is watched like any other: torch.fx recorded its value."""
-    changed = changed_int_attributes(before, model)
-    if not changed:
-        return changed
-    settled = int_attributes(model)
-    dtype, device = model_dtype_device(model)
-    try:
-        with torch.no_grad():
-            model(torch.zeros(2, *input_shape, dtype=dtype, device=device))
-    except Exception:  # (ran while traced and checked: not expected) those of the build
-        log.debug("the run finding the counters failed", exc_info=True)
-        return changed
-    return changed_int_attributes(settled, model)
 
 
 def _analyzer_options() -> tuple[str, ...]:

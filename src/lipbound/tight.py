@@ -47,7 +47,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .blocks import AffineBlock, Block, PoolBlock
-from .ops.base import UNDERFLOW, DiagOp, gamma, norm_up, product_up
+from .ops.base import UNDERFLOW, DiagOp, gamma, norm_up, product_up, safe_norm
 from .ops.linear import LinearOp
 from .results import Guarantee
 from .spectral import SAFETY, SpectralBound, exact_norm
@@ -332,26 +332,17 @@ def _norm_bound(g: Tensor, e: Tensor, cols: Tensor | None, scale: Tensor | None)
     return _up(v + en)
 
 
-def _row_norms_up(t: Tensor) -> Tensor:
-    """Upper bounds on the L2 norms of the rows of ``t`` (each row scaled by a power of two
-    at least its largest magnitude before squaring: exact, no underflow of the squares that
-    matter), rounded up."""
-    if t.shape[1] == 0:
-        return t.new_zeros(t.shape[0])
-    a = t.abs()
-    m = a.amax(dim=1, keepdim=True)
-    _, ex = torch.frexp(m)
-    scale = torch.where(m > 0, torch.ldexp(torch.ones_like(m), ex), 1.0)
-    n = torch.linalg.vector_norm(a / scale, dim=1)
-    return n * (scale.squeeze(1) * (1.0 + 2.0 * gamma(t.shape[1] + 8)))
-
-
 def _row_bound(g: Tensor, e: Tensor, cols: Tensor | None) -> list[float]:
     """Per row: an upper bound on ``||G[row, cols]||`` for the exact rows ``G`` (computed
     ``g``, entrywise error ``<= e``)."""
     if cols is not None:
         g, e = g[:, cols], e[:, cols]
-    v = (_row_norms_up(g) + _row_norms_up(e)) * (1.0 + 4.0 * U)
+    if g.shape[1] == 0:
+        return [0.0] * g.shape[0]
+    # (power-of-two scaled norms: exact scaling, no underflow of the squares that matter;
+    # their rounding is within γ of the column count)
+    up = 1.0 + 2.0 * gamma(g.shape[1] + 8)
+    v = (safe_norm(g, dim=1) * up + safe_norm(e, dim=1) * up) * (1.0 + 4.0 * U)
     return [_up(x) for x in v.tolist()]
 
 

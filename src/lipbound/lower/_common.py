@@ -34,6 +34,7 @@ from lipbound._modelinfo import (
 from lipbound._precision import exact_float32_on_model
 from lipbound.errors import InputError
 from lipbound.graph import check_inference_tensors, modules_in_training
+from lipbound.ops.base import safe_norm
 from lipbound.validation import check_eps, check_int, check_plain_tensor
 
 logger = logging.getLogger(__name__)
@@ -54,23 +55,6 @@ def distance_slack(d: int) -> float:
     ``2 (d + 4) u``, twice that.
     """
     return 2.0 * (d + 4) * _U64
-
-
-def safe_norm(v: torch.Tensor, dim: int | None = None) -> torch.Tensor:
-    """L2 norms of ``v`` (of its rows along ``dim``, or of all of it) without the overflow
-    or underflow of their squares: each row is divided by a power of two near its largest
-    entry (exactly), so a norm is infinite only when it exceeds the floating-point range
-    itself (``torch.linalg.vector_norm`` gives ``inf`` for ``[1e300, 1e300]`` and 0 for
-    ``[1e-300]``), with the rounding of an unscaled norm. Differentiable (the scale is a
-    constant)."""
-    with torch.no_grad():
-        a = v.detach().abs()
-        m = a.amax(dim=dim, keepdim=True) if dim is not None else a.amax()
-        _, e = torch.frexp(m)  # m = f 2^e, f in [0.5, 1): 2^(e-1) <= m < 2^e
-        scale = torch.ldexp(torch.ones_like(m), e - 1)
-        scale = torch.where((m > 0) & torch.isfinite(m), scale, torch.ones_like(m))
-    n = torch.linalg.vector_norm(v / scale, dim=dim)
-    return n * (scale.squeeze(dim) if dim is not None else scale)
 
 
 @dataclass(frozen=True)

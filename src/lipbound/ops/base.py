@@ -92,6 +92,24 @@ def norm_up(t: Tensor) -> float:
     return top * math.sqrt(float(((a / top) ** 2).sum()))
 
 
+def safe_norm(v: torch.Tensor, dim: int | None = None) -> torch.Tensor:
+    """L2 norms of ``v`` (of its rows along ``dim``, or of all of it) without the overflow
+    or underflow of their squares: each row is divided by a power of two near its largest
+    entry (exactly), so a norm is infinite only when it exceeds the floating-point range
+    itself (``torch.linalg.vector_norm`` gives ``inf`` for ``[1e300, 1e300]`` and 0 for
+    ``[1e-300]``), with the rounding of an unscaled norm. Differentiable (the scale is a
+    constant). Callers add their relative margin for the rounding where they need an upper
+    bound (:func:`lipbound.tight._row_bound`)."""
+    with torch.no_grad():
+        a = v.detach().abs()
+        m = a.amax(dim=dim, keepdim=True) if dim is not None else a.amax()
+        _, e = torch.frexp(m)  # m = f 2^e, f in [0.5, 1): 2^(e-1) <= m < 2^e
+        scale = torch.ldexp(torch.ones_like(m), e - 1)
+        scale = torch.where((m > 0) & torch.isfinite(m), scale, torch.ones_like(m))
+    n = torch.linalg.vector_norm(v / scale, dim=dim)
+    return n * (scale.squeeze(dim) if dim is not None else scale)
+
+
 def tensor_device(obj: object) -> torch.device | None:
     """The device of the first tensor attribute of ``obj`` (an op), or None without one."""
     for v in vars(obj).values():
