@@ -1257,10 +1257,7 @@ class Analyzer:
         if out.value is None:
             return value, g, fp, nominal, (f"tight bound not formed ({out.reason}): the "
                                            f"paper's product {value:.6g} is reported")
-        lg = combine_guarantees([sb.guarantee for sb in bounds]) if bounds else \
-            Guarantee.CERTIFIED
-        lfp = 0.0 if lg == Guarantee.CERTIFIED else \
-            min(1.0, sum(sb.failure_prob for sb in bounds))
+        lg, lfp = _product_guarantee(bounds)
         if out.value < value:
             note = (f"tight bound (centre plus deviation, {out.rows} VJP rows) {out.value:.6g} "
                     f"reported; the paper's product is {value:.6g}")
@@ -1328,10 +1325,7 @@ class Analyzer:
         if prefix > 0 and bool(low.any()):  # rounded up below the normal range (or to 0)
             for j in torch.nonzero(low).reshape(-1).tolist():
                 values[j] = product_up((float(norms[j]), prefix))
-        g = combine_guarantees([sb.guarantee for sb in bounds]) if bounds else \
-            Guarantee.CERTIFIED
-        fp = 0.0 if g == Guarantee.CERTIFIED else min(1.0, sum(sb.failure_prob
-                                                               for sb in bounds))
+        g, fp = _product_guarantee(bounds)
         notes: tuple[str, ...] = ()
         if record is not None:
             from .tight import tight_local_bound
@@ -1352,6 +1346,14 @@ class Analyzer:
         return RowBounds(values=values.cpu(), guarantee=g, failure_prob=fp,
                          prefix=tuple(layers), eps=eps, nominal_error=nominal.cpu(),
                          nominal_values=rows_at_x0.reshape(-1).cpu(), notes=notes)
+
+
+def _product_guarantee(bounds: list[SpectralBound]) -> tuple[Guarantee, float]:
+    """The guarantee and failure probability of a product of the factors ``bounds`` (a union
+    bound over the probabilistic ones; 0 when all are certified, or there are none)."""
+    g = combine_guarantees([sb.guarantee for sb in bounds]) if bounds else Guarantee.CERTIFIED
+    return g, 0.0 if g == Guarantee.CERTIFIED else min(1.0, sum(sb.failure_prob
+                                                                for sb in bounds))
 
 
 def _analyzer_options() -> tuple[str, ...]:
