@@ -125,7 +125,8 @@ def bound_many(model_or_analyzer: nn.Module | Analyzer, samples: Any,
                failure_prob: float = 1e-6, seed: int = 0,
                device: str | torch.device | None = None, name: str | None = None,
                notes: Sequence[str] = (), timings: dict[str, float] | None = None,
-               tight: bool = False, tight_rows: int = TIGHT_ROWS) -> list[InputBound]:
+               tight: bool = False, tight_rows: int | None = TIGHT_ROWS
+               ) -> list[InputBound]:
     """Local or global Lipschitz upper bounds for many inputs (Avant & Morgansen 2023).
 
     Args:
@@ -148,7 +149,7 @@ def bound_many(model_or_analyzer: nn.Module | Analyzer, samples: Any,
         timings: optional dict that receives ``setup_seconds`` (tracing and the global
             factors) and ``total_seconds``.
         tight: local bounds with ``tight=True`` (:meth:`Analyzer.local_bound`; rows
-            labelled ``"tight"``); ``tight_rows``: its budget of rows.
+            labelled ``"tight"``); ``tight_rows``: its budget of rows (None: the default).
 
     Returns:
         One :class:`InputBound` per input, in input order.

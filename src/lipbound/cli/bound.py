@@ -54,7 +54,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 @progress_logging
 def run(args: argparse.Namespace) -> int:
-    from ..analyzer import Analyzer
+    from ..analyzer import TIGHT_ROWS, Analyzer
     from ..errors import InputError
     from ..results import format_prob_up
     from ..validation import check_eps, check_failure_prob
@@ -71,7 +71,7 @@ def run(args: argparse.Namespace) -> int:
     if args.tight and args.method == "global":
         raise InputError("--tight tightens the local bound; --method global has none: use "
                          "--method local (the default) or both, or drop --tight")
-    tight_rows = 2048 if args.tight_rows is None else args.tight_rows
+    tight_rows = TIGHT_ROWS if args.tight_rows is None else args.tight_rows
     if args.tight and tight_rows < 1:
         raise InputError(f"--tight-rows must be a positive integer, got {tight_rows}")
     if is_many_ref(args.input) or args.eps_file or args.out:

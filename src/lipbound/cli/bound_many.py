@@ -171,7 +171,7 @@ def run_many(args: argparse.Namespace, loaded: Loaded | None = None) -> int:
         for eps in runs:
             rows += bound_many(an, samples, eps, "local", timings=timings, progress=progress,
                                tight=getattr(args, "tight", False),
-                               tight_rows=getattr(args, "tight_rows", None) or 2048)
+                               tight_rows=getattr(args, "tight_rows", None))
     summary: dict[str, Any] = {"n_inputs": len(samples), "model": loaded.name,
                                "weights": loaded.weights_source,
                                "setup_seconds": timings.get("setup_seconds", 0.0),
