@@ -225,11 +225,16 @@ def _small() -> tuple[Analyzer, torch.Tensor, nn.Module]:
 
 
 def test_budget_fallback() -> None:
+    """Fewer rows than the outputs: not formed at all. Enough for the last block's tail (3
+    outputs) but not the whole network: the hybrid (test_tight_tail.py), never above."""
     an, x0, _ = _small()
     plain = an.local_bound(x0, 3.0)
-    res = an.local_bound(x0, 3.0, tight=True, tight_rows=4)
+    res = an.local_bound(x0, 3.0, tight=True, tight_rows=2)
     assert res.value == plain.value and res.guarantee == plain.guarantee
-    assert any("exceed the budget of 4" in n for n in res.notes)
+    assert any("not formed" in n and "exceed the budget of 2" in n for n in res.notes)
+    res = an.local_bound(x0, 3.0, tight=True, tight_rows=4)
+    assert res.value <= plain.value and res.guarantee == plain.guarantee
+    assert any("tail from block" in n and "exceed the budget of 4" in n for n in res.notes)
 
 
 def test_memory_fallback() -> None:

@@ -166,14 +166,15 @@ def test_many_unstable_windows_fall_back_before_allocating() -> None:
     """A constant 200 x 200 image ties every max pooling window at x0: the pooling
     secant formed its 353584 deviation rows of 640000 entries (a 1.4 TB allocation) before
     the budget check, and ``local_bound(..., tight=True)`` raised a RuntimeError instead of
-    reporting the paper's product."""
+    reporting the paper's product. (Now the hybrid is formed on the last layer's tail: the
+    light pass counts the windows' rows without forming them.)"""
     net = nn.Sequential(nn.Conv2d(1, 16, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
                         nn.Flatten(), nn.Linear(16 * 100 * 100, 10)).to(DT).eval()
     x0 = torch.full((1, 1, 200, 200), 0.5, dtype=DT)
     an = Analyzer(net, (1, 200, 200))
     plain = an.local_bound(x0, 1e-3)
     r = an.local_bound(x0, 1e-3, tight=True)
-    assert r.value == plain.value and r.guarantee == plain.guarantee
+    assert r.value <= plain.value and r.guarantee == plain.guarantee
     assert any("exceed the budget of 2048" in n for n in r.notes)
 
 

@@ -1258,13 +1258,15 @@ class Analyzer:
             return value, g, fp, nominal, (f"tight bound not formed ({out.reason}): the "
                                            f"paper's product {value:.6g} is reported")
         lg, lfp = _product_guarantee(bounds)
+        how = _tight_how(blocks, out)
         if out.value < value:
-            note = (f"tight bound (centre plus deviation, {out.rows} VJP rows) {out.value:.6g} "
-                    f"reported; the paper's product is {value:.6g}")
+            note = (f"tight bound ({how}) {out.value:.6g} reported; the paper's product is "
+                    f"{value:.6g}")
             # the nominal error from the local factors: valid under the local product's event
+            # (the hybrid's head is those factors themselves)
             return out.value, lg, lfp, local_nominal, note
         return value, g, fp, nominal, (f"paper's bound {value:.6g} reported; the tight "
-                                       f"bound (centre plus deviation) is {out.value:.6g}")
+                                       f"bound ({how}) is {out.value:.6g}")
 
     def local_bound_rows(self, x0: Tensor, eps: float, output_map: Tensor, *,
                          tight: bool = False, tight_rows: int = TIGHT_ROWS) -> RowBounds:
@@ -1341,11 +1343,24 @@ class Analyzer:
                 tv = torch.tensor(out.row_values, dtype=values.dtype, device=values.device)
                 smaller = tv < values
                 values = torch.where(smaller, tv, values)
-                notes = (f"tight bound (centre plus deviation, {out.rows} VJP rows) smaller "
+                notes = (f"tight bound ({_tight_how(blocks, out, rows=True)}) smaller "
                          f"for {int(smaller.sum())} of {tv.numel()} rows",)
         return RowBounds(values=values.cpu(), guarantee=g, failure_prob=fp,
                          prefix=tuple(layers), eps=eps, nominal_error=nominal.cpu(),
                          nominal_values=rows_at_x0.reshape(-1).cpu(), notes=notes)
+
+
+def _tight_how(blocks: list[Block], out, rows: bool = False) -> str:
+    """How the tight bound ``out`` (:class:`lipbound.tight.TightOutcome`) was formed, for a
+    note: the whole network, or the hybrid (the paper's factors of the blocks before the tail,
+    the tight construction from the tail's first block on; per row: the first tail tried)."""
+    if out.start == 0:
+        return f"centre plus deviation, {out.rows} VJP rows"
+    j = out.start if rows else out.tail
+    where = f"tails from block {j} ({blocks[j].name}) on" if rows else \
+        f"tail from block {j} ({blocks[j].name})"
+    return (f"{where}, {out.rows} VJP rows, the paper's factors before it; for the whole "
+            f"network: {out.full_reason}")
 
 
 def _product_guarantee(bounds: list[SpectralBound]) -> tuple[Guarantee, float]:

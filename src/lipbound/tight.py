@@ -21,6 +21,12 @@ derivation and its measurements are in ``notes/tightness_spike.md``; in short:
   secant product from ``j`` to the output on vectors supported on ``cols``, ``N`` being the
   centre network. So does the paper's product of the layer factors after ``j`` (when
   certified); each ``B_j`` is the smaller one, and ``B_0`` bounds the local constant.
+* **Hybrid** (when the rows of the whole network exceed their budget): for a boundary ``j``,
+  the paper's argument bounds the change there, ``||z_j(x) - z_j(x0)|| <= F_0 ... F_(j-1)
+  ||x - x0||`` (its factors, the head), and that change is supported on the coordinates
+  ``M_j`` that may move; the tail from ``j`` is the secant product of the blocks ``>= j``
+  applied to it, bounded by ``B_j`` with columns ``M_j``. So ``F_0 ... F_(j-1) B_j(M_j)``
+  bounds the local constant too, with only the tail's rows (see :func:`tight_local_bound`).
 
 Every norm is of a matrix whose rows come out of batched vector-Jacobian products through the
 centre network: the output rows (``n_out``) and the deviation rows of each unstable secant,
@@ -33,8 +39,9 @@ absolute term for products below the normal range), and ``||G|| <= exact_norm(Ĝ
 network (the nominal pass's rounding ``e_out`` included, mirror image of the library's
 ``ȳ``), the half-widths are rounded up and the sums of the bound too. Where a quantity is
 non-finite or outside ``[1e-150, 1e150]`` (where float64 squares and products underflow or
-overflow), where the rows exceed their budget, or for layers not handled (max pooling with
-padding or partial windows), no new bound is formed and the reason is returned.
+overflow), where even the last block's rows exceed their budget, or for layers not handled
+(max pooling with padding or partial windows), no new bound is formed and the reason is
+returned.
 """
 
 from __future__ import annotations
@@ -112,13 +119,17 @@ class _Secant:
     count: int = 1
     seeds: Tensor | None = None
     scale: Tensor | None = None
+    n_dev: int = 0
+    """Pooling: the number of deviation rows (also when ``seeds`` were not formed)."""
+    live: Tensor | None = None
+    """The outputs that may move on the ball (sorted indices; None: all of them)."""
 
     @property
     def rows(self) -> int:
         """Deviation rows of this secant."""
         if self.kind == "relu":
             return int(self.sigma.numel())
-        return 0 if self.seeds is None else int(self.seeds.shape[0])
+        return self.n_dev
 
 
 def _windows(b: PoolBlock, device) -> Tensor:
@@ -168,14 +179,21 @@ def _relu_secant(b: AffineBlock, rec: dict) -> tuple[_Secant, Tensor, Tensor]:
     unstable = lo < hi
     rho = torch.where(unstable, (rho * (1.0 + 4.0 * U) + UNDERFLOW).clamp_min(SAFE_LOW), 0.0)
     sigma = torch.nonzero(unstable).reshape(-1)
-    return _Secant("relu", sigma, c=c, rho=rho), ylow.clamp_min(0.0), ybar.clamp_min(0.0)
+    # an output with ȳ <= 0 is 0 at every point of the ball (x0 included): it cannot move
+    live = torch.nonzero(ybar > 0).reshape(-1)
+    return (_Secant("relu", sigma, c=c, rho=rho, live=live), ylow.clamp_min(0.0),
+            ybar.clamp_min(0.0))
 
 
 def _pool_secant(b: PoolBlock, d: Tensor, lo: Tensor, hi: Tensor, used: int, max_rows: int,
-                 max_bytes: int) -> tuple[_Secant, Tensor, Tensor]:
+                 max_bytes: int, form: bool = True, live_in: Tensor | None = None
+                 ) -> tuple[_Secant, Tensor, Tensor]:
     """The max pooling secant from the box ``[lo, hi]`` of its inputs and their mask ``d``,
     and the box of its outputs. Fallback before its deviation rows are formed when, with the
-    ``used`` rows before them, they exceed ``max_rows``, or would take over ``max_bytes``."""
+    ``used`` rows before them, they exceed ``max_rows``, or would take over ``max_bytes``.
+    ``form=False``: the rows are counted (``n_dev``), not formed (nor checked). ``live_in``:
+    the inputs that may move (None: all); a window of inputs that cannot move cannot either
+    (its ``live`` output)."""
     win = _windows(b, d.device)
     n_w, k = win.shape
     best_lo = lo[win].amax(dim=1, keepdim=True)
@@ -199,8 +217,13 @@ def _pool_secant(b: PoolBlock, d: Tensor, lo: Tensor, hi: Tensor, used: int, max
     counts.index_add_(0, in_idx, torch.ones_like(in_idx))
     count = max(1, int(counts.max()) if counts.numel() else 1)
     sigma = torch.nonzero(unstable).reshape(-1)
+    live = None
+    if live_in is not None:
+        can = torch.zeros(b.in_dim, dtype=torch.bool, device=d.device)
+        can[live_in] = True
+        live = torch.nonzero(can[win].any(dim=1)).reshape(-1)
     seeds = scale = None
-    if uw.numel():
+    if uw.numel() and form:
         # row l of window w: p e_l - 1_P (integers: exact); the deviation is
         # sqrt(1 - 1/p) / p times its image (spike, pooling mean centre)
         m = uw.numel()
@@ -230,7 +253,7 @@ def _pool_secant(b: PoolBlock, d: Tensor, lo: Tensor, hi: Tensor, used: int, max
         scale = torch.tensor([math.sqrt((q - 1.0) / q) / q * (1.0 + 1e-14)
                               for q in pu.tolist()], dtype=torch.float64, device=d.device)
     sec = _Secant("pool", sigma, out_idx=out_idx, in_idx=in_idx, div=div, count=count,
-                  seeds=seeds, scale=scale)
+                  seeds=seeds, scale=scale, n_dev=int(uw.numel()), live=live)
     return sec, lo[win].amax(dim=1), hi[win].amax(dim=1)
 
 
@@ -358,13 +381,51 @@ class TightOutcome:
     row_values: tuple[float, ...] | None = None
     """With ``row_last`` (:func:`tight_local_bound`): the bound of each output row's scalar
     function ``e_i^T f``, and ``value`` their maximum."""
+    start: int = 0
+    """The boundary (the input of block ``start``) where the construction starts: 0 for the
+    whole network; ``j > 0`` for the hybrid (the paper's factors of blocks ``0..j-1`` times
+    the tail's bound ``B_j``), formed when the whole network's rows exceed the budget."""
+    tail: int = 0
+    """The hybrid's boundary whose value is reported (``value``; per row: the largest row's),
+    at least ``start``; 0 for the whole network."""
+    full_rows: int = 0
+    """Rows the whole network's construction needs (over ``max_rows`` when ``start > 0``)."""
+    full_reason: str = ""
+    """Why the whole network's construction was not formed (when ``start > 0``)."""
+
+
+TAIL_STARTS: int | None = None
+"""Boundaries tried by the hybrid: the earliest whose tail fits the budget and the next ones,
+at most this many (None: every one up to the last block's input). Each adds the norms of the
+tail's rows on that boundary's columns, no further sweep: on the MNIST LeNet at eps = 0.3 the
+tail from ``pool1`` (the earliest) gives 10525 (no gain), from ``fc1`` 7772, at the same cost
+(0.48 s)."""
 
 
 def tight_local_bound(blocks: list[Block], x0: Tensor, eps: float, records: list[dict],
                       factors: list[SpectralBound], *, max_rows: int = DEFAULT_ROWS,
                       max_bytes: int = DEFAULT_BYTES,
-                      row_last: list[float] | None = None) -> TightOutcome:
-    """The centre-plus-deviation bound ``B_0`` (see the module docstring).
+                      row_last: list[float] | None = None,
+                      tail_starts: int | None = TAIL_STARTS, min_start: int = 0
+                      ) -> TightOutcome:
+    """The centre-plus-deviation bound ``B_0`` (see the module docstring), or the hybrid.
+
+    **Hybrid** (when the whole network's rows exceed ``max_rows`` or ``max_bytes``): for a
+    boundary ``j`` (the input of block ``j``) let ``z_j(x)`` be the vector there. The paper's
+    argument (method.md rule 8) gives ``||z_j(x) - z_j(x0)|| <= F_0 ... F_(j-1) ||x - x0||``
+    (``F`` the paper's factors, the head), and ``z_j(x) - z_j(x0)`` is supported on the
+    coordinates ``M_j`` that may move (ReLU outputs with ``ȳ > 0``, pooling windows with such
+    an input; all after other layers). The tail ``g`` (blocks ``j..K-1``) satisfies
+    ``f(x) - f(x0) = g(z_j(x)) - g(z_j(x0)) = Q_(j->K)(x) (z_j(x) - z_j(x0))`` with the
+    secants of blocks ``>= j`` (their limits hold on the ball: they are the records'), so the
+    telescoping bounds it by ``B_j(M_j) ||z_j(x) - z_j(x0)||``, where ``B_j(M_j)`` is the
+    expansion with columns ``M_j`` (the secants before ``j`` are not used). Hence
+    ``L(x0, eps) <= F_0 ... F_(j-1) B_j(M_j)``. Only the tail's rows are needed (outputs and
+    the deviation rows of the secants ``>= j``), swept back to ``j`` only. The earliest
+    ``j`` whose tail fits is used, and the later boundaries too, up to ``tail_starts`` of
+    them (the smallest value is returned). The head factors are the paper's factors
+    themselves (the limits of the tail use them already): the hybrid holds under the same
+    event as the paper's product.
 
     Args:
         blocks: the analyzer's blocks (a chain).
@@ -372,19 +433,25 @@ def tight_local_bound(blocks: list[Block], x0: Tensor, eps: float, records: list
         eps: the ball radius.
         records: per block, what :meth:`lipbound.Analyzer._propagate` recorded (affine blocks:
             ``y0``, ``e_out``, ``rn``, ``eps_k``, ``r``, ``moving``; pooling: the mask ``d``).
-        factors: the paper's local factors of the blocks (certified ones bound tails).
+        factors: the paper's local factors of the blocks (certified ones bound tails; all of
+            them are the hybrid's head).
         max_rows: most rows of vector-Jacobian products (outputs plus deviation rows).
         max_bytes: most memory of the rows and their error bounds.
         row_last: per output row: the bound of each row's scalar function is wanted (the
             margin certificate, :meth:`lipbound.Analyzer.local_bound_rows`), and this is the
             paper's last factor of row i (``||e_i^T A D||``, certified) for its tails. Then
             ``records`` and ``factors`` may leave out the last block (an affine one).
+        tail_starts: how many boundaries the hybrid tries (at least 1; None: all).
+        min_start: the earliest boundary the construction may start at (> 0: the hybrid even
+            where the whole network fits; for tests and comparisons).
 
     Returns:
         A :class:`TightOutcome`; ``value`` None when the bound was not formed (``reason``).
     """
     try:
-        return _tight(blocks, x0, eps, records, factors, max_rows, max_bytes, row_last)
+        return _tight(blocks, x0, eps, records, factors, max_rows, max_bytes, row_last,
+                      len(blocks) if tail_starts is None else max(1, int(tail_starts)),
+                      int(min_start))
     except _Fallback as exc:
         return TightOutcome(None, str(exc), 0)
     except NotImplementedError as exc:
@@ -395,9 +462,37 @@ def tight_local_bound(blocks: list[Block], x0: Tensor, eps: float, records: list
                             f"{exc}", 0)
 
 
+def _tail_start(blocks: list[Block], secs: list[_Secant | None], max_rows: int,
+                max_bytes: int, min_start: int = 0) -> tuple[int | None, int, str]:
+    """The earliest boundary ``j >= min_start`` whose tail (blocks ``j..K-1``: the outputs and the
+    deviation rows of its secants) fits ``max_rows`` and ``max_bytes`` (None: none does), the
+    whole network's rows, and why the whole network does not fit ("" when it does)."""
+    n_blocks = len(blocks)
+    n_out = blocks[-1].out_dim
+    dev = [0 if s is None else s.rows for s in secs]
+
+    def fits(j: int) -> str:
+        rows = n_out + sum(dev[j:])
+        if rows > max_rows:
+            return (f"{rows} rows of vector-Jacobian products ({n_out} outputs and "
+                    f"{rows - n_out} deviation rows of unstable units) exceed the budget "
+                    f"of {max_rows}")
+        widest = max([blocks[j].in_dim] + [b.out_dim for b in blocks[j:]])
+        need = 4 * 8 * max([n_out, *dev[j:]]) * widest
+        if need > max_bytes:
+            return (f"the rows need about {need / 2**20:.0f} MiB, over the cap of "
+                    f"{max_bytes / 2**20:.0f} MiB")
+        return ""
+
+    why = fits(0)
+    start = next((j for j in range(max(0, min_start), n_blocks) if not fits(j)), None)
+    return start, n_out + sum(dev), why
+
+
 def _tight(blocks: list[Block], x0: Tensor, eps: float, records: list[dict],
            factors: list[SpectralBound], max_rows: int, max_bytes: int,
-           row_last: list[float] | None = None) -> TightOutcome:
+           row_last: list[float] | None = None, tail_starts: int | None = None,
+           min_start: int = 0) -> TightOutcome:
     if not (SAFE_LOW <= eps <= SAFE_HIGH):
         raise _Fallback(f"the radius {eps:.3g} is outside the safe range [1e-150, 1e150]")
     n_blocks = len(blocks)
@@ -420,18 +515,26 @@ def _tight(blocks: list[Block], x0: Tensor, eps: float, records: list[dict],
                 _check_tensor(b.mixing.row_abs(), f"the absolute row sums of {b.name}")
     marg = SAFETY * (z.abs() + eps)
     lo, hi = z - eps - marg, z + eps + marg  # the box of the exact inputs in the ball
+    # the secants, the pooling ones' rows counted but not formed yet; the coordinates that
+    # may move at each boundary (lives[k]: at the input of block k; None: all)
     secs: list[_Secant | None] = []
-    used = blocks[-1].out_dim  # rows so far: the outputs, then the deviation rows
-    for b, rec in zip(blocks, records, strict=True):
+    boxes: dict[int, tuple[Tensor, Tensor]] = {}  # the input boxes of unstable pooling
+    lives: list[Tensor | None] = [None]
+    for t, (b, rec) in enumerate(zip(blocks, records, strict=True)):
         if isinstance(b, PoolBlock):
-            sec, lo, hi = _pool_secant(b, rec["d"].reshape(-1), lo, hi, used, max_rows,
-                                       max_bytes)
+            box = (lo, hi)
+            sec, lo, hi = _pool_secant(b, rec["d"].reshape(-1), lo, hi, 0, 0, 0, form=False,
+                                       live_in=lives[-1])
+            if sec.rows:
+                boxes[t] = box
+            live = sec.live
         elif b.relu:
             sec, lo, hi = _relu_secant(b, rec)
+            live = sec.live
         elif rec is None:  # the last block (per-row bounds): no limits needed after it
-            sec = None
+            sec = live = None
         else:
-            sec = None
+            sec = live = None
             y0, e_out, rn, eps_k = rec["y0"], rec["e_out"], rec["rn"], rec["eps_k"]
             _check_tensor(y0, f"a value of {b.name} at x0", nonzero_low=False)
             er = eps_k * rn * b.fold_factor
@@ -439,47 +542,54 @@ def _tight(blocks: list[Block], x0: Tensor, eps: float, records: list[dict],
             mg = SAFETY * (y0.abs() + er)
             lo, hi = y0 - e_out - er - mg, y0 + e_out + er + mg
         secs.append(sec)
-        used += 0 if sec is None else sec.rows
-    unstable = [t for t, s in enumerate(secs) if s is not None and s.rows > 0]
+        lives.append(live)
+    start, full_rows, full_reason = _tail_start(blocks, secs, max_rows, max_bytes, min_start)
+    if start is None:
+        raise _Fallback(full_reason or f"no tail from block {min_start} on")
     n_out = blocks[-1].out_dim
-    rows = n_out + sum(secs[t].rows for t in unstable)
-    counts = tuple(secs[t].rows if t in unstable else 0 for t in range(n_blocks))
-    if rows > max_rows:
-        raise _Fallback(f"{rows} rows of vector-Jacobian products ({n_out} outputs and "
-                        f"{rows - n_out} deviation rows of unstable units) exceed the budget "
-                        f"of {max_rows}")
-    widest = max([blocks[0].in_dim] + [b.out_dim for b in blocks])
-    biggest = max([n_out] + [secs[t].rows for t in unstable])
-    need = 4 * 8 * biggest * widest
-    if need > max_bytes:
-        raise _Fallback(f"the rows need about {need / 2**20:.0f} MiB, over the cap of "
-                        f"{max_bytes / 2**20:.0f} MiB")
-    # boundaries where a segment starts: the input (all columns) and after each unstable
-    # secant (its deviating outputs)
-    cols: dict[int, Tensor | None] = {0: None}
+    counts = tuple(0 if s is None else s.rows for s in secs)
+    unstable = [t for t in range(start, n_blocks) if counts[t] > 0]
+    rows = n_out + sum(counts[start:])
+    for t in unstable:  # the tail's pooling rows, formed now (they fit)
+        if secs[t].kind == "pool":
+            secs[t], _, _ = _pool_secant(blocks[t], records[t]["d"].reshape(-1), *boxes[t],
+                                         0, max_rows, max_bytes, live_in=lives[t])
+    del boxes
+    # boundaries where a segment starts: the input (all columns; the whole network), the
+    # hybrid's boundaries (the columns that may move there), and after each unstable secant
+    # (its deviating outputs)
+    cols: dict[int, Tensor | None] = {0: None} if start == 0 else {}
     for t in unstable:
         if t + 1 < n_blocks:
             cols[t + 1] = secs[t].sigma
+    mcols: dict[int, Tensor | None] = {} if start == 0 else \
+        {j: lives[j] for j in range(start, min(start + tail_starts, n_blocks))}
+    stop = min([*cols, *mcols])
     dev = x0.device
 
-    def sweep(start: int, g: Tensor, e: Tensor, scale: Tensor | None,
-              per_row: bool = False) -> dict:
+    def sweep(begin: int, g: Tensor, e: Tensor, scale: Tensor | None,
+              each_row: bool = False) -> tuple[dict, dict]:
+        """The norms of the rows ``g`` (at boundary ``begin``) pulled back to every segment
+        start below: at ``cols`` (``got``) and ``mcols`` (``gotm``); ``each_row``: per row."""
         got: dict = {}
-        k = start
+        gotm: dict = {}
+        k = begin
         while True:
-            if k in cols:
-                got[k] = _row_bound(g, e, cols[k]) if per_row else \
-                    _norm_bound(g, e, cols[k], scale)
-            if k == 0 or k <= min(cols):
-                return got
+            for where, cs in ((got, cols), (gotm, mcols)):
+                if k in cs:
+                    where[k] = _row_bound(g, e, cs[k]) if each_row else \
+                        _norm_bound(g, e, cs[k], scale)
+            if k <= stop:
+                return got, gotm
             g, e = _back(blocks[k - 1], secs[k - 1], g, e)
             k -= 1
             _check_tensor(g, "a row of the centre network")
             _check_tensor(e, "a rounding bound of the centre network's rows", nonzero_low=False)
 
     eye = torch.eye(n_out, dtype=torch.float64, device=dev)
-    v = sweep(n_blocks, eye, torch.zeros_like(eye), None, per_row=row_last is not None)
+    v, vm = sweep(n_blocks, eye, torch.zeros_like(eye), None, each_row=row_last is not None)
     d: dict[int, dict[int, float]] = {}
+    dm: dict[int, dict[int, float]] = {}
     for t in unstable:
         s = secs[t]
         if s.kind == "relu":
@@ -490,28 +600,37 @@ def _tight(blocks: list[Block], x0: Tensor, eps: float, records: list[dict],
             scale = s.rho[s.sigma]
         else:
             g, e, scale = s.seeds, torch.zeros_like(s.seeds), s.scale
-        d[t] = sweep(t, g, e, scale)
-    vals = [y for x in v.values() for y in (x if isinstance(x, list) else [x])]
-    for x in vals + [y for dd in d.values() for y in dd.values()]:
+        d[t], dm[t] = sweep(t, g, e, scale)
+    vals = [y for x in (*v.values(), *vm.values())
+            for y in (x if isinstance(x, list) else [x])]
+    for x in vals + [y for dd in (*d.values(), *dm.values()) for y in dd.values()]:
         if not x <= SAFE_HIGH:
             raise _Fallback(f"a norm {x:.3g} above the safe range [1e-150, 1e150]")
     # a bound below the safe range (rows that are 0 but for their rounding allowance) is
     # raised to it: still an upper bound, and every product of two stays normal
     d = {t: {j: _floor(x) for j, x in dd.items()} for t, dd in d.items()}
+    dm = {t: {j: _floor(x) for j, x in dd.items()} for t, dd in dm.items()}
     certified = [f.guarantee == Guarantee.CERTIFIED for f in factors]
+    info = {"start": start, "full_rows": full_rows, "full_reason": full_reason}
     if row_last is None:
-        b0 = _segments({j: _floor(x) for j, x in v.items()}, d, cols, unstable, n_blocks,
-                       [f.value for f in factors], certified)
-        return TightOutcome(b0, "", rows, counts)
+        b0, at = _segments({j: _floor(x) for j, x in v.items()}, d, cols, unstable, n_blocks,
+                           [f.value for f in factors], certified,
+                           {j: _floor(x) for j, x in vm.items()}, dm)
+        return TightOutcome(b0, "", rows, counts, tail=at, **info)
     # per output row i: the same expansion for the scalar function e_i^T f (its tails are
     # the row's own, the deviations shared); the paper's tails end with the row's last factor
     out = []
+    ats = []
     for i, last_i in enumerate(row_last):
         vi = {j: _floor(x[i]) for j, x in v.items()}
+        vmi = {j: _floor(x[i]) for j, x in vm.items()}
         values = [f.value for f in factors[:n_blocks - 1]] + [float(last_i)]
-        out.append(_segments(vi, d, cols, unstable, n_blocks, values,
-                             [*certified[:n_blocks - 1], True]))
-    return TightOutcome(max(out), "", rows, counts, tuple(out))
+        bi, at = _segments(vi, d, cols, unstable, n_blocks, values,
+                           [*certified[:n_blocks - 1], True], vmi, dm)
+        out.append(bi)
+        ats.append(at)
+    top = max(range(len(out)), key=out.__getitem__)
+    return TightOutcome(max(out), "", rows, counts, tuple(out), tail=ats[top], **info)
 
 
 def _floor(x: float) -> float:
@@ -521,17 +640,39 @@ def _floor(x: float) -> float:
 
 def _segments(v: dict[int, float], d: dict[int, dict[int, float]], cols: dict,
               unstable: list[int], n_blocks: int, factors: list[float],
-              certified: list[bool]) -> float:
+              certified: list[bool], vm: dict[int, float] | None = None,
+              dm: dict[int, dict[int, float]] | None = None) -> tuple[float, int]:
     """The nested recursion: ``B_j`` for every segment start ``j`` in ``cols`` (from the last
-    to the input), the smaller of the expansion and (when its factors are certified) the
-    paper's product of ``factors[j:]``; returns ``B_0``."""
+    to the first), the smaller of the expansion and (when its factors are certified) the
+    paper's product of ``factors[j:]``. Without ``vm``: returns ``(B_0, 0)``. With ``vm``
+    (the hybrid: the output rows' norms on the columns that may move at each boundary ``j``
+    tried, ``dm`` the deviation rows' there): ``B_j(M_j)`` the same way, and returns the
+    smallest ``F_0 ... F_(j-1) B_j(M_j)`` and its ``j``."""
     b_of: dict[int, float] = {n_blocks: 1.0}
     for j in sorted(cols, reverse=True):
-        terms = [v[j]] + [_up(b_of[t + 1] * d[t][j]) for t in unstable if t >= j]
-        val = _up(math.fsum(terms))
-        if all(certified[j:]):
-            val = min(val, product_up(factors[j:]))
-        if not val <= SAFE_HIGH:
-            raise _Fallback(f"a segment bound {val:.3g} above the safe range")
-        b_of[j] = _floor(val)
-    return b_of[0]
+        b_of[j] = _expansion(j, v[j], d, b_of, unstable, factors, certified)
+    if not vm:
+        return b_of[0], 0
+    best, at = math.inf, -1
+    for j in sorted(vm):
+        tail = _expansion(j, vm[j], dm, b_of, unstable, factors, certified)
+        val = product_up([*factors[:j], tail])
+        if val < best:  # (a NaN head, inf times 0, is never taken)
+            best, at = val, j
+    if at < 0:
+        raise _Fallback("no finite hybrid bound (a head factor is not finite)")
+    return best, at
+
+
+def _expansion(j: int, vj: float, d: dict[int, dict[int, float]], b_of: dict[int, float],
+               unstable: list[int], factors: list[float], certified: list[bool]) -> float:
+    """``B_j``: the norm ``vj`` of the output rows at ``j`` plus, for each unstable secant
+    ``t >= j``, its deviation ``d[t][j]`` times the tail ``b_of[t + 1]``; at most the paper's
+    product of ``factors[j:]`` when those are certified. Fallback above the safe range."""
+    terms = [vj] + [_up(b_of[t + 1] * d[t][j]) for t in unstable if t >= j]
+    val = _up(math.fsum(terms))
+    if all(certified[j:]):
+        val = min(val, product_up(factors[j:]))
+    if not val <= SAFE_HIGH:
+        raise _Fallback(f"a segment bound {val:.3g} above the safe range")
+    return _floor(val)
