@@ -1196,8 +1196,11 @@ class Analyzer:
             tight: also compute the centre-plus-deviation bound (:mod:`lipbound.tight`) and
                 report the smaller of it and the paper's product (a note says which, with
                 both values). Costs vector-Jacobian products: the outputs plus the rows of
-                the units that may switch; beyond ``tight_rows`` rows the paper's product
-                is reported alone, with a note.
+                the units that may switch. Beyond ``tight_rows`` rows, the hybrid: the
+                paper's factors of the first blocks times the construction on the rest of
+                the network from the earliest block whose rows fit (the same guarantee;
+                :func:`lipbound.tight.tight_local_bound`); when even the outputs do not fit,
+                the paper's product alone, with a note.
             tight_rows: the budget of those rows.
         """
         t0 = time.perf_counter()

@@ -45,7 +45,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "rows labelled tight)")
     p.add_argument("--tight-rows", type=int, default=None,
                    help="with --tight: budget of vector-Jacobian rows (default 2048); beyond "
-                        "it the paper's product is reported, with a note")
+                        "it the construction covers the last layers only (the paper's factors "
+                        "before them), with a note")
     p.add_argument("--out", default=None,
                    help="CSV file: one row per input and radius (also for a single input)")
     add_common(p)
