@@ -29,6 +29,7 @@ from torch import fx, nn
 
 from lipbound._modelinfo import model_dtype_device, unwrap_model, wrapper_problem
 from lipbound._precision import exact_float32
+from lipbound.baselines.fold import fold_axpy, fold_matmul
 from lipbound.errors import InputError, LipboundError, UnsupportedModelError
 from lipbound.graph import check_finite_parameters, check_hooks
 from lipbound.ops.registry import _COMPUTING_METHODS, _class_own
@@ -328,13 +329,15 @@ class _Affine:
             raise NotFullyConnectedError([("chain", "shape mismatch",
                                            f"a layer expects {nxt.n_in} inputs but gets "
                                            f"{self.w.shape[0]}")])
+        # products of single entries are correctly rounded; sums are folded with
+        # fold_matmul / fold_axpy, which recompute an entry exactly when it cancels
         if nxt.diag and self.diag:
-            return _Affine(nxt.w * self.w, nxt.w * self.b + nxt.b, diag=True)
+            return _Affine(nxt.w * self.w, fold_axpy(nxt.w, self.b, nxt.b), diag=True)
         if nxt.diag:
-            return _Affine(nxt.w[:, None] * self.w, nxt.w * self.b + nxt.b)
+            return _Affine(nxt.w[:, None] * self.w, fold_axpy(nxt.w, self.b, nxt.b))
         if self.diag:
-            return _Affine(nxt.w * self.w[None, :], nxt.w @ self.b + nxt.b)
-        return _Affine(nxt.w @ self.w, nxt.w @ self.b + nxt.b)
+            return _Affine(nxt.w * self.w[None, :], fold_matmul(nxt.w, self.b, nxt.b))
+        return _Affine(fold_matmul(nxt.w, self.w), fold_matmul(nxt.w, self.b, nxt.b))
 
     def dense(self) -> tuple[np.ndarray, np.ndarray]:
         w = np.diag(self.w) if self.diag else self.w
@@ -545,7 +548,10 @@ def apply_output_map(layers: FCLayers, output_map: Any | None) -> FCLayers:
         raise InputError(f"output_map has shape {c.shape}; need (m, {w.shape[0]})")
     if not np.isfinite(c).all():
         raise InputError("output_map contains NaN/inf")
-    out = [*layers[:-1], (c @ w, c @ b)]
+    # folded so that a cancelling entry of C W keeps its digits (fold_matmul): a plain
+    # float64 C @ W rounded fl(1/3) * 3 - 1 to 0, and every rival reported 0 for a
+    # network whose constant is 7e13 (tests/test_rivals_review.py)
+    out = [*layers[:-1], (fold_matmul(c, w), fold_matmul(c, b))]
     return converted(out) if is_converted(layers) else out
 
 
