@@ -153,3 +153,48 @@ def test_exact_dot_is_correctly_rounded():
         ys = rng.standard_normal(6) * 2.0 ** rng.integers(-400, 400, 6)
         exact = sum(Fraction(x) * Fraction(y) for x, y in zip(xs, ys, strict=True))
         assert exact_dot(xs, ys) == float(exact)
+
+
+def _exact_1d_constant(w1, b1, cw2):
+    """The exact global Lipschitz constant of ``x -> cw2 . relu(w1 x + b1)`` (1-D input,
+    scalar output), in rationals: the largest |slope| over the linear pieces."""
+    w1f = [Fraction(float(v)) for v in w1]
+    b1f = [Fraction(float(v)) for v in b1]
+    cuts = sorted({-b / w for w, b in zip(w1f, b1f, strict=True) if w != 0})
+    probes = ([cuts[0] - 1] + [(a + b) / 2 for a, b in zip(cuts, cuts[1:], strict=False)]
+              + [cuts[-1] + 1]) if cuts else [Fraction(0)]
+    best = Fraction(0)
+    for x in probes:
+        slope = sum((c * w for c, w, b in zip(cw2, w1f, b1f, strict=True) if w * x + b > 0),
+                    Fraction(0))
+        best = max(best, abs(slope))
+    return best, cuts
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.integers(2, 4), st.integers(2, 3), st.integers(0, 2 ** 32 - 1))
+def test_cancelling_output_maps_random(width, n_out, seed):
+    # f(x) = C W_2 relu(W_1 x + b_1), 1-D input, with the last row of W_2 chosen so that
+    # C W_2 nearly cancels (its float64 product is 0 or a rounding residue): every certified
+    # rival must stay above the exact (rational) constant
+    rng = np.random.default_rng(seed)
+    w1 = rng.standard_normal((width, 1))
+    b1 = rng.standard_normal(width)
+    c = rng.standard_normal(n_out)
+    w2 = rng.standard_normal((n_out, width))
+    w2[-1] = -(c[:-1] @ w2[:-1]) / c[-1]  # rounded: C W_2 is a residue of ~1e-16
+    cw2 = [sum(Fraction(float(c[i])) * Fraction(float(w2[i, j])) for i in range(n_out))
+           for j in range(width)]
+    true, cuts = _exact_1d_constant(w1[:, 0], b1, cw2)
+    layers = [(w1, b1), (w2, np.zeros(n_out))]
+    cmap = c[None, :]
+    x0 = np.zeros(1)
+    eps = 2.0 * float(max(abs(v) for v in cuts)) + 1.0  # the ball holds every piece
+    for res in (autolip(layers, output_map=cmap), seqlip(layers, output_map=cmap),
+                eclipse_fast(layers, output_map=cmap),
+                recurjac(layers, x0, eps, output_map=cmap),
+                exact_local_l2(layers, x0, eps, output_map=cmap)):
+        assert res.guarantee in (Guarantee.CERTIFIED, Guarantee.EXACT)
+        assert Fraction(res.value) >= true, (res.method, res.value, float(true))
+        if res.guarantee is Guarantee.EXACT:
+            assert Fraction(res.value) <= true * (1 + Fraction(1, 10 ** 5))
