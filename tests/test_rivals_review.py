@@ -198,3 +198,15 @@ def test_cancelling_output_maps_random(width, n_out, seed):
         assert Fraction(res.value) >= true, (res.method, res.value, float(true))
         if res.guarantee is Guarantee.EXACT:
             assert Fraction(res.value) <= true * (1 + Fraction(1, 10 ** 5))
+
+
+def test_fold_matmul_sparse_operands():
+    # the conv conversion composes CSR and dense matrices in every combination
+    import scipy.sparse as sp
+
+    a, b = np.array([C3]), np.array([[3.0], [3.0], [2.0]])
+    for left in (a, sp.csr_matrix(a)):
+        for right in (b, sp.csr_matrix(b)):
+            p = fold_matmul(left, right)
+            p = p.toarray() if sp.issparse(p) else np.asarray(p)
+            assert p[0, 0] == -GAP
