@@ -210,3 +210,36 @@ def test_fold_matmul_sparse_operands():
             p = fold_matmul(left, right)
             p = p.toarray() if sp.issparse(p) else np.asarray(p)
             assert p[0, 0] == -GAP
+
+
+# ---------------------------------------------------------------- ECLipsE-Fast
+
+
+def test_eclipse_certifies_when_the_closed_form_lmi_is_singular():
+    # a hidden unit with no incoming weights (layer 2, unit 1): at the closed form the hidden
+    # block of M(rho, T) was singular, the float64 check could pass at no rho, and
+    # ECLipsE-Fast returned NaN (estimate) instead of a bound; it now re-checks with rho and
+    # T raised by 1 + 2^-20 and certifies
+    layers = [(np.array([[-1.0], [-2.0]]), np.array([1.0, 1.0])),
+              (np.array([[0.0, 0.0], [0.0, 1.0], [0.0, -1.0]]), np.array([0.0, 1.0, 1.0])),
+              (np.array([[2.0, -1.0, -1.0], [-2.0, 0.0, 0.0]]), np.array([-1.0, 1.0]))]
+    res = eclipse_fast(layers)
+    assert res.guarantee is Guarantee.CERTIFIED
+    assert np.isfinite(res.value)
+    # the largest Jacobian norm on a fine grid of the 1-D input (a lower bound)
+    xs = np.linspace(-4.0, 4.0, 4001)[:, None]
+    h = xs
+    pats = []
+    for w, b in layers[:-1]:
+        z = h @ w.T + b
+        pats.append((z > 0).astype(float))
+        h = np.maximum(z, 0.0)
+    lower = 0.0
+    for i in range(xs.shape[0]):
+        jac = layers[0][0]
+        for (w, _), p in zip(layers[1:], pats, strict=True):
+            jac = w @ (p[i][:, None] * jac)
+        lower = max(lower, float(np.linalg.norm(jac)))
+    assert lower > 0
+    assert res.value >= lower
+    assert res.value <= autolip(layers).value

@@ -203,6 +203,16 @@ def eclipse_fast(net: nn.Module | Sequence[tuple[Any, Any]], *, output_map: Any 
                              for (w, _), lam in zip(layers[:-1], lams, strict=True)])
     cert = certify_lmi(layers, t_diag, rho)
     if not cert.ok:
+        # at the closed form the last pivot X_{K-1} - W_K^T W_K / rho is singular by
+        # construction, and so can be the hidden block of M (e.g. a hidden unit with no
+        # incoming weights): the check then cannot pass at any rho. The same construction
+        # with rho' = rho (1 + 2^-20) (T' = rho' lambda_k) is feasible too (rho' >= rho) and
+        # strictly so on that block, so it is checked instead (the bound grows by 2^-21)
+        notes.append(f"float64 LMI check failed at the closed form ({cert.reason}); checked "
+                     "again with rho and T raised by a factor 1 + 2^-20")
+        up = 1.0 + 2.0 ** -20
+        cert = certify_lmi(layers, t_diag * up, rho * up)
+    if not cert.ok:
         notes.append(f"float64 LMI check failed: {cert.reason}")
         return result(math.nan, Guarantee.ESTIMATE)
     notes.append(f"float64 LMI check passed at rho {cert.rho:.12g} (closed form {rho:.12g}; "
