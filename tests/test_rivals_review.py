@@ -243,3 +243,27 @@ def test_eclipse_certifies_when_the_closed_form_lmi_is_singular():
     assert lower > 0
     assert res.value >= lower
     assert res.value <= autolip(layers).value
+
+
+# ---------------------------------------------------------------- time limits
+
+
+def _branchy_net():
+    rng = np.random.default_rng(0)
+    return [(rng.standard_normal((12, 4)), rng.standard_normal(12)),
+            (rng.standard_normal((8, 12)), rng.standard_normal(8)),
+            (rng.standard_normal((2, 8)), np.zeros(2))]
+
+
+def test_exact_l2_time_limit_is_validated_like_the_other_rivals():
+    # time_limit=None (no limit, as for every other rival) raised a TypeError on the 64th
+    # branch node; NaN never stopped and -1 stopped at once with a TimeLimitError
+    from lipbound.errors import InputError
+
+    layers = _branchy_net()
+    res = exact_local_l2(layers, np.zeros(4), 1.0, time_limit=None)
+    assert res.guarantee in (Guarantee.EXACT, Guarantee.CERTIFIED)
+    assert res.value == exact_local_l2(layers, np.zeros(4), 1.0, time_limit=60.0).value
+    for bad in (-1.0, float("nan"), "x"):
+        with pytest.raises(InputError, match="time_limit"):
+            exact_local_l2(layers, np.zeros(4), 1.0, time_limit=bad)
