@@ -33,6 +33,10 @@ Also ``X_k >= I / mu_k`` gives ``mu_{k+1} <= ||W_{k+1}||^2 mu_k`` and so
 Guarantee: CERTIFIED. The closed form is computed in float64 and then checked exactly as
 LipSDP's solution is (:func:`~lipbound.baselines.lipsdp.certify_lmi`: the largest
 eigenvalue of ``M(rho, T')`` must clear a rounding margin; rho is raised if it does not).
+At the closed form the last pivot is singular by construction, and so can be the hidden
+block of ``M`` (a hidden unit without incoming weights, for example), which no rho can
+repair: the check is then repeated with ``rho' = rho (1 + 2^-20)`` and ``T' = rho' lambda_k``
+(feasible by the proof above, as ``rho' >= rho``, and strictly so on that block).
 That check needs a dense eigen-decomposition of size ``n_0 + sum(n_k)``; above
 ``max_check_dim`` the value is returned as an ESTIMATE.
 """
