@@ -267,3 +267,44 @@ def test_exact_l2_time_limit_is_validated_like_the_other_rivals():
     for bad in (-1.0, float("nan"), "x"):
         with pytest.raises(InputError, match="time_limit"):
             exact_local_l2(layers, np.zeros(4), 1.0, time_limit=bad)
+
+
+class _DuckNormalize(nn.Module):
+    """A user's own ``Normalize`` (same name, ``mean``/``std``), optionally off by ``f``."""
+
+    def __init__(self, f: float, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.register_buffer("mean", torch.tensor([0.1, -0.2, 0.3, 0.0], dtype=dtype))
+        self.register_buffer("std", torch.tensor([0.3, 0.5, 0.7, 1.1], dtype=dtype))
+        self.f = f
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - self.mean) / self.std * self.f
+
+
+_DuckNormalize.__name__ = "Normalize"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_duck_typed_normalize_is_checked_in_float64(dtype):
+    """A module named Normalize is folded only if its forward is (x - mean) / std to float64
+    accuracy: a float32 check at 1e-4 accepted ``* 1.00005`` and AutoLip then certified
+    1.07482 for a true 1.07488 (session 19 review)."""
+    from lipbound.baselines.fc import NotFullyConnectedError
+
+    torch.manual_seed(3)
+    lin1, lin2 = nn.Linear(4, 6), nn.Linear(6, 2)
+    good = nn.Sequential(_DuckNormalize(1.0, dtype), lin1, nn.ReLU(), lin2).to(dtype).eval()
+    r = autolip(good, input_shape=(4,))
+    assert r.guarantee == Guarantee.CERTIFIED
+    # AutoLip's product bounds the Jacobian norm at any point, computed here independently
+    for seed in range(5):
+        x = torch.randn(1, 4, generator=torch.Generator().manual_seed(seed),
+                        dtype=torch.float64)
+        jac = torch.autograd.functional.jacobian(
+            lambda v: good.double()(v), x).reshape(2, 4)
+        assert r.value >= float(torch.linalg.matrix_norm(jac, 2))
+    bad = nn.Sequential(_DuckNormalize(1.00005, dtype), nn.Linear(4, 6), nn.ReLU(),
+                        nn.Linear(6, 2)).to(dtype).eval()
+    with pytest.raises(NotFullyConnectedError, match="not \\(x - mean\\) / std"):
+        autolip(bad, input_shape=(4,))
