@@ -48,6 +48,7 @@ from torch import Tensor
 
 from .blocks import AffineBlock, Block, PoolBlock
 from .ops.base import UNDERFLOW, DiagOp, gamma, norm_up, product_up, safe_norm
+from .ops.conv import ConvOp
 from .ops.linear import LinearOp
 from .results import Guarantee
 from .spectral import SAFETY, SpectralBound, exact_norm
@@ -346,6 +347,234 @@ def _row_bound(g: Tensor, e: Tensor, cols: Tensor | None) -> list[float]:
     return [_up(x) for x in v.tolist()]
 
 
+# --- rows on windows of their grid -------------------------------------------------------
+# A deviation row starts at one unit (ReLU) or one pooling window and, pulled back through
+# convolutions and pooling, stays supported on a window of the spatial grid that grows by a
+# kernel at each step: its exact values (and those of the computed rows) are exactly 0
+# outside it, so |Ĝ - G| = 0 there and the rows and their error bounds are carried on the
+# window alone (``_Local``). Inside the window the steps are those of :func:`_back`, entry
+# for entry; a product's terms are summed in another order (the window's convolution), which
+# the same bound γ_n covers (it holds for any order).
+
+
+@dataclass
+class _Local:
+    """Rows ``g`` and their error bounds ``e``, shaped ``(R, C, h, w)``, each on the window of
+    its grid ``(C, H, W)`` whose top-left corner is ``(r0[i], c0[i])`` (the window lies inside
+    the grid); the exact rows and the computed ones are 0 outside the window."""
+
+    g: Tensor
+    e: Tensor
+    r0: Tensor
+    c0: Tensor
+    grid: tuple[int, int, int]
+
+    def dense(self) -> tuple[Tensor, Tensor]:
+        """The rows and error bounds on the whole grid, flat ``(R, C H W)``."""
+        return _scatter(self, self.g), _scatter(self, self.e)
+
+    def columns(self, cols: Tensor | None) -> tuple[Tensor, Tensor]:
+        """``(g[:, cols], e[:, cols])`` of the rows on the whole grid (all columns: None)."""
+        if cols is None:
+            return self.dense()
+        c_, hh, ww = self.grid
+        h, w = self.g.shape[-2:]
+        ch, rem = cols // (hh * ww), cols % (hh * ww)
+        dy = rem[None, :] // ww - self.r0[:, None]
+        dx = rem[None, :] % ww - self.c0[:, None]
+        ok = (dy >= 0) & (dy < h) & (dx >= 0) & (dx < w)
+        idx = (ch[None, :] * (h * w) + dy.clamp(0, h - 1) * w + dx.clamp(0, w - 1))
+        zero = self.g.new_zeros(())
+        return (torch.where(ok, self.g.reshape(self.g.shape[0], -1).gather(1, idx), zero),
+                torch.where(ok, self.e.reshape(self.e.shape[0], -1).gather(1, idx), zero))
+
+
+def _grid(shape) -> tuple[int, int, int] | None:
+    """``(C, H, W)`` of a spatial shape, None for others."""
+    return tuple(int(s) for s in shape) if len(shape) == 3 else None  # type: ignore[return-value]
+
+
+def _crop(t: Tensor, dr: Tensor, dc: Tensor, hs: int, ws: int) -> Tensor:
+    """``t[i, :, dr[i]:dr[i]+hs, dc[i]:dc[i]+ws]`` for every row ``i`` of ``t`` (``(R, C, h,
+    w)``; ``(1, C, h, w)``: the same tensor for every row), zero where the window leaves
+    ``t``."""
+    h, w = t.shape[-2:]
+    pads = (max(0, -int(dc.min())), max(0, int(dc.max()) + ws - w),
+            max(0, -int(dr.min())), max(0, int(dr.max()) + hs - h))
+    if any(pads):
+        t = F.pad(t, pads)
+        dr, dc = dr + pads[2], dc + pads[0]
+    ar_h = torch.arange(hs, device=t.device)
+    ar_w = torch.arange(ws, device=t.device)
+    ri = (dr[:, None] + ar_h)[:, :, None]
+    ci = (dc[:, None] + ar_w)[:, None, :]
+    n = torch.arange(dr.shape[0], device=t.device) if t.shape[0] > 1 else \
+        torch.zeros(dr.shape[0], dtype=torch.long, device=t.device)
+    return t[n[:, None, None], :, ri, ci].permute(0, 3, 1, 2).contiguous()
+
+
+def _scatter(loc: _Local, t: Tensor) -> Tensor:
+    """Window values ``t`` (shaped like ``loc.g``) placed on the whole grid, zero elsewhere:
+    flat ``(R, C H W)``."""
+    c_, hh, ww = loc.grid
+    r, _, h, w = t.shape
+    out = t.new_zeros(r, c_, hh, ww)
+    ri = (loc.r0[:, None] + torch.arange(h, device=t.device))[:, :, None]
+    ci = (loc.c0[:, None] + torch.arange(w, device=t.device))[:, None, :]
+    n = torch.arange(r, device=t.device)[:, None, None]
+    out[n, :, ri, ci] = t.permute(0, 2, 3, 1)
+    return out.reshape(r, -1)
+
+
+def _window(t: Tensor, grid: tuple[int, int, int], loc: _Local) -> Tensor:
+    """The values of a flat per-grid-entry tensor ``t`` (a centre, a scale) on each row's
+    window: ``(R, C, h, w)``."""
+    h, w = loc.g.shape[-2:]
+    return _crop(t.reshape(1, *grid), loc.r0, loc.c0, h, w)
+
+
+def _to_local(g: Tensor, e: Tensor, shape) -> _Local | None:
+    """Dense rows ``g`` with error bounds ``e`` (flat, on a grid of ``shape``) on the smallest
+    common window size that holds every row's nonzeros (those of ``g`` or ``e``: outside
+    them the exact rows are 0); None for a shape without a grid or rows on most of it."""
+    grid = _grid(shape)
+    if grid is None or g.shape[0] == 0:
+        return None
+    c_, hh, ww = grid
+    nz = ((g != 0) | (e != 0)).reshape(g.shape[0], c_, hh, ww).any(dim=1)
+    rows_nz, cols_nz = nz.any(dim=2), nz.any(dim=1)
+    if not bool(rows_nz.any(dim=1).all()):
+        return None  # (a zero row: the sweep's check refuses it)
+    ar_h = torch.arange(hh, device=g.device)
+    ar_w = torch.arange(ww, device=g.device)
+    top = torch.where(rows_nz, ar_h, hh).amin(dim=1)
+    bot = torch.where(rows_nz, ar_h, -1).amax(dim=1)
+    left = torch.where(cols_nz, ar_w, ww).amin(dim=1)
+    right = torch.where(cols_nz, ar_w, -1).amax(dim=1)
+    hs, ws = int((bot - top).max()) + 1, int((right - left).max()) + 1
+    if 2 * hs * ws > hh * ww:
+        return None
+    r0 = top.clamp(max=hh - hs)
+    c0 = left.clamp(max=ww - ws)
+    gl, el = g.reshape(-1, *grid), e.reshape(-1, *grid)
+    return _Local(_crop(gl, r0, c0, hs, ws), _crop(el, r0, c0, hs, ws), r0, c0, grid)
+
+
+def _local_conv(b: AffineBlock) -> bool:
+    """Whether rows at the block's output can be pulled back on their windows: a convolution
+    without an output scale between grids (diagonal scales allowed)."""
+    m = b.mixing
+    return (isinstance(m, ConvOp) and m.out_scale is None
+            and _grid(b.out_shape) is not None and _grid(b.in_shape) is not None
+            and tuple(m.in_shape) == tuple(b.in_shape)
+            and tuple(m.out_shape) == tuple(b.out_shape))
+
+
+def _regrid(r0: Tensor, hi: int, size: int) -> tuple[Tensor, int]:
+    """The window of ``hi`` entries from ``r0`` (which may reach outside ``[0, size)``) cut to
+    the grid: the new top-left ``r`` (its offset in the old window is ``r - r0``) and size."""
+    hs = min(hi, size)
+    return (r0.clamp(0, size - hs)), hs
+
+
+def _back_local(b: Block, sec: _Secant | None, loc: _Local, centre: bool = True
+                ) -> _Local | None:
+    """:func:`_back` on windows (the same steps, entry for entry); None where the block is
+    not handled on windows (the caller goes on with the dense rows)."""
+    if isinstance(b, PoolBlock):
+        return _pool_local(b, sec, loc)
+    if not _local_conv(b) or _grid(b.out_shape) != loc.grid:
+        return None
+    m: ConvOp = b.mixing  # type: ignore[assignment]
+    g, e = loc.g, loc.e
+    if centre and b.relu:
+        cw = _window(sec.c, loc.grid, loc)
+        g = g * cw
+        e = (e * cw).add_(g.abs(), alpha=2.0 * U).add_(2 * UNDERFLOW)
+    n = m.inner_length_t()
+    # the window's transposed convolution (no padding: the whole image of the window), then
+    # cut to the input grid (entries outside it belong to the padding: dropped, as A^T does)
+    grid_in = _grid(b.in_shape)
+    h, w = g.shape[-2:]
+    kh, kw = m.weight.shape[-2:]
+    (s1, s2), (p1, p2), (d1, d2) = m.stride, m.padding, m.dilation
+    hi, wi = (h - 1) * s1 + d1 * (kh - 1) + 1, (w - 1) * s2 + d2 * (kw - 1) + 1
+    ro, co = loc.r0 * s1 - p1, loc.c0 * s2 - p2
+    r0, hs = _regrid(ro, hi, grid_in[1])
+    c0, ws = _regrid(co, wi, grid_in[2])
+    new = _Local(g, e, r0, c0, grid_in)
+
+    def conv_t(y: Tensor, weight: Tensor) -> Tensor:
+        full = F.conv_transpose2d(y, weight, None, m.stride, 0, 0, m.groups, m.dilation)
+        if hs == hi and ws == wi and bool((r0 == ro).all()) and bool((c0 == co).all()):
+            return full
+        return _crop(full, r0 - ro, c0 - co, hs, ws)
+
+    y = g if b.s_out is None else g * _window(b.s_out, loc.grid, loc)
+    out = conv_t(y, m.weight)
+    if b.s_in is not None:
+        out = out * _window(b.s_in, grid_in, _Local(out, out, r0, c0, grid_in))
+    f = _scale_rel(b)
+    ga = g.abs()
+    w_ = ga.mul_(f + gamma(n + 4)).add_(e, alpha=1.0 + 2.0 * f) if f > 0.0 else \
+        ga.mul_(gamma(n + 4)).add_(e)
+    del ga
+    if b.s_out is not None:
+        w_ = w_ * _window(b.s_out, loc.grid, loc).abs()
+    err = conv_t(w_, m.weight.abs())
+    if b.s_in is not None:
+        err = err * _window(b.s_in, grid_in, _Local(err, err, r0, c0, grid_in)).abs()
+    err.mul_(1.0 + 2.0 * gamma(n + 10))
+    top = _scale_top(b)
+    new.g, new.e = out, err.add_((n + 8) * UNDERFLOW * top * top)
+    return new
+
+
+def _pool_local(b: PoolBlock, sec: _Secant, loc: _Local) -> _Local | None:
+    """The pooling centre's transpose (:func:`_back`) of rows on windows: the output window's
+    pooling windows (no padding: every window lies inside the input grid)."""
+    op = b.op
+    grid_in, grid_out = _grid(b.in_shape), _grid(b.out_shape)
+    if grid_in is None or grid_out != loc.grid or tuple(op.padding) != (0, 0):
+        return None
+    h, w = loc.g.shape[-2:]
+    (s1, s2), (kh, kw), (d1, d2) = op.stride, op.kernel, op.dilation
+    hi, wi = (h - 1) * s1 + d1 * (kh - 1) + 1, (w - 1) * s2 + d2 * (kw - 1) + 1
+    r0, hs = _regrid(loc.r0 * s1, hi, grid_in[1])
+    c0, ws = _regrid(loc.c0 * s2, wi, grid_in[2])
+    g, e = loc.dense()
+    vals = g[:, sec.out_idx] / sec.div
+    out = g.new_zeros(g.shape[0], b.in_dim).index_add_(1, sec.in_idx, vals)
+    gm = gamma(sec.count + 1)
+    ev = e[:, sec.out_idx] / sec.div + gm * vals.abs()
+    err = g.new_zeros(g.shape[0], b.in_dim).index_add_(1, sec.in_idx, ev)
+    out = _crop(out.reshape(-1, *grid_in), r0, c0, hs, ws)
+    err = _crop(err.reshape(-1, *grid_in), r0, c0, hs, ws)
+    err = err * (1.0 + 2.0 * gamma(sec.count + 8)) + (sec.count + 4) * UNDERFLOW
+    return _Local(out, err, r0, c0, grid_in)
+
+
+def _pull(b: Block, sec: _Secant | None, rows: tuple[Tensor, Tensor] | _Local,
+          centre: bool = True) -> tuple[Tensor, Tensor] | _Local:
+    """One backward step of rows (dense ``(g, e)`` or on windows): :func:`_back_local` where
+    the block allows, else :func:`_back` on the dense rows."""
+    if isinstance(rows, _Local):
+        new = _back_local(b, sec, rows, centre)
+        if new is not None:
+            return new
+        rows = rows.dense()
+    return _back(b, sec, rows[0], rows[1], centre=centre)
+
+
+def _columns(rows: tuple[Tensor, Tensor] | _Local, cols: Tensor | None
+             ) -> tuple[Tensor, Tensor]:
+    """The rows and their error bounds on columns ``cols`` (None: all), dense."""
+    if isinstance(rows, _Local):
+        return rows.columns(cols)
+    g, e = rows
+    return (g, e) if cols is None else (g[:, cols], e[:, cols])
+
+
 @dataclass(frozen=True)
 class TightOutcome:
     """The result of :func:`tight_local_bound`: ``value`` (an upper bound on the local
@@ -462,35 +691,40 @@ def _tight(blocks: list[Block], x0: Tensor, eps: float, records: list[dict],
             cols[t + 1] = secs[t].sigma
     dev = x0.device
 
-    def sweep(start: int, g: Tensor, e: Tensor, scale: Tensor | None,
+    def sweep(start: int, rows: tuple[Tensor, Tensor] | _Local, scale: Tensor | None,
               per_row: bool = False) -> dict:
         got: dict = {}
         k = start
         while True:
             if k in cols:
-                got[k] = _row_bound(g, e, cols[k]) if per_row else \
-                    _norm_bound(g, e, cols[k], scale)
+                g, e = _columns(rows, cols[k])
+                got[k] = _row_bound(g, e, None) if per_row else \
+                    _norm_bound(g, e, None, scale)
             if k == 0 or k <= min(cols):
                 return got
-            g, e = _back(blocks[k - 1], secs[k - 1], g, e)
+            rows = _pull(blocks[k - 1], secs[k - 1], rows)
             k -= 1
+            g, e = (rows.g, rows.e) if isinstance(rows, _Local) else rows
             _check_tensor(g, "a row of the centre network")
             _check_tensor(e, "a rounding bound of the centre network's rows", nonzero_low=False)
 
     eye = torch.eye(n_out, dtype=torch.float64, device=dev)
-    v = sweep(n_blocks, eye, torch.zeros_like(eye), None, per_row=row_last is not None)
+    v = sweep(n_blocks, (eye, torch.zeros_like(eye)), None, per_row=row_last is not None)
     d: dict[int, dict[int, float]] = {}
     for t in unstable:
         s = secs[t]
         if s.kind == "relu":
             g = torch.zeros(s.rows, blocks[t].out_dim, dtype=torch.float64, device=dev)
             g[torch.arange(s.rows, device=dev), s.sigma] = 1.0
-            g, e = _back(blocks[t], s, g, torch.zeros_like(g), centre=False)
-            _check_tensor(g, "a row of a layer")
+            e = torch.zeros_like(g)
+            rows = _pull(blocks[t], s, _to_local(g, e, blocks[t].out_shape) or (g, e),
+                         centre=False)
+            _check_tensor(rows.g if isinstance(rows, _Local) else rows[0], "a row of a layer")
             scale = s.rho[s.sigma]
         else:
             g, e, scale = s.seeds, torch.zeros_like(s.seeds), s.scale
-        d[t] = sweep(t, g, e, scale)
+            rows = _to_local(g, e, blocks[t].in_shape) or (g, e)
+        d[t] = sweep(t, rows, scale)
     vals = [y for x in v.values() for y in (x if isinstance(x, list) else [x])]
     for x in vals + [y for dd in d.values() for y in dd.values()]:
         if not x <= SAFE_HIGH:
