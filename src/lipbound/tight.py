@@ -113,6 +113,7 @@ class _Secant:
     count: int = 1
     seeds: Tensor | None = None
     scale: Tensor | None = None
+    taps: tuple[Tensor, Tensor] | None = None
 
     @property
     def rows(self) -> int:
@@ -530,9 +531,31 @@ def _back_local(b: Block, sec: _Secant | None, loc: _Local, centre: bool = True
     return new
 
 
+def _pool_taps(b: PoolBlock, sec: _Secant) -> tuple[Tensor, Tensor]:
+    """The pooling centre per output entry: ``member`` ``(kh, kw, C, Ho, Wo)`` (whether the
+    window's input at each tap has weight ``1 / div``) and ``div`` ``(C, Ho, Wo)`` (1 where
+    the window is stable); kept on the secant."""
+    if sec.taps is None:
+        op = b.op
+        c_, hh, ww = _grid(b.in_shape)
+        _, ho, wo = _grid(b.out_shape)
+        (s1, s2), (kh, kw), (d1, d2) = op.stride, op.kernel, op.dilation
+        o, i = sec.out_idx, sec.in_idx
+        oy, ox = (o % (ho * wo)) // wo, o % wo
+        iy, ix = (i % (hh * ww)) // ww, i % ww
+        ky, kx = (iy - oy * s1) // d1, (ix - ox * s2) // d2
+        member = torch.zeros(kh, kw, c_ * ho * wo, dtype=torch.bool, device=o.device)
+        member[ky, kx, o] = True
+        div = torch.ones(c_ * ho * wo, dtype=torch.float64, device=o.device)
+        div[o] = sec.div
+        sec.taps = (member.reshape(kh, kw, c_, ho, wo), div.reshape(c_, ho, wo))
+    return sec.taps
+
+
 def _pool_local(b: PoolBlock, sec: _Secant, loc: _Local) -> _Local | None:
-    """The pooling centre's transpose (:func:`_back`) of rows on windows: the output window's
-    pooling windows (no padding: every window lies inside the input grid)."""
+    """The pooling centre's transpose (:func:`_back`) of rows on windows, tap by tap: the
+    input window of the output window's pooling windows (no padding: inside the grid). Each
+    input entry sums the same terms as :func:`_back`'s (non-overlapping windows: one)."""
     op = b.op
     grid_in, grid_out = _grid(b.in_shape), _grid(b.out_shape)
     if grid_in is None or grid_out != loc.grid or tuple(op.padding) != (0, 0):
@@ -540,16 +563,23 @@ def _pool_local(b: PoolBlock, sec: _Secant, loc: _Local) -> _Local | None:
     h, w = loc.g.shape[-2:]
     (s1, s2), (kh, kw), (d1, d2) = op.stride, op.kernel, op.dilation
     hi, wi = (h - 1) * s1 + d1 * (kh - 1) + 1, (w - 1) * s2 + d2 * (kw - 1) + 1
-    r0, hs = _regrid(loc.r0 * s1, hi, grid_in[1])
-    c0, ws = _regrid(loc.c0 * s2, wi, grid_in[2])
-    g, e = loc.dense()
-    vals = g[:, sec.out_idx] / sec.div
-    out = g.new_zeros(g.shape[0], b.in_dim).index_add_(1, sec.in_idx, vals)
-    gm = gamma(sec.count + 1)
-    ev = e[:, sec.out_idx] / sec.div + gm * vals.abs()
-    err = g.new_zeros(g.shape[0], b.in_dim).index_add_(1, sec.in_idx, ev)
-    out = _crop(out.reshape(-1, *grid_in), r0, c0, hs, ws)
-    err = _crop(err.reshape(-1, *grid_in), r0, c0, hs, ws)
+    r0, c0 = loc.r0 * s1, loc.c0 * s2
+    if hi > grid_in[1] or wi > grid_in[2] or bool((r0 + hi > grid_in[1]).any()) or \
+            bool((c0 + wi > grid_in[2]).any()):
+        return None
+    member, div = _pool_taps(b, sec)
+    q = loc.g / _window(div, grid_out, loc)  # correctly rounded divisions (exact for 1)
+    eq = loc.e / _window(div, grid_out, loc) + gamma(sec.count + 1) * q.abs()
+    out = q.new_zeros(q.shape[0], grid_in[0], hi, wi)
+    err = torch.zeros_like(out)
+    zero = q.new_zeros(())
+    for ky in range(kh):
+        for kx in range(kw):
+            mk = _window(member[ky, kx], grid_out, loc)
+            sl = (slice(None), slice(None), slice(ky * d1, ky * d1 + (h - 1) * s1 + 1, s1),
+                  slice(kx * d2, kx * d2 + (w - 1) * s2 + 1, s2))
+            out[sl] += torch.where(mk, q, zero)
+            err[sl] += torch.where(mk, eq, zero)
     err = err * (1.0 + 2.0 * gamma(sec.count + 8)) + (sec.count + 4) * UNDERFLOW
     return _Local(out, err, r0, c0, grid_in)
 
