@@ -747,14 +747,14 @@ def _tight(blocks: list[Block], x0: Tensor, eps: float, records: list[dict],
             g = torch.zeros(s.rows, blocks[t].out_dim, dtype=torch.float64, device=dev)
             g[torch.arange(s.rows, device=dev), s.sigma] = 1.0
             e = torch.zeros_like(g)
-            rows = _pull(blocks[t], s, _to_local(g, e, blocks[t].out_shape) or (g, e),
+            held = _pull(blocks[t], s, _to_local(g, e, blocks[t].out_shape) or (g, e),
                          centre=False)
-            _check_tensor(rows.g if isinstance(rows, _Local) else rows[0], "a row of a layer")
+            _check_tensor(held.g if isinstance(held, _Local) else held[0], "a row of a layer")
             scale = s.rho[s.sigma]
         else:
             g, e, scale = s.seeds, torch.zeros_like(s.seeds), s.scale
-            rows = _to_local(g, e, blocks[t].in_shape) or (g, e)
-        d[t] = sweep(t, rows, scale)
+            held = _to_local(g, e, blocks[t].in_shape) or (g, e)
+        d[t] = sweep(t, held, scale)
     vals = [y for x in v.values() for y in (x if isinstance(x, list) else [x])]
     for x in vals + [y for dd in d.values() for y in dd.values()]:
         if not x <= SAFE_HIGH:
