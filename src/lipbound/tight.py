@@ -434,10 +434,11 @@ def _window(t: Tensor, grid: tuple[int, int, int], loc: _Local) -> Tensor:
     return _crop(t.reshape(1, *grid), loc.r0, loc.c0, h, w)
 
 
-def _to_local(g: Tensor, e: Tensor, shape) -> _Local | None:
+def _to_local(g: Tensor, e: Tensor, shape, most: float = 0.5) -> _Local | None:
     """Dense rows ``g`` with error bounds ``e`` (flat, on a grid of ``shape``) on the smallest
     common window size that holds every row's nonzeros (those of ``g`` or ``e``: outside
-    them the exact rows are 0); None for a shape without a grid or rows on most of it."""
+    them the exact rows are 0); None for a shape without a grid or windows over ``most`` of
+    its area."""
     grid = _grid(shape)
     if grid is None or g.shape[0] == 0:
         return None
@@ -453,7 +454,7 @@ def _to_local(g: Tensor, e: Tensor, shape) -> _Local | None:
     left = torch.where(cols_nz, ar_w, ww).amin(dim=1)
     right = torch.where(cols_nz, ar_w, -1).amax(dim=1)
     hs, ws = int((bot - top).max()) + 1, int((right - left).max()) + 1
-    if 2 * hs * ws > hh * ww:
+    if hs * ws > most * hh * ww:
         return None
     r0 = top.clamp(max=hh - hs)
     c0 = left.clamp(max=ww - ws)
