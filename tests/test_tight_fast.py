@@ -139,6 +139,20 @@ def test_first_step_and_one_hot_rows() -> None:
     assert _mismatch(b, sec, rows, torch.zeros_like(rows), centre=False, exact=True) is None
 
 
+def test_one_hot_rows_on_windows() -> None:
+    """``_one_hot`` gives what ``_to_local`` gives for the same one-hot rows."""
+    from lipbound.tight import _one_hot
+
+    shape = (3, 5, 4)
+    sigma = torch.tensor([0, 7, 19, 20, 41, 59])
+    rows = torch.zeros(sigma.numel(), 60, dtype=DT)
+    rows[torch.arange(sigma.numel()), sigma] = 1.0
+    a, b = _one_hot(sigma, shape), _to_local(rows, torch.zeros_like(rows), shape)
+    for x, y in ((a.g, b.g), (a.e, b.e), (a.r0, b.r0), (a.c0, b.c0)):
+        assert torch.equal(x, y)
+    assert a.grid == b.grid and torch.equal(a.dense()[0], rows)
+
+
 def _pool_block_and_secant(k: int, s: int, d: int, seed: int):
     g = torch.Generator().manual_seed(seed)
     net = nn.Sequential(nn.Conv2d(3, 3, 1), nn.MaxPool2d(k, stride=s, dilation=d),

@@ -462,6 +462,21 @@ def _to_local(g: Tensor, e: Tensor, shape, most: float = 0.5) -> _Local | None:
     return _Local(_crop(gl, r0, c0, hs, ws), _crop(el, r0, c0, hs, ws), r0, c0, grid)
 
 
+def _one_hot(sigma: Tensor, shape) -> _Local | None:
+    """The rows ``e_i`` (``i`` in ``sigma``, flat indices of a grid of ``shape``) on windows
+    of one entry (what :func:`_to_local` gives for them); None without a grid."""
+    grid = _grid(shape)
+    if grid is None:
+        return None
+    c_, hh, ww = grid
+    n = sigma.numel()
+    # (laid out as _crop's windows are: channels last)
+    g = torch.zeros(n, 1, 1, c_, dtype=torch.float64, device=sigma.device).permute(0, 3, 1, 2)
+    g[torch.arange(n, device=sigma.device), sigma // (hh * ww), 0, 0] = 1.0
+    rem = sigma % (hh * ww)
+    return _Local(g, torch.zeros_like(g), rem // ww, rem % ww, grid)
+
+
 def _local_conv(b: AffineBlock) -> bool:
     """Whether rows at the block's output can be pulled back on their windows: a convolution
     without an output scale between grids (diagonal scales allowed)."""
@@ -745,11 +760,12 @@ def _tight(blocks: list[Block], x0: Tensor, eps: float, records: list[dict],
     for t in unstable:
         s = secs[t]
         if s.kind == "relu":
-            g = torch.zeros(s.rows, blocks[t].out_dim, dtype=torch.float64, device=dev)
-            g[torch.arange(s.rows, device=dev), s.sigma] = 1.0
-            e = torch.zeros_like(g)
-            held = _pull(blocks[t], s, _to_local(g, e, blocks[t].out_shape) or (g, e),
-                         centre=False)
+            held = _one_hot(s.sigma, blocks[t].out_shape)
+            if held is None:
+                g = torch.zeros(s.rows, blocks[t].out_dim, dtype=torch.float64, device=dev)
+                g[torch.arange(s.rows, device=dev), s.sigma] = 1.0
+                held = (g, torch.zeros_like(g))
+            held = _pull(blocks[t], s, held, centre=False)
             _check_tensor(held.g if isinstance(held, _Local) else held[0], "a row of a layer")
             scale = s.rho[s.sigma]
         else:
