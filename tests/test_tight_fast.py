@@ -179,6 +179,34 @@ def test_pool_step_on_windows_matches_dense(k: int, s: int, d: int) -> None:
         assert _mismatch(b, sec, rows, err, exact=not overlap) is None, (k, s, d, box)
 
 
+def _rebuilt(sec) -> torch.Tensor | None:
+    """The pooling secant's seed rows as the sweep rebuilds them from the rows it keeps."""
+    from lipbound.tight import _columns, _Mirror, _mirrors
+
+    keep, twin = _mirrors(sec)
+    if keep is None:
+        return None
+    g = sec.seeds[keep]
+    return _columns(_Mirror((g, torch.zeros_like(g)), *twin), None)[0]
+
+
+@pytest.mark.parametrize("k,s,d", [(2, 2, 1), (3, 2, 1), (2, 1, 1)])
+def test_mirrored_rows_rebuild_the_seeds(monkeypatch, k: int, s: int, d: int) -> None:
+    """A window with two possible winners has two deviation rows, each the other's negation:
+    one is pulled back and the other rebuilt by negation, which gives every seed row again
+    (bit for bit); a rebuild without the sign does not."""
+    import lipbound.tight as tight
+
+    b, sec, g = _pool_block_and_secant(k, s, d, 100 + k + s + d)
+    rows = _rebuilt(sec)
+    assert rows is not None and rows.shape[0] < 2 * sec.seeds.shape[0]
+    assert torch.equal(rows, sec.seeds)
+    real = tight._mirrors
+    monkeypatch.setattr(tight, "_mirrors", lambda sec: (lambda k_, t_: (
+        k_, (t_[0], torch.zeros_like(t_[1]))) if k_ is not None else (k_, t_))(*real(sec)))
+    assert not torch.equal(_rebuilt(sec), sec.seeds)  # (a rebuild without the sign)
+
+
 def test_windowed_bound_against_exact_rationals() -> None:
     """The windowed rows' error bound covers the exact rows (rational arithmetic from the same
     float64 weights) through a padded convolution with a ReLU centre."""
@@ -279,8 +307,22 @@ def test_bound_with_windows_equals_dense_rows(monkeypatch, seed: int, eps: float
     monkeypatch.setattr(tight, "_back_local", spy)
     fast = both()
     assert sum(calls) >= 4  # the windowed steps ran
+    mirrored = []
+    real_mirrors = tight._mirrors
+
+    def spy_mirrors(sec):
+        out = real_mirrors(sec)
+        mirrored.append(out[0] is not None)
+        return out
+
+    monkeypatch.setattr(tight, "_mirrors", spy_mirrors)
     monkeypatch.setattr(tight, "_to_local", lambda g, e, shape, most=0.5: None)
-    slow = both()
+    dense = both()  # (dense rows, negated rows still rebuilt)
+    monkeypatch.setattr(tight, "_mirrors", lambda sec: (None, None))
+    slow = both()  # (every row pulled back, dense)
+    assert any(mirrored)
+    for f, s in zip(dense, slow, strict=True):  # (the same bits: negation is exact)
+        assert f.value == s.value and f.row_values == s.row_values
     assert fast[0].value is not None and fast[1].row_values is not None
     for f, s in zip(fast, slow, strict=True):
         assert f.reason == s.reason

@@ -600,10 +600,55 @@ def _pool_local(b: PoolBlock, sec: _Secant, loc: _Local) -> _Local | None:
     return _Local(out, err, r0, c0, grid_in)
 
 
-def _pull(b: Block, sec: _Secant | None, rows: tuple[Tensor, Tensor] | _Local,
-          centre: bool = True) -> tuple[Tensor, Tensor] | _Local:
+@dataclass
+class _Mirror:
+    """Rows of which some are the negations of others, held once: row ``i`` of the whole set
+    is ``sign_i`` times row ``src[i]`` of ``rows`` (``neg``: where the sign is -1). Negation
+    commutes exactly with every step (products, sums, divisions and their roundings are odd
+    in the rows; the error bounds depend on magnitudes): the rows so rebuilt are the ones the
+    whole set's sweep computes, bit for bit."""
+
+    rows: tuple[Tensor, Tensor] | _Local
+    src: Tensor
+    neg: Tensor
+
+
+def _mirrors(sec: _Secant) -> tuple[Tensor | None, tuple[Tensor, Tensor] | None]:
+    """For a pooling secant's deviation rows: which rows to pull back (``keep``) and how to
+    rebuild the others (``src``, ``neg`` of :class:`_Mirror`); ``(None, None)`` when no row
+    is another's negation. A window with two possible winners has the rows ``e_a - e_b`` and
+    ``e_b - e_a`` (consecutive, the same scale)."""
+    seeds = sec.seeds
+    if seeds is None or seeds.shape[0] < 2:
+        return None, None
+    m = seeds.shape[0]
+    # (seed rows are integers: p - 1 at the row's own input, -1 at its window's others)
+    two = seeds.amax(dim=1) == 1.0  # rows of windows with p = 2
+    idx = torch.arange(m, device=seeds.device)
+    second = torch.zeros(m, dtype=torch.bool, device=seeds.device)
+    second[1:] = two[1:] & two[:-1] & (seeds[1:] == -seeds[:-1]).all(dim=1)
+    second[1:] &= ~second[:-1].clone()  # pairs, not chains
+    if not bool(second.any()):
+        return None, None
+    keep = idx[~second]
+    # each kept row's place among the kept, which a negated row shares with its partner
+    src = torch.cumsum(~second, 0) - 1
+    return keep, (src, second)
+
+
+def _parts(rows: tuple[Tensor, Tensor] | _Local | _Mirror) -> tuple[Tensor, Tensor]:
+    """The computed rows and error bounds held (windows or dense), for the checks."""
+    if isinstance(rows, _Mirror):
+        rows = rows.rows
+    return (rows.g, rows.e) if isinstance(rows, _Local) else rows
+
+
+def _pull(b: Block, sec: _Secant | None, rows: tuple[Tensor, Tensor] | _Local | _Mirror,
+          centre: bool = True) -> tuple[Tensor, Tensor] | _Local | _Mirror:
     """One backward step of rows (dense ``(g, e)`` or on windows): :func:`_back_local` where
     the block allows, else :func:`_back` on the dense rows."""
+    if isinstance(rows, _Mirror):
+        return _Mirror(_pull(b, sec, rows.rows, centre), rows.src, rows.neg)
     if isinstance(rows, _Local):
         new = _back_local(b, sec, rows, centre)
         if new is not None:
@@ -612,9 +657,14 @@ def _pull(b: Block, sec: _Secant | None, rows: tuple[Tensor, Tensor] | _Local,
     return _back(b, sec, rows[0], rows[1], centre=centre)
 
 
-def _columns(rows: tuple[Tensor, Tensor] | _Local, cols: Tensor | None
+def _columns(rows: tuple[Tensor, Tensor] | _Local | _Mirror, cols: Tensor | None
              ) -> tuple[Tensor, Tensor]:
     """The rows and their error bounds on columns ``cols`` (None: all), dense."""
+    if isinstance(rows, _Mirror):
+        g, e = _columns(rows.rows, cols)
+        g = g[rows.src]
+        g[rows.neg] = -g[rows.neg]
+        return g, e[rows.src]
     if isinstance(rows, _Local):
         return rows.columns(cols)
     g, e = rows
@@ -737,7 +787,8 @@ def _tight(blocks: list[Block], x0: Tensor, eps: float, records: list[dict],
             cols[t + 1] = secs[t].sigma
     dev = x0.device
 
-    def sweep(start: int, rows: tuple[Tensor, Tensor] | _Local, scale: Tensor | None,
+    def sweep(start: int, rows: tuple[Tensor, Tensor] | _Local | _Mirror,
+              scale: Tensor | None,
               per_row: bool = False) -> dict:
         got: dict = {}
         k = start
@@ -750,7 +801,7 @@ def _tight(blocks: list[Block], x0: Tensor, eps: float, records: list[dict],
                 return got
             rows = _pull(blocks[k - 1], secs[k - 1], rows)
             k -= 1
-            g, e = (rows.g, rows.e) if isinstance(rows, _Local) else rows
+            g, e = _parts(rows)
             _check_tensor(g, "a row of the centre network")
             _check_tensor(e, "a rounding bound of the centre network's rows", nonzero_low=False)
 
@@ -769,8 +820,13 @@ def _tight(blocks: list[Block], x0: Tensor, eps: float, records: list[dict],
             _check_tensor(held.g if isinstance(held, _Local) else held[0], "a row of a layer")
             scale = s.rho[s.sigma]
         else:
-            g, e, scale = s.seeds, torch.zeros_like(s.seeds), s.scale
+            g, scale = s.seeds, s.scale
+            keep, twin = _mirrors(s)  # (rows that are another's negation: not pulled back)
+            g = g if keep is None else g[keep]
+            e = torch.zeros_like(g)
             held = _to_local(g, e, blocks[t].in_shape) or (g, e)
+            if keep is not None:
+                held = _Mirror(held, *twin)
         d[t] = sweep(t, held, scale)
     vals = [y for x in v.values() for y in (x if isinstance(x, list) else [x])]
     for x in vals + [y for dd in d.values() for y in dd.values()]:
