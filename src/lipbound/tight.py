@@ -504,10 +504,12 @@ def _back_local(b: Block, sec: _Secant | None, loc: _Local, centre: bool = True
         return None
     m: ConvOp = b.mixing  # type: ignore[assignment]
     g, e = loc.g, loc.e
+    ga = None
     if centre and b.relu:
         cw = _window(sec.c, loc.grid, loc)
         g = g * cw
-        e = (e * cw).add_(g.abs(), alpha=2.0 * U).add_(2 * UNDERFLOW)
+        ga = g.abs()
+        e = (e * cw).add_(ga, alpha=2.0 * U).add_(2 * UNDERFLOW)
     n = m.inner_length_t()
     # the window's transposed convolution (no padding: the whole image of the window), then
     # cut to the input grid (entries outside it belong to the padding: dropped, as A^T does)
@@ -532,7 +534,7 @@ def _back_local(b: Block, sec: _Secant | None, loc: _Local, centre: bool = True
     if b.s_in is not None:
         out = out * _window(b.s_in, grid_in, _Local(out, out, r0, c0, grid_in))
     f = _scale_rel(b)
-    ga = g.abs()
+    ga = g.abs() if ga is None else ga
     w_ = ga.mul_(f + gamma(n + 4)).add_(e, alpha=1.0 + 2.0 * f) if f > 0.0 else \
         ga.mul_(gamma(n + 4)).add_(e)
     del ga
@@ -584,8 +586,9 @@ def _pool_local(b: PoolBlock, sec: _Secant, loc: _Local) -> _Local | None:
             bool((c0 + wi > grid_in[2]).any()):
         return None
     member, div = _pool_taps(b, sec)
-    q = loc.g / _window(div, grid_out, loc)  # correctly rounded divisions (exact for 1)
-    eq = loc.e / _window(div, grid_out, loc) + gamma(sec.count + 1) * q.abs()
+    dw = _window(div, grid_out, loc)
+    q = loc.g / dw  # correctly rounded divisions (exact for 1)
+    eq = loc.e / dw + gamma(sec.count + 1) * q.abs()
     out = q.new_zeros(q.shape[0], grid_in[0], hi, wi)
     err = torch.zeros_like(out)
     zero = q.new_zeros(())
