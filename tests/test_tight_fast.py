@@ -181,13 +181,16 @@ def test_pool_step_on_windows_matches_dense(k: int, s: int, d: int) -> None:
 
 def _rebuilt(sec) -> torch.Tensor | None:
     """The pooling secant's seed rows as the sweep rebuilds them from the rows it keeps."""
-    from lipbound.tight import _columns, _Mirror, _mirrors
+    from lipbound.tight import _columns, _Mirror, _mirrors, _select
 
-    keep, twin = _mirrors(sec)
-    if keep is None:
-        return None
-    g = sec.seeds[keep]
-    return _columns(_Mirror((g, torch.zeros_like(g)), *twin), None)[0]
+    out = []
+    for held in ((sec.seeds, torch.zeros_like(sec.seeds)), _to_local(sec.seeds, None, (3, 10, 10))):
+        keep, twin = _mirrors(held)
+        if keep is None:
+            return None
+        out.append(_columns(_Mirror(_select(held, keep), *twin), None)[0])
+    assert torch.equal(out[0], out[1])  # (dense rows and rows on windows alike)
+    return out[0]
 
 
 @pytest.mark.parametrize("k,s,d", [(2, 2, 1), (3, 2, 1), (2, 1, 1)])
@@ -202,8 +205,8 @@ def test_mirrored_rows_rebuild_the_seeds(monkeypatch, k: int, s: int, d: int) ->
     assert rows is not None and rows.shape[0] < 2 * sec.seeds.shape[0]
     assert torch.equal(rows, sec.seeds)
     real = tight._mirrors
-    monkeypatch.setattr(tight, "_mirrors", lambda sec: (lambda k_, t_: (
-        k_, (t_[0], torch.zeros_like(t_[1]))) if k_ is not None else (k_, t_))(*real(sec)))
+    monkeypatch.setattr(tight, "_mirrors", lambda rows: (lambda k_, t_: (
+        k_, (t_[0], torch.zeros_like(t_[1]))) if k_ is not None else (k_, t_))(*real(rows)))
     assert not torch.equal(_rebuilt(sec), sec.seeds)  # (a rebuild without the sign)
 
 
@@ -310,15 +313,15 @@ def test_bound_with_windows_equals_dense_rows(monkeypatch, seed: int, eps: float
     mirrored = []
     real_mirrors = tight._mirrors
 
-    def spy_mirrors(sec):
-        out = real_mirrors(sec)
+    def spy_mirrors(rows):
+        out = real_mirrors(rows)
         mirrored.append(out[0] is not None)
         return out
 
     monkeypatch.setattr(tight, "_mirrors", spy_mirrors)
     monkeypatch.setattr(tight, "_to_local", lambda g, e, shape, most=0.5: None)
     dense = both()  # (dense rows, negated rows still rebuilt)
-    monkeypatch.setattr(tight, "_mirrors", lambda sec: (None, None))
+    monkeypatch.setattr(tight, "_mirrors", lambda rows: (None, None))
     slow = both()  # (every row pulled back, dense)
     assert any(mirrored)
     for f, s in zip(dense, slow, strict=True):  # (the same bits: negation is exact)

@@ -434,16 +434,17 @@ def _window(t: Tensor, grid: tuple[int, int, int], loc: _Local) -> Tensor:
     return _crop(t.reshape(1, *grid), loc.r0, loc.c0, h, w)
 
 
-def _to_local(g: Tensor, e: Tensor, shape, most: float = 0.5) -> _Local | None:
-    """Dense rows ``g`` with error bounds ``e`` (flat, on a grid of ``shape``) on the smallest
-    common window size that holds every row's nonzeros (those of ``g`` or ``e``: outside
-    them the exact rows are 0); None for a shape without a grid or windows over ``most`` of
-    its area."""
+def _to_local(g: Tensor, e: Tensor | None, shape, most: float = 0.5) -> _Local | None:
+    """Dense rows ``g`` with error bounds ``e`` (flat, on a grid of ``shape``; None: 0) on the
+    smallest common window size that holds every row's nonzeros (those of ``g`` or ``e``:
+    outside them the exact rows are 0); None for a shape without a grid or windows over
+    ``most`` of its area."""
     grid = _grid(shape)
     if grid is None or g.shape[0] == 0:
         return None
     c_, hh, ww = grid
-    nz = ((g != 0) | (e != 0)).reshape(g.shape[0], c_, hh, ww).any(dim=1)
+    nz = ((g != 0) if e is None else (g != 0) | (e != 0)).reshape(g.shape[0], c_, hh, ww)
+    nz = nz.any(dim=1)
     rows_nz, cols_nz = nz.any(dim=2), nz.any(dim=1)
     if not bool(rows_nz.any(dim=1).all()):
         return None  # (a zero row: the sweep's check refuses it)
@@ -458,8 +459,9 @@ def _to_local(g: Tensor, e: Tensor, shape, most: float = 0.5) -> _Local | None:
         return None
     r0 = top.clamp(max=hh - hs)
     c0 = left.clamp(max=ww - ws)
-    gl, el = g.reshape(-1, *grid), e.reshape(-1, *grid)
-    return _Local(_crop(gl, r0, c0, hs, ws), _crop(el, r0, c0, hs, ws), r0, c0, grid)
+    gw = _crop(g.reshape(-1, *grid), r0, c0, hs, ws)
+    ew = torch.zeros_like(gw) if e is None else _crop(e.reshape(-1, *grid), r0, c0, hs, ws)
+    return _Local(gw, ew, r0, c0, grid)
 
 
 def _one_hot(sigma: Tensor, shape) -> _Local | None:
@@ -616,27 +618,38 @@ class _Mirror:
     neg: Tensor
 
 
-def _mirrors(sec: _Secant) -> tuple[Tensor | None, tuple[Tensor, Tensor] | None]:
-    """For a pooling secant's deviation rows: which rows to pull back (``keep``) and how to
-    rebuild the others (``src``, ``neg`` of :class:`_Mirror`); ``(None, None)`` when no row
-    is another's negation. A window with two possible winners has the rows ``e_a - e_b`` and
-    ``e_b - e_a`` (consecutive, the same scale)."""
-    seeds = sec.seeds
-    if seeds is None or seeds.shape[0] < 2:
+def _mirrors(rows: tuple[Tensor, Tensor] | _Local
+             ) -> tuple[Tensor | None, tuple[Tensor, Tensor] | None]:
+    """Which rows to pull back (``keep``) and how to rebuild the others (``src``, ``neg`` of
+    :class:`_Mirror`): a row that is the negation of the one before it (on the same window)
+    is rebuilt; ``(None, None)`` when there is none. A pooling window with two possible
+    winners has the seed rows ``e_a - e_b`` and ``e_b - e_a``, consecutive."""
+    if isinstance(rows, _Local):
+        n = rows.g.shape[0]
+        v = rows.g.reshape(n, -1)
+        place = (rows.r0[1:] == rows.r0[:-1]) & (rows.c0[1:] == rows.c0[:-1])
+    else:
+        v = rows[0]
+        n = v.shape[0]
+        place = True
+    if n < 2:
         return None, None
-    m = seeds.shape[0]
-    # (seed rows are integers: p - 1 at the row's own input, -1 at its window's others)
-    two = seeds.amax(dim=1) == 1.0  # rows of windows with p = 2
-    idx = torch.arange(m, device=seeds.device)
-    second = torch.zeros(m, dtype=torch.bool, device=seeds.device)
-    second[1:] = two[1:] & two[:-1] & (seeds[1:] == -seeds[:-1]).all(dim=1)
-    second[1:] &= ~second[:-1].clone()  # pairs, not chains
+    second = torch.zeros(n, dtype=torch.bool, device=v.device)
+    second[1:] = (v[1:] == -v[:-1]).all(dim=1) & place
+    second[1:] &= ~second[:-1].clone()  # pairs, not chains: the row before is kept
     if not bool(second.any()):
         return None, None
-    keep = idx[~second]
     # each kept row's place among the kept, which a negated row shares with its partner
     src = torch.cumsum(~second, 0) - 1
-    return keep, (src, second)
+    return torch.nonzero(~second).reshape(-1), (src, second)
+
+
+def _select(rows: tuple[Tensor, Tensor] | _Local, keep: Tensor
+            ) -> tuple[Tensor, Tensor] | _Local:
+    """Rows ``keep`` of a row set (dense or on windows: the same window size)."""
+    if isinstance(rows, _Local):
+        return _Local(rows.g[keep], rows.e[keep], rows.r0[keep], rows.c0[keep], rows.grid)
+    return rows[0][keep], rows[1][keep]
 
 
 def _parts(rows: tuple[Tensor, Tensor] | _Local | _Mirror) -> tuple[Tensor, Tensor]:
@@ -824,12 +837,10 @@ def _tight(blocks: list[Block], x0: Tensor, eps: float, records: list[dict],
             scale = s.rho[s.sigma]
         else:
             g, scale = s.seeds, s.scale
-            keep, twin = _mirrors(s)  # (rows that are another's negation: not pulled back)
-            g = g if keep is None else g[keep]
-            e = torch.zeros_like(g)
-            held = _to_local(g, e, blocks[t].in_shape) or (g, e)
+            held = _to_local(g, None, blocks[t].in_shape) or (g, torch.zeros_like(g))
+            keep, twin = _mirrors(held)  # (rows that are another's negation: not pulled back)
             if keep is not None:
-                held = _Mirror(held, *twin)
+                held = _Mirror(_select(held, keep), *twin)
         d[t] = sweep(t, held, scale)
     vals = [y for x in v.values() for y in (x if isinstance(x, list) else [x])]
     for x in vals + [y for dd in d.values() for y in dd.values()]:
