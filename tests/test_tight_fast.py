@@ -179,12 +179,37 @@ def test_pool_step_on_windows_matches_dense(k: int, s: int, d: int) -> None:
         assert _mismatch(b, sec, rows, err, exact=not overlap) is None, (k, s, d, box)
 
 
+def _seeds(sec) -> torch.Tensor:
+    """A pooling secant's deviation rows, dense."""
+    return sec.seeds if sec.seeds is not None else sec.local.dense()[0]
+
+
+@pytest.mark.parametrize("k,s,d", [(2, 2, 1), (3, 2, 1), (2, 1, 1), (3, 3, 2)])
+def test_seed_rows_on_windows_as_from_dense(monkeypatch, k: int, s: int, d: int) -> None:
+    """The pooling deviation rows built on windows are what ``_to_local`` makes of the dense
+    rows, bit for bit (the same windows), and the same rows."""
+    import lipbound.tight as tight
+
+    b, sec, _ = _pool_block_and_secant(k, s, d, 200 + k + s + d)
+    assert sec.seeds is None and sec.local is not None
+    monkeypatch.setattr(tight, "_seed_windows", lambda *a: None)
+    b2, dense, _ = _pool_block_and_secant(k, s, d, 200 + k + s + d)
+    assert dense.local is None and dense.rows == sec.rows
+    ref = _to_local(dense.seeds, None, b.in_shape)
+    a = sec.local
+    assert a.grid == ref.grid
+    for x, y in ((a.g, ref.g), (a.e, ref.e), (a.r0, ref.r0), (a.c0, ref.c0)):
+        assert x.shape == y.shape and x.stride() == y.stride() and torch.equal(x, y)
+    assert torch.equal(a.dense()[0], dense.seeds)
+
+
 def _rebuilt(sec) -> torch.Tensor | None:
     """The pooling secant's seed rows as the sweep rebuilds them from the rows it keeps."""
     from lipbound.tight import _columns, _Mirror, _mirrors, _select
 
     out = []
-    for held in ((sec.seeds, torch.zeros_like(sec.seeds)), _to_local(sec.seeds, None, (3, 10, 10))):
+    seeds = _seeds(sec)
+    for held in ((seeds, torch.zeros_like(seeds)), _to_local(seeds, None, (3, 10, 10))):
         keep, twin = _mirrors(held)
         if keep is None:
             return None
@@ -202,12 +227,12 @@ def test_mirrored_rows_rebuild_the_seeds(monkeypatch, k: int, s: int, d: int) ->
 
     b, sec, g = _pool_block_and_secant(k, s, d, 100 + k + s + d)
     rows = _rebuilt(sec)
-    assert rows is not None and rows.shape[0] < 2 * sec.seeds.shape[0]
-    assert torch.equal(rows, sec.seeds)
+    assert rows is not None and rows.shape[0] < 2 * _seeds(sec).shape[0]
+    assert torch.equal(rows, _seeds(sec))
     real = tight._mirrors
     monkeypatch.setattr(tight, "_mirrors", lambda rows: (lambda k_, t_: (
         k_, (t_[0], torch.zeros_like(t_[1]))) if k_ is not None else (k_, t_))(*real(rows)))
-    assert not torch.equal(_rebuilt(sec), sec.seeds)  # (a rebuild without the sign)
+    assert not torch.equal(_rebuilt(sec), _seeds(sec))  # (a rebuild without the sign)
 
 
 def test_windowed_bound_against_exact_rationals() -> None:

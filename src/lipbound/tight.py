@@ -114,12 +114,16 @@ class _Secant:
     seeds: Tensor | None = None
     scale: Tensor | None = None
     taps: tuple[Tensor, Tensor] | None = None
+    local: _Local | None = None
+    """The deviation rows on windows of the pooling input (then ``seeds`` is None)."""
 
     @property
     def rows(self) -> int:
         """Deviation rows of this secant."""
         if self.kind == "relu":
             return int(self.sigma.numel())
+        if self.local is not None:
+            return int(self.local.g.shape[0])
         return 0 if self.seeds is None else int(self.seeds.shape[0])
 
 
@@ -217,8 +221,6 @@ def _pool_secant(b: PoolBlock, d: Tensor, lo: Tensor, hi: Tensor, used: int, max
                             f"{4 * 8 * m * b.in_dim / 2**20:.0f} MiB, over the cap of "
                             f"{max_bytes / 2**20:.0f} MiB")
         dev = d.device
-        seeds = torch.zeros(m, b.in_dim, dtype=torch.float64, device=dev)
-        seeds[torch.arange(m, device=dev), in_u] = pu
         # the other members of the same window: -1 each (the rows of a window are
         # consecutive, uw being sorted: every pair of rows of one window, O(m k) of them)
         pw = p[uw]
@@ -227,13 +229,51 @@ def _pool_secant(b: PoolBlock, d: Tensor, lo: Tensor, hi: Tensor, used: int, max
         ri = torch.repeat_interleave(torch.arange(m, device=dev), pw)
         offs = torch.cumsum(pw, 0) - pw
         ci = start[uw][ri] + (torch.arange(ri.numel(), device=dev) - offs[ri])
-        seeds.index_put_((ri, in_u[ci]), torch.full((ri.numel(),), -1.0, dtype=torch.float64,
-                                                    device=dev), accumulate=True)
+        local = _seed_windows(b, m, in_u, pu, ri, in_u[ci])
+        if local is None:
+            seeds = torch.zeros(m, b.in_dim, dtype=torch.float64, device=dev)
+            seeds[torch.arange(m, device=dev), in_u] = pu
+            seeds.index_put_((ri, in_u[ci]), torch.full((ri.numel(),), -1.0,
+                                                        dtype=torch.float64, device=dev),
+                             accumulate=True)
         scale = torch.tensor([math.sqrt((q - 1.0) / q) / q * (1.0 + 1e-14)
                               for q in pu.tolist()], dtype=torch.float64, device=d.device)
     sec = _Secant("pool", sigma, out_idx=out_idx, in_idx=in_idx, div=div, count=count,
                   seeds=seeds, scale=scale)
+    if seeds is None and uw.numel():
+        sec.local = local
     return sec, lo[win].amax(dim=1), hi[win].amax(dim=1)
+
+
+def _seed_windows(b: PoolBlock, m: int, own: Tensor, pu: Tensor, ri: Tensor, mem: Tensor
+                  ) -> _Local | None:
+    """The pooling deviation rows ``p e_own - 1_P`` on windows, exactly what
+    :func:`_to_local` makes of the dense rows (the same window size and corners: the box of
+    each row's window members, its nonzeros), without forming them densely; None where that
+    would decline (no grid, windows over half of it). ``ri``, ``mem``: each (row, member of
+    its window) pair."""
+    grid = _grid(b.in_shape)
+    if grid is None:
+        return None
+    c_, hh, ww = grid
+    dev = own.device
+    my, mx = (mem % (hh * ww)) // ww, mem % ww
+    top = torch.full((m,), hh, dtype=torch.long, device=dev).scatter_reduce(0, ri, my, "amin")
+    bot = torch.full((m,), -1, dtype=torch.long, device=dev).scatter_reduce(0, ri, my, "amax")
+    left = torch.full((m,), ww, dtype=torch.long, device=dev).scatter_reduce(0, ri, mx, "amin")
+    right = torch.full((m,), -1, dtype=torch.long, device=dev).scatter_reduce(0, ri, mx,
+                                                                               "amax")
+    hs, ws = int((bot - top).max()) + 1, int((right - left).max()) + 1
+    if hs * ws > 0.5 * hh * ww:  # (as _to_local)
+        return None
+    r0, c0 = top.clamp(max=hh - hs), left.clamp(max=ww - ws)
+    g = torch.zeros(m, c_, hs, ws, dtype=torch.float64, device=dev)
+    rem = own % (hh * ww)
+    g[torch.arange(m, device=dev), own // (hh * ww), rem // ww - r0, rem % ww - c0] = pu
+    g.index_put_((ri, mem // (hh * ww), my - r0[ri], mx - c0[ri]),
+                 torch.full((ri.numel(),), -1.0, dtype=torch.float64, device=dev),
+                 accumulate=True)
+    return _Local(g, torch.zeros_like(g), r0, c0, grid)
 
 
 def _abs_t(b: AffineBlock, v: Tensor) -> Tensor:
@@ -837,7 +877,8 @@ def _tight(blocks: list[Block], x0: Tensor, eps: float, records: list[dict],
             scale = s.rho[s.sigma]
         else:
             g, scale = s.seeds, s.scale
-            held = _to_local(g, None, blocks[t].in_shape) or (g, torch.zeros_like(g))
+            held = s.local if g is None else \
+                _to_local(g, None, blocks[t].in_shape) or (g, torch.zeros_like(g))
             keep, twin = _mirrors(held)  # (rows that are another's negation: not pulled back)
             if keep is not None:
                 held = _Mirror(_select(held, keep), *twin)
