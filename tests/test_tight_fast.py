@@ -359,3 +359,25 @@ def test_bound_with_windows_equals_dense_rows(monkeypatch, seed: int, eps: float
         if f.row_values is not None:
             for a, b in zip(f.row_values, s.row_values, strict=True):
                 assert math.isclose(a, b, rel_tol=1e-12, abs_tol=0.0)
+
+
+def test_broken_twins_change_the_bound(monkeypatch) -> None:
+    """A rebuild that takes a negated row's partner one place off (an earlier bug of this
+    code) changes the whole bound, which the exact comparison above would catch."""
+    import lipbound.tight as tight
+
+    net, x0 = _pool_net(1)
+    an = Analyzer(net, (2, 16, 16), spectral="exact")
+    good = raw_tight(an, x0, 0.1)[0]
+    real = tight._mirrors
+
+    def off_by_one(rows):
+        keep, twin = real(rows)
+        if keep is None:
+            return keep, twin
+        src, neg = twin
+        return keep, (torch.where(neg, (src - 1).clamp_min(0), src), neg)
+
+    monkeypatch.setattr(tight, "_mirrors", off_by_one)
+    bad = raw_tight(an, x0, 0.1)[0]
+    assert good.value is not None and bad.value != good.value
