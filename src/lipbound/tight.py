@@ -35,6 +35,11 @@ network (the nominal pass's rounding ``e_out`` included, mirror image of the lib
 non-finite or outside ``[1e-150, 1e150]`` (where float64 squares and products underflow or
 overflow), where the rows exceed their budget, or for layers not handled (max pooling with
 padding or partial windows), no new bound is formed and the reason is returned.
+
+A deviation row is carried on a window of its grid (``_Local``: exactly zero outside, for the
+exact and the computed row alike, so its error bound is 0 there) that grows by a kernel at
+each step, and a two-winner pooling window's second row, the first's negation, is rebuilt by
+negation (``_Mirror``) instead of being pulled back.
 """
 
 from __future__ import annotations
@@ -512,7 +517,7 @@ def _one_hot(sigma: Tensor, shape) -> _Local | None:
         return None
     c_, hh, ww = grid
     n = sigma.numel()
-    # (laid out as _crop's windows are: channels last)
+    # (the strides _crop leaves on one-entry windows: the same convolution kernels run)
     g = torch.zeros(n, 1, 1, c_, dtype=torch.float64, device=sigma.device).permute(0, 3, 1, 2)
     g[torch.arange(n, device=sigma.device), sigma // (hh * ww), 0, 0] = 1.0
     rem = sigma % (hh * ww)
@@ -648,10 +653,13 @@ def _pool_local(b: PoolBlock, sec: _Secant, loc: _Local) -> _Local | None:
 @dataclass
 class _Mirror:
     """Rows of which some are the negations of others, held once: row ``i`` of the whole set
-    is ``sign_i`` times row ``src[i]`` of ``rows`` (``neg``: where the sign is -1). Negation
-    commutes exactly with every step (products, sums, divisions and their roundings are odd
-    in the rows; the error bounds depend on magnitudes): the rows so rebuilt are the ones the
-    whole set's sweep computes, bit for bit."""
+    is ``sign_i`` times row ``src[i]`` of ``rows`` (``neg``: where the sign is -1). The exact
+    rows are negations too (linear maps), and ``|(-ĝ) - (-g)| = |ĝ - g|``: the partner's error
+    bound holds for the rebuilt row. Negation commutes exactly with every step (products,
+    sums, divisions and their roundings are odd in the rows; the error bounds depend on
+    magnitudes), so where a row's products do not depend on the other rows of its batch (the
+    CPU's convolutions) the rebuilt rows are those that pulling both back gives, bit for
+    bit."""
 
     rows: tuple[Tensor, Tensor] | _Local
     src: Tensor
