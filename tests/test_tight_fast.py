@@ -295,11 +295,17 @@ def test_breakages_are_caught(monkeypatch) -> None:
 
 
 def _pool_net(seed: int) -> tuple[nn.Module, torch.Tensor]:
+    """Convolutions (padding, stride 2, batch norm), max pooling and fully connected layers;
+    seed 2: an average pooling with an output scale between two ReLU convolutions (rows on
+    windows go on densely from there)."""
     torch.manual_seed(seed)
+    mid: list[nn.Module] = [nn.AvgPool2d(3, stride=1, padding=1, count_include_pad=False),
+                            nn.ReLU()] if seed == 2 else []
     net = nn.Sequential(nn.Conv2d(2, 4, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
                         nn.Conv2d(4, 5, 3, stride=1, padding=1), nn.BatchNorm2d(5), nn.ReLU(),
-                        nn.Conv2d(5, 4, 3, stride=2, dilation=1), nn.ReLU(), nn.Flatten(),
-                        nn.Linear(4 * 3 * 3, 6), nn.ReLU(), nn.Linear(6, 3)).to(DT)
+                        *mid, nn.Conv2d(5, 4, 3, stride=2, dilation=1), nn.ReLU(),
+                        nn.Flatten(), nn.Linear(4 * 3 * 3, 6), nn.ReLU(),
+                        nn.Linear(6, 3)).to(DT)
     with torch.no_grad():
         bn = net[4]
         bn.running_mean.normal_()
