@@ -42,6 +42,11 @@ non-finite or outside ``[1e-150, 1e150]`` (where float64 squares and products un
 overflow), where even the last block's rows exceed their budget, or for layers not handled
 (max pooling with padding or partial windows), no new bound is formed and the reason is
 returned.
+
+A deviation row is carried on a window of its grid (``_Local``: exactly zero outside, for the
+exact and the computed row alike, so its error bound is 0 there) that grows by a kernel at
+each step, and a two-winner pooling window's second row, the first's negation, is rebuilt by
+negation (``_Mirror``) instead of being pulled back.
 """
 
 from __future__ import annotations
@@ -55,6 +60,7 @@ from torch import Tensor
 
 from .blocks import AffineBlock, Block, PoolBlock
 from .ops.base import UNDERFLOW, DiagOp, gamma, norm_up, product_up, safe_norm
+from .ops.conv import ConvOp
 from .ops.linear import LinearOp
 from .results import Guarantee
 from .spectral import SAFETY, SpectralBound, exact_norm
@@ -119,8 +125,11 @@ class _Secant:
     count: int = 1
     seeds: Tensor | None = None
     scale: Tensor | None = None
+    taps: tuple[Tensor, Tensor] | None = None
+    local: _Local | None = None
+    """The deviation rows on windows of the pooling input (then ``seeds`` is None)."""
     n_dev: int = 0
-    """Pooling: the number of deviation rows (also when ``seeds`` were not formed)."""
+    """Pooling: the number of deviation rows (also when they were not formed)."""
     live: Tensor | None = None
     """The outputs that may move on the ball (sorted indices; None: all of them)."""
 
@@ -238,8 +247,6 @@ def _pool_secant(b: PoolBlock, d: Tensor, lo: Tensor, hi: Tensor, used: int, max
                             f"{4 * 8 * m * b.in_dim / 2**20:.0f} MiB, over the cap of "
                             f"{max_bytes / 2**20:.0f} MiB")
         dev = d.device
-        seeds = torch.zeros(m, b.in_dim, dtype=torch.float64, device=dev)
-        seeds[torch.arange(m, device=dev), in_u] = pu
         # the other members of the same window: -1 each (the rows of a window are
         # consecutive, uw being sorted: every pair of rows of one window, O(m k) of them)
         pw = p[uw]
@@ -248,13 +255,51 @@ def _pool_secant(b: PoolBlock, d: Tensor, lo: Tensor, hi: Tensor, used: int, max
         ri = torch.repeat_interleave(torch.arange(m, device=dev), pw)
         offs = torch.cumsum(pw, 0) - pw
         ci = start[uw][ri] + (torch.arange(ri.numel(), device=dev) - offs[ri])
-        seeds.index_put_((ri, in_u[ci]), torch.full((ri.numel(),), -1.0, dtype=torch.float64,
-                                                    device=dev), accumulate=True)
+        local = _seed_windows(b, m, in_u, pu, ri, in_u[ci])
+        if local is None:
+            seeds = torch.zeros(m, b.in_dim, dtype=torch.float64, device=dev)
+            seeds[torch.arange(m, device=dev), in_u] = pu
+            seeds.index_put_((ri, in_u[ci]), torch.full((ri.numel(),), -1.0,
+                                                        dtype=torch.float64, device=dev),
+                             accumulate=True)
         scale = torch.tensor([math.sqrt((q - 1.0) / q) / q * (1.0 + 1e-14)
                               for q in pu.tolist()], dtype=torch.float64, device=d.device)
     sec = _Secant("pool", sigma, out_idx=out_idx, in_idx=in_idx, div=div, count=count,
                   seeds=seeds, scale=scale, n_dev=int(uw.numel()), live=live)
+    if seeds is None and uw.numel() and form:
+        sec.local = local
     return sec, lo[win].amax(dim=1), hi[win].amax(dim=1)
+
+
+def _seed_windows(b: PoolBlock, m: int, own: Tensor, pu: Tensor, ri: Tensor, mem: Tensor
+                  ) -> _Local | None:
+    """The pooling deviation rows ``p e_own - 1_P`` on windows, exactly what
+    :func:`_to_local` makes of the dense rows (the same window size and corners: the box of
+    each row's window members, its nonzeros), without forming them densely; None where that
+    would decline (no grid, windows over half of it). ``ri``, ``mem``: each (row, member of
+    its window) pair."""
+    grid = _grid(b.in_shape)
+    if grid is None:
+        return None
+    c_, hh, ww = grid
+    dev = own.device
+    my, mx = (mem % (hh * ww)) // ww, mem % ww
+    top = torch.full((m,), hh, dtype=torch.long, device=dev).scatter_reduce(0, ri, my, "amin")
+    bot = torch.full((m,), -1, dtype=torch.long, device=dev).scatter_reduce(0, ri, my, "amax")
+    left = torch.full((m,), ww, dtype=torch.long, device=dev).scatter_reduce(0, ri, mx, "amin")
+    right = torch.full((m,), -1, dtype=torch.long, device=dev).scatter_reduce(0, ri, mx,
+                                                                               "amax")
+    hs, ws = int((bot - top).max()) + 1, int((right - left).max()) + 1
+    if hs * ws > 0.5 * hh * ww:  # (as _to_local)
+        return None
+    r0, c0 = top.clamp(max=hh - hs), left.clamp(max=ww - ws)
+    g = torch.zeros(m, c_, hs, ws, dtype=torch.float64, device=dev)
+    rem = own % (hh * ww)
+    g[torch.arange(m, device=dev), own // (hh * ww), rem // ww - r0, rem % ww - c0] = pu
+    g.index_put_((ri, mem // (hh * ww), my - r0[ri], mx - c0[ri]),
+                 torch.full((ri.numel(),), -1.0, dtype=torch.float64, device=dev),
+                 accumulate=True)
+    return _Local(g, torch.zeros_like(g), r0, c0, grid)
 
 
 def _abs_t(b: AffineBlock, v: Tensor) -> Tensor:
@@ -367,6 +412,348 @@ def _row_bound(g: Tensor, e: Tensor, cols: Tensor | None) -> list[float]:
     up = 1.0 + 2.0 * gamma(g.shape[1] + 8)
     v = (safe_norm(g, dim=1) * up + safe_norm(e, dim=1) * up) * (1.0 + 4.0 * U)
     return [_up(x) for x in v.tolist()]
+
+
+# --- rows on windows of their grid -------------------------------------------------------
+# A deviation row starts at one unit (ReLU) or one pooling window and, pulled back through
+# convolutions and pooling, stays supported on a window of the spatial grid that grows by a
+# kernel at each step: its exact values (and those of the computed rows) are exactly 0
+# outside it, so |Ĝ - G| = 0 there and the rows and their error bounds are carried on the
+# window alone (``_Local``). Inside the window the steps are those of :func:`_back`, entry
+# for entry; a product's terms are summed in another order (the window's convolution), which
+# the same bound γ_n covers (it holds for any order).
+
+
+@dataclass
+class _Local:
+    """Rows ``g`` and their error bounds ``e``, shaped ``(R, C, h, w)``, each on the window of
+    its grid ``(C, H, W)`` whose top-left corner is ``(r0[i], c0[i])`` (the window lies inside
+    the grid); the exact rows and the computed ones are 0 outside the window."""
+
+    g: Tensor
+    e: Tensor
+    r0: Tensor
+    c0: Tensor
+    grid: tuple[int, int, int]
+
+    def dense(self) -> tuple[Tensor, Tensor]:
+        """The rows and error bounds on the whole grid, flat ``(R, C H W)``."""
+        return _scatter(self, self.g), _scatter(self, self.e)
+
+    def columns(self, cols: Tensor | None) -> tuple[Tensor, Tensor]:
+        """``(g[:, cols], e[:, cols])`` of the rows on the whole grid (all columns: None)."""
+        if cols is None:
+            return self.dense()
+        c_, hh, ww = self.grid
+        h, w = self.g.shape[-2:]
+        ch, rem = cols // (hh * ww), cols % (hh * ww)
+        dy = rem[None, :] // ww - self.r0[:, None]
+        dx = rem[None, :] % ww - self.c0[:, None]
+        ok = (dy >= 0) & (dy < h) & (dx >= 0) & (dx < w)
+        idx = (ch[None, :] * (h * w) + dy.clamp(0, h - 1) * w + dx.clamp(0, w - 1))
+        zero = self.g.new_zeros(())
+        return (torch.where(ok, self.g.reshape(self.g.shape[0], -1).gather(1, idx), zero),
+                torch.where(ok, self.e.reshape(self.e.shape[0], -1).gather(1, idx), zero))
+
+
+def _grid(shape) -> tuple[int, int, int] | None:
+    """``(C, H, W)`` of a spatial shape, None for others."""
+    return tuple(int(s) for s in shape) if len(shape) == 3 else None  # type: ignore[return-value]
+
+
+def _crop(t: Tensor, dr: Tensor, dc: Tensor, hs: int, ws: int) -> Tensor:
+    """``t[i, :, dr[i]:dr[i]+hs, dc[i]:dc[i]+ws]`` for every row ``i`` of ``t`` (``(R, C, h,
+    w)``; ``(1, C, h, w)``: the same tensor for every row), zero where the window leaves
+    ``t``."""
+    h, w = t.shape[-2:]
+    pads = (max(0, -int(dc.min())), max(0, int(dc.max()) + ws - w),
+            max(0, -int(dr.min())), max(0, int(dr.max()) + hs - h))
+    if any(pads):
+        t = F.pad(t, pads)
+        dr, dc = dr + pads[2], dc + pads[0]
+    ar_h = torch.arange(hs, device=t.device)
+    ar_w = torch.arange(ws, device=t.device)
+    ri = (dr[:, None] + ar_h)[:, :, None]
+    ci = (dc[:, None] + ar_w)[:, None, :]
+    n = torch.arange(dr.shape[0], device=t.device) if t.shape[0] > 1 else \
+        torch.zeros(dr.shape[0], dtype=torch.long, device=t.device)
+    return t[n[:, None, None], :, ri, ci].permute(0, 3, 1, 2).contiguous()
+
+
+def _scatter(loc: _Local, t: Tensor) -> Tensor:
+    """Window values ``t`` (shaped like ``loc.g``) placed on the whole grid, zero elsewhere:
+    flat ``(R, C H W)``."""
+    c_, hh, ww = loc.grid
+    r, _, h, w = t.shape
+    out = t.new_zeros(r, c_, hh, ww)
+    ri = (loc.r0[:, None] + torch.arange(h, device=t.device))[:, :, None]
+    ci = (loc.c0[:, None] + torch.arange(w, device=t.device))[:, None, :]
+    n = torch.arange(r, device=t.device)[:, None, None]
+    out[n, :, ri, ci] = t.permute(0, 2, 3, 1)
+    return out.reshape(r, -1)
+
+
+def _window(t: Tensor, grid: tuple[int, int, int], loc: _Local) -> Tensor:
+    """The values of a flat per-grid-entry tensor ``t`` (a centre, a scale) on each row's
+    window: ``(R, C, h, w)``."""
+    h, w = loc.g.shape[-2:]
+    return _crop(t.reshape(1, *grid), loc.r0, loc.c0, h, w)
+
+
+def _to_local(g: Tensor, e: Tensor | None, shape, most: float = 0.5) -> _Local | None:
+    """Dense rows ``g`` with error bounds ``e`` (flat, on a grid of ``shape``; None: 0) on the
+    smallest common window size that holds every row's nonzeros (those of ``g`` or ``e``:
+    outside them the exact rows are 0); None for a shape without a grid or windows over
+    ``most`` of its area."""
+    grid = _grid(shape)
+    if grid is None or g.shape[0] == 0:
+        return None
+    c_, hh, ww = grid
+    nz = ((g != 0) if e is None else (g != 0) | (e != 0)).reshape(g.shape[0], c_, hh, ww)
+    nz = nz.any(dim=1)
+    rows_nz, cols_nz = nz.any(dim=2), nz.any(dim=1)
+    if not bool(rows_nz.any(dim=1).all()):
+        return None  # (a zero row: the sweep's check refuses it)
+    ar_h = torch.arange(hh, device=g.device)
+    ar_w = torch.arange(ww, device=g.device)
+    top = torch.where(rows_nz, ar_h, hh).amin(dim=1)
+    bot = torch.where(rows_nz, ar_h, -1).amax(dim=1)
+    left = torch.where(cols_nz, ar_w, ww).amin(dim=1)
+    right = torch.where(cols_nz, ar_w, -1).amax(dim=1)
+    hs, ws = int((bot - top).max()) + 1, int((right - left).max()) + 1
+    if hs * ws > most * hh * ww:
+        return None
+    r0 = top.clamp(max=hh - hs)
+    c0 = left.clamp(max=ww - ws)
+    gw = _crop(g.reshape(-1, *grid), r0, c0, hs, ws)
+    ew = torch.zeros_like(gw) if e is None else _crop(e.reshape(-1, *grid), r0, c0, hs, ws)
+    return _Local(gw, ew, r0, c0, grid)
+
+
+def _one_hot(sigma: Tensor, shape) -> _Local | None:
+    """The rows ``e_i`` (``i`` in ``sigma``, flat indices of a grid of ``shape``) on windows
+    of one entry (what :func:`_to_local` gives for them); None without a grid."""
+    grid = _grid(shape)
+    if grid is None:
+        return None
+    c_, hh, ww = grid
+    n = sigma.numel()
+    # (the strides _crop leaves on one-entry windows: the same convolution kernels run)
+    g = torch.zeros(n, 1, 1, c_, dtype=torch.float64, device=sigma.device).permute(0, 3, 1, 2)
+    g[torch.arange(n, device=sigma.device), sigma // (hh * ww), 0, 0] = 1.0
+    rem = sigma % (hh * ww)
+    return _Local(g, torch.zeros_like(g), rem // ww, rem % ww, grid)
+
+
+def _local_conv(b: AffineBlock) -> bool:
+    """Whether rows at the block's output can be pulled back on their windows: a convolution
+    without an output scale between grids (diagonal scales allowed)."""
+    m = b.mixing
+    return (isinstance(m, ConvOp) and m.out_scale is None
+            and _grid(b.out_shape) is not None and _grid(b.in_shape) is not None
+            and tuple(m.in_shape) == tuple(b.in_shape)
+            and tuple(m.out_shape) == tuple(b.out_shape))
+
+
+def _regrid(r0: Tensor, hi: int, size: int) -> tuple[Tensor, int]:
+    """The window of ``hi`` entries from ``r0`` (which may reach outside ``[0, size)``) cut to
+    the grid: the new top-left ``r`` (its offset in the old window is ``r - r0``) and size."""
+    hs = min(hi, size)
+    return (r0.clamp(0, size - hs)), hs
+
+
+def _back_local(b: Block, sec: _Secant | None, loc: _Local, centre: bool = True
+                ) -> _Local | None:
+    """:func:`_back` on windows (the same steps, entry for entry); None where the block is
+    not handled on windows (the caller goes on with the dense rows)."""
+    if isinstance(b, PoolBlock):
+        return _pool_local(b, sec, loc)
+    if not _local_conv(b) or _grid(b.out_shape) != loc.grid:
+        return None
+    m: ConvOp = b.mixing  # type: ignore[assignment]
+    g, e = loc.g, loc.e
+    ga = None
+    if centre and b.relu:
+        cw = _window(sec.c, loc.grid, loc)
+        g = g * cw
+        ga = g.abs()
+        e = (e * cw).add_(ga, alpha=2.0 * U).add_(2 * UNDERFLOW)
+    n = m.inner_length_t()
+    # the window's transposed convolution (no padding: the whole image of the window), then
+    # cut to the input grid (entries outside it belong to the padding: dropped, as A^T does)
+    grid_in = _grid(b.in_shape)
+    h, w = g.shape[-2:]
+    kh, kw = m.weight.shape[-2:]
+    (s1, s2), (p1, p2), (d1, d2) = m.stride, m.padding, m.dilation
+    hi, wi = (h - 1) * s1 + d1 * (kh - 1) + 1, (w - 1) * s2 + d2 * (kw - 1) + 1
+    ro, co = loc.r0 * s1 - p1, loc.c0 * s2 - p2
+    r0, hs = _regrid(ro, hi, grid_in[1])
+    c0, ws = _regrid(co, wi, grid_in[2])
+    new = _Local(g, e, r0, c0, grid_in)
+
+    def conv_t(y: Tensor, weight: Tensor) -> Tensor:
+        full = F.conv_transpose2d(y, weight, None, m.stride, 0, 0, m.groups, m.dilation)
+        if hs == hi and ws == wi and bool((r0 == ro).all()) and bool((c0 == co).all()):
+            return full
+        return _crop(full, r0 - ro, c0 - co, hs, ws)
+
+    y = g if b.s_out is None else g * _window(b.s_out, loc.grid, loc)
+    out = conv_t(y, m.weight)
+    if b.s_in is not None:
+        out = out * _window(b.s_in, grid_in, _Local(out, out, r0, c0, grid_in))
+    f = _scale_rel(b)
+    ga = g.abs() if ga is None else ga
+    w_ = ga.mul_(f + gamma(n + 4)).add_(e, alpha=1.0 + 2.0 * f) if f > 0.0 else \
+        ga.mul_(gamma(n + 4)).add_(e)
+    del ga
+    if b.s_out is not None:
+        w_ = w_ * _window(b.s_out, loc.grid, loc).abs()
+    err = conv_t(w_, m.weight.abs())
+    if b.s_in is not None:
+        err = err * _window(b.s_in, grid_in, _Local(err, err, r0, c0, grid_in)).abs()
+    err.mul_(1.0 + 2.0 * gamma(n + 10))
+    top = _scale_top(b)
+    new.g, new.e = out, err.add_((n + 8) * UNDERFLOW * top * top)
+    return new
+
+
+def _pool_taps(b: PoolBlock, sec: _Secant) -> tuple[Tensor, Tensor]:
+    """The pooling centre per output entry: ``member`` ``(kh, kw, C, Ho, Wo)`` (whether the
+    window's input at each tap has weight ``1 / div``) and ``div`` ``(C, Ho, Wo)`` (1 where
+    the window is stable); kept on the secant."""
+    if sec.taps is None:
+        op = b.op
+        c_, hh, ww = _grid(b.in_shape)
+        _, ho, wo = _grid(b.out_shape)
+        (s1, s2), (kh, kw), (d1, d2) = op.stride, op.kernel, op.dilation
+        o, i = sec.out_idx, sec.in_idx
+        oy, ox = (o % (ho * wo)) // wo, o % wo
+        iy, ix = (i % (hh * ww)) // ww, i % ww
+        ky, kx = (iy - oy * s1) // d1, (ix - ox * s2) // d2
+        member = torch.zeros(kh, kw, c_ * ho * wo, dtype=torch.bool, device=o.device)
+        member[ky, kx, o] = True
+        div = torch.ones(c_ * ho * wo, dtype=torch.float64, device=o.device)
+        div[o] = sec.div
+        sec.taps = (member.reshape(kh, kw, c_, ho, wo), div.reshape(c_, ho, wo))
+    return sec.taps
+
+
+def _pool_local(b: PoolBlock, sec: _Secant, loc: _Local) -> _Local | None:
+    """The pooling centre's transpose (:func:`_back`) of rows on windows, tap by tap: the
+    input window of the output window's pooling windows (no padding: inside the grid). Each
+    input entry sums the same terms as :func:`_back`'s (non-overlapping windows: one)."""
+    op = b.op
+    grid_in, grid_out = _grid(b.in_shape), _grid(b.out_shape)
+    if grid_in is None or grid_out != loc.grid or tuple(op.padding) != (0, 0):
+        return None
+    h, w = loc.g.shape[-2:]
+    (s1, s2), (kh, kw), (d1, d2) = op.stride, op.kernel, op.dilation
+    hi, wi = (h - 1) * s1 + d1 * (kh - 1) + 1, (w - 1) * s2 + d2 * (kw - 1) + 1
+    r0, c0 = loc.r0 * s1, loc.c0 * s2
+    if hi > grid_in[1] or wi > grid_in[2] or bool((r0 + hi > grid_in[1]).any()) or \
+            bool((c0 + wi > grid_in[2]).any()):
+        return None
+    member, div = _pool_taps(b, sec)
+    dw = _window(div, grid_out, loc)
+    q = loc.g / dw  # correctly rounded divisions (exact for 1)
+    eq = loc.e / dw + gamma(sec.count + 1) * q.abs()
+    out = q.new_zeros(q.shape[0], grid_in[0], hi, wi)
+    err = torch.zeros_like(out)
+    zero = q.new_zeros(())
+    for ky in range(kh):
+        for kx in range(kw):
+            mk = _window(member[ky, kx], grid_out, loc)
+            sl = (slice(None), slice(None), slice(ky * d1, ky * d1 + (h - 1) * s1 + 1, s1),
+                  slice(kx * d2, kx * d2 + (w - 1) * s2 + 1, s2))
+            out[sl] += torch.where(mk, q, zero)
+            err[sl] += torch.where(mk, eq, zero)
+    err = err * (1.0 + 2.0 * gamma(sec.count + 8)) + (sec.count + 4) * UNDERFLOW
+    return _Local(out, err, r0, c0, grid_in)
+
+
+@dataclass
+class _Mirror:
+    """Rows of which some are the negations of others, held once: row ``i`` of the whole set
+    is ``sign_i`` times row ``src[i]`` of ``rows`` (``neg``: where the sign is -1). The exact
+    rows are negations too (linear maps), and ``|(-ĝ) - (-g)| = |ĝ - g|``: the partner's error
+    bound holds for the rebuilt row. Negation commutes exactly with every step (products,
+    sums, divisions and their roundings are odd in the rows; the error bounds depend on
+    magnitudes), so where a row's products do not depend on the other rows of its batch (the
+    CPU's convolutions) the rebuilt rows are those that pulling both back gives, bit for
+    bit."""
+
+    rows: tuple[Tensor, Tensor] | _Local
+    src: Tensor
+    neg: Tensor
+
+
+def _mirrors(rows: tuple[Tensor, Tensor] | _Local
+             ) -> tuple[Tensor | None, tuple[Tensor, Tensor] | None]:
+    """Which rows to pull back (``keep``) and how to rebuild the others (``src``, ``neg`` of
+    :class:`_Mirror`): a row that is the negation of the one before it (on the same window)
+    is rebuilt; ``(None, None)`` when there is none. A pooling window with two possible
+    winners has the seed rows ``e_a - e_b`` and ``e_b - e_a``, consecutive."""
+    if isinstance(rows, _Local):
+        n = rows.g.shape[0]
+        v = rows.g.reshape(n, -1)
+        place = (rows.r0[1:] == rows.r0[:-1]) & (rows.c0[1:] == rows.c0[:-1])
+    else:
+        v = rows[0]
+        n = v.shape[0]
+        place = True
+    if n < 2:
+        return None, None
+    second = torch.zeros(n, dtype=torch.bool, device=v.device)
+    second[1:] = (v[1:] == -v[:-1]).all(dim=1) & place
+    second[1:] &= ~second[:-1].clone()  # pairs, not chains: the row before is kept
+    if not bool(second.any()):
+        return None, None
+    # each kept row's place among the kept, which a negated row shares with its partner
+    src = torch.cumsum(~second, 0) - 1
+    return torch.nonzero(~second).reshape(-1), (src, second)
+
+
+def _select(rows: tuple[Tensor, Tensor] | _Local, keep: Tensor
+            ) -> tuple[Tensor, Tensor] | _Local:
+    """Rows ``keep`` of a row set (dense or on windows: the same window size)."""
+    if isinstance(rows, _Local):
+        return _Local(rows.g[keep], rows.e[keep], rows.r0[keep], rows.c0[keep], rows.grid)
+    return rows[0][keep], rows[1][keep]
+
+
+def _parts(rows: tuple[Tensor, Tensor] | _Local | _Mirror) -> tuple[Tensor, Tensor]:
+    """The computed rows and error bounds held (windows or dense), for the checks."""
+    if isinstance(rows, _Mirror):
+        rows = rows.rows
+    return (rows.g, rows.e) if isinstance(rows, _Local) else rows
+
+
+def _pull(b: Block, sec: _Secant | None, rows: tuple[Tensor, Tensor] | _Local | _Mirror,
+          centre: bool = True) -> tuple[Tensor, Tensor] | _Local | _Mirror:
+    """One backward step of rows (dense ``(g, e)`` or on windows): :func:`_back_local` where
+    the block allows, else :func:`_back` on the dense rows."""
+    if isinstance(rows, _Mirror):
+        return _Mirror(_pull(b, sec, rows.rows, centre), rows.src, rows.neg)
+    if isinstance(rows, _Local):
+        new = _back_local(b, sec, rows, centre)
+        if new is not None:
+            return new
+        rows = rows.dense()
+    return _back(b, sec, rows[0], rows[1], centre=centre)
+
+
+def _columns(rows: tuple[Tensor, Tensor] | _Local | _Mirror, cols: Tensor | None
+             ) -> tuple[Tensor, Tensor]:
+    """The rows and their error bounds on columns ``cols`` (None: all), dense."""
+    if isinstance(rows, _Mirror):
+        g, e = _columns(rows.rows, cols)
+        g = g[rows.src]
+        g[rows.neg] = -g[rows.neg]
+        return g, e[rows.src]
+    if isinstance(rows, _Local):
+        return rows.columns(cols)
+    g, e = rows
+    return (g, e) if cols is None else (g[:, cols], e[:, cols])
 
 
 @dataclass(frozen=True)
@@ -567,9 +954,9 @@ def _tight(blocks: list[Block], x0: Tensor, eps: float, records: list[dict],
     stop = min([*cols, *mcols])
     dev = x0.device
 
-    def sweep(begin: int, g: Tensor, e: Tensor, scale: Tensor | None,
-              each_row: bool = False) -> tuple[dict, dict]:
-        """The norms of the rows ``g`` (at boundary ``begin``) pulled back to every segment
+    def sweep(begin: int, held: tuple[Tensor, Tensor] | _Local | _Mirror,
+              scale: Tensor | None, each_row: bool = False) -> tuple[dict, dict]:
+        """The norms of the rows ``held`` (at boundary ``begin``) pulled back to every segment
         start below: at ``cols`` (``got``) and ``mcols`` (``gotm``); ``each_row``: per row."""
         got: dict = {}
         gotm: dict = {}
@@ -577,30 +964,40 @@ def _tight(blocks: list[Block], x0: Tensor, eps: float, records: list[dict],
         while True:
             for where, cs in ((got, cols), (gotm, mcols)):
                 if k in cs:
-                    where[k] = _row_bound(g, e, cs[k]) if each_row else \
-                        _norm_bound(g, e, cs[k], scale)
+                    g, e = _columns(held, cs[k])
+                    where[k] = _row_bound(g, e, None) if each_row else \
+                        _norm_bound(g, e, None, scale)
             if k <= stop:
                 return got, gotm
-            g, e = _back(blocks[k - 1], secs[k - 1], g, e)
+            held = _pull(blocks[k - 1], secs[k - 1], held)
             k -= 1
+            g, e = _parts(held)
             _check_tensor(g, "a row of the centre network")
             _check_tensor(e, "a rounding bound of the centre network's rows", nonzero_low=False)
 
     eye = torch.eye(n_out, dtype=torch.float64, device=dev)
-    v, vm = sweep(n_blocks, eye, torch.zeros_like(eye), None, each_row=row_last is not None)
+    v, vm = sweep(n_blocks, (eye, torch.zeros_like(eye)), None, each_row=row_last is not None)
     d: dict[int, dict[int, float]] = {}
     dm: dict[int, dict[int, float]] = {}
     for t in unstable:
         s = secs[t]
         if s.kind == "relu":
-            g = torch.zeros(s.rows, blocks[t].out_dim, dtype=torch.float64, device=dev)
-            g[torch.arange(s.rows, device=dev), s.sigma] = 1.0
-            g, e = _back(blocks[t], s, g, torch.zeros_like(g), centre=False)
-            _check_tensor(g, "a row of a layer")
+            held = _one_hot(s.sigma, blocks[t].out_shape)
+            if held is None:
+                g = torch.zeros(s.rows, blocks[t].out_dim, dtype=torch.float64, device=dev)
+                g[torch.arange(s.rows, device=dev), s.sigma] = 1.0
+                held = (g, torch.zeros_like(g))
+            held = _pull(blocks[t], s, held, centre=False)
+            _check_tensor(held.g if isinstance(held, _Local) else held[0], "a row of a layer")
             scale = s.rho[s.sigma]
         else:
-            g, e, scale = s.seeds, torch.zeros_like(s.seeds), s.scale
-        d[t], dm[t] = sweep(t, g, e, scale)
+            g, scale = s.seeds, s.scale
+            held = s.local if g is None else \
+                _to_local(g, None, blocks[t].in_shape) or (g, torch.zeros_like(g))
+            keep, twin = _mirrors(held)  # (rows that are another's negation: not pulled back)
+            if keep is not None:
+                held = _Mirror(_select(held, keep), *twin)
+        d[t], dm[t] = sweep(t, held, scale)
     vals = [y for x in (*v.values(), *vm.values())
             for y in (x if isinstance(x, list) else [x])]
     for x in vals + [y for dd in (*d.values(), *dm.values()) for y in dd.values()]:

@@ -56,6 +56,7 @@ from lipbound.baselines.fc import (
     converted,
     describe,
 )
+from lipbound.baselines.fold import fold_axpy, fold_matmul
 from lipbound.errors import InputError, LipboundError, UnsupportedModelError
 
 logger = logging.getLogger(__name__)
@@ -116,9 +117,11 @@ class _Chain:
             raise ConversionTooLargeError(where, kind, rows, cols, self.max_entries)
 
     def compose(self, m: np.ndarray | sp.csr_matrix, bias: np.ndarray) -> None:
-        """The current tensor becomes ``m @ current + bias``."""
+        """The current tensor becomes ``m @ current + bias`` (entries that cancel are
+        recomputed exactly: :func:`~lipbound.baselines.fold.fold_matmul`)."""
         self.a = _matmul(m, self.a)
-        self.c = np.asarray(m @ self.c).reshape(-1) + bias
+        self.c = np.asarray(fold_matmul(m, self.c, np.asarray(bias, dtype=np.float64))
+                            ).reshape(-1)
 
     def emit(self, where: str, kind: str) -> None:
         """Close the pending map as a hidden layer: its output (after ReLU) is the new ``h``."""
@@ -148,12 +151,8 @@ def _matmul(left: np.ndarray | sp.csr_matrix, right: _Mat) -> np.ndarray | sp.cs
     if right is None:
         return left
     if sp.issparse(left) and sp.issparse(right):
-        return sp.csr_matrix(left @ right)
-    if sp.issparse(left):
-        return np.asarray(left @ right)
-    if sp.issparse(right):
-        return np.asarray((right.T @ left.T).T)
-    return left @ right
+        return sp.csr_matrix(fold_matmul(left, right))
+    return np.asarray(fold_matmul(left, right))
 
 
 def _mixing_matrix(op: Any, chain: _Chain, kind: str) -> np.ndarray:
@@ -200,7 +199,7 @@ def _diag(op: Any, chain: _Chain) -> None:
         chain.compose(d, t)
     else:
         chain.a = s[:, None] * chain.a
-        chain.c = s * chain.c + t
+        chain.c = fold_axpy(s, chain.c, t)
     chain.nonneg = chain.nonneg & (s >= 0) & (t >= 0)
 
 

@@ -33,6 +33,10 @@ Also ``X_k >= I / mu_k`` gives ``mu_{k+1} <= ||W_{k+1}||^2 mu_k`` and so
 Guarantee: CERTIFIED. The closed form is computed in float64 and then checked exactly as
 LipSDP's solution is (:func:`~lipbound.baselines.lipsdp.certify_lmi`: the largest
 eigenvalue of ``M(rho, T')`` must clear a rounding margin; rho is raised if it does not).
+At the closed form the last pivot is singular by construction, and so can be the hidden
+block of ``M`` (a hidden unit without incoming weights, for example), which no rho can
+repair: the check is then repeated with ``rho' = rho (1 + 2^-20)`` and ``T' = rho' lambda_k``
+(feasible by the proof above, as ``rho' >= rho``, and strictly so on that block).
 That check needs a dense eigen-decomposition of size ``n_0 + sum(n_k)``; above
 ``max_check_dim`` the value is returned as an ESTIMATE.
 """
@@ -202,6 +206,16 @@ def eclipse_fast(net: nn.Module | Sequence[tuple[Any, Any]], *, output_map: Any 
     t_diag = np.concatenate([np.full(w.shape[0], rho * lam)
                              for (w, _), lam in zip(layers[:-1], lams, strict=True)])
     cert = certify_lmi(layers, t_diag, rho)
+    if not cert.ok:
+        # at the closed form the last pivot X_{K-1} - W_K^T W_K / rho is singular by
+        # construction, and so can be the hidden block of M (e.g. a hidden unit with no
+        # incoming weights): the check then cannot pass at any rho. The same construction
+        # with rho' = rho (1 + 2^-20) (T' = rho' lambda_k) is feasible too (rho' >= rho) and
+        # strictly so on that block, so it is checked instead (the bound grows by 2^-21)
+        notes.append(f"float64 LMI check failed at the closed form ({cert.reason}); checked "
+                     "again with rho and T raised by a factor 1 + 2^-20")
+        up = 1.0 + 2.0 ** -20
+        cert = certify_lmi(layers, t_diag * up, rho * up)
     if not cert.ok:
         notes.append(f"float64 LMI check failed: {cert.reason}")
         return result(math.nan, Guarantee.ESTIMATE)

@@ -103,7 +103,7 @@ import numpy as np
 from scipy import optimize, sparse
 from torch import nn
 
-from lipbound.baselines.deadline import Deadline, TimeLimitError
+from lipbound.baselines.deadline import Deadline, TimeLimitError, check_time_limit
 from lipbound.baselines.fc import (
     FCLayers,
     apply_output_map,
@@ -247,7 +247,7 @@ class ExactL2Result:
 
 def exact_local_l2(net: nn.Module | Sequence[tuple[Any, Any]], x0: Any, eps: float, *,
                    output_map: Any | None = None, max_regions: int = 20000,
-                   time_limit: float = 60.0, max_hidden: int = 256,
+                   time_limit: float | None = 60.0, max_hidden: int = 256,
                    input_shape: Sequence[int] | None = None,
                    model_name: str | None = None) -> BoundResult:
     """Exact local L2 Lipschitz constant over all pairs in the ball ``B(x0, eps)``.
@@ -260,7 +260,8 @@ def exact_local_l2(net: nn.Module | Sequence[tuple[Any, Any]], x0: Any, eps: flo
         eps: L2 radius (> 0).
         output_map: optional ``(m, n_out)`` matrix ``C``; the constant is then for ``C f``.
         max_regions: stop (LipboundError) when more regions than this meet the ball.
-        time_limit: stop (LipboundError) after this many seconds.
+        time_limit: stop (:class:`~lipbound.baselines.deadline.TimeLimitError`) after this
+            many seconds (> 0; ``None`` or ``inf``: no limit).
         max_hidden: refuse networks with more hidden units than this.
         input_shape: input shape without batch (only needed for some Normalize layers).
         model_name: name stored in the result.
@@ -279,7 +280,7 @@ def exact_local_l2(net: nn.Module | Sequence[tuple[Any, Any]], x0: Any, eps: flo
 
 def exact_local_l2_detailed(net: nn.Module | Sequence[tuple[Any, Any]], x0: Any, eps: float,
                             *, output_map: Any | None = None, max_regions: int = 20000,
-                            time_limit: float = 60.0, max_hidden: int = 256,
+                            time_limit: float | None = 60.0, max_hidden: int = 256,
                             input_shape: Sequence[int] | None = None,
                             model_name: str | None = None) -> ExactL2Result:
     """As :func:`exact_local_l2`, also returning the attained lower end and the witness."""
@@ -294,7 +295,10 @@ def exact_local_l2_detailed(net: nn.Module | Sequence[tuple[Any, Any]], x0: Any,
     hidden = layers[:-1]
     n_layers = len(hidden)
     n_tot = n0 + sum(w.shape[0] for w, _ in layers)
-    budget = _Budget(max_regions, time_limit, what)
+    # validated as the other rivals' limits are (None or inf: no limit); a None used to fail
+    # with a TypeError on the 64th branch node, NaN never stopped, -1 stopped at once
+    limit = check_time_limit(time_limit)
+    budget = _Budget(max_regions, math.inf if limit is None else limit, what)
     xabs = np.abs(xc)
 
     pattern = [np.zeros(w.shape[0]) for w, _ in hidden]
