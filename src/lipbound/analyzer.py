@@ -816,7 +816,8 @@ class Analyzer:
         fp = min(1.0, sum(f.failure_prob for f in facs))
         return BoundResult(value=value, guarantee=g, method="global", quantity=GLOBAL_QUANTITY,
                            eps=None, seconds=time.perf_counter() - t0, layers=tuple(layers),
-                           failure_prob=fp, model=self.name, notes=self.notes)
+                           failure_prob=fp, model=self.name, notes=self.notes,
+                           source="global")
 
     # ------------------------------------------------------------------ local
     def _propagate(self, key: str, blocks: list[Block], x0: Tensor, eps: float,
@@ -1217,6 +1218,7 @@ class Analyzer:
         g = combine_guarantees([sb.guarantee for sb in bounds]) if bounds else Guarantee.EXACT
         fp = min(1.0, sum(sb.failure_prob for sb in bounds))
         notes = list(self.notes)
+        source = "product"
         if key in self._global:
             gv = product_up(f.value for f in self._global[key])
             gg = combine_guarantees([f.guarantee for f in self._global[key]])
@@ -1227,26 +1229,29 @@ class Analyzer:
                 # min(local, global) fails if either fails: the probabilities add up, unless
                 # the reported global bound is certified (then it cannot fail)
                 fp = 0.0 if gg == Guarantee.CERTIFIED else min(1.0, fp + gfp)
-                value, g = gv, gg
+                value, g, source = gv, gg, "global"
                 nominal = math.nan  # from the local factors: not covered by this guarantee
         if g == Guarantee.CERTIFIED:
             fp = 0.0
         if record is not None:
-            value, g, fp, nominal, more = self._tight(blocks, x0, eps, record, bounds,
-                                                      tight_rows, value, g, fp, nominal,
-                                                      local_nominal)
+            value, g, fp, nominal, more, tight_used = self._tight(
+                blocks, x0, eps, record, bounds, tight_rows, value, g, fp, nominal,
+                local_nominal, "the global bound" if source == "global" else "the paper's product")
             notes.append(more)
+            if tight_used:
+                source = "tight"
         return BoundResult(value=value, guarantee=g, method="local", quantity=LOCAL_QUANTITY,
                            eps=eps, seconds=time.perf_counter() - t0, layers=tuple(layers),
                            failure_prob=fp, model=self.name, notes=tuple(notes),
-                           nominal_error=nominal)
+                           nominal_error=nominal, source=source)
 
     def _tight(self, blocks: list[Block], x0: Tensor, eps: float, record: list,
                bounds: list[SpectralBound], tight_rows: int, value: float, g: Guarantee,
-               fp: float, nominal: float, local_nominal: float
-               ) -> tuple[float, Guarantee, float, float, str]:
+               fp: float, nominal: float, local_nominal: float, what: str
+               ) -> tuple[float, Guarantee, float, float, str, bool]:
         """The smaller of the paper's bound (``value``, ``g``, ``fp``) and the tight one
-        (:func:`lipbound.tight.tight_local_bound`), and a note saying which was reported.
+        (:func:`lipbound.tight.tight_local_bound`), a note saying which was reported, and
+        whether it was the tight one (``what`` names the bound ``value`` is, for the notes).
 
         The tight bound's norms are exact; its limits use the paper's radii, so it holds
         under the same event as the local product (certified when that is). So does the
@@ -1258,18 +1263,17 @@ class Analyzer:
         x = x0.to(device=self.device, dtype=torch.float64)
         out = tight_local_bound(blocks, x, eps, record, bounds, max_rows=tight_rows)
         if out.value is None:
-            return value, g, fp, nominal, (f"tight bound not formed ({out.reason}): the "
-                                           f"paper's product {value:.6g} is reported")
+            return value, g, fp, nominal, (f"tight bound not formed ({out.reason}): {what} "
+                                           f"{value:.6g} is reported"), False
         lg, lfp = _product_guarantee(bounds)
         how = _tight_how(blocks, out)
         if out.value < value:
-            note = (f"tight bound ({how}) {out.value:.6g} reported; the paper's product is "
-                    f"{value:.6g}")
+            note = f"tight bound ({how}) {out.value:.6g} reported; {what} is {value:.6g}"
             # the nominal error from the local factors: valid under the local product's event
             # (the hybrid's head is those factors themselves)
-            return out.value, lg, lfp, local_nominal, note
-        return value, g, fp, nominal, (f"paper's bound {value:.6g} reported; the tight "
-                                       f"bound ({how}) is {out.value:.6g}")
+            return out.value, lg, lfp, local_nominal, note, True
+        return value, g, fp, nominal, (f"{what} {value:.6g} reported; the tight bound "
+                                       f"({how}) is {out.value:.6g}"), False
 
     def local_bound_rows(self, x0: Tensor, eps: float, output_map: Tensor, *,
                          tight: bool = False, tight_rows: int = TIGHT_ROWS) -> RowBounds:

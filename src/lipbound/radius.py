@@ -331,15 +331,10 @@ def _test_local(an: Analyzer, pb: _Problem, eps: float) -> _Eval:
     ratio = prod / t if math.isfinite(prod) else math.inf
     if ok and ratio >= 1.0:
         ratio = math.nextafter(1.0, 0.0)
-    # the analyzer reports its (non-adaptive, cached) global bound when that is smaller
-    local_prod = math.prod(lf.local for lf in r.layers) if r.layers else lval
-    if pb.tight:
-        # the tight bound, when reported, is below the layer product too, but it depends on
-        # the local factors (and their draws): only the global bound's report counts
-        from_global = (any(n.startswith("the global bound was smaller") for n in r.notes)
-                       and not any(n.startswith("tight bound (") for n in r.notes))
-    else:
-        from_global = bool(r.layers) and lval < local_prod
+    # the analyzer reports its (non-adaptive, cached) global bound when that is smaller; the
+    # tight bound, when reported, is below the layer product too, but it depends on the local
+    # factors (and their draws): only the global bound's report counts
+    from_global = r.source == "global"
     return _Eval(eps, ok, ratio, lval, r.guarantee, float(r.failure_prob), pb.runner_up,
                  from_global, _any_reused(r.layers))
 

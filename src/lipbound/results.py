@@ -151,6 +151,12 @@ class BoundResult:
     """Local bounds: a bound on ``||f̂(x0) - f(x0)||``, the float64 output at ``x0`` against
     the exact network's (the rounding of the nominal forward pass), valid under the same
     event as ``value``; NaN where not computed."""
+    source: str = ""
+    """Which bound ``value`` is. The analyzer's local bounds: ``"product"`` (the paper's
+    layer-wise product), ``"global"`` (the global bound, reported because it was smaller) or
+    ``"tight"`` (the centre-plus-deviation bound of :mod:`lipbound.tight`, over the whole
+    network or a tail of it); its global bounds: ``"global"``; ``""`` where not said (the
+    rival methods)."""
 
     def to_dict(self) -> dict[str, Any]:
         d = {
@@ -165,6 +171,7 @@ class BoundResult:
             "model": self.model,
             "notes": list(self.notes),
             "nominal_error": self.nominal_error,
+            "source": self.source,
             "layers": [lf.to_dict() for lf in self.layers],
         }
         return _jsonable(d)

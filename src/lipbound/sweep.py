@@ -502,13 +502,8 @@ def _tight_points(sa: Analyzer, x0: Tensor, distinct: list[float],
         r = sa.local_bound(x0, e, output_map=output_map, tight=True)
         fp = float(r.failure_prob) if r.guarantee == Guarantee.PROBABILISTIC else 0.0
         notes = list(r.notes)
-        if any(n.startswith("tight bound (") for n in notes):
-            source = "tight"
-            formed += 1
-        elif any(n.startswith("the global bound was smaller") for n in notes):
-            source = "global"
-        else:
-            source = "paper"
+        source = {"tight": "tight", "global": "global"}.get(r.source, "paper")
+        formed += source == "tight"
         why = next((n for n in notes if n.startswith("tight bound not formed")), None)
         details: dict[str, Any] = {"spectral": _spectral(r), "source": source}
         if why is not None:
