@@ -1214,6 +1214,8 @@ class Analyzer:
         nominal = self._nominal_total(state[3], state[1])
         local_nominal = nominal  # (valid under the local factors' event)
         value = product_up(sb.value for sb in bounds)  # (rounded up below the normal range)
+        local_value = value
+        global_note = None
         g = combine_guarantees([sb.guarantee for sb in bounds]) if bounds else Guarantee.EXACT
         fp = min(1.0, sum(sb.failure_prob for sb in bounds))
         notes = list(self.notes)
@@ -1221,8 +1223,9 @@ class Analyzer:
             gv = product_up(f.value for f in self._global[key])
             gg = combine_guarantees([f.guarantee for f in self._global[key]])
             if gv < value and (gg == Guarantee.CERTIFIED or g != Guarantee.CERTIFIED):
-                notes.append("the global bound was smaller than the layer-wise local product "
-                             "and is reported instead")
+                global_note = ("the global bound was smaller than the layer-wise local product "
+                               "and is reported instead")
+                notes.append(global_note)
                 gfp = min(1.0, sum(f.failure_prob for f in self._global[key]))
                 # min(local, global) fails if either fails: the probabilities add up, unless
                 # the reported global bound is certified (then it cannot fail)
@@ -1234,7 +1237,10 @@ class Analyzer:
         if record is not None:
             value, g, fp, nominal, more = self._tight(blocks, x0, eps, record, bounds,
                                                       tight_rows, value, g, fp, nominal,
-                                                      local_nominal)
+                                                      local_nominal, local_value)
+            if global_note is not None and more.startswith("tight bound ("):
+                # the tight bound is reported, not the global one (its note says both values)
+                notes.remove(global_note)
             notes.append(more)
         return BoundResult(value=value, guarantee=g, method="local", quantity=LOCAL_QUANTITY,
                            eps=eps, seconds=time.perf_counter() - t0, layers=tuple(layers),
@@ -1243,7 +1249,8 @@ class Analyzer:
 
     def _tight(self, blocks: list[Block], x0: Tensor, eps: float, record: list,
                bounds: list[SpectralBound], tight_rows: int, value: float, g: Guarantee,
-               fp: float, nominal: float, local_nominal: float
+               fp: float, nominal: float, local_nominal: float,
+               local_value: float | None = None
                ) -> tuple[float, Guarantee, float, float, str]:
         """The smaller of the paper's bound (``value``, ``g``, ``fp``) and the tight one
         (:func:`lipbound.tight.tight_local_bound`), and a note saying which was reported.
@@ -1252,7 +1259,8 @@ class Analyzer:
         under the same event as the local product (certified when that is). So does the
         nominal error from the local factors (``local_nominal``), reported with it: not a
         NaN that sends callers (the radius search) to the global factors' nominal error, whose
-        failure probability the tight result does not count."""
+        failure probability the tight result does not count. ``local_value``: the paper's
+        (local) product, when ``value`` is the global bound instead (the note gives both)."""
         from .tight import tight_local_bound
 
         x = x0.to(device=self.device, dtype=torch.float64)
@@ -1263,8 +1271,11 @@ class Analyzer:
         lg, lfp = _product_guarantee(bounds)
         how = _tight_how(blocks, out)
         if out.value < value:
+            paper = value if local_value is None else local_value
             note = (f"tight bound ({how}) {out.value:.6g} reported; the paper's product is "
-                    f"{value:.6g}")
+                    f"{paper:.6g}")
+            if paper != value:
+                note += f" and the global bound {value:.6g}"
             # the nominal error from the local factors: valid under the local product's event
             # (the hybrid's head is those factors themselves)
             return out.value, lg, lfp, local_nominal, note

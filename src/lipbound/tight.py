@@ -152,6 +152,10 @@ def _windows(b: PoolBlock, device) -> Tensor:
     if len(shape) < 2:
         raise _Fallback(f"max pooling {op.name}: input without a spatial grid")
     h, w = shape[-2:]
+    if any(size < dl * (k - 1) + 1
+           for size, k, dl in zip((h, w), op.kernel, op.dilation, strict=True)):
+        # (no full window: torch's unfold raises; ceil_mode gives partial ones)
+        raise _Fallback(f"max pooling {op.name} has partial windows (ceil_mode)")
     lead = math.prod(shape[:-2])
     idx = torch.arange(lead * h * w, dtype=torch.float64, device=device).reshape(lead, 1, h, w)
     cols = F.unfold(idx, op.kernel, dilation=op.dilation, stride=op.stride)  # (lead, k, L)

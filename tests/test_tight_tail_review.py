@@ -1,0 +1,77 @@
+"""Review of the hybrid tight bound (tighttail-s19): regression tests for what was found.
+
+* A max pooling layer with ``ceil_mode=True`` whose input is smaller than one dilated window
+  (no full window at all): the tight bound's window list called ``F.unfold``, which raised a
+  RuntimeError, so ``local_bound(..., tight=True)`` crashed instead of reporting the paper's
+  product with the documented "partial windows" fallback.
+* Where the global bound was smaller than the local product (so it would have been reported)
+  and the tight bound is smaller still and reported, the notes said "the global bound ... is
+  reported instead" (it was not) and called the global bound "the paper's product".
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from lipbound import Analyzer
+from lipbound.results import Guarantee
+
+DT = torch.float64
+
+
+def test_ceil_mode_pool_without_full_window_falls_back() -> None:
+    """A 4 x 4 input, kernel 3 with dilation 2 (span 5) and ``ceil_mode``: one partial
+    window. The tight bound is not formed (a note says why) and the paper's product is
+    reported, for the matrix and the per-row forms; before, a RuntimeError from unfold."""
+    g = torch.Generator().manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(1, 1, 1), nn.ReLU(),
+                        nn.MaxPool2d(3, dilation=2, ceil_mode=True), nn.Flatten(),
+                        nn.Linear(1, 2)).to(DT)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.copy_(torch.randn(p.shape, generator=g, dtype=DT))
+    net.eval()
+    x0 = torch.randn(1, 1, 4, 4, generator=g, dtype=DT)
+    assert net(x0).shape == (1, 2)  # (torch pools the partial window)
+    an = Analyzer(net, (1, 4, 4), spectral="exact")
+    plain = an.local_bound(x0, 0.1)
+    res = an.local_bound(x0, 0.1, tight=True)
+    assert res.value == plain.value
+    assert any(n.startswith("tight bound not formed") and "partial windows" in n
+               for n in res.notes), res.notes
+    rows = an.local_bound_rows(x0, 0.1, torch.eye(2, dtype=DT), tight=True)
+    assert torch.equal(rows.values, an.local_bound_rows(x0, 0.1, torch.eye(2, dtype=DT)).values)
+    assert any("partial windows" in n for n in rows.notes), rows.notes
+
+
+def test_tight_reported_below_global_is_labelled() -> None:
+    """Lanczos route, every unit active: the (probabilistic) global bound is below the local
+    product and would be reported; the tight bound is far below both and is reported. The
+    notes no longer claim the global bound is reported, and name the local product and the
+    global bound with their own values; the guarantee is the local product's."""
+    g = torch.Generator().manual_seed(0)
+    net = nn.Sequential(nn.Linear(2, 200), nn.ReLU(), nn.Linear(200, 200), nn.ReLU(),
+                        nn.Linear(200, 3)).to(DT).eval()
+    with torch.no_grad():
+        for p in net.parameters():
+            p.copy_(torch.randn(p.shape, generator=g, dtype=DT))
+        net[0].bias.fill_(1e3)
+        net[2].bias.fill_(1e5)
+    x0 = torch.randn(1, 2, generator=g, dtype=DT)
+    an = Analyzer(net, (2,), spectral="lanczos")
+    gb = an.global_bound()
+    plain = an.local_bound(x0, 0.3)
+    local_product = math.prod(lf.local for lf in plain.layers)
+    assert any(n.startswith("the global bound was smaller") for n in plain.notes)  # (the case)
+    assert plain.value == gb.value < local_product
+    res = an.local_bound(x0, 0.3, tight=True)
+    assert res.value < 0.5 * gb.value
+    assert res.guarantee == Guarantee.PROBABILISTIC
+    assert res.failure_prob == sum(lf.failure_prob for lf in plain.layers)
+    assert not any("global bound was smaller" in n for n in res.notes), res.notes
+    note = next(n for n in res.notes if n.startswith("tight bound ("))
+    assert f"the paper's product is {local_product:.6g}" in note, note
+    assert f"the global bound {gb.value:.6g}" in note, note
