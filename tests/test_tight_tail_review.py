@@ -4,6 +4,10 @@
   (no full window at all): the tight bound's window list called ``F.unfold``, which raised a
   RuntimeError, so ``local_bound(..., tight=True)`` crashed instead of reporting the paper's
   product with the documented "partial windows" fallback.
+* The coordinates that may move after a ReLU (``live``, the hybrid's ``M_j``) and the box of
+  its outputs came from a ``ȳ`` without the library's ``+ UNDERFLOW`` for a folded block
+  (``fold_factor > 1``): below the normal range a unit the library's mask (and slope
+  ``r > 0``) lets move was left out of ``M_j`` and its box top was 0.
 * Where the global bound was smaller than the local product (so it would have been reported)
   and the tight bound is smaller still and reported, the notes said "the global bound ... is
   reported instead" (it was not) and called the global bound "the paper's product".
@@ -12,12 +16,15 @@
 from __future__ import annotations
 
 import math
+import types
 
 import torch
 from torch import nn
 
 from lipbound import Analyzer
+from lipbound.analyzer import _relu_slopes
 from lipbound.results import Guarantee
+from lipbound.tight import _relu_secant
 
 DT = torch.float64
 
@@ -75,3 +82,23 @@ def test_tight_reported_below_global_is_labelled() -> None:
     note = next(n for n in res.notes if n.startswith("tight bound ("))
     assert f"the paper's product is {local_product:.6g}" in note, note
     assert f"the global bound {gb.value:.6g}" in note, note
+
+
+def test_live_units_cover_the_library_mask_below_the_normal_range() -> None:
+    """A folded block (``fold_factor > 1``), a pre-activation 3 subnormal units below 0, a
+    nominal error of 2 and a radius of 1 unit: the library's ``ȳ`` (with ``+ UNDERFLOW`` for
+    the folded product's rounding) is positive, so the unit may turn on (``r = 0.5``, in the
+    mask); the tight bound's ``ȳ`` was 0, leaving it out of the hybrid's ``M_j`` and giving
+    its output box the top 0. Now the same ``ȳ`` bit for bit."""
+    u = 2.0 ** -1074
+
+    def t(v: float) -> torch.Tensor:
+        return torch.tensor([v], dtype=DT)
+
+    b = types.SimpleNamespace(fold_factor=1.0 + 2.0 ** -20, name="bn+relu")
+    y0, e_out, rn = t(-3 * u), t(2 * u), t(1.0)
+    r, on, _ = _relu_slopes(y0, e_out, rn, u, rn > 0, b.fold_factor)
+    assert bool(on[0]) and float(r[0]) > 0  # (the case: the library lets it move)
+    sec, _, top = _relu_secant(b, {"y0": y0, "e_out": e_out, "rn": rn, "eps_k": u, "r": r})
+    assert sec.live is not None and sec.live.tolist() == [0]
+    assert float(top[0]) > 0
