@@ -133,7 +133,7 @@ def test_hybrid_at_every_boundary_against_the_exact_constant_on_a_line() -> None
     from lipbound.tight import tight_local_bound
 
     closest = math.inf
-    for seed in range(16):
+    for seed in range(40):
         net, x0, eps = _line_net(seed)
         an = Analyzer(net, (1,), spectral="exact")
         key, blocks = an._blocks_for(None)
@@ -151,3 +151,97 @@ def test_hybrid_at_every_boundary_against_the_exact_constant_on_a_line() -> None
             if exact > 0:
                 closest = min(closest, out.value / exact)
     assert closest < 1 + 1e-6  # (the check is sharp on these nets)
+
+
+def _pool_line_net(seed: int) -> tuple[nn.Module, torch.Tensor, float]:
+    """A scalar input spread by a linear layer over a small image (reshaped), ReLU (or not),
+    max pooling (overlapping or not), an optional ReLU, then FC-ReLU-FC; in some nets the
+    image is constant over each channel (every pooling window tied at x0)."""
+    from core_helpers import View
+
+    class Unflatten(View):  # (a reshape: traced by lipbound, linear for core_helpers)
+        def __init__(self, shape: tuple[int, ...]):
+            super().__init__()
+            self.shape = shape
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x.reshape(x.shape[0], *self.shape)
+
+    g = torch.Generator().manual_seed(seed)
+
+    def pick(*options):
+        return options[int(torch.randint(len(options), (1,), generator=g))]
+
+    c, h = pick(1, 2), pick(3, 4, 5)
+    relu_first = pick(True, True, False)
+    mods: list[nn.Module] = [nn.Linear(1, c * h * h), Unflatten((c, h, h))]
+    mods += [nn.ReLU()] if relu_first else []
+    mods += [nn.MaxPool2d(min(pick(2, 3), h), stride=pick(1, 2))]
+    mods += [nn.ReLU()] if pick(True, False) else []
+    mods += [nn.Flatten()]
+    n = nn.Sequential(*mods).to(DT)(torch.zeros(1, 1, dtype=DT)).shape[1]
+    width = pick(2, 3, 4)
+    mods += [nn.Linear(n, width), nn.ReLU(), nn.Linear(width, pick(1, 2, 3))]
+    net = nn.Sequential(*mods).to(DT)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.copy_(torch.randn(p.shape, generator=g, dtype=DT) * pick(0.5, 1.0, 2.0))
+        if pick(True, False):  # ties
+            w0, b0 = net[0].weight.reshape(c, h * h), net[0].bias.reshape(c, h * h)
+            net[0].weight.copy_(w0[:, :1].expand(c, h * h).reshape(-1, 1))
+            net[0].bias.copy_(b0[:, :1].expand(c, h * h).reshape(-1))
+    x0 = torch.randn(1, 1, generator=g, dtype=DT)
+    return net.eval(), x0, pick(0.01, 0.1, 0.5, 1.0, 3.0)
+
+
+def test_hybrid_with_pooling_against_the_exact_constant_on_a_line() -> None:
+    """As above, through max pooling (tied windows included) and for each row of an output
+    map with a cancelling row (``row_last``, the per-row hybrid at every boundary): no
+    tolerance against the exact constant on the segment."""
+    from core_helpers import ratios
+    from lipbound.ops.base import product_up
+    from lipbound.tight import tight_local_bound
+
+    closest = math.inf
+    for seed in range(30):
+        net, x0, eps = _pool_line_net(seed)
+        t = torch.linspace(-eps, eps, 20001, dtype=DT)
+        t = t[t.abs() >= 1e-6 * eps]
+        near = eps * 10.0 ** -torch.linspace(1, 12, 50, dtype=DT)
+        t = torch.cat([t, near, -near])[:, None]
+        an = Analyzer(net, (1,), spectral="exact")
+        key, blocks = an._blocks_for(None)
+        rec: list = []
+        _, bounds, _ = an._propagate(key, blocks, x0, eps, record=rec)
+        exact = float(ratios(net, x0, t).max())
+        for j in range(len(blocks)):
+            out = tight_local_bound(blocks, x0, eps, rec, bounds, min_start=j, tail_starts=1)
+            assert out.value is not None, out.reason
+            assert out.value >= exact, (seed, j, out.value, exact)
+            if exact > 0:
+                closest = min(closest, out.value / exact)
+        n_out = net(x0).shape[1]
+        cm = torch.randn(2, n_out, generator=torch.Generator().manual_seed(seed), dtype=DT)
+        cm = torch.cat([cm, -cm[:1]])
+        key, blocks = an._blocks_for(cm)
+        rec = []
+        _, bounds, _ = an._propagate(key, blocks, x0, eps, stop_before_last=True, record=rec)
+        paper = an.local_bound_rows(x0, eps, cm)
+        prefix = product_up(b.value for b in bounds)
+        last = [float(v) / prefix * (1 + 1e-9) if prefix > 0 else 0.0 for v in paper.values]
+        exact_rows = []
+        for i in range(3):
+            head = nn.Linear(n_out, 1, bias=False).to(DT)
+            with torch.no_grad():
+                head.weight.copy_(cm[i:i + 1])
+            exact_rows.append(float(ratios(nn.Sequential(*net, head).eval(), x0, t).max()))
+        for j in range(len(blocks)):
+            out = tight_local_bound(blocks, x0, eps, rec, bounds, row_last=last, min_start=j,
+                                    tail_starts=1)
+            assert out.row_values is not None, out.reason
+            for i in range(3):
+                assert out.row_values[i] >= exact_rows[i], (seed, j, i, out.row_values[i],
+                                                            exact_rows[i])
+        small = an.local_bound_rows(x0, eps, cm, tight=True, tight_rows=4)
+        assert all(float(small.values[i]) >= exact_rows[i] for i in range(3))
+    assert closest < 1 + 1e-6
