@@ -1215,6 +1215,8 @@ class Analyzer:
         nominal = self._nominal_total(state[3], state[1])
         local_nominal = nominal  # (valid under the local factors' event)
         value = product_up(sb.value for sb in bounds)  # (rounded up below the normal range)
+        local_value = value
+        global_note = None
         g = combine_guarantees([sb.guarantee for sb in bounds]) if bounds else Guarantee.EXACT
         fp = min(1.0, sum(sb.failure_prob for sb in bounds))
         notes = list(self.notes)
@@ -1223,8 +1225,9 @@ class Analyzer:
             gv = product_up(f.value for f in self._global[key])
             gg = combine_guarantees([f.guarantee for f in self._global[key]])
             if gv < value and (gg == Guarantee.CERTIFIED or g != Guarantee.CERTIFIED):
-                notes.append("the global bound was smaller than the layer-wise local product "
-                             "and is reported instead")
+                global_note = ("the global bound was smaller than the layer-wise local product "
+                               "and is reported instead")
+                notes.append(global_note)
                 gfp = min(1.0, sum(f.failure_prob for f in self._global[key]))
                 # min(local, global) fails if either fails: the probabilities add up, unless
                 # the reported global bound is certified (then it cannot fail)
@@ -1236,10 +1239,13 @@ class Analyzer:
         if record is not None:
             value, g, fp, nominal, more, tight_used = self._tight(
                 blocks, x0, eps, record, bounds, tight_rows, value, g, fp, nominal,
-                local_nominal, "the global bound" if source == "global" else "the paper's product")
-            notes.append(more)
+                local_nominal, local_value)
             if tight_used:
                 source = "tight"
+                if global_note is not None:
+                    # the tight bound is reported, not the global one (its note says both)
+                    notes.remove(global_note)
+            notes.append(more)
         return BoundResult(value=value, guarantee=g, method="local", quantity=LOCAL_QUANTITY,
                            eps=eps, seconds=time.perf_counter() - t0, layers=tuple(layers),
                            failure_prob=fp, model=self.name, notes=tuple(notes),
@@ -1247,19 +1253,24 @@ class Analyzer:
 
     def _tight(self, blocks: list[Block], x0: Tensor, eps: float, record: list,
                bounds: list[SpectralBound], tight_rows: int, value: float, g: Guarantee,
-               fp: float, nominal: float, local_nominal: float, what: str
+               fp: float, nominal: float, local_nominal: float,
+               local_value: float | None = None
                ) -> tuple[float, Guarantee, float, float, str, bool]:
         """The smaller of the paper's bound (``value``, ``g``, ``fp``) and the tight one
         (:func:`lipbound.tight.tight_local_bound`), a note saying which was reported, and
-        whether it was the tight one (``what`` names the bound ``value`` is, for the notes).
+        whether it was the tight one.
 
         The tight bound's norms are exact; its limits use the paper's radii, so it holds
         under the same event as the local product (certified when that is). So does the
         nominal error from the local factors (``local_nominal``), reported with it: not a
         NaN that sends callers (the radius search) to the global factors' nominal error, whose
-        failure probability the tight result does not count."""
+        failure probability the tight result does not count. ``local_value``: the paper's
+        (local) product, when ``value`` is the global bound instead (the note gives both)."""
         from .tight import tight_local_bound
 
+        # what ``value`` is, for the notes
+        what = ("the global bound" if local_value is not None and local_value != value
+                else "the paper's product")
         x = x0.to(device=self.device, dtype=torch.float64)
         out = tight_local_bound(blocks, x, eps, record, bounds, max_rows=tight_rows)
         if out.value is None:
@@ -1268,7 +1279,11 @@ class Analyzer:
         lg, lfp = _product_guarantee(bounds)
         how = _tight_how(blocks, out)
         if out.value < value:
-            note = f"tight bound ({how}) {out.value:.6g} reported; {what} is {value:.6g}"
+            paper = value if local_value is None else local_value
+            note = (f"tight bound ({how}) {out.value:.6g} reported; the paper's product is "
+                    f"{paper:.6g}")
+            if paper != value:
+                note += f" and the global bound {value:.6g}"
             # the nominal error from the local factors: valid under the local product's event
             # (the hybrid's head is those factors themselves)
             return out.value, lg, lfp, local_nominal, note, True

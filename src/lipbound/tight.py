@@ -2,8 +2,9 @@
 
 The paper's local bound (Avant & Morgansen, *Analytical Bounds on the Local Lipschitz Constants
 of ReLU Networks*, IEEE TNNLS 2023; method.md rules 1-8, :meth:`lipbound.Analyzer.local_bound`)
-is a product of per-layer factors. This module computes a second certified bound on the same
-quantity and the analyzer reports the smaller one (``local_bound(..., tight=True)``). The
+is a product of per-layer factors. This module computes a second bound on the same quantity,
+under the same event as that product (certified when its factors are), and the analyzer
+reports the smaller one (``local_bound(..., tight=True)``). The
 derivation and its measurements are in ``notes/tightness_spike.md``; in short:
 
 * **Secants.** For ``x`` in the ball, ``f(x) - f(x0) = Q(x) (x - x0)`` with ``Q(x)`` the
@@ -152,6 +153,10 @@ def _windows(b: PoolBlock, device) -> Tensor:
     if len(shape) < 2:
         raise _Fallback(f"max pooling {op.name}: input without a spatial grid")
     h, w = shape[-2:]
+    if any(size < dl * (k - 1) + 1
+           for size, k, dl in zip((h, w), op.kernel, op.dilation, strict=True)):
+        # (no full window: torch's unfold raises; ceil_mode gives partial ones)
+        raise _Fallback(f"max pooling {op.name} has partial windows (ceil_mode)")
     lead = math.prod(shape[:-2])
     idx = torch.arange(lead * h * w, dtype=torch.float64, device=device).reshape(lead, 1, h, w)
     cols = F.unfold(idx, op.kernel, dilation=op.dilation, stride=op.stride)  # (lead, k, L)
@@ -170,7 +175,9 @@ def _relu_secant(b: AffineBlock, rec: dict) -> tuple[_Secant, Tensor, Tensor]:
     _check_tensor(rn, f"a row norm of {b.name}")
     if not (0.0 <= eps_k <= SAFE_HIGH):
         raise _Fallback(f"the radius {eps_k:.3g} at {b.name} is outside the safe range")
-    er = eps_k * rn * b.fold_factor
+    er = eps_k * rn
+    if b.fold_factor > 1.0:  # (+ UNDERFLOW: as the library's ȳ, this product's rounding
+        er = er * b.fold_factor + UNDERFLOW  # below the normal range; the same ȳ bit for bit)
     _check_tensor(er, f"a pre-activation radius of {b.name}", nonzero_low=False)
     marg = SAFETY * (y0.abs() + er)
     y_lo = y0 - e_out
@@ -759,7 +766,9 @@ def _columns(rows: tuple[Tensor, Tensor] | _Local | _Mirror, cols: Tensor | None
 @dataclass(frozen=True)
 class TightOutcome:
     """The result of :func:`tight_local_bound`: ``value`` (an upper bound on the local
-    Lipschitz constant, certified) or None with ``reason``; ``rows`` VJP rows used."""
+    Lipschitz constant under the event of the ``factors``: certified when they all are; the
+    limits use their radii and the hybrid multiplies its head by them) or None with
+    ``reason``; ``rows`` VJP rows used."""
 
     value: float | None
     reason: str
@@ -924,7 +933,9 @@ def _tight(blocks: list[Block], x0: Tensor, eps: float, records: list[dict],
             sec = live = None
             y0, e_out, rn, eps_k = rec["y0"], rec["e_out"], rec["rn"], rec["eps_k"]
             _check_tensor(y0, f"a value of {b.name} at x0", nonzero_low=False)
-            er = eps_k * rn * b.fold_factor
+            er = eps_k * rn
+            if b.fold_factor > 1.0:  # (as in _relu_secant)
+                er = er * b.fold_factor + UNDERFLOW
             _check_tensor(er, f"a radius of {b.name}", nonzero_low=False)
             mg = SAFETY * (y0.abs() + er)
             lo, hi = y0 - e_out - er - mg, y0 + e_out + er + mg
