@@ -541,3 +541,18 @@ def exact_distance_sq(a: Tensor, b: Tensor) -> Fraction:
     ys = b.detach().double().flatten().tolist()
     return sum(((Fraction(x) - Fraction(y)) ** 2 for x, y in zip(xs, ys, strict=True)),
                Fraction(0))
+
+
+def all_active_net() -> tuple[nn.Sequential, Tensor]:
+    """A float64 2-200-200-3 ReLU net whose units are all active on small balls (biases 1e3,
+    1e5), and an input: its local operators are the global ones, so with Lanczos the
+    (probabilistic) global bound comes out below the layer-wise local product."""
+    g = torch.Generator().manual_seed(0)
+    net = nn.Sequential(nn.Linear(2, 200), nn.ReLU(), nn.Linear(200, 200), nn.ReLU(),
+                        nn.Linear(200, 3)).to(torch.float64).eval()
+    with torch.no_grad():
+        for p in net.parameters():
+            p.copy_(torch.randn(p.shape, generator=g, dtype=torch.float64))
+        net[0].bias.fill_(1e3)
+        net[2].bias.fill_(1e5)
+    return net, torch.randn(1, 2, generator=g, dtype=torch.float64)

@@ -10,28 +10,15 @@ import math
 import torch
 from torch import nn
 
+from core_helpers import all_active_net
 from lipbound import Analyzer
 from lipbound.results import Guarantee
 
 DT = torch.float64
 
 
-def _net_with_global_below_local() -> tuple[nn.Module, torch.Tensor]:
-    """Every unit active on the ball: the local operators are the global ones, and the
-    (probabilistic) global bound may come out below the layer-wise local product."""
-    g = torch.Generator().manual_seed(0)
-    net = nn.Sequential(nn.Linear(2, 200), nn.ReLU(), nn.Linear(200, 200), nn.ReLU(),
-                        nn.Linear(200, 3)).to(DT).eval()
-    with torch.no_grad():
-        for p in net.parameters():
-            p.copy_(torch.randn(p.shape, generator=g, dtype=DT))
-        net[0].bias.fill_(1e3)
-        net[2].bias.fill_(1e5)
-    return net, torch.randn(1, 2, generator=g, dtype=DT)
-
-
 def test_source_names_the_reported_bound() -> None:
-    net, x0 = _net_with_global_below_local()
+    net, x0 = all_active_net()
     an = Analyzer(net, (2,), spectral="lanczos")
     first = an.local_bound(x0, 0.3)  # no global bound computed yet: the product
     assert first.source == "product"

@@ -141,15 +141,9 @@ def test_tight_report_keeps_the_local_nominal_error() -> None:
     but still a NaN nominal error: the radius search then used the global factors' nominal
     error, whose failure probability it did not count. The tight result now carries the
     local factors' nominal error, valid under its own event."""
-    g = torch.Generator().manual_seed(0)
-    net = nn.Sequential(nn.Linear(2, 200), nn.ReLU(), nn.Linear(200, 200), nn.ReLU(),
-                        nn.Linear(200, 3)).to(DT).eval()
-    with torch.no_grad():
-        for p in net.parameters():
-            p.copy_(torch.randn(p.shape, generator=g, dtype=DT))
-        net[0].bias.fill_(1e3)  # every unit active: local operators = global ones
-        net[2].bias.fill_(1e5)
-    x0 = torch.randn(1, 2, generator=g, dtype=DT)
+    from core_helpers import all_active_net
+
+    net, x0 = all_active_net()
     an = Analyzer(net, (2,), spectral="lanczos")
     gb = an.global_bound()
     plain = an.local_bound(x0, 0.3)

@@ -59,15 +59,9 @@ def test_tight_reported_below_global_is_labelled() -> None:
     product and would be reported; the tight bound is far below both and is reported. The
     notes no longer claim the global bound is reported, and name the local product and the
     global bound with their own values; the guarantee is the local product's."""
-    g = torch.Generator().manual_seed(0)
-    net = nn.Sequential(nn.Linear(2, 200), nn.ReLU(), nn.Linear(200, 200), nn.ReLU(),
-                        nn.Linear(200, 3)).to(DT).eval()
-    with torch.no_grad():
-        for p in net.parameters():
-            p.copy_(torch.randn(p.shape, generator=g, dtype=DT))
-        net[0].bias.fill_(1e3)
-        net[2].bias.fill_(1e5)
-    x0 = torch.randn(1, 2, generator=g, dtype=DT)
+    from core_helpers import all_active_net
+
+    net, x0 = all_active_net()
     an = Analyzer(net, (2,), spectral="lanczos")
     gb = an.global_bound()
     plain = an.local_bound(x0, 0.3)
