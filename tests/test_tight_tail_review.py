@@ -116,6 +116,38 @@ def _line_net(seed: int) -> tuple[nn.Module, torch.Tensor, float]:
     return net.eval(), x0, eps
 
 
+def _segment(eps: float, n: int) -> torch.Tensor:
+    """``n`` points of the segment ``[-eps, eps]`` (x0 left out) and 100 log-spaced ones near
+    x0, as a column."""
+    t = torch.linspace(-eps, eps, n, dtype=DT)
+    t = t[t.abs() >= 1e-6 * eps]
+    near = eps * 10.0 ** -torch.linspace(1, 12, 50, dtype=DT)
+    return torch.cat([t, near, -near])[:, None]
+
+
+def _every_boundary_above(net: nn.Module, x0: torch.Tensor, eps: float, t: torch.Tensor,
+                          tag: object) -> tuple[Analyzer, float]:
+    """The hybrid from every boundary (``min_start=j``) against the exact local constant on
+    the segment ``t`` (no tolerance); returns the analyzer and the smallest ratio of a value
+    to it (inf when it is 0)."""
+    from core_helpers import ratios
+    from lipbound.tight import tight_local_bound
+
+    an = Analyzer(net, (1,), spectral="exact")
+    key, blocks = an._blocks_for(None)
+    rec: list = []
+    _, bounds, _ = an._propagate(key, blocks, x0, eps, record=rec)
+    exact = float(ratios(net, x0, t).max())
+    closest = math.inf
+    for j in range(len(blocks)):
+        out = tight_local_bound(blocks, x0, eps, rec, bounds, min_start=j, tail_starts=1)
+        assert out.value is not None, out.reason
+        assert out.value >= exact, (tag, j, out.value, exact)
+        if exact > 0:
+            closest = min(closest, out.value / exact)
+    return an, closest
+
+
 def test_hybrid_at_every_boundary_against_the_exact_constant_on_a_line() -> None:
     """Scalar input: the local constant is the largest ratio over the segment, attained at a
     kink or an end (or next to x0): 100000 points and 100 log-spaced ones near x0, each ratio
@@ -123,27 +155,11 @@ def test_hybrid_at_every_boundary_against_the_exact_constant_on_a_line() -> None
     hybrid at every boundary (``min_start=j``) is at least it, with no tolerance; it is
     reached to ~1e-9 on some nets (the head's factors exact on a line), so a missing
     coordinate, factor or rounding allowance shows."""
-    from core_helpers import ratios
-    from lipbound.tight import tight_local_bound
-
     closest = math.inf
     for seed in range(40):
         net, x0, eps = _line_net(seed)
-        an = Analyzer(net, (1,), spectral="exact")
-        key, blocks = an._blocks_for(None)
-        rec: list = []
-        _, bounds, _ = an._propagate(key, blocks, x0, eps, record=rec)
-        t = torch.linspace(-eps, eps, 100001, dtype=DT)
-        t = t[t.abs() >= 1e-6 * eps]
-        near = eps * 10.0 ** -torch.linspace(1, 12, 50, dtype=DT)
-        t = torch.cat([t, near, -near])
-        exact = float(ratios(net, x0, t[:, None]).max())
-        for j in range(len(blocks)):
-            out = tight_local_bound(blocks, x0, eps, rec, bounds, min_start=j, tail_starts=1)
-            assert out.value is not None, out.reason
-            assert out.value >= exact, (seed, j, out.value, exact)
-            if exact > 0:
-                closest = min(closest, out.value / exact)
+        _, c = _every_boundary_above(net, x0, eps, _segment(eps, 100001), seed)
+        closest = min(closest, c)
     assert closest < 1 + 1e-6  # (the check is sharp on these nets)
 
 
@@ -199,26 +215,14 @@ def test_hybrid_with_pooling_against_the_exact_constant_on_a_line() -> None:
     closest = math.inf
     for seed in range(30):
         net, x0, eps = _pool_line_net(seed)
-        t = torch.linspace(-eps, eps, 20001, dtype=DT)
-        t = t[t.abs() >= 1e-6 * eps]
-        near = eps * 10.0 ** -torch.linspace(1, 12, 50, dtype=DT)
-        t = torch.cat([t, near, -near])[:, None]
-        an = Analyzer(net, (1,), spectral="exact")
-        key, blocks = an._blocks_for(None)
-        rec: list = []
-        _, bounds, _ = an._propagate(key, blocks, x0, eps, record=rec)
-        exact = float(ratios(net, x0, t).max())
-        for j in range(len(blocks)):
-            out = tight_local_bound(blocks, x0, eps, rec, bounds, min_start=j, tail_starts=1)
-            assert out.value is not None, out.reason
-            assert out.value >= exact, (seed, j, out.value, exact)
-            if exact > 0:
-                closest = min(closest, out.value / exact)
+        t = _segment(eps, 20001)
+        an, c = _every_boundary_above(net, x0, eps, t, seed)
+        closest = min(closest, c)
         n_out = net(x0).shape[1]
         cm = torch.randn(2, n_out, generator=torch.Generator().manual_seed(seed), dtype=DT)
         cm = torch.cat([cm, -cm[:1]])
         key, blocks = an._blocks_for(cm)
-        rec = []
+        rec: list = []
         _, bounds, _ = an._propagate(key, blocks, x0, eps, stop_before_last=True, record=rec)
         paper = an.local_bound_rows(x0, eps, cm)
         prefix = product_up(b.value for b in bounds)

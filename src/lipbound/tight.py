@@ -296,10 +296,10 @@ def _seed_windows(b: PoolBlock, m: int, own: Tensor, pu: Tensor, ri: Tensor, mem
     left = torch.full((m,), ww, dtype=torch.long, device=dev).scatter_reduce(0, ri, mx, "amin")
     right = torch.full((m,), -1, dtype=torch.long, device=dev).scatter_reduce(0, ri, mx,
                                                                                "amax")
-    hs, ws = int((bot - top).max()) + 1, int((right - left).max()) + 1
-    if hs * ws > 0.5 * hh * ww:  # (as _to_local)
+    fit = _fit_windows(top, bot, left, right, hh, ww)
+    if fit is None:
         return None
-    r0, c0 = top.clamp(max=hh - hs), left.clamp(max=ww - ws)
+    r0, c0, hs, ws = fit
     g = torch.zeros(m, c_, hs, ws, dtype=torch.float64, device=dev)
     rem = own % (hh * ww)
     g[torch.arange(m, device=dev), own // (hh * ww), rem // ww - r0, rem % ww - c0] = pu
@@ -507,6 +507,17 @@ def _window(t: Tensor, grid: tuple[int, int, int], loc: _Local) -> Tensor:
     return _crop(t.reshape(1, *grid), loc.r0, loc.c0, h, w)
 
 
+def _fit_windows(top: Tensor, bot: Tensor, left: Tensor, right: Tensor, hh: int, ww: int,
+                 most: float = 0.5) -> tuple[Tensor, Tensor, int, int] | None:
+    """One window size ``(hs, ws)`` holding every row's box ``[top, bot] x [left, right]`` of
+    an ``hh x ww`` grid, and each row's top-left corner ``(r0, c0)`` (the window inside the
+    grid); None when the windows would cover over ``most`` of the grid."""
+    hs, ws = int((bot - top).max()) + 1, int((right - left).max()) + 1
+    if hs * ws > most * hh * ww:
+        return None
+    return top.clamp(max=hh - hs), left.clamp(max=ww - ws), hs, ws
+
+
 def _to_local(g: Tensor, e: Tensor | None, shape, most: float = 0.5) -> _Local | None:
     """Dense rows ``g`` with error bounds ``e`` (flat, on a grid of ``shape``; None: 0) on the
     smallest common window size that holds every row's nonzeros (those of ``g`` or ``e``:
@@ -527,11 +538,10 @@ def _to_local(g: Tensor, e: Tensor | None, shape, most: float = 0.5) -> _Local |
     bot = torch.where(rows_nz, ar_h, -1).amax(dim=1)
     left = torch.where(cols_nz, ar_w, ww).amin(dim=1)
     right = torch.where(cols_nz, ar_w, -1).amax(dim=1)
-    hs, ws = int((bot - top).max()) + 1, int((right - left).max()) + 1
-    if hs * ws > most * hh * ww:
+    fit = _fit_windows(top, bot, left, right, hh, ww, most)
+    if fit is None:
         return None
-    r0 = top.clamp(max=hh - hs)
-    c0 = left.clamp(max=ww - ws)
+    r0, c0, hs, ws = fit
     gw = _crop(g.reshape(-1, *grid), r0, c0, hs, ws)
     ew = torch.zeros_like(gw) if e is None else _crop(e.reshape(-1, *grid), r0, c0, hs, ws)
     return _Local(gw, ew, r0, c0, grid)
