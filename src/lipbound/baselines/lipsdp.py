@@ -22,9 +22,13 @@ Lipschitz bounds") showed that coupling is not valid for ReLU in general.
 
 Guarantee -- soundness despite solver tolerance:
 
-1. A status other than ``optimal`` is never reported as a bound: the value is NaN, the
-   guarantee ESTIMATE, and a note gives the status.
-2. After an optimal solve, the multipliers are clipped to ``T >= 0`` and the LMI is checked
+1. Only a solve with status ``optimal`` or ``optimal_inaccurate`` (stopped early, e.g. at
+   an iteration or time limit) and finite values is checked; any other status is never
+   reported as a bound: the value is NaN, the guarantee ESTIMATE, and a note gives the
+   status. The solver's accuracy plays no part in the guarantee (the check below is the
+   proof); an ``optimal_inaccurate`` solve certified by it may only be looser than the
+   SDP's optimum, and its notes say so.
+2. After such a solve, the multipliers are clipped to ``T >= 0`` and the LMI is checked
    in float64 on the Jacobi-scaled matrix ``S M S`` (``S`` positive diagonal, so the
    signs of the eigenvalues are those of ``M``): its largest eigenvalue must be
    <= ``-margin``, where ``margin = 1e-12 * dim * (||S M_abs S||_F + rho max S_x^2)``
@@ -220,6 +224,9 @@ def certify_lmi(layers: FCLayers, t_diag: np.ndarray, rho: float) -> LMICertific
 # --------------------------------------------------------------------------- solving
 
 
+#: solver statuses whose multipliers are checked (any other: no bound)
+_CHECKED_STATUSES = ("optimal", "optimal_inaccurate")
+
 #: each solver's own time-limit option (seconds)
 _TIME_OPTION = {"CLARABEL": "time_limit", "SCS": "time_limit_secs"}
 
@@ -362,24 +369,40 @@ def lipsdp(net: nn.Module | Sequence[tuple[Any, Any]], *,
     for attempt, tau in enumerate((0.0, 1e-7)):
         deadline.check(f"{attempt} of 2 SDP solves")
         name, status, rho, t_diag = _solve(cp, scaled, variant, solver, opts, tau, deadline)
-        if status != "optimal" and deadline.expired():
+        checkable = (status in _CHECKED_STATUSES and math.isfinite(rho)
+                     and bool(np.all(np.isfinite(t_diag))))
+        if not checkable and deadline.expired():
             raise deadline.error(f"{attempt} of 2 SDP solves (solver {name}: status {status})")
         notes.append(f"solver {name}, status {status}, rho (rescaled network) {rho:.9g}" +
                      (f" (strict margin tau={tau:g})" if tau else ""))
-        if status != "optimal":
-            notes.append(f"solver status '{status}' is not 'optimal': no bound reported")
+        if not checkable:
+            why = (f"solver status '{status}' is neither 'optimal' nor 'optimal_inaccurate'"
+                   if status not in _CHECKED_STATUSES else
+                   f"solver status '{status}' without finite multipliers")
+            notes.append(f"{why}: no bound reported")
             logger.warning("LipSDP-%s: solver status %s; not a bound", variant, status)
             return result(math.nan, Guarantee.ESTIMATE, notes)
-        cert = certify_lmi(scaled, t_diag, rho)
+        try:
+            cert = certify_lmi(scaled, t_diag, rho)
+        except np.linalg.LinAlgError as exc:  # (an eigensolver that did not converge)
+            cert = LMICertificate(False, math.nan, rho, math.nan, math.nan,
+                                  f"the eigensolver failed ({exc})")
         if cert.ok:
             notes.append(f"float64 LMI check passed: lambda_max {cert.lambda_max:.3g} <= "
                          f"-{cert.margin:.3g} at rho {cert.rho:.12g} (solver {rho:.12g})")
+            if status != "optimal":
+                notes.append(f"the solver stopped before its tolerance (status '{status}'): "
+                             "the float64 check certifies the value, which may be looser "
+                             "than the SDP's optimum")
             # sqrt and the product of scales: rounded up with a relative cushion
             value = math.sqrt(cert.rho) * math.prod(scales)
             value = round_up(value * (1 + 1e-15 * (len(layers) + 4))
                              * (1 + 1e-12 * max(max(w.shape) for w, _ in layers)))
             return result(value, Guarantee.CERTIFIED, notes)
         notes.append(f"float64 LMI check failed: {cert.reason}")
+        if deadline.expired():
+            raise deadline.error(f"{attempt + 1} of 2 SDP solves (solver {name}: status "
+                                 f"{status}; the float64 check failed)")
         logger.info("LipSDP-%s: check failed (%s); resolving with a strict margin",
                     variant, cert.reason)
     notes.append("no certified value: the LMI could not be verified in float64")
