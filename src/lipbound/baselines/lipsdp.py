@@ -22,12 +22,13 @@ Lipschitz bounds") showed that coupling is not valid for ReLU in general.
 
 Guarantee -- soundness despite solver tolerance:
 
-1. Only a solve with status ``optimal`` or ``optimal_inaccurate`` (stopped early, e.g. at
-   an iteration or time limit) and finite values is checked; any other status is never
+1. Only a solve with status ``optimal``, ``optimal_inaccurate`` or ``user_limit`` (the
+   last two: stopped early, e.g. SCS or Clarabel at an iteration or time limit) and finite
+   values is checked; any other status (infeasible, unbounded, solver error) is never
    reported as a bound: the value is NaN, the guarantee ESTIMATE, and a note gives the
    status. The solver's accuracy plays no part in the guarantee (the check below is the
-   proof); an ``optimal_inaccurate`` solve certified by it may only be looser than the
-   SDP's optimum, and its notes say so.
+   proof, whatever produced ``(rho, T)``); a solve stopped early and certified by it may
+   only be looser than the SDP's optimum, and its notes say so.
 2. After such a solve, the multipliers are clipped to ``T >= 0`` and the LMI is checked
    in float64 on the Jacobi-scaled matrix ``S M S`` (``S`` positive diagonal, so the
    signs of the eigenvalues are those of ``M``): its largest eigenvalue must be
@@ -225,7 +226,7 @@ def certify_lmi(layers: FCLayers, t_diag: np.ndarray, rho: float) -> LMICertific
 
 
 #: solver statuses whose multipliers are checked (any other: no bound)
-_CHECKED_STATUSES = ("optimal", "optimal_inaccurate")
+_CHECKED_STATUSES = ("optimal", "optimal_inaccurate", "user_limit")
 
 #: each solver's own time-limit option (seconds)
 _TIME_OPTION = {"CLARABEL": "time_limit", "SCS": "time_limit_secs"}
@@ -321,8 +322,10 @@ def lipsdp(net: nn.Module | Sequence[tuple[Any, Any]], *,
             :data:`MAX_DIM`).
         time_limit: seconds (``None``: no limit), checked before and after each SDP solve;
             the solver itself gets the time left as its own limit (Clarabel ``time_limit``,
-            SCS ``time_limit_secs``, unless ``solver_options`` sets it), and a solve it
-            stops raises :class:`~lipbound.baselines.deadline.TimeLimitError`.
+            SCS ``time_limit_secs``, unless ``solver_options`` sets it); a solve it stops
+            is still checked (a certified value, possibly looser than the optimum, when
+            the check passes), otherwise :class:`~lipbound.baselines.deadline.TimeLimitError`
+            is raised.
 
     Returns:
         A :class:`~lipbound.results.BoundResult`: CERTIFIED after the float64 LMI check
@@ -376,7 +379,8 @@ def lipsdp(net: nn.Module | Sequence[tuple[Any, Any]], *,
         notes.append(f"solver {name}, status {status}, rho (rescaled network) {rho:.9g}" +
                      (f" (strict margin tau={tau:g})" if tau else ""))
         if not checkable:
-            why = (f"solver status '{status}' is neither 'optimal' nor 'optimal_inaccurate'"
+            why = (f"solver status '{status}' is not one whose multipliers are checked "
+                   f"({', '.join(_CHECKED_STATUSES)})"
                    if status not in _CHECKED_STATUSES else
                    f"solver status '{status}' without finite multipliers")
             notes.append(f"{why}: no bound reported")
