@@ -41,7 +41,7 @@ network (the nominal pass's rounding ``e_out`` included, mirror image of the lib
 ``ȳ``), the half-widths are rounded up and the sums of the bound too. Where a quantity is
 non-finite or outside ``[1e-150, 1e150]`` (where float64 squares and products underflow or
 overflow), where even the last block's rows exceed their budget, or for layers not handled
-(max pooling with padding or partial windows), no new bound is formed and the reason is
+(a max pooling window entirely in the padding), no new bound is formed and the reason is
 returned.
 
 A deviation row is carried on a window of its grid (``_Local``: exactly zero outside, for the
@@ -143,26 +143,40 @@ class _Secant:
 
 
 def _windows(b: PoolBlock, device) -> Tensor:
-    """``(n_windows, k)`` flat input indices of each window of a max pooling block without
-    padding, in the order of the flat output; fallback for padding or partial windows."""
+    """``(n_windows, k)`` flat input indices of each window of a max pooling block, in the
+    order of the flat output, its members in the kernel's row-major order. A member in the
+    padding (or past the border, for a ``ceil_mode`` window) is ``b.in_dim``, an index past
+    every input: callers extend their vectors by one entry there that never wins (``-inf``,
+    as torch's padding) and never moves. Every window has an input member (windows entirely
+    in the padding are refused by the layer's rule; a fallback here otherwise)."""
     op = b.op
-    if tuple(op.padding) != (0, 0):
-        raise _Fallback(f"max pooling {op.name} has padding (windows reaching -inf padding "
-                        "are not handled)")
     shape = tuple(op.in_shape)
-    if len(shape) < 2:
+    if len(shape) < 2 or len(tuple(op.out_shape)) < 2:
         raise _Fallback(f"max pooling {op.name}: input without a spatial grid")
     h, w = shape[-2:]
-    if any(size < dl * (k - 1) + 1
-           for size, k, dl in zip((h, w), op.kernel, op.dilation, strict=True)):
-        # (no full window: torch's unfold raises; ceil_mode gives partial ones)
-        raise _Fallback(f"max pooling {op.name} has partial windows (ceil_mode)")
+    ho, wo = tuple(op.out_shape)[-2:]
     lead = math.prod(shape[:-2])
-    idx = torch.arange(lead * h * w, dtype=torch.float64, device=device).reshape(lead, 1, h, w)
-    cols = F.unfold(idx, op.kernel, dilation=op.dilation, stride=op.stride)  # (lead, k, L)
-    win = cols.permute(0, 2, 1).reshape(-1, cols.shape[1]).round().long()
+    (kh, kw), (s1, s2) = op.kernel, op.stride
+    (p1, p2), (d1, d2) = op.padding, op.dilation
+
+    def taps(n_out: int, s: int, p: int, k: int, dl: int, size: int) -> tuple[Tensor, Tensor]:
+        at = (torch.arange(n_out, device=device) * s - p)[:, None] + \
+            torch.arange(k, device=device)[None, :] * dl
+        return at, (at >= 0) & (at < size)
+
+    rows, ok_r = taps(ho, s1, p1, kh, d1, h)
+    cols, ok_c = taps(wo, s2, p2, kw, d2, w)
+    flat = rows[:, None, :, None] * w + cols[None, :, None, :]  # (ho, wo, kh, kw)
+    ok = ok_r[:, None, :, None] & ok_c[None, :, None, :]
+    base = torch.arange(lead, device=device) * (h * w)
+    idx = base[:, None, None, None, None] + flat[None]
+    win = torch.where(ok[None], idx, torch.full_like(idx, b.in_dim)).reshape(lead * ho * wo,
+                                                                             kh * kw)
     if win.shape[0] != b.out_dim:
-        raise _Fallback(f"max pooling {op.name} has partial windows (ceil_mode)")
+        raise _Fallback(f"max pooling {op.name}: {win.shape[0]} windows for {b.out_dim} "
+                        "outputs")
+    if bool((win == b.in_dim).all(dim=1).any()):
+        raise _Fallback(f"max pooling {op.name} has a window entirely in the padding")
     return win
 
 
@@ -212,15 +226,24 @@ def _pool_secant(b: PoolBlock, d: Tensor, lo: Tensor, hi: Tensor, used: int, max
     (its ``live`` output)."""
     win = _windows(b, d.device)
     n_w, k = win.shape
+    if bool((win == b.in_dim).any()):
+        # members in the padding: one more entry that never wins (-inf, as torch pads) and
+        # never moves; the box returned below is that of real members (each window has one)
+        lo = torch.cat([lo, lo.new_full((1,), -math.inf)])
+        hi = torch.cat([hi, hi.new_full((1,), -math.inf)])
+        d = torch.cat([d, d.new_zeros(1)])
     best_lo = lo[win].amax(dim=1, keepdim=True)
     poss = hi[win] >= best_lo  # possible winners (Lemma 2)
     moving = d[win].amax(dim=1) > 0
     p = poss.sum(dim=1)
     unstable = moving & (p > 1)
     # stable windows: the one possible winner (a moving window), or any element (a constant
-    # window: its inputs do not move, so any row is its secant)
+    # window: its inputs do not move, so any row is its secant) but the padding's: there a
+    # possible winner (one of the largest lower limits: a real member)
     first = torch.where(poss & moving[:, None], 1, 0).argmax(dim=1)
     rows_w = torch.arange(n_w, device=d.device)
+    padded = win[rows_w, first] == b.in_dim
+    first = torch.where(padded, poss.to(torch.int8).argmax(dim=1), first)
     st = ~unstable
     out_s, in_s = rows_w[st], win[st, first[st]]
     uw, ul = torch.nonzero(poss & unstable[:, None], as_tuple=True)
@@ -235,7 +258,7 @@ def _pool_secant(b: PoolBlock, d: Tensor, lo: Tensor, hi: Tensor, used: int, max
     sigma = torch.nonzero(unstable).reshape(-1)
     live = None
     if live_in is not None:
-        can = torch.zeros(b.in_dim, dtype=torch.bool, device=d.device)
+        can = torch.zeros(b.in_dim + 1, dtype=torch.bool, device=d.device)  # (+ padding)
         can[live_in] = True
         live = torch.nonzero(can[win].any(dim=1)).reshape(-1)
     seeds = scale = None
