@@ -207,3 +207,38 @@ def test_bound_many_rows_keep_order_and_their_own_guarantee():
         assert r.predicted == int(fresh.forward(xs[order[i]:order[i] + 1]).argmax())
         assert r.bound == pytest.approx(ref.value, rel=1e-12)
         assert r.guarantee == ref.guarantee
+
+
+# ------------------------------------------------------- failure probability of re-checks
+
+
+def test_recheck_failure_probability_adds_each_twins_own(monkeypatch):
+    """Defect (fails before the fix): a probabilistic radius confirmed by the second re-check
+    reported ``failure_prob`` = (the confirming twin's probability) x 2. The union bound is
+    over the twins' own probabilities: the first twin tested a larger radius, where more
+    layers can take the probabilistic route (here its test has 5e-6, the confirming one
+    1e-6), so the old value 2e-6 undercounted the 6e-6 of the tests that ran."""
+    from lipbound import radius as rad
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2)).double().eval()
+    an = Analyzer(net, (3,), seed=7)
+    root = 0.01
+    twins_seen = []
+
+    def fake_test(a, pb, eps):
+        k = (a.seed - an.seed) // 1_000_003  # 0: the search, k >= 1: the k-th twin
+        twins_seen.append(k)
+        grow, fp = {0: (1.0, 1e-6), 1: (1.01, 5e-6)}.get(k, (1.0, 1e-6))
+        ratio = eps / root * grow
+        return rad._Eval(eps, ratio < 1, ratio, ratio, Guarantee.PROBABILISTIC, fp, 0)
+
+    monkeypatch.setitem(rad._TESTS, "local", fake_test)
+    r = rad.certified_radius(an, torch.zeros(1, 3, dtype=torch.float64), method="local")
+    checks = r.details["rechecks"]
+    assert [c["passed"] for c in checks] == [False, True]
+    assert {1, 2} <= set(twins_seen)
+    assert r.guarantee == Guarantee.PROBABILISTIC_LOWER
+    assert r.radius < root
+    assert r.failure_prob >= 5e-6 + 1e-6
+    assert r.failure_prob == pytest.approx(sum(c["failure_prob"] for c in checks), rel=1e-12)
