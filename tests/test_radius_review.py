@@ -242,3 +242,57 @@ def test_recheck_failure_probability_adds_each_twins_own(monkeypatch):
     assert r.radius < root
     assert r.failure_prob >= 5e-6 + 1e-6
     assert r.failure_prob == pytest.approx(sum(c["failure_prob"] for c in checks), rel=1e-12)
+
+
+# ------------------------------------------------------ CLI: models without parameters
+
+BUFFER_MODELS = textwrap.dedent("""
+    import torch
+    from torch import nn
+    from torch.nn import functional as F
+
+    class BufferNet(nn.Module):  # weights held in buffers (e.g. a frozen, exported network)
+        def __init__(self):
+            super().__init__()
+            g = torch.Generator().manual_seed(0)
+            self.register_buffer("w1", torch.randn(5, 4, generator=g))
+            self.register_buffer("b1", torch.randn(5, generator=g))
+            self.register_buffer("w2", torch.randn(3, 5, generator=g))
+
+        def forward(self, x):
+            return F.linear(torch.relu(F.linear(x, self.w1, self.b1)), self.w2)
+
+    class Affine(nn.Module):  # no tensors at all
+        def forward(self, x):
+            return x * 2.0 - 1.0
+
+    def buffers():
+        return {"model": BufferNet().eval(), "input_shape": (4,)}
+
+    def affine():
+        return {"model": Affine().eval(), "input_shape": (4,)}
+""")
+
+
+@pytest.mark.parametrize("factory", ["buffers", "affine"])
+@pytest.mark.parametrize("cmd", [["bound"], ["radius"]])
+def test_cli_accepts_models_without_parameters(capsys, tmp_path, factory, cmd):
+    """Defect (fails before the fix): ``lipbound bound`` and ``lipbound radius`` took the
+    device from ``next(model.parameters())`` and died with a StopIteration traceback for a
+    model whose weights are buffers (or that has no tensors), which the library itself
+    analyses."""
+    src = tmp_path / "nets.py"
+    src.write_text(BUFFER_MODELS)
+    x = tmp_path / "x.npy"
+    np.save(x, np.linspace(-1, 1, 4, dtype=np.float32))
+    rc = main([*cmd, "--model", f"{src}:{factory}", "--input", str(x), "--json"])
+    out = capsys.readouterr().out
+    assert rc == 0
+    obj = _strict_json(out)
+    if cmd == ["radius"]:
+        assert obj["certified_radius"] > 0
+        assert obj["certified_guarantee"] == "certified lower bound"
+        if factory == "affine":  # y = 2x - 1: classes 3 and 2 at distance (x3 - x2)/sqrt(2)
+            assert obj["certified_radius"] <= (2 / 3) / math.sqrt(2)
+    else:
+        assert obj["value"] > 0 and obj["guarantee"].endswith("upper bound")
