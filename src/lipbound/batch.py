@@ -22,7 +22,7 @@ from torch import Tensor, nn
 from ._progress import progress_bar
 from .analyzer import TIGHT_ROWS, Analyzer
 from .errors import InputError
-from .results import Guarantee
+from .results import Guarantee, _jsonable
 from .validation import check_eps, check_input, check_tight
 
 __all__ = ["InputBound", "bound_many", "summarize"]
@@ -65,10 +65,12 @@ class InputBound:
     seconds: float
 
     def to_dict(self) -> dict[str, Any]:
-        return {"index": self.index, "name": self.name, "label": self.label,
-                "predicted": self.predicted, "eps": self.eps, "method": self.method,
-                "bound": self.bound, "guarantee": self.guarantee.value,
-                "failure_prob": self.failure_prob, "seconds": self.seconds}
+        """JSON-friendly dict (the rule of every ``to_dict``: an infinite bound as ``"inf"``,
+        not the ``Infinity`` that strict JSON parsers reject)."""
+        return _jsonable({"index": self.index, "name": self.name, "label": self.label,
+                          "predicted": self.predicted, "eps": self.eps, "method": self.method,
+                          "bound": self.bound, "guarantee": self.guarantee.value,
+                          "failure_prob": self.failure_prob, "seconds": self.seconds})
 
 
 def _as_batch(samples: Any, input_shape: Sequence[int] | None

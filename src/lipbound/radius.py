@@ -593,8 +593,9 @@ def certified_radius(model: nn.Module | Analyzer | None, x0: Tensor, *,
     Probabilistic bounds: when the bound that certified the radius is probabilistic (Lanczos
     spectral norms), the search has picked ``eps`` using the same random draws, so the
     radius is re-tested by an analyzer with fresh, independent draws (and lowered by a
-    fixed-point step if that test fails); the reported ``failure_prob`` is that test's times
-    the number of re-checks run (a union bound: the first confirmation is reported).
+    fixed-point step if that test fails); the reported ``failure_prob`` is the sum of the
+    failure probabilities of the re-checks run (a union bound: the first confirmation is
+    reported).
     Deterministic (``CERTIFIED``) bounds need no re-check.
 
     Args:
@@ -735,8 +736,11 @@ def _certify(an: Analyzer, pb: _Problem, method: str, tol: float, cap: float,
             return _zero(method, pb, tol, t0, an, "independent re-checks of the probabilistic "
                          "bound did not confirm any radius", n, det)
         # the reported radius is the first one a twin confirmed: a wrong one needs some twin
-        # to pass wrongly at the radius it tested, so the twins' probabilities add up
-        final = replace(chk, failure_prob=min(1.0, chk.failure_prob * nr))
+        # to pass wrongly at the radius it tested, so the twins' probabilities add up, each
+        # twin's its own (a twin at a larger radius can have more probabilistic layers than
+        # the one that confirmed: that one's probability times nr undercounted them)
+        total = math.fsum(c["failure_prob"] for c in rlog)
+        final = replace(chk, failure_prob=min(1.0, total))
     hi = out.hi
     upper = hi.eps if hi is not None else None
     if upper is not None:

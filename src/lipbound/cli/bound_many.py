@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import InputError
+from ..results import _jsonable
 from .common import (
     Loaded,
     check_preprocessing_applies,
@@ -181,7 +182,8 @@ def run_many(args: argparse.Namespace, loaded: Loaded | None = None) -> int:
         with out.open("w", newline="") as fh:
             write_rows_csv(rows, fh)
     if args.json:
-        print_json({"rows": [r.to_dict() for r in rows], "summary": summary,
+        # (the summary's min / median / max of infinite bounds: "inf", as in the rows)
+        print_json({"rows": [r.to_dict() for r in rows], "summary": _jsonable(summary),
                     "notes": list(loaded.notes)})
         return 0
     print(f"model {loaded.name} ({loaded.weights_source}); {len(samples)} input(s) from "

@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .._modelinfo import model_device
 from .._progress import NullBar, progress_bar, stderr_is_terminal
 from .._threads import set_threads
 from ..errors import InputError, WeightsError
@@ -749,7 +750,9 @@ def load_input(args: argparse.Namespace, loaded: Loaded, needed_for: str | None 
         msg = (f"--input {ref!r} holds a batch of several inputs, but `lipbound {command}` "
                f"takes one; {cli_input_hint(loaded)}")
         raise type(exc)(msg) from exc
-    dev = next(iter(loaded.model.parameters())).device
+    # (a model may hold its weights in buffers, or have none: next(parameters()) raised
+    # StopIteration)
+    dev = model_device(loaded.model, sample.x.device)
     return sample.__class__(x=sample.x.to(dev), label=sample.label, name=sample.name) \
         if sample.x.device != dev else sample
 

@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from .._modelinfo import model_device
 from .._progress import NULL_BAR, NullBar, progress_bar
 from ..errors import InputError
 from ..radius import exact_class_change
@@ -129,7 +130,7 @@ def _one(model, an, sample, methods: list[str], attacks: list[str], args,
     from ..radius import best, certified_radii
 
     t0 = time.perf_counter()
-    dev = next(iter(model.parameters())).device
+    dev = model_device(model, sample.x.device)  # (also for weights held in buffers, or none)
     x0 = sample.x.to(dev)
     bar.label(f"{sample.name} certificates")
     cert = certified_radii(an, x0, methods=methods, tol=args.tol, max_eps=args.max_eps,
