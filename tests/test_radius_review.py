@@ -296,3 +296,24 @@ def test_cli_accepts_models_without_parameters(capsys, tmp_path, factory, cmd):
             assert obj["certified_radius"] <= (2 / 3) / math.sqrt(2)
     else:
         assert obj["value"] > 0 and obj["guarantee"].endswith("upper bound")
+
+
+@pytest.mark.parametrize("tight", [False, True])
+def test_radius_records_tight_and_takes_an_input_that_requires_grad(tight):
+    """The result says whether the tight bound was used (details "tight"), and an input with
+    ``requires_grad`` gives the same radius without a torch warning (it warned on ``float``
+    of a tensor that requires grad)."""
+    import warnings
+
+    from lipbound.radius import certified_radius
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(3, 8), nn.ReLU(), nn.Linear(8, 3)).double().eval()
+    x0 = torch.randn(1, 3, dtype=torch.float64)
+    plain = certified_radius(net, x0, method="local", tight=tight, spectral="exact")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        res = certified_radius(net, x0.clone().requires_grad_(True), method="local",
+                               tight=tight, spectral="exact")
+    assert res.details["tight"] is tight and plain.details["tight"] is tight
+    assert res.radius == plain.radius

@@ -102,7 +102,9 @@ class RadiusResult:
         bound: the Lipschitz bound that certified ``radius`` (for ``"margin"``: the largest
             ``L_j / delta_j`` ratio times ``delta``, i.e. the binding rival's scaled bound).
         upper: the smallest radius at which the test was seen to fail (``None`` if none
-            was evaluated): the test cannot certify beyond it. With ``reuse_tol > 0`` that
+            was evaluated): the test cannot certify beyond it (an upper end of what this
+            test certifies, not an upper bound on the smallest adversarial perturbation:
+            attacks give those). With ``reuse_tol > 0`` that
             test may have used reused (slightly looser) layer factors, so a test with fresh
             factors can pass a little beyond it (measured on the 100 MNIST test images with
             the default: radii median 0.5 %, at most 3 % below those of ``reuse_tol=0``).
@@ -698,7 +700,7 @@ def _certify(an: Analyzer, pb: _Problem, method: str, tol: float, cap: float,
         return _zero(method, pb, tol, t0, an, _tie_reason(pb))
     test = _TESTS[method]
     if start is None:
-        start = 1e-6 * max(1.0, float(pb.x0.double().norm()))
+        start = 1e-6 * max(1.0, float(pb.x0.detach().double().norm()))
     sa = _search_analyzer(an, reuse_tol)
 
     def evaluate(e: float) -> _Eval:
@@ -717,6 +719,7 @@ def _certify(an: Analyzer, pb: _Problem, method: str, tol: float, cap: float,
         "evaluations": [[ev.eps, ev.ratio, ev.ok] for ev in out.trace],
         "search": out.status,
         "reuse_tol": reuse_tol,
+        "tight": pb.tight,
         "reused_evaluations": sum(ev.reused for ev in out.trace),
     }
     if out.non_monotone:
