@@ -317,3 +317,18 @@ def test_radius_records_tight_and_takes_an_input_that_requires_grad(tight):
                                tight=tight, spectral="exact")
     assert res.details["tight"] is tight and plain.details["tight"] is tight
     assert res.radius == plain.radius
+
+
+def test_eps_file_errors_name_the_problem(tmp_path):
+    """An empty ``eps`` field said "None is not a number", a directory "does not exist"."""
+    from lipbound.cli.bound_many import read_eps_file
+    from lipbound.errors import InputError
+
+    csv_file = tmp_path / "r.csv"
+    csv_file.write_text("name,eps\na,0.1\nb,\n")
+    with pytest.raises(InputError, match="line 3: the radius is missing"):
+        read_eps_file(csv_file)
+    with pytest.raises(InputError, match="is a directory, not a file"):
+        read_eps_file(tmp_path)
+    with pytest.raises(InputError, match="does not exist"):
+        read_eps_file(tmp_path / "nope.txt")

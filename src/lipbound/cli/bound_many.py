@@ -61,7 +61,9 @@ def read_eps_file(path: str | Path) -> list[float]:
 
     p = Path(path)
     if not p.is_file():
-        raise InputError(f"--eps-file {p} does not exist")
+        what = "is a directory, not a file" if p.is_dir() else "does not exist"
+        raise InputError(f"--eps-file {p} {what}; give a text file with one radius per line "
+                         "(or a CSV file with a column 'eps')")
     text = p.read_text()
     lines = [(i + 1, ln.strip()) for i, ln in enumerate(text.splitlines())]
     lines = [(n, ln) for n, ln in lines if ln and not ln.startswith("#")]
@@ -95,8 +97,11 @@ def read_eps_file(path: str | Path) -> list[float]:
 
 
 def _number(s: str | None, p: Path, line_no: int, check) -> float:
+    if s is None or not s.strip():
+        raise InputError(f"--eps-file {p}, line {line_no}: the radius is missing (an empty "
+                         "field); give one positive number per input")
     try:
-        v = float((s or "").strip())
+        v = float(s.strip())
     except ValueError as exc:
         raise InputError(f"--eps-file {p}, line {line_no}: {s!r} is not a number") from exc
     return check(v, f"radius on line {line_no} of {p}")
