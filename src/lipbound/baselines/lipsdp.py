@@ -169,6 +169,9 @@ def certify_lmi(layers: FCLayers, t_diag: np.ndarray, rho: float) -> LMICertific
     t = np.maximum(np.asarray(t_diag, dtype=np.float64), 0.0)
     dim = a.shape[1]
     n0 = layers[0][0].shape[1]
+    if not bool(np.all(np.isfinite(t))):
+        return LMICertificate(False, math.nan, float(rho), math.nan, math.nan,
+                              "a multiplier of T is not finite")
     s = b.T @ (t[:, None] * a)
     m0 = s + s.T - 2.0 * (b.T @ (t[:, None] * b)) + f
     m0 = 0.5 * (m0 + m0.T)
@@ -187,12 +190,28 @@ def certify_lmi(layers: FCLayers, t_diag: np.ndarray, rho: float) -> LMICertific
     diag[:n0] = rho if rho > 0 else 1.0
     sc = np.where(diag > 0, 1.0 / np.sqrt(np.where(diag > 0, diag, 1.0)), 1.0)
     ms0 = sc[:, None] * m0 * sc[None, :]
+    if not bool(np.all(np.isfinite(ms0))):  # (an overflow: 2 T beyond float64's range)
+        return LMICertificate(False, math.nan, rho_in, math.nan, math.nan,
+                              "M(rho, T) overflows float64")
     abs_norm = float(np.linalg.norm(sc[:, None] * m_abs * sc[None, :]))
-    pxs = sc[:n0] ** 2  # the rho term of S M S is -rho * diag(pxs) on the x block
+    with np.errstate(over="ignore"):  # (inf for a subnormal rho: refused below)
+        pxs = sc[:n0] ** 2  # the rho term of S M S is -rho * diag(pxs) on the x block
     idx = np.arange(n0)
 
+    # below the normal range a product's rounding is absolute (up to 2^-1075), not relative:
+    # an entry of M (at most n_out + 3 products and halvings) is off by up to
+    # (n_out + 3) 2^-1074 more, i.e. sc_i sc_j times that in S M S, whose norm is at most
+    # (n_out + 3) 2^-1074 ||sc||^2 (inf, so no rho passes, when ||sc||^2 overflows: multipliers
+    # in the subnormal range; before, 1-D nets with T ~ 1e-320 passed at rho below L^2)
+    with np.errstate(over="ignore"):
+        tiny = 2.0 * (wk.shape[0] + 3) * 2.0 ** -1074 * float(np.sum(sc * sc))
+    if not tiny <= 1.0:
+        return LMICertificate(False, math.nan, rho_in, math.nan, math.nan,
+                              "entries of M(rho, T) below float64's normal range (multipliers, "
+                              "weights or rho too small): its rounding is not bounded")
+
     def margin_at(r: float) -> float:
-        return 1e-12 * dim * (abs_norm + r * float(np.max(pxs, initial=0.0)))
+        return 1e-12 * dim * (abs_norm + r * float(np.max(pxs, initial=0.0))) + tiny
 
     def lam_at(r: float) -> float:
         m = ms0.copy()
