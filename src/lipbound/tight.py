@@ -47,7 +47,10 @@ returned.
 A deviation row is carried on a window of its grid (``_Local``: exactly zero outside, for the
 exact and the computed row alike, so its error bound is 0 there) that grows by a kernel at
 each step, and a two-winner pooling window's second row, the first's negation, is rebuilt by
-negation (``_Mirror``) instead of being pulled back.
+negation (``_Mirror``) instead of being pulled back. The memory cap (``max_bytes``) is checked
+against an estimate of the construction's peak made before any row is formed
+(:mod:`lipbound.tight_memory`: windowed sizes where the rows are on windows, dense where they
+are dense, with the steps' temporaries and the norms' matrices).
 """
 
 from __future__ import annotations
@@ -65,6 +68,9 @@ from .ops.conv import ConvOp
 from .ops.linear import LinearOp
 from .results import Guarantee
 from .spectral import SAFETY, SpectralBound, exact_norm
+from .tight_memory import SecantSize, mib, peak_bytes, seed_bytes
+from .tight_memory import grid as _grid
+from .tight_memory import local_conv as _local_conv
 
 U = 2.0 ** -53
 """Unit roundoff of float64."""
@@ -79,7 +85,10 @@ DEFAULT_ROWS = 2048
 """Default budget of vector-Jacobian rows (outputs plus deviation rows of unstable secants)."""
 
 DEFAULT_BYTES = 1 << 30
-"""Default memory cap of the rows (and their error bounds), in bytes."""
+"""Default memory cap of the construction, in bytes: the estimate of its peak
+(:func:`lipbound.tight_memory.peak_bytes`: the rows and their error bounds, on windows where
+they are, the backward steps' temporaries, the norms' matrices), made before any row is
+formed."""
 
 
 class _Fallback(Exception):
@@ -133,6 +142,19 @@ class _Secant:
     """Pooling: the number of deviation rows (also when they were not formed)."""
     live: Tensor | None = None
     """The outputs that may move on the ball (sorted indices; None: all of them)."""
+    seed_hw: tuple[int, int] | None = None
+    """Pooling: the window size of the deviation rows' seeds (None: dense; what
+    :func:`_seed_windows` makes of them), known before they are formed."""
+    pairs: int = 0
+    """Pooling: the unstable windows with two possible winners (each one's second row is the
+    first's negation, rebuilt instead of pulled back)."""
+
+    def size(self) -> SecantSize:
+        """What :func:`lipbound.tight_memory.peak_bytes` needs of this secant."""
+        if self.kind == "relu":
+            return SecantSize("relu", self.rows, self.rows)
+        return SecantSize("pool", self.rows, int(self.sigma.numel()), self.seed_hw,
+                          self.pairs, int(self.out_idx.numel()))
 
     @property
     def rows(self) -> int:
@@ -220,7 +242,9 @@ def _pool_secant(b: PoolBlock, d: Tensor, lo: Tensor, hi: Tensor, used: int, max
                  ) -> tuple[_Secant, Tensor, Tensor]:
     """The max pooling secant from the box ``[lo, hi]`` of its inputs and their mask ``d``,
     and the box of its outputs. Fallback before its deviation rows are formed when, with the
-    ``used`` rows before them, they exceed ``max_rows``, or would take over ``max_bytes``.
+    ``used`` rows before them, they exceed ``max_rows``, or would take over ``max_bytes``
+    (:func:`lipbound.tight_memory.seed_bytes`: on windows where :func:`_seed_windows` forms
+    them there).
     ``form=False``: the rows are counted (``n_dev``), not formed (nor checked). ``live_in``:
     the inputs that may move (None: all); a window of inputs that cannot move cannot either
     (its ``live`` output)."""
@@ -262,6 +286,9 @@ def _pool_secant(b: PoolBlock, d: Tensor, lo: Tensor, hi: Tensor, used: int, max
         can[live_in] = True
         live = torch.nonzero(can[win].any(dim=1)).reshape(-1)
     seeds = scale = None
+    sec = _Secant("pool", sigma, out_idx=out_idx, in_idx=in_idx, div=div, count=count,
+                  n_dev=int(uw.numel()), live=live, seed_hw=_seed_size(b, uw, in_u),
+                  pairs=int((p[unstable] == 2).sum()))
     if uw.numel() and form:
         # row l of window w: p e_l - 1_P (integers: exact); the deviation is
         # sqrt(1 - 1/p) / p times its image (spike, pooling mean centre)
@@ -272,10 +299,11 @@ def _pool_secant(b: PoolBlock, d: Tensor, lo: Tensor, hi: Tensor, used: int, max
             raise _Fallback(f"{used + m} rows of vector-Jacobian products, {m} of them "
                             f"deviation rows of the unstable windows of max pooling {b.name}, "
                             f"exceed the budget of {max_rows}")
-        if 4 * 8 * m * b.in_dim > max_bytes:
+        need = seed_bytes(b, sec.size())
+        if need > max_bytes:
             raise _Fallback(f"the deviation rows of max pooling {b.name} need about "
-                            f"{4 * 8 * m * b.in_dim / 2**20:.0f} MiB, over the cap of "
-                            f"{max_bytes / 2**20:.0f} MiB")
+                            f"{mib(need)} ({'on windows' if sec.seed_hw else 'dense'}), over "
+                            f"the cap of {mib(max_bytes)}")
         dev = d.device
         # the other members of the same window: -1 each (the rows of a window are
         # consecutive, uw being sorted: every pair of rows of one window, O(m k) of them)
@@ -294,11 +322,31 @@ def _pool_secant(b: PoolBlock, d: Tensor, lo: Tensor, hi: Tensor, used: int, max
                              accumulate=True)
         scale = torch.tensor([math.sqrt((q - 1.0) / q) / q * (1.0 + 1e-14)
                               for q in pu.tolist()], dtype=torch.float64, device=d.device)
-    sec = _Secant("pool", sigma, out_idx=out_idx, in_idx=in_idx, div=div, count=count,
-                  seeds=seeds, scale=scale, n_dev=int(uw.numel()), live=live)
+    sec.seeds, sec.scale = seeds, scale
     if seeds is None and uw.numel() and form:
         sec.local = local
     return sec, lo[win].amax(dim=1), hi[win].amax(dim=1)
+
+
+def _seed_size(b: PoolBlock, uw: Tensor, mem: Tensor) -> tuple[int, int] | None:
+    """The window size of the pooling deviation rows that :func:`_seed_windows` forms (the
+    box of each unstable window's possible winners; a row's window members are its window's),
+    None where it would decline; ``uw``, ``mem``: each (unstable window, possible winner)."""
+    grid = _grid(b.in_shape)
+    if grid is None or uw.numel() == 0:
+        return None
+    _, hh, ww = grid
+    n = int(uw.max()) + 1
+    dev = uw.device
+    my, mx = (mem % (hh * ww)) // ww, mem % ww
+    top = torch.full((n,), hh, dtype=torch.long, device=dev).scatter_reduce(0, uw, my, "amin")
+    bot = torch.full((n,), -1, dtype=torch.long, device=dev).scatter_reduce(0, uw, my, "amax")
+    left = torch.full((n,), ww, dtype=torch.long, device=dev).scatter_reduce(0, uw, mx, "amin")
+    right = torch.full((n,), -1, dtype=torch.long, device=dev).scatter_reduce(0, uw, mx,
+                                                                               "amax")
+    has = bot >= 0
+    fit = _fit_windows(top[has], bot[has], left[has], right[has], hh, ww)
+    return None if fit is None else (fit[2], fit[3])
 
 
 def _seed_windows(b: PoolBlock, m: int, own: Tensor, pu: Tensor, ri: Tensor, mem: Tensor
@@ -486,11 +534,6 @@ class _Local:
                 torch.where(ok, self.e.reshape(self.e.shape[0], -1).gather(1, idx), zero))
 
 
-def _grid(shape) -> tuple[int, int, int] | None:
-    """``(C, H, W)`` of a spatial shape, None for others."""
-    return tuple(int(s) for s in shape) if len(shape) == 3 else None  # type: ignore[return-value]
-
-
 def _crop(t: Tensor, dr: Tensor, dc: Tensor, hs: int, ws: int) -> Tensor:
     """``t[i, :, dr[i]:dr[i]+hs, dc[i]:dc[i]+ws]`` for every row ``i`` of ``t`` (``(R, C, h,
     w)``; ``(1, C, h, w)``: the same tensor for every row), zero where the window leaves
@@ -583,16 +626,6 @@ def _one_hot(sigma: Tensor, shape) -> _Local | None:
     g[torch.arange(n, device=sigma.device), sigma // (hh * ww), 0, 0] = 1.0
     rem = sigma % (hh * ww)
     return _Local(g, torch.zeros_like(g), rem // ww, rem % ww, grid)
-
-
-def _local_conv(b: AffineBlock) -> bool:
-    """Whether rows at the block's output can be pulled back on their windows: a convolution
-    without an output scale between grids (diagonal scales allowed)."""
-    m = b.mixing
-    return (isinstance(m, ConvOp) and m.out_scale is None
-            and _grid(b.out_shape) is not None and _grid(b.in_shape) is not None
-            and tuple(m.in_shape) == tuple(b.in_shape)
-            and tuple(m.out_shape) == tuple(b.out_shape))
 
 
 def _regrid(r0: Tensor, hi: int, size: int) -> tuple[Tensor, int]:
@@ -865,7 +898,8 @@ def tight_local_bound(blocks: list[Block], x0: Tensor, eps: float, records: list
         factors: the paper's local factors of the blocks (certified ones bound tails; all of
             them are the hybrid's head).
         max_rows: most rows of vector-Jacobian products (outputs plus deviation rows).
-        max_bytes: most memory of the rows and their error bounds.
+        max_bytes: most memory of the construction (its peak as
+            :func:`lipbound.tight_memory.peak_bytes` estimates it before forming anything).
         row_last: per output row: the bound of each row's scalar function is wanted (the
             margin certificate, :meth:`lipbound.Analyzer.local_bound_rows`), and this is the
             paper's last factor of row i (``||e_i^T A D||``, certified) for its tails. Then
@@ -892,13 +926,23 @@ def tight_local_bound(blocks: list[Block], x0: Tensor, eps: float, records: list
 
 
 def _tail_start(blocks: list[Block], secs: list[_Secant | None], max_rows: int,
-                max_bytes: int, min_start: int = 0) -> tuple[int | None, int, str]:
+                max_bytes: int, min_start: int = 0, lives: list[Tensor | None] | None = None,
+                tail_starts: int = 1, each_row: bool = False
+                ) -> tuple[int | None, int, str]:
     """The earliest boundary ``j >= min_start`` whose tail (blocks ``j..K-1``: the outputs and the
-    deviation rows of its secants) fits ``max_rows`` and ``max_bytes`` (None: none does), the
-    whole network's rows, and why the whole network does not fit ("" when it does)."""
+    deviation rows of its secants) fits ``max_rows`` and whose construction's memory
+    (:func:`lipbound.tight_memory.peak_bytes`: rows on windows where they are, dense where
+    not, with the steps' temporaries and the norms' matrices) fits ``max_bytes`` (None: none
+    does), the whole network's rows, and why the whole network does not fit ("" when it
+    does). ``lives``: the coordinates that may move at each boundary (None: all); the hybrid
+    tries ``tail_starts`` boundaries; ``each_row``: the output rows' norms per row."""
     n_blocks = len(blocks)
     n_out = blocks[-1].out_dim
     dev = [0 if s is None else s.rows for s in secs]
+    sizes = [None if s is None or not s.rows else s.size() for s in secs]
+    taps = [0 if s is None or s.kind != "pool" else int(s.out_idx.numel()) for s in secs]
+    live_n = [None if v is None else int(v.numel())
+              for v in (lives if lives is not None else [None] * (n_blocks + 1))]
 
     def fits(j: int) -> str:
         rows = n_out + sum(dev[j:])
@@ -906,11 +950,10 @@ def _tail_start(blocks: list[Block], secs: list[_Secant | None], max_rows: int,
             return (f"{rows} rows of vector-Jacobian products ({n_out} outputs and "
                     f"{rows - n_out} deviation rows of unstable units) exceed the budget "
                     f"of {max_rows}")
-        widest = max([blocks[j].in_dim] + [b.out_dim for b in blocks[j:]])
-        need = 4 * 8 * max([n_out, *dev[j:]]) * widest
+        need = peak_bytes(blocks, sizes, taps, live_n, j, tail_starts, each_row)
         if need > max_bytes:
-            return (f"the rows need about {need / 2**20:.0f} MiB, over the cap of "
-                    f"{max_bytes / 2**20:.0f} MiB")
+            return (f"the rows need about {mib(need)} at their peak (estimated), over the "
+                    f"cap of {mib(max_bytes)}")
         return ""
 
     why = fits(0)
@@ -974,7 +1017,8 @@ def _tight(blocks: list[Block], x0: Tensor, eps: float, records: list[dict],
             lo, hi = y0 - e_out - er - mg, y0 + e_out + er + mg
         secs.append(sec)
         lives.append(live)
-    start, full_rows, full_reason = _tail_start(blocks, secs, max_rows, max_bytes, min_start)
+    start, full_rows, full_reason = _tail_start(blocks, secs, max_rows, max_bytes, min_start,
+                                                lives, tail_starts, row_last is not None)
     if start is None:
         raise _Fallback(full_reason or f"no tail from block {min_start} on")
     n_out = blocks[-1].out_dim
