@@ -71,6 +71,7 @@ from .spectral import SAFETY, SpectralBound, exact_norm
 from .tight_memory import SecantSize, mib, peak_bytes, seed_bytes
 from .tight_memory import grid as _grid
 from .tight_memory import local_conv as _local_conv
+from .tight_memory import local_pool as _local_pool
 
 U = 2.0 ** -53
 """Unit roundoff of float64."""
@@ -717,7 +718,7 @@ def _pool_local(b: PoolBlock, sec: _Secant, loc: _Local) -> _Local | None:
     input entry sums the same terms as :func:`_back`'s (non-overlapping windows: one)."""
     op = b.op
     grid_in, grid_out = _grid(b.in_shape), _grid(b.out_shape)
-    if grid_in is None or grid_out != loc.grid or tuple(op.padding) != (0, 0):
+    if grid_in is None or grid_out != loc.grid or not _local_pool(b):
         return None
     h, w = loc.g.shape[-2:]
     (s1, s2), (kh, kw), (d1, d2) = op.stride, op.kernel, op.dilation
