@@ -52,6 +52,17 @@ class TorchFlatten(nn.Module):
         return torch.flatten(x, 1)
 
 
+class Grid(nn.Module):
+    """``x.view(-1, *shape)``: a flat vector as a feature map."""
+
+    def __init__(self, shape: tuple[int, ...]):
+        super().__init__()
+        self.shape = shape
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x.view(-1, *self.shape)
+
+
 # --------------------------------------------------------------------------- random weights
 def _gen(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(int(seed))
@@ -556,3 +567,53 @@ def all_active_net() -> tuple[nn.Sequential, Tensor]:
         net[0].bias.fill_(1e3)
         net[2].bias.fill_(1e5)
     return net, torch.randn(1, 2, generator=g, dtype=torch.float64)
+
+
+# --------------------------------------------------------------------------- 2-input pool nets
+def tied_pool_net(pools: list[nn.Module], seed: int) -> nn.Module:
+    """2 inputs -> a (2, 5, 5) grid of units tied in groups of 3 (their pooling windows tie
+    at x0 = 0) -> ``pools`` -> a linear layer and a ReLU as last layer. Odd seeds: the
+    pooling right after the affine map (no ReLU before it)."""
+    g = torch.Generator().manual_seed(seed)
+    lin = nn.Linear(2, 50)
+    pre = [] if seed % 2 else [nn.ReLU()]
+    body = nn.Sequential(lin, *pre, Grid((2, 5, 5)), *pools, nn.Flatten()).to(DT)
+    with torch.no_grad():
+        n = body(torch.zeros(1, 2, dtype=DT)).numel()
+    net = nn.Sequential(*body, nn.Linear(n, 3), nn.ReLU()).to(DT)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.copy_(torch.randn(p.shape, generator=g, dtype=DT))
+        for i in range(50):
+            lin.weight[i] = lin.weight[i % 3]
+        lin.bias.zero_()
+    return net.eval()
+
+
+def ray_lower(net: nn.Module, x0: Tensor, eps: float, n_angles: int = 2000) -> float:
+    """A lower bound on the local constant of a 2-input net from rays at 30 radii (each
+    ratio less a float64 rounding allowance)."""
+    th = torch.arange(n_angles, dtype=DT) * (2 * math.pi / n_angles)
+    u = torch.stack([th.cos(), th.sin()], 1)
+    best = 0.0
+    with torch.no_grad():
+        f0 = net(x0)
+        rnd = 1e-12 * (1 + float(f0.abs().sum()))
+        for t in (eps * torch.logspace(-3, 0, 30, dtype=DT)).tolist():
+            r = ((net(x0 + t * u) - f0).norm(dim=1) - rnd).clamp_min(0) / t
+            best = max(best, float(r.max()))
+    return best
+
+
+def mlp(layers) -> nn.Sequential:
+    """A float64 ReLU chain from ``[(W, b), ...]`` numpy arrays (ReLU between layers)."""
+    mods: list[nn.Module] = []
+    for k, (w, b) in enumerate(layers):
+        lin = nn.Linear(w.shape[1], w.shape[0], dtype=torch.float64)
+        with torch.no_grad():
+            lin.weight.copy_(torch.from_numpy(w))
+            lin.bias.copy_(torch.from_numpy(b))
+        mods.append(lin)
+        if k < len(layers) - 1:
+            mods.append(nn.ReLU())
+    return nn.Sequential(*mods).eval()

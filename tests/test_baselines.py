@@ -28,6 +28,7 @@ from hypothesis import strategies as st
 from scipy import optimize
 from torch import nn
 
+from core_helpers import mlp
 from lipbound.baselines import (
     NotFullyConnectedError,
     autolip,
@@ -84,17 +85,7 @@ def random_layers(seed: int, dims: list[int]) -> list[tuple[np.ndarray, np.ndarr
              0.5 * rng.normal(size=dims[i + 1])) for i in range(len(dims) - 1)]
 
 
-def to_module(layers: list[tuple[np.ndarray, np.ndarray]]) -> nn.Sequential:
-    mods: list[nn.Module] = []
-    for k, (w, b) in enumerate(layers):
-        lin = nn.Linear(w.shape[1], w.shape[0]).to(torch.float64)
-        with torch.no_grad():
-            lin.weight.copy_(torch.from_numpy(w))
-            lin.bias.copy_(torch.from_numpy(b))
-        mods.append(lin)
-        if k < len(layers) - 1:
-            mods.append(nn.ReLU())
-    return nn.Sequential(*mods).eval()
+to_module = mlp  # (a float64 ReLU chain from the layers)
 
 
 @st.composite

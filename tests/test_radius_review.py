@@ -20,6 +20,7 @@ import torch
 from scipy.optimize import nnls
 from torch import nn
 
+from core_helpers import mlp
 from lipbound import Analyzer, Guarantee
 from lipbound.batch import bound_many
 from lipbound.cli import main
@@ -84,19 +85,6 @@ def _exact_min_distance(layers: list[tuple[np.ndarray, np.ndarray]], x0: np.ndar
     return best
 
 
-def _mlp(layers) -> nn.Sequential:
-    mods: list[nn.Module] = []
-    for k, (w, b) in enumerate(layers):
-        lin = nn.Linear(w.shape[1], w.shape[0], dtype=torch.float64)
-        with torch.no_grad():
-            lin.weight.copy_(torch.from_numpy(w))
-            lin.bias.copy_(torch.from_numpy(b))
-        mods.append(lin)
-        if k < len(layers) - 1:
-            mods.append(nn.ReLU())
-    return nn.Sequential(*mods).eval()
-
-
 @pytest.mark.parametrize("seed", range(6))
 def test_radii_never_exceed_the_exact_minimal_adversarial_distance(seed):
     """Every certified radius (local, margin, global; plain, tight, without reuse, with
@@ -111,7 +99,7 @@ def test_radii_never_exceed_the_exact_minimal_adversarial_distance(seed):
               for i in range(len(dims) - 1)]
     x0 = rng.standard_normal(n)
     exact = _exact_min_distance(layers, x0)
-    model = _mlp(layers)
+    model = mlp(layers)
     x = torch.from_numpy(x0).reshape(1, n)
     for kw in ({}, {"tight": True, "reuse_tol": 0.0}, {"spectral": "lanczos", "reuse_tol": 0.5}):
         for r in certified_radii(model, x, **kw):

@@ -16,6 +16,7 @@ import pytest
 import torch
 from torch import nn
 
+from core_helpers import ray_lower, tied_pool_net
 from lipbound import Analyzer
 from lipbound.blocks import PoolBlock
 from lipbound.tight import _windows
@@ -59,15 +60,6 @@ def test_windows_give_torch_max_pooling(geom) -> None:
     assert checked >= 1
 
 
-class _Grid(nn.Module):
-    def __init__(self, shape: tuple[int, ...]):
-        super().__init__()
-        self.shape = shape
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x.view(-1, *self.shape)
-
-
 POOLS = {
     "pad1": lambda: [nn.MaxPool2d(3, 2, padding=1)],
     "pad1-s1": lambda: [nn.MaxPool2d(3, 1, padding=1)],
@@ -78,47 +70,13 @@ POOLS = {
 }
 
 
-def _pool_net(kind: str, seed: int) -> nn.Module:
-    """2 inputs -> a (2, 5, 5) grid of units tied in groups of 3 (their windows tie at
-    x0 = 0) -> padded / ceil_mode max pooling -> a linear layer and a ReLU."""
-    g = torch.Generator().manual_seed(seed)
-    lin = nn.Linear(2, 50)
-    pre = [] if seed % 2 else [nn.ReLU()]  # odd seeds: pooling right after the affine map
-    body = nn.Sequential(lin, *pre, _Grid((2, 5, 5)), *POOLS[kind](), nn.Flatten()).to(DT)
-    with torch.no_grad():
-        n = body(torch.zeros(1, 2, dtype=DT)).numel()
-    net = nn.Sequential(*body, nn.Linear(n, 3), nn.ReLU()).to(DT)
-    with torch.no_grad():
-        for p in net.parameters():
-            p.copy_(torch.randn(p.shape, generator=g, dtype=DT))
-        for i in range(50):
-            lin.weight[i] = lin.weight[i % 3]
-        lin.bias.zero_()
-    return net.eval()
-
-
-def _ray_lower(net: nn.Module, x0: torch.Tensor, eps: float, n_angles: int = 2000) -> float:
-    """A lower bound on the local constant of a 2-input net from rays at 30 radii (each
-    ratio less a float64 rounding allowance)."""
-    th = torch.arange(n_angles, dtype=DT) * (2 * math.pi / n_angles)
-    u = torch.stack([th.cos(), th.sin()], 1)
-    best = 0.0
-    with torch.no_grad():
-        f0 = net(x0)
-        rnd = 1e-12 * (1 + float(f0.abs().sum()))
-        for t in (eps * torch.logspace(-3, 0, 30, dtype=DT)).tolist():
-            r = ((net(x0 + t * u) - f0).norm(dim=1) - rnd).clamp_min(0) / t
-            best = max(best, float(r.max()))
-    return best
-
-
 @pytest.mark.parametrize("kind", sorted(POOLS))
 def test_padded_and_ceil_pools_sound_and_formed(kind: str) -> None:
     """The tight bound is formed (source "tight" where it beats the paper's product) and is
     above a ray lower bound (no tolerance), at x0 = 0 (tied windows) and a random x0."""
     formed = 0
     for seed in (0, 1):
-        net = _pool_net(kind, seed)
+        net = tied_pool_net(POOLS[kind](), seed)
         an = Analyzer(net, (2,), spectral="exact")
         for x0 in (torch.zeros(1, 2, dtype=DT),
                    torch.randn(1, 2, generator=torch.Generator().manual_seed(seed),
@@ -128,7 +86,7 @@ def test_padded_and_ceil_pools_sound_and_formed(kind: str) -> None:
                 r = an.local_bound(x0, eps, tight=True)
                 assert not any("padding" in n or "partial windows" in n for n in r.notes)
                 assert r.value <= plain.value
-                assert r.value >= _ray_lower(net, x0, eps), (kind, seed, eps)
+                assert r.value >= ray_lower(net, x0, eps), (kind, seed, eps)
                 formed += r.source == "tight"
     assert formed >= 1
 

@@ -11,6 +11,7 @@ from fractions import Fraction
 import torch
 from torch import nn
 
+from core_helpers import ray_lower, tied_pool_net
 from lipbound import Analyzer
 from lipbound.results import Guarantee
 
@@ -172,50 +173,9 @@ def test_many_unstable_windows_fall_back_before_allocating() -> None:
     assert any("exceed the budget of 2048" in n for n in r.notes)
 
 
-class _Grid(nn.Module):
-    def __init__(self, shape: tuple[int, ...]):
-        super().__init__()
-        self.shape = shape
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x.view(-1, *self.shape)
-
-
-def _pool_net(kind: str, seed: int) -> nn.Module:
-    """2 inputs -> a (2, 5, 5) grid of units tied in groups -> max pooling of one kind."""
-    g = torch.Generator().manual_seed(seed)
-    pools = {"overlap": [nn.MaxPool2d(3, 1)], "dilated": [nn.MaxPool2d(2, 1, dilation=2)],
-             "stride>kernel": [nn.MaxPool2d(2, 3)], "two": [nn.MaxPool2d(2, 1),
-                                                             nn.MaxPool2d(2, 1)],
-             "kernel1": [nn.MaxPool2d(1, 1)]}
-    lin = nn.Linear(2, 50)
-    pre = [] if seed % 2 else [nn.ReLU()]  # odd seeds: pooling right after the affine map
-    body = nn.Sequential(lin, *pre, _Grid((2, 5, 5)), *pools[kind], nn.Flatten()).to(DT)
-    with torch.no_grad():
-        n = body(torch.zeros(1, 2, dtype=DT)).numel()
-    net = nn.Sequential(*body, nn.Linear(n, 3), nn.ReLU()).to(DT)  # a ReLU as last layer
-    with torch.no_grad():
-        for p in net.parameters():
-            p.copy_(torch.randn(p.shape, generator=g, dtype=DT))
-        for i in range(50):  # groups of 3 equal units (their windows tie at x0 = 0)
-            lin.weight[i] = lin.weight[i % 3]
-        lin.bias.zero_()
-    return net.eval()
-
-
-def _ray_lower(net: nn.Module, x0: torch.Tensor, eps: float, n_angles: int = 2000) -> float:
-    """A lower bound on the local constant from rays at 30 radii (each ratio less a float64
-    rounding allowance)."""
-    th = torch.arange(n_angles, dtype=DT) * (2 * math.pi / n_angles)
-    u = torch.stack([th.cos(), th.sin()], 1)
-    best = 0.0
-    with torch.no_grad():
-        f0 = net(x0)
-        rnd = 1e-12 * (1 + float(f0.abs().sum()))
-        for t in (eps * torch.logspace(-3, 0, 30, dtype=DT)).tolist():
-            r = ((net(x0 + t * u) - f0).norm(dim=1) - rnd).clamp_min(0) / t
-            best = max(best, float(r.max()))
-    return best
+POOLS = {"overlap": [nn.MaxPool2d(3, 1)], "dilated": [nn.MaxPool2d(2, 1, dilation=2)],
+         "stride>kernel": [nn.MaxPool2d(2, 3)], "two": [nn.MaxPool2d(2, 1), nn.MaxPool2d(2, 1)],
+         "kernel1": [nn.MaxPool2d(1, 1)]}
 
 
 def test_pooling_geometries_sound() -> None:
@@ -225,8 +185,8 @@ def test_pooling_geometries_sound() -> None:
     x0 = torch.zeros(1, 2, dtype=DT)
     for kind in ("overlap", "dilated", "stride>kernel", "two", "kernel1"):
         for seed in (0, 1):
-            net = _pool_net(kind, seed)
+            net = tied_pool_net(POOLS[kind], seed)
             an = Analyzer(net, (2,), spectral="exact")
             for eps in (0.05, 1.0):
                 r = an.local_bound(x0, eps, tight=True)
-                assert r.value >= _ray_lower(net, x0, eps), (kind, seed, eps)
+                assert r.value >= ray_lower(net, x0, eps), (kind, seed, eps)

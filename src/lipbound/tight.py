@@ -337,17 +337,25 @@ def _seed_size(b: PoolBlock, uw: Tensor, mem: Tensor) -> tuple[int, int] | None:
     if grid is None or uw.numel() == 0:
         return None
     _, hh, ww = grid
-    n = int(uw.max()) + 1
-    dev = uw.device
-    my, mx = (mem % (hh * ww)) // ww, mem % ww
-    top = torch.full((n,), hh, dtype=torch.long, device=dev).scatter_reduce(0, uw, my, "amin")
-    bot = torch.full((n,), -1, dtype=torch.long, device=dev).scatter_reduce(0, uw, my, "amax")
-    left = torch.full((n,), ww, dtype=torch.long, device=dev).scatter_reduce(0, uw, mx, "amin")
-    right = torch.full((n,), -1, dtype=torch.long, device=dev).scatter_reduce(0, uw, mx,
-                                                                               "amax")
+    top, bot, left, right = _member_box(uw, mem, int(uw.max()) + 1, hh, ww)
     has = bot >= 0
     fit = _fit_windows(top[has], bot[has], left[has], right[has], hh, ww)
     return None if fit is None else (fit[2], fit[3])
+
+
+def _member_box(ri: Tensor, mem: Tensor, m: int, hh: int, ww: int
+                ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Top, bottom, left and right grid coordinates of the members ``mem`` (flat indices on
+    an ``hh x ww`` grid) of each of ``m`` groups (``ri``: each member's group); a group
+    without members gets ``(hh, -1, ww, -1)``."""
+    dev = ri.device
+    my, mx = (mem % (hh * ww)) // ww, mem % ww
+    top = torch.full((m,), hh, dtype=torch.long, device=dev).scatter_reduce(0, ri, my, "amin")
+    bot = torch.full((m,), -1, dtype=torch.long, device=dev).scatter_reduce(0, ri, my, "amax")
+    left = torch.full((m,), ww, dtype=torch.long, device=dev).scatter_reduce(0, ri, mx, "amin")
+    right = torch.full((m,), -1, dtype=torch.long, device=dev).scatter_reduce(0, ri, mx,
+                                                                               "amax")
+    return top, bot, left, right
 
 
 def _seed_windows(b: PoolBlock, m: int, own: Tensor, pu: Tensor, ri: Tensor, mem: Tensor
@@ -363,11 +371,7 @@ def _seed_windows(b: PoolBlock, m: int, own: Tensor, pu: Tensor, ri: Tensor, mem
     c_, hh, ww = grid
     dev = own.device
     my, mx = (mem % (hh * ww)) // ww, mem % ww
-    top = torch.full((m,), hh, dtype=torch.long, device=dev).scatter_reduce(0, ri, my, "amin")
-    bot = torch.full((m,), -1, dtype=torch.long, device=dev).scatter_reduce(0, ri, my, "amax")
-    left = torch.full((m,), ww, dtype=torch.long, device=dev).scatter_reduce(0, ri, mx, "amin")
-    right = torch.full((m,), -1, dtype=torch.long, device=dev).scatter_reduce(0, ri, mx,
-                                                                               "amax")
+    top, bot, left, right = _member_box(ri, mem, m, hh, ww)
     fit = _fit_windows(top, bot, left, right, hh, ww)
     if fit is None:
         return None
