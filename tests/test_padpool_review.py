@@ -18,8 +18,8 @@ from torch import nn
 
 from core_helpers import View, ratios
 from lipbound import Analyzer
-from lipbound.ops.base import product_up
 from lipbound.tight import tight_local_bound
+from test_tight_tail_review import rows_every_boundary_above
 
 DT = torch.float64
 
@@ -126,27 +126,7 @@ def test_padded_pools_on_a_line_at_every_boundary_and_per_row() -> None:
             assert out.value >= exact, (seed, j, out.value, exact)
             if exact > 0:
                 closest = min(closest, out.value / exact)
-        n_out = net(x0).shape[1]
-        cm = torch.randn(2, n_out, generator=torch.Generator().manual_seed(seed), dtype=DT)
-        cm = torch.cat([cm, -cm[:1]])
-        key, blocks = an._blocks_for(cm)
-        rec = []
-        _, bounds, _ = an._propagate(key, blocks, x0, eps, stop_before_last=True, record=rec)
-        paper = an.local_bound_rows(x0, eps, cm)
-        prefix = product_up(b.value for b in bounds)
-        last = [float(v) / prefix * (1 + 1e-9) if prefix > 0 else 0.0 for v in paper.values]
-        exact_rows = []
-        for i in range(3):
-            head = nn.Linear(n_out, 1, bias=False).to(DT)
-            with torch.no_grad():
-                head.weight.copy_(cm[i:i + 1])
-            exact_rows.append(float(ratios(nn.Sequential(*net, head).eval(), x0, t).max()))
-        for j in range(len(blocks)):
-            out = tight_local_bound(blocks, x0, eps, rec, bounds, row_last=last, min_start=j,
-                                    tail_starts=1)
-            assert out.row_values is not None, (seed, out.reason)
-            for i in range(3):
-                assert out.row_values[i] >= exact_rows[i], (seed, j, i)
+        rows_every_boundary_above(an, net, x0, eps, t, seed)
     assert closest < 1.01  # (a net at its exact constant: the check is sharp)
 
 

@@ -214,13 +214,44 @@ def _pool_line_net(seed: int) -> tuple[nn.Module, torch.Tensor, float]:
     return net.eval(), x0, pick(0.01, 0.1, 0.5, 1.0, 3.0)
 
 
+def rows_every_boundary_above(an, net: nn.Module, x0: torch.Tensor, eps: float,
+                              t: torch.Tensor, seed: int) -> tuple[torch.Tensor, list[float]]:
+    """The per-row hybrid (``row_last``) at every boundary, for the rows of an output map
+    with a cancelling row, above each row's exact constant on the segment ``t`` (no
+    tolerance); returns the map and the rows' exact constants."""
+    from core_helpers import ratios
+    from lipbound.ops.base import product_up
+    from lipbound.tight import tight_local_bound
+
+    n_out = net(x0).shape[1]
+    cm = torch.randn(2, n_out, generator=torch.Generator().manual_seed(seed), dtype=DT)
+    cm = torch.cat([cm, -cm[:1]])
+    key, blocks = an._blocks_for(cm)
+    rec: list = []
+    _, bounds, _ = an._propagate(key, blocks, x0, eps, stop_before_last=True, record=rec)
+    paper = an.local_bound_rows(x0, eps, cm)
+    prefix = product_up(b.value for b in bounds)
+    last = [float(v) / prefix * (1 + 1e-9) if prefix > 0 else 0.0 for v in paper.values]
+    exact_rows = []
+    for i in range(3):
+        head = nn.Linear(n_out, 1, bias=False).to(DT)
+        with torch.no_grad():
+            head.weight.copy_(cm[i:i + 1])
+        exact_rows.append(float(ratios(nn.Sequential(*net, head).eval(), x0, t).max()))
+    for j in range(len(blocks)):
+        out = tight_local_bound(blocks, x0, eps, rec, bounds, row_last=last, min_start=j,
+                                tail_starts=1)
+        assert out.row_values is not None, (seed, out.reason)
+        for i in range(3):
+            assert out.row_values[i] >= exact_rows[i], (seed, j, i, out.row_values[i],
+                                                        exact_rows[i])
+    return cm, exact_rows
+
+
 def test_hybrid_with_pooling_against_the_exact_constant_on_a_line() -> None:
     """As above, through max pooling (tied windows included) and for each row of an output
     map with a cancelling row (``row_last``, the per-row hybrid at every boundary): no
     tolerance against the exact constant on the segment."""
-    from core_helpers import ratios
-    from lipbound.ops.base import product_up
-    from lipbound.tight import tight_local_bound
 
     closest = math.inf
     for seed in range(30):
@@ -228,28 +259,7 @@ def test_hybrid_with_pooling_against_the_exact_constant_on_a_line() -> None:
         t = _segment(eps, 20001)
         an, c = _every_boundary_above(net, x0, eps, t, seed)
         closest = min(closest, c)
-        n_out = net(x0).shape[1]
-        cm = torch.randn(2, n_out, generator=torch.Generator().manual_seed(seed), dtype=DT)
-        cm = torch.cat([cm, -cm[:1]])
-        key, blocks = an._blocks_for(cm)
-        rec: list = []
-        _, bounds, _ = an._propagate(key, blocks, x0, eps, stop_before_last=True, record=rec)
-        paper = an.local_bound_rows(x0, eps, cm)
-        prefix = product_up(b.value for b in bounds)
-        last = [float(v) / prefix * (1 + 1e-9) if prefix > 0 else 0.0 for v in paper.values]
-        exact_rows = []
-        for i in range(3):
-            head = nn.Linear(n_out, 1, bias=False).to(DT)
-            with torch.no_grad():
-                head.weight.copy_(cm[i:i + 1])
-            exact_rows.append(float(ratios(nn.Sequential(*net, head).eval(), x0, t).max()))
-        for j in range(len(blocks)):
-            out = tight_local_bound(blocks, x0, eps, rec, bounds, row_last=last, min_start=j,
-                                    tail_starts=1)
-            assert out.row_values is not None, out.reason
-            for i in range(3):
-                assert out.row_values[i] >= exact_rows[i], (seed, j, i, out.row_values[i],
-                                                            exact_rows[i])
+        cm, exact_rows = rows_every_boundary_above(an, net, x0, eps, t, seed)
         small = an.local_bound_rows(x0, eps, cm, tight=True, tight_rows=4)
         assert all(float(small.values[i]) >= exact_rows[i] for i in range(3))
     assert closest < 1 + 1e-6
