@@ -176,18 +176,19 @@ def test_refused_by_the_dense_estimate_now_forms_with_the_same_bits() -> None:
     """A cap between the new estimate and the old dense one: the whole network was refused
     (the hybrid or the paper's product reported), it now forms, with the value of the
     construction under an unlimited cap, bit for bit (the estimate only decides whether to
-    form)."""
+    form). The whole network alone (``tail_starts=1``: no hybrid boundary's norms)."""
     net, x0 = _conv_net()
     an = Analyzer(net, (1, 28, 28))
     eps = 3e-3
     blocks, x, rec, bounds = _record(an, x0, eps)
-    free = tight.tight_local_bound(blocks, x, eps, rec, bounds, max_bytes=BIG)
+    free = tight.tight_local_bound(blocks, x, eps, rec, bounds, max_bytes=BIG, tail_starts=1)
     assert free.value is not None and free.start == 0, free.reason
     est = tight.peak_bytes(*_sizes(blocks, x, eps, rec, bounds))
     old = _dense_estimate(free, blocks)
     assert est < old, (est, old)
     cap = (est + old) // 2
-    capped = tight.tight_local_bound(blocks, x, eps, rec, bounds, max_bytes=cap)
+    capped = tight.tight_local_bound(blocks, x, eps, rec, bounds, max_bytes=cap,
+                                     tail_starts=1)
     assert capped.start == 0 and capped.reason == ""
     assert capped.value == free.value  # (same bits)
     # below the estimate: refused with a message naming the need and the cap
@@ -209,7 +210,7 @@ def _sizes(blocks, x, eps, rec, bounds):
 
     tight.peak_bytes = spy
     try:
-        tight.tight_local_bound(blocks, x, eps, rec, bounds, max_bytes=0)
+        tight.tight_local_bound(blocks, x, eps, rec, bounds, max_bytes=0, tail_starts=1)
     finally:
         tight.peak_bytes = real
     a, _ = next((a, k) for a, k in got if a[4] == 0)

@@ -89,6 +89,8 @@ def test_hybrid_sound_at_every_boundary(seed: int, kind: str, eps: float,
     low = empirical_lower(net, x0, eps, seed, cm)
     full = tight_local_bound(blocks, x, eps, rec, bounds)
     assert full.value is not None and full.start == 0, full.reason
+    full_alone = tight_local_bound(blocks, x, eps, rec, bounds, tail_starts=1)  # (B_0 only)
+    assert full_alone.tail == 0 and full.value <= full_alone.value
     n_blocks = len(blocks)
     values = []
     for j in range(1, n_blocks):
@@ -112,8 +114,10 @@ def test_hybrid_sound_at_every_boundary(seed: int, kind: str, eps: float,
         res = an.local_bound(x0, eps, output_map=cm, tight=True, tight_rows=budget)
         assert res.value == min(out.value, paper) <= paper
         assert res.guarantee == Guarantee.CERTIFIED and res.failure_prob == 0.0
-        if first == 0:  # the whole network fits: exactly the whole network's bound
-            assert out.value == full.value and out.tail == 0
+        if first == 0:  # the whole network fits: the same bound (the whole network's or a
+            # later boundary's hybrid, whichever is smaller: both are tried)
+            assert out.value == full.value and out.tail == full.tail
+            assert out.value == min(full_alone.value, *values)
 
 
 def _affine_tail_case(seed: int, hidden: int = 3):
@@ -256,3 +260,30 @@ def test_hybrid_sound_on_varied_nets(spec: dict) -> None:
         assert out.value >= low, (j, out.value, low, paper)
         assert out.value <= paper * (1 + 1e-12)
     event(f"hybrid formed at {formed} of {len(blocks) - 1} boundaries")
+
+
+def test_whole_network_competes_with_later_hybrids_on_mnist() -> None:
+    """Where the whole network's rows fit, the hybrids from later boundaries are formed too
+    and the smallest is reported (session 20; before, only the whole network's B_0): on the
+    MNIST LeNet at eps = 0.1 the tail from conv2 is below the whole network's bound, and the
+    value is still above the library's lower bound."""
+    from lipbound.inputs import load_sample
+    from lipbound.zoo import load_model
+
+    lm = load_model("mnist")
+    x0 = load_sample("mnist:8", entry=lm.entry).x
+    an = Analyzer(lm.model, tuple(x0.shape[1:]), spectral="exact")
+    eps = 0.1
+    blocks, x, rec, bounds = _setup(an, x0, eps)
+    alone = tight_local_bound(blocks, x, eps, rec, bounds, tail_starts=1)
+    both = tight_local_bound(blocks, x, eps, rec, bounds)
+    hybrids = [tight_local_bound(blocks, x, eps, rec, bounds, min_start=j, tail_starts=1).value
+               for j in range(1, len(blocks))]
+    assert alone.start == both.start == 0 and alone.tail == 0
+    assert both.value == min(alone.value, *hybrids) < alone.value
+    res = an.local_bound(x0, eps, tight=True)
+    assert res.value == both.value and res.source == "tight"
+    assert any("smallest with the paper's factors before block" in n for n in res.notes)
+    low = best_lower_bound(lm.model, x0, eps, seed=0, n_random=64, gradient_steps=10,
+                           pgd_restarts=2, pgd_steps=10).value
+    assert res.value >= low

@@ -1377,7 +1377,12 @@ def _tight_how(blocks: list[Block], out, rows: bool = False) -> str:
     note: the whole network, or the hybrid (the paper's factors of the blocks before the tail,
     the tight construction from the tail's first block on; per row: the first tail tried)."""
     if out.start == 0:
-        return f"centre plus deviation, {out.rows} VJP rows"
+        if rows or not out.tail:
+            return f"centre plus deviation, {out.rows} VJP rows"
+        # the whole network formed, and a hybrid from a later block was smaller
+        return (f"centre plus deviation, {out.rows} VJP rows; smallest with the paper's "
+                f"factors before block {out.tail} ({blocks[out.tail].name}) and the "
+                "construction from there")
     j = out.start if rows else out.tail
     where = f"tails from block {j} ({blocks[j].name}) on" if rows else \
         f"tail from block {j} ({blocks[j].name})"

@@ -73,6 +73,13 @@ def local_conv(b: Block) -> bool:
             and tuple(m.out_shape) == tuple(b.out_shape))
 
 
+def hybrid_starts(start: int, tail_starts: int, n_blocks: int) -> range:
+    """The boundaries ``j > 0`` where the hybrid ``F_0 ... F_(j-1) B_j(M_j)`` is formed: from
+    ``start`` (the earliest whose tail fits; 0: the whole network, ``B_0`` itself, is the first
+    of the ``tail_starts`` tried) up to ``tail_starts`` of them."""
+    return range(max(start, 1), min(start + tail_starts, n_blocks))
+
+
 def local_pool(b: PoolBlock) -> bool:
     """Whether rows at a max pooling block's output can be pulled back on their windows
     (:func:`lipbound.tight._pool_local`): spatial grids, no padding, and no window past the
@@ -337,7 +344,7 @@ def peak_bytes(blocks: list[Block], secs: list[SecantSize | None], taps: list[in
         taps: per block, the nonzeros of a pooling centre (0 for other blocks).
         lives: per boundary ``k`` (``0..K``), the coordinates that may move there (None: all).
         start: the boundary the construction starts at (0: the whole network).
-        tail_starts: the hybrid's boundaries tried from ``start`` (when ``start > 0``).
+        tail_starts: the boundaries tried from ``start`` (:func:`hybrid_starts`).
         each_row: the output rows' norms are taken per row (the margin certificate).
     """
     n_blocks = len(blocks)
@@ -347,8 +354,8 @@ def peak_bytes(blocks: list[Block], secs: list[SecantSize | None], taps: list[in
     for t in unstable:
         if t + 1 < n_blocks:
             cols[t + 1] = secs[t].cols
-    mcols: dict[int, int | None] = {} if start == 0 else \
-        {j: lives[j] for j in range(start, min(start + tail_starts, n_blocks))}
+    mcols: dict[int, int | None] = {j: lives[j] for j in hybrid_starts(start, tail_starts,
+                                                                        n_blocks)}
     at = [cols, mcols]
     stop = min([*cols, *mcols])
     seeds = sum(seed_bytes(blocks[t], secs[t]) // F8 for t in unstable
