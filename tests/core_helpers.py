@@ -76,6 +76,15 @@ def _rand(g: torch.Generator, *shape: int) -> Tensor:
     return torch.rand(*shape, generator=g, dtype=DT)
 
 
+def randomize_batchnorm_(m: nn.modules.batchnorm._BatchNorm, g: torch.Generator) -> None:
+    """Random running mean, running variance (in [0.5, 1.5)) and scale of an existing batch
+    norm, in place, drawn from ``g`` in that order."""
+    with torch.no_grad():
+        m.running_mean.copy_(torch.randn(m.num_features, generator=g, dtype=DT))
+        m.running_var.copy_(torch.rand(m.num_features, generator=g, dtype=DT) + 0.5)
+        m.weight.copy_(torch.randn(m.num_features, generator=g, dtype=DT))
+
+
 def random_batchnorm(c: int, g: torch.Generator, dims: int = 2,
                      dtype: torch.dtype = DT) -> nn.Module:
     """BatchNorm in eval mode with random running statistics and affine parameters (gamma may

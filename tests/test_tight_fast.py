@@ -17,6 +17,7 @@ import pytest
 import torch
 from torch import nn
 
+from core_helpers import randomize_batchnorm_
 from lipbound import Analyzer
 from lipbound.blocks import PoolBlock
 from lipbound.tight import (
@@ -49,9 +50,7 @@ def _conv_block(seed: int, k: int, s: int, p: int, d: int, groups: int, bn: str,
     with torch.no_grad():
         for m in net.modules():
             if isinstance(m, nn.BatchNorm2d):
-                m.running_mean.copy_(torch.randn(m.num_features, generator=g, dtype=DT))
-                m.running_var.copy_(torch.rand(m.num_features, generator=g, dtype=DT) + 0.5)
-                m.weight.copy_(torch.randn(m.num_features, generator=g, dtype=DT))
+                randomize_batchnorm_(m, g)
     net = nn.Sequential(*net, nn.Flatten()).eval()
     an = Analyzer(net, (4, hw, hw), spectral="exact")
     blocks = [b for b in an.blocks if not isinstance(b, PoolBlock) and b.mixing is not None]

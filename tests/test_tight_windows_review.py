@@ -27,6 +27,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 import lipbound.tight as tight
+from core_helpers import randomize_batchnorm_
 from lipbound import Analyzer
 from test_tight import empirical_lower, raw_tight
 
@@ -110,9 +111,7 @@ def _net(seed: int) -> tuple[nn.Module, tuple[int, int, int], torch.Tensor, floa
     with torch.no_grad():
         for m in net.modules():
             if isinstance(m, nn.BatchNorm2d):
-                m.running_mean.copy_(torch.randn(m.num_features, generator=gen, dtype=DT))
-                m.running_var.copy_(torch.rand(m.num_features, generator=gen, dtype=DT) + 0.5)
-                m.weight.copy_(torch.randn(m.num_features, generator=gen, dtype=DT))
+                randomize_batchnorm_(m, gen)
             elif isinstance(m, (nn.Conv2d, nn.Linear)):
                 if integer:  # (exact ties between pooling inputs)
                     m.weight.copy_(torch.randint(-2, 3, m.weight.shape, generator=gen).to(DT))
