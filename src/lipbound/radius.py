@@ -598,7 +598,10 @@ def certified_radius(model: nn.Module | Analyzer | None, x0: Tensor, *,
     fixed-point step if that test fails); the reported ``failure_prob`` is the sum of the
     failure probabilities of the re-checks run (a union bound: the first confirmation is
     reported).
-    Deterministic (``CERTIFIED``) bounds need no re-check.
+    Deterministic (``CERTIFIED``) bounds need no re-check: where the search passed with one
+    (e.g. at a small radius where every layer took the exact route) at a radius at least the
+    confirmed one, or where no re-check confirmed a radius, that pass is reported instead
+    (``details["fallback"]`` says so), rather than a smaller radius or 0.
 
     Args:
         model: the classifier (eval mode, ``(N, *input_shape) -> (N, n_classes)``) or an
@@ -735,15 +738,27 @@ def _certify(an: Analyzer, pb: _Problem, method: str, tol: float, cap: float,
                                  bar, method)
         n += nr
         det["rechecks"] = rlog
-        if chk is None:
+        # a pass of the search that needs no re-check (a deterministic bound, or the
+        # analyzer's cached global bound, whose draws did not see the search) certifies on
+        # its own: reported when no twin confirmed a radius, or when it is the larger one
+        safe = _largest_safe_pass(out.trace)
+        if chk is None and safe is None:
             return _zero(method, pb, tol, t0, an, "independent re-checks of the probabilistic "
                          "bound did not confirm any radius", n, det)
-        # the reported radius is the first one a twin confirmed: a wrong one needs some twin
-        # to pass wrongly at the radius it tested, so the twins' probabilities add up, each
-        # twin's its own (a twin at a larger radius can have more probabilistic layers than
-        # the one that confirmed: that one's probability times nr undercounted them)
-        total = math.fsum(c["failure_prob"] for c in rlog)
-        final = replace(chk, failure_prob=min(1.0, total))
+        if safe is not None and (chk is None or safe.eps >= chk.eps):
+            det["fallback"] = (
+                f"the re-checks {'confirmed ' + format(chk.eps, '.6g') if chk else 'failed'}"
+                f"; a pass of the search with a {'global' if safe.from_global else 'deterministic'}"
+                f" bound at {safe.eps:.6g} needs no re-check and is reported")
+            final = safe
+        else:
+            # the reported radius is the first one a twin confirmed: a wrong one needs some
+            # twin to pass wrongly at the radius it tested, so the twins' probabilities add
+            # up, each twin's its own (a twin at a larger radius can have more probabilistic
+            # layers than the one that confirmed: that one's probability times nr
+            # undercounted them)
+            total = math.fsum(c["failure_prob"] for c in rlog)
+            final = replace(chk, failure_prob=min(1.0, total))
     hi = out.hi
     upper = hi.eps if hi is not None else None
     if upper is not None:
@@ -762,6 +777,15 @@ def _certify(an: Analyzer, pb: _Problem, method: str, tol: float, cap: float,
     log.info("certified radius (%s): %.6g after %d bound evaluations (%.2f s)", method,
              res.radius, n, res.seconds)
     return res
+
+
+def _largest_safe_pass(trace: Sequence[_Eval]) -> _Eval | None:
+    """The largest radius of the search that passed with a bound needing no re-check: a
+    deterministic one, or the analyzer's global bound (drawn before the search); None if
+    there is none."""
+    safe = [ev for ev in trace if ev.ok and (ev.guarantee != Guarantee.PROBABILISTIC
+                                             or ev.from_global)]
+    return max(safe, key=lambda ev: ev.eps, default=None)
 
 
 def _disagree_reason(pb: _Problem) -> str:

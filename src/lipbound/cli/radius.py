@@ -272,8 +272,9 @@ def _print_one(loaded, r: dict[str, Any], total: float) -> None:
     print(table(["method", "kind", "radius", "guarantee / result", "bound evals", "seconds"],
                 rows))
     for c in r["_cert"]:
-        if "reason" in c.details:
-            print(f"note ({c.method}): {c.details['reason']}")
+        for key in ("reason", "fallback"):
+            if key in c.details:
+                print(f"note ({c.method}): {c.details[key]}")
     cr, ma = r["certified_radius"], r["min_attack_radius"]
     top = r["_top"]
     if radius_guarantee(top) == "probabilistic lower bound":
