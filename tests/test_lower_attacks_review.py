@@ -1,0 +1,77 @@
+"""Adversarial review (session 21) of the lower bounds, the attacks and the sweep.
+
+Each test failed on the code before its fix.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+from lipbound.attacks import ATTACKS, run_attacks
+from lipbound.errors import InputError
+from lipbound.lower import (
+    best_lower_bound,
+    gradient_lower_bound,
+    jacobian_spectrum,
+    pgd_lower_bound,
+    random_lower_bound,
+)
+
+pytestmark = pytest.mark.usefixtures("torch_one_thread")
+
+
+def _mlp(n_in: int = 3, n_out: int = 3, dtype: torch.dtype = torch.float32) -> nn.Module:
+    torch.manual_seed(0)
+    with warnings.catch_warnings():  # (zero-element layers warn on initialisation)
+        warnings.simplefilter("ignore")
+        net = nn.Sequential(nn.Linear(n_in, 5), nn.ReLU(), nn.Linear(5, n_out))
+    return net.to(dtype).eval()
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("method", sorted(ATTACKS))
+def test_attacks_on_half_precision_models(method: str, dtype: torch.dtype) -> None:
+    # old code: PGD's radius update multiplied by a float32 tensor (torch.where of two Python
+    # numbers), its iterates became float32 and the half-precision model raised a raw
+    # "mat1 and mat2 must have the same dtype" from inside torch
+    model = _mlp(dtype=dtype)
+    (r,) = run_attacks(model, torch.ones(1, 3), (method,))
+    assert r.success
+    assert r.x_adv.dtype == dtype
+    with torch.no_grad():
+        z = model(r.x_adv)[0]
+    assert bool((z > z[r.original_class]).any())
+    assert r.radius >= float((r.x_adv.double() - 1.0).norm())
+
+
+_LOWER = {
+    "random": lambda m, x, **k: random_lower_bound(m, x, 0.1, n_samples=16, progress=False, **k),
+    "gradient": lambda m, x, **k: gradient_lower_bound(m, x, 0.1, n_steps=3, **k),
+    "pgd": lambda m, x, **k: pgd_lower_bound(m, x, 0.1, n_restarts=2, n_steps=2, **k),
+    "best": lambda m, x, **k: best_lower_bound(m, x, 0.1, n_random=16, gradient_steps=3,
+                                               pgd_restarts=2, pgd_steps=2, **k),
+    "jacobian": lambda m, x, **k: jacobian_spectrum(m, x, **k),
+}
+
+
+@pytest.mark.parametrize("method", sorted(_LOWER))
+def test_lower_bounds_refuse_zero_sized_problems(method: str) -> None:
+    # old code: an input with no coordinates, a model with no outputs or an output map
+    # with no rows ended in raw IndexError / RuntimeError from torch.amax or torch.stack
+    fn = _LOWER[method]
+    with pytest.raises(InputError, match="input .*no coordinates"):
+        fn(_mlp(n_in=0), torch.ones(1, 0))
+    with pytest.raises(InputError, match="no outputs"):
+        fn(_mlp(n_out=0), torch.ones(1, 3))
+    with pytest.raises(InputError, match="no rows"):
+        fn(_mlp(), torch.ones(1, 3), output_map=torch.zeros(0, 3))
+
+
+def test_attacks_refuse_an_input_without_coordinates() -> None:
+    # old code: IndexError from torch.amax inside AttackContext.normalize
+    with pytest.raises(InputError, match="no coordinates"):
+        run_attacks(_mlp(n_in=0), torch.ones(1, 0), ("fgsm",))
