@@ -441,6 +441,9 @@ def _prepare(model: nn.Module, x0: Tensor, bounds: Bounds | None,
     if x0.dim() < 2 or x0.shape[0] != 1:
         raise InputError(f"expected x0 with a batch dimension of 1, shape (1, *input_shape), "
                          f"got shape {tuple(x0.shape)}; use x0.unsqueeze(0) for one sample")
+    if x0.numel() == 0:
+        raise InputError(f"x0 of shape {tuple(x0.shape)} has no coordinates: no perturbation "
+                         "can change its class; pass an input with at least one coordinate")
     if not bool(torch.isfinite(x0).all()):
         raise InputError("x0 contains NaN or infinite values; attacks need a finite input")
     if not isinstance(seed, int) or isinstance(seed, bool):

@@ -169,6 +169,9 @@ def check_problem(
         )
     if not x0.is_floating_point():
         raise InputError(f"x0 must be a floating-point tensor, got dtype {x0.dtype}")
+    if x0.numel() == 0:
+        raise InputError(f"the input x0 of shape {tuple(x0.shape)} has no coordinates: there "
+                         "is no ball to search; pass an input with at least one coordinate")
     if not bool(torch.isfinite(x0).all()):
         raise InputError("x0 contains NaN or infinite values")
     eps_f = check_eps(eps)
@@ -208,6 +211,9 @@ def check_problem(
     if not bool(torch.isfinite(f0).all()):
         raise InputError("the model output at x0 contains NaN or infinite values")
     m = f0.shape[1]
+    if m == 0:
+        raise InputError(f"the model has no outputs (shape {tuple(f0.shape)} at x0): its "
+                         "local constant is 0; pass a model with at least one output")
 
     cmap = None
     if output_map is not None:
@@ -219,6 +225,9 @@ def check_problem(
                 f"output_map must have shape (k, {m}) to act on the model's {m} outputs; got "
                 f"{tuple(output_map.shape)}"
             )
+        if output_map.shape[0] == 0:
+            raise InputError(f"output_map has no rows (shape {tuple(output_map.shape)}); give "
+                             f"a (k, {m}) matrix with k >= 1, or None for the whole output")
         if not bool(torch.isfinite(output_map).all()):
             raise InputError("output_map contains NaN or infinite values")
         cmap = output_map.detach().to(device=x0.device, dtype=x0.dtype)
