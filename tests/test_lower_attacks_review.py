@@ -75,3 +75,20 @@ def test_attacks_refuse_an_input_without_coordinates() -> None:
     # old code: IndexError from torch.amax inside AttackContext.normalize
     with pytest.raises(InputError, match="no coordinates"):
         run_attacks(_mlp(n_in=0), torch.ones(1, 0), ("fgsm",))
+
+
+def test_sweep_plot_of_a_network_whose_bounds_are_all_zero(tmp_path) -> None:
+    # old code: every curve 0 (a network whose last layer is zero) left the log axes empty
+    # and SweepResult.plot raised matplotlib's raw "Data cannot be log-scaled" ValueError
+    # (so `lipbound sweep` crashed after the computation, with no figure)
+    from lipbound.sweep import sweep
+
+    model = _mlp(dtype=torch.float64)
+    with torch.no_grad():
+        model[2].weight.zero_()
+    x0 = torch.ones(1, 3, dtype=torch.float64)
+    res = sweep(model, x0, [0.1, 1.0], "local,global,pgd", steps=2, restarts=1)
+    assert all(v == 0.0 for m in res.methods for v in res.values(m))
+    paths = res.plot(tmp_path / "s.png", tmp_path / "s.pdf")
+    assert [p.name for p in paths] == ["s.png", "s.pdf"]
+    assert all(p.stat().st_size > 0 for p in paths)
