@@ -6,6 +6,7 @@ Each test failed on the code before its fix.
 from __future__ import annotations
 
 import warnings
+from fractions import Fraction
 
 import pytest
 import torch
@@ -92,3 +93,30 @@ def test_sweep_plot_of_a_network_whose_bounds_are_all_zero(tmp_path) -> None:
     paths = res.plot(tmp_path / "s.png", tmp_path / "s.pdf")
     assert [p.name for p in paths] == ["s.png", "s.pdf"]
     assert all(p.stat().st_size > 0 for p in paths)
+
+
+def _exact_dist_sq(a: torch.Tensor, b: torch.Tensor) -> Fraction:
+    return sum((Fraction(u) - Fraction(v)) ** 2 for u, v in
+               zip(a.double().flatten().tolist(), b.double().flatten().tolist(), strict=True))
+
+
+def test_sample_ball_never_returns_points_that_are_not_finite() -> None:
+    # old code: x0 + r u overflowed the dtype (an eps beyond its range, or a centre near
+    # its top), the points were NaN / inf, and place_in_ball kept them as "inside" (a NaN
+    # distance compares False with the radius): sample_ball returned NaN rows
+    from lipbound.lower import sample_ball
+    from lipbound.lower._common import place_in_ball
+
+    g = torch.Generator().manual_seed(0)
+    with pytest.raises(InputError, match="beyond the range"):
+        sample_ball(torch.zeros(1, 3), 1e300, 4, generator=g)
+    with pytest.raises(InputError, match="beyond the range"):
+        sample_ball(torch.zeros(1, 3, dtype=torch.float16), 1e6, 4, generator=g)
+    x0 = torch.full((1, 3), 6e4, dtype=torch.float16)  # (float16's largest is 65504)
+    pts = sample_ball(x0, 2e4, 64, generator=g)
+    assert bool(torch.isfinite(pts).all())
+    assert all(_exact_dist_sq(p, x0) <= Fraction(2e4) ** 2 for p in pts)
+    rows = torch.tensor([[float("nan"), 0.0], [float("inf"), 0.0], [0.5, 0.5]])
+    out = place_in_ball(torch.zeros(1, 2), rows, 1.0)
+    assert bool(torch.isfinite(out).all())
+    assert torch.equal(out[2], rows[2])

@@ -294,17 +294,23 @@ def place_in_ball(x0_flat: torch.Tensor, flat_x: torch.Tensor, eps: float) -> to
     limit = eps * (1.0 - distance_slack(x0_flat.shape[1]))
     for attempt in range(_MAX_SHRINK):
         dist = distances(x0_flat, x)
-        bad = dist > limit
+        # (not ``dist > limit``: a row with a NaN or infinite entry has a NaN distance, which
+        # is not inside the ball either)
+        bad = ~(dist <= limit)
         if not bool(bad.any()):
             return x
+        bad &= torch.isfinite(x).all(dim=1)  # (those cannot be pulled in: replaced below)
+        if not bool(bad.any()):
+            break
         scale = (limit / dist[bad]) * (1.0 - 1e-7 * 4.0**attempt)
         delta = (x[bad].to(torch.float64) - x0_flat.to(torch.float64)) * scale[:, None]
         x[bad] = (x0_flat.to(torch.float64) + delta).to(x.dtype)
-    bad = distances(x0_flat, x) > limit
+    bad = ~(distances(x0_flat, x) <= limit)
     if bool(bad.any()):
         logger.warning(
             "%d point(s) could not be placed inside the ball of radius %g in %s (eps is "
-            "below the input's rounding resolution); they were replaced by x0",
+            "below the input's rounding resolution, or the point is not finite: beyond the "
+            "dtype's range); they were replaced by x0",
             int(bad.sum()), eps, x.dtype,
         )
         x[bad] = x0_flat.to(x.dtype)
