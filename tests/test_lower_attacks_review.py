@@ -120,3 +120,25 @@ def test_sample_ball_never_returns_points_that_are_not_finite() -> None:
     out = place_in_ball(torch.zeros(1, 2), rows, 1.0)
     assert bool(torch.isfinite(out).all())
     assert torch.equal(out[2], rows[2])
+
+
+@pytest.mark.parametrize("eps", [1e-6, 1e-3])
+def test_value_below_ratio_at_for_a_float64_centre_of_a_float32_model(eps: float) -> None:
+    # the lower bounds search the ball around a float64 x0 that float32 cannot represent
+    # (on a float64 copy of the model); old ratio_at rounded x0 and the witness to float32
+    # and re-evaluated a different pair of points: its ratio was below the reported value
+    # (0.305836 < 0.305957 at eps=1e-6), against LowerBoundResult's ``value <= ratio_at``
+    from lipbound.lower import ratio_at
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(3, 8), nn.ReLU(), nn.Linear(8, 2)).eval()
+    net64 = nn.Sequential(nn.Linear(3, 8), nn.ReLU(), nn.Linear(8, 2)).double().eval()
+    net64.load_state_dict({k: v.double() for k, v in net.state_dict().items()})
+    x0 = torch.tensor([[1.0 + 1e-9, 0.3 + 1e-10, -0.7]], dtype=torch.float64)
+    for fn in (pgd_lower_bound, random_lower_bound):
+        r = fn(net, x0, eps, **({"n_samples": 256} if fn is random_lower_bound else {}))
+        assert r.witness.dtype == torch.float64
+        assert _exact_dist_sq(r.witness, x0) <= Fraction(eps) ** 2
+        ra = ratio_at(net, x0, r.witness)
+        assert r.value <= ra
+        assert ra == ratio_at(net64, x0, r.witness)

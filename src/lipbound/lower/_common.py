@@ -446,14 +446,17 @@ def ratio_at(
 ) -> float:
     """The ratio ``||C (f(x) - f(x0))||_2 / ||x - x0||_2``, from fresh forward passes.
 
-    ``x0`` and ``x`` are first rounded to the model's dtype (the points the model can be
-    run at). The network is then evaluated at ``x0`` and at ``x`` separately (batch of one
-    each) in float64: with the model itself if it computes in float64, otherwise with a
-    float64 copy of it (its own weights). A float32 forward pass would round
-    ``f(x) - f(x0)`` to multiples of the outputs' float32 spacing, and near ``x0`` that
-    rounding, divided by the small distance, can make the ratio larger than the network's
-    constant. (Only if the model cannot be copied or run in float64 are its own forward
-    passes used.) The difference, the output map and both norms are computed in float64.
+    ``x0`` and ``x`` are first rounded to the model's dtype (the points the model can be run
+    at), unless one of them is a float64 point that dtype cannot represent and the model has a
+    float64 copy: then both stay float64, as in the lower bounds, which search the ball around
+    such an ``x0`` itself (rounding would move the centre, and at a small radius change the
+    ratio noticeably). The network is then evaluated at ``x0`` and at ``x`` separately (batch of
+    one each) in float64: with the model itself if it computes in float64, otherwise with a
+    float64 copy of it (its own weights). A float32 forward pass would round ``f(x) - f(x0)`` to
+    multiples of the outputs' float32 spacing, and near ``x0`` that rounding, divided by the
+    small distance, can make the ratio larger than the network's constant. (Only if the model
+    cannot be copied or run in float64 are its own forward passes used.) The difference, the
+    output map and both norms are computed in float64.
 
     Args:
         model: network in eval mode, mapping ``(N, *shape)`` to ``(N, m)``.
@@ -472,12 +475,17 @@ def ratio_at(
     model = unwrap_model(model)  # DataParallel / torch.compile: the module they run
     _check_eval(model)
     device, dtype = _param_device_dtype(model)
+    model64 = float64_model(model)
+    if dtype is not None and model64 is not None and any(
+            t.dtype == torch.float64 and not torch.equal(t.detach().to(dtype).double(), t)
+            for t in (x0, x)):
+        dtype = torch.float64  # (the points themselves, on the float64 copy)
     x0 = x0.detach().to(device=device or x0.device, dtype=dtype or x0.dtype)
     x = x.detach().to(device=x0.device, dtype=x0.dtype)
     den = float(distances(x0.reshape(1, -1), x.reshape(1, -1))[0])
     if den == 0.0:
         raise InputError("x equals x0; the ratio is undefined at distance 0")
-    num, _ = _output_difference(model, float64_model(model), x0, x, output_map)
+    num, _ = _output_difference(model, model64, x0, x, output_map)
     return num / den
 
 
