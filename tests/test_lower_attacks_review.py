@@ -142,3 +142,12 @@ def test_value_below_ratio_at_for_a_float64_centre_of_a_float32_model(eps: float
         ra = ratio_at(net, x0, r.witness)
         assert r.value <= ra
         assert ra == ratio_at(net64, x0, r.witness)
+
+
+@pytest.mark.parametrize("lo", [torch.full((2, 3), -5.0), torch.full((3, 1, 3), -5.0)])
+def test_attack_bounds_that_would_enlarge_x0_are_refused(lo: torch.Tensor) -> None:
+    # old code: a box of shape (2, 3) or (3, 1, 3) passed the broadcast check against x0's
+    # (1, 3) (the shapes broadcast to each other) and the attacks failed inside with a raw
+    # RuntimeError (a size mismatch, or "Boolean value of Tensor ... is ambiguous")
+    with pytest.raises(InputError, match="must broadcast to x0's shape"):
+        run_attacks(_mlp(), torch.ones(1, 3), ("fgsm",), bounds=(lo, 5.0))

@@ -496,10 +496,13 @@ def _check_bounds(bounds: Bounds, xm: Tensor) -> tuple[Tensor, Tensor]:
     for name, b in zip(("lo", "hi"), bounds, strict=True):
         try:
             t = torch.as_tensor(b, dtype=torch.float64, device=xm.device)
-            torch.broadcast_shapes(t.shape, xm.shape)
+            joint = torch.broadcast_shapes(t.shape, xm.shape)
         except (TypeError, RuntimeError, ValueError) as exc:
             raise InputError(f"bounds {name} must be a float or a tensor broadcastable to "
                              f"x0's shape {tuple(xm.shape)}: {exc}") from exc
+        if joint != xm.shape:  # (e.g. a batch of boxes: x0 would be broadcast to it)
+            raise InputError(f"bounds {name} of shape {tuple(t.shape)} must broadcast to x0's "
+                             f"shape {tuple(xm.shape)}, not enlarge it; give one box")
         if not bool(torch.isfinite(t).all()):
             raise InputError(f"bounds {name} must be finite; use bounds=None for no box")
         out.append(t)
