@@ -151,3 +151,24 @@ def test_attack_bounds_that_would_enlarge_x0_are_refused(lo: torch.Tensor) -> No
     # RuntimeError (a size mismatch, or "Boolean value of Tensor ... is ambiguous")
     with pytest.raises(InputError, match="must broadcast to x0's shape"):
         run_attacks(_mlp(), torch.ones(1, 3), ("fgsm",), bounds=(lo, 5.0))
+
+
+def test_sweep_plot_draws_radii_given_out_of_order_in_increasing_eps(tmp_path,
+                                                                      monkeypatch) -> None:
+    # old code: the curves joined the points in the order the radii were given, so
+    # eps_values=[1, 0.01, 0.1] drew every curve back and forth (1 -> 0.01 -> 0.1)
+    from lipbound import plotting
+
+    figs = []
+    real = plotting.save_figure
+    monkeypatch.setattr(plotting, "save_figure",
+                        lambda fig, *a, **k: figs.append(fig) or real(fig, *a, **k))
+    plotting.plot_sweep([1.0, 0.01, 0.1], {"local": [3.0, 1.0, 2.0], "pgd": [2.0, 0.5, 1.0]},
+                        path_png=tmp_path / "s.png", upper=["local"])
+    (ax,) = figs[0].axes
+    lines = [ln for ln in ax.get_lines() if len(ln.get_xdata())]
+    assert len(lines) == 2
+    for ln in lines:
+        xs, ys = list(ln.get_xdata()), list(ln.get_ydata())
+        assert xs == [0.01, 0.1, 1.0]
+        assert ys == sorted(ys)

@@ -152,6 +152,10 @@ def plot_sweep(eps: Sequence[float], curves: dict[str, Sequence[float]], *,
         The paths written.
     """
     suffix = label_suffix or {}
+    # in increasing eps: radii given out of order would draw the curves back and forth
+    order = sorted(range(len(eps)), key=lambda i: eps[i])
+    eps = [eps[i] for i in order]
+    curves = {name: [values[i] for i in order] for name, values in curves.items()}
     with paper_style():
         fig, ax = new_figure(5.6, 3.8)
         n_marked = len(eps) <= 40
