@@ -172,3 +172,32 @@ def test_sweep_plot_draws_radii_given_out_of_order_in_increasing_eps(tmp_path,
         xs, ys = list(ln.get_xdata()), list(ln.get_ydata())
         assert xs == [0.01, 0.1, 1.0]
         assert ys == sorted(ys)
+
+
+def test_lower_bound_below_the_exact_constant_at_a_tiny_radius() -> None:
+    # old code: the rounding allowance 4u (||C|| ||f(x0)|| + lip ||x0||) missed the
+    # cancellation inside the last layer (terms of size 2.8 summing to f(x0) = -0.148): the
+    # value exceeded the exact constant by 2e-8 relative, and a sweep flagged it above the
+    # tight certified upper bound (SOUNDNESS CHECK FAILED).
+    # Linear(1, 3) -> ReLU -> Linear(3, 1) in float64; the pre-activations at x0 are 0.945,
+    # -1.67 and 0.163, so f is linear in the ball and its local constant is exactly the
+    # slope |W2_0 W1_0 + W2_2 W1_2| (computed with fractions)
+    w1 = [-0.5712031424816622, 0.5585060040726593, 0.1697697106458229]
+    b1 = [0.7222825899511321, -1.4560043879560798, 0.2292768220081661]
+    w2 = [-1.4776595811528261, -1.1464786804725755, -0.5730662629451587]
+    net = nn.Sequential(nn.Linear(1, 3), nn.ReLU(), nn.Linear(3, 1)).double().eval()
+    with torch.no_grad():
+        net[0].weight.copy_(torch.tensor(w1, dtype=torch.float64).reshape(3, 1))
+        net[0].bias.copy_(torch.tensor(b1, dtype=torch.float64))
+        net[2].weight.copy_(torch.tensor([w2], dtype=torch.float64))
+        net[2].bias.fill_(1.3416633518130154)
+    x0 = torch.tensor([[-0.39001517325568946]], dtype=torch.float64)
+    exact = abs(Fraction(w2[0]) * Fraction(w1[0]) + Fraction(w2[2]) * Fraction(w1[2]))
+    r = random_lower_bound(net, x0, 1e-8, n_samples=300, progress=False)
+    assert Fraction(r.value) <= exact
+    assert Fraction(pgd_lower_bound(net, x0, 1e-7).value) <= exact
+    from lipbound.sweep import sweep
+
+    res = sweep(net, x0, [1e-8, 1e-7], "tight,random,pgd", samples=300)
+    assert res.violations() == []
+    assert all(Fraction(v) <= exact for m in ("random", "pgd") for v in res.values(m))
