@@ -309,12 +309,15 @@ def place_in_ball(x0_flat: torch.Tensor, flat_x: torch.Tensor, eps: float) -> to
         x[bad] = (x0_flat.to(torch.float64) + delta).to(x.dtype)
     bad = ~(distances(x0_flat, x) <= limit)
     if bool(bad.any()):
-        logger.warning(
-            "%d point(s) could not be placed inside the ball of radius %g in %s (eps is "
-            "below the input's rounding resolution, or the point is not finite: beyond the "
-            "dtype's range); they were replaced by x0",
-            int(bad.sum()), eps, x.dtype,
-        )
+        # (a point that is not finite, e.g. a step beyond the dtype's range at a huge eps, is
+        # no candidate: no warning for it)
+        finite = bad & torch.isfinite(x).all(dim=1)
+        if bool(finite.any()):
+            logger.warning(
+                "%d point(s) could not be placed inside the ball of radius %g in %s (eps is "
+                "below the input's rounding resolution); they were replaced by x0",
+                int(finite.sum()), eps, x.dtype,
+            )
         x[bad] = x0_flat.to(x.dtype)
     return x
 
