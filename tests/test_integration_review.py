@@ -115,7 +115,12 @@ def test_torchscript_is_refused_by_the_bounds_and_run_by_the_lower_bounds():
             fc_layers(sm)
     ref = _lower(m)
     for sm in (scripted, traced):
-        assert _lower(sm).value == ref.value
+        r = _lower(sm)
+        # the same witness; the value may differ in the last digits: a TorchScript module
+        # has no forward hooks, so its rounding allowance lacks the running-error term
+        # (lipbound.lower._common.running_error) and is the smaller, older estimate
+        assert torch.equal(r.witness, ref.witness)
+        assert ref.value <= r.value <= ref.value * (1 + 1e-12)
 
 
 def test_torch_export_is_refused_naming_the_fix():

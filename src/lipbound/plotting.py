@@ -152,9 +152,14 @@ def plot_sweep(eps: Sequence[float], curves: dict[str, Sequence[float]], *,
         The paths written.
     """
     suffix = label_suffix or {}
+    # in increasing eps: radii given out of order would draw the curves back and forth
+    order = sorted(range(len(eps)), key=lambda i: eps[i])
+    eps = [eps[i] for i in order]
+    curves = {name: [values[i] for i in order] for name, values in curves.items()}
     with paper_style():
         fig, ax = new_figure(5.6, 3.8)
         n_marked = len(eps) <= 40
+        shown = 0
         for name, values in curves.items():
             style = dict(METHOD_STYLES.get(name, {"label": name, "color": None,
                                                   "linestyle": "-", "marker": None}))
@@ -181,6 +186,7 @@ def plot_sweep(eps: Sequence[float], curves: dict[str, Sequence[float]], *,
             if len(px) < 2 and style.get("marker") is None:
                 style["marker"] = "o"  # a lone point of a line style without markers
             ax.plot(px, py, label=label, **style)
+            shown += len(px)
         vx, vy = _positive([e for e, _ in violation_points], [v for _, v in violation_points])
         if vx:
             ax.plot(vx, vy, linestyle="none", marker="o", markersize=9, markerfacecolor="none",
@@ -188,6 +194,14 @@ def plot_sweep(eps: Sequence[float], curves: dict[str, Sequence[float]], *,
                     zorder=4)
         ax.set_xscale("log")
         ax.set_yscale("log")
+        if not shown and not vx:
+            # nothing a log axis can show (e.g. a network whose outputs cannot move: every
+            # bound 0): fixed limits, else matplotlib refuses to draw empty log axes
+            xs = [e for e in eps if math.isfinite(e) and e > 0] or [1.0]
+            ax.set_xlim(min(xs) / 2, max(xs) * 2)
+            ax.set_ylim(0.1, 10.0)
+            ax.text(0.5, 0.5, "no value > 0 and finite to show on a log axis",
+                    transform=ax.transAxes, ha="center", va="center", fontsize=8)
         _plain_labels_if_narrow(ax)
         if violations:
             more = f" (+{len(violations) - 1} more)" if len(violations) > 1 else ""

@@ -441,6 +441,9 @@ def _prepare(model: nn.Module, x0: Tensor, bounds: Bounds | None,
     if x0.dim() < 2 or x0.shape[0] != 1:
         raise InputError(f"expected x0 with a batch dimension of 1, shape (1, *input_shape), "
                          f"got shape {tuple(x0.shape)}; use x0.unsqueeze(0) for one sample")
+    if x0.numel() == 0:
+        raise InputError(f"x0 of shape {tuple(x0.shape)} has no coordinates: no perturbation "
+                         "can change its class; pass an input with at least one coordinate")
     if not bool(torch.isfinite(x0).all()):
         raise InputError("x0 contains NaN or infinite values; attacks need a finite input")
     if not isinstance(seed, int) or isinstance(seed, bool):
@@ -493,10 +496,13 @@ def _check_bounds(bounds: Bounds, xm: Tensor) -> tuple[Tensor, Tensor]:
     for name, b in zip(("lo", "hi"), bounds, strict=True):
         try:
             t = torch.as_tensor(b, dtype=torch.float64, device=xm.device)
-            torch.broadcast_shapes(t.shape, xm.shape)
+            joint = torch.broadcast_shapes(t.shape, xm.shape)
         except (TypeError, RuntimeError, ValueError) as exc:
             raise InputError(f"bounds {name} must be a float or a tensor broadcastable to "
                              f"x0's shape {tuple(xm.shape)}: {exc}") from exc
+        if joint != xm.shape:  # (e.g. a batch of boxes: x0 would be broadcast to it)
+            raise InputError(f"bounds {name} of shape {tuple(t.shape)} must broadcast to x0's "
+                             f"shape {tuple(xm.shape)}, not enlarge it; give one box")
         if not bool(torch.isfinite(t).all()):
             raise InputError(f"bounds {name} must be finite; use bounds=None for no box")
         out.append(t)

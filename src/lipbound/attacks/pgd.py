@@ -127,7 +127,9 @@ class PGD(Attack):
             cos = 0.5 * (1.0 + math.cos(math.pi * k / self.steps))
             gamma = self.gamma * (0.1 + 0.9 * cos)
             alpha = self.step_factor * (0.01 + 0.99 * cos)
-            grow = torch.where(torch.isfinite(best_r), 1.0 + gamma, _EXPLORE)
+            # (in the model's dtype: a where of two Python numbers is float32, which made a
+            # half-precision model's iterates float32)
+            grow = torch.where(torch.isfinite(best_r), 1.0 + gamma, _EXPLORE).to(dt)
             eps = torch.where(adv, eps * (1.0 - gamma), eps * grow)
             eps = torch.minimum(eps, torch.where(torch.isfinite(best_r), best_r.to(dt), eps))
             delta = delta + ctx.normalize(g) * ctx.bview(alpha * eps, g)

@@ -87,7 +87,7 @@ def sample_ball(
         Tensor of shape ``(n, *shape)``.
 
     Raises:
-        InputError: on a bad shape, eps or n.
+        InputError: on a bad shape, eps or n (also an eps beyond the range of x0's dtype).
 
     Example:
         >>> g = torch.Generator().manual_seed(0)
@@ -99,6 +99,9 @@ def sample_ball(
     if not x0.is_floating_point() or not bool(torch.isfinite(x0).all()):
         raise InputError("x0 must be a finite floating-point tensor")
     eps = check_eps(eps)
+    if not math.isfinite(float(torch.tensor(eps, dtype=torch.float64).to(x0.dtype))):
+        raise InputError(f"eps={eps:g} is beyond the range of x0's dtype {x0.dtype}: the ball's "
+                         "points cannot be represented; use a smaller eps or x0.double()")
     n = check_positive_int("n", n)
     flat = _draw(x0.detach().reshape(1, -1), eps, n, generator)
     return flat.reshape(n, *x0.shape[1:])
