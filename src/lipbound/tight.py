@@ -65,6 +65,7 @@ from torch import Tensor
 from .blocks import AffineBlock, Block, PoolBlock
 from .ops.base import UNDERFLOW, DiagOp, gamma, norm_up, product_up, safe_norm
 from .ops.conv import ConvOp
+from .ops.conv_transpose import conv_transpose2d_rows
 from .ops.linear import LinearOp
 from .results import Guarantee
 from .spectral import SAFETY, SpectralBound, exact_norm
@@ -670,7 +671,10 @@ def _back_local(b: Block, sec: _Secant | None, loc: _Local, centre: bool = True
     new = _Local(g, e, r0, c0, grid_in)
 
     def conv_t(y: Tensor, weight: Tensor) -> Tensor:
-        full = F.conv_transpose2d(y, weight, None, m.stride, 0, 0, m.groups, m.dilation)
+        # (float64 on the CPU: in chunks of rows where that pays, the same products summed
+        # within the same γ_n; conv_transpose2d_rows)
+        full = conv_transpose2d_rows(y, weight, m.stride, (0, 0), (0, 0), m.groups,
+                                     m.dilation)
         if hs == hi and ws == wi and bool((r0 == ro).all()) and bool((c0 == co).all()):
             return full
         return _crop(full, r0 - ro, c0 - co, hs, ws)
