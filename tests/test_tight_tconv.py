@@ -22,6 +22,7 @@ from hypothesis import strategies as st
 import lipbound.tight as tight
 from core_helpers import build, conv_specs
 from lipbound import Analyzer
+from lipbound.ops import conv_transpose
 from lipbound.ops.base import UNDERFLOW, gamma
 from lipbound.ops.conv_transpose import WHOLE_BYTES, chunk_rows, conv_transpose2d_rows
 from test_tight import empirical_lower, raw_tight
@@ -128,9 +129,8 @@ def test_chunks_exact_on_integers(g: dict) -> None:
 
 
 def test_chunk_rule() -> None:
-    """Chunks for float64 CPU rows only; at one thread for many rows of a real kernel, at
-    more threads only when the whole batch's columns exceed ``WHOLE_BYTES``; never a chunk
-    holding every row."""
+    """Chunks for float64 CPU rows at one thread only: many rows of a real kernel, or whole
+    batches of columns over ``WHOLE_BYTES``; never a chunk holding every row."""
     cpu = torch.device("cpu")
     w = (32, 32, 3, 3)
     c = chunk_rows(330, (12, 12), w, 1, cpu, DT, threads=1)
@@ -140,10 +140,12 @@ def test_chunk_rule() -> None:
     assert chunk_rows(8, (12, 12), w, 1, cpu, DT, threads=1) == 0  # (few rows)
     assert chunk_rows(330, (12, 12), (32, 3, 3, 3), 1, cpu, DT, threads=1) == 0  # (3 outputs)
     assert chunk_rows(330, (12, 12), (32, 32, 1, 1), 1, cpu, DT, threads=1) == 0  # (1x1)
-    assert chunk_rows(100, (6, 6), w, 1, cpu, DT, threads=2) == 0  # (small: torch's)
-    big = WHOLE_BYTES // (32 * 9 * 144 * 8) + 1
-    assert 1 <= chunk_rows(big, (12, 12), w, 1, cpu, DT, threads=2) < big
-    assert 1 <= chunk_rows(4 * big, (12, 12), (33, 4, 3, 3), 3, cpu, DT, threads=2) < 4 * big
+    assert chunk_rows(330, (12, 12), w, 1, cpu, DT, threads=2) == 0  # (torch's, in parallel)
+    big = WHOLE_BYTES // (3 * 9 * 144 * 8) + 1  # (3 output channels, 1x1 kernels: when big)
+    assert 1 <= chunk_rows(big, (12, 12), (32, 3, 3, 3), 1, cpu, DT, threads=1) < big
+    assert 1 <= chunk_rows(9 * big, (12, 12), (32, 3, 1, 1), 1, cpu, DT, threads=1) < 9 * big
+    assert 1 <= chunk_rows(big, (12, 12), (33, 1, 3, 3), 3, cpu, DT, threads=1) < big
+    assert chunk_rows(big, (12, 12), (32, 3, 3, 3), 1, cpu, DT, threads=2) == 0
 
 
 def _forced(chunks: bool):
@@ -215,3 +217,49 @@ def test_mnist_chunks_and_floor(eps: float) -> None:
                            pgd_restarts=1, pgd_steps=3, pgd_refine=1,
                            pgd_refine_steps=3).value
     assert min(vals) >= low
+
+
+def _strided_net() -> tuple[torch.nn.Module, torch.Tensor]:
+    """Convolutions with groups, a stride and a dilation on a 1 x 28 x 28 image."""
+    from torch import nn
+
+    g = torch.Generator().manual_seed(4)
+    net = nn.Sequential(nn.Conv2d(1, 8, 3), nn.ReLU(), nn.Conv2d(8, 16, 3, stride=2, groups=2),
+                        nn.ReLU(), nn.Conv2d(16, 8, 3, dilation=2), nn.ReLU(), nn.Flatten(),
+                        nn.Linear(8 * 8 * 8, 10)).to(DT)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.copy_(0.5 * torch.randn(p.shape, generator=g, dtype=DT))
+    return net.eval(), torch.randn(1, 1, 28, 28, generator=g, dtype=DT)
+
+
+@pytest.mark.parametrize("case", ["conv16", "strided"])
+def test_memory_estimate_covers_the_chunks(case: str, monkeypatch) -> None:
+    """At one thread (where the chunks run) the memory estimate, which counts one chunk's
+    columns there, is still at least the allocator's peak (``tests/test_tight_memory.py``'s
+    measurement and nets), with chunks of 16 KiB of columns (these nets' rows are too few for
+    1 MiB chunks), and the chunks did run."""
+    tm = pytest.importorskip("test_tight_memory")
+    monkeypatch.setattr(conv_transpose, "CHUNK_BYTES", 1 << 14)
+    net, x0 = tm._conv_net() if case == "conv16" else _strided_net()
+    shape, eps = (1, 28, 28), (3e-3 if case == "conv16" else 3e-2)
+    chunked: list[int] = []
+    real = tight.conv_transpose2d_rows
+
+    def spy(y, weight, stride, padding, output_padding, groups, dilation, chunk=None):
+        chunked.append(chunk_rows(y.shape[0], tuple(y.shape[-2:]), tuple(weight.shape), groups,
+                                  y.device, y.dtype))
+        return real(y, weight, stride, padding, output_padding, groups, dilation, chunk)
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    tight.conv_transpose2d_rows = spy
+    try:
+        an = Analyzer(net, shape)
+        blocks, x, rec, bounds = tm._record(an, x0, eps)
+        out, peak, est = tm._estimate_and_peak(blocks, x, eps, rec, bounds)
+    finally:
+        tight.conv_transpose2d_rows = real
+        torch.set_num_threads(threads)
+    tm._check(out, peak, est, case)
+    assert any(chunked), chunked

@@ -14,8 +14,8 @@ Stability of Numerical Algorithms*, §3.1); on the sizes measured it gave torch'
 
 :func:`chunk_rows` decides (from shapes, the device and the thread count alone, so that
 :mod:`lipbound.tight_memory` can follow it before anything is formed) where the chunks run:
-float64 on the CPU, at one thread where measured faster, at any thread count where the whole
-batch's columns would be large (they are then never formed).
+float64 on the CPU at one thread, where measured faster or where the whole batch's columns
+would be large (they are then never formed).
 """
 
 from __future__ import annotations
@@ -31,13 +31,9 @@ per core; float64, one thread, ms for torch / chunks of 0.25, 0.5, 1, 2 MiB): 50
 60.4, 53.1, 46.5, 49.0; 1077 x 32 x 8 x 8 112 / 81, 70, 74, 68; 330 x 64 x 4 x 4 -> 32 7.4 /
 6.9, 6.2, 5.8, 5.8; 200 x 16 x 9 x 9 -> 6 5x5 7.1 / 6.3, 6.2, 5.7, 5.3."""
 
-CHUNK_BYTES_THREADS = 2 << 20
-"""Bytes of one chunk's columns with more than one thread (only where the whole batch's
-columns exceed :data:`WHOLE_BYTES`: torch's loop over the batch elements runs in parallel and
-was faster with two threads at smaller sizes, 1500 x 32 x 12 x 12: 213 ms against 230 ms)."""
-
 WHOLE_BYTES = 32 << 20
-"""Whole-batch columns above which the chunks run at any thread count (memory)."""
+"""Whole-batch columns above which the chunks run (one thread) whatever the channels and
+kernel (the columns are then never formed whole)."""
 
 MIN_ROWS = 16
 """Fewest rows for the chunks at one thread below :data:`WHOLE_BYTES` (4 x 64 x 12 x 12 ->
@@ -52,9 +48,12 @@ torch's 6.5)."""
 def chunk_rows(rows: int, in_hw: tuple[int, int], weight_shape: tuple[int, ...], groups: int,
                device: torch.device, dtype: torch.dtype, threads: int | None = None) -> int:
     """How many rows :func:`conv_transpose2d_rows` multiplies at once; 0 where torch's
-    ``conv_transpose2d`` runs (other devices or dtypes, few or small rows at one thread,
-    anything short of :data:`WHOLE_BYTES` with more threads, a 1x1 kernel or few channels
-    below it).
+    ``conv_transpose2d`` runs: other devices or dtypes, more than one thread (torch's loop
+    over the rows runs in parallel: with two threads it was as fast as the chunks or faster,
+    1500 x 32 x 12 x 12 through 32 -> 32: 213 ms against 230 ms, 160 x 32 x 10 x 10 7.7
+    against 12.8, and the chunks' many small parallel regions made the whole tight bound
+    10-40x slower beside another busy process), and below :data:`WHOLE_BYTES` of columns
+    few rows, a 1x1 kernel, few output channels or rows of over :data:`CHUNK_BYTES`.
 
     Args:
         rows: the batch size.
@@ -73,10 +72,11 @@ def chunk_rows(rows: int, in_hw: tuple[int, int], weight_shape: tuple[int, ...],
     _, c_in_g, kh, kw = (int(s) for s in weight_shape)
     per = groups * c_in_g * kh * kw * int(in_hw[0]) * int(in_hw[1]) * 8  # one row's columns
     threads = torch.get_num_threads() if threads is None else int(threads)
+    if threads != 1:
+        return 0
     if rows * per > WHOLE_BYTES:
-        chunk = max(1, (CHUNK_BYTES if threads == 1 else CHUNK_BYTES_THREADS) // max(per, 1))
-    elif (threads == 1 and rows >= MIN_ROWS and kh * kw > 1 and c_in_g >= MIN_CHANNELS
-          and per <= CHUNK_BYTES):
+        chunk = max(1, CHUNK_BYTES // max(per, 1))
+    elif rows >= MIN_ROWS and kh * kw > 1 and c_in_g >= MIN_CHANNELS and per <= CHUNK_BYTES:
         chunk = CHUNK_BYTES // per
     else:
         return 0
