@@ -15,7 +15,10 @@ code of :mod:`lipbound.tight`, whose decisions, rows on windows or dense, it rep
   declines);
 * each backward step: the rows it receives and returns, the centred rows and the
   magnitudes of the error bound, the convolutions' internal buffers (CPU ``conv2d`` and
-  ``conv_transpose2d`` unfold their input for the whole batch: ``kh kw`` times the rows), the
+  ``conv_transpose2d`` unfold their input for the whole batch: ``kh kw`` times the rows; the
+  rows on windows go through
+  :func:`lipbound.ops.conv_transpose.conv_transpose2d_rows`, one chunk's columns at a time
+  where :func:`lipbound.ops.conv_transpose.chunk_rows` says so), the
   window crops and their padding, the diagonal scales on windows, the fully connected layers'
   transposed copy and ``|W|``, the pooling centre's gathered entries;
 * each boundary where norms are taken: the rows on the boundary's columns (dense, ``R x n``:
@@ -35,8 +38,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
+
 from .blocks import AffineBlock, Block, PoolBlock
 from .ops.conv import ConvOp
+from .ops.conv_transpose import chunk_rows
 from .ops.linear import LinearOp
 
 F8 = 8
@@ -143,6 +149,22 @@ def _conv_columns(m: ConvOp, rows: int, transpose: bool = False) -> int:
     return rows * kh * kw * (c_out * hi * wi if flip else c_in * ho * wo)
 
 
+def _window_columns(m: ConvOp, r: int, c_o: int, h: int, w: int, per_out: int) -> int:
+    """Entries of the columns of :func:`lipbound.ops.conv_transpose.conv_transpose2d_rows`
+    for ``r`` rows of ``c_o x h x w`` through ``m``'s transpose (no padding; ``per_out``: one
+    row's output), besides the output: torch's ``conv_transpose2d`` unfolds the whole batch
+    (``C_in kh kw`` per input pixel); the chunks hold one chunk's columns, its fold's output,
+    a copy of its rows and, with groups, the kernel broadcast over its rows."""
+    kh, kw = (int(k) for k in m.weight.shape[-2:])
+    per = m.groups * int(m.weight.shape[1]) * kh * kw * h * w
+    chunk = chunk_rows(r, (h, w), tuple(m.weight.shape), m.groups, m.weight.device,
+                       torch.float64)
+    if not chunk:
+        return r * per
+    bcast = chunk * per // (h * w) if m.groups > 1 else 0
+    return chunk * (per + per_out + c_o * h * w) + bcast
+
+
 def _local_step(b: Block, p: _Place, r: int, centre: bool) -> tuple[_Place, int] | None:
     """The place of ``r`` rows on windows after one backward step through ``b`` and the
     step's peak (entries), or None where the block is not handled on windows."""
@@ -170,7 +192,7 @@ def _local_step(b: Block, p: _Place, r: int, centre: bool) -> tuple[_Place, int]
     hs, ws = min(hi, g_in[1]), min(wi, g_in[2])
     c_i = g_in[0]
     sn, sf = r * c_i * hs * ws, r * c_i * hi * wi
-    cols = r * c_i * kh * kw * h * w  # conv_transpose2d's unfolded input
+    cols = _window_columns(m, r, c_o, h, w, c_i * hi * wi)
     if hs == hi and ws == wi and p1 == 0 and p2 == 0:
         conv = sf + cols  # (no crop)
     else:  # the crop: padded (by at most the padding per side), gathered, made contiguous
