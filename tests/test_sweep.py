@@ -476,3 +476,23 @@ def test_bound_many_library_batch_tensor_and_global():
         bound_many(an, [], 0.1)
     with pytest.raises(InputError, match="method"):
         bound_many(an, xs, 0.1, "both")
+
+
+def test_settings_name_the_dtype_the_lower_bounds_really_used():
+    """A float64 x0 that float32 cannot represent: the lower bounds run a float64 copy
+    around the exact x0 (check_problem), so the settings must not say "float32" (they did)."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(3, 8), nn.ReLU(), nn.Linear(8, 2)).eval()
+    x = torch.randn(1, 3, dtype=torch.float64)
+    assert not torch.equal(x.float().double(), x)
+    kw = dict(methods=("local", "random"), samples=20)
+    assert sweep(net, x, [0.1], lower_dtype=torch.float64, **kw).settings[
+        "lower_dtype"] == "float64"
+    for dt in (torch.float32, None):
+        used = sweep(net, x, [0.1], lower_dtype=dt, **kw).settings["lower_dtype"]
+        assert used.startswith("float64 (x0 is not a point of") and "float32" in used
+    x32 = x.float().double()  # a point of float32: the float32 network is what runs
+    assert sweep(net, x32, [0.1], lower_dtype=torch.float32, **kw).settings[
+        "lower_dtype"] == "float32"
+    assert sweep(net, x32, [0.1], lower_dtype=None, **kw).settings[
+        "lower_dtype"] == "model (float32)"

@@ -344,6 +344,22 @@ def _lower_model(model: nn.Module, dtype: torch.dtype | None) -> nn.Module:
     return model
 
 
+def _lower_dtype_used(model: nn.Module | None, dtype: torch.dtype | None, x0: Tensor) -> str:
+    """The dtype the lower bounds really evaluate the network in, for the settings: the
+    requested one, or float64 where ``x0`` is not a point of it (the lower bounds then run a
+    float64 copy around the exact ``x0``, :func:`lipbound.lower._common.check_problem`)."""
+    if dtype is None:
+        p = next(iter(model.parameters()), None) if model is not None else None
+        dtype = p.dtype if p is not None and p.is_floating_point() else x0.dtype
+        name = f"model ({str(dtype).replace('torch.', '')})"
+    else:
+        name = str(dtype).replace("torch.", "")
+    if x0.dtype != dtype and not bool(torch.equal(x0.to(dtype).to(x0.dtype), x0)):
+        return (f"{str(x0.dtype).replace('torch.', '')} (x0 is not a point of {name}: the "
+                "lower bounds ran a float64 copy of the model around the exact x0)")
+    return name
+
+
 def _lower(method: str, model: nn.Module, x0: Tensor, eps: float, *, samples: int,
            steps: int, restarts: int, seed: int, output_map: Tensor | None):
     from . import lower
@@ -706,8 +722,8 @@ def sweep(model_or_analyzer: nn.Module | Analyzer, x0: Tensor, eps_values: Seque
                  ", ".join(f"{p.method}={p.value:.5g}" for p in row.points))
         rows.append(row)
     settings = {"samples": samples, "steps": steps, "restarts": restarts, "seed": seed,
-                "lower_dtype": str(lower_dtype).replace("torch.", "") if lower_dtype
-                else "model", "spectral": an.spectral, "failure_prob_budget": an.failure_prob,
+                "lower_dtype": _lower_dtype_used(lower_model, lower_dtype, x0_model),
+                "spectral": an.spectral, "failure_prob_budget": an.failure_prob,
                 "device": str(an.device), "output_map": output_map is not None,
                 "reuse_tol": reuse_tol, "order": _ORDER_TEXT if uppers else None}
     if uppers:
