@@ -65,22 +65,30 @@ def _record(an: Analyzer, x0: torch.Tensor, eps: float):
 
 
 def _estimate_and_peak(blocks, x, eps, rec, bounds, **kw):
-    """The construction (no cap), its measured peak and the estimate for its start."""
+    """The construction (no cap), its measured peak and the estimate for its start (with
+    the deferred norms' matrices, session 21: :func:`lipbound.tight_memory.deferred_bytes`)."""
     seen: dict[int, int] = {}
-    real = tight.peak_bytes
+    held: dict[int, int] = {}
+    real, real_held = tight.peak_bytes, tight.deferred_bytes
 
     def spy(*a, **k):
         v = real(*a, **k)
         seen[a[4]] = v
         return v
 
-    tight.peak_bytes = spy
+    def spy_held(*a, **k):
+        v = real_held(*a, **k)
+        held[a[3]] = v
+        return v
+
+    tight.peak_bytes, tight.deferred_bytes = spy, spy_held
     try:
         out, peak = allocated_peak(lambda: tight.tight_local_bound(
             blocks, x, eps, rec, bounds, max_rows=10**9, max_bytes=BIG, **kw))
     finally:
-        tight.peak_bytes = real
-    return out, peak, seen.get(out.start)
+        tight.peak_bytes, tight.deferred_bytes = real, real_held
+    est = seen.get(out.start)
+    return out, peak, None if est is None else est + held.get(out.start, 0)
 
 
 def _check(out, peak: int, est: int | None, where) -> None:

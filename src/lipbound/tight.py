@@ -52,6 +52,13 @@ negation (``_Mirror``) instead of being pulled back. The memory cap (``max_bytes
 against an estimate of the construction's peak made before any row is formed
 (:mod:`lipbound.tight_memory`: windowed sizes where the rows are on windows, dense where they
 are dense, with the steps' temporaries and the norms' matrices).
+
+The deviation norms of the candidates that compete (the hybrids' boundaries; the whole
+network's at the input, where hybrids compete with it) are deferred (:class:`_Deferred`):
+each is formed only where its candidate may be the smallest (a lower bound on the norm, from
+power iterations, bounds the candidate from below: every step is monotone in the norms); the
+result is the same bits as with every norm formed. Their matrices are held (within the cap, with the
+estimate: :func:`lipbound.tight_memory.deferred_bytes`) until the candidates are compared.
 """
 
 from __future__ import annotations
@@ -70,7 +77,7 @@ from .ops.conv_transpose import conv_transpose2d_rows
 from .ops.linear import LinearOp
 from .results import Guarantee
 from .spectral import SAFETY, SpectralBound, exact_norm
-from .tight_memory import SecantSize, hybrid_starts, mib, peak_bytes, seed_bytes
+from .tight_memory import SecantSize, deferred_bytes, hybrid_starts, mib, peak_bytes, seed_bytes
 from .tight_memory import grid as _grid
 from .tight_memory import local_conv as _local_conv
 from .tight_memory import local_pool as _local_pool
@@ -492,18 +499,91 @@ def _back(b: Block, sec: _Secant | None, g: Tensor, e: Tensor, centre: bool = Tr
 def _norm_bound(g: Tensor, e: Tensor, cols: Tensor | None, scale: Tensor | None) -> float:
     """An upper bound on ``||diag(scale) G[:, cols]||_2`` for the exact rows ``G`` (computed
     ``g``, entrywise error ``<= e``)."""
+    m, en = _norm_parts(g, e, cols, scale)
+    return 0.0 if m is None else _up(exact_norm(m) + en)
+
+
+def _norm_parts(g: Tensor, e: Tensor, cols: Tensor | None, scale: Tensor | None
+                ) -> tuple[Tensor | None, float]:
+    """The matrix ``M`` whose :func:`lipbound.spectral.exact_norm` plus ``en`` (the norm of
+    its error bound) :func:`_norm_bound` returns (rounded up), and ``en``; ``M`` None for an
+    empty matrix (norm 0)."""
     if cols is not None:
         g, e = g[:, cols], e[:, cols]
     if g.numel() == 0:
-        return 0.0
+        return None, 0.0
     if scale is not None:
         m = g * scale[:, None]
         err = (e + (2.0 * U) * g.abs()) * scale[:, None] * (1.0 + 4.0 * U) + _absolute(1)
     else:
         m, err = g, e
-    en = norm_up(err) * (1.0 + 2.0 * gamma(err.numel() + 4))
-    v = exact_norm(m)
-    return _up(v + en)
+    return m, norm_up(err) * (1.0 + 2.0 * gamma(err.numel() + 4))
+
+
+DEFER_NORMS = True
+"""Whether the deviation norms of the candidates that compete (the hybrids' boundaries, and
+the whole network's at the input where hybrids compete with it) are deferred
+(:class:`_Deferred`: formed only where their candidate may be the smallest; the same results,
+bit for bit). False: every norm formed in the sweep (for tests and comparisons). Session 21:
+in a tight radius search on the MNIST LeNet the hybrid from the first boundary (conv1's live
+units: the largest matrices) was never the smallest and the whole network rarely (18 % of the
+evaluations); their norms were two thirds of the norms' time, and the search took 26 % less
+time with them deferred."""
+
+LOW_SLACK = 1e-6
+"""Relative margin of :func:`_norm_low` below the power iteration's value (far above its
+rounding): its bound stays below the exact norm :func:`_norm_bound` would return."""
+
+POWER_STEPS = 3
+"""Power iterations of :func:`_norm_low` (from the largest row)."""
+
+
+def _norm_low(m: Tensor) -> float:
+    """A lower bound on ``||M||_2`` (so on :func:`_norm_bound`'s value for ``M``): the Rayleigh
+    quotient ``||M v|| / ||v||`` after :data:`POWER_STEPS` power iterations from the largest
+    row of ``M`` (scaled by its largest magnitude), :data:`LOW_SLACK` below. Its only use is
+    to skip a norm that cannot change a result (:class:`_Deferred`): it is never reported."""
+    peak = float(m.abs().max())
+    if not (0.0 < peak < math.inf):
+        return 0.0
+    ms = m / peak
+    v = ms[int(torch.linalg.vector_norm(ms, dim=1).argmax())]
+    for _ in range(POWER_STEPS):
+        v = ms.T @ (ms @ v)
+        top = float(v.abs().max())
+        if not (0.0 < top < math.inf):
+            return 0.0
+        v = v / top
+    q = float(torch.linalg.vector_norm(ms @ v)) / float(torch.linalg.vector_norm(v))
+    return q * peak * (1.0 - LOW_SLACK) if math.isfinite(q) else 0.0
+
+
+class _Deferred:
+    """A norm of a competing candidate's deviation rows (:func:`_norm_bound` of ``m`` with
+    error norm ``en``; :data:`DEFER_NORMS`) formed only where a result needs it: ``low`` and
+    ``high`` bound the value it would have (``low``: :func:`_norm_low`; ``high``: twice the
+    Frobenius norm plus ``en``, above what :func:`lipbound.spectral.exact_norm` returns), both
+    raised to :data:`SAFE_LOW` as the value is (:func:`_floor`). :func:`_segments` forms the
+    value (:meth:`value`: the same bits as :func:`_norm_bound`, once) unless the candidate
+    it enters cannot be the one kept even with ``low``."""
+
+    def __init__(self, m: Tensor, en: float) -> None:
+        self.m: Tensor | None = m
+        self.en = en
+        self.low = _floor(_norm_low(m))
+        self.high = _floor(2.0 * (norm_up(m) + en))
+        self._value: float | None = None
+
+    def value(self) -> float:
+        """The norm bound (:func:`_norm_bound`, :func:`_floor`); fallback above the safe
+        range, as every norm."""
+        if self._value is None:
+            x = _up(exact_norm(self.m) + self.en)
+            self.m = None
+            if not x <= SAFE_HIGH:
+                raise _Fallback(f"a norm {x:.3g} above the safe range [1e-150, 1e150]")
+            self._value = _floor(x)
+        return self._value
 
 
 def _row_bound(g: Tensor, e: Tensor, cols: Tensor | None) -> list[float]:
@@ -963,14 +1043,16 @@ def tight_local_bound(blocks: list[Block], x0: Tensor, eps: float, records: list
 def _tail_start(blocks: list[Block], secs: list[_Secant | None], max_rows: int,
                 max_bytes: int, min_start: int = 0, lives: list[Tensor | None] | None = None,
                 tail_starts: int = 1, each_row: bool = False
-                ) -> tuple[int | None, int, str]:
+                ) -> tuple[int | None, int, str, bool]:
     """The earliest boundary ``j >= min_start`` whose tail (blocks ``j..K-1``: the outputs and the
     deviation rows of its secants) fits ``max_rows`` and whose construction's memory
     (:func:`lipbound.tight_memory.peak_bytes`: rows on windows where they are, dense where
     not, with the steps' temporaries and the norms' matrices) fits ``max_bytes`` (None: none
     does), the whole network's rows, and why the whole network does not fit ("" when it
     does). ``lives``: the coordinates that may move at each boundary (None: all); the hybrid
-    tries ``tail_starts`` boundaries; ``each_row``: the output rows' norms per row."""
+    tries ``tail_starts`` boundaries; ``each_row``: the output rows' norms per row. Last:
+    whether the hybrid norms may be deferred (:class:`_Deferred`): the estimate plus their
+    matrices (:func:`lipbound.tight_memory.deferred_bytes`) fit ``max_bytes``."""
     n_blocks = len(blocks)
     n_out = blocks[-1].out_dim
     dev = [0 if s is None else s.rows for s in secs]
@@ -993,7 +1075,12 @@ def _tail_start(blocks: list[Block], secs: list[_Secant | None], max_rows: int,
 
     why = fits(0)
     start = next((j for j in range(max(0, min_start), n_blocks) if not fits(j)), None)
-    return start, n_out + sum(dev), why
+    # the deferred norms' matrices (not counted by the choice of the start): held where
+    # they fit under the cap with the construction's estimate
+    defer = start is not None and peak_bytes(
+        blocks, sizes, taps, live_n, start, tail_starts, each_row) + deferred_bytes(
+        blocks, sizes, live_n, start, tail_starts) <= max_bytes
+    return start, n_out + sum(dev), why, defer
 
 
 def _tight(blocks: list[Block], x0: Tensor, eps: float, records: list[dict],
@@ -1052,8 +1139,9 @@ def _tight(blocks: list[Block], x0: Tensor, eps: float, records: list[dict],
             lo, hi = y0 - e_out - er - mg, y0 + e_out + er + mg
         secs.append(sec)
         lives.append(live)
-    start, full_rows, full_reason = _tail_start(blocks, secs, max_rows, max_bytes, min_start,
-                                                lives, tail_starts, row_last is not None)
+    start, full_rows, full_reason, defer = _tail_start(blocks, secs, max_rows, max_bytes,
+                                                      min_start, lives, tail_starts,
+                                                      row_last is not None)
     if start is None:
         raise _Fallback(full_reason or f"no tail from block {min_start} on")
     n_out = blocks[-1].out_dim
@@ -1076,6 +1164,9 @@ def _tight(blocks: list[Block], x0: Tensor, eps: float, records: list[dict],
                                                                            n_blocks)}
     stop = min([*cols, *mcols])
     dev = x0.device
+    # the hybrid boundaries' deviation norms are deferred (_Deferred: formed where a result
+    # needs them) where their matrices fit under the cap with the estimate
+    defer = defer and DEFER_NORMS
 
     def sweep(begin: int, held: tuple[Tensor, Tensor] | _Local | _Mirror,
               scale: Tensor | None, each_row: bool = False) -> tuple[dict, dict]:
@@ -1088,6 +1179,13 @@ def _tight(blocks: list[Block], x0: Tensor, eps: float, records: list[dict],
             for where, cs in ((got, cols), (gotm, mcols)):
                 if k in cs:
                     g, e = _columns(held, cs[k])
+                    if defer and scale is not None and not each_row and (
+                            where is gotm or (k == 0 and mcols)):
+                        m, en = _norm_parts(g, e, None, scale)
+                        del g, e
+                        where[k] = 0.0 if m is None else _Deferred(m, en)
+                        del m
+                        continue
                     where[k] = _row_bound(g, e, None) if each_row else \
                         _norm_bound(g, e, None, scale)
             if k <= stop:
@@ -1124,12 +1222,18 @@ def _tight(blocks: list[Block], x0: Tensor, eps: float, records: list[dict],
     vals = [y for x in (*v.values(), *vm.values())
             for y in (x if isinstance(x, list) else [x])]
     for x in vals + [y for dd in (*d.values(), *dm.values()) for y in dd.values()]:
+        if isinstance(x, _Deferred):
+            if x.high <= SAFE_HIGH:
+                continue  # (its value is below: no fallback)
+            x = x.value()  # (raises above the safe range)
         if not x <= SAFE_HIGH:
             raise _Fallback(f"a norm {x:.3g} above the safe range [1e-150, 1e150]")
     # a bound below the safe range (rows that are 0 but for their rounding allowance) is
     # raised to it: still an upper bound, and every product of two stays normal
-    d = {t: {j: _floor(x) for j, x in dd.items()} for t, dd in d.items()}
-    dm = {t: {j: _floor(x) for j, x in dd.items()} for t, dd in dm.items()}
+    d = {t: {j: x if isinstance(x, _Deferred) else _floor(x) for j, x in dd.items()}
+         for t, dd in d.items()}
+    dm = {t: {j: x if isinstance(x, _Deferred) else _floor(x) for j, x in dd.items()}
+          for t, dd in dm.items()}
     certified = [f.guarantee == Guarantee.CERTIFIED for f in factors]
     info = {"start": start, "full_rows": full_rows, "full_reason": full_reason}
     if row_last is None:
@@ -1170,20 +1274,73 @@ def _segments(v: dict[int, float], d: dict[int, dict[int, float]], cols: dict,
     smallest ``F_0 ... F_(j-1) B_j(M_j)`` and its ``j``."""
     b_of: dict[int, float] = {n_blocks: 1.0}
     for j in sorted(cols, reverse=True):
-        b_of[j] = _expansion(j, v[j], d, b_of, unstable, factors, certified)
+        if j > 0:  # (B_0 below: its deviation norms may be deferred)
+            b_of[j] = _expansion(j, v[j], _pick(d, j, "value"), b_of, unstable, factors,
+                                 certified)
+
+    def whole(how: str) -> float:
+        return _expansion(0, v[0], _pick(d, 0, how), b_of, unstable, factors, certified)
+
+    def hybrid(j: int, how: str) -> float:
+        return product_up([*factors[:j], _expansion(j, vm[j], _pick(dm, j, how), b_of,
+                                                    unstable, factors, certified)])
+
     if not vm:
-        return b_of[0], 0
+        return whole("value"), 0
     # the whole network (when formed) competes with the hybrids: on the MNIST LeNet at
-    # eps = 0.1 the tail from conv2 gives 588 against the whole network's 653
-    best, at = (b_of[0], 0) if 0 in cols else (math.inf, -1)
-    for j in sorted(vm):
-        tail = _expansion(j, vm[j], dm, b_of, unstable, factors, certified)
-        val = product_up([*factors[:j], tail])
-        if val < best:  # (a NaN head, inf times 0, is never taken)
-            best, at = val, j
+    # eps = 0.1 the tail from conv2 gives 588 against the whole network's 653. The smallest
+    # value is kept, the first in this order on ties (B_0, then the boundaries upwards)
+    cands = ([(0, whole, _any_deferred(d, 0))] if 0 in cols else []) + \
+        [(j, (lambda how, j=j: hybrid(j, how)), _any_deferred(dm, j)) for j in sorted(vm)]
+    # a candidate with deferred norms: its value with their lower bounds is at most its value
+    # (every step is monotone in the norms: sums and products rounded up or correctly,
+    # minima, maxima); with their upper bounds, whether a fallback above the safe range is
+    # possible. Where one is, every value is formed in order, as without deferral.
+    lows: list[float | None] = []
+    try:
+        for _, f, lazy in cands:
+            if lazy:
+                lows.append(f("low"))
+                f("high")
+            else:
+                lows.append(None)
+    except _Fallback:
+        lows = [None] * len(cands)
+    vals = {i: c[1]("value") for i, c in enumerate(cands) if lows[i] is None}
+    best, at = math.inf, -1
+
+    def keep(i: int, val: float) -> None:
+        nonlocal best, at
+        if val < best or (val == best and 0 <= at and i < at):  # (NaN: never)
+            best, at = val, i
+
+    for i, val in vals.items():
+        keep(i, val)
+    for i in sorted((i for i in range(len(cands)) if lows[i] is not None),
+                    key=lambda i: (lows[i] if lows[i] == lows[i] else -math.inf, i)):
+        low = lows[i]
+        if at >= 0 and (low > best or (low == best and i > at)):
+            continue  # (its value is at least low: not the first smallest)
+        keep(i, cands[i][1]("value"))
     if at < 0:
         raise _Fallback("no finite hybrid bound (a head factor is not finite)")
-    return best, at
+    return best, cands[at][0]
+
+
+def _any_deferred(dm: dict[int, dict[int, float | _Deferred]], j: int) -> bool:
+    """Whether a norm at boundary ``j`` is deferred."""
+    return any(isinstance(dd.get(j), _Deferred) for dd in dm.values())
+
+
+def _pick(dm: dict[int, dict[int, float | _Deferred]], j: int, how: str
+          ) -> dict[int, dict[int, float]]:
+    """The norms at boundary ``j``: deferred ones as their ``low`` or ``high`` bound or their
+    ``value`` (formed now)."""
+    def one(x: float | _Deferred) -> float:
+        if not isinstance(x, _Deferred):
+            return x
+        return x.value() if how == "value" else getattr(x, how)
+    return {t: {j: one(dd[j])} for t, dd in dm.items() if j in dd}
 
 
 def _expansion(j: int, vj: float, d: dict[int, dict[int, float]], b_of: dict[int, float],

@@ -418,3 +418,26 @@ def peak_bytes(blocks: list[Block], secs: list[SecantSize | None], taps: list[in
         stale = max(stale, dense_seed)
     return int(MARGIN * (F8 * (n_out * n_out + seeds + worst) + fixed_bytes(blocks, taps))
                ) + SLACK
+
+
+def deferred_bytes(blocks: list[Block], secs: list[SecantSize | None],
+                   lives: list[int | None], start: int, tail_starts: int) -> int:
+    """The bytes the deferred norms of the construction from ``start`` hold (every one at
+    once: :class:`lipbound.tight._Deferred`, the scaled deviation rows of each unstable
+    secant ``t`` on the columns that may move at each hybrid boundary ``j <= t``, and on the
+    input's for the whole network where hybrids compete with it), with the margin of
+    :func:`peak_bytes`; on top of its estimate. Arguments as there."""
+    n_blocks = len(blocks)
+    entries = 0
+    hybrids = hybrid_starts(start, tail_starts, n_blocks)
+    for t in range(start, n_blocks):
+        s = secs[t]
+        if s is None or not s.rows:
+            continue
+        if start == 0 and len(hybrids):  # (the whole network's, at the input)
+            entries += s.rows * blocks[0].in_dim
+        for j in hybrids:
+            if j <= t:
+                n = lives[j] if lives[j] is not None else blocks[j].in_dim
+                entries += s.rows * n
+    return int(MARGIN * F8 * entries)
