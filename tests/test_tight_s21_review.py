@@ -7,7 +7,9 @@
   (the only way it shows) keeps its value at ``s = 300`` and stays sound beyond.
 * :func:`lipbound.ops.conv_transpose.conv_transpose2d_rows`: rows that are not contiguous
   or channels-last give torch's result within ``2 γ_n``; the tight bound with chunks forced
-  everywhere stays above the exact local constant of scalar-input conv nets (every boundary).
+  everywhere stays above the exact local constant of scalar-input conv nets (every boundary);
+  at one thread their memory is within :mod:`lipbound.tight_memory`'s count (with groups the
+  kernel was copied for every row of a chunk: the tight bound's peak twice its estimate).
 * :class:`lipbound.tight._Deferred`: the same outcome bits as ``DEFER_NORMS = False`` on the
   core tests' random conv / fc nets (small row budgets: hybrids competing, per-row form),
   on scaled nets, and for ``certified_radius(..., tight=True)``.
@@ -273,3 +275,68 @@ def test_deferred_same_radii(monkeypatch) -> None:
             r = certified_radius(an, x0, method=method, tight=True, max_evaluations=20)
             got.append((r.radius, r.guarantee, r.details.get("evaluations")))
         assert got[0] == got[1]
+
+
+def _one_thread(fn):
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return fn()
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("groups, co_g, hw", [(1, 128, 2), (2, 64, 2), (4, 32, 3), (2, 128, 1)])
+def test_chunks_memory_within_their_estimate(groups: int, co_g: int, hw: int) -> None:
+    """At one thread the chunks' peak besides the output is at most what
+    :mod:`lipbound.tight_memory` counts for them (``_window_columns``). With groups the
+    batched product against ``(n, groups, C_out/groups, h w)`` copied the kernel for every
+    row of the chunk (``n groups C_in/groups kh kw C_out/groups`` entries: 17.7 MiB for
+    2 x 64 channels per group on 2 x 2 rows, against 1.8 MiB counted)."""
+    from types import SimpleNamespace
+
+    from lipbound.tight_memory import _window_columns
+    from test_tight_memory import allocated_peak
+
+    g = torch.Generator().manual_seed(groups)
+    c_out, c_in_g, rows = groups * co_g, 64, 200
+    wt = torch.randn(c_out, c_in_g, 3, 3, generator=g, dtype=DT)
+    y = torch.randn(rows, c_out, hw, hw, generator=g, dtype=DT)
+    per_out = groups * c_in_g * (hw + 2) ** 2
+
+    def run():
+        assert conv_transpose.chunk_rows(rows, (hw, hw), tuple(wt.shape), groups, y.device,
+                                         y.dtype) > 0
+        est = _window_columns(SimpleNamespace(weight=wt, groups=groups), rows, c_out, hw, hw,
+                              per_out)
+        out, peak = allocated_peak(lambda: conv_transpose2d_rows(y, wt, (1, 1), (0, 0), (0, 0),
+                                                                 groups, (1, 1)))
+        return out, peak, est
+
+    out, peak, est = _one_thread(run)
+    ref = F.conv_transpose2d(y, wt, None, 1, 0, 0, groups, 1)
+    assert bool((out == ref).all()) or torch.allclose(out, ref, rtol=1e-13, atol=1e-13)
+    assert peak - out.numel() * 8 <= est * 8, (peak, out.numel() * 8, est * 8)
+
+
+def test_tight_memory_estimate_with_grouped_chunks() -> None:
+    """A grouped convolution of 2 x 32 channels on a 2 x 2 grid, its 239 unstable units'
+    deviation rows pulled back in chunks (one thread): the estimate (with the deferred
+    norms) is at least the allocator's peak (35.6 MiB measured against 16.7 estimated)."""
+    import test_tight_memory as tm
+
+    g = torch.Generator().manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(1, 64, 3), nn.ReLU(), nn.Conv2d(64, 64, 3, groups=2),
+                        nn.ReLU(), nn.Flatten(), nn.Linear(256, 10)).to(DT)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.copy_(0.3 * torch.randn(p.shape, generator=g, dtype=DT))
+    x0 = torch.randn(1, 1, 6, 6, generator=g, dtype=DT)
+
+    def run():
+        an = Analyzer(net.eval(), (1, 6, 6))
+        blocks, x, rec, bounds = tm._record(an, x0, 0.3)
+        return tm._estimate_and_peak(blocks, x, 0.3, rec, bounds)
+
+    out, peak, est = _one_thread(run)
+    tm._check(out, peak, est, "grouped chunks")
