@@ -153,16 +153,16 @@ def _window_columns(m: ConvOp, r: int, c_o: int, h: int, w: int, per_out: int) -
     """Entries of the columns of :func:`lipbound.ops.conv_transpose.conv_transpose2d_rows`
     for ``r`` rows of ``c_o x h x w`` through ``m``'s transpose (no padding; ``per_out``: one
     row's output), besides the output: torch's ``conv_transpose2d`` unfolds the whole batch
-    (``C_in kh kw`` per input pixel); the chunks hold one chunk's columns, its fold's output,
-    a copy of its rows and, with groups, the kernel broadcast over its rows."""
+    (``C_in kh kw`` per input pixel); the chunks hold up to three copies of one chunk's
+    columns at once (the product's result, its reordering, the fold's; measured: two without
+    groups, three with), its fold's output and a copy of its rows."""
     kh, kw = (int(k) for k in m.weight.shape[-2:])
     per = m.groups * int(m.weight.shape[1]) * kh * kw * h * w
     chunk = chunk_rows(r, (h, w), tuple(m.weight.shape), m.groups, m.weight.device,
                        torch.float64)
     if not chunk:
         return r * per
-    bcast = chunk * per // (h * w) if m.groups > 1 else 0
-    return chunk * (per + per_out + c_o * h * w) + bcast
+    return chunk * (3 * per + per_out + c_o * h * w)
 
 
 def _local_step(b: Block, p: _Place, r: int, centre: bool) -> tuple[_Place, int] | None:

@@ -92,7 +92,8 @@ def conv_transpose2d_rows(y: Tensor, weight: Tensor, stride: tuple[int, int],
     dilation)``, in chunks of rows where :func:`chunk_rows` says so.
 
     Each chunk's columns ``W_g^T Y`` (per group ``g``: ``(C_in/groups kh kw) x (C_out/groups)``
-    times the chunk's ``(C_out/groups) x (h w)`` per row) go through
+    times the chunk's ``(C_out/groups) x (h w)`` per row; with groups, one product per group
+    over the chunk's rows side by side, ``(C_out/groups) x (n h w)``) go through
     :func:`torch.nn.functional.fold` with the same kernel, stride, dilation and padding; an
     output padding at most the stride's (torch allows it below the stride or the dilation)
     is the fold's larger output. Each entry sums the same products as torch's.
@@ -130,8 +131,11 @@ def conv_transpose2d_rows(y: Tensor, weight: Tensor, stride: tuple[int, int],
         n = yc.shape[0]
         if groups == 1:  # (one product for the chunk: (k, C_out) times (n, C_out, h w))
             cols = torch.matmul(wt[0], yc.reshape(n, c_out, h * w))
-        else:  # (n, groups, k, h w)
-            cols = torch.matmul(wt, yc.reshape(n, groups, co_g, h * w))
+        else:  # one product per group over the chunk's rows side by side (a batched product
+            # against (n, groups, C_out/groups, h w) would copy the kernel for every row)
+            yg = yc.reshape(n, groups, co_g, h * w).permute(1, 2, 0, 3).reshape(
+                groups, co_g, n * h * w)
+            cols = torch.bmm(wt, yg).reshape(groups, k, n, h * w).permute(2, 0, 1, 3)
         out[i:i + n] = F.fold(cols.reshape(n, groups * k, h * w), (out_h, out_w), (kh, kw),
                               dilation=(d1, d2), padding=(p1, p2), stride=(s1, s2))
     return out
