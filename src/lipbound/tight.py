@@ -104,10 +104,14 @@ formed."""
 ERR_FLOOR = 2.0 ** -800
 """The least absolute term of the rows' error bounds (:func:`_absolute`). A product below the
 normal range rounds absolutely (by up to ``2^-1075``), which ``k 2^-1074`` bounds for ``k``
-such products; any larger term bounds it too. This one is a normal number that keeps the
-error bounds, their products with centres and weights above ``2^-222`` and the sums of those
-in the normal range: float64 arithmetic on subnormal numbers is slow on Intel CPUs (an assist
-per operation). With ``k 2^-1074`` the error bounds of the rows' zero entries were subnormal
+such products; any larger term bounds it too. This one is a normal number, and so is its
+product with one factor above ``2^-222`` (a weight, a centre): float64 arithmetic on subnormal
+numbers is slow on Intel CPUs (an assist per operation); smaller factors can still give
+subnormal terms (speed only, never the bound). Carried through ``|W|`` by rows that are 0,
+it grows like ``|W|``'s products: with weights near ``2^400`` per layer (session 21's review,
+``tests/test_tight_s21_review.py``) the tight bound is then no smaller than the paper's
+product, which is reported (sound, no longer tighter); up to ``2^300`` the values are the
+same. With ``k 2^-1074`` the error bounds of the rows' zero entries were subnormal
 (94 % of the entries on CIFAR-10's rows, 93 % of which are 0), and their transposed
 convolution by ``|W|`` took 2080 ms against 79 ms for the rows themselves (session 21, Intel
 Xeon, one thread: CIFAR-10's tight bound at eps 1e-3 took 7.3 s, 1.68 s with this floor, the
