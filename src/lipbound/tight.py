@@ -583,9 +583,9 @@ class _Deferred:
         range, as every norm."""
         if self._value is None:
             x = _up(exact_norm(self.m) + self.en)
-            self.m = None
-            if not x <= SAFE_HIGH:
+            if not x <= SAFE_HIGH:  # (m kept: a second call raises the same)
                 raise _Fallback(f"a norm {x:.3g} above the safe range [1e-150, 1e150]")
+            self.m = None
             self._value = _floor(x)
         return self._value
 
