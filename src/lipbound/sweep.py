@@ -348,15 +348,18 @@ def _lower_dtype_used(model: nn.Module | None, dtype: torch.dtype | None, x0: Te
     """The dtype the lower bounds really evaluate the network in, for the settings: the
     requested one, or float64 where ``x0`` is not a point of it (the lower bounds then run a
     float64 copy around the exact ``x0``, :func:`lipbound.lower._common.check_problem`)."""
+    def short(d: torch.dtype) -> str:
+        return str(d).replace("torch.", "")
+
     if dtype is None:
         p = next(iter(model.parameters()), None) if model is not None else None
         dtype = p.dtype if p is not None and p.is_floating_point() else x0.dtype
-        name = f"model ({str(dtype).replace('torch.', '')})"
+        name = f"model ({short(dtype)})"
     else:
-        name = str(dtype).replace("torch.", "")
+        name = short(dtype)
     if x0.dtype != dtype and not bool(torch.equal(x0.to(dtype).to(x0.dtype), x0)):
-        return (f"{str(x0.dtype).replace('torch.', '')} (x0 is not a point of {name}: the "
-                "lower bounds ran a float64 copy of the model around the exact x0)")
+        return (f"{short(x0.dtype)} (x0 is not a point of {name}: the lower bounds ran a "
+                "float64 copy of the model around the exact x0)")
     return name
 
 

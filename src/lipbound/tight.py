@@ -582,9 +582,7 @@ class _Deferred:
         """The norm bound (:func:`_norm_bound`, :func:`_floor`); fallback above the safe
         range, as every norm."""
         if self._value is None:
-            x = _up(exact_norm(self.m) + self.en)
-            if not x <= SAFE_HIGH:  # (m kept: a second call raises the same)
-                raise _Fallback(f"a norm {x:.3g} above the safe range [1e-150, 1e150]")
+            x = _safe_norm(_up(exact_norm(self.m) + self.en))  # (m kept if it raises)
             self.m = None
             self._value = _floor(x)
         return self._value
@@ -1229,15 +1227,13 @@ def _tight(blocks: list[Block], x0: Tensor, eps: float, records: list[dict],
         if isinstance(x, _Deferred):
             if x.high <= SAFE_HIGH:
                 continue  # (its value is below: no fallback)
-            x = x.value()  # (raises above the safe range)
-        if not x <= SAFE_HIGH:
-            raise _Fallback(f"a norm {x:.3g} above the safe range [1e-150, 1e150]")
+            x.value()  # (raises above the safe range)
+        else:
+            _safe_norm(x)
     # a bound below the safe range (rows that are 0 but for their rounding allowance) is
     # raised to it: still an upper bound, and every product of two stays normal
-    d = {t: {j: x if isinstance(x, _Deferred) else _floor(x) for j, x in dd.items()}
-         for t, dd in d.items()}
-    dm = {t: {j: x if isinstance(x, _Deferred) else _floor(x) for j, x in dd.items()}
-          for t, dd in dm.items()}
+    d, dm = ({t: {j: x if isinstance(x, _Deferred) else _floor(x) for j, x in dd.items()}
+              for t, dd in dn.items()} for dn in (d, dm))
     certified = [f.guarantee == Guarantee.CERTIFIED for f in factors]
     info = {"start": start, "full_rows": full_rows, "full_reason": full_reason}
     if row_last is None:
@@ -1259,6 +1255,13 @@ def _tight(blocks: list[Block], x0: Tensor, eps: float, records: list[dict],
         ats.append(at)
     top = max(range(len(out)), key=out.__getitem__)
     return TightOutcome(max(out), "", rows, counts, tuple(out), tail=ats[top], **info)
+
+
+def _safe_norm(x: float) -> float:
+    """``x``, or the fallback where a norm is above the safe range (or NaN)."""
+    if not x <= SAFE_HIGH:
+        raise _Fallback(f"a norm {x:.3g} above the safe range [1e-150, 1e150]")
+    return x
 
 
 def _floor(x: float) -> float:
