@@ -341,3 +341,21 @@ def test_compare_probabilistic_row_carries_its_failure_prob():
     (cert,) = compare(net, x0, 0.5, ["autolip"])
     assert cert.failure_prob == 0.0 and "p_fail" not in format_table([cert])
     assert math.isfinite(cert.value)
+
+
+def test_compare_method_lists_and_integer_x0(capsys):
+    """Defects: ``methods=[]`` (and the CLI's ``--methods ,``) gave an empty table with exit
+    status 0; ``methods="autolip"`` was read letter by letter ("unknown method(s) ['a', 'u',
+    ...]"); an integer x0 ran every row but the lower bound's ("not run: x0 must be a
+    floating-point tensor")."""
+    net = _net34()
+    with pytest.raises(InputError, match="no method"):
+        compare(net, torch.zeros(1, 3), 0.1, [])
+    cli = pytest.importorskip("lipbound.cli")
+    assert cli.main(["compare", "--model", "tiny", "--methods", ",", "--json"]) == 2
+    assert "no method" in capsys.readouterr().err
+    (row,) = compare(net, torch.zeros(1, 3), 0.1, "autolip")
+    assert row.method == "autolip" and row.guarantee is Guarantee.CERTIFIED
+    rows = compare(net, torch.zeros(1, 3, dtype=torch.int64), 0.1, ["lower", "autolip"])
+    assert all(r.guarantee is not None for r in rows), [r.note for r in rows]
+    assert rows[0].value <= rows[1].value
