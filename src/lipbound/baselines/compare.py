@@ -272,7 +272,7 @@ def _note_of(method: str, res: Any, ctx: _Ctx) -> str:
 
 
 def compare(model: nn.Module, x0: torch.Tensor, eps: float,
-            methods: Sequence[str] | None = None, *, model_name: str | None = None,
+            methods: Sequence[str] | str | None = None, *, model_name: str | None = None,
             exact_time_limit: float | None = None, seed: int = 0,
             time_limit: float | None = None, progress: bool = False) -> list[CompareRow]:
     """Run lipbound's bounds and the rival methods on one network, input and radius.
@@ -281,7 +281,8 @@ def compare(model: nn.Module, x0: torch.Tensor, eps: float,
         model: network in eval mode, ``(N, *shape) -> (N, n_out)``.
         x0: nominal input, shape ``(1, *shape)``.
         eps: L2 radius (> 0); lipMIP uses the l_inf box of the same radius.
-        methods: names from :data:`METHODS` (default: all, in that order).
+        methods: names from :data:`METHODS` (default: all, in that order); a string is
+            read as a comma-separated list.
         model_name: a name stored in the results.
         exact_time_limit: time limit in seconds of each exact method (exact-l2, lipMIP);
             default ``time_limit``, or 60 s when that is ``None`` too.
@@ -327,6 +328,8 @@ def compare(model: nn.Module, x0: torch.Tensor, eps: float,
     # (review s22) a complex x0 reached the rivals, whose float64 cast dropped its imaginary
     # part (EXACT / CERTIFIED rows for another input), while lipbound's own rows refused it
     check_plain_tensor(x0, "x0")
+    if not x0.is_floating_point():  # (review s22) as lipbound's own intake: the lower bound's
+        x0 = x0.to(torch.float32)  # row alone refused an integer x0 ("not run")
     if x0.dim() < 2 or x0.shape[0] != 1:
         raise InputError(f"x0 must have a batch dimension of 1, got shape {tuple(x0.shape)}")
     if not bool(torch.isfinite(x0).all()):
@@ -334,7 +337,13 @@ def compare(model: nn.Module, x0: torch.Tensor, eps: float,
     if methods is None:
         names = list(METHODS)
     else:
-        names = [str(m).strip().lower() for m in methods]
+        # (review s22) a string is a comma-separated list of names (it was read letter by
+        # letter), and an empty list is refused (it gave an empty table, exit status 0)
+        items = methods.split(",") if isinstance(methods, str) else list(methods)
+        names = [n for n in (str(m).strip().lower() for m in items) if n]
+        if not names:
+            raise InputError(f"no method to run (methods={methods!r}); choose from "
+                             f"{list(METHODS)}, or pass None for all")
         unknown = [m for m in names if m not in METHODS]
         if unknown:
             raise InputError(f"unknown method(s) {unknown}; choose from {list(METHODS)}")
