@@ -176,6 +176,28 @@ def _flatten_ok(start: Any, end: Any) -> bool:
     return start == 1 and end == -1
 
 
+#: the module classes the extraction reads (their parameters, as the class computes)
+_READ_CLASSES = (nn.Linear, nn.ReLU, nn.Flatten, nn.Identity, *_DROPOUT)
+
+
+def _subclass_computing(cls: type) -> type | None:
+    """The supported class (:data:`_READ_CLASSES`) that ``cls`` derives from when ``cls``
+    changes how the output is computed (``forward``, ...), else ``None``.
+
+    Added in review s22: the extraction read any ``nn.Linear`` subclass that torch.fx keeps as
+    a leaf (torch's own, e.g. ``torch.ao.nn.qat.Linear``) as a plain Linear, although its
+    forward uses fake-quantized weights: AutoLip then certified 0.0754586 for a model of
+    constant 0.0755661 (the chain check at 1e-3 missed it). The analyzer's
+    :func:`lipbound.ops.registry.module_rule` already refused such subclasses.
+    """
+    base = next((c for c in cls.__mro__ if c in _READ_CLASSES), None)
+    if base is None or base is cls:
+        return None
+    if all(getattr(cls, n, None) is getattr(base, n, None) for n in _COMPUTING_METHODS):
+        return None
+    return base
+
+
 def _trace_ops(model: nn.Module) -> list[tuple[Any, ...]]:
     """Walk the fx graph of ``model``; return the op chain or raise listing every bad node.
 
@@ -219,11 +241,17 @@ def _trace_ops(model: nn.Module) -> list[tuple[Any, ...]]:
             m = root.get_submodule(str(node.target))
             where = str(node.target)
             replaced = [n for n in _COMPUTING_METHODS if n in vars(m)]
+            base = _subclass_computing(type(m))
             if replaced or not _class_own(type(m)):
                 bad.append((where, type(m).__name__,
                             f"{', '.join(replaced) or 'forward'} replaced on the "
                             f"{'instance' if replaced else 'class'}: the chain would be the "
                             "original layer's, not this computation"))
+            elif base is not None:
+                bad.append((where, type(m).__name__,
+                            f"a subclass of {base.__name__} with its own forward (e.g. "
+                            "fake-quantized weights): the chain would be the plain "
+                            f"{base.__name__}'s, not this computation"))
             elif isinstance(m, nn.Linear):
                 w = m.weight.detach().cpu().to(torch.float64).numpy().copy()
                 b = (m.bias.detach().cpu().to(torch.float64).numpy().copy()
