@@ -44,8 +44,8 @@ from lipbound.baselines.fc import (
     is_converted,
 )
 from lipbound.errors import InputError, LipboundError, UnsupportedModelError
-from lipbound.results import BoundResult, Guarantee
-from lipbound.validation import check_int
+from lipbound.results import BoundResult, Guarantee, format_prob_up
+from lipbound.validation import check_int, check_plain_tensor
 
 logger = logging.getLogger(__name__)
 
@@ -72,6 +72,10 @@ class CompareRow:
         value: the number (NaN when the method did not run or gave no bound).
         seconds: wall-clock time of the method.
         note: caveats, or why the method did not run.
+        failure_prob: for a PROBABILISTIC value, the probability (over the method's own
+            random draws) that it is not an upper bound; 0 otherwise. (Review s22: the rows
+            dropped it, so a probabilistic row of the table and of the CLI's JSON stated no
+            failure probability at all.)
     """
 
     method: str
@@ -80,6 +84,7 @@ class CompareRow:
     value: float
     seconds: float
     note: str = ""
+    failure_prob: float = 0.0
 
     def to_dict(self) -> dict[str, Any]:
         v = self.value
@@ -88,9 +93,19 @@ class CompareRow:
             "quantity": self.quantity,
             "guarantee": self.guarantee.value if self.guarantee is not None else None,
             "value": v if math.isfinite(v) else None,
+            "failure_prob": self.failure_prob,
             "seconds": self.seconds,
             "note": self.note,
         }
+
+    def guarantee_label(self) -> str:
+        """The guarantee as the table shows it: ``"-"`` when there is none, and a
+        probabilistic one with its failure probability (``p_fail<=1e-06``, rounded up)."""
+        if self.guarantee is None:
+            return "-"
+        if self.failure_prob > 0:
+            return f"{self.guarantee.value} (p_fail<={format_prob_up(self.failure_prob)})"
+        return self.guarantee.value
 
 
 @dataclass
@@ -257,7 +272,7 @@ def _note_of(method: str, res: Any, ctx: _Ctx) -> str:
 
 
 def compare(model: nn.Module, x0: torch.Tensor, eps: float,
-            methods: Sequence[str] | None = None, *, model_name: str | None = None,
+            methods: Sequence[str] | str | None = None, *, model_name: str | None = None,
             exact_time_limit: float | None = None, seed: int = 0,
             time_limit: float | None = None, progress: bool = False) -> list[CompareRow]:
     """Run lipbound's bounds and the rival methods on one network, input and radius.
@@ -266,7 +281,8 @@ def compare(model: nn.Module, x0: torch.Tensor, eps: float,
         model: network in eval mode, ``(N, *shape) -> (N, n_out)``.
         x0: nominal input, shape ``(1, *shape)``.
         eps: L2 radius (> 0); lipMIP uses the l_inf box of the same radius.
-        methods: names from :data:`METHODS` (default: all, in that order).
+        methods: names from :data:`METHODS` (default: all, in that order); a string is
+            read as a comma-separated list.
         model_name: a name stored in the results.
         exact_time_limit: time limit in seconds of each exact method (exact-l2, lipMIP);
             default ``time_limit``, or 60 s when that is ``None`` too.
@@ -304,7 +320,16 @@ def compare(model: nn.Module, x0: torch.Tensor, eps: float,
         exact_limit = check_time_limit(exact_time_limit, "exact_time_limit")
         exact_limit = math.inf if exact_limit is None else exact_limit
     if not isinstance(x0, torch.Tensor):
-        x0 = torch.as_tensor(x0, dtype=torch.float32)
+        try:
+            x0 = torch.as_tensor(x0, dtype=torch.float32)
+        except (TypeError, ValueError, RuntimeError) as exc:  # (review s22: a ragged list)
+            raise InputError(f"x0 must be a tensor of shape (1, *input_shape), got "
+                             f"{type(x0).__name__}: {exc}") from exc
+    # (review s22) a complex x0 reached the rivals, whose float64 cast dropped its imaginary
+    # part (EXACT / CERTIFIED rows for another input), while lipbound's own rows refused it
+    check_plain_tensor(x0, "x0")
+    if not x0.is_floating_point():  # (review s22) as lipbound's own intake: the lower bound's
+        x0 = x0.to(torch.float32)  # row alone refused an integer x0 ("not run")
     if x0.dim() < 2 or x0.shape[0] != 1:
         raise InputError(f"x0 must have a batch dimension of 1, got shape {tuple(x0.shape)}")
     if not bool(torch.isfinite(x0).all()):
@@ -312,7 +337,13 @@ def compare(model: nn.Module, x0: torch.Tensor, eps: float,
     if methods is None:
         names = list(METHODS)
     else:
-        names = [str(m).strip().lower() for m in methods]
+        # (review s22) a string is a comma-separated list of names (it was read letter by
+        # letter), and an empty list is refused (it gave an empty table, exit status 0)
+        items = methods.split(",") if isinstance(methods, str) else list(methods)
+        names = [n for n in (str(m).strip().lower() for m in items) if n]
+        if not names:
+            raise InputError(f"no method to run (methods={methods!r}); choose from "
+                             f"{list(METHODS)}, or pass None for all")
         unknown = [m for m in names if m not in METHODS]
         if unknown:
             raise InputError(f"unknown method(s) {unknown}; choose from {list(METHODS)}")
@@ -360,7 +391,8 @@ def _run_method(name: str, ctx: _Ctx) -> CompareRow:
                           f"error: {type(exc).__name__}: {_short_note(exc)}")
     seconds = float(getattr(res, "seconds", time.perf_counter() - t0))
     return CompareRow(name, quantity, res.guarantee, float(res.value), seconds,
-                      _note_of(name, res, ctx))
+                      _note_of(name, res, ctx),
+                      float(getattr(res, "failure_prob", 0.0) or 0.0))
 
 
 def _check_floor(rows: list[CompareRow]) -> list[CompareRow]:
@@ -378,7 +410,8 @@ def _check_floor(rows: list[CompareRow]) -> list[CompareRow]:
                          r.value, floor)
             note = f"BELOW THE LOWER BOUND {floor:.6g}: unsound!" + (
                 f"; {r.note}" if r.note else "")
-            r = CompareRow(r.method, r.quantity, r.guarantee, r.value, r.seconds, note)
+            r = CompareRow(r.method, r.quantity, r.guarantee, r.value, r.seconds, note,
+                           r.failure_prob)
         out.append(r)
     return out
 
@@ -393,7 +426,7 @@ def format_table(rows: Sequence[CompareRow], *, note_width: int = 70) -> str:
     head = ("method", "quantity", "guarantee", "value", "time [s]", "note")
     body = []
     for r in rows:
-        g = r.guarantee.value if r.guarantee is not None else "-"
+        g = r.guarantee_label()
         v = f"{r.value:.6g}" if math.isfinite(r.value) else "-"
         note = r.note if len(r.note) <= note_width else r.note[:note_width - 3] + "..."
         body.append((r.method, r.quantity, g, v, f"{r.seconds:.3f}", note))

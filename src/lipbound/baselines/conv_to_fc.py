@@ -58,6 +58,7 @@ from lipbound.baselines.fc import (
 )
 from lipbound.baselines.fold import fold_axpy, fold_matmul
 from lipbound.errors import InputError, LipboundError, UnsupportedModelError
+from lipbound.validation import check_input_shape
 
 logger = logging.getLogger(__name__)
 
@@ -369,7 +370,7 @@ def relu_chain(model: nn.Module, input_shape: Sequence[int], *,
         raise InputError(f"expected a torch.nn.Module, got {type(model).__name__}")
     if not isinstance(max_entries, int) or max_entries < 1:
         raise InputError(f"max_entries must be a positive integer, got {max_entries!r}")
-    shape = tuple(int(s) for s in input_shape)
+    shape = check_input_shape(input_shape)  # (review s22: "abc" raised int()'s ValueError)
     try:
         ops = trace_model(model, shape)
     except UnsupportedModelError as exc:

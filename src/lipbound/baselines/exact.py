@@ -114,6 +114,7 @@ from lipbound.baselines.fc import (
     check_x0,
     fc_preactivations,
     product_error,
+    real_array,
     round_up,
     safe_spectral_norm,
 )
@@ -550,8 +551,8 @@ def lipmip(net: nn.Module | Sequence[tuple[Any, Any]], x0: Any, eps: float, *,
                              "e.g. e_i - e_j for the margin between classes i and j")
         cvec = np.ones(1)
     else:
-        cvec = np.asarray(c.detach().cpu().double().numpy() if hasattr(c, "detach") else c,
-                          dtype=np.float64).reshape(-1)
+        # real_array (review s22): a complex c lost its imaginary part silently
+        cvec = real_array(c, "c").reshape(-1)
         if cvec.shape != (n_out,) or not np.isfinite(cvec).all():
             raise InputError(f"c must be a finite vector of shape ({n_out},), got {cvec.shape}")
     layers = apply_output_map(layers, cvec[None, :])

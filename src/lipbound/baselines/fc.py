@@ -35,7 +35,7 @@ from lipbound.errors import InputError, LipboundError, UnsupportedModelError
 from lipbound.graph import check_finite_parameters, check_hooks
 from lipbound.ops.registry import _COMPUTING_METHODS, _class_own
 from lipbound.spectral import exact_norm
-from lipbound.validation import check_eps
+from lipbound.validation import check_eps, check_input_shape, check_plain_tensor
 
 logger = logging.getLogger(__name__)
 
@@ -50,6 +50,7 @@ __all__ = [
     "as_fc",
     "apply_output_map",
     "check_x0",
+    "real_array",
     "check_eps",
     "check_range",
     "product_error",
@@ -175,6 +176,28 @@ def _flatten_ok(start: Any, end: Any) -> bool:
     return start == 1 and end == -1
 
 
+#: the module classes the extraction reads (their parameters, as the class computes)
+_READ_CLASSES = (nn.Linear, nn.ReLU, nn.Flatten, nn.Identity, *_DROPOUT)
+
+
+def _subclass_computing(cls: type) -> type | None:
+    """The supported class (:data:`_READ_CLASSES`) that ``cls`` derives from when ``cls``
+    changes how the output is computed (``forward``, ...), else ``None``.
+
+    Added in review s22: the extraction read any ``nn.Linear`` subclass that torch.fx keeps as
+    a leaf (torch's own, e.g. ``torch.ao.nn.qat.Linear``) as a plain Linear, although its
+    forward uses fake-quantized weights: AutoLip then certified 0.0754586 for a model of
+    constant 0.0755661 (the chain check at 1e-3 missed it). The analyzer's
+    :func:`lipbound.ops.registry.module_rule` already refused such subclasses.
+    """
+    base = next((c for c in cls.__mro__ if c in _READ_CLASSES), None)
+    if base is None or base is cls:
+        return None
+    if all(getattr(cls, n, None) is getattr(base, n, None) for n in _COMPUTING_METHODS):
+        return None
+    return base
+
+
 def _trace_ops(model: nn.Module) -> list[tuple[Any, ...]]:
     """Walk the fx graph of ``model``; return the op chain or raise listing every bad node.
 
@@ -218,11 +241,17 @@ def _trace_ops(model: nn.Module) -> list[tuple[Any, ...]]:
             m = root.get_submodule(str(node.target))
             where = str(node.target)
             replaced = [n for n in _COMPUTING_METHODS if n in vars(m)]
+            base = _subclass_computing(type(m))
             if replaced or not _class_own(type(m)):
                 bad.append((where, type(m).__name__,
                             f"{', '.join(replaced) or 'forward'} replaced on the "
                             f"{'instance' if replaced else 'class'}: the chain would be the "
                             "original layer's, not this computation"))
+            elif base is not None:
+                bad.append((where, type(m).__name__,
+                            f"a subclass of {base.__name__} with its own forward (e.g. "
+                            "fake-quantized weights): the chain would be the plain "
+                            f"{base.__name__}'s, not this computation"))
             elif isinstance(m, nn.Linear):
                 w = m.weight.detach().cpu().to(torch.float64).numpy().copy()
                 b = (m.bias.detach().cpu().to(torch.float64).numpy().copy()
@@ -411,7 +440,8 @@ def fc_layers(model: nn.Module, *, input_shape: Sequence[int] | None = None,
     linear_in = next((op[1].shape[1] for op in ops if op[0] == "linear"), None)
     if linear_in is None:
         raise NotFullyConnectedError([("model", "no nn.Linear", "nothing to analyse")])
-    shape_in = tuple(int(s) for s in input_shape) if input_shape is not None else None
+    # checked (review s22): input_shape="abc" raised int()'s ValueError
+    shape_in = check_input_shape(input_shape) if input_shape is not None else None
     if shape_in is not None and math.prod(shape_in) != linear_in:
         raise InputError(f"input_shape {shape_in} has {math.prod(shape_in)} elements but the "
                          f"first Linear layer expects {linear_in}")
@@ -524,10 +554,13 @@ def as_fc(net: nn.Module | Sequence[tuple[Any, Any]], *,
     if isinstance(net, nn.Module):
         return fc_layers(net, input_shape=input_shape)
     try:
-        layers = [(np.array(w, dtype=np.float64, ndmin=2), np.array(b, dtype=np.float64).ravel())
-                  for w, b in net]
+        pairs = [(w, b) for w, b in net]
     except (TypeError, ValueError) as exc:
         raise InputError(f"expected an nn.Module or a list of (W, b) pairs: {exc}") from exc
+    # real_array (review s22): parameters that require grad raised torch's RuntimeError, and a
+    # complex W lost its imaginary part silently
+    layers = [(np.array(real_array(w, f"layer {k + 1}: W"), ndmin=2),
+               real_array(b, f"layer {k + 1}: b").ravel()) for k, (w, b) in enumerate(pairs)]
     if not layers:
         raise InputError("the layer list is empty; give at least one (W, b) pair")
     if is_converted(net):
@@ -536,6 +569,9 @@ def as_fc(net: nn.Module | Sequence[tuple[Any, Any]], *,
         if w.ndim != 2 or b.shape != (w.shape[0],):
             raise InputError(f"layer {k + 1}: W has shape {w.shape} and b {b.shape}; "
                              "need W (n_out, n_in) and b (n_out,)")
+        if 0 in w.shape:  # (review s22) exact-l2 failed with numpy's broadcasting error
+            raise InputError(f"layer {k + 1}: W has shape {w.shape}; every layer needs at "
+                             "least one input and one output")
         if not (np.isfinite(w).all() and np.isfinite(b).all()):
             raise InputError(f"layer {k + 1} has NaN/inf weights")
         if k and w.shape[1] != layers[k - 1][0].shape[0]:
@@ -548,13 +584,16 @@ def apply_output_map(layers: FCLayers, output_map: Any | None) -> FCLayers:
     """Fold an output map ``C`` (shape ``(m, n_out)``) into the last layer."""
     if output_map is None:
         return layers
-    c = output_map
-    if isinstance(c, torch.Tensor):
-        c = c.detach().cpu().to(torch.float64).numpy()
-    c = np.array(c, dtype=np.float64, ndmin=2)
+    # real_array (review s22): a complex C was cast to float64, dropping its imaginary part,
+    # and every rival certified the real part's map (0 for C f = i relu(x), constant 1); a
+    # ragged or text C raised numpy's ValueError
+    c = np.array(real_array(output_map, "output_map"), ndmin=2)
     w, b = layers[-1]
     if c.ndim != 2 or c.shape[1] != w.shape[0]:
         raise InputError(f"output_map has shape {c.shape}; need (m, {w.shape[0]})")
+    if c.shape[0] == 0:  # (review s22) exact-l2 failed with an IndexError
+        raise InputError(f"output_map has shape {c.shape}: no rows; give at least one row "
+                         "(or no output_map for the identity)")
     if not np.isfinite(c).all():
         raise InputError("output_map contains NaN/inf")
     # folded so that a cancelling entry of C W keeps its digits (fold_matmul): a plain
@@ -564,15 +603,46 @@ def apply_output_map(layers: FCLayers, output_map: Any | None) -> FCLayers:
     return converted(out) if is_converted(layers) else out
 
 
+def real_array(value: Any, what: str) -> np.ndarray:
+    """``value`` (tensor, array, number or nested sequence) as a float64 numpy array.
+
+    Added in review s22: the baselines cast their array inputs with ``np.array(...,
+    dtype=float64)``, which drops the imaginary part of complex values with only a warning (a
+    complex output map then got a CERTIFIED bound on its real part's map: 0 for
+    ``C f = i relu(x)``, whose constant is 1), fails with torch's ``RuntimeError`` on
+    tensors that require grad (parameters) and with numpy's ``ValueError`` on ragged or text
+    input. Tensors are detached and copied to the CPU.
+
+    Raises:
+        InputError: complex, sparse or meta tensors, or values numpy cannot read as a real
+            array (naming ``what``).
+    """
+    if isinstance(value, torch.Tensor):
+        check_plain_tensor(value, what)
+        return value.detach().cpu().to(torch.float64).numpy()
+    try:
+        arr = np.asarray(value)
+    except (TypeError, ValueError) as exc:
+        raise InputError(f"{what} is not an array of real numbers ({exc}); pass a tensor or "
+                         "a numpy array of the right shape") from exc
+    if np.iscomplexobj(arr):
+        raise InputError(f"{what} is complex ({arr.dtype}); lipbound works with real numbers "
+                         f"only: pass its real part explicitly if that is what you mean")
+    try:
+        return arr.astype(np.float64)  # (an object array of numbers converts too)
+    except (TypeError, ValueError) as exc:
+        raise InputError(f"{what} is not an array of real numbers (dtype {arr.dtype}: {exc}); "
+                         "pass a tensor or a numpy array") from exc
+
+
 def check_x0(x0: Any, n_in: int) -> np.ndarray:
     """``x0`` (tensor/array with batch dimension 1, or flat) as a float64 vector of ``n_in``."""
-    if isinstance(x0, torch.Tensor):
-        if x0.dim() >= 2 and x0.shape[0] != 1:
-            raise InputError(f"x0 holds a batch of {x0.shape[0]} inputs; pass one input "
-                             "with a batch dimension of 1")
-        x = x0.detach().cpu().to(torch.float64).numpy().reshape(-1)
-    else:
-        x = np.asarray(x0, dtype=np.float64).reshape(-1)
+    if isinstance(x0, torch.Tensor) and x0.dim() >= 2 and x0.shape[0] != 1:
+        raise InputError(f"x0 holds a batch of {x0.shape[0]} inputs; pass one input "
+                         "with a batch dimension of 1")
+    # real_array (review s22): a complex x0 lost its imaginary part silently (the ball was
+    # centred elsewhere); ragged or text input raised numpy's ValueError
+    x = real_array(x0, "x0").reshape(-1)
     if x.size != n_in:
         raise InputError(f"x0 has {x.size} elements but the network takes {n_in}")
     if not np.isfinite(x).all():

@@ -54,6 +54,7 @@ from lipbound.baselines.fc import (
 )
 from lipbound.errors import InputError, LipboundError
 from lipbound.results import BoundResult, Guarantee
+from lipbound.validation import check_int
 
 logger = logging.getLogger(__name__)
 
@@ -201,6 +202,12 @@ def seqlip(net: nn.Module | Sequence[tuple[Any, Any]], *, max_exact_width: int =
     if not isinstance(max_exact_width, int) or not 0 <= max_exact_width <= 20:
         raise InputError(f"max_exact_width must be an integer in [0, 20], got {max_exact_width!r}"
                          " (2^n spectral norms are computed per layer)")
+    # (review s22) checked here: a float greedy_restarts / a text greedy_passes raised Python's
+    # TypeError, seed=-1 numpy's ValueError, a text max_greedy_entries a TypeError
+    greedy_restarts = check_int(greedy_restarts, "greedy_restarts", 0)
+    greedy_passes = check_int(greedy_passes, "greedy_passes", 0)
+    seed = check_int(seed, "seed", 0)
+    max_greedy_entries = check_int(max_greedy_entries, "max_greedy_entries", 1)
     t0 = time.perf_counter()
     deadline = Deadline(time_limit, "seqlip")
     layers = apply_output_map(as_fc(net, input_shape=input_shape), output_map)

@@ -69,6 +69,7 @@ def run(args: argparse.Namespace) -> int:
     time_limit = check_positive_number(args.time_limit, "--time-limit", "60")
     methods = None
     if args.methods:
+        # an empty list (``--methods ,``) is refused by compare (it printed an empty table)
         methods = [m for item in args.methods for m in item.split(",") if m.strip()]
         unknown = [m for m in methods if m.strip().lower() not in METHODS]
         if unknown:
