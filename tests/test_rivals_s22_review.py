@@ -443,3 +443,19 @@ def test_a_linear_subclass_with_its_own_forward_is_not_read_as_linear():
     for run in (lambda: autolip(net), lambda: recurjac(net, torch.zeros(1, 3), 0.1)):
         with pytest.raises(UnsupportedModelError, match="forward"):
             run()
+
+
+def test_compare_refuses_a_model_in_training_mode_up_front():
+    """A model in training mode is an InputError naming ``model.eval()``, not a table of
+    "not run" rows (exit status 0); in eval mode the same call gives rows."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Dropout(0.5), nn.ReLU(), nn.Linear(4, 2))
+    x0 = torch.zeros(1, 3)
+    model.train()
+    with pytest.raises(InputError, match=r"training mode.*eval\(\)|eval\(\).*training"):
+        compare(model, x0, 0.1, methods=["autolip"])
+    with pytest.raises(InputError, match="torch.nn.Module"):
+        compare(lambda x: x, x0, 0.1, methods=["autolip"])
+    model.eval()
+    rows = compare(model, x0, 0.1, methods=["autolip"])
+    assert [r.method for r in rows] == ["autolip"] and math.isfinite(rows[0].value)

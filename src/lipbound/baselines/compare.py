@@ -44,6 +44,7 @@ from lipbound.baselines.fc import (
     is_converted,
 )
 from lipbound.errors import InputError, LipboundError, UnsupportedModelError
+from lipbound.graph import check_eval_mode
 from lipbound.results import BoundResult, Guarantee, format_prob_up
 from lipbound.validation import check_int, check_plain_tensor
 
@@ -309,8 +310,13 @@ def compare(model: nn.Module, x0: torch.Tensor, eps: float,
         to those widths refuse with the size (``"not run: ..."``).
 
     Raises:
-        InputError: unknown method names, bad ``x0`` or ``eps``.
+        InputError: unknown method names, bad ``x0`` or ``eps``, a model in training mode.
     """
+    if not isinstance(model, nn.Module):
+        raise InputError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    # up front (session 22): a model in training mode gave a table of "not run" rows and exit
+    # status 0, each method refusing it on its own
+    check_eval_mode(model)
     eps = check_eps(eps)
     seed = check_int(seed, "seed", 0)
     time_limit = check_time_limit(time_limit, "time_limit")
