@@ -77,7 +77,7 @@ def test_bad_time_limits_are_refused(bad):
     with pytest.raises(InputError, match="time_limit"):
         autolip(net(), time_limit=bad)
     with pytest.raises(InputError, match="time_limit"):
-        compare(torch.nn.Sequential(torch.nn.Linear(4, 2)), torch.zeros(1, 4), 0.1,
+        compare(torch.nn.Sequential(torch.nn.Linear(4, 2)).eval(), torch.zeros(1, 4), 0.1,
                 methods=["autolip"], time_limit=bad)
 
 
