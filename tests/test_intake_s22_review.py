@@ -1,0 +1,237 @@
+"""Review of the intake paths (session 22): weight files, input files and sample references,
+and the command line's options. Bad input gets a clear error naming the problem and the fix,
+never a traceback nor a number computed from something other than what was given."""
+
+from __future__ import annotations
+
+import textwrap
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torch import nn
+
+from cli_helpers import run_err
+from lipbound import zoo
+from lipbound.cli import main
+from lipbound.errors import InputError, LipboundError, WeightsError
+from lipbound.inputs import load_sample, load_samples
+from lipbound.zoo.resources import data_path
+
+MNIST = zoo.get_entry("mnist")
+CIFAR = zoo.get_entry("cifar10")
+
+USER = textwrap.dedent("""
+    import torch
+    from torch import nn
+
+    def make():
+        torch.manual_seed(0)
+        m = nn.Sequential(nn.Linear(4, 5), nn.ReLU(), nn.Linear(5, 3)).eval()
+        return {"model": m, "input_shape": (4,)}
+""")
+
+
+@pytest.fixture(scope="module")
+def mnist_sd():
+    return {k: v.clone() for k, v in zoo.load_model("mnist").model.state_dict().items()}
+
+
+@pytest.fixture()
+def user(tmp_path):
+    src = tmp_path / "nets.py"
+    src.write_text(USER)
+    ns: dict = {}
+    exec(USER, ns)
+    return src, ns["make"]()["model"]
+
+
+def _digit() -> np.ndarray:
+    with data_path("mnist/8.png") as p, Image.open(p) as img:
+        return np.asarray(img).copy()
+
+
+# ------------------------------------------------------------------ 1. seeds out of range
+def test_random_sample_seed_beyond_64_bits_is_a_clear_error():
+    # (was: ValueError "Overflow when unpacking long long", a traceback on the command line)
+    with pytest.raises(LipboundError, match="alexnet:random"):
+        load_sample("alexnet:random/99999999999999999999999")
+
+
+def test_zoo_seed_beyond_64_bits_is_a_clear_error():
+    with pytest.raises(InputError, match="seed"):
+        zoo.load_model("compnet", seed=2**64)
+
+
+@pytest.mark.parametrize("argv", [
+    ["bound", "--model", "compnet", "--method", "global", "--weights-seed", str(2**64)],
+    ["bound", "--model", "compnet", "--method", "global", "--seed", str(2**70)],
+    ["radius", "--model", "tiny", "--attacks", "fgsm", "--seed", str(2**64)],
+])
+def test_cli_seed_beyond_64_bits_is_a_usage_error(capsys, argv):
+    with pytest.raises(SystemExit) as info:
+        main(argv)
+    assert info.value.code == 2
+    assert "seed" in capsys.readouterr().err
+
+
+def test_attack_seed_beyond_64_bits_is_a_clear_error():
+    from lipbound.attacks import run_attacks
+
+    m = zoo.load_model("tiny").model
+    with pytest.raises(InputError, match="seed"):
+        run_attacks(m, load_sample("tiny:x0").x, methods=["fgsm"], seed=2**64)
+
+
+# ------------------------------------------------------------------ 2. image files
+def test_16_bit_image_is_not_silently_clamped(tmp_path):
+    # (was: converted to 8 bits by clamping every value above 255: the digit became a
+    # saturated blob and the bound was computed there)
+    path = tmp_path / "eight16.png"
+    Image.fromarray(_digit().astype(np.uint16) * 257).save(path)
+    with pytest.raises(InputError, match="8-bit"):
+        load_sample(path, entry=MNIST)
+
+
+def test_float_image_in_unit_range_is_not_silently_darkened(tmp_path):
+    path = tmp_path / "eight.tif"
+    Image.fromarray(_digit().astype(np.float32) / 255).save(path)
+    with pytest.raises(InputError, match="8-bit"):
+        load_sample(path, entry=MNIST)
+
+
+def test_wide_image_mode_holding_8_bit_values_still_loads(tmp_path):
+    path = tmp_path / "eight32.tif"
+    Image.fromarray(_digit().astype(np.int32)).save(path)
+    assert torch.equal(load_sample(path, entry=MNIST).x, load_sample("mnist:8").x)
+
+
+def test_transparent_image_is_not_silently_flattened(tmp_path):
+    # (was: the alpha channel dropped: a digit drawn in the alpha channel became a blank
+    # image, and the bound was computed at it)
+    rgba = np.zeros((28, 28, 4), np.uint8)
+    rgba[..., 3] = _digit()
+    path = tmp_path / "alpha.png"
+    Image.fromarray(rgba).save(path)
+    with pytest.raises(InputError, match="transparen"):
+        load_sample(path, entry=MNIST)
+    with pytest.raises(InputError, match="transparen"):
+        load_samples(tmp_path, entry=MNIST)
+    opaque = np.repeat(_digit()[..., None], 4, axis=2)
+    opaque[..., 3] = 255
+    Image.fromarray(opaque).save(path)
+    assert torch.equal(load_sample(path, entry=MNIST).x, load_sample("mnist:8").x)
+
+
+# ------------------------------------------------------------------ 3. array files
+def test_sparse_tensor_file_is_a_clear_error(tmp_path):
+    # (was: NotImplementedError from the sparse backend)
+    path = tmp_path / "sparse.pt"
+    torch.save(load_sample("mnist:8").x.to_sparse(), path)
+    with pytest.raises(InputError, match="to_dense"):
+        load_sample(path, entry=MNIST)
+
+
+def test_uint8_pixel_array_is_not_taken_as_a_normalised_input(tmp_path):
+    # (was: values 0-255 used as the network's normalised input, without scaling)
+    path = tmp_path / "pixels.npy"
+    np.save(path, _digit()[None])
+    with pytest.raises(InputError, match="raw=True"):
+        load_sample(path, entry=MNIST)
+    assert torch.allclose(load_sample(path, entry=MNIST, raw=True).x, load_sample("mnist:8").x)
+
+
+def test_torchscript_file_is_named_as_such_without_warnings(tmp_path, mnist_sd):
+    path = tmp_path / "scripted.pt"
+    torch.jit.script(nn.Linear(2, 2)).save(str(path))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(WeightsError, match="TorchScript") as info:
+            zoo.load_model("mnist", weights=path)
+        assert "corrupt" not in str(info.value)
+        with pytest.raises(InputError, match="TorchScript"):
+            load_sample(path, entry=MNIST)
+
+
+# ------------------------------------------------------------------ 4. weight files
+def test_complex_weights_are_refused(tmp_path, mnist_sd, user, capsys):
+    # (was: the imaginary part silently dropped, the result labelled "user weights file")
+    path = tmp_path / "complex.pt"
+    torch.save({k: v.to(torch.complex64) for k, v in mnist_sd.items()}, path)
+    with pytest.raises(WeightsError, match="complex"):
+        zoo.load_model("mnist", weights=path)
+    src, model = user
+    torch.save({k: v.to(torch.complex64) for k, v in model.state_dict().items()}, path)
+    assert "complex" in run_err(capsys, ["bound", "--model", f"{src}:make", "--weights",
+                                         str(path), "--method", "global"])
+
+
+def test_integer_weights_are_refused(tmp_path, mnist_sd):
+    path = tmp_path / "int.pt"
+    torch.save({k: (v * 100).round().to(torch.int8) for k, v in mnist_sd.items()}, path)
+    with pytest.raises(WeightsError, match="int8"):
+        zoo.load_model("mnist", weights=path)
+
+
+def test_sparse_weights_are_a_clear_error(tmp_path, mnist_sd):
+    path = tmp_path / "sparse.pt"
+    sd = dict(mnist_sd)
+    sd["fc3.weight"] = sd["fc3.weight"].to_sparse()
+    torch.save(sd, path)
+    with pytest.raises(WeightsError, match="to_dense"):
+        zoo.load_model("mnist", weights=path)
+
+
+def test_float64_weights_beyond_float32_range_are_refused_at_load(tmp_path, mnist_sd):
+    # (was: loaded as inf; the model came back from load_model with an infinite bias)
+    path = tmp_path / "big.pt"
+    sd = {k: v.double() for k, v in mnist_sd.items()}
+    sd["fc3.bias"][0] = 1e300
+    torch.save(sd, path)
+    with pytest.raises(WeightsError, match="float32 range"):
+        zoo.load_model("mnist", weights=path)
+
+
+def test_state_dict_object_instead_of_a_path(mnist_sd):
+    # (was: TypeError "expected str, bytes or os.PathLike object, not dict")
+    with pytest.raises(WeightsError, match="path"):
+        zoo.load_model("mnist", weights=mnist_sd)
+
+
+def test_user_model_reads_the_same_checkpoint_layouts_as_the_zoo(tmp_path, user, capsys):
+    # (was: a {'model_state_dict': ...} checkpoint, as PyTorch's tutorials save it, loaded
+    # into zoo networks but was "missing keys: 0.weight ..." for a user's model)
+    src, model = user
+    sd = {k: v * 2 for k, v in model.state_dict().items()}
+    path = tmp_path / "ckpt.pt"
+    torch.save({"epoch": 3, "model_state_dict": sd}, path)
+    from lipbound.cli.common import load_state_dict_file
+
+    load_state_dict_file(model, str(path))
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in sd.items())
+
+
+def test_empty_weights_option_is_not_ignored_for_a_user_model(capsys, user):
+    # (was: --weights "" silently dropped: the factory's own weights were analysed)
+    src, _ = user
+    err = run_err(capsys, ["bound", "--model", f"{src}:make", "--weights", "",
+                           "--method", "global"])
+    assert "--weights" in err
+
+
+# ------------------------------------------------------------------ 5. labels
+def test_csv_label_outside_the_networks_classes_is_refused(tmp_path):
+    # (was: kept, and counted as a misclassification in the accuracy of the summary)
+    row = ",".join(["12"] + ["0"] * 784)
+    path = tmp_path / "bad_label.csv"
+    path.write_text(row + "\n")
+    with pytest.raises(InputError, match="label"):
+        load_samples(path, entry=MNIST)
+    path.write_text(",".join(["-1"] + ["0"] * 784) + "\n")
+    with pytest.raises(InputError, match="label"):
+        load_samples(path, entry=MNIST)
+    path.write_text(",".join(["9"] + ["0"] * 784) + "\n")
+    assert load_samples(path, entry=MNIST)[0].label == 9
+
