@@ -58,6 +58,7 @@ import torch
 
 from lipbound._safe_load import torch_load_safely, why_unreadable
 from lipbound.errors import InputError, ZooError
+from lipbound.validation import SEED_LIMIT
 from lipbound.zoo.registry import ZooEntry, get_entry, model_names
 from lipbound.zoo.resources import data_path
 from lipbound.zoo.testsets import TESTSETS, load_testset, read_csv_file
@@ -471,6 +472,10 @@ def _zoo_samples(entry: ZooEntry, rest: str, ref: str, ctx: _Context, *, many: b
     match = re.fullmatch(r"random(?:/(\d+))?", rest)
     if entry.name in ("alexnet", "vgg16") and match:
         seed = int(match.group(1) or 0)
+        if seed >= SEED_LIMIT:
+            raise ZooError(f"the seed {seed} of {ref!r} is too large: torch's random "
+                           f"generators take seeds below 2**64; use e.g. "
+                           f"'{entry.name}:random/1'")
         shape = ctx.shape if ctx.shape is not None else entry.input_shape
         gen = torch.Generator(device="cpu").manual_seed(seed)
         pixels01 = torch.rand((1, *shape), generator=gen)

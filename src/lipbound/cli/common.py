@@ -114,9 +114,10 @@ def seed_arg(text: str) -> int | str:
         v = int(t)
     except ValueError:
         v = -1
-    if v < 0:
+    if not 0 <= v < 2**64:  # (torch's generators take seeds below 2**64)
         raise argparse.ArgumentTypeError(
-            f"expected an integer >= 0 or 'fresh', got {text!r}")
+            f"expected an integer >= 0 or 'fresh', got {text!r}"
+            + (" (a seed must be below 2**64)" if v >= 2**64 else ""))
     return v
 
 

@@ -10,8 +10,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from lipbound.errors import InputError
-from lipbound.validation import default_device
+from lipbound.validation import check_seed, default_device
 from lipbound.validation import resolve_device as _resolve
 from lipbound.zoo.architectures import VGG16, AlexNet, CifarNet, CompNet, LeNet, TinyNet
 from lipbound.zoo.registry import ZooEntry, get_entry
@@ -148,8 +147,7 @@ def load_model(
         torch.Size([1, 10])
     """
     entry = get_entry(name)
-    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-        raise InputError(f"seed must be a non-negative integer, got {seed!r}")
+    seed = check_seed(seed)
     dev = resolve_device(device)
     factory = _FACTORIES[entry.name]
 
