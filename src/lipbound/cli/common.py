@@ -486,33 +486,27 @@ def load_user_factory(spec: str) -> tuple[nn.Module, dict]:
 
 
 def load_state_dict_file(model: nn.Module, path: str) -> None:
+    """Load the ``--weights`` file into a user's model: the checkpoint layouts, wrapper
+    prefixes and value checks of the zoo's weight files (:mod:`lipbound.zoo.weights`), in
+    the dtypes of the model's own parameters."""
+    if not str(path).strip():
+        raise WeightsError("--weights is empty; give the path of a weights file, or drop "
+                           "--weights to use the model as the factory builds it")
     p = Path(path)
     if not p.is_file():
-        raise WeightsError(f"weights file {p} does not exist; check the path given to "
+        what = "is a folder" if p.is_dir() else "does not exist"
+        raise WeightsError(f"weights file {str(path)!r} {what}; check the path given to "
                            "--weights")
-    from .._safe_load import torch_load_safely, why_unreadable
+    from ..zoo.weights import check_values, read_checkpoint, unwrapped_state
 
+    sd, _ = read_checkpoint(p)
+    expected = model.state_dict()
+    sd = unwrapped_state(sd, expected)  # saved from a DataParallel / compiled model
+    check_values(sd, expected, source=str(p))
     try:
-        sd = torch_load_safely(p)
-    except Exception as exc:
-        raise WeightsError(f"weights file {p} is not a state_dict lipbound can read: "
-                           f"{why_unreadable(exc)}. Save the weights with "
-                           "torch.save(model.state_dict(), path)") from exc
-    if isinstance(sd, dict):
-        for k in ("state_dict", "net", "model"):
-            if k in sd and isinstance(sd[k], dict):
-                sd = sd[k]
-                break
-    if not isinstance(sd, dict):
-        raise WeightsError(f"weights file {p} holds a {type(sd).__name__}, not a state dict")
-    from ..zoo.weights import unwrapped_state
-
-    sd = unwrapped_state(sd, model.state_dict())  # saved from a DataParallel / compiled model
-    try:
-        res = model.load_state_dict(sd, strict=True)
+        model.load_state_dict(sd, strict=True)
     except RuntimeError as exc:
         raise WeightsError(f"weights file {p} does not match the model: {exc}") from exc
-    del res
 
 
 def _same(a: tuple[float, ...] | None, b: tuple[float, ...] | None) -> bool:
@@ -642,7 +636,7 @@ def load_model(args: argparse.Namespace) -> Loaded:
 
         model = unwrap_model(model)  # DataParallel / torch.compile: the module they run
         _check_eval(model, spec, spec.rpartition(":")[2])
-        if getattr(args, "weights", None):
+        if getattr(args, "weights", None) is not None:
             load_state_dict_file(model, args.weights)
         model = model.to(device)
         apply_threads(args, model)
@@ -658,7 +652,8 @@ def load_model(args: argparse.Namespace) -> Loaded:
             scale = check_positive_number(info["scale"], f"the factory's 'scale' ({spec})",
                                           "1/255")
         return Loaded(model, Path(spec.rpartition(":")[0]).stem, tuple(shape),
-                      "user weights file " + args.weights if getattr(args, "weights", None)
+                      "user weights file " + args.weights
+                      if getattr(args, "weights", None) is not None
                       else "as built by the factory", seed_notes, None, mean, std, scale)
     from .. import zoo
     from ..zoo.loading import SEEDED_WEIGHTS
