@@ -235,3 +235,37 @@ def test_csv_label_outside_the_networks_classes_is_refused(tmp_path):
     path.write_text(",".join(["9"] + ["0"] * 784) + "\n")
     assert load_samples(path, entry=MNIST)[0].label == 9
 
+
+
+# ------------------------------------------------------------------ 6. normalisation once
+NORMED = textwrap.dedent("""
+    import torch
+    from torch import nn
+    import lipbound
+
+    def net():
+        torch.manual_seed(0)
+        return nn.Sequential(lipbound.Normalize((0.1307,), (0.3081,), spatial_dims=2),
+                             nn.Flatten(), nn.ReLU(), nn.Linear(784, 10)).eval()
+
+    def with_stats():
+        return {"model": net(), "input_shape": (1, 28, 28), "mean": 0.1307, "std": 0.3081}
+
+    def plain():
+        return {"model": net(), "input_shape": (1, 28, 28)}
+""")
+
+
+def test_normalisation_inside_the_model_and_in_the_options_is_refused(capsys, tmp_path):
+    # (was: the image normalised by --mean/--std (or the factory's), then again by the
+    # model's own lipbound.Normalize layer; the bound was computed at that input)
+    src = tmp_path / "normed.py"
+    src.write_text(NORMED)
+    img = tmp_path / "eight.png"
+    Image.fromarray(_digit()).save(img)
+    for argv in (["--model", f"{src}:with_stats"],
+                 ["--model", f"{src}:plain", "--mean", "0.1307", "--std", "0.3081"]):
+        err = run_err(capsys, ["bound", *argv, "--input", str(img)])
+        assert "Normalize" in err and "twice" in err
+    # the model's own normalisation alone: pixels in [0, 1] go in
+    assert main(["bound", "--model", f"{src}:plain", "--input", str(img)]) == 0
