@@ -560,6 +560,26 @@ def _check_eval(model: nn.Module, spec: str, fn_name: str) -> None:
                          f"return model.eval() from the factory {fn_name}()") from exc
 
 
+def _check_normalised_once(model: nn.Module, spec: str, mean: tuple[float, ...] | None,
+                           std: tuple[float, ...] | None) -> None:
+    """A user model that normalises its input with a :class:`lipbound.Normalize` layer
+    takes pixels in [0, 1]; a mean/std (--mean/--std or the factory's) would normalise the
+    images a second time before they reach it, so the two are refused together."""
+    if mean is None and std is None:
+        return
+    from ..layers import Normalize
+
+    layers = [name or "(the model)" for name, m in model.named_modules()
+              if isinstance(m, Normalize)]
+    if layers:
+        raise InputError(
+            f"--model {spec}: the model normalises its input itself (lipbound.Normalize at "
+            f"{', '.join(repr(n) for n in layers)}), and a mean/std is given too (--mean/"
+            "--std or the factory's 'mean'/'std'): images would be normalised twice. Drop "
+            "the mean/std (the model then gets pixels x --scale, in [0, 1] by default), or "
+            "the Normalize layer")
+
+
 def _factory_floats(info: dict, key: str, spec: str) -> tuple[float, ...] | None:
     """A factory's ``mean``/``std``: one number (every channel) or one per channel, as a
     tuple of finite floats; ``None`` if the factory gives none."""
@@ -648,6 +668,7 @@ def load_model(args: argparse.Namespace) -> Loaded:
                              "or return {'model': ..., 'input_shape': ...} from the factory")
         mean = mean or _factory_floats(info, "mean", spec)
         std = std or _factory_floats(info, "std", spec)
+        _check_normalised_once(model, spec, mean, std)
         if scale is None and "scale" in info:
             scale = check_positive_number(info["scale"], f"the factory's 'scale' ({spec})",
                                           "1/255")
