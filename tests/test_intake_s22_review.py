@@ -269,3 +269,20 @@ def test_normalisation_inside_the_model_and_in_the_options_is_refused(capsys, tm
         assert "Normalize" in err and "twice" in err
     # the model's own normalisation alone: pixels in [0, 1] go in
     assert main(["bound", "--model", f"{src}:plain", "--input", str(img)]) == 0
+
+
+# ------------------------------------------------------------------ 7. --threads
+def test_thread_count_beyond_the_cores_is_refused(monkeypatch):
+    # (was: --threads 100000 handed to torch and the BLAS pools: the process ran out of
+    # memory starting threads, a MemoryError/ImportError traceback)
+    import argparse
+
+    from lipbound.cli import common
+
+    asked = []
+    monkeypatch.setattr(common, "set_threads", asked.append)  # never start them here
+    with pytest.raises(InputError, match="--threads 100000.*cores"):
+        common.apply_threads(argparse.Namespace(threads="100000"), None)
+    assert asked == []
+    common.apply_threads(argparse.Namespace(threads="1"), None)
+    assert asked == [1]
