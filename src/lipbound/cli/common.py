@@ -285,7 +285,21 @@ def apply_threads(args: argparse.Namespace, model: nn.Module | None) -> None:
             from exc
     if n < 1:
         raise InputError(f"--threads must be >= 1, got {n}")
+    cores = usable_cores()
+    if n > cores:
+        raise InputError(f"--threads {n} is more than the {cores} CPU core(s) this process "
+                         f"may use (threads beyond the cores only slow torch down, and "
+                         f"thousands exhaust the memory); give at most {cores}, or auto")
     set_threads(n)
+
+
+def usable_cores() -> int:
+    """The number of CPU cores this process may run on (its affinity where the system
+    tells it, else the machine's count)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):  # (not on Linux)
+        return max(1, os.cpu_count() or 1)
 
 
 def _floats(s: str | None, option: str = "--mean/--std") -> tuple[float, ...] | None:
