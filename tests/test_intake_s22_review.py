@@ -286,3 +286,25 @@ def test_thread_count_beyond_the_cores_is_refused(monkeypatch):
     assert asked == []
     common.apply_threads(argparse.Namespace(threads="1"), None)
     assert asked == [1]
+
+
+# ------------------------------------------------------------------ 8. bench options
+@pytest.mark.parametrize("argv, needle", [
+    # (were: refused only after the timed runs, which take minutes on VGG-16)
+    (["--model", "mnist", "--radius-images", "-3"], "--radius-images"),
+    (["--model", "mnist", "--radius-images", "101"], "--radius-images"),
+    (["--model", "tiny", "--radius-images", "2"], "--radius-images"),
+    # (was: the radii timed on the shipped weights, next to timings of the given ones)
+    (["--model", "mnist", "--weights", "mine.pt", "--radius-images", "2"], "--weights"),
+    # (were: silently ignored)
+    (["--model", "tiny", "--sweep-range", "1,0.1"], "--sweep-range"),
+    (["--model", "tiny", "--what", "global", "--eps", "0.1"], "--eps"),
+])
+def test_bench_options_are_checked_before_the_work(capsys, monkeypatch, argv, needle):
+    import lipbound.bench
+
+    def no_work(*args, **kwargs):
+        raise AssertionError("the benchmark ran before the options were checked")
+
+    monkeypatch.setattr(lipbound.bench, "bench_model", no_work)
+    assert needle in run_err(capsys, ["bench", "--repeat", "1", *argv])
