@@ -296,9 +296,8 @@ def test_thread_count_beyond_the_cores_is_refused(monkeypatch):
     (["--model", "tiny", "--radius-images", "2"], "--radius-images"),
     # (was: the radii timed on the shipped weights, next to timings of the given ones)
     (["--model", "mnist", "--weights", "mine.pt", "--radius-images", "2"], "--weights"),
-    # (were: silently ignored)
+    # (was: silently ignored)
     (["--model", "tiny", "--sweep-range", "1,0.1"], "--sweep-range"),
-    (["--model", "tiny", "--what", "global", "--eps", "0.1"], "--eps"),
 ])
 def test_bench_options_are_checked_before_the_work(capsys, monkeypatch, argv, needle):
     import lipbound.bench
