@@ -307,3 +307,29 @@ def test_bench_options_are_checked_before_the_work(capsys, monkeypatch, argv, ne
 
     monkeypatch.setattr(lipbound.bench, "bench_model", no_work)
     assert needle in run_err(capsys, ["bench", "--repeat", "1", *argv])
+
+
+# ------------------------------------------------------------------ 9. weights named
+def test_compare_names_the_weights_it_ran_on(capsys, tmp_path, mnist_sd):
+    # (was: neither its table nor its JSON said which weights the numbers are for: a user
+    # file looked like the shipped checkpoint)
+    from cli_helpers import run_json
+
+    path = tmp_path / "mine.pt"
+    torch.save({k: v * 0.5 for k, v in mnist_sd.items()}, path)
+    argv = ["compare", "--model", "mnist", "--weights", str(path), "--methods", "local"]
+    assert run_json(capsys, argv)["weights"] == f"user weights file {path}"
+    assert main(argv) == 0
+    assert f"user weights file {path}" in capsys.readouterr().out
+
+
+def test_compare_without_methods_is_refused(capsys):
+    # (was: an empty table, exit status 0)
+    assert "--methods" in run_err(capsys, ["compare", "--model", "tiny", "--methods", ","])
+
+
+def test_user_weights_file_named_random_is_not_labelled_random_weights():
+    from lipbound.cli.sweep import random_weights
+
+    assert not random_weights("user weights file /data/random_init.pt")
+    assert random_weights(zoo.load_model("alexnet").weights_source)
