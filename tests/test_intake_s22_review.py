@@ -333,3 +333,23 @@ def test_user_weights_file_named_random_is_not_labelled_random_weights():
 
     assert not random_weights("user weights file /data/random_init.pt")
     assert random_weights(zoo.load_model("alexnet").weights_source)
+
+
+# ------------------------------------------------------------------ 10. resized images
+def test_resizing_an_image_file_is_a_warning(tmp_path, caplog):
+    # (was: logged at INFO level only: the bound was reported for "photo.png" while it was
+    # computed at a resized and cropped copy, with nothing said)
+    import logging
+
+    path = tmp_path / "photo.png"
+    Image.fromarray(_digit()).resize((56, 40)).save(path)
+    with caplog.at_level(logging.WARNING, logger="lipbound"):
+        assert load_sample(path, entry=MNIST).x.shape == (1, 1, 28, 28)
+    assert any("56x40" in r.getMessage() and "28x28" in r.getMessage()
+               for r in caplog.records if r.levelno >= logging.WARNING)
+    caplog.clear()
+    same = tmp_path / "same.png"
+    Image.fromarray(_digit()).save(same)
+    with caplog.at_level(logging.WARNING, logger="lipbound"):
+        load_sample(same, entry=MNIST)
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
