@@ -291,8 +291,11 @@ def _read_image(path: Path, ctx: _Context, name: str) -> torch.Tensor:
     if (image.width, image.height) != (w, h):
         factor = max(w / image.width, h / image.height)
         size = (max(w, round(image.width * factor)), max(h, round(image.height * factor)))
-        logger.info("resizing image %s from %sx%s to %sx%s", name, image.width, image.height,
-                    w, h)
+        # a warning, not a detail: the bound is computed at the resized (and cropped) copy,
+        # not at the file's own pixels
+        logger.warning("image %s is %sx%s but the network takes %sx%s: resized (bilinear) "
+                       "and centre-cropped; the results are for that copy", name, image.width,
+                       image.height, w, h)
         image = image.resize(size, Image.Resampling.BILINEAR)
         left, top = (size[0] - w) // 2, (size[1] - h) // 2
         image = image.crop((left, top, left + w, top + h))
