@@ -353,3 +353,24 @@ def test_resizing_an_image_file_is_a_warning(tmp_path, caplog):
     with caplog.at_level(logging.WARNING, logger="lipbound"):
         load_sample(same, entry=MNIST)
     assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+
+
+# ------------------------------------------------------------------ 11. shipped samples
+def test_shipped_sample_for_a_user_model_without_normalisation(capsys, tmp_path):
+    # (was: a user model declaring no --mean/--std got image files as pixels in [0, 1] but
+    # the shipped 'mnist:8' normalised with MNIST's mean/std: the same digit, two inputs;
+    # with a Normalize layer in the model, 'mnist:8' was normalised twice)
+    from cli_helpers import run_json
+
+    src = tmp_path / "normed.py"
+    src.write_text(NORMED)
+    img = tmp_path / "eight.png"
+    Image.fromarray(_digit()).save(img)
+    model = ["bound", "--model", f"{src}:plain"]
+    err = run_err(capsys, [*model, "--input", "mnist:8"])
+    assert "--mean 0 --std 1" in err and "--mean 0.1307 --std 0.3081" in err
+    assert "--mean" in run_err(capsys, ["radius", "--model", f"{src}:plain",
+                                        "--input", "mnist:test/0-1"])
+    # said explicitly, the shipped digit is the same input as the image file
+    pixels = run_json(capsys, [*model, "--input", "mnist:8", "--mean", "0", "--std", "1"])
+    assert pixels["value"] == run_json(capsys, [*model, "--input", str(img)])["value"]
