@@ -581,6 +581,8 @@ def _check_normalised_once(model: nn.Module, spec: str, mean: tuple[float, ...] 
     images a second time before they reach it, so the two are refused together."""
     if mean is None and std is None:
         return
+    if all(v == 0 for v in mean or (0,)) and all(v == 1 for v in std or (1,)):
+        return  # --mean 0 --std 1: pixels x scale as they are
     from ..layers import Normalize
 
     layers = [name or "(the model)" for name, m in model.named_modules()
@@ -739,6 +741,38 @@ def check_preprocessing_applies(args: argparse.Namespace, ref: str | None) -> No
                      "normalise the array yourself, or drop them")
 
 
+def check_user_sample_normalisation(loaded: Loaded, ref: str | None) -> None:
+    """Refuse a shipped image of a zoo network (``mnist:8``, ``cifar10:test/3``,
+    ``vgg16:random``) as the input of a user model that declares no mean/std: image files
+    reach such a model as pixels x scale, while the shipped image would be normalised with
+    its zoo network's mean/std (the library's default for it), so the same picture would be
+    two different inputs. The user says which normalisation the model takes."""
+    if loaded.entry is not None or loaded.mean is not None or loaded.std is not None:
+        return
+    if ref is None or ":" not in str(ref) or Path(str(ref)).exists():
+        return
+    from ..zoo.registry import get_entry, model_names
+
+    prefix = str(ref).partition(":")[0].strip().lower()
+    if prefix not in model_names():
+        return
+    entry = get_entry(prefix)
+    if entry.mean is None or entry.std is None:
+        return  # a vector sample, never normalised
+
+    def opt(values: tuple[float, ...]) -> str:
+        return ",".join(f"{v:g}" for v in values)
+
+    raise InputError(
+        f"--input {ref!r} is a shipped image of the zoo network {entry.name}, normalised with "
+        f"its mean {opt(entry.mean)} and std {opt(entry.std)} by default, but the user model "
+        f"{loaded.name} declares no mean/std, so image files reach it as pixels x scale "
+        "without normalisation: the same picture would be two different inputs. Say which "
+        f"the model takes: --mean {opt(entry.mean)} --std {opt(entry.std)} ({entry.name}'s "
+        "normalisation) or --mean 0 --std 1 (pixels in [0, 1]; also for a model that "
+        "normalises its input itself), or return 'mean'/'std' from the factory")
+
+
 def cli_input_hint(loaded: Loaded | None = None) -> str:
     """The valid forms of a single ``--input``, in command-line terms."""
     entry = getattr(loaded, "entry", None)
@@ -768,6 +802,7 @@ def load_input(args: argparse.Namespace, loaded: Loaded, needed_for: str | None 
                                                if needed_for else ""))
         ref = loaded.entry.default_sample
     check_preprocessing_applies(args, ref)
+    check_user_sample_normalisation(loaded, ref)
     command = getattr(args, "command", None) or "this command"
     if is_many_ref(ref):
         raise InputError(f"--input {ref!r} names several inputs, but `lipbound {command}` "
