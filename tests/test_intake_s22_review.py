@@ -374,3 +374,23 @@ def test_shipped_sample_for_a_user_model_without_normalisation(capsys, tmp_path)
     # said explicitly, the shipped digit is the same input as the image file
     pixels = run_json(capsys, [*model, "--input", "mnist:8", "--mean", "0", "--std", "1"])
     assert pixels["value"] == run_json(capsys, [*model, "--input", str(img)])["value"]
+
+
+def test_user_model_whose_own_keys_start_with_module_loads(tmp_path):
+    # (the wrapper prefix is removed only when the model's own keys do not have it)
+    from lipbound.cli.common import load_state_dict_file
+
+    class Holder(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.module = nn.Linear(3, 2)
+
+        def forward(self, x):
+            return self.module(x)
+
+    sd = {k: v + 1 for k, v in Holder().state_dict().items()}
+    path = tmp_path / "holder.pt"
+    torch.save(sd, path)
+    m = Holder()
+    load_state_dict_file(m, str(path))
+    assert all(torch.equal(m.state_dict()[k], v) for k, v in sd.items())

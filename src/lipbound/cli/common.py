@@ -513,7 +513,7 @@ def load_state_dict_file(model: nn.Module, path: str) -> None:
                            "--weights")
     from ..zoo.weights import check_values, read_checkpoint, unwrapped_state
 
-    sd, _ = read_checkpoint(p)
+    sd, _ = read_checkpoint(p, unwrap=False)  # (unwrapped below, against the model's keys)
     expected = model.state_dict()
     sd = unwrapped_state(sd, expected)  # saved from a DataParallel / compiled model
     check_values(sd, expected, source=str(p))

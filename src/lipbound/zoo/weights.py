@@ -48,7 +48,7 @@ def _load_file(path: Path, source: str) -> Any:
 
 
 def read_checkpoint(
-    path: str | Path, *, source: str | None = None
+    path: str | Path, *, source: str | None = None, unwrap: bool = True
 ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """Read a state dict, and the checkpoint's other entries, from a ``torch.save`` file.
 
@@ -60,6 +60,8 @@ def read_checkpoint(
     Args:
         path: the file.
         source: how to name the file in error messages (defaults to the path).
+        unwrap: remove a ``"module."`` prefix on every key; ``False`` leaves it to
+            :func:`unwrapped_state`, which also looks at the model's own keys.
 
     Returns:
         ``(state_dict, extras)``: the state dict on the CPU, and the checkpoint's other
@@ -92,7 +94,7 @@ def read_checkpoint(
             f"one of the keys {list(STATE_DICT_KEYS)}"
         )
     state = dict(state)
-    if all(k.startswith("module.") for k in state):
+    if unwrap and all(k.startswith("module.") for k in state):
         state = {k[len("module."):]: v for k, v in state.items()}
     return state, extras
 
