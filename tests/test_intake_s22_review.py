@@ -394,3 +394,19 @@ def test_user_model_whose_own_keys_start_with_module_loads(tmp_path):
     m = Holder()
     load_state_dict_file(m, str(path))
     assert all(torch.equal(m.state_dict()[k], v) for k, v in sd.items())
+
+
+# ------------------------------------------------------------------ 12. file names
+def test_image_file_named_like_a_test_range_is_one_input(capsys, tmp_path, monkeypatch):
+    # (was: 'test-1.png' taken for a range of test images: `layers` refused it as "several
+    # inputs", `bound` switched to its many-input table)
+    from cli_helpers import run_json
+
+    monkeypatch.chdir(tmp_path)
+    Image.fromarray(_digit()).save("test-1.png")
+    Image.fromarray(_digit()).save("test_3,4.png")
+    for name in ("test-1.png", "test_3,4.png"):
+        assert main(["layers", "--model", "mnist", "--input", name, "--json"]) == 0
+        capsys.readouterr()
+        d = run_json(capsys, ["bound", "--model", "mnist", "--input", name])
+        assert d["input"] == name and d["value"] > 0
