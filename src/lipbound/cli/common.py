@@ -827,9 +827,16 @@ def is_many_ref(ref: str | None) -> bool:
     """Whether ``--input`` names several inputs (a range/list of test images, a CSV, a folder)."""
     if ref is None:
         return False
-    tail = ref.split(":", 1)[-1]
-    return (ref.lower().endswith(".csv") or Path(ref).is_dir()
-            or (tail.startswith("test") and ("-" in tail or "," in tail or tail == "test")))
+    if ref.lower().endswith(".csv") or Path(ref).is_dir():
+        return True
+    if Path(ref).exists():  # a file (test-1.png is one image, not a range)
+        return False
+    from ..zoo.registry import model_names
+
+    prefix, colon, tail = ref.partition(":")
+    tail = tail.strip()
+    return (bool(colon) and prefix.strip().lower() in model_names()
+            and tail.startswith("test") and ("-" in tail or "," in tail or tail == "test"))
 
 
 def fmt(v: Any) -> str:
