@@ -410,3 +410,15 @@ def test_image_file_named_like_a_test_range_is_one_input(capsys, tmp_path, monke
         capsys.readouterr()
         d = run_json(capsys, ["bound", "--model", "mnist", "--input", name])
         assert d["input"] == name and d["value"] > 0
+
+
+def test_oversized_image_is_a_clear_error(tmp_path, monkeypatch):
+    # (was: PIL's DecompressionBombError, a traceback; here PIL's limit is lowered instead of
+    # writing a 180-megapixel image)
+    import PIL.Image
+
+    path = tmp_path / "eight.png"
+    Image.fromarray(_digit()).save(path)
+    monkeypatch.setattr(PIL.Image, "MAX_IMAGE_PIXELS", 100)
+    with pytest.raises(InputError, match="eight.png"):
+        load_sample(path, entry=MNIST)
