@@ -271,6 +271,9 @@ def _read_image(path: Path, ctx: _Context, name: str) -> torch.Tensor:
             image = img.copy()
     except FileNotFoundError as exc:
         raise InputError(f"image file not found: {path}") from exc
+    except Image.DecompressionBombError as exc:
+        raise InputError(f"image {path} is too large to read safely ({exc}); give an image "
+                         "of about the network's input size") from exc
     except (UnidentifiedImageError, OSError) as exc:
         raise InputError(f"cannot read image {path}: {exc}") from exc
     image = _eight_bit(image, name)
