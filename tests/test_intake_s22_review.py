@@ -422,3 +422,11 @@ def test_oversized_image_is_a_clear_error(tmp_path, monkeypatch):
     monkeypatch.setattr(PIL.Image, "MAX_IMAGE_PIXELS", 100)
     with pytest.raises(InputError, match="eight.png"):
         load_sample(path, entry=MNIST)
+
+
+def test_image_with_a_corrupt_header_is_a_clear_error(tmp_path):
+    # (was: ValueError "invalid literal for int() with base 10" from PIL's PPM reader)
+    path = tmp_path / "broken.ppm"
+    path.write_bytes(b"P6\n2P5 32\n255\n" + bytes(32 * 32 * 3))
+    with pytest.raises(InputError, match="broken.ppm"):
+        load_sample(path, entry=CIFAR)
