@@ -276,6 +276,10 @@ def _read_image(path: Path, ctx: _Context, name: str) -> torch.Tensor:
                          "of about the network's input size") from exc
     except (UnidentifiedImageError, OSError) as exc:
         raise InputError(f"cannot read image {path}: {exc}") from exc
+    except Exception as exc:  # a decoder's own error on a damaged file (ValueError, ...)
+        raise InputError(f"cannot read image {path}: it is damaged or not in a format PIL "
+                         f"decodes ({type(exc).__name__}: {exc}); save it again as a PNG "
+                         "file") from exc
     image = _eight_bit(image, name)
     shape = ctx.shape
     if shape is None:
