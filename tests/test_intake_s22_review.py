@@ -430,3 +430,11 @@ def test_image_with_a_corrupt_header_is_a_clear_error(tmp_path):
     path.write_bytes(b"P6\n2P5 32\n255\n" + bytes(32 * 32 * 3))
     with pytest.raises(InputError, match="broken.ppm"):
         load_sample(path, entry=CIFAR)
+
+
+def test_image_mode_pil_cannot_convert_is_a_clear_error(tmp_path):
+    # (was: ValueError "conversion from LAB to RGB not supported", a traceback)
+    path = tmp_path / "lab.tif"
+    Image.fromarray(np.repeat(_digit()[..., None], 3, axis=2)).convert("LAB").save(path)
+    with pytest.raises(InputError, match="LAB"):
+        load_sample(path, entry=MNIST)
