@@ -294,7 +294,12 @@ def _read_image(path: Path, ctx: _Context, name: str) -> torch.Tensor:
     mode = "L" if c == 1 else "RGB"
     if image.mode != mode:
         logger.info("converting image %s from mode %s to %s", name, image.mode, mode)
-        image = image.convert(mode)
+        try:
+            image = image.convert(mode)
+        except ValueError as exc:  # e.g. LAB -> L
+            raise InputError(f"image {name!r} has {image.mode} pixels, which PIL cannot "
+                             f"convert to {mode} ({exc}); save it as an RGB or grayscale "
+                             "image") from exc
     if (image.width, image.height) != (w, h):
         factor = max(w / image.width, h / image.height)
         size = (max(w, round(image.width * factor)), max(h, round(image.height * factor)))
