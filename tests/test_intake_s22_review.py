@@ -438,3 +438,25 @@ def test_image_mode_pil_cannot_convert_is_a_clear_error(tmp_path):
     Image.fromarray(np.repeat(_digit()[..., None], 3, axis=2)).convert("LAB").save(path)
     with pytest.raises(InputError, match="LAB"):
         load_sample(path, entry=MNIST)
+
+
+def test_user_model_on_the_meta_device_is_a_clear_error(capsys, tmp_path, user):
+    # (was: NotImplementedError "Cannot copy out of meta tensor" from model.to(device), also
+    # with --weights, whose copy into meta tensors keeps no values)
+    src = tmp_path / "meta_net.py"
+    src.write_text(textwrap.dedent("""
+        import torch
+        from torch import nn
+
+        def make():
+            with torch.device("meta"):
+                m = nn.Sequential(nn.Linear(4, 5), nn.ReLU(), nn.Linear(5, 3)).eval()
+            return {"model": m, "input_shape": (4,)}
+    """))
+    _, model = user
+    weights = tmp_path / "w.pt"
+    torch.save(model.state_dict(), weights)
+    for extra in ([], ["--weights", str(weights)]):
+        err = run_err(capsys, ["bound", "--model", f"{src}:make", "--method", "global",
+                               *extra])
+        assert "meta device" in err
