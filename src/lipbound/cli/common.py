@@ -672,6 +672,12 @@ def load_model(args: argparse.Namespace) -> Loaded:
 
         model = unwrap_model(model)  # DataParallel / torch.compile: the module they run
         _check_eval(model, spec, spec.rpartition(":")[2])
+        meta = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+        if meta:  # (.to(device) below would fail; --weights would copy into no storage)
+            raise InputError(f"--model {spec}: the factory returns a model on the meta device "
+                             f"(no values: {', '.join(meta[:4])}{', ...' if len(meta) > 4 else ''}"
+                             "); build it on the CPU in the factory (its weights may then come "
+                             "from --weights)")
         if getattr(args, "weights", None) is not None:
             load_state_dict_file(model, args.weights)
         model = model.to(device)
