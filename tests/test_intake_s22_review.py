@@ -460,3 +460,17 @@ def test_user_model_on_the_meta_device_is_a_clear_error(capsys, tmp_path, user):
         err = run_err(capsys, ["bound", "--model", f"{src}:make", "--method", "global",
                                *extra])
         assert "meta device" in err
+
+
+def test_integer_pixel_array_of_any_width_is_not_taken_as_normalised(tmp_path):
+    # (np.array(img, dtype=int) saves int64 pixels; only uint8 was refused)
+    for dtype in (np.int64, np.int32, np.int16):
+        path = tmp_path / f"pixels_{np.dtype(dtype).name}.npy"
+        np.save(path, _digit()[None].astype(dtype))
+        with pytest.raises(InputError, match="raw=True"):
+            load_sample(path, entry=MNIST)
+        assert torch.allclose(load_sample(path, entry=MNIST, raw=True).x,
+                              load_sample("mnist:8").x)
+    ints = tmp_path / "vector.npy"  # a network without normalisation takes integers as given
+    np.save(ints, np.array([1, 2, 3], dtype=np.int64))
+    assert load_sample(ints, entry=zoo.get_entry("tiny")).x.tolist() == [[1.0, 2.0, 3.0]]
