@@ -32,7 +32,7 @@ Preprocessing rules:
   conversion to 8 bits would clamp the rest).
 - *Arrays* (``.npy``, ``.pt``) are taken as they are, i.e. already in the normalised space,
   unless ``raw=True``, in which case they are treated like image pixels (``* scale``, then
-  normalised); a ``uint8`` array (raw pixels) for a network with a normalisation is
+  normalised); an integer array (raw pixels) for a network with a normalisation is
   refused without ``raw=True``. A single array may have shape ``input_shape`` or
   ``(1, *input_shape)``; a batch has shape ``(N, *input_shape)``. Without a known input
   shape a single array is one input of its own shape (a batch: the first dimension is the
@@ -357,14 +357,15 @@ def _read_array(path: Path, ctx: _Context | None = None) -> torch.Tensor:
     if data.numel() == 0:
         raise InputError(f"{path} holds an empty array (shape {tuple(data.shape)}): no input "
                          "to analyse; save at least one input")
-    if (data.dtype == torch.uint8 and ctx is not None and not ctx.raw
+    if (not data.is_floating_point() and ctx is not None and not ctx.raw
             and ctx.mean is not None):
+        dtype = str(data.dtype).removeprefix("torch.")
         raise InputError(
-            f"{path} holds uint8 values, raw image pixels, but arrays are taken as inputs "
-            "already in the network's normalised space (the pixels would be used without "
-            "scaling and normalisation). Pass raw=True to load_sample(s) to have them scaled "
-            "and normalised, save them as an image file (.png), or save the normalised "
-            "float input")
+            f"{path} holds {dtype} values, raw image pixels for a network that normalises "
+            "its images, but arrays are taken as inputs already in the network's normalised "
+            "space (the pixels would be used without scaling and normalisation). Pass "
+            "raw=True to load_sample(s) to have them scaled and normalised, save them as an "
+            "image file (.png), or save the normalised float input")
     return _to_float32(data, str(path))
 
 
