@@ -474,3 +474,15 @@ def test_integer_pixel_array_of_any_width_is_not_taken_as_normalised(tmp_path):
     ints = tmp_path / "vector.npy"  # a network without normalisation takes integers as given
     np.save(ints, np.array([1, 2, 3], dtype=np.int64))
     assert load_sample(ints, entry=zoo.get_entry("tiny")).x.tolist() == [[1.0, 2.0, 3.0]]
+
+
+def test_user_model_weights_path_with_a_tilde(tmp_path, monkeypatch, user):
+    # (the zoo's weights and the inputs expand '~'; a user model's --weights did not)
+    from lipbound.cli.common import load_state_dict_file
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    _, model = user
+    sd = {k: v * 3 for k, v in model.state_dict().items()}
+    torch.save(sd, tmp_path / "w.pt")
+    load_state_dict_file(model, "~/w.pt")
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in sd.items())
