@@ -506,7 +506,7 @@ def load_state_dict_file(model: nn.Module, path: str) -> None:
     if not str(path).strip():
         raise WeightsError("--weights is empty; give the path of a weights file, or drop "
                            "--weights to use the model as the factory builds it")
-    p = Path(path)
+    p = Path(path).expanduser()
     if not p.is_file():
         what = "is a folder" if p.is_dir() else "does not exist"
         raise WeightsError(f"weights file {str(path)!r} {what}; check the path given to "
