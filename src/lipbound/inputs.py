@@ -27,11 +27,16 @@ Preprocessing rules:
   ``(x - mean) / std`` per channel when ``mean``/``std`` are known. Image files are
   converted to the expected number of channels (1: grayscale, 3: RGB) and, if their size
   differs, resized (bilinear) so that they cover the expected size, then centre-cropped.
+  Images with transparent pixels are refused (the conversion would drop the alpha channel),
+  and so are 16-bit, 32-bit and float images unless they hold whole numbers 0-255 (the
+  conversion to 8 bits would clamp the rest).
 - *Arrays* (``.npy``, ``.pt``) are taken as they are, i.e. already in the normalised space,
   unless ``raw=True``, in which case they are treated like image pixels (``* scale``, then
-  normalised). A single array may have shape ``input_shape`` or ``(1, *input_shape)``; a
-  batch has shape ``(N, *input_shape)``. Without a known input shape a single array is
-  one input of its own shape (a batch: the first dimension is the batch).
+  normalised); an integer array (raw pixels) for a network with a normalisation is
+  refused without ``raw=True``. A single array may have shape ``input_shape`` or
+  ``(1, *input_shape)``; a batch has shape ``(N, *input_shape)``. Without a known input
+  shape a single array is one input of its own shape (a batch: the first dimension is the
+  batch). CSV labels must be classes of the network (0 to n_classes - 1).
 - *Vector samples* (``tiny:x0``, ``compnet:zeros``) are defined in the network's input
   space and are never rescaled.
 
@@ -58,6 +63,7 @@ import torch
 
 from lipbound._safe_load import torch_load_safely, why_unreadable
 from lipbound.errors import InputError, ZooError
+from lipbound.validation import SEED_LIMIT
 from lipbound.zoo.registry import ZooEntry, get_entry, model_names
 from lipbound.zoo.resources import data_path
 from lipbound.zoo.testsets import TESTSETS, load_testset, read_csv_file
@@ -218,6 +224,43 @@ def _pixels_to_sample(pixels: torch.Tensor, ctx: _Context, name: str, label: int
 # ---------------------------------------------------------------------------------------
 
 
+#: PIL modes of one channel wider than 8 bits (16/32-bit integers, 32-bit floats)
+_WIDE_MODES = frozenset({"I", "I;16", "I;16B", "I;16L", "I;16N", "F"})
+
+
+def _eight_bit(image, name: str):
+    """``image`` ready for conversion to 8-bit ``L``/``RGB`` pixels without losing anything:
+    an image with transparent pixels is refused (the conversion drops the alpha channel, so
+    whatever colour lies under them would decide the input), and so is a 16-bit, 32-bit or
+    float image unless its values are whole numbers 0-255 (PIL's conversion clamps the rest
+    to 255: a 16-bit image becomes a saturated one; a float image in [0, 1] a black one)."""
+    from PIL import Image
+
+    if "A" in image.getbands() or "a" in image.getbands() or "transparency" in image.info:
+        low = image.convert("RGBA").getchannel("A").getextrema()[0]
+        if low < 255:
+            raise InputError(
+                f"image {name!r} has transparent pixels (alpha down to {low}); converting it "
+                "drops the alpha channel, so the colour hidden under them would become the "
+                "input. Flatten it onto a background first (e.g. with PIL: "
+                "Image.alpha_composite(Image.new('RGBA', img.size, 'black'), "
+                "img.convert('RGBA')).convert('RGB')) and save that")
+    if image.mode not in _WIDE_MODES:
+        return image
+    values = np.asarray(image, dtype=np.float64)
+    ok = np.isfinite(values) & (values >= 0) & (values <= 255) & (values == np.round(values))
+    if not bool(ok.all()):
+        finite = values[np.isfinite(values)]
+        span = (f"values {finite.min():.6g} to {finite.max():.6g}" if finite.size
+                else "no finite values")
+        raise InputError(
+            f"image {name!r} has {image.mode} pixels ({span}), but image files are read as "
+            "8-bit pixels 0-255 (then x --scale, default 1/255); the conversion would clamp "
+            "them. Save it as an 8-bit image, or save the normalised input as an .npy/.pt "
+            "array")
+    return Image.fromarray(values.astype(np.uint8))
+
+
 def _read_image(path: Path, ctx: _Context, name: str) -> torch.Tensor:
     """Read an image file as raw pixels ``(1, C, H, W)`` in the context's shape."""
     from PIL import Image, UnidentifiedImageError
@@ -228,11 +271,19 @@ def _read_image(path: Path, ctx: _Context, name: str) -> torch.Tensor:
             image = img.copy()
     except FileNotFoundError as exc:
         raise InputError(f"image file not found: {path}") from exc
+    except Image.DecompressionBombError as exc:
+        raise InputError(f"image {path} is too large to read safely ({exc}); give an image "
+                         "of about the network's input size") from exc
     except (UnidentifiedImageError, OSError) as exc:
         raise InputError(f"cannot read image {path}: {exc}") from exc
+    except Exception as exc:  # a decoder's own error on a damaged file (ValueError, ...)
+        raise InputError(f"cannot read image {path}: it is damaged or not in a format PIL "
+                         f"decodes ({type(exc).__name__}: {exc}); save it again as a PNG "
+                         "file") from exc
+    image = _eight_bit(image, name)
     shape = ctx.shape
     if shape is None:
-        channels = 1 if image.mode in ("1", "L", "I", "I;16", "F") else 3
+        channels = 1 if image.mode in ("1", "L") else 3
         shape = (channels, image.height, image.width)
     if len(shape) != 3 or shape[0] not in (1, 3):
         raise InputError(
@@ -243,12 +294,20 @@ def _read_image(path: Path, ctx: _Context, name: str) -> torch.Tensor:
     mode = "L" if c == 1 else "RGB"
     if image.mode != mode:
         logger.info("converting image %s from mode %s to %s", name, image.mode, mode)
-        image = image.convert(mode)
+        try:
+            image = image.convert(mode)
+        except ValueError as exc:  # e.g. LAB -> L
+            raise InputError(f"image {name!r} has {image.mode} pixels, which PIL cannot "
+                             f"convert to {mode} ({exc}); save it as an RGB or grayscale "
+                             "image") from exc
     if (image.width, image.height) != (w, h):
         factor = max(w / image.width, h / image.height)
         size = (max(w, round(image.width * factor)), max(h, round(image.height * factor)))
-        logger.info("resizing image %s from %sx%s to %sx%s", name, image.width, image.height,
-                    w, h)
+        # a warning, not a detail: the bound is computed at the resized (and cropped) copy,
+        # not at the file's own pixels
+        logger.warning("image %s is %sx%s but the network takes %sx%s: resized (bilinear) "
+                       "and centre-cropped; the results are for that copy", name, image.width,
+                       image.height, w, h)
         image = image.resize(size, Image.Resampling.BILINEAR)
         left, top = (size[0] - w) // 2, (size[1] - h) // 2
         image = image.crop((left, top, left + w, top + h))
@@ -265,7 +324,7 @@ def _read_image(path: Path, ctx: _Context, name: str) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------
 
 
-def _read_array(path: Path) -> torch.Tensor:
+def _read_array(path: Path, ctx: _Context | None = None) -> torch.Tensor:
     suffix = path.suffix.lower()
     try:
         if suffix == ".npy":
@@ -279,6 +338,9 @@ def _read_array(path: Path) -> torch.Tensor:
                     f"{path} holds a {type(obj).__name__}, not a tensor; save the input with "
                     "torch.save(x, path)"
                 )
+            if obj.layout != torch.strided:
+                raise InputError(f"{path} holds a tensor with the {obj.layout} layout; save "
+                                 "a dense one: torch.save(x.to_dense(), path)")
             data = obj
     except InputError:
         raise
@@ -295,6 +357,15 @@ def _read_array(path: Path) -> torch.Tensor:
     if data.numel() == 0:
         raise InputError(f"{path} holds an empty array (shape {tuple(data.shape)}): no input "
                          "to analyse; save at least one input")
+    if (not data.is_floating_point() and ctx is not None and not ctx.raw
+            and ctx.mean is not None):
+        dtype = str(data.dtype).removeprefix("torch.")
+        raise InputError(
+            f"{path} holds {dtype} values, raw image pixels for a network that normalises "
+            "its images, but arrays are taken as inputs already in the network's normalised "
+            "space (the pixels would be used without scaling and normalisation). Pass "
+            "raw=True to load_sample(s) to have them scaled and normalised, save them as an "
+            "image file (.png), or save the normalised float input")
     return _to_float32(data, str(path))
 
 
@@ -338,7 +409,7 @@ def _array_to_batch(data: torch.Tensor, ctx: _Context, name: str, *, single: boo
 
 
 def _array_samples(path: Path, ctx: _Context, *, single: bool) -> list[Sample]:
-    data = _read_array(path)
+    data = _read_array(path, ctx)
     if not bool(torch.isfinite(data).all()):
         bad = int((~torch.isfinite(data)).sum())
         raise InputError(f"{path} contains {bad} NaN or inf value(s); clean the data first")
@@ -353,6 +424,20 @@ def _array_samples(path: Path, ctx: _Context, *, single: bool) -> list[Sample]:
 # ---------------------------------------------------------------------------------------
 # zoo references
 # ---------------------------------------------------------------------------------------
+
+
+def _check_labels(labels: np.ndarray, ctx: _Context, source: str) -> None:
+    """Refuse a label that is no class of the network (a negative one, or one beyond the zoo
+    network's classes): it would be reported next to the prediction and counted in the
+    accuracy as if it were one."""
+    n = ctx.entry.n_classes if ctx.entry is not None else None
+    bad = np.flatnonzero((labels < 0) | (labels >= n if n is not None else False))
+    if bad.size:
+        i = int(bad[0])
+        classes = f"{ctx.entry.name} has classes 0-{n - 1}" if n is not None else \
+            "classes are numbered from 0"
+        raise InputError(f"{source}: row {i} has the label {int(labels[i])}, but {classes} "
+                         f"({bad.size} row(s) like it); fix the first column (the labels)")
 
 
 def _split_zoo_ref(ref: str) -> tuple[ZooEntry, str] | None:
@@ -471,6 +556,10 @@ def _zoo_samples(entry: ZooEntry, rest: str, ref: str, ctx: _Context, *, many: b
     match = re.fullmatch(r"random(?:/(\d+))?", rest)
     if entry.name in ("alexnet", "vgg16") and match:
         seed = int(match.group(1) or 0)
+        if seed >= SEED_LIMIT:
+            raise ZooError(f"the seed {seed} of {ref!r} is too large: torch's random "
+                           f"generators take seeds below 2**64; use e.g. "
+                           f"'{entry.name}:random/1'")
         shape = ctx.shape if ctx.shape is not None else entry.input_shape
         gen = torch.Generator(device="cpu").manual_seed(seed)
         pixels01 = torch.rand((1, *shape), generator=gen)
@@ -613,6 +702,7 @@ def load_samples(
                 f"reading {path} needs the image shape: pass entry=... or input_shape=..."
             )
         images, labels = read_csv_file(path, ctx.shape)
+        _check_labels(labels, ctx, str(path))
         return [
             _pixels_to_sample(torch.from_numpy(images[i : i + 1]), ctx, f"{path}#{i}",
                               int(labels[i]))

@@ -48,6 +48,20 @@ def check_int(value: object, name: str, minimum: int) -> int:
     return v
 
 
+SEED_LIMIT = 2**64
+"""Seeds of torch's generators are below this (``manual_seed`` overflows beyond 64 bits)."""
+
+
+def check_seed(seed: object, name: str = "seed", *, negative: bool = False) -> int:
+    """Return ``seed`` as an int, or raise :class:`InputError` unless it is an integer in
+    ``[0, 2**64)`` (``negative``: from ``-2**63``, as ``torch.Generator.manual_seed`` takes)."""
+    low = -(2**63) if negative else 0
+    if isinstance(seed, bool) or not isinstance(seed, int) or not low <= seed < SEED_LIMIT:
+        raise InputError(f"{name} must be an integer in [{'-2**63' if negative else 0}, 2**64) "
+                         f"(a seed of torch's random generators), got {seed!r}")
+    return int(seed)
+
+
 def check_tight(tight: object, tight_rows: object = None) -> int | None:
     """Check the ``tight`` option (a bool) of the tight local bound and, when it is on, its
     row budget ``tight_rows`` (an integer >= 1, if given); returns that budget as an int

@@ -55,7 +55,7 @@ from lipbound.errors import InputError
 from lipbound.graph import check_inference_tensors, modules_in_training
 from lipbound.lower._common import check_input_gradients
 from lipbound.results import Guarantee, _jsonable
-from lipbound.validation import check_plain_tensor
+from lipbound.validation import check_plain_tensor, check_seed
 
 logger = logging.getLogger(__name__)
 
@@ -446,8 +446,7 @@ def _prepare(model: nn.Module, x0: Tensor, bounds: Bounds | None,
                          "can change its class; pass an input with at least one coordinate")
     if not bool(torch.isfinite(x0).all()):
         raise InputError("x0 contains NaN or infinite values; attacks need a finite input")
-    if not isinstance(seed, int) or isinstance(seed, bool):
-        raise InputError(f"expected an integer seed, got {seed!r}")
+    check_seed(seed, negative=True)  # (torch's generators take [-2**63, 2**64))
     dtype, device = model_dtype_device(model, default=x0)
     x0_ref = x0.detach().to(device=device, dtype=torch.float64)
     xm = x0.detach().to(device=device, dtype=dtype)

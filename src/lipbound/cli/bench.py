@@ -83,8 +83,26 @@ def run(args: argparse.Namespace) -> int:
     except InputError:
         raise InputError(f"--what must be local, global or local,global; got "
                          f"{args.what!r}") from None
+    if args.sweep_range is not None and not args.sweep:
+        raise InputError("--sweep-range sets the radii of --sweep N: add --sweep N (e.g. "
+                         "--sweep 10), or drop --sweep-range")
+    if args.radius_images < 0:
+        raise InputError(f"--radius-images must be >= 0 (0: none), got {args.radius_images}")
+    if args.radius_images and args.weights is not None:
+        raise InputError("--radius-images times the zoo network with its shipped weights, not "
+                         "those of --weights: drop one of them")
     opts = {} if args.lanczos_steps is None else {"lanczos_steps": args.lanczos_steps}
     loaded = load_model(args)
+    if args.radius_images:  # before the work, not after
+        from ..zoo.testsets import TESTSETS, load_testset
+
+        if loaded.entry is None or loaded.entry.testset is None:
+            raise InputError("--radius-images needs a zoo network with a shipped test set "
+                             f"({', '.join(TESTSETS)})")
+        n = len(load_testset(loaded.entry.testset)[1])
+        if args.radius_images > n:
+            raise InputError(f"--radius-images {args.radius_images}: the shipped test set of "
+                             f"{loaded.entry.name} has {n} images; give at most {n}")
     opts["seed"] = args.seed  # settled by load_model (a fresh one drawn there)
     eps_range = _sweep_range(args, loaded) if args.sweep else None  # before the work
     no_input = args.input is None and loaded.entry is None and whats == ("global",) \
@@ -124,9 +142,6 @@ def run(args: argparse.Namespace) -> int:
     radius = None
     radius_note = None
     if args.radius_images:
-        if loaded.entry is None or loaded.entry.testset is None:
-            raise InputError("--radius-images needs a zoo network with a shipped test set "
-                             "(mnist, cifar10)")
         radius = bench_radius(loaded.name, n_images=args.radius_images, device=args.device,
                               progress=progress)
         if radius is None:

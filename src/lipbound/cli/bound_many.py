@@ -20,6 +20,7 @@ from ..results import _jsonable
 from .common import (
     Loaded,
     check_preprocessing_applies,
+    check_user_sample_normalisation,
     load_model,
     parse_eps_list,
     prepare_out_file,
@@ -43,6 +44,7 @@ def load_inputs(args: argparse.Namespace, loaded: Loaded) -> list:
                              "CSV, .npy/.pt batch or image file)" + extra)
         ref = loaded.entry.default_sample
     check_preprocessing_applies(args, ref)
+    check_user_sample_normalisation(loaded, ref)
     samples = load_samples(ref, **loaded.sample_kwargs())
     if not samples:
         raise InputError(f"--input {ref!r} names no inputs")

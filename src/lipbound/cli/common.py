@@ -114,9 +114,10 @@ def seed_arg(text: str) -> int | str:
         v = int(t)
     except ValueError:
         v = -1
-    if v < 0:
+    if not 0 <= v < 2**64:  # (torch's generators take seeds below 2**64)
         raise argparse.ArgumentTypeError(
-            f"expected an integer >= 0 or 'fresh', got {text!r}")
+            f"expected an integer >= 0 or 'fresh', got {text!r}"
+            + (" (a seed must be below 2**64)" if v >= 2**64 else ""))
     return v
 
 
@@ -284,7 +285,21 @@ def apply_threads(args: argparse.Namespace, model: nn.Module | None) -> None:
             from exc
     if n < 1:
         raise InputError(f"--threads must be >= 1, got {n}")
+    cores = usable_cores()
+    if n > cores:
+        raise InputError(f"--threads {n} is more than the {cores} CPU core(s) this process "
+                         f"may use (threads beyond the cores only slow torch down, and "
+                         f"thousands exhaust the memory); give at most {cores}, or auto")
     set_threads(n)
+
+
+def usable_cores() -> int:
+    """The number of CPU cores this process may run on (its affinity where the system
+    tells it, else the machine's count)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):  # (not on Linux)
+        return max(1, os.cpu_count() or 1)
 
 
 def _floats(s: str | None, option: str = "--mean/--std") -> tuple[float, ...] | None:
@@ -485,33 +500,27 @@ def load_user_factory(spec: str) -> tuple[nn.Module, dict]:
 
 
 def load_state_dict_file(model: nn.Module, path: str) -> None:
-    p = Path(path)
+    """Load the ``--weights`` file into a user's model: the checkpoint layouts, wrapper
+    prefixes and value checks of the zoo's weight files (:mod:`lipbound.zoo.weights`), in
+    the dtypes of the model's own parameters."""
+    if not str(path).strip():
+        raise WeightsError("--weights is empty; give the path of a weights file, or drop "
+                           "--weights to use the model as the factory builds it")
+    p = Path(path).expanduser()
     if not p.is_file():
-        raise WeightsError(f"weights file {p} does not exist; check the path given to "
+        what = "is a folder" if p.is_dir() else "does not exist"
+        raise WeightsError(f"weights file {str(path)!r} {what}; check the path given to "
                            "--weights")
-    from .._safe_load import torch_load_safely, why_unreadable
+    from ..zoo.weights import check_values, read_checkpoint, unwrapped_state
 
+    sd, _ = read_checkpoint(p, unwrap=False)  # (unwrapped below, against the model's keys)
+    expected = model.state_dict()
+    sd = unwrapped_state(sd, expected)  # saved from a DataParallel / compiled model
+    check_values(sd, expected, source=str(p))
     try:
-        sd = torch_load_safely(p)
-    except Exception as exc:
-        raise WeightsError(f"weights file {p} is not a state_dict lipbound can read: "
-                           f"{why_unreadable(exc)}. Save the weights with "
-                           "torch.save(model.state_dict(), path)") from exc
-    if isinstance(sd, dict):
-        for k in ("state_dict", "net", "model"):
-            if k in sd and isinstance(sd[k], dict):
-                sd = sd[k]
-                break
-    if not isinstance(sd, dict):
-        raise WeightsError(f"weights file {p} holds a {type(sd).__name__}, not a state dict")
-    from ..zoo.weights import unwrapped_state
-
-    sd = unwrapped_state(sd, model.state_dict())  # saved from a DataParallel / compiled model
-    try:
-        res = model.load_state_dict(sd, strict=True)
+        model.load_state_dict(sd, strict=True)
     except RuntimeError as exc:
         raise WeightsError(f"weights file {p} does not match the model: {exc}") from exc
-    del res
 
 
 def _same(a: tuple[float, ...] | None, b: tuple[float, ...] | None) -> bool:
@@ -563,6 +572,28 @@ def _check_eval(model: nn.Module, spec: str, fn_name: str) -> None:
     except InputError as exc:
         raise InputError(f"--model {spec}: {exc} lipbound does not change your model: "
                          f"return model.eval() from the factory {fn_name}()") from exc
+
+
+def _check_normalised_once(model: nn.Module, spec: str, mean: tuple[float, ...] | None,
+                           std: tuple[float, ...] | None) -> None:
+    """A user model that normalises its input with a :class:`lipbound.Normalize` layer
+    takes pixels in [0, 1]; a mean/std (--mean/--std or the factory's) would normalise the
+    images a second time before they reach it, so the two are refused together."""
+    if mean is None and std is None:
+        return
+    if all(v == 0 for v in mean or (0,)) and all(v == 1 for v in std or (1,)):
+        return  # --mean 0 --std 1: pixels x scale as they are
+    from ..layers import Normalize
+
+    layers = [name or "(the model)" for name, m in model.named_modules()
+              if isinstance(m, Normalize)]
+    if layers:
+        raise InputError(
+            f"--model {spec}: the model normalises its input itself (lipbound.Normalize at "
+            f"{', '.join(repr(n) for n in layers)}), and a mean/std is given too (--mean/"
+            "--std or the factory's 'mean'/'std'): images would be normalised twice. Drop "
+            "the mean/std (the model then gets pixels x --scale, in [0, 1] by default), or "
+            "the Normalize layer")
 
 
 def _factory_floats(info: dict, key: str, spec: str) -> tuple[float, ...] | None:
@@ -641,7 +672,13 @@ def load_model(args: argparse.Namespace) -> Loaded:
 
         model = unwrap_model(model)  # DataParallel / torch.compile: the module they run
         _check_eval(model, spec, spec.rpartition(":")[2])
-        if getattr(args, "weights", None):
+        meta = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+        if meta:  # (.to(device) below would fail; --weights would copy into no storage)
+            raise InputError(f"--model {spec}: the factory returns a model on the meta device "
+                             f"(no values: {', '.join(meta[:4])}{', ...' if len(meta) > 4 else ''}"
+                             "); build it on the CPU in the factory (its weights may then come "
+                             "from --weights)")
+        if getattr(args, "weights", None) is not None:
             load_state_dict_file(model, args.weights)
         model = model.to(device)
         apply_threads(args, model)
@@ -653,11 +690,13 @@ def load_model(args: argparse.Namespace) -> Loaded:
                              "or return {'model': ..., 'input_shape': ...} from the factory")
         mean = mean or _factory_floats(info, "mean", spec)
         std = std or _factory_floats(info, "std", spec)
+        _check_normalised_once(model, spec, mean, std)
         if scale is None and "scale" in info:
             scale = check_positive_number(info["scale"], f"the factory's 'scale' ({spec})",
                                           "1/255")
         return Loaded(model, Path(spec.rpartition(":")[0]).stem, tuple(shape),
-                      "user weights file " + args.weights if getattr(args, "weights", None)
+                      "user weights file " + args.weights
+                      if getattr(args, "weights", None) is not None
                       else "as built by the factory", seed_notes, None, mean, std, scale)
     from .. import zoo
     from ..zoo.loading import SEEDED_WEIGHTS
@@ -708,6 +747,38 @@ def check_preprocessing_applies(args: argparse.Namespace, ref: str | None) -> No
                      "normalise the array yourself, or drop them")
 
 
+def check_user_sample_normalisation(loaded: Loaded, ref: str | None) -> None:
+    """Refuse a shipped image of a zoo network (``mnist:8``, ``cifar10:test/3``,
+    ``vgg16:random``) as the input of a user model that declares no mean/std: image files
+    reach such a model as pixels x scale, while the shipped image would be normalised with
+    its zoo network's mean/std (the library's default for it), so the same picture would be
+    two different inputs. The user says which normalisation the model takes."""
+    if loaded.entry is not None or loaded.mean is not None or loaded.std is not None:
+        return
+    if ref is None or ":" not in str(ref) or Path(str(ref)).exists():
+        return
+    from ..zoo.registry import get_entry, model_names
+
+    prefix = str(ref).partition(":")[0].strip().lower()
+    if prefix not in model_names():
+        return
+    entry = get_entry(prefix)
+    if entry.mean is None or entry.std is None:
+        return  # a vector sample, never normalised
+
+    def opt(values: tuple[float, ...]) -> str:
+        return ",".join(f"{v:g}" for v in values)
+
+    raise InputError(
+        f"--input {ref!r} is a shipped image of the zoo network {entry.name}, normalised with "
+        f"its mean {opt(entry.mean)} and std {opt(entry.std)} by default, but the user model "
+        f"{loaded.name} declares no mean/std, so image files reach it as pixels x scale "
+        "without normalisation: the same picture would be two different inputs. Say which "
+        f"the model takes: --mean {opt(entry.mean)} --std {opt(entry.std)} ({entry.name}'s "
+        "normalisation) or --mean 0 --std 1 (pixels in [0, 1]; also for a model that "
+        "normalises its input itself), or return 'mean'/'std' from the factory")
+
+
 def cli_input_hint(loaded: Loaded | None = None) -> str:
     """The valid forms of a single ``--input``, in command-line terms."""
     entry = getattr(loaded, "entry", None)
@@ -737,6 +808,7 @@ def load_input(args: argparse.Namespace, loaded: Loaded, needed_for: str | None 
                                                if needed_for else ""))
         ref = loaded.entry.default_sample
     check_preprocessing_applies(args, ref)
+    check_user_sample_normalisation(loaded, ref)
     command = getattr(args, "command", None) or "this command"
     if is_many_ref(ref):
         raise InputError(f"--input {ref!r} names several inputs, but `lipbound {command}` "
@@ -761,9 +833,16 @@ def is_many_ref(ref: str | None) -> bool:
     """Whether ``--input`` names several inputs (a range/list of test images, a CSV, a folder)."""
     if ref is None:
         return False
-    tail = ref.split(":", 1)[-1]
-    return (ref.lower().endswith(".csv") or Path(ref).is_dir()
-            or (tail.startswith("test") and ("-" in tail or "," in tail or tail == "test")))
+    if ref.lower().endswith(".csv") or Path(ref).is_dir():
+        return True
+    if Path(ref).exists():  # a file (test-1.png is one image, not a range)
+        return False
+    from ..zoo.registry import model_names
+
+    prefix, colon, tail = ref.partition(":")
+    tail = tail.strip()
+    return (bool(colon) and prefix.strip().lower() in model_names()
+            and tail.startswith("test") and ("-" in tail or "," in tail or tail == "test"))
 
 
 def fmt(v: Any) -> str:

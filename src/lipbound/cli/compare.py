@@ -75,6 +75,9 @@ def run(args: argparse.Namespace) -> int:
         if unknown:
             raise InputError(f"--methods: unknown method(s) {', '.join(unknown)}; choose from "
                              f"{', '.join(METHODS)}")
+        if not methods:
+            raise InputError(f"--methods {' '.join(args.methods)!r} names no method; choose "
+                             f"from {', '.join(METHODS)}, or drop --methods for all")
     loaded = load_model(args)
     x0, name = load_input(args, loaded).x, loaded.name
     # the solvers' native output (scipy's HiGHS prints on the C stdout) goes to stderr, so
@@ -84,10 +87,12 @@ def run(args: argparse.Namespace) -> int:
                        time_limit=time_limit, seed=args.seed, progress=show_progress(args))
     bad = violations(rows)
     if args.json:
-        print_json({"model": name, "eps": eps, "rows": [r.to_dict() for r in rows],
+        print_json({"model": name, "weights": loaded.weights_source, "eps": eps,
+                    "rows": [r.to_dict() for r in rows],
                     "violations": [r.method for r in bad], "notes": list(loaded.notes)})
     else:
-        print(f"model {name}, eps {eps:g} (L2 ball; lipMIP: l_inf box)")
+        print(f"model {name} ({loaded.weights_source}), eps {eps:g} (L2 ball; lipMIP: l_inf "
+              "box)")
         print(format_table(rows))
         print("quantities: local L2 rel. x0 <= local L2 all pairs <= global L2; the lower "
               "bound is for rel. x0; lipMIP's l_inf quantity is not comparable with them")

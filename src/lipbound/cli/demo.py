@@ -70,7 +70,8 @@ def run(args: argparse.Namespace) -> int:
     except ImportError:
         pass
     if args.json:
-        print_json({"model": "mnist", "input": sample.name, "predicted": pred,
+        print_json({"model": "mnist", "weights": lm.weights_source, "input": sample.name,
+                    "predicted": pred,
                     "global": g.to_dict(), "local": [r.to_dict() for r in locs],
                     "tight": [r.to_dict() for r in tights],
                     "radius": [radius_dict(e) for _, e in extra],

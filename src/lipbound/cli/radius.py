@@ -24,6 +24,7 @@ from .common import (
     add_common,
     add_model_options,
     check_preprocessing_applies,
+    check_user_sample_normalisation,
     is_many_ref,
     load_input,
     load_model,
@@ -103,6 +104,7 @@ def _samples(args: argparse.Namespace, loaded) -> tuple[list, bool]:
     if args.input is None:
         return [load_input(args, loaded)], False
     check_preprocessing_applies(args, args.input)
+    check_user_sample_normalisation(loaded, args.input)
     samples = load_samples(args.input, **loaded.sample_kwargs())
     if not samples:
         raise InputError(f"--input {args.input!r} names no inputs (an empty array or "

@@ -107,8 +107,9 @@ def _eps_range(args: argparse.Namespace, loaded) -> list[float]:
 
 
 def random_weights(weights_source: str) -> bool:
-    """Whether a zoo network runs on seeded random (untrained) weights."""
-    return "random" in weights_source.lower()
+    """Whether a zoo network runs on seeded random (untrained) weights (the source that
+    :func:`lipbound.zoo.load_model` gives them; a user's file named ``random...`` is not)."""
+    return weights_source.startswith("seeded random weights")
 
 
 def plot_title(loaded, sample_name: str) -> str:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -10,8 +11,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from lipbound.errors import InputError
-from lipbound.validation import default_device
+from lipbound.errors import WeightsError
+from lipbound.validation import check_seed, default_device
 from lipbound.validation import resolve_device as _resolve
 from lipbound.zoo.architectures import VGG16, AlexNet, CifarNet, CompNet, LeNet, TinyNet
 from lipbound.zoo.registry import ZooEntry, get_entry
@@ -148,12 +149,20 @@ def load_model(
         torch.Size([1, 10])
     """
     entry = get_entry(name)
-    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-        raise InputError(f"seed must be a non-negative integer, got {seed!r}")
+    seed = check_seed(seed)
     dev = resolve_device(device)
     factory = _FACTORIES[entry.name]
 
     if weights is not None:
+        if not isinstance(weights, (str, os.PathLike)):
+            raise WeightsError(
+                f"weights must be the path of a torch.save file, got a "
+                f"{type(weights).__name__}; save it with torch.save(state_dict, path), or load "
+                "a state dict yourself: load_model(name).model.load_state_dict(state_dict)")
+        if not str(weights).strip():
+            raise WeightsError("weights is an empty path; give the path of a weights file "
+                               "(command line: --weights FILE), or None for the zoo's own "
+                               "weights")
         path = Path(weights).expanduser()
         state = read_state_dict(path)
         model = _build_large(factory) if entry.name in _LARGE else _build_small(factory)

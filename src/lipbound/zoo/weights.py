@@ -14,7 +14,7 @@ from torch import nn
 from lipbound._safe_load import torch_load_safely, why_unreadable
 from lipbound.errors import WeightsError
 
-__all__ = ["read_checkpoint", "read_state_dict", "load_into", "init_seeded"]
+__all__ = ["read_checkpoint", "read_state_dict", "check_values", "load_into", "init_seeded"]
 
 logger = logging.getLogger(__name__)
 
@@ -48,7 +48,7 @@ def _load_file(path: Path, source: str) -> Any:
 
 
 def read_checkpoint(
-    path: str | Path, *, source: str | None = None
+    path: str | Path, *, source: str | None = None, unwrap: bool = True
 ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """Read a state dict, and the checkpoint's other entries, from a ``torch.save`` file.
 
@@ -60,6 +60,8 @@ def read_checkpoint(
     Args:
         path: the file.
         source: how to name the file in error messages (defaults to the path).
+        unwrap: remove a ``"module."`` prefix on every key; ``False`` leaves it to
+            :func:`unwrapped_state`, which also looks at the model's own keys.
 
     Returns:
         ``(state_dict, extras)``: the state dict on the CPU, and the checkpoint's other
@@ -92,7 +94,7 @@ def read_checkpoint(
             f"one of the keys {list(STATE_DICT_KEYS)}"
         )
     state = dict(state)
-    if all(k.startswith("module.") for k in state):
+    if unwrap and all(k.startswith("module.") for k in state):
         state = {k[len("module."):]: v for k, v in state.items()}
     return state, extras
 
@@ -130,6 +132,54 @@ def unwrapped_state(state: Mapping[str, Any], expected: Iterable[str]) -> Mappin
     return state
 
 
+def check_values(state: Mapping[str, torch.Tensor], expected: Mapping[str, torch.Tensor], *,
+                 source: str) -> None:
+    """Refuse values that loading would change silently: tensors that are not dense, complex
+    values (the copy drops the imaginary part), integer or boolean values for floating-point
+    parameters (quantised weights would lose their scale), NaN/inf, and finite values beyond
+    the range of the parameter's dtype (the copy makes them inf). ``expected``: the model's
+    state dict (keys missing from it are left to the key check).
+
+    Raises:
+        WeightsError: naming every offending key and the fix.
+    """
+    sparse, complex_, integer, nonfinite, over = [], [], [], [], []
+    for k, v in state.items():
+        target = expected.get(k)
+        if v.layout != torch.strided:
+            sparse.append(k)
+        elif v.is_complex():
+            complex_.append(k)
+        elif target is not None and target.is_floating_point() and not v.is_floating_point():
+            integer.append(f"{k} ({v.dtype})")
+        elif v.is_floating_point():
+            if not bool(v.isfinite().all()):
+                nonfinite.append(k)
+            elif (target is not None and target.is_floating_point()
+                  and v.numel() and float(v.abs().max()) > torch.finfo(target.dtype).max):
+                dtype = str(target.dtype).removeprefix("torch.")
+                over.append(f"{k} (largest magnitude {float(v.abs().max()):.4g}, beyond the "
+                            f"{dtype} range)")
+    if sparse:
+        raise WeightsError(f"weights file {source} holds sparse tensors ({_listing(sparse)}); "
+                           "save dense ones (t.to_dense())")
+    if complex_:
+        raise WeightsError(f"weights file {source} holds complex values in "
+                           f"{_listing(complex_)}; the network's parameters are real (loading "
+                           "would drop the imaginary part): save real tensors")
+    if integer:
+        raise WeightsError(f"weights file {source} holds integer or boolean values for "
+                           f"floating-point parameters: {_listing(integer)}; quantised weights "
+                           "would lose their scale. Save the float weights (dequantise first)")
+    if nonfinite:
+        raise WeightsError(f"weights file {source} has NaN or inf values in: "
+                           f"{_listing(nonfinite)}")
+    if over:
+        raise WeightsError(f"weights file {source} has values too large for the dtype of "
+                           f"the model's parameters in {_listing(over)} (they would load as "
+                           "inf); rescale the weights")
+
+
 def load_into(model: nn.Module, state: Mapping[str, torch.Tensor], *, source: str) -> None:
     """Copy ``state`` into ``model``, checking keys and shapes first.
 
@@ -158,9 +208,7 @@ def load_into(model: nn.Module, state: Mapping[str, torch.Tensor], *, source: st
             + "; ".join(parts)
             + ". Check that the file was saved from this network's state_dict()"
         )
-    bad = [k for k, v in state.items() if v.is_floating_point() and not bool(v.isfinite().all())]
-    if bad:
-        raise WeightsError(f"weights file {source} has NaN or inf values in: {_listing(bad)}")
+    check_values(state, expected, source=source)
     converted = {
         k: (v.to(torch.float32) if v.is_floating_point() else v) for k, v in state.items()
     }
