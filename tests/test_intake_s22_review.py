@@ -272,20 +272,25 @@ def test_normalisation_inside_the_model_and_in_the_options_is_refused(capsys, tm
 
 
 # ------------------------------------------------------------------ 7. --threads
-def test_thread_count_beyond_the_cores_is_refused(monkeypatch):
+def test_thread_count_beyond_the_limit_is_refused(monkeypatch, caplog):
     # (was: --threads 100000 handed to torch and the BLAS pools: the process ran out of
-    # memory starting threads, a MemoryError/ImportError traceback)
+    # memory starting threads, a MemoryError/ImportError traceback); above the cores but
+    # within MAX_THREADS: a warning, and the count is used (a run's thread count repeated)
     import argparse
 
     from lipbound.cli import common
 
     asked = []
     monkeypatch.setattr(common, "set_threads", asked.append)  # never start them here
-    with pytest.raises(InputError, match="--threads 100000.*cores"):
+    monkeypatch.setattr(common, "usable_cores", lambda: 2)
+    with pytest.raises(InputError, match="--threads 100000.*1024"):
         common.apply_threads(argparse.Namespace(threads="100000"), None)
     assert asked == []
     common.apply_threads(argparse.Namespace(threads="1"), None)
-    assert asked == [1]
+    assert asked == [1] and "more than" not in caplog.text
+    with caplog.at_level("WARNING", logger="lipbound"):
+        common.apply_threads(argparse.Namespace(threads="8"), None)
+    assert asked == [1, 8] and "--threads 8 is more than the 2 CPU core(s)" in caplog.text
 
 
 # ------------------------------------------------------------------ 8. bench options

@@ -6,6 +6,7 @@ import argparse
 import functools
 import importlib.util
 import json
+import logging
 import math
 import numbers
 import os
@@ -26,6 +27,8 @@ from .._threads import set_threads
 from ..errors import InputError, WeightsError
 from ..validation import default_device
 from ..validation import resolve_device as _resolve_device
+
+logger = logging.getLogger(__name__)
 
 
 def add_common(p: argparse.ArgumentParser, *, json_flag: bool = True) -> None:
@@ -286,11 +289,20 @@ def apply_threads(args: argparse.Namespace, model: nn.Module | None) -> None:
     if n < 1:
         raise InputError(f"--threads must be >= 1, got {n}")
     cores = usable_cores()
-    if n > cores:
-        raise InputError(f"--threads {n} is more than the {cores} CPU core(s) this process "
-                         f"may use (threads beyond the cores only slow torch down, and "
-                         f"thousands exhaust the memory); give at most {cores}, or auto")
+    if n > MAX_THREADS:
+        raise InputError(f"--threads {n} is more than {MAX_THREADS} (this process may use "
+                         f"{cores} CPU core(s); thousands of threads exhaust the memory); "
+                         f"give at most {cores}, or auto")
+    if n > cores:  # allowed (e.g. to repeat a run's thread count on a smaller machine)
+        logger.warning("--threads %d is more than the %d CPU core(s) this process may use: "
+                       "the threads share them, which slows torch down", n, cores)
     set_threads(n)
+
+
+MAX_THREADS = 1024
+"""The most threads ``--threads`` accepts (100000 ran the process out of memory starting
+them); above the cores, a warning (a run's thread count can be repeated on a smaller machine:
+the same seed and thread count give the same numbers)."""
 
 
 def usable_cores() -> int:
