@@ -5,9 +5,9 @@ Lipschitz Constants of ReLU Networks*, IEEE TNNLS 2023.
 
 Example:
     >>> import lipbound
-    >>> from lipbound import zoo
+    >>> from lipbound import inputs, zoo
     >>> net = zoo.load_model("mnist").model                        # doctest: +SKIP
-    >>> x0 = lipbound.inputs.load_sample("mnist:8").x                # doctest: +SKIP
+    >>> x0 = inputs.load_sample("mnist:8").x                         # doctest: +SKIP
     >>> lipbound.local_bound(net, x0, eps=0.1).value                 # doctest: +SKIP
 """
 
