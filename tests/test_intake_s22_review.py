@@ -314,6 +314,22 @@ def test_bench_options_are_checked_before_the_work(capsys, monkeypatch, argv, ne
     assert needle in run_err(capsys, ["bench", "--repeat", "1", *argv])
 
 
+def test_bench_eps_with_global_only_is_named_as_unused(capsys, caplog):
+    # (was: --eps with --what global was ignored without a word)
+    from lipbound.cli import main
+
+    with caplog.at_level("WARNING", logger="lipbound"):
+        assert main(["bench", "--model", "tiny", "--what", "global", "--eps", "0.3",
+                     "--repeat", "1", "--threads", "1"]) == 0
+    assert "--eps 0.3 has no effect with --what global" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="lipbound"):
+        assert main(["bench", "--model", "tiny", "--what", "local,global", "--eps", "0.3",
+                     "--repeat", "1", "--threads", "1"]) == 0
+    assert "no effect" not in caplog.text
+    capsys.readouterr()
+
+
 # ------------------------------------------------------------------ 9. weights named
 def test_compare_names_the_weights_it_ran_on(capsys, tmp_path, mnist_sd):
     # (was: neither its table nor its JSON said which weights the numbers are for: a user

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 
 from ..errors import InputError
 from ..validation import check_eps
@@ -17,6 +18,8 @@ from .common import (
     show_progress,
     table,
 )
+
+logger = logging.getLogger(__name__)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -83,6 +86,9 @@ def run(args: argparse.Namespace) -> int:
     except InputError:
         raise InputError(f"--what must be local, global or local,global; got "
                          f"{args.what!r}") from None
+    if args.eps is not None and whats == ("global",) and not args.sweep:
+        logger.warning("--eps %s has no effect with --what global (a global bound has no "
+                       "radius): add local to --what, or drop --eps", args.eps)
     if args.sweep_range is not None and not args.sweep:
         raise InputError("--sweep-range sets the radii of --sweep N: add --sweep N (e.g. "
                          "--sweep 10), or drop --sweep-range")
