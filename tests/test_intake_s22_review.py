@@ -507,3 +507,22 @@ def test_user_model_weights_path_with_a_tilde(tmp_path, monkeypatch, user):
     torch.save(sd, tmp_path / "w.pt")
     load_state_dict_file(model, "~/w.pt")
     assert all(torch.equal(model.state_dict()[k], v) for k, v in sd.items())
+
+
+def test_a_checkpoint_with_several_state_dicts_names_the_one_used(tmp_path, mnist_sd, caplog):
+    # (was: the first of state_dict / model_state_dict / net / model taken without a word)
+    from lipbound.zoo.weights import read_checkpoint
+
+    half = {k: v * 0.5 for k, v in mnist_sd.items()}
+    path = tmp_path / "two.pt"
+    torch.save({"model": half, "state_dict": mnist_sd, "epoch": 3}, path)
+    with caplog.at_level("WARNING", logger="lipbound"):
+        state, extras = read_checkpoint(path)
+    assert "several keys ['state_dict', 'model']; using 'state_dict'" in caplog.text
+    assert all(torch.equal(state[k], mnist_sd[k]) for k in mnist_sd)
+    assert set(extras) == {"model", "epoch"}
+    caplog.clear()
+    torch.save({"model": half, "epoch": 3}, path)
+    with caplog.at_level("WARNING", logger="lipbound"):
+        state, _ = read_checkpoint(path)
+    assert "several" not in caplog.text and all(torch.equal(state[k], half[k]) for k in half)

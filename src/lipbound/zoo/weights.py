@@ -77,11 +77,14 @@ def read_checkpoint(
     state: Any = obj
     extras: dict[str, Any] = {}
     if not _is_state_dict(obj) and isinstance(obj, Mapping):
-        for key in STATE_DICT_KEYS:
-            if key in obj and _is_state_dict(obj[key]):
-                state = obj[key]
-                extras = {str(k): v for k, v in obj.items() if k != key}
-                break
+        found = [key for key in STATE_DICT_KEYS if key in obj and _is_state_dict(obj[key])]
+        if found:
+            state = obj[found[0]]
+            extras = {str(k): v for k, v in obj.items() if k != found[0]}
+        if len(found) > 1:  # (session 22: the first was taken without a word)
+            logger.warning("weights file %s holds state dicts under several keys %s; using "
+                           "%r (save only the one to analyse to be sure)", name, found,
+                           found[0])
     if not _is_state_dict(state):
         what = (
             f"a dict with keys {sorted(map(str, obj))[:_MAX_LISTED]}"
