@@ -145,7 +145,9 @@ def test_uint8_pixel_array_is_not_taken_as_a_normalised_input(tmp_path):
 
 def test_torchscript_file_is_named_as_such_without_warnings(tmp_path, mnist_sd):
     path = tmp_path / "scripted.pt"
-    torch.jit.script(nn.Linear(2, 2)).save(str(path))
+    with warnings.catch_warnings():  # (torch's own deprecation notice of jit.script)
+        warnings.simplefilter("ignore", DeprecationWarning)
+        torch.jit.script(nn.Linear(2, 2)).save(str(path))
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         with pytest.raises(WeightsError, match="TorchScript") as info:
