@@ -311,3 +311,16 @@ def test_bound_many_text_rows_match_the_json_rows(nets, tmp_path, capsys):
     assert all(r["bound"] >= 1.0 for r in obj["rows"])
     buf = io.StringIO()
     json.dump(obj, buf, allow_nan=False)  # strict JSON
+
+
+def test_eps_file_that_is_not_text_is_an_input_error(nets, tmp_path, capsys):
+    """Defect (fails before the fix): ``--eps-file`` naming a binary file (an .npy array of
+    radii, a natural mistake) died with a UnicodeDecodeError traceback."""
+    x = tmp_path / "xs.npy"
+    np.save(x, np.array([[0.3, -0.2], [1.0, 2.0]], dtype=np.float32))
+    radii = tmp_path / "radii.npy"
+    np.save(radii, np.array([0.1, 0.2]))
+    rc = main(["bound", "--model", f"{nets}:diag", "--input", str(x), "--eps-file",
+               str(radii)])
+    err = capsys.readouterr().err
+    assert rc == 2 and "radii.npy" in err and "text" in err, err
