@@ -29,6 +29,7 @@ from .common import (
     table,
     tracing,
 )
+from .rounding import fmt_up, g_up
 
 
 def load_inputs(args: argparse.Namespace, loaded: Loaded) -> list:
@@ -66,7 +67,12 @@ def read_eps_file(path: str | Path) -> list[float]:
         what = "is a directory, not a file" if p.is_dir() else "does not exist"
         raise InputError(f"--eps-file {p} {what}; give a text file with one radius per line "
                          "(or a CSV file with a column 'eps')")
-    text = p.read_text()
+    try:
+        text = p.read_text(encoding="utf-8-sig")  # (a byte order mark, as spreadsheets write)
+    except UnicodeDecodeError as exc:
+        raise InputError(f"--eps-file {p} is not a UTF-8 text file ({exc.reason} at byte "
+                         f"{exc.start}); give a text file with one radius per line (or a "
+                         "CSV file with a column 'eps'), not an array file") from None
     lines = [(i + 1, ln.strip()) for i, ln in enumerate(text.splitlines())]
     lines = [(n, ln) for n, ln in lines if ln and not ln.startswith("#")]
     if not lines:
@@ -198,15 +204,17 @@ def run_many(args: argparse.Namespace, loaded: Loaded | None = None) -> int:
     if not args.out:
         print(table(["index", "name", "label", "predicted", "eps", "method", "bound",
                      "guarantee", "p_fail", "seconds"],
-                    [[r.index, r.name, r.label, r.predicted, r.eps, r.method, r.bound,
-                      r.guarantee.value, r.failure_prob, f"{r.seconds:.3f}"] for r in rows]))
+                    # (upper bounds and failure probabilities shown rounded up)
+                    [[r.index, r.name, r.label, r.predicted, r.eps, r.method, fmt_up(r.bound),
+                      r.guarantee.value, fmt_up(r.failure_prob), f"{r.seconds:.3f}"]
+                     for r in rows]))
         print()
     for m, s in summary["methods"].items():
         acc = f", accuracy {s['accuracy']:.3f}" if "accuracy" in s else ""
         print(f"{m}: {s['n']} bound(s); seconds min {s['seconds']['min']:.3f} / median "
               f"{s['seconds']['median']:.3f} / max {s['seconds']['max']:.3f}; bound min "
-              f"{s['bound']['min']:.6g} / median {s['bound']['median']:.6g} / max "
-              f"{s['bound']['max']:.6g}; {', '.join(s['guarantees'])}{acc}")
+              f"{g_up(s['bound']['min'], 6)} / median {g_up(s['bound']['median'], 6)} / max "
+              f"{g_up(s['bound']['max'], 6)}; {', '.join(s['guarantees'])}{acc}")
     print(f"shared setup (tracing, global factors, predictions) {summary['setup_seconds']:.2f} s;"
           f" total {summary['total_seconds']:.2f} s")
     for n in loaded.notes:
