@@ -326,3 +326,20 @@ def test_eps_file_that_is_not_text_is_an_input_error(nets, tmp_path, capsys):
                str(radii)])
     err = capsys.readouterr().err
     assert rc == 2 and "radii.npy" in err and "text" in err, err
+
+
+def test_single_bound_table_never_shows_a_bound_below_the_exact_constant(nets, tmp_path,
+                                                                         capsys):
+    """Defect (fails before the fix): the one-input table of ``lipbound bound`` (and its layer
+    table) showed the upper bound 1.23454000... as ``1.2345``, below the exact 1.23454."""
+    x = tmp_path / "x.npy"
+    np.save(x, np.array([[0.3, -0.2]], dtype=np.float32))
+    assert main(["bound", "--model", f"{nets}:diag", "--input", str(x), "--eps", "0.1"]) == 0
+    out = capsys.readouterr().out
+    rows = [ln.split() for ln in out.splitlines()]
+    bound = [c for c in rows if c[:1] == ["local"]]
+    layer = [c for c in rows if c[:1] == ["0"]]
+    assert len(bound) == 1 and len(layer) == 1, out
+    assert _num(bound[0][2]) >= DIAG_L, bound
+    assert _num(layer[0][3]) == 0.1  # the radius given, as given
+    assert _num(layer[0][4]) >= DIAG_L, layer
