@@ -343,3 +343,28 @@ def test_single_bound_table_never_shows_a_bound_below_the_exact_constant(nets, t
     assert _num(bound[0][2]) >= DIAG_L, bound
     assert _num(layer[0][3]) == 0.1  # the radius given, as given
     assert _num(layer[0][4]) >= DIAG_L, layer
+
+
+def test_eps_file_rows_in_another_order_than_the_inputs_are_refused(nets, tmp_path, capsys):
+    """Defect (fails before the fix): radii are matched to inputs by position, and a radius
+    file with the inputs' ``index`` (or ``name``) column in another order -- the CSV that
+    ``lipbound bound --out`` writes, sorted by bound in a spreadsheet and fed back -- was
+    silently read in file order: each input got another input's radius. It is refused; the
+    same file in input order is read."""
+    x = tmp_path / "xs.npy"
+    np.save(x, np.array([[0.3, -0.2], [1.0, 2.0], [-1.0, 0.5]], dtype=np.float32))
+    argv = ["bound", "--model", f"{nets}:diag", "--input", str(x), "--json"]
+    ok = tmp_path / "ok.csv"
+    ok.write_text("index,name,eps\n0,a,0.1\n1,b,0.2\n2,c,0.3\n")
+    assert main([*argv, "--eps-file", str(ok)]) == 0
+    assert [r["eps"] for r in json.loads(capsys.readouterr().out)["rows"]] == [0.1, 0.2, 0.3]
+    shuffled = tmp_path / "shuffled.csv"
+    shuffled.write_text("index,eps\n2,0.3\n0,0.1\n1,0.2\n")
+    assert main([*argv, "--eps-file", str(shuffled)]) == 2
+    err = capsys.readouterr().err
+    assert "index" in err and "order" in err, err
+    names = tmp_path / "names.csv"
+    names.write_text(f"name,eps\n{x}[1],0.2\n{x}[0],0.1\n{x}[2],0.3\n")
+    assert main([*argv, "--eps-file", str(names)]) == 2
+    err = capsys.readouterr().err
+    assert "name" in err and "order" in err, err
