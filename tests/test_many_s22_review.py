@@ -41,6 +41,14 @@ NETS = textwrap.dedent("""
             m[0].bias.zero_()
         return {"model": m, "input_shape": (2,)}
 
+    def diag6():
+        # y = diag(1.23456, 0.5) x: every local constant is 1.23456 exactly
+        m = nn.Sequential(nn.Linear(2, 2)).double().eval()
+        with torch.no_grad():
+            m[0].weight.copy_(torch.tensor([[1.23456, 0.0], [0.0, 0.5]], dtype=D))
+            m[0].bias.zero_()
+        return {"model": m, "input_shape": (2,)}
+
     def identity():
         # y = x: the class changes first where x_0 = x_1, at distance |x_0 - x_1| / sqrt(2)
         m = nn.Sequential(nn.Linear(2, 2)).double().eval()
@@ -368,3 +376,24 @@ def test_eps_file_rows_in_another_order_than_the_inputs_are_refused(nets, tmp_pa
     assert main([*argv, "--eps-file", str(names)]) == 2
     err = capsys.readouterr().err
     assert "name" in err and "order" in err, err
+
+
+def test_sweep_table_shows_lower_bounds_rounded_down_and_upper_bounds_up(nets, tmp_path,
+                                                                         capsys):
+    """Defect (fails before the fix): ``lipbound sweep`` showed the PGD lower bound
+    1.2345599999... of ``y = diag(1.23456, 0.5) x`` as ``1.2346``, above the exact constant
+    1.23456 it is a lower bound of (on the zoo's tiny net: 7.538264019 shown as 7.5383, above
+    the certified upper bound 7.538264034)."""
+    x = tmp_path / "x.npy"
+    np.save(x, np.array([[0.3, -0.2]], dtype=np.float32))
+    assert main(["sweep", "--model", f"{nets}:diag6", "--input", str(x), "--eps-min", "0.1",
+                 "--eps-max", "1", "--points", "2", "--methods", "local,global,pgd,random",
+                 "--samples", "200", "--steps", "20", "--restarts", "2", "--out",
+                 str(tmp_path / "sw")]) == 0
+    out = capsys.readouterr().out
+    rows = [ln.split() for ln in out.splitlines() if re.match(r"\d", ln)]
+    assert len(rows) == 2, out
+    exact = 1.23456
+    for c in rows:
+        assert _num(c[1]) >= exact and _num(c[2]) >= exact, c
+        assert _num(c[3]) <= exact and _num(c[4]) <= exact, c
