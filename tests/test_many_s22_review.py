@@ -397,3 +397,14 @@ def test_sweep_table_shows_lower_bounds_rounded_down_and_upper_bounds_up(nets, t
     for c in rows:
         assert _num(c[1]) >= exact and _num(c[2]) >= exact, c
         assert _num(c[3]) <= exact and _num(c[4]) <= exact, c
+
+
+def test_single_bound_header_gives_no_class_for_a_non_finite_output(nets, tmp_path, capsys):
+    """Defect (fails before the fix): ``lipbound bound --method global`` at one input where the
+    float64 output is NaN named ``predicted class 0`` (argmax of NaN) in its header."""
+    x = tmp_path / "x.npy"
+    np.save(x, np.array([[1e10, 1.0]], dtype=np.float32))
+    assert main(["bound", "--model", f"{nets}:overflow", "--input", str(x), "--method",
+                 "global"]) == 0
+    out = capsys.readouterr().out
+    assert "predicted class 0" not in out and "not finite" in out, out
