@@ -57,6 +57,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 @progress_logging
 def run(args: argparse.Namespace) -> int:
+    import torch
+
     from ..analyzer import TIGHT_ROWS, Analyzer
     from ..errors import InputError
     from ..results import format_prob_up
@@ -125,9 +127,12 @@ def run(args: argparse.Namespace) -> int:
         print(f"model {loaded.name} ({loaded.weights_source}); no input (global bound)")
     else:
         with_pred = an.forward(sample.x).reshape(-1)
+        # (argmax of NaN scores would name a class)
+        pred = (f"predicted class {int(with_pred.argmax())}"
+                if bool(torch.isfinite(with_pred).all())
+                else "no predicted class (the float64 output is not finite there)")
         print(f"model {loaded.name} ({loaded.weights_source}); input {sample.name}"
-              + (f", label {sample.label}" if sample.label is not None else "")
-              + f", predicted class {int(with_pred.argmax())}")
+              + (f", label {sample.label}" if sample.label is not None else "") + f", {pred}")
     # (upper bounds shown rounded up: lipbound.cli.rounding)
     rows = [[r.method, r.eps, fmt_up(r.value), r.guarantee.value
              + (f" (p_fail<={format_prob_up(r.failure_prob)})" if r.failure_prob else ""),
