@@ -408,3 +408,21 @@ def test_single_bound_header_gives_no_class_for_a_non_finite_output(nets, tmp_pa
                  "global"]) == 0
     out = capsys.readouterr().out
     assert "predicted class 0" not in out and "not finite" in out, out
+
+
+def test_directed_formatting_never_crosses_the_value():
+    """The table helpers: ``fmt_up``/``g_up`` never show less than the float, ``fmt_down``/
+    ``g_down`` never more (random magnitudes from 1e-300 to 1e300, both signs, and the
+    layouts' switch points)."""
+    from lipbound.cli.rounding import fmt_down, fmt_up, g_down, g_up
+
+    rng = np.random.default_rng(0)
+    vals = list(rng.standard_normal(300) * 10.0 ** rng.integers(-300, 300, 300))
+    vals += [0.0, 1e-3, 1e5, 100.0, 99.99999, 0.1, 1.23454, 1.23456, 2e-7, 0.35355338917]
+    vals += [math.nextafter(v, math.inf) for v in (1e-3, 1e5, 100.0)]
+    for v in map(float, vals):
+        assert float(fmt_up(v)) >= v and float(fmt_down(v)) <= v, v
+        for d in (4, 6):
+            assert float(g_up(v, d)) >= v and float(g_down(v, d)) <= v, (v, d)
+    assert fmt_up(math.inf) == "inf" and fmt_down(None) == "-"
+    assert fmt_up(1.0) == "1.0000" and g_up(105515.47745866473, 6) == "105516"
