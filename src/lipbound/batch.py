@@ -21,7 +21,7 @@ from torch import Tensor, nn
 
 from ._progress import progress_bar
 from .analyzer import TIGHT_ROWS, Analyzer
-from .errors import InputError
+from .errors import InputError, LipboundError
 from .results import Guarantee, _jsonable
 from .validation import check_eps, check_input, check_tight
 
@@ -201,15 +201,28 @@ def bound_many(model_or_analyzer: nn.Module | Analyzer, samples: Any,
     with torch.no_grad():
         for i in range(0, len(xs), batch_size):
             out = an.forward(torch.cat(xs[i:i + batch_size]))
-            preds += out.reshape(out.shape[0], -1).argmax(dim=1).tolist()
+            out = out.reshape(out.shape[0], -1)
+            finite = torch.isfinite(out).all(dim=1)
+            if not bool(finite.all()):
+                # (argmax of NaN scores is a class like any other: the row would claim it)
+                k = i + int((~finite).nonzero()[0, 0])
+                raise InputError(f"input {names[k]} (position {k}): the network's float64 "
+                                 "output there is not finite (NaN/inf), so it has no predicted "
+                                 "class; check the input (its scale and normalisation) and "
+                                 "the weights, or leave that input out")
+            preds += out.argmax(dim=1).tolist()
     setup = time.perf_counter() - t_start
 
     rows = []
     with progress_bar(progress, len(xs), f"{method} bounds", "input") as bar:
         for i in range(len(xs)):
             bar.label(names[i])
-            r = an.global_bound() if method == "global" else \
-                an.local_bound(xs[i], eps_list[i], tight=tight, tight_rows=tight_rows)
+            try:
+                r = an.global_bound() if method == "global" else \
+                    an.local_bound(xs[i], eps_list[i], tight=tight, tight_rows=tight_rows)
+            except LipboundError as exc:
+                name_failing_input(exc, names[i], i)
+                raise
             rows.append(InputBound(index=i, name=names[i], label=labels[i], predicted=preds[i],
                                    eps=eps_list[i], method="tight" if tight else method,
                                    bound=float(r.value),
@@ -223,6 +236,14 @@ def bound_many(model_or_analyzer: nn.Module | Analyzer, samples: Any,
         timings["total_seconds"] = timings.get("total_seconds", 0.0) + \
             time.perf_counter() - t_start
     return rows
+
+
+def name_failing_input(exc: LipboundError, name: str, index: int) -> None:
+    """Prefix the message of ``exc`` (raised for one input of many) with the input's name and
+    position, keeping its type and attributes: among a whole test set, an error that does
+    not say which input failed cannot be acted on."""
+    if exc.args and isinstance(exc.args[0], str):
+        exc.args = (f"input {name} (position {index}): {exc.args[0]}", *exc.args[1:])
 
 
 def summarize(rows: Sequence[InputBound]) -> dict[str, Any]:

@@ -7,6 +7,7 @@ import argparse
 from .common import (
     add_common,
     add_model_options,
+    fmt,
     is_many_ref,
     load_input,
     load_model,
@@ -17,6 +18,7 @@ from .common import (
     table,
     tracing,
 )
+from .rounding import fmt_up
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -55,6 +57,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 @progress_logging
 def run(args: argparse.Namespace) -> int:
+    import torch
+
     from ..analyzer import TIGHT_ROWS, Analyzer
     from ..errors import InputError
     from ..results import format_prob_up
@@ -123,10 +127,14 @@ def run(args: argparse.Namespace) -> int:
         print(f"model {loaded.name} ({loaded.weights_source}); no input (global bound)")
     else:
         with_pred = an.forward(sample.x).reshape(-1)
+        # (argmax of NaN scores would name a class)
+        pred = (f"predicted class {int(with_pred.argmax())}"
+                if bool(torch.isfinite(with_pred).all())
+                else "no predicted class (the float64 output is not finite there)")
         print(f"model {loaded.name} ({loaded.weights_source}); input {sample.name}"
-              + (f", label {sample.label}" if sample.label is not None else "")
-              + f", predicted class {int(with_pred.argmax())}")
-    rows = [[r.method, r.eps, r.value, r.guarantee.value
+              + (f", label {sample.label}" if sample.label is not None else "") + f", {pred}")
+    # (upper bounds shown rounded up: lipbound.cli.rounding)
+    rows = [[r.method, r.eps, fmt_up(r.value), r.guarantee.value
              + (f" (p_fail<={format_prob_up(r.failure_prob)})" if r.failure_prob else ""),
              f"{r.seconds:.3f}"] for r in results]
     print(table(["method", "eps", "bound", "guarantee", "seconds"], rows))
@@ -134,8 +142,10 @@ def run(args: argparse.Namespace) -> int:
         r = results[0]
         print()
         print(table(["layer", "name", "kind", "radius in", "local", "global", "spectral"],
-                    [[lf.index, lf.name, lf.kind, lf.radius_in, lf.local, lf.global_factor,
-                      lf.spectral_method] for lf in r.layers]))
+                    [[lf.index, lf.name, lf.kind,
+                      fmt(lf.radius_in) if lf.radius_in == r.eps else fmt_up(lf.radius_in),
+                      fmt_up(lf.local), fmt_up(lf.global_factor), lf.spectral_method]
+                     for lf in r.layers]))
     for n in {n for r in results for n in r.notes}:
         print(f"note: {n}")
     return 0

@@ -29,6 +29,7 @@ from .common import (
     table,
     tracing,
 )
+from .rounding import fmt_up, g_up
 
 
 def load_inputs(args: argparse.Namespace, loaded: Loaded) -> list:
@@ -51,9 +52,11 @@ def load_inputs(args: argparse.Namespace, loaded: Loaded) -> list:
     return samples
 
 
-def read_eps_file(path: str | Path) -> list[float]:
+def read_eps_file(path: str | Path, keys: dict[str, list[str]] | None = None) -> list[float]:
     """Radii from a text file (one number per line; blank lines and ``#`` comments are
-    skipped) or a CSV file with a header that has a column ``eps``.
+    skipped) or a CSV file with a header that has a column ``eps``. ``keys``: a dict that
+    receives the CSV's ``index`` and ``name`` columns, where it has them (see
+    :func:`check_eps_order`).
 
     Raises:
         InputError: missing file, no ``eps`` column, a value that is not a positive finite
@@ -66,7 +69,12 @@ def read_eps_file(path: str | Path) -> list[float]:
         what = "is a directory, not a file" if p.is_dir() else "does not exist"
         raise InputError(f"--eps-file {p} {what}; give a text file with one radius per line "
                          "(or a CSV file with a column 'eps')")
-    text = p.read_text()
+    try:
+        text = p.read_text(encoding="utf-8-sig")  # (a byte order mark, as spreadsheets write)
+    except UnicodeDecodeError as exc:
+        raise InputError(f"--eps-file {p} is not a UTF-8 text file ({exc.reason} at byte "
+                         f"{exc.start}); give a text file with one radius per line (or a "
+                         "CSV file with a column 'eps'), not an array file") from None
     lines = [(i + 1, ln.strip()) for i, ln in enumerate(text.splitlines())]
     lines = [(n, ln) for n, ln in lines if ln and not ln.startswith("#")]
     if not lines:
@@ -88,6 +96,10 @@ def read_eps_file(path: str | Path) -> list[float]:
         for k, row in enumerate(reader):
             line_no = lines[k + 1][0]
             values.append(_number(row[cols["eps"]], p, line_no, check_eps))
+            if keys is not None:
+                for key in ("index", "name"):
+                    if key in cols:
+                        keys.setdefault(key, []).append((row[cols[key]] or "").strip())
     else:
         for line_no, ln in lines:
             if "," in ln:
@@ -96,6 +108,25 @@ def read_eps_file(path: str | Path) -> list[float]:
                                  "'eps' or write one number per line")
             values.append(_number(ln, p, line_no, check_eps))
     return values
+
+
+def check_eps_order(path: str | Path, keys: dict[str, list[str]], names: list[str]) -> None:
+    """Radii are matched to the inputs by position. A radius file that lists the inputs
+    (an ``index`` column, or a ``name`` column holding exactly the inputs' names, as the CSV
+    of ``lipbound bound --out`` does) in another order would give each input another one's
+    radius: refused."""
+    idx = keys.get("index")
+    if idx is not None and idx != [str(i) for i in range(len(names))]:
+        raise InputError(f"--eps-file {path}: its 'index' column is not 0, 1, 2, ... in order "
+                         f"(it starts {', '.join(idx[:4])}); radii are matched to the inputs "
+                         "by position: sort the rows by index, or drop the column")
+    given = keys.get("name")
+    if given is not None and given != names and sorted(given) == sorted(names):
+        k = next(i for i, (a, b) in enumerate(zip(given, names, strict=True)) if a != b)
+        raise InputError(f"--eps-file {path}: its 'name' column lists the inputs in another "
+                         f"order (row {k + 1} names {given[k]!r}, input {k} is {names[k]!r}); "
+                         "radii are matched to the inputs by position: sort the rows in the "
+                         "inputs' order, or drop the column")
 
 
 def _number(s: str | None, p: Path, line_no: int, check) -> float:
@@ -109,17 +140,21 @@ def _number(s: str | None, p: Path, line_no: int, check) -> float:
     return check(v, f"radius on line {line_no} of {p}")
 
 
-def _radii(args: argparse.Namespace, n: int) -> list[list[float] | float]:
-    """Per run: the radius for all inputs, or one list with one radius per input."""
+def _radii(args: argparse.Namespace, names: list[str]) -> list[list[float] | float]:
+    """Per run: the radius for all inputs, or one list with one radius per input (``names``:
+    the inputs')."""
+    n = len(names)
     from ..validation import check_eps
 
     if args.eps_file:
         if args.eps is not None or args.eps_list:
             raise InputError("give either --eps-file or --eps/--eps-list, not both")
-        values = read_eps_file(args.eps_file)
+        keys: dict[str, list[str]] = {}
+        values = read_eps_file(args.eps_file, keys)
         if len(values) != n:
             raise InputError(f"--eps-file {args.eps_file} has {len(values)} radii but --input "
                              f"names {n} input(s); give exactly one radius per input")
+        check_eps_order(args.eps_file, keys, names)
         return [values]
     if args.eps_list:
         return parse_eps_list(args.eps_list)
@@ -161,7 +196,7 @@ def run_many(args: argparse.Namespace, loaded: Loaded | None = None) -> int:
     if loaded is None:
         loaded = load_model(args)
     samples = load_inputs(args, loaded)
-    runs = _radii(args, len(samples))
+    runs = _radii(args, [s.name for s in samples])
     method = getattr(args, "method", "local")
     spectral = getattr(args, "spectral", "auto")
     with tracing(args, loaded.name):
@@ -198,15 +233,17 @@ def run_many(args: argparse.Namespace, loaded: Loaded | None = None) -> int:
     if not args.out:
         print(table(["index", "name", "label", "predicted", "eps", "method", "bound",
                      "guarantee", "p_fail", "seconds"],
-                    [[r.index, r.name, r.label, r.predicted, r.eps, r.method, r.bound,
-                      r.guarantee.value, r.failure_prob, f"{r.seconds:.3f}"] for r in rows]))
+                    # (upper bounds and failure probabilities shown rounded up)
+                    [[r.index, r.name, r.label, r.predicted, r.eps, r.method, fmt_up(r.bound),
+                      r.guarantee.value, fmt_up(r.failure_prob), f"{r.seconds:.3f}"]
+                     for r in rows]))
         print()
     for m, s in summary["methods"].items():
         acc = f", accuracy {s['accuracy']:.3f}" if "accuracy" in s else ""
         print(f"{m}: {s['n']} bound(s); seconds min {s['seconds']['min']:.3f} / median "
               f"{s['seconds']['median']:.3f} / max {s['seconds']['max']:.3f}; bound min "
-              f"{s['bound']['min']:.6g} / median {s['bound']['median']:.6g} / max "
-              f"{s['bound']['max']:.6g}; {', '.join(s['guarantees'])}{acc}")
+              f"{g_up(s['bound']['min'], 6)} / median {g_up(s['bound']['median'], 6)} / max "
+              f"{g_up(s['bound']['max'], 6)}; {', '.join(s['guarantees'])}{acc}")
     print(f"shared setup (tracing, global factors, predictions) {summary['setup_seconds']:.2f} s;"
           f" total {summary['total_seconds']:.2f} s")
     for n in loaded.notes:

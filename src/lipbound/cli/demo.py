@@ -13,6 +13,7 @@ from .common import (
     resolve_device,
     table,
 )
+from .rounding import fmt_up, g_down
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -51,10 +52,14 @@ def run(args: argparse.Namespace) -> int:
     # eps ~0.24 here) the hybrid, the paper's factors of the first layers times the tail's
     tights = [an.local_bound(x0, e, tight=True) for e in eps_values]
     pred = int(an.forward(x0).argmax())
-    rows = [["global", "-", g.value, g.guarantee.value, g.failure_prob, g.seconds]]
-    rows += [["local", r.eps, r.value, r.guarantee.value, r.failure_prob, r.seconds]
+    # (upper bounds and failure probabilities shown rounded up: lipbound.cli.rounding)
+    rows = [["global", "-", fmt_up(g.value), g.guarantee.value, fmt_up(g.failure_prob),
+             g.seconds]]
+    rows += [["local", r.eps, fmt_up(r.value), r.guarantee.value, fmt_up(r.failure_prob),
+              r.seconds]
              for r in locs]
-    rows += [["tight", r.eps, r.value, r.guarantee.value, r.failure_prob, r.seconds]
+    rows += [["tight", r.eps, fmt_up(r.value), r.guarantee.value, fmt_up(r.failure_prob),
+              r.seconds]
              for r in tights]
     extra = []
     try:
@@ -86,7 +91,7 @@ def run(args: argparse.Namespace) -> int:
         print("certified L2 radii (no class change within; paper: ~0.052 local, ~0.0005 "
               "global, attacks ~3.4-5.4):")
     for how, e in extra:
-        print(f"  certified radius: {e.radius:.4g} ({how}, {e.guarantee_text}, "
+        print(f"  certified radius: {g_down(e.radius, 4)} ({how}, {e.guarantee_text}, "
               f"{e.n_bound_evaluations} bound evaluations, {e.seconds:.2f} s)")
     print()
     print(f"total {time.perf_counter() - t0:.2f} s. Every bound in the table is an upper bound "

@@ -14,6 +14,7 @@ from pathlib import Path
 from .common import (
     add_common,
     add_model_options,
+    fmt,
     load_input,
     load_model,
     prepare_out_dir,
@@ -23,6 +24,7 @@ from .common import (
     table,
     tracing,
 )
+from .rounding import fmt_up, g_up
 
 CSV_COLUMNS = ["index", "name", "kind", "radius_in", "local_factor", "global_factor",
                "active_in", "active_out", "spectral_local", "spectral_global",
@@ -79,12 +81,12 @@ def write_csv(path: Path, local, glob) -> Path:
 
 
 def describe(r) -> str:
-    """``"value, guarantee (p_fail<=p)"`` of a bound; ``p`` rounded up, never below the
-    failure probability."""
+    """``"value, guarantee (p_fail<=p)"`` of an upper bound; both rounded up, never below the
+    bound and the failure probability."""
     from ..plotting import format_prob_up
 
     fp = f" (p_fail<={format_prob_up(r.failure_prob)})" if r.failure_prob else ""
-    return f"{r.value:.6g}, {r.guarantee.value}{fp}"
+    return f"{g_up(r.value, 6)}, {r.guarantee.value}{fp}"  # (an upper bound: rounded up)
 
 
 def _prob_label(*layer_lists) -> str:
@@ -112,6 +114,7 @@ def _is_prob(layers) -> list[bool]:
 @progress_logging
 def run(args: argparse.Namespace) -> int:
     from ..analyzer import Analyzer
+    from ..ops.base import product_up
     from ..plotting import plot_layer_factors
     from ..validation import check_eps, check_failure_prob
     from .exact_memory import check_exact_global_fits
@@ -153,7 +156,10 @@ def run(args: argparse.Namespace) -> int:
                     "local": local.to_dict(), "files": [str(f) for f in files]})
         return 0
     print(f"model {loaded.name} ({loaded.weights_source}); input {sample.name}; eps {eps:g}")
-    rows = [[lf.index, lf.name, lf.kind, lf.radius_in, lf.local, lf.global_factor,
+    # (the factors and radii are upper bounds: shown rounded up)
+    rows = [[lf.index, lf.name, lf.kind,
+             fmt(lf.radius_in) if lf.radius_in == eps else fmt_up(lf.radius_in), fmt_up(lf.local),
+             fmt_up(lf.global_factor),
              f"{lf.active_in}", f"{lf.active_out}", f"{lf.spectral_method} / "
              f"{gf.spectral_method}"]
             for lf, gf in zip(local.layers, glob.layers, strict=True)]
@@ -163,7 +169,8 @@ def run(args: argparse.Namespace) -> int:
 
     print(f"local bound at eps {eps:g}: {describe(local)}")
     print(f"global bound:          {describe(glob)}")
-    print(f"product of the local factors: {math.prod(lf.local for lf in local.layers):.6g}")
+    print("product of the local factors: "
+          f"{g_up(product_up(lf.local for lf in local.layers), 6)}")
     for n in local.notes:
         print(f"note: {n}")
     if files:

@@ -17,7 +17,7 @@ from typing import Any
 
 from .._modelinfo import model_device
 from .._progress import NULL_BAR, NullBar, progress_bar
-from ..errors import InputError
+from ..errors import InputError, LipboundError
 from ..radius import exact_class_change
 from ..results import format_prob_up
 from .common import (
@@ -35,6 +35,7 @@ from .common import (
     table,
     tracing,
 )
+from .rounding import fmt_down, fmt_up, g_down, g_up
 
 log = logging.getLogger(__name__)
 
@@ -218,7 +219,14 @@ def run(args: argparse.Namespace) -> int:
     with progress_bar(show_progress(args), len(samples), f"radius {loaded.name}",
                       "input") as bar:
         for i, s in enumerate(samples):
-            rows.append(_one(loaded.model, an, s, methods, attacks, args, bar))
+            try:
+                rows.append(_one(loaded.model, an, s, methods, attacks, args, bar))
+            except LipboundError as exc:
+                if many:  # which of the inputs failed
+                    from ..batch import name_failing_input
+
+                    name_failing_input(exc, s.name, i)
+                raise
             bar.update()
             if many:
                 r = rows[-1]
@@ -265,10 +273,11 @@ def _print_one(loaded, r: dict[str, Any], total: float) -> None:
           f"{r['margin']:.4g}); L2 radii in the model's input space")
     rows = []
     for c in r["_cert"]:
-        rows.append([c.method, "certified", c.radius, c.guarantee_text, c.n_bound_evaluations,
-                     f"{c.seconds:.2f}"])
+        # (a certified radius shown rounded down, an attack radius up: both stay bounds)
+        rows.append([c.method, "certified", fmt_down(c.radius), c.guarantee_text,
+                     c.n_bound_evaluations, f"{c.seconds:.2f}"])
     for a in r["_atk"]:
-        rows.append([a.method, "attack", a.radius if a.success else None,
+        rows.append([a.method, "attack", fmt_up(a.radius) if a.success else None,
                      f"class {a.original_class} -> {a.adversarial_class}" if a.success
                      else "no adversarial found", "-", f"{a.seconds:.2f}"])
     print(table(["method", "kind", "radius", "guarantee / result", "bound evals", "seconds"],
@@ -284,10 +293,10 @@ def _print_one(loaded, r: dict[str, Any], total: float) -> None:
                 f"{format_prob_up(top.failure_prob)}")
     else:
         what = f"{radius_guarantee(top)}, {top.guarantee_text}"
-    line = f"certified radius {cr:.4g} ({r['certified_method']}; {what})"
+    line = f"certified radius {g_down(cr, 4)} ({r['certified_method']}; {what})"
     if ma is not None:
-        line += f"; smallest attack radius {ma:.4g} (gap x{ma / cr:.3g})" if cr else \
-            f"; smallest attack radius {ma:.4g}"
+        line += f"; smallest attack radius {g_up(ma, 4)}" + (
+            f" (gap x{ma / cr:.3g})" if cr else "")
     print(line + f"; total {total:.2f} s")
     print("a certified radius is a lower bound on the smallest class-changing L2 "
           "perturbation; an attack radius is an upper bound on it")
@@ -302,19 +311,21 @@ def _print_many(loaded, rows, methods, attacks, total, files) -> None:
     per = []
     for i, r in enumerate(rows):
         per.append([i, r["input"], "-" if r["label"] is None else r["label"], r["predicted"],
-                    *[_radius(r["_cert"], m) for m in methods],
-                    *([r["min_attack_radius"]] if attacks else []), f"{r['seconds']:.2f}"])
+                    *[fmt_down(_radius(r["_cert"], m)) for m in methods],
+                    *([fmt_up(r["min_attack_radius"])] if attacks else []),
+                    f"{r['seconds']:.2f}"])
     print(table(["#", "input", "label", "pred", *methods,
                  *(["min attack"] if attacks else []), "seconds"], per))
     print()
     summary = []
     for m in methods:
         vals = [c.radius for r in rows for c in r["_cert"] if c.method == m]
-        summary.append([m, "certified", statistics.median(vals), min(vals), max(vals)])
+        summary.append([m, "certified", *(fmt_down(v) for v in (
+            statistics.median(vals), min(vals), max(vals)))])
     for a in attacks:
         vals = [x.radius for r in rows for x in r["_atk"] if x.method == a and x.success]
-        summary.append([a, "attack", statistics.median(vals) if vals else None,
-                        min(vals) if vals else None, max(vals) if vals else None])
+        summary.append([a, "attack", *(fmt_up(v) for v in (
+            (statistics.median(vals), min(vals), max(vals)) if vals else (None,) * 3))])
     print(table(["method", "kind", "median radius", "min", "max"], summary))
     guar = []
     for m in methods:
@@ -330,7 +341,9 @@ def _print_many(loaded, rows, methods, attacks, total, files) -> None:
 
 
 def _write_csv(path: Path, rows, methods, attacks) -> Path:
-    """Write radius.csv, one row per input: index, input, label, predicted, margin; per
+    """Write radius.csv, one row per input (every number the exact float, as ``repr``
+    writes it: radii rounded to a few digits could pass the bound they stand for): index,
+    input, label, predicted, margin; per
     certificate method m: m_radius; per attack a: a_radius (empty when no class change was
     found); the headline certificate (the largest certified radius): certified_radius,
     certified_method, guarantee ("certified lower bound" or "probabilistic lower bound" on
@@ -348,11 +361,11 @@ def _write_csv(path: Path, rows, methods, attacks) -> Path:
             atk = {a.method: a.radius for a in r["_atk"]}
             top = r["_top"]
             w.writerow([i, r["input"], "" if r["label"] is None else r["label"],
-                        r["predicted"], f"{r['margin']:.10g}",
-                        *[f"{cert[m].radius:.10g}" for m in methods],
-                        *["" if atk.get(a) is None else f"{atk[a]:.10g}" for a in attacks],
+                        r["predicted"], repr(float(r["margin"])),
+                        *[repr(float(cert[m].radius)) for m in methods],
+                        *["" if atk.get(a) is None else repr(float(atk[a])) for a in attacks],
                         *(["", "", "", ""] if top is None else
-                          [f"{top.radius:.10g}", top.method, radius_guarantee(top),
+                          [repr(float(top.radius)), top.method, radius_guarantee(top),
                            repr(float(top.failure_prob))]),
                         *[v for m in methods for v in (radius_guarantee(cert[m]),
                                                        repr(float(cert[m].failure_prob)))],

@@ -9,6 +9,7 @@ from pathlib import Path
 from .common import (
     add_common,
     add_model_options,
+    fmt,
     load_input,
     load_model,
     prepare_out_dir,
@@ -31,6 +32,21 @@ DISPLAY_NAMES = {
 
 #: the files ``--out`` receives (checked before any computation)
 SWEEP_FILES = ("sweep.csv", "sweep.json", "sweep.png", "sweep.pdf")
+
+
+def _shown(r) -> str:
+    """A table cell: an upper bound rounded up, a lower bound rounded down (rounded to
+    nearest, the PGD lower bound 1.2345599... of a network of constant 1.23456 read 1.2346),
+    an estimate to nearest."""
+    from ..results import Guarantee
+    from .rounding import fmt_down, fmt_up
+
+    v = float(r.value)
+    if r.guarantee in (Guarantee.CERTIFIED, Guarantee.PROBABILISTIC):
+        return fmt_up(v)
+    if r.guarantee == Guarantee.LOWER:
+        return fmt_down(v)
+    return fmt(v)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -168,7 +184,7 @@ def run(args: argparse.Namespace) -> int:
     print(f"model {loaded.name} ({loaded.weights_source}); input {sample.name}; "
           f"{len(eps_values)} radii from {eps_values[0]:g} to {eps_values[-1]:g}")
     headers = ["eps"] + list(methods)
-    rows = [[r.eps] + [r[m].value for m in methods] for r in res.rows]
+    rows = [[r.eps] + [_shown(r[m]) for m in methods] for r in res.rows]
     print(table(headers, rows))
     print()
     guarantees = {m: " / ".join(sorted({r[m].guarantee.value for r in res.rows}))

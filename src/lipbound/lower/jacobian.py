@@ -17,6 +17,7 @@ directions at ``x``, and its norm can then exceed every directional derivative a
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass
 
 import torch
@@ -32,6 +33,9 @@ logger = logging.getLogger(__name__)
 
 #: default largest Jacobian (rows * columns) formed explicitly for an exact SVD
 EXACT_THRESHOLD = 2_000_000
+_NOT_FINITE = ("the Jacobian at x is not finite (the network's outputs or their derivatives "
+               "overflow the floating-point range there); rescale the network")
+
 #: up to this many output rows the dense Jacobian is built by one backward pass per row
 _LOOP_ROWS = 64
 
@@ -212,15 +216,16 @@ def jacobian_spectrum(
     if k * prob.dim <= exact_threshold:
         jac = _jacobian(prob).to(torch.float64)
         if not bool(torch.isfinite(jac).all()):
-            raise InputError(
-                "the Jacobian at x is not finite (the network's outputs or their derivatives "
-                "overflow the floating-point range there); rescale the network")
+            raise InputError(_NOT_FINITE)
         _, s, vh = torch.linalg.svd(jac, full_matrices=False)
         r = min(2, vh.shape[0])
         vectors = vh[:r].to(prob.dtype).reshape(r, *prob.shape)
         return JacobianNorm(float(s[0]) if s.numel() else 0.0, vectors, Guarantee.ESTIMATE,
                             "svd")
     value, v, its = _power_iteration(prob, n_iter, tol, seed)
+    if not (math.isfinite(value) and bool(torch.isfinite(v).all())):
+        # (as on the SVD route: a NaN estimate and NaN directions were returned)
+        raise InputError(_NOT_FINITE)
     logger.info("Jacobian norm %.6g by power iteration (%d iterations): an estimate from below",
                 value, its)
     return JacobianNorm(value, v, Guarantee.ESTIMATE, "power-iteration", its)
