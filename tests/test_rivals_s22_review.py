@@ -459,3 +459,27 @@ def test_compare_refuses_a_model_in_training_mode_up_front():
     model.eval()
     rows = compare(model, x0, 0.1, methods=["autolip"])
     assert [r.method for r in rows] == ["autolip"] and math.isfinite(rows[0].value)
+
+
+def test_compare_table_rounds_each_value_in_its_guarantee_s_direction():
+    """The table's 6 digits never state less than an upper bound or more than a lower bound
+    (to nearest, 1.2345649 was shown as 1.23456 for an upper bound of 1.2345649 and
+    0.2036751 as 0.203675 for a lower bound just below)."""
+    from lipbound.baselines.compare import CompareRow
+
+    rows = [CompareRow("local", "q", Guarantee.CERTIFIED, 1.2345649, 0.0),
+            CompareRow("global", "q", Guarantee.PROBABILISTIC, 2.0000001, 0.0, "", 1e-6),
+            CompareRow("exact-l2", "q", Guarantee.EXACT, 0.24015749, 0.0),
+            CompareRow("lower", "q", Guarantee.LOWER, 0.2036759, 0.0),
+            CompareRow("seqlip", "q", Guarantee.ESTIMATE, 0.7011794, 0.0)]
+    from lipbound.baselines.compare import _shown
+
+    cells = [_shown(r) for r in rows]
+    assert cells == ["1.23457", "2.00001", "0.240158", "0.203675", "0.701179"]
+    table = format_table(rows).splitlines()[2:]
+    assert all(f" {c} " in line for c, line in zip(cells, table, strict=True))
+    for row, cell in zip(rows, cells, strict=True):
+        if row.guarantee.is_upper_bound:
+            assert float(cell) >= row.value
+        elif row.guarantee is Guarantee.LOWER:
+            assert float(cell) <= row.value

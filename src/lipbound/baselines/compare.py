@@ -34,6 +34,7 @@ from torch import nn
 
 from lipbound._modelinfo import model_dtype_device
 from lipbound._progress import progress_bar
+from lipbound._rounding import g_down, g_up
 from lipbound.baselines.deadline import check_time_limit
 from lipbound.baselines.fc import (
     FCLayers,
@@ -427,13 +428,27 @@ def violations(rows: Sequence[CompareRow]) -> list[CompareRow]:
     return [r for r in rows if r.note.startswith("BELOW THE LOWER BOUND")]
 
 
+def _shown(row: CompareRow) -> str:
+    """A row's value with 6 significant digits, rounded in the direction of its guarantee
+    (session 22, after the CLI review): upper bounds up, lower bounds down (to nearest, a
+    value 1.2345649 of an upper bound would be shown as 1.23456, below it), exact values up
+    too (``Guarantee.is_upper_bound``: they carry a margin that keeps them above), estimates
+    to nearest."""
+    g = row.guarantee
+    if g is not None and g.is_upper_bound:
+        return g_up(row.value, 6)
+    if g in (Guarantee.LOWER, Guarantee.CERTIFIED_LOWER, Guarantee.PROBABILISTIC_LOWER):
+        return g_down(row.value, 6)
+    return f"{row.value:.6g}"
+
+
 def format_table(rows: Sequence[CompareRow], *, note_width: int = 70) -> str:
     """Plain-text table of the rows (method, quantity, guarantee, value, seconds, note)."""
     head = ("method", "quantity", "guarantee", "value", "time [s]", "note")
     body = []
     for r in rows:
         g = r.guarantee_label()
-        v = f"{r.value:.6g}" if math.isfinite(r.value) else "-"
+        v = _shown(r) if math.isfinite(r.value) else "-"
         note = r.note if len(r.note) <= note_width else r.note[:note_width - 3] + "..."
         body.append((r.method, r.quantity, g, v, f"{r.seconds:.3f}", note))
     widths = [max(len(head[i]), *(len(b[i]) for b in body)) if body else len(head[i])
