@@ -517,8 +517,11 @@ def _norm_parts(g: Tensor, e: Tensor, cols: Tensor | None, scale: Tensor | None
     if g.numel() == 0:
         return None, 0.0
     if scale is not None:
-        m = g * scale[:, None]
-        err = (e + (2.0 * U) * g.abs()) * scale[:, None] * (1.0 + 4.0 * U) + _absolute(1)
+        sc = scale[:, None]
+        m = g * sc
+        # (e + 2u |g|) s (1 + 4u) + the absolute term, each operation in place in this
+        # order: the same roundings as forming each term anew (addition commutes exactly)
+        err = g.abs().mul_(2.0 * U).add_(e).mul_(sc).mul_(1.0 + 4.0 * U).add_(_absolute(1))
     else:
         m, err = g, e
     return m, norm_up(err) * (1.0 + 2.0 * gamma(err.numel() + 4))
@@ -632,16 +635,38 @@ class _Local:
         """``(g[:, cols], e[:, cols])`` of the rows on the whole grid (all columns: None)."""
         if cols is None:
             return self.dense()
-        c_, hh, ww = self.grid
-        h, w = self.g.shape[-2:]
-        ch, rem = cols // (hh * ww), cols % (hh * ww)
-        dy = rem[None, :] // ww - self.r0[:, None]
-        dx = rem[None, :] % ww - self.c0[:, None]
-        ok = (dy >= 0) & (dy < h) & (dx >= 0) & (dx < w)
-        idx = (ch[None, :] * (h * w) + dy.clamp(0, h - 1) * w + dx.clamp(0, w - 1))
-        zero = self.g.new_zeros(())
-        return (torch.where(ok, self.g.reshape(self.g.shape[0], -1).gather(1, idx), zero),
-                torch.where(ok, self.e.reshape(self.e.shape[0], -1).gather(1, idx), zero))
+        idx, out = _window_index(self.r0, self.c0, self.g.shape[-2:], self.grid, cols)
+        r = self.g.shape[0]
+        g = self.g.reshape(r, -1).gather(1, idx).masked_fill_(out, 0.0)
+        e = self.e.reshape(r, -1).gather(1, idx).masked_fill_(out, 0.0)
+        return g, e
+
+
+def _window_index(r0: Tensor, c0: Tensor, hw: tuple[int, int], grid: tuple[int, int, int],
+                  cols: Tensor) -> tuple[Tensor, Tensor]:
+    """For rows on ``h x w`` windows with top-left corners ``(r0, c0)`` of a grid ``(C, H,
+    W)``: the flat window index of each grid entry ``cols`` (``(R, len(cols))``; 0 where the
+    entry is outside the row's window) and where it is outside (``out``). Formed once per
+    distinct corner (rows of a unit's channels or of a pooling window's members share one)
+    and copied to the rows; the same entries as computing each row's."""
+    c_, hh, ww = grid
+    h, w = (int(s) for s in hw)
+    r = r0.shape[0]
+    code = r0 * ww + c0
+    uniq, inv = torch.unique(code, return_inverse=True)
+    few = 2 * uniq.numel() <= r
+    if few:
+        r0, c0 = uniq // ww, uniq % ww
+    rem = cols % (hh * ww)
+    dy = (rem // ww)[None, :] - r0[:, None]
+    dx = (rem % ww)[None, :] - c0[:, None]
+    out = (dy < 0) | (dy >= h) | (dx < 0) | (dx >= w)
+    idx = dy.mul_(w).add_(dx).add_(((cols // (hh * ww)) * (h * w))[None, :])
+    del dx
+    idx.masked_fill_(out, 0)
+    if few:
+        idx, out = idx.index_select(0, inv), out.index_select(0, inv)
+    return idx, out
 
 
 def _crop(t: Tensor, dr: Tensor, dc: Tensor, hs: int, ws: int) -> Tensor:
