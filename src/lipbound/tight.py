@@ -1199,7 +1199,14 @@ def _tail_start(blocks: list[Block], secs: list[_Secant | None], max_rows: int,
     live_n = [None if v is None else int(v.numel())
               for v in (lives if lives is not None else [None] * (n_blocks + 1))]
 
+    said: dict[int, str] = {}
+
     def fits(j: int) -> str:
+        if j not in said:  # (boundary 0's is asked twice: once for the reason)
+            said[j] = fitting(j)
+        return said[j]
+
+    def fitting(j: int) -> str:
         rows = n_out + sum(dev[j:])
         if rows > max_rows:
             return (f"{rows} rows of vector-Jacobian products ({n_out} outputs and "
@@ -1214,9 +1221,9 @@ def _tail_start(blocks: list[Block], secs: list[_Secant | None], max_rows: int,
     why = fits(0)
     start = next((j for j in range(max(0, min_start), n_blocks) if not fits(j)), None)
     # the deferred norms' matrices (not counted by the choice of the start): held where
-    # they fit under the cap with the construction's estimate
-    # (held on windows where they fit, LAZY_GATHER: the sweeps do not gather them, and
-    # deferred_bytes counts the windows and the formation of one)
+    # they fit under the cap with the construction's estimate (on windows where they fit,
+    # LAZY_GATHER: the sweeps do not gather them; deferred_bytes counts the windows and the
+    # formation of one)
     defer = start is not None and peak_bytes(
         blocks, sizes, taps, live_n, start, tail_starts, each_row, lazy=LAZY_GATHER
     ) + deferred_bytes(blocks, sizes, live_n, start, tail_starts,
