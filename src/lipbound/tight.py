@@ -58,7 +58,9 @@ network's at the input, where hybrids compete with it) are deferred (:class:`_De
 each is formed only where its candidate may be the smallest (a lower bound on the norm, from
 power iterations, bounds the candidate from below: every step is monotone in the norms); the
 result is the same bits as with every norm formed. Their matrices are held (within the cap, with the
-estimate: :func:`lipbound.tight_memory.deferred_bytes`) until the candidates are compared.
+estimate: :func:`lipbound.tight_memory.deferred_bytes`) until the candidates are compared: as
+their rows' windows where those are smaller (:class:`_Lazy`: the lower and upper bounds come
+from the windows, the matrix is gathered only where the norm is formed), else gathered.
 """
 
 from __future__ import annotations
@@ -517,8 +519,11 @@ def _norm_parts(g: Tensor, e: Tensor, cols: Tensor | None, scale: Tensor | None
     if g.numel() == 0:
         return None, 0.0
     if scale is not None:
-        m = g * scale[:, None]
-        err = (e + (2.0 * U) * g.abs()) * scale[:, None] * (1.0 + 4.0 * U) + _absolute(1)
+        sc = scale[:, None]
+        m = g * sc
+        # (e + 2u |g|) s (1 + 4u) + the absolute term, each operation in place in this
+        # order: the same roundings as forming each term anew (addition commutes exactly)
+        err = g.abs().mul_(2.0 * U).add_(e).mul_(sc).mul_(1.0 + 4.0 * U).add_(_absolute(1))
     else:
         m, err = g, e
     return m, norm_up(err) * (1.0 + 2.0 * gamma(err.numel() + 4))
@@ -533,6 +538,11 @@ in a tight radius search on the MNIST LeNet the hybrid from the first boundary (
 units: the largest matrices) was never the smallest and the whole network rarely (18 % of the
 evaluations); their norms were two thirds of the norms' time, and the search took 26 % less
 time with them deferred."""
+
+LAZY_GATHER = True
+"""Whether a deferred norm's matrix stays on its rows' windows until it is formed
+(:class:`_Lazy`, where they take at most its memory); False: gathered in the sweep, as in
+session 21 (for tests and comparisons). The same results either way, bit for bit."""
 
 LOW_SLACK = 1e-6
 """Relative margin of :func:`_norm_low` below the power iteration's value (far above its
@@ -571,21 +581,125 @@ class _Deferred:
     value (:meth:`value`: the same bits as :func:`_norm_bound`, once) unless the candidate
     it enters cannot be the one kept even with ``low``."""
 
-    def __init__(self, m: Tensor, en: float) -> None:
-        self.m: Tensor | None = m
+    def __init__(self, m: Tensor | _Lazy, en: float | None) -> None:
+        self.m: Tensor | _Lazy | None = m
         self.en = en
-        self.low = _floor(_norm_low(m))
-        self.high = _floor(2.0 * (norm_up(m) + en))
+        if isinstance(m, _Lazy):
+            low, high = m.bounds()
+            self.low, self.high = _floor(low), _floor(high)
+        else:
+            self.low = _floor(_norm_low(m))
+            self.high = _floor(2.0 * (norm_up(m) + en))
         self._value: float | None = None
 
     def value(self) -> float:
         """The norm bound (:func:`_norm_bound`, :func:`_floor`); fallback above the safe
         range, as every norm."""
         if self._value is None:
-            x = _safe_norm(_up(exact_norm(self.m) + self.en))  # (m kept if it raises)
+            m, en = self.m.matrix() if isinstance(self.m, _Lazy) else (self.m, self.en)
+            x = _safe_norm(_up(exact_norm(m) + en))  # (m kept if it raises)
             self.m = None
             self._value = _floor(x)
         return self._value
+
+
+class _Lazy:
+    """The matrix of a deferred norm (:class:`_Deferred`), not gathered yet: the rows on
+    windows (``rows``: a :class:`_Local`, or a :class:`_Mirror` of one) with their scale,
+    on columns ``cols`` (None: all). :meth:`matrix` gathers it (:func:`_columns`,
+    :func:`_norm_parts`: the sweep's steps, the same bits); :meth:`bounds` bounds its norm
+    bound from the windows without gathering. Used where the windows take at most the
+    gathered matrix's memory (:func:`_lazy_fits`): most deferred norms are never formed
+    (session 22: 70 % in a tight radius search on the MNIST LeNet), and gathering them (the
+    rows' window indices on the boundary's columns, their error bounds and the error matrix)
+    was about a third of the search's time."""
+
+    def __init__(self, rows: _Local | _Mirror, cols: Tensor | None, scale: Tensor) -> None:
+        self.rows, self.cols, self.scale = rows, cols, scale
+
+    def matrix(self) -> tuple[Tensor, float]:
+        """``(M, en)`` of :func:`_norm_parts` for the gathered rows (what the sweep forms)."""
+        g, e = _columns(self.rows, self.cols)
+        m, en = _norm_parts(g, e, None, self.scale)
+        return (g.new_zeros(0, 0), 0.0) if m is None else (m, en)
+
+    def bounds(self) -> tuple[float, float]:
+        """A lower and an upper bound on the norm bound that :meth:`matrix` leads to (before
+        :func:`_floor`), from the windows.
+
+        Lower: the Rayleigh quotient of :func:`_norm_low` (from the largest row, the same
+        number of power iterations, :data:`LOW_SLACK` below), with the products taken on the
+        windows: ``M v`` sums each row's window entries times ``v`` there, ``M^T u`` adds the
+        rows' windows into the grid. ``M``'s entries (``g s`` on the columns, 0 elsewhere)
+        are those :meth:`matrix` forms; only the order of the sums differs, whose rounding
+        (relative to ``||M||``, at most ``sqrt(R) γ_n``) is far below :data:`LOW_SLACK`.
+        Upper: twice ``||M||_F + ||Err||_F`` (the norm bound is at most ``||M||_2 + ||Err||_F``
+        with a few roundings), where ``||Err||_F <= ||(e + 2u|g|) s (1 + 4u)||_F + a
+        sqrt(R n)`` (``Err``'s entries are those plus the absolute term ``a`` of
+        :func:`_norm_parts`, on ``R x n`` entries; the triangle inequality)."""
+        rows = self.rows
+        src = neg = None
+        if isinstance(rows, _Mirror):
+            rows, src, neg = rows.rows, rows.src, rows.neg
+        g, e, r0, c0 = rows.g, rows.e, rows.r0, rows.c0
+        if src is not None:
+            g, e, r0, c0 = g[src], e[src], r0[src], c0[src]
+            g[neg] = -g[neg]
+        r, c_, h, w = g.shape
+        _, hh, ww = rows.grid
+        n_grid = c_ * hh * ww
+        n = n_grid if self.cols is None else int(self.cols.numel())
+        # the grid index of each row's window entries
+        at = torch.arange(c_ * h * w, device=g.device)
+        base = (at // (h * w)) * (hh * ww) + ((at % (h * w)) // w) * ww + at % w
+        idx = base[None, :] + (r0 * ww + c0)[:, None]
+        sc = self.scale[:, None, None, None]
+        m = (g * sc).reshape(r, -1)
+        x = g.abs().mul_(2.0 * U).add_(e).mul_(sc).mul_(1.0 + 4.0 * U).reshape(r, -1)
+        if self.cols is not None:
+            off = torch.ones(n_grid, dtype=torch.bool, device=g.device)
+            off[self.cols] = False
+            off = off[idx]
+            m.masked_fill_(off, 0.0)
+            x.masked_fill_(off, 0.0)
+            del off
+        a = _absolute(1)
+        en_hi = (norm_up(x) + a * math.sqrt(r * n)) * (1.0 + 2.0 * gamma(r * n + 4))
+        del x
+        high = 2.0 * (norm_up(m) + en_hi)
+        peak = float(m.abs().max())
+        if not (0.0 < peak < math.inf):
+            return 0.0, high
+        ms = m.div_(peak)
+        flat = idx.reshape(-1)
+
+        def times(v: Tensor) -> Tensor:  # M v (v on the grid)
+            return (ms * v[idx]).sum(dim=1)
+
+        top_row = int(torch.linalg.vector_norm(ms, dim=1).argmax())
+        v = ms.new_zeros(n_grid).index_put_((idx[top_row],), ms[top_row], accumulate=True)
+        for _ in range(POWER_STEPS):
+            v = ms.new_zeros(n_grid).index_add_(0, flat, (ms * times(v)[:, None]).reshape(-1))
+            top = float(v.abs().max())
+            if not (0.0 < top < math.inf):
+                return 0.0, high
+            v = v / top
+        q = float(torch.linalg.vector_norm(times(v))) / float(torch.linalg.vector_norm(v))
+        return (q * peak * (1.0 - LOW_SLACK) if math.isfinite(q) else 0.0), high
+
+
+def _lazy_fits(rows: tuple[Tensor, Tensor] | _Local | _Mirror, cols: Tensor | None) -> bool:
+    """Whether a deferred norm's rows are held on windows (:class:`_Lazy`): rows on windows
+    whose windows (rows and error bounds) take at most the gathered matrix's memory (so at
+    most what :func:`lipbound.tight_memory.deferred_bytes` counts for it)."""
+    full = rows.src.numel() if isinstance(rows, _Mirror) else None
+    if isinstance(rows, _Mirror):
+        rows = rows.rows
+    if not isinstance(rows, _Local):
+        return False
+    r = rows.g.shape[0]
+    n = math.prod(rows.grid) if cols is None else int(cols.numel())
+    return 2 * r * int(rows.g[0].numel()) <= (full or r) * n and n > 0
 
 
 def _row_bound(g: Tensor, e: Tensor, cols: Tensor | None) -> list[float]:
@@ -632,16 +746,38 @@ class _Local:
         """``(g[:, cols], e[:, cols])`` of the rows on the whole grid (all columns: None)."""
         if cols is None:
             return self.dense()
-        c_, hh, ww = self.grid
-        h, w = self.g.shape[-2:]
-        ch, rem = cols // (hh * ww), cols % (hh * ww)
-        dy = rem[None, :] // ww - self.r0[:, None]
-        dx = rem[None, :] % ww - self.c0[:, None]
-        ok = (dy >= 0) & (dy < h) & (dx >= 0) & (dx < w)
-        idx = (ch[None, :] * (h * w) + dy.clamp(0, h - 1) * w + dx.clamp(0, w - 1))
-        zero = self.g.new_zeros(())
-        return (torch.where(ok, self.g.reshape(self.g.shape[0], -1).gather(1, idx), zero),
-                torch.where(ok, self.e.reshape(self.e.shape[0], -1).gather(1, idx), zero))
+        idx, out = _window_index(self.r0, self.c0, self.g.shape[-2:], self.grid, cols)
+        r = self.g.shape[0]
+        g = self.g.reshape(r, -1).gather(1, idx).masked_fill_(out, 0.0)
+        e = self.e.reshape(r, -1).gather(1, idx).masked_fill_(out, 0.0)
+        return g, e
+
+
+def _window_index(r0: Tensor, c0: Tensor, hw: tuple[int, int], grid: tuple[int, int, int],
+                  cols: Tensor) -> tuple[Tensor, Tensor]:
+    """For rows on ``h x w`` windows with top-left corners ``(r0, c0)`` of a grid ``(C, H,
+    W)``: the flat window index of each grid entry ``cols`` (``(R, len(cols))``; 0 where the
+    entry is outside the row's window) and where it is outside (``out``). Formed once per
+    distinct corner (rows of a unit's channels or of a pooling window's members share one)
+    and copied to the rows; the same entries as computing each row's."""
+    c_, hh, ww = grid
+    h, w = (int(s) for s in hw)
+    r = r0.shape[0]
+    code = r0 * ww + c0
+    uniq, inv = torch.unique(code, return_inverse=True)
+    few = 2 * uniq.numel() <= r
+    if few:
+        r0, c0 = uniq // ww, uniq % ww
+    rem = cols % (hh * ww)
+    dy = (rem // ww)[None, :] - r0[:, None]
+    dx = (rem % ww)[None, :] - c0[:, None]
+    out = (dy < 0) | (dy >= h) | (dx < 0) | (dx >= w)
+    idx = dy.mul_(w).add_(dx).add_(((cols // (hh * ww)) * (h * w))[None, :])
+    del dx
+    idx.masked_fill_(out, 0)
+    if few:
+        idx, out = idx.index_select(0, inv), out.index_select(0, inv)
+    return idx, out
 
 
 def _crop(t: Tensor, dr: Tensor, dc: Tensor, hs: int, ws: int) -> Tensor:
@@ -1063,7 +1199,14 @@ def _tail_start(blocks: list[Block], secs: list[_Secant | None], max_rows: int,
     live_n = [None if v is None else int(v.numel())
               for v in (lives if lives is not None else [None] * (n_blocks + 1))]
 
+    said: dict[int, str] = {}
+
     def fits(j: int) -> str:
+        if j not in said:  # (boundary 0's is asked twice: once for the reason)
+            said[j] = fitting(j)
+        return said[j]
+
+    def fitting(j: int) -> str:
         rows = n_out + sum(dev[j:])
         if rows > max_rows:
             return (f"{rows} rows of vector-Jacobian products ({n_out} outputs and "
@@ -1078,10 +1221,13 @@ def _tail_start(blocks: list[Block], secs: list[_Secant | None], max_rows: int,
     why = fits(0)
     start = next((j for j in range(max(0, min_start), n_blocks) if not fits(j)), None)
     # the deferred norms' matrices (not counted by the choice of the start): held where
-    # they fit under the cap with the construction's estimate
+    # they fit under the cap with the construction's estimate (on windows where they fit,
+    # LAZY_GATHER: the sweeps do not gather them; deferred_bytes counts the windows and the
+    # formation of one)
     defer = start is not None and peak_bytes(
-        blocks, sizes, taps, live_n, start, tail_starts, each_row) + deferred_bytes(
-        blocks, sizes, live_n, start, tail_starts) <= max_bytes
+        blocks, sizes, taps, live_n, start, tail_starts, each_row, lazy=LAZY_GATHER
+    ) + deferred_bytes(blocks, sizes, live_n, start, tail_starts,
+                       taps=taps if LAZY_GATHER else None) <= max_bytes
     return start, n_out + sum(dev), why, defer
 
 
@@ -1180,14 +1326,20 @@ def _tight(blocks: list[Block], x0: Tensor, eps: float, records: list[dict],
         while True:
             for where, cs in ((got, cols), (gotm, mcols)):
                 if k in cs:
-                    g, e = _columns(held, cs[k])
                     if defer and scale is not None and not each_row and (
                             where is gotm or (k == 0 and mcols)):
+                        if LAZY_GATHER and _lazy_fits(held, cs[k]):
+                            # (gathered where the norm is formed; rows on windows: not
+                            # changed in place by the later steps)
+                            where[k] = _Deferred(_Lazy(held, cs[k], scale), None)
+                            continue
+                        g, e = _columns(held, cs[k])
                         m, en = _norm_parts(g, e, None, scale)
                         del g, e
                         where[k] = 0.0 if m is None else _Deferred(m, en)
                         del m
                         continue
+                    g, e = _columns(held, cs[k])
                     where[k] = _row_bound(g, e, None) if each_row else \
                         _norm_bound(g, e, None, scale)
             if k <= stop:

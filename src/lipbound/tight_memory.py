@@ -293,12 +293,28 @@ def _norm(r: int, n: int, scaled: bool, each_row: bool) -> int:
     return max(5 * s, 3 * s + 2 * g2 + small, 4 * s + g2)
 
 
+def _lazy_fits(p: _Place, r_pull: int, r_full: int, n: int) -> bool:
+    """``lipbound.tight._lazy_fits`` on the replayed place: rows on windows whose windows
+    (rows and error bounds of the rows pulled) take at most the gathered ``r_full x n``."""
+    return p[0] and n > 0 and 2 * r_pull * _per_row(p) <= r_full * n
+
+
+def _lazy_norm(p: _Place, r_full: int) -> int:
+    """The peak (entries) of ``lipbound.tight._Lazy.bounds`` on the windows: the rows
+    with the negated ones rebuilt and their error bounds, the windows' grid indices, the
+    scaled rows, the error terms, the mask, and a product's two temporaries."""
+    return 8 * r_full * _per_row(p) + 2 * p[1] * 64
+
+
 def _sweep(blocks: list[Block], secs: list[SecantSize | None], taps: list[int], begin: int,
            p: _Place, r_pull: int, r_full: int, at: list[dict[int, int | None]], stop: int,
-           scaled: bool, each_row: bool) -> int:
+           scaled: bool, each_row: bool, lazy: bool = False) -> int:
     """The peak (entries) of one sweep of rows placed at ``p`` at boundary ``begin``, down
     to ``stop``: the held rows, each step, the norms at the boundaries in ``at`` (each a
-    dict boundary -> column count, None: all), taken one after the other."""
+    dict boundary -> column count, None: all), taken one after the other. ``lazy``: the
+    deferred norms (``at[1]``'s, and the input's where ``at[1]`` has any) whose windows take
+    at most the gathered matrix's entries are held on them (:class:`lipbound.tight._Lazy`):
+    only the bounds' temporaries are counted there (:func:`_lazy_norm`)."""
     peak = 0
     k = begin
     while True:
@@ -307,8 +323,13 @@ def _sweep(blocks: list[Block], secs: list[SecantSize | None], taps: list[int], 
         # the norms at one boundary are taken in turn: the rows on the last one's columns
         # stay (names of the sweep) until the next step's rows replace them
         kept = 0
-        for cs in at:
+        for i, cs in enumerate(at):
             if k in cs:
+                n_c = dim if cs[k] is None else cs[k]
+                if lazy and scaled and not each_row and (i == 1 or (k == 0 and at[1])) and \
+                        _lazy_fits(p, r_pull, r_full, n_c):
+                    peak = max(peak, held + kept + _lazy_norm(p, r_full))
+                    continue
                 ext, n_c = _columns(p, dim, cs[k], r_pull, r_full)
                 peak = max(peak, held + kept + max(ext, _norm(r_full, n_c, scaled, each_row)))
                 kept = 2 * r_full * n_c
@@ -356,7 +377,7 @@ def seed_bytes(b: PoolBlock, s: SecantSize) -> int:
 
 def peak_bytes(blocks: list[Block], secs: list[SecantSize | None], taps: list[int],
                lives: list[int | None], start: int, tail_starts: int,
-               each_row: bool = False) -> int:
+               each_row: bool = False, lazy: bool = False) -> int:
     """An upper estimate of the bytes the construction from boundary ``start`` allocates at
     its peak (see the module docstring).
 
@@ -368,6 +389,9 @@ def peak_bytes(blocks: list[Block], secs: list[SecantSize | None], taps: list[in
         start: the boundary the construction starts at (0: the whole network).
         tail_starts: the boundaries tried from ``start`` (:func:`hybrid_starts`).
         each_row: the output rows' norms are taken per row (the margin certificate).
+        lazy: the deferred norms are held on windows where they fit (:class:`lipbound.tight.
+            _Lazy`; with :func:`deferred_bytes` ``lazy=True``, which counts their
+            formation): their matrices are not gathered in the sweeps.
     """
     n_blocks = len(blocks)
     n_out = blocks[-1].out_dim
@@ -412,7 +436,7 @@ def peak_bytes(blocks: list[Block], secs: list[SecantSize | None], taps: list[in
                                                                   s.rows * per)
             dense_seed = 0
             start_rows = begin_extra
-        sweep = _sweep(blocks, secs, taps, t, p, r_pull, r_full, at, stop, True, False)
+        sweep = _sweep(blocks, secs, taps, t, p, r_pull, r_full, at, stop, True, False, lazy)
         worst = max(worst, stale + max(prev + first, sweep + begin_extra))
         prev = start_rows
         stale = max(stale, dense_seed)
@@ -420,24 +444,71 @@ def peak_bytes(blocks: list[Block], secs: list[SecantSize | None], taps: list[in
                ) + SLACK
 
 
+def _start_place(blocks: list[Block], secs: list[SecantSize | None], taps: list[int],
+                 t: int) -> tuple[int, _Place, int, int]:
+    """Where unstable secant ``t``'s rows are at the start of their sweep (as
+    :func:`peak_bytes` replays it): the boundary, the place, the rows pulled and the rows
+    after rebuilding the negated ones."""
+    s, b = secs[t], blocks[t]
+    if s.kind == "relu":
+        g = grid(b.out_shape)
+        p0 = (True, g[0], 1, 1) if g is not None else _dense(b.out_dim)
+        p, _ = _step(b, p0, s.rows, False, taps[t], True)
+        return t, p, s.rows, s.rows
+    g = grid(b.in_shape)
+    p = (True, g[0], *s.seed) if (s.seed is not None and g is not None) else _dense(b.in_dim)
+    return t, p, s.rows - s.pairs, s.rows
+
+
 def deferred_bytes(blocks: list[Block], secs: list[SecantSize | None],
-                   lives: list[int | None], start: int, tail_starts: int) -> int:
+                   lives: list[int | None], start: int, tail_starts: int,
+                   taps: list[int] | None = None) -> int:
     """The bytes the deferred norms of the construction from ``start`` hold (every one at
     once: :class:`lipbound.tight._Deferred`, the scaled deviation rows of each unstable
     secant ``t`` on the columns that may move at each hybrid boundary ``j <= t``, and on the
     input's for the whole network where hybrids compete with it), with the margin of
-    :func:`peak_bytes`; on top of its estimate. Arguments as there."""
+    :func:`peak_bytes`; on top of its estimate. Arguments as there (``taps``: None, every
+    matrix counted gathered). With ``taps``, a norm whose rows are on windows that take at
+    most the gathered matrix's entries (rows and error bounds, the rows pulled) is counted
+    as those windows: :class:`lipbound.tight._Lazy` holds them instead (session 22; the
+    same decision, :func:`_lazy_fits`, on the window sizes replayed as :func:`peak_bytes`
+    does), plus the largest formation of one of them (gathered, scaled, its norm: formed
+    after the sweeps, with every deferred norm held)."""
     n_blocks = len(blocks)
-    entries = 0
+    entries = form = 0
     hybrids = hybrid_starts(start, tail_starts, n_blocks)
     for t in range(start, n_blocks):
         s = secs[t]
         if s is None or not s.rows:
             continue
+        at: dict[int, int] = {}
         if start == 0 and len(hybrids):  # (the whole network's, at the input)
-            entries += s.rows * blocks[0].in_dim
+            at[0] = blocks[0].in_dim
         for j in hybrids:
             if j <= t:
-                n = lives[j] if lives[j] is not None else blocks[j].in_dim
-                entries += s.rows * n
-    return int(MARGIN * F8 * entries)
+                at[j] = lives[j] if lives[j] is not None else blocks[j].in_dim
+        if not at:
+            continue
+        places: dict[int, tuple[_Place, int, int]] = {}
+        if taps is not None:
+            k, p, r_pull, r_full = _start_place(blocks, secs, taps, t)
+            while True:
+                places[k] = (p, r_pull, r_full)
+                if k <= min(at):
+                    break
+                b = blocks[k - 1]
+                on = p[0] and grid(b.out_shape) is not None and \
+                    grid(b.out_shape) == grid(blocks[k].in_shape)
+                p, _ = _step(b, p, r_pull, True, taps[k - 1], on)
+                k -= 1
+        for j, n in at.items():
+            gathered = s.rows * n
+            if j in places and _lazy_fits(*places[j], n):
+                p, r_pull, r_full = places[j]
+                gathered = 2 * r_pull * _per_row(p)
+                # formed later (lipbound.tight._Lazy.matrix): gathered, scaled, the norm
+                dim = blocks[j].in_dim
+                ext, n_c = _columns(p, dim, None if j == 0 else n, r_pull, r_full)
+                form = max(form, max(ext, _norm(r_full, n_c, True, False)))
+            entries += gathered
+    return int(MARGIN * F8 * (entries + form))
