@@ -699,7 +699,9 @@ def _lazy_fits(rows: tuple[Tensor, Tensor] | _Local | _Mirror, cols: Tensor | No
         return False
     r = rows.g.shape[0]
     n = math.prod(rows.grid) if cols is None else int(cols.numel())
-    return 2 * r * int(rows.g[0].numel()) <= (full or r) * n and n > 0
+    if r == 0 or n == 0:  # (nothing to hold: the gathered path forms no matrix)
+        return False
+    return 2 * r * math.prod(rows.g.shape[1:]) <= (full or r) * n
 
 
 def _row_bound(g: Tensor, e: Tensor, cols: Tensor | None) -> list[float]:
