@@ -58,3 +58,43 @@ def test_cli_radius_headline_failure_prob_is_the_union(capsys):
     assert len(probs) >= 2
     assert d["certified_guarantee"] == "probabilistic lower bound"
     assert d["certified_failure_prob"] >= math.fsum(probs) * (1 - 1e-12)
+
+
+def _tiny_problem():
+    from lipbound import Analyzer
+    from lipbound.inputs import load_sample
+    from lipbound.radius import _problem
+    from lipbound.zoo import load_model
+
+    lm = load_model("tiny")
+    x0 = load_sample("tiny:x0", entry=lm.entry).x
+    an = Analyzer(lm.model, tuple(x0.shape[1:]))
+    return an, _problem(an, x0)
+
+
+@pytest.mark.parametrize("safe_eps", [0.5, 0.95])
+def test_radius_search_fallback_counts_both_candidates(monkeypatch, safe_eps):
+    """Defect (the same pattern inside one method): ``_certify`` reports the larger of a
+    twin-confirmed radius (``chk``, failure probability the twins' sum) and the search's
+    largest pass that needs no re-check (``safe``: deterministic, or the analyzer's cached
+    global bound, which may be probabilistic). Which one is larger depends on the draws, so
+    the reported radius is wrong only if one of the two is: with a probabilistic ``safe``
+    the failure probabilities add up. Before, each branch reported its own (2e-4 or 3e-4
+    here instead of 5e-4)."""
+    from lipbound import radius as rmod
+
+    an, pb = _tiny_problem()
+    prob = Guarantee.PROBABILISTIC
+    safe = rmod._Eval(safe_eps, True, 0.9, 1.0, prob, 3e-4, pb.runner_up, from_global=True)
+    last = rmod._Eval(1.0, True, 0.99, 1.0, prob, 1e-4, pb.runner_up)
+    fail = rmod._Eval(1.01, False, 1.01, 1.0, prob, 1e-4, pb.runner_up)
+    out = rmod._SearchOut(last, fail, [safe, last, fail], "converged")
+    chk = rmod._Eval(0.9, True, 0.95, 1.0, prob, 2e-4, pb.runner_up)
+    log = [{"seed_offset": 1, "eps": 0.9, "ratio": 0.95, "passed": True,
+            "guarantee": prob.value, "failure_prob": 2e-4}]
+    monkeypatch.setattr(rmod, "_search", lambda *a, **k: out)
+    monkeypatch.setattr(rmod, "_recheck", lambda *a, **k: (chk, log, 1))
+    res = rmod._certify(an, pb, "local", 1e-3, 1e12, None, 60, 0.0)
+    assert res.radius == max(safe_eps, 0.9)
+    assert res.guarantee == Guarantee.PROBABILISTIC_LOWER
+    assert res.failure_prob >= 5e-4 * (1 - 1e-12)
