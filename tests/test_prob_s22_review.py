@@ -98,3 +98,49 @@ def test_radius_search_fallback_counts_both_candidates(monkeypatch, safe_eps):
     assert res.radius == max(safe_eps, 0.9)
     assert res.guarantee == Guarantee.PROBABILISTIC_LOWER
     assert res.failure_prob >= 5e-4 * (1 - 1e-12)
+
+
+# ------------------------------------------------------------------ start vectors
+def test_output_maps_do_not_reuse_another_maps_start_vectors(monkeypatch):
+    """Defect: a layer's local factor drew its start vector from the stream (seed, layer,
+    draw) with ``draw`` counted per output map, so the first computation of a layer under an
+    ``output_map`` C reused the very start vector of the first computation without one (and
+    the second the second's ...). docs/guarantees.md promises that every computation of a
+    layer's factor draws a start vector of its own, so that its failure probability holds
+    however earlier results chose its operator (a user's loop choosing radii from earlier
+    bounds); a radius picked from a plain bound and then tested with a margin map was tested
+    with the same random vectors that picked it (the first 15 of a 17-long start are those
+    of a 15-long one: ``randn`` from the same state)."""
+    import torch
+    from torch import nn
+
+    import lipbound.lanczos as lz
+    from lipbound import Analyzer
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(10, 30), nn.ReLU(), nn.Linear(30, 30), nn.ReLU(),
+                          nn.Linear(30, 5)).double().eval()
+    x0 = torch.randn(1, 10, dtype=torch.float64)
+    starts: list = []
+    orig = lz._start_block
+
+    def record(n, b, g, dev):
+        v = orig(n, b, g, dev)
+        starts.append(v.clone().reshape(-1))
+        return v
+
+    monkeypatch.setattr(lz, "_start_block", record)
+    an = Analyzer(model, (10,), spectral="lanczos", lanczos_steps=4)
+    an.local_bound(x0, 0.1)
+    first = list(starts)
+    starts.clear()
+    an.local_bound(x0, 0.2, output_map=torch.eye(5, dtype=torch.float64)[:2])
+    second = list(starts)
+    assert len(first) >= 2 and len(second) >= 2
+    for u, v in zip(first, second, strict=False):
+        k = min(u.numel(), v.numel())
+        assert not torch.equal(u[:k], v[:k])
+    # the first computation of a fresh analyzer keeps its stream (default values unchanged)
+    starts.clear()
+    Analyzer(model, (10,), spectral="lanczos", lanczos_steps=4).local_bound(x0, 0.1)
+    assert all(torch.equal(u, v) for u, v in zip(first, starts, strict=True))
