@@ -452,7 +452,7 @@ class Analyzer:
         # computations of each layer's local factor so far: each one draws a fresh start
         # vector (see _gen), so its operator, however earlier results chose it, is fixed
         # before its draw
-        self._draws: dict[tuple[str, int, int], int] = {}
+        self._draws: dict[tuple[str | None, int, int], int] = {}  # (None: any output map)
         self._skipped_queries = 0
         self.reuse_tol = 0.0
         """Relative looseness a reused layer factor may have (see :meth:`_reuse`). 0: reuse
@@ -612,11 +612,22 @@ class Analyzer:
         return torch.Generator().manual_seed(salted)
 
     def _next_draw(self, key: str, i: int) -> int:
-        """The index of this computation of layer ``i``'s local factor under this seed (0 for
-        the first)."""
+        """The stream index (:meth:`_gen`) of this computation of layer ``i``'s local factor
+        under this seed: 0 for the first computation of the layer under any output map, then
+        1, 2, ... across all of them. The computations under each output map are counted too
+        (``(key, i, seed)``, the union bound of :meth:`_reuse`).
+
+        Since session 22 the stream index is counted per layer, not per output map: before,
+        the first computation of a layer under an ``output_map`` drew the start vector of
+        the first computation without one (the same stream), so a radius chosen from a
+        plain bound and then tested with a margin map was tested with the draws that chose
+        it. A single output map (and the first computation under any) keeps its streams."""
         n = self._draws.get((key, i, self.seed), 0)
         self._draws[(key, i, self.seed)] = n + 1
-        return n
+        # (None never names an output map: those are "" or a digest)
+        d = self._draws.get((None, i, self.seed), 0)
+        self._draws[(None, i, self.seed)] = d + 1
+        return d
 
     def _bar(self, progress: bool, what: str, blocks: list[Block]) -> NullBar:
         """A bar over the layers of one bound (see :mod:`lipbound._progress`)."""

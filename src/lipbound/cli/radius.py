@@ -347,7 +347,8 @@ def _write_csv(path: Path, rows, methods, attacks) -> Path:
     certificate method m: m_radius; per attack a: a_radius (empty when no class change was
     found); the headline certificate (the largest certified radius): certified_radius,
     certified_method, guarantee ("certified lower bound" or "probabilistic lower bound" on
-    the smallest class-changing L2 perturbation) and failure_prob (0 when certified); per
+    the smallest class-changing L2 perturbation) and failure_prob (0 when certified; else
+    the sum over the probabilistic methods, :func:`lipbound.radius.best`); per
     method m: m_guarantee and m_failure_prob; seconds."""
     with path.open("w", newline="") as fh:
         w = csv.writer(fh)
