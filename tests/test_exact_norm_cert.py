@@ -19,9 +19,19 @@ import numpy as np
 import pytest
 import torch
 
+from lipbound import spectral
 from lipbound.spectral import exact_norm
 
 pytestmark = pytest.mark.usefixtures("torch_one_thread")
+
+
+@pytest.fixture(params=["cpu-views", "device"])
+def route(request, monkeypatch):
+    """Both certificate routes of a torch tensor: through numpy views (CPU tensors) and the
+    torch-only one that GPU tensors take (forced here on the CPU)."""
+    if request.param == "device":
+        monkeypatch.setattr(spectral, "_NUMPY_DEVICES", ())
+    return request.param
 
 
 # --- the previous implementation (reference for the reported bits) ---------------------------
@@ -97,7 +107,7 @@ def _matrix(kind: str, m: int, n: int, scale: float, seed: int) -> np.ndarray:
 
 KINDS = ("gauss", "lowrank", "rank1", "near_rank1", "zero_rows", "clustered")
 SHAPES = ((1, 1), (1, 7), (7, 1), (2, 2), (5, 3), (3, 9), (17, 17), (40, 12), (64, 33),
-          (300, 40), (40, 300))
+          (300, 40), (40, 300), (130, 100))
 SCALES = (1e-150, 3.7e-20, 1.0, 2.0 ** 40, 1e150)
 
 
@@ -149,7 +159,7 @@ def _both(a: np.ndarray) -> tuple[float, float]:
 
 # --- (a) same bits as before ------------------------------------------------------------------
 
-def test_same_bits_as_the_previous_formula():
+def test_same_bits_as_the_previous_formula(route):
     for kind, (m, n), scale, seed in _cases():
         a = _matrix(kind, m, n, scale, seed)
         t = torch.from_numpy(a.copy())
@@ -157,7 +167,7 @@ def test_same_bits_as_the_previous_formula():
         assert exact_norm(t) == _old_exact_norm(t), (kind, m, n, scale)
 
 
-def test_edge_cases_unchanged():
+def test_edge_cases_unchanged(route):
     for a in (np.zeros((3, 4)), np.zeros((0, 5)), np.array([[np.inf, 1.0]]),
               np.array([[5e-324]]), np.array([[1.7e308, 1.7e308], [1.7e308, -1.7e308]])):
         for x in (a, torch.from_numpy(a.copy())):
@@ -208,9 +218,10 @@ def _liars(monkeypatch, factor: float) -> None:
 
 
 @pytest.mark.parametrize("factor", [1 - 1e-6, 1 - 1e-12, 0.0])
-def test_lying_eigensolver_is_caught(monkeypatch, factor):
+def test_lying_eigensolver_is_caught(monkeypatch, factor, route):
     mats = [_hadamard(4) * 3.0, np.outer(np.arange(1.0, 8.0), np.arange(-3.0, 9.0))]
     mats += [_matrix(kind, 30, 11, 1e-100, 7 + i) for i, kind in enumerate(KINDS)]
+    mats += [_matrix("clustered", 110, 100, 1e100, 5)]  # Gram order > 96: torch's Cholesky
     lows = [_rayleigh_lower(a) for a in mats]
     _liars(monkeypatch, factor)
     for a, low in zip(mats, lows, strict=True):
@@ -220,7 +231,7 @@ def test_lying_eigensolver_is_caught(monkeypatch, factor):
 
 # --- (d) the factorisation never succeeds: the Frobenius bound --------------------------------
 
-def test_fallback_is_a_rigorous_frobenius_bound(monkeypatch):
+def test_fallback_is_a_rigorous_frobenius_bound(monkeypatch, route):
     calls = []
 
     def fail_t(b, *args, **kwargs):
@@ -235,7 +246,8 @@ def test_fallback_is_a_rigorous_frobenius_bound(monkeypatch):
     monkeypatch.setattr(np.linalg, "cholesky", fail_n)
     for i, kind in enumerate(KINDS):
         for scale in (1e-300, 1.0, 1e300):
-            a = _matrix(kind, 9, 6, scale, 100 + i)
+            # Gram orders 6 and 100 (torch's Cholesky above 96, numpy's below)
+            a = _matrix(kind, *((9, 6) if i % 2 else (101, 100)), scale, 100 + i)
             f2 = _frob2(a)
             for v in _both(a):
                 assert _sq(v) >= f2  # ||A||_2 <= ||A||_F, exactly
