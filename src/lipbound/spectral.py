@@ -193,17 +193,19 @@ def exact_norm(m: Tensor | np.ndarray) -> float:
     Algorithms*, 2nd ed., Thm 10.3) shows ``μ I - Ĝ + D + ΔB = R^T R ⪰ 0`` for the computed
     factor ``R``, with ``D`` diagonal (the rounding of ``μ - Ĝ_ii``) and ``ΔB`` bounded by the
     computed trace, so ``λmax(Ĝ) <= cert(μ)`` (:func:`_cholesky_cert`). This is the idea of
-    verifying positive definiteness by a floating-point Cholesky factorisation (Demmel, BIT 29,
-    1989; Rump, BIT 46, 2006, "Verification of positive definiteness"). The exact Gram matrix
+    verifying positive definiteness by a floating-point Cholesky factorisation (Demmel, "On
+    floating point errors in Cholesky", LAPACK Working Note 14, 1989; Rump, "Verification of
+    positive definiteness", BIT 46, 2006). The exact Gram matrix
     ``G = M_s^T M_s`` of the computed scaled matrix differs from ``Ĝ`` by at most
     ``γ_k |M_s|^T |M_s|`` entrywise, of spectral norm ``<= γ_k ||M_s||_F^2``, so by Weyl's
     inequality ``λmax(G) <= cert(μ) + γ_k ||M_s||_F^2`` (the computed ``||M_s||_F^2`` itself
     enlarged by its rounding bound). Last, ``||M / peak - M_s||_2 <= ||M / peak - M_s||_F <=
     u / (1 - u) ||M_s||_F`` (plus underflow), and ``||M||_2 = peak ||M / peak||_2``. When the
-    resulting bound, evaluated with a margin for its own roundings, is ``<= V``, ``V`` is
-    returned (the same bits as the former formula, whose eigensolver error term
-    ``64 n u ||G||`` was an assumption; the SAFETY margin ``1e-9`` leaves the room the
-    certificate needs up to Gram orders ``n`` of about 2000-3000).
+    resulting bound, evaluated with a margin for its own roundings, is ``<= V`` (a rigorous
+    forward check: μ only has to be well chosen for it to pass), ``V`` is returned (the same
+    bits as the former formula, whose eigensolver error term ``64 n u ||G||`` was an
+    assumption; the SAFETY margin ``1e-9`` leaves the room the certificate needs up to Gram
+    orders ``n`` of about 2000-3000).
 
     Otherwise (a larger ``n``, where ``γ_{2(n+1)}`` times the trace does not fit in that room,
     or an eigenvalue too low) the level is raised (``max(λ, max_i Ĝ_ii)`` times ``1 + f``,
