@@ -253,3 +253,34 @@ def test_fallback_is_a_rigorous_frobenius_bound(monkeypatch, route):
                 assert _sq(v) >= f2  # ||A||_2 <= ||A||_F, exactly
                 assert _sq(v) <= f2 * Fraction(1 + 1e-12) ** 2  # and not looser than that
     assert "t" in calls and "n" in calls
+
+
+# --- the margin too small for the formula's value: the certificate's own value ----------------
+
+def test_certificate_value_when_the_margin_is_too_small(monkeypatch, route):
+    """Without the SAFETY margin the formula's value cannot be proven at Gram order 120 (the
+    certificate needs about 2 n^2 u, more than the formula's 64 n u): a higher level's
+    certificate is returned: sound, above that value, below the former value (with SAFETY) and
+    below the Frobenius bound (so it is the certificate's, not the fallback's)."""
+    kinds = ("gauss", "rank1", "near_rank1", "clustered")
+    mats = [_matrix(kind, 130, 120, 1e-30, 40 + i) for i, kind in enumerate(kinds)]
+    lows = [_rayleigh_lower(a) for a in mats]
+    monkeypatch.setattr(spectral, "SAFETY", 0.0)
+    for kind, a, low in zip(kinds, mats, lows, strict=True):
+        f2 = _frob2(a)
+        for v in _both(a):
+            assert _sq(v) >= low
+            assert v > spectral_formula(a)  # not provable: the certificate's value, above it
+            assert v <= _old_exact_norm(a)  # within the former margin
+            assert _sq(v) <= f2 * Fraction(1 + 1e-12) ** 2  # never looser than Frobenius
+            if kind in ("gauss", "clustered"):  # (rank 1: ||A||_F = ||A||_2, Frobenius wins)
+                assert _sq(v) < f2
+
+
+def spectral_formula(a: np.ndarray) -> float:
+    """The formula's value (numpy steps) with the current ``spectral.SAFETY``."""
+    k, n = max(a.shape), min(a.shape)
+    peak = float(np.max(np.abs(a)))
+    ms = (a if a.shape[0] >= a.shape[1] else a.T) / peak
+    lam = float(np.linalg.eigvalsh(ms.T @ ms)[-1])
+    return spectral._gram_norm_bound(lam, float(np.einsum("ij,ij->", ms, ms)), k, n, peak)
