@@ -4,7 +4,8 @@ Two routes, chosen per layer by cost (``mode="auto"``) or forced (``"exact"``/``
 
 * **exact** -- the (masked) matrix is formed in float64, from its weights or by applying the
   layer to basis vectors of its smaller side, and its largest singular value is obtained from
-  the Gram matrix of the smaller side with explicit rounding terms (:func:`exact_norm`).
+  the Gram matrix of the smaller side with explicit rounding terms, the eigensolver's answer
+  proven by a Cholesky factorisation (:func:`exact_norm`).
   Guarantee: **certified** (deterministic).
 * **lanczos** -- the Lanczos method with full re-orthogonalisation on the operator
   ``v -> M^T M v`` applied through the layer's own forward / transposed ops, from a start
@@ -177,13 +178,42 @@ def _memory_owner(device) -> str:
 def exact_norm(m: Tensor | np.ndarray) -> float:
     """Largest singular value of a dense float64 matrix, as a certified upper bound.
 
-    Computed from the Gram matrix of the smaller side (``eigvalsh``), 2.5-8x cheaper than an
-    SVD of a rectangular matrix. Rounding is covered explicitly: the float64 Gram matrix
-    differs from the exact one by at most ``γ_k |M|^T |M|`` entrywise (k the inner dimension,
-    γ_k = k u / (1 - k u), u = 2^-53), whose spectral norm is at most ``γ_k ||M||_F^2``; the
-    symmetric eigensolver is backward stable (error ``<= c n u ||G||``, taken with c = 64).
-    Both terms are added before the square root, and the SAFETY margin on top
-    (:func:`_gram_norm_bound`).
+    The value is computed from the Gram matrix of the smaller side (``eigvalsh``), 2.5-8x
+    cheaper than an SVD of a rectangular matrix, by :func:`_gram_norm_bound`, and then
+    *proven* by a Cholesky factorisation (:func:`_certified_gram_norm`): the eigensolver's
+    answer is only used to choose where to look, so an inaccurate (or wrong) eigenvalue cannot
+    make the result unsound.
+
+    The matrix is scaled, ``M_s = fl(M / peak)`` with ``peak = max |M_ij|``, and
+    ``Ĝ = fl(M_s^T M_s)`` (``k x n``, ``k >= n``). Then ``λ = eigvalsh(Ĝ)[-1]`` and the
+    reported value is ``V = _gram_norm_bound(λ, ...)``, as before. For a level μ with
+    ``λ < μ`` chosen in closed form so that the certificate below lands just under ``V``, the
+    float64 Cholesky factorisation of ``B̂ = fl(μ I - Ĝ)`` is attempted. If it completes, the
+    rounding error analysis of Cholesky (Higham, *Accuracy and Stability of Numerical
+    Algorithms*, 2nd ed., Thm 10.3) shows ``μ I - Ĝ + D + ΔB = R^T R ⪰ 0`` for the computed
+    factor ``R``, with ``D`` diagonal (the rounding of ``μ - Ĝ_ii``) and ``ΔB`` bounded by the
+    computed trace, so ``λmax(Ĝ) <= cert(μ)`` (:func:`_cholesky_cert`). This is the idea of
+    verifying positive definiteness by a floating-point Cholesky factorisation (Demmel, "On
+    floating point errors in Cholesky", LAPACK Working Note 14, 1989; Rump, "Verification of
+    positive definiteness", BIT 46, 2006). The exact Gram matrix
+    ``G = M_s^T M_s`` of the computed scaled matrix differs from ``Ĝ`` by at most
+    ``γ_k |M_s|^T |M_s|`` entrywise, of spectral norm ``<= γ_k ||M_s||_F^2``, so by Weyl's
+    inequality ``λmax(G) <= cert(μ) + γ_k ||M_s||_F^2`` (the computed ``||M_s||_F^2`` itself
+    enlarged by its rounding bound). Last, ``||M / peak - M_s||_2 <= ||M / peak - M_s||_F <=
+    u / (1 - u) ||M_s||_F`` (plus underflow), and ``||M||_2 = peak ||M / peak||_2``. When the
+    resulting bound, evaluated with a margin for its own roundings, is ``<= V`` (a rigorous
+    forward check: μ only has to be well chosen for it to pass), ``V`` is returned (the same
+    bits as the former formula, whose eigensolver error term ``64 n u ||G||`` was an
+    assumption; the SAFETY margin ``1e-9`` leaves the room the certificate needs up to Gram
+    orders ``n`` of about 2000-3000).
+
+    Otherwise (a larger ``n``, where ``γ_{2(n+1)}`` times the trace does not fit in that room,
+    or an eigenvalue too low) the level is raised (``max(λ, max_i Ĝ_ii)`` times ``1 + f``,
+    ``f`` from ``64 n u`` up by 16x per try, five tries; the first that completes counts) and
+    the certificate's own value, or the Frobenius bound ``||M||_F`` (with its rounding) when it
+    is smaller, is returned: slightly larger than ``V`` (about ``n^2 u`` relative: ``4e-10``
+    for a Gaussian ``8192 x 4096`` matrix), the only case whose bits differ from the former
+    formula. If no factorisation completes, the Frobenius bound is returned.
 
     ``m`` is a torch tensor (computed on its device) or a numpy array (computed by numpy,
     without torch's per-call overhead, which dominates on the small matrices some rival
@@ -193,7 +223,7 @@ def exact_norm(m: Tensor | np.ndarray) -> float:
         return _exact_norm_numpy(m)
     if m.numel() == 0:
         return 0.0
-    m = m.to(torch.float64)
+    m = m.detach().to(torch.float64)
     if m.shape[0] < m.shape[1]:
         m = m.T
     k, n = m.shape  # inner dimension k >= n
@@ -202,9 +232,88 @@ def exact_norm(m: Tensor | np.ndarray) -> float:
         return 0.0 if peak == 0.0 else math.inf
     ms = m / peak  # scaled to avoid under/overflow of the squares
     gram = ms.T @ ms
-    lam = float(torch.linalg.eigvalsh(gram)[-1])
-    frob2 = float((ms * ms).sum())
-    return _gram_norm_bound(lam, frob2, k, n, peak)
+    top = torch.linalg.eigvalsh(gram)[-1]
+    if gram.device.type in _NUMPY_DEVICES:  # numpy views of the CPU tensors
+        lam, frob2 = float(top), float((ms * ms).sum())
+        del ms
+        chol = _numpy_cholesky if n <= _NUMPY_CHOLESKY_MAX else _torch_cholesky
+        return _certified_gram_norm(lam, frob2, k, n, peak, *_numpy_factor(gram.numpy(), chol))
+    diag = gram.diagonal()
+    lam, frob2, g_max, g_trace = torch.stack((
+        top, (ms * ms).sum(), diag.max(), diag.sum())).tolist()
+    del ms, diag
+    # B̂ = fl(μ I - Ĝ) in place of Ĝ (no longer needed): the negation is exact; only the
+    # diagonal, fl(μ - Ĝ_ii) = fl(-Ĝ_ii + μ), is rounded
+    neg = gram.neg_()
+    neg_diag = neg.diagonal()
+    saved = neg_diag.clone()
+
+    def factor(mu: float) -> tuple[bool, float]:
+        neg_diag.copy_(saved)
+        neg_diag.add_(mu)
+        fac, info = torch.linalg.cholesky_ex(neg)  # reads the lower triangle only
+        r = fac.diagonal()
+        st = torch.stack((info.to(torch.float64), r.min(), r.sum(), neg_diag.sum())).tolist()
+        # min is NaN if any entry is; the sum of positive entries is finite iff all are
+        ok = st[0] == 0 and st[1] > 0 and math.isfinite(st[2])
+        return ok, st[3]
+
+    return _certified_gram_norm(lam, frob2, k, n, peak, g_max, g_trace, factor)
+
+
+_NUMPY_DEVICES = ("cpu",)
+"""Devices whose tensors :func:`exact_norm` certifies through numpy views (the small
+element-wise steps cost about 1 microsecond in numpy, 2-4 in torch); the factorisation itself
+is numpy's up to :data:`_NUMPY_CHOLESKY_MAX`, torch's above (faster there, one thread). The
+values are the same either way: the reported value is computed by torch, the certificate only
+accepts it. (Tests empty it to run the device path on the CPU.)"""
+
+_NUMPY_CHOLESKY_MAX = 96
+"""Largest Gram order factorised by numpy in the certificate of a CPU tensor."""
+
+
+def _numpy_cholesky(b: np.ndarray) -> np.ndarray | None:
+    """Diagonal of numpy's lower Cholesky factor of ``b`` (it reads the lower triangle only),
+    ``None`` when the factorisation fails."""
+    try:
+        return np.diagonal(np.linalg.cholesky(b))
+    except np.linalg.LinAlgError:
+        return None
+
+
+def _torch_cholesky(b: np.ndarray) -> np.ndarray | None:
+    """:func:`_numpy_cholesky` by torch (on the CPU, from a view of ``b``)."""
+    fac, info = torch.linalg.cholesky_ex(torch.from_numpy(b))  # lower triangle only
+    return np.diagonal(fac.numpy()) if int(info) == 0 else None
+
+
+def _numpy_factor(gram: np.ndarray,
+                  cholesky: Callable[[np.ndarray], np.ndarray | None] = _numpy_cholesky
+                  ) -> tuple[float, float, Callable[[float], tuple[bool, float]]]:
+    """``(max_i Ĝ_ii, Σ_i Ĝ_ii, factor)`` for :func:`_certified_gram_norm`, by numpy (the
+    factorisation by ``cholesky``). ``gram`` (writable, no longer needed) is overwritten by
+    ``fl(μ I - Ĝ)``."""
+    n = gram.shape[0]
+    gram = np.ascontiguousarray(gram)  # (no copy when it is: the diagonal view below)
+    # B̂ = fl(μ I - Ĝ) in place of Ĝ: the negation is exact; only the diagonal,
+    # fl(μ - Ĝ_ii) = fl(-Ĝ_ii + μ), is rounded
+    neg = np.negative(gram, out=gram)
+    b_diag = neg.reshape(-1)[:: n + 1]  # a writable view of the diagonal
+    saved = b_diag.copy()
+    g_diag = (-saved).tolist()  # Ĝ_ii, exactly
+    g_max, g_trace = max(g_diag), math.fsum(g_diag)
+
+    def factor(mu: float) -> tuple[bool, float]:
+        np.add(saved, mu, out=b_diag)
+        r = cholesky(neg)
+        if r is None:
+            return False, math.nan
+        # (Python floats: numpy's reductions cost more on these short vectors; fsum is
+        # correctly rounded, within the γ_n of any summation order)
+        ok = all(0.0 < x < math.inf for x in r.tolist())
+        return ok, math.fsum(b_diag.tolist())
+
+    return g_max, g_trace, factor
 
 
 def _exact_norm_numpy(m: np.ndarray) -> float:
@@ -222,11 +331,12 @@ def _exact_norm_numpy(m: np.ndarray) -> float:
     gram = ms.T @ ms  # numpy computes a product of this form as a symmetric rank-k update
     lam = float(np.linalg.eigvalsh(gram)[-1])
     frob2 = float(np.einsum("ij,ij->", ms, ms))
-    return _gram_norm_bound(lam, frob2, k, n, peak)
+    del ms  # the factorisation's memory instead
+    return _certified_gram_norm(lam, frob2, k, n, peak, *_numpy_factor(gram))
 
 
 def _gram_norm_bound(lam: float, frob2: float, k: int, n: int, peak: float) -> float:
-    """The certified bound of :func:`exact_norm` from its computed parts.
+    """The value :func:`exact_norm` reports when its certificate proves it.
 
     Args:
         lam: the largest eigenvalue the symmetric eigensolver returned for the float64 Gram
@@ -237,17 +347,167 @@ def _gram_norm_bound(lam: float, frob2: float, k: int, n: int, peak: float) -> f
         peak: the scale, ``max |M_ij|``.
 
     Returns:
-        An upper bound on ``||M||_2``: ``λmax(exact Gram) <= lam (1 + c n u) + γ_k ||M_s||_F^2
-        (1 + c n u)`` (eigensolver backward error ``c n u ||G||``, c = 64, and the Gram
-        rounding ``γ_k ||M_s||_F^2``), its square root times ``peak`` with the relative margin
-        SAFETY (which covers the rounding of the scaling, of ``frob2`` and of these last
-        operations), one ulp up.
+        ``sqrt(lam (1 + 64 n u) + γ_k ||M_s||_F^2 (1 + 64 n u))`` times ``peak`` with the
+        relative margin SAFETY, one ulp up: the former certified value, which assumed an
+        eigensolver backward error ``<= 64 n u ||G||``; it is now an upper bound only once
+        :func:`_certified_gram_norm` has proven it.
     """
     u = 2.0 ** -53
     gamma = k * u / (1 - k * u)
     lam_up = max(lam, 0.0) * (1 + 64 * n * u) + gamma * frob2 * (1 + 64 * n * u)
     # one ulp up: the relative margins vanish on the subnormal grid
     return math.nextafter(math.sqrt(lam_up) * peak * (1 + SAFETY), math.inf)
+
+
+_U = 2.0 ** -53
+"""Unit roundoff of float64."""
+
+_TINY = 2.0 ** -1000
+"""Unit of the absolute terms that cover underflow (scaled problems have ``λmax >= 1``)."""
+
+_CERT_TRIES = 5
+"""Levels tried after the one that would prove the formula's value (:func:`exact_norm`)."""
+
+_CERT_STEP = 16.0
+"""Factor by which the relative gap ``μ / λ - 1`` grows from one try to the next."""
+
+_LAST_MARGIN = 1e-12
+"""Relative room left below the formula's value when its level is chosen: covers the
+difference between the estimated and the computed trace and the last roundings (each a few
+``u``); the check itself is rigorous, this only makes it succeed."""
+
+
+def _gamma(m: int) -> float:
+    """γ_m = m u / (1 - m u) (Higham, *Accuracy and Stability of Numerical Algorithms*, §3.1),
+    ``inf`` when ``m u >= 1/2``."""
+    mu = m * _U
+    return mu / (1.0 - mu) if mu < 0.5 else math.inf
+
+
+def _cholesky_cert(mu: float, trace: float, g_max: float, n: int) -> float:
+    """Upper bound on λmax(Ĝ) from a completed Cholesky factorisation of ``B̂ = fl(μ I - Ĝ)``
+    (real symmetric ``Ĝ`` of order n, μ > 0), given the computed trace of ``B̂``.
+
+    Proof (real counterpart of :func:`lipbound.ops.conv._cholesky_upper`). The negation is
+    exact and only the diagonal is rounded: ``B̂_ii = (μ - Ĝ_ii)(1 + δ_i)``, ``|δ_i| <= u``, so
+    ``B̂ = μ I - Ĝ + D`` with ``D`` diagonal, ``|D_ii| <= u (μ + |Ĝ_ii|)`` (a difference that
+    underflows is exact). If the factorisation completes (``info == 0``, the diagonal of
+    ``R`` finite and positive: a non-finite off-diagonal entry would make a later pivot NaN or
+    ``-inf``), the computed factor satisfies ``R^T R = B̂ + ΔB`` with
+    ``|ΔB| <= γ_{n+1} |R^T| |R|`` entrywise, for any order of the inner products, blocked
+    codes included (Higham, Thm 10.3). We take ``γ_c = γ_{2(n+1)}``: it also covers codes that
+    multiply by a computed reciprocal or reciprocal square root instead of dividing (a few
+    more roundings per entry). With ``r_j`` the columns of ``R``,
+    ``(|R^T| |R|)_ij <= ||r_i|| ||r_j||``, so ``||ΔB||_2 <= γ_c Σ_j ||r_j||^2``; on the
+    diagonal ``||r_j||^2 = B̂_jj + ΔB_jj <= B̂_jj + γ_c ||r_j||^2``, so ``B̂_jj >= 0`` and
+    ``Σ_j ||r_j||^2 <= trace(B̂) / (1 - γ_c)`` (we use the weaker ``1 / (1 - n γ_c)``); the
+    computed trace ``t̂`` of these non-negative terms has ``trace(B̂) <= t̂ / (1 - γ_n)``.
+    From ``R^T R ⪰ 0``: ``Ĝ = μ I + D + ΔB - R^T R ⪯ (μ + max|D_ii| + ||ΔB||_2) I``, i.e.
+
+        λmax(Ĝ) <= μ + γ_c t̂ / ((1 - γ_n)(1 - n γ_c)) + u (μ + max_i |Ĝ_ii|).
+
+    Underflow adds at most ``2^-1022 max(1, |r_jj|)`` per operation to an entry of ``ΔB``;
+    ``n^2 2^-1000 (1 + μ + max_i |Ĝ_ii|)`` covers it in norm. The evaluation of this sum of
+    non-negative terms takes about a dozen roundings (the computed γ's included), covered by
+    the factor ``1 + 32 u``. Which triangle the factorisation reads does not matter: the
+    statement holds for the symmetric matrix that triangle defines, whose entries are entries
+    of ``Ĝ`` (each within the Gram rounding bound of the exact one).
+
+    Returns:
+        The bound, or ``inf`` when it does not apply (``n γ_c >= 1/2``, μ not positive, or a
+        non-finite trace).
+    """
+    g_c = _gamma(2 * (n + 1))
+    if not (n * g_c < 0.5 and mu > 0 and math.isfinite(mu) and math.isfinite(trace)
+            and trace >= 0):
+        return math.inf
+    up = (mu + g_c * trace / ((1.0 - _gamma(n)) * (1.0 - n * g_c)) + _U * (mu + g_max)
+          + n * n * _TINY * (1.0 + mu + g_max))
+    return up * (1.0 + 32.0 * _U)
+
+
+def _norm_from_gram_bound(lg: float, f2: float, k: int, n: int, peak: float) -> float:
+    """``||M||_2`` bound from ``lg >= λmax(M_s^T M_s)`` (exact Gram matrix of the computed
+    scaled matrix ``M_s = fl(M / peak)``) and ``f2 >= ||M_s||_F^2``.
+
+    ``|M_ij / peak - (M_s)_ij| <= u / (1 - u) |(M_s)_ij| + 2^-1075``, so
+    ``||M / peak||_2 <= sqrt(lg) + u / (1 - u) sqrt(f2) + sqrt(k n) 2^-1075`` (Frobenius norm
+    of the difference; ``(k + n) 2^-1000`` covers the last term). The evaluation of ``x``
+    (at most about twenty roundings of non-negative terms, those of ``lg`` and ``f2``
+    included, each a relative ``u``) is covered by ``1 + 64 u``; ``fl(peak x)`` is then
+    ``>= peak x (1 - u)`` or, on the subnormal grid, ``>= peak x - 2^-1075``: the factor
+    ``1 + 4 u`` and one ulp up cover both.
+    """
+    x = math.sqrt(lg) + _U / (1.0 - _U) * math.sqrt(f2) + (k + n) * _TINY
+    x = x * (1.0 + 64.0 * _U)
+    return math.nextafter(peak * x * (1.0 + 4.0 * _U), math.inf)
+
+
+def _certified_gram_norm(lam: float, frob2: float, k: int, n: int, peak: float, g_max: float,
+                         g_trace: float, factor: Callable[[float], tuple[bool, float]]
+                         ) -> float:
+    """The certified value of :func:`exact_norm` from its computed parts.
+
+    Args:
+        lam: ``eigvalsh(Ĝ)[-1]`` (only used to choose the levels).
+        frob2: the computed ``||M_s||_F^2``.
+        k, n: the inner dimension and the order of ``Ĝ``.
+        peak: the scale ``max |M_ij|``.
+        g_max, g_trace: the computed ``max_i Ĝ_ii`` and ``Σ_i Ĝ_ii`` (only used to choose the
+            levels; ``g_max`` also enters the certificate).
+        factor: ``factor(μ) -> (completed, computed trace of fl(μ I - Ĝ))``: one Cholesky
+            factorisation of ``fl(μ I - Ĝ)`` (:func:`_cholesky_cert`).
+
+    Returns:
+        ``_gram_norm_bound(...)`` when a factorisation proves it, else the value of a
+        certificate at a higher level or the Frobenius bound, whichever is smaller.
+    """
+    value = _gram_norm_bound(lam, frob2, k, n, peak)
+    # ||M_s||_F^2 <= computed sum of k n rounded squares / (1 - γ_{kn+1}) + underflow
+    g_f = _gamma(k * n + 1)
+    if not g_f < 0.5:
+        return math.inf  # beyond any memory: k n >= 2^51
+    f2 = frob2 / (1.0 - g_f) + (k * n) * _TINY
+    # ||Ĝ - G||_2 <= γ_k ||M_s||_F^2 (+ underflow, k products per entry, n entries per row)
+    gram_err = _gamma(k) * f2 + k * n * _TINY
+    g_c = _gamma(2 * (n + 1))
+    base = max(lam, g_max) if math.isfinite(lam) else g_max
+
+    def attempt(mu: float) -> float:
+        if not (mu > g_max and math.isfinite(mu)):
+            return math.inf  # the factorisation would fail: λmax(Ĝ) >= max_i Ĝ_ii
+        ok, trace = factor(mu)
+        if not ok:
+            return math.inf
+        cert = _cholesky_cert(mu, trace, g_max, n)
+        return _norm_from_gram_bound(cert + gram_err, f2, k, n, peak)
+
+    # 1. the level whose certificate lands just under the formula's value
+    if math.isfinite(value) and n * g_c < 0.5:
+        x = value / (peak * (1.0 + _LAST_MARGIN)) - _U / (1.0 - _U) * math.sqrt(f2)
+        lam_t = (x * x - gram_err) / (1.0 + 32.0 * _U)
+        c = g_c / ((1.0 - _gamma(n)) * (1.0 - n * g_c))
+        # cert(μ) ≈ μ (1 + u + c n) - c trace(Ĝ) + u g_max + n^2 2^-1000 (1 + μ + g_max)
+        mu = (lam_t + c * g_trace - _U * g_max - n * n * _TINY * (1.0 + g_max)) / (
+            1.0 + _U + c * n + n * n * _TINY)
+        first = attempt(mu) if mu > lam else math.inf
+        if first <= value:
+            return value
+    elif value == math.inf:
+        return value  # overflow of the scaled-back value: inf is an upper bound
+    else:
+        first = math.inf
+    # 2. higher levels (the first that completes); the certificate's own value
+    best = min(first, _norm_from_gram_bound(f2, f2, k, n, peak))  # λmax(G) <= trace(G)
+    f = 64.0 * n * _U
+    for _ in range(_CERT_TRIES):
+        got = attempt(base * (1.0 + f))
+        if got < math.inf:
+            log.debug("exact_norm: certified at a level %.3g above the top eigenvalue", f)
+            return min(got, best)
+        f *= _CERT_STEP
+    log.debug("exact_norm: no Cholesky certificate at Gram order %d; Frobenius bound", n)
+    return best
 
 
 def _compact_maps(mv: MapFn, rmv: MapFn, idx: Tensor, n_full: int, swap: bool

@@ -763,8 +763,8 @@ def safe_spectral_norm(a: np.ndarray, abs_err: float = 0.0) -> float:
 
     ``||A||_2`` is bounded by :func:`lipbound.spectral.exact_norm`, the analyzer's certified
     exact route (the top eigenvalue of the float64 Gram matrix of the smaller side, with the
-    Gram matrix's rounding ``γ_k ||A||_F^2`` and the symmetric eigensolver's backward error
-    added before the square root, and a relative margin of ``1e-9`` on top; see
+    Gram matrix's rounding ``γ_k ||A||_F^2`` and ``64 n u`` added before the square root, and a
+    relative margin of ``1e-9`` on top, proven by a Cholesky certificate; see
     docs/guarantees.md): 2-8x cheaper than an SVD. ``abs_err`` (a bound on
     ``||A_true - A||_2`` from forming ``A``, e.g. :func:`product_error`) is added and the sum
     rounded up, so the returned float is at least the real-number bound.
