@@ -6,7 +6,9 @@ backward error of the eigensolver: an eigensolver that lies (returns its top eig
 too low, or 0) must still give a bound >= the exact value, max over the frequencies ω of the
 top singular value of the kernel's DFT K(ω), computed here independently (fft2 of the
 zero-padded kernel, ``torch.linalg.svdvals`` in complex128). No tolerance in the unsafe
-direction.
+direction. Where the certificate proves the former value (every Gram size up to 15, and the
+default path of the zoo's layers), the bound keeps its bits: checked against the previous
+formula, kept here as the reference.
 """
 
 from __future__ import annotations
@@ -14,8 +16,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+from lipbound import zoo
 from lipbound.ops import conv as conv_mod
-from lipbound.ops.conv import ConvOp, circulant_norm_bound
+from lipbound.ops.conv import ConvOp, circulant_norm_bound, conv2d_rule
 
 pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
@@ -102,3 +105,128 @@ def test_last_resort_when_every_factorisation_fails(case, use_cholesky, monkeypa
     bound = circulant_norm_bound(op)
     assert bound is not None
     assert bound >= exact
+
+
+# --- bits: the previous formula as the reference ---------------------------------------------
+
+def _old_eig(gram, gf, fro_up, cnu):
+    """The previous value of an eigvalsh frequency: (λ̂ + c n u gf) / (1 - c n u) + gf, which
+    assumed the eigensolver's backward error."""
+    lam = torch.linalg.eigvalsh(gram)[..., -1].clamp_min(0.0)
+    return lam, (lam + cnu * gf) / (1.0 - cnu) + gf
+
+
+def _new_and_old(op: ConvOp, use_cholesky: bool | None) -> tuple[float, float]:
+    with pytest.MonkeyPatch.context() as mp:
+        if use_cholesky is False:
+            mp.setattr(conv_mod, "_CHOL_MIN_N", 10 ** 9)
+        new = circulant_norm_bound(op)
+        mp.setattr(conv_mod, "_eig_certified", _old_eig)
+        old = circulant_norm_bound(op)
+    assert new is not None and old is not None
+    return new, old
+
+
+def _zoo_convs(name: str) -> list[ConvOp]:
+    """The ops of a zoo model's convolutions, with the shapes seen on a forward pass."""
+    model = zoo.load_model(name).model
+    ops: list[ConvOp] = []
+    hooks = [m.register_forward_hook(
+        lambda mod, i, o, nm=nm: ops.append(conv2d_rule(mod, nm, tuple(i[0].shape[1:]),
+                                                        tuple(o.shape[1:]))))
+        for nm, m in model.named_modules() if isinstance(m, torch.nn.Conv2d)]
+    shape = zoo.load_model(name).entry.input_shape
+    with torch.no_grad():
+        model(torch.zeros(1, *shape, dtype=next(model.parameters()).dtype))
+    for h in hooks:
+        h.remove()
+    return ops
+
+
+@pytest.mark.parametrize("name", ["cifar10", "mnist"])
+def test_zoo_layers_keep_their_bits(name):
+    ops = _zoo_convs(name)
+    assert ops
+    for op in ops:
+        exact = _exact_circulant(op)
+        new, old = _new_and_old(op, None)
+        assert new == old, op.name  # the default path: bit for bit
+        assert new >= exact
+        n = min(op.weight.shape[:2])  # the Gram size (stride 1, one group)
+        new, old = _new_and_old(op, False)
+        assert new >= exact
+        if n <= 15:
+            assert new == old, op.name
+        else:  # the room c n u is smaller than the certificate's overhead (~4 n^2 u)
+            assert new <= old * (1 + 1e-9), op.name
+
+
+def _random_conv(seed: int) -> ConvOp:
+    gen = torch.Generator().manual_seed(seed)
+    c_in, c_out = (int(v) for v in torch.randint(1, 17, (2,), generator=gen))
+    kh, kw = (int(v) for v in torch.randint(1, 6, (2,), generator=gen))
+    h, w = (int(v) for v in torch.randint(4, 17, (2,), generator=gen))
+    pad = int(torch.randint(0, 3, (1,), generator=gen))
+    return _make(c_in, c_out, kh, kw, pad, max(h, kh), max(w, kw), seed=seed)
+
+
+@pytest.mark.parametrize("use_cholesky", [None, False])
+def test_random_convolutions_keep_their_bits(use_cholesky):
+    for seed in range(40):
+        op = _random_conv(seed)
+        new, old = _new_and_old(op, use_cholesky)
+        assert new >= _exact_circulant(op)
+        n = min(op.weight.shape[:2])
+        if n <= 15 or use_cholesky is None:
+            assert new == old, seed
+        else:
+            assert new <= old * (1 + 1e-9), seed
+
+
+# --- the higher levels ---------------------------------------------------------------------
+
+def _rounds_spy(fail_first: int = 0):
+    """A wrapper of ``_cholesky_upper_neg`` that records (batch, failures) per call and makes
+    the first ``fail_first`` calls fail."""
+    calls: list[tuple[int, int]] = []
+    real = conv_mod._cholesky_upper_neg
+
+    def spy(neg, level):
+        out = real(neg, level)
+        if len(calls) < fail_first:
+            out = torch.full_like(out, torch.inf)
+        calls.append((neg.shape[0], int((~torch.isfinite(out)).sum())))
+        return out
+
+    return spy, calls
+
+
+@pytest.mark.parametrize("case", _CASES[1:6])
+def test_a_failed_first_factorisation_is_retried_at_a_higher_level(case, monkeypatch):
+    """Without Cholesky levels, the first call of the factorisation is _eig_certified's first
+    level: made to fail, the next levels (2 n u above λ̂, then 16 times farther) certify,
+    within the Cholesky rounding terms of the former value."""
+    *shape, groups = case
+    op = _make(*shape, seed=sum(case) + 2, groups=groups)
+    _, old = _new_and_old(op, False)
+    monkeypatch.setattr(conv_mod, "_CHOL_MIN_N", 10 ** 9)
+    spy, calls = _rounds_spy(fail_first=1)
+    monkeypatch.setattr(conv_mod, "_cholesky_upper_neg", spy)
+    new = circulant_norm_bound(op)
+    assert len(calls) >= 2 and calls[-1][1] == 0  # retry rounds, the last certifies all
+    assert _exact_circulant(op) <= new <= old * (1 + 1e-9)
+
+
+@pytest.mark.parametrize("n", [16, 20])
+def test_rank_one_spectrum_beyond_the_room(n, monkeypatch):
+    """K(ω) of rank one at every frequency (W[o, c] = p_o q_c r): at n >= 16 the room
+    c n u cannot hold the certificate's overhead; the value comes from a higher level, sound
+    and within the Cholesky rounding terms of the former value."""
+    gen = torch.Generator().manual_seed(n)
+    op = _make(n, n, 3, 3, 1, 6, 6, seed=n)
+    p, q = (torch.randn(n, generator=gen, dtype=torch.float64) for _ in range(2))
+    r = torch.randn(3, 3, generator=gen, dtype=torch.float64)
+    op.weight.copy_(p[:, None, None, None] * q[None, :, None, None] * r)
+    new, old = _new_and_old(op, False)
+    assert _exact_circulant(op) <= new <= old * (1 + 1e-9)
+    assert new != old  # (the former value is not proven here)
