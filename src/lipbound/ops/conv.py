@@ -325,8 +325,22 @@ _U = 2.0 ** -53
 """Unit roundoff of float64."""
 
 _EIG_C = 64
-"""Constant c of the backward error ``c n u ||G||`` of the Hermitian eigensolver (as in
-:func:`lipbound.spectral.exact_norm`)."""
+"""Constant c of the formula ``(λ̂ + c n u γf) / (1 - c n u) + γf`` that gives the value of a
+frequency whose top eigenvalue λ̂ comes from ``eigvalsh`` (:func:`_eig_upper`, as in
+:func:`lipbound.spectral.exact_norm`). It was the assumed backward error ``c n u ||G||`` of the
+Hermitian eigensolver; the value is now proven by a Cholesky factorisation
+(:func:`_eig_certified`), and ``c n u`` only sets the room the certificate has."""
+
+_EIG_CERT_MARGIN = 16 * 2.0 ** -53
+"""Relative room left below the formula's value when :func:`_eig_certified` chooses its
+first level: covers the roundings of the level and of the certificate's evaluation (each a few
+``u``); the comparison itself is rigorous, this only makes it succeed."""
+
+_EIG_CERT_TRIES = 5
+"""Higher levels tried by :func:`_eig_certified` where the first factorisation fails."""
+
+_EIG_CERT_STEP = 16.0
+"""Factor by which the relative gap of those levels above the top eigenvalue grows."""
 
 _MARGIN = 1e-12
 """Relative margin on the final scalar (covers the dozen roundings of the scalar arithmetic
@@ -444,10 +458,115 @@ def _cholesky_upper_neg(neg: Tensor, level: Tensor) -> Tensor:
 
 
 def _eig_upper(gram: Tensor, gf: Tensor, cnu: float) -> tuple[Tensor, Tensor]:
-    """Top eigenvalue λ̂ of each Hermitian Ĝ (batched ``eigvalsh``) and the certified upper
-    value (λ̂ + c n u gf) / (1 - c n u) + gf of λmax(G) (comments in :func:`_max_freq_norm`)."""
+    """Top eigenvalue λ̂ of each Hermitian Ĝ (batched ``eigvalsh``) and the formula's value
+    ``t = (λ̂ + c n u gf) / (1 - c n u)`` for λmax(Ĝ); ``t + gf`` was the value of λmax(G),
+    which assumed an eigensolver backward error ``c n u ||Ĝ||`` (comments in
+    :func:`_max_freq_norm`). It is an upper bound only once :func:`_eig_certified` has
+    proven it."""
     lam = torch.linalg.eigvalsh(gram)[..., -1].clamp_min(0.0)
-    return lam, (lam + cnu * gf) / (1.0 - cnu) + gf
+    return lam, (lam + cnu * gf) / (1.0 - cnu)
+
+
+def _eig_certified(gram: Tensor, gf: Tensor, fro_up: Tensor, cnu: float
+                   ) -> tuple[Tensor, Tensor]:
+    """Top eigenvalue λ̂ of each Hermitian Ĝ (:func:`_eig_upper`) and a *proven* upper bound on
+    λmax(G): the formula value ``V = t + gf``, ``t = (λ̂ + c n u gf) / (1 - c n u)``, wherever a
+    Cholesky factorisation proves ``λmax(Ĝ) <= t`` (the same bits as before), else a
+    certificate's own value, else the Frobenius bound. λ̂ only chooses the levels: an
+    inaccurate (or wrong) eigenvalue cannot make the result unsound.
+
+    Proof. For a level μ, the batched float64 Cholesky factorisation of ``B̂ = fl(μ I - Ĝ)``
+    (:func:`_cholesky_upper_neg`), where it completes, gives ``U(μ) >= λmax(Ĝ)`` by the
+    rounding error analysis of Cholesky (Higham, *Accuracy and Stability of Numerical
+    Algorithms*, 2nd ed., Thm 10.3; the idea of Demmel, "On floating point errors in
+    Cholesky", LAPACK Working Note 14, 1989, and Rump, "Verification of positive
+    definiteness", BIT 46, 2006; constants in :func:`_cholesky_upper`). With
+    ``||Ĝ - G||_2 <= gf`` (:func:`_max_freq_norm`) Weyl's inequality gives
+    ``λmax(G) <= U(μ) + gf``. Since U(μ) is affine in μ and in the computed trace of B̂
+    (about ``n μ - trace(Ĝ)``), the level is chosen in closed form so that U(μ) lands just
+    under t (``_EIG_CERT_MARGIN`` relative below it); where the computed ``U(μ) <= t``
+    (a rigorous comparison: μ only has to be well chosen for it to pass),
+    ``λmax(G) <= t + gf`` and V is returned. The room ``t - λ̂ >= c n u λ̂`` (c = 64) must
+    hold the certificate's overhead ``≈ 4 (n + 1) u Σ_i (μ - λ_i(Ĝ)) + 34 u μ`` and the
+    gap μ - λ̂ the factorisation needs: at any spectrum for Gram sizes ``n <= 15``
+    (``4 (n + 1)(n - 1) + 50 <= 64 n``, a rank-one Ĝ being the worst case), for larger n
+    when the spectrum is flat enough (mean eigenvalue above about ``1 - 16 / (n + 1)`` of
+    the top one). Measured (eigvalsh for every frequency): all of n = 8-15, random and
+    rank-one or -two kernels, prove V; at n = 16-19 random kernels do (all but 1 of 720
+    frequencies), rank-one ones do not, nor CIFAR-10's n = 32 and 64 (in the default path
+    those eigvalsh frequencies are not the maximum: the bound keeps its bits). Where the
+    room does not suffice, the certificate that completed is
+    kept (``min(U(μ) + gf, fro_up)``, about ``4 n^2 u`` relative above λ̂: the only case whose
+    bits differ; a higher level would only give a larger one). Where the factorisation
+    fails (or μ would not exceed ``max(λ̂, max_i Ĝ_ii)``), the levels
+    ``max(λ̂, max_i Ĝ_ii) (1 + f)``, f from ``2 n u`` up by ``_EIG_CERT_STEP`` per round,
+    ``_EIG_CERT_TRIES`` rounds, are tried (one batched factorisation per round over the
+    matrices still open; the first that completes counts, capped by ``fro_up``). The last
+    resort is ``fro_up >= ||K̂||_F^2 >= λmax(G)`` (G = K̂^H K̂ is positive semidefinite).
+
+    Args:
+        gram: the matrices Ĝ, (batch, n, n), complex128; overwritten (it is negated in place:
+            the factorisations start from ``-Ĝ``).
+        gf: (batch,) bounds on ``||Ĝ - G||_2``.
+        fro_up: (batch,) rigorous upper bounds on ``||K̂||_F^2``.
+        cnu: ``c n u``.
+
+    Returns:
+        ``(λ̂, bound)``, both (batch,) float64.
+    """
+    lam, t = _eig_upper(gram, gf, cnu)
+    value = t + gf  # the former value, bit for bit
+    batch, n = gram.shape[0], gram.shape[-1]
+    g_c = _gamma(4 * (n + 1))
+    if batch == 0 or not n * g_c < 0.5:
+        return lam, fro_up.clone()
+    neg = gram.neg_()  # -Ĝ, exactly
+    d = neg.diagonal(dim1=-2, dim2=-1).real  # -Ĝ_ii (Ĝ_ii, a computed sum of squares, >= 0)
+    g_top = d.amin(-1).neg_()  # max_i Ĝ_ii <= λmax(Ĝ)
+    base = torch.maximum(lam, g_top)
+    # 1. the level whose certificate lands just under t: with c = γ_c / ((1 - γ_n)(1 - n γ_c))
+    # and τ = n^2 2^-1000, U(μ) ≈ (μ (1 + u + c n + τ) - c trace(Ĝ) + (u + τ) g + τ)(1 + 32 u),
+    # g = max_i Ĝ_ii (the rounding of this evaluation only moves μ)
+    c = g_c / ((1.0 - _gamma(n)) * (1.0 - n * g_c))
+    tau = n * n * 2.0 ** -1000
+    den = 1.0 + _U + c * n + tau
+    mu = torch.mul(t, 1.0 / ((1.0 + 32.0 * _U) * (1.0 + _EIG_CERT_MARGIN) * den))
+    mu.sub_(d.sum(-1), alpha=c / den).sub_(g_top, alpha=(_U + tau) / den).sub_(tau / den)
+    first = (mu > base) & (mu < math.inf)  # (False for NaN)
+
+    def settle(cert: Tensor, t: Tensor, value: Tensor, gf: Tensor, fro: Tensor) -> Tensor:
+        # V where U(μ) <= t; a certificate that completed but does not prove t is kept (a
+        # higher level would only give a larger one); inf where the factorisation failed
+        kept = torch.where(cert < math.inf, torch.minimum(cert + gf, fro), math.inf)
+        return torch.where(cert <= t, value, kept)
+
+    if bool(first.all()):
+        cert = _cholesky_upper_neg(neg, mu)
+        if bool((cert <= t).all()):  # (False for inf)
+            return lam, value
+        out = settle(cert, t, value, gf, fro_up)
+    else:
+        out = torch.full_like(value, math.inf)
+        idx = first.nonzero().squeeze(1)
+        if idx.numel():
+            cert = _cholesky_upper_neg(neg[idx], mu[idx])
+            out[idx] = settle(cert, t[idx], value[idx], gf[idx], fro_up[idx])
+    # 2. higher levels where the factorisation failed or was not tried
+    pending = (out == math.inf).nonzero().squeeze(1)
+    f = 2.0 * n * _U
+    for _ in range(_EIG_CERT_TRIES):
+        if not pending.numel():
+            break
+        level = (base[pending] * (1.0 + f)).clamp_min(2.0 ** -1000)
+        cert = _cholesky_upper_neg(neg[pending], level)
+        done = torch.isfinite(cert)
+        at = pending[done]
+        out[at] = torch.minimum(cert[done] + gf[at], fro_up[at])
+        pending = pending[~done]
+        f *= _EIG_CERT_STEP
+    # 3. the Frobenius bound
+    out[pending] = fro_up[pending]
+    return lam, out
 
 
 def _power_estimate(gram: Tensor) -> Tensor:
@@ -479,7 +598,7 @@ def _group_tops(est: Tensor, grp: Tensor, groups: int) -> Tensor:
     return pos == first[grp]
 
 
-def _certify_chunk(neg: Tensor, gf: Tensor, grp: Tensor, levels: Tensor,
+def _certify_chunk(neg: Tensor, gf: Tensor, fro_up: Tensor, grp: Tensor, levels: Tensor,
                    cnu: float, tops: list[tuple[float, int]] | None = None) -> Tensor:
     """Certified upper values of λmax(G) for a chunk of computed Gram matrices Ĝ, given
     exactly negated (``neg = -Ĝ``, what the Cholesky factorisations start from; Gram rounding
@@ -491,7 +610,8 @@ def _certify_chunk(neg: Tensor, gf: Tensor, grp: Tensor, levels: Tensor,
     diagonal entry already reaches μ (then it would fail: λmax(Ĝ) >= max_i Ĝ_ii), is
     pending. While no group of the pending matrices has a level yet, the pending matrix of
     each group with the largest diagonal entry goes to ``eigvalsh`` (the value of
-    :func:`_eig_upper`, the same as without certification), the level is set to
+    :func:`_eig_certified`, the same as without certification, proven by its own
+    factorisation), the level is set to
     λ̂ (1 + margin) and the others are factorised; then, for ``_LEVEL_RETRIES`` rounds, the
     pending matrix of each group with the largest estimated top eigenvalue
     (:func:`_power_estimate`) does the same; after them every remaining pending matrix goes
@@ -501,6 +621,10 @@ def _certify_chunk(neg: Tensor, gf: Tensor, grp: Tensor, levels: Tensor,
     When at least ``_WHOLE_CHUNK`` of the chunk is to be factorised, the whole chunk is
     factorised in place (no gathered copy) and only those results are read: each matrix's
     factorisation is independent of the others, so the values are the same.
+
+    ``fro_up`` (>= ||K̂||_F^2 of each matrix) is the last resort of :func:`_eig_certified`.
+    Where ``eigvalsh`` is used, its raw λ̂ sets the levels and ``tops`` (steering only); the
+    bound is :func:`_eig_certified`'s proven value.
 
     ``tops``, when given, receives ``(λ̂, index)`` of the largest eigenvalue of each
     ``eigvalsh`` call: every other matrix was certified below a level set from one of them,
@@ -536,7 +660,7 @@ def _certify_chunk(neg: Tensor, gf: Tensor, grp: Tensor, levels: Tensor,
         else:
             pick = torch.ones_like(pending, dtype=torch.bool)
         sel = pending[pick]
-        lam, lam_up = _eig_upper(neg[sel].neg_(), gf[sel], cnu)
+        lam, lam_up = _eig_certified(neg[sel].neg_(), gf[sel], fro_up[sel], cnu)
         up[sel] = lam_up
         if tops is not None and lam.numel():
             at = int(torch.argmax(lam))
@@ -634,7 +758,8 @@ def _max_freq_norm(plan: _Plan, weight: Tensor, chunk_bytes: int,
     level μ by one batched Cholesky factorisation of μ I - Ĝ(ω) (:func:`_certify_chunk`,
     :func:`_cholesky_upper`, about 4-5x cheaper than ``eigvalsh`` at n = 256); the level is
     the largest exact top eigenvalue found so far (times 1 + 1e-12), and the frequencies
-    that fail the factorisation get their exact top eigenvalue from ``eigvalsh``. Rounding
+    that fail the factorisation get their top eigenvalue from ``eigvalsh``, whose value is in
+    turn proven by a factorisation at a level just above it (:func:`_eig_certified`). Rounding
     is accounted for explicitly (comments below and in :func:`_cholesky_upper`).
 
     Args:
@@ -642,8 +767,9 @@ def _max_freq_norm(plan: _Plan, weight: Tensor, chunk_bytes: int,
         weight: the kernel (c_out, c_in / groups, kh, kw), finite and not all zero.
         chunk_bytes: approximate working memory per chunk of frequencies.
         use_cholesky: certify by Cholesky (``True``) or take ``eigvalsh`` for every frequency
-            (``False``, the previous method; the value is then never smaller by more than
-            the Cholesky rounding terms, ~4 n^2 u relative). ``None``: Cholesky when the Gram
+            (``False``, the previous method, each value proven by :func:`_eig_certified`; the
+            value is then never smaller by more than the Cholesky rounding terms, ~4 n^2 u
+            relative). ``None``: Cholesky when the Gram
             size is at least ``_CHOL_MIN_N``.
         top: when given, receives ``(λ̂, frequency index, group)`` of the frequency with the
             largest computed top eigenvalue (an estimate: it only locates the maximum, see
@@ -697,8 +823,11 @@ def _max_freq_norm(plan: _Plan, weight: Tensor, chunk_bytes: int,
     # <= γ_{k+1} Σ_l (|a_l b'_l| + |b_l a'_l|). Both sums are <= Σ_l |K̂_l| |K̂'_l|, hence
     # |Ĝ - G| <= sqrt(2) γ_{2k} |K̂|^H |K̂| entrywise and ||Ĝ - G||_2 <= sqrt(2) γ_{2k}
     # ||K̂||_F^2 <= γf (we take γ_{2k+2}, and cover the rounding of the Frobenius norm).
-    # The eigensolver returns λ̂ with |λ̂ - λmax(Ĝ)| <= c n u ||Ĝ||, and ||Ĝ|| <= λmax(Ĝ) + γf, so
-    # λmax(G) <= (λ̂ + c n u γf) / (1 - c n u) + γf. Underflow in Ĝ adds at most
+    # The eigensolver's λ̂ gives the value t + γf, t = (λ̂ + c n u γf) / (1 - c n u) (it was
+    # derived from an assumed backward error |λ̂ - λmax(Ĝ)| <= c n u ||Ĝ||); _eig_certified
+    # proves λmax(Ĝ) <= t by a Cholesky factorisation of fl(μ I - Ĝ) at a level μ chosen for
+    # it (else returns a certificate's own value or ||K̂||_F^2), so that λmax(G) <= t + γf
+    # (Weyl) rests on no assumption about the eigensolver. Underflow in Ĝ adds at most
     # n k 2^-1074 to ||Ĝ - G||, covered by the 2^-1000 term. eigvalsh (and Cholesky) read one
     # triangle (and the real part of the diagonal); every entry of that Hermitian matrix is an
     # entry of Ĝ or its conjugate, so the same entrywise bound holds for it. A frequency
@@ -707,6 +836,11 @@ def _max_freq_norm(plan: _Plan, weight: Tensor, chunk_bytes: int,
     n, k = plan.small, plan.big
     gam = math.sqrt(2.0) * _gamma(2 * k + 2) * (1.0 + _gamma(2 * n * k + 2))
     cnu = _EIG_C * n * _U
+    # ||K̂||_F^2 (the last resort of _eig_certified): each diagonal entry of the real part is a
+    # computed sum of 2k squares, d_i <= d̂_i / (1 - γ_{2k}) (+ 2k 2^-1022 of underflow), and
+    # frob2 a computed sum of n of them, so ||K̂||_F^2 <= frob2 / (1 - γ_{2nk+2}) +
+    # n k 2^-999; 1 + 8 u covers the five roundings of its evaluation
+    fro_c = (1.0 + 8.0 * _U) / (1.0 - _gamma(2 * n * k + 2))
     ap1 = torch.tensor(plan.ap1, dtype=torch.int64, device=dev)
     ap2 = torch.tensor(plan.ap2, dtype=torch.int64, device=dev)
     ta = ap1.repeat_interleave(len(plan.ap2))  # (T,) row index of tap t (a' major)
@@ -742,6 +876,7 @@ def _max_freq_norm(plan: _Plan, weight: Tensor, chunk_bytes: int,
         # order (the factor 1 + γ_{2nk+2} in gam covers any order)
         frob2 = re.diagonal(dim1=-2, dim2=-1).sum(-1)
         gf = gam * frob2 + n * k * 2.0 ** -1000
+        fro_up = frob2 * fro_c + n * k * 2.0 ** -999  # >= ||K̂||_F^2 >= λmax(G)
         # -Ĝ (the Cholesky factorisations start from it) written straight into one complex
         # tensor: real part -(A^T A + B^T B), imaginary part C^T - C = -(C - C^T), both exact
         # negations of Ĝ's parts (rounding to nearest is symmetric)
@@ -753,9 +888,9 @@ def _max_freq_norm(plan: _Plan, weight: Tensor, chunk_bytes: int,
         tops: list[tuple[float, int]] | None = [] if top is not None else None
         if use_cholesky:
             grp = torch.arange(neg.shape[0], device=dev) % g
-            lam_up = _certify_chunk(neg, gf, grp, levels, cnu, tops)
+            lam_up = _certify_chunk(neg, gf, fro_up, grp, levels, cnu, tops)
         else:
-            lam, lam_up = _eig_upper(neg.neg_(), gf, cnu)
+            lam, lam_up = _eig_certified(neg.neg_(), gf, fro_up, cnu)
             if tops is not None:
                 at = int(torch.argmax(lam))
                 tops.append((float(lam[at]), at))
@@ -816,10 +951,12 @@ def circulant_probe(op: ConvOp, budget_flops: float = 5e10,
     tap, A is block diagonal with copies of W_poly and the bound is exact.
 
     Rounding is accounted for explicitly: the error of the computed K̂ entries, the rounding
-    of the Gram matrices and the eigensolver's backward error (or, for the frequencies
-    certified by a Cholesky factorisation at a common level, the factorisation's backward
-    error, Higham Thm 10.3) are added (see :func:`_max_freq_norm` and
-    :func:`_cholesky_upper`), so the result is a certified upper bound, not an estimate.
+    of the Gram matrices and the backward error of a Cholesky factorisation (Higham
+    Thm 10.3) that proves each frequency's bound, at a common level or, for the frequencies
+    whose top eigenvalue comes from ``eigvalsh``, at a level just above it (the eigensolver
+    only steers: its accuracy is not assumed), are added (see :func:`_max_freq_norm`,
+    :func:`_eig_certified` and :func:`_cholesky_upper`), so the result is a certified upper
+    bound, not an estimate.
 
     Args:
         op: the convolution.
