@@ -1277,6 +1277,7 @@ class Analyzer:
         NaN that sends callers (the radius search) to the global factors' nominal error, whose
         failure probability the tight result does not count. ``local_value``: the paper's
         (local) product, when ``value`` is the global bound instead (the note gives both)."""
+        from ._rounding import g_up
         from .tight import tight_local_bound
 
         # what ``value`` is, for the notes
@@ -1284,22 +1285,23 @@ class Analyzer:
                 else "the paper's product")
         x = x0.to(device=self.device, dtype=torch.float64)
         out = tight_local_bound(blocks, x, eps, record, bounds, max_rows=tight_rows)
+        # (upper bounds in the notes rounded up: lipbound._rounding)
         if out.value is None:
             return value, g, fp, nominal, (f"tight bound not formed ({out.reason}): {what} "
-                                           f"{value:.6g} is reported"), False
+                                           f"{g_up(value, 6)} is reported"), False
         lg, lfp = _product_guarantee(bounds)
         how = _tight_how(blocks, out)
         if out.value < value:
             paper = value if local_value is None else local_value
-            note = (f"tight bound ({how}) {out.value:.6g} reported; the paper's product is "
-                    f"{paper:.6g}")
+            note = (f"tight bound ({how}) {g_up(out.value, 6)} reported; the paper's product is "
+                    f"{g_up(paper, 6)}")
             if paper != value:
-                note += f" and the global bound {value:.6g}"
+                note += f" and the global bound {g_up(value, 6)}"
             # the nominal error from the local factors: valid under the local product's event
             # (the hybrid's head is those factors themselves)
             return out.value, lg, lfp, local_nominal, note, True
-        return value, g, fp, nominal, (f"{what} {value:.6g} reported; the tight bound "
-                                       f"({how}) is {out.value:.6g}"), False
+        return value, g, fp, nominal, (f"{what} {g_up(value, 6)} reported; the tight bound "
+                                       f"({how}) is {g_up(out.value, 6)}"), False
 
     def local_bound_rows(self, x0: Tensor, eps: float, output_map: Tensor, *,
                          tight: bool = False, tight_rows: int = TIGHT_ROWS) -> RowBounds:
