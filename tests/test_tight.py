@@ -17,8 +17,8 @@ from hypothesis import strategies as st
 from torch import nn
 
 from core_helpers import build, conv_specs, fc_specs
-from lipbound._rounding import g_up
 from lipbound import Analyzer
+from lipbound._rounding import g_up
 from lipbound.errors import InputError
 from lipbound.lower import best_lower_bound
 from lipbound.results import Guarantee
