@@ -52,7 +52,7 @@ def test_identity_network_gives_its_tight_bound():
         assert an.global_bound().value >= 1.0
         res = an.local_bound(x0, 0.5, tight=True)
         assert res.value >= 1.0
-        assert res.guarantee == lipbound.Guarantee.CERTIFIED
+        assert res.guarantee in (lipbound.Guarantee.EXACT, lipbound.Guarantee.CERTIFIED)
 
 
 def test_uninitialised_lazy_module_is_a_clear_error():
