@@ -131,3 +131,25 @@ def test_a_supported_layer_as_the_whole_model_is_analysed(layer, shape):
     exact = _jac_norm(layer, x0)
     assert an.global_bound().value >= exact * (1 - 1e-12)
     assert an.local_bound(x0, 0.1, tight=True).value >= exact * (1 - 1e-12)
+
+
+class _PoolByKeyword(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(1, 2, 3, padding=1)
+        self.fc = nn.Linear(8, 2)
+
+    def forward(self, x):
+        x = torch.nn.functional.avg_pool2d(input=torch.relu(self.conv(x)), kernel_size=2)
+        return self.fc(x.flatten(1))
+
+
+def test_functional_average_pooling_with_input_by_keyword():
+    # F.avg_pool2d(input=x, kernel_size=2): the keyword 'input' was passed on to
+    # nn.AvgPool2d(...) (TypeError) instead of being read as the chain's tensor
+    net = _seeded(_PoolByKeyword().double())
+    an = Analyzer(net, (1, 4, 4), spectral="exact")
+    x = torch.randn(3, 1, 4, 4, dtype=DT)
+    torch.testing.assert_close(an.forward(x), net(x), rtol=1e-12, atol=1e-12)
+    x0 = torch.randn(1, 1, 4, 4, dtype=DT)
+    assert an.local_bound(x0, 1e-3, tight=True).value >= _jac_norm(net, x0) * (1 - 1e-9)
