@@ -42,7 +42,10 @@ MODULE_RULES: dict[type, Rule] = {
 
 
 def _module_from_call(fn, args: tuple, kwargs: dict) -> nn.Module | None:
-    """Turn a functional pooling call into the equivalent module (so one rule serves both)."""
+    """Turn a functional pooling call into the equivalent module (so one rule serves both).
+    ``kwargs`` may name the chain's tensor ``input`` (``F.avg_pool2d(input=x, ...)``): it is
+    no setting of the layer (since session 22; was passed on to the module: TypeError)."""
+    kwargs = {k: v for k, v in kwargs.items() if k != "input"}
     if fn is F.max_pool2d:
         names = ["kernel_size", "stride", "padding", "dilation", "ceil_mode", "return_indices"]
         kw = dict(zip(names, args, strict=False)) | kwargs
