@@ -597,9 +597,10 @@ def trace_model(model: nn.Module, input_shape: Sequence[int]) -> list[Op]:
     check_finite_parameters(model)
     check_batchnorm(model)
     check_hooks(model)
-    defaults = _default_arguments(model)
     # a model that is itself one layer with a rule is traced as the child of a wrapper
+    # (which calls it as model(x), with its defaults)
     root = _OneLayer(model) if module_rule(model) is not None else model
+    defaults = _default_arguments(model) if root is model else None
     own = set(model.__dict__)
     try:
         try:
