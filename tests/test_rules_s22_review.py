@@ -153,3 +153,25 @@ def test_functional_average_pooling_with_input_by_keyword():
     torch.testing.assert_close(an.forward(x), net(x), rtol=1e-12, atol=1e-12)
     x0 = torch.randn(1, 1, 4, 4, dtype=DT)
     assert an.local_bound(x0, 1e-3, tight=True).value >= _jac_norm(net, x0) * (1 - 1e-9)
+
+
+@pytest.mark.parametrize("target, rule, what", [
+    (nn.ReLU(), lambda *a: None, "instance"),     # a layer instance, not its class
+    (torch.Tensor, lambda *a: None, "class"),     # a class that is no nn.Module
+    (nn.ReLU, None, "callable"),                  # no rule
+    ("", lambda *a: None, "method"),              # no method name
+])
+def test_register_rule_refuses_what_it_would_never_use(target, rule, what):
+    # register_rule(nn.ReLU(), rule) stored the rule under the instance, where no lookup
+    # ever finds it (silently ignored); register_rule(nn.ReLU, None) broke every later
+    # analysis of a ReLU with TypeError 'NoneType' object is not callable
+    from lipbound.ops.registry import FUNCTION_RULES, METHOD_RULES, MODULE_RULES
+    before = (dict(FUNCTION_RULES), dict(METHOD_RULES), dict(MODULE_RULES))
+    try:
+        with pytest.raises(InputError, match=what):
+            lipbound.register_rule(target, rule)
+        assert (FUNCTION_RULES, METHOD_RULES, MODULE_RULES) == before
+    finally:
+        for reg, old in zip((FUNCTION_RULES, METHOD_RULES, MODULE_RULES), before, strict=True):
+            reg.clear()
+            reg.update(old)
