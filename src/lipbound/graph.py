@@ -24,7 +24,7 @@ from ._precision import exact_float32
 from .errors import InputError, UnsupportedModelError, WeightsError
 from .ops.base import Op
 from .ops.conv import conv2d_op
-from .ops.elementwise import identity_rule
+from .ops.elementwise import identity_rule, reshape_rule
 from .ops.linear import linear_op
 from .ops.registry import (
     _COMPUTING_METHODS,
@@ -138,13 +138,22 @@ def check_inference_tensors(model: nn.Module) -> None:
 
 def check_tensors(model: nn.Module) -> None:
     """Refuse, before anything runs, a model whose tensors hold no data (the ``meta``
-    device), were made in ``torch.inference_mode()`` or whose floating-point type is half
-    precision.
+    device, or the uninitialised parameters of a lazy module such as ``nn.LazyLinear``
+    before its first forward pass: since session 22, was torch's ValueError), were made in
+    ``torch.inference_mode()`` or whose floating-point type is half precision.
 
     Raises:
         InputError: naming the problem and the fix.
     """
     tensors = list(itertools.chain(model.named_parameters(), model.named_buffers()))
+    lazy = [n for n, t in tensors if nn.parameter.is_lazy(t)]
+    if lazy:
+        raise InputError(
+            f"the model has uninitialised parameters of a lazy module ("
+            f"{', '.join(lazy[:4])}{', ...' if len(lazy) > 4 else ''}): nn.LazyLinear and "
+            "the other lazy layers make their weights at their first forward pass; run one "
+            "forward pass on an input of the right shape (model(x)) and load the weights "
+            "before computing bounds")
     meta = [n for n, t in tensors if t.is_meta]
     if meta:
         raise InputError(
@@ -551,6 +560,22 @@ def _weighted_op(node: fx.Node, values: dict[str, object], dep: set[str], consts
                      others["dilation"], others["groups"])
 
 
+class _OneLayer(nn.Module):
+    """A model that is itself a layer with a rule (``nn.Dropout``, ``nn.BatchNorm1d`` as the
+    whole model), held as the child ``model``: torch.fx traces the root module's own forward
+    (``F.dropout``, ``F.batch_norm``, with no rule), never as a leaf (since session 22; such
+    models were refused, or untraceable, though the same layer in a ``Sequential`` is
+    analysed). The wrapper is in eval mode; the model is left as it is."""
+
+    def __init__(self, layer: nn.Module):
+        super().__init__()
+        self.model = layer
+        self.training = False  # (its own flag only: the layer's is the user's)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.model(x)
+
+
 def trace_model(model: nn.Module, input_shape: Sequence[int]) -> list[Op]:
     """Trace ``model`` and return its chain of analysed ops (float64 parameter copies).
 
@@ -572,11 +597,14 @@ def trace_model(model: nn.Module, input_shape: Sequence[int]) -> list[Op]:
     check_finite_parameters(model)
     check_batchnorm(model)
     check_hooks(model)
-    defaults = _default_arguments(model)
+    # a model that is itself one layer with a rule is traced as the child of a wrapper
+    # (which calls it as model(x), with its defaults)
+    root = _OneLayer(model) if module_rule(model) is not None else model
+    defaults = _default_arguments(model) if root is model else None
     own = set(model.__dict__)
     try:
         try:
-            graph = _Tracer().trace(model, concrete_args=defaults)
+            graph = _Tracer().trace(root, concrete_args=defaults)
             if defaults:
                 _drop_default_inputs(graph)
         except Exception as exc:  # fx raises many types; all mean the same to the user
@@ -585,7 +613,7 @@ def trace_model(model: nn.Module, input_shape: Sequence[int]) -> list[Op]:
                 f"torch.fx could not trace it: {type(exc).__name__}: {exc}. Make forward a "
                 "straight chain of layers without data-dependent control flow, or pass an "
                 "nn.Sequential")]) from exc
-        gm = fx.GraphModule(model, graph)  # (copies the constants it needs)
+        gm = fx.GraphModule(root, graph)  # (copies the constants it needs)
     finally:
         # torch.fx stores the tensors a forward makes or views (``self.std.view(...)``) on
         # the traced module as ``_tensor_constant<i>``: taken back, the model stays the user's
@@ -629,7 +657,7 @@ def trace_model(model: nn.Module, input_shape: Sequence[int]) -> list[Op]:
         v = rec.values.get(node.name)
         return tuple(v.shape) if isinstance(v, Tensor) else None
 
-    dep, consts = _input_dependence(gm, model)
+    dep, consts = _input_dependence(gm, root)
 
     for node in gm.graph.nodes:
         if node.op == "placeholder":
@@ -728,6 +756,15 @@ def trace_model(model: nn.Module, input_shape: Sequence[int]) -> list[Op]:
             rule = METHOD_RULES.get(str(node.target))
             if rule is None and node.target == "to" and _moves_only(node):
                 rule = identity_rule
+            if node.target == "view" and rule is reshape_rule and any(
+                    isinstance(a, torch.dtype)
+                    for a in (*node.args[1:], *node.kwargs.values())):
+                # x.view(torch.int32) reinterprets the bits, not a reshape (since session
+                # 22; was analysed as a reshape, caught only by the check of the chain)
+                problems.append((where, kind, "x.view(dtype) reinterprets the bits as "
+                                 "another dtype (not a reshape); use x.to(dtype) for a cast"))
+                current = node
+                continue
         if weighted or arith is not None:
             try:
                 op = _weighted_op(node, rec.values, dep, consts, name, in_shape[1:],

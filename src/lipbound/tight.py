@@ -1240,6 +1240,10 @@ def _tight(blocks: list[Block], x0: Tensor, eps: float, records: list[dict],
     if not (SAFE_LOW <= eps <= SAFE_HIGH):
         raise _Fallback(f"the radius {eps:.3g} is outside the safe range [1e-150, 1e150]")
     n_blocks = len(blocks)
+    if not n_blocks:
+        # (an identity network: nn.Identity, an empty nn.Sequential; since session 22, was
+        # IndexError) the paper's product of no factors, 1, is exact
+        raise _Fallback("the network has no layer (the identity)")
     last = blocks[-1]
     if row_last is not None:
         if not isinstance(last, AffineBlock) or last.relu or len(row_last) != last.out_dim:

@@ -302,7 +302,18 @@ def conv2d_op(name: str, in_shape, out_shape, weight: Tensor, bias: Tensor | Non
               padding, dilation, groups: int) -> ConvOp:
     """The op of a zero-padded 2-D convolution with these tensors and settings (those of
     ``nn.Conv2d`` or of a call ``F.conv2d(x, weight, bias, stride, padding, dilation,
-    groups)``; ``padding`` may be ``'same'`` or ``'valid'``)."""
+    groups)``; ``padding`` may be ``'same'`` or ``'valid'``).
+
+    Raises:
+        NotImplementedError: a per-sample input without a channel dimension (since session
+            22: torch then convolves the batch as the channels of one unbatched image, which
+            mixes the samples; the rule crashed where the channel counts equal the batch)."""
+    if len(in_shape) != 3 or len(out_shape) != 3:
+        raise NotImplementedError(
+            f"a 2-D convolution of a per-sample tensor of shape {tuple(in_shape)} without a "
+            "channel dimension (torch convolves the batch as the channels of one image, "
+            "mixing the samples); give the input a channel dimension: input_shape (1, H, W), "
+            "or x.view(x.size(0), 1, H, W) in forward")
     dilation = _pair(dilation)
     if isinstance(padding, str):
         # 'same'/'valid': torch resolves it to explicit numbers only for odd kernels; use

@@ -16,8 +16,15 @@ def batchnorm_rule(module: nn.Module, name: str, in_shape, out_shape) -> DiagOp:
         raise TypeError(f"rule called with {type(module).__name__}")
     if module.training:
         raise NotImplementedError("BatchNorm in training mode (call model.eval())")
-    if not module.track_running_stats or module.running_mean is None:
-        raise NotImplementedError("BatchNorm without running statistics")
+    if not module.track_running_stats or module.running_mean is None \
+            or module.running_var is None:
+        # (since session 22 the message names the fix)
+        raise NotImplementedError(
+            "BatchNorm without running statistics (track_running_stats=False, or no "
+            "running_mean / running_var): without them it normalises with the statistics of "
+            "the batch it is given even in eval mode, which mixes the samples; train it with "
+            "track_running_stats=True, or replace it by its affine map (e.g. a diagonal "
+            "scaling with registered buffers)")
     c = in_shape[0]
     var = module.running_var.detach().to(torch.float64)
     mean = module.running_mean.detach().to(torch.float64)
@@ -57,7 +64,18 @@ def batchnorm_rule(module: nn.Module, name: str, in_shape, out_shape) -> DiagOp:
 
 
 def normalize_rule(module: nn.Module, name: str, in_shape, out_shape) -> DiagOp:
-    """lipbound.layers.Normalize: (x - mean) / std per channel."""
+    """lipbound.layers.Normalize: (x - mean) / std per channel.
+
+    Raises:
+        NotImplementedError: ``mean`` / ``std`` broadcast the input to another shape (three
+            channels' values in front of a one-channel input; since session 22, was a
+            RuntimeError of ``broadcast_to``)."""
+    in_shape, out_shape = tuple(in_shape), tuple(out_shape)
+    if in_shape != out_shape:
+        raise NotImplementedError(
+            f"Normalize with mean/std of shape {tuple(module.mean.shape)} turns the "
+            f"per-sample input of shape {in_shape} into {out_shape} (torch broadcasts them): "
+            "give one mean and one std per channel of the input")
     mean = module.mean.detach().to(torch.float64)
     std = module.std.detach().to(torch.float64)
     scale = torch.broadcast_to(1.0 / std, in_shape)

@@ -107,7 +107,8 @@ def maxpool2d_rule(module: nn.Module, name: str, in_shape, out_shape) -> MaxPool
 
 
 _NO_CHANNELS = ("average pooling of a per-sample tensor of shape {shape} without a channel "
-                "dimension; give the input a channel dimension, e.g. x.unsqueeze(1)")
+                "dimension; give the input a channel dimension: input_shape (1, H, W), or "
+                "x.view(x.size(0), 1, H, W) in forward (x.unsqueeze has no rule)")
 
 
 def _avgpool_op(name: str, in_shape, out_shape, kernel, stride, padding, ceil_mode: bool,

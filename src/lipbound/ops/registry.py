@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..errors import InputError
 from ..layers import Normalize
 from .base import Op
 from .conv import conv2d_rule
@@ -42,7 +43,10 @@ MODULE_RULES: dict[type, Rule] = {
 
 
 def _module_from_call(fn, args: tuple, kwargs: dict) -> nn.Module | None:
-    """Turn a functional pooling call into the equivalent module (so one rule serves both)."""
+    """Turn a functional pooling call into the equivalent module (so one rule serves both).
+    ``kwargs`` may name the chain's tensor ``input`` (``F.avg_pool2d(input=x, ...)``): it is
+    no setting of the layer (since session 22; was passed on to the module: TypeError)."""
+    kwargs = {k: v for k, v in kwargs.items() if k != "input"}
     if fn is F.max_pool2d:
         names = ["kernel_size", "stride", "padding", "dilation", "ceil_mode", "return_indices"]
         kw = dict(zip(names, args, strict=False)) | kwargs
@@ -96,7 +100,32 @@ def register_rule(target: type | Callable | str, rule: Rule) -> None:
         target: an ``nn.Module`` subclass, a function (e.g. ``torch.tanh``), or a method name.
         rule: ``rule(module_or_None, name, in_shape, out_shape) -> Op``; the returned op's
             soundness is the registrant's responsibility.
+
+    Raises:
+        InputError: a rule that is not callable, a target that no lookup would ever find (a
+            layer instance instead of its class, a class that is not an ``nn.Module``, an
+            empty method name) or that is not hashable (since session 22: such a rule was
+            stored and silently never used, or broke every later analysis).
     """
+    if not callable(rule):
+        raise InputError(f"register_rule: the rule must be callable as rule(module_or_None, "
+                         f"name, in_shape, out_shape) -> Op, got {rule!r}")
+    if isinstance(target, nn.Module):
+        raise InputError(f"register_rule: pass the layer's class ({type(target).__name__}), "
+                         "not an instance of it: rules are looked up by the module's type")
+    if isinstance(target, type) and not issubclass(target, nn.Module):
+        raise InputError(f"register_rule: the class {target.__name__} is not an nn.Module "
+                         "subclass; a target is an nn.Module class, a function (e.g. "
+                         "torch.tanh) or a tensor method name (e.g. 'tanh')")
+    if isinstance(target, str) and not target.isidentifier():
+        raise InputError(f"register_rule: {target!r} is not a tensor method name")
+    if not isinstance(target, str) and not callable(target):
+        raise InputError(f"register_rule: the target {target!r} is not an nn.Module class, a "
+                         "function or a tensor method name")
+    try:
+        hash(target)
+    except TypeError:
+        raise InputError(f"register_rule: the target {target!r} is not hashable") from None
     if isinstance(target, str):
         METHOD_RULES[target] = rule
     elif isinstance(target, type) and issubclass(target, nn.Module):
