@@ -201,7 +201,7 @@ def _rounds_spy(fail_first: int = 0):
     return spy, calls
 
 
-@pytest.mark.parametrize("case", _CASES[1:6])
+@pytest.mark.parametrize("case", _CASES[2:7])  # (not _CASES[1]: one input channel, below)
 def test_a_failed_first_factorisation_is_retried_at_a_higher_level(case, monkeypatch):
     """Without Cholesky levels, the first call of the factorisation is _eig_certified's first
     level: made to fail, the next levels (2 n u above λ̂, then 16 times farther) certify,
@@ -230,3 +230,18 @@ def test_rank_one_spectrum_beyond_the_room(n, monkeypatch):
     new, old = _new_and_old(op, False)
     assert _exact_circulant(op) <= new <= old * (1 + 1e-9)
     assert new != old  # (the former value is not proven here)
+
+
+@pytest.mark.parametrize("case", [c for c in _CASES if min(c[0], c[1]) == 1])
+def test_one_by_one_grams_are_proven_without_a_factorisation(case, monkeypatch):
+    """A Gram size of 1 (one input or output channel): λmax(Ĝ) is the entry itself, so the
+    former value is proven with no factorisation and no eigensolver (same bits, sound)."""
+    *shape, groups = case
+    op = _make(*shape, seed=sum(case) + 5, groups=groups)
+    new, old = _new_and_old(op, False)
+    assert new == old and _exact_circulant(op) <= new
+    monkeypatch.setattr(conv_mod, "_CHOL_MIN_N", 10 ** 9)
+    spy, calls = _rounds_spy(fail_first=10 ** 9)  # every factorisation would fail
+    monkeypatch.setattr(conv_mod, "_cholesky_upper_neg", spy)
+    monkeypatch.setattr(torch.linalg, "eigvalsh", lambda *a, **k: 1 / 0)  # never called
+    assert circulant_norm_bound(op) == old and calls == []
