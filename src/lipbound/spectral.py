@@ -53,6 +53,7 @@ from ._memory import exact_bytes, physical_memory
 from .errors import ExactRouteTooLarge
 from .lanczos import _STOP_MARGIN, LanczosResult, run_lanczos
 from .ops import winograd
+from .ops.base import gamma as _gamma
 from .posterior import block_overlap_floor, overlap_floor
 from .results import Guarantee
 
@@ -375,13 +376,6 @@ _LAST_MARGIN = 1e-12
 """Relative room left below the formula's value when its level is chosen: covers the
 difference between the estimated and the computed trace and the last roundings (each a few
 ``u``); the check itself is rigorous, this only makes it succeed."""
-
-
-def _gamma(m: int) -> float:
-    """γ_m = m u / (1 - m u) (Higham, *Accuracy and Stability of Numerical Algorithms*, §3.1),
-    ``inf`` when ``m u >= 1/2``."""
-    mu = m * _U
-    return mu / (1.0 - mu) if mu < 0.5 else math.inf
 
 
 def _cholesky_cert(mu: float, trace: float, g_max: float, n: int) -> float:

@@ -387,12 +387,6 @@ eigensolvers), at n = 16-32 the two are within about 15 % on random kernels (Cho
 wins (AlexNet, n = 192-256: 2-2.4x)."""
 
 
-def _gamma(n: int) -> float:
-    """γ_n = n u / (1 - n u) (Higham, *Accuracy and Stability of Numerical Algorithms*, §3.1)."""
-    nu = n * _U
-    return nu / (1.0 - nu) if nu < 0.5 else math.inf
-
-
 def _cholesky_upper(gram: Tensor, level: Tensor) -> Tensor:
     """Certified upper bounds on the largest eigenvalues of a batch of Hermitian matrices Ĝ,
     from one batched Cholesky factorisation of fl(μ I - Ĝ) per matrix.
@@ -445,7 +439,7 @@ def _cholesky_upper_neg(neg: Tensor, level: Tensor) -> Tensor:
     ``neg`` (writable: not an expanded view) serves as scratch for ``μ - Ĝ_ii`` and is
     restored bit for bit before returning, so a chunk's matrix can be factorised in place."""
     n = neg.shape[-1]
-    g_c = _gamma(4 * (n + 1))
+    g_c = gamma(4 * (n + 1))
     if not n * g_c < 0.5 or neg.shape[0] == 0:
         return torch.full(neg.shape[:1], math.inf, dtype=torch.float64, device=neg.device)
     b_diag = neg.diagonal(dim1=-2, dim2=-1)
@@ -461,7 +455,7 @@ def _cholesky_upper_neg(neg: Tensor, level: Tensor) -> Tensor:
         b_diag.copy_(saved)
     r_diag = fac.diagonal(dim1=-2, dim2=-1)
     ok = (info == 0) & (r_diag.real > 0).all(-1) & torch.isfinite(r_diag).all(-1)
-    up = (level + g_c * trace / ((1.0 - _gamma(n)) * (1.0 - n * g_c))
+    up = (level + g_c * trace / ((1.0 - gamma(n)) * (1.0 - n * g_c))
           + _U * (level + g_max) + n * n * 2.0 ** -1000 * (1.0 + level + g_max))
     up = up * (1.0 + 32.0 * _U)
     ok &= torch.isfinite(up) & torch.isfinite(level) & (level > 0)
@@ -535,7 +529,7 @@ def _eig_certified(gram: Tensor, gf: Tensor, fro_up: Tensor, cnu: float
         return lam, (lam + cnu * gf) / (1.0 - cnu) + gf
     lam, t = _eig_upper(gram, gf, cnu)
     value = t + gf  # the former value, bit for bit
-    g_c = _gamma(4 * (n + 1))
+    g_c = gamma(4 * (n + 1))
     if batch == 0 or not n * g_c < 0.5:
         return lam, fro_up.clone()
     neg = gram.neg_()  # -Ĝ, exactly
@@ -545,7 +539,7 @@ def _eig_certified(gram: Tensor, gf: Tensor, fro_up: Tensor, cnu: float
     # 1. the level whose certificate lands just under t: with c = γ_c / ((1 - γ_n)(1 - n γ_c))
     # and τ = n^2 2^-1000, U(μ) ≈ (μ (1 + u + c n + τ) - c trace(Ĝ) + (u + τ) g + τ)(1 + 32 u),
     # g = max_i Ĝ_ii (the rounding of this evaluation only moves μ)
-    c = g_c / ((1.0 - _gamma(n)) * (1.0 - n * g_c))
+    c = g_c / ((1.0 - gamma(n)) * (1.0 - n * g_c))
     tau = n * n * 2.0 ** -1000
     den = 1.0 + _U + c * n + tau
     mu = torch.mul(t, 1.0 / ((1.0 + 32.0 * _U) * (1.0 + _EIG_CERT_MARGIN) * den))
@@ -825,11 +819,11 @@ def _max_freq_norm(plan: _Plan, weight: Tensor, chunk_bytes: int,
     # entry within sqrt(2) times that. ||ΔK||_2 <= || |ΔK| ||_2 <= ||E||_2 <= ||E||_F for
     # the entrywise bound E; it does not depend on ω, so one number per group suffices.
     eta = 18.0 * _U
-    coef = math.sqrt(2.0) * (_gamma(taps) * (1.0 + eta) + eta) * (1.0 + 4.0 * _U)
+    coef = math.sqrt(2.0) * (gamma(taps) * (1.0 + eta) + eta) * (1.0 + 4.0 * _U)
     s_abs = wp.abs().sum(-1)  # (c_out, R), each a sum of <= T non-negative terms
     e_f2 = (s_abs * s_abs).reshape(g, cg * rows).sum(-1)
     # 2^-1000 per entry dominates any underflow (<= 2^-1074 per operation) in the products
-    err_k = (coef * (1.0 + _gamma(taps + cg * rows + 2)) * e_f2.sqrt()
+    err_k = (coef * (1.0 + gamma(taps + cg * rows + 2)) * e_f2.sqrt()
              + 2.0 ** -1000 * math.sqrt(cg * rows))  # (g,), >= ||ΔK(ω)||_2 for every ω
     # --- Gram matrix and eigensolver (as exact_norm) -------------------------------------
     # Ĝ = fl(K̂^H K̂) with K̂ = A + iB: the real part A^T A + B^T B is one real inner product
@@ -852,13 +846,13 @@ def _max_freq_norm(plan: _Plan, weight: Tensor, chunk_bytes: int,
     # certified by Cholesky at level μ instead has λmax(Ĝ) <= U(μ) (_cholesky_upper), and
     # λmax(G) <= U(μ) + γf in the same role.
     n, k = plan.small, plan.big
-    gam = math.sqrt(2.0) * _gamma(2 * k + 2) * (1.0 + _gamma(2 * n * k + 2))
+    gam = math.sqrt(2.0) * gamma(2 * k + 2) * (1.0 + gamma(2 * n * k + 2))
     cnu = _EIG_C * n * _U
     # ||K̂||_F^2 (the last resort of _eig_certified): each diagonal entry of the real part is a
     # computed sum of 2k squares, d_i <= d̂_i / (1 - γ_{2k}) (+ 2k 2^-1022 of underflow), and
     # frob2 a computed sum of n of them, so ||K̂||_F^2 <= frob2 / (1 - γ_{2nk+2}) +
     # n k 2^-999; 1 + 8 u covers the five roundings of its evaluation
-    fro_c = (1.0 + 8.0 * _U) / (1.0 - _gamma(2 * n * k + 2))
+    fro_c = (1.0 + 8.0 * _U) / (1.0 - gamma(2 * n * k + 2))
     ap1 = torch.tensor(plan.ap1, dtype=torch.int64, device=dev)
     ap2 = torch.tensor(plan.ap2, dtype=torch.int64, device=dev)
     ta = ap1.repeat_interleave(len(plan.ap2))  # (T,) row index of tap t (a' major)
