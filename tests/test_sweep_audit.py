@@ -228,3 +228,13 @@ def test_layers_figure_legend_says_which_factors_are_probabilistic(monkeypatch, 
         all_fps += fps
     assert all_fps and len(labels) == 3 and "probabilistic" in labels[2]
     assert float(labels[2].split("≤")[1].split()[0]) >= max(all_fps)
+
+
+@pytest.mark.parametrize("p", [5e-324, 1.5e-323, 2.2e-310, 1e-308])
+@pytest.mark.parametrize("digits", [1, 2, 3])
+def test_format_prob_up_never_understates_on_the_subnormal_grid(p, digits):
+    """Compared exactly (a float parse rounds back onto the grid): the old formatting stated
+    4.9e-324 for 5e-324 = 4.94e-324."""
+    from decimal import Decimal
+
+    assert Decimal(plotting.format_prob_up(p, digits)) >= Decimal(p)

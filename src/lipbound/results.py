@@ -185,12 +185,10 @@ def format_prob_up(p: float, digits: int = 1) -> str:
     >>> format_prob_up(1.4e-6), format_prob_up(3.75e-6, 2), format_prob_up(1e-6)
     ('2e-06', '3.8e-06', '1e-06')
     """
-    from decimal import ROUND_CEILING, Decimal
+    from ._rounding import _directed
 
     if not (math.isfinite(p) and p > 0):
         return f"{p:g}"
-    d = Decimal(p)  # the exact binary value
-    m = d.quantize(Decimal(1).scaleb(d.adjusted() - digits + 1), rounding=ROUND_CEILING)
-    # m has at most ``digits`` significant digits (one more power of ten when it carried):
-    # formatting its nearest float with that many digits reproduces it exactly
-    return f"{float(m):.{digits - 1}e}"
+    # the exact binary value, formatted rounding toward +inf (the same directed formatting as
+    # the tables' bounds); its own quantize-then-float stated 4.9e-324 for 5e-324
+    return _directed(p, f".{digits - 1}e", True)
