@@ -19,8 +19,7 @@ from ..errors import InputError
 from ..results import _jsonable
 from .common import (
     Loaded,
-    check_preprocessing_applies,
-    check_user_sample_normalisation,
+    check_input_ref,
     load_model,
     parse_eps_list,
     prepare_out_file,
@@ -44,8 +43,7 @@ def load_inputs(args: argparse.Namespace, loaded: Loaded) -> list:
             raise InputError("a user model has no default input: give --input (a folder, "
                              "CSV, .npy/.pt batch or image file)" + extra)
         ref = loaded.entry.default_sample
-    check_preprocessing_applies(args, ref)
-    check_user_sample_normalisation(loaded, ref)
+    check_input_ref(args, loaded, ref)
     samples = load_samples(ref, **loaded.sample_kwargs())
     if not samples:
         raise InputError(f"--input {ref!r} names no inputs")

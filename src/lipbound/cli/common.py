@@ -759,6 +759,14 @@ def check_preprocessing_applies(args: argparse.Namespace, ref: str | None) -> No
                      "normalise the array yourself, or drop them")
 
 
+def check_input_ref(args: argparse.Namespace, loaded: Loaded, ref: str | None) -> None:
+    """The checks of an ``--input`` reference before it is loaded: the preprocessing
+    options apply to it (:func:`check_preprocessing_applies`) and a shipped image's
+    normalisation is stated for a user model (:func:`check_user_sample_normalisation`)."""
+    check_preprocessing_applies(args, ref)
+    check_user_sample_normalisation(loaded, ref)
+
+
 def check_user_sample_normalisation(loaded: Loaded, ref: str | None) -> None:
     """Refuse a shipped image of a zoo network (``mnist:8``, ``cifar10:test/3``,
     ``vgg16:random``) as the input of a user model that declares no mean/std: image files
@@ -819,8 +827,7 @@ def load_input(args: argparse.Namespace, loaded: Loaded, needed_for: str | None 
                              ".npy or .pt)" + (f"; it is needed for {needed_for}"
                                                if needed_for else ""))
         ref = loaded.entry.default_sample
-    check_preprocessing_applies(args, ref)
-    check_user_sample_normalisation(loaded, ref)
+    check_input_ref(args, loaded, ref)
     command = getattr(args, "command", None) or "this command"
     if is_many_ref(ref):
         raise InputError(f"--input {ref!r} names several inputs, but `lipbound {command}` "

@@ -23,8 +23,7 @@ from ..results import format_prob_up
 from .common import (
     add_common,
     add_model_options,
-    check_preprocessing_applies,
-    check_user_sample_normalisation,
+    check_input_ref,
     is_many_ref,
     load_input,
     load_model,
@@ -104,8 +103,7 @@ def _samples(args: argparse.Namespace, loaded) -> tuple[list, bool]:
 
     if args.input is None:
         return [load_input(args, loaded)], False
-    check_preprocessing_applies(args, args.input)
-    check_user_sample_normalisation(loaded, args.input)
+    check_input_ref(args, loaded, args.input)
     samples = load_samples(args.input, **loaded.sample_kwargs())
     if not samples:
         raise InputError(f"--input {args.input!r} names no inputs (an empty array or "
