@@ -7,7 +7,6 @@ import argparse
 from .common import (
     add_common,
     add_model_options,
-    fmt,
     is_many_ref,
     load_input,
     load_model,
@@ -18,7 +17,7 @@ from .common import (
     table,
     tracing,
 )
-from .rounding import fmt_up
+from .rounding import fmt_radius_in, fmt_up
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -143,7 +142,7 @@ def run(args: argparse.Namespace) -> int:
         print()
         print(table(["layer", "name", "kind", "radius in", "local", "global", "spectral"],
                     [[lf.index, lf.name, lf.kind,
-                      fmt(lf.radius_in) if lf.radius_in == r.eps else fmt_up(lf.radius_in),
+                      fmt_radius_in(lf.radius_in, r.eps),
                       fmt_up(lf.local), fmt_up(lf.global_factor), lf.spectral_method]
                      for lf in r.layers]))
     for n in {n for r in results for n in r.notes}:

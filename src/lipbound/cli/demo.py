@@ -53,14 +53,10 @@ def run(args: argparse.Namespace) -> int:
     tights = [an.local_bound(x0, e, tight=True) for e in eps_values]
     pred = int(an.forward(x0).argmax())
     # (upper bounds and failure probabilities shown rounded up: lipbound.cli.rounding)
-    rows = [["global", "-", fmt_up(g.value), g.guarantee.value, fmt_up(g.failure_prob),
-             g.seconds]]
-    rows += [["local", r.eps, fmt_up(r.value), r.guarantee.value, fmt_up(r.failure_prob),
-              r.seconds]
-             for r in locs]
-    rows += [["tight", r.eps, fmt_up(r.value), r.guarantee.value, fmt_up(r.failure_prob),
-              r.seconds]
-             for r in tights]
+    rows = [[kind, "-" if kind == "global" else r.eps, fmt_up(r.value), r.guarantee.value,
+             fmt_up(r.failure_prob), r.seconds]
+            for kind, results in (("global", [g]), ("local", locs), ("tight", tights))
+            for r in results]
     extra = []
     try:
         from ..radius import certified_radii

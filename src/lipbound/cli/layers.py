@@ -14,7 +14,6 @@ from pathlib import Path
 from .common import (
     add_common,
     add_model_options,
-    fmt,
     load_input,
     load_model,
     prepare_out_dir,
@@ -24,7 +23,7 @@ from .common import (
     table,
     tracing,
 )
-from .rounding import fmt_up, g_up
+from .rounding import fmt_radius_in, fmt_up, g_up
 
 CSV_COLUMNS = ["index", "name", "kind", "radius_in", "local_factor", "global_factor",
                "active_in", "active_out", "spectral_local", "spectral_global",
@@ -158,7 +157,7 @@ def run(args: argparse.Namespace) -> int:
     print(f"model {loaded.name} ({loaded.weights_source}); input {sample.name}; eps {eps:g}")
     # (the factors and radii are upper bounds: shown rounded up)
     rows = [[lf.index, lf.name, lf.kind,
-             fmt(lf.radius_in) if lf.radius_in == eps else fmt_up(lf.radius_in), fmt_up(lf.local),
+             fmt_radius_in(lf.radius_in, eps), fmt_up(lf.local),
              fmt_up(lf.global_factor),
              f"{lf.active_in}", f"{lf.active_out}", f"{lf.spectral_method} / "
              f"{gf.spectral_method}"]

@@ -16,7 +16,7 @@ from typing import Any
 from .._rounding import _directed, g_down, g_up
 from .common import fmt
 
-__all__ = ["fmt_up", "fmt_down", "g_up", "g_down"]
+__all__ = ["fmt_up", "fmt_down", "fmt_radius_in", "g_up", "g_down"]
 
 
 def fmt_up(v: Any) -> str:
@@ -35,3 +35,9 @@ def _fmt(v: Any, up: bool) -> str:
     if v != 0 and (abs(v) >= 1e5 or abs(v) < 1e-3):
         return _directed(v, ".4e", up)
     return _directed(v, ".4f" if abs(v) < 100 else ".2f", up)
+
+
+def fmt_radius_in(radius_in: float, eps: float) -> str:
+    """A layer's input radius in the per-layer tables: the bound's own ``eps`` as given,
+    the radii grown by the layers before (upper bounds) rounded up."""
+    return fmt(radius_in) if radius_in == eps else fmt_up(radius_in)
