@@ -12,7 +12,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from scipy import stats
 
@@ -182,10 +182,17 @@ def test_christoffel_bound_bad_inputs():
 @given(kind=st.sampled_from(["continuous", "edge", "gap", "cluster"]),
        n=st.integers(20, 300), k=st.integers(2, 40), seed=st.integers(0, 10 ** 6),
        log_c=st.floats(-30.0, -2.0))
+@example(kind="gap", n=20, k=16, seed=1, log_c=-19.0)
 def test_bound_holds_whenever_the_overlap_is_at_the_floor(kind, n, k, seed, log_c):
     """The deterministic core: a start vector whose overlap with the top eigenvector is
-    exactly at the floor (γ₁² = c, the worst case allowed) gives U >= λ_max = 1, even with no
-    margin on the polynomial norms."""
+    exactly at the floor (γ₁² = c, the worst case allowed) gives U >= λ_max = 1 with the
+    library's margin (2), with no tolerance. With no margin on the polynomial norms it holds
+    only up to the rounding of the floating-point Lanczos run, whose recurrence is not exactly
+    that of the exact Krylov space; the margin exists to absorb it. The rounding matters once
+    sqrt(c) nears the unit roundoff: the @example (16 steps on a 20 x 20 matrix, c = 1e-19)
+    gives 1 - 1.8e-9 with margin 1 and 1.0015 with margin 2; a scan of 3000 cases over
+    c in [1e-30, 1e-2] gave margin 1 down to 1 - 1.1e-3 at c ~ 1e-30 and margin 2 never
+    below 1; over c in [1e-14, 1e-2], margin 1 down to 1 - 9e-12."""
     k = min(k, n - 1)
     rng = np.random.default_rng(seed)
     lam = spectrum(kind, n, rng)
@@ -198,9 +205,10 @@ def test_bound_holds_whenever_the_overlap_is_at_the_floor(kind, n, k, seed, log_
     if beta_last <= 1e-9 or np.any(off <= 1e-9):
         return  # an invariant subspace: the route disables the bound there
     u, _ = christoffel_bound(diag, off, beta_last, c, margin=1.0)
-    assert u >= 1.0 * (1 - 1e-9)
+    if log_c >= -12.0:
+        assert u >= 1.0 * (1 - 1e-9)
     u2, _ = christoffel_bound(diag, off, beta_last, c)
-    assert u2 >= u
+    assert u2 >= u and u2 >= 1.0  # the bound the library reports: no tolerance
 
 
 @settings(max_examples=n_examples(20), deadline=None)
