@@ -35,6 +35,7 @@ from lipbound import Analyzer
 from lipbound.errors import InputError, UnsupportedModelError
 from lipbound.ops.base import DiagOp
 from lipbound.ops.registry import FUNCTION_RULES, METHOD_RULES
+from lipbound.radius import certified_radius
 
 DT = torch.float64
 
@@ -373,3 +374,23 @@ def test_batchnorm_without_running_stats_is_refused_saying_why():
     net = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4, track_running_stats=False)).eval()
     with pytest.raises(UnsupportedModelError, match="statistics of the batch"):
         Analyzer(net, (3,))
+
+
+# ---------------------------------------------------------------------------------------
+# 7. certified_radius and local_bound read x0 alike
+# ---------------------------------------------------------------------------------------
+
+
+def test_certified_radius_reads_a_1d_x0_like_local_bound():
+    # local_bound(model, x0 of shape (n,)) analyses it as one input; certified_radius
+    # refused it ("x0 must have a batch dimension of 1")
+    net = Fn(nn.ReLU(), n_out=3, seed=14)
+    x0 = torch.randn(3, generator=torch.Generator().manual_seed(15), dtype=DT)
+    assert lipbound.local_bound(net, x0, 0.1).value == \
+        lipbound.local_bound(net, x0[None], 0.1).value
+    for method in ("local", "global"):
+        a = certified_radius(net, x0, method=method, spectral="exact")
+        b = certified_radius(net, x0[None], method=method, spectral="exact")
+        assert a.radius == b.radius > 0
+    with pytest.raises(InputError, match="batch dimension of 1"):
+        certified_radius(net, torch.randn(2, 3, dtype=DT))
