@@ -33,6 +33,7 @@ from torch import nn
 import lipbound
 from lipbound import Analyzer
 from lipbound.errors import InputError, UnsupportedModelError
+from lipbound.inputs import load_sample, load_samples
 from lipbound.ops.base import DiagOp
 from lipbound.ops.registry import FUNCTION_RULES, METHOD_RULES
 from lipbound.radius import certified_radius
@@ -394,3 +395,71 @@ def test_certified_radius_reads_a_1d_x0_like_local_bound():
         assert a.radius == b.radius > 0
     with pytest.raises(InputError, match="batch dimension of 1"):
         certified_radius(net, torch.randn(2, 3, dtype=DT))
+
+
+# ---------------------------------------------------------------------------------------
+# 8. intake
+# ---------------------------------------------------------------------------------------
+
+
+def test_multi_frame_image_is_refused_naming_the_frame_count(tmp_path):
+    from PIL import Image
+
+    a = (np.arange(16, dtype=np.uint8).reshape(4, 4) * 15)
+    frames = [Image.fromarray(a), Image.fromarray(255 - a), Image.fromarray(a // 2)]
+    path = tmp_path / "anim.gif"
+    frames[0].save(path, save_all=True, append_images=frames[1:])
+    with pytest.raises(InputError, match="3 frames"):
+        load_sample(path, input_shape=(1, 4, 4))
+    one = tmp_path / "one.gif"
+    frames[0].save(one)
+    assert load_sample(one, input_shape=(1, 4, 4)).x.shape == (1, 1, 4, 4)
+
+
+def test_exif_orientation_is_applied(tmp_path, caplog):
+    from PIL import Image, ImageOps
+
+    a = (np.arange(6, dtype=np.uint8).reshape(2, 3) * 40)  # 3 wide, 2 high
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees clockwise to display
+    path = tmp_path / "photo.png"
+    Image.fromarray(a).save(path, exif=exif)
+    with Image.open(path) as im:
+        upright = np.asarray(ImageOps.exif_transpose(im), dtype=np.float32)
+    assert upright.shape == (3, 2)
+    with caplog.at_level("WARNING", logger="lipbound.inputs"):
+        x = load_sample(path, input_shape=(1, 3, 2)).x
+    torch.testing.assert_close(x[0, 0], torch.from_numpy(upright) / 255, rtol=0, atol=1e-7)
+    assert "orientation" in caplog.text and "resized" not in caplog.text
+
+
+def test_float_array_of_raw_pixels_is_refused_when_a_normalisation_is_known(tmp_path):
+    g = np.random.default_rng(16)
+    pixels = g.integers(0, 256, size=(1, 1, 4, 4)).astype(np.float32)
+    path = tmp_path / "raw.npy"
+    np.save(path, pixels)
+    kw = {"input_shape": (1, 4, 4), "mean": (0.1307,), "std": (0.3081,)}
+    with pytest.raises(InputError, match="raw 0-255 pixels"):
+        load_sample(path, **kw)
+    with pytest.raises(InputError, match="raw=True"):
+        load_samples(path, **kw)
+    # the same pixels with raw=True, and normalised inputs (standard normal values), load
+    x = load_sample(path, raw=True, **kw).x
+    torch.testing.assert_close(x, (torch.from_numpy(pixels) / 255 - 0.1307) / 0.3081)
+    np.save(path, g.standard_normal((1, 1, 4, 4)).astype(np.float32) * 3)
+    assert load_sample(path, **kw).x.shape == (1, 1, 4, 4)
+    # without a normalisation an array is taken as it is
+    np.save(path, pixels)
+    assert float(load_sample(path, input_shape=(1, 4, 4)).x.max()) == float(pixels.max())
+
+
+@pytest.mark.parametrize("bad", ["300", "-1", "255.5"])
+def test_csv_pixels_outside_0_255_are_refused(tmp_path, bad):
+    path = tmp_path / "rows.csv"
+    path.write_text("label," + ",".join(f"p{i}" for i in range(4)) + "\n"
+                    "1,0,10,20,255\n"
+                    f"0,5,{bad},7,8\n")
+    with pytest.raises(InputError, match="row 1 .*0-255"):
+        load_samples(path, input_shape=(1, 2, 2))
+    path.write_text("1,0,10,20,255\n0,5,6,7,8\n")
+    assert len(load_samples(path, input_shape=(1, 2, 2))) == 2
