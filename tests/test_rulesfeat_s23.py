@@ -324,6 +324,21 @@ def test_arithmetic_with_the_batch_size_is_refused_naming_it(f):
     assert "residual" not in str(err.value)
 
 
+def test_a_size_of_a_constant_is_not_taken_for_a_batch_size():
+    # (the sizes followed are those of tensors computed from the input; a weight's dim 0 is
+    # no batch dimension: refused as before, as an operand lipbound does not read)
+    class WeightSize(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Linear(3, 4)
+
+        def forward(self, x):
+            return self.a(x) / self.a.weight.size(0)
+
+    with pytest.raises(UnsupportedModelError, match="neither the chain's tensor") as err:
+        Analyzer(WeightSize().eval(), (3,))
+    assert "batch dimension" not in str(err.value)
+
 # ---------------------------------------------------------------------------------------
 # 5. register_rule for built-in arithmetic
 # ---------------------------------------------------------------------------------------
@@ -463,3 +478,4 @@ def test_csv_pixels_outside_0_255_are_refused(tmp_path, bad):
         load_samples(path, input_shape=(1, 2, 2))
     path.write_text("1,0,10,20,255\n0,5,6,7,8\n")
     assert len(load_samples(path, input_shape=(1, 2, 2))) == 2
+

@@ -470,7 +470,7 @@ _SIZE_ARITHMETIC = frozenset((operator.add, operator.sub, operator.mul, operator
 """Python arithmetic on sizes (``x.size(1) ** 0.5``) that :func:`_sizes` follows."""
 
 
-def _sizes(gm: fx.GraphModule, values: dict[str, object]) -> dict[str, str]:
+def _sizes(gm: fx.GraphModule, values: dict[str, object], dep: set[str]) -> dict[str, str]:
     """The nodes that compute a number from the input's shape: ``"const"`` for one that does
     not depend on the batch size (``x.size(1)``, ``x.shape[-1]``, ``x.dim()``, arithmetic on
     those), ``"batch"`` for one that may (``x.size(0)``, ``x.numel()``), ``"shape"`` for a
@@ -479,8 +479,8 @@ def _sizes(gm: fx.GraphModule, values: dict[str, object]) -> dict[str, str]:
     residual connection)."""
     out: dict[str, str] = {}
 
-    def ndim(a: object) -> int | None:
-        v = values.get(a.name) if isinstance(a, fx.Node) else None
+    def ndim(a: object) -> int | None:  # (of a tensor computed from the input)
+        v = values.get(a.name) if isinstance(a, fx.Node) and a.name in dep else None
         return v.dim() if isinstance(v, Tensor) else None
 
     for node in gm.graph.nodes:
@@ -742,7 +742,7 @@ def trace_model(model: nn.Module, input_shape: Sequence[int]) -> list[Op]:
         return tuple(v.shape) if isinstance(v, Tensor) else None
 
     dep, consts = _input_dependence(gm, root)
-    sizes = _sizes(gm, rec.values)
+    sizes = _sizes(gm, rec.values, dep)
 
     for node in gm.graph.nodes:
         if node.op == "placeholder":
