@@ -429,6 +429,15 @@ def test_multi_frame_image_is_refused_naming_the_frame_count(tmp_path):
     one = tmp_path / "one.gif"
     frames[0].save(one)
     assert load_sample(one, input_shape=(1, 4, 4)).x.shape == (1, 1, 4, 4)
+    # a camera's MPO JPEG (a photo and its previews / depth maps): the photo is the first
+    mpo = tmp_path / "photo.jpg"
+    rgb = [f.convert("RGB") for f in frames]
+    rgb[0].save(mpo, format="MPO", save_all=True, append_images=rgb[1:])
+    with Image.open(mpo) as im:
+        assert im.format == "MPO" and im.n_frames == 3
+        first = np.asarray(im.convert("L"), dtype=np.float32)
+    x = load_sample(mpo, input_shape=(1, 4, 4)).x
+    torch.testing.assert_close(x[0, 0], torch.from_numpy(first) / 255, rtol=0, atol=1e-7)
 
 
 def test_exif_orientation_is_applied(tmp_path, caplog):

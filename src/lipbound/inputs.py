@@ -289,7 +289,9 @@ def _read_image(path: Path, ctx: _Context, name: str) -> torch.Tensor:
         with Image.open(path) as img:
             img.load()
             frames = int(getattr(img, "n_frames", 1) or 1)
-            if frames > 1:
+            # (a camera's MPO JPEG: the first frame is the photo, the others are previews
+            # or depth images by the format's definition)
+            if frames > 1 and img.format != "MPO":
                 # (since session 23; the first frame was taken silently)
                 raise InputError(
                     f"image {name!r} holds {frames} frames (an animation or a multi-page "
