@@ -123,6 +123,18 @@ def test_clamps_are_analysed_soundly(name):
             assert glob >= _sampled_ratio(net, x0, eps)
             if eps == 1e-3:
                 assert loc >= _jac_norm(net, x0) * (1 - 1e-12)
+            if eps in (0.1, 1.0):  # the centre-plus-deviation bound walks the same chain
+                assert an.local_bound(x0, eps, tight=True).value >= _sampled_ratio(net, x0, eps)
+        # no sampled point inside a certified radius changes the class
+        for method in ("local", "margin"):
+            rad = certified_radius(an, x0, method=method).radius
+            g = torch.Generator().manual_seed(seed)
+            d = torch.randn(2000, 3, generator=g, dtype=DT)
+            d = d / d.norm(dim=1, keepdim=True) * rad * torch.rand(2000, 1, generator=g,
+                                                                   dtype=DT)
+            with torch.no_grad():
+                cls = net(torch.cat([x0, x0 + d])).argmax(dim=1)
+            assert bool((cls == cls[0]).all())
 
 
 @given(lo=st.one_of(st.none(), st.floats(-2, 1)), width=st.floats(0, 2),
