@@ -24,10 +24,10 @@ class UnsupportedModelError(LipboundError):
         super().__init__(
             f"the model has {len(self.nodes)} unsupported operation(s):\n" + "\n".join(lines)
             + "\nlipbound supports chains of Linear, Conv2d (or F.linear / F.conv2d with "
-            "the model's parameters), ReLU, MaxPool2d, AvgPool2d, "
-            "AdaptiveAvgPool2d, BatchNorm1d/2d (eval), Dropout (eval), Flatten/view/reshape, "
-            "Identity, lipbound.Normalize and arithmetic with a constant (x / 255, x - "
-            "self.mean); rewrite these parts with supported layers, or "
+            "the model's parameters), ReLU, clamp / ReLU6 / Hardtanh, MaxPool2d, AvgPool2d, "
+            "AdaptiveAvgPool2d, BatchNorm1d/2d (eval), Dropout (eval), Flatten/view/reshape/"
+            "squeeze/unsqueeze, Identity, lipbound.Normalize and arithmetic with a constant "
+            "(x / 255, x - self.mean); rewrite these parts with supported layers, or "
             "register a rule with lipbound.register_rule."
         )
 

@@ -12,6 +12,7 @@ import inspect
 import itertools
 import logging
 import math
+import numbers
 import operator
 from collections.abc import Sequence
 
@@ -24,7 +25,7 @@ from ._precision import exact_float32
 from .errors import InputError, UnsupportedModelError, WeightsError
 from .ops.base import Op
 from .ops.conv import conv2d_op
-from .ops.elementwise import identity_rule, reshape_rule
+from .ops.elementwise import clamp_rule, identity_rule, reshape_rule
 from .ops.linear import linear_op
 from .ops.registry import (
     _COMPUTING_METHODS,
@@ -32,6 +33,7 @@ from .ops.registry import (
     FUNCTION_RULES,
     METHOD_RULES,
     MODULE_RULES,
+    _clamp_from_call,
     _class_own,
     _module_from_call,
     module_rule,
@@ -463,9 +465,81 @@ def _input_dependence(gm: fx.GraphModule, model: nn.Module) -> tuple[set[str], s
     return dep, consts
 
 
+_SIZE_ARITHMETIC = frozenset((operator.add, operator.sub, operator.mul, operator.truediv,
+                              operator.floordiv, operator.pow, operator.neg, operator.mod))
+"""Python arithmetic on sizes (``x.size(1) ** 0.5``) that :func:`_sizes` follows."""
+
+
+def _sizes(gm: fx.GraphModule, values: dict[str, object], dep: set[str]) -> dict[str, str]:
+    """The nodes that compute a number from the input's shape: ``"const"`` for one that does
+    not depend on the batch size (``x.size(1)``, ``x.shape[-1]``, ``x.dim()``, arithmetic on
+    those), ``"batch"`` for one that may (``x.size(0)``, ``x.numel()``), ``"shape"`` for a
+    whole shape (``x.size()``, ``x.shape``). Arithmetic of the chain with a ``"const"`` size
+    is arithmetic with a constant (since session 23; ``x / x.size(1)`` was refused as a
+    residual connection)."""
+    out: dict[str, str] = {}
+
+    def ndim(a: object) -> int | None:  # (of a tensor computed from the input)
+        v = values.get(a.name) if isinstance(a, fx.Node) and a.name in dep else None
+        return v.dim() if isinstance(v, Tensor) else None
+
+    for node in gm.graph.nodes:
+        args, kw = node.args, node.kwargs
+        if node.op == "call_method" and node.target == "size" and ndim(args[0]):
+            dim = args[1] if len(args) > 1 else kw.get("dim")
+            if dim is None:
+                out[node.name] = "shape"
+            elif isinstance(dim, int) and not isinstance(dim, bool):
+                out[node.name] = "batch" if dim % ndim(args[0]) == 0 else "const"
+        elif node.op == "call_method" and node.target == "dim" and ndim(args[0]):
+            out[node.name] = "const"
+        elif node.op == "call_method" and node.target in ("numel", "nelement") \
+                and ndim(args[0]):
+            out[node.name] = "batch"
+        elif node.op == "call_function" and node.target is getattr and len(args) == 2 \
+                and args[1] == "shape" and ndim(args[0]):
+            out[node.name] = "shape"
+        elif node.op == "call_function" and node.target is operator.getitem \
+                and isinstance(args[0], fx.Node) and out.get(args[0].name) == "shape":
+            n = len(values[args[0].name])  # type: ignore[arg-type]
+            i = args[1]
+            if isinstance(i, int) and not isinstance(i, bool) and n:
+                out[node.name] = "batch" if i % n == 0 else "const"
+            else:
+                out[node.name] = "batch"  # (a slice: may hold the batch size)
+        elif node.op == "call_function" and node.target in _SIZE_ARITHMETIC \
+                and node.all_input_nodes \
+                and all(a.name in out for a in node.all_input_nodes) \
+                and all(isinstance(a, (fx.Node, int, float)) and not isinstance(a, bool)
+                        for a in args) and not kw:
+            kinds = {out[a.name] for a in node.all_input_nodes}
+            out[node.name] = "const" if kinds == {"const"} else "batch"
+    return {k: v for k, v in out.items()
+            if v == "shape" or (isinstance(values.get(k), numbers.Real)
+                                and not isinstance(values.get(k), bool))}
+
+
+def _squeezes_batch(node: fx.Node, ndim: int) -> str | None:
+    """How a ``squeeze`` node also squeezes the batch dimension (``x.squeeze()``,
+    ``torch.squeeze(x, 0)``), or ``None``."""
+    if node.op == "call_method" and node.target == "squeeze":
+        call = "x.squeeze"
+    elif node.op == "call_function" and node.target is torch.squeeze:
+        call = "torch.squeeze"
+    else:
+        return None
+    dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
+    if dim is None:
+        return f"{call}() without a dimension"
+    dims = dim if isinstance(dim, (list, tuple)) else (dim,)
+    if any(isinstance(d, int) and not isinstance(d, bool) and d % ndim == 0 for d in dims):
+        return f"{call}(..., {dim!r})"
+    return None
+
+
 def _arith_op(kind: str, node: fx.Node, values: dict[str, object], dep: set[str],
               consts: set[str], name: str, in_shape: tuple[int, ...],
-              out_shape: tuple[int, ...]) -> Op:
+              out_shape: tuple[int, ...], sizes: dict[str, str] | None = None) -> Op:
     """The op of an arithmetic node (:mod:`lipbound.ops.scalar`): its operands read as the
     chain's tensor (a node depending on the input) or constants (literal numbers, and the
     values of the constant nodes of :func:`_input_dependence`).
@@ -475,7 +549,17 @@ def _arith_op(kind: str, node: fx.Node, values: dict[str, object], dep: set[str]
     """
     args = operands(kind, node.op == "call_method", node.args, node.kwargs)
     ops: list[object] = []
+    sizes = sizes or {}
     for a in args:
+        if isinstance(a, fx.Node) and a.name in sizes:
+            if sizes[a.name] != "const":
+                raise NotImplementedError(
+                    f"the operand '{a.name}' is a size that includes the batch dimension "
+                    "(x.size(0), x.shape[0], x.numel()): the result would depend on how many "
+                    "inputs are in the batch; use the per-sample sizes (x.size(1), "
+                    "x[0].numel()) or a constant")
+            ops.append(constant(values[a.name], in_shape))
+            continue
         if isinstance(a, fx.Node):
             if a.name in dep:
                 ops.append(CHAIN)
@@ -658,6 +742,7 @@ def trace_model(model: nn.Module, input_shape: Sequence[int]) -> list[Op]:
         return tuple(v.shape) if isinstance(v, Tensor) else None
 
     dep, consts = _input_dependence(gm, root)
+    sizes = _sizes(gm, rec.values, dep)
 
     for node in gm.graph.nodes:
         if node.op == "placeholder":
@@ -681,7 +766,9 @@ def trace_model(model: nn.Module, input_shape: Sequence[int]) -> list[Op]:
             and node.target not in FUNCTION_RULES  # (unless a rule of the user's takes it)
         if arith is not None or weighted:
             # arithmetic with a constant: the chain is the operand that depends on the input
-            tensor_inputs = [a for a in node.all_input_nodes if a.name in dep]
+            # (a size of it, x.size(1), is a number)
+            tensor_inputs = [a for a in node.all_input_nodes
+                             if a.name in dep and a.name not in sizes]
         else:
             tensor_inputs = [a for a in node.all_input_nodes if shape_of(a) is not None]
         if shape is None:
@@ -689,6 +776,8 @@ def trace_model(model: nn.Module, input_shape: Sequence[int]) -> list[Op]:
             # is not part of a chain we can analyse
             if node.op == "call_method" and node.target in AUXILIARY_METHODS:
                 continue
+            if sizes.get(node.name) == "const":
+                continue  # (arithmetic on per-sample sizes: x.size(1) ** 0.5)
             if node.op == "call_function" and node.target in (getattr, operator.getitem) \
                     and len(node.args) > 1 and node.args[1] in ("shape",):
                 continue
@@ -718,6 +807,13 @@ def trace_model(model: nn.Module, input_shape: Sequence[int]) -> list[Op]:
                 and all(a is current or a.name not in dep for a in tensor_inputs):
             # (x @ self.w, torch.matmul(x, self.w), torch.addmm(b, x, w): a product with the
             # model's tensors that no rule reads; not a residual connection)
+            if _clamp_from_call(node.target if node.op == "call_function"
+                                else str(node.target), (), {}) is not None:
+                problems.append((where, kind, "a clamp with tensor bounds: only numbers are "
+                                 "supported as min / max (for per-unit bounds, write "
+                                 "lo + relu(x - lo) with lo a registered buffer)"))
+                current = node
+                continue
             problems.append((where, kind, "computes with the chain's tensor and a tensor of "
                              "the model's own (a weight?) through an operation lipbound has "
                              "no rule for: write a product with a weight as F.linear(x, "
@@ -754,6 +850,9 @@ def trace_model(model: nn.Module, input_shape: Sequence[int]) -> list[Op]:
                 module = _module_from_call(node.target, args, kwargs)
         elif node.op == "call_method":
             rule = METHOD_RULES.get(str(node.target))
+            if rule is clamp_rule:
+                module = _clamp_from_call(str(node.target), tuple(node.args[1:]),
+                                          dict(node.kwargs))
             if rule is None and node.target == "to" and _moves_only(node):
                 rule = identity_rule
             if node.target == "view" and rule is reshape_rule and any(
@@ -765,12 +864,21 @@ def trace_model(model: nn.Module, input_shape: Sequence[int]) -> list[Op]:
                                  "another dtype (not a reshape); use x.to(dtype) for a cast"))
                 current = node
                 continue
+        squeezed = _squeezes_batch(node, len(in_shape))
+        if squeezed and rule is reshape_rule:
+            # (at the batch of 2 it traces with, the batch dimension stays; at a batch of
+            # one, the analysed inputs', it would go)
+            problems.append((where, kind, f"{squeezed} also removes the batch dimension of a "
+                             "batch of one input; name the dimension(s) to remove, e.g. "
+                             "x.squeeze(1) or x.squeeze(-1)"))
+            current = node
+            continue
         if weighted or arith is not None:
             try:
                 op = _weighted_op(node, rec.values, dep, consts, name, in_shape[1:],
                                   shape[1:]) if weighted else \
                     _arith_op(arith, node, rec.values, dep, consts, name, in_shape[1:],
-                              shape[1:])
+                              shape[1:], sizes)
             except NotImplementedError as exc:
                 what = "call" if weighted else "arithmetic"
                 problems.append((where, kind, f"unsupported {what}: {exc}"))
@@ -802,9 +910,11 @@ def trace_model(model: nn.Module, input_shape: Sequence[int]) -> list[Op]:
             problems.append((where, kind, f"unsupported configuration: {exc}"))
             current = node
             continue
-        if op.kind == "reshape" and math.prod(in_shape[1:]) != math.prod(shape[1:]):
+        new_ops = list(op) if isinstance(op, (list, tuple)) else [op]  # (a clamp: a chain)
+        if any(o.kind == "reshape" for o in new_ops) \
+                and math.prod(in_shape[1:]) != math.prod(shape[1:]):
             problems.append((where, kind, "reshape changes the number of elements"))
-        ops.append(op)
+        ops.extend(new_ops)
         current = node
     for node in gm.graph.nodes:  # tuples passed on by the rerun above, if no rule refused them
         if node.name in rec.unwrap:

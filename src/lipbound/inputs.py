@@ -29,11 +29,15 @@ Preprocessing rules:
   differs, resized (bilinear) so that they cover the expected size, then centre-cropped.
   Images with transparent pixels are refused (the conversion would drop the alpha channel),
   and so are 16-bit, 32-bit and float images unless they hold whole numbers 0-255 (the
-  conversion to 8 bits would clamp the rest).
+  conversion to 8 bits would clamp the rest), and images of several frames (animations,
+  multi-page files). An EXIF orientation tag is applied (the image as viewers show it).
+  CSV pixel values must lie in 0-255.
 - *Arrays* (``.npy``, ``.pt``) are taken as they are, i.e. already in the normalised space,
   unless ``raw=True``, in which case they are treated like image pixels (``* scale``, then
   normalised); an integer array (raw pixels) for a network with a normalisation is
-  refused without ``raw=True``. A single array may have shape ``input_shape`` or
+  refused without ``raw=True``, and so is a float array whose values, read back through
+  ``mean``/``std``, are pixels far outside ``[0, 1]`` (raw 0-255 pixels saved as floats; see
+  :data:`PIXEL_SLACK`). A single array may have shape ``input_shape`` or
   ``(1, *input_shape)``; a batch has shape ``(N, *input_shape)``. Without a known input
   shape a single array is one input of its own shape (a batch: the first dimension is the
   batch). CSV labels must be classes of the network (0 to n_classes - 1).
@@ -261,6 +265,22 @@ def _eight_bit(image, name: str):
     return Image.fromarray(values.astype(np.uint8))
 
 
+def _single_upright(image, name: str):
+    """``image`` turned as its EXIF orientation tag says, as image viewers show it (since
+    session 23; before, the stored pixels were taken unturned: a photo's digit on its side)."""
+    from PIL import ImageOps
+
+    try:
+        orientation = image.getexif().get(0x0112, 1)
+    except Exception:  # a damaged EXIF block: nothing to turn by
+        return image
+    if orientation in (None, 1):
+        return image
+    logger.warning("image %s carries EXIF orientation %s: turned upright as image viewers "
+                   "show it; the results are for the turned image", name, orientation)
+    return ImageOps.exif_transpose(image)
+
+
 def _read_image(path: Path, ctx: _Context, name: str) -> torch.Tensor:
     """Read an image file as raw pixels ``(1, C, H, W)`` in the context's shape."""
     from PIL import Image, UnidentifiedImageError
@@ -268,6 +288,15 @@ def _read_image(path: Path, ctx: _Context, name: str) -> torch.Tensor:
     try:
         with Image.open(path) as img:
             img.load()
+            frames = int(getattr(img, "n_frames", 1) or 1)
+            # (a camera's MPO JPEG: the first frame is the photo, the others are previews
+            # or depth images by the format's definition)
+            if frames > 1 and img.format != "MPO":
+                # (since session 23; the first frame was taken silently)
+                raise InputError(
+                    f"image {name!r} holds {frames} frames (an animation or a multi-page "
+                    f"file); which one is the input is ambiguous. Save the frame you mean as "
+                    "its own image (e.g. with PIL: img.seek(k); img.save('frame.png'))")
             image = img.copy()
     except FileNotFoundError as exc:
         raise InputError(f"image file not found: {path}") from exc
@@ -280,7 +309,7 @@ def _read_image(path: Path, ctx: _Context, name: str) -> torch.Tensor:
         raise InputError(f"cannot read image {path}: it is damaged or not in a format PIL "
                          f"decodes ({type(exc).__name__}: {exc}); save it again as a PNG "
                          "file") from exc
-    image = _eight_bit(image, name)
+    image = _eight_bit(_single_upright(image, name), name)
     shape = ctx.shape
     if shape is None:
         channels = 1 if image.mode in ("1", "L") else 3
@@ -408,12 +437,49 @@ def _array_to_batch(data: torch.Tensor, ctx: _Context, name: str, *, single: boo
     )
 
 
+#: pixels (scaled, ``x * scale``) beyond this range from [0, 1] make a float array no input
+#: in the normalised space (:func:`_check_normalised`): a wide margin, for inputs a little
+#: outside the image range (noise, attacks, standard-normal test inputs); raw 0-255 pixels
+#: read as normalised values are pixels near 255 std + mean (about 60 to 80 for the zoo's)
+PIXEL_SLACK = 10.0
+
+
+def _check_normalised(batch: torch.Tensor, ctx: _Context, name: str) -> None:
+    """Refuse a float array taken as already normalised whose values lie far outside the
+    normalised image of pixels in ``[0, 1]`` under the network's ``mean`` / ``std``
+    (``[-PIXEL_SLACK, 1 + PIXEL_SLACK]`` per channel): raw 0-255 pixels saved as floats (since
+    session 23; they were analysed as they were, hundreds of standard deviations out)."""
+    if ctx.mean is None or ctx.std is None or batch.dim() < 2:
+        return
+    n = batch.shape[1]
+    if len(ctx.mean) not in (1, n):
+        return
+    view = (1, -1) + (1,) * (batch.dim() - 2)
+    m = torch.tensor(ctx.mean, dtype=torch.float64).reshape(view)
+    s = torch.tensor(ctx.std, dtype=torch.float64).reshape(view)
+    pixels = batch.to(torch.float64) * s + m  # (the values read back as pixels in [0, 1])
+    lo, hi = float(pixels.min()), float(pixels.max())
+    if lo >= -PIXEL_SLACK and hi <= 1.0 + PIXEL_SLACK:
+        return
+    raw = " (they look like raw 0-255 pixels)" if float(batch.min()) >= 0.0 \
+        and float(batch.max()) <= 255.0 else ""
+    raise InputError(
+        f"{name} holds values {float(batch.min()):.4g} to {float(batch.max()):.4g}, which "
+        f"as normalised inputs (x = (pixel - mean) / std with mean {ctx.mean}, std "
+        f"{ctx.std}) are pixels from {lo:.4g} to {hi:.4g}, far outside [0, 1]{raw}. Arrays "
+        "are taken as already normalised: pass raw=True to load_sample(s) to have them "
+        "scaled and normalised, save the image as a .png file, or save the normalised input "
+        "(pixels / 255 - mean) / std")
+
+
 def _array_samples(path: Path, ctx: _Context, *, single: bool) -> list[Sample]:
     data = _read_array(path, ctx)
     if not bool(torch.isfinite(data).all()):
         bad = int((~torch.isfinite(data)).sum())
         raise InputError(f"{path} contains {bad} NaN or inf value(s); clean the data first")
     batch = _array_to_batch(data, ctx, str(path), single=single)
+    if not ctx.raw:
+        _check_normalised(batch, ctx, str(path))
     if ctx.raw:
         batch = normalize_pixels(batch, mean=ctx.mean, std=ctx.std, scale=ctx.scale)
     if single:
@@ -438,6 +504,20 @@ def _check_labels(labels: np.ndarray, ctx: _Context, source: str) -> None:
             "classes are numbered from 0"
         raise InputError(f"{source}: row {i} has the label {int(labels[i])}, but {classes} "
                          f"({bad.size} row(s) like it); fix the first column (the labels)")
+
+
+def _check_csv_pixels(images: np.ndarray, source: str) -> None:
+    """Refuse CSV pixel values outside 0-255, the format's range (since session 23; they were
+    scaled and normalised as they were)."""
+    bad = np.flatnonzero(((images < 0) | (images > 255)).reshape(len(images), -1).any(axis=1))
+    if bad.size:
+        i = int(bad[0])
+        row = images[i]
+        raise InputError(
+            f"{source}: row {i} has pixel values from {float(row.min()):.6g} to "
+            f"{float(row.max()):.6g}, but CSV inputs hold raw pixels 0-255 ({bad.size} "
+            "row(s) like it); save the pixel values 0-255, or save normalised inputs as an "
+            ".npy/.pt array")
 
 
 def _split_zoo_ref(ref: str) -> tuple[ZooEntry, str] | None:
@@ -703,6 +783,7 @@ def load_samples(
             )
         images, labels = read_csv_file(path, ctx.shape)
         _check_labels(labels, ctx, str(path))
+        _check_csv_pixels(images, str(path))
         return [
             _pixels_to_sample(torch.from_numpy(images[i : i + 1]), ctx, f"{path}#{i}",
                               int(labels[i]))

@@ -207,6 +207,10 @@ def _resolve(model: nn.Module | Analyzer | None, analyzer: Analyzer | None, x0: 
                          f"{type(model).__name__}")
     if not isinstance(x0, Tensor):
         raise InputError(f"x0 must be a torch.Tensor, got {type(x0).__name__}")
+    if x0.dim() == 1:
+        # one input of a model of vectors, without its batch dimension: read as
+        # lipbound.local_bound reads it (since session 23; was refused here only)
+        return Analyzer(model, tuple(x0.shape), device=device, **analyzer_kwargs)
     if x0.dim() < 2 or x0.shape[0] != 1:
         raise InputError(f"x0 must have a batch dimension of 1, shape (1, *input_shape), got "
                          f"{tuple(x0.shape)}; use x0.unsqueeze(0) for one sample")

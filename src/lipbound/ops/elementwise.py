@@ -1,8 +1,13 @@
 """Rules for layers whose linear part is diagonal or the identity: BatchNorm (eval mode),
-input normalisation, Dropout (eval mode), Identity; ReLU; and shape-only layers."""
+input normalisation, Dropout (eval mode), Identity; ReLU and clamps (as ReLUs between
+diagonal maps); and shape-only layers."""
 
 from __future__ import annotations
 
+import math
+import numbers
+
+import numpy as np
 import torch
 from torch import nn
 
@@ -16,13 +21,16 @@ def batchnorm_rule(module: nn.Module, name: str, in_shape, out_shape) -> DiagOp:
         raise TypeError(f"rule called with {type(module).__name__}")
     if module.training:
         raise NotImplementedError("BatchNorm in training mode (call model.eval())")
-    if not module.track_running_stats or module.running_mean is None \
-            or module.running_var is None:
-        # (since session 22 the message names the fix)
+    if module.running_mean is None or module.running_var is None:
+        # (since session 22 the message names the fix). In eval mode torch's _BatchNorm
+        # normalises with running_mean / running_var whenever both are present, whatever
+        # track_running_stats says (since session 23: such a layer, its flag set to False
+        # after training, was refused); with both None it uses the batch's statistics
         raise NotImplementedError(
-            "BatchNorm without running statistics (track_running_stats=False, or no "
-            "running_mean / running_var): without them it normalises with the statistics of "
-            "the batch it is given even in eval mode, which mixes the samples; train it with "
+            "BatchNorm without running statistics (running_mean / running_var are None, as "
+            "with track_running_stats=False at construction): in eval mode it then "
+            "normalises with the statistics of the batch it is given, which mixes the "
+            "samples (and is no fixed map of one input); train it with "
             "track_running_stats=True, or replace it by its affine map (e.g. a diagonal "
             "scaling with registered buffers)")
     c = in_shape[0]
@@ -87,11 +95,29 @@ def normalize_rule(module: nn.Module, name: str, in_shape, out_shape) -> DiagOp:
                   shift_err=gamma(2) * shift.abs() + 2 * 2.0 ** -1074)
 
 
+class FunctionalDropout(nn.Module):
+    """A functional dropout call (``F.dropout(x, p, training)``) handed to
+    :func:`identity_rule`: ``training`` is ``True`` unless the call passes a literal
+    ``False`` (``F.dropout``'s own default is ``True``; ``self.training`` of a module in eval
+    mode is traced as ``False``). Never run."""
+
+    def __init__(self, fn_name: str, training: bool):
+        super().__init__()
+        self.fn_name = fn_name
+        self.training = training
+
+
 def identity_rule(module: nn.Module | None, name: str, in_shape, out_shape) -> DiagOp:
-    """Identity, and Dropout in eval mode (which is the identity)."""
+    """Identity, and Dropout in eval mode (which is the identity), also called as a function
+    with ``training=False``."""
     if module is not None and isinstance(module, nn.modules.dropout._DropoutNd) \
             and module.training:
         raise NotImplementedError("Dropout in training mode (call model.eval())")
+    if isinstance(module, FunctionalDropout) and module.training:
+        raise NotImplementedError(
+            f"F.{module.fn_name} with training=True (F.dropout's default) zeroes random "
+            "units and rescales the others at every call; pass training=self.training "
+            "(with the model in eval mode) or training=False, or use an nn.Dropout layer")
     one = torch.ones((), dtype=torch.float64)
     return DiagOp(name, tuple(in_shape), one, torch.zeros((), dtype=torch.float64))
 
@@ -103,3 +129,103 @@ def relu_rule(module: nn.Module | None, name: str, in_shape, out_shape) -> ReLUO
 def reshape_rule(module: nn.Module | None, name: str, in_shape, out_shape) -> ReshapeOp:
     """Flatten / view / reshape: constant 1; the mask is reshaped the same way."""
     return ReshapeOp(name, in_shape, out_shape)
+
+
+class ClampBounds(nn.Module):
+    """The thresholds of a functional clamp (``torch.clamp(x, min=lo, max=hi)``,
+    ``x.clamp_min(lo)``, ``F.hardtanh``, ``F.relu6``), handed to :func:`clamp_rule` the way
+    functional pooling calls are handed to the pooling rules as modules. ``None``: no bound
+    on that side. Never run."""
+
+    def __init__(self, lo: object = None, hi: object = None):
+        super().__init__()
+        self.lo = lo
+        self.hi = hi
+
+
+_F32_MAX = float(torch.finfo(torch.float32).max)
+
+
+def _threshold(v: object, what: str) -> float:
+    """A clamp threshold as a float64 number (a Python / numpy real number only)."""
+    if isinstance(v, bool) or not isinstance(v, numbers.Real):
+        raise NotImplementedError(
+            f"a clamp whose {what} is {type(v).__name__} ({v!r}); only a number is supported "
+            "(for a per-channel bound tensor, write the clamp with ReLUs and a registered "
+            "buffer: lo + relu(x - lo))")
+    f = float(v)
+    if not math.isfinite(f) or abs(f) > _F32_MAX:
+        raise NotImplementedError(f"a clamp whose {what} {v!r} is not a finite float32 "
+                                  "number; rescale")
+    return f
+
+
+def _f32_err(t: float) -> float:
+    """An upper bound on ``|t - t'|`` for ``t'`` the threshold torch uses: the number itself
+    (a float64 model) or rounded to float32 (a float32 model: clamp converts its Python
+    scalars to the tensor's type). Rules do not see the model's type, so both are covered."""
+    d = abs(t - float(np.float32(t)))
+    return d * (1.0 + 2.0 ** -50) if d > 0.0 else 0.0
+
+
+def clamp_ops(name: str, in_shape, lo: float | None, hi: float | None) -> list:
+    """``clamp(x, lo, hi)`` as a chain of diagonal affine maps and ReLUs (exact in real
+    arithmetic, so the local-bound machinery of Avant & Morgansen, IEEE TNNLS 2023, applies
+    to its kinks like to any ReLU's):
+
+    * ``max(x, lo) = lo + relu(x - lo)``;
+    * ``min(y, hi) = hi - relu(hi - y)``;
+    * both (``lo <= hi``): ``hi - relu((hi - lo) - relu(x - lo))``.
+
+    ``clamp(min=0)`` is a bare :class:`ReLUOp` (the same analysis as ``nn.ReLU``). Every
+    shift carries ``shift_err`` covering the float32 rounding torch may apply to the
+    thresholds (:func:`_f32_err`) and the float64 rounding of ``hi - lo``, so the masks
+    decided at the kinks hold for the thresholds as written and as used.
+
+    Raises:
+        NotImplementedError: no bound at all, a non-numeric or non-finite bound, or
+            ``lo > hi`` (torch then returns ``hi`` everywhere).
+    """
+    in_shape = tuple(in_shape)
+    if lo is None and hi is None:
+        raise NotImplementedError("a clamp without min or max")
+    lo = None if lo is None else _threshold(lo, "min")
+    hi = None if hi is None else _threshold(hi, "max")
+    if lo is not None and hi is not None and lo > hi:
+        raise NotImplementedError(f"a clamp with min {lo!r} > max {hi!r}: torch then returns "
+                                  "max everywhere (a constant); check the bounds")
+
+    def diag(tag: str, scale: float, shift: float, err: float) -> DiagOp:
+        s = torch.tensor(scale, dtype=torch.float64)
+        t = torch.tensor(shift, dtype=torch.float64)
+        e = torch.tensor(err, dtype=torch.float64) if err > 0.0 else None
+        return DiagOp(f"{name}.{tag}", in_shape, s, t, shift_err=e)
+
+    ops: list = []
+    if lo is not None:
+        if lo != 0.0:
+            ops.append(diag("sub_min", 1.0, -lo, _f32_err(lo)))
+        ops.append(ReLUOp(name if hi is None and lo == 0.0 else f"{name}.relu_min",
+                          in_shape, in_shape))
+    if hi is not None:
+        if lo is None:
+            ops.append(diag("neg_max", -1.0, hi, _f32_err(hi)))
+        else:
+            width = hi - lo  # (rounded in float64: its error joins the shift's)
+            err = _f32_err(lo) + _f32_err(hi) + abs(width) * 2.0 ** -52
+            ops.append(diag("neg_width", -1.0, width, err * (1.0 + 2.0 ** -50)))
+        ops.append(ReLUOp(f"{name}.relu_max", in_shape, in_shape))
+        ops.append(diag("neg_max", -1.0, hi, _f32_err(hi)))
+    elif lo is not None and lo != 0.0:
+        ops.append(diag("add_min", 1.0, lo, _f32_err(lo)))
+    return ops
+
+
+def clamp_rule(module: nn.Module | None, name: str, in_shape, out_shape) -> list:
+    """``nn.Hardtanh`` / ``nn.ReLU6`` modules and functional clamps (:class:`ClampBounds`):
+    see :func:`clamp_ops`."""
+    if isinstance(module, nn.Hardtanh):
+        return clamp_ops(name, in_shape, module.min_val, module.max_val)
+    if isinstance(module, ClampBounds):
+        return clamp_ops(name, in_shape, module.lo, module.hi)
+    raise TypeError(f"rule called with {type(module).__name__}")

@@ -13,18 +13,31 @@ from ..errors import InputError
 from ..layers import Normalize
 from .base import Op
 from .conv import conv2d_rule
-from .elementwise import batchnorm_rule, identity_rule, normalize_rule, relu_rule, reshape_rule
+from .elementwise import (
+    ClampBounds,
+    FunctionalDropout,
+    batchnorm_rule,
+    clamp_rule,
+    identity_rule,
+    normalize_rule,
+    relu_rule,
+    reshape_rule,
+)
 from .linear import linear_rule
 from .pooling import adaptive_avgpool2d_rule, avgpool2d_rule, maxpool2d_rule
+from .scalar import arith_kind
 
 Rule = Callable[..., Op]
 """rule(module_or_None, name, in_shape, out_shape) -> Op. Raise NotImplementedError with a
-short reason when the module's configuration is not supported."""
+short reason when the module's configuration is not supported. (A built-in rule may return a
+list of ops, a chain that computes the layer: :func:`~lipbound.ops.elementwise.clamp_rule`.)"""
 
 MODULE_RULES: dict[type, Rule] = {
     nn.Linear: linear_rule,
     nn.Conv2d: conv2d_rule,
     nn.ReLU: relu_rule,
+    nn.Hardtanh: clamp_rule,
+    nn.ReLU6: clamp_rule,
     nn.MaxPool2d: maxpool2d_rule,
     nn.AvgPool2d: avgpool2d_rule,
     nn.AdaptiveAvgPool2d: adaptive_avgpool2d_rule,
@@ -38,6 +51,7 @@ MODULE_RULES: dict[type, Rule] = {
     nn.FeatureAlphaDropout: identity_rule,
     nn.Identity: identity_rule,
     nn.Flatten: reshape_rule,
+    nn.Unflatten: reshape_rule,
     Normalize: normalize_rule,
 }
 
@@ -59,7 +73,57 @@ def _module_from_call(fn, args: tuple, kwargs: dict) -> nn.Module | None:
     if fn is F.adaptive_avg_pool2d:
         kw = dict(zip(["output_size"], args, strict=False)) | kwargs
         return nn.AdaptiveAvgPool2d(**kw)
+    clamp = _clamp_from_call(fn, args, kwargs)
+    if clamp is not None:
+        return clamp
+    dropout = _DROPOUT_FUNCTIONS.get(fn)
+    if dropout is not None:
+        names = ["p", "train"] if fn is torch.dropout else ["p", "training", "inplace"]
+        kw = dict(zip(names, args, strict=False)) | kwargs
+        training = kw.get("training", kw.get("train", dropout))
+        # (a flag computed in forward, or anything but a literal False, counts as training)
+        return FunctionalDropout(fn.__name__, training is not False)
     return None
+
+
+_CLAMP_ARGS: dict[object, tuple[tuple[str, ...], dict[str, object]]] = {
+    torch.clamp: (("min", "max"), {}),
+    torch.clip: (("min", "max"), {}),
+    torch.clamp_min: (("min",), {}),
+    torch.clamp_max: (("max",), {}),
+    "clamp": (("min", "max"), {}),
+    "clip": (("min", "max"), {}),
+    "clamp_min": (("min",), {}),
+    "clamp_max": (("max",), {}),
+    F.hardtanh: (("min_val", "max_val", "inplace"), {"min_val": -1.0, "max_val": 1.0}),
+    F.relu6: (("inplace",), {"min_val": 0.0, "max_val": 6.0}),
+}
+"""Functions and tensor methods that clamp their input: the names of their arguments after
+the input, and the defaults of the thresholds."""
+
+_DROPOUT_FUNCTIONS: dict[object, bool] = {
+    F.dropout: True, F.dropout1d: True, F.dropout2d: True, F.dropout3d: True,
+    F.alpha_dropout: False, F.feature_alpha_dropout: False, torch.dropout: True,
+}
+"""Functional dropouts (the identity with ``training=False``) and their default of
+``training``."""
+
+
+def _clamp_from_call(fn: object, args: tuple, kwargs: dict) -> ClampBounds | None:
+    """The thresholds of a clamp call (function or tensor method name, arguments after the
+    input) as a :class:`ClampBounds`, or ``None`` for another call."""
+    try:
+        spec = _CLAMP_ARGS.get(fn)
+    except TypeError:  # an unhashable target
+        return None
+    if spec is None:
+        return None
+    names, defaults = spec
+    kw = defaults | dict(zip(names, args, strict=False)) | \
+        {k: v for k, v in kwargs.items() if k != "input"}
+    lo = kw.get("min", kw.get("min_val"))
+    hi = kw.get("max", kw.get("max_val"))
+    return ClampBounds(lo, hi)
 
 
 FUNCTION_RULES: dict[object, Rule] = {
@@ -69,6 +133,22 @@ FUNCTION_RULES: dict[object, Rule] = {
     torch.reshape: reshape_rule,
     torch.clone: identity_rule,
     torch.detach: identity_rule,
+    torch.squeeze: reshape_rule,
+    torch.unsqueeze: reshape_rule,
+    torch.unflatten: reshape_rule,
+    torch.clamp: clamp_rule,
+    torch.clip: clamp_rule,
+    torch.clamp_min: clamp_rule,
+    torch.clamp_max: clamp_rule,
+    F.hardtanh: clamp_rule,
+    F.relu6: clamp_rule,
+    F.dropout: identity_rule,
+    F.dropout1d: identity_rule,
+    F.dropout2d: identity_rule,
+    F.dropout3d: identity_rule,
+    F.alpha_dropout: identity_rule,
+    F.feature_alpha_dropout: identity_rule,
+    torch.dropout: identity_rule,
     F.max_pool2d: lambda m, *a: maxpool2d_rule(m, *a),
     F.avg_pool2d: lambda m, *a: avgpool2d_rule(m, *a),
     F.adaptive_avg_pool2d: lambda m, *a: adaptive_avgpool2d_rule(m, *a),
@@ -78,7 +158,14 @@ METHOD_RULES: dict[str, Rule] = {
     "view": reshape_rule,
     "reshape": reshape_rule,
     "flatten": reshape_rule,
+    "squeeze": reshape_rule,
+    "unsqueeze": reshape_rule,
+    "unflatten": reshape_rule,
     "relu": relu_rule,
+    "clamp": clamp_rule,
+    "clip": clamp_rule,
+    "clamp_min": clamp_rule,
+    "clamp_max": clamp_rule,
     "contiguous": identity_rule,
     # the same values (a wrapper copying its input; a cast to float32 / float64, the identity
     # in exact arithmetic, which the bounds are about; the check of the chain against the
@@ -126,6 +213,18 @@ def register_rule(target: type | Callable | str, rule: Rule) -> None:
         hash(target)
     except TypeError:
         raise InputError(f"register_rule: the target {target!r} is not hashable") from None
+    if arith_kind("call_method" if isinstance(target, str) else "call_function",
+                  target) is not None:
+        # (since session 23: such a rule was stored and never used, the tracer reading
+        # every one of these calls as arithmetic first)
+        what = f"the tensor method {target!r}" if isinstance(target, str) else \
+            f"{getattr(target, '__module__', '')}.{getattr(target, '__name__', target)}"
+        raise InputError(
+            f"register_rule: {what} is arithmetic that lipbound analyses itself (with a "
+            "constant operand: x + c, x * self.scale, ... as a diagonal affine map; with two "
+            "chain operands it is a residual connection, which is not supported); a rule gets "
+            "no operands, so it could not describe it. Wrap the computation in an nn.Module "
+            "of your own and register a rule for that class")
     if isinstance(target, str):
         METHOD_RULES[target] = rule
     elif isinstance(target, type) and issubclass(target, nn.Module):
