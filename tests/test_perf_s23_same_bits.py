@@ -16,7 +16,15 @@ import pytest
 import torch
 
 from lipbound import spectral
-from lipbound.ops.conv import ConvOp, _max_freq_norm, _Plan, circulant_norm_bound
+from lipbound.ops.base import gamma
+from lipbound.ops.conv import (
+    _U,
+    ConvOp,
+    _cholesky_upper_neg,
+    _max_freq_norm,
+    _Plan,
+    circulant_norm_bound,
+)
 from lipbound.spectral import exact_norm
 
 pytestmark = pytest.mark.usefixtures("torch_one_thread")
@@ -166,3 +174,83 @@ def test_scale_of_exact_norm_is_the_largest_magnitude():
         t = m.T  # the layout exact_norm scales when rows < columns
         assert float(t.abs().amax()) == float(np.max(np.abs(m.numpy())))
         assert math.copysign(1.0, float(t.abs().amax())) == 1.0
+
+
+# --- ops.conv._cholesky_upper_neg: the completion test on a copied diagonal -----------------
+
+def _old_cholesky_upper_neg(neg: torch.Tensor, level: torch.Tensor) -> torch.Tensor:
+    """Session 22's form: elementwise tests on the factor's strided complex diagonal."""
+    n = neg.shape[-1]
+    g_c = gamma(4 * (n + 1))
+    if not n * g_c < 0.5 or neg.shape[0] == 0:
+        return torch.full(neg.shape[:1], math.inf, dtype=torch.float64, device=neg.device)
+    b_diag = neg.diagonal(dim1=-2, dim2=-1)
+    saved = b_diag.clone()
+    g_max = saved.real.abs().amax(-1)
+    try:
+        b_diag.add_(level[:, None])
+        trace = b_diag.real.sum(-1)
+        fac, info = torch.linalg.cholesky_ex(neg, upper=True)
+    finally:
+        b_diag.copy_(saved)
+    r_diag = fac.diagonal(dim1=-2, dim2=-1)
+    ok = (info == 0) & (r_diag.real > 0).all(-1) & torch.isfinite(r_diag).all(-1)
+    up = (level + g_c * trace / ((1.0 - gamma(n)) * (1.0 - n * g_c))
+          + _U * (level + g_max) + n * n * 2.0 ** -1000 * (1.0 + level + g_max))
+    up = up * (1.0 + 32.0 * _U)
+    ok &= torch.isfinite(up) & torch.isfinite(level) & (level > 0)
+    return torch.where(ok, up, math.inf)
+
+
+def _hermitian_batch(batch: int, n: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    k = torch.randn(batch, n, 2 * n, generator=gen, dtype=torch.complex128)
+    if n > 1:
+        k[::3, :, 1:] *= 1e-9  # nearly rank one: levels close to the top eigenvalue
+    g = k @ k.mH
+    lam = torch.linalg.eigvalsh(g)[:, -1]
+    return g, lam
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 6, 15, 32])
+def test_cholesky_certificate_same_bits_as_elementwise_tests(n):
+    gen = torch.Generator().manual_seed(100 + n)
+    g, lam = _hermitian_batch(60, n, gen)
+    rel = torch.tensor([-1e-3, -1e-12, 0.0, 1e-15, 1e-12, 1e-9, 1e-3, 1.0], dtype=torch.float64)
+    for r in rel:
+        level = lam * (1.0 + r)
+        level[::8] = torch.tensor([0.0, -1.0, math.inf, math.nan, 1e-300, 1e300, 5e-324,
+                                   2.0])
+        neg_a, neg_b = (-g).clone(), (-g).clone()
+        got = _cholesky_upper_neg(neg_a, level)
+        ref = _old_cholesky_upper_neg(neg_b, level)
+        assert torch.equal(_bits(got), _bits(ref))
+        assert torch.equal(_bits(torch.view_as_real(neg_a)), _bits(torch.view_as_real(-g)))
+    # both outcomes occur (the certificate is not vacuous here)
+    assert bool(torch.isfinite(got).any()) and bool((got == math.inf).any())
+
+
+def test_completion_test_on_crafted_factors(monkeypatch):
+    """Factors whose diagonals hold every special value, in the real and the imaginary part,
+    with info 0 or not: the copied-diagonal test and the elementwise one agree."""
+    specials = [1.0, 2.5, -1.0, 0.0, -0.0, 5e-324, -5e-324, math.inf, -math.inf, math.nan,
+                1e308]
+    gen = torch.Generator().manual_seed(3)
+    batch, n = 400, 4
+    fac = torch.randn(batch, n, n, generator=gen, dtype=torch.complex128)
+    re = torch.tensor(specials, dtype=torch.float64)
+    pick = torch.randint(len(specials), (batch, n, 2), generator=gen)
+    vals = re[pick]
+    easy = torch.rand(batch, n, generator=gen) < 0.7  # mostly ordinary positive entries
+    vals[..., 0] = torch.where(easy, vals[..., 0].abs().clamp(1.0, 2.0), vals[..., 0])
+    vals[..., 1] = torch.where(easy, 0.0, vals[..., 1])
+    fac.diagonal(dim1=-2, dim2=-1).copy_(torch.view_as_complex(vals.contiguous()))
+    info = torch.where(torch.rand(batch, generator=gen) < 0.1, 2, 0).to(torch.int32)
+
+    monkeypatch.setattr(torch.linalg, "cholesky_ex",
+                        lambda a, upper=False: (fac.clone(), info.clone()))
+    neg = -torch.eye(n, dtype=torch.complex128).expand(batch, n, n).clone()
+    level = torch.full((batch,), 3.0, dtype=torch.float64)
+    got = _cholesky_upper_neg(neg.clone(), level)
+    ref = _old_cholesky_upper_neg(neg.clone(), level)
+    assert torch.equal(_bits(got), _bits(ref))
+    assert 0 < int(torch.isfinite(got).sum()) < batch

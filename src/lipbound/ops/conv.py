@@ -453,8 +453,14 @@ def _cholesky_upper_neg(neg: Tensor, level: Tensor) -> Tensor:
         fac, info = torch.linalg.cholesky_ex(neg, upper=True)
     finally:
         b_diag.copy_(saved)
-    r_diag = fac.diagonal(dim1=-2, dim2=-1)
-    ok = (info == 0) & (r_diag.real > 0).all(-1) & torch.isfinite(r_diag).all(-1)
+    # the diagonal of R (real and imaginary parts, copied out of the factor: reductions on
+    # the strided diagonal of a complex batch are slow) positive and finite: min of the real
+    # parts > 0 and max of all magnitudes < inf, NaN failing both, as the elementwise tests
+    # (CIFAR-10's 480 x 32 x 32 batch: 0.31 -> 0.13 ms)
+    r_diag = torch.view_as_real(fac.diagonal(dim1=-2, dim2=-1).clone())
+    ok = info == 0  # (an empty diagonal, n = 0, has nothing else to check)
+    if n:
+        ok &= (r_diag[..., 0].amin(-1) > 0) & (r_diag.abs().amax((-2, -1)) < math.inf)
     up = (level + g_c * trace / ((1.0 - gamma(n)) * (1.0 - n * g_c))
           + _U * (level + g_max) + n * n * 2.0 ** -1000 * (1.0 + level + g_max))
     up = up * (1.0 + 32.0 * _U)
