@@ -228,7 +228,9 @@ def exact_norm(m: Tensor | np.ndarray) -> float:
     if m.shape[0] < m.shape[1]:
         m = m.T
     k, n = m.shape  # inner dimension k >= n
-    peak = float(m.abs().max())
+    # (amax: the same maximum of the same non-negative entries as max(), NaN propagated
+    # alike; torch's full max() is 2-4x slower on the transposed view: 64 -> 17 us, 164 x 293)
+    peak = float(m.abs().amax())
     if peak == 0.0 or not math.isfinite(peak):
         return 0.0 if peak == 0.0 else math.inf
     ms = m / peak  # scaled to avoid under/overflow of the squares

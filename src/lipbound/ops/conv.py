@@ -453,8 +453,14 @@ def _cholesky_upper_neg(neg: Tensor, level: Tensor) -> Tensor:
         fac, info = torch.linalg.cholesky_ex(neg, upper=True)
     finally:
         b_diag.copy_(saved)
-    r_diag = fac.diagonal(dim1=-2, dim2=-1)
-    ok = (info == 0) & (r_diag.real > 0).all(-1) & torch.isfinite(r_diag).all(-1)
+    # the diagonal of R (real and imaginary parts, copied out of the factor: reductions on
+    # the strided diagonal of a complex batch are slow) positive and finite: min of the real
+    # parts > 0 and max of all magnitudes < inf, NaN failing both, as the elementwise tests
+    # (CIFAR-10's 480 x 32 x 32 batch: 0.31 -> 0.13 ms)
+    r_diag = torch.view_as_real(fac.diagonal(dim1=-2, dim2=-1).clone())
+    ok = info == 0  # (an empty diagonal, n = 0, has nothing else to check)
+    if n:
+        ok &= (r_diag[..., 0].amin(-1) > 0) & (r_diag.abs().amax((-2, -1)) < math.inf)
     up = (level + g_c * trace / ((1.0 - gamma(n)) * (1.0 - n * g_c))
           + _U * (level + g_max) + n * n * 2.0 ** -1000 * (1.0 + level + g_max))
     up = up * (1.0 + 32.0 * _U)
@@ -731,9 +737,16 @@ class _Plan:
     def poly_weight(self, weight: Tensor) -> Tensor:
         """W_poly as (c_out, c_in_g * n_phases, taps): W[o, c, a, b] at column (c, p, q) and
         tap (a', b')."""
+        kh, kw = weight.shape[2], weight.shape[3]
+        if self.shape[2:] == (1, 1, kh, kw):
+            # one phase, taps in place (stride 1, or offsets all multiples of the strides with
+            # every polyphase tap used): W_poly is the kernel itself, entry for entry (MNIST's
+            # 5x5 kernels: one copy instead of 25 small ones, 141 -> ~10 us a layer)
+            return weight.reshape(self.c_out, self.rows, self.taps).clone(
+                memory_format=torch.contiguous_format)
         wp = weight.new_zeros(self.shape)
-        for a in range(weight.shape[2]):
-            for b in range(weight.shape[3]):
+        for a in range(kh):
+            for b in range(kw):
                 wp[:, :, self.p_of[a], self.q_of[b], self.a_idx[a], self.b_idx[b]] = \
                     weight[:, :, a, b]
         return wp.reshape(self.c_out, self.rows, self.taps)
