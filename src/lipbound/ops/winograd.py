@@ -219,7 +219,9 @@ class WinogradConv:
         th, tw = -(-ho // m), -(-wo // m)
         # rows needed: m th + r - 1 (the last tile reads TILE rows from its start)
         hp, wp = m * th + r - 1, m * tw + r - 1
-        key = (b, c, hp, wp, ph, pw, x.device)
+        # (h, w) too: inputs of different sizes can share (hp, wp), and a buffer written by a
+        # larger one keeps that input's entries where a smaller one's zero padding belongs
+        key = (b, c, h, w, hp, wp, ph, pw, x.dtype, x.device)
         buffers = getattr(self._local, "pad", None)
         if buffers is None:
             buffers = self._local.pad = {}
