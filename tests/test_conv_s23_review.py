@@ -325,3 +325,23 @@ def test_adaptive_avg_pool_op_is_torch_adaptive_avg_pool(hw, out):
     op = adaptive_avgpool2d_rule(pool, "p", shape, tuple(pool(torch.zeros(1, *shape)).shape[1:]))
     fn = op.lin if hasattr(op, "lin") else op.forward
     assert torch.allclose(_jacobian(fn, shape), _jacobian(pool, shape), rtol=1e-15, atol=0.0)
+
+
+@pytest.mark.parametrize("scale", [1e-120, 1e-160, 1e-200, 1e-300])
+def test_winograd_error_bound_of_small_taps_does_not_underflow(scale):
+    """Δ multiplied two sums of ~|w| before its square root: for taps below ~1e-154 that
+    product underflowed and Δ came out 0, which spectral_upper reads as an all-zero kernel
+    (exact products, no inflation), while the products err as usual (~2e-14 |w| here). Δ now
+    scales with the taps (the same relative value, 1.4e-9, at every scale) and bounds the
+    observed error."""
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(16, 16, 3, 3, generator=g, dtype=DT)
+    rel = WinogradConv(w, (1, 1)).error_bound()
+    ws = w * scale
+    wg = WinogradConv(ws, (1, 1))
+    delta = wg.error_bound()
+    assert delta >= rel * scale * (1 - 1e-12) and delta <= rel * scale * 1.01
+    x = torch.randn(2, 16, 20, 20, generator=g, dtype=DT)
+    diff = (wg.conv(x) - F.conv2d(x, ws, padding=1)) / scale  # in range for the norms
+    for b in range(2):
+        assert float(diff[b].norm()) * scale <= delta * float(x[b].norm())
