@@ -219,7 +219,9 @@ class WinogradConv:
         th, tw = -(-ho // m), -(-wo // m)
         # rows needed: m th + r - 1 (the last tile reads TILE rows from its start)
         hp, wp = m * th + r - 1, m * tw + r - 1
-        key = (b, c, hp, wp, ph, pw, x.device)
+        # (h, w) too: inputs of different sizes can share (hp, wp), and a buffer written by a
+        # larger one keeps that input's entries where a smaller one's zero padding belongs
+        key = (b, c, h, w, hp, wp, ph, pw, x.dtype, x.device)
         buffers = getattr(self._local, "pad", None)
         if buffers is None:
             buffers = self._local.pad = {}
@@ -280,10 +282,30 @@ class WinogradConv:
         small tensors of the kernel (the transform is linear, so the taps are summed over
         channels before it), so ``Δ`` costs nothing per product. It bounds the error
         independently of any mask: masked operators whose norm is far below ``Δ`` must not
-        use these products (see ``spectral_upper``).
+        use these products (see ``spectral_upper``). Like every ``γ`` bound it assumes that
+        the products do not underflow (taps and outputs in the normal range: with taps near
+        2^-1022 the products' own underflow is not covered); the bound's own evaluation is
+        kept in range for taps down to the smallest subnormal.
         """
         if self._delta is not None:
             return self._delta
+        peak = float(self._w_abs.max()) if self._w_abs.numel() else 0.0
+        if 0.0 < peak < 2.0 ** -400:
+            # small taps: the product of the two sums below (~|w|^2) would lose digits on the
+            # subnormal grid, or underflow to 0 for |w| below ~1e-154 (which spectral_upper
+            # reads as an all-zero kernel: exact products). Scaled up by a power of two
+            # (exact), the bound is computed in range and scaled back, rounded up.
+            _, expo = math.frexp(peak)
+            up = min(-expo, 1000)
+            out = math.ldexp(self._delta_of(self._w_abs * math.ldexp(1.0, up)), -up)
+            out = math.nextafter(out, math.inf)
+        else:
+            out = self._delta_of(self._w_abs)
+        self._delta = out
+        return out
+
+    def _delta_of(self, w_abs: Tensor) -> float:
+        """:meth:`error_bound` for the kernel magnitudes ``w_abs`` (no caching)."""
         g = self._g.cpu().abs()
         bt = self._bt.cpu().abs()
         at = self._at.cpu().abs()
@@ -291,7 +313,7 @@ class WinogradConv:
         alpha = at.sum(0)  # |A| 1 (column sums of |A^T|)
         reads = float(-(-TILE // self.m)) ** 2
         out = 0.0
-        for w in (self._w_abs, self._w_abs.flip(2, 3).transpose(0, 1)):
+        for w in (w_abs, w_abs.flip(2, 3).transpose(0, 1)):
             # Σ_c Ũ_kc = |G| (Σ_c |g_kc|) |G|^T and Σ_k Ũ_kc likewise (the transform is
             # linear): sum the taps first, then transform K + C small kernels, not K C
             c = w.shape[1]
@@ -302,7 +324,6 @@ class WinogradConv:
             nu = (2 * c + 200) * 2.0 ** -53
             gam = nu / (1.0 - nu)
             out = max(out, gam * math.sqrt(float(rows) * float(cols)) * (1 + 1e-12))
-        self._delta = out
         return out
 
     def conv(self, x: Tensor) -> Tensor:
