@@ -49,6 +49,16 @@ def _shown(r) -> str:
     return fmt(v)
 
 
+def _p_fail(res, method: str) -> str:
+    """``" (p_fail<=p)"``: the largest failure probability of the method's probabilistic
+    points, rounded up (as ``lipbound bound`` states it); empty when none is probabilistic."""
+    from ..results import Guarantee, format_prob_up
+
+    fps = [r[method].failure_prob for r in res.rows
+           if r[method].guarantee == Guarantee.PROBABILISTIC]
+    return f" (p_fail<={format_prob_up(max(fps))})" if fps else ""
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "sweep", help="bounds over a range of radii (CSV, JSON, PNG, PDF)",
@@ -188,7 +198,7 @@ def run(args: argparse.Namespace) -> int:
     print(table(headers, rows))
     print()
     guarantees = {m: " / ".join(sorted({r[m].guarantee.value for r in res.rows}))
-                  for m in methods}
+                  + _p_fail(res, m) for m in methods}
     print("guarantees: " + ", ".join(f"{m}: {g}" for m, g in guarantees.items()))
     secs = {m: sum(r[m].seconds for r in res.rows) for m in methods}
     print("seconds per method (all radii): "
