@@ -240,3 +240,33 @@ def test_a_posteriori_bound_of_a_real_run_holds_at_the_overlap_floor(monkeypatch
                         assert res.post_sqrt >= top, (n, delta, post_stop, steps)
                         worst = min(worst, res.post_sqrt / top)
     assert worst < 1.01  # (the bound was formed, and close: the check is not vacuous)
+
+
+# ------------------------------------------------------------------ figures
+def _capture(monkeypatch) -> list:
+    from lipbound import plotting
+
+    figs: list = []
+
+    def capture(fig, path_png, path_pdf=None, **kw):
+        figs.append(fig)
+        return []
+
+    monkeypatch.setattr(plotting, "save_figure", capture)
+    return figs
+
+
+def test_radius_figure_does_not_call_an_infinite_certified_radius_nothing(monkeypatch):
+    """Defect (fails before the fix): a certified radius of infinity (a local bound of 0: the
+    class cannot change at any radius) cannot stand on the log axis, and the legend said
+    "0 (nothing certified)" for it, stating the largest possible certificate as none. Now
+    the legend names the two apart."""
+    from lipbound.plotting import plot_radii
+
+    figs = _capture(monkeypatch)
+    plot_radii({"local": [math.inf, 0.5, None, 0.0]}, {"cw": [None, 1.0, 2.0, 0.3]},
+               path_png=None)
+    labels = [t.get_text() for t in figs[0].axes[0].get_legend().get_texts()]
+    local = next(t for t in labels if t.startswith("certified radius: local"))
+    assert "0 (nothing certified) at 2 of 4" in local, local
+    assert "∞ (certified at every radius) at 1 of 4" in local, local

@@ -365,9 +365,15 @@ def plot_radii(certified: dict[str, Sequence[float | None]],
             px, py = _positive_at(values)
             style = CERTIFICATE_STYLES.get(name, {"color": None, "marker": "o"})
             label = f"certified radius: {name}{suffix.get(name, '')}"
-            if len(px) < len(values):
-                label += (f" [0 (nothing certified) at {len(values) - len(px)} of "
-                          f"{len(values)}, not shown]")
+            # an infinite radius (a bound of 0: no class change anywhere) is no "nothing
+            # certified": each kind of value a log axis cannot show is named apart
+            n_inf = sum(1 for v in values if v is not None and v == math.inf)
+            n_none = len(values) - len(px) - n_inf
+            if n_none:
+                label += f" [0 (nothing certified) at {n_none} of {len(values)}, not shown]"
+            if n_inf:
+                label += (f" [∞ (certified at every radius) at {n_inf} of {len(values)}, "
+                          "not shown]")
             ax.plot(px, py, linestyle="none", markersize=4.5, label=label, **style)
         for name, values in attacks.items():
             px, py = _positive_at(values)
