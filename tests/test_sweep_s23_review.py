@@ -270,3 +270,19 @@ def test_radius_figure_does_not_call_an_infinite_certified_radius_nothing(monkey
     local = next(t for t in labels if t.startswith("certified radius: local"))
     assert "0 (nothing certified) at 2 of 4" in local, local
     assert "∞ (certified at every radius) at 1 of 4" in local, local
+
+
+def test_layers_figure_marks_an_infinite_factor(monkeypatch):
+    """Defect (fails before the fix): an infinite layer factor (an overflowed bound) or
+    radius could not stand on the log axis and vanished without a mark (a factor of 0 gets a
+    "0"), so the figure showed the layer as if it had no bound at all. Now each gets a "∞"
+    in its slot."""
+    from lipbound.plotting import plot_layer_factors
+
+    figs = _capture(monkeypatch)
+    plot_layer_factors(["a", "b", "c"], [2.0, math.inf, 0.0], [3.0, math.inf, 1.0],
+                       [0.1, 0.2, math.inf], path_png=None)
+    ax1, ax2 = figs[0].axes[:2]
+    top = sorted((round(t.get_position()[0], 3), t.get_text()) for t in ax1.texts)
+    assert top == [(0.81, "∞"), (1.19, "∞"), (1.81, "0")], top
+    assert [(t.get_position()[0], t.get_text()) for t in ax2.texts] == [(2, "∞")]

@@ -243,7 +243,8 @@ def plot_layer_factors(names: Sequence[str], local: Sequence[float],
             probability).
 
     A factor or radius of exactly 0 (a layer none of whose outputs can move, and the layers
-    after it) cannot stand on the log axis: a "0" is written at the foot of its slot instead.
+    after it) cannot stand on the log axis: a "0" is written at the foot of its slot instead;
+    an infinite one (an overflowed bound) gets a "∞" at the top of its slot.
     The legend sits below the figure, never over the bars.
 
     Returns:
@@ -278,6 +279,9 @@ def plot_layer_factors(names: Sequence[str], local: Sequence[float],
                 if v == 0:
                     ax1.text(i + shift, 0.02, "0", transform=ax1.get_xaxis_transform(),
                              ha="center", va="bottom", fontsize=7, color=color)
+                elif v == math.inf:  # (an overflowed bound) no bar: say so at the top
+                    ax1.text(i + shift, 0.98, "∞", transform=ax1.get_xaxis_transform(),
+                             ha="center", va="top", fontsize=7, color=color)
         ax1.set_yscale("log")
         ax1.set_ylabel("layer Lipschitz factor")
         ax1.axhline(1.0, color="#555555", linewidth=0.6, linestyle=":")
@@ -299,6 +303,9 @@ def plot_layer_factors(names: Sequence[str], local: Sequence[float],
             if v == 0:  # after a layer whose outputs cannot move
                 ax2.text(i, 0.02, "0", transform=ax2.get_xaxis_transform(), ha="center",
                          va="bottom", fontsize=7, color=METHOD_STYLES["local"]["color"])
+            elif v == math.inf:  # after an infinite factor
+                ax2.text(i, 0.98, "∞", transform=ax2.get_xaxis_transform(), ha="center",
+                         va="top", fontsize=7, color=METHOD_STYLES["local"]["color"])
         ax2.set_yscale("log")
         ax2.set_ylabel("L2 radius into layer")
         ax2.grid(True, which="major", linewidth=0.4, alpha=0.5)
