@@ -286,3 +286,44 @@ def test_layers_figure_marks_an_infinite_factor(monkeypatch):
     top = sorted((round(t.get_position()[0], 3), t.get_text()) for t in ax1.texts)
     assert top == [(0.81, "∞"), (1.19, "∞"), (1.81, "0")], top
     assert [(t.get_position()[0], t.get_text()) for t in ax2.texts] == [(2, "∞")]
+
+
+# ------------------------------------------------------------------ dominance direction
+def test_reuse_takes_only_a_dominating_factor_never_a_dominated_one():
+    """Not a defect (a guard): ``||R A D|| <= ||R' A D'||`` needs ``r <= r'`` and
+    ``d <= d'`` elementwise; the memory must hand out a factor only in that direction. A
+    remembered factor of smaller masks (one slope lower, one input frozen, or a single
+    entry below the query's, with every other entry tied) is never reused as an upper bound,
+    even with an unlimited ``reuse_tol``; a dominating one is, carrying the union bound over
+    the layer's queries (here 2 after this one: the remembered computations, and this)."""
+    from lipbound.analyzer import _MemoEntry
+    from lipbound.spectral import SpectralBound
+
+    net = nn.Sequential(nn.Linear(4, 5), nn.ReLU(), nn.Linear(5, 2)).to(DT).eval()
+    tw = Analyzer(net, (4,)).reuse_copy(1e9)
+    key = ("k", 0)
+    r = torch.tensor([1.0, 0.5, 0.0, 1.0, 0.25], dtype=DT)
+    d = torch.tensor([1.0, 1.0, 0.0, 1.0], dtype=DT)
+
+    def entry(rr, dd, value, fp):
+        return _MemoEntry(rr, dd, SpectralBound(value, Guarantee.PROBABILISTIC if fp else
+                                                Guarantee.CERTIFIED, fp, "lanczos", value))
+
+    smaller = [(r * torch.tensor([1, 0.9, 1, 1, 1], dtype=DT), d),
+               (r, d * torch.tensor([1, 0, 1, 1], dtype=DT)),
+               (torch.where(torch.arange(5) == 4, 0.2499, r), d)]
+    for rr, dd in smaller:
+        tw._memo = {key: [entry(rr, dd, 1.0, 0.0)]}
+        tw._queries = {key: 1}
+        assert tw._reuse(key, r, d) is None
+    # one entry above in r, one below in d: neither dominates
+    tw._memo = {key: [entry(torch.clamp(r + 0.1, max=1.0), d * torch.tensor(
+        [1, 1, 1, 0], dtype=DT), 1.0, 0.0)]}
+    assert tw._reuse(key, r, d) is None
+    # a dominating factor (r' >= r, d' >= d), with a dominated one giving the estimate
+    big = (torch.clamp(r + 0.1, max=1.0), torch.ones(4, dtype=DT))
+    tw._memo = {key: [entry(*big, 7.0, 1e-3), entry(*smaller[0], 1.0, 0.0)]}
+    tw._queries = {key: 2}
+    out = tw._reuse(key, r, d)
+    assert out is not None and out.value == 7.0 and out.method == "reused lanczos"
+    assert out.failure_prob >= 2 * 1e-3 and out.guarantee == Guarantee.PROBABILISTIC
