@@ -327,3 +327,50 @@ def test_reuse_takes_only_a_dominating_factor_never_a_dominated_one():
     out = tw._reuse(key, r, d)
     assert out is not None and out.value == 7.0 and out.method == "reused lanczos"
     assert out.failure_prob >= 2 * 1e-3 and out.guarantee == Guarantee.PROBABILISTIC
+
+
+# ------------------------------------------------------------------ bad input
+def _small():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(3, 5), nn.ReLU(), nn.Linear(5, 2)).to(DT).eval()
+    return net, torch.randn(1, 3, dtype=DT)
+
+
+@pytest.mark.parametrize("kw, match", [
+    ({"seed": 2 ** 70}, "seed must be below 2\\*\\*64"),
+    ({"seed": -1}, "seed must be an integer >= 0"),
+    ({"lower_dtype": torch.int32}, "lower_dtype must be a floating-point torch.dtype"),
+    ({"lower_dtype": "float64"}, "lower_dtype must be a floating-point torch.dtype"),
+    ({"methods": [1]}, "methods must be names \\(strings\\)"),
+    ({"methods": None}, "methods must be names out of"),
+    ({"notes": "random weights"}, "notes must be a sequence of strings, got the string"),
+])
+def test_sweep_refuses_bad_options_with_a_clear_error(kw, match):
+    """Defect (fails before the fix): a seed of 2**70 raised a bare ValueError ("Overflow when
+    unpacking long long") from the lower bounds' generator; a negative seed with an Analyzer
+    was used as it was; ``lower_dtype=torch.int32`` a bare TypeError and ``"float64"`` a
+    RuntimeError ("Invalid device string"); ``methods=[1]`` an AttributeError and ``None``
+    a TypeError; and ``notes="random weights"`` was recorded as 14 one-letter notes. Each is
+    now an InputError naming the option and the fix."""
+    from lipbound.errors import InputError
+
+    net, x0 = _small()
+    args = {"methods": ("local", "pgd"), "samples": 8, "steps": 2, "restarts": 1, **kw}
+    methods = args.pop("methods")
+    with pytest.raises(InputError, match=match):
+        sweep(Analyzer(net, (3,)) if "seed" in kw else net, x0, [0.1], methods, **args)
+
+
+def test_sweep_refuses_an_unbatched_x0_by_name():
+    """Defect (fails before the fix): an unbatched x0 of shape (3,) without input_shape made
+    the input shape () and failed inside the model's trace ("running the model on an input
+    of shape (N,) (a batch of N=2) failed ... mat1 and mat2 shapes cannot be multiplied").
+    Now the error says that x0 needs its batch dimension, and how to add it; with
+    input_shape given it is accepted as before."""
+    from lipbound.errors import InputError
+
+    net, x0 = _small()
+    with pytest.raises(InputError, match="x0 must have a batch dimension of 1.*unsqueeze"):
+        sweep(net, x0[0], [0.1], ("local",))
+    res = sweep(net, x0[0], [0.1], ("local",), input_shape=(3,))
+    assert res.values("local") == sweep(net, x0, [0.1], ("local",)).values("local")
