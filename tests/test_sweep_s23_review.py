@@ -374,3 +374,62 @@ def test_sweep_refuses_an_unbatched_x0_by_name():
         sweep(net, x0[0], [0.1], ("local",))
     res = sweep(net, x0[0], [0.1], ("local",), input_shape=(3,))
     assert res.values("local") == sweep(net, x0, [0.1], ("local",)).values("local")
+
+
+# ------------------------------------------------------------------ what a sweep figure states
+def _kink_net(at: float, slope: float) -> nn.Sequential:
+    """f(x) = slope * relu(x - at) + relu(x + 5) on one input: near x0 = 0 the local constant
+    is 1 up to the radius ``at``, then it jumps."""
+    net = nn.Sequential(nn.Linear(1, 2), nn.ReLU(), nn.Linear(2, 1)).to(DT).eval()
+    with torch.no_grad():
+        net[0].weight.copy_(torch.tensor([[1.0], [1.0]]))
+        net[0].bias.copy_(torch.tensor([-at, 5.0]))
+        net[2].weight.copy_(torch.tensor([[slope, 1.0]]))
+        net[2].bias.zero_()
+    return net
+
+
+def _drawn(line, x: float) -> float:
+    """The y value a matplotlib line shows at ``x`` on log-log axes (its draw style)."""
+    xs, ys = (list(map(float, v)) for v in (line.get_xdata(), line.get_ydata()))
+    style = line.get_drawstyle()
+    if style == "steps-pre":  # each point's value holds back to the previous point
+        return next(y for xi, y in zip(xs, ys, strict=True) if xi >= x)
+    if style == "steps-post":  # each point's value holds up to the next point
+        return [y for xi, y in zip(xs, ys, strict=True) if xi <= x][-1]
+    assert style == "default", style
+    i = next(k for k in range(1, len(xs)) if xs[k] >= x)
+    t = math.log(x / xs[i - 1]) / math.log(xs[i] / xs[i - 1])
+    return math.exp(math.log(ys[i - 1]) + t * math.log(ys[i] / ys[i - 1]))
+
+
+def test_sweep_figure_lines_are_valid_between_the_radii(monkeypatch):
+    """Defect (fails before the fix): the curves were straight segments between radii, and a
+    segment states a bound at the radii in between. On f = 100 relu(x - 1) + relu(x + 5) at
+    x0 = 0 the local upper bound is ~1 at eps 0.5 and ~134 at 10: the upper line drew about
+    6 at eps 1.5, where the ratio 34.33 is attained (x = 1.5). On f = 1000 relu(x - 9) +
+    relu(x + 5) the constant is 1 up to eps 9, the best lower bound ~1 at 0.5 and 101 at 10:
+    the lower line drew about 35 at eps 5, above the local upper bound there. Now an upper
+    curve steps to the next radius's value and a lower one keeps its value until the next
+    radius: every drawn point is a valid bound."""
+    figs = _capture(monkeypatch)
+    x0 = torch.zeros(1, 1, dtype=DT)
+    net = _kink_net(1.0, 100.0)
+    res = sweep(net, x0, [0.5, 10.0], ("local", "global"))
+    res.plot(None)
+    lines = {ln.get_label().split(" (")[0]: ln for ln in figs[-1].axes[0].get_lines()}
+    with torch.no_grad():
+        attained = float((net(torch.full((1, 1), 1.5, dtype=DT)) - net(x0))[0, 0]) / 1.5
+    assert attained > 34.3
+    assert _drawn(lines["local upper bound"], 1.5) >= attained
+    assert _drawn(lines["global upper bound"], 1.5) >= attained
+
+    net = _kink_net(9.0, 1000.0)
+    res = sweep(net, x0, [0.5, 10.0, 5.0], ("local", "best"), samples=200, steps=20,
+                restarts=2)
+    at5 = next(r for r in res.rows if r.eps == 5.0)["local"].value
+    res2 = sweep(net, x0, [0.5, 10.0], ("local", "best"), samples=200, steps=20, restarts=2)
+    assert res2.values("best")[1] > 100  # (the jump was found at 10)
+    res2.plot(None)
+    lines = {ln.get_label().split(" (")[0]: ln for ln in figs[-1].axes[0].get_lines()}
+    assert _drawn(lines["best lower bound"], 5.0) <= at5 < 1.001

@@ -140,6 +140,10 @@ def plot_sweep(eps: Sequence[float], curves: dict[str, Sequence[float]], *,
         title: figure title (network and input).
         upper: the methods whose values are upper bounds (solid lines with filled markers,
             drawn on top); all others are drawn dashed with hollow markers as lower bounds.
+            Between radii the lines are steps that stay valid there: an upper curve takes
+            the value of the next larger radius (a bound on a larger ball holds on a smaller
+            one), a lower curve keeps the value of the last smaller radius (a witness in a
+            smaller ball is one in every larger ball).
         label_suffix: optional text appended to a method's legend label (e.g. the failure
             probability of a probabilistic bound).
         violations: orderings the numbers break (a lower bound above an upper bound, see
@@ -164,6 +168,14 @@ def plot_sweep(eps: Sequence[float], curves: dict[str, Sequence[float]], *,
             style = dict(METHOD_STYLES.get(name, {"label": name, "color": None,
                                                   "linestyle": "-", "marker": None}))
             style["linestyle"] = "-" if name in upper else "--"
+            # between two radii the line states a bound too: an upper bound at a radius holds
+            # at every smaller one and a lower bound at every larger one (L(x0, eps) grows
+            # with eps), so an upper curve steps to the next radius's value and a lower one
+            # keeps its value up to the next radius. A straight segment could pass below the
+            # constant (an upper bound of 1 at eps 0.5 and 134 at 10, a ratio of 34 attained
+            # at 1.5) or above it (a lower bound of 1 at 0.5 and 101 at 10, a constant of 1
+            # up to 9).
+            style["drawstyle"] = "steps-pre" if name in upper else "steps-post"
             if not n_marked:
                 style["marker"] = None
             if name in upper:
