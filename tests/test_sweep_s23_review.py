@@ -433,3 +433,44 @@ def test_sweep_figure_lines_are_valid_between_the_radii(monkeypatch):
     res2.plot(None)
     lines = {ln.get_label().split(" (")[0]: ln for ln in figs[-1].axes[0].get_lines()}
     assert _drawn(lines["best lower bound"], 5.0) <= at5 < 1.001
+
+
+@pytest.mark.parametrize("kind", ["edge", "pair"])
+def test_block_a_posteriori_bound_of_a_real_run_holds_at_the_floor(monkeypatch, kind):
+    """Not a defect (a guard): as above for block runs (blocks of 2, 4, 8): a start block
+    whose span meets the top eigenvector exactly at the block floor
+    (``||V x1||^2 = c``, lipbound.posterior.block_overlap_floor) never yields an a
+    posteriori bound below the top singular value, whatever the stopping level."""
+    import lipbound.lanczos as lz
+    from lipbound.posterior import block_overlap_floor
+
+    formed = 0
+    for n, seed in ((30, 0), (150, 2)):
+        g = torch.Generator().manual_seed(seed)
+        u, _ = torch.linalg.qr(torch.randn(n + 5, n, generator=g, dtype=DT))
+        v, _ = torch.linalg.qr(torch.randn(n, n, generator=g, dtype=DT))
+        if kind == "edge":
+            s = torch.sqrt(1 - (torch.arange(n, dtype=DT) / n) ** 2) + 1e-3
+        else:
+            s = torch.rand(n, generator=g, dtype=DT) * 0.9
+            s[0], s[1] = 1.0, 1.0 - 1e-6
+        mat, top, x1 = (u * s) @ v.T, float(s.max()), v[:, int(s.argmax())]
+        for b in (2, 4, 8):
+            for delta in (0.9, 1e-6):
+                c = block_overlap_floor(n, b, delta)
+                w = torch.randn(n, b, generator=g, dtype=DT)
+                w -= x1[:, None] * (x1 @ w)[None, :]
+                qw, _ = torch.linalg.qr(w)
+                start = qw.T.clone()
+                start[0] = math.sqrt(c) * x1 + math.sqrt(1 - c) * qw[:, 0]
+                monkeypatch.setattr(lz, "_start_block",
+                                    lambda *_a, s0=start: s0.clone())
+                for post_stop in (1.0 + 1e-12, 1.05, 3.0):
+                    for steps in (3, 15):
+                        res = lz.run_lanczos(lambda x, m=mat: x @ m.T, lambda y, m=mat: y @ m,
+                                             n, steps, torch.Generator().manual_seed(1), "cpu",
+                                             block=b, post_c=c, post_stop=post_stop)
+                        if math.isfinite(res.post_sqrt):
+                            formed += 1
+                            assert res.post_sqrt >= top, (n, b, delta, post_stop, steps)
+    assert formed > 0
