@@ -474,3 +474,21 @@ def test_block_a_posteriori_bound_of_a_real_run_holds_at_the_floor(monkeypatch, 
                             formed += 1
                             assert res.post_sqrt >= top, (n, b, delta, post_stop, steps)
     assert formed > 0
+
+
+def test_cli_sweep_table_labels_each_row_with_its_exact_radius(tmp_path, capsys):
+    """Defect (fails before the fix): the table printed each radius to 4 decimals, so the
+    grid radius 0.46415888336127786 read "0.4642": the upper bounds of that row were stated
+    for a larger ball than the one they were computed for (and a radius rounded down would
+    state a lower bound for a smaller ball). Every row now shows its radius exactly (the
+    shortest repr, as in the CSV), and so does the summary line's range."""
+    out = tmp_path / "sw"
+    rc = main(["sweep", "--model", "mnist", "--eps-min", "0.01", "--eps-max", "1",
+               "--points", "7", "--methods", "local,global", "--out", str(out)])
+    assert rc == 0
+    text = capsys.readouterr().out.splitlines()
+    d = json.loads((out / "sweep.json").read_text())
+    start = next(i for i, t in enumerate(text) if t.startswith("eps ")) + 2
+    shown = [float(t.split()[0]) for t in text[start:start + 7]]
+    assert shown == [r["eps"] for r in d["rows"]]
+    assert any(abs(e - 0.4641588833612779) < 1e-12 for e in shown)

@@ -192,9 +192,12 @@ def run(args: argparse.Namespace) -> int:
         print_json(d)
         return 1 if problems else 0
     print(f"model {loaded.name} ({loaded.weights_source}); input {sample.name}; "
-          f"{len(eps_values)} radii from {eps_values[0]:g} to {eps_values[-1]:g}")
+          f"{len(eps_values)} radii from {eps_values[0]!r} to {eps_values[-1]!r}")
     headers = ["eps"] + list(methods)
-    rows = [[r.eps] + [_shown(r[m]) for m in methods] for r in res.rows]
+    # each radius exactly (shortest repr): a rounded one would put an upper bound at a
+    # larger radius than it was computed for (0.46415888... shown 0.4642), or a lower bound
+    # at a smaller one
+    rows = [[repr(r.eps)] + [_shown(r[m]) for m in methods] for r in res.rows]
     print(table(headers, rows))
     print()
     guarantees = {m: " / ".join(sorted({r[m].guarantee.value for r in res.rows}))
