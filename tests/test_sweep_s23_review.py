@@ -14,8 +14,11 @@ import math
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch import nn
 
+from core_helpers import conv_specs, n_examples
 from lipbound import Analyzer, Guarantee
 from lipbound.cli import main
 from lipbound.sweep import sweep
@@ -99,7 +102,9 @@ def test_every_upper_point_is_above_dense_ray_sampling(seed):
     mode = "exact" if seed % 2 else "lanczos"
     lows = {e: ray_lower(net, x0, e, 720) for e in set(_EPS)}
     for tol in (0.0, 0.2, 1e9):
-        an = Analyzer(net, (2,), spectral=mode, lanczos_steps=4, failure_prob=0.3)
+        # (δ = 0.03: large enough that 4-step runs on these widths still report probabilistic
+        # factors rather than a certified alternative, at 0.01 they do not; draws are fixed)
+        an = Analyzer(net, (2,), spectral=mode, lanczos_steps=4, failure_prob=0.03)
         res = sweep(an, x0, _EPS, ("local", "tight", "global"), reuse_tol=tol)
         assert res.eps == _EPS and res.violations() == []
         for r in res.rows:
@@ -492,3 +497,33 @@ def test_cli_sweep_table_labels_each_row_with_its_exact_radius(tmp_path, capsys)
     shown = [float(t.split()[0]) for t in text[start:start + 7]]
     assert shown == [r["eps"] for r in d["rows"]]
     assert any(abs(e - 0.4641588833612779) < 1e-12 for e in shown)
+
+
+# ------------------------------------------------------------------ convolutional networks
+@settings(max_examples=n_examples(8), deadline=None)
+@given(spec=conv_specs(), mode=st.sampled_from(["exact", "lanczos"]),
+       tol=st.sampled_from([0.05, 1e9]))
+def test_reusing_sweeps_of_conv_nets_are_sound(spec, mode, tol):
+    """Not a defect (a guard): random float64 convolutional networks (batch norm, average
+    and max pooling, dilation, groups) in sweeps over scrambled radii with a repeat, with
+    the default-like and an unlimited ``reuse_tol``: every local and tight point is above a
+    brute-force lower bound at its radius, and with exact norms above the fresh single
+    bound (a reused factor bounds a dominating operator). test_sweep.py checks the fully
+    connected case. (Explored beyond this: 300 exact and 250 Lanczos examples, 5500
+    points, none below.)"""
+    from core_helpers import build, local_lower_bound
+
+    model, shape, x0 = build(spec)
+    kw = {"lanczos_steps": 4} if mode == "lanczos" else {}
+    res = sweep(Analyzer(model, shape, spectral=mode, **kw), x0, _EPS[:6],
+                ("local", "tight", "global"), reuse_tol=tol)
+    assert res.violations() == []
+    fresh = Analyzer(model, shape, spectral="exact")
+    fresh.global_bound()
+    for r in res.rows:
+        low, _ = local_lower_bound(model, x0, r.eps, seed=1, n_samples=200, ascent_starts=2,
+                                   ascent_steps=10)
+        for m in ("local", "tight", "global"):
+            assert r[m].value >= low, (m, r.eps, r[m].value, low)
+        if mode == "exact":
+            assert r["local"].value >= fresh.local_bound(x0, r.eps).value
