@@ -246,7 +246,9 @@ class SweepResult:
     def plot(self, path_png: str | Path | None, path_pdf: str | Path | None = None,
              title: str | None = None) -> list[Path]:
         """Paper-style figure: bounds against eps on log-log axes, upper bounds solid and
-        lower bounds dashed; probabilistic upper bounds say their largest failure
+        lower bounds dashed, as steps that stay valid between the radii (an upper curve takes
+        the next larger radius's value, a lower curve keeps the last smaller radius's: see
+        :func:`lipbound.plotting.plot_sweep`); probabilistic upper bounds say their largest failure
         probability in the legend (rounded up); orderings the numbers break
         (:meth:`violations`) are circled and stated in red. Returns the paths written."""
         from .plotting import format_prob_up, plot_sweep
