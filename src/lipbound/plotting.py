@@ -140,6 +140,10 @@ def plot_sweep(eps: Sequence[float], curves: dict[str, Sequence[float]], *,
         title: figure title (network and input).
         upper: the methods whose values are upper bounds (solid lines with filled markers,
             drawn on top); all others are drawn dashed with hollow markers as lower bounds.
+            Between radii the lines are steps that stay valid there: an upper curve takes
+            the value of the next larger radius (a bound on a larger ball holds on a smaller
+            one), a lower curve keeps the value of the last smaller radius (a witness in a
+            smaller ball is one in every larger ball).
         label_suffix: optional text appended to a method's legend label (e.g. the failure
             probability of a probabilistic bound).
         violations: orderings the numbers break (a lower bound above an upper bound, see
@@ -164,6 +168,14 @@ def plot_sweep(eps: Sequence[float], curves: dict[str, Sequence[float]], *,
             style = dict(METHOD_STYLES.get(name, {"label": name, "color": None,
                                                   "linestyle": "-", "marker": None}))
             style["linestyle"] = "-" if name in upper else "--"
+            # between two radii the line states a bound too: an upper bound at a radius holds
+            # at every smaller one and a lower bound at every larger one (L(x0, eps) grows
+            # with eps), so an upper curve steps to the next radius's value and a lower one
+            # keeps its value up to the next radius. A straight segment could pass below the
+            # constant (an upper bound of 1 at eps 0.5 and 134 at 10, a ratio of 34 attained
+            # at 1.5) or above it (a lower bound of 1 at 0.5 and 101 at 10, a constant of 1
+            # up to 9).
+            style["drawstyle"] = "steps-pre" if name in upper else "steps-post"
             if not n_marked:
                 style["marker"] = None
             if name in upper:
@@ -243,7 +255,8 @@ def plot_layer_factors(names: Sequence[str], local: Sequence[float],
             probability).
 
     A factor or radius of exactly 0 (a layer none of whose outputs can move, and the layers
-    after it) cannot stand on the log axis: a "0" is written at the foot of its slot instead.
+    after it) cannot stand on the log axis: a "0" is written at the foot of its slot instead;
+    an infinite one (an overflowed bound) gets a "∞" at the top of its slot.
     The legend sits below the figure, never over the bars.
 
     Returns:
@@ -278,6 +291,9 @@ def plot_layer_factors(names: Sequence[str], local: Sequence[float],
                 if v == 0:
                     ax1.text(i + shift, 0.02, "0", transform=ax1.get_xaxis_transform(),
                              ha="center", va="bottom", fontsize=7, color=color)
+                elif v == math.inf:  # (an overflowed bound) no bar: say so at the top
+                    ax1.text(i + shift, 0.98, "∞", transform=ax1.get_xaxis_transform(),
+                             ha="center", va="top", fontsize=7, color=color)
         ax1.set_yscale("log")
         ax1.set_ylabel("layer Lipschitz factor")
         ax1.axhline(1.0, color="#555555", linewidth=0.6, linestyle=":")
@@ -299,6 +315,9 @@ def plot_layer_factors(names: Sequence[str], local: Sequence[float],
             if v == 0:  # after a layer whose outputs cannot move
                 ax2.text(i, 0.02, "0", transform=ax2.get_xaxis_transform(), ha="center",
                          va="bottom", fontsize=7, color=METHOD_STYLES["local"]["color"])
+            elif v == math.inf:  # after an infinite factor
+                ax2.text(i, 0.98, "∞", transform=ax2.get_xaxis_transform(), ha="center",
+                         va="top", fontsize=7, color=METHOD_STYLES["local"]["color"])
         ax2.set_yscale("log")
         ax2.set_ylabel("L2 radius into layer")
         ax2.grid(True, which="major", linewidth=0.4, alpha=0.5)
@@ -365,9 +384,15 @@ def plot_radii(certified: dict[str, Sequence[float | None]],
             px, py = _positive_at(values)
             style = CERTIFICATE_STYLES.get(name, {"color": None, "marker": "o"})
             label = f"certified radius: {name}{suffix.get(name, '')}"
-            if len(px) < len(values):
-                label += (f" [0 (nothing certified) at {len(values) - len(px)} of "
-                          f"{len(values)}, not shown]")
+            # an infinite radius (a bound of 0: no class change anywhere) is no "nothing
+            # certified": each kind of value a log axis cannot show is named apart
+            n_inf = sum(1 for v in values if v is not None and v == math.inf)
+            n_none = len(values) - len(px) - n_inf
+            if n_none:
+                label += f" [0 (nothing certified) at {n_none} of {len(values)}, not shown]"
+            if n_inf:
+                label += (f" [∞ (certified at every radius) at {n_inf} of {len(values)}, "
+                          "not shown]")
             ax.plot(px, py, linestyle="none", markersize=4.5, label=label, **style)
         for name, values in attacks.items():
             px, py = _positive_at(values)

@@ -39,7 +39,7 @@ from ._progress import progress_bar
 from .analyzer import Analyzer
 from .errors import InputError
 from .results import Guarantee, _jsonable
-from .validation import check_eps, check_input, check_reuse_tol
+from .validation import check_eps, check_input, check_int, check_reuse_tol
 
 __all__ = [
     "ALL_METHODS",
@@ -246,7 +246,9 @@ class SweepResult:
     def plot(self, path_png: str | Path | None, path_pdf: str | Path | None = None,
              title: str | None = None) -> list[Path]:
         """Paper-style figure: bounds against eps on log-log axes, upper bounds solid and
-        lower bounds dashed; probabilistic upper bounds say their largest failure
+        lower bounds dashed, as steps that stay valid between the radii (an upper curve takes
+        the next larger radius's value, a lower curve keeps the last smaller radius's: see
+        :func:`lipbound.plotting.plot_sweep`); probabilistic upper bounds say their largest failure
         probability in the legend (rounded up); orderings the numbers break
         (:meth:`violations`) are circled and stated in red. Returns the paths written."""
         from .plotting import format_prob_up, plot_sweep
@@ -323,6 +325,16 @@ def default_eps_range(model_name: str, points: int = 30) -> list[float]:
 
 def parse_methods(methods: str | Sequence[str]) -> tuple[str, ...]:
     """Check a method list (``"local,global,pgd"`` or a sequence) and drop duplicates."""
+    if not isinstance(methods, str):
+        try:
+            methods = list(methods)
+        except TypeError:
+            raise InputError(f"methods must be names out of {', '.join(ALL_METHODS)} (a "
+                             f"sequence or a comma-separated string), got {methods!r}") from None
+        bad = [m for m in methods if not isinstance(m, str)]
+        if bad:
+            raise InputError(f"methods must be names (strings) out of {', '.join(ALL_METHODS)}, "
+                             f"got {bad[0]!r}")
     items = [m.strip().lower() for m in (methods.split(",") if isinstance(methods, str)
                                         else methods)]
     items = [m for m in items if m]
@@ -668,11 +680,27 @@ def sweep(model_or_analyzer: nn.Module | Analyzer, x0: Tensor, eps_values: Seque
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:
             raise InputError(f"{label} must be an integer >= 1, got {v!r}")
     reuse_tol = check_reuse_tol(reuse_tol)
+    seed = check_int(seed, "seed", 0)
+    if seed >= 2 ** 64 and any(m in LOWER_METHODS for m in meths):
+        raise InputError(f"seed must be below 2**64 (the range of the lower bounds' random "
+                         f"generators), got {seed}")
+    if lower_dtype is not None and not (isinstance(lower_dtype, torch.dtype)
+                                        and lower_dtype.is_floating_point):
+        raise InputError(f"lower_dtype must be a floating-point torch.dtype (e.g. "
+                         f"torch.float64) or None (the model as it is), got {lower_dtype!r}")
+    if isinstance(notes, (str, bytes)):
+        raise InputError(f"notes must be a sequence of strings, got the string {notes!r}; "
+                         f"pass [{notes!r}]")
     if isinstance(model_or_analyzer, Analyzer):
         an = model_or_analyzer
     elif isinstance(model_or_analyzer, nn.Module):
         if not isinstance(x0, Tensor):
             raise InputError(f"x0 must be a torch.Tensor, got {type(x0).__name__}")
+        if input_shape is None and x0.dim() < 2:
+            # (the input shape is read after the batch dimension: there is none)
+            raise InputError(f"x0 must have a batch dimension of 1, shape (1, *input_shape), "
+                             f"got {tuple(x0.shape)}; pass x0.unsqueeze(0) for one unbatched "
+                             "input, or give input_shape")
         shape = input_shape if input_shape is not None else tuple(x0.shape[1:])
         an = Analyzer(model_or_analyzer, shape, device=device, spectral=spectral,
                       failure_prob=failure_prob, seed=seed, name=name, notes=notes)

@@ -49,6 +49,16 @@ def _shown(r) -> str:
     return fmt(v)
 
 
+def _p_fail(res, method: str) -> str:
+    """``" (p_fail<=p)"``: the largest failure probability of the method's probabilistic
+    points, rounded up (as ``lipbound bound`` states it); empty when none is probabilistic."""
+    from ..results import Guarantee, format_prob_up
+
+    fps = [r[method].failure_prob for r in res.rows
+           if r[method].guarantee == Guarantee.PROBABILISTIC]
+    return f" (p_fail<={format_prob_up(max(fps))})" if fps else ""
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "sweep", help="bounds over a range of radii (CSV, JSON, PNG, PDF)",
@@ -182,13 +192,16 @@ def run(args: argparse.Namespace) -> int:
         print_json(d)
         return 1 if problems else 0
     print(f"model {loaded.name} ({loaded.weights_source}); input {sample.name}; "
-          f"{len(eps_values)} radii from {eps_values[0]:g} to {eps_values[-1]:g}")
+          f"{len(eps_values)} radii from {eps_values[0]!r} to {eps_values[-1]!r}")
     headers = ["eps"] + list(methods)
-    rows = [[r.eps] + [_shown(r[m]) for m in methods] for r in res.rows]
+    # each radius exactly (shortest repr): a rounded one would put an upper bound at a
+    # larger radius than it was computed for (0.46415888... shown 0.4642), or a lower bound
+    # at a smaller one
+    rows = [[repr(r.eps)] + [_shown(r[m]) for m in methods] for r in res.rows]
     print(table(headers, rows))
     print()
     guarantees = {m: " / ".join(sorted({r[m].guarantee.value for r in res.rows}))
-                  for m in methods}
+                  + _p_fail(res, m) for m in methods}
     print("guarantees: " + ", ".join(f"{m}: {g}" for m, g in guarantees.items()))
     secs = {m: sum(r[m].seconds for r in res.rows) for m in methods}
     print("seconds per method (all radii): "
