@@ -17,7 +17,7 @@ from .common import (
     table,
     tracing,
 )
-from .rounding import fmt_radius_in, fmt_up
+from .rounding import fmt_eps, fmt_radius_in, fmt_up
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -133,7 +133,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"model {loaded.name} ({loaded.weights_source}); input {sample.name}"
               + (f", label {sample.label}" if sample.label is not None else "") + f", {pred}")
     # (upper bounds shown rounded up: lipbound.cli.rounding)
-    rows = [[r.method, r.eps, fmt_up(r.value), r.guarantee.value
+    rows = [[r.method, fmt_eps(r.eps), fmt_up(r.value), r.guarantee.value
              + (f" (p_fail<={format_prob_up(r.failure_prob)})" if r.failure_prob else ""),
              f"{r.seconds:.3f}"] for r in results]
     print(table(["method", "eps", "bound", "guarantee", "seconds"], rows))

@@ -28,7 +28,7 @@ from .common import (
     table,
     tracing,
 )
-from .rounding import fmt_up, g_up
+from .rounding import fmt_eps, fmt_up, g_up
 
 
 def load_inputs(args: argparse.Namespace, loaded: Loaded) -> list:
@@ -232,8 +232,9 @@ def run_many(args: argparse.Namespace, loaded: Loaded | None = None) -> int:
         print(table(["index", "name", "label", "predicted", "eps", "method", "bound",
                      "guarantee", "p_fail", "seconds"],
                     # (upper bounds and failure probabilities shown rounded up)
-                    [[r.index, r.name, r.label, r.predicted, r.eps, r.method, fmt_up(r.bound),
-                      r.guarantee.value, fmt_up(r.failure_prob), f"{r.seconds:.3f}"]
+                    [[r.index, r.name, r.label, r.predicted, fmt_eps(r.eps), r.method,
+                      fmt_up(r.bound), r.guarantee.value, fmt_up(r.failure_prob),
+                      f"{r.seconds:.3f}"]
                      for r in rows]))
         print()
     for m, s in summary["methods"].items():

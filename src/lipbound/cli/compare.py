@@ -19,6 +19,7 @@ from .common import (
     progress_logging,
     show_progress,
 )
+from .rounding import fmt_eps
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -91,7 +92,7 @@ def run(args: argparse.Namespace) -> int:
                     "rows": [r.to_dict() for r in rows],
                     "violations": [r.method for r in bad], "notes": list(loaded.notes)})
     else:
-        print(f"model {name} ({loaded.weights_source}), eps {eps:g} (L2 ball; lipMIP: l_inf "
+        print(f"model {name} ({loaded.weights_source}), eps {fmt_eps(eps)} (L2 ball; lipMIP: l_inf "
               "box)")
         print(format_table(rows))
         print("quantities: local L2 rel. x0 <= local L2 all pairs <= global L2; the lower "

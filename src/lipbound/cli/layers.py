@@ -23,7 +23,7 @@ from .common import (
     table,
     tracing,
 )
-from .rounding import fmt_radius_in, fmt_up, g_up
+from .rounding import fmt_eps, fmt_radius_in, fmt_up, g_up
 
 CSV_COLUMNS = ["index", "name", "kind", "radius_in", "local_factor", "global_factor",
                "active_in", "active_out", "spectral_local", "spectral_global",
@@ -136,7 +136,8 @@ def run(args: argparse.Namespace) -> int:
     files: list[Path] = []
     if out is not None:
         files.append(write_csv(out / "layers.csv", local, glob))
-        title = f"{DISPLAY_NAMES.get(loaded.name, loaded.name)}, input {sample.name}, ε = {eps:g}"
+        title = (f"{DISPLAY_NAMES.get(loaded.name, loaded.name)}, input {sample.name}, "
+                 f"ε = {fmt_eps(eps)}")
         if random_weights(loaded.weights_source):
             title += " (random weights)"
         files += plot_layer_factors(
@@ -144,7 +145,7 @@ def run(args: argparse.Namespace) -> int:
             [lf.local for lf in local.layers], [lf.global_factor for lf in local.layers],
             [lf.radius_in for lf in local.layers], path_png=out / "layers.png",
             path_pdf=out / "layers.pdf", title=title,
-            local_label=f"local factor at ε = {eps:g}" + _certified_note(local.layers),
+            local_label=f"local factor at ε = {fmt_eps(eps)}" + _certified_note(local.layers),
             global_label="global factor" + _certified_note(glob.layers),
             local_probabilistic=_is_prob(local.layers),
             global_probabilistic=_is_prob(glob.layers),
@@ -154,7 +155,7 @@ def run(args: argparse.Namespace) -> int:
                     "weights": loaded.weights_source, "global": glob.to_dict(),
                     "local": local.to_dict(), "files": [str(f) for f in files]})
         return 0
-    print(f"model {loaded.name} ({loaded.weights_source}); input {sample.name}; eps {eps:g}")
+    print(f"model {loaded.name} ({loaded.weights_source}); input {sample.name}; eps {fmt_eps(eps)}")
     # (the factors and radii are upper bounds: shown rounded up)
     rows = [[lf.index, lf.name, lf.kind,
              fmt_radius_in(lf.radius_in, eps), fmt_up(lf.local),
@@ -166,7 +167,7 @@ def run(args: argparse.Namespace) -> int:
                  "active out", "spectral (local / global)"], rows))
     print()
 
-    print(f"local bound at eps {eps:g}: {describe(local)}")
+    print(f"local bound at eps {fmt_eps(eps)}: {describe(local)}")
     print(f"global bound:          {describe(glob)}")
     print("product of the local factors: "
           f"{g_up(product_up(lf.local for lf in local.layers), 6)}")

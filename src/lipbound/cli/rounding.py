@@ -16,7 +16,7 @@ from typing import Any
 from .._rounding import _directed, g_down, g_up
 from .common import fmt
 
-__all__ = ["fmt_up", "fmt_down", "fmt_radius_in", "g_up", "g_down"]
+__all__ = ["fmt_up", "fmt_down", "fmt_eps", "fmt_radius_in", "g_up", "g_down"]
 
 
 def fmt_up(v: Any) -> str:
@@ -37,7 +37,16 @@ def _fmt(v: Any, up: bool) -> str:
     return _directed(v, ".4f" if abs(v) < 100 else ".2f", up)
 
 
+def fmt_eps(eps: Any) -> str:
+    """A radius a bound was computed for, exactly (the shortest string that reads back as the
+    same float): rounded either way it would state the bound for another ball (0.123456
+    shown as 0.1235 is a larger ball than the one bounded)."""
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)):
+        return fmt(eps)
+    return repr(float(eps))
+
+
 def fmt_radius_in(radius_in: float, eps: float) -> str:
-    """A layer's input radius in the per-layer tables: the bound's own ``eps`` as given,
-    the radii grown by the layers before (upper bounds) rounded up."""
-    return fmt(radius_in) if radius_in == eps else fmt_up(radius_in)
+    """A layer's input radius in the per-layer tables: the bound's own ``eps`` exactly
+    (:func:`fmt_eps`), the radii grown by the layers before (upper bounds) rounded up."""
+    return fmt_eps(radius_in) if radius_in == eps else fmt_up(radius_in)
