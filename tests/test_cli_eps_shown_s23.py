@@ -29,3 +29,17 @@ def test_the_radius_is_shown_exactly(cmd, capsys):
     out = capsys.readouterr().out
     assert EPS in out
     assert "0.1235" not in out and "0.123457" not in out
+
+
+def test_analyzer_refuses_notes_given_as_one_string():
+    """``Analyzer(notes="seeded weights")`` kept the note letter by letter (s, e, e, ...)."""
+    from torch import nn
+
+    from lipbound import Analyzer
+    from lipbound.errors import InputError
+
+    net = nn.Sequential(nn.Linear(2, 2)).double().eval()
+    with pytest.raises(InputError, match="sequence of strings"):
+        Analyzer(net, (2,), notes="seeded weights")
+    an = Analyzer(net, (2,), notes=["seeded weights"])
+    assert an.global_bound().notes[:1] == ("seeded weights",)

@@ -422,6 +422,9 @@ class Analyzer:
         self.failure_prob = float(failure_prob)
         self.seed = int(seed)
         self.name = name or type(model).__name__
+        if isinstance(notes, (str, bytes)):  # (tuple() would keep it letter by letter)
+            raise InputError(f"notes must be a sequence of strings, got the string {notes!r}; "
+                             f"pass [{notes!r}]")
         self.notes = tuple(notes)
         mutable = mutable_attributes(model)
         ops = trace_model(model, self.input_shape)  # (runs the model: traced and checked)
