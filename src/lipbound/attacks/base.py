@@ -54,6 +54,7 @@ from lipbound._precision import exact_float32
 from lipbound.errors import InputError
 from lipbound.graph import check_inference_tensors, modules_in_training
 from lipbound.lower._common import check_input_gradients
+from lipbound.ops.base import safe_norm
 from lipbound.results import Guarantee, _jsonable
 from lipbound.validation import check_plain_tensor, check_seed
 
@@ -74,7 +75,8 @@ class AttackResult:
         method: the attack's registry name (``"fgsm"``, ``"cw"``, ...).
         success: whether a verified class-changing point was found.
         radius: ``||x_adv - x0||_2`` recomputed in float64 from ``x_adv`` and rounded up (at
-            least the exact distance, larger by at most ``(d + 5) 2^-52`` relative);
+            least the exact distance, larger by at most ``(d + 5) 2^-52`` relative, plus
+            ``2^-1072`` for a subnormal distance);
             ``None`` on failure. An upper bound on the minimal adversarial L2 perturbation.
         x_adv: the verified adversarial input, shape ``(1, *input_shape)``, in the model's
             dtype and on the model's device; ``None`` on failure.
@@ -520,12 +522,23 @@ def _check_bounds(bounds: Bounds, xm: Tensor) -> tuple[Tensor, Tensor]:
     return torch.minimum(lo, xm), torch.maximum(hi, xm)
 
 
+def _distances(cands: Tensor, x0_ref: Tensor) -> Tensor:
+    """Float64 distances of a batch of candidates from ``x0``, without the underflow of the
+    squares (:func:`~lipbound.ops.base.safe_norm`: a plain norm squared differences of
+    3e-160 to a subnormal and reported 2.99998e-160 for a point at 3.0000005e-160)."""
+    return safe_norm((cands.to(torch.float64) - x0_ref).flatten(1), dim=1)
+
+
 def _distance_upper(r: float, d: int) -> float:
-    """An upper bound on the exact distance whose float64 computation over ``d`` coordinates
-    gave ``r``: the differences, squares and square root are rounded once each (relative
-    ``u``) and the sum of ``d`` non-negative terms by at most ``(d - 1) u``, so the computed
-    norm is within ``(d/2 + 3) u`` of the exact one; ``r`` is raised by twice that."""
-    return math.nextafter(r * (1.0 + 2.0 * (d + 4) * 2.0**-53), math.inf) if r > 0 else r
+    """An upper bound on the exact distance whose float64 computation by :func:`_distances`
+    over ``d`` coordinates gave ``r``: the differences, squares and square root are rounded
+    once each (relative ``u``) and the sum of ``d`` non-negative terms by at most
+    ``(d - 1) u``, so the computed norm is within ``(d/2 + 3) u`` of the exact one; ``r``
+    is raised by twice that. The scaling by a power of two is exact except where the
+    distance is subnormal (an absolute error of at most ``2^-1075``): ``2^-1073`` more."""
+    if not r > 0:
+        return r
+    return math.nextafter(r * (1.0 + 2.0 * (d + 4) * 2.0**-53) + 2.0**-1073, math.inf)
 
 
 @torch.no_grad()
@@ -549,7 +562,7 @@ def _verify(ctx: AttackContext, x0_ref: Tensor,
     ok = torch.isfinite(c.flatten(1)).all(dim=1)
     if not bool(ok.any()):
         return None
-    radii = (c.to(torch.float64) - x0_ref).flatten(1).norm(dim=1)
+    radii = _distances(c, x0_ref)
     radii = torch.where(ok, radii, torch.full_like(radii, math.inf))
     d = c[int(radii.argmin())].to(torch.float64) - x0_ref[0]
     ladder = [ctx.clip((x0_ref[0] + (1 + f) * d).to(ctx.x0.dtype).unsqueeze(0))
@@ -570,7 +583,7 @@ def _verify_points(ctx: AttackContext, x0_ref: Tensor,
     ok = torch.isfinite(cands.flatten(1)).all(dim=1)
     if ctx.lo is not None and ctx.hi is not None:
         ok &= ((cands >= ctx.lo) & (cands <= ctx.hi)).flatten(1).all(dim=1)
-    radii = (cands.to(torch.float64) - x0_ref).flatten(1).norm(dim=1)
+    radii = _distances(cands, x0_ref)
     ok &= radii > 0
     rejected = 0
     for i in torch.argsort(radii).tolist():
@@ -581,8 +594,7 @@ def _verify_points(ctx: AttackContext, x0_ref: Tensor,
         if bool(ctx.is_adv(z)[0]):
             if rejected:
                 logger.debug("%d smaller candidate(s) failed verification", rejected)
-            radius = _distance_upper(float((x_adv.to(torch.float64) - x0_ref).norm()),
-                                     ctx.dim)
+            radius = _distance_upper(float(_distances(x_adv, x0_ref)[0]), ctx.dim)
             return x_adv, radius, int(z[0].argmax())
         rejected += 1
     return None
