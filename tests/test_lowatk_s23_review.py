@@ -51,3 +51,41 @@ def test_attack_radius_of_a_tiny_perturbation_is_not_below_its_distance(scale: f
         assert z[1] > z[0]  # a real class change, so the distance is >= 3 scale
         assert Fraction(r.radius) ** 2 >= exact_distance_sq(r.x_adv, x0) >= Fraction(b) ** 2
         assert r.radius <= float(r.x_adv[0, 0]) * (1 + 1e-12)
+
+
+def _random_linear(seed: int, n_in: int, n_out: int, dtype=torch.float64):
+    g = torch.Generator().manual_seed(seed)
+    net = _linear(torch.randn(n_out, n_in, generator=g, dtype=torch.float64).tolist(),
+                  torch.randn(n_out, generator=g, dtype=torch.float64).tolist(), dtype)
+    x0 = torch.randn(1, n_in, generator=g, dtype=torch.float64).to(dtype)
+    return net, x0
+
+
+def _closed_form_radius(net: nn.Linear, x0: torch.Tensor) -> tuple[int, float]:
+    """The class at ``x0`` and the exact minimal adversarial L2 distance of a linear
+    classifier, ``min_j (z_c - z_j) / ||w_c - w_j||``."""
+    z = _exact_logits(net, x0)
+    c = max(range(len(z)), key=z.__getitem__)
+    w = net.weight.detach().double()
+    return c, min(float(z[c] - z[j]) / float((w[c] - w[j]).norm())
+                  for j in range(len(z)) if j != c)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_attacks_on_two_class_linear_models_find_the_boundary(method: str) -> None:
+    # old code: on a two-class linear model the first-order estimate t0 = m / ||grad m||
+    # lies exactly on the decision boundary; FGSM's bracketing saw x0 + t0 d flip in a
+    # batched forward pass, its line search re-checked that point alone, where rounding
+    # kept the class, and gave up ("no adversarial found" for seeds 26 and 32); I-FGSM's
+    # smallest budget t0 did the same and it reported 1.25 t0 (seed 1)
+    for seed in (1, 26, 32, 0, 2, 3):
+        net, x0 = _random_linear(seed, 1 + seed % 2, 2)
+        c, exact = _closed_form_radius(net, x0)
+        (r,) = run_attacks(net, x0, (method,))
+        assert r.success, seed
+        assert r.original_class == c
+        with torch.no_grad():  # a class change in the model's (float64) arithmetic
+            z = net(r.x_adv)[0]
+        assert z[1 - c] > z[c]
+        assert Fraction(r.radius) ** 2 >= exact_distance_sq(r.x_adv, x0)
+        assert exact * (1 - 1e-12) <= r.radius <= exact * (1 + 1e-3), (seed, r.radius / exact)

@@ -294,17 +294,28 @@ class AttackContext:
         Args:
             path: maps a vector of ``t`` values ``(K,)`` to a batch of points ``(K, *shape)``.
             t_lo: a value whose point is taken as not adversarial (e.g. 0 for ``x0``).
-            t_hi: a value whose point is adversarial (checked here first).
+            t_hi: a value whose point is adversarial (checked here first, alone: a point
+                that a batched forward pass found adversarial can sit within rounding of
+                the boundary and keep its class alone; then the first of ``t_hi (1 + f)``,
+                ``f`` = 1e-6 ... 1e-3, that is adversarial alone replaces it).
 
         Returns:
             ``(points, t)`` for the smallest adversarial ``t`` found, or ``None`` if
-            ``path(t_hi)`` is not adversarial. ``points[0]`` is ``path(t)``; it is followed by
-            up to four points a relative 1e-6 ... 1e-3 farther along the path, as fallbacks
-            for the final single-sample verification.
+            neither ``path(t_hi)`` nor those points a little farther are adversarial.
+            ``points[0]`` is ``path(t)``; it is followed by up to four points a relative
+            1e-6 ... 1e-3 farther along the path, as fallbacks for the final single-sample
+            verification.
         """
         dev = self.x0.device
-        p_hi = path(torch.tensor([t_hi], dtype=torch.float64, device=dev))
-        if not bool(self.is_adv(self.logits(p_hi))[0]):
+        p_hi = None
+        for f in (0.0, 1e-6, 1e-5, 1e-4, 1e-3):
+            if f and not t_hi > 0:
+                break
+            p = path(torch.tensor([t_hi * (1 + f)], dtype=torch.float64, device=dev))
+            if bool(self.is_adv(self.logits(p))[0]):
+                p_hi, t_hi = p, t_hi * (1 + f)
+                break
+        if p_hi is None:
             return None
         lo, hi = t_lo, t_hi
         for _ in range(rounds):
@@ -342,7 +353,9 @@ class AttackContext:
         """Pull an adversarial point back towards ``x0`` along the straight segment: the
         point ``x0 + t (x_adv - x0)`` with the smallest adversarial ``t`` in ``(0, 1]``.
         Returns a batch (the point and its fallbacks, see :meth:`search_path`), never
-        farther from ``x0`` than ``x_adv``, or ``x_adv`` itself if it is not adversarial."""
+        farther from ``x0`` than ``x_adv`` unless ``x_adv`` keeps its class alone (then up to
+        a relative 1e-3 farther along the segment: see :meth:`search_path`), or ``x_adv``
+        itself if no such point is adversarial."""
         found = self.search_path(self.segment(self.x0, x_adv), 0.0, 1.0,
                                  points=points, rounds=rounds)
         return x_adv if found is None else found[0]
