@@ -10,7 +10,12 @@ inner workings, the number it reports is checked here, in one place:
   :meth:`Attack.run`, which only proposes candidate points;
 * every candidate is then re-checked with a *fresh* forward pass: it must be finite, lie in
   the box when ``bounds`` are given, and some class must score strictly higher than the
-  original class (a tie is not a class change);
+  original class (a tie is not a class change); for a model that does not compute in
+  float64, a float64 forward pass of its own weights must confirm that class change too
+  (a point within float32 rounding of the boundary can change the float32 model's class
+  while the network in exact arithmetic, the one certified radii are about, keeps it);
+  only when no candidate passes it is a point confirmed in the model's dtype alone
+  returned, with ``details["class_change_in_float64"] = False``;
 * the radius of the smallest verified candidate is recomputed in float64 from the returned
   tensor, ``||x_adv - x0||_2``, and rounded up by a bound on the rounding of that norm, so it
   is never below the exact distance (a certified radius compared with it must not see a
@@ -23,7 +28,8 @@ perturbation: an upper bound on the minimal adversarial perturbation
 Conventions: the distance is the Euclidean (L2) norm over all input coordinates, measured
 in the model's own input space (for the paper's networks: the normalised space, with no
 pixel clipping unless ``bounds`` are given). Forward passes run in the model's dtype
-(usually float32) on the model's device; reported radii are float64.
+(usually float32) on the model's device, the float64 confirmation on a float64 copy of the
+model; reported radii are float64.
 
 Training mode: an attack on a model in training mode raises :class:`InputError`, because
 dropout makes the class of a point random and batch-norm layers would update their running
@@ -53,7 +59,7 @@ from lipbound._modelinfo import (
 from lipbound._precision import exact_float32
 from lipbound.errors import InputError
 from lipbound.graph import check_inference_tensors, modules_in_training
-from lipbound.lower._common import check_input_gradients
+from lipbound.lower._common import check_input_gradients, float64_model
 from lipbound.ops.base import safe_norm
 from lipbound.results import Guarantee, _jsonable
 from lipbound.validation import check_plain_tensor, check_seed
@@ -84,7 +90,13 @@ class AttackResult:
         adversarial_class: the class predicted at ``x_adv`` (``None`` on failure).
         seconds: wall-clock time, checks and verification included.
         guarantee: always :attr:`Guarantee.ATTACK`.
-        details: method-specific facts (chosen step sizes, iterations, model calls, ...).
+        details: method-specific facts (chosen step sizes, iterations, model calls, ...);
+            on success ``"class_change_in_float64"``: ``True`` when a float64 forward pass
+            of the model's weights confirmed the class change as well (always for a float64
+            model), ``False`` when only the model's own dtype changes the class at every
+            point the attack found (float32 rounding at the boundary: the network in exact
+            arithmetic may keep its class there), ``None`` when the model cannot be run in
+            float64.
     """
 
     method: str
@@ -410,7 +422,11 @@ class Attack(ABC):
             logger.info("%s: no verified adversarial found (%.3f s)", self.name, seconds)
             return AttackResult(self.name, False, None, None, ctx.label, None, seconds,
                                 details=details)
-        x_adv, radius, cls = best
+        x_adv, radius, cls, in64 = best
+        details["class_change_in_float64"] = in64
+        if in64 is False:
+            logger.info("%s: the class change at x_adv holds in the model's %s only, not in "
+                        "float64", self.name, str(ctx.x0.dtype).replace("torch.", ""))
         logger.info("%s: class %d -> %d at L2 radius %.6g (%.3f s)", self.name, ctx.label,
                     cls, radius, seconds)
         return AttackResult(self.name, True, radius, x_adv, ctx.label, cls, seconds,
@@ -554,21 +570,71 @@ def _distance_upper(r: float, d: int) -> float:
     return math.nextafter(r * (1.0 + 2.0 * (d + 4) * 2.0**-53) + 2.0**-1073, math.inf)
 
 
+class _Float64Check:
+    """Whether a point the model's own dtype classified differently is classified
+    differently by the network in float64 too: ``True``/``False``, or ``None`` where no
+    float64 evaluation exists (the model cannot be copied or run in float64, or casts to
+    another dtype inside). The float64 copy of the model
+    (:func:`lipbound.lower._common.float64_model`: its own weights) is made on first use;
+    a model whose own scores are float64 is its own check (``True`` without a second pass)."""
+
+    def __init__(self, ctx: AttackContext):
+        self.ctx = ctx
+        self.made = False
+        self.model64: nn.Module | None = None
+
+    def __call__(self, x_adv: Tensor, z: Tensor) -> bool | None:
+        if z.dtype == torch.float64:
+            return True
+        if not self.made:
+            self.made = True
+            self.model64 = float64_model(self.ctx.model)
+        if self.model64 is None:
+            return None
+        try:
+            z = self.model64(x_adv.to(torch.float64, copy=True))
+        except Exception as exc:  # noqa: BLE001 - e.g. a module with float32 constants
+            logger.info("no float64 confirmation of the class change (%s: %s)",
+                        type(exc).__name__, exc)
+            self.model64 = None
+            return None
+        if not isinstance(z, Tensor) or z.dtype != torch.float64 or z.shape[0] != 1:
+            self.model64 = None  # (a model that casts to its own dtype inside)
+            return None
+        return bool(self.ctx.is_adv(z)[0])
+
+
+Verified = tuple[Tensor, float, int, "bool | None"]
+
+
 @torch.no_grad()
-def _verify(ctx: AttackContext, x0_ref: Tensor,
-            cands: Tensor | None) -> tuple[Tensor, float, int] | None:
-    """Smallest candidate confirmed by a fresh forward pass of that tensor alone.
+def _verify(ctx: AttackContext, x0_ref: Tensor, cands: Tensor | None) -> Verified | None:
+    """Smallest candidate confirmed by a fresh forward pass of that tensor alone, in the
+    model's dtype and, where that is not float64, in float64 too.
 
     Candidates are tried in increasing float64 radius; the first that is finite, in the
     box and classified differently wins. (Each is evaluated on its own because some
     backends compute a batch with slightly different rounding, and a point found by a
-    line search sits within rounding of the decision boundary.) When every candidate fails,
-    points a relative 1e-6 ... 1e-2 farther from ``x0`` along the ray through the smallest
-    candidate are tried (clipped to the box): an attack whose points all converged to within
-    rounding of the boundary (PGD on CIFAR-10 test image 12: all eight runs, class changes
-    in the batched pass but not alone) still reports a verified class change.
+    line search sits within rounding of the decision boundary.) A point within float32
+    rounding of the boundary can change the float32 model's class while the network in
+    exact arithmetic -- the one certified radii are about -- keeps it (on float32 linear
+    models gradient ascent and I-FGSM reported radii up to 2.5e-7 below the exact minimal
+    adversarial distance, under a sound certificate), so the class change is confirmed by a
+    float64 forward pass of the same weights as well (:class:`_Float64Check`). When no
+    candidate passes both, points a relative 1e-6 ... 1e-2 farther from ``x0`` along the ray
+    through the smallest candidate are tried (clipped to the box): an attack whose points
+    all converged to within rounding of the boundary (PGD on CIFAR-10 test image 12: all
+    eight runs, class changes in the batched pass but not alone) still reports a verified
+    class change. Only if none of those passes in float64 either is the smallest point
+    that the model's dtype alone confirms returned, marked ``False``.
+
+    Returns:
+        ``(x_adv, radius, class, float64)``, ``float64`` the float64 confirmation
+        (``True``/``False``, ``None`` where the network cannot be run in float64), or
+        ``None`` when no point is confirmed in the model's dtype.
     """
-    found = _verify_points(ctx, x0_ref, cands)
+    check = _Float64Check(ctx)
+    found, only = _verify_points(ctx, x0_ref, cands, check)
     if found is not None or cands is None or cands.numel() == 0:
         return found
     c = cands.detach().to(device=ctx.x0.device, dtype=ctx.x0.dtype)
@@ -580,15 +646,22 @@ def _verify(ctx: AttackContext, x0_ref: Tensor,
     d = c[int(radii.argmin())].to(torch.float64) - x0_ref[0]
     ladder = [ctx.clip((x0_ref[0] + (1 + f) * d).to(ctx.x0.dtype).unsqueeze(0))
               for f in (1e-6, 1e-5, 1e-4, 1e-3, 1e-2)]
-    return _verify_points(ctx, x0_ref, torch.cat(ladder))
+    found, only_ladder = _verify_points(ctx, x0_ref, torch.cat(ladder), check)
+    if found is not None:
+        return found
+    if only is None or (only_ladder is not None and only_ladder[1] < only[1]):
+        return only_ladder
+    return only
 
 
 @torch.no_grad()
-def _verify_points(ctx: AttackContext, x0_ref: Tensor,
-                   cands: Tensor | None) -> tuple[Tensor, float, int] | None:
-    """The smallest of ``cands`` confirmed alone (see :func:`_verify`), without a ladder."""
+def _verify_points(ctx: AttackContext, x0_ref: Tensor, cands: Tensor | None,
+                   check: _Float64Check) -> tuple[Verified | None, Verified | None]:
+    """The smallest of ``cands`` confirmed alone in the model's dtype and by ``check`` (see
+    :func:`_verify`), without a ladder, and the smallest confirmed in the model's dtype
+    only (``None`` when it is the former or there is none)."""
     if cands is None or cands.numel() == 0:
-        return None
+        return None, None
     if tuple(cands.shape[1:]) != ctx.shape:
         raise RuntimeError(f"attack proposed candidates of shape {tuple(cands.shape)}, "
                            f"expected (K, {ctx.shape})")  # a bug in the attack, not the user
@@ -599,15 +672,22 @@ def _verify_points(ctx: AttackContext, x0_ref: Tensor,
     radii = _distances(cands, x0_ref)
     ok &= radii > 0
     rejected = 0
+    only: Verified | None = None
     for i in torch.argsort(radii).tolist():
         if not bool(ok[i]):
             continue
         x_adv = cands[i:i + 1].clone()
         z = ctx.logits(x_adv)
         if bool(ctx.is_adv(z)[0]):
+            radius = _distance_upper(float(_distances(x_adv, x0_ref)[0]), ctx.dim)
+            in64 = check(x_adv, z)
+            if in64 is False:
+                if only is None:
+                    only = (x_adv, radius, int(z[0].argmax()), False)
+                rejected += 1
+                continue
             if rejected:
                 logger.debug("%d smaller candidate(s) failed verification", rejected)
-            radius = _distance_upper(float(_distances(x_adv, x0_ref)[0]), ctx.dim)
-            return x_adv, radius, int(z[0].argmax())
+            return (x_adv, radius, int(z[0].argmax()), in64), None
         rejected += 1
-    return None
+    return None, only
