@@ -151,3 +151,17 @@ def test_a_class_change_of_the_model_dtype_only_is_still_reported_and_marked(cas
     assert r.details["class_change_in_float64"] is (None if cast else False)
     (r,) = run_attacks(model.double(), torch.zeros(1, 2, dtype=torch.float64), ("fgsm",))
     assert r.success and r.details["class_change_in_float64"] is (None if cast else True)
+
+
+def test_float64_confirmation_is_relative_to_the_class_of_x0_as_given() -> None:
+    # scores [x, 0.1f] of a float32 model at the float64 x0 = 0.1000000012, just below
+    # float32(0.1): the network's class there is 1, but x0 rounds to float32(0.1), a tie
+    # that the float32 model calls class 0. The attacks' "class change 0 -> 1" at
+    # x = 0.09999999 is no class change of the network from x0 (class 1 at both); the float64
+    # confirmation compared the point with the float32 class 0 and said True (old code)
+    net = _linear([[1.0], [0.0]], [0.0, 0.1], torch.float32)
+    x0 = torch.tensor([[0.1000000012]], dtype=torch.float64)
+    assert Fraction(0.1000000012) < Fraction(float(torch.tensor(0.1)))  # exact class 1
+    for r in run_attacks(net, x0, ("fgsm", "gradient")):
+        assert r.success and (r.original_class, r.adversarial_class) == (0, 1)
+        assert r.details["class_change_in_float64"] is False

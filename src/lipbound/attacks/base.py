@@ -571,28 +571,28 @@ def _distance_upper(r: float, d: int) -> float:
 
 
 class _Float64Check:
-    """Whether a point the model's own dtype classified differently is classified
-    differently by the network in float64 too: ``True``/``False``, or ``None`` where no
-    float64 evaluation exists (the model cannot be copied or run in float64, or casts to
-    another dtype inside). The float64 copy of the model
+    """Whether the network in float64 changes class between ``x0`` and a point the model's
+    own dtype classified differently: ``True``/``False``, or ``None`` where no float64
+    evaluation exists (the model cannot be copied or run in float64, or casts to another
+    dtype inside). The float64 class at ``x0`` is that of ``x0`` as given (a float64 ``x0``
+    that the model's dtype rounds onto a tie or across the boundary can have another class
+    there than the model's). The float64 copy of the model
     (:func:`lipbound.lower._common.float64_model`: its own weights) is made on first use;
     a model whose own scores are float64 is its own check (``True`` without a second pass)."""
 
-    def __init__(self, ctx: AttackContext):
+    def __init__(self, ctx: AttackContext, x0_ref: Tensor):
         self.ctx = ctx
+        self.x0_ref = x0_ref
         self.made = False
         self.model64: nn.Module | None = None
+        self.label64 = -1
 
-    def __call__(self, x_adv: Tensor, z: Tensor) -> bool | None:
-        if z.dtype == torch.float64:
-            return True
-        if not self.made:
-            self.made = True
-            self.model64 = float64_model(self.ctx.model)
+    def _scores(self, x: Tensor) -> Tensor | None:
+        """Float64 scores of one point, or ``None`` (then no check exists from now on)."""
         if self.model64 is None:
             return None
         try:
-            z = self.model64(x_adv.to(torch.float64, copy=True))
+            z = self.model64(x.to(torch.float64, copy=True))
         except Exception as exc:  # noqa: BLE001 - e.g. a module with float32 constants
             logger.info("no float64 confirmation of the class change (%s: %s)",
                         type(exc).__name__, exc)
@@ -601,7 +601,26 @@ class _Float64Check:
         if not isinstance(z, Tensor) or z.dtype != torch.float64 or z.shape[0] != 1:
             self.model64 = None  # (a model that casts to its own dtype inside)
             return None
-        return bool(self.ctx.is_adv(z)[0])
+        return z
+
+    def __call__(self, x_adv: Tensor, z: Tensor) -> bool | None:
+        if z.dtype == torch.float64:
+            return True
+        if not self.made:
+            self.made = True
+            self.model64 = float64_model(self.ctx.model)
+            z0 = None if self.model64 is None else self._scores(self.x0_ref)
+            if z0 is not None and not bool(torch.isfinite(z0).all()):
+                self.model64 = None
+            elif z0 is not None:
+                self.label64 = int(z0[0].argmax())
+        if self.model64 is None:
+            return None
+        z = self._scores(x_adv)
+        if z is None:
+            return None
+        rival = torch.cat([z[0, :self.label64], z[0, self.label64 + 1:]])
+        return bool(torch.isfinite(z).all()) and bool((rival > z[0, self.label64]).any())
 
 
 Verified = tuple[Tensor, float, int, "bool | None"]
@@ -633,7 +652,7 @@ def _verify(ctx: AttackContext, x0_ref: Tensor, cands: Tensor | None) -> Verifie
         (``True``/``False``, ``None`` where the network cannot be run in float64), or
         ``None`` when no point is confirmed in the model's dtype.
     """
-    check = _Float64Check(ctx)
+    check = _Float64Check(ctx, x0_ref)
     found, only = _verify_points(ctx, x0_ref, cands, check)
     if found is not None or cands is None or cands.numel() == 0:
         return found
