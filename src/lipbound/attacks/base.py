@@ -91,12 +91,13 @@ class AttackResult:
         seconds: wall-clock time, checks and verification included.
         guarantee: always :attr:`Guarantee.ATTACK`.
         details: method-specific facts (chosen step sizes, iterations, model calls, ...);
-            on success ``"class_change_in_float64"``: ``True`` when a float64 forward pass
-            of the model's weights confirmed the class change as well (always for a float64
-            model), ``False`` when only the model's own dtype changes the class at every
-            point the attack found (float32 rounding at the boundary: the network in exact
-            arithmetic may keep its class there), ``None`` when the model cannot be run in
-            float64.
+            on success ``"class_change_in_float64"``: ``True`` when float64 forward passes
+            of the model's weights confirmed the class change as well (the class at
+            ``x_adv`` differs from the float64 class at ``x0`` as given; always ``True``
+            for a float64 model), ``False`` when no point the attack found is confirmed so
+            (float32 rounding at the boundary, or a float64 ``x0`` whose rounding to the
+            model's dtype has another class: the network in exact arithmetic may keep its
+            class there), ``None`` when the model cannot be run in float64.
     """
 
     method: str
