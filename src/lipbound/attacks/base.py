@@ -10,7 +10,12 @@ inner workings, the number it reports is checked here, in one place:
   :meth:`Attack.run`, which only proposes candidate points;
 * every candidate is then re-checked with a *fresh* forward pass: it must be finite, lie in
   the box when ``bounds`` are given, and some class must score strictly higher than the
-  original class (a tie is not a class change);
+  original class (a tie is not a class change); for a model that does not compute in
+  float64, a float64 forward pass of its own weights must confirm that class change too
+  (a point within float32 rounding of the boundary can change the float32 model's class
+  while the network in exact arithmetic, the one certified radii are about, keeps it);
+  only when no candidate passes it is a point confirmed in the model's dtype alone
+  returned, with ``details["class_change_in_float64"] = False``;
 * the radius of the smallest verified candidate is recomputed in float64 from the returned
   tensor, ``||x_adv - x0||_2``, and rounded up by a bound on the rounding of that norm, so it
   is never below the exact distance (a certified radius compared with it must not see a
@@ -23,7 +28,8 @@ perturbation: an upper bound on the minimal adversarial perturbation
 Conventions: the distance is the Euclidean (L2) norm over all input coordinates, measured
 in the model's own input space (for the paper's networks: the normalised space, with no
 pixel clipping unless ``bounds`` are given). Forward passes run in the model's dtype
-(usually float32) on the model's device; reported radii are float64.
+(usually float32) on the model's device, the float64 confirmation on a float64 copy of the
+model; reported radii are float64.
 
 Training mode: an attack on a model in training mode raises :class:`InputError`, because
 dropout makes the class of a point random and batch-norm layers would update their running
@@ -53,7 +59,8 @@ from lipbound._modelinfo import (
 from lipbound._precision import exact_float32
 from lipbound.errors import InputError
 from lipbound.graph import check_inference_tensors, modules_in_training
-from lipbound.lower._common import check_input_gradients
+from lipbound.lower._common import check_input_gradients, float64_model
+from lipbound.ops.base import safe_norm
 from lipbound.results import Guarantee, _jsonable
 from lipbound.validation import check_plain_tensor, check_seed
 
@@ -74,7 +81,8 @@ class AttackResult:
         method: the attack's registry name (``"fgsm"``, ``"cw"``, ...).
         success: whether a verified class-changing point was found.
         radius: ``||x_adv - x0||_2`` recomputed in float64 from ``x_adv`` and rounded up (at
-            least the exact distance, larger by at most ``(d + 5) 2^-52`` relative);
+            least the exact distance, larger by at most ``(d + 5) 2^-52`` relative, plus
+            ``2^-1072`` for a subnormal distance);
             ``None`` on failure. An upper bound on the minimal adversarial L2 perturbation.
         x_adv: the verified adversarial input, shape ``(1, *input_shape)``, in the model's
             dtype and on the model's device; ``None`` on failure.
@@ -82,7 +90,14 @@ class AttackResult:
         adversarial_class: the class predicted at ``x_adv`` (``None`` on failure).
         seconds: wall-clock time, checks and verification included.
         guarantee: always :attr:`Guarantee.ATTACK`.
-        details: method-specific facts (chosen step sizes, iterations, model calls, ...).
+        details: method-specific facts (chosen step sizes, iterations, model calls, ...);
+            on success ``"class_change_in_float64"``: ``True`` when float64 forward passes
+            of the model's weights confirmed the class change as well (the class at
+            ``x_adv`` differs from the float64 class at ``x0`` as given; always ``True``
+            for a float64 model), ``False`` when no point the attack found is confirmed so
+            (float32 rounding at the boundary, or a float64 ``x0`` whose rounding to the
+            model's dtype has another class: the network in exact arithmetic may keep its
+            class there), ``None`` when the model cannot be run in float64.
     """
 
     method: str
@@ -292,17 +307,28 @@ class AttackContext:
         Args:
             path: maps a vector of ``t`` values ``(K,)`` to a batch of points ``(K, *shape)``.
             t_lo: a value whose point is taken as not adversarial (e.g. 0 for ``x0``).
-            t_hi: a value whose point is adversarial (checked here first).
+            t_hi: a value whose point is adversarial (checked here first, alone: a point
+                that a batched forward pass found adversarial can sit within rounding of
+                the boundary and keep its class alone; then the first of ``t_hi (1 + f)``,
+                ``f`` = 1e-6 ... 1e-3, that is adversarial alone replaces it).
 
         Returns:
             ``(points, t)`` for the smallest adversarial ``t`` found, or ``None`` if
-            ``path(t_hi)`` is not adversarial. ``points[0]`` is ``path(t)``; it is followed by
-            up to four points a relative 1e-6 ... 1e-3 farther along the path, as fallbacks
-            for the final single-sample verification.
+            neither ``path(t_hi)`` nor those points a little farther are adversarial.
+            ``points[0]`` is ``path(t)``; it is followed by up to four points a relative
+            1e-6 ... 1e-3 farther along the path, as fallbacks for the final single-sample
+            verification.
         """
         dev = self.x0.device
-        p_hi = path(torch.tensor([t_hi], dtype=torch.float64, device=dev))
-        if not bool(self.is_adv(self.logits(p_hi))[0]):
+        p_hi = None
+        for f in (0.0, 1e-6, 1e-5, 1e-4, 1e-3):
+            if f and not t_hi > 0:
+                break
+            p = path(torch.tensor([t_hi * (1 + f)], dtype=torch.float64, device=dev))
+            if bool(self.is_adv(self.logits(p))[0]):
+                p_hi, t_hi = p, t_hi * (1 + f)
+                break
+        if p_hi is None:
             return None
         lo, hi = t_lo, t_hi
         for _ in range(rounds):
@@ -340,7 +366,9 @@ class AttackContext:
         """Pull an adversarial point back towards ``x0`` along the straight segment: the
         point ``x0 + t (x_adv - x0)`` with the smallest adversarial ``t`` in ``(0, 1]``.
         Returns a batch (the point and its fallbacks, see :meth:`search_path`), never
-        farther from ``x0`` than ``x_adv``, or ``x_adv`` itself if it is not adversarial."""
+        farther from ``x0`` than ``x_adv`` unless ``x_adv`` keeps its class alone (then up to
+        a relative 1e-3 farther along the segment: see :meth:`search_path`), or ``x_adv``
+        itself if no such point is adversarial."""
         found = self.search_path(self.segment(self.x0, x_adv), 0.0, 1.0,
                                  points=points, rounds=rounds)
         return x_adv if found is None else found[0]
@@ -395,7 +423,11 @@ class Attack(ABC):
             logger.info("%s: no verified adversarial found (%.3f s)", self.name, seconds)
             return AttackResult(self.name, False, None, None, ctx.label, None, seconds,
                                 details=details)
-        x_adv, radius, cls = best
+        x_adv, radius, cls, in64 = best
+        details["class_change_in_float64"] = in64
+        if in64 is False:
+            logger.info("%s: the class change at x_adv holds in the model's %s only, not in "
+                        "float64", self.name, str(ctx.x0.dtype).replace("torch.", ""))
         logger.info("%s: class %d -> %d at L2 radius %.6g (%.3f s)", self.name, ctx.label,
                     cls, radius, seconds)
         return AttackResult(self.name, True, radius, x_adv, ctx.label, cls, seconds,
@@ -520,49 +552,136 @@ def _check_bounds(bounds: Bounds, xm: Tensor) -> tuple[Tensor, Tensor]:
     return torch.minimum(lo, xm), torch.maximum(hi, xm)
 
 
+def _distances(cands: Tensor, x0_ref: Tensor) -> Tensor:
+    """Float64 distances of a batch of candidates from ``x0``, without the underflow of the
+    squares (:func:`~lipbound.ops.base.safe_norm`: a plain norm squared differences of
+    3e-160 to a subnormal and reported 2.99998e-160 for a point at 3.0000005e-160)."""
+    return safe_norm((cands.to(torch.float64) - x0_ref).flatten(1), dim=1)
+
+
 def _distance_upper(r: float, d: int) -> float:
-    """An upper bound on the exact distance whose float64 computation over ``d`` coordinates
-    gave ``r``: the differences, squares and square root are rounded once each (relative
-    ``u``) and the sum of ``d`` non-negative terms by at most ``(d - 1) u``, so the computed
-    norm is within ``(d/2 + 3) u`` of the exact one; ``r`` is raised by twice that."""
-    return math.nextafter(r * (1.0 + 2.0 * (d + 4) * 2.0**-53), math.inf) if r > 0 else r
+    """An upper bound on the exact distance whose float64 computation by :func:`_distances`
+    over ``d`` coordinates gave ``r``: the differences, squares and square root are rounded
+    once each (relative ``u``) and the sum of ``d`` non-negative terms by at most
+    ``(d - 1) u``, so the computed norm is within ``(d/2 + 3) u`` of the exact one; ``r``
+    is raised by twice that. The scaling by a power of two is exact except where the
+    distance is subnormal (an absolute error of at most ``2^-1075``): ``2^-1073`` more."""
+    if not r > 0:
+        return r
+    return math.nextafter(r * (1.0 + 2.0 * (d + 4) * 2.0**-53) + 2.0**-1073, math.inf)
+
+
+class _Float64Check:
+    """Whether the network in float64 changes class between ``x0`` and a point the model's
+    own dtype classified differently: ``True``/``False``, or ``None`` where no float64
+    evaluation exists (the model cannot be copied or run in float64, or casts to another
+    dtype inside). The float64 class at ``x0`` is that of ``x0`` as given (a float64 ``x0``
+    that the model's dtype rounds onto a tie or across the boundary can have another class
+    there than the model's). The float64 copy of the model
+    (:func:`lipbound.lower._common.float64_model`: its own weights) is made on first use;
+    a model whose own scores are float64 is its own check (``True`` without a second pass)."""
+
+    def __init__(self, ctx: AttackContext, x0_ref: Tensor):
+        self.ctx = ctx
+        self.x0_ref = x0_ref
+        self.made = False
+        self.model64: nn.Module | None = None
+        self.label64 = -1
+
+    def _scores(self, x: Tensor) -> Tensor | None:
+        """Float64 scores of one point, or ``None`` (then no check exists from now on)."""
+        if self.model64 is None:
+            return None
+        try:
+            z = self.model64(x.to(torch.float64, copy=True))
+        except Exception as exc:  # noqa: BLE001 - e.g. a module with float32 constants
+            logger.info("no float64 confirmation of the class change (%s: %s)",
+                        type(exc).__name__, exc)
+            self.model64 = None
+            return None
+        if not isinstance(z, Tensor) or z.dtype != torch.float64 or z.shape[0] != 1:
+            self.model64 = None  # (a model that casts to its own dtype inside)
+            return None
+        return z
+
+    def __call__(self, x_adv: Tensor, z: Tensor) -> bool | None:
+        if z.dtype == torch.float64:
+            return True
+        if not self.made:
+            self.made = True
+            self.model64 = float64_model(self.ctx.model)
+            z0 = None if self.model64 is None else self._scores(self.x0_ref)
+            if z0 is not None and not bool(torch.isfinite(z0).all()):
+                self.model64 = None
+            elif z0 is not None:
+                self.label64 = int(z0[0].argmax())
+        if self.model64 is None:
+            return None
+        z = self._scores(x_adv)
+        if z is None:
+            return None
+        rival = torch.cat([z[0, :self.label64], z[0, self.label64 + 1:]])
+        return bool(torch.isfinite(z).all()) and bool((rival > z[0, self.label64]).any())
+
+
+Verified = tuple[Tensor, float, int, "bool | None"]
 
 
 @torch.no_grad()
-def _verify(ctx: AttackContext, x0_ref: Tensor,
-            cands: Tensor | None) -> tuple[Tensor, float, int] | None:
-    """Smallest candidate confirmed by a fresh forward pass of that tensor alone.
+def _verify(ctx: AttackContext, x0_ref: Tensor, cands: Tensor | None) -> Verified | None:
+    """Smallest candidate confirmed by a fresh forward pass of that tensor alone, in the
+    model's dtype and, where that is not float64, in float64 too.
 
     Candidates are tried in increasing float64 radius; the first that is finite, in the
     box and classified differently wins. (Each is evaluated on its own because some
     backends compute a batch with slightly different rounding, and a point found by a
-    line search sits within rounding of the decision boundary.) When every candidate fails,
-    points a relative 1e-6 ... 1e-2 farther from ``x0`` along the ray through the smallest
-    candidate are tried (clipped to the box): an attack whose points all converged to within
-    rounding of the boundary (PGD on CIFAR-10 test image 12: all eight runs, class changes
-    in the batched pass but not alone) still reports a verified class change.
+    line search sits within rounding of the decision boundary.) A point within float32
+    rounding of the boundary can change the float32 model's class while the network in
+    exact arithmetic -- the one certified radii are about -- keeps it (on float32 linear
+    models gradient ascent and I-FGSM reported radii up to 2.5e-7 below the exact minimal
+    adversarial distance, under a sound certificate), so the class change is confirmed by a
+    float64 forward pass of the same weights as well (:class:`_Float64Check`). When no
+    candidate passes both, points a relative 1e-6 ... 1e-2 farther from ``x0`` along the ray
+    through the smallest candidate are tried (clipped to the box): an attack whose points
+    all converged to within rounding of the boundary (PGD on CIFAR-10 test image 12: all
+    eight runs, class changes in the batched pass but not alone) still reports a verified
+    class change. Only if none of those passes in float64 either is the smallest point
+    that the model's dtype alone confirms returned, marked ``False``.
+
+    Returns:
+        ``(x_adv, radius, class, float64)``, ``float64`` the float64 confirmation
+        (``True``/``False``, ``None`` where the network cannot be run in float64), or
+        ``None`` when no point is confirmed in the model's dtype.
     """
-    found = _verify_points(ctx, x0_ref, cands)
+    check = _Float64Check(ctx, x0_ref)
+    found, only = _verify_points(ctx, x0_ref, cands, check)
     if found is not None or cands is None or cands.numel() == 0:
         return found
     c = cands.detach().to(device=ctx.x0.device, dtype=ctx.x0.dtype)
     ok = torch.isfinite(c.flatten(1)).all(dim=1)
     if not bool(ok.any()):
         return None
-    radii = (c.to(torch.float64) - x0_ref).flatten(1).norm(dim=1)
+    radii = _distances(c, x0_ref)
     radii = torch.where(ok, radii, torch.full_like(radii, math.inf))
     d = c[int(radii.argmin())].to(torch.float64) - x0_ref[0]
     ladder = [ctx.clip((x0_ref[0] + (1 + f) * d).to(ctx.x0.dtype).unsqueeze(0))
               for f in (1e-6, 1e-5, 1e-4, 1e-3, 1e-2)]
-    return _verify_points(ctx, x0_ref, torch.cat(ladder))
+    found, only_ladder = _verify_points(ctx, x0_ref, torch.cat(ladder), check)
+    if found is not None:
+        return found
+    if only is None or (only_ladder is not None and only_ladder[1] < only[1]):
+        return only_ladder
+    return only
 
 
 @torch.no_grad()
-def _verify_points(ctx: AttackContext, x0_ref: Tensor,
-                   cands: Tensor | None) -> tuple[Tensor, float, int] | None:
-    """The smallest of ``cands`` confirmed alone (see :func:`_verify`), without a ladder."""
+def _verify_points(ctx: AttackContext, x0_ref: Tensor, cands: Tensor | None,
+                   check: _Float64Check) -> tuple[Verified | None, Verified | None]:
+    """The smallest of ``cands`` confirmed alone in the model's dtype and by ``check`` (see
+    :func:`_verify`), without a ladder, and the smallest confirmed in the model's dtype
+    only (``None`` when it is the former or there is none)."""
     if cands is None or cands.numel() == 0:
-        return None
+        return None, None
     if tuple(cands.shape[1:]) != ctx.shape:
         raise RuntimeError(f"attack proposed candidates of shape {tuple(cands.shape)}, "
                            f"expected (K, {ctx.shape})")  # a bug in the attack, not the user
@@ -570,19 +689,25 @@ def _verify_points(ctx: AttackContext, x0_ref: Tensor,
     ok = torch.isfinite(cands.flatten(1)).all(dim=1)
     if ctx.lo is not None and ctx.hi is not None:
         ok &= ((cands >= ctx.lo) & (cands <= ctx.hi)).flatten(1).all(dim=1)
-    radii = (cands.to(torch.float64) - x0_ref).flatten(1).norm(dim=1)
+    radii = _distances(cands, x0_ref)
     ok &= radii > 0
     rejected = 0
+    only: Verified | None = None
     for i in torch.argsort(radii).tolist():
         if not bool(ok[i]):
             continue
         x_adv = cands[i:i + 1].clone()
         z = ctx.logits(x_adv)
         if bool(ctx.is_adv(z)[0]):
+            radius = _distance_upper(float(_distances(x_adv, x0_ref)[0]), ctx.dim)
+            in64 = check(x_adv, z)
+            if in64 is False:
+                if only is None:
+                    only = (x_adv, radius, int(z[0].argmax()), False)
+                rejected += 1
+                continue
             if rejected:
                 logger.debug("%d smaller candidate(s) failed verification", rejected)
-            radius = _distance_upper(float((x_adv.to(torch.float64) - x0_ref).norm()),
-                                     ctx.dim)
-            return x_adv, radius, int(z[0].argmax())
+            return (x_adv, radius, int(z[0].argmax()), in64), None
         rejected += 1
-    return None
+    return None, only

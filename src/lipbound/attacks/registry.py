@@ -7,6 +7,7 @@ from typing import Any
 
 from torch import Tensor, nn
 
+from lipbound._modelinfo import unwrap_model
 from lipbound.attacks.base import Attack, AttackResult, Bounds
 from lipbound.attacks.cw import CarliniWagnerL2
 from lipbound.attacks.fgsm import FGSM
@@ -14,6 +15,7 @@ from lipbound.attacks.gradient import GradientAscent
 from lipbound.attacks.ifgsm import IterativeFGSM
 from lipbound.attacks.pgd import PGD
 from lipbound.errors import InputError
+from lipbound.lower._common import one_float64_copy
 
 #: attack classes by registry name; add your own ``Attack`` subclass here to make it
 #: available to :func:`run_attacks` (and the CLI).
@@ -81,4 +83,5 @@ def run_attacks(model: nn.Module, x0: Tensor, methods: Sequence[str] = DEFAULT_M
     if unknown:
         raise InputError(f"options given for attacks not being run: {unknown}")
     attacks = [get_attack(m, **dict(options.get(m, {}))) for m in methods]
-    return [a(model, x0, bounds=bounds, seed=seed) for a in attacks]
+    with one_float64_copy(unwrap_model(model)):  # (one float64 copy for all the attacks)
+        return [a(model, x0, bounds=bounds, seed=seed) for a in attacks]

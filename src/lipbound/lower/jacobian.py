@@ -240,14 +240,17 @@ def jacobian_norm_at(
 ) -> float:
     """Spectral norm ``||C J(x)||_2`` of the network's Jacobian at ``x``.
 
-    Exact (float64 SVD of the dense Jacobian from ``torch.func.jacrev``) when
-    ``k * d <= exact_threshold``; otherwise a power-iteration ESTIMATE, which approaches
-    the norm from below (a message is logged; use :func:`jacobian_spectrum` to get the
-    label in the result). For a piecewise-linear network that is differentiable at ``x0``
-    (``x0`` inside one linear region) every local constant ``L(x0, eps)`` is >= this value
-    at ``x = x0``, since directional ratios at small ``t`` converge to ``||J v||``. At a kink
-    this can fail (see the module docstring): autograd's Jacobian is that of one adjacent
-    piece only.
+    A float64 SVD of the dense Jacobian (from ``torch.func.jacrev``, computed in the
+    model's dtype: for a float32 model it carries float32 rounding, up to 7e-8 relative
+    above the float64 Jacobian's norm on small random MLPs) when ``k * d <=
+    exact_threshold``; otherwise a power-iteration ESTIMATE, which approaches the norm from
+    below (a message is logged; use :func:`jacobian_spectrum` to get the label in the
+    result). For a piecewise-linear network that is differentiable at ``x0`` (``x0`` inside
+    one linear region) every local constant ``L(x0, eps)`` is >= the exact norm at
+    ``x = x0``, since directional ratios at small ``t`` converge to ``||J v||``; this value
+    is that norm only up to the rounding above, hence an ESTIMATE, not a lower bound. At a
+    kink even the exact norm can exceed ``L(x0, eps)`` (see the module docstring):
+    autograd's Jacobian is that of one adjacent piece only.
 
     Args:
         model: network in eval mode, ``(N, *shape) -> (N, m)``.
