@@ -43,3 +43,19 @@ def test_analyzer_refuses_notes_given_as_one_string():
         Analyzer(net, (2,), notes="seeded weights")
     an = Analyzer(net, (2,), notes=["seeded weights"])
     assert an.global_bound().notes[:1] == ("seeded weights",)
+
+
+@pytest.mark.parametrize("seed", [2 ** 64, -1])
+def test_lower_bounds_refuse_a_seed_outside_torchs_range(seed):
+    """A seed of 2**64 reached torch's manual_seed (a bare ValueError 'Overflow when unpacking
+    long long'); -1 was silently the stream of 2**64 - 1."""
+    import torch
+    from torch import nn
+
+    from lipbound.errors import InputError
+    from lipbound.lower import random_lower_bound
+
+    net = nn.Sequential(nn.Linear(2, 2)).double().eval()
+    x0 = torch.zeros(1, 2, dtype=torch.float64)
+    with pytest.raises(InputError, match=r"2\*\*64"):
+        random_lower_bound(net, x0, 0.1, seed=seed)

@@ -824,6 +824,10 @@ def make_generator(device: torch.device, seed: int) -> torch.Generator:
     """A torch generator on ``device`` seeded with ``seed`` (global RNG state untouched)."""
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise InputError(f"seed must be an int, got {seed!r}")
+    if not 0 <= seed < 2 ** 64:  # (torch's manual_seed: a bare ValueError above, and a
+        # negative seed wraps around to seed + 2**64, the stream of another seed)
+        raise InputError(f"seed must be in [0, 2**64) for torch's generator, got {seed}; "
+                         "pass e.g. seed % 2**64")
     g = torch.Generator(device=device)
     g.manual_seed(seed)
     return g
