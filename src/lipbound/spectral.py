@@ -34,7 +34,8 @@ certified global factor) is compared, and when it is smaller it is reported inst
 own (certified) guarantee. The Lanczos run stops early as soon as its KW-inflated Ritz value
 is already above the smallest such bound: Ritz values only grow with the steps, so the full
 run's KW bound could not have beaten it (its a posteriori bound could have, by at most the
-KW factor, 1-2 %: the certified value is preferred at that price; see :func:`lanczos_top`).
+KW factor, 1-2 % at the default steps and never more than ``EXIT_FACTOR_CAP``: the certified
+value is preferred at that price; see :func:`lanczos_top`).
 """
 
 from __future__ import annotations
@@ -74,6 +75,19 @@ estimate, with which a Lanczos run is kept; above it the run is repeated with ``
 worst-case bound (VGG-16: 2e-10 to 2e-9 of the norm) is about 1e5 times the error observed
 (3e-15 to 9e-15); the relative error ``η`` of a kept run is added to its value as a factor
 ``1 + 4 η`` (the Ritz value moves by at most about ``2 η θ``)."""
+
+
+EXIT_FACTOR_CAP = 1.1
+"""Largest factor the early exit of a single-vector run applies to its Ritz value (see
+:func:`run_parameters`): the run stops once ``θ_j min(f, EXIT_FACTOR_CAP) >= a^2`` for the
+completed run's KW factor ``f`` and the smallest certified alternative ``a``. The completed
+run's bound (KW or a posteriori) is never below ``sqrt(θ_j)``, so the reported alternative
+is at most ``sqrt(EXIT_FACTOR_CAP)`` (4.9 %) above it. At the default 64 steps ``f`` is
+below the cap whenever ``1.648 sqrt(n) / δ_KW < 2.3e16`` (``n`` up to 1e9 at ``δ_KW =
+1e-8``; the analyzer's default 1e-6 over a few dozen layers leaves more), so the cap changes
+nothing there; with few steps ``f`` is large or infinite (no finite KW bound), where the
+a posteriori bound still is finite. The a posteriori stopping level (``post_stop``, the
+whole-δ KW factor of the completed run) is capped likewise."""
 
 
 BLOCK_SHARE = 0.875
@@ -855,16 +869,25 @@ def run_parameters(n_used: int, steps: int, failure_prob: float,
             kw_full = 1.0
         else:
             f_full = kw_factor(n_used, k_full, delta_kw)
-            kw_full = math.inf if f_full is None else f_full
+            if post_c is None:  # no a posteriori bound (n < 3): KW alone, maybe infinite
+                kw_full = math.inf if f_full is None else f_full
+            else:
+                # the full run also has its a posteriori bound, never below its Ritz value:
+                # the exit costs at most sqrt(EXIT_FACTOR_CAP) against it (a KW factor of
+                # too few steps, large or infinite, made the exit report an alternative up
+                # to 46 % above the run's own bound, or fire at the first check)
+                kw_full = EXIT_FACTOR_CAP if f_full is None else min(f_full, EXIT_FACTOR_CAP)
         a = alts[0][0] / (1 + SAFETY)
         stop_theta = a * a  # inf (never reached) rather than OverflowError
     # stop once the a posteriori bound is no larger than the a priori bound of a full
     # k_full-step single-vector run at the whole failure probability (what lipbound
     # reported before the a posteriori bound existed): a stopped run is never looser
+    # (capped: with few steps that KW factor is huge, and a run stopped at it reported an
+    # a posteriori bound 3.5 times the one a few more of its steps gave)
     post_stop = None
     if k_full < n_used:
         f_old = kw_factor(n_used, k_full, failure_prob)
-        post_stop = f_old if f_old is not None else 1.02
+        post_stop = min(f_old, EXIT_FACTOR_CAP) if f_old is not None else 1.02
     return RunParameters(post_c, delta_kw, stop_theta, kw_full, post_stop)
 
 
