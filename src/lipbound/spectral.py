@@ -632,9 +632,10 @@ def spectral_upper(mv: Callable[[Tensor], Tensor], rmv: Callable[[Tensor], Tenso
             singular vector (:func:`lipbound.ops.conv.circulant_probe`). Before a
             single-vector run, up to ``PROBE_STEPS`` power steps from it give Rayleigh
             quotients ``ℓ <= ||M||``; when ``ℓ^2`` passes the early-exit test of the run
-            (``ℓ^2 f >= alternative^2``, with ``f`` the KW factor of the completed run) the
-            smallest certified alternative is reported without a run. As with the early exit,
-            that value is then at most ``sqrt(f)`` times ``||M||``.
+            (``ℓ^2 f >= alternative^2``, ``f`` the completed run's KW factor capped at
+            ``EXIT_FACTOR_CAP``) the smallest certified alternative is reported without a
+            run. As with the early exit, that value is then at most ``sqrt(f)`` times
+            ``||M||``.
         probe_step: ``(ℓ, z)``, the first of those power steps already made by the caller
             from ``probe`` with the same ``M`` (``z = M^T M x`` for a multiple ``x`` of the
             probe, ``ℓ = ||z|| / ||M x||``); probing continues from there. Used only when
