@@ -34,7 +34,8 @@ certified global factor) is compared, and when it is smaller it is reported inst
 own (certified) guarantee. The Lanczos run stops early as soon as its KW-inflated Ritz value
 is already above the smallest such bound: Ritz values only grow with the steps, so the full
 run's KW bound could not have beaten it (its a posteriori bound could have, by at most the
-KW factor, 1-2 %: the certified value is preferred at that price; see :func:`lanczos_top`).
+KW factor, 1-2 % at the default steps and never more than ``EXIT_FACTOR_CAP``: the certified
+value is preferred at that price; see :func:`lanczos_top`).
 """
 
 from __future__ import annotations
@@ -95,6 +96,19 @@ def fast_inflation(eta: float, k: int) -> float:
     products; here ``2 (1 + 8) η = 18 η``. Real Winograd rounding is about 1e5 below its
     bound."""
     return 1.0 + 2.0 * (1.0 + math.sqrt(max(1, k))) * eta
+
+
+EXIT_FACTOR_CAP = 1.1
+"""Largest factor the early exit of a single-vector run applies to its Ritz value (see
+:func:`run_parameters`): the run stops once ``θ_j min(f, EXIT_FACTOR_CAP) >= a^2`` for the
+completed run's KW factor ``f`` and the smallest certified alternative ``a``. The completed
+run's bound (KW or a posteriori) is never below ``sqrt(θ_j)``, so the reported alternative
+is at most ``sqrt(EXIT_FACTOR_CAP)`` (4.9 %) above it. At the default 64 steps ``f`` is
+below the cap whenever ``1.648 sqrt(n) / δ_KW < 2.3e16`` (``n`` up to 1e9 at ``δ_KW =
+1e-8``; the analyzer's default 1e-6 over a few dozen layers leaves more), so the cap changes
+nothing there; with few steps ``f`` is large or infinite (no finite KW bound), where the
+a posteriori bound still is finite. The a posteriori stopping level (``post_stop``, the
+whole-δ KW factor of the completed run) is capped likewise."""
 
 
 BLOCK_SHARE = 0.875
@@ -642,9 +656,10 @@ def spectral_upper(mv: Callable[[Tensor], Tensor], rmv: Callable[[Tensor], Tenso
             singular vector (:func:`lipbound.ops.conv.circulant_probe`). Before a
             single-vector run, up to ``PROBE_STEPS`` power steps from it give Rayleigh
             quotients ``ℓ <= ||M||``; when ``ℓ^2`` passes the early-exit test of the run
-            (``ℓ^2 f >= alternative^2``, with ``f`` the KW factor of the completed run) the
-            smallest certified alternative is reported without a run. As with the early exit,
-            that value is then at most ``sqrt(f)`` times ``||M||``.
+            (``ℓ^2 f >= alternative^2``, ``f`` the completed run's KW factor capped at
+            ``EXIT_FACTOR_CAP``) the smallest certified alternative is reported without a
+            run. As with the early exit, that value is then at most ``sqrt(f)`` times
+            ``||M||``.
         probe_step: ``(ℓ, z)``, the first of those power steps already made by the caller
             from ``probe`` with the same ``M`` (``z = M^T M x`` for a multiple ``x`` of the
             probe, ``ℓ = ||z|| / ||M x||``); probing continues from there. Used only when
@@ -881,16 +896,25 @@ def run_parameters(n_used: int, steps: int, failure_prob: float,
             kw_full = 1.0
         else:
             f_full = kw_factor(n_used, k_full, delta_kw)
-            kw_full = math.inf if f_full is None else f_full
+            if post_c is None:  # no a posteriori bound (n < 3): KW alone, maybe infinite
+                kw_full = math.inf if f_full is None else f_full
+            else:
+                # the full run also has its a posteriori bound, never below its Ritz value:
+                # the exit costs at most sqrt(EXIT_FACTOR_CAP) against it (a KW factor of
+                # too few steps, large or infinite, made the exit report an alternative up
+                # to 46 % above the run's own bound, or fire at the first check)
+                kw_full = EXIT_FACTOR_CAP if f_full is None else min(f_full, EXIT_FACTOR_CAP)
         a = alts[0][0] / (1 + SAFETY)
         stop_theta = a * a  # inf (never reached) rather than OverflowError
     # stop once the a posteriori bound is no larger than the a priori bound of a full
     # k_full-step single-vector run at the whole failure probability (what lipbound
     # reported before the a posteriori bound existed): a stopped run is never looser
+    # (capped: with few steps that KW factor is huge, and a run stopped at it reported an
+    # a posteriori bound 3.5 times the one a few more of its steps gave)
     post_stop = None
     if k_full < n_used:
         f_old = kw_factor(n_used, k_full, failure_prob)
-        post_stop = f_old if f_old is not None else 1.02
+        post_stop = min(f_old, EXIT_FACTOR_CAP) if f_old is not None else 1.02
     return RunParameters(post_c, delta_kw, stop_theta, kw_full, post_stop)
 
 
