@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import lipbound
+from lipbound.radius import certified_radius
 
 
 class SmallConvNet(nn.Module):
@@ -42,10 +43,6 @@ def main() -> None:
         r = analyzer.local_bound(x0, eps)
         print(f"local bound at eps={eps:<5}: {r.value:.4f} ({r.guarantee.value})")
 
-    try:
-        from lipbound.radius import certified_radius
-    except ImportError:  # pragma: no cover - the radius module ships with lipbound
-        return
     for method in ("global", "local", "margin"):
         rad = certified_radius(model, x0, analyzer=analyzer, method=method)
         print(f"certified radius ({method}): {rad.radius:.4g} ({rad.guarantee_label})")

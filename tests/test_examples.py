@@ -38,3 +38,21 @@ def test_radius_testsets_runs_and_counts_no_violation(capsys, tmp_path):
                          ["fgsm"])
     assert s["inputs"] == 2 and s["violations"] == 0 and s["failed_fgsm"] == 0
     assert s["min_margin_over_local"] >= 1.0  # the margin certificate is never smaller
+
+
+@pytest.mark.usefixtures("torch_one_thread")
+def test_sweep_all_runs_and_writes_its_files(capsys, tmp_path):
+    """examples/sweep_all.py on the two small zoo networks with few radii and small
+    lower-bound budgets (the full run, every network at 30 radii, takes hours on a CPU): it
+    exits 0 (no lower bound above an upper bound) and writes the four files per sample."""
+    mod = runpy.run_path(str(EXAMPLES / "sweep_all.py"), run_name="sweep_all")
+    rc = mod["main"](["--out", str(tmp_path), "--models", "tiny,compnet", "--points", "3",
+                      "--samples", "200", "--steps", "10", "--restarts", "2",
+                      "--device", "cpu"])
+    out = capsys.readouterr().out
+    assert rc == 0 and "SOUNDNESS CHECK FAILED" not in out
+    for folder in (tmp_path / "tiny" / "tiny_x0", tmp_path / "compnet" / "compnet_zeros"):
+        for name in ("sweep.csv", "sweep.json", "sweep.png", "sweep.pdf"):
+            assert (folder / name).stat().st_size > 0
+        rows = (folder / "sweep.csv").read_text().splitlines()
+        assert len(rows) == 1 + 3  # header and one row per radius

@@ -365,6 +365,14 @@ def check_finite_parameters(model: nn.Module) -> None:
 _CASTS = (torch.float32, torch.float64)
 
 
+def _device_of(node: object) -> bool:
+    """Whether ``node`` is ``t.device`` of a tensor ``t`` of the graph (``x.device``,
+    ``self.fc.weight.device``): a device, whatever ``t`` is (since session 23; such a
+    ``.to(x.device)`` was refused as an operation with no rule)."""
+    return isinstance(node, fx.Node) and node.op == "call_function" \
+        and node.target is getattr and len(node.args) == 2 and node.args[1] == "device"
+
+
 def _moves_only(node: fx.Node) -> bool:
     """Whether a ``.to(...)`` call only moves its tensor to a device or casts it to float32 /
     float64 (``x.to(self.device)``, ``x.to(torch.float32)``): the identity in exact
@@ -372,7 +380,7 @@ def _moves_only(node: fx.Node) -> bool:
     forward pass). Not a cast to another type (an integer type truncates)."""
     def ok(a: object) -> bool:
         return (isinstance(a, (torch.device, str, bool, torch.memory_format))
-                or a in _CASTS)
+                or a in _CASTS or _device_of(a))
     return all(ok(a) for a in node.args[1:]) and all(ok(v) for v in node.kwargs.values())
 
 
@@ -439,6 +447,8 @@ def _input_dependence(gm: fx.GraphModule, model: nn.Module) -> tuple[set[str], s
     dep: set[str] = set()
     consts: set[str] = set()
     for node in gm.graph.nodes:
+        if _device_of(node):
+            continue  # (a device carries no value: self.mean.to(x.device) is a constant)
         if node.op == "placeholder" or any(a.name in dep for a in node.all_input_nodes):
             dep.add(node.name)
         elif node.op == "get_attr":
@@ -457,8 +467,8 @@ def _input_dependence(gm: fx.GraphModule, model: nn.Module) -> tuple[set[str], s
                 consts.add(node.name)
         elif node.op == "call_method" and node.args and isinstance(node.args[0], fx.Node) \
                 and node.args[0].name in consts \
-                and not any(isinstance(a, fx.Node) for a in node.args[1:]) \
-                and not any(isinstance(a, fx.Node) for a in node.kwargs.values()) \
+                and not any(isinstance(a, fx.Node) and not _device_of(a)
+                            for a in (*node.args[1:], *node.kwargs.values())) \
                 and (node.target in CONST_METHODS
                      or (node.target == "to" and _moves_only(node))):
             consts.add(node.name)
@@ -781,6 +791,9 @@ def trace_model(model: nn.Module, input_shape: Sequence[int]) -> list[Op]:
             if node.op == "call_function" and node.target in (getattr, operator.getitem) \
                     and len(node.args) > 1 and node.args[1] in ("shape",):
                 continue
+            if _device_of(node) and all(
+                    u.op == "call_method" and u.target == "to" for u in node.users):
+                continue  # (x.device, read by .to(x.device): where a tensor goes, no value)
             if node.op == "call_function" and node.target is operator.getitem \
                     and all(shape_of(a) is None for a in node.all_input_nodes):
                 continue

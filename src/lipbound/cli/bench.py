@@ -51,7 +51,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="radius range of --sweep (default: the zoo entry's range)")
     p.add_argument("--radius-images", type=int, default=0, metavar="N",
                    help="also time certifying the first N shipped test images with "
-                        "lipbound.radius (when available)")
+                        "lipbound.radius (zoo networks with a test set: mnist, cifar10; "
+                        "N <= 100)")
     add_common(p)
     p.set_defaults(func=run)
 

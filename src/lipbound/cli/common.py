@@ -86,8 +86,9 @@ def add_model_options(p: argparse.ArgumentParser, *, input_required: bool = Fals
     many = ("; several inputs: a range (mnist:test/0-99), a folder of images, a test-set CSV "
             "file or an .npy/.pt batch" if many_inputs else "")
     p.add_argument("--input", default=None, required=input_required,
-                   help="sample reference (mnist:8, cifar10:dog, mnist:test/17) or a "
-                        ".png/.npy/.pt file; default: the zoo model's default sample" + many)
+                   help="sample reference (mnist:8, cifar10:dog, mnist:test/17) or an "
+                        "image (.png, .jpg, ...) or array (.npy, .pt) file; default: the zoo "
+                        "model's default sample" + many)
     p.add_argument("--input-shape", default=None,
                    help="per-sample input shape of a user model, e.g. 1,28,28")
     p.add_argument("--mean", default=None, help="per-channel mean of the preprocessing, "
@@ -811,7 +812,8 @@ def cli_input_hint(loaded: Loaded | None = None) -> str:
     else:
         forms = ["'mnist:8'", "'mnist:test/3' (one shipped test image, 0-99)"]
     return ("give one input such as " + ", ".join(forms)
-            + ", or a .png/.npy/.pt file holding a single input")
+            + ", or an image (.png, .jpg, ...) or array (.npy, .pt) file holding a single "
+            "input")
 
 
 def load_input(args: argparse.Namespace, loaded: Loaded, needed_for: str | None = None):
