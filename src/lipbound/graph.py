@@ -373,14 +373,27 @@ def _device_of(node: object) -> bool:
         and node.target is getattr and len(node.args) == 2 and node.args[1] == "device"
 
 
-def _moves_only(node: fx.Node) -> bool:
+def _float_dtype_of(node: object, values: dict[str, object]) -> bool:
+    """Whether ``node`` is ``t.dtype`` of a tensor ``t`` of the graph (``x.dtype``,
+    ``self.fc.weight.dtype``) that was float32 or float64 when traced (since session 23;
+    ``.to(x.dtype)`` was refused with 'produces a non-tensor value'). An integer or half
+    dtype is not read as one: such a cast is refused as before."""
+    return isinstance(node, fx.Node) and node.op == "call_function" \
+        and node.target is getattr and len(node.args) == 2 and node.args[1] == "dtype" \
+        and any(values.get(node.name) is c for c in _CASTS)
+
+
+def _moves_only(node: fx.Node, values: dict[str, object] | None = None) -> bool:
     """Whether a ``.to(...)`` call only moves its tensor to a device or casts it to float32 /
-    float64 (``x.to(self.device)``, ``x.to(torch.float32)``): the identity in exact
-    arithmetic (a cast's rounding is seen by the check of the chain against the model's own
-    forward pass). Not a cast to another type (an integer type truncates)."""
+    float64 (``x.to(self.device)``, ``x.to(torch.float32)``, ``x.to(x.dtype)`` where the
+    traced dtype is one of those, read from ``values``): the identity in exact arithmetic (a
+    cast's rounding is seen by the check of the chain against the model's own forward pass).
+    Not a cast to another type (an integer type truncates)."""
+    values = values or {}
+
     def ok(a: object) -> bool:
         return (isinstance(a, (torch.device, str, bool, torch.memory_format))
-                or a in _CASTS or _device_of(a))
+                or a in _CASTS or _device_of(a) or _float_dtype_of(a, values))
     return all(ok(a) for a in node.args[1:]) and all(ok(v) for v in node.kwargs.values())
 
 
@@ -428,12 +441,14 @@ def _drop_default_inputs(graph: fx.Graph) -> None:
             graph.erase_node(ph)
 
 
-def _input_dependence(gm: fx.GraphModule, model: nn.Module) -> tuple[set[str], set[str]]:
+def _input_dependence(gm: fx.GraphModule, model: nn.Module,
+                      values: dict[str, object] | None = None) -> tuple[set[str], set[str]]:
     """The names of the nodes whose value depends on the input (the placeholder), and of the
     constants arithmetic may take: ``get_attr`` nodes of the model's parameters and buffers
     (which lipbound watches for changes; a plain tensor attribute is not watched), and
     those passed through :data:`~lipbound.ops.scalar.CONST_METHODS` with literal arguments
-    (``self.std.view(1, -1, 1, 1)``)."""
+    (``self.std.view(1, -1, 1, 1)``). ``values``: the traced values (for ``.to(x.dtype)``)."""
+    values = values or {}
     named = list(itertools.chain(model.named_parameters(remove_duplicate=False),
                                  model.named_buffers(remove_duplicate=False)))
     held = {n for n, _ in named}
@@ -447,8 +462,9 @@ def _input_dependence(gm: fx.GraphModule, model: nn.Module) -> tuple[set[str], s
     dep: set[str] = set()
     consts: set[str] = set()
     for node in gm.graph.nodes:
-        if _device_of(node):
-            continue  # (a device carries no value: self.mean.to(x.device) is a constant)
+        if _device_of(node) or _float_dtype_of(node, values):
+            continue  # (a device carries no value: self.mean.to(x.device) is a constant;
+            # nor does a float dtype: self.mean.to(x.dtype))
         if node.op == "placeholder" or any(a.name in dep for a in node.all_input_nodes):
             dep.add(node.name)
         elif node.op == "get_attr":
@@ -468,9 +484,10 @@ def _input_dependence(gm: fx.GraphModule, model: nn.Module) -> tuple[set[str], s
         elif node.op == "call_method" and node.args and isinstance(node.args[0], fx.Node) \
                 and node.args[0].name in consts \
                 and not any(isinstance(a, fx.Node) and not _device_of(a)
+                            and not _float_dtype_of(a, values)
                             for a in (*node.args[1:], *node.kwargs.values())) \
                 and (node.target in CONST_METHODS
-                     or (node.target == "to" and _moves_only(node))):
+                     or (node.target == "to" and _moves_only(node, values))):
             consts.add(node.name)
     return dep, consts
 
@@ -751,7 +768,7 @@ def trace_model(model: nn.Module, input_shape: Sequence[int]) -> list[Op]:
         v = rec.values.get(node.name)
         return tuple(v.shape) if isinstance(v, Tensor) else None
 
-    dep, consts = _input_dependence(gm, root)
+    dep, consts = _input_dependence(gm, root, rec.values)
     sizes = _sizes(gm, rec.values, dep)
 
     for node in gm.graph.nodes:
@@ -791,9 +808,9 @@ def trace_model(model: nn.Module, input_shape: Sequence[int]) -> list[Op]:
             if node.op == "call_function" and node.target in (getattr, operator.getitem) \
                     and len(node.args) > 1 and node.args[1] in ("shape",):
                 continue
-            if _device_of(node) and all(
+            if (_device_of(node) or _float_dtype_of(node, rec.values)) and all(
                     u.op == "call_method" and u.target == "to" for u in node.users):
-                continue  # (x.device, read by .to(x.device): where a tensor goes, no value)
+                continue  # (x.device / a float x.dtype, read by .to(...): no value)
             if node.op == "call_function" and node.target is operator.getitem \
                     and all(shape_of(a) is None for a in node.all_input_nodes):
                 continue
@@ -866,7 +883,7 @@ def trace_model(model: nn.Module, input_shape: Sequence[int]) -> list[Op]:
             if rule is clamp_rule:
                 module = _clamp_from_call(str(node.target), tuple(node.args[1:]),
                                           dict(node.kwargs))
-            if rule is None and node.target == "to" and _moves_only(node):
+            if rule is None and node.target == "to" and _moves_only(node, rec.values):
                 rule = identity_rule
             if node.target == "view" and rule is reshape_rule and any(
                     isinstance(a, torch.dtype)
