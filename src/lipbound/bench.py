@@ -11,7 +11,8 @@ What is measured, per network and per quantity (``"local"`` or ``"global"``):
 * **cold_seconds** -- the first computation in the process *including* building the
   analyzer (tracing the model, converting the weights to float64) and torch's one-off
   start-up work (thread pools, kernel selection). It is not part of ``runs``.
-* **trace_seconds** -- the median time to build an analyzer.
+* **trace_seconds** -- the median time to build an analyzer, over the timed runs (the cold
+  run's construction is part of ``cold_seconds`` only).
 * **peak_memory_mb** -- the peak resident set size of the process while the quantity was
   measured (on Linux the high-water mark is reset before each quantity through
   ``/proc/self/clear_refs``; elsewhere it is the process peak since start, so run one
@@ -163,7 +164,8 @@ class BenchResult:
         ratio_to_target: ``median_seconds / target_seconds`` (<= 1 meets the target).
         cold_seconds: the first computation including building the analyzer and torch's
             start-up work.
-        trace_seconds: median seconds to build an analyzer (tracing, float64 weights).
+        trace_seconds: median seconds to build an analyzer (tracing, float64 weights) over
+            the timed runs (the cold run's construction is in ``cold_seconds`` only).
         cpu_median_seconds: median process CPU time of the runs (all threads). With one
             thread it estimates the wall time on an idle machine, so it is the steadier
             number on a busy one.
@@ -177,6 +179,8 @@ class BenchResult:
         host_peak_memory_mb: peak host RSS (MiB), also on CUDA.
         baseline_memory_mb: host RSS before the measurement (model loaded), MiB.
         target_memory_mb: the project's memory target, or ``None``.
+        memory_ratio_to_target: ``peak_memory_mb / target_memory_mb`` (<= 1 meets the
+            target), or ``None`` without a target.
         load_average: the 1-minute load average before and after the runs (a busy machine
             makes timings noisy).
         layer_methods: the spectral route of each layer in the last run.
@@ -208,6 +212,7 @@ class BenchResult:
     host_peak_memory_mb: float = math.nan
     baseline_memory_mb: float = math.nan
     target_memory_mb: float | None = None
+    memory_ratio_to_target: float | None = None
     load_average: tuple[float, float] = (math.nan, math.nan)
     layer_methods: tuple[str, ...] = ()
     notes: tuple[str, ...] = ()
@@ -247,6 +252,7 @@ class BenchResult:
             "host_peak_memory_mb": self.host_peak_memory_mb,
             "baseline_memory_mb": self.baseline_memory_mb,
             "target_memory_mb": self.target_memory_mb,
+            "memory_ratio_to_target": self.memory_ratio_to_target,
             "load_average": list(self.load_average),
             "layer_methods": list(self.layer_methods),
             "notes": list(self.notes),
@@ -274,6 +280,7 @@ class SweepBench:
         runs: seconds of each repeat of the sweep.
         local_median_seconds: median of one local bound on a fresh analyzer, measured in the
             same call (the unit).
+        local_eps: the radius of that unit local bound.
         cost_in_local_bounds: ``total_seconds / local_median_seconds``.
         target_units: the target for ``cost_in_local_bounds``.
         cpu_total_seconds: median process CPU time of the sweep.
@@ -301,6 +308,7 @@ class SweepBench:
     runs: tuple[float, ...]
     local_median_seconds: float
     cost_in_local_bounds: float
+    local_eps: float = DEFAULT_EPS
     target_units: float = SWEEP_TARGET_UNITS
     cpu_total_seconds: float = math.nan
     cpu_cost_in_local_bounds: float = math.nan
@@ -461,11 +469,11 @@ def _measure(what: str, make: Callable[[], Any], x0: Tensor, eps: float, repeat:
         res = op(an)
         _sync(device)
         tc = time.perf_counter()
-        traces.append(tb - ta)
         values.append(res.value)
         if i == 0:
             cold = tc - ta
-        if i > 0 or not warmup:
+        if i > 0 or not warmup:  # the cold run stays out of every median (trace included)
+            traces.append(tb - ta)
             runs.append(tc - tb)
             cpu.append(time.process_time() - cb)
         bar.update()
@@ -540,10 +548,12 @@ def bench_model(model: nn.Module, x0: Tensor, *, name: str,
             if finite and max(finite) - min(finite) > 1e-9 * max(abs(v) for v in finite):
                 extra.append(f"values differed between runs: {min(finite)!r} .. "
                              f"{max(finite)!r}")
+            peak = cuda_peak if cuda_peak is not None else host_peak
+            mem_target = TARGET_MEMORY_MB.get(key)
             out.append(BenchResult(
                 model=name, what=w, median_seconds=med, min_seconds=min(runs),
                 max_seconds=max(runs),
-                peak_memory_mb=cuda_peak if cuda_peak is not None else host_peak,
+                peak_memory_mb=peak,
                 value=res.value, guarantee=res.guarantee, runs=tuple(runs),
                 target_seconds=target,
                 ratio_to_target=(med / target) if target else None,
@@ -555,7 +565,9 @@ def bench_model(model: nn.Module, x0: Tensor, *, name: str,
                                else mem.source),
                 host_peak_memory_mb=host_peak,
                 baseline_memory_mb=base if base is not None else math.nan,
-                target_memory_mb=TARGET_MEMORY_MB.get(key), load_average=(la0, la1),
+                target_memory_mb=mem_target,
+                memory_ratio_to_target=(peak / mem_target) if mem_target else None,
+                load_average=(la0, la1),
                 layer_methods=tuple(lf.spectral_method for lf in res.layers),
                 notes=tuple(dict.fromkeys(extra))))
             log.info("bench %s %s: median %.4fs over %d runs", name, w, med, repeat)
@@ -623,7 +635,8 @@ def bench_sweep(model_name: str, *, n_points: int = 30,
                 local_repeat: int = 3, spectral: str = "auto",
                 device: str | torch.device | None = None, threads: int | None = None,
                 analyzer_options: Mapping[str, Any] | None = None,
-                reuse_tol: float | None = None, raw: bool = True) -> SweepBench:
+                reuse_tol: float | None = None, raw: bool = True,
+                eps: float | None = None) -> SweepBench:
     """Cost of :func:`lipbound.sweep.sweep` (local and global upper bounds) at ``n_points``
     log-spaced radii, in units of one local bound on a fresh analyzer (both measured here,
     in the same process), and how much looser its values are than fresh single bounds.
@@ -638,6 +651,7 @@ def bench_sweep(model_name: str, *, n_points: int = 30,
         reuse_tol: the sweep's ``reuse_tol`` (default ``lipbound.sweep.DEFAULT_REUSE_TOL``).
         raw: also time the plain loop of local bounds (``raw_*`` fields; they give the
             looseness reference).
+        eps: radius of the unit local bound (default ``DEFAULT_EPS``, as for :func:`bench`).
     """
     if not isinstance(n_points, int) or n_points < 2:
         raise InputError(f"n_points must be an integer >= 2, got {n_points!r}")
@@ -647,7 +661,7 @@ def bench_sweep(model_name: str, *, n_points: int = 30,
                              eps_range=eps_range or lm.entry.eps_range, n_points=n_points,
                              repeat=repeat, local_repeat=local_repeat, spectral=spectral,
                              threads=threads, analyzer_options=analyzer_options, notes=notes,
-                             reuse_tol=reuse_tol, raw=raw)
+                             reuse_tol=reuse_tol, raw=raw, eps=eps)
 
 
 def bench_sweep_model(model: nn.Module, x0: Tensor, *, name: str,
@@ -655,8 +669,12 @@ def bench_sweep_model(model: nn.Module, x0: Tensor, *, name: str,
                       local_repeat: int = 3, spectral: str = "auto", threads: int | None = None,
                       analyzer_options: Mapping[str, Any] | None = None,
                       notes: Sequence[str] = (), reuse_tol: float | None = None,
-                      raw: bool = True, progress: bool = False) -> SweepBench:
+                      raw: bool = True, progress: bool = False,
+                      eps: float | None = None) -> SweepBench:
     """:func:`bench_sweep` for any supported model and input ``x0`` (``(1, *shape)``).
+
+    ``eps``: radius of the unit local bound (default ``DEFAULT_EPS``); ``lipbound bench``
+    passes its ``--eps``, so the unit is the local bound of its table.
 
     ``progress``: bars on stderr (only on a terminal, after a few seconds) over the runs of
     the unit bound, then over the plain loop's radii and the sweeps.
@@ -675,7 +693,7 @@ def bench_sweep_model(model: nn.Module, x0: Tensor, *, name: str,
     eps_values = [lo * (hi / lo) ** (i / (n_points - 1)) for i in range(n_points)]
     dev = _model_device(model)
     x0 = check_input(x0, None).to(dev)
-    unit = bench_model(model, x0, name=name, what="local", repeat=local_repeat,
+    unit = bench_model(model, x0, name=name, what="local", eps=eps, repeat=local_repeat,
                        spectral=spectral, threads=threads, analyzer_options=analyzer_options,
                        notes=notes, progress=progress)
     opts = dict(analyzer_options or {})
@@ -730,6 +748,7 @@ def bench_sweep_model(model: nn.Module, x0: Tensor, *, name: str,
                       total_seconds=total, runs=tuple(runs),
                       local_median_seconds=unit.median_seconds,
                       cost_in_local_bounds=total / unit.median_seconds,
+                      local_eps=unit.eps,
                       cpu_total_seconds=cpu_total,
                       cpu_cost_in_local_bounds=cpu_total / unit.cpu_median_seconds,
                       values=tuple(values), load_average=(la0, _loadavg()),

@@ -32,7 +32,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                     "targets. Run one network per process for a clean memory peak.")
     add_model_options(p)
     p.add_argument("--eps", type=float, default=None,
-                   help="radius of the local bound (default 0.1, normalised input space)")
+                   help="radius of the local bound, also the unit of --sweep (default 0.1, "
+                        "normalised input space)")
     p.add_argument("--repeat", type=int, default=5,
                    help="timed runs per quantity (the cold run comes on top; default 5)")
     p.add_argument("--no-warmup", action="store_true",
@@ -79,6 +80,8 @@ def run(args: argparse.Namespace) -> int:
 
     if args.repeat < 1:
         raise InputError(f"--repeat must be >= 1, got {args.repeat}")
+    if args.eps is not None:  # before loading the network (VGG-16: seconds)
+        check_eps(args.eps, "--eps")
     if args.sweep < 0 or args.sweep == 1:
         raise InputError(f"--sweep needs at least 2 radii, got {args.sweep}")
     try:
@@ -142,7 +145,8 @@ def run(args: argparse.Namespace) -> int:
     if args.sweep:
         sweep = bench_sweep_model(loaded.model, sample.x, name=loaded.name,
                                   eps_range=eps_range, n_points=args.sweep,
-                                  local_repeat=args.repeat, spectral=args.spectral,
+                                  local_repeat=args.repeat, eps=args.eps,
+                                  spectral=args.spectral,
                                   threads=None, analyzer_options=opts,
                                   notes=loaded.notes, progress=progress)
     radius = None
