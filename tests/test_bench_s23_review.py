@@ -7,7 +7,10 @@ so the expected medians are exact numbers; no timing assertions on real work.
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import statistics
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -21,6 +24,8 @@ from lipbound.cli import main
 from lipbound.errors import ZooError
 from lipbound.results import Guarantee
 from lipbound.zoo import load_model
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(autouse=True)
@@ -226,3 +231,82 @@ def test_cli_bad_options(argv, words, capsys):
 def test_cli_unknown_model(capsys):
     assert main(["bench", "--model", "resnet9000", "--repeat", "1"]) == 2
     assert "unknown zoo model" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------- suite script
+def _script():
+    spec = importlib.util.spec_from_file_location("_run_benchmarks_s23",
+                                                  ROOT / "benchmarks" / "run_benchmarks.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _fake_row(model: str, what: str) -> dict:
+    return {"model": model, "what": what, "weights": "fake", "median_seconds": 1.0,
+            "min_seconds": 0.5, "max_seconds": 2.0, "cpu_median_seconds": 1.0,
+            "cold_seconds": 3.0, "peak_memory_mb": 100.0, "target_memory_mb": 200.0,
+            "memory_ratio_to_target": 0.5, "target_seconds": 2.0, "ratio_to_target": 0.5,
+            "value": 1.0, "guarantee": "certified upper bound", "load_average": [1.0, 1.0],
+            "runs": [0.5, 1.0, 2.0], "threads": 1, "layer_methods": ["svd"]}
+
+
+def _fake_cli(calls: list[list[str]]):
+    def run_cli(args, timeout):
+        calls.append(list(args))
+        model, what = args[args.index("--model") + 1], args[args.index("--what") + 1]
+        out = _fake_row(model, what)
+        if "--sweep" in args:
+            n = int(args[args.index("--sweep") + 1])
+            if n:  # lipbound bench writes "sweep" only for --sweep N >= 2
+                out["sweep"] = {"total_seconds": 3.0, "local_median_seconds": 1.0,
+                                "cost_in_local_bounds": 3.0, "cpu_cost_in_local_bounds": 3.0,
+                                "target_units": 10.0, "load_average": [1.0, 1.0]}
+        if "--radius-images" in args:
+            out["radius"] = {"total_seconds": 10.0, "cpu_total_seconds": 10.0,
+                             "trace_seconds": 0.1, "per_image_seconds": [1.0, 2.0, 3.0, 4.0]}
+        return out, ""
+    return run_cli
+
+
+def test_script_refuses_sweep_points_below_two_before_the_work(tmp_path, monkeypatch):
+    """--sweep-points 0 ran every network, then crashed with KeyError 'sweep' (lipbound bench
+    writes no sweep for --sweep 0); 1 recorded an error row after the work."""
+    mod = _script()
+    calls: list[list[str]] = []
+    monkeypatch.setattr(mod, "_run_cli", _fake_cli(calls))
+    for n in ("0", "1", "-3"):
+        with pytest.raises(SystemExit) as exc:
+            mod.main(["--models", "mnist", "--what", "local", "--sweep-points", n,
+                      "--no-radius", "--out", str(tmp_path / "r.json")])
+        assert exc.value.code == 2
+    assert calls == []
+    # --no-sweep makes the number irrelevant
+    assert mod.main(["--models", "mnist", "--what", "local", "--sweep-points", "0",
+                     "--no-sweep", "--no-radius", "--out", str(tmp_path / "r.json")]) == 0
+
+
+def test_script_tables_median_and_json(tmp_path, monkeypatch, capsys):
+    """The radius line's per-image median of an even count is the mean of the middle two
+    (it printed the upper one: 3.0 for 1, 2, 3, 4); the summary shows the memory ratio."""
+    mod = _script()
+    calls: list[list[str]] = []
+    monkeypatch.setattr(mod, "_run_cli", _fake_cli(calls))
+    out = tmp_path / "r.json"
+    assert mod.main(["--models", "mnist,alexnet", "--repeat", "4", "--sweep-points", "5",
+                     "--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "per image median 2.5000 s" in text
+    assert f"per image median {statistics.median([1.0, 2.0, 3.0, 4.0]):.4f}" in text
+    assert "memory ratio" in text and "== mnist (fake) ==" in text
+    doc = json.loads(out.read_text())
+    assert set(doc["results"]) == {"mnist", "alexnet"}
+    assert set(doc["results"]["mnist"]) == {"local", "global"}
+    assert doc["sweep"]["mnist"]["cost_in_local_bounds"] == 3.0 and "alexnet" not in doc["sweep"]
+    assert doc["radius"]["per_image_seconds"] == [1.0, 2.0, 3.0, 4.0]
+    # AlexNet gets at most --repeat-big (3) timed runs, the small networks --repeat
+    reps = {(c[c.index("--model") + 1], c[c.index("--what") + 1], "--sweep" in c,
+             "--radius-images" in c): c[c.index("--repeat") + 1] for c in calls}
+    assert reps[("alexnet", "local", False, False)] == "3"
+    assert reps[("mnist", "global", False, False)] == "4"
+    assert reps[("mnist", "local", True, False)] == "4"
