@@ -310,3 +310,30 @@ def test_script_tables_median_and_json(tmp_path, monkeypatch, capsys):
     assert reps[("alexnet", "local", False, False)] == "3"
     assert reps[("mnist", "global", False, False)] == "4"
     assert reps[("mnist", "local", True, False)] == "4"
+
+
+# ---------------------------------------------------------------------------- radius bench
+def test_cli_radius_bench_uses_the_analyzer_settings(monkeypatch, capsys):
+    """The radius measurement's analyzer took the library defaults whatever the command's
+    --seed / --spectral / --lanczos-steps (the tables above it used them)."""
+    if not lb.radius_available():
+        pytest.skip("lipbound.radius not available")
+    seen: list[dict] = []
+    real = lipbound.analyzer.Analyzer
+
+    class Spy(real):
+        def __init__(self, *a, **kw):
+            seen.append(dict(kw))
+            super().__init__(*a, **kw)
+
+    monkeypatch.setattr(lipbound.analyzer, "Analyzer", Spy)
+    assert main(["bench", "--model", "mnist", "--what", "global", "--repeat", "1",
+                 "--radius-images", "1", "--seed", "5", "--spectral", "lanczos",
+                 "--lanczos-steps", "16", "--threads", "1", "--json"]) == 0
+    d = json.loads(capsys.readouterr().out)
+    assert d["radius"]["n_images"] == 1 and len(d["radius"]["radii"]) == 1
+    radius_an = [kw for kw in seen if kw.get("name") == "mnist" and "notes" not in kw]
+    assert radius_an, seen
+    for kw in radius_an:
+        assert kw.get("seed") == 5 and kw.get("spectral") == "lanczos"
+        assert kw.get("lanczos_steps") == 16

@@ -772,7 +772,8 @@ def bench_radius(model_name: str = "mnist", *, n_images: int = 100, method: str 
                  device: str | torch.device | None = None,
                  threads: int | None = None, reuse_tol: float | None = None,
                  start_from_previous: bool = False,
-                 progress: bool = False) -> RadiusBench | None:
+                 progress: bool = False,
+                 analyzer_options: Mapping[str, Any] | None = None) -> RadiusBench | None:
     """Time certifying the first ``n_images`` shipped test images of a zoo network with
     ``lipbound.radius.certified_radius`` on one shared analyzer.
 
@@ -788,6 +789,9 @@ def bench_radius(model_name: str = "mnist", *, n_images: int = 100, method: str 
             independent of the search that chose the radius.
         progress: show a bar over the images on stderr (only on a terminal, after a few
             seconds: see :mod:`lipbound._progress`).
+        analyzer_options: keyword arguments of the shared analyzer (e.g. ``spectral``,
+            ``seed``, ``lanczos_steps``; the re-checking twins copy them); ``lipbound bench``
+            passes its own, so the radius is timed with the settings of its table.
 
     Returns ``None`` when ``lipbound.radius`` is not available.
     """
@@ -815,7 +819,8 @@ def bench_radius(model_name: str = "mnist", *, n_images: int = 100, method: str 
                                          "image") as bar:
         c0 = time.process_time()
         t0 = time.perf_counter()
-        an = Analyzer(lm.model, lm.entry.input_shape, device=dev, name=lm.entry.name)
+        an = Analyzer(lm.model, lm.entry.input_shape, device=dev, name=lm.entry.name,
+                      **dict(analyzer_options or {}))
         trace = time.perf_counter() - t0
         for s in samples:
             bar.label(s.name)

@@ -153,7 +153,8 @@ def run(args: argparse.Namespace) -> int:
     radius_note = None
     if args.radius_images:
         radius = bench_radius(loaded.name, n_images=args.radius_images, device=args.device,
-                              progress=progress)
+                              progress=progress,
+                              analyzer_options={**opts, "spectral": args.spectral})
         if radius is None:
             radius_note = "lipbound.radius is not available; radius benchmark skipped"
     if args.json:
