@@ -337,3 +337,32 @@ def test_cli_radius_bench_uses_the_analyzer_settings(monkeypatch, capsys):
     for kw in radius_an:
         assert kw.get("seed") == 5 and kw.get("spectral") == "lanczos"
         assert kw.get("lanczos_steps") == 16
+
+
+# ---------------------------------------------------------------------------- memory peak
+@pytest.mark.parametrize("hwm, rss, resettable", [(500.0, 100.0, False), (100.0, 100.0, True),
+                                                  (None, 100.0, False)])
+def test_peak_reset_is_trusted_only_when_it_took_effect(hwm, rss, resettable, monkeypatch):
+    """A clear_refs write that is accepted but ignored left the process peak (500 MiB here)
+    labelled "VmHWM (peak RSS, reset per quantity)"; the reset is now trusted only when the
+    peak came down to the resident set."""
+    import io
+
+    real_open = open
+
+    def fake_open(path, *a, **kw):
+        if str(path) == "/proc/self/clear_refs":
+            return io.StringIO()
+        return real_open(path, *a, **kw)
+
+    monkeypatch.setattr(lb, "open", fake_open, raising=False)
+    vals = {"VmHWM": hwm, "VmRSS": rss}
+    monkeypatch.setattr(lb._Memory, "_vm", staticmethod(lambda name: vals[name]))
+    mem = lb._Memory(torch.device("cpu"))
+    mem.reset()
+    assert mem.resettable is resettable
+    assert ("reset per quantity" in mem.source) is resettable
+    if resettable:
+        assert mem.host_peak_mb() == hwm
+    else:
+        assert mem.source.startswith("ru_maxrss") and mem.host_peak_mb() > 0

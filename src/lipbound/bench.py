@@ -8,9 +8,11 @@ What is measured, per network and per quantity (``"local"`` or ``"global"``):
   factors it computed, so a second global bound, or a second local bound at the same radius,
   on the same analyzer costs next to nothing; neither is "one bound". Sharing across radii is
   measured separately by :func:`bench_sweep`.
-* **cold_seconds** -- the first computation in the process *including* building the
-  analyzer (tracing the model, converting the weights to float64) and torch's one-off
-  start-up work (thread pools, kernel selection). It is not part of ``runs``.
+* **cold_seconds** -- the quantity's first computation *including* building the analyzer
+  (tracing the model, converting the weights to float64); for the first quantity measured
+  in the process it also holds torch's one-off start-up work (thread pools, kernel
+  selection), so run one quantity per process for a truly cold number (as
+  ``benchmarks/run_benchmarks.py`` does). It is not part of ``runs``.
 * **trace_seconds** -- the median time to build an analyzer, over the timed runs (the cold
   run's construction is part of ``cold_seconds`` only).
 * **peak_memory_mb** -- the peak resident set size of the process while the quantity was
@@ -120,7 +122,11 @@ class _Memory:
         try:
             with open("/proc/self/clear_refs", "w", encoding="ascii") as fh:
                 fh.write("5")  # resets VmHWM (Linux >= 4.0)
-            self.resettable = self._vm("VmHWM") is not None
+            # trusted only if the peak came down to the resident set: a kernel or sandbox
+            # that accepts the write and ignores it would leave the process peak, labelled
+            # "reset per quantity" (slack: the set may grow between the two reads)
+            hwm, rss = self._vm("VmHWM"), self._vm("VmRSS")
+            self.resettable = hwm is not None and rss is not None and hwm <= rss + 64.0
         except OSError:
             self.resettable = False
         self.source = ("VmHWM (peak RSS, reset per quantity)" if self.resettable
@@ -162,8 +168,8 @@ class BenchResult:
         runs: seconds of each timed run (the bound computation only).
         target_seconds: the project's target for the median, or ``None``.
         ratio_to_target: ``median_seconds / target_seconds`` (<= 1 meets the target).
-        cold_seconds: the first computation including building the analyzer and torch's
-            start-up work.
+        cold_seconds: the quantity's first computation, building the analyzer included (and
+            torch's start-up work when it is the first quantity of the process).
         trace_seconds: median seconds to build an analyzer (tracing, float64 weights) over
             the timed runs (the cold run's construction is in ``cold_seconds`` only).
         cpu_median_seconds: median process CPU time of the runs (all threads). With one
