@@ -366,3 +366,15 @@ def test_peak_reset_is_trusted_only_when_it_took_effect(hwm, rss, resettable, mo
         assert mem.host_peak_mb() == hwm
     else:
         assert mem.source.startswith("ru_maxrss") and mem.host_peak_mb() > 0
+
+
+@pytest.mark.parametrize("fn", ["bench", "bench_sweep"])
+def test_library_bad_eps_refused_before_loading(fn, monkeypatch):
+    from lipbound.errors import InputError
+
+    def no_load(*a, **kw):
+        raise ZooError("network loaded")
+
+    monkeypatch.setattr(lb, "_load_zoo", no_load)
+    with pytest.raises(InputError, match="eps"):
+        getattr(lb, fn)("vgg16", eps=-1.0)

@@ -628,8 +628,12 @@ def bench(model_name: str, *, what: str | Sequence[str] = WHATS, eps: float | No
         >>> r = bench("mnist", what="local", repeat=3)        # doctest: +SKIP
         >>> r.median_seconds, r.value, r.guarantee              # doctest: +SKIP
     """
+    from .validation import check_eps
+
     _check_what(what)
     _check_repeat(repeat)
+    if eps is not None:  # before loading the network (VGG-16: seconds)
+        check_eps(eps)
     lm, x0, notes = _load_zoo(model_name, device)
     return bench_model(lm.model, x0, name=lm.entry.name, what=what, eps=eps, repeat=repeat,
                        spectral=spectral, device=None, threads=threads,
@@ -662,6 +666,10 @@ def bench_sweep(model_name: str, *, n_points: int = 30,
     if not isinstance(n_points, int) or n_points < 2:
         raise InputError(f"n_points must be an integer >= 2, got {n_points!r}")
     _check_repeat(repeat)
+    if eps is not None:
+        from .validation import check_eps
+
+        check_eps(eps)
     lm, x0, notes = _load_zoo(model_name, device)
     return bench_sweep_model(lm.model, x0, name=lm.entry.name,
                              eps_range=eps_range or lm.entry.eps_range, n_points=n_points,
