@@ -378,3 +378,25 @@ def test_library_bad_eps_refused_before_loading(fn, monkeypatch):
     monkeypatch.setattr(lb, "_load_zoo", no_load)
     with pytest.raises(InputError, match="eps"):
         getattr(lb, fn)("vgg16", eps=-1.0)
+
+
+# ---------------------------------------------------------------------------- targets
+def test_sweep_and_radius_targets_only_where_they_are_stated(capsys):
+    """The sweep target (10 local bounds) is for 30 radii and the radius target (10 s) for
+    the 100 MNIST test images: a 2-radius sweep or a 1-image radius run was shown against
+    them ('target <= 10'), now without a target."""
+    lm = load_model("compnet")
+    x0 = torch.zeros(1, *lm.entry.input_shape)
+    s = bench_sweep_model(lm.model, x0, name="compnet", eps_range=(0.01, 1.0), n_points=2,
+                          local_repeat=1, raw=False)
+    assert s.target_units is None
+    s = bench_sweep_model(lm.model, x0, name="compnet", eps_range=(0.01, 1.0), n_points=30,
+                          local_repeat=1, raw=False)
+    assert s.target_units == lb.SWEEP_TARGET_UNITS
+    if lb.radius_available():
+        r = lb.bench_radius("mnist", n_images=1, threads=1)
+        assert r.target_seconds is None and r.to_dict()["target_seconds"] is None
+    assert main(["bench", "--model", "compnet", "--what", "global", "--repeat", "1",
+                 "--sweep", "2", "--threads", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "target <=" not in out and "the target is for 30 radii" in out

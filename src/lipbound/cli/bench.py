@@ -187,11 +187,14 @@ def run(args: argparse.Namespace) -> int:
         print(f"sweep of {sweep.n_points} radii in [{fmt(sweep.eps_range[0])}, "
               f"{fmt(sweep.eps_range[1])}]: {sweep.total_seconds:.3f} s = "
               f"{sweep.cost_in_local_bounds:.2f} local bounds (CPU time: "
-              f"{sweep.cpu_cost_in_local_bounds:.2f}; target <= {fmt(sweep.target_units)})")
+              f"{sweep.cpu_cost_in_local_bounds:.2f}"
+              + (f"; target <= {fmt(sweep.target_units)} for 30 radii)"
+                 if sweep.target_units is not None else "; the target is for 30 radii)"))
     if radius is not None:
         print(f"certified radius of {radius.n_images} test images: "
-              f"{radius.total_seconds:.3f} s, CPU {radius.cpu_total_seconds:.3f} s (target <= "
-              f"{fmt(radius.target_seconds)} s)")
+              f"{radius.total_seconds:.3f} s, CPU {radius.cpu_total_seconds:.3f} s ("
+              + (f"target <= {fmt(radius.target_seconds)} s" if radius.target_seconds
+                 is not None else "the target is for the 100 MNIST test images") + ")")
     for n in dict.fromkeys([*(n for r in res.results.values() for n in r.notes),
                             *([radius_note] if radius_note else [])]):
         print(f"note: {n}")
