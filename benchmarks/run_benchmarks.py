@@ -24,6 +24,7 @@ import datetime as _dt
 import json
 import math
 import os
+import statistics
 import subprocess
 import sys
 import time
@@ -181,6 +182,8 @@ def main(argv: list[str] | None = None) -> int:
         models = [m for m in models if m in SWEEP_MODELS]
     if ns.repeat < 1 or ns.repeat_big < 1:
         p.error("--repeat and --repeat-big must be >= 1")
+    if not ns.no_sweep and ns.sweep_points < 2:
+        p.error(f"--sweep-points must be >= 2 (got {ns.sweep_points}); or give --no-sweep")
 
     from lipbound.bench import cpu_model  # (imports torch: after the arguments are checked)
 
@@ -200,7 +203,8 @@ def main(argv: list[str] | None = None) -> int:
             res, err = _run_cli(["bench", "--model", m, "--what", "local", "--repeat",
                                  str(ns.repeat), "--sweep", str(ns.sweep_points),
                                  *_common(ns)], ns.timeout)
-            sweeps[m] = res["sweep"] if res is not None else {"error": err}
+            sweeps[m] = (res.get("sweep") or {"error": "no sweep in the output"}) \
+                if res is not None else {"error": err}
         if sweeps:
             print(f"\n== sweep of {ns.sweep_points} radii on one analyzer "
                   "(target <= 10 local bounds) ==")
@@ -228,7 +232,7 @@ def main(argv: list[str] | None = None) -> int:
             per = radius["per_image_seconds"]
             print(f"total {radius['total_seconds']:.3f} s, CPU {radius['cpu_total_seconds']:.3f} s"
                   f" (analyzer {radius['trace_seconds']:.3f}"
-                  f" s; per image median {sorted(per)[len(per) // 2]:.4f} s, max "
+                  f" s; per image median {statistics.median(per):.4f} s, max "
                   f"{max(per):.4f} s)")
         else:
             print(radius)
@@ -241,10 +245,10 @@ def main(argv: list[str] | None = None) -> int:
                 summary.append([m, what, r["median_seconds"], r.get("cpu_median_seconds"),
                                 r["target_seconds"],
                                 r["ratio_to_target"], r["peak_memory_mb"],
-                                r.get("target_memory_mb")])
+                                r.get("target_memory_mb"), r.get("memory_ratio_to_target")])
     print("\n== summary ==")
     print(_table(["network", "quantity", "median s", "cpu s", "target s", "ratio", "peak MB",
-                  "target MB"], summary))
+                  "target MB", "memory ratio"], summary))
     print(f"load average (1 min): {la_start:.2f} at start, {la_end:.2f} at end")
     doc = {
         "started": started,

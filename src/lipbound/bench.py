@@ -8,10 +8,13 @@ What is measured, per network and per quantity (``"local"`` or ``"global"``):
   factors it computed, so a second global bound, or a second local bound at the same radius,
   on the same analyzer costs next to nothing; neither is "one bound". Sharing across radii is
   measured separately by :func:`bench_sweep`.
-* **cold_seconds** -- the first computation in the process *including* building the
-  analyzer (tracing the model, converting the weights to float64) and torch's one-off
-  start-up work (thread pools, kernel selection). It is not part of ``runs``.
-* **trace_seconds** -- the median time to build an analyzer.
+* **cold_seconds** -- the quantity's first computation *including* building the analyzer
+  (tracing the model, converting the weights to float64); for the first quantity measured
+  in the process it also holds torch's one-off start-up work (thread pools, kernel
+  selection), so run one quantity per process for a truly cold number (as
+  ``benchmarks/run_benchmarks.py`` does). It is not part of ``runs``.
+* **trace_seconds** -- the median time to build an analyzer, over the timed runs (the cold
+  run's construction is part of ``cold_seconds`` only).
 * **peak_memory_mb** -- the peak resident set size of the process while the quantity was
   measured (on Linux the high-water mark is reset before each quantity through
   ``/proc/self/clear_refs``; elsewhere it is the process peak since start, so run one
@@ -85,8 +88,14 @@ TARGET_MEMORY_MB: dict[str, float] = {"alexnet": 3 * 1024.0, "vgg16": 6 * 1024.0
 SWEEP_TARGET_UNITS = 10.0
 """A sweep of 30 radii should cost at most this many single local bounds."""
 
+SWEEP_TARGET_POINTS = 30
+"""The number of radii that ``SWEEP_TARGET_UNITS`` is stated for."""
+
 RADIUS_TARGET_SECONDS = 10.0
 """Certifying the 100 shipped MNIST test images should take at most this long in total."""
+
+RADIUS_TARGET_IMAGES = 100
+"""The number of MNIST test images that ``RADIUS_TARGET_SECONDS`` is stated for."""
 
 WHATS = ("local", "global")
 
@@ -119,7 +128,11 @@ class _Memory:
         try:
             with open("/proc/self/clear_refs", "w", encoding="ascii") as fh:
                 fh.write("5")  # resets VmHWM (Linux >= 4.0)
-            self.resettable = self._vm("VmHWM") is not None
+            # trusted only if the peak came down to the resident set: a kernel or sandbox
+            # that accepts the write and ignores it would leave the process peak, labelled
+            # "reset per quantity" (slack: the set may grow between the two reads)
+            hwm, rss = self._vm("VmHWM"), self._vm("VmRSS")
+            self.resettable = hwm is not None and rss is not None and hwm <= rss + 64.0
         except OSError:
             self.resettable = False
         self.source = ("VmHWM (peak RSS, reset per quantity)" if self.resettable
@@ -161,9 +174,10 @@ class BenchResult:
         runs: seconds of each timed run (the bound computation only).
         target_seconds: the project's target for the median, or ``None``.
         ratio_to_target: ``median_seconds / target_seconds`` (<= 1 meets the target).
-        cold_seconds: the first computation including building the analyzer and torch's
-            start-up work.
-        trace_seconds: median seconds to build an analyzer (tracing, float64 weights).
+        cold_seconds: the quantity's first computation, building the analyzer included (and
+            torch's start-up work when it is the first quantity of the process).
+        trace_seconds: median seconds to build an analyzer (tracing, float64 weights) over
+            the timed runs (the cold run's construction is in ``cold_seconds`` only).
         cpu_median_seconds: median process CPU time of the runs (all threads). With one
             thread it estimates the wall time on an idle machine, so it is the steadier
             number on a busy one.
@@ -177,6 +191,8 @@ class BenchResult:
         host_peak_memory_mb: peak host RSS (MiB), also on CUDA.
         baseline_memory_mb: host RSS before the measurement (model loaded), MiB.
         target_memory_mb: the project's memory target, or ``None``.
+        memory_ratio_to_target: ``peak_memory_mb / target_memory_mb`` (<= 1 meets the
+            target), or ``None`` without a target.
         load_average: the 1-minute load average before and after the runs (a busy machine
             makes timings noisy).
         layer_methods: the spectral route of each layer in the last run.
@@ -208,6 +224,7 @@ class BenchResult:
     host_peak_memory_mb: float = math.nan
     baseline_memory_mb: float = math.nan
     target_memory_mb: float | None = None
+    memory_ratio_to_target: float | None = None
     load_average: tuple[float, float] = (math.nan, math.nan)
     layer_methods: tuple[str, ...] = ()
     notes: tuple[str, ...] = ()
@@ -247,6 +264,7 @@ class BenchResult:
             "host_peak_memory_mb": self.host_peak_memory_mb,
             "baseline_memory_mb": self.baseline_memory_mb,
             "target_memory_mb": self.target_memory_mb,
+            "memory_ratio_to_target": self.memory_ratio_to_target,
             "load_average": list(self.load_average),
             "layer_methods": list(self.layer_methods),
             "notes": list(self.notes),
@@ -274,8 +292,10 @@ class SweepBench:
         runs: seconds of each repeat of the sweep.
         local_median_seconds: median of one local bound on a fresh analyzer, measured in the
             same call (the unit).
+        local_eps: the radius of that unit local bound.
         cost_in_local_bounds: ``total_seconds / local_median_seconds``.
-        target_units: the target for ``cost_in_local_bounds``.
+        target_units: the target for ``cost_in_local_bounds`` (``SWEEP_TARGET_UNITS`` for
+            the target's 30 radii; ``None`` for another number of radii).
         cpu_total_seconds: median process CPU time of the sweep.
         cpu_cost_in_local_bounds: the same ratio in CPU time (steadier on a busy machine).
         values: the sweep's local bound at each radius (last repeat).
@@ -301,7 +321,8 @@ class SweepBench:
     runs: tuple[float, ...]
     local_median_seconds: float
     cost_in_local_bounds: float
-    target_units: float = SWEEP_TARGET_UNITS
+    local_eps: float = DEFAULT_EPS
+    target_units: float | None = SWEEP_TARGET_UNITS
     cpu_total_seconds: float = math.nan
     cpu_cost_in_local_bounds: float = math.nan
     values: tuple[float, ...] = ()
@@ -329,7 +350,8 @@ class RadiusBench:
         total_seconds: all images, one analyzer (its construction included).
         trace_seconds: the analyzer's construction.
         per_image_seconds: seconds of each image.
-        target_seconds: the target for ``total_seconds``.
+        target_seconds: the target for ``total_seconds`` (``RADIUS_TARGET_SECONDS`` for
+            the target's 100 MNIST images; ``None`` for another network or count).
         cpu_total_seconds: process CPU time of the whole (steadier on a busy machine).
         radii: the certified radius of each image.
         load_average: 1-minute load average before and after.
@@ -344,7 +366,7 @@ class RadiusBench:
     total_seconds: float
     trace_seconds: float
     per_image_seconds: tuple[float, ...]
-    target_seconds: float = RADIUS_TARGET_SECONDS
+    target_seconds: float | None = RADIUS_TARGET_SECONDS
     cpu_total_seconds: float = math.nan
     radii: tuple[float, ...] = ()
     load_average: tuple[float, float] = (math.nan, math.nan)
@@ -461,11 +483,11 @@ def _measure(what: str, make: Callable[[], Any], x0: Tensor, eps: float, repeat:
         res = op(an)
         _sync(device)
         tc = time.perf_counter()
-        traces.append(tb - ta)
         values.append(res.value)
         if i == 0:
             cold = tc - ta
-        if i > 0 or not warmup:
+        if i > 0 or not warmup:  # the cold run stays out of every median (trace included)
+            traces.append(tb - ta)
             runs.append(tc - tb)
             cpu.append(time.process_time() - cb)
         bar.update()
@@ -540,10 +562,12 @@ def bench_model(model: nn.Module, x0: Tensor, *, name: str,
             if finite and max(finite) - min(finite) > 1e-9 * max(abs(v) for v in finite):
                 extra.append(f"values differed between runs: {min(finite)!r} .. "
                              f"{max(finite)!r}")
+            peak = cuda_peak if cuda_peak is not None else host_peak
+            mem_target = TARGET_MEMORY_MB.get(key)
             out.append(BenchResult(
                 model=name, what=w, median_seconds=med, min_seconds=min(runs),
                 max_seconds=max(runs),
-                peak_memory_mb=cuda_peak if cuda_peak is not None else host_peak,
+                peak_memory_mb=peak,
                 value=res.value, guarantee=res.guarantee, runs=tuple(runs),
                 target_seconds=target,
                 ratio_to_target=(med / target) if target else None,
@@ -555,7 +579,9 @@ def bench_model(model: nn.Module, x0: Tensor, *, name: str,
                                else mem.source),
                 host_peak_memory_mb=host_peak,
                 baseline_memory_mb=base if base is not None else math.nan,
-                target_memory_mb=TARGET_MEMORY_MB.get(key), load_average=(la0, la1),
+                target_memory_mb=mem_target,
+                memory_ratio_to_target=(peak / mem_target) if mem_target else None,
+                load_average=(la0, la1),
                 layer_methods=tuple(lf.spectral_method for lf in res.layers),
                 notes=tuple(dict.fromkeys(extra))))
             log.info("bench %s %s: median %.4fs over %d runs", name, w, med, repeat)
@@ -610,8 +636,12 @@ def bench(model_name: str, *, what: str | Sequence[str] = WHATS, eps: float | No
         >>> r = bench("mnist", what="local", repeat=3)        # doctest: +SKIP
         >>> r.median_seconds, r.value, r.guarantee              # doctest: +SKIP
     """
+    from .validation import check_eps
+
     _check_what(what)
     _check_repeat(repeat)
+    if eps is not None:  # before loading the network (VGG-16: seconds)
+        check_eps(eps)
     lm, x0, notes = _load_zoo(model_name, device)
     return bench_model(lm.model, x0, name=lm.entry.name, what=what, eps=eps, repeat=repeat,
                        spectral=spectral, device=None, threads=threads,
@@ -623,7 +653,8 @@ def bench_sweep(model_name: str, *, n_points: int = 30,
                 local_repeat: int = 3, spectral: str = "auto",
                 device: str | torch.device | None = None, threads: int | None = None,
                 analyzer_options: Mapping[str, Any] | None = None,
-                reuse_tol: float | None = None, raw: bool = True) -> SweepBench:
+                reuse_tol: float | None = None, raw: bool = True,
+                eps: float | None = None) -> SweepBench:
     """Cost of :func:`lipbound.sweep.sweep` (local and global upper bounds) at ``n_points``
     log-spaced radii, in units of one local bound on a fresh analyzer (both measured here,
     in the same process), and how much looser its values are than fresh single bounds.
@@ -638,16 +669,21 @@ def bench_sweep(model_name: str, *, n_points: int = 30,
         reuse_tol: the sweep's ``reuse_tol`` (default ``lipbound.sweep.DEFAULT_REUSE_TOL``).
         raw: also time the plain loop of local bounds (``raw_*`` fields; they give the
             looseness reference).
+        eps: radius of the unit local bound (default ``DEFAULT_EPS``, as for :func:`bench`).
     """
     if not isinstance(n_points, int) or n_points < 2:
         raise InputError(f"n_points must be an integer >= 2, got {n_points!r}")
     _check_repeat(repeat)
+    if eps is not None:
+        from .validation import check_eps
+
+        check_eps(eps)
     lm, x0, notes = _load_zoo(model_name, device)
     return bench_sweep_model(lm.model, x0, name=lm.entry.name,
                              eps_range=eps_range or lm.entry.eps_range, n_points=n_points,
                              repeat=repeat, local_repeat=local_repeat, spectral=spectral,
                              threads=threads, analyzer_options=analyzer_options, notes=notes,
-                             reuse_tol=reuse_tol, raw=raw)
+                             reuse_tol=reuse_tol, raw=raw, eps=eps)
 
 
 def bench_sweep_model(model: nn.Module, x0: Tensor, *, name: str,
@@ -655,8 +691,12 @@ def bench_sweep_model(model: nn.Module, x0: Tensor, *, name: str,
                       local_repeat: int = 3, spectral: str = "auto", threads: int | None = None,
                       analyzer_options: Mapping[str, Any] | None = None,
                       notes: Sequence[str] = (), reuse_tol: float | None = None,
-                      raw: bool = True, progress: bool = False) -> SweepBench:
+                      raw: bool = True, progress: bool = False,
+                      eps: float | None = None) -> SweepBench:
     """:func:`bench_sweep` for any supported model and input ``x0`` (``(1, *shape)``).
+
+    ``eps``: radius of the unit local bound (default ``DEFAULT_EPS``); ``lipbound bench``
+    passes its ``--eps``, so the unit is the local bound of its table.
 
     ``progress``: bars on stderr (only on a terminal, after a few seconds) over the runs of
     the unit bound, then over the plain loop's radii and the sweeps.
@@ -675,7 +715,7 @@ def bench_sweep_model(model: nn.Module, x0: Tensor, *, name: str,
     eps_values = [lo * (hi / lo) ** (i / (n_points - 1)) for i in range(n_points)]
     dev = _model_device(model)
     x0 = check_input(x0, None).to(dev)
-    unit = bench_model(model, x0, name=name, what="local", repeat=local_repeat,
+    unit = bench_model(model, x0, name=name, what="local", eps=eps, repeat=local_repeat,
                        spectral=spectral, threads=threads, analyzer_options=analyzer_options,
                        notes=notes, progress=progress)
     opts = dict(analyzer_options or {})
@@ -730,6 +770,9 @@ def bench_sweep_model(model: nn.Module, x0: Tensor, *, name: str,
                       total_seconds=total, runs=tuple(runs),
                       local_median_seconds=unit.median_seconds,
                       cost_in_local_bounds=total / unit.median_seconds,
+                      local_eps=unit.eps,
+                      target_units=SWEEP_TARGET_UNITS if n_points == SWEEP_TARGET_POINTS
+                      else None,
                       cpu_total_seconds=cpu_total,
                       cpu_cost_in_local_bounds=cpu_total / unit.cpu_median_seconds,
                       values=tuple(values), load_average=(la0, _loadavg()),
@@ -753,7 +796,8 @@ def bench_radius(model_name: str = "mnist", *, n_images: int = 100, method: str 
                  device: str | torch.device | None = None,
                  threads: int | None = None, reuse_tol: float | None = None,
                  start_from_previous: bool = False,
-                 progress: bool = False) -> RadiusBench | None:
+                 progress: bool = False,
+                 analyzer_options: Mapping[str, Any] | None = None) -> RadiusBench | None:
     """Time certifying the first ``n_images`` shipped test images of a zoo network with
     ``lipbound.radius.certified_radius`` on one shared analyzer.
 
@@ -769,6 +813,9 @@ def bench_radius(model_name: str = "mnist", *, n_images: int = 100, method: str 
             independent of the search that chose the radius.
         progress: show a bar over the images on stderr (only on a terminal, after a few
             seconds: see :mod:`lipbound._progress`).
+        analyzer_options: keyword arguments of the shared analyzer (e.g. ``spectral``,
+            ``seed``, ``lanczos_steps``; the re-checking twins copy them); ``lipbound bench``
+            passes its own, so the radius is timed with the settings of its table.
 
     Returns ``None`` when ``lipbound.radius`` is not available.
     """
@@ -796,7 +843,8 @@ def bench_radius(model_name: str = "mnist", *, n_images: int = 100, method: str 
                                          "image") as bar:
         c0 = time.process_time()
         t0 = time.perf_counter()
-        an = Analyzer(lm.model, lm.entry.input_shape, device=dev, name=lm.entry.name)
+        an = Analyzer(lm.model, lm.entry.input_shape, device=dev, name=lm.entry.name,
+                      **dict(analyzer_options or {}))
         trace = time.perf_counter() - t0
         for s in samples:
             bar.label(s.name)
@@ -812,7 +860,9 @@ def bench_radius(model_name: str = "mnist", *, n_images: int = 100, method: str 
             bar.update()
         total = time.perf_counter() - t0
         cpu_total = time.process_time() - c0
+    on_target = lm.entry.name == "mnist" and n_images == RADIUS_TARGET_IMAGES
     return RadiusBench(model=lm.entry.name, n_images=n_images, total_seconds=total,
+                       target_seconds=RADIUS_TARGET_SECONDS if on_target else None,
                        cpu_total_seconds=cpu_total,
                        trace_seconds=trace, per_image_seconds=tuple(per), radii=tuple(radii),
                        load_average=(la0, _loadavg()), n_bound_evaluations=n_evals,

@@ -32,7 +32,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                     "targets. Run one network per process for a clean memory peak.")
     add_model_options(p)
     p.add_argument("--eps", type=float, default=None,
-                   help="radius of the local bound (default 0.1, normalised input space)")
+                   help="radius of the local bound, also the unit of --sweep (default 0.1, "
+                        "normalised input space)")
     p.add_argument("--repeat", type=int, default=5,
                    help="timed runs per quantity (the cold run comes on top; default 5)")
     p.add_argument("--no-warmup", action="store_true",
@@ -80,6 +81,8 @@ def run(args: argparse.Namespace) -> int:
 
     if args.repeat < 1:
         raise InputError(f"--repeat must be >= 1, got {args.repeat}")
+    if args.eps is not None:  # before loading the network (VGG-16: seconds)
+        check_eps(args.eps, "--eps")
     if args.sweep < 0 or args.sweep == 1:
         raise InputError(f"--sweep needs at least 2 radii, got {args.sweep}")
     try:
@@ -143,14 +146,16 @@ def run(args: argparse.Namespace) -> int:
     if args.sweep:
         sweep = bench_sweep_model(loaded.model, sample.x, name=loaded.name,
                                   eps_range=eps_range, n_points=args.sweep,
-                                  local_repeat=args.repeat, spectral=args.spectral,
+                                  local_repeat=args.repeat, eps=args.eps,
+                                  spectral=args.spectral,
                                   threads=None, analyzer_options=opts,
                                   notes=loaded.notes, progress=progress)
     radius = None
     radius_note = None
     if args.radius_images:
         radius = bench_radius(loaded.name, n_images=args.radius_images, device=args.device,
-                              progress=progress)
+                              progress=progress,
+                              analyzer_options={**opts, "spectral": args.spectral})
         if radius is None:
             radius_note = "lipbound.radius is not available; radius benchmark skipped"
     if args.json:
@@ -183,11 +188,14 @@ def run(args: argparse.Namespace) -> int:
         print(f"sweep of {sweep.n_points} radii in [{fmt(sweep.eps_range[0])}, "
               f"{fmt(sweep.eps_range[1])}]: {sweep.total_seconds:.3f} s = "
               f"{sweep.cost_in_local_bounds:.2f} local bounds (CPU time: "
-              f"{sweep.cpu_cost_in_local_bounds:.2f}; target <= {fmt(sweep.target_units)})")
+              f"{sweep.cpu_cost_in_local_bounds:.2f}"
+              + (f"; target <= {fmt(sweep.target_units)} for 30 radii)"
+                 if sweep.target_units is not None else "; the target is for 30 radii)"))
     if radius is not None:
         print(f"certified radius of {radius.n_images} test images: "
-              f"{radius.total_seconds:.3f} s, CPU {radius.cpu_total_seconds:.3f} s (target <= "
-              f"{fmt(radius.target_seconds)} s)")
+              f"{radius.total_seconds:.3f} s, CPU {radius.cpu_total_seconds:.3f} s ("
+              + (f"target <= {fmt(radius.target_seconds)} s" if radius.target_seconds
+                 is not None else "the target is for the 100 MNIST test images") + ")")
     for n in dict.fromkeys([*(n for r in res.results.values() for n in r.notes),
                             *([radius_note] if radius_note else [])]):
         print(f"note: {n}")
