@@ -3,7 +3,9 @@ identity, but a device read off a tensor of the graph (``x.device``, ``self.fc.w
 the usual way to write it) was refused ("getattr produces a non-tensor value", ".to() no rule
 for this operation"), on the chain and on a constant (``self.mean.to(x.device)``). It is a
 move, the identity: the bounds are those of the same network without it (up to
-rounding terms), and sound against sampled difference quotients."""
+rounding terms), and sound against sampled difference quotients. Likewise ``.to(x.dtype)``
+(session 23, refused the same way) when the traced dtype is float32 / float64; a cast to an
+integer tensor's dtype stays refused."""
 
 from __future__ import annotations
 
@@ -24,6 +26,7 @@ class _Net(nn.Module):
         self.fc1 = nn.Linear(6, 3)
         self.register_buffer("mean", torch.linspace(-0.5, 0.5, 6))
         self.register_buffer("std", torch.linspace(0.5, 2.0, 6))
+        self.register_buffer("count", torch.arange(6))
         self.how = how
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -38,10 +41,18 @@ class _Net(nn.Module):
             h = (h - self.mean.to(x.device)) / self.std.to(device=h.device)
         elif self.how == "int":  # not a move: a cast to an integer type truncates
             h = h.to(x.device, torch.int32).float()
+        elif self.how == "dtype_chain":  # casts to dtypes read off tensors
+            h = h.to(x.dtype)
+            h = ((h - self.mean) / self.std).to(self.fc1.weight.dtype)
+            h = h.to(device=x.device, dtype=x.dtype)
+        elif self.how == "dtype_const":
+            h = (h - self.mean.to(x.dtype)) / self.std.to(dtype=h.dtype)
+        elif self.how == "dtype_int":  # a cast to an integer tensor's dtype truncates
+            h = h.to(self.count.dtype).float()
         return self.fc1(F.relu(h))
 
 
-@pytest.mark.parametrize("how", ["chain", "const"])
+@pytest.mark.parametrize("how", ["chain", "const", "dtype_chain", "dtype_const"])
 def test_to_a_tensors_device_is_the_identity(how):
     x0 = torch.tensor([[0.3, -0.2, 0.5, 0.1]])
     ref = lipbound.Analyzer(_Net("plain").eval(), (4,), spectral="exact")
@@ -61,6 +72,7 @@ def test_to_a_tensors_device_is_the_identity(how):
     assert an.global_bound().value == pytest.approx(ref.global_bound().value, rel=1e-12)
 
 
-def test_to_an_integer_type_on_a_tensors_device_is_still_refused():
+@pytest.mark.parametrize("how", ["int", "dtype_int"])
+def test_to_an_integer_type_on_a_tensors_device_is_still_refused(how):
     with pytest.raises(UnsupportedModelError, match="to"):
-        lipbound.Analyzer(_Net("int").eval(), (4,))
+        lipbound.Analyzer(_Net(how).eval(), (4,))
