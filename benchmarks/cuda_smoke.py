@@ -10,6 +10,11 @@ network (compnet) with its model on the device. It prints PASS/FAIL per item (IN
 are facts, not checks). Exits 1 on any failure; exits 0 with "no CUDA: skipped" when CUDA
 is not available.
 
+A small conv net with the layers the zoo's nets lack (batch norm, average pooling, Hardtanh
+and ReLU6 clamps), in float32 and float64, adds every spectral route, the tight and per-row
+bounds, a tight margin radius, bound_many, a sweep with the tight and PGD methods and
+compare's conv-to-FC rivals; MNIST also the forced Lanczos route and bound_many.
+
 Usage (from the repository root, a few minutes on one GPU)::
 
     PYTHONPATH=src .venv/bin/python benchmarks/cuda_smoke.py [--models mnist,cifar10]
@@ -18,6 +23,7 @@ Usage (from the repository root, a few minutes on one GPU)::
 from __future__ import annotations
 
 import argparse
+import copy
 import math
 import subprocess
 import sys
@@ -229,6 +235,24 @@ def check_model(name: str, seed: int) -> None:
                "output map CPU vs CUDA", f"{gc_.value!r} vs {gg.value!r}")
     guarded(f"{name}: exact route and output map", exact_and_map)
 
+    def lanczos_and_many() -> None:
+        # the Lanczos route forced on every layer (auto takes the exact route where small),
+        # and bound_many over three test inputs given on the CPU (the CLI's batch path)
+        rc = Analyzer(lm_c.model, shape, seed=seed, spectral="lanczos").local_bound(x0, 0.1)
+        rg = Analyzer(lm_g.model, shape, seed=seed, spectral="lanczos").local_bound(x0, 0.1)
+        report(rg.guarantee == rc.guarantee and rel(rc.value, rg.value) <= REL_BOUND,
+               f"{name}: --spectral lanczos CPU vs CUDA", f"{rc.value!r} vs {rg.value!r}")
+        from lipbound.batch import bound_many
+        from lipbound.inputs import load_samples
+
+        xs = torch.cat([s.x for s in load_samples(f"{name}:test/0-2", entry=lm_c.entry)])
+        bc = bound_many(lm_c.model, xs, 0.05, seed=seed)
+        bg = bound_many(lm_g.model, xs, 0.05, seed=seed)
+        worst = max(rel(a.bound, b.bound) for a, b in zip(bc, bg, strict=True))
+        report(worst <= REL_BOUND, f"{name}: bound_many of 3 inputs CPU vs CUDA",
+               f"worst rel {worst:.2e}")
+    guarded(f"{name}: lanczos route and bound_many", lanczos_and_many)
+
     def tight() -> None:
         # the tight bound (VJP rows with their rounding carried on the device) and its
         # per-row form: the same values up to the devices' rounding, and below the paper's
@@ -260,6 +284,87 @@ def check_model(name: str, seed: int) -> None:
         report(ok, f"{name}: bench on {DEV.type} reports that device's peak memory",
                f"{res.peak_memory_mb:.1f} MiB, {res.median_seconds * 1e3:.1f} ms")
     guarded(f"{name}: bench", memory)
+
+
+def _small_net(seed: int) -> tuple[torch.nn.Module, torch.Tensor]:
+    """A small conv net with the layers the zoo's nets lack (batch norm, average pooling,
+    clamps: Hardtanh, ReLU6), weights and three inputs from a CPU generator."""
+    from torch import nn
+
+    g = torch.Generator().manual_seed(seed)
+    net = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(),
+                        nn.MaxPool2d(2), nn.Conv2d(4, 6, 3), nn.Hardtanh(-1.0, 2.0),
+                        nn.AvgPool2d(2), nn.Flatten(), nn.Linear(24, 16), nn.ReLU6(),
+                        nn.Linear(16, 5))
+    with torch.no_grad():
+        for p in net.parameters():
+            p.copy_(0.5 * torch.randn(p.shape, generator=g))
+        net[1].running_mean.copy_(0.1 * torch.randn(4, generator=g))
+        net[1].running_var.copy_(0.5 + torch.rand(4, generator=g))
+    return net.eval(), torch.rand((3, 1, 12, 12), generator=g)
+
+
+def _four_bounds(an, x0: torch.Tensor, c: torch.Tensor) -> dict[str, list[float]]:
+    return {"global": [an.global_bound().value],
+            "tight": [an.local_bound(x0, 0.05, tight=True).value],
+            "rows": an.local_bound_rows(x0, 0.05, c).values.tolist(),
+            "tight rows": an.local_bound_rows(x0, 0.05, c, tight=True).values.tolist()}
+
+
+def check_small(seed: int) -> None:
+    """Batch norm, average pooling and clamps, in float32 and float64, CPU vs the device:
+    the bounds (every spectral route, tight, per-row), a tight margin radius, bound_many,
+    a sweep with the tight and PGD methods and compare on the conv-to-FC route."""
+    from lipbound import Analyzer
+    from lipbound.baselines import compare
+    from lipbound.batch import bound_many
+    from lipbound.radius import certified_radius
+    from lipbound.sweep import sweep
+
+    net_c, xs = _small_net(seed)
+    x0, shape = xs[:1], tuple(xs.shape[1:])
+    c = torch.zeros(2, 5, dtype=torch.float64)
+    c[0, 0], c[0, 1], c[1, 2] = 1.0, -1.0, 1.0
+    for dt in (torch.float32, torch.float64):
+        tag = f"small net ({str(dt).removeprefix('torch.')})"
+        mc = copy.deepcopy(net_c).to(dt)
+        mg = copy.deepcopy(net_c).to(device=DEV, dtype=dt)
+        xc = x0.to(dt)  # (given on the CPU to the device's model too, as the CLI does)
+        for spectral in ("auto", "exact", "lanczos"):
+            rc = Analyzer(mc, shape, seed=seed, spectral=spectral).local_bound(xc, 0.1)
+            rg = Analyzer(mg, shape, seed=seed, spectral=spectral).local_bound(xc, 0.1)
+            report(rg.guarantee == rc.guarantee and rel(rc.value, rg.value) <= REL_BOUND,
+                   f"{tag}: local bound ({spectral}) CPU vs {DEV.type}",
+                   f"{rc.value!r} vs {rg.value!r}")
+        vals_c = _four_bounds(Analyzer(mc, shape, seed=seed), xc, c)
+        vals_g = _four_bounds(Analyzer(mg, shape, seed=seed), xc, c.to(DEV))
+        for what, vc in vals_c.items():
+            vg = vals_g[what]
+            worst = max(rel(p, q) for p, q in zip(vc, vg, strict=True))
+            report(worst <= REL_BOUND, f"{tag}: {what} bound CPU vs {DEV.type}",
+                   f"{vc!r} vs {vg!r}")
+        rc = certified_radius(mc, xc, method="margin", tight=True, seed=seed)
+        rg = certified_radius(mg, xc, method="margin", tight=True, seed=seed)
+        report(rc.predicted_class == rg.predicted_class and rel(rc.radius, rg.radius)
+               <= REL_RADIUS, f"{tag}: tight margin radius CPU vs {DEV.type}",
+               f"{rc.radius!r} vs {rg.radius!r}")
+        bc = bound_many(mc, xs.to(dt), 0.05, tight=True, seed=seed)
+        bg = bound_many(mg, xs.to(dt), 0.05, tight=True, seed=seed)
+        worst = max(rel(a.bound, b.bound) for a, b in zip(bc, bg, strict=True))
+        report(worst <= REL_BOUND, f"{tag}: bound_many (tight) CPU vs {DEV.type}",
+               f"worst rel {worst:.2e}")
+    mg = copy.deepcopy(net_c).to(DEV)
+    res = sweep(mg, x0, [0.01, 0.1], ("local", "tight", "global", "pgd"), samples=64,
+                steps=5, restarts=2, seed=seed)
+    report(not res.violations(), f"small net: sweep with tight and pgd on {DEV.type}",
+           f"tight {res.values('tight')}, pgd {res.values('pgd')}")
+    rows = compare(mg, x0.to(DEV), 0.05, ("local", "local-tight", "global", "fastlip",
+                                          "autolip"), seed=seed)
+    by = {r.method: r for r in rows}
+    ok = all(math.isfinite(r.value) for r in rows) and by["local-tight"].value <= \
+        by["local"].value * (1 + REL_BOUND) and by["fastlip"].value <= by["autolip"].value
+    report(ok, f"small net: compare (conv-to-FC rivals) with a model on {DEV.type}",
+           ", ".join(f"{r.method} {r.value:.6g}" for r in rows))
 
 
 def check_rivals(seed: int) -> None:
@@ -314,6 +419,7 @@ def main() -> int:
         print(f"torch {torch.__version__}, {torch.cuda.get_device_name(0)}, cudnn "
               f"{torch.backends.cudnn.version()}", flush=True)
     guarded("compnet: rivals", lambda: check_rivals(args.seed))
+    guarded("small net: batch norm, pooling, clamps", lambda: check_small(args.seed))
     for name in [m.strip() for m in args.models.split(",") if m.strip()]:
         check_model(name, args.seed)
         if not args.no_cli:

@@ -21,5 +21,10 @@ def test_cuda_smoke_self_check_passes_on_the_cpu():
     # the paths the script covers, each reported
     for item in ("global bound CPU vs CUDA", "certified radius (margin)", "PGD attack",
                  "cw attack", "lower bounds", "sweep of 3 radii", "--spectral exact",
-                 "output map", "rival methods", "float64 conv conv1", "bench on cpu"):
+                 "output map", "rival methods", "float64 conv conv1", "bench on cpu",
+                 "--spectral lanczos", "bound_many of 3 inputs",
+                 # the small net: batch norm, average pooling, clamps; float32 and float64
+                 "small net (float32): local bound (lanczos)", "small net (float64): tight rows",
+                 "small net (float64): tight margin radius", "small net (float32): bound_many",
+                 "sweep with tight and pgd", "compare (conv-to-FC rivals)"):
         assert item in out, item

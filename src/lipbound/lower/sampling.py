@@ -61,6 +61,21 @@ def _draw_with_distances(
     return x, distances(x0_flat, x)
 
 
+def _check_generator(generator: torch.Generator | None, device: torch.device) -> None:
+    """torch draws only with a generator of the tensor's device type (a CPU generator for a
+    CUDA ``x0`` raised torch's RuntimeError on a GPU)."""
+    if generator is None:
+        return
+    if not isinstance(generator, torch.Generator):
+        raise InputError(f"generator must be a torch.Generator (or None), got "
+                         f"{type(generator).__name__}; for a seed pass "
+                         "torch.Generator(device=x0.device).manual_seed(seed)")
+    if generator.device.type != device.type:
+        raise InputError(f"generator is on {generator.device.type} but x0 is on {device.type}; "
+                         "make it on x0's device: "
+                         "torch.Generator(device=x0.device).manual_seed(seed)")
+
+
 def sample_ball(
     x0: torch.Tensor,
     eps: float,
@@ -87,7 +102,8 @@ def sample_ball(
         Tensor of shape ``(n, *shape)``.
 
     Raises:
-        InputError: on a bad shape, eps or n (also an eps beyond the range of x0's dtype).
+        InputError: on a bad shape, eps or n (also an eps beyond the range of x0's dtype),
+            or a ``generator`` that is not a ``torch.Generator`` on ``x0``'s device type.
 
     Example:
         >>> g = torch.Generator().manual_seed(0)
@@ -103,6 +119,7 @@ def sample_ball(
         raise InputError(f"eps={eps:g} is beyond the range of x0's dtype {x0.dtype}: the ball's "
                          "points cannot be represented; use a smaller eps or x0.double()")
     n = check_positive_int("n", n)
+    _check_generator(generator, x0.device)
     flat = _draw(x0.detach().reshape(1, -1), eps, n, generator)
     return flat.reshape(n, *x0.shape[1:])
 
