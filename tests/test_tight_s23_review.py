@@ -316,3 +316,77 @@ def test_lazy_bounds_bracket_the_gathered_norm_on_adversarial_windows(
     peak = float(m.abs().max())
     if peak > 0:
         assert lazy.low <= float(torch.linalg.svdvals(m / peak)[0]) * peak * (1 + 1e-12)
+
+
+# ------------------------------------------------------------------ chunked transposed convs
+def _wide_net(seed: int) -> tuple[nn.Module, torch.Tensor]:
+    """A 2-input net whose grid has 4-6 channels, convolutions with at least 4 input channels
+    per group (where the rows' transposed convolutions may run in chunks), stride, padding,
+    dilation, groups, and max pooling."""
+    rng = random.Random(seed)
+    g = torch.Generator().manual_seed(seed)
+    c, h, w = rng.choice([4, 5, 6]), rng.randint(4, 9), rng.randint(4, 9)
+    first = nn.Linear(2, c * h * w)
+    layers: list[nn.Module] = [first, nn.ReLU(), Grid((c, h, w))]
+    for _ in range(rng.randint(1, 3)):
+        k, s, d = rng.randint(2, 3), rng.randint(1, 3), rng.choice([1, 1, 2])
+        p = rng.randint(0, k - 1)
+        ho, wo = _out(h, k, s, p, d), _out(w, k, s, p, d)
+        if ho < 1 or wo < 1:
+            continue
+        groups = rng.choice([q for q in (1, 2) if c % q == 0])
+        co = rng.choice([4, 6]) if groups == 1 else rng.choice([4, 6, 8])
+        layers += [nn.Conv2d(c, co, k, s, p, dilation=d, groups=groups), nn.ReLU()]
+        if rng.random() < 0.3 and ho >= 2 and wo >= 2:
+            ps = rng.choice([1, 2])
+            layers.append(nn.MaxPool2d(2, ps))
+            ho, wo = _out(ho, 2, ps, 0), _out(wo, 2, ps, 0)
+        c, h, w = co, ho, wo
+    layers.append(nn.Flatten())
+    body = nn.Sequential(*layers).to(DT)
+    with torch.no_grad():
+        n = body(torch.zeros(1, 2, dtype=DT)).numel()
+    net = nn.Sequential(*body, nn.Linear(n, 3)).to(DT).eval()
+    with torch.no_grad():
+        for prm in net.parameters():
+            prm.copy_(torch.randn(prm.shape, generator=g, dtype=DT))
+        if rng.random() < 0.5:
+            q = rng.randint(1, 3)
+            for i in range(first.weight.shape[0]):
+                first.weight[i] = first.weight[i % q]
+            first.bias.zero_()
+    x0 = torch.zeros(1, 2, dtype=DT) if rng.random() < 0.4 else \
+        torch.randn(1, 2, generator=g, dtype=DT)
+    return net, x0
+
+
+def test_chunked_transposed_convolutions_sound_and_same_bits(monkeypatch) -> None:
+    """With chunks forced small (:data:`lipbound.ops.conv_transpose.CHUNK_BYTES` 1 KiB, two
+    rows at least), the rows' transposed convolutions run in chunks inside the tight bound;
+    the values are those of the unchunked bound (bit for bit on these sizes, as measured when
+    the chunks were introduced) and above the rays' lower bound, whole network and hybrid."""
+    import lipbound.ops.conv_transpose as ct
+
+    chunked = []
+    real = ct.chunk_rows
+
+    def spy(*a, **k):
+        out = real(*a, **k)
+        chunked.append(out)
+        return out
+
+    monkeypatch.setattr(ct, "chunk_rows", spy)
+    for seed in (10, 16, 28, 38):  # (seeds where the chunks run)
+        net, x0 = _wide_net(seed)
+        for eps in (0.5, 3.0):
+            lower = ray_lower(net, x0, eps, n_angles=360)
+            vals = []
+            for cb, least in ((ct.CHUNK_BYTES, ct.MIN_ROWS), (1024, 2)):
+                monkeypatch.setattr(ct, "CHUNK_BYTES", cb)
+                monkeypatch.setattr(ct, "MIN_ROWS", least)
+                an = Analyzer(net, (2,), spectral="exact")
+                vals.append([an.local_bound(x0, eps, tight=True, tight_rows=r).value
+                             for r in (2048, 7)])
+            assert vals[0] == vals[1], (seed, eps, vals)
+            assert all(lower <= v for v in vals[1]), (seed, eps, lower, vals)
+    assert any(c > 0 for c in chunked)  # (the chunks ran)
