@@ -440,3 +440,23 @@ def test_tight_at_least_the_jacobian_norm_at_tiny_radii(seed: int) -> None:
     for eps in (1e-14, 1e-11, 1e-8):
         for rows in (2048, 2):
             assert an.local_bound(x0, eps, tight=True, tight_rows=rows).value >= jn
+
+
+# ------------------------------------------------------------------ bad input
+def test_radius_functions_refuse_tight_rows_naming_the_fix() -> None:
+    """``certified_radius(..., tight=True, tight_rows=N)`` (the option of ``local_bound``)
+    went on to ``Analyzer(...)`` and raised a bare ``TypeError`` about
+    ``Analyzer.__init__``; now an :class:`lipbound.errors.InputError` that names the default
+    budget and the fix, with or without an analyzer, for both radius functions."""
+    from lipbound.errors import InputError
+    from lipbound.radius import certified_radii
+
+    net = nn.Sequential(nn.Linear(2, 4), nn.ReLU(), nn.Linear(4, 2)).to(DT).eval()
+    x0 = torch.zeros(1, 2, dtype=DT)
+    an = Analyzer(net, (2,))
+    for call in (lambda: certified_radius(net, x0, tight=True, tight_rows=5),
+                 lambda: certified_radius(None, x0, analyzer=an, tight=True, tight_rows=5),
+                 lambda: certified_radii(net, x0, methods=("local",), tight=True,
+                                         tight_rows=5)):
+        with pytest.raises(InputError, match="tight_rows.*2048.*drop tight_rows"):
+            call()
