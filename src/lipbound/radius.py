@@ -46,7 +46,7 @@ from torch import Tensor, nn
 from ._modelinfo import model_dtype_device, unwrap_model
 from ._precision import exact_float32
 from ._progress import NULL_BAR, NullBar, progress_bar
-from .analyzer import Analyzer
+from .analyzer import TIGHT_ROWS, Analyzer
 from .errors import InputError
 from .results import Guarantee, _jsonable, format_prob_up, lower_bound_from
 from .spectral import SAFETY
@@ -186,6 +186,12 @@ class _Problem:
 
 def _resolve(model: nn.Module | Analyzer | None, analyzer: Analyzer | None, x0: Tensor,
              device: Any, analyzer_kwargs: dict[str, Any]) -> Analyzer:
+    if "tight_rows" in analyzer_kwargs:
+        # (it went on to Analyzer(...), whose TypeError named neither the radius nor the fix)
+        raise InputError(f"the radius functions take no tight_rows: their tight certificates "
+                         f"use the default budget of {TIGHT_ROWS} rows; drop tight_rows (for "
+                         "another budget, call Analyzer.local_bound(x0, eps, tight=True, "
+                         "tight_rows=N) at the radii you need)")
     if isinstance(model, Analyzer):
         if analyzer is not None and analyzer is not model:
             raise InputError("pass the Analyzer either as model or as analyzer=, not two "
