@@ -478,10 +478,10 @@ def _array_samples(path: Path, ctx: _Context, *, single: bool) -> list[Sample]:
         bad = int((~torch.isfinite(data)).sum())
         raise InputError(f"{path} contains {bad} NaN or inf value(s); clean the data first")
     batch = _array_to_batch(data, ctx, str(path), single=single)
-    if not ctx.raw:
-        _check_normalised(batch, ctx, str(path))
     if ctx.raw:
         batch = normalize_pixels(batch, mean=ctx.mean, std=ctx.std, scale=ctx.scale)
+    else:
+        _check_normalised(batch, ctx, str(path))
     if single:
         return [_finish(batch, ctx, str(path), None)]
     return [_finish(batch[i : i + 1], ctx, f"{path}[{i}]", None) for i in range(batch.shape[0])]
