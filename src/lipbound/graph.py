@@ -365,12 +365,17 @@ def check_finite_parameters(model: nn.Module) -> None:
 _CASTS = (torch.float32, torch.float64)
 
 
+def _reads_attribute(node: object, attr: str) -> bool:
+    """Whether ``node`` is ``getattr(t, attr)`` of a node ``t`` of the graph."""
+    return isinstance(node, fx.Node) and node.op == "call_function" \
+        and node.target is getattr and len(node.args) == 2 and node.args[1] == attr
+
+
 def _device_of(node: object) -> bool:
     """Whether ``node`` is ``t.device`` of a tensor ``t`` of the graph (``x.device``,
     ``self.fc.weight.device``): a device, whatever ``t`` is (since session 23; such a
     ``.to(x.device)`` was refused as an operation with no rule)."""
-    return isinstance(node, fx.Node) and node.op == "call_function" \
-        and node.target is getattr and len(node.args) == 2 and node.args[1] == "device"
+    return _reads_attribute(node, "device")
 
 
 def _float_dtype_of(node: object, values: dict[str, object]) -> bool:
@@ -378,8 +383,7 @@ def _float_dtype_of(node: object, values: dict[str, object]) -> bool:
     ``self.fc.weight.dtype``) that was float32 or float64 when traced (since session 23;
     ``.to(x.dtype)`` was refused with 'produces a non-tensor value'). An integer or half
     dtype is not read as one: such a cast is refused as before."""
-    return isinstance(node, fx.Node) and node.op == "call_function" \
-        and node.target is getattr and len(node.args) == 2 and node.args[1] == "dtype" \
+    return _reads_attribute(node, "dtype") \
         and any(values.get(node.name) is c for c in _CASTS)
 
 
