@@ -1197,7 +1197,7 @@ class Analyzer:
     @_without_autograd
     def local_bound(self, x0: Tensor, eps: float, *, output_map: Tensor | None = None,
                     progress: bool = False, tight: bool = False,
-                    tight_rows: int = TIGHT_ROWS) -> BoundResult:
+                    tight_rows: int | None = None) -> BoundResult:
         """Upper bound on the local Lipschitz constant of ``f`` (or ``C f``) relative to x0
         over the L2 ball of radius ``eps`` (method.md rules 1-8).
 
@@ -1216,7 +1216,9 @@ class Analyzer:
                 the network from the earliest block whose rows fit (the same guarantee;
                 :func:`lipbound.tight.tight_local_bound`); when even the outputs do not fit,
                 the paper's product alone, with a note.
-            tight_rows: the budget of those rows.
+            tight_rows: the budget of those rows, an integer >= 1 (``None``: the default,
+                :data:`TIGHT_ROWS`); only with ``tight=True`` (a budget given with
+                ``tight=False`` is refused: :func:`lipbound.validation.check_tight`).
         """
         t0 = time.perf_counter()
         x0, eps = self._check(x0, eps)
@@ -1307,7 +1309,7 @@ class Analyzer:
                                        f"({how}) is {g_up(out.value, 6)}"), False
 
     def local_bound_rows(self, x0: Tensor, eps: float, output_map: Tensor, *,
-                         tight: bool = False, tight_rows: int = TIGHT_ROWS) -> RowBounds:
+                         tight: bool = False, tight_rows: int | None = None) -> RowBounds:
         """Local bounds for each row of ``output_map`` separately, in one pass: all layers but
         the last are shared, and the last factor of row j is the exact norm
         ``||c_j^T A D||`` (a vector norm).
@@ -1504,7 +1506,7 @@ def global_bound(model: nn.Module | Analyzer, x0_or_input_shape: Tensor | Sequen
 
 def local_bound(model: nn.Module | Analyzer, x0: Tensor, eps: float, *,
                 output_map: Tensor | None = None, device: str | torch.device | None = None,
-                progress: bool = False, tight: bool = False, tight_rows: int = TIGHT_ROWS,
+                progress: bool = False, tight: bool = False, tight_rows: int | None = None,
                 **kwargs) -> BoundResult:
     """Local L2 Lipschitz upper bound relative to ``x0`` over the ball of radius ``eps``
     (Avant & Morgansen 2023).
@@ -1519,10 +1521,12 @@ def local_bound(model: nn.Module | Analyzer, x0: Tensor, eps: float, *,
             seconds); the result is the same either way.
         tight: also compute the centre-plus-deviation bound and report the smaller one
             (see :meth:`Analyzer.local_bound`).
-        tight_rows: the budget of its vector-Jacobian rows.
+        tight_rows: the budget of its vector-Jacobian rows (an integer >= 1; ``None``: the
+            default :data:`TIGHT_ROWS`); only with ``tight=True``.
         **kwargs: passed to :class:`Analyzer` (not with an Analyzer, which has its own).
     """
     if not isinstance(x0, Tensor):
         raise InputError(f"x0 must be a torch.Tensor, got {type(x0).__name__}")
+    check_tight(tight, tight_rows)  # (before tracing the model)
     return _analyzer(model, x0, device, **kwargs).local_bound(
         x0, eps, output_map=output_map, progress=progress, tight=tight, tight_rows=tight_rows)
