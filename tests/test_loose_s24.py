@@ -98,3 +98,115 @@ def test_cli_tight_rows_is_checked_with_and_without_tight(capsys):
                               "--tight-rows", "1"])
     assert plain["source"] != "tight" and tight["value"] <= plain["value"]
 
+
+# ------------------------------------------------------------------ 2. radius tight_rows
+def _radius_net() -> tuple[nn.Module, torch.Tensor]:
+    """A 2-D classifier whose tight bound needs 29 rows at radius 0.5 (3 outputs and 26
+    deviation rows): small budgets give the paper's product or the hybrid."""
+    net = _mlp(1, (2, 16, 16, 16, 3))
+    return net, torch.randn(1, 2, dtype=DT, generator=torch.Generator().manual_seed(1))
+
+
+def _smallest_class_change(net: nn.Module, x0: torch.Tensor) -> float:
+    """Brute force over 720 rays and 800 radii up to 4: the smallest radius at which a point
+    of another class was found (an upper bound on the smallest class-changing perturbation)."""
+    c = int(net(x0).argmax())
+    ang = torch.arange(720, dtype=DT) * (2 * torch.pi / 720)
+    dirs = torch.stack([ang.cos(), ang.sin()], 1)
+    rad = torch.arange(1, 801, dtype=DT) * 5e-3
+    with torch.no_grad():
+        cls = net(x0 + (rad[None, :, None] * dirs[:, None, :]).reshape(-1, 2)).argmax(1)
+    changed = cls.reshape(720, 800) != c
+    assert bool(changed.any())
+    first = changed.to(torch.int8).argmax(1)[changed.any(1)]
+    return float(rad[first].min())
+
+
+def test_radius_tight_rows_budget_is_sound_and_below_the_default():
+    """The radius functions take a row budget for their tight bounds (they refused it): a
+    budget of 1 row gives the paper's product at every radius (the same radii as without
+    tight), 10 rows the hybrid, the default the whole construction; every radius is below
+    the smallest class change found by brute force, and the small budgets' radii are below
+    the default's (here much tighter)."""
+    from lipbound.radius import certified_radii
+
+    net, x0 = _radius_net()
+    found = _smallest_class_change(net, x0)
+    kw = {"methods": ("local", "margin"), "spectral": "exact"}
+    plain = certified_radii(net, x0, **kw)
+    runs = {rows: certified_radii(net, x0, tight=True, tight_rows=rows, **kw)
+            for rows in (1, 10, None)}
+    for rows, res in runs.items():
+        for r in res:
+            assert 0 < r.radius < found
+            assert r.details["tight"] and r.details["tight_rows"] == (rows or TIGHT_ROWS)
+    assert [r.radius for r in runs[1]] == [r.radius for r in plain]
+    for small in (1, 10):
+        for r, d in zip(runs[small], runs[None], strict=True):
+            assert r.radius <= d.radius * (1 + 2e-3)
+    assert runs[None][0].radius > 2 * runs[1][0].radius  # (0.644 against 0.183)
+    an = Analyzer(net, (2,), spectral="exact")
+    eps = runs[10][0].radius
+    assert "exceed the budget of 1" in an.local_bound(x0, eps, tight=True, tight_rows=1).notes[-1]
+    assert "tail from block" in an.local_bound(x0, eps, tight=True, tight_rows=10).notes[-1]
+
+
+def test_radius_tight_rows_reach_every_tight_bound_including_the_rechecks(monkeypatch):
+    """With Lanczos factors the search's radius is re-checked by independent analyzers: their
+    tight bounds use the budget too."""
+    from lipbound.radius import certified_radii
+
+    seen: list[tuple[str, object]] = []
+    real_lb, real_rows = Analyzer.local_bound, Analyzer.local_bound_rows
+
+    def lb(self, *a, **kw):
+        seen.append(("local", kw.get("tight_rows")))
+        return real_lb(self, *a, **kw)
+
+    def rows(self, *a, **kw):
+        seen.append(("rows", kw.get("tight_rows")))
+        return real_rows(self, *a, **kw)
+
+    monkeypatch.setattr(Analyzer, "local_bound", lb)
+    monkeypatch.setattr(Analyzer, "local_bound_rows", rows)
+    net = _mlp(1, (2, 64, 64, 3))
+    x0 = torch.randn(1, 2, dtype=DT, generator=torch.Generator().manual_seed(1))
+    res = certified_radii(net, x0, methods=("local", "margin"), tight=True, tight_rows=10,
+                          spectral="lanczos", lanczos_steps=12)
+    assert all(r.guarantee.name == "PROBABILISTIC_LOWER" for r in res)
+    assert all(r.details["rechecks"] for r in res)
+    assert {k for k, _ in seen} == {"local", "rows"}
+    assert all(v == 10 for _, v in seen)
+
+
+@pytest.mark.parametrize("rows", [-3, 0, 2.5, True, "7"])
+def test_radius_functions_check_tight_rows(rows):
+    from lipbound.radius import certified_radii, certified_radius
+
+    net, x0 = _radius_net()
+    an = Analyzer(net, (2,))
+    for call in (lambda: certified_radius(net, x0, tight=True, tight_rows=rows),
+                 lambda: certified_radius(None, x0, analyzer=an, tight=True, tight_rows=rows),
+                 lambda: certified_radii(an, x0, tight=True, tight_rows=rows)):
+        with pytest.raises(InputError, match="tight_rows must be an integer >= 1"):
+            call()
+    for call in (lambda: certified_radius(net, x0, tight_rows=4),
+                 lambda: certified_radii(an, x0, tight=False, tight_rows=4)):
+        with pytest.raises(InputError, match="pass tight=True.*drop tight_rows"):
+            call()
+
+
+def test_cli_radius_tight_rows(capsys):
+    base = ["radius", "--model", "tiny", "--methods", "local,margin"]
+    err = run_err(capsys, [*base, "--tight-rows", "5"])
+    assert "--tight-rows needs --tight" in err and "add --tight" in err
+    err = run_err(capsys, [*base, "--tight", "--tight-rows", "0"])
+    assert "--tight-rows must be a positive integer" in err
+    plain = run_json(capsys, [*base, "--spectral", "exact"])
+    one = run_json(capsys, [*base, "--spectral", "exact", "--tight", "--tight-rows", "1"])
+    full = run_json(capsys, [*base, "--spectral", "exact", "--tight"])
+    for p, o, f in zip(plain["certified"], one["certified"], full["certified"], strict=True):
+        assert o["details"]["tight_rows"] == 1 and f["details"]["tight_rows"] == TIGHT_ROWS
+        assert o["radius"] == p["radius"]  # (the paper's product at every radius)
+        assert o["radius"] <= f["radius"] * (1 + 2e-3)
+
