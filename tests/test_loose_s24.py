@@ -210,3 +210,41 @@ def test_cli_radius_tight_rows(capsys):
         assert o["radius"] == p["radius"]  # (the paper's product at every radius)
         assert o["radius"] <= f["radius"] * (1 + 2e-3)
 
+
+# ------------------------------------------------------------------ 3. sweep radii
+@pytest.mark.parametrize("radii, match", [
+    ({0.1, 0.2}, r"got a set, which has no order.*pass sorted\("),
+    (frozenset({0.1}), r"got a frozenset, which has no order"),
+    ({0.1: "a", 0.2: "b"}.keys(), "got a dict_keys, which has no order"),
+    ({0.1: 1.0, 0.2: 2.0}, r"got a dict \(its keys would be read.*list\(.*values\(\)\)"),
+    (np.array([[0.1, 0.2]]), r"one-dimensional.*shape \(1, 2\).*flatten\(\)"),
+    (torch.tensor([[0.1], [0.2]]), r"one-dimensional.*shape \(2, 1\)"),
+    ("0.1,0.2", "got the string"),
+])
+def test_sweep_and_bound_many_refuse_unordered_or_nested_radii(radii, match):
+    """Sets and dicts were taken (in the set's order; a dict's keys); a 2-D array failed on
+    its first row with a message about one radius."""
+    from lipbound.sweep import sweep
+
+    net = _mlp()
+    x0 = torch.randn(1, 3, dtype=DT, generator=torch.Generator().manual_seed(1))
+    an = Analyzer(net, (3,))
+    with pytest.raises(InputError, match=match):
+        sweep(an, x0, radii, methods="local")
+    with pytest.raises(InputError, match=match):
+        bound_many(an, [x0, x0], radii)
+
+
+def test_sweep_takes_ordered_radii_in_their_order():
+    from lipbound.sweep import sweep
+
+    net = _mlp()
+    x0 = torch.randn(1, 3, dtype=DT, generator=torch.Generator().manual_seed(1))
+    an = Analyzer(net, (3,), spectral="exact")
+    want = [0.3, 0.1, 0.2]
+    ref = [r.points[0].value for r in sweep(an, x0, want, methods="local").rows]
+    for radii in (tuple(want), np.array(want), torch.tensor(want, dtype=DT),
+                  (e for e in want), {"a": 0.3, "b": 0.1, "c": 0.2}.values()):
+        res = sweep(an, x0, radii, methods="local")
+        assert [r.eps for r in res.rows] == want
+        assert [r.points[0].value for r in res.rows] == ref

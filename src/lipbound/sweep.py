@@ -27,7 +27,8 @@ import logging
 import math
 import numbers
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -290,15 +291,32 @@ def eps_grid(eps_min: float, eps_max: float, points: int) -> list[float]:
 
 
 def as_radius_list(values: Any, name: str = "eps_values") -> list[Any] | None:
-    """The items of a sequence of radii (a list, tuple, 1-D tensor or array), unchecked, or
+    """The items of a sequence of radii (a list, tuple, range, 1-D tensor or array, or any
+    other ordered iterable such as a generator, read once, in its order), unchecked, or
     ``None`` for a single number (a Python or NumPy number, a 0-d tensor or array). Raises
-    :class:`InputError` for anything else, e.g. a string (whose characters would otherwise
-    be read as radii) or ``None``."""
+    :class:`InputError` for anything else: a string (whose characters would otherwise be read
+    as radii), a set (unordered: the results would come in the set's arbitrary order; since
+    session 24), a dict or other mapping (its keys would be taken; since session 24), a
+    tensor or array of more than one dimension, or ``None``."""
     if isinstance(values, (str, bytes)):
         raise InputError(f"{name} must be numbers, got the string {values!r}; pass "
                          "e.g. [0.01, 0.1, 1]")
     if isinstance(values, numbers.Real) or getattr(values, "ndim", None) == 0:
         return None
+    if isinstance(values, AbstractSet):
+        raise InputError(f"{name} must be an ordered sequence of radii (a list, tuple, 1-D "
+                         f"array or tensor), got a {type(values).__name__}, which has no "
+                         f"order (the results would come in an arbitrary one); pass "
+                         f"sorted({name})")
+    if isinstance(values, Mapping):
+        raise InputError(f"{name} must be a sequence of radii (a list, tuple, 1-D array or "
+                         f"tensor), got a {type(values).__name__} (its keys would be read as "
+                         f"the radii); pass list({name}.values()) or list({name}) for the "
+                         "one you mean")
+    ndim = getattr(values, "ndim", None)
+    if isinstance(ndim, int) and ndim > 1:
+        raise InputError(f"{name} must be one-dimensional (one radius per item), got shape "
+                         f"{tuple(values.shape)}; pass {name}.flatten() or the row you mean")
     try:
         return list(values)
     except TypeError:
@@ -633,8 +651,10 @@ def sweep(model_or_analyzer: nn.Module | Analyzer, x0: Tensor, eps_values: Seque
     Args:
         model_or_analyzer: the network (eval mode) or an :class:`Analyzer` of it.
         x0: the nominal input, shape ``(1, *input_shape)``.
-        eps_values: the radii (a list, tuple, 1-D tensor or array; each finite and > 0),
-            e.g. from :func:`default_eps_range`; a single number or a string is refused.
+        eps_values: the radii (a list, tuple, 1-D tensor or array, or another ordered
+            iterable; each finite and > 0), e.g. from :func:`default_eps_range`; a single
+            number, a string, a set (unordered), a dict (keys) or a tensor or array of more
+            than one dimension is refused.
         methods: names out of :data:`ALL_METHODS` (or a comma-separated string).
         progress: show a bar over the radius x method work on stderr (default off; only on a
             terminal, after a few seconds: see :mod:`lipbound._progress`).
