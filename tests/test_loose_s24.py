@@ -248,3 +248,22 @@ def test_sweep_takes_ordered_radii_in_their_order():
         res = sweep(an, x0, radii, methods="local")
         assert [r.eps for r in res.rows] == want
         assert [r.points[0].value for r in res.rows] == ref
+
+
+# ------------------------------------------------------------------ 4. what a sweep leaves
+def test_what_a_sweep_leaves_on_the_callers_analyzer():
+    """The docstring of ``sweep`` (and ``Analyzer.reuse_copy``) says what the caller's
+    analyzer keeps: the global factors (with "global" among the methods) and the draw counts,
+    not the memory of layer factors nor ``reuse_tol``. (It said "not changed".)"""
+    from lipbound.sweep import sweep
+
+    net = _mlp(4, (3, 40, 40, 3))
+    x0 = torch.randn(1, 3, dtype=DT, generator=torch.Generator().manual_seed(4))
+    an = Analyzer(net, (3,), spectral="lanczos")
+    sweep(an, x0, [0.1, 1.0], methods="local")
+    assert not an._global and an._draws and not an._memo and an.reuse_tol == 0.0
+    sweep(an, x0, [0.1, 1.0], methods=("local", "global"))
+    assert an._global and not an._memo and an.reuse_tol == 0.0
+    doc = " ".join((sweep.__doc__ or "").split())
+    assert "analyzer is not changed" not in doc
+    assert "the caller's analyzer does keep what the copy shares with it" in doc

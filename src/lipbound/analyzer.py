@@ -468,7 +468,18 @@ class Analyzer:
         """A shallow copy that shares the traced graph, the exact dense matrices, the global
         factors, the seed and the count of each layer's draws (so that no start vector is
         drawn twice), with its own (empty) memory of layer factors and the given
-        ``reuse_tol`` (see :meth:`_reuse`). Used by sweeps and radius searches."""
+        ``reuse_tol`` (see :meth:`_reuse`). Used by sweeps and radius searches.
+
+        What the copy computes reaches this analyzer through the shared parts (sound: each is
+        a fact about the model or a count): the global factors (if the copy computes the
+        global bound, this analyzer's later local bounds can use them too, and report the
+        global bound where it is smaller), the exact dense matrices and channel subsets (the
+        same values, kept), the Lanczos vectors kept for warm starts (used only with
+        ``warm_start``, off by default) and the draw counts (this analyzer's later Lanczos
+        factors draw fresh start vectors, so a probabilistic value can differ in its last
+        digits from that of an analyzer that made no copy; each one is a valid bound). This
+        analyzer's memory of layer factors, its counts of queries and its ``reuse_tol`` are
+        not touched."""
         import copy
 
         reuse_tol = check_reuse_tol(reuse_tol)

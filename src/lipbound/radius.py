@@ -630,8 +630,13 @@ def certified_radius(model: nn.Module | Analyzer | None, x0: Tensor, *,
             skips most of their spectral work. The values stay valid upper bounds (at
             most slightly looser, so the radius may come out slightly smaller); a
             probabilistic radius is still re-tested by an independent analyzer without
-            reuse. ``0``: no reuse (only exact repeats). The search runs on a shallow copy of
-            the analyzer with its own factor memory, so the caller's analyzer is unchanged.
+            reuse. ``0``: no reuse (only exact repeats). With ``reuse_tol > 0`` the search
+            runs on a shallow copy of the analyzer with its own memory of layer factors
+            (:meth:`Analyzer.reuse_copy`: the caller's memory of factors is not changed, but
+            its cached global factors, exact matrices and draw counts are shared with the
+            copy); with ``0`` on the analyzer itself. Either way the caller's analyzer may
+            gain global factors (cached when the ``"global"`` certificate, or a nominal
+            error that the local bound does not give, computes them).
         device: device of a new analyzer (``None``/``"auto"``: the model's).
         progress: show a counter of the bound evaluations on stderr, naming the radius being
             tested (only on a terminal, after a few seconds: see :mod:`lipbound._progress`);

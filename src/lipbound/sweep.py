@@ -457,8 +457,9 @@ def _upper_points(an: Analyzer, x0: Tensor, eps_list: list[float], uppers: list[
       factor is reused depends on the random draws, so its failure probability is taken
       over every query of that layer in the sweep (a union bound, applied by the analyzer).
       A fresh memory (``Analyzer.reuse_copy``) makes the sweep's own computations the only
-      candidates; the copy shares the traced graph, the exact dense matrices and the global
-      factors, and leaves the caller's analyzer untouched.
+      candidates; the copy shares the traced graph, the exact dense matrices, the global
+      factors and the draw counts with the caller's analyzer, whose memory of layer factors
+      it leaves untouched.
     * Crossover: once the local bound at some radius reached the (cached, non-adaptive)
       global bound (the analyzer reports the smaller of the two), every larger radius
       reports the global bound without computing. It is a valid bound at every radius, with
@@ -627,14 +628,15 @@ def sweep(model_or_analyzer: nn.Module | Analyzer, x0: Tensor, eps_values: Seque
     ratio attained by a concrete input in the ball.
 
     Work is shared across radii, never at the price of an unproved number: one
-    :class:`Analyzer` (traced once; exact layer matrices formed once; the global factors are
-    computed once, before the first local bound, so each local bound can use them and never
-    exceeds the global one). The distinct radii are evaluated in bisection order (largest,
-    smallest, then midpoints depth-first) so that each radius has computed neighbours on
-    both sides: a layer factor of a larger radius bounds the same layer at a smaller one
-    (its masks dominate), and it is reused when it is within ``reuse_tol`` of a lower
-    estimate of the current layer (:meth:`Analyzer._reuse`). Once the local bound at some
-    radius is the global bound, larger radii report the global bound without computing.
+    :class:`Analyzer` (traced once; exact layer matrices formed once; with ``"global"`` among
+    the methods, as by default, the global factors are computed once, before the first local
+    bound, so each local bound can use them and never exceeds the global one). The distinct
+    radii are evaluated in bisection order (largest, smallest, then midpoints depth-first) so
+    that each radius has computed neighbours on both sides: a layer factor of a larger
+    radius bounds the same layer at a smaller one (its masks dominate), and it is reused
+    when it is within ``reuse_tol`` of a lower estimate of the current layer
+    (:meth:`Analyzer._reuse`). Once the local bound at some radius is the global bound,
+    larger radii report the global bound without computing.
     Each local point says in ``details["source"]`` whether it was ``"computed"``,
     ``"reused"`` (some layer factors reused; ``details["reused_layers"]``) or taken from
     the ``"global"`` bound; the counts are in ``settings``. The failure probability of a
@@ -679,7 +681,14 @@ def sweep(model_or_analyzer: nn.Module | Analyzer, x0: Tensor, eps_values: Seque
             factor is that estimate inflated by the smaller of the Kuczynski-Wozniakowski
             factor (~1.5 % at 64 steps) and the a posteriori bound (often ~0.1 % on trained
             layers), so a reused value can be up to ``reuse_tol`` above a fresh one.
-            Default :data:`DEFAULT_REUSE_TOL`. The caller's analyzer is not changed.
+            Default :data:`DEFAULT_REUSE_TOL`. The local bounds run on a copy of the
+            analyzer with its own memory of layer factors (:meth:`Analyzer.reuse_copy`), so
+            the caller's memory of factors is not changed; the caller's analyzer does keep
+            what the copy shares with it: the global factors (its later local bounds can
+            then report the global bound where smaller), the exact layer matrices, and the
+            draw counts (its later Lanczos factors draw fresh start vectors, so their values
+            can differ in the last digits from those of an analyzer that ran no sweep; each
+            is a valid bound).
 
     Returns:
         A :class:`SweepResult` (one row per radius, in the order of ``eps_values``).
