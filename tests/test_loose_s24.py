@@ -267,3 +267,20 @@ def test_what_a_sweep_leaves_on_the_callers_analyzer():
     doc = " ".join((sweep.__doc__ or "").split())
     assert "analyzer is not changed" not in doc
     assert "the caller's analyzer does keep what the copy shares with it" in doc
+
+
+# ------------------------------------------------------------------ 5. demo's radii exactly
+def test_demo_table_shows_each_radius_exactly(capsys, monkeypatch):
+    """The demo's table showed eps with four decimals (0.0010, and 0.1235 for 0.123456: a
+    larger ball than the one bounded); now as lipbound bound shows it (fmt_eps). (The radii
+    below the table are left out here: tests/test_cli.py runs the whole demo.)"""
+    import lipbound.radius
+    from lipbound.cli import main
+
+    monkeypatch.setattr(lipbound.radius, "certified_radii", lambda *a, **kw: [])
+    assert main(["demo", "--eps-list", "0.001,0.123456", "--spectral", "lanczos"]) == 0
+    out = capsys.readouterr().out
+    rows = [line.split() for line in out.splitlines()
+            if line.startswith(("local ", "tight "))]
+    assert len(rows) == 4
+    assert sorted({r[1] for r in rows}) == ["0.001", "0.123456"]

@@ -13,7 +13,7 @@ from .common import (
     resolve_device,
     table,
 )
-from .rounding import fmt_up, g_down
+from .rounding import fmt_eps, fmt_up, g_down
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -53,8 +53,9 @@ def run(args: argparse.Namespace) -> int:
     tights = [an.local_bound(x0, e, tight=True) for e in eps_values]
     pred = int(an.forward(x0).argmax())
     # (upper bounds and failure probabilities shown rounded up: lipbound.cli.rounding)
-    rows = [[kind, "-" if kind == "global" else r.eps, fmt_up(r.value), r.guarantee.value,
-             fmt_up(r.failure_prob), r.seconds]
+    # (each radius exactly, as lipbound bound shows it: lipbound.cli.rounding.fmt_eps)
+    rows = [[kind, "-" if kind == "global" else fmt_eps(r.eps), fmt_up(r.value),
+             r.guarantee.value, fmt_up(r.failure_prob), r.seconds]
             for kind, results in (("global", [g]), ("local", locs), ("tight", tights))
             for r in results]
     extra = []
