@@ -284,3 +284,59 @@ def test_demo_table_shows_each_radius_exactly(capsys, monkeypatch):
             if line.startswith(("local ", "tight "))]
     assert len(rows) == 4
     assert sorted({r[1] for r in rows}) == ["0.001", "0.123456"]
+
+
+# ------------------------------------------------------------------ 6. masks are 0/1
+def test_every_mask_the_analyzer_builds_is_zero_one(monkeypatch):
+    """``_masked_maps`` needs a 0/1 mask ``d`` (a d above 1 would not be sound); it is 0/1
+    by construction (its docstring names where): every mask built by a block, by max pooling
+    and by a channel subset, and every one passed to ``_masked_maps``, on an MLP, a conv
+    net with max pooling, a conv net with dead channels (channel subsets) and MNIST."""
+    import lipbound.analyzer as A
+    from lipbound import inputs, zoo
+    from lipbound.ops.pooling import MaxPoolOp
+
+    seen: dict[str, list[torch.Tensor]] = {"maps": [], "block": [], "pool": [], "subset": []}
+
+    def wrap(name, real, pick):
+        def f(*a, **kw):
+            out = real(*a, **kw)
+            seen[name].extend(pick(a, out))
+            return out
+        return f
+
+    monkeypatch.setattr(A, "_masked_maps", wrap("maps", A._masked_maps, lambda a, o: [a[2]]))
+    monkeypatch.setattr(A.Analyzer, "_affine_factor", wrap(
+        "block", A.Analyzer._affine_factor, lambda a, o: [a[4], a[5], o[1]]))
+    monkeypatch.setattr(MaxPoolOp, "propagate_mask", wrap(
+        "pool", MaxPoolOp.propagate_mask, lambda a, o: [a[1], o]))
+    monkeypatch.setattr(A.Analyzer, "_channel_subset", wrap(
+        "subset", A.Analyzer._channel_subset, lambda a, o: [o[2]] if o[5] is not None else []))
+
+    torch.manual_seed(5)
+    dead = nn.Sequential(nn.Conv2d(2, 8, 3), nn.ReLU(), nn.Conv2d(8, 8, 3), nn.ReLU(),
+                         nn.Flatten(), nn.Linear(8 * 16, 4)).to(DT).eval()
+    with torch.no_grad():
+        dead[0].bias[:4] = -1e3  # channels 0-3 never turn on: the next conv's subset
+    pooled = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
+                           nn.Linear(36, 6), nn.ReLU(), nn.Linear(6, 3)).to(DT).eval()
+    lm = zoo.load_model("mnist")
+    cases = [(_mlp(3, (5, 30, 30, 4)), (5,)), (pooled, (1, 8, 8)), (dead, (2, 8, 8)),
+             (lm.model, tuple(lm.entry.input_shape))]
+    g = torch.Generator().manual_seed(6)
+    for net, shape in cases:
+        an = Analyzer(net, shape, spectral="lanczos")
+        if net is lm.model:  # (the paper's bound only: the tight one takes longer here)
+            x0 = inputs.load_sample("mnist:8", entry=lm.entry).x
+            an.local_bound(x0, 0.1)
+            continue
+        x0 = torch.randn(1, *shape, generator=g, dtype=DT)
+        for eps in (1e-3, 0.1, 3.0):
+            an.local_bound(x0, eps)
+        an.local_bound(x0, 0.1, tight=True)
+        an.local_bound_rows(x0, 0.1, torch.eye(int(net(x0).shape[1]), dtype=DT))
+    for name, masks in seen.items():
+        assert masks, name  # (each kind was reached)
+        for m in masks:
+            assert bool(((m == 0) | (m == 1)).all()), name
+        assert any(bool((m == 0).any()) for m in masks), name  # (not only all-ones masks)
