@@ -340,3 +340,27 @@ def test_every_mask_the_analyzer_builds_is_zero_one(monkeypatch):
         for m in masks:
             assert bool(((m == 0) | (m == 1)).all()), name
         assert any(bool((m == 0).any()) for m in masks), name  # (not only all-ones masks)
+
+
+# ------------------------------------------------------------------ 7. block Lanczos span
+def test_block_lanczos_reports_a_full_span_only_when_it_has_one():
+    """``_run_block``'s flag for a rank-deficient end that spans all ``n`` coordinates could
+    not be set (the remainder is factorised only while at most ``n - b`` vectors are
+    spanned) and was removed: an early end reports its own basis (``dim = k b < n``, not
+    exact), a run through all ``n / b`` block steps ``dim = n`` and the exact norm."""
+    from lipbound.lanczos import run_lanczos
+
+    g = torch.Generator().manual_seed(0)
+    n = 40
+    low = torch.randn(12, 2, generator=g, dtype=DT) @ torch.randn(2, n, generator=g, dtype=DT)
+    full = torch.randn(n, n, generator=g, dtype=DT)
+    for b in (4, 5):
+        res = run_lanczos(lambda v: v @ low.T, lambda y: y @ low, n, 30,
+                          torch.Generator().manual_seed(1), "cpu", block=b)
+        assert res.block == b and res.dim == res.k * b < n
+        assert res.sqrt_theta <= float(torch.linalg.matrix_norm(low, 2)) * (1 + 1e-12)
+    res = run_lanczos(lambda v: v @ full.T, lambda y: y @ full, n, 30,
+                      torch.Generator().manual_seed(1), "cpu", block=4)
+    assert res.dim == n and res.k == n // 4
+    assert res.sqrt_theta == pytest.approx(float(torch.linalg.matrix_norm(full, 2)), rel=1e-12)
+
