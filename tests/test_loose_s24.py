@@ -364,3 +364,17 @@ def test_block_lanczos_reports_a_full_span_only_when_it_has_one():
     assert res.dim == n and res.k == n // 4
     assert res.sqrt_theta == pytest.approx(float(torch.linalg.matrix_norm(full, 2)), rel=1e-12)
 
+
+# ------------------------------------------------------------------ 8. radius_available
+def test_radius_available_is_deprecated_and_bench_radius_always_measures():
+    """``lipbound.radius`` is part of the package: ``bench_radius``'s "not available" branch
+    (return None) and the CLI's note for it could not happen and were removed;
+    ``radius_available`` stays for old callers, always True, with a DeprecationWarning."""
+    import inspect
+
+    import lipbound.bench as lb
+
+    with pytest.warns(DeprecationWarning, match="always True"):
+        assert lb.radius_available() is True
+    assert inspect.signature(lb.bench_radius).return_annotation == "RadiusBench"
+

@@ -58,19 +58,15 @@ def run(args: argparse.Namespace) -> int:
              r.guarantee.value, fmt_up(r.failure_prob), r.seconds]
             for kind, results in (("global", [g]), ("local", locs), ("tight", tights))
             for r in results]
-    extra = []
-    try:
-        from ..radius import certified_radii
+    from ..radius import certified_radii
 
-        # paper's certificate (local), per-rival margins (ours) and the global one, sharing
-        # the analyzer (its global bound is already cached above)
-        extra = [(r.method, r) for r in certified_radii(
-            lm.model, x0, analyzer=an, methods=("local", "margin", "global"))]
-        # the margin certificate with per-row tight bounds (opt-in: radius --tight)
-        extra += [("margin, tight", r) for r in certified_radii(
-            lm.model, x0, analyzer=an, methods=("margin",), tight=True)]
-    except ImportError:
-        pass
+    # paper's certificate (local), per-rival margins (ours) and the global one, sharing the
+    # analyzer (its global bound is already cached above)
+    extra = [(r.method, r) for r in certified_radii(
+        lm.model, x0, analyzer=an, methods=("local", "margin", "global"))]
+    # the margin certificate with per-row tight bounds (opt-in: radius --tight)
+    extra += [("margin, tight", r) for r in certified_radii(
+        lm.model, x0, analyzer=an, methods=("margin",), tight=True)]
     if args.json:
         print_json({"model": "mnist", "weights": lm.weights_source, "input": sample.name,
                     "predicted": pred,
