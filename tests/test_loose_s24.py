@@ -378,3 +378,44 @@ def test_radius_available_is_deprecated_and_bench_radius_always_measures():
         assert lb.radius_available() is True
     assert inspect.signature(lb.bench_radius).return_annotation == "RadiusBench"
 
+
+# ------------------------------------------------------------------ 9. integer casts
+class _Cast(nn.Module):
+    def __init__(self, cast):
+        super().__init__()
+        self.fc, self.cast = nn.Linear(3, 3), cast
+
+    def forward(self, x):
+        return self.fc(self.cast(x).float())
+
+
+@pytest.mark.parametrize("cast, dtype", [
+    (lambda x: x.to(torch.int32), "torch.int32"),
+    (lambda x: x.to(dtype=torch.int64), "torch.int64"),
+    (lambda x: x.to("cpu", torch.int16), "torch.int16"),
+    (lambda x: x.int(), "torch.int32"),
+    (lambda x: x.long(), "torch.int64"),
+    (lambda x: x.type(torch.uint8), "torch.uint8"),
+    (lambda x: x.to(torch.bool), "torch.bool"),
+    (lambda x: x.to(torch.zeros(1, dtype=torch.int32).dtype), "torch.int32"),
+])
+def test_integer_cast_is_refused_naming_the_problem_and_the_fix(cast, dtype):
+    """An integer (or boolean) cast in forward was refused as "tensor method .to() (no rule
+    for this operation)": now the message says it casts to an integer type, which has no
+    finite Lipschitz constant, and that casting to float32 / float64 is read as the
+    identity. (Not supported: still refused.)"""
+    from lipbound.errors import UnsupportedModelError
+
+    with pytest.raises(UnsupportedModelError, match=rf"casts to {dtype}.*no finite Lipschitz "
+                       r"constant.*remove the cast, or cast to torch.float32"):
+        lipbound.local_bound(_Cast(cast).eval(), torch.randn(1, 3), 0.1)
+
+
+def test_half_precision_cast_names_the_fix_and_float_casts_still_work():
+    from lipbound.errors import UnsupportedModelError
+
+    with pytest.raises(UnsupportedModelError, match=r"casts to torch.float16.*cast to "
+                       r"torch.float32 or torch.float64 instead"):
+        lipbound.local_bound(_Cast(lambda x: x.half()).eval(), torch.randn(1, 3), 0.1)
+    for cast in (lambda x: x.double(), lambda x: x.to(torch.float64), lambda x: x.to(x.dtype)):
+        assert lipbound.local_bound(_Cast(cast).eval(), torch.randn(1, 3), 0.1).value > 0
