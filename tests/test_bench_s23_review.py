@@ -316,8 +316,6 @@ def test_script_tables_median_and_json(tmp_path, monkeypatch, capsys):
 def test_cli_radius_bench_uses_the_analyzer_settings(monkeypatch, capsys):
     """The radius measurement's analyzer took the library defaults whatever the command's
     --seed / --spectral / --lanczos-steps (the tables above it used them)."""
-    if not lb.radius_available():
-        pytest.skip("lipbound.radius not available")
     seen: list[dict] = []
     real = lipbound.analyzer.Analyzer
 
@@ -393,9 +391,8 @@ def test_sweep_and_radius_targets_only_where_they_are_stated(capsys):
     s = bench_sweep_model(lm.model, x0, name="compnet", eps_range=(0.01, 1.0), n_points=30,
                           local_repeat=1, raw=False)
     assert s.target_units == lb.SWEEP_TARGET_UNITS
-    if lb.radius_available():
-        r = lb.bench_radius("mnist", n_images=1, threads=1)
-        assert r.target_seconds is None and r.to_dict()["target_seconds"] is None
+    r = lb.bench_radius("mnist", n_images=1, threads=1)
+    assert r.target_seconds is None and r.to_dict()["target_seconds"] is None
     assert main(["bench", "--model", "compnet", "--what", "global", "--repeat", "1",
                  "--sweep", "2", "--threads", "1"]) == 0
     out = capsys.readouterr().out

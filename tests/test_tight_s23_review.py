@@ -443,20 +443,24 @@ def test_tight_at_least_the_jacobian_norm_at_tiny_radii(seed: int) -> None:
 
 
 # ------------------------------------------------------------------ bad input
-def test_radius_functions_refuse_tight_rows_naming_the_fix() -> None:
+def test_radius_functions_check_tight_rows_naming_the_fix() -> None:
     """``certified_radius(..., tight=True, tight_rows=N)`` (the option of ``local_bound``)
     went on to ``Analyzer(...)`` and raised a bare ``TypeError`` about
-    ``Analyzer.__init__``; now an :class:`lipbound.errors.InputError` that names the default
-    budget and the fix, with or without an analyzer, for both radius functions."""
+    ``Analyzer.__init__``; session 23 refused it with an :class:`lipbound.errors.InputError`,
+    session 24 takes it (the budget of every tight bound of the search): a bad budget, or one
+    without ``tight=True``, is an InputError naming the fix, with or without an analyzer, for
+    both radius functions (tests/test_loose_s24.py checks what the budget does)."""
     from lipbound.errors import InputError
     from lipbound.radius import certified_radii
 
     net = nn.Sequential(nn.Linear(2, 4), nn.ReLU(), nn.Linear(4, 2)).to(DT).eval()
     x0 = torch.zeros(1, 2, dtype=DT)
     an = Analyzer(net, (2,))
-    for call in (lambda: certified_radius(net, x0, tight=True, tight_rows=5),
-                 lambda: certified_radius(None, x0, analyzer=an, tight=True, tight_rows=5),
+    for call in (lambda: certified_radius(net, x0, tight=True, tight_rows=0),
+                 lambda: certified_radius(None, x0, analyzer=an, tight=True, tight_rows=-5),
                  lambda: certified_radii(net, x0, methods=("local",), tight=True,
-                                         tight_rows=5)):
-        with pytest.raises(InputError, match="tight_rows.*2048.*drop tight_rows"):
+                                         tight_rows=2.5)):
+        with pytest.raises(InputError, match="tight_rows must be an integer >= 1"):
             call()
+    with pytest.raises(InputError, match="pass tight=True.*drop tight_rows"):
+        certified_radius(net, x0, tight_rows=5)

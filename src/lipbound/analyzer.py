@@ -244,7 +244,20 @@ def _masked_maps(b: AffineBlock, r: Tensor, d: Tensor, rows: Tensor, cols: Tenso
     """Compact-coordinate maps of ``M = R A D`` for the Lanczos engine (see
     :func:`lipbound.spectral.spectral_upper`): scatter and gather take the place of the 0/1
     mask ``D`` (and of zero rows of ``R``), so a step makes no pass for them; with every
-    coordinate active no scatter or gather is made either."""
+    coordinate active no scatter or gather is made either.
+
+    ``d`` must hold only 0 and 1 (``cols``: its ones): the maps of one orientation drop
+    ``D`` for the gather / scatter on ``cols``, those of the other multiply by ``d``, and
+    rule 2 needs ``D`` to be a projection; a ``d`` above 1 would make the norm of another
+    operator, not a bound. It is 0/1 by construction, so it is not checked here (this runs
+    for every Lanczos factor): the masks are ``torch.ones`` at the input
+    (:meth:`Analyzer._propagate`), a boolean cast to float64 after an affine block (``on``
+    / ``moving`` in :meth:`Analyzer._affine_local`) and after max pooling
+    (:meth:`lipbound.ops.pooling.MaxPoolOp.propagate_mask`), and whole channels selected
+    from those (:meth:`Analyzer._channel_subset`). tests/test_loose_s24.py checks every mask
+    the analyzer builds and passes here, on several networks. (A check here, where ``d`` is
+    not all ones, would cost 0.05-0.2 ms per factor on the 2-core CPU of session 24, under
+    0.1 % of a CIFAR-10 local bound: small, but the construction already guarantees it.)"""
     all_in = cols.numel() == b.in_dim
     all_out = rows.numel() == b.out_dim
     d_full = None if bool((d == 1).all()) else d
@@ -468,7 +481,18 @@ class Analyzer:
         """A shallow copy that shares the traced graph, the exact dense matrices, the global
         factors, the seed and the count of each layer's draws (so that no start vector is
         drawn twice), with its own (empty) memory of layer factors and the given
-        ``reuse_tol`` (see :meth:`_reuse`). Used by sweeps and radius searches."""
+        ``reuse_tol`` (see :meth:`_reuse`). Used by sweeps and radius searches.
+
+        What the copy computes reaches this analyzer through the shared parts (sound: each is
+        a fact about the model or a count): the global factors (if the copy computes the
+        global bound, this analyzer's later local bounds can use them too, and report the
+        global bound where it is smaller), the exact dense matrices and channel subsets (the
+        same values, kept), the Lanczos vectors kept for warm starts (used only with
+        ``warm_start``, off by default) and the draw counts (this analyzer's later Lanczos
+        factors draw fresh start vectors, so a probabilistic value can differ in its last
+        digits from that of an analyzer that made no copy; each one is a valid bound). This
+        analyzer's memory of layer factors, its counts of queries and its ``reuse_tol`` are
+        not touched."""
         import copy
 
         reuse_tol = check_reuse_tol(reuse_tol)
@@ -846,6 +870,8 @@ class Analyzer:
         # the computed nominal point against the exact one (rounding): an L2 bound on the
         # movable coordinates (mask d) and a bound on every other coordinate
         nom = (0.0, 0.0)
+        # (every mask d is 0/1 by construction, as _masked_maps needs: ones here, a boolean
+        # cast after each block)
         d = torch.ones(math.prod(self.input_shape), dtype=torch.float64, device=self.device)
         eps_k = eps
         layers: list[LayerFactor] = []
@@ -940,7 +966,7 @@ class Analyzer:
             r, on, may_be_on = _relu_slopes(y0, e_out, rn, eps_k, moving, b.fold_factor)
             if record is not None:
                 record[-1]["r"] = r
-            d_out = on.to(torch.float64)
+            d_out = on.to(torch.float64)  # (0/1: _masked_maps relies on it)
             x_next = torch.relu(y0).reshape(1, *b.out_shape)
             # the next nominal error (before the factor, so that these vectors are freed
             # before its Lanczos run): a ReLU off at both the computed and the exact nominal
@@ -950,7 +976,7 @@ class Analyzer:
             del may_be_on, on
         else:
             r = moving.to(torch.float64)
-            d_out = r.clone()
+            d_out = r.clone()  # (0/1: _masked_maps relies on it)
             on_d, off_d = moving, ~moving  # (d_out > 0, and its complement)
             x_next = y0.reshape(1, *b.out_shape)
         # scaled before squaring: torch's norm of entries below 1e-154 is 0
@@ -1197,7 +1223,7 @@ class Analyzer:
     @_without_autograd
     def local_bound(self, x0: Tensor, eps: float, *, output_map: Tensor | None = None,
                     progress: bool = False, tight: bool = False,
-                    tight_rows: int = TIGHT_ROWS) -> BoundResult:
+                    tight_rows: int | None = None) -> BoundResult:
         """Upper bound on the local Lipschitz constant of ``f`` (or ``C f``) relative to x0
         over the L2 ball of radius ``eps`` (method.md rules 1-8).
 
@@ -1216,7 +1242,9 @@ class Analyzer:
                 the network from the earliest block whose rows fit (the same guarantee;
                 :func:`lipbound.tight.tight_local_bound`); when even the outputs do not fit,
                 the paper's product alone, with a note.
-            tight_rows: the budget of those rows.
+            tight_rows: the budget of those rows, an integer >= 1 (``None``: the default,
+                :data:`TIGHT_ROWS`); only with ``tight=True`` (a budget given with
+                ``tight=False`` is refused: :func:`lipbound.validation.check_tight`).
         """
         t0 = time.perf_counter()
         x0, eps = self._check(x0, eps)
@@ -1307,7 +1335,7 @@ class Analyzer:
                                        f"({how}) is {g_up(out.value, 6)}"), False
 
     def local_bound_rows(self, x0: Tensor, eps: float, output_map: Tensor, *,
-                         tight: bool = False, tight_rows: int = TIGHT_ROWS) -> RowBounds:
+                         tight: bool = False, tight_rows: int | None = None) -> RowBounds:
         """Local bounds for each row of ``output_map`` separately, in one pass: all layers but
         the last are shared, and the last factor of row j is the exact norm
         ``||c_j^T A D||`` (a vector norm).
@@ -1504,7 +1532,7 @@ def global_bound(model: nn.Module | Analyzer, x0_or_input_shape: Tensor | Sequen
 
 def local_bound(model: nn.Module | Analyzer, x0: Tensor, eps: float, *,
                 output_map: Tensor | None = None, device: str | torch.device | None = None,
-                progress: bool = False, tight: bool = False, tight_rows: int = TIGHT_ROWS,
+                progress: bool = False, tight: bool = False, tight_rows: int | None = None,
                 **kwargs) -> BoundResult:
     """Local L2 Lipschitz upper bound relative to ``x0`` over the ball of radius ``eps``
     (Avant & Morgansen 2023).
@@ -1519,10 +1547,12 @@ def local_bound(model: nn.Module | Analyzer, x0: Tensor, eps: float, *,
             seconds); the result is the same either way.
         tight: also compute the centre-plus-deviation bound and report the smaller one
             (see :meth:`Analyzer.local_bound`).
-        tight_rows: the budget of its vector-Jacobian rows.
+        tight_rows: the budget of its vector-Jacobian rows (an integer >= 1; ``None``: the
+            default :data:`TIGHT_ROWS`); only with ``tight=True``.
         **kwargs: passed to :class:`Analyzer` (not with an Analyzer, which has its own).
     """
     if not isinstance(x0, Tensor):
         raise InputError(f"x0 must be a torch.Tensor, got {type(x0).__name__}")
+    check_tight(tight, tight_rows)  # (before tracing the model)
     return _analyzer(model, x0, device, **kwargs).local_bound(
         x0, eps, output_map=output_map, progress=progress, tight=tight, tight_rows=tight_rows)

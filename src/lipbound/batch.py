@@ -20,7 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from ._progress import progress_bar
-from .analyzer import TIGHT_ROWS, Analyzer
+from .analyzer import Analyzer
 from .errors import InputError, LipboundError
 from .results import Guarantee, _jsonable
 from .validation import check_eps, check_input, check_tight
@@ -127,7 +127,7 @@ def bound_many(model_or_analyzer: nn.Module | Analyzer, samples: Any,
                failure_prob: float = 1e-6, seed: int = 0,
                device: str | torch.device | None = None, name: str | None = None,
                notes: Sequence[str] = (), timings: dict[str, float] | None = None,
-               tight: bool = False, tight_rows: int | None = TIGHT_ROWS
+               tight: bool = False, tight_rows: int | None = None
                ) -> list[InputBound]:
     """Local or global Lipschitz upper bounds for many inputs (Avant & Morgansen 2023).
 
@@ -151,7 +151,8 @@ def bound_many(model_or_analyzer: nn.Module | Analyzer, samples: Any,
         timings: optional dict that receives ``setup_seconds`` (tracing and the global
             factors) and ``total_seconds``.
         tight: local bounds with ``tight=True`` (:meth:`Analyzer.local_bound`; rows
-            labelled ``"tight"``); ``tight_rows``: its budget of rows (None: the default).
+            labelled ``"tight"``); ``tight_rows``: its budget of rows, an integer >= 1
+            (None: the default), only with ``tight=True``.
 
     Returns:
         One :class:`InputBound` per input, in input order.
@@ -163,7 +164,7 @@ def bound_many(model_or_analyzer: nn.Module | Analyzer, samples: Any,
     t_start = time.perf_counter()
     if method not in ("local", "global"):
         raise InputError(f"method must be 'local' or 'global', got {method!r}")
-    tight_rows = check_tight(tight, tight_rows) or TIGHT_ROWS
+    tight_rows = check_tight(tight, tight_rows)
     if tight and method == "global":
         raise InputError("tight tightens local bounds; the global bound has none: use "
                          "method='local', or tight=False")

@@ -29,8 +29,6 @@ from __future__ import annotations
 
 import contextlib
 import gc
-import importlib
-import importlib.util
 import logging
 import math
 import os
@@ -40,6 +38,7 @@ import resource
 import statistics
 import sys
 import time
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -785,11 +784,17 @@ def bench_sweep_model(model: nn.Module, x0: Tensor, *, name: str,
 
 
 def radius_available() -> bool:
-    """Whether ``lipbound.radius.certified_radius`` exists."""
-    if importlib.util.find_spec("lipbound.radius") is None:
-        return False
-    mod = importlib.import_module("lipbound.radius")
-    return callable(getattr(mod, "certified_radius", None))
+    """Always ``True``: :mod:`lipbound.radius` is part of the package (this asked whether it
+    had been written yet, when the modules were written in parallel).
+
+    .. deprecated:: session 24
+        Kept for callers written before; it warns (``DeprecationWarning``) and will be
+        removed. :func:`bench_radius` no longer returns ``None``.
+    """
+    warnings.warn("lipbound.bench.radius_available() is always True (lipbound.radius is part "
+                  "of the package) and will be removed; drop the check",
+                  DeprecationWarning, stacklevel=2)
+    return True
 
 
 def bench_radius(model_name: str = "mnist", *, n_images: int = 100, method: str = "local",
@@ -797,7 +802,7 @@ def bench_radius(model_name: str = "mnist", *, n_images: int = 100, method: str 
                  threads: int | None = None, reuse_tol: float | None = None,
                  start_from_previous: bool = False,
                  progress: bool = False,
-                 analyzer_options: Mapping[str, Any] | None = None) -> RadiusBench | None:
+                 analyzer_options: Mapping[str, Any] | None = None) -> RadiusBench:
     """Time certifying the first ``n_images`` shipped test images of a zoo network with
     ``lipbound.radius.certified_radius`` on one shared analyzer.
 
@@ -816,15 +821,10 @@ def bench_radius(model_name: str = "mnist", *, n_images: int = 100, method: str 
         analyzer_options: keyword arguments of the shared analyzer (e.g. ``spectral``,
             ``seed``, ``lanczos_steps``; the re-checking twins copy them); ``lipbound bench``
             passes its own, so the radius is timed with the settings of its table.
-
-    Returns ``None`` when ``lipbound.radius`` is not available.
     """
-    if not radius_available():
-        log.info("lipbound.radius.certified_radius is not available; radius bench skipped")
-        return None
     from .analyzer import Analyzer
     from .inputs import load_samples
-    from .radius import DEFAULT_REUSE_TOL, certified_radius  # type: ignore[import-not-found]
+    from .radius import DEFAULT_REUSE_TOL, certified_radius
 
     if not isinstance(n_images, int) or n_images < 1:
         raise InputError(f"n_images must be an integer >= 1, got {n_images!r}")

@@ -401,6 +401,42 @@ def _moves_only(node: fx.Node, values: dict[str, object] | None = None) -> bool:
     return all(ok(a) for a in node.args[1:]) and all(ok(v) for v in node.kwargs.values())
 
 
+_CAST_METHODS = {"int": torch.int32, "long": torch.int64, "short": torch.int16,
+                 "char": torch.int8, "byte": torch.uint8, "bool": torch.bool,
+                 "half": torch.float16, "bfloat16": torch.bfloat16}
+"""Tensor methods that cast to a type lipbound does not read as the identity."""
+
+
+def _cast_detail(node: fx.Node, values: dict[str, object]) -> str | None:
+    """Why a cast on the chain that has no rule is refused, naming the fix (since session 24;
+    ``x.to(torch.int32)`` was reported as a ``.to()`` with no rule): ``x.int()``,
+    ``x.to(torch.int64)``, ``x.type(torch.int16)``, ``x.to(dtype=y.dtype)`` of an integer
+    ``y``, and likewise casts to bool or to half precision. ``None`` for anything else."""
+    if node.op != "call_method":
+        return None
+    target = str(node.target)
+    dtype = _CAST_METHODS.get(target)
+    if dtype is None and target in ("to", "type"):
+        for a in (*node.args[1:], *node.kwargs.values()):
+            v = values.get(a.name) if _reads_attribute(a, "dtype") else a
+            if isinstance(v, torch.dtype):
+                dtype = v
+                break
+    if dtype is None or dtype in _CASTS:
+        return None
+    how = f"x.{target}()" if target in _CAST_METHODS else f"x.{target}({dtype})"
+    if dtype == torch.bool or not (dtype.is_floating_point or dtype.is_complex):
+        what = ("a boolean: every nonzero value becomes True" if dtype == torch.bool else
+                "an integer type: it truncates the values to whole numbers")
+        return (f"{how} casts to {dtype}, {what}, a step with no finite Lipschitz constant, "
+                "which lipbound does not analyse (casts to integer and boolean types are not "
+                "supported); remove the cast, or cast to torch.float32 / torch.float64 "
+                "(x.float(), x.double()), which lipbound reads as the identity")
+    return (f"{how} casts to {dtype}: lipbound reads casts to torch.float32 / torch.float64 "
+            "only (its bounds do not cover the rounding of a lower precision); cast to "
+            "torch.float32 or torch.float64 instead, or remove the cast")
+
+
 def _default_arguments(model: nn.Module) -> dict[str, object] | None:
     """The default values of the arguments after the input of the model's ``forward`` (``def
     forward(self, x, return_features=False)``), when every one has a default: the model is
@@ -922,7 +958,7 @@ def trace_model(model: nn.Module, input_shape: Sequence[int]) -> list[Op]:
             current = node
             continue
         if rule is None:
-            detail = ""
+            detail = _cast_detail(node, rec.values) or ""
             if module is not None:
                 detail = repr(module).split("\n")[0][:80]
                 patched = [n for n in _COMPUTING_METHODS if n in vars(module)]

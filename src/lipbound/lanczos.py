@@ -610,8 +610,11 @@ def _run_block(mv: MapFn, rmv: MapFn, n: int, b: int, steps: int,
     ``A_j``, sub-diagonal blocks ``B_j``) feeds the a posteriori bound, which is used only
     while the rest of ``H`` is below ``NONTRIDIAGONAL_TOL`` of its scale. A (numerically)
     rank-deficient remainder ends the run: the bound from the completed steps stays valid
-    (it holds for every step count), and when the basis spans all ``n`` coordinates the
-    Rayleigh-Ritz value is exact (``dim == n``).
+    (it holds for every step count). When the basis spans all ``n`` coordinates the
+    Rayleigh-Ritz value is exact (``dim == n``): only a run that completes its ``n // b``
+    block steps with ``b`` dividing ``n`` does (the remainder is factorised only before the
+    last step, when at most ``n - b`` vectors are spanned, so an early end never spans them
+    all; session 24 removed a flag for that case, which could not be set).
     """
     f64 = torch.float64
     kb_max = min(steps, n // b)  # block steps
@@ -638,7 +641,6 @@ def _run_block(mv: MapFn, rmv: MapFn, n: int, b: int, steps: int,
     check_every = 2 if b >= 4 else 3
     next_check = max(3, check_every)
     k = 0  # completed block steps (A_j known)
-    full_rank_span = False
     for j in range(kb_max):
         lo, hi = j * b, (j + 1) * b
         if j > 0:
@@ -681,7 +683,7 @@ def _run_block(mv: MapFn, rmv: MapFn, n: int, b: int, steps: int,
         h[hi:hi + b, lo:hi] = qr_r
         if float(torch.diagonal(qr_r).abs().min()) <= _INVARIANT * scale or scale == 0.0:
             # (numerically) rank-deficient remainder: an invariant subspace of the start block
-            full_rank_span = hi >= n
+            # (hi <= (kb_max - 1) b <= n - b here: not all of the n coordinates)
             break
         if k >= next_check and (stop_lam is not None or (post_ok and post_stop is not None)):
             next_check = k + check_every
@@ -713,7 +715,7 @@ def _run_block(mv: MapFn, rmv: MapFn, n: int, b: int, steps: int,
     evals, evecs = torch.linalg.eigh((hs + hs.T) * 0.5)
     lam = float(evals[-1])
     vec = torch.mv(q[:dim].T, evecs[:, -1])
-    return _finish(mv, op, vec, lam, nmv, 0.0, k=k, dim=n if full_rank_span else dim,
+    return _finish(mv, op, vec, lam, nmv, 0.0, k=k, dim=dim,
                    dominated=dominated, post_best=post_best, post_stopped=post_stopped,
                    block=b)
 

@@ -182,16 +182,11 @@ class _Problem:
     model_dtype: str = "float64"
     cache: dict = field(default_factory=dict, compare=False)  # nominal error from globals
     tight: bool = False  # the local test with the tight bound (lipbound.tight)
+    tight_rows: int | None = None  # its row budget (None: the analyzer's default)
 
 
 def _resolve(model: nn.Module | Analyzer | None, analyzer: Analyzer | None, x0: Tensor,
              device: Any, analyzer_kwargs: dict[str, Any]) -> Analyzer:
-    if "tight_rows" in analyzer_kwargs:
-        # (it went on to Analyzer(...), whose TypeError named neither the radius nor the fix)
-        raise InputError(f"the radius functions take no tight_rows: their tight certificates "
-                         f"use the default budget of {TIGHT_ROWS} rows; drop tight_rows (for "
-                         "another budget, call Analyzer.local_bound(x0, eps, tight=True, "
-                         "tight_rows=N) at the radii you need)")
     if isinstance(model, Analyzer):
         if analyzer is not None and analyzer is not model:
             raise InputError("pass the Analyzer either as model or as analyzer=, not two "
@@ -330,7 +325,7 @@ def _global_nominal(an: Analyzer, pb: _Problem) -> float:
 
 
 def _test_local(an: Analyzer, pb: _Problem, eps: float) -> _Eval:
-    r = an.local_bound(pb.x0, eps, tight=pb.tight)
+    r = an.local_bound(pb.x0, eps, tight=pb.tight, tight_rows=pb.tight_rows)
     lval = float(r.value)
     prod = eps * lval
     # the exact margins are within sqrt(2) ||f̂(x0) - f(x0)|| of the computed ones
@@ -356,7 +351,7 @@ def _any_reused(layers) -> bool:
 
 
 def _test_margin(an: Analyzer, pb: _Problem, eps: float) -> _Eval:
-    rb = an.local_bound_rows(pb.x0, eps, pb.c_rows, tight=pb.tight)
+    rb = an.local_bound_rows(pb.x0, eps, pb.c_rows, tight=pb.tight, tight_rows=pb.tight_rows)
     vals = rb.values.to("cpu", torch.float64)
     prods = eps * vals
     # the exact margins are within nominal_error of the computed rows, which agree with the
@@ -569,7 +564,8 @@ def certified_radius(model: nn.Module | Analyzer | None, x0: Tensor, *,
                      start: float | None = None, max_evaluations: int = 60,
                      reuse_tol: float = DEFAULT_REUSE_TOL,
                      device: str | torch.device | None = None, progress: bool = False,
-                     tight: bool = False, **analyzer_kwargs: Any) -> RadiusResult:
+                     tight: bool = False, tight_rows: int | None = None,
+                     **analyzer_kwargs: Any) -> RadiusResult:
     """Certified L2 radius around ``x0``: no ``x`` with ``||x - x0|| <= radius`` changes the
     predicted class (Avant & Morgansen 2023, "adversarial radius").
 
@@ -634,8 +630,13 @@ def certified_radius(model: nn.Module | Analyzer | None, x0: Tensor, *,
             skips most of their spectral work. The values stay valid upper bounds (at
             most slightly looser, so the radius may come out slightly smaller); a
             probabilistic radius is still re-tested by an independent analyzer without
-            reuse. ``0``: no reuse (only exact repeats). The search runs on a shallow copy of
-            the analyzer with its own factor memory, so the caller's analyzer is unchanged.
+            reuse. ``0``: no reuse (only exact repeats). With ``reuse_tol > 0`` the search
+            runs on a shallow copy of the analyzer with its own memory of layer factors
+            (:meth:`Analyzer.reuse_copy`: the caller's memory of factors is not changed, but
+            its cached global factors, exact matrices and draw counts are shared with the
+            copy); with ``0`` on the analyzer itself. Either way the caller's analyzer may
+            gain global factors (cached when the ``"global"`` certificate, or a nominal
+            error that the local bound does not give, computes them).
         device: device of a new analyzer (``None``/``"auto"``: the model's).
         progress: show a counter of the bound evaluations on stderr, naming the radius being
             tested (only on a terminal, after a few seconds: see :mod:`lipbound._progress`);
@@ -647,6 +648,10 @@ def certified_radius(model: nn.Module | Analyzer | None, x0: Tensor, *,
             the search reports an ``eps`` that passed, which certifies on its own. (The
             margin certificate is then still never below the paper's local one, but it can
             be below the tight local one.)
+        tight_rows: the row budget of those tight bounds (an integer >= 1; ``None``: the
+            default :data:`lipbound.analyzer.TIGHT_ROWS`), passed to every one of them (the
+            search's and the re-checks'); beyond it the hybrid or the paper's product, as in
+            :meth:`Analyzer.local_bound`. Only with ``tight=True`` (refused otherwise).
         **analyzer_kwargs: options of a new :class:`Analyzer` (``spectral``,
             ``lanczos_steps``, ``failure_prob``, ``seed``, ``name``, ``notes``).
 
@@ -668,9 +673,9 @@ def certified_radius(model: nn.Module | Analyzer | None, x0: Tensor, *,
     if not isinstance(max_evaluations, int) or max_evaluations < 2:
         raise InputError(f"max_evaluations must be an integer >= 2, got {max_evaluations!r}")
     reuse_tol = check_reuse_tol(reuse_tol)
-    check_tight(tight)
+    tight_rows = check_tight(tight, tight_rows)
     an = _resolve(model, analyzer, x0, device, analyzer_kwargs)
-    pb = replace(_problem(an, x0), tight=tight)
+    pb = replace(_problem(an, x0), tight=tight, tight_rows=tight_rows)
     with _bar(progress, an) as bar:
         return _certify(an, pb, method, tol, cap, start, max_evaluations, t0, reuse_tol, bar)
 
@@ -734,6 +739,8 @@ def _certify(an: Analyzer, pb: _Problem, method: str, tol: float, cap: float,
         "search": out.status,
         "reuse_tol": reuse_tol,
         "tight": pb.tight,
+        "tight_rows": (TIGHT_ROWS if pb.tight_rows is None else pb.tight_rows) if pb.tight
+        else None,
         "reused_evaluations": sum(ev.reused for ev in out.trace),
     }
     if out.non_monotone:
@@ -828,7 +835,8 @@ def certified_radii(model: nn.Module | Analyzer | None, x0: Tensor, *,
                     tol: float = 1e-3, max_eps: float | None = None,
                     max_evaluations: int = 60, reuse_tol: float = DEFAULT_REUSE_TOL,
                     device: str | torch.device | None = None, progress: bool = False,
-                    tight: bool = False, **analyzer_kwargs: Any) -> list[RadiusResult]:
+                    tight: bool = False, tight_rows: int | None = None,
+                    **analyzer_kwargs: Any) -> list[RadiusResult]:
     """Several certificates at one input, sharing one analyzer and each other's results:
     the global radius (if asked) starts the local search, and the local radius starts the
     margin search (it passes the margin test, see :func:`certified_radius`).
@@ -849,9 +857,9 @@ def certified_radii(model: nn.Module | Analyzer | None, x0: Tensor, *,
     tol = _check_tol(tol)
     cap = DEFAULT_MAX_EPS if max_eps is None else check_eps(max_eps, "max_eps")
     reuse_tol = check_reuse_tol(reuse_tol)
-    check_tight(tight)
+    tight_rows = check_tight(tight, tight_rows)
     an = _resolve(model, analyzer, x0, device, analyzer_kwargs)
-    pb = replace(_problem(an, x0), tight=tight)
+    pb = replace(_problem(an, x0), tight=tight, tight_rows=tight_rows)
     done: dict[str, RadiusResult] = {}
     order = [m for m in ("global", "local", "margin") if m in methods]
     with _bar(progress, an) as bar:

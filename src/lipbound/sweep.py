@@ -27,7 +27,8 @@ import logging
 import math
 import numbers
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -290,15 +291,32 @@ def eps_grid(eps_min: float, eps_max: float, points: int) -> list[float]:
 
 
 def as_radius_list(values: Any, name: str = "eps_values") -> list[Any] | None:
-    """The items of a sequence of radii (a list, tuple, 1-D tensor or array), unchecked, or
+    """The items of a sequence of radii (a list, tuple, range, 1-D tensor or array, or any
+    other ordered iterable such as a generator, read once, in its order), unchecked, or
     ``None`` for a single number (a Python or NumPy number, a 0-d tensor or array). Raises
-    :class:`InputError` for anything else, e.g. a string (whose characters would otherwise
-    be read as radii) or ``None``."""
+    :class:`InputError` for anything else: a string (whose characters would otherwise be read
+    as radii), a set (unordered: the results would come in the set's arbitrary order; since
+    session 24), a dict or other mapping (its keys would be taken; since session 24), a
+    tensor or array of more than one dimension, or ``None``."""
     if isinstance(values, (str, bytes)):
         raise InputError(f"{name} must be numbers, got the string {values!r}; pass "
                          "e.g. [0.01, 0.1, 1]")
     if isinstance(values, numbers.Real) or getattr(values, "ndim", None) == 0:
         return None
+    if isinstance(values, AbstractSet):
+        raise InputError(f"{name} must be an ordered sequence of radii (a list, tuple, 1-D "
+                         f"array or tensor), got a {type(values).__name__}, which has no "
+                         f"order (the results would come in an arbitrary one); pass "
+                         f"sorted({name})")
+    if isinstance(values, Mapping):
+        raise InputError(f"{name} must be a sequence of radii (a list, tuple, 1-D array or "
+                         f"tensor), got a {type(values).__name__} (its keys would be read as "
+                         f"the radii); pass list({name}.values()) or list({name}) for the "
+                         "one you mean")
+    ndim = getattr(values, "ndim", None)
+    if isinstance(ndim, int) and ndim > 1:
+        raise InputError(f"{name} must be one-dimensional (one radius per item), got shape "
+                         f"{tuple(values.shape)}; pass {name}.flatten() or the row you mean")
     try:
         return list(values)
     except TypeError:
@@ -439,8 +457,9 @@ def _upper_points(an: Analyzer, x0: Tensor, eps_list: list[float], uppers: list[
       factor is reused depends on the random draws, so its failure probability is taken
       over every query of that layer in the sweep (a union bound, applied by the analyzer).
       A fresh memory (``Analyzer.reuse_copy``) makes the sweep's own computations the only
-      candidates; the copy shares the traced graph, the exact dense matrices and the global
-      factors, and leaves the caller's analyzer untouched.
+      candidates; the copy shares the traced graph, the exact dense matrices, the global
+      factors and the draw counts with the caller's analyzer, whose memory of layer factors
+      it leaves untouched.
     * Crossover: once the local bound at some radius reached the (cached, non-adaptive)
       global bound (the analyzer reports the smaller of the two), every larger radius
       reports the global bound without computing. It is a valid bound at every radius, with
@@ -609,14 +628,15 @@ def sweep(model_or_analyzer: nn.Module | Analyzer, x0: Tensor, eps_values: Seque
     ratio attained by a concrete input in the ball.
 
     Work is shared across radii, never at the price of an unproved number: one
-    :class:`Analyzer` (traced once; exact layer matrices formed once; the global factors are
-    computed once, before the first local bound, so each local bound can use them and never
-    exceeds the global one). The distinct radii are evaluated in bisection order (largest,
-    smallest, then midpoints depth-first) so that each radius has computed neighbours on
-    both sides: a layer factor of a larger radius bounds the same layer at a smaller one
-    (its masks dominate), and it is reused when it is within ``reuse_tol`` of a lower
-    estimate of the current layer (:meth:`Analyzer._reuse`). Once the local bound at some
-    radius is the global bound, larger radii report the global bound without computing.
+    :class:`Analyzer` (traced once; exact layer matrices formed once; with ``"global"`` among
+    the methods, as by default, the global factors are computed once, before the first local
+    bound, so each local bound can use them and never exceeds the global one). The distinct
+    radii are evaluated in bisection order (largest, smallest, then midpoints depth-first) so
+    that each radius has computed neighbours on both sides: a layer factor of a larger
+    radius bounds the same layer at a smaller one (its masks dominate), and it is reused
+    when it is within ``reuse_tol`` of a lower estimate of the current layer
+    (:meth:`Analyzer._reuse`). Once the local bound at some radius is the global bound,
+    larger radii report the global bound without computing.
     Each local point says in ``details["source"]`` whether it was ``"computed"``,
     ``"reused"`` (some layer factors reused; ``details["reused_layers"]``) or taken from
     the ``"global"`` bound; the counts are in ``settings``. The failure probability of a
@@ -633,8 +653,10 @@ def sweep(model_or_analyzer: nn.Module | Analyzer, x0: Tensor, eps_values: Seque
     Args:
         model_or_analyzer: the network (eval mode) or an :class:`Analyzer` of it.
         x0: the nominal input, shape ``(1, *input_shape)``.
-        eps_values: the radii (a list, tuple, 1-D tensor or array; each finite and > 0),
-            e.g. from :func:`default_eps_range`; a single number or a string is refused.
+        eps_values: the radii (a list, tuple, 1-D tensor or array, or another ordered
+            iterable; each finite and > 0), e.g. from :func:`default_eps_range`; a single
+            number, a string, a set (unordered), a dict (keys) or a tensor or array of more
+            than one dimension is refused.
         methods: names out of :data:`ALL_METHODS` (or a comma-separated string).
         progress: show a bar over the radius x method work on stderr (default off; only on a
             terminal, after a few seconds: see :mod:`lipbound._progress`).
@@ -659,7 +681,14 @@ def sweep(model_or_analyzer: nn.Module | Analyzer, x0: Tensor, eps_values: Seque
             factor is that estimate inflated by the smaller of the Kuczynski-Wozniakowski
             factor (~1.5 % at 64 steps) and the a posteriori bound (often ~0.1 % on trained
             layers), so a reused value can be up to ``reuse_tol`` above a fresh one.
-            Default :data:`DEFAULT_REUSE_TOL`. The caller's analyzer is not changed.
+            Default :data:`DEFAULT_REUSE_TOL`. The local bounds run on a copy of the
+            analyzer with its own memory of layer factors (:meth:`Analyzer.reuse_copy`), so
+            the caller's memory of factors is not changed; the caller's analyzer does keep
+            what the copy shares with it: the global factors (its later local bounds can
+            then report the global bound where smaller), the exact layer matrices, and the
+            draw counts (its later Lanczos factors draw fresh start vectors, so their values
+            can differ in the last digits from those of an analyzer that ran no sweep; each
+            is a valid bound).
 
     Returns:
         A :class:`SweepResult` (one row per radius, in the order of ``eps_values``).

@@ -63,14 +63,40 @@ def check_seed(seed: object, name: str = "seed", *, negative: bool = False) -> i
 
 
 def check_tight(tight: object, tight_rows: object = None) -> int | None:
-    """Check the ``tight`` option (a bool) of the tight local bound and, when it is on, its
-    row budget ``tight_rows`` (an integer >= 1, if given); returns that budget as an int
-    (``None`` when ``tight`` is off or no budget was given)."""
+    """Check the ``tight`` option (a bool) of the tight local bound and its row budget
+    ``tight_rows`` (``None``: the default budget; else an integer >= 1, and only with
+    ``tight=True``); returns the budget as an int (``None`` when none was given).
+
+    A budget given with ``tight=False`` is refused, whatever its value (since session 24;
+    before, ``tight_rows=-3`` and the like went unread when ``tight`` was off): it budgets a
+    bound that is not computed, so either ``tight=True`` was forgotten (and the caller would
+    take the paper's product for the tight bound) or the argument is dead. The CLI refuses
+    ``--tight-rows`` without ``--tight`` in the same way."""
     if not isinstance(tight, bool):
         raise InputError(f"tight must be True or False, got {tight!r}")
-    if tight and tight_rows is not None:
-        return check_int(tight_rows, "tight_rows", 1)
-    return None
+    if tight_rows is None:
+        return None
+    if not tight:
+        raise InputError(f"tight_rows={tight_rows!r} is the row budget of the tight bound, "
+                         "which is off (tight=False): pass tight=True to compute it (with "
+                         "tight_rows an integer >= 1), or drop tight_rows")
+    return check_count(tight_rows, "tight_rows")
+
+
+def check_count(value: object, name: str, minimum: int = 1) -> int:
+    """Return ``value`` as an int, or raise :class:`InputError` unless it is an integer (a
+    Python or NumPy integer, or a one-element integer tensor; not a bool, a float such as
+    ``2.0`` or a string such as ``"7"``) ``>= minimum``: a count, such as a budget of rows."""
+    bad = InputError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    if isinstance(value, bool):
+        raise bad
+    try:
+        v = operator.index(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError, RuntimeError):
+        raise bad from None
+    if v < minimum:
+        raise bad
+    return v
 
 
 def check_reuse_tol(reuse_tol: float) -> float:

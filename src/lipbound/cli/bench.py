@@ -151,13 +151,10 @@ def run(args: argparse.Namespace) -> int:
                                   threads=None, analyzer_options=opts,
                                   notes=loaded.notes, progress=progress)
     radius = None
-    radius_note = None
     if args.radius_images:
         radius = bench_radius(loaded.name, n_images=args.radius_images, device=args.device,
                               progress=progress,
                               analyzer_options={**opts, "spectral": args.spectral})
-        if radius is None:
-            radius_note = "lipbound.radius is not available; radius benchmark skipped"
     if args.json:
         out = res.to_dict()
         out.update({"input": None if no_input else sample.name,
@@ -166,9 +163,7 @@ def run(args: argparse.Namespace) -> int:
         if args.sweep:
             out["sweep"] = sweep.to_dict() if sweep is not None else None
         if args.radius_images:
-            out["radius"] = radius.to_dict() if radius is not None else None
-            if radius_note:
-                out["notes"] = [*out["notes"], radius_note]
+            out["radius"] = radius.to_dict()
         print_json(out)
         return 0
     print(f"model {loaded.name} ({loaded.weights_source}); input {sample.name}; device "
@@ -196,7 +191,6 @@ def run(args: argparse.Namespace) -> int:
               f"{radius.total_seconds:.3f} s, CPU {radius.cpu_total_seconds:.3f} s ("
               + (f"target <= {fmt(radius.target_seconds)} s" if radius.target_seconds
                  is not None else "the target is for the 100 MNIST test images") + ")")
-    for n in dict.fromkeys([*(n for r in res.results.values() for n in r.notes),
-                            *([radius_note] if radius_note else [])]):
+    for n in dict.fromkeys(n for r in res.results.values() for n in r.notes):
         print(f"note: {n}")
     return 0

@@ -71,13 +71,15 @@ def run(args: argparse.Namespace) -> int:
                          "input): drop --eps/--eps-list/--eps-file, or use --method both")
     check_failure_prob(args.failure_prob, "--failure-prob")
     if args.tight_rows is not None and not args.tight:
-        raise InputError("--tight-rows needs --tight")
+        raise InputError(f"--tight-rows needs --tight ({args.tight_rows} is the row budget "
+                         "of the tight bound): add --tight to compute it, or drop --tight-rows")
     if args.tight and args.method == "global":
         raise InputError("--tight tightens the local bound; --method global has none: use "
                          "--method local (the default) or both, or drop --tight")
-    tight_rows = TIGHT_ROWS if args.tight_rows is None else args.tight_rows
-    if args.tight and tight_rows < 1:
-        raise InputError(f"--tight-rows must be a positive integer, got {tight_rows}")
+    if args.tight_rows is not None and args.tight_rows < 1:
+        raise InputError(f"--tight-rows must be a positive integer, got {args.tight_rows} "
+                         f"(default {TIGHT_ROWS})")
+    tight_rows = args.tight_rows  # (None: the default budget; only with --tight)
     if is_many_ref(args.input) or args.eps_file or args.out:
         # several inputs, one radius per input, or a CSV file: one row per input
         from .bound_many import run_many

@@ -13,7 +13,7 @@ from .common import (
     resolve_device,
     table,
 )
-from .rounding import fmt_up, g_down
+from .rounding import fmt_eps, fmt_up, g_down
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -53,23 +53,20 @@ def run(args: argparse.Namespace) -> int:
     tights = [an.local_bound(x0, e, tight=True) for e in eps_values]
     pred = int(an.forward(x0).argmax())
     # (upper bounds and failure probabilities shown rounded up: lipbound.cli.rounding)
-    rows = [[kind, "-" if kind == "global" else r.eps, fmt_up(r.value), r.guarantee.value,
-             fmt_up(r.failure_prob), r.seconds]
+    # (each radius exactly, as lipbound bound shows it: lipbound.cli.rounding.fmt_eps)
+    rows = [[kind, "-" if kind == "global" else fmt_eps(r.eps), fmt_up(r.value),
+             r.guarantee.value, fmt_up(r.failure_prob), r.seconds]
             for kind, results in (("global", [g]), ("local", locs), ("tight", tights))
             for r in results]
-    extra = []
-    try:
-        from ..radius import certified_radii
+    from ..radius import certified_radii
 
-        # paper's certificate (local), per-rival margins (ours) and the global one, sharing
-        # the analyzer (its global bound is already cached above)
-        extra = [(r.method, r) for r in certified_radii(
-            lm.model, x0, analyzer=an, methods=("local", "margin", "global"))]
-        # the margin certificate with per-row tight bounds (opt-in: radius --tight)
-        extra += [("margin, tight", r) for r in certified_radii(
-            lm.model, x0, analyzer=an, methods=("margin",), tight=True)]
-    except ImportError:
-        pass
+    # paper's certificate (local), per-rival margins (ours) and the global one, sharing the
+    # analyzer (its global bound is already cached above)
+    extra = [(r.method, r) for r in certified_radii(
+        lm.model, x0, analyzer=an, methods=("local", "margin", "global"))]
+    # the margin certificate with per-row tight bounds (opt-in: radius --tight)
+    extra += [("margin, tight", r) for r in certified_radii(
+        lm.model, x0, analyzer=an, methods=("margin",), tight=True)]
     if args.json:
         print_json({"model": "mnist", "weights": lm.weights_source, "input": sample.name,
                     "predicted": pred,

@@ -76,6 +76,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="the local and margin certificates use the tight local bound (the "
                         "smaller of the centre-plus-deviation bound and the paper's product; "
                         "per rival row for margin)")
+    p.add_argument("--tight-rows", type=int, default=None,
+                   help="with --tight: budget of vector-Jacobian rows of every tight bound of "
+                        "the search (default 2048); beyond it the construction covers the "
+                        "last layers only (the paper's factors before them)")
     p.add_argument("--out", default=None,
                    help="folder to write radius.csv (one row per input, with each "
                         "certified radius' guarantee and failure probability) and "
@@ -136,6 +140,7 @@ def _one(model, an, sample, methods: list[str], attacks: list[str], args,
     bar.label(f"{sample.name} certificates")
     cert = certified_radii(an, x0, methods=methods, tol=args.tol, max_eps=args.max_eps,
                            progress=show_progress(args), tight=args.tight,
+                           tight_rows=getattr(args, "tight_rows", None),
                            **({} if args.reuse_tol is None else {"reuse_tol": args.reuse_tol}))
     atk = []
     if attacks:
@@ -184,7 +189,7 @@ def _public(d: dict[str, Any]) -> dict[str, Any]:
 
 @progress_logging
 def run(args: argparse.Namespace) -> int:
-    from ..analyzer import Analyzer
+    from ..analyzer import TIGHT_ROWS, Analyzer
     from ..radius import METHODS
     from ..validation import check_eps, check_failure_prob
 
@@ -196,6 +201,12 @@ def run(args: argparse.Namespace) -> int:
     if args.tight and "local" not in methods and "margin" not in methods:
         raise InputError("--tight tightens the local and margin certificates: add local or "
                          "margin to --methods (e.g. --methods local,margin), or drop --tight")
+    if args.tight_rows is not None and not args.tight:
+        raise InputError(f"--tight-rows needs --tight ({args.tight_rows} is the row budget "
+                         "of the tight bound): add --tight, or drop --tight-rows")
+    if args.tight_rows is not None and args.tight_rows < 1:
+        raise InputError(f"--tight-rows must be a positive integer, got {args.tight_rows} "
+                         f"(default {TIGHT_ROWS})")
     if not 0 < args.tol < 1:
         raise InputError(f"--tol must be in (0, 1), got {args.tol}")
     if args.max_eps is not None:

@@ -86,7 +86,8 @@ class MaxPoolOp(Op):
         return math.sqrt(float(self.counts.to(mask.device)[m].max())) * (1 + 1e-12)
 
     def propagate_mask(self, mask: Tensor) -> Tensor:
-        """An output can move if any input in its window can move."""
+        """An output can move if any input in its window can move (a 0/1 mask, as
+        :func:`lipbound.analyzer._masked_maps` needs)."""
         return (self.forward(mask.unsqueeze(0)).squeeze(0) > 0).to(mask.dtype)
 
 
