@@ -20,6 +20,7 @@ import torch
 import torch.fx as fx
 from torch import Tensor, nn
 
+from ._hints import unsupported_hint
 from ._modelinfo import model_dtype_device, unwrap_model, wrapper_problem
 from ._precision import exact_float32
 from .errors import InputError, UnsupportedModelError, WeightsError
@@ -27,6 +28,7 @@ from .ops.base import Op
 from .ops.conv import conv2d_op
 from .ops.elementwise import clamp_rule, identity_rule, reshape_rule
 from .ops.linear import linear_op
+from .ops.padding import ZeroPadOp, fold_zero_padding
 from .ops.registry import (
     _COMPUTING_METHODS,
     AUXILIARY_METHODS,
@@ -923,8 +925,14 @@ def trace_model(model: nn.Module, input_shape: Sequence[int]) -> list[Op]:
             continue
         if rule is None:
             detail = ""
+            hint = unsupported_hint(node, module, current is not None
+                                    and current.op == "placeholder")
             if module is not None:
                 detail = repr(module).split("\n")[0][:80]
+                if hint and node.op == "call_module":
+                    detail = f"{detail}: {hint}"
+                elif hint:
+                    detail = hint
                 patched = [n for n in _COMPUTING_METHODS if n in vars(module)]
                 if patched and node.op == "call_module":
                     detail = (f"{', '.join(patched)} replaced on the instance: lipbound "
@@ -935,7 +943,7 @@ def trace_model(model: nn.Module, input_shape: Sequence[int]) -> list[Op]:
                               f"the class {type(module).__name__} (or a base): lipbound "
                               "analyses the original computation; restore the class's method "
                               "or write a subclass of your own")
-            problems.append((where, kind, detail or "no rule for this operation"))
+            problems.append((where, kind, detail or hint or "no rule for this operation"))
             current = node
             continue
         try:
@@ -945,6 +953,9 @@ def trace_model(model: nn.Module, input_shape: Sequence[int]) -> list[Op]:
             current = node
             continue
         new_ops = list(op) if isinstance(op, (list, tuple)) else [op]  # (a clamp: a chain)
+        for o in new_ops:
+            if isinstance(o, ZeroPadOp):  # (named in an error if it cannot be folded)
+                o.where, o.what = where, kind
         if any(o.kind == "reshape" for o in new_ops) \
                 and math.prod(in_shape[1:]) != math.prod(shape[1:]):
             problems.append((where, kind, "reshape changes the number of elements"))
@@ -955,6 +966,9 @@ def trace_model(model: nn.Module, input_shape: Sequence[int]) -> list[Op]:
             where, kind = _describe(node, gm)
             if not any(p[0] == where for p in problems):
                 problems.append((where, kind, "returns a tuple, not a tensor"))
+    # zero padding right before a convolution: that convolution with the larger padding
+    ops, pad_problems = fold_zero_padding(ops)
+    problems.extend(pad_problems)
     if problems:
         raise UnsupportedModelError(problems)
     ops = [op.to(device) for op in ops]

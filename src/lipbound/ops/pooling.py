@@ -106,6 +106,28 @@ def maxpool2d_rule(module: nn.Module, name: str, in_shape, out_shape) -> MaxPool
     return op
 
 
+def adaptive_maxpool2d_rule(module: nn.Module, name: str, in_shape, out_shape) -> MaxPoolOp:
+    """``nn.AdaptiveMaxPool2d`` / ``F.adaptive_max_pool2d`` where the input's height and width
+    are multiples of the output's: its windows ``[floor(i H / h), ceil((i + 1) H / h))`` are
+    then exactly those of ``MaxPool2d(kernel_size=H / h, stride=H / h)`` (and alike in width),
+    analysed by that rule. Windows of varying size are refused."""
+    if not isinstance(module, nn.AdaptiveMaxPool2d):
+        raise TypeError(f"rule called with {type(module).__name__}")
+    if module.return_indices:
+        raise NotImplementedError("return_indices=True")
+    if len(in_shape) != 3:
+        raise NotImplementedError(_NO_CHANNELS.format(shape=tuple(in_shape)))
+    h, w = in_shape[-2:]
+    ho, wo = out_shape[-2:]
+    if ho < 1 or wo < 1 or h % ho or w % wo:
+        raise NotImplementedError(
+            f"adaptive max pooling of {h}x{w} to {ho}x{wo}: windows of varying size; it is "
+            "supported where the input's height and width are multiples of the output's "
+            "(it is then MaxPool2d with kernel_size = stride = input size / output size)")
+    k = (h // ho, w // wo)
+    return MaxPoolOp(name, in_shape, out_shape, k, k, 0, 1, False)
+
+
 _NO_CHANNELS = ("average pooling of a per-sample tensor of shape {shape} without a channel "
                 "dimension; give the input a channel dimension: input_shape (1, H, W), or "
                 "x.view(x.size(0), 1, H, W) in forward (x.unsqueeze has no rule)")
