@@ -204,12 +204,13 @@ def test_other_activations_name_the_reason(model, needle):
         lipbound.global_bound(model.eval(), (6,))
 
 
-def test_one_d_layers_permute_and_mean_name_the_rewrite():
+def test_one_d_layers_permute_and_other_means_name_the_rewrite():
     m = nn.Sequential(nn.Conv1d(1, 2, 3), nn.ReLU(), nn.MaxPool1d(2), nn.Flatten()).eval()
     with pytest.raises(UnsupportedModelError) as info:
         lipbound.global_bound(m, (1, 16))
     assert len(info.value.nodes) == 2
-    assert str(info.value).count("1-D layers have no rule") == 2 and "nn.MaxPool2d((1, k)" in str(info.value)
+    msg = str(info.value)
+    assert msg.count("1-D layers have no rule") == 2 and "nn.MaxPool2d((1, k)" in msg
 
     class Nhwc(nn.Module):
         def __init__(self):
@@ -224,6 +225,33 @@ def test_one_d_layers_permute_and_mean_name_the_rewrite():
         lipbound.global_bound(Nhwc().eval(), (6, 6, 3))
     msg = str(info.value)
     assert "keeps L2 distances" in msg and "adaptive_avg_pool2d(x, 1)" in msg
+    assert len(info.value.nodes) == 2
+
+
+class _MeanNet(nn.Module):
+    def __init__(self, conv: nn.Module, fc: nn.Module, how: int):
+        super().__init__()
+        self.conv, self.fc, self.how = conv, fc, how
+
+    def forward(self, x):
+        h = F.relu(self.conv(x))
+        if self.how == 0:
+            h = h.mean(dim=(2, 3))
+        elif self.how == 1:
+            h = h.mean([-1, -2])
+        else:
+            h = torch.mean(h, (2, 3), keepdim=True).flatten(1)
+        return self.fc(h)
+
+
+def test_spatial_mean_is_global_average_pooling():
+    torch.manual_seed(4)
+    conv, fc = nn.Conv2d(3, 6, 3, padding=1), nn.Linear(6, 4)
+    ref = nn.Sequential(conv, nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), fc).eval()
+    x0 = torch.randn(1, 3, 6, 6)
+    want = _values(ref, x0, 0.2, False)
+    for how in (0, 1, 2):
+        assert _values(_MeanNet(conv, fc, how).eval(), x0, 0.2, False) == want
 
 
 def test_single_logit_radius_names_the_two_score_fix():

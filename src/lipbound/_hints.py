@@ -4,7 +4,6 @@
 
 from __future__ import annotations
 
-import torch
 from torch import fx, nn
 
 _SOFTMAX_NAMES = {"softmax", "log_softmax", "softmin"}
@@ -91,7 +90,4 @@ def unsupported_hint(node: fx.Node, module: nn.Module | None, chain_input: bool)
                     "2) for NHWC images, input_shape (C, H, W)), has the same Lipschitz "
                     "constants and radii: analyse that model")
         return "a permutation of axes inside the network has no rule"
-    if name == "mean" and node.op == "call_method" or node.target is torch.mean:
-        return ("x.mean(...) has no rule; for a global average pooling write "
-                "F.adaptive_avg_pool2d(x, 1).flatten(1) (the same values), which is supported")
     return None

@@ -29,6 +29,7 @@ from .ops.conv import conv2d_op
 from .ops.elementwise import clamp_rule, identity_rule, reshape_rule
 from .ops.linear import linear_op
 from .ops.padding import ZeroPadOp, fold_zero_padding
+from .ops.pooling import SpatialMean, spatial_mean_rule
 from .ops.registry import (
     _COMPUTING_METHODS,
     AUXILIARY_METHODS,
@@ -889,6 +890,11 @@ def trace_model(model: nn.Module, input_shape: Sequence[int]) -> list[Op]:
             if rule is clamp_rule:
                 module = _clamp_from_call(str(node.target), tuple(node.args[1:]),
                                           dict(node.kwargs))
+            if rule is spatial_mean_rule:
+                try:
+                    module = SpatialMean(*node.args[1:], **node.kwargs)
+                except TypeError:
+                    module = None  # (the rule refuses it)
             if rule is None and node.target == "to" and _moves_only(node, rec.values):
                 rule = identity_rule
             if node.target == "view" and rule is reshape_rule and any(
@@ -956,8 +962,8 @@ def trace_model(model: nn.Module, input_shape: Sequence[int]) -> list[Op]:
         for o in new_ops:
             if isinstance(o, ZeroPadOp):  # (named in an error if it cannot be folded)
                 o.where, o.what = where, kind
-        if any(o.kind == "reshape" for o in new_ops) \
-                and math.prod(in_shape[1:]) != math.prod(shape[1:]):
+        if any(o.kind == "reshape" and math.prod(o.in_shape) != math.prod(o.out_shape)
+               for o in new_ops):
             problems.append((where, kind, "reshape changes the number of elements"))
         ops.extend(new_ops)
         current = node

@@ -247,3 +247,40 @@ def adaptive_avgpool2d_rule(module: nn.Module, name: str, in_shape, out_shape):
             for r in range(r0, r1):
                 pmat[i * wo + j, r * w + c0:r * w + c1] = 1.0 / cnt
     return SpatialMatrixOp(name, in_shape, out_shape, pmat)
+
+
+class SpatialMean(nn.Module):
+    """The settings of a call ``x.mean(dim, keepdim)`` / ``torch.mean(x, dim, keepdim)`` (for
+    :func:`spatial_mean_rule`; never run)."""
+
+    def __init__(self, dim=None, keepdim: bool = False, dtype=None):
+        super().__init__()
+        self.dim = dim
+        self.keepdim = keepdim
+        self.dtype = dtype
+
+
+def spatial_mean_rule(module: nn.Module | None, name: str, in_shape, out_shape):
+    """``x.mean(dim=(2, 3))`` (or ``(-2, -1)``, with or without ``keepdim``) of a per-sample
+    ``(C, H, W)`` tensor: a global average pooling, ``AdaptiveAvgPool2d(1)`` (followed by the
+    reshape to ``(C,)`` without ``keepdim``), analysed by that rule. A mean over other
+    dimensions is refused."""
+    from .base import ReshapeOp
+
+    dims = None if module is None else module.dim
+    if isinstance(dims, int):
+        dims = (dims,)
+    ok = (isinstance(module, SpatialMean) and len(in_shape) == 3 and module.dtype is None
+          and isinstance(dims, (tuple, list)) and all(isinstance(d, int) for d in dims)
+          and sorted(d % 4 for d in dims) == [2, 3] and isinstance(module.keepdim, bool))
+    if not ok:
+        raise NotImplementedError(
+            "a mean is supported over the two spatial dimensions of a (N, C, H, W) tensor "
+            "only (x.mean(dim=(2, 3)), global average pooling); for other means write the "
+            "layer with supported ones (F.adaptive_avg_pool2d(x, 1).flatten(1) is the global "
+            "average pooling)")
+    c = in_shape[0]
+    pool = adaptive_avgpool2d_rule(nn.AdaptiveAvgPool2d(1), name, in_shape, (c, 1, 1))
+    if module.keepdim:
+        return pool
+    return [pool, ReshapeOp(name, (c, 1, 1), (c,))]

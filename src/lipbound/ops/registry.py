@@ -26,10 +26,12 @@ from .elementwise import (
 from .linear import linear_rule
 from .padding import FunctionalPad, zeropad_rule
 from .pooling import (
+    SpatialMean,
     adaptive_avgpool2d_rule,
     adaptive_maxpool2d_rule,
     avgpool2d_rule,
     maxpool2d_rule,
+    spatial_mean_rule,
 )
 from .scalar import arith_kind
 
@@ -87,6 +89,12 @@ def _module_from_call(fn, args: tuple, kwargs: dict) -> nn.Module | None:
     if fn is F.adaptive_max_pool2d:
         kw = dict(zip(["output_size", "return_indices"], args, strict=False)) | kwargs
         return nn.AdaptiveMaxPool2d(**kw)
+    if fn is torch.mean:
+        kw = dict(zip(["dim", "keepdim"], args, strict=False)) | kwargs
+        try:
+            return SpatialMean(**kw)
+        except TypeError:  # (another keyword: the rule refuses the mean)
+            return SpatialMean()
     if fn is F.pad:
         kw = dict(zip(["pad", "mode", "value"], args, strict=False)) | kwargs
         return FunctionalPad(kw.get("pad", ()), kw.get("mode", "constant"), kw.get("value"))
@@ -171,6 +179,7 @@ FUNCTION_RULES: dict[object, Rule] = {
     F.adaptive_avg_pool2d: lambda m, *a: adaptive_avgpool2d_rule(m, *a),
     F.adaptive_max_pool2d: lambda m, *a: adaptive_maxpool2d_rule(m, *a),
     F.pad: zeropad_rule,
+    torch.mean: spatial_mean_rule,
 }
 
 METHOD_RULES: dict[str, Rule] = {
@@ -193,6 +202,7 @@ METHOD_RULES: dict[str, Rule] = {
     "detach": identity_rule,
     "float": identity_rule,
     "double": identity_rule,
+    "mean": spatial_mean_rule,
 }
 
 # function/method targets that produce no tensor on the chain (shape queries); allowed.
