@@ -302,3 +302,26 @@ def test_cli_user_model_with_zero_pad_and_with_softmax(tmp_path):
                "usernet.py:make", "--input", "x.npy", "--input-shape", "1,6,6", "--eps", "0.1")
     assert bad.returncode == 2
     assert "bounds the logits" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_weights_with_a_lightning_style_prefix_name_the_fix(tmp_path):
+    from lipbound.cli.common import load_state_dict_file
+    from lipbound.errors import WeightsError
+
+    torch.manual_seed(5)
+    src = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 2))
+    path = tmp_path / "lightning.ckpt"
+    sd = {f"model.{k}": v for k, v in src.state_dict().items()}
+    torch.save({"epoch": 2, "state_dict": sd}, path)
+    dst = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 2))
+    with pytest.raises(WeightsError, match=r"does not match.*wrapper.model.state_dict\(\)"):
+        load_state_dict_file(dst, str(path))
+    # the fix it names
+    torch.save({k.removeprefix("model."): v for k, v in sd.items()}, path)
+    load_state_dict_file(dst, str(path))
+    for a, b in zip(src.state_dict().values(), dst.state_dict().values(), strict=True):
+        assert torch.equal(a, b)
+    # a prefix that does not leave the model's keys: the usual mismatch, naming the keys
+    torch.save({f"model.{k}": v for k, v in src.state_dict().items() if k != "2.bias"}, path)
+    with pytest.raises(WeightsError, match="2.bias"):
+        load_state_dict_file(dst, str(path))
