@@ -325,3 +325,19 @@ def test_weights_with_a_lightning_style_prefix_name_the_fix(tmp_path):
     torch.save({f"model.{k}": v for k, v in src.state_dict().items() if k != "2.bias"}, path)
     with pytest.raises(WeightsError, match="2.bias"):
         load_state_dict_file(dst, str(path))
+
+
+def test_parallel_branches_named_as_a_branch():
+    class Cat(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b, self.fc = nn.Linear(6, 4), nn.Linear(6, 4), nn.Linear(8, 2)
+
+        def forward(self, x):
+            return self.fc(torch.cat([F.relu(self.a(x)), F.relu(self.b(x))], dim=1))
+
+    with pytest.raises(UnsupportedModelError) as info:
+        lipbound.global_bound(Cat().eval(), (6,))
+    details = dict((w, d) for w, _, d in info.value.nodes)
+    assert "a branch (its input also feeds another layer" in details["module 'b'"]
+    assert "takes 2 tensor input(s)" in details["node 'cat'"]

@@ -858,7 +858,13 @@ def trace_model(model: nn.Module, input_shape: Sequence[int]) -> list[Op]:
                              "nn.Conv2d"))
             current = node
             continue
-        if len(tensor_inputs) != 1 or tensor_inputs[0] is not current:
+        if len(tensor_inputs) == 1 and tensor_inputs[0] is not current:
+            problems.append((where, kind, "not a chain: a branch (its input also feeds "
+                             "another layer; parallel branches, joined by torch.cat or a "
+                             "residual addition, are not supported)"))
+            current = node
+            continue
+        if len(tensor_inputs) != 1:
             problems.append((where, kind, "not a chain: takes "
                              f"{len(tensor_inputs)} tensor input(s) / branches off the chain "
                              "(residual or multi-input connections are not supported)"))
