@@ -10,6 +10,7 @@ are refused with what to do; a single-logit classifier's radius names the two-sc
 
 from __future__ import annotations
 
+import math
 import subprocess
 import sys
 import textwrap
@@ -341,3 +342,12 @@ def test_parallel_branches_named_as_a_branch():
     details = dict((w, d) for w, _, d in info.value.nodes)
     assert "a branch (its input also feeds another layer" in details["module 'b'"]
     assert "takes 2 tensor input(s)" in details["node 'cat'"]
+
+
+def test_compare_rows_name_the_unsupported_layer():
+    from lipbound.baselines.compare import compare
+
+    rows = compare(_head(nn.Softmax(dim=1)), torch.randn(1, 6), 0.1, ["local", "global"])
+    for r in rows:
+        assert r.guarantee is None and math.isnan(r.value)  # (not run)
+        assert "module '3': Softmax" in r.note and "bounds the logits" in r.note
