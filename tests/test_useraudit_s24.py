@@ -351,3 +351,19 @@ def test_compare_rows_name_the_unsupported_layer():
     for r in rows:
         assert r.guarantee is None and math.isnan(r.value)  # (not run)
         assert "module '3': Softmax" in r.note and "bounds the logits" in r.note
+
+
+def test_device_read_for_a_tensor_made_in_forward_is_not_listed():
+    class InForwardMean(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.c = nn.Conv2d(3, 2, 3)
+
+        def forward(self, x):
+            mean = torch.tensor([0.485, 0.456, 0.406], device=x.device).view(1, 3, 1, 1)
+            return torch.flatten(self.c(x - mean), 1)
+
+    with pytest.raises(UnsupportedModelError) as info:
+        lipbound.global_bound(InForwardMean().eval(), (3, 5, 5))
+    assert "register_buffer" in str(info.value)
+    assert "non-tensor value" not in str(info.value)  # (was: x.device listed as well)

@@ -816,8 +816,11 @@ def trace_model(model: nn.Module, input_shape: Sequence[int]) -> list[Op]:
                     and len(node.args) > 1 and node.args[1] in ("shape",):
                 continue
             if (_device_of(node) or _float_dtype_of(node, rec.values)) and all(
-                    u.op == "call_method" and u.target == "to" for u in node.users):
-                continue  # (x.device / a float x.dtype, read by .to(...): no value)
+                    u.op == "call_method" and u.target == "to" or u.name not in dep
+                    for u in node.users):
+                # (x.device / a float x.dtype, read by .to(...): no value; or by a tensor
+                # made in forward, torch.tensor(..., device=x.device), refused itself)
+                continue
             if node.op == "call_function" and node.target is operator.getitem \
                     and all(shape_of(a) is None for a in node.all_input_nodes):
                 continue
