@@ -20,6 +20,7 @@ import torch
 import torch.fx as fx
 from torch import Tensor, nn
 
+from ._hints import unsupported_hint
 from ._modelinfo import model_dtype_device, unwrap_model, wrapper_problem
 from ._precision import exact_float32
 from .errors import InputError, UnsupportedModelError, WeightsError
@@ -27,6 +28,8 @@ from .ops.base import Op
 from .ops.conv import conv2d_op
 from .ops.elementwise import clamp_rule, identity_rule, reshape_rule
 from .ops.linear import linear_op
+from .ops.padding import ZeroPadOp, fold_zero_padding
+from .ops.pooling import SpatialMean, spatial_mean_rule
 from .ops.registry import (
     _COMPUTING_METHODS,
     AUXILIARY_METHODS,
@@ -849,8 +852,11 @@ def trace_model(model: nn.Module, input_shape: Sequence[int]) -> list[Op]:
                     and len(node.args) > 1 and node.args[1] in ("shape",):
                 continue
             if (_device_of(node) or _float_dtype_of(node, rec.values)) and all(
-                    u.op == "call_method" and u.target == "to" for u in node.users):
-                continue  # (x.device / a float x.dtype, read by .to(...): no value)
+                    u.op == "call_method" and u.target == "to" or u.name not in dep
+                    for u in node.users):
+                # (x.device / a float x.dtype, read by .to(...): no value; or by a tensor
+                # made in forward, torch.tensor(..., device=x.device), refused itself)
+                continue
             if node.op == "call_function" and node.target is operator.getitem \
                     and all(shape_of(a) is None for a in node.all_input_nodes):
                 continue
@@ -891,7 +897,13 @@ def trace_model(model: nn.Module, input_shape: Sequence[int]) -> list[Op]:
                              "nn.Conv2d"))
             current = node
             continue
-        if len(tensor_inputs) != 1 or tensor_inputs[0] is not current:
+        if len(tensor_inputs) == 1 and tensor_inputs[0] is not current:
+            problems.append((where, kind, "not a chain: a branch (its input also feeds "
+                             "another layer; parallel branches, joined by torch.cat or a "
+                             "residual addition, are not supported)"))
+            current = node
+            continue
+        if len(tensor_inputs) != 1:
             problems.append((where, kind, "not a chain: takes "
                              f"{len(tensor_inputs)} tensor input(s) / branches off the chain "
                              "(residual or multi-input connections are not supported)"))
@@ -923,6 +935,11 @@ def trace_model(model: nn.Module, input_shape: Sequence[int]) -> list[Op]:
             if rule is clamp_rule:
                 module = _clamp_from_call(str(node.target), tuple(node.args[1:]),
                                           dict(node.kwargs))
+            if rule is spatial_mean_rule:
+                try:
+                    module = SpatialMean(*node.args[1:], **node.kwargs)
+                except TypeError:
+                    module = None  # (the rule refuses it)
             if rule is None and node.target == "to" and _moves_only(node, rec.values):
                 rule = identity_rule
             if node.target == "view" and rule is reshape_rule and any(
@@ -959,8 +976,14 @@ def trace_model(model: nn.Module, input_shape: Sequence[int]) -> list[Op]:
             continue
         if rule is None:
             detail = _cast_detail(node, rec.values) or ""
+            hint = unsupported_hint(node, module, current is not None
+                                    and current.op == "placeholder")
             if module is not None:
                 detail = repr(module).split("\n")[0][:80]
+                if hint and node.op == "call_module":
+                    detail = f"{detail}: {hint}"
+                elif hint:
+                    detail = hint
                 patched = [n for n in _COMPUTING_METHODS if n in vars(module)]
                 if patched and node.op == "call_module":
                     detail = (f"{', '.join(patched)} replaced on the instance: lipbound "
@@ -971,7 +994,7 @@ def trace_model(model: nn.Module, input_shape: Sequence[int]) -> list[Op]:
                               f"the class {type(module).__name__} (or a base): lipbound "
                               "analyses the original computation; restore the class's method "
                               "or write a subclass of your own")
-            problems.append((where, kind, detail or "no rule for this operation"))
+            problems.append((where, kind, detail or hint or "no rule for this operation"))
             current = node
             continue
         try:
@@ -981,8 +1004,11 @@ def trace_model(model: nn.Module, input_shape: Sequence[int]) -> list[Op]:
             current = node
             continue
         new_ops = list(op) if isinstance(op, (list, tuple)) else [op]  # (a clamp: a chain)
-        if any(o.kind == "reshape" for o in new_ops) \
-                and math.prod(in_shape[1:]) != math.prod(shape[1:]):
+        for o in new_ops:
+            if isinstance(o, ZeroPadOp):  # (named in an error if it cannot be folded)
+                o.where, o.what = where, kind
+        if any(o.kind == "reshape" and math.prod(o.in_shape) != math.prod(o.out_shape)
+               for o in new_ops):
             problems.append((where, kind, "reshape changes the number of elements"))
         ops.extend(new_ops)
         current = node
@@ -991,6 +1017,9 @@ def trace_model(model: nn.Module, input_shape: Sequence[int]) -> list[Op]:
             where, kind = _describe(node, gm)
             if not any(p[0] == where for p in problems):
                 problems.append((where, kind, "returns a tuple, not a tensor"))
+    # zero padding right before a convolution: that convolution with the larger padding
+    ops, pad_problems = fold_zero_padding(ops)
+    problems.extend(pad_problems)
     if problems:
         raise UnsupportedModelError(problems)
     ops = [op.to(device) for op in ops]

@@ -221,6 +221,14 @@ def _resolve(model: nn.Module | Analyzer | None, analyzer: Analyzer | None, x0: 
 def _problem(an: Analyzer, x0: Tensor) -> _Problem:
     x0 = check_input(x0, an.input_shape)
     out_shape = tuple(an.output_shape)
+    if out_shape in ((1,), (1, 1)):
+        raise InputError(
+            f"a certified radius needs class scores, shape (1, n) with n >= 2; this model "
+            f"gives one output per sample (per-sample shape {out_shape}), as a binary "
+            "classifier with one logit z (class z > 0) does. Give it two scores (0, z), with "
+            "the same class and the same Lipschitz constant: head = nn.Linear(1, 2); "
+            "head.weight.data = torch.tensor([[0.0], [1.0]]); head.bias.data.zero_(); "
+            "model2 = nn.Sequential(model, nn.Flatten(), head).eval()")
     if len(out_shape) != 1 or out_shape[0] < 2:
         raise InputError(
             f"a certified radius needs a model whose output is a vector of class scores of "

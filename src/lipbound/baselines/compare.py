@@ -235,6 +235,11 @@ _FC_ONLY = {"exact-l2", "recurjac", "fastlip", "autolip", "seqlip", "lipsdp-neur
 
 
 def _short_note(exc: BaseException) -> str:
+    if type(exc) is UnsupportedModelError and exc.nodes:
+        # (its first line alone, "the model has 1 unsupported operation(s):", named none)
+        return f"the model has {len(exc.nodes)} unsupported operation(s): " + "; ".join(
+            f"{where}: {kind}" + (f" ({detail})" if detail else "")
+            for where, kind, detail in exc.nodes)
     text = str(exc).strip().splitlines()
     return text[0] if text else type(exc).__name__
 

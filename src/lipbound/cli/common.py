@@ -13,7 +13,7 @@ import os
 import re
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -512,6 +512,19 @@ def load_user_factory(spec: str) -> tuple[nn.Module, dict]:
     return out, info
 
 
+def _owner_prefix(state: Any, expected: Any) -> str | None:
+    """The first name component (with its dot) that every key of ``state`` shares when
+    removing it leaves exactly the model's ``expected`` keys (``model.`` of a PyTorch Lightning
+    checkpoint, whose LightningModule holds the network as ``self.model``); else None."""
+    if not isinstance(state, Mapping) or not state or set(state) == set(expected):
+        return None
+    heads = {str(k).partition(".")[0] for k in state}
+    if len(heads) != 1 or not all("." in str(k) for k in state):
+        return None
+    owner = heads.pop() + "."
+    return owner if {str(k)[len(owner):] for k in state} == set(expected) else None
+
+
 def load_state_dict_file(model: nn.Module, path: str) -> None:
     """Load the ``--weights`` file into a user's model: the checkpoint layouts, wrapper
     prefixes and value checks of the zoo's weight files (:mod:`lipbound.zoo.weights`), in
@@ -529,6 +542,16 @@ def load_state_dict_file(model: nn.Module, path: str) -> None:
     sd, _ = read_checkpoint(p, unwrap=False)  # (unwrapped below, against the model's keys)
     expected = model.state_dict()
     sd = unwrapped_state(sd, expected)  # saved from a DataParallel / compiled model
+    owner = _owner_prefix(sd, expected)
+    if owner is not None:
+        # (not stripped: a wrapper's other layers may compute too; the user says what to load)
+        raise WeightsError(
+            f"weights file {p} does not match the model: every key starts with {owner!r} and "
+            "without it the keys are exactly the model's, so the file holds the network as "
+            f"the attribute {owner[:-1]!r} of a wrapper (e.g. a PyTorch Lightning module); "
+            f"save that network's own state dict (torch.save(wrapper.{owner[:-1]}.state_dict(), "
+            "path), or {k.removeprefix(" + repr(owner) + "): v for k, v in "
+            "state_dict.items()}) and pass that file")
     check_values(sd, expected, source=str(p))
     try:
         model.load_state_dict(sd, strict=True)

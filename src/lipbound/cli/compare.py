@@ -101,6 +101,10 @@ def run(args: argparse.Namespace) -> int:
                       if " an exact FC ReLU chain of widths " in part), None)
         if chain is not None:
             print(f"note: the rival methods ran on the {chain} (same function)")
+        own = next((r for r in rows if r.method in ("local", "global")
+                    and r.note.startswith("not supported: the model has")), None)
+        if own is not None:  # (the table's column shows its beginning only)
+            print(f"note: {own.method}: {own.note}")
         for n in loaded.notes:
             print(f"note: {n}")
         if bad:

@@ -107,6 +107,28 @@ def maxpool2d_rule(module: nn.Module, name: str, in_shape, out_shape) -> MaxPool
     return op
 
 
+def adaptive_maxpool2d_rule(module: nn.Module, name: str, in_shape, out_shape) -> MaxPoolOp:
+    """``nn.AdaptiveMaxPool2d`` / ``F.adaptive_max_pool2d`` where the input's height and width
+    are multiples of the output's: its windows ``[floor(i H / h), ceil((i + 1) H / h))`` are
+    then exactly those of ``MaxPool2d(kernel_size=H / h, stride=H / h)`` (and alike in width),
+    analysed by that rule. Windows of varying size are refused."""
+    if not isinstance(module, nn.AdaptiveMaxPool2d):
+        raise TypeError(f"rule called with {type(module).__name__}")
+    if module.return_indices:
+        raise NotImplementedError("return_indices=True")
+    if len(in_shape) != 3:
+        raise NotImplementedError(_NO_CHANNELS.format(shape=tuple(in_shape)))
+    h, w = in_shape[-2:]
+    ho, wo = out_shape[-2:]
+    if ho < 1 or wo < 1 or h % ho or w % wo:
+        raise NotImplementedError(
+            f"adaptive max pooling of {h}x{w} to {ho}x{wo}: windows of varying size; it is "
+            "supported where the input's height and width are multiples of the output's "
+            "(it is then MaxPool2d with kernel_size = stride = input size / output size)")
+    k = (h // ho, w // wo)
+    return MaxPoolOp(name, in_shape, out_shape, k, k, 0, 1, False)
+
+
 _NO_CHANNELS = ("average pooling of a per-sample tensor of shape {shape} without a channel "
                 "dimension; give the input a channel dimension: input_shape (1, H, W), or "
                 "x.view(x.size(0), 1, H, W) in forward (x.unsqueeze has no rule)")
@@ -226,3 +248,40 @@ def adaptive_avgpool2d_rule(module: nn.Module, name: str, in_shape, out_shape):
             for r in range(r0, r1):
                 pmat[i * wo + j, r * w + c0:r * w + c1] = 1.0 / cnt
     return SpatialMatrixOp(name, in_shape, out_shape, pmat)
+
+
+class SpatialMean(nn.Module):
+    """The settings of a call ``x.mean(dim, keepdim)`` / ``torch.mean(x, dim, keepdim)`` (for
+    :func:`spatial_mean_rule`; never run)."""
+
+    def __init__(self, dim=None, keepdim: bool = False, dtype=None):
+        super().__init__()
+        self.dim = dim
+        self.keepdim = keepdim
+        self.dtype = dtype
+
+
+def spatial_mean_rule(module: nn.Module | None, name: str, in_shape, out_shape):
+    """``x.mean(dim=(2, 3))`` (or ``(-2, -1)``, with or without ``keepdim``) of a per-sample
+    ``(C, H, W)`` tensor: a global average pooling, ``AdaptiveAvgPool2d(1)`` (followed by the
+    reshape to ``(C,)`` without ``keepdim``), analysed by that rule. A mean over other
+    dimensions is refused."""
+    from .base import ReshapeOp
+
+    dims = None if module is None else module.dim
+    if isinstance(dims, int):
+        dims = (dims,)
+    ok = (isinstance(module, SpatialMean) and len(in_shape) == 3 and module.dtype is None
+          and isinstance(dims, (tuple, list)) and all(isinstance(d, int) for d in dims)
+          and sorted(d % 4 for d in dims) == [2, 3] and isinstance(module.keepdim, bool))
+    if not ok:
+        raise NotImplementedError(
+            "a mean is supported over the two spatial dimensions of a (N, C, H, W) tensor "
+            "only (x.mean(dim=(2, 3)), global average pooling); for other means write the "
+            "layer with supported ones (F.adaptive_avg_pool2d(x, 1).flatten(1) is the global "
+            "average pooling)")
+    c = in_shape[0]
+    pool = adaptive_avgpool2d_rule(nn.AdaptiveAvgPool2d(1), name, in_shape, (c, 1, 1))
+    if module.keepdim:
+        return pool
+    return [pool, ReshapeOp(name, (c, 1, 1), (c,))]

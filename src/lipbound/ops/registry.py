@@ -24,7 +24,15 @@ from .elementwise import (
     reshape_rule,
 )
 from .linear import linear_rule
-from .pooling import adaptive_avgpool2d_rule, avgpool2d_rule, maxpool2d_rule
+from .padding import FunctionalPad, zeropad_rule
+from .pooling import (
+    SpatialMean,
+    adaptive_avgpool2d_rule,
+    adaptive_maxpool2d_rule,
+    avgpool2d_rule,
+    maxpool2d_rule,
+    spatial_mean_rule,
+)
 from .scalar import arith_kind
 
 Rule = Callable[..., Op]
@@ -41,6 +49,7 @@ MODULE_RULES: dict[type, Rule] = {
     nn.MaxPool2d: maxpool2d_rule,
     nn.AvgPool2d: avgpool2d_rule,
     nn.AdaptiveAvgPool2d: adaptive_avgpool2d_rule,
+    nn.AdaptiveMaxPool2d: adaptive_maxpool2d_rule,
     nn.BatchNorm1d: batchnorm_rule,
     nn.BatchNorm2d: batchnorm_rule,
     nn.Dropout: identity_rule,
@@ -53,6 +62,10 @@ MODULE_RULES: dict[type, Rule] = {
     nn.Flatten: reshape_rule,
     nn.Unflatten: reshape_rule,
     Normalize: normalize_rule,
+    # zero padding: folded into the convolution after it (lipbound.ops.padding)
+    nn.ZeroPad2d: zeropad_rule,
+    nn.ConstantPad2d: zeropad_rule,
+    nn.ConstantPad1d: zeropad_rule,
 }
 
 
@@ -73,6 +86,18 @@ def _module_from_call(fn, args: tuple, kwargs: dict) -> nn.Module | None:
     if fn is F.adaptive_avg_pool2d:
         kw = dict(zip(["output_size"], args, strict=False)) | kwargs
         return nn.AdaptiveAvgPool2d(**kw)
+    if fn is F.adaptive_max_pool2d:
+        kw = dict(zip(["output_size", "return_indices"], args, strict=False)) | kwargs
+        return nn.AdaptiveMaxPool2d(**kw)
+    if fn is torch.mean:
+        kw = dict(zip(["dim", "keepdim"], args, strict=False)) | kwargs
+        try:
+            return SpatialMean(**kw)
+        except TypeError:  # (another keyword: the rule refuses the mean)
+            return SpatialMean()
+    if fn is F.pad:
+        kw = dict(zip(["pad", "mode", "value"], args, strict=False)) | kwargs
+        return FunctionalPad(kw.get("pad", ()), kw.get("mode", "constant"), kw.get("value"))
     clamp = _clamp_from_call(fn, args, kwargs)
     if clamp is not None:
         return clamp
@@ -152,6 +177,9 @@ FUNCTION_RULES: dict[object, Rule] = {
     F.max_pool2d: lambda m, *a: maxpool2d_rule(m, *a),
     F.avg_pool2d: lambda m, *a: avgpool2d_rule(m, *a),
     F.adaptive_avg_pool2d: lambda m, *a: adaptive_avgpool2d_rule(m, *a),
+    F.adaptive_max_pool2d: lambda m, *a: adaptive_maxpool2d_rule(m, *a),
+    F.pad: zeropad_rule,
+    torch.mean: spatial_mean_rule,
 }
 
 METHOD_RULES: dict[str, Rule] = {
@@ -174,6 +202,7 @@ METHOD_RULES: dict[str, Rule] = {
     "detach": identity_rule,
     "float": identity_rule,
     "double": identity_rule,
+    "mean": spatial_mean_rule,
 }
 
 # function/method targets that produce no tensor on the chain (shape queries); allowed.
