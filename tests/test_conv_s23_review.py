@@ -126,7 +126,9 @@ def test_kept_fast_run_covers_products_with_errors_of_the_stated_size(monkeypatc
     eigenvector, with the sign of the input's component on it (a pattern the error bound
     allows), lower the Ritz value by ~8.8 η relative: the former factor 1 + 4 η reported less
     than the same run with exact products (the a posteriori bound is switched off so that both
-    report the Kuczynski-Wozniakowski value of the same Krylov dimension)."""
+    report the Kuczynski-Wozniakowski value of the same Krylov dimension). Fast products are
+    off by default since session 24 (``FAST_REL_ERROR = 0``): this checks the opt-in path."""
+    monkeypatch.setattr(spectral, "FAST_REL_ERROR", 1e-8)
     monkeypatch.setattr(spectral, "overlap_floor", lambda n, fp: None)
     n = 2000
     s = (torch.linspace(0.0, 1.0, n, dtype=DT) ** 0.5).sqrt()  # ||M|| = 1, a slow top

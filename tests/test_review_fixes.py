@@ -175,8 +175,9 @@ def test_two_threads_on_one_analyzer_give_the_sequential_bounds():
             p.copy_(torch.randn(p.shape, generator=g, dtype=DT) * 0.1)
     net.eval()
     xs = [torch.randn(1, 24, 26, 26, generator=g, dtype=DT) for _ in range(2)]
-    old = (wmod.MIN_MIXING, wmod.MIN_OUTPUT_PIXELS)
-    wmod.MIN_MIXING, wmod.MIN_OUTPUT_PIXELS = 8.0, 16
+    old = (wmod.MIN_MIXING, wmod.MIN_OUTPUT_PIXELS, spectral_mod.FAST_REL_ERROR)
+    # (fast products are off by default since session 24: the opt-in path uses the buffers)
+    wmod.MIN_MIXING, wmod.MIN_OUTPUT_PIXELS, spectral_mod.FAST_REL_ERROR = 8.0, 16, 1e-8
     try:
         an = Analyzer(net, (24, 26, 26), spectral="lanczos", lanczos_steps=16)
         assert an.blocks[0].fast_error() is not None  # Winograd in use
@@ -191,7 +192,7 @@ def test_two_threads_on_one_analyzer_give_the_sequential_bounds():
         for t in threads:
             t.join()
     finally:
-        wmod.MIN_MIXING, wmod.MIN_OUTPUT_PIXELS = old
+        wmod.MIN_MIXING, wmod.MIN_OUTPUT_PIXELS, spectral_mod.FAST_REL_ERROR = old
     assert got == pytest.approx(seq, rel=1e-12)
 
 
@@ -211,8 +212,9 @@ def test_analyzers_with_winograd_layers_copy_and_pickle():
             p.copy_(torch.randn(p.shape, generator=g, dtype=DT) * 0.1)
     net.eval()
     x0 = torch.randn(1, 16, 12, 12, generator=g, dtype=DT)
-    old = (wmod.MIN_MIXING, wmod.MIN_OUTPUT_PIXELS)
-    wmod.MIN_MIXING, wmod.MIN_OUTPUT_PIXELS = 4.0, 16
+    old = (wmod.MIN_MIXING, wmod.MIN_OUTPUT_PIXELS, spectral_mod.FAST_REL_ERROR)
+    # (fast products are off by default since session 24: the opt-in path uses the buffers)
+    wmod.MIN_MIXING, wmod.MIN_OUTPUT_PIXELS, spectral_mod.FAST_REL_ERROR = 4.0, 16, 1e-8
     try:
         an = Analyzer(net, (16, 12, 12), spectral="lanczos", lanczos_steps=12)
         assert an.blocks[0].fast_error() is not None  # Winograd in use
@@ -220,7 +222,7 @@ def test_analyzers_with_winograd_layers_copy_and_pickle():
         for twin in (copy.deepcopy(an), pickle.loads(pickle.dumps(an))):
             assert twin.local_bound(x0, 0.05).value == pytest.approx(first, rel=1e-12)
     finally:
-        wmod.MIN_MIXING, wmod.MIN_OUTPUT_PIXELS = old
+        wmod.MIN_MIXING, wmod.MIN_OUTPUT_PIXELS, spectral_mod.FAST_REL_ERROR = old
 
 
 @pytest.mark.parametrize("scale", [1e-30, 1.0, 1e30])

@@ -20,6 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from . import _parallel
+from . import spectral as _spectral_mod
 from ._indexing import gather_cols, scatter_cols
 from ._modelinfo import (
     changed_contents,
@@ -222,6 +223,16 @@ DENSE_BLOCK_MIN = 2_000_000
 """Dense matrices with fewer entries (16 MB) stay with single-vector runs: they are read
 from the cache, so a block of products costs nearly a block of single ones (CIFAR-10's
 1600 x 512 layer: no faster, and 0.3 % looser on its trained weights)."""
+
+
+def _fast_error(b: Block) -> float | None:
+    """``b.fast_error()`` when Lanczos runs may use fast (Winograd) products
+    (``lipbound.spectral.FAST_REL_ERROR > 0``, an opt-in), else None: with them off (the
+    default) the fast products, and their transformed kernels, are not even built."""
+    if _spectral_mod.FAST_REL_ERROR <= 0.0:
+        return None
+    fe = getattr(b, "fast_error", None)
+    return fe() if fe is not None else None
 
 
 def _block_size(b: AffineBlock, entries: int | None = None) -> int:
@@ -742,7 +753,7 @@ class Analyzer:
             rows=torch.arange(b.out_dim, device=self.device), device=self.device,
             dense=b.dense_fn(), apply_flops=b.apply_flops(), mode=self.spectral,
             steps=self.lanczos_steps, failure_prob=delta, generator=self._gen(10_000 + i),
-            certified_alternatives=alts, fast_error=b.fast_error(), block=_block_size(b),
+            certified_alternatives=alts, fast_error=_fast_error(b), block=_block_size(b),
             probe=probe, probe_step=probe_step)
 
     def _lanczos_first(self, b: AffineBlock, i: int, frob: float, delta: float
@@ -1070,7 +1081,7 @@ class Analyzer:
                                 mode=self.spectral, steps=self.lanczos_steps,
                                 failure_prob=delta, generator=self._gen(i, draw),
                                 certified_alternatives=tuple(alts), exact_budget=EXACT_BUDGET,
-                                warm=warm, fast_error=lb.fast_error(), block=_block_size(b),
+                                warm=warm, fast_error=_fast_error(lb), block=_block_size(b),
                                 compact_maps=_masked_maps(lb, lr, ld, lrows, lcols))
             if sb.vector is not None and in_ch is not None and sb.vector.numel() != b.in_dim:
                 # an image of the channel subset's maps: back to the block's input space

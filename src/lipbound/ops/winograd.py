@@ -21,8 +21,12 @@ the error is not confined to the active entries of a masked operator: the tile t
 mix all taps, so a tiny masked operator next to large taps can be computed with a large
 relative error. :meth:`WinogradConv.error_bound` gives a rigorous worst-case bound ``Δ``
 (``||ŷ - y|| <= Δ ||x||``); the products are used only inside :func:`enabled` blocks, which
-:func:`lipbound.spectral.spectral_upper` opens around a Lanczos run and keeps only when
-``Δ`` is negligible against the operator's norm estimate (else it repeats the run with
+:func:`lipbound.spectral.spectral_upper` opens around a Lanczos run only when
+``lipbound.spectral.FAST_REL_ERROR`` is positive (opt-in since session 24: products that err
+by ``Δ`` in the worst case can hide the top singular value from a run with a probability
+``~ Δ / ||M|| sqrt(2n/π)`` that no inflation of its value repairs, above the failure
+probability a layer is given; see ``docs/guarantees.md``) and keeps only when ``Δ`` is
+below that fraction of the operator's norm estimate (else it repeats the run with
 ``conv2d``). Dense matrices, the exact route, row norms and forward passes never use them.
 
 The transposed convolution (stride 1) is the correlation of the output with the spatially
