@@ -155,7 +155,7 @@ def test_kept_fast_run_covers_products_with_errors_of_the_stated_size(monkeypatc
         plain = spectral_upper(mv, rmv, generator=torch.Generator().manual_seed(seed), **kw)
         fast = spectral_upper(mv, rmv, generator=torch.Generator().manual_seed(seed),
                               fast_error=eps, **kw)
-        assert plain.method == fast.method == "lanczos"
+        assert plain.method == "lanczos" and fast.method == "lanczos-winograd"
         assert fast.estimate < plain.estimate  # the fast run was kept, and its products erred
         assert fast.value >= plain.value >= 1.0
 

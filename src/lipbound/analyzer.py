@@ -227,8 +227,8 @@ from the cache, so a block of products costs nearly a block of single ones (CIFA
 
 def _fast_error(b: Block) -> float | None:
     """``b.fast_error()`` when Lanczos runs may use fast (Winograd) products
-    (``lipbound.spectral.FAST_REL_ERROR > 0``, an opt-in), else None: with them off (the
-    default) the fast products, and their transformed kernels, are not even built."""
+    (``lipbound.spectral.FAST_REL_ERROR > 0``, the default), else None: with them off the fast
+    products, and their transformed kernels, are not even built."""
     if _spectral_mod.FAST_REL_ERROR <= 0.0:
         return None
     fe = getattr(b, "fast_error", None)

@@ -69,28 +69,32 @@ MapFn = Callable[[Tensor], Tensor]
 SAFETY = 1e-9
 """Relative margin added to every floating-point spectral value (covers float64 rounding)."""
 
-FAST_REL_ERROR = 0.0
+FAST_REL_ERROR = 1e-8
 """Largest worst-case error of fast (Winograd) products, relative to the operator's norm
 estimate, with which a Lanczos run is kept (its value then multiplied by
-:func:`fast_inflation`); 0 (the default): fast products are never used in a run, which is
-made with ``conv2d`` products.
+:func:`fast_inflation`, its spectral method labelled ``"lanczos-winograd"``); above it the run
+is repeated with ``conv2d`` products. Set it to 0 to make every run with ``conv2d`` products
+(the transformed kernels are then not even built; VGG-16's local bound about 1.6x slower).
 
-Why 0 (review of session 24, see ``docs/guarantees.md``, "Fast products"): the probabilistic
-bounds of a run (Kuczyński-Woźniakowski and the a posteriori Christoffel bound) are
-statements about the Krylov space of the *exact* operator from a uniform start. Products that
-err by up to ``η ||M||`` can make a run *exactly* the Lanczos run of another operator: with
-``e(x) = -(σ₁ - σ') <v₁, x> u₁`` in ``mv`` (within the bound while ``|<v₁, x>|`` stays below
-``η ||M|| / (σ₁ - σ')``), ``rmv(mv(x)) = Ã x`` for the PSD ``Ã = M^T M - σ₁ (σ₁ - σ') v₁ v₁^T``,
-whose top eigenvalue can be far below ``σ₁²``. A run from a start with ``|<q₁, v₁>|`` of the
-order of ``η`` then reports a bound on ``||Ã||`` (a 400 x 400 operator of norm 2 with
-``η = 9e-9``: 1.02 with the former threshold 1e-8, where the same start with exact products
-gives 2.000000002). Such starts have probability about ``η sqrt(2 (n - 1) / π)``, no matter
-how the run's values are inflated: ~1e-7 for AlexNet's and VGG-16's Winograd layers (``η``
-3e-10 to 1.6e-9 of the unmasked norms, 3e4 to 3e6 coordinates), above the failure
-probability a layer is given. Setting this to 1e-8 restores the former behaviour (up to 4x
-faster products on VGG-16's large layers), whose guarantee then assumes that the products'
-rounding is not aligned with the top singular vectors (as every run assumes for ``conv2d``'s
-own worst-case rounding, 100-300x smaller there)."""
+What a kept run's guarantee assumes (review of session 24, ``docs/guarantees.md``, "Fast
+products"): the probabilistic bounds of a run (Kuczyński-Woźniakowski and the a posteriori
+Christoffel bound) are statements about the Krylov space of the *exact* operator from a
+uniform start. Products that err by up to ``η ||M||`` *in a direction chosen against the
+run* can make it exactly the Lanczos run of another operator: with ``e(x) = -(σ₁ - σ') <v₁,
+x> u₁`` in ``mv`` (within the bound while ``|<v₁, x>|`` stays below ``η ||M|| / (σ₁ -
+σ')``), ``rmv(mv(x)) = Ã x`` for the PSD ``Ã = M^T M - σ₁ (σ₁ - σ') v₁ v₁^T``. A run from a
+start with ``|<q₁, v₁>|`` of the order of ``η`` then reports a bound on ``||Ã||`` (a 400 x 400
+operator of norm 2 with ``η = 9e-9``: 1.02, where the same start with exact products gives
+2.000000002). Such starts have probability about ``η sqrt(2 (n - 1) / π)`` whatever the
+inflation: 1e-7 to 1e-6 for AlexNet's and VGG-16's Winograd layers (``η`` 3e-10 to 1.6e-9 of
+the unmasked norms), about the failure probability a layer is given. The same construction
+applies to ``conv2d``'s own worst-case rounding (``η`` 7e-13 to 1.5e-11 here) at the level of
+tight a posteriori bounds, so *every* float64 Lanczos run rests on the assumption that the
+products' rounding is not aligned with the operator's unknown top singular vector (the
+backward-stability argument of docs/guarantees.md); runs with fast products rest on it with a
+worst-case error 100-300x larger. The real Winograd rounding is 1e4-1e5 below its bound
+(about that of ``conv2d``) and no violation was found with it. Whether to keep them by default
+is recorded as an open decision (session 24's note)."""
 
 
 def fast_inflation(eta: float, k: int) -> float:
@@ -114,7 +118,7 @@ def fast_inflation(eta: float, k: int) -> float:
     This covers only how far the computed Ritz value can sit below that of the computed
     basis. It does not make the run's probabilistic bounds hold at their failure probability
     for products that err by ``η`` in the worst case: no factor does (see
-    :data:`FAST_REL_ERROR`, why fast products are off by default)."""
+    :data:`FAST_REL_ERROR`: what a kept run's guarantee assumes)."""
     return 1.0 + 2.0 * (1.0 + math.sqrt(max(1, k))) * eta
 
 
@@ -144,8 +148,9 @@ class SpectralBound:
         value: the bound.
         guarantee: CERTIFIED or PROBABILISTIC.
         failure_prob: probability the bound fails (0 if certified).
-        method: ``"svd"``, ``"lanczos"``, ``"block-lanczos"``, ``"lanczos-full"``,
-            ``"frobenius"``, ``"fft-circulant"``, ``"zero"`` or a given alternative's label.
+        method: ``"svd"``, ``"lanczos"``, ``"block-lanczos"``, ``"lanczos-winograd"`` (a
+            kept run with fast products), ``"lanczos-full"``, ``"frobenius"``,
+            ``"fft-circulant"``, ``"zero"`` or a given alternative's label.
         estimate: the raw (lower) estimate before inflation, for information.
         vector: the top right singular vector estimate (flat, on the operator's device), used
             to warm-start a later computation; ``None`` if not available.
@@ -658,14 +663,14 @@ def spectral_upper(mv: Callable[[Tensor], Tensor], rmv: Callable[[Tensor], Tenso
         warm: vectors (flat ``n_in``) added to the Lanczos subspace.
         fast_error: when given, the Lanczos products may use fast (Winograd) convolutions
             whose absolute error is at most ``fast_error ||x||`` for ``mv`` and ``rmv`` (masks
-            included). With the default ``FAST_REL_ERROR = 0`` they are not used (the run is
-            made with ``conv2d`` products; an all-zero kernel, ``fast_error == 0``, has exact
-            fast products). With ``FAST_REL_ERROR > 0`` the run is kept only if the error is
-            below ``FAST_REL_ERROR`` times its norm estimate, otherwise it is repeated with
-            the same start vector and ``conv2d`` products; a kept run's value is multiplied
-            by :func:`fast_inflation` of ``fast_error / estimate`` and the number of products
-            in its basis (its failure probability then assumes rounding not aligned with the
-            top singular vectors: see :data:`FAST_REL_ERROR`).
+            included). The run is kept only if the error is below ``FAST_REL_ERROR`` (default
+            1e-8; 0: never used, the run is made with ``conv2d`` products) times its norm
+            estimate, otherwise it is repeated with the same start vector and ``conv2d``
+            products (an all-zero kernel, ``fast_error == 0``, has exact fast products); a
+            kept run's value is multiplied by :func:`fast_inflation` of ``fast_error /
+            estimate`` and the number of products in its basis, and its method is
+            ``"lanczos-winograd"`` (its failure probability assumes rounding not aligned with
+            the top singular vectors: see :data:`FAST_REL_ERROR`).
         block: block size of the Lanczos run (1: single vector; ``b > 1``: block Lanczos,
             cheaper where ``b`` products cost little more than one, e.g. memory-bound dense
             layers; its a posteriori bound takes ``BLOCK_SHARE`` of the failure probability).
@@ -788,7 +793,7 @@ def spectral_upper(mv: Callable[[Tensor], Tensor], rmv: Callable[[Tensor], Tenso
         fe = fast_error
         if fe is not None and fe > 0.0 and (
                 FAST_REL_ERROR <= 0.0 or (alts and fe > FAST_REL_ERROR * alts[0][0])):
-            # fast products off (the default, see FAST_REL_ERROR), or the norm is below a
+            # fast products off (FAST_REL_ERROR = 0), or the norm is below a
             # certified bound too small for them: conv2d products from the start
             fe = None
         if fe is not None and math.isfinite(fe):
@@ -974,6 +979,8 @@ def bound_from_run(res: LanczosResult, n_used: int, failure_prob: float,
         if math.isfinite(val):
             val *= (1 + SAFETY) * fast_infl
         method = "lanczos" if res.block == 1 else "block-lanczos"
+        if fast_infl > 1.0:  # a kept run with fast products (see FAST_REL_ERROR)
+            method += "-winograd"
         cand = SpectralBound(val, Guarantee.PROBABILISTIC, failure_prob, method, est, vec)
     if alts and alts[0][0] <= cand.value:
         return SpectralBound(alts[0][0], Guarantee.CERTIFIED, 0.0, alts[0][1], est, vec)

@@ -53,7 +53,7 @@ class ConvOp(MixingOp):
 
     Inside :func:`lipbound.ops.winograd.enabled` (the Lanczos runs of
     :func:`lipbound.spectral.spectral_upper`, only when ``lipbound.spectral.FAST_REL_ERROR``
-    is positive, an opt-in since session 24, and when their product error is below it),
+    is positive, the default, and when their product error is below it),
     :meth:`lin` and :meth:`lin_t` of large 3x3 stride-1 layers on the CPU use Winograd's
     F(4x4, 3x3) (:mod:`lipbound.ops.winograd`); set the class attribute
     ``use_winograd = False`` to use ``conv2d`` everywhere."""

@@ -22,10 +22,11 @@ mix all taps, so a tiny masked operator next to large taps can be computed with 
 relative error. :meth:`WinogradConv.error_bound` gives a rigorous worst-case bound ``Δ``
 (``||ŷ - y|| <= Δ ||x||``); the products are used only inside :func:`enabled` blocks, which
 :func:`lipbound.spectral.spectral_upper` opens around a Lanczos run only when
-``lipbound.spectral.FAST_REL_ERROR`` is positive (opt-in since session 24: products that err
-by ``Δ`` in the worst case can hide the top singular value from a run with a probability
-``~ Δ / ||M|| sqrt(2n/π)`` that no inflation of its value repairs, above the failure
-probability a layer is given; see ``docs/guarantees.md``) and keeps only when ``Δ`` is
+``lipbound.spectral.FAST_REL_ERROR`` is positive (the default, 1e-8; products that err by
+``Δ`` in a direction chosen against the run could hide the top singular value from it with a
+probability ``~ Δ / ||M|| sqrt(2n/π)`` that no inflation repairs, so a kept run's guarantee
+assumes rounding not aligned with the top singular vector, as every float64 run does; see
+``docs/guarantees.md``) and keeps only when ``Δ`` is
 below that fraction of the operator's norm estimate (else it repeats the run with
 ``conv2d``). Dense matrices, the exact route, row norms and forward passes never use them.
 
