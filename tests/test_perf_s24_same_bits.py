@@ -1,0 +1,80 @@
+"""Session 24's fast paths give the same bits as the forms they replace.
+
+Each test runs the fast path and a reference (the code it replaced, kept here) on random
+inputs, edge values included (signed zeros, subnormals, inf, NaN where they can occur), and
+compares bit patterns, not values within a tolerance. No timing is asserted
+(benchmarks/README.md, "Session 24", has the measurements).
+"""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from lipbound.ops import winograd
+from lipbound.ops.winograd import TILE, WinogradConv
+
+pytestmark = pytest.mark.usefixtures("torch_one_thread")
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    return t.contiguous().view(torch.int64)
+
+
+def _edges(t: torch.Tensor, gen: torch.Generator, values=(-0.0, 0.0, 5e-324, -2.0 ** -1070,
+                                                           1e300, -1e-310)) -> torch.Tensor:
+    flat = t.view(-1)
+    idx = torch.randperm(flat.numel(), generator=gen)[:min(flat.numel(), len(values))]
+    flat[idx] = torch.tensor(values[:idx.numel()], dtype=t.dtype)
+    return t
+
+
+# --- WinogradConv._transform: the tap-major copy in row blocks ------------------------------
+
+def _transform_permuted(g: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """The permuted copy sessions up to 23 made."""
+    u = g @ w @ g.T
+    k, c = w.shape[:2]
+    return u.permute(2, 3, 0, 1).reshape(TILE * TILE, k, c).contiguous()
+
+
+@pytest.mark.parametrize("r", [3, 5])
+def test_kernel_transform_is_the_permuted_copy_bit_for_bit(r):
+    rng = random.Random(24)
+    gen = torch.Generator().manual_seed(24)
+    _, g, _ = winograd.toom_cook(winograd.OUTPUT_TILE[r], r)
+    # below, at and above one block of rows, and not a multiple of it
+    for k, c in [(1, 1), (3, 5), (32, 32), (16, 64), (64, 17), (33, 65), (96, 48),
+                 (rng.randint(40, 90), rng.randint(40, 90))]:
+        w = _edges(torch.randn(k, c, r, r, generator=gen, dtype=torch.float64), gen)
+        for kernel in (w, torch.flip(w, dims=(2, 3)).transpose(0, 1)):  # (_u and _ut)
+            got, ref = WinogradConv._transform(g, kernel), _transform_permuted(g, kernel)
+            assert got.shape == ref.shape and got.is_contiguous()
+            assert torch.equal(_bits(got), _bits(ref))
+
+
+def test_kernel_transform_blocks_cover_every_row(monkeypatch):
+    # a small block size: many blocks and a short last one
+    monkeypatch.setattr(winograd, "TRANSPOSE_ROWS", 7)
+    gen = torch.Generator().manual_seed(5)
+    _, g, _ = winograd.toom_cook(4, 3)
+    w = torch.randn(9, 10, 3, 3, generator=gen, dtype=torch.float64)
+    w.view(-1)[::11] = float("nan")
+    got, ref = WinogradConv._transform(g, w), _transform_permuted(g, w)
+    assert torch.equal(_bits(got), _bits(ref))
+
+
+def test_winograd_products_unchanged_with_the_new_layout(monkeypatch):
+    gen = torch.Generator().manual_seed(3)
+    for r, pad in [(3, (1, 1)), (5, (2, 2))]:
+        w = torch.randn(40, 30, r, r, generator=gen, dtype=torch.float64)
+        x = torch.randn(2, 30, 13, 13, generator=gen, dtype=torch.float64)
+        y = torch.randn(2, 40, 13, 13, generator=gen, dtype=torch.float64)
+        fast = WinogradConv(w, pad)
+        with monkeypatch.context() as m:
+            m.setattr(WinogradConv, "_transform", staticmethod(_transform_permuted))
+            ref = WinogradConv(w, pad)
+        assert torch.equal(_bits(fast.conv(x)), _bits(ref.conv(x)))
+        assert torch.equal(_bits(fast.conv_t(y)), _bits(ref.conv_t(y)))
