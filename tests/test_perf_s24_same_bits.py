@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from lipbound.ops import winograd
+from lipbound.ops.linear import LinearOp
 from lipbound.ops.winograd import TILE, WinogradConv
 
 pytestmark = pytest.mark.usefixtures("torch_one_thread")
@@ -78,3 +79,48 @@ def test_winograd_products_unchanged_with_the_new_layout(monkeypatch):
             ref = WinogradConv(w, pad)
         assert torch.equal(_bits(fast.conv(x)), _bits(ref.conv(x)))
         assert torch.equal(_bits(fast.conv_t(y)), _bits(ref.conv_t(y)))
+
+
+# --- LinearOp.sq_rows of big layers: the squared chunks written into one buffer -------------
+
+def _sq_rows_fresh(op: LinearOp, w: torch.Tensor) -> torch.Tensor:
+    """The chunked form sessions up to 23 used (a fresh tensor per chunk)."""
+    out = []
+    for s in range(0, op.weight.shape[0], 512):
+        e = s + 512
+        a = op.weight[s:e] if op.err is None else op.weight[s:e].abs() + op.err[s:e]
+        out.append(w @ (a * a).T)
+    return torch.cat(out, dim=-1)
+
+
+@pytest.mark.parametrize("with_err", [False, True])
+def test_rows_sq_into_a_buffer_is_the_fresh_product(with_err):
+    gen = torch.Generator().manual_seed(11)
+    for rows, cols in [(1, 1), (5, 9), (600, 40), (1030, 33)]:
+        weight = _edges(torch.randn(rows, cols, generator=gen, dtype=torch.float64), gen,
+                        (-0.0, 0.0, 5e-324, -1e-170, 1e160, -2.0 ** -1030, float("inf")))
+        err = torch.rand(rows, cols, generator=gen, dtype=torch.float64) * 1e-16 \
+            if with_err else None
+        op = LinearOp("fc", weight, None, err=err)
+        buf = torch.full((min(512, rows), cols), float("nan"), dtype=torch.float64)
+        for s in range(0, rows, 512):
+            got = op._rows_sq(s, s + 512, buf)
+            assert torch.equal(_bits(got), _bits(op._rows_sq(s, s + 512)))
+            assert got.data_ptr() == buf.data_ptr()
+
+
+@pytest.mark.parametrize("with_err", [False, True])
+def test_sq_rows_of_a_big_layer_same_bits(with_err):
+    gen = torch.Generator().manual_seed(12)
+    rows, cols = 1100, 3700  # above the 4M entries that are squared once and kept
+    weight = _edges(torch.randn(rows, cols, generator=gen, dtype=torch.float64), gen)
+    err = torch.rand(rows, cols, generator=gen, dtype=torch.float64) * 1e-16 \
+        if with_err else None
+    op = LinearOp("fc", weight, None, err=err)
+    assert op.weight.numel() > 4_000_000
+    for w in (torch.ones(1, cols, dtype=torch.float64),
+              (torch.rand(2, cols, generator=gen) > 0.3).to(torch.float64),
+              torch.rand(3, cols, generator=gen, dtype=torch.float64)):
+        got = op.sq_rows(w)
+        assert torch.equal(_bits(got), _bits(_sq_rows_fresh(op, w)))
+    assert op._weight_sq is None  # nothing of the layer's size kept
