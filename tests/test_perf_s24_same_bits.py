@@ -13,6 +13,7 @@ import random
 import pytest
 import torch
 
+from lipbound import _modelinfo
 from lipbound.ops import winograd
 from lipbound.ops.linear import LinearOp
 from lipbound.ops.winograd import TILE, WinogradConv
@@ -124,3 +125,52 @@ def test_sq_rows_of_a_big_layer_same_bits(with_err):
         got = op.sq_rows(w)
         assert torch.equal(_bits(got), _bits(_sq_rows_fresh(op, w)))
     assert op._weight_sq is None  # nothing of the layer's size kept
+
+
+# --- the model-content check: memcmp of the bit patterns ------------------------------------
+
+@pytest.mark.parametrize("min_bytes", [0, 32768])
+def test_same_bits_answers_as_torch_equal(monkeypatch, min_bytes):
+    monkeypatch.setattr(_modelinfo, "MEMCMP_MIN_BYTES", min_bytes)  # 0: memcmp on every size
+    gen = torch.Generator().manual_seed(13)
+    cases = []
+    for dtype in (torch.int64, torch.int32, torch.int16, torch.uint8, torch.int8):
+        a = torch.randint(-100, 100, (370, 29), generator=gen).to(dtype)
+        cases.append((a, a.clone()))
+        for pos in (0, 5000, a.numel() - 1):  # one element differs: first, middle, last
+            b = a.clone()
+            b.view(-1)[pos] += 1
+            cases.append((a, b))
+        cases.append((a, a.clone().reshape(29, 370)))  # same bytes, another shape
+        cases.append((a[1:], a.clone()[1:]))  # views at an offset
+        cases.append((a[:, ::2], a.clone()[:, ::2]))  # not contiguous: torch.equal
+        cases.append((a.T, a.T.contiguous()))
+        cases.append((a[:0], a[:0].clone()))  # empty
+    f = torch.randn(50, generator=gen, dtype=torch.float64)
+    f[3], f[7] = -0.0, float("nan")
+    g = f.clone()
+    g[3] = 0.0
+    cases += [(f, f.clone()), (f, g),  # floats: torch.equal (NaN != NaN, -0.0 == 0.0)
+              (f.view(torch.int64), g.view(torch.int64)),  # their bit patterns differ
+              (f.view(torch.int64), f.clone().view(torch.int64)),
+              (torch.tensor([True, False]), torch.tensor([True, False])),
+              (torch.arange(6, dtype=torch.int32), torch.arange(6, dtype=torch.int64))]
+    for a, b in cases:
+        assert _modelinfo.same_bits(a, b) == torch.equal(a, b)
+        assert _modelinfo.same_bits(b, a) == torch.equal(b, a)
+
+
+def test_content_check_sees_a_write_through_data_with_memcmp():
+    model = torch.nn.Sequential(torch.nn.Linear(30, 20), torch.nn.ReLU(), torch.nn.Linear(20, 3))
+    snap = _modelinfo.content_snapshot(model)
+    assert _modelinfo.changed_contents(snap) is None
+    with torch.no_grad():
+        model[2].weight.data[1, 7] = -model[2].weight.data[1, 7]
+    assert "2.weight" in _modelinfo.changed_contents(snap)
+    model2 = torch.nn.Linear(4, 4)
+    with torch.no_grad():
+        model2.bias.data[0] = 0.0
+    snap2 = _modelinfo.content_snapshot(model2)
+    with torch.no_grad():
+        model2.bias.data[0] = -0.0  # equal as a float, another bit pattern
+    assert "bias" in _modelinfo.changed_contents(snap2)
