@@ -8,6 +8,7 @@ compares bit patterns, not values within a tolerance. No timing is asserted
 
 from __future__ import annotations
 
+import math
 import random
 
 import pytest
@@ -16,6 +17,7 @@ import torch
 from lipbound import _modelinfo
 from lipbound.ops import winograd
 from lipbound.ops.linear import LinearOp
+from lipbound.ops.pooling import MaxPoolOp
 from lipbound.ops.winograd import TILE, WinogradConv
 
 pytestmark = pytest.mark.usefixtures("torch_one_thread")
@@ -174,3 +176,31 @@ def test_content_check_sees_a_write_through_data_with_memcmp():
     with torch.no_grad():
         model2.bias.data[0] = -0.0  # equal as a float, another bit pattern
     assert "bias" in _modelinfo.changed_contents(snap2)
+
+
+# --- MaxPoolOp.local_constant: the masked maximum without boolean indexing ------------------
+
+def _local_constant_indexed(op: MaxPoolOp, mask: torch.Tensor) -> float:
+    """The boolean-indexing form sessions up to 23 used."""
+    m = mask.reshape(-1, *op.in_shape[-2:]).amax(dim=0) > 0
+    if not bool(m.any()):
+        return 0.0
+    return math.sqrt(float(op.counts.to(mask.device)[m].max())) * (1 + 1e-12)
+
+
+def test_pool_local_constant_same_bits():
+    rng = random.Random(8)
+    gen = torch.Generator().manual_seed(8)
+    seen_zero = 0
+    for _ in range(200):
+        c, h, w = rng.randint(1, 3), rng.randint(4, 12), rng.randint(4, 12)
+        k, s = rng.randint(1, 3), rng.randint(1, 4)  # stride > kernel: inputs in no window
+        p = rng.randint(0, k // 2)
+        ho, wo = (h + 2 * p - k) // s + 1, (w + 2 * p - k) // s + 1
+        op = MaxPoolOp("pool", (c, h, w), (c, ho, wo), k, s, p, 1, False)
+        density = rng.choice([0.0, 0.02, 0.3, 1.0])
+        mask = (torch.rand(c, h, w, generator=gen) < density).to(torch.float64)
+        got, ref = op.local_constant(mask), _local_constant_indexed(op, mask)
+        assert math.copysign(1.0, got) == math.copysign(1.0, ref) and got == ref
+        seen_zero += got == 0.0
+    assert seen_zero > 0
