@@ -14,8 +14,9 @@ import random
 import pytest
 import torch
 
-from lipbound import _modelinfo
+from lipbound import _modelinfo, _transpose
 from lipbound.ops import winograd
+from lipbound.ops.dense import DenseProducts
 from lipbound.ops.linear import LinearOp
 from lipbound.ops.pooling import MaxPoolOp
 from lipbound.ops.winograd import TILE, WinogradConv
@@ -204,3 +205,59 @@ def test_pool_local_constant_same_bits():
         assert math.copysign(1.0, got) == math.copysign(1.0, ref) and got == ref
         seen_zero += got == 0.0
     assert seen_zero > 0
+
+
+# --- DenseProducts: the transposed copy by MKL's out-of-place transposition -----------------
+
+def _random_bit_patterns(shape, gen: torch.Generator) -> torch.Tensor:
+    """float64 with random bit patterns: NaNs (quiet and signalling, any payload),
+    infinities, subnormals and signed zeros among them."""
+    bits = torch.randint(-2 ** 62, 2 ** 62, shape, generator=gen, dtype=torch.int64)
+    special = torch.tensor([0x7FF0000000000001, 0x7FF8000000000123, 1, 0, -2 ** 63,
+                            0x7FF0000000000000], dtype=torch.int64)
+    k = min(bits.numel(), special.numel())
+    bits.view(-1)[:k] = special[:k]
+    return bits.view(torch.float64)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_transposed_copy_moves_every_bit(monkeypatch, threads):
+    monkeypatch.setattr(_transpose, "MKL_MIN_ENTRIES", 0)  # MKL's path on every size
+    gen = torch.Generator().manual_seed(14)
+    n = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for shape in [(1, 1), (1, 7), (7, 1), (3, 5), (64, 64), (1000, 37), (37, 1000),
+                      (513, 1031)]:
+            m = _random_bit_patterns(shape, gen)
+            got = _transpose.transposed_copy(m)
+            assert got.shape == (shape[1], shape[0]) and got.is_contiguous()
+            assert torch.equal(got.view(torch.int64), m.T.contiguous().view(torch.int64))
+            assert got.data_ptr() != m.data_ptr()
+    finally:
+        torch.set_num_threads(n)
+
+
+def test_transposed_copy_falls_back_to_torch(monkeypatch):
+    gen = torch.Generator().manual_seed(15)
+    m = torch.randn(40, 30, generator=gen, dtype=torch.float64)
+    for t in (m.T, m[:, ::2], m.to(torch.float32), m[:0], m.neg()._neg_view()):
+        got = _transpose.transposed_copy(t)
+        assert torch.equal(_bits(got) if got.dtype == torch.float64 else got,
+                           _bits(t.T.contiguous()) if got.dtype == torch.float64
+                           else t.T.contiguous())
+    monkeypatch.setattr(_transpose, "_omatcopy", False)  # no MKL: torch's copy
+    monkeypatch.setattr(_transpose, "MKL_MIN_ENTRIES", 0)
+    assert torch.equal(_transpose.transposed_copy(m), m.T.contiguous())
+
+
+def test_dense_block_products_same_bits_with_the_mkl_copy(monkeypatch):
+    monkeypatch.setattr(_transpose, "MKL_MIN_ENTRIES", 0)
+    gen = torch.Generator().manual_seed(16)
+    m = _edges(torch.randn(300, 520, generator=gen, dtype=torch.float64), gen)
+    y = torch.randn(8, 300, generator=gen, dtype=torch.float64)
+    fast = DenseProducts(m)
+    got = fast.rmv(y)
+    ref = (m.T.contiguous() @ y.T.contiguous()).T.contiguous()
+    assert torch.equal(_bits(got), _bits(ref))
+    assert torch.equal(_bits(fast._mt), _bits(m.T.contiguous()))
