@@ -446,6 +446,61 @@ def content_snapshot(model: nn.Module) -> tuple[tuple[str, Tensor, torch.dtype, 
     return tuple(out)
 
 
+_memcmp: Any = None  # libc's memcmp through ctypes, once looked up (False: not available)
+
+
+def _libc_memcmp() -> Any:
+    """The C library's ``memcmp`` (ctypes, which releases the GIL during the call), or
+    ``False`` where it cannot be loaded."""
+    global _memcmp
+    if _memcmp is None:
+        _memcmp = False
+        try:
+            import ctypes
+            import ctypes.util
+
+            libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+            fn = libc.memcmp
+            fn.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t]
+            fn.restype = ctypes.c_int
+            _memcmp = fn
+        except (OSError, AttributeError, TypeError):  # pragma: no cover - exotic platforms
+            logging.getLogger(__name__).debug("memcmp not available", exc_info=True)
+    return _memcmp
+
+
+def _plain_cpu(t: Tensor) -> bool:
+    return (t.device.type == "cpu" and t.layout == torch.strided and t.is_contiguous()
+            and not t.is_quantized and not t.is_conj() and not t.is_neg())
+
+
+_INTEGERS = frozenset((torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64))
+"""Types whose elements are equal exactly when their bytes are (not bool, whose bytes other
+than 0 and 1 compare as true, nor floating or complex types: -0.0 == 0.0, NaN != NaN)."""
+
+
+MEMCMP_MIN_BYTES = 32768
+"""Smaller tensors are compared by ``torch.equal`` (a ``memcmp`` through ctypes costs about
+2.4 us a call, ``torch.equal`` 0.5 us at 400 bytes and 2.2 us at 16 KB, one core of this
+project's CPU)."""
+
+
+def same_bits(a: Tensor, b: Tensor) -> bool:
+    """``torch.equal(a, b)``: for two contiguous CPU tensors of the same shape and integer
+    type (the bit patterns :func:`content_snapshot` keeps), of at least
+    :data:`MEMCMP_MIN_BYTES`, a ``memcmp`` of their bytes (the same answer, read at memory
+    speed: AlexNet's 4096 x 9216 layer as int32, 44 -> 21 ms on one core of this project's
+    CPU), else ``torch.equal``. Raises ``RuntimeError`` where ``torch.equal`` does (another
+    device)."""
+    n = a.numel() * a.element_size()
+    if (n >= MEMCMP_MIN_BYTES and a.dtype in _INTEGERS and a.dtype == b.dtype
+            and a.shape == b.shape and _plain_cpu(a) and _plain_cpu(b)):
+        fn = _libc_memcmp()
+        if fn:
+            return fn(a.data_ptr(), b.data_ptr(), n) == 0
+    return torch.equal(a, b)
+
+
 def changed_contents(snapshot: tuple[tuple[str, Tensor, torch.dtype, Tensor], ...]
                      ) -> str | None:
     """``None`` when every tensor of ``snapshot`` still holds the bits it was copied with,
@@ -455,7 +510,7 @@ def changed_contents(snapshot: tuple[tuple[str, Tensor, torch.dtype, Tensor], ..
     with torch.no_grad():
         for what, t, bits, copy in snapshot:
             try:
-                same = torch.equal(t.view(bits), copy)
+                same = same_bits(t.view(bits), copy)
             except RuntimeError:  # another type or device
                 same = False
             if not same:

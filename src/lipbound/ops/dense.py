@@ -14,6 +14,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .._transpose import transposed_copy
+
 SMALL_BATCH = 2
 """Up to this many vectors the plain forms (``V @ M^T``, ``Y @ M``) are as fast."""
 
@@ -40,7 +42,7 @@ class DenseProducts:
             # an ordinary tensor even when made inside torch.inference_mode (the analyzer's
             # bounds run there): the cache outlives the bound and may serve autograd later
             with torch.inference_mode(False):
-                self._mt = self.m.T.contiguous()
+                self._mt = transposed_copy(self.m)  # (MKL's transposition where it exists)
         return (self._mt @ y.T.contiguous()).T.contiguous()
 
     def drop_transpose(self) -> None:

@@ -81,9 +81,12 @@ class MaxPoolOp(Op):
     def local_constant(self, mask: Tensor) -> float:
         """Constant over perturbations supported on ``mask`` (shape = in_shape, 0/1)."""
         m = mask.reshape(-1, *self.in_shape[-2:]).amax(dim=0) > 0
-        if not bool(m.any()):
+        # the largest count where m holds: counts are non-negative, so filling the rest with
+        # 0 gives the same maximum as selecting (no boolean indexing: 16 -> 10 us at 24 x 24)
+        top = float(torch.where(m, self.counts.to(mask.device), 0.0).amax())
+        if top == 0.0 and not bool(m.any()):
             return 0.0
-        return math.sqrt(float(self.counts.to(mask.device)[m].max())) * (1 + 1e-12)
+        return math.sqrt(top) * (1 + 1e-12)
 
     def propagate_mask(self, mask: Tensor) -> Tensor:
         """An output can move if any input in its window can move (a 0/1 mask, as

@@ -165,6 +165,26 @@ def _large_enough(r: int, pixels: int, mixing: float, c_in: int, c_out: int) -> 
     return r == 3 and pixels >= SMALL_OUTPUT_PIXELS and c_in * c_out <= MAX_SMALL_KERNEL
 
 
+TRANSPOSE_ROWS = 1024
+"""Rows of a kernel's ``(c_out c_in, 36)`` transform copied at a time into the tap-major
+layout (:func:`_tap_major`)."""
+
+
+def _tap_major(flat: Tensor) -> Tensor:
+    """``flat.T.contiguous()`` for the ``(n, 36)`` transformed kernel taps (a copy, the same
+    entries): on the CPU in blocks of :data:`TRANSPOSE_ROWS` rows, whose 36 output runs of
+    8 KB each are written in order, instead of one strided pass (measured on this project's
+    CPU, one thread, 73 728 x 36: 5.6 -> 3.6 ms; the ``(K, C, 6, 6) -> (36, K, C)`` permuted
+    copy it replaces took 11.8 ms)."""
+    n = flat.shape[0]
+    if flat.device.type != "cpu" or n <= TRANSPOSE_ROWS:
+        return flat.T.contiguous()
+    out = flat.new_empty(flat.shape[1], n)
+    for s in range(0, n, TRANSPOSE_ROWS):
+        out[:, s:s + TRANSPOSE_ROWS] = flat[s:s + TRANSPOSE_ROWS].T
+    return out
+
+
 class WinogradConv:
     """``conv2d(x, W, padding=p)`` and ``conv_transpose2d(y, W, padding=p)`` (stride 1) for a
     fixed float64 kernel ``W`` of shape ``(c_out, c_in, r, r)``, ``r`` = 3 (F(4x4, 3x3)) or
@@ -208,7 +228,7 @@ class WinogradConv:
     def _transform(g: Tensor, w: Tensor) -> Tensor:
         u = g @ w @ g.T  # (K, C, 6, 6)
         k, c = w.shape[:2]
-        return u.permute(2, 3, 0, 1).reshape(TILE * TILE, k, c).contiguous()
+        return _tap_major(u.reshape(k * c, TILE * TILE)).view(TILE * TILE, k, c)
 
     def _correlate(self, x: Tensor, u: Tensor, pad: tuple[int, int]) -> Tensor:
         """Correlation of ``x`` (B, C, H, W) with the transformed kernel ``u`` (36, K, C)
