@@ -29,6 +29,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
@@ -116,3 +117,74 @@ def test_relative_constant_is_below_interior_jacobians():
     res = lipbound.local_bound(model, x0, 1.5, spectral="exact")
     assert res.value >= 1 / 3
     assert res.value < 0.5  # the paper's secant slope 0.5 / 1.5, not 1
+
+
+# ------------------------------------------------------------------------------------------
+# Found by the fuzz: the lower bounds' rounding allowance missed functional layers and
+# arithmetic (lipbound.lower._common.running_error saw nn.Linear / nn.Conv* / nn.BatchNorm*
+# modules only), so an "empirical lower bound" exceeded the exact local constant and the
+# certified tight upper bound (fuzz seed 110030: F.conv2d / F.linear / x / c, lower 2.733017e-9
+# against tight 2.733009e-9 at eps 5.5e-4).
+
+_W1 = [-0.5712031424816622, 0.5585060040726593, 0.1697697106458229]
+_B1 = [0.7222825899511321, -1.4560043879560798, 0.2292768220081661]
+_W2 = [-1.4776595811528261, -1.1464786804725755, -0.5730662629451587]
+
+
+class _Functional131(nn.Module):
+    """The 1-3-1 network of test_lower_attacks_review written with ``F.linear``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w1 = nn.Parameter(torch.tensor(_W1, dtype=torch.float64).reshape(3, 1))
+        self.b1 = nn.Parameter(torch.tensor(_B1, dtype=torch.float64))
+        self.w2 = nn.Parameter(torch.tensor([_W2], dtype=torch.float64))
+        self.b2 = nn.Parameter(torch.tensor([1.3416633518130154], dtype=torch.float64))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(F.relu(F.linear(x, self.w1, self.b1)), self.w2, self.b2)
+
+
+def test_lower_bound_of_functional_layers_below_the_exact_constant():
+    # old code: random 0.74675451833 above the exact 0.74675450263 and the certified tight
+    # bound 0.74675450338 (the same network with nn.Linear gave 0.74675397356)
+    from fractions import Fraction
+
+    from lipbound.lower import pgd_lower_bound, random_lower_bound
+
+    net = _Functional131().eval()
+    x0 = torch.tensor([[-0.39001517325568946]], dtype=torch.float64)
+    exact = abs(Fraction(_W2[0]) * Fraction(_W1[0]) + Fraction(_W2[2]) * Fraction(_W1[2]))
+    r = random_lower_bound(net, x0, 1e-8, n_samples=300, progress=False)
+    assert Fraction(r.value) <= exact
+    assert Fraction(pgd_lower_bound(net, x0, 1e-7).value) <= exact
+    tight = lipbound.local_bound(net, x0, 1e-8, tight=True, spectral="exact")
+    assert r.value <= tight.value
+
+
+class _Shift(nn.Module):
+    """``x + 1e8 - 1e8`` then an exact identity row: local constant exactly 1."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(1, 2).double()
+        with torch.no_grad():
+            self.fc.weight.copy_(torch.tensor([[1.0], [0.0]]))
+            self.fc.bias.zero_()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc((x + 1e8) - 1e8)
+
+
+@pytest.mark.parametrize("eps", [1e-7, 1e-6])
+def test_lower_bound_after_cancelling_arithmetic_below_the_exact_constant(eps):
+    # old code: best lower bound 1.19 (eps 1e-7) and 1.019 (1e-6) for a constant of 1, above
+    # the certified upper bound 1.000000001
+    from lipbound.lower import best_lower_bound
+
+    net = _Shift().eval()
+    x0 = torch.tensor([[0.3]], dtype=torch.float64)
+    lb = best_lower_bound(net, x0, eps, n_random=300, gradient_steps=20, pgd_restarts=4)
+    assert lb.value <= 1.0
+    up = lipbound.local_bound(net, x0, eps, tight=True)
+    assert lb.value <= up.value
