@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 import lipbound
-from fuzz_s24_models import Case, float64_copy
+from fuzz_s24_models import Case, abs_twin, float64_copy, rounds
 from lipbound.attacks import run_attacks
 from lipbound.errors import LipboundError
 from lipbound.lower import best_lower_bound, ratio_at
@@ -57,6 +57,7 @@ class _Ref:
 
     def __init__(self, case: Case) -> None:
         self.f = float64_copy(case.model)
+        self.twin = abs_twin(self.f)
         self.x0 = case.x0.double()
         self.d = self.x0.numel()
         with torch.no_grad():
@@ -94,25 +95,30 @@ class _Ref:
         return r
 
     def rounding(self, x: torch.Tensor) -> float:
-        """First-order estimate (times 8) of the float64 rounding error of ``f(x)``: every op's
-        output ``h_k`` rounds by about ``n_k u |h_k|`` (``n_k`` the op's input size, a bound
-        on its sums' lengths), carried to the outputs by ``|df/dh_k|``."""
+        """First-order estimate (times 8) of the float64 rounding error of ``f(x)``: every op
+        that rounds sums terms of magnitude ``T_k`` (the op applied to ``|h_{k-1}|`` with
+        ``|weights|``, :func:`abs_twin`), so its output errs by about ``n_k u T_k`` (``n_k``
+        its input size, a bound on its sums' lengths); carried to the outputs by
+        ``|df/dh_k|``."""
         rec: list = []
         x = x.clone().requires_grad_(True)
         y = self.f.run(x, rec)[0]
-        # (output of op k, the largest size seen up to its input)
-        pairs = [(h, max(r.numel() for r in rec[:i + 1])) for i, h in enumerate(rec[1:])
-                 if h.requires_grad]
-        hs = [h for h, _ in pairs]
-        sizes = [n for _, n in pairs]
-        err = torch.zeros(len(y), dtype=torch.float64)
         u = 2.0 ** -53
+        items = []
+        with torch.no_grad():
+            for k, op in enumerate(self.f.ops):
+                h_in, h_out = rec[k], rec[k + 1]
+                if rounds(self.f, op) and h_out.requires_grad:
+                    t = self.twin.apply(op, h_in.detach().abs())
+                    items.append((h_out, t.abs() + h_out.detach().abs(), h_in[0].numel() + 2))
+        err = torch.zeros(len(y), dtype=torch.float64)
         for j in range(len(y)):
-            gs = torch.autograd.grad(y[j], hs, retain_graph=True, allow_unused=True)
+            gs = torch.autograd.grad(y[j], [h for h, _, _ in items], retain_graph=True,
+                                     allow_unused=True)
             tot = 0.0
-            for h, g, n in zip(hs, gs, sizes, strict=True):
+            for (_, t, n), g in zip(items, gs, strict=True):
                 if g is not None:
-                    tot += float((g.abs() * h.detach().abs()).sum()) * (n + 2) * u
+                    tot += float((g.abs() * t).sum()) * n * u
             err[j] = tot
         return 8 * float(err.norm())
 

@@ -49,12 +49,20 @@ class FuzzNet(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.run(x)
 
-    def run(self, x: torch.Tensor, record: list | None = None  # noqa: C901 - interpreter
-            ) -> torch.Tensor:
-        """The forward pass; ``record`` (references only) collects every op's output."""
+    def run(self, x: torch.Tensor, record: list | None = None) -> torch.Tensor:
+        """The forward pass; ``record`` (references only) collects every op's input and the
+        output."""
         for op in self.ops:
             if record is not None:
                 record.append(x)
+            x = self.apply(op, x)
+        if record is not None:
+            record.append(x)
+        return x
+
+    def apply(self, op: tuple, x: torch.Tensor) -> torch.Tensor:  # noqa: C901 - interpreter
+        """One op of the program."""
+        if True:
             k = op[0]
             if k == "mod":
                 x = self.mods[op[1]](x)
@@ -144,8 +152,6 @@ class FuzzNet(nn.Module):
                 x = _shape(x, op)
             else:
                 raise ValueError(k)
-        if record is not None:
-            record.append(x)
         return x
 
 
@@ -685,6 +691,47 @@ def make_case(seed: int, *, fc_only: bool | None = None, max_blocks: int = 3,
         p.requires_grad_(bool(rng.random() < 0.5))
     return Case(model=model, x0=bld.x0.clone(), seed=seed, kinds=list(bld.kinds),
                 fc_only=fc_only, dyadic=dyadic, plain=plain)
+
+
+ROUNDING_KINDS = ("fconv", "flinear", "favgpool", "fadaptive", "arith")
+ROUNDING_MODULES = (nn.Linear, nn.Conv2d, nn.modules.batchnorm._BatchNorm, nn.AvgPool2d,
+                    nn.AdaptiveAvgPool2d, lipbound.Normalize)
+
+
+def rounds(net: FuzzNet, op: tuple) -> bool:
+    """Whether ``op`` rounds (sums or arithmetic), rather than selecting or reshaping."""
+    return op[0] in ROUNDING_KINDS or (op[0] == "mod"
+                                       and isinstance(net.mods[op[1]], ROUNDING_MODULES))
+
+
+def abs_twin(net: FuzzNet) -> FuzzNet:
+    """A float64 copy whose op ``k`` applied to ``|h|`` gives the magnitudes of the terms the
+    real op sums at ``h``: weights and scales ``|.|``, subtracted constants ``-|.|`` (batch
+    norm's and Normalize's means, ``x - mean`` buffers and numbers), negations dropped."""
+    twin = copy.deepcopy(net).double().eval()
+    means = set()
+    ops = []
+    for op in twin.ops:
+        if op[0] == "arith":
+            form = op[1]
+            if form in ("buffers", "buffers_view"):
+                means.add(op[2])
+            elif form in ("method_sub", "torch_sub"):
+                op = (op[0], form, -abs(op[2])) + op[3:]
+            elif form == "affine_num":
+                op = (op[0], form, abs(op[2]), -abs(op[3]))
+            elif form in ("neg", "torch.neg"):
+                op = ("noop", "clone")
+            elif isinstance(op[2], float):
+                op = (op[0], form, abs(op[2])) + op[3:]
+        ops.append(op)
+    twin.ops = tuple(ops)
+    with torch.no_grad():
+        for name, t in list(twin.named_parameters()) + list(twin.named_buffers()):
+            short = name.rsplit(".", 1)[-1]
+            neg = name in means or short in ("running_mean", "mean")
+            t.copy_(-t.abs() if neg else t.abs())
+    return twin
 
 
 def float64_copy(model: nn.Module) -> nn.Module:
