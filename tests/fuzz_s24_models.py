@@ -423,9 +423,10 @@ class _Builder:
         if how == "trained_untracked":
             bn.train()
             shape = (8, c, 3, 3) if two_d else (8, c)
+            gen = torch.Generator().manual_seed(int(self.rng.integers(2**31)))
             with torch.no_grad():
                 for _ in range(3):
-                    bn(torch.randn(shape, dtype=self.dtype) * 2 + 1)
+                    bn(torch.randn(shape, dtype=self.dtype, generator=gen) * 2 + 1)
             bn.track_running_stats = False
         else:
             with torch.no_grad():

@@ -203,3 +203,56 @@ def test_lower_bound_after_cancelling_arithmetic_below_the_exact_constant(eps):
     assert lb.value <= 1.0
     up = lipbound.local_bound(net, x0, eps, tight=True)
     assert lb.value <= up.value
+
+
+# ------------------------------------------------------------------------------------------
+# Found by the fuzz (a lipMIP cross-check on its fully connected models, seed 50615): HiGHS
+# 1.16 through highspy, with presolve, returned 0.00107193 as the optimum of this network's
+# MILP, labelled EXACT, while the gradient of c^T f at an interior point of the box has l1 norm
+# 0.00244599 (scipy's HiGHS, and highspy without presolve or with a MIP feasibility tolerance
+# of 1e-9, find 0.00244599). lipmip now checks the optimum against gradients at sampled
+# points of the box and solves again strictly when one exceeds it.
+
+_MIP_W1 = [[-0.0011234129779040813, 0.002556671155616641, -0.0018159610917791724],
+           [-0.004880259744822979, 0.006134856957942247, 0.010454310104250908],
+           [0.0025033592246472836, -0.0029630945064127445, -0.002896134974434972],
+           [0.0018460401333868504, -0.004074367694556713, -0.006737247109413147]]
+_MIP_B1 = [-0.6176528930664062, 0.6497968435287476, -0.14231136441230774, -0.1343976855278015]
+_MIP_W2 = [[-0.29988420009613037, 0.3140716254711151, -0.6937520503997803, -0.475955069065094],
+           [-0.5241477489471436, 0.7124933004379272, -0.7258564233779907, 0.056140027940273285],
+           [-0.6670939922332764, 0.7136931419372559, -0.4196150600910187, 0.3420199751853943],
+           [-0.520281970500946, 1.0141346454620361, -0.1478690207004547, 0.6350398659706116],
+           [-0.6575589776039124, -0.16455486416816711, -1.3134799003601074,
+            -0.8983136415481567],
+           [-0.5199306607246399, 0.7243835926055908, -0.22351963818073273,
+            -0.6375030875205994]]
+_MIP_B2 = [-0.20408275723457336, 0.4195639491081238, -0.16498734056949615, 0.21663528680801392,
+           0.10692723840475082, 0.8033467531204224]
+_MIP_W3 = [[-0.4003776013851166, -0.29518505930900574, -0.018207428976893425,
+            0.4101581573486328, -0.23159419000148773, -0.16127443313598633],
+           [0.0] * 6, [0.0] * 6]
+_MIP_B3 = [0.11228252202272415, 0.0, 0.019929442554712296]
+
+
+@pytest.mark.parametrize("solver", ["highspy", "scipy"])
+def test_lipmip_optimum_not_below_a_gradient_in_the_box(solver):
+    import numpy as np
+
+    from lipbound.baselines.exact import lipmip
+
+    if solver == "highspy":
+        pytest.importorskip("highspy")
+    layers = [(np.array(w), np.array(b)) for w, b in
+              ((_MIP_W1, _MIP_B1), (_MIP_W2, _MIP_B2), (_MIP_W3, _MIP_B3))]
+    eps = float.fromhex("0x1.038a05aa4f312p-4")  # 0.0634
+    c = np.array([1.0, -1.0, 0.0])
+    # the gradient of c^T f at an interior point of the box, its pattern strict there
+    x = np.array([0.06256288916607432, -0.00165989507486171, -0.01400245358969172])
+    z1 = layers[0][0] @ x + layers[0][1]
+    z2 = layers[1][0] @ np.maximum(z1, 0) + layers[1][1]
+    assert np.abs(x).max() < eps and np.all(z1 != 0) and np.all(z2 != 0)
+    g = layers[0][0].T @ ((z1 > 0) * (layers[1][0].T @ ((z2 > 0) * (c @ layers[2][0]))))
+    attained = float(np.abs(g).sum())
+    assert attained > 0.002445
+    res = lipmip(layers, np.zeros(3), eps, c=c, solver=solver)
+    assert res.value >= attained  # old code, highspy: 0.00107193, EXACT
