@@ -256,3 +256,36 @@ def test_lipmip_optimum_not_below_a_gradient_in_the_box(solver):
     assert attained > 0.002445
     res = lipmip(layers, np.zeros(3), eps, c=c, solver=solver)
     assert res.value >= attained  # old code, highspy: 0.00107193, EXACT
+
+
+class _ViewedMean(nn.Module):
+    """``x - self.mean.view(1, -1)`` (a registered buffer through .view), then Linear/ReLU."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("mean", torch.tensor([0.1, 0.2, 0.3], dtype=torch.float64))
+        self.fc1 = nn.Linear(3, 4).double()
+        self.fc2 = nn.Linear(4, 2).double()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(torch.relu(self.fc1(x - self.mean.view(1, -1))))
+
+
+def test_rival_methods_leave_the_model_unchanged():
+    # found by the fuzz (seed 120076): the rival methods' fx trace stored the viewed buffer on
+    # the user's model as ``_tensor_constant0``; the model's Analyzer then refused it as
+    # changed, and a new Analyzer as computing with a plain tensor attribute
+    from lipbound.baselines.exact import exact_local_l2
+    from lipbound.baselines.fc import NotFullyConnectedError
+
+    torch.manual_seed(0)
+    m = _ViewedMean().eval()
+    x0 = torch.randn(1, 3, dtype=torch.float64)
+    an = lipbound.Analyzer(m, (3,))
+    before = an.local_bound(x0, 0.1).value
+    keys = set(vars(m))
+    with pytest.raises(NotFullyConnectedError):
+        exact_local_l2(m, x0, 0.1)
+    assert set(vars(m)) == keys
+    assert an.local_bound(x0, 0.1).value == before
+    assert lipbound.local_bound(m, x0, 0.1).value == before
