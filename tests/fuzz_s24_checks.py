@@ -348,7 +348,8 @@ def _check_exact(rep: Report, case: Case, eps: float, g_min: float, lb) -> None:
     from lipbound.baselines.exact import exact_local_l2
 
     try:
-        ex = exact_local_l2(case.model, case.x0, eps, time_limit=5.0, max_regions=3000)
+        ex = exact_local_l2(case.model, case.x0, eps, time_limit=5.0, max_regions=3000,
+                            input_shape=case.input_shape)
     except Exception as e:  # noqa: BLE001 - refusals (not fully connected, budget) recorded
         rep.info["exact-l2 not run: " + type(e).__name__] += 1
         return
