@@ -96,7 +96,7 @@ import math
 import threading
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Literal
 
 import numpy as np
@@ -626,8 +626,6 @@ def lipmip(net: nn.Module | Sequence[tuple[Any, Any]], x0: Any, eps: float, *,
     if solver == "highspy" and hs is None:
         raise InputError("solver='highspy' needs the highspy package (pip install "
                          "'lipbound[mip]'); solver='auto' uses scipy's HiGHS without it")
-    out = (_solve_highspy(hs, milp, start, deadline) if hs is not None
-           else _solve_scipy(milp, deadline))
 
     def witness(sol: np.ndarray) -> tuple[float, bool, np.ndarray | None]:
         """The pattern of a MILP point: its gradient's dual norm on the original network, and
@@ -645,52 +643,106 @@ def lipmip(net: nn.Module | Sequence[tuple[Any, Any]], x0: Any, eps: float, *,
             ok = _strict_signs(layers, pattern, xs, n_tot)
         return attained, bool(ok and xs is not None), xs
 
-    if out.status != "optimal" or out.x is None:
-        if out.status == "time_limit" and out.dual_bound is not None:
-            # stopped at the time limit with a dual bound: an upper bound on the maximum
-            # (to HiGHS's tolerances, the same cushion as an optimal run's), not exact
-            upper = round_up(math.ldexp(max(-out.dual_bound, 0.0), shift) * (1 + _MIP_MARGIN)
-                             + math.ldexp(_MIP_ABS, shift))
-            more = [f"HiGHS ({out.solver}) stopped at the time limit of "
-                    f"{deadline.time_limit:g} s: the value is the MILP dual bound, not the "
-                    "exact constant (raise time_limit to close the gap)"]
-            if out.x is not None:
-                attained, ok, _ = witness(out.x)
-                if ok:
-                    more.append(f"the best pattern HiGHS found is realised strictly inside "
-                                f"its region in the box: the constant is at least "
-                                f"{attained:.12g} (that pattern's gradient norm, float64)")
-            return result(upper, Guarantee.CERTIFIED, more)
-        if out.status == "time_limit":
-            raise deadline.error("the MILP had no dual bound yet")
-        raise LipboundError(f"lipMIP: HiGHS stopped: {out.message}; no value"
-                            + _far_hint(xc, eps))
-    attained, ok, xs = witness(out.x)
-    fun = -float(out.fun)  # type: ignore[arg-type]
-    solver_upper = math.ldexp(max(-out.dual_bound if out.dual_bound is not None else fun,
-                                  fun), shift)
-    # HiGHS's dual bound is computed to its tolerances, not exactly: a relative cushion of
-    # 1e-6 and an absolute one of 1e-6 on the rescaled, unit-sized problem (ten times the
-    # feasibility tolerance; HiGHS's tolerances are absolute, so an optimum below a few
-    # 1e-7 there came back as 0)
-    upper = round_up(max(solver_upper, attained, 0.0) * (1 + _MIP_MARGIN)
-                     + math.ldexp(_MIP_ABS, shift))
-    if ok:
-        notes.append(f"HiGHS optimal ({out.solver}): the constant lies in [{attained:.12g}, "
-                     f"{upper:.12g}] (value of the optimal pattern, realised in the box; MILP "
-                     "dual bound)")
-    else:  # a pattern not shown to occur in the box bounds nothing from below
-        notes.append(f"HiGHS optimal ({out.solver}): the constant is at most {upper:.12g} "
-                     f"(MILP dual bound); the optimal pattern's gradient norm is "
-                     f"{attained:.12g}, but the pattern was not verified to occur in the box")
-    # the gap is HiGHS's tolerance (integrality 1e-6 times a big-M coefficient)
-    if ok and upper <= attained * (1 + 1e-5):
-        notes.append(f"maximiser verified strictly inside its region; witness x = "
-                     f"{np.round(xs, 6)}")
-        return result(upper, Guarantee.EXACT, [])
-    notes.append("maximiser not verified (degenerate region or gap): value is the MILP's "
-                 "upper bound")
-    return result(upper, Guarantee.CERTIFIED, [])
+    def _finish(out: _MipOutcome) -> BoundResult:
+        """The result of one HiGHS run (exact, certified at a time limit, or an error)."""
+        notes_run: list[str] = []
+        if out.status != "optimal" or out.x is None:
+            if out.status == "time_limit" and out.dual_bound is not None:
+                # stopped at the time limit with a dual bound: an upper bound on the maximum
+                # (to HiGHS's tolerances, the same cushion as an optimal run's), not exact
+                upper = round_up(math.ldexp(max(-out.dual_bound, 0.0), shift) * (1 + _MIP_MARGIN)
+                                 + math.ldexp(_MIP_ABS, shift))
+                more = [f"HiGHS ({out.solver}) stopped at the time limit of "
+                        f"{deadline.time_limit:g} s: the value is the MILP dual bound, not the "
+                        "exact constant (raise time_limit to close the gap)"]
+                if out.x is not None:
+                    attained, ok, _ = witness(out.x)
+                    if ok:
+                        more.append(f"the best pattern HiGHS found is realised strictly inside "
+                                    f"its region in the box: the constant is at least "
+                                    f"{attained:.12g} (that pattern's gradient norm, float64)")
+                return result(upper, Guarantee.CERTIFIED, more)
+            if out.status == "time_limit":
+                raise deadline.error("the MILP had no dual bound yet")
+            raise LipboundError(f"lipMIP: HiGHS stopped: {out.message}; no value"
+                                + _far_hint(xc, eps))
+        attained, ok, xs = witness(out.x)
+        fun = -float(out.fun)  # type: ignore[arg-type]
+        solver_upper = math.ldexp(max(-out.dual_bound if out.dual_bound is not None else fun,
+                                      fun), shift)
+        # HiGHS's dual bound is computed to its tolerances, not exactly: a relative cushion of
+        # 1e-6 and an absolute one of 1e-6 on the rescaled, unit-sized problem (ten times the
+        # feasibility tolerance; HiGHS's tolerances are absolute, so an optimum below a few
+        # 1e-7 there came back as 0)
+        upper = round_up(max(solver_upper, attained, 0.0) * (1 + _MIP_MARGIN)
+                         + math.ldexp(_MIP_ABS, shift))
+        if ok:
+            notes_run.append(f"HiGHS optimal ({out.solver}): the constant lies in "
+                             f"[{attained:.12g}, {upper:.12g}] (value of the optimal pattern, "
+                             "realised in the box; MILP dual bound)")
+        else:  # a pattern not shown to occur in the box bounds nothing from below
+            notes_run.append(f"HiGHS optimal ({out.solver}): the constant is at most "
+                             f"{upper:.12g} (MILP dual bound); the optimal pattern's gradient "
+                             f"norm is {attained:.12g}, but the pattern was not verified to "
+                             "occur in the box")
+        # the gap is HiGHS's tolerance (integrality 1e-6 times a big-M coefficient)
+        if ok and upper <= attained * (1 + 1e-5):
+            notes_run.append(f"maximiser verified strictly inside its region; witness x = "
+                             f"{np.round(xs, 6)}")
+            return result(upper, Guarantee.EXACT, notes_run)
+        notes_run.append("maximiser not verified (degenerate region or gap): value is the "
+                         "MILP's upper bound")
+        return result(upper, Guarantee.CERTIFIED, notes_run)
+
+    # gradients at random points of the box (their patterns are strict there almost surely):
+    # each one's dual norm is a value the constant attains; an optimum below one of them is
+    # wrong (HiGHS 1.16's presolve returned 0.00107 as optimal for a constant of at least
+    # 0.00245, labelled EXACT; session 24's fuzz, tests/test_fuzz_s24.py)
+    refuting = _sampled_gradient_norm(layers, xc, eps, dual_norm)
+
+    def solve(strict: bool) -> _MipOutcome:
+        return (_solve_highspy(hs, milp, start, deadline, strict) if hs is not None
+                else _solve_scipy(milp, deadline, strict))
+
+    res = _finish(solve(False))
+    if res.value < refuting:
+        logger.info("lipMIP: HiGHS's value %.12g is below the gradient norm %.12g found in "
+                    "the box; solving again without presolve", res.value, refuting)
+        res = _finish(solve(True))
+        if res.value < refuting:
+            raise LipboundError(
+                f"lipMIP: HiGHS returned {res.value:.12g}, below the gradient norm "
+                f"{refuting:.12g} attained in the box, also without presolve and with a "
+                "feasibility tolerance of 1e-9: no value (a numerical failure of the MILP "
+                "solver; try solver='scipy' or 'highspy', or rescale the network)")
+        res = replace(res, notes=res.notes + (
+            f"solved again without presolve: the first optimum was below the gradient norm "
+            f"{refuting:.12g} attained at a sampled point of the box",))
+    return res
+
+
+#: random points of the box at which :func:`lipmip` checks HiGHS's optimum
+_MIP_SAMPLES = 256
+
+
+def _sampled_gradient_norm(layers: FCLayers, x0: np.ndarray, eps: float, dual_norm: Any
+                           ) -> float:
+    """The largest dual norm of the gradient of the (scalar) chain at ``x0`` and at
+    :data:`_MIP_SAMPLES` uniform random points of the box ``||x - x0||_inf <= eps`` (a fixed
+    seed), over the points where no pre-activation is 0 (there the gradient is the chain's
+    derivative, and its dual norm a value the local constant attains); lowered by
+    ``1e-9`` relative for its float64 rounding (and ``0.0`` when no point qualifies)."""
+    gen = np.random.default_rng(0)
+    pts = x0[None, :] + eps * gen.uniform(-1.0, 1.0, size=(_MIP_SAMPLES, x0.size))
+    pts = np.concatenate([x0[None, :], np.clip(pts, x0 - eps, x0 + eps)])
+    zs = fc_preactivations(layers, pts)
+    best = 0.0
+    for i in range(pts.shape[0]):
+        if any(bool(np.any(z[i] == 0.0)) for z in zs):
+            continue
+        pattern = [(z[i] > 0.0).astype(np.float64) for z in zs]
+        best = max(best, dual_norm(_pattern_gradient(layers, pattern)))
+    return best * (1.0 - 1e-9) if math.isfinite(best) else 0.0
 
 
 @dataclass
@@ -708,11 +760,13 @@ class _MipOutcome:
     solver: str
 
 
-def _solve_scipy(milp: _LipMip, deadline: Deadline) -> _MipOutcome:
+def _solve_scipy(milp: _LipMip, deadline: Deadline, strict: bool = False) -> _MipOutcome:
     """The MILP through :func:`scipy.optimize.milp` (HiGHS bundled with scipy). scipy 1.17
     returns no dual bound while HiGHS has no feasible point, which at a time limit on a
-    network of a few hundred hidden units is always the case (a ``TimeLimitError``)."""
-    for presolve in (True, False):  # HiGHS's presolve occasionally ends in "solve error"
+    network of a few hundred hidden units is always the case (a ``TimeLimitError``).
+    ``strict``: without presolve (the retry of :func:`lipmip` after a refuted optimum)."""
+    for presolve in ((False,) if strict else (True, False)):
+        # HiGHS's presolve occasionally ends in "solve error"
         # the retry gets what is left of the limit, not a second one
         res = optimize.milp(c=-milp.objective(), constraints=milp.constraints(),
                             integrality=milp.integrality(), bounds=milp.bounds(),
@@ -791,13 +845,15 @@ def _first_highs(hs: Any) -> Any:
     return h
 
 
-def _solve_highspy(hs: Any, milp: _LipMip, start: np.ndarray | None, deadline: Deadline
-                   ) -> _MipOutcome:
+def _solve_highspy(hs: Any, milp: _LipMip, start: np.ndarray | None, deadline: Deadline,
+                   strict: bool = False) -> _MipOutcome:
     """The same MILP (``min -objective``, as scipy's) through highspy, which reports HiGHS's
     dual bound at a time limit also when no feasible point is known. A feasible start, the
     pattern of the box's centre (``start``: :meth:`_LipMip.start`), is passed when it passes the
     float64 check; HiGHS's ``threads`` option is left at its default (a different count than
-    the one HiGHS's process-wide scheduler started with makes the run fail)."""
+    the one HiGHS's process-wide scheduler started with makes the run fail). ``strict`` (the
+    retry of :func:`lipmip` after a refuted optimum): without presolve, and with the MIP
+    feasibility tolerance 1e-9 instead of 1e-6."""
     cons = milp.constraints()
     a = sparse.csc_array(cons.A)
     lp = hs.HighsLp()
@@ -817,11 +873,14 @@ def _solve_highspy(hs: Any, milp: _LipMip, start: np.ndarray | None, deadline: D
         logger.debug("lipMIP: the start point violates the MILP by %g; not passed", viol)
         start = None
     ok_status = (hs.HighsModelStatus.kOptimal, hs.HighsModelStatus.kTimeLimit)
-    for presolve in ("on", "off"):  # as with scipy: retry without presolve after an error
+    for presolve in (("off",) if strict else ("on", "off")):
+        # (as with scipy: retry without presolve after an error)
         h = _new_highs(hs)
         h.setOptionValue("time_limit", float(max(deadline.remaining(), 1e-3)))
         h.setOptionValue("mip_rel_gap", 1e-9)
         h.setOptionValue("presolve", presolve)
+        if strict:
+            h.setOptionValue("mip_feasibility_tolerance", 1e-9)
         # a warning (kWarning) is not a refusal (HiGHS dropping tiny entries, were any left)
         if h.passModel(lp) == hs.HighsStatus.kError:
             raise LipboundError("lipMIP: highspy refused the MILP (passModel)"

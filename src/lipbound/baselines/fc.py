@@ -203,7 +203,23 @@ def _trace_ops(model: nn.Module) -> list[tuple[Any, ...]]:
 
     Ops: ``("linear", W, b)``, ``("normalize", module, where)``, ``("relu",)``,
     ``("reshape",)``.
+
+    torch.fx stores the tensors a forward makes or views (``self.mean.view(1, -1)``) on the
+    traced module as ``_tensor_constant<i>``; they are taken back, as in
+    :func:`lipbound.graph.trace_model`, so that the model stays the user's (before session
+    24 they stayed: an Analyzer of the model then refused it as changed, and a new one as
+    computing with a plain tensor attribute, after any rival method had run on it).
     """
+    own = set(model.__dict__)
+    try:
+        return _walk_ops(model)
+    finally:
+        for k in [k for k in model.__dict__ if k not in own and k.startswith("_tensor_constant")]:
+            del model.__dict__[k]
+
+
+def _walk_ops(model: nn.Module) -> list[tuple[Any, ...]]:
+    """The body of :func:`_trace_ops`."""
     tracer = _ChainTracer()
     try:
         graph = tracer.trace(model)
