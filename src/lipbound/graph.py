@@ -936,10 +936,7 @@ def trace_model(model: nn.Module, input_shape: Sequence[int]) -> list[Op]:
                 module = _clamp_from_call(str(node.target), tuple(node.args[1:]),
                                           dict(node.kwargs))
             if rule is spatial_mean_rule:
-                try:
-                    module = SpatialMean(*node.args[1:], **node.kwargs)
-                except TypeError:
-                    module = None  # (the rule refuses it)
+                module = SpatialMean.from_call(tuple(node.args[1:]), dict(node.kwargs))
             if rule is None and node.target == "to" and _moves_only(node, rec.values):
                 rule = identity_rule
             if node.target == "view" and rule is reshape_rule and any(
@@ -1107,11 +1104,13 @@ def _float64_copy_matches(model: nn.Module, x: Tensor, got: Tensor) -> bool:
     float64 rounding (1e-8 of its scale): used only to explain a float32 model's failed
     check (session 24's fuzz: float32 models with weights of 1e2-1e4 were refused with the
     message of a misread layer). False where the copy cannot be made or run."""
-    import copy
+    from .lower._common import float64_model  # (lower imports this module)
 
+    m64 = float64_model(model)
+    if m64 is None:
+        return False
     try:
         with torch.no_grad():
-            m64 = copy.deepcopy(model).double()
             ref = m64(x.clone()).to(torch.float64)
     except Exception:  # noqa: BLE001 - only an explanation; the model is refused either way
         return False

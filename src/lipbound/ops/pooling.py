@@ -263,6 +263,15 @@ class SpatialMean(nn.Module):
         self.keepdim = keepdim
         self.dtype = dtype
 
+    @classmethod
+    def from_call(cls, args: tuple, kwargs: dict) -> SpatialMean | None:
+        """The settings of ``x.mean(*args, **kwargs)`` / ``torch.mean(x, *args,
+        **kwargs)``, or None for arguments a mean does not take (the rule refuses it)."""
+        try:
+            return cls(*args, **kwargs)
+        except TypeError:
+            return None
+
 
 def spatial_mean_rule(module: nn.Module | None, name: str, in_shape, out_shape):
     """``x.mean(dim=(2, 3))`` (or ``(-2, -1)``, with or without ``keepdim``) of a per-sample

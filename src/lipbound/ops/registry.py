@@ -90,11 +90,7 @@ def _module_from_call(fn, args: tuple, kwargs: dict) -> nn.Module | None:
         kw = dict(zip(["output_size", "return_indices"], args, strict=False)) | kwargs
         return nn.AdaptiveMaxPool2d(**kw)
     if fn is torch.mean:
-        kw = dict(zip(["dim", "keepdim"], args, strict=False)) | kwargs
-        try:
-            return SpatialMean(**kw)
-        except TypeError:  # (another keyword: the rule refuses the mean)
-            return SpatialMean()
+        return SpatialMean.from_call(args, kwargs)  # (None: the rule refuses the mean)
     if fn is F.pad:
         kw = dict(zip(["pad", "mode", "value"], args, strict=False)) | kwargs
         return FunctionalPad(kw.get("pad", ()), kw.get("mode", "constant"), kw.get("value"))
