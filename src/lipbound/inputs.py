@@ -299,12 +299,13 @@ def _read_image(path: Path, ctx: _Context, name: str) -> torch.Tensor:
                     "its own image (e.g. with PIL: img.seek(k); img.save('frame.png'))")
             image = img.copy()
     except FileNotFoundError as exc:
-        raise InputError(f"image file not found: {path}") from exc
+        raise InputError(f"image file not found: {path}; check the path") from exc
     except Image.DecompressionBombError as exc:
         raise InputError(f"image {path} is too large to read safely ({exc}); give an image "
                          "of about the network's input size") from exc
     except (UnidentifiedImageError, OSError) as exc:
-        raise InputError(f"cannot read image {path}: {exc}") from exc
+        raise InputError(f"cannot read image {path}: {exc}; give an image file PIL reads "
+                         "(e.g. PNG or JPEG), or the input as a .npy/.pt array") from exc
     except Exception as exc:  # a decoder's own error on a damaged file (ValueError, ...)
         raise InputError(f"cannot read image {path}: it is damaged or not in a format PIL "
                          f"decodes ({type(exc).__name__}: {exc}); save it again as a PNG "
@@ -553,7 +554,7 @@ def _parse_indices(spec: str, n: int, ref: str) -> list[int]:
         if hi >= n:
             raise InputError(
                 f"index {hi} in {ref!r} is out of range: the shipped test set has {n} images "
-                f"(indices 0-{n - 1})"
+                f"(indices 0-{n - 1}); use an index in that range"
             )
         out.extend(range(lo, hi + 1))
     return out
@@ -647,7 +648,8 @@ def _zoo_samples(entry: ZooEntry, rest: str, ref: str, ctx: _Context, *, many: b
         return [_finish(x, ctx, name, None)]
     known = list(entry.samples) + ([f"{entry.name}:test/N"] if entry.name in TESTSETS else [])
     raise ZooError(
-        f"unknown sample {ref!r} for {entry.name}; known samples: {', '.join(known)}"
+        f"unknown sample {ref!r} for {entry.name}; use one of the known samples: "
+        f"{', '.join(known)}"
     )
 
 
