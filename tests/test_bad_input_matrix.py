@@ -59,7 +59,7 @@ pytestmark = pytest.mark.usefixtures("torch_one_thread")
 DT = torch.float64
 FIX = re.compile(r"\b(must|expected|expects|need|needs|pass|use|give|call|load|clean|check|"
                  r"convert|rewrite|register|flatten|reshape|choose|drop|swap|save|add|"
-                 r"e\.g\.)\b", re.IGNORECASE)
+                 r"build)\b|\be\.g\.", re.IGNORECASE)
 """A message states the fix: what the argument must be, or what to do."""
 
 
@@ -354,6 +354,23 @@ OPTION_CELLS = {
     "load_sample unknown": (lambda: lb_inputs.load_sample("mnist:99"), "unknown sample"),
     "load_sample index": (lambda: lb_inputs.load_sample("mnist:test/99999"), "out of range"),
     "load_sample None": (lambda: lb_inputs.load_sample(None), "reference"),
+    # session 25 fixes
+    "Analyzer name=5": (lambda: Analyzer(NET, (4,), name=5), "name"),
+    "bound_many timings=[]": (lambda: batch.bound_many(NET, [X], 0.1, timings=[]), "timings"),
+    "normalize_pixels std=0": (lambda: lb_inputs.normalize_pixels(
+        torch.zeros(1, 1, 2, 2), mean=[0.0], std=[0.0]), "std"),
+    "normalize_pixels mean=nan": (lambda: lb_inputs.normalize_pixels(
+        torch.zeros(1, 1, 2, 2), mean=[math.nan], std=[1.0]), "mean"),
+    "normalize_pixels 3 means, 1 channel": (lambda: lb_inputs.normalize_pixels(
+        torch.zeros(1, 1, 2, 2), mean=[0.0] * 3, std=[1.0] * 3), "channels"),
+    "normalize_pixels mean without std": (lambda: lb_inputs.normalize_pixels(
+        torch.zeros(1, 1, 2, 2), mean=[0.5], std=None), "both"),
+    "normalize_pixels scale=0": (lambda: lb_inputs.normalize_pixels(
+        torch.zeros(1, 1, 2, 2), mean=None, std=None, scale=0), "scale"),
+    "normalize_pixels list": (lambda: lb_inputs.normalize_pixels(
+        [[0.0]], mean=None, std=None), "tensor"),
+    "normalize_pixels no batch": (lambda: lb_inputs.normalize_pixels(
+        torch.zeros(4), mean=None, std=None), "batch"),
 }
 
 
@@ -503,6 +520,35 @@ def test_plotting_checks_its_data_and_path(tmp_path):
     blocker.write_text("")
     _raises(lambda: plotting.plot_sweep([0.1, 0.2], {"local": [1.0, 2.0]},
                                         path_png=blocker / "a.png"), "cannot write")
+
+
+def test_settings_given_with_an_analyzer_are_refused_not_ignored():
+    an = Analyzer(NET, (4,))
+    _raises(lambda: radius.certified_radius(an, X, spectral="exact"), "spectral")
+    _raises(lambda: radius.certified_radii(an, X, seed=3), "seed")
+    _raises(lambda: radius.certified_radius(an, X, device="cpu"), "device")
+    _raises(lambda: lb_sweep.sweep(an, X, [0.1], ("local",), spectral="exact"), "spectral")
+    _raises(lambda: lb_sweep.sweep(an, X, [0.1], ("local",), failure_prob=1e-3),
+            "failure_prob")
+    _raises(lambda: lb_sweep.sweep(an, X, [0.1], ("local",), input_shape=(2, 2)),
+            "input_shape")
+    _raises(lambda: batch.bound_many(an, [X], 0.1, spectral="lanczos"), "spectral")
+    _raises(lambda: batch.bound_many(an, [X], 0.1, seed=7), "seed")
+    # the analyzer's own settings, or the defaults, are no conflict
+    same = lb_sweep.sweep(an, X, [0.1], ("local",), spectral="auto", input_shape=(4,),
+                          device="cpu")
+    assert same.values("local") == [local_bound(an, X, 0.1).value]
+    assert batch.bound_many(an, [X], 0.1, seed=0, failure_prob=1e-6)[0].bound == \
+        local_bound(an, X, 0.1).value
+
+
+def test_sweep_files_that_cannot_be_written(tmp_path):
+    res = lb_sweep.sweep(NET, X, [0.1, 0.2], ("local",))
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    _raises(lambda: res.to_csv(blocker / "sweep.csv"), "cannot write")
+    _raises(lambda: res.to_json(blocker / "sweep.json"), "cannot write")
+    assert res.to_csv(tmp_path / "ok" / "sweep.csv").read_text().startswith("eps")
 
 
 def test_sample_ball_refuses_a_meta_tensor():

@@ -15,6 +15,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -448,6 +449,9 @@ class Analyzer:
         self.lanczos_steps = int(lanczos_steps)
         self.failure_prob = float(failure_prob)
         self.seed = int(seed)
+        if name is not None and not isinstance(name, str):
+            raise InputError(f"name must be a string (the network's name in results), got "
+                             f"{type(name).__name__}")
         self.name = name or type(model).__name__
         if isinstance(notes, (str, bytes)):  # (tuple() would keep it letter by letter)
             raise InputError(f"notes must be a sequence of strings, got the string {notes!r}; "
@@ -1471,6 +1475,33 @@ def _product_guarantee(bounds: list[SpectralBound]) -> tuple[Guarantee, float]:
     g = combine_guarantees([sb.guarantee for sb in bounds]) if bounds else Guarantee.CERTIFIED
     return g, 0.0 if g == Guarantee.CERTIFIED else min(1.0, sum(sb.failure_prob
                                                                 for sb in bounds))
+
+
+def check_analyzer_settings(an: Analyzer, **given: tuple[Any, Any]) -> None:
+    """Refuse settings of a new analyzer (``name=(value, default)``) given together with an
+    existing :class:`Analyzer` whose own setting differs: the analyzer's would be used and the
+    caller's ignored (session 25: ``sweep(an, ..., spectral="exact")`` ran an ``"auto"``
+    analyzer). A value equal to the default (not given) or to the analyzer's is fine.
+
+    Raises:
+        InputError: naming the setting and the fix.
+    """
+    for key, (value, default) in given.items():
+        if value is None or value is default or (type(value) is type(default)
+                                                 and value == default):
+            continue
+        have: Any = getattr(an, key)
+        if key == "device":
+            same = resolve_device(value, have) == have
+        elif key == "input_shape":
+            same = check_input_shape(value) == tuple(have)
+        else:
+            same = value == have
+        if not same:
+            raise InputError(f"{key}={value!r} given with an Analyzer built with {key}="
+                             f"{have!r}; the Analyzer's own would be used: build the Analyzer "
+                             f"with it (Analyzer(model, input_shape, {key}=...)), or leave it "
+                             "out")
 
 
 _ANALYZER_INIT = Analyzer.__init__

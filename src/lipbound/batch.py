@@ -20,7 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from ._progress import progress_bar
-from .analyzer import Analyzer
+from .analyzer import Analyzer, check_analyzer_settings
 from .errors import InputError, LipboundError
 from .results import Guarantee, _jsonable
 from .validation import check_eps, check_input, check_tight
@@ -170,8 +170,14 @@ def bound_many(model_or_analyzer: nn.Module | Analyzer, samples: Any,
                          "method='local', or tight=False")
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise InputError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+    if timings is not None and not isinstance(timings, dict):  # (an AttributeError at the end)
+        raise InputError(f"timings must be a dict (it receives the times) or None, got "
+                         f"{type(timings).__name__}")
     if isinstance(model_or_analyzer, Analyzer):
         an = model_or_analyzer
+        check_analyzer_settings(an, spectral=(spectral, "auto"),
+                                failure_prob=(failure_prob, 1e-6), seed=(seed, 0),
+                                device=(device, None), input_shape=(input_shape, None))
         shape = an.input_shape
     elif isinstance(model_or_analyzer, nn.Module):
         an, shape = None, input_shape

@@ -191,6 +191,11 @@ def _resolve(model: nn.Module | Analyzer | None, analyzer: Analyzer | None, x0: 
         if analyzer is not None and analyzer is not model:
             raise InputError("pass the Analyzer either as model or as analyzer=, not two "
                              "different ones")
+        if analyzer_kwargs or device is not None:  # (they were ignored: session 25)
+            given = sorted(analyzer_kwargs) + (["device"] if device is not None else [])
+            raise InputError(f"{', '.join(given)} given with an Analyzer, which was built "
+                             "with its own; build the Analyzer with them instead, e.g. "
+                             f"Analyzer(model, input_shape, {given[0]}=...)")
         return model
     if analyzer is not None:
         if not isinstance(analyzer, Analyzer):
