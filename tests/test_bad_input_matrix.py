@@ -304,6 +304,17 @@ OPTION_CELLS = {
     "bound_many batch_size=0": (lambda: batch.bound_many(NET, [X], 0.1, batch_size=0),
                                 "batch_size"),
     "bound_many no inputs": (lambda: batch.bound_many(NET, [], 0.1), "no inputs"),
+    "bound_many label out of range": (lambda: batch.bound_many(
+        NET, [lb_inputs.Sample(x=X, label=3, name="s")], 0.1), "label 3"),
+    "bound_many label -1": (lambda: batch.bound_many(
+        NET, [lb_inputs.Sample(x=X, label=-1, name="s")], 0.1), "label -1"),
+    "bound_many eps per input with nan": (
+        lambda: batch.bound_many(NET, [X, X], [0.1, math.nan]), r"eps\[1\]"),
+    "bound_many eps per input, wrong count": (
+        lambda: batch.bound_many(NET, [X, X], [0.1, 0.2, 0.3]), "radii"),
+    "sweep eps_values 2-d": (lambda: lb_sweep.sweep(NET, X, [[0.1, 0.2]]), "eps_values"),
+    "sweep eps_values tensor with 0": (
+        lambda: lb_sweep.sweep(NET, X, torch.tensor([0.1, 0.0])), r"eps_values\[1\]"),
     "bench repeat=-1": (lambda: bench.bench_model(NET, X, name="t", repeat=-1), "repeat"),
     "bench threads=0": (lambda: bench.bench_model(NET, X, name="t", repeat=1, threads=0),
                         "threads"),
@@ -549,6 +560,7 @@ def test_sweep_files_that_cannot_be_written(tmp_path):
     _raises(lambda: res.to_csv(blocker / "sweep.csv"), "cannot write")
     _raises(lambda: res.to_json(blocker / "sweep.json"), "cannot write")
     assert res.to_csv(tmp_path / "ok" / "sweep.csv").read_text().startswith("eps")
+    _raises(lambda: res.values("pgd"), "pgd.*not in this sweep")
 
 
 def test_sample_ball_refuses_a_meta_tensor():
@@ -646,6 +658,49 @@ def test_cli_matrix(capsys, argv, problem):
     err = run_err(capsys, argv)
     assert "Traceback" not in err
     assert_clear(LipboundError(err), re.escape(problem) if problem == "> 0" else problem)
+
+
+USER_NETS = """
+import torch
+from torch import nn
+
+
+class TwoUnsupported(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(4, 5), nn.Linear(5, 3)
+
+    def forward(self, x):
+        return self.b(torch.sigmoid(torch.tanh(self.a(x))))
+
+
+def unsupported():
+    return {"model": TwoUnsupported().eval(), "input_shape": (4,)}
+
+
+def training():
+    return {"model": nn.Sequential(nn.Linear(4, 3), nn.Dropout(0.5)), "input_shape": (4,)}
+
+
+def not_a_module():
+    return {"model": "net", "input_shape": (4,)}
+"""
+
+
+@pytest.mark.parametrize("cmd", ["bound", "radius", "layers", "sweep", "bench"])
+@pytest.mark.parametrize("factory, problem", [("unsupported", "tanh(?s:.*)sigmoid"),
+                                              ("training", "training mode"),
+                                              ("not_a_module", "Module")])
+def test_cli_user_models(capsys, tmp_path, cmd, factory, problem):
+    (tmp_path / "nets.py").write_text(USER_NETS)
+    np.save(tmp_path / "x.npy", np.zeros(4, dtype=np.float32))
+    argv = [cmd, "--model", f"{tmp_path / 'nets.py'}:{factory}", "--input",
+            str(tmp_path / "x.npy")]
+    if cmd == "sweep":
+        argv += ["--eps-min", "0.1", "--eps-max", "1", "--out", str(tmp_path / "out")]
+    err = run_err(capsys, argv)
+    assert "Traceback" not in err
+    assert_clear(LipboundError(err), problem)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is available here")

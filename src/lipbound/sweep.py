@@ -160,7 +160,14 @@ class SweepResult:
         return [r.eps for r in self.rows]
 
     def values(self, method: str) -> list[float]:
-        """The values of one method, in row order."""
+        """The values of one method, in row order.
+
+        Raises:
+            InputError: the sweep did not run ``method``.
+        """
+        if method not in self.methods:
+            raise InputError(f"method {method!r} is not in this sweep; use one of "
+                             f"{', '.join(self.methods)}")
         return [r[method].value for r in self.rows]
 
     def columns(self) -> list[str]:
