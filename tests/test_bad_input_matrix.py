@@ -339,6 +339,10 @@ OPTION_CELLS = {
     "run_attacks seed='a'": (lambda: attacks.run_attacks(NET, X, ("fgsm",), seed="a"), "seed"),
     "run_attacks bounds lo>hi": (lambda: attacks.run_attacks(NET, X, ("fgsm",),
                                                              bounds=(1.0, 0.0)), "bounds"),
+    "run_attacks options not a dict": (
+        lambda: attacks.run_attacks(NET, X, ("fgsm",), options=[1]), "options"),
+    "run_attacks options of an attack not a dict": (
+        lambda: attacks.run_attacks(NET, X, ("fgsm",), options={"fgsm": "x"}), "options"),
     "run_attacks one output": (lambda: attacks.run_attacks(nn.Linear(4, 1).to(DT).eval(), X,
                                                            ("fgsm",)), "class"),
     "lipsdp variant": (lambda: baselines.lipsdp(NET, variant="foo", input_shape=(4,)),

@@ -85,6 +85,10 @@ def run_attacks(model: nn.Module, x0: Tensor, methods: Sequence[str] = DEFAULT_M
     if not methods:  # (an empty list returned [], read as "no attack succeeded")
         raise InputError(f"no attack to run (methods={methods!r}); choose from "
                          f"{', '.join(sorted(ATTACKS))}")
+    if options is not None and not (isinstance(options, Mapping) and all(
+            isinstance(v, Mapping) for v in options.values())):
+        raise InputError(f"options must map attack names to dicts of their options, e.g. "
+                         f"{{'pgd': {{'steps': 50}}}}, got {options!r}")
     options = dict(options or {})
     unknown = sorted(set(options) - set(methods))
     if unknown:
