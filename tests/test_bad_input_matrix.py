@@ -455,6 +455,13 @@ def test_ratio_at_never_returns_nan():
         big[0].weight.fill_(1e200)
         big[2].weight.fill_(1e200)
     _raises(lambda: lower.ratio_at(big, X, X + 0.1), "overflow|infinite")
+    # good input still works, also float64 points of a float32 model with an output map (the
+    # map's check runs the float64 copy there)
+    f32 = _net().float()
+    c32 = torch.tensor([[1.0, -1.0, 0.0]])
+    x64 = torch.tensor([[0.1, 0.2, 0.3, 0.4 + 2.0 ** -40]], dtype=DT)
+    r = lower.ratio_at(f32, x64, x64 + 0.01, output_map=c32)
+    assert math.isfinite(r) and r > 0
 
 
 def test_nonfinite_model_output_names_the_weights_or_the_overflow():

@@ -518,8 +518,9 @@ def ratio_at(
     if den == 0.0:
         raise InputError("x equals x0; the ratio is undefined at distance 0")
     if output_map is not None:
+        run = model64 if model64 is not None and x0.dtype == torch.float64 else model
         with torch.no_grad():
-            out = model(x0.clone())
+            out = run(x0.clone())
         m = out.shape[-1] if isinstance(out, torch.Tensor) and out.dim() else 0
         output_map = check_output_map(output_map, m)
     num, _ = _output_difference(model, model64, x0, x, output_map)
