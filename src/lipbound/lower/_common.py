@@ -487,7 +487,7 @@ def ratio_at(
         output_map: optional ``(k, m)`` matrix ``C``.
 
     Returns:
-        The ratio as a Python float.
+        The ratio as a Python float (``inf`` where the output difference overflows).
 
     Raises:
         InputError: if the model is no module or is in training mode, ``x0`` or ``x`` is no
@@ -524,10 +524,10 @@ def ratio_at(
         m = out.shape[-1] if isinstance(out, torch.Tensor) and out.dim() else 0
         output_map = check_output_map(output_map, m)
     num, _ = _output_difference(model, model64, x0, x, output_map)
-    if not math.isfinite(num):
-        raise InputError("the model's outputs at x0 and x are NaN or infinite or overflow in "
-                         "their difference (the weights are finite); check that the points "
-                         "are on the scale the model expects (e.g. normalised)")
+    if math.isnan(num):  # (inf: the difference overflows, an honest answer; NaN: none)
+        raise InputError("the model's outputs at x0 and x are NaN, or both overflow (the "
+                         "weights are finite), so their difference is undefined; check that "
+                         "the points are on the scale the model expects (e.g. normalised)")
     return num / den
 
 
