@@ -15,6 +15,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -45,7 +46,9 @@ from .results import BoundResult, Guarantee, LayerFactor, combine_guarantees
 from .spectral import SAFETY, SpectralBound, _materialize, kw_factor, spectral_upper
 from .validation import (
     check_eps,
+    check_example_input,
     check_failure_prob,
+    check_finite,
     check_input,
     check_input_shape,
     check_int,
@@ -432,6 +435,7 @@ class Analyzer:
         if input_shape is None:
             if x0 is None:
                 raise InputError("give input_shape or an example input x0")
+            x0 = check_example_input(x0)
             input_shape = tuple(x0.shape[1:]) if x0.dim() > 1 else tuple(x0.shape)
         if spectral not in ("auto", "exact", "lanczos"):
             raise InputError(f"spectral must be 'auto', 'exact' or 'lanczos', got {spectral!r}")
@@ -445,6 +449,9 @@ class Analyzer:
         self.lanczos_steps = int(lanczos_steps)
         self.failure_prob = float(failure_prob)
         self.seed = int(seed)
+        if name is not None and not isinstance(name, str):
+            raise InputError(f"name must be a string (the network's name in results), got "
+                             f"{type(name).__name__}")
         self.name = name or type(model).__name__
         if isinstance(notes, (str, bytes)):  # (tuple() would keep it letter by letter)
             raise InputError(f"notes must be a sequence of strings, got the string {notes!r}; "
@@ -561,8 +568,26 @@ class Analyzer:
                 "after changing the model")
 
     def forward(self, x: Tensor) -> Tensor:
-        """The network in float64 on the analysis device (batched)."""
+        """The network in float64 on the analysis device (batched): ``x`` of shape
+        ``(N, *input_shape)`` (or ``input_shape`` for one input) gives ``(N, *output_shape)``.
+
+        Raises:
+            InputError: ``x`` is not a real tensor of that shape (a wrong shape is refused,
+                not reshaped).
+        """
         self._check_model()
+        if not isinstance(x, Tensor):
+            raise InputError(f"x must be a tensor of shape (N, *input_shape), got "
+                             f"{type(x).__name__}")
+        check_plain_tensor(x, "x")
+        if tuple(x.shape) == self.input_shape:
+            x = x.unsqueeze(0)
+        if tuple(x.shape[1:]) != self.input_shape:
+            shape = ", ".join(map(str, self.input_shape))
+            raise InputError(f"x has shape {tuple(x.shape)} but the model expects (N, {shape}) "
+                             f"(input_shape {self.input_shape} with a batch dimension); "
+                             "reshape or resize the input")
+        check_finite(x, "x")
         x = x.to(device=self.device, dtype=torch.float64)
         for b in self._variants[""]:
             x = b.forward(x)
@@ -613,8 +638,7 @@ class Analyzer:
             raise InputError(f"output_map has no rows (shape {tuple(c.shape)}); it needs at "
                              f"least one row: a (m, {n_out}) matrix with m >= 1, or None for "
                              "the whole output")
-        if not bool(torch.isfinite(c).all()):
-            raise InputError("output_map contains NaN/inf")
+        check_finite(c, "output_map", "pass a finite matrix")
         key = hashlib.sha1(c.detach().cpu().numpy().tobytes()).hexdigest()
         if key not in self._variants:
             from .ops.base import ReshapeOp
@@ -1453,11 +1477,42 @@ def _product_guarantee(bounds: list[SpectralBound]) -> tuple[Guarantee, float]:
                                                                 for sb in bounds))
 
 
+def check_analyzer_settings(an: Analyzer, **given: tuple[Any, Any]) -> None:
+    """Refuse settings of a new analyzer (``name=(value, default)``) given together with an
+    existing :class:`Analyzer` whose own setting differs: the analyzer's would be used and the
+    caller's ignored (session 25: ``sweep(an, ..., spectral="exact")`` ran an ``"auto"``
+    analyzer). A value equal to the default (not given) or to the analyzer's is fine.
+
+    Raises:
+        InputError: naming the setting and the fix.
+    """
+    for key, (value, default) in given.items():
+        if value is None or value is default or (type(value) is type(default)
+                                                 and value == default):
+            continue
+        have: Any = getattr(an, key)
+        if key == "device":
+            same = resolve_device(value, have) == have
+        elif key == "input_shape":
+            same = check_input_shape(value) == tuple(have)
+        else:
+            same = value == have
+        if not same:
+            raise InputError(f"{key}={value!r} given with an Analyzer built with {key}="
+                             f"{have!r}; the Analyzer's own would be used: build the Analyzer "
+                             f"with it (Analyzer(model, input_shape, {key}=...)), or leave it "
+                             "out")
+
+
+_ANALYZER_INIT = Analyzer.__init__
+"""(The class's own, read by :func:`_analyzer_options` even where ``Analyzer`` is replaced.)"""
+
+
 def _analyzer_options() -> tuple[str, ...]:
     """The keyword options of :class:`Analyzer` that the module-level functions pass on."""
     import inspect
 
-    params = inspect.signature(Analyzer.__init__).parameters
+    params = inspect.signature(_ANALYZER_INIT).parameters
     return tuple(n for n, p in params.items() if p.kind is p.KEYWORD_ONLY
                  and n not in ("x0", "device"))
 
@@ -1467,7 +1522,7 @@ def _analyzer(model: nn.Module | Analyzer, x0_or_shape, device, **kw) -> Analyze
     if unknown:
         raise InputError(f"unknown option(s) {', '.join(unknown)}; the options are "
                          f"{', '.join(_analyzer_options())} (passed to Analyzer), and "
-                         "output_map for local_bound and global_bound")
+                         "output_map for local_bound and global_bound: check the spelling")
     if isinstance(model, Analyzer):
         given = sorted(kw) + (["device"] if device is not None else [])
         if given:
@@ -1478,7 +1533,7 @@ def _analyzer(model: nn.Module | Analyzer, x0_or_shape, device, **kw) -> Analyze
     if not isinstance(x0_or_shape, Tensor):
         return Analyzer(model, check_input_shape(x0_or_shape, "x0_or_input_shape"),
                         device=device, **kw)
-    x0 = x0_or_shape
+    x0 = check_example_input(x0_or_shape)
     shape = tuple(x0.shape[1:]) if x0.dim() > 1 and x0.shape[0] == 1 else tuple(x0.shape)
     try:
         return Analyzer(model, shape, device=device, **kw)

@@ -10,6 +10,8 @@ predicted classes come from batched forward passes.
 from __future__ import annotations
 
 import logging
+import math
+import operator
 import statistics
 import time
 from collections.abc import Sequence
@@ -20,7 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from ._progress import progress_bar
-from .analyzer import Analyzer
+from .analyzer import Analyzer, check_analyzer_settings
 from .errors import InputError, LipboundError
 from .results import Guarantee, _jsonable
 from .validation import check_eps, check_input, check_tight
@@ -170,8 +172,14 @@ def bound_many(model_or_analyzer: nn.Module | Analyzer, samples: Any,
                          "method='local', or tight=False")
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise InputError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+    if timings is not None and not isinstance(timings, dict):  # (an AttributeError at the end)
+        raise InputError(f"timings must be a dict (it receives the times) or None, got "
+                         f"{type(timings).__name__}")
     if isinstance(model_or_analyzer, Analyzer):
         an = model_or_analyzer
+        check_analyzer_settings(an, spectral=(spectral, "auto"),
+                                failure_prob=(failure_prob, 1e-6), seed=(seed, 0),
+                                device=(device, None), input_shape=(input_shape, None))
         shape = an.input_shape
     elif isinstance(model_or_analyzer, nn.Module):
         an, shape = None, input_shape
@@ -194,6 +202,7 @@ def bound_many(model_or_analyzer: nn.Module | Analyzer, samples: Any,
                              "axis, the batch axis; give inputs as (1, *input_shape) or pass "
                              "input_shape=...") from None
     xs = [check_input(x, an.input_shape, f"input {names[i]}") for i, x in enumerate(xs)]
+    labels = _check_labels(labels, names, math.prod(an.output_shape))
     eps_list = _eps_per_input(eps, len(xs), method)
 
     if method == "global" or share_global:
@@ -237,6 +246,31 @@ def bound_many(model_or_analyzer: nn.Module | Analyzer, samples: Any,
         timings["total_seconds"] = timings.get("total_seconds", 0.0) + \
             time.perf_counter() - t_start
     return rows
+
+
+def _check_labels(labels: list, names: list[str], n_classes: int) -> list[int | None]:
+    """The inputs' labels as class indices of the model's ``n_classes`` outputs (or ``None``).
+
+    Raises:
+        InputError: a label that is no class index of the model (session 25: a label 12 for a
+            10-class network was counted as a wrong prediction in the summary's accuracy).
+    """
+    out: list[int | None] = []
+    for label, name in zip(labels, names, strict=True):
+        if label is None:
+            out.append(None)
+            continue
+        try:
+            k = operator.index(label) if not isinstance(label, bool) else None
+        except TypeError:
+            k = None
+        if k is None or not 0 <= k < n_classes:
+            raise InputError(f"input {name} has the label {label!r}, which is no class of the "
+                             f"model's {n_classes} outputs (0-{n_classes - 1}); fix the label "
+                             "(e.g. the first column of a CSV row) or give the input without "
+                             "one")
+        out.append(k)
+    return out
 
 
 def name_failing_input(exc: LipboundError, name: str, index: int) -> None:

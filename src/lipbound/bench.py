@@ -444,6 +444,38 @@ def _check_repeat(repeat: int) -> int:
     return repeat
 
 
+def _check_analyzer_options(options: Mapping[str, Any] | None) -> dict[str, Any]:
+    """``analyzer_options`` as a dict of :class:`~lipbound.analyzer.Analyzer` keyword options
+    (``name`` and ``notes`` are the bench's own arguments)."""
+    from .analyzer import _analyzer_options
+
+    if options is None:
+        return {}
+    allowed = [n for n in _analyzer_options() if n not in ("name", "notes")]
+    if not isinstance(options, Mapping):
+        raise InputError(f"analyzer_options must be a dict of Analyzer options "
+                         f"({', '.join(allowed)}), got {type(options).__name__}")
+    unknown = sorted(str(k) for k in options if k not in allowed)
+    if unknown:
+        raise InputError(f"unknown analyzer_options {', '.join(unknown)}; pass only "
+                         f"{', '.join(allowed)}")
+    return dict(options)
+
+
+def _check_eps_range(eps_range: Any) -> tuple[float, float]:
+    """``eps_range`` as an increasing pair of radii."""
+    from .validation import check_eps
+
+    if isinstance(eps_range, (str, bytes)) or not hasattr(eps_range, "__len__") \
+            or len(eps_range) != 2:
+        raise InputError(f"eps_range must be a pair (smallest, largest radius), e.g. (0.01, 1), "
+                         f"got {eps_range!r}")
+    lo, hi = check_eps(eps_range[0], "eps_range[0]"), check_eps(eps_range[1], "eps_range[1]")
+    if hi <= lo:
+        raise InputError(f"eps_range must be increasing, got {(lo, hi)}; swap them")
+    return lo, hi
+
+
 def _model_device(model: nn.Module) -> torch.device:
     return model_device(model, torch.device("cpu"))  # type: ignore[return-value]
 
@@ -533,7 +565,7 @@ def bench_model(model: nn.Module, x0: Tensor, *, name: str,
     dev = resolve_device(device, _model_device(model))
     x0 = check_input(x0, None).to(dev)
     input_shape = tuple(x0.shape[1:])
-    opts = dict(analyzer_options or {})
+    opts = _check_analyzer_options(analyzer_options)
     opts.setdefault("spectral", spectral)
     key = name.lower()
     mem = _Memory(dev)
@@ -702,14 +734,12 @@ def bench_sweep_model(model: nn.Module, x0: Tensor, *, name: str,
     """
     from .analyzer import Analyzer
     from .sweep import DEFAULT_REUSE_TOL, sweep
-    from .validation import check_eps, check_input
+    from .validation import check_input
 
     if not isinstance(n_points, int) or n_points < 2:
         raise InputError(f"n_points must be an integer >= 2, got {n_points!r}")
     repeat = _check_repeat(repeat)
-    lo, hi = check_eps(eps_range[0], "eps_range[0]"), check_eps(eps_range[1], "eps_range[1]")
-    if hi <= lo:
-        raise InputError(f"eps_range must be increasing, got {(lo, hi)}")
+    lo, hi = _check_eps_range(eps_range)
     tol = DEFAULT_REUSE_TOL if reuse_tol is None else reuse_tol
     eps_values = [lo * (hi / lo) ** (i / (n_points - 1)) for i in range(n_points)]
     dev = _model_device(model)
@@ -844,7 +874,7 @@ def bench_radius(model_name: str = "mnist", *, n_images: int = 100, method: str 
         c0 = time.process_time()
         t0 = time.perf_counter()
         an = Analyzer(lm.model, lm.entry.input_shape, device=dev, name=lm.entry.name,
-                      **dict(analyzer_options or {}))
+                      **_check_analyzer_options(analyzer_options))
         trace = time.perf_counter() - t0
         for s in samples:
             bar.label(s.name)

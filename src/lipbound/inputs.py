@@ -158,10 +158,12 @@ def _make_context(
     else:
         m, s = (base.mean, base.std) if base is not None else (None, None)
     if s is not None and any(v <= 0 for v in s):
-        raise InputError(f"every std must be > 0, got {s}")
+        raise InputError(f"every std must be > 0, got {s}; give the standard deviations of "
+                         "the preprocessing")
     if m is not None and s is not None:
         if len(m) != len(s):
-            raise InputError(f"mean has {len(m)} values but std has {len(s)}")
+            raise InputError(f"mean has {len(m)} values but std has {len(s)}; give one mean "
+                             "and one std per channel")
         if shape is not None and len(m) not in (1, shape[0]):
             raise InputError(
                 f"mean/std have {len(m)} values but the input has {shape[0]} channels "
@@ -189,12 +191,29 @@ def normalize_pixels(
 
     Returns:
         A float32 tensor of the same shape.
+
+    Raises:
+        InputError: ``pixels`` is not a real batch, ``mean`` without ``std`` (or the
+            reverse), non-finite values, a ``std`` <= 0, another number of values than the
+            channels (1 or ``C``), or a ``scale`` that is not a positive number.
     """
-    x = pixels.to(torch.float32) * scale
-    if mean is not None and std is not None:
+    if not isinstance(pixels, torch.Tensor):
+        raise InputError(f"pixels must be a tensor (N, C, *spatial) or (N, n), got "
+                         f"{type(pixels).__name__}")
+    if pixels.is_complex():  # (the float32 cast would drop the imaginary part)
+        raise InputError(f"pixels are complex ({pixels.dtype}); pass real pixel values")
+    if pixels.dim() < 2:
+        raise InputError(f"pixels must be a batch (N, C, *spatial) or (N, n), got shape "
+                         f"{tuple(pixels.shape)}; add the batch dimension with "
+                         "pixels.unsqueeze(0)")
+    # (session 25: a std of 0 or a NaN mean gave NaN pixels, three means for a one-channel
+    # image broadcast it to three channels, and a mean without a std was ignored)
+    ctx = _make_context(None, None, tuple(pixels.shape[1:]), mean, std, scale, False)
+    x = pixels.to(torch.float32) * ctx.scale
+    if ctx.mean is not None and ctx.std is not None:
         view = (1, -1) + (1,) * (x.dim() - 2)
-        m = torch.tensor(mean, dtype=torch.float32, device=x.device).reshape(view)
-        s = torch.tensor(std, dtype=torch.float32, device=x.device).reshape(view)
+        m = torch.tensor(ctx.mean, dtype=torch.float32, device=x.device).reshape(view)
+        s = torch.tensor(ctx.std, dtype=torch.float32, device=x.device).reshape(view)
         x = (x - m) / s
     return x
 
@@ -299,12 +318,13 @@ def _read_image(path: Path, ctx: _Context, name: str) -> torch.Tensor:
                     "its own image (e.g. with PIL: img.seek(k); img.save('frame.png'))")
             image = img.copy()
     except FileNotFoundError as exc:
-        raise InputError(f"image file not found: {path}") from exc
+        raise InputError(f"image file not found: {path}; check the path") from exc
     except Image.DecompressionBombError as exc:
         raise InputError(f"image {path} is too large to read safely ({exc}); give an image "
                          "of about the network's input size") from exc
     except (UnidentifiedImageError, OSError) as exc:
-        raise InputError(f"cannot read image {path}: {exc}") from exc
+        raise InputError(f"cannot read image {path}: {exc}; give an image file PIL reads "
+                         "(e.g. PNG or JPEG), or the input as a .npy/.pt array") from exc
     except Exception as exc:  # a decoder's own error on a damaged file (ValueError, ...)
         raise InputError(f"cannot read image {path}: it is damaged or not in a format PIL "
                          f"decodes ({type(exc).__name__}: {exc}); save it again as a PNG "
@@ -553,7 +573,7 @@ def _parse_indices(spec: str, n: int, ref: str) -> list[int]:
         if hi >= n:
             raise InputError(
                 f"index {hi} in {ref!r} is out of range: the shipped test set has {n} images "
-                f"(indices 0-{n - 1})"
+                f"(indices 0-{n - 1}); use an index in that range"
             )
         out.extend(range(lo, hi + 1))
     return out
@@ -647,7 +667,8 @@ def _zoo_samples(entry: ZooEntry, rest: str, ref: str, ctx: _Context, *, many: b
         return [_finish(x, ctx, name, None)]
     known = list(entry.samples) + ([f"{entry.name}:test/N"] if entry.name in TESTSETS else [])
     raise ZooError(
-        f"unknown sample {ref!r} for {entry.name}; known samples: {', '.join(known)}"
+        f"unknown sample {ref!r} for {entry.name}; use one of the known samples: "
+        f"{', '.join(known)}"
     )
 
 

@@ -19,7 +19,9 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from .errors import InputError
 from .results import format_prob_up
+from .validation import check_eps
 
 __all__ = ["ATTACK_STYLES", "CERTIFICATE_STYLES", "METHOD_STYLES", "format_prob_up",
            "paper_style", "plot_layer_factors", "plot_radii", "plot_sweep", "save_figure"]
@@ -95,10 +97,40 @@ def save_figure(fig, path_png: str | Path | None, path_pdf: str | Path | None = 
         if path is None:
             continue
         p = Path(path)
-        p.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(p, dpi=dpi)
+        try:
+            p.parent.mkdir(parents=True, exist_ok=True)
+            fig.savefig(p, dpi=dpi)
+        except OSError as exc:
+            raise InputError(f"cannot write the figure {p} ({exc.strerror or exc}); give a "
+                             "path in a writable folder") from exc
         written.append(p)
     return written
+
+
+def _series(name: str, values: object, n: int | None) -> list[float | None]:
+    """``values`` as a list of numbers (or ``None``), of length ``n`` when given.
+
+    Raises:
+        InputError: not a sequence of real numbers, or of another length (a series shorter
+            than its x values failed with an IndexError, a longer one was cut silently).
+    """
+    if isinstance(values, (str, bytes)) or not hasattr(values, "__len__"):
+        raise InputError(f"{name} must be a sequence of numbers, got {type(values).__name__}")
+    out: list[float | None] = []
+    for v in values:  # type: ignore[attr-defined]
+        if v is None:
+            out.append(None)
+            continue
+        if isinstance(v, (bool, str, bytes)):
+            raise InputError(f"{name} must hold numbers (or None), got {v!r}")
+        try:
+            out.append(float(v))
+        except (TypeError, ValueError) as exc:
+            raise InputError(f"{name} must hold numbers (or None), got {v!r}") from exc
+    if n is not None and len(out) != n:
+        raise InputError(f"{name} has {len(out)} values but there are {n} points; give one "
+                         "value per point")
+    return out
 
 
 def _positive(xs: Sequence[float], ys: Sequence[float]) -> tuple[list[float], list[float]]:
@@ -156,6 +188,9 @@ def plot_sweep(eps: Sequence[float], curves: dict[str, Sequence[float]], *,
         The paths written.
     """
     suffix = label_suffix or {}
+    eps = [check_eps(e, f"eps[{i}]") for i, e in enumerate(_series("eps", eps, None))]
+    curves = {name: _series(f"curves[{name!r}]", values, len(eps))
+              for name, values in curves.items()}
     # in increasing eps: radii given out of order would draw the curves back and forth
     order = sorted(range(len(eps)), key=lambda i: eps[i])
     eps = [eps[i] for i in order]
@@ -265,6 +300,13 @@ def plot_layer_factors(names: Sequence[str], local: Sequence[float],
     from matplotlib.patches import Patch
 
     n = len(names)
+    local = _series("local", local, n)
+    global_ = _series("global_", global_, n)
+    radius_in = _series("radius_in", radius_in, n)
+    for what, fs in (("local_probabilistic", local_probabilistic),
+                     ("global_probabilistic", global_probabilistic)):
+        if fs is not None and len(fs) != n:
+            raise InputError(f"{what} has {len(fs)} flags for {n} layers; give one per layer")
     idx = list(range(n))
     width = 0.38
     hatch = "////"
@@ -377,6 +419,11 @@ def plot_radii(certified: dict[str, Sequence[float | None]],
 
     suffix = label_suffix or {}
     n = max([len(v) for v in (*certified.values(), *attacks.values())], default=0)
+    certified = {k: _series(f"certified[{k!r}]", v, n) for k, v in certified.items()}
+    attacks = {k: _series(f"attacks[{k!r}]", v, n) for k, v in attacks.items()}
+    for k, v in (*certified.items(), *attacks.items()):
+        if any(r is not None and not r >= 0 for r in v):
+            raise InputError(f"radii of {k!r} must be >= 0 (or None), got {v}")
 
     with paper_style():
         fig, ax = new_figure(max(5.6, min(11.0, 2.5 + 0.08 * n)), 3.8)

@@ -50,7 +50,7 @@ from .analyzer import TIGHT_ROWS, Analyzer
 from .errors import InputError
 from .results import Guarantee, _jsonable, format_prob_up, lower_bound_from
 from .spectral import SAFETY
-from .validation import check_eps, check_input, check_reuse_tol, check_tight
+from .validation import check_count, check_eps, check_input, check_reuse_tol, check_tight
 
 __all__ = ["METHODS", "RadiusMethod", "RadiusResult", "best", "certified_radii",
            "certified_radius", "exact_class_change"]
@@ -191,6 +191,11 @@ def _resolve(model: nn.Module | Analyzer | None, analyzer: Analyzer | None, x0: 
         if analyzer is not None and analyzer is not model:
             raise InputError("pass the Analyzer either as model or as analyzer=, not two "
                              "different ones")
+        if analyzer_kwargs or device is not None:  # (they were ignored: session 25)
+            given = sorted(analyzer_kwargs) + (["device"] if device is not None else [])
+            raise InputError(f"{', '.join(given)} given with an Analyzer, which was built "
+                             "with its own; build the Analyzer with them instead, e.g. "
+                             f"Analyzer(model, input_shape, {given[0]}=...)")
         return model
     if analyzer is not None:
         if not isinstance(analyzer, Analyzer):
@@ -288,9 +293,17 @@ def exact_class_change(an: Analyzer, x: Tensor, cls: int) -> ClassChange:
     This is how ``lipbound radius`` tells a real violation (an attack closer than the
     certified radius at which the exact network changes class) from float32 rounding of the
     model (a class change that only the float32 model makes, which the certificate does
-    not cover)."""
+    not cover).
+
+    Raises:
+        InputError: ``cls`` is not the index of one of the network's outputs."""
     y, delta, _, _ = an.nominal_error(x)
     y = y.to(torch.float64).cpu()
+    # (a class index -1 counted from the end, and one past the outputs raised an IndexError)
+    cls = check_count(cls, "cls", 0)
+    if cls >= y.numel():
+        raise InputError(f"cls must be a class index in [0, {y.numel() - 1}] for this "
+                         f"network's {y.numel()} outputs, got {cls}")
     others = torch.cat([y[:cls], y[cls + 1:]])
     if others.numel() == 0:
         return "keeps"

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import copy
 import csv
+import io
 import json
 import logging
 import math
@@ -37,7 +38,7 @@ import torch
 from torch import Tensor, nn
 
 from ._progress import progress_bar
-from .analyzer import Analyzer
+from .analyzer import Analyzer, check_analyzer_settings
 from .errors import InputError
 from .results import Guarantee, _jsonable
 from .validation import check_eps, check_input, check_int, check_reuse_tol
@@ -159,7 +160,14 @@ class SweepResult:
         return [r.eps for r in self.rows]
 
     def values(self, method: str) -> list[float]:
-        """The values of one method, in row order."""
+        """The values of one method, in row order.
+
+        Raises:
+            InputError: the sweep did not run ``method``.
+        """
+        if method not in self.methods:
+            raise InputError(f"method {method!r} is not in this sweep; use one of "
+                             f"{', '.join(self.methods)}")
         return [r[method].value for r in self.rows]
 
     def columns(self) -> list[str]:
@@ -220,26 +228,21 @@ class SweepResult:
 
     def to_csv(self, path: str | Path) -> Path:
         """Write one row per radius with the columns of :meth:`columns`."""
-        p = Path(path)
-        p.parent.mkdir(parents=True, exist_ok=True)
-        with p.open("w", newline="") as fh:
-            w = csv.writer(fh)
-            w.writerow(self.columns())
-            for r in self.rows:
-                line: list[Any] = [repr(r.eps)]
-                for m in self.methods:
-                    pt = r[m]
-                    line += [repr(float(pt.value)), pt.guarantee.value,
-                             repr(float(pt.failure_prob)), f"{pt.seconds:.6f}"]
-                w.writerow(line + ["; ".join(v for v, _ in self._row_violations(r))])
-        return p
+        out = io.StringIO(newline="")
+        w = csv.writer(out)
+        w.writerow(self.columns())
+        for r in self.rows:
+            line: list[Any] = [repr(r.eps)]
+            for m in self.methods:
+                pt = r[m]
+                line += [repr(float(pt.value)), pt.guarantee.value,
+                         repr(float(pt.failure_prob)), f"{pt.seconds:.6f}"]
+            w.writerow(line + ["; ".join(v for v, _ in self._row_violations(r))])
+        return _write_text(path, out.getvalue())
 
     def to_json(self, path: str | Path) -> Path:
         """Write :meth:`to_dict` as JSON."""
-        p = Path(path)
-        p.parent.mkdir(parents=True, exist_ok=True)
-        p.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
-        return p
+        return _write_text(path, json.dumps(self.to_dict(), indent=2) + "\n")
 
     def title(self) -> str:
         return f"{self.model}, input {self.input_name}"
@@ -267,6 +270,23 @@ class SweepResult:
                           upper=[m for m in self.methods if m in UPPER_METHODS],
                           label_suffix=suffix, violations=[v for v, _ in flagged],
                           violation_points=[xy for _, xy in flagged])
+
+
+def _write_text(path: str | Path, text: str) -> Path:
+    """Write ``text`` to ``path`` (parent folders are created).
+
+    Raises:
+        InputError: the file cannot be written (session 25: an OSError from deep inside).
+    """
+    p = Path(path)
+    try:
+        p.parent.mkdir(parents=True, exist_ok=True)
+        with p.open("w", newline="") as fh:
+            fh.write(text)
+    except OSError as exc:
+        raise InputError(f"cannot write {p} ({exc.strerror or exc}); give a path in a writable "
+                         "folder") from exc
+    return p
 
 
 def eps_grid(eps_min: float, eps_max: float, points: int) -> list[float]:
@@ -722,6 +742,9 @@ def sweep(model_or_analyzer: nn.Module | Analyzer, x0: Tensor, eps_values: Seque
                          f"pass [{notes!r}]")
     if isinstance(model_or_analyzer, Analyzer):
         an = model_or_analyzer
+        check_analyzer_settings(an, spectral=(spectral, "auto"),
+                                failure_prob=(failure_prob, 1e-6), device=(device, None),
+                                input_shape=(input_shape, None))
     elif isinstance(model_or_analyzer, nn.Module):
         if not isinstance(x0, Tensor):
             raise InputError(f"x0 must be a torch.Tensor, got {type(x0).__name__}")

@@ -158,9 +158,30 @@ def check_input(x0: Tensor, input_shape: Sequence[int] | None, name: str = "x0")
     elif x0.dim() < 2 or x0.shape[0] != 1:
         raise InputError(f"{name} must have a batch dimension of 1, got shape "
                          f"{tuple(x0.shape)}")
-    if not bool(torch.isfinite(x0).all()):
-        n = int((~torch.isfinite(x0)).sum())
-        raise InputError(f"{name} contains {n} NaN/inf value(s); clean the input first")
+    check_finite(x0, name)
+    return x0
+
+
+def check_finite(x: Tensor, name: str = "x0", fix: str = "clean the input first") -> None:
+    """Raise :class:`InputError` naming how many NaN/inf entries ``x`` holds, and ``fix``."""
+    if not bool(torch.isfinite(x).all()):
+        n = int((~torch.isfinite(x)).sum())
+        raise InputError(f"{name} contains {n} NaN/inf value(s); {fix}")
+
+
+def check_example_input(x0: object, name: str = "x0") -> Tensor:
+    """An example input that only gives the input shape (``global_bound(model, x0)``,
+    ``Analyzer(model, x0=x0)``) as a tensor, refused like any other input when it holds no
+    real, finite values: a NaN, complex or meta tensor there is a mistake upstream, and the
+    result would be reported for an input that does not exist."""
+    if not isinstance(x0, Tensor):
+        try:
+            x0 = torch.as_tensor(x0)
+        except Exception as exc:
+            raise InputError(f"{name} must be a tensor of shape (1, *input_shape), got "
+                             f"{type(x0).__name__}") from exc
+    check_plain_tensor(x0, name)
+    check_finite(x0, name)
     return x0
 
 

@@ -58,11 +58,15 @@ from lipbound._modelinfo import (
 )
 from lipbound._precision import exact_float32
 from lipbound.errors import InputError
-from lipbound.graph import check_inference_tensors, modules_in_training
+from lipbound.graph import (
+    check_finite_parameters,
+    check_inference_tensors,
+    modules_in_training,
+)
 from lipbound.lower._common import check_input_gradients, float64_model
 from lipbound.ops.base import safe_norm
 from lipbound.results import Guarantee, _jsonable
-from lipbound.validation import check_plain_tensor, check_seed
+from lipbound.validation import check_finite, check_plain_tensor, check_seed
 
 logger = logging.getLogger(__name__)
 
@@ -476,8 +480,7 @@ def _prepare(model: nn.Module, x0: Tensor, bounds: Bounds | None,
     if x0.numel() == 0:
         raise InputError(f"x0 of shape {tuple(x0.shape)} has no coordinates: no perturbation "
                          "can change its class; pass an input with at least one coordinate")
-    if not bool(torch.isfinite(x0).all()):
-        raise InputError("x0 contains NaN or infinite values; attacks need a finite input")
+    check_finite(x0, "x0", "attacks need a finite input: clean the input first")
     check_seed(seed, negative=True)  # (torch's generators take [-2**63, 2**64))
     dtype, device = model_dtype_device(model, default=x0)
     x0_ref = x0.detach().to(device=device, dtype=torch.float64)
@@ -489,7 +492,9 @@ def _prepare(model: nn.Module, x0: Tensor, bounds: Bounds | None,
             # (on a copy: a model writing into its input is wrapped to get copies from now on)
             model, z = guard_input_writes(model, xm)
         except Exception as exc:  # report shape mismatches etc. as input errors
-            raise InputError(f"the model failed on x0 of shape {tuple(xm.shape)}: {exc}") from exc
+            raise InputError(f"the model failed on x0 of shape {tuple(xm.shape)} "
+                             f"({type(exc).__name__}: {exc}); check the input shape the model "
+                             "expects, (1, *input_shape)") from exc
     if not isinstance(z, Tensor):
         raise InputError(f"expected the model to return a tensor of class scores, got "
                          f"{type(z).__name__}")
@@ -502,7 +507,10 @@ def _prepare(model: nn.Module, x0: Tensor, bounds: Bounds | None,
                          "at least 2 classes (for a single-logit binary classifier, output "
                          "the two scores [0, z])")
     if not bool(torch.isfinite(z).all()):
-        raise InputError("the model's output at x0 is NaN or infinite")
+        check_finite_parameters(model)  # (NaN/inf weights: named, as a WeightsError)
+        raise InputError("the model's output at x0 is NaN or infinite although x0 and the "
+                         "weights are finite (the forward pass overflows there); check that "
+                         "x0 is on the scale the model expects (e.g. normalised)")
     label = int(z[0].argmax())
     lo_t = hi_t = None
     if bounds is not None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -39,12 +40,14 @@ def get_attack(name: str, **options: Any) -> Attack:
     try:
         cls = ATTACKS[name]
     except KeyError:
-        raise InputError(f"unknown attack {name!r}; available: {', '.join(sorted(ATTACKS))}"
-                         ) from None
+        raise InputError(f"unknown attack {name!r}; choose from "
+                         f"{', '.join(sorted(ATTACKS))}") from None
     try:
         return cls(**options)
     except TypeError as exc:
-        raise InputError(f"invalid options for attack {name!r}: {exc}") from exc
+        params = [p for p in inspect.signature(cls.__init__).parameters if p != "self"]
+        raise InputError(f"invalid options for attack {name!r} ({exc}); its options are "
+                         f"{', '.join(params)}: check the spelling") from exc
 
 
 def run_attacks(model: nn.Module, x0: Tensor, methods: Sequence[str] = DEFAULT_METHODS, *,
@@ -78,10 +81,19 @@ def run_attacks(model: nn.Module, x0: Tensor, methods: Sequence[str] = DEFAULT_M
     """
     if isinstance(methods, str):
         methods = (methods,)
+    methods = tuple(methods)
+    if not methods:  # (an empty list returned [], read as "no attack succeeded")
+        raise InputError(f"no attack to run (methods={methods!r}); choose from "
+                         f"{', '.join(sorted(ATTACKS))}")
+    if options is not None and not (isinstance(options, Mapping) and all(
+            isinstance(v, Mapping) for v in options.values())):
+        raise InputError(f"options must map attack names to dicts of their options, e.g. "
+                         f"{{'pgd': {{'steps': 50}}}}, got {options!r}")
     options = dict(options or {})
     unknown = sorted(set(options) - set(methods))
     if unknown:
-        raise InputError(f"options given for attacks not being run: {unknown}")
+        raise InputError(f"options given for attacks not being run: {unknown}; give options "
+                         "only for the attacks in methods")
     attacks = [get_attack(m, **dict(options.get(m, {}))) for m in methods]
     with one_float64_copy(unwrap_model(model)):  # (one float64 copy for all the attacks)
         return [a(model, x0, bounds=bounds, seed=seed) for a in attacks]

@@ -41,13 +41,14 @@ from lipbound.baselines.fc import (
     NotFullyConnectedError,
     chain_note,
     check_eps,
+    check_runs_on,
     fc_layers,
     is_converted,
 )
 from lipbound.errors import InputError, LipboundError, UnsupportedModelError
 from lipbound.graph import check_eval_mode
 from lipbound.results import BoundResult, Guarantee, format_prob_up
-from lipbound.validation import check_int, check_plain_tensor
+from lipbound.validation import check_finite, check_int, check_plain_tensor
 
 logger = logging.getLogger(__name__)
 
@@ -343,9 +344,11 @@ def compare(model: nn.Module, x0: torch.Tensor, eps: float,
     if not x0.is_floating_point():  # (review s22) as lipbound's own intake: the lower bound's
         x0 = x0.to(torch.float32)  # row alone refused an integer x0 ("not run")
     if x0.dim() < 2 or x0.shape[0] != 1:
-        raise InputError(f"x0 must have a batch dimension of 1, got shape {tuple(x0.shape)}")
-    if not bool(torch.isfinite(x0).all()):
-        raise InputError("x0 contains NaN/inf values")
+        raise InputError(f"x0 must have a batch dimension of 1, got shape {tuple(x0.shape)}; "
+                         "pass one input as x0.unsqueeze(0) (shape (1, *input_shape))")
+    check_finite(x0, "x0")
+    # up front (session 25): an x0 the model cannot take gave a table of "not run" rows
+    check_runs_on(model, x0)
     if methods is None:
         names = list(METHODS)
     else:

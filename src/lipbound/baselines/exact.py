@@ -288,7 +288,7 @@ def exact_local_l2_detailed(net: nn.Module | Sequence[tuple[Any, Any]], x0: Any,
     t0 = time.perf_counter()
     layers = apply_output_map(as_fc(net, input_shape=input_shape), output_map)
     n0 = layers[0][0].shape[1]
-    xc = check_x0(x0, n0)
+    xc = check_x0(x0, n0, net, input_shape)
     eps = check_eps(eps)
     what = "exact local L2"
     check_range(layers, xc, eps, what=what)
@@ -557,7 +557,7 @@ def lipmip(net: nn.Module | Sequence[tuple[Any, Any]], x0: Any, eps: float, *,
             raise InputError(f"c must be a finite vector of shape ({n_out},), got {cvec.shape}")
     layers = apply_output_map(layers, cvec[None, :])
     n0 = layers[0][0].shape[1]
-    xc = check_x0(x0, n0)
+    xc = check_x0(x0, n0, net, input_shape)
     eps = check_eps(eps)
     check_range(layers, xc, eps, what="lipMIP")
     _check_size(layers, max_hidden, "lipMIP")

@@ -49,6 +49,7 @@ __all__ = [
     "fc_layers",
     "as_fc",
     "apply_output_map",
+    "check_runs_on",
     "check_x0",
     "real_array",
     "check_eps",
@@ -589,7 +590,8 @@ def as_fc(net: nn.Module | Sequence[tuple[Any, Any]], *,
             raise InputError(f"layer {k + 1}: W has shape {w.shape}; every layer needs at "
                              "least one input and one output")
         if not (np.isfinite(w).all() and np.isfinite(b).all()):
-            raise InputError(f"layer {k + 1} has NaN/inf weights")
+            raise InputError(f"layer {k + 1} has NaN/inf weights; load valid weights (a "
+                             "diverged training run or a corrupt file?)")
         if k and w.shape[1] != layers[k - 1][0].shape[0]:
             raise InputError(f"layer {k + 1} expects {w.shape[1]} inputs but layer {k} has "
                              f"{layers[k - 1][0].shape[0]} outputs")
@@ -611,7 +613,8 @@ def apply_output_map(layers: FCLayers, output_map: Any | None) -> FCLayers:
         raise InputError(f"output_map has shape {c.shape}: no rows; give at least one row "
                          "(or no output_map for the identity)")
     if not np.isfinite(c).all():
-        raise InputError("output_map contains NaN/inf")
+        raise InputError(f"output_map contains {int((~np.isfinite(c)).sum())} NaN/inf "
+                         "value(s); pass a finite matrix")
     # folded so that a cancelling entry of C W keeps its digits (fold_matmul): a plain
     # float64 C @ W rounded fl(1/3) * 3 - 1 to 0, and every rival reported 0 for a
     # network whose constant is 7e13 (tests/test_rivals_review.py)
@@ -651,8 +654,19 @@ def real_array(value: Any, what: str) -> np.ndarray:
                          "pass a tensor or a numpy array") from exc
 
 
-def check_x0(x0: Any, n_in: int) -> np.ndarray:
-    """``x0`` (tensor/array with batch dimension 1, or flat) as a float64 vector of ``n_in``."""
+def check_x0(x0: Any, n_in: int, net: Any = None,
+             input_shape: Sequence[int] | None = None) -> np.ndarray:
+    """``x0`` (tensor/array with batch dimension 1, or flat) as a float64 vector of ``n_in``.
+
+    A tensor of more than two dimensions is the model's own input layout, so it must be one
+    (``(1, *input_shape)`` when ``input_shape`` is given, else an input the module ``net``
+    maps to ``(1, m)``): a ``(1, 1, 4)`` tensor for a network of ``nn.Linear(4, .)`` layers,
+    whose output would be ``(1, 1, m)``, was flattened into another input than the caller's
+    (session 25).
+    """
+    if x0 is None:
+        raise InputError(f"x0 is None; pass the centre of the ball, a tensor of shape (1, "
+                         f"{n_in}) or (1, *input_shape)")
     if isinstance(x0, torch.Tensor) and x0.dim() >= 2 and x0.shape[0] != 1:
         raise InputError(f"x0 holds a batch of {x0.shape[0]} inputs; pass one input "
                          "with a batch dimension of 1")
@@ -660,10 +674,50 @@ def check_x0(x0: Any, n_in: int) -> np.ndarray:
     # centred elsewhere); ragged or text input raised numpy's ValueError
     x = real_array(x0, "x0").reshape(-1)
     if x.size != n_in:
-        raise InputError(f"x0 has {x.size} elements but the network takes {n_in}")
+        raise InputError(f"x0 has {x.size} elements but the network takes {n_in}; pass an "
+                         f"input of shape (1, {n_in}) (or (1, *input_shape))")
     if not np.isfinite(x).all():
-        raise InputError("x0 contains NaN/inf values")
+        raise InputError(f"x0 contains {int((~np.isfinite(x)).sum())} NaN/inf value(s); "
+                         "clean the input first")
+    if isinstance(x0, torch.Tensor) and x0.dim() > 2:
+        _check_layout(x0, net, input_shape)
     return x
+
+
+def _check_layout(x0: torch.Tensor, net: Any, input_shape: Sequence[int] | None) -> None:
+    """Refuse an ``x0`` of more than two dimensions that is not the model's input layout."""
+    shape = tuple(x0.shape)
+    if input_shape is not None:
+        want = (1, *(int(s) for s in input_shape))
+        if shape not in (want, want[1:]):
+            raise InputError(f"x0 has shape {shape} but input_shape gives {want}; pass x0 of "
+                             "that shape (or flat, (1, n))")
+        return
+    if isinstance(net, nn.Module):
+        check_runs_on(net, x0)
+
+
+def check_runs_on(net: nn.Module, x0: torch.Tensor) -> None:
+    """Refuse an ``x0`` that the module ``net`` fails on or does not map to one output row
+    ``(1, m)`` (one forward pass without gradients, on a copy of ``x0``).
+
+    Raises:
+        InputError: naming the shape and the fix.
+    """
+    shape = tuple(x0.shape)
+    dtype, device = model_dtype_device(net, default=x0)
+    try:
+        with torch.no_grad():
+            out = net(x0.detach().to(device=device, dtype=dtype).clone())
+    except Exception as exc:  # noqa: BLE001 - any failure: x0 is not the model's input
+        raise InputError(f"the model failed on x0 of shape {shape} ({type(exc).__name__}: "
+                         f"{exc}); pass x0 of the shape the model takes, (1, *input_shape), "
+                         "or flat, (1, n)") from exc
+    if not isinstance(out, torch.Tensor) or out.dim() != 2 or out.shape[0] != 1:
+        got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        raise InputError(f"x0 has shape {shape}, which the model maps to {got}, not to one "
+                         f"output row (1, m): it is not the model's input layout; pass x0 "
+                         f"of the shape the model takes, (1, *input_shape), or flat, (1, n)")
 
 
 #: magnitudes the baselines accept (powers of two): every nonzero row of a weight matrix

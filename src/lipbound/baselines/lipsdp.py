@@ -360,6 +360,11 @@ def lipsdp(net: nn.Module | Sequence[tuple[Any, Any]], *,
     if variant not in ("neuron", "layer"):
         raise InputError(f"variant must be 'neuron' or 'layer', got {variant!r}")
     cp = _import_cvxpy()
+    if solver is not None:  # (a solver that is not installed gave a NaN "estimate")
+        installed = sorted(cp.installed_solvers())
+        if not isinstance(solver, str) or solver.upper() not in installed:
+            raise InputError(f"solver {solver!r} is not an installed cvxpy solver; use one of "
+                             f"{', '.join(installed)}, or None for Clarabel (else SCS)")
     t0 = time.perf_counter()
     deadline = Deadline(time_limit, f"LipSDP-{variant}")
     layers = apply_output_map(as_fc(net, input_shape=input_shape), output_map)

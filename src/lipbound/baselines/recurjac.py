@@ -232,7 +232,7 @@ def _run(method: str, direction: str, net: Any, x0: Any, eps: float, output_map:
     t0 = time.perf_counter()
     deadline = Deadline(time_limit, "Fast-Lip" if method == "fastlip" else "RecurJac")
     layers = apply_output_map(as_fc(net, input_shape=input_shape), output_map)
-    xc = check_x0(x0, layers[0][0].shape[1])
+    xc = check_x0(x0, layers[0][0].shape[1], net, input_shape)
     eps = check_eps(eps)
     check_range(layers, xc, eps, what=method)
     ops = [operand(w) for w, _ in layers]

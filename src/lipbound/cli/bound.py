@@ -64,9 +64,10 @@ def run(args: argparse.Namespace) -> int:
     from ..validation import check_eps, check_failure_prob
     from .exact_memory import check_exact_global_fits
 
-    if args.eps_list and args.eps is not None:
+    if args.eps_list is not None and args.eps is not None:
         raise InputError("give either --eps or --eps-list, not both")
-    if args.method == "global" and (args.eps is not None or args.eps_list or args.eps_file):
+    if args.method == "global" and (args.eps is not None or args.eps_list is not None
+                                      or args.eps_file):
         raise InputError("--method global takes no radius (the global bound holds for every "
                          "input): drop --eps/--eps-list/--eps-file, or use --method both")
     check_failure_prob(args.failure_prob, "--failure-prob")
@@ -85,7 +86,7 @@ def run(args: argparse.Namespace) -> int:
         from .bound_many import run_many
 
         return run_many(args)
-    if args.eps_list:
+    if args.eps_list is not None:
         eps_values = parse_eps_list(args.eps_list)
     else:
         eps_values = [check_eps(args.eps if args.eps is not None else 0.1, "--eps")]

@@ -145,7 +145,7 @@ def _radii(args: argparse.Namespace, names: list[str]) -> list[list[float] | flo
     from ..validation import check_eps
 
     if args.eps_file:
-        if args.eps is not None or args.eps_list:
+        if args.eps is not None or args.eps_list is not None:
             raise InputError("give either --eps-file or --eps/--eps-list, not both")
         keys: dict[str, list[str]] = {}
         values = read_eps_file(args.eps_file, keys)
@@ -154,7 +154,7 @@ def _radii(args: argparse.Namespace, names: list[str]) -> list[list[float] | flo
                              f"names {n} input(s); give exactly one radius per input")
         check_eps_order(args.eps_file, keys, names)
         return [values]
-    if args.eps_list:
+    if args.eps_list is not None:
         return parse_eps_list(args.eps_list)
     return [check_eps(args.eps if args.eps is not None else 0.1, "--eps")]
 
@@ -189,7 +189,7 @@ def run_many(args: argparse.Namespace, loaded: Loaded | None = None) -> int:
 
     t0 = time.perf_counter()
     out = prepare_out_file(args.out) if args.out else None  # before the work, not after
-    if args.eps_list and not args.eps_file:
+    if args.eps_list is not None and not args.eps_file:
         parse_eps_list(args.eps_list)  # a bad list is reported before loading anything
     if loaded is None:
         loaded = load_model(args)

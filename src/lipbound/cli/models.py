@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from .common import add_common, print_json, table
+from .common import add_common, apply_threads, print_json, resolve_device, table
 
 WEIGHTS = {
     "tiny": "fixed weights (paper's 3-D example)",
@@ -29,6 +29,11 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from .. import zoo
 
+    # the common options are checked as everywhere, though listing uses neither (session 25:
+    # --threads abc and --device cuda without CUDA were accepted silently)
+    resolve_device(args.device)
+    if str(args.threads) != "auto":
+        apply_threads(args, None)
     entries = zoo.list_models()
     rows = []
     for e in entries:

@@ -33,9 +33,13 @@ from lipbound._modelinfo import (
 )
 from lipbound._precision import exact_float32_on_model
 from lipbound.errors import InputError
-from lipbound.graph import check_inference_tensors, modules_in_training
+from lipbound.graph import (
+    check_finite_parameters,
+    check_inference_tensors,
+    modules_in_training,
+)
 from lipbound.ops.base import safe_norm
-from lipbound.validation import check_eps, check_int, check_plain_tensor
+from lipbound.validation import check_eps, check_finite, check_int, check_plain_tensor
 
 logger = logging.getLogger(__name__)
 
@@ -174,8 +178,7 @@ def check_problem(
     if x0.numel() == 0:
         raise InputError(f"the input x0 of shape {tuple(x0.shape)} has no coordinates: there "
                          "is no ball to search; pass an input with at least one coordinate")
-    if not bool(torch.isfinite(x0).all()):
-        raise InputError("x0 contains NaN or infinite values")
+    check_finite(x0, "x0")
     eps_f = check_eps(eps)
 
     device, dtype = _param_device_dtype(model)
@@ -211,7 +214,11 @@ def check_problem(
             f"returned {got} (flatten the output in the model)"
         )
     if not bool(torch.isfinite(f0).all()):
-        raise InputError("the model output at x0 contains NaN or infinite values")
+        check_finite_parameters(model)  # (NaN/inf weights: named, as a WeightsError)
+        raise InputError("the model's output at x0 is NaN or infinite although x0 and the "
+                         "weights are finite (the forward pass overflows there); check that "
+                         "x0 is on the scale the model expects (e.g. normalised) and the "
+                         "model's forward")
     m = f0.shape[1]
     if m == 0:
         raise InputError(f"the model has no outputs (shape {tuple(f0.shape)} at x0): its "
@@ -219,22 +226,32 @@ def check_problem(
 
     cmap = None
     if output_map is not None:
-        if not isinstance(output_map, torch.Tensor):
-            raise InputError(f"output_map must be a torch.Tensor (k, m), got {type(output_map)}")
-        check_plain_tensor(output_map, "output_map")
-        if output_map.dim() != 2 or output_map.shape[1] != m:
-            raise InputError(
-                f"output_map must have shape (k, {m}) to act on the model's {m} outputs; got "
-                f"{tuple(output_map.shape)}"
-            )
-        if output_map.shape[0] == 0:
-            raise InputError(f"output_map has no rows (shape {tuple(output_map.shape)}); give "
-                             f"a (k, {m}) matrix with k >= 1, or None for the whole output")
-        if not bool(torch.isfinite(output_map).all()):
-            raise InputError("output_map contains NaN or infinite values")
-        cmap = output_map.detach().to(device=x0.device, dtype=x0.dtype)
+        cmap = check_output_map(output_map, m).to(device=x0.device, dtype=x0.dtype)
     check_input_gradients(model, x0)
     return Problem(model, x0, eps_f, cmap, f0.detach(), shape, dim)
+
+
+def check_output_map(output_map: object, m: int) -> torch.Tensor:
+    """The output map ``C`` of a model with ``m`` outputs, detached: a real ``(k, m)``
+    tensor with ``k >= 1`` rows and finite entries.
+
+    Raises:
+        InputError: naming the problem and the fix.
+    """
+    if not isinstance(output_map, torch.Tensor):
+        raise InputError(f"output_map must be a torch.Tensor (k, {m}), got "
+                         f"{type(output_map).__name__}; pass torch.tensor(...) of it")
+    check_plain_tensor(output_map, "output_map")
+    if output_map.dim() != 2 or output_map.shape[1] != m:
+        raise InputError(
+            f"output_map must have shape (k, {m}) to act on the model's {m} outputs; got "
+            f"{tuple(output_map.shape)}"
+        )
+    if output_map.shape[0] == 0:
+        raise InputError(f"output_map has no rows (shape {tuple(output_map.shape)}); give "
+                         f"a (k, {m}) matrix with k >= 1, or None for the whole output")
+    check_finite(output_map, "output_map", "pass a finite matrix")
+    return output_map.detach()
 
 
 def check_input_gradients(model: nn.Module, x0: torch.Tensor) -> None:
@@ -470,15 +487,25 @@ def ratio_at(
         output_map: optional ``(k, m)`` matrix ``C``.
 
     Returns:
-        The ratio as a Python float.
+        The ratio as a Python float (``inf`` where the output difference overflows).
 
     Raises:
-        InputError: if shapes differ, ``x == x0`` or the model is in training mode.
+        InputError: if the model is no module or is in training mode, ``x0`` or ``x`` is no
+            real finite tensor, their shapes differ, ``x == x0``, or the output map does not
+            fit the model's outputs.
     """
+    if not isinstance(model, nn.Module):
+        raise InputError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    for name, t in (("x0", x0), ("x", x)):
+        if not isinstance(t, torch.Tensor):
+            raise InputError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        check_plain_tensor(t, name)
+        check_finite(t, name)
     if x.shape != x0.shape:
         raise InputError(f"x must have the shape of x0 {tuple(x0.shape)}, got {tuple(x.shape)}")
     model = unwrap_model(model)  # DataParallel / torch.compile: the module they run
     _check_eval(model)
+    check_finite_parameters(model)
     device, dtype = _param_device_dtype(model)
     model64 = float64_model(model)
     if dtype is not None and model64 is not None and any(
@@ -490,7 +517,17 @@ def ratio_at(
     den = float(distances(x0.reshape(1, -1), x.reshape(1, -1))[0])
     if den == 0.0:
         raise InputError("x equals x0; the ratio is undefined at distance 0")
+    if output_map is not None:
+        run = model64 if model64 is not None and x0.dtype == torch.float64 else model
+        with torch.no_grad():
+            out = run(x0.clone())
+        m = out.shape[-1] if isinstance(out, torch.Tensor) and out.dim() else 0
+        output_map = check_output_map(output_map, m)
     num, _ = _output_difference(model, model64, x0, x, output_map)
+    if math.isnan(num):  # (inf: the difference overflows, an honest answer; NaN: none)
+        raise InputError("the model's outputs at x0 and x are NaN, or both overflow (the "
+                         "weights are finite), so their difference is undefined; check that "
+                         "the points are on the scale the model expects (e.g. normalised)")
     return num / den
 
 

@@ -32,7 +32,7 @@ from lipbound.lower._common import (
     unit_rows,
 )
 from lipbound.lower.result import LowerBoundResult
-from lipbound.validation import check_eps
+from lipbound.validation import check_eps, check_finite, check_plain_tensor
 
 logger = logging.getLogger(__name__)
 
@@ -111,9 +111,14 @@ def sample_ball(
         torch.Size([4, 3])
     """
     if not isinstance(x0, torch.Tensor) or x0.dim() < 2 or x0.shape[0] != 1:
-        raise InputError("x0 must be a tensor of shape (1, *input_shape)")
-    if not x0.is_floating_point() or not bool(torch.isfinite(x0).all()):
-        raise InputError("x0 must be a finite floating-point tensor")
+        got = tuple(x0.shape) if isinstance(x0, torch.Tensor) else type(x0).__name__
+        raise InputError(f"x0 must be a tensor of shape (1, *input_shape), got {got}; use "
+                         "x0.unsqueeze(0) for one unbatched input")
+    check_plain_tensor(x0, "x0")
+    if not x0.is_floating_point():
+        raise InputError(f"x0 must be a floating-point tensor, got dtype {x0.dtype}; convert "
+                         "it with x0.double()")
+    check_finite(x0, "x0")
     eps = check_eps(eps)
     if not math.isfinite(float(torch.tensor(eps, dtype=torch.float64).to(x0.dtype))):
         raise InputError(f"eps={eps:g} is beyond the range of x0's dtype {x0.dtype}: the ball's "

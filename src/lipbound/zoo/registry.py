@@ -192,4 +192,6 @@ def get_entry(name: str) -> ZooEntry:
         close = difflib.get_close_matches(key, list(entries), n=1)
         if close:
             hint = f" (did you mean {close[0]!r}?)"
-    raise ZooError(f"unknown zoo model {name!r}{hint}; known models: {known}")
+    raise ZooError(f"unknown zoo model {name!r}{hint}; known models: {known} (use one of "
+                   "them; a network of your own is given as path/to/file.py:factory on the "
+                   "command line, or as an nn.Module to the library)")

@@ -108,7 +108,8 @@ def load_testset(name: str) -> tuple[np.ndarray, np.ndarray]:
     """
     if name not in TESTSETS:
         raise ZooError(
-            f"no shipped test set for {name!r}; test sets exist for: {', '.join(TESTSETS)}"
+            f"no shipped test set for {name!r}; use one of those that exist: "
+            f"{', '.join(TESTSETS)}"
         )
     return _cached(name)
 

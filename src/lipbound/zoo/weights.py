@@ -37,7 +37,8 @@ def _load_file(path: Path, source: str) -> Any:
     if not path.exists():
         raise WeightsError(f"weights file not found: {source}; check the path")
     if path.is_dir():
-        raise WeightsError(f"weights path is a directory, not a file: {source}")
+        raise WeightsError(f"weights path is a directory, not a file: {source}; give the "
+                           "file saved with torch.save(model.state_dict(), path)")
     try:
         return torch_load_safely(path)
     except Exception as exc:  # a whole pickled model, a corrupt zip, not a torch file, ...
@@ -176,7 +177,8 @@ def check_values(state: Mapping[str, torch.Tensor], expected: Mapping[str, torch
                            "would lose their scale. Save the float weights (dequantise first)")
     if nonfinite:
         raise WeightsError(f"weights file {source} has NaN or inf values in: "
-                           f"{_listing(nonfinite)}")
+                           f"{_listing(nonfinite)}; load a valid checkpoint (a diverged "
+                           "training run or a corrupt file?)")
     if over:
         raise WeightsError(f"weights file {source} has values too large for the dtype of "
                            f"the model's parameters in {_listing(over)} (they would load as "
