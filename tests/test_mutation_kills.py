@@ -223,14 +223,16 @@ def _opposite_linear_classifier(seed: int, scale: float) -> tuple[nn.Module, tor
     return net, x0
 
 
+@pytest.mark.parametrize("method", ["local", "margin", "global"])
 @pytest.mark.parametrize("seed", range(3))
-def test_certified_radius_is_at_most_the_exact_distance_to_the_boundary(seed):
-    """Kills M22 (radius.py: the nominal-error allowance of the local test added to the
-    threshold instead of subtracted). For ``W = [w; -w]`` the exact minimal adversarial
-    distance is ``δ* / (2 ||w||)``, ``δ*`` the exact margin of the float64 weights at ``x0``
-    (rational arithmetic); the certified radius must not exceed it: ``(2 r ||w||)^2 <=
-    δ*^2``. The logits are sums of terms of size 1e8 that cancel to 0.25, so the forward
-    pass's rounding bound (about 1e-7) decides."""
+def test_certified_radius_is_at_most_the_exact_distance_to_the_boundary(seed, method):
+    """Kills M22 and M37 (radius.py: the nominal-error allowance of the local test, or the
+    nominal deviation of the margin test, added to the threshold instead of subtracted).
+    For ``W = [w; -w]`` the exact minimal adversarial distance is ``δ* / (2 ||w||)``, ``δ*``
+    the exact margin of the float64 weights at ``x0`` (rational arithmetic); the certified
+    radius of every method must not exceed it: ``(2 r ||w||)^2 <= δ*^2``. The logits are sums
+    of terms of size 1e8 that cancel to 0.25, so the forward pass's rounding bound (about
+    1e-7) decides."""
     net, x0 = _opposite_linear_classifier(seed, 1e8)
     w = [Fraction(v) for v in net[0].weight[0].tolist()]
     b = [Fraction(v) for v in net[0].bias.tolist()]
@@ -239,7 +241,7 @@ def test_certified_radius_is_at_most_the_exact_distance_to_the_boundary(seed):
     y1 = -sum((p * q for p, q in zip(w, xs, strict=True)), Fraction(0)) + b[1]
     delta = y0 - y1
     assert delta > 0
-    res = lipbound.radius.certified_radius(net, x0, method="local")
+    res = lipbound.radius.certified_radius(net, x0, method=method)
     assert res.radius > 0  # (a radius is certified: the test below is not vacuous)
     w2 = sum((v * v for v in w), Fraction(0))
     assert (2 * Fraction(res.radius)) ** 2 * w2 <= delta * delta
