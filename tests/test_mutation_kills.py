@@ -280,3 +280,42 @@ def test_lipmip_refutes_a_wrong_optimum_of_the_solver(monkeypatch):
     sampled = float(pts.grad.abs().sum(dim=1).max())  # ||grad||_1: the l_inf-box constant
     res = lipmip(net, x0, eps, solver="scipy")
     assert res.value >= sampled
+
+
+def _exact_forward(net: nn.Sequential, x: list[Fraction]) -> list[Fraction]:
+    """The network's output at ``x`` in rational arithmetic (Linear and ReLU layers)."""
+    h = list(x)
+    for layer in net:
+        if isinstance(layer, nn.Linear):
+            w, b = layer.weight.detach().tolist(), layer.bias.detach().tolist()
+            h = [sum((Fraction(a) * v for a, v in zip(row, h, strict=True)), Fraction(0))
+                 + Fraction(c) for row, c in zip(w, b, strict=True)]
+        else:
+            h = [max(v, Fraction(0)) for v in h]
+    return h
+
+
+def test_nominal_error_covers_an_output_that_cannot_move():
+    """Kills M38 (analyzer.py ``_nominal_total``: the part ``sqrt(#fixed) η`` of the outputs
+    that cannot move in the ball dropped). ``BoundResult.nominal_error`` bounds
+    ``||f̂(x0) - f(x0)||`` (the computed float64 output against the exact one; the local
+    radius test subtracts it). Here the second logit depends only on two hidden units that
+    are constant (zero weights), and is a cancellation of products of size 1e8: its rounding
+    (about 2e-9) is not in the moving part's error (1e-14)."""
+    net = nn.Sequential(nn.Linear(2, 3), nn.ReLU(), nn.Linear(3, 2)).double().eval()
+    with torch.no_grad():
+        net[0].weight.copy_(torch.tensor([[1.0, -2.0], [0.0, 0.0], [0.0, 0.0]]))
+        net[0].bias.copy_(torch.tensor([5.0, 3.0, 7.0]))
+        net[2].weight.copy_(torch.tensor([[1.0, 0.0, 0.0], [0.0, 1e8 / 3.0, -1e8 / 7.0]],
+                                         dtype=torch.float64))
+        net[2].bias.copy_(torch.tensor([0.0, 0.5]))
+    x0 = torch.tensor([[0.3, 0.1]], dtype=torch.float64)
+    an = lipbound.Analyzer(net, (2,))
+    computed = an.forward(x0)[0].tolist()
+    exact = _exact_forward(net, [Fraction(v) for v in x0[0].tolist()])
+    err_sq = sum(((Fraction(a) - b) ** 2 for a, b in zip(computed, exact, strict=True)),
+                 Fraction(0))
+    assert err_sq > 0  # (the check below is not vacuous)
+    res = an.local_bound(x0, 0.1)
+    assert res.source == "product"
+    assert Fraction(res.nominal_error) ** 2 >= err_sq
