@@ -38,7 +38,7 @@ def test_secant_slope_uses_the_upper_end_of_the_nominal_value(eps):
     5.6e-17 below its exact value ``y* = -2.94e-15``; the unit turns on inside a ball of
     radius ``eps`` (``eps / 3 > |y*|``) and the exact local constant is
     ``(y* + eps/3) / eps`` (the ratio grows with the distance; rational arithmetic). The
-    mutation's slope is 1e-5 to 5e-5 too small for the first three radii."""
+    mutation's bound is 5e-6 to 5e-5 (relative) too small for the first three radii."""
     net = nn.Sequential(nn.Linear(1, 1), nn.ReLU(), nn.Linear(1, 1), nn.ReLU()).double().eval()
     a1 = 1.0 / 3.0
     with torch.no_grad():
