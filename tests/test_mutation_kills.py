@@ -1,5 +1,5 @@
 """Tests that kill mutations of the soundness-critical code that the rest of the suite let
-through (session 25; the driver and the table of all 30 mutations: notes/mutation_s25.py and
+through (session 25; the driver and the table of all 40 mutations: notes/mutation_s25.py and
 notes/mutation_s25.md).
 
 Each test checks a reported number against an independent reference (rational arithmetic
