@@ -272,7 +272,8 @@ def _note_of(method: str, res: Any, ctx: _Ctx) -> str:
         parts.extend(notes)
     elif method == "local-tight":
         # which bound was reported (the other notes are the plain local bound's)
-        parts.extend(n for n in notes if "tight bound" in n or "paper's bound" in n)
+        parts.extend(n for n in notes if "tight bound" in n or "paper's bound" in n
+                     or n.startswith("float32 rounding"))
     if method in _FC_ONLY and ctx.layers is not None and is_converted(ctx.layers):
         parts.append(chain_note(ctx.layers))
     return "; ".join(parts)
