@@ -318,6 +318,13 @@ def compare(model: nn.Module, x0: torch.Tensor, eps: float,
 
     Raises:
         InputError: unknown method names, bad ``x0`` or ``eps``, a model in training mode.
+        LipboundError: when no method gave a value and lipbound's own intake refuses the
+            model or ``x0`` (an unsupported layer, NaN weights, a forward pass that fails on
+            ``x0``'s shape or is not finite): the error :func:`lipbound.local_bound` raises
+            (same class and message), instead of a table whose every row says the same
+            (since session 25). Methods that cannot run for reasons of their own (size or
+            time limits, a network that is not fully connected) stay rows whenever some
+            method ran or the intake accepts the model.
     """
     if not isinstance(model, nn.Module):
         raise InputError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -379,7 +386,30 @@ def compare(model: nn.Module, x0: torch.Tensor, eps: float,
             bar.label(name)
             rows.append(_run_method(name, ctx))
             bar.update()
+    if rows and all(r.guarantee is None for r in rows):
+        refusal = _intake_refusal(model, x0, eps, seed)
+        if refusal is not None:
+            raise refusal
     return _check_floor(rows)
+
+
+def _intake_refusal(model: nn.Module, x0: torch.Tensor, eps: float, seed: int
+                    ) -> LipboundError | None:
+    """The error with which :func:`lipbound.local_bound` refuses ``(model, x0, eps)`` at its
+    intake (before any bound is computed: the model traced and checked, ``x0`` checked), or
+    ``None`` when it accepts them. Asked only when no method of a comparison gave a value:
+    such a refusal concerns the model or the input, which every method shares (session 25:
+    a model with NaN weights or an unsupported layer gave a table of rows that all said the
+    same "not run: ...")."""
+    from lipbound.analyzer import _analyzer
+
+    try:
+        _analyzer(model, x0, None, seed=seed)._check(x0, eps)
+    except LipboundError as exc:
+        return exc
+    except Exception as exc:  # noqa: BLE001 - not a refusal: the table is returned
+        logger.debug("compare: the intake probe failed (%s: %s)", type(exc).__name__, exc)
+    return None
 
 
 def _run_method(name: str, ctx: _Ctx) -> CompareRow:
