@@ -1162,18 +1162,21 @@ def float32_rounding_ratio(model: nn.Module, x: Tensor, ref: Tensor,
     float32 forward pass with the worst-case growth ``γ_n / u`` of a sum of ``n`` terms
     (Higham, *Accuracy and Stability of Numerical Algorithms*, §3.1), computed by
     :func:`lipbound.lower._common.forward_running_errors` (the machinery of the lower
-    bounds' rounding allowance). Returns ``(largest gap, largest gap_j / (_F32_SAFETY u
-    e_j))``; the second is 0 when no entry exceeds ``limit`` (the gap was the input's
-    rounding) and ``inf`` when no bound could be formed (more than :data:`_F32_ROWS` such
-    entries, no rounding operation seen, a failure).
+    bounds' rounding allowance) with the gradients along the float32 trajectory and along
+    that of a float64 copy of the model, the larger of the two. Returns ``(largest gap,
+    largest gap_j / (_F32_SAFETY u e_j))``; the second is 0 when no entry exceeds ``limit``
+    (the gap was the input's rounding) and ``inf`` when no bound could be formed (more than
+    :data:`_F32_ROWS` such entries, no rounding operation seen, a failure).
 
-    First order: a unit moved across its kink by the rounding (or a max-pooling window
-    whose maximum changes) is covered only by the safety factor, and values below float32's
-    normal range (absolute rounding) not at all; such a model stays refused. The rounding
-    operations are those :func:`lipbound.lower._common._op_terms` recognises; one it does
-    not makes the bound smaller, never larger (the model is then refused too).
+    First order: the gradient between the two trajectories is not bounded (a unit that the
+    rounding moves across its kink is on in one of them; several such units, or a
+    max-pooling window whose maximum changes, are covered only by the safety factor), and
+    values below float32's normal range (absolute rounding) are not covered at all; such a
+    model stays refused. The rounding operations are those
+    :func:`lipbound.lower._common._op_terms` recognises; one it does not makes the bound
+    smaller, never larger (the model is then refused too).
     """
-    from .lower._common import forward_running_errors  # (lower imports this module)
+    from .lower._common import float64_model, forward_running_errors  # (lower imports graph)
 
     x32 = x.to(torch.float32)
     with torch.no_grad():
@@ -1192,14 +1195,23 @@ def float32_rounding_ratio(model: nn.Module, x: Tensor, ref: Tensor,
         return n / (1.0 - nu) if nu < 0.5 else math.inf
 
     rows = idx.to(x.device)
-    try:
-        with exact_float32(x.device):
-            per_row = forward_running_errors(model, x32, lambda y: y[rows], growth)
-    except Exception as exc:  # noqa: BLE001 - no bound: the model stays refused
-        log.debug("no float32 rounding bound (%s: %s)", type(exc).__name__, exc)
-        return largest, math.inf
-    allow = _F32_SAFETY * _U32 * torch.tensor(per_row, dtype=torch.float64)
-    if allow.shape != idx.shape or not bool(((allow > 0) & torch.isfinite(allow)).all()):
+    # the gradients along the float32 trajectory and along the float64 copy's (the exact
+    # one, to rounding): a unit that the rounding moves across its kink is on in one of them
+    best = torch.zeros(idx.numel(), dtype=torch.float64)
+    for m, xin in ((model, x32), (float64_model(model), x32.to(torch.float64))):
+        if m is None:
+            continue
+        try:
+            with exact_float32(x.device):
+                e = forward_running_errors(m, xin, lambda y: y[rows], growth)
+        except Exception as exc:  # noqa: BLE001 - no estimate from this trajectory
+            log.debug("no float32 rounding bound (%s: %s)", type(exc).__name__, exc)
+            continue
+        e = torch.tensor(e, dtype=torch.float64)
+        if e.shape == best.shape:  # (a gradient that overflows float32: not counted)
+            best = torch.maximum(best, torch.where(torch.isfinite(e), e, 0.0))
+    allow = _F32_SAFETY * _U32 * best
+    if not bool(((allow > 0) & torch.isfinite(allow)).all()):
         return largest, math.inf
     return largest, float((gap[idx] / allow).max())
 
