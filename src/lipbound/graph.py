@@ -1062,13 +1062,17 @@ def _verify(ops: list[Op], model: nn.Module, example: Tensor,
     A float32 model whose gap to the chain is explained by its float32 rounding (see
     :func:`_verify_at`) is accepted, with a note appended to ``notes``.
     """
+    from .lower._common import one_float64_copy  # (lower imports this module)
+
     gen = torch.Generator(device="cpu").manual_seed(1234)
     x = torch.randn(example.shape, generator=gen, dtype=torch.float64).to(example.device)
-    gaps = [_verify_at(ops, model, example, x, "a random standard-normal test input", True)]
-    if sum(math.prod(op.out_shape) for op in ops) <= _VERIFY_MORE_BELOW:
-        for c in (-1.0, 1e-3, 1e3, -1e3):
-            gaps.append(_verify_at(ops, model, example, x * c,
-                                   f"{c:g} times the random test input", False))
+    with one_float64_copy(model):  # (a float32 model's explanation: one float64 copy)
+        gaps = [_verify_at(ops, model, example, x, "a random standard-normal test input",
+                           True)]
+        if sum(math.prod(op.out_shape) for op in ops) <= _VERIFY_MORE_BELOW:
+            for c in (-1.0, 1e-3, 1e3, -1e3):
+                gaps.append(_verify_at(ops, model, example, x * c,
+                                       f"{c:g} times the random test input", False))
     explained = [g for g in gaps if g is not None]
     if explained and notes is not None:
         notes.append(

@@ -584,9 +584,12 @@ def _float32_rounding_explains(model: nn.Module, probe: torch.Tensor, ref: torch
         flat = v.detach().cpu().to(torch.float64).reshape(v.shape[0], -1).numpy()
         return torch.from_numpy(fc_forward(layers, flat))
 
-    if not float64_copy_matches(model, probe, chain(probe)):
-        return False
-    gap, ratio = float32_rounding_ratio(model, probe, ref, chain, limit)
+    from lipbound.lower._common import one_float64_copy
+
+    with one_float64_copy(model):
+        if not float64_copy_matches(model, probe, chain(probe)):
+            return False
+        gap, ratio = float32_rounding_ratio(model, probe, ref, chain, limit)
     if ratio <= 1.0:
         logger.info("float32 model accepted: its gap to the chain (%.3g) is within its float32 "
                     "rounding (%.2g of the bound)", gap, ratio)
