@@ -320,3 +320,25 @@ def test_cli_bound_on_a_saved_float32_model(tmp_path, capsys):
     assert main(["bound", "--model", f"{src}:make", "--weights", str(wfile), "--input",
                  str(xfile), "--input-shape", "4", "--eps", "0.1"]) == 0
     assert "note: float32 rounding" in capsys.readouterr().out
+
+
+def test_an_output_that_overflows_float32_is_not_explained():
+    """The rivals' extraction: a float32 model whose output is NaN (inf - inf) where its
+    float64 copy (and the chain) give 0 is refused, not accepted as rounding (a NaN gap is
+    beyond every tolerance)."""
+    from lipbound.baselines.fc import NotFullyConnectedError, fc_layers
+
+    net = nn.Sequential(nn.Linear(2, 2), nn.ReLU(), nn.Linear(2, 2), nn.ReLU(),
+                        nn.Linear(2, 1)).eval()
+    with torch.no_grad():
+        net[0].weight.copy_(torch.tensor([[1e30, 0.0], [1e30, 0.0]]))
+        net[2].weight.copy_(torch.tensor([[1e10, 0.0], [0.0, 1e10]]))
+        net[4].weight.copy_(torch.tensor([[1.0, -1.0]]))
+        for i in (0, 2, 4):
+            net[i].bias.zero_()
+    with torch.no_grad():
+        assert bool(net(torch.tensor([[1.0, 0.0]])).isnan().all())
+    with pytest.raises(NotFullyConnectedError, match="mismatch"):
+        fc_layers(net, input_shape=(2,))
+    with pytest.raises(lipbound.InputError, match="not finite"):
+        lipbound.Analyzer(net, (2,))

@@ -1128,8 +1128,8 @@ def _verify_at(ops: list[Op], model: nn.Module, example: Tensor, x: Tensor, what
                                             tol * scale)
         if worst <= 1.0:
             log.info("float32 model accepted: its gap to the chain (%.3g on %s, scale "
-                        "%.3g) is within its float32 rounding (%.2g of the bound)", gap, what,
-                        scale, worst)
+                     "%.3g) is within its float32 rounding (%.2g of the bound)", gap, what,
+                     scale, worst)
             return gap / scale
         beyond = ("more than the float32 rounding of its forward pass explains (a first-"
                   f"order bound, times {_F32_SAFETY:g}; {worst:.3g} times that)"
@@ -1188,6 +1188,8 @@ def float32_rounding_ratio(model: nn.Module, x: Tensor, ref: Tensor,
     gap = (ref.detach().cpu().to(torch.float64).reshape(-1)
            - got32.detach().cpu().to(torch.float64).reshape(-1)).abs()
     largest = float(gap.max()) if gap.numel() else 0.0
+    if not bool(torch.isfinite(gap).all()):  # (an output that overflows float32: no bound)
+        return largest, math.inf
     idx = (gap > limit).nonzero().reshape(-1)
     if idx.numel() == 0:
         return largest, 0.0
