@@ -230,6 +230,10 @@ METHODS: dict[str, tuple[str, Callable[[_Ctx], Any]]] = {
     "lipmip": (Q_MIP, _run_lipmip),
 }
 
+#: lipbound's own methods (the intake's refusal of a model is theirs too); the rivals' rows
+#: say why each cannot run (not fully connected, too large, time limit)
+_OWN = {"lower", "local", "local-tight", "global"}
+
 _FC_ONLY = {"exact-l2", "recurjac", "fastlip", "autolip", "seqlip", "lipsdp-neuron",
             "lipsdp-layer", "eclipse-fast", "lipmip"}
 
@@ -318,13 +322,14 @@ def compare(model: nn.Module, x0: torch.Tensor, eps: float,
 
     Raises:
         InputError: unknown method names, bad ``x0`` or ``eps``, a model in training mode.
-        LipboundError: when no method gave a value and lipbound's own intake refuses the
-            model or ``x0`` (an unsupported layer, NaN weights, a forward pass that fails on
-            ``x0``'s shape or is not finite): the error :func:`lipbound.local_bound` raises
-            (same class and message), instead of a table whose every row says the same
-            (since session 25). Methods that cannot run for reasons of their own (size or
-            time limits, a network that is not fully connected) stay rows whenever some
-            method ran or the intake accepts the model.
+        LipboundError: when no method gave a value, one of lipbound's own (``lower``,
+            ``local``, ``local-tight``, ``global``) was asked for, and lipbound's intake
+            refuses the model or ``x0`` (an unsupported layer, NaN weights, a forward pass
+            that fails on ``x0``'s shape or is not finite): the error
+            :func:`lipbound.local_bound` raises (same class and message), instead of a table
+            whose rows all say the same (since session 25). The rival methods' rows say why
+            each cannot run (not fully connected, too large, a time limit) and stay rows
+            when only rivals are asked for, or when some method ran.
     """
     if not isinstance(model, nn.Module):
         raise InputError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -386,7 +391,7 @@ def compare(model: nn.Module, x0: torch.Tensor, eps: float,
             bar.label(name)
             rows.append(_run_method(name, ctx))
             bar.update()
-    if rows and all(r.guarantee is None for r in rows):
+    if all(r.guarantee is None for r in rows) and any(r.method in _OWN for r in rows):
         refusal = _intake_refusal(model, x0, eps, seed)
         if refusal is not None:
             raise refusal
