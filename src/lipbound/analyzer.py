@@ -403,7 +403,11 @@ class Analyzer:
             this draw, for a network fixed independently of it: against weights that may have
             been built knowing the seed, pass a secret one, see docs/guarantees.md).
         name: a name for the model used in results.
-        notes: caveats copied into every result (e.g. "seeded random weights").
+        notes: caveats copied into every result (e.g. "seeded random weights"). A float32
+            model whose own forward pass differs from the analysed function by more than the
+            chain check's float32 tolerance, explained by its float32 rounding (large weights
+            summed with cancellation), adds one starting "float32 rounding" (see
+            docs/guarantees.md).
 
     The analyzer holds a float64 snapshot of the model's weights. Once the model's parameters
     or buffers change (an optimiser step, ``load_state_dict``, an in-place edit under
@@ -458,7 +462,9 @@ class Analyzer:
                              f"pass [{notes!r}]")
         self.notes = tuple(notes)
         mutable = mutable_attributes(model)
-        ops = trace_model(model, self.input_shape)  # (runs the model: traced and checked)
+        found: list[str] = []  # (a float32 model accepted within its own rounding)
+        ops = trace_model(model, self.input_shape, notes=found)  # (runs the model: checked)
+        self.notes = tuple(dict.fromkeys((*self.notes, *found)))
         # integer attributes and containers that the model's forward changes at every call
         # are counts of its calls (lipbound's attacks run it too); the others are watched, as
         # torch.fx recorded them in the graph (x / self.max_val)

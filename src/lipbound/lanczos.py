@@ -609,12 +609,15 @@ def _run_block(mv: MapFn, rmv: MapFn, n: int, b: int, steps: int,
     ``H`` collects every coefficient; its block-tridiagonal part ``T`` (diagonal blocks
     ``A_j``, sub-diagonal blocks ``B_j``) feeds the a posteriori bound, which is used only
     while the rest of ``H`` is below ``NONTRIDIAGONAL_TOL`` of its scale. A (numerically)
-    rank-deficient remainder ends the run: the bound from the completed steps stays valid
-    (it holds for every step count). When the basis spans all ``n`` coordinates the
-    Rayleigh-Ritz value is exact (``dim == n``): only a run that completes its ``n // b``
-    block steps with ``b`` dividing ``n`` does (the remainder is factorised only before the
-    last step, when at most ``n - b`` vectors are spanned, so an early end never spans them
-    all; session 24 removed a flag for that case, which could not be set).
+    rank-deficient remainder (a low-rank operator: duplicated or zero rows of a dense layer)
+    is orthonormalised with pivoting by :func:`_pivoted_block`, keeping its tiny rows in
+    ``B_j`` (session 25: it ended the run, whose Ritz value was then 0.15-0.99 of the norm
+    and, before 3 steps, had no a posteriori bound, so that the layer was run again with a
+    single vector). When the basis spans all ``n`` coordinates the Rayleigh-Ritz value is
+    exact (``dim == n``): only a run that completes its ``n // b`` block steps with ``b``
+    dividing ``n`` does (the remainder is factorised only before the last step, when at most
+    ``n - b`` vectors are spanned; session 24 removed a flag for that case, which could not
+    be set).
     """
     f64 = torch.float64
     kb_max = min(steps, n // b)  # block steps
@@ -678,13 +681,19 @@ def _run_block(mv: MapFn, rmv: MapFn, n: int, b: int, steps: int,
             break  # T_k is complete; the last remainder is not needed
         # next block: W^T = V_{j+1}^T B_j
         qr_q, qr_r = torch.linalg.qr(w.T)
-        w = None
-        q[hi:hi + b] = qr_q.T
-        h[hi:hi + b, lo:hi] = qr_r
         if float(torch.diagonal(qr_r).abs().min()) <= _INVARIANT * scale or scale == 0.0:
-            # (numerically) rank-deficient remainder: an invariant subspace of the start block
-            # (hi <= (kb_max - 1) b <= n - b here: not all of the n coordinates)
-            break
+            # (numerically) rank-deficient remainder (session 25: it ended the run, without an
+            # a posteriori bound before 3 steps): pivoted, its tiny rows kept in B_j, the
+            # relation stays exact to rounding (hi + b <= kb_max b <= n here)
+            nxt = _pivoted_block(w, q[:hi], generator)
+            w = None
+            if nxt is None:
+                break  # (the basis spans, numerically, every coordinate)
+            q[hi:hi + b], h[hi:hi + b, lo:hi] = nxt
+        else:
+            w = None
+            q[hi:hi + b] = qr_q.T
+            h[hi:hi + b, lo:hi] = qr_r
         if k >= next_check and (stop_lam is not None or (post_ok and post_stop is not None)):
             next_check = k + check_every
             t = _block_tridiagonal(h, k, b)
@@ -718,6 +727,59 @@ def _run_block(mv: MapFn, rmv: MapFn, n: int, b: int, steps: int,
     return _finish(mv, op, vec, lam, nmv, 0.0, k=k, dim=dim,
                    dominated=dominated, post_best=post_best, post_stopped=post_stopped,
                    block=b)
+
+
+def _pivoted_block(w: Tensor, qa: Tensor, generator: torch.Generator
+                   ) -> tuple[Tensor, Tensor] | None:
+    """The next block of a block Lanczos run from a (numerically) rank-deficient remainder.
+
+    Returns rows ``V`` (``b x n``, orthonormal and orthogonal to the basis ``qa``) and
+    ``B`` (``b x b``) with ``w = B^T V`` to rounding: column-pivoted Gram-Schmidt on the rows
+    of ``w``, each new direction the remaining row's own, normalised and re-orthogonalised
+    twice against ``qa`` and the earlier directions. Pivoting makes every entry of a row of
+    ``B`` at most its pivot, so a direction that is mostly rounding noise (a dependent row)
+    multiplies only coefficients of that size, and the change re-orthogonalisation makes to
+    it moves ``B^T V`` by rounding only: the block three-term relation, on which the a
+    posteriori bound's identity ``||p(A) V_1^T||_F² = ∫ p² dμ`` rests, holds as for a full-rank
+    remainder (dropping the dependent rows instead, deflation, would leave out remainders up
+    to ``_INVARIANT`` of the scale, far above rounding). A row that is exactly zero, or lies
+    in the basis's span to 1e-8, gets a fresh random direction (its coefficients then are
+    those of the rounding). ``None`` when no direction outside the span is found.
+    """
+    f64 = torch.float64
+    b, n = w.shape
+    res = w.clone()
+    bmat = torch.zeros(b, b, dtype=f64, device=w.device)
+    out = torch.empty(b, n, dtype=f64, device=w.device)
+    remaining = list(range(b))
+    for d in range(b):
+        idx = torch.tensor(remaining, device=w.device)
+        norms = torch.linalg.vector_norm(res[idx], dim=1)
+        p = int(torch.argmax(norms))
+        nrm = float(norms[p])
+        cand = [res[remaining[p]] / nrm] if nrm > 0.0 and math.isfinite(nrm) else []
+        cand += [None] * 4  # (fresh random directions: one outside the span w.p. 1)
+        v = None
+        for c in cand:
+            if c is None:
+                c = torch.randn(n, generator=generator, dtype=f64).to(w.device)
+                c = c / torch.linalg.vector_norm(c)
+            for _ in range(2):
+                c = c - qa.T @ (qa @ c)
+                if d:
+                    c = c - out[:d].T @ (out[:d] @ c)
+            nc = float(torch.linalg.vector_norm(c))
+            if nc > 1e-8:
+                v = c / nc
+                break
+        if v is None:
+            return None
+        out[d] = v
+        coefs = res[idx] @ v
+        bmat[d, idx] = coefs
+        res[idx] -= coefs[:, None] * v[None, :]
+        remaining.pop(p)
+    return out, bmat
 
 
 def _block_tridiagonal(h: Tensor, k: int, b: int) -> Tensor:

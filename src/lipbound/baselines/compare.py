@@ -231,6 +231,10 @@ METHODS: dict[str, tuple[str, Callable[[_Ctx], Any]]] = {
     "lipmip": (Q_MIP, _run_lipmip),
 }
 
+#: lipbound's own methods (the intake's refusal of a model is theirs too); the rivals' rows
+#: say why each cannot run (not fully connected, too large, time limit)
+_OWN = {"lower", "local", "local-tight", "global"}
+
 _FC_ONLY = {"exact-l2", "recurjac", "fastlip", "autolip", "seqlip", "lipsdp-neuron",
             "lipsdp-layer", "eclipse-fast", "lipmip"}
 
@@ -273,7 +277,8 @@ def _note_of(method: str, res: Any, ctx: _Ctx) -> str:
         parts.extend(notes)
     elif method == "local-tight":
         # which bound was reported (the other notes are the plain local bound's)
-        parts.extend(n for n in notes if "tight bound" in n or "paper's bound" in n)
+        parts.extend(n for n in notes if "tight bound" in n or "paper's bound" in n
+                     or n.startswith("float32 rounding"))
     if method in _FC_ONLY and ctx.layers is not None and is_converted(ctx.layers):
         parts.append(chain_note(ctx.layers))
     return "; ".join(parts)
@@ -318,6 +323,14 @@ def compare(model: nn.Module, x0: torch.Tensor, eps: float,
 
     Raises:
         InputError: unknown method names, bad ``x0`` or ``eps``, a model in training mode.
+        LipboundError: when no method gave a value, one of lipbound's own (``lower``,
+            ``local``, ``local-tight``, ``global``) was asked for, and lipbound's intake
+            refuses the model or ``x0`` (an unsupported layer, NaN weights, a forward pass
+            that fails on ``x0``'s shape or is not finite): the error
+            :func:`lipbound.local_bound` raises (same class and message), instead of a table
+            whose rows all say the same (since session 25). The rival methods' rows say why
+            each cannot run (not fully connected, too large, a time limit) and stay rows
+            when only rivals are asked for, or when some method ran.
     """
     if not isinstance(model, nn.Module):
         raise InputError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -381,7 +394,30 @@ def compare(model: nn.Module, x0: torch.Tensor, eps: float,
             bar.label(name)
             rows.append(_run_method(name, ctx))
             bar.update()
+    if all(r.guarantee is None for r in rows) and any(r.method in _OWN for r in rows):
+        refusal = _intake_refusal(model, x0, eps, seed)
+        if refusal is not None:
+            raise refusal
     return _check_floor(rows)
+
+
+def _intake_refusal(model: nn.Module, x0: torch.Tensor, eps: float, seed: int
+                    ) -> LipboundError | None:
+    """The error with which :func:`lipbound.local_bound` refuses ``(model, x0, eps)`` at its
+    intake (before any bound is computed: the model traced and checked, ``x0`` checked), or
+    ``None`` when it accepts them. Asked only when no method of a comparison gave a value:
+    such a refusal concerns the model or the input, which every method shares (session 25:
+    a model with NaN weights or an unsupported layer gave a table of rows that all said the
+    same "not run: ...")."""
+    from lipbound.analyzer import _analyzer
+
+    try:
+        _analyzer(model, x0, None, seed=seed)._check(x0, eps)
+    except LipboundError as exc:
+        return exc
+    except Exception as exc:  # noqa: BLE001 - not a refusal: the table is returned
+        logger.debug("compare: the intake probe failed (%s: %s)", type(exc).__name__, exc)
+    return None
 
 
 def _run_method(name: str, ctx: _Ctx) -> CompareRow:

@@ -18,7 +18,7 @@ import contextvars
 import copy
 import logging
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -695,11 +695,12 @@ def running_error(prob: Problem) -> float:
 
     For every operation of the forward pass that rounds (fully connected and convolutional
     layers and batch norm, as modules or as ``F.linear`` / ``F.conv2d`` / ``F.batch_norm``
-    calls, matrix products, average pooling, and arithmetic: ``x - mean``, ``x / 255``,
-    ``x + c``, ...), ``T`` is the magnitude of the terms it sums (the operation applied to
-    ``|input|`` with ``|weights|``, ``|bias|``; the result's magnitude for arithmetic), ``n``
-    their number per output, and ``g_j`` the gradient of row ``j`` of ``C f`` with respect to
-    the operation's output; the value is ``sqrt(sum_j (sum_ops 2 sqrt(n) <|g_j|, T>)^2)``, the
+    calls, matrix products, average pooling, means and sums (since session 25), and
+    arithmetic: ``x - mean``, ``x / 255``, ``x + c``, ...), ``T`` is the magnitude of the
+    terms it sums (the operation applied to ``|input|`` with ``|weights|``, ``|bias|``; the
+    result's magnitude for arithmetic), ``n`` their number per output, and ``g_j`` the
+    gradient of row ``j`` of ``C f`` with respect to the operation's output; the value is
+    ``sqrt(sum_j (sum_ops 2 sqrt(n) <|g_j|, T>)^2)`` (:func:`forward_running_errors`), the
     classical first-order bound with the statistical ``sqrt(n)`` growth of a sum's rounding
     (an estimate, not a bound). The operations are seen by a torch function mode around one
     forward pass (before session 24, forward hooks on ``nn.Linear`` / ``nn.Conv*`` /
@@ -795,6 +796,12 @@ def _op_terms(name: str, args: tuple, kwargs: dict, out: torch.Tensor
         n = math.prod(-(-int(i) // max(int(o), 1)) + 1
                       for i, o in zip(x.shape[-dims:], outs, strict=True))
         return fn(_a(x), size), n + 1
+    if name in ("mean", "sum") and isinstance(args[0], torch.Tensor) and out.numel() > 0:
+        # a spatial mean (x.mean((2, 3))): a sum of its window, then a division
+        x = args[0]
+        t = getattr(torch, name)(_a(x), *args[1:], **{k: v for k, v in kwargs.items()
+                                                     if k != "dtype"})
+        return t, x.numel() // out.numel() + int(name == "mean")
     if name in _ARITHMETIC:
         return out.detach().abs().to(torch.float64), 1
     return None, 0
@@ -837,25 +844,45 @@ def _running_error(prob: Problem) -> float:
     rows = prob.f0.shape[1] if prob.output_map is None else prob.output_map.shape[0]
     if rows > _RUNNING_ROWS or isinstance(model, torch.jit.ScriptModule):
         return 0.0
+    cmap = prob.output_map
+    per_row = forward_running_errors(
+        model, prob.x0, (lambda y: y) if cmap is None else (lambda y: cmap.to(y.dtype) @ y),
+        lambda n: 2.0 * math.sqrt(n))
+    return math.sqrt(sum(e * e for e in per_row))
+
+
+def forward_running_errors(model: nn.Module, x: torch.Tensor,
+                           rows: Callable[[torch.Tensor], torch.Tensor],
+                           growth: Callable[[int], float]) -> list[float]:
+    """First-order running error of one forward pass of ``model`` at ``x`` (run in the
+    model's own dtype), for each entry of ``rows(model(x).reshape(-1))`` (a selection or a
+    linear map of the outputs), in units of the roundoff: ``sum_ops growth(n) <|g_j|, T>``
+    over the operations that round (:func:`_op_terms`: ``T`` the magnitude of the terms an
+    operation sums, ``n`` their number per output, ``g_j`` the gradient of entry ``j`` with
+    respect to the operation's output; the float32 or float64 trajectory's gradient).
+
+    ``growth(n)`` is the error of a sum of ``n`` terms relative to ``T`` in units of the
+    roundoff: ``2 sqrt(n)`` is the statistical estimate of :func:`running_error`,
+    ``n / (1 - n u)`` (``γ_n / u``, Higham §3.1) the worst case, which bounds the error to
+    first order (a unit that the rounding moves across a kink is not counted). 0 for every
+    entry when no rounding operation is seen. One forward pass, one backward pass per entry.
+    """
     watch = _RoundingWatch()
     with torch.enable_grad():
         with watch:
-            y = model(prob.x0.detach().clone())
-        y = y.reshape(-1)
-        if prob.output_map is not None:
-            y = prob.output_map.to(y.dtype) @ y
+            y = model(x.detach().clone())
+        y = rows(y.reshape(-1))
         if not watch.zs or not y.requires_grad:
-            return 0.0
-        total = 0.0
+            return [0.0] * int(y.shape[0])
+        out = []
         for j in range(y.shape[0]):
             grads = torch.autograd.grad(y[j], watch.zs, retain_graph=True, allow_unused=True)
             e = 0.0
             for g, (t, n) in zip(grads, watch.terms, strict=True):
                 if g is not None:
-                    e += 2.0 * math.sqrt(n) * float((g.detach().abs().to(torch.float64)
-                                                     * t).sum())
-            total += e * e
-    return math.sqrt(total)
+                    e += growth(n) * float((g.detach().abs().to(torch.float64) * t).sum())
+            out.append(e)
+    return out
 
 
 def radius_floor(prob: Problem, lip: float) -> float:
