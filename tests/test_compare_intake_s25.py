@@ -56,7 +56,6 @@ def _local_bound_error(model: nn.Module) -> LipboundError:
 
 
 @pytest.mark.parametrize("make, methods, cls", [
-    (_wrong_shape, None, InputError),
     (_overflowing, None, InputError),
     (_nan_weights, ["lower", "local", "local-tight", "global"], WeightsError),
     (_tanh, ["local", "global", "exact-l2", "autolip"], UnsupportedModelError),
@@ -67,6 +66,15 @@ def test_a_model_no_method_can_run_raises_the_intake_error(make, methods, cls):
     with pytest.raises(cls) as exc:
         compare(make(), X0, 0.1, methods, exact_time_limit=5)
     assert type(exc.value) is type(want) and str(exc.value) == str(want)
+
+
+def test_an_input_the_model_cannot_take_is_refused_up_front():
+    """An ``x0`` of 4 features for a model of 5: refused before any method runs (the bad-input
+    matrix's check, ``baselines.fc.check_runs_on``), naming x0's shape and the fix, as
+    ``local_bound`` refuses it (with its own wording)."""
+    assert type(_local_bound_error(_wrong_shape())) is InputError
+    with pytest.raises(InputError, match=r"x0 of shape \(1, 4\).*pass x0 of the shape"):
+        compare(_wrong_shape(), X0, 0.1, exact_time_limit=5)
 
 
 def test_rows_stay_rows_when_some_method_runs():
