@@ -1435,7 +1435,9 @@ class Analyzer:
             for j in torch.nonzero(low).reshape(-1).tolist():
                 values[j] = product_up((float(norms[j]), prefix))
         g, fp = _product_guarantee(bounds)
-        notes: tuple[str, ...] = ()
+        # the analyzer's caveats (the user's, a float32 model accepted within its rounding),
+        # as on every BoundResult (session 25 review: RowBounds carried none of them)
+        notes: tuple[str, ...] = self.notes
         if record is not None:
             from .tight import tight_local_bound
 
@@ -1445,12 +1447,12 @@ class Analyzer:
                                     eps, record, bounds, max_rows=tight_rows,
                                     row_last=norms.tolist())
             if out.row_values is None:
-                notes = (f"tight bound not formed ({out.reason})",)
+                notes += (f"tight bound not formed ({out.reason})",)
             else:
                 tv = torch.tensor(out.row_values, dtype=values.dtype, device=values.device)
                 smaller = tv < values
                 values = torch.where(smaller, tv, values)
-                notes = (f"tight bound ({_tight_how(blocks, out, rows=True)}) smaller "
+                notes += (f"tight bound ({_tight_how(blocks, out, rows=True)}) smaller "
                          f"for {int(smaller.sum())} of {tv.numel()} rows",)
         return RowBounds(values=values.cpu(), guarantee=g, failure_prob=fp,
                          prefix=tuple(layers), eps=eps, nominal_error=nominal.cpu(),
