@@ -168,3 +168,19 @@ def test_block_runs_through_deficient_remainders_stay_above_the_norm(n, b, rank,
         assert res.sqrt_theta >= true * (1 - 1e-12)
     else:
         assert res.k >= 3 and res.post_sqrt >= true * (1 - 1e-12)
+
+
+def test_normalize_pixels_takes_numpy_scalars():
+    """A numpy scale (np.float32(1 / 255), as computed from an array's dtype) is a number:
+    accepted as before session 25's checks; a bool or a non-positive scale is not."""
+    from lipbound.inputs import normalize_pixels
+
+    p = torch.randint(0, 256, (2, 3, 4, 4), dtype=torch.uint8)
+    want = normalize_pixels(p, mean=[0.5] * 3, std=[0.2] * 3, scale=1 / 255)
+    for scale in (np.float32(1 / 255), np.float64(1 / 255)):
+        got = normalize_pixels(p, mean=np.array([0.5] * 3), std=np.array([0.2] * 3),
+                               scale=scale)
+        assert torch.allclose(got, want, rtol=1e-6, atol=1e-6)
+    for bad in (True, 0, -1.0, float("nan"), np.float32("inf")):
+        with pytest.raises(InputError, match="scale"):
+            normalize_pixels(p, mean=None, std=None, scale=bad)
