@@ -184,3 +184,27 @@ def test_normalize_pixels_takes_numpy_scalars():
     for bad in (True, 0, -1.0, float("nan"), np.float32("inf")):
         with pytest.raises(InputError, match="scale"):
             normalize_pixels(p, mean=None, std=None, scale=bad)
+
+
+def test_a_cuda_device_string_matches_an_analyzer_on_cuda_0(monkeypatch):
+    """device="cuda" next to an analyzer on cuda:0 (a model moved with .cuda(): its
+    parameters' device has an index) is the analyzer's own device, not another; cuda:1 is
+    another. (Without a GPU: CUDA's availability is simulated, only the comparison runs.)"""
+    from types import SimpleNamespace
+
+    from lipbound.analyzer import check_analyzer_settings
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    an = SimpleNamespace(device=torch.device("cuda", 0))
+    for same in ("cuda", "cuda:0", torch.device("cuda"), " CUDA:0 ".lower(), None, "auto"):
+        check_analyzer_settings(an, device=(same, None))
+    with pytest.raises(InputError, match="device"):
+        check_analyzer_settings(an, device=("cuda:1", None))
+    with pytest.raises(InputError, match="device"):
+        check_analyzer_settings(an, device=("cpu", None))
+    cpu = SimpleNamespace(device=torch.device("cpu"))
+    check_analyzer_settings(cpu, device=("cpu", None))
+    with pytest.raises(InputError, match="device"):
+        check_analyzer_settings(cpu, device=("cuda", None))

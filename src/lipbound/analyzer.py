@@ -1500,7 +1500,7 @@ def check_analyzer_settings(an: Analyzer, **given: tuple[Any, Any]) -> None:
             continue
         have: Any = getattr(an, key)
         if key == "device":
-            same = resolve_device(value, have) == have
+            same = _same_device(resolve_device(value, have), have)
         elif key == "input_shape":
             same = check_input_shape(value) == tuple(have)
         else:
@@ -1510,6 +1510,17 @@ def check_analyzer_settings(an: Analyzer, **given: tuple[Any, Any]) -> None:
                              f"{have!r}; the Analyzer's own would be used: build the Analyzer "
                              f"with it (Analyzer(model, input_shape, {key}=...)), or leave it "
                              "out")
+
+
+def _same_device(a: torch.device, b: torch.device) -> bool:
+    """Whether two devices are one: ``cuda`` (no index) is the current CUDA device, so
+    ``device="cuda"`` matches an analyzer on ``cuda:0`` (its model's parameters' device)."""
+    def index(d: torch.device) -> torch.device:
+        if d.type == "cuda" and d.index is None:
+            return torch.device("cuda", torch.cuda.current_device())
+        return d
+
+    return a == b or index(a) == index(b)
 
 
 _ANALYZER_INIT = Analyzer.__init__
