@@ -548,7 +548,7 @@ def test_settings_given_with_an_analyzer_are_refused_not_ignored():
     an = Analyzer(NET, (4,))
     _raises(lambda: radius.certified_radius(an, X, spectral="exact"), "spectral")
     _raises(lambda: radius.certified_radii(an, X, seed=3), "seed")
-    _raises(lambda: radius.certified_radius(an, X, device="cpu"), "device")
+    _raises(lambda: radius.certified_radius(an, X, device="cuda:1"), "device")
     _raises(lambda: lb_sweep.sweep(an, X, [0.1], ("local",), spectral="exact"), "spectral")
     _raises(lambda: lb_sweep.sweep(an, X, [0.1], ("local",), failure_prob=1e-3),
             "failure_prob")

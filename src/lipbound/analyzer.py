@@ -1435,7 +1435,9 @@ class Analyzer:
             for j in torch.nonzero(low).reshape(-1).tolist():
                 values[j] = product_up((float(norms[j]), prefix))
         g, fp = _product_guarantee(bounds)
-        notes: tuple[str, ...] = ()
+        # the analyzer's caveats (the user's, a float32 model accepted within its rounding),
+        # as on every BoundResult (session 25 review: RowBounds carried none of them)
+        notes: tuple[str, ...] = self.notes
         if record is not None:
             from .tight import tight_local_bound
 
@@ -1445,12 +1447,12 @@ class Analyzer:
                                     eps, record, bounds, max_rows=tight_rows,
                                     row_last=norms.tolist())
             if out.row_values is None:
-                notes = (f"tight bound not formed ({out.reason})",)
+                notes += (f"tight bound not formed ({out.reason})",)
             else:
                 tv = torch.tensor(out.row_values, dtype=values.dtype, device=values.device)
                 smaller = tv < values
                 values = torch.where(smaller, tv, values)
-                notes = (f"tight bound ({_tight_how(blocks, out, rows=True)}) smaller "
+                notes += (f"tight bound ({_tight_how(blocks, out, rows=True)}) smaller "
                          f"for {int(smaller.sum())} of {tv.numel()} rows",)
         return RowBounds(values=values.cpu(), guarantee=g, failure_prob=fp,
                          prefix=tuple(layers), eps=eps, nominal_error=nominal.cpu(),
@@ -1498,7 +1500,7 @@ def check_analyzer_settings(an: Analyzer, **given: tuple[Any, Any]) -> None:
             continue
         have: Any = getattr(an, key)
         if key == "device":
-            same = resolve_device(value, have) == have
+            same = _same_device(resolve_device(value, have), have)
         elif key == "input_shape":
             same = check_input_shape(value) == tuple(have)
         else:
@@ -1508,6 +1510,17 @@ def check_analyzer_settings(an: Analyzer, **given: tuple[Any, Any]) -> None:
                              f"{have!r}; the Analyzer's own would be used: build the Analyzer "
                              f"with it (Analyzer(model, input_shape, {key}=...)), or leave it "
                              "out")
+
+
+def _same_device(a: torch.device, b: torch.device) -> bool:
+    """Whether two devices are one: ``cuda`` (no index) is the current CUDA device, so
+    ``device="cuda"`` matches an analyzer on ``cuda:0`` (its model's parameters' device)."""
+    def index(d: torch.device) -> torch.device:
+        if d.type == "cuda" and d.index is None:
+            return torch.device("cuda", torch.cuda.current_device())
+        return d
+
+    return a == b or index(a) == index(b)
 
 
 _ANALYZER_INIT = Analyzer.__init__

@@ -57,6 +57,7 @@ from __future__ import annotations
 
 import logging
 import math
+import numbers
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -169,7 +170,10 @@ def _make_context(
                 f"mean/std have {len(m)} values but the input has {shape[0]} channels "
                 f"(input shape {shape}); give one value per channel"
             )
-    if not (isinstance(scale, (int, float)) and math.isfinite(scale) and scale > 0):
+    # (numbers.Real: numpy's scalars too, np.float32(1 / 255) included -- refused by
+    # normalize_pixels since session 25, which it had accepted)
+    if not (isinstance(scale, numbers.Real) and not isinstance(scale, bool)
+            and math.isfinite(scale) and scale > 0):
         raise InputError(f"scale must be a positive number (e.g. 1/255), got {scale!r}")
     return _Context(shape=shape, mean=m, std=s, scale=float(scale), raw=bool(raw), entry=base)
 

@@ -40,6 +40,7 @@ from lipbound.baselines.fc import (
     FCLayers,
     NotFullyConnectedError,
     chain_note,
+    chain_notes,
     check_eps,
     check_runs_on,
     fc_layers,
@@ -123,6 +124,7 @@ class _Ctx:
     seed: int = 0
     time_limit: float | None = None
     progress: bool = False
+    chain_notes: tuple[str, ...] = ()  # (caveats of the extraction: F32_CHAIN_NOTE)
 
 
 def _fc(ctx: _Ctx) -> FCLayers:
@@ -281,6 +283,8 @@ def _note_of(method: str, res: Any, ctx: _Ctx) -> str:
                      or n.startswith("float32 rounding"))
     if method in _FC_ONLY and ctx.layers is not None and is_converted(ctx.layers):
         parts.append(chain_note(ctx.layers))
+    if method in _FC_ONLY and ctx.layers is not None:
+        parts.extend(ctx.chain_notes)
     return "; ".join(parts)
 
 
@@ -379,17 +383,19 @@ def compare(model: nn.Module, x0: torch.Tensor, eps: float,
     layers: FCLayers | None = None
     fc_error: Exception | None = None
     rows: list[CompareRow] = []
+    extra: list[str] = []
     desc = f"compare {model_name}" if model_name else "compare"
     with progress_bar(progress, len(names), desc, "method") as bar:
         if any(m in _FC_ONLY for m in names):
             bar.label("FC chain of the network")
             try:
-                layers = fc_layers(model, input_shape=tuple(x0.shape[1:]))
+                with chain_notes() as extra:
+                    layers = fc_layers(model, input_shape=tuple(x0.shape[1:]))
             except (UnsupportedModelError, InputError) as exc:  # not convertible, too large
                 fc_error = exc
                 logger.info("baselines: %s", _short_note(exc))
         ctx = _Ctx(model, x0, eps, model_name, layers, fc_error, exact_limit, seed, time_limit,
-                   bool(progress))
+                   bool(progress), tuple(extra))
         for name in names:
             bar.label(name)
             rows.append(_run_method(name, ctx))

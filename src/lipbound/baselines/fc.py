@@ -14,11 +14,13 @@ the rounding-safe spectral norm every certified baseline uses.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import copy
 import logging
 import math
 import operator
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -574,6 +576,31 @@ def _check_chain(model: nn.Module, layers: FCLayers, shape: tuple[int, ...], *,
                                        f"{err:.3g}")], converting=converting)
 
 
+#: the note on the rivals' results for a float32 model whose extracted chain is accepted
+#: within its own float32 rounding (:func:`_float32_rounding_explains`), as lipbound's own
+#: results carry the analyzer's (session 25 review: the rivals' rows had none)
+F32_CHAIN_NOTE = ("float32 rounding: this float32 model's own forward pass differs from the "
+                  "extracted chain by more than the chain check's float32 tolerance, within a "
+                  "bound on its float32 rounding (a float64 copy of the model matches the "
+                  "chain), so the values are of its float32 weights in exact arithmetic (the "
+                  "function model.double() computes), not of its float32 forward pass")
+
+_CHAIN_NOTES: contextvars.ContextVar[list[str] | None] = contextvars.ContextVar(
+    "lipbound_fc_chain_notes", default=None)
+
+
+@contextlib.contextmanager
+def chain_notes() -> Iterator[list[str]]:
+    """Collect the caveats of the chain extractions made inside the block (the
+    :data:`F32_CHAIN_NOTE` of a float32 model accepted within its rounding)."""
+    notes: list[str] = []
+    token = _CHAIN_NOTES.set(notes)
+    try:
+        yield notes
+    finally:
+        _CHAIN_NOTES.reset(token)
+
+
 def _float32_rounding_explains(model: nn.Module, probe: torch.Tensor, ref: torch.Tensor,
                                layers: FCLayers, limit: float) -> bool:
     """Whether a float32 model's gap to the chain is its own float32 rounding (large weights
@@ -594,6 +621,9 @@ def _float32_rounding_explains(model: nn.Module, probe: torch.Tensor, ref: torch
     if ratio <= 1.0:
         logger.info("float32 model accepted: its gap to the chain (%.3g) is within its float32 "
                     "rounding (%.2g of the bound)", gap, ratio)
+        notes = _CHAIN_NOTES.get()
+        if notes is not None and F32_CHAIN_NOTE not in notes:
+            notes.append(F32_CHAIN_NOTE)
         return True
     return False
 

@@ -224,7 +224,7 @@ def run_many(args: argparse.Namespace, loaded: Loaded | None = None) -> int:
     if args.json:
         # (the summary's min / median / max of infinite bounds: "inf", as in the rows)
         print_json({"rows": [r.to_dict() for r in rows], "summary": _jsonable(summary),
-                    "notes": list(loaded.notes)})
+                    "notes": list(an.notes)})
         return 0
     print(f"model {loaded.name} ({loaded.weights_source}); {len(samples)} input(s) from "
           f"{args.input or 'the default sample'}")
@@ -245,7 +245,7 @@ def run_many(args: argparse.Namespace, loaded: Loaded | None = None) -> int:
               f"{g_up(s['bound']['max'], 6)}; {', '.join(s['guarantees'])}{acc}")
     print(f"shared setup (tracing, global factors, predictions) {summary['setup_seconds']:.2f} s;"
           f" total {summary['total_seconds']:.2f} s")
-    for n in loaded.notes:
+    for n in an.notes:  # (the model's, and the analyzer's: a float32 model's rounding)
         print(f"note: {n}")
     if args.out:
         print(f"wrote {args.out}", file=sys.stdout)

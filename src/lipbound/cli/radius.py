@@ -12,6 +12,7 @@ import csv
 import logging
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -220,6 +221,9 @@ def run(args: argparse.Namespace) -> int:
         an = Analyzer(loaded.model, loaded.input_shape, spectral=args.spectral,
                       failure_prob=args.failure_prob, seed=args.seed, name=loaded.name,
                       notes=loaded.notes)
+    # the notes printed: the model's and the analyzer's (a float32 model accepted within its
+    # rounding; session 25 review: the text output showed only the model's)
+    loaded = replace(loaded, notes=an.notes)
     if "global" in methods:
         from .exact_memory import check_exact_global_fits
 
@@ -257,6 +261,7 @@ def run(args: argparse.Namespace) -> int:
                    "seconds": total}
         if files:
             obj["files"] = files
+        obj["notes"] = list(an.notes)  # (the model's and the analyzer's caveats)
         print_json(obj)
     elif not many:
         _print_one(loaded, rows[0], total)
