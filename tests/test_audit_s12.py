@@ -462,11 +462,15 @@ def test_function_forms_take_output_map_and_refuse_unknown_options():
     with pytest.raises(InputError, match="unknown option"):
         lipbound.local_bound(m, x0, 0.1, foo=1)
     an = Analyzer(m, (4,))
-    with pytest.raises(InputError, match="spectral given with an Analyzer"):
+    with pytest.raises(InputError, match="spectral='exact' given with an Analyzer built "
+                       "with spectral='auto'"):
         lipbound.local_bound(an, x0, 0.1, spectral="exact")
-    with pytest.raises(InputError, match="device given with an Analyzer"):
-        lipbound.global_bound(an, (4,), device="cpu")
+    with pytest.raises(InputError, match="seed=1 given with an Analyzer built with seed=0"):
+        lipbound.global_bound(an, (4,), seed=1)
     assert lipbound.local_bound(an, x0, 0.1).value == an.local_bound(x0, 0.1).value
+    # (session 25) the analyzer's own settings pass, as in sweep / bound_many / radius
+    assert lipbound.global_bound(an, (4,), device="cpu", seed=an.seed,
+                                 spectral="auto").value == an.global_bound().value
 
 
 @pytest.mark.parametrize("radius", [["--eps", "0.1"], ["--eps-list", "0.1,1"]])

@@ -1543,11 +1543,11 @@ def _analyzer(model: nn.Module | Analyzer, x0_or_shape, device, **kw) -> Analyze
                          f"{', '.join(_analyzer_options())} (passed to Analyzer), and "
                          "output_map for local_bound and global_bound: check the spelling")
     if isinstance(model, Analyzer):
-        given = sorted(kw) + (["device"] if device is not None else [])
-        if given:
-            raise InputError(f"{', '.join(given)} given with an Analyzer, which was built with "
-                             "its own; build the Analyzer with them instead, e.g. "
-                             f"Analyzer(model, input_shape, {given[0]}=...)")
+        # settings that differ from the analyzer's own are refused (they would be ignored);
+        # equal ones pass, as in sweep, bound_many and the radius functions (session 25)
+        unset = object()  # (no default: a value is compared with the analyzer's own)
+        check_analyzer_settings(model, device=(device, None),
+                                **{k: (v, unset) for k, v in kw.items()})
         return model
     if not isinstance(x0_or_shape, Tensor):
         return Analyzer(model, check_input_shape(x0_or_shape, "x0_or_input_shape"),
