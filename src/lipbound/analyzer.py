@@ -1536,18 +1536,29 @@ def _analyzer_options() -> tuple[str, ...]:
                  and n not in ("x0", "device"))
 
 
-def _analyzer(model: nn.Module | Analyzer, x0_or_shape, device, **kw) -> Analyzer:
+def check_analyzer_options(kw: dict[str, Any], also: str = "") -> None:
+    """Refuse keyword options that :class:`Analyzer` does not take (``also``: the caller's
+    own options, named in the message)."""
     unknown = sorted(set(kw) - set(_analyzer_options()))
     if unknown:
         raise InputError(f"unknown option(s) {', '.join(unknown)}; the options are "
-                         f"{', '.join(_analyzer_options())} (passed to Analyzer), and "
-                         "output_map for local_bound and global_bound: check the spelling")
+                         f"{', '.join(_analyzer_options())} (passed to Analyzer){also}: check "
+                         "the spelling")
+
+
+def check_reused_analyzer(an: Analyzer, device: Any, kw: dict[str, Any]) -> None:
+    """Options for a new analyzer (``device`` and ``kw``) given with an existing one: each must
+    be its own (:func:`check_analyzer_settings`, values compared as given: no default); a
+    different one would be ignored, so it is refused (session 25: one rule for local_bound,
+    global_bound and the radius functions, as sweep and bound_many)."""
+    unset = object()
+    check_analyzer_settings(an, device=(device, None), **{k: (v, unset) for k, v in kw.items()})
+
+
+def _analyzer(model: nn.Module | Analyzer, x0_or_shape, device, **kw) -> Analyzer:
+    check_analyzer_options(kw, ", and output_map for local_bound and global_bound")
     if isinstance(model, Analyzer):
-        # settings that differ from the analyzer's own are refused (they would be ignored);
-        # equal ones pass, as in sweep, bound_many and the radius functions (session 25)
-        unset = object()  # (no default: a value is compared with the analyzer's own)
-        check_analyzer_settings(model, device=(device, None),
-                                **{k: (v, unset) for k, v in kw.items()})
+        check_reused_analyzer(model, device, kw)
         return model
     if not isinstance(x0_or_shape, Tensor):
         return Analyzer(model, check_input_shape(x0_or_shape, "x0_or_input_shape"),

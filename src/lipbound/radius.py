@@ -46,7 +46,7 @@ from torch import Tensor, nn
 from ._modelinfo import model_dtype_device, unwrap_model
 from ._precision import exact_float32
 from ._progress import NULL_BAR, NullBar, progress_bar
-from .analyzer import TIGHT_ROWS, Analyzer
+from .analyzer import TIGHT_ROWS, Analyzer, check_analyzer_options, check_reused_analyzer
 from .errors import InputError
 from .results import Guarantee, _jsonable, format_prob_up, lower_bound_from
 from .spectral import SAFETY
@@ -192,7 +192,8 @@ def _resolve(model: nn.Module | Analyzer | None, analyzer: Analyzer | None, x0: 
             raise InputError("pass the Analyzer either as model or as analyzer=, not two "
                              "different ones")
         if analyzer_kwargs or device is not None:  # (they were ignored: session 25)
-            _check_same_settings(model, device, analyzer_kwargs)
+            check_analyzer_options(analyzer_kwargs)
+            check_reused_analyzer(model, device, analyzer_kwargs)
         return model
     if analyzer is not None:
         if not isinstance(analyzer, Analyzer):
@@ -202,7 +203,8 @@ def _resolve(model: nn.Module | Analyzer | None, analyzer: Analyzer | None, x0: 
             raise InputError("analyzer= was built for a different model than the one passed; "
                              "pass the same model or build Analyzer(model, ...) for it")
         if analyzer_kwargs or device is not None:
-            _check_same_settings(analyzer, device, analyzer_kwargs)
+            check_analyzer_options(analyzer_kwargs)
+            check_reused_analyzer(analyzer, device, analyzer_kwargs)
         return analyzer
     if not isinstance(model, nn.Module):
         raise InputError(f"model must be a torch.nn.Module or a lipbound.Analyzer, got "
@@ -217,23 +219,6 @@ def _resolve(model: nn.Module | Analyzer | None, analyzer: Analyzer | None, x0: 
         raise InputError(f"x0 must have a batch dimension of 1, shape (1, *input_shape), got "
                          f"{tuple(x0.shape)}; use x0.unsqueeze(0) for one sample")
     return Analyzer(model, tuple(x0.shape[1:]), device=device, **analyzer_kwargs)
-
-
-def _check_same_settings(an: Analyzer, device: Any, analyzer_kwargs: dict[str, Any]) -> None:
-    """Refuse settings given next to an existing Analyzer that differ from its own (they
-    would be ignored); equal ones (``seed=an.seed``, ``device="cpu"`` for a CPU analyzer) are
-    fine, as in :func:`lipbound.sweep.sweep` and :func:`lipbound.batch.bound_many` (session
-    25 review: every setting was refused, also the analyzer's own)."""
-    from .analyzer import _analyzer_options, check_analyzer_settings
-
-    unknown = sorted(set(analyzer_kwargs) - set(_analyzer_options()))
-    if unknown:
-        raise InputError(f"unknown option(s) {', '.join(unknown)}; the options are "
-                         f"{', '.join(_analyzer_options())} (passed to Analyzer): check the "
-                         "spelling")
-    unset = object()  # (no default: a value is compared with the analyzer's own)
-    check_analyzer_settings(an, device=(device, None),
-                            **{k: (v, unset) for k, v in analyzer_kwargs.items()})
 
 
 def _problem(an: Analyzer, x0: Tensor) -> _Problem:
