@@ -192,15 +192,39 @@ def _x_bad() -> dict[str, tuple[object, str]]:
     }
 
 
+#: user-model factories for the CLI cells (a file given as --model), whose network with two
+#: unsupported ops the API cells use too
+USER_NETS = """
+import torch
+from torch import nn
+
+
+class TwoUnsupported(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(4, 5), nn.Linear(5, 3)
+
+    def forward(self, x):
+        return self.b(torch.sigmoid(torch.tanh(self.a(x))))
+
+
+def unsupported():
+    return {"model": TwoUnsupported().eval(), "input_shape": (4,)}
+
+
+def training():
+    return {"model": nn.Sequential(nn.Linear(4, 3), nn.Dropout(0.5)), "input_shape": (4,)}
+
+
+def not_a_module():
+    return {"model": "net", "input_shape": (4,)}
+"""
+
+
 def _model_bad() -> dict[str, tuple[object, str]]:
-    class TwoUnsupported(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.a, self.b = nn.Linear(4, 5), nn.Linear(5, 3)
-
-        def forward(self, x):
-            return self.b(torch.sigmoid(torch.tanh(self.a(x))))
-
+    nets: dict = {}
+    exec(USER_NETS, nets)  # (the CLI cells' file: one definition of the two-op network)
+    TwoUnsupported = nets["TwoUnsupported"]  # noqa: N806 - a class
     training = nn.Sequential(nn.Linear(4, 5), nn.ReLU(), nn.Dropout(0.5), nn.Linear(5, 3))
     nan_w, inf_w = _net(), _net()
     with torch.no_grad():
@@ -670,32 +694,6 @@ def test_cli_matrix(capsys, argv, problem):
     assert "Traceback" not in err
     assert_clear(LipboundError(err), re.escape(problem) if problem == "> 0" else problem)
 
-
-USER_NETS = """
-import torch
-from torch import nn
-
-
-class TwoUnsupported(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.a, self.b = nn.Linear(4, 5), nn.Linear(5, 3)
-
-    def forward(self, x):
-        return self.b(torch.sigmoid(torch.tanh(self.a(x))))
-
-
-def unsupported():
-    return {"model": TwoUnsupported().eval(), "input_shape": (4,)}
-
-
-def training():
-    return {"model": nn.Sequential(nn.Linear(4, 3), nn.Dropout(0.5)), "input_shape": (4,)}
-
-
-def not_a_module():
-    return {"model": "net", "input_shape": (4,)}
-"""
 
 
 @pytest.mark.parametrize("cmd", ["bound", "radius", "layers", "sweep", "bench"])
