@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 import lipbound
-from fuzz_s24_models import Case, abs_twin, float64_copy, rounds
+from fuzz_models import Case, abs_twin, float64_copy, rounds
 from lipbound.attacks import run_attacks
 from lipbound.errors import LipboundError
 from lipbound.lower import best_lower_bound, ratio_at

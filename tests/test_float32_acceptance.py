@@ -159,8 +159,8 @@ def test_compare_runs_the_rivals_on_the_float32_model():
 def test_fuzz_seed_320029_is_accepted_and_sound():
     """The fuzz's refused float32 model (a 6000 bias cancelled by weights of 1e3): every
     check of the fuzz passes, with the bounds of its float64 copy."""
-    from fuzz_s24_checks import check_case
-    from fuzz_s24_models import make_case
+    from fuzz_checks import check_case
+    from fuzz_models import make_case
 
     case = make_case(320029, adversarial=True)
     assert next(case.model.parameters()).dtype == torch.float32
@@ -224,7 +224,7 @@ def test_a_unit_moved_across_its_kink_by_the_rounding_is_explained():
     refused); along the float64 copy's it is on, and the larger of the two bounds explains
     the gap. (The fuzz's
     seed 1346, adversarial: hidden units exactly on their kinks, weights of 1e3.)"""
-    from fuzz_s24_models import make_case
+    from fuzz_models import make_case
 
     net = _kink_net()
     gen = torch.Generator().manual_seed(1234)
@@ -304,7 +304,7 @@ def test_cli_bound_on_a_saved_float32_model(tmp_path, capsys):
 
     src = tmp_path / "net.py"
     src.write_text(f"import sys\nsys.path.insert(0, {str(Path(__file__).parent)!r})\n"
-                   "from test_f32_s25 import _big_net\n"
+                   "from test_float32_acceptance import _big_net\n"
                    "def make():\n    return _big_net(seed=1)\n")
     wfile = tmp_path / "w.pt"
     torch.save(_big_net(seed=0).state_dict(), wfile)
