@@ -7,7 +7,7 @@ transposed product of every analyzer, inside the bound. torch copies a transpose
 on one core at about 4 GB/s (AlexNet's 4096 x 9216 float64 layer: 140 ms on this project's
 CPU); MKL's ``mkl_domatcopy``, which torch's x86 builds link and export, takes 63 ms. A copy
 with ``alpha = 1`` moves every bit pattern unchanged (signed zeros, subnormals, infinities
-and NaN payloads included; ``tests/test_perf_s24_same_bits.py`` checks random bit patterns).
+and NaN payloads included; ``tests/test_same_bits_layer_ops.py`` checks random bit patterns).
 Where the symbol is not found (builds without MKL, other platforms) torch's copy is used.
 """
 

@@ -268,10 +268,11 @@ def _masked_maps(b: AffineBlock, r: Tensor, d: Tensor, rows: Tensor, cols: Tenso
     (:meth:`Analyzer._propagate`), a boolean cast to float64 after an affine block (``on``
     / ``moving`` in :meth:`Analyzer._affine_local`) and after max pooling
     (:meth:`lipbound.ops.pooling.MaxPoolOp.propagate_mask`), and whole channels selected
-    from those (:meth:`Analyzer._channel_subset`). tests/test_loose_s24.py checks every mask
-    the analyzer builds and passes here, on several networks. (A check here, where ``d`` is
-    not all ones, would cost 0.05-0.2 ms per factor on the 2-core CPU of session 24, under
-    0.1 % of a CIFAR-10 local bound: small, but the construction already guarantees it.)"""
+    from those (:meth:`Analyzer._channel_subset`). tests/test_tight_rows_and_sweep_radii.py
+    checks every mask the analyzer builds and passes here, on several networks. (A check here,
+    where ``d`` is not all ones, would cost 0.05-0.2 ms per factor on the 2-core CPU of session
+    24, under 0.1 % of a CIFAR-10 local bound: small, but the construction already guarantees
+    it.)"""
     all_in = cols.numel() == b.in_dim
     all_out = rows.numel() == b.out_dim
     d_full = None if bool((d == 1).all()) else d

@@ -111,7 +111,7 @@ product with one factor above ``2^-222`` (a weight, a centre): float64 arithmeti
 numbers is slow on Intel CPUs (an assist per operation); smaller factors can still give
 subnormal terms (speed only, never the bound). Carried through ``|W|`` by rows that are 0,
 it grows like ``|W|``'s products: with weights near ``2^400`` per layer (session 21's review,
-``tests/test_tight_s21_review.py``) the tight bound is then no smaller than the paper's
+``tests/test_tight_floor_and_chunks.py``) the tight bound is then no smaller than the paper's
 product, which is reported (sound, no longer tighter); up to ``2^300`` the values are the
 same. With ``k 2^-1074`` the error bounds of the rows' zero entries were subnormal
 (94 % of the entries on CIFAR-10's rows, 93 % of which are 0), and their transposed

@@ -697,7 +697,7 @@ def lipmip(net: nn.Module | Sequence[tuple[Any, Any]], x0: Any, eps: float, *,
     # gradients at random points of the box (their patterns are strict there almost surely):
     # each one's dual norm is a value the constant attains; an optimum below one of them is
     # wrong (HiGHS 1.16's presolve returned 0.00107 as optimal for a constant of at least
-    # 0.00245, labelled EXACT; session 24's fuzz, tests/test_fuzz_s24.py)
+    # 0.00245, labelled EXACT; session 24's fuzz, tests/test_fuzz_random_models.py)
     refuting = _sampled_gradient_norm(layers, xc, eps, dual_norm)
 
     def solve(strict: bool) -> _MipOutcome:

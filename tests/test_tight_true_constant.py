@@ -449,7 +449,7 @@ def test_radius_functions_check_tight_rows_naming_the_fix() -> None:
     ``Analyzer.__init__``; session 23 refused it with an :class:`lipbound.errors.InputError`,
     session 24 takes it (the budget of every tight bound of the search): a bad budget, or one
     without ``tight=True``, is an InputError naming the fix, with or without an analyzer, for
-    both radius functions (tests/test_loose_s24.py checks what the budget does)."""
+    both radius functions (tests/test_tight_rows_and_sweep_radii.py checks what the budget does)."""
     from lipbound.errors import InputError
     from lipbound.radius import certified_radii
 

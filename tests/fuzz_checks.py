@@ -1,4 +1,4 @@
-"""Independent references for the session-24 fuzz (see ``tests/test_fuzz_s24.py``).
+"""Independent references for the session-24 fuzz (see ``tests/test_fuzz_random_models.py``).
 
 Every check compares a lipbound result with a value computed here from float64 forward
 passes (a float64 copy of a float32 model: lipbound certifies the network in exact arithmetic
@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 import lipbound
-from fuzz_s24_models import Case, abs_twin, float64_copy, rounds
+from fuzz_models import Case, abs_twin, float64_copy, rounds
 from lipbound.attacks import run_attacks
 from lipbound.errors import LipboundError
 from lipbound.lower import best_lower_bound, ratio_at

@@ -1,6 +1,6 @@
 """Session 24: end-to-end soundness fuzz over random models mixing every supported layer kind.
 
-The models (``tests/fuzz_s24_models.py``) mix modules and functional forms inside a custom
+The models (``tests/fuzz_models.py``) mix modules and functional forms inside a custom
 forward: convolutions (stride, padding incl. ``'same'``, dilation, groups; ``nn.Conv2d`` and
 ``F.conv2d`` with the model's parameters, possibly through ``.view``), ``nn.Linear`` /
 ``F.linear``, ReLU in five spellings, clamps / ReLU6 / Hardtanh, max pooling with padding,
@@ -11,7 +11,7 @@ arithmetic with numbers and per-channel buffers / parameters, dropouts in eval m
 float32; weights with tiny and huge scales, zero and duplicated rows, dead units, and
 pre-activations exactly at ReLU kinks and clamp corners at ``x0`` (dyadic values, exact sums).
 
-Each example checks (``tests/fuzz_s24_checks.py``): the global bound against Jacobian norms
+Each example checks (``tests/fuzz_checks.py``): the global bound against Jacobian norms
 at random points and ratios of random pairs; the local bounds (default, exact route, Lanczos,
 tight) against sampled and gradient-ascended ratios relative to ``x0`` and against the
 empirical lower bound, whose witness must lie in the ball and reproduce its value; certified
@@ -37,8 +37,8 @@ from torch import nn
 import lipbound
 
 sys.path.insert(0, str(Path(__file__).parent))
-from fuzz_s24_checks import check_case  # noqa: E402
-from fuzz_s24_models import make_case  # noqa: E402
+from fuzz_checks import check_case  # noqa: E402
+from fuzz_models import make_case  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
