@@ -553,9 +553,11 @@ def bench_model(model: nn.Module, x0: Tensor, *, name: str,
         The result of the first quantity in ``what``; the others are in ``.others``.
     """
     from .analyzer import Analyzer
-    from .validation import check_eps, check_input, resolve_device
+    from .validation import check_bool, check_eps, check_input, resolve_device
 
     whats = _check_what(what)
+    warmup = check_bool(warmup, "warmup")
+    progress = check_bool(progress, "progress")
     repeat = _check_repeat(repeat)
     eps = check_eps(DEFAULT_EPS if eps is None else eps)
     if spectral not in ("auto", "exact", "lanczos"):
@@ -667,10 +669,11 @@ def bench(model_name: str, *, what: str | Sequence[str] = WHATS, eps: float | No
         >>> r = bench("mnist", what="local", repeat=3)        # doctest: +SKIP
         >>> r.median_seconds, r.value, r.guarantee              # doctest: +SKIP
     """
-    from .validation import check_eps
+    from .validation import check_bool, check_eps
 
     _check_what(what)
     _check_repeat(repeat)
+    check_bool(warmup, "warmup")  # (before loading the network)
     if eps is not None:  # before loading the network (VGG-16: seconds)
         check_eps(eps)
     lm, x0, notes = _load_zoo(model_name, device)
@@ -704,10 +707,11 @@ def bench_sweep(model_name: str, *, n_points: int = 30,
     """
     if not isinstance(n_points, int) or n_points < 2:
         raise InputError(f"n_points must be an integer >= 2, got {n_points!r}")
-    _check_repeat(repeat)
-    if eps is not None:
-        from .validation import check_eps
+    from .validation import check_bool, check_eps
 
+    _check_repeat(repeat)
+    check_bool(raw, "raw")  # (before loading the network)
+    if eps is not None:
         check_eps(eps)
     lm, x0, notes = _load_zoo(model_name, device)
     return bench_sweep_model(lm.model, x0, name=lm.entry.name,
@@ -734,11 +738,13 @@ def bench_sweep_model(model: nn.Module, x0: Tensor, *, name: str,
     """
     from .analyzer import Analyzer
     from .sweep import DEFAULT_REUSE_TOL, sweep
-    from .validation import check_input
+    from .validation import check_bool, check_input
 
     if not isinstance(n_points, int) or n_points < 2:
         raise InputError(f"n_points must be an integer >= 2, got {n_points!r}")
     repeat = _check_repeat(repeat)
+    raw = check_bool(raw, "raw")
+    progress = check_bool(progress, "progress")
     lo, hi = _check_eps_range(eps_range)
     tol = DEFAULT_REUSE_TOL if reuse_tol is None else reuse_tol
     eps_values = [lo * (hi / lo) ** (i / (n_points - 1)) for i in range(n_points)]
@@ -855,9 +861,12 @@ def bench_radius(model_name: str = "mnist", *, n_images: int = 100, method: str 
     from .analyzer import Analyzer
     from .inputs import load_samples
     from .radius import DEFAULT_REUSE_TOL, certified_radius
+    from .validation import check_bool
 
     if not isinstance(n_images, int) or n_images < 1:
         raise InputError(f"n_images must be an integer >= 1, got {n_images!r}")
+    start_from_previous = check_bool(start_from_previous, "start_from_previous")
+    progress = check_bool(progress, "progress")
     lm, _, _ = _load_zoo(model_name, device)
     if lm.entry.testset is None:
         raise InputError(f"{lm.entry.name} has no shipped test set; use mnist or cifar10")

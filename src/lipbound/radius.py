@@ -50,7 +50,14 @@ from .analyzer import TIGHT_ROWS, Analyzer, check_analyzer_options, check_reused
 from .errors import InputError
 from .results import Guarantee, _jsonable, format_prob_up, lower_bound_from
 from .spectral import SAFETY
-from .validation import check_count, check_eps, check_input, check_reuse_tol, check_tight
+from .validation import (
+    check_bool,
+    check_count,
+    check_eps,
+    check_input,
+    check_reuse_tol,
+    check_tight,
+)
 
 __all__ = ["METHODS", "RadiusMethod", "RadiusResult", "best", "certified_radii",
            "certified_radius", "exact_class_change"]
@@ -693,6 +700,7 @@ def certified_radius(model: nn.Module | Analyzer | None, x0: Tensor, *,
         raise InputError(f"max_evaluations must be an integer >= 2, got {max_evaluations!r}")
     reuse_tol = check_reuse_tol(reuse_tol)
     tight_rows = check_tight(tight, tight_rows)
+    progress = check_bool(progress, "progress")
     an = _resolve(model, analyzer, x0, device, analyzer_kwargs)
     pb = replace(_problem(an, x0), tight=tight, tight_rows=tight_rows)
     with _bar(progress, an) as bar:
@@ -877,6 +885,7 @@ def certified_radii(model: nn.Module | Analyzer | None, x0: Tensor, *,
     cap = DEFAULT_MAX_EPS if max_eps is None else check_eps(max_eps, "max_eps")
     reuse_tol = check_reuse_tol(reuse_tol)
     tight_rows = check_tight(tight, tight_rows)
+    progress = check_bool(progress, "progress")
     an = _resolve(model, analyzer, x0, device, analyzer_kwargs)
     pb = replace(_problem(an, x0), tight=tight, tight_rows=tight_rows)
     done: dict[str, RadiusResult] = {}

@@ -41,7 +41,7 @@ from ._progress import progress_bar
 from .analyzer import Analyzer, check_analyzer_settings
 from .errors import InputError
 from .results import Guarantee, _jsonable
-from .validation import check_eps, check_input, check_int, check_reuse_tol
+from .validation import check_bool, check_eps, check_input, check_int, check_reuse_tol
 
 __all__ = [
     "ALL_METHODS",
@@ -729,6 +729,7 @@ def sweep(model_or_analyzer: nn.Module | Analyzer, x0: Tensor, eps_values: Seque
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:
             raise InputError(f"{label} must be an integer >= 1, got {v!r}")
     reuse_tol = check_reuse_tol(reuse_tol)
+    progress = check_bool(progress, "progress")
     seed = check_int(seed, "seed", 0)
     if seed >= 2 ** 64 and any(m in LOWER_METHODS for m in meths):
         raise InputError(f"seed must be below 2**64 (the range of the lower bounds' random "

@@ -49,7 +49,7 @@ from lipbound.baselines.fc import (
 from lipbound.errors import InputError, LipboundError, UnsupportedModelError
 from lipbound.graph import check_eval_mode
 from lipbound.results import BoundResult, Guarantee, format_prob_up
-from lipbound.validation import check_finite, check_int, check_plain_tensor
+from lipbound.validation import check_bool, check_finite, check_int, check_plain_tensor
 
 logger = logging.getLogger(__name__)
 
@@ -338,6 +338,7 @@ def compare(model: nn.Module, x0: torch.Tensor, eps: float,
     """
     if not isinstance(model, nn.Module):
         raise InputError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    progress = check_bool(progress, "progress")
     # up front (session 22): a model in training mode gave a table of "not run" rows and exit
     # status 0, each method refusing it on its own
     check_eval_mode(model)
