@@ -311,6 +311,10 @@ class SweepBench:
         looseness_max, looseness_median: of ``values[i] / raw_values[i]``, how much looser
             the sweep's values are than fresh single bounds (``1.0``: as tight).
         failure_prob_max: largest failure probability of a sweep value (0 if certified).
+        guarantees: the guarantees of the sweep's values (``"certified upper bound"``,
+            ``"probabilistic upper bound"``), sorted; since session 26.
+        notes: the caveats of the sweep's values (the model's, the analyzer's: a float32
+            model's rounding; the sweep's own); since session 26.
     """
 
     model: str
@@ -334,6 +338,8 @@ class SweepBench:
     looseness_max: float = math.nan
     looseness_median: float = math.nan
     failure_prob_max: float = 0.0
+    guarantees: tuple[str, ...] = ()
+    notes: tuple[str, ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
         return _jsonable({k: getattr(self, k) for k in self.__dataclass_fields__})
@@ -358,6 +364,13 @@ class RadiusBench:
             re-checks).
         reuse_tol: the searches' ``reuse_tol``.
         start_from_previous: whether each search started from the previous image's radius.
+        guarantees: the guarantee of each radius (``"certified lower bound"`` or
+            ``"probabilistic lower bound"``); since session 26.
+        failure_probs: the failure probability of each radius (0 when certified); since
+            session 26.
+        notes: the caveats of the radii (the model's: e.g. seeded random weights; the
+            analyzer's: a float32 model's rounding; each certifying bound's own, once);
+            since session 26.
     """
 
     model: str
@@ -372,6 +385,9 @@ class RadiusBench:
     n_bound_evaluations: int = 0
     reuse_tol: float = math.nan
     start_from_previous: bool = False
+    guarantees: tuple[str, ...] = ()
+    failure_probs: tuple[float, ...] = ()
+    notes: tuple[str, ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
         return _jsonable({k: getattr(self, k) for k in self.__dataclass_fields__})
@@ -794,6 +810,8 @@ def bench_sweep_model(model: nn.Module, x0: Tensor, *, name: str,
                        "reused": res.settings["local_reused"],
                        "global": res.settings["local_from_global"]}
             fp_max = max(r["local"].failure_prob for r in res.rows)
+            guarantees = sorted({r["local"].guarantee.value for r in res.rows})
+            sweep_notes = tuple(dict.fromkeys((*notes, *res.notes)))
             del an, res
             gc.collect()
             bar.update()
@@ -816,7 +834,8 @@ def bench_sweep_model(model: nn.Module, x0: Tensor, *, name: str,
                       raw_values=tuple(raw_values),
                       looseness_max=max(ratios) if ratios else math.nan,
                       looseness_median=statistics.median(ratios) if ratios else math.nan,
-                      failure_prob_max=fp_max)
+                      failure_prob_max=fp_max, guarantees=tuple(guarantees),
+                      notes=sweep_notes)
 
 
 def radius_available() -> bool:
@@ -867,13 +886,16 @@ def bench_radius(model_name: str = "mnist", *, n_images: int = 100, method: str 
         raise InputError(f"n_images must be an integer >= 1, got {n_images!r}")
     start_from_previous = check_bool(start_from_previous, "start_from_previous")
     progress = check_bool(progress, "progress")
-    lm, _, _ = _load_zoo(model_name, device)
+    lm, _, zoo_notes = _load_zoo(model_name, device)
     if lm.entry.testset is None:
         raise InputError(f"{lm.entry.name} has no shipped test set; use mnist or cifar10")
     samples = load_samples(f"{lm.entry.name}:test/0-{n_images - 1}", entry=lm.entry)
     dev = _model_device(lm.model)
     per: list[float] = []
     radii: list[float] = []
+    guarantees: list[str] = []
+    fps: list[float] = []
+    rnotes: list[str] = []
     tol = DEFAULT_REUSE_TOL if reuse_tol is None else reuse_tol
     n_evals = 0
     start: float | None = None
@@ -883,7 +905,7 @@ def bench_radius(model_name: str = "mnist", *, n_images: int = 100, method: str 
         c0 = time.process_time()
         t0 = time.perf_counter()
         an = Analyzer(lm.model, lm.entry.input_shape, device=dev, name=lm.entry.name,
-                      **_check_analyzer_options(analyzer_options))
+                      notes=zoo_notes, **_check_analyzer_options(analyzer_options))
         trace = time.perf_counter() - t0
         for s in samples:
             bar.label(s.name)
@@ -893,6 +915,9 @@ def bench_radius(model_name: str = "mnist", *, n_images: int = 100, method: str 
             _sync(dev)
             per.append(time.perf_counter() - t)
             radii.append(float(r.radius))
+            guarantees.append(r.guarantee.value)
+            fps.append(float(r.failure_prob))
+            rnotes.extend(r.notes)
             n_evals += int(r.n_bound_evaluations)
             if start_from_previous and 0 < r.radius < math.inf:
                 start = float(r.radius)
@@ -905,4 +930,6 @@ def bench_radius(model_name: str = "mnist", *, n_images: int = 100, method: str 
                        cpu_total_seconds=cpu_total,
                        trace_seconds=trace, per_image_seconds=tuple(per), radii=tuple(radii),
                        load_average=(la0, _loadavg()), n_bound_evaluations=n_evals,
-                       reuse_tol=tol, start_from_previous=bool(start_from_previous))
+                       reuse_tol=tol, start_from_previous=bool(start_from_previous),
+                       guarantees=tuple(guarantees), failure_probs=tuple(fps),
+                       notes=tuple(dict.fromkeys((*an.notes, *rnotes))))

@@ -183,6 +183,8 @@ def _run_lower(ctx: _Ctx) -> Any:
     used = details.get("winner_details", {}).get("evaluated_in", "float64")
     if used != "float64":
         notes.append(f"witness evaluated in {used} (no float64 copy of the model)")
+    if "note" in details:  # (no finite ratio found: the value is 0; session 26)
+        notes.append(details["note"])
     return _Lower(float(res.value), Guarantee.LOWER, time.perf_counter() - t0, tuple(notes))
 
 
