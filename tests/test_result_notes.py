@@ -178,3 +178,44 @@ def test_bench_table_shows_the_failure_probability(capsys):
 
 def test_batch_separator_is_the_documented_one():
     assert batch.NOTE_SEPARATOR == SEP
+
+
+# ------------------------------------------------------------------------------ layers
+def test_layers_csv_has_the_analysis_notes(tmp_path, capsys):
+    args = _user_model(tmp_path)
+    np.save(tmp_path / "a.npy", X0[0].numpy())
+    args[-1] = str(tmp_path / "a.npy")
+    assert main(["layers", *args, "--eps", "0.1", "--out", str(tmp_path / "o")]) == 0
+    capsys.readouterr()
+    with (tmp_path / "o" / "layers.csv").open(newline="") as fh:
+        reader = csv.DictReader(fh)
+        assert reader.fieldnames[-1] == "notes"
+        rows = list(reader)
+    assert len(rows) == 2
+    assert all(_f32(r["notes"].split(SEP)) for r in rows)
+
+
+# ------------------------------------------------------------------------------ rivals
+def test_rivals_called_directly_carry_the_float32_note():
+    """Each rival method given the float32 model itself (not through compare) says that its
+    value is of the weights in exact arithmetic, as compare's rows and lipbound's own
+    results do; with an output map too; not for the float64 copy."""
+    from lipbound import baselines
+
+    c = torch.tensor([[1.0, -1.0, 0.0]])
+    runs = {
+        "autolip": lambda m, x: baselines.autolip(m, input_shape=(4,)),
+        "seqlip": lambda m, x: baselines.seqlip(m, input_shape=(4,)),
+        "eclipse_fast": lambda m, x: baselines.eclipse_fast(m, input_shape=(4,)),
+        "lipsdp": lambda m, x: baselines.lipsdp(m, input_shape=(4,)),
+        "fastlip": lambda m, x: baselines.fastlip(m, x, 0.1, output_map=c.to(x.dtype)),
+        "recurjac": lambda m, x: baselines.recurjac(m, x, 0.1),
+        "exact_local_l2": lambda m, x: baselines.exact_local_l2(m, x, 0.1),
+        "lipmip": lambda m, x: baselines.lipmip(m, x, 0.1, c=c[0].to(x.dtype)),
+    }
+    for name, run in runs.items():
+        r = run(_big_net(), X0)
+        assert _f32(r.notes), (name, r.notes)
+        r64 = run(_big_net().double(), X0.double())
+        assert not _f32(r64.notes), (name, r64.notes)
+        assert r.value == pytest.approx(r64.value, rel=1e-9), name

@@ -905,7 +905,7 @@ def bench_radius(model_name: str = "mnist", *, n_images: int = 100, method: str 
         c0 = time.process_time()
         t0 = time.perf_counter()
         an = Analyzer(lm.model, lm.entry.input_shape, device=dev, name=lm.entry.name,
-                      notes=zoo_notes, **_check_analyzer_options(analyzer_options))
+                      **_check_analyzer_options(analyzer_options))
         trace = time.perf_counter() - t0
         for s in samples:
             bar.label(s.name)
@@ -932,4 +932,4 @@ def bench_radius(model_name: str = "mnist", *, n_images: int = 100, method: str 
                        load_average=(la0, _loadavg()), n_bound_evaluations=n_evals,
                        reuse_tol=tol, start_from_previous=bool(start_from_previous),
                        guarantees=tuple(guarantees), failure_probs=tuple(fps),
-                       notes=tuple(dict.fromkeys((*an.notes, *rnotes))))
+                       notes=tuple(dict.fromkeys((*zoo_notes, *an.notes, *rnotes))))
