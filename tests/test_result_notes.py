@@ -10,7 +10,12 @@ Each test here is a gap the audit found (they fail before the session's fixes):
   value is 0);
 * the bench's sweep and radius results (``lipbound bench --json``: ``sweep``, ``radius``)
   stated no guarantee of their values and no notes; its table showed a probabilistic bound
-  without its failure probability.
+  without its failure probability;
+* ``layers.csv`` had no notes;
+* the rival methods called on a float32 model directly (not through ``compare``) did not say
+  that their values are of its weights in exact arithmetic;
+* ``lipbound bound`` with several radii printed the results' notes as a set (in an order that
+  changed between runs), not saying which result a note was of.
 """
 
 from __future__ import annotations
@@ -219,3 +224,18 @@ def test_rivals_called_directly_carry_the_float32_note():
         r64 = run(_big_net().double(), X0.double())
         assert not _f32(r64.notes), (name, r64.notes)
         assert r.value == pytest.approx(r64.value, rel=1e-9), name
+
+
+# ------------------------------------------------------------------------------- bound
+def test_bound_text_says_which_result_a_note_is_of(tmp_path, capsys):
+    """Several radii at one input: the notes all results share once (in a fixed order; a
+    set printed them in an order that changed between runs), each result's own with its
+    method and radius (the tight notes of two radii were printed side by side, unnamed)."""
+    args = _user_model(tmp_path)
+    np.save(tmp_path / "a.npy", X0[0].numpy())
+    args[-1] = str(tmp_path / "a.npy")
+    assert main(["bound", *args, "--eps-list", "0.05,0.1", "--tight"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("note: float32 rounding") == 1
+    for e in ("0.05", "0.1"):
+        assert f"note (local, eps {e}): " in out and "tight bound" in out
