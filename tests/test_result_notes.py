@@ -14,8 +14,9 @@ Each test here is a gap the audit found (they fail before the session's fixes):
 * ``layers.csv`` had no notes;
 * the rival methods called on a float32 model directly (not through ``compare``) did not say
   that their values are of its weights in exact arithmetic;
-* ``lipbound bound`` with several radii printed the results' notes as a set (in an order that
-  changed between runs), not saying which result a note was of.
+* ``lipbound demo`` printed no notes; ``lipbound bound`` with several radii printed the
+  results' notes as a set (in an order that changed between runs), not saying which result a
+  note was of.
 """
 
 from __future__ import annotations
@@ -239,3 +240,11 @@ def test_bound_text_says_which_result_a_note_is_of(tmp_path, capsys):
     assert out.count("note: float32 rounding") == 1
     for e in ("0.05", "0.1"):
         assert f"note (local, eps {e}): " in out and "tight bound" in out
+
+
+def test_demo_text_shows_the_notes(capsys):
+    """The demo's table has tight rows: the text says which bound each one is (it printed no
+    note at all)."""
+    assert main(["demo", "--eps-list", "0.01"]) == 0
+    out = capsys.readouterr().out
+    assert "note (tight, eps 0.01): " in out and "tight bound" in out
