@@ -410,6 +410,64 @@ OPTION_CELLS = {
         [[0.0]], mean=None, std=None), "tensor"),
     "normalize_pixels no batch": (lambda: lb_inputs.normalize_pixels(
         torch.zeros(4), mean=None, std=None), "batch"),
+    # session 26: boolean options take True / False (or numpy's) only; a string such as
+    # 'no' was taken by its truth value (yes), 1 and None by theirs
+    **{f"{where} {opt}={v!r}": (call, rf"{opt}\b.*{re.escape(repr(v))}")
+       for where, opt, v, call in [
+        ("local_bound", "progress", "yes", lambda: local_bound(NET, X, 0.1, progress="yes")),
+        ("local_bound", "tight", 1, lambda: local_bound(NET, X, 0.1, tight=1)),
+        ("global_bound", "progress", "no", lambda: global_bound(NET, X, progress="no")),
+        ("Analyzer.local_bound", "progress", 1,
+         lambda: Analyzer(NET, (4,)).local_bound(X, 0.1, progress=1)),
+        ("Analyzer.global_bound", "progress", "yes",
+         lambda: Analyzer(NET, (4,)).global_bound(progress="yes")),
+        ("Analyzer.local_bound_rows", "tight", "no",
+         lambda: Analyzer(NET, (4,)).local_bound_rows(X, 0.1, C, tight="no")),
+        ("bound_many", "share_global", "no",
+         lambda: batch.bound_many(NET, [X], 0.1, share_global="no")),
+        ("bound_many", "progress", "yes", lambda: batch.bound_many(NET, [X], 0.1,
+                                                                   progress="yes")),
+        ("bound_many", "tight", "False", lambda: batch.bound_many(NET, [X], 0.1,
+                                                                  tight="False")),
+        ("certified_radius", "progress", "yes",
+         lambda: radius.certified_radius(NET, X, progress="yes")),
+        ("certified_radius", "tight", 0, lambda: radius.certified_radius(NET, X, tight=0)),
+        ("certified_radii", "progress", 1, lambda: radius.certified_radii(NET, X, progress=1)),
+        ("sweep", "progress", "no", lambda: lb_sweep.sweep(NET, X, [0.1], ("local",),
+                                                           progress="no")),
+        ("random_lower_bound", "progress", "yes", lambda: lower.random_lower_bound(
+            NET, X, 0.1, n_samples=8, progress="yes")),
+        ("best_lower_bound", "progress", "no", lambda: lower.best_lower_bound(
+            NET, X, 0.1, n_random=8, gradient_steps=1, pgd_restarts=1, pgd_steps=1,
+            pgd_refine=1, pgd_refine_steps=1, progress="no")),
+        ("PGD", "refine", "no", lambda: attacks.PGD(refine="no")),
+        ("CarliniWagnerL2", "refine", 0, lambda: attacks.CarliniWagnerL2(refine=0)),
+        ("IterativeFGSM", "refine", "no", lambda: attacks.IterativeFGSM(refine="no")),
+        ("GradientAscent", "refine", None, lambda: attacks.GradientAscent(refine=None)),
+        ("get_attack", "refine", "no", lambda: attacks.get_attack("pgd", refine="no")),
+        ("compare", "progress", "yes", lambda: baselines.compare(NET, X, 0.1, ["autolip"],
+                                                                 progress="yes")),
+        ("bench_model", "warmup", "no", lambda: bench.bench_model(
+            NET, X, name="t", what="global", repeat=1, warmup="no")),
+        ("bench_model", "progress", "yes", lambda: bench.bench_model(
+            NET, X, name="t", what="global", repeat=1, progress="yes")),
+        ("bench", "warmup", "no", lambda: bench.bench("mnist", what="global", repeat=1,
+                                                      warmup="no")),
+        ("bench_sweep", "raw", "no", lambda: bench.bench_sweep(
+            "mnist", n_points=2, local_repeat=1, raw="no")),
+        ("bench_sweep_model", "raw", "no", lambda: bench.bench_sweep_model(
+            NET, X, name="t", eps_range=(0.1, 0.2), n_points=2, local_repeat=1, raw="no")),
+        ("bench_sweep_model", "progress", 1, lambda: bench.bench_sweep_model(
+            NET, X, name="t", eps_range=(0.1, 0.2), n_points=2, local_repeat=1, raw=False,
+            progress=1)),
+        ("bench_radius", "start_from_previous", "no", lambda: bench.bench_radius(
+            "mnist", n_images=1, start_from_previous="no")),
+        ("bench_radius", "progress", "yes", lambda: bench.bench_radius(
+            "mnist", n_images=1, progress="yes")),
+        ("load_sample", "raw", "no", lambda: lb_inputs.load_sample("mnist:8", raw="no")),
+        ("load_samples", "raw", "yes", lambda: lb_inputs.load_samples("mnist:test/0-1",
+                                                                      raw="yes")),
+    ]},
 }
 
 
@@ -441,6 +499,25 @@ def test_accepted_alternative_forms_give_the_same_answer():
         baselines.fastlip(NET, xi.to(DT), 0.1).value
     assert global_bound(NET, X, output_map=C.tolist()).value == \
         global_bound(NET, X, output_map=C).value
+
+
+def test_numpy_bools_are_booleans():
+    """numpy.bool_ (a mask's element, a config read with numpy) is a boolean like True and
+    False: accepted by every boolean option, with the same answer (tight=np.True_ was refused
+    before session 26, as not a bool)."""
+    assert local_bound(NET, X, 0.1, tight=np.True_, progress=np.False_).value == \
+        local_bound(NET, X, 0.1, tight=True).value
+    an = Analyzer(NET, (4,))
+    assert torch.equal(an.local_bound_rows(X, 0.1, C, tight=np.True_).values,
+                       an.local_bound_rows(X, 0.1, C, tight=True).values)
+    rows = batch.bound_many(NET, [X], 0.1, share_global=np.False_, progress=np.False_,
+                            tight=np.bool_(False))
+    assert rows[0].bound == batch.bound_many(NET, [X], 0.1, share_global=False)[0].bound
+    assert radius.certified_radius(NET, X, tight=np.True_).radius == \
+        radius.certified_radius(NET, X, tight=True).radius
+    assert attacks.PGD(refine=np.False_).refine is False
+    assert lower.random_lower_bound(NET, X, 0.1, n_samples=8, progress=np.False_).value == \
+        lower.random_lower_bound(NET, X, 0.1, n_samples=8, progress=None).value
 
 
 # --------------------------------------------- session 25 fixes, one API test for each

@@ -38,7 +38,7 @@ pytestmark = pytest.mark.usefixtures("torch_one_thread")
 FAST = {"samples": 48, "steps": 15, "restarts": 3}
 SWEEP_COLUMNS = ["eps"] + [f"{m}_{c}" for m in DEFAULT_METHODS
                            for c in ("value", "guarantee", "failure_prob", "seconds")] + \
-    ["violation"]
+    ["violation", "notes"]
 
 
 @pytest.fixture(scope="module")
@@ -340,7 +340,7 @@ def test_cli_sweep_methods_subset_and_json(tmp_path, capsys):
                                          "local_failure_prob", "local_seconds",
                                          "global_value", "global_guarantee",
                                          "global_failure_prob", "global_seconds",
-                                         "violation"]
+                                         "violation", "notes"]
 
 
 def test_cli_sweep_bad_method_is_a_clear_error(tmp_path, capsys):

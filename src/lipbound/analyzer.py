@@ -45,6 +45,7 @@ from .ops.linear import LinearOp
 from .results import BoundResult, Guarantee, LayerFactor, combine_guarantees
 from .spectral import SAFETY, SpectralBound, _materialize, kw_factor, spectral_upper
 from .validation import (
+    check_bool,
     check_eps,
     check_example_input,
     check_failure_prob,
@@ -878,6 +879,7 @@ class Analyzer:
                 :mod:`lipbound._progress`); the result is the same either way.
         """
         t0 = time.perf_counter()
+        progress = check_bool(progress, "progress")
         self._check_model()
         key, blocks = self._blocks_for(output_map)
         if key in self._global:
@@ -1289,6 +1291,7 @@ class Analyzer:
                 ``tight=False`` is refused: :func:`lipbound.validation.check_tight`).
         """
         t0 = time.perf_counter()
+        progress = check_bool(progress, "progress")
         x0, eps = self._check(x0, eps)
         tight_rows = check_tight(tight, tight_rows) or TIGHT_ROWS
         key, blocks = self._blocks_for(output_map)
@@ -1623,6 +1626,7 @@ def global_bound(model: nn.Module | Analyzer, x0_or_input_shape: Tensor | Sequen
         **kwargs: passed to :class:`Analyzer` (``spectral``, ``failure_prob``, ...); not
             with an Analyzer, which has its own.
     """
+    check_bool(progress, "progress")  # (before tracing the model)
     return _analyzer(model, x0_or_input_shape, device, **kwargs).global_bound(
         output_map=output_map, progress=progress)
 
@@ -1650,6 +1654,7 @@ def local_bound(model: nn.Module | Analyzer, x0: Tensor, eps: float, *,
     """
     if not isinstance(x0, Tensor):
         raise InputError(f"x0 must be a torch.Tensor, got {type(x0).__name__}")
-    check_tight(tight, tight_rows)  # (before tracing the model)
+    check_bool(progress, "progress")  # (before tracing the model)
+    check_tight(tight, tight_rows)
     return _analyzer(model, x0, device, **kwargs).local_bound(
         x0, eps, output_map=output_map, progress=progress, tight=tight, tight_rows=tight_rows)

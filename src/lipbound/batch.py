@@ -25,7 +25,7 @@ from ._progress import progress_bar
 from .analyzer import Analyzer, check_analyzer_settings
 from .errors import InputError, LipboundError
 from .results import Guarantee, _jsonable
-from .validation import check_eps, check_input, check_tight
+from .validation import check_bool, check_eps, check_input, check_tight
 
 __all__ = ["InputBound", "bound_many", "summarize"]
 
@@ -33,7 +33,12 @@ log = logging.getLogger(__name__)
 
 #: CSV / table columns of one row, in order
 COLUMNS: tuple[str, ...] = ("index", "name", "label", "predicted", "eps", "method", "bound",
-                            "guarantee", "failure_prob", "seconds")
+                            "guarantee", "failure_prob", "seconds", "notes")
+"""(``notes``, the last column since session 26: the row's notes joined by
+:data:`NOTE_SEPARATOR`, empty when it has none.)"""
+
+NOTE_SEPARATOR = " | "
+"""Between a row's notes in its CSV cell (a note may hold ``;`` and ``,``, never ``" | "``)."""
 
 
 @dataclass(frozen=True)
@@ -53,6 +58,11 @@ class InputBound:
         failure_prob: failure probability of a probabilistic bound (0 otherwise).
         seconds: time of this input's own computation (shared work such as tracing and
             the global factors is counted once, in the summary's ``setup_seconds``).
+        notes: the caveats of the bound, as on the :class:`~lipbound.results.BoundResult` it
+            comes from: the analyzer's (the model's, a float32 model's rounding) and the
+            bound's own (the global bound reported because it was smaller, which of the
+            tight bound and the paper's product was reported). Since session 26 (before, a
+            row carried none of them).
     """
 
     index: int
@@ -65,6 +75,7 @@ class InputBound:
     guarantee: Guarantee
     failure_prob: float
     seconds: float
+    notes: tuple[str, ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-friendly dict (the rule of every ``to_dict``: an infinite bound as ``"inf"``,
@@ -72,7 +83,8 @@ class InputBound:
         return _jsonable({"index": self.index, "name": self.name, "label": self.label,
                           "predicted": self.predicted, "eps": self.eps, "method": self.method,
                           "bound": self.bound, "guarantee": self.guarantee.value,
-                          "failure_prob": self.failure_prob, "seconds": self.seconds})
+                          "failure_prob": self.failure_prob, "seconds": self.seconds,
+                          "notes": list(self.notes)})
 
 
 def _as_batch(samples: Any, input_shape: Sequence[int] | None
@@ -167,6 +179,8 @@ def bound_many(model_or_analyzer: nn.Module | Analyzer, samples: Any,
     if method not in ("local", "global"):
         raise InputError(f"method must be 'local' or 'global', got {method!r}")
     tight_rows = check_tight(tight, tight_rows)
+    share_global = check_bool(share_global, "share_global")
+    progress = check_bool(progress, "progress")
     if tight and method == "global":
         raise InputError("tight tightens local bounds; the global bound has none: use "
                          "method='local', or tight=False")
@@ -237,7 +251,7 @@ def bound_many(model_or_analyzer: nn.Module | Analyzer, samples: Any,
                                    eps=eps_list[i], method="tight" if tight else method,
                                    bound=float(r.value),
                                    guarantee=r.guarantee, failure_prob=float(r.failure_prob),
-                                   seconds=float(r.seconds)))
+                                   seconds=float(r.seconds), notes=tuple(r.notes)))
             log.info("%s bound of input %s: %.6g (%.3fs)", method, names[i], r.value,
                      r.seconds)
             bar.update()

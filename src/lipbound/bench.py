@@ -311,6 +311,10 @@ class SweepBench:
         looseness_max, looseness_median: of ``values[i] / raw_values[i]``, how much looser
             the sweep's values are than fresh single bounds (``1.0``: as tight).
         failure_prob_max: largest failure probability of a sweep value (0 if certified).
+        guarantees: the guarantees of the sweep's values (``"certified upper bound"``,
+            ``"probabilistic upper bound"``), sorted; since session 26.
+        notes: the caveats of the sweep's values (the model's, the analyzer's: a float32
+            model's rounding; the sweep's own); since session 26.
     """
 
     model: str
@@ -334,6 +338,8 @@ class SweepBench:
     looseness_max: float = math.nan
     looseness_median: float = math.nan
     failure_prob_max: float = 0.0
+    guarantees: tuple[str, ...] = ()
+    notes: tuple[str, ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
         return _jsonable({k: getattr(self, k) for k in self.__dataclass_fields__})
@@ -358,6 +364,13 @@ class RadiusBench:
             re-checks).
         reuse_tol: the searches' ``reuse_tol``.
         start_from_previous: whether each search started from the previous image's radius.
+        guarantees: the guarantee of each radius (``"certified lower bound"`` or
+            ``"probabilistic lower bound"``); since session 26.
+        failure_probs: the failure probability of each radius (0 when certified); since
+            session 26.
+        notes: the caveats of the radii (the model's: e.g. seeded random weights; the
+            analyzer's: a float32 model's rounding; each certifying bound's own, once);
+            since session 26.
     """
 
     model: str
@@ -372,6 +385,9 @@ class RadiusBench:
     n_bound_evaluations: int = 0
     reuse_tol: float = math.nan
     start_from_previous: bool = False
+    guarantees: tuple[str, ...] = ()
+    failure_probs: tuple[float, ...] = ()
+    notes: tuple[str, ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
         return _jsonable({k: getattr(self, k) for k in self.__dataclass_fields__})
@@ -553,9 +569,11 @@ def bench_model(model: nn.Module, x0: Tensor, *, name: str,
         The result of the first quantity in ``what``; the others are in ``.others``.
     """
     from .analyzer import Analyzer
-    from .validation import check_eps, check_input, resolve_device
+    from .validation import check_bool, check_eps, check_input, resolve_device
 
     whats = _check_what(what)
+    warmup = check_bool(warmup, "warmup")
+    progress = check_bool(progress, "progress")
     repeat = _check_repeat(repeat)
     eps = check_eps(DEFAULT_EPS if eps is None else eps)
     if spectral not in ("auto", "exact", "lanczos"):
@@ -667,10 +685,11 @@ def bench(model_name: str, *, what: str | Sequence[str] = WHATS, eps: float | No
         >>> r = bench("mnist", what="local", repeat=3)        # doctest: +SKIP
         >>> r.median_seconds, r.value, r.guarantee              # doctest: +SKIP
     """
-    from .validation import check_eps
+    from .validation import check_bool, check_eps
 
     _check_what(what)
     _check_repeat(repeat)
+    check_bool(warmup, "warmup")  # (before loading the network)
     if eps is not None:  # before loading the network (VGG-16: seconds)
         check_eps(eps)
     lm, x0, notes = _load_zoo(model_name, device)
@@ -704,10 +723,11 @@ def bench_sweep(model_name: str, *, n_points: int = 30,
     """
     if not isinstance(n_points, int) or n_points < 2:
         raise InputError(f"n_points must be an integer >= 2, got {n_points!r}")
-    _check_repeat(repeat)
-    if eps is not None:
-        from .validation import check_eps
+    from .validation import check_bool, check_eps
 
+    _check_repeat(repeat)
+    check_bool(raw, "raw")  # (before loading the network)
+    if eps is not None:
         check_eps(eps)
     lm, x0, notes = _load_zoo(model_name, device)
     return bench_sweep_model(lm.model, x0, name=lm.entry.name,
@@ -734,11 +754,13 @@ def bench_sweep_model(model: nn.Module, x0: Tensor, *, name: str,
     """
     from .analyzer import Analyzer
     from .sweep import DEFAULT_REUSE_TOL, sweep
-    from .validation import check_input
+    from .validation import check_bool, check_input
 
     if not isinstance(n_points, int) or n_points < 2:
         raise InputError(f"n_points must be an integer >= 2, got {n_points!r}")
     repeat = _check_repeat(repeat)
+    raw = check_bool(raw, "raw")
+    progress = check_bool(progress, "progress")
     lo, hi = _check_eps_range(eps_range)
     tol = DEFAULT_REUSE_TOL if reuse_tol is None else reuse_tol
     eps_values = [lo * (hi / lo) ** (i / (n_points - 1)) for i in range(n_points)]
@@ -788,6 +810,8 @@ def bench_sweep_model(model: nn.Module, x0: Tensor, *, name: str,
                        "reused": res.settings["local_reused"],
                        "global": res.settings["local_from_global"]}
             fp_max = max(r["local"].failure_prob for r in res.rows)
+            guarantees = sorted({r["local"].guarantee.value for r in res.rows})
+            sweep_notes = tuple(dict.fromkeys((*notes, *res.notes)))
             del an, res
             gc.collect()
             bar.update()
@@ -810,7 +834,8 @@ def bench_sweep_model(model: nn.Module, x0: Tensor, *, name: str,
                       raw_values=tuple(raw_values),
                       looseness_max=max(ratios) if ratios else math.nan,
                       looseness_median=statistics.median(ratios) if ratios else math.nan,
-                      failure_prob_max=fp_max)
+                      failure_prob_max=fp_max, guarantees=tuple(guarantees),
+                      notes=sweep_notes)
 
 
 def radius_available() -> bool:
@@ -855,16 +880,22 @@ def bench_radius(model_name: str = "mnist", *, n_images: int = 100, method: str 
     from .analyzer import Analyzer
     from .inputs import load_samples
     from .radius import DEFAULT_REUSE_TOL, certified_radius
+    from .validation import check_bool
 
     if not isinstance(n_images, int) or n_images < 1:
         raise InputError(f"n_images must be an integer >= 1, got {n_images!r}")
-    lm, _, _ = _load_zoo(model_name, device)
+    start_from_previous = check_bool(start_from_previous, "start_from_previous")
+    progress = check_bool(progress, "progress")
+    lm, _, zoo_notes = _load_zoo(model_name, device)
     if lm.entry.testset is None:
         raise InputError(f"{lm.entry.name} has no shipped test set; use mnist or cifar10")
     samples = load_samples(f"{lm.entry.name}:test/0-{n_images - 1}", entry=lm.entry)
     dev = _model_device(lm.model)
     per: list[float] = []
     radii: list[float] = []
+    guarantees: list[str] = []
+    fps: list[float] = []
+    rnotes: list[str] = []
     tol = DEFAULT_REUSE_TOL if reuse_tol is None else reuse_tol
     n_evals = 0
     start: float | None = None
@@ -884,6 +915,9 @@ def bench_radius(model_name: str = "mnist", *, n_images: int = 100, method: str 
             _sync(dev)
             per.append(time.perf_counter() - t)
             radii.append(float(r.radius))
+            guarantees.append(r.guarantee.value)
+            fps.append(float(r.failure_prob))
+            rnotes.extend(r.notes)
             n_evals += int(r.n_bound_evaluations)
             if start_from_previous and 0 < r.radius < math.inf:
                 start = float(r.radius)
@@ -896,4 +930,6 @@ def bench_radius(model_name: str = "mnist", *, n_images: int = 100, method: str 
                        cpu_total_seconds=cpu_total,
                        trace_seconds=trace, per_image_seconds=tuple(per), radii=tuple(radii),
                        load_average=(la0, _loadavg()), n_bound_evaluations=n_evals,
-                       reuse_tol=tol, start_from_previous=bool(start_from_previous))
+                       reuse_tol=tol, start_from_previous=bool(start_from_previous),
+                       guarantees=tuple(guarantees), failure_probs=tuple(fps),
+                       notes=tuple(dict.fromkeys((*zoo_notes, *an.notes, *rnotes))))

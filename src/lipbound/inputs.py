@@ -68,7 +68,7 @@ import torch
 
 from lipbound._safe_load import torch_load_safely, why_unreadable
 from lipbound.errors import InputError, ZooError
-from lipbound.validation import SEED_LIMIT
+from lipbound.validation import SEED_LIMIT, check_bool
 from lipbound.zoo.registry import ZooEntry, get_entry, model_names
 from lipbound.zoo.resources import data_path
 from lipbound.zoo.testsets import TESTSETS, load_testset, read_csv_file
@@ -175,7 +175,8 @@ def _make_context(
     if not (isinstance(scale, numbers.Real) and not isinstance(scale, bool)
             and math.isfinite(scale) and scale > 0):
         raise InputError(f"scale must be a positive number (e.g. 1/255), got {scale!r}")
-    return _Context(shape=shape, mean=m, std=s, scale=float(scale), raw=bool(raw), entry=base)
+    return _Context(shape=shape, mean=m, std=s, scale=float(scale),
+                    raw=bool(check_bool(raw, "raw")), entry=base)
 
 
 def normalize_pixels(

@@ -50,7 +50,14 @@ from .analyzer import TIGHT_ROWS, Analyzer, check_analyzer_options, check_reused
 from .errors import InputError
 from .results import Guarantee, _jsonable, format_prob_up, lower_bound_from
 from .spectral import SAFETY
-from .validation import check_count, check_eps, check_input, check_reuse_tol, check_tight
+from .validation import (
+    check_bool,
+    check_count,
+    check_eps,
+    check_input,
+    check_reuse_tol,
+    check_tight,
+)
 
 __all__ = ["METHODS", "RadiusMethod", "RadiusResult", "best", "certified_radii",
            "certified_radius", "exact_class_change"]
@@ -110,7 +117,10 @@ class RadiusResult:
             the default: radii median 0.5 %, at most 3 % below those of ``reuse_tol=0``).
         norm: ``"l2"``.
         model: a name for the model.
-        notes: caveats (e.g. "seeded random weights").
+        notes: caveats: the analyzer's (e.g. "seeded random weights", a float32 model's
+            rounding), then those of the bound that certified ``radius`` (since session 26:
+            with ``tight=True``, whether the tight bound or the paper's product was used; the
+            global bound used because it was smaller).
         details: method-specific facts: ``threshold``, ``binding_class``, ``evaluations``
             (``[eps, ratio, passed]``), ``achieved_tol``, ``reason`` when the radius is 0 or
             capped, ``rechecks``.
@@ -333,6 +343,14 @@ class _Eval:
     from_global: bool = False
     reused: bool = False  # some layer factor was reused from a larger radius
     tie: bool = False  # the margin is within the nominal forward pass's rounding
+    notes: tuple[str, ...] = ()  # the bound's own, beyond the analyzer's (tight, global)
+
+
+def _own_notes(an: Analyzer, notes: Sequence[str]) -> tuple[str, ...]:
+    """The notes of one bound beyond the analyzer's (which every result carries): which of
+    the tight bound and the paper's product was reported, the global bound reported because
+    it was smaller."""
+    return tuple(n for n in notes if n not in an.notes)
 
 
 def _global_nominal(an: Analyzer, pb: _Problem) -> float:
@@ -352,7 +370,8 @@ def _test_local(an: Analyzer, pb: _Problem, eps: float) -> _Eval:
     t = pb.t_local - nominal * (1 + 1e-9)
     if not t > 0:
         return _Eval(eps, False, math.inf, lval, r.guarantee, float(r.failure_prob),
-                     pb.runner_up, False, _any_reused(r.layers), tie=True)
+                     pb.runner_up, False, _any_reused(r.layers), tie=True,
+                     notes=_own_notes(an, r.notes))
     ok = bool(prod < t) if math.isfinite(prod) else False
     ratio = prod / t if math.isfinite(prod) else math.inf
     if ok and ratio >= 1.0:
@@ -362,7 +381,7 @@ def _test_local(an: Analyzer, pb: _Problem, eps: float) -> _Eval:
     # factors (and their draws): only the global bound's report counts
     from_global = r.source == "global"
     return _Eval(eps, ok, ratio, lval, r.guarantee, float(r.failure_prob), pb.runner_up,
-                 from_global, _any_reused(r.layers))
+                 from_global, _any_reused(r.layers), notes=_own_notes(an, r.notes))
 
 
 def _any_reused(layers) -> bool:
@@ -380,7 +399,7 @@ def _test_margin(an: Analyzer, pb: _Problem, eps: float) -> _Eval:
     if not bool((t_rows > 0).all()):
         return _Eval(eps, False, math.inf, float(vals.max()), rb.guarantee,
                      float(rb.failure_prob), int(pb.rivals[int(t_rows.argmin())]),
-                     reused=_any_reused(rb.prefix), tie=True)
+                     reused=_any_reused(rb.prefix), tie=True, notes=_own_notes(an, rb.notes))
     finite = bool(torch.isfinite(prods).all())
     ok = finite and bool((prods < t_rows).all())
     ratios = prods / t_rows
@@ -390,7 +409,7 @@ def _test_margin(an: Analyzer, pb: _Problem, eps: float) -> _Eval:
         ratio = math.nextafter(1.0, 0.0)
     bound = float(vals[k] / pb.deltas[k] * pb.delta) if pb.delta > 0 else float(vals[k])
     return _Eval(eps, ok, ratio, bound, rb.guarantee, float(rb.failure_prob),
-                 int(pb.rivals[k]), reused=_any_reused(rb.prefix))
+                 int(pb.rivals[k]), reused=_any_reused(rb.prefix), notes=_own_notes(an, rb.notes))
 
 
 _TESTS: dict[str, Callable[[Analyzer, _Problem, float], _Eval]] = {
@@ -693,6 +712,7 @@ def certified_radius(model: nn.Module | Analyzer | None, x0: Tensor, *,
         raise InputError(f"max_evaluations must be an integer >= 2, got {max_evaluations!r}")
     reuse_tol = check_reuse_tol(reuse_tol)
     tight_rows = check_tight(tight, tight_rows)
+    progress = check_bool(progress, "progress")
     an = _resolve(model, analyzer, x0, device, analyzer_kwargs)
     pb = replace(_problem(an, x0), tight=tight, tight_rows=tight_rows)
     with _bar(progress, an) as bar:
@@ -815,8 +835,8 @@ def _certify(an: Analyzer, pb: _Problem, method: str, tol: float, cap: float,
     fp = final.failure_prob if final.guarantee == Guarantee.PROBABILISTIC else 0.0
     res = RadiusResult(method, final.eps, lower_bound_from(final.guarantee), pb.cls, pb.delta,
                        tol, n, time.perf_counter() - t0, failure_prob=fp, runner_up=pb.runner_up,
-                       bound=final.bound, upper=upper, model=an.name, notes=an.notes,
-                       details=det)
+                       bound=final.bound, upper=upper, model=an.name,
+                       notes=(*an.notes, *final.notes), details=det)
     log.info("certified radius (%s): %.6g after %d bound evaluations (%.2f s)", method,
              res.radius, n, res.seconds)
     return res
@@ -877,6 +897,7 @@ def certified_radii(model: nn.Module | Analyzer | None, x0: Tensor, *,
     cap = DEFAULT_MAX_EPS if max_eps is None else check_eps(max_eps, "max_eps")
     reuse_tol = check_reuse_tol(reuse_tol)
     tight_rows = check_tight(tight, tight_rows)
+    progress = check_bool(progress, "progress")
     an = _resolve(model, analyzer, x0, device, analyzer_kwargs)
     pb = replace(_problem(an, x0), tight=tight, tight_rows=tight_rows)
     done: dict[str, RadiusResult] = {}

@@ -41,7 +41,7 @@ from ._progress import progress_bar
 from .analyzer import Analyzer, check_analyzer_settings
 from .errors import InputError
 from .results import Guarantee, _jsonable
-from .validation import check_eps, check_input, check_int, check_reuse_tol
+from .validation import check_bool, check_eps, check_input, check_int, check_reuse_tol
 
 __all__ = [
     "ALL_METHODS",
@@ -174,11 +174,14 @@ class SweepResult:
         """CSV header: ``eps``, then ``<m>_value, <m>_guarantee, <m>_failure_prob,
         <m>_seconds`` per method (``failure_prob``: that of a probabilistic upper bound, 0
         for a certified one or a lower bound), then ``violation`` (empty unless the row
-        breaks an ordering, see :meth:`violations`)."""
+        breaks an ordering, see :meth:`violations`) and ``notes`` (since session 26: the
+        sweep's :attr:`notes`, which qualify every row, joined by
+        :data:`lipbound.batch.NOTE_SEPARATOR`; before, the CSV carried none of them, a float32
+        model's rounding note included)."""
         cols = ["eps"]
         for m in self.methods:
             cols += [f"{m}_value", f"{m}_guarantee", f"{m}_failure_prob", f"{m}_seconds"]
-        return cols + ["violation"]
+        return cols + ["violation", "notes"]
 
     @staticmethod
     def _row_violations(r: SweepRow) -> list[tuple[str, SweepPoint]]:
@@ -228,6 +231,9 @@ class SweepResult:
 
     def to_csv(self, path: str | Path) -> Path:
         """Write one row per radius with the columns of :meth:`columns`."""
+        from .batch import NOTE_SEPARATOR
+
+        notes = NOTE_SEPARATOR.join(self.notes)
         out = io.StringIO(newline="")
         w = csv.writer(out)
         w.writerow(self.columns())
@@ -237,7 +243,7 @@ class SweepResult:
                 pt = r[m]
                 line += [repr(float(pt.value)), pt.guarantee.value,
                          repr(float(pt.failure_prob)), f"{pt.seconds:.6f}"]
-            w.writerow(line + ["; ".join(v for v, _ in self._row_violations(r))])
+            w.writerow(line + ["; ".join(v for v, _ in self._row_violations(r)), notes])
         return _write_text(path, out.getvalue())
 
     def to_json(self, path: str | Path) -> Path:
@@ -729,6 +735,7 @@ def sweep(model_or_analyzer: nn.Module | Analyzer, x0: Tensor, eps_values: Seque
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:
             raise InputError(f"{label} must be an integer >= 1, got {v!r}")
     reuse_tol = check_reuse_tol(reuse_tol)
+    progress = check_bool(progress, "progress")
     seed = check_int(seed, "seed", 0)
     if seed >= 2 ** 64 and any(m in LOWER_METHODS for m in meths):
         raise InputError(f"seed must be below 2**64 (the range of the lower bounds' random "

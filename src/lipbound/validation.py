@@ -6,6 +6,7 @@ import math
 import operator
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -62,6 +63,29 @@ def check_seed(seed: object, name: str = "seed", *, negative: bool = False) -> i
     return int(seed)
 
 
+def check_bool(value: object, name: str, *, none: str | None = None) -> bool | None:
+    """Return ``value`` as a bool, or raise :class:`InputError` naming the option, the value
+    and the fix unless it is a real boolean (``bool`` or ``numpy.bool_``).
+
+    Truthy stand-ins are refused (session 26): ``progress="yes"``, ``share_global="no"`` or
+    ``tight=1`` were taken by their truth value, so ``"no"`` and ``"False"`` meant *yes*.
+
+    Args:
+        value: the option's value.
+        name: the option's name, for the message.
+        none: where ``None`` is also accepted (and returned), what it means (e.g. ``"only
+            for large n_samples"``), for the message; ``None`` (default): refused.
+    """
+    if value is None and none is not None:
+        return None
+    if isinstance(value, (bool, np.bool_)):
+        return bool(value)
+    also = f", or None ({none})" if none is not None else ""
+    raise InputError(f"{name} must be True or False{also}, got {value!r} "
+                     f"({type(value).__name__}); pass {name}=True or {name}=False (a string "
+                     "such as 'no' would count as true)")
+
+
 def check_tight(tight: object, tight_rows: object = None) -> int | None:
     """Check the ``tight`` option (a bool) of the tight local bound and its row budget
     ``tight_rows`` (``None``: the default budget; else an integer >= 1, and only with
@@ -72,8 +96,7 @@ def check_tight(tight: object, tight_rows: object = None) -> int | None:
     bound that is not computed, so either ``tight=True`` was forgotten (and the caller would
     take the paper's product for the tight bound) or the argument is dead. The CLI refuses
     ``--tight-rows`` without ``--tight`` in the same way."""
-    if not isinstance(tight, bool):
-        raise InputError(f"tight must be True or False, got {tight!r}")
+    tight = check_bool(tight, "tight")
     if tight_rows is None:
         return None
     if not tight:

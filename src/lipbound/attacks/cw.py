@@ -40,7 +40,7 @@ import torch
 from torch import Tensor
 
 from lipbound.attacks.base import Attack, AttackContext, Proposal
-from lipbound.validation import check_float, check_int
+from lipbound.validation import check_bool, check_float, check_int
 
 
 class CarliniWagnerL2(Attack):
@@ -65,7 +65,7 @@ class CarliniWagnerL2(Attack):
         self.lr_factor = check_float(lr_factor, "lr_factor", minimum=0)
         self.initial_c = None if initial_c is None else check_float(
             initial_c, "initial_c (or None)", minimum=0)
-        self.refine = bool(refine)
+        self.refine = check_bool(refine, "refine")
 
     def run(self, ctx: AttackContext) -> Proposal:
         z0, g0 = ctx.loss_grad(ctx.x0, "margin")

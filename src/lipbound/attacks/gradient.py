@@ -37,7 +37,7 @@ import torch
 
 from lipbound.attacks.base import Attack, AttackContext, LossName, Proposal
 from lipbound.errors import InputError
-from lipbound.validation import check_float, check_int
+from lipbound.validation import check_bool, check_float, check_int
 
 
 class GradientAscent(Attack):
@@ -74,7 +74,7 @@ class GradientAscent(Attack):
         self.loss = loss
         self.points = check_int(points, "points", 1)
         self.rounds = check_int(rounds, "rounds", 1)
-        self.refine = bool(refine)
+        self.refine = check_bool(refine, "refine")
 
     def run(self, ctx: AttackContext) -> Proposal:
         r0 = ctx.linear_estimate()

@@ -39,7 +39,7 @@ from torch import Tensor
 
 from lipbound.attacks.base import Attack, AttackContext, LossName, Proposal
 from lipbound.errors import InputError
-from lipbound.validation import check_float, check_int
+from lipbound.validation import check_bool, check_float, check_int
 
 
 class IterativeFGSM(Attack):
@@ -69,7 +69,7 @@ class IterativeFGSM(Attack):
         self.points = check_int(points, "points", 1)
         self.rounds = check_int(rounds, "rounds", 0)
         self.rel_tol = check_float(rel_tol, "rel_tol", minimum=0, maximum=1)
-        self.refine = bool(refine)
+        self.refine = check_bool(refine, "refine")
 
     def run(self, ctx: AttackContext) -> Proposal:
         def attempt(eps: Tensor) -> tuple[Tensor, Tensor]:

@@ -53,7 +53,7 @@ import math
 import torch
 
 from lipbound.attacks.base import Attack, AttackContext, Proposal
-from lipbound.validation import check_float, check_int
+from lipbound.validation import check_bool, check_float, check_int
 
 #: growth of a run's radius per step until it first finds an adversarial point
 _EXPLORE = 1.2
@@ -84,7 +84,7 @@ class PGD(Attack):
         self.gamma = check_float(gamma, "gamma", minimum=0, maximum=1)
         self.step_factor = check_float(step_factor, "step_factor", minimum=0)
         self.init_factor = check_float(init_factor, "init_factor", minimum=0)
-        self.refine = bool(refine)
+        self.refine = check_bool(refine, "refine")
 
     def run(self, ctx: AttackContext) -> Proposal:
         r0 = ctx.linear_estimate()

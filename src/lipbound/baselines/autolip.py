@@ -26,6 +26,7 @@ from lipbound.baselines.deadline import Deadline
 from lipbound.baselines.fc import (
     apply_output_map,
     as_fc,
+    chain_caveats,
     chain_note,
     check_range,
     round_up,
@@ -74,5 +75,6 @@ def autolip(net: nn.Module | Sequence[tuple[Any, Any]], *, output_map: Any | Non
         value=value, guarantee=Guarantee.CERTIFIED, method="autolip",
         quantity="global L2 Lipschitz constant (all pairs of inputs)", eps=None,
         seconds=time.perf_counter() - t0, norm="l2", model=model_name,
-        notes=(chain_note(layers) + "; certified float64 spectral norm per layer",),
+        notes=(chain_note(layers) + "; certified float64 spectral norm per layer",
+               *chain_caveats(layers)),
     )

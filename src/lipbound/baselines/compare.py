@@ -49,7 +49,7 @@ from lipbound.baselines.fc import (
 from lipbound.errors import InputError, LipboundError, UnsupportedModelError
 from lipbound.graph import check_eval_mode
 from lipbound.results import BoundResult, Guarantee, format_prob_up
-from lipbound.validation import check_finite, check_int, check_plain_tensor
+from lipbound.validation import check_bool, check_finite, check_int, check_plain_tensor
 
 logger = logging.getLogger(__name__)
 
@@ -183,6 +183,8 @@ def _run_lower(ctx: _Ctx) -> Any:
     used = details.get("winner_details", {}).get("evaluated_in", "float64")
     if used != "float64":
         notes.append(f"witness evaluated in {used} (no float64 copy of the model)")
+    if "note" in details:  # (no finite ratio found: the value is 0; session 26)
+        notes.append(details["note"])
     return _Lower(float(res.value), Guarantee.LOWER, time.perf_counter() - t0, tuple(notes))
 
 
@@ -338,6 +340,7 @@ def compare(model: nn.Module, x0: torch.Tensor, eps: float,
     """
     if not isinstance(model, nn.Module):
         raise InputError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    progress = check_bool(progress, "progress")
     # up front (session 22): a model in training mode gave a table of "not run" rows and exit
     # status 0, each method refusing it on its own
     check_eval_mode(model)

@@ -57,6 +57,7 @@ from lipbound.baselines.deadline import NO_LIMIT, Deadline
 from lipbound.baselines.fc import (
     apply_output_map,
     as_fc,
+    chain_caveats,
     chain_note,
     check_range,
     operand,
@@ -175,11 +176,12 @@ def eclipse_fast(net: nn.Module | Sequence[tuple[Any, Any]], *, output_map: Any 
     layers = apply_output_map(as_fc(net, input_shape=input_shape), output_map)
     check_range(layers, what="ECLipsE-Fast")
     notes = [chain_note(layers)]
+    caveats = chain_caveats(layers)  # (layers is rescaled below)
 
     def result(value: float, guarantee: Guarantee) -> BoundResult:
         return BoundResult(value=value, guarantee=guarantee, method="eclipse-fast",
                            quantity=_QUANTITY, eps=None, seconds=time.perf_counter() - t0,
-                           norm="l2", model=model_name, notes=tuple(notes))
+                           norm="l2", model=model_name, notes=(*notes, *caveats))
 
     if len(layers) == 1:
         notes.append("no hidden layer: the bound is ||W||")

@@ -108,6 +108,7 @@ from lipbound.baselines.fc import (
     FCLayers,
     apply_output_map,
     as_fc,
+    chain_caveats,
     chain_note,
     check_eps,
     check_range,
@@ -381,7 +382,7 @@ def exact_local_l2_detailed(net: nn.Module | Sequence[tuple[Any, Any]], x0: Any,
     upper = leaves[0]["value"]
     notes = [chain_note(layers),
              f"{budget.regions} activation region(s) meet the ball "
-             f"({budget.nodes} branch nodes)"]
+             f"({budget.nodes} branch nodes)", *chain_caveats(layers)]
     # the attained lower end: the largest region verified to have interior in the open ball
     verified, lower, witness = False, math.nan, None
     for lf in leaves[:max_verify]:
@@ -565,7 +566,7 @@ def lipmip(net: nn.Module | Sequence[tuple[Any, Any]], x0: Any, eps: float, *,
     dual = "l1" if input_norm == "linf" else "linf"
     quantity = (f"local Lipschitz constant of c^T f w.r.t. ||.||_{input_norm[1:]} over all "
                 f"pairs in the l_inf box ||x - x0||_inf <= eps (max ||grad||_{dual[1:]})")
-    notes = [chain_note(layers) + " (scalar output c^T f)"]
+    notes = [chain_note(layers) + " (scalar output c^T f)", *chain_caveats(layers)]
 
     def result(value: float, guarantee: Guarantee, more: list[str]) -> BoundResult:
         return BoundResult(value=value, guarantee=guarantee, method="lipmip", quantity=quantity,

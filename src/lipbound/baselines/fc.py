@@ -135,6 +135,30 @@ def converted(layers: Sequence[tuple[np.ndarray, np.ndarray]], *,
     return out
 
 
+class _NotedLayers(list):  # type: ignore[type-arg]
+    """:data:`FCLayers` extracted with caveats (:func:`chain_caveats`)."""
+
+    caveats: tuple[str, ...] = ()
+
+
+def with_caveats(layers: FCLayers, caveats: Sequence[str]) -> FCLayers:
+    """``layers`` carrying ``caveats`` (the extraction's: :data:`F32_CHAIN_NOTE`), which
+    every rival's result then carries (:func:`chain_caveats`); ``layers`` unchanged when
+    there are none."""
+    if not caveats:
+        return layers
+    out = layers if isinstance(layers, (ConvertedLayers, _NotedLayers)) else _NotedLayers(layers)
+    out.caveats = tuple(dict.fromkeys((*chain_caveats(layers), *caveats)))
+    return out
+
+
+def chain_caveats(layers: Any) -> tuple[str, ...]:
+    """The caveats of the extraction of ``layers`` from a model (session 26: a rival called
+    on a float32 model accepted within its own rounding said nothing of it; only
+    :func:`lipbound.baselines.compare`'s rows did)."""
+    return tuple(getattr(layers, "caveats", ()))
+
+
 def is_converted(layers: Any) -> bool:
     """Whether ``layers`` came from the exact conversion of a conv net."""
     return isinstance(layers, ConvertedLayers)
@@ -630,9 +654,12 @@ def _float32_rounding_explains(model: nn.Module, probe: torch.Tensor, ref: torch
 
 def as_fc(net: nn.Module | Sequence[tuple[Any, Any]], *,
           input_shape: Sequence[int] | None = None) -> FCLayers:
-    """Return ``net`` as float64 layers: extract from a module or validate a layer list."""
+    """Return ``net`` as float64 layers: extract from a module (with the extraction's
+    caveats, :func:`chain_caveats`) or validate a layer list."""
     if isinstance(net, nn.Module):
-        return fc_layers(net, input_shape=input_shape)
+        with chain_notes() as found:
+            layers = fc_layers(net, input_shape=input_shape)
+        return with_caveats(layers, found)
     try:
         pairs = [(w, b) for w, b in net]
     except (TypeError, ValueError) as exc:
@@ -644,7 +671,8 @@ def as_fc(net: nn.Module | Sequence[tuple[Any, Any]], *,
     if not layers:
         raise InputError("the layer list is empty; give at least one (W, b) pair")
     if is_converted(net):
-        layers = converted(layers)
+        layers = converted(layers, from_conv=getattr(net, "from_conv", True))
+    layers = with_caveats(layers, chain_caveats(net))  # (layers extracted by as_fc before)
     for k, (w, b) in enumerate(layers):
         if w.ndim != 2 or b.shape != (w.shape[0],):
             raise InputError(f"layer {k + 1}: W has shape {w.shape} and b {b.shape}; "
@@ -682,7 +710,9 @@ def apply_output_map(layers: FCLayers, output_map: Any | None) -> FCLayers:
     # float64 C @ W rounded fl(1/3) * 3 - 1 to 0, and every rival reported 0 for a
     # network whose constant is 7e13 (tests/test_rivals_review.py)
     out = [*layers[:-1], (fold_matmul(c, w), fold_matmul(c, b))]
-    return converted(out) if is_converted(layers) else out
+    if is_converted(layers):
+        out = converted(out, from_conv=getattr(layers, "from_conv", True))
+    return with_caveats(out, chain_caveats(layers))
 
 
 def real_array(value: Any, what: str) -> np.ndarray:

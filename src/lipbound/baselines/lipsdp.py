@@ -69,6 +69,7 @@ from lipbound.baselines.fc import (
     FCLayers,
     apply_output_map,
     as_fc,
+    chain_caveats,
     chain_note,
     check_range,
     round_up,
@@ -376,7 +377,7 @@ def lipsdp(net: nn.Module | Sequence[tuple[Any, Any]], *,
             f"{chain_note(layers)}), more than max_dim={max_dim}; the SDP would take hours and "
             "tens of GB (raise max_dim to try anyway)")
     method = f"lipsdp-{variant}"
-    base_notes = [chain_note(layers)]
+    base_notes = [chain_note(layers), *chain_caveats(layers)]
 
     def result(value: float, guarantee: Guarantee, notes: list[str]) -> BoundResult:
         return BoundResult(value=value, guarantee=guarantee, method=method, quantity=_QUANTITY,

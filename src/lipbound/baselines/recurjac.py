@@ -55,6 +55,7 @@ from lipbound.baselines.fc import (
     FCLayers,
     apply_output_map,
     as_fc,
+    chain_caveats,
     chain_note,
     check_eps,
     check_range,
@@ -250,7 +251,8 @@ def _run(method: str, direction: str, net: Any, x0: Any, eps: float, output_map:
     n_tot = sum(len(dl) for dl, _ in slopes)
     notes = (chain_note(layers),
              f"{n_unst} of {n_tot} ReLUs can switch in the ball (CROWN + IBP bounds)",
-             "min(||max(|L|, |U|)||, ||mid|| + ||rad||) over the Jacobian interval [L, U]")
+             "min(||max(|L|, |U|)||, ||mid|| + ||rad||) over the Jacobian interval [L, U]",
+             *chain_caveats(layers))
     return BoundResult(value=value, guarantee=Guarantee.CERTIFIED, method=method,
                        quantity=_QUANTITY, eps=eps, seconds=time.perf_counter() - t0,
                        norm="l2", model=model_name, notes=notes)

@@ -47,6 +47,7 @@ from lipbound.baselines.deadline import NO_LIMIT, Deadline
 from lipbound.baselines.fc import (
     apply_output_map,
     as_fc,
+    chain_caveats,
     chain_note,
     check_range,
     round_up,
@@ -248,7 +249,7 @@ def seqlip(net: nn.Module | Sequence[tuple[Any, Any]], *, max_exact_width: int =
     value = round_up(value * (1 + 4e-16 * len(layers))
                      + 1e-12 * n_max * len(layers) * autolip_scale)
     guarantee = Guarantee.CERTIFIED if exact else Guarantee.ESTIMATE
-    notes = [chain_note(layers), *modes]
+    notes = [chain_note(layers), *modes, *chain_caveats(layers)]
     if not exact:
         notes.append("greedy maximisation may miss the maximum: not a certified bound")
     return BoundResult(

@@ -6,6 +6,7 @@ import argparse
 import logging
 
 from ..errors import InputError
+from ..results import format_prob_up
 from ..validation import check_eps
 from .common import (
     add_common,
@@ -173,7 +174,9 @@ def run(args: argparse.Namespace) -> int:
         rows.append([r.what, r.eps, r.median_seconds, r.min_seconds, r.max_seconds,
                      r.cpu_median_seconds, r.cold_seconds, r.trace_seconds, r.peak_memory_mb,
                      r.target_seconds, r.ratio_to_target, r.value,
-                     r.guarantee.value])
+                     # (a probabilistic bound with its failure probability, rounded up)
+                     r.guarantee.value + (f" (p_fail<={format_prob_up(r.failure_prob)})"
+                                          if r.failure_prob > 0 else "")])
     print(table(["quantity", "eps", "median s", "min s", "max s", "cpu s", "cold s", "trace s",
                  "peak MB", "target s", "ratio", "value", "guarantee"], rows))
     la = [r.load_average for r in res.results.values()]
@@ -191,6 +194,9 @@ def run(args: argparse.Namespace) -> int:
               f"{radius.total_seconds:.3f} s, CPU {radius.cpu_total_seconds:.3f} s ("
               + (f"target <= {fmt(radius.target_seconds)} s" if radius.target_seconds
                  is not None else "the target is for the 100 MNIST test images") + ")")
-    for n in dict.fromkeys(n for r in res.results.values() for n in r.notes):
+    shown = [*(n for r in res.results.values() for n in r.notes),
+             *(sweep.notes if sweep is not None else ()),
+             *(radius.notes if radius is not None else ())]
+    for n in dict.fromkeys(shown):
         print(f"note: {n}")
     return 0

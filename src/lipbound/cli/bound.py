@@ -148,6 +148,14 @@ def run(args: argparse.Namespace) -> int:
                       fmt_radius_in(lf.radius_in, r.eps),
                       fmt_up(lf.local), fmt_up(lf.global_factor), lf.spectral_method]
                      for lf in r.layers]))
-    for n in {n for r in results for n in r.notes}:
+    # the notes all results share once, in their order (a set printed them in an order that
+    # changed from run to run), then each result's own, saying which it is (session 26)
+    shared = [n for n in results[0].notes if all(n in r.notes for r in results)]
+    for n in shared:
         print(f"note: {n}")
+    for r in results:
+        for n in r.notes:
+            if n not in shared:
+                where = r.method + (f", eps {fmt_eps(r.eps)}" if r.eps is not None else "")
+                print(f"note ({where}): {n}")
     return 0

@@ -168,14 +168,30 @@ def _cell(v: Any) -> Any:
 
 
 def write_rows_csv(rows, fh) -> None:
-    """Write rows (:class:`lipbound.batch.InputBound`) as CSV with a header."""
-    from ..batch import COLUMNS
+    """Write rows (:class:`lipbound.batch.InputBound`) as CSV with a header (the last column,
+    ``notes``: a row's notes joined by :data:`lipbound.batch.NOTE_SEPARATOR`)."""
+    from ..batch import COLUMNS, NOTE_SEPARATOR
 
     w = csv.writer(fh)
     w.writerow(COLUMNS)
     for r in rows:
         d = r.to_dict()
+        d["notes"] = NOTE_SEPARATOR.join(d["notes"])
         w.writerow([_cell(d[c]) for c in COLUMNS])
+
+
+def row_notes(rows, shared: tuple[str, ...]) -> list[str]:
+    """The text lines that give each row's notes beyond ``shared`` (the analyzer's, printed
+    once): ``note (input NAME, eps E): TEXT`` (a tight bound's note, the global bound
+    reported because it was smaller)."""
+    lines = []
+    for r in rows:
+        for n in r.notes:
+            if n not in shared:
+                where = f"input {r.name}" + (f", eps {fmt_eps(r.eps)}" if r.eps is not None
+                                             else "") + f", {r.method}"
+                lines.append(f"note ({where}): {n}")
+    return lines
 
 
 def run_many(args: argparse.Namespace, loaded: Loaded | None = None) -> int:
@@ -247,6 +263,12 @@ def run_many(args: argparse.Namespace, loaded: Loaded | None = None) -> int:
           f" total {summary['total_seconds']:.2f} s")
     for n in an.notes:  # (the model's, and the analyzer's: a float32 model's rounding)
         print(f"note: {n}")
+    own = row_notes(rows, tuple(an.notes))  # (each row's own: tight, global reported)
+    if args.out and own:
+        print(f"note: {len(own)} note(s) of single rows (tight bound, global bound reported): "
+              f"see the column 'notes' of {args.out}")
+    elif own:
+        print("\n".join(own))
     if args.out:
         print(f"wrote {args.out}", file=sys.stdout)
     return 0

@@ -86,6 +86,18 @@ def run(args: argparse.Namespace) -> int:
     for how, e in extra:
         print(f"  certified radius: {g_down(e.radius, 4)} ({how}, {e.guarantee_text}, "
               f"{e.n_bound_evaluations} bound evaluations, {e.seconds:.2f} s)")
+    # the results' notes (session 26: the text showed none): the analyzer's once, then each
+    # result's own (which of the tight bound and the paper's product a tight row is)
+    for n in an.notes:
+        print(f"note: {n}")
+    named = [("global", g), *(("local", r) for r in locs), *(("tight", r) for r in tights),
+             *extra]
+    for kind, r in named:
+        where = kind + (f", eps {fmt_eps(r.eps)}" if getattr(r, "eps", None) is not None
+                        else "")
+        for n in r.notes:
+            if n not in an.notes:
+                print(f"note ({where}): {n}")
     print()
     print(f"total {time.perf_counter() - t0:.2f} s. Every bound in the table is an upper bound "
           "on the true Lipschitz constant, and every certified radius a lower bound on the "

@@ -28,9 +28,11 @@ from .rounding import fmt_eps, fmt_radius_in, fmt_up, g_up
 CSV_COLUMNS = ["index", "name", "kind", "radius_in", "local_factor", "global_factor",
                "active_in", "active_out", "spectral_local", "spectral_global",
                "local_guarantee", "local_failure_prob", "global_guarantee",
-               "global_failure_prob"]
+               "global_failure_prob", "notes"]
 """layers.csv: each factor (local at the layer's radius, and global) with its own guarantee
-and failure probability (0 when certified)."""
+and failure probability (0 when certified); ``notes`` (since session 26): the analysis'
+notes, which qualify every factor (the model's; a float32 model's rounding), joined by
+:data:`lipbound.batch.NOTE_SEPARATOR`."""
 
 
 #: the files ``--out`` receives (checked before any computation)
@@ -67,6 +69,10 @@ def _csv_value(v) -> str:
 
 def write_csv(path: Path, local, glob) -> Path:
     """One row per layer with :data:`CSV_COLUMNS`."""
+    from ..batch import NOTE_SEPARATOR
+
+    # the notes of both results (the analyzer's), not those of one bound's total
+    notes = NOTE_SEPARATOR.join(n for n in local.notes if n in glob.notes)
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("w", newline="") as fh:
         w = csv.writer(fh)
@@ -75,7 +81,8 @@ def write_csv(path: Path, local, glob) -> Path:
             w.writerow([_csv_value(v) for v in (
                 lf.index, lf.name, lf.kind, lf.radius_in, lf.local, lf.global_factor,
                 lf.active_in, lf.active_out, lf.spectral_method, gf.spectral_method,
-                lf.guarantee.value, lf.failure_prob, gf.guarantee.value, gf.failure_prob)])
+                lf.guarantee.value, lf.failure_prob, gf.guarantee.value, gf.failure_prob,
+                notes)])
     return path
 
 

@@ -300,6 +300,9 @@ def _print_one(loaded, r: dict[str, Any], total: float) -> None:
         for key in ("reason", "fallback"):
             if key in c.details:
                 print(f"note ({c.method}): {c.details[key]}")
+        for n in c.notes:  # (the certifying bound's own: tight, global; session 26)
+            if n not in loaded.notes:
+                print(f"note ({c.method}): {n}")
     cr, ma = r["certified_radius"], r["min_attack_radius"]
     top = r["_top"]
     if radius_guarantee(top) == "probabilistic lower bound":
@@ -363,14 +366,18 @@ def _write_csv(path: Path, rows, methods, attacks) -> Path:
     certified_method, guarantee ("certified lower bound" or "probabilistic lower bound" on
     the smallest class-changing L2 perturbation) and failure_prob (0 when certified; else
     the sum over the probabilistic methods, :func:`lipbound.radius.best`); per
-    method m: m_guarantee and m_failure_prob; seconds."""
+    method m: m_guarantee and m_failure_prob; seconds; notes (since session 26: the
+    certificates' notes joined by :data:`lipbound.batch.NOTE_SEPARATOR`, those of one method
+    only prefixed ``"m: "``, see :func:`cert_notes`)."""
+    from ..batch import NOTE_SEPARATOR
+
     with path.open("w", newline="") as fh:
         w = csv.writer(fh)
         w.writerow(["index", "input", "label", "predicted", "margin",
                     *[f"{m}_radius" for m in methods], *[f"{a}_radius" for a in attacks],
                     "certified_radius", "certified_method", "guarantee", "failure_prob",
                     *[f"{m}_{c}" for m in methods for c in ("guarantee", "failure_prob")],
-                    "seconds"])
+                    "seconds", "notes"])
         for i, r in enumerate(rows):
             cert = {c.method: c for c in r["_cert"]}
             atk = {a.method: a.radius for a in r["_atk"]}
@@ -384,8 +391,21 @@ def _write_csv(path: Path, rows, methods, attacks) -> Path:
                            repr(float(top.failure_prob))]),
                         *[v for m in methods for v in (radius_guarantee(cert[m]),
                                                        repr(float(cert[m].failure_prob)))],
-                        f"{r['seconds']:.3f}"])
+                        f"{r['seconds']:.3f}",
+                        NOTE_SEPARATOR.join(cert_notes(r["_cert"]))])
     return path
+
+
+def cert_notes(certs) -> list[str]:
+    """The notes of one input's certificates (:class:`lipbound.radius.RadiusResult`): those
+    all share (the analyzer's: the model's, a float32 model's rounding) once, then each
+    method's own prefixed by its name (``"margin: tight bound (...) smaller for 9 of 9
+    rows"``)."""
+    if not certs:
+        return []
+    shared = [n for n in certs[0].notes if all(n in c.notes for c in certs)]
+    own = [f"{c.method}: {n}" for c in certs for n in c.notes if n not in shared]
+    return list(dict.fromkeys([*shared, *own]))
 
 
 def _plot(out: Path, rows, methods, attacks, name: str) -> dict[str, str]:

@@ -15,8 +15,8 @@ from lipbound.lower._common import one_float64_copy
 from lipbound.lower.gradient import gradient_lower_bound
 from lipbound.lower.pgd import pgd_lower_bound
 from lipbound.lower.result import LowerBoundResult
-from lipbound.lower.sampling import random_lower_bound
-from lipbound.validation import check_int
+from lipbound.lower.sampling import PROGRESS_NONE, random_lower_bound
+from lipbound.validation import check_bool, check_int
 
 logger = logging.getLogger(__name__)
 
@@ -57,7 +57,7 @@ def best_lower_bound(
         pgd_steps: exploration steps of PGD.
         pgd_refine: restarts PGD refines.
         pgd_refine_steps: refinement steps of PGD.
-        progress: progress bar of the random method (``None``: only on a terminal).
+        progress: progress bar of the random method (``None``: only for large ``n_random``).
 
     Returns:
         A :class:`LowerBoundResult` with ``method="best"``; ``details["winner"]`` names the
@@ -71,6 +71,7 @@ def best_lower_bound(
     pgd_steps = check_int(pgd_steps, "pgd_steps", 0)
     pgd_refine = check_int(pgd_refine, "pgd_refine", 0)
     pgd_refine_steps = check_int(pgd_refine_steps, "pgd_refine_steps", 0)
+    progress = check_bool(progress, "progress", none=PROGRESS_NONE)
     model = unwrap_model(model)  # (the module the methods run: one copy shared by all)
     with one_float64_copy(model):  # the three methods' witnesses share one float64 copy
         rnd = random_lower_bound(model, x0, eps, n_samples=n_random, seed=seed,

@@ -32,9 +32,12 @@ from lipbound.lower._common import (
     unit_rows,
 )
 from lipbound.lower.result import LowerBoundResult
-from lipbound.validation import check_eps, check_finite, check_plain_tensor
+from lipbound.validation import check_bool, check_eps, check_finite, check_plain_tensor
 
 logger = logging.getLogger(__name__)
+
+PROGRESS_NONE = "a bar only for large n_samples"
+"""What ``progress=None`` means, for the message of a bad ``progress``."""
 
 #: sample count from which the progress bar is shown by default (on a terminal)
 _PROGRESS_FROM = 50_000
@@ -173,6 +176,7 @@ def random_lower_bound(
         batch_size = auto_batch_size(prob, n_samples)
     batch_size = check_positive_int("batch_size", batch_size)
     gen = make_generator(prob.device, seed)
+    progress = check_bool(progress, "progress", none=PROGRESS_NONE)
     if progress is None:
         progress = n_samples >= _PROGRESS_FROM
 
