@@ -40,7 +40,7 @@ from lipbound.results import Guarantee
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from test_f32_s25 import X0, _big_net  # noqa: E402
+from test_float32_acceptance import X0, _big_net  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
@@ -79,7 +79,7 @@ def test_radius_carries_the_notes_of_the_bound_that_certified_it():
 def _user_model(tmp_path: Path) -> list[str]:
     src = tmp_path / "net.py"
     src.write_text(f"import sys\nsys.path.insert(0, {str(Path(__file__).parent)!r})\n"
-                   "from test_f32_s25 import _big_net\n"
+                   "from test_float32_acceptance import _big_net\n"
                    "def make():\n    return _big_net()\n")
     np.save(tmp_path / "two.npy", torch.cat([X0, -X0]).numpy())
     return ["--model", f"{src}:make", "--input-shape", "4", "--input",

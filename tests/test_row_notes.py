@@ -31,7 +31,7 @@ from lipbound.results import Guarantee
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from test_f32_s25 import X0, _big_net  # noqa: E402
+from test_float32_acceptance import X0, _big_net  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
@@ -110,7 +110,7 @@ def test_input_bound_keeps_its_ten_field_constructor():
 def _user_model(tmp_path: Path) -> list[str]:
     src = tmp_path / "net.py"
     src.write_text(f"import sys\nsys.path.insert(0, {str(Path(__file__).parent)!r})\n"
-                   "from test_f32_s25 import _big_net\n"
+                   "from test_float32_acceptance import _big_net\n"
                    "def make():\n    return _big_net()\n")
     np.save(tmp_path / "two.npy", torch.cat([X0, -X0]).numpy())  # a batch of 2
     return ["--model", f"{src}:make", "--input-shape", "4", "--input",
