@@ -227,3 +227,54 @@ def test_float64_rounding_ratio_on_a_model_read_right():
     bad = ref.clone()
     bad[0, 0] = float("nan")
     assert graph.float64_rounding_ratio(model, x, bad, ops, 1e-8)[1] == float("inf")
+
+
+class _Gain(nn.Module):
+    """Scales by ``1 + 5e-4``; a test reads it as the identity (a misread below float32's
+    1e-3 tolerance)."""
+
+    def forward(self, x):
+        return 1.0005 * x
+
+
+def test_a_misread_below_the_float32_tolerance_is_refused(monkeypatch):
+    """Session 26 (item 3): a float32 model whose layer is misread by 5e-4 relative passes
+    the float32 tolerance (1e-3 of its outputs) at every check point, and its certified
+    global bound (a single linear layer: its exact spectral norm) was below the model's
+    Lipschitz constant. The float64 copy, compared at 1e-8 at every point, refuses it."""
+    from lipbound.ops import registry
+
+    monkeypatch.setitem(registry.MODULE_RULES, _Gain, registry.MODULE_RULES[nn.Dropout])
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(3, 2), _Gain()).eval()
+    true = 1.0005 * float(torch.linalg.matrix_norm(net[0].weight.detach().double(), 2))
+    with torch.no_grad():  # (the premise: the float32 check alone passes)
+        for _, x in _check_points((3,)):
+            out = net(x.float()).double()
+            assert float((out - out / 1.0005).abs().max()) <= 1e-3 * (out.abs().max() + 1)
+    with pytest.raises(UnsupportedModelError, match="float64 copy") as exc:
+        an = lipbound.Analyzer(net, (3,))
+        # (before session 26: accepted, the bound below the true constant)
+        assert an.global_bound().value < true
+    assert "within its float32 tolerance" in str(exc.value)
+
+
+def test_float32_models_read_right_match_their_float64_copy():
+    """The float64 copy's comparison refuses none of the fuzz's float32 models (session 26
+    measured 1967 float32 models of seeds 0-8000, as generated and with weights scaled by
+    1e2-1e6: the copy matched the chain to 1e-8 at every check point of every one); a few
+    here, mixed and adversarial."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from fuzz_s24_models import make_case
+
+    n = 0
+    for seed in range(200):
+        case = make_case(seed, adversarial=seed % 2 == 1)
+        if next(case.model.parameters()).dtype != torch.float32:
+            continue
+        lipbound.Analyzer(case.model, case.input_shape)
+        n += 1
+    assert n >= 30
