@@ -1061,12 +1061,12 @@ def _verify(ops: list[Op], model: nn.Module, example: Tensor,
 
     Checked at a standard-normal input ``x``; a chain of moderate size
     (:data:`_VERIFY_MORE_BELOW` activations) also at ``-x``, ``1e-3 x`` and ``±1e3 x``
-    (other ReLUs on; the biases' pattern; ReLUs whose biases keep them off at ``x``), each as
-    a batch of one: a misread layer behind ReLUs that are all off at ``x`` would pass that
+    (other ReLUs on; the biases' pattern; ReLUs whose biases keep them off at ``x``), each a
+    batch of two samples: a misread layer behind ReLUs that are all off at ``x`` would pass that
     check alone. At a scaled input where the output of a model that does not compute in
     float64 is not finite (a float32 model overflows there: weights near float32's range, or
     the check's ``1e3`` times its usual activations), its float64 copy is compared with the
-    chain instead (:func:`_verify_overflow`; before session 26 the point was skipped, and a
+    chain instead (:func:`_verify_copy`; before session 26 the point was skipped, and a
     misread layer behind ReLUs off at ``x`` then went unseen). Skipped still: a float64 model
     whose output is not finite there, and a model whose float64 copy's output is not finite
     there (or whose copy cannot be made or run, or computes in another dtype): no finite
@@ -1081,7 +1081,9 @@ def _verify(ops: list[Op], model: nn.Module, example: Tensor,
     costs a second model's memory at every intake.
 
     A float32 model whose gap to the chain is explained by its float32 rounding (see
-    :func:`_verify_at`) is accepted, with a note appended to ``notes``.
+    :func:`_verify_at`) is accepted, with a note appended to ``notes``. A float64 model whose
+    gap is explained only by its float64 rounding is not (:func:`float64_rounding_ratio`
+    says why); its refusal says so.
     """
     from .lower._common import one_float64_copy  # (lower imports this module)
 
