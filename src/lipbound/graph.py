@@ -1113,9 +1113,10 @@ def _verify(ops: list[Op], model: nn.Module, example: Tensor,
 def _verify_at(ops: list[Op], model: nn.Module, example: Tensor, x: Tensor, what: str,
                first: bool, with_copy: bool = False) -> float | None:
     """One check of :func:`_verify`, at ``x`` (float64, the example's shape); only the
-    ``first`` refuses a model whose output is not finite. With ``with_copy``, a model that
-    does not compute in float64 and is within its tolerance is also compared through its
-    float64 copy (:func:`_verify_copy`).
+    ``first`` refuses a model whose output is not finite (at the others, a model that does
+    not compute in float64 is compared through its float64 copy there: :func:`_verify_copy`).
+    With ``with_copy``, a float32 model within its tolerance is also checked at float32's
+    resolution (:func:`_verify_within`).
 
     Returns ``None`` when the chain reproduces the model within the check's tolerance; for a
     float32 model that it reproduces only within the model's own float32 rounding (weights of
