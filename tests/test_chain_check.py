@@ -271,7 +271,7 @@ def test_float32_models_read_right_match_their_float64_copy():
     from pathlib import Path
 
     sys.path.insert(0, str(Path(__file__).parent))
-    from fuzz_s24_models import make_case
+    from fuzz_models import make_case
 
     n = 0
     for seed in range(200):
