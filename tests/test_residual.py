@@ -525,3 +525,45 @@ def test_cli_bound_on_a_residual_model_file(capsys, tmp_path):
     glob = run_json(capsys, ["bound", "--model", f"{src}:make", "--input-shape", "1,5,5",
                              "--method", "global"])
     assert glob["value"] >= out["value"] * (1 - 1e-9)
+
+
+def _exact_forward(model: FCNet, x: torch.Tensor) -> list:
+    """The network in exact rational arithmetic from its float64 weights and input."""
+    from fractions import Fraction
+
+    def lin(layer: nn.Linear, v: list) -> list:
+        w, b = layer.weight.detach().tolist(), layer.bias.detach().tolist()
+        return [sum((Fraction(wij) * vj for wij, vj in zip(row, v, strict=True)), Fraction(0))
+                + Fraction(bi) for row, bi in zip(w, b, strict=True)]
+
+    def relu(v: list) -> list:
+        return [max(t, Fraction(0)) for t in v]
+
+    v = lin(model.stem, [Fraction(t) for t in x.reshape(-1).tolist()])
+    for blk in model.blocks:
+        f = lin(blk.f[2], relu(lin(blk.f[0], v)))
+        s = lin(blk.shortcut, v) if isinstance(blk.shortcut, nn.Linear) else v
+        z = [a + b for a, b in zip(f, s, strict=True)]
+        v = relu(z) if blk.relu else z
+    return lin(model.head, v)
+
+
+def test_nominal_error_bounds_the_exact_output():
+    """The composed nominal error (carried across the stages, with the additions' rounding)
+    bounds the float64 output's distance from the exact network's at x0 (rationals)."""
+    for seed in range(3):
+        model = _fc_net(20 + seed, [(False, True), (True, False), (True, True)], n=6,
+                        hidden=8)
+        with torch.no_grad():  # large weights: rounding well above the float64 unit
+            for blk in model.blocks:
+                blk.f[0].weight.mul_(1e3)
+                blk.f[2].weight.mul_(1e-3)
+        x0 = torch.randn(1, 4, dtype=DT, generator=torch.Generator().manual_seed(seed)) * 1e3
+        ra = ResidualAnalyzer(model, (4,))
+        res = ra.local_bound(x0, 1e-6)
+        got = ra.forward(x0).reshape(-1).tolist()
+        exact = _exact_forward(model, x0)
+        from fractions import Fraction
+        dist2 = sum((Fraction(g) - e) ** 2 for g, e in zip(got, exact, strict=True))
+        assert dist2 > 0  # (rounding happened: the check is not empty)
+        assert Fraction(res.nominal_error) ** 2 >= dist2

@@ -471,7 +471,7 @@ class Analyzer:
             note = residual_note(model, self.input_shape)
             if note is None:
                 raise
-            raise UnsupportedModelError([*exc.nodes, *note]) from exc
+            raise UnsupportedModelError(exc.nodes, note=note[0], residual=note[1]) from exc
         self.notes = tuple(dict.fromkeys((*self.notes, *found)))
         # integer attributes and containers that the model's forward changes at every call
         # are counts of its calls (lipbound's attacks run it too); the others are watched, as

@@ -17,12 +17,19 @@ class UnsupportedModelError(LipboundError):
     ``nodes`` lists every offending node at once as ``(where, type, detail)``.
     """
 
-    def __init__(self, nodes: list[tuple[str, str, str]]):
+    def __init__(self, nodes: list[tuple[str, str, str]], note: str = "",
+                 residual: bool = False):
         self.nodes = list(nodes)
+        self.note = note
+        """More about the model as a whole (a residual network: what analyses it)."""
+        self.residual = residual
+        """Whether the model is a residual network lipbound splits into stages
+        (:mod:`lipbound.residual`)."""
         lines = [f"  - {where}: {kind}" + (f" ({detail})" if detail else "")
                  for where, kind, detail in self.nodes]
         super().__init__(
             f"the model has {len(self.nodes)} unsupported operation(s):\n" + "\n".join(lines)
+            + (f"\n{note}" if note else "")
             + "\nlipbound supports chains of Linear, Conv2d (or F.linear / F.conv2d with "
             "the model's parameters), ReLU, clamp / ReLU6 / Hardtanh, MaxPool2d, AvgPool2d, "
             "AdaptiveAvgPool2d, BatchNorm1d/2d (eval), Dropout (eval), Flatten/view/reshape/"

@@ -505,9 +505,9 @@ def _guarantee(bounds: list[SpectralBound]) -> tuple[Guarantee, float]:
 def residual_analyzer(model: nn.Module, x0_or_shape, exc: UnsupportedModelError,
                       device, **kw) -> ResidualAnalyzer | None:
     """The :class:`ResidualAnalyzer` of ``model`` when the chain analyzer refused it as a
-    residual network (its error ``exc`` ends with the note of
+    residual network it splits into stages (``exc.residual``, set from
     :func:`lipbound.residual_graph.residual_note`), else ``None``."""
-    if not exc.nodes or exc.nodes[-1][1] != "residual network":
+    if not getattr(exc, "residual", False):
         return None
     if isinstance(x0_or_shape, Tensor):
         x0 = check_example_input(x0_or_shape)

@@ -166,7 +166,8 @@ def _join_problem(node: fx.Node, g: _Graph) -> tuple[str, str, str]:
             "joined by one addition (a + b, torch.add, +=) only")
 
 
-def split_stages(model: nn.Module, input_shape: tuple[int, ...]) -> list[Stage] | None:
+def split_stages(model: nn.Module, input_shape: tuple[int, ...], graph: _Graph | None = None
+                 ) -> list[Stage] | None:
     """The stages of a residual network, or ``None`` when the model has no addition of two
     branches (it is not a residual network: its chain error stands).
 
@@ -175,7 +176,7 @@ def split_stages(model: nn.Module, input_shape: tuple[int, ...]) -> list[Stage] 
             split into stages (the branches themselves are checked by the analyzers that
             take them).
     """
-    g = _Graph(model, input_shape)
+    g = graph if graph is not None else _Graph(model, input_shape)
     cuts = g.cuts()
     joins = [n for n in g.nodes if g.tensor(n)
              and sum(g.tensor(a) for a in n.all_input_nodes) >= 2]
@@ -283,26 +284,30 @@ def split_stages(model: nn.Module, input_shape: tuple[int, ...]) -> list[Stage] 
     return stages
 
 
-def residual_note(model: nn.Module, input_shape: tuple[int, ...]
-                  ) -> list[tuple[str, str, str]] | None:
-    """Lines for the chain analyzer's error on a model with residual additions: for one
-    lipbound splits into stages, a last line (kind ``"residual network"``) saying what
-    analyses it; for one it cannot split, the intake's problems (nested blocks, three
-    branches, concatenation, ...). ``None`` for a model without an addition of two branches
-    (or that the intake cannot even trace): the chain error stands alone."""
+def residual_note(model: nn.Module, input_shape: tuple[int, ...]) -> tuple[str, bool] | None:
+    """A paragraph for the chain analyzer's error on a model with residual additions, and
+    whether lipbound splits it into stages: for one it splits, what analyses it; for one it
+    cannot split, the intake's problems (nested blocks, three branches, concatenation, ...).
+    ``None`` for a model without an addition of two branches (or that cannot be traced): the
+    chain error stands alone."""
     try:
-        stages = split_stages(model, input_shape)
-    except UnsupportedModelError as exc:
-        return [(f"residual intake: {where}", kind, detail) for where, kind, detail in exc.nodes]
+        g = _Graph(model, input_shape)
     except Exception:  # noqa: BLE001 - the chain error stands
         return None
+    try:
+        stages = split_stages(model, input_shape, g)
+    except UnsupportedModelError as exc:
+        lines = [f"  - {where}: {kind}" + (f" ({detail})" if detail else "")
+                 for where, kind, detail in exc.nodes]
+        return ("It adds branches, but not as residual blocks lipbound analyses (blocks y = "
+                "act(S x + F(x)), two chains from one tensor joined by one addition):\n"
+                + "\n".join(lines), False)
     if stages is None:
         return None
     blocks = [s.name for s in stages if isinstance(s, BlockStage)]
     shown = ", ".join(blocks[:4]) + (", ..." if len(blocks) > 4 else "")
-    return [("model", "residual network",
-             f"{len(blocks)} residual block(s) y = act(S x + F(x)) found ({shown}): "
-             "lipbound.local_bound and lipbound.global_bound analyse such a network stage by "
-             "stage (lipbound.residual.ResidualAnalyzer; also the command line's lipbound "
-             "bound); the Analyzer class and what needs it (the tight bound, sweeps, "
-             "bound_many, radius functions, rival methods) take chains only")]
+    return (f"It is a residual network: {len(blocks)} residual block(s) y = act(S x + F(x)) "
+            f"({shown}). lipbound.local_bound and lipbound.global_bound analyse it stage by "
+            "stage (lipbound.residual.ResidualAnalyzer; also the command line's lipbound "
+            "bound); the Analyzer class and what needs it (the tight bound, sweeps, "
+            "bound_many, the radius functions, rival methods) take chains only.", True)
