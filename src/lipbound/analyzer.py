@@ -679,6 +679,16 @@ class Analyzer:
             self.output_shape)
         key = "scale:" + hashlib.sha1(c.cpu().numpy().tobytes()).hexdigest()
         if key not in self._variants:
+            # each bound of a residual block has slopes of its own: the caches of earlier
+            # scales (a dense matrix per layer, remembered factors) are dropped, so that many
+            # bounds (a radius search) do not pile them up; the counts of draws stay (the
+            # union bound of reused factors counts every computation)
+            for old in [k for k in self._variants if k.startswith("scale:")]:
+                del self._variants[old]
+                for store in (self._dense, self._dense_requests, self._subsets, self._warm,
+                              self._memo):
+                    for k in [k for k in store if k[0] == old]:
+                        del store[k]
             op = DiagOp("slopes", self.output_shape, c, torch.zeros_like(c))
             blocks = build_blocks(self.ops + [op])
             _check_magnitudes(blocks)
