@@ -567,3 +567,50 @@ def test_nominal_error_bounds_the_exact_output():
         dist2 = sum((Fraction(g) - e) ** 2 for g, e in zip(got, exact, strict=True))
         assert dist2 > 0  # (rounding happened: the check is not empty)
         assert Fraction(res.nominal_error) ** 2 >= dist2
+
+
+# ------------------------------------------------------------------ certified radius
+
+
+def test_certified_radius_linear_closed_form():
+    """A block without activation whose residual branch is 0: the network is affine,
+    f(x) = W S x + b, and the smallest class-changing distance is min_j δ_j / ||m_j^T W S||;
+    the certified radius must not exceed it (and is close: S's norm is a product bound)."""
+    from lipbound.residual import certified_radius
+
+    torch.manual_seed(5)
+    block = FCBlock(4, 3, short=True, relu=False)
+    with torch.no_grad():
+        block.f[2].weight.zero_()
+    model = nn.Sequential(block, nn.Linear(4, 3)).to(DT).eval()
+    x0 = torch.randn(1, 4, dtype=DT)
+    res = certified_radius(model, x0, tol=1e-4)
+    a = model[1].weight.detach() @ block.shortcut.weight.detach()
+    with torch.no_grad():
+        y = model(x0).reshape(-1)
+    c = int(y.argmax())
+    exact = min(float(y[c] - y[j]) / float((a[c] - a[j]).norm()) for j in range(3) if j != c)
+    assert res.guarantee == Guarantee.CERTIFIED_LOWER and res.predicted_class == c
+    assert 0 < res.radius <= exact
+    assert res.radius >= exact / (float(torch.linalg.matrix_norm(block.shortcut.weight.detach(),
+                                                                 2)) * 3)
+
+
+def test_certified_radius_keeps_the_class():
+    from lipbound.attacks.registry import run_attacks
+    from lipbound.residual import certified_radius
+
+    model = _fc_net(8, [(False, True), (True, True)])
+    x0 = torch.randn(1, 4, dtype=DT, generator=torch.Generator().manual_seed(2))
+    res = certified_radius(model, x0)
+    assert res.radius > 0 and res.upper is not None and res.upper <= res.radius * (1 + 1e-3)
+    c = res.predicted_class
+    g = torch.Generator().manual_seed(0)
+    d = torch.randn(2000, 4, dtype=DT, generator=g)
+    x = x0 + d / d.norm(dim=1, keepdim=True) * res.radius * torch.rand(2000, 1, generator=g,
+                                                                      dtype=DT)
+    with torch.no_grad():
+        assert bool((model(x).argmax(1) == c).all())
+    found = [r.radius for r in run_attacks(model, x0, ("fgsm", "pgd")) if r.success]
+    assert found  # (the check below is not empty)
+    assert res.radius <= min(found)

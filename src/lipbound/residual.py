@@ -57,6 +57,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor, nn
@@ -91,6 +92,9 @@ from .validation import (
     check_plain_tensor,
     check_tight,
 )
+
+if TYPE_CHECKING:
+    from .radius import RadiusResult
 
 _U = 2.0 ** -53
 
@@ -381,24 +385,10 @@ class ResidualAnalyzer:
         terms = " + ".join(f"{act}{n} {g_up(f, 6)}" for n, f in zip(names, facs, strict=True))
         return f"{s.name}: {terms}" + (" (R: the secant slopes of its ReLU)" if s.relu else "")
 
-    def local_bound(self, x0: Tensor, eps: float, *, output_map: Tensor | None = None,
-                    progress: bool = False, tight: bool = False,
-                    tight_rows: int | None = None) -> BoundResult:
-        """Upper bound on ``sup ||C (f(x) - f(x0))|| / ||x - x0||`` over ``0 < ||x - x0|| <=
-        eps`` (``C``: ``output_map`` or the identity), the product of the stages' factors.
-
-        ``tight=True`` is refused (the centre-plus-deviation bound takes chains only);
-        ``progress`` is accepted and shows nothing."""
-        t0 = time.perf_counter()
-        check_tight(tight, tight_rows)
-        if tight:
-            raise InputError("tight=True is not available for residual networks (the tight "
-                             "bound takes chains only); use tight=False: the paper's bound "
-                             "composed over the residual blocks")
-        self._check_model()
-        eps = check_eps(eps)
-        x0 = check_input(x0, self.input_shape)
-        c = self._output_map(output_map)
+    def _local(self, x0: Tensor, eps: float, c: Tensor | None
+               ) -> tuple[float, list[SpectralBound], list[LayerFactor], list[str], float]:
+        """The composed local bound at a checked ``x0``: (value, every factor used, one
+        layer entry per stage, the blocks' notes, the output's nominal error in L2)."""
         with torch.inference_mode():
             x = x0.to(device=self.device, dtype=torch.float64)
             dl, e = 0.0, eps
@@ -424,7 +414,27 @@ class ResidualAnalyzer:
                 all_bounds += bounds
                 facs.append(fac)
                 e = product_up((e, fac))
-        value = product_up(facs)
+        return product_up(facs), all_bounds, layers, notes, dl
+
+    def local_bound(self, x0: Tensor, eps: float, *, output_map: Tensor | None = None,
+                    progress: bool = False, tight: bool = False,
+                    tight_rows: int | None = None) -> BoundResult:
+        """Upper bound on ``sup ||C (f(x) - f(x0))|| / ||x - x0||`` over ``0 < ||x - x0|| <=
+        eps`` (``C``: ``output_map`` or the identity), the product of the stages' factors.
+
+        ``tight=True`` is refused (the centre-plus-deviation bound takes chains only);
+        ``progress`` is accepted and shows nothing."""
+        t0 = time.perf_counter()
+        check_tight(tight, tight_rows)
+        if tight:
+            raise InputError("tight=True is not available for residual networks (the tight "
+                             "bound takes chains only); use tight=False: the paper's bound "
+                             "composed over the residual blocks")
+        self._check_model()
+        eps = check_eps(eps)
+        x0 = check_input(x0, self.input_shape)
+        c = self._output_map(output_map)
+        value, all_bounds, layers, notes, dl = self._local(x0, eps, c)
         g, fp = _guarantee(all_bounds)
         nominal = dl if c is None else math.nan
         source = "product"
@@ -496,6 +506,116 @@ class ResidualAnalyzer:
         return res
 
 
+def certified_radius(model: nn.Module | ResidualAnalyzer, x0: Tensor, *, tol: float = 1e-3,
+                     max_evaluations: int = 40, device: str | torch.device | None = None,
+                     **analyzer_kwargs) -> RadiusResult:
+    """Certified L2 radius of a residual network around ``x0`` by the margin test (Avant &
+    Morgansen 2023, "adversarial radius", per rival as in
+    :func:`lipbound.radius.certified_radius`'s ``"margin"``): for each rival ``j`` of the top
+    class ``c``, ``g_j = (e_c - e_j)^T f`` stays positive on the ball if ``eps L_j(eps) <
+    δ_j``, with ``L_j`` the composed local bound of ``g_j`` (:meth:`ResidualAnalyzer.
+    local_bound` with that output row) and ``δ_j`` the exact margin at the exact ``x0``,
+    bounded below by the computed one minus ``sqrt(2) Δ`` (``Δ`` the composed nominal error of
+    the float64 output) and its rounding. Every ``eps`` that passes is certified, whatever
+    the search; the largest one found is reported (bracketing by doubling or halving, then
+    bisection in ``log eps`` until the failing ``eps`` is within ``1 + tol``). Its failure
+    probability is the sum over every bound computed (a union bound: the search chose which
+    ones).
+
+    Args:
+        model: the network (eval mode) or a :class:`ResidualAnalyzer`.
+        x0: the input, shape ``(1, *input_shape)``.
+        tol: relative tolerance of the search (> 0).
+        max_evaluations: most radii tested.
+        device: as for :class:`ResidualAnalyzer`; ``**analyzer_kwargs`` likewise (not with
+            an analyzer).
+    """
+    from .radius import RadiusResult
+
+    t0 = time.perf_counter()
+    if isinstance(model, ResidualAnalyzer):
+        if analyzer_kwargs or device is not None:
+            raise InputError("options given with a ResidualAnalyzer: it has its own; build "
+                             "the analyzer with them, or leave them out")
+        ra = model
+    else:
+        ra = ResidualAnalyzer(model, x0=check_example_input(x0), device=device,
+                              **analyzer_kwargs)
+    if not (isinstance(tol, (int, float)) and math.isfinite(tol) and tol > 0):
+        raise InputError(f"tol must be a positive number, got {tol!r}")
+    max_evaluations = check_int(max_evaluations, "max_evaluations", 2)
+    ra._check_model()
+    x0 = check_input(x0, ra.input_shape)
+    with torch.inference_mode():
+        y = ra.forward(x0).reshape(-1).cpu()
+    n = y.numel()
+    if n < 2:
+        raise InputError("a certified radius needs at least two class scores")
+    c = int(y.argmax())
+    rivals = [j for j in range(n) if j != c]
+    order = sorted(rivals, key=lambda j: float(y[c] - y[j]))  # the closest rival first
+    used: list[SpectralBound] = []
+    evaluations: list[list] = []
+    scale = 1.0 + float(x0.double().norm())
+    first, bs, _l, _n, delta = ra._local(x0, 1e-8 * scale, None)
+    used += bs
+    # the exact margins, bounded below: the computed difference (rounded once: 2^-52 of it)
+    # minus the rows' nominal error ||e_c - e_j|| Δ = sqrt(2) Δ, with margins for this
+    # arithmetic
+    rhs = {j: (float(y[c] - y[j]) * (1 - 2.0 ** -52) - math.sqrt(2) * delta * (1 + 2.0 ** -50))
+           * (1 - 2.0 ** -50) for j in rivals}
+    runner = order[0]
+    margin = float(y[c] - y[runner])
+
+    def result(radius: float, upper: float | None, reason: str | None = None) -> RadiusResult:
+        g, fp = _guarantee(used)
+        details: dict = {"evaluations": evaluations, "nominal_error": delta}
+        if reason:
+            details["reason"] = reason
+        return RadiusResult(
+            method="margin", radius=radius,
+            guarantee=Guarantee.CERTIFIED_LOWER if g == Guarantee.CERTIFIED
+            else Guarantee.PROBABILISTIC_LOWER, predicted_class=c, margin=margin, tol=tol,
+            n_bound_evaluations=len(evaluations) + 1, seconds=time.perf_counter() - t0,
+            failure_prob=fp if g != Guarantee.CERTIFIED else 0.0, runner_up=runner,
+            upper=upper, model=ra.name,
+            notes=(*ra.notes, "residual network: margin test with the composed local bound "
+                   "of each rival's margin row"), details=details)
+
+    if min(rhs.values()) <= 0:
+        return result(0.0, None, "the margin at x0 is within the float64 forward pass's "
+                      "rounding (or the classes tie): nothing can be certified")
+
+    def passes(eps: float) -> bool:
+        for j in order:
+            m = torch.zeros(1, n, dtype=torch.float64)
+            m[0, c], m[0, j] = 1.0, -1.0
+            lj, bs, _l, _n, _d = ra._local(x0, eps, m.to(ra.device))
+            used.extend(bs)
+            ok = product_up((eps, lj)) < rhs[j]
+            if not ok:
+                evaluations.append([eps, j, False])
+                return False
+        evaluations.append([eps, None, True])
+        return True
+
+    lo, hi = 0.0, None
+    eps = min(rhs.values()) / (math.sqrt(2) * first) if first > 0 else scale
+    if not (math.isfinite(eps) and eps > 0):
+        eps = scale
+    while len(evaluations) < max_evaluations:
+        if passes(eps):
+            lo = eps
+            eps = eps * 2 if hi is None else math.sqrt(eps * hi)
+        else:
+            hi = eps
+            eps = eps / 4 if lo == 0.0 else math.sqrt(lo * eps)
+        if hi is not None and lo > 0 and hi <= lo * (1 + tol):
+            break
+    return result(lo, hi, None if lo > 0 else "no radius passed the test within "
+                  "max_evaluations")
+
+
 def _guarantee(bounds: list[SpectralBound]) -> tuple[Guarantee, float]:
     g = combine_guarantees([b.guarantee for b in bounds]) if bounds else Guarantee.CERTIFIED
     return g, 0.0 if g == Guarantee.CERTIFIED else min(1.0, sum(b.failure_prob
@@ -517,4 +637,4 @@ def residual_analyzer(model: nn.Module, x0_or_shape, exc: UnsupportedModelError,
     return ResidualAnalyzer(model, shape, device=device, **kw)
 
 
-__all__ = ["ResidualAnalyzer", "residual_analyzer"]
+__all__ = ["ResidualAnalyzer", "certified_radius", "residual_analyzer"]
