@@ -245,9 +245,13 @@ class ResidualAnalyzer:
                 continue
             err = float((ref.reshape(-1) - got.reshape(-1)).abs().max())
             if not err <= tol * (float(ref.abs().max()) + 1.0):
+                hint = (" (a float32 model: its own rounding may exceed the check's float32 "
+                        "tolerance; analyse model.double() with float64 inputs)"
+                        if dtype == torch.float32 else "")
                 raise UnsupportedModelError([("model", "residual stages", f"the stages do not "
                                               f"reproduce the model's output (max error "
-                                              f"{err:.3g} at {c:g} times a random input)")])
+                                              f"{err:.3g} at {c:g} times a random input)"
+                                              f"{hint}")])
 
     def _output_map(self, output_map: Tensor | None) -> Tensor | None:
         if output_map is None:
