@@ -614,3 +614,69 @@ def test_certified_radius_keeps_the_class():
     found = [r.radius for r in run_attacks(model, x0, ("fgsm", "pgd")) if r.success]
     assert found  # (the check below is not empty)
     assert res.radius <= min(found)
+
+
+# ------------------------------------------------------------------ nominal error plumbing
+
+
+@pytest.mark.parametrize("blocks", [[(False, True)], [(True, True)], [(True, False)]])
+def test_nominal_error_carried_through_each_stage(blocks):
+    """A stage given a computed input within ``dl`` of the exact one must report an output
+    error at least as large as the stage's own change over that ball: any point within
+    ``dl`` may be the exact one (here ``dl`` is large, so the test sees it)."""
+    model = _fc_net(30, blocks, stem=True)
+    ra = ResidualAnalyzer(model, (4,))
+    x0 = torch.randn(1, 4, dtype=DT, generator=torch.Generator().manual_seed(3))
+    dl = 0.05
+    with torch.inference_mode():
+        x = x0.clone()
+        for i, s in enumerate(ra.stages):
+            if hasattr(s, "module"):
+                an = ra.parts[i][0]
+                _f, _b, y, out = ra._chain(an, x, 1e-6, dl, ("", an.blocks))
+            else:
+                _f, _b, y, out, _n = ra._block(i, x, 1e-6, dl, None)
+            g = torch.Generator().manual_seed(i)
+            d = torch.randn(500, *x.shape[1:], dtype=DT, generator=g)
+            d = d / d.reshape(500, -1).norm(dim=1, keepdim=True) * dl
+            moved = ra._stage_forward(i, x + d) - ra._stage_forward(i, x)
+            assert out >= float(moved.reshape(500, -1).norm(dim=1).max())
+            x = y
+
+
+class Forms(nn.Module):
+    """The additions and activations users write: ``x.add(y)``, ``torch.add``, ``+=``,
+    ``nn.ReLU(inplace=True)``, ``x.relu()``, ``torch.relu``, and a block without one."""
+
+    def __init__(self, how: str):
+        super().__init__()
+        self.f = nn.Sequential(nn.Linear(3, 4), nn.ReLU(inplace=True), nn.Linear(4, 3))
+        self.act = nn.ReLU(inplace=True)
+        self.head = nn.Linear(3, 2)
+        self.how = how
+
+    def forward(self, x):
+        if self.how == "method":
+            z = self.act(x.add(self.f(x)))
+        elif self.how == "torch.add":
+            z = torch.add(self.f(x), x).relu()
+        elif self.how == "iadd":
+            out = self.f(x)
+            out += x
+            z = torch.relu(out)
+        else:
+            z = self.f(x) + x
+        return self.head(z)
+
+
+@pytest.mark.parametrize("how", ["method", "torch.add", "iadd", "none"])
+def test_intake_forms(how):
+    torch.manual_seed(0)
+    model = Forms(how).to(DT).eval()
+    ra = ResidualAnalyzer(model, (3,))
+    blocks = [s for s in ra.stages if not hasattr(s, "module")]
+    assert len(blocks) == 1 and blocks[0].relu == (how != "none")
+    assert blocks[0].shortcut is None and blocks[0].main is not None
+    x0 = torch.randn(1, 3, dtype=DT)
+    res = lipbound.local_bound(model, x0, 0.2)
+    assert res.value >= _sampled_max(model, x0, 0.2)
