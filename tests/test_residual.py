@@ -22,6 +22,10 @@ from lipbound.lower import best_lower_bound
 from lipbound.residual import ResidualAnalyzer
 from lipbound.results import Guarantee
 
+#: tiny float64 networks: one intra-op thread (38 s -> 1.4 s for the convolutional test on a
+#: loaded machine)
+pytestmark = pytest.mark.usefixtures("torch_one_thread")
+
 DT = torch.float64
 
 #: a lighter gradient ascent than the default (the file's time budget)
