@@ -29,13 +29,12 @@ class UnsupportedModelError(LipboundError):
                  for where, kind, detail in self.nodes]
         super().__init__(
             f"the model has {len(self.nodes)} unsupported operation(s):\n" + "\n".join(lines)
-            + (f"\n{note}" if note else "")
             + "\nlipbound supports chains of Linear, Conv2d (or F.linear / F.conv2d with "
             "the model's parameters), ReLU, clamp / ReLU6 / Hardtanh, MaxPool2d, AvgPool2d, "
             "AdaptiveAvgPool2d, BatchNorm1d/2d (eval), Dropout (eval), Flatten/view/reshape/"
             "squeeze/unsqueeze, Identity, lipbound.Normalize and arithmetic with a constant "
             "(x / 255, x - self.mean); rewrite these parts with supported layers, or "
-            "register a rule with lipbound.register_rule."
+            "register a rule with lipbound.register_rule." + (f"\n{note}" if note else "")
         )
 
 
