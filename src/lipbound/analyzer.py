@@ -465,7 +465,15 @@ class Analyzer:
         self.notes = tuple(notes)
         mutable = mutable_attributes(model)
         found: list[str] = []  # (a float32 model accepted within its own rounding)
-        ops = trace_model(model, self.input_shape, notes=found)  # (runs the model: checked)
+        try:
+            ops = trace_model(model, self.input_shape, notes=found)  # (runs the model)
+        except UnsupportedModelError as exc:
+            # a residual network: say what analyses it (lipbound.residual)
+            from .residual_graph import residual_note
+            note = residual_note(model, self.input_shape)
+            if note is None:
+                raise
+            raise UnsupportedModelError(exc.nodes, note=note[0], residual=note[1]) from exc
         self.notes = tuple(dict.fromkeys((*self.notes, *found)))
         # integer attributes and containers that the model's forward changes at every call
         # are counts of its calls (lipbound's attacks run it too); the others are watched, as
@@ -658,6 +666,33 @@ class Analyzer:
             # the map is multiplied into the last layers: their product is a new matrix, whose
             # squares may underflow like any block's (a map of 1e-100 after a layer of 1e-100
             # gave a bound of 0)
+            _check_magnitudes(blocks)
+            self._variants[key] = blocks
+        return key, self._variants[key]
+
+    def _blocks_for_scale(self, scale: Tensor) -> tuple[str, list[Block]]:
+        """The blocks of ``diag(scale) f``: the network followed by an elementwise scale
+        (``scale`` shaped like the output; a non-negative vector such as the secant slopes
+        of a ReLU after the network, :mod:`lipbound.residual`), folded into the last affine
+        layer like a batch norm. Cheap for any output size (no ``n x n`` output map)."""
+        from .ops.base import DiagOp
+
+        c = scale.detach().to(dtype=torch.float64, device=self.device).reshape(
+            self.output_shape)
+        key = "scale:" + hashlib.sha1(c.cpu().numpy().tobytes()).hexdigest()
+        if key not in self._variants:
+            # each bound of a residual block has slopes of its own: the caches of earlier
+            # scales (a dense matrix per layer, remembered factors) are dropped, so that many
+            # bounds (a radius search) do not pile them up; the counts of draws stay (the
+            # union bound of reused factors counts every computation)
+            for old in [k for k in self._variants if k.startswith("scale:")]:
+                del self._variants[old]
+                for store in (self._dense, self._dense_requests, self._subsets, self._warm,
+                              self._memo):
+                    for k in [k for k in store if k[0] == old]:
+                        del store[k]
+            op = DiagOp("slopes", self.output_shape, c, torch.zeros_like(c))
+            blocks = build_blocks(self.ops + [op])
             _check_magnitudes(blocks)
             self._variants[key] = blocks
         return key, self._variants[key]
@@ -904,16 +939,21 @@ class Analyzer:
     # ------------------------------------------------------------------ local
     def _propagate(self, key: str, blocks: list[Block], x0: Tensor, eps: float,
                    stop_before_last: bool = False, bar: NullBar = NULL_BAR,
-                   record: list | None = None):
+                   record: list | None = None, nom0: tuple[float, float] = (0.0, 0.0)):
         """Run rules 1-8 through the blocks. Returns (layer factors, spectral bounds,
         state before the last block). ``record``: a list that receives, per block, the limits
-        the tight bound needs (:mod:`lipbound.tight`); None (the default) records nothing."""
+        the tight bound needs (:mod:`lipbound.tight`); None (the default) records nothing.
+        ``nom0``: the nominal error ``(Δ, η)`` of ``x0`` itself, for a network analysed as a
+        part of a larger one (:mod:`lipbound.residual`): the exact nominal input is within
+        ``Δ`` of ``x0`` in L2 (every coordinate is movable at the input, so ``η`` plays no
+        part there); the bound is then relative to that exact point. ``(0, 0)`` (the
+        default): ``x0`` is exact."""
         delta = self.failure_prob / self._n_spectral(blocks)
         gl = self._global.get(key)
         x = x0.to(device=self.device, dtype=torch.float64)
         # the computed nominal point against the exact one (rounding): an L2 bound on the
         # movable coordinates (mask d) and a bound on every other coordinate
-        nom = (0.0, 0.0)
+        nom = nom0
         # (every mask d is 0/1 by construction, as _masked_maps needs: ones here, a boolean
         # cast after each block)
         d = torch.ones(math.prod(self.input_shape), dtype=torch.float64, device=self.device)
@@ -1559,8 +1599,25 @@ def check_reused_analyzer(an: Analyzer, device: Any, kw: dict[str, Any]) -> None
     check_analyzer_settings(an, device=(device, None), **{k: (v, unset) for k, v in kw.items()})
 
 
+def _residual(model: nn.Module, x0_or_shape, device, kw: dict[str, Any],
+              exc: UnsupportedModelError):
+    """The :class:`lipbound.residual.ResidualAnalyzer` of a model the chain analyzer refused
+    as a residual network (``exc`` names it so); re-raises ``exc`` for any other model."""
+    from .residual import residual_analyzer
+
+    ra = residual_analyzer(model, x0_or_shape, exc, device, **kw)
+    if ra is None:
+        raise exc
+    return ra
+
+
 def _analyzer(model: nn.Module | Analyzer, x0_or_shape, device, **kw) -> Analyzer:
     check_analyzer_options(kw, ", and output_map for local_bound and global_bound")
+    from .residual import ResidualAnalyzer
+
+    if isinstance(model, ResidualAnalyzer):
+        check_reused_analyzer(model, device, kw)  # type: ignore[arg-type]
+        return model  # type: ignore[return-value]
     if isinstance(model, Analyzer):
         check_reused_analyzer(model, device, kw)
         return model
@@ -1627,8 +1684,11 @@ def global_bound(model: nn.Module | Analyzer, x0_or_input_shape: Tensor | Sequen
             with an Analyzer, which has its own.
     """
     check_bool(progress, "progress")  # (before tracing the model)
-    return _analyzer(model, x0_or_input_shape, device, **kwargs).global_bound(
-        output_map=output_map, progress=progress)
+    try:
+        an = _analyzer(model, x0_or_input_shape, device, **kwargs)
+    except UnsupportedModelError as exc:  # a residual network: stage by stage
+        an = _residual(model, x0_or_input_shape, device, kwargs, exc)
+    return an.global_bound(output_map=output_map, progress=progress)
 
 
 def local_bound(model: nn.Module | Analyzer, x0: Tensor, eps: float, *,
@@ -1656,5 +1716,9 @@ def local_bound(model: nn.Module | Analyzer, x0: Tensor, eps: float, *,
         raise InputError(f"x0 must be a torch.Tensor, got {type(x0).__name__}")
     check_bool(progress, "progress")  # (before tracing the model)
     check_tight(tight, tight_rows)
-    return _analyzer(model, x0, device, **kwargs).local_bound(
-        x0, eps, output_map=output_map, progress=progress, tight=tight, tight_rows=tight_rows)
+    try:
+        an = _analyzer(model, x0, device, **kwargs)
+    except UnsupportedModelError as exc:  # a residual network: stage by stage
+        an = _residual(model, x0, device, kwargs, exc)
+    return an.local_bound(x0, eps, output_map=output_map, progress=progress, tight=tight,
+                          tight_rows=tight_rows)

@@ -17,8 +17,14 @@ class UnsupportedModelError(LipboundError):
     ``nodes`` lists every offending node at once as ``(where, type, detail)``.
     """
 
-    def __init__(self, nodes: list[tuple[str, str, str]]):
+    def __init__(self, nodes: list[tuple[str, str, str]], note: str = "",
+                 residual: bool = False):
         self.nodes = list(nodes)
+        self.note = note
+        """More about the model as a whole (a residual network: what analyses it)."""
+        self.residual = residual
+        """Whether the model is a residual network lipbound splits into stages
+        (:mod:`lipbound.residual`)."""
         lines = [f"  - {where}: {kind}" + (f" ({detail})" if detail else "")
                  for where, kind, detail in self.nodes]
         super().__init__(
@@ -28,7 +34,7 @@ class UnsupportedModelError(LipboundError):
             "AdaptiveAvgPool2d, BatchNorm1d/2d (eval), Dropout (eval), Flatten/view/reshape/"
             "squeeze/unsqueeze, Identity, lipbound.Normalize and arithmetic with a constant "
             "(x / 255, x - self.mean); rewrite these parts with supported layers, or "
-            "register a rule with lipbound.register_rule."
+            "register a rule with lipbound.register_rule." + (f"\n{note}" if note else "")
         )
 
 

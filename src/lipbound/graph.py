@@ -730,19 +730,16 @@ class _OneLayer(nn.Module):
         return self.model(x)
 
 
-def trace_model(model: nn.Module, input_shape: Sequence[int], *,
-                notes: list[str] | None = None) -> list[Op]:
-    """Trace ``model`` and return its chain of analysed ops (float64 parameter copies).
-
-    Args:
-        model: a module in eval mode mapping ``(N, *input_shape)`` to ``(N, ...)``.
-        input_shape: per-sample input shape, e.g. ``(1, 28, 28)``.
-        notes: a list to which caveats about the analysis are appended (a float32 model
-            whose own forward pass differs from the chain by its float32 rounding).
+def traced_graph(model: nn.Module, input_shape: Sequence[int]
+                 ) -> tuple[fx.GraphModule, nn.Module, _ShapeRecorder, Tensor, tuple[int, ...]]:
+    """The checks on ``model`` and its ``torch.fx`` graph, run once on a zero batch of two
+    inputs: ``(graph module, traced root, recorder of every node's value, the example
+    input, the checked input shape)``. The first part of :func:`trace_model`, shared with the
+    intake of residual networks (:mod:`lipbound.residual_graph`).
 
     Raises:
-        InputError: model in training mode.
-        UnsupportedModelError: listing every unsupported node at once.
+        InputError: model in training mode, bad tensors, a forward that fails.
+        UnsupportedModelError: an untraceable forward, hooks, several inputs.
     """
     input_shape = check_input_shape(input_shape)
     model = unwrap_model(model)  # DataParallel / torch.compile: the module they run
@@ -805,6 +802,26 @@ def trace_model(model: nn.Module, input_shape: Sequence[int], *,
             raise _run_failure(model, input_shape, exc, rec.current, dtype, device) from exc
         rec = rerun
 
+    return gm, root, rec, example, input_shape
+
+
+def trace_model(model: nn.Module, input_shape: Sequence[int], *,
+                notes: list[str] | None = None) -> list[Op]:
+    """Trace ``model`` and return its chain of analysed ops (float64 parameter copies).
+
+    Args:
+        model: a module in eval mode mapping ``(N, *input_shape)`` to ``(N, ...)``.
+        input_shape: per-sample input shape, e.g. ``(1, 28, 28)``.
+        notes: a list to which caveats about the analysis are appended (a float32 model
+            whose own forward pass differs from the chain by its float32 rounding).
+
+    Raises:
+        InputError: model in training mode.
+        UnsupportedModelError: listing every unsupported node at once.
+    """
+    gm, root, rec, example, input_shape = traced_graph(model, input_shape)
+    model = unwrap_model(model)
+    dtype, device = model_dtype_device(model)
     problems: list[tuple[str, str, str]] = []
     ops: list[Op] = []
     current: fx.Node | None = None  # the node that carries the chain's tensor
