@@ -684,3 +684,26 @@ def test_intake_forms(how):
     x0 = torch.randn(1, 3, dtype=DT)
     res = lipbound.local_bound(model, x0, 0.2)
     assert res.value >= _sampled_max(model, x0, 0.2)
+
+
+def test_certified_radius_margins_from_the_bounded_computation(monkeypatch):
+    """The radius's margins come from the computed output whose distance from the exact one
+    the composition bounds (``_local``'s), not from another float64 forward pass, whose
+    rounding that error does not cover: a forward pass that is off by far more than its
+    rounding must not change the radius."""
+    from lipbound.residual import certified_radius
+
+    model = _fc_net(8, [(False, True), (True, True)])
+    x0 = torch.randn(1, 4, dtype=DT, generator=torch.Generator().manual_seed(2))
+    ra = ResidualAnalyzer(model, (4,))
+    ref = certified_radius(ra, x0)
+    true_forward = ResidualAnalyzer.forward
+
+    def shifted(self, x):  # (a forward pass that rounds "differently", grossly)
+        y = true_forward(self, x)
+        return y + torch.linspace(0.0, 0.5, y.shape[-1], dtype=y.dtype, device=y.device)
+
+    monkeypatch.setattr(ResidualAnalyzer, "forward", shifted)
+    got = certified_radius(ra, x0)
+    assert got.radius == ref.radius and got.margin == ref.margin
+    assert got.predicted_class == ref.predicted_class

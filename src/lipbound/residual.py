@@ -82,6 +82,7 @@ from .residual_graph import BlockStage, ChainStage, Stage, split_stages
 from .results import BoundResult, Guarantee, LayerFactor, combine_guarantees
 from .spectral import SAFETY, SpectralBound, exact_norm
 from .validation import (
+    check_bool,
     check_eps,
     check_example_input,
     check_failure_prob,
@@ -390,9 +391,12 @@ class ResidualAnalyzer:
         return f"{s.name}: {terms}" + (" (R: the secant slopes of its ReLU)" if s.relu else "")
 
     def _local(self, x0: Tensor, eps: float, c: Tensor | None
-               ) -> tuple[float, list[SpectralBound], list[LayerFactor], list[str], float]:
+               ) -> tuple[float, list[SpectralBound], list[LayerFactor], list[str], float,
+                          Tensor]:
         """The composed local bound at a checked ``x0``: (value, every factor used, one
-        layer entry per stage, the blocks' notes, the output's nominal error in L2)."""
+        layer entry per stage, the blocks' notes, the output's nominal error in L2, the
+        computed output that error refers to, flat). (The error bounds *this* computation's
+        output: another float64 forward pass, such as :meth:`forward`'s, rounds differently.)"""
         with torch.inference_mode():
             x = x0.to(device=self.device, dtype=torch.float64)
             dl, e = 0.0, eps
@@ -418,7 +422,7 @@ class ResidualAnalyzer:
                 all_bounds += bounds
                 facs.append(fac)
                 e = product_up((e, fac))
-        return product_up(facs), all_bounds, layers, notes, dl
+        return product_up(facs), all_bounds, layers, notes, dl, x.reshape(-1)
 
     def local_bound(self, x0: Tensor, eps: float, *, output_map: Tensor | None = None,
                     progress: bool = False, tight: bool = False,
@@ -429,6 +433,7 @@ class ResidualAnalyzer:
         ``tight=True`` is refused (the centre-plus-deviation bound takes chains only);
         ``progress`` is accepted and shows nothing."""
         t0 = time.perf_counter()
+        check_bool(progress, "progress")
         check_tight(tight, tight_rows)
         if tight:
             raise InputError("tight=True is not available for residual networks (the tight "
@@ -438,7 +443,7 @@ class ResidualAnalyzer:
         eps = check_eps(eps)
         x0 = check_input(x0, self.input_shape)
         c = self._output_map(output_map)
-        value, all_bounds, layers, notes, dl = self._local(x0, eps, c)
+        value, all_bounds, layers, notes, dl, _y = self._local(x0, eps, c)
         g, fp = _guarantee(all_bounds)
         nominal = dl if c is None else math.nan
         source = "product"
@@ -463,6 +468,7 @@ class ResidualAnalyzer:
                      progress: bool = False) -> BoundResult:
         """The product of the stages' global constants; a block's is ``G(S) + G(F)``."""
         t0 = time.perf_counter()
+        check_bool(progress, "progress")
         self._check_model()
         c = self._output_map(output_map)
         if c is None and self._global is not None:
@@ -550,19 +556,21 @@ def certified_radius(model: nn.Module | ResidualAnalyzer, x0: Tensor, *, tol: fl
     max_evaluations = check_int(max_evaluations, "max_evaluations", 2)
     ra._check_model()
     x0 = check_input(x0, ra.input_shape)
-    with torch.inference_mode():
-        y = ra.forward(x0).reshape(-1).cpu()
-    n = y.numel()
+    n = math.prod(ra.output_shape)
     if n < 2:
         raise InputError("a certified radius needs at least two class scores")
-    c = int(y.argmax())
-    rivals = [j for j in range(n) if j != c]
-    order = sorted(rivals, key=lambda j: float(y[c] - y[j]))  # the closest rival first
     used: list[SpectralBound] = []
     evaluations: list[list] = []
     scale = 1.0 + float(x0.double().norm())
-    first, bs, _l, _n, delta = ra._local(x0, 1e-8 * scale, None)
+    # the margins from the computed output whose distance from the exact one the composition
+    # bounds (delta): not from another forward pass (forward's), which rounds differently
+    first, bs, _l, _n, delta, y = ra._local(x0, 1e-8 * scale, None)
+    y = y.cpu()
     used += bs
+    c = int(y.argmax())
+    rivals = [j for j in range(n) if j != c]
+    order = sorted(rivals, key=lambda j: float(y[c] - y[j]))  # the closest rival first
+
     # the exact margins, bounded below: the computed difference (rounded once: 2^-52 of it)
     # minus the rows' nominal error ||e_c - e_j|| Δ = sqrt(2) Δ, with margins for this
     # arithmetic
@@ -594,7 +602,7 @@ def certified_radius(model: nn.Module | ResidualAnalyzer, x0: Tensor, *, tol: fl
         for j in order:
             m = torch.zeros(1, n, dtype=torch.float64)
             m[0, c], m[0, j] = 1.0, -1.0
-            lj, bs, _l, _n, _d = ra._local(x0, eps, m.to(ra.device))
+            lj, bs, _l, _n, _d, _y = ra._local(x0, eps, m.to(ra.device))
             used.extend(bs)
             ok = product_up((eps, lj)) < rhs[j]
             if not ok:
