@@ -24,6 +24,7 @@ from .errors import (
 )
 from .layers import Normalize
 from .ops.registry import register_rule
+from .residual import ResidualAnalyzer
 from .results import BoundResult, Guarantee, LayerFactor
 
 __version__ = "0.1.0"
@@ -37,6 +38,7 @@ __all__ = [
     "LayerFactor",
     "LipboundError",
     "Normalize",
+    "ResidualAnalyzer",
     "RowBounds",
     "UnsupportedModelError",
     "WeightsError",
