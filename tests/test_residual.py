@@ -707,3 +707,33 @@ def test_certified_radius_margins_from_the_bounded_computation(monkeypatch):
     got = certified_radius(ra, x0)
     assert got.radius == ref.radius and got.margin == ref.margin
     assert got.predicted_class == ref.predicted_class
+
+
+def test_cli_radius_on_a_residual_model_file(capsys, tmp_path):
+    """``lipbound radius`` on a residual network: the margin certificate (the same radius as
+    lipbound.residual.certified_radius), a note that only it runs, attacks no closer; options
+    that need the chain analyzer are refused naming what runs."""
+    from lipbound.cli import main
+    from lipbound.residual import certified_radius
+
+    src = tmp_path / "resnet.py"
+    src.write_text(RESNET_FILE)
+    x = np.random.default_rng(0).normal(size=(1, 5, 5)).astype(np.float32)
+    xfile = tmp_path / "x.npy"
+    np.save(xfile, x)
+    base = ["radius", "--model", f"{src}:make", "--input", str(xfile), "--input-shape", "1,5,5"]
+    out = run_json(capsys, [*base, "--attacks", "fgsm,pgd"])
+    ns: dict = {}
+    exec(RESNET_FILE, ns)
+    direct = certified_radius(ns["make"](), torch.from_numpy(x)[None], tol=1e-3)
+    assert [c["method"] for c in out["certified"]] == ["margin"]
+    assert out["certified_radius"] == direct.radius > 0
+    assert out["violation"] is False
+    assert any("only the margin certificate" in n for n in out["notes"])
+    found = [a["radius"] for a in out["attacks"] if a["success"]]
+    assert all(r >= out["certified_radius"] for r in found)
+    for extra, words in ((["--tight"], "--tight is not available"),
+                         (["--methods", "local"], "use --methods margin"),
+                         (["--max-eps", "1"], "--max-eps and --reuse-tol")):
+        assert main([*base, *extra]) == 2
+        assert words in capsys.readouterr().err

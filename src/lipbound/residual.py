@@ -463,6 +463,19 @@ class ResidualAnalyzer:
                            layers=tuple(layers), failure_prob=fp, model=self.name,
                            notes=tuple(out_notes), nominal_error=nominal, source=source)
 
+    def nominal_error(self, x0: Tensor) -> tuple[Tensor, float, Guarantee, float]:
+        """The float64 output at ``x0`` (flat) and a bound on its L2 distance from the exact
+        network's output there (the composition's nominal error, carried across the stages,
+        :meth:`_local` at a tiny radius), with that bound's guarantee and failure probability:
+        what :func:`lipbound.radius.exact_class_change` needs (as
+        :meth:`lipbound.analyzer.Analyzer.nominal_error`)."""
+        self._check_model()
+        x0 = check_input(x0, self.input_shape)
+        tiny = 1e-8 * (1.0 + float(x0.double().norm()))
+        _v, bounds, _l, _n, delta, y = self._local(x0, tiny, None)
+        g, fp = _guarantee(bounds)
+        return y, delta, g, fp
+
     # ------------------------------------------------------------------ global
     def global_bound(self, *, output_map: Tensor | None = None,
                      progress: bool = False) -> BoundResult:

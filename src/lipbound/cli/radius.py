@@ -18,7 +18,7 @@ from typing import Any
 
 from .._modelinfo import model_device
 from .._progress import NULL_BAR, NullBar, progress_bar
-from ..errors import InputError, LipboundError
+from ..errors import InputError, LipboundError, UnsupportedModelError
 from ..radius import exact_class_change
 from ..results import format_prob_up
 from .common import (
@@ -134,15 +134,21 @@ def _one(model, an, sample, methods: list[str], attacks: list[str], args,
     """Certificates and attacks at one input, as a JSON-friendly dict (``bar``: the bar over
     the inputs, whose label names the step running)."""
     from ..radius import best, certified_radii
+    from ..residual import ResidualAnalyzer
+    from ..residual import certified_radius as residual_radius
 
     t0 = time.perf_counter()
     dev = model_device(model, sample.x.device)  # (also for weights held in buffers, or none)
     x0 = sample.x.to(dev)
     bar.label(f"{sample.name} certificates")
-    cert = certified_radii(an, x0, methods=methods, tol=args.tol, max_eps=args.max_eps,
-                           progress=show_progress(args), tight=args.tight,
-                           tight_rows=getattr(args, "tight_rows", None),
-                           **({} if args.reuse_tol is None else {"reuse_tol": args.reuse_tol}))
+    if isinstance(an, ResidualAnalyzer):  # (the margin test only: see run)
+        cert = [residual_radius(an, x0, tol=args.tol)]
+    else:
+        cert = certified_radii(an, x0, methods=methods, tol=args.tol, max_eps=args.max_eps,
+                               progress=show_progress(args), tight=args.tight,
+                               tight_rows=getattr(args, "tight_rows", None),
+                               **({} if args.reuse_tol is None
+                                  else {"reuse_tol": args.reuse_tol}))
     atk = []
     if attacks:
         from ..attacks import run_attacks
@@ -184,6 +190,25 @@ def _one(model, an, sample, methods: list[str], attacks: list[str], args,
     }
 
 
+def _residual_methods(args: argparse.Namespace, methods: list[str]) -> list[str]:
+    """The certificate methods of a residual network: the margin test only
+    (:func:`lipbound.residual.certified_radius`). Options that need the chain analyzer are
+    refused, naming what runs; the default method list gives ``margin``."""
+    if args.tight:
+        raise InputError("--tight is not available for residual networks (the tight bound "
+                         "takes chains only); drop --tight: the margin test with the composed "
+                         "local bound runs")
+    if args.max_eps is not None or args.reuse_tol is not None:
+        raise InputError("--max-eps and --reuse-tol are not available for residual networks "
+                         "(their radius search is lipbound.residual.certified_radius); drop "
+                         "them")
+    if "margin" not in methods:
+        raise InputError(f"--methods {','.join(methods)}: residual networks are certified by "
+                         "the margin test only (lipbound.residual.certified_radius); use "
+                         "--methods margin")
+    return ["margin"]
+
+
 def _public(d: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in d.items() if not k.startswith("_")}
 
@@ -217,14 +242,27 @@ def run(args: argparse.Namespace) -> int:
     out = prepare_out_dir(args.out, files=RADIUS_FILES) if args.out else None
     loaded = load_model(args)
     samples, many = _samples(args, loaded)
+    settings = dict(spectral=args.spectral, failure_prob=args.failure_prob, seed=args.seed,
+                    name=loaded.name, notes=loaded.notes)
+    asked = methods
     with tracing(args, loaded.name):
-        an = Analyzer(loaded.model, loaded.input_shape, spectral=args.spectral,
-                      failure_prob=args.failure_prob, seed=args.seed, name=loaded.name,
-                      notes=loaded.notes)
+        try:
+            an = Analyzer(loaded.model, loaded.input_shape, **settings)
+        except UnsupportedModelError as exc:  # a residual network: stage by stage
+            from ..residual import residual_analyzer
+
+            an = residual_analyzer(loaded.model, loaded.input_shape, exc, None, **settings)
+            if an is None:
+                raise
+            methods = _residual_methods(args, methods)
     # the notes printed: the model's and the analyzer's (a float32 model accepted within its
     # rounding; session 25 review: the text output showed only the model's)
     loaded = replace(loaded, notes=an.notes)
-    if "global" in methods:
+    if asked != methods:  # (a residual network: the margin test only)
+        loaded = replace(loaded, notes=(*loaded.notes, "residual network: only the margin "
+                                        "certificate runs (the local and global radii take "
+                                        "chains)"))
+    if "global" in methods and isinstance(an, Analyzer):
         from .exact_memory import check_exact_global_fits
 
         check_exact_global_fits(an, spectral=args.spectral)
@@ -261,7 +299,7 @@ def run(args: argparse.Namespace) -> int:
                    "seconds": total}
         if files:
             obj["files"] = files
-        obj["notes"] = list(an.notes)  # (the model's and the analyzer's caveats)
+        obj["notes"] = list(loaded.notes)  # (the model's, the analyzer's caveats and ours)
         print_json(obj)
     elif not many:
         _print_one(loaded, rows[0], total)
