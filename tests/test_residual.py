@@ -737,3 +737,28 @@ def test_cli_radius_on_a_residual_model_file(capsys, tmp_path):
                          (["--max-eps", "1"], "--max-eps and --reuse-tol")):
         assert main([*base, *extra]) == 2
         assert words in capsys.readouterr().err
+
+
+def test_nominal_error_method_bounds_its_own_output():
+    """ResidualAnalyzer.nominal_error (what exact_class_change uses): its output is within
+    its bound of the exact network's output (rationals), with large weights so that the
+    rounding is far above the float64 unit."""
+    from fractions import Fraction
+
+    from lipbound.radius import exact_class_change
+
+    for seed in range(3):
+        model = _fc_net(30 + seed, [(False, True), (True, True)], n=6, hidden=8)
+        with torch.no_grad():
+            for blk in model.blocks:
+                blk.f[0].weight.mul_(1e3)
+                blk.f[2].weight.mul_(1e-3)
+        x0 = torch.randn(1, 4, dtype=DT, generator=torch.Generator().manual_seed(seed)) * 1e3
+        ra = ResidualAnalyzer(model, (4,))
+        y, delta, g, fp = ra.nominal_error(x0)
+        assert g == Guarantee.CERTIFIED and fp == 0.0
+        exact = _exact_forward(model, x0)
+        dist2 = sum((Fraction(v) - e) ** 2 for v, e in zip(y.tolist(), exact, strict=True))
+        assert dist2 > 0 and Fraction(delta) ** 2 >= dist2
+        c = int(torch.tensor([float(e) for e in exact]).argmax())
+        assert exact_class_change(ra, x0, c) in ("keeps", "undecided")
