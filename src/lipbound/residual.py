@@ -102,6 +102,12 @@ _U = 2.0 ** -53
 _SEED_STRIDE = 1_000_003
 """Seeds of the parts: ``seed * _SEED_STRIDE + j + 1`` for part ``j`` (distinct)."""
 
+_REUSE_PREFIX = True
+"""A branch's scaled bound continues from its rows' run after the branch's first layers
+(:func:`_same_prefix`): those layers' factors are computed once per block, not twice (the same
+operators; fewer probabilistic factors, so a smaller union bound). ``False``: the scaled bound
+recomputes them (the straightforward path, kept for the tests)."""
+
 _MIN_SLOPE = 1e-100
 """Positive secant slopes are raised to at least this (a larger slope is always sound): the
 scaled branch's coefficients must stay above the analyzer's underflow limit (1e-150)."""
@@ -275,32 +281,45 @@ class ResidualAnalyzer:
 
     # ------------------------------------------------------------------ local
     @staticmethod
-    def _chain(an: Analyzer, x: Tensor, e: float, dl: float, blocks_key
+    def _chain(an: Analyzer, x: Tensor, e: float, dl: float, blocks_key, prefix=None
                ) -> tuple[float, list[SpectralBound], Tensor, float]:
         """A part's local bound relative to the exact nominal input (within ``dl`` of ``x``)
         on the ball of radius ``e``: (factor, its factors, computed output, output's nominal
-        error in L2)."""
+        error in L2). ``prefix``: ``(k, bounds, state)`` from :meth:`_rows` on the same part
+        at the same ``x``, ``e``, ``dl``; when ``blocks`` begin with the same ``k`` blocks
+        (:func:`_same_prefix`), the run continues from that state and the factor includes
+        those ``k`` bounds, which are not returned again (the caller has them)."""
         key, blocks = blocks_key
+        if prefix is not None and _REUSE_PREFIX and _same_prefix(an.blocks, blocks,
+                                                                 prefix[0]):
+            k, first, state = prefix
+            _layers, bounds, state = an._propagate(key, blocks, x, e, nom0=(dl, 0.0),
+                                                   resume=(k, state))
+            fac = product_up(sb.value for sb in (*first, *bounds))
+            return fac, bounds, state[0], an._nominal_total(state[3], state[1])
         _layers, bounds, state = an._propagate(key, blocks, x, e, nom0=(dl, 0.0))
         fac = product_up(sb.value for sb in bounds)
         return fac, bounds, state[0], an._nominal_total(state[3], state[1])
 
     @staticmethod
     def _rows(an: Analyzer, x: Tensor, e: float, dl: float
-              ) -> tuple[Tensor, Tensor, Tensor, list[SpectralBound]]:
+              ) -> tuple[Tensor, Tensor, Tensor, list[SpectralBound], tuple | None]:
         """Per output unit ``i`` of a branch: a bound ``ℓ_i`` on the local constant of ``x ->
         F_i(x)`` relative to the exact nominal input, the computed ``F̂_i`` and a bound on
         ``|F̂_i - F_i(p*)|`` (as :meth:`Analyzer.local_bound_rows` with ``C = I``, with all row
         norms of the last layer in one pass). A branch that does not end in an affine layer:
-        every row is bounded by the whole branch's bound and nominal error."""
+        every row is bounded by the whole branch's bound and nominal error. The last item:
+        ``(k, bounds, state)`` of the run over the first ``k`` blocks (``None`` without one),
+        from which :meth:`_chain` continues the branch's scaled bound."""
         blocks = an.blocks
         last = blocks[-1] if blocks else None
         if not isinstance(last, AffineBlock) or last.relu:
             fac, bounds, y, tot = ResidualAnalyzer._chain(an, x, e, dl, ("", blocks))
             y = y.reshape(-1)
-            return (torch.full_like(y, fac), y, torch.full_like(y, tot), bounds)
-        _l, bounds, (xl, d, _ek, nom) = an._propagate("", blocks, x, e, stop_before_last=True,
-                                                       nom0=(dl, 0.0))
+            return (torch.full_like(y, fac), y, torch.full_like(y, tot), bounds, None)
+        _l, bounds, state = an._propagate("", blocks, x, e, stop_before_last=True,
+                                          nom0=(dl, 0.0))
+        xl, d, _ek, nom = state
         prefix = product_up(sb.value for sb in bounds)
         rn = torch.sqrt(last.sq_rows(d.unsqueeze(0))[0].clamp_min(0))
         rn = torch.where(torch.isnan(rn), math.inf, rn)
@@ -320,7 +339,7 @@ class ResidualAnalyzer:
         if prefix > 0 and bool(low.any()):
             for j in torch.nonzero(low).reshape(-1).tolist():
                 values[j] = product_up((float(rn[j]), prefix))
-        return values, y0.reshape(-1), nominal, bounds
+        return values, y0.reshape(-1), nominal, bounds, (len(blocks) - 1, bounds, state)
 
     def _block(self, i: int, x: Tensor, e: float, dl: float, c: Tensor | None
                ) -> tuple[float, list[SpectralBound], Tensor, float, str]:
@@ -356,12 +375,15 @@ class ResidualAnalyzer:
                     self._note(s, facs))
         # with ReLU: the pre-activations' limits from the branches' rows
         rows = torch.zeros_like(z)
+        prefixes: list[tuple | None] = []
         for an in parts:
             if an is None:
                 v, y, ed = torch.ones_like(z), x.reshape(-1), torch.full_like(z, dl)
+                prefixes.append(None)
             else:
-                v, y, ed, bs = self._rows(an, x, e, dl)
+                v, y, ed, bs, pre = self._rows(an, x, e, dl)
                 bounds += bs
+                prefixes.append(pre)
             rows = rows + v
             z = z + y
             ez = ez + ed
@@ -370,12 +392,13 @@ class ResidualAnalyzer:
         r, _on, _may = _relu_slopes(z, ez, rows, e, rows > 0)
         r = torch.where((r > 0) & (r < _MIN_SLOPE), _MIN_SLOPE, r)
         cr = None if c is None else c * r.unsqueeze(0)
-        for an in parts:
+        for an, pre in zip(parts, prefixes, strict=True):
             if an is None:
                 fac = float(r.max()) if c is None else exact_norm(cr)
             else:
                 key = an._blocks_for_scale(r) if cr is None else an._blocks_for(cr)
-                fac, bs, _y, _t = self._chain(an, x, e, dl, key)
+                # (the branch's first layers: the rows' factors, same operators)
+                fac, bs, _y, _t = self._chain(an, x, e, dl, key, pre)
                 bounds += bs
             facs.append(fac)
         x_next = torch.relu(z).reshape(1, *s.out_shape)
@@ -626,6 +649,25 @@ def certified_radius(model: nn.Module | ResidualAnalyzer, x0: Tensor, *, tol: fl
             break
     return result(lo, hi, None if lo > 0 else "no radius passed the test within "
                   "max_evaluations")
+
+
+def _same_prefix(blocks: list, other: list, k: int) -> bool:
+    """Whether ``other`` (a variant of ``blocks`` with a map or scale after the network, as
+    :meth:`Analyzer._blocks_for` / :meth:`Analyzer._blocks_for_scale` build it) begins with
+    the first ``k`` blocks of ``blocks``: the same layers (op objects), the same ReLUs, and
+    something after them in both (the variant's map folded into its later blocks)."""
+    if not 0 <= k < min(len(blocks), len(other)):
+        return False
+    for a, b in zip(blocks[:k], other[:k], strict=True):
+        if type(a) is not type(b) or a.relu != b.relu:
+            return False
+        if isinstance(a, AffineBlock):
+            if len(a.ops) != len(b.ops) or any(p is not q for p, q in zip(a.ops, b.ops,
+                                                                          strict=True)):
+                return False
+        elif getattr(a, "op", None) is not getattr(b, "op", None):
+            return False
+    return True
 
 
 def _guarantee(bounds: list[SpectralBound]) -> tuple[Guarantee, float]:
