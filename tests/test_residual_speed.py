@@ -195,3 +195,36 @@ def test_propagate_resume_equals_one_run():
                                                    resume=(len(first), state))
     assert [b.value for b in full] == [b.value for b in (*first, *rest)]
     assert torch.equal(y, y2) and torch.equal(d, d2) and ek == ek2 and nom == nom2
+
+
+def test_small_layers_run_on_one_thread_and_restore_the_count(monkeypatch):
+    """A local bound of a network with small layers runs on one torch thread: the same value
+    as on one thread by the user's choice; the caller's count is restored; a network with a
+    layer above the size limit keeps the caller's count."""
+    model = _conv(8)
+    x0 = torch.randn(1, 1, 6, 6, dtype=DT, generator=torch.Generator().manual_seed(3))
+    seen = []
+    orig = ResidualAnalyzer._local
+
+    def spy(self, *a, **k):
+        seen.append(torch.get_num_threads())
+        return orig(self, *a, **k)
+
+    monkeypatch.setattr(ResidualAnalyzer, "_local", spy)
+    old = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        monkeypatch.setattr(residual, "_SINGLE_THREAD", False)
+        torch.set_num_threads(1)
+        ref = ResidualAnalyzer(model, (1, 6, 6), spectral="lanczos").local_bound(x0, 0.2)
+        torch.set_num_threads(2)
+        monkeypatch.setattr(residual, "_SINGLE_THREAD", True)
+        got = ResidualAnalyzer(model, (1, 6, 6), spectral="lanczos").local_bound(x0, 0.2)
+        assert torch.get_num_threads() == 2
+        assert got.value == ref.value and got.failure_prob == ref.failure_prob
+        monkeypatch.setattr(residual._parallel, "MAX_FLOPS", 0.0)
+        ResidualAnalyzer(model, (1, 6, 6)).local_bound(x0, 0.2)
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(old)
+    assert seen == [1, 1, 2]

@@ -54,6 +54,7 @@ every part is. Each part draws its start vectors from a seed of its own (derived
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from collections.abc import Sequence
@@ -62,6 +63,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor, nn
 
+from . import _parallel
 from ._modelinfo import (
     changed_contents,
     changed_tensor,
@@ -74,6 +76,7 @@ from ._modelinfo import (
 )
 from ._precision import exact_float32
 from ._rounding import g_up
+from ._threads import torch_single_threaded
 from .analyzer import GLOBAL_QUANTITY, LOCAL_QUANTITY, Analyzer, _relu_slopes
 from .blocks import AffineBlock
 from .errors import InputError, UnsupportedModelError
@@ -108,6 +111,16 @@ _REUSE_PREFIX = True
 operators; fewer probabilistic factors, so a smaller union bound). ``False``: the scaled bound
 recomputes them (the straightforward path, kept for the tests)."""
 
+_SINGLE_THREAD = True
+"""Local bounds of networks with small layers on one torch thread (see
+:meth:`ResidualAnalyzer._threads`)."""
+
+_SMALL_INPUT = 3 * 64 * 64
+"""The analyzer's intake (tracing and checking every part: many forward passes of one input)
+runs on one torch thread for inputs of at most this many values (CIFAR's 32x32 and 64x64
+images), whose layers are small (see :meth:`ResidualAnalyzer._threads`; ResNet-20's intake on
+a machine whose other core was busy: 26 s on two threads, under 0.4 s on one)."""
+
 _MIN_SLOPE = 1e-100
 """Positive secant slopes are raised to at least this (a larger slope is always sound): the
 scaled branch's coefficients must stay above the analyzer's underflow limit (1e-150)."""
@@ -135,6 +148,15 @@ class ResidualAnalyzer:
                  x0: Tensor | None = None, device: str | torch.device | None = None,
                  spectral: str = "auto", lanczos_steps: int = 64, failure_prob: float = 1e-6,
                  seed: int = 0, name: str | None = None, notes: Sequence[str] = ()):
+        with _intake_threads(input_shape, x0):
+            self._setup(model, input_shape, x0=x0, device=device, spectral=spectral,
+                        lanczos_steps=lanczos_steps, failure_prob=failure_prob, seed=seed,
+                        name=name, notes=notes)
+
+    def _setup(self, model: nn.Module, input_shape: Sequence[int] | None = None, *,
+               x0: Tensor | None = None, device: str | torch.device | None = None,
+               spectral: str = "auto", lanczos_steps: int = 64, failure_prob: float = 1e-6,
+               seed: int = 0, name: str | None = None, notes: Sequence[str] = ()):
         if not isinstance(model, nn.Module):
             raise InputError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         model = unwrap_model(model)
@@ -209,6 +231,7 @@ class ResidualAnalyzer:
         self._tensor_state = tensor_state(model, self._counters)
         self._contents = content_snapshot(model)
         self._global: BoundResult | None = None
+        self._small: bool | None = None  # (see _threads)
         self._verify()
 
     # ------------------------------------------------------------------ helpers
@@ -259,6 +282,26 @@ class ResidualAnalyzer:
                                               f"reproduce the model's output (max error "
                                               f"{err:.3g} at {c:g} times a random input)"
                                               f"{hint}")])
+
+    def _threads(self) -> contextlib.AbstractContextManager:
+        """One torch thread (the calling thread's own count, restored after) for a local or
+        global bound on the CPU of a network whose layers' products are all small (at most
+        :data:`lipbound._parallel.MAX_FLOPS`, the size below which the chain's global bound
+        already runs layers on one core each). A residual network's local bound is a long
+        sequence of such products (ResNet-20 on 32x32: about 3000 convolutions of at most
+        2.4 MFlop); split over intra-op threads on a machine whose other core is busy, every
+        product waits for the busy core: 11.6 s instead of 0.9 s on one thread
+        (benchmarks/README.md, session 26; the global bound then computes its layers one
+        after another, not side by side). With :data:`_SINGLE_THREAD` false, or larger
+        layers, the thread count is left as it is."""
+        if not _SINGLE_THREAD or self.device.type != "cpu":
+            return contextlib.nullcontext()
+        if self._small is None:
+            self._small = all(float(b.apply_flops()) <= _parallel.MAX_FLOPS
+                              for p in self.parts for an in p if an is not None
+                              for b in an.blocks
+                              if isinstance(b, AffineBlock) and b.mixing is not None)
+        return torch_single_threaded() if self._small else contextlib.nullcontext()
 
     def _output_map(self, output_map: Tensor | None) -> Tensor | None:
         if output_map is None:
@@ -466,7 +509,8 @@ class ResidualAnalyzer:
         eps = check_eps(eps)
         x0 = check_input(x0, self.input_shape)
         c = self._output_map(output_map)
-        value, all_bounds, layers, notes, dl, _y = self._local(x0, eps, c)
+        with self._threads():
+            value, all_bounds, layers, notes, dl, _y = self._local(x0, eps, c)
         g, fp = _guarantee(all_bounds)
         nominal = dl if c is None else math.nan
         source = "product"
@@ -496,6 +540,10 @@ class ResidualAnalyzer:
         c = self._output_map(output_map)
         if c is None and self._global is not None:
             return self._global
+        with self._threads():
+            return self._global_bound(c, t0)
+
+    def _global_bound(self, c: Tensor | None, t0: float) -> BoundResult:
         layers: list[LayerFactor] = []
         facs: list[float] = []
         gs: list[Guarantee] = []
@@ -587,7 +635,8 @@ def certified_radius(model: nn.Module | ResidualAnalyzer, x0: Tensor, *, tol: fl
     scale = 1.0 + float(x0.double().norm())
     # the margins from the computed output whose distance from the exact one the composition
     # bounds (delta): not from another forward pass (forward's), which rounds differently
-    first, bs, _l, _n, delta, y = ra._local(x0, 1e-8 * scale, None)
+    with ra._threads():
+        first, bs, _l, _n, delta, y = ra._local(x0, 1e-8 * scale, None)
     y = y.cpu()
     used += bs
     c = int(y.argmax())
@@ -625,7 +674,8 @@ def certified_radius(model: nn.Module | ResidualAnalyzer, x0: Tensor, *, tol: fl
         for j in order:
             m = torch.zeros(1, n, dtype=torch.float64)
             m[0, c], m[0, j] = 1.0, -1.0
-            lj, bs, _l, _n, _d, _y = ra._local(x0, eps, m.to(ra.device))
+            with ra._threads():
+                lj, bs, _l, _n, _d, _y = ra._local(x0, eps, m.to(ra.device))
             used.extend(bs)
             ok = product_up((eps, lj)) < rhs[j]
             if not ok:
@@ -649,6 +699,24 @@ def certified_radius(model: nn.Module | ResidualAnalyzer, x0: Tensor, *, tol: fl
             break
     return result(lo, hi, None if lo > 0 else "no radius passed the test within "
                   "max_evaluations")
+
+
+def _intake_threads(input_shape, x0) -> contextlib.AbstractContextManager:
+    """One torch thread for the intake of a network with a small input (:data:`_SMALL_INPUT`;
+    the arguments as given, unchecked: anything unreadable leaves the count as it is, and the
+    intake reports it)."""
+    if not _SINGLE_THREAD:
+        return contextlib.nullcontext()
+    try:
+        if input_shape is not None:
+            n = math.prod(int(v) for v in input_shape)
+        elif isinstance(x0, Tensor):
+            n = x0[0].numel() if x0.dim() > 1 else x0.numel()
+        else:
+            return contextlib.nullcontext()
+    except (TypeError, ValueError, IndexError, RuntimeError):
+        return contextlib.nullcontext()
+    return torch_single_threaded() if 0 < n <= _SMALL_INPUT else contextlib.nullcontext()
 
 
 def _same_prefix(blocks: list, other: list, k: int) -> bool:
