@@ -469,8 +469,10 @@ class Analyzer:
             ops = trace_model(model, self.input_shape, notes=found)  # (runs the model)
         except UnsupportedModelError as exc:
             # a residual network: say what analyses it (lipbound.residual)
+            from .residual import _intake_threads
             from .residual_graph import residual_note
-            note = residual_note(model, self.input_shape)
+            with _intake_threads(self.input_shape, None):  # (small inputs: one thread)
+                note = residual_note(model, self.input_shape)
             if note is None:
                 raise
             raise UnsupportedModelError(exc.nodes, note=note[0], residual=note[1]) from exc
