@@ -48,7 +48,9 @@ computations over the whole network's bound: one per chain segment, one per bran
 block without activation, two per branch with one: its rows and its scaled bound), so the
 union bound over the parts stays within the user's budget; the reported ``failure_prob`` is
 the sum of the probabilistic factors actually used, and the result is certified only when
-every part is. Each part draws its start vectors from a seed of its own (derived from
+every part is. (A branch's scaled bound takes the factors of its first layers from its rows'
+run, the same operators: each is one computation, counted once, so the sum is below the
+budget's share of the two.) Each part draws its start vectors from a seed of its own (derived from
 ``seed``): no part reuses another's draws, whose results chose its operator.
 """
 
