@@ -469,8 +469,10 @@ class Analyzer:
             ops = trace_model(model, self.input_shape, notes=found)  # (runs the model)
         except UnsupportedModelError as exc:
             # a residual network: say what analyses it (lipbound.residual)
+            from .residual import _intake_threads
             from .residual_graph import residual_note
-            note = residual_note(model, self.input_shape)
+            with _intake_threads(self.input_shape, None):  # (small inputs: one thread)
+                note = residual_note(model, self.input_shape)
             if note is None:
                 raise
             raise UnsupportedModelError(exc.nodes, note=note[0], residual=note[1]) from exc
@@ -939,7 +941,8 @@ class Analyzer:
     # ------------------------------------------------------------------ local
     def _propagate(self, key: str, blocks: list[Block], x0: Tensor, eps: float,
                    stop_before_last: bool = False, bar: NullBar = NULL_BAR,
-                   record: list | None = None, nom0: tuple[float, float] = (0.0, 0.0)):
+                   record: list | None = None, nom0: tuple[float, float] = (0.0, 0.0),
+                   resume: tuple[int, tuple] | None = None):
         """Run rules 1-8 through the blocks. Returns (layer factors, spectral bounds,
         state before the last block). ``record``: a list that receives, per block, the limits
         the tight bound needs (:mod:`lipbound.tight`); None (the default) records nothing.
@@ -947,7 +950,14 @@ class Analyzer:
         part of a larger one (:mod:`lipbound.residual`): the exact nominal input is within
         ``Δ`` of ``x0`` in L2 (every coordinate is movable at the input, so ``η`` plays no
         part there); the bound is then relative to that exact point. ``(0, 0)`` (the
-        default): ``x0`` is exact."""
+        default): ``x0`` is exact. ``resume``: ``(k, state)`` with ``state`` the last item
+        an earlier call returned after exactly ``k`` blocks (``stop_before_last`` over ``k +
+        1`` blocks) whose first ``k`` blocks are those of ``blocks`` (the same operators),
+        with the same ``x0``, ``eps`` and ``nom0``: the run continues at block ``k`` from
+        there, and the layer factors and bounds returned are those of blocks ``k`` onwards
+        only (the caller keeps the first ``k``' bounds). Used by :mod:`lipbound.residual`
+        for a branch's scaled bound after its rows; ``None`` (the default) starts at block
+        0."""
         delta = self.failure_prob / self._n_spectral(blocks)
         gl = self._global.get(key)
         x = x0.to(device=self.device, dtype=torch.float64)
@@ -958,12 +968,15 @@ class Analyzer:
         # cast after each block)
         d = torch.ones(math.prod(self.input_shape), dtype=torch.float64, device=self.device)
         eps_k = eps
+        k0 = 0
+        if resume is not None:
+            k0, (x, d, eps_k, nom) = resume
         layers: list[LayerFactor] = []
         bounds: list[SpectralBound] = []
         n = len(blocks) - (1 if stop_before_last else 0)
         show = bar is not NULL_BAR  # nothing at all on the hot path without a bar
         n_active: int | None = None  # the number of positive entries of d, once known
-        for i in range(n):
+        for i in range(k0, n):
             b = blocks[i]
             if show:
                 bar.update(int(i > 0))

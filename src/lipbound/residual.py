@@ -48,12 +48,15 @@ computations over the whole network's bound: one per chain segment, one per bran
 block without activation, two per branch with one: its rows and its scaled bound), so the
 union bound over the parts stays within the user's budget; the reported ``failure_prob`` is
 the sum of the probabilistic factors actually used, and the result is certified only when
-every part is. Each part draws its start vectors from a seed of its own (derived from
+every part is. (A branch's scaled bound takes the factors of its first layers from its rows'
+run, the same operators: each is one computation, counted once, so the sum is below the
+budget's share of the two.) Each part draws its start vectors from a seed of its own (derived from
 ``seed``): no part reuses another's draws, whose results chose its operator.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from collections.abc import Sequence
@@ -62,6 +65,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor, nn
 
+from . import _parallel
 from ._modelinfo import (
     changed_contents,
     changed_tensor,
@@ -74,6 +78,7 @@ from ._modelinfo import (
 )
 from ._precision import exact_float32
 from ._rounding import g_up
+from ._threads import torch_single_threaded
 from .analyzer import GLOBAL_QUANTITY, LOCAL_QUANTITY, Analyzer, _relu_slopes
 from .blocks import AffineBlock
 from .errors import InputError, UnsupportedModelError
@@ -102,6 +107,22 @@ _U = 2.0 ** -53
 _SEED_STRIDE = 1_000_003
 """Seeds of the parts: ``seed * _SEED_STRIDE + j + 1`` for part ``j`` (distinct)."""
 
+_REUSE_PREFIX = True
+"""A branch's scaled bound continues from its rows' run after the branch's first layers
+(:func:`_same_prefix`): those layers' factors are computed once per block, not twice (the same
+operators; fewer probabilistic factors, so a smaller union bound). ``False``: the scaled bound
+recomputes them (the straightforward path, kept for the tests)."""
+
+_SINGLE_THREAD = True
+"""Local bounds of networks with small layers on one torch thread (see
+:meth:`ResidualAnalyzer._threads`)."""
+
+_SMALL_INPUT = 3 * 64 * 64
+"""The analyzer's intake (tracing and checking every part: many forward passes of one input)
+runs on one torch thread for inputs of at most this many values (CIFAR's 32x32 and 64x64
+images), whose layers are small (see :meth:`ResidualAnalyzer._threads`; ResNet-20's intake on
+a machine whose other core was busy: 26 s on two threads, under 0.4 s on one)."""
+
 _MIN_SLOPE = 1e-100
 """Positive secant slopes are raised to at least this (a larger slope is always sound): the
 scaled branch's coefficients must stay above the analyzer's underflow limit (1e-150)."""
@@ -129,6 +150,15 @@ class ResidualAnalyzer:
                  x0: Tensor | None = None, device: str | torch.device | None = None,
                  spectral: str = "auto", lanczos_steps: int = 64, failure_prob: float = 1e-6,
                  seed: int = 0, name: str | None = None, notes: Sequence[str] = ()):
+        with _intake_threads(input_shape, x0):
+            self._setup(model, input_shape, x0=x0, device=device, spectral=spectral,
+                        lanczos_steps=lanczos_steps, failure_prob=failure_prob, seed=seed,
+                        name=name, notes=notes)
+
+    def _setup(self, model: nn.Module, input_shape: Sequence[int] | None = None, *,
+               x0: Tensor | None = None, device: str | torch.device | None = None,
+               spectral: str = "auto", lanczos_steps: int = 64, failure_prob: float = 1e-6,
+               seed: int = 0, name: str | None = None, notes: Sequence[str] = ()):
         if not isinstance(model, nn.Module):
             raise InputError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         model = unwrap_model(model)
@@ -203,6 +233,7 @@ class ResidualAnalyzer:
         self._tensor_state = tensor_state(model, self._counters)
         self._contents = content_snapshot(model)
         self._global: BoundResult | None = None
+        self._small: bool | None = None  # (see _threads)
         self._verify()
 
     # ------------------------------------------------------------------ helpers
@@ -254,6 +285,26 @@ class ResidualAnalyzer:
                                               f"{err:.3g} at {c:g} times a random input)"
                                               f"{hint}")])
 
+    def _threads(self) -> contextlib.AbstractContextManager:
+        """One torch thread (the calling thread's own count, restored after) for a local or
+        global bound on the CPU of a network whose layers' products are all small (at most
+        :data:`lipbound._parallel.MAX_FLOPS`, the size below which the chain's global bound
+        already runs layers on one core each). A residual network's local bound is a long
+        sequence of such products (ResNet-20 on 32x32: about 3000 convolutions of at most
+        2.4 MFlop); split over intra-op threads on a machine whose other core is busy, every
+        product waits for the busy core: 11.6 s instead of 0.9 s on one thread
+        (benchmarks/README.md, session 26; the global bound then computes its layers one
+        after another, not side by side). With :data:`_SINGLE_THREAD` false, or larger
+        layers, the thread count is left as it is."""
+        if not _SINGLE_THREAD or self.device.type != "cpu":
+            return contextlib.nullcontext()
+        if self._small is None:
+            self._small = all(float(b.apply_flops()) <= _parallel.MAX_FLOPS
+                              for p in self.parts for an in p if an is not None
+                              for b in an.blocks
+                              if isinstance(b, AffineBlock) and b.mixing is not None)
+        return torch_single_threaded() if self._small else contextlib.nullcontext()
+
     def _output_map(self, output_map: Tensor | None) -> Tensor | None:
         if output_map is None:
             return None
@@ -275,32 +326,45 @@ class ResidualAnalyzer:
 
     # ------------------------------------------------------------------ local
     @staticmethod
-    def _chain(an: Analyzer, x: Tensor, e: float, dl: float, blocks_key
+    def _chain(an: Analyzer, x: Tensor, e: float, dl: float, blocks_key, prefix=None
                ) -> tuple[float, list[SpectralBound], Tensor, float]:
         """A part's local bound relative to the exact nominal input (within ``dl`` of ``x``)
         on the ball of radius ``e``: (factor, its factors, computed output, output's nominal
-        error in L2)."""
+        error in L2). ``prefix``: ``(k, bounds, state)`` from :meth:`_rows` on the same part
+        at the same ``x``, ``e``, ``dl``; when ``blocks`` begin with the same ``k`` blocks
+        (:func:`_same_prefix`), the run continues from that state and the factor includes
+        those ``k`` bounds, which are not returned again (the caller has them)."""
         key, blocks = blocks_key
+        if prefix is not None and _REUSE_PREFIX and _same_prefix(an.blocks, blocks,
+                                                                 prefix[0]):
+            k, first, state = prefix
+            _layers, bounds, state = an._propagate(key, blocks, x, e, nom0=(dl, 0.0),
+                                                   resume=(k, state))
+            fac = product_up(sb.value for sb in (*first, *bounds))
+            return fac, bounds, state[0], an._nominal_total(state[3], state[1])
         _layers, bounds, state = an._propagate(key, blocks, x, e, nom0=(dl, 0.0))
         fac = product_up(sb.value for sb in bounds)
         return fac, bounds, state[0], an._nominal_total(state[3], state[1])
 
     @staticmethod
     def _rows(an: Analyzer, x: Tensor, e: float, dl: float
-              ) -> tuple[Tensor, Tensor, Tensor, list[SpectralBound]]:
+              ) -> tuple[Tensor, Tensor, Tensor, list[SpectralBound], tuple | None]:
         """Per output unit ``i`` of a branch: a bound ``ℓ_i`` on the local constant of ``x ->
         F_i(x)`` relative to the exact nominal input, the computed ``F̂_i`` and a bound on
         ``|F̂_i - F_i(p*)|`` (as :meth:`Analyzer.local_bound_rows` with ``C = I``, with all row
         norms of the last layer in one pass). A branch that does not end in an affine layer:
-        every row is bounded by the whole branch's bound and nominal error."""
+        every row is bounded by the whole branch's bound and nominal error. The last item:
+        ``(k, bounds, state)`` of the run over the first ``k`` blocks (``None`` without one),
+        from which :meth:`_chain` continues the branch's scaled bound."""
         blocks = an.blocks
         last = blocks[-1] if blocks else None
         if not isinstance(last, AffineBlock) or last.relu:
             fac, bounds, y, tot = ResidualAnalyzer._chain(an, x, e, dl, ("", blocks))
             y = y.reshape(-1)
-            return (torch.full_like(y, fac), y, torch.full_like(y, tot), bounds)
-        _l, bounds, (xl, d, _ek, nom) = an._propagate("", blocks, x, e, stop_before_last=True,
-                                                       nom0=(dl, 0.0))
+            return (torch.full_like(y, fac), y, torch.full_like(y, tot), bounds, None)
+        _l, bounds, state = an._propagate("", blocks, x, e, stop_before_last=True,
+                                          nom0=(dl, 0.0))
+        xl, d, _ek, nom = state
         prefix = product_up(sb.value for sb in bounds)
         rn = torch.sqrt(last.sq_rows(d.unsqueeze(0))[0].clamp_min(0))
         rn = torch.where(torch.isnan(rn), math.inf, rn)
@@ -320,7 +384,7 @@ class ResidualAnalyzer:
         if prefix > 0 and bool(low.any()):
             for j in torch.nonzero(low).reshape(-1).tolist():
                 values[j] = product_up((float(rn[j]), prefix))
-        return values, y0.reshape(-1), nominal, bounds
+        return values, y0.reshape(-1), nominal, bounds, (len(blocks) - 1, bounds, state)
 
     def _block(self, i: int, x: Tensor, e: float, dl: float, c: Tensor | None
                ) -> tuple[float, list[SpectralBound], Tensor, float, str]:
@@ -356,12 +420,15 @@ class ResidualAnalyzer:
                     self._note(s, facs))
         # with ReLU: the pre-activations' limits from the branches' rows
         rows = torch.zeros_like(z)
+        prefixes: list[tuple | None] = []
         for an in parts:
             if an is None:
                 v, y, ed = torch.ones_like(z), x.reshape(-1), torch.full_like(z, dl)
+                prefixes.append(None)
             else:
-                v, y, ed, bs = self._rows(an, x, e, dl)
+                v, y, ed, bs, pre = self._rows(an, x, e, dl)
                 bounds += bs
+                prefixes.append(pre)
             rows = rows + v
             z = z + y
             ez = ez + ed
@@ -370,12 +437,13 @@ class ResidualAnalyzer:
         r, _on, _may = _relu_slopes(z, ez, rows, e, rows > 0)
         r = torch.where((r > 0) & (r < _MIN_SLOPE), _MIN_SLOPE, r)
         cr = None if c is None else c * r.unsqueeze(0)
-        for an in parts:
+        for an, pre in zip(parts, prefixes, strict=True):
             if an is None:
                 fac = float(r.max()) if c is None else exact_norm(cr)
             else:
                 key = an._blocks_for_scale(r) if cr is None else an._blocks_for(cr)
-                fac, bs, _y, _t = self._chain(an, x, e, dl, key)
+                # (the branch's first layers: the rows' factors, same operators)
+                fac, bs, _y, _t = self._chain(an, x, e, dl, key, pre)
                 bounds += bs
             facs.append(fac)
         x_next = torch.relu(z).reshape(1, *s.out_shape)
@@ -443,7 +511,8 @@ class ResidualAnalyzer:
         eps = check_eps(eps)
         x0 = check_input(x0, self.input_shape)
         c = self._output_map(output_map)
-        value, all_bounds, layers, notes, dl, _y = self._local(x0, eps, c)
+        with self._threads():
+            value, all_bounds, layers, notes, dl, _y = self._local(x0, eps, c)
         g, fp = _guarantee(all_bounds)
         nominal = dl if c is None else math.nan
         source = "product"
@@ -486,6 +555,10 @@ class ResidualAnalyzer:
         c = self._output_map(output_map)
         if c is None and self._global is not None:
             return self._global
+        with self._threads():
+            return self._global_bound(c, t0)
+
+    def _global_bound(self, c: Tensor | None, t0: float) -> BoundResult:
         layers: list[LayerFactor] = []
         facs: list[float] = []
         gs: list[Guarantee] = []
@@ -577,7 +650,8 @@ def certified_radius(model: nn.Module | ResidualAnalyzer, x0: Tensor, *, tol: fl
     scale = 1.0 + float(x0.double().norm())
     # the margins from the computed output whose distance from the exact one the composition
     # bounds (delta): not from another forward pass (forward's), which rounds differently
-    first, bs, _l, _n, delta, y = ra._local(x0, 1e-8 * scale, None)
+    with ra._threads():
+        first, bs, _l, _n, delta, y = ra._local(x0, 1e-8 * scale, None)
     y = y.cpu()
     used += bs
     c = int(y.argmax())
@@ -615,7 +689,8 @@ def certified_radius(model: nn.Module | ResidualAnalyzer, x0: Tensor, *, tol: fl
         for j in order:
             m = torch.zeros(1, n, dtype=torch.float64)
             m[0, c], m[0, j] = 1.0, -1.0
-            lj, bs, _l, _n, _d, _y = ra._local(x0, eps, m.to(ra.device))
+            with ra._threads():
+                lj, bs, _l, _n, _d, _y = ra._local(x0, eps, m.to(ra.device))
             used.extend(bs)
             ok = product_up((eps, lj)) < rhs[j]
             if not ok:
@@ -639,6 +714,43 @@ def certified_radius(model: nn.Module | ResidualAnalyzer, x0: Tensor, *, tol: fl
             break
     return result(lo, hi, None if lo > 0 else "no radius passed the test within "
                   "max_evaluations")
+
+
+def _intake_threads(input_shape, x0) -> contextlib.AbstractContextManager:
+    """One torch thread for the intake of a network with a small input (:data:`_SMALL_INPUT`;
+    the arguments as given, unchecked: anything unreadable leaves the count as it is, and the
+    intake reports it)."""
+    if not _SINGLE_THREAD:
+        return contextlib.nullcontext()
+    try:
+        if input_shape is not None:
+            n = math.prod(int(v) for v in input_shape)
+        elif isinstance(x0, Tensor):
+            n = x0[0].numel() if x0.dim() > 1 else x0.numel()
+        else:
+            return contextlib.nullcontext()
+    except (TypeError, ValueError, IndexError, RuntimeError):
+        return contextlib.nullcontext()
+    return torch_single_threaded() if 0 < n <= _SMALL_INPUT else contextlib.nullcontext()
+
+
+def _same_prefix(blocks: list, other: list, k: int) -> bool:
+    """Whether ``other`` (a variant of ``blocks`` with a map or scale after the network, as
+    :meth:`Analyzer._blocks_for` / :meth:`Analyzer._blocks_for_scale` build it) begins with
+    the first ``k`` blocks of ``blocks``: the same layers (op objects), the same ReLUs, and
+    something after them in both (the variant's map folded into its later blocks)."""
+    if not 0 <= k < min(len(blocks), len(other)):
+        return False
+    for a, b in zip(blocks[:k], other[:k], strict=True):
+        if type(a) is not type(b) or a.relu != b.relu:
+            return False
+        if isinstance(a, AffineBlock):
+            if len(a.ops) != len(b.ops) or any(p is not q for p, q in zip(a.ops, b.ops,
+                                                                          strict=True)):
+                return False
+        elif getattr(a, "op", None) is not getattr(b, "op", None):
+            return False
+    return True
 
 
 def _guarantee(bounds: list[SpectralBound]) -> tuple[Guarantee, float]:
