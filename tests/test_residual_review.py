@@ -1,0 +1,146 @@
+"""Adversarial review of residual networks (lipbound.residual, lipbound.residual_graph): models
+whose traced graph computes another function than the model (in-place operations read
+again), the intake's messages, and the bounds against brute force where the split is right."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import lipbound
+from lipbound.errors import UnsupportedModelError
+from lipbound.residual import ResidualAnalyzer
+
+pytestmark = pytest.mark.usefixtures("torch_one_thread")
+
+DT = torch.float64
+
+#: the first coordinate of the stage check's random input (ResidualAnalyzer._verify: seed
+#: 1234), on whose line every point of that check lies for a model of one input
+_V = float(torch.randn((1, 1), generator=torch.Generator().manual_seed(1234), dtype=DT))
+
+
+class PreActAlias(nn.Module):
+    """A pre-activation block whose in-place ReLU changes the tensor its identity shortcut
+    reads: the model adds ``relu(h)``, the traced graph ``h``. ``h_2 = t / v + 1.5`` is
+    positive at every point of the stage check (``t`` in ``v``, ``-v``, ``1e-3 v``, ``1e3 v``),
+    where the in-place ReLU changes nothing, and negative at ``t = -20 v``."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Linear(1, 2)
+        self.act = nn.ReLU(inplace=True)
+        self.f = nn.Linear(2, 2)
+        self.head = nn.Linear(2, 1)
+        with torch.no_grad():
+            self.stem.weight.copy_(torch.tensor([[0.01 / _V], [1 / _V]]))
+            self.stem.bias.copy_(torch.tensor([1.0, 1.5]))
+            self.f.weight.copy_(torch.tensor([[-1.0, 0.0], [1.0, 0.0]]))
+            self.f.bias.copy_(torch.tensor([-1.0, 5.0]))
+            self.head.weight.copy_(torch.tensor([[0.0, 1.0]]))
+            self.head.bias.zero_()
+
+    def forward(self, x):
+        h = self.stem(x)
+        identity = h
+        out = self.f(self.act(h))
+        return self.head(F.relu(out + identity))
+
+
+def test_inplace_relu_on_the_fork_read_by_the_shortcut_is_refused():
+    """Before the review the stages (shortcut ``h``) passed the stage check and the certified
+    local bound at ``-20 v`` was 0, the model's local constant there 0.0217 / |v| = 0.217."""
+    model = PreActAlias().to(DT).eval()
+    x0 = torch.tensor([[-20 * _V]], dtype=DT)
+    with torch.no_grad():  # the model's own secant: positive
+        slope = float((model(x0 + 1e-3) - model(x0)).abs()) / 1e-3
+    assert slope > 0.2
+    with pytest.raises(UnsupportedModelError, match="in-place") as err:
+        lipbound.local_bound(model, x0, 1e-3)
+    assert "module 'act'" in str(err.value) and "inplace=False" in str(err.value)
+    with pytest.raises(UnsupportedModelError, match="read again after it"):
+        ResidualAnalyzer(model, (1,))
+
+
+class Forms(nn.Module):
+    """In-place forms on a tensor read again later (each refused), and the safe ones."""
+
+    def __init__(self, how: str):
+        super().__init__()
+        self.a, self.b, self.head = nn.Linear(3, 3), nn.Linear(3, 3), nn.Linear(3, 2)
+        self.act = nn.ReLU(inplace=True)
+        self.how = how
+
+    def forward(self, x):
+        h = self.a(x)
+        if self.how == "relu_ on the fork":
+            f = self.b(h)
+            torch.relu_(h)
+            y = f + h
+        elif self.how == "F.relu inplace on the fork":
+            f = self.b(F.relu(h, inplace=True))
+            y = f + h
+        elif self.how == "add_ result unused":
+            f = self.b(F.relu(h))
+            f.add_(h)
+            y = F.relu(f)
+        elif self.how == "alias of the fork":
+            s = h
+            h.add_(self.b(F.relu(h)))
+            y = F.relu(s)
+        elif self.how == "view of the fork":
+            v = h.view(-1, 3)
+            f = self.b(self.act(h))
+            y = f + v
+        elif self.how == "torchvision":  # out += identity; relu(inplace) after: safe
+            out = self.b(self.act(self.a(h)))
+            out += h
+            y = self.act(out)
+        else:  # "x += F(x)" on the fork, not read again: safe
+            h += self.b(F.relu(h))
+            y = h
+        return self.head(y)
+
+
+@pytest.mark.parametrize("how", ["relu_ on the fork", "F.relu inplace on the fork",
+                                 "add_ result unused", "alias of the fork",
+                                 "view of the fork"])
+def test_inplace_forms_read_again_are_refused_by_name(how):
+    torch.manual_seed(0)
+    model = Forms(how).to(DT).eval()
+    with pytest.raises(UnsupportedModelError, match="in-place operation on") as err:
+        ResidualAnalyzer(model, (3,))
+    assert str(err.value).count("in-place operation on") == 1
+
+
+@pytest.mark.parametrize("how", ["torchvision", "x += F(x)"])
+def test_safe_inplace_forms_still_analysed(how):
+    torch.manual_seed(0)
+    model = Forms(how).to(DT).eval()
+    ra = ResidualAnalyzer(model, (3,))
+    x = torch.randn(20, 3, dtype=DT)
+    with torch.no_grad():
+        assert torch.allclose(ra.forward(x), model(x), atol=1e-12)
+
+
+class SizeOfInput(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem, self.f, self.head = nn.Linear(3, 3), nn.Linear(3, 3), nn.Linear(3, 2)
+
+    def forward(self, x):
+        n = x.size(0)
+        h = F.relu(self.stem(x))
+        out = F.relu(self.f(h) + h)
+        return self.head(out.view(n, -1))
+
+
+def test_size_of_the_model_input_named_with_the_fix():
+    """It was reported as 'a branch that does not start at the fork' on the head (a chain
+    piece, not a branch), without the fix."""
+    model = SizeOfInput().to(DT).eval()
+    with pytest.raises(UnsupportedModelError, match=r"out\.size\(0\)") as err:
+        ResidualAnalyzer(model, (3,))
+    assert "'size'" in str(err.value) and "branch" not in str(err.value)
