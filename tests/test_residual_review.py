@@ -144,3 +144,49 @@ def test_size_of_the_model_input_named_with_the_fix():
     with pytest.raises(UnsupportedModelError, match=r"out\.size\(0\)") as err:
         ResidualAnalyzer(model, (3,))
     assert "'size'" in str(err.value) and "branch" not in str(err.value)
+
+
+class LastReluBlock(nn.Module):
+    """``relu(S x + F(x))`` with ``S = (1, -1)`` and ``F`` (nearly) the constant ``(0.5,
+    -0.5)``: at ``x0 = 0`` the first unit is on, the second off and turning on at ``x = -0.5``
+    (its secant slope over the unit ball 0.5)."""
+
+    def __init__(self):
+        super().__init__()
+        self.s = nn.Linear(1, 2, bias=False)
+        self.f = nn.Sequential(nn.Linear(1, 2), nn.ReLU(), nn.Linear(2, 2))
+        with torch.no_grad():
+            self.s.weight.copy_(torch.tensor([[1.0], [-1.0]]))
+            self.f[0].weight.fill_(1.0)
+            self.f[0].bias.zero_()
+            self.f[2].weight.fill_(1e-9)
+            self.f[2].bias.copy_(torch.tensor([0.5, -0.5]))
+
+    def forward(self, x):
+        return F.relu(self.s(x) + self.f(x))
+
+
+def test_output_map_after_a_last_relu_block_bounds_the_secant():
+    """``C = [1, 1]`` after the block: ``C R S = 1 - 0.5`` cancels, while the actual slopes
+    at ``x = 1`` are ``(1, 0)``: the composed ``L(C R S) + L(C R F)`` was a certified 0.5 for
+    the secant 1 from ``x0`` to ``x0 + 1``."""
+    model = LastReluBlock().to(DT).eval()
+    x0 = torch.zeros(1, 1, dtype=DT)
+    c = torch.tensor([[1.0, 1.0]], dtype=DT)
+    with torch.no_grad():
+        secant = float((c @ (model(x0 + 1.0) - model(x0)).T).abs())
+    assert secant > 0.99
+    res = lipbound.local_bound(model, x0, 1.0, output_map=c)
+    assert res.method == "local-residual" and res.guarantee.name == "CERTIFIED"
+    assert res.value >= secant
+    # the random maps of a wider last block, against sampled secants
+    torch.manual_seed(4)
+    for _ in range(5):
+        cm = torch.randn(2, 2, dtype=DT)
+        ra = ResidualAnalyzer(model, (1,))
+        xs = torch.linspace(-1.0, 1.0, 201, dtype=DT).reshape(-1, 1)
+        xs = xs[xs.abs().reshape(-1) > 0]
+        with torch.no_grad():
+            d = (model(xs) - model(x0)) @ cm.T
+        worst = float((d.norm(dim=1) / xs.abs().reshape(-1)).max())
+        assert ra.local_bound(x0, 1.0, output_map=cm).value >= worst
