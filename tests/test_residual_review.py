@@ -190,3 +190,29 @@ def test_output_map_after_a_last_relu_block_bounds_the_secant():
             d = (model(xs) - model(x0)) @ cm.T
         worst = float((d.norm(dim=1) / xs.abs().reshape(-1)).max())
         assert ra.local_bound(x0, 1.0, output_map=cm).value >= worst
+
+
+class ScaledAdd(nn.Module):
+    def __init__(self, how: str):
+        super().__init__()
+        self.a, self.b, self.head = nn.Linear(3, 3), nn.Linear(3, 3), nn.Linear(3, 2)
+        self.how = how
+
+    def forward(self, x):
+        h = self.a(x)
+        f = self.b(F.relu(h))
+        y = h.add(f, alpha=2) if self.how == "method" else torch.add(h, f, alpha=0)
+        return self.head(F.relu(y))
+
+
+@pytest.mark.parametrize("how", ["method", "alpha=0"])
+def test_addition_with_alpha_named_with_the_fix(how):
+    """alpha=2 was reported as 'no addition of two branches found'; alpha=0 was read as a
+    plain addition (``not alpha``), caught only by the stage check's numbers."""
+    torch.manual_seed(0)
+    model = ScaledAdd(how).to(DT).eval()
+    with pytest.raises(UnsupportedModelError, match="alpha=") as err:
+        ResidualAnalyzer(model, (3,))
+    assert "a + alpha * b" in str(err.value)
+    with pytest.raises(UnsupportedModelError, match="addition with a factor"):
+        lipbound.local_bound(model, torch.zeros(1, 3, dtype=DT), 0.1)

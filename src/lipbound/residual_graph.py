@@ -67,11 +67,22 @@ Stage = ChainStage | BlockStage
 
 
 def _is_add(node: fx.Node) -> bool:
+    # (alpha=1 is the plain sum; alpha=0 is not: before session 26's review `not alpha`
+    # read torch.add(a, b, alpha=0) as a + b)
+    plain = node.kwargs.get("alpha", 1) == 1 and "out" not in node.kwargs \
+        and len(node.args) <= 2
     if node.op == "call_function" and node.target in _ADD_FUNCTIONS:
-        return not node.kwargs.get("alpha") and len(node.args) <= 2
+        return plain
     if node.op == "call_method" and node.target in _ADD_METHODS:
-        return not node.kwargs.get("alpha") and len(node.args) <= 2
+        return plain
     return False
+
+
+def _is_scaled_add(node: fx.Node) -> bool:
+    """An addition with a factor: ``torch.add(a, b, alpha=2)``, ``a.add(b, alpha=2)``."""
+    return ((node.op == "call_function" and node.target in _ADD_FUNCTIONS)
+            or (node.op == "call_method" and node.target in _ADD_METHODS)) \
+        and node.kwargs.get("alpha") is not None and not _is_add(node)
 
 
 def _is_relu(node: fx.Node, root: nn.Module) -> bool:
@@ -246,6 +257,10 @@ class _Graph:
 
 def _join_problem(node: fx.Node, g: _Graph) -> tuple[str, str, str]:
     where, kind = _describe(node, g.gm)
+    if _is_scaled_add(node):
+        return (where, kind, f"an addition with a factor (alpha={node.kwargs['alpha']!r}): "
+                "lipbound analyses residual blocks joined by a plain addition; write the "
+                "factor into the branch (a + alpha * b, or scale b's last layer)")
     what = "concatenation (torch.cat / torch.stack)" if node.target in (
         torch.cat, torch.stack, torch.concat) else "an operation on two branches"
     return (where, kind, f"joins two branches by {what}: lipbound analyses residual blocks "
@@ -266,7 +281,7 @@ def split_stages(model: nn.Module, input_shape: tuple[int, ...], graph: _Graph |
     cuts = g.cuts()
     joins = [n for n in g.nodes if g.tensor(n)
              and sum(g.tensor(a) for a in n.all_input_nodes) >= 2]
-    if not any(_is_add(n) for n in joins):
+    if not any(_is_add(n) or _is_scaled_add(n) for n in joins):
         return None
     problems = _alias_problems(g)
     output = g.nodes[-1]
