@@ -94,6 +94,10 @@ class Forms(nn.Module):
             v = h.view(-1, 3)
             f = self.b(self.act(h))
             y = f + v
+        elif self.how == "out= on the fork":
+            f = self.b(h)
+            torch.clamp(h, min=0, out=h)
+            y = f + h
         elif self.how == "torchvision":  # out += identity; relu(inplace) after: safe
             out = self.b(self.act(self.a(h)))
             out += h
@@ -106,7 +110,7 @@ class Forms(nn.Module):
 
 @pytest.mark.parametrize("how", ["relu_ on the fork", "F.relu inplace on the fork",
                                  "add_ result unused", "alias of the fork",
-                                 "view of the fork"])
+                                 "view of the fork", "out= on the fork"])
 def test_inplace_forms_read_again_are_refused_by_name(how):
     torch.manual_seed(0)
     model = Forms(how).to(DT).eval()

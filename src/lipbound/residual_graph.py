@@ -98,7 +98,12 @@ def _is_relu(node: fx.Node, root: nn.Module) -> bool:
 def _mutated(node: fx.Node, root: nn.Module) -> fx.Node | None:
     """The tensor an in-place operation changes (``None`` for any other node): ``+=``,
     ``x.add_(y)``, ``torch.relu_``, ``F.relu(x, inplace=True)``, ``nn.ReLU(inplace=True)``,
-    ``x[i] = v``."""
+    ``x[i] = v``, ``out=x``. (An augmented assignment ``x += y`` is traced as ``x + y``: its
+    change to an alias of ``x`` is not in the graph; the stage check's numbers are the guard
+    there.)"""
+    out = node.kwargs.get("out")
+    if isinstance(out, fx.Node):  # (torch.clamp(h, min=0, out=h))
+        return out
     arg = node.args[0] if node.args and isinstance(node.args[0], fx.Node) else None
     if arg is None:
         return None
