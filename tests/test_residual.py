@@ -408,7 +408,7 @@ class UnsupportedInBranch(nn.Module):
 @pytest.mark.parametrize("model, words", [
     (Cat(), ["cat"]),
     (ThreeBranches(), ["more than two branches"]),
-    (NotFromFork(), ["does not start at the fork"]),
+    (NotFromFork(), ["'size'", "out.size(0)"]),
     (Nested(), ["nested"]),
     (Broadcast(), ["broadcasts"]),
     (UnsupportedInBranch(), ["tanh", "branch"]),

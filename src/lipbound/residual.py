@@ -33,8 +33,10 @@ to ``p*`` on that ball, and it returns its output's computed value and nominal e
   ε_i``, and 0 where ``ẑ_i + ε_i < 0`` (both are 0 there).
 * Block without activation: ``L(S) + L(F)``; nominal error ``||ε||``.
 * With an output map ``C`` (the last stage only): a chain segment's bound of ``C f``; a last
-  block's maps ``C R`` (or ``C``) on each branch, an identity branch's norm ``||C R||`` by
-  the certified dense route (:func:`lipbound.spectral.exact_norm`).
+  block without activation the maps ``C`` on each branch (an identity branch's ``||C||``);
+  a last block with ReLU ``||C D|| (L(R S) + L(R F))``, ``D`` the units with ``r > 0``
+  (``C`` after the actual slopes ``Λ <= R`` is not bounded by ``C R``, which may cancel what
+  ``Λ`` keeps), the norms by the certified dense route (:func:`lipbound.spectral.exact_norm`).
 
 The local bound is the product of the stage factors (rounded up, ``product_up``); sums of
 two upper bounds are rounded up (``math.nextafter``).
@@ -436,19 +438,27 @@ class ResidualAnalyzer:
         rows = rows * (1 + 4 * _U)
         r, _on, _may = _relu_slopes(z, ez, rows, e, rows > 0)
         r = torch.where((r > 0) & (r < _MIN_SLOPE), _MIN_SLOPE, r)
-        cr = None if c is None else c * r.unsqueeze(0)
         for an, pre in zip(parts, prefixes, strict=True):
             if an is None:
-                fac = float(r.max()) if c is None else exact_norm(cr)
+                fac = float(r.max())
             else:
-                key = an._blocks_for_scale(r) if cr is None else an._blocks_for(cr)
                 # (the branch's first layers: the rows' factors, same operators)
-                fac, bs, _y, _t = self._chain(an, x, e, dl, key, pre)
+                fac, bs, _y, _t = self._chain(an, x, e, dl, an._blocks_for_scale(r), pre)
                 bounds += bs
             facs.append(fac)
+        total = _sum_up(*facs)
+        note = self._note(s, facs)
+        if c is not None:
+            # an output map after the ReLU: ||C Λ Δz|| <= ||C D|| ||R Δz|| (Λ the actual
+            # slopes, 0 <= Λ <= R; D the units with r > 0). Not ||C R Δz||: C R may cancel
+            # what Λ keeps (review, session 26: C = [1, 1] after units of slopes 1 and 0.5
+            # on S = (1, -1) gave a certified 0.5 for a secant of 1)
+            cn = exact_norm(c * (r > 0).to(c.dtype).unsqueeze(0))
+            total = product_up((total, cn))
+            note += f", times ||C D|| {g_up(cn, 6)}"
         x_next = torch.relu(z).reshape(1, *s.out_shape)
         dl_next = norm_up(torch.where(z + ez >= 0, ez, 0.0)) * (1 + 1e-6)
-        return _sum_up(*facs), bounds, x_next, dl_next, self._note(s, facs)
+        return total, bounds, x_next, dl_next, note
 
     @staticmethod
     def _note(s: BlockStage, facs: list[float]) -> str:

@@ -31,6 +31,13 @@ _ADD_FUNCTIONS = (operator.add, operator.iadd, torch.add)
 _ADD_METHODS = ("add", "add_", "__add__", "__iadd__", "__radd__")
 _RELU_FUNCTIONS = (F.relu, torch.relu, torch.relu_, getattr(F, "relu_", F.relu))
 _RELU_METHODS = ("relu", "relu_")
+_INPLACE_FUNCTIONS = (operator.iadd, operator.isub, operator.imul, operator.itruediv,
+                      operator.setitem, torch.relu_)
+_VIEW_METHODS = ("view", "reshape", "flatten", "squeeze", "unsqueeze", "permute", "transpose",
+                 "t", "contiguous", "expand", "narrow", "view_as", "reshape_as", "detach",
+                 "__getitem__")
+_VIEW_FUNCTIONS = (operator.getitem, torch.flatten, torch.reshape, torch.squeeze,
+                   torch.unsqueeze, torch.permute, torch.transpose, torch.narrow)
 
 
 @dataclass
@@ -60,11 +67,22 @@ Stage = ChainStage | BlockStage
 
 
 def _is_add(node: fx.Node) -> bool:
+    # (alpha=1 is the plain sum; alpha=0 is not: before session 26's review `not alpha`
+    # read torch.add(a, b, alpha=0) as a + b)
+    plain = node.kwargs.get("alpha", 1) == 1 and "out" not in node.kwargs \
+        and len(node.args) <= 2
     if node.op == "call_function" and node.target in _ADD_FUNCTIONS:
-        return not node.kwargs.get("alpha") and len(node.args) <= 2
+        return plain
     if node.op == "call_method" and node.target in _ADD_METHODS:
-        return not node.kwargs.get("alpha") and len(node.args) <= 2
+        return plain
     return False
+
+
+def _is_scaled_add(node: fx.Node) -> bool:
+    """An addition with a factor: ``torch.add(a, b, alpha=2)``, ``a.add(b, alpha=2)``."""
+    return ((node.op == "call_function" and node.target in _ADD_FUNCTIONS)
+            or (node.op == "call_method" and node.target in _ADD_METHODS)) \
+        and node.kwargs.get("alpha") is not None and not _is_add(node)
 
 
 def _is_relu(node: fx.Node, root: nn.Module) -> bool:
@@ -75,6 +93,79 @@ def _is_relu(node: fx.Node, root: nn.Module) -> bool:
     if node.op == "call_module":
         return type(root.get_submodule(str(node.target))) is nn.ReLU
     return False
+
+
+def _mutated(node: fx.Node, root: nn.Module) -> fx.Node | None:
+    """The tensor an in-place operation changes (``None`` for any other node): ``+=``,
+    ``x.add_(y)``, ``torch.relu_``, ``F.relu(x, inplace=True)``, ``nn.ReLU(inplace=True)``,
+    ``x[i] = v``, ``out=x``. (An augmented assignment ``x += y`` is traced as ``x + y``: its
+    change to an alias of ``x`` is not in the graph; the stage check's numbers are the guard
+    there.)"""
+    out = node.kwargs.get("out")
+    if isinstance(out, fx.Node):  # (torch.clamp(h, min=0, out=h))
+        return out
+    arg = node.args[0] if node.args and isinstance(node.args[0], fx.Node) else None
+    if arg is None:
+        return None
+    if node.op == "call_function":
+        t = node.target
+        if t in _INPLACE_FUNCTIONS or node.kwargs.get("inplace") is True:
+            return arg
+        # (F.relu(x, True), F.hardtanh(x, -1, 1, True): the functional forms' positional
+        # flag)
+        if getattr(t, "__module__", "") == "torch.nn.functional" and any(
+                a is True for a in node.args[1:]):
+            return arg
+        return None
+    if node.op == "call_method":
+        t = str(node.target)
+        dunder_inplace = t.startswith("__i") and t.endswith("__")
+        return arg if dunder_inplace or (t.endswith("_") and not t.startswith("__")) else None
+    if node.op == "call_module":
+        mod = root.get_submodule(str(node.target))
+        return arg if getattr(mod, "inplace", False) is True else None
+    return None
+
+
+def _is_view(node: fx.Node) -> bool:
+    return (node.op == "call_method" and node.target in _VIEW_METHODS) or (
+        node.op == "call_function" and node.target in _VIEW_FUNCTIONS)
+
+
+def _alias_problems(g: _Graph) -> list[tuple[str, str, str]]:
+    """In-place operations whose tensor (or a view of it) is read again after them: the
+    traced graph gives that later reader the value from *before* the change, the model the
+    changed one (``identity = x; out = conv(relu_(x)); out + identity`` adds ``relu(x)`` in
+    the model, ``x`` in the graph), so stages cut from it would analyse another function
+    (session 26 review: a certified local bound of 0 for a model of local constant 0.22,
+    the check of the stages at its random inputs passing)."""
+    problems = []
+    for m in g.nodes:
+        v = _mutated(m, g.gm)
+        if v is None:
+            continue
+        root = v  # the tensor the view chain starts from, then every view of it
+        while _is_view(root) and root.args and isinstance(root.args[0], fx.Node):
+            root = root.args[0]
+        aliases, todo = set(), [root]
+        while todo:
+            a = todo.pop()
+            if a in aliases:
+                continue
+            aliases.add(a)
+            todo += [u for u in a.users if _is_view(u) and u.args and u.args[0] is a]
+        late = sorted({u for a in aliases for u in a.users
+                       if u is not m and u not in aliases and g.pos[u] > g.pos[m]},
+                      key=g.pos.__getitem__)
+        if late:
+            where, kind = _describe(m, g.gm)
+            problems.append((where, kind, f"an in-place operation on '{v.name}', which is "
+                             f"read again after it (by '{late[0].name}'): the traced graph "
+                             "gives that reader the value before the change, the model the "
+                             "changed one, so the stages would compute another function; use "
+                             "the out-of-place form (nn.ReLU(), F.relu(x), out = out + y, "
+                             "inplace=False)"))
+    return problems
 
 
 def _owner(node: fx.Node) -> str:
@@ -134,10 +225,21 @@ class _Graph:
             todo.extend(n.all_input_nodes)
         if bad is not None:
             where, kind = _describe(end, self.gm)
-            problems.append((where, kind, f"a branch that does not start at the fork "
-                             f"'{fork.name}': it also uses '{bad.name}', computed before; "
-                             "both branches of a residual block must start from the block's "
-                             "input"))
+            val = self.rec.values.get(bad.name)
+            if isinstance(val, (int, torch.Size)) or (
+                    isinstance(val, tuple) and all(isinstance(v, int) for v in val)):
+                # (a size or shape of an earlier tensor, e.g. the model input's x.size(0))
+                problems.append((where, kind, f"uses '{bad.name}', read from a tensor "
+                                 f"computed before its stage's input '{fork.name}' (a size or "
+                                 "shape, e.g. x.size(0) of the model's input): each stage of "
+                                 "a residual network is analysed from its own input alone; "
+                                 "read it from the tensor at hand (out.size(0), "
+                                 "out.flatten(1), torch.flatten(out, 1))"))
+            else:
+                problems.append((where, kind, f"a branch that does not start at the fork "
+                                 f"'{fork.name}': it also uses '{bad.name}', computed before; "
+                                 "both branches of a residual block must start from the "
+                                 "block's input"))
             return None
         return sorted(seen, key=self.pos.__getitem__)
 
@@ -160,6 +262,10 @@ class _Graph:
 
 def _join_problem(node: fx.Node, g: _Graph) -> tuple[str, str, str]:
     where, kind = _describe(node, g.gm)
+    if _is_scaled_add(node):
+        return (where, kind, f"an addition with a factor (alpha={node.kwargs['alpha']!r}): "
+                "lipbound analyses residual blocks joined by a plain addition; write the "
+                "factor into the branch (a + alpha * b, or scale b's last layer)")
     what = "concatenation (torch.cat / torch.stack)" if node.target in (
         torch.cat, torch.stack, torch.concat) else "an operation on two branches"
     return (where, kind, f"joins two branches by {what}: lipbound analyses residual blocks "
@@ -180,11 +286,13 @@ def split_stages(model: nn.Module, input_shape: tuple[int, ...], graph: _Graph |
     cuts = g.cuts()
     joins = [n for n in g.nodes if g.tensor(n)
              and sum(g.tensor(a) for a in n.all_input_nodes) >= 2]
-    if not any(_is_add(n) for n in joins):
+    if not any(_is_add(n) or _is_scaled_add(n) for n in joins):
         return None
-    problems: list[tuple[str, str, str]] = []
+    problems = _alias_problems(g)
     output = g.nodes[-1]
-    if not cuts or output.op != "output" or output.args[0] is not cuts[-1]:
+    if problems or not cuts or output.op != "output" or output.args[0] is not cuts[-1]:
+        if problems:
+            raise UnsupportedModelError(problems)
         problems.append(("model output", "output", "the output must be the last tensor of "
                          "the chain of stages (one tensor)"))
         raise UnsupportedModelError(problems)
