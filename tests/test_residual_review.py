@@ -220,3 +220,35 @@ def test_addition_with_alpha_named_with_the_fix(how):
     assert "a + alpha * b" in str(err.value)
     with pytest.raises(UnsupportedModelError, match="addition with a factor"):
         lipbound.local_bound(model, torch.zeros(1, 3, dtype=DT), 0.1)
+
+
+def test_stage_check_looks_off_the_line_of_its_first_input(monkeypatch):
+    """ResidualAnalyzer's stage check also runs at a second, independent random input: a
+    split that is wrong only off the line through its first input (which every scaled copy
+    lies on) is refused. Simulated by stages that differ from the model by ``relu(w . x)``
+    with ``w`` orthogonal to that first input (0 on its whole line)."""
+
+    class Block(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.f = torch.nn.Linear(4, 4)
+
+        def forward(self, x):
+            return torch.relu(x + self.f(torch.relu(x)))
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(Block(), torch.nn.Linear(4, 3)).double().eval()
+    x1 = torch.randn((1, 4), generator=torch.Generator().manual_seed(1234),
+                     dtype=torch.float64)
+    w = torch.randn(4, dtype=torch.float64)
+    w = w - (w @ x1[0]) / (x1[0] @ x1[0]) * x1[0]  # (orthogonal to the check's first input)
+    true_forward = ResidualAnalyzer.forward
+
+    def off_line(self, x):
+        y = true_forward(self, x)
+        return y + 10.0 * torch.relu(x.reshape(x.shape[0], -1) @ w).unsqueeze(1)
+
+    lipbound.ResidualAnalyzer(model, (4,))  # (the model itself passes)
+    monkeypatch.setattr(ResidualAnalyzer, "forward", off_line)
+    with pytest.raises(UnsupportedModelError, match="second random input"):
+        ResidualAnalyzer(model, (4,))

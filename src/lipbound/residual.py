@@ -265,13 +265,18 @@ class ResidualAnalyzer:
 
     def _verify(self) -> None:
         """The stages must reproduce the model (at a standard-normal input and scaled copies
-        of it, as the chain check does): guards the split into stages."""
+        of it, as the chain check does, ``±1e3`` both, and at a second, independent
+        standard-normal input and its negative: points off one line, so that a unit which
+        an in-place change or a misread split hides on that line still shows): guards the
+        split into stages."""
         dtype, device = model_dtype_device(self.model)
         gen = torch.Generator(device="cpu").manual_seed(1234)
         x = torch.randn((1, *self.input_shape), generator=gen, dtype=torch.float64)
+        x2 = torch.randn((1, *self.input_shape), generator=gen, dtype=torch.float64)
         tol = 1e-3 if dtype != torch.float64 else 1e-8
-        for c in (1.0, -1.0, 1e-3, 1e3):
-            xc = x * c
+        points = [(x * c, f"{c:g} times a random input") for c in (1.0, -1.0, 1e-3, 1e3, -1e3)]
+        points += [(x2 * c, f"{c:g} times a second random input") for c in (1.0, -1.0)]
+        for xc, what in points:
             with torch.no_grad(), exact_float32(device):
                 ref = self.model(xc.to(device=device, dtype=dtype)).to(torch.float64).cpu()
                 got = self.forward(xc).cpu()
@@ -284,7 +289,7 @@ class ResidualAnalyzer:
                         if dtype == torch.float32 else "")
                 raise UnsupportedModelError([("model", "residual stages", f"the stages do not "
                                               f"reproduce the model's output (max error "
-                                              f"{err:.3g} at {c:g} times a random input)"
+                                              f"{err:.3g} at {what})"
                                               f"{hint}")])
 
     def _threads(self) -> contextlib.AbstractContextManager:
