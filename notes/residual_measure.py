@@ -3,7 +3,9 @@ small CIFAR-style ResNet (random weights, batch-norm statistics drawn at random)
 the best lower bound. Run: ``.venv/bin/python notes/residual_measure.py``."""
 from __future__ import annotations
 
+import sys
 import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -12,24 +14,8 @@ from torch import nn
 import lipbound
 from lipbound.lower import best_lower_bound
 
-
-class BasicBlock(nn.Module):
-    def __init__(self, cin: int, cout: int, stride: int = 1):
-        super().__init__()
-        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(cout)
-        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(cout)
-        self.shortcut = nn.Sequential()
-        if stride != 1 or cin != cout:
-            self.shortcut = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False),
-                                          nn.BatchNorm2d(cout))
-
-    def forward(self, x):
-        out = F.relu(self.bn1(self.conv1(x)))
-        out = self.bn2(self.conv2(out))
-        out += self.shortcut(x)
-        return F.relu(out)
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+from resnet_bench import BasicBlock  # noqa: E402  (the benchmark's block: one definition)
 
 
 class ResNet8(nn.Module):

@@ -17,6 +17,7 @@ import lipbound.residual as residual
 from lipbound import Analyzer
 from lipbound.residual import ResidualAnalyzer, _same_prefix
 from lipbound.results import Guarantee
+from test_residual import BasicBlock  # (torchvision-style; one definition)
 
 pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
@@ -34,24 +35,6 @@ class FCBlock(nn.Module):
     def forward(self, x):
         out = self.f(x) + self.shortcut(x)
         return F.relu(out) if self.relu else out
-
-
-class BasicBlock(nn.Module):
-    def __init__(self, cin: int, cout: int, stride: int = 1):
-        super().__init__()
-        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(cout)
-        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(cout)
-        self.shortcut = nn.Sequential()
-        if stride != 1 or cin != cout:
-            self.shortcut = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False),
-                                          nn.BatchNorm2d(cout))
-
-    def forward(self, x):
-        out = F.relu(self.bn1(self.conv1(x)))
-        out = self.bn2(self.conv2(out))
-        return F.relu(out + self.shortcut(x))
 
 
 class ConvNet(nn.Module):
