@@ -1213,6 +1213,35 @@ def _verify_at(ops: list[Op], model: nn.Module, example: Tensor, x: Tensor, what
                                   "remove the cast or run the model in float32)")])
 
 
+def _gaps_beyond(ref: Tensor, got: Tensor, limit: float
+                 ) -> tuple[Tensor, float, Tensor, float | None]:
+    """The gaps ``|ref - got|`` (flat, float64, CPU), the largest, the indices of those above
+    ``limit``, and the ratio to return at once (``None``: go on): ``inf`` when a gap is not
+    finite or more than :data:`_F32_ROWS` exceed ``limit`` (no bound is formed), 0 when
+    none does. The common start of :func:`float32_rounding_ratio` and
+    :func:`float64_rounding_ratio`."""
+    gap = (ref.detach().cpu().to(torch.float64).reshape(-1)
+           - got.detach().cpu().to(torch.float64).reshape(-1)).abs()
+    largest = float(gap.max()) if gap.numel() else 0.0
+    if not bool(torch.isfinite(gap).all()):
+        return gap, largest, gap[:0].long(), math.inf
+    idx = (gap > limit).nonzero().reshape(-1)
+    if idx.numel() == 0:
+        return gap, largest, idx, 0.0
+    if idx.numel() > _F32_ROWS:
+        return gap, largest, idx, math.inf
+    return gap, largest, idx, None
+
+
+def _growth(u: float) -> Callable[[int], float]:
+    """``γ_n / u = n / (1 - n u)`` (Higham, §3.1) for the unit roundoff ``u``; ``inf`` from
+    ``n u >= 1/2``."""
+    def growth(n: int) -> float:
+        nu = n * u
+        return n / (1.0 - nu) if nu < 0.5 else math.inf
+    return growth
+
+
 def float32_rounding_ratio(model: nn.Module, x: Tensor, ref: Tensor,
                            chain: Callable[[Tensor], Tensor], limit: float) -> tuple[float, float]:
     """How far a float32 model's gap to the analysed chain is from its own float32 rounding.
@@ -1244,20 +1273,10 @@ def float32_rounding_ratio(model: nn.Module, x: Tensor, ref: Tensor,
     x32 = x.to(torch.float32)
     with torch.no_grad():
         got32 = chain(x32.to(torch.float64))
-    gap = (ref.detach().cpu().to(torch.float64).reshape(-1)
-           - got32.detach().cpu().to(torch.float64).reshape(-1)).abs()
-    largest = float(gap.max()) if gap.numel() else 0.0
-    if not bool(torch.isfinite(gap).all()):  # (an output that overflows float32: no bound)
-        return largest, math.inf
-    idx = (gap > limit).nonzero().reshape(-1)
-    if idx.numel() == 0:
-        return largest, 0.0
-    if idx.numel() > _F32_ROWS:
-        return largest, math.inf
-
-    def growth(n: int) -> float:
-        nu = n * _U32
-        return n / (1.0 - nu) if nu < 0.5 else math.inf
+    gap, largest, idx, early = _gaps_beyond(ref, got32, limit)
+    if early is not None:  # (e.g. an output that overflows float32: no bound)
+        return largest, early
+    growth = _growth(_U32)
 
     rows = idx.to(x.device)
     # the gradients along the float32 trajectory and along the float64 copy's (the exact
@@ -1324,20 +1343,10 @@ def float64_rounding_ratio(model64: nn.Module, x: Tensor, ref: Tensor, ops: list
 
     with torch.no_grad():
         got = chain_forward(ops, x)
-    gap = (ref.detach().cpu().to(torch.float64).reshape(-1)
-           - got.detach().cpu().to(torch.float64).reshape(-1)).abs()
-    largest = float(gap.max()) if gap.numel() else 0.0
-    if not bool(torch.isfinite(gap).all()):
-        return largest, math.inf
-    idx = (gap > limit).nonzero().reshape(-1)
-    if idx.numel() == 0:
-        return largest, 0.0
-    if idx.numel() > _F32_ROWS:
-        return largest, math.inf
-
-    def growth(n: int) -> float:
-        nu = n * _U64
-        return n / (1.0 - nu) if nu < 0.5 else math.inf
+    gap, largest, idx, early = _gaps_beyond(ref, got, limit)
+    if early is not None:
+        return largest, early
+    growth = _growth(_U64)
 
     rows = idx.to(x.device)
     try:
