@@ -7,6 +7,7 @@ import argparse
 from .common import (
     add_common,
     add_model_options,
+    build_analyzer,
     is_many_ref,
     load_input,
     load_model,
@@ -15,7 +16,6 @@ from .common import (
     progress_logging,
     show_progress,
     table,
-    tracing,
 )
 from .rounding import fmt_eps, fmt_radius_in, fmt_up
 
@@ -59,7 +59,7 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from ..analyzer import TIGHT_ROWS, Analyzer
-    from ..errors import InputError, UnsupportedModelError
+    from ..errors import InputError
     from ..results import format_prob_up
     from ..validation import check_eps, check_failure_prob
     from .exact_memory import check_exact_global_fits
@@ -104,17 +104,7 @@ def run(args: argparse.Namespace) -> int:
 
                 return run_many(args, loaded)  # the model is loaded once (its seeds settled)
             raise
-    settings = dict(spectral=args.spectral, failure_prob=args.failure_prob, seed=args.seed,
-                    name=loaded.name, notes=loaded.notes)
-    with tracing(args, loaded.name):
-        try:
-            an = Analyzer(loaded.model, loaded.input_shape, **settings)
-        except UnsupportedModelError as exc:  # a residual network: stage by stage
-            from ..residual import residual_analyzer
-
-            an = residual_analyzer(loaded.model, loaded.input_shape, exc, None, **settings)
-            if an is None:
-                raise
+    an = build_analyzer(args, loaded)  # (a residual network: its ResidualAnalyzer)
     if args.method in ("global", "both") and isinstance(an, Analyzer):
         check_exact_global_fits(an, spectral=args.spectral)
     progress = show_progress(args)

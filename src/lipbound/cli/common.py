@@ -58,6 +58,28 @@ def tracing(args: argparse.Namespace, name: str) -> NullBar:
     return progress_bar(show_progress(args), None, f"tracing {name}", "")
 
 
+def build_analyzer(args: argparse.Namespace, loaded: Any) -> Any:
+    """The analyzer of a loaded model with the command's settings (``--spectral``,
+    ``--failure-prob``, ``--seed``), built under :func:`tracing`: an
+    :class:`~lipbound.analyzer.Analyzer`, or for a residual network the
+    :class:`~lipbound.residual.ResidualAnalyzer` that analyses it stage by stage."""
+    from ..analyzer import Analyzer
+    from ..errors import UnsupportedModelError
+
+    settings = dict(spectral=args.spectral, failure_prob=args.failure_prob, seed=args.seed,
+                    name=loaded.name, notes=loaded.notes)
+    with tracing(args, loaded.name):
+        try:
+            return Analyzer(loaded.model, loaded.input_shape, **settings)
+        except UnsupportedModelError as exc:  # a residual network: stage by stage
+            from ..residual import residual_analyzer
+
+            ra = residual_analyzer(loaded.model, loaded.input_shape, exc, None, **settings)
+            if ra is None:
+                raise
+            return ra
+
+
 def progress_logging(run: Callable[[argparse.Namespace], int]
                      ) -> Callable[[argparse.Namespace], int]:
     """Decorator of a command's ``run``: while it may show progress bars on a terminal, log

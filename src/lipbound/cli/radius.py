@@ -18,12 +18,13 @@ from typing import Any
 
 from .._modelinfo import model_device
 from .._progress import NULL_BAR, NullBar, progress_bar
-from ..errors import InputError, LipboundError, UnsupportedModelError
+from ..errors import InputError, LipboundError
 from ..radius import exact_class_change
 from ..results import format_prob_up
 from .common import (
     add_common,
     add_model_options,
+    build_analyzer,
     check_input_ref,
     is_many_ref,
     load_input,
@@ -33,7 +34,6 @@ from .common import (
     progress_logging,
     show_progress,
     table,
-    tracing,
 )
 from .rounding import fmt_down, fmt_up, g_down, g_up
 
@@ -242,19 +242,10 @@ def run(args: argparse.Namespace) -> int:
     out = prepare_out_dir(args.out, files=RADIUS_FILES) if args.out else None
     loaded = load_model(args)
     samples, many = _samples(args, loaded)
-    settings = dict(spectral=args.spectral, failure_prob=args.failure_prob, seed=args.seed,
-                    name=loaded.name, notes=loaded.notes)
     asked = methods
-    with tracing(args, loaded.name):
-        try:
-            an = Analyzer(loaded.model, loaded.input_shape, **settings)
-        except UnsupportedModelError as exc:  # a residual network: stage by stage
-            from ..residual import residual_analyzer
-
-            an = residual_analyzer(loaded.model, loaded.input_shape, exc, None, **settings)
-            if an is None:
-                raise
-            methods = _residual_methods(args, methods)
+    an = build_analyzer(args, loaded)
+    if not isinstance(an, Analyzer):  # a residual network: the margin test only
+        methods = _residual_methods(args, methods)
     # the notes printed: the model's and the analyzer's (a float32 model accepted within its
     # rounding; session 25 review: the text output showed only the model's)
     loaded = replace(loaded, notes=an.notes)
