@@ -17,7 +17,7 @@ import lipbound.residual as residual
 from lipbound import Analyzer
 from lipbound.residual import ResidualAnalyzer, _same_prefix
 from lipbound.results import Guarantee
-from test_residual import BasicBlock  # (torchvision-style; one definition)
+from test_residual import BasicBlock, _randomise_bn  # (one definition each)
 
 pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
@@ -49,17 +49,6 @@ class ConvNet(nn.Module):
         return self.fc(x.flatten(1)) if self.fc is not None else x
 
 
-def _bn(model: nn.Module, seed: int) -> nn.Module:
-    g = torch.Generator().manual_seed(seed)
-    for m in model.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            with torch.no_grad():
-                m.running_mean.copy_(torch.rand(m.num_features, generator=g, dtype=DT) - 0.5)
-                m.running_var.copy_(torch.rand(m.num_features, generator=g, dtype=DT) + 0.5)
-                m.weight.copy_(torch.rand(m.num_features, generator=g, dtype=DT) + 0.5)
-    return model.eval()
-
-
 def _fc(seed: int, blocks, head: bool = True) -> nn.Module:
     torch.manual_seed(seed)
     layers = [nn.Linear(4, 5)] + [FCBlock(5, 6, s, r) for s, r in blocks]
@@ -70,7 +59,7 @@ def _fc(seed: int, blocks, head: bool = True) -> nn.Module:
 
 def _conv(seed: int, head: bool = True) -> nn.Module:
     torch.manual_seed(seed)
-    return _bn(ConvNet(head=head).to(DT), seed + 1)
+    return _randomise_bn(ConvNet(head=head).to(DT), seed + 1)
 
 
 def _bounds(model, shape, x0, eps_list, c, fast: bool, monkeypatch, **kw):

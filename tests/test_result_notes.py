@@ -30,7 +30,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from torch import nn
 
 import lipbound
 from lipbound import batch, bench, radius
@@ -41,25 +40,11 @@ from lipbound.results import Guarantee
 sys.path.insert(0, str(Path(__file__).parent))
 
 from test_float32_acceptance import X0, _big_net  # noqa: E402
+from test_row_notes import _f32, _net  # noqa: E402  (one definition each)
 
 pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
-F32 = "float32 rounding"
 SEP = " | "  # lipbound.batch.NOTE_SEPARATOR
-
-
-def _f32(notes) -> list[str]:
-    return [n for n in notes if n.startswith(F32)]
-
-
-def _net() -> nn.Sequential:
-    g = torch.Generator().manual_seed(3)
-    net = nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(),
-                        nn.Linear(16, 3)).double().eval()
-    with torch.no_grad():
-        for p in net.parameters():
-            p.copy_(torch.randn(p.shape, generator=g, dtype=torch.float64))
-    return net
 
 
 # ------------------------------------------------------------------------------ radius
