@@ -56,3 +56,31 @@ def test_sweep_all_runs_and_writes_its_files(capsys, tmp_path):
             assert (folder / name).stat().st_size > 0
         rows = (folder / "sweep.csv").read_text().splitlines()
         assert len(rows) == 1 + 3  # header and one row per radius
+
+
+@pytest.mark.usefixtures("torch_one_thread")
+def test_resnet_example_bounds_its_sampled_ratios():
+    """examples/resnet_cifar.py (the README's residual example): its factory gives an eval
+    model, its input shape and mean 0 / std 1 (it normalises itself); the composed local bound
+    of the float64 model is above the ratios at sampled points of the ball, and so is the
+    global bound."""
+    import torch
+
+    import lipbound
+
+    mod = runpy.run_path(str(EXAMPLES / "resnet_cifar.py"), run_name="resnet_cifar")
+    info = mod["make"]()
+    model = info["model"].double()
+    assert not model.training and info["input_shape"] == (3, 32, 32)
+    assert (info["mean"], info["std"]) == (0.0, 1.0)
+    g = torch.Generator().manual_seed(0)
+    x0 = torch.rand((1, 3, 32, 32), generator=g, dtype=torch.float64)
+    eps = 0.01
+    res = lipbound.local_bound(model, x0, eps)
+    assert res.method == "local-residual"
+    d = torch.randn((64, 3, 32, 32), generator=g, dtype=torch.float64)
+    d = d / d.flatten(1).norm(dim=1).view(-1, 1, 1, 1) * eps
+    with torch.no_grad():
+        ratio = ((model(x0 + d) - model(x0)).norm(dim=1) / eps).max().item()
+    assert 0 < ratio <= res.value
+    assert lipbound.global_bound(model, (3, 32, 32)).value >= ratio

@@ -105,13 +105,14 @@ def _run_cli(capsys, args: list[str]) -> list[str]:
 
 def test_every_cli_block_is_run_or_listed_as_slow():
     blocks = [args for args, _ in _cli_blocks()]
-    assert len(blocks) >= 7  # models, bound (3), radius, tight, compare (2)
+    assert len(blocks) >= 8  # models, bound (3), radius, tight, compare (2), residual
     assert SLOW <= set(blocks), "a SLOW entry no longer matches a README block"
 
 
 @pytest.mark.parametrize("args, expected", [b for b in _cli_blocks() if b[0] not in SLOW],
                          ids=lambda v: v if isinstance(v, str) else "")
-def test_readme_cli_block_prints_what_it_shows(capsys, tmp_path, args, expected):
+def test_readme_cli_block_prints_what_it_shows(capsys, tmp_path, monkeypatch, args, expected):
+    monkeypatch.chdir(README.parent)  # (paths such as examples/resnet_cifar.py: the repo's)
     argv = shlex.split(args)
     if "--out" in argv:  # write where the test may (the README shows /tmp/...)
         k = argv.index("--out") + 1
