@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -388,6 +388,54 @@ class RowBounds:
     """With ``tight=True``: whether, and for how many rows, the tight bound was smaller."""
 
 
+class _Settings(NamedTuple):
+    """The checked settings of an analyzer (:func:`_settings`)."""
+
+    model: nn.Module  # (unwrapped)
+    wrapper: nn.Module | None  # (DataParallel / torch.compile around it, if any)
+    input_shape: tuple[int, ...]
+    spectral: str
+    lanczos_steps: int
+    failure_prob: float
+    seed: int
+    name: str
+
+
+def _settings(model: object, input_shape: Sequence[int] | None, x0: Tensor | None,
+              spectral: object, lanczos_steps: object, failure_prob: object, seed: object,
+              name: object, notes: object) -> _Settings:
+    """Check the constructor arguments of an :class:`Analyzer` (and of
+    :class:`lipbound.residual.ResidualAnalyzer`, which takes the same): an
+    :class:`~lipbound.errors.InputError` naming each bad one and its fix."""
+    problem = wrapper_problem(model)
+    if problem is not None:
+        raise InputError(problem)
+    if not isinstance(model, nn.Module):
+        raise InputError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    # DataParallel / torch.compile: the module they run (same function, same tensors);
+    # the wrapper is kept to see it run another module later (a new .module, a hook)
+    inner = unwrap_model(model)
+    if input_shape is None:
+        if x0 is None:
+            raise InputError("give input_shape or an example input x0")
+        x0 = check_example_input(x0)
+        input_shape = tuple(x0.shape[1:]) if x0.dim() > 1 else tuple(x0.shape)
+    if spectral not in ("auto", "exact", "lanczos"):
+        raise InputError(f"spectral must be 'auto', 'exact' or 'lanczos', got {spectral!r}")
+    failure_prob = check_failure_prob(failure_prob)
+    lanczos_steps = check_int(lanczos_steps, "lanczos_steps", 4)
+    seed = check_int(seed, "seed", 0)
+    if name is not None and not isinstance(name, str):
+        raise InputError(f"name must be a string (the network's name in results), got "
+                         f"{type(name).__name__}")
+    if isinstance(notes, (str, bytes)):  # (tuple() would keep it letter by letter)
+        raise InputError(f"notes must be a sequence of strings, got the string {notes!r}; "
+                         f"pass [{notes!r}]")
+    return _Settings(inner, model if inner is not model else None,
+                     check_input_shape(input_shape), str(spectral), int(lanczos_steps),
+                     float(failure_prob), int(seed), name or type(inner).__name__)
+
+
 class Analyzer:
     """Sound Lipschitz bounds for one model.
 
@@ -428,40 +476,18 @@ class Analyzer:
                  x0: Tensor | None = None, device: str | torch.device | None = None,
                  spectral: str = "auto", lanczos_steps: int = 64, failure_prob: float = 1e-6,
                  seed: int = 0, name: str | None = None, notes: Sequence[str] = ()):
-        problem = wrapper_problem(model)
-        if problem is not None:
-            raise InputError(problem)
-        if not isinstance(model, nn.Module):
-            raise InputError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-        # DataParallel / torch.compile: the module they run (same function, same tensors);
-        # the wrapper is kept to see it run another module later (a new .module, a hook)
-        inner = unwrap_model(model)
-        self._wrapper = model if inner is not model else None
-        model = inner
-        if input_shape is None:
-            if x0 is None:
-                raise InputError("give input_shape or an example input x0")
-            x0 = check_example_input(x0)
-            input_shape = tuple(x0.shape[1:]) if x0.dim() > 1 else tuple(x0.shape)
-        if spectral not in ("auto", "exact", "lanczos"):
-            raise InputError(f"spectral must be 'auto', 'exact' or 'lanczos', got {spectral!r}")
-        failure_prob = check_failure_prob(failure_prob)
-        lanczos_steps = check_int(lanczos_steps, "lanczos_steps", 4)
-        seed = check_int(seed, "seed", 0)
+        st = _settings(model, input_shape, x0, spectral, lanczos_steps, failure_prob, seed,
+                       name, notes)
+        model = st.model
+        self._wrapper = st.wrapper
         self.model = model
-        self.input_shape = check_input_shape(input_shape)
+        self.input_shape = st.input_shape
         self.device = resolve_device(device, model_device(model, torch.device("cpu")))
-        self.spectral = spectral
-        self.lanczos_steps = int(lanczos_steps)
-        self.failure_prob = float(failure_prob)
-        self.seed = int(seed)
-        if name is not None and not isinstance(name, str):
-            raise InputError(f"name must be a string (the network's name in results), got "
-                             f"{type(name).__name__}")
-        self.name = name or type(model).__name__
-        if isinstance(notes, (str, bytes)):  # (tuple() would keep it letter by letter)
-            raise InputError(f"notes must be a sequence of strings, got the string {notes!r}; "
-                             f"pass [{notes!r}]")
+        self.spectral = st.spectral
+        self.lanczos_steps = st.lanczos_steps
+        self.failure_prob = st.failure_prob
+        self.seed = st.seed
+        self.name = st.name
         self.notes = tuple(notes)
         mutable = mutable_attributes(model)
         found: list[str] = []  # (a float32 model accepted within its own rounding)

@@ -76,12 +76,11 @@ from ._modelinfo import (
     model_dtype_device,
     mutable_attributes,
     tensor_state,
-    unwrap_model,
 )
 from ._precision import exact_float32
 from ._rounding import g_up
 from ._threads import torch_single_threaded
-from .analyzer import GLOBAL_QUANTITY, LOCAL_QUANTITY, Analyzer, _relu_slopes
+from .analyzer import GLOBAL_QUANTITY, LOCAL_QUANTITY, Analyzer, _relu_slopes, _settings
 from .blocks import AffineBlock
 from .errors import InputError, UnsupportedModelError
 from .ops.base import MIN_NORMAL, UNDERFLOW, norm_up, product_up
@@ -92,7 +91,6 @@ from .validation import (
     check_bool,
     check_eps,
     check_example_input,
-    check_failure_prob,
     check_finite,
     check_input,
     check_input_shape,
@@ -161,27 +159,16 @@ class ResidualAnalyzer:
                x0: Tensor | None = None, device: str | torch.device | None = None,
                spectral: str = "auto", lanczos_steps: int = 64, failure_prob: float = 1e-6,
                seed: int = 0, name: str | None = None, notes: Sequence[str] = ()):
-        if not isinstance(model, nn.Module):
-            raise InputError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-        model = unwrap_model(model)
-        if input_shape is None:
-            if x0 is None:
-                raise InputError("give input_shape or an example input x0")
-            x0 = check_example_input(x0)
-            input_shape = tuple(x0.shape[1:]) if x0.dim() > 1 else tuple(x0.shape)
-        if spectral not in ("auto", "exact", "lanczos"):
-            raise InputError(f"spectral must be 'auto', 'exact' or 'lanczos', got {spectral!r}")
+        st = _settings(model, input_shape, x0, spectral, lanczos_steps, failure_prob, seed,
+                       name, notes)  # (the chain Analyzer's checks of the same arguments)
+        model = st.model
         self.model = model
-        self.input_shape = check_input_shape(input_shape)
-        self.failure_prob = check_failure_prob(failure_prob)
-        self.lanczos_steps = check_int(lanczos_steps, "lanczos_steps", 4)
-        self.seed = check_int(seed, "seed", 0)
-        self.spectral = spectral
-        if name is not None and not isinstance(name, str):
-            raise InputError(f"name must be a string, got {type(name).__name__}")
-        self.name = name or type(model).__name__
-        if isinstance(notes, (str, bytes)):
-            raise InputError(f"notes must be a sequence of strings, got the string {notes!r}")
+        self.input_shape = st.input_shape
+        self.failure_prob = st.failure_prob
+        self.lanczos_steps = st.lanczos_steps
+        self.seed = st.seed
+        self.spectral = st.spectral
+        self.name = st.name
         mutable = mutable_attributes(model)
         stages = split_stages(model, self.input_shape)
         if stages is None:
