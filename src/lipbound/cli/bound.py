@@ -11,6 +11,7 @@ from .common import (
     is_many_ref,
     load_input,
     load_model,
+    note_lines,
     parse_eps_list,
     print_json,
     progress_logging,
@@ -150,9 +151,6 @@ def run(args: argparse.Namespace) -> int:
     shared = [n for n in results[0].notes if all(n in r.notes for r in results)]
     for n in shared:
         print(f"note: {n}")
-    for r in results:
-        for n in r.notes:
-            if n not in shared:
-                where = r.method + (f", eps {fmt_eps(r.eps)}" if r.eps is not None else "")
-                print(f"note ({where}): {n}")
+    for line in note_lines(((r.method, r.eps, r.notes) for r in results), shared):
+        print(line)
     return 0

@@ -21,6 +21,7 @@ from .common import (
     Loaded,
     check_input_ref,
     load_model,
+    note_lines,
     parse_eps_list,
     prepare_out_file,
     print_json,
@@ -180,20 +181,6 @@ def write_rows_csv(rows, fh) -> None:
         w.writerow([_cell(d[c]) for c in COLUMNS])
 
 
-def row_notes(rows, shared: tuple[str, ...]) -> list[str]:
-    """The text lines that give each row's notes beyond ``shared`` (the analyzer's, printed
-    once): ``note (input NAME, eps E): TEXT`` (a tight bound's note, the global bound
-    reported because it was smaller)."""
-    lines = []
-    for r in rows:
-        for n in r.notes:
-            if n not in shared:
-                where = f"input {r.name}" + (f", eps {fmt_eps(r.eps)}" if r.eps is not None
-                                             else "") + f", {r.method}"
-                lines.append(f"note ({where}): {n}")
-    return lines
-
-
 def run_many(args: argparse.Namespace, loaded: Loaded | None = None) -> int:
     """Bounds for every input named by ``--input`` (see the module docstring); ``loaded``:
     the model when the caller has loaded it already (loaded once: its seeds settled once)."""
@@ -263,7 +250,10 @@ def run_many(args: argparse.Namespace, loaded: Loaded | None = None) -> int:
           f" total {summary['total_seconds']:.2f} s")
     for n in an.notes:  # (the model's, and the analyzer's: a float32 model's rounding)
         print(f"note: {n}")
-    own = row_notes(rows, tuple(an.notes))  # (each row's own: tight, global reported)
+    # (each row's own notes: tight, global reported)
+    own = note_lines(((f"input {r.name}" + (f", eps {fmt_eps(r.eps)}" if r.eps is not None
+                                            else "") + f", {r.method}", None, r.notes)
+                      for r in rows), an.notes)
     if args.out and own:
         print(f"note: {len(own)} note(s) of single rows (tight bound, global bound reported): "
               f"see the column 'notes' of {args.out}")

@@ -80,6 +80,16 @@ def build_analyzer(args: argparse.Namespace, loaded: Any) -> Any:
             return ra
 
 
+def note_lines(items: Any, shared: Any = ()) -> list[str]:
+    """``note (WHERE): TEXT`` for each note of each result that is not in ``shared`` (the notes
+    printed once, e.g. the analyzer's): ``items`` are ``(label, eps, notes)``, WHERE the label
+    and, for a radius that is not ``None``, ``eps E`` (exactly, as the tables show it)."""
+    from .rounding import fmt_eps  # (rounding imports this module)
+
+    return [f"note ({label}" + (f", eps {fmt_eps(eps)}" if eps is not None else "") + f"): {n}"
+            for label, eps, notes in items for n in notes if n not in shared]
+
+
 def progress_logging(run: Callable[[argparse.Namespace], int]
                      ) -> Callable[[argparse.Namespace], int]:
     """Decorator of a command's ``run``: while it may show progress bars on a terminal, log

@@ -8,6 +8,7 @@ import time
 from .common import (
     add_common,
     apply_threads,
+    note_lines,
     parse_eps_list,
     print_json,
     resolve_device,
@@ -92,12 +93,9 @@ def run(args: argparse.Namespace) -> int:
         print(f"note: {n}")
     named = [("global", g), *(("local", r) for r in locs), *(("tight", r) for r in tights),
              *extra]
-    for kind, r in named:
-        where = kind + (f", eps {fmt_eps(r.eps)}" if getattr(r, "eps", None) is not None
-                        else "")
-        for n in r.notes:
-            if n not in an.notes:
-                print(f"note ({where}): {n}")
+    for line in note_lines(((kind, getattr(r, "eps", None), r.notes) for kind, r in named),
+                           an.notes):
+        print(line)
     print()
     print(f"total {time.perf_counter() - t0:.2f} s. Every bound in the table is an upper bound "
           "on the true Lipschitz constant, and every certified radius a lower bound on the "

@@ -29,6 +29,7 @@ from .common import (
     is_many_ref,
     load_input,
     load_model,
+    note_lines,
     prepare_out_dir,
     print_json,
     progress_logging,
@@ -329,9 +330,9 @@ def _print_one(loaded, r: dict[str, Any], total: float) -> None:
         for key in ("reason", "fallback"):
             if key in c.details:
                 print(f"note ({c.method}): {c.details[key]}")
-        for n in c.notes:  # (the certifying bound's own: tight, global; session 26)
-            if n not in loaded.notes:
-                print(f"note ({c.method}): {n}")
+        # (the certifying bound's own notes: tight, global; session 26)
+        for line in note_lines([(c.method, None, c.notes)], loaded.notes):
+            print(line)
     cr, ma = r["certified_radius"], r["min_attack_radius"]
     top = r["_top"]
     if radius_guarantee(top) == "probabilistic lower bound":
